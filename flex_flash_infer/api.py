@@ -1,0 +1,73 @@
+"""flex_attention: torch FlexAttention's function, run on FlashInfer where it can be."""
+from __future__ import annotations
+
+import torch
+
+from .backend_choice import choose_backend
+from .block_mask import full_block_mask
+from .flashinfer_backend import FlashInferPlan
+from .mask_eval import check_score_mod
+from .reference import reference_attention
+from .validation import check_bhsd, check_block_mask, check_scale
+
+_full_masks: dict = {}
+
+
+def _default_block_mask(q_len: int, kv_len: int, device) -> "BlockMask":  # noqa: F821
+    key = (q_len, kv_len, str(device))
+    if key not in _full_masks:
+        _full_masks[key] = full_block_mask(1, q_len, kv_len, device)
+    return _full_masks[key]
+
+
+def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device):
+    """The plan cached on the block mask: built on first use, reused by later calls."""
+    key = (batch, hq, hkv, head_dim, dtype, scale, str(device))
+    plan = block_mask._plans.get(key)
+    if plan is None:
+        plan = FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device)
+        block_mask._plans[key] = plan
+    return plan
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
+                   return_lse=False, kernel_options=None, *, backend: str = "auto"):
+    """Attention with a score_mod and a block mask, as torch.nn.attention.flex_attention.
+
+    Parameters
+    ----------
+    query : [B, Hq, L, E]; key : [B, Hkv, S, E]; value : [B, Hkv, S, Ev]
+    score_mod : score_mod(score, b, h, q_idx, kv_idx) applied to visible scaled scores, or None
+    block_mask : BlockMask from create_block_mask (or a torch BlockMask); None means full attention
+    scale : float, default 1 / sqrt(E)
+    enable_gqa : allow Hq to be a multiple of Hkv (query head h reads key head h // (Hq // Hkv))
+    return_lse : also return the natural-log logsumexp [B, Hq, L] float32 (-inf for rows that see no key)
+    kernel_options : accepted for compatibility with torch and ignored
+    backend : "auto" (FlashInfer on CUDA when it supports the call, else reference), "flashinfer" or "reference"
+
+    Returns
+    -------
+    out [B, Hq, L, Ev] in query's dtype, or (out, lse) when return_lse.
+    """
+    B, Hq, L, E, Hkv, S, Ev = check_bhsd(query, key, value, enable_gqa)
+    score_mod = check_score_mod(score_mod)
+    scale = check_scale(scale)
+    if block_mask is None:
+        block_mask = _default_block_mask(L, S, query.device)
+    else:
+        block_mask = check_block_mask(block_mask, B, Hq, L, S, query.device)
+    chosen = choose_backend(backend, query.device, query.dtype, E, Ev, score_mod is not None)
+    if chosen == "reference":
+        out, lse = reference_attention(query, key, value, block_mask, score_mod, scale)
+    else:
+        sm_scale = scale if scale is not None else E ** -0.5
+        plan = flashinfer_plan_for(block_mask, B, L, S, Hq, Hkv, E, query.dtype, sm_scale, query.device)
+        q = query.transpose(1, 2).reshape(B * L, Hq, E)
+        k = key.transpose(1, 2).contiguous()
+        v = value.transpose(1, 2).contiguous()
+        out, lse = plan.run(q, k, v)
+        out = out.view(B, L, Hq, Ev).transpose(1, 2)
+        lse = lse.view(B, L, Hq).transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+

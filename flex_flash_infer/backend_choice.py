@@ -1,0 +1,48 @@
+"""Pick the backend for a call: FlashInfer where it can run, the reference elsewhere."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .flashinfer_backend import unsupported_reason
+
+BACKENDS = ("auto", "flashinfer", "reference")
+_warned: set = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def check_backend_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def choose_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                   head_dim_v: int, has_score_mod: bool) -> str:
+    check_backend_name(backend)
+    if backend == "reference":
+        return "reference"
+    reason = unsupported_reason(device, dtype, head_dim, head_dim_v)
+    if backend == "flashinfer":
+        if reason:
+            raise ValueError(f"backend='flashinfer' cannot run this call: {reason}")
+        if has_score_mod:
+            raise ValueError("backend='flashinfer' cannot run a score_mod yet (it is not compiled into kernels); "
+                             "use backend='reference' or 'auto'")
+        return "flashinfer"
+    if device.type != "cuda":
+        return "reference"
+    if reason:
+        warn_once(f"flex_flash_infer: running on the slow reference backend because {reason}")
+        return "reference"
+    if has_score_mod:
+        warn_once("flex_flash_infer: score_mod is not compiled into FlashInfer kernels yet; "
+                  "calls with a score_mod run on the slow reference backend")
+        return "reference"
+    return "flashinfer"

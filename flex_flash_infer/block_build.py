@@ -1,0 +1,74 @@
+"""Classify (query tile, key tile) pairs as empty / partial / full without the dense mask.
+
+The mask_mod is evaluated on a bounded chunk of query tiles at a time, so peak memory is
+O(number of tiles) plus one chunk of about `chunk_elements` booleans, never O(Q_LEN * KV_LEN).
+"""
+from __future__ import annotations
+
+import torch
+
+from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, index_grid
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def classify_tiles(
+    mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int,
+    device, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Tile states int8 [B, H, nQ, nKV]: 0 empty, 1 partial, 2 full.
+
+    A tile is full when every in-range (q, kv) pair in it is visible and it has no padded
+    keys; padded query rows (Q_LEN not a multiple of block_q) do not count, since no kernel
+    computes them. Padded keys do count (they must be masked), so a key tail tile is at most
+    partial.
+    """
+    nq, nkv = ceil_div(Q_LEN, block_q), ceil_div(KV_LEN, block_kv)
+    states = torch.empty((B, H, nq, nkv), dtype=torch.int8, device=device)
+    # Query tiles per chunk, and key tiles per chunk when one query tile row is already too big.
+    kv_tiles_per_chunk = max(1, min(nkv, chunk_elements // max(1, B * H * block_q * block_kv)))
+    q_tiles_per_chunk = max(1, chunk_elements // max(1, B * H * block_q * kv_tiles_per_chunk * block_kv))
+    b_idx, h_idx = torch.arange(B, device=device), torch.arange(H, device=device)
+    for qt0 in range(0, nq, q_tiles_per_chunk):
+        qt1 = min(nq, qt0 + q_tiles_per_chunk)
+        q_raw = torch.arange(qt0 * block_q, qt1 * block_q, device=device, dtype=INDEX_DTYPE)
+        q_valid = q_raw < Q_LEN
+        rows_valid = (q_valid.view(qt1 - qt0, block_q).sum(1) * block_kv).view(1, 1, -1, 1)
+        for kt0 in range(0, nkv, kv_tiles_per_chunk):
+            kt1 = min(nkv, kt0 + kv_tiles_per_chunk)
+            kv_raw = torch.arange(kt0 * block_kv, kt1 * block_kv, device=device, dtype=INDEX_DTYPE)
+            kv_valid = kv_raw < KV_LEN
+            grid = index_grid(b_idx, h_idx, q_raw.clamp(max=Q_LEN - 1), kv_raw.clamp(max=KV_LEN - 1), device)
+            visible = evaluate_mask_mod(mask_mod, *grid) & (q_valid.view(-1, 1) & kv_valid.view(1, -1))
+            counts = visible.reshape(B, H, qt1 - qt0, block_q, kt1 - kt0, block_kv).sum(
+                dim=(3, 5), dtype=torch.int32)
+            tile = torch.where(counts == rows_valid, FULL, torch.where(counts > 0, PARTIAL, EMPTY))
+            states[:, :, qt0:qt1, kt0:kt1] = tile.to(torch.int8)
+    return states
+
+
+def ordered_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_blocks [..., nQ], indices [..., nQ, nKV]) with the selected tiles first, ascending."""
+    num = selected.sum(-1, dtype=torch.int32)
+    order = torch.sort(selected.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return num, order.to(torch.int32)
+
+
+def states_from_tables(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) -> torch.Tensor:
+    """Rebuild the int8 tile states from FlexAttention's (num, indices) tables."""
+    nkv = kv_indices.shape[-1]
+    states = torch.zeros(kv_indices.shape, dtype=torch.int8, device=kv_indices.device)
+    for num, idx, value in ((kv_num_blocks, kv_indices, PARTIAL), (full_kv_num_blocks, full_kv_indices, FULL)):
+        if num is None:
+            continue
+        listed = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
+        safe = torch.where(listed, idx.long(), nkv)
+        scratch = torch.zeros(states.shape[:-1] + (nkv + 1,), dtype=torch.int8, device=states.device)
+        scratch.scatter_(-1, safe, listed.to(torch.int8))
+        states = torch.where(scratch[..., :nkv].bool(), torch.tensor(value, dtype=torch.int8, device=states.device), states)
+    return states

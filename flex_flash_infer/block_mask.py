@@ -1,0 +1,189 @@
+"""BlockMask: FlexAttention's block-sparse description of a mask, with torch's field names."""
+from __future__ import annotations
+
+import numbers
+from typing import Callable
+
+import torch
+
+from .block_build import EMPTY, FULL, PARTIAL, ceil_div, classify_tiles, ordered_indices, states_from_tables
+from .mask_eval import as_mask_mod, evaluate_mask_mod, index_grid
+from .mods.combinators import noop_mask
+
+
+def _block_sizes(BLOCK_SIZE) -> tuple[int, int]:
+    if isinstance(BLOCK_SIZE, numbers.Integral) and not isinstance(BLOCK_SIZE, bool):
+        sizes = (int(BLOCK_SIZE), int(BLOCK_SIZE))
+    elif isinstance(BLOCK_SIZE, (tuple, list)) and len(BLOCK_SIZE) == 2:
+        sizes = tuple(int(s) for s in BLOCK_SIZE)
+    else:
+        raise TypeError(f"BLOCK_SIZE must be an int or a (q_block, kv_block) pair, got {BLOCK_SIZE!r}")
+    if min(sizes) < 1:
+        raise ValueError(f"BLOCK_SIZE must be positive, got {BLOCK_SIZE!r}")
+    return sizes
+
+
+def _positive(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class BlockMask:
+    """Which key tiles each query tile visits, split into partial tiles (mask_mod applied)
+    and full tiles (every pair visible), as torch.nn.attention.flex_attention.BlockMask.
+
+    Tables: kv_num_blocks / full_kv_num_blocks [B, H, nQ] int32 and kv_indices /
+    full_kv_indices [B, H, nQ, nKV] int32 (the first num entries of each row are valid).
+    B or H of size 1 broadcast over the batch or the heads.
+    """
+
+    def __init__(self, seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks=None,
+                 full_kv_indices=None, BLOCK_SIZE=128, mask_mod: Callable | None = None):
+        self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        self.kv_num_blocks = kv_num_blocks
+        self.kv_indices = kv_indices
+        self.full_kv_num_blocks = full_kv_num_blocks
+        self.full_kv_indices = full_kv_indices
+        self.BLOCK_SIZE = _block_sizes(BLOCK_SIZE)
+        self.mask_mod = noop_mask if mask_mod is None else as_mask_mod(mask_mod)
+        self._states = None
+        self._plans = {}  # backend plans built for this mask, keyed by problem shape
+
+    # ----- construction -------------------------------------------------------------------
+    @classmethod
+    def from_states(cls, states: torch.Tensor, seq_lengths, BLOCK_SIZE, mask_mod) -> "BlockMask":
+        kv_num, kv_idx = ordered_indices(states == PARTIAL)
+        full_num, full_idx = ordered_indices(states == FULL)
+        mask = cls(seq_lengths, kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE, mask_mod)
+        mask._states = states
+        return mask
+
+    @classmethod
+    def from_kv_blocks(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
+                       BLOCK_SIZE=128, mask_mod=None, seq_lengths=None) -> "BlockMask":
+        bq, bkv = _block_sizes(BLOCK_SIZE)
+        if seq_lengths is None:
+            seq_lengths = (kv_indices.shape[-2] * bq, kv_indices.shape[-1] * bkv)
+        return cls(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                   (bq, bkv), mask_mod)
+
+    @classmethod
+    def from_torch(cls, torch_block_mask) -> "BlockMask":
+        """Convert a torch.nn.attention.flex_attention.BlockMask."""
+        t = torch_block_mask
+        return cls(t.seq_lengths, t.kv_num_blocks, t.kv_indices, t.full_kv_num_blocks,
+                   t.full_kv_indices, t.BLOCK_SIZE, t.mask_mod)
+
+    def to_torch(self):
+        """Convert to a torch.nn.attention.flex_attention.BlockMask."""
+        from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+
+        return TorchBlockMask.from_kv_blocks(
+            self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+            BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=self.seq_lengths)
+
+    # ----- views --------------------------------------------------------------------------
+    @property
+    def states(self) -> torch.Tensor:
+        """int8 [B, H, nQ, nKV]: 0 empty, 1 partial (mask_mod applied), 2 full."""
+        if self._states is None:
+            self._states = states_from_tables(self.kv_num_blocks, self.kv_indices,
+                                              self.full_kv_num_blocks, self.full_kv_indices)
+        return self._states
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.kv_indices.shape[:-2]) + self.seq_lengths
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_indices.device
+
+    def to_dense(self) -> torch.Tensor:
+        """int32 [B, H, nQ, nKV]: 1 where the tile is computed (partial or full)."""
+        return (self.states != EMPTY).to(torch.int32)
+
+    def sparsity(self) -> float:
+        """Percentage of tiles skipped."""
+        dense = self.to_dense()
+        return 100.0 * (1.0 - dense.sum().item() / dense.numel())
+
+    def to(self, device) -> "BlockMask":
+        moved = BlockMask(self.seq_lengths, *(None if t is None else t.to(device) for t in (
+            self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)),
+            BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
+        if self._states is not None:
+            moved._states = self._states.to(device)
+        return moved
+
+    def to_string(self, grid_size=(20, 20), limit: int = 4) -> str:
+        """Tile map per (batch, head): '█' full, '▒' partial or mixed, ' ' empty."""
+        states = self.states.cpu()
+        B, H, nq, nkv = states.shape
+        rows_per, cols_per = ceil_div(nq, grid_size[0]), ceil_div(nkv, grid_size[1])
+        lines = [repr(self)]
+        for n, (b, h) in enumerate((b, h) for b in range(B) for h in range(H)):
+            if n >= limit:
+                lines.append(f"... {B * H - limit} more (batch, head) maps")
+                break
+            lines.append(f"b={b}, h={h}:")
+            for r in range(0, nq, rows_per):
+                row = ""
+                for c in range(0, nkv, cols_per):
+                    cell = states[b, h, r:r + rows_per, c:c + cols_per]
+                    row += "█" if bool((cell == FULL).all()) else (" " if bool((cell == EMPTY).all()) else "▒")
+                lines.append("|" + row + "|")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+    def __repr__(self) -> str:
+        return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "
+                f"sparsity={self.sparsity():.2f}%, mask_mod={getattr(self.mask_mod, '__name__', 'mask_mod')})")
+
+
+def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, _compile=False,
+                      chunk_elements: int | None = None) -> BlockMask:
+    """Build a BlockMask from a mask_mod, tile by tile, without the dense mask.
+
+    B or H of None mean 1 (broadcast over batch or heads). device defaults to CUDA when
+    available, else CPU (torch >= 2.10's rule). BLOCK_SIZE is an int or a (q, kv) pair.
+    """
+    mask_mod = as_mask_mod(mask_mod)
+    B = 1 if B is None else _positive("B", B)
+    H = 1 if H is None else _positive("H", H)
+    Q_LEN, KV_LEN = _positive("Q_LEN", Q_LEN), _positive("KV_LEN", KV_LEN)
+    bq, bkv = _block_sizes(BLOCK_SIZE)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
+    states = classify_tiles(mask_mod, B, H, Q_LEN, KV_LEN, bq, bkv, torch.device(device), **kwargs)
+    return BlockMask.from_states(states, (Q_LEN, KV_LEN), (bq, bkv), mask_mod)
+
+
+def full_block_mask(B: int, Q_LEN: int, KV_LEN: int, device, BLOCK_SIZE=128) -> BlockMask:
+    """The mask of plain attention, built from the shape alone (tail key tile partial)."""
+    bq, bkv = _block_sizes(BLOCK_SIZE)
+    nq, nkv = ceil_div(Q_LEN, bq), ceil_div(KV_LEN, bkv)
+    states = torch.full((1, 1, nq, nkv), FULL, dtype=torch.int8, device=device)
+    if KV_LEN % bkv:
+        states[..., -1] = PARTIAL
+    return BlockMask.from_states(states, (Q_LEN, KV_LEN), (bq, bkv), noop_mask)
+
+
+def create_mask(mod_fn, B, H, Q_LEN, KV_LEN, device=None) -> torch.Tensor:
+    """The dense bool mask [B, H, Q_LEN, KV_LEN] of a mask_mod, or of a score_mod (visible
+    where the score_mod does not give -inf), as torch's create_mask."""
+    from .mask_eval import count_positional_args
+
+    B = 1 if B is None else B
+    H = 1 if H is None else H
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    grid = index_grid(range(B), range(H), range(Q_LEN), range(KV_LEN), device)
+    if count_positional_args(mod_fn) == 5:
+        score = torch.zeros((B, H, Q_LEN, KV_LEN), device=device)
+        return mod_fn(score, *grid).expand(B, H, Q_LEN, KV_LEN) != float("-inf")
+    return evaluate_mask_mod(as_mask_mod(mod_fn), *grid).clone()

@@ -1,0 +1,20 @@
+"""The mask library: one pattern per file, each docstring states its exact predicate."""
+from .attamba import generate_attamba_mask_mod
+from .causal import generate_causal_mask_mod
+from .chunked_causal import generate_chunked_causal_mask_mod
+from .combinators import and_masks, noop_mask, or_masks
+from .dilated_sliding_window import generate_dilated_sliding_window_mask_mod
+from .document import document_ids_from_offsets, generate_document_mask_mod
+from .full import generate_full_mask_mod
+from .prefix_lm import generate_prefix_lm_mask_mod
+from .registry import MASK_FACTORIES, get_mask_fn
+from .sliding_window import generate_sliding_window_mask_mod
+from .streaming import generate_streaming_mask_mod
+
+__all__ = [
+    "MASK_FACTORIES", "and_masks", "document_ids_from_offsets", "generate_attamba_mask_mod",
+    "generate_causal_mask_mod", "generate_chunked_causal_mask_mod",
+    "generate_dilated_sliding_window_mask_mod", "generate_document_mask_mod",
+    "generate_full_mask_mod", "generate_prefix_lm_mask_mod", "generate_sliding_window_mask_mod",
+    "generate_streaming_mask_mod", "get_mask_fn", "noop_mask", "or_masks",
+]

@@ -1,0 +1,15 @@
+"""Causal sliding window: each query sees itself and the window_size - 1 keys before it.
+
+Predicate: visible(q, kv) = q >= kv and q - kv < window_size
+"""
+from ._params import positive_int
+
+
+def generate_sliding_window_mask_mod(window_size: int):
+    window_size = positive_int("window_size", window_size)
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window_size)
+
+    sliding_window.__name__ = f"sliding_window_{window_size}"
+    return sliding_window

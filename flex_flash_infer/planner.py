@@ -1,0 +1,124 @@
+"""Turn tile states into FlashInfer launch descriptions (pure torch: runs and is tested on CPU).
+
+Layout the launches assume: queries flattened to [B * Q_LEN, Hq, D]; keys and values padded
+to whole tiles and viewed as pages [B * nKV, block_kv, Hkv, D], page id = b * nKV + key tile.
+One request per (batch entry, query tile). Two launches, merged by log-sum-exp:
+  * full:    the full tiles of each request, on the unmasked fa3 kernel;
+  * partial: the partial tiles, on the fa2 kernel with a bit mask over those tiles only.
+A request without partial tiles gets one dummy page whose mask bits are all zero, because
+FlashInfer's masked path needs at least one page per request; it contributes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .block_build import FULL, PARTIAL, ceil_div
+from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
+
+MASK_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class PagedLaunch:
+    """Arguments of one paged-prefill launch: CSR over requests of page ids."""
+    kv_indptr: torch.Tensor       # int32 [requests + 1]
+    kv_indices: torch.Tensor      # int32 [pages]: b * nKV + key tile
+    last_page_len: torch.Tensor   # int32 [requests]: block_kv, or 0 for a request with no pages
+    tile_request: torch.Tensor    # int64 [pages]: the request of each listed tile
+    tile_rank: torch.Tensor       # int64 [pages]: position of the tile inside its request
+    dummy: torch.Tensor           # bool [pages]: filler page of a request with no tile of this kind
+
+
+@dataclass
+class TilePlan:
+    qo_indptr: torch.Tensor       # int32 [requests + 1]
+    qo_len: torch.Tensor          # int32 [requests]
+    full: PagedLaunch | None      # None when no tile is full
+    partial: PagedLaunch | None   # None when no tile is partial
+    num_kv_tiles: int
+
+
+def _launch(selected: torch.Tensor, block_kv: int, fill_empty: bool) -> PagedLaunch:
+    """selected: bool [B, nQ, nKV] -> CSR over the B * nQ requests."""
+    B, nq, nkv = selected.shape
+    if fill_empty:
+        empty_rows = ~selected.any(-1)
+        filler = torch.zeros_like(selected)
+        filler[..., 0] = empty_rows
+        listed = selected | filler
+    else:
+        filler = torch.zeros_like(selected)
+        listed = selected
+    flat = listed.reshape(B * nq, nkv)
+    counts = flat.sum(-1)
+    indptr = torch.zeros(B * nq + 1, dtype=torch.int64, device=selected.device)
+    indptr[1:] = counts.cumsum(0)
+    request, tile = flat.nonzero(as_tuple=True)  # row-major: grouped by request, tiles ascending
+    page = (request // nq) * nkv + tile
+    rank = torch.arange(request.numel(), device=selected.device) - indptr[request]
+    return PagedLaunch(
+        kv_indptr=indptr.to(torch.int32),
+        kv_indices=page.to(torch.int32),
+        last_page_len=torch.where(counts > 0, block_kv, 0).to(torch.int32),
+        tile_request=request,
+        tile_rank=rank,
+        dummy=filler.reshape(B * nq, nkv)[request, tile],
+    )
+
+
+def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block_kv: int) -> TilePlan:
+    """states: int8 [Bm, nQ, nKV] for one head group (Bm is 1 or batch)."""
+    states = states.expand(batch, *states.shape[1:])
+    _, nq, nkv = states.shape
+    q_tile = torch.arange(nq, device=states.device)
+    qo_len = torch.clamp(q_len - q_tile * block_q, max=block_q).repeat(batch)
+    qo_indptr = torch.zeros(batch * nq + 1, dtype=torch.int64, device=states.device)
+    qo_indptr[1:] = qo_len.cumsum(0)
+    full_sel, part_sel = states == FULL, states == PARTIAL
+    return TilePlan(
+        qo_indptr=qo_indptr.to(torch.int32),
+        qo_len=qo_len.to(torch.int32),
+        full=_launch(full_sel, block_kv, fill_empty=False) if bool(full_sel.any()) else None,
+        partial=_launch(part_sel, block_kv, fill_empty=True) if bool(part_sel.any()) else None,
+        num_kv_tiles=nkv,
+    )
+
+
+def partial_tile_mask(plan: TilePlan, mask_mod, head: int, q_len: int, kv_len: int,
+                      block_q: int, block_kv: int, chunk_elements: int = MASK_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Flat bool mask of the partial launch in FlashInfer's layout: for each request, a
+    row-major [qo_len, pages * block_kv] matrix over its concatenated pages."""
+    launch = plan.partial
+    device = launch.kv_indices.device
+    nq = ceil_div(q_len, block_q)
+    pages_per_request = (launch.kv_indptr[1:] - launch.kv_indptr[:-1]).long()
+    request_elems = plan.qo_len.long() * pages_per_request * block_kv
+    offset = torch.zeros_like(request_elems)
+    offset[1:] = request_elems.cumsum(0)[:-1]
+    out = torch.zeros(int(request_elems.sum()), dtype=torch.bool, device=device)
+    rows = torch.arange(block_q, device=device)
+    cols = torch.arange(block_kv, device=device)
+    tiles_per_chunk = max(1, chunk_elements // (block_q * block_kv))
+    for p0 in range(0, launch.kv_indices.numel(), tiles_per_chunk):
+        sl = slice(p0, p0 + tiles_per_chunk)
+        req, rank = launch.tile_request[sl], launch.tile_rank[sl]
+        b, q_tile = req // nq, req % nq
+        kv_tile = launch.kv_indices[sl].long() % plan.num_kv_tiles
+        q_raw = (q_tile * block_q).view(-1, 1, 1) + rows.view(1, -1, 1)
+        kv_raw = (kv_tile * block_kv).view(-1, 1, 1) + cols.view(1, 1, -1)
+        visible = evaluate_mask_mod(
+            mask_mod,
+            b.to(INDEX_DTYPE).view(-1, 1, 1),
+            torch.full((1, 1, 1), head, dtype=INDEX_DTYPE, device=device),
+            q_raw.clamp(max=q_len - 1).to(INDEX_DTYPE),
+            kv_raw.clamp(max=kv_len - 1).to(INDEX_DTYPE),
+        )
+        visible = visible & (kv_raw < kv_len) & ~launch.dummy[sl].view(-1, 1, 1)
+        row_ok = rows.view(1, -1, 1) < plan.qo_len[req].view(-1, 1, 1)
+        stride = (pages_per_request[req] * block_kv).view(-1, 1, 1)
+        dst = offset[req].view(-1, 1, 1) + rows.view(1, -1, 1) * stride + (rank * block_kv).view(-1, 1, 1) + cols.view(1, 1, -1)
+        keep = row_ok.expand_as(dst)
+        out[dst[keep]] = visible[keep]
+    return out

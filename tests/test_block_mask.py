@@ -1,0 +1,121 @@
+import pytest
+import torch
+from torch.nn.attention import flex_attention as torch_flex
+
+from dense_reference import dense_predicate
+from flex_flash_infer import BlockMask, create_block_mask, get_mask_fn
+from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL
+
+
+def dense_tile_states(dense, bq, bkv):
+    """Tile states from a dense [B, H, L, S] mask: full = every in-range query row sees every
+    key of the tile and the tile has no padded keys."""
+    B, H, L, S = dense.shape
+    nq, nkv = -(-L // bq), -(-S // bkv)
+    states = torch.empty(B, H, nq, nkv, dtype=torch.int8)
+    for i in range(nq):
+        for j in range(nkv):
+            tile = dense[:, :, i * bq:(i + 1) * bq, j * bkv:(j + 1) * bkv]
+            full = tile.flatten(2).all(-1) & ((j + 1) * bkv <= S)
+            states[:, :, i, j] = torch.where(full, FULL, torch.where(tile.flatten(2).any(-1), PARTIAL, EMPTY))
+    return states
+
+
+def random_mask_mod(B, H, L, S, rng, density=0.3):
+    """A mask_mod over a captured random tensor, with some all-true and all-false regions."""
+    dense = torch.rand(B, H, L, S, generator=rng) < density
+    dense[..., : L // 3, : S // 4] = True
+    dense[..., L // 2:, S // 2:] = False
+
+    def random_mask(b, h, q, kv):
+        return dense[b, h, q, kv]
+
+    return random_mask, dense
+
+
+@pytest.mark.parametrize("L,S,block", [(256, 256, 64), (301, 173, 64), (130, 400, (32, 48)), (50, 50, 128)])
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 3000])
+def test_tiles_match_dense_classification_for_random_masks(rng, L, S, block, chunk_elements):
+    B, H = 2, 3
+    mod, dense = random_mask_mod(B, H, L, S, rng)
+    bm = create_block_mask(mod, B, H, L, S, device="cpu", BLOCK_SIZE=block, chunk_elements=chunk_elements)
+    bq, bkv = (block, block) if isinstance(block, int) else block
+    assert torch.equal(bm.states, dense_tile_states(dense, bq, bkv))
+    assert bm.shape == (B, H, L, S)
+    assert bm.BLOCK_SIZE == (bq, bkv)
+
+
+@pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 100}),
+                                         ("attamba", {"window_size": 64, "chunk_size": 32}),
+                                         ("prefix_lm", {"prefix_len": 200}), ("chunked_causal", {"chunk_size": 96})])
+def test_library_tiles_match_dense_and_torch(name, params):
+    L = S = 512
+    mod = get_mask_fn(name, **params)
+    bm = create_block_mask(mod, None, None, L, S, device="cpu", BLOCK_SIZE=64)
+    assert torch.equal(bm.states, dense_tile_states(dense_predicate(name, L, S, **params)[None, None], 64, 64))
+    ref = torch_flex.create_block_mask(mod, None, None, L, S, device="cpu", BLOCK_SIZE=64)
+    assert torch.equal(bm.to_dense(), ref.to_dense())
+    for field in ("kv_num_blocks", "full_kv_num_blocks"):
+        assert torch.equal(getattr(bm, field), getattr(ref, field)), field
+    for num, idx in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        n = getattr(bm, num)
+        for r in range(n.shape[-1]):
+            k = int(n[0, 0, r])
+            assert torch.equal(getattr(bm, idx)[0, 0, r, :k], getattr(ref, idx)[0, 0, r, :k])
+    assert abs(bm.sparsity() - ref.sparsity()) < 1e-6
+
+
+def test_round_trip_through_torch_block_mask(rng):
+    mod, dense = random_mask_mod(1, 2, 200, 300, rng)
+    bm = create_block_mask(mod, 1, 2, 200, 300, device="cpu", BLOCK_SIZE=64)
+    tbm = bm.to_torch()
+    assert tbm.seq_lengths == (200, 300)
+    back = BlockMask.from_torch(tbm)
+    assert torch.equal(back.states, bm.states)
+    assert back.mask_mod is mod
+
+
+def test_per_batch_and_per_head_masks_differ_where_they_should():
+    def per_head_window(b, h, q, kv):
+        return (q >= kv) & (q - kv < 64 * (h + 1) + 32 * b)
+
+    bm = create_block_mask(per_head_window, 2, 3, 512, 512, device="cpu", BLOCK_SIZE=64)
+    for b in range(2):
+        for h in range(3):
+            w = 64 * (h + 1) + 32 * b
+            expected = dense_tile_states(dense_predicate("sliding_window", 512, 512, window_size=w)[None, None], 64, 64)
+            assert torch.equal(bm.states[b, h], expected[0, 0])
+
+
+def test_mask_mod_only_ever_sees_bounded_chunks_and_in_range_indices():
+    seen = {"max": 0, "q": 0, "kv": 0}
+    L, S = 4100, 5000
+
+    def spy(b, h, q, kv):
+        seen["max"] = max(seen["max"], torch.broadcast_shapes(b.shape, h.shape, q.shape, kv.shape).numel())
+        seen["q"], seen["kv"] = max(seen["q"], int(q.max())), max(seen["kv"], int(kv.max()))
+        return q >= kv
+
+    create_block_mask(spy, None, None, L, S, device="cpu", chunk_elements=1 << 20)
+    assert seen["max"] <= 1 << 20
+    assert seen["q"] == L - 1 and seen["kv"] == S - 1
+
+
+def test_to_string_shows_full_partial_and_empty_tiles():
+    bm = create_block_mask(get_mask_fn("causal"), None, None, 512, 512, device="cpu", BLOCK_SIZE=128)
+    text = bm.to_string()
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert rows == ["|▒   |", "|█▒  |", "|██▒ |", "|███▒|"]
+    assert "sparsity=37.50%" in repr(bm)
+
+
+def test_bad_block_mask_arguments():
+    causal = get_mask_fn("causal")
+    with pytest.raises(ValueError, match="Q_LEN"):
+        create_block_mask(causal, 1, 1, 0, 10, device="cpu")
+    with pytest.raises(TypeError, match="BLOCK_SIZE"):
+        create_block_mask(causal, 1, 1, 10, 10, device="cpu", BLOCK_SIZE="big")
+    with pytest.raises(TypeError, match="mask_mod"):
+        create_block_mask(lambda q: q, 1, 1, 10, 10, device="cpu")
+    with pytest.raises(TypeError, match="bool"):
+        create_block_mask(lambda b, h, q, kv: q - kv, 1, 1, 10, 10, device="cpu")
