@@ -1,0 +1,6 @@
+# Source on the offline GPU machine from the project root, after ../shared/gpu/fetch-wheels.sh
+# (plus pytest's wheels) filled .whl/ here:  source scripts/gpu_env.sh
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || return 1
+export PYTHONPATH=/tmp/site:$PWD FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONUNBUFFERED=1
+python3 -c "import torch, flashinfer; print('torch', torch.__version__, '| flashinfer', flashinfer.__version__, '|', torch.cuda.get_device_name())"

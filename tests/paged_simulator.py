@@ -1,0 +1,42 @@
+"""A CPU model of FlashInfer's paged prefill and merge_state semantics, to test the planner
+without a GPU: each request attends to the concatenation of its pages, optionally under a
+row-major [qo_len, kv_len] bit mask, and returns base-2 LSE (-inf and 0 for rows that see nothing)."""
+import math
+
+import torch
+
+
+def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_page_len, scale, mask=None):
+    N, H, D = q.shape
+    group = H // k_pages.shape[2]
+    out = torch.zeros(N, H, D, dtype=torch.float64)
+    lse = torch.full((N, H), -math.inf, dtype=torch.float64)
+    offset = 0
+    for r in range(len(qo_indptr) - 1):
+        q0, q1 = int(qo_indptr[r]), int(qo_indptr[r + 1])
+        pages = kv_indices[int(kv_indptr[r]):int(kv_indptr[r + 1])].long()
+        if len(pages) == 0:
+            continue
+        kv_len = (len(pages) - 1) * k_pages.shape[1] + int(last_page_len[r])
+        k = k_pages[pages].reshape(-1, *k_pages.shape[2:])[:kv_len].double().repeat_interleave(group, 1)
+        v = v_pages[pages].reshape(-1, *v_pages.shape[2:])[:kv_len].double().repeat_interleave(group, 1)
+        s = torch.einsum("nhd,khd->hnk", q[q0:q1].double(), k) * scale
+        if mask is not None:
+            m = mask[offset: offset + (q1 - q0) * kv_len].view(q1 - q0, kv_len)
+            offset += (q1 - q0) * kv_len
+            s = s.masked_fill(~m, -math.inf)
+        row_lse = torch.logsumexp(s, -1)
+        p = torch.nan_to_num(torch.exp(s - row_lse.unsqueeze(-1)), nan=0.0)
+        out[q0:q1] = torch.einsum("hnk,khd->nhd", p, v)
+        lse[q0:q1] = (row_lse / math.log(2)).transpose(0, 1)
+    return out, lse
+
+
+def merge_state(o_a, s_a, o_b, s_b):
+    m = torch.maximum(s_a, s_b)
+    m = torch.where(torch.isinf(m), 0.0, m)
+    w_a, w_b = torch.exp2(s_a - m), torch.exp2(s_b - m)
+    total = w_a + w_b
+    safe = torch.where(total > 0, total, 1.0)
+    out = (o_a * w_a.unsqueeze(-1) + o_b * w_b.unsqueeze(-1)) / safe.unsqueeze(-1)
+    return out, torch.log2(total) + m

@@ -1,0 +1,160 @@
+"""FlashInfer path on CUDA against the float64 dense oracle (small) or the float32 reference (large).
+Run on a Hopper machine: python -m pytest -m gpu tests/test_gpu.py"""
+import math
+
+import pytest
+import torch
+
+from dense_reference import dense_attention, dense_predicate, rel_err
+from flex_flash_infer import FlexFlashInfer, create_block_mask, flex_attention, get_mask_fn
+from flex_flash_infer.reference import reference_attention
+from test_block_mask import random_mask_mod
+
+pytestmark = pytest.mark.gpu
+TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2}
+DTYPES = [torch.bfloat16, torch.float16]
+HEAD_DIMS = [64, 128]
+LIBRARY = [
+    ("full", {}), ("causal", {}), ("sliding_window", {"window_size": 200}),
+    ("attamba", {"window_size": 96, "chunk_size": 64}), ("streaming", {"sink_size": 4, "window_size": 150}),
+    ("prefix_lm", {"prefix_len": 300}), ("chunked_causal", {"chunk_size": 192}),
+    ("dilated_sliding_window", {"window_size": 180, "dilation": 3}),
+]
+
+
+def inputs(B, H, Hkv, L, S, D, dtype, gen):
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
+    return r(B, H, L, D), r(B, Hkv, S, D), r(B, Hkv, S, D)
+
+
+@pytest.fixture
+def cuda_gen():
+    seed = torch.seed() % (2**31)
+    print(f"seed={seed}")
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def check(out, lse, q, k, v, dense, dtype, scale=None):
+    ref_out, ref_lse = dense_attention(q, k, v, dense, scale=scale)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref_out) < TOL[dtype]
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), seen)
+    assert torch.allclose(lse.cpu().double()[seen], ref_lse[seen], atol=2e-2, rtol=1e-3)
+    assert (out.cpu()[~seen.unsqueeze(-1).expand_as(out.cpu())] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("name,params", LIBRARY)
+def test_library_masks(cuda_gen, dtype, D, name, params):
+    B, H, Hkv, L, S = 1, 8, 2, 777, 777
+    q, k, v = inputs(B, H, Hkv, L, S, D, dtype, cuda_gen)
+    bm = create_block_mask(get_mask_fn(name, **params), None, None, L, S, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    check(out, lse, q, k, v, dense_predicate(name, L, S, **params), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L,S", [(333, 333), (200, 517), (517, 130)])
+def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, dtype, L, S):
+    B, H, Hkv, D = 2, 4, 2, 128
+    gen = torch.Generator().manual_seed(torch.seed() % (2**31))
+    mod, dense = random_mask_mod(B, H, L, S, gen)
+    dense_cuda = dense.cuda()
+
+    def on_gpu(b, h, q, kv):
+        return dense_cuda[b, h, q, kv]
+
+    q, k, v = inputs(B, H, Hkv, L, S, D, dtype, cuda_gen)
+    bm = create_block_mask(on_gpu, B, H, L, S, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    check(out, lse, q, k, v, dense, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shared_table_but_head_dependent_mask_mod(cuda_gen, dtype):
+    """H=None tables with a mask_mod that reads h: partial tiles must still use each head's mask."""
+    B, H, Hkv, L, S, D = 1, 4, 4, 400, 400, 64
+
+    def per_head(b, h, q, kv):
+        return (q >= kv) & ((q - kv) % (h + 2) == 0)
+
+    q, k, v = inputs(B, H, Hkv, L, S, D, dtype, cuda_gen)
+    bm = create_block_mask(per_head, None, None, L, S, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, return_lse=True, backend="flashinfer")
+    qi, ki = torch.arange(L).view(-1, 1), torch.arange(S).view(1, -1)
+    dense = torch.stack([(qi >= ki) & ((qi - ki) % (h + 2) == 0) for h in range(H)])[None]
+    check(out, lse, q, k, v, dense, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seed_wrapper_and_custom_scale(cuda_gen, dtype):
+    L, H, D = 1024, 8, 64
+    flex = FlexFlashInfer(device="cuda")
+    flex.prepare(mask_fn=lambda q, kv: (q >= kv) & (q - kv <= 256), seq_len_q=L, seq_len_kv=L, num_qo_heads=H,
+                 num_kv_heads=H, head_dim=D, block_size_row=128, block_size_col=128, dtype=dtype, scale=0.2)
+    assert flex.active_backend == "flashinfer"
+    q, k, v = (x[0].transpose(0, 1) for x in inputs(1, H, H, L, L, D, dtype, cuda_gen))
+    out, lse = flex(q, k, v, return_lse=True)
+    dense = dense_predicate("sliding_window", L, L, window_size=257)
+    check(out.transpose(0, 1)[None], lse.transpose(0, 1)[None], q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+          v.transpose(0, 1)[None], dense, dtype, scale=0.2)
+
+
+def test_causal_32k_matches_reference(cuda_gen):
+    L, H, Hkv, D, dtype = 32768, 4, 1, 128, torch.bfloat16
+    flex = FlexFlashInfer(device="cuda")
+    flex.prepare(mask_fn=get_mask_fn("causal"), seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv,
+                 head_dim=D, dtype=dtype)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in inputs(1, H, Hkv, L, L, D, dtype, cuda_gen))
+    out = flex(q, k, v)
+    ref, _ = reference_attention(q.transpose(0, 1)[None].float(), k.transpose(0, 1)[None].float(),
+                                 v.transpose(0, 1)[None].float(), flex.block_mask)
+    err = ((out.float() - ref[0].transpose(0, 1)).norm() / ref.norm()).item()
+    print(f"causal 32768 rel err {err:.2e}")
+    assert not torch.isnan(out).any() and err < 2e-2
+
+
+def test_block_mask_build_at_131072_tokens():
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    for name, params in (("causal", {}), ("attamba", {"window_size": 256, "chunk_size": 128})):
+        bm = create_block_mask(get_mask_fn(name, **params), None, None, 131072, 131072, device="cuda")
+        n = 1024
+        states = bm.states[0, 0].cpu()
+        assert (states.diagonal() == 1).all()
+        assert (torch.triu(states, 1) == 0).all()
+        expected_full = 0 if name == "attamba" else n * (n - 1) // 2
+        assert int((states == 2).sum()) == expected_full
+    peak = torch.cuda.max_memory_allocated() - before
+    print(f"131072 block-mask build: peak extra GPU memory {peak / 2**20:.0f} MiB")
+    assert peak < 2 * 2**30
+
+
+def test_backend_flashinfer_rejects_what_it_cannot_run(cuda_gen):
+    q, k, v = inputs(1, 2, 2, 64, 64, 64, torch.float32, cuda_gen)
+    with pytest.raises(ValueError, match="dtype"):
+        flex_attention(q, k, v, backend="flashinfer")
+    q, k, v = inputs(1, 2, 2, 64, 64, 96, torch.bfloat16, cuda_gen)
+    with pytest.raises(ValueError, match="head_dim"):
+        flex_attention(q, k, v, backend="flashinfer")
+    with pytest.warns(UserWarning, match="reference"):
+        out = flex_attention(q, k, v)
+    assert out.shape == q.shape
+
+
+def test_score_mod_on_cuda_runs_on_reference_with_a_warning(cuda_gen):
+    q, k, v = inputs(1, 2, 2, 100, 100, 64, torch.bfloat16, cuda_gen)
+    bias = torch.randn(100, device="cuda")
+
+    def add_bias(score, b, h, qi, ki):
+        return score + bias[ki]
+
+    with pytest.warns(UserWarning, match="score_mod"):
+        out = flex_attention(q, k, v, score_mod=add_bias)
+    ref, _ = dense_attention(q, k, v, None, score_fn=lambda s, b, h, qi, ki: s + bias.cpu().double()[ki])
+    assert rel_err(out, ref) < 2e-2
+    assert math.isfinite(out.float().sum().item())

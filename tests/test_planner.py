@@ -1,0 +1,85 @@
+"""The planner's decisions, checked on CPU against the dense mask through a model of FlashInfer."""
+import pytest
+import torch
+
+from dense_reference import dense_attention, rel_err
+from flex_flash_infer import create_block_mask, get_mask_fn
+from flex_flash_infer.block_build import FULL, PARTIAL
+from flex_flash_infer.planner import partial_tile_mask, plan_tiles
+from paged_simulator import merge_state, paged_prefill
+from test_block_mask import random_mask_mod
+
+
+def simulate(bm, q, k, v, head=0):
+    """Run the planned launches of one head group through the CPU model. q [B*L, H, D], k/v [B, S, Hkv, D]."""
+    B, S, Hkv, D = k.shape
+    L = bm.seq_lengths[0]
+    bq, bkv = bm.BLOCK_SIZE
+    states = bm.states[:, head if bm.states.shape[1] > 1 else 0]
+    plan = plan_tiles(states, B, L, bq, bkv)
+    nkv = plan.num_kv_tiles
+    pad = nkv * bkv - S
+    kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).reshape(B * nkv, bkv, Hkv, D)
+    vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).reshape(B * nkv, bkv, Hkv, D)
+    scale = D ** -0.5
+    results = []
+    if plan.full is not None:
+        f = plan.full
+        results.append(paged_prefill(q, kp, vp, plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, scale))
+    if plan.partial is not None:
+        p = plan.partial
+        bits = partial_tile_mask(plan, bm.mask_mod, head, L, S, bq, bkv)
+        results.append(paged_prefill(q, kp, vp, plan.qo_indptr, p.kv_indptr, p.kv_indices, p.last_page_len, scale, bits))
+    out, lse = results[0] if len(results) == 1 else merge_state(*results[0], *results[1])
+    return out, lse, plan
+
+
+@pytest.mark.parametrize("B,L,S,block", [(1, 256, 256, 64), (2, 200, 333, 64), (3, 130, 70, (32, 48))])
+def test_planned_launches_reproduce_dense_attention_for_random_masks(rng, B, L, S, block):
+    H, Hkv, D = 4, 2, 16
+    mod, dense = random_mask_mod(B, 1, L, S, rng)
+    bm = create_block_mask(mod, B, None, L, S, device="cpu", BLOCK_SIZE=block)
+    q = torch.randn(B, H, L, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    out, lse, _ = simulate(bm, q.transpose(1, 2).reshape(B * L, H, D), k.transpose(1, 2), v.transpose(1, 2))
+    ref_out, ref_lse = dense_attention(q, k, v, dense)
+    assert rel_err(out.view(B, L, H, D).transpose(1, 2), ref_out) < 1e-12
+    got_lse = lse.view(B, L, H).transpose(1, 2) * torch.log(torch.tensor(2.0, dtype=torch.float64))
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(got_lse), seen)
+    assert torch.allclose(got_lse[seen], ref_lse[seen])
+
+
+def test_causal_sends_only_the_diagonal_to_the_masked_launch():
+    bm = create_block_mask(get_mask_fn("causal"), None, None, 1024, 1024, device="cpu", BLOCK_SIZE=128)
+    plan = plan_tiles(bm.states[:, 0], 1, 1024, 128, 128)
+    tiles = torch.arange(8)
+    assert torch.equal(plan.partial.kv_indices.long(), tiles)          # one diagonal tile per row
+    assert not plan.partial.dummy.any()
+    assert plan.full.kv_indices.numel() == 8 * 7 // 2                   # every tile below the diagonal
+    assert torch.equal(plan.full.last_page_len, torch.tensor([0] + [128] * 7, dtype=torch.int32))
+
+
+def test_rows_without_partial_tiles_get_an_all_zero_dummy_page():
+    def two_regions(b, h, q, kv):
+        return (q < 256) | ((q >= kv) & (q >= 256))  # first rows see everything: no partial tile
+
+    bm = create_block_mask(two_regions, None, None, 512, 512, device="cpu", BLOCK_SIZE=128)
+    plan = plan_tiles(bm.states[:, 0], 1, 512, 128, 128)
+    assert plan.partial.dummy.sum() == 2
+    bits = partial_tile_mask(plan, bm.mask_mod, 0, 512, 512, 128, 128)
+    per_request = (plan.qo_len.long() * (plan.partial.kv_indptr[1:] - plan.partial.kv_indptr[:-1]) * 128)
+    assert not bits[: int(per_request[:2].sum())].any()
+
+
+def test_batch_entries_use_their_own_pages():
+    def per_batch(b, h, q, kv):
+        return kv < 64 * (b + 1)
+
+    bm = create_block_mask(per_batch, 2, None, 64, 256, device="cpu", BLOCK_SIZE=64)
+    plan = plan_tiles(bm.states[:, 0], 2, 64, 64, 64)
+    # batch 0 sees key tile 0 only, batch 1 key tiles 0 and 1 (pages 4 and 5)
+    assert plan.full.kv_indices.tolist() == [0, 4, 5]
+    assert bm.states[1, 0, 0].tolist() == [FULL, FULL, 0, 0]
+    assert PARTIAL not in bm.states.unique().tolist()
