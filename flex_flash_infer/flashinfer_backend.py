@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .bands import find_bands, hinted_bands
 from .mask_eval import mask_dependence
 from .planner import partial_tile_mask, plan_tiles
 
@@ -95,14 +96,21 @@ class FlashInferPlan:
         workspace = default_workspace(device) if workspace is None else workspace
         block_q, block_kv = block_mask.BLOCK_SIZE
         states = block_mask.states.to(device)
-        _, uses_h = mask_dependence(block_mask.mask_mod, batch, num_qo_heads, q_len, kv_len, device)
+        uses_b, uses_h = mask_dependence(block_mask.mask_mod, batch, num_qo_heads, q_len, kv_len, device)
         self.per_head = states.shape[1] > 1 or uses_h
         self.block_kv = block_kv
         self.num_kv_tiles = states.shape[-1]
         self.shape = (batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim)
         self.group_size = num_qo_heads // num_kv_heads
-        heads = list(range(num_qo_heads)) if self.per_head else [None]
         self.groups = []
+        self.bands = None
+        if not self.per_head and not uses_b and states.shape[0] == 1:
+            self.bands = hinted_bands(block_mask.mask_mod, q_len, kv_len) or find_bands(
+                states[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
+        if self.bands:
+            self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)
+            return
+        heads = list(range(num_qo_heads)) if self.per_head else [None]
         for head in heads:
             head_states = states[:, 0 if head is None or states.shape[1] == 1 else head]
             tile_plan = plan_tiles(head_states, batch, q_len, block_q, block_kv)
@@ -118,7 +126,15 @@ class FlashInferPlan:
             x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, padded - kv_len))
         return x.reshape(batch * self.num_kv_tiles, self.block_kv, heads, dim)
 
+    @property
+    def route(self) -> str:
+        """How this plan runs: 'bands' (native requests), 'tiles' or 'tiles-per-head'."""
+        return "bands" if self.bands else ("tiles-per-head" if self.per_head else "tiles")
+
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if self.bands:
+            out, lse = self.band_runner.run(q, k, v)
+            return out, lse * LN2
         k_pages, v_pages = self._pages(k), self._pages(v)
         if not self.per_head:
             out, lse = self.groups[0].run(q, (k_pages, v_pages))
@@ -135,3 +151,53 @@ class FlashInferPlan:
                 out[:, head:head + 1] = o_h
                 lse[:, head:head + 1] = lse_h
         return out, lse * LN2
+
+
+class _BandRunner:
+    """Runs lowered bands: one ragged launch when the bands tile both sequences with the same
+    flags (packed documents, one band over everything), else one native call per band."""
+
+    def __init__(self, bands, shape, dtype, scale, workspace):
+        import flashinfer
+
+        self.bands = bands
+        self.shape = shape
+        self.scale = scale
+        batch, q_len, kv_len, hq, hkv, head_dim = shape
+        flags = {(b.causal, b.window_left) for b in bands}
+        tiles_both = all(a.q_end == b.q_start and a.kv_end == b.kv_start for a, b in zip(bands, bands[1:]))
+        self.covers_all = bands[0].q_start == 0 and bands[-1].q_end == q_len
+        self.ragged = None
+        if len(flags) == 1 and tiles_both and self.covers_all and bands[0].kv_start == 0 \
+                and bands[-1].kv_end == kv_len and (len(bands) > 1 or batch > 1):
+            q_off = torch.tensor([b.q_start for b in bands] + [q_len], dtype=torch.int32)
+            kv_off = torch.tensor([b.kv_start for b in bands] + [kv_len], dtype=torch.int32)
+            qo_indptr = torch.cat([q_off[:-1] + i * q_len for i in range(batch)] + [torch.tensor([batch * q_len], dtype=torch.int32)])
+            kv_indptr = torch.cat([kv_off[:-1] + i * kv_len for i in range(batch)] + [torch.tensor([batch * kv_len], dtype=torch.int32)])
+            causal, window = flags.pop()
+            backend = "fa3" if _is_hopper(workspace.device) else "fa2"
+            self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)
+            self.ragged.plan(qo_indptr, kv_indptr, hq, hkv, head_dim, causal=causal, window_left=window,
+                             sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+        self.single = flashinfer.single_prefill_with_kv_cache
+
+    def run(self, q, k, v):
+        """Base-2 (out, lse); q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
+        batch, q_len, kv_len = self.shape[:3]
+        if self.ragged is not None:
+            return self.ragged.run(q, k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), return_lse=True)
+        if batch == 1 and len(self.bands) == 1 and self.covers_all:
+            band = self.bands[0]
+            return self.single(q, k[0, band.kv_start:band.kv_end], v[0, band.kv_start:band.kv_end],
+                               causal=band.causal, window_left=band.window_left, sm_scale=self.scale,
+                               return_lse=True)
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        for b in range(batch):
+            for band in self.bands:
+                rows = slice(b * q_len + band.q_start, b * q_len + band.q_end)
+                o, s = self.single(q[rows], k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end],
+                                   causal=band.causal, window_left=band.window_left, sm_scale=self.scale,
+                                   return_lse=True)
+                out[rows], lse[rows] = o, s
+        return out, lse

@@ -1,0 +1,225 @@
+"""Interval lowering: find where a mask is exactly what FlashInfer's kernels do natively.
+
+A Band is one FlashInfer request: query rows [q_start, q_end) against keys [kv_start, kv_end),
+either all visible, or causal (bottom-right aligned, as FlashInfer aligns it), optionally with
+a left window. Its visible set, in global positions, with delta = kv_end - q_end:
+
+    kv_start <= kv < kv_end  and  (not causal or kv <= q + delta)
+                             and  (window_left < 0 or kv >= q + delta - window_left)
+
+find_bands() infers bands from the tile states plus the mask on two probe rows per query
+tile, with no hint from the mask's name, then verifies them exactly: every tile's state must
+match the band's, and every partial tile's bits must match element for element. So a user's
+own causal or sliding-window mask_mod is lowered as surely as the library's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .block_build import EMPTY, FULL, PARTIAL
+from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
+
+VERIFY_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class Band:
+    q_start: int
+    q_end: int
+    kv_start: int
+    kv_end: int
+    causal: bool = False
+    window_left: int = -1
+
+    @property
+    def delta(self) -> int:
+        return self.kv_end - self.q_end
+
+    def visible(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        keep = (kv >= self.kv_start) & (kv < self.kv_end) & (q >= self.q_start) & (q < self.q_end)
+        if self.causal:
+            keep = keep & (kv <= q + self.delta)
+        if self.window_left >= 0:
+            keep = keep & (kv >= q + self.delta - self.window_left)
+        return keep
+
+
+def band_tile_states(band: Band, q_len: int, kv_len: int, block_q: int, block_kv: int, nq: int, nkv: int,
+                     device) -> torch.Tensor:
+    """Exact tile states int8 [nq, nkv] of one band's visible set, in classify_tiles' convention."""
+    qt = torch.arange(nq, device=device).view(-1, 1)
+    kt = torch.arange(nkv, device=device).view(1, -1)
+    q0 = torch.clamp(qt * block_q, min=band.q_start)
+    q1 = torch.clamp(torch.clamp((qt + 1) * block_q, max=q_len), max=band.q_end) - 1  # last row, inclusive
+    k0 = kt * block_kv
+    k1 = (kt + 1) * block_kv - 1  # last key, inclusive (may be padding)
+    d, w = band.delta, band.window_left
+    # Visible keys of row q inside this tile: [lo(q), hi(q)]; lo is convex, hi concave in q, so
+    # max over q of hi - lo sits at an end or a breakpoint.
+    def lo(q):
+        v = torch.maximum(torch.maximum(k0.expand_as(q), torch.full_like(q, band.kv_start)), torch.zeros_like(q))
+        return torch.maximum(v, q + d - w) if w >= 0 else v
+
+    def hi(q):
+        v = torch.minimum(k1.expand_as(q), torch.full_like(q, min(band.kv_end, kv_len) - 1))
+        return torch.minimum(v, q + d) if band.causal else v
+
+    points = [q0, q1, k1 - d, k0 + w - d if w >= 0 else q0, band.kv_start + w - d + 0 * q0 if w >= 0 else q0,
+              min(band.kv_end, kv_len) - 1 - d + 0 * q0]
+    best = None
+    for p in points:
+        p = torch.minimum(torch.maximum(p.expand_as(q0 + k0), q0.expand_as(q0 + k0)), q1.expand_as(q0 + k0))
+        gap = hi(p) - lo(p)
+        best = gap if best is None else torch.maximum(best, gap)
+    rows_exist = q1 >= q0
+    nonempty = rows_exist & (best >= 0)
+    whole_rows = (qt * block_q >= band.q_start) & (torch.clamp((qt + 1) * block_q, max=q_len) <= band.q_end)
+    full = rows_exist & whole_rows & (k1 < min(band.kv_end, kv_len)) & (k0 >= band.kv_start)
+    if band.causal:
+        full = full & (k1 <= q0 + d)
+    if w >= 0:
+        full = full & (k0 >= q1 + d - w)
+    return torch.where(full, FULL, torch.where(nonempty, PARTIAL, EMPTY)).to(torch.int8)
+
+
+def _row_intervals(states, mask_mod, rows, q_len, kv_len, block_kv, device):
+    """(lo, hi, count) of the visible keys of one probe row per query tile."""
+    nq, nkv = states.shape
+    keys = torch.arange(nkv * block_kv, device=device)
+    tile_of_key = states.repeat_interleave(block_kv, dim=1)  # [nq, nkv * block_kv]
+    visible = tile_of_key == FULL
+    part = (tile_of_key == PARTIAL)
+    if bool(part.any()):
+        q = rows.view(-1, 1).to(INDEX_DTYPE)
+        kv = keys.clamp(max=kv_len - 1).view(1, -1).to(INDEX_DTYPE)
+        zero = torch.zeros(1, 1, dtype=INDEX_DTYPE, device=device)
+        bits = evaluate_mask_mod(mask_mod, zero, zero, q, kv)
+        visible = visible | (part & bits)
+    visible = visible & (keys < kv_len).view(1, -1)
+    count = visible.sum(1)
+    lo = torch.where(visible, keys.view(1, -1), nkv * block_kv).amin(1)
+    hi = torch.where(visible, keys.view(1, -1), -1).amax(1)
+    return lo, hi, count
+
+
+def _tile_band(first, last, lo0, hi0, lo1, hi1, kv_len):
+    """The band one query tile's two probe rows suggest, as (causal, window_left, delta, kv_start)."""
+    if lo0 == lo1 and hi0 == hi1:
+        return (False, -1, hi1 + 1, lo1)  # all rows see the same keys; 'delta' holds kv_end
+    delta = hi1 - last
+    if hi0 - first != delta:
+        return None
+    if lo0 == lo1:
+        return (True, -1, delta, lo1)
+    window = hi1 - lo1
+    return (True, window, delta, None)
+
+
+def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q: int, block_kv: int,
+               verify_chunk_elements: int = VERIFY_CHUNK_ELEMENTS) -> list[Band] | None:
+    """Bands covering every non-empty query tile of a [nQ, nKV] state map, or None."""
+    device = states.device
+    nq, nkv = states.shape
+    first_rows = torch.arange(nq, device=device) * block_q
+    last_rows = torch.clamp(first_rows + block_q, max=q_len) - 1
+    lo0, hi0, n0 = _row_intervals(states, mask_mod, first_rows, q_len, kv_len, block_kv, device)
+    lo1, hi1, n1 = _row_intervals(states, mask_mod, last_rows, q_len, kv_len, block_kv, device)
+    lo0, hi0, n0, lo1, hi1, n1 = (t.tolist() for t in (lo0, hi0, n0, lo1, hi1, n1))
+    nonempty_tiles = (states != EMPTY).any(1).tolist()
+    bands: list[Band] = []
+    current = None  # (key, first tile)
+    keys = []
+    for i in range(nq):
+        if not nonempty_tiles[i]:
+            keys.append(None)
+            continue
+        if n0[i] != hi0[i] - lo0[i] + 1 or n1[i] != hi1[i] - lo1[i] + 1 or n0[i] == 0 or n1[i] == 0:
+            return None  # a probe row that is not one contiguous run of keys
+        key = _tile_band(first_rows[i].item(), last_rows[i].item(), lo0[i], hi0[i], lo1[i], hi1[i], kv_len)
+        if key is None:
+            return None
+        keys.append(key)
+    i = 0
+    while i < nq:
+        if keys[i] is None:
+            i += 1
+            continue
+        j = i
+        while j + 1 < nq and keys[j + 1] == keys[i]:
+            j += 1
+        causal, window, delta, kv_start = keys[i]
+        q_start, q_end = i * block_q, min((j + 1) * block_q, q_len)
+        if not causal:
+            band = Band(q_start, q_end, kv_start, delta)
+        else:
+            kv_end = q_end + delta
+            if kv_start is None:
+                kv_start = max(0, q_start + delta - window)
+            if kv_end > kv_len or q_start + delta < kv_start:
+                return None  # rows that would see no key, or keys past the end
+            band = Band(q_start, q_end, kv_start, kv_end, True, window)
+        bands.append(band)
+        i = j + 1
+    bands = _absorb_clipped_windows(bands)
+    if not bands or not _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, verify_chunk_elements):
+        return None
+    return bands
+
+
+def _absorb_clipped_windows(bands: list[Band]) -> list[Band]:
+    """A causal band whose rows all reach key 0 followed by a window band of the same delta
+    is one window band: the window only clips the later rows (the start of a sliding window)."""
+    merged: list[Band] = []
+    for band in bands:
+        prev = merged[-1] if merged else None
+        if (prev is not None and prev.causal and prev.window_left < 0 and prev.kv_start == 0
+                and band.causal and band.window_left >= 0 and prev.q_end == band.q_start
+                and prev.delta == band.delta and prev.q_end - 1 + prev.delta - band.window_left <= 0):
+            merged[-1] = Band(prev.q_start, band.q_end, 0, band.kv_end, True, band.window_left)
+        else:
+            merged.append(band)
+    return merged
+
+
+def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_elements) -> bool:
+    nq, nkv = states.shape
+    expected = torch.zeros_like(states)
+    for band in bands:
+        t0, t1 = band.q_start // block_q, -(-band.q_end // block_q)
+        expected[t0:t1] = band_tile_states(band, q_len, kv_len, block_q, block_kv, nq, nkv, states.device)[t0:t1]
+    if not torch.equal(expected, states):
+        return False
+    tiles = (states == PARTIAL).nonzero()
+    rows = torch.arange(block_q, device=states.device)
+    cols = torch.arange(block_kv, device=states.device)
+    per_chunk = max(1, chunk_elements // (block_q * block_kv))
+    for p0 in range(0, tiles.shape[0], per_chunk):
+        qt, kt = tiles[p0:p0 + per_chunk].unbind(1)
+        q = (qt * block_q).view(-1, 1, 1) + rows.view(1, -1, 1)
+        kv = (kt * block_kv).view(-1, 1, 1) + cols.view(1, 1, -1)
+        valid = (q < q_len) & (kv < kv_len)
+        zero = torch.zeros(1, 1, 1, dtype=INDEX_DTYPE, device=states.device)
+        truth = evaluate_mask_mod(mask_mod, zero, zero, q.clamp(max=q_len - 1).to(INDEX_DTYPE),
+                                  kv.clamp(max=kv_len - 1).to(INDEX_DTYPE)) & valid
+        lowered = torch.zeros_like(truth)
+        for band in bands:
+            lowered |= band.visible(q, kv)
+        if not torch.equal(truth, lowered & valid):
+            return False
+    return True
+
+
+def hinted_bands(mask_mod, q_len: int, kv_len: int) -> list[Band] | None:
+    """Bands a library mask states about itself: the document mask is one causal band per
+    document (exactly its predicate when both sequences are the packed tokens)."""
+    ids = getattr(mask_mod, "document_ids", None)
+    if ids is None or not (q_len == kv_len == ids.numel()):
+        return None
+    ids = ids.cpu()
+    if ids.numel() > 1 and bool((ids[1:] < ids[:-1]).any()):
+        return None  # documents must be contiguous runs for one band each
+    starts = torch.cat([torch.tensor([0]), (ids[1:] != ids[:-1]).nonzero().flatten() + 1]).tolist()
+    ends = starts[1:] + [q_len]
+    return [Band(s, e, s, e, causal=True) for s, e in zip(starts, ends)]
