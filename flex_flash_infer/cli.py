@@ -84,6 +84,15 @@ def build_parser():
     check.add_argument("--device", default=None)
     demo = sub.add_parser("demo", help="check the seed's masks (causal, sliding_window, attamba)")
     demo.add_argument("--device", default=None)
+    bench = sub.add_parser("bench", help="benchmark against torch FlexAttention, FlashInfer and cuDNN (CUDA)")
+    bench.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768])
+    bench.add_argument("--cases", nargs="+", default=None, help="default: all")
+    bench.add_argument("--out", default=None, help="default: benchmarks/results/<device>.json")
+    bench.add_argument("--no-flex", action="store_true", help="skip torch FlexAttention")
+    warm = sub.add_parser("warmup", help="compile FlashInfer kernels ahead of first use (CUDA)")
+    warm.add_argument("--dtype", nargs="+", choices=["bf16", "fp16"], default=["bf16"])
+    warm.add_argument("--head-dim", type=int, nargs="+", default=[128])
+    warm.add_argument("--kinds", nargs="+", default=None)
     return parser
 
 
@@ -97,6 +106,18 @@ def main(argv=None) -> int:
     command = args.command or "demo"
     device = getattr(args, "device", None) or _default_device()
     on_cuda = torch.device(device).type == "cuda"
+    if command in ("bench", "warmup") and not torch.cuda.is_available():
+        print(f"{command} needs a CUDA GPU with flashinfer installed", file=sys.stderr)
+        return 2
+    if command == "bench":
+        from .bench import run_benchmark
+
+        run_benchmark(tuple(args.seq_lens), args.cases, args.out, with_flex=not args.no_flex)
+        return 0
+    if command == "warmup":
+        from .warmup import KINDS, warmup
+
+        return warmup(args.dtype, args.head_dim, args.kinds or KINDS)
     if command == "check":
         dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.float32)
         if args.mask == "document":

@@ -1,0 +1,253 @@
+"""Benchmark: this library vs compiled torch FlexAttention, FlashInfer's native call and cuDNN SDPA.
+
+Every implementation runs in this one process on the same inputs; each is checked against a
+float32 reference on sampled query rows before it is timed. Times are medians of CUDA-event
+timings after warm-up. TFLOP/s counts visible (q, kv) pairs only: 4 * pairs * head_dim * Hq / t.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import statistics
+
+import torch
+
+from .block_build import FULL, PARTIAL
+from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
+from .mods.registry import get_mask_fn
+from .wrapper import FlexFlashInfer
+
+SEED = 1234
+CHECK_ROWS = 384
+TOLERANCE = 2e-2
+
+
+def random_tile_mask(seq_len: int, keep: float = 0.25, block: int = 128, seed: int = SEED):
+    """25% of 128x128 tiles kept (the diagonal always), intersected with causal."""
+    n = -(-seq_len // block)
+    gen = torch.Generator().manual_seed(seed)
+    tiles = torch.rand(n, n, generator=gen) < keep
+    tiles |= torch.eye(n, dtype=torch.bool)
+    on_device = {}
+
+    def random_tiles(b, h, q_idx, kv_idx):
+        t = on_device.get(q_idx.device)
+        if t is None:
+            t = on_device.setdefault(q_idx.device, tiles.to(q_idx.device))
+        return t[q_idx // block, kv_idx // block] & (q_idx >= kv_idx)
+
+    return random_tiles
+
+
+def document_offsets(seq_len: int, seed: int = SEED):
+    gen = torch.Generator().manual_seed(seed)
+    offsets = [0]
+    while offsets[-1] < seq_len:
+        offsets.append(min(seq_len, offsets[-1] + int(torch.randint(256, 4097, (1,), generator=gen))))
+    return offsets
+
+
+def case_masks(seq_len: int):
+    """name -> (mask_mod, native FlashInfer kwargs or None, cuDNN SDPA is_causal or None)."""
+    return {
+        "full": (get_mask_fn("full"), {"causal": False}, False),
+        "causal": (get_mask_fn("causal"), {"causal": True}, True),
+        "sliding_window": (get_mask_fn("sliding_window", window_size=1024), {"causal": True, "window_left": 1023}, None),
+        "attamba": (get_mask_fn("attamba", window_size=256, chunk_size=128), None, None),
+        "streaming": (get_mask_fn("streaming", sink_size=4, window_size=1024), None, None),
+        "prefix_lm": (get_mask_fn("prefix_lm", prefix_len=2048), None, None),
+        "document": (get_mask_fn("document", offsets=document_offsets(seq_len)), None, None),
+        "random_tiles": (random_tile_mask(seq_len), None, None),
+    }
+
+
+def median_ms(fn, warmup: int = 5, iters: int = 30) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def visible_pairs(block_mask) -> int:
+    """Exact count of visible pairs: full tiles whole, partial tiles evaluated."""
+    states = block_mask.states[0, 0]
+    bq, bkv = block_mask.BLOCK_SIZE
+    q_len, kv_len = block_mask.seq_lengths
+    total = int((states == FULL).sum()) * bq * bkv
+    tiles = (states == PARTIAL).nonzero()
+    rows, cols = torch.arange(bq, device=states.device), torch.arange(bkv, device=states.device)
+    zero = torch.zeros(1, 1, 1, dtype=INDEX_DTYPE, device=states.device)
+    for p0 in range(0, tiles.shape[0], 1024):
+        qt, kt = tiles[p0:p0 + 1024].unbind(1)
+        q = (qt * bq).view(-1, 1, 1) + rows.view(1, -1, 1)
+        kv = (kt * bkv).view(-1, 1, 1) + cols.view(1, 1, -1)
+        ok = (q < q_len) & (kv < kv_len)
+        m = evaluate_mask_mod(block_mask.mask_mod, zero, zero, q.clamp(max=q_len - 1).to(INDEX_DTYPE),
+                              kv.clamp(max=kv_len - 1).to(INDEX_DTYPE))
+        total += int((m & ok).sum())
+    return total
+
+
+def reference_rows(q, k, v, mask_mod, rows):
+    """float32 attention for the given query rows; q [S, Hq, D], k/v [S, Hkv, D] -> [rows, Hq, D]."""
+    g = q.shape[1] // k.shape[1]
+    qs = q[rows].float().transpose(0, 1)                         # [Hq, r, D]
+    ks = k.float().repeat_interleave(g, 1).transpose(0, 1)       # [Hq, S, D]
+    vs = v.float().repeat_interleave(g, 1).transpose(0, 1)
+    s = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[-1])
+    zero = torch.zeros(1, 1, 1, dtype=INDEX_DTYPE, device=q.device)
+    kv = torch.arange(k.shape[0], device=q.device, dtype=INDEX_DTYPE).view(1, 1, -1)
+    m = evaluate_mask_mod(mask_mod, zero, zero, rows.to(INDEX_DTYPE).view(1, -1, 1), kv)[0]
+    s = s.masked_fill(~m, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+    return (p @ vs).transpose(0, 1)
+
+
+def rel_error(out_rows, ref):
+    return ((out_rows.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, heads_q=32, heads_kv=8,
+               dtype=torch.bfloat16, with_flex=True):
+    import flashinfer
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
+
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(SEED)
+    q = torch.randn(seq_len, heads_q, head_dim, device=dev, dtype=dtype, generator=gen)
+    k = torch.randn(seq_len, heads_kv, head_dim, device=dev, dtype=dtype, generator=gen)
+    v = torch.randn(seq_len, heads_kv, head_dim, device=dev, dtype=dtype, generator=gen)
+    rows = torch.sort(torch.randperm(seq_len, device=dev, generator=gen)[:CHECK_ROWS]).values
+    ref = reference_rows(q, k, v, mask_mod, rows)
+
+    flex = FlexFlashInfer(device=dev)
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    flex.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
+                 num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)  # first prepare compiles / warms
+    start.record()
+    flex.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
+                 num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)
+    end.record()
+    end.synchronize()
+    prepare_ms = start.elapsed_time(end)
+    pairs = visible_pairs(flex.block_mask)
+    plan = flex._prepared.plan
+    route = plan.route if plan is not None else "reference"
+
+    impls = {"flex_flash_infer": lambda: flex(q, k, v)}
+    if native_kwargs is not None:
+        impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
+    if with_flex:
+        tbm = torch.compile(torch_create_block_mask)(mask_mod, None, None, seq_len, seq_len, device=dev)
+        compiled = torch.compile(torch_flex_attention)
+        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
+        impls["torch_flex"] = lambda: compiled(qh, kh, vh, block_mask=tbm, enable_gqa=True)[0].transpose(0, 1)
+    if sdpa_causal is not None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        g = heads_q // heads_kv
+        qh = q.transpose(0, 1).unsqueeze(0).contiguous()
+        kh = k.repeat_interleave(g, 1).transpose(0, 1).unsqueeze(0).contiguous()
+        vh = v.repeat_interleave(g, 1).transpose(0, 1).unsqueeze(0).contiguous()
+
+        def sdpa():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=sdpa_causal)[0].transpose(0, 1)
+
+        impls["sdpa_cudnn"] = sdpa
+
+    results = []
+    for impl, fn in impls.items():
+        row = {"case": name, "seq_len": seq_len, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim,
+               "dtype": str(dtype).replace("torch.", ""), "impl": impl}
+        try:
+            out = fn()
+            err = rel_error(out[rows], ref)
+            row["rel_err"] = err
+            if not math.isfinite(err) or err > TOLERANCE:
+                row["error"] = f"wrong result: rel_err {err:.3e}"
+            else:
+                ms = median_ms(fn)
+                row["ms"] = ms
+                row["tflops"] = 4 * pairs * head_dim * heads_q / (ms * 1e-3) / 1e12
+        except Exception as e:  # a peer that cannot run this case is reported, not hidden
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if impl == "flex_flash_infer":
+            row["route"] = route
+            row["prepare_ms"] = prepare_ms
+        results.append(row)
+    return results
+
+
+def print_table(rows):
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["case"], r["seq_len"], r["head_dim"]), {})[r["impl"]] = r
+    header = f"{'case':16s} {'S':>6s} {'D':>4s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flex ms':>8s} {'x flex':>7s} {'native':>8s} {'x nat':>6s} {'cudnn':>7s} route"
+    print(header)
+    print("-" * len(header))
+    for (case, s, d), impls in by_case.items():
+        ours = impls.get("flex_flash_infer", {})
+        def ms(impl):
+            return impls.get(impl, {}).get("ms")
+
+        def fmt(x, w=8, p=3):
+            return f"{x:{w}.{p}f}" if x is not None else f"{'-':>{w}s}"
+
+        o = ours.get("ms")
+        ratio_flex = ms("torch_flex") / o if o and ms("torch_flex") else None
+        ratio_nat = ms("flashinfer_native") / o if o and ms("flashinfer_native") else None
+        print(f"{case:16s} {s:6d} {d:4d} {fmt(o)} {fmt(ours.get('tflops'), 8, 0)} {fmt(ms('torch_flex'))} "
+              f"{fmt(ratio_flex, 7, 2)} {fmt(ms('flashinfer_native'))} {fmt(ratio_nat, 6, 2)} {fmt(ms('sdpa_cudnn'), 7)} "
+              f"{ours.get('route', '')} {ours.get('error', '')}")
+        for impl, r in impls.items():
+            if "error" in r and impl != "flex_flash_infer":
+                print(f"    {impl}: {r['error']}")
+
+
+def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True):
+    import flashinfer
+
+    rows = []
+    for seq_len in seq_lens:
+        masks = case_masks(seq_len)
+        for name, (mod, native, sdpa) in masks.items():
+            if cases and name not in cases:
+                continue
+            dims = (128, 64) if name in ("causal", "sliding_window") else (128,)
+            for d in dims:
+                new = bench_case(name, seq_len, d, mod, native, sdpa, with_flex=with_flex)
+                rows.extend(new)
+                print_table(new)
+                torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name()
+    result = {"device": device, "torch": torch.__version__, "flashinfer": flashinfer.__version__,
+              "date": datetime.date.today().isoformat(), "rows": rows}
+    if out_path is None:
+        os.makedirs("benchmarks/results", exist_ok=True)
+        out_path = os.path.join("benchmarks", "results", device.replace(" ", "_") + ".json")
+    if os.path.exists(out_path):  # merge with earlier partial runs on the same device
+        old = json.load(open(out_path))
+        if old.get("device") == device:
+            keep = {(r["case"], r["seq_len"], r["head_dim"], r["impl"]) for r in rows}
+            rows = [r for r in old["rows"] if (r["case"], r["seq_len"], r["head_dim"], r["impl"]) not in keep] + rows
+            result["rows"] = rows
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    print()
+    print_table(rows)
+    print(f"wrote {out_path}")
+    return result

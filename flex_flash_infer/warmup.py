@@ -1,0 +1,56 @@
+"""Compile FlashInfer's kernels ahead of first use (each new machine compiles them once:
+1-2 minutes a module; FlashInfer caches them under ~/.cache/flashinfer afterwards)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+KINDS = ("causal", "sliding_window", "tiles", "documents")
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
+    """Run one tiny problem whose route needs the module(s) of this kind."""
+    from .mods.registry import get_mask_fn
+    from .wrapper import FlexFlashInfer
+
+    masks = {
+        "causal": get_mask_fn("causal"),                           # native single prefill
+        "sliding_window": get_mask_fn("sliding_window", window_size=64),  # its sliding-window build
+        "tiles": get_mask_fn("attamba", window_size=64, chunk_size=32),    # paged fa3 + masked fa2 + merge
+        "documents": get_mask_fn("document", offsets=[0, 100, 256]),       # ragged prefill
+    }
+    flex = FlexFlashInfer(device="cuda")
+    flex.prepare(mask_fn=masks[kind], seq_len_q=256, seq_len_kv=256, num_qo_heads=4, num_kv_heads=4,
+                 head_dim=head_dim, dtype=dtype)
+    q = torch.randn(256, 4, head_dim, device="cuda", dtype=dtype)
+    flex(q, q, q)
+    torch.cuda.synchronize()
+
+
+def warmup(dtypes=("bf16",), head_dims=(128,), kinds=KINDS, parallel: bool = True) -> int:
+    jobs = [(k, d, h) for d in dtypes for h in head_dims for k in kinds]
+    cache = os.path.join(os.environ.get("FLASHINFER_WORKSPACE_BASE", os.path.expanduser("~")), ".cache", "flashinfer")
+    print(f"compiling {len(jobs)} FlashInfer kernel sets; cached afterwards in {cache}", flush=True)
+    start = time.time()
+    procs = []
+    env = dict(os.environ)
+    env.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 4) // min(len(jobs), 4))))
+    for kind, dtype, head_dim in jobs:
+        cmd = [sys.executable, "-c",
+               f"import torch; from flex_flash_infer.warmup import compile_one; "
+               f"compile_one({kind!r}, torch.{str(DTYPE_NAMES[dtype]).split('.')[-1]}, {head_dim})"]
+        if parallel:
+            procs.append(((kind, dtype, head_dim), subprocess.Popen(cmd, env=env)))
+        else:
+            procs.append(((kind, dtype, head_dim), subprocess.run(cmd, env=env)))
+    failed = 0
+    for n, (job, p) in enumerate(procs, 1):
+        rc = p.wait() if parallel else p.returncode
+        failed += rc != 0
+        print(f"[{n}/{len(procs)}] {'ok' if rc == 0 else 'FAILED'} {job} ({time.time() - start:.0f} s)", flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,32 @@
+"""The benchmark's own measuring tools (pair counts, sampled reference, case masks) on CPU."""
+import torch
+
+from dense_reference import dense_attention, rel_err
+from flex_flash_infer import create_block_mask, create_mask
+from flex_flash_infer.bench import case_masks, document_offsets, reference_rows, visible_pairs
+
+
+def test_visible_pairs_counts_exactly():
+    for name, (mod, _, _) in case_masks(1000).items():
+        bm = create_block_mask(mod, None, None, 1000, 1000, device="cpu")
+        assert visible_pairs(bm) == int(create_mask(mod, 1, 1, 1000, 1000, device="cpu").sum()), name
+
+
+def test_reference_rows_match_dense_attention(rng):
+    S, H, Hkv, D = 300, 4, 2, 16
+    q = torch.randn(S, H, D, generator=rng)
+    k = torch.randn(S, Hkv, D, generator=rng)
+    v = torch.randn(S, Hkv, D, generator=rng)
+    mod = case_masks(S)["streaming"][0]
+    rows = torch.tensor([0, 5, 150, 299])
+    dense = create_mask(mod, 1, 1, S, S, device="cpu")
+    ref, _ = dense_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dense)
+    got = reference_rows(q, k, v, mod, rows)
+    assert rel_err(got, ref[0].transpose(0, 1)[rows]) < 1e-5
+
+
+def test_document_offsets_cover_the_sequence_with_bounded_lengths():
+    offsets = document_offsets(32768)
+    lengths = torch.tensor(offsets[1:]) - torch.tensor(offsets[:-1])
+    assert offsets[0] == 0 and offsets[-1] == 32768
+    assert bool((lengths[:-1] >= 256).all() and (lengths <= 4096).all())
