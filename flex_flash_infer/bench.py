@@ -83,7 +83,8 @@ def visible_pairs(block_mask) -> int:
     states = block_mask.states[0, 0]
     bq, bkv = block_mask.BLOCK_SIZE
     q_len, kv_len = block_mask.seq_lengths
-    total = int((states == FULL).sum()) * bq * bkv
+    rows_in_tile = torch.clamp(q_len - torch.arange(states.shape[0], device=states.device) * bq, max=bq)
+    total = int(((states == FULL).sum(1) * rows_in_tile).sum()) * bkv  # tail rows past Q_LEN excluded
     tiles = (states == PARTIAL).nonzero()
     rows, cols = torch.arange(bq, device=states.device), torch.arange(bkv, device=states.device)
     zero = torch.zeros(1, 1, 1, dtype=INDEX_DTYPE, device=states.device)
