@@ -11,6 +11,7 @@ import json
 import math
 import os
 import statistics
+import time
 
 import torch
 
@@ -63,18 +64,21 @@ def case_masks(seq_len: int):
     }
 
 
-def median_ms(fn, warmup: int = 5, iters: int = 30) -> float:
+def median_ms(fn, warmup: int = 5, rounds: int = 10, calls_per_round: int = 10) -> float:
+    """Median over rounds of the mean time of back-to-back calls between two CUDA events, so
+    that host launch work overlaps the GPU as it does in a model (the same for every impl)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
+    for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls_per_round):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls_per_round)
     return statistics.median(times)
 
 
@@ -121,7 +125,7 @@ def rel_error(out_rows, ref):
 def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, heads_q=32, heads_kv=8,
                dtype=torch.bfloat16, with_flex=True):
     import flashinfer
-    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask  # eager: built once
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
     dev = "cuda"
@@ -152,7 +156,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if with_flex:
-        tbm = torch.compile(torch_create_block_mask)(mask_mod, None, None, seq_len, seq_len, device=dev)
+        tbm = torch_create_block_mask(mask_mod, None, None, seq_len, seq_len, device=dev)
         compiled = torch.compile(torch_flex_attention)
         qh, kh, vh = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
         impls["torch_flex"] = lambda: compiled(qh, kh, vh, block_mask=tbm, enable_gqa=True)[0].transpose(0, 1)
@@ -222,6 +226,12 @@ def print_table(rows):
 def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True):
     import flashinfer
 
+    import torch._dynamo
+
+    # One compiled flex_attention per mask_mod: lift dynamo's recompile limit (default 8), past
+    # which torch silently falls back to the unfused eager path.
+    torch._dynamo.config.cache_size_limit = 256
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
     rows = []
     for seq_len in seq_lens:
         masks = case_masks(seq_len)
@@ -230,9 +240,11 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
                 continue
             dims = (128, 64) if name in ("causal", "sliding_window") else (128,)
             for d in dims:
+                t0 = time.time()
                 new = bench_case(name, seq_len, d, mod, native, sdpa, with_flex=with_flex)
                 rows.extend(new)
                 print_table(new)
+                print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)
                 torch.cuda.empty_cache()
     device = torch.cuda.get_device_name()
     result = {"device": device, "torch": torch.__version__, "flashinfer": flashinfer.__version__,
