@@ -11,7 +11,9 @@ import math
 import torch
 
 from .bands import find_bands, hinted_bands
+from .columns import column_lowering, column_states, compact_mask_mod
 from .mask_eval import mask_dependence
+from .block_build import PARTIAL
 from .planner import partial_tile_mask, plan_tiles
 
 LN2 = math.log(2.0)
@@ -104,9 +106,22 @@ class FlashInferPlan:
         self.group_size = num_qo_heads // num_kv_heads
         self.groups = []
         self.bands = None
+        self.columns = None
         if not self.per_head and not uses_b and states.shape[0] == 1:
-            self.bands = hinted_bands(block_mask.mask_mod, q_len, kv_len) or find_bands(
-                states[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
+            lowered = column_lowering(block_mask.mask_mod, q_len, kv_len)
+            if lowered is not None:
+                self.bands, self.positions = lowered
+                self.positions = self.positions.to(device)
+                compact = compact_mask_mod(block_mask.mask_mod, self.bands, self.positions)
+                col_states = column_states(compact, q_len, self.positions.numel(), block_q, device)
+                if bool((col_states == PARTIAL).any()):
+                    col_plan = plan_tiles(col_states, batch, q_len, block_q, 1)
+                    col_shape = (batch, q_len, self.positions.numel(), num_qo_heads, num_kv_heads, head_dim)
+                    self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace,
+                                              (block_q, 1))
+            else:
+                self.bands = hinted_bands(block_mask.mask_mod, q_len, kv_len) or find_bands(
+                    states[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)
             return
@@ -129,11 +144,19 @@ class FlashInferPlan:
     @property
     def route(self) -> str:
         """How this plan runs: 'bands' (native requests), 'tiles' or 'tiles-per-head'."""
-        return "bands" if self.bands else ("tiles-per-head" if self.per_head else "tiles")
+        if self.bands:
+            return "bands+columns" if self.columns is not None else "bands"
+        return "tiles-per-head" if self.per_head else "tiles"
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if self.bands:
             out, lse = self.band_runner.run(q, k, v)
+            if self.columns is not None:
+                # gathered keys as pages of one key: [B * M, 1, Hkv, D]
+                kc = k[:, self.positions].reshape(-1, 1, *k.shape[2:])
+                vc = v[:, self.positions].reshape(-1, 1, *v.shape[2:])
+                o_col, lse_col = self.columns.run(q, (kc, vc))
+                out, lse = self.columns.merge(out, lse, o_col, lse_col)
             return out, lse * LN2
         k_pages, v_pages = self._pages(k), self._pages(v)
         if not self.per_head:

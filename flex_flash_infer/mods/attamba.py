@@ -14,4 +14,5 @@ def generate_attamba_mask_mod(window_size: int, chunk_size: int):
         return (q_idx >= kv_idx) & (chunk_end | (q_idx - kv_idx < window_size))
 
     attamba.__name__ = f"attamba_w{window_size}_c{chunk_size}"
+    attamba.attamba_params = (window_size, chunk_size)  # lowering hint: window band + chunk-end columns
     return attamba
