@@ -264,3 +264,40 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
     print_table(rows)
     print(f"wrote {out_path}")
     return result
+
+
+def markdown_table(result: dict) -> str:
+    """The benchmark JSON as a Markdown table: one line per case, times in ms."""
+    cases = {}
+    for r in result["rows"]:
+        cases.setdefault((r["case"], r["seq_len"], r["head_dim"]), {})[r["impl"]] = r
+    order = list(case_masks(1))
+
+    def key(item):
+        (case, s, d) = item[0]
+        return (s, order.index(case) if case in order else 99, -d)
+
+    lines = [f"{result['device']}, torch {result['torch']}, flashinfer {result['flashinfer']}, {result['date']}; "
+             "bf16, batch 1, 32 query / 8 KV heads. ms = median; TFLOP/s counts visible pairs only.", "",
+             "| case | S | D | route | ours ms | TFLOP/s | torch flex ms | speed-up vs flex | FlashInfer native ms | vs native | cuDNN ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (case, s, d), impls in sorted(cases.items(), key=key):
+        ours = impls.get("flex_flash_infer", {})
+
+        def ms(impl):
+            r = impls.get(impl, {})
+            return r.get("ms")
+
+        def cell(x, fmt="{:.3f}"):
+            return fmt.format(x) if x is not None else "-"
+
+        o = ours.get("ms")
+        flex, native = ms("torch_flex"), ms("flashinfer_native")
+        note = ours.get("error", "")
+        if "error" in impls.get("torch_flex", {}):
+            note += " flex: " + impls["torch_flex"]["error"][:60]
+        lines.append(
+            f"| {case} | {s} | {d} | {ours.get('route', '-')} | {cell(o)} | {cell(ours.get('tflops'), '{:.0f}')} | "
+            f"{cell(flex)} | {cell(flex / o if o and flex else None, '{:.2f}x')} | {cell(native)} | "
+            f"{cell(native / o if o and native else None, '{:.2f}x')} | {cell(ms('sdpa_cudnn'))} |" + (f" {note}" if note else ""))
+    return "\n".join(lines)
