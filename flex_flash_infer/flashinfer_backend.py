@@ -7,6 +7,7 @@ log-sum-exp (flashinfer.merge_state). See planner.py for the request layout.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -17,6 +18,9 @@ from .block_build import PARTIAL
 from .planner import partial_tile_mask, plan_tiles
 
 LN2 = math.log(2.0)
+# The attamba column route is exact on the CPU model of FlashInfer (tests/test_columns.py) but
+# has not yet run on a GPU: off unless FLEX_FLASH_INFER_COLUMNS=1, until a GPU run confirms it.
+ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS") == "1"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 WORKSPACE_BYTES = 256 << 20
@@ -108,7 +112,7 @@ class FlashInferPlan:
         self.bands = None
         self.columns = None
         if not self.per_head and not uses_b and states.shape[0] == 1:
-            lowered = column_lowering(block_mask.mask_mod, q_len, kv_len)
+            lowered = column_lowering(block_mask.mask_mod, q_len, kv_len) if ENABLE_COLUMN_LOWERING else None
             if lowered is not None:
                 self.bands, self.positions = lowered
                 self.positions = self.positions.to(device)

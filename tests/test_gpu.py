@@ -159,3 +159,19 @@ def test_score_mod_on_cuda_runs_on_reference_with_a_warning(cuda_gen):
     ref, _ = dense_attention(q, k, v, None, score_fn=lambda s, b, h, qi, ki: s + bias.cpu().double()[ki])
     assert rel_err(out, ref) < 2e-2
     assert math.isfinite(out.float().sum().item())
+
+
+@pytest.mark.parametrize("S", [777, 2048])
+def test_attamba_column_route(cuda_gen, monkeypatch, S):
+    """The window band + gathered chunk-end keys route (opt-in until this passes on a GPU)."""
+    from flex_flash_infer import flashinfer_backend
+
+    monkeypatch.setattr(flashinfer_backend, "ENABLE_COLUMN_LOWERING", True)
+    B, H, Hkv, D, dtype = 2, 8, 2, 128, torch.bfloat16
+    params = {"window_size": 96, "chunk_size": 64}
+    q, k, v = inputs(B, H, Hkv, S, S, D, dtype, cuda_gen)
+    bm = create_block_mask(get_mask_fn("attamba", **params), None, None, S, S, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    plan = next(iter(bm._plans.values()))
+    assert plan.route == "bands+columns"
+    check(out, lse, q, k, v, dense_predicate("attamba", S, S, **params), dtype)
