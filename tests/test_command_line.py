@@ -27,8 +27,10 @@ def test_check_in_process_and_demo(capsys):
     assert not any("FAIL" in line for line in lines)
 
 
-def test_unknown_mask_is_an_error():
+def test_unknown_mask_is_an_error_that_lists_the_masks(capsys):
     import pytest
 
-    with pytest.raises(ValueError, match="accepted"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["check", "--mask", "nope"])
+    assert exit_info.value.code == 2
+    assert "sliding_window" in capsys.readouterr().err
