@@ -65,9 +65,10 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         q = query.transpose(1, 2).reshape(B * L, Hq, E)
         k = key.transpose(1, 2).contiguous()
         v = value.transpose(1, 2).contiguous()
-        out, lse = plan.run(q, k, v)
+        out, lse = plan.run(q, k, v, return_lse=return_lse)
         out = out.view(B, L, Hq, Ev).transpose(1, 2)
-        lse = lse.view(B, L, Hq).transpose(1, 2)
+        if return_lse:
+            lse = lse.view(B, L, Hq).transpose(1, 2)
     return (out, lse) if return_lse else out
 
 

@@ -152,7 +152,10 @@ class FlashInferPlan:
             return "bands+columns" if self.columns is not None else "bands"
         return "tiles-per-head" if self.per_head else "tiles"
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = True):
+        """(out, natural-log lse); lse is None when return_lse is False and the route needs none."""
+        if self.bands and self.columns is None and not return_lse:
+            return self.band_runner.run(q, k, v, return_lse=False), None
         if self.bands:
             out, lse = self.band_runner.run(q, k, v)
             if self.columns is not None:
@@ -208,16 +211,16 @@ class _BandRunner:
                              sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
         self.single = flashinfer.single_prefill_with_kv_cache
 
-    def run(self, q, k, v):
-        """Base-2 (out, lse); q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
+    def run(self, q, k, v, return_lse: bool = True):
+        """Base-2 (out, lse), or out alone when not return_lse; q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
         batch, q_len, kv_len = self.shape[:3]
         if self.ragged is not None:
-            return self.ragged.run(q, k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), return_lse=True)
+            return self.ragged.run(q, k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), return_lse=return_lse)
         if batch == 1 and len(self.bands) == 1 and self.covers_all:
             band = self.bands[0]
             return self.single(q, k[0, band.kv_start:band.kv_end], v[0, band.kv_start:band.kv_end],
                                causal=band.causal, window_left=band.window_left, sm_scale=self.scale,
-                               return_lse=True)
+                               return_lse=return_lse)
         out = torch.zeros_like(q)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         for b in range(batch):
@@ -227,4 +230,4 @@ class _BandRunner:
                                    causal=band.causal, window_left=band.window_left, sm_scale=self.scale,
                                    return_lse=True)
                 out[rows], lse[rows] = o, s
-        return out, lse
+        return (out, lse) if return_lse else out

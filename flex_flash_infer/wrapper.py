@@ -118,7 +118,8 @@ class FlexFlashInfer:
         p = self._require_prepared()
         self._check_inputs(p, q, k, v)
         if p.backend == "flashinfer":
-            out, lse = p.plan.run(q.contiguous(), k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous())
+            out, lse = p.plan.run(q.contiguous(), k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous(),
+                                  return_lse=return_lse)
         else:
             out, lse = reference_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                            v.transpose(0, 1)[None], p.block_mask, p.score_mod, p.scale)
