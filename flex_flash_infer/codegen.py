@@ -1,0 +1,138 @@
+"""Emit C++ for a traced mod: one expression, valid in CUDA device code and in host C++.
+
+emit_expression(graph, scalar_ref, tensor_ref) renders the graph with the caller choosing how
+scalars and captured tensors are reached (kernel params on the GPU, plain arrays on the host).
+Captured tensors are read as contiguous float32 / int32 / uint8 arrays with runtime strides,
+so new values or shapes of a captured tensor never change the code.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .trace import Graph, Node
+
+CTYPE = {"bool": "bool", "int": "int", "float": "float"}
+ELEMENT_CTYPE = {"bool": "uint8_t", "int": "int", "float": "float"}
+
+PRELUDE = r"""
+#ifdef __CUDACC__
+#define FFI_HD __host__ __device__ __forceinline__
+#else
+#define FFI_HD static inline
+#endif
+FFI_HD int ffi_floordiv(int a, int b) { int q = a / b; return (q * b != a && ((a < 0) != (b < 0))) ? q - 1 : q; }
+FFI_HD float ffi_floordiv(float a, float b) { return floorf(a / b); }
+FFI_HD int ffi_mod(int a, int b) { int r = a % b; return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r; }
+FFI_HD float ffi_mod(float a, float b) { return a - floorf(a / b) * b; }
+FFI_HD int ffi_abs(int a) { return a < 0 ? -a : a; }
+FFI_HD float ffi_abs(float a) { return fabsf(a); }
+FFI_HD int ffi_min(int a, int b) { return a < b ? a : b; }
+FFI_HD float ffi_min(float a, float b) { return (a != a || b != b) ? NAN : fminf(a, b); }
+FFI_HD int ffi_max(int a, int b) { return a > b ? a : b; }
+FFI_HD float ffi_max(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
+FFI_HD float ffi_sigmoid(float a) { return 1.f / (1.f + expf(-a)); }
+"""
+
+
+def element_kind(t: torch.Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    return "float" if t.dtype.is_floating_point else "int"
+
+
+def kernel_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A captured tensor as the kernel reads it: contiguous float32 / int32 / uint8."""
+    kind = element_kind(t)
+    dtype = {"bool": torch.uint8, "int": torch.int32, "float": torch.float32}[kind]
+    return t.detach().to(dtype).contiguous()
+
+
+def _literal(node: Node) -> str:
+    v = node.attr
+    if node.kind == "bool":
+        return "true" if v else "false"
+    if node.kind == "int":
+        return str(v) if -2**31 <= v < 2**31 else f"{v}LL"
+    if math.isnan(v):
+        return "NAN"
+    if math.isinf(v):
+        return "INFINITY" if v > 0 else "(-INFINITY)"
+    return repr(float(v)) + "f"
+
+
+def _cast(code: str, src: str, dst: str) -> str:
+    if src == dst:
+        return code
+    if dst == "bool":
+        return f"(({code}) != 0)"
+    return f"(({CTYPE[dst]})({code}))"
+
+
+def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None) -> str:
+    stride_ref = stride_ref or (lambda name, i: f"{name}_stride{i}")
+    memo = {}
+
+    def go(node: Node) -> str:
+        if id(node) in memo:
+            return memo[id(node)]
+        code = emit(node)
+        memo[id(node)] = code
+        return code
+
+    def arg(node: Node, kind: str) -> str:
+        return _cast(go(node), node.kind, kind)
+
+    def emit(node: Node) -> str:
+        op, a, k = node.op, node.args, node.kind
+        if op == "input":
+            return node.attr
+        if op == "const":
+            return _literal(node)
+        if op == "scalar":
+            return f"(({CTYPE[k]})({scalar_ref(node.attr)}))"
+        if op == "load":
+            offset = " + ".join(f"(long long)({arg(i, 'int')}) * {stride_ref(node.attr, d)}" for d, i in enumerate(a))
+            return _cast(f"({tensor_ref(node.attr)})[{offset}]", "int" if k == "bool" else k, k)
+        if op in ("add", "sub", "mul"):
+            sym = {"add": "+", "sub": "-", "mul": "*"}[op]
+            kind = "int" if k == "bool" else k
+            return f"({arg(a[0], kind)} {sym} {arg(a[1], kind)})"
+        if op == "div":
+            return f"({arg(a[0], 'float')} / {arg(a[1], 'float')})"
+        if op in ("floordiv", "mod", "min", "max"):
+            kind = "int" if k == "bool" else k
+            return f"ffi_{op}({arg(a[0], kind)}, {arg(a[1], kind)})"
+        if op == "pow":
+            return f"powf({arg(a[0], 'float')}, {arg(a[1], 'float')})"
+        if op in ("lt", "le", "gt", "ge", "eq", "ne"):
+            sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[op]
+            kind = max((a[0].kind, a[1].kind), key=("bool", "int", "float").index)
+            kind = "int" if kind == "bool" else kind
+            return f"({arg(a[0], kind)} {sym} {arg(a[1], kind)})"
+        if op in ("and", "or", "xor"):
+            if k == "bool":
+                sym = {"and": "&&", "or": "||", "xor": "!="}[op]
+                return f"({arg(a[0], 'bool')} {sym} {arg(a[1], 'bool')})"
+            sym = {"and": "&", "or": "|", "xor": "^"}[op]
+            return f"({arg(a[0], 'int')} {sym} {arg(a[1], 'int')})"
+        if op == "not":
+            return f"(!{arg(a[0], 'bool')})"
+        if op == "bitnot":
+            return f"(~{arg(a[0], 'int')})"
+        if op == "neg":
+            return f"(-{arg(a[0], k)})"
+        if op == "abs":
+            return f"ffi_abs({arg(a[0], k)})"
+        if op in ("exp", "log", "tanh", "sqrt"):
+            return f"{op}f({arg(a[0], 'float')})"
+        if op == "sigmoid":
+            return f"ffi_sigmoid({arg(a[0], 'float')})"
+        if op == "cast":
+            return _cast(go(a[0]), a[0].kind, k)
+        if op == "where":
+            return f"({arg(a[0], 'bool')} ? {arg(a[1], k)} : {arg(a[2], k)})"
+        raise ValueError(f"no C++ for op {op!r}")
+
+    return go(graph.output)

@@ -1,0 +1,24 @@
+"""Learned relative position bias (T5-style, clamped distance), from a captured table.
+
+score_mod: score -> score + table[clamp(q - kv, -M, M) + M]          (table of 2M + 1 entries)
+       or  score -> score + table[h, clamp(q - kv, -M, M) + M]       (table [num_heads, 2M + 1])
+"""
+import torch
+
+
+def generate_relative_position_bias_score_mod(table):
+    table = torch.as_tensor(table)
+    if table.dim() not in (1, 2) or table.shape[-1] % 2 == 0 or not table.is_floating_point():
+        raise ValueError("table must be a float tensor [2M + 1] or [num_heads, 2M + 1] (an odd number of "
+                         f"distances, centred on 0), got {tuple(table.shape)} {table.dtype}")
+    reach = table.shape[-1] // 2
+
+    if table.dim() == 1:
+        def relative_position_bias(score, b, h, q_idx, kv_idx):
+            return score + table[torch.clamp(q_idx - kv_idx, -reach, reach) + reach]
+    else:
+        def relative_position_bias(score, b, h, q_idx, kv_idx):
+            return score + table[h, torch.clamp(q_idx - kv_idx, -reach, reach) + reach]
+
+    relative_position_bias.table = table
+    return relative_position_bias

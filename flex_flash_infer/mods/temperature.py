@@ -1,0 +1,17 @@
+"""Per-head temperature: each head's scores multiplied by its own factor.
+
+score_mod: score -> score * per_head_scale[h]
+"""
+import torch
+
+
+def generate_temperature_score_mod(per_head_scale):
+    scale = torch.as_tensor(per_head_scale, dtype=torch.float32)
+    if scale.dim() != 1:
+        raise ValueError(f"per_head_scale must be 1-D [num_heads], got shape {tuple(scale.shape)}")
+
+    def temperature(score, b, h, q_idx, kv_idx):
+        return score * scale[h]
+
+    temperature.per_head_scale = scale
+    return temperature
