@@ -1,0 +1,124 @@
+"""The command line: `python -m flex_flash_infer [check|demo]` (CPU: reference backend vs SDPA)."""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flex_flash_infer import cli
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+ATTAMBA_CHECK = ["check", "--q-len", "200", "--kv-len", "300", "--num-qo-heads", "4", "--num-kv-heads", "2",
+                 "--head-dim", "32", "--mask", "attamba", "--window-size", "64", "--chunk-size", "32"]
+ROW = re.compile(r"^(\S+)\s+(reference|flashinfer)\s+(\S+)\s+(\S+)\s+rel_err (\S+)\s+max_abs (\S+)\s+(PASS|FAIL)$")
+
+
+def run_module(args):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return subprocess.run([sys.executable, "-m", "flex_flash_infer", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def rows(text):
+    return [m.groups() for m in map(ROW.match, text.splitlines()) if m]
+
+
+def assert_passing_row(groups, mask):
+    name, backend, device, dtype, rel, max_abs, verdict = groups
+    assert name == mask and verdict == "PASS"
+    assert float(rel) <= cli.TOLERANCE[cli.DTYPES[dtype]]
+    if not torch.cuda.is_available():
+        assert (backend, device, dtype) == ("reference", "cpu", "float32")
+
+
+def test_check_attamba_subprocess():
+    result = run_module(ATTAMBA_CHECK)
+    assert result.returncode == 0, result.stderr
+    found = rows(result.stdout)
+    assert len(found) == 1, result.stdout
+    assert_passing_row(found[0], "attamba")
+
+
+def test_check_attamba_in_process(capsys):
+    assert cli.main(ATTAMBA_CHECK) == 0
+    found = rows(capsys.readouterr().out)
+    assert len(found) == 1
+    assert_passing_row(found[0], "attamba")
+
+
+def test_default_demo_subprocess():
+    result = run_module([])
+    assert result.returncode == 0, result.stderr
+    found = rows(result.stdout)
+    assert [r[0] for r in found] == ["causal", "sliding_window", "attamba"], result.stdout
+    for groups in found:
+        assert_passing_row(groups, groups[0])
+    assert result.stdout.count("PASS") == 3 and "FAIL" not in result.stdout
+
+
+def test_demo_subcommand_in_process(capsys):
+    assert cli.main(["demo"]) == 0
+    found = rows(capsys.readouterr().out)
+    assert [r[0] for r in found] == ["causal", "sliding_window", "attamba"]
+    assert all(r[-1] == "PASS" for r in found)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--q-len", "257", "--window-size", "50"],
+    ["--q-len", "130", "--kv-len", "260", "--num-qo-heads", "6", "--num-kv-heads", "3", "--window-size", "7",
+     "--dtype", "float32", "--device", "cpu"],
+])
+def test_check_sliding_window(capsys, extra):
+    args = ["check", "--mask", "sliding_window", "--head-dim", "16", "--num-qo-heads", "2", *extra]
+    assert cli.main(args) == 0
+    found = rows(capsys.readouterr().out)
+    assert len(found) == 1
+    assert_passing_row(found[0], "sliding_window")
+
+
+def test_check_mask_type_alias(capsys):
+    assert cli.main(["check", "--mask-type", "causal", "--q-len", "100", "--num-qo-heads", "2",
+                     "--head-dim", "16"]) == 0
+    assert rows(capsys.readouterr().out)[0][0] == "causal"
+
+
+def test_check_reports_fail_and_exit_1_when_output_is_wrong(capsys, monkeypatch):
+    """The check really compares: a wrapper that perturbs its output makes it FAIL."""
+    class Perturbed(cli.FlexFlashInfer):
+        def __call__(self, q, k, v, return_lse=False):
+            out = super().__call__(q, k, v, return_lse)
+            return out * 1.01
+
+    monkeypatch.setattr(cli, "FlexFlashInfer", Perturbed)
+    assert cli.main(["check", "--mask", "causal", "--q-len", "100", "--num-qo-heads", "2", "--head-dim", "16"]) == 1
+    found = rows(capsys.readouterr().out)
+    assert found[0][-1] == "FAIL"
+
+
+def exit_code(argv):
+    try:
+        return cli.main(argv)
+    except SystemExit as e:    # argparse errors exit 2
+        return e.code
+
+
+def test_check_document_mask_is_refused_with_a_reason(capsys):
+    assert exit_code(["check", "--mask", "document", "--q-len", "64"]) == 2
+    assert "document" in capsys.readouterr().err
+
+
+def test_check_unknown_mask_is_a_usage_error_listing_masks(capsys):
+    assert exit_code(["check", "--mask", "sliding", "--q-len", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "sliding_window" in err and "attamba" in err
+
+
+def test_gpu_only_commands_refuse_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-CUDA message")
+    assert cli.main(["bench"]) == 2
+    assert "CUDA" in capsys.readouterr().err
