@@ -8,6 +8,8 @@
 #   bash scripts/gpu_stage.sh bench-8k    # benchmark at 8192 tokens (torch.compile per case)
 #   bash scripts/gpu_stage.sh bench-32k   # benchmark at 32768 tokens
 set -uo pipefail
+case "${1:-}" in warm-bf16|warm-fp16|tests|bench-8k|bench-32k) ;; *)
+  echo "usage: bash scripts/gpu_stage.sh warm-bf16|warm-fp16|tests|bench-8k|bench-32k" >&2; exit 2 ;; esac
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 source scripts/gpu_env.sh || exit 1
@@ -22,5 +24,4 @@ case "${1:-}" in
     n=$([ "$1" = bench-8k ] && echo 8192 || echo 32768)
     timeout 580 python3 -m flex_flash_infer bench --seq-lens "$n" --out "$out/$1.json" 2>&1 \
       | grep -v "INFO\|arning" | tee "$out/$1.log" ;;
-  *) echo "usage: bash scripts/gpu_stage.sh warm-bf16|warm-fp16|tests|bench-8k|bench-32k" >&2; exit 2 ;;
 esac
