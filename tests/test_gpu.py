@@ -175,3 +175,21 @@ def test_attamba_column_route(cuda_gen, monkeypatch, S):
     plan = next(iter(bm._plans.values()))
     assert plan.route == "bands+columns"
     check(out, lse, q, k, v, dense_predicate("attamba", S, S, **params), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,name", [(1, "document"), (2, "document"), (3, "causal"), (2, "prefix_lm")])
+def test_band_routes_ragged_and_per_batch(cuda_gen, dtype, B, name):
+    """Packed documents and batched single bands run as one ragged launch; stacked bands with
+    B > 1 run band by band. Each must equal the dense oracle."""
+    L, H, Hkv, D = 1500, 8, 2, 128
+    params = {"document": {"offsets": [0, 300, 301, 900, 1500]}, "causal": {}, "prefix_lm": {"prefix_len": 256}}[name]
+    mod = get_mask_fn(name, **params)
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
+    bm = create_block_mask(mod, None, None, L, L, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    assert next(iter(bm._plans.values())).route == "bands"
+    ids = {"document_ids": mod.document_ids.numpy()} if name == "document" else params
+    check(out, lse, q, k, v, dense_predicate(name, L, L, **ids), dtype)
+    out_only = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="flashinfer")
+    assert torch.equal(out_only, out)
