@@ -192,4 +192,4 @@ def test_band_routes_ragged_and_per_batch(cuda_gen, dtype, B, name):
     ids = {"document_ids": mod.document_ids.numpy()} if name == "document" else params
     check(out, lse, q, k, v, dense_predicate(name, L, L, **ids), dtype)
     out_only = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="flashinfer")
-    assert torch.equal(out_only, out)
+    assert torch.allclose(out_only.float(), out.float(), atol=2e-3, rtol=0)
