@@ -104,17 +104,31 @@ def _row_intervals(states, mask_mod, rows, q_len, kv_len, block_kv, device):
     return lo, hi, count
 
 
-def _tile_band(first, last, lo0, hi0, lo1, hi1, kv_len):
-    """The band one query tile's two probe rows suggest, as (causal, window_left, delta, kv_start)."""
+def _tile_band(first, last, lo0, hi0, lo1, hi1):
+    """What one query tile's first and last rows ([lo, hi] visible keys each) suggest, as a key
+    that equal neighbouring tiles share: ("full", kv_start, kv_end), ("causal", delta, kv_start)
+    or ("window", delta, window_left); None when neither fits."""
     if lo0 == lo1 and hi0 == hi1:
-        return (False, -1, hi1 + 1, lo1)  # all rows see the same keys; 'delta' holds kv_end
+        return ("full", lo1, hi1 + 1)
     delta = hi1 - last
     if hi0 - first != delta:
         return None
     if lo0 == lo1:
-        return (True, -1, delta, lo1)
-    window = hi1 - lo1
-    return (True, window, delta, None)
+        return ("causal", delta, lo1)
+    return ("window", delta, hi1 - lo1)
+
+
+def _band_of(key, q_start: int, q_end: int, kv_len: int) -> Band | None:
+    """The band a run of query tiles [q_start, q_end) with one key stands for, or None if it
+    would read past the keys or leave its first row with nothing to see."""
+    kind, a, b = key
+    if kind == "full":
+        return Band(q_start, q_end, a, b)
+    delta = a
+    kv_start, window = (b, -1) if kind == "causal" else (max(0, q_start + delta - b), b)
+    if q_end + delta > kv_len or q_start + delta < kv_start:
+        return None
+    return Band(q_start, q_end, kv_start, q_end + delta, True, window)
 
 
 def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q: int, block_kv: int,
@@ -129,7 +143,6 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
     lo0, hi0, n0, lo1, hi1, n1 = (t.tolist() for t in (lo0, hi0, n0, lo1, hi1, n1))
     nonempty_tiles = (states != EMPTY).any(1).tolist()
     bands: list[Band] = []
-    current = None  # (key, first tile)
     keys = []
     for i in range(nq):
         if not nonempty_tiles[i]:
@@ -137,7 +150,7 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
             continue
         if n0[i] != hi0[i] - lo0[i] + 1 or n1[i] != hi1[i] - lo1[i] + 1 or n0[i] == 0 or n1[i] == 0:
             return None  # a probe row that is not one contiguous run of keys
-        key = _tile_band(first_rows[i].item(), last_rows[i].item(), lo0[i], hi0[i], lo1[i], hi1[i], kv_len)
+        key = _tile_band(first_rows[i].item(), last_rows[i].item(), lo0[i], hi0[i], lo1[i], hi1[i])
         if key is None:
             return None
         keys.append(key)
@@ -149,17 +162,9 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
         j = i
         while j + 1 < nq and keys[j + 1] == keys[i]:
             j += 1
-        causal, window, delta, kv_start = keys[i]
-        q_start, q_end = i * block_q, min((j + 1) * block_q, q_len)
-        if not causal:
-            band = Band(q_start, q_end, kv_start, delta)
-        else:
-            kv_end = q_end + delta
-            if kv_start is None:
-                kv_start = max(0, q_start + delta - window)
-            if kv_end > kv_len or q_start + delta < kv_start:
-                return None  # rows that would see no key, or keys past the end
-            band = Band(q_start, q_end, kv_start, kv_end, True, window)
+        band = _band_of(keys[i], i * block_q, min((j + 1) * block_q, q_len), kv_len)
+        if band is None:
+            return None
         bands.append(band)
         i = j + 1
     bands = _absorb_clipped_windows(bands)
