@@ -149,7 +149,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     end.synchronize()
     prepare_ms = start.elapsed_time(end)
     pairs = visible_pairs(flex.block_mask)
-    plan = flex._prepared.plan
+    plan = flex._prepared.segments[0].plan
     route = plan.route if plan is not None else "reference"
 
     impls = {"flex_flash_infer": lambda: flex(q, k, v)}

@@ -1,4 +1,5 @@
-"""FlexFlashInfer: the seed's plan-once / run-many wrapper for one sequence in [S, H, D] layout."""
+"""FlexFlashInfer: the seed's plan-once / run-many wrapper in FlashInfer's [S, H, D] layout, for one
+sequence or a packed variable-length batch (cu_seqlens)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,9 +16,20 @@ from .validation import check_heads, check_positive_int, check_same_device_dtype
 
 
 @dataclass
-class _Prepared:
-    block_mask: BlockMask
+class _Segment:
+    """One sequence of the (packed) batch: its rows in q and k/v, its mask and its plan."""
+    q0: int
+    q1: int
+    kv0: int
+    kv1: int
+    block_mask: BlockMask | None   # None when the sequence has no keys
     score_mod: object
+    plan: FlashInferPlan | None
+
+
+@dataclass
+class _Prepared:
+    segments: list
     seq_len_q: int
     seq_len_kv: int
     num_qo_heads: int
@@ -26,7 +38,6 @@ class _Prepared:
     dtype: torch.dtype
     scale: float | None
     backend: str
-    plan: FlashInferPlan | None
 
 
 class FlexFlashInfer:
@@ -54,7 +65,13 @@ class FlexFlashInfer:
 
     @property
     def block_mask(self) -> BlockMask:
-        return self._require_prepared().block_mask
+        """The prepared BlockMask (of the first sequence, for a packed batch: see block_masks)."""
+        return self._require_prepared().segments[0].block_mask
+
+    @property
+    def block_masks(self) -> list:
+        """One BlockMask per sequence (None for a sequence without keys)."""
+        return [s.block_mask for s in self._require_prepared().segments]
 
     @property
     def active_backend(self) -> str:
@@ -63,13 +80,22 @@ class FlexFlashInfer:
 
     def prepare(self, mask_fn=None, seq_len_q=None, seq_len_kv=None, num_qo_heads=None, num_kv_heads=None,
                 head_dim=None, block_size_row: int = 128, block_size_col: int = 128, dtype=torch.float16,
-                score_mod=None, scale=None) -> "FlexFlashInfer":
+                score_mod=None, scale=None, cu_seqlens_q=None, cu_seqlens_kv=None) -> "FlexFlashInfer":
         """Plan attention for one shape and mask; replaces any earlier plan only on success.
 
         mask_fn takes (q_idx, kv_idx) or (b, h, q_idx, kv_idx); None means full attention.
+        cu_seqlens_q / cu_seqlens_kv ([0, len0, len0 + len1, ...], as FlashAttention's varlen and
+        FlashInfer's indptr) describe a packed batch: q is [total_q, Hq, D], k/v [total_kv, Hkv, D];
+        mask_fn and score_mod see positions within each sequence and b = the sequence's index.
         """
         mask_mod = noop_mask if mask_fn is None else as_mask_mod(mask_fn, "mask_fn")
         score_mod = check_score_mod(score_mod)
+        offsets_q, offsets_kv = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_kv)
+        if offsets_q is not None:
+            seq_len_q = _total("seq_len_q", seq_len_q, offsets_q[-1])
+            seq_len_kv = _total("seq_len_kv", seq_len_kv, offsets_kv[-1])
+        else:
+            offsets_q, offsets_kv = [0, seq_len_q], [0, seq_len_kv]
         seq_len_q = check_positive_int("seq_len_q", seq_len_q)
         seq_len_kv = check_positive_int("seq_len_kv", seq_len_kv)
         num_qo_heads = check_positive_int("num_qo_heads", num_qo_heads)
@@ -81,16 +107,22 @@ class FlexFlashInfer:
         scale = check_scale(scale)
         check_heads(num_qo_heads, num_kv_heads, names=("num_qo_heads", "num_kv_heads"))
         backend = choose_backend(self.backend, self.device, dtype, head_dim, head_dim, score_mod is not None)
-        _, uses_h = mask_dependence(mask_mod, 1, num_qo_heads, seq_len_q, seq_len_kv, self.device)
-        block_mask = create_block_mask(mask_mod, 1, num_qo_heads if uses_h else 1, seq_len_q, seq_len_kv,
-                                       device=self.device, BLOCK_SIZE=block)
-        plan = None
-        if backend == "flashinfer":
-            plan = FlashInferPlan(block_mask, 1, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads, head_dim,
-                                  dtype, scale if scale is not None else head_dim ** -0.5, self.device,
-                                  self.workspace_buffer)
-        self._prepared = _Prepared(block_mask, score_mod, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
-                                   head_dim, dtype, scale, backend, plan)
+        segments = []
+        for i in range(len(offsets_q) - 1):
+            q0, q1, kv0, kv1 = offsets_q[i], offsets_q[i + 1], offsets_kv[i], offsets_kv[i + 1]
+            seq_mask, seq_score = _for_sequence(mask_mod, i, 4), _for_sequence(score_mod, i, 5)
+            block_mask = plan = None
+            if q1 > q0 and kv1 > kv0:
+                _, uses_h = mask_dependence(seq_mask, 1, num_qo_heads, q1 - q0, kv1 - kv0, self.device)
+                block_mask = create_block_mask(seq_mask, 1, num_qo_heads if uses_h else 1, q1 - q0, kv1 - kv0,
+                                               device=self.device, BLOCK_SIZE=block)
+                if backend == "flashinfer":
+                    plan = FlashInferPlan(block_mask, 1, q1 - q0, kv1 - kv0, num_qo_heads, num_kv_heads, head_dim,
+                                          dtype, scale if scale is not None else head_dim ** -0.5, self.device,
+                                          self.workspace_buffer)
+            segments.append(_Segment(q0, q1, kv0, kv1, block_mask, seq_score, plan))
+        self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
+                                   head_dim, dtype, scale, backend)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -117,13 +149,71 @@ class FlexFlashInfer:
         """out [seq_q, Hq, D] (and natural-log lse [seq_q, Hq] float32 when return_lse)."""
         p = self._require_prepared()
         self._check_inputs(p, q, k, v)
-        if p.backend == "flashinfer":
-            out, lse = p.plan.run(q.contiguous(), k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous(),
-                                  return_lse=return_lse)
-        else:
-            out, lse = reference_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                           v.transpose(0, 1)[None], p.block_mask, p.score_mod, p.scale)
-            out, lse = out[0].transpose(0, 1), lse[0].transpose(0, 1)
+        if len(p.segments) == 1 and p.segments[0].block_mask is not None:
+            out, lse = self._run_segment(p, p.segments[0], q, k, v, return_lse)
+            return (out, lse) if return_lse else out
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        for seg in p.segments:
+            if seg.block_mask is None:
+                continue  # no keys: the rows stay 0 with lse -inf
+            o, s = self._run_segment(p, seg, q[seg.q0:seg.q1], k[seg.kv0:seg.kv1], v[seg.kv0:seg.kv1], return_lse)
+            out[seg.q0:seg.q1] = o
+            if return_lse:
+                lse[seg.q0:seg.q1] = s
         return (out, lse) if return_lse else out
 
+    @staticmethod
+    def _run_segment(p: _Prepared, seg: _Segment, q, k, v, return_lse: bool):
+        if p.backend == "flashinfer":
+            return seg.plan.run(q.contiguous(), k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous(),
+                                return_lse=return_lse)
+        out, lse = reference_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       seg.block_mask, seg.score_mod, p.scale)
+        return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+
     run = __call__
+
+
+def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_kv):
+    """Offsets as lists of ints, or (None, None) when no packed batch is given."""
+    if cu_seqlens_q is None and cu_seqlens_kv is None:
+        return None, None
+    if cu_seqlens_q is None or cu_seqlens_kv is None:
+        raise ValueError("a packed batch needs both cu_seqlens_q and cu_seqlens_kv")
+    result = []
+    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_kv", cu_seqlens_kv)):
+        t = torch.as_tensor(x)
+        if t.dim() != 1 or t.numel() < 2 or t.is_floating_point():
+            raise ValueError(f"{name} must be a 1-D integer sequence [0, len0, len0 + len1, ...], got {x!r:.80}")
+        offsets = [int(v) for v in t.tolist()]
+        if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"{name} must start at 0 and never decrease, got {offsets[:8]}...")
+        result.append(offsets)
+    if len(result[0]) != len(result[1]):
+        raise ValueError(f"cu_seqlens_q has {len(result[0]) - 1} sequences but cu_seqlens_kv has {len(result[1]) - 1}")
+    return result
+
+
+def _total(name: str, given, total: int) -> int:
+    if given is not None and given != total:
+        raise ValueError(f"{name}={given} disagrees with its cu_seqlens, whose total is {total}")
+    return total
+
+
+def _for_sequence(mod, index: int, n_args: int):
+    """The mod with b fixed to this sequence's index (each sequence is planned on its own)."""
+    if mod is None:
+        return None
+    if n_args == 4:
+        def sequence_mask(b, h, q_idx, kv_idx):
+            return mod(b * 0 + index, h, q_idx, kv_idx)
+        sequence_mask.__name__ = getattr(mod, "__name__", "mask_mod")
+        for hint in ("document_ids", "attamba_params"):  # lowering hints still describe this mask
+            if hasattr(mod, hint):
+                setattr(sequence_mask, hint, getattr(mod, hint))
+        return sequence_mask
+
+    def sequence_score(score, b, h, q_idx, kv_idx):
+        return mod(score, b * 0 + index, h, q_idx, kv_idx)
+    return sequence_score

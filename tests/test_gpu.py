@@ -193,3 +193,22 @@ def test_band_routes_ragged_and_per_batch(cuda_gen, dtype, B, name):
     check(out, lse, q, k, v, dense_predicate(name, L, L, **ids), dtype)
     out_only = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="flashinfer")
     assert torch.allclose(out_only.float(), out.float(), atol=2e-3, rtol=0)
+
+
+def test_packed_varlen_batch_in_the_wrapper(cuda_gen):
+    lens = [300, 1, 1000, 129]
+    cu = [0, 300, 301, 1301, 1430]
+    H, Hkv, D, dtype = 8, 2, 128, torch.bfloat16
+    flex = FlexFlashInfer(device="cuda")
+    flex.prepare(mask_fn=get_mask_fn("sliding_window", window_size=100), num_qo_heads=H, num_kv_heads=Hkv,
+                 head_dim=D, dtype=dtype, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    assert flex.active_backend == "flashinfer"
+    q = torch.randn(cu[-1], H, D, device="cuda", dtype=dtype, generator=cuda_gen)
+    k = torch.randn(cu[-1], Hkv, D, device="cuda", dtype=dtype, generator=cuda_gen)
+    v = torch.randn(cu[-1], Hkv, D, device="cuda", dtype=dtype, generator=cuda_gen)
+    out, lse = flex(q, k, v, return_lse=True)
+    for i, n in enumerate(lens):
+        rows = slice(cu[i], cu[i + 1])
+        check(out[rows].transpose(0, 1)[None], lse[rows].transpose(0, 1)[None], q[rows].transpose(0, 1)[None],
+              k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None],
+              dense_predicate("sliding_window", n, n, window_size=100), dtype)
