@@ -1,7 +1,9 @@
-"""Command line: `python -m flex_flash_infer [check|demo] ...`.
+"""Command line: `python -m flex_flash_infer [check|demo|show|info|bench|warmup] ...`.
 
 check compares the library with PyTorch SDPA given the dense mask (the seed's test script);
-demo (the default) runs check for the seed's three masks on the best device available.
+demo (the default) runs check for the seed's three masks on the best device available;
+show draws a library mask to a PNG (needs matplotlib); info reports versions, the GPU, flashinfer,
+the backend 'auto' picks here and FlashInfer's JIT cache.
 """
 from __future__ import annotations
 
@@ -94,12 +96,96 @@ def build_parser():
     warm.add_argument("--dtype", nargs="+", choices=["bf16", "fp16"], default=["bf16"])
     warm.add_argument("--head-dim", type=int, nargs="+", default=[128])
     warm.add_argument("--kinds", nargs="+", default=None)
+    show = sub.add_parser("show", help="draw a library mask to a PNG: its elements, or its tile map when long "
+                                       "(needs matplotlib)")
+    show.add_argument("name", choices=[name for name in MASK_FACTORIES if name != "document"])
+    show.add_argument("--window-size", type=int, default=256)
+    show.add_argument("--chunk-size", type=int, default=128)
+    show.add_argument("--sink-size", type=int, default=4)
+    show.add_argument("--prefix-len", type=int, default=256)
+    show.add_argument("--dilation", type=int, default=2)
+    show.add_argument("--seq-len", type=int, default=2048,
+                      help="query and key length (default 2048); up to 1024 the elements are drawn, "
+                           "beyond it the 128x128 tile map")
+    show.add_argument("-o", "--output", default=None, help="default: NAME.png")
+    sub.add_parser("info", help="versions, GPU, flashinfer, the backend 'auto' picks here, FlashInfer's JIT cache")
     return parser
 
 
 def _print_row(mask, backend, device, dtype, rel, max_abs, passed):
     print(f"{mask:24s} {backend:10s} {device:5s} {str(dtype).replace('torch.', ''):9s} "
           f"rel_err {rel:.2e}  max_abs {max_abs:.2e}  {'PASS' if passed else 'FAIL'}")
+
+
+def _show(args) -> int:
+    from .plot import plot
+
+    output = args.output or f"{args.name}.png"
+    try:
+        mask_fn = get_mask_fn(args.name, **_params_from_args(args, args.name))
+        plot(mask_fn, seq_len=args.seq_len, path=output)
+    except (ImportError, ValueError, TypeError) as e:
+        print(f"show: {e}", file=sys.stderr)
+        return 2
+    print(output)
+    return 0
+
+
+def _flashinfer_cache_dir() -> str:
+    """Where FlashInfer's JIT keeps compiled modules (as flashinfer.jit.env and warmup.py)."""
+    import os
+
+    base = os.environ.get("FLASHINFER_WORKSPACE_BASE", os.path.expanduser("~"))
+    return os.path.join(base, ".cache", "flashinfer")
+
+
+def _info() -> int:
+    import pathlib
+
+    from . import __version__
+    from .flashinfer_backend import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, unsupported_reason
+
+    print(f"flex_flash_infer {__version__}")
+    print(f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        try:
+            major, minor = torch.cuda.get_device_capability()
+            gpu = f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+        except Exception as e:  # a broken driver should not stop the report
+            gpu = f"unknown ({type(e).__name__}: {e})"
+        print(f"CUDA available: yes, {torch.cuda.device_count()} device(s); GPU 0: {gpu}")
+    else:
+        print("CUDA available: no")
+    try:
+        import flashinfer
+
+        version = getattr(flashinfer, "__version__", None)
+        if version is None:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version("flashinfer-python")
+        print(f"flashinfer: {version}")
+    except Exception as e:
+        print(f"flashinfer: does not import ({type(e).__name__}: {e})")
+    device = torch.device("cuda" if cuda else "cpu")
+    dtypes = "/".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+    reason = unsupported_reason(device, SUPPORTED_DTYPES[0], SUPPORTED_HEAD_DIMS[0], SUPPORTED_HEAD_DIMS[0])
+    if reason is None:
+        heads = "/".join(map(str, SUPPORTED_HEAD_DIMS))
+        print(f"backend 'auto': flashinfer for {dtypes} with head_dim {heads} and no score_mod; "
+              f"reference otherwise")
+    else:
+        print(f"backend 'auto': reference ({reason})")
+    cache = pathlib.Path(_flashinfer_cache_dir())
+    if cache.is_dir():
+        modules = sum(1 for _ in cache.rglob("*.so"))
+        print(f"FlashInfer JIT cache: {cache} (exists, {modules} .so files)")
+    elif cache.exists():
+        print(f"FlashInfer JIT cache: {cache} (exists but is not a directory)")
+    else:
+        print(f"FlashInfer JIT cache: {cache} (does not exist yet)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -119,6 +205,10 @@ def main(argv=None) -> int:
         from .warmup import KINDS, warmup
 
         return warmup(args.dtype, args.head_dim, args.kinds or KINDS)
+    if command == "show":
+        return _show(args)
+    if command == "info":
+        return _info()
     if command == "check":
         dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.float32)
         rel, max_abs, passed, backend = run_check(

@@ -1,0 +1,191 @@
+"""flex_flash_infer.plot and the `show` / `info` commands: what is drawn is the mask, pixel for pixel."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from flex_flash_infer import cli, create_block_mask, create_mask, get_mask_fn
+from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL
+
+matplotlib = pytest.importorskip("matplotlib")
+from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.image import imread  # noqa: E402
+
+from flex_flash_infer import plot as plot_module  # noqa: E402
+from flex_flash_infer.plot import plot  # noqa: E402
+
+
+def custom_mask_fn(q_idx, kv_idx):          # the seed's 2-argument form
+    return (q_idx >= kv_idx) & ((q_idx - kv_idx) % 3 == 0)
+
+
+def cell_colors(fig, png, rows, cols):
+    """RGB of the saved PNG at the centre of every drawn cell (element or tile) [rows, cols, 3]."""
+    ax = fig.axes[0]
+    height = png.shape[0]
+    assert png.shape[:2] == (round(fig.get_figheight() * fig.dpi), round(fig.get_figwidth() * fig.dpi))
+    q, kv = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    xy = ax.transData.transform(np.stack([kv.ravel(), q.ravel()], axis=1))   # display pixels, origin bottom left
+    x = np.floor(xy[:, 0]).astype(int)
+    y = height - 1 - np.floor(xy[:, 1]).astype(int)
+    assert ax.yaxis_inverted() and not ax.xaxis_inverted()      # query 0 on top, key 0 on the left
+    box = ax.get_window_extent()
+    assert x.min() > box.x0 and x.max() < box.x1 and (height - y).min() > box.y0 and (height - y).max() < box.y1
+    return png[y, x, :3].reshape(rows, cols, 3)
+
+
+def luminance(rgb):
+    return rgb @ np.array([0.2126, 0.7152, 0.0722])
+
+
+@pytest.mark.parametrize("mask_fn, L, S", [
+    (get_mask_fn("attamba", window_size=8, chunk_size=4), 40, 40),
+    (custom_mask_fn, 40, 40),
+    (get_mask_fn("streaming", sink_size=2, window_size=5), 24, 36),
+])
+def test_element_mask_is_drawn_exactly(tmp_path, mask_fn, L, S):
+    path = tmp_path / "mask.png"
+    fig = plot(mask_fn, seq_len=L, kv_len=S, path=path)
+    dense = create_mask(mask_fn, 1, 1, L, S, device="cpu")[0, 0].numpy()
+    assert 0 < dense.sum() < dense.size
+    drawn = np.asarray(fig.axes[0].images[0].get_array())
+    assert drawn.shape == (L, S) and np.array_equal(drawn, dense)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "key position (kv_idx)" and ax.get_ylabel() == "query position (q_idx)"
+    assert mask_fn.__name__ in ax.get_title() and f"{L} x {S}" in ax.get_title()
+
+    assert path.is_file() and path.stat().st_size > 0
+    png = imread(path)
+    lum = luminance(png[..., :3])
+    assert (lum < 0.3).any() and (lum > 0.9).any()            # dark and light pixels
+    cells = luminance(cell_colors(fig, png, L, S))
+    assert np.array_equal(cells < 0.5, dense)                 # visible is dark, in every cell
+
+
+def test_element_title_names_the_parameters_and_custom_title():
+    fig = plot(get_mask_fn("attamba", window_size=8, chunk_size=4), seq_len=16)
+    assert fig.axes[0].get_title().startswith("attamba_w8_c4")
+    fig = plot(custom_mask_fn, seq_len=16, title="my mask")
+    assert fig.axes[0].get_title() == "my mask"
+
+
+def test_long_mask_draws_the_tile_map(tmp_path):
+    causal = get_mask_fn("causal")
+    path = tmp_path / "causal.png"
+    fig = plot(causal, seq_len=4096, path=path)
+    block_mask = create_block_mask(causal, 1, 1, 4096, 4096, device="cpu", BLOCK_SIZE=128)
+    states = block_mask.states[0, 0].numpy()
+    assert states.shape == (32, 32) and {EMPTY, PARTIAL, FULL} == set(np.unique(states).tolist())
+    ax = fig.axes[0]
+    assert np.array_equal(np.asarray(ax.images[0].get_array()), states)
+    title = ax.get_title()
+    assert f"sparsity {block_mask.sparsity():.2f}%" in title and "48.44%" in title
+    assert "causal" in title and "4096 x 4096" in title
+    assert "tile" in ax.get_xlabel() and "tile" in ax.get_ylabel()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [label.split(" ")[0] for label in legend] == ["full", "partial", "empty"]
+    assert legend[0].endswith(": 496") and legend[1].endswith(": 32") and legend[2].endswith(": 496")
+
+    colors = cell_colors(fig, imread(path), 32, 32)
+    for state in (EMPTY, PARTIAL, FULL):
+        expected = np.array(to_rgb(plot_module.TILE_COLORS[state]))
+        assert np.abs(colors[states == state] - expected).max() < 0.02
+    assert len({plot_module.TILE_COLORS[s] for s in (EMPTY, PARTIAL, FULL)}) == 3
+
+
+def test_max_pixels_and_block_size_choose_the_drawing():
+    window = get_mask_fn("sliding_window", window_size=16)
+    assert np.asarray(plot(window, seq_len=64, max_pixels=64).axes[0].images[0].get_array()).shape == (64, 64)
+    fig = plot(window, seq_len=64, kv_len=65, max_pixels=64, block_size=16)
+    assert np.asarray(fig.axes[0].images[0].get_array()).shape == (4, 5)
+    assert "16x16 tiles" in fig.axes[0].get_title()
+
+
+def test_block_mask_is_drawn_as_its_tile_map():
+    def per_head(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & ((h == 0) | (q_idx - kv_idx < 32))
+
+    block_mask = create_block_mask(per_head, None, 2, 300, 400, device="cpu", BLOCK_SIZE=64)
+    fig = plot(block_mask)
+    assert np.array_equal(np.asarray(fig.axes[0].images[0].get_array()), block_mask.states[0, 0].numpy())
+    title = fig.axes[0].get_title()
+    assert "per_head (batch 0, head 0)" in title and "300 x 400" in title and "64x64 tiles" in title
+    torch_fig = plot(block_mask.to_torch())                   # torch's BlockMask too
+    assert np.array_equal(np.asarray(torch_fig.axes[0].images[0].get_array()), block_mask.states[0, 0].numpy())
+    with pytest.raises(ValueError, match="seq_lengths"):
+        plot(block_mask, seq_len=200)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="seq_len"):
+        plot(get_mask_fn("causal"))
+    with pytest.raises(TypeError):
+        plot(lambda q_idx: q_idx > 0, seq_len=8)
+
+
+def test_missing_matplotlib_says_how_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot(get_mask_fn("causal"), seq_len=8)
+    assert cli.main(["show", "causal", "-o", str(tmp_path / "x.png")]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_show_writes_the_file_and_prints_its_path(tmp_path, capsys):
+    out = tmp_path / "attamba.png"
+    assert cli.main(["show", "attamba", "--window-size", "256", "--chunk-size", "128", "--seq-len", "2048",
+                     "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert out.is_file() and out.stat().st_size > 0
+    assert imread(out).shape[2] in (3, 4)
+
+
+def test_cli_show_small_mask_and_default_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["show", "dilated_sliding_window", "--window-size", "6", "--dilation", "3",
+                     "--seq-len", "30"]) == 0
+    assert capsys.readouterr().out.strip() == "dilated_sliding_window.png"
+    assert (tmp_path / "dilated_sliding_window.png").stat().st_size > 0
+
+
+def test_cli_show_refuses_document_and_bad_parameters(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["show", "document"])
+    assert e.value.code == 2
+    assert cli.main(["show", "sliding_window", "--window-size", "0", "-o", "unused.png"]) == 2
+    assert "window_size" in capsys.readouterr().err
+
+
+def test_cli_info(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHINFER_WORKSPACE_BASE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "flashinfer", None)      # as on a machine without flashinfer
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    import flex_flash_infer
+
+    assert f"flex_flash_infer {flex_flash_infer.__version__}" in out
+    assert f"torch {torch.__version__}" in out
+    assert "flashinfer: does not import" in out
+    cache = tmp_path / ".cache" / "flashinfer"
+    assert f"{cache} (does not exist" in out
+    backend = next(line for line in out.splitlines() if line.startswith("backend 'auto'"))
+    assert "reference" in backend                              # no flashinfer: reference everywhere
+    if not torch.cuda.is_available():
+        assert "CUDA available: no" in out
+
+    (cache / "90a").mkdir(parents=True)
+    for name in ("a.so", "90a/b.so", "90a/c.o"):
+        (cache / name).write_bytes(b"")
+    assert cli.main(["info"]) == 0
+    assert f"{cache} (exists, 2 .so files)" in capsys.readouterr().out
+
+
+def test_cli_info_as_is(capsys):
+    """On this machine as it is (flashinfer or not): the CPU test machine reports the reference backend."""
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert torch.__version__ in out
+    if not torch.cuda.is_available():
+        assert "backend 'auto': reference" in out
