@@ -211,9 +211,13 @@ def main(argv=None) -> int:
         return _info()
     if command == "check":
         dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.float32)
-        rel, max_abs, passed, backend = run_check(
-            args.q_len, args.kv_len or args.q_len, args.num_qo_heads, args.num_kv_heads or args.num_qo_heads,
-            args.head_dim, args.mask, dtype, device, _params_from_args(args, args.mask))
+        try:
+            rel, max_abs, passed, backend = run_check(
+                args.q_len, args.kv_len or args.q_len, args.num_qo_heads, args.num_kv_heads or args.num_qo_heads,
+                args.head_dim, args.mask, dtype, device, _params_from_args(args, args.mask))
+        except (ValueError, TypeError) as e:  # a bad argument: say which, no traceback
+            print(f"check: {e}", file=sys.stderr)
+            return 2
         _print_row(args.mask, backend, device, dtype, rel, max_abs, passed)
         return 0 if passed else 1
     dtype = torch.float16 if on_cuda else torch.float32

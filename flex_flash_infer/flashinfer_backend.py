@@ -92,12 +92,29 @@ class _HeadGroup:
         return (self.full or self.partial).run(q, kv_pages, return_lse=True)
 
 
+_announced = False
+
+
+def _announce_first_use() -> None:
+    """One line, once per process: why the first FlashInfer call can take minutes."""
+    global _announced
+    if not _announced:
+        _announced = True
+        import sys
+
+        cache = os.path.join(os.environ.get("FLASHINFER_WORKSPACE_BASE", os.path.expanduser("~")), ".cache", "flashinfer")
+        print(f"flex_flash_infer: FlashInfer compiles each kernel it has not built on this machine "
+              f"(1-2 minutes each, once; cached in {cache}); 'python -m flex_flash_infer warmup' does it ahead.",
+              file=sys.stderr)
+
+
 class FlashInferPlan:
     """A planned attention problem. run(q, k, v) with q [B*Q_LEN, Hq, D] and k, v
     [B, KV_LEN, Hkv, D] returns out [B*Q_LEN, Hq, D] and natural-log lse [B*Q_LEN, Hq]."""
 
     def __init__(self, block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim,
                  dtype, scale, device, workspace=None):
+        _announce_first_use()
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
         block_q, block_kv = block_mask.BLOCK_SIZE

@@ -122,3 +122,12 @@ def test_gpu_only_commands_refuse_without_cuda(capsys):
         pytest.skip("checks the no-CUDA message")
     assert cli.main(["bench"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_check_with_a_bad_parameter_says_which_and_exits_2(capsys):
+    from flex_flash_infer.cli import main as cli_main
+
+    assert cli_main(["check", "--mask", "sliding_window", "--window-size", "0", "--q-len", "64"]) == 2
+    assert "window_size" in capsys.readouterr().err
+    assert cli_main(["check", "--num-qo-heads", "3", "--num-kv-heads", "2", "--q-len", "64"]) == 2
+    assert "num_qo_heads" in capsys.readouterr().err
