@@ -82,7 +82,7 @@ def median_ms(fn, warmup: int = 5, rounds: int = 10, calls_per_round: int = 10) 
     return statistics.median(times)
 
 
-def visible_pairs(block_mask) -> int:
+def count_visible_pairs(block_mask) -> int:
     """Exact count of visible pairs: full tiles whole, partial tiles evaluated."""
     states = block_mask.states[0, 0]
     bq, bkv = block_mask.BLOCK_SIZE
@@ -148,7 +148,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     end.record()
     end.synchronize()
     prepare_ms = start.elapsed_time(end)
-    pairs = visible_pairs(flex.block_mask)
+    pairs = count_visible_pairs(flex.block_mask)
     plan = flex._prepared.segments[0].plan
     route = plan.route if plan is not None else "reference"
 

@@ -3,13 +3,13 @@ import torch
 
 from dense_reference import dense_attention, rel_err
 from flex_flash_infer import create_block_mask, create_mask
-from flex_flash_infer.bench import case_masks, document_offsets, reference_rows, visible_pairs
+from flex_flash_infer.bench import case_masks, count_visible_pairs, document_offsets, reference_rows
 
 
 def test_visible_pairs_counts_exactly():
     for name, (mod, _, _) in case_masks(1000).items():
         bm = create_block_mask(mod, None, None, 1000, 1000, device="cpu")
-        assert visible_pairs(bm) == int(create_mask(mod, 1, 1, 1000, 1000, device="cpu").sum()), name
+        assert count_visible_pairs(bm) == int(create_mask(mod, 1, 1, 1000, 1000, device="cpu").sum()), name
 
 
 def test_reference_rows_match_dense_attention(rng):

@@ -12,16 +12,7 @@ from flex_flash_infer import (and_masks, create_block_mask, create_mask, flex_at
                               or_masks, reference_attention)
 from flex_flash_infer.mods import document_ids_from_offsets
 
-LIBRARY = [
-    ("full", {}),
-    ("causal", {}),
-    ("sliding_window", {"window_size": 37}),
-    ("attamba", {"window_size": 40, "chunk_size": 16}),
-    ("streaming", {"sink_size": 4, "window_size": 33}),
-    ("prefix_lm", {"prefix_len": 50}),
-    ("chunked_causal", {"chunk_size": 48}),
-    ("dilated_sliding_window", {"window_size": 30, "dilation": 3}),
-]
+from test_masks import LIBRARY  # noqa: E402  (one list of library masks for all tests)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # lse is float32 for every input dtype (documented), so it is only float32-accurate.
