@@ -1,8 +1,12 @@
 """The FlashInfer backend: plan once per (block mask, shape, dtype), then run only launches.
 
-Whole tiles run on FlashInfer's unmasked fa3 (Hopper) paged-prefill kernel; partial tiles run
-on its fa2 kernel with a bit mask covering only those tiles; the two results are merged by
-log-sum-exp (flashinfer.merge_state). See planner.py for the request layout.
+Routes, tried in order:
+  * bands: the mask is exactly a few native FlashInfer requests (bands.py), run as FlashInfer's
+    own single or ragged prefill; attamba adds gathered key columns (columns.py, opt-in);
+  * tiles: whole tiles on the unmasked fa3 (Hopper) paged-prefill kernel, partial tiles on its
+    fa2 kernel with a bit mask covering only those tiles, merged by log-sum-exp
+    (flashinfer.merge_state); see planner.py for the request layout. Per-head masks run one
+    head at a time.
 """
 from __future__ import annotations
 
