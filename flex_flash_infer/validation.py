@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
 
@@ -53,10 +54,25 @@ def check_bhsd(query, key, value, enable_gqa: bool):
     return B, Hq, L, E, Hkv, S, value.shape[-1]
 
 
+_converted: dict = {}
+
+
+def _from_torch_cached(torch_mask) -> BlockMask:
+    """One conversion per torch BlockMask object, so its FlashInfer plan is built once too."""
+    entry = _converted.get(id(torch_mask))
+    if entry is not None and entry[0]() is torch_mask:
+        return entry[1]
+    if len(_converted) > 256:
+        _converted.clear()
+    mask = BlockMask.from_torch(torch_mask)
+    _converted[id(torch_mask)] = (weakref.ref(torch_mask), mask)
+    return mask
+
+
 def check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int, device) -> BlockMask:
     if not isinstance(block_mask, BlockMask):
         if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "kv_num_blocks"):
-            block_mask = BlockMask.from_torch(block_mask)
+            block_mask = _from_torch_cached(block_mask)
         else:
             raise TypeError(f"block_mask must be a BlockMask from create_block_mask, got {type(block_mask).__name__}")
     if block_mask.seq_lengths != (q_len, kv_len):

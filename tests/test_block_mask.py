@@ -119,3 +119,13 @@ def test_bad_block_mask_arguments():
         create_block_mask(lambda q: q, 1, 1, 10, 10, device="cpu")
     with pytest.raises(TypeError, match="bool"):
         create_block_mask(lambda b, h, q, kv: q - kv, 1, 1, 10, 10, device="cpu")
+
+
+def test_a_torch_block_mask_is_converted_once_per_object():
+    from flex_flash_infer.validation import check_block_mask
+
+    tbm = torch_flex.create_block_mask(get_mask_fn("causal"), None, None, 256, 256, device="cpu")
+    first = check_block_mask(tbm, 1, 2, 256, 256, "cpu")
+    assert check_block_mask(tbm, 1, 2, 256, 256, "cpu") is first      # its plans are reused
+    other = torch_flex.create_block_mask(get_mask_fn("causal"), None, None, 256, 256, device="cpu")
+    assert check_block_mask(other, 1, 2, 256, 256, "cpu") is not first
