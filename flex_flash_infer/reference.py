@@ -45,11 +45,19 @@ def reference_attention(query, key, value, block_mask=None, score_mod=None, scal
     out = torch.empty((B, Hq, L, value.shape[-1]), dtype=query.dtype, device=query.device)
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=query.device)
     rows = max(1, chunk_elements // max(1, B * Hq * S))
-    b_idx, h_idx, _, kv_idx = index_grid(range(B), range(Hq), [0], range(S), query.device)
+    b_idx, h_idx, _, all_kv = index_grid(range(B), range(Hq), [0], range(S), query.device)
+    # Keys of the non-empty tiles per block row: each row chunk scores only that span.
+    spans = _key_spans(block_mask, S) if block_mask is not None else None
     for r0 in range(0, L, rows):
         r1 = min(L, r0 + rows)
+        c0, c1 = (0, S) if spans is None else _chunk_span(spans, block_mask.BLOCK_SIZE[0], r0, r1)
+        if c1 <= c0:  # no key visible to any row of this chunk
+            out[:, :, r0:r1] = 0
+            lse[:, :, r0:r1] = float("-inf")
+            continue
+        kv_idx = all_kv[..., c0:c1]
         q_idx = torch.arange(r0, r1, device=query.device, dtype=kv_idx.dtype).view(1, 1, -1, 1)
-        scores = torch.matmul(query[:, :, r0:r1].to(compute), k.transpose(-1, -2)) * scale
+        scores = torch.matmul(query[:, :, r0:r1].to(compute), k[:, :, c0:c1].transpose(-1, -2)) * scale
         if score_mod is not None:
             scores = evaluate_score_mod(score_mod, scores, b_idx, h_idx, q_idx, kv_idx)
         if block_mask is not None:
@@ -59,6 +67,21 @@ def reference_attention(query, key, value, block_mask=None, score_mod=None, scal
         seen = torch.isfinite(row_lse)
         probs = torch.exp(scores - torch.where(seen, row_lse, 0.0).unsqueeze(-1))
         probs = torch.where(seen.unsqueeze(-1), probs, 0.0)
-        out[:, :, r0:r1] = torch.matmul(probs, v).to(query.dtype)
+        out[:, :, r0:r1] = torch.matmul(probs, v[:, :, c0:c1]).to(query.dtype)
         lse[:, :, r0:r1] = row_lse.to(torch.float32)
     return out, lse
+
+
+def _key_spans(block_mask, kv_len: int):
+    """Per block row, [first, last + 1) key of its non-empty tiles over every (b, h): [nQ, 2]."""
+    nonempty = (block_mask.states != 0).flatten(0, 1).any(0).cpu()  # [nQ, nKV]
+    bkv = block_mask.BLOCK_SIZE[1]
+    cols = torch.arange(nonempty.shape[1])
+    first = torch.where(nonempty, cols, nonempty.shape[1]).amin(1) * bkv
+    last = (torch.where(nonempty, cols, -1).amax(1) + 1) * bkv
+    return torch.stack([first, last.clamp(max=kv_len)], 1).tolist()
+
+
+def _chunk_span(spans, block_q: int, r0: int, r1: int):
+    rows = spans[r0 // block_q:(r1 - 1) // block_q + 1]
+    return min(a for a, _ in rows), max(b for _, b in rows)
