@@ -156,7 +156,10 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if with_flex:
+        build = time.time()
         tbm = torch_create_block_mask(mask_mod, None, None, seq_len, seq_len, device=dev)
+        torch.cuda.synchronize()
+        print(f"    torch create_block_mask (eager): {time.time() - build:.1f} s", flush=True)
         compiled = torch.compile(torch_flex_attention)
         qh, kh, vh = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
         impls["torch_flex"] = lambda: compiled(qh, kh, vh, block_mask=tbm, enable_gqa=True)[0].transpose(0, 1)
@@ -179,7 +182,10 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         row = {"case": name, "seq_len": seq_len, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim,
                "dtype": str(dtype).replace("torch.", ""), "impl": impl}
         try:
+            first_call = time.time()
             out = fn()
+            torch.cuda.synchronize()
+            row["first_call_s"] = time.time() - first_call  # compile time for torch_flex
             err = rel_error(out[rows], ref)
             row["rel_err"] = err
             if not math.isfinite(err) or err > TOLERANCE:
