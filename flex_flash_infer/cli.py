@@ -92,6 +92,7 @@ def build_parser():
     bench.add_argument("--cases", nargs="+", default=None, help="default: all")
     bench.add_argument("--out", default=None, help="default: benchmarks/results/<device>.json")
     bench.add_argument("--no-flex", action="store_true", help="skip torch FlexAttention")
+    bench.add_argument("--plan", action="store_true", help="measure planning time instead (bench_plan.py)")
     warm = sub.add_parser("warmup", help="compile FlashInfer kernels ahead of first use (CUDA)")
     warm.add_argument("--dtype", nargs="+", choices=["bf16", "fp16"], default=["bf16"])
     warm.add_argument("--head-dim", type=int, nargs="+", default=[128])
@@ -197,6 +198,11 @@ def main(argv=None) -> int:
         print(f"{command} needs a CUDA GPU with flashinfer installed", file=sys.stderr)
         return 2
     if command == "bench":
+        if args.plan:
+            from .bench_plan import run_plan_benchmark
+
+            run_plan_benchmark(args.out)
+            return 0
         from .bench import run_benchmark
 
         run_benchmark(tuple(args.seq_lens), args.cases, args.out, with_flex=not args.no_flex)

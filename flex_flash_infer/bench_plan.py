@@ -1,0 +1,64 @@
+"""Plan-time benchmark: how long planning takes, against torch's compiled block-mask build.
+
+Measures, in one process on a CUDA GPU:
+  * create_block_mask at 131072 tokens (causal and attamba): this library vs
+    torch.compile(torch.nn.attention.flex_attention.create_block_mask), warm, median of runs;
+  * FlexFlashInfer.prepare() for a 32768-token causal problem (block mask + lowering + FlashInfer
+    plan), warm (kernels already compiled), median of runs.
+Prints a table and writes JSON with the device name.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import time
+
+import torch
+
+from .block_mask import create_block_mask
+from .mods.registry import get_mask_fn
+from .wrapper import FlexFlashInfer
+
+
+def _median_s(fn, runs: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_plan_benchmark(out_path: str | None = None) -> dict:
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+
+    compiled = torch.compile(torch_create_block_mask)
+    rows = []
+    for name, params in (("causal", {}), ("attamba", {"window_size": 256, "chunk_size": 128})):
+        mod = get_mask_fn(name, **params)
+        n = 131072
+        ours = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda"))
+        theirs = _median_s(lambda: compiled(mod, None, None, n, n, device="cuda"))
+        rows.append({"what": f"create_block_mask {name} {n}", "ours_ms": ours * 1e3, "torch_compiled_ms": theirs * 1e3})
+    flex = FlexFlashInfer(device="cuda")
+
+    def prepare():
+        flex.prepare(mask_fn=get_mask_fn("causal"), seq_len_q=32768, seq_len_kv=32768, num_qo_heads=32,
+                     num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+
+    rows.append({"what": "prepare causal 32768 (mask + lowering + plan)", "ours_ms": _median_s(prepare) * 1e3,
+                 "torch_compiled_ms": None})
+    print(f"{'what':52s} {'ours ms':>10s} {'torch.compile ms':>17s}")
+    for r in rows:
+        theirs = f"{r['torch_compiled_ms']:17.1f}" if r["torch_compiled_ms"] is not None else f"{'-':>17s}"
+        print(f"{r['what']:52s} {r['ours_ms']:10.1f} {theirs}")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "rows": rows}
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
