@@ -17,6 +17,8 @@ CTYPE = {"bool": "bool", "int": "int", "float": "float"}
 ELEMENT_CTYPE = {"bool": "uint8_t", "int": "int", "float": "float"}
 
 PRELUDE = r"""
+#ifndef FFI_PRELUDE
+#define FFI_PRELUDE
 #ifdef __CUDACC__
 #define FFI_HD __host__ __device__ __forceinline__
 #else
@@ -33,6 +35,7 @@ FFI_HD float ffi_min(float a, float b) { return (a != a || b != b) ? NAN : fminf
 FFI_HD int ffi_max(int a, int b) { return a > b ? a : b; }
 FFI_HD float ffi_max(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
 FFI_HD float ffi_sigmoid(float a) { return 1.f / (1.f + expf(-a)); }
+#endif
 """
 
 
@@ -70,8 +73,9 @@ def _cast(code: str, src: str, dst: str) -> str:
     return f"(({CTYPE[dst]})({code}))"
 
 
-def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None) -> str:
+def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input_ref=None) -> str:
     stride_ref = stride_ref or (lambda name, i: f"{name}_stride{i}")
+    input_ref = input_ref or (lambda name: name)
     memo = {}
 
     def go(node: Node) -> str:
@@ -87,7 +91,7 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None) -> st
     def emit(node: Node) -> str:
         op, a, k = node.op, node.args, node.kind
         if op == "input":
-            return node.attr
+            return input_ref(node.attr)
         if op == "const":
             return _literal(node)
         if op == "scalar":

@@ -1,0 +1,69 @@
+"""The generated FlashInfer fa3 variant compiles as CUDA device code against FlashInfer's own
+variant headers (nvcc, no GPU needed). Skipped where nvcc or the flashinfer package is missing."""
+import importlib.util
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from flex_flash_infer.mods import generate_alibi_score_mod, generate_relative_position_bias_score_mod, generate_softcap_score_mod
+from flex_flash_infer.trace import trace
+from flex_flash_infer.variant import fa3_score_mod_variant
+
+
+def flashinfer_include():
+    spec = importlib.util.find_spec("flashinfer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    include = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / "include"
+    return include if (include / "flashinfer" / "attention" / "hopper" / "variant_helper.cuh").exists() else None
+
+
+def test_variant_spec_lists_arguments_in_jit_order():
+    spec = fa3_score_mod_variant(trace(generate_relative_position_bias_score_mod(torch.randn(8, 33)), "score_mod"))
+    assert spec.tensor_names == ["ffi_req_q0", "ffi_req_kv0", "ffi_req_b", "ffi_t0"]
+    assert spec.tensor_dtypes == ["int32_t", "int32_t", "int32_t", "float"]
+    assert spec.scalar_names[0] == "ffi_sm_scale" and spec.scalar_dtypes[0] == "double"
+    assert "ffi_t0_stride1" in spec.scalar_names
+    args = spec.jit_args("uri", torch.bfloat16, 128, torch.int32, use_sliding_window=True)
+    assert args[11] == spec.name and args[12] == spec.decl and args[14] is True
+    assert "additional_params.ffi_t0)[" in spec.decl and "OnlineSoftmax" in spec.decl
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or flashinfer_include() is None,
+                    reason="needs nvcc and the flashinfer package (its headers)")
+@pytest.mark.parametrize("mod", [generate_softcap_score_mod(30.0), generate_alibi_score_mod(num_heads=8),
+                                 generate_relative_position_bias_score_mod(torch.randn(8, 33)),
+                                 lambda score, b, h, q, kv: torch.where((q - kv) % 3 == 0, score, score - 1.0)],
+                         ids=["softcap", "alibi", "rel_bias", "where_mod"])
+def test_generated_variant_compiles_as_device_code(tmp_path, mod):
+    spec = fa3_score_mod_variant(trace(mod, "score_mod"))
+    fields = "\n".join(f"    {'const ' + d + '*' if n in spec.tensor_names else d} {n};"
+                       for n, d in list(zip(spec.tensor_names, spec.tensor_dtypes)) + list(zip(spec.scalar_names, spec.scalar_dtypes)))
+    source = f"""
+#include <cstdint>
+#include <flashinfer/math.cuh>
+#include <flashinfer/attention/hopper/variant_helper.cuh>
+namespace flashinfer {{
+template <int N, bool B> struct OnlineSoftmax {{ __device__ explicit OnlineSoftmax(float) {{}} }};
+{spec.decl}
+struct FakeParams {{ struct {{
+{fields}
+  }} additional_params; }};
+}}  // namespace flashinfer
+using namespace flashinfer;
+__global__ void probe(FakeParams params, float* out) {{
+  auto coord = cute::make_tuple(0, 0, 0, 0, 0, 128u, 256u, 0u);
+  {spec.name} variant(params, coord);
+  out[threadIdx.x] = variant.LogitsTransform(params, 1.0f, 0u, threadIdx.x, threadIdx.x, 1u, 0u);
+}}
+"""
+    source = source.replace("auto coord = cute::make_tuple(", "struct Coord { int a, b, c, d, e; uint32_t f, g, h; }; Coord coord{")
+    source = source.replace("128u, 256u, 0u);", "128u, 256u, 0u};")
+    path = tmp_path / "variant.cu"
+    path.write_text(source)
+    result = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90a", "-I", str(flashinfer_include()), "-c", str(path),
+                             "-o", str(tmp_path / "variant.o")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
