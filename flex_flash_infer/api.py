@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from .backend_choice import choose_backend
+from .backend_choice import choose_backend, warn_once
 from .block_mask import full_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mask_eval import check_score_mod
 from .reference import reference_attention
+from .score_mod_kernels import UnsupportedOnFlashInfer
+from .trace import TraceError
 from .validation import check_bhsd, check_block_mask, check_scale
 
 _full_masks: dict = {}
@@ -20,8 +22,12 @@ def _default_block_mask(q_len: int, kv_len: int, device) -> "BlockMask":  # noqa
     return _full_masks[key]
 
 
-def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device):
-    """The plan cached on the block mask: built on first use, reused by later calls."""
+def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device, score_mod=None):
+    """The plan cached on the block mask: built on first use, reused by later calls (a plan with a
+    score_mod is built per call: its captured values are read at plan time)."""
+    if score_mod is not None:
+        return FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device,
+                              score_mod=score_mod)
     key = (batch, hq, hkv, head_dim, dtype, scale, str(device))
     plan = block_mask._plans.get(key)
     if plan is None:
@@ -57,11 +63,19 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     else:
         block_mask = check_block_mask(block_mask, B, Hq, L, S, query.device)
     chosen = choose_backend(backend, query.device, query.dtype, E, Ev, score_mod is not None)
+    plan = None
+    if chosen == "flashinfer":
+        sm_scale = scale if scale is not None else E ** -0.5
+        try:
+            plan = flashinfer_plan_for(block_mask, B, L, S, Hq, Hkv, E, query.dtype, sm_scale, query.device, score_mod)
+        except (UnsupportedOnFlashInfer, TraceError) as e:
+            if backend == "flashinfer":
+                raise
+            warn_once(f"flex_flash_infer: running on the slow reference backend because {e}")
+            chosen = "reference"
     if chosen == "reference":
         out, lse = reference_attention(query, key, value, block_mask, score_mod, scale)
     else:
-        sm_scale = scale if scale is not None else E ** -0.5
-        plan = flashinfer_plan_for(block_mask, B, L, S, Hq, Hkv, E, query.dtype, sm_scale, query.device)
         q = query.transpose(1, 2).reshape(B * L, Hq, E)
         k = key.transpose(1, 2).contiguous()
         v = value.transpose(1, 2).contiguous()

@@ -5,6 +5,7 @@ import warnings
 
 import torch
 
+from . import score_mod_kernels
 from .flashinfer_backend import unsupported_reason
 
 BACKENDS = ("auto", "flashinfer", "reference")
@@ -32,17 +33,18 @@ def choose_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
     if backend == "flashinfer":
         if reason:
             raise ValueError(f"backend='flashinfer' cannot run this call: {reason}")
-        if has_score_mod:
-            raise ValueError("backend='flashinfer' cannot run a score_mod yet (it is not compiled into kernels); "
-                             "use backend='reference' or 'auto'")
+        if has_score_mod and not score_mod_kernels.ENABLED:
+            raise ValueError("backend='flashinfer' cannot run a score_mod yet (compiling it into kernels is "
+                             "opt-in: FLEX_FLASH_INFER_SCORE_MOD_KERNELS=1); use backend='reference' or 'auto'")
         return "flashinfer"
     if device.type != "cuda":
         return "reference"
     if reason:
         warn_once(f"flex_flash_infer: running on the slow reference backend because {reason}")
         return "reference"
-    if has_score_mod:
-        warn_once("flex_flash_infer: score_mod is not compiled into FlashInfer kernels yet; "
-                  "calls with a score_mod run on the slow reference backend")
+    if has_score_mod and not score_mod_kernels.ENABLED:
+        warn_once("flex_flash_infer: score_mod is not compiled into FlashInfer kernels by default yet "
+                  "(opt-in: FLEX_FLASH_INFER_SCORE_MOD_KERNELS=1); calls with a score_mod run on the slow "
+                  "reference backend")
         return "reference"
     return "flashinfer"

@@ -20,6 +20,7 @@ from .columns import column_lowering, column_states, compact_mask_mod
 from .mask_eval import mask_dependence
 from .block_build import PARTIAL
 from .planner import partial_tile_mask, plan_tiles
+from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
 
 LN2 = math.log(2.0)
 # The attamba column route is exact on the CPU model of FlashInfer (tests/test_columns.py) but
@@ -117,7 +118,7 @@ class FlashInferPlan:
     [B, KV_LEN, Hkv, D] returns out [B*Q_LEN, Hq, D] and natural-log lse [B*Q_LEN, Hq]."""
 
     def __init__(self, block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim,
-                 dtype, scale, device, workspace=None):
+                 dtype, scale, device, workspace=None, score_mod=None):
         _announce_first_use()
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
@@ -147,6 +148,13 @@ class FlashInferPlan:
             else:
                 self.bands = hinted_bands(block_mask.mask_mod, q_len, kv_len) or find_bands(
                     states[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
+        if score_mod is not None:
+            if not self.bands or self.columns is not None:
+                raise UnsupportedOnFlashInfer(
+                    "a score_mod runs in FlashInfer kernels only with masks that lower to bands (full, causal, "
+                    f"sliding window, documents, ...); this one takes the {self.route} route")
+            self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace)
+            return
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)
             return

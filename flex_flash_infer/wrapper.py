@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend_choice import check_backend_name, choose_backend
+from .backend_choice import check_backend_name, choose_backend, warn_once
 from .block_mask import BlockMask, create_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
 from .reference import reference_attention
+from .score_mod_kernels import UnsupportedOnFlashInfer
+from .trace import TraceError
 from .validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
 
 
@@ -117,9 +119,17 @@ class FlexFlashInfer:
                 block_mask = create_block_mask(seq_mask, 1, num_qo_heads if uses_h else 1, q1 - q0, kv1 - kv0,
                                                device=self.device, BLOCK_SIZE=block)
                 if backend == "flashinfer":
-                    plan = FlashInferPlan(block_mask, 1, q1 - q0, kv1 - kv0, num_qo_heads, num_kv_heads, head_dim,
-                                          dtype, scale if scale is not None else head_dim ** -0.5, self.device,
-                                          self.workspace_buffer)
+                    try:
+                        plan = FlashInferPlan(block_mask, 1, q1 - q0, kv1 - kv0, num_qo_heads, num_kv_heads,
+                                              head_dim, dtype, scale if scale is not None else head_dim ** -0.5,
+                                              self.device, self.workspace_buffer, score_mod=seq_score)
+                    except (UnsupportedOnFlashInfer, TraceError) as e:
+                        if self.backend == "flashinfer":
+                            raise
+                        warn_once(f"flex_flash_infer: running on the slow reference backend because {e}")
+                        backend = "reference"
+                        segments = [_Segment(s.q0, s.q1, s.kv0, s.kv1, s.block_mask, s.score_mod, None)
+                                    for s in segments]
             segments.append(_Segment(q0, q1, kv0, kv1, block_mask, seq_score, plan))
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
                                    head_dim, dtype, scale, backend)

@@ -212,3 +212,36 @@ def test_packed_varlen_batch_in_the_wrapper(cuda_gen):
         check(out[rows].transpose(0, 1)[None], lse[rows].transpose(0, 1)[None], q[rows].transpose(0, 1)[None],
               k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None],
               dense_predicate("sliding_window", n, n, window_size=100), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 200}),
+                                         ("document", {"offsets": [0, 300, 777]}), ("prefix_lm", {"prefix_len": 128})])
+@pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias", "temperature", "causal_decay"])
+def test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, params, mod_name):
+    """Opt-in path (FLEX_FLASH_INFER_SCORE_MOD_KERNELS=1): the traced score_mod in a fa3 variant."""
+    from flex_flash_infer import score_mod_kernels
+    from flex_flash_infer.mods import (generate_alibi_score_mod, generate_causal_decay_score_mod,
+                                       generate_relative_position_bias_score_mod, generate_softcap_score_mod,
+                                       generate_temperature_score_mod)
+
+    monkeypatch.setattr(score_mod_kernels, "ENABLED", True)
+    B, H, Hkv, L, D = 2, 8, 2, 777, 128
+    table = torch.randn(H, 65, device="cuda")
+    mod = {"softcap": generate_softcap_score_mod(5.0), "alibi": generate_alibi_score_mod(num_heads=H),
+           "rel_bias": generate_relative_position_bias_score_mod(table),
+           "temperature": generate_temperature_score_mod(torch.rand(H, device="cuda") + 0.5),
+           "causal_decay": generate_causal_decay_score_mod(0.01)}[mod_name]
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
+    mask_mod = get_mask_fn(name, **params)
+    bm = create_block_mask(mask_mod, None, None, L, L, device="cuda")
+    out, lse = flex_attention(q, k, v, score_mod=mod, block_mask=bm, enable_gqa=True, return_lse=True,
+                              backend="flashinfer")
+    ids = {"document_ids": mask_mod.document_ids.numpy()} if name == "document" else params
+    ref_out, ref_lse = dense_attention(q, k, v, dense_predicate(name, L, L, **ids),
+                                       score_fn=lambda s, b, h, qi, ki: mod(s.float().cuda(), b.cuda(), h.cuda(),
+                                                                            qi.cuda(), ki.cuda()).cpu().double())
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref_out) < TOL[dtype]
+    seen = torch.isfinite(ref_lse)
+    assert torch.allclose(lse.cpu().double()[seen], ref_lse[seen], atol=3e-2, rtol=1e-3)
