@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from ._captured import follow_device
+
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """The ALiBi paper's slopes: 2^(-8 i / n) for a power of two n, interleaved otherwise."""
@@ -29,8 +31,10 @@ def generate_alibi_score_mod(slopes=None, num_heads=None):
     if slopes.dim() != 1:
         raise ValueError(f"slopes must be 1-D [num_heads], got shape {tuple(slopes.shape)}")
 
+    slopes_on = follow_device(slopes)
+
     def alibi(score, b, h, q_idx, kv_idx):
-        return score + slopes[h] * (kv_idx - q_idx)
+        return score + slopes_on(h.device)[h] * (kv_idx - q_idx)
 
     alibi.slopes = slopes
     return alibi

@@ -5,6 +5,8 @@ score_mod: score -> score + table[clamp(q - kv, -M, M) + M]          (table of 2
 """
 import torch
 
+from ._captured import follow_device
+
 
 def generate_relative_position_bias_score_mod(table):
     table = torch.as_tensor(table)
@@ -12,13 +14,14 @@ def generate_relative_position_bias_score_mod(table):
         raise ValueError("table must be a float tensor [2M + 1] or [num_heads, 2M + 1] (an odd number of "
                          f"distances, centred on 0), got {tuple(table.shape)} {table.dtype}")
     reach = table.shape[-1] // 2
+    table_on = follow_device(table)
 
     if table.dim() == 1:
         def relative_position_bias(score, b, h, q_idx, kv_idx):
-            return score + table[torch.clamp(q_idx - kv_idx, -reach, reach) + reach]
+            return score + table_on(q_idx.device)[torch.clamp(q_idx - kv_idx, -reach, reach) + reach]
     else:
         def relative_position_bias(score, b, h, q_idx, kv_idx):
-            return score + table[h, torch.clamp(q_idx - kv_idx, -reach, reach) + reach]
+            return score + table_on(q_idx.device)[h, torch.clamp(q_idx - kv_idx, -reach, reach) + reach]
 
     relative_position_bias.table = table
     return relative_position_bias

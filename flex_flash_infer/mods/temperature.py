@@ -4,14 +4,18 @@ score_mod: score -> score * per_head_scale[h]
 """
 import torch
 
+from ._captured import follow_device
+
 
 def generate_temperature_score_mod(per_head_scale):
     scale = torch.as_tensor(per_head_scale, dtype=torch.float32)
     if scale.dim() != 1:
         raise ValueError(f"per_head_scale must be 1-D [num_heads], got shape {tuple(scale.shape)}")
 
+    scale_on = follow_device(scale)
+
     def temperature(score, b, h, q_idx, kv_idx):
-        return score * scale[h]
+        return score * scale_on(h.device)[h]
 
     temperature.per_head_scale = scale
     return temperature
