@@ -15,17 +15,13 @@ import os
 
 import torch
 
-from .bands import find_bands, hinted_bands
-from .columns import column_lowering, column_states, compact_mask_mod
-from .mask_eval import mask_dependence
+from .columns import column_states, compact_mask_mod
 from .block_build import PARTIAL
 from .planner import partial_tile_mask, plan_tiles
+from .route import choose_route
 from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
 
 LN2 = math.log(2.0)
-# The attamba column route is exact on the CPU model of FlashInfer (tests/test_columns.py) but
-# has not yet run on a GPU: off unless FLEX_FLASH_INFER_COLUMNS=1, until a GPU run confirms it.
-ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS") == "1"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 WORKSPACE_BYTES = 256 << 20
@@ -124,30 +120,23 @@ class FlashInferPlan:
         workspace = default_workspace(device) if workspace is None else workspace
         block_q, block_kv = block_mask.BLOCK_SIZE
         states = block_mask.states.to(device)
-        uses_b, uses_h = mask_dependence(block_mask.mask_mod, batch, num_qo_heads, q_len, kv_len, device)
-        self.per_head = states.shape[1] > 1 or uses_h
+        route = choose_route(block_mask, batch, num_qo_heads, q_len, kv_len, device)
+        self.per_head = route.per_head
         self.block_kv = block_kv
         self.num_kv_tiles = states.shape[-1]
         self.shape = (batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim)
         self.group_size = num_qo_heads // num_kv_heads
         self.groups = []
-        self.bands = None
+        self.bands = route.bands
         self.columns = None
-        if not self.per_head and not uses_b and states.shape[0] == 1:
-            lowered = column_lowering(block_mask.mask_mod, q_len, kv_len) if ENABLE_COLUMN_LOWERING else None
-            if lowered is not None:
-                self.bands, self.positions = lowered
-                self.positions = self.positions.to(device)
-                compact = compact_mask_mod(block_mask.mask_mod, self.bands, self.positions)
-                col_states = column_states(compact, q_len, self.positions.numel(), block_q, device)
-                if bool((col_states == PARTIAL).any()):
-                    col_plan = plan_tiles(col_states, batch, q_len, block_q, 1)
-                    col_shape = (batch, q_len, self.positions.numel(), num_qo_heads, num_kv_heads, head_dim)
-                    self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace,
-                                              (block_q, 1))
-            else:
-                self.bands = hinted_bands(block_mask.mask_mod, q_len, kv_len) or find_bands(
-                    states[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
+        if route.kind == "bands+columns":
+            self.positions = route.positions
+            compact = compact_mask_mod(block_mask.mask_mod, self.bands, self.positions)
+            col_states = column_states(compact, q_len, self.positions.numel(), block_q, device)
+            if bool((col_states == PARTIAL).any()):
+                col_plan = plan_tiles(col_states, batch, q_len, block_q, 1)
+                col_shape = (batch, q_len, self.positions.numel(), num_qo_heads, num_kv_heads, head_dim)
+                self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace, (block_q, 1))
         if score_mod is not None:
             if not self.bands or self.columns is not None:
                 raise UnsupportedOnFlashInfer(

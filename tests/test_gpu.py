@@ -164,9 +164,9 @@ def test_score_mod_on_cuda_runs_on_reference_with_a_warning(cuda_gen):
 @pytest.mark.parametrize("S", [777, 2048])
 def test_attamba_column_route(cuda_gen, monkeypatch, S):
     """The window band + gathered chunk-end keys route (opt-in until this passes on a GPU)."""
-    from flex_flash_infer import flashinfer_backend
+    from flex_flash_infer import route
 
-    monkeypatch.setattr(flashinfer_backend, "ENABLE_COLUMN_LOWERING", True)
+    monkeypatch.setattr(route, "ENABLE_COLUMN_LOWERING", True)
     B, H, Hkv, D, dtype = 2, 8, 2, 128, torch.bfloat16
     params = {"window_size": 96, "chunk_size": 64}
     q, k, v = inputs(B, H, Hkv, S, S, D, dtype, cuda_gen)

@@ -1,0 +1,45 @@
+"""Which FlashInfer route a planned problem takes (pure torch: plot() and tests use it on CPU).
+
+  bands          the mask is a few native FlashInfer requests (bands.py)
+  bands+columns  attamba: a window band plus gathered chunk-end keys (columns.py, opt-in)
+  tiles          whole tiles on fa3, partial tiles on fa2 with a bit mask, merged
+  tiles-per-head the same, one head at a time (the mask differs per head)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .bands import find_bands, hinted_bands
+from .columns import column_lowering
+from .mask_eval import mask_dependence
+
+# The attamba column route is exact on the CPU model of FlashInfer (tests/test_columns.py) but
+# has not yet run on a GPU: off unless FLEX_FLASH_INFER_COLUMNS=1, until a GPU run confirms it.
+ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS") == "1"
+
+
+@dataclass
+class Route:
+    kind: str
+    per_head: bool
+    bands: list | None = None
+    positions: torch.Tensor | None = None   # gathered key positions of the column route
+
+
+def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: int, device) -> Route:
+    states = block_mask.states.to(device)
+    block_q, block_kv = block_mask.BLOCK_SIZE
+    uses_b, uses_h = mask_dependence(block_mask.mask_mod, batch, num_qo_heads, q_len, kv_len, device)
+    per_head = states.shape[1] > 1 or uses_h
+    if not per_head and not uses_b and states.shape[0] == 1:
+        lowered = column_lowering(block_mask.mask_mod, q_len, kv_len) if ENABLE_COLUMN_LOWERING else None
+        if lowered is not None:
+            return Route("bands+columns", False, lowered[0], lowered[1].to(device))
+        bands = hinted_bands(block_mask.mask_mod, q_len, kv_len) or find_bands(
+            states[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
+        if bands:
+            return Route("bands", False, bands)
+    return Route("tiles-per-head" if per_head else "tiles", per_head)
