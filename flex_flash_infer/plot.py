@@ -17,10 +17,13 @@ import numpy as np
 from .block_build import EMPTY, FULL, PARTIAL
 from .block_mask import BlockMask, create_block_mask, create_mask
 from .mask_eval import as_mask_mod
+from .route import choose_route
 
 VISIBLE_COLOR, HIDDEN_COLOR = "#08306b", "#f7f7f7"          # element mask: visible is dark
-TILE_COLORS = {EMPTY: "#f7f7f7", PARTIAL: "#f4a442", FULL: "#08306b"}
-TILE_LABELS = {FULL: "full (all visible)", PARTIAL: "partial (mask_mod applied)", EMPTY: "empty (skipped)"}
+LOWERED = 3   # a non-empty tile the planner runs as part of a native FlashInfer request (a band)
+TILE_COLORS = {EMPTY: "#f7f7f7", PARTIAL: "#f4a442", FULL: "#08306b", LOWERED: "#2ca25f"}
+TILE_LABELS = {FULL: "full: whole-tile fa3 kernel", PARTIAL: "partial: fa2 bit-mask route, merged",
+               EMPTY: "empty (skipped)", LOWERED: "lowered: native FlashInfer call (band)"}
 
 
 def _matplotlib():
@@ -93,26 +96,30 @@ def _draw_tiles(block_mask: BlockMask, title):
     states = block_mask.states
     per_head = states.shape[0] > 1 or states.shape[1] > 1
     tiles = states[0, 0].cpu().numpy().astype(np.uint8)
+    planned = choose_route(block_mask.to("cpu"), 1, 1, *block_mask.seq_lengths, "cpu")
+    if planned.kind.startswith("bands"):
+        tiles = np.where(tiles != EMPTY, LOWERED, EMPTY).astype(np.uint8)
     nq, nkv = tiles.shape
     bq, bkv = block_mask.BLOCK_SIZE
     q_len, kv_len = block_mask.seq_lengths
     fig, ax, aspect = _figure(Figure, FigureCanvasAgg, nq, nkv, right=3.2)
-    cmap = ListedColormap([TILE_COLORS[EMPTY], TILE_COLORS[PARTIAL], TILE_COLORS[FULL]])
-    ax.imshow(tiles, cmap=cmap, norm=BoundaryNorm([-0.5, 0.5, 1.5, 2.5], 3), aspect=aspect,
+    cmap = ListedColormap([TILE_COLORS[EMPTY], TILE_COLORS[PARTIAL], TILE_COLORS[FULL], TILE_COLORS[LOWERED]])
+    ax.imshow(tiles, cmap=cmap, norm=BoundaryNorm([-0.5, 0.5, 1.5, 2.5, 3.5], 4), aspect=aspect,
               interpolation=_interpolation(ax, nq, nkv))
     _integer_ticks(ax)
     ax.set_xlabel(f"key tile index (kv_idx // {bkv})")
     ax.set_ylabel(f"query tile index (q_idx // {bq})")
-    counts = {s: int((tiles == s).sum()) for s in (FULL, PARTIAL, EMPTY)}
+    shown = (LOWERED, EMPTY) if planned.kind.startswith("bands") else (FULL, PARTIAL, EMPTY)
+    counts = {s: int((tiles == s).sum()) for s in shown}
     handles = [Patch(facecolor=TILE_COLORS[s], edgecolor="#444444", label=f"{TILE_LABELS[s]}: {counts[s]}")
-               for s in (FULL, PARTIAL, EMPTY)]
+               for s in shown]
     box = ax.get_position()
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(box.x1 + 0.1 / fig.get_figwidth(), box.y1),
                frameon=False, fontsize="small")
     sparsity = 100.0 * counts[EMPTY] / tiles.size
     where = " (batch 0, head 0)" if per_head else ""
     ax.set_title(title or f"{_mask_name(block_mask.mask_mod)}{where}\n{q_len} x {kv_len}, "
-                          f"{bq}x{bkv} tiles, sparsity {sparsity:.2f}%")
+                          f"{bq}x{bkv} tiles, sparsity {sparsity:.2f}%, route: {planned.kind}")
     return fig
 
 

@@ -71,27 +71,40 @@ def test_element_title_names_the_parameters_and_custom_title():
 
 
 def test_long_mask_draws_the_tile_map(tmp_path):
-    causal = get_mask_fn("causal")
-    path = tmp_path / "causal.png"
-    fig = plot(causal, seq_len=4096, path=path)
-    block_mask = create_block_mask(causal, 1, 1, 4096, 4096, device="cpu", BLOCK_SIZE=128)
+    attamba = get_mask_fn("attamba", window_size=256, chunk_size=128)   # takes the tiles route
+    path = tmp_path / "attamba.png"
+    fig = plot(attamba, seq_len=4096, path=path)
+    block_mask = create_block_mask(attamba, 1, 1, 4096, 4096, device="cpu", BLOCK_SIZE=128)
     states = block_mask.states[0, 0].numpy()
     assert states.shape == (32, 32) and {EMPTY, PARTIAL, FULL} == set(np.unique(states).tolist())
     ax = fig.axes[0]
     assert np.array_equal(np.asarray(ax.images[0].get_array()), states)
     title = ax.get_title()
     assert f"sparsity {block_mask.sparsity():.2f}%" in title and "48.44%" in title
-    assert "causal" in title and "4096 x 4096" in title
+    assert "attamba_w256_c128" in title and "4096 x 4096" in title and "route: tiles" in title
     assert "tile" in ax.get_xlabel() and "tile" in ax.get_ylabel()
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert [label.split(" ")[0] for label in legend] == ["full", "partial", "empty"]
-    assert legend[0].endswith(": 496") and legend[1].endswith(": 32") and legend[2].endswith(": 496")
+    assert [label.split(":")[0] for label in legend] == ["full", "partial", "empty (skipped)"]
+    for label, state in zip(legend, (FULL, PARTIAL, EMPTY)):
+        assert label.endswith(f": {int((states == state).sum())}")
 
     colors = cell_colors(fig, imread(path), 32, 32)
     for state in (EMPTY, PARTIAL, FULL):
         expected = np.array(to_rgb(plot_module.TILE_COLORS[state]))
         assert np.abs(colors[states == state] - expected).max() < 0.02
-    assert len({plot_module.TILE_COLORS[s] for s in (EMPTY, PARTIAL, FULL)}) == 3
+    assert len({plot_module.TILE_COLORS[s] for s in (EMPTY, PARTIAL, FULL, plot_module.LOWERED)}) == 4
+
+
+def test_a_lowered_mask_shows_its_tiles_as_one_native_call(tmp_path):
+    causal = get_mask_fn("causal")
+    fig = plot(causal, seq_len=4096, path=tmp_path / "causal.png")
+    states = create_block_mask(causal, 1, 1, 4096, 4096, device="cpu").states[0, 0].numpy()
+    drawn = np.asarray(fig.axes[0].images[0].get_array())
+    assert np.array_equal(drawn == plot_module.LOWERED, states != EMPTY)
+    assert np.array_equal(drawn == EMPTY, states == EMPTY)
+    assert "route: bands" in fig.axes[0].get_title()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[0].startswith("lowered") and legend[0].endswith(": 528")
 
 
 def test_max_pixels_and_block_size_choose_the_drawing():
