@@ -52,5 +52,7 @@ def warmup(dtypes=("bf16",), head_dims=(128,), kinds=KINDS, parallel: bool = Tru
     for n, (job, p) in enumerate(procs, 1):
         rc = p.wait() if parallel else p.returncode
         failed += rc != 0
-        print(f"[{n}/{len(procs)}] {'ok' if rc == 0 else 'FAILED'} {job} ({time.time() - start:.0f} s)", flush=True)
+        bar = "#" * round(20 * n / len(procs))
+        print(f"[{bar:<20s}] {n}/{len(procs)} {'ok' if rc == 0 else 'FAILED'} {job} ({time.time() - start:.0f} s)",
+              flush=True)
     return 1 if failed else 0
