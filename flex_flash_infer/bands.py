@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_build import EMPTY, FULL, PARTIAL
+from .block_build import EMPTY, FULL, PARTIAL, tile_elements
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
 
 VERIFY_CHUNK_ELEMENTS = 1 << 24
@@ -197,17 +197,11 @@ def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_ele
     if not torch.equal(expected, states):
         return False
     tiles = (states == PARTIAL).nonzero()
-    rows = torch.arange(block_q, device=states.device)
-    cols = torch.arange(block_kv, device=states.device)
     per_chunk = max(1, chunk_elements // (block_q * block_kv))
     for p0 in range(0, tiles.shape[0], per_chunk):
         qt, kt = tiles[p0:p0 + per_chunk].unbind(1)
-        q = (qt * block_q).view(-1, 1, 1) + rows.view(1, -1, 1)
-        kv = (kt * block_kv).view(-1, 1, 1) + cols.view(1, 1, -1)
+        truth, q, kv = tile_elements(mask_mod, 0, 0, qt, kt, block_q, block_kv, q_len, kv_len)
         valid = (q < q_len) & (kv < kv_len)
-        zero = torch.zeros(1, 1, 1, dtype=INDEX_DTYPE, device=states.device)
-        truth = evaluate_mask_mod(mask_mod, zero, zero, q.clamp(max=q_len - 1).to(INDEX_DTYPE),
-                                  kv.clamp(max=kv_len - 1).to(INDEX_DTYPE)) & valid
         lowered = torch.zeros_like(truth)
         for band in bands:
             lowered |= band.visible(q, kv)

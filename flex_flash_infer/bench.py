@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .block_build import FULL, PARTIAL
+from .block_build import FULL, PARTIAL, tile_elements
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
@@ -90,16 +90,9 @@ def count_visible_pairs(block_mask) -> int:
     rows_in_tile = torch.clamp(q_len - torch.arange(states.shape[0], device=states.device) * bq, max=bq)
     total = int(((states == FULL).sum(1) * rows_in_tile).sum()) * bkv  # tail rows past Q_LEN excluded
     tiles = (states == PARTIAL).nonzero()
-    rows, cols = torch.arange(bq, device=states.device), torch.arange(bkv, device=states.device)
-    zero = torch.zeros(1, 1, 1, dtype=INDEX_DTYPE, device=states.device)
     for p0 in range(0, tiles.shape[0], 1024):
         qt, kt = tiles[p0:p0 + 1024].unbind(1)
-        q = (qt * bq).view(-1, 1, 1) + rows.view(1, -1, 1)
-        kv = (kt * bkv).view(-1, 1, 1) + cols.view(1, 1, -1)
-        ok = (q < q_len) & (kv < kv_len)
-        m = evaluate_mask_mod(block_mask.mask_mod, zero, zero, q.clamp(max=q_len - 1).to(INDEX_DTYPE),
-                              kv.clamp(max=kv_len - 1).to(INDEX_DTYPE))
-        total += int((m & ok).sum())
+        total += int(tile_elements(block_mask.mask_mod, 0, 0, qt, kt, bq, bkv, q_len, kv_len)[0].sum())
     return total
 
 

@@ -52,6 +52,25 @@ def classify_tiles(
     return states
 
 
+def tile_elements(mask_mod, b, h, q_tile, kv_tile, block_q: int, block_kv: int, q_len: int, kv_len: int):
+    """The mask on a list of P tiles: bool [P, block_q, block_kv], False on padding.
+
+    b and h are per-tile index tensors [P] or ints; q_tile / kv_tile are tile indices [P]. The
+    mod only ever sees in-range positions (padding is clamped, then masked out).
+    Returns (visible, q positions [P, block_q, 1], kv positions [P, 1, block_kv]).
+    """
+    device = q_tile.device
+    q = (q_tile.long() * block_q).view(-1, 1, 1) + torch.arange(block_q, device=device).view(1, -1, 1)
+    kv = (kv_tile.long() * block_kv).view(-1, 1, 1) + torch.arange(block_kv, device=device).view(1, 1, -1)
+
+    def per_tile(x):
+        return torch.as_tensor(x, dtype=INDEX_DTYPE, device=device).reshape(-1, 1, 1)
+
+    visible = evaluate_mask_mod(mask_mod, per_tile(b), per_tile(h), q.clamp(max=q_len - 1).to(INDEX_DTYPE),
+                                kv.clamp(max=kv_len - 1).to(INDEX_DTYPE))
+    return visible & (q < q_len) & (kv < kv_len), q, kv
+
+
 def ordered_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(num_blocks [..., nQ], indices [..., nQ, nKV]) with the selected tiles first, ascending."""
     num = selected.sum(-1, dtype=torch.int32)

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_build import FULL, PARTIAL, ceil_div
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
+from .block_build import FULL, PARTIAL, ceil_div, tile_elements
 
 MASK_CHUNK_ELEMENTS = 1 << 24
 
@@ -106,16 +105,8 @@ def partial_tile_mask(plan: TilePlan, mask_mod, head: int, q_len: int, kv_len: i
         req, rank = launch.tile_request[sl], launch.tile_rank[sl]
         b, q_tile = req // nq, req % nq
         kv_tile = launch.kv_indices[sl].long() % plan.num_kv_tiles
-        q_raw = (q_tile * block_q).view(-1, 1, 1) + rows.view(1, -1, 1)
-        kv_raw = (kv_tile * block_kv).view(-1, 1, 1) + cols.view(1, 1, -1)
-        visible = evaluate_mask_mod(
-            mask_mod,
-            b.to(INDEX_DTYPE).view(-1, 1, 1),
-            torch.full((1, 1, 1), head, dtype=INDEX_DTYPE, device=device),
-            q_raw.clamp(max=q_len - 1).to(INDEX_DTYPE),
-            kv_raw.clamp(max=kv_len - 1).to(INDEX_DTYPE),
-        )
-        visible = visible & (kv_raw < kv_len) & ~launch.dummy[sl].view(-1, 1, 1)
+        visible, _, _ = tile_elements(mask_mod, b, head, q_tile, kv_tile, block_q, block_kv, q_len, kv_len)
+        visible = visible & ~launch.dummy[sl].view(-1, 1, 1)
         row_ok = rows.view(1, -1, 1) < plan.qo_len[req].view(-1, 1, 1)
         stride = (pages_per_request[req] * block_kv).view(-1, 1, 1)
         dst = offset[req].view(-1, 1, 1) + rows.view(1, -1, 1) * stride + (rank * block_kv).view(-1, 1, 1) + cols.view(1, 1, -1)
