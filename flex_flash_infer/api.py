@@ -1,8 +1,6 @@
 """flex_attention: torch FlexAttention's function, run on FlashInfer where it can be."""
 from __future__ import annotations
 
-import torch
-
 from .backend_choice import choose_backend, warn_once
 from .block_mask import full_block_mask
 from .flashinfer_backend import FlashInferPlan
@@ -15,7 +13,7 @@ from .validation import check_bhsd, check_block_mask, check_scale
 _full_masks: dict = {}
 
 
-def _default_block_mask(q_len: int, kv_len: int, device) -> "BlockMask":  # noqa: F821
+def _default_block_mask(q_len: int, kv_len: int, device):
     key = (q_len, kv_len, str(device))
     if key not in _full_masks:
         _full_masks[key] = full_block_mask(1, q_len, kv_len, device)

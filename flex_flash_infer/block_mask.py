@@ -9,6 +9,7 @@ import torch
 from .block_build import EMPTY, FULL, PARTIAL, ceil_div, classify_tiles, ordered_indices, states_from_tables
 from .mask_eval import as_mask_mod, evaluate_mask_mod, index_grid
 from .mods.combinators import noop_mask
+from .validation import check_positive_int
 
 
 def _block_sizes(BLOCK_SIZE) -> tuple[int, int]:
@@ -21,12 +22,6 @@ def _block_sizes(BLOCK_SIZE) -> tuple[int, int]:
     if min(sizes) < 1:
         raise ValueError(f"BLOCK_SIZE must be positive, got {BLOCK_SIZE!r}")
     return sizes
-
-
-def _positive(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class BlockMask:
@@ -152,9 +147,9 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
     available, else CPU (torch >= 2.10's rule). BLOCK_SIZE is an int or a (q, kv) pair.
     """
     mask_mod = as_mask_mod(mask_mod)
-    B = 1 if B is None else _positive("B", B)
-    H = 1 if H is None else _positive("H", H)
-    Q_LEN, KV_LEN = _positive("Q_LEN", Q_LEN), _positive("KV_LEN", KV_LEN)
+    B = 1 if B is None else check_positive_int("B", B)
+    H = 1 if H is None else check_positive_int("H", H)
+    Q_LEN, KV_LEN = check_positive_int("Q_LEN", Q_LEN), check_positive_int("KV_LEN", KV_LEN)
     bq, bkv = _block_sizes(BLOCK_SIZE)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     dtype = torch.float16 if on_cuda else torch.float32
     cases = [("causal", {}), ("sliding_window", {"window_size": 256}),
              ("attamba", {"window_size": 256, "chunk_size": 128})]
-    print(f"flex-flash-infer demo: 1 x 1000 tokens, 8 query / 2 key heads, head_dim 64, vs PyTorch SDPA")
+    print("flex-flash-infer demo: 1 x 1000 tokens, 8 query / 2 key heads, head_dim 64, vs PyTorch SDPA")
     ok = True
     for mask, params in cases:
         rel, max_abs, passed, backend = run_check(1000, 1000, 8, 2, 64, mask, dtype, device, params)

@@ -6,7 +6,6 @@ import weakref
 
 import torch
 
-from .block_mask import BlockMask
 
 
 def check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -57,19 +56,23 @@ def check_bhsd(query, key, value, enable_gqa: bool):
 _converted: dict = {}
 
 
-def _from_torch_cached(torch_mask) -> BlockMask:
+def _from_torch_cached(torch_mask):
     """One conversion per torch BlockMask object, so its FlashInfer plan is built once too."""
     entry = _converted.get(id(torch_mask))
     if entry is not None and entry[0]() is torch_mask:
         return entry[1]
     if len(_converted) > 256:
         _converted.clear()
+    from .block_mask import BlockMask  # block_mask imports this module
+
     mask = BlockMask.from_torch(torch_mask)
     _converted[id(torch_mask)] = (weakref.ref(torch_mask), mask)
     return mask
 
 
-def check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int, device) -> BlockMask:
+def check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int, device):
+    from .block_mask import BlockMask  # block_mask imports this module
+
     if not isinstance(block_mask, BlockMask):
         if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "kv_num_blocks"):
             block_mask = _from_torch_cached(block_mask)
