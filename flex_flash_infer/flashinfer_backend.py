@@ -19,6 +19,7 @@ from .columns import column_states, compact_mask_mod
 from .block_build import PARTIAL
 from .planner import partial_tile_mask, plan_tiles
 from .route import choose_route
+from .bands import band_launches
 from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
 
 LN2 = math.log(2.0)
@@ -212,21 +213,16 @@ class _BandRunner:
         self.shape = shape
         self.scale = scale
         batch, q_len, kv_len, hq, hkv, head_dim = shape
-        flags = {(b.causal, b.window_left) for b in bands}
-        tiles_both = all(a.q_end == b.q_start and a.kv_end == b.kv_start for a, b in zip(bands, bands[1:]))
         self.covers_all = bands[0].q_start == 0 and bands[-1].q_end == q_len
         self.ragged = None
-        if len(flags) == 1 and tiles_both and self.covers_all and bands[0].kv_start == 0 \
-                and bands[-1].kv_end == kv_len and (len(bands) > 1 or batch > 1):
-            q_off = torch.tensor([b.q_start for b in bands] + [q_len], dtype=torch.int32)
-            kv_off = torch.tensor([b.kv_start for b in bands] + [kv_len], dtype=torch.int32)
-            qo_indptr = torch.cat([q_off[:-1] + i * q_len for i in range(batch)] + [torch.tensor([batch * q_len], dtype=torch.int32)])
-            kv_indptr = torch.cat([kv_off[:-1] + i * kv_len for i in range(batch)] + [torch.tensor([batch * kv_len], dtype=torch.int32)])
-            causal, window = flags.pop()
+        launches = band_launches(bands, batch, q_len, kv_len)
+        if len(launches) == 1 and launches[0].q_rows == slice(0, batch * q_len) and (len(bands) > 1 or batch > 1):
+            launch = launches[0]  # every (batch entry, band) request in one ragged launch
             backend = "fa3" if _is_hopper(workspace.device) else "fa2"
             self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)
-            self.ragged.plan(qo_indptr, kv_indptr, hq, hkv, head_dim, causal=causal, window_left=window,
-                             sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+            self.ragged.plan(launch.qo_indptr, launch.kv_indptr, hq, hkv, head_dim, causal=launch.causal,
+                             window_left=launch.window_left, sm_scale=scale, q_data_type=dtype,
+                             kv_data_type=dtype, o_data_type=dtype)
         self.single = flashinfer.single_prefill_with_kv_cache
 
     def run(self, q, k, v, return_lse: bool = True):

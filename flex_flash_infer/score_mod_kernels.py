@@ -2,17 +2,16 @@
 prefill. Opt-in (FLEX_FLASH_INFER_SCORE_MOD_KERNELS=1) until it has run on a GPU; without it a
 score_mod on CUDA runs on the reference backend.
 
-Each launch is a ragged prefill whose requests are (batch entry, band) pairs; three int32 tables
-indexed by the request give its first query and key position and its batch entry, so the
-variant can hand the score_mod absolute positions.
+Each launch is a ragged prefill whose requests are (batch entry, band) pairs (bands.band_launches);
+three int32 tables indexed by the request give its first query and key position and its batch
+entry, so the variant can hand the score_mod absolute positions.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 
+from .bands import band_launches
 from .codegen import kernel_tensor
 from .trace import trace
 from .variant import fa3_score_mod_variant
@@ -22,48 +21,6 @@ ENABLED = os.environ.get("FLEX_FLASH_INFER_SCORE_MOD_KERNELS") == "1"
 
 class UnsupportedOnFlashInfer(ValueError):
     """This call cannot run on the FlashInfer backend (the caller falls back to the reference)."""
-
-
-@dataclass
-class BandLaunch:
-    causal: bool
-    window_left: int
-    q_rows: slice        # rows of the flattened [B * Q_LEN] queries this launch reads and writes
-    kv_rows: slice       # rows of the flattened [B * KV_LEN] keys
-    qo_indptr: torch.Tensor
-    kv_indptr: torch.Tensor
-    req_q0: torch.Tensor
-    req_kv0: torch.Tensor
-    req_b: torch.Tensor
-
-
-def band_launches(bands, batch: int, q_len: int, kv_len: int) -> list[BandLaunch]:
-    """One launch for all (b, band) requests when the bands tile both sequences with one set of
-    flags; otherwise one single-request launch per (b, band)."""
-    def i32(values):
-        return torch.tensor(values, dtype=torch.int32)
-
-    flags = {(b.causal, b.window_left) for b in bands}
-    tiles = all(a.q_end == b.q_start and a.kv_end == b.kv_start for a, b in zip(bands, bands[1:]))
-    if (len(flags) == 1 and tiles and bands[0].q_start == 0 and bands[-1].q_end == q_len
-            and bands[0].kv_start == 0 and bands[-1].kv_end == kv_len):
-        requests = [(b, band) for b in range(batch) for band in bands]
-        qo = [0] + [b * q_len + band.q_end for b, band in requests]
-        kv = [0] + [b * kv_len + band.kv_end for b, band in requests]
-        causal, window = flags.pop()
-        return [BandLaunch(causal, window, slice(0, batch * q_len), slice(0, batch * kv_len), i32(qo), i32(kv),
-                           i32([band.q_start for _, band in requests]), i32([band.kv_start for _, band in requests]),
-                           i32([b for b, _ in requests]))]
-    launches = []
-    for b in range(batch):
-        for band in bands:
-            launches.append(BandLaunch(
-                band.causal, band.window_left,
-                slice(b * q_len + band.q_start, b * q_len + band.q_end),
-                slice(b * kv_len + band.kv_start, b * kv_len + band.kv_end),
-                i32([0, band.q_end - band.q_start]), i32([0, band.kv_end - band.kv_start]),
-                i32([band.q_start]), i32([band.kv_start]), i32([b])))
-    return launches
 
 
 class ScoreModBands:

@@ -1,9 +1,8 @@
-"""The request tables of score_mod band launches: every (batch entry, band) pair is one request
+"""Ragged launches of bands (used with and without a compiled score_mod): every (batch entry, band)
 whose first query and key positions and batch entry the kernel reads (CPU check of the layout)."""
 import torch
 
-from flex_flash_infer.bands import Band
-from flex_flash_infer.score_mod_kernels import band_launches
+from flex_flash_infer.bands import Band, band_launches
 
 
 def test_documents_over_a_batch_are_one_ragged_launch():
