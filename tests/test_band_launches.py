@@ -1,4 +1,4 @@
-"""Ragged launches of bands (used with and without a compiled score_mod): every (batch entry, band)
+"""Ragged launches of bands (plain and with a compiled score_mod): each (batch entry, band) pair is one request
 whose first query and key positions and batch entry the kernel reads (CPU check of the layout)."""
 import torch
 
