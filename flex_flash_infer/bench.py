@@ -146,6 +146,18 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     route = plan.route if plan is not None else "reference"
 
     impls = {"flex_flash_infer": lambda: flex(q, k, v)}
+    if name == "attamba":
+        # the opt-in window-band + gathered chunk-end keys route, timed beside the default
+        from . import route as route_module
+
+        saved, route_module.ENABLE_COLUMN_LOWERING = route_module.ENABLE_COLUMN_LOWERING, True
+        try:
+            flex_columns = FlexFlashInfer(device=dev)
+            flex_columns.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
+                                 num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)
+        finally:
+            route_module.ENABLE_COLUMN_LOWERING = saved
+        impls["ours_columns_route"] = lambda: flex_columns(q, k, v)
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if with_flex:
@@ -220,6 +232,8 @@ def print_table(rows):
         for impl, r in impls.items():
             if "error" in r and impl != "flex_flash_infer":
                 print(f"    {impl}: {r['error']}")
+            elif impl.startswith("ours_"):
+                print(f"    {impl}: {r['ms']:.3f} ms, rel_err {r['rel_err']:.2e}")
 
 
 def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True):
@@ -231,7 +245,15 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
     # which torch silently falls back to the unfused eager path.
     torch._dynamo.config.cache_size_limit = 256
     torch._dynamo.config.accumulated_cache_size_limit = 4096
-    rows = []
+    device = torch.cuda.get_device_name()
+    if out_path is None:
+        os.makedirs("benchmarks/results", exist_ok=True)
+        out_path = os.path.join("benchmarks", "results", device.replace(" ", "_") + ".json")
+    earlier = []
+    if os.path.exists(out_path):  # merge with earlier partial runs on the same device
+        old = json.load(open(out_path))
+        earlier = old["rows"] if old.get("device") == device else []
+    rows, result = [], None
     for seq_len in seq_lens:
         masks = case_masks(seq_len)
         for name, (mod, native, sdpa) in masks.items():
@@ -245,23 +267,21 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
                 print_table(new)
                 print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)
                 torch.cuda.empty_cache()
-    device = torch.cuda.get_device_name()
-    result = {"device": device, "torch": torch.__version__, "flashinfer": flashinfer.__version__,
-              "date": datetime.date.today().isoformat(), "rows": rows}
-    if out_path is None:
-        os.makedirs("benchmarks/results", exist_ok=True)
-        out_path = os.path.join("benchmarks", "results", device.replace(" ", "_") + ".json")
-    if os.path.exists(out_path):  # merge with earlier partial runs on the same device
-        old = json.load(open(out_path))
-        if old.get("device") == device:
-            keep = {(r["case"], r["seq_len"], r["head_dim"], r["impl"]) for r in rows}
-            rows = [r for r in old["rows"] if (r["case"], r["seq_len"], r["head_dim"], r["impl"]) not in keep] + rows
-            result["rows"] = rows
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=1)
+                # saved after every case, so that a run cut short keeps what it measured
+                result = _save(out_path, device, flashinfer.__version__, earlier, rows)
     print()
     print_table(rows)
     print(f"wrote {out_path}")
+    return result
+
+
+def _save(out_path, device, flashinfer_version, earlier, rows):
+    keep = {(r["case"], r["seq_len"], r["head_dim"], r["impl"]) for r in rows}
+    merged = [r for r in earlier if (r["case"], r["seq_len"], r["head_dim"], r["impl"]) not in keep] + rows
+    result = {"device": device, "torch": torch.__version__, "flashinfer": flashinfer_version,
+              "date": datetime.date.today().isoformat(), "rows": merged}
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
     return result
 
 

@@ -96,7 +96,9 @@ def build_parser():
     warm = sub.add_parser("warmup", help="compile FlashInfer kernels ahead of first use (CUDA)")
     warm.add_argument("--dtype", nargs="+", choices=["bf16", "fp16"], default=["bf16"])
     warm.add_argument("--head-dim", type=int, nargs="+", default=[128])
-    warm.add_argument("--kinds", nargs="+", default=None)
+    warm.add_argument("--kinds", nargs="+", default=None,
+                      help="default: causal sliding_window tiles documents; score_mod:<name>[+window] "
+                           "compiles a score_mod variant (softcap alibi rel_bias temperature causal_decay)")
     show = sub.add_parser("show", help="draw a library mask to a PNG: its elements, or its tile map when long "
                                        "(needs matplotlib)")
     show.add_argument("name", choices=[name for name in MASK_FACTORIES if name != "document"])

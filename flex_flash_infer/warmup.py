@@ -10,13 +10,46 @@ import time
 import torch
 
 KINDS = ("causal", "sliding_window", "tiles", "documents")
+# One fa3 variant module per score_mod structure (and per sliding-window flag): opt-in kinds.
+SCORE_MOD_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:temperature",
+                   "score_mod:causal_decay", "score_mod:softcap+window")
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def example_score_mod(name: str, num_heads: int, device="cuda"):
+    """The library's score_mods with example parameters (the module depends on the structure only)."""
+    from . import mods
+
+    return {"softcap": lambda: mods.generate_softcap_score_mod(5.0),
+            "alibi": lambda: mods.generate_alibi_score_mod(num_heads=num_heads),
+            "rel_bias": lambda: mods.generate_relative_position_bias_score_mod(torch.randn(num_heads, 65, device=device)),
+            "temperature": lambda: mods.generate_temperature_score_mod(torch.rand(num_heads, device=device) + 0.5),
+            "causal_decay": lambda: mods.generate_causal_decay_score_mod(0.01)}[name]()
+
+
+def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int) -> None:
+    """Run a score_mod through its compiled fa3 variant once (forces the opt-in path on)."""
+    from . import score_mod_kernels
+    from .api import flex_attention
+    from .block_mask import create_block_mask
+    from .mods.registry import get_mask_fn
+
+    score_mod_kernels.ENABLED = True
+    name, _, window = kind.split(":", 1)[1].partition("+")
+    mask = get_mask_fn("sliding_window", window_size=64) if window else get_mask_fn("causal")
+    q = torch.randn(1, 4, 256, head_dim, device="cuda", dtype=dtype)
+    bm = create_block_mask(mask, None, None, 256, 256, device="cuda")
+    flex_attention(q, q, q, score_mod=example_score_mod(name, 4), block_mask=bm, backend="flashinfer")
+    torch.cuda.synchronize()
 
 
 def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     """Run one tiny problem whose route needs the module(s) of this kind."""
     from .mods.registry import get_mask_fn
     from .wrapper import FlexFlashInfer
+
+    if kind.startswith("score_mod:"):
+        return compile_score_mod(kind, dtype, head_dim)
 
     masks = {
         "causal": get_mask_fn("causal"),                           # native single prefill

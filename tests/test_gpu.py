@@ -13,7 +13,8 @@ from test_block_mask import random_mask_mod
 pytestmark = pytest.mark.gpu
 TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2}
 DTYPES = [torch.bfloat16, torch.float16]
-HEAD_DIMS = [64, 128]
+# fp16 runs at head_dim 128 only: each (dtype, head_dim) is a set of modules to compile per machine.
+DTYPE_HEAD_DIMS = [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float16, 128)]
 LIBRARY = [
     ("full", {}), ("causal", {}), ("sliding_window", {"window_size": 200}),
     ("attamba", {"window_size": 96, "chunk_size": 64}), ("streaming", {"sink_size": 4, "window_size": 150}),
@@ -46,8 +47,7 @@ def check(out, lse, q, k, v, dense, dtype, scale=None):
     assert (out.cpu()[~seen.unsqueeze(-1).expand_as(out.cpu())] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("dtype,D", DTYPE_HEAD_DIMS)
 @pytest.mark.parametrize("name,params", LIBRARY)
 def test_library_masks(cuda_gen, dtype, D, name, params):
     B, H, Hkv, L, S = 1, 8, 2, 777, 777
@@ -77,7 +77,7 @@ def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, dtype, L, S):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_shared_table_but_head_dependent_mask_mod(cuda_gen, dtype):
     """H=None tables with a mask_mod that reads h: partial tiles must still use each head's mask."""
-    B, H, Hkv, L, S, D = 1, 4, 4, 400, 400, 64
+    B, H, Hkv, L, S, D = 1, 4, 4, 400, 400, 128
 
     def per_head(b, h, q, kv):
         return (q >= kv) & ((q - kv) % (h + 2) == 0)
@@ -92,7 +92,7 @@ def test_shared_table_but_head_dependent_mask_mod(cuda_gen, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_seed_wrapper_and_custom_scale(cuda_gen, dtype):
-    L, H, D = 1024, 8, 64
+    L, H, D = 1024, 8, 128
     flex = FlexFlashInfer(device="cuda")
     flex.prepare(mask_fn=lambda q, kv: (q >= kv) & (q - kv <= 256), seq_len_q=L, seq_len_kv=L, num_qo_heads=H,
                  num_kv_heads=H, head_dim=D, block_size_row=128, block_size_col=128, dtype=dtype, scale=0.2)
@@ -214,24 +214,25 @@ def test_packed_varlen_batch_in_the_wrapper(cuda_gen):
               dense_predicate("sliding_window", n, n, window_size=100), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 200}),
-                                         ("document", {"offsets": [0, 300, 777]}), ("prefix_lm", {"prefix_len": 128})])
-@pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias", "temperature", "causal_decay"])
-def test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, params, mod_name):
+SCORE_MOD_MASKS = {"causal": {}, "sliding_window": {"window_size": 200}, "document": {"offsets": [0, 300, 777]},
+                   "prefix_lm": {"prefix_len": 128}}
+# Each (score_mod, dtype, sliding-window flag) is its own compiled module (warmup kinds score_mod:*):
+# every mod in bf16 on three masks; the sliding-window and fp16 builds with softcap.
+SCORE_MOD_CASES = ([(torch.bfloat16, mask, mod) for mod in ("softcap", "alibi", "rel_bias", "temperature", "causal_decay")
+                    for mask in ("causal", "document", "prefix_lm")]
+                   + [(torch.bfloat16, "sliding_window", "softcap"), (torch.float16, "causal", "softcap")])
+
+
+@pytest.mark.parametrize("dtype,name,mod_name", SCORE_MOD_CASES)
+def test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, mod_name):
     """Opt-in path (FLEX_FLASH_INFER_SCORE_MOD_KERNELS=1): the traced score_mod in a fa3 variant."""
     from flex_flash_infer import score_mod_kernels
-    from flex_flash_infer.mods import (generate_alibi_score_mod, generate_causal_decay_score_mod,
-                                       generate_relative_position_bias_score_mod, generate_softcap_score_mod,
-                                       generate_temperature_score_mod)
+    from flex_flash_infer.warmup import example_score_mod
 
     monkeypatch.setattr(score_mod_kernels, "ENABLED", True)
     B, H, Hkv, L, D = 2, 8, 2, 777, 128
-    table = torch.randn(H, 65, device="cuda")
-    mod = {"softcap": generate_softcap_score_mod(5.0), "alibi": generate_alibi_score_mod(num_heads=H),
-           "rel_bias": generate_relative_position_bias_score_mod(table),
-           "temperature": generate_temperature_score_mod(torch.rand(H, device="cuda") + 0.5),
-           "causal_decay": generate_causal_decay_score_mod(0.01)}[mod_name]
+    params = SCORE_MOD_MASKS[name]
+    mod = example_score_mod(mod_name, H)
     q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
     mask_mod = get_mask_fn(name, **params)
     bm = create_block_mask(mask_mod, None, None, L, L, device="cuda")

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The whole GPU validation as one background job on the offline Hopper machine, so that it
+# outlives a device call (10 minutes at most): the first call starts it, later calls made while
+# the machine is still warm wait on it and bring its logs back.
+#   bash scripts/gpu_pipeline.sh start [STAGE...]   # copy the repo to /tmp/ffi and run the stages
+#   bash scripts/gpu_pipeline.sh wait SECONDS       # wait for the job (at most SECONDS), pack logs to $OUT
+# Stages, in the default order: warm tests score-tests bench-8k bench-32k plan
+#   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
+#   tests        every GPU test except the compiled score_mod ones
+#   score-tests  the compiled score_mod tests (after the variants are built)
+#   bench-8k, bench-32k, plan   as scripts/gpu_stage.sh
+set -uo pipefail
+run_dir=/tmp/ffi_run
+case "${1:-}" in
+  start)
+    shift
+    if [ -f $run_dir/pid ] && kill -0 "$(cat $run_dir/pid)" 2>/dev/null; then echo "already running"; exit 0; fi
+    rm -rf /tmp/ffi $run_dir && mkdir -p $run_dir && cp -r . /tmp/ffi
+    cd /tmp/ffi && setsid nohup bash scripts/gpu_pipeline.sh run "${@:-warm tests score-tests bench-8k bench-32k plan}" \
+      >$run_dir/pipeline.log 2>&1 < /dev/null &
+    echo $! > $run_dir/pid
+    echo "started: ${*:-all stages}" ;;
+  wait)
+    end=$(( $(date +%s) + ${2:-540} ))
+    while [ ! -f $run_dir/done ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+    [ -f $run_dir/done ] && echo "pipeline finished" || echo "pipeline still running"
+    tail -n 25 $run_dir/pipeline.log
+    out=${OUT:-gpu_out}; mkdir -p "$out"
+    tar -czf "$out/ffi_run.tgz" -C $run_dir . && echo "packed $(ls $run_dir | tr '\n' ' ')" ;;
+  run)
+    shift
+    source scripts/gpu_env.sh || { touch $run_dir/done; exit 1; }
+    for stage in $*; do
+      echo "=== $stage $(date +%T)"
+      case $stage in
+        warm)
+          MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 64 >$run_dir/warm-bf16.log 2>&1 &
+          MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 >$run_dir/warm-fp16.log 2>&1
+          wait
+          grep -h "ok\|FAILED" $run_dir/warm-*.log | tail -n 12
+          MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds score_mod:softcap \
+            score_mod:alibi score_mod:rel_bias score_mod:temperature score_mod:causal_decay score_mod:softcap+window \
+            >$run_dir/warm-score.log 2>&1 &
+          MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 --kinds score_mod:softcap \
+            >$run_dir/warm-score-fp16.log 2>&1 &
+          echo $! > $run_dir/score_warm_pid ;;
+        tests)
+          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "not compiled_into" -p no:cacheprovider \
+            >$run_dir/gpu_tests.log 2>&1; tail -n 15 $run_dir/gpu_tests.log ;;
+        score-tests)
+          while pgrep -f "kinds score_mod" >/dev/null; do sleep 5; done
+          grep -h "ok\|FAILED" $run_dir/warm-score*.log
+          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "compiled_into" -p no:cacheprovider \
+            >$run_dir/score_tests.log 2>&1; tail -n 15 $run_dir/score_tests.log ;;
+        bench-8k|bench-32k)
+          n=$([ "$stage" = bench-8k ] && echo 8192 || echo 32768)
+          python3 -m flex_flash_infer bench --seq-lens "$n" --out "$run_dir/$stage.json" 2>&1 \
+            | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
+        plan)
+          python3 -m flex_flash_infer bench --plan --out "$run_dir/plan.json" 2>&1 | grep -v "INFO\|arning" \
+            >$run_dir/plan.log; tail -n 12 $run_dir/plan.log ;;
+        *) echo "unknown stage $stage" ;;
+      esac
+    done
+    echo "=== done $(date +%T)"
+    touch $run_dir/done ;;
+  *) echo "usage: bash scripts/gpu_pipeline.sh start [STAGE...] | wait SECONDS" >&2; exit 2 ;;
+esac
