@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .block_build import FULL, PARTIAL, tile_elements
+from .block_build import EMPTY, FULL, PARTIAL, tile_elements
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
@@ -96,7 +96,18 @@ def count_visible_pairs(block_mask) -> int:
     return total
 
 
-def reference_rows(q, k, v, mask_mod, rows):
+def score_mod_cases():
+    """name -> (mask name, score_mod, FlashInfer native kwargs or None): #4's score_mod rows."""
+    from .mods import (generate_alibi_score_mod, generate_relative_position_bias_score_mod,
+                       generate_softcap_score_mod)
+
+    table = torch.randn(32, 257, generator=torch.Generator().manual_seed(SEED)) * 0.5
+    return {"softcap+causal": ("causal", generate_softcap_score_mod(20.0), None),
+            "alibi+causal": ("causal", generate_alibi_score_mod(num_heads=32), None),
+            "rel_bias+causal": ("causal", generate_relative_position_bias_score_mod(table), None)}
+
+
+def reference_rows(q, k, v, mask_mod, rows, score_mod=None):
     """float32 attention for the given query rows; q [S, Hq, D], k/v [S, Hkv, D] -> [rows, Hq, D]."""
     g = q.shape[1] // k.shape[1]
     qs = q[rows].float().transpose(0, 1)                         # [Hq, r, D]
@@ -105,6 +116,9 @@ def reference_rows(q, k, v, mask_mod, rows):
     s = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[-1])
     zero = torch.zeros(1, 1, 1, dtype=INDEX_DTYPE, device=q.device)
     kv = torch.arange(k.shape[0], device=q.device, dtype=INDEX_DTYPE).view(1, 1, -1)
+    if score_mod is not None:
+        heads = torch.arange(q.shape[1], device=q.device, dtype=INDEX_DTYPE).view(-1, 1, 1)
+        s = score_mod(s, zero, heads, rows.to(INDEX_DTYPE).view(1, -1, 1), kv)
     m = evaluate_mask_mod(mask_mod, zero, zero, rows.to(INDEX_DTYPE).view(1, -1, 1), kv)[0]
     s = s.masked_fill(~m, float("-inf"))
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
@@ -116,7 +130,7 @@ def rel_error(out_rows, ref):
 
 
 def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, heads_q=32, heads_kv=8,
-               dtype=torch.bfloat16, with_flex=True):
+               dtype=torch.bfloat16, with_flex=True, score_mod=None):
     import flashinfer
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask  # eager: built once
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
@@ -127,17 +141,17 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     k = torch.randn(seq_len, heads_kv, head_dim, device=dev, dtype=dtype, generator=gen)
     v = torch.randn(seq_len, heads_kv, head_dim, device=dev, dtype=dtype, generator=gen)
     rows = torch.sort(torch.randperm(seq_len, device=dev, generator=gen)[:CHECK_ROWS]).values
-    ref = reference_rows(q, k, v, mask_mod, rows)
+    ref = reference_rows(q, k, v, mask_mod, rows, score_mod)
 
     flex = FlexFlashInfer(device=dev)
     torch.cuda.synchronize()
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     flex.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
-                 num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)  # first prepare compiles / warms
+                 num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype, score_mod=score_mod)  # compiles / warms
     start.record()
     flex.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
-                 num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)
+                 num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype, score_mod=score_mod)
     end.record()
     end.synchronize()
     prepare_ms = start.elapsed_time(end)
@@ -146,18 +160,18 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     route = plan.route if plan is not None else "reference"
 
     impls = {"flex_flash_infer": lambda: flex(q, k, v)}
-    if name == "attamba":
-        # the opt-in window-band + gathered chunk-end keys route, timed beside the default
+    if name in ("attamba", "streaming"):
+        # the generic tiles route, timed beside the window band + key columns route they take
         from . import route as route_module
 
-        saved, route_module.ENABLE_COLUMN_LOWERING = route_module.ENABLE_COLUMN_LOWERING, True
+        saved, route_module.ENABLE_COLUMN_LOWERING = route_module.ENABLE_COLUMN_LOWERING, False
         try:
-            flex_columns = FlexFlashInfer(device=dev)
-            flex_columns.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
-                                 num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)
+            flex_tiles = FlexFlashInfer(device=dev)
+            flex_tiles.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
+                               num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)
         finally:
             route_module.ENABLE_COLUMN_LOWERING = saved
-        impls["ours_columns_route"] = lambda: flex_columns(q, k, v)
+        impls["ours_tiles_route"] = lambda: flex_tiles(q, k, v)
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if with_flex:
@@ -167,7 +181,8 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         print(f"    torch create_block_mask (eager): {time.time() - build:.1f} s", flush=True)
         compiled = torch.compile(torch_flex_attention)
         qh, kh, vh = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
-        impls["torch_flex"] = lambda: compiled(qh, kh, vh, block_mask=tbm, enable_gqa=True)[0].transpose(0, 1)
+        impls["torch_flex"] = lambda: compiled(qh, kh, vh, score_mod=score_mod, block_mask=tbm,
+                                               enable_gqa=True)[0].transpose(0, 1)
     if sdpa_causal is not None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -204,6 +219,8 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         if impl == "flex_flash_infer":
             row["route"] = route
             row["prepare_ms"] = prepare_ms
+            states = flex.block_mask.states[0, 0]
+            row["tiles_nonempty"], row["tiles_total"] = int((states != EMPTY).sum()), states.numel()
         results.append(row)
     return results
 
@@ -269,6 +286,16 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
                 torch.cuda.empty_cache()
                 # saved after every case, so that a run cut short keeps what it measured
                 result = _save(out_path, device, flashinfer.__version__, earlier, rows)
+        for name, (mask_name, score_mod, native) in score_mod_cases().items():
+            if cases and name not in cases:
+                continue
+            t0 = time.time()
+            new = bench_case(name, seq_len, 128, get_mask_fn(mask_name), native, None, with_flex=with_flex,
+                             score_mod=score_mod)
+            rows.extend(new)
+            print_table(new)
+            print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)
+            result = _save(out_path, device, flashinfer.__version__, earlier, rows)
     print()
     print_table(rows)
     print(f"wrote {out_path}")
@@ -290,16 +317,20 @@ def markdown_table(result: dict) -> str:
     cases = {}
     for r in result["rows"]:
         cases.setdefault((r["case"], r["seq_len"], r["head_dim"]), {})[r["impl"]] = r
-    order = list(case_masks(1))
+    order = list(case_masks(1)) + list(score_mod_cases())
 
     def key(item):
         (case, s, d) = item[0]
         return (s, order.index(case) if case in order else 99, -d)
 
     lines = [f"{result['device']}, torch {result['torch']}, flashinfer {result['flashinfer']}, {result['date']}; "
-             "bf16, batch 1, 32 query / 8 KV heads. ms = median; TFLOP/s counts visible pairs only.", "",
-             "| case | S | D | route | ours ms | TFLOP/s | torch flex ms | speed-up vs flex | FlashInfer native ms | vs native | cuDNN ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bf16, batch 1, 32 query / 8 KV heads. ms = median; TFLOP/s counts visible pairs only; "
+             "tile estimate = the full mask's time x the share of non-empty 128x128 tiles (its whole-tile "
+             "work alone), and ours / estimate should stay under 1.20.", "",
+             "| case | S | D | route | ours ms | TFLOP/s | torch flex ms | speed-up vs flex | FlashInfer native ms "
+             "| vs native | cuDNN ms | ours / tile estimate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    speedups = []
     for (case, s, d), impls in sorted(cases.items(), key=key):
         ours = impls.get("flex_flash_infer", {})
 
@@ -312,11 +343,21 @@ def markdown_table(result: dict) -> str:
 
         o = ours.get("ms")
         flex, native = ms("torch_flex"), ms("flashinfer_native")
+        full_ms = cases.get(("full", s, d), {}).get("flex_flash_infer", {}).get("ms")
+        estimate = (full_ms * ours["tiles_nonempty"] / ours["tiles_total"]
+                    if full_ms and "tiles_nonempty" in ours else None)
         note = ours.get("error", "")
         if "error" in impls.get("torch_flex", {}):
             note += " flex: " + impls["torch_flex"]["error"][:60]
         lines.append(
             f"| {case} | {s} | {d} | {ours.get('route', '-')} | {cell(o)} | {cell(ours.get('tflops'), '{:.0f}')} | "
             f"{cell(flex)} | {cell(flex / o if o and flex else None, '{:.2f}x')} | {cell(native)} | "
-            f"{cell(native / o if o and native else None, '{:.2f}x')} | {cell(ms('sdpa_cudnn'))} |" + (f" {note}" if note else ""))
+            f"{cell(native / o if o and native else None, '{:.2f}x')} | {cell(ms('sdpa_cudnn'))} | "
+            f"{cell(o / estimate if o and estimate else None, '{:.2f}')} |" + (f" {note}" if note else ""))
+        if o and flex:
+            speedups.append(flex / o)
+    if speedups:
+        geomean = math.exp(sum(math.log(x) for x in speedups) / len(speedups))
+        lines += ["", f"Geometric mean speed-up over torch flex: {geomean:.2f}x ({len(speedups)} rows); "
+                      f"rows under 1.25x: {sum(x < 1.25 for x in speedups)}."]
     return "\n".join(lines)

@@ -1,9 +1,9 @@
 """Sparse key columns: a band plus a few key positions that every later query may see.
 
 Attamba's mask is a causal window (a band FlashInfer runs natively) plus the chunk-end keys
-outside the window. Those keys are gathered into a compact tensor (one key per chunk, so
-S / chunk_size of them) and attended with pages of one key under a small bit mask; the two
-results merge by log-sum-exp. The column part's mask is the mask_mod at the gathered positions
+outside the window; StreamingLLM's is the same window plus the first sink_size keys. Those keys
+are gathered into a compact tensor (S / chunk_size or sink_size of them) and attended with
+pages of one key under a small bit mask; the two results merge by log-sum-exp. The column part's mask is the mask_mod at the gathered positions
 minus what the band already covers, so no pair is counted twice.
 """
 from __future__ import annotations
@@ -16,13 +16,18 @@ from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
 
 
 def column_lowering(mask_mod, q_len: int, kv_len: int):
-    """(bands, key positions) for masks that declare this structure, else None."""
-    params = getattr(mask_mod, "attamba_params", None)
-    if params is None or q_len != kv_len:
+    """(bands, key positions) for masks that declare this structure, else None.
+
+    The hint is (window_size, first, step, stop or None): a causal window band plus the key
+    positions range(first, min(stop, kv_len), step)."""
+    hint = getattr(mask_mod, "key_columns_hint", None)
+    if hint is None or q_len != kv_len:
         return None
-    window, chunk = params
+    window, first, step, stop = hint
+    positions = torch.arange(first, kv_len if stop is None else min(stop, kv_len), step)
+    if positions.numel() == 0:
+        return None
     bands = [Band(0, q_len, 0, kv_len, causal=True, window_left=window - 1)]
-    positions = torch.arange(chunk - 1, kv_len, chunk)
     return bands, positions
 
 

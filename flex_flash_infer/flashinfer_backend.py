@@ -2,7 +2,7 @@
 
 Routes, tried in order:
   * bands: the mask is exactly a few native FlashInfer requests (bands.py), run as FlashInfer's
-    own single or ragged prefill; attamba adds gathered key columns (columns.py, opt-in);
+    own single or ragged prefill; attamba and streaming add gathered key columns (columns.py);
   * tiles: whole tiles on the unmasked fa3 (Hopper) paged-prefill kernel, partial tiles on its
     fa2 kernel with a bit mask covering only those tiles, merged by log-sum-exp
     (flashinfer.merge_state); see planner.py for the request layout. Per-head masks run one
@@ -17,7 +17,7 @@ import torch
 
 from .columns import column_states, compact_mask_mod
 from .block_build import PARTIAL
-from .planner import partial_tile_mask, plan_tiles
+from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles
 from .route import choose_route
 from .bands import band_launches
 from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
@@ -72,11 +72,13 @@ class _HeadGroup:
         common = dict(num_qo_heads=hq, num_kv_heads=hkv, head_dim_qk=head_dim, page_size=block_kv,
                       causal=False, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
         self.full = self.partial = None
+        self.causal = tile_plan.causal
         if tile_plan.full is not None:
             backend = "fa3" if _is_hopper(workspace.device) else "fa2"
             self.full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
             launch = tile_plan.full
-            self.full.plan(tile_plan.qo_indptr, launch.kv_indptr, launch.kv_indices, launch.last_page_len, **common)
+            self.full.plan(tile_plan.qo_indptr, launch.kv_indptr, launch.kv_indices, launch.last_page_len,
+                           **{**common, "causal": tile_plan.causal})
         if tile_plan.partial is not None:
             bits = partial_tile_mask(tile_plan, mask_mod, 0 if head is None else head, q_len, kv_len, block_q, block_kv)
             self.partial = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
@@ -151,7 +153,8 @@ class FlashInferPlan:
         heads = list(range(num_qo_heads)) if self.per_head else [None]
         for head in heads:
             head_states = states[:, 0 if head is None or states.shape[1] == 1 else head]
-            tile_plan = plan_tiles(head_states, batch, q_len, block_q, block_kv)
+            tile_plan = plan_causal_diagonal(head_states, block_mask.mask_mod, head or 0, batch, q_len, kv_len,
+                                             block_q, block_kv) or plan_tiles(head_states, batch, q_len, block_q, block_kv)
             group_shape = self.shape if head is None else (batch, q_len, kv_len, 1, 1, head_dim)
             self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, head, group_shape, dtype,
                                           scale, workspace, block_mask.BLOCK_SIZE))
@@ -169,7 +172,8 @@ class FlashInferPlan:
         """How this plan runs: 'bands' (native requests), 'tiles' or 'tiles-per-head'."""
         if self.bands:
             return "bands+columns" if self.columns is not None else "bands"
-        return "tiles-per-head" if self.per_head else "tiles"
+        kind = "tiles-per-head" if self.per_head else "tiles"
+        return kind + "-causal" if all(g.causal for g in self.groups) else kind
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = True):
         """(out, natural-log lse); lse is None when return_lse is False and the route needs none."""

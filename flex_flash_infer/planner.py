@@ -7,6 +7,13 @@ One request per (batch entry, query tile). Two launches, merged by log-sum-exp:
   * partial: the partial tiles, on the fa2 kernel with a bit mask over those tiles only.
 A request without partial tiles gets one dummy page whose mask bits are all zero, because
 FlashInfer's masked path needs at least one page per request; it contributes nothing.
+
+Causal diagonal (plan_causal_diagonal): when every request's only partial tile is its own
+diagonal tile and that tile is exactly causal (a causal mask intersected with tile-level
+sparsity: block-sparse causal, random tiles, local + global tiles), the diagonal tile becomes
+the last page of the request and the whole plan is one causal fa3 launch: FlashInfer aligns a
+causal mask to the bottom right, so every earlier page is fully visible and the last one is
+lower-triangular. No fa2 launch and no merge.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ class TilePlan:
     full: PagedLaunch | None      # None when no tile is full
     partial: PagedLaunch | None   # None when no tile is partial
     num_kv_tiles: int
+    causal: bool = False          # the full launch is causal: its last page per request is the diagonal tile
 
 
 def _launch(selected: torch.Tensor, block_kv: int, fill_empty: bool) -> PagedLaunch:
@@ -83,6 +91,35 @@ def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block
         partial=_launch(part_sel, block_kv, fill_empty=True) if bool(part_sel.any()) else None,
         num_kv_tiles=nkv,
     )
+
+
+def plan_causal_diagonal(states: torch.Tensor, mask_mod, head: int, batch: int, q_len: int, kv_len: int,
+                         block_q: int, block_kv: int) -> TilePlan | None:
+    """One causal launch over full tiles + the diagonal tile, or None when the mask is not of
+    that shape (see the module docstring). states: int8 [Bm, nQ, nKV] for one head group."""
+    if block_q != block_kv or q_len != kv_len:
+        return None
+    states = states.expand(batch, *states.shape[1:])
+    _, nq, nkv = states.shape
+    diag = torch.eye(nq, dtype=torch.bool, device=states.device).expand_as(states)
+    partial, full = states == PARTIAL, states == FULL
+    above = torch.ones(nq, nq, dtype=torch.bool, device=states.device).triu(1)
+    if not torch.equal(partial, diag) or bool((full & above).any()):
+        return None
+    causal = None
+    tile = torch.arange(nq, device=states.device)
+    for b in range(batch):  # B * nQ tiles of block_q x block_kv elements, one batch entry at a time
+        visible, q, kv = tile_elements(mask_mod, b, head, tile, tile, block_q, block_kv, q_len, kv_len)
+        causal = (q >= kv) & (q < q_len) & (kv < kv_len) if causal is None else causal
+        if not torch.equal(visible, causal):
+            return None
+    plan = plan_tiles(torch.where(partial, FULL, states), batch, q_len, block_q, block_kv)
+    launch = plan.full
+    has_pages = launch.kv_indptr[1:] > launch.kv_indptr[:-1]
+    keys_in_diagonal = torch.clamp(kv_len - tile * block_kv, max=block_kv).repeat(batch)
+    launch.last_page_len = torch.where(has_pages, keys_in_diagonal, 0).to(torch.int32)
+    plan.causal = True
+    return plan
 
 
 def partial_tile_mask(plan: TilePlan, mask_mod, head: int, q_len: int, kv_len: int,

@@ -1,8 +1,9 @@
 """Which FlashInfer route a planned problem takes (pure torch: plot() and tests use it on CPU).
 
   bands          the mask is a few native FlashInfer requests (bands.py)
-  bands+columns  attamba: a window band plus gathered chunk-end keys (columns.py, opt-in)
+  bands+columns  attamba, streaming: a window band plus gathered key columns (columns.py)
   tiles          whole tiles on fa3, partial tiles on fa2 with a bit mask, merged
+                 (tiles-causal: partial tiles are only causal diagonals: one causal fa3 launch)
   tiles-per-head the same, one head at a time (the mask differs per head)
 """
 from __future__ import annotations
@@ -16,9 +17,9 @@ from .bands import find_bands, hinted_bands
 from .columns import column_lowering
 from .mask_eval import mask_dependence
 
-# The attamba column route is exact on the CPU model of FlashInfer (tests/test_columns.py) but
-# has not yet run on a GPU: off unless FLEX_FLASH_INFER_COLUMNS=1, until a GPU run confirms it.
-ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS") == "1"
+# The window band + key columns route (attamba, streaming) passed the GPU tests on an H100
+# (2026-11-25); FLEX_FLASH_INFER_COLUMNS=0 turns it off (then those masks take the tiles route).
+ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS", "1") != "0"
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Bands with a score_mod compiled into FlashInfer's fa3 kernel (variant.py), run by its ragged
-prefill. Opt-in (FLEX_FLASH_INFER_SCORE_MOD_KERNELS=1) until it has run on a GPU; without it a
-score_mod on CUDA runs on the reference backend.
+prefill. On by default since its GPU tests passed on an H100 (2026-11-25);
+FLEX_FLASH_INFER_SCORE_MOD_KERNELS=0 turns it off (a score_mod on CUDA then runs on the
+reference backend). Masks that take the tiles route also run a score_mod on the reference.
 
 Each launch is a ragged prefill whose requests are (batch entry, band) pairs (bands.band_launches);
 three int32 tables indexed by the request give its first query and key position and its batch
@@ -16,7 +17,7 @@ from .codegen import kernel_tensor
 from .trace import trace
 from .variant import fa3_score_mod_variant
 
-ENABLED = os.environ.get("FLEX_FLASH_INFER_SCORE_MOD_KERNELS") == "1"
+ENABLED = os.environ.get("FLEX_FLASH_INFER_SCORE_MOD_KERNELS", "1") != "0"
 
 
 class UnsupportedOnFlashInfer(ValueError):

@@ -10,7 +10,7 @@ import time
 import torch
 
 KINDS = ("causal", "sliding_window", "tiles", "documents")
-# One fa3 variant module per score_mod structure (and per sliding-window flag): opt-in kinds.
+# One fa3 variant module per score_mod structure (and per sliding-window flag): not in the default kinds.
 SCORE_MOD_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:temperature",
                    "score_mod:causal_decay", "score_mod:softcap+window")
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,7 +28,7 @@ def example_score_mod(name: str, num_heads: int, device="cuda"):
 
 
 def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int) -> None:
-    """Run a score_mod through its compiled fa3 variant once (forces the opt-in path on)."""
+    """Run a score_mod through its compiled fa3 variant once (even where the env turned it off)."""
     from . import score_mod_kernels
     from .api import flex_attention
     from .block_mask import create_block_mask

@@ -1,12 +1,13 @@
 """A CPU model of FlashInfer's paged prefill and merge_state semantics, to test the planner
 without a GPU: each request attends to the concatenation of its pages, optionally under a
-row-major [qo_len, kv_len] bit mask, and returns base-2 LSE (-inf and 0 for rows that see nothing)."""
+row-major [qo_len, kv_len] bit mask or a causal mask aligned to the bottom right, and returns base-2 LSE (-inf and 0 for rows that see nothing)."""
 import math
 
 import torch
 
 
-def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_page_len, scale, mask=None):
+def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_page_len, scale, mask=None,
+                  causal=False):
     N, H, D = q.shape
     group = H // k_pages.shape[2]
     out = torch.zeros(N, H, D, dtype=torch.float64)
@@ -25,6 +26,9 @@ def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_pa
             m = mask[offset: offset + (q1 - q0) * kv_len].view(q1 - q0, kv_len)
             offset += (q1 - q0) * kv_len
             s = s.masked_fill(~m, -math.inf)
+        if causal:  # FlashInfer aligns the causal mask to the bottom right of each request
+            rows = torch.arange(q1 - q0).view(-1, 1)
+            s = s.masked_fill(torch.arange(kv_len).view(1, -1) > kv_len - (q1 - q0) + rows, -math.inf)
         row_lse = torch.logsumexp(s, -1)
         p = torch.nan_to_num(torch.exp(s - row_lse.unsqueeze(-1)), nan=0.0)
         out[q0:q1] = torch.einsum("hnk,khd->nhd", p, v)

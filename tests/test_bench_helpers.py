@@ -30,3 +30,22 @@ def test_document_offsets_cover_the_sequence_with_bounded_lengths():
     lengths = torch.tensor(offsets[1:]) - torch.tensor(offsets[:-1])
     assert offsets[0] == 0 and offsets[-1] == 32768
     assert bool((lengths[:-1] >= 256).all() and (lengths <= 4096).all())
+
+
+def test_reference_rows_apply_the_score_mod_like_dense_attention(rng):
+    from flex_flash_infer.bench import score_mod_cases
+    from flex_flash_infer.mods import get_mask_fn
+
+    S, H, Hkv, D = 200, 32, 8, 16
+    q = torch.randn(S, H, D, generator=rng)
+    k = torch.randn(S, Hkv, D, generator=rng)
+    v = torch.randn(S, Hkv, D, generator=rng)
+    rows = torch.tensor([0, 7, 199])
+    for name, (mask_name, score_mod, _) in score_mod_cases().items():
+        mod = get_mask_fn(mask_name)
+        dense = create_mask(mod, 1, 1, S, S, device="cpu")
+        ref, _ = dense_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dense,
+                                 score_fn=lambda s, b, h, qi, ki: score_mod(s.float(), b, h, qi, ki).double())
+        got = reference_rows(q, k, v, mod, rows, score_mod)
+        assert rel_err(got, ref[0].transpose(0, 1)[rows]) < 1e-5, name
+        assert rel_err(got, reference_rows(q, k, v, mod, rows)) > 1e-3, name  # the mod changes the result

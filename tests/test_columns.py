@@ -1,4 +1,4 @@
-"""Attamba's lowering (window band + gathered chunk-end keys), through the CPU model of FlashInfer."""
+"""Window band + gathered key columns (attamba's chunk ends, streaming's sinks), through the CPU model of FlashInfer."""
 import math
 
 import pytest
@@ -12,9 +12,12 @@ from paged_simulator import merge_state, paged_prefill
 from test_bands import union
 
 
-@pytest.mark.parametrize("S,window,chunk", [(1024, 256, 128), (777, 100, 32), (500, 64, 100)])
-def test_window_band_plus_columns_is_exactly_attamba(rng, S, window, chunk):
-    mod = get_mask_fn("attamba", window_size=window, chunk_size=chunk)
+@pytest.mark.parametrize("S,name,params", [
+    (1024, "attamba", {"window_size": 256, "chunk_size": 128}), (777, "attamba", {"window_size": 100, "chunk_size": 32}),
+    (500, "attamba", {"window_size": 64, "chunk_size": 100}), (777, "streaming", {"sink_size": 4, "window_size": 150}),
+    (300, "streaming", {"sink_size": 200, "window_size": 30}), (100, "streaming", {"sink_size": 500, "window_size": 7})])
+def test_window_band_plus_columns_is_exactly_the_mask(rng, S, name, params):
+    mod = get_mask_fn(name, **params)
     bands, positions = column_lowering(mod, S, S)
     compact = compact_mask_mod(mod, bands, positions)
     B, H, Hkv, D, bq = 2, 4, 2, 16, 128
@@ -35,7 +38,7 @@ def test_window_band_plus_columns_is_exactly_attamba(rng, S, window, chunk):
     o_band = o_band.transpose(1, 2).reshape(B * S, H, D)
     lse_band = lse_band.transpose(1, 2).reshape(B * S, H) * to_base2
     out, _ = merge_state(o_band, lse_band, o_col, lse_col)
-    ref, _ = dense_attention(q, k, v, dense_predicate("attamba", S, S, window_size=window, chunk_size=chunk))
+    ref, _ = dense_attention(q, k, v, dense_predicate(name, S, S, **params))
     assert rel_err(out.view(B, S, H, D).transpose(1, 2), ref) < 1e-12
     # nothing counted twice: the column part never sees a key the band covers
     assert not (compact(0, 0, torch.arange(S).view(-1, 1), torch.arange(positions.numel()).view(1, -1))

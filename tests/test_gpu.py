@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dense_reference import dense_attention, dense_predicate, rel_err
-from flex_flash_infer import FlexFlashInfer, create_block_mask, flex_attention, get_mask_fn
+from flex_flash_infer import FlexFlashInfer, create_block_mask, create_mask, flex_attention, get_mask_fn
 from flex_flash_infer.reference import reference_attention
 from test_block_mask import random_mask_mod
 
@@ -147,7 +147,11 @@ def test_backend_flashinfer_rejects_what_it_cannot_run(cuda_gen):
     assert out.shape == q.shape
 
 
-def test_score_mod_on_cuda_runs_on_reference_with_a_warning(cuda_gen):
+def test_score_mod_on_cuda_runs_on_reference_with_a_warning(cuda_gen, monkeypatch):
+    """With the score_mod kernels turned off (FLEX_FLASH_INFER_SCORE_MOD_KERNELS=0)."""
+    from flex_flash_infer import score_mod_kernels
+
+    monkeypatch.setattr(score_mod_kernels, "ENABLED", False)
     q, k, v = inputs(1, 2, 2, 100, 100, 64, torch.bfloat16, cuda_gen)
     bias = torch.randn(100, device="cuda")
 
@@ -162,19 +166,33 @@ def test_score_mod_on_cuda_runs_on_reference_with_a_warning(cuda_gen):
 
 
 @pytest.mark.parametrize("S", [777, 2048])
-def test_attamba_column_route(cuda_gen, monkeypatch, S):
-    """The window band + gathered chunk-end keys route (opt-in until this passes on a GPU)."""
-    from flex_flash_infer import route
-
-    monkeypatch.setattr(route, "ENABLE_COLUMN_LOWERING", True)
+@pytest.mark.parametrize("name,params", [("attamba", {"window_size": 96, "chunk_size": 64}),
+                                         ("streaming", {"sink_size": 4, "window_size": 150})])
+def test_window_band_plus_key_columns_route(cuda_gen, S, name, params):
+    """A window band plus gathered key columns (chunk ends or sinks), merged by log-sum-exp."""
     B, H, Hkv, D, dtype = 2, 8, 2, 128, torch.bfloat16
-    params = {"window_size": 96, "chunk_size": 64}
     q, k, v = inputs(B, H, Hkv, S, S, D, dtype, cuda_gen)
-    bm = create_block_mask(get_mask_fn("attamba", **params), None, None, S, S, device="cuda")
+    bm = create_block_mask(get_mask_fn(name, **params), None, None, S, S, device="cuda")
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
     plan = next(iter(bm._plans.values()))
     assert plan.route == "bands+columns"
-    check(out, lse, q, k, v, dense_predicate("attamba", S, S, **params), dtype)
+    check(out, lse, q, k, v, dense_predicate(name, S, S, **params), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [1024, 1000])
+def test_tile_sparse_causal_runs_as_one_causal_launch(cuda_gen, dtype, L):
+    """Random kept tiles intersected with causal: full tiles + the causal diagonal tile, one fa3 launch."""
+    from flex_flash_infer.bench import random_tile_mask
+
+    B, H, Hkv, D = 2, 8, 2, 128
+    mod = random_tile_mask(L, keep=0.3, block=128, seed=int(torch.randint(1 << 30, (1,), generator=cuda_gen, device="cuda")))
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
+    bm = create_block_mask(mod, None, None, L, L, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    assert next(iter(bm._plans.values())).route == "tiles-causal"
+    dense = create_mask(mod, None, None, L, L, device="cuda").cpu()
+    check(out, lse, q, k, v, dense, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -224,12 +242,10 @@ SCORE_MOD_CASES = ([(torch.bfloat16, mask, mod) for mod in ("softcap", "alibi", 
 
 
 @pytest.mark.parametrize("dtype,name,mod_name", SCORE_MOD_CASES)
-def test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, mod_name):
-    """Opt-in path (FLEX_FLASH_INFER_SCORE_MOD_KERNELS=1): the traced score_mod in a fa3 variant."""
-    from flex_flash_infer import score_mod_kernels
+def test_score_mod_compiled_into_the_kernel(cuda_gen, dtype, name, mod_name):
+    """The traced score_mod in a fa3 variant (the default on CUDA since this passed)."""
     from flex_flash_infer.warmup import example_score_mod
 
-    monkeypatch.setattr(score_mod_kernels, "ENABLED", True)
     B, H, Hkv, L, D = 2, 8, 2, 777, 128
     params = SCORE_MOD_MASKS[name]
     mod = example_score_mod(mod_name, H)

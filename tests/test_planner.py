@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dense_reference import dense_attention, rel_err
-from flex_flash_infer import create_block_mask, get_mask_fn
+from flex_flash_infer import create_block_mask, create_mask, get_mask_fn
 from flex_flash_infer.block_build import FULL, PARTIAL
 from flex_flash_infer.planner import partial_tile_mask, plan_tiles
 from paged_simulator import merge_state, paged_prefill
@@ -83,3 +83,51 @@ def test_batch_entries_use_their_own_pages():
     assert plan.full.kv_indices.tolist() == [0, 4, 5]
     assert bm.states[1, 0, 0].tolist() == [FULL, FULL, 0, 0]
     assert PARTIAL not in bm.states.unique().tolist()
+
+
+def _tile_sparse_causal(seq_len, block, rng):
+    """Random kept tiles (diagonal always kept) intersected with causal."""
+    n = -(-seq_len // block)
+    tiles = (torch.rand(n, n, generator=rng) < 0.4) | torch.eye(n, dtype=torch.bool)
+
+    def mod(b, h, q, kv):
+        return tiles[q // block, kv // block] & (q >= kv)
+
+    return mod
+
+
+@pytest.mark.parametrize("B,L,block", [(1, 512, 64), (2, 333, 64), (1, 100, 128)])
+def test_causal_diagonal_plan_is_one_causal_launch_equal_to_dense(rng, B, L, block):
+    from flex_flash_infer.planner import plan_causal_diagonal
+
+    H, Hkv, D = 4, 2, 16
+    mod = _tile_sparse_causal(L, block, rng)
+    bm = create_block_mask(mod, None, None, L, L, device="cpu", BLOCK_SIZE=block)
+    plan = plan_causal_diagonal(bm.states[:, 0], mod, 0, B, L, L, block, block)
+    assert plan is not None and plan.causal and plan.partial is None
+    q = torch.randn(B * L, H, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, L, Hkv, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, L, Hkv, D, generator=rng, dtype=torch.float64)
+    nkv = plan.num_kv_tiles
+    pad = nkv * block - L
+    kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).reshape(B * nkv, block, Hkv, D)
+    vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).reshape(B * nkv, block, Hkv, D)
+    f = plan.full
+    out, lse = paged_prefill(q, kp, vp, plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, D ** -0.5,
+                             causal=True)
+    dense = create_mask(mod, None, None, L, L, device="cpu").expand(B, 1, L, L)
+    ref_out, ref_lse = dense_attention(q.view(B, L, H, D).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dense)
+    assert rel_err(out.view(B, L, H, D).transpose(1, 2), ref_out) < 1e-12
+    got_lse = lse.view(B, L, H).transpose(1, 2) * torch.log(torch.tensor(2.0, dtype=torch.float64))
+    assert torch.allclose(got_lse, ref_lse)
+
+
+@pytest.mark.parametrize("name,params,L", [("sliding_window", {"window_size": 100}, 512), ("causal", {}, 500),
+                                           ("attamba", {"window_size": 96, "chunk_size": 64}, 512)])
+def test_causal_diagonal_plan_declines_other_partial_tiles(name, params, L):
+    """Window edges, chunk-end columns or unequal lengths are not 'full tiles + a causal diagonal'."""
+    from flex_flash_infer.planner import plan_causal_diagonal
+
+    mod = get_mask_fn(name, **params)
+    bm = create_block_mask(mod, None, None, L, L + (name == "causal"), device="cpu", BLOCK_SIZE=64)
+    assert plan_causal_diagonal(bm.states[:, 0], mod, 0, 1, L, L + (name == "causal"), 64, 64) is None

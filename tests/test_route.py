@@ -12,18 +12,26 @@ def route_of(mod, B=1, H=4, L=1024, S=1024, heads_in_mask=None):
 @pytest.mark.parametrize("name,params,kind", [
     ("full", {}, "bands"), ("causal", {}, "bands"), ("sliding_window", {"window_size": 256}, "bands"),
     ("prefix_lm", {"prefix_len": 256}, "bands"), ("document", {"offsets": [0, 100, 1024]}, "bands"),
-    ("attamba", {"window_size": 256, "chunk_size": 128}, "tiles"),
-    ("streaming", {"sink_size": 4, "window_size": 256}, "tiles"),
+    ("attamba", {"window_size": 256, "chunk_size": 128}, "bands+columns"),
+    ("streaming", {"sink_size": 4, "window_size": 256}, "bands+columns"),
+    ("streaming", {"sink_size": 0, "window_size": 256}, "bands"),
     ("dilated_sliding_window", {"window_size": 64, "dilation": 2}, "tiles"),
 ])
 def test_library_masks(name, params, kind):
     assert route_of(get_mask_fn(name, **params)).kind == kind
 
 
-def test_attamba_takes_the_column_route_when_enabled(monkeypatch):
-    monkeypatch.setattr(route, "ENABLE_COLUMN_LOWERING", True)
-    r = route_of(get_mask_fn("attamba", window_size=256, chunk_size=128))
-    assert r.kind == "bands+columns" and r.positions.tolist()[:2] == [127, 255]
+@pytest.mark.parametrize("name,params,first_positions", [
+    ("attamba", {"window_size": 256, "chunk_size": 128}, [127, 255]), ("streaming", {"sink_size": 4, "window_size": 256}, [0, 1, 2, 3])])
+def test_column_route_gathers_the_hinted_keys(name, params, first_positions):
+    r = route_of(get_mask_fn(name, **params))
+    assert r.kind == "bands+columns" and r.positions.tolist()[:len(first_positions)] == first_positions
+    assert r.bands[0].causal and r.bands[0].window_left == params["window_size"] - 1
+
+
+def test_column_route_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(route, "ENABLE_COLUMN_LOWERING", False)
+    assert route_of(get_mask_fn("attamba", window_size=256, chunk_size=128)).kind == "tiles"
 
 
 def test_masks_that_read_h_or_b_never_take_bands():

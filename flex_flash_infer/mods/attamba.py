@@ -14,5 +14,6 @@ def generate_attamba_mask_mod(window_size: int, chunk_size: int):
         return (q_idx >= kv_idx) & (chunk_end | (q_idx - kv_idx < window_size))
 
     attamba.__name__ = f"attamba_w{window_size}_c{chunk_size}"
-    attamba.attamba_params = (window_size, chunk_size)  # lowering hint: window band + chunk-end columns
+    # lowering hint (columns.py): a causal window band plus key columns chunk-1, 2*chunk-1, ...
+    attamba.key_columns_hint = (window_size, chunk_size - 1, chunk_size, None)
     return attamba

@@ -13,4 +13,6 @@ def generate_streaming_mask_mod(sink_size: int, window_size: int):
         return (q_idx >= kv_idx) & ((kv_idx < sink_size) | (q_idx - kv_idx < window_size))
 
     streaming.__name__ = f"streaming_s{sink_size}_w{window_size}"
+    # lowering hint (columns.py): a causal window band plus the sink keys 0 .. sink_size-1
+    streaming.key_columns_hint = (window_size, 0, 1, sink_size)
     return streaming
