@@ -69,3 +69,38 @@ def test_a_mask_mod_changes_the_pattern_exactly(models, rng):
     with torch.no_grad(), attention_mods(mask_mod=window):
         moved = ours(ids2).logits
     assert torch.allclose(moved[:, -1], windowed[:, -1], atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_name", [None, "sliding_window"])
+def test_gpu_bf16_logits_match_sdpa_through_flashinfer(monkeypatch, mask_name):
+    """head_dim 128 in bf16 on CUDA: the FlashInfer backend runs every layer (the reference is
+    patched to fail), and the logits match SDPA's with the same dense mask within bf16 tolerance."""
+    from flex_flash_infer import api
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference backend ran; expected FlashInfer")
+
+    monkeypatch.setattr(api, "reference_attention", no_reference)
+    register()
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    sdpa = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval().cuda().bfloat16()
+    ours = transformers.LlamaForCausalLM._from_config(config, attn_implementation="flex_infer").eval().cuda().bfloat16()
+    ours.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 512, (2, 333), device="cuda")
+    mask_mod = get_mask_fn(mask_name, window_size=64) if mask_name else None
+    with torch.no_grad(), attention_mods(mask_mod=mask_mod):
+        a = ours(ids).logits.float()
+    if mask_name:  # SDPA with the same pattern as a dense additive mask
+        q, kv = torch.arange(333, device="cuda").view(-1, 1), torch.arange(333, device="cuda").view(1, -1)
+        dense = (q >= kv) & (q - kv < 64)
+        bias = torch.zeros(2, 1, 333, 333, device="cuda", dtype=torch.bfloat16).masked_fill(~dense, float("-inf"))
+        with torch.no_grad():
+            b = sdpa(ids, attention_mask=bias).logits.float()
+    else:
+        with torch.no_grad():
+            b = sdpa(ids).logits.float()
+    assert not torch.isnan(a).any()
+    assert ((a - b).norm() / b.norm()).item() < 2e-2
