@@ -2,12 +2,13 @@
 from .api import flex_attention
 from .block_mask import BlockMask, create_block_mask, create_mask
 from .mods import and_masks, get_mask_fn, noop_mask, or_masks
+from .paged import PagedFlexAttention
 from .reference import reference_attention
 from .wrapper import FlexFlashInfer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockMask", "FlexFlashInfer", "and_masks", "create_block_mask", "create_mask", "flex_attention",
+    "BlockMask", "FlexFlashInfer", "PagedFlexAttention", "and_masks", "create_block_mask", "create_mask", "flex_attention",
     "get_mask_fn", "noop_mask", "or_masks", "reference_attention",
 ]

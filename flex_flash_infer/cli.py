@@ -93,6 +93,7 @@ def build_parser():
     bench.add_argument("--out", default=None, help="default: benchmarks/results/<device>.json")
     bench.add_argument("--no-flex", action="store_true", help="skip torch FlexAttention")
     bench.add_argument("--plan", action="store_true", help="measure planning time instead (bench_plan.py)")
+    bench.add_argument("--decode", action="store_true", help="paged decode instead (bench_decode.py)")
     warm = sub.add_parser("warmup", help="compile FlashInfer kernels ahead of first use (CUDA)")
     warm.add_argument("--dtype", nargs="+", choices=["bf16", "fp16"], default=["bf16"])
     warm.add_argument("--head-dim", type=int, nargs="+", default=[128])
@@ -204,6 +205,11 @@ def main(argv=None) -> int:
             from .bench_plan import run_plan_benchmark
 
             run_plan_benchmark(args.out)
+            return 0
+        if args.decode:
+            from .bench_decode import run_decode_benchmark
+
+            run_decode_benchmark(args.out, with_flex=not args.no_flex)
             return 0
         from .bench import run_benchmark
 

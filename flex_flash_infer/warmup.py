@@ -9,7 +9,7 @@ import time
 
 import torch
 
-KINDS = ("causal", "sliding_window", "tiles", "documents")
+KINDS = ("causal", "sliding_window", "tiles", "documents", "decode")
 # One fa3 variant module per score_mod structure (and per sliding-window flag): not in the default kinds.
 SCORE_MOD_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:temperature",
                    "score_mod:causal_decay", "score_mod:softcap+window")
@@ -43,6 +43,11 @@ def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     torch.cuda.synchronize()
 
 
+def _sinks_and_window(b, h, q_idx, kv_idx):
+    """No lowering hint, full and partial tiles at 512 tokens: the generic tiles route."""
+    return (q_idx >= kv_idx) & ((kv_idx < 128) | (q_idx - kv_idx < 100))
+
+
 def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     """Run one tiny problem whose route needs the module(s) of this kind."""
     from .mods.registry import get_mask_fn
@@ -50,17 +55,27 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
 
     if kind.startswith("score_mod:"):
         return compile_score_mod(kind, dtype, head_dim)
+    if kind == "decode":  # paged decode kernel + the masked partial-page launch
+        from .paged import PagedFlexAttention
+
+        paged = PagedFlexAttention(device="cuda")
+        paged.plan(get_mask_fn("sliding_window", window_size=40), [0, 1], [0, 4], [0, 1, 2, 3], [16], 4, 4,
+                   head_dim, 16, dtype=dtype)
+        cache = torch.randn(4, 16, 4, head_dim, device="cuda", dtype=dtype)
+        paged.run(torch.randn(1, 4, head_dim, device="cuda", dtype=dtype), (cache, cache))
+        torch.cuda.synchronize()
+        return None
 
     masks = {
         "causal": get_mask_fn("causal"),                           # native single prefill
         "sliding_window": get_mask_fn("sliding_window", window_size=64),  # its sliding-window build
-        "tiles": get_mask_fn("attamba", window_size=64, chunk_size=32),    # paged fa3 + masked fa2 + merge
-        "documents": get_mask_fn("document", offsets=[0, 100, 256]),       # ragged prefill
+        "tiles": _sinks_and_window,                                  # paged fa3 + masked fa2 + merge
+        "documents": get_mask_fn("document", offsets=[0, 100, 512]),       # ragged prefill
     }
     flex = FlexFlashInfer(device="cuda")
-    flex.prepare(mask_fn=masks[kind], seq_len_q=256, seq_len_kv=256, num_qo_heads=4, num_kv_heads=4,
+    flex.prepare(mask_fn=masks[kind], seq_len_q=512, seq_len_kv=512, num_qo_heads=4, num_kv_heads=4,
                  head_dim=head_dim, dtype=dtype)
-    q = torch.randn(256, 4, head_dim, device="cuda", dtype=dtype)
+    q = torch.randn(512, 4, head_dim, device="cuda", dtype=dtype)
     flex(q, q, q)
     torch.cuda.synchronize()
 

@@ -4,11 +4,11 @@
 # the machine is still warm wait on it and bring its logs back.
 #   bash scripts/gpu_pipeline.sh start [STAGE...]   # copy the repo to /tmp/ffi and run the stages
 #   bash scripts/gpu_pipeline.sh wait SECONDS       # wait for the job (at most SECONDS), pack logs to $OUT
-# Stages, in the default order: warm tests score-tests bench-8k bench-32k plan
+# Stages, in the default order: warm tests score-tests bench-8k bench-32k decode plan
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
 #   tests        every GPU test except the compiled score_mod ones
 #   score-tests  the compiled score_mod tests (after the variants are built)
-#   bench-8k, bench-32k, plan   as scripts/gpu_stage.sh
+#   bench-8k, bench-32k, plan   as scripts/gpu_stage.sh; decode: bench --decode (paged decode)
 set -uo pipefail
 run_dir=/tmp/ffi_run
 case "${1:-}" in
@@ -16,11 +16,12 @@ case "${1:-}" in
     shift
     if [ -f $run_dir/pid ] && kill -0 "$(cat $run_dir/pid)" 2>/dev/null; then echo "already running"; exit 0; fi
     rm -rf /tmp/ffi $run_dir && mkdir -p $run_dir && cp -r . /tmp/ffi
-    cd /tmp/ffi && setsid nohup bash scripts/gpu_pipeline.sh run "${@:-warm tests score-tests bench-8k bench-32k plan}" \
+    cd /tmp/ffi && setsid nohup bash scripts/gpu_pipeline.sh run "${@:-warm tests score-tests bench-8k bench-32k decode plan}" \
       >$run_dir/pipeline.log 2>&1 < /dev/null &
     echo $! > $run_dir/pid
     echo "started: ${*:-all stages}" ;;
   wait)
+    [ -d $run_dir ] || { echo "no pipeline on this machine (a fresh machine: start it again)"; exit 3; }
     end=$(( $(date +%s) + ${2:-540} ))
     while [ ! -f $run_dir/done ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
     [ -f $run_dir/done ] && echo "pipeline finished" || echo "pipeline still running"
@@ -45,7 +46,7 @@ case "${1:-}" in
             >$run_dir/warm-score-fp16.log 2>&1 &
           echo $! > $run_dir/score_warm_pid ;;
         tests)
-          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "not compiled_into" -p no:cacheprovider \
+          python3 -m pytest -q -m gpu tests/ -rfE -k "not compiled_into" -p no:cacheprovider \
             >$run_dir/gpu_tests.log 2>&1; tail -n 15 $run_dir/gpu_tests.log ;;
         score-tests)
           while pgrep -f "kinds score_mod" >/dev/null; do sleep 5; done
@@ -56,6 +57,9 @@ case "${1:-}" in
           n=$([ "$stage" = bench-8k ] && echo 8192 || echo 32768)
           python3 -m flex_flash_infer bench --seq-lens "$n" --out "$run_dir/$stage.json" 2>&1 \
             | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
+        decode)
+          python3 -m flex_flash_infer bench --decode --out "$run_dir/decode.json" 2>&1 | grep -v "INFO\|arning" \
+            >$run_dir/decode.log; tail -n 8 $run_dir/decode.log ;;
         plan)
           python3 -m flex_flash_infer bench --plan --out "$run_dir/plan.json" 2>&1 | grep -v "INFO\|arning" \
             >$run_dir/plan.log; tail -n 12 $run_dir/plan.log ;;

@@ -262,3 +262,47 @@ def test_score_mod_compiled_into_the_kernel(cuda_gen, dtype, name, mod_name):
     assert rel_err(out, ref_out) < TOL[dtype]
     seen = torch.isfinite(ref_lse)
     assert torch.allclose(lse.cpu().double()[seen], ref_lse[seen], atol=3e-2, rtol=1e-3)
+
+
+PAGED_MASKS = [("causal", {}), ("sliding_window", {"window_size": 40}), ("sliding_window", {"window_size": 64}),
+               ("streaming", {"sink_size": 3, "window_size": 33}), ("attamba", {"window_size": 24, "chunk_size": 16}),
+               ("prefix_lm", {"prefix_len": 50}), ("dilated_sliding_window", {"window_size": 60, "dilation": 3}),
+               ("full", {})]
+
+
+@pytest.mark.parametrize("qo_lens", [[1, 1, 1, 1], [5, 40, 7, 1]], ids=["decode", "chunked_prefill"])
+@pytest.mark.parametrize("name,params", PAGED_MASKS)
+def test_paged_cache_masks_match_the_reference(cuda_gen, name, params, qo_lens):
+    """Decode and chunked prefill over a shuffled page table, bf16, GQA, against the float32
+    reference path (itself checked against a float64 oracle on CPU in test_paged.py)."""
+    from flex_flash_infer import PagedFlexAttention
+
+    kv_lens, page, H, Hkv, D, dtype = [1, 17, 300, 1000], 16, 8, 2, 128, torch.bfloat16
+    qo_lens = [min(a, b) for a, b in zip(qo_lens, kv_lens)]
+    pages = [-(-n // page) for n in kv_lens]
+    indptr = torch.tensor([0] + pages).cumsum(0).cuda()
+    indices = torch.randperm(sum(pages) + 5, device="cuda", generator=cuda_gen)[:sum(pages)]
+    last = torch.tensor([n - (p - 1) * page for n, p in zip(kv_lens, pages)]).cuda()
+    qo_indptr = torch.tensor([0] + qo_lens).cumsum(0).cuda()
+    k = torch.randn(sum(pages) + 5, page, Hkv, D, device="cuda", generator=cuda_gen).to(dtype)
+    v = torch.randn(sum(pages) + 5, page, Hkv, D, device="cuda", generator=cuda_gen).to(dtype)
+    q = torch.randn(int(qo_indptr[-1]), H, D, device="cuda", generator=cuda_gen).to(dtype)
+    mod = get_mask_fn(name, **params)
+    runs = {}
+    for backend in ("flashinfer", "reference"):
+        paged = PagedFlexAttention(device="cuda", backend=backend)
+        paged.plan(mod, qo_indptr, indptr, indices, last, H, Hkv, D, page, dtype=dtype)
+        runs[backend] = paged.run(q, (k, v), return_lse=True)
+    (out, lse), (ref, ref_lse) = runs["flashinfer"], runs["reference"]
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < TOL[dtype]
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert torch.allclose(lse[seen], ref_lse[seen], atol=2e-2, rtol=1e-3)
+
+
+def test_tree_speculative_decoding_example_on_the_gpu():
+    import runpy
+    import pathlib
+
+    runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "tree_speculative_decoding.py"))

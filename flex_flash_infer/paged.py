@@ -1,0 +1,165 @@
+"""Attention with a mask_mod over a paged KV cache: decode and chunked prefill in a serving loop.
+
+    paged = PagedFlexAttention(device="cuda")
+    paged.plan(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len,
+               num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, dtype=torch.bfloat16)
+    out = paged.run(q, (k_cache, v_cache))     # q [total queries, Hq, D]; caches [pages, page_size, Hkv, D]
+
+plan() once per step does the host work (paged_plan.py); run() only launches FlashInfer kernels.
+The queries of a request are its newest tokens: query i of request r sits at position
+kv_len[r] - qo_len[r] + i, and mask_mod(b=r, h, q_pos, kv_pos) sees absolute positions, so
+sliding windows, sinks, attamba and tree masks hold during generation. On a CPU (or with
+backend="reference") run() computes the same thing in plain torch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .backend_choice import check_backend_name
+from .flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
+from .mask_eval import INDEX_DTYPE, as_mask_mod, evaluate_mask_mod, mask_dependence
+from .paged_plan import plan_paged
+from .validation import check_positive_int
+
+
+class PagedFlexAttention:
+    def __init__(self, device="cuda", workspace_buffer: torch.Tensor | None = None, backend: str = "auto"):
+        self.device = torch.device(device)
+        self.backend = check_backend_name(backend)
+        self._workspace = workspace_buffer
+        self._planned = None
+
+    def plan(self, mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, num_qo_heads: int,
+             num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype = torch.bfloat16,
+             scale: float | None = None):
+        """Plan one step. mask_mod(b, h, q_idx, kv_idx) or the seed's (q_idx, kv_idx); None = causal."""
+        for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("page_size", page_size)):
+            check_positive_int(name, value)
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        mod = as_mask_mod(mask_mod) if mask_mod is not None else _causal
+        if mask_dependence(mod, 1, 2, 4, 4, self.device)[1]:
+            raise ValueError("mask_mod reads h: per-head masks are not supported on a paged cache yet; "
+                             "use flex_attention with a BlockMask")
+        plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device)
+        scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        backend = self.backend
+        if backend == "auto":
+            backend = "flashinfer" if unsupported_reason(self.device, dtype, head_dim, head_dim) is None else "reference"
+        elif backend == "flashinfer" and (reason := unsupported_reason(self.device, dtype, head_dim, head_dim)):
+            raise ValueError(f"backend='flashinfer' cannot run this plan: {reason}")
+        launches = _build_launches(plan, num_qo_heads, num_kv_heads, head_dim, page_size, dtype, scale,
+                                   self._workspace) if backend == "flashinfer" else None
+        self._planned = dict(mod=mod, plan=plan, launches=launches, scale=scale, page_size=page_size,
+                             heads=(num_qo_heads, num_kv_heads, head_dim), dtype=dtype,
+                             tables=(torch.as_tensor(qo_indptr).long().to(self.device),
+                                     torch.as_tensor(kv_page_indptr).long().to(self.device),
+                                     torch.as_tensor(kv_page_indices).long().to(self.device),
+                                     torch.as_tensor(kv_last_page_len).long().to(self.device)))
+        return self
+
+    @property
+    def active_backend(self) -> str:
+        if self._planned is None:
+            raise RuntimeError("call plan(...) first")
+        return "flashinfer" if self._planned["launches"] is not None else "reference"
+
+    def run(self, q: torch.Tensor, kv_cache, return_lse: bool = False):
+        if self._planned is None:
+            raise RuntimeError("PagedFlexAttention.run() called before plan(...)")
+        p = self._planned
+        k_cache, v_cache = _split_cache(kv_cache)
+        hq, hkv, d = p["heads"]
+        total_q = int(p["tables"][0][-1])
+        if q.dim() != 3 or tuple(q.shape) != (total_q, hq, d):
+            raise ValueError(f"q must be [total queries, num_qo_heads, head_dim] = {(total_q, hq, d)}, "
+                             f"got {tuple(q.shape)}")
+        if k_cache.dim() != 4 or tuple(k_cache.shape[1:]) != (p["page_size"], hkv, d) or k_cache.shape != v_cache.shape:
+            raise ValueError(f"kv_cache must be (k, v), each [num_pages, page_size, num_kv_heads, head_dim] with "
+                             f"page_size, num_kv_heads, head_dim = {(p['page_size'], hkv, d)}; got "
+                             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        if p["launches"] is None:
+            out, lse = _reference(q, k_cache, v_cache, p)
+        else:
+            out, lse = _run_launches(p["launches"], q, (k_cache, v_cache))
+        return (out, lse) if return_lse else out
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _split_cache(kv_cache):
+    if isinstance(kv_cache, (tuple, list)) and len(kv_cache) == 2:
+        return kv_cache
+    if isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 5 and kv_cache.shape[1] == 2:
+        return kv_cache[:, 0], kv_cache[:, 1]
+    raise ValueError("kv_cache must be a (k_cache, v_cache) pair or one tensor [num_pages, 2, page_size, Hkv, D]")
+
+
+def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace):
+    import flashinfer
+
+    device = plan.qo_indptr.device
+    workspace = default_workspace(device) if workspace is None else workspace
+    full = partial = None
+    if plan.full is not None:
+        f = plan.full
+        if plan.decode:
+            full = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+            full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, sm_scale=scale,
+                      q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+        else:
+            backend = "fa3" if _is_hopper(device) else "fa2"
+            full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
+            full.plan(plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
+                      causal=f.causal, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+    if plan.partial is not None:
+        m = plan.partial
+        partial = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+        partial.plan(plan.qo_indptr, m.kv_indptr, m.kv_indices, m.last_page_len, hq, hkv, d, page_size,
+                     custom_mask=m.mask, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+    return full, partial
+
+
+def _run_launches(launches, q, cache):
+    """(out, natural-log lse). A plan with no visible key at all gives zeros and -inf."""
+    import flashinfer
+
+    full, partial = launches
+    if full is None and partial is None:
+        return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), device=q.device)
+    results = [w.run(q, cache, return_lse=True) for w in (full, partial) if w is not None]
+    out, lse = results[0] if len(results) == 1 else flashinfer.merge_state(*results[0], *results[1])
+    return out, lse * LN2
+
+
+def _reference(q, k_cache, v_cache, p):
+    """Plain torch, request by request, in float32: the oracle and the CPU path."""
+    qo_indptr, kv_page_indptr, kv_page_indices, last = p["tables"]
+    hq, hkv, d = p["heads"]
+    page_size = p["page_size"]
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    for r in range(qo_indptr.numel() - 1):
+        q0, q1 = int(qo_indptr[r]), int(qo_indptr[r + 1])
+        pages = kv_page_indices[int(kv_page_indptr[r]):int(kv_page_indptr[r + 1])]
+        if q1 == q0 or pages.numel() == 0:
+            continue
+        kv_len = (pages.numel() - 1) * page_size + int(last[r])
+        k = k_cache[pages].reshape(-1, hkv, d)[:kv_len].float().repeat_interleave(hq // hkv, 1)
+        v = v_cache[pages].reshape(-1, hkv, d)[:kv_len].float().repeat_interleave(hq // hkv, 1)
+        q_pos = torch.arange(kv_len - (q1 - q0), kv_len, device=q.device, dtype=INDEX_DTYPE).view(-1, 1)
+        kv_pos = torch.arange(kv_len, device=q.device, dtype=INDEX_DTYPE).view(1, -1)
+        b = torch.full((1, 1), r, dtype=INDEX_DTYPE, device=q.device)
+        visible = evaluate_mask_mod(p["mod"], b, torch.zeros_like(b), q_pos, kv_pos)
+        s = torch.einsum("nhd,khd->hnk", q[q0:q1].float(), k) * p["scale"]
+        s = s.masked_fill(~visible, float("-inf"))
+        row_lse = torch.logsumexp(s, -1)
+        probs = torch.nan_to_num(torch.exp(s - row_lse.unsqueeze(-1)), nan=0.0)
+        out[q0:q1] = torch.einsum("hnk,khd->nhd", probs, v).to(q.dtype)
+        lse[q0:q1] = row_lse.transpose(0, 1)
+    return out, lse

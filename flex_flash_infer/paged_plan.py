@@ -1,0 +1,199 @@
+"""Plan a mask over a paged KV cache (decode and chunked prefill; pure torch, tested on CPU).
+
+Request r holds kv_len[r] keys in its pages (FlashInfer's layout: kv_page_indptr / indices /
+last_page_len) and qo_len[r] new queries, the newest tokens: query i sits at position
+kv_len[r] - qo_len[r] + i, and mask_mod(b=r, h, q_pos, kv_pos) sees those absolute positions.
+
+Every (request, page) is classified by evaluating the mask on its qo_len x page_len elements:
+  * full pages go to an unmasked launch (FlashInfer's decode kernel when every request has one
+    query, else paged prefill);
+  * partial pages go to fa2 paged prefill with a bit mask over those pages only, merged by
+    log-sum-exp; a request without partial pages gets one dummy key whose bit is 0;
+  * empty pages are skipped;
+  * when every partial page is a trailing page whose mask is plain causal (chunked prefill
+    with causal, sliding-window or sink masks whose edge is page-aligned), full and partial pages
+    run as one causal launch: FlashInfer aligns causal masks to the bottom right, which is
+    exactly q_pos >= kv_pos for the newest-token queries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .block_build import EMPTY, FULL, PARTIAL
+from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
+
+CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class PagedLaunchSpec:
+    kv_indptr: torch.Tensor        # int32 [R + 1]
+    kv_indices: torch.Tensor       # int32 [pages]: page ids in the cache
+    last_page_len: torch.Tensor    # int32 [R]
+    causal: bool = False
+    mask: torch.Tensor | None = None   # flat bool: per request row-major [qo_len, kv_len of this launch]
+
+
+@dataclass
+class PagedPlan:
+    qo_indptr: torch.Tensor        # int32 [R + 1]
+    full: PagedLaunchSpec | None
+    partial: PagedLaunchSpec | None
+    decode: bool                   # one query per request and a full page in each: the decode kernel fits
+    page_states: torch.Tensor      # int8 [pages listed in the input]: EMPTY / PARTIAL / FULL
+
+
+def _int_vector(name: str, x, device) -> torch.Tensor:
+    t = torch.as_tensor(x, device=device)
+    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D integer tensor, got {tuple(t.shape)} {t.dtype}")
+    return t.long()
+
+
+def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int):
+    """(qo_len, kv_len, pages per request), checked: the queries are the newest cached tokens."""
+    qo_len = qo_indptr[1:] - qo_indptr[:-1]
+    pages = kv_page_indptr[1:] - kv_page_indptr[:-1]
+    if qo_indptr.numel() != kv_page_indptr.numel():
+        raise ValueError(f"qo_indptr and kv_page_indptr must have one entry per request plus one, got "
+                         f"{qo_indptr.numel()} and {kv_page_indptr.numel()}")
+    if kv_last_page_len.numel() != pages.numel():
+        raise ValueError(f"kv_last_page_len must have one entry per request ({pages.numel()}), got "
+                         f"{kv_last_page_len.numel()}")
+    if bool((qo_len < 0).any()) or bool((pages < 0).any()) or int(qo_indptr[0]) != 0 or int(kv_page_indptr[0]) != 0:
+        raise ValueError("qo_indptr and kv_page_indptr must start at 0 and never decrease")
+    if bool(((kv_last_page_len < 1) | (kv_last_page_len > page_size))[pages > 0].any()):
+        raise ValueError(f"kv_last_page_len must lie in 1..page_size ({page_size}) for requests with pages")
+    kv_len = torch.where(pages > 0, (pages - 1) * page_size + kv_last_page_len, 0)
+    if bool((qo_len > kv_len).any()):
+        r = int((qo_len > kv_len).nonzero()[0])
+        raise ValueError(f"request {r} has {int(qo_len[r])} queries but {int(kv_len[r])} cached keys: the queries "
+                         "are the newest tokens, so append their keys to the cache before planning")
+    return qo_len, kv_len, pages
+
+
+def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_partial_bits):
+    """States of the listed pages, and the visible bits [qo_len_max, page_size] of the partial ones."""
+    n = req.numel()
+    device = req.device
+    states = torch.empty(n, dtype=torch.int8, device=device)
+    causal_ok = torch.ones(n, dtype=torch.bool, device=device)
+    bits = {}
+    max_q = int(qo_len.max()) if qo_len.numel() else 0
+    rows = torch.arange(max(max_q, 1), device=device).view(1, -1, 1)
+    cols = torch.arange(page_size, device=device).view(1, 1, -1)
+    per_chunk = max(1, CHUNK_ELEMENTS // (max(max_q, 1) * page_size))
+    zero = torch.zeros(1, 1, 1, dtype=INDEX_DTYPE, device=device)
+    for e0 in range(0, n, per_chunk):
+        sl = slice(e0, e0 + per_chunk)
+        r = req[sl]
+        q_pos = q_start[r].view(-1, 1, 1) + rows
+        kv_pos = (local[sl] * page_size).view(-1, 1, 1) + cols
+        valid = (rows < qo_len[r].view(-1, 1, 1)) & (cols < page_len[sl].view(-1, 1, 1))
+        q_eval = torch.minimum(q_pos, (q_start[r] + qo_len[r] - 1).clamp(min=0).view(-1, 1, 1))
+        kv_eval = torch.minimum(kv_pos, (local[sl] * page_size + page_len[sl] - 1).view(-1, 1, 1))
+        visible = evaluate_mask_mod(mask_mod, r.to(INDEX_DTYPE).view(-1, 1, 1), zero, q_eval.to(INDEX_DTYPE),
+                                    kv_eval.to(INDEX_DTYPE)) & valid
+        seen, total = visible.sum((1, 2)), valid.sum((1, 2))
+        states[sl] = torch.where(seen == 0, EMPTY, torch.where(seen == total, FULL, PARTIAL)).to(torch.int8)
+        causal_ok[sl] = ((visible == ((q_pos >= kv_pos) & valid)) | ~valid).all(2).all(1)
+        if keep_partial_bits:
+            part = (states[sl] == PARTIAL).nonzero().flatten()
+            for i in part.tolist():
+                bits[e0 + i] = visible[i]
+    return states, causal_ok, bits
+
+
+def _spec(selected, req, local, page_len, kv_page_indices, num_requests, page_size):
+    """CSR launch over the selected listed pages (they keep their order within each request)."""
+    device = selected.device
+    counts = torch.bincount(req[selected], minlength=num_requests)
+    indptr = torch.zeros(num_requests + 1, dtype=torch.int64, device=device)
+    indptr[1:] = counts.cumsum(0)
+    idx = selected.nonzero().flatten()
+    last_len = torch.zeros(num_requests, dtype=torch.int64, device=device)
+    if idx.numel():
+        last_of_request = indptr[1:][counts > 0] - 1
+        last_len[counts > 0] = page_len[idx[last_of_request]]
+    return PagedLaunchSpec(indptr.to(torch.int32), kv_page_indices[idx].to(torch.int32), last_len.to(torch.int32)), idx
+
+
+def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size: int,
+               device=None) -> PagedPlan:
+    device = torch.device(device) if device is not None else torch.as_tensor(kv_page_indices).device
+    qo_indptr = _int_vector("qo_indptr", qo_indptr, device)
+    kv_page_indptr = _int_vector("kv_page_indptr", kv_page_indptr, device)
+    kv_page_indices = _int_vector("kv_page_indices", kv_page_indices, device)
+    kv_last_page_len = _int_vector("kv_last_page_len", kv_last_page_len, device)
+    qo_len, kv_len, pages = request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size)
+    R = pages.numel()
+    if kv_page_indices.numel() != int(kv_page_indptr[-1]):
+        raise ValueError(f"kv_page_indices must have kv_page_indptr[-1] = {int(kv_page_indptr[-1])} entries, "
+                         f"got {kv_page_indices.numel()}")
+    req = torch.repeat_interleave(torch.arange(R, device=device), pages)
+    local = torch.arange(req.numel(), device=device) - kv_page_indptr[req]
+    page_len = torch.where(local == pages[req] - 1, kv_last_page_len[req], page_size)
+    q_start = kv_len - qo_len
+    states, causal_ok, bits = _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, True)
+    full, partial = states == FULL, states == PARTIAL
+
+    # one causal launch: partial pages trail each request, are plain causal, and every full page
+    # lies at or before the first query's position (so the causal launch hides nothing of it)
+    trailing = torch.ones(R, dtype=torch.bool, device=device)
+    first_partial = torch.full((R,), 1 << 62, dtype=torch.int64, device=device)
+    if bool(partial.any()):
+        first_partial.scatter_reduce_(0, req[partial], local[partial], "amin")
+        n_partial = torch.bincount(req[partial], minlength=R)
+        trailing = torch.where(n_partial > 0, first_partial + n_partial == pages, True)
+    full_end = local * page_size + page_len - 1
+    full_before = ~full | ((local < first_partial[req]) & (full_end <= q_start[req]))
+    if bool(partial.any()) and bool((causal_ok | ~partial).all()) and bool(trailing.all()) and bool(full_before.all()):
+        spec, _ = _spec(full | partial, req, local, page_len, kv_page_indices, R, page_size)
+        spec.causal = True
+        return PagedPlan(qo_indptr.to(torch.int32), spec, None, False, states)
+
+    full_spec = partial_spec = None
+    if bool(full.any()):
+        full_spec, _ = _spec(full, req, local, page_len, kv_page_indices, R, page_size)
+    if bool(partial.any()):
+        partial_spec, idx = _spec(partial, req, local, page_len, kv_page_indices, R, page_size)
+        partial_spec = _with_bits(partial_spec, idx, req, local, page_len, qo_len, kv_page_indices, bits, page_size)
+    has_full = (full_spec.kv_indptr[1:] > full_spec.kv_indptr[:-1]) if full_spec is not None else None
+    decode = full_spec is not None and bool((qo_len == 1).all()) and bool(has_full.all())
+    return PagedPlan(qo_indptr.to(torch.int32), full_spec, partial_spec, decode, states)
+
+
+def _with_bits(spec, idx, req, local, page_len, qo_len, kv_page_indices, bits, page_size):
+    """Add the bit mask; a request with no partial page gets one dummy key (bit 0)."""
+    R = qo_len.numel()
+    device = qo_len.device
+    counts = (spec.kv_indptr[1:] - spec.kv_indptr[:-1]).long()
+    first_listed = spec.kv_indptr[:-1].long()      # before dummies: where each request starts in idx
+    empty = counts == 0
+    if bool(empty.any()):  # FlashInfer's masked path needs a page per request
+        indptr = torch.zeros(R + 1, dtype=torch.int64, device=device)
+        indptr[1:] = (counts + empty.long()).cumsum(0)
+        indices = torch.empty(int(indptr[-1]), dtype=torch.int32, device=device)
+        owner = torch.repeat_interleave(torch.arange(R, device=device), counts + empty.long())
+        is_dummy = empty[owner] & (torch.arange(indices.numel(), device=device) == indptr[:-1][owner])
+        indices[~is_dummy] = spec.kv_indices
+        indices[is_dummy] = kv_page_indices[0].to(torch.int32) if kv_page_indices.numel() else 0
+        spec = PagedLaunchSpec(indptr.to(torch.int32), indices, torch.where(empty, 1, spec.last_page_len).to(torch.int32))
+        counts = counts + empty.long()
+    kv_len = (counts - 1) * page_size + spec.last_page_len.long()
+    sizes = qo_len * kv_len
+    offset = torch.zeros(R, dtype=torch.int64, device=device)
+    offset[1:] = sizes.cumsum(0)[:-1]
+    mask = torch.zeros(int(sizes.sum()), dtype=torch.bool, device=device)
+    rank = torch.arange(idx.numel(), device=device) - first_listed[req[idx]]
+    for k, e in enumerate(idx.tolist()):
+        r = int(req[e])
+        q_n, p_n = int(qo_len[r]), int(page_len[e])
+        block = bits[e][:q_n, :p_n]
+        base = int(offset[r]) + int(rank[k]) * page_size
+        rows = torch.arange(q_n, device=device).view(-1, 1) * int(kv_len[r])
+        mask[(base + rows + torch.arange(p_n, device=device).view(1, -1)).flatten()] = block.flatten()
+    spec.mask = mask
+    return spec

@@ -1,0 +1,128 @@
+"""Masks over a paged KV cache (decode, chunked prefill): the plan through the CPU model of
+FlashInfer, and the reference path, against a float64 dense oracle built from the positions."""
+import math
+
+import pytest
+import torch
+
+from dense_reference import rel_err
+from flex_flash_infer import PagedFlexAttention, get_mask_fn
+from flex_flash_infer.block_build import EMPTY, FULL
+from flex_flash_infer.paged_plan import plan_paged
+from paged_simulator import merge_state, paged_prefill
+
+MASKS = [("causal", {}), ("sliding_window", {"window_size": 40}), ("streaming", {"sink_size": 3, "window_size": 33}),
+         ("attamba", {"window_size": 24, "chunk_size": 16}), ("prefix_lm", {"prefix_len": 50}),
+         ("dilated_sliding_window", {"window_size": 60, "dilation": 3}), ("full", {})]
+
+
+def random_cache(rng, kv_lens, qo_lens, page_size, Hq=4, Hkv=2, D=16):
+    """Shuffled page table over a shared cache; q are the newest qo_len tokens of each request."""
+    pages = [-(-n // page_size) for n in kv_lens]
+    total = sum(pages) + 3
+    order = torch.randperm(total, generator=rng)[:sum(pages)]
+    kv_page_indptr = torch.tensor([0] + pages).cumsum(0)
+    last = torch.tensor([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages)])
+    qo_indptr = torch.tensor([0] + list(qo_lens)).cumsum(0)
+    k_cache = torch.randn(total, page_size, Hkv, D, generator=rng, dtype=torch.float64)
+    v_cache = torch.randn(total, page_size, Hkv, D, generator=rng, dtype=torch.float64)
+    q = torch.randn(int(qo_indptr[-1]), Hq, D, generator=rng, dtype=torch.float64)
+    return q, k_cache, v_cache, qo_indptr, kv_page_indptr, order, last
+
+
+def dense_oracle(mod, q, k_cache, v_cache, qo_indptr, kv_page_indptr, indices, last, page_size):
+    """float64, request by request, written independently of the library's reference."""
+    Hq, Hkv = q.shape[1], k_cache.shape[2]
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float64)
+    for r in range(len(qo_indptr) - 1):
+        q0, q1 = int(qo_indptr[r]), int(qo_indptr[r + 1])
+        pages = indices[int(kv_page_indptr[r]):int(kv_page_indptr[r + 1])]
+        if not len(pages) or q1 == q0:
+            continue
+        n = (len(pages) - 1) * page_size + int(last[r])
+        k = k_cache[pages].reshape(-1, Hkv, k_cache.shape[-1])[:n].repeat_interleave(Hq // Hkv, 1)
+        v = v_cache[pages].reshape(-1, Hkv, v_cache.shape[-1])[:n].repeat_interleave(Hq // Hkv, 1)
+        for i in range(q1 - q0):
+            pos = n - (q1 - q0) + i
+            seen = torch.tensor([bool(mod(torch.tensor(r), torch.tensor(0), torch.tensor(pos), torch.tensor(j)))
+                                 for j in range(n)])
+            if not seen.any():
+                continue
+            s = torch.einsum("hd,khd->hk", q[q0 + i], k[seen]) / math.sqrt(q.shape[-1])
+            p = torch.softmax(s, -1)
+            out[q0 + i] = torch.einsum("hk,khd->hd", p, v[seen])
+            lse[q0 + i] = torch.logsumexp(s, -1)
+    return out, lse
+
+
+def simulate(plan, q, k_cache, v_cache, scale):
+    results = []
+    for spec in (plan.full, plan.partial):
+        if spec is not None:
+            results.append(paged_prefill(q, k_cache, v_cache, plan.qo_indptr, spec.kv_indptr, spec.kv_indices,
+                                         spec.last_page_len, scale, spec.mask, causal=spec.causal))
+    out, lse = results[0] if len(results) == 1 else merge_state(*results[0], *results[1])
+    return out, lse * math.log(2)
+
+
+CASES = [([1, 17, 100, 64], [1, 1, 1, 1], 16), ([33, 120, 7, 90], [5, 40, 7, 1], 16), ([130, 64], [64, 3], 8)]
+
+
+@pytest.mark.parametrize("kv_lens,qo_lens,page_size", CASES)
+@pytest.mark.parametrize("name,params", MASKS)
+def test_planned_launches_equal_the_dense_oracle(rng, kv_lens, qo_lens, page_size, name, params):
+    mod = get_mask_fn(name, **params)
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, kv_lens, qo_lens, page_size)
+    plan = plan_paged(mod, qo_indptr, kv_page_indptr, indices, last, page_size)
+    out, lse = simulate(plan, q, kc, vc, q.shape[-1] ** -0.5)
+    ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, page_size)
+    assert rel_err(out, ref_out) < 1e-12
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen) and torch.allclose(lse[seen], ref_lse[seen])
+
+
+@pytest.mark.parametrize("name,params", MASKS[:3])
+def test_reference_path_equals_the_dense_oracle(rng, name, params):
+    mod = get_mask_fn(name, **params)
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [33, 120, 7, 90], [5, 40, 7, 1], 16)
+    paged = PagedFlexAttention(device="cpu").plan(mod, qo_indptr, kv_page_indptr, indices, last, num_qo_heads=4,
+                                                  num_kv_heads=2, head_dim=16, page_size=16, dtype=torch.float64)
+    assert paged.active_backend == "reference"
+    out, lse = paged.run(q, (kc, vc), return_lse=True)
+    ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
+    assert rel_err(out, ref_out) < 1e-6
+    seen = torch.isfinite(ref_lse)
+    assert torch.allclose(lse[seen].double(), ref_lse[seen], atol=1e-5)
+
+
+def test_decode_routes():
+    """Causal decode: every page full, the decode kernel; a window not aligned to pages: one
+    partial edge page per request; causal chunked prefill: one causal launch."""
+    page = 16
+    kv_page_indptr, indices, last = torch.tensor([0, 8, 16]), torch.arange(16), torch.tensor([16, 5])
+    decode = plan_paged(get_mask_fn("causal"), torch.tensor([0, 1, 2]), kv_page_indptr, indices, last, page)
+    assert decode.decode and decode.partial is None and bool((decode.page_states == FULL).all())
+    window = plan_paged(get_mask_fn("sliding_window", window_size=40), torch.tensor([0, 1, 2]), kv_page_indptr,
+                        indices, last, page)
+    assert window.partial is not None and not window.full.causal
+    assert int((window.page_states == EMPTY).sum()) > 0           # pages outside the window are skipped
+    chunked = plan_paged(get_mask_fn("causal"), torch.tensor([0, 20, 40]), kv_page_indptr, indices, last, page)
+    assert chunked.full.causal and chunked.partial is None
+
+
+def test_bad_tables_name_the_argument():
+    paged = PagedFlexAttention(device="cpu")
+    with pytest.raises(ValueError, match="kv_last_page_len"):
+        paged.plan(None, [0, 1], [0, 2], [0, 1], [0], num_qo_heads=2, num_kv_heads=1, head_dim=8, page_size=4)
+    with pytest.raises(ValueError, match="request 0 has 9 queries"):
+        paged.plan(None, [0, 9], [0, 2], [0, 1], [4], num_qo_heads=2, num_kv_heads=1, head_dim=8, page_size=4)
+    with pytest.raises(ValueError, match="num_qo_heads"):
+        paged.plan(None, [0, 1], [0, 2], [0, 1], [4], num_qo_heads=3, num_kv_heads=2, head_dim=8, page_size=4)
+    with pytest.raises(RuntimeError, match="before plan"):
+        paged.run(torch.zeros(1, 2, 8), (torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)))
+    paged.plan(None, [0, 1], [0, 2], [0, 1], [4], num_qo_heads=2, num_kv_heads=1, head_dim=8, page_size=4)
+    with pytest.raises(ValueError, match="q must be"):
+        paged.run(torch.zeros(2, 2, 8), (torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)))
+    out = paged.run(torch.zeros(1, 2, 8), (torch.zeros(2, 4, 1, 8), torch.ones(2, 4, 1, 8)))   # still usable
+    assert torch.allclose(out, torch.ones(1, 2, 8))
