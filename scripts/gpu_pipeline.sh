@@ -8,7 +8,8 @@
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
 #   tests        every GPU test except the compiled score_mod ones
 #   score-tests  the compiled score_mod tests (after the variants are built)
-#   bench-8k, bench-32k, plan   as scripts/gpu_stage.sh; decode: bench --decode (paged decode)
+#   bench-8k, bench-32k  python -m flex_flash_infer bench at 8192 / 32768 tokens (JSON in the run dir)
+#   decode       bench --decode (paged decode);   plan   bench --plan (planning time)
 set -uo pipefail
 run_dir=/tmp/ffi_run
 case "${1:-}" in
