@@ -17,7 +17,7 @@ import torch
 
 from .columns import column_states, compact_mask_mod
 from .block_build import PARTIAL
-from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles
+from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
 from .route import choose_route
 from .bands import band_launches
 from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
@@ -25,6 +25,9 @@ from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
 LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# Per-head masks with every head in one launch set (planner.plan_tiles_head_major) instead of a
+# loop over heads. Exact on the CPU model of FlashInfer; opt-in until it has passed on a GPU.
+PER_HEAD_ONE_LAUNCH = os.environ.get("FLEX_FLASH_INFER_HEADS_ONE_LAUNCH") == "1"
 WORKSPACE_BYTES = 256 << 20
 _workspaces: dict = {}
 
@@ -125,6 +128,7 @@ class FlashInferPlan:
         states = block_mask.states.to(device)
         route = choose_route(block_mask, batch, num_qo_heads, q_len, kv_len, device)
         self.per_head = route.per_head
+        self.head_major = False
         self.block_kv = block_kv
         self.num_kv_tiles = states.shape[-1]
         self.shape = (batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim)
@@ -149,6 +153,13 @@ class FlashInferPlan:
             return
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)
+            return
+        self.head_major = self.per_head and PER_HEAD_ONE_LAUNCH
+        if self.head_major:
+            head_states = states.transpose(0, 1).expand(num_qo_heads, states.shape[0], *states.shape[2:])
+            tile_plan = plan_tiles_head_major(head_states, batch, q_len, block_q, block_kv, self.group_size)
+            self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, None, (batch, q_len, kv_len, 1, 1, head_dim),
+                                          dtype, scale, workspace, block_mask.BLOCK_SIZE))
             return
         heads = list(range(num_qo_heads)) if self.per_head else [None]
         for head in heads:
@@ -188,6 +199,8 @@ class FlashInferPlan:
                 o_col, lse_col = self.columns.run(q, (kc, vc))
                 out, lse = self.columns.merge(out, lse, o_col, lse_col)
             return out, lse * LN2
+        if self.head_major:
+            return self._run_head_major(q, k, v)
         k_pages, v_pages = self._pages(k), self._pages(v)
         if not self.per_head:
             out, lse = self.groups[0].run(q, (k_pages, v_pages))
@@ -204,6 +217,21 @@ class FlashInferPlan:
                 out[:, head:head + 1] = o_h
                 lse[:, head:head + 1] = lse_h
         return out, lse * LN2
+
+
+    def _run_head_major(self, q, k, v):
+        """All heads in one launch set: queries [Hq * B * L, 1, D], pages [Hkv * B * nKV, block_kv, 1, D]."""
+        batch, q_len, kv_len, hq, hkv, d = self.shape
+        q_hm = q.transpose(0, 1).reshape(hq * batch * q_len, 1, d)
+        pad = self.num_kv_tiles * self.block_kv - kv_len
+
+        def pages(x):
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+            return x.permute(2, 0, 1, 3).reshape(hkv * batch * self.num_kv_tiles, self.block_kv, 1, d)
+
+        out, lse = self.groups[0].run(q_hm, (pages(k), pages(v)))
+        out = out.view(hq, batch * q_len, d).transpose(0, 1).contiguous()
+        return out, lse.view(hq, batch * q_len).t().contiguous() * LN2
 
 
 class _BandRunner:

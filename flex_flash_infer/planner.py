@@ -45,6 +45,7 @@ class TilePlan:
     partial: PagedLaunch | None   # None when no tile is partial
     num_kv_tiles: int
     causal: bool = False          # the full launch is causal: its last page per request is the diagonal tile
+    head_major_batch: int = 0     # > 0: requests are (query head, batch entry, query tile), see plan_tiles_head_major
 
 
 def _launch(selected: torch.Tensor, block_kv: int, fill_empty: bool) -> PagedLaunch:
@@ -91,6 +92,28 @@ def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block
         partial=_launch(part_sel, block_kv, fill_empty=True) if bool(part_sel.any()) else None,
         num_kv_tiles=nkv,
     )
+
+
+def plan_tiles_head_major(states: torch.Tensor, batch: int, q_len: int, block_q: int, block_kv: int,
+                          group_size: int) -> TilePlan:
+    """Every query head of a per-head mask in one launch set: states int8 [Hq, Bm, nQ, nKV].
+
+    Requests are (h, b, query tile), in that order, over queries laid out head-major
+    [Hq * B * Q_LEN, 1, D]; pages are [Hkv * B * nKV, block_kv, 1, D], page id
+    (h // group_size * B + b) * nKV + key tile, so GQA heads share their key head's pages.
+    """
+    hq = states.shape[0]
+    stacked = states.expand(hq, batch, *states.shape[2:]).reshape(hq * batch, *states.shape[2:])
+    plan = plan_tiles(stacked, hq * batch, q_len, block_q, block_kv)
+    nkv = plan.num_kv_tiles
+    for launch in (plan.full, plan.partial):
+        if launch is not None:
+            page = launch.kv_indices.long()
+            row, tile = page // nkv, page % nkv
+            head, b = row // batch, row % batch
+            launch.kv_indices = (((head // group_size) * batch + b) * nkv + tile).to(torch.int32)
+    plan.head_major_batch = batch
+    return plan
 
 
 def plan_causal_diagonal(states: torch.Tensor, mask_mod, head: int, batch: int, q_len: int, kv_len: int,
@@ -140,9 +163,11 @@ def partial_tile_mask(plan: TilePlan, mask_mod, head: int, q_len: int, kv_len: i
     for p0 in range(0, launch.kv_indices.numel(), tiles_per_chunk):
         sl = slice(p0, p0 + tiles_per_chunk)
         req, rank = launch.tile_request[sl], launch.tile_rank[sl]
-        b, q_tile = req // nq, req % nq
+        b, q_tile, h = req // nq, req % nq, head
+        if plan.head_major_batch:  # requests are (head, batch entry, query tile)
+            h, b = b // plan.head_major_batch, b % plan.head_major_batch
         kv_tile = launch.kv_indices[sl].long() % plan.num_kv_tiles
-        visible, _, _ = tile_elements(mask_mod, b, head, q_tile, kv_tile, block_q, block_kv, q_len, kv_len)
+        visible, _, _ = tile_elements(mask_mod, b, h, q_tile, kv_tile, block_q, block_kv, q_len, kv_len)
         visible = visible & ~launch.dummy[sl].view(-1, 1, 1)
         row_ok = rows.view(1, -1, 1) < plan.qo_len[req].view(-1, 1, 1)
         stride = (pages_per_request[req] * block_kv).view(-1, 1, 1)

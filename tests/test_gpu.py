@@ -57,9 +57,14 @@ def test_library_masks(cuda_gen, dtype, D, name, params):
     check(out, lse, q, k, v, dense_predicate(name, L, S, **params), dtype)
 
 
+@pytest.mark.parametrize("one_launch", [False, True], ids=["head_loop", "heads_one_launch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,S", [(333, 333), (200, 517), (517, 130)])
-def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, dtype, L, S):
+def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, monkeypatch, dtype, L, S, one_launch):
+    """heads_one_launch: the opt-in FLEX_FLASH_INFER_HEADS_ONE_LAUNCH=1 path (all heads in one launch set)."""
+    from flex_flash_infer import flashinfer_backend
+
+    monkeypatch.setattr(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", one_launch)
     B, H, Hkv, D = 2, 4, 2, 128
     gen = torch.Generator().manual_seed(torch.seed() % (2**31))
     mod, dense = random_mask_mod(B, H, L, S, gen)
@@ -71,6 +76,7 @@ def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, dtype, L, S):
     q, k, v = inputs(B, H, Hkv, L, S, D, dtype, cuda_gen)
     bm = create_block_mask(on_gpu, B, H, L, S, device="cuda")
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    assert next(iter(bm._plans.values())).head_major == one_launch
     check(out, lse, q, k, v, dense, dtype)
 
 

@@ -131,3 +131,47 @@ def test_causal_diagonal_plan_declines_other_partial_tiles(name, params, L):
     mod = get_mask_fn(name, **params)
     bm = create_block_mask(mod, None, None, L, L + (name == "causal"), device="cpu", BLOCK_SIZE=64)
     assert plan_causal_diagonal(bm.states[:, 0], mod, 0, 1, L, L + (name == "causal"), 64, 64) is None
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,block,table_heads", [(2, 4, 2, 200, 333, 64, 4), (1, 6, 3, 130, 130, 64, 6),
+                                                              (3, 4, 1, 100, 70, (32, 48), 4), (2, 4, 2, 150, 150, 64, 1)])
+def test_head_major_plan_runs_every_head_in_one_launch_set(rng, B, Hq, Hkv, L, S, block, table_heads):
+    """Per-head random masks (or one shared table with a mask that reads h): all heads' requests
+    in one full + one partial launch over head-major queries and key-head pages."""
+    from flex_flash_infer.planner import plan_tiles_head_major
+
+    D = 16
+    mod, dense = random_mask_mod(B, Hq, L, S, rng)
+    bm = create_block_mask(mod, B, Hq if table_heads > 1 else None, L, S, device="cpu", BLOCK_SIZE=block)
+    if table_heads == 1:   # a shared H=None table (tile states agree across heads here), bits still per head
+        assert bm.states.shape[1] == 1
+    bq, bkv = bm.BLOCK_SIZE
+    states = bm.states.transpose(0, 1).expand(Hq, *bm.states.transpose(0, 1).shape[1:])
+    plan = plan_tiles_head_major(states, B, L, bq, bkv, Hq // Hkv)
+    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    q_hm = q.permute(1, 0, 2, 3).reshape(Hq * B * L, 1, D)
+    nkv = plan.num_kv_tiles
+    pad = nkv * bkv - S
+
+    def pages(x):   # [B, Hkv, S, D] -> [Hkv * B * nKV, bkv, 1, D]
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.permute(1, 0, 2, 3).reshape(Hkv * B * nkv, bkv, 1, D)
+
+    kp, vp = pages(k), pages(v)
+    results = []
+    if plan.full is not None:
+        f = plan.full
+        results.append(paged_prefill(q_hm, kp, vp, plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, D ** -0.5))
+    if plan.partial is not None:
+        p = plan.partial
+        bits = partial_tile_mask(plan, mod, 0, L, S, bq, bkv)
+        results.append(paged_prefill(q_hm, kp, vp, plan.qo_indptr, p.kv_indptr, p.kv_indices, p.last_page_len,
+                                     D ** -0.5, bits))
+    out, lse = results[0] if len(results) == 1 else merge_state(*results[0], *results[1])
+    ref_out, ref_lse = dense_attention(q, k, v, dense)
+    assert rel_err(out.view(Hq, B, L, D).transpose(0, 1), ref_out) < 1e-12
+    got_lse = lse.view(Hq, B, L).transpose(0, 1) * torch.log(torch.tensor(2.0, dtype=torch.float64))
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(got_lse), seen) and torch.allclose(got_lse[seen], ref_lse[seen])

@@ -1,0 +1,63 @@
+"""The code around FlashInfer's kernels (query and page layouts, head-major launches, LSE bases,
+merges) run on CPU with the kernels replaced by the CPU model (fake_flashinfer.py)."""
+import math
+import sys
+
+import pytest
+import torch
+
+import fake_flashinfer
+from dense_reference import dense_attention, rel_err
+from flex_flash_infer import create_block_mask, flashinfer_backend
+from test_block_mask import random_mask_mod
+from test_paged import MASKS, dense_oracle, random_cache
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    from flex_flash_infer import paged
+
+    for module in (flashinfer_backend, paged):
+        monkeypatch.setattr(module, "_is_hopper", lambda device: True)
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
+@pytest.mark.parametrize("B,Hq,Hkv,L,S", [(2, 4, 2, 200, 333), (1, 6, 3, 130, 130)])
+def test_per_head_masks_through_the_plan(fake, monkeypatch, rng, one_launch, B, Hq, Hkv, L, S):
+    monkeypatch.setattr(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", one_launch)
+    D = 16
+    mod, dense = random_mask_mod(B, Hq, L, S, rng)
+    bm = create_block_mask(mod, B, Hq, L, S, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+    assert plan.route == "tiles-per-head" and plan.head_major == one_launch
+    assert len(plan.groups) == (1 if one_launch else Hq)
+    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    out, lse = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
+    ref_out, ref_lse = dense_attention(q, k, v, dense)
+    assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6   # LSE is float32, as in FlashInfer
+    got = lse.view(B, L, Hq).transpose(1, 2).double()
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(got), seen) and torch.allclose(got[seen], ref_lse[seen], atol=1e-5)
+
+
+@pytest.mark.parametrize("qo_lens", [[1, 1, 1, 1], [5, 40, 7, 1]])
+@pytest.mark.parametrize("name,params", MASKS)
+def test_paged_launches_through_the_kernels_glue(fake, rng, qo_lens, name, params):
+    from flex_flash_infer.mods import get_mask_fn
+    from flex_flash_infer.paged import _build_launches, _run_launches
+    from flex_flash_infer.paged_plan import plan_paged
+
+    mod = get_mask_fn(name, **params)
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [33, 120, 7, 90], qo_lens, 16)
+    plan = plan_paged(mod, qo_indptr, kv_page_indptr, indices, last, 16)
+    launches = _build_launches(plan, 4, 2, 16, 16, torch.float64, 16 ** -0.5, torch.empty(0))
+    out, lse = _run_launches(launches, q, (kc, vc))
+    ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
+    assert rel_err(out, ref_out) < 1e-6
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen) and torch.allclose(lse[seen].double(), ref_lse[seen], atol=1e-5)
+    if all(n == 1 for n in qo_lens) and plan.decode:
+        assert isinstance(launches[0], fake_flashinfer.BatchDecodeWithPagedKVCacheWrapper)
