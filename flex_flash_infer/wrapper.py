@@ -13,7 +13,9 @@ from .mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
 from .reference import reference_attention
 from .score_mod_kernels import UnsupportedOnFlashInfer
+from . import varlen
 from .trace import TraceError
+from .varlen import single_band_flags
 from .validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
 
 
@@ -40,6 +42,7 @@ class _Prepared:
     dtype: torch.dtype
     scale: float | None
     backend: str
+    ragged: object = None          # varlen.RaggedBatch: the whole packed batch in one launch
 
 
 class FlexFlashInfer:
@@ -131,8 +134,15 @@ class FlexFlashInfer:
                         segments = [_Segment(s.q0, s.q1, s.kv0, s.kv1, s.block_mask, s.score_mod, None)
                                     for s in segments]
             segments.append(_Segment(q0, q1, kv0, kv1, block_mask, seq_score, plan))
+        ragged = None
+        if backend == "flashinfer" and len(segments) > 1 and varlen.ENABLED:
+            flags = single_band_flags(segments)
+            if flags is not None:
+                ragged = varlen.RaggedBatch(offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim,
+                                            dtype, scale if scale is not None else head_dim ** -0.5, self.device,
+                                            self.workspace_buffer)
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
-                                   head_dim, dtype, scale, backend)
+                                   head_dim, dtype, scale, backend, ragged)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -159,6 +169,9 @@ class FlexFlashInfer:
         """out [seq_q, Hq, D] (and natural-log lse [seq_q, Hq] float32 when return_lse)."""
         p = self._require_prepared()
         self._check_inputs(p, q, k, v)
+        if p.ragged is not None:
+            out, lse = p.ragged.run(q.contiguous(), k.contiguous(), v.contiguous(), return_lse)
+            return (out, lse) if return_lse else out
         if len(p.segments) == 1 and p.segments[0].block_mask is not None:
             out, lse = self._run_segment(p, p.segments[0], q, k, v, return_lse)
             return (out, lse) if return_lse else out

@@ -1,5 +1,6 @@
 """A stand-in for the few FlashInfer calls the library makes, computed by the CPU model in
 paged_simulator.py, so the glue around the kernels (layouts, LSE bases, merges) runs in CPU tests."""
+import math
 import types
 
 import torch
@@ -38,6 +39,53 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
                      sm_scale=kw.get("sm_scale"))
 
 
+class BatchPrefillWithRaggedKVCacheWrapper:
+    def __init__(self, workspace, layout="NHD", backend="auto"):
+        assert layout == "NHD"
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, causal=False, window_left=-1,
+             sm_scale=None, **_):
+        self.qo_indptr, self.kv_indptr = qo_indptr.cpu().long(), kv_indptr.cpu().long()
+        self.causal, self.window_left = causal, window_left
+        self.scale = head_dim_qk ** -0.5 if sm_scale is None else sm_scale
+
+    def run(self, q, k, v, return_lse=False):
+        out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self.causal, self.window_left, self.scale)
+        return (out, lse) if return_lse else out
+
+
+def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale):
+    """Per request: queries aligned to the bottom right of its keys, as FlashInfer's flags mean."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float64)
+    for r in range(qo_indptr.numel() - 1):
+        q0, q1, k0, k1 = (int(x) for x in (qo_indptr[r], qo_indptr[r + 1], kv_indptr[r], kv_indptr[r + 1]))
+        if q1 == q0 or k1 == k0:
+            continue
+        kk = k[k0:k1].double().cpu().repeat_interleave(group, 1)
+        vv = v[k0:k1].double().cpu().repeat_interleave(group, 1)
+        s = torch.einsum("nhd,khd->hnk", q[q0:q1].double().cpu(), kk) * scale
+        pos = torch.arange(q1 - q0).view(-1, 1) + (k1 - k0) - (q1 - q0)
+        kv = torch.arange(k1 - k0).view(1, -1)
+        keep = torch.ones_like(kv <= pos)
+        if causal:
+            keep &= kv <= pos
+        if window_left >= 0:
+            keep &= kv >= pos - window_left
+        s = s.masked_fill(~keep, -math.inf)
+        row = torch.logsumexp(s, -1)
+        out[q0:q1] = torch.einsum("hnk,khd->nhd", torch.nan_to_num(torch.exp(s - row.unsqueeze(-1))), vv)
+        lse[q0:q1] = (row / math.log(2)).transpose(0, 1)
+    return out.to(q.dtype).to(q.device), lse.float().to(q.device)
+
+
+def single_prefill_with_kv_cache(q, k, v, causal=False, window_left=-1, sm_scale=None, return_lse=False, **_):
+    ends = (torch.tensor([0, q.shape[0]]), torch.tensor([0, k.shape[0]]))
+    out, lse = ragged_prefill(q, k, v, *ends, causal, window_left, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    return (out, lse) if return_lse else out
+
+
 def merge_state(o_a, s_a, o_b, s_b):
     out, lse = _merge_state(o_a.double(), s_a.double(), o_b.double(), s_b.double())
     return out.to(o_a.dtype), lse.float()
@@ -45,5 +93,7 @@ def merge_state(o_a, s_a, o_b, s_b):
 
 def module():
     return types.SimpleNamespace(BatchPrefillWithPagedKVCacheWrapper=BatchPrefillWithPagedKVCacheWrapper,
+                                 BatchPrefillWithRaggedKVCacheWrapper=BatchPrefillWithRaggedKVCacheWrapper,
+                                 single_prefill_with_kv_cache=single_prefill_with_kv_cache,
                                  BatchDecodeWithPagedKVCacheWrapper=BatchDecodeWithPagedKVCacheWrapper,
                                  merge_state=merge_state, __version__="fake")

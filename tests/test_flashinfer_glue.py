@@ -61,3 +61,48 @@ def test_paged_launches_through_the_kernels_glue(fake, rng, qo_lens, name, param
     assert torch.equal(torch.isfinite(lse), seen) and torch.allclose(lse[seen].double(), ref_lse[seen], atol=1e-5)
     if all(n == 1 for n in qo_lens) and plan.decode:
         assert isinstance(launches[0], fake_flashinfer.BatchDecodeWithPagedKVCacheWrapper)
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
+@pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 50}), ("full", {}),
+                                         ("prefix_lm", {"prefix_len": 40})])
+def test_packed_varlen_batch_through_the_wrapper(fake, monkeypatch, rng, one_launch, name, params):
+    """cu_seqlens batches: one ragged launch (opt-in) or one plan per sequence, both equal to the
+    dense mask of each sequence; prefix_lm (two bands) never takes the single launch."""
+    from flex_flash_infer import FlexFlashInfer, get_mask_fn, varlen, wrapper
+
+    monkeypatch.setattr(varlen, "ENABLED", one_launch)
+    monkeypatch.setattr(varlen, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
+    lens_q = lens_kv = [300, 1, 130, 77]
+    cu_q, cu_kv = [0] + list(torch.tensor(lens_q).cumsum(0).tolist()), [0] + list(torch.tensor(lens_kv).cumsum(0).tolist())
+    H, Hkv, D = 4, 2, 16
+    mod = get_mask_fn(name, **params)
+    flex = FlexFlashInfer(device="cpu").prepare(mask_fn=mod, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D,
+                                                dtype=torch.float64, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
+    assert (flex._prepared.ragged is not None) == (one_launch and name != "prefix_lm")
+    q = torch.randn(cu_q[-1], H, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(cu_kv[-1], Hkv, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(cu_kv[-1], Hkv, D, generator=rng, dtype=torch.float64)
+    out, lse = flex(q, k, v, return_lse=True)
+    for i in range(len(lens_q)):
+        rows, keys = slice(cu_q[i], cu_q[i + 1]), slice(cu_kv[i], cu_kv[i + 1])
+        dense = mod(0, 0, torch.arange(lens_q[i]).view(-1, 1), torch.arange(lens_kv[i]).view(1, -1))
+        ref_out, ref_lse = dense_attention(q[rows].transpose(0, 1)[None], k[keys].transpose(0, 1)[None],
+                                           v[keys].transpose(0, 1)[None], dense)
+        assert rel_err(out[rows].transpose(0, 1)[None], ref_out) < 1e-6, i
+        seen = torch.isfinite(ref_lse[0].transpose(0, 1))
+        assert torch.allclose(lse[rows].double()[seen], ref_lse[0].transpose(0, 1)[seen], atol=1e-5)
+
+
+def test_varlen_with_unequal_lengths_keeps_one_plan_per_sequence(fake, monkeypatch):
+    """mask_mod positions are top-left aligned per sequence, so a causal band with fewer queries
+    than keys does not cover the sequence: no single ragged launch."""
+    from flex_flash_infer import FlexFlashInfer, get_mask_fn, varlen, wrapper
+
+    monkeypatch.setattr(varlen, "ENABLED", True)
+    monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
+    flex = FlexFlashInfer(device="cpu").prepare(mask_fn=get_mask_fn("causal"), num_qo_heads=2, num_kv_heads=2,
+                                                head_dim=16, dtype=torch.float64, cu_seqlens_q=[0, 10, 30],
+                                                cu_seqlens_kv=[0, 10, 50])
+    assert flex._prepared.ragged is None

@@ -219,7 +219,12 @@ def test_band_routes_ragged_and_per_batch(cuda_gen, dtype, B, name):
     assert torch.allclose(out_only.float(), out.float(), atol=2e-3, rtol=0)
 
 
-def test_packed_varlen_batch_in_the_wrapper(cuda_gen):
+@pytest.mark.parametrize("one_launch", [False, True], ids=["plan_per_sequence", "one_ragged_launch"])
+def test_packed_varlen_batch_in_the_wrapper(cuda_gen, monkeypatch, one_launch):
+    """one_ragged_launch: the opt-in FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH=1 path."""
+    from flex_flash_infer import varlen
+
+    monkeypatch.setattr(varlen, "ENABLED", one_launch)
     lens = [300, 1, 1000, 129]
     cu = [0, 300, 301, 1301, 1430]
     H, Hkv, D, dtype = 8, 2, 128, torch.bfloat16
@@ -227,6 +232,7 @@ def test_packed_varlen_batch_in_the_wrapper(cuda_gen):
     flex.prepare(mask_fn=get_mask_fn("sliding_window", window_size=100), num_qo_heads=H, num_kv_heads=Hkv,
                  head_dim=D, dtype=dtype, cu_seqlens_q=cu, cu_seqlens_kv=cu)
     assert flex.active_backend == "flashinfer"
+    assert (flex._prepared.ragged is not None) == one_launch
     q = torch.randn(cu[-1], H, D, device="cuda", dtype=dtype, generator=cuda_gen)
     k = torch.randn(cu[-1], Hkv, D, device="cuda", dtype=dtype, generator=cuda_gen)
     v = torch.randn(cu[-1], Hkv, D, device="cuda", dtype=dtype, generator=cuda_gen)

@@ -1,0 +1,72 @@
+"""A packed variable-length batch as one FlashInfer ragged launch.
+
+When every sequence's plan is one native band over the whole sequence (full, causal or a
+causal window) with the same flags, the batch is exactly FlashInfer's ragged prefill with
+qo_indptr = cu_seqlens_q and kv_indptr = cu_seqlens_kv: one launch instead of one per
+sequence. Opt-in (FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH=1) until it has passed on a GPU; exact on
+the CPU model of FlashInfer (tests/test_flashinfer_glue.py).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .flashinfer_backend import LN2, _is_hopper, default_workspace
+
+ENABLED = os.environ.get("FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH") == "1"
+
+
+def _effective(causal: bool, window_left: int, q_len: int, kv_len: int):
+    """The flags as they act on one q_len x kv_len request: a window that reaches every key the
+    causal mask allows is no window, and with a single key causal is the same as full."""
+    if not causal:
+        return False, window_left   # (a window without causal does not occur in bands)
+    longest = kv_len - 1            # bottom-right aligned: the farthest key a query may see
+    window = -1 if window_left < 0 or window_left >= longest else window_left
+    return (kv_len > 1 or window >= 0), window
+
+
+def single_band_flags(segments):
+    """(causal, window_left) under which one ragged launch equals every sequence's own plan (each
+    a single band over its whole sequence), else None."""
+    bands = []
+    for seg in segments:
+        plan = seg.plan
+        if plan is None or seg.score_mod is not None or not plan.bands or plan.columns is not None:
+            return None
+        if len(plan.bands) != 1:
+            return None
+        band = plan.bands[0]
+        if (band.q_start, band.q_end, band.kv_start, band.kv_end) != (0, seg.q1 - seg.q0, 0, seg.kv1 - seg.kv0):
+            return None
+        bands.append(band)
+    for flags in {(b.causal, b.window_left) for b in bands}:
+        if all(_effective(*flags, b.q_end, b.kv_end) == _effective(b.causal, b.window_left, b.q_end, b.kv_end)
+               for b in bands):
+            return flags
+    return None
+
+
+class RaggedBatch:
+    """Runs the whole packed batch in one ragged prefill; run() gives (out, natural-log lse)."""
+
+    def __init__(self, offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim, dtype, scale, device,
+                 workspace=None):
+        import flashinfer
+
+        causal, window_left = flags
+        device = torch.device(device)
+        workspace = default_workspace(device) if workspace is None else workspace
+        backend = "fa3" if _is_hopper(device) else "fa2"
+        self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)
+        self.wrapper.plan(torch.tensor(offsets_q, dtype=torch.int32, device=device),
+                          torch.tensor(offsets_kv, dtype=torch.int32, device=device), num_qo_heads, num_kv_heads,
+                          head_dim, causal=causal, window_left=window_left, sm_scale=scale, q_data_type=dtype,
+                          kv_data_type=dtype, o_data_type=dtype)
+
+    def run(self, q, k, v, return_lse: bool):
+        if not return_lse:
+            return self.wrapper.run(q, k, v), None
+        out, lse = self.wrapper.run(q, k, v, return_lse=True)
+        return out, lse * LN2
