@@ -318,3 +318,31 @@ def test_tree_speculative_decoding_example_on_the_gpu():
     import pathlib
 
     runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "tree_speculative_decoding.py"))
+
+
+@pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 40})])
+def test_paged_run_replays_in_a_cuda_graph(cuda_gen, name, params):
+    """plan() on the host, then run() captured once and replayed: the replay equals an eager run
+    on new query values written into the captured input."""
+    from flex_flash_infer import PagedFlexAttention
+
+    kv_lens, page, H, Hkv, D, dtype = [17, 300, 1000], 16, 8, 2, 128, torch.bfloat16
+    pages = [-(-n // page) for n in kv_lens]
+    indptr = torch.tensor([0] + pages).cumsum(0).cuda()
+    indices = torch.randperm(sum(pages), device="cuda", generator=cuda_gen)
+    last = torch.tensor([n - (p - 1) * page for n, p in zip(kv_lens, pages)]).cuda()
+    k = torch.randn(sum(pages), page, Hkv, D, device="cuda", generator=cuda_gen).to(dtype)
+    v = torch.randn(sum(pages), page, Hkv, D, device="cuda", generator=cuda_gen).to(dtype)
+    q = torch.randn(3, H, D, device="cuda", generator=cuda_gen).to(dtype)
+    paged = PagedFlexAttention(device="cuda")
+    paged.plan(get_mask_fn(name, **params), torch.arange(4).cuda(), indptr, indices, last, H, Hkv, D, page, dtype=dtype)
+    paged.run(q, (k, v))                                   # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = paged.run(q, (k, v))
+    q.copy_(torch.randn(3, H, D, device="cuda", generator=cuda_gen).to(dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = paged.run(q, (k, v))
+    assert torch.equal(captured, eager)
