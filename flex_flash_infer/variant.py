@@ -9,7 +9,8 @@ returns score_mod(score, b, h, q, kv); the softmax then runs in base 2 with log2
 Status: compiled against FlashInfer's headers in CPU tests (nvcc, no GPU), run by
 score_mod_kernels.ScoreModBands, and checked against the reference on an H100 (17 GPU tests,
 2026-11-25). It is correct but 2.9-3.5x slower than the same mask without a score_mod
-(benchmarks/README.md). There is no fa2 (pre-Hopper) variant yet.
+(benchmarks/README.md). fa2_score_mod_variant (any FlashInfer GPU, and FlashInfer's masked path)
+compiles as device code against FlashInfer's headers in CPU tests; nothing runs it yet.
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ class VariantSpec:
                 self.scalar_names, self.scalar_dtypes, self.name, self.decl, 0, use_sliding_window]
 
 
-def fa3_score_mod_variant(graph: Graph) -> VariantSpec:
-    name = f"FlexScoreMod_{graph.key()}"
+def _kernel_arguments(graph: Graph):
+    """(tensor names, tensor dtypes, scalar names, scalar dtypes) of a variant for this graph:
+    the three request tables, the captured tensors, the scale, captured numbers and strides."""
     tensor_names = list(REQUEST_TABLES) + [f"ffi_{n}" for n, _ in graph.tensors]
     tensor_dtypes = ["int32_t"] * 3 + [ELEMENT_CTYPE[element_kind(t)] for _, t in graph.tensors]
     # strides of captured tensors travel as int64 scalars (4 per tensor, unused ones 0)
@@ -48,9 +50,20 @@ def fa3_score_mod_variant(graph: Graph) -> VariantSpec:
         f"ffi_{n}_stride{d}" for n, t in graph.tensors for d in range(t.dim())]
     scalar_dtypes = ["double"] + [_SCALAR_CTYPE[k] for _, k, _ in graph.scalars] + [
         "int64_t" for _, t in graph.tensors for _ in range(t.dim())]
-    p = "params.additional_params."
-    expr = emit_expression(graph, scalar_ref=lambda n: p + f"ffi_{n}", tensor_ref=lambda n: p + f"ffi_{n}",
+    return tensor_names, tensor_dtypes, scalar_names, scalar_dtypes
+
+
+def _score_expression(graph: Graph, p: str) -> str:
+    """score_mod as C++, reading the kernel arguments through the prefix p."""
+    return emit_expression(graph, scalar_ref=lambda n: p + f"ffi_{n}", tensor_ref=lambda n: p + f"ffi_{n}",
                            stride_ref=lambda n, d: p + f"ffi_{n}_stride{d}", input_ref=INPUT_NAMES.__getitem__)
+
+
+def fa3_score_mod_variant(graph: Graph) -> VariantSpec:
+    name = f"FlexScoreMod_{graph.key()}"
+    tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
+    p = "params.additional_params."
+    expr = _score_expression(graph, p)
     decl = f"""{PRELUDE}
 struct {name} : AttentionVariantBase {{
   float sm_scale_log2;
@@ -77,3 +90,61 @@ struct {name} : AttentionVariantBase {{
 }};
 """
     return VariantSpec(name, decl, tensor_names, tensor_dtypes, scalar_names, scalar_dtypes)
+
+
+def fa2_score_mod_variant(graph: Graph) -> VariantSpec:
+    """The same score_mod for FlashInfer's fa2 kernels (any CUDA GPU FlashInfer supports).
+
+    fa2 hands its kernel arguments to the variant as members of params, applies causal masks in
+    the kernel and leaves custom bit masks and sliding windows to the variant's LogitsMask, so
+    this variant implements both (as FlashInfer's DefaultAttention does). Its name carries the
+    use_custom_mask template argument that FlashInfer's fa2 instantiation files define.
+    """
+    base = f"FlexScoreModFa2_{graph.key()}"
+    tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
+    p = "params."
+    expr = _score_expression(graph, p)
+    decl = f"""{PRELUDE}
+template <bool use_custom_mask>
+struct {base} : AttentionVariantBase {{
+  static constexpr bool use_softmax = true;
+  uint8_t* custom_mask_ptr;
+  uint32_t qo_len, kv_len, window_left;
+  float sm_scale_log2;
+  int q0_, kv0_, b_;
+  template <typename Params>
+  __device__ __host__ {base}(const Params& params, uint32_t batch_idx, uint8_t* smem_ptr) {{
+    qo_len = params.get_qo_len(batch_idx);
+    kv_len = params.get_kv_len(batch_idx);
+    sm_scale_log2 = math::log2e;  // LogitsTransform returns scores already scaled
+    window_left = (params.window_left >= 0) ? params.window_left : kv_len;
+    q0_ = {p}ffi_req_q0[batch_idx];
+    kv0_ = {p}ffi_req_kv0[batch_idx];
+    b_ = {p}ffi_req_b[batch_idx];
+    if constexpr (use_custom_mask) {{
+      custom_mask_ptr = params.maybe_custom_mask + params.maybe_mask_indptr[batch_idx];
+    }}
+  }}
+  REGISTER_LOGITS_TRANSFORM(params, logits, batch_idx, qo_idx, kv_idx, qo_head_idx, kv_head_idx, {{
+    const float ffi_score = float(logits) * float({p}{SCALE_NAME});
+    const int ffi_b = b_, ffi_h = int(qo_head_idx), ffi_q = q0_ + int(qo_idx), ffi_kv = kv0_ + int(kv_idx);
+    (void)ffi_b; (void)ffi_h; (void)ffi_q; (void)ffi_kv;
+    return ({expr});
+  }})
+  REGISTER_LOGITS_MASK(params, batch_idx, qo_idx, kv_idx, qo_head_idx, kv_head_idx, {{
+    bool mask = true;
+    if constexpr (use_custom_mask) {{
+      if (qo_idx >= qo_len || kv_idx >= kv_len) {{
+        mask = false;
+      }} else {{
+        const uint64_t offset = static_cast<uint64_t>(qo_idx) * kv_len + kv_idx;
+        mask &= ((custom_mask_ptr[offset / 8] >> (offset % 8)) & 1);
+      }}
+    }}
+    mask &= (kv_idx + qo_len + window_left >= kv_len + qo_idx);  // no-op without a window
+    return mask;
+  }})
+}};
+"""
+    return VariantSpec(f"{base}<use_custom_mask>", decl, tensor_names, tensor_dtypes, scalar_names, scalar_dtypes)
+

@@ -1,6 +1,7 @@
-"""The generated FlashInfer fa3 variant compiles as CUDA device code against FlashInfer's own
+"""The generated FlashInfer fa3 and fa2 variants compile as CUDA device code against FlashInfer's own
 variant headers (nvcc, no GPU needed). Skipped where nvcc or the flashinfer package is missing."""
 import importlib.util
+import os
 import pathlib
 import shutil
 import subprocess
@@ -14,6 +15,8 @@ from flex_flash_infer.variant import fa3_score_mod_variant
 
 
 def flashinfer_include():
+    if os.environ.get("FLASHINFER_INCLUDE"):   # headers of a flashinfer installed elsewhere
+        return pathlib.Path(os.environ["FLASHINFER_INCLUDE"])
     spec = importlib.util.find_spec("flashinfer")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -66,4 +69,51 @@ __global__ void probe(FakeParams params, float* out) {{
     path.write_text(source)
     result = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90a", "-I", str(flashinfer_include()), "-c", str(path),
                              "-o", str(tmp_path / "variant.o")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or flashinfer_include() is None,
+                    reason="needs nvcc and the flashinfer package (its headers)")
+@pytest.mark.parametrize("mod", [generate_softcap_score_mod(30.0), generate_alibi_score_mod(num_heads=8),
+                                 generate_relative_position_bias_score_mod(torch.randn(8, 33))],
+                         ids=["softcap", "alibi", "rel_bias"])
+def test_generated_fa2_variant_compiles_as_device_code(tmp_path, mod):
+    """The fa2 variant, with and without a custom bit mask, against FlashInfer's fa2 variant
+    helpers and a stand-in for the params struct FlashInfer generates (members, as fa2 has them)."""
+    from flex_flash_infer.variant import fa2_score_mod_variant
+
+    spec = fa2_score_mod_variant(trace(mod, "score_mod"))
+    assert spec.name.endswith("<use_custom_mask>")
+    fields = "\n".join(f"  {'const ' + d + '*' if n in spec.tensor_names else d} {n};"
+                       for n, d in list(zip(spec.tensor_names, spec.tensor_dtypes)) + list(zip(spec.scalar_names, spec.scalar_dtypes)))
+    base = spec.name.split("<")[0]
+    source = f"""
+#include <cstdint>
+#include <flashinfer/math.cuh>
+#include <flashinfer/attention/variant_helper.cuh>
+namespace flashinfer {{
+{spec.decl}
+struct FakeParams {{
+{fields}
+  uint8_t* maybe_custom_mask;
+  int32_t* maybe_mask_indptr;
+  int32_t window_left;
+  __device__ __host__ uint32_t get_qo_len(uint32_t) const {{ return 128; }}
+  __device__ __host__ uint32_t get_kv_len(uint32_t) const {{ return 256; }}
+}};
+}}  // namespace flashinfer
+using namespace flashinfer;
+template <bool use_custom_mask>
+__global__ void probe(FakeParams params, float* out) {{
+  {base}<use_custom_mask> variant(params, 0u, nullptr);
+  float s = variant.LogitsTransform(params, 1.0f, 0u, threadIdx.x, threadIdx.x, 1u, 0u);
+  out[threadIdx.x] = variant.LogitsMask(params, 0u, threadIdx.x, threadIdx.x, 1u, 0u) ? s : 0.0f;
+}}
+template __global__ void probe<true>(FakeParams, float*);
+template __global__ void probe<false>(FakeParams, float*);
+"""
+    path = tmp_path / "variant_fa2.cu"
+    path.write_text(source)
+    result = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_80", "-I", str(flashinfer_include()), "-c", str(path),
+                             "-o", str(tmp_path / "variant_fa2.o")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
