@@ -94,6 +94,7 @@ def build_parser():
     bench.add_argument("--no-flex", action="store_true", help="skip torch FlexAttention")
     bench.add_argument("--plan", action="store_true", help="measure planning time instead (bench_plan.py)")
     bench.add_argument("--decode", action="store_true", help="paged decode instead (bench_decode.py)")
+    bench.add_argument("--varlen", action="store_true", help="packed varlen prefill instead (bench_varlen.py)")
     warm = sub.add_parser("warmup", help="compile FlashInfer kernels ahead of first use (CUDA)")
     warm.add_argument("--dtype", nargs="+", choices=["bf16", "fp16"], default=["bf16"])
     warm.add_argument("--head-dim", type=int, nargs="+", default=[128])
@@ -205,6 +206,11 @@ def main(argv=None) -> int:
             from .bench_plan import run_plan_benchmark
 
             run_plan_benchmark(args.out)
+            return 0
+        if args.varlen:
+            from .bench_varlen import run_varlen_benchmark
+
+            run_varlen_benchmark(args.out)
             return 0
         if args.decode:
             from .bench_decode import run_decode_benchmark

@@ -4,12 +4,12 @@
 # the machine is still warm wait on it and bring its logs back.
 #   bash scripts/gpu_pipeline.sh start [STAGE...]   # copy the repo to /tmp/ffi and run the stages
 #   bash scripts/gpu_pipeline.sh wait SECONDS       # wait for the job (at most SECONDS), pack logs to $OUT
-# Stages, in the default order: warm tests score-tests bench-8k bench-32k decode plan
+# Stages, in the default order: warm tests score-tests bench-32k decode varlen plan bench-8k
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
 #   tests        every GPU test except the compiled score_mod ones
 #   score-tests  the compiled score_mod tests (after the variants are built)
 #   bench-8k, bench-32k  python -m flex_flash_infer bench at 8192 / 32768 tokens (JSON in the run dir)
-#   decode       bench --decode (paged decode);   plan   bench --plan (planning time)
+#   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
 run_dir=/tmp/ffi_run
 case "${1:-}" in
@@ -17,7 +17,7 @@ case "${1:-}" in
     shift
     if [ -f $run_dir/pid ] && kill -0 "$(cat $run_dir/pid)" 2>/dev/null; then echo "already running"; exit 0; fi
     rm -rf /tmp/ffi $run_dir && mkdir -p $run_dir && cp -r . /tmp/ffi
-    cd /tmp/ffi && setsid nohup bash scripts/gpu_pipeline.sh run "${@:-warm tests score-tests bench-8k bench-32k decode plan}" \
+    cd /tmp/ffi && setsid nohup bash scripts/gpu_pipeline.sh run "${@:-warm tests score-tests bench-32k decode varlen plan bench-8k}" \
       >$run_dir/pipeline.log 2>&1 < /dev/null &
     echo $! > $run_dir/pid
     echo "started: ${*:-all stages}" ;;
@@ -58,9 +58,9 @@ case "${1:-}" in
           n=$([ "$stage" = bench-8k ] && echo 8192 || echo 32768)
           python3 -m flex_flash_infer bench --seq-lens "$n" --out "$run_dir/$stage.json" 2>&1 \
             | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
-        decode)
-          python3 -m flex_flash_infer bench --decode --out "$run_dir/decode.json" 2>&1 | grep -v "INFO\|arning" \
-            >$run_dir/decode.log; tail -n 8 $run_dir/decode.log ;;
+        decode|varlen)
+          python3 -m flex_flash_infer bench --$stage --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" \
+            >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
         plan)
           python3 -m flex_flash_infer bench --plan --out "$run_dir/plan.json" 2>&1 | grep -v "INFO\|arning" \
             >$run_dir/plan.log; tail -n 12 $run_dir/plan.log ;;
