@@ -1,6 +1,5 @@
 """The code around FlashInfer's kernels (query and page layouts, head-major launches, LSE bases,
 merges) run on CPU with the kernels replaced by the CPU model (fake_flashinfer.py)."""
-import math
 import sys
 
 import pytest
