@@ -53,7 +53,11 @@ class PagedFlexAttention:
             raise ValueError(f"backend='flashinfer' cannot run this plan: {reason}")
         launches = _build_launches(plan, num_qo_heads, num_kv_heads, head_dim, page_size, dtype, scale,
                                    self._workspace) if backend == "flashinfer" else None
-        self._planned = dict(mod=mod, plan=plan, launches=launches, scale=scale, page_size=page_size,
+        listed = torch.as_tensor(kv_page_indices)
+        max_page = int(listed.max()) if listed.numel() else -1
+        if listed.numel() and int(listed.min()) < 0:
+            raise ValueError("kv_page_indices must be non-negative page ids")
+        self._planned = dict(mod=mod, plan=plan, launches=launches, scale=scale, page_size=page_size, max_page=max_page,
                              heads=(num_qo_heads, num_kv_heads, head_dim), dtype=dtype,
                              tables=(torch.as_tensor(qo_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indptr).long().to(self.device),
@@ -81,6 +85,14 @@ class PagedFlexAttention:
             raise ValueError(f"kv_cache must be (k, v), each [num_pages, page_size, num_kv_heads, head_dim] with "
                              f"page_size, num_kv_heads, head_dim = {(p['page_size'], hkv, d)}; got "
                              f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        if k_cache.shape[0] <= p["max_page"]:
+            raise ValueError(f"kv_cache has {k_cache.shape[0]} pages but the plan's kv_page_indices use page "
+                             f"{p['max_page']}")
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.dtype != p["dtype"]:
+                raise TypeError(f"{name} has dtype {t.dtype} but plan() was given dtype={p['dtype']}")
+            if t.device.type != self.device.type:
+                raise ValueError(f"{name} is on {t.device} but this PagedFlexAttention was made for {self.device}")
         if p["launches"] is None:
             out, lse = _reference(q, k_cache, v_cache, p)
         else:

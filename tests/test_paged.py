@@ -121,8 +121,15 @@ def test_bad_tables_name_the_argument():
         paged.plan(None, [0, 1], [0, 2], [0, 1], [4], num_qo_heads=3, num_kv_heads=2, head_dim=8, page_size=4)
     with pytest.raises(RuntimeError, match="before plan"):
         paged.run(torch.zeros(1, 2, 8), (torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)))
-    paged.plan(None, [0, 1], [0, 2], [0, 1], [4], num_qo_heads=2, num_kv_heads=1, head_dim=8, page_size=4)
+    paged.plan(None, [0, 1], [0, 2], [0, 1], [4], num_qo_heads=2, num_kv_heads=1, head_dim=8, page_size=4,
+               dtype=torch.float32)
     with pytest.raises(ValueError, match="q must be"):
         paged.run(torch.zeros(2, 2, 8), (torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)))
+    with pytest.raises(ValueError, match="kv_cache has 1 pages"):
+        paged.run(torch.zeros(1, 2, 8), (torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8)))
+    with pytest.raises(TypeError, match="q has dtype torch.float64"):
+        paged.run(torch.zeros(1, 2, 8, dtype=torch.float64), (torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)))
+    with pytest.raises(ValueError, match="non-negative"):
+        paged.plan(None, [0, 1], [0, 2], [0, -1], [4], num_qo_heads=2, num_kv_heads=1, head_dim=8, page_size=4)
     out = paged.run(torch.zeros(1, 2, 8), (torch.zeros(2, 4, 1, 8), torch.ones(2, 4, 1, 8)))   # still usable
     assert torch.allclose(out, torch.ones(1, 2, 8))
