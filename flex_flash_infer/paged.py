@@ -96,7 +96,7 @@ class PagedFlexAttention:
         if p["launches"] is None:
             out, lse = _reference(q, k_cache, v_cache, p)
         else:
-            out, lse = _run_launches(p["launches"], q, (k_cache, v_cache))
+            out, lse = _run_launches(p["launches"], q, (k_cache, v_cache), return_lse)
         return (out, lse) if return_lse else out
 
 
@@ -137,13 +137,16 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace):
     return full, partial
 
 
-def _run_launches(launches, q, cache):
-    """(out, natural-log lse). A plan with no visible key at all gives zeros and -inf."""
+def _run_launches(launches, q, cache, return_lse=True):
+    """(out, natural-log lse, or None when not return_lse and one launch needs none).
+    A plan with no visible key at all gives zeros and -inf."""
     import flashinfer
 
     full, partial = launches
     if full is None and partial is None:
         return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), device=q.device)
+    if not return_lse and (full is None or partial is None):
+        return (full or partial).run(q, cache), None
     results = [w.run(q, cache, return_lse=True) for w in (full, partial) if w is not None]
     out, lse = results[0] if len(results) == 1 else flashinfer.merge_state(*results[0], *results[1])
     return out, lse * LN2

@@ -75,12 +75,13 @@ def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int)
 
 
 def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_partial_bits):
-    """States of the listed pages, and the visible bits [qo_len_max, page_size] of the partial ones."""
+    """States of the listed pages, whether each is plain causal, and the visible bits
+    [partial pages, max qo_len, page_size] of the partial ones (in listed order)."""
     n = req.numel()
     device = req.device
     states = torch.empty(n, dtype=torch.int8, device=device)
     causal_ok = torch.ones(n, dtype=torch.bool, device=device)
-    bits = {}
+    bits = []
     max_q = int(qo_len.max()) if qo_len.numel() else 0
     rows = torch.arange(max(max_q, 1), device=device).view(1, -1, 1)
     cols = torch.arange(page_size, device=device).view(1, 1, -1)
@@ -100,9 +101,8 @@ def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_p
         states[sl] = torch.where(seen == 0, EMPTY, torch.where(seen == total, FULL, PARTIAL)).to(torch.int8)
         causal_ok[sl] = ((visible == ((q_pos >= kv_pos) & valid)) | ~valid).all(2).all(1)
         if keep_partial_bits:
-            part = (states[sl] == PARTIAL).nonzero().flatten()
-            for i in part.tolist():
-                bits[e0 + i] = visible[i]
+            bits.append(visible[states[sl] == PARTIAL])
+    bits = torch.cat(bits) if bits else torch.zeros(0, max(max_q, 1), page_size, dtype=torch.bool, device=device)
     return states, causal_ok, bits
 
 
@@ -159,13 +159,13 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
         full_spec, _ = _spec(full, req, local, page_len, kv_page_indices, R, page_size)
     if bool(partial.any()):
         partial_spec, idx = _spec(partial, req, local, page_len, kv_page_indices, R, page_size)
-        partial_spec = _with_bits(partial_spec, idx, req, local, page_len, qo_len, kv_page_indices, bits, page_size)
+        partial_spec = _with_bits(partial_spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_size)
     has_full = (full_spec.kv_indptr[1:] > full_spec.kv_indptr[:-1]) if full_spec is not None else None
     decode = full_spec is not None and bool((qo_len == 1).all()) and bool(has_full.all())
     return PagedPlan(qo_indptr.to(torch.int32), full_spec, partial_spec, decode, states)
 
 
-def _with_bits(spec, idx, req, local, page_len, qo_len, kv_page_indices, bits, page_size):
+def _with_bits(spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_size):
     """Add the bit mask; a request with no partial page gets one dummy key (bit 0)."""
     R = qo_len.numel()
     device = qo_len.device
@@ -187,13 +187,13 @@ def _with_bits(spec, idx, req, local, page_len, qo_len, kv_page_indices, bits, p
     offset = torch.zeros(R, dtype=torch.int64, device=device)
     offset[1:] = sizes.cumsum(0)[:-1]
     mask = torch.zeros(int(sizes.sum()), dtype=torch.bool, device=device)
-    rank = torch.arange(idx.numel(), device=device) - first_listed[req[idx]]
-    for k, e in enumerate(idx.tolist()):
-        r = int(req[e])
-        q_n, p_n = int(qo_len[r]), int(page_len[e])
-        block = bits[e][:q_n, :p_n]
-        base = int(offset[r]) + int(rank[k]) * page_size
-        rows = torch.arange(q_n, device=device).view(-1, 1) * int(kv_len[r])
-        mask[(base + rows + torch.arange(p_n, device=device).view(1, -1)).flatten()] = block.flatten()
+    # bits holds the partial pages in listed order, which is idx's order: scatter them all at once
+    r = req[idx].view(-1, 1, 1)
+    rank = (torch.arange(idx.numel(), device=device) - first_listed[req[idx]]).view(-1, 1, 1)
+    rows = torch.arange(bits.shape[1], device=device).view(1, -1, 1)
+    cols = torch.arange(page_size, device=device).view(1, 1, -1)
+    valid = (rows < qo_len[r]) & (cols < page_len[idx].view(-1, 1, 1))
+    dst = offset[r] + rows * kv_len[r] + rank * page_size + cols
+    mask[dst[valid]] = bits[valid]
     spec.mask = mask
     return spec

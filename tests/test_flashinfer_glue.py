@@ -54,6 +54,8 @@ def test_paged_launches_through_the_kernels_glue(fake, rng, qo_lens, name, param
     plan = plan_paged(mod, qo_indptr, kv_page_indptr, indices, last, 16)
     launches = _build_launches(plan, 4, 2, 16, 16, torch.float64, 16 ** -0.5, torch.empty(0))
     out, lse = _run_launches(launches, q, (kc, vc))
+    out_only, _ = _run_launches(launches, q, (kc, vc), return_lse=False)
+    assert torch.equal(out_only, out)
     ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
     assert rel_err(out, ref_out) < 1e-6
     seen = torch.isfinite(ref_lse)
