@@ -42,6 +42,14 @@ def random_tile_mask(seq_len: int, keep: float = 0.25, block: int = 128, seed: i
     return random_tiles
 
 
+def _without_hint(mask_mod):
+    """The same predicate as a user would write it: no lowering hint for the planner."""
+    def users_own(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx)
+
+    return users_own
+
+
 def document_offsets(seq_len: int, seed: int = SEED):
     gen = torch.Generator().manual_seed(seed)
     offsets = [0]
@@ -57,6 +65,7 @@ def case_masks(seq_len: int):
         "causal": (get_mask_fn("causal"), {"causal": True}, True),
         "sliding_window": (get_mask_fn("sliding_window", window_size=1024), {"causal": True, "window_left": 1023}, None),
         "attamba": (get_mask_fn("attamba", window_size=256, chunk_size=128), None, None),
+        "attamba_no_hint": (_without_hint(get_mask_fn("attamba", window_size=256, chunk_size=128)), None, None),
         "streaming": (get_mask_fn("streaming", sink_size=4, window_size=1024), None, None),
         "prefix_lm": (get_mask_fn("prefix_lm", prefix_len=2048), None, None),
         "document": (get_mask_fn("document", offsets=document_offsets(seq_len)), None, None),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .bands import Band
-from .block_build import EMPTY, PARTIAL
+from .bands import VERIFY_CHUNK_ELEMENTS, Band, band_tile_states
+from .block_build import EMPTY, PARTIAL, tile_elements
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
 
 
@@ -29,6 +29,59 @@ def column_lowering(mask_mod, q_len: int, kv_len: int):
         return None
     bands = [Band(0, q_len, 0, kv_len, causal=True, window_left=window - 1)]
     return bands, positions
+
+
+MAX_COLUMN_SHARE = 8   # gather at most kv_len // 8 keys: beyond that the tiles route is as good
+
+
+def find_window_columns(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q: int, block_kv: int,
+                        chunk_elements: int = VERIFY_CHUNK_ELEMENTS):
+    """(bands, key positions) for a mask that is a causal window plus a few key columns, found
+    from the mask itself (a user's own attamba- or sink-style mask_mod needs no hint), or None.
+
+    The last rows propose it: the shortest of their runs of visible keys ending at the diagonal
+    is the window (one row's run can be lengthened by a column next to its window edge), and the
+    keys the last row sees outside that window are the columns. Then it is verified exactly on
+    every non-empty tile:
+    the band must lie inside the mask, and every visible pair must be in the band or a column.
+    """
+    if q_len != kv_len or q_len < 2:
+        return None
+    device = states.device
+    last = q_len - 1
+    zero = torch.zeros(1, 1, dtype=INDEX_DTYPE, device=device)
+    kv = torch.arange(kv_len, device=device, dtype=INDEX_DTYPE)
+    rows = torch.arange(max(0, last - 7), last + 1, device=device, dtype=INDEX_DTYPE)
+    seen = evaluate_mask_mod(mask_mod, zero, zero, rows.view(-1, 1), kv.view(1, -1))
+    if not bool(seen[torch.arange(rows.numel(), device=device), rows.long()].all()):
+        return None   # a row that does not see its own position
+    if bool((seen & (kv.view(1, -1) > rows.view(-1, 1))).any()):
+        return None   # not causal
+    runs = []
+    for i, r in enumerate(rows.tolist()):
+        hidden = (~seen[i, :r + 1]).nonzero().flatten()
+        runs.append(r + 1 if hidden.numel() == 0 else r - int(hidden[-1]))
+    window = min(runs)
+    positions = seen[-1, :last + 1 - window].nonzero().flatten()
+    if positions.numel() == 0 or positions.numel() > kv_len // MAX_COLUMN_SHARE:
+        return None
+    band = Band(0, q_len, 0, kv_len, causal=True, window_left=window - 1)
+    nq, nkv = states.shape
+    band_states = band_tile_states(band, q_len, kv_len, block_q, block_kv, nq, nkv, device)
+    if bool(((band_states != EMPTY) & (states == EMPTY)).any()):
+        return None
+    is_column = torch.zeros(kv_len, dtype=torch.bool, device=device)
+    is_column[positions] = True
+    tiles = (states != EMPTY).nonzero()
+    per_chunk = max(1, chunk_elements // (block_q * block_kv))
+    for p0 in range(0, tiles.shape[0], per_chunk):
+        qt, kt = tiles[p0:p0 + per_chunk].unbind(1)
+        truth, q, k = tile_elements(mask_mod, 0, 0, qt, kt, block_q, block_kv, q_len, kv_len)
+        valid = (q < q_len) & (k < kv_len)
+        in_band = band.visible(q, k) & valid
+        if bool((in_band & ~truth).any()) or bool((truth & ~in_band & ~is_column[k.clamp(max=kv_len - 1)]).any()):
+            return None
+    return [band], positions.cpu()
 
 
 def compact_mask_mod(mask_mod, bands, positions: torch.Tensor):

@@ -1,7 +1,8 @@
 """Which FlashInfer route a planned problem takes (pure torch: plot() and tests use it on CPU).
 
   bands          the mask is a few native FlashInfer requests (bands.py)
-  bands+columns  attamba, streaming: a window band plus gathered key columns (columns.py)
+  bands+columns  a causal window band plus gathered key columns (columns.py): attamba and streaming
+                 by their hint, any other mask of that shape found and verified from the mask itself
   tiles          whole tiles on fa3, partial tiles on fa2 with a bit mask, merged
                  (tiles-causal: partial tiles are only causal diagonals: one causal fa3 launch)
   tiles-per-head the same, one head at a time (the mask differs per head)
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .bands import find_bands, hinted_bands
-from .columns import column_lowering
+from .columns import column_lowering, find_window_columns
 from .mask_eval import mask_dependence
 
 # The window band + key columns route (attamba, streaming) passed the GPU tests on an H100
@@ -43,4 +44,8 @@ def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: 
             states[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
         if bands:
             return Route("bands", False, bands)
+        found = find_window_columns(states[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv) \
+            if ENABLE_COLUMN_LOWERING else None
+        if found is not None:
+            return Route("bands+columns", False, found[0], found[1].to(device))
     return Route("tiles-per-head" if per_head else "tiles", per_head)

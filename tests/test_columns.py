@@ -19,6 +19,30 @@ from test_bands import union
 def test_window_band_plus_columns_is_exactly_the_mask(rng, S, name, params):
     mod = get_mask_fn(name, **params)
     bands, positions = column_lowering(mod, S, S)
+    check_lowering(rng, mod, bands, positions, S, dense_predicate(name, S, S, **params))
+
+
+@pytest.mark.parametrize("S,name,params", [
+    (1024, "attamba", {"window_size": 256, "chunk_size": 128}), (777, "attamba", {"window_size": 100, "chunk_size": 32}),
+    (777, "streaming", {"sink_size": 4, "window_size": 150}), (600, "streaming", {"sink_size": 50, "window_size": 30})])
+def test_found_window_and_columns_are_exactly_a_users_own_mask(rng, S, name, params):
+    """The same masks written by hand (no hint): found from the mask, then exact through the model."""
+    from flex_flash_infer import create_block_mask
+    from flex_flash_infer.columns import find_window_columns
+
+    hinted = get_mask_fn(name, **params)
+
+    def users_own(b, h, q_idx, kv_idx):
+        return hinted(b, h, q_idx, kv_idx)
+
+    bm = create_block_mask(users_own, None, None, S, S, device="cpu")
+    found = find_window_columns(bm.states[0, 0], users_own, S, S, *bm.BLOCK_SIZE)
+    assert found is not None
+    check_lowering(rng, users_own, *found, S, dense_predicate(name, S, S, **params))
+
+
+def check_lowering(rng, mod, bands, positions, S, dense):
+    """Band through the dense oracle + gathered columns through the FlashInfer model, merged."""
     compact = compact_mask_mod(mod, bands, positions)
     B, H, Hkv, D, bq = 2, 4, 2, 16, 128
     q = torch.randn(B, H, S, D, generator=rng, dtype=torch.float64)
@@ -38,7 +62,7 @@ def test_window_band_plus_columns_is_exactly_the_mask(rng, S, name, params):
     o_band = o_band.transpose(1, 2).reshape(B * S, H, D)
     lse_band = lse_band.transpose(1, 2).reshape(B * S, H) * to_base2
     out, _ = merge_state(o_band, lse_band, o_col, lse_col)
-    ref, _ = dense_attention(q, k, v, dense_predicate(name, S, S, **params))
+    ref, _ = dense_attention(q, k, v, dense)
     assert rel_err(out.view(B, S, H, D).transpose(1, 2), ref) < 1e-12
     # nothing counted twice: the column part never sees a key the band covers
     assert not (compact(0, 0, torch.arange(S).view(-1, 1), torch.arange(positions.numel()).view(1, -1))

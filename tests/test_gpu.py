@@ -174,11 +174,18 @@ def test_score_mod_on_cuda_runs_on_reference_with_a_warning(cuda_gen, monkeypatc
 @pytest.mark.parametrize("S", [777, 2048])
 @pytest.mark.parametrize("name,params", [("attamba", {"window_size": 96, "chunk_size": 64}),
                                          ("streaming", {"sink_size": 4, "window_size": 150})])
-def test_window_band_plus_key_columns_route(cuda_gen, S, name, params):
-    """A window band plus gathered key columns (chunk ends or sinks), merged by log-sum-exp."""
+@pytest.mark.parametrize("hint", [True, False], ids=["library_mask", "users_own_mask"])
+def test_window_band_plus_key_columns_route(cuda_gen, S, name, params, hint):
+    """A window band plus gathered key columns (chunk ends or sinks), merged by log-sum-exp; a
+    hand-written copy of the mask (no hint) is found from the mask itself."""
     B, H, Hkv, D, dtype = 2, 8, 2, 128, torch.bfloat16
     q, k, v = inputs(B, H, Hkv, S, S, D, dtype, cuda_gen)
-    bm = create_block_mask(get_mask_fn(name, **params), None, None, S, S, device="cuda")
+    library = get_mask_fn(name, **params)
+
+    def users_own(b, h, q_idx, kv_idx):
+        return library(b, h, q_idx, kv_idx)
+
+    bm = create_block_mask(library if hint else users_own, None, None, S, S, device="cuda")
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
     plan = next(iter(bm._plans.values()))
     assert plan.route == "bands+columns"

@@ -39,3 +39,29 @@ def test_masks_that_read_h_or_b_never_take_bands():
     assert per_head.kind == "tiles-per-head"
     per_batch = route_of(lambda b, h, q, kv: (q >= kv) & (q - kv < 64 * (b + 1)), B=2)
     assert per_batch.kind == "tiles"
+
+
+@pytest.mark.parametrize("name,params", [("attamba", {"window_size": 256, "chunk_size": 128}),
+                                         ("attamba", {"window_size": 100, "chunk_size": 48}),
+                                         ("streaming", {"sink_size": 4, "window_size": 256})])
+def test_a_users_own_window_plus_columns_mask_is_found_without_a_hint(name, params):
+    hinted = get_mask_fn(name, **params)
+
+    def users_own(b, h, q_idx, kv_idx):   # the same predicate, written by hand: no hint attribute
+        return hinted(b, h, q_idx, kv_idx)
+
+    found, declared = route_of(users_own), route_of(hinted)
+    assert found.kind == declared.kind == "bands+columns"
+    assert found.bands == declared.bands
+    # the found columns are those the last row sees outside its window; the hint may list more
+    assert set(found.positions.tolist()) <= set(declared.positions.tolist())
+
+
+@pytest.mark.parametrize("mod", [
+    lambda b, h, q, kv: (q >= kv) & ((kv < 300) | (q - kv < 40)),                    # 300 sinks: too many
+    lambda b, h, q, kv: (q >= kv) & (((q - kv) < 64) | ((kv % 128 == 0) & (q < 900))),  # columns end early
+    lambda b, h, q, kv: (q >= kv) & ((q - kv) % 3 == 0),                             # dilated
+    lambda b, h, q, kv: (q - kv).abs() < 64,                                         # not causal
+], ids=["many_sinks", "columns_end_early", "dilated", "symmetric"])
+def test_other_masks_do_not_take_the_column_route(mod):
+    assert route_of(mod).kind == "tiles"
