@@ -91,6 +91,26 @@ def median_ms(fn, warmup: int = 5, rounds: int = 10, calls_per_round: int = 10) 
     return statistics.median(times)
 
 
+def check_then_time(row: dict, fn, error_of, tolerance: float = TOLERANCE) -> dict:
+    """Run fn once (its first call, compile time for torch_flex), check error_of(output), a
+    relative error against the reference, then time it. Fills row's first_call_s, rel_err and ms,
+    or error: a peer that cannot run a case, or runs it wrong, is reported and not timed."""
+    try:
+        first_call = time.time()
+        out = fn()
+        torch.cuda.synchronize()
+        row["first_call_s"] = time.time() - first_call
+        err = error_of(out)
+        row["rel_err"] = err
+        if not math.isfinite(err) or err > tolerance:
+            row["error"] = f"wrong result: rel_err {err:.3e}"
+        else:
+            row["ms"] = median_ms(fn)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+
+
 def count_visible_pairs(block_mask) -> int:
     """Exact count of visible pairs: full tiles whole, partial tiles evaluated."""
     states = block_mask.states[0, 0]
@@ -210,21 +230,9 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     for impl, fn in impls.items():
         row = {"case": name, "seq_len": seq_len, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim,
                "dtype": str(dtype).replace("torch.", ""), "impl": impl}
-        try:
-            first_call = time.time()
-            out = fn()
-            torch.cuda.synchronize()
-            row["first_call_s"] = time.time() - first_call  # compile time for torch_flex
-            err = rel_error(out[rows], ref)
-            row["rel_err"] = err
-            if not math.isfinite(err) or err > TOLERANCE:
-                row["error"] = f"wrong result: rel_err {err:.3e}"
-            else:
-                ms = median_ms(fn)
-                row["ms"] = ms
-                row["tflops"] = 4 * pairs * head_dim * heads_q / (ms * 1e-3) / 1e12
-        except Exception as e:  # a peer that cannot run this case is reported, not hidden
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        check_then_time(row, fn, lambda out: rel_error(out[rows], ref))
+        if "ms" in row:
+            row["tflops"] = 4 * pairs * head_dim * heads_q / (row["ms"] * 1e-3) / 1e12
         if impl == "flex_flash_infer":
             row["route"] = route
             row["prepare_ms"] = prepare_ms

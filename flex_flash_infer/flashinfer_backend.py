@@ -223,11 +223,9 @@ class FlashInferPlan:
         """All heads in one launch set: queries [Hq * B * L, 1, D], pages [Hkv * B * nKV, block_kv, 1, D]."""
         batch, q_len, kv_len, hq, hkv, d = self.shape
         q_hm = q.transpose(0, 1).reshape(hq * batch * q_len, 1, d)
-        pad = self.num_kv_tiles * self.block_kv - kv_len
 
-        def pages(x):
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
-            return x.permute(2, 0, 1, 3).reshape(hkv * batch * self.num_kv_tiles, self.block_kv, 1, d)
+        def pages(x):   # [B * nKV, block_kv, Hkv, D] -> key-head-major [Hkv * B * nKV, block_kv, 1, D]
+            return self._pages(x).permute(2, 0, 1, 3).reshape(-1, self.block_kv, 1, d)
 
         out, lse = self.groups[0].run(q_hm, (pages(k), pages(v)))
         out = out.view(hq, batch * q_len, d).transpose(0, 1).contiguous()
