@@ -118,6 +118,19 @@ def _tile_band(first, last, lo0, hi0, lo1, hi1):
     return ("window", delta, hi1 - lo1)
 
 
+def _key_fits(key, first, last, lo0, hi0, lo1, hi1) -> bool:
+    """Whether a query tile's probe rows are what a neighbour's key predicts. A tile of one row
+    (the tail of a sequence) proposes "full" by itself, though it continues a causal band."""
+    kind, a, b = key
+    if kind == "full":
+        return (lo0, hi0, lo1, hi1) == (a, b - 1, a, b - 1)
+    if hi0 != first + a or hi1 != last + a:
+        return False
+    if kind == "causal":
+        return lo0 == lo1 == b
+    return lo0 == max(0, first + a - b) and lo1 == max(0, last + a - b)
+
+
 def _band_of(key, q_start: int, q_end: int, kv_len: int) -> Band | None:
     """The band a run of query tiles [q_start, q_end) with one key stands for, or None if it
     would read past the keys or leave its first row with nothing to see."""
@@ -143,14 +156,16 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
     lo0, hi0, n0, lo1, hi1, n1 = (t.tolist() for t in (lo0, hi0, n0, lo1, hi1, n1))
     nonempty_tiles = (states != EMPTY).any(1).tolist()
     bands: list[Band] = []
-    keys = []
+    keys, probes = [], []
     for i in range(nq):
         if not nonempty_tiles[i]:
             keys.append(None)
+            probes.append(None)
             continue
         if n0[i] != hi0[i] - lo0[i] + 1 or n1[i] != hi1[i] - lo1[i] + 1 or n0[i] == 0 or n1[i] == 0:
             return None  # a probe row that is not one contiguous run of keys
-        key = _tile_band(first_rows[i].item(), last_rows[i].item(), lo0[i], hi0[i], lo1[i], hi1[i])
+        probes.append((first_rows[i].item(), last_rows[i].item(), lo0[i], hi0[i], lo1[i], hi1[i]))
+        key = _tile_band(*probes[-1])
         if key is None:
             return None
         keys.append(key)
@@ -160,7 +175,8 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
             i += 1
             continue
         j = i
-        while j + 1 < nq and keys[j + 1] == keys[i]:
+        while j + 1 < nq and keys[j + 1] is not None and (
+                keys[j + 1] == keys[i] or _key_fits(keys[i], *probes[j + 1])):
             j += 1
         band = _band_of(keys[i], i * block_q, min((j + 1) * block_q, q_len), kv_len)
         if band is None:

@@ -16,7 +16,7 @@ import time
 import torch
 
 from .block_build import EMPTY, FULL, PARTIAL, tile_elements
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
+from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
 
@@ -40,6 +40,20 @@ def random_tile_mask(seq_len: int, keep: float = 0.25, block: int = 128, seed: i
         return t[q_idx // block, kv_idx // block] & (q_idx >= kv_idx)
 
     return random_tiles
+
+
+def per_head_window_mask(windows=(128, 256, 512, 1024)):
+    """A causal window whose width depends on the query head (heads cycle through the widths)."""
+    widths = torch.tensor(windows, dtype=INDEX_DTYPE)
+    on_device = {}
+
+    def per_head_windows(b, h, q_idx, kv_idx):
+        w = on_device.get(q_idx.device)
+        if w is None:
+            w = on_device.setdefault(q_idx.device, widths.to(q_idx.device))
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < w[h % len(windows)])
+
+    return per_head_windows
 
 
 def _without_hint(mask_mod):
@@ -70,6 +84,7 @@ def case_masks(seq_len: int):
         "prefix_lm": (get_mask_fn("prefix_lm", prefix_len=2048), None, None),
         "document": (get_mask_fn("document", offsets=document_offsets(seq_len)), None, None),
         "random_tiles": (random_tile_mask(seq_len), None, None),
+        "per_head_windows": (per_head_window_mask(), None, None),
     }
 
 
@@ -111,18 +126,22 @@ def check_then_time(row: dict, fn, error_of, tolerance: float = TOLERANCE) -> di
     return row
 
 
-def count_visible_pairs(block_mask) -> int:
-    """Exact count of visible pairs: full tiles whole, partial tiles evaluated."""
-    states = block_mask.states[0, 0]
+def count_visible_pairs(block_mask) -> float:
+    """Exact count of visible pairs per query head (the mean over heads of a per-head mask):
+    full tiles whole, partial tiles evaluated."""
     bq, bkv = block_mask.BLOCK_SIZE
     q_len, kv_len = block_mask.seq_lengths
-    rows_in_tile = torch.clamp(q_len - torch.arange(states.shape[0], device=states.device) * bq, max=bq)
-    total = int(((states == FULL).sum(1) * rows_in_tile).sum()) * bkv  # tail rows past Q_LEN excluded
-    tiles = (states == PARTIAL).nonzero()
-    for p0 in range(0, tiles.shape[0], 1024):
-        qt, kt = tiles[p0:p0 + 1024].unbind(1)
-        total += int(tile_elements(block_mask.mask_mod, 0, 0, qt, kt, bq, bkv, q_len, kv_len)[0].sum())
-    return total
+    heads = block_mask.states.shape[1]
+    total = 0
+    for h in range(heads):
+        states = block_mask.states[0, h]
+        rows_in_tile = torch.clamp(q_len - torch.arange(states.shape[0], device=states.device) * bq, max=bq)
+        total += int(((states == FULL).sum(1) * rows_in_tile).sum()) * bkv  # tail rows past Q_LEN excluded
+        tiles = (states == PARTIAL).nonzero()
+        for p0 in range(0, tiles.shape[0], 1024):
+            qt, kt = tiles[p0:p0 + 1024].unbind(1)
+            total += int(tile_elements(block_mask.mask_mod, 0, h, qt, kt, bq, bkv, q_len, kv_len)[0].sum())
+    return total / heads
 
 
 def score_mod_cases():
@@ -145,10 +164,10 @@ def reference_rows(q, k, v, mask_mod, rows, score_mod=None):
     s = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[-1])
     zero = torch.zeros(1, 1, 1, dtype=INDEX_DTYPE, device=q.device)
     kv = torch.arange(k.shape[0], device=q.device, dtype=INDEX_DTYPE).view(1, 1, -1)
+    heads = torch.arange(q.shape[1], device=q.device, dtype=INDEX_DTYPE).view(-1, 1, 1)
     if score_mod is not None:
-        heads = torch.arange(q.shape[1], device=q.device, dtype=INDEX_DTYPE).view(-1, 1, 1)
         s = score_mod(s, zero, heads, rows.to(INDEX_DTYPE).view(1, -1, 1), kv)
-    m = evaluate_mask_mod(mask_mod, zero, zero, rows.to(INDEX_DTYPE).view(1, -1, 1), kv)[0]
+    m = evaluate_mask_mod(mask_mod, zero, heads, rows.to(INDEX_DTYPE).view(1, -1, 1), kv)  # [Hq, rows, S]
     s = s.masked_fill(~m, float("-inf"))
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
     return (p @ vs).transpose(0, 1)
@@ -189,6 +208,19 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     route = plan.route if plan is not None else "reference"
 
     impls = {"flex_flash_infer": lambda: flex(q, k, v)}
+    per_head = mask_dependence(mask_mod, 1, heads_q, 4, 4, dev)[1]
+    if per_head:
+        # every head in one launch set (the default), timed beside the loop over heads
+        from . import flashinfer_backend
+
+        saved, flashinfer_backend.PER_HEAD_ONE_LAUNCH = flashinfer_backend.PER_HEAD_ONE_LAUNCH, False
+        try:
+            flex_loop = FlexFlashInfer(device=dev)
+            flex_loop.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
+                              num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)
+        finally:
+            flashinfer_backend.PER_HEAD_ONE_LAUNCH = saved
+        impls["ours_head_loop"] = lambda: flex_loop(q, k, v)
     if name in ("attamba", "streaming"):
         # the generic tiles route, timed beside the window band + key columns route they take
         from . import route as route_module
@@ -205,7 +237,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if with_flex:
         build = time.time()
-        tbm = torch_create_block_mask(mask_mod, None, None, seq_len, seq_len, device=dev)
+        tbm = torch_create_block_mask(mask_mod, None, heads_q if per_head else None, seq_len, seq_len, device=dev)
         torch.cuda.synchronize()
         print(f"    torch create_block_mask (eager): {time.time() - build:.1f} s", flush=True)
         compiled = torch.compile(torch_flex_attention)
@@ -236,7 +268,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         if impl == "flex_flash_infer":
             row["route"] = route
             row["prepare_ms"] = prepare_ms
-            states = flex.block_mask.states[0, 0]
+            states = flex.block_mask.states[0]  # every head of a per-head mask
             row["tiles_nonempty"], row["tiles_total"] = int((states != EMPTY).sum()), states.numel()
         results.append(row)
     return results
@@ -293,6 +325,8 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
         for name, (mod, native, sdpa) in masks.items():
             if cases and name not in cases:
                 continue
+            if name == "per_head_windows" and seq_len > 8192:
+                continue  # torch's eager block-mask build would hold a dense [32, S, S] mask
             dims = (128, 64) if name in ("causal", "sliding_window") else (128,)
             for d in dims:
                 t0 = time.time()

@@ -26,8 +26,9 @@ LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # Per-head masks with every head in one launch set (planner.plan_tiles_head_major) instead of a
-# loop over heads. Exact on the CPU model of FlashInfer; opt-in until it has passed on a GPU.
-PER_HEAD_ONE_LAUNCH = os.environ.get("FLEX_FLASH_INFER_HEADS_ONE_LAUNCH") == "1"
+# loop over heads (passed the GPU tests on an H100, 2026-11-25); FLEX_FLASH_INFER_HEADS_ONE_LAUNCH=0
+# goes back to the loop.
+PER_HEAD_ONE_LAUNCH = os.environ.get("FLEX_FLASH_INFER_HEADS_ONE_LAUNCH", "1") != "0"
 WORKSPACE_BYTES = 256 << 20
 _workspaces: dict = {}
 

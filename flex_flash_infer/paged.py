@@ -57,7 +57,10 @@ class PagedFlexAttention:
         max_page = int(listed.max()) if listed.numel() else -1
         if listed.numel() and int(listed.min()) < 0:
             raise ValueError("kv_page_indices must be non-negative page ids")
+        # host ints, so that run() never syncs (it may be captured in a CUDA graph)
+        total_q = int(torch.as_tensor(qo_indptr)[-1])
         self._planned = dict(mod=mod, plan=plan, launches=launches, scale=scale, page_size=page_size, max_page=max_page,
+                             total_q=total_q,
                              heads=(num_qo_heads, num_kv_heads, head_dim), dtype=dtype,
                              tables=(torch.as_tensor(qo_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indptr).long().to(self.device),
@@ -77,7 +80,7 @@ class PagedFlexAttention:
         p = self._planned
         k_cache, v_cache = _split_cache(kv_cache)
         hq, hkv, d = p["heads"]
-        total_q = int(p["tables"][0][-1])
+        total_q = p["total_q"]
         if q.dim() != 3 or tuple(q.shape) != (total_q, hq, d):
             raise ValueError(f"q must be [total queries, num_qo_heads, head_dim] = {(total_q, hq, d)}, "
                              f"got {tuple(q.shape)}")

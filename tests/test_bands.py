@@ -31,6 +31,11 @@ def union(bands, L, S):
     ("sliding_window", {"window_size": 256}, 2048, 2048, 1),
     ("sliding_window", {"window_size": 100}, 999, 999, 1),
     ("prefix_lm", {"prefix_len": 512}, 2048, 2048, 2),
+    # a last query tile of one row looks "full" on its own; it still continues the band
+    ("causal", {}, 129, 129, 1),
+    ("causal", {}, 257, 300, 1),
+    ("sliding_window", {"window_size": 100}, 129, 129, 1),
+    ("sliding_window", {"window_size": 30}, 385, 385, 1),
 ])
 def test_native_patterns_lower_to_exact_bands(name, params, L, S, count):
     bands = bands_for(get_mask_fn(name, **params), L, S)

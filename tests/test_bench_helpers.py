@@ -8,8 +8,22 @@ from flex_flash_infer.bench import case_masks, count_visible_pairs, document_off
 
 def test_visible_pairs_counts_exactly():
     for name, (mod, _, _) in case_masks(1000).items():
-        bm = create_block_mask(mod, None, None, 1000, 1000, device="cpu")
-        assert count_visible_pairs(bm) == int(create_mask(mod, 1, 1, 1000, 1000, device="cpu").sum()), name
+        H = 4 if name == "per_head_windows" else None   # per head: the mean over the heads
+        bm = create_block_mask(mod, None, H, 1000, 1000, device="cpu")
+        assert count_visible_pairs(bm) == create_mask(mod, 1, H, 1000, 1000, device="cpu").sum().item() / (H or 1), name
+
+
+def test_reference_rows_use_each_heads_own_mask(rng):
+    S, H, Hkv, D = 1100, 8, 2, 16
+    q = torch.randn(S, H, D, generator=rng)
+    k = torch.randn(S, Hkv, D, generator=rng)
+    v = torch.randn(S, Hkv, D, generator=rng)
+    mod = case_masks(S)["per_head_windows"][0]
+    rows = torch.tensor([0, 300, 700, 1099])
+    dense = create_mask(mod, 1, H, S, S, device="cpu")
+    assert not torch.equal(dense[0, 0], dense[0, 1])
+    ref, _ = dense_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dense)
+    assert rel_err(reference_rows(q, k, v, mod, rows), ref[0].transpose(0, 1)[rows]) < 1e-5
 
 
 def test_reference_rows_match_dense_attention(rng):

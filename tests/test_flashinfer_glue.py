@@ -75,7 +75,7 @@ def test_packed_varlen_batch_through_the_wrapper(fake, monkeypatch, rng, one_lau
     monkeypatch.setattr(varlen, "ENABLED", one_launch)
     monkeypatch.setattr(varlen, "_is_hopper", lambda device: True)
     monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
-    lens_q = lens_kv = [300, 1, 130, 77]
+    lens_q = lens_kv = [300, 1, 130, 77, 129]  # 129: a one-row last tile
     cu_q, cu_kv = [0] + list(torch.tensor(lens_q).cumsum(0).tolist()), [0] + list(torch.tensor(lens_kv).cumsum(0).tolist())
     H, Hkv, D = 4, 2, 16
     mod = get_mask_fn(name, **params)

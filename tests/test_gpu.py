@@ -61,7 +61,7 @@ def test_library_masks(cuda_gen, dtype, D, name, params):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,S", [(333, 333), (200, 517), (517, 130)])
 def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, monkeypatch, dtype, L, S, one_launch):
-    """heads_one_launch: the opt-in FLEX_FLASH_INFER_HEADS_ONE_LAUNCH=1 path (all heads in one launch set)."""
+    """heads_one_launch: every head in one launch set (the default); head_loop: FLEX_FLASH_INFER_HEADS_ONE_LAUNCH=0."""
     from flex_flash_infer import flashinfer_backend
 
     monkeypatch.setattr(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", one_launch)
@@ -228,7 +228,7 @@ def test_band_routes_ragged_and_per_batch(cuda_gen, dtype, B, name):
 
 @pytest.mark.parametrize("one_launch", [False, True], ids=["plan_per_sequence", "one_ragged_launch"])
 def test_packed_varlen_batch_in_the_wrapper(cuda_gen, monkeypatch, one_launch):
-    """one_ragged_launch: the opt-in FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH=1 path."""
+    """one_ragged_launch: the default; plan_per_sequence: FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH=0."""
     from flex_flash_infer import varlen
 
     monkeypatch.setattr(varlen, "ENABLED", one_launch)
