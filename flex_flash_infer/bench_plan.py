@@ -1,8 +1,9 @@
 """Plan-time benchmark: how long planning takes, against torch's compiled block-mask build.
 
 Measures, in one process on a CUDA GPU:
-  * create_block_mask at 131072 tokens (causal and attamba): this library vs
-    torch.compile(torch.nn.attention.flex_attention.create_block_mask), warm, median of runs;
+  * create_block_mask at 131072 tokens (causal and attamba): this library (eager, and with
+    _compile=True) vs torch.compile(torch.nn.attention.flex_attention.create_block_mask), warm,
+    median of runs, and whether the two tile maps agree;
   * FlexFlashInfer.prepare() for a 32768-token causal problem (block mask + lowering + FlashInfer
     plan), warm (kernels already compiled), median of runs.
 Prints a table and writes JSON with the device name.
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from .block_mask import create_block_mask
+from .block_mask import BlockMask, create_block_mask
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
 
@@ -42,20 +43,33 @@ def run_plan_benchmark(out_path: str | None = None) -> dict:
         mod = get_mask_fn(name, **params)
         n = 131072
         ours = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda"))
+        ours_compiled = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda", _compile=True))
         theirs = _median_s(lambda: compiled(mod, None, None, n, n, device="cuda"))
-        rows.append({"what": f"create_block_mask {name} {n}", "ours_ms": ours * 1e3, "torch_compiled_ms": theirs * 1e3})
+        same = torch.equal(create_block_mask(mod, None, None, n, n, device="cuda", _compile=True).states,
+                           BlockMask.from_torch(compiled(mod, None, None, n, n, device="cuda")).states)
+        rows.append({"what": f"create_block_mask {name} {n}", "ours_ms": ours * 1e3,
+                     "ours_compiled_ms": ours_compiled * 1e3, "torch_compiled_ms": theirs * 1e3,
+                     "same_tiles_as_torch": same})
     flex = FlexFlashInfer(device="cuda")
+    mod = get_mask_fn("causal")
 
     def prepare():
-        flex.prepare(mask_fn=get_mask_fn("causal"), seq_len_q=32768, seq_len_kv=32768, num_qo_heads=32,
+        flex.prepare(mask_fn=mod, seq_len_q=32768, seq_len_kv=32768, num_qo_heads=32,
                      num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
 
     rows.append({"what": "prepare causal 32768 (mask + lowering + plan)", "ours_ms": _median_s(prepare) * 1e3,
-                 "torch_compiled_ms": None})
-    print(f"{'what':52s} {'ours ms':>10s} {'torch.compile ms':>17s}")
+                 "ours_compiled_ms": None, "torch_compiled_ms": None})
+    rows.append({"what": "  of which create_block_mask causal 32768",
+                 "ours_ms": _median_s(lambda: create_block_mask(mod, None, None, 32768, 32768, device="cuda")) * 1e3,
+                 "ours_compiled_ms": None, "torch_compiled_ms": None})
+    print(f"{'what':52s} {'ours ms':>10s} {'ours _compile ms':>17s} {'torch.compile ms':>17s}")
+
+    def cell(x):
+        return f"{x:17.1f}" if x is not None else f"{'-':>17s}"
+
     for r in rows:
-        theirs = f"{r['torch_compiled_ms']:17.1f}" if r["torch_compiled_ms"] is not None else f"{'-':>17s}"
-        print(f"{r['what']:52s} {r['ours_ms']:10.1f} {theirs}")
+        same = "" if "same_tiles_as_torch" not in r else ("same tiles" if r["same_tiles_as_torch"] else "TILES DIFFER")
+        print(f"{r['what']:52s} {r['ours_ms']:10.1f} {cell(r['ours_compiled_ms'])} {cell(r['torch_compiled_ms'])} {same}")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "rows": rows}
     if out_path:

@@ -7,47 +7,93 @@ from __future__ import annotations
 
 import torch
 
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, index_grid
+from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, index_grid, mask_dependence
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# On a GPU a chunk of 2^28 booleans (256 MiB) keeps the launches few and the memory small; a
+# compiled build never materializes its chunk, so it takes larger ones.
+CUDA_CHUNK_ELEMENTS = 1 << 28
+COMPILED_CHUNK_ELEMENTS = 1 << 30
 
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _tile_counts(mask_mod, b, h, q, kv, q_valid, kv_valid, block_q: int, block_kv: int):
+    """Visible pairs per tile of one chunk, int32 [B or 1, H or 1, q tiles, kv tiles]. The mod's
+    result keeps its broadcast b and h dims (counted once, expanded later); padding is masked
+    only when the chunk has any (q_valid / kv_valid are None otherwise)."""
+    out = mask_mod(b, h, q, kv)
+    if not isinstance(out, torch.Tensor):
+        out = torch.as_tensor(out, device=q.device)
+    if out.dtype != torch.bool:
+        raise TypeError(f"mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} must return a bool tensor, got {out.dtype}")
+    nq, nkv = q.shape[-2], kv.shape[-1]
+    if out.dim() > 4 or any(n not in (1, want) for n, want in zip(out.shape[-2:], (nq, nkv)[2 - min(2, out.dim()):])):
+        raise ValueError(f"mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} returned shape {tuple(out.shape)}, "
+                         f"which does not broadcast to the index grid [B, H, {nq}, {nkv}]")
+    out = out.reshape((1,) * (4 - out.dim()) + tuple(out.shape))
+    out = out.expand(out.shape[0], out.shape[1], nq, nkv)
+    if q_valid is not None:
+        out = out & q_valid.view(-1, 1)
+    if kv_valid is not None:
+        out = out & kv_valid.view(1, -1)
+    # the contiguous key dimension first: a fast inner reduction, then the tile's rows
+    per_row = out.reshape(out.shape[0], out.shape[1], nq, nkv // block_kv, block_kv).sum(-1, dtype=torch.int32)
+    return per_row.view(out.shape[0], out.shape[1], nq // block_q, block_q, nkv // block_kv).sum(3)
+
+
+_compiled_tile_counts = None
+
+
+def _compiled():
+    global _compiled_tile_counts
+    if _compiled_tile_counts is None:
+        _compiled_tile_counts = torch.compile(_tile_counts, dynamic=False)
+    return _compiled_tile_counts
+
+
 def classify_tiles(
     mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int,
-    device, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    device, chunk_elements: int | None = None, compile: bool = False,
 ) -> torch.Tensor:
     """Tile states int8 [B, H, nQ, nKV]: 0 empty, 1 partial, 2 full.
 
     A tile is full when every in-range (q, kv) pair in it is visible and it has no padded
     keys; padded query rows (Q_LEN not a multiple of block_q) do not count, since no kernel
     computes them. Padded keys do count (they must be masked), so a key tail tile is at most
-    partial.
+    partial. compile=True evaluates each chunk in one fused kernel (torch.compile, as
+    FlexAttention's create_block_mask(_compile=True)): a first call per mask_mod and shape pays
+    the compile time, later calls never write the chunk's mask to memory.
     """
+    device = torch.device(device)
+    if chunk_elements is None:
+        chunk_elements = (COMPILED_CHUNK_ELEMENTS if compile else CUDA_CHUNK_ELEMENTS) if device.type == "cuda" \
+            else DEFAULT_CHUNK_ELEMENTS
+    counts_of = _compiled() if compile else _tile_counts
+    uses_b, uses_h = mask_dependence(mask_mod, B, H, Q_LEN, KV_LEN, device)
+    chunk_elements = max(1, chunk_elements // ((B if uses_b else 1) * (H if uses_h else 1)))
     nq, nkv = ceil_div(Q_LEN, block_q), ceil_div(KV_LEN, block_kv)
     states = torch.empty((B, H, nq, nkv), dtype=torch.int8, device=device)
     # Query tiles per chunk, and key tiles per chunk when one query tile row is already too big.
-    kv_tiles_per_chunk = max(1, min(nkv, chunk_elements // max(1, B * H * block_q * block_kv)))
-    q_tiles_per_chunk = max(1, chunk_elements // max(1, B * H * block_q * kv_tiles_per_chunk * block_kv))
+    kv_tiles_per_chunk = max(1, min(nkv, chunk_elements // max(1, block_q * block_kv)))
+    q_tiles_per_chunk = max(1, chunk_elements // max(1, block_q * kv_tiles_per_chunk * block_kv))
     b_idx, h_idx = torch.arange(B, device=device), torch.arange(H, device=device)
+    rows_in_tile = torch.clamp(Q_LEN - torch.arange(nq, device=device) * block_q, max=block_q)
+    full_count = (rows_in_tile * block_kv).to(torch.int32).view(1, 1, -1, 1)
     for qt0 in range(0, nq, q_tiles_per_chunk):
         qt1 = min(nq, qt0 + q_tiles_per_chunk)
         q_raw = torch.arange(qt0 * block_q, qt1 * block_q, device=device, dtype=INDEX_DTYPE)
-        q_valid = q_raw < Q_LEN
-        rows_valid = (q_valid.view(qt1 - qt0, block_q).sum(1) * block_kv).view(1, 1, -1, 1)
+        q_valid = q_raw < Q_LEN if qt1 * block_q > Q_LEN else None
         for kt0 in range(0, nkv, kv_tiles_per_chunk):
             kt1 = min(nkv, kt0 + kv_tiles_per_chunk)
             kv_raw = torch.arange(kt0 * block_kv, kt1 * block_kv, device=device, dtype=INDEX_DTYPE)
-            kv_valid = kv_raw < KV_LEN
+            kv_valid = kv_raw < KV_LEN if kt1 * block_kv > KV_LEN else None
             grid = index_grid(b_idx, h_idx, q_raw.clamp(max=Q_LEN - 1), kv_raw.clamp(max=KV_LEN - 1), device)
-            visible = evaluate_mask_mod(mask_mod, *grid) & (q_valid.view(-1, 1) & kv_valid.view(1, -1))
-            counts = visible.reshape(B, H, qt1 - qt0, block_q, kt1 - kt0, block_kv).sum(
-                dim=(3, 5), dtype=torch.int32)
-            tile = torch.where(counts == rows_valid, FULL, torch.where(counts > 0, PARTIAL, EMPTY))
+            counts = counts_of(mask_mod, *grid, q_valid, kv_valid, block_q, block_kv)
+            tile = torch.where(counts == full_count[:, :, qt0:qt1], FULL, torch.where(counts > 0, PARTIAL, EMPTY))
             states[:, :, qt0:qt1, kt0:kt1] = tile.to(torch.int8)
     return states
 

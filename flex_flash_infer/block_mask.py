@@ -145,6 +145,8 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
 
     B or H of None mean 1 (broadcast over batch or heads). device defaults to CUDA when
     available, else CPU (torch >= 2.10's rule). BLOCK_SIZE is an int or a (q, kv) pair.
+    _compile=True (torch's flag) evaluates the mask in fused torch.compile kernels: seconds of
+    compiling on the first call per mask_mod and shape, then much faster builds of long masks.
     """
     mask_mod = as_mask_mod(mask_mod)
     B = 1 if B is None else check_positive_int("B", B)
@@ -154,7 +156,8 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
-    states = classify_tiles(mask_mod, B, H, Q_LEN, KV_LEN, bq, bkv, torch.device(device), **kwargs)
+    states = classify_tiles(mask_mod, B, H, Q_LEN, KV_LEN, bq, bkv, torch.device(device), compile=bool(_compile),
+                            **kwargs)
     return BlockMask.from_states(states, (Q_LEN, KV_LEN), (bq, bkv), mask_mod)
 
 

@@ -35,6 +35,17 @@ FFI_HD float ffi_min(float a, float b) { return (a != a || b != b) ? NAN : fminf
 FFI_HD int ffi_max(int a, int b) { return a > b ? a : b; }
 FFI_HD float ffi_max(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
 FFI_HD float ffi_sigmoid(float a) { return 1.f / (1.f + expf(-a)); }
+// one MUFU instruction on the GPU (as FlashInfer's own logits soft cap): tanhf costs two MUFU
+// and a dozen more instructions per score, in a loop whose exp2 already saturates that unit
+FFI_HD float ffi_tanh(float a) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(a));
+  return y;
+#else
+  return tanhf(a);
+#endif
+}
 #endif
 """
 
@@ -73,17 +84,41 @@ def _cast(code: str, src: str, dst: str) -> str:
     return f"(({CTYPE[dst]})({code}))"
 
 
-def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input_ref=None) -> str:
+def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input_ref=None,
+                    hoisted: list | None = None, invariant_inputs=()) -> str:
+    """The graph as one C++ expression. With a hoisted list, every largest subexpression that
+    reads none of the inputs outside invariant_inputs (say b and h, fixed for a whole tile) is
+    appended to it as (name, ctype, code) and the expression refers to name instead, so a
+    kernel can compute it once (captured tables indexed by head, scalars converted to float);
+    a division by such a value becomes a multiplication by its hoisted reciprocal."""
     stride_ref = stride_ref or (lambda name, i: f"{name}_stride{i}")
     input_ref = input_ref or (lambda name: name)
-    memo = {}
+    memo, varies = {}, {}
+
+    def variant(node: Node) -> bool:
+        if id(node) not in varies:
+            if node.op == "input":
+                varies[id(node)] = node.attr not in invariant_inputs
+            else:
+                varies[id(node)] = any(variant(a) for a in node.args if isinstance(a, Node))
+        return varies[id(node)]
+
+    def hoist(code: str, kind: str) -> str:
+        name = f"ffi_hoisted{len(hoisted)}"
+        hoisted.append((name, CTYPE[kind], code))
+        return name
 
     def go(node: Node) -> str:
         if id(node) in memo:
             return memo[id(node)]
         code = emit(node)
+        if hoisted is not None and node.op not in ("const", "input") and not variant(node):
+            code = hoist(code, node.kind)
         memo[id(node)] = code
         return code
+
+    def hoisting() -> bool:
+        return hoisted is not None
 
     def arg(node: Node, kind: str) -> str:
         return _cast(go(node), node.kind, kind)
@@ -104,6 +139,9 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
             kind = "int" if k == "bool" else k
             return f"({arg(a[0], kind)} {sym} {arg(a[1], kind)})"
         if op == "div":
+            if hoisting() and variant(a[0]) and not variant(a[1]):
+                reciprocal = hoist(f"(1.0f / {arg(a[1], 'float')})", "float")
+                return f"({arg(a[0], 'float')} * {reciprocal})"
             return f"({arg(a[0], 'float')} / {arg(a[1], 'float')})"
         if op in ("floordiv", "mod", "min", "max"):
             kind = "int" if k == "bool" else k
@@ -129,7 +167,9 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
             return f"(-{arg(a[0], k)})"
         if op == "abs":
             return f"ffi_abs({arg(a[0], k)})"
-        if op in ("exp", "log", "tanh", "sqrt"):
+        if op == "tanh":
+            return f"ffi_tanh({arg(a[0], 'float')})"
+        if op in ("exp", "log", "sqrt"):
             return f"{op}f({arg(a[0], 'float')})"
         if op == "sigmoid":
             return f"ffi_sigmoid({arg(a[0], 'float')})"

@@ -25,7 +25,11 @@ def host_source(graph: Graph) -> str:
         + "".join(f"  const long long {name}_stride{d} = strides[{4 * i + d}];\n" for d in range(t.dim()))
         for i, (name, t) in enumerate(graph.tensors))
     scalar_index = {name: i for i, (name, _, _) in enumerate(graph.scalars)}
-    expr = emit_expression(graph, lambda n: f"scalars[{scalar_index[n]}]", lambda n: n)
+    # hoisted as the GPU variant hoists (what reads only b and h), here recomputed per element
+    hoisted = []
+    expr = emit_expression(graph, lambda n: f"scalars[{scalar_index[n]}]", lambda n: n, hoisted=hoisted,
+                           invariant_inputs=("b", "h"))
+    hoisted_decl = "".join(f"    const {ctype} {name} = {code};\n" for name, ctype, code in hoisted)
     return f"""#include <cmath>
 #include <cstdint>
 {PRELUDE}
@@ -35,7 +39,7 @@ extern "C" void eval_mod(long long n, const float* score_in, const int* b_in, co
 {tensor_decl}  for (long long i = 0; i < n; ++i) {{
     const float score = score_in[i]; const int b = b_in[i], h = h_in[i], q_idx = q_in[i], kv_idx = kv_in[i];
     (void)score; (void)b; (void)h; (void)q_idx; (void)kv_idx;
-    out[i] = (float)({CTYPE[graph.output.kind]})({expr});
+{hoisted_decl}    out[i] = (float)({CTYPE[graph.output.kind]})({expr});
   }}
 }}
 """

@@ -9,7 +9,9 @@ entry, so the variant can hand the score_mod absolute positions.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+
 import torch
 
 from .bands import band_launches
@@ -35,7 +37,8 @@ class ScoreModBands:
         graph = trace(score_mod, "score_mod")
         spec = fa3_score_mod_variant(graph)
         use_swa = any(b.window_left >= 0 for b in bands)
-        uri = f"ffi_{graph.key()}_{str(dtype).split('.')[-1]}_d{head_dim}_{'swa' if use_swa else 'noswa'}"
+        # the code's own hash: a changed code generator never reuses a stale cached module
+        uri = f"ffi_{hashlib.sha256(spec.decl.encode()).hexdigest()[:16]}_{str(dtype).split('.')[-1]}_d{head_dim}_{'swa' if use_swa else 'noswa'}"
         jit_args = spec.jit_args(uri, dtype, head_dim, torch.int32, use_swa)
         tensors = [kernel_tensor(t).to(device) for _, t in graph.tensors]
         self.extra_scalars = [float(scale)] + [v for _, _, v in graph.scalars] + [

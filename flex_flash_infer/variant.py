@@ -8,8 +8,9 @@ returns score_mod(score, b, h, q, kv); the softmax then runs in base 2 with log2
 
 Status: compiled against FlashInfer's headers in CPU tests (nvcc, no GPU), run by
 score_mod_kernels.ScoreModBands, and checked against the reference on an H100 (17 GPU tests,
-2026-11-25). It is correct but 2.9-3.5x slower than the same mask without a score_mod
-(benchmarks/README.md). fa2_score_mod_variant (any FlashInfer GPU, and FlashInfer's masked path)
+2026-11-25). That run was 2.9-3.5x slower than the same mask without a score_mod; since then
+what reads only b and h (a captured per-head table, scalars) is computed once per tile in the
+constructor, a division by such a value is a multiplication, and tanh is one tanh.approx. fa2_score_mod_variant (any FlashInfer GPU, and FlashInfer's masked path)
 compiles as device code against FlashInfer's headers in CPU tests; nothing runs it yet.
 """
 from __future__ import annotations
@@ -53,23 +54,30 @@ def _kernel_arguments(graph: Graph):
     return tensor_names, tensor_dtypes, scalar_names, scalar_dtypes
 
 
-def _score_expression(graph: Graph, p: str) -> str:
-    """score_mod as C++, reading the kernel arguments through the prefix p."""
-    return emit_expression(graph, scalar_ref=lambda n: p + f"ffi_{n}", tensor_ref=lambda n: p + f"ffi_{n}",
-                           stride_ref=lambda n, d: p + f"ffi_{n}_stride{d}", input_ref=INPUT_NAMES.__getitem__)
+def _score_expression(graph: Graph, p: str, invariant_inputs):
+    """(score_mod as C++ reading the kernel arguments through the prefix p, member declarations,
+    constructor statements): what reads only invariant_inputs (fixed for the variant object) is
+    computed once in the constructor, not per score."""
+    hoisted = []
+    expr = emit_expression(graph, scalar_ref=lambda n: p + f"ffi_{n}", tensor_ref=lambda n: p + f"ffi_{n}",
+                           stride_ref=lambda n, d: p + f"ffi_{n}_stride{d}", input_ref=INPUT_NAMES.__getitem__,
+                           hoisted=hoisted, invariant_inputs=invariant_inputs)
+    members = "".join(f"  {ctype} {name};\n" for name, ctype, _ in hoisted)
+    statements = "".join(f"    {name} = {code};\n" for name, _, code in hoisted)
+    return expr, members, statements
 
 
 def fa3_score_mod_variant(graph: Graph) -> VariantSpec:
     name = f"FlexScoreMod_{graph.key()}"
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
     p = "params.additional_params."
-    expr = _score_expression(graph, p)
+    expr, members, statements = _score_expression(graph, p, ("b", "h"))  # one object per (tile, head)
     decl = f"""{PRELUDE}
 struct {name} : AttentionVariantBase {{
   float sm_scale_log2;
   uint32_t kv_len_;
   int q0_, kv0_, b_;
-  template <typename MainloopParams, typename BlockCoord>
+{members}  template <typename MainloopParams, typename BlockCoord>
   __device__ {name}(const MainloopParams& params, const BlockCoord& block_coord) {{
     auto [q_tile_idx, qo_head_idx, kv_head_idx, qo_indptr, kv_indptr, qo_len, kv_len, batch_idx] = block_coord;
     sm_scale_log2 = math::log2e;  // LogitsTransform returns scores already scaled
@@ -77,7 +85,9 @@ struct {name} : AttentionVariantBase {{
     q0_ = {p}ffi_req_q0[batch_idx];
     kv0_ = {p}ffi_req_kv0[batch_idx];
     b_ = {p}ffi_req_b[batch_idx];
-  }}
+    const int ffi_b = b_, ffi_h = int(qo_head_idx);
+    (void)ffi_b; (void)ffi_h;
+{statements}  }}
   template <int NUM_ROWS_PER_THREAD>
   __device__ auto GetAttentionUpdater() {{ return OnlineSoftmax<NUM_ROWS_PER_THREAD, true>(sm_scale_log2); }}
   REGISTER_LOGITS_TRANSFORM(params, logits, batch_idx, qo_idx, kv_idx, qo_head_idx, kv_head_idx, {{
@@ -103,7 +113,7 @@ def fa2_score_mod_variant(graph: Graph) -> VariantSpec:
     base = f"FlexScoreModFa2_{graph.key()}"
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
     p = "params."
-    expr = _score_expression(graph, p)
+    expr, members, statements = _score_expression(graph, p, ("b",))  # one object per request, all heads
     decl = f"""{PRELUDE}
 template <bool use_custom_mask>
 struct {base} : AttentionVariantBase {{
@@ -112,7 +122,7 @@ struct {base} : AttentionVariantBase {{
   uint32_t qo_len, kv_len, window_left;
   float sm_scale_log2;
   int q0_, kv0_, b_;
-  template <typename Params>
+{members}  template <typename Params>
   __device__ __host__ {base}(const Params& params, uint32_t batch_idx, uint8_t* smem_ptr) {{
     qo_len = params.get_qo_len(batch_idx);
     kv_len = params.get_kv_len(batch_idx);
@@ -124,7 +134,9 @@ struct {base} : AttentionVariantBase {{
     if constexpr (use_custom_mask) {{
       custom_mask_ptr = params.maybe_custom_mask + params.maybe_mask_indptr[batch_idx];
     }}
-  }}
+    const int ffi_b = b_;
+    (void)ffi_b;
+{statements}  }}
   REGISTER_LOGITS_TRANSFORM(params, logits, batch_idx, qo_idx, kv_idx, qo_head_idx, kv_head_idx, {{
     const float ffi_score = float(logits) * float({p}{SCALE_NAME});
     const int ffi_b = b_, ffi_h = int(qo_head_idx), ffi_q = q0_ + int(qo_idx), ffi_kv = kv0_ + int(kv_idx);

@@ -129,3 +129,27 @@ def test_a_torch_block_mask_is_converted_once_per_object():
     assert check_block_mask(tbm, 1, 2, 256, 256, "cpu") is first      # its plans are reused
     other = torch_flex.create_block_mask(get_mask_fn("causal"), None, None, 256, 256, device="cpu")
     assert check_block_mask(other, 1, 2, 256, 256, "cpu") is not first
+
+
+@pytest.mark.parametrize("L,S,block", [(301, 173, 64), (256, 512, (32, 128))])
+def test_compiled_build_matches_dense_classification(rng, L, S, block):
+    """_compile=True: the chunk evaluated by torch.compile (inductor's CPU backend here) gives
+    the same tiles as the dense mask, padding and per-(batch, head) masks included."""
+    B, H = 2, 3
+    mod, dense = random_mask_mod(B, H, L, S, rng)
+    bm = create_block_mask(mod, B, H, L, S, device="cpu", BLOCK_SIZE=block, _compile=True)
+    bq, bkv = (block, block) if isinstance(block, int) else block
+    assert torch.equal(bm.states, dense_tile_states(dense, bq, bkv))
+
+
+def test_chunks_shrink_for_masks_that_differ_per_head():
+    """The chunk budget counts every (batch, head) slice a per-head mask materializes."""
+    seen = {"max": 0}
+
+    def per_head(b, h, q, kv):
+        out = (q >= kv) & (h >= 0)
+        seen["max"] = max(seen["max"], out.numel())
+        return out
+
+    create_block_mask(per_head, 2, 8, 1000, 1000, device="cpu", chunk_elements=1 << 18)
+    assert seen["max"] <= 1 << 18

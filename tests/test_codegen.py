@@ -188,3 +188,22 @@ def test_random_expressions(rng, seed):
     want = mod(score, b, h, q, kv).float()
     close = torch.isclose(got, want, rtol=1e-4, atol=1e-4, equal_nan=True)
     assert close.all(), f"{source}: {got[~close][:5]} vs {want[~close][:5]}"
+
+
+def test_per_score_code_leaves_tile_invariant_work_to_the_constructor():
+    """What a kernel runs per score: alibi's per-head slope is read once (no load left in the
+    expression), softcap's division becomes a multiplication and its tanh the one-instruction one."""
+    from flex_flash_infer.codegen import emit_expression
+
+    def per_score(mod):
+        hoisted = []
+        expr = emit_expression(trace(mod, "score_mod"), lambda n: n, lambda n: n, hoisted=hoisted,
+                               invariant_inputs=("b", "h"))
+        return expr, [code for _, _, code in hoisted]
+
+    expr, hoisted = per_score(generate_alibi_score_mod(num_heads=8))
+    assert "[" not in expr and any("[" in code for code in hoisted)
+    expr, hoisted = per_score(generate_softcap_score_mod(30.0))
+    assert "/" not in expr and "ffi_tanh(" in expr and "tanhf" not in expr
+    expr, hoisted = per_score(generate_relative_position_bias_score_mod(torch.randn(8, 31)))
+    assert "[" in expr  # indexed by kv - q: stays per score
