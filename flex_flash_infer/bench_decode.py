@@ -65,11 +65,17 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
         compiled = torch.compile(flex_attention)
         qf = q.unsqueeze(2)
         impls["torch_flex"] = lambda: compiled(qf, kf, vf, block_mask=bm, enable_gqa=True).squeeze(2)
+    # which kernel FlashInfer's backend="auto" picked for each wrapper (cuDNN or its own)
+    picked = {"flashinfer_native": getattr(native, "resolved_backend", None),
+              "flex_flash_infer": getattr(full, "resolved_backend", None)}
+    picked["ours_kernel_only"] = picked["flex_flash_infer"]
     visible = int((ours._planned["plan"].page_states != EMPTY).sum()) * page  # whole visible pages
     rows = []
     for impl, fn in impls.items():
         row = {"case": f"decode_{name}", "batch": batch, "context": context, "heads_q": hq, "heads_kv": hkv,
                "head_dim": d, "page_size": page, "dtype": str(dtype).replace("torch.", ""), "impl": impl}
+        if picked.get(impl):
+            row["flashinfer_backend"] = picked[impl]
         check_then_time(row, fn, lambda out: rel_error(out.float(), ref))
         if "ms" in row:
             row["kv_gb_per_s"] = visible * hkv * d * 2 * k_cache.element_size() / (row["ms"] * 1e-3) / 1e9
@@ -90,7 +96,8 @@ def run_decode_benchmark(out_path: str | None = None, with_flex: bool = True) ->
         ratio = f"{nat / r['ms']:9.2f}" if nat and r.get("ms") else f"{'-':>9s}"
         ms = f"{r['ms']:8.3f}" if "ms" in r else f"{'-':>8s}"
         gbs = f"{r['kv_gb_per_s']:8.0f}" if "kv_gb_per_s" in r else f"{'-':>8s}"
-        print(f"{r['case']:24s} {r['impl']:18s} {ms} {gbs} {ratio} {r.get('error', '')}")
+        print(f"{r['case']:24s} {r['impl']:18s} {ms} {gbs} {ratio} {r.get('flashinfer_backend', ''):6s} "
+              f"{r.get('error', '')}")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
               "date": datetime.date.today().isoformat(), "rows": rows}
     if out_path:

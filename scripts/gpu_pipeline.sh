@@ -7,8 +7,10 @@
 # Stages, in the default order: warm tests score-tests bench-32k decode varlen plan bench-8k
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
 #   tests        every GPU test except the compiled score_mod ones
+#   examples     python examples/*.py on the GPU (each checks its own result)
 #   score-tests  the compiled score_mod tests (after the variants are built)
 #   bench-8k, bench-32k  python -m flex_flash_infer bench at 8192 / 32768 tokens (JSON in the run dir)
+#   bench-32k-rest       the 32768 random_tiles, alibi and rel_bias rows only
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
 run_dir=/tmp/ffi_run
@@ -36,6 +38,7 @@ case "${1:-}" in
       echo "=== $stage $(date +%T)"
       case $stage in
         warm)
+          # 15 kernel sets compile at once (one process each, 3 nvcc jobs each): 12 minutes on 16 cores
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 64 >$run_dir/warm-bf16.log 2>&1 &
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 >$run_dir/warm-fp16.log 2>&1
           wait
@@ -47,8 +50,11 @@ case "${1:-}" in
             >$run_dir/warm-score-fp16.log 2>&1 &
           echo $! > $run_dir/score_warm_pid ;;
         tests)
-          python3 -m pytest -q -m gpu tests/ -rfE -k "not compiled_into" -p no:cacheprovider \
+          python3 -m pytest -q -m gpu tests/ -rfE -k "not compiled_into" -p no:cacheprovider --durations=12 \
             >$run_dir/gpu_tests.log 2>&1; tail -n 15 $run_dir/gpu_tests.log ;;
+        examples)
+          for f in examples/*.py; do echo "--- $f"; python3 "$f" 2>&1 | grep -v "INFO\|arning" | tail -n 4; \
+            echo "exit ${PIPESTATUS[0]}"; done >$run_dir/examples.log 2>&1; cat $run_dir/examples.log ;;
         score-tests)
           while pgrep -f "kinds score_mod" >/dev/null; do sleep 5; done
           grep -h "ok\|FAILED" $run_dir/warm-score*.log
@@ -58,6 +64,9 @@ case "${1:-}" in
           n=$([ "$stage" = bench-8k ] && echo 8192 || echo 32768)
           python3 -m flex_flash_infer bench --seq-lens "$n" --out "$run_dir/$stage.json" 2>&1 \
             | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
+        bench-32k-rest)  # the 32768 rows after random_tiles
+          python3 -m flex_flash_infer bench --seq-lens 32768 --cases random_tiles alibi+causal rel_bias+causal \
+            --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
         decode|varlen)
           python3 -m flex_flash_infer bench --$stage --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" \
             >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
