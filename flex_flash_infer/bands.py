@@ -153,7 +153,9 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
     last_rows = torch.clamp(first_rows + block_q, max=q_len) - 1
     lo0, hi0, n0 = _row_intervals(states, mask_mod, first_rows, q_len, kv_len, block_kv, device)
     lo1, hi1, n1 = _row_intervals(states, mask_mod, last_rows, q_len, kv_len, block_kv, device)
+    # one host copy each (an .item() per tile was a GPU sync per tile: 512 of them at 32768 tokens)
     lo0, hi0, n0, lo1, hi1, n1 = (t.tolist() for t in (lo0, hi0, n0, lo1, hi1, n1))
+    first_rows, last_rows = first_rows.tolist(), last_rows.tolist()
     nonempty_tiles = (states != EMPTY).any(1).tolist()
     bands: list[Band] = []
     keys, probes = [], []
@@ -164,7 +166,7 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
             continue
         if n0[i] != hi0[i] - lo0[i] + 1 or n1[i] != hi1[i] - lo1[i] + 1 or n0[i] == 0 or n1[i] == 0:
             return None  # a probe row that is not one contiguous run of keys
-        probes.append((first_rows[i].item(), last_rows[i].item(), lo0[i], hi0[i], lo1[i], hi1[i]))
+        probes.append((first_rows[i], last_rows[i], lo0[i], hi0[i], lo1[i], hi1[i]))
         key = _tile_band(*probes[-1])
         if key is None:
             return None
