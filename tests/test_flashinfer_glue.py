@@ -7,7 +7,7 @@ import torch
 
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
-from flex_flash_infer import create_block_mask, flashinfer_backend
+from flex_flash_infer import create_block_mask, flashinfer_backend, get_mask_fn
 from test_block_mask import random_mask_mod
 from test_paged import MASKS, dense_oracle, random_cache
 
@@ -107,3 +107,31 @@ def test_varlen_with_unequal_lengths_keeps_one_plan_per_sequence(fake, monkeypat
                                                 head_dim=16, dtype=torch.float64, cu_seqlens_q=[0, 10, 30],
                                                 cu_seqlens_kv=[0, 10, 50])
     assert flex._prepared.ragged is None
+
+
+@pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 300}),
+                                         ("attamba", {"window_size": 256, "chunk_size": 128}),
+                                         ("prefix_lm", {"prefix_len": 700})])
+def test_planning_host_syncs_do_not_grow_with_the_tiles(fake, name, params):
+    """Every scalar read from a tensor is a GPU sync: a plan's count must not scale with the
+    number of query tiles (it was one .item() per tile in the band finder)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountScalarReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count[func] += 1
+            return func(*args, **(kwargs or {}))
+
+    reads = []
+    for S in (2048, 8192):
+        bm = create_block_mask(get_mask_fn(name, **params), None, None, S, S, device="cpu")
+        with CountScalarReads() as counter:
+            flashinfer_backend.FlashInferPlan(bm, 1, S, S, 4, 2, 64, torch.bfloat16, 0.125, torch.device("cpu"), None)
+        reads.append(counter.count[torch.ops.aten._local_scalar_dense.default])
+    assert reads[0] == reads[1] <= 16, reads
