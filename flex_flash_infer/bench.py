@@ -225,6 +225,18 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         finally:
             flashinfer_backend.PER_HEAD_ONE_LAUNCH = saved
         impls["ours_head_loop"] = lambda: flex_loop(q, k, v)
+        # the opt-in bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS=1), timed beside when it applies
+        from . import route as route_module
+
+        saved, route_module.ENABLE_HEAD_BANDS = route_module.ENABLE_HEAD_BANDS, True
+        try:
+            flex_bands = FlexFlashInfer(device=dev)
+            flex_bands.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
+                               num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)
+        finally:
+            route_module.ENABLE_HEAD_BANDS = saved
+        if flex_bands._prepared.segments[0].plan.route == "bands-per-head":
+            impls["ours_head_bands"] = lambda: flex_bands(q, k, v)
     if name in ("attamba", "streaming"):
         # the generic tiles route, timed beside the window band + key columns route they take
         from . import route as route_module

@@ -130,6 +130,7 @@ class FlashInferPlan:
         route = choose_route(block_mask, batch, num_qo_heads, q_len, kv_len, device)
         self.per_head = route.per_head
         self.head_major = False
+        self.head_band_runs = None   # bands-per-head: [(query heads, key heads, _BandRunner)]
         self.block_kv = block_kv
         self.num_kv_tiles = states.shape[-1]
         self.shape = (batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim)
@@ -154,6 +155,13 @@ class FlashInferPlan:
             return
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)
+            return
+        if route.head_bands is not None:
+            self.head_band_runs = []
+            for heads, kv_heads, bands in head_band_groups(route.head_bands, self.group_size):
+                group_shape = (batch, q_len, kv_len, len(heads), len(kv_heads), head_dim)
+                self.head_band_runs.append((torch.tensor(heads, device=device), torch.tensor(kv_heads, device=device),
+                                            _BandRunner(bands, group_shape, dtype, scale, workspace)))
             return
         self.head_major = self.per_head and PER_HEAD_ONE_LAUNCH
         if self.head_major:
@@ -182,6 +190,8 @@ class FlashInferPlan:
     @property
     def route(self) -> str:
         """How this plan runs: 'bands' (native requests), 'tiles' or 'tiles-per-head'."""
+        if self.head_band_runs is not None:
+            return "bands-per-head"
         if self.bands:
             return "bands+columns" if self.columns is not None else "bands"
         kind = "tiles-per-head" if self.per_head else "tiles"
@@ -199,6 +209,13 @@ class FlashInferPlan:
                 vc = v[:, self.positions].reshape(-1, 1, *v.shape[2:])
                 o_col, lse_col = self.columns.run(q, (kc, vc))
                 out, lse = self.columns.merge(out, lse, o_col, lse_col)
+            return out, lse * LN2
+        if self.head_band_runs is not None:
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+            for heads, kv_heads, runner in self.head_band_runs:
+                o, s = runner.run(q.index_select(1, heads), k.index_select(2, kv_heads), v.index_select(2, kv_heads))
+                out[:, heads], lse[:, heads] = o, s
             return out, lse * LN2
         if self.head_major:
             return self._run_head_major(q, k, v)
@@ -231,6 +248,26 @@ class FlashInferPlan:
         out, lse = self.groups[0].run(q_hm, (pages(k), pages(v)))
         out = out.view(hq, batch * q_len, d).transpose(0, 1).contiguous()
         return out, lse.view(hq, batch * q_len).t().contiguous() * LN2
+
+
+def head_band_groups(head_bands, group_size: int):
+    """[(query heads, their key heads, bands)]: query heads with equal bands share one band launch.
+    A launch needs the same number of its query heads on each of its key heads (GQA); a set of
+    heads that is not so regular is split into one launch per key head."""
+    by_bands = {}
+    for head, bands in enumerate(head_bands):
+        by_bands.setdefault(tuple(bands), []).append(head)
+    groups = []
+    for bands, heads in by_bands.items():
+        per_kv = {}
+        for head in heads:
+            per_kv.setdefault(head // group_size, []).append(head)
+        if len({len(h) for h in per_kv.values()}) == 1:
+            kv_heads = sorted(per_kv)
+            groups.append(([h for kv in kv_heads for h in per_kv[kv]], kv_heads, list(bands)))
+        else:
+            groups += [(per_kv[kv], [kv], list(bands)) for kv in sorted(per_kv)]
+    return groups
 
 
 class _BandRunner:

@@ -5,7 +5,10 @@
                  by their hint, any other mask of that shape found and verified from the mask itself
   tiles          whole tiles on fa3, partial tiles on fa2 with a bit mask, merged
                  (tiles-causal: partial tiles are only causal diagonals: one causal fa3 launch)
-  tiles-per-head the same, one head at a time (the mask differs per head)
+  tiles-per-head the same, for a mask that differs per head (every head in one launch set)
+  bands-per-head every head's mask is a few native requests: heads with the same bands run as
+                 one band launch over those heads (opt-in, FLEX_FLASH_INFER_HEAD_BANDS=1, until it
+                 has passed on a GPU)
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ from .mask_eval import mask_dependence
 # The window band + key columns route (attamba, streaming) passed the GPU tests on an H100
 # (2026-11-25); FLEX_FLASH_INFER_COLUMNS=0 turns it off (then those masks take the tiles route).
 ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS", "1") != "0"
+# Per-head masks whose heads each lower to bands (per-head window sizes, say): exact on the CPU
+# model of FlashInfer, not yet run on a GPU.
+ENABLE_HEAD_BANDS = os.environ.get("FLEX_FLASH_INFER_HEAD_BANDS") == "1"
 
 
 @dataclass
@@ -29,6 +35,7 @@ class Route:
     per_head: bool
     bands: list | None = None
     positions: torch.Tensor | None = None   # gathered key positions of the column route
+    head_bands: list | None = None          # bands-per-head: each query head's bands
 
 
 def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: int, device) -> Route:
@@ -48,4 +55,21 @@ def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: 
             if ENABLE_COLUMN_LOWERING else None
         if found is not None:
             return Route("bands+columns", False, found[0], found[1].to(device))
+    if per_head and ENABLE_HEAD_BANDS and not uses_b and states.shape[:2] == (1, num_qo_heads):
+        per_head_bands = []
+        for head in range(num_qo_heads):
+            bands = find_bands(states[0, head], _at_head(block_mask.mask_mod, head), q_len, kv_len, block_q, block_kv)
+            if not bands:
+                break
+            per_head_bands.append(bands)
+        else:
+            return Route("bands-per-head", True, head_bands=per_head_bands)
     return Route("tiles-per-head" if per_head else "tiles", per_head)
+
+
+def _at_head(mask_mod, head: int):
+    """The mask of one query head, for the band finder (which evaluates h = 0)."""
+    def at_head(b, h, q_idx, kv_idx):
+        return mask_mod(b, torch.full_like(h, head), q_idx, kv_idx)
+
+    return at_head

@@ -7,7 +7,7 @@ import torch
 
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
-from flex_flash_infer import create_block_mask, flashinfer_backend, get_mask_fn
+from flex_flash_infer import create_block_mask, create_mask, flashinfer_backend, get_mask_fn
 from test_block_mask import random_mask_mod
 from test_paged import MASKS, dense_oracle, random_cache
 
@@ -135,3 +135,53 @@ def test_planning_host_syncs_do_not_grow_with_the_tiles(fake, name, params):
             flashinfer_backend.FlashInferPlan(bm, 1, S, S, 4, 2, 64, torch.bfloat16, 0.125, torch.device("cpu"), None)
         reads.append(counter.count[torch.ops.aten._local_scalar_dense.default])
     assert reads[0] == reads[1] <= 16, reads
+
+
+def _per_head_band_masks(Hq):
+    """Each head a native band of its own: windows of four widths, causal, and full."""
+    widths = torch.tensor([16, 40, 100, 1000, 0, -1])  # 0: causal (no window), -1: full
+
+    def per_head(b, h, q_idx, kv_idx):
+        w = widths[h % len(widths)]
+        window = (kv_idx <= q_idx) & (q_idx - kv_idx < w)
+        causal = kv_idx <= q_idx
+        return torch.where(w > 0, window, torch.where(w == 0, causal, torch.ones_like(causal)))
+
+    return per_head
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,L", [(1, 12, 4, 300), (2, 8, 2, 257), (1, 6, 6, 130)])
+def test_per_head_bands_through_the_plan(fake, monkeypatch, rng, B, Hq, Hkv, L):
+    """bands-per-head (opt-in): heads with equal bands share a band launch over those heads; the
+    result equals the dense per-head mask."""
+    from flex_flash_infer import route
+
+    monkeypatch.setattr(route, "ENABLE_HEAD_BANDS", True)
+    D = 16
+    mod = _per_head_band_masks(Hq)
+    dense = create_mask(mod, 1, Hq, L, L, device="cpu")
+    bm = create_block_mask(mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+    assert plan.route == "bands-per-head"
+    assert len(plan.head_band_runs) < Hq or Hq == Hkv  # heads were grouped into shared launches
+    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
+    out, lse = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
+    ref_out, ref_lse = dense_attention(q, k, v, dense)
+    assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
+    got = lse.view(B, L, Hq).transpose(1, 2).double()
+    assert torch.allclose(got, ref_lse, atol=1e-5)
+
+
+def test_head_band_groups_keep_gqa_regular():
+    from flex_flash_infer.bands import Band
+    from flex_flash_infer.flashinfer_backend import head_band_groups
+
+    a, b = [Band(0, 10, 0, 10, True, 3)], [Band(0, 10, 0, 10, True)]
+    # 8 query heads on 2 key heads (4 each): a on heads 0, 1, 4, 5 (two per key head), b elsewhere
+    groups = head_band_groups([a, a, b, b, a, a, b, b], 4)
+    assert groups == [([0, 1, 4, 5], [0, 1], a), ([2, 3, 6, 7], [0, 1], b)]
+    # a on heads 0, 1, 4 only: not the same count per key head, so one launch per key head
+    groups = head_band_groups([a, a, b, b, a, b, b, b], 4)
+    assert ([0, 1], [0], a) in groups and ([4], [1], a) in groups and ([2, 3], [0], b) in groups

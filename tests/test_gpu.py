@@ -81,6 +81,30 @@ def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, monkeypatch, dtyp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,L", [(1, 777), (2, 300)])
+def test_per_head_windows_as_bands_per_head(cuda_gen, monkeypatch, dtype, B, L):
+    """The opt-in bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS=1): heads with equal windows
+    share one native band launch."""
+    from flex_flash_infer import route
+
+    monkeypatch.setattr(route, "ENABLE_HEAD_BANDS", True)
+    H, Hkv, D = 8, 2, 128
+    widths = torch.tensor([32, 100, 250, 0])   # 0: plain causal
+
+    def per_head_windows(b, h, q, kv):
+        w = widths.to(q.device)[h % 4]
+        return (kv <= q) & ((q - kv < w) | (w == 0))
+
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
+    bm = create_block_mask(per_head_windows, None, H, L, L, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    assert next(iter(bm._plans.values())).route == "bands-per-head"
+    qi, ki = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
+    dense = torch.stack([(ki <= qi) & ((qi - ki < int(widths[h % 4])) | (int(widths[h % 4]) == 0)) for h in range(H)])
+    check(out, lse, q, k, v, dense[None], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_shared_table_but_head_dependent_mask_mod(cuda_gen, dtype):
     """H=None tables with a mask_mod that reads h: partial tiles must still use each head's mask."""
     B, H, Hkv, L, S, D = 1, 4, 4, 400, 400, 128
