@@ -212,42 +212,32 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     route = plan.route if plan is not None else "reference"
 
     impls = {"flex_flash_infer": lambda: flex(q, k, v)}
+    def prepared_with(module, flag, value):
+        """Our wrapper prepared with one route switch set (restored after): an alternative route,
+        timed beside the default."""
+        saved = getattr(module, flag)
+        setattr(module, flag, value)
+        try:
+            return FlexFlashInfer(device=dev).prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len,
+                                                      num_qo_heads=heads_q, num_kv_heads=heads_kv,
+                                                      head_dim=head_dim, dtype=dtype)
+        finally:
+            setattr(module, flag, saved)
+
+    from . import flashinfer_backend, route as route_module
+
     per_head = mask_dependence(mask_mod, 1, heads_q, 4, 4, dev)[1]
     if per_head:
-        # every head in one launch set (the default), timed beside the loop over heads
-        from . import flashinfer_backend
-
-        saved, flashinfer_backend.PER_HEAD_ONE_LAUNCH = flashinfer_backend.PER_HEAD_ONE_LAUNCH, False
-        try:
-            flex_loop = FlexFlashInfer(device=dev)
-            flex_loop.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
-                              num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)
-        finally:
-            flashinfer_backend.PER_HEAD_ONE_LAUNCH = saved
+        # every head in one launch set (the default), beside the loop over heads and the opt-in
+        # bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS=1) where it applies
+        flex_loop = prepared_with(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False)
         impls["ours_head_loop"] = lambda: flex_loop(q, k, v)
-        # the opt-in bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS=1), timed beside when it applies
-        from . import route as route_module
-
-        saved, route_module.ENABLE_HEAD_BANDS = route_module.ENABLE_HEAD_BANDS, True
-        try:
-            flex_bands = FlexFlashInfer(device=dev)
-            flex_bands.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
-                               num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)
-        finally:
-            route_module.ENABLE_HEAD_BANDS = saved
+        flex_bands = prepared_with(route_module, "ENABLE_HEAD_BANDS", True)
         if flex_bands._prepared.segments[0].plan.route == "bands-per-head":
             impls["ours_head_bands"] = lambda: flex_bands(q, k, v)
     if name in ("attamba", "streaming"):
-        # the generic tiles route, timed beside the window band + key columns route they take
-        from . import route as route_module
-
-        saved, route_module.ENABLE_COLUMN_LOWERING = route_module.ENABLE_COLUMN_LOWERING, False
-        try:
-            flex_tiles = FlexFlashInfer(device=dev)
-            flex_tiles.prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q,
-                               num_kv_heads=heads_kv, head_dim=head_dim, dtype=dtype)
-        finally:
-            route_module.ENABLE_COLUMN_LOWERING = saved
+        # the generic tiles route, beside the window band + key columns route they take
+        flex_tiles = prepared_with(route_module, "ENABLE_COLUMN_LOWERING", False)
         impls["ours_tiles_route"] = lambda: flex_tiles(q, k, v)
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)

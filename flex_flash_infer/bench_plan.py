@@ -18,6 +18,7 @@ import time
 import torch
 
 from .block_mask import BlockMask, create_block_mask
+from .flashinfer_backend import FlashInferPlan
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
 
@@ -61,6 +62,11 @@ def run_plan_benchmark(out_path: str | None = None) -> dict:
                  "ours_compiled_ms": None, "torch_compiled_ms": None})
     rows.append({"what": "  of which create_block_mask causal 32768",
                  "ours_ms": _median_s(lambda: create_block_mask(mod, None, None, 32768, 32768, device="cuda")) * 1e3,
+                 "ours_compiled_ms": None, "torch_compiled_ms": None})
+    bm = create_block_mask(mod, None, None, 32768, 32768, device="cuda")
+    rows.append({"what": "  of which route + FlashInfer plan (FlashInferPlan)",
+                 "ours_ms": _median_s(lambda: FlashInferPlan(bm, 1, 32768, 32768, 32, 8, 128, torch.bfloat16,
+                                                             128 ** -0.5, "cuda")) * 1e3,
                  "ours_compiled_ms": None, "torch_compiled_ms": None})
     print(f"{'what':52s} {'ours ms':>10s} {'ours _compile ms':>17s} {'torch.compile ms':>17s}")
 

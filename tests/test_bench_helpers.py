@@ -1,4 +1,5 @@
 """The benchmark's own measuring tools (pair counts, sampled reference, case masks) on CPU."""
+import pytest
 import torch
 
 from dense_reference import dense_attention, rel_err
@@ -13,30 +14,19 @@ def test_visible_pairs_counts_exactly():
         assert count_visible_pairs(bm) == create_mask(mod, 1, H, 1000, 1000, device="cpu").sum().item() / (H or 1), name
 
 
-def test_reference_rows_use_each_heads_own_mask(rng):
-    S, H, Hkv, D = 1100, 8, 2, 16
+@pytest.mark.parametrize("name,S,H,rows", [("streaming", 300, 4, [0, 5, 150, 299]),
+                                            ("per_head_windows", 1100, 8, [0, 300, 700, 1099])])
+def test_reference_rows_match_dense_attention(rng, name, S, H, rows):
+    """per_head_windows: each query head its own mask."""
+    Hkv, D = 2, 16
     q = torch.randn(S, H, D, generator=rng)
     k = torch.randn(S, Hkv, D, generator=rng)
     v = torch.randn(S, Hkv, D, generator=rng)
-    mod = case_masks(S)["per_head_windows"][0]
-    rows = torch.tensor([0, 300, 700, 1099])
+    mod = case_masks(S)[name][0]
+    rows = torch.tensor(rows)
     dense = create_mask(mod, 1, H, S, S, device="cpu")
-    assert not torch.equal(dense[0, 0], dense[0, 1])
     ref, _ = dense_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dense)
     assert rel_err(reference_rows(q, k, v, mod, rows), ref[0].transpose(0, 1)[rows]) < 1e-5
-
-
-def test_reference_rows_match_dense_attention(rng):
-    S, H, Hkv, D = 300, 4, 2, 16
-    q = torch.randn(S, H, D, generator=rng)
-    k = torch.randn(S, Hkv, D, generator=rng)
-    v = torch.randn(S, Hkv, D, generator=rng)
-    mod = case_masks(S)["streaming"][0]
-    rows = torch.tensor([0, 5, 150, 299])
-    dense = create_mask(mod, 1, 1, S, S, device="cpu")
-    ref, _ = dense_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dense)
-    got = reference_rows(q, k, v, mod, rows)
-    assert rel_err(got, ref[0].transpose(0, 1)[rows]) < 1e-5
 
 
 def test_document_offsets_cover_the_sequence_with_bounded_lengths():
