@@ -86,9 +86,9 @@ def _cast(code: str, src: str, dst: str) -> str:
 
 def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input_ref=None,
                     hoisted: list | None = None, invariant_inputs=()) -> str:
-    """The graph as one C++ expression. With a hoisted list, every largest subexpression that
-    reads none of the inputs outside invariant_inputs (say b and h, fixed for a whole tile) is
-    appended to it as (name, ctype, code) and the expression refers to name instead, so a
+    """The graph as one C++ expression. With a hoisted list, each subexpression that reads no
+    input outside invariant_inputs (say b and h, fixed for a whole tile) is appended to it as
+    (name, ctype, code), in dependency order, and the expression refers to name instead, so a
     kernel can compute it once (captured tables indexed by head, scalars converted to float);
     a division by such a value becomes a multiplication by its hoisted reciprocal."""
     stride_ref = stride_ref or (lambda name, i: f"{name}_stride{i}")
