@@ -14,6 +14,7 @@ backend="reference") run() computes the same thing in plain torch.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -22,6 +23,12 @@ from .flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_
 from .mask_eval import INDEX_DTYPE, as_mask_mod, evaluate_mask_mod, mask_dependence
 from .paged_plan import plan_paged
 from .validation import check_positive_int
+
+
+# FlashInfer's tensor-core decode (its prefill kernels on one query per request), which its docs
+# advise for large GQA groups: opt-in (FLEX_FLASH_INFER_DECODE_TENSOR_CORES=1) until measured;
+# `bench --decode` times it beside the default CUDA-core decode kernel.
+DECODE_TENSOR_CORES = os.environ.get("FLEX_FLASH_INFER_DECODE_TENSOR_CORES") == "1"
 
 
 class PagedFlexAttention:
@@ -124,7 +131,7 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace):
     if plan.full is not None:
         f = plan.full
         if plan.decode:
-            full = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+            full = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=DECODE_TENSOR_CORES)
             full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, sm_scale=scale,
                       q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
         else:

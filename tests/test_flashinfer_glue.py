@@ -185,3 +185,28 @@ def test_head_band_groups_keep_gqa_regular():
     # a on heads 0, 1, 4 only: not the same count per key head, so one launch per key head
     groups = head_band_groups([a, a, b, b, a, b, b, b], 4)
     assert ([0, 1], [0], a) in groups and ([4], [1], a) in groups and ([2, 3], [0], b) in groups
+
+
+def test_tensor_core_decode_is_a_switch_on_the_decode_wrapper(fake, monkeypatch, rng):
+    """FLEX_FLASH_INFER_DECODE_TENSOR_CORES=1 asks FlashInfer's decode wrapper for its tensor-core
+    kernel; the result is the same computation."""
+    from flex_flash_infer import paged
+    from flex_flash_infer.mods import get_mask_fn
+    from flex_flash_infer.paged import PagedFlexAttention
+
+    kv_lens, page, H, Hkv, D = [40, 100], 16, 8, 2, 16
+    pages = [-(-n // page) for n in kv_lens]
+    args = (torch.tensor([0, 1, 2]), torch.tensor([0] + pages).cumsum(0), torch.arange(sum(pages)),
+            torch.tensor([n - (p - 1) * page for n, p in zip(kv_lens, pages)]), H, Hkv, D, page)
+    k = torch.randn(sum(pages), page, Hkv, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(sum(pages), page, Hkv, D, generator=rng, dtype=torch.float64)
+    q = torch.randn(2, H, D, generator=rng, dtype=torch.float64)
+    outs = []
+    for tensor_cores in (False, True):
+        monkeypatch.setattr(paged, "DECODE_TENSOR_CORES", tensor_cores)
+        attn = PagedFlexAttention(device="cpu", backend="flashinfer")
+        monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
+        attn.plan(get_mask_fn("causal"), *args, dtype=torch.float64)
+        assert attn._planned["launches"][0].use_tensor_cores == tensor_cores
+        outs.append(attn.run(q, (k, v)))
+    assert torch.equal(outs[0], outs[1])
