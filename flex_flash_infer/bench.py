@@ -130,6 +130,14 @@ def check_then_time(row: dict, fn, error_of, tolerance: float = TOLERANCE) -> di
     return row
 
 
+def raising(error: Exception):
+    """An impl that failed before it could run: timing it reports the error in its row."""
+    def failed():
+        raise error
+
+    return failed
+
+
 def count_visible_pairs(block_mask) -> float:
     """Exact count of visible pairs per query head (the mean over heads of a per-head mask):
     full tiles whole, partial tiles evaluated."""
@@ -232,9 +240,12 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         # bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS=1) where it applies
         flex_loop = prepared_with(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False)
         impls["ours_head_loop"] = lambda: flex_loop(q, k, v)
-        flex_bands = prepared_with(route_module, "ENABLE_HEAD_BANDS", True)
-        if flex_bands._prepared.segments[0].plan.route == "bands-per-head":
-            impls["ours_head_bands"] = lambda: flex_bands(q, k, v)
+        try:  # not yet run on a GPU: a failure to plan becomes its row's error
+            flex_bands = prepared_with(route_module, "ENABLE_HEAD_BANDS", True)
+            if flex_bands._prepared.segments[0].plan.route == "bands-per-head":
+                impls["ours_head_bands"] = lambda: flex_bands(q, k, v)
+        except Exception as e:
+            impls["ours_head_bands"] = raising(e)
     if name in ("attamba", "streaming"):
         # the generic tiles route, beside the window band + key columns route they take
         flex_tiles = prepared_with(route_module, "ENABLE_COLUMN_LOWERING", False)

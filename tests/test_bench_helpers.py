@@ -53,3 +53,10 @@ def test_reference_rows_apply_the_score_mod_like_dense_attention(rng):
         got = reference_rows(q, k, v, mod, rows, score_mod)
         assert rel_err(got, ref[0].transpose(0, 1)[rows]) < 1e-5, name
         assert rel_err(got, reference_rows(q, k, v, mod, rows)) > 1e-3, name  # the mod changes the result
+
+
+def test_an_impl_that_failed_to_plan_reports_its_error_when_timed():
+    from flex_flash_infer.bench import check_then_time, raising
+
+    row = check_then_time({}, raising(ValueError("no such kernel")), lambda out: 0.0)
+    assert row["error"] == "ValueError: no such kernel" and "ms" not in row
