@@ -156,15 +156,22 @@ def count_visible_pairs(block_mask) -> float:
     return total / heads
 
 
+def identity_score_mod(score, b, h, q_idx, kv_idx):
+    """The score unchanged: what the compiled fa3 variant costs by itself (a diagnostic row)."""
+    return score
+
+
 def score_mod_cases():
-    """name -> (mask name, score_mod, FlashInfer native kwargs or None): #4's score_mod rows."""
+    """name -> (mask name, score_mod, FlashInfer native kwargs or None): #4's score_mod rows, and
+    identity+causal, which isolates the cost of running any score_mod variant."""
     from .mods import (generate_alibi_score_mod, generate_relative_position_bias_score_mod,
                        generate_softcap_score_mod)
 
     table = torch.randn(32, 257, generator=torch.Generator().manual_seed(SEED)) * 0.5
     return {"softcap+causal": ("causal", generate_softcap_score_mod(20.0), None),
             "alibi+causal": ("causal", generate_alibi_score_mod(num_heads=32), None),
-            "rel_bias+causal": ("causal", generate_relative_position_bias_score_mod(table), None)}
+            "rel_bias+causal": ("causal", generate_relative_position_bias_score_mod(table), None),
+            "identity+causal": ("causal", identity_score_mod, None)}
 
 
 def reference_rows(q, k, v, mask_mod, rows, score_mod=None):

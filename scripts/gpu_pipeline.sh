@@ -45,6 +45,7 @@ case "${1:-}" in
           grep -h "ok\|FAILED" $run_dir/warm-*.log | tail -n 12
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds score_mod:softcap \
             score_mod:alibi score_mod:rel_bias score_mod:temperature score_mod:causal_decay score_mod:softcap+window \
+            score_mod:identity \
             >$run_dir/warm-score.log 2>&1 &
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 --kinds score_mod:softcap \
             >$run_dir/warm-score-fp16.log 2>&1 &

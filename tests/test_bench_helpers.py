@@ -52,7 +52,8 @@ def test_reference_rows_apply_the_score_mod_like_dense_attention(rng):
                                  score_fn=lambda s, b, h, qi, ki: score_mod(s.float(), b, h, qi, ki).double())
         got = reference_rows(q, k, v, mod, rows, score_mod)
         assert rel_err(got, ref[0].transpose(0, 1)[rows]) < 1e-5, name
-        assert rel_err(got, reference_rows(q, k, v, mod, rows)) > 1e-3, name  # the mod changes the result
+        if name != "identity+causal":
+            assert rel_err(got, reference_rows(q, k, v, mod, rows)) > 1e-3, name  # the mod changes the result
 
 
 def test_an_impl_that_failed_to_plan_reports_its_error_when_timed():

@@ -39,8 +39,9 @@ def test_variant_spec_lists_arguments_in_jit_order():
                     reason="needs nvcc and the flashinfer package (its headers)")
 @pytest.mark.parametrize("mod", [generate_softcap_score_mod(30.0), generate_alibi_score_mod(num_heads=8),
                                  generate_relative_position_bias_score_mod(torch.randn(8, 33)),
-                                 lambda score, b, h, q, kv: torch.where((q - kv) % 3 == 0, score, score - 1.0)],
-                         ids=["softcap", "alibi", "rel_bias", "where_mod"])
+                                 lambda score, b, h, q, kv: torch.where((q - kv) % 3 == 0, score, score - 1.0),
+                                 lambda score, b, h, q, kv: score],
+                         ids=["softcap", "alibi", "rel_bias", "where_mod", "identity"])
 def test_generated_variant_compiles_as_device_code(tmp_path, mod):
     spec = fa3_score_mod_variant(trace(mod, "score_mod"))
     fields = "\n".join(f"    {'const ' + d + '*' if n in spec.tensor_names else d} {n};"
