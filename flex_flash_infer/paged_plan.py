@@ -74,7 +74,7 @@ def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int)
     return qo_len, kv_len, pages
 
 
-def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_partial_bits):
+def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_partial_bits, max_q):
     """States of the listed pages, whether each is plain causal, and the visible bits
     [partial pages, max qo_len, page_size] of the partial ones (in listed order)."""
     n = req.numel()
@@ -82,7 +82,6 @@ def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_p
     states = torch.empty(n, dtype=torch.int8, device=device)
     causal_ok = torch.ones(n, dtype=torch.bool, device=device)
     bits = []
-    max_q = int(qo_len.max()) if qo_len.numel() else 0
     rows = torch.arange(max(max_q, 1), device=device).view(1, -1, 1)
     cols = torch.arange(page_size, device=device).view(1, 1, -1)
     per_chunk = max(1, CHUNK_ELEMENTS // (max(max_q, 1) * page_size))
@@ -127,41 +126,50 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     kv_page_indptr = _int_vector("kv_page_indptr", kv_page_indptr, device)
     kv_page_indices = _int_vector("kv_page_indices", kv_page_indices, device)
     kv_last_page_len = _int_vector("kv_last_page_len", kv_last_page_len, device)
-    qo_len, kv_len, pages = request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size)
+    # the small per-request tables, checked and expanded on the host: one copy instead of a GPU
+    # sync per check (plan() runs once per decode step)
+    sizes = [qo_indptr.numel(), kv_page_indptr.numel()]
+    host_q, host_kv, host_last = torch.cat([qo_indptr, kv_page_indptr, kv_last_page_len]).cpu().split(
+        sizes + [kv_last_page_len.numel()])
+    qo_len, kv_len, pages = request_lengths(host_q, host_kv, host_last, page_size)
     R = pages.numel()
-    if kv_page_indices.numel() != int(kv_page_indptr[-1]):
-        raise ValueError(f"kv_page_indices must have kv_page_indptr[-1] = {int(kv_page_indptr[-1])} entries, "
+    if kv_page_indices.numel() != int(host_kv[-1]):
+        raise ValueError(f"kv_page_indices must have kv_page_indptr[-1] = {int(host_kv[-1])} entries, "
                          f"got {kv_page_indices.numel()}")
-    req = torch.repeat_interleave(torch.arange(R, device=device), pages)
-    local = torch.arange(req.numel(), device=device) - kv_page_indptr[req]
-    page_len = torch.where(local == pages[req] - 1, kv_last_page_len[req], page_size)
+    req = torch.repeat_interleave(torch.arange(R), pages)
+    local = torch.arange(req.numel()) - host_kv[req]
+    page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
+    all_decode = bool((qo_len == 1).all())
+    max_q = int(qo_len.max()) if R else 0
+    qo_len, kv_len, pages, req, local, page_len = (t.to(device) for t in (qo_len, kv_len, pages, req, local, page_len))
     q_start = kv_len - qo_len
-    states, causal_ok, bits = _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, True)
+    states, causal_ok, bits = _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, True, max_q)
     full, partial = states == FULL, states == PARTIAL
 
     # one causal launch: partial pages trail each request, are plain causal, and every full page
     # lies at or before the first query's position (so the causal launch hides nothing of it)
-    trailing = torch.ones(R, dtype=torch.bool, device=device)
     first_partial = torch.full((R,), 1 << 62, dtype=torch.int64, device=device)
-    if bool(partial.any()):
-        first_partial.scatter_reduce_(0, req[partial], local[partial], "amin")
-        n_partial = torch.bincount(req[partial], minlength=R)
-        trailing = torch.where(n_partial > 0, first_partial + n_partial == pages, True)
+    first_partial.scatter_reduce_(0, req[partial], local[partial], "amin")
+    n_partial = torch.bincount(req[partial], minlength=R)
+    trailing = torch.where(n_partial > 0, first_partial + n_partial == pages, True)
     full_end = local * page_size + page_len - 1
     full_before = ~full | ((local < first_partial[req]) & (full_end <= q_start[req]))
-    if bool(partial.any()) and bool((causal_ok | ~partial).all()) and bool(trailing.all()) and bool(full_before.all()):
+    has_full = torch.bincount(req[full], minlength=R) > 0
+    any_partial, any_full, one_causal, full_in_each = torch.stack([
+        partial.any(), full.any(),
+        (causal_ok | ~partial).all() & trailing.all() & full_before.all(), has_full.all()]).tolist()
+    if any_partial and one_causal:
         spec, _ = _spec(full | partial, req, local, page_len, kv_page_indices, R, page_size)
         spec.causal = True
         return PagedPlan(qo_indptr.to(torch.int32), spec, None, False, states)
 
     full_spec = partial_spec = None
-    if bool(full.any()):
+    if any_full:
         full_spec, _ = _spec(full, req, local, page_len, kv_page_indices, R, page_size)
-    if bool(partial.any()):
+    if any_partial:
         partial_spec, idx = _spec(partial, req, local, page_len, kv_page_indices, R, page_size)
         partial_spec = _with_bits(partial_spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_size)
-    has_full = (full_spec.kv_indptr[1:] > full_spec.kv_indptr[:-1]) if full_spec is not None else None
-    decode = full_spec is not None and bool((qo_len == 1).all()) and bool(has_full.all())
+    decode = any_full and all_decode and full_in_each
     return PagedPlan(qo_indptr.to(torch.int32), full_spec, partial_spec, decode, states)
 
 
