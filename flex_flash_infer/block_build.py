@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, index_grid, mask_dependence
+from .mask_eval import INDEX_DTYPE, call_mask_mod, evaluate_mask_mod, index_grid, mask_dependence
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -25,11 +25,7 @@ def _tile_counts(mask_mod, b, h, q, kv, q_valid, kv_valid, block_q: int, block_k
     """Visible pairs per tile of one chunk, int32 [B or 1, H or 1, q tiles, kv tiles]. The mod's
     result keeps its broadcast b and h dims (counted once, expanded later); padding is masked
     only when the chunk has any (q_valid / kv_valid are None otherwise)."""
-    out = mask_mod(b, h, q, kv)
-    if not isinstance(out, torch.Tensor):
-        out = torch.as_tensor(out, device=q.device)
-    if out.dtype != torch.bool:
-        raise TypeError(f"mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} must return a bool tensor, got {out.dtype}")
+    out = call_mask_mod(mask_mod, b, h, q, kv)
     nq, nkv = q.shape[-2], kv.shape[-1]
     if out.dim() > 4 or any(n not in (1, want) for n, want in zip(out.shape[-2:], (nq, nkv)[2 - min(2, out.dim()):])):
         raise ValueError(f"mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} returned shape {tuple(out.shape)}, "

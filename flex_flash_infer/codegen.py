@@ -117,9 +117,6 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
         memo[id(node)] = code
         return code
 
-    def hoisting() -> bool:
-        return hoisted is not None
-
     def arg(node: Node, kind: str) -> str:
         return _cast(go(node), node.kind, kind)
 
@@ -139,7 +136,7 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
             kind = "int" if k == "bool" else k
             return f"({arg(a[0], kind)} {sym} {arg(a[1], kind)})"
         if op == "div":
-            if hoisting() and variant(a[0]) and not variant(a[1]):
+            if hoisted is not None and variant(a[0]) and not variant(a[1]):
                 reciprocal = hoist(f"(1.0f / {arg(a[1], 'float')})", "float")
                 return f"({arg(a[0], 'float')} * {reciprocal})"
             return f"({arg(a[0], 'float')} / {arg(a[1], 'float')})"

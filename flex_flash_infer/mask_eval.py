@@ -75,14 +75,20 @@ def index_grid(b, h, q_idx, kv_idx, device):
     )
 
 
-def evaluate_mask_mod(mask_mod: Callable, b, h, q_idx, kv_idx) -> torch.Tensor:
-    """The mask on the grid of the given indices, as a bool tensor broadcast to full shape."""
-    shape = torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape)
+def call_mask_mod(mask_mod: Callable, b, h, q_idx, kv_idx) -> torch.Tensor:
+    """The mod's own result on the index tensors (not broadcast), checked to be a bool tensor."""
     out = mask_mod(b, h, q_idx, kv_idx)
     if not isinstance(out, torch.Tensor):
         out = torch.as_tensor(out, device=q_idx.device)
     if out.dtype != torch.bool:
         raise TypeError(f"mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} must return a bool tensor, got {out.dtype}")
+    return out
+
+
+def evaluate_mask_mod(mask_mod: Callable, b, h, q_idx, kv_idx) -> torch.Tensor:
+    """The mask on the grid of the given indices, as a bool tensor broadcast to full shape."""
+    shape = torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape)
+    out = call_mask_mod(mask_mod, b, h, q_idx, kv_idx)
     try:
         return out.expand(shape)
     except RuntimeError as e:

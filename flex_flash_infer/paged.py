@@ -60,14 +60,7 @@ class PagedFlexAttention:
             raise ValueError(f"backend='flashinfer' cannot run this plan: {reason}")
         launches = _build_launches(plan, num_qo_heads, num_kv_heads, head_dim, page_size, dtype, scale,
                                    self._workspace) if backend == "flashinfer" else None
-        listed = torch.as_tensor(kv_page_indices)
-        max_page = int(listed.max()) if listed.numel() else -1
-        if listed.numel() and int(listed.min()) < 0:
-            raise ValueError("kv_page_indices must be non-negative page ids")
-        # host ints, so that run() never syncs (it may be captured in a CUDA graph)
-        total_q = int(torch.as_tensor(qo_indptr)[-1])
-        self._planned = dict(mod=mod, plan=plan, launches=launches, scale=scale, page_size=page_size, max_page=max_page,
-                             total_q=total_q,
+        self._planned = dict(mod=mod, plan=plan, launches=launches, scale=scale, page_size=page_size,
                              heads=(num_qo_heads, num_kv_heads, head_dim), dtype=dtype,
                              tables=(torch.as_tensor(qo_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indptr).long().to(self.device),
@@ -87,7 +80,7 @@ class PagedFlexAttention:
         p = self._planned
         k_cache, v_cache = _split_cache(kv_cache)
         hq, hkv, d = p["heads"]
-        total_q = p["total_q"]
+        total_q = p["plan"].total_q   # host ints from plan(): run() never syncs (CUDA graphs)
         if q.dim() != 3 or tuple(q.shape) != (total_q, hq, d):
             raise ValueError(f"q must be [total queries, num_qo_heads, head_dim] = {(total_q, hq, d)}, "
                              f"got {tuple(q.shape)}")
@@ -95,9 +88,9 @@ class PagedFlexAttention:
             raise ValueError(f"kv_cache must be (k, v), each [num_pages, page_size, num_kv_heads, head_dim] with "
                              f"page_size, num_kv_heads, head_dim = {(p['page_size'], hkv, d)}; got "
                              f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-        if k_cache.shape[0] <= p["max_page"]:
+        if k_cache.shape[0] <= p["plan"].max_page_id:
             raise ValueError(f"kv_cache has {k_cache.shape[0]} pages but the plan's kv_page_indices use page "
-                             f"{p['max_page']}")
+                             f"{p['plan'].max_page_id}")
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
             if t.dtype != p["dtype"]:
                 raise TypeError(f"{name} has dtype {t.dtype} but plan() was given dtype={p['dtype']}")

@@ -43,6 +43,8 @@ class PagedPlan:
     partial: PagedLaunchSpec | None
     decode: bool                   # one query per request and a full page in each: the decode kernel fits
     page_states: torch.Tensor      # int8 [pages listed in the input]: EMPTY / PARTIAL / FULL
+    total_q: int = 0               # host ints for run()'s checks, which must not sync
+    max_page_id: int = -1
 
 
 def _int_vector(name: str, x, device) -> torch.Tensor:
@@ -155,13 +157,18 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     full_end = local * page_size + page_len - 1
     full_before = ~full | ((local < first_partial[req]) & (full_end <= q_start[req]))
     has_full = torch.bincount(req[full], minlength=R) > 0
-    any_partial, any_full, one_causal, full_in_each = torch.stack([
+    id_range = (torch.stack([kv_page_indices.min(), kv_page_indices.max()]) if kv_page_indices.numel()
+                else torch.tensor([0, -1], device=device))
+    any_partial, any_full, one_causal, full_in_each, min_id, max_id = torch.cat([torch.stack([
         partial.any(), full.any(),
-        (causal_ok | ~partial).all() & trailing.all() & full_before.all(), has_full.all()]).tolist()
+        (causal_ok | ~partial).all() & trailing.all() & full_before.all(), has_full.all()]).long(), id_range]).tolist()
+    if min_id < 0:
+        raise ValueError("kv_page_indices must be non-negative page ids")
+    host = dict(total_q=int(host_q[-1]), max_page_id=max_id)
     if any_partial and one_causal:
         spec, _ = _spec(full | partial, req, local, page_len, kv_page_indices, R, page_size)
         spec.causal = True
-        return PagedPlan(qo_indptr.to(torch.int32), spec, None, False, states)
+        return PagedPlan(qo_indptr.to(torch.int32), spec, None, False, states, **host)
 
     full_spec = partial_spec = None
     if any_full:
@@ -169,8 +176,8 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if any_partial:
         partial_spec, idx = _spec(partial, req, local, page_len, kv_page_indices, R, page_size)
         partial_spec = _with_bits(partial_spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_size)
-    decode = any_full and all_decode and full_in_each
-    return PagedPlan(qo_indptr.to(torch.int32), full_spec, partial_spec, decode, states)
+    decode = bool(any_full and all_decode and full_in_each)
+    return PagedPlan(qo_indptr.to(torch.int32), full_spec, partial_spec, decode, states, **host)
 
 
 def _with_bits(spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_size):
