@@ -60,6 +60,9 @@ def kernel_tensor(t: torch.Tensor) -> torch.Tensor:
     """A captured tensor as the kernel reads it: contiguous float32 / int32 / uint8."""
     kind = element_kind(t)
     dtype = {"bool": torch.uint8, "int": torch.int32, "float": torch.float32}[kind]
+    if t.numel() >= 2**31:
+        raise ValueError(f"a tensor captured by a score_mod or mask_mod has {t.numel()} elements; "
+                         "compiled kernels index them with 32-bit offsets (fewer than 2**31 expected)")
     return t.detach().to(dtype).contiguous()
 
 
@@ -93,7 +96,7 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
     a division by such a value becomes a multiplication by its hoisted reciprocal."""
     stride_ref = stride_ref or (lambda name, i: f"{name}_stride{i}")
     input_ref = input_ref or (lambda name: name)
-    memo, varies = {}, {}
+    memo, varies, strides = {}, {}, {}
 
     def variant(node: Node) -> bool:
         if id(node) not in varies:
@@ -120,6 +123,20 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
     def arg(node: Node, kind: str) -> str:
         return _cast(go(node), node.kind, kind)
 
+    def load_offset(node: Node) -> str:
+        if hoisted is None:
+            return " + ".join(f"(long long)({arg(i, 'int')}) * {stride_ref(node.attr, d)}" for d, i in enumerate(node.args)) or "0"
+        # int32 offsets (kernel_tensor caps a table's size) with the strides and the part indexed by
+        # invariant values computed once, so a score pays one multiply-add per varying index
+        fixed = [f"{arg(i, 'int')} * (int)({stride_ref(node.attr, d)})" for d, i in enumerate(node.args) if not variant(i)]
+        terms = [hoist(" + ".join(fixed), "int")] if fixed else []
+        for d, i in enumerate(node.args):
+            if variant(i):
+                if (node.attr, d) not in strides:
+                    strides[node.attr, d] = hoist(f"(int)({stride_ref(node.attr, d)})", "int")
+                terms.append(f"{arg(i, 'int')} * {strides[node.attr, d]}")
+        return " + ".join(terms) or "0"
+
     def emit(node: Node) -> str:
         op, a, k = node.op, node.args, node.kind
         if op == "input":
@@ -129,8 +146,7 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
         if op == "scalar":
             return f"(({CTYPE[k]})({scalar_ref(node.attr)}))"
         if op == "load":
-            offset = " + ".join(f"(long long)({arg(i, 'int')}) * {stride_ref(node.attr, d)}" for d, i in enumerate(a))
-            return _cast(f"({tensor_ref(node.attr)})[{offset}]", "int" if k == "bool" else k, k)
+            return _cast(f"({tensor_ref(node.attr)})[{load_offset(node)}]", "int" if k == "bool" else k, k)
         if op in ("add", "sub", "mul"):
             sym = {"add": "+", "sub": "-", "mul": "*"}[op]
             kind = "int" if k == "bool" else k

@@ -8,10 +8,15 @@ returns score_mod(score, b, h, q, kv); the softmax then runs in base 2 with log2
 
 Status: compiled against FlashInfer's headers in CPU tests (nvcc, no GPU), run by
 score_mod_kernels.ScoreModBands, and checked against the reference on an H100 (17 GPU tests,
-2026-11-25). That run was 2.9-3.5x slower than the same mask without a score_mod; since then
-what reads only b and h (a captured per-head table, scalars) is computed once per tile in the
-constructor, a division by such a value is a multiplication, and tanh is one tanh.approx. fa2_score_mod_variant (any FlashInfer GPU, and FlashInfer's masked path)
-compiles as device code against FlashInfer's headers in CPU tests; nothing runs it yet.
+2026-11-25). That run was 2.9-3.5x slower than the same mask without a score_mod. The SASS of the
+softcap kernel (ptxas for sm_90a, no GPU) showed why: the scale, a double kernel argument, was
+reloaded and converted (F2F.F32.F64, on the exp2 unit) for every score. The scale and every
+captured number or stride are now read once in the constructor, a division by such a value is a
+multiplication, tanh is one tanh.approx, and the padding guard is emitted only where a captured
+table is read. Not re-measured on a GPU yet.
+
+fa2_score_mod_variant (any FlashInfer GPU, and FlashInfer's masked path) compiles as device code
+against FlashInfer's headers in CPU tests; nothing runs it yet.
 """
 from __future__ import annotations
 
@@ -72,15 +77,21 @@ def fa3_score_mod_variant(graph: Graph) -> VariantSpec:
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
     p = "params.additional_params."
     expr, members, statements = _score_expression(graph, p, ("b", "h"))  # one object per (tile, head)
+    # fa3 masks the padded tail of a tile after LogitsTransform, but a captured table must not be
+    # read there (its index may run past the table); without tables the check is skipped
+    guard = "    if (kv_idx >= kv_len_ || qo_idx >= qo_len_) return -math::inf;\n" if graph.tensors else ""
     decl = f"""{PRELUDE}
 struct {name} : AttentionVariantBase {{
-  float sm_scale_log2;
-  uint32_t kv_len_;
+  float sm_scale_log2, sm_scale_;
+  uint32_t qo_len_, kv_len_;
   int q0_, kv0_, b_;
 {members}  template <typename MainloopParams, typename BlockCoord>
   __device__ {name}(const MainloopParams& params, const BlockCoord& block_coord) {{
     auto [q_tile_idx, qo_head_idx, kv_head_idx, qo_indptr, kv_indptr, qo_len, kv_len, batch_idx] = block_coord;
     sm_scale_log2 = math::log2e;  // LogitsTransform returns scores already scaled
+    // read once: a double kernel argument read per score costs a conversion on the exp2 unit
+    sm_scale_ = float({p}{SCALE_NAME});
+    qo_len_ = qo_len;
     kv_len_ = kv_len;
     q0_ = {p}ffi_req_q0[batch_idx];
     kv0_ = {p}ffi_req_kv0[batch_idx];
@@ -91,8 +102,7 @@ struct {name} : AttentionVariantBase {{
   template <int NUM_ROWS_PER_THREAD>
   __device__ auto GetAttentionUpdater() {{ return OnlineSoftmax<NUM_ROWS_PER_THREAD, true>(sm_scale_log2); }}
   REGISTER_LOGITS_TRANSFORM(params, logits, batch_idx, qo_idx, kv_idx, qo_head_idx, kv_head_idx, {{
-    if (kv_idx >= kv_len_) return -math::inf;  // fa3 also calls this on the padded tail tile
-    const float ffi_score = float(logits) * float({p}{SCALE_NAME});
+{guard}    const float ffi_score = float(logits) * sm_scale_;
     const int ffi_b = b_, ffi_h = int(qo_head_idx), ffi_q = q0_ + int(qo_idx), ffi_kv = kv0_ + int(kv_idx);
     (void)ffi_b; (void)ffi_h; (void)ffi_q; (void)ffi_kv;
     return ({expr});
@@ -120,13 +130,14 @@ struct {base} : AttentionVariantBase {{
   static constexpr bool use_softmax = true;
   uint8_t* custom_mask_ptr;
   uint32_t qo_len, kv_len, window_left;
-  float sm_scale_log2;
+  float sm_scale_log2, sm_scale_;
   int q0_, kv0_, b_;
 {members}  template <typename Params>
   __device__ __host__ {base}(const Params& params, uint32_t batch_idx, uint8_t* smem_ptr) {{
     qo_len = params.get_qo_len(batch_idx);
     kv_len = params.get_kv_len(batch_idx);
     sm_scale_log2 = math::log2e;  // LogitsTransform returns scores already scaled
+    sm_scale_ = float({p}{SCALE_NAME});
     window_left = (params.window_left >= 0) ? params.window_left : kv_len;
     q0_ = {p}ffi_req_q0[batch_idx];
     kv0_ = {p}ffi_req_kv0[batch_idx];
@@ -138,7 +149,7 @@ struct {base} : AttentionVariantBase {{
     (void)ffi_b;
 {statements}  }}
   REGISTER_LOGITS_TRANSFORM(params, logits, batch_idx, qo_idx, kv_idx, qo_head_idx, kv_head_idx, {{
-    const float ffi_score = float(logits) * float({p}{SCALE_NAME});
+    const float ffi_score = float(logits) * sm_scale_;
     const int ffi_b = b_, ffi_h = int(qo_head_idx), ffi_q = q0_ + int(qo_idx), ffi_kv = kv0_ + int(kv_idx);
     (void)ffi_b; (void)ffi_h; (void)ffi_q; (void)ffi_kv;
     return ({expr});

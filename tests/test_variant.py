@@ -35,6 +35,33 @@ def test_variant_spec_lists_arguments_in_jit_order():
     assert "additional_params.ffi_t0)[" in spec.decl and "OnlineSoftmax" in spec.decl
 
 
+def _per_score_code(decl: str) -> str:
+    start = decl.index("REGISTER_LOGITS_TRANSFORM")
+    return decl[start:decl.index("})", start)]
+
+
+@pytest.mark.parametrize("mod", [generate_softcap_score_mod(30.0), generate_alibi_score_mod(num_heads=8),
+                                 generate_relative_position_bias_score_mod(torch.randn(8, 33))],
+                         ids=["softcap", "alibi", "rel_bias"])
+def test_per_score_code_reads_no_kernel_scalar(mod):
+    """Kernel scalars (the scale, captured numbers, strides) are doubles / int64 in FlashInfer's
+    argument struct: read per score they cost a conversion each (seen in the H100 SASS as one
+    F2F.F32.F64 per score), so the variant converts them once in its constructor."""
+    graph = trace(mod, "score_mod")
+    per_score = _per_score_code(fa3_score_mod_variant(graph).decl)
+    scalar_names = fa3_score_mod_variant(graph).scalar_names
+    assert [n for n in scalar_names if f"additional_params.{n}" in per_score] == []
+    assert "sm_scale_" in per_score
+
+
+def test_padding_guard_only_where_a_captured_table_is_read():
+    """fa3 masks a tile's padded tail after the transform, so only a table read needs the guard."""
+    with_table = fa3_score_mod_variant(trace(generate_relative_position_bias_score_mod(torch.randn(8, 33)), "score_mod"))
+    without = fa3_score_mod_variant(trace(generate_softcap_score_mod(30.0), "score_mod"))
+    assert "kv_idx >= kv_len_ || qo_idx >= qo_len_" in _per_score_code(with_table.decl)
+    assert "kv_len_" not in _per_score_code(without.decl)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None or flashinfer_include() is None,
                     reason="needs nvcc and the flashinfer package (its headers)")
 @pytest.mark.parametrize("mod", [generate_softcap_score_mod(30.0), generate_alibi_score_mod(num_heads=8),
