@@ -48,13 +48,16 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
              "flex_flash_infer": lambda: ours.run(q, (k_cache, v_cache))}
     from . import paged
 
-    saved, paged.DECODE_TENSOR_CORES = paged.DECODE_TENSOR_CORES, True
-    ours_tc = PagedFlexAttention(device=dev)
-    try:  # the opt-in tensor-core decode, timed beside (a failure to plan becomes its row's error)
-        ours_tc.plan(mask_mod, qo_indptr, indptr, indices, last, hq, hkv, d, page, dtype=dtype)
-        impls["ours_tensor_cores"] = lambda: ours_tc.run(q, (k_cache, v_cache))
+    # the other decode kernel than the one chosen for this GQA group, timed beside
+    other = not paged.use_tensor_core_decode(hq, hkv)
+    saved, paged.DECODE_TENSOR_CORES = paged.DECODE_TENSOR_CORES, other
+    ours_other = PagedFlexAttention(device=dev)
+    other_impl = "ours_tensor_cores" if other else "ours_cuda_cores"
+    try:  # a failure to plan becomes its row's error
+        ours_other.plan(mask_mod, qo_indptr, indptr, indices, last, hq, hkv, d, page, dtype=dtype)
+        impls[other_impl] = lambda: ours_other.run(q, (k_cache, v_cache))
     except Exception as e:
-        impls["ours_tensor_cores"] = raising(e)
+        impls[other_impl] = raising(e)
     finally:
         paged.DECODE_TENSOR_CORES = saved
     full, partial = ours._planned["launches"]
@@ -80,8 +83,8 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
     picked = {"flashinfer_native": getattr(native, "resolved_backend", None),
               "flex_flash_infer": getattr(full, "resolved_backend", None)}
     picked["ours_kernel_only"] = picked["flex_flash_infer"]
-    if ours_tc._planned is not None:
-        picked["ours_tensor_cores"] = getattr(ours_tc._planned["launches"][0], "resolved_backend", None)
+    if ours_other._planned is not None:
+        picked[other_impl] = getattr(ours_other._planned["launches"][0], "resolved_backend", None)
     visible = int((ours._planned["plan"].page_states != EMPTY).sum()) * page  # whole visible pages
     rows = []
     for impl, fn in impls.items():

@@ -215,9 +215,21 @@ def test_head_band_groups_keep_gqa_regular():
     assert ([0, 1], [0], a) in groups and ([4], [1], a) in groups and ([2, 3], [0], b) in groups
 
 
+def test_tensor_core_decode_is_chosen_for_gqa_groups_of_four_or_more(monkeypatch):
+    from flex_flash_infer import paged
+
+    monkeypatch.setattr(paged, "DECODE_TENSOR_CORES", None)   # no environment setting
+    assert paged.use_tensor_core_decode(32, 8) and paged.use_tensor_core_decode(8, 1)
+    assert not paged.use_tensor_core_decode(32, 16) and not paged.use_tensor_core_decode(8, 8)
+    monkeypatch.setattr(paged, "DECODE_TENSOR_CORES", False)
+    assert not paged.use_tensor_core_decode(32, 8)
+    monkeypatch.setattr(paged, "DECODE_TENSOR_CORES", True)
+    assert paged.use_tensor_core_decode(8, 8)
+
+
 def test_tensor_core_decode_is_a_switch_on_the_decode_wrapper(fake, monkeypatch, rng):
-    """FLEX_FLASH_INFER_DECODE_TENSOR_CORES=1 asks FlashInfer's decode wrapper for its tensor-core
-    kernel; the result is the same computation."""
+    """FLEX_FLASH_INFER_DECODE_TENSOR_CORES=1 / 0 forces FlashInfer's tensor-core decode kernel on /
+    off; the result is the same computation."""
     from flex_flash_infer import paged
     from flex_flash_infer.mods import get_mask_fn
     from flex_flash_infer.paged import PagedFlexAttention
