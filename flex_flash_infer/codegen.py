@@ -14,6 +14,11 @@ import torch
 from .trace import Graph, Node
 
 CTYPE = {"bool": "bool", "int": "int", "float": "float"}
+# The compiled kernels see batch entries, heads and positions below this (their planner checks it),
+# so an int expression of them has a known range; converting one whose range lies within
+# +-EXACT_FLOAT_INT to float takes the ffi_i2f_exact bit trick instead of an I2F instruction.
+POSITION_BOUND = 2**21
+EXACT_FLOAT_INT = 2**22
 ELEMENT_CTYPE = {"bool": "uint8_t", "int": "int", "float": "float"}
 
 PRELUDE = r"""
@@ -35,6 +40,19 @@ FFI_HD float ffi_min(float a, float b) { return (a != a || b != b) ? NAN : fminf
 FFI_HD int ffi_max(int a, int b) { return a > b ? a : b; }
 FFI_HD float ffi_max(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
 FFI_HD float ffi_sigmoid(float a) { return 1.f / (1.f + expf(-a)); }
+// float(x) for |x| < 2^22, exactly, in two full-rate instructions: I2F issues at a quarter rate on
+// the unit the softmax's exp2 uses. 1.5 * 2^23 (bits 0x4B400000) has a last mantissa bit of 1, so
+// adding x to its bits gives the float 1.5 * 2^23 + x.
+FFI_HD float ffi_i2f_exact(int x) {
+  const int bits = 0x4B400000 + x;
+  float f;
+#ifdef __CUDA_ARCH__
+  f = __int_as_float(bits);
+#else
+  __builtin_memcpy(&f, &bits, sizeof f);
+#endif
+  return f - 12582912.0f;
+}
 // one MUFU instruction on the GPU (as FlashInfer's own logits soft cap): tanhf costs two MUFU
 // and a dozen more instructions per score, in a loop whose exp2 already saturates that unit
 FFI_HD float ffi_tanh(float a) {
@@ -87,16 +105,83 @@ def _cast(code: str, src: str, dst: str) -> str:
     return f"(({CTYPE[dst]})({code}))"
 
 
+def int_range(node: Node, bound: int, memo: dict):
+    """(lo, hi) that an int or bool node's value lies in when the inputs b, h, q_idx and kv_idx lie
+    in [0, bound), or None where unknown (captured numbers and tables can change without a
+    recompile, so they are unknown)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    op, a = node.op, node.args
+    r = None
+    if node.kind == "bool":
+        r = (0, 1)
+    elif node.kind != "int":
+        r = None
+    elif op == "input":
+        r = (0, bound - 1)
+    elif op == "const":
+        r = (int(node.attr), int(node.attr))
+    elif op == "cast" and a[0].kind in ("int", "bool"):
+        r = int_range(a[0], bound, memo)
+    elif op in ("add", "sub", "mul", "min", "max", "where", "neg", "abs", "bitnot", "floordiv", "mod"):
+        rs = [int_range(x, bound, memo) if isinstance(x, Node) else None for x in a]
+        if all(x is not None for x in rs):
+            r = _combine(op, rs)
+    memo[id(node)] = r
+    return r
+
+
+def _combine(op, rs):
+    if op in ("add", "sub", "mul"):
+        (a0, a1), (b0, b1) = rs
+        if op == "add":
+            return a0 + b0, a1 + b1
+        if op == "sub":
+            return a0 - b1, a1 - b0
+        products = [a0 * b0, a0 * b1, a1 * b0, a1 * b1]
+        return min(products), max(products)
+    if op in ("min", "max"):
+        (a0, a1), (b0, b1) = rs
+        return (min(a0, b0), min(a1, b1)) if op == "min" else (max(a0, b0), max(a1, b1))
+    if op == "where":
+        (t0, t1), (f0, f1) = rs[1], rs[2]
+        return min(t0, f0), max(t1, f1)
+    (a0, a1) = rs[0]
+    if op == "neg":
+        return -a1, -a0
+    if op == "abs":
+        return (0 if a0 <= 0 <= a1 else min(abs(a0), abs(a1))), max(abs(a0), abs(a1))
+    if op == "bitnot":
+        return -a1 - 1, -a0 - 1
+    divisor = rs[1]
+    if divisor[0] != divisor[1] or divisor[0] == 0:
+        return None   # only by a known constant
+    c = divisor[0]
+    if op == "floordiv":
+        ends = [a0 // c, a1 // c]
+        return min(ends), max(ends)
+    return (0, c - 1) if c > 0 else (c + 1, 0)   # Python's % takes the divisor's sign
+
+
 def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input_ref=None,
-                    hoisted: list | None = None, invariant_inputs=()) -> str:
+                    hoisted: list | None = None, invariant_inputs=(), position_bound: int | None = None) -> str:
     """The graph as one C++ expression. With a hoisted list, each subexpression that reads no
     input outside invariant_inputs (say b and h, fixed for a whole tile) is appended to it as
     (name, ctype, code), in dependency order, and the expression refers to name instead, so a
     kernel can compute it once (captured tables indexed by head, scalars converted to float);
-    a division by such a value becomes a multiplication by its hoisted reciprocal."""
+    a division by such a value becomes a multiplication by its hoisted reciprocal. With a
+    position_bound (the inputs b, h, q_idx, kv_idx lie in [0, position_bound)), an int whose range
+    stays within +-EXACT_FLOAT_INT converts to float with ffi_i2f_exact."""
     stride_ref = stride_ref or (lambda name, i: f"{name}_stride{i}")
     input_ref = input_ref or (lambda name: name)
-    memo, varies, strides = {}, {}, {}
+    memo, varies, strides, ranges = {}, {}, {}, {}
+
+    def to_float(node: Node, code: str) -> str:
+        if node.kind == "int" and position_bound is not None:
+            r = int_range(node, position_bound, ranges)
+            if r is not None and -EXACT_FLOAT_INT < r[0] and r[1] < EXACT_FLOAT_INT:
+                return f"ffi_i2f_exact({code})"
+        return _cast(code, node.kind, "float")
 
     def variant(node: Node) -> bool:
         if id(node) not in varies:
@@ -121,7 +206,7 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
         return code
 
     def arg(node: Node, kind: str) -> str:
-        return _cast(go(node), node.kind, kind)
+        return to_float(node, go(node)) if kind == "float" else _cast(go(node), node.kind, kind)
 
     def load_offset(node: Node) -> str:
         if hoisted is None:
@@ -187,7 +272,7 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
         if op == "sigmoid":
             return f"ffi_sigmoid({arg(a[0], 'float')})"
         if op == "cast":
-            return _cast(go(a[0]), a[0].kind, k)
+            return to_float(a[0], go(a[0])) if k == "float" else _cast(go(a[0]), a[0].kind, k)
         if op == "where":
             return f"({arg(a[0], 'bool')} ? {arg(a[1], k)} : {arg(a[2], k)})"
         raise ValueError(f"no C++ for op {op!r}")

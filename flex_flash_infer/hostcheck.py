@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from .codegen import CTYPE, ELEMENT_CTYPE, PRELUDE, element_kind, emit_expression, kernel_tensor
+from .codegen import CTYPE, ELEMENT_CTYPE, POSITION_BOUND, PRELUDE, element_kind, emit_expression, kernel_tensor
 from .trace import Graph
 
 _CACHE_DIR = os.path.join(tempfile.gettempdir(), "flex_flash_infer_hostcheck")
@@ -28,7 +28,7 @@ def host_source(graph: Graph) -> str:
     # hoisted as the GPU variant hoists (what reads only b and h), here recomputed per element
     hoisted = []
     expr = emit_expression(graph, lambda n: f"scalars[{scalar_index[n]}]", lambda n: n, hoisted=hoisted,
-                           invariant_inputs=("b", "h"))
+                           invariant_inputs=("b", "h"), position_bound=POSITION_BOUND)
     hoisted_decl = "".join(f"    const {ctype} {name} = {code};\n" for name, ctype, code in hoisted)
     return f"""#include <cmath>
 #include <cstdint>

@@ -15,7 +15,7 @@ import os
 import torch
 
 from .bands import band_launches
-from .codegen import kernel_tensor
+from .codegen import POSITION_BOUND, kernel_tensor
 from .trace import trace
 from .variant import fa3_score_mod_variant
 
@@ -35,7 +35,9 @@ class ScoreModBands:
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         device = workspace.device
         graph = trace(score_mod, "score_mod")
-        spec = fa3_score_mod_variant(graph)
+        # padded tail tiles reach 127 past the lengths; beyond the bound ints convert with I2F
+        small = max(batch, hq, q_len + 128, kv_len + 128) <= POSITION_BOUND
+        spec = fa3_score_mod_variant(graph, POSITION_BOUND if small else None)
         use_swa = any(b.window_left >= 0 for b in bands)
         # the code's own hash: a changed code generator never reuses a stale cached module
         uri = f"ffi_{hashlib.sha256(spec.decl.encode()).hexdigest()[:16]}_{str(dtype).split('.')[-1]}_d{head_dim}_{'swa' if use_swa else 'noswa'}"

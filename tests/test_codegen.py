@@ -207,3 +207,54 @@ def test_per_score_code_leaves_tile_invariant_work_to_the_constructor():
     assert "/" not in expr and "ffi_tanh(" in expr and "tanhf" not in expr
     expr, hoisted = per_score(generate_relative_position_bias_score_mod(torch.randn(8, 31)))
     assert "[" in expr  # indexed by kv - q: stays per score
+
+
+def _emit_bounded(mod):
+    from flex_flash_infer.codegen import POSITION_BOUND, emit_expression
+
+    return emit_expression(trace(mod, "score_mod"), lambda n: n, lambda n: n, position_bound=POSITION_BOUND)
+
+
+def test_int_to_float_takes_the_bit_trick_only_within_its_exact_range():
+    """ints of known small range (positions and their sums, differences, clamps) convert with
+    ffi_i2f_exact; a product of positions, a captured number or a table read does not."""
+    assert "ffi_i2f_exact" in _emit_bounded(lambda s, b, h, q, kv: s + (kv - q) * 0.5)
+    assert "ffi_i2f_exact" in _emit_bounded(lambda s, b, h, q, kv: s + torch.clamp(q - kv, -7, 7) + (q // 64) % 3)
+    assert "ffi_i2f_exact" not in _emit_bounded(lambda s, b, h, q, kv: s + q * kv)
+    offset = 5
+    assert "ffi_i2f_exact" not in _emit_bounded(lambda s, b, h, q, kv: s + (q - offset))   # captured: unknown
+    table = torch.arange(10, dtype=torch.int32)
+    assert "ffi_i2f_exact" not in _emit_bounded(lambda s, b, h, q, kv: s + table[kv % 10])
+
+
+def test_int_ranges_follow_the_ops():
+    from flex_flash_infer.codegen import int_range
+
+    def rng_of(mod, bound=100):
+        graph = trace(mod, "score_mod")
+        return int_range(graph.output.args[1], bound, {})   # the int operand of s + (...)
+
+    assert rng_of(lambda s, b, h, q, kv: s + (q - kv)) == (-99, 99)
+    assert rng_of(lambda s, b, h, q, kv: s + (q + kv + 3)) == (3, 201)
+    assert rng_of(lambda s, b, h, q, kv: s + torch.where(q > kv, q, -kv)) == (-99, 99)
+    assert rng_of(lambda s, b, h, q, kv: s + (q - kv).abs()) == (0, 99)
+    assert rng_of(lambda s, b, h, q, kv: s + (q - kv) // 8) == (-13, 12)
+    assert rng_of(lambda s, b, h, q, kv: s + (q - kv) % 8) == (0, 7)
+    assert rng_of(lambda s, b, h, q, kv: s + torch.clamp(q - kv, min=-4)) == (-4, 99)
+
+
+def test_bit_trick_conversion_is_exact_up_to_the_position_bound(rng):
+    """Host-compiled with the same prelude: positions near 2^21 and their differences convert
+    exactly (the kernels' positions stay below the bound)."""
+    from flex_flash_infer.codegen import POSITION_BOUND
+
+    mod = lambda s, b, h, q, kv: s * 0.0 + (q - kv) + (q + kv)   # noqa: E731
+    code = _emit_bounded(mod)
+    assert code.count("ffi_i2f_exact") >= 1
+    n = 20000
+    q = torch.randint(POSITION_BOUND - 4096, POSITION_BOUND, (n,), generator=rng, dtype=torch.int32)
+    kv = torch.randint(0, POSITION_BOUND, (n,), generator=rng, dtype=torch.int32)
+    q[:2], kv[:2] = POSITION_BOUND - 1, torch.tensor([0, POSITION_BOUND - 1], dtype=torch.int32)
+    zeros = torch.zeros(n, dtype=torch.int32)
+    got = compile_host(trace(mod, "score_mod"))(torch.zeros(n), zeros, zeros, q, kv)
+    assert torch.equal(got, mod(torch.zeros(n), zeros, zeros, q, kv).float())

@@ -58,8 +58,10 @@ def test_padding_guard_only_where_a_captured_table_is_read():
     """fa3 masks a tile's padded tail after the transform, so only a table read needs the guard."""
     with_table = fa3_score_mod_variant(trace(generate_relative_position_bias_score_mod(torch.randn(8, 33)), "score_mod"))
     without = fa3_score_mod_variant(trace(generate_softcap_score_mod(30.0), "score_mod"))
+    per_head_table = fa3_score_mod_variant(trace(generate_alibi_score_mod(num_heads=8), "score_mod"))
     assert "kv_idx >= kv_len_ || qo_idx >= qo_len_" in _per_score_code(with_table.decl)
     assert "kv_len_" not in _per_score_code(without.decl)
+    assert "kv_len_" not in _per_score_code(per_head_table.decl)   # its slope is read per tile
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or flashinfer_include() is None,
