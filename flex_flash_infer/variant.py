@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .codegen import ELEMENT_CTYPE, POSITION_BOUND, PRELUDE, element_kind, emit_expression
+from .codegen import ELEMENT_CTYPE, PRELUDE, element_kind, emit_expression
 from .trace import Graph
 
 REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
@@ -74,33 +74,17 @@ def _score_expression(graph: Graph, p: str, invariant_inputs, position_bound):
     return expr, members, statements
 
 
-def _loads_per_score(graph: Graph) -> bool:
-    """Whether a captured table is read at an index that varies per score (a read indexed by b
-    and h alone happens once per tile, in the constructor)."""
-    varies, loads = {}, []
-
-    def walk(node) -> bool:
-        if id(node) not in varies:
-            kids = [walk(a) for a in node.args if isinstance(a, type(graph.output))]
-            varies[id(node)] = (node.op == "input" and node.attr not in ("b", "h")) or any(kids)
-            if node.op == "load":
-                loads.append(varies[id(node)])
-        return varies[id(node)]
-
-    walk(graph.output)
-    return any(loads)
-
-
-def fa3_score_mod_variant(graph: Graph, position_bound: int | None = POSITION_BOUND) -> VariantSpec:
-    """position_bound: batch entries, heads and positions the kernel will see are below it (None:
-    unknown, every int converts to float with I2F)."""
+def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None) -> VariantSpec:
+    """position_bound: the caller has checked that batch entries, heads and positions the kernel
+    will see are below it (codegen.POSITION_BOUND); None: every int converts to float with I2F."""
     name = f"FlexScoreMod_{graph.key()}"
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
     p = "params.additional_params."
     expr, members, statements = _score_expression(graph, p, ("b", "h"), position_bound)  # one per (tile, head)
     # fa3 masks the padded tail of a tile after LogitsTransform, but a captured table must not be
     # read there (its index may run past the table); without tables the check is skipped
-    guard = "    if (kv_idx >= kv_len_ || qo_idx >= qo_len_) return -math::inf;\n" if _loads_per_score(graph) else ""
+    reads_per_score = any(f"{p}ffi_{n})[" in expr for n, _ in graph.tensors)   # not hoisted
+    guard = "    if (kv_idx >= kv_len_ || qo_idx >= qo_len_) return -math::inf;\n" if reads_per_score else ""
     decl = f"""{PRELUDE}
 struct {name} : AttentionVariantBase {{
   float sm_scale_log2, sm_scale_;
@@ -133,7 +117,7 @@ struct {name} : AttentionVariantBase {{
     return VariantSpec(name, decl, tensor_names, tensor_dtypes, scalar_names, scalar_dtypes)
 
 
-def fa2_score_mod_variant(graph: Graph, position_bound: int | None = POSITION_BOUND) -> VariantSpec:
+def fa2_score_mod_variant(graph: Graph, position_bound: int | None = None) -> VariantSpec:
     """The same score_mod for FlashInfer's fa2 kernels (any CUDA GPU FlashInfer supports).
 
     fa2 hands its kernel arguments to the variant as members of params, applies causal masks in

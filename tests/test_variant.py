@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flex_flash_infer.mods import generate_alibi_score_mod, generate_relative_position_bias_score_mod, generate_softcap_score_mod
+from flex_flash_infer.codegen import POSITION_BOUND
 from flex_flash_infer.trace import trace
 from flex_flash_infer.variant import fa3_score_mod_variant
 
@@ -72,7 +73,7 @@ def test_padding_guard_only_where_a_captured_table_is_read():
                                  lambda score, b, h, q, kv: score],
                          ids=["softcap", "alibi", "rel_bias", "where_mod", "identity"])
 def test_generated_variant_compiles_as_device_code(tmp_path, mod):
-    spec = fa3_score_mod_variant(trace(mod, "score_mod"))
+    spec = fa3_score_mod_variant(trace(mod, "score_mod"), POSITION_BOUND)  # with the int conversion trick
     fields = "\n".join(f"    {'const ' + d + '*' if n in spec.tensor_names else d} {n};"
                        for n, d in list(zip(spec.tensor_names, spec.tensor_dtypes)) + list(zip(spec.scalar_names, spec.scalar_dtypes)))
     source = f"""
@@ -112,7 +113,7 @@ def test_generated_fa2_variant_compiles_as_device_code(tmp_path, mod):
     helpers and a stand-in for the params struct FlashInfer generates (members, as fa2 has them)."""
     from flex_flash_infer.variant import fa2_score_mod_variant
 
-    spec = fa2_score_mod_variant(trace(mod, "score_mod"))
+    spec = fa2_score_mod_variant(trace(mod, "score_mod"), POSITION_BOUND)
     assert spec.name.endswith("<use_custom_mask>")
     fields = "\n".join(f"  {'const ' + d + '*' if n in spec.tensor_names else d} {n};"
                        for n, d in list(zip(spec.tensor_names, spec.tensor_dtypes)) + list(zip(spec.scalar_names, spec.scalar_dtypes)))
@@ -147,3 +148,11 @@ template __global__ void probe<false>(FakeParams, float*);
     result = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_80", "-I", str(flashinfer_include()), "-c", str(path),
                              "-o", str(tmp_path / "variant_fa2.o")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_bit_trick_conversion_only_when_the_caller_vouches_for_the_bound():
+    from flex_flash_infer.codegen import POSITION_BOUND
+
+    graph = trace(generate_alibi_score_mod(num_heads=8), "score_mod")
+    assert "ffi_i2f_exact(" in _per_score_code(fa3_score_mod_variant(graph, POSITION_BOUND).decl)
+    assert "ffi_i2f_exact(" not in _per_score_code(fa3_score_mod_variant(graph).decl)
