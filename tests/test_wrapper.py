@@ -203,6 +203,8 @@ def test_second_prepare_replaces_first(rng):
     dict(mask_fn=lambda q, kv: q - kv),         # not a bool mask: fails when evaluated
     dict(score_mod=lambda s, b: s),
     dict(scale="big"),
+    dict(compile_block_mask="yes"),
+    dict(compile_block_mask=True, cu_seqlens_q=[0, 30, 64], cu_seqlens_kv=[0, 30, 64]),
 ])
 def test_failed_prepare_keeps_previous_preparation(rng, bad):
     flex = FlexFlashInfer(device="cpu")
@@ -252,3 +254,14 @@ def test_failed_call_leaves_object_usable(rng):
             flex(*args)
         assert torch.equal(flex(q, k, v), good)
     assert_matches(flex, q, k, v, dense_predicate("causal", L, L), torch.float32)
+
+
+def test_compiled_block_mask_build_gives_the_same_plan(rng):
+    """compile_block_mask=True (torch.compile of the tile counts) classifies the same tiles as the
+    eager build, and the attention matches the oracle."""
+    mask = get_mask_fn("sliding_window", window_size=40)
+    eager = prepare(FlexFlashInfer(device="cpu"), mask, 300, 300, 4, 2, 16, torch.float64)
+    compiled = prepare(FlexFlashInfer(device="cpu"), mask, 300, 300, 4, 2, 16, torch.float64, compile_block_mask=True)
+    assert torch.equal(compiled.block_mask.states, eager.block_mask.states)
+    q, k, v = seq_qkv(rng, 300, 300, 4, 2, 16, torch.float64)
+    assert_matches(compiled, q, k, v, dense_predicate("sliding_window", 300, 300, window_size=40), torch.float64)
