@@ -56,25 +56,17 @@ def band_tile_states(band: Band, q_len: int, kv_len: int, block_q: int, block_kv
     k0 = kt * block_kv
     k1 = (kt + 1) * block_kv - 1  # last key, inclusive (may be padding)
     d, w = band.delta, band.window_left
-    # Visible keys of row q inside this tile: [lo(q), hi(q)]; lo is convex, hi concave in q, so
-    # max over q of hi - lo sits at an end or a breakpoint.
-    def lo(q):
-        v = torch.maximum(torch.maximum(k0.expand_as(q), torch.full_like(q, band.kv_start)), torch.zeros_like(q))
-        return torch.maximum(v, q + d - w) if w >= 0 else v
-
-    def hi(q):
-        v = torch.minimum(k1.expand_as(q), torch.full_like(q, min(band.kv_end, kv_len) - 1))
-        return torch.minimum(v, q + d) if band.causal else v
-
-    points = [q0, q1, k1 - d, k0 + w - d if w >= 0 else q0, band.kv_start + w - d + 0 * q0 if w >= 0 else q0,
-              min(band.kv_end, kv_len) - 1 - d + 0 * q0]
-    best = None
-    for p in points:
-        p = torch.minimum(torch.maximum(p.expand_as(q0 + k0), q0.expand_as(q0 + k0)), q1.expand_as(q0 + k0))
-        gap = hi(p) - lo(p)
-        best = gap if best is None else torch.maximum(best, gap)
+    # The band is kv - q in [d - w, d] (each side only when windowed / causal) on its key range;
+    # over the tile's rectangle of rows and keys, kv - q takes every value in
+    # [keys_lo - q1, keys_hi - q0], so the tile meets the band exactly when that interval meets it.
+    keys_lo = torch.clamp(k0, min=band.kv_start)
+    keys_hi = torch.clamp(k1, max=min(band.kv_end, kv_len) - 1)
+    nonempty = (q1 >= q0) & (keys_hi >= keys_lo)
+    if band.causal:
+        nonempty = nonempty & (keys_lo - q1 <= d)
+    if w >= 0:
+        nonempty = nonempty & (keys_hi - q0 >= d - w)
     rows_exist = q1 >= q0
-    nonempty = rows_exist & (best >= 0)
     whole_rows = (qt * block_q >= band.q_start) & (torch.clamp((qt + 1) * block_q, max=q_len) <= band.q_end)
     full = rows_exist & whole_rows & (k1 < min(band.kv_end, kv_len)) & (k0 >= band.kv_start)
     if band.causal:

@@ -72,7 +72,7 @@ def test_one_wrong_element_in_a_partial_tile_defeats_lowering():
     assert bands_for(almost_causal, 1024, 1024) is None
 
 
-@pytest.mark.parametrize("trial", range(30))
+@pytest.mark.parametrize("trial", range(60))
 def test_analytic_band_tile_states_match_evaluation(rng, trial):
     L = int(torch.randint(50, 700, (1,), generator=rng))
     S = int(torch.randint(50, 700, (1,), generator=rng))
@@ -82,7 +82,7 @@ def test_analytic_band_tile_states_match_evaluation(rng, trial):
     kv_start = int(torch.randint(0, S, (1,), generator=rng))
     kv_end = int(torch.randint(kv_start + 1, S + 1, (1,), generator=rng))
     causal = bool(torch.randint(0, 2, (1,), generator=rng))
-    window = int(torch.randint(0, 300, (1,), generator=rng)) if causal and bool(torch.randint(0, 2, (1,), generator=rng)) else -1
+    window = int(torch.randint(0, 300, (1,), generator=rng)) if bool(torch.randint(0, 2, (1,), generator=rng)) else -1
     band = Band(q_start, q_end, kv_start, kv_end, causal, window)
     truth = classify_tiles(lambda b, h, q, kv: band.visible(q, kv), 1, 1, L, S, bq, bkv, torch.device("cpu"))[0, 0]
     got = band_tile_states(band, L, S, bq, bkv, truth.shape[0], truth.shape[1], torch.device("cpu"))
