@@ -91,8 +91,11 @@ def _row_intervals(states, mask_mod, rows, q_len, kv_len, block_kv, device):
         visible = visible | (part & bits)
     visible = visible & (keys < kv_len).view(1, -1)
     count = visible.sum(1)
-    lo = torch.where(visible, keys.view(1, -1), nkv * block_kv).amin(1)
-    hi = torch.where(visible, keys.view(1, -1), -1).amax(1)
+    # first and last visible key from one-byte copies (argmax takes the first maximum), not from
+    # int64 [rows, keys] temporaries: 8x less memory on long sequences
+    v8 = visible.to(torch.uint8)
+    lo = torch.where(count > 0, v8.argmax(1), nkv * block_kv)
+    hi = torch.where(count > 0, nkv * block_kv - 1 - v8.flip(1).argmax(1), -1)
     return lo, hi, count
 
 
@@ -143,12 +146,13 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
     nq, nkv = states.shape
     first_rows = torch.arange(nq, device=device) * block_q
     last_rows = torch.clamp(first_rows + block_q, max=q_len) - 1
-    lo0, hi0, n0 = _row_intervals(states, mask_mod, first_rows, q_len, kv_len, block_kv, device)
-    lo1, hi1, n1 = _row_intervals(states, mask_mod, last_rows, q_len, kv_len, block_kv, device)
-    # one host copy each (an .item() per tile was a GPU sync per tile: 512 of them at 32768 tokens)
-    lo0, hi0, n0, lo1, hi1, n1 = (t.tolist() for t in (lo0, hi0, n0, lo1, hi1, n1))
-    first_rows, last_rows = first_rows.tolist(), last_rows.tolist()
-    nonempty_tiles = (states != EMPTY).any(1).tolist()
+    # both probe rows of every tile in one evaluation, and everything the loop below reads in one
+    # host copy (an .item() per tile was a GPU sync per tile: 512 of them at 32768 tokens)
+    lo, hi, n = _row_intervals(torch.cat([states, states]), mask_mod, torch.cat([first_rows, last_rows]),
+                               q_len, kv_len, block_kv, device)
+    table = torch.stack([lo[:nq], hi[:nq], n[:nq], lo[nq:], hi[nq:], n[nq:], first_rows, last_rows,
+                         (states != EMPTY).any(1).long()]).tolist()
+    lo0, hi0, n0, lo1, hi1, n1, first_rows, last_rows, nonempty_tiles = table
     bands: list[Band] = []
     keys, probes = [], []
     for i in range(nq):
