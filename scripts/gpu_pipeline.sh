@@ -4,7 +4,7 @@
 # the machine is still warm wait on it and bring its logs back.
 #   bash scripts/gpu_pipeline.sh start [STAGE...]   # copy the repo to /tmp/ffi and run the stages
 #   bash scripts/gpu_pipeline.sh wait SECONDS       # wait for the job (at most SECONDS), pack logs to $OUT
-# Stages, in the default order: warm tests examples plan decode score-tests bench-8k bench-32k varlen
+# Stages, in the default order: warm tests score-tests bench-score plan decode examples bench-8k bench-32k varlen
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
 #   tests        every GPU test except the compiled score_mod ones
 #   examples     python examples/*.py on the GPU (each checks its own result)
@@ -20,7 +20,7 @@ case "${1:-}" in
     shift
     if [ -f $run_dir/pid ] && kill -0 "$(cat $run_dir/pid)" 2>/dev/null; then echo "already running"; exit 0; fi
     rm -rf /tmp/ffi $run_dir && mkdir -p $run_dir && cp -r . /tmp/ffi
-    cd /tmp/ffi && setsid nohup bash scripts/gpu_pipeline.sh run "${@:-warm tests examples plan decode score-tests bench-8k bench-32k varlen}" \
+    cd /tmp/ffi && setsid nohup bash scripts/gpu_pipeline.sh run "${@:-warm tests score-tests bench-score plan decode examples bench-8k bench-32k varlen}" \
       >$run_dir/pipeline.log 2>&1 < /dev/null &
     echo $! > $run_dir/pid
     echo "started: ${*:-all stages}" ;;
