@@ -131,7 +131,8 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace):
     if plan.full is not None:
         f = plan.full
         if plan.decode:
-            full = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=use_tensor_core_decode(hq, hkv))
+            full = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD",
+                                                                 use_tensor_cores=use_tensor_core_decode(hq, hkv))
             full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, sm_scale=scale,
                       q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
         else:

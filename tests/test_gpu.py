@@ -351,11 +351,15 @@ def test_tree_speculative_decoding_example_on_the_gpu():
     runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "tree_speculative_decoding.py"))
 
 
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda_core_decode", "tensor_core_decode"])
 @pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 40})])
-def test_paged_run_replays_in_a_cuda_graph(cuda_gen, name, params):
+def test_paged_run_replays_in_a_cuda_graph(cuda_gen, monkeypatch, name, params, tensor_cores):
     """plan() on the host, then run() captured once and replayed: the replay equals an eager run
-    on new query values written into the captured input."""
-    from flex_flash_infer import PagedFlexAttention
+    on new query values written into the captured input, with either decode kernel (tensor cores
+    are the default for this GQA group of 4)."""
+    from flex_flash_infer import PagedFlexAttention, paged as paged_module
+
+    monkeypatch.setattr(paged_module, "DECODE_TENSOR_CORES", tensor_cores)
 
     kv_lens, page, H, Hkv, D, dtype = [17, 300, 1000], 16, 8, 2, 128, torch.bfloat16
     pages = [-(-n // page) for n in kv_lens]
