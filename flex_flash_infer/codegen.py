@@ -192,8 +192,9 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
         return varies[id(node)]
 
     def hoist(code: str, kind: str) -> str:
+        """kind: a graph kind, or a C++ type (a table pointer)."""
         name = f"ffi_hoisted{len(hoisted)}"
-        hoisted.append((name, CTYPE[kind], code))
+        hoisted.append((name, CTYPE.get(kind, kind), code))
         return name
 
     def go(node: Node) -> str:
@@ -208,19 +209,27 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
     def arg(node: Node, kind: str) -> str:
         return to_float(node, go(node)) if kind == "float" else _cast(go(node), node.kind, kind)
 
-    def load_offset(node: Node) -> str:
+    def load(node: Node) -> str:
+        """The element read, as C++ of the element type."""
+        table = f"({tensor_ref(node.attr)})"
         if hoisted is None:
-            return " + ".join(f"(long long)({arg(i, 'int')}) * {stride_ref(node.attr, d)}" for d, i in enumerate(node.args)) or "0"
-        # int32 offsets (kernel_tensor caps a table's size) with the strides and the part indexed by
-        # invariant values computed once, so a score pays one multiply-add per varying index
+            offset = " + ".join(f"(long long)({arg(i, 'int')}) * {stride_ref(node.attr, d)}"
+                                for d, i in enumerate(node.args)) or "0"
+            return f"{table}[{offset}]"
+        # int32 offsets (kernel_tensor caps a table's size); the strides, and the table pointer
+        # advanced by the part indexed by invariant values, are computed once, so a score pays one
+        # multiply-add per varying index
         fixed = [f"{arg(i, 'int')} * (int)({stride_ref(node.attr, d)})" for d, i in enumerate(node.args) if not variant(i)]
-        terms = [hoist(" + ".join(fixed), "int")] if fixed else []
+        if fixed:
+            element = ELEMENT_CTYPE[node.kind]
+            table = hoist(f"{table} + ({' + '.join(fixed)})", f"const {element}*")
+        terms = []
         for d, i in enumerate(node.args):
             if variant(i):
                 if (node.attr, d) not in strides:
                     strides[node.attr, d] = hoist(f"(int)({stride_ref(node.attr, d)})", "int")
                 terms.append(f"{arg(i, 'int')} * {strides[node.attr, d]}")
-        return " + ".join(terms) or "0"
+        return f"{table}[{' + '.join(terms) or '0'}]"
 
     def emit(node: Node) -> str:
         op, a, k = node.op, node.args, node.kind
@@ -231,7 +240,7 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
         if op == "scalar":
             return f"(({CTYPE[k]})({scalar_ref(node.attr)}))"
         if op == "load":
-            return _cast(f"({tensor_ref(node.attr)})[{load_offset(node)}]", "int" if k == "bool" else k, k)
+            return _cast(load(node), "int" if k == "bool" else k, k)
         if op in ("add", "sub", "mul"):
             sym = {"add": "+", "sub": "-", "mul": "*"}[op]
             kind = "int" if k == "bool" else k

@@ -29,7 +29,7 @@ def host_source(graph: Graph) -> str:
     hoisted = []
     expr = emit_expression(graph, lambda n: f"scalars[{scalar_index[n]}]", lambda n: n, hoisted=hoisted,
                            invariant_inputs=("b", "h"), position_bound=POSITION_BOUND)
-    hoisted_decl = "".join(f"    const {ctype} {name} = {code};\n" for name, ctype, code in hoisted)
+    hoisted_decl = "".join(f"    {ctype} const {name} = {code};\n" for name, ctype, code in hoisted)
     return f"""#include <cmath>
 #include <cstdint>
 {PRELUDE}

@@ -83,7 +83,7 @@ def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None) -> Va
     expr, members, statements = _score_expression(graph, p, ("b", "h"), position_bound)  # one per (tile, head)
     # fa3 masks the padded tail of a tile after LogitsTransform, but a captured table must not be
     # read there (its index may run past the table); without tables the check is skipped
-    reads_per_score = any(f"{p}ffi_{n})[" in expr for n, _ in graph.tensors)   # not hoisted
+    reads_per_score = "[" in expr   # only a table read indexes; reads fixed per tile are hoisted
     guard = "    if (kv_idx >= kv_len_ || qo_idx >= qo_len_) return -math::inf;\n" if reads_per_score else ""
     decl = f"""{PRELUDE}
 struct {name} : AttentionVariantBase {{

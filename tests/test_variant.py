@@ -33,7 +33,7 @@ def test_variant_spec_lists_arguments_in_jit_order():
     assert "ffi_t0_stride1" in spec.scalar_names
     args = spec.jit_args("uri", torch.bfloat16, 128, torch.int32, use_sliding_window=True)
     assert args[11] == spec.name and args[12] == spec.decl and args[14] is True
-    assert "additional_params.ffi_t0)[" in spec.decl and "OnlineSoftmax" in spec.decl
+    assert "(params.additional_params.ffi_t0) + (" in spec.decl and "OnlineSoftmax" in spec.decl
 
 
 def _per_score_code(decl: str) -> str:
