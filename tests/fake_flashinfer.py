@@ -43,9 +43,15 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
                      sm_scale=kw.get("sm_scale"))
 
 
+# A custom attention variant (jit_args) is modelled by the host-compiled code of its score_mod:
+# tests register hostcheck.compile_host(graph) under the variant's name.
+VARIANTS = {}
+
+
 class BatchPrefillWithRaggedKVCacheWrapper:
-    def __init__(self, workspace, layout="NHD", backend="auto"):
+    def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None):
         assert layout == "NHD"
+        self.variant = None if jit_args is None else VARIANTS[jit_args[11]]
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, causal=False, window_left=-1,
              sm_scale=None, **_):
@@ -53,13 +59,29 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         self.causal, self.window_left = causal, window_left
         self.scale = head_dim_qk ** -0.5 if sm_scale is None else sm_scale
 
-    def run(self, q, k, v, return_lse=False):
-        out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self.causal, self.window_left, self.scale)
+    def run(self, q, k, v, *variant_args, return_lse=False):
+        transform = None
+        if self.variant is not None:
+            # the variant's arguments: request tables (first query, first key, batch entry), the
+            # captured tensors, then the scale; the score_mod sees absolute positions
+            req_q0, req_kv0, req_b = (t.cpu().long() for t in variant_args[:3])
+            scale = float(next(a for a in variant_args[3:] if not isinstance(a, torch.Tensor)))
+
+            def transform(r, logits):   # logits [H, n, m] of request r
+                h, n, m = logits.shape
+                pos = (torch.arange(h).view(-1, 1, 1), req_q0[r] + torch.arange(n).view(1, -1, 1),
+                       req_kv0[r] + torch.arange(m).view(1, 1, -1))
+                return self.variant((logits * scale).float(), req_b[r], *pos).double()
+        else:
+            assert not variant_args
+        out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self.causal, self.window_left,
+                                  1.0 if transform else self.scale, transform)
         return (out, lse) if return_lse else out
 
 
-def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale):
-    """Per request: queries aligned to the bottom right of its keys, as FlashInfer's flags mean."""
+def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, transform=None):
+    """Per request: queries aligned to the bottom right of its keys, as FlashInfer's flags mean;
+    a variant's transform applies before those masks, as in FlashInfer's fa3 kernels."""
     group = q.shape[1] // k.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64)
     lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float64)
@@ -70,6 +92,8 @@ def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale):
         kk = k[k0:k1].double().cpu().repeat_interleave(group, 1)
         vv = v[k0:k1].double().cpu().repeat_interleave(group, 1)
         s = torch.einsum("nhd,khd->hnk", q[q0:q1].double().cpu(), kk) * scale
+        if transform is not None:
+            s = transform(r, s)
         pos = torch.arange(q1 - q0).view(-1, 1) + (k1 - k0) - (q1 - q0)
         kv = torch.arange(k1 - k0).view(1, -1)
         keep = torch.ones_like(kv <= pos)

@@ -250,3 +250,44 @@ def test_tensor_core_decode_is_a_switch_on_the_decode_wrapper(fake, monkeypatch,
         assert attn._planned["launches"][0].use_tensor_cores == tensor_cores
         outs.append(attn.run(q, (k, v)))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name,params,B,L,S", [
+    ("causal", {}, 2, 200, 200),
+    ("sliding_window", {"window_size": 50}, 1, 300, 300),
+    ("prefix_lm", {"prefix_len": 128}, 2, 260, 260),
+    ("causal", {}, 1, 150, 230),                  # bottom-right aligned: more keys than queries
+])
+@pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias"])
+def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name, params, B, L, S, mod_name):
+    """The score_mod band route (request tables of first query, first key and batch entry per
+    band) with the kernel replaced by the CPU model running the score_mod's generated code
+    (host-compiled): the positions it hands the score_mod are the absolute ones."""
+    from flex_flash_infer import score_mod_kernels
+    from flex_flash_infer.hostcheck import compile_host
+    from flex_flash_infer.warmup import example_score_mod
+
+    real_trace = score_mod_kernels.trace
+
+    def registering_trace(fn, kind):
+        graph = real_trace(fn, kind)
+        monkeypatch.setitem(fake_flashinfer.VARIANTS, f"FlexScoreMod_{graph.key()}", compile_host(graph))
+        return graph
+
+    monkeypatch.setattr(score_mod_kernels, "trace", registering_trace)
+    Hq, Hkv, D = 4, 2, 16
+    score_mod = example_score_mod(mod_name, Hq, device="cpu")
+    bm = create_block_mask(get_mask_fn(name, **params), B, None, L, S, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
+                                             score_mod=score_mod)
+    assert isinstance(plan.band_runner, score_mod_kernels.ScoreModBands)
+    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    out, lse = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
+    dense = create_mask(get_mask_fn(name, **params), B, 1, L, S, device="cpu")
+    ref_out, ref_lse = dense_attention(q, k, v, dense, score_fn=score_mod)
+    assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-5   # the score_mod runs in float32
+    got = lse.view(B, L, Hq).transpose(1, 2).double()
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(got), seen) and torch.allclose(got[seen], ref_lse[seen], atol=1e-4)

@@ -41,6 +41,28 @@ def test_masks_that_read_h_or_b_never_take_bands():
     assert per_batch.kind == "tiles"
 
 
+@pytest.mark.parametrize("name,params,kind", [("sliding_window", {"window_size": 256}, "bands"),
+                                              ("streaming", {"sink_size": 4, "window_size": 256}, "bands+columns")])
+def test_explicit_batch_and_heads_of_a_mask_that_reads_neither_keep_its_route(name, params, kind):
+    """create_block_mask(mod, B, H, ...) with B and H given, as torch users often write it: equal
+    copies per batch entry and head, planned once (before, this fell to the tiles routes, and a
+    score_mod on it to the reference backend)."""
+    bm = create_block_mask(get_mask_fn(name, **params), 2, 4, 1024, 1024, device="cpu")
+    r = route.choose_route(bm, 2, 4, 1024, 1024, "cpu")
+    assert r.kind == kind and not r.per_head
+
+
+def test_tables_that_differ_per_head_stay_per_head():
+    """A block mask whose tables differ per head although its mask_mod does not read h (tables
+    made elsewhere) keeps the per-head route."""
+    bm = create_block_mask(get_mask_fn("causal"), 1, 2, 512, 512, device="cpu")
+    states = bm.states.clone()
+    states[0, 1] = 0
+    states[0, 1, :, 0] = 2
+    other = type(bm).from_states(states, (512, 512), bm.BLOCK_SIZE, bm.mask_mod)
+    assert route.choose_route(other, 1, 2, 512, 512, "cpu").per_head
+
+
 @pytest.mark.parametrize("name,params", [("attamba", {"window_size": 256, "chunk_size": 128}),
                                          ("attamba", {"window_size": 100, "chunk_size": 48}),
                                          ("streaming", {"sink_size": 4, "window_size": 256})])
