@@ -10,7 +10,9 @@ a left window. Its visible set, in global positions, with delta = kv_end - q_end
 find_bands() infers bands from the tile states plus the mask on two probe rows per query
 tile, with no hint from the mask's name, then verifies them exactly: every tile's state must
 match the band's, and every partial tile's bits must match element for element. So a user's
-own causal or sliding-window mask_mod is lowered as surely as the library's.
+own causal or sliding-window mask_mod is lowered as surely as the library's. A query tile whose
+rows change pattern inside it (a prefix-LM prefix that is not a multiple of the tile) is split
+row by row into a few runs, and the tiles it shares between bands are checked element by element.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from .block_build import EMPTY, FULL, PARTIAL, tile_elements
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
 
 VERIFY_CHUNK_ELEMENTS = 1 << 24
+MAX_RUNS_PER_SPLIT_TILE = 4
+MAX_SPLIT_TILES = 16
 
 
 @dataclass(frozen=True)
@@ -152,39 +156,91 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
                                q_len, kv_len, block_kv, device)
     table = torch.stack([lo[:nq], hi[:nq], n[:nq], lo[nq:], hi[nq:], n[nq:], first_rows, last_rows,
                          (states != EMPTY).any(1).long()]).tolist()
-    lo0, hi0, n0, lo1, hi1, n1, first_rows, last_rows, nonempty_tiles = table
-    bands: list[Band] = []
-    keys, probes = [], []
-    for i in range(nq):
-        if not nonempty_tiles[i]:
-            keys.append(None)
-            probes.append(None)
-            continue
-        if n0[i] != hi0[i] - lo0[i] + 1 or n1[i] != hi1[i] - lo1[i] + 1 or n0[i] == 0 or n1[i] == 0:
-            return None  # a probe row that is not one contiguous run of keys
-        probes.append((first_rows[i], last_rows[i], lo0[i], hi0[i], lo1[i], hi1[i]))
-        key = _tile_band(*probes[-1])
-        if key is None:
+    # A tile whose probe rows agree can still hide a band edge between them; verification names
+    # the query tiles that failed, which are then split row by row (a few rounds at most).
+    split_tiles: set[int] = set()
+    for _ in range(3):
+        segments = _segments(states, mask_mod, q_len, kv_len, block_kv, table, split_tiles)
+        bands = None if segments is None else _merge_segments(segments, kv_len)
+        if not bands:
             return None
-        keys.append(key)
+        bands = _absorb_clipped_windows(bands)
+        failed = _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, verify_chunk_elements)
+        if not failed:
+            return bands
+        if failed <= split_tiles or len(failed | split_tiles) > MAX_SPLIT_TILES:
+            return None   # splitting many tiles row by row would cost about a dense evaluation
+        split_tiles |= failed
+    return None
+
+
+def _segments(states, mask_mod, q_len, kv_len, block_kv, table, split_tiles):
+    """Runs of query rows, each with the key its probe rows suggest, None between non-empty
+    ones; tiles in split_tiles, or whose probe rows suggest no key, are split row by row."""
+    lo0, hi0, n0, lo1, hi1, n1, first_rows, last_rows, nonempty_tiles = table
+    segments: list[tuple | None] = []
+    for i in range(len(first_rows)):
+        if not nonempty_tiles[i]:
+            segments.append(None)
+            continue
+        probe = (first_rows[i], last_rows[i], lo0[i], hi0[i], lo1[i], hi1[i])
+        contiguous = n0[i] == hi0[i] - lo0[i] + 1 and n1[i] == hi1[i] - lo1[i] + 1 and n0[i] > 0 and n1[i] > 0
+        key = _tile_band(*probe) if contiguous and i not in split_tiles else None
+        if key is not None:
+            segments.append((probe, key))
+            continue
+        # a band edge inside this tile (a prefix length, say, that is not a multiple of block_q)
+        split = _split_tile(states[i], mask_mod, first_rows[i], last_rows[i], q_len, kv_len, block_kv, states.device)
+        if split is None:
+            return None
+        segments.extend(split)
+    return segments
+
+
+def _merge_segments(segments, kv_len: int) -> list[Band] | None:
+    """Consecutive segments whose keys agree (or fit the first one's) become one band each."""
+    bands: list[Band] = []
     i = 0
-    while i < nq:
-        if keys[i] is None:
+    while i < len(segments):
+        if segments[i] is None:
             i += 1
             continue
+        key = segments[i][1]
         j = i
-        while j + 1 < nq and keys[j + 1] is not None and (
-                keys[j + 1] == keys[i] or _key_fits(keys[i], *probes[j + 1])):
+        while j + 1 < len(segments) and segments[j + 1] is not None and (
+                segments[j + 1][1] == key or _key_fits(key, *segments[j + 1][0])):
             j += 1
-        band = _band_of(keys[i], i * block_q, min((j + 1) * block_q, q_len), kv_len)
+        band = _band_of(key, segments[i][0][0], segments[j][0][1] + 1, kv_len)
         if band is None:
             return None
         bands.append(band)
         i = j + 1
-    bands = _absorb_clipped_windows(bands)
-    if not bands or not _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, verify_chunk_elements):
-        return None
     return bands
+
+
+def _split_tile(tile_states, mask_mod, first: int, last: int, q_len, kv_len, block_kv, device):
+    """The rows of one query tile as runs that each follow one key ((probe, key) pairs), from
+    every row's visible keys; None when a row is not one contiguous run of keys."""
+    rows = torch.arange(first, last + 1, device=device)
+    lo, hi, n = _row_intervals(tile_states.expand(rows.numel(), -1), mask_mod, rows, q_len, kv_len, block_kv, device)
+    lo, hi, n = torch.stack([lo, hi, n]).tolist()
+    if any(c == 0 or c != h - l + 1 for l, h, c in zip(lo, hi, n)):
+        return None
+    # greedy: each run as long as one key (taken from its end rows) fits every row of it
+    runs, start = [], 0
+    while start < len(lo):
+        end, key = start, ("full", lo[start], hi[start] + 1)
+        for stop in range(start + 1, len(lo)):
+            longer = _tile_band(first + start, first + stop, lo[start], hi[start], lo[stop], hi[stop])
+            inside = range(stop - 1, stop + 1) if longer == key else range(start, stop + 1)
+            if longer is None or not all(
+                    _key_fits(longer, first + r, first + r, lo[r], hi[r], lo[r], hi[r]) for r in inside):
+                break
+            end, key = stop, longer
+        runs.append(((first + start, first + end, lo[start], hi[start], lo[end], hi[end]), key))
+        start = end + 1
+    # a few band edges per tile; more (a row per band, say) is better served by the tiles route
+    return runs if len(runs) <= MAX_RUNS_PER_SPLIT_TILE else None
 
 
 def _absorb_clipped_windows(bands: list[Band]) -> list[Band]:
@@ -202,16 +258,25 @@ def _absorb_clipped_windows(bands: list[Band]) -> list[Band]:
     return merged
 
 
-def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_elements) -> bool:
+def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_elements) -> set[int]:
+    """The query tiles where the bands are not exactly the mask (empty: they are): tile states
+    first, then every partial tile element by element."""
     nq, nkv = states.shape
     expected = torch.zeros_like(states)
     for band in bands:
         t0, t1 = band.q_start // block_q, -(-band.q_end // block_q)
         expected[t0:t1] = band_tile_states(band, q_len, kv_len, block_q, block_kv, nq, nkv, states.device)[t0:t1]
-    if not torch.equal(expected, states):
-        return False
-    tiles = (states == PARTIAL).nonzero()
+    # a query tile that two bands share has no one band's states: its every tile is checked
+    # element by element below instead
+    shared = torch.zeros(nq, dtype=torch.bool, device=states.device)
+    for edge in {b for band in bands for b in (band.q_start, band.q_end) if b % block_q and b < q_len}:
+        shared[edge // block_q] = True
+    wrong = ((expected != states).any(1) & ~shared).nonzero().flatten().tolist()
+    if wrong:
+        return set(wrong)
+    tiles = ((states == PARTIAL) | shared.view(-1, 1)).nonzero()
     per_chunk = max(1, chunk_elements // (block_q * block_kv))
+    failed = set()
     for p0 in range(0, tiles.shape[0], per_chunk):
         qt, kt = tiles[p0:p0 + per_chunk].unbind(1)
         truth, q, kv = tile_elements(mask_mod, 0, 0, qt, kt, block_q, block_kv, q_len, kv_len)
@@ -219,9 +284,10 @@ def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_ele
         lowered = torch.zeros_like(truth)
         for band in bands:
             lowered |= band.visible(q, kv)
-        if not torch.equal(truth, lowered & valid):
-            return False
-    return True
+        mismatch = (truth != (lowered & valid)).flatten(1).any(1)
+        if bool(mismatch.any()):
+            failed |= set(qt[mismatch].tolist())
+    return failed
 
 
 def hinted_bands(mask_mod, q_len: int, kv_len: int) -> list[Band] | None:

@@ -291,3 +291,34 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
     got = lse.view(B, L, Hq).transpose(1, 2).double()
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(got), seen) and torch.allclose(got[seen], ref_lse[seen], atol=1e-4)
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_band_edges_inside_a_query_tile(fake, rng, trial):
+    """Row ranges of different native patterns (full, causal, windowed) meeting at random rows,
+    not at multiples of the tile: found as bands (a prefix-LM's prefix of any length, say) and
+    exact through the plan."""
+    L = int(torch.randint(130, 400, (1,), generator=rng))
+    cuts = sorted(set(torch.randint(1, L, (2,), generator=rng).tolist()))
+    kinds = torch.randint(0, 3, (len(cuts) + 1,), generator=rng).tolist()
+    window = int(torch.randint(5, 60, (1,), generator=rng))
+    edges = torch.tensor(cuts)
+
+    def mod(b, h, q, kv):
+        part = torch.bucketize(q, edges, right=True)   # which row range q is in
+        causal = kv <= q
+        patterns = [torch.ones_like(causal), causal, causal & (kv >= q - window)]
+        out = torch.zeros_like(causal)
+        for i, kind in enumerate(kinds):
+            out = out | ((part == i) & patterns[kind])
+        return out
+
+    bm = create_block_mask(mod, 1, None, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, 1, L, L, 4, 2, 16, torch.float64, 0.25, "cpu")
+    assert plan.route == "bands", (cuts, kinds, plan.route)
+    q = torch.randn(1, 4, L, 16, generator=rng, dtype=torch.float64)
+    k = torch.randn(1, 2, L, 16, generator=rng, dtype=torch.float64)
+    v = torch.randn(1, 2, L, 16, generator=rng, dtype=torch.float64)
+    out, _ = plan.run(q.transpose(1, 2).reshape(L, 4, 16), k.transpose(1, 2), v.transpose(1, 2))
+    ref, _ = dense_attention(q, k, v, create_mask(mod, 1, 1, L, L, device="cpu"), scale=0.25)
+    assert rel_err(out.view(1, L, 4, 16).transpose(1, 2), ref) < 1e-6

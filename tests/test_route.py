@@ -52,6 +52,16 @@ def test_explicit_batch_and_heads_of_a_mask_that_reads_neither_keep_its_route(na
     assert r.kind == kind and not r.per_head
 
 
+@pytest.mark.parametrize("prefix", [300, 129, 1000])
+def test_prefix_lm_with_a_prefix_inside_a_query_tile_is_two_bands(prefix):
+    """The band edge at the prefix's end need not fall on a tile boundary (a prompt of any length)."""
+    r = route_of(get_mask_fn("prefix_lm", prefix_len=prefix))
+    assert r.kind == "bands" and [b.causal for b in r.bands] == [False, True]
+    full, causal = r.bands   # the row at the prefix's end sees the same keys under either band
+    assert (full.q_start, full.kv_start, full.kv_end) == (0, 0, prefix) and full.q_end in (prefix - 1, prefix)
+    assert (causal.q_start, causal.q_end, causal.kv_end) == (full.q_end, 1024, 1024)
+
+
 def test_tables_that_differ_per_head_stay_per_head():
     """A block mask whose tables differ per head although its mask_mod does not read h (tables
     made elsewhere) keeps the per-head route."""
