@@ -44,10 +44,9 @@ def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: 
     uses_b, uses_h = mask_dependence(block_mask.mask_mod, batch, num_qo_heads, q_len, kv_len, device)
     # a block mask built with explicit B or H (torch's create_block_mask(mod, B, H, ...) idiom) of
     # a mod that uses neither holds equal copies: plan it once (tables made elsewhere may differ)
-    same_b = states.shape[0] == 1 or bool((states == states[:1]).all())
-    same_h = states.shape[1] == 1 or bool((states == states[:, :1]).all())
-    per_head = uses_h or not same_h
-    if not per_head and not uses_b and same_b:
+    per_head = uses_h or not (states.shape[1] == 1 or bool((states == states[:, :1]).all()))
+    same_for_all = not per_head and not uses_b and (states.shape[0] == 1 or bool((states == states[:1]).all()))
+    if same_for_all:
         lowered = column_lowering(block_mask.mask_mod, q_len, kv_len) if ENABLE_COLUMN_LOWERING else None
         if lowered is not None:
             return Route("bands+columns", False, lowered[0], lowered[1].to(device))
