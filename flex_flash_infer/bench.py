@@ -86,6 +86,8 @@ def case_masks(seq_len: int):
         "attamba_no_hint": (_without_hint(get_mask_fn("attamba", window_size=256, chunk_size=128)), None, None),
         "streaming": (get_mask_fn("streaming", sink_size=4, window_size=1024), None, None),
         "prefix_lm": (get_mask_fn("prefix_lm", prefix_len=2048), None, None),
+        # a prefix that ends inside a 128-row query tile (a prompt of any length)
+        "prefix_lm_2000": (get_mask_fn("prefix_lm", prefix_len=2000), None, None),
         "document": (get_mask_fn("document", offsets=document_offsets(seq_len)), None, None),
         "random_tiles": (random_tile_mask(seq_len), None, None),
         "per_head_windows": (per_head_window_mask(), None, None),
