@@ -147,7 +147,7 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
                verify_chunk_elements: int = VERIFY_CHUNK_ELEMENTS) -> list[Band] | None:
     """Bands covering every non-empty query tile of a [nQ, nKV] state map, or None."""
     device = states.device
-    nq, nkv = states.shape
+    nq = states.shape[0]
     first_rows = torch.arange(nq, device=device) * block_q
     last_rows = torch.clamp(first_rows + block_q, max=q_len) - 1
     # both probe rows of every tile in one evaluation, and everything the loop below reads in one

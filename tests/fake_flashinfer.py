@@ -60,23 +60,25 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         self.scale = head_dim_qk ** -0.5 if sm_scale is None else sm_scale
 
     def run(self, q, k, v, *variant_args, return_lse=False):
-        transform = None
-        if self.variant is not None:
-            # the variant's arguments: request tables (first query, first key, batch entry), the
-            # captured tensors, then the scale; the score_mod sees absolute positions
-            req_q0, req_kv0, req_b = (t.cpu().long() for t in variant_args[:3])
-            scale = float(next(a for a in variant_args[3:] if not isinstance(a, torch.Tensor)))
-
-            def transform(r, logits):   # logits [H, n, m] of request r
-                h, n, m = logits.shape
-                pos = (torch.arange(h).view(-1, 1, 1), req_q0[r] + torch.arange(n).view(1, -1, 1),
-                       req_kv0[r] + torch.arange(m).view(1, 1, -1))
-                return self.variant((logits * scale).float(), req_b[r], *pos).double()
-        else:
-            assert not variant_args
+        assert bool(variant_args) == (self.variant is not None)
+        transform = self._transform(variant_args) if self.variant is not None else None
         out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self.causal, self.window_left,
                                   1.0 if transform else self.scale, transform)
         return (out, lse) if return_lse else out
+
+    def _transform(self, variant_args):
+        """The variant's arguments are the request tables (first query, first key, batch entry),
+        the captured tensors, then the scale; the score_mod sees absolute positions."""
+        req_q0, req_kv0, req_b = (t.cpu().long() for t in variant_args[:3])
+        scale = float(next(a for a in variant_args[3:] if not isinstance(a, torch.Tensor)))
+
+        def transform(r, logits):   # logits [H, n, m] of request r
+            h, n, m = logits.shape
+            pos = (torch.arange(h).view(-1, 1, 1), req_q0[r] + torch.arange(n).view(1, -1, 1),
+                   req_kv0[r] + torch.arange(m).view(1, 1, -1))
+            return self.variant((logits * scale).float(), req_b[r], *pos).double()
+
+        return transform
 
 
 def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, transform=None):
