@@ -11,6 +11,7 @@
 #   score-tests  the compiled score_mod tests (after the variants are built)
 #   bench-8k, bench-32k  python -m flex_flash_infer bench at 8192 / 32768 tokens (JSON in the run dir)
 #   bench-32k-rest       the 32768 random_tiles, alibi and rel_bias rows only
+#   bench-bands  8192: prefix_lm, prefix_lm_2000 (a prefix inside a query tile), document
 #   bench-score  8192: causal and the score_mod rows (softcap, alibi, rel_bias, identity)
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
@@ -68,6 +69,9 @@ case "${1:-}" in
             | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
         bench-32k-rest)  # the 32768 rows after random_tiles
           python3 -m flex_flash_infer bench --seq-lens 32768 --cases random_tiles alibi+causal rel_bias+causal \
+            --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
+        bench-bands)  # 8192 rows whose planning goes through the band finder's row splits
+          python3 -m flex_flash_infer bench --seq-lens 8192 --cases prefix_lm prefix_lm_2000 document \
             --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
         bench-score)
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases causal softcap+causal alibi+causal \
