@@ -21,6 +21,8 @@ from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_t
 from .route import choose_route
 from .bands import band_launches
 from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
+from . import tile_kernels
+from .tile_kernels import TileVariants, request_tables, traced_mask_or_none
 
 LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -66,9 +68,12 @@ def _is_hopper(device: torch.device) -> bool:
 
 
 class _HeadGroup:
-    """The launches of one head group: all heads at once, or one query head of a per-head mask."""
+    """The launches of one head group: all heads at once, or one query head of a per-head mask.
+    With variants (tile_kernels.TileVariants) the launches run compiled mods: key_positions
+    gives the first key position of each page of a batch entry."""
 
-    def __init__(self, tile_plan, mask_mod, head, shape, dtype, scale, workspace, block_size):
+    def __init__(self, tile_plan, mask_mod, head, shape, dtype, scale, workspace, block_size,
+                 variants=None, key_positions=None):
         import flashinfer
 
         batch, q_len, kv_len, hq, hkv, head_dim = shape
@@ -76,17 +81,37 @@ class _HeadGroup:
         common = dict(num_qo_heads=hq, num_kv_heads=hkv, head_dim_qk=head_dim, page_size=block_kv,
                       causal=False, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
         self.full = self.partial = None
+        self.full_args = self.partial_args = ()
         self.causal = tile_plan.causal
+        if variants is not None and key_positions is None:
+            key_positions = torch.arange(tile_plan.num_kv_tiles) * block_kv
+
+        def tables(launch, extra):
+            return (*request_tables(tile_plan, launch, key_positions, head, q_len, block_q), *extra)
+
         if tile_plan.full is not None:
             backend = "fa3" if _is_hopper(workspace.device) else "fa2"
-            self.full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
             launch = tile_plan.full
+            if variants is not None and variants.full_jit_args is not None:
+                self.full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                    workspace, "NHD", backend=variants.full_backend, jit_args=variants.full_jit_args)
+                self.full_args = tables(launch, variants.full_args)
+            else:
+                self.full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
             self.full.plan(tile_plan.qo_indptr, launch.kv_indptr, launch.kv_indices, launch.last_page_len,
                            **{**common, "causal": tile_plan.causal})
         if tile_plan.partial is not None:
-            bits = partial_tile_mask(tile_plan, mask_mod, 0 if head is None else head, q_len, kv_len, block_q, block_kv)
-            self.partial = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
             launch = tile_plan.partial
+            owns_mask = variants is not None and variants.owns_mask
+            if variants is None:
+                self.partial = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+            else:
+                self.partial = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                    workspace, "NHD", backend="fa2", jit_args=variants.partial_jit_args, variant_owns_mask=owns_mask)
+                self.partial_args = tables(launch, variants.partial_args)
+            # with variant_owns_mask the kernel evaluates mask_mod itself: no bit mask to build
+            bits = None if owns_mask else partial_tile_mask(tile_plan, mask_mod, 0 if head is None else head, q_len,
+                                                            kv_len, block_q, block_kv)
             self.partial.plan(tile_plan.qo_indptr, launch.kv_indptr, launch.kv_indices, launch.last_page_len,
                               custom_mask=bits, **common)
         self.merge = flashinfer.merge_state
@@ -94,10 +119,12 @@ class _HeadGroup:
     def run(self, q, kv_pages):
         """Base-2 (out, lse) of this group."""
         if self.full is not None and self.partial is not None:
-            o_full, lse_full = self.full.run(q, kv_pages, return_lse=True)
-            o_part, lse_part = self.partial.run(q, kv_pages, return_lse=True)
+            o_full, lse_full = self.full.run(q, kv_pages, *self.full_args, return_lse=True)
+            o_part, lse_part = self.partial.run(q, kv_pages, *self.partial_args, return_lse=True)
             return self.merge(o_full, lse_full, o_part, lse_part)
-        return (self.full or self.partial).run(q, kv_pages, return_lse=True)
+        if self.full is not None:
+            return self.full.run(q, kv_pages, *self.full_args, return_lse=True)
+        return self.partial.run(q, kv_pages, *self.partial_args, return_lse=True)
 
 
 _announced = False
@@ -138,6 +165,21 @@ class FlashInferPlan:
         self.groups = []
         self.bands = route.bands
         self.columns = None
+        hopper = _is_hopper(device)
+        if score_mod is not None and not (route.kind == "bands" or tile_kernels.TILE_VARIANTS):
+            raise UnsupportedOnFlashInfer(
+                "a score_mod runs in FlashInfer kernels only with masks that lower to bands (full, causal, "
+                f"sliding window, documents, ...); this one takes the {route.kind} route "
+                "(FLEX_FLASH_INFER_TILE_VARIANTS=1 runs it in kernels not yet validated on a GPU)")
+        if score_mod is not None and route.head_bands is not None:
+            raise UnsupportedOnFlashInfer(f"a score_mod does not run in FlashInfer kernels on the {route.kind} route")
+
+        def variants(mask_graph, page_size):
+            """Compiled mods for a tile group, or None when plain launches serve."""
+            if score_mod is None and mask_graph is None:
+                return None
+            return TileVariants(score_mod, mask_graph, self.shape, dtype, scale, page_size, device, hopper)
+
         if route.kind == "bands+columns":
             self.positions = route.positions
             compact = compact_mask_mod(block_mask.mask_mod, self.bands, self.positions)
@@ -145,14 +187,14 @@ class FlashInferPlan:
             if bool((col_states == PARTIAL).any()):
                 col_plan = plan_tiles(col_states, batch, q_len, block_q, 1)
                 col_shape = (batch, q_len, self.positions.numel(), num_qo_heads, num_kv_heads, head_dim)
-                self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace, (block_q, 1))
-        if score_mod is not None:
-            if not self.bands or self.columns is not None:
-                raise UnsupportedOnFlashInfer(
-                    "a score_mod runs in FlashInfer kernels only with masks that lower to bands (full, causal, "
-                    f"sliding window, documents, ...); this one takes the {self.route} route")
+                # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
+                self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace, (block_q, 1),
+                                          variants(None, 1), self.positions)
+        if score_mod is not None and self.bands:
             self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace)
             return
+        # partial tiles evaluate the traced mask_mod in the kernel (or read bits when it does not trace)
+        mask_graph = traced_mask_or_none(block_mask.mask_mod) if tile_kernels.MASK_IN_KERNEL else None
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)
             return
@@ -168,7 +210,7 @@ class FlashInferPlan:
             head_states = states.transpose(0, 1).expand(num_qo_heads, states.shape[0], *states.shape[2:])
             tile_plan = plan_tiles_head_major(head_states, batch, q_len, block_q, block_kv, self.group_size)
             self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, None, (batch, q_len, kv_len, 1, 1, head_dim),
-                                          dtype, scale, workspace, block_mask.BLOCK_SIZE))
+                                          dtype, scale, workspace, block_mask.BLOCK_SIZE, variants(mask_graph, block_kv)))
             return
         heads = list(range(num_qo_heads)) if self.per_head else [None]
         for head in heads:
@@ -177,7 +219,7 @@ class FlashInferPlan:
                                              block_q, block_kv) or plan_tiles(head_states, batch, q_len, block_q, block_kv)
             group_shape = self.shape if head is None else (batch, q_len, kv_len, 1, 1, head_dim)
             self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, head, group_shape, dtype,
-                                          scale, workspace, block_mask.BLOCK_SIZE))
+                                          scale, workspace, block_mask.BLOCK_SIZE, variants(mask_graph, block_kv)))
 
     def _pages(self, x: torch.Tensor) -> torch.Tensor:
         """[B, KV_LEN, H, D] -> pages [B * nKV, block_kv, H, D] (zero-padded tail tile)."""

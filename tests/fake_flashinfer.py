@@ -10,24 +10,30 @@ from paged_simulator import paged_prefill
 
 
 class BatchPrefillWithPagedKVCacheWrapper:
-    def __init__(self, workspace, layout="NHD", backend="auto"):
+    def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None, variant_owns_mask=False):
         assert layout == "NHD"
+        assert not variant_owns_mask or (backend == "fa2" and jit_args is not None)  # as FlashInfer checks
         self.backend = backend
+        self.owns_mask = variant_owns_mask
+        self.variant = None if jit_args is None else PagedVariantModel(VARIANTS[jit_args[11]], jit_args[7], jit_args[9])
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads, head_dim_qk=None,
              page_size=None, causal=False, sm_scale=None, custom_mask=None, q_data_type=None, kv_data_type=None,
              o_data_type=None, **_):
         if custom_mask is not None:
-            assert self.backend == "fa2" and custom_mask.dtype == torch.bool
+            assert self.backend == "fa2" and custom_mask.dtype == torch.bool and not self.owns_mask
         self.args = (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), last_page_len.cpu())
         self.causal, self.mask = causal, None if custom_mask is None else custom_mask.cpu()
         self.heads = (num_qo_heads, num_kv_heads)
         self.scale = head_dim_qk ** -0.5 if sm_scale is None else sm_scale
 
-    def run(self, q, kv_cache, return_lse=False):
+    def run(self, q, kv_cache, *variant_args, return_lse=False):
         k, v = kv_cache
         assert q.shape[1] == self.heads[0] and k.shape[2] == self.heads[1]
-        out, lse = paged_prefill(q.cpu(), k.cpu(), v.cpu(), *self.args, self.scale, self.mask, causal=self.causal)
+        assert bool(variant_args) == (self.variant is not None)
+        variant = self.variant.bind(variant_args, self.args, k.shape[1], self.owns_mask) if self.variant else None
+        out, lse = paged_prefill(q.cpu(), k.cpu(), v.cpu(), *self.args, 1.0 if variant else self.scale, self.mask,
+                                 causal=self.causal, variant=variant)
         out, lse = out.to(q.dtype).to(q.device), lse.float().to(q.device)
         return (out, lse) if return_lse else out
 
@@ -46,6 +52,45 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
 # A custom attention variant (jit_args) is modelled by the host-compiled code of its score_mod:
 # tests register hostcheck.compile_host(graph) under the variant's name.
 VARIANTS = {}
+
+
+class PagedVariantModel:
+    """A variant of variant_paged.py: the positions its five tables give (as its C++ maps them),
+    the host-compiled score_mod and, when it owns the mask, the host-compiled mask_mod.
+    VARIANTS holds {"score": f or None, "mask": f or None} under the variant's name."""
+
+    def __init__(self, mods, tensor_names, scalar_names):
+        self.score, self.mask = mods["score"], mods["mask"]
+        self.tensor_names = list(tensor_names)
+        assert self.tensor_names[:5] == ["ffi_req_q0", "ffi_req_b", "ffi_req_h0", "ffi_req_page0", "ffi_page_kv0"]
+        assert list(scalar_names[:2]) == ["ffi_sm_scale", "ffi_kv_end"]
+        self.num_args = len(self.tensor_names) + len(scalar_names)
+
+    def bind(self, args, plan_args, page_size, owns_mask):
+        assert len(args) == self.num_args and all(isinstance(a, torch.Tensor) for a in args[:len(self.tensor_names)])
+        tables = [a.cpu().long() for a in args[:5]]
+        scale, kv_end = float(args[len(self.tensor_names)]), int(args[len(self.tensor_names) + 1])
+        req_q0, req_b, req_h0, req_page0, page_kv0 = tables
+        kv_indptr = plan_args[1].long()
+        assert torch.equal(req_page0, kv_indptr[:-1])
+
+        def apply(r, s):   # s [H, n, m]: request r's scores over its concatenated pages
+            h, n, m = s.shape
+            kv_idx = torch.arange(m)
+            page = page_kv0[int(req_page0[r]) + kv_idx // page_size]
+            kv = (page + kv_idx % page_size).view(1, 1, -1)
+            filler = ((page < 0) | (page + kv_idx % page_size >= kv_end)).view(1, 1, -1)
+            b, hh = req_b[r], (req_h0[r] + torch.arange(h)).view(-1, 1, 1)
+            qq = (req_q0[r] + torch.arange(n)).view(1, -1, 1)
+            out = s * scale
+            if self.score is not None:
+                out = torch.where(filler, out, self.score(out.float(), b, hh, qq, kv.clamp(0, kv_end - 1)).double())
+            if owns_mask:
+                keep = self.mask(torch.zeros(()), b, hh, qq, kv.clamp(0, kv_end - 1)).bool() & ~filler
+                out = out.masked_fill(~keep, -math.inf)
+            return out
+
+        return apply
 
 
 class BatchPrefillWithRaggedKVCacheWrapper:

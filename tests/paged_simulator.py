@@ -7,7 +7,9 @@ import torch
 
 
 def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_page_len, scale, mask=None,
-                  causal=False):
+                  causal=False, variant=None):
+    """variant(r, s): a compiled variant's scores [H, n, kv_len] of request r, -inf where its own
+    mask removes them (applied before the bit mask and the causal mask, as in FlashInfer)."""
     N, H, D = q.shape
     group = H // k_pages.shape[2]
     out = torch.zeros(N, H, D, dtype=torch.float64)
@@ -22,6 +24,8 @@ def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_pa
         k = k_pages[pages].reshape(-1, *k_pages.shape[2:])[:kv_len].double().repeat_interleave(group, 1)
         v = v_pages[pages].reshape(-1, *v_pages.shape[2:])[:kv_len].double().repeat_interleave(group, 1)
         s = torch.einsum("nhd,khd->hnk", q[q0:q1].double(), k) * scale
+        if variant is not None:
+            s = variant(r, s)
         if mask is not None:
             m = mask[offset: offset + (q1 - q0) * kv_len].view(q1 - q0, kv_len)
             offset += (q1 - q0) * kv_len

@@ -1,0 +1,91 @@
+"""Compiled mods on the tiles route: a score_mod on the full-tile (fa3) and partial-tile (fa2)
+launches, and a mask_mod evaluated inside the fa2 kernel instead of a bit mask built at plan time.
+
+Off by default until the GPU tests of these launches pass on the Hopper machine:
+  FLEX_FLASH_INFER_TILE_VARIANTS=1  a score_mod runs in the kernels on the tiles and
+                                    bands+columns routes (else those fall back to the reference);
+  FLEX_FLASH_INFER_MASK_IN_KERNEL=1 partial tiles evaluate the traced mask_mod in the kernel
+                                    (FlashInfer's variant_owns_mask) instead of reading bits.
+The variants and their request tables are described in variant_paged.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from .block_build import ceil_div
+from .codegen import POSITION_BOUND, kernel_tensor
+from .trace import TraceError, trace
+from .variant_paged import fa2_paged_variant, fa3_paged_score_mod_variant
+
+TILE_VARIANTS = os.environ.get("FLEX_FLASH_INFER_TILE_VARIANTS", "0") == "1"
+MASK_IN_KERNEL = os.environ.get("FLEX_FLASH_INFER_MASK_IN_KERNEL", "0") == "1"
+
+
+def traced_mask_or_none(mask_mod):
+    """The traced mask_mod, or None when it cannot be traced (the bit mask then serves)."""
+    try:
+        return trace(mask_mod, "mask_mod")
+    except TraceError:
+        return None
+
+
+def request_tables(plan, launch, key_positions: torch.Tensor, head: int | None, q_len: int, block_q: int):
+    """The five int32 tables of variant_paged for one launch of a TilePlan.
+
+    key_positions[t]: the first key position of page t of a batch entry (t * block_kv for key
+    tiles, the gathered position for key columns); head: the query head of a one-head group."""
+    device = launch.kv_indices.device
+    requests = plan.qo_len.numel()
+    nq = ceil_div(q_len, block_q)
+    r = torch.arange(requests, device=device)
+    row = r // nq
+    if plan.head_major_batch:   # requests are (query head, batch entry, query tile)
+        req_b, req_h0 = row % plan.head_major_batch, row // plan.head_major_batch
+    else:
+        req_b, req_h0 = row, torch.full_like(row, head or 0)
+    page_kv0 = key_positions.to(device)[launch.kv_indices.long() % plan.num_kv_tiles]
+    page_kv0 = torch.where(launch.dummy, -1, page_kv0)
+    tables = ((r % nq) * block_q, req_b, req_h0, launch.kv_indptr[:-1], page_kv0)
+    return [t.to(torch.int32).contiguous() for t in tables]
+
+
+class TileVariants:
+    """The compiled variants of one plan: jit arguments of the full and partial launches and, for
+    each, the kernel arguments that follow the tables (captured tensors, the scale, numbers, strides)."""
+
+    def __init__(self, score_mod, mask_graph, shape, dtype, scale, page_size: int, device, hopper: bool):
+        batch, q_len, kv_len, hq, hkv, head_dim = shape
+        self.score_graph = None if score_mod is None else trace(score_mod, "score_mod")
+        self.mask_graph = mask_graph
+        small = max(batch, hq, q_len + 128, kv_len + 128) <= POSITION_BOUND
+        bound = POSITION_BOUND if small else None
+        self.full_args = self._kernel_args([self.score_graph], scale, kv_len, device)    # fa3's reads no mask
+        self.partial_args = self._kernel_args([self.score_graph, mask_graph], scale, kv_len, device)
+        dtype_name = str(dtype).split(".")[-1]
+
+        def jit_args(spec):
+            uri = f"ffi_paged_{hashlib.sha256(spec.decl.encode()).hexdigest()[:16]}_{dtype_name}_d{head_dim}"
+            return spec.jit_args(uri, dtype, head_dim, torch.int32, False)
+
+        self.full_jit_args = None
+        if self.score_graph is not None:
+            full = (fa3_paged_score_mod_variant(self.score_graph, page_size, bound) if hopper
+                    else fa2_paged_variant(self.score_graph, None, page_size, bound))
+            self.full_jit_args = jit_args(full)
+            self.full_backend = "fa3" if hopper else "fa2"
+        self.partial_jit_args = jit_args(fa2_paged_variant(self.score_graph, mask_graph, page_size, bound))
+        self.owns_mask = mask_graph is not None
+
+    @staticmethod
+    def _kernel_args(graphs, scale, kv_len, device):
+        """What follows the tables, in jit order: the graphs' captured tensors, the scale, the key
+        count, then each graph's numbers and its tensors' strides (variant_paged.paged_arguments)."""
+        graphs = [g for g in graphs if g is not None]
+        tensors = [[kernel_tensor(t).to(device) for _, t in g.tensors] for g in graphs]
+        scalars = []
+        for g, ts in zip(graphs, tensors):
+            scalars += [v for _, _, v in g.scalars] + [int(s) for t in ts for s in t.stride()]
+        return [t for ts in tensors for t in ts] + [float(scale), int(kv_len)] + scalars

@@ -1,0 +1,171 @@
+"""Compiled mods on the tiles and key-column routes (tile_kernels.py, variant_paged.py), through
+the plan on CPU: FlashInfer's kernels are the CPU model (fake_flashinfer.py), which hands the
+host-compiled score_mod / mask_mod the positions the variant's five tables give, so a wrong
+table (query tile, batch entry, head offset, page position, filler page) shows up as a wrong
+output against the dense float64 oracle."""
+import sys
+
+import pytest
+import torch
+
+import fake_flashinfer
+from dense_reference import dense_attention, rel_err
+from flex_flash_infer import create_block_mask, create_mask, flashinfer_backend, get_mask_fn, tile_kernels
+from flex_flash_infer.hostcheck import compile_host
+from flex_flash_infer.score_mod_kernels import UnsupportedOnFlashInfer
+from flex_flash_infer.warmup import example_score_mod
+from test_block_mask import random_mask_mod
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """The CPU model as flashinfer, Hopper's launch choices, and each generated variant
+    registered with the host-compiled code of its graphs."""
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", True)
+    for name in ("fa3_paged_score_mod_variant", "fa2_paged_variant"):
+        real = getattr(tile_kernels, name)
+
+        def registering(*args, _real=real, **kw):
+            spec = _real(*args, **kw)
+            graphs = list(args[:2]) if _real.__name__ == "fa2_paged_variant" else [args[0], None]
+            mods = {"score": graphs[0] and compile_host(graphs[0]), "mask": graphs[1] and compile_host(graphs[1])}
+            monkeypatch.setitem(fake_flashinfer.VARIANTS, spec.name, mods)
+            return spec
+
+        monkeypatch.setattr(tile_kernels, name, registering)
+
+
+def _block_sparse_causal(L, rng, block=64):
+    n = L // block + 1
+    keep = torch.rand(n, n, generator=rng) < 0.5
+    keep.fill_diagonal_(True)
+    keep[:, 0] = True
+    keep[torch.arange(2, n), torch.arange(n - 2)] = False   # rows of two or more runs: not a few bands
+
+    def block_sparse_causal(b, h, q, kv):
+        return (q >= kv) & keep[q // block, kv // block]
+
+    return block_sparse_causal
+
+
+def _run(plan, B, Hq, Hkv, L, S, D, rng):
+    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    out, lse = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
+    return (q, k, v), out.view(B, L, Hq, D).transpose(1, 2), lse.view(B, L, Hq).transpose(1, 2).double()
+
+
+def _check(inputs, out, lse, dense, score_mod):
+    ref_out, ref_lse = dense_attention(*inputs, dense, score_fn=score_mod)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref_out) < 1e-5   # the score_mod runs in float32
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen) and torch.allclose(lse[seen], ref_lse[seen], atol=1e-4)
+
+
+@pytest.mark.parametrize("mask_in_kernel", [False, True])
+@pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias"])
+@pytest.mark.parametrize("case", ["block_sparse_causal", "random_elements"])
+def test_score_mod_on_the_tiles_route(fake, monkeypatch, rng, case, mod_name, mask_in_kernel):
+    monkeypatch.setattr(tile_kernels, "MASK_IN_KERNEL", mask_in_kernel)
+    B, Hq, Hkv, L, S, D = 2, 4, 2, 330, 330, 16
+    if case == "block_sparse_causal":
+        mask_mod = _block_sparse_causal(L, rng)
+    else:
+        table = torch.rand(L, S, generator=rng) < 0.4
+        table[: L // 2, : S // 3] = True    # full tiles too
+
+        def mask_mod(b, h, q, kv):
+            return table[q, kv] | (q == kv)
+
+    score_mod = example_score_mod(mod_name, Hq, device="cpu")
+    bm = create_block_mask(mask_mod, B, None, L, S, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
+                                             score_mod=score_mod)
+    assert plan.route == ("tiles-causal" if case == "block_sparse_causal" else "tiles")
+    group = plan.groups[0]
+    assert group.full is not None and group.full_args
+    # block-sparse causal: one causal launch (the diagonal tile last); else a partial launch too
+    assert (group.partial is None) == (case == "block_sparse_causal") and (group.partial is None or group.partial_args)
+    inputs, out, lse = _run(plan, B, Hq, Hkv, L, S, D, rng)
+    _check(inputs, out, lse, create_mask(mask_mod, B, 1, L, S, device="cpu"), score_mod)
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_score_mod_and_per_head_mask_in_kernel(fake, monkeypatch, rng, one_launch):
+    """Per-head masks: head-major requests (head offset from the request) or one group per head."""
+    monkeypatch.setattr(tile_kernels, "MASK_IN_KERNEL", True)
+    monkeypatch.setattr(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", one_launch)
+    B, Hq, Hkv, L, S, D = 2, 4, 2, 150, 170, 16
+    mask_mod, dense = random_mask_mod(B, Hq, L, S, rng)
+    score_mod = example_score_mod("alibi", Hq, device="cpu")
+    bm = create_block_mask(mask_mod, B, Hq, L, S, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
+                                             score_mod=score_mod)
+    assert plan.route == "tiles-per-head" and plan.head_major == one_launch
+    assert all(g.partial_args for g in plan.groups)
+    inputs, out, lse = _run(plan, B, Hq, Hkv, L, S, D, rng)
+    _check(inputs, out, lse, dense, score_mod)
+
+
+@pytest.mark.parametrize("mod_name", ["softcap", "rel_bias"])
+def test_mask_in_kernel_without_score_mod(fake, monkeypatch, rng, mod_name):
+    """No score_mod: the partial launch evaluates the traced mask_mod (no bit mask is built); a
+    mask that cannot be traced falls back to the bit mask, still exact."""
+    monkeypatch.setattr(tile_kernels, "MASK_IN_KERNEL", True)
+    built = []
+    monkeypatch.setattr(flashinfer_backend, "partial_tile_mask",
+                        lambda *a, _real=flashinfer_backend.partial_tile_mask: built.append(1) or _real(*a))
+    B, Hq, Hkv, L, S, D = 1, 2, 1, 190, 190, 16
+    table = torch.rand(L, S, generator=rng) < 0.3
+
+    def traceable(b, h, q, kv):
+        return table[q, kv]
+
+    def untraceable(b, h, q, kv):   # a Python branch on a traced value: not compilable
+        return table[q, kv] if int(q.max()) >= 0 else table[q, kv]
+
+    for mask_mod, bits_expected in ((traceable, 0), (untraceable, 1)):
+        built.clear()
+        bm = create_block_mask(mask_mod, B, None, L, S, device="cpu", BLOCK_SIZE=64)
+        plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+        assert len(built) == bits_expected
+        inputs, out, lse = _run(plan, B, Hq, Hkv, L, S, D, rng)
+        _check(inputs, out, lse, table, None)
+
+
+@pytest.mark.parametrize("name,params", [("attamba", {"window_size": 40, "chunk_size": 32}),
+                                         ("streaming", {"sink_size": 4, "window_size": 50})])
+@pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias"])
+def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
+    """Bands run the ragged score_mod variant; gathered key columns (pages of one key) run the paged
+    one, whose page table gives each column's absolute key position."""
+    from flex_flash_infer import score_mod_kernels
+    from flex_flash_infer.trace import trace
+
+    B, Hq, Hkv, L, D = 2, 4, 2, 300, 16
+    score_mod = example_score_mod(mod_name, Hq, device="cpu")
+    graph = trace(score_mod, "score_mod")
+    fake_flashinfer.VARIANTS[f"FlexScoreMod_{graph.key()}"] = compile_host(graph)
+    try:
+        mask_mod = get_mask_fn(name, **params)
+        bm = create_block_mask(mask_mod, B, None, L, L, device="cpu", BLOCK_SIZE=64)
+        plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
+                                                 score_mod=score_mod)
+        assert plan.route == "bands+columns" and isinstance(plan.band_runner, score_mod_kernels.ScoreModBands)
+        inputs, out, lse = _run(plan, B, Hq, Hkv, L, L, D, rng)
+        _check(inputs, out, lse, create_mask(mask_mod, B, 1, L, L, device="cpu"), score_mod)
+    finally:
+        del fake_flashinfer.VARIANTS[f"FlexScoreMod_{graph.key()}"]
+
+
+def test_score_mod_on_tiles_needs_the_switch_until_gpu_validated(fake, monkeypatch, rng):
+    monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", False)
+    L = 200
+    bm = create_block_mask(_block_sparse_causal(L, rng), 1, None, L, L, device="cpu", BLOCK_SIZE=64)
+    with pytest.raises(UnsupportedOnFlashInfer, match="FLEX_FLASH_INFER_TILE_VARIANTS=1"):
+        flashinfer_backend.FlashInferPlan(bm, 1, L, L, 2, 1, 16, torch.float64, 0.25, "cpu",
+                                          score_mod=example_score_mod("softcap", 2, device="cpu"))
