@@ -100,7 +100,9 @@ def build_parser():
     warm.add_argument("--head-dim", type=int, nargs="+", default=[128])
     warm.add_argument("--kinds", nargs="+", default=None,
                       help="default: causal sliding_window tiles documents; score_mod:<name>[+window] "
-                           "compiles a score_mod variant (softcap alibi rel_bias temperature causal_decay)")
+                           "compiles a score_mod variant (softcap alibi rel_bias temperature causal_decay); "
+                           "tile_variants:softcap tile_variants:rel_bias+mask tile_variants:alibi+columns "
+                           "mask_in_kernel: the paged variants of the tiles route (off by default)")
     show = sub.add_parser("show", help="draw a library mask to a PNG: its elements, or its tile map when long "
                                        "(needs matplotlib)")
     show.add_argument("name", choices=[name for name in MASK_FACTORIES if name != "document"])

@@ -13,6 +13,10 @@ KINDS = ("causal", "sliding_window", "tiles", "documents", "decode")
 # One fa3 variant module per score_mod structure (and per sliding-window flag): not in the default kinds.
 SCORE_MOD_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:temperature",
                    "score_mod:causal_decay", "score_mod:softcap+window", "score_mod:identity")
+# The paged variants of tile_kernels (off by default until run on a GPU): the GPU tests use these
+# same structures, so after this warmup they compile nothing.
+TILE_VARIANT_KINDS = ("tile_variants:softcap", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
+                      "mask_in_kernel")
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -49,6 +53,47 @@ def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     torch.cuda.synchronize()
 
 
+def tiles_with_partials(num_tiles: int, seed: int = 0, block: int = 128, device="cuda"):
+    """Random kept tiles (the diagonal always) of a causal mask plus every 7th key: full tiles below
+    the diagonal, partial ones on it and above it; no band structure, so the tiles route."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = (torch.rand(num_tiles, num_tiles, generator=gen) < 0.5) | torch.eye(num_tiles, dtype=torch.bool)
+    keep = keep.to(device)
+
+    def tiles_with_partials(b, h, q_idx, kv_idx):
+        return keep[q_idx // block, kv_idx // block] & ((q_idx >= kv_idx) | (kv_idx % 7 == 0))
+
+    return tiles_with_partials
+
+
+def tile_variant_case(kind: str, num_heads: int, q_len: int, kv_len: int, device="cuda"):
+    """(mask_mod, score_mod or None, mask in kernel) of a tile_variants / mask_in_kernel kind:
+    the tiles route (full and partial tiles) or, with '+columns', attamba's key columns."""
+    from .mods.registry import get_mask_fn
+
+    name, _, extra = kind.partition(":")[2].partition("+")
+    mask_mod = (get_mask_fn("attamba", window_size=64, chunk_size=32) if extra == "columns"
+                else tiles_with_partials(-(-max(q_len, kv_len) // 128), device=device))
+    score_mod = None if kind == "mask_in_kernel" else example_score_mod(name, num_heads, device=device)
+    return mask_mod, score_mod, kind == "mask_in_kernel" or extra == "mask"
+
+
+def run_tile_variant(kind: str, q, k, v, return_lse=False):
+    """flex_attention on CUDA on the route a tile_variants / mask_in_kernel kind names, with the
+    tile_kernels switches on; returns (flex_attention's result, mask_mod, score_mod)."""
+    from . import tile_kernels
+    from .api import flex_attention
+    from .block_mask import create_block_mask
+
+    L, S = q.shape[2], k.shape[2]
+    mask_mod, score_mod, in_kernel = tile_variant_case(kind, q.shape[1], L, S)
+    tile_kernels.TILE_VARIANTS, tile_kernels.MASK_IN_KERNEL = True, in_kernel
+    bm = create_block_mask(mask_mod, None, None, L, S, device="cuda")
+    out = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True, return_lse=return_lse,
+                         backend="flashinfer")
+    return out, mask_mod, score_mod
+
+
 def _sinks_and_window(b, h, q_idx, kv_idx):
     """No lowering hint, full and partial tiles at 512 tokens: the generic tiles route."""
     return (q_idx >= kv_idx) & ((kv_idx < 128) | (q_idx - kv_idx < 100))
@@ -61,6 +106,11 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
 
     if kind.startswith("score_mod:"):
         return compile_score_mod(kind, dtype, head_dim)
+    if kind.startswith("tile_variants:") or kind == "mask_in_kernel":
+        q = torch.randn(1, 4, 600, head_dim, device="cuda", dtype=dtype)
+        run_tile_variant(kind, q, q[:, :2], q[:, :2])
+        torch.cuda.synchronize()
+        return None
     if kind == "decode":  # paged decode kernel + the masked partial-page launch
         from .paged import PagedFlexAttention
 

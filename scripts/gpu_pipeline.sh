@@ -8,7 +8,7 @@
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
 #   tests        every GPU test except the compiled score_mod ones
 #   examples     python examples/*.py on the GPU (each checks its own result)
-#   score-tests  the compiled score_mod tests (after the variants are built)
+#   score-tests  the compiled score_mod and tile-variant tests (after the variants are built)
 #   bench-8k, bench-32k  python -m flex_flash_infer bench at 8192 / 32768 tokens (JSON in the run dir)
 #   bench-32k-rest       the 32768 random_tiles, alibi and rel_bias rows only
 #   bench-bands  8192: prefix_lm, prefix_lm_2000 (a prefix inside a query tile), document
@@ -47,8 +47,8 @@ case "${1:-}" in
           grep -h "ok\|FAILED" $run_dir/warm-*.log | tail -n 12
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds score_mod:softcap \
             score_mod:alibi score_mod:rel_bias score_mod:temperature score_mod:causal_decay score_mod:softcap+window \
-            score_mod:identity \
-            >$run_dir/warm-score.log 2>&1 &
+            score_mod:identity tile_variants:softcap tile_variants:rel_bias+mask tile_variants:alibi+columns \
+            mask_in_kernel >$run_dir/warm-score.log 2>&1 &
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 --kinds score_mod:softcap \
             >$run_dir/warm-score-fp16.log 2>&1 &
           echo $! > $run_dir/score_warm_pid ;;

@@ -169,3 +169,30 @@ def test_score_mod_on_tiles_needs_the_switch_until_gpu_validated(fake, monkeypat
     with pytest.raises(UnsupportedOnFlashInfer, match="FLEX_FLASH_INFER_TILE_VARIANTS=1"):
         flashinfer_backend.FlashInferPlan(bm, 1, L, L, 2, 1, 16, torch.float64, 0.25, "cpu",
                                           score_mod=example_score_mod("softcap", 2, device="cpu"))
+
+
+@pytest.mark.parametrize("kind", ["tile_variants:softcap", "tile_variants:rel_bias+mask",
+                                  "tile_variants:alibi+columns", "mask_in_kernel"])
+def test_the_gpu_tests_cases_on_the_cpu_model(fake, monkeypatch, rng, kind):
+    """The cases of test_gpu's tile-variant test (and of warmup) take the routes they name, with
+    the launches they are meant to compile, and are exact through the CPU model."""
+    from flex_flash_infer.warmup import tile_variant_case
+
+    B, Hq, Hkv, L, D = 2, 8, 2, 777, 16
+    S = L if kind.endswith("columns") else 901
+    mask_mod, score_mod, in_kernel = tile_variant_case(kind, Hq, L, S, device="cpu")
+    monkeypatch.setattr(tile_kernels, "MASK_IN_KERNEL", in_kernel)
+    if score_mod is not None and kind.endswith("columns"):
+        from flex_flash_infer.trace import trace
+
+        graph = trace(score_mod, "score_mod")
+        monkeypatch.setitem(fake_flashinfer.VARIANTS, f"FlexScoreMod_{graph.key()}", compile_host(graph))
+    bm = create_block_mask(mask_mod, None, None, L, S, device="cpu")
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
+                                             score_mod=score_mod)
+    group = plan.columns if kind.endswith("columns") else plan.groups[0]
+    assert plan.route == ("bands+columns" if kind.endswith("columns") else "tiles")
+    assert group.partial_args and (kind.endswith("columns") or group.full is not None)
+    assert bool(group.full_args) == (score_mod is not None and group.full is not None)
+    inputs, out, lse = _run(plan, B, Hq, Hkv, L, S, D, rng)
+    _check(inputs, out, lse, create_mask(mask_mod, 1, 1, L, S, device="cpu"), score_mod)
