@@ -1,10 +1,5 @@
 """The generated FlashInfer fa3 and fa2 variants compile as CUDA device code against FlashInfer's own
 variant headers (nvcc, no GPU needed). Skipped where nvcc or the flashinfer package is missing."""
-import importlib.util
-import os
-import pathlib
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -13,16 +8,7 @@ from flex_flash_infer.mods import generate_alibi_score_mod, generate_relative_po
 from flex_flash_infer.codegen import POSITION_BOUND
 from flex_flash_infer.trace import trace
 from flex_flash_infer.variant import fa3_score_mod_variant
-
-
-def flashinfer_include():
-    if os.environ.get("FLASHINFER_INCLUDE"):   # headers of a flashinfer installed elsewhere
-        return pathlib.Path(os.environ["FLASHINFER_INCLUDE"])
-    spec = importlib.util.find_spec("flashinfer")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    include = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / "include"
-    return include if (include / "flashinfer" / "attention" / "hopper" / "variant_helper.cuh").exists() else None
+from variant_probes import compile_device, fa2_probe, fa3_probe, needs_nvcc
 
 
 def test_variant_spec_lists_arguments_in_jit_order():
@@ -65,8 +51,7 @@ def test_padding_guard_only_where_a_captured_table_is_read():
     assert "kv_len_" not in _per_score_code(per_head_table.decl)   # its slope is read per tile
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None or flashinfer_include() is None,
-                    reason="needs nvcc and the flashinfer package (its headers)")
+@needs_nvcc
 @pytest.mark.parametrize("mod", [generate_softcap_score_mod(30.0), generate_alibi_score_mod(num_heads=8),
                                  generate_relative_position_bias_score_mod(torch.randn(8, 33)),
                                  lambda score, b, h, q, kv: torch.where((q - kv) % 3 == 0, score, score - 1.0),
@@ -74,37 +59,10 @@ def test_padding_guard_only_where_a_captured_table_is_read():
                          ids=["softcap", "alibi", "rel_bias", "where_mod", "identity"])
 def test_generated_variant_compiles_as_device_code(tmp_path, mod):
     spec = fa3_score_mod_variant(trace(mod, "score_mod"), POSITION_BOUND)  # with the int conversion trick
-    fields = "\n".join(f"    {'const ' + d + '*' if n in spec.tensor_names else d} {n};"
-                       for n, d in list(zip(spec.tensor_names, spec.tensor_dtypes)) + list(zip(spec.scalar_names, spec.scalar_dtypes)))
-    source = f"""
-#include <cstdint>
-#include <flashinfer/math.cuh>
-#include <flashinfer/attention/hopper/variant_helper.cuh>
-namespace flashinfer {{
-template <int N, bool B> struct OnlineSoftmax {{ __device__ explicit OnlineSoftmax(float) {{}} }};
-{spec.decl}
-struct FakeParams {{ struct {{
-{fields}
-  }} additional_params; }};
-}}  // namespace flashinfer
-using namespace flashinfer;
-__global__ void probe(FakeParams params, float* out) {{
-  auto coord = cute::make_tuple(0, 0, 0, 0, 0, 128u, 256u, 0u);
-  {spec.name} variant(params, coord);
-  out[threadIdx.x] = variant.LogitsTransform(params, 1.0f, 0u, threadIdx.x, threadIdx.x, 1u, 0u);
-}}
-"""
-    source = source.replace("auto coord = cute::make_tuple(", "struct Coord { int a, b, c, d, e; uint32_t f, g, h; }; Coord coord{")
-    source = source.replace("128u, 256u, 0u);", "128u, 256u, 0u};")
-    path = tmp_path / "variant.cu"
-    path.write_text(source)
-    result = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90a", "-I", str(flashinfer_include()), "-c", str(path),
-                             "-o", str(tmp_path / "variant.o")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    compile_device(tmp_path, fa3_probe(spec), "sm_90a")
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None or flashinfer_include() is None,
-                    reason="needs nvcc and the flashinfer package (its headers)")
+@needs_nvcc
 @pytest.mark.parametrize("mod", [generate_softcap_score_mod(30.0), generate_alibi_score_mod(num_heads=8),
                                  generate_relative_position_bias_score_mod(torch.randn(8, 33))],
                          ids=["softcap", "alibi", "rel_bias"])
@@ -115,39 +73,7 @@ def test_generated_fa2_variant_compiles_as_device_code(tmp_path, mod):
 
     spec = fa2_score_mod_variant(trace(mod, "score_mod"), POSITION_BOUND)
     assert spec.name.endswith("<use_custom_mask>")
-    fields = "\n".join(f"  {'const ' + d + '*' if n in spec.tensor_names else d} {n};"
-                       for n, d in list(zip(spec.tensor_names, spec.tensor_dtypes)) + list(zip(spec.scalar_names, spec.scalar_dtypes)))
-    base = spec.name.split("<")[0]
-    source = f"""
-#include <cstdint>
-#include <flashinfer/math.cuh>
-#include <flashinfer/attention/variant_helper.cuh>
-namespace flashinfer {{
-{spec.decl}
-struct FakeParams {{
-{fields}
-  uint8_t* maybe_custom_mask;
-  int32_t* maybe_mask_indptr;
-  int32_t window_left;
-  __device__ __host__ uint32_t get_qo_len(uint32_t) const {{ return 128; }}
-  __device__ __host__ uint32_t get_kv_len(uint32_t) const {{ return 256; }}
-}};
-}}  // namespace flashinfer
-using namespace flashinfer;
-template <bool use_custom_mask>
-__global__ void probe(FakeParams params, float* out) {{
-  {base}<use_custom_mask> variant(params, 0u, nullptr);
-  float s = variant.LogitsTransform(params, 1.0f, 0u, threadIdx.x, threadIdx.x, 1u, 0u);
-  out[threadIdx.x] = variant.LogitsMask(params, 0u, threadIdx.x, threadIdx.x, 1u, 0u) ? s : 0.0f;
-}}
-template __global__ void probe<true>(FakeParams, float*);
-template __global__ void probe<false>(FakeParams, float*);
-"""
-    path = tmp_path / "variant_fa2.cu"
-    path.write_text(source)
-    result = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_80", "-I", str(flashinfer_include()), "-c", str(path),
-                             "-o", str(tmp_path / "variant_fa2.o")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    compile_device(tmp_path, fa2_probe(spec), "sm_80")
 
 
 def test_bit_trick_conversion_only_when_the_caller_vouches_for_the_bound():
