@@ -18,6 +18,12 @@ CTYPE = {"bool": "bool", "int": "int", "float": "float"}
 # so an int expression of them has a known range; converting one whose range lies within
 # +-EXACT_FLOAT_INT to float takes the ffi_i2f_exact bit trick instead of an I2F instruction.
 POSITION_BOUND = 2**21
+
+
+def position_bound_for(batch: int, heads: int, q_len: int, kv_len: int) -> int | None:
+    """POSITION_BOUND when every b, h and position a kernel sees lies below it (padded tail
+    tiles reach 127 past the lengths), else None: ints then convert to float with I2F."""
+    return POSITION_BOUND if max(batch, heads, q_len + 128, kv_len + 128) <= POSITION_BOUND else None
 EXACT_FLOAT_INT = 2**22
 ELEMENT_CTYPE = {"bool": "uint8_t", "int": "int", "float": "float"}
 

@@ -196,8 +196,6 @@ class FlashInferPlan:
                                               "which need a Hopper GPU (compute capability 9.x)")
             self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace)
             return
-        # partial tiles evaluate the traced mask_mod in the kernel (or read bits when it does not trace)
-        mask_graph = traced_mask_or_none(block_mask.mask_mod) if tile_kernels.MASK_IN_KERNEL else None
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)
             return
@@ -208,12 +206,15 @@ class FlashInferPlan:
                 self.head_band_runs.append((torch.tensor(heads, device=device), torch.tensor(kv_heads, device=device),
                                             _BandRunner(bands, group_shape, dtype, scale, workspace)))
             return
+        # partial tiles evaluate the traced mask_mod in the kernel (or read bits when it does not trace)
+        mask_graph = traced_mask_or_none(block_mask.mask_mod) if tile_kernels.MASK_IN_KERNEL else None
+        tile_variants = variants(mask_graph, block_kv)   # shared by every head group
         self.head_major = self.per_head and PER_HEAD_ONE_LAUNCH
         if self.head_major:
             head_states = states.transpose(0, 1).expand(num_qo_heads, states.shape[0], *states.shape[2:])
             tile_plan = plan_tiles_head_major(head_states, batch, q_len, block_q, block_kv, self.group_size)
             self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, None, (batch, q_len, kv_len, 1, 1, head_dim),
-                                          dtype, scale, workspace, block_mask.BLOCK_SIZE, variants(mask_graph, block_kv)))
+                                          dtype, scale, workspace, block_mask.BLOCK_SIZE, tile_variants))
             return
         heads = list(range(num_qo_heads)) if self.per_head else [None]
         for head in heads:
@@ -222,7 +223,7 @@ class FlashInferPlan:
                                              block_q, block_kv) or plan_tiles(head_states, batch, q_len, block_q, block_kv)
             group_shape = self.shape if head is None else (batch, q_len, kv_len, 1, 1, head_dim)
             self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, head, group_shape, dtype,
-                                          scale, workspace, block_mask.BLOCK_SIZE, variants(mask_graph, block_kv)))
+                                          scale, workspace, block_mask.BLOCK_SIZE, tile_variants))
 
     def _pages(self, x: torch.Tensor) -> torch.Tensor:
         """[B, KV_LEN, H, D] -> pages [B * nKV, block_kv, H, D] (zero-padded tail tile)."""

@@ -17,9 +17,9 @@ import os
 import torch
 
 from .bands import band_launches
-from .codegen import POSITION_BOUND, kernel_tensor
+from .codegen import position_bound_for
 from .trace import trace
-from .variant import fa3_score_mod_variant
+from .variant import fa3_score_mod_variant, graph_values
 
 ENABLED = os.environ.get("FLEX_FLASH_INFER_SCORE_MOD_KERNELS", "1") != "0"
 
@@ -37,17 +37,13 @@ class ScoreModBands:
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         device = workspace.device
         graph = trace(score_mod, "score_mod")
-        # padded tail tiles reach 127 past the lengths; beyond the bound ints convert with I2F
-        small = max(batch, hq, q_len + 128, kv_len + 128) <= POSITION_BOUND
-        spec = fa3_score_mod_variant(graph, POSITION_BOUND if small else None)
+        spec = fa3_score_mod_variant(graph, position_bound_for(batch, hq, q_len, kv_len))
         use_swa = any(b.window_left >= 0 for b in bands)
         # the code's own hash: a changed code generator never reuses a stale cached module
         uri = f"ffi_{hashlib.sha256(spec.decl.encode()).hexdigest()[:16]}_{str(dtype).split('.')[-1]}_d{head_dim}_{'swa' if use_swa else 'noswa'}"
         jit_args = spec.jit_args(uri, dtype, head_dim, torch.int32, use_swa)
-        tensors = [kernel_tensor(t).to(device) for _, t in graph.tensors]
-        self.extra_scalars = [float(scale)] + [v for _, _, v in graph.scalars] + [
-            int(s) for t in tensors for s in t.stride()]
-        self.extra_tensors = tensors
+        self.extra_tensors, values = graph_values(graph, device)
+        self.extra_scalars = [float(scale)] + values
         self.shape = shape
         self.launches = []
         for launch in band_launches(bands, batch, q_len, kv_len):

@@ -16,8 +16,9 @@ import os
 import torch
 
 from .block_build import ceil_div
-from .codegen import POSITION_BOUND, kernel_tensor
+from .codegen import position_bound_for
 from .trace import TraceError, trace
+from .variant import graph_values
 from .variant_paged import fa2_paged_variant, fa3_paged_score_mod_variant
 
 TILE_VARIANTS = os.environ.get("FLEX_FLASH_INFER_TILE_VARIANTS", "0") == "1"
@@ -60,8 +61,7 @@ class TileVariants:
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         self.score_graph = None if score_mod is None else trace(score_mod, "score_mod")
         self.mask_graph = mask_graph
-        small = max(batch, hq, q_len + 128, kv_len + 128) <= POSITION_BOUND
-        bound = POSITION_BOUND if small else None
+        bound = position_bound_for(batch, hq, q_len, kv_len)
         self.full_args = self._kernel_args([self.score_graph], scale, kv_len, device)    # fa3's reads no mask
         self.partial_args = self._kernel_args([self.score_graph, mask_graph], scale, kv_len, device)
         dtype_name = str(dtype).split(".")[-1]
@@ -83,9 +83,5 @@ class TileVariants:
     def _kernel_args(graphs, scale, kv_len, device):
         """What follows the tables, in jit order: the graphs' captured tensors, the scale, the key
         count, then each graph's numbers and its tensors' strides (variant_paged.paged_arguments)."""
-        graphs = [g for g in graphs if g is not None]
-        tensors = [[kernel_tensor(t).to(device) for _, t in g.tensors] for g in graphs]
-        scalars = []
-        for g, ts in zip(graphs, tensors):
-            scalars += [v for _, _, v in g.scalars] + [int(s) for t in ts for s in t.stride()]
-        return [t for ts in tensors for t in ts] + [float(scale), int(kv_len)] + scalars
+        values = [graph_values(g, device) for g in graphs]
+        return [t for ts, _ in values for t in ts] + [float(scale), int(kv_len)] + [v for _, vs in values for v in vs]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .codegen import ELEMENT_CTYPE, PRELUDE, element_kind, emit_expression
+from .codegen import ELEMENT_CTYPE, PRELUDE, element_kind, emit_expression, kernel_tensor
 from .trace import Graph
 
 REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
@@ -48,30 +48,56 @@ class VariantSpec:
                 self.scalar_names, self.scalar_dtypes, self.name, self.decl, 0, use_sliding_window]
 
 
+def graph_arguments(graph: Graph | None, prefix: str = "ffi_"):
+    """(tensor names, dtypes, scalar names, dtypes) of one graph's captured values: its tensors,
+    then its numbers and its tensors' strides (int64 scalars, as FlashInfer passes them)."""
+    if graph is None:
+        return [], [], [], []
+    tensors = [f"{prefix}{n}" for n, _ in graph.tensors]
+    tensor_dtypes = [ELEMENT_CTYPE[element_kind(t)] for _, t in graph.tensors]
+    scalars = [f"{prefix}{n}" for n, _, _ in graph.scalars] + [
+        f"{prefix}{n}_stride{d}" for n, t in graph.tensors for d in range(t.dim())]
+    scalar_dtypes = [_SCALAR_CTYPE[k] for _, k, _ in graph.scalars] + [
+        "int64_t" for _, t in graph.tensors for _ in range(t.dim())]
+    return tensors, tensor_dtypes, scalars, scalar_dtypes
+
+
+def graph_values(graph: Graph | None, device):
+    """The values behind graph_arguments, in its order: (tensors on device, numbers + strides)."""
+    if graph is None:
+        return [], []
+    tensors = [kernel_tensor(t).to(device) for _, t in graph.tensors]
+    return tensors, [v for _, _, v in graph.scalars] + [int(s) for t in tensors for s in t.stride()]
+
+
 def _kernel_arguments(graph: Graph):
     """(tensor names, tensor dtypes, scalar names, scalar dtypes) of a variant for this graph:
     the three request tables, the captured tensors, the scale, captured numbers and strides."""
-    tensor_names = list(REQUEST_TABLES) + [f"ffi_{n}" for n, _ in graph.tensors]
-    tensor_dtypes = ["int32_t"] * 3 + [ELEMENT_CTYPE[element_kind(t)] for _, t in graph.tensors]
-    # strides of captured tensors travel as int64 scalars (4 per tensor, unused ones 0)
-    scalar_names = [SCALE_NAME] + [f"ffi_{n}" for n, _, _ in graph.scalars] + [
-        f"ffi_{n}_stride{d}" for n, t in graph.tensors for d in range(t.dim())]
-    scalar_dtypes = ["double"] + [_SCALAR_CTYPE[k] for _, k, _ in graph.scalars] + [
-        "int64_t" for _, t in graph.tensors for _ in range(t.dim())]
-    return tensor_names, tensor_dtypes, scalar_names, scalar_dtypes
+    tensors, tensor_dtypes, scalars, scalar_dtypes = graph_arguments(graph)
+    return (list(REQUEST_TABLES) + tensors, ["int32_t"] * 3 + tensor_dtypes,
+            [SCALE_NAME] + scalars, ["double"] + scalar_dtypes)
+
+
+def graph_expression(graph: Graph, p: str, invariant_inputs, position_bound, hoisted: list, prefix: str = "ffi_"):
+    """The graph as C++ reading its kernel arguments (named prefix + name) through p; what reads
+    only invariant_inputs (fixed for the variant object) is appended to hoisted, to be computed
+    once in the constructor, not per score."""
+    return emit_expression(graph, scalar_ref=lambda n: f"{p}{prefix}{n}", tensor_ref=lambda n: f"{p}{prefix}{n}",
+                           stride_ref=lambda n, d: f"{p}{prefix}{n}_stride{d}", input_ref=INPUT_NAMES.__getitem__,
+                           hoisted=hoisted, invariant_inputs=invariant_inputs, position_bound=position_bound)
+
+
+def hoisted_code(hoisted: list):
+    """(member declarations, constructor statements) of the hoisted subexpressions."""
+    return ("".join(f"  {ctype} {name};\n" for name, ctype, _ in hoisted),
+            "".join(f"    {name} = {code};\n" for name, _, code in hoisted))
 
 
 def _score_expression(graph: Graph, p: str, invariant_inputs, position_bound):
-    """(score_mod as C++ reading the kernel arguments through the prefix p, member declarations,
-    constructor statements): what reads only invariant_inputs (fixed for the variant object) is
-    computed once in the constructor, not per score."""
+    """(score_mod as C++, member declarations, constructor statements)."""
     hoisted = []
-    expr = emit_expression(graph, scalar_ref=lambda n: p + f"ffi_{n}", tensor_ref=lambda n: p + f"ffi_{n}",
-                           stride_ref=lambda n, d: p + f"ffi_{n}_stride{d}", input_ref=INPUT_NAMES.__getitem__,
-                           hoisted=hoisted, invariant_inputs=invariant_inputs, position_bound=position_bound)
-    members = "".join(f"  {ctype} {name};\n" for name, ctype, _ in hoisted)
-    statements = "".join(f"    {name} = {code};\n" for name, _, code in hoisted)
-    return expr, members, statements
+    expr = graph_expression(graph, p, invariant_inputs, position_bound, hoisted)
+    return (expr, *hoisted_code(hoisted))
 
 
 def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None) -> VariantSpec:

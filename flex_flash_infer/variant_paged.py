@@ -21,48 +21,21 @@ by default.
 """
 from __future__ import annotations
 
-from .codegen import ELEMENT_CTYPE, PRELUDE, element_kind, emit_expression
+from .codegen import PRELUDE
 from .trace import Graph
-from .variant import SCALE_NAME, VariantSpec
+from .variant import SCALE_NAME, VariantSpec, graph_arguments, graph_expression, hoisted_code
 
 PAGED_TABLES = ("ffi_req_q0", "ffi_req_b", "ffi_req_h0", "ffi_req_page0", "ffi_page_kv0")
 # the keys of a batch entry: the last key tile is zero-padded to a whole page, and the padding
 # (never in a full tile) must not reach the mask_mod
 KV_END = "ffi_kv_end"
-_SCALAR_CTYPE = {"int": "int64_t", "float": "double"}
-_INPUTS = {"score": "ffi_score", "b": "ffi_b", "h": "ffi_h", "q_idx": "ffi_q", "kv_idx": "ffi_kv"}
-
-
-def _graph_arguments(graph: Graph | None, prefix: str):
-    """(tensor names, dtypes, scalar names, dtypes) of one graph's captured values."""
-    if graph is None:
-        return [], [], [], []
-    tensors = [f"{prefix}{n}" for n, _ in graph.tensors]
-    tensor_dtypes = [ELEMENT_CTYPE[element_kind(t)] for _, t in graph.tensors]
-    scalars = [f"{prefix}{n}" for n, _, _ in graph.scalars] + [
-        f"{prefix}{n}_stride{d}" for n, t in graph.tensors for d in range(t.dim())]
-    scalar_dtypes = [_SCALAR_CTYPE[k] for _, k, _ in graph.scalars] + ["int64_t" for _, t in graph.tensors for _ in range(t.dim())]
-    return tensors, tensor_dtypes, scalars, scalar_dtypes
-
-
 def paged_arguments(score_graph: Graph | None, mask_graph: Graph | None):
     """Kernel arguments in jit order: the five tables, the score_mod's then the mask_mod's
     captured tensors; the scale, the sequence's key count, then each graph's numbers and strides."""
-    s = _graph_arguments(score_graph, "ffi_")
-    m = _graph_arguments(mask_graph, "ffi_mask_")
+    s = graph_arguments(score_graph, "ffi_")
+    m = graph_arguments(mask_graph, "ffi_mask_")
     return (list(PAGED_TABLES) + s[0] + m[0], ["int32_t"] * len(PAGED_TABLES) + s[1] + m[1],
             [SCALE_NAME, KV_END] + s[2] + m[2], ["double", "int64_t"] + s[3] + m[3])
-
-
-def _emit(graph: Graph, prefix: str, p: str, invariant, hoisted: list, position_bound):
-    return emit_expression(graph, scalar_ref=lambda n: f"{p}{prefix}{n}", tensor_ref=lambda n: f"{p}{prefix}{n}",
-                           stride_ref=lambda n, d: f"{p}{prefix}{n}_stride{d}", input_ref=_INPUTS.__getitem__,
-                           hoisted=hoisted, invariant_inputs=invariant, position_bound=position_bound)
-
-
-def _hoisted_code(hoisted):
-    return ("".join(f"  {ctype} {name};\n" for name, ctype, _ in hoisted),
-            "".join(f"    {name} = {code};\n" for name, _, code in hoisted))
 
 
 def _name(prefix: str, score_graph, mask_graph, page_size: int) -> str:
@@ -77,8 +50,8 @@ def fa3_paged_score_mod_variant(score_graph: Graph, page_size: int, position_bou
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = paged_arguments(score_graph, None)
     p = "params.additional_params."
     hoisted = []
-    expr = _emit(score_graph, "ffi_", p, ("b", "h"), hoisted, position_bound)
-    members, statements = _hoisted_code(hoisted)
+    expr = graph_expression(score_graph, p, ("b", "h"), position_bound, hoisted)
+    members, statements = hoisted_code(hoisted)
     decl = f"""{PRELUDE}
 struct {name} : AttentionVariantBase {{
   float sm_scale_log2, sm_scale_;
@@ -124,9 +97,9 @@ def fa2_paged_variant(score_graph: Graph | None, mask_graph: Graph | None, page_
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = paged_arguments(score_graph, mask_graph)
     p = "params."
     hoisted = []
-    score = _emit(score_graph, "ffi_", p, ("b",), hoisted, position_bound) if score_graph else "ffi_score"
-    mask = _emit(mask_graph, "ffi_mask_", p, ("b",), hoisted, position_bound) if mask_graph else None
-    members, statements = _hoisted_code(hoisted)
+    score = graph_expression(score_graph, p, ("b",), position_bound, hoisted) if score_graph else "ffi_score"
+    mask = graph_expression(mask_graph, p, ("b",), position_bound, hoisted, "ffi_mask_") if mask_graph else None
+    members, statements = hoisted_code(hoisted)
     if mask is None:
         mask_setup = "if constexpr (use_custom_mask) { custom_mask_ptr = params.maybe_custom_mask + params.maybe_mask_indptr[batch_idx]; }"
         mask_check = """if constexpr (use_custom_mask) {
