@@ -173,7 +173,9 @@ def score_mod_cases():
     return {"softcap+causal": ("causal", generate_softcap_score_mod(20.0), None),
             "alibi+causal": ("causal", generate_alibi_score_mod(num_heads=32), None),
             "rel_bias+causal": ("causal", generate_relative_position_bias_score_mod(table), None),
-            "identity+causal": ("causal", identity_score_mod, None)}
+            "identity+causal": ("causal", identity_score_mod, None),
+            # the tiles route (full tiles in fa3, partial ones in fa2): FLEX_FLASH_INFER_TILE_VARIANTS=1
+            "softcap+random_tiles": ("random_tiles", generate_softcap_score_mod(20.0), None)}
 
 
 def reference_rows(q, k, v, mask_mod, rows, score_mod=None):
@@ -237,11 +239,11 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         try:
             return FlexFlashInfer(device=dev).prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len,
                                                       num_qo_heads=heads_q, num_kv_heads=heads_kv,
-                                                      head_dim=head_dim, dtype=dtype)
+                                                      head_dim=head_dim, dtype=dtype, score_mod=score_mod)
         finally:
             setattr(module, flag, saved)
 
-    from . import flashinfer_backend, route as route_module
+    from . import flashinfer_backend, route as route_module, tile_kernels
 
     per_head = mask_dependence(mask_mod, 1, heads_q, 4, 4, dev)[1]
     if per_head:
@@ -259,6 +261,11 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         # the generic tiles route, beside the window band + key columns route they take
         flex_tiles = prepared_with(route_module, "ENABLE_COLUMN_LOWERING", False)
         impls["ours_tiles_route"] = lambda: flex_tiles(q, k, v)
+    if route in ("tiles", "tiles-per-head") and score_mod is None:
+        # partial tiles: the traced mask_mod in the fa2 kernel vs its bits, whichever is not the default
+        in_kernel = not tile_kernels.MASK_IN_KERNEL
+        flex_other = prepared_with(tile_kernels, "MASK_IN_KERNEL", in_kernel)
+        impls["ours_mask_in_kernel" if in_kernel else "ours_mask_bits"] = lambda: flex_other(q, k, v)
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if name == "causal":
@@ -339,6 +346,8 @@ def print_table(rows):
 def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True):
     import flashinfer
 
+    from . import tile_kernels
+
     import torch._dynamo
 
     # One compiled flex_attention per mask_mod: lift dynamo's recompile limit (default 8), past
@@ -374,8 +383,10 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
         for name, (mask_name, score_mod, native) in score_mod_cases().items():
             if cases and name not in cases:
                 continue
+            if not cases and mask_name != "causal" and not tile_kernels.TILE_VARIANTS:
+                continue  # a score_mod off the band routes needs the tile variants switch
             t0 = time.time()
-            new = bench_case(name, seq_len, 128, get_mask_fn(mask_name), native, None, with_flex=with_flex,
+            new = bench_case(name, seq_len, 128, masks[mask_name][0], native, None, with_flex=with_flex,
                              score_mod=score_mod)
             rows.extend(new)
             print_table(new)

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_pipeline.sh start [STAGE...]   # copy the repo to /tmp/ffi and run the stages
 #   bash scripts/gpu_pipeline.sh wait SECONDS       # wait for the job (at most SECONDS), pack logs to $OUT
 # Stages, in the default order: warm tests score-tests bench-score plan decode examples bench-8k bench-32k varlen
+#   warm-lean    bf16 head_dim 128 and the score_mod / tile variants, all at once (no fp16 / 64 prefill sets)
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
 #   tests        every GPU test except the compiled score_mod ones
 #   examples     python examples/*.py on the GPU (each checks its own result)
@@ -12,6 +13,7 @@
 #   bench-8k, bench-32k  python -m flex_flash_infer bench at 8192 / 32768 tokens (JSON in the run dir)
 #   bench-32k-rest       the 32768 random_tiles, alibi and rel_bias rows only
 #   bench-bands  8192: prefix_lm, prefix_lm_2000 (a prefix inside a query tile), document
+#   bench-tiles  8192 random_tiles (mask in kernel vs bits) and softcap on the tiles route
 #   bench-score  8192: causal and the score_mod rows (softcap, alibi, rel_bias, identity)
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
@@ -52,6 +54,17 @@ case "${1:-}" in
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 --kinds score_mod:softcap \
             >$run_dir/warm-score-fp16.log 2>&1 &
           echo $! > $run_dir/score_warm_pid ;;
+        warm-lean)
+          # bf16 head_dim 128 only (what the score, tiles, plan and bands stages run), every kind at once
+          MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 >$run_dir/warm-bf16.log 2>&1 &
+          MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 --kinds score_mod:softcap \
+            >$run_dir/warm-score-fp16.log 2>&1 &
+          MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds score_mod:softcap \
+            score_mod:alibi score_mod:rel_bias score_mod:temperature score_mod:causal_decay score_mod:softcap+window \
+            score_mod:identity tile_variants:softcap tile_variants:rel_bias+mask tile_variants:alibi+columns \
+            mask_in_kernel >$run_dir/warm-score.log 2>&1
+          wait
+          grep -h "ok\|FAILED" $run_dir/warm-*.log | tail -n 20 ;;
         tests)
           python3 -m pytest -q -m gpu tests/ -rfE -k "not compiled_into" -p no:cacheprovider --durations=12 \
             >$run_dir/gpu_tests.log 2>&1; tail -n 15 $run_dir/gpu_tests.log ;;
@@ -73,6 +86,10 @@ case "${1:-}" in
         bench-bands)  # 8192 rows whose planning goes through the band finder's row splits
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases prefix_lm prefix_lm_2000 document \
             --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
+        bench-tiles)  # 8192 random tiles: mask_mod in the kernel vs bits; softcap on the tiles route
+          FLEX_FLASH_INFER_TILE_VARIANTS=1 python3 -m flex_flash_infer bench --seq-lens 8192 --cases random_tiles \
+            softcap+random_tiles --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" >$run_dir/$stage.log
+          tail -n 10 $run_dir/$stage.log ;;
         bench-score)
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases causal softcap+causal alibi+causal \
             rel_bias+causal identity+causal --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" \

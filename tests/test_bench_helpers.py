@@ -37,8 +37,7 @@ def test_document_offsets_cover_the_sequence_with_bounded_lengths():
 
 
 def test_reference_rows_apply_the_score_mod_like_dense_attention(rng):
-    from flex_flash_infer.bench import score_mod_cases
-    from flex_flash_infer.mods import get_mask_fn
+    from flex_flash_infer.bench import case_masks, score_mod_cases
 
     S, H, Hkv, D = 200, 32, 8, 16
     q = torch.randn(S, H, D, generator=rng)
@@ -46,7 +45,7 @@ def test_reference_rows_apply_the_score_mod_like_dense_attention(rng):
     v = torch.randn(S, Hkv, D, generator=rng)
     rows = torch.tensor([0, 7, 199])
     for name, (mask_name, score_mod, _) in score_mod_cases().items():
-        mod = get_mask_fn(mask_name)
+        mod = case_masks(S)[mask_name][0]
         dense = create_mask(mod, 1, 1, S, S, device="cpu")
         ref, _ = dense_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dense,
                                  score_fn=lambda s, b, h, qi, ki: score_mod(s.float(), b, h, qi, ki).double())
