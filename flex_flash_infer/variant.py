@@ -31,6 +31,14 @@ REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
 SCALE_NAME = "ffi_sm_scale"
 INPUT_NAMES = {"score": "ffi_score", "b": "ffi_b", "h": "ffi_h", "q_idx": "ffi_q", "kv_idx": "ffi_kv"}
 _SCALAR_CTYPE = {"int": "int64_t", "float": "double"}
+# FlashInfer's fa2 bit mask: a custom variant's params hold only the arguments it names, so one
+# that reads the mask names these; the wrapper fills them from its own buffers (null when unset)
+FA2_MASK_BUFFERS = (("maybe_custom_mask", "uint8_t"), ("maybe_mask_indptr", "int32_t"))
+
+
+def with_fa2_mask_buffers(tensor_names: list, tensor_dtypes: list):
+    """The fa2 mask buffers ahead of a variant's own tensors (the wrapper supplies them)."""
+    return [n for n, _ in FA2_MASK_BUFFERS] + tensor_names, [d for _, d in FA2_MASK_BUFFERS] + tensor_dtypes
 
 
 @dataclass
@@ -153,6 +161,7 @@ def fa2_score_mod_variant(graph: Graph, position_bound: int | None = None) -> Va
     """
     base = f"FlexScoreModFa2_{graph.key()}"
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
+    tensor_names, tensor_dtypes = with_fa2_mask_buffers(tensor_names, tensor_dtypes)
     p = "params."
     expr, members, statements = _score_expression(graph, p, ("b",), position_bound)  # one per request
     decl = f"""{PRELUDE}

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from .codegen import PRELUDE
 from .trace import Graph
-from .variant import SCALE_NAME, VariantSpec, graph_arguments, graph_expression, hoisted_code
+from .variant import (SCALE_NAME, VariantSpec, graph_arguments, graph_expression, hoisted_code,
+                      with_fa2_mask_buffers)
 
 PAGED_TABLES = ("ffi_req_q0", "ffi_req_b", "ffi_req_h0", "ffi_req_page0", "ffi_page_kv0")
 # the keys of a batch entry: the last key tile is zero-padded to a whole page, and the padding
@@ -95,6 +96,8 @@ def fa2_paged_variant(score_graph: Graph | None, mask_graph: Graph | None, page_
     variant reads FlashInfer's bit mask (plan with custom_mask)."""
     base = _name("FlexPagedFa2", score_graph, mask_graph, page_size)
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = paged_arguments(score_graph, mask_graph)
+    if mask_graph is None:   # the bit mask path reads FlashInfer's buffers
+        tensor_names, tensor_dtypes = with_fa2_mask_buffers(tensor_names, tensor_dtypes)
     p = "params."
     hoisted = []
     score = graph_expression(score_graph, p, ("b",), position_bound, hoisted) if score_graph else "ffi_score"

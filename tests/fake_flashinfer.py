@@ -52,6 +52,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
 # A custom attention variant (jit_args) is modelled by the host-compiled code of its score_mod:
 # tests register hostcheck.compile_host(graph) under the variant's name.
 VARIANTS = {}
+WRAPPER_BUFFERS = ("maybe_custom_mask", "maybe_mask_indptr", "maybe_alibi_slopes", "maybe_prefix_len_ptr")
 
 
 class PagedVariantModel:
@@ -61,7 +62,8 @@ class PagedVariantModel:
 
     def __init__(self, mods, tensor_names, scalar_names):
         self.score, self.mask = mods["score"], mods["mask"]
-        self.tensor_names = list(tensor_names)
+        # as FlashInfer's wrapper does, names it knows are filled from its own buffers, not from run()'s arguments
+        self.tensor_names = [n for n in tensor_names if n not in WRAPPER_BUFFERS]
         assert self.tensor_names[:5] == ["ffi_req_q0", "ffi_req_b", "ffi_req_h0", "ffi_req_page0", "ffi_page_kv0"]
         assert list(scalar_names[:2]) == ["ffi_sm_scale", "ffi_kv_end"]
         self.num_args = len(self.tensor_names) + len(scalar_names)

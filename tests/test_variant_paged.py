@@ -29,6 +29,9 @@ def test_arguments_put_the_tables_first_and_keep_the_two_graphs_apart():
     assert "variant_owns_mask" not in spec.decl and "maybe_mask_indptr" not in spec.decl
     bits = fa2_paged_variant(score, None, 128)
     assert "maybe_mask_indptr" in bits.decl and bits.name != spec.name
+    # a custom variant's params hold only what it names: the bit mask path names FlashInfer's buffers
+    assert bits.tensor_names[:2] == ["maybe_custom_mask", "maybe_mask_indptr"]
+    assert bits.tensor_dtypes[:2] == ["uint8_t", "int32_t"]
     assert fa3_paged_score_mod_variant(score, 1).name != fa3_paged_score_mod_variant(score, 128).name
 
 

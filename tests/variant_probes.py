@@ -24,7 +24,9 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None or flashinfer_inclu
 
 
 def _fields(spec, indent):
-    return "\n".join(f"{indent}{'const ' + d + '*' if n in spec.tensor_names else d} {n};"
+    """The variant's arguments as FlashInfer declares them in its generated params: nothing else,
+    so a variant that reads a member it did not name fails here as it would on the GPU."""
+    return "\n".join(f"{indent}{d + '*' if n in spec.tensor_names else d} {n};"
                      for n, d in list(zip(spec.tensor_names, spec.tensor_dtypes)) + list(zip(spec.scalar_names, spec.scalar_dtypes)))
 
 
@@ -63,9 +65,7 @@ namespace flashinfer {{
 {spec.decl}
 struct FakeParams {{
 {_fields(spec, "  ")}
-  uint8_t* maybe_custom_mask;
-  int32_t* maybe_mask_indptr;
-  int32_t window_left;
+  int32_t window_left;   // FlashInfer's own member of every fa2 params struct
   __device__ __host__ uint32_t get_qo_len(uint32_t) const {{ return 128; }}
   __device__ __host__ uint32_t get_kv_len(uint32_t) const {{ return 256; }}
 }};
