@@ -174,7 +174,7 @@ def score_mod_cases():
             "alibi+causal": ("causal", generate_alibi_score_mod(num_heads=32), None),
             "rel_bias+causal": ("causal", generate_relative_position_bias_score_mod(table), None),
             "identity+causal": ("causal", identity_score_mod, None),
-            # the tiles route (full tiles in fa3, partial ones in fa2): FLEX_FLASH_INFER_TILE_VARIANTS=1
+            # the tiles route (full tiles in fa3, partial ones in fa2): tile_kernels' variants
             "softcap+random_tiles": ("random_tiles", generate_softcap_score_mod(20.0), None)}
 
 
@@ -261,7 +261,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         # the generic tiles route, beside the window band + key columns route they take
         flex_tiles = prepared_with(route_module, "ENABLE_COLUMN_LOWERING", False)
         impls["ours_tiles_route"] = lambda: flex_tiles(q, k, v)
-    if route in ("tiles", "tiles-per-head") and score_mod is None:
+    if route.startswith("tiles") and score_mod is None:
         # partial tiles: the traced mask_mod in the fa2 kernel vs its bits, whichever is not the default
         in_kernel = not tile_kernels.MASK_IN_KERNEL
         flex_other = prepared_with(tile_kernels, "MASK_IN_KERNEL", in_kernel)

@@ -170,7 +170,7 @@ class FlashInferPlan:
             raise UnsupportedOnFlashInfer(
                 "a score_mod runs in FlashInfer kernels only with masks that lower to bands (full, causal, "
                 f"sliding window, documents, ...); this one takes the {route.kind} route "
-                "(FLEX_FLASH_INFER_TILE_VARIANTS=1 runs it in kernels not yet validated on a GPU)")
+                "(FLEX_FLASH_INFER_TILE_VARIANTS=0 is set: unset it to run the score_mod in the tile kernels)")
         if score_mod is not None and route.head_bands is not None:
             raise UnsupportedOnFlashInfer(f"a score_mod does not run in FlashInfer kernels on the {route.kind} route")
 

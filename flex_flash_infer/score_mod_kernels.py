@@ -1,9 +1,9 @@
 """Bands with a score_mod compiled into FlashInfer's fa3 kernel (variant.py), run by its ragged
 prefill. On by default since its GPU tests passed on an H100 (2026-11-25);
 FLEX_FLASH_INFER_SCORE_MOD_KERNELS=0 turns it off (a score_mod on CUDA then runs on the
-reference backend). Masks that take the tiles route run a score_mod on the reference too, unless
-FLEX_FLASH_INFER_TILE_VARIANTS=1 (tile_kernels.py; not yet run on a GPU); so does a GPU older
-than Hopper.
+reference backend). Masks that take the tiles route run a score_mod in tile_kernels' paged
+variants (FLEX_FLASH_INFER_TILE_VARIANTS=0 sends them to the reference); band masks on a GPU
+older than Hopper raise UnsupportedOnFlashInfer (the fa2 band variant is not wired).
 
 Each launch is a ragged prefill whose requests are (batch entry, band) pairs (bands.band_launches);
 three int32 tables indexed by the request give its first query and key position and its batch

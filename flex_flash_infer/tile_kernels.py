@@ -1,11 +1,13 @@
 """Compiled mods on the tiles route: a score_mod on the full-tile (fa3) and partial-tile (fa2)
 launches, and a mask_mod evaluated inside the fa2 kernel instead of a bit mask built at plan time.
 
-Off by default until the GPU tests of these launches pass on the Hopper machine:
-  FLEX_FLASH_INFER_TILE_VARIANTS=1  a score_mod runs in the kernels on the tiles and
-                                    bands+columns routes (else those fall back to the reference);
+Both passed their GPU tests on an H100 (2026-11-25, tests/test_gpu.py -k tile_route):
+  FLEX_FLASH_INFER_TILE_VARIANTS    on by default: a score_mod runs in the kernels on the tiles
+                                    and bands+columns routes (=0: those run on the reference);
   FLEX_FLASH_INFER_MASK_IN_KERNEL=1 partial tiles evaluate the traced mask_mod in the kernel
-                                    (FlashInfer's variant_owns_mask) instead of reading bits.
+                                    (FlashInfer's variant_owns_mask) instead of reading bits;
+                                    off by default: correct on the GPU, its speed against the
+                                    bits not yet measured.
 The variants and their request tables are described in variant_paged.py.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .trace import TraceError, trace
 from .variant import graph_values
 from .variant_paged import fa2_paged_variant, fa3_paged_score_mod_variant
 
-TILE_VARIANTS = os.environ.get("FLEX_FLASH_INFER_TILE_VARIANTS", "0") == "1"
+TILE_VARIANTS = os.environ.get("FLEX_FLASH_INFER_TILE_VARIANTS", "1") != "0"
 MASK_IN_KERNEL = os.environ.get("FLEX_FLASH_INFER_MASK_IN_KERNEL", "0") == "1"
 
 

@@ -162,11 +162,13 @@ def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
         del fake_flashinfer.VARIANTS[f"FlexScoreMod_{graph.key()}"]
 
 
-def test_score_mod_on_tiles_needs_the_switch_until_gpu_validated(fake, monkeypatch, rng):
+def test_score_mod_on_tiles_with_the_switch_off_names_it(fake, monkeypatch, rng):
+    """FLEX_FLASH_INFER_TILE_VARIANTS=0 sends a score_mod on the tiles route to the reference
+    (through UnsupportedOnFlashInfer), and the error says which switch did it."""
     monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", False)
     L = 200
     bm = create_block_mask(_block_sparse_causal(L, rng), 1, None, L, L, device="cpu", BLOCK_SIZE=64)
-    with pytest.raises(UnsupportedOnFlashInfer, match="FLEX_FLASH_INFER_TILE_VARIANTS=1"):
+    with pytest.raises(UnsupportedOnFlashInfer, match="FLEX_FLASH_INFER_TILE_VARIANTS=0"):
         flashinfer_backend.FlashInferPlan(bm, 1, L, L, 2, 1, 16, torch.float64, 0.25, "cpu",
                                           score_mod=example_score_mod("softcap", 2, device="cpu"))
 
