@@ -1,6 +1,8 @@
 """Classify (query tile, key tile) pairs as empty / partial / full without the dense mask.
 
-The mask_mod is evaluated on a bounded chunk of query tiles at a time, so peak memory is
+Most tiles are decided from the traced mask_mod's bounds over each tile (tile_bounds.py), the
+rest evaluated element by element. A mask that does not trace, or that bounds leave mostly
+undecided, is evaluated on a bounded chunk of query tiles at a time, so peak memory is
 O(number of tiles) plus one chunk of about `chunk_elements` booleans, never O(Q_LEN * KV_LEN).
 """
 from __future__ import annotations
@@ -15,6 +17,9 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 # compiled build never materializes its chunk, so it takes larger ones.
 CUDA_CHUNK_ELEMENTS = 1 << 28
 COMPILED_CHUNK_ELEMENTS = 1 << 30
+# Decide most tiles from the traced mask's bounds over each tile, evaluating only the undecided
+# ones element by element (tile_bounds.py); masks that do not trace take the chunked build.
+USE_BOUNDS = True
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -68,6 +73,12 @@ def classify_tiles(
     if chunk_elements is None:
         chunk_elements = (COMPILED_CHUNK_ELEMENTS if compile else CUDA_CHUNK_ELEMENTS) if device.type == "cuda" \
             else DEFAULT_CHUNK_ELEMENTS
+    if not compile and USE_BOUNDS:
+        from .tile_bounds import classify_by_bounds
+
+        states = classify_by_bounds(mask_mod, B, H, Q_LEN, KV_LEN, block_q, block_kv, device, chunk_elements)
+        if states is not None:
+            return states
     counts_of = _compiled() if compile else _tile_counts
     uses_b, uses_h = mask_dependence(mask_mod, B, H, Q_LEN, KV_LEN, device)
     chunk_elements = max(1, chunk_elements // ((B if uses_b else 1) * (H if uses_h else 1)))

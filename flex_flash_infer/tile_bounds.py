@@ -1,0 +1,257 @@
+"""Tile states from bounds: the traced mask_mod evaluated on each tile's index ranges at once.
+
+Each node of the traced graph (trace.py) gets, per tile, an interval that holds its value for
+every (q, kv) of the tile: q_idx in [first row, last row], kv_idx likewise, b and h exact,
+captured numbers exact (their values at build time). A bool is bounded by (certainly true,
+possibly true). A tile whose mask is certainly true is full (partial if it holds padded keys),
+one that is certainly false is empty; only the tiles left undecided (a causal diagonal, a window
+edge, a document boundary) are evaluated element by element. A 32768-token causal mask has
+65536 tiles of which 256 are undecided: 4M elements evaluated instead of 1G.
+
+Every rule is sound (the interval contains every value the element-wise evaluation produces);
+what it cannot bound (floats, a table read over a wide index range, values beyond int32) is
+unknown, and unknown tiles are evaluated. The states equal the element-wise build's exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+from .block_build import EMPTY, FULL, PARTIAL, tile_elements
+from .trace import Graph, Node, TraceError, trace
+
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+# a table read whose index spans a range gathers up to this many values to take its min / max
+RANGE_GATHER_LIMIT = 1 << 25
+# past this share of undecided tiles the element-wise build of every tile is as cheap
+MAX_UNDECIDED_SHARE = 0.5
+
+
+class _Bounds:
+    """Interval evaluation of one graph; int nodes give (lo, hi) int64 tensors or None
+    (unknown), bool nodes (certain, possible) bool tensors, float nodes None."""
+
+    def __init__(self, graph: Graph, inputs: dict, device):
+        self.inputs = inputs
+        self.scalars = {name: (kind, value) for name, kind, value in graph.scalars}
+        self.tables = {name: t.to(device) for name, t in graph.tensors}
+        self.device = device
+        self.memo = {}
+
+    def unknown_bool(self):
+        return (torch.zeros((), dtype=torch.bool, device=self.device),
+                torch.ones((), dtype=torch.bool, device=self.device))
+
+    def exact(self, value, kind):
+        if kind == "float":
+            return None
+        t = torch.tensor(value, dtype=torch.bool if kind == "bool" else torch.int64, device=self.device)
+        return t, t
+
+    def of(self, node: Node):
+        if id(node) not in self.memo:
+            self.memo[id(node)] = self._eval(node)
+        return self.memo[id(node)]
+
+    def ints(self, node: Node):
+        """The node's bounds as int64 (bools as 0 / 1), or None."""
+        r = self.of(node)
+        if node.kind == "bool":
+            return r[0].long(), r[1].long()
+        return r if node.kind == "int" else None
+
+    def settle(self, node: Node, r):
+        """An int result for this node's kind: None past int32 (the element-wise build would
+        wrap), a bool where the node is one (non-zero)."""
+        if r is None:
+            return self.unknown_bool() if node.kind == "bool" else None
+        lo, hi = r
+        if bool((lo < INT32_MIN).any()) or bool((hi > INT32_MAX).any()):
+            return self.unknown_bool() if node.kind == "bool" else None
+        return _nonzero(lo, hi) if node.kind == "bool" else (lo, hi)
+
+    def _eval(self, node: Node):
+        op, a, kind = node.op, node.args, node.kind
+        if op == "input":
+            return self.inputs[node.attr]
+        if op == "const":
+            return self.exact(node.attr, kind)
+        if op == "scalar":
+            k, v = self.scalars[node.attr]
+            return self.exact(v, k) if kind != "float" else None
+        if kind == "float":
+            return None
+        if op == "cast":
+            src = a[0].kind
+            if src == "float":
+                return self.unknown_bool() if kind == "bool" else None
+            return self.settle(node, self.ints(a[0]))
+        if op in ("lt", "le", "gt", "ge", "eq", "ne"):
+            x, y = self.ints(a[0]), self.ints(a[1])
+            if x is None or y is None:
+                return self.unknown_bool()
+            return _compare(op, x, y)
+        if op in ("and", "or", "xor", "not") and kind == "bool":
+            return _logic(op, *[self.of(x) for x in a])
+        if op == "where":
+            c = self.of(a[0])
+            t, f = (self.of(x) if kind == "bool" else self.ints(x) for x in a[1:])
+            if t is None or f is None:
+                return None
+            return _select(c, t, f, kind == "bool")
+        if op == "load":
+            return self.settle(node, self._load(node))
+        args = [self.ints(x) for x in a]
+        if any(x is None for x in args):
+            return self.settle(node, None)
+        return self.settle(node, _arith(op, args))
+
+    def _load(self, node: Node):
+        """A captured table read: exact where every index is exact, the min / max over the range
+        where one index spans a short one, unknown elsewhere (None: some element unknown)."""
+        table = self.tables[node.attr]
+        idx = [self.ints(x) for x in node.args]
+        if any(i is None for i in idx):
+            return None
+        shape = torch.broadcast_shapes(*[i[0].shape for i in idx], *[i[1].shape for i in idx])
+        lo = [i[0].expand(shape) for i in idx]
+        hi = [i[1].expand(shape) for i in idx]
+        if any(bool((l < 0).any()) or bool((h >= n).any()) for l, h, n in zip(lo, hi, table.shape)):
+            return None   # a negative or out-of-range index: left to the element-wise build
+        values = table.long() if table.dtype != torch.bool else table.to(torch.int64)
+        spans = [int((h - l).max()) if h.numel() else 0 for l, h in zip(lo, hi)]
+        wide = [d for d, s in enumerate(spans) if s > 0]
+        if not wide:
+            v = values[tuple(lo)]
+            return v, v
+        d = wide[0]
+        width = spans[d] + 1
+        if len(wide) > 1 or max(1, lo[d].numel()) * width > RANGE_GATHER_LIMIT:
+            return None
+        step = torch.arange(width, device=lo[d].device)
+        along = torch.minimum(lo[d].unsqueeze(-1) + step, hi[d].unsqueeze(-1))   # repeats hi past the range
+        index = tuple(along if k == d else lo[k].unsqueeze(-1) for k in range(len(lo)))
+        gathered = values[index]
+        return gathered.amin(-1), gathered.amax(-1)
+
+
+def _nonzero(lo, hi):
+    return (lo > 0) | (hi < 0), ~((lo == 0) & (hi == 0))
+
+
+def _compare(op, x, y):
+    (a0, a1), (b0, b1) = x, y
+    if op in ("gt", "ge"):   # a > b is b < a
+        (a0, a1), (b0, b1) = (b0, b1), (a0, a1)
+        op = "lt" if op == "gt" else "le"
+    if op == "lt":
+        return a1 < b0, a0 < b1
+    if op == "le":
+        return a1 <= b0, a0 <= b1
+    same = (a0 == a1) & (b0 == b1) & (a0 == b0)
+    overlap = (a0 <= b1) & (b0 <= a1)
+    return (same, overlap) if op == "eq" else (~overlap, ~same)
+
+
+def _logic(op, x, y=None):
+    if op == "not":
+        return ~x[1], ~x[0]
+    (x0, x1), (y0, y1) = x, y
+    if op == "and":
+        return x0 & y0, x1 & y1
+    if op == "or":
+        return x0 | y0, x1 | y1
+    # xor: certain when one is certainly true and the other certainly false; possible unless
+    # both are certainly equal
+    return (x0 & ~y1) | (~x1 & y0), ~((x0 & y0) | (~x1 & ~y1))
+
+
+def _select(c, t, f, is_bool):
+    (c0, c1), (t0, t1), (f0, f1) = c, t, f
+    both_lo = (t0 & f0) if is_bool else torch.minimum(t0, f0)
+    both_hi = (t1 | f1) if is_bool else torch.maximum(t1, f1)
+    lo = torch.where(c0, t0, torch.where(~c1, f0, both_lo))
+    hi = torch.where(c0, t1, torch.where(~c1, f1, both_hi))
+    return lo, hi
+
+
+def _arith(op, args):
+    if op in ("add", "sub", "mul", "min", "max"):
+        (a0, a1), (b0, b1) = args
+        if op == "add":
+            return a0 + b0, a1 + b1
+        if op == "sub":
+            return a0 - b1, a1 - b0
+        if op == "min":
+            return torch.minimum(a0, b0), torch.minimum(a1, b1)
+        if op == "max":
+            return torch.maximum(a0, b0), torch.maximum(a1, b1)
+        corners = torch.stack(torch.broadcast_tensors(a0 * b0, a0 * b1, a1 * b0, a1 * b1))
+        return corners.amin(0), corners.amax(0)
+    (a0, a1) = args[0]
+    if op == "neg":
+        return -a1, -a0
+    if op == "abs":
+        spans_zero = (a0 <= 0) & (a1 >= 0)
+        return torch.where(spans_zero, 0, torch.minimum(a0.abs(), a1.abs())), torch.maximum(a0.abs(), a1.abs())
+    if op == "bitnot":
+        return -a1 - 1, -a0 - 1
+    if op in ("floordiv", "mod"):
+        c0, c1 = args[1]
+        if not (bool((c0 == c1).all()) and bool((c0 != 0).all())):
+            return None   # only by a known divisor
+        e0, e1 = torch.div(a0, c0, rounding_mode="floor"), torch.div(a1, c0, rounding_mode="floor")
+        if op == "floordiv":
+            return torch.minimum(e0, e1), torch.maximum(e0, e1)
+        # within one period the remainder grows with the value; across periods it spans them all
+        one_period = e0 == e1
+        r0, r1 = torch.remainder(a0, c0), torch.remainder(a1, c0)
+        whole_lo, whole_hi = torch.where(c0 > 0, 0, c0 + 1), torch.where(c0 > 0, c0 - 1, 0)
+        return torch.where(one_period, r0, whole_lo), torch.where(one_period, r1, whole_hi)
+    return None   # bitwise and / or / xor of ints, and anything else: unknown
+
+
+def tile_bounds(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device):
+    """(certainly visible, possibly visible): bool [B or 1, H or 1, nQ, nKV] over each tile's
+    in-range positions (padded rows and keys excluded)."""
+    nq, nkv = -(-Q_LEN // block_q), -(-KV_LEN // block_kv)
+
+    def positions(n, block, length, shape):
+        first = torch.arange(n, device=device, dtype=torch.int64) * block
+        return first.view(shape), torch.clamp(first + block - 1, max=length - 1).view(shape)
+
+    b = torch.arange(B, device=device, dtype=torch.int64).view(-1, 1, 1, 1)
+    h = torch.arange(H, device=device, dtype=torch.int64).view(1, -1, 1, 1)
+    inputs = {"b": (b, b), "h": (h, h), "q_idx": positions(nq, block_q, Q_LEN, (1, 1, -1, 1)),
+              "kv_idx": positions(nkv, block_kv, KV_LEN, (1, 1, 1, -1))}
+    certain, possible = _Bounds(graph, inputs, device).of(graph.output)
+    shape = torch.broadcast_shapes(certain.shape, possible.shape, (1, 1, nq, nkv))
+    return certain.expand(shape), possible.expand(shape)
+
+
+def classify_by_bounds(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int,
+                       device, chunk_elements: int) -> torch.Tensor | None:
+    """Tile states int8 [B, H, nQ, nKV] as block_build.classify_tiles defines them, or None when
+    the mask does not trace or leaves too many tiles undecided for bounds to pay."""
+    try:
+        graph = trace(mask_mod, "mask_mod")
+    except TraceError:
+        return None
+    certain, possible = tile_bounds(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
+    undecided = possible & ~certain
+    if int(undecided.sum()) > MAX_UNDECIDED_SHARE * undecided.numel():
+        return None
+    nkv = certain.shape[-1]
+    whole_keys = torch.ones(nkv, dtype=torch.bool, device=device)
+    if KV_LEN % block_kv:
+        whole_keys[-1] = False   # padded keys must be masked: that tile is partial at most
+    states = torch.where(certain, torch.where(whole_keys, FULL, PARTIAL), EMPTY).to(torch.int8)
+    tiles = undecided.nonzero()
+    per_chunk = max(1, chunk_elements // (block_q * block_kv))
+    for t0 in range(0, tiles.shape[0], per_chunk):
+        bt, ht, qt, kt = tiles[t0:t0 + per_chunk].unbind(1)
+        visible, _, _ = tile_elements(mask_mod, bt, ht, qt, kt, block_q, block_kv, Q_LEN, KV_LEN)
+        count = visible.flatten(1).sum(1)
+        rows = torch.clamp(Q_LEN - qt * block_q, max=block_q)
+        states[bt, ht, qt, kt] = torch.where(count == rows * block_kv, FULL,
+                                             torch.where(count > 0, PARTIAL, EMPTY)).to(torch.int8)
+    return states.expand(B, H, *states.shape[2:]).contiguous()

@@ -1,0 +1,160 @@
+"""Tile states from bounds (tile_bounds.py) equal the element-wise build's, for library masks,
+captured tables and random mask expressions, and leave only the tiles a mask's edges cross
+undecided."""
+import random
+
+import pytest
+import torch
+
+from flex_flash_infer import block_build
+from flex_flash_infer.block_build import classify_tiles
+from flex_flash_infer.mods import get_mask_fn
+from flex_flash_infer.tile_bounds import classify_by_bounds, tile_bounds
+from flex_flash_infer.trace import trace
+
+
+def both_builds(mask_mod, B, H, L, S, bq, bkv, monkeypatch):
+    monkeypatch.setattr(block_build, "USE_BOUNDS", False)
+    elementwise = classify_tiles(mask_mod, B, H, L, S, bq, bkv, "cpu")
+    by_bounds = classify_by_bounds(mask_mod, B, H, L, S, bq, bkv, torch.device("cpu"), 1 << 20)
+    return elementwise, by_bounds
+
+
+LIBRARY = [("full", {}), ("causal", {}), ("sliding_window", {"window_size": 100}),
+           ("attamba", {"window_size": 64, "chunk_size": 32}), ("streaming", {"sink_size": 4, "window_size": 90}),
+           ("prefix_lm", {"prefix_len": 130}), ("document", {"offsets": [0, 77, 300, 301, 650]}),
+           ("chunked_causal", {"chunk_size": 50}), ("dilated_sliding_window", {"window_size": 120, "dilation": 3})]
+
+
+@pytest.mark.parametrize("name,params", LIBRARY)
+@pytest.mark.parametrize("shape", [(650, 650, 64, 64), (650, 777, 128, 64), (300, 650, 32, 128)])
+def test_library_masks_match_the_elementwise_build(monkeypatch, name, params, shape):
+    L, S, bq, bkv = shape
+    if name == "document" and L != S:
+        pytest.skip("the document mask is defined on the packed tokens (q_len == kv_len)")
+    mask_mod = get_mask_fn(name, **params)
+    elementwise, by_bounds = both_builds(mask_mod, 2, 3, L, S, bq, bkv, monkeypatch)
+    if name in ("attamba", "dilated_sliding_window"):
+        # key columns every chunk (every dilation): most tiles are truly partial, so bounds
+        # decide few and these may take the element-wise build
+        assert by_bounds is None or torch.equal(by_bounds, elementwise)
+    else:
+        assert by_bounds is not None, "bounds decide most tiles of this mask"
+        assert torch.equal(by_bounds, elementwise)
+
+
+def test_causal_leaves_only_the_diagonal_undecided():
+    graph = trace(get_mask_fn("causal"), "mask_mod")
+    certain, possible = tile_bounds(graph, 1, 1, 4096, 4096, 128, 128, torch.device("cpu"))
+    undecided = possible & ~certain
+    assert torch.equal(undecided[0, 0], torch.eye(32, dtype=torch.bool))
+    assert torch.equal(certain[0, 0], torch.ones(32, 32).tril(-1).bool())
+
+
+def test_document_ids_read_over_a_tile_bound_it_by_their_min_and_max():
+    """doc[q] == doc[kv] & q >= kv with sorted ids: tiles inside one document (or two disjoint
+    ones) are decided; only the diagonal and the tiles a document boundary crosses are evaluated."""
+    offsets = [0, 1000, 1700, 4096]
+    graph = trace(get_mask_fn("document", offsets=offsets), "mask_mod")
+    certain, possible = tile_bounds(graph, 1, 1, 4096, 4096, 128, 128, torch.device("cpu"))
+    undecided = (possible & ~certain)[0, 0]
+    boundary = {i // 128 for i in (999, 1000, 1699, 1700)}   # tiles holding a boundary
+    off_diagonal = undecided & ~torch.eye(32, dtype=torch.bool)
+    for qt, kt in off_diagonal.nonzero().tolist():   # a boundary in its rows or in its keys
+        assert qt in boundary or kt in boundary, (qt, kt)
+    assert 0 < int(off_diagonal.sum()) <= 2 * 2 * 32
+
+
+def test_per_head_tables_and_batch_dependence(monkeypatch, rng):
+    windows = torch.tensor([16, 40, 100, 7])
+    keep = torch.rand(4, 11, 11, generator=rng) < 0.5
+
+    def per_head_windows(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < windows[h % 4]) | keep[b % 4, q_idx // 64, kv_idx // 64]
+
+    elementwise, by_bounds = both_builds(per_head_windows, 3, 5, 700, 650, 64, 64, monkeypatch)
+    assert by_bounds is not None and torch.equal(by_bounds, elementwise)
+
+
+def test_a_mask_that_does_not_trace_takes_the_elementwise_build(monkeypatch):
+    def branchy(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx if True else None   # traces: a constant branch
+
+    def untraceable(b, h, q_idx, kv_idx):
+        return torch.logical_and(q_idx >= kv_idx, torch.ones_like(q_idx, dtype=torch.bool).cumsum(-1) > 0)
+
+    assert classify_by_bounds(untraceable, 1, 1, 300, 300, 64, 64, torch.device("cpu"), 1 << 20) is None
+    elementwise, _ = both_builds(untraceable, 1, 1, 300, 300, 64, 64, monkeypatch)
+    monkeypatch.setattr(block_build, "USE_BOUNDS", True)
+    assert torch.equal(classify_tiles(untraceable, 1, 1, 300, 300, 64, 64, "cpu"), elementwise)
+    assert classify_by_bounds(branchy, 1, 1, 300, 300, 64, 64, torch.device("cpu"), 1 << 20) is not None
+
+
+def test_values_past_int32_are_left_to_the_elementwise_build(monkeypatch):
+    """q * kv wraps in the int32 build: bounds must not decide tiles on the unwrapped product."""
+    def product(b, h, q_idx, kv_idx):
+        return q_idx * kv_idx * 3000 > 5
+
+    elementwise, by_bounds = both_builds(product, 1, 1, 1500, 1500, 128, 128, monkeypatch)
+    assert by_bounds is None or torch.equal(by_bounds, elementwise)
+
+
+# ---- property test: random mask expressions ----------------------------------------------------
+def random_int(r: random.Random, depth: int) -> str:
+    if depth == 0 or r.random() < 0.3:
+        return r.choice(["b", "h", "q", "kv", "q", "kv", str(r.randint(-40, 40)), "w"])
+    a, b = random_int(r, depth - 1), random_int(r, depth - 1)
+    op = r.choice(["+", "-", "*", "//", "%", "min", "max", "abs", "where", "clamp", "cast", "load", "neg",
+                   "bitnot", "bitwise"])
+    if op in "+-*":
+        return f"({a} {op} {b})"
+    if op in ("//", "%"):
+        return f"({a} {op} {r.choice([3, 7, -4, 64, 100])})"
+    if op in ("min", "max"):
+        return f"torch.{'minimum' if op == 'min' else 'maximum'}({a} + q * 0, {b} + q * 0)"
+    if op == "abs":
+        return f"torch.abs({a} + q * 0)"
+    if op == "where":
+        return f"torch.where({random_bool(r, depth - 1)}, {a} + q * 0, {b} + q * 0)"
+    if op == "clamp":
+        return f"torch.clamp({a} + q * 0, {r.randint(-50, 0)}, {r.randint(1, 500)})"
+    if op == "cast":
+        return f"({random_bool(r, depth - 1)}).to(torch.int32)"
+    if op == "load":   # an int table read, in range by construction
+        return f"D[torch.clamp({a} + q * 0, 0, 999)]"
+    if op == "bitnot":
+        return f"(~({a} + q * 0))"
+    if op == "bitwise":
+        return f"(({a} + q * 0) {r.choice(['&', '|', '^'])} {b})"
+    return f"(-{a})"
+
+
+def random_bool(r: random.Random, depth: int) -> str:
+    if depth == 0 or r.random() < 0.2:
+        return r.choice(["(q >= kv)", "(kv < w)", "T[q // 64 % 12, kv // 64 % 12]", "(h == 1)", "(b > 0)"])
+    op = r.choice(["cmp", "cmp", "and", "or", "xor", "not", "where", "table"])
+    if op == "cmp":
+        sym = r.choice(["<", "<=", ">", ">=", "==", "!="])
+        return f"(({random_int(r, depth - 1)}) {sym} ({random_int(r, depth - 1)}))"
+    if op in ("and", "or", "xor"):
+        sym = {"and": "&", "or": "|", "xor": "^"}[op]
+        return f"({random_bool(r, depth - 1)} {sym} {random_bool(r, depth - 1)})"
+    if op == "not":
+        return f"(~{random_bool(r, depth - 1)})"
+    if op == "where":
+        return f"torch.where({random_bool(r, depth - 1)}, {random_bool(r, depth - 1)}, {random_bool(r, depth - 1)})"
+    return f"T[torch.clamp({random_int(r, depth - 1)} + q * 0, 0, 11), kv // 64 % 12]"
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_masks_match_the_elementwise_build(monkeypatch, rng, seed):
+    r = random.Random(int(torch.randint(0, 2**31, (1,), generator=rng)) + seed)
+    source = random_bool(r, 4)
+    T = torch.rand(12, 12, generator=rng) < 0.5
+    D = torch.sort(torch.randint(0, 9, (1000,), generator=rng)).values.to(torch.int32)
+    w = r.randint(0, 600)
+    mask_mod = eval(f"lambda b, h, q, kv: ({source}) | (q < 0)", {"torch": torch, "T": T, "D": D, "w": w})
+    L, S = r.randint(1, 700), r.randint(1, 700)
+    bq, bkv = r.choice([16, 64, 128]), r.choice([16, 64, 128])
+    elementwise, by_bounds = both_builds(mask_mod, 2, 3, L, S, bq, bkv, monkeypatch)
+    assert by_bounds is None or torch.equal(by_bounds, elementwise), source
