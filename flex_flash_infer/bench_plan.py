@@ -1,9 +1,10 @@
 """Plan-time benchmark: how long planning takes, against torch's compiled block-mask build.
 
 Measures, in one process on a CUDA GPU:
-  * create_block_mask at 131072 tokens (causal and attamba): this library (eager, and with
+  * create_block_mask at 131072 tokens (causal, attamba, and documents and sliding window whose
+    tiles bounds decide): this library (eager from bounds, eager element by element, and with
     _compile=True) vs torch.compile(torch.nn.attention.flex_attention.create_block_mask), warm,
-    median of runs, and whether the two tile maps agree;
+    median of runs, and whether the tile maps agree;
   * FlexFlashInfer.prepare() for a 32768-token causal problem (block mask + lowering + FlashInfer
     plan), warm (kernels already compiled), median of runs.
 Prints a table and writes JSON with the device name.
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from . import block_build
 from .block_mask import BlockMask, create_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mods.registry import get_mask_fn
@@ -35,22 +37,66 @@ def _median_s(fn, runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def run_plan_benchmark(out_path: str | None = None) -> dict:
+BLOCK_MASK_CASES = ("causal", "attamba", "sliding_window", "document")
+
+
+def run_plan_benchmark(out_path: str | None = None, block_mask_cases=BLOCK_MASK_CASES, with_prepare: bool = True,
+                       with_our_compiled: bool = True) -> dict:
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
 
     compiled = torch.compile(torch_create_block_mask)
     rows = []
-    for name, params in (("causal", {}), ("attamba", {"window_size": 256, "chunk_size": 128})):
-        mod = get_mask_fn(name, **params)
-        n = 131072
+    n = 131072
+    params_of = {"causal": {}, "attamba": {"window_size": 256, "chunk_size": 128},
+                 "sliding_window": {"window_size": 1024}, "document": {"offsets": list(range(0, n, 4096)) + [n]}}
+    for name in block_mask_cases:
+        mod = get_mask_fn(name, **params_of[name])
         ours = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda"))
-        ours_compiled = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda", _compile=True))
-        theirs = _median_s(lambda: compiled(mod, None, None, n, n, device="cuda"))
-        same = torch.equal(create_block_mask(mod, None, None, n, n, device="cuda", _compile=True).states,
-                           BlockMask.from_torch(compiled(mod, None, None, n, n, device="cuda")).states)
+        block_build.USE_BOUNDS = False
+        try:
+            elementwise = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda"))
+            ours_elementwise = create_block_mask(mod, None, None, n, n, device="cuda").states
+        finally:
+            block_build.USE_BOUNDS = True
+        ours_compiled = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda", _compile=True)) \
+            if with_our_compiled else None
+        ours_states = create_block_mask(mod, None, None, n, n, device="cuda").states
+        assert torch.equal(ours_states, ours_elementwise), f"{name}: bounds and element-wise builds differ"
+        try:
+            theirs = _median_s(lambda: compiled(mod, None, None, n, n, device="cuda"))
+            torch_states = BlockMask.from_torch(compiled(mod, None, None, n, n, device="cuda")).states
+            same = torch.equal(ours_states, torch_states) and (not with_our_compiled or torch.equal(
+                create_block_mask(mod, None, None, n, n, device="cuda", _compile=True).states, torch_states))
+        except Exception as e:   # torch's build failing on a mask is a row to report, not the end of the run
+            print(f"    torch.compile(create_block_mask) on {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            theirs, same = float("nan"), None
         rows.append({"what": f"create_block_mask {name} {n}", "ours_ms": ours * 1e3,
-                     "ours_compiled_ms": ours_compiled * 1e3, "torch_compiled_ms": theirs * 1e3,
-                     "same_tiles_as_torch": same})
+                     "ours_elementwise_ms": elementwise * 1e3,
+                     "ours_compiled_ms": None if ours_compiled is None else ours_compiled * 1e3,
+                     "torch_compiled_ms": theirs * 1e3, "same_tiles_as_torch": same})
+        print(f"    {rows[-1]}", flush=True)   # each row as it lands: a run cut short keeps them
+    if with_prepare:
+        rows += _prepare_rows()
+    print(f"{'what':52s} {'ours ms':>10s} {'element-wise ms':>17s} {'ours _compile ms':>17s} {'torch.compile ms':>17s}")
+
+    def cell(x):
+        return f"{x:17.1f}" if x is not None else f"{'-':>17s}"
+
+    for r in rows:
+        same = {None: "", True: "same tiles", False: "TILES DIFFER"}[r.get("same_tiles_as_torch")]
+        print(f"{r['what']:52s} {r['ours_ms']:10.1f} {cell(r.get('ours_elementwise_ms'))} "
+              f"{cell(r['ours_compiled_ms'])} {cell(r['torch_compiled_ms'])} {same}", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "rows": rows}
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _prepare_rows() -> list:
+    """FlexFlashInfer.prepare() of a 32768-token causal problem and its two parts."""
+    rows = []
     flex = FlexFlashInfer(device="cuda")
     mod = get_mask_fn("causal")
 
@@ -70,17 +116,4 @@ def run_plan_benchmark(out_path: str | None = None) -> dict:
                  "ours_ms": _median_s(lambda: FlashInferPlan(bm, 1, 32768, 32768, 32, 8, 128, torch.bfloat16,
                                                              128 ** -0.5, "cuda")) * 1e3,
                  "ours_compiled_ms": None, "torch_compiled_ms": None})
-    print(f"{'what':52s} {'ours ms':>10s} {'ours _compile ms':>17s} {'torch.compile ms':>17s}")
-
-    def cell(x):
-        return f"{x:17.1f}" if x is not None else f"{'-':>17s}"
-
-    for r in rows:
-        same = "" if "same_tiles_as_torch" not in r else ("same tiles" if r["same_tiles_as_torch"] else "TILES DIFFER")
-        print(f"{r['what']:52s} {r['ours_ms']:10.1f} {cell(r['ours_compiled_ms'])} {cell(r['torch_compiled_ms'])} {same}")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "rows": rows}
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return rows

@@ -34,13 +34,8 @@ def test_library_masks_match_the_elementwise_build(monkeypatch, name, params, sh
         pytest.skip("the document mask is defined on the packed tokens (q_len == kv_len)")
     mask_mod = get_mask_fn(name, **params)
     elementwise, by_bounds = both_builds(mask_mod, 2, 3, L, S, bq, bkv, monkeypatch)
-    if name in ("attamba", "dilated_sliding_window"):
-        # key columns every chunk (every dilation): most tiles are truly partial, so bounds
-        # decide few and these may take the element-wise build
-        assert by_bounds is None or torch.equal(by_bounds, elementwise)
-    else:
-        assert by_bounds is not None, "bounds decide most tiles of this mask"
-        assert torch.equal(by_bounds, elementwise)
+    assert by_bounds is not None, "bounds and samples settle most tiles of every library mask"
+    assert torch.equal(by_bounds, elementwise)
 
 
 def test_causal_leaves_only_the_diagonal_undecided():
@@ -63,6 +58,29 @@ def test_document_ids_read_over_a_tile_bound_it_by_their_min_and_max():
     for qt, kt in off_diagonal.nonzero().tolist():   # a boundary in its rows or in its keys
         assert qt in boundary or kt in boundary, (qt, kt)
     assert 0 < int(off_diagonal.sum()) <= 2 * 2 * 32
+
+
+def test_tiles_whose_samples_agree_are_evaluated_in_full(monkeypatch):
+    """One visible pair away from the sampled points, and one hidden pair in an otherwise
+    visible tile that bounds cannot prove full: both tiles must come out partial."""
+    def needle(b, h, q_idx, kv_idx):
+        hole = (q_idx == 70) & (kv_idx == 75)            # inside tile (1, 1), off its samples
+        pin = (q_idx == 10) & (kv_idx == 140)            # inside tile (0, 2), off its samples
+        return ((q_idx // 64 == kv_idx // 64) & ~hole) | pin
+
+    elementwise, by_bounds = both_builds(needle, 1, 1, 256, 256, 64, 64, monkeypatch)
+    assert by_bounds is not None and torch.equal(by_bounds, elementwise)
+    assert by_bounds[0, 0, 1, 1] == 1 and by_bounds[0, 0, 0, 2] == 1 and by_bounds[0, 0, 2, 2] == 2
+
+
+def test_a_mask_that_reads_h_keeps_its_heads_when_its_bounds_are_unknown(monkeypatch):
+    """Bitwise ops leave the bound unknown (a scalar): the tiles must still differ by head
+    (a random expression found this)."""
+    def per_head(b, h, q_idx, kv_idx):
+        return torch.abs(q_idx) >= torch.where(h == 1, b % 64 + q_idx * 0, ((q_idx ^ b) & kv_idx) + q_idx * 0)
+
+    elementwise, by_bounds = both_builds(per_head, 2, 3, 680, 91, 16, 64, monkeypatch)
+    assert by_bounds is not None and torch.equal(by_bounds, elementwise)
 
 
 def test_per_head_tables_and_batch_dependence(monkeypatch, rng):
