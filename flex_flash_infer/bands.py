@@ -291,8 +291,14 @@ def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_ele
 
 
 def hinted_bands(mask_mod, q_len: int, kv_len: int) -> list[Band] | None:
-    """Bands a library mask states about itself: the document mask is one causal band per
-    document (exactly its predicate when both sequences are the packed tokens)."""
+    """Bands a library mask states about itself (a user's own mask_mod has none and is lowered by
+    find_bands): full, causal, sliding_window and prefix_lm carry a band_hint(q_len, kv_len);
+    the document mask is one causal band per document (exactly its predicate when both
+    sequences are the packed tokens)."""
+    hint = getattr(mask_mod, "band_hint", None)
+    if hint is not None:
+        bands = hint(q_len, kv_len)
+        return None if bands is None else [Band(*band) for band in bands]
     ids = getattr(mask_mod, "document_ids", None)
     if ids is None or not (q_len == kv_len == ids.numel()):
         return None

@@ -244,7 +244,7 @@ def _for_sequence(mod, index: int, n_args: int):
         def sequence_mask(b, h, q_idx, kv_idx):
             return mod(b * 0 + index, h, q_idx, kv_idx)
         sequence_mask.__name__ = getattr(mod, "__name__", "mask_mod")
-        for hint in ("document_ids", "key_columns_hint"):  # lowering hints still describe this mask
+        for hint in ("document_ids", "key_columns_hint", "band_hint"):  # lowering hints still describe this mask
             if hasattr(mod, hint):
                 setattr(sequence_mask, hint, getattr(mod, hint))
         return sequence_mask

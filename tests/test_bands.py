@@ -102,3 +102,36 @@ def test_document_hint_is_one_causal_band_per_document(rng):
     ids = mod.document_ids.numpy()
     assert torch.equal(union(bands, total, total), dense_predicate("document", total, total, document_ids=ids))
     assert hinted_bands(mod, total, total + 1) is None
+
+
+@pytest.mark.parametrize("name,params", [("full", {}), ("causal", {}), ("sliding_window", {"window_size": 37}),
+                                         ("sliding_window", {"window_size": 1000}), ("prefix_lm", {"prefix_len": 90}),
+                                         ("prefix_lm", {"prefix_len": 0}), ("prefix_lm", {"prefix_len": 5000})])
+def test_library_band_hints_are_exactly_their_predicates(rng, name, params):
+    """full, causal, sliding_window and prefix_lm state their bands (no search, no verification
+    at plan time): the bands' union is the predicate on random shapes, or the hint says None."""
+    from flex_flash_infer.bands import hinted_bands
+
+    mod = get_mask_fn(name, **params)
+    for _ in range(20):
+        L, S = (int(x) for x in torch.randint(1, 400, (2,), generator=rng))
+        if bool(torch.rand(1, generator=rng) < 0.3):
+            S = L
+        bands = hinted_bands(mod, L, S)
+        if bands is None:
+            continue
+        # each a real request: rows and keys inside the sequences, rows of different bands disjoint
+        assert all(0 <= b.q_start < b.q_end <= L and 0 <= b.kv_start < b.kv_end <= S for b in bands), (L, S, bands)
+        assert all(a.q_end <= b.q_start for a, b in zip(bands, bands[1:])), (L, S, bands)
+        assert torch.equal(union(bands, L, S), dense_predicate(name, L, S, **params)), (L, S, bands)
+    assert hinted_bands(mod, 300, 300) is not None   # the packed-tokens case always has one
+
+
+def test_a_users_own_causal_has_no_hint_and_is_found():
+    from flex_flash_infer.bands import hinted_bands
+
+    def my_causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    assert hinted_bands(my_causal, 1000, 1000) is None
+    assert bands_for(my_causal, 1000, 1000) == hinted_bands(get_mask_fn("causal"), 1000, 1000)

@@ -8,4 +8,5 @@ def generate_full_mask_mod():
     def full(b, h, q_idx, kv_idx):
         return (q_idx >= 0) | (kv_idx >= 0)
 
+    full.band_hint = lambda q_len, kv_len: [(0, q_len, 0, kv_len, False, -1)]   # bands.hinted_bands
     return full
