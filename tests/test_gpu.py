@@ -57,6 +57,23 @@ def test_library_masks(cuda_gen, dtype, D, name, params):
     check(out, lse, q, k, v, dense_predicate(name, L, S, **params), dtype)
 
 
+@pytest.mark.parametrize("name,params,L,S", [("causal", {}, 777, 300), ("causal", {}, 300, 777), ("full", {}, 777, 300),
+                                             ("sliding_window", {"window_size": 100}, 300, 777),
+                                             ("prefix_lm", {"prefix_len": 200}, 777, 777)])
+def test_library_band_hints_unequal_lengths(cuda_gen, name, params, L, S):
+    """The bands library masks state (band_hint), unequal lengths: causal with more queries
+    than keys is a causal band and a full one."""
+    from flex_flash_infer import flashinfer_backend
+
+    B, H, Hkv, D, dtype = 1, 8, 2, 128, torch.bfloat16
+    q, k, v = inputs(B, H, Hkv, L, S, D, dtype, cuda_gen)
+    bm = create_block_mask(get_mask_fn(name, **params), None, None, L, S, device="cuda")
+    plan = flashinfer_backend.FlashInferPlan(bm, 1, L, S, H, Hkv, D, dtype, D ** -0.5, "cuda")
+    assert plan.route == "bands"
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    check(out, lse, q, k, v, dense_predicate(name, L, S, **params), dtype)
+
+
 @pytest.mark.parametrize("one_launch", [False, True], ids=["head_loop", "heads_one_launch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,S", [(333, 333), (200, 517), (517, 130)])
