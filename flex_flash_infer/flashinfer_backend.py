@@ -191,10 +191,7 @@ class FlashInferPlan:
                 self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace, (block_q, 1),
                                           variants(None, 1), self.positions)
         if score_mod is not None and self.bands:
-            if not hopper:   # the fa2 band variant (variant.fa2_score_mod_variant) is not wired yet
-                raise UnsupportedOnFlashInfer("a score_mod on the band routes runs in FlashInfer's fa3 kernels, "
-                                              "which need a Hopper GPU (compute capability 9.x)")
-            self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace)
+            self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper)
             return
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)

@@ -2,8 +2,9 @@
 prefill. On by default since its GPU tests passed on an H100 (2026-11-25);
 FLEX_FLASH_INFER_SCORE_MOD_KERNELS=0 turns it off (a score_mod on CUDA then runs on the
 reference backend). Masks that take the tiles route run a score_mod in tile_kernels' paged
-variants (FLEX_FLASH_INFER_TILE_VARIANTS=0 sends them to the reference); band masks on a GPU
-older than Hopper raise UnsupportedOnFlashInfer (the fa2 band variant is not wired).
+variants (FLEX_FLASH_INFER_TILE_VARIANTS=0 sends them to the reference). On a GPU older than
+Hopper the bands run the fa2 variant (variant.fa2_score_mod_variant; checked on the CPU model
+and compiled against FlashInfer's headers, not yet run on a GPU).
 
 Each launch is a ragged prefill whose requests are (batch entry, band) pairs (bands.band_launches);
 three int32 tables indexed by the request give its first query and key position and its batch
@@ -19,7 +20,7 @@ import torch
 from .bands import band_launches
 from .codegen import position_bound_for
 from .trace import trace
-from .variant import fa3_score_mod_variant, graph_values
+from .variant import fa2_score_mod_variant, fa3_score_mod_variant, graph_values
 
 ENABLED = os.environ.get("FLEX_FLASH_INFER_SCORE_MOD_KERNELS", "1") != "0"
 
@@ -29,25 +30,30 @@ class UnsupportedOnFlashInfer(ValueError):
 
 
 class ScoreModBands:
-    """Planned launches of bands with a compiled score_mod. run() gives base-2 (out, lse)."""
+    """Planned launches of bands with a compiled score_mod, on fa3 (Hopper) or fa2 (older GPUs:
+    the variant also applies the sliding window, as FlashInfer's own fa2 variant does). run()
+    gives base-2 (out, lse)."""
 
-    def __init__(self, bands, score_mod, shape, dtype, scale, workspace):
+    def __init__(self, bands, score_mod, shape, dtype, scale, workspace, hopper: bool = True):
         import flashinfer
 
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         device = workspace.device
         graph = trace(score_mod, "score_mod")
-        spec = fa3_score_mod_variant(graph, position_bound_for(batch, hq, q_len, kv_len))
+        make_variant = fa3_score_mod_variant if hopper else fa2_score_mod_variant
+        spec = make_variant(graph, position_bound_for(batch, hq, q_len, kv_len))
+        backend = "fa3" if hopper else "fa2"
         use_swa = any(b.window_left >= 0 for b in bands)
         # the code's own hash: a changed code generator never reuses a stale cached module
-        uri = f"ffi_{hashlib.sha256(spec.decl.encode()).hexdigest()[:16]}_{str(dtype).split('.')[-1]}_d{head_dim}_{'swa' if use_swa else 'noswa'}"
+        uri = (f"ffi_{'' if hopper else 'fa2_'}{hashlib.sha256(spec.decl.encode()).hexdigest()[:16]}_"
+               f"{str(dtype).split('.')[-1]}_d{head_dim}_{'swa' if use_swa else 'noswa'}")
         jit_args = spec.jit_args(uri, dtype, head_dim, torch.int32, use_swa)
         self.extra_tensors, values = graph_values(graph, device)
         self.extra_scalars = [float(scale)] + values
         self.shape = shape
         self.launches = []
         for launch in band_launches(bands, batch, q_len, kv_len):
-            wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend="fa3", jit_args=jit_args)
+            wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend, jit_args=jit_args)
             wrapper.plan(launch.qo_indptr, launch.kv_indptr, hq, hkv, head_dim, causal=launch.causal,
                          window_left=launch.window_left, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
             tables = [t.to(device) for t in (launch.req_q0, launch.req_kv0, launch.req_b)]

@@ -259,10 +259,12 @@ def test_tensor_core_decode_is_a_switch_on_the_decode_wrapper(fake, monkeypatch,
     ("causal", {}, 1, 150, 230),                  # bottom-right aligned: more keys than queries
 ])
 @pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias"])
-def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name, params, B, L, S, mod_name):
+@pytest.mark.parametrize("hopper", [True, False], ids=["fa3", "fa2"])
+def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name, params, B, L, S, mod_name, hopper):
     """The score_mod band route (request tables of first query, first key and batch entry per
     band) with the kernel replaced by the CPU model running the score_mod's generated code
-    (host-compiled): the positions it hands the score_mod are the absolute ones."""
+    (host-compiled): the positions it hands the score_mod are the absolute ones. fa2 (GPUs
+    before Hopper) runs the fa2 variant with the same tables."""
     from flex_flash_infer import score_mod_kernels
     from flex_flash_infer.hostcheck import compile_host
     from flex_flash_infer.warmup import example_score_mod
@@ -271,16 +273,28 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
 
     def registering_trace(fn, kind):
         graph = real_trace(fn, kind)
-        monkeypatch.setitem(fake_flashinfer.VARIANTS, f"FlexScoreMod_{graph.key()}", compile_host(graph))
+        host = compile_host(graph)
+        monkeypatch.setitem(fake_flashinfer.VARIANTS, f"FlexScoreMod_{graph.key()}", host)
+        monkeypatch.setitem(fake_flashinfer.VARIANTS, f"FlexScoreModFa2_{graph.key()}<use_custom_mask>", host)
         return graph
 
     monkeypatch.setattr(score_mod_kernels, "trace", registering_trace)
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: hopper)
+    backends = []
+    real_wrapper = fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper
+
+    def recording_wrapper(workspace, layout="NHD", backend="auto", jit_args=None):
+        backends.append((backend, jit_args[11] if jit_args else None))
+        return real_wrapper(workspace, layout, backend, jit_args)
+
+    monkeypatch.setattr(sys.modules["flashinfer"], "BatchPrefillWithRaggedKVCacheWrapper", recording_wrapper)
     Hq, Hkv, D = 4, 2, 16
     score_mod = example_score_mod(mod_name, Hq, device="cpu")
     bm = create_block_mask(get_mask_fn(name, **params), B, None, L, S, device="cpu", BLOCK_SIZE=64)
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
                                              score_mod=score_mod)
     assert isinstance(plan.band_runner, score_mod_kernels.ScoreModBands)
+    assert backends and all(b == ("fa3" if hopper else "fa2") and ("Fa2" in n) == (not hopper) for b, n in backends)
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
     v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)

@@ -199,12 +199,3 @@ def test_the_gpu_tests_cases_on_the_cpu_model(fake, monkeypatch, rng, kind):
     inputs, out, lse = _run(plan, B, Hq, Hkv, L, S, D, rng)
     _check(inputs, out, lse, create_mask(mask_mod, 1, 1, L, S, device="cpu"), score_mod)
 
-
-def test_score_mod_on_bands_before_hopper_is_a_clear_fallback(fake, monkeypatch):
-    """The band variant is fa3-only: on an older GPU the plan says so (the API then runs the
-    reference with a warning) instead of failing inside FlashInfer."""
-    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: False)
-    bm = create_block_mask(get_mask_fn("causal"), 1, None, 200, 200, device="cpu", BLOCK_SIZE=64)
-    with pytest.raises(UnsupportedOnFlashInfer, match="Hopper"):
-        flashinfer_backend.FlashInferPlan(bm, 1, 200, 200, 2, 1, 16, torch.float64, 0.25, "cpu",
-                                          score_mod=example_score_mod("softcap", 2, device="cpu"))
