@@ -20,6 +20,7 @@ from .block_build import PARTIAL
 from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
 from .route import choose_route
 from .bands import band_launches
+from . import score_mod_kernels
 from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
 from . import tile_kernels
 from .tile_kernels import TileVariants, request_tables, traced_mask_or_none
@@ -191,6 +192,10 @@ class FlashInferPlan:
                 self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace, (block_q, 1),
                                           variants(None, 1), self.positions)
         if score_mod is not None and self.bands:
+            if not (hopper or score_mod_kernels.FA2_BANDS):
+                raise UnsupportedOnFlashInfer("a score_mod on the band routes runs in FlashInfer's fa3 kernels on "
+                                              "Hopper; its fa2 variant for older GPUs is not yet validated on a GPU "
+                                              "(FLEX_FLASH_INFER_FA2_SCORE_MOD=1 runs it)")
             self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper)
             return
         if self.bands:

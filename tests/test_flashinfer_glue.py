@@ -280,6 +280,7 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
 
     monkeypatch.setattr(score_mod_kernels, "trace", registering_trace)
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: hopper)
+    monkeypatch.setattr(score_mod_kernels, "FA2_BANDS", True)
     backends = []
     real_wrapper = fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper
 
