@@ -328,15 +328,21 @@ def test_band_edges_inside_a_query_tile(fake, rng, trial):
             out = out | ((part == i) & patterns[kind])
         return out
 
-    bm = create_block_mask(mod, 1, None, L, L, device="cpu", BLOCK_SIZE=64)
-    plan = flashinfer_backend.FlashInferPlan(bm, 1, L, L, 4, 2, 16, torch.float64, 0.25, "cpu")
-    assert plan.route == "bands", (cuts, kinds, plan.route)
+    assert _band_plan_matches_dense(mod, L, L, rng) == "bands", (cuts, kinds)
+
+
+def _band_plan_matches_dense(mod, L, S, rng):
+    """Plan one sequence (4 query / 2 key heads) through the CPU model, check it against the
+    dense mask, and return its route."""
+    bm = create_block_mask(mod, 1, None, L, S, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, 1, L, S, 4, 2, 16, torch.float64, 0.25, "cpu")
     q = torch.randn(1, 4, L, 16, generator=rng, dtype=torch.float64)
-    k = torch.randn(1, 2, L, 16, generator=rng, dtype=torch.float64)
-    v = torch.randn(1, 2, L, 16, generator=rng, dtype=torch.float64)
+    k = torch.randn(1, 2, S, 16, generator=rng, dtype=torch.float64)
+    v = torch.randn(1, 2, S, 16, generator=rng, dtype=torch.float64)
     out, _ = plan.run(q.transpose(1, 2).reshape(L, 4, 16), k.transpose(1, 2), v.transpose(1, 2))
-    ref, _ = dense_attention(q, k, v, create_mask(mod, 1, 1, L, L, device="cpu"), scale=0.25)
+    ref, _ = dense_attention(q, k, v, create_mask(mod, 1, 1, L, S, device="cpu"), scale=0.25)
     assert rel_err(out.view(1, L, 4, 16).transpose(1, 2), ref) < 1e-6
+    return plan.route
 
 
 @pytest.mark.parametrize("name,params,L,S", [("causal", {}, 333, 200), ("causal", {}, 200, 333), ("full", {}, 333, 200),
@@ -345,13 +351,4 @@ def test_band_edges_inside_a_query_tile(fake, rng, trial):
 def test_hinted_library_bands_through_the_plan(fake, rng, name, params, L, S):
     """The bands a library mask states (band_hint), run through the plan: exact against the
     dense mask, more queries than keys included (causal: a causal band and a full one)."""
-    mod = get_mask_fn(name, **params)
-    bm = create_block_mask(mod, 1, None, L, S, device="cpu", BLOCK_SIZE=64)
-    plan = flashinfer_backend.FlashInferPlan(bm, 1, L, S, 4, 2, 16, torch.float64, 0.25, "cpu")
-    assert plan.route == "bands"
-    q = torch.randn(1, 4, L, 16, generator=rng, dtype=torch.float64)
-    k = torch.randn(1, 2, S, 16, generator=rng, dtype=torch.float64)
-    v = torch.randn(1, 2, S, 16, generator=rng, dtype=torch.float64)
-    out, _ = plan.run(q.transpose(1, 2).reshape(L, 4, 16), k.transpose(1, 2), v.transpose(1, 2))
-    ref, _ = dense_attention(q, k, v, create_mask(mod, 1, 1, L, S, device="cpu"), scale=0.25)
-    assert rel_err(out.view(1, L, 4, 16).transpose(1, 2), ref) < 1e-6
+    assert _band_plan_matches_dense(get_mask_fn(name, **params), L, S, rng) == "bands"
