@@ -80,26 +80,31 @@ def band_tile_states(band: Band, q_len: int, kv_len: int, block_q: int, block_kv
     return torch.where(full, FULL, torch.where(nonempty, PARTIAL, EMPTY)).to(torch.int8)
 
 
-def _row_intervals(states, mask_mod, rows, q_len, kv_len, block_kv, device):
-    """(lo, hi, count) of the visible keys of one probe row per query tile."""
-    nq, nkv = states.shape
-    keys = torch.arange(nkv * block_kv, device=device)
-    tile_of_key = states.repeat_interleave(block_kv, dim=1)  # [nq, nkv * block_kv]
-    visible = tile_of_key == FULL
-    part = (tile_of_key == PARTIAL)
-    if bool(part.any()):
-        q = rows.view(-1, 1).to(INDEX_DTYPE)
-        kv = keys.clamp(max=kv_len - 1).view(1, -1).to(INDEX_DTYPE)
-        zero = torch.zeros(1, 1, dtype=INDEX_DTYPE, device=device)
-        bits = evaluate_mask_mod(mask_mod, zero, zero, q, kv)
-        visible = visible | (part & bits)
-    visible = visible & (keys < kv_len).view(1, -1)
-    count = visible.sum(1)
-    # first and last visible key from one-byte copies (argmax takes the first maximum), not from
-    # int64 [rows, keys] temporaries: 8x less memory on long sequences
-    v8 = visible.to(torch.uint8)
-    lo = torch.where(count > 0, v8.argmax(1), nkv * block_kv)
-    hi = torch.where(count > 0, nkv * block_kv - 1 - v8.flip(1).argmax(1), -1)
+def _row_intervals(states, mask_mod, rows, q_len, kv_len, block_kv, device,
+                   chunk_elements: int = VERIFY_CHUNK_ELEMENTS):
+    """(lo, hi, count) of the visible keys of each probe row (rows[i] lies in a query tile whose
+    key tile states are states[i]): full tiles count from their states, only partial tiles are
+    evaluated, on that row alone. lo is nkv * block_kv and hi -1 for a row that sees nothing."""
+    nkv = states.shape[1]
+    none_lo = nkv * block_kv
+    tile_start = torch.arange(nkv, device=device) * block_kv
+    tile_keys = torch.clamp(kv_len - tile_start, max=block_kv)   # in-range keys of each key tile
+    full = states == FULL
+    count = (full * tile_keys).sum(1)
+    lo = torch.where(full, tile_start, none_lo).amin(1)
+    hi = torch.where(full, tile_start + tile_keys - 1, -1).amax(1)
+    row_of, tile_of = (states == PARTIAL).nonzero(as_tuple=True)
+    zero = torch.zeros(1, 1, dtype=INDEX_DTYPE, device=device)
+    step = torch.arange(block_kv, device=device)
+    per_chunk = max(1, chunk_elements // block_kv)
+    for p0 in range(0, row_of.numel(), per_chunk):
+        r, t = row_of[p0:p0 + per_chunk], tile_of[p0:p0 + per_chunk]
+        kv = tile_start[t].view(-1, 1) + step
+        q = rows[r].view(-1, 1).to(INDEX_DTYPE)
+        bits = evaluate_mask_mod(mask_mod, zero, zero, q, kv.clamp(max=kv_len - 1).to(INDEX_DTYPE)) & (kv < kv_len)
+        count = count.index_add(0, r, bits.sum(1))
+        lo = lo.scatter_reduce(0, r, torch.where(bits, kv, none_lo).amin(1), "amin")
+        hi = hi.scatter_reduce(0, r, torch.where(bits, kv, -1).amax(1), "amax")
     return lo, hi, count
 
 
