@@ -153,7 +153,8 @@ def random_bool(r: random.Random, depth: int) -> str:
     op = r.choice(["cmp", "cmp", "and", "or", "xor", "not", "where", "table"])
     if op == "cmp":
         sym = r.choice(["<", "<=", ">", ">=", "==", "!="])
-        return f"(({random_int(r, depth - 1)}) {sym} ({random_int(r, depth - 1)}))"
+        # tied to q, so that two constants still compare as a tensor, not a Python bool
+        return f"(({random_int(r, depth - 1)}) + q * 0 {sym} ({random_int(r, depth - 1)}))"
     if op in ("and", "or", "xor"):
         sym = {"and": "&", "or": "|", "xor": "^"}[op]
         return f"({random_bool(r, depth - 1)} {sym} {random_bool(r, depth - 1)})"
