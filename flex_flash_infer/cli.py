@@ -102,7 +102,8 @@ def build_parser():
                       help="default: causal sliding_window tiles documents; score_mod:<name>[+window] "
                            "compiles a score_mod variant (softcap alibi rel_bias temperature causal_decay); "
                            "tile_variants:softcap tile_variants:rel_bias+mask tile_variants:alibi+columns "
-                           "mask_in_kernel: the paged variants of the tiles route (off by default)")
+                           "mask_in_kernel: the paged variants of the tiles route; score_mod_fa2:<name>[+window]: "
+                           "the fa2 band variant of GPUs before Hopper (off by default)")
     show = sub.add_parser("show", help="draw a library mask to a PNG: its elements, or its tile map when long "
                                        "(needs matplotlib)")
     show.add_argument("name", choices=[name for name in MASK_FACTORIES if name != "document"])

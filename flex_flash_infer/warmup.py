@@ -15,6 +15,9 @@ SCORE_MOD_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias",
                    "score_mod:causal_decay", "score_mod:softcap+window", "score_mod:identity")
 # The paged variants of tile_kernels (off by default until run on a GPU): the GPU tests use these
 # same structures, so after this warmup they compile nothing.
+# The fa2 band variant (GPUs before Hopper; off by default until run on a GPU), as test_gpu's
+# fa2 cases use it.
+FA2_SCORE_MOD_KINDS = ("score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi")
 TILE_VARIANT_KINDS = ("tile_variants:softcap", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
                       "mask_in_kernel")
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,13 +41,17 @@ def _identity(score, b, h, q_idx, kv_idx):
 
 
 def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int) -> None:
-    """Run a score_mod through its compiled fa3 variant once (even where the env turned it off)."""
-    from . import score_mod_kernels
+    """Run a score_mod through its compiled fa3 variant once (even where the env turned it off);
+    score_mod_fa2:... builds the fa2 band variant of GPUs before Hopper (forced on this one)."""
+    from . import flashinfer_backend, score_mod_kernels
     from .api import flex_attention
     from .block_mask import create_block_mask
     from .mods.registry import get_mask_fn
 
     score_mod_kernels.ENABLED = True
+    if kind.startswith("score_mod_fa2:"):   # this process only builds: forcing fa2 here is harmless
+        flashinfer_backend._is_hopper = lambda device: False
+        score_mod_kernels.FA2_BANDS = True
     name, _, window = kind.split(":", 1)[1].partition("+")
     mask = get_mask_fn("sliding_window", window_size=64) if window else get_mask_fn("causal")
     q = torch.randn(1, 4, 256, head_dim, device="cuda", dtype=dtype)
@@ -104,7 +111,7 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     from .mods.registry import get_mask_fn
     from .wrapper import FlexFlashInfer
 
-    if kind.startswith("score_mod:"):
+    if kind.startswith(("score_mod:", "score_mod_fa2:")):
         return compile_score_mod(kind, dtype, head_dim)
     if kind.startswith("tile_variants:") or kind == "mask_in_kernel":
         q = torch.randn(1, 4, 600, head_dim, device="cuda", dtype=dtype)

@@ -47,11 +47,12 @@ case "${1:-}" in
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 >$run_dir/warm-fp16.log 2>&1
           wait
           grep -h "ok\|FAILED" $run_dir/warm-*.log | tail -n 12
-          # 11 kernel sets at once: 2 nvcc jobs each (18 sets at 3 each ran the 128 GiB machine out of memory)
+          # 14 kernel sets at once: 2 nvcc jobs each (18 sets at 3 each ran the 128 GiB machine out of memory)
           MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds score_mod:softcap \
             score_mod:alibi score_mod:rel_bias score_mod:temperature score_mod:causal_decay score_mod:softcap+window \
             score_mod:identity tile_variants:softcap tile_variants:rel_bias+mask tile_variants:alibi+columns \
-            mask_in_kernel >$run_dir/warm-score.log 2>&1 &
+            mask_in_kernel score_mod_fa2:rel_bias score_mod_fa2:softcap+window score_mod_fa2:alibi \
+            >$run_dir/warm-score.log 2>&1 &
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 --kinds score_mod:softcap \
             >$run_dir/warm-score-fp16.log 2>&1 &
           echo $! > $run_dir/score_warm_pid ;;
