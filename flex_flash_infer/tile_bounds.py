@@ -27,6 +27,9 @@ INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 RANGE_GATHER_LIMIT = 1 << 25
 # past this share of tiles left to evaluate, the element-wise build of every tile is as cheap
 MAX_UNDECIDED_SHARE = 0.5
+# bounds hold a few int64 tensors of one value per tile (per batch entry and head where the mask
+# reads them); past this many tiles the chunked build, whose memory is bounded, serves instead
+MAX_BOUNDED_TILES = 1 << 24
 
 
 class _Bounds:
@@ -275,6 +278,11 @@ def classify_by_bounds(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_
     try:
         graph = trace(mask_mod, "mask_mod")
     except TraceError:
+        return None
+    used = _inputs_read(graph.output)
+    tiles_bounded = ((B if "b" in used else 1) * (H if "h" in used else 1)
+                     * -(-Q_LEN // block_q) * -(-KV_LEN // block_kv))
+    if tiles_bounded > MAX_BOUNDED_TILES:
         return None
     certain, possible = tile_bounds(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
     undecided = possible & ~certain

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from flex_flash_infer import block_build
+from flex_flash_infer import block_build, tile_bounds as tile_bounds_module
 from flex_flash_infer.block_build import classify_tiles
 from flex_flash_infer.mods import get_mask_fn
 from flex_flash_infer.tile_bounds import classify_by_bounds, tile_bounds
@@ -177,3 +177,18 @@ def test_random_masks_match_the_elementwise_build(monkeypatch, rng, seed):
     bq, bkv = r.choice([16, 64, 128]), r.choice([16, 64, 128])
     elementwise, by_bounds = both_builds(mask_mod, 2, 3, L, S, bq, bkv, monkeypatch)
     assert by_bounds is None or torch.equal(by_bounds, elementwise), source
+
+
+def test_too_many_tiles_for_bounds_take_the_chunked_build(monkeypatch):
+    """Bounds keep a value per tile (per head when the mask reads h): past the limit the chunked
+    build, whose memory is bounded, serves."""
+    windows = torch.tensor([16, 40, 100, 7])
+
+    def per_head(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < windows[h % 4])
+
+    monkeypatch.setattr(tile_bounds_module, "MAX_BOUNDED_TILES", 4 * 10 * 10 - 1)
+    assert classify_by_bounds(per_head, 1, 4, 640, 640, 64, 64, torch.device("cpu"), 1 << 20) is None
+    monkeypatch.setattr(tile_bounds_module, "MAX_BOUNDED_TILES", 4 * 10 * 10)
+    elementwise, by_bounds = both_builds(per_head, 1, 4, 640, 640, 64, 64, monkeypatch)
+    assert by_bounds is not None and torch.equal(by_bounds, elementwise)
