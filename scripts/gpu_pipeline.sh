@@ -13,7 +13,7 @@
 #   bench-8k, bench-32k  python -m flex_flash_infer bench at 8192 / 32768 tokens (JSON in the run dir)
 #   bench-32k-rest       the 32768 random_tiles, alibi and rel_bias rows only
 #   bench-bands  8192: prefix_lm, prefix_lm_2000 (a prefix inside a query tile), document
-#   bench-tiles  8192 random_tiles (mask in kernel vs bits) and softcap on the tiles route
+#   bench-tiles  8192 random_tiles, per_head_windows (mask in kernel vs bits, bands per head), softcap on tiles
 #   bench-score  8192: causal and the score_mod rows (softcap, alibi, rel_bias, identity)
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
@@ -86,8 +86,9 @@ case "${1:-}" in
         bench-bands)  # 8192 rows whose planning goes through the band finder's row splits
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases prefix_lm prefix_lm_2000 document \
             --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
-        bench-tiles)  # 8192 random tiles: mask_mod in the kernel vs bits; softcap on the tiles route
-          FLEX_FLASH_INFER_TILE_VARIANTS=1 python3 -m flex_flash_infer bench --seq-lens 8192 --cases random_tiles \
+        bench-tiles)  # 8192 tiles routes: mask_mod in the kernel vs bits (per_head_windows has partial
+                      # tiles; it also times the opt-in bands-per-head route); softcap on the tiles route
+          python3 -m flex_flash_infer bench --seq-lens 8192 --cases random_tiles per_head_windows \
             softcap+random_tiles --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" >$run_dir/$stage.log
           tail -n 10 $run_dir/$stage.log ;;
         bench-score)
