@@ -1,6 +1,7 @@
 """Decode benchmark over a paged KV cache: PagedFlexAttention vs FlashInfer's native
 BatchDecodeWithPagedKVCacheWrapper on the same cache, and torch flex_attention's decoding path
-(compiled, on the same keys laid out contiguously).
+(compiled, on the same keys laid out contiguously); and, as a candidate for Hopper, FlashInfer's
+fa3 paged prefill kernel with one query per request on the same cache.
 
 Batch 64, contexts of 8192 tokens, 32 query / 8 KV heads, head_dim 128, page size 16, bf16;
 causal and sliding_window(1024). GB/s counts the K and V bytes the mask makes visible. Each
@@ -60,6 +61,14 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
         impls[other_impl] = raising(e)
     finally:
         paged.DECODE_TENSOR_CORES = saved
+    try:  # a candidate kernel (not run yet): Hopper's fa3 paged prefill, one query per request
+        fa3 = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=dev),
+                                                             "NHD", backend="fa3")
+        fa3.plan(qo_indptr, indptr, indices, last, hq, hkv, d, page, causal=False, window_left=window_left,
+                 q_data_type=dtype, kv_data_type=dtype)
+        impls["flashinfer_fa3_prefill_kernel"] = lambda: fa3.run(q, (k_cache, v_cache))
+    except Exception as e:
+        impls["flashinfer_fa3_prefill_kernel"] = raising(e)
     full, partial = ours._planned["launches"]
     if partial is None:  # the planned FlashInfer wrapper alone: our run()'s own cost is the difference
         impls["ours_kernel_only"] = lambda: full.run(q, (k_cache, v_cache))
