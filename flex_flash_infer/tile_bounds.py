@@ -266,8 +266,8 @@ def _settle_by_samples(mask_mod, tiles, states, whole_keys, Q_LEN, KV_LEN, block
                              kv_at.to(INDEX_DTYPE))
     visible, hidden = seen.any(1), (~seen).any(1)
     partial = visible & (hidden | ~whole_keys[kt.view(-1)])
-    done = tiles[partial]
-    states[done[:, 0], done[:, 1], done[:, 2], done[:, 3]] = PARTIAL
+    at = tuple(c.view(-1) for c in (bt, ht, qt, kt))
+    states[at] = torch.where(partial, PARTIAL, states[at])   # no host sync; the one below remains
     return tiles[~partial]
 
 
