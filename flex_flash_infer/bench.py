@@ -170,8 +170,11 @@ def score_mod_cases():
                        generate_softcap_score_mod)
 
     table = torch.randn(32, 257, generator=torch.Generator().manual_seed(SEED)) * 0.5
-    return {"softcap+causal": ("causal", generate_softcap_score_mod(20.0), None),
-            "alibi+causal": ("causal", generate_alibi_score_mod(num_heads=32), None),
+    # FlashInfer's own soft cap (fa3) and ALiBi (fa2 only) as the native rows: what the same
+    # transform costs in FlashInfer's hand-written variants, beside our compiled ones
+    return {"softcap+causal": ("causal", generate_softcap_score_mod(20.0), {"causal": True, "logits_soft_cap": 20.0}),
+            "alibi+causal": ("causal", generate_alibi_score_mod(num_heads=32), {"causal": True,
+                                                                                 "pos_encoding_mode": "ALIBI"}),
             "rel_bias+causal": ("causal", generate_relative_position_bias_score_mod(table), None),
             "identity+causal": ("causal", identity_score_mod, None),
             # the tiles route (full tiles in fa3, partial ones in fa2): tile_kernels' variants
