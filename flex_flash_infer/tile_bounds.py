@@ -6,7 +6,8 @@ captured numbers exact (their values at build time). A bool is bounded by (certa
 possibly true). A tile whose mask is certainly true is full (partial if it holds padded keys),
 one that is certainly false is empty. An undecided tile (a causal diagonal, a window edge, a
 document boundary, attamba's key columns) where nine sampled pairs show both a visible and a
-hidden one is partial; only the rest are evaluated element by element. A 32768-token causal
+hidden one is partial; only the rest are evaluated element by element, on one row where every
+row of the tile provably holds the same values (_RowDependence). A 32768-token causal
 mask has 65536 tiles: bounds decide all but the 256 on the diagonal, and samples settle those,
 so no tile is evaluated in full (the element-wise build evaluates 1G pairs).
 
@@ -215,9 +216,43 @@ def _arith(op, args):
     return None   # bitwise and / or / xor of ints, and anything else: unknown
 
 
-def tile_bounds(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device):
-    """(certainly visible, possibly visible): bool [B or 1, H or 1, nQ, nKV] over each tile's
-    in-range positions (padded rows and keys excluded)."""
+class _RowDependence:
+    """Per tile, whether a node's value may change with q_idx inside the tile (b, h and kv_idx
+    fixed): False is a proof that every row of the tile holds the same values. A node is row
+    invariant when its bounds pin it to one value, or when it is built only from row-invariant
+    values (a where with a decided condition, from its chosen branch alone)."""
+
+    def __init__(self, bounds: _Bounds, q_varies: torch.Tensor):
+        self.bounds, self.q_varies, self.memo = bounds, q_varies, {}
+        self.never = torch.zeros((), dtype=torch.bool, device=bounds.device)
+
+    def of(self, node: Node) -> torch.Tensor:
+        if id(node) not in self.memo:
+            self.memo[id(node)] = self._eval(node)
+        return self.memo[id(node)]
+
+    def _eval(self, node: Node) -> torch.Tensor:
+        op, a = node.op, node.args
+        if op == "input":
+            return self.q_varies if node.attr == "q_idx" else self.never
+        if op in ("const", "scalar"):
+            return self.never
+        if op == "where":   # a decided condition reads one branch only
+            c0, c1 = self.bounds.of(a[0])
+            dc, dt, df = (self.of(x) for x in a)
+            varies = torch.where(c0, dt, torch.where(~c1, df, dc | dt | df))
+        else:   # (a decided operand of and / or is pinned, so it adds nothing here)
+            varies = self.never
+            for child in (x for x in a if isinstance(x, Node)):
+                varies = varies | self.of(child)
+        r = self.bounds.of(node)
+        if node.kind in ("bool", "int") and r is not None:
+            varies = varies & (r[0] != r[1])   # one value over the tile
+        return varies
+
+
+def _analyse(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device):
+    """The bounds of graph over the tile grid, and the shape its tile results take."""
     nq, nkv = -(-Q_LEN // block_q), -(-KV_LEN // block_kv)
 
     def positions(n, block, length, shape):
@@ -228,12 +263,41 @@ def tile_bounds(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: 
     h = torch.arange(H, device=device, dtype=torch.int64).view(1, -1, 1, 1)
     inputs = {"b": (b, b), "h": (h, h), "q_idx": positions(nq, block_q, Q_LEN, (1, 1, -1, 1)),
               "kv_idx": positions(nkv, block_kv, KV_LEN, (1, 1, 1, -1))}
-    certain, possible = _Bounds(graph, inputs, device).of(graph.output)
     # the graph's inputs, not the bounds' shape, say whether tiles differ by b or h: a bound left
     # unknown is a scalar even where the mask reads h
     used = _inputs_read(graph.output)
     shape = (B if "b" in used else 1, H if "h" in used else 1, nq, nkv)
+    return _Bounds(graph, inputs, device), shape
+
+
+def tile_bounds(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device):
+    """(certainly visible, possibly visible): bool [B or 1, H or 1, nQ, nKV] over each tile's
+    in-range positions (padded rows and keys excluded)."""
+    bounds, shape = _analyse(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
+    certain, possible = bounds.of(graph.output)
     return certain.expand(shape), possible.expand(shape)
+
+
+def tile_analysis(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device):
+    """tile_bounds, and whether each tile's mask is the same on every row (bool, same shape):
+    such a tile is known from one row."""
+    bounds, shape = _analyse(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
+    certain, possible = bounds.of(graph.output)
+    rows = torch.clamp(Q_LEN - torch.arange(shape[2], device=device) * block_q, max=block_q)
+    varies = _RowDependence(bounds, (rows > 1).view(1, 1, -1, 1)).of(graph.output)
+    return certain.expand(shape), possible.expand(shape), (~varies).expand(shape)
+
+
+def row_invariant_tiles(mask_mod, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device):
+    """bool [nQ, nKV]: tiles whose mask is the same on every row (of a mask that reads neither b
+    nor h), or None when the mask does not trace or has too many tiles."""
+    try:
+        graph = trace(mask_mod, "mask_mod")
+    except TraceError:
+        return None
+    if -(-Q_LEN // block_q) * -(-KV_LEN // block_kv) > MAX_BOUNDED_TILES:
+        return None
+    return tile_analysis(graph, 1, 1, Q_LEN, KV_LEN, block_q, block_kv, device)[2][0, 0]
 
 
 def _inputs_read(node: Node) -> set:
@@ -284,7 +348,7 @@ def classify_by_bounds(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_
                      * -(-Q_LEN // block_q) * -(-KV_LEN // block_kv))
     if tiles_bounded > MAX_BOUNDED_TILES:
         return None
-    certain, possible = tile_bounds(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
+    certain, possible, one_row = tile_analysis(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
     undecided = possible & ~certain
     nkv = certain.shape[-1]
     whole_keys = torch.ones(nkv, dtype=torch.bool, device=device)
@@ -295,12 +359,16 @@ def classify_by_bounds(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_
     tiles = _settle_by_samples(mask_mod, tiles, states, whole_keys, Q_LEN, KV_LEN, block_q, block_kv)
     if tiles.shape[0] > MAX_UNDECIDED_SHARE * states.numel():
         return None
-    per_chunk = max(1, chunk_elements // (block_q * block_kv))
-    for t0 in range(0, tiles.shape[0], per_chunk):
-        bt, ht, qt, kt = tiles[t0:t0 + per_chunk].unbind(1)
-        visible, _, _ = tile_elements(mask_mod, bt, ht, qt, kt, block_q, block_kv, Q_LEN, KV_LEN)
-        count = visible.flatten(1).sum(1)
-        rows = torch.clamp(Q_LEN - qt * block_q, max=block_q)
-        states[bt, ht, qt, kt] = torch.where(count == rows * block_kv, FULL,
-                                             torch.where(count > 0, PARTIAL, EMPTY)).to(torch.int8)
+    # tiles whose every row is the same (attamba's key columns below its window, say) from one row
+    same_rows = one_row[tuple(tiles.unbind(1))]
+    for group, rows_read in ((tiles[same_rows], 1), (tiles[~same_rows], block_q)):
+        per_chunk = max(1, chunk_elements // (rows_read * block_kv))
+        for t0 in range(0, group.shape[0], per_chunk):
+            bt, ht, qt, kt = group[t0:t0 + per_chunk].unbind(1)
+            first = qt * block_q // rows_read   # the tile's first row as a tile of rows_read rows
+            visible, _, _ = tile_elements(mask_mod, bt, ht, first, kt, rows_read, block_kv, Q_LEN, KV_LEN)
+            rows = torch.clamp(Q_LEN - qt * block_q, max=block_q)
+            count = visible.flatten(1).sum(1) * (rows if rows_read == 1 else 1)
+            states[bt, ht, qt, kt] = torch.where(count == rows * block_kv, FULL,
+                                                 torch.where(count > 0, PARTIAL, EMPTY)).to(torch.int8)
     return states.expand(B, H, *states.shape[2:]).contiguous()

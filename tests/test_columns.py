@@ -72,3 +72,22 @@ def check_lowering(rng, mod, bands, positions, S, dense):
 def test_only_declared_masks_take_the_column_route():
     assert column_lowering(get_mask_fn("sliding_window", window_size=64), 512, 512) is None
     assert column_lowering(get_mask_fn("attamba", window_size=64, chunk_size=32), 512, 600) is None
+
+
+@pytest.mark.parametrize("wrong", [(900, 95), (700, 300), (1000, 640)])
+def test_one_wrong_pair_below_the_window_defeats_the_column_finder(wrong):
+    """Tiles below the window are checked on one row when the mask is provably the same on
+    every row; a mask with one pair off the pattern there is not (its traced q == ... keeps
+    that tile on the full check), so the finder still refuses it."""
+    from flex_flash_infer import create_block_mask
+    from flex_flash_infer.columns import find_window_columns
+
+    hinted = get_mask_fn("attamba", window_size=128, chunk_size=64)
+    q0, kv0 = wrong
+
+    def almost_attamba(b, h, q_idx, kv_idx):
+        return hinted(b, h, q_idx, kv_idx) ^ ((q_idx == q0) & (kv_idx == kv0))
+
+    S = 1024 + 77
+    bm = create_block_mask(almost_attamba, None, None, S, S, device="cpu")
+    assert find_window_columns(bm.states[0, 0], almost_attamba, S, S, *bm.BLOCK_SIZE) is None

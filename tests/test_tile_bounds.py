@@ -9,7 +9,8 @@ import torch
 from flex_flash_infer import block_build, tile_bounds as tile_bounds_module
 from flex_flash_infer.block_build import classify_tiles
 from flex_flash_infer.mods import get_mask_fn
-from flex_flash_infer.tile_bounds import classify_by_bounds, tile_bounds
+from flex_flash_infer.block_build import tile_elements
+from flex_flash_infer.tile_bounds import classify_by_bounds, tile_analysis, tile_bounds
 from flex_flash_infer.trace import trace
 
 
@@ -36,6 +37,7 @@ def test_library_masks_match_the_elementwise_build(monkeypatch, name, params, sh
     elementwise, by_bounds = both_builds(mask_mod, 2, 3, L, S, bq, bkv, monkeypatch)
     assert by_bounds is not None, "bounds and samples settle most tiles of every library mask"
     assert torch.equal(by_bounds, elementwise)
+    assert_row_invariance_holds(mask_mod, 2, 3, L, S, bq, bkv)
 
 
 def test_causal_leaves_only_the_diagonal_undecided():
@@ -177,6 +179,24 @@ def test_random_masks_match_the_elementwise_build(monkeypatch, rng, seed):
     bq, bkv = r.choice([16, 64, 128]), r.choice([16, 64, 128])
     elementwise, by_bounds = both_builds(mask_mod, 2, 3, L, S, bq, bkv, monkeypatch)
     assert by_bounds is None or torch.equal(by_bounds, elementwise), source
+    assert_row_invariance_holds(mask_mod, 2, 3, L, S, bq, bkv)
+
+
+def assert_row_invariance_holds(mask_mod, B, H, L, S, bq, bkv):
+    """Every tile the analysis calls row invariant holds the same row on all its rows."""
+    try:
+        graph = trace(mask_mod, "mask_mod")
+    except Exception:
+        return
+    _, _, one_row = tile_analysis(graph, B, H, L, S, bq, bkv, torch.device("cpu"))
+    tiles = one_row.nonzero()
+    if tiles.shape[0] == 0:
+        return
+    bt, ht, qt, kt = tiles.unbind(1)
+    visible, q, _ = tile_elements(mask_mod, bt, ht, qt, kt, bq, bkv, L, S)
+    rows_in_range = (q < L)                              # [P, bq, 1]
+    same = (visible == visible[:, :1]) | ~rows_in_range  # padded rows hold nothing to compare
+    assert bool(same.all()), tiles[~same.flatten(1).all(1)][:3]
 
 
 def test_too_many_tiles_for_bounds_take_the_chunked_build(monkeypatch):
@@ -192,3 +212,16 @@ def test_too_many_tiles_for_bounds_take_the_chunked_build(monkeypatch):
     monkeypatch.setattr(tile_bounds_module, "MAX_BOUNDED_TILES", 4 * 10 * 10)
     elementwise, by_bounds = both_builds(per_head, 1, 4, 640, 640, 64, 64, monkeypatch)
     assert by_bounds is not None and torch.equal(by_bounds, elementwise)
+
+
+def test_attamba_columns_below_the_window_are_known_from_one_row():
+    """Below its window attamba's mask is the chunk-end keys alone: the same on every row of a
+    tile, so those tiles are evaluated on one row (and verified that way by the column finder)."""
+    L = 2048
+    mask_mod = get_mask_fn("attamba", window_size=256, chunk_size=128)
+    graph = trace(mask_mod, "mask_mod")
+    certain, possible, one_row = tile_analysis(graph, 1, 1, L, L, 128, 128, torch.device("cpu"))
+    below = torch.ones(16, 16).tril(-3).bool()           # key tiles at least 256 keys before the rows
+    assert bool(one_row[0, 0][below].all())
+    assert not bool(one_row[0, 0].diagonal().any())      # the causal diagonal differs row to row
+    assert_row_invariance_holds(mask_mod, 1, 1, L, L, 128, 128)
