@@ -116,6 +116,19 @@ def _prepare_rows() -> list:
 
     rows.append({"what": "prepare causal 32768, a user's own function", "ours_ms": _median_s(prepare_users) * 1e3,
                  "ours_compiled_ms": None, "torch_compiled_ms": None})
+    attamba = get_mask_fn("attamba", window_size=256, chunk_size=128)
+
+    def users_attamba(b, h, q_idx, kv_idx):   # no hint: window and key columns found and verified
+        return attamba(b, h, q_idx, kv_idx)
+
+    for what, fn in (("prepare attamba 32768", attamba), ("prepare attamba 32768, a user's own function",
+                                                          users_attamba)):
+        def prepare_mask(fn=fn):
+            flex.prepare(mask_fn=fn, seq_len_q=32768, seq_len_kv=32768, num_qo_heads=32, num_kv_heads=8,
+                         head_dim=128, dtype=torch.bfloat16)
+
+        rows.append({"what": what, "ours_ms": _median_s(prepare_mask) * 1e3, "ours_compiled_ms": None,
+                     "torch_compiled_ms": None})
     rows.append({"what": "  of which create_block_mask causal 32768",
                  "ours_ms": _median_s(lambda: create_block_mask(mod, None, None, 32768, 32768, device="cuda")) * 1e3,
                  "ours_compiled_ms": _median_s(lambda: create_block_mask(mod, None, None, 32768, 32768, device="cuda",
