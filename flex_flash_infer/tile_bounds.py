@@ -348,7 +348,14 @@ def classify_by_bounds(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_
                      * -(-Q_LEN // block_q) * -(-KV_LEN // block_kv))
     if tiles_bounded > MAX_BOUNDED_TILES:
         return None
-    certain, possible, one_row = tile_analysis(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
+    try:
+        certain, possible, one_row = tile_analysis(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
+    except Exception as e:   # a gap in the interval rules must cost speed, never a build
+        from .backend_choice import warn_once   # (imported here: backend_choice imports the planner)
+
+        warn_once(f"flex_flash_infer: tile bounds failed on mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} "
+                  f"({type(e).__name__}: {e}); its block mask is built element by element")
+        return None
     undecided = possible & ~certain
     nkv = certain.shape[-1]
     whole_keys = torch.ones(nkv, dtype=torch.bool, device=device)

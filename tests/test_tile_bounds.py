@@ -225,3 +225,18 @@ def test_attamba_columns_below_the_window_are_known_from_one_row():
     assert bool(one_row[0, 0][below].all())
     assert not bool(one_row[0, 0].diagonal().any())      # the causal diagonal differs row to row
     assert_row_invariance_holds(mask_mod, 1, 1, L, L, 128, 128)
+
+
+def test_a_failure_inside_the_bounds_costs_speed_not_the_build(monkeypatch):
+    """Should the interval rules ever raise on a graph, the build warns and evaluates element
+    by element: the same states, never an error the element-wise build would not raise."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a rule this graph was not written for")
+
+    monkeypatch.setattr(tile_bounds_module, "tile_analysis", broken)
+    monkeypatch.setattr("flex_flash_infer.backend_choice._warned", set(), raising=False)
+    mask_mod = get_mask_fn("sliding_window", window_size=50)
+    with pytest.warns(UserWarning, match="tile bounds failed"):
+        states = classify_tiles(mask_mod, 1, 1, 300, 300, 64, 64, "cpu")
+    monkeypatch.setattr(block_build, "USE_BOUNDS", False)
+    assert torch.equal(states, classify_tiles(mask_mod, 1, 1, 300, 300, 64, 64, "cpu"))
