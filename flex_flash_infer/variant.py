@@ -36,6 +36,18 @@ _SCALAR_CTYPE = {"int": "int64_t", "float": "double"}
 FA2_MASK_BUFFERS = (("maybe_custom_mask", "uint8_t"), ("maybe_mask_indptr", "int32_t"))
 
 
+def fa2_variant_head(base: str) -> str:
+    """The opening of an fa2 variant struct: FlashInfer instantiates it per use_custom_mask and
+    reads these members (DefaultAttention's own)."""
+    return f"""template <bool use_custom_mask>
+struct {base} : AttentionVariantBase {{
+  static constexpr bool use_softmax = true;
+  uint8_t* custom_mask_ptr;
+  uint32_t qo_len, kv_len, window_left;
+  float sm_scale_log2, sm_scale_;
+"""
+
+
 def with_fa2_mask_buffers(tensor_names: list, tensor_dtypes: list):
     """The fa2 mask buffers ahead of a variant's own tensors (the wrapper supplies them)."""
     return [n for n, _ in FA2_MASK_BUFFERS] + tensor_names, [d for _, d in FA2_MASK_BUFFERS] + tensor_dtypes
@@ -165,13 +177,7 @@ def fa2_score_mod_variant(graph: Graph, position_bound: int | None = None) -> Va
     p = "params."
     expr, members, statements = _score_expression(graph, p, ("b",), position_bound)  # one per request
     decl = f"""{PRELUDE}
-template <bool use_custom_mask>
-struct {base} : AttentionVariantBase {{
-  static constexpr bool use_softmax = true;
-  uint8_t* custom_mask_ptr;
-  uint32_t qo_len, kv_len, window_left;
-  float sm_scale_log2, sm_scale_;
-  int q0_, kv0_, b_;
+{fa2_variant_head(base)}  int q0_, kv0_, b_;
 {members}  template <typename Params>
   __device__ __host__ {base}(const Params& params, uint32_t batch_idx, uint8_t* smem_ptr) {{
     qo_len = params.get_qo_len(batch_idx);

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from .codegen import PRELUDE
 from .trace import Graph
-from .variant import (SCALE_NAME, VariantSpec, graph_arguments, graph_expression, hoisted_code,
-                      with_fa2_mask_buffers)
+from .variant import (SCALE_NAME, VariantSpec, fa2_variant_head, graph_arguments, graph_expression,
+                      hoisted_code, with_fa2_mask_buffers)
 
 PAGED_TABLES = ("ffi_req_q0", "ffi_req_b", "ffi_req_h0", "ffi_req_page0", "ffi_page_kv0")
 # the keys of a batch entry: the last key tile is zero-padded to a whole page, and the padding
@@ -118,13 +118,7 @@ def fa2_paged_variant(score_graph: Graph | None, mask_graph: Graph | None, page_
     (void)ffi_b; (void)ffi_h; (void)ffi_q; (void)ffi_kv;
     return bool({mask});"""
     decl = f"""{PRELUDE}
-template <bool use_custom_mask>
-struct {base} : AttentionVariantBase {{
-  static constexpr bool use_softmax = true;
-  uint8_t* custom_mask_ptr;
-  uint32_t qo_len, kv_len, window_left;
-  float sm_scale_log2, sm_scale_;
-  int q0_, b_, h0_, kv_end_;
+{fa2_variant_head(base)}  int q0_, b_, h0_, kv_end_;
   const int* pages_;
 {members}  template <typename Params>
   __device__ __host__ {base}(const Params& params, uint32_t batch_idx, uint8_t* smem_ptr) {{
