@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from .bands import VERIFY_CHUNK_ELEMENTS, Band, band_tile_states
-from .block_build import EMPTY, PARTIAL, tile_elements
+from .block_build import EMPTY, PARTIAL
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
-from .tile_bounds import row_invariant_tiles
+from .tile_bounds import evaluated_tiles, row_invariant_tiles
 
 
 def column_lowering(mask_mod, q_len: int, kv_len: int):
@@ -73,22 +73,20 @@ def find_window_columns(states: torch.Tensor, mask_mod, q_len: int, kv_len: int,
         return None
     is_column = torch.zeros(kv_len, dtype=torch.bool, device=device)
     is_column[positions] = True
-    tiles = (states != EMPTY).nonzero()
+    nonempty = (states != EMPTY).nonzero()
+    tiles = torch.cat([torch.zeros_like(nonempty), nonempty], 1)   # [b, h, q tile, kv tile]
     # a tile the band fills or misses whole, whose mask is the same on every row (the columns
     # below the window), is checked on its first row: every other row repeats it
     one_row = row_invariant_tiles(mask_mod, q_len, kv_len, block_q, block_kv, device)
-    same_rows = torch.zeros(tiles.shape[0], dtype=torch.bool, device=device) if one_row is None else (
-        one_row[tiles[:, 0], tiles[:, 1]] & (band_states[tiles[:, 0], tiles[:, 1]] != PARTIAL))
-    for group, rows_read in ((tiles[same_rows], 1), (tiles[~same_rows], block_q)):
-        per_chunk = max(1, chunk_elements // (rows_read * block_kv))
-        for p0 in range(0, group.shape[0], per_chunk):
-            qt, kt = group[p0:p0 + per_chunk].unbind(1)
-            truth, q, k = tile_elements(mask_mod, 0, 0, qt * block_q // rows_read, kt, rows_read, block_kv,
-                                        q_len, kv_len)
-            valid = (q < q_len) & (k < kv_len)
-            in_band = band.visible(q, k) & valid
-            if bool((in_band & ~truth).any()) or bool((truth & ~in_band & ~is_column[k.clamp(max=kv_len - 1)]).any()):
-                return None
+    qt, kt = nonempty.unbind(1)
+    same_rows = torch.zeros(qt.numel(), dtype=torch.bool, device=device) if one_row is None else (
+        one_row[qt, kt] & (band_states[qt, kt] != PARTIAL))
+    for _, _, (truth, q, k) in evaluated_tiles(mask_mod, tiles, same_rows, block_q, block_kv, q_len, kv_len,
+                                               chunk_elements):
+        valid = (q < q_len) & (k < kv_len)
+        in_band = band.visible(q, k) & valid
+        if bool((in_band & ~truth).any()) or bool((truth & ~in_band & ~is_column[k.clamp(max=kv_len - 1)]).any()):
+            return None
     return [band], positions.cpu()
 
 

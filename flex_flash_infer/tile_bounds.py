@@ -303,6 +303,20 @@ def row_invariant_tiles(mask_mod, Q_LEN: int, KV_LEN: int, block_q: int, block_k
         return None
 
 
+def evaluated_tiles(mask_mod, tiles, same_rows, block_q: int, block_kv: int, Q_LEN: int, KV_LEN: int,
+                    chunk_elements: int):
+    """Evaluate the listed tiles (rows of [b, h, q tile, kv tile]) in chunks: on their first row
+    where same_rows says every row is alike, on all rows elsewhere. Yields (tiles of the chunk,
+    rows read: 1 or block_q, tile_elements' (visible, q, kv) for them)."""
+    for group, rows_read in ((tiles[same_rows], 1), (tiles[~same_rows], block_q)):
+        per_chunk = max(1, chunk_elements // (rows_read * block_kv))
+        for t0 in range(0, group.shape[0], per_chunk):
+            chunk = group[t0:t0 + per_chunk]
+            bt, ht, qt, kt = chunk.unbind(1)
+            first = qt * block_q // rows_read   # the tile's first row as a tile of rows_read rows
+            yield chunk, rows_read, tile_elements(mask_mod, bt, ht, first, kt, rows_read, block_kv, Q_LEN, KV_LEN)
+
+
 def _inputs_read(node: Node) -> set:
     """Names of the inputs (b, h, q_idx, kv_idx) the expression reads."""
     seen, names, stack = set(), set(), [node]
@@ -371,14 +385,11 @@ def classify_by_bounds(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_
         return None
     # tiles whose every row is the same (attamba's key columns below its window, say) from one row
     same_rows = one_row[tuple(tiles.unbind(1))]
-    for group, rows_read in ((tiles[same_rows], 1), (tiles[~same_rows], block_q)):
-        per_chunk = max(1, chunk_elements // (rows_read * block_kv))
-        for t0 in range(0, group.shape[0], per_chunk):
-            bt, ht, qt, kt = group[t0:t0 + per_chunk].unbind(1)
-            first = qt * block_q // rows_read   # the tile's first row as a tile of rows_read rows
-            visible, _, _ = tile_elements(mask_mod, bt, ht, first, kt, rows_read, block_kv, Q_LEN, KV_LEN)
-            rows = torch.clamp(Q_LEN - qt * block_q, max=block_q)
-            count = visible.flatten(1).sum(1) * (rows if rows_read == 1 else 1)
-            states[bt, ht, qt, kt] = torch.where(count == rows * block_kv, FULL,
-                                                 torch.where(count > 0, PARTIAL, EMPTY)).to(torch.int8)
+    for chunk, rows_read, (visible, _, _) in evaluated_tiles(mask_mod, tiles, same_rows, block_q, block_kv,
+                                                             Q_LEN, KV_LEN, chunk_elements):
+        bt, ht, qt, kt = chunk.unbind(1)
+        rows = torch.clamp(Q_LEN - qt * block_q, max=block_q)
+        count = visible.flatten(1).sum(1) * (rows if rows_read == 1 else 1)
+        states[bt, ht, qt, kt] = torch.where(count == rows * block_kv, FULL,
+                                             torch.where(count > 0, PARTIAL, EMPTY)).to(torch.int8)
     return states.expand(B, H, *states.shape[2:]).contiguous()
