@@ -61,6 +61,16 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
         impls[other_impl] = raising(e)
     finally:
         paged.DECODE_TENSOR_CORES = saved
+    # ours with whole pages on the fa3 paged prefill kernel (opt-in FLEX_FLASH_INFER_DECODE_FA3=1)
+    saved, paged.DECODE_FA3 = paged.DECODE_FA3, True
+    ours_fa3 = PagedFlexAttention(device=dev)
+    try:
+        ours_fa3.plan(mask_mod, qo_indptr, indptr, indices, last, hq, hkv, d, page, dtype=dtype)
+        impls["ours_fa3_decode"] = lambda: ours_fa3.run(q, (k_cache, v_cache))
+    except Exception as e:
+        impls["ours_fa3_decode"] = raising(e)
+    finally:
+        paged.DECODE_FA3 = saved
     try:  # a candidate kernel (not run yet): Hopper's fa3 paged prefill, one query per request
         fa3 = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=dev),
                                                              "NHD", backend="fa3")

@@ -103,7 +103,9 @@ def build_parser():
                            "compiles a score_mod variant (softcap alibi rel_bias temperature causal_decay); "
                            "tile_variants:softcap tile_variants:rel_bias+mask tile_variants:alibi+columns "
                            "mask_in_kernel: the paged variants of the tiles route; score_mod_fa2:<name>[+window]: "
-                           "the fa2 band variant of GPUs before Hopper (off by default)")
+                           "the fa2 band variant of GPUs before Hopper (off by default); bands_per_head: "
+                           "per-head windows on the opt-in bands-per-head route; native_score: FlashInfer's own "
+                           "soft cap and ALiBi")
     show = sub.add_parser("show", help="draw a library mask to a PNG: its elements, or its tile map when long "
                                        "(needs matplotlib)")
     show.add_argument("name", choices=[name for name in MASK_FACTORIES if name != "document"])

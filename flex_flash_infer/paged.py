@@ -30,6 +30,10 @@ from .validation import check_positive_int
 # took 0.733 ms against 0.776 ms for the CUDA-core decode kernel (sliding window 0.105 / 0.110).
 # FLEX_FLASH_INFER_DECODE_TENSOR_CORES=1 / 0 forces it on / off; `bench --decode` times both.
 DECODE_TENSOR_CORES = {"1": True, "0": False}.get(os.environ.get("FLEX_FLASH_INFER_DECODE_TENSOR_CORES", ""))
+# On Hopper, decode's whole pages through FlashInfer's fa3 paged prefill kernel (one query per
+# request) instead of its decode wrapper: a candidate for beating torch flex's decoding path,
+# opt-in (FLEX_FLASH_INFER_DECODE_FA3=1) until `bench --decode` has timed it (ours_fa3_decode).
+DECODE_FA3 = os.environ.get("FLEX_FLASH_INFER_DECODE_FA3") == "1"
 
 
 def use_tensor_core_decode(num_qo_heads: int, num_kv_heads: int) -> bool:
@@ -130,7 +134,7 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace):
     full = partial = None
     if plan.full is not None:
         f = plan.full
-        if plan.decode:
+        if plan.decode and not (DECODE_FA3 and _is_hopper(device)):
             full = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD",
                                                                  use_tensor_cores=use_tensor_core_decode(hq, hkv))
             full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, sm_scale=scale,

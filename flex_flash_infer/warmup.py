@@ -118,6 +118,26 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
         run_tile_variant(kind, q, q[:, :2], q[:, :2])
         torch.cuda.synchronize()
         return None
+    if kind == "native_score":  # FlashInfer's own soft cap and ALiBi (bench's native score_mod rows)
+        import flashinfer
+
+        q = torch.randn(256, 4, head_dim, device="cuda", dtype=dtype)
+        flashinfer.single_prefill_with_kv_cache(q, q, q, causal=True, logits_soft_cap=20.0)
+        flashinfer.single_prefill_with_kv_cache(q, q, q, causal=True, pos_encoding_mode="ALIBI")
+        torch.cuda.synchronize()
+        return None
+    if kind == "bands_per_head":  # per-head windows as bands (opt-in route; bench --cases per_head_windows)
+        from . import route
+        from .bench import per_head_window_mask
+
+        route.ENABLE_HEAD_BANDS = True
+        flex = FlexFlashInfer(device="cuda")
+        flex.prepare(mask_fn=per_head_window_mask((16, 64, 128, 300)), seq_len_q=512, seq_len_kv=512,
+                     num_qo_heads=8, num_kv_heads=2, head_dim=head_dim, dtype=dtype)
+        q = torch.randn(512, 8, head_dim, device="cuda", dtype=dtype)
+        flex(q, q[:, :2], q[:, :2])
+        torch.cuda.synchronize()
+        return None
     if kind == "decode":  # paged decode kernel + the masked partial-page launch
         from .paged import PagedFlexAttention
 

@@ -5,6 +5,8 @@
 #   bash scripts/gpu_pipeline.sh start [STAGE...]   # copy the repo to /tmp/ffi and run the stages
 #   bash scripts/gpu_pipeline.sh wait SECONDS       # wait for the job (at most SECONDS), pack logs to $OUT
 # Stages, in the default order: warm tests score-tests bench-score plan decode examples bench-8k bench-32k varlen
+#   warm-bench   bf16 kernels of the bench stages only (fits a 30-minute machine);  decode-tests  CUDA-graph decode
+#   bench-32k-score  causal and the score_mod rows at 32768
 #   warm-tiles   the tile-variant kinds only;   tile-tests  their GPU tests
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
 #   tests        every GPU test except the compiled score_mod ones
@@ -56,6 +58,23 @@ case "${1:-}" in
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 --kinds score_mod:softcap \
             >$run_dir/warm-score-fp16.log 2>&1 &
           echo $! > $run_dir/score_warm_pid ;;
+        warm-bench)
+          # what the bench stages need, bf16 only, in one batch of 15 kernel sets at 2 nvcc jobs each
+          # (a lent machine goes back after 30 minutes held: the full warm-up does not leave time to bench)
+          MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds causal sliding_window \
+            tiles documents decode bands_per_head native_score score_mod:softcap score_mod:alibi \
+            score_mod:rel_bias score_mod:identity tile_variants:softcap mask_in_kernel >$run_dir/warm-bench.log 2>&1 &
+          MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 64 --kinds causal \
+            >$run_dir/warm-bench-64.log 2>&1
+          wait
+          grep -h " ok \|FAILED" $run_dir/warm-bench*.log | cut -c1-200 ;;
+        decode-tests)  # the paged decode kernels (fa3 opt-in included) in a CUDA graph, against the reference
+          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "cuda_graph" -p no:cacheprovider \
+            >$run_dir/decode_tests.log 2>&1; tail -n 8 $run_dir/decode_tests.log ;;
+        bench-32k-score)  # the 32768 score_mod rows
+          python3 -m flex_flash_infer bench --seq-lens 32768 --cases causal softcap+causal alibi+causal \
+            rel_bias+causal --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/$stage.log; tail -n 10 $run_dir/$stage.log ;;
         warm-tiles)
           # the four tile-variant kinds only, 16 nvcc jobs in all (18 kernel sets at 3 jobs each ran
           # the 128 GiB machine out of memory: nvcc killed)
@@ -69,7 +88,7 @@ case "${1:-}" in
           python3 -m pytest -q -m gpu tests/ -rfE -k "not compiled_into" -p no:cacheprovider --durations=12 \
             >$run_dir/gpu_tests.log 2>&1; tail -n 15 $run_dir/gpu_tests.log ;;
         examples)
-          for f in examples/*.py; do echo "--- $f"; python3 "$f" 2>&1 | grep -v "INFO\|arning" | tail -n 4; \
+          for f in examples/*.py; do echo "--- $f"; python3 "$f" 2>&1 | grep --line-buffered -v "INFO\|arning" | tail -n 4; \
             echo "exit ${PIPESTATUS[0]}"; done >$run_dir/examples.log 2>&1; cat $run_dir/examples.log ;;
         score-tests)
           while pgrep -f "kinds score_mod" >/dev/null; do sleep 5; done
@@ -79,27 +98,27 @@ case "${1:-}" in
         bench-8k|bench-32k)
           n=$([ "$stage" = bench-8k ] && echo 8192 || echo 32768)
           python3 -m flex_flash_infer bench --seq-lens "$n" --out "$run_dir/$stage.json" 2>&1 \
-            | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
+            | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
         bench-32k-rest)  # the 32768 rows after random_tiles
           python3 -m flex_flash_infer bench --seq-lens 32768 --cases random_tiles alibi+causal rel_bias+causal \
-            --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
+            --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
         bench-bands)  # 8192 rows whose planning goes through the band finder's row splits
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases prefix_lm prefix_lm_2000 document \
-            --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
+            --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
         bench-tiles)  # 8192 tiles routes: mask_mod in the kernel vs bits (per_head_windows has partial
                       # tiles; it also times the opt-in bands-per-head route); softcap on the tiles route
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases random_tiles per_head_windows \
-            softcap+random_tiles --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" >$run_dir/$stage.log
+            softcap+random_tiles --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
           tail -n 10 $run_dir/$stage.log ;;
         bench-score)
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases causal softcap+causal alibi+causal \
-            rel_bias+causal identity+causal --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" \
+            rel_bias+causal identity+causal --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/$stage.log; tail -n 10 $run_dir/$stage.log ;;
         decode|varlen)
-          python3 -m flex_flash_infer bench --$stage --out "$run_dir/$stage.json" 2>&1 | grep -v "INFO\|arning" \
+          python3 -m flex_flash_infer bench --$stage --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
         plan)
-          python3 -m flex_flash_infer bench --plan --out "$run_dir/plan.json" 2>&1 | grep -v "INFO\|arning" \
+          python3 -m flex_flash_infer bench --plan --out "$run_dir/plan.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/plan.log; tail -n 12 $run_dir/plan.log ;;
         *) echo "unknown stage $stage" ;;
       esac

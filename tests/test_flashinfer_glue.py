@@ -252,6 +252,41 @@ def test_tensor_core_decode_is_a_switch_on_the_decode_wrapper(fake, monkeypatch,
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("name", ["causal", "sliding_window"])
+def test_fa3_decode_puts_whole_pages_on_the_paged_prefill_kernel(fake, monkeypatch, rng, name):
+    """FLEX_FLASH_INFER_DECODE_FA3=1 on Hopper: decode's whole pages run on the paged prefill
+    wrapper (fa3) instead of the decode wrapper, with the same result; elsewhere it changes nothing."""
+    from flex_flash_infer import paged
+    from flex_flash_infer.mods import get_mask_fn
+    from flex_flash_infer.paged import PagedFlexAttention
+
+    kv_lens, page, H, Hkv, D = [40, 100, 7], 16, 8, 2, 16
+    pages = [-(-n // page) for n in kv_lens]
+    args = (torch.tensor([0, 1, 2, 3]), torch.tensor([0] + pages).cumsum(0), torch.randperm(sum(pages), generator=rng),
+            torch.tensor([n - (p - 1) * page for n, p in zip(kv_lens, pages)]), H, Hkv, D, page)
+    k = torch.randn(sum(pages), page, Hkv, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(sum(pages), page, Hkv, D, generator=rng, dtype=torch.float64)
+    q = torch.randn(3, H, D, generator=rng, dtype=torch.float64)
+    mod = get_mask_fn(name, **({"window_size": 20} if name == "sliding_window" else {}))
+    monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
+    outs = {}
+    for fa3, hopper in ((False, True), (True, False), (True, True)):
+        monkeypatch.setattr(paged, "DECODE_FA3", fa3)
+        monkeypatch.setattr(paged, "_is_hopper", lambda device, hopper=hopper: hopper)
+        attn = PagedFlexAttention(device="cpu", backend="flashinfer")
+        attn.plan(mod, *args, dtype=torch.float64)
+        full = attn._planned["launches"][0]
+        on_prefill = type(full).__name__ == "BatchPrefillWithPagedKVCacheWrapper"
+        assert on_prefill == (fa3 and hopper)
+        assert not on_prefill or full.backend == "fa3"
+        outs[fa3, hopper] = attn.run(q, (k, v))
+    reference = PagedFlexAttention(device="cpu", backend="reference")
+    reference.plan(mod, *args, dtype=torch.float64)
+    ref = reference.run(q, (k, v))
+    for out in outs.values():
+        assert (out - ref).abs().max() < 1e-5   # the fake keeps lse in float32, as FlashInfer does
+
+
 @pytest.mark.parametrize("name,params,B,L,S", [
     ("causal", {}, 2, 200, 200),
     ("sliding_window", {"window_size": 50}, 1, 300, 300),

@@ -383,15 +383,16 @@ def test_tree_speculative_decoding_example_on_the_gpu():
     runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "tree_speculative_decoding.py"))
 
 
-@pytest.mark.parametrize("tensor_cores", [False, True], ids=["cuda_core_decode", "tensor_core_decode"])
+@pytest.mark.parametrize("kernel", ["cuda_core_decode", "tensor_core_decode", "fa3_prefill_decode"])
 @pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 40})])
-def test_paged_run_replays_in_a_cuda_graph(cuda_gen, monkeypatch, name, params, tensor_cores):
+def test_paged_run_replays_in_a_cuda_graph(cuda_gen, monkeypatch, name, params, kernel):
     """plan() on the host, then run() captured once and replayed: the replay equals an eager run
-    on new query values written into the captured input, with either decode kernel (tensor cores
-    are the default for this GQA group of 4)."""
+    on new query values written into the captured input, with each decode kernel (tensor cores
+    are the default for this GQA group of 4; fa3 is opt-in); the eager run matches the reference."""
     from flex_flash_infer import PagedFlexAttention, paged as paged_module
 
-    monkeypatch.setattr(paged_module, "DECODE_TENSOR_CORES", tensor_cores)
+    monkeypatch.setattr(paged_module, "DECODE_TENSOR_CORES", kernel == "tensor_core_decode")
+    monkeypatch.setattr(paged_module, "DECODE_FA3", kernel == "fa3_prefill_decode")
 
     kv_lens, page, H, Hkv, D, dtype = [17, 300, 1000], 16, 8, 2, 128, torch.bfloat16
     pages = [-(-n // page) for n in kv_lens]
@@ -413,6 +414,11 @@ def test_paged_run_replays_in_a_cuda_graph(cuda_gen, monkeypatch, name, params, 
     torch.cuda.synchronize()
     eager = paged.run(q, (k, v))
     assert torch.equal(captured, eager)
+    reference = PagedFlexAttention(device="cuda", backend="reference")
+    reference.plan(get_mask_fn(name, **params), torch.arange(4).cuda(), indptr, indices, last, H, Hkv, D, page,
+                   dtype=dtype)
+    ref = reference.run(q, (k, v))
+    assert not torch.isnan(eager).any() and rel_err(eager, ref) < TOL[dtype]
 
 
 TILE_VARIANT_CASES = ["tile_variants:softcap", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
