@@ -254,7 +254,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         # bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS=1) where it applies
         flex_loop = prepared_with(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False)
         impls["ours_head_loop"] = lambda: flex_loop(q, k, v)
-        try:  # not yet run on a GPU: a failure to plan becomes its row's error
+        try:  # opt-in route: a failure to plan becomes its row's error
             flex_bands = prepared_with(route_module, "ENABLE_HEAD_BANDS", True)
             if flex_bands._prepared.segments[0].plan.route == "bands-per-head":
                 impls["ours_head_bands"] = lambda: flex_bands(q, k, v)

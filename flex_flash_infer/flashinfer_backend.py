@@ -193,9 +193,8 @@ class FlashInferPlan:
                                           variants(None, 1), self.positions)
         if score_mod is not None and self.bands:
             if not (hopper or score_mod_kernels.FA2_BANDS):
-                raise UnsupportedOnFlashInfer("a score_mod on the band routes runs in FlashInfer's fa3 kernels on "
-                                              "Hopper; its fa2 variant for older GPUs is not yet validated on a GPU "
-                                              "(FLEX_FLASH_INFER_FA2_SCORE_MOD=1 runs it)")
+                raise UnsupportedOnFlashInfer("a score_mod on the band routes of a GPU older than Hopper runs in "
+                                              "the fa2 variant, turned off here by FLEX_FLASH_INFER_FA2_SCORE_MOD=0")
             self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper)
             return
         if self.bands:

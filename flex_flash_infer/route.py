@@ -7,8 +7,8 @@
                  (tiles-causal: partial tiles are only causal diagonals: one causal fa3 launch)
   tiles-per-head the same, for a mask that differs per head (every head in one launch set)
   bands-per-head every head's mask is a few native requests: heads with the same bands run as
-                 one band launch over those heads (opt-in, FLEX_FLASH_INFER_HEAD_BANDS=1, until it
-                 has passed on a GPU)
+                 one band launch over those heads (opt-in, FLEX_FLASH_INFER_HEAD_BANDS=1: correct
+                 on the H100, its speed not yet timed)
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from .mask_eval import mask_dependence
 # The window band + key columns route (attamba, streaming) passed the GPU tests on an H100
 # (2026-11-25); FLEX_FLASH_INFER_COLUMNS=0 turns it off (then those masks take the tiles route).
 ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS", "1") != "0"
-# Per-head masks whose heads each lower to bands (per-head window sizes, say): exact on the CPU
-# model of FlashInfer, not yet run on a GPU.
+# Per-head masks whose heads each lower to bands (per-head window sizes, say): its GPU tests
+# passed on an H100 (2026-11-25, twice); opt-in until bench's ours_head_bands row has timed it.
 ENABLE_HEAD_BANDS = os.environ.get("FLEX_FLASH_INFER_HEAD_BANDS") == "1"
 
 

@@ -3,9 +3,9 @@ prefill. On by default since its GPU tests passed on an H100 (2026-11-25);
 FLEX_FLASH_INFER_SCORE_MOD_KERNELS=0 turns it off (a score_mod on CUDA then runs on the
 reference backend). Masks that take the tiles route run a score_mod in tile_kernels' paged
 variants (FLEX_FLASH_INFER_TILE_VARIANTS=0 sends them to the reference). On a GPU older than
-Hopper the bands can run the fa2 variant (variant.fa2_score_mod_variant; checked on the CPU model
-and compiled against FlashInfer's headers, not yet run on a GPU, so behind
-FLEX_FLASH_INFER_FA2_SCORE_MOD=1; without it such a GPU runs the reference).
+Hopper the bands run the fa2 variant (variant.fa2_score_mod_variant), on by default since its GPU
+tests (fa2 forced on an H100) passed on 2026-11-25; FLEX_FLASH_INFER_FA2_SCORE_MOD=0 turns it off
+(then such a GPU runs a band score_mod on the reference, with a warning).
 
 Each launch is a ragged prefill whose requests are (batch entry, band) pairs (bands.band_launches);
 three int32 tables indexed by the request give its first query and key position and its batch
@@ -24,9 +24,9 @@ from .trace import trace
 from .variant import fa2_score_mod_variant, fa3_score_mod_variant, graph_values
 
 ENABLED = os.environ.get("FLEX_FLASH_INFER_SCORE_MOD_KERNELS", "1") != "0"
-# The fa2 band variant (GPUs before Hopper) is exact on the CPU model but has not run on a GPU:
-# until it has, those GPUs run a band score_mod on the reference unless this is set.
-FA2_BANDS = os.environ.get("FLEX_FLASH_INFER_FA2_SCORE_MOD") == "1"
+# The fa2 band variant (GPUs before Hopper): 3 GPU tests passed with fa2 forced on an H100
+# (2026-11-25, test_score_mod_compiled_into_the_fa2_kernel); its speed there is unmeasured.
+FA2_BANDS = os.environ.get("FLEX_FLASH_INFER_FA2_SCORE_MOD", "1") != "0"
 
 
 class UnsupportedOnFlashInfer(ValueError):

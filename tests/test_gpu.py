@@ -307,8 +307,8 @@ FA2_SCORE_MOD_CASES = [(torch.bfloat16, "causal", "rel_bias"), (torch.bfloat16, 
 
 @pytest.mark.parametrize("dtype,name,mod_name", FA2_SCORE_MOD_CASES)
 def test_score_mod_compiled_into_the_fa2_kernel(cuda_gen, monkeypatch, dtype, name, mod_name):
-    """The band variant GPUs before Hopper run (fa2, FLEX_FLASH_INFER_FA2_SCORE_MOD=1), forced on
-    this one (not yet run)."""
+    """The band variant GPUs before Hopper run (fa2, on by default since this passed on an H100,
+    2026-11-25), forced on this one."""
     from flex_flash_infer import flashinfer_backend, score_mod_kernels
 
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: False)

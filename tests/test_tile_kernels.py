@@ -201,14 +201,14 @@ def test_the_gpu_tests_cases_on_the_cpu_model(fake, monkeypatch, rng, kind):
 
 
 
-def test_score_mod_on_bands_before_hopper_waits_for_its_switch(fake, monkeypatch):
-    """The fa2 band variant is not yet validated on a GPU: without its switch an older GPU gets a
-    clear fallback (the API then runs the reference with a warning), naming the switch."""
+def test_score_mod_on_bands_before_hopper_names_the_switch_that_turned_it_off(fake, monkeypatch):
+    """With the fa2 band variant turned off, an older GPU gets a clear fallback (the API then runs
+    the reference with a warning), naming the switch."""
     from flex_flash_infer import score_mod_kernels
 
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: False)
     monkeypatch.setattr(score_mod_kernels, "FA2_BANDS", False)
     bm = create_block_mask(get_mask_fn("causal"), 1, None, 200, 200, device="cpu", BLOCK_SIZE=64)
-    with pytest.raises(UnsupportedOnFlashInfer, match="FLEX_FLASH_INFER_FA2_SCORE_MOD=1"):
+    with pytest.raises(UnsupportedOnFlashInfer, match="FLEX_FLASH_INFER_FA2_SCORE_MOD=0"):
         flashinfer_backend.FlashInferPlan(bm, 1, 200, 200, 2, 1, 16, torch.float64, 0.25, "cpu",
                                           score_mod=example_score_mod("softcap", 2, device="cpu"))
