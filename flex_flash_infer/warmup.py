@@ -40,7 +40,7 @@ def _identity(score, b, h, q_idx, kv_idx):
     return score
 
 
-def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int) -> None:
+def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int, device="cuda") -> None:
     """Run a score_mod through its compiled fa3 variant once (even where the env turned it off);
     score_mod_fa2:... builds the fa2 band variant of GPUs before Hopper (forced on this one)."""
     from . import flashinfer_backend, score_mod_kernels
@@ -54,10 +54,9 @@ def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int) -> None:
         score_mod_kernels.FA2_BANDS = True
     name, _, window = kind.split(":", 1)[1].partition("+")
     mask = get_mask_fn("sliding_window", window_size=64) if window else get_mask_fn("causal")
-    q = torch.randn(1, 4, 256, head_dim, device="cuda", dtype=dtype)
-    bm = create_block_mask(mask, None, None, 256, 256, device="cuda")
-    flex_attention(q, q, q, score_mod=example_score_mod(name, 4), block_mask=bm, backend="flashinfer")
-    torch.cuda.synchronize()
+    q = torch.randn(1, 4, 256, head_dim, device=device, dtype=dtype)
+    bm = create_block_mask(mask, None, None, 256, 256, device=device)
+    flex_attention(q, q, q, score_mod=example_score_mod(name, 4, device=device), block_mask=bm, backend="flashinfer")
 
 
 def tiles_with_partials(num_tiles: int, seed: int = 0, block: int = 128, device="cuda"):
@@ -93,9 +92,9 @@ def run_tile_variant(kind: str, q, k, v, return_lse=False):
     from .block_mask import create_block_mask
 
     L, S = q.shape[2], k.shape[2]
-    mask_mod, score_mod, in_kernel = tile_variant_case(kind, q.shape[1], L, S)
+    mask_mod, score_mod, in_kernel = tile_variant_case(kind, q.shape[1], L, S, device=q.device)
     tile_kernels.TILE_VARIANTS, tile_kernels.MASK_IN_KERNEL = True, in_kernel
-    bm = create_block_mask(mask_mod, None, None, L, S, device="cuda")
+    bm = create_block_mask(mask_mod, None, None, L, S, device=q.device)
     out = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True, return_lse=return_lse,
                          backend="flashinfer")
     return out, mask_mod, score_mod
@@ -112,7 +111,9 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     from .wrapper import FlexFlashInfer
 
     if kind.startswith(("score_mod:", "score_mod_fa2:")):
-        return compile_score_mod(kind, dtype, head_dim)
+        compile_score_mod(kind, dtype, head_dim)
+        torch.cuda.synchronize()
+        return None
     if kind.startswith("tile_variants:") or kind == "mask_in_kernel":
         q = torch.randn(1, 4, 600, head_dim, device="cuda", dtype=dtype)
         run_tile_variant(kind, q, q[:, :2], q[:, :2])

@@ -4,6 +4,9 @@
 # the machine is still warm wait on it and bring its logs back.
 #   bash scripts/gpu_pipeline.sh start [STAGE...]   # copy the repo to /tmp/ffi and run the stages
 #   bash scripts/gpu_pipeline.sh wait SECONDS       # wait for the job (at most SECONDS), pack logs to $OUT
+# Modules built ahead on the CPU machine (bash scripts/prebuild_kernels.sh -> .aot/, about 1 MB each)
+# are loaded instead of compiled; .whl and .aot together may pass the 64 MiB a call carries: carry
+# [".aot"] in a first call (ignored paths stay on the warm machine), then [".whl"] with `start`.
 # Stages, in the default order: warm tests score-tests bench-score plan decode examples bench-8k bench-32k varlen
 #   warm-bench   bf16 kernels of the bench stages only (fits a 30-minute machine);  decode-tests  CUDA-graph decode
 #   bench-32k-score  causal and the score_mod rows at 32768
@@ -67,7 +70,9 @@ case "${1:-}" in
           MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 64 --kinds causal \
             >$run_dir/warm-bench-64.log 2>&1
           wait
-          grep -h " ok \|FAILED" $run_dir/warm-bench*.log | cut -c1-200 ;;
+          grep -h " ok \|FAILED" $run_dir/warm-bench*.log | cut -c1-200
+          echo "compiled here: $(cat $run_dir/warm-bench*.log | grep -c 'Building JIT module') modules;" \
+            "prebuilt that failed to load: $(cat $run_dir/warm-bench*.log | grep -c 'Failed to load AOT')" ;;
         decode-tests)  # the paged decode kernels (fa3 opt-in included) in a CUDA graph, against the reference
           python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "cuda_graph" -p no:cacheprovider \
             >$run_dir/decode_tests.log 2>&1; tail -n 8 $run_dir/decode_tests.log ;;

@@ -1,0 +1,191 @@
+"""Build FlashInfer's JIT modules for Hopper (sm_90a) on this CPU machine, ahead of a GPU session.
+
+A lent GPU machine compiles every module it has not built (1-2 minutes each there): most of a
+30-minute device session went to compiling. FlashInfer loads <package>/data/aot/<name>/<name>.so
+instead of building when that file exists, and falls back to its own build (with a warning) when
+the file does not load; scripts/gpu_env.sh copies .aot/ there.
+
+The modules are the warm-up kinds' (flex_flash_infer/warmup.py): FlashInfer's own kernels by the
+parameters its wrappers pass, and the library's compiled variants by replaying each warm-up kind's
+planning on the CPU against a recording stand-in for FlashInfer, which keeps the jit_args the
+library hands it (their module names hash the generated code, so they must come from the code).
+
+Run it through scripts/prebuild_kernels.sh, which supplies what this machine's toolchain lacks.
+    bash scripts/prebuild_kernels.sh [--list] [--dtypes bf16] [--head-dims 128 64] [--only TEXT]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pathlib
+import shutil
+import sys
+import time
+import types
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# the library's compiled variants, as the warm-up kinds build them (bf16 and head_dim 128 first:
+# the benchmarks' own); a kind not listed here compiles on the GPU as before
+CUSTOM_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:identity",
+                "tile_variants:softcap", "mask_in_kernel", "score_mod:temperature", "score_mod:causal_decay",
+                "score_mod:softcap+window", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
+                "score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi")
+
+
+class _Stop(Exception):
+    """Raised where a recorded call would launch a kernel: planning is over by then."""
+
+
+def _recording_flashinfer(recorded: list):
+    """A stand-in for the flashinfer package that records (backend, jit_args) of every wrapper."""
+    class Wrapper:
+        def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None, **_):
+            if jit_args is not None:
+                recorded.append((backend, list(jit_args)))
+
+        def plan(self, *args, **kwargs):
+            return None
+
+        def run(self, *args, **kwargs):
+            raise _Stop
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    stub = types.ModuleType("flashinfer")
+    stub.BatchPrefillWithRaggedKVCacheWrapper = stub.BatchPrefillWithPagedKVCacheWrapper = Wrapper
+    stub.BatchDecodeWithPagedKVCacheWrapper = Wrapper
+    stub.single_prefill_with_kv_cache = stub.merge_state = stop
+    stub.__version__ = "recording stand-in"
+    return stub
+
+
+@contextlib.contextmanager
+def _planning_on_cpu_as_hopper(stub):
+    """The library plans as on a Hopper GPU, on CPU tensors, against the stand-in (restored after)."""
+    from flex_flash_infer import backend_choice, flashinfer_backend, paged, score_mod_kernels, tile_kernels, varlen
+
+    saved_module = sys.modules.get("flashinfer")
+    patches = [(flashinfer_backend, "unsupported_reason", lambda *a: None),
+               (backend_choice, "unsupported_reason", lambda *a: None),
+               (flashinfer_backend, "_is_hopper", lambda device: True),
+               (paged, "_is_hopper", lambda device: True), (varlen, "_is_hopper", lambda device: True),
+               (score_mod_kernels, "ENABLED", True), (score_mod_kernels, "FA2_BANDS", True),
+               (tile_kernels, "TILE_VARIANTS", tile_kernels.TILE_VARIANTS),
+               (tile_kernels, "MASK_IN_KERNEL", tile_kernels.MASK_IN_KERNEL)]
+    saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
+    sys.modules["flashinfer"] = stub
+    try:
+        for module, name, value in patches:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        if saved_module is None:
+            sys.modules.pop("flashinfer", None)
+        else:
+            sys.modules["flashinfer"] = saved_module
+
+
+def custom_jit_args(kinds, dtype, head_dim) -> list:
+    """(backend, jit_args) of every compiled variant the warm-up kinds build, in first-use order."""
+    from flex_flash_infer import flashinfer_backend
+    from flex_flash_infer.warmup import compile_score_mod, run_tile_variant
+
+    recorded = []
+    with _planning_on_cpu_as_hopper(_recording_flashinfer(recorded)):
+        for kind in kinds:
+            hopper = flashinfer_backend._is_hopper
+            try:
+                if kind.startswith(("score_mod:", "score_mod_fa2:")):
+                    compile_score_mod(kind, dtype, head_dim, device="cpu")
+                else:   # as warmup.compile_one runs the tile kinds
+                    q = torch.randn(1, 4, 600, head_dim, dtype=dtype)
+                    run_tile_variant(kind, q, q[:, :2], q[:, :2])
+            except _Stop:
+                pass
+            finally:
+                flashinfer_backend._is_hopper = hopper   # compile_score_mod forces fa2 for its fa2 kinds
+    unique = {}
+    for backend, args in recorded:
+        unique.setdefault(args[0], (backend, args))
+    return list(unique.values())
+
+
+def module_specs(dtypes, head_dims, kinds) -> list:
+    """FlashInfer JitSpecs to build: its own kernels the library's routes and the benchmarks use,
+    then the library's variants. Each getter is asked as FlashInfer's wrappers ask it; its build
+    is intercepted, so the spec is exactly the one a GPU machine would build."""
+    from flashinfer import decode, prefill
+    from flashinfer.jit.core import JitSpec
+
+    specs = {}
+    original = JitSpec.build_and_load
+
+    def keep(self, *args, **kwargs):
+        specs.setdefault(self.name, self)
+        raise _Stop
+
+    def ask(getter, *args):
+        try:
+            getattr(getter, "__wrapped__", getter)(*args)
+        except _Stop:
+            pass
+
+    JitSpec.build_and_load = keep
+    try:
+        for dtype in dtypes:
+            for hd in head_dims:
+                for swa in (False, True):
+                    ask(prefill.get_single_prefill_module, "fa3", dtype, dtype, dtype, hd, hd, 0, swa, False, False)
+                    for backend in ("fa3", "fa2"):
+                        ask(prefill.get_batch_prefill_module, backend, dtype, dtype, dtype, torch.int32, hd, hd, 0,
+                            swa, False, False)
+                    ask(decode.get_batch_decode_module, dtype, dtype, dtype, torch.int32, hd, hd, 0, swa, False)
+        dtype, hd = dtypes[0], head_dims[0]
+        # the benchmarks' native score_mod rows: FlashInfer's soft cap (fa3) and ALiBi (fa2)
+        ask(prefill.get_single_prefill_module, "fa3", dtype, dtype, dtype, hd, hd, 0, False, True, False)
+        ask(prefill.get_single_prefill_module, "fa2", dtype, dtype, dtype, hd, hd, 2, False, False, False)
+        for dtype in dtypes:
+            for hd in head_dims:
+                for backend, args in custom_jit_args(kinds, dtype, hd):
+                    ask(prefill.get_customize_batch_prefill_module, backend, *args)
+    finally:
+        JitSpec.build_and_load = original
+    return list(specs.values())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
+    parser.add_argument("--kinds", nargs="+", default=list(CUSTOM_KINDS))
+    parser.add_argument("--only", default=None, help="build only modules whose name contains this")
+    parser.add_argument("--list", action="store_true", help="print the module names, build nothing")
+    parser.add_argument("--out", default=str(ROOT / ".aot"))
+    args = parser.parse_args(argv)
+    specs = module_specs([DTYPES[d] for d in args.dtypes], args.head_dims, args.kinds)
+    specs = [s for s in specs if args.only is None or args.only in s.name]
+    out = pathlib.Path(args.out)
+    for n, spec in enumerate(specs, 1):
+        target = out / spec.name / f"{spec.name}.so"
+        if args.list or target.exists():
+            print(f"{n}/{len(specs)} {'built ' if target.exists() else ''}{spec.name}", flush=True)
+            continue
+        start = time.time()
+        print(f"{n}/{len(specs)} building {spec.name}", flush=True)
+        spec.build()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(spec.jit_library_path, target.with_suffix(".tmp"))
+        target.with_suffix(".tmp").rename(target)   # a stopped build leaves no half file under its name
+        print(f"    {time.time() - start:.0f} s, {target.stat().st_size / 1e6:.1f} MB", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

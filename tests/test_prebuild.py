@@ -1,0 +1,46 @@
+"""scripts/prebuild_kernels.py: the library's compiled variants it would build ahead on a CPU
+machine are the ones the library itself asks FlashInfer for, and the replay leaves no patch behind."""
+import importlib.util
+import pathlib
+import sys
+
+import torch
+
+from flex_flash_infer import backend_choice, flashinfer_backend, paged, score_mod_kernels
+from flex_flash_infer.warmup import example_score_mod
+from flex_flash_infer.trace import trace
+from flex_flash_infer.variant import fa3_score_mod_variant
+from flex_flash_infer.codegen import position_bound_for
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "prebuild_kernels.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("prebuild_kernels", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_replayed_warmup_kinds_name_the_library_variants_and_restore_everything():
+    prebuild = load_script()
+    before = (flashinfer_backend._is_hopper, flashinfer_backend.unsupported_reason, backend_choice.unsupported_reason,
+              paged._is_hopper, score_mod_kernels.FA2_BANDS, sys.modules.get("flashinfer"))
+    kinds = ["score_mod:softcap", "tile_variants:softcap", "mask_in_kernel", "score_mod_fa2:alibi"]
+    recorded = prebuild.custom_jit_args(kinds, torch.bfloat16, 128)
+    uris = [args[0] for _, args in recorded]
+    after = (flashinfer_backend._is_hopper, flashinfer_backend.unsupported_reason, backend_choice.unsupported_reason,
+             paged._is_hopper, score_mod_kernels.FA2_BANDS, sys.modules.get("flashinfer"))
+    assert all(a is b for a, b in zip(before, after))
+    # the softcap band variant: the name ScoreModBands gives it (the hash of its generated code)
+    import hashlib
+    spec = fa3_score_mod_variant(trace(example_score_mod("softcap", 4, device="cpu"), "score_mod"),
+                                 position_bound_for(1, 4, 256, 256))
+    softcap_uri = f"ffi_{hashlib.sha256(spec.decl.encode()).hexdigest()[:16]}_bfloat16_d128_noswa"
+    assert uris[0] == softcap_uri and recorded[0][0] == "fa3"
+    # tiles: a fa3 full-tile and a fa2 partial-tile variant for softcap, a fa2 one for the mask
+    paged_uris = [u for u in uris if u.startswith("ffi_paged_")]
+    assert len(paged_uris) == 3 and all(u.endswith("_bfloat16_d128") for u in paged_uris)
+    fa2 = [(backend, u) for backend, u in zip((b for b, _ in recorded), uris) if u.startswith("ffi_fa2_")]
+    assert fa2 and all(backend == "fa2" for backend, _ in fa2)
+    assert len(set(uris)) == len(uris)
