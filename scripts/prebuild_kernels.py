@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
-    parser.add_argument("--kinds", nargs="+", default=list(CUSTOM_KINDS))
+    parser.add_argument("--kinds", nargs="*", default=list(CUSTOM_KINDS), help="warm-up kinds whose variants to build")
     parser.add_argument("--only", default=None, help="build only modules whose name contains this")
     parser.add_argument("--list", action="store_true", help="print the module names, build nothing")
     parser.add_argument("--out", default=str(ROOT / ".aot"))
