@@ -8,8 +8,9 @@
 plan() once per step does the host work (paged_plan.py); run() only launches FlashInfer kernels.
 The queries of a request are its newest tokens: query i of request r sits at position
 kv_len[r] - qo_len[r] + i, and mask_mod(b=r, h, q_pos, kv_pos) sees absolute positions, so
-sliding windows, sinks, attamba and tree masks hold during generation. On a CPU (or with
-backend="reference") run() computes the same thing in plain torch.
+sliding windows, sinks, attamba and tree masks hold during generation. A score_mod, and a
+mask_mod that reads h (per-head masks), run compiled into the kernels (paged_kernels.py). On a
+CPU (or with backend="reference") run() computes the same thing in plain torch.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import os
 
 import torch
 
-from .backend_choice import check_backend_name
+from .backend_choice import check_backend_name, warn_once
 from .flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
-from .mask_eval import INDEX_DTYPE, as_mask_mod, evaluate_mask_mod, mask_dependence
+from .mask_eval import INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate_mask_mod, evaluate_score_mod, mask_dependence
+from .paged_kernels import paged_request_tables, paged_variants
 from .paged_plan import plan_paged
+from .trace import TraceError, trace
 from .validation import check_positive_int
 
 
@@ -51,28 +54,42 @@ class PagedFlexAttention:
 
     def plan(self, mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype = torch.bfloat16,
-             scale: float | None = None):
-        """Plan one step. mask_mod(b, h, q_idx, kv_idx) or the seed's (q_idx, kv_idx); None = causal."""
+             scale: float | None = None, score_mod=None):
+        """Plan one step. mask_mod(b, h, q_idx, kv_idx) or the seed's (q_idx, kv_idx); None = causal.
+        score_mod(score, b, h, q_idx, kv_idx) sees the scaled score of each visible pair, as in
+        FlexAttention; on FlashInfer it and a per-head mask_mod must be traceable (trace.py)."""
         for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("page_size", page_size)):
             check_positive_int(name, value)
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         mod = as_mask_mod(mask_mod) if mask_mod is not None else _causal
-        if mask_dependence(mod, 1, 2, 4, 4, self.device)[1]:
-            raise ValueError("mask_mod reads h: per-head masks are not supported on a paged cache yet; "
-                             "use flex_attention with a BlockMask")
-        plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device)
+        score_mod = check_score_mod(score_mod)
+        per_head = num_qo_heads > 1 and mask_dependence(mod, 1, num_qo_heads, 4, 4, self.device)[1]
+        plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device,
+                          heads=num_qo_heads if per_head else 1)
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         backend = self.backend
         if backend == "auto":
             backend = "flashinfer" if unsupported_reason(self.device, dtype, head_dim, head_dim) is None else "reference"
         elif backend == "flashinfer" and (reason := unsupported_reason(self.device, dtype, head_dim, head_dim)):
             raise ValueError(f"backend='flashinfer' cannot run this plan: {reason}")
-        launches = _build_launches(plan, num_qo_heads, num_kv_heads, head_dim, page_size, dtype, scale,
-                                   self._workspace) if backend == "flashinfer" else None
-        self._planned = dict(mod=mod, plan=plan, launches=launches, scale=scale, page_size=page_size,
-                             heads=(num_qo_heads, num_kv_heads, head_dim), dtype=dtype,
+        launches = None
+        if backend == "flashinfer":
+            heads = (num_qo_heads, num_kv_heads, head_dim)
+            try:
+                variants = None
+                if score_mod is not None or per_head:
+                    mask_graph = trace(mod, "mask_mod") if per_head else None
+                    variants = paged_variants(score_mod, mask_graph, plan, heads, dtype, scale, page_size,
+                                              self.device, _is_hopper(self.device))
+                launches = _build_launches(plan, *heads, page_size, dtype, scale, self._workspace, variants)
+            except TraceError as e:
+                if self.backend == "flashinfer":
+                    raise
+                warn_once(f"flex_flash_infer: the paged cache runs on the slow reference backend because {e}")
+        self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, scale=scale,
+                             page_size=page_size, heads=(num_qo_heads, num_kv_heads, head_dim), dtype=dtype,
                              tables=(torch.as_tensor(qo_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indices).long().to(self.device),
@@ -126,30 +143,46 @@ def _split_cache(kv_cache):
     raise ValueError("kv_cache must be a (k_cache, v_cache) pair or one tensor [num_pages, 2, page_size, Hkv, D]")
 
 
-def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace):
+def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, variants=None):
+    """(full wrapper, partial wrapper, full's run() arguments, partial's); a wrapper is None when
+    its launch has no page. With variants (paged_kernels.py) the launches run compiled mods."""
     import flashinfer
 
     device = plan.qo_indptr.device
     workspace = default_workspace(device) if workspace is None else workspace
+    common = dict(sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
     full = partial = None
+    full_args = partial_args = ()
     if plan.full is not None:
         f = plan.full
-        if plan.decode and not (DECODE_FA3 and _is_hopper(device)):
+        if variants is not None and variants.full_jit_args is not None:   # a score_mod: never the decode kernel
+            full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=variants.full_backend,
+                                                                  jit_args=variants.full_jit_args)
+            full.plan(plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
+                      causal=f.causal, **common)
+            full_args = (*paged_request_tables(plan, f), *variants.full_args)
+        elif plan.decode and not (DECODE_FA3 and _is_hopper(device)):
             full = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD",
                                                                  use_tensor_cores=use_tensor_core_decode(hq, hkv))
-            full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, sm_scale=scale,
-                      q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+            full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, **common)
         else:
             backend = "fa3" if _is_hopper(device) else "fa2"
             full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
             full.plan(plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
-                      causal=f.causal, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+                      causal=f.causal, **common)
     if plan.partial is not None:
         m = plan.partial
-        partial = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+        if variants is None:
+            partial = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+        else:
+            # a per-head mask: the kernel evaluates mask_mod itself (the plan built no bit mask)
+            partial = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                workspace, "NHD", backend="fa2", jit_args=variants.partial_jit_args,
+                variant_owns_mask=variants.owns_mask)
+            partial_args = (*paged_request_tables(plan, m), *variants.partial_args)
         partial.plan(plan.qo_indptr, m.kv_indptr, m.kv_indices, m.last_page_len, hq, hkv, d, page_size,
-                     custom_mask=m.mask, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
-    return full, partial
+                     custom_mask=m.mask, **common)
+    return full, partial, full_args, partial_args
 
 
 def _run_launches(launches, q, cache, return_lse=True):
@@ -157,12 +190,13 @@ def _run_launches(launches, q, cache, return_lse=True):
     A plan with no visible key at all gives zeros and -inf."""
     import flashinfer
 
-    full, partial = launches
+    full, partial, full_args, partial_args = launches
     if full is None and partial is None:
         return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), device=q.device)
-    if not return_lse and (full is None or partial is None):
-        return (full or partial).run(q, cache), None
-    results = [w.run(q, cache, return_lse=True) for w in (full, partial) if w is not None]
+    runs = [(w, args) for w, args in ((full, full_args), (partial, partial_args)) if w is not None]
+    if not return_lse and len(runs) == 1:
+        return runs[0][0].run(q, cache, *runs[0][1]), None
+    results = [w.run(q, cache, *args, return_lse=True) for w, args in runs]
     out, lse = results[0] if len(results) == 1 else flashinfer.merge_state(*results[0], *results[1])
     return out, lse * LN2
 
@@ -184,9 +218,13 @@ def _reference(q, k_cache, v_cache, p):
         v = v_cache[pages].reshape(-1, hkv, d)[:kv_len].float().repeat_interleave(hq // hkv, 1)
         q_pos = torch.arange(kv_len - (q1 - q0), kv_len, device=q.device, dtype=INDEX_DTYPE).view(-1, 1)
         kv_pos = torch.arange(kv_len, device=q.device, dtype=INDEX_DTYPE).view(1, -1)
-        b = torch.full((1, 1), r, dtype=INDEX_DTYPE, device=q.device)
-        visible = evaluate_mask_mod(p["mod"], b, torch.zeros_like(b), q_pos, kv_pos)
+        b = torch.full((1, 1, 1), r, dtype=INDEX_DTYPE, device=q.device)
+        h = torch.arange(hq, dtype=INDEX_DTYPE, device=q.device).view(-1, 1, 1)
+        q_pos, kv_pos = q_pos.view(1, -1, 1), kv_pos.view(1, 1, -1)
+        visible = evaluate_mask_mod(p["mod"], b, h, q_pos, kv_pos)
         s = torch.einsum("nhd,khd->hnk", q[q0:q1].float(), k) * p["scale"]
+        if p["score_mod"] is not None:   # on the scaled scores, before the mask (FlexAttention's order)
+            s = evaluate_score_mod(p["score_mod"], s, b, h, q_pos, kv_pos)
         s = s.masked_fill(~visible, float("-inf"))
         row_lse = torch.logsumexp(s, -1)
         probs = torch.nan_to_num(torch.exp(s - row_lse.unsqueeze(-1)), nan=0.0)

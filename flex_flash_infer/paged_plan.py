@@ -34,6 +34,7 @@ class PagedLaunchSpec:
     last_page_len: torch.Tensor    # int32 [R]
     causal: bool = False
     mask: torch.Tensor | None = None   # flat bool: per request row-major [qo_len, kv_len of this launch]
+    kv_positions: torch.Tensor | None = None   # int32 [pages]: first key position of each, -1 for a dummy
 
 
 @dataclass
@@ -43,6 +44,8 @@ class PagedPlan:
     partial: PagedLaunchSpec | None
     decode: bool                   # one query per request and a full page in each: the decode kernel fits
     page_states: torch.Tensor      # int8 [pages listed in the input]: EMPTY / PARTIAL / FULL
+    q_start: torch.Tensor | None = None   # int64 [R]: position of each request's first query
+    max_kv_len: int = 0
     total_q: int = 0               # host ints for run()'s checks, which must not sync
     max_page_id: int = -1
 
@@ -76,33 +79,36 @@ def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int)
     return qo_len, kv_len, pages
 
 
-def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_partial_bits, max_q):
+def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_partial_bits, max_q, heads=1):
     """States of the listed pages, whether each is plain causal, and the visible bits
-    [partial pages, max qo_len, page_size] of the partial ones (in listed order)."""
+    [partial pages, max qo_len, page_size] of the partial ones (in listed order; only for
+    heads == 1). With heads > 1 the mask is evaluated for every query head: a page is full
+    (empty) only when it is full (empty) for all of them."""
     n = req.numel()
     device = req.device
     states = torch.empty(n, dtype=torch.int8, device=device)
     causal_ok = torch.ones(n, dtype=torch.bool, device=device)
     bits = []
-    rows = torch.arange(max(max_q, 1), device=device).view(1, -1, 1)
-    cols = torch.arange(page_size, device=device).view(1, 1, -1)
-    per_chunk = max(1, CHUNK_ELEMENTS // (max(max_q, 1) * page_size))
-    zero = torch.zeros(1, 1, 1, dtype=INDEX_DTYPE, device=device)
+    rows = torch.arange(max(max_q, 1), device=device).view(1, 1, -1, 1)
+    cols = torch.arange(page_size, device=device).view(1, 1, 1, -1)
+    per_chunk = max(1, CHUNK_ELEMENTS // (max(max_q, 1) * page_size * heads))
+    head = torch.arange(heads, dtype=INDEX_DTYPE, device=device).view(1, -1, 1, 1)
     for e0 in range(0, n, per_chunk):
         sl = slice(e0, e0 + per_chunk)
         r = req[sl]
-        q_pos = q_start[r].view(-1, 1, 1) + rows
-        kv_pos = (local[sl] * page_size).view(-1, 1, 1) + cols
-        valid = (rows < qo_len[r].view(-1, 1, 1)) & (cols < page_len[sl].view(-1, 1, 1))
-        q_eval = torch.minimum(q_pos, (q_start[r] + qo_len[r] - 1).clamp(min=0).view(-1, 1, 1))
-        kv_eval = torch.minimum(kv_pos, (local[sl] * page_size + page_len[sl] - 1).view(-1, 1, 1))
-        visible = evaluate_mask_mod(mask_mod, r.to(INDEX_DTYPE).view(-1, 1, 1), zero, q_eval.to(INDEX_DTYPE),
+        q_pos = q_start[r].view(-1, 1, 1, 1) + rows
+        kv_pos = (local[sl] * page_size).view(-1, 1, 1, 1) + cols
+        valid = (rows < qo_len[r].view(-1, 1, 1, 1)) & (cols < page_len[sl].view(-1, 1, 1, 1))
+        q_eval = torch.minimum(q_pos, (q_start[r] + qo_len[r] - 1).clamp(min=0).view(-1, 1, 1, 1))
+        kv_eval = torch.minimum(kv_pos, (local[sl] * page_size + page_len[sl] - 1).view(-1, 1, 1, 1))
+        visible = evaluate_mask_mod(mask_mod, r.to(INDEX_DTYPE).view(-1, 1, 1, 1), head, q_eval.to(INDEX_DTYPE),
                                     kv_eval.to(INDEX_DTYPE)) & valid
-        seen, total = visible.sum((1, 2)), valid.sum((1, 2))
+        visible = visible.expand(-1, heads, -1, -1)
+        seen, total = visible.sum((1, 2, 3)), valid.sum((1, 2, 3)) * heads
         states[sl] = torch.where(seen == 0, EMPTY, torch.where(seen == total, FULL, PARTIAL)).to(torch.int8)
-        causal_ok[sl] = ((visible == ((q_pos >= kv_pos) & valid)) | ~valid).all(2).all(1)
-        if keep_partial_bits:
-            bits.append(visible[states[sl] == PARTIAL])
+        causal_ok[sl] = ((visible == ((q_pos >= kv_pos) & valid)) | ~valid).flatten(1).all(1)
+        if keep_partial_bits and heads == 1:
+            bits.append(visible[states[sl] == PARTIAL][:, 0])
     bits = torch.cat(bits) if bits else torch.zeros(0, max(max_q, 1), page_size, dtype=torch.bool, device=device)
     return states, causal_ok, bits
 
@@ -118,11 +124,14 @@ def _spec(selected, req, local, page_len, kv_page_indices, num_requests, page_si
     if idx.numel():
         last_of_request = indptr[1:][counts > 0] - 1
         last_len[counts > 0] = page_len[idx[last_of_request]]
-    return PagedLaunchSpec(indptr.to(torch.int32), kv_page_indices[idx].to(torch.int32), last_len.to(torch.int32)), idx
+    return PagedLaunchSpec(indptr.to(torch.int32), kv_page_indices[idx].to(torch.int32), last_len.to(torch.int32),
+                           kv_positions=(local[idx] * page_size).to(torch.int32)), idx
 
 
 def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size: int,
-               device=None) -> PagedPlan:
+               device=None, heads: int = 1) -> PagedPlan:
+    """heads > 1: the mask differs across query heads; pages are classified over all of them and
+    the partial launch carries no bit mask (the kernel must evaluate mask_mod itself)."""
     device = torch.device(device) if device is not None else torch.as_tensor(kv_page_indices).device
     qo_indptr = _int_vector("qo_indptr", qo_indptr, device)
     kv_page_indptr = _int_vector("kv_page_indptr", kv_page_indptr, device)
@@ -143,9 +152,11 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
     all_decode = bool((qo_len == 1).all())
     max_q = int(qo_len.max()) if R else 0
+    max_kv = int(kv_len.max()) if R else 0
     qo_len, kv_len, pages, req, local, page_len = (t.to(device) for t in (qo_len, kv_len, pages, req, local, page_len))
     q_start = kv_len - qo_len
-    states, causal_ok, bits = _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, True, max_q)
+    states, causal_ok, bits = _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, True, max_q,
+                                        heads)
     full, partial = states == FULL, states == PARTIAL
 
     # one causal launch: partial pages trail each request, are plain causal, and every full page
@@ -164,7 +175,7 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
         (causal_ok | ~partial).all() & trailing.all() & full_before.all(), has_full.all()]).long(), id_range]).tolist()
     if min_id < 0:
         raise ValueError("kv_page_indices must be non-negative page ids")
-    host = dict(total_q=int(host_q[-1]), max_page_id=max_id)
+    host = dict(total_q=int(host_q[-1]), max_page_id=max_id, q_start=q_start, max_kv_len=max_kv)
     if any_partial and one_causal:
         spec, _ = _spec(full | partial, req, local, page_len, kv_page_indices, R, page_size)
         spec.causal = True
@@ -175,13 +186,15 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
         full_spec, _ = _spec(full, req, local, page_len, kv_page_indices, R, page_size)
     if any_partial:
         partial_spec, idx = _spec(partial, req, local, page_len, kv_page_indices, R, page_size)
-        partial_spec = _with_bits(partial_spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_size)
+        partial_spec = _with_bits(partial_spec, idx, req, page_len, qo_len, kv_page_indices,
+                                  bits if heads == 1 else None, page_size)
     decode = bool(any_full and all_decode and full_in_each)
     return PagedPlan(qo_indptr.to(torch.int32), full_spec, partial_spec, decode, states, **host)
 
 
 def _with_bits(spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_size):
-    """Add the bit mask; a request with no partial page gets one dummy key (bit 0)."""
+    """Add the bit mask (none when bits is None); a request with no partial page gets one dummy
+    key (bit 0, position -1: a kernel that evaluates the mask itself must hide it)."""
     R = qo_len.numel()
     device = qo_len.device
     counts = (spec.kv_indptr[1:] - spec.kv_indptr[:-1]).long()
@@ -195,8 +208,13 @@ def _with_bits(spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_siz
         is_dummy = empty[owner] & (torch.arange(indices.numel(), device=device) == indptr[:-1][owner])
         indices[~is_dummy] = spec.kv_indices
         indices[is_dummy] = kv_page_indices[0].to(torch.int32) if kv_page_indices.numel() else 0
-        spec = PagedLaunchSpec(indptr.to(torch.int32), indices, torch.where(empty, 1, spec.last_page_len).to(torch.int32))
+        positions = torch.full_like(indices, -1)
+        positions[~is_dummy] = spec.kv_positions
+        spec = PagedLaunchSpec(indptr.to(torch.int32), indices, torch.where(empty, 1, spec.last_page_len).to(torch.int32),
+                               kv_positions=positions)
         counts = counts + empty.long()
+    if bits is None:
+        return spec
     kv_len = (counts - 1) * page_size + spec.last_page_len.long()
     sizes = qo_len * kv_len
     offset = torch.zeros(R, dtype=torch.int64, device=device)

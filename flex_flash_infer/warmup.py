@@ -20,6 +20,10 @@ SCORE_MOD_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias",
 FA2_SCORE_MOD_KINDS = ("score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi")
 TILE_VARIANT_KINDS = ("tile_variants:softcap", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
                       "mask_in_kernel")
+# A score_mod and a per-head mask on a paged cache (paged_kernels.py), as test_gpu runs them:
+# (mask, score_mod, queries per request) over requests of 17, 300 and 1000 keys in pages of 16.
+PAGED_MOD_CASES = (("causal", "softcap", (1, 1, 1)), ("sliding_window", "softcap", (5, 40, 7)),
+                   ("head_windows", None, (1, 1, 1)), ("head_windows", "alibi", (5, 40, 7)))
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -100,6 +104,49 @@ def run_tile_variant(kind: str, q, k, v, return_lse=False):
     return out, mask_mod, score_mod
 
 
+def paged_mod_case(mask_name: str, mod_name, num_heads: int, device):
+    """(mask_mod, score_mod or None) of a PAGED_MOD_CASES entry: head_windows gives each query
+    head its own causal window (16, 64, 256, 4096 keys, repeated over the heads)."""
+    from .mods.registry import get_mask_fn
+
+    score_mod = example_score_mod(mod_name, num_heads, device=device) if mod_name else None
+    if mask_name != "head_windows":
+        return get_mask_fn(mask_name, **({"window_size": 40} if mask_name == "sliding_window" else {})), score_mod
+    windows = torch.tensor([16, 64, 256, 4096], device=device).repeat(-(-num_heads // 4))[:num_heads]
+
+    def head_windows(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < windows[h])
+
+    return head_windows, score_mod
+
+
+def paged_mod_inputs(qo_lens, dtype, head_dim: int, device, generator=None, heads=(8, 2)):
+    """A shuffled page table (requests of 17, 300 and 1000 keys, pages of 16) with its cache and
+    queries: (plan's table arguments, q, (k_cache, v_cache))."""
+    kv_lens, page = [17, 300, 1000], 16
+    hq, hkv = heads
+    pages = [-(-n // page) for n in kv_lens]
+    indptr = torch.tensor([0] + pages).cumsum(0).to(device)
+    indices = torch.randperm(sum(pages), generator=generator, device=device)
+    last = torch.tensor([n - (p - 1) * page for n, p in zip(kv_lens, pages)]).to(device)
+    qo_indptr = torch.tensor([0, *qo_lens]).cumsum(0).to(device)
+    k = torch.randn(sum(pages), page, hkv, head_dim, generator=generator, device=device).to(dtype)
+    v = torch.randn(sum(pages), page, hkv, head_dim, generator=generator, device=device).to(dtype)
+    q = torch.randn(sum(qo_lens), hq, head_dim, generator=generator, device=device).to(dtype)
+    return (qo_indptr, indptr, indices, last, hq, hkv, head_dim, page), q, (k, v)
+
+
+def run_paged_mods(dtype, head_dim: int, device="cuda") -> None:
+    """Plan and run every PAGED_MOD_CASES entry on the FlashInfer backend (its variants compile)."""
+    from .paged import PagedFlexAttention
+
+    for mask_name, mod_name, qo_lens in PAGED_MOD_CASES:
+        mask_mod, score_mod = paged_mod_case(mask_name, mod_name, 8, device)
+        tables, q, cache = paged_mod_inputs(qo_lens, dtype, head_dim, device)
+        paged = PagedFlexAttention(device=device, backend="flashinfer")
+        paged.plan(mask_mod, *tables, dtype=dtype, score_mod=score_mod).run(q, cache)
+
+
 def _sinks_and_window(b, h, q_idx, kv_idx):
     """No lowering hint, full and partial tiles at 512 tokens: the generic tiles route."""
     return (q_idx >= kv_idx) & ((kv_idx < 128) | (q_idx - kv_idx < 100))
@@ -117,6 +164,10 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     if kind.startswith("tile_variants:") or kind == "mask_in_kernel":
         q = torch.randn(1, 4, 600, head_dim, device="cuda", dtype=dtype)
         run_tile_variant(kind, q, q[:, :2], q[:, :2])
+        torch.cuda.synchronize()
+        return None
+    if kind == "paged_mods":  # a score_mod and per-head masks on a paged cache
+        run_paged_mods(dtype, head_dim)
         torch.cuda.synchronize()
         return None
     if kind == "native_score":  # FlashInfer's own soft cap and ALiBi (bench's native score_mod rows)

@@ -8,7 +8,8 @@
 # are loaded instead of compiled; .whl and .aot together may pass the 64 MiB a call carries: carry
 # [".aot"] in a first call (ignored paths stay on the warm machine), then [".whl"] with `start`.
 # Stages, in the default order: warm tests score-tests bench-score plan decode examples bench-8k bench-32k varlen
-#   warm-bench   bf16 kernels of the bench stages only (fits a 30-minute machine);  decode-tests  CUDA-graph decode
+#   warm-bench   bf16 kernels of the bench stages only (fits a 30-minute machine)
+#   decode-tests  CUDA-graph decode, and a score_mod / per-head masks on the paged cache
 #   bench-32k-score  causal and the score_mod rows at 32768
 #   warm-tiles   the tile-variant kinds only;   tile-tests  their GPU tests
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
@@ -65,7 +66,7 @@ case "${1:-}" in
           # what the bench stages need, bf16 only, in one batch of 15 kernel sets at 2 nvcc jobs each
           # (a lent machine goes back after 30 minutes held: the full warm-up does not leave time to bench)
           MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds causal sliding_window \
-            tiles documents decode bands_per_head native_score score_mod:softcap score_mod:alibi \
+            tiles documents decode paged_mods bands_per_head native_score score_mod:softcap score_mod:alibi \
             score_mod:rel_bias score_mod:identity tile_variants:softcap mask_in_kernel >$run_dir/warm-bench.log 2>&1 &
           MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 64 --kinds causal \
             >$run_dir/warm-bench-64.log 2>&1
@@ -73,8 +74,9 @@ case "${1:-}" in
           grep -h " ok \|FAILED" $run_dir/warm-bench*.log | cut -c1-200
           echo "compiled here: $(cat $run_dir/warm-bench*.log | grep -c 'Building JIT module') modules;" \
             "prebuilt that failed to load: $(cat $run_dir/warm-bench*.log | grep -c 'Failed to load AOT')" ;;
-        decode-tests)  # the paged decode kernels (fa3 opt-in included) in a CUDA graph, against the reference
-          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "cuda_graph" -p no:cacheprovider \
+        decode-tests)  # the paged decode kernels (fa3 opt-in included) in a CUDA graph, and the paged
+          # cache's compiled mods, against the reference
+          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "cuda_graph or paged_cache_mods" -p no:cacheprovider \
             >$run_dir/decode_tests.log 2>&1; tail -n 8 $run_dir/decode_tests.log ;;
         bench-32k-score)  # the 32768 score_mod rows
           python3 -m flex_flash_infer bench --seq-lens 32768 --cases causal softcap+causal alibi+causal \

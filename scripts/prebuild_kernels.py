@@ -33,7 +33,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CUSTOM_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:identity",
                 "tile_variants:softcap", "mask_in_kernel", "score_mod:temperature", "score_mod:causal_decay",
                 "score_mod:softcap+window", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
-                "score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi")
+                "score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi", "paged_mods")
 
 
 class _Stop(Exception):
@@ -74,6 +74,7 @@ def _planning_on_cpu_as_hopper(stub):
                (backend_choice, "unsupported_reason", lambda *a: None),
                (flashinfer_backend, "_is_hopper", lambda device: True),
                (paged, "_is_hopper", lambda device: True), (varlen, "_is_hopper", lambda device: True),
+               (paged, "unsupported_reason", lambda *a: None),
                (score_mod_kernels, "ENABLED", True), (score_mod_kernels, "FA2_BANDS", True),
                (tile_kernels, "TILE_VARIANTS", tile_kernels.TILE_VARIANTS),
                (tile_kernels, "MASK_IN_KERNEL", tile_kernels.MASK_IN_KERNEL)]
@@ -92,6 +93,16 @@ def _planning_on_cpu_as_hopper(stub):
             sys.modules["flashinfer"] = saved_module
 
 
+def _record_paged_mods(dtype, head_dim) -> None:
+    from flex_flash_infer.paged import PagedFlexAttention
+    from flex_flash_infer.warmup import PAGED_MOD_CASES, paged_mod_case, paged_mod_inputs
+
+    for mask_name, mod_name, qo_lens in PAGED_MOD_CASES:
+        mask_mod, score_mod = paged_mod_case(mask_name, mod_name, 8, "cpu")
+        tables, _, _ = paged_mod_inputs(qo_lens, dtype, head_dim, "cpu")
+        PagedFlexAttention(device="cpu", backend="flashinfer").plan(mask_mod, *tables, dtype=dtype, score_mod=score_mod)
+
+
 def custom_jit_args(kinds, dtype, head_dim) -> list:
     """(backend, jit_args) of every compiled variant the warm-up kinds build, in first-use order."""
     from flex_flash_infer import flashinfer_backend
@@ -104,6 +115,8 @@ def custom_jit_args(kinds, dtype, head_dim) -> list:
             try:
                 if kind.startswith(("score_mod:", "score_mod_fa2:")):
                     compile_score_mod(kind, dtype, head_dim, device="cpu")
+                elif kind == "paged_mods":   # each case plans its own launches: record them all
+                    _record_paged_mods(dtype, head_dim)
                 else:   # as warmup.compile_one runs the tile kinds
                     q = torch.randn(1, 4, 600, head_dim, dtype=dtype)
                     run_tile_variant(kind, q, q[:, :2], q[:, :2])

@@ -9,6 +9,7 @@ from dense_reference import dense_attention, dense_predicate, rel_err
 from flex_flash_infer import FlexFlashInfer, create_block_mask, create_mask, flex_attention, get_mask_fn
 from flex_flash_infer.reference import reference_attention
 from test_block_mask import random_mask_mod
+from flex_flash_infer.warmup import PAGED_MOD_CASES
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -419,6 +420,38 @@ def test_paged_run_replays_in_a_cuda_graph(cuda_gen, monkeypatch, name, params, 
                    dtype=dtype)
     ref = reference.run(q, (k, v))
     assert not torch.isnan(eager).any() and rel_err(eager, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("mask_name,mod_name,qo_lens", PAGED_MOD_CASES)
+def test_paged_cache_mods_compiled_into_the_kernels(cuda_gen, mask_name, mod_name, qo_lens):
+    """A score_mod (fa3 whole pages, fa2 partial pages with bits) and a per-head mask (evaluated
+    in the fa2 kernel) on a shuffled page table, bf16, GQA: against the float32 reference path,
+    and replayed in a CUDA graph (warmup kind paged_mods builds these modules)."""
+    from flex_flash_infer import PagedFlexAttention
+    from flex_flash_infer.warmup import paged_mod_case, paged_mod_inputs
+
+    dtype = torch.bfloat16
+    mask_mod, score_mod = paged_mod_case(mask_name, mod_name, 8, "cuda")
+    tables, q, (k, v) = paged_mod_inputs(qo_lens, dtype, 128, "cuda", generator=cuda_gen)
+    runs = {}
+    for backend in ("flashinfer", "reference"):
+        runs[backend] = PagedFlexAttention(device="cuda", backend=backend).plan(mask_mod, *tables, dtype=dtype,
+                                                                               score_mod=score_mod)
+    ours = runs["flashinfer"]
+    ours.run(q, (k, v))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ours.run(q, (k, v))
+    graph.replay()
+    torch.cuda.synchronize()
+    out, lse = ours.run(q, (k, v), return_lse=True)
+    ref, ref_lse = runs["reference"].run(q, (k, v), return_lse=True)
+    assert torch.equal(captured, out)
+    assert not torch.isnan(out).any() and rel_err(out, ref) < TOL[dtype]
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert torch.allclose(lse[seen], ref_lse[seen], atol=2e-2, rtol=1e-3)
 
 
 TILE_VARIANT_CASES = ["tile_variants:softcap", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",

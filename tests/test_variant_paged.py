@@ -36,7 +36,7 @@ def test_arguments_put_the_tables_first_and_keep_the_two_graphs_apart():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("page_size", [128, 1])
+@pytest.mark.parametrize("page_size", [128, 16, 1])   # key tiles, a serving cache's pages, key columns
 @pytest.mark.parametrize("mod", list(SCORE_MODS), ids=list(SCORE_MODS))
 def test_fa3_paged_variant_compiles_as_device_code(tmp_path, mod, page_size):
     spec = fa3_paged_score_mod_variant(trace(SCORE_MODS[mod], "score_mod"), page_size, POSITION_BOUND)
@@ -44,9 +44,15 @@ def test_fa3_paged_variant_compiles_as_device_code(tmp_path, mod, page_size):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("combo", ["score+bits", "score+mask", "mask", "bits"])
+@pytest.mark.parametrize("combo", ["score+bits", "score+mask", "mask", "bits", "score+head_mask"])
 def test_fa2_paged_variant_compiles_as_device_code(tmp_path, combo):
     score = trace(SCORE_MODS["rel_bias"], "score_mod") if combo.startswith("score") else None
-    mask = trace(get_mask_fn("sliding_window", window_size=100), "mask_mod") if "mask" in combo else None
-    spec = fa2_paged_variant(score, mask, 128, POSITION_BOUND)
+    windows = torch.tensor([16, 64, 256, 1024] * 2)
+
+    def head_windows(b, h, q_idx, kv_idx):   # a paged cache's per-head mask (paged_kernels.py)
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < windows[h])
+
+    mask_mod = head_windows if combo.endswith("head_mask") else get_mask_fn("sliding_window", window_size=100)
+    mask = trace(mask_mod, "mask_mod") if "mask" in combo else None
+    spec = fa2_paged_variant(score, mask, 16 if combo.endswith("head_mask") else 128, POSITION_BOUND)
     compile_device(tmp_path, fa2_probe(spec), "sm_80")

@@ -1,0 +1,176 @@
+"""A score_mod and per-head masks on a paged KV cache (paged.py, paged_kernels.py): the reference
+path and the FlashInfer launches (kernels replaced by the CPU model, which runs the host-compiled
+code of each generated variant with the positions its tables give) against a float64 oracle
+written here, request by request and head by head."""
+import math
+import sys
+
+import pytest
+import torch
+
+import fake_flashinfer
+from dense_reference import rel_err
+from flex_flash_infer import PagedFlexAttention, get_mask_fn, paged, tile_kernels
+from flex_flash_infer.block_build import FULL, PARTIAL
+from flex_flash_infer.hostcheck import compile_host
+from flex_flash_infer.paged_plan import plan_paged
+from flex_flash_infer.trace import TraceError
+from flex_flash_infer.warmup import example_score_mod
+from test_paged import random_cache
+
+HQ, HKV, D = 4, 2, 16
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """flashinfer is the CPU model; every variant the plan generates is registered with the
+    host-compiled code of its graphs; returns the names of the variants built."""
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
+    monkeypatch.setattr(paged, "_is_hopper", lambda device: True)
+    built = []
+    for name in ("fa3_paged_score_mod_variant", "fa2_paged_variant"):
+        real = getattr(tile_kernels, name)
+
+        def registering(*args, _real=real, **kw):
+            spec = _real(*args, **kw)
+            graphs = list(args[:2]) if _real.__name__ == "fa2_paged_variant" else [args[0], None]
+            mods = {"score": graphs[0] and compile_host(graphs[0]), "mask": graphs[1] and compile_host(graphs[1])}
+            monkeypatch.setitem(fake_flashinfer.VARIANTS, spec.name, mods)
+            built.append(spec.name)
+            return spec
+
+        monkeypatch.setattr(tile_kernels, name, registering)
+    return built
+
+
+def oracle(mask_mod, score_mod, q, k_cache, v_cache, qo_indptr, kv_page_indptr, indices, last, page_size):
+    """float64 attention of each (request, head, query) over its cached keys, the queries being the
+    newest tokens; score_mod sees the scaled score, the mask applies after it."""
+    Hq, Hkv = q.shape[1], k_cache.shape[2]
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float64)
+    for r in range(len(qo_indptr) - 1):
+        q0, q1 = int(qo_indptr[r]), int(qo_indptr[r + 1])
+        pages = indices[int(kv_page_indptr[r]):int(kv_page_indptr[r + 1])]
+        n = (len(pages) - 1) * page_size + int(last[r]) if len(pages) else 0
+        k = k_cache[pages].reshape(-1, Hkv, k_cache.shape[-1])[:n]
+        v = v_cache[pages].reshape(-1, Hkv, v_cache.shape[-1])[:n]
+        kv = torch.arange(n)
+        for i in range(q1 - q0):
+            pos = torch.tensor(n - (q1 - q0) + i)
+            for h in range(Hq):
+                b, hh = torch.tensor(r), torch.tensor(h)
+                seen = mask_mod(b, hh, pos, kv).expand(n).bool()
+                if not seen.any():
+                    continue
+                s = (k[:, h // (Hq // Hkv)] @ q[q0 + i, h]) / math.sqrt(q.shape[-1])
+                if score_mod is not None:
+                    s = score_mod(s.float(), b, hh, pos, kv).double()
+                s = s[seen]
+                out[q0 + i, h] = torch.softmax(s, 0) @ v[seen, h // (Hq // Hkv)]
+                lse[q0 + i, h] = torch.logsumexp(s, 0)
+    return out, lse
+
+
+def per_head_windows(b, h, q_idx, kv_idx):
+    widths = torch.tensor([5, 17, 40, 1000])   # a captured tensor indexed by h
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < widths[h])
+
+
+def per_request_and_head(b, h, q_idx, kv_idx):
+    sinks = torch.tensor([0, 2, 4])            # per request
+    window = torch.tensor([9, 30, 16, 50])     # per head
+    return (q_idx >= kv_idx) & ((q_idx - kv_idx < window[h]) | (kv_idx < sinks[b]))
+
+
+def random_per_head(rng, n=160):
+    table = torch.rand(HQ, n, n, generator=rng) < 0.5
+    table[:, :, :3] = True                     # every row sees a key
+
+    def random_heads(b, h, q_idx, kv_idx):
+        return table[h, q_idx, kv_idx] & (q_idx >= kv_idx)
+
+    return random_heads
+
+
+KV_QO = [([40, 100, 7], [1, 1, 1]), ([33, 120, 7], [5, 40, 7])]   # decode, chunked prefill
+
+
+def _mask(name, rng):
+    return {"per_head_windows": per_head_windows, "per_request_and_head": per_request_and_head,
+            "random_per_head": random_per_head(rng) if name == "random_per_head" else None,
+            "sliding_window": get_mask_fn("sliding_window", window_size=20), "causal": get_mask_fn("causal")}[name]
+
+
+def _run(backend, mask_mod, score_mod, kv_lens, qo_lens, rng, page_size=16):
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, kv_lens, qo_lens, page_size, HQ, HKV, D)
+    attn = PagedFlexAttention(device="cpu", backend=backend)
+    attn.plan(mask_mod, qo_indptr, kv_page_indptr, indices, last, HQ, HKV, D, page_size, dtype=torch.float64,
+              score_mod=score_mod)
+    out, lse = attn.run(q, (kc, vc), return_lse=True)
+    ref_out, ref_lse = oracle(mask_mod, score_mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, page_size)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref_out) < 1e-5        # the score_mod runs in float32
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen) and torch.allclose(lse[seen].double(), ref_lse[seen], atol=1e-4)
+    return attn
+
+
+@pytest.mark.parametrize("kv_lens,qo_lens", KV_QO, ids=["decode", "chunked"])
+@pytest.mark.parametrize("mask_name", ["causal", "sliding_window", "per_head_windows", "per_request_and_head"])
+@pytest.mark.parametrize("mod_name", [None, "softcap", "alibi", "rel_bias", "causal_decay"])
+def test_reference_path(rng, kv_lens, qo_lens, mask_name, mod_name):
+    score_mod = example_score_mod(mod_name, HQ, device="cpu") if mod_name else None
+    attn = _run("reference", _mask(mask_name, rng), score_mod, kv_lens, qo_lens, rng)
+    assert attn.active_backend == "reference"
+
+
+@pytest.mark.parametrize("kv_lens,qo_lens", KV_QO, ids=["decode", "chunked"])
+@pytest.mark.parametrize("mask_name", ["causal", "sliding_window", "per_head_windows", "per_request_and_head",
+                                       "random_per_head"])
+@pytest.mark.parametrize("mod_name", [None, "softcap", "alibi", "rel_bias"])
+@pytest.mark.parametrize("hopper", [True, False], ids=["fa3", "fa2"])
+def test_compiled_mods_through_the_launches(fake, monkeypatch, rng, kv_lens, qo_lens, mask_name, mod_name, hopper):
+    monkeypatch.setattr(paged, "_is_hopper", lambda device: hopper)
+    score_mod = example_score_mod(mod_name, HQ, device="cpu") if mod_name else None
+    attn = _run("flashinfer", _mask(mask_name, rng), score_mod, kv_lens, qo_lens, rng)
+    assert attn.active_backend == "flashinfer"
+    full, partial = attn._planned["launches"][:2]
+    per_head = mask_name not in ("causal", "sliding_window")
+    if score_mod is not None:   # a score_mod never runs on the decode kernel, which takes no variant
+        assert full is None or (full.variant is not None and full.backend == ("fa3" if hopper else "fa2"))
+    assert partial is None or (partial.variant is not None) == (score_mod is not None or per_head)
+    assert partial is None or partial.owns_mask == per_head
+    assert bool(fake) == (score_mod is not None or per_head)
+
+
+def test_per_head_pages_are_full_only_when_full_for_every_head():
+    """Head 0 sees 5 keys back, head 3 everything: a page inside head 3's window but outside head
+    0's is partial, a page inside both is full, and the partial launch carries no bit mask."""
+    kv_page_indptr, indices, last = torch.tensor([0, 4]), torch.arange(4), torch.tensor([16])
+    plan = plan_paged(per_head_windows, torch.tensor([0, 1]), kv_page_indptr, indices, last, 16, heads=HQ)
+    assert plan.page_states.tolist() == [PARTIAL, PARTIAL, PARTIAL, PARTIAL]
+    assert plan.partial.mask is None and plan.full is None
+    head_3_only = plan_paged(lambda b, h, q, kv: (h == 3) | (kv >= 48), torch.tensor([0, 1]), kv_page_indptr,
+                             indices, last, 16, heads=HQ)
+    assert head_3_only.page_states.tolist() == [PARTIAL, PARTIAL, PARTIAL, FULL]
+    assert head_3_only.partial.kv_positions.tolist() == [0, 16, 32]
+    assert head_3_only.full.kv_positions.tolist() == [48]
+
+
+def test_untraceable_mods_name_the_problem_or_fall_back_with_a_warning(fake, monkeypatch, rng):
+    from flex_flash_infer import backend_choice
+
+    monkeypatch.setattr(backend_choice, "_warned", set())
+    def branchy(score, b, h, q_idx, kv_idx):
+        return score if q_idx > 3 else -score   # Python control flow on a traced value
+
+    args = random_cache(rng, [40, 20], [1, 1], 16, HQ, HKV, D)[3:]
+    with pytest.raises(TraceError, match="control flow"):
+        PagedFlexAttention(device="cpu", backend="flashinfer").plan(None, *args, HQ, HKV, D, 16,
+                                                                    dtype=torch.float64, score_mod=branchy)
+    with pytest.warns(UserWarning, match="reference backend because"):
+        attn = PagedFlexAttention(device="cpu", backend="auto").plan(None, *args, HQ, HKV, D, 16,
+                                                                     dtype=torch.float64, score_mod=branchy)
+    assert attn.active_backend == "reference"
