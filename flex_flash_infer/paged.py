@@ -81,8 +81,10 @@ class PagedFlexAttention:
                 variants = None
                 if score_mod is not None or per_head:
                     mask_graph = trace(mod, "mask_mod") if per_head else None
+                    # decode on fa2: FlashInfer's fa2 kernels fold a GQA group's heads into the query
+                    # rows (its tensor-core decode is that kernel), so each page is read once per group
                     variants = paged_variants(score_mod, mask_graph, plan, heads, dtype, scale, page_size,
-                                              self.device, _is_hopper(self.device))
+                                              self.device, _is_hopper(self.device) and not plan.decode)
                 launches = _build_launches(plan, *heads, page_size, dtype, scale, self._workspace, variants)
             except TraceError as e:
                 if self.backend == "flashinfer":
