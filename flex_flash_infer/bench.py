@@ -234,32 +234,40 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     route = plan.route if plan is not None else "reference"
 
     impls = {"flex_flash_infer": lambda: flex(q, k, v)}
-    def prepared_with(module, flag, value):
-        """Our wrapper prepared with one route switch set (restored after): an alternative route,
-        timed beside the default."""
-        saved = getattr(module, flag)
-        setattr(module, flag, value)
+    def prepared_with(module, flag, value, *more):
+        """Our wrapper prepared with route switches set (module, flag, value[, module, flag,
+        value...]; restored after): an alternative route, timed beside the default."""
+        switches = [(module, flag, value)] + [tuple(more[i:i + 3]) for i in range(0, len(more), 3)]
+        saved = [(m, f, getattr(m, f)) for m, f, _ in switches]
+        for m, f, v in switches:
+            setattr(m, f, v)
         try:
             return FlexFlashInfer(device=dev).prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len,
                                                       num_qo_heads=heads_q, num_kv_heads=heads_kv,
                                                       head_dim=head_dim, dtype=dtype, score_mod=score_mod)
         finally:
-            setattr(module, flag, saved)
+            for m, f, v in saved:
+                setattr(m, f, v)
 
     from . import flashinfer_backend, route as route_module, tile_kernels
 
     per_head = mask_dependence(mask_mod, 1, heads_q, 4, 4, dev)[1]
     if per_head:
-        # every head in one launch set (the default), beside the loop over heads and the opt-in
-        # bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS=1) where it applies
-        flex_loop = prepared_with(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False)
+        # beside the default: the tiles-per-head route with every head in one launch set, its loop
+        # over heads, and the bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS) where it applies
+        flex_loop = prepared_with(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False, route_module,
+                                  "ENABLE_HEAD_BANDS", False)
         impls["ours_head_loop"] = lambda: flex_loop(q, k, v)
-        try:  # opt-in route: a failure to plan becomes its row's error
-            flex_bands = prepared_with(route_module, "ENABLE_HEAD_BANDS", True)
-            if flex_bands._prepared.segments[0].plan.route == "bands-per-head":
-                impls["ours_head_bands"] = lambda: flex_bands(q, k, v)
-        except Exception as e:
-            impls["ours_head_bands"] = raising(e)
+        if route == "bands-per-head":
+            flex_tiles_per_head = prepared_with(route_module, "ENABLE_HEAD_BANDS", False)
+            impls["ours_tiles_per_head"] = lambda: flex_tiles_per_head(q, k, v)
+        else:
+            try:  # a failure to plan becomes its row's error
+                flex_bands = prepared_with(route_module, "ENABLE_HEAD_BANDS", True)
+                if flex_bands._prepared.segments[0].plan.route == "bands-per-head":
+                    impls["ours_head_bands"] = lambda: flex_bands(q, k, v)
+            except Exception as e:
+                impls["ours_head_bands"] = raising(e)
     if name in ("attamba", "streaming"):
         # the generic tiles route, beside the window band + key columns route they take
         flex_tiles = prepared_with(route_module, "ENABLE_COLUMN_LOWERING", False)
