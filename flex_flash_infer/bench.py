@@ -272,6 +272,12 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         # the generic tiles route, beside the window band + key columns route they take
         flex_tiles = prepared_with(route_module, "ENABLE_COLUMN_LOWERING", False)
         impls["ours_tiles_route"] = lambda: flex_tiles(q, k, v)
+        # the same tiles in one fa3 launch with the mask in the kernel (opt-in FLEX_FLASH_INFER_FA3_MASK=1)
+        flex_tiles_fa3 = prepared_with(route_module, "ENABLE_COLUMN_LOWERING", False, tile_kernels, "FA3_MASK", True)
+        impls["ours_tiles_fa3_mask"] = lambda: flex_tiles_fa3(q, k, v)
+    if route in ("tiles", "tiles-per-head") and not tile_kernels.FA3_MASK:
+        flex_fa3 = prepared_with(tile_kernels, "FA3_MASK", True)
+        impls["ours_fa3_mask"] = lambda: flex_fa3(q, k, v)
     if route.startswith("tiles") and score_mod is None:
         # partial tiles: the traced mask_mod in the fa2 kernel vs its bits, whichever is not the default
         in_kernel = not tile_kernels.MASK_IN_KERNEL

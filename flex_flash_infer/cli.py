@@ -105,7 +105,8 @@ def build_parser():
                            "mask_in_kernel: the paged variants of the tiles route; score_mod_fa2:<name>[+window]: "
                            "the fa2 band variant of GPUs before Hopper (off by default); bands_per_head: "
                            "per-head windows on the opt-in bands-per-head route; native_score: FlashInfer's own "
-                           "soft cap and ALiBi; paged_mods: a score_mod and per-head masks on a paged cache")
+                           "soft cap and ALiBi; paged_mods: a score_mod and per-head masks on a paged cache; fa3_mask "
+                           "fa3_mask:softcap fa3_mask_bench: full and partial tiles in one fa3 launch (opt-in)")
     show = sub.add_parser("show", help="draw a library mask to a PNG: its elements, or its tile map when long "
                                        "(needs matplotlib)")
     show.add_argument("name", choices=[name for name in MASK_FACTORIES if name != "document"])

@@ -166,6 +166,7 @@ class FlashInferPlan:
         self.groups = []
         self.bands = route.bands
         self.columns = None
+        self.one_launch = False   # tiles: full and partial tiles in one fa3 launch (tile_kernels.FA3_MASK)
         hopper = _is_hopper(device)
         if score_mod is not None and not (route.kind == "bands" or tile_kernels.TILE_VARIANTS):
             raise UnsupportedOnFlashInfer(
@@ -175,11 +176,11 @@ class FlashInferPlan:
         if score_mod is not None and route.head_bands is not None:
             raise UnsupportedOnFlashInfer(f"a score_mod does not run in FlashInfer kernels on the {route.kind} route")
 
-        def variants(mask_graph, page_size):
+        def variants(mask_graph, page_size, one_launch=False):
             """Compiled mods for a tile group, or None when plain launches serve."""
             if score_mod is None and mask_graph is None:
                 return None
-            return TileVariants(score_mod, mask_graph, self.shape, dtype, scale, page_size, device, hopper)
+            return TileVariants(score_mod, mask_graph, self.shape, dtype, scale, page_size, device, hopper, one_launch)
 
         if route.kind == "bands+columns":
             self.positions = route.positions
@@ -207,24 +208,36 @@ class FlashInferPlan:
                 self.head_band_runs.append((torch.tensor(heads, device=device), torch.tensor(kv_heads, device=device),
                                             _BandRunner(bands, group_shape, dtype, scale, workspace)))
             return
-        # partial tiles evaluate the traced mask_mod in the kernel (or read bits when it does not trace)
-        mask_graph = traced_mask_or_none(block_mask.mask_mod) if tile_kernels.MASK_IN_KERNEL else None
-        tile_variants = variants(mask_graph, block_kv)   # shared by every head group
+        # partial tiles evaluate the traced mask_mod in the kernel (or read bits when it does not
+        # trace): in the fa2 launch (MASK_IN_KERNEL), or beside the full tiles in one fa3 launch (FA3_MASK)
+        one_launch = tile_kernels.FA3_MASK and hopper
+        mask_graph = (traced_mask_or_none(block_mask.mask_mod) if tile_kernels.MASK_IN_KERNEL or one_launch
+                      else None)
+        self.one_launch = one_launch = one_launch and mask_graph is not None
+        tile_variants = variants(mask_graph, block_kv, one_launch)   # shared by every head group
         self.head_major = self.per_head and PER_HEAD_ONE_LAUNCH
         if self.head_major:
             head_states = states.transpose(0, 1).expand(num_qo_heads, states.shape[0], *states.shape[2:])
-            tile_plan = plan_tiles_head_major(head_states, batch, q_len, block_q, block_kv, self.group_size)
+            tile_plan = plan_tiles_head_major(head_states, batch, q_len, block_q, block_kv, self.group_size,
+                                              one_launch)
             self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, None, (batch, q_len, kv_len, 1, 1, head_dim),
                                           dtype, scale, workspace, block_mask.BLOCK_SIZE, tile_variants))
             return
+        causal_variants = None   # a causal-diagonal plan needs no mask in the kernel: only a score_mod
         heads = list(range(num_qo_heads)) if self.per_head else [None]
         for head in heads:
             head_states = states[:, 0 if head is None or states.shape[1] == 1 else head]
             tile_plan = plan_causal_diagonal(head_states, block_mask.mask_mod, head or 0, batch, q_len, kv_len,
-                                             block_q, block_kv) or plan_tiles(head_states, batch, q_len, block_q, block_kv)
+                                             block_q, block_kv)
+            group_variants = tile_variants
+            if tile_plan is None:
+                tile_plan = plan_tiles(head_states, batch, q_len, block_q, block_kv, one_launch)
+            elif one_launch:
+                causal_variants = causal_variants or variants(None, block_kv)
+                group_variants = causal_variants
             group_shape = self.shape if head is None else (batch, q_len, kv_len, 1, 1, head_dim)
             self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, head, group_shape, dtype,
-                                          scale, workspace, block_mask.BLOCK_SIZE, tile_variants))
+                                          scale, workspace, block_mask.BLOCK_SIZE, group_variants))
 
     def _pages(self, x: torch.Tensor) -> torch.Tensor:
         """[B, KV_LEN, H, D] -> pages [B * nKV, block_kv, H, D] (zero-padded tail tile)."""
@@ -242,7 +255,9 @@ class FlashInferPlan:
         if self.bands:
             return "bands+columns" if self.columns is not None else "bands"
         kind = "tiles-per-head" if self.per_head else "tiles"
-        return kind + "-causal" if all(g.causal for g in self.groups) else kind
+        if all(g.causal for g in self.groups):
+            return kind + "-causal"
+        return kind + "-fa3-mask" if self.one_launch else kind
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = True):
         """(out, natural-log lse); lse is None when return_lse is False and the route needs none."""

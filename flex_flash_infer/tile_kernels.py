@@ -8,6 +8,10 @@ Both passed their GPU tests on an H100 (2026-11-25, tests/test_gpu.py -k tile_ro
                                     (FlashInfer's variant_owns_mask) instead of reading bits;
                                     off by default: correct on the GPU, its speed against the
                                     bits not yet measured.
+  FLEX_FLASH_INFER_FA3_MASK=1       Hopper: full and partial tiles in one fa3 launch whose variant
+                                    evaluates the traced mask_mod on partial tiles (no fa2 launch,
+                                    no merge); off by default: written 2026-12-01 without a GPU,
+                                    checked on the CPU model and by nvcc only.
 The variants and their request tables are described in variant_paged.py.
 """
 from __future__ import annotations
@@ -21,10 +25,11 @@ from .block_build import ceil_div
 from .codegen import position_bound_for
 from .trace import TraceError, trace
 from .variant import graph_values
-from .variant_paged import fa2_paged_variant, fa3_paged_score_mod_variant
+from .variant_paged import MASKED_PAGE_FLAG, fa2_paged_variant, fa3_paged_score_mod_variant
 
 TILE_VARIANTS = os.environ.get("FLEX_FLASH_INFER_TILE_VARIANTS", "1") != "0"
 MASK_IN_KERNEL = os.environ.get("FLEX_FLASH_INFER_MASK_IN_KERNEL", "0") == "1"
+FA3_MASK = os.environ.get("FLEX_FLASH_INFER_FA3_MASK", "0") == "1"
 
 
 def traced_mask_or_none(mask_mod):
@@ -51,6 +56,8 @@ def request_tables(plan, launch, key_positions: torch.Tensor, head: int | None, 
         req_b, req_h0 = row, torch.full_like(row, head or 0)
     page_kv0 = key_positions.to(device)[launch.kv_indices.long() % plan.num_kv_tiles]
     page_kv0 = torch.where(launch.dummy, -1, page_kv0)
+    if launch.masked is not None:   # one fa3 launch: the kernel evaluates mask_mod on these pages
+        page_kv0 = torch.where(launch.masked, page_kv0 | MASKED_PAGE_FLAG, page_kv0)
     tables = ((r % nq) * block_q, req_b, req_h0, launch.kv_indptr[:-1], page_kv0)
     return [t.to(torch.int32).contiguous() for t in tables]
 
@@ -59,7 +66,8 @@ class TileVariants:
     """The compiled variants of one plan: jit arguments of the full and partial launches and, for
     each, the kernel arguments that follow the tables (captured tensors, the scale, numbers, strides)."""
 
-    def __init__(self, score_mod, mask_graph, shape, dtype, scale, page_size: int, device, hopper: bool):
+    def __init__(self, score_mod, mask_graph, shape, dtype, scale, page_size: int, device, hopper: bool,
+                 one_launch: bool = False):
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         self.score_graph = None if score_mod is None else trace(score_mod, "score_mod")
         self.mask_graph = mask_graph
@@ -73,6 +81,13 @@ class TileVariants:
             return spec.jit_args(uri, dtype, head_dim, torch.int32, False)
 
         self.full_jit_args = None
+        self.one_launch = one_launch
+        if one_launch:   # fa3: full and partial tiles together, mask_mod on the flagged pages
+            self.full_jit_args = jit_args(fa3_paged_score_mod_variant(self.score_graph, page_size, bound,
+                                                                      mask_graph=mask_graph))
+            self.full_args, self.full_backend = self.partial_args, "fa3"
+            self.partial_jit_args, self.owns_mask = None, False
+            return
         if self.score_graph is not None:
             full = (fa3_paged_score_mod_variant(self.score_graph, page_size, bound) if hopper
                     else fa2_paged_variant(self.score_graph, None, page_size, bound))

@@ -20,6 +20,9 @@ SCORE_MOD_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias",
 FA2_SCORE_MOD_KINDS = ("score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi")
 TILE_VARIANT_KINDS = ("tile_variants:softcap", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
                       "mask_in_kernel")
+# Full and partial tiles in one fa3 launch, the mask in the kernel (opt-in FLEX_FLASH_INFER_FA3_MASK=1):
+# test_gpu's cases, and fa3_mask_bench: bench's streaming and attamba masks on that route
+FA3_MASK_KINDS = ("fa3_mask", "fa3_mask:softcap", "fa3_mask_bench")
 # A score_mod and a per-head mask on a paged cache (paged_kernels.py), as test_gpu runs them:
 # (mask, score_mod, queries per request) over requests of 17, 300 and 1000 keys in pages of 16.
 PAGED_MOD_CASES = (("causal", "softcap", (1, 1, 1)), ("sliding_window", "softcap", (5, 40, 7)),
@@ -77,20 +80,20 @@ def tiles_with_partials(num_tiles: int, seed: int = 0, block: int = 128, device=
 
 
 def tile_variant_case(kind: str, num_heads: int, q_len: int, kv_len: int, device="cuda"):
-    """(mask_mod, score_mod or None, mask in kernel) of a tile_variants / mask_in_kernel kind:
-    the tiles route (full and partial tiles) or, with '+columns', attamba's key columns."""
+    """(mask_mod, score_mod or None, mask in kernel) of a tile_variants / mask_in_kernel / fa3_mask
+    kind: the tiles route (full and partial tiles) or, with '+columns', attamba's key columns."""
     from .mods.registry import get_mask_fn
 
     name, _, extra = kind.partition(":")[2].partition("+")
     mask_mod = (get_mask_fn("attamba", window_size=64, chunk_size=32) if extra == "columns"
                 else tiles_with_partials(-(-max(q_len, kv_len) // 128), device=device))
-    score_mod = None if kind == "mask_in_kernel" else example_score_mod(name, num_heads, device=device)
+    score_mod = example_score_mod(name, num_heads, device=device) if name else None
     return mask_mod, score_mod, kind == "mask_in_kernel" or extra == "mask"
 
 
 def run_tile_variant(kind: str, q, k, v, return_lse=False):
-    """flex_attention on CUDA on the route a tile_variants / mask_in_kernel kind names, with the
-    tile_kernels switches on; returns (flex_attention's result, mask_mod, score_mod)."""
+    """flex_attention on CUDA on the route a tile_variants / mask_in_kernel / fa3_mask kind names,
+    with the tile_kernels switches on; returns (flex_attention's result, mask_mod, score_mod)."""
     from . import tile_kernels
     from .api import flex_attention
     from .block_mask import create_block_mask
@@ -98,10 +101,31 @@ def run_tile_variant(kind: str, q, k, v, return_lse=False):
     L, S = q.shape[2], k.shape[2]
     mask_mod, score_mod, in_kernel = tile_variant_case(kind, q.shape[1], L, S, device=q.device)
     tile_kernels.TILE_VARIANTS, tile_kernels.MASK_IN_KERNEL = True, in_kernel
+    tile_kernels.FA3_MASK = kind.startswith("fa3_mask")
     bm = create_block_mask(mask_mod, None, None, L, S, device=q.device)
     out = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True, return_lse=return_lse,
                          backend="flashinfer")
     return out, mask_mod, score_mod
+
+
+def run_fa3_mask_bench(dtype, head_dim: int, device="cuda") -> None:
+    """bench's streaming and attamba masks on the tiles route in one fa3 launch (its
+    ours_tiles_fa3_mask rows): a module per mask structure, whatever the window sizes."""
+    from . import route, tile_kernels
+    from .api import flex_attention
+    from .block_mask import create_block_mask
+    from .mods.registry import get_mask_fn
+
+    saved = route.ENABLE_COLUMN_LOWERING, tile_kernels.FA3_MASK
+    route.ENABLE_COLUMN_LOWERING, tile_kernels.FA3_MASK = False, True
+    try:
+        q = torch.randn(1, 4, 1024, head_dim, device=device, dtype=dtype)
+        for mask in (get_mask_fn("streaming", sink_size=4, window_size=300),
+                     get_mask_fn("attamba", window_size=256, chunk_size=128)):
+            bm = create_block_mask(mask, None, None, 1024, 1024, device=device)
+            flex_attention(q, q, q, block_mask=bm, backend="flashinfer")
+    finally:
+        route.ENABLE_COLUMN_LOWERING, tile_kernels.FA3_MASK = saved
 
 
 def paged_mod_case(mask_name: str, mod_name, num_heads: int, device):
@@ -161,9 +185,13 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
         compile_score_mod(kind, dtype, head_dim)
         torch.cuda.synchronize()
         return None
-    if kind.startswith("tile_variants:") or kind == "mask_in_kernel":
+    if kind.startswith(("tile_variants:", "fa3_mask")) or kind == "mask_in_kernel":
         q = torch.randn(1, 4, 600, head_dim, device="cuda", dtype=dtype)
         run_tile_variant(kind, q, q[:, :2], q[:, :2])
+        torch.cuda.synchronize()
+        return None
+    if kind == "fa3_mask_bench":
+        run_fa3_mask_bench(dtype, head_dim)
         torch.cuda.synchronize()
         return None
     if kind == "paged_mods":  # a score_mod and per-head masks on a paged cache

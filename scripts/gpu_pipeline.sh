@@ -11,7 +11,8 @@
 #   warm-bench   bf16 kernels of the bench stages only (fits a 30-minute machine)
 #   decode-tests  CUDA-graph decode, and a score_mod / per-head masks on the paged cache
 #   bench-32k-score  causal and the score_mod rows at 32768
-#   warm-tiles   the tile-variant kinds only;   tile-tests  their GPU tests
+#   warm-tiles   the tile-variant kinds only (fa3_mask included);   tile-tests  their GPU tests
+#   bench-columns  8192 streaming, attamba: bands + columns, tiles, tiles in one fa3 launch
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
 #   tests        every GPU test except the compiled score_mod ones
 #   examples     python examples/*.py on the GPU (each checks its own result)
@@ -67,7 +68,8 @@ case "${1:-}" in
           # (a lent machine goes back after 30 minutes held: the full warm-up does not leave time to bench)
           MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds causal sliding_window \
             tiles documents decode paged_mods bands_per_head native_score score_mod:softcap score_mod:alibi \
-            score_mod:rel_bias score_mod:identity tile_variants:softcap mask_in_kernel >$run_dir/warm-bench.log 2>&1 &
+            score_mod:rel_bias score_mod:identity tile_variants:softcap mask_in_kernel fa3_mask_bench \
+            >$run_dir/warm-bench.log 2>&1 &
           MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 64 --kinds causal \
             >$run_dir/warm-bench-64.log 2>&1
           wait
@@ -85,8 +87,9 @@ case "${1:-}" in
         warm-tiles)
           # the four tile-variant kinds only, 16 nvcc jobs in all (18 kernel sets at 3 jobs each ran
           # the 128 GiB machine out of memory: nvcc killed)
-          MAX_JOBS=4 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds tile_variants:softcap \
-            tile_variants:rel_bias+mask tile_variants:alibi+columns mask_in_kernel >$run_dir/warm-tiles.log 2>&1
+          MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds tile_variants:softcap \
+            tile_variants:rel_bias+mask tile_variants:alibi+columns mask_in_kernel fa3_mask fa3_mask:softcap \
+            >$run_dir/warm-tiles.log 2>&1
           grep -h " ok \|FAILED\|error" $run_dir/warm-tiles.log | cut -c1-300 | tail -n 20 ;;
         tile-tests)
           python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "tile_route" -p no:cacheprovider \
@@ -117,6 +120,11 @@ case "${1:-}" in
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases random_tiles per_head_windows \
             softcap+random_tiles --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
           tail -n 10 $run_dir/$stage.log ;;
+        bench-columns)  # 8192 streaming and attamba: bands + key columns beside the tiles route, two
+                        # launches or one fa3 launch with the mask in the kernel (ours_tiles_fa3_mask)
+          python3 -m flex_flash_infer bench --seq-lens 8192 --cases streaming attamba \
+            --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
+          tail -n 8 $run_dir/$stage.log ;;
         bench-score)
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases causal softcap+causal alibi+causal \
             rel_bias+causal identity+causal --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \

@@ -33,7 +33,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CUSTOM_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:identity",
                 "tile_variants:softcap", "mask_in_kernel", "score_mod:temperature", "score_mod:causal_decay",
                 "score_mod:softcap+window", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
-                "score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi", "paged_mods")
+                "score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi", "paged_mods",
+                "fa3_mask", "fa3_mask:softcap", "fa3_mask_bench")
 
 
 class _Stop(Exception):
@@ -103,10 +104,23 @@ def _record_paged_mods(dtype, head_dim) -> None:
         PagedFlexAttention(device="cpu", backend="flashinfer").plan(mask_mod, *tables, dtype=dtype, score_mod=score_mod)
 
 
+def _record_each(run, dtype, head_dim) -> None:
+    """run plans several problems; the stand-in stops each at its first launch, so plan them one
+    at a time by letting the stop pass (the planning of each is what records its modules)."""
+    from flex_flash_infer import flashinfer_backend
+
+    real_run = flashinfer_backend.FlashInferPlan.run
+    flashinfer_backend.FlashInferPlan.run = lambda self, q, k, v, return_lse=True: (q, None)
+    try:
+        run(dtype, head_dim, device="cpu")
+    finally:
+        flashinfer_backend.FlashInferPlan.run = real_run
+
+
 def custom_jit_args(kinds, dtype, head_dim) -> list:
     """(backend, jit_args) of every compiled variant the warm-up kinds build, in first-use order."""
     from flex_flash_infer import flashinfer_backend
-    from flex_flash_infer.warmup import compile_score_mod, run_tile_variant
+    from flex_flash_infer.warmup import compile_score_mod, run_fa3_mask_bench, run_tile_variant
 
     recorded = []
     with _planning_on_cpu_as_hopper(_recording_flashinfer(recorded)):
@@ -117,6 +131,8 @@ def custom_jit_args(kinds, dtype, head_dim) -> list:
                     compile_score_mod(kind, dtype, head_dim, device="cpu")
                 elif kind == "paged_mods":   # each case plans its own launches: record them all
                     _record_paged_mods(dtype, head_dim)
+                elif kind == "fa3_mask_bench":
+                    _record_each(run_fa3_mask_bench, dtype, head_dim)
                 else:   # as warmup.compile_one runs the tile kinds
                     q = torch.randn(1, 4, 600, head_dim, dtype=dtype)
                     run_tile_variant(kind, q, q[:, :2], q[:, :2])

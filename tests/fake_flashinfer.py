@@ -8,6 +8,8 @@ import torch
 from paged_simulator import merge_state as _merge_state
 from paged_simulator import paged_prefill
 
+from flex_flash_infer.variant_paged import MASKED_PAGE_FLAG
+
 
 class BatchPrefillWithPagedKVCacheWrapper:
     def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None, variant_owns_mask=False):
@@ -58,10 +60,13 @@ WRAPPER_BUFFERS = ("maybe_custom_mask", "maybe_mask_indptr", "maybe_alibi_slopes
 class PagedVariantModel:
     """A variant of variant_paged.py: the positions its five tables give (as its C++ maps them),
     the host-compiled score_mod and, when it owns the mask, the host-compiled mask_mod.
-    VARIANTS holds {"score": f or None, "mask": f or None} under the variant's name."""
+    VARIANTS holds {"score": f or None, "mask": f or None} under the variant's name, and
+    "fa3_mask": True for fa3's one launch, which evaluates the mask on pages whose ffi_page_kv0
+    entry carries MASKED_PAGE_FLAG."""
 
     def __init__(self, mods, tensor_names, scalar_names):
         self.score, self.mask = mods["score"], mods["mask"]
+        self.fa3_mask = mods.get("fa3_mask", False)
         # as FlashInfer's wrapper does, names it knows are filled from its own buffers, not from run()'s arguments
         self.tensor_names = [n for n in tensor_names if n not in WRAPPER_BUFFERS]
         assert self.tensor_names[:5] == ["ffi_req_q0", "ffi_req_b", "ffi_req_h0", "ffi_req_page0", "ffi_page_kv0"]
@@ -76,10 +81,16 @@ class PagedVariantModel:
         kv_indptr = plan_args[1].long()
         assert torch.equal(req_page0, kv_indptr[:-1])
 
+        flagged = torch.zeros_like(page_kv0, dtype=torch.bool)
+        if self.fa3_mask:
+            flagged = (page_kv0 >= 0) & (page_kv0 & MASKED_PAGE_FLAG != 0)
+            page_kv0 = torch.where(page_kv0 >= 0, page_kv0 & (MASKED_PAGE_FLAG - 1), page_kv0)
+
         def apply(r, s):   # s [H, n, m]: request r's scores over its concatenated pages
             h, n, m = s.shape
             kv_idx = torch.arange(m)
             page = page_kv0[int(req_page0[r]) + kv_idx // page_size]
+            masked_page = flagged[int(req_page0[r]) + kv_idx // page_size].view(1, 1, -1)
             kv = (page + kv_idx % page_size).view(1, 1, -1)
             filler = ((page < 0) | (page + kv_idx % page_size >= kv_end)).view(1, 1, -1)
             b, hh = req_b[r], (req_h0[r] + torch.arange(h)).view(-1, 1, 1)
@@ -90,6 +101,9 @@ class PagedVariantModel:
             if owns_mask:
                 keep = self.mask(torch.zeros(()), b, hh, qq, kv.clamp(0, kv_end - 1)).bool() & ~filler
                 out = out.masked_fill(~keep, -math.inf)
+            if self.fa3_mask:
+                keep = self.mask(torch.zeros(()), b, hh, qq, kv.clamp(0, kv_end - 1)).bool() & ~filler
+                out = out.masked_fill(masked_page & ~keep, -math.inf)
             return out
 
         return apply
@@ -174,3 +188,26 @@ def module():
                                  single_prefill_with_kv_cache=single_prefill_with_kv_cache,
                                  BatchDecodeWithPagedKVCacheWrapper=BatchDecodeWithPagedKVCacheWrapper,
                                  merge_state=merge_state, __version__="fake")
+
+
+def register_paged_variants(monkeypatch, tile_kernels) -> list:
+    """Wrap the paged variant builders tile_kernels calls so that each variant they generate is
+    registered in VARIANTS with the host-compiled code of its graphs; returns the names built."""
+    from flex_flash_infer.hostcheck import compile_host
+
+    built = []
+    for name in ("fa3_paged_score_mod_variant", "fa2_paged_variant"):
+        real = getattr(tile_kernels, name)
+
+        def registering(*args, _real=real, **kw):
+            spec = _real(*args, **kw)
+            fa2 = _real.__name__ == "fa2_paged_variant"
+            graphs = list(args[:2]) if fa2 else [args[0], kw.get("mask_graph")]
+            mods = {"score": graphs[0] and compile_host(graphs[0]), "mask": graphs[1] and compile_host(graphs[1]),
+                    "fa3_mask": not fa2 and graphs[1] is not None}
+            monkeypatch.setitem(VARIANTS, spec.name, mods)
+            built.append(spec.name)
+            return spec
+
+        monkeypatch.setattr(tile_kernels, name, registering)
+    return built

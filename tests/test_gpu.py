@@ -455,18 +455,20 @@ def test_paged_cache_mods_compiled_into_the_kernels(cuda_gen, mask_name, mod_nam
 
 
 TILE_VARIANT_CASES = ["tile_variants:softcap", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
-                      "mask_in_kernel"]
+                      "mask_in_kernel", "fa3_mask", "fa3_mask:softcap"]
 
 
 @pytest.mark.parametrize("kind", TILE_VARIANT_CASES)
 def test_tile_route_variants_compiled_into_the_kernel(cuda_gen, monkeypatch, kind):
-    """score_mod on the tiles and key-column routes, and mask_mod evaluated inside the fa2 kernel
-    (tile_kernels.py; off by default until this passes): odd lengths, GQA, batch 2."""
+    """score_mod on the tiles and key-column routes, mask_mod evaluated inside the fa2 kernel, and
+    full + partial tiles in one fa3 launch with the mask in the kernel (tile_kernels.py; the last
+    two off by default): odd lengths, GQA, batch 2."""
     from flex_flash_infer import tile_kernels
     from flex_flash_infer.warmup import run_tile_variant
 
     monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", True)   # restored after the test
     monkeypatch.setattr(tile_kernels, "MASK_IN_KERNEL", False)
+    monkeypatch.setattr(tile_kernels, "FA3_MASK", False)
     B, H, Hkv, L, D = 2, 8, 2, 777, 128
     S = L if kind.endswith("columns") else 901   # key columns are found for square masks
     dtype = torch.bfloat16

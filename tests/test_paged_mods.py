@@ -12,7 +12,6 @@ import fake_flashinfer
 from dense_reference import rel_err
 from flex_flash_infer import PagedFlexAttention, get_mask_fn, paged, tile_kernels
 from flex_flash_infer.block_build import FULL, PARTIAL
-from flex_flash_infer.hostcheck import compile_host
 from flex_flash_infer.paged_plan import plan_paged
 from flex_flash_infer.trace import TraceError
 from flex_flash_infer.warmup import example_score_mod
@@ -28,20 +27,7 @@ def fake(monkeypatch):
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
     monkeypatch.setattr(paged, "_is_hopper", lambda device: True)
-    built = []
-    for name in ("fa3_paged_score_mod_variant", "fa2_paged_variant"):
-        real = getattr(tile_kernels, name)
-
-        def registering(*args, _real=real, **kw):
-            spec = _real(*args, **kw)
-            graphs = list(args[:2]) if _real.__name__ == "fa2_paged_variant" else [args[0], None]
-            mods = {"score": graphs[0] and compile_host(graphs[0]), "mask": graphs[1] and compile_host(graphs[1])}
-            monkeypatch.setitem(fake_flashinfer.VARIANTS, spec.name, mods)
-            built.append(spec.name)
-            return spec
-
-        monkeypatch.setattr(tile_kernels, name, registering)
-    return built
+    return fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
 
 
 def oracle(mask_mod, score_mod, q, k_cache, v_cache, qo_indptr, kv_page_indptr, indices, last, page_size):

@@ -24,17 +24,7 @@ def fake(monkeypatch):
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
     monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", True)
-    for name in ("fa3_paged_score_mod_variant", "fa2_paged_variant"):
-        real = getattr(tile_kernels, name)
-
-        def registering(*args, _real=real, **kw):
-            spec = _real(*args, **kw)
-            graphs = list(args[:2]) if _real.__name__ == "fa2_paged_variant" else [args[0], None]
-            mods = {"score": graphs[0] and compile_host(graphs[0]), "mask": graphs[1] and compile_host(graphs[1])}
-            monkeypatch.setitem(fake_flashinfer.VARIANTS, spec.name, mods)
-            return spec
-
-        monkeypatch.setattr(tile_kernels, name, registering)
+    fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
 
 
 def _block_sparse_causal(L, rng, block=64):
