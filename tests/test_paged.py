@@ -30,29 +30,33 @@ def random_cache(rng, kv_lens, qo_lens, page_size, Hq=4, Hkv=2, D=16):
     return q, k_cache, v_cache, qo_indptr, kv_page_indptr, order, last
 
 
-def dense_oracle(mod, q, k_cache, v_cache, qo_indptr, kv_page_indptr, indices, last, page_size):
-    """float64, request by request, written independently of the library's reference."""
+def dense_oracle(mod, q, k_cache, v_cache, qo_indptr, kv_page_indptr, indices, last, page_size, score_mod=None):
+    """float64 attention of each (request, head, query) over its cached keys, the queries being
+    the newest tokens, written independently of the library's reference; score_mod sees the
+    scaled score, the mask applies after it."""
     Hq, Hkv = q.shape[1], k_cache.shape[2]
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float64)
     for r in range(len(qo_indptr) - 1):
         q0, q1 = int(qo_indptr[r]), int(qo_indptr[r + 1])
         pages = indices[int(kv_page_indptr[r]):int(kv_page_indptr[r + 1])]
-        if not len(pages) or q1 == q0:
-            continue
-        n = (len(pages) - 1) * page_size + int(last[r])
-        k = k_cache[pages].reshape(-1, Hkv, k_cache.shape[-1])[:n].repeat_interleave(Hq // Hkv, 1)
-        v = v_cache[pages].reshape(-1, Hkv, v_cache.shape[-1])[:n].repeat_interleave(Hq // Hkv, 1)
+        n = (len(pages) - 1) * page_size + int(last[r]) if len(pages) else 0
+        k = k_cache[pages].reshape(-1, Hkv, k_cache.shape[-1])[:n]
+        v = v_cache[pages].reshape(-1, Hkv, v_cache.shape[-1])[:n]
+        kv = torch.arange(n)
         for i in range(q1 - q0):
-            pos = n - (q1 - q0) + i
-            seen = torch.tensor([bool(mod(torch.tensor(r), torch.tensor(0), torch.tensor(pos), torch.tensor(j)))
-                                 for j in range(n)])
-            if not seen.any():
-                continue
-            s = torch.einsum("hd,khd->hk", q[q0 + i], k[seen]) / math.sqrt(q.shape[-1])
-            p = torch.softmax(s, -1)
-            out[q0 + i] = torch.einsum("hk,khd->hd", p, v[seen])
-            lse[q0 + i] = torch.logsumexp(s, -1)
+            pos = torch.tensor(n - (q1 - q0) + i)
+            for h in range(Hq):
+                b, hh = torch.tensor(r), torch.tensor(h)
+                seen = mod(b, hh, pos, kv).expand(n).bool()
+                if not seen.any():
+                    continue
+                s = (k[:, h // (Hq // Hkv)] @ q[q0 + i, h]) / math.sqrt(q.shape[-1])
+                if score_mod is not None:
+                    s = score_mod(s.float(), b, hh, pos, kv).double()
+                s = s[seen]
+                out[q0 + i, h] = torch.softmax(s, 0) @ v[seen, h // (Hq // Hkv)]
+                lse[q0 + i, h] = torch.logsumexp(s, 0)
     return out, lse
 
 

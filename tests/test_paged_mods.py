@@ -1,8 +1,7 @@
 """A score_mod and per-head masks on a paged KV cache (paged.py, paged_kernels.py): the reference
 path and the FlashInfer launches (kernels replaced by the CPU model, which runs the host-compiled
-code of each generated variant with the positions its tables give) against a float64 oracle
-written here, request by request and head by head."""
-import math
+code of each generated variant with the positions its tables give) against test_paged's float64
+oracle, request by request and head by head."""
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ from flex_flash_infer.block_build import FULL, PARTIAL
 from flex_flash_infer.paged_plan import plan_paged
 from flex_flash_infer.trace import TraceError
 from flex_flash_infer.warmup import example_score_mod
-from test_paged import random_cache
+from test_paged import dense_oracle, random_cache
 
 HQ, HKV, D = 4, 2, 16
 
@@ -28,35 +27,6 @@ def fake(monkeypatch):
     monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
     monkeypatch.setattr(paged, "_is_hopper", lambda device: True)
     return fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
-
-
-def oracle(mask_mod, score_mod, q, k_cache, v_cache, qo_indptr, kv_page_indptr, indices, last, page_size):
-    """float64 attention of each (request, head, query) over its cached keys, the queries being the
-    newest tokens; score_mod sees the scaled score, the mask applies after it."""
-    Hq, Hkv = q.shape[1], k_cache.shape[2]
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float64)
-    for r in range(len(qo_indptr) - 1):
-        q0, q1 = int(qo_indptr[r]), int(qo_indptr[r + 1])
-        pages = indices[int(kv_page_indptr[r]):int(kv_page_indptr[r + 1])]
-        n = (len(pages) - 1) * page_size + int(last[r]) if len(pages) else 0
-        k = k_cache[pages].reshape(-1, Hkv, k_cache.shape[-1])[:n]
-        v = v_cache[pages].reshape(-1, Hkv, v_cache.shape[-1])[:n]
-        kv = torch.arange(n)
-        for i in range(q1 - q0):
-            pos = torch.tensor(n - (q1 - q0) + i)
-            for h in range(Hq):
-                b, hh = torch.tensor(r), torch.tensor(h)
-                seen = mask_mod(b, hh, pos, kv).expand(n).bool()
-                if not seen.any():
-                    continue
-                s = (k[:, h // (Hq // Hkv)] @ q[q0 + i, h]) / math.sqrt(q.shape[-1])
-                if score_mod is not None:
-                    s = score_mod(s.float(), b, hh, pos, kv).double()
-                s = s[seen]
-                out[q0 + i, h] = torch.softmax(s, 0) @ v[seen, h // (Hq // Hkv)]
-                lse[q0 + i, h] = torch.logsumexp(s, 0)
-    return out, lse
 
 
 def per_head_windows(b, h, q_idx, kv_idx):
@@ -95,7 +65,8 @@ def _run(backend, mask_mod, score_mod, kv_lens, qo_lens, rng, page_size=16):
     attn.plan(mask_mod, qo_indptr, kv_page_indptr, indices, last, HQ, HKV, D, page_size, dtype=torch.float64,
               score_mod=score_mod)
     out, lse = attn.run(q, (kc, vc), return_lse=True)
-    ref_out, ref_lse = oracle(mask_mod, score_mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, page_size)
+    ref_out, ref_lse = dense_oracle(mask_mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, page_size,
+                                    score_mod)
     assert not torch.isnan(out).any()
     assert rel_err(out, ref_out) < 1e-5        # the score_mod runs in float32
     seen = torch.isfinite(ref_lse)
