@@ -139,6 +139,43 @@ class BlockMask:
                 f"sparsity={self.sparsity():.2f}%, mask_mod={getattr(self.mask_mod, '__name__', 'mask_mod')})")
 
 
+class LazyBlockMask(BlockMask):
+    """A BlockMask whose tile tables are built on first use: a library mask that states its own
+    bands (a lowering hint) plans without them, so prepare() skips the build (it is most of a
+    hinted plan's host time); reading any table, states or to_dense builds them once."""
+    _TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "_states")
+
+    def __init__(self, build: Callable[[], BlockMask], batch_heads, seq_lengths, BLOCK_SIZE, mask_mod, device):
+        self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        self.BLOCK_SIZE = _block_sizes(BLOCK_SIZE)
+        self.mask_mod = as_mask_mod(mask_mod)
+        self._plans = {}
+        self._build = build
+        self._batch_heads = tuple(batch_heads)
+        self._device = torch.device(device)
+
+    def __getattr__(self, name):
+        # only reached for attributes not set yet: the tables before the build
+        if name in LazyBlockMask._TABLES and "_build" in self.__dict__:
+            built = self.__dict__.pop("_build")()
+            for table in LazyBlockMask._TABLES:
+                setattr(self, table, getattr(built, table))
+            return getattr(self, name)
+        raise AttributeError(name)
+
+    @property
+    def built(self) -> bool:
+        return "_build" not in self.__dict__
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self._batch_heads + self.seq_lengths
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+
 def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, _compile=False,
                       chunk_elements: int | None = None) -> BlockMask:
     """Build a BlockMask from a mask_mod, tile by tile, without the dense mask.

@@ -16,7 +16,7 @@ import os
 import torch
 
 from .columns import column_states, compact_mask_mod
-from .block_build import PARTIAL
+from .block_build import PARTIAL, ceil_div
 from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
 from .route import choose_route
 from .bands import band_launches
@@ -154,13 +154,12 @@ class FlashInferPlan:
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
         block_q, block_kv = block_mask.BLOCK_SIZE
-        states = block_mask.states.to(device)
         route = choose_route(block_mask, batch, num_qo_heads, q_len, kv_len, device)
         self.per_head = route.per_head
         self.head_major = False
         self.head_band_runs = None   # bands-per-head: [(query heads, key heads, _BandRunner)]
         self.block_kv = block_kv
-        self.num_kv_tiles = states.shape[-1]
+        self.num_kv_tiles = ceil_div(kv_len, block_kv)
         self.shape = (batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim)
         self.group_size = num_qo_heads // num_kv_heads
         self.groups = []
@@ -208,6 +207,8 @@ class FlashInferPlan:
                 self.head_band_runs.append((torch.tensor(heads, device=device), torch.tensor(kv_heads, device=device),
                                             _BandRunner(bands, group_shape, dtype, scale, workspace)))
             return
+        states = block_mask.states.to(device)   # the tiles routes (a band route never builds a lazy mask's tables)
+        self.num_kv_tiles = states.shape[-1]
         # partial tiles evaluate the traced mask_mod in the kernel (or read bits when it does not
         # trace): in the fa2 launch (MASK_IN_KERNEL), or beside the full tiles in one fa3 launch (FA3_MASK)
         one_launch = tile_kernels.FA3_MASK and hopper

@@ -43,29 +43,39 @@ class Route:
 
 
 def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: int, device) -> Route:
-    states = block_mask.states.to(device)
+    """The route of a block mask; its tile states are read only where a route needs them (a
+    hinted library mask with one map for every batch entry and head never does: a LazyBlockMask
+    then stays unbuilt)."""
+    tiles = []
+
+    def tile_states():
+        if not tiles:
+            tiles.append(block_mask.states.to(device))
+        return tiles[0]
+
     block_q, block_kv = block_mask.BLOCK_SIZE
     uses_b, uses_h = mask_dependence(block_mask.mask_mod, batch, num_qo_heads, q_len, kv_len, device)
+    map_b, map_h = block_mask.shape[:2]
     # a block mask built with explicit B or H (torch's create_block_mask(mod, B, H, ...) idiom) of
     # a mod that uses neither holds equal copies: plan it once (tables made elsewhere may differ)
-    per_head = uses_h or not (states.shape[1] == 1 or bool((states == states[:, :1]).all()))
-    same_for_all = not per_head and not uses_b and (states.shape[0] == 1 or bool((states == states[:1]).all()))
+    per_head = uses_h or not (map_h == 1 or bool((tile_states() == tile_states()[:, :1]).all()))
+    same_for_all = not per_head and not uses_b and (map_b == 1 or bool((tile_states() == tile_states()[:1]).all()))
     if same_for_all:
         lowered = column_lowering(block_mask.mask_mod, q_len, kv_len) if ENABLE_COLUMN_LOWERING else None
         if lowered is not None:
             return Route("bands+columns", False, lowered[0], lowered[1].to(device))
         bands = hinted_bands(block_mask.mask_mod, q_len, kv_len) or find_bands(
-            states[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
+            tile_states()[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
         if bands:
             return Route("bands", False, bands)
-        found = find_window_columns(states[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv) \
+        found = find_window_columns(tile_states()[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv) \
             if ENABLE_COLUMN_LOWERING else None
         if found is not None:
             return Route("bands+columns", False, found[0], found[1].to(device))
-    if per_head and ENABLE_HEAD_BANDS and not uses_b and states.shape[:2] == (1, num_qo_heads):
+    if per_head and ENABLE_HEAD_BANDS and not uses_b and (map_b, map_h) == (1, num_qo_heads):
         per_head_bands = []
         for head in range(num_qo_heads):
-            bands = find_bands(states[0, head], _at_head(block_mask.mask_mod, head), q_len, kv_len, block_q, block_kv)
+            bands = find_bands(tile_states()[0, head], _at_head(block_mask.mask_mod, head), q_len, kv_len, block_q, block_kv)
             if not bands:
                 break
             per_head_bands.append(bands)
