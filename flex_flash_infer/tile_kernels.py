@@ -11,7 +11,8 @@ Both passed their GPU tests on an H100 (2026-11-25, tests/test_gpu.py -k tile_ro
   FLEX_FLASH_INFER_FA3_MASK=1       Hopper: full and partial tiles in one fa3 launch whose variant
                                     evaluates the traced mask_mod on partial tiles (no fa2 launch,
                                     no merge); off by default: written 2026-12-01 without a GPU,
-                                    checked on the CPU model and by nvcc only.
+                                    checked on the CPU model; its FlashInfer module builds (the
+                                    prebuild script, sm_90a); never run.
 The variants and their request tables are described in variant_paged.py.
 """
 from __future__ import annotations
