@@ -71,6 +71,42 @@ def test_a_mask_mod_changes_the_pattern_exactly(models, rng):
     assert torch.allclose(moved[:, -1], windowed[:, -1], atol=1e-5)
 
 
+def tiny_gemma2(attn_implementation, softcap, seed=0):
+    """Gemma 2: sliding-window layers and a logit soft cap (small enough to matter for random weights)."""
+    config = transformers.Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=512, sliding_window=8, attn_logit_softcapping=softcap,
+                                       final_logit_softcapping=None, query_pre_attn_scalar=16)
+    torch.manual_seed(seed)
+    return transformers.Gemma2ForCausalLM._from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def test_a_models_own_softcap_and_sliding_layers_match_eager(rng):
+    """Gemma 2 hands its soft cap to the attention as a keyword: it runs (as a score_mod) and the
+    logits and the greedy tokens match transformers' eager attention; without the cap they differ."""
+    register()
+    ours, eager = tiny_gemma2("flex_infer", 0.02), tiny_gemma2("eager", 0.02)
+    ours.load_state_dict(eager.state_dict())
+    uncapped = tiny_gemma2("eager", None)
+    uncapped.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 256, (2, 40), generator=rng)
+    with torch.no_grad():
+        a, b, c = ours(ids).logits, eager(ids).logits, uncapped(ids).logits
+        tokens = ours.generate(ids[:1, :20], max_new_tokens=10, do_sample=False)
+        expected = eager.generate(ids[:1, :20], max_new_tokens=10, do_sample=False)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    assert not torch.allclose(b, c, atol=1e-3)        # the cap changes the result at this size
+    assert torch.equal(tokens, expected)
+
+
+def test_learned_attention_sinks_raise_instead_of_being_dropped():
+    from flex_flash_infer.integrations.transformers import attention_forward
+
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        attention_forward(torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask_name", [None, "sliding_window"])
 def test_gpu_bf16_logits_match_sdpa_through_flashinfer(monkeypatch, mask_name):

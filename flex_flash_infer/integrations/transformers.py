@@ -11,7 +11,8 @@ causal pattern is then lowered to FlashInfer's causal kernel), else the boolean 
 transformers builds (padding, sliding-window layers) as a captured tensor. A mask_mod or
 score_mod set with attention_mods() (or as config.flex_flash_infer_mask_mod /
 config.flex_flash_infer_score_mod) replaces the model's pattern; it sees absolute positions,
-so it holds while generating with a KV cache.
+so it holds while generating with a KV cache. A model's own logit soft cap (Gemma 2's softcap)
+runs as a score_mod, before any score_mod given here; learned attention sinks (s_aux) raise.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..api import flex_attention
 from ..block_mask import create_block_mask
 from ..mask_eval import as_mask_mod, check_score_mod
 from ..mods.causal import generate_causal_mask_mod
+from ..mods.softcap import generate_softcap_score_mod
 
 # transformers treats every implementation name containing "flash" as a FlashAttention kernel
 # (transformers.utils.generic.is_flash_attention_requested), so the name avoids that word.
@@ -69,15 +71,34 @@ def _dense_mask_mod(mask: torch.Tensor):
     return model_mask, visible.shape[0]
 
 
+def _with_model_softcap(score_mod, softcap):
+    """The model's own logit soft cap (Gemma 2's attn_logit_softcapping, passed as softcap), then
+    any score_mod given with attention_mods() or the config."""
+    if not softcap:
+        return score_mod
+    capped = generate_softcap_score_mod(float(softcap))
+    if score_mod is None:
+        return capped
+    score_mod = check_score_mod(score_mod)
+
+    def softcap_then_score_mod(score, b, h, q_idx, kv_idx):
+        return score_mod(capped(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+    return softcap_then_score_mod
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention interface: query [B, Hq, Q, D], key/value [B, Hkv, KV, D] ->
     ([B, Q, Hq, D], None)."""
     if dropout and module.training:
         raise ValueError("flex_flash_infer attention is for inference: dropout must be 0 (call model.eval())")
     config = getattr(module, "config", None)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("flex_flash_infer attention does not support learned attention sinks "
+                                  "(the model passed s_aux); use attn_implementation='eager' for this model")
     mask_mod, score_mod = getattr(_local, "mods", None) or (None, None)
     mask_mod = mask_mod or getattr(config, "flex_flash_infer_mask_mod", None)
-    score_mod = score_mod or getattr(config, "flex_flash_infer_score_mod", None)
+    score_mod = _with_model_softcap(score_mod or getattr(config, "flex_flash_infer_score_mod", None),
+                                    kwargs.get("softcap"))
     B, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     offset = kv_len - q_len
