@@ -251,38 +251,42 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
 
     from . import flashinfer_backend, route as route_module, tile_kernels
 
+    def alternative(impl, *switches, keep=lambda prepared: True):
+        """An alternative route timed beside the default: a failure to plan it or to compile its
+        kernels becomes its row's error instead of ending the case."""
+        try:
+            prepared = prepared_with(*switches)
+            if keep(prepared):
+                impls[impl] = lambda: prepared(q, k, v)
+        except Exception as e:
+            impls[impl] = raising(e)
+
+    def takes(route_name):
+        return lambda prepared: prepared._prepared.segments[0].plan.route == route_name
+
     per_head = mask_dependence(mask_mod, 1, heads_q, 4, 4, dev)[1]
     if per_head:
         # beside the default: the tiles-per-head route with every head in one launch set, its loop
         # over heads, and the bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS) where it applies
-        flex_loop = prepared_with(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False, route_module,
-                                  "ENABLE_HEAD_BANDS", False)
-        impls["ours_head_loop"] = lambda: flex_loop(q, k, v)
+        alternative("ours_head_loop", flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False, route_module,
+                    "ENABLE_HEAD_BANDS", False)
         if route == "bands-per-head":
-            flex_tiles_per_head = prepared_with(route_module, "ENABLE_HEAD_BANDS", False)
-            impls["ours_tiles_per_head"] = lambda: flex_tiles_per_head(q, k, v)
+            alternative("ours_tiles_per_head", route_module, "ENABLE_HEAD_BANDS", False)
         else:
-            try:  # a failure to plan becomes its row's error
-                flex_bands = prepared_with(route_module, "ENABLE_HEAD_BANDS", True)
-                if flex_bands._prepared.segments[0].plan.route == "bands-per-head":
-                    impls["ours_head_bands"] = lambda: flex_bands(q, k, v)
-            except Exception as e:
-                impls["ours_head_bands"] = raising(e)
+            alternative("ours_head_bands", route_module, "ENABLE_HEAD_BANDS", True, keep=takes("bands-per-head"))
     if name in ("attamba", "streaming"):
-        # the generic tiles route, beside the window band + key columns route they take
-        flex_tiles = prepared_with(route_module, "ENABLE_COLUMN_LOWERING", False)
-        impls["ours_tiles_route"] = lambda: flex_tiles(q, k, v)
-        # the same tiles in one fa3 launch with the mask in the kernel (opt-in FLEX_FLASH_INFER_FA3_MASK=1)
-        flex_tiles_fa3 = prepared_with(route_module, "ENABLE_COLUMN_LOWERING", False, tile_kernels, "FA3_MASK", True)
-        impls["ours_tiles_fa3_mask"] = lambda: flex_tiles_fa3(q, k, v)
+        # the generic tiles route, beside the window band + key columns route they take, and the
+        # same tiles in one fa3 launch with the mask in the kernel (opt-in FLEX_FLASH_INFER_FA3_MASK=1)
+        alternative("ours_tiles_route", route_module, "ENABLE_COLUMN_LOWERING", False)
+        alternative("ours_tiles_fa3_mask", route_module, "ENABLE_COLUMN_LOWERING", False, tile_kernels, "FA3_MASK",
+                    True)
     if route in ("tiles", "tiles-per-head") and not tile_kernels.FA3_MASK:
-        flex_fa3 = prepared_with(tile_kernels, "FA3_MASK", True)
-        impls["ours_fa3_mask"] = lambda: flex_fa3(q, k, v)
+        alternative("ours_fa3_mask", tile_kernels, "FA3_MASK", True)
     if route.startswith("tiles") and score_mod is None:
         # partial tiles: the traced mask_mod in the fa2 kernel vs its bits, whichever is not the default
         in_kernel = not tile_kernels.MASK_IN_KERNEL
-        flex_other = prepared_with(tile_kernels, "MASK_IN_KERNEL", in_kernel)
-        impls["ours_mask_in_kernel" if in_kernel else "ours_mask_bits"] = lambda: flex_other(q, k, v)
+        alternative("ours_mask_in_kernel" if in_kernel else "ours_mask_bits", tile_kernels, "MASK_IN_KERNEL",
+                    in_kernel)
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if name == "causal":
