@@ -51,6 +51,7 @@ class PagedFlexAttention:
         self.backend = check_backend_name(backend)
         self._workspace = workspace_buffer
         self._planned = None
+        self._wrappers = {}   # FlashInfer's wrappers, made once and planned again at every plan()
 
     def plan(self, mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype = torch.bfloat16,
@@ -74,29 +75,43 @@ class PagedFlexAttention:
             backend = "flashinfer" if unsupported_reason(self.device, dtype, head_dim, head_dim) is None else "reference"
         elif backend == "flashinfer" and (reason := unsupported_reason(self.device, dtype, head_dim, head_dim)):
             raise ValueError(f"backend='flashinfer' cannot run this plan: {reason}")
-        launches = None
-        if backend == "flashinfer":
-            heads = (num_qo_heads, num_kv_heads, head_dim)
+        launches = variants = None
+        heads = (num_qo_heads, num_kv_heads, head_dim)
+        if backend == "flashinfer" and (score_mod is not None or per_head):
             try:
-                variants = None
-                if score_mod is not None or per_head:
-                    mask_graph = trace(mod, "mask_mod") if per_head else None
-                    # decode on fa2: FlashInfer's fa2 kernels fold a GQA group's heads into the query
-                    # rows (its tensor-core decode is that kernel), so each page is read once per group
-                    variants = paged_variants(score_mod, mask_graph, plan, heads, dtype, scale, page_size,
-                                              self.device, _is_hopper(self.device) and not plan.decode)
-                launches = _build_launches(plan, *heads, page_size, dtype, scale, self._workspace, variants)
+                mask_graph = trace(mod, "mask_mod") if per_head else None
+                # decode on fa2: FlashInfer's fa2 kernels fold a GQA group's heads into the query
+                # rows (its tensor-core decode is that kernel), so each page is read once per group
+                variants = paged_variants(score_mod, mask_graph, plan, heads, dtype, scale, page_size,
+                                          self.device, _is_hopper(self.device) and not plan.decode)
             except TraceError as e:
                 if self.backend == "flashinfer":
                     raise
                 warn_once(f"flex_flash_infer: the paged cache runs on the slow reference backend because {e}")
-        self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, scale=scale,
+                backend = "reference"
+        if backend == "flashinfer":
+            launches = self._launches(plan, heads, page_size, dtype, scale, variants)
+        self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
+                             scale=scale,
                              page_size=page_size, heads=(num_qo_heads, num_kv_heads, head_dim), dtype=dtype,
                              tables=(torch.as_tensor(qo_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indices).long().to(self.device),
                                      torch.as_tensor(kv_last_page_len).long().to(self.device)))
         return self
+
+    def _launches(self, plan, heads, page_size, dtype, scale, variants):
+        """The plan's launches on the cached wrappers. Those are shared with the previous plan: if
+        this fails part way, the previous plan gets fresh wrappers of its own, so it still runs."""
+        try:
+            return _build_launches(plan, *heads, page_size, dtype, scale, self._workspace, variants, self._wrappers)
+        except Exception:
+            self._wrappers.clear()
+            old = self._planned
+            if old is not None and old["launches"] is not None:
+                old["launches"] = _build_launches(old["plan"], *old["heads"], old["page_size"], old["dtype"],
+                                                  old["scale"], self._workspace, old["variants"], self._wrappers)
+            raise
 
     @property
     def active_backend(self) -> str:
@@ -145,42 +160,57 @@ def _split_cache(kv_cache):
     raise ValueError("kv_cache must be a (k_cache, v_cache) pair or one tensor [num_pages, 2, page_size, Hkv, D]")
 
 
-def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, variants=None):
+def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, variants=None, wrappers=None):
     """(full wrapper, partial wrapper, full's run() arguments, partial's); a wrapper is None when
-    its launch has no page. With variants (paged_kernels.py) the launches run compiled mods."""
+    its launch has no page. With variants (paged_kernels.py) the launches run compiled mods.
+    wrappers: FlashInfer wrappers made by earlier calls, by role and kind; one that fits is planned
+    again rather than made anew (a new wrapper allocates its buffers, pinned host memory included:
+    host work a decode step need not repeat)."""
     import flashinfer
 
     device = plan.qo_indptr.device
     workspace = default_workspace(device) if workspace is None else workspace
+    wrappers = {} if wrappers is None else wrappers
+
+    def wrapper(key, make):
+        if key not in wrappers:
+            wrappers[key] = make()
+        return wrappers[key]
+
+    def prefill(role, backend, jit_args=None, owns_mask=False):
+        key = (role, "prefill", backend, jit_args and jit_args[0], owns_mask)
+        kwargs = {} if jit_args is None else {"jit_args": jit_args}
+        if owns_mask:
+            kwargs["variant_owns_mask"] = True
+        return wrapper(key, lambda: flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend,
+                                                                                   **kwargs))
+
     common = dict(sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
     full = partial = None
     full_args = partial_args = ()
     if plan.full is not None:
         f = plan.full
         if variants is not None and variants.full_jit_args is not None:   # a score_mod: never the decode kernel
-            full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=variants.full_backend,
-                                                                  jit_args=variants.full_jit_args)
+            full = prefill("full", variants.full_backend, variants.full_jit_args)
             full.plan(plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
                       causal=f.causal, **common)
             full_args = (*paged_request_tables(plan, f), *variants.full_args)
         elif plan.decode and not (DECODE_FA3 and _is_hopper(device)):
-            full = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD",
-                                                                 use_tensor_cores=use_tensor_core_decode(hq, hkv))
+            tensor_cores = use_tensor_core_decode(hq, hkv)
+            full = wrapper(("full", "decode", tensor_cores), lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_tensor_cores=tensor_cores))
             full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, **common)
         else:
-            backend = "fa3" if _is_hopper(device) else "fa2"
-            full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
+            full = prefill("full", "fa3" if _is_hopper(device) else "fa2")
             full.plan(plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
                       causal=f.causal, **common)
     if plan.partial is not None:
         m = plan.partial
         if variants is None:
-            partial = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+            partial = prefill("partial", "fa2")
         else:
             # a per-head mask: the kernel evaluates mask_mod itself (the plan built no bit mask)
-            partial = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                workspace, "NHD", backend="fa2", jit_args=variants.partial_jit_args,
-                variant_owns_mask=variants.owns_mask)
+            partial = prefill("partial", "fa2", variants.partial_jit_args, variants.owns_mask)
             partial_args = (*paged_request_tables(plan, m), *variants.partial_args)
         partial.plan(plan.qo_indptr, m.kv_indptr, m.kv_indices, m.last_page_len, hq, hkv, d, page_size,
                      custom_mask=m.mask, **common)

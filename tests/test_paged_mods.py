@@ -132,3 +132,47 @@ def test_untraceable_mods_name_the_problem_or_fall_back_with_a_warning(fake, mon
         attn = PagedFlexAttention(device="cpu", backend="auto").plan(None, *args, HQ, HKV, D, 16,
                                                                      dtype=torch.float64, score_mod=branchy)
     assert attn.active_backend == "reference"
+
+
+def _decode_step_tables(kv_lens, page_size=16):
+    pages = [-(-n // page_size) for n in kv_lens]
+    return (torch.arange(len(kv_lens) + 1), torch.tensor([0] + pages).cumsum(0), torch.arange(sum(pages)),
+            torch.tensor([n - (p - 1) * page_size for n, p in zip(kv_lens, pages)]))
+
+
+@pytest.mark.parametrize("mod_name", [None, "softcap"])
+def test_decode_steps_plan_the_same_wrappers_again(fake, rng, mod_name):
+    """plan() at every decode step re-plans the FlashInfer wrappers of the previous step (a new
+    wrapper allocates buffers) and the result of each step is the reference's."""
+    score_mod = example_score_mod(mod_name, HQ, device="cpu") if mod_name else None
+    mask = get_mask_fn("sliding_window", window_size=20)
+    cache = [torch.randn(40, 16, HKV, D, generator=rng, dtype=torch.float64) for _ in range(2)]
+    attn = PagedFlexAttention(device="cpu", backend="flashinfer")
+    reference = PagedFlexAttention(device="cpu", backend="reference")
+    seen = []
+    for step, kv_lens in enumerate(([40, 100, 7], [41, 101, 8], [42, 102, 9])):
+        tables = _decode_step_tables(kv_lens)
+        attn.plan(mask, *tables, HQ, HKV, D, 16, dtype=torch.float64, score_mod=score_mod)
+        reference.plan(mask, *tables, HQ, HKV, D, 16, dtype=torch.float64, score_mod=score_mod)
+        q = torch.randn(3, HQ, D, generator=rng, dtype=torch.float64)
+        assert (attn.run(q, cache) - reference.run(q, cache)).abs().max() < 1e-5
+        seen.append([id(w) for w in attn._planned["launches"][:2]])
+    assert seen[0] == seen[1] == seen[2]
+
+
+def test_a_failed_plan_leaves_the_previous_plan_running(fake, monkeypatch, rng):
+    mask = get_mask_fn("sliding_window", window_size=20)
+    cache = [torch.randn(40, 16, HKV, D, generator=rng, dtype=torch.float64) for _ in range(2)]
+    attn = PagedFlexAttention(device="cpu", backend="flashinfer")
+    attn.plan(mask, *_decode_step_tables([40, 100, 7]), HQ, HKV, D, 16, dtype=torch.float64)
+    q = torch.randn(3, HQ, D, generator=rng, dtype=torch.float64)
+    before = attn.run(q, cache)
+    partial = attn._planned["launches"][1]
+
+    def broken_plan(*args, **kwargs):
+        raise RuntimeError("FlashInfer could not plan")
+
+    monkeypatch.setattr(partial, "plan", broken_plan)   # the full wrapper re-plans first, then this fails
+    with pytest.raises(RuntimeError, match="could not plan"):
+        attn.plan(mask, *_decode_step_tables([41, 101, 8]), HQ, HKV, D, 16, dtype=torch.float64)
+    assert torch.equal(attn.run(q, cache), before)
