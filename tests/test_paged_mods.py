@@ -176,3 +176,17 @@ def test_a_failed_plan_leaves_the_previous_plan_running(fake, monkeypatch, rng):
     with pytest.raises(RuntimeError, match="could not plan"):
         attn.plan(mask, *_decode_step_tables([41, 101, 8]), HQ, HKV, D, 16, dtype=torch.float64)
     assert torch.equal(attn.run(q, cache), before)
+
+
+def test_a_bad_score_mod_names_the_argument_and_keeps_the_plan(rng):
+    attn = PagedFlexAttention(device="cpu")
+    tables = _decode_step_tables([40, 20])
+    attn.plan(None, *tables, HQ, HKV, D, 16, dtype=torch.float64)
+    cache = [torch.randn(4, 16, HKV, D, generator=rng, dtype=torch.float64) for _ in range(2)]
+    q = torch.randn(2, HQ, D, generator=rng, dtype=torch.float64)
+    before = attn.run(q, cache)
+    with pytest.raises(TypeError, match="score_mod must take 5 arguments"):
+        attn.plan(None, *tables, HQ, HKV, D, 16, dtype=torch.float64, score_mod=lambda s, b: s)
+    with pytest.raises(TypeError, match="score_mod must be a callable"):
+        attn.plan(None, *tables, HQ, HKV, D, 16, dtype=torch.float64, score_mod=3)
+    assert torch.equal(attn.run(q, cache), before)
