@@ -182,7 +182,7 @@ def test_a_bad_score_mod_names_the_argument_and_keeps_the_plan(rng):
     attn = PagedFlexAttention(device="cpu")
     tables = _decode_step_tables([40, 20])
     attn.plan(None, *tables, HQ, HKV, D, 16, dtype=torch.float64)
-    cache = [torch.randn(4, 16, HKV, D, generator=rng, dtype=torch.float64) for _ in range(2)]
+    cache = [torch.randn(5, 16, HKV, D, generator=rng, dtype=torch.float64) for _ in range(2)]
     q = torch.randn(2, HQ, D, generator=rng, dtype=torch.float64)
     before = attn.run(q, cache)
     with pytest.raises(TypeError, match="score_mod must take 5 arguments"):
