@@ -180,6 +180,9 @@ def module_specs(dtypes, head_dims, kinds) -> list:
         # the benchmarks' native score_mod rows: FlashInfer's soft cap (fa3) and ALiBi (fa2)
         ask(prefill.get_single_prefill_module, "fa3", dtype, dtype, dtype, hd, hd, 0, False, True, False)
         ask(prefill.get_single_prefill_module, "fa2", dtype, dtype, dtype, hd, hd, 2, False, False, False)
+        # bench --decode's softcap case: FlashInfer's decode wrapper and fa3 paged prefill with a soft cap
+        ask(decode.get_batch_decode_module, dtype, dtype, dtype, torch.int32, hd, hd, 0, False, True)
+        ask(prefill.get_batch_prefill_module, "fa3", dtype, dtype, dtype, torch.int32, hd, hd, 0, False, True, False)
         for dtype in dtypes:
             for hd in head_dims:
                 for backend, args in custom_jit_args(kinds, dtype, hd):
