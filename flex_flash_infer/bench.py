@@ -383,7 +383,7 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
     if os.path.exists(out_path):  # merge with earlier partial runs on the same device
         old = json.load(open(out_path))
         earlier = old["rows"] if old.get("device") == device else []
-    rows, result = [], None
+    rows, result, failed = [], None, []
     for seq_len in seq_lens:
         masks = case_masks(seq_len)
         for name, (mod, native, sdpa) in masks.items():
@@ -394,7 +394,8 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
             dims = (128, 64) if name in ("causal", "sliding_window") else (128,)
             for d in dims:
                 t0 = time.time()
-                new = bench_case(name, seq_len, d, mod, native, sdpa, with_flex=with_flex)
+                new = _case_or_report(failed, f"{name} {seq_len} d{d}", bench_case, name, seq_len, d, mod, native,
+                                      sdpa, with_flex=with_flex)
                 rows.extend(new)
                 print_table(new)
                 print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)
@@ -407,16 +408,32 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
             if not cases and mask_name != "causal" and not tile_kernels.TILE_VARIANTS:
                 continue  # a score_mod off the band routes needs the tile variants switch
             t0 = time.time()
-            new = bench_case(name, seq_len, 128, masks[mask_name][0], native, None, with_flex=with_flex,
-                             score_mod=score_mod)
+            new = _case_or_report(failed, f"{name} {seq_len}", bench_case, name, seq_len, 128, masks[mask_name][0],
+                                  native, None, with_flex=with_flex, score_mod=score_mod)
             rows.extend(new)
             print_table(new)
             print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)
             result = _save(out_path, device, flashinfer.__version__, earlier, rows)
     print()
     print_table(rows)
+    for what in failed:
+        print(f"FAILED case (no rows written; earlier rows kept): {what}")
     print(f"wrote {out_path}")
     return result
+
+
+def _case_or_report(failed: list, what: str, case, *args, **kwargs) -> list:
+    """A case's rows; a case that raises (a kernel that fails to build, say) is printed with its
+    error and the run goes on to the next case."""
+    try:
+        return case(*args, **kwargs)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        failed.append(f"{what}: {type(e).__name__}: {str(e)[:300]}")
+        print(f"    FAILED {failed[-1]}", flush=True)
+        return []
 
 
 def _save(out_path, device, flashinfer_version, earlier, rows):
