@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .bench import check_then_time, raising, rel_error
+from .bench import _case_or_report, check_then_time, raising, rel_error
 from .block_build import EMPTY
 from .mods.registry import get_mask_fn
 from .mods.softcap import generate_softcap_score_mod
@@ -144,14 +144,17 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
 def run_decode_benchmark(out_path: str | None = None, with_flex: bool = True) -> dict:
     import flashinfer
 
-    rows = []
+    rows, failed = [], []
     for name, mod, window_left, extra in (
             ("causal", get_mask_fn("causal"), -1, {}),
             ("sliding_window", get_mask_fn("sliding_window", window_size=1024), 1023, {}),
             ("softcap+causal", get_mask_fn("causal"), -1,
              {"score_mod": generate_softcap_score_mod(30.0), "native_kwargs": {"logits_soft_cap": 30.0}})):
-        rows += decode_case(name, mod, window_left, with_flex=with_flex, **extra)
+        rows += _case_or_report(failed, f"decode {name}", decode_case, name, mod, window_left, with_flex=with_flex,
+                                **extra)
     print(f"{'case':24s} {'impl':18s} {'ms':>8s} {'KV GB/s':>8s} {'vs native':>9s}")
+    for what in failed:
+        print(f"FAILED case: {what}")
     for r in rows:
         nat = next(x for x in rows if x["case"] == r["case"] and x["impl"] == "flashinfer_native").get("ms")
         ratio = f"{nat / r['ms']:9.2f}" if nat and r.get("ms") else f"{'-':>9s}"
