@@ -394,7 +394,7 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
             dims = (128, 64) if name in ("causal", "sliding_window") else (128,)
             for d in dims:
                 t0 = time.time()
-                new = _case_or_report(failed, f"{name} {seq_len} d{d}", bench_case, name, seq_len, d, mod, native,
+                new = case_or_report(failed, f"{name} {seq_len} d{d}", bench_case, name, seq_len, d, mod, native,
                                       sdpa, with_flex=with_flex)
                 rows.extend(new)
                 print_table(new)
@@ -408,7 +408,7 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
             if not cases and mask_name != "causal" and not tile_kernels.TILE_VARIANTS:
                 continue  # a score_mod off the band routes needs the tile variants switch
             t0 = time.time()
-            new = _case_or_report(failed, f"{name} {seq_len}", bench_case, name, seq_len, 128, masks[mask_name][0],
+            new = case_or_report(failed, f"{name} {seq_len}", bench_case, name, seq_len, 128, masks[mask_name][0],
                                   native, None, with_flex=with_flex, score_mod=score_mod)
             rows.extend(new)
             print_table(new)
@@ -422,7 +422,7 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
     return result
 
 
-def _case_or_report(failed: list, what: str, case, *args, **kwargs) -> list:
+def case_or_report(failed: list, what: str, case, *args, **kwargs) -> list:
     """A case's rows; a case that raises (a kernel that fails to build, say) is printed with its
     error and the run goes on to the next case."""
     try:

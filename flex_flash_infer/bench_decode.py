@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .bench import _case_or_report, check_then_time, raising, rel_error
+from .bench import case_or_report, check_then_time, raising, rel_error
 from .block_build import EMPTY
 from .mods.registry import get_mask_fn
 from .mods.softcap import generate_softcap_score_mod
@@ -150,7 +150,7 @@ def run_decode_benchmark(out_path: str | None = None, with_flex: bool = True) ->
             ("sliding_window", get_mask_fn("sliding_window", window_size=1024), 1023, {}),
             ("softcap+causal", get_mask_fn("causal"), -1,
              {"score_mod": generate_softcap_score_mod(30.0), "native_kwargs": {"logits_soft_cap": 30.0}})):
-        rows += _case_or_report(failed, f"decode {name}", decode_case, name, mod, window_left, with_flex=with_flex,
+        rows += case_or_report(failed, f"decode {name}", decode_case, name, mod, window_left, with_flex=with_flex,
                                 **extra)
     print(f"{'case':24s} {'impl':18s} {'ms':>8s} {'KV GB/s':>8s} {'vs native':>9s}")
     for what in failed:

@@ -63,14 +63,14 @@ def test_an_impl_that_failed_to_plan_reports_its_error_when_timed():
 
 
 def test_a_failing_case_is_reported_and_the_run_goes_on(capsys):
-    from flex_flash_infer.bench import _case_or_report
+    from flex_flash_infer.bench import case_or_report
 
     failed = []
 
     def broken(name):
         raise RuntimeError(f"ninja: build stopped for {name}")
 
-    assert _case_or_report(failed, "streaming 8192", broken, "streaming") == []
-    assert _case_or_report(failed, "causal 8192", lambda: [{"impl": "flex_flash_infer"}]) == [{"impl": "flex_flash_infer"}]
+    assert case_or_report(failed, "streaming 8192", broken, "streaming") == []
+    assert case_or_report(failed, "causal 8192", lambda: [{"impl": "flex_flash_infer"}]) == [{"impl": "flex_flash_infer"}]
     assert failed == ["streaming 8192: RuntimeError: ninja: build stopped for streaming"]
     assert "FAILED streaming 8192" in capsys.readouterr().out
