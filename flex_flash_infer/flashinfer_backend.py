@@ -18,7 +18,7 @@ import torch
 from .columns import column_states, compact_mask_mod
 from .block_build import PARTIAL, ceil_div
 from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
-from .route import choose_route
+from .route import Route, choose_route
 from .bands import band_launches
 from . import score_mod_kernels
 from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
@@ -155,6 +155,9 @@ class FlashInferPlan:
         workspace = default_workspace(device) if workspace is None else workspace
         block_q, block_kv = block_mask.BLOCK_SIZE
         route = choose_route(block_mask, batch, num_qo_heads, q_len, kv_len, device)
+        if score_mod is not None and route.head_bands is not None:
+            # the bands-per-head launches take no score_mod variant: the tiles route's do
+            route = Route("tiles-per-head", True)
         self.per_head = route.per_head
         self.head_major = False
         self.head_band_runs = None   # bands-per-head: [(query heads, key heads, _BandRunner)]
@@ -172,8 +175,6 @@ class FlashInferPlan:
                 "a score_mod runs in FlashInfer kernels only with masks that lower to bands (full, causal, "
                 f"sliding window, documents, ...); this one takes the {route.kind} route "
                 "(FLEX_FLASH_INFER_TILE_VARIANTS=0 is set: unset it to run the score_mod in the tile kernels)")
-        if score_mod is not None and route.head_bands is not None:
-            raise UnsupportedOnFlashInfer(f"a score_mod does not run in FlashInfer kernels on the {route.kind} route")
 
         def variants(mask_graph, page_size, one_launch=False):
             """Compiled mods for a tile group, or None when plain launches serve."""

@@ -117,3 +117,27 @@ def test_the_gpu_tests_fa3_cases_on_the_cpu_model(fake, monkeypatch, rng, kind):
     assert plan.route == "tiles-fa3-mask" and plan.groups[0].partial is None
     inputs, out, lse = _run(plan, B, Hq, Hkv, L, S, D, rng)
     _check(inputs, out, lse, create_mask(mask_mod, 1, 1, L, S, device="cpu"), score_mod)
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_per_head_bands_with_a_score_mod_run_on_the_tiles_route(fake, monkeypatch, rng, one_launch):
+    """Per-head windows lower to bands per head, whose launches take no score_mod variant: with a
+    score_mod the plan takes the tiles-per-head route's compiled variants instead (no fallback to
+    the reference), exact against the dense oracle."""
+    monkeypatch.setattr(route, "ENABLE_HEAD_BANDS", True)
+    monkeypatch.setattr(tile_kernels, "FA3_MASK", one_launch)
+    B, Hq, Hkv, L, D = 2, 8, 2, 257, 16
+    widths = torch.tensor([16, 40, 100, 1000] * 2)
+
+    def mod(b, h, q_idx, kv_idx):   # a causal window per query head
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < widths[h])
+
+    score_mod = example_score_mod("softcap", Hq, device="cpu")
+    bm = create_block_mask(mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+    assert flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu").route == \
+        "bands-per-head"
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
+                                             score_mod=score_mod)
+    assert plan.route == ("tiles-per-head-fa3-mask" if one_launch else "tiles-per-head")
+    inputs, out, lse = _run(plan, B, Hq, Hkv, L, L, D, rng)
+    _check(inputs, out, lse, create_mask(mod, 1, Hq, L, L, device="cpu"), score_mod)
