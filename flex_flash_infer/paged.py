@@ -25,7 +25,7 @@ from .mask_eval import INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate_mask_
 from .paged_kernels import paged_request_tables, paged_variants
 from .paged_plan import plan_paged
 from .trace import TraceError, trace
-from .validation import check_positive_int
+from .validation import check_positive_int, check_scale
 
 
 # FlashInfer's tensor-core decode (its prefill kernel on one query per request) for GQA groups of 4
@@ -69,7 +69,8 @@ class PagedFlexAttention:
         per_head = num_qo_heads > 1 and mask_dependence(mod, 1, num_qo_heads, 4, 4, self.device)[1]
         plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device,
                           heads=num_qo_heads if per_head else 1)
-        scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        scale = check_scale(scale)
+        scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         backend = self.backend
         if backend == "auto":
             backend = "flashinfer" if unsupported_reason(self.device, dtype, head_dim, head_dim) is None else "reference"

@@ -189,4 +189,6 @@ def test_a_bad_score_mod_names_the_argument_and_keeps_the_plan(rng):
         attn.plan(None, *tables, HQ, HKV, D, 16, dtype=torch.float64, score_mod=lambda s, b: s)
     with pytest.raises(TypeError, match="score_mod must be a callable"):
         attn.plan(None, *tables, HQ, HKV, D, 16, dtype=torch.float64, score_mod=3)
+    with pytest.raises(TypeError, match="scale must be a float"):
+        attn.plan(None, *tables, HQ, HKV, D, 16, dtype=torch.float64, scale="0.1")
     assert torch.equal(attn.run(q, cache), before)
