@@ -35,7 +35,7 @@ def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dty
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-                   return_lse=False, kernel_options=None, *, backend: str = "auto"):
+                   return_lse=False, kernel_options=None, *, return_aux=None, backend: str = "auto"):
     """Attention with a score_mod and a block mask, as torch.nn.attention.flex_attention.
 
     Parameters
@@ -46,21 +46,31 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     scale : float, default 1 / sqrt(E)
     enable_gqa : allow Hq to be a multiple of Hkv (query head h reads key head h // (Hq // Hkv))
     return_lse : also return the natural-log logsumexp [B, Hq, L] float32 (-inf for rows that see no key)
+    return_aux : AuxRequest(lse=..., max_scores=...) (torch's newer form of return_lse): returns
+        (out, AuxOutput(lse, max_scores)); max_scores, each row's largest visible score after
+        score_mod, comes from the reference backend only (FlashInfer's kernels do not return it)
     kernel_options : accepted for compatibility with torch and ignored
     backend : "auto" (FlashInfer on CUDA when it supports the call, else reference), "flashinfer" or "reference"
 
     Returns
     -------
-    out [B, Hq, L, Ev] in query's dtype, or (out, lse) when return_lse.
+    out [B, Hq, L, Ev] in query's dtype, or (out, lse) when return_lse, or (out, AuxOutput) with return_aux.
     """
     B, Hq, L, E, Hkv, S, Ev = check_bhsd(query, key, value, enable_gqa)
     score_mod = check_score_mod(score_mod)
     scale = check_scale(scale)
+    want_lse, want_max = aux_wanted(return_lse, return_aux)
     if block_mask is None:
         block_mask = _default_block_mask(L, S, query.device)
     else:
         block_mask = check_block_mask(block_mask, B, Hq, L, S, query.device)
     chosen = choose_backend(backend, query.device, query.dtype, E, Ev, score_mod is not None)
+    if chosen == "flashinfer" and want_max:
+        reason = "FlashInfer's kernels do not return each row's largest score (return_aux max_scores)"
+        if backend == "flashinfer":
+            raise ValueError(f"backend='flashinfer' cannot run this call: {reason}; use backend='reference'")
+        warn_once(f"flex_flash_infer: running on the slow reference backend because {reason}")
+        chosen = "reference"
     plan = None
     if chosen == "flashinfer":
         sm_scale = scale if scale is not None else E ** -0.5
@@ -71,16 +81,49 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
                 raise
             warn_once(f"flex_flash_infer: running on the slow reference backend because {e}")
             chosen = "reference"
+    max_scores = None
     if chosen == "reference":
-        out, lse = reference_attention(query, key, value, block_mask, score_mod, scale)
+        out, lse, *rest = reference_attention(query, key, value, block_mask, score_mod, scale, return_max=want_max)
+        max_scores = rest[0] if want_max else None
     else:
         q = query.transpose(1, 2).reshape(B * L, Hq, E)
         k = key.transpose(1, 2).contiguous()
         v = value.transpose(1, 2).contiguous()
-        out, lse = plan.run(q, k, v, return_lse=return_lse)
+        out, lse = plan.run(q, k, v, return_lse=want_lse)
         out = out.view(B, L, Hq, Ev).transpose(1, 2)
-        if return_lse:
+        if want_lse:
             lse = lse.view(B, L, Hq).transpose(1, 2)
+    if return_aux is not None:
+        return out, AuxOutput(lse=lse if want_lse else None, max_scores=max_scores)
     return (out, lse) if return_lse else out
+
+
+try:   # torch's own classes (torch >= 2.9), so code written for torch's flex_attention works unchanged
+    from torch.nn.attention.flex_attention import AuxOutput, AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    from typing import NamedTuple
+
+    import torch
+
+    class AuxRequest(NamedTuple):
+        lse: bool = False
+        max_scores: bool = False
+
+    class AuxOutput(NamedTuple):
+        lse: "torch.Tensor | None" = None
+        max_scores: "torch.Tensor | None" = None
+
+
+def aux_wanted(return_lse, return_aux) -> tuple[bool, bool]:
+    """(lse wanted, max_scores wanted), with torch's rules: return_aux=AuxRequest(...) replaces
+    the older return_lse, and the two cannot be given together."""
+    return_lse = bool(return_lse)
+    if return_aux is None:
+        return return_lse, False
+    if not all(isinstance(getattr(return_aux, f, None), bool) for f in ("lse", "max_scores")):
+        raise TypeError(f"return_aux must be an AuxRequest(lse=..., max_scores=...), got {return_aux!r}")
+    if return_lse:
+        raise ValueError("give return_aux=AuxRequest(lse=True) or return_lse=True, not both (as torch's flex_attention)")
+    return return_aux.lse, return_aux.max_scores
 
 

@@ -29,11 +29,13 @@ def visible_pairs(block_mask, b_idx, h_idx, q_idx, kv_idx) -> torch.Tensor:
 
 
 def reference_attention(query, key, value, block_mask=None, score_mod=None, scale=None,
-                        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
-    """out [B, Hq, L, Ev] in query's dtype and natural-log lse [B, Hq, L] float32.
+                        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, return_max: bool = False):
+    """out [B, Hq, L, Ev] in query's dtype and natural-log lse [B, Hq, L] float32 (and, with
+    return_max, each row's largest visible score after score_mod, float32 [B, Hq, L]).
 
     query [B, Hq, L, E]; key [B, Hkv, S, E]; value [B, Hkv, S, Ev]; Hq a multiple of Hkv
-    (query head h reads key head h // (Hq // Hkv)). A row that sees no key gives 0 and lse -inf.
+    (query head h reads key head h // (Hq // Hkv)). A row that sees no key gives 0, lse -inf
+    and max -inf.
     """
     B, Hq, L, E = query.shape
     Hkv, S = key.shape[1], key.shape[2]
@@ -44,6 +46,7 @@ def reference_attention(query, key, value, block_mask=None, score_mod=None, scal
     v = value.to(compute).repeat_interleave(group, dim=1)
     out = torch.empty((B, Hq, L, value.shape[-1]), dtype=query.dtype, device=query.device)
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=query.device)
+    row_max = torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=query.device)
     rows = max(1, chunk_elements // max(1, B * Hq * S))
     b_idx, h_idx, _, all_kv = index_grid(range(B), range(Hq), [0], range(S), query.device)
     # Keys of the non-empty tiles per block row: each row chunk scores only that span.
@@ -69,7 +72,9 @@ def reference_attention(query, key, value, block_mask=None, score_mod=None, scal
         probs = torch.where(seen.unsqueeze(-1), probs, 0.0)
         out[:, :, r0:r1] = torch.matmul(probs, v[:, :, c0:c1]).to(query.dtype)
         lse[:, :, r0:r1] = row_lse.to(torch.float32)
-    return out, lse
+        if return_max:
+            row_max[:, :, r0:r1] = scores.amax(dim=-1).to(torch.float32)
+    return (out, lse, row_max) if return_max else (out, lse)
 
 
 def _key_spans(block_mask, kv_len: int):
