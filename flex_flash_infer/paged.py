@@ -93,8 +93,7 @@ class PagedFlexAttention:
         if backend == "flashinfer":
             launches = self._launches(plan, heads, page_size, dtype, scale, variants)
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
-                             scale=scale,
-                             page_size=page_size, heads=(num_qo_heads, num_kv_heads, head_dim), dtype=dtype,
+                             scale=scale, page_size=page_size, heads=heads, dtype=dtype,
                              tables=(torch.as_tensor(qo_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indices).long().to(self.device),
@@ -249,11 +248,11 @@ def _reference(q, k_cache, v_cache, p):
         kv_len = (pages.numel() - 1) * page_size + int(last[r])
         k = k_cache[pages].reshape(-1, hkv, d)[:kv_len].float().repeat_interleave(hq // hkv, 1)
         v = v_cache[pages].reshape(-1, hkv, d)[:kv_len].float().repeat_interleave(hq // hkv, 1)
-        q_pos = torch.arange(kv_len - (q1 - q0), kv_len, device=q.device, dtype=INDEX_DTYPE).view(-1, 1)
-        kv_pos = torch.arange(kv_len, device=q.device, dtype=INDEX_DTYPE).view(1, -1)
+        # [head, query, key] index grids: a mask_mod or score_mod may read h
+        q_pos = torch.arange(kv_len - (q1 - q0), kv_len, device=q.device, dtype=INDEX_DTYPE).view(1, -1, 1)
+        kv_pos = torch.arange(kv_len, device=q.device, dtype=INDEX_DTYPE).view(1, 1, -1)
         b = torch.full((1, 1, 1), r, dtype=INDEX_DTYPE, device=q.device)
         h = torch.arange(hq, dtype=INDEX_DTYPE, device=q.device).view(-1, 1, 1)
-        q_pos, kv_pos = q_pos.view(1, -1, 1), kv_pos.view(1, 1, -1)
         visible = evaluate_mask_mod(p["mod"], b, h, q_pos, kv_pos)
         s = torch.einsum("nhd,khd->hnk", q[q0:q1].float(), k) * p["scale"]
         if p["score_mod"] is not None:   # on the scaled scores, before the mask (FlexAttention's order)
