@@ -478,3 +478,26 @@ def test_tile_route_variants_compiled_into_the_kernel(cuda_gen, monkeypatch, kin
     score_fn = None if score_mod is None else (
         lambda s, b, h, qi, ki: score_mod(s.float().cuda(), b.cuda(), h.cuda(), qi.cuda(), ki.cuda()).cpu().double())
     check(out, lse, q, k, v, dense, dtype, score_fn=score_fn)
+
+
+def test_return_aux_lse_on_flashinfer_and_max_scores_from_the_reference(cuda_gen):
+    """return_aux=AuxRequest(lse=True) runs on FlashInfer and gives the lse return_lse gives;
+    asking for max_scores too falls back to the reference with a warning, whose lse agrees."""
+    import warnings
+
+    from flex_flash_infer import AuxRequest
+    from flex_flash_infer import api
+
+    q, k, v = inputs(1, 8, 2, 500, 500, 128, torch.bfloat16, cuda_gen)
+    bm = create_block_mask(get_mask_fn("sliding_window", window_size=100), None, None, 500, 500, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    out_aux, aux = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_aux=AuxRequest(lse=True))
+    assert torch.equal(out, out_aux) and torch.equal(lse, aux.lse) and aux.max_scores is None
+    api.warn_once.__globals__["_warned"].clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, both = flex_attention(q, k, v, block_mask=bm, enable_gqa=True,
+                                 return_aux=AuxRequest(lse=True, max_scores=True))
+    assert any("max_scores" in str(w.message) for w in caught)
+    assert torch.allclose(both.lse, lse, atol=2e-2) and both.max_scores.shape == (1, 8, 500)
+    assert torch.isfinite(both.max_scores).all()
