@@ -19,8 +19,10 @@ from .block_build import EMPTY, FULL, PARTIAL, tile_elements
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
+from .switches import route_switches, source_commit
 
 SEED = 1234
+COMMIT = source_commit()
 CHECK_ROWS = 384
 TOLERANCE = 2e-2
 
@@ -323,7 +325,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     results = []
     for impl, fn in impls.items():
         row = {"case": name, "seq_len": seq_len, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim,
-               "dtype": str(dtype).replace("torch.", ""), "impl": impl}
+               "dtype": str(dtype).replace("torch.", ""), "impl": impl, "commit": COMMIT}
         check_then_time(row, fn, lambda out: rel_error(out[rows], ref))
         if "ms" in row:
             row["tflops"] = 4 * pairs * head_dim * heads_q / (row["ms"] * 1e-3) / 1e12
@@ -440,7 +442,7 @@ def _save(out_path, device, flashinfer_version, earlier, rows):
     keep = {(r["case"], r["seq_len"], r["head_dim"], r["impl"]) for r in rows}
     merged = [r for r in earlier if (r["case"], r["seq_len"], r["head_dim"], r["impl"]) not in keep] + rows
     result = {"device": device, "torch": torch.__version__, "flashinfer": flashinfer_version,
-              "date": datetime.date.today().isoformat(), "rows": merged}
+              "date": datetime.date.today().isoformat(), "switches": dict(route_switches()), "rows": merged}
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
     return result

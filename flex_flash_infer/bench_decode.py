@@ -24,6 +24,7 @@ from .block_build import EMPTY
 from .mods.registry import get_mask_fn
 from .mods.softcap import generate_softcap_score_mod
 from .paged import PagedFlexAttention
+from .switches import route_switches
 
 
 def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=8, d=128, page=16,
@@ -164,7 +165,7 @@ def run_decode_benchmark(out_path: str | None = None, with_flex: bool = True) ->
         print(f"{r['case']:24s} {r['impl']:18s} {ms} {gbs} {ratio} {r.get('flashinfer_backend', ''):6s} "
               f"{r.get('error', '')}{plan}")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
-              "date": datetime.date.today().isoformat(), "rows": rows}
+              "date": datetime.date.today().isoformat(), "switches": dict(route_switches()), "rows": rows}
     if out_path:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)

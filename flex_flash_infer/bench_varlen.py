@@ -14,6 +14,7 @@ from . import varlen
 from .bench import check_then_time, rel_error
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
+from .switches import route_switches
 
 
 def document_lengths(total=32768, count=16, seed=1234):
@@ -67,7 +68,7 @@ def run_varlen_benchmark(out_path: str | None = None, hq=32, hkv=8, d=128, dtype
         ratio = f"{native_ms / r['ms']:.2f}x native" if native_ms and r.get("ms") else ""
         print(f"{r['impl']:28s} {r.get('ms', float('nan')):8.3f} ms  {ratio} {r.get('error', '')}")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
-              "date": datetime.date.today().isoformat(), "lengths": lengths, "rows": result_rows}
+              "date": datetime.date.today().isoformat(), "switches": dict(route_switches()), "lengths": lengths, "rows": result_rows}
     if out_path:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)

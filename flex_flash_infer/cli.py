@@ -196,6 +196,9 @@ def _info() -> int:
         print(f"FlashInfer JIT cache: {cache} (exists but is not a directory)")
     else:
         print(f"FlashInfer JIT cache: {cache} (does not exist yet)")
+    from .switches import route_switches
+
+    print("route switches: " + ", ".join(f"{name}={value}" for name, value in route_switches()))
     return 0
 
 

@@ -7,6 +7,8 @@
 # Modules built ahead on the CPU machine (bash scripts/prebuild_kernels.sh -> .aot/, about 1 MB each)
 # are loaded instead of compiled; .whl and .aot together may pass the 64 MiB a call carries: carry
 # [".aot"] in a first call (ignored paths stay on the warm machine), then [".whl"] with `start`.
+# The copy there has no .git: `git rev-parse --short HEAD > SOURCE_COMMIT` here and carry it too,
+# so that benchmark rows name their commit.
 # Stages, in the default order: warm tests score-tests bench-score plan decode examples bench-8k bench-32k varlen
 #   warm-bench   bf16 kernels of the bench stages only (fits a 30-minute machine)
 #   decode-tests  CUDA-graph decode, and a score_mod / per-head masks on the paged cache
