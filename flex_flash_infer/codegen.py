@@ -2,8 +2,8 @@
 
 emit_expression(graph, scalar_ref, tensor_ref) renders the graph with the caller choosing how
 scalars and captured tensors are reached (kernel params on the GPU, plain arrays on the host).
-Captured tensors are read as contiguous float32 / int32 / uint8 arrays with runtime strides,
-so new values or shapes of a captured tensor never change the code.
+Captured tensors are read as contiguous float32 / int32 / uint8 arrays with runtime strides
+(the last dimension's is 1), so new values or shapes of a captured tensor never change the code.
 """
 from __future__ import annotations
 
@@ -181,6 +181,12 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
     stride_ref = stride_ref or (lambda name, i: f"{name}_stride{i}")
     input_ref = input_ref or (lambda name: name)
     memo, varies, strides, ranges = {}, {}, {}, {}
+    # kernel_tensor makes every captured table contiguous: its last dimension's stride is 1,
+    # so that index needs no multiply (the other strides stay kernel arguments)
+    last_dim = {name: t.dim() - 1 for name, t in graph.tensors}
+
+    def strided(node: Node, d: int, index: str, stride: str) -> str:
+        return index if d == last_dim.get(node.attr) else f"{index} * {stride}"
 
     def to_float(node: Node, code: str) -> str:
         if node.kind == "int" and position_bound is not None:
@@ -219,19 +225,22 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
         """The element read, as C++ of the element type."""
         table = f"({tensor_ref(node.attr)})"
         if hoisted is None:
-            offset = " + ".join(f"(long long)({arg(i, 'int')}) * {stride_ref(node.attr, d)}"
+            offset = " + ".join(strided(node, d, f"(long long)({arg(i, 'int')})", stride_ref(node.attr, d))
                                 for d, i in enumerate(node.args)) or "0"
             return f"{table}[{offset}]"
         # int32 offsets (kernel_tensor caps a table's size); the strides, and the table pointer
         # advanced by the part indexed by invariant values, are computed once, so a score pays one
         # multiply-add per varying index
-        fixed = [f"{arg(i, 'int')} * (int)({stride_ref(node.attr, d)})" for d, i in enumerate(node.args) if not variant(i)]
+        fixed = [strided(node, d, arg(i, 'int'), f"(int)({stride_ref(node.attr, d)})")
+                 for d, i in enumerate(node.args) if not variant(i)]
         if fixed:
             element = ELEMENT_CTYPE[node.kind]
             table = hoist(f"{table} + ({' + '.join(fixed)})", f"const {element}*")
         terms = []
         for d, i in enumerate(node.args):
-            if variant(i):
+            if variant(i) and d == last_dim.get(node.attr):
+                terms.append(arg(i, 'int'))
+            elif variant(i):
                 if (node.attr, d) not in strides:
                     strides[node.attr, d] = hoist(f"(int)({stride_ref(node.attr, d)})", "int")
                 terms.append(f"{arg(i, 'int')} * {strides[node.attr, d]}")
