@@ -74,3 +74,28 @@ def test_a_failing_case_is_reported_and_the_run_goes_on(capsys):
     assert case_or_report(failed, "causal 8192", lambda: [{"impl": "flex_flash_infer"}]) == [{"impl": "flex_flash_infer"}]
     assert failed == ["streaming 8192: RuntimeError: ninja: build stopped for streaming"]
     assert "FAILED streaming 8192" in capsys.readouterr().out
+
+
+def test_results_file_keeps_the_spec_rows_apart_and_merges_runs(tmp_path):
+    """rows: the four implementations of the speed issue; other_rows: alternatives timed beside
+    them. A new run replaces rows of the same case and impl, keeps the others and any note."""
+    import json
+
+    from flex_flash_infer.bench import _save
+
+    def row(impl, case="causal", ms=1.0):
+        return {"case": case, "seq_len": 8192, "head_dim": 128, "impl": impl, "ms": ms}
+
+    path = tmp_path / "dev.json"
+    first = [row("flex_flash_infer"), row("torch_flex"), row("ours_tiles_route"), row("flex_flash_infer", "full")]
+    _save(path, "GPU", "0.7", [], first, {"runs": "a note"})
+    saved = json.loads(path.read_text())
+    earlier = saved["rows"] + saved["other_rows"]
+    _save(path, "GPU", "0.7", earlier, [row("flex_flash_infer", ms=0.5), row("ours_fa3_mask")],
+          {"runs": saved["runs"]})
+    result = json.loads(path.read_text())
+    assert result["runs"] == "a note" and "switches" in result
+    assert {r["impl"] for r in result["rows"]} <= {"flex_flash_infer", "torch_flex", "flashinfer_native", "sdpa_cudnn"}
+    assert sorted(r["impl"] for r in result["other_rows"]) == ["ours_fa3_mask", "ours_tiles_route"]
+    ours = {r["case"]: r["ms"] for r in result["rows"] if r["impl"] == "flex_flash_infer"}
+    assert ours == {"causal": 0.5, "full": 1.0}
