@@ -206,12 +206,14 @@ def rel_error(out_rows, ref):
 
 
 def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, heads_q=32, heads_kv=8,
-               dtype=torch.bfloat16, with_flex=True, score_mod=None):
+               dtype=torch.bfloat16, with_flex=True, score_mod=None, device="cuda"):
+    """The rows of one case. device is "cuda" but for the CPU tests of this orchestration, which
+    run it on the CPU model of FlashInfer's kernels."""
     import flashinfer
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask  # eager: built once
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
-    dev = "cuda"
+    dev = device
     gen = torch.Generator(device=dev).manual_seed(SEED)
     q = torch.randn(seq_len, heads_q, head_dim, device=dev, dtype=dtype, generator=gen)
     k = torch.randn(seq_len, heads_kv, head_dim, device=dev, dtype=dtype, generator=gen)
@@ -219,7 +221,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     rows = torch.sort(torch.randperm(seq_len, device=dev, generator=gen)[:CHECK_ROWS]).values
     ref = reference_rows(q, k, v, mask_mod, rows, score_mod)
 
-    flex = FlexFlashInfer(device=dev)
+    flex = FlexFlashInfer(device=dev, backend="flashinfer")   # never a silent fallback to the reference
     torch.cuda.synchronize()
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
@@ -244,9 +246,9 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         for m, f, v in switches:
             setattr(m, f, v)
         try:
-            return FlexFlashInfer(device=dev).prepare(mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len,
-                                                      num_qo_heads=heads_q, num_kv_heads=heads_kv,
-                                                      head_dim=head_dim, dtype=dtype, score_mod=score_mod)
+            return FlexFlashInfer(device=dev, backend="flashinfer").prepare(
+                mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q, num_kv_heads=heads_kv,
+                head_dim=head_dim, dtype=dtype, score_mod=score_mod)
         finally:
             for m, f, v in saved:
                 setattr(m, f, v)

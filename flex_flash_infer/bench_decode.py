@@ -28,12 +28,13 @@ from .switches import route_switches
 
 
 def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=8, d=128, page=16,
-                dtype=torch.bfloat16, with_flex=True, score_mod=None, native_kwargs=None):
-    """native_kwargs: what FlashInfer's own wrappers take for the same score_mod (logits_soft_cap)."""
+                dtype=torch.bfloat16, with_flex=True, score_mod=None, native_kwargs=None, device="cuda"):
+    """native_kwargs: what FlashInfer's own wrappers take for the same score_mod (logits_soft_cap).
+    device is "cuda" but for the CPU tests of this orchestration (the CPU model of the kernels)."""
     import flashinfer
 
     native_kwargs = native_kwargs or {}
-    dev = "cuda"
+    dev = device
     gen = torch.Generator(device=dev).manual_seed(0)
     pages_per = context // page
     num_pages = batch * pages_per
@@ -46,7 +47,7 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
     q = torch.randn(batch, hq, d, device=dev, dtype=dtype, generator=gen)
 
     plan_args = (mask_mod, qo_indptr, indptr, indices, last, hq, hkv, d, page)
-    ours = PagedFlexAttention(device=dev)
+    ours = PagedFlexAttention(device=dev, backend="flashinfer")   # never a silent fallback to the reference
     ours.plan(*plan_args, dtype=dtype, score_mod=score_mod)
     plan_times = []
     for _ in range(5):
@@ -69,7 +70,7 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
     # the other decode kernel than the one chosen for this GQA group, timed beside
     other = not paged.use_tensor_core_decode(hq, hkv)
     saved, paged.DECODE_TENSOR_CORES = paged.DECODE_TENSOR_CORES, other
-    ours_other = PagedFlexAttention(device=dev)
+    ours_other = PagedFlexAttention(device=dev, backend="flashinfer")
     other_impl = "ours_tensor_cores" if other else "ours_cuda_cores"
     try:  # a failure to plan becomes its row's error
         ours_other.plan(*plan_args, dtype=dtype, score_mod=score_mod)
@@ -80,7 +81,7 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
         paged.DECODE_TENSOR_CORES = saved
     # ours with whole pages on the fa3 paged prefill kernel (opt-in FLEX_FLASH_INFER_DECODE_FA3=1)
     saved, paged.DECODE_FA3 = paged.DECODE_FA3, True
-    ours_fa3 = PagedFlexAttention(device=dev)
+    ours_fa3 = PagedFlexAttention(device=dev, backend="flashinfer")
     try:
         ours_fa3.plan(*plan_args, dtype=dtype, score_mod=score_mod)
         impls["ours_fa3_decode"] = lambda: ours_fa3.run(q, (k_cache, v_cache))

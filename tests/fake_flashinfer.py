@@ -21,21 +21,27 @@ class BatchPrefillWithPagedKVCacheWrapper:
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads, head_dim_qk=None,
              page_size=None, causal=False, sm_scale=None, custom_mask=None, q_data_type=None, kv_data_type=None,
-             o_data_type=None, **_):
+             o_data_type=None, window_left=-1, logits_soft_cap=None, **_):
         if custom_mask is not None:
             assert self.backend == "fa2" and custom_mask.dtype == torch.bool and not self.owns_mask
         self.args = (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), last_page_len.cpu())
         self.causal, self.mask = causal, None if custom_mask is None else custom_mask.cpu()
         self.heads = (num_qo_heads, num_kv_heads)
         self.scale = head_dim_qk ** -0.5 if sm_scale is None else sm_scale
+        self.window_left, self.soft_cap = window_left, logits_soft_cap or 0.0
 
     def run(self, q, kv_cache, *variant_args, return_lse=False):
         k, v = kv_cache
         assert q.shape[1] == self.heads[0] and k.shape[2] == self.heads[1]
         assert bool(variant_args) == (self.variant is not None)
         variant = self.variant.bind(variant_args, self.args, k.shape[1], self.owns_mask) if self.variant else None
+        if variant is None and self.soft_cap > 0:   # FlashInfer's own logits soft cap
+            cap, scale = self.soft_cap, self.scale
+
+            def variant(r, s):
+                return cap * torch.tanh(s * scale / cap)
         out, lse = paged_prefill(q.cpu(), k.cpu(), v.cpu(), *self.args, 1.0 if variant else self.scale, self.mask,
-                                 causal=self.causal, variant=variant)
+                                 causal=self.causal, variant=variant, window_left=self.window_left)
         out, lse = out.to(q.dtype).to(q.device), lse.float().to(q.device)
         return (out, lse) if return_lse else out
 
@@ -48,7 +54,8 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kw):
         qo_indptr = torch.arange(indptr.numel(), dtype=torch.int32)
         super().plan(qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-                     sm_scale=kw.get("sm_scale"))
+                     sm_scale=kw.get("sm_scale"), window_left=kw.get("window_left", -1),
+                     logits_soft_cap=kw.get("logits_soft_cap"))
 
 
 # A custom attention variant (jit_args) is modelled by the host-compiled code of its score_mod:
@@ -171,9 +178,14 @@ def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, tr
     return out.to(q.dtype).to(q.device), lse.float().to(q.device)
 
 
-def single_prefill_with_kv_cache(q, k, v, causal=False, window_left=-1, sm_scale=None, return_lse=False, **_):
+def single_prefill_with_kv_cache(q, k, v, causal=False, window_left=-1, sm_scale=None, return_lse=False,
+                                 logits_soft_cap=None, pos_encoding_mode="NONE", **_):
+    assert pos_encoding_mode == "NONE", "the CPU model has no ALiBi"
     ends = (torch.tensor([0, q.shape[0]]), torch.tensor([0, k.shape[0]]))
-    out, lse = ragged_prefill(q, k, v, *ends, causal, window_left, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    cap = logits_soft_cap or 0.0
+    transform = (lambda r, s: cap * torch.tanh(s / cap)) if cap > 0 else None   # FlashInfer's soft cap
+    out, lse = ragged_prefill(q, k, v, *ends, causal, window_left, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
+                              transform)
     return (out, lse) if return_lse else out
 
 
@@ -211,3 +223,20 @@ def register_paged_variants(monkeypatch, tile_kernels) -> list:
 
         monkeypatch.setattr(tile_kernels, name, registering)
     return built
+
+
+def register_band_variants(monkeypatch, score_mod_kernels) -> None:
+    """Register each band score_mod variant score_mod_kernels traces (fa3 and fa2 names) with the
+    host-compiled code of its graph."""
+    from flex_flash_infer.hostcheck import compile_host
+
+    real_trace = score_mod_kernels.trace
+
+    def registering_trace(fn, kind):
+        graph = real_trace(fn, kind)
+        host = compile_host(graph)
+        monkeypatch.setitem(VARIANTS, f"FlexScoreMod_{graph.key()}", host)
+        monkeypatch.setitem(VARIANTS, f"FlexScoreModFa2_{graph.key()}<use_custom_mask>", host)
+        return graph
+
+    monkeypatch.setattr(score_mod_kernels, "trace", registering_trace)

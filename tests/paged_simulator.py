@@ -7,9 +7,11 @@ import torch
 
 
 def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_page_len, scale, mask=None,
-                  causal=False, variant=None):
+                  causal=False, variant=None, window_left=-1):
     """variant(r, s): a compiled variant's scores [H, n, kv_len] of request r, -inf where its own
-    mask removes them (applied before the bit mask and the causal mask, as in FlashInfer)."""
+    mask removes them (applied before the bit mask and the causal mask, as in FlashInfer).
+    window_left >= 0: each query sees at most window_left keys before its own position (bottom-right
+    aligned, as FlashInfer's sliding window)."""
     N, H, D = q.shape
     group = H // k_pages.shape[2]
     out = torch.zeros(N, H, D, dtype=torch.float64)
@@ -30,9 +32,11 @@ def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_pa
             m = mask[offset: offset + (q1 - q0) * kv_len].view(q1 - q0, kv_len)
             offset += (q1 - q0) * kv_len
             s = s.masked_fill(~m, -math.inf)
+        rows = torch.arange(q1 - q0).view(-1, 1)
         if causal:  # FlashInfer aligns the causal mask to the bottom right of each request
-            rows = torch.arange(q1 - q0).view(-1, 1)
             s = s.masked_fill(torch.arange(kv_len).view(1, -1) > kv_len - (q1 - q0) + rows, -math.inf)
+        if window_left >= 0:
+            s = s.masked_fill(torch.arange(kv_len).view(1, -1) < kv_len - (q1 - q0) + rows - window_left, -math.inf)
         row_lse = torch.logsumexp(s, -1)
         p = torch.nan_to_num(torch.exp(s - row_lse.unsqueeze(-1)), nan=0.0)
         out[q0:q1] = torch.einsum("hnk,khd->nhd", p, v)

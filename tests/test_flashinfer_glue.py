@@ -301,19 +301,9 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
     (host-compiled): the positions it hands the score_mod are the absolute ones. fa2 (GPUs
     before Hopper) runs the fa2 variant with the same tables."""
     from flex_flash_infer import score_mod_kernels
-    from flex_flash_infer.hostcheck import compile_host
     from flex_flash_infer.warmup import example_score_mod
 
-    real_trace = score_mod_kernels.trace
-
-    def registering_trace(fn, kind):
-        graph = real_trace(fn, kind)
-        host = compile_host(graph)
-        monkeypatch.setitem(fake_flashinfer.VARIANTS, f"FlexScoreMod_{graph.key()}", host)
-        monkeypatch.setitem(fake_flashinfer.VARIANTS, f"FlexScoreModFa2_{graph.key()}<use_custom_mask>", host)
-        return graph
-
-    monkeypatch.setattr(score_mod_kernels, "trace", registering_trace)
+    fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: hopper)
     monkeypatch.setattr(score_mod_kernels, "FA2_BANDS", True)
     backends = []

@@ -1,0 +1,98 @@
+"""The benchmark's orchestration (bench_case: our default route, the alternative routes timed
+beside it, FlashInfer's native call, correctness checks, row assembly) run on the CPU model of
+FlashInfer's kernels, so a mistake there shows up here instead of costing GPU time. Timing is
+replaced (no CUDA events on CPU); torch flex and cuDNN are left out or fail as rows."""
+import sys
+
+import pytest
+import torch
+
+import fake_flashinfer
+from flex_flash_infer import backend_choice, bench, flashinfer_backend, score_mod_kernels, tile_kernels
+
+
+class _Event:
+    def __init__(self, enable_timing=False):
+        pass
+
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return 1.0
+
+
+@pytest.fixture
+def cpu_bench(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(backend_choice, "unsupported_reason", lambda *a: None)
+    monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", True)
+    fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
+    fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(bench, "median_ms", lambda fn: (fn(), 1.0)[1])   # one call, not a timing
+
+
+def _rows(name, seq_len):
+    mod, native, sdpa = bench.case_masks(seq_len)[name]
+    rows = bench.bench_case(name, seq_len, 16, mod, native, sdpa, heads_q=4, heads_kv=2, dtype=torch.float32,
+                            with_flex=False, device="cpu")
+    return {r["impl"]: r for r in rows}
+
+
+@pytest.mark.parametrize("name,route,expected", [
+    ("causal", "bands", {"flashinfer_native", "flashinfer_ragged_native"}),
+    ("streaming", "bands+columns", {"ours_tiles_route", "ours_tiles_fa3_mask"}),
+    ("per_head_windows", "bands-per-head", {"ours_head_loop", "ours_tiles_per_head"}),
+    ("random_tiles", "tiles-causal", set()),
+])
+def test_bench_case_rows_on_the_cpu_model(cpu_bench, name, route, expected):
+    rows = _rows(name, 2048)
+    ours = rows["flex_flash_infer"]
+    assert "error" not in ours and ours["rel_err"] < 1e-4 and ours["ms"] == 1.0
+    assert ours["route"] == route and ours["tiles_nonempty"] <= ours["tiles_total"]
+    for impl in expected:
+        assert impl in rows and "error" not in rows[impl], (impl, rows.get(impl))
+        assert rows[impl]["rel_err"] < 1e-4
+    if name == "causal":   # cuDNN needs CUDA: its row says why, the rest ran
+        assert "error" in rows["sdpa_cudnn"]
+
+
+@pytest.mark.parametrize("name,route", [("softcap+causal", "bands"), ("rel_bias+causal", "bands"),
+                                        ("softcap+random_tiles", "tiles-causal")])
+def test_score_mod_case_rows_on_the_cpu_model(cpu_bench, name, route):
+    mask_name, score_mod, native = bench.score_mod_cases()[name]
+    mod = bench.case_masks(1024)[mask_name][0]
+    rows = {r["impl"]: r for r in bench.bench_case(name, 1024, 16, mod, native, None, heads_q=4, heads_kv=2,
+                                                   dtype=torch.float32, with_flex=False, score_mod=score_mod,
+                                                   device="cpu")}
+    ours = rows["flex_flash_infer"]
+    assert "error" not in ours and ours["rel_err"] < 1e-4 and ours["route"] == route
+    if native is not None:
+        assert "error" not in rows["flashinfer_native"] and rows["flashinfer_native"]["rel_err"] < 1e-4
+
+
+@pytest.mark.parametrize("case", ["causal", "sliding_window", "softcap+causal"])
+def test_decode_case_rows_on_the_cpu_model(cpu_bench, monkeypatch, case):
+    from flex_flash_infer import bench_decode, paged
+    from flex_flash_infer.mods import generate_softcap_score_mod
+    from flex_flash_infer.mods.registry import get_mask_fn
+
+    monkeypatch.setattr(paged, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
+    mask = get_mask_fn("sliding_window", window_size=40) if case == "sliding_window" else get_mask_fn("causal")
+    extra = {"score_mod": generate_softcap_score_mod(30.0), "native_kwargs": {"logits_soft_cap": 30.0}} \
+        if case == "softcap+causal" else {}
+    rows = {r["impl"]: r for r in bench_decode.decode_case(case, mask, 39 if case == "sliding_window" else -1,
+                                                           batch=3, context=256, hq=4, hkv=2, d=16, page=16,
+                                                           dtype=torch.float32, with_flex=False, device="cpu",
+                                                           **extra)}
+    ours = rows["flex_flash_infer"]
+    assert "error" not in ours and ours["rel_err"] < 1e-4 and ours["plan_ms"] > 0
+    for impl in ("flashinfer_native", "ours_fa3_decode", "flashinfer_fa3_prefill_kernel"):
+        assert "error" not in rows[impl] and rows[impl]["rel_err"] < 1e-4, (impl, rows[impl])
