@@ -100,7 +100,7 @@ def run_plan_benchmark(out_path: str | None = None, block_mask_cases=BLOCK_MASK_
 def _prepare_rows() -> list:
     """FlexFlashInfer.prepare() of a 32768-token causal problem and its two parts."""
     rows = []
-    flex = FlexFlashInfer(device="cuda")
+    flex = FlexFlashInfer(device="cuda", backend="flashinfer")   # times the FlashInfer plan, never the reference
     mod = get_mask_fn("causal")
 
     def prepare(compile_block_mask=False):
