@@ -160,15 +160,18 @@ def paged_mod_inputs(qo_lens, dtype, head_dim: int, device, generator=None, head
     return (qo_indptr, indptr, indices, last, hq, hkv, head_dim, page), q, (k, v)
 
 
-def run_paged_mods(dtype, head_dim: int, device="cuda") -> None:
-    """Plan and run every PAGED_MOD_CASES entry on the FlashInfer backend (its variants compile)."""
+def run_paged_mods(dtype, head_dim: int, device="cuda", run: bool = True) -> None:
+    """Plan (its variants compile) and run every PAGED_MOD_CASES entry on the FlashInfer backend;
+    run=False plans only (the prebuild script records what planning asks FlashInfer for)."""
     from .paged import PagedFlexAttention
 
     for mask_name, mod_name, qo_lens in PAGED_MOD_CASES:
         mask_mod, score_mod = paged_mod_case(mask_name, mod_name, 8, device)
         tables, q, cache = paged_mod_inputs(qo_lens, dtype, head_dim, device)
         paged = PagedFlexAttention(device=device, backend="flashinfer")
-        paged.plan(mask_mod, *tables, dtype=dtype, score_mod=score_mod).run(q, cache)
+        paged.plan(mask_mod, *tables, dtype=dtype, score_mod=score_mod)
+        if run:
+            paged.run(q, cache)
 
 
 def _sinks_and_window(b, h, q_idx, kv_idx):

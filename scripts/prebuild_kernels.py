@@ -94,16 +94,6 @@ def _planning_on_cpu_as_hopper(stub):
             sys.modules["flashinfer"] = saved_module
 
 
-def _record_paged_mods(dtype, head_dim) -> None:
-    from flex_flash_infer.paged import PagedFlexAttention
-    from flex_flash_infer.warmup import PAGED_MOD_CASES, paged_mod_case, paged_mod_inputs
-
-    for mask_name, mod_name, qo_lens in PAGED_MOD_CASES:
-        mask_mod, score_mod = paged_mod_case(mask_name, mod_name, 8, "cpu")
-        tables, _, _ = paged_mod_inputs(qo_lens, dtype, head_dim, "cpu")
-        PagedFlexAttention(device="cpu", backend="flashinfer").plan(mask_mod, *tables, dtype=dtype, score_mod=score_mod)
-
-
 def _record_each(run, dtype, head_dim) -> None:
     """run plans several problems; the stand-in stops each at its first launch, so plan them one
     at a time by letting the stop pass (the planning of each is what records its modules)."""
@@ -120,7 +110,7 @@ def _record_each(run, dtype, head_dim) -> None:
 def custom_jit_args(kinds, dtype, head_dim) -> list:
     """(backend, jit_args) of every compiled variant the warm-up kinds build, in first-use order."""
     from flex_flash_infer import flashinfer_backend
-    from flex_flash_infer.warmup import compile_score_mod, run_fa3_mask_bench, run_tile_variant
+    from flex_flash_infer.warmup import compile_score_mod, run_fa3_mask_bench, run_paged_mods, run_tile_variant
 
     recorded = []
     with _planning_on_cpu_as_hopper(_recording_flashinfer(recorded)):
@@ -130,7 +120,7 @@ def custom_jit_args(kinds, dtype, head_dim) -> list:
                 if kind.startswith(("score_mod:", "score_mod_fa2:")):
                     compile_score_mod(kind, dtype, head_dim, device="cpu")
                 elif kind == "paged_mods":   # each case plans its own launches: record them all
-                    _record_paged_mods(dtype, head_dim)
+                    run_paged_mods(dtype, head_dim, "cpu", run=False)
                 elif kind == "fa3_mask_bench":
                     _record_each(run_fa3_mask_bench, dtype, head_dim)
                 else:   # as warmup.compile_one runs the tile kinds
