@@ -44,3 +44,25 @@ def test_replayed_warmup_kinds_name_the_library_variants_and_restore_everything(
     fa2 = [(backend, u) for backend, u in zip((b for b, _ in recorded), uris) if u.startswith("ffi_fa2_")]
     assert fa2 and all(backend == "fa2" for backend, _ in fa2)
     assert len(set(uris)) == len(uris)
+
+
+def test_paged_and_fa3_mask_kinds_record_their_variants_and_restore_everything():
+    """paged_mods plans the paged cache's cases; fa3_mask_bench plans bench's streaming and
+    attamba masks in one fa3 launch (its stand-in lets each plan run once): each records the
+    variants the GPU would build, and every patch is undone."""
+    from flex_flash_infer import route, tile_kernels
+
+    prebuild = load_script()
+    before = (paged.unsupported_reason, paged._is_hopper, flashinfer_backend.FlashInferPlan.run,
+              tile_kernels.FA3_MASK, route.ENABLE_COLUMN_LOWERING, sys.modules.get("flashinfer"))
+    paged_uris = [args[0] for _, args in prebuild.custom_jit_args(["paged_mods"], torch.bfloat16, 128)]
+    fa3 = prebuild.custom_jit_args(["fa3_mask_bench"], torch.bfloat16, 128)
+    after = (paged.unsupported_reason, paged._is_hopper, flashinfer_backend.FlashInferPlan.run,
+             tile_kernels.FA3_MASK, route.ENABLE_COLUMN_LOWERING, sys.modules.get("flashinfer"))
+    assert all(a is b for a, b in zip(before, after))
+    # fa3 softcap for chunked prefill's whole pages, fa2 softcap (decode's whole pages and the
+    # partial ones), fa2 mask-in-kernel with and without alibi for the per-head windows
+    assert len(paged_uris) == 4 and len(set(paged_uris)) == 4
+    # one module per mask structure: streaming's and attamba's, both fa3
+    assert len(fa3) == 2 and all(backend == "fa3" for backend, _ in fa3)
+    assert all("FlexPagedFa3Mask" in args[11] for _, args in fa3)
