@@ -66,3 +66,14 @@ def test_paged_and_fa3_mask_kinds_record_their_variants_and_restore_everything()
     # one module per mask structure: streaming's and attamba's, both fa3
     assert len(fa3) == 2 and all(backend == "fa3" for backend, _ in fa3)
     assert all("FlexPagedFa3Mask" in args[11] for _, args in fa3)
+
+
+def test_shell_scripts_parse():
+    """The GPU machine runs these unattended: a syntax slip would cost a lent machine's time."""
+    import subprocess
+
+    scripts = sorted((SCRIPT.parent).glob("*.sh"))
+    assert scripts
+    for script in scripts:
+        done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert done.returncode == 0, (script.name, done.stderr)
