@@ -1,6 +1,7 @@
 """BlockMask: FlexAttention's block-sparse description of a mask, with torch's field names."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable
 
@@ -24,6 +25,12 @@ def _block_sizes(BLOCK_SIZE) -> tuple[int, int]:
     return sizes
 
 
+def _sliced_mask_mod(b, h, q_idx, kv_idx):
+    raise RuntimeError("this BlockMask was sliced (block_mask[...]): set its mask_mod first, with the query "
+                       "positions it now stands for (as torch's decoding idiom does), e.g. "
+                       "sliced.mask_mod = lambda b, h, q, kv: mask_mod(b, h, q + offset, kv)")
+
+
 class BlockMask:
     """Which key tiles each query tile visits, split into partial tiles (mask_mod applied)
     and full tiles (every pair visible), as torch.nn.attention.flex_attention.BlockMask.
@@ -35,15 +42,44 @@ class BlockMask:
 
     def __init__(self, seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks=None,
                  full_kv_indices=None, BLOCK_SIZE=128, mask_mod: Callable | None = None):
-        self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        self._plans = {}  # backend plans built for this mask, keyed by problem shape
+        self.seq_lengths = seq_lengths
         self.kv_num_blocks = kv_num_blocks
         self.kv_indices = kv_indices
         self.full_kv_num_blocks = full_kv_num_blocks
         self.full_kv_indices = full_kv_indices
         self.BLOCK_SIZE = _block_sizes(BLOCK_SIZE)
-        self.mask_mod = noop_mask if mask_mod is None else as_mask_mod(mask_mod)
+        self.mask_mod = mask_mod
         self._states = None
-        self._plans = {}  # backend plans built for this mask, keyed by problem shape
+        self._tables_from = None   # the mask_mod the tables were computed from, when known
+
+    @property
+    def tables_match_mask_mod(self) -> bool:
+        """Whether the tables were computed from this very mask_mod (create_block_mask), so a
+        lowering hint the mask_mod states may stand in for them. False after mask_mod is set
+        anew, or for tables given directly: then the tables rule, as in torch (full tiles skip
+        the mask_mod), and the planner reads them."""
+        return self._tables_from is not None and self._tables_from is self.mask_mod
+
+    # mask_mod and seq_lengths may be set after construction, as torch's decoding idiom does
+    # (block_mask[:, :, tile].mask_mod = ...): a plan built for the old values is dropped
+    @property
+    def mask_mod(self) -> Callable:
+        return self._mask_mod
+
+    @mask_mod.setter
+    def mask_mod(self, mask_mod) -> None:
+        self._mask_mod = noop_mask if mask_mod is None else as_mask_mod(mask_mod)
+        self._plans.clear()
+
+    @property
+    def seq_lengths(self) -> tuple[int, int]:
+        return self._seq_lengths
+
+    @seq_lengths.setter
+    def seq_lengths(self, seq_lengths) -> None:
+        self._seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        self._plans.clear()
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
@@ -52,6 +88,7 @@ class BlockMask:
         full_num, full_idx = ordered_indices(states == FULL)
         mask = cls(seq_lengths, kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE, mask_mod)
         mask._states = states
+        mask._tables_from = mask.mask_mod   # from_states' callers computed states from this mask_mod
         return mask
 
     @classmethod
@@ -90,6 +127,32 @@ class BlockMask:
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return tuple(self.kv_indices.shape[:-2]) + self.seq_lengths
+
+    def numel(self) -> int:
+        """Elements of the mask, B * H * Q_LEN * KV_LEN (sparsity not counted), as torch's."""
+        return math.prod(self.shape)
+
+    def __getitem__(self, index) -> "BlockMask":
+        """The tables of the selected batch entries, heads and query tiles, as torch's BlockMask
+        slicing (an int keeps its dimension, of size 1): decoding code slices the query tile of
+        the current position, block_mask[:, :, pos // BLOCK_SIZE[0]], then sets the result's
+        mask_mod (its positions shifted) and seq_lengths. Until its mask_mod is set, using the
+        slice raises, since the old mask_mod would see the wrong query positions."""
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > 3:
+            raise IndexError(f"a BlockMask is indexed by (batch, head, query tile), got {len(index)} indices")
+        sizes = self.kv_num_blocks.shape[:3]
+        index = tuple(slice(i % n, i % n + 1) if isinstance(i, int) and -n <= i < n else i
+                      for i, n in zip((*index, slice(None), slice(None), slice(None))[:3], sizes))
+        if any(isinstance(i, int) for i in index):
+            raise IndexError(f"BlockMask index {index} is out of range for (B, H, nQ) = {tuple(sizes)}")
+
+        def take(table):
+            return None if table is None else table[index]
+
+        return BlockMask(self.seq_lengths, take(self.kv_num_blocks), take(self.kv_indices),
+                         take(self.full_kv_num_blocks), take(self.full_kv_indices), self.BLOCK_SIZE,
+                         _sliced_mask_mod)
 
     @property
     def device(self) -> torch.device:
@@ -144,12 +207,14 @@ class LazyBlockMask(BlockMask):
     bands (a lowering hint) plans without them, so prepare() skips the build (it is most of a
     hinted plan's host time); reading any table, states or to_dense builds them once."""
     _TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "_states")
+    # (_tables_from is set in __init__ and kept: the built tables come from the same mask_mod)
 
     def __init__(self, build: Callable[[], BlockMask], batch_heads, seq_lengths, BLOCK_SIZE, mask_mod, device):
-        self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
-        self.BLOCK_SIZE = _block_sizes(BLOCK_SIZE)
-        self.mask_mod = as_mask_mod(mask_mod)
         self._plans = {}
+        self.seq_lengths = seq_lengths
+        self.BLOCK_SIZE = _block_sizes(BLOCK_SIZE)
+        self.mask_mod = mask_mod
+        self._tables_from = self.mask_mod   # build() computes them from this mask_mod
         self._build = build
         self._batch_heads = tuple(batch_heads)
         self._device = torch.device(device)

@@ -60,11 +60,14 @@ def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: 
     # a mod that uses neither holds equal copies: plan it once (tables made elsewhere may differ)
     per_head = uses_h or not (map_h == 1 or bool((tile_states() == tile_states()[:, :1]).all()))
     same_for_all = not per_head and not uses_b and (map_b == 1 or bool((tile_states() == tile_states()[:1]).all()))
+    # a mask_mod's own lowering hint stands for the tables only when they were computed from it
+    # (after `block_mask.mask_mod = other` the tables rule, as in torch, and are read)
+    hints = block_mask.tables_match_mask_mod
     if same_for_all:
-        lowered = column_lowering(block_mask.mask_mod, q_len, kv_len) if ENABLE_COLUMN_LOWERING else None
+        lowered = column_lowering(block_mask.mask_mod, q_len, kv_len) if ENABLE_COLUMN_LOWERING and hints else None
         if lowered is not None:
             return Route("bands+columns", False, lowered[0], lowered[1].to(device))
-        bands = hinted_bands(block_mask.mask_mod, q_len, kv_len) or find_bands(
+        bands = (hints and hinted_bands(block_mask.mask_mod, q_len, kv_len)) or find_bands(
             tile_states()[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
         if bands:
             return Route("bands", False, bands)
