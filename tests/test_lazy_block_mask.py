@@ -58,3 +58,18 @@ def test_a_lazy_mask_whose_hint_does_not_apply_builds_on_demand(fake, rng):
     flex = _prepare(mod, L=200, S=300)
     assert flex.block_mask.built
     assert torch.equal(flex.block_mask.states, create_block_mask(mod, 1, 1, 200, 300, device="cpu").states)
+
+
+def test_a_lazy_mask_given_another_mask_mod_plans_from_its_tables(fake):
+    """The hint stands for the tables only while the mask_mod is the one they come from: after
+    `mask_mod = other` the route reads (and so builds) the tables, which rule as in torch."""
+    from flex_flash_infer import route
+
+    flex = _prepare(get_mask_fn("causal"))
+    bm = flex.block_mask
+    assert bm.tables_match_mask_mod and not bm.built
+    bm.mask_mod = get_mask_fn("sliding_window", window_size=20)
+    assert not bm.tables_match_mask_mod
+    chosen = route.choose_route(bm, 1, 4, 300, 300, "cpu")
+    # the causal tables' full tiles are not the window's: no band fits both, so the tiles route
+    assert bm.built and chosen.kind == "tiles"
