@@ -78,6 +78,9 @@ class BlockMask:
 
     @seq_lengths.setter
     def seq_lengths(self, seq_lengths) -> None:
+        if not (isinstance(seq_lengths, (tuple, list)) and len(seq_lengths) == 2
+                and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in seq_lengths)):
+            raise ValueError(f"seq_lengths must be a (Q_LEN, KV_LEN) pair of positive ints, got {seq_lengths!r}")
         self._seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
         self._plans.clear()
 

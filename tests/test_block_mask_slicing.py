@@ -37,6 +37,12 @@ def test_bad_slices_name_the_problem():
         bm[2]
     with pytest.raises(IndexError, match="batch, head, query tile"):
         bm[0, 0, 0, 0]
+    for bad in [(1,), ("a", 3), (0, 5), 7]:
+        with pytest.raises(ValueError, match="seq_lengths must be a"):
+            bm.seq_lengths = bad
+    with pytest.raises(TypeError, match="mask_mod must be a callable"):
+        bm.mask_mod = 5
+    assert bm.seq_lengths == (256, 256) and bm.mask_mod is not None   # a bad assignment changes nothing
 
 
 def test_decoding_with_a_sliced_block_mask_matches_the_full_row(rng):
