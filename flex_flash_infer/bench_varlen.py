@@ -24,11 +24,13 @@ def document_lengths(total=32768, count=16, seed=1234):
     return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def run_varlen_benchmark(out_path: str | None = None, hq=32, hkv=8, d=128, dtype=torch.bfloat16) -> dict:
+def run_varlen_benchmark(out_path: str | None = None, hq=32, hkv=8, d=128, dtype=torch.bfloat16, total=32768,
+                         count=16, device="cuda") -> dict:
+    """device is "cuda" but for the CPU tests of this orchestration (the CPU model of the kernels)."""
     import flashinfer
 
-    dev = "cuda"
-    lengths = document_lengths()
+    dev = device
+    lengths = document_lengths(total, count)
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
@@ -60,14 +62,14 @@ def run_varlen_benchmark(out_path: str | None = None, hq=32, hkv=8, d=128, dtype
              "flashinfer_native": lambda: native.run(q, k, v)}
     result_rows = []
     for impl, fn in impls.items():
-        row = {"case": "varlen_16_documents_causal", "total_tokens": cu[-1], "documents": len(lengths),
+        row = {"case": f"varlen_{len(lengths)}_documents_causal", "total_tokens": cu[-1], "documents": len(lengths),
                "heads_q": hq, "heads_kv": hkv, "head_dim": d, "dtype": str(dtype).replace("torch.", ""), "impl": impl}
         result_rows.append(check_then_time(row, fn, lambda out: rel_error(out[rows].float(), ref)))
     native_ms = result_rows[-1].get("ms")
     for r in result_rows:
         ratio = f"{native_ms / r['ms']:.2f}x native" if native_ms and r.get("ms") else ""
         print(f"{r['impl']:28s} {r.get('ms', float('nan')):8.3f} ms  {ratio} {r.get('error', '')}")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
+    result = {"device": torch.cuda.get_device_name() if dev == "cuda" else str(dev), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
               "date": datetime.date.today().isoformat(), "switches": dict(route_switches()), "lengths": lengths, "rows": result_rows}
     if out_path:
         with open(out_path, "w") as f:

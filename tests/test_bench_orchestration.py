@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fake_flashinfer
-from flex_flash_infer import backend_choice, bench, flashinfer_backend, score_mod_kernels, tile_kernels
+from flex_flash_infer import backend_choice, bench, flashinfer_backend, score_mod_kernels, tile_kernels, varlen
 
 
 class _Event:
@@ -29,6 +29,7 @@ class _Event:
 def cpu_bench(monkeypatch):
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(varlen, "_is_hopper", lambda device: True)
     monkeypatch.setattr(backend_choice, "unsupported_reason", lambda *a: None)
     monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", True)
     fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
@@ -96,3 +97,17 @@ def test_decode_case_rows_on_the_cpu_model(cpu_bench, monkeypatch, case):
     assert "error" not in ours and ours["rel_err"] < 1e-4 and ours["plan_ms"] > 0
     for impl in ("flashinfer_native", "ours_fa3_decode", "flashinfer_fa3_prefill_kernel"):
         assert "error" not in rows[impl] and rows[impl]["rel_err"] < 1e-4, (impl, rows[impl])
+
+
+def test_varlen_rows_on_the_cpu_model(cpu_bench, tmp_path):
+    import json
+
+    from flex_flash_infer import bench_varlen
+
+    result = bench_varlen.run_varlen_benchmark(str(tmp_path / "varlen.json"), hq=4, hkv=2, d=16, dtype=torch.float32,
+                                               total=2048, count=4, device="cpu")
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"flex_flash_infer", "flex_flash_infer_one_launch", "flashinfer_native"}
+    assert all("error" not in r and r["rel_err"] < 1e-4 for r in rows.values()), rows
+    assert rows["flex_flash_infer"]["case"] == "varlen_4_documents_causal"
+    assert json.loads((tmp_path / "varlen.json").read_text())["switches"]
