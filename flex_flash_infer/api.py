@@ -1,6 +1,8 @@
 """flex_attention: torch FlexAttention's function, run on FlashInfer where it can be."""
 from __future__ import annotations
 
+import torch
+
 from .backend_choice import choose_backend, warn_once
 from .block_mask import full_block_mask
 from .flashinfer_backend import FlashInferPlan
@@ -9,6 +11,19 @@ from .reference import reference_attention
 from .score_mod_kernels import UnsupportedOnFlashInfer
 from .trace import TraceError
 from .validation import check_bhsd, check_block_mask, check_scale
+
+try:   # torch's own classes (torch >= 2.9), so code written for torch's flex_attention works unchanged
+    from torch.nn.attention.flex_attention import AuxOutput, AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    from typing import NamedTuple
+
+    class AuxRequest(NamedTuple):
+        lse: bool = False
+        max_scores: bool = False
+
+    class AuxOutput(NamedTuple):
+        lse: "torch.Tensor | None" = None
+        max_scores: "torch.Tensor | None" = None
 
 _full_masks: dict = {}
 
@@ -96,22 +111,6 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     if return_aux is not None:
         return out, AuxOutput(lse=lse if want_lse else None, max_scores=max_scores)
     return (out, lse) if return_lse else out
-
-
-try:   # torch's own classes (torch >= 2.9), so code written for torch's flex_attention works unchanged
-    from torch.nn.attention.flex_attention import AuxOutput, AuxRequest
-except ImportError:  # pragma: no cover - older torch
-    from typing import NamedTuple
-
-    import torch
-
-    class AuxRequest(NamedTuple):
-        lse: bool = False
-        max_scores: bool = False
-
-    class AuxOutput(NamedTuple):
-        lse: "torch.Tensor | None" = None
-        max_scores: "torch.Tensor | None" = None
 
 
 def aux_wanted(return_lse, return_aux) -> tuple[bool, bool]:

@@ -73,7 +73,6 @@ class TileVariants:
         self.score_graph = None if score_mod is None else trace(score_mod, "score_mod")
         self.mask_graph = mask_graph
         bound = position_bound_for(batch, hq, q_len, kv_len)
-        self.full_args = self._kernel_args([self.score_graph], scale, kv_len, device)    # fa3's reads no mask
         self.partial_args = self._kernel_args([self.score_graph, mask_graph], scale, kv_len, device)
         dtype_name = str(dtype).split(".")[-1]
 
@@ -89,6 +88,7 @@ class TileVariants:
             self.full_args, self.full_backend = self.partial_args, "fa3"
             self.partial_jit_args, self.owns_mask = None, False
             return
+        self.full_args = self._kernel_args([self.score_graph], scale, kv_len, device)    # full tiles read no mask
         if self.score_graph is not None:
             full = (fa3_paged_score_mod_variant(self.score_graph, page_size, bound) if hopper
                     else fa2_paged_variant(self.score_graph, None, page_size, bound))
