@@ -238,10 +238,9 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     route = plan.route if plan is not None else "reference"
 
     impls = {"flex_flash_infer": lambda: flex(q, k, v)}
-    def prepared_with(module, flag, value, *more):
-        """Our wrapper prepared with route switches set (module, flag, value[, module, flag,
-        value...]; restored after): an alternative route, timed beside the default."""
-        switches = [(module, flag, value)] + [tuple(more[i:i + 3]) for i in range(0, len(more), 3)]
+    def prepared_with(*switches):
+        """Our wrapper prepared with route switches set, each (module, flag, value), restored
+        after: an alternative route, timed beside the default."""
         saved = [(m, f, getattr(m, f)) for m, f, _ in switches]
         for m, f, v in switches:
             setattr(m, f, v)
@@ -272,25 +271,24 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     if per_head:
         # beside the default: the tiles-per-head route with every head in one launch set, its loop
         # over heads, and the bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS) where it applies
-        alternative("ours_head_loop", flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False, route_module,
-                    "ENABLE_HEAD_BANDS", False)
+        alternative("ours_head_loop", (flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False),
+                    (route_module, "ENABLE_HEAD_BANDS", False))
         if route == "bands-per-head":
-            alternative("ours_tiles_per_head", route_module, "ENABLE_HEAD_BANDS", False)
+            alternative("ours_tiles_per_head", (route_module, "ENABLE_HEAD_BANDS", False))
         else:
-            alternative("ours_head_bands", route_module, "ENABLE_HEAD_BANDS", True, keep=takes("bands-per-head"))
+            alternative("ours_head_bands", (route_module, "ENABLE_HEAD_BANDS", True), keep=takes("bands-per-head"))
     if name in ("attamba", "streaming"):
         # the generic tiles route, beside the window band + key columns route they take, and the
         # same tiles in one fa3 launch with the mask in the kernel (opt-in FLEX_FLASH_INFER_FA3_MASK=1)
-        alternative("ours_tiles_route", route_module, "ENABLE_COLUMN_LOWERING", False)
-        alternative("ours_tiles_fa3_mask", route_module, "ENABLE_COLUMN_LOWERING", False, tile_kernels, "FA3_MASK",
-                    True)
+        alternative("ours_tiles_route", (route_module, "ENABLE_COLUMN_LOWERING", False))
+        alternative("ours_tiles_fa3_mask", (route_module, "ENABLE_COLUMN_LOWERING", False),
+                    (tile_kernels, "FA3_MASK", True))
     if route in ("tiles", "tiles-per-head") and not tile_kernels.FA3_MASK:
-        alternative("ours_fa3_mask", tile_kernels, "FA3_MASK", True)
+        alternative("ours_fa3_mask", (tile_kernels, "FA3_MASK", True))
     if route.startswith("tiles") and score_mod is None:
         # partial tiles: the traced mask_mod in the fa2 kernel vs its bits, whichever is not the default
         in_kernel = not tile_kernels.MASK_IN_KERNEL
-        alternative("ours_mask_in_kernel" if in_kernel else "ours_mask_bits", tile_kernels, "MASK_IN_KERNEL",
-                    in_kernel)
+        alternative("ours_mask_in_kernel" if in_kernel else "ours_mask_bits", (tile_kernels, "MASK_IN_KERNEL", in_kernel))
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if name == "causal":
