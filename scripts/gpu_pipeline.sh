@@ -75,9 +75,9 @@ case "${1:-}" in
           MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds causal sliding_window \
             tiles documents decode bands_per_head native_score score_mod:softcap score_mod:alibi \
             score_mod:rel_bias score_mod:identity tile_variants:softcap mask_in_kernel >$run_dir/warm-bench.log 2>&1 &
-          # the decode-tests and tile-tests kinds too, at one nvcc job each: those not prebuilt compile
-          # here beside the rest instead of one after another inside the tests
-          MAX_JOBS=1 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds paged_mods fa3_mask \
+          # the decode-tests and tile-tests kinds too: those not prebuilt compile here beside the rest
+          # instead of one after another inside the tests
+          MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds paged_mods fa3_mask \
             fa3_mask:softcap fa3_mask_bench tile_variants:rel_bias+mask tile_variants:alibi+columns \
             >$run_dir/warm-bench-tests.log 2>&1 &
           MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 64 --kinds causal \
