@@ -80,7 +80,7 @@ case "${1:-}" in
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds paged_mods fa3_mask \
             fa3_mask:softcap fa3_mask_bench tile_variants:rel_bias+mask tile_variants:alibi+columns \
             >$run_dir/warm-bench-tests.log 2>&1 &
-          MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 64 --kinds causal \
+          MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 64 --kinds causal sliding_window \
             >$run_dir/warm-bench-64.log 2>&1
           wait
           grep -h " ok \|FAILED" $run_dir/warm-bench*.log | cut -c1-200
