@@ -35,6 +35,9 @@ case "${1:-}" in
     shift
     if [ -f $run_dir/pid ] && kill -0 "$(cat $run_dir/pid)" 2>/dev/null; then echo "already running"; exit 0; fi
     rm -rf /tmp/ffi $run_dir && mkdir -p $run_dir && cp -r . /tmp/ffi
+    # the machine's .git is not this checkout's history (run 9's rows read a stale HEAD): with
+    # SOURCE_COMMIT carried, the rows name that commit instead
+    [ -f SOURCE_COMMIT ] && rm -rf /tmp/ffi/.git
     cd /tmp/ffi && setsid nohup bash scripts/gpu_pipeline.sh run "${@:-warm-bench decode-tests tile-tests bench-8k decode plan tests examples bench-32k}" \
       >$run_dir/pipeline.log 2>&1 < /dev/null &
     echo $! > $run_dir/pid
