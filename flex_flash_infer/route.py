@@ -8,7 +8,7 @@
   tiles-per-head the same, for a mask that differs per head (every head in one launch set)
   bands-per-head every head's mask is a few native requests: heads with the same bands run as
                  one band launch over those heads (opt-in, FLEX_FLASH_INFER_HEAD_BANDS=1: correct
-                 on the H100, its speed not yet timed)
+                 on an H100, 5% slower than tiles-per-head on an H200)
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from .mask_eval import mask_dependence
 # (2026-11-25); FLEX_FLASH_INFER_COLUMNS=0 turns it off (then those masks take the tiles route).
 ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS", "1") != "0"
 # Per-head masks whose heads each lower to bands (per-head window sizes, say): its GPU tests
-# passed on an H100 (2026-11-25, twice). On by default since 2026-12-01 without a timing (no
-# device time that session): the tiles-per-head route it replaces took 0.933 ms for per-head
-# windows of 128..1024 keys at 8192 tokens, three times torch flex, while the same heads as
-# sliding-window bands cost at most sliding_window(1024)'s 0.305 ms for all heads; bench times
-# both (ours_tiles_per_head). FLEX_FLASH_INFER_HEAD_BANDS=0 turns it off.
-ENABLE_HEAD_BANDS = os.environ.get("FLEX_FLASH_INFER_HEAD_BANDS", "1") != "0"
+# passed on an H100 (2026-11-25, twice). Opt-in (FLEX_FLASH_INFER_HEAD_BANDS=1): timed on an H200
+# (2026-12-01, per-head windows of 128..1024 keys at 8192 tokens) it took 0.934 ms against the
+# tiles-per-head route's 0.890 ms, both three times torch flex's 0.304 ms, though the same heads as
+# one sliding-window(1024) band cost 0.303 ms. Why is not established: four band launches and
+# their head copies (index_select, scatter) come to about 0.35 ms by a count of bytes and work.
+ENABLE_HEAD_BANDS = os.environ.get("FLEX_FLASH_INFER_HEAD_BANDS", "0") == "1"
 
 
 @dataclass
