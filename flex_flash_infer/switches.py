@@ -13,6 +13,7 @@ def route_switches() -> list:
     return [("FLEX_FLASH_INFER_COLUMNS", on(route.ENABLE_COLUMN_LOWERING)),
             ("FLEX_FLASH_INFER_HEAD_BANDS", on(route.ENABLE_HEAD_BANDS)),
             ("FLEX_FLASH_INFER_HEADS_ONE_LAUNCH", on(flashinfer_backend.PER_HEAD_ONE_LAUNCH)),
+            ("FLEX_FLASH_INFER_RAGGED_CAUSAL", on(flashinfer_backend.RAGGED_CAUSAL_BAND)),
             ("FLEX_FLASH_INFER_TILE_VARIANTS", on(tile_kernels.TILE_VARIANTS)),
             ("FLEX_FLASH_INFER_MASK_IN_KERNEL", on(tile_kernels.MASK_IN_KERNEL)),
             ("FLEX_FLASH_INFER_FA3_MASK", on(tile_kernels.FA3_MASK)),
