@@ -4,11 +4,11 @@
 # the machine is still warm wait on it and bring its logs back.
 #   bash scripts/gpu_pipeline.sh start [STAGE...]   # copy the repo to /tmp/ffi and run the stages
 #   bash scripts/gpu_pipeline.sh wait SECONDS       # wait for the job (at most SECONDS), pack logs to $OUT
-# Modules built ahead on the CPU machine (bash scripts/prebuild_kernels.sh -> .aot/, about 1 MB each)
-# are loaded instead of compiled; .whl and .aot together may pass the 64 MiB a call carries: carry
-# [".aot"] in a first call (ignored paths stay on the warm machine), then [".whl"] with `start`.
-# The copy there has no .git: `git rev-parse --short HEAD > SOURCE_COMMIT` here and carry it too,
-# so that benchmark rows name their commit.
+# Modules built ahead on the CPU machine (bash scripts/prebuild_kernels.sh -> .aot/, 1-5 MB each) are
+# loaded instead of compiled: pack them (bash scripts/pack_prebuilt.sh -> .aotpack/, xz) and carry
+# [".whl", ".aotpack", "SOURCE_COMMIT"] with `start` (run 9: 24 modules, 16 MB, beside 33 MB of wheels).
+# The machine's copy of .git is stale: `git rev-parse --short HEAD > SOURCE_COMMIT` here and carry
+# it, so that benchmark rows name their commit.
 # Stages, in the default order (what is missing most first, for a 30-minute machine whose modules
 # were mostly built ahead: the new kernels' tests, then the whole 8192-token bench in one process):
 #   warm-bench decode-tests tile-tests bench-8k decode plan tests examples bench-32k
