@@ -215,7 +215,6 @@ class FlashInferPlan:
                                             _BandRunner(bands, group_shape, dtype, scale, workspace)))
             return
         states = block_mask.states.to(device)   # the tiles routes (a band route never builds a lazy mask's tables)
-        self.num_kv_tiles = states.shape[-1]
         # partial tiles evaluate the traced mask_mod in the kernel (or read bits when it does not
         # trace): in the fa2 launch (MASK_IN_KERNEL), or beside the full tiles in one fa3 launch (FA3_MASK)
         one_launch = tile_kernels.FA3_MASK and hopper
