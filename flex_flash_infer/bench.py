@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .bench_profile import describe, graphed, profile_row
 from .block_build import EMPTY, FULL, PARTIAL, tile_elements
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
 from .mods.registry import get_mask_fn
@@ -206,9 +207,10 @@ def rel_error(out_rows, ref):
 
 
 def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, heads_q=32, heads_kv=8,
-               dtype=torch.bfloat16, with_flex=True, score_mod=None, device="cuda"):
+               dtype=torch.bfloat16, with_flex=True, score_mod=None, device="cuda", profile=False):
     """The rows of one case. device is "cuda" but for the CPU tests of this orchestration, which
-    run it on the CPU model of FlashInfer's kernels."""
+    run it on the CPU model of FlashInfer's kernels. profile: every timed row also gets its host
+    time, GPU kernels (bench_profile), and our call replayed from a CUDA graph is timed beside."""
     import flashinfer
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask  # eager: built once
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
@@ -238,6 +240,8 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     route = plan.route if plan is not None else "reference"
 
     impls = {"flex_flash_infer": lambda: flex(q, k, v)}
+    if profile:   # the same call without its host work: tells a host-bound route from a slow kernel
+        impls["ours_cuda_graph"] = graphed(impls["flex_flash_infer"])
     def prepared_with(*switches):
         """Our wrapper prepared with route switches set, each (module, flag, value), restored
         after: an alternative route, timed beside the default."""
@@ -329,6 +333,8 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         check_then_time(row, fn, lambda out: rel_error(out[rows], ref))
         if "ms" in row:
             row["tflops"] = 4 * pairs * head_dim * heads_q / (row["ms"] * 1e-3) / 1e12
+            if profile:
+                profile_row(row, fn)
         if impl == "flex_flash_infer":
             row["route"] = route
             row["prepare_ms"] = prepare_ms
@@ -364,9 +370,11 @@ def print_table(rows):
                 print(f"    {impl}: {r['error']}")
             elif impl not in ("flex_flash_infer", "torch_flex", "flashinfer_native", "sdpa_cudnn"):
                 print(f"    {impl}: {r['ms']:.3f} ms, rel_err {r['rel_err']:.2e}")
+            if describe(r):
+                print(f"      {impl}: {describe(r)}")
 
 
-def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True):
+def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True, profile=False):
     import flashinfer
 
     from . import tile_kernels
@@ -399,7 +407,7 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
             for d in dims:
                 t0 = time.time()
                 new = case_or_report(failed, f"{name} {seq_len} d{d}", bench_case, name, seq_len, d, mod, native,
-                                      sdpa, with_flex=with_flex)
+                                      sdpa, with_flex=with_flex, profile=profile)
                 rows.extend(new)
                 print_table(new)
                 print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)
@@ -413,7 +421,7 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
                 continue  # a score_mod off the band routes needs the tile variants switch
             t0 = time.time()
             new = case_or_report(failed, f"{name} {seq_len}", bench_case, name, seq_len, 128, masks[mask_name][0],
-                                  native, None, with_flex=with_flex, score_mod=score_mod)
+                                  native, None, with_flex=with_flex, score_mod=score_mod, profile=profile)
             rows.extend(new)
             print_table(new)
             print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)

@@ -23,7 +23,7 @@
 #   tests        every GPU test except the compiled score_mod ones
 #   examples     python examples/*.py on the GPU (each checks its own result)
 #   score-tests  the compiled score_mod and tile-variant tests (after the variants are built)
-#   bench-8k, bench-32k  python -m flex_flash_infer bench at 8192 / 32768 tokens (JSON in the run dir)
+#   bench-8k, bench-32k  python -m flex_flash_infer bench at 8192 (--profile) / 32768 tokens (JSON in the run dir)
 #   bench-32k-rest       the 32768 random_tiles, alibi and rel_bias rows only
 #   bench-bands  8192: prefix_lm, prefix_lm_2000 (a prefix inside a query tile), document
 #   bench-tiles  8192 random_tiles, per_head_windows (mask in kernel vs bits, bands per head), softcap on tiles
@@ -121,8 +121,9 @@ case "${1:-}" in
           python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "compiled_into" -p no:cacheprovider \
             >$run_dir/score_tests.log 2>&1; tail -n 15 $run_dir/score_tests.log ;;
         bench-8k|bench-32k)
-          n=$([ "$stage" = bench-8k ] && echo 8192 || echo 32768)
-          python3 -m flex_flash_infer bench --seq-lens "$n" --out "$run_dir/$stage.json" 2>&1 \
+          # 8192 with --profile: each row's host time and kernels, and our call replayed from a CUDA graph
+          n=$([ "$stage" = bench-8k ] && echo "8192 --profile" || echo 32768)
+          python3 -m flex_flash_infer bench --seq-lens $n --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
         bench-32k-rest)  # the 32768 rows after random_tiles
           python3 -m flex_flash_infer bench --seq-lens 32768 --cases random_tiles alibi+causal rel_bias+causal \

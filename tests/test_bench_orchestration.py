@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fake_flashinfer
-from flex_flash_infer import backend_choice, bench, flashinfer_backend, score_mod_kernels, tile_kernels, varlen
+from flex_flash_infer import backend_choice, bench, bench_profile, flashinfer_backend, score_mod_kernels, tile_kernels, varlen
 
 
 class _Event:
@@ -111,3 +111,16 @@ def test_varlen_rows_on_the_cpu_model(cpu_bench, tmp_path):
     assert all("error" not in r and r["rel_err"] < 1e-4 for r in rows.values()), rows
     assert rows["flex_flash_infer"]["case"] == "varlen_4_documents_causal"
     assert json.loads((tmp_path / "varlen.json").read_text())["switches"]
+
+
+def test_profiled_case_on_the_cpu_model(cpu_bench, monkeypatch):
+    """--profile: every timed row gets host time and kernels; the CUDA-graph row fails with a reason on the CPU."""
+    calls = []
+    monkeypatch.setattr(bench_profile, "kernel_times", lambda fn: (calls.append(fn), (0.1, [("k", 0.1, 1.0)]))[1])
+    mod, native, sdpa = bench.case_masks(1024)["streaming"]
+    rows = {r["impl"]: r for r in bench.bench_case("streaming", 1024, 16, mod, native, sdpa, heads_q=4, heads_kv=2,
+                                                   dtype=torch.float32, with_flex=False, device="cpu", profile=True)}
+    ours = rows["flex_flash_infer"]
+    assert "error" not in ours and ours["host_ms"] > 0 and ours["gpu_busy_ms"] == 0.1
+    assert len(calls) == sum("ms" in r for r in rows.values())   # every timed row was profiled
+    assert "error" in rows["ours_cuda_graph"]   # no CUDA graphs on the CPU: the row says so
