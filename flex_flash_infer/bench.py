@@ -256,7 +256,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
             for m, f, v in saved:
                 setattr(m, f, v)
 
-    from . import flashinfer_backend, route as route_module, tile_kernels
+    from . import column_merge, flashinfer_backend, route as route_module, tile_kernels
 
     def alternative(impl, *switches, keep=lambda prepared: True):
         """An alternative route timed beside the default: a failure to plan it or to compile its
@@ -285,6 +285,8 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         # the generic tiles route, beside the window band + key columns route they take, and the
         # same tiles in one fa3 launch with the mask in the kernel (opt-in FLEX_FLASH_INFER_FA3_MASK=1)
         alternative("ours_tiles_route", (route_module, "ENABLE_COLUMN_LOWERING", False))
+        # the columns in FlashInfer's paged launch + merge_state instead of the one-pass Triton merge
+        alternative("ours_paged_columns", (column_merge, "ENABLED", False), keep=takes("bands+columns"))
         alternative("ours_tiles_fa3_mask", (route_module, "ENABLE_COLUMN_LOWERING", False),
                     (tile_kernels, "FA3_MASK", True))
     if route in ("tiles", "tiles-per-head") and not tile_kernels.FA3_MASK:
@@ -293,6 +295,8 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         # partial tiles: the traced mask_mod in the fa2 kernel vs its bits, whichever is not the default
         in_kernel = not tile_kernels.MASK_IN_KERNEL
         alternative("ours_mask_in_kernel" if in_kernel else "ours_mask_bits", (tile_kernels, "MASK_IN_KERNEL", in_kernel))
+    if name in ("full", "sliding_window"):   # one band in FlashInfer's ragged kernel, as causal runs by default
+        alternative("ours_ragged_band", (flashinfer_backend, "RAGGED_ANY_BAND", True), keep=takes("bands"))
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if name == "causal":

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from . import column_merge
+from .column_merge import column_prefix_counts, merge_columns
 from .columns import column_states, compact_mask_mod
 from .block_build import PARTIAL, ceil_div
 from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
@@ -38,6 +40,8 @@ PER_HEAD_ONE_LAUNCH = os.environ.get("FLEX_FLASH_INFER_HEADS_ONE_LAUNCH", "1") !
 # 0.641 vs 0.654 at 64; H200 0.892 vs 0.965, 0.618 vs 0.644). Full and windowed bands keep the
 # single call (no ragged timing of them yet). FLEX_FLASH_INFER_RAGGED_CAUSAL=0 turns it off.
 RAGGED_CAUSAL_BAND = os.environ.get("FLEX_FLASH_INFER_RAGGED_CAUSAL", "1") != "0"
+# The same for any one band (full, sliding window): opt-in until timed (bench's ours_ragged_band).
+RAGGED_ANY_BAND = os.environ.get("FLEX_FLASH_INFER_RAGGED_BANDS", "0") == "1"
 WORKSPACE_BYTES = 256 << 20
 _workspaces: dict = {}
 
@@ -168,6 +172,7 @@ class FlashInferPlan:
         self.head_major = False
         self.head_band_runs = None   # bands-per-head: [(query heads, key heads, _BandRunner)]
         self.block_kv = block_kv
+        self.scale = scale
         self.num_kv_tiles = ceil_div(kv_len, block_kv)
         self.shape = (batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim)
         self.group_size = num_qo_heads // num_kv_heads
@@ -188,11 +193,15 @@ class FlashInferPlan:
                 return None
             return TileVariants(score_mod, mask_graph, self.shape, dtype, scale, page_size, device, hopper, one_launch)
 
+        self.column_counts = None   # bands+columns: columns each query row sees (column_merge)
         if route.kind == "bands+columns":
             self.positions = route.positions
             compact = compact_mask_mod(block_mask.mask_mod, self.bands, self.positions)
-            col_states = column_states(compact, q_len, self.positions.numel(), block_q, device)
-            if bool((col_states == PARTIAL).any()):
+            if score_mod is None and column_merge.kernel_available(device, head_dim):
+                self.column_counts = column_prefix_counts(compact, q_len, self.positions.numel(), device)
+            col_states = None if self.column_counts is not None else column_states(
+                compact, q_len, self.positions.numel(), block_q, device)
+            if col_states is not None and bool((col_states == PARTIAL).any()):
                 col_plan = plan_tiles(col_states, batch, q_len, block_q, 1)
                 col_shape = (batch, q_len, self.positions.numel(), num_qo_heads, num_kv_heads, head_dim)
                 # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
@@ -260,7 +269,7 @@ class FlashInferPlan:
         if self.head_band_runs is not None:
             return "bands-per-head"
         if self.bands:
-            return "bands+columns" if self.columns is not None else "bands"
+            return "bands+columns" if self.columns is not None or self.column_counts is not None else "bands"
         kind = "tiles-per-head" if self.per_head else "tiles"
         if all(g.causal for g in self.groups):
             return kind + "-causal"
@@ -268,11 +277,13 @@ class FlashInferPlan:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = True):
         """(out, natural-log lse); lse is None when return_lse is False and the route needs none."""
-        if self.bands and self.columns is None and not return_lse:
+        if self.bands and self.columns is None and self.column_counts is None and not return_lse:
             return self.band_runner.run(q, k, v, return_lse=False), None
         if self.bands:
             out, lse = self.band_runner.run(q, k, v)
-            if self.columns is not None:
+            if self.column_counts is not None:   # in place, one kernel
+                merge_columns(out, lse, q, k, v, self.positions, self.column_counts, self.scale, self.shape[1])
+            elif self.columns is not None:
                 # gathered keys as pages of one key: [B * M, 1, Hkv, D]
                 kc = k[:, self.positions].reshape(-1, 1, *k.shape[2:])
                 vc = v[:, self.positions].reshape(-1, 1, *v.shape[2:])
@@ -353,7 +364,8 @@ class _BandRunner:
         self.covers_all = bands[0].q_start == 0 and bands[-1].q_end == q_len
         self.ragged = None
         launches = band_launches(bands, batch, q_len, kv_len)
-        causal_band = RAGGED_CAUSAL_BAND and len(bands) == 1 and bands[0].causal and bands[0].window_left < 0
+        causal_band = len(bands) == 1 and (RAGGED_ANY_BAND or (
+            RAGGED_CAUSAL_BAND and bands[0].causal and bands[0].window_left < 0))
         if len(launches) == 1 and launches[0].q_rows == slice(0, batch * q_len) and (
                 len(bands) > 1 or batch > 1 or causal_band):
             launch = launches[0]  # every (batch entry, band) request in one ragged launch

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 def route_switches() -> list:
     """(environment variable, value in effect) of every switch that changes how a plan runs."""
-    from . import flashinfer_backend, paged, route, score_mod_kernels, tile_kernels, varlen
+    from . import column_merge, flashinfer_backend, paged, route, score_mod_kernels, tile_kernels, varlen
 
     def on(flag):
         return "1" if flag else "0"
 
     return [("FLEX_FLASH_INFER_COLUMNS", on(route.ENABLE_COLUMN_LOWERING)),
+            ("FLEX_FLASH_INFER_COLUMN_MERGE", on(column_merge.ENABLED)),
             ("FLEX_FLASH_INFER_HEAD_BANDS", on(route.ENABLE_HEAD_BANDS)),
             ("FLEX_FLASH_INFER_HEADS_ONE_LAUNCH", on(flashinfer_backend.PER_HEAD_ONE_LAUNCH)),
             ("FLEX_FLASH_INFER_RAGGED_CAUSAL", on(flashinfer_backend.RAGGED_CAUSAL_BAND)),
+            ("FLEX_FLASH_INFER_RAGGED_BANDS", on(flashinfer_backend.RAGGED_ANY_BAND)),
             ("FLEX_FLASH_INFER_TILE_VARIANTS", on(tile_kernels.TILE_VARIANTS)),
             ("FLEX_FLASH_INFER_MASK_IN_KERNEL", on(tile_kernels.MASK_IN_KERNEL)),
             ("FLEX_FLASH_INFER_FA3_MASK", on(tile_kernels.FA3_MASK)),

@@ -18,7 +18,7 @@
 #   decode-tests  CUDA-graph decode, and a score_mod / per-head masks on the paged cache
 #   bench-32k-score  causal and the score_mod rows at 32768
 #   warm-tiles   the tile-variant kinds only (fa3_mask included);   tile-tests  their GPU tests
-#   bench-columns  8192 streaming, attamba: bands + columns, tiles, tiles in one fa3 launch
+#   bench-columns  8192 streaming, attamba (both merges of the columns), per_head_windows, profiled
 #   warm         compile bf16 (head_dim 128, 64) and fp16 (128), then the score_mod variants in the background
 #   tests        every GPU test except the compiled score_mod ones
 #   examples     python examples/*.py on the GPU (each checks its own result)
@@ -28,6 +28,7 @@
 #   bench-bands  8192: prefix_lm, prefix_lm_2000 (a prefix inside a query tile), document
 #   bench-tiles  8192 random_tiles, per_head_windows (mask in kernel vs bits, bands per head), softcap on tiles
 #   bench-score  8192: causal and the score_mod rows (softcap, alibi, rel_bias, identity)
+#   bench-one-band  8192 full and sliding_window (d128, d64): single call vs the ragged kernel
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
 run_dir=/tmp/ffi_run
@@ -136,11 +137,17 @@ case "${1:-}" in
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases random_tiles per_head_windows \
             softcap+random_tiles --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
           tail -n 10 $run_dir/$stage.log ;;
-        bench-columns)  # 8192 streaming and attamba: bands + key columns beside the tiles route, two
-                        # launches or one fa3 launch with the mask in the kernel (ours_tiles_fa3_mask)
-          python3 -m flex_flash_infer bench --seq-lens 8192 --cases streaming attamba \
+        bench-columns)  # 8192 streaming and attamba: bands + key columns (the one-pass Triton merge, and
+                        # FlashInfer's paged launch + merge_state) beside the tiles route, two launches or
+                        # one fa3 launch with the mask in the kernel (ours_tiles_fa3_mask); profiled
+          python3 -m flex_flash_infer bench --seq-lens 8192 --cases streaming attamba attamba_no_hint per_head_windows --profile \
             --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
           tail -n 8 $run_dir/$stage.log ;;
+        bench-one-band)  # 8192 full and sliding_window: the single call (default) vs FlashInfer's
+                         # ragged kernel (ours_ragged_band, opt-in FLEX_FLASH_INFER_RAGGED_BANDS=1)
+          python3 -m flex_flash_infer bench --seq-lens 8192 --cases full sliding_window \
+            --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
+          tail -n 12 $run_dir/$stage.log ;;
         bench-score)
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases causal softcap+causal alibi+causal \
             rel_bias+causal identity+causal --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \

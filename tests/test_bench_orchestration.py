@@ -48,7 +48,7 @@ def _rows(name, seq_len):
 
 @pytest.mark.parametrize("name,route,expected", [
     ("causal", "bands", {"flashinfer_native", "flashinfer_ragged_native"}),
-    ("streaming", "bands+columns", {"ours_tiles_route", "ours_tiles_fa3_mask"}),
+    ("streaming", "bands+columns", {"ours_tiles_route", "ours_tiles_fa3_mask", "ours_paged_columns"}),
     ("per_head_windows", "tiles-per-head", {"ours_head_loop", "ours_head_bands"}),
     ("random_tiles", "tiles-causal", set()),
 ])

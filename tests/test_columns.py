@@ -6,6 +6,7 @@ import torch
 
 from dense_reference import dense_attention, dense_predicate, rel_err
 from flex_flash_infer import get_mask_fn
+from flex_flash_infer.column_merge import column_prefix_counts, merge_columns_reference
 from flex_flash_infer.columns import column_lowering, column_states, compact_mask_mod
 from flex_flash_infer.planner import partial_tile_mask, plan_tiles
 from paged_simulator import merge_state, paged_prefill
@@ -62,8 +63,16 @@ def check_lowering(rng, mod, bands, positions, S, dense):
     o_band = o_band.transpose(1, 2).reshape(B * S, H, D)
     lse_band = lse_band.transpose(1, 2).reshape(B * S, H) * to_base2
     out, _ = merge_state(o_band, lse_band, o_col, lse_col)
-    ref, _ = dense_attention(q, k, v, dense)
+    ref, ref_lse = dense_attention(q, k, v, dense)
     assert rel_err(out.view(B, S, H, D).transpose(1, 2), ref) < 1e-12
+    # the one-pass merge (column_merge): each row sees a prefix of the columns, folded in place
+    counts = column_prefix_counts(compact, S, positions.numel(), torch.device("cpu"))
+    assert counts is not None
+    merged, merged_lse = o_band.clone(), lse_band.clone()
+    merge_columns_reference(merged, merged_lse, q.transpose(1, 2).reshape(B * S, H, D), k.transpose(1, 2),
+                            v.transpose(1, 2), positions, counts, D ** -0.5, S)
+    assert rel_err(merged.view(B, S, H, D).transpose(1, 2), ref) < 1e-12
+    assert rel_err(merged_lse.view(B, S, H).transpose(1, 2), ref_lse * to_base2) < 1e-12
     # nothing counted twice: the column part never sees a key the band covers
     assert not (compact(0, 0, torch.arange(S).view(-1, 1), torch.arange(positions.numel()).view(1, -1))
                 & band_mask[:, positions]).any()

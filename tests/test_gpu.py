@@ -217,9 +217,14 @@ def test_score_mod_on_cuda_runs_on_reference_with_a_warning(cuda_gen, monkeypatc
 @pytest.mark.parametrize("name,params", [("attamba", {"window_size": 96, "chunk_size": 64}),
                                          ("streaming", {"sink_size": 4, "window_size": 150})])
 @pytest.mark.parametrize("hint", [True, False], ids=["library_mask", "users_own_mask"])
-def test_window_band_plus_key_columns_route(cuda_gen, S, name, params, hint):
-    """A window band plus gathered key columns (chunk ends or sinks), merged by log-sum-exp; a
-    hand-written copy of the mask (no hint) is found from the mask itself."""
+@pytest.mark.parametrize("merge", [True, False], ids=["triton_merge", "paged_columns"])
+def test_window_band_plus_key_columns_route(cuda_gen, monkeypatch, S, name, params, hint, merge):
+    """A window band plus key columns (chunk ends or sinks): attended and merged in one Triton
+    kernel (column_merge, default) or FlashInfer's paged launch + merge_state; a hand-written copy
+    of the mask (no hint) is found from the mask itself."""
+    from flex_flash_infer import column_merge
+
+    monkeypatch.setattr(column_merge, "ENABLED", merge)
     B, H, Hkv, D, dtype = 2, 8, 2, 128, torch.bfloat16
     q, k, v = inputs(B, H, Hkv, S, S, D, dtype, cuda_gen)
     library = get_mask_fn(name, **params)
@@ -230,8 +235,34 @@ def test_window_band_plus_key_columns_route(cuda_gen, S, name, params, hint):
     bm = create_block_mask(library if hint else users_own, None, None, S, S, device="cuda")
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
     plan = next(iter(bm._plans.values()))
-    assert plan.route == "bands+columns"
+    assert plan.route == "bands+columns" and (plan.column_counts is not None) == merge
     check(out, lse, q, k, v, dense_predicate(name, S, S, **params), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,M", [(128, 4), (64, 64), (128, 300)])
+def test_column_merge_kernel_matches_its_torch_reference(cuda_gen, dtype, D, M):
+    """The Triton kernel alone on random prefix counts (rows with none among them), GQA, two
+    sequences of an odd length; 300 columns take ten column blocks."""
+    from flex_flash_infer.column_merge import merge_columns, merge_columns_reference
+
+    B, L, S, Hq, Hkv = 2, 333, 1000, 8, 2
+    q = torch.randn(B * L, Hq, D, generator=cuda_gen, device="cuda").to(dtype)
+    k = torch.randn(B, S, Hkv, D, generator=cuda_gen, device="cuda").to(dtype)
+    v = torch.randn(B, S, Hkv, D, generator=cuda_gen, device="cuda").to(dtype)
+    positions = torch.sort(torch.randperm(S, generator=cuda_gen, device="cuda")[:M]).values
+    counts = torch.randint(0, M + 1, (L,), generator=cuda_gen, device="cuda", dtype=torch.int32)
+    counts[:7] = 0
+    out = torch.randn(B * L, Hq, D, generator=cuda_gen, device="cuda").to(dtype)
+    lse = torch.randn(B * L, Hq, generator=cuda_gen, device="cuda") * 4
+    ref_out, ref_lse = out.float(), lse.clone()
+    merge_columns_reference(ref_out, ref_lse, q.float(), k.float(), v.float(), positions, counts, D ** -0.5, L)
+    got_out, got_lse = out.clone(), lse.clone()
+    merge_columns(got_out, got_lse, q, k, v, positions, counts, D ** -0.5, L)
+    assert not got_out.isnan().any() and not got_lse.isnan().any()
+    assert torch.equal(got_out.view(B, L, Hq, D)[:, :7], out.view(B, L, Hq, D)[:, :7])
+    assert rel_err(got_out.float(), ref_out) < TOL[dtype]
+    assert (got_lse - ref_lse).abs().max().item() < 1e-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
