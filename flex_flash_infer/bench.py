@@ -295,8 +295,8 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         # partial tiles: the traced mask_mod in the fa2 kernel vs its bits, whichever is not the default
         in_kernel = not tile_kernels.MASK_IN_KERNEL
         alternative("ours_mask_in_kernel" if in_kernel else "ours_mask_bits", (tile_kernels, "MASK_IN_KERNEL", in_kernel))
-    if name in ("full", "sliding_window"):   # one band in FlashInfer's ragged kernel, as causal runs by default
-        alternative("ours_ragged_band", (flashinfer_backend, "RAGGED_ANY_BAND", True), keep=takes("bands"))
+    if name in ("full", "causal"):   # their one band in FlashInfer's single-sequence call, not the ragged kernel
+        alternative("ours_single_call", (flashinfer_backend, "RAGGED_UNWINDOWED_BAND", False), keep=takes("bands"))
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if name == "causal":

@@ -11,7 +11,7 @@ import json
 import torch
 
 from . import varlen
-from .bench import check_then_time, rel_error
+from .bench import COMMIT, check_then_time, rel_error
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
 from .switches import route_switches
@@ -40,8 +40,9 @@ def run_varlen_benchmark(out_path: str | None = None, hq=32, hkv=8, d=128, dtype
     v = torch.randn(cu[-1], hkv, d, device=dev, dtype=dtype, generator=gen)
     causal = get_mask_fn("causal")
 
-    def prepared(backend="flashinfer", one_launch=False):   # ours never falls back to the reference silently
-        saved, varlen.ENABLED = varlen.ENABLED, one_launch
+    def prepared(backend="flashinfer", one_launch=None):   # ours never falls back to the reference silently
+        saved = varlen.ENABLED
+        varlen.ENABLED = saved if one_launch is None else one_launch
         try:
             return FlexFlashInfer(device=dev, backend=backend).prepare(
                 mask_fn=causal, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
@@ -52,18 +53,20 @@ def run_varlen_benchmark(out_path: str | None = None, hq=32, hkv=8, d=128, dtype
     # checked on every document's last 256 rows, against the reference backend (float32 inside)
     rows = torch.cat([torch.arange(max(a, b - 256), b) for a, b in zip(cu[:-1], cu[1:])]).to(dev)
     ref = prepared("reference")(q, k, v)[rows].float()
-    per_sequence, one_launch = prepared(), prepared(one_launch=True)
+    ours, per_sequence = prepared(), prepared(one_launch=False)
     native = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=dev),
                                                              "NHD", backend="fa3")
     indptr = torch.tensor(cu, dtype=torch.int32, device=dev)
     native.plan(indptr, indptr, hq, hkv, d, causal=True, q_data_type=dtype, kv_data_type=dtype)
-    impls = {"flex_flash_infer": lambda: per_sequence(q, k, v),
-             "flex_flash_infer_one_launch": lambda: one_launch(q, k, v),
+    # ours as configured (one ragged launch unless FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH=0), and one plan per sequence
+    impls = {"flex_flash_infer": lambda: ours(q, k, v),
+             "ours_plan_per_sequence": lambda: per_sequence(q, k, v),
              "flashinfer_native": lambda: native.run(q, k, v)}
     result_rows = []
     for impl, fn in impls.items():
         row = {"case": f"varlen_{len(lengths)}_documents_causal", "total_tokens": cu[-1], "documents": len(lengths),
-               "heads_q": hq, "heads_kv": hkv, "head_dim": d, "dtype": str(dtype).replace("torch.", ""), "impl": impl}
+               "heads_q": hq, "heads_kv": hkv, "head_dim": d, "dtype": str(dtype).replace("torch.", ""), "impl": impl,
+               "commit": COMMIT}
         result_rows.append(check_then_time(row, fn, lambda out: rel_error(out[rows].float(), ref)))
     native_ms = result_rows[-1].get("ms")
     for r in result_rows:

@@ -34,14 +34,13 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # loop over heads (passed the GPU tests on an H100, 2026-11-25); FLEX_FLASH_INFER_HEADS_ONE_LAUNCH=0
 # goes back to the loop.
 PER_HEAD_ONE_LAUNCH = os.environ.get("FLEX_FLASH_INFER_HEADS_ONE_LAUNCH", "1") != "0"
-# One causal band over a whole sequence (causal attention) runs FlashInfer's batch ragged kernel
-# rather than its single-sequence call: in the same process the ragged call was faster for the
-# same causal problem at 8192 tokens on both GPUs measured (H100 0.918 vs 0.947 ms at head_dim 128,
-# 0.641 vs 0.654 at 64; H200 0.892 vs 0.965, 0.618 vs 0.644). Full and windowed bands keep the
-# single call (no ragged timing of them yet). FLEX_FLASH_INFER_RAGGED_CAUSAL=0 turns it off.
-RAGGED_CAUSAL_BAND = os.environ.get("FLEX_FLASH_INFER_RAGGED_CAUSAL", "1") != "0"
-# The same for any one band (full, sliding window): opt-in until timed (bench's ours_ragged_band).
-RAGGED_ANY_BAND = os.environ.get("FLEX_FLASH_INFER_RAGGED_BANDS", "0") == "1"
+# One band without a window over a whole sequence (causal or full attention) runs FlashInfer's
+# batch ragged kernel rather than its single-sequence call: in the same process the ragged call
+# was faster at 8192 tokens (causal: H100 0.918 vs 0.947 ms at head_dim 128, 0.641 vs 0.654 at 64;
+# H200 0.892 vs 0.965, 0.618 vs 0.644; full, H200 run 10: 1.702 vs 1.770). A windowed band keeps the
+# single call: ragged was slower there (H200 run 10: 0.356 vs 0.303 ms at 128, 0.305 vs 0.257 at 64).
+# FLEX_FLASH_INFER_RAGGED_BAND=0 turns it off.
+RAGGED_UNWINDOWED_BAND = os.environ.get("FLEX_FLASH_INFER_RAGGED_BAND", "1") != "0"
 WORKSPACE_BYTES = 256 << 20
 _workspaces: dict = {}
 
@@ -364,10 +363,9 @@ class _BandRunner:
         self.covers_all = bands[0].q_start == 0 and bands[-1].q_end == q_len
         self.ragged = None
         launches = band_launches(bands, batch, q_len, kv_len)
-        causal_band = len(bands) == 1 and (RAGGED_ANY_BAND or (
-            RAGGED_CAUSAL_BAND and bands[0].causal and bands[0].window_left < 0))
+        unwindowed_band = RAGGED_UNWINDOWED_BAND and len(bands) == 1 and bands[0].window_left < 0
         if len(launches) == 1 and launches[0].q_rows == slice(0, batch * q_len) and (
-                len(bands) > 1 or batch > 1 or causal_band):
+                len(bands) > 1 or batch > 1 or unwindowed_band):
             launch = launches[0]  # every (batch entry, band) request in one ragged launch
             backend = "fa3" if _is_hopper(workspace.device) else "fa2"
             self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)

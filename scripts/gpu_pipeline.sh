@@ -28,7 +28,7 @@
 #   bench-bands  8192: prefix_lm, prefix_lm_2000 (a prefix inside a query tile), document
 #   bench-tiles  8192 random_tiles, per_head_windows (mask in kernel vs bits, bands per head), softcap on tiles
 #   bench-score  8192: causal and the score_mod rows (softcap, alibi, rel_bias, identity)
-#   bench-one-band  8192 full and sliding_window (d128, d64): single call vs the ragged kernel
+#   bench-one-band  8192 full and sliding_window (d128, d64): the ragged kernel vs the single call
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
 run_dir=/tmp/ffi_run
@@ -143,8 +143,8 @@ case "${1:-}" in
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases streaming attamba attamba_no_hint per_head_windows --profile \
             --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
           tail -n 8 $run_dir/$stage.log ;;
-        bench-one-band)  # 8192 full and sliding_window: the single call (default) vs FlashInfer's
-                         # ragged kernel (ours_ragged_band, opt-in FLEX_FLASH_INFER_RAGGED_BANDS=1)
+        bench-one-band)  # 8192 full and sliding_window: the ragged kernel for a band without a window
+                         # (default) vs the single-sequence call (ours_single_call)
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases full sliding_window \
             --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
           tail -n 12 $run_dir/$stage.log ;;

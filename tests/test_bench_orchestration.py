@@ -47,7 +47,7 @@ def _rows(name, seq_len):
 
 
 @pytest.mark.parametrize("name,route,expected", [
-    ("causal", "bands", {"flashinfer_native", "flashinfer_ragged_native"}),
+    ("causal", "bands", {"flashinfer_native", "flashinfer_ragged_native", "ours_single_call"}),
     ("streaming", "bands+columns", {"ours_tiles_route", "ours_tiles_fa3_mask", "ours_paged_columns"}),
     ("per_head_windows", "tiles-per-head", {"ours_head_loop", "ours_head_bands"}),
     ("random_tiles", "tiles-causal", set()),
@@ -107,7 +107,7 @@ def test_varlen_rows_on_the_cpu_model(cpu_bench, tmp_path):
     result = bench_varlen.run_varlen_benchmark(str(tmp_path / "varlen.json"), hq=4, hkv=2, d=16, dtype=torch.float32,
                                                total=2048, count=4, device="cpu")
     rows = {r["impl"]: r for r in result["rows"]}
-    assert set(rows) == {"flex_flash_infer", "flex_flash_infer_one_launch", "flashinfer_native"}
+    assert set(rows) == {"flex_flash_infer", "ours_plan_per_sequence", "flashinfer_native"}
     assert all("error" not in r and r["rel_err"] < 1e-4 for r in rows.values()), rows
     assert rows["flex_flash_infer"]["case"] == "varlen_4_documents_causal"
     assert json.loads((tmp_path / "varlen.json").read_text())["switches"]

@@ -379,21 +379,18 @@ def test_hinted_library_bands_through_the_plan(fake, rng, name, params, L, S):
     assert _band_plan_matches_dense(get_mask_fn(name, **params), L, S, rng) == "bands"
 
 
-@pytest.mark.parametrize("any_band", [False, True], ids=["default", "ragged_bands"])
-@pytest.mark.parametrize("ragged_causal", [True, False])
-@pytest.mark.parametrize("name,params,ragged", [("causal", {}, True), ("full", {}, False),
+@pytest.mark.parametrize("switch", [True, False], ids=["ragged_band", "single_call"])
+@pytest.mark.parametrize("name,params,ragged", [("causal", {}, True), ("full", {}, True),
                                                  ("sliding_window", {"window_size": 50}, False)])
-def test_one_causal_band_runs_the_ragged_kernel(fake, monkeypatch, rng, ragged_causal, name, params, ragged,
-                                                any_band):
-    """A single causal band over the sequence (plain causal attention) runs FlashInfer's ragged
-    kernel, faster than its single-sequence call (RAGGED_CAUSAL_BAND); full and windowed bands keep
-    the single call unless RAGGED_ANY_BAND (opt-in). All give the reference result, also with
-    fewer queries than keys."""
+def test_one_unwindowed_band_runs_the_ragged_kernel(fake, monkeypatch, rng, switch, name, params, ragged):
+    """A single band without a window over the sequence (causal or full attention) runs
+    FlashInfer's ragged kernel, faster than its single-sequence call (RAGGED_UNWINDOWED_BAND); a
+    windowed band keeps the single call. Both give the reference result, also with fewer queries
+    than keys."""
     from flex_flash_infer import FlexFlashInfer, wrapper
 
-    monkeypatch.setattr(flashinfer_backend, "RAGGED_CAUSAL_BAND", ragged_causal)
-    monkeypatch.setattr(flashinfer_backend, "RAGGED_ANY_BAND", any_band)
-    ragged = any_band or ragged
+    monkeypatch.setattr(flashinfer_backend, "RAGGED_UNWINDOWED_BAND", switch)
+    monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
     monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
     L, S, Hq, Hkv, D = 130, 257, 4, 2, 16
     q = torch.randn(L, Hq, D, dtype=torch.float64, generator=rng)
@@ -403,7 +400,7 @@ def test_one_causal_band_runs_the_ragged_kernel(fake, monkeypatch, rng, ragged_c
     flex = FlexFlashInfer(device="cpu").prepare(mask_fn=mask, seq_len_q=L, seq_len_kv=S, num_qo_heads=Hq,
                                                 num_kv_heads=Hkv, head_dim=D, dtype=torch.float64)
     plan = flex._prepared.segments[0].plan
-    assert plan.route == "bands" and (plan.band_runner.ragged is not None) == (ragged and (ragged_causal or any_band))
+    assert plan.route == "bands" and (plan.band_runner.ragged is not None) == (ragged and switch)
     dense = create_mask(mask, None, None, L, S, device="cpu")[0, 0]
     ref, _ = dense_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dense)
     assert rel_err(flex(q, k, v), ref[0].transpose(0, 1)) < 1e-6
