@@ -28,8 +28,8 @@ ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS", "1") != "0"
 # passed on an H100 (2026-11-25, twice). Opt-in (FLEX_FLASH_INFER_HEAD_BANDS=1): timed on an H200
 # (2026-12-01, per-head windows of 128..1024 keys at 8192 tokens) it took 0.934 ms against the
 # tiles-per-head route's 0.890 ms, both three times torch flex's 0.304 ms, though the same heads as
-# one sliding-window(1024) band cost 0.303 ms. Why is not established: four band launches and
-# their head copies (index_select, scatter) come to about 0.35 ms by a count of bytes and work.
+# one sliding-window(1024) band cost 0.303 ms. Why, by torch.profiler (run 10): its four fa3
+# launches take 0.233 ms in all; the head gathers and scatters around them take 0.65 ms.
 ENABLE_HEAD_BANDS = os.environ.get("FLEX_FLASH_INFER_HEAD_BANDS", "0") == "1"
 
 
