@@ -404,3 +404,16 @@ def test_one_unwindowed_band_runs_the_ragged_kernel(fake, monkeypatch, rng, swit
     dense = create_mask(mask, None, None, L, S, device="cpu")[0, 0]
     ref, _ = dense_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dense)
     assert rel_err(flex(q, k, v), ref[0].transpose(0, 1)) < 1e-6
+
+
+def test_evenly_spaced_heads_are_taken_as_views():
+    """bands-per-head takes each group's heads as a strided view when they are evenly spaced."""
+    x = torch.randn(5, 12, 3)
+    for heads in ([3], [0, 4, 8], [1, 2, 3, 4], [2, 7]):
+        sel = flashinfer_backend.head_selector(heads, "cpu")
+        assert isinstance(sel, slice)
+        taken = flashinfer_backend.take_heads(x, 1, sel)
+        assert taken.data_ptr() == x[:, heads[0]].data_ptr() and torch.equal(taken, x[:, heads])
+    for heads in ([0, 1, 5], [4, 2]):
+        sel = flashinfer_backend.head_selector(heads, "cpu")
+        assert torch.is_tensor(sel) and torch.equal(flashinfer_backend.take_heads(x, 1, sel), x[:, heads])
