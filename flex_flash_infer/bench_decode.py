@@ -20,6 +20,7 @@ import time
 import torch
 
 from .bench import case_or_report, check_then_time, raising, rel_error
+from .bench_profile import host_profile
 from .block_build import EMPTY
 from .mods.registry import get_mask_fn
 from .mods.softcap import generate_softcap_score_mod
@@ -56,6 +57,11 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
         ours.plan(*plan_args, dtype=dtype, score_mod=score_mod)
         torch.cuda.synchronize()
         plan_times.append((time.perf_counter() - start) * 1e3)
+    def one_plan():
+        ours.plan(*plan_args, dtype=dtype, score_mod=score_mod)
+        torch.cuda.synchronize()
+
+    plan_profile = host_profile(one_plan)   # where a step's plan() goes (32 ms for windows on an H200)
     reference = PagedFlexAttention(device=dev, backend="reference")
     reference.plan(*plan_args, dtype=dtype, score_mod=score_mod)
     ref = reference.run(q, (k_cache, v_cache)).float()
@@ -137,6 +143,7 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
         check_then_time(row, fn, lambda out: rel_error(out.float(), ref))
         if impl == "flex_flash_infer":
             row["plan_ms"] = statistics.median(plan_times)
+            row["plan_profile"] = plan_profile
         if "ms" in row:
             row["kv_gb_per_s"] = visible * hkv * d * 2 * k_cache.element_size() / (row["ms"] * 1e-3) / 1e9
         rows.append(row)
@@ -165,6 +172,8 @@ def run_decode_benchmark(out_path: str | None = None, with_flex: bool = True) ->
         plan = f" plan {r['plan_ms']:.2f} ms" if "plan_ms" in r else ""
         print(f"{r['case']:24s} {r['impl']:18s} {ms} {gbs} {ratio} {r.get('flashinfer_backend', ''):6s} "
               f"{r.get('error', '')}{plan}")
+        for where, cum_ms, calls in r.get("plan_profile", [])[1:7]:   # [0] is the plan call itself
+            print(f"    plan: {cum_ms:7.2f} ms in {calls} call(s) of {where}")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
               "date": datetime.date.today().isoformat(), "switches": dict(route_switches()), "rows": rows}
     if out_path:

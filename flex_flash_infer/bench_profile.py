@@ -1,5 +1,6 @@
 """Where a benchmark row's time goes (`bench --profile`): the host's time to issue one call, the
-GPU kernels one call runs (torch.profiler), and the same call replayed from a CUDA graph.
+GPU kernels one call runs (torch.profiler), and the same call replayed from a CUDA graph; and
+where a host-side step goes (cProfile; `bench --decode` profiles one plan()).
 
 A route of several launches can be bound by the host (Python and launch work) rather than by its
 kernels: then host_ms is near ms, the kernels' busy time is well below ms, and the graph replay,
@@ -72,6 +73,23 @@ def graphed(fn):
         return state["out"]
 
     return replay
+
+
+def host_profile(fn, top: int = 12) -> list:
+    """[(function, cumulative ms, calls)] of one call of fn under cProfile, the longest first:
+    where a host-side step (a decode plan(), say) spends its time, down to FlashInfer's Python."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats   # {(file, line, name): (calls, prim, tottime, cumtime, callers)}
+    rows = [(f"{'/'.join(file.rsplit('/', 2)[-2:])}:{line}({name})", cum * 1e3, calls)
+            for (file, line, name), (calls, _, _, cum, _) in stats.items()]
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top]
 
 
 def profile_row(row: dict, fn) -> dict:

@@ -10,9 +10,9 @@
 # The machine's copy of .git is stale: `git rev-parse --short HEAD > SOURCE_COMMIT` here and carry
 # it, so that benchmark rows name their commit.
 # Stages, in the default order (what is missing most first, for a 30-minute machine whose modules
-# were mostly built ahead; run 9 ran the first six and cut `tests` short, so the whole GPU suite at
-# the current code comes first now, then the rows not yet run on the H200):
-#   warm tests bench-8k varlen bench-32k decode plan examples score-tests
+# were built ahead: run 10 ran the whole GPU suite in 81 s that way; then the 32768 rows never run
+# on the H200, decode with its plan() profile, and the 8192 rows profiled):
+#   warm tests bench-32k decode bench-8k varlen plan examples score-tests
 # and the rest:
 #   warm-bench   bf16 kernels of the bench stages only (fits a 30-minute machine)
 #   decode-tests  CUDA-graph decode, and a score_mod / per-head masks on the paged cache
@@ -40,7 +40,7 @@ case "${1:-}" in
     # the machine's .git is not this checkout's history (run 9's rows read a stale HEAD): with
     # SOURCE_COMMIT carried, the rows name that commit instead
     [ -f SOURCE_COMMIT ] && rm -rf /tmp/ffi/.git
-    cd /tmp/ffi && setsid nohup bash scripts/gpu_pipeline.sh run "${@:-warm tests bench-8k varlen bench-32k decode plan examples score-tests}" \
+    cd /tmp/ffi && setsid nohup bash scripts/gpu_pipeline.sh run "${@:-warm tests bench-32k decode bench-8k varlen plan examples score-tests}" \
       >$run_dir/pipeline.log 2>&1 < /dev/null &
     echo $! > $run_dir/pid
     echo "started: ${*:-all stages}" ;;

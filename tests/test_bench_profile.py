@@ -31,3 +31,19 @@ def test_describe_says_busy_and_host_time_or_the_failure():
     assert "fa3_prefill_kernel 0.200x1" in bench_profile.describe(row)
     assert "profile failed: RuntimeError" in bench_profile.describe({"profile_error": "RuntimeError: no CUPTI"})
     assert bench_profile.describe({"ms": 1.0}) == ""
+
+
+def test_host_profile_ranks_the_slow_function_with_its_calls():
+    import time
+
+    def slow_part():
+        time.sleep(0.01)
+
+    def step():
+        for _ in range(3):
+            slow_part()
+
+    rows = bench_profile.host_profile(step)
+    names = [where for where, _, _ in rows]
+    slow = rows[next(i for i, n in enumerate(names) if n.endswith("(slow_part)"))]
+    assert slow[1] >= 25 and slow[2] == 3 and rows[0][1] >= slow[1]
