@@ -32,8 +32,10 @@ def _columns_merge_kernel(Q, K, V, O, LSE, POS, COUNTS, q_len, num_columns, grou
     most = tl.max(seen, 0)
     if most > 0:
         dims = tl.arange(0, HEAD_DIM)
-        global_rows = b * q_len + rows
+        global_rows = (b * q_len + rows).to(tl.int64)   # offsets past 2^31 elements at long contexts
         kv_head = h // group
+        batch_k = b.to(tl.int64) * stride_k_batch
+        batch_v = b.to(tl.int64) * stride_v_batch
         q = tl.load(Q + global_rows[:, None] * stride_q_row + h * stride_q_head + dims[None, :],
                     mask=in_seq[:, None], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -43,8 +45,8 @@ def _columns_merge_kernel(Q, K, V, O, LSE, POS, COUNTS, q_len, num_columns, grou
             if c0 < most:
                 cols = c0 + tl.arange(0, BLOCK_C)
                 col_ok = cols < num_columns
-                pos = tl.load(POS + cols, mask=col_ok, other=0)
-                kc = tl.load(K + b * stride_k_batch + pos[:, None] * stride_k_key + kv_head * stride_k_head + dims[None, :],
+                pos = tl.load(POS + cols, mask=col_ok, other=0).to(tl.int64)
+                kc = tl.load(K + batch_k + pos[:, None] * stride_k_key + kv_head * stride_k_head + dims[None, :],
                              mask=col_ok[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(kc)) * scale_log2
                 s = tl.where(cols[None, :] < seen[:, None], s, float("-inf"))
@@ -53,7 +55,7 @@ def _columns_merge_kernel(Q, K, V, O, LSE, POS, COUNTS, q_len, num_columns, grou
                 p = tl.exp2(s - m_ref[:, None])
                 alpha = tl.exp2(m_i - m_ref)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                vc = tl.load(V + b * stride_v_batch + pos[:, None] * stride_v_key + kv_head * stride_v_head + dims[None, :],
+                vc = tl.load(V + batch_v + pos[:, None] * stride_v_key + kv_head * stride_v_head + dims[None, :],
                              mask=col_ok[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
                 m_i = m_new

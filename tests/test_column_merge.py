@@ -103,3 +103,23 @@ def test_triton_kernel_in_the_cpu_interpreter(dtype, columns):
     run = subprocess.run([sys.executable, "-c", INTERPRETED, dtype, str(columns)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype,head_dim,columns", [("bf16", 128, 16), ("fp16", 64, 64), ("bf16", 256, 256)])
+def test_triton_kernel_compiles_for_hopper(dtype, head_dim, columns):
+    """The kernel through Triton's whole compiler down to an sm_90 cubin (its bundled ptxas; no GPU
+    needed): what the interpreter skips, Triton's type checks and its lowering to PTX."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from flex_flash_infer.column_merge_triton import _columns_merge_kernel
+
+    sig = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "LSE": "*fp32", "POS": "*i64",
+           "COUNTS": "*i32", "q_len": "i32", "num_columns": "i32", "group": "i32", "scale_log2": "fp32"}
+    sig.update({name: "i32" for name in _columns_merge_kernel.arg_names if name.startswith("stride_")})
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "BLOCK_C": 16 if columns <= 16 else 32, "COLUMNS_PADDED": columns}
+    sig.update({name: "constexpr" for name in consts})
+    compiled = triton.compile(ASTSource(fn=_columns_merge_kernel, signature=sig, constexprs=consts),
+                              target=GPUTarget("cuda", 90, 32))
+    assert "_columns_merge_kernel" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0
