@@ -131,10 +131,26 @@ class _HeadGroup:
         if self.full is not None and self.partial is not None:
             o_full, lse_full = self.full.run(q, kv_pages, *self.full_args, return_lse=True)
             o_part, lse_part = self.partial.run(q, kv_pages, *self.partial_args, return_lse=True)
-            return self.merge(o_full, lse_full, o_part, lse_part)
+            return merge_rows(self.merge, o_full, lse_full, o_part, lse_part)
         if self.full is not None:
             return self.full.run(q, kv_pages, *self.full_args, return_lse=True)
         return self.partial.run(q, kv_pages, *self.partial_args, return_lse=True)
+
+
+MERGE_HEADS = 8
+
+
+def merge_rows(merge, out_a, lse_a, out_b, lse_b):
+    """merge_state of two [N, H, D] results, with rows of one head regrouped MERGE_HEADS to a row:
+    the merge is per (token, head) pair, and the head-major tiles route's [Hq * L, 1, D] took
+    0.159 ms in FlashInfer's merge on an H200 against about 0.05 for [L, 32, D] of the same bytes
+    (run 10; the regrouped call not timed yet)."""
+    n, h, d = out_a.shape
+    if h >= MERGE_HEADS or (n * h) % MERGE_HEADS:
+        return merge(out_a, lse_a, out_b, lse_b)
+    out, lse = merge(out_a.reshape(-1, MERGE_HEADS, d), lse_a.reshape(-1, MERGE_HEADS),
+                     out_b.reshape(-1, MERGE_HEADS, d), lse_b.reshape(-1, MERGE_HEADS))
+    return out.view(n, h, d), lse.view(n, h)
 
 
 _announced = False

@@ -417,3 +417,25 @@ def test_evenly_spaced_heads_are_taken_as_views():
     for heads in ([0, 1, 5], [4, 2]):
         sel = flashinfer_backend.head_selector(heads, "cpu")
         assert torch.is_tensor(sel) and torch.equal(flashinfer_backend.take_heads(x, 1, sel), x[:, heads])
+
+
+@pytest.mark.parametrize("n,h", [(64, 1), (30, 2), (7, 1), (16, 32)])
+def test_merge_rows_regroups_single_head_rows_and_equals_a_plain_merge(n, h):
+    """Regrouping rows before merge_state changes nothing: the merge is per (token, head) pair."""
+    from paged_simulator import merge_state
+
+    g = torch.Generator().manual_seed(n * h)
+    a, b = torch.randn(n, h, 8, generator=g, dtype=torch.float64), torch.randn(n, h, 8, generator=g, dtype=torch.float64)
+    sa, sb = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(n, h, generator=g, dtype=torch.float64)
+    sb[0, 0] = float("-inf")
+    shapes = []
+
+    def recording(*args):
+        shapes.append(tuple(args[0].shape))
+        return merge_state(*args)
+
+    out, lse = flashinfer_backend.merge_rows(recording, a, sa, b, sb)
+    ref_out, ref_lse = merge_state(a, sa, b, sb)
+    assert torch.allclose(out, ref_out) and torch.allclose(lse, ref_lse)
+    regrouped = h < flashinfer_backend.MERGE_HEADS and (n * h) % flashinfer_backend.MERGE_HEADS == 0
+    assert shapes == [(n * h // 8, 8, 8) if regrouped else (n, h, 8)]
