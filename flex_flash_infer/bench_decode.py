@@ -57,6 +57,7 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
         ours.plan(*plan_args, dtype=dtype, score_mod=score_mod)
         torch.cuda.synchronize()
         plan_times.append((time.perf_counter() - start) * 1e3)
+
     def one_plan():
         ours.plan(*plan_args, dtype=dtype, score_mod=score_mod)
         torch.cuda.synchronize()

@@ -2,7 +2,8 @@
 
 Routes, tried in order:
   * bands: the mask is exactly a few native FlashInfer requests (bands.py), run as FlashInfer's
-    own single or ragged prefill; attamba and streaming add gathered key columns (columns.py);
+    own single or ragged prefill; attamba and streaming add key columns (columns.py), attended
+    and merged into the band's result by one Triton kernel (column_merge.py);
   * tiles: whole tiles on the unmasked fa3 (Hopper) paged-prefill kernel, partial tiles on its
     fa2 kernel with a bit mask covering only those tiles, merged by log-sum-exp
     (flashinfer.merge_state); see planner.py for the request layout. Per-head masks run one
