@@ -1,5 +1,5 @@
-"""The gathered key columns of the window band + columns route (attamba's chunk ends,
-StreamingLLM's sinks) attended and merged into the band's result in one Triton kernel.
+"""The key columns of the window band + columns route (attamba's chunk ends, StreamingLLM's
+sinks) attended and merged into the band's result in one Triton kernel.
 
 Each program takes BLOCK_M query rows of one head: it reads the few column keys straight from k
 and v by their positions (no gathered copy), runs an online softmax over the columns each row

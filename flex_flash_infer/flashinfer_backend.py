@@ -212,17 +212,18 @@ class FlashInferPlan:
         self.column_counts = None   # bands+columns: columns each query row sees (column_merge)
         if route.kind == "bands+columns":
             self.positions = route.positions
+            num_columns = self.positions.numel()
             compact = compact_mask_mod(block_mask.mask_mod, self.bands, self.positions)
             if score_mod is None and column_merge.kernel_available(device, head_dim):
-                self.column_counts = column_prefix_counts(compact, q_len, self.positions.numel(), device)
-            col_states = None if self.column_counts is not None else column_states(
-                compact, q_len, self.positions.numel(), block_q, device)
-            if col_states is not None and bool((col_states == PARTIAL).any()):
-                col_plan = plan_tiles(col_states, batch, q_len, block_q, 1)
-                col_shape = (batch, q_len, self.positions.numel(), num_qo_heads, num_kv_heads, head_dim)
-                # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
-                self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace, (block_q, 1),
-                                          variants(None, 1), self.positions)
+                self.column_counts = column_prefix_counts(compact, q_len, num_columns, device)
+            if self.column_counts is None:   # FlashInfer's launch over pages of one key, then merge_state
+                col_states = column_states(compact, q_len, num_columns, block_q, device)
+                if bool((col_states == PARTIAL).any()):
+                    col_plan = plan_tiles(col_states, batch, q_len, block_q, 1)
+                    col_shape = (batch, q_len, num_columns, num_qo_heads, num_kv_heads, head_dim)
+                    # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
+                    self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace,
+                                              (block_q, 1), variants(None, 1), self.positions)
         if score_mod is not None and self.bands:
             if not (hopper or score_mod_kernels.FA2_BANDS):
                 raise UnsupportedOnFlashInfer("a score_mod on the band routes of a GPU older than Hopper runs in "
