@@ -6,7 +6,8 @@
 #   bash scripts/gpu_pipeline.sh wait SECONDS       # wait for the job (at most SECONDS), pack logs to $OUT
 # Modules built ahead on the CPU machine (bash scripts/prebuild_kernels.sh -> .aot/, 1-5 MB each) are
 # loaded instead of compiled: pack them (bash scripts/pack_prebuilt.sh -> .aotpack/, xz) and carry
-# [".whl", ".aotpack", "SOURCE_COMMIT"] with `start` (run 9: 24 modules, 16 MB, beside 33 MB of wheels).
+# [".whl", ".aotpack", ".aotpack2", ..., "SOURCE_COMMIT"] with `start` (run 10: 48 modules in two
+# packs, 30 MB, beside 33 MB of wheels: just under the 64 MiB a call carries).
 # The machine's copy of .git is stale: `git rev-parse --short HEAD > SOURCE_COMMIT` here and carry
 # it, so that benchmark rows name their commit.
 # Stages, in the default order (what is missing most first, for a 30-minute machine whose modules

@@ -391,7 +391,6 @@ def test_one_unwindowed_band_runs_the_ragged_kernel(fake, monkeypatch, rng, swit
 
     monkeypatch.setattr(flashinfer_backend, "RAGGED_UNWINDOWED_BAND", switch)
     monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
-    monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
     L, S, Hq, Hkv, D = 130, 257, 4, 2, 16
     q = torch.randn(L, Hq, D, dtype=torch.float64, generator=rng)
     k = torch.randn(S, Hkv, D, dtype=torch.float64, generator=rng)
