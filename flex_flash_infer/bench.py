@@ -207,10 +207,13 @@ def rel_error(out_rows, ref):
 
 
 def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, heads_q=32, heads_kv=8,
-               dtype=torch.bfloat16, with_flex=True, score_mod=None, device="cuda", profile=False):
+               dtype=torch.bfloat16, with_flex=True, score_mod=None, device="cuda", profile=False,
+               alternatives=True):
     """The rows of one case. device is "cuda" but for the CPU tests of this orchestration, which
     run it on the CPU model of FlashInfer's kernels. profile: every timed row also gets its host
-    time, GPU kernels (bench_profile), and our call replayed from a CUDA graph is timed beside."""
+    time, GPU kernels (bench_profile), and our call replayed from a CUDA graph is timed beside.
+    alternatives=False: only the issue's four implementations (our alternative routes compile
+    kernels of their own, minutes on a fresh machine)."""
     import flashinfer
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask  # eager: built once
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
@@ -256,8 +259,6 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
             for m, f, v in saved:
                 setattr(m, f, v)
 
-    from . import column_merge, flashinfer_backend, route as route_module, tile_kernels
-
     def alternative(impl, *switches, keep=lambda prepared: True):
         """An alternative route timed beside the default: a failure to plan it or to compile its
         kernels becomes its row's error instead of ending the case."""
@@ -272,31 +273,8 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         return lambda prepared: prepared._prepared.segments[0].plan.route == route_name
 
     per_head = mask_dependence(mask_mod, 1, heads_q, 4, 4, dev)[1]
-    if per_head:
-        # beside the default: the tiles-per-head route with every head in one launch set, its loop
-        # over heads, and the bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS) where it applies
-        alternative("ours_head_loop", (flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False),
-                    (route_module, "ENABLE_HEAD_BANDS", False))
-        if route == "bands-per-head":
-            alternative("ours_tiles_per_head", (route_module, "ENABLE_HEAD_BANDS", False))
-        else:
-            alternative("ours_head_bands", (route_module, "ENABLE_HEAD_BANDS", True), keep=takes("bands-per-head"))
-    if name in ("attamba", "streaming"):
-        # the generic tiles route, beside the window band + key columns route they take, and the
-        # same tiles in one fa3 launch with the mask in the kernel (opt-in FLEX_FLASH_INFER_FA3_MASK=1)
-        alternative("ours_tiles_route", (route_module, "ENABLE_COLUMN_LOWERING", False))
-        # the columns in FlashInfer's paged launch + merge_state instead of the one-pass Triton merge
-        alternative("ours_paged_columns", (column_merge, "ENABLED", False), keep=takes("bands+columns"))
-        alternative("ours_tiles_fa3_mask", (route_module, "ENABLE_COLUMN_LOWERING", False),
-                    (tile_kernels, "FA3_MASK", True))
-    if route in ("tiles", "tiles-per-head") and not tile_kernels.FA3_MASK:
-        alternative("ours_fa3_mask", (tile_kernels, "FA3_MASK", True))
-    if route.startswith("tiles") and score_mod is None:
-        # partial tiles: the traced mask_mod in the fa2 kernel vs its bits, whichever is not the default
-        in_kernel = not tile_kernels.MASK_IN_KERNEL
-        alternative("ours_mask_in_kernel" if in_kernel else "ours_mask_bits", (tile_kernels, "MASK_IN_KERNEL", in_kernel))
-    if name in ("full", "causal"):   # their one band in FlashInfer's single-sequence call, not the ragged kernel
-        alternative("ours_single_call", (flashinfer_backend, "RAGGED_UNWINDOWED_BAND", False), keep=takes("bands"))
+    if alternatives:
+        add_alternatives(alternative, takes, name, route, per_head, score_mod)
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if name == "causal":
@@ -312,7 +290,10 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         tbm = torch_create_block_mask(mask_mod, None, heads_q if per_head else None, seq_len, seq_len, device=dev)
         torch.cuda.synchronize()
         print(f"    torch create_block_mask (eager): {time.time() - build:.1f} s", flush=True)
-        compiled = torch.compile(torch_flex_attention)
+        # static shapes, as a process compiling for this one shape gets: left automatic, dynamo
+        # recompiles the cases after the first with dynamic sizes (one kernel reused across cases,
+        # and "ShapeAsConstantBuffer" lowering errors with a captured table, seen on the H200)
+        compiled = torch.compile(torch_flex_attention, dynamic=False)
         qh, kh, vh = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
         impls["torch_flex"] = lambda: compiled(qh, kh, vh, score_mod=score_mod, block_mask=tbm,
                                                enable_gqa=True)[0].transpose(0, 1)
@@ -348,6 +329,39 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     return results
 
 
+def add_alternatives(alternative, takes, name, route, per_head, score_mod):
+    """Our alternative routes, each timed beside the default through alternative(impl, *switches)."""
+    from . import column_merge, far_bias, flashinfer_backend, route as route_module, tile_kernels
+
+    if per_head:
+        # beside the default: the tiles-per-head route with every head in one launch set, its loop
+        # over heads, and the bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS) where it applies
+        alternative("ours_head_loop", (flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False),
+                    (route_module, "ENABLE_HEAD_BANDS", False))
+        if route == "bands-per-head":
+            alternative("ours_tiles_per_head", (route_module, "ENABLE_HEAD_BANDS", False))
+        else:
+            alternative("ours_head_bands", (route_module, "ENABLE_HEAD_BANDS", True), keep=takes("bands-per-head"))
+    if name in ("attamba", "streaming"):
+        # the generic tiles route, beside the window band + key columns route they take, and the
+        # same tiles in one fa3 launch with the mask in the kernel (opt-in FLEX_FLASH_INFER_FA3_MASK=1)
+        alternative("ours_tiles_route", (route_module, "ENABLE_COLUMN_LOWERING", False))
+        # the columns in FlashInfer's paged launch + merge_state instead of the one-pass Triton merge
+        alternative("ours_paged_columns", (column_merge, "ENABLED", False), keep=takes("bands+columns"))
+        alternative("ours_tiles_fa3_mask", (route_module, "ENABLE_COLUMN_LOWERING", False),
+                    (tile_kernels, "FA3_MASK", True))
+    if route in ("tiles", "tiles-per-head") and not tile_kernels.FA3_MASK:
+        alternative("ours_fa3_mask", (tile_kernels, "FA3_MASK", True))
+    if route.startswith("tiles") and score_mod is None:
+        # partial tiles: the traced mask_mod in the fa2 kernel vs its bits, whichever is not the default
+        in_kernel = not tile_kernels.MASK_IN_KERNEL
+        alternative("ours_mask_in_kernel" if in_kernel else "ours_mask_bits", (tile_kernels, "MASK_IN_KERNEL", in_kernel))
+    if getattr(score_mod, "constant_beyond", None) is not None:   # every key in the compiled variant
+        alternative("ours_no_far_split", (far_bias, "ENABLED", False))
+    if name in ("full", "causal"):   # their one band in FlashInfer's single-sequence call, not the ragged kernel
+        alternative("ours_single_call", (flashinfer_backend, "RAGGED_UNWINDOWED_BAND", False), keep=takes("bands"))
+
+
 def print_table(rows):
     by_case = {}
     for r in rows:
@@ -378,7 +392,8 @@ def print_table(rows):
                 print(f"      {impl}: {describe(r)}")
 
 
-def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True, profile=False):
+def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True, profile=False,
+                  alternatives=True):
     import flashinfer
 
     from . import tile_kernels
@@ -411,7 +426,8 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
             for d in dims:
                 t0 = time.time()
                 new = case_or_report(failed, f"{name} {seq_len} d{d}", bench_case, name, seq_len, d, mod, native,
-                                      sdpa, with_flex=with_flex, profile=profile)
+                                      sdpa, with_flex=with_flex, profile=profile,
+                                      alternatives=alternatives)
                 rows.extend(new)
                 print_table(new)
                 print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)
@@ -425,7 +441,8 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
                 continue  # a score_mod off the band routes needs the tile variants switch
             t0 = time.time()
             new = case_or_report(failed, f"{name} {seq_len}", bench_case, name, seq_len, 128, masks[mask_name][0],
-                                  native, None, with_flex=with_flex, score_mod=score_mod, profile=profile)
+                                  native, None, with_flex=with_flex, score_mod=score_mod, profile=profile,
+                                  alternatives=alternatives)
             rows.extend(new)
             print_table(new)
             print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)

@@ -123,7 +123,7 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
         kf = k_cache[order].reshape(batch, context, hkv, d).transpose(1, 2).contiguous()
         vf = v_cache[order].reshape(batch, context, hkv, d).transpose(1, 2).contiguous()
         bm = create_block_mask(shifted, None, None, 1, context, device=dev)
-        compiled = torch.compile(flex_attention)
+        compiled = torch.compile(flex_attention, dynamic=False)   # static, as in bench.py
         qf = q.unsqueeze(2)
         flex_score = None if score_mod is None else shifted_score
         impls["torch_flex"] = lambda: compiled(qf, kf, vf, score_mod=flex_score, block_mask=bm,

@@ -94,6 +94,9 @@ def build_parser():
     bench.add_argument("--no-flex", action="store_true", help="skip torch FlexAttention")
     bench.add_argument("--profile", action="store_true",
                        help="also each row's host time and GPU kernels, and our call replayed from a CUDA graph")
+    bench.add_argument("--no-alternatives", action="store_true",
+                       help="time only ours, torch flex, FlashInfer's native call and cuDNN (our alternative "
+                            "routes compile kernels of their own)")
     bench.add_argument("--plan", action="store_true", help="measure planning time instead (bench_plan.py)")
     bench.add_argument("--decode", action="store_true", help="paged decode instead (bench_decode.py)")
     bench.add_argument("--varlen", action="store_true", help="packed varlen prefill instead (bench_varlen.py)")
@@ -230,7 +233,8 @@ def main(argv=None) -> int:
             return 0
         from .bench import run_benchmark
 
-        run_benchmark(tuple(args.seq_lens), args.cases, args.out, with_flex=not args.no_flex, profile=args.profile)
+        run_benchmark(tuple(args.seq_lens), args.cases, args.out, with_flex=not args.no_flex, profile=args.profile,
+                      alternatives=not args.no_alternatives)
         return 0
     if command == "warmup":
         from .warmup import KINDS, warmup

@@ -23,6 +23,7 @@ from .block_build import PARTIAL, ceil_div
 from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
 from .route import Route, choose_route
 from .bands import band_launches
+from .far_bias import FarSplitBands, plan_split
 from . import score_mod_kernels
 from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
 from . import tile_kernels
@@ -228,7 +229,13 @@ class FlashInferPlan:
             if not (hopper or score_mod_kernels.FA2_BANDS):
                 raise UnsupportedOnFlashInfer("a score_mod on the band routes of a GPU older than Hopper runs in "
                                               "the fa2 variant, turned off here by FLEX_FLASH_INFER_FA2_SCORE_MOD=0")
-            self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper)
+            split = plan_split(score_mod, self.bands, num_qo_heads)
+            if split is None:
+                self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper)
+            else:   # keys beyond the score_mod's reach on the plain kernel (far_bias.py)
+                near, far, hint = split
+                self.band_runner = FarSplitBands(ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace,
+                                                               hopper), far, hint, self.shape, scale)
             return
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)

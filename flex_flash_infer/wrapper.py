@@ -267,4 +267,6 @@ def _for_sequence(mod, index: int, n_args: int):
 
     def sequence_score(score, b, h, q_idx, kv_idx):
         return mod(score, b * 0 + index, h, q_idx, kv_idx)
+    if hasattr(mod, "constant_beyond"):   # far_bias's hint holds for every b, so for this one
+        sequence_score.constant_beyond = mod.constant_beyond
     return sequence_score

@@ -30,6 +30,9 @@
 #   bench-tiles  8192 random_tiles, per_head_windows (mask in kernel vs bits, bands per head), softcap on tiles
 #   bench-score  8192: causal and the score_mod rows (softcap, alibi, rel_bias, identity)
 #   bench-one-band  8192 full and sliding_window (d128, d64): the ragged kernel vs the single call
+#   far-bias-tests  the relative-position bias split at its reach (GPU tests)
+#   bench-rel-bias  rel_bias+causal at 32768 and 8192, split (default) and not (ours_no_far_split)
+#   bench-static    the other cases at 32768 and 8192 without our alternative routes (quick on a fresh machine)
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
 run_dir=/tmp/ffi_run
@@ -144,6 +147,18 @@ case "${1:-}" in
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases streaming attamba attamba_no_hint per_head_windows --profile \
             --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
           tail -n 8 $run_dir/$stage.log ;;
+        far-bias-tests)  # a relative-position bias split at its reach (far_bias.py), fa3, against the reference
+          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -p no:cacheprovider \
+            -k "relative_position_bias_split or (compiled_into_the_kernel and rel_bias and not fa2)" \
+            >$run_dir/far_bias_tests.log 2>&1; tail -n 8 $run_dir/far_bias_tests.log ;;
+        bench-rel-bias)  # rel_bias at 32768 and 8192: split at its reach (default) vs every key in the variant
+          python3 -m flex_flash_infer bench --seq-lens 32768 8192 --cases rel_bias+causal \
+            --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
+        bench-static)  # every other case at 32768 and 8192, ours' default route and the peers only
+          python3 -m flex_flash_infer bench --seq-lens 32768 8192 --no-alternatives --cases full causal sliding_window \
+            streaming attamba attamba_no_hint prefix_lm prefix_lm_2000 document random_tiles per_head_windows \
+            softcap+causal alibi+causal identity+causal softcap+random_tiles \
+            --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 30 $run_dir/$stage.log ;;
         bench-one-band)  # 8192 full and sliding_window: the ragged kernel for a band without a window
                          # (default) vs the single-sequence call (ours_single_call)
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases full sliding_window \

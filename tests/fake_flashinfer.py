@@ -194,12 +194,20 @@ def merge_state(o_a, s_a, o_b, s_b):
     return out.to(o_a.dtype), lse.float()
 
 
+def merge_state_in_place(v, s, v_other, s_other, mask=None):
+    assert mask is None, "the CPU model merges every row"
+    out, lse = merge_state(v, s, v_other, s_other)
+    v.copy_(out)
+    s.copy_(lse)
+
+
 def module():
     return types.SimpleNamespace(BatchPrefillWithPagedKVCacheWrapper=BatchPrefillWithPagedKVCacheWrapper,
                                  BatchPrefillWithRaggedKVCacheWrapper=BatchPrefillWithRaggedKVCacheWrapper,
                                  single_prefill_with_kv_cache=single_prefill_with_kv_cache,
                                  BatchDecodeWithPagedKVCacheWrapper=BatchDecodeWithPagedKVCacheWrapper,
-                                 merge_state=merge_state, __version__="fake")
+                                 merge_state=merge_state, merge_state_in_place=merge_state_in_place,
+                                 __version__="fake")
 
 
 def register_paged_variants(monkeypatch, tile_kernels) -> list:

@@ -64,6 +64,16 @@ def test_bench_case_rows_on_the_cpu_model(cpu_bench, name, route, expected):
         assert "error" in rows["sdpa_cudnn"]
 
 
+@pytest.mark.parametrize("name", ["causal", "streaming", "per_head_windows"])
+def test_bench_case_without_alternatives_times_the_peers_only(cpu_bench, name):
+    mod, native, sdpa = bench.case_masks(2048)[name]
+    rows = bench.bench_case(name, 2048, 16, mod, native, sdpa, heads_q=4, heads_kv=2, dtype=torch.float32,
+                            with_flex=False, device="cpu", alternatives=False)
+    impls = {r["impl"] for r in rows}
+    assert "flex_flash_infer" in impls and not any(i.startswith("ours_") for i in impls), impls
+    assert impls <= set(bench.SPEC_IMPLS) | {"flashinfer_ragged_native"}
+
+
 @pytest.mark.parametrize("name,route", [("softcap+causal", "bands"), ("rel_bias+causal", "bands"),
                                         ("softcap+random_tiles", "tiles-causal")])
 def test_score_mod_case_rows_on_the_cpu_model(cpu_bench, name, route):
@@ -74,6 +84,8 @@ def test_score_mod_case_rows_on_the_cpu_model(cpu_bench, name, route):
                                                    device="cpu")}
     ours = rows["flex_flash_infer"]
     assert "error" not in ours and ours["rel_err"] < 1e-4 and ours["route"] == route
+    if name == "rel_bias+causal":   # keys beyond the table's reach on the plain kernel, and without that
+        assert "error" not in rows["ours_no_far_split"] and rows["ours_no_far_split"]["rel_err"] < 1e-4
     if native is not None:
         assert "error" not in rows["flashinfer_native"] and rows["flashinfer_native"]["rel_err"] < 1e-4
 

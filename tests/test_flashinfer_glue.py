@@ -292,8 +292,9 @@ def test_fa3_decode_puts_whole_pages_on_the_paged_prefill_kernel(fake, monkeypat
     ("sliding_window", {"window_size": 50}, 1, 300, 300),
     ("prefix_lm", {"prefix_len": 128}, 2, 260, 260),
     ("causal", {}, 1, 150, 230),                  # bottom-right aligned: more keys than queries
+    ("document", {"offsets": [0, 20, 150, 300]}, 1, 300, 300),   # one causal band per document
 ])
-@pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias"])
+@pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias", "rel_bias_unsplit"])
 @pytest.mark.parametrize("hopper", [True, False], ids=["fa3", "fa2"])
 def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name, params, B, L, S, mod_name, hopper):
     """The score_mod band route (request tables of first query, first key and batch entry per
@@ -303,9 +304,13 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
     from flex_flash_infer import score_mod_kernels
     from flex_flash_infer.warmup import example_score_mod
 
+    from flex_flash_infer import far_bias
+
     fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: hopper)
     monkeypatch.setattr(score_mod_kernels, "FA2_BANDS", True)
+    monkeypatch.setattr(far_bias, "ENABLED", mod_name != "rel_bias_unsplit")
+    mod_name = mod_name.replace("_unsplit", "")
     backends = []
     real_wrapper = fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper
 
@@ -319,7 +324,11 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
     bm = create_block_mask(get_mask_fn(name, **params), B, None, L, S, device="cpu", BLOCK_SIZE=64)
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
                                              score_mod=score_mod)
-    assert isinstance(plan.band_runner, score_mod_kernels.ScoreModBands)
+    # a relative-position bias on causal bands: keys beyond its reach (32) on the plain kernel
+    split = far_bias.ENABLED and mod_name == "rel_bias" and name != "prefix_lm"
+    runner = plan.band_runner.near if split else plan.band_runner
+    assert isinstance(plan.band_runner, far_bias.FarSplitBands) == split
+    assert isinstance(runner, score_mod_kernels.ScoreModBands)
     assert backends and all(b == ("fa3" if hopper else "fa2") and ("Fa2" in n) == (not hopper) for b, n in backends)
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)

@@ -371,6 +371,29 @@ def test_score_mod_compiled_into_the_kernel(cuda_gen, dtype, name, mod_name):
     assert torch.allclose(lse.cpu().double()[seen], ref_lse[seen], atol=3e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("name,params,table_shape", [("causal", {}, (8, 129)), ("sliding_window", {"window_size": 300}, (257,))])
+def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table_shape):
+    """Keys beyond the table's reach on FlashInfer's plain kernel with the table's last entry added
+    to the lse, the rest in the compiled variant (far_bias.py), against the float64 reference."""
+    from flex_flash_infer import far_bias
+    from flex_flash_infer.mods import generate_relative_position_bias_score_mod
+
+    B, H, Hkv, L, D, dtype = 1, 8, 2, 1000, 128, torch.bfloat16   # batches: test_score_mod_compiled_into_the_kernel
+    table = torch.randn(*table_shape, generator=torch.Generator().manual_seed(1)).cuda()
+    mod = generate_relative_position_bias_score_mod(table)
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
+    flex = FlexFlashInfer(device="cuda", backend="flashinfer")
+    flex.prepare(mask_fn=get_mask_fn(name, **params), seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv,
+                 head_dim=D, dtype=dtype, score_mod=mod)
+    assert isinstance(flex._prepared.segments[0].plan.band_runner, far_bias.FarSplitBands)
+    out = flex(*(x[0].transpose(0, 1).contiguous() for x in (q, k, v))).transpose(0, 1)[None]
+    ref_out, _ = dense_attention(q, k, v, dense_predicate(name, L, L, **params),
+                                 score_fn=lambda s, b, h, qi, ki: mod(s.float().cuda(), b.cuda(), h.cuda(),
+                                                                      qi.cuda(), ki.cuda()).cpu().double())
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref_out) < TOL[dtype]
+
+
 PAGED_MASKS = [("causal", {}), ("sliding_window", {"window_size": 40}), ("sliding_window", {"window_size": 64}),
                ("streaming", {"sink_size": 3, "window_size": 33}), ("attamba", {"window_size": 24, "chunk_size": 16}),
                ("prefix_lm", {"prefix_len": 50}), ("dilated_sliding_window", {"window_size": 60, "dilation": 3}),

@@ -5,6 +5,7 @@ score_mod: score -> score + table[clamp(q - kv, -M, M) + M]          (table of 2
 """
 import torch
 
+from ..far_bias import ConstantBeyond
 from ._captured import follow_device
 
 
@@ -24,4 +25,7 @@ def generate_relative_position_bias_score_mod(table):
             return score + table_on(q_idx.device)[h, torch.clamp(q_idx - kv_idx, -reach, reach) + reach]
 
     relative_position_bias.table = table
+    # beyond the reach the bias is the table's last entry: the planner runs those keys on
+    # FlashInfer's plain kernel (far_bias.py)
+    relative_position_bias.constant_beyond = ConstantBeyond(reach, lambda device: table_on(device)[..., 2 * reach])
     return relative_position_bias
