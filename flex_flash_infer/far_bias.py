@@ -30,8 +30,8 @@ LOG2E = 1.0 / math.log(2.0)
 @dataclass(frozen=True)
 class ConstantBeyond:
     """score_mod(score, b, h, q, kv) == score + values(device)[h] wherever q - kv >= reach.
-    values returns a float tensor [heads] or [1] on that device, read when run() runs (a view of
-    the captured table, so that changing the table changes both parts alike)."""
+    values returns a float tensor [heads] or [1] on that device, read when planned, as the compiled
+    variant reads its captured tensors."""
     reach: int
     values: Callable[[torch.device], torch.Tensor]
 
@@ -87,23 +87,24 @@ class FarSplitBands:
     score_mod (near_runner, a ScoreModBands), then each far band through FlashInfer's plain
     single-sequence call, merged in place into its rows."""
 
-    def __init__(self, near_runner, far_bands, hint: ConstantBeyond, shape, scale):
+    def __init__(self, near_runner, far_bands, hint: ConstantBeyond, shape, scale, device):
         import flashinfer
 
         self.near = near_runner
         self.far_bands = far_bands
-        self.hint = hint
         self.shape = shape
         self.scale = scale
         self.single = flashinfer.single_prefill_with_kv_cache
         self.merge_in_place = flashinfer.merge_state_in_place
+        # the far keys' lse shift, base 2, per head (a table may hold more heads than run)
+        num_heads = shape[3]
+        values = hint.values(torch.device(device)).float().reshape(-1)
+        self.shift = ((values[:num_heads] if values.numel() > 1 else values.expand(num_heads)) * LOG2E).contiguous()
 
     def run(self, q, k, v, return_lse: bool = True):
-        batch, q_len, _, num_heads = self.shape[:4]
+        batch, q_len = self.shape[:2]
         out, lse = self.near.run(q, k, v)
-        # base 2, per head (a table may hold more heads than run), broadcast over rows
-        values = self.hint.values(q.device).float().reshape(-1)
-        shift = (values[:num_heads] if values.numel() > 1 else values.expand(num_heads)) * LOG2E
+        shift = self.shift
         for b in range(batch):
             for band in self.far_bands:
                 rows = slice(b * q_len + band.q_start, b * q_len + band.q_end)

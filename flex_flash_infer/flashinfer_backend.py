@@ -235,7 +235,7 @@ class FlashInferPlan:
             else:   # keys beyond the score_mod's reach on the plain kernel (far_bias.py)
                 near, far, hint = split
                 self.band_runner = FarSplitBands(ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace,
-                                                               hopper), far, hint, self.shape, scale)
+                                                               hopper), far, hint, self.shape, scale, device)
             return
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)

@@ -69,3 +69,32 @@ def test_a_hint_that_does_not_hold_is_refused():
     wrong_value = generate_relative_position_bias_score_mod(table)
     wrong_value.constant_beyond = ConstantBeyond(16, lambda device: table[:, 0].to(device))
     assert not hint_holds(wrong_value, wrong_value.constant_beyond, 4)
+
+
+def test_the_split_reads_the_table_when_planned_as_the_variant_does(monkeypatch):
+    """A table changed after planning changes neither part: both were read when planned, so the
+    split plan still matches the reference of the table it was planned with."""
+    import sys
+
+    import fake_flashinfer
+    from dense_reference import dense_attention, rel_err
+    from flex_flash_infer import create_block_mask, create_mask, far_bias, flashinfer_backend, get_mask_fn
+    from flex_flash_infer import score_mod_kernels
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
+    fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
+    B, H, Hkv, L, D = 1, 4, 2, 300, 16
+    table = torch.randn(H, 65, dtype=torch.float64)
+    planned = table.clone()
+    mod = generate_relative_position_bias_score_mod(table)
+    bm = create_block_mask(get_mask_fn("causal"), B, None, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, H, Hkv, D, torch.float64, D ** -0.5, "cpu", score_mod=mod)
+    assert isinstance(plan.band_runner, far_bias.FarSplitBands)
+    table.add_(torch.randn_like(table))   # after planning
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, L, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    out, _ = plan.run(q.transpose(1, 2).reshape(B * L, H, D), k.transpose(1, 2), v.transpose(1, 2))
+    ref, _ = dense_attention(q, k, v, create_mask(get_mask_fn("causal"), B, 1, L, L, device="cpu"),
+                             score_fn=generate_relative_position_bias_score_mod(planned))
+    assert rel_err(out.view(B, L, H, D).transpose(1, 2), ref) < 1e-6

@@ -371,10 +371,12 @@ def test_score_mod_compiled_into_the_kernel(cuda_gen, dtype, name, mod_name):
     assert torch.allclose(lse.cpu().double()[seen], ref_lse[seen], atol=3e-2, rtol=1e-3)
 
 
-@pytest.mark.parametrize("name,params,table_shape", [("causal", {}, (8, 129)), ("sliding_window", {"window_size": 300}, (257,))])
+@pytest.mark.parametrize("name,params,table_shape", [("causal", {}, (8, 129)), ("sliding_window", {"window_size": 300}, (8, 257))])
 def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table_shape):
     """Keys beyond the table's reach on FlashInfer's plain kernel with the table's last entry added
-    to the lse, the rest in the compiled variant (far_bias.py), against the float64 reference."""
+    to the lse, the rest in the compiled variant (far_bias.py), against the float64 reference.
+    Tables per head, as the bench's: the variants prebuilt for it serve (a table shared by the heads
+    is another module, 2 minutes to compile on the GPU machine; its split runs on the CPU model)."""
     from flex_flash_infer import far_bias
     from flex_flash_infer.mods import generate_relative_position_bias_score_mod
 
