@@ -33,6 +33,7 @@
 #   far-bias-tests  the relative-position bias split at its reach (GPU tests)
 #   bench-rel-bias  rel_bias+causal at 32768 and 8192, split (default) and not (ours_no_far_split)
 #   bench-static    the other cases at 32768 and 8192 without our alternative routes (quick on a fresh machine)
+#   decode-plan-check  bench --decode without torch flex (is the slow per-step plan flex's doing?)
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
 run_dir=/tmp/ffi_run
@@ -159,6 +160,10 @@ case "${1:-}" in
             streaming attamba attamba_no_hint prefix_lm prefix_lm_2000 document random_tiles per_head_windows \
             softcap+causal alibi+causal identity+causal softcap+random_tiles \
             --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 30 $run_dir/$stage.log ;;
+        decode-plan-check)  # bench --decode without torch flex: are the window and softcap plans (35 ms in
+                            # run 11a, causal 3.9 ms) slow without a compiled flex in the process?
+          python3 -m flex_flash_infer bench --decode --no-flex --out "$run_dir/$stage.json" 2>&1 \
+            | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 30 $run_dir/$stage.log ;;
         bench-one-band)  # 8192 full and sliding_window: the ragged kernel for a band without a window
                          # (default) vs the single-sequence call (ours_single_call)
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases full sliding_window \

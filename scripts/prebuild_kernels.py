@@ -60,7 +60,7 @@ def _recording_flashinfer(recorded: list):
     stub = types.ModuleType("flashinfer")
     stub.BatchPrefillWithRaggedKVCacheWrapper = stub.BatchPrefillWithPagedKVCacheWrapper = Wrapper
     stub.BatchDecodeWithPagedKVCacheWrapper = Wrapper
-    stub.single_prefill_with_kv_cache = stub.merge_state = stop
+    stub.single_prefill_with_kv_cache = stub.merge_state = stub.merge_state_in_place = stop
     stub.__version__ = "recording stand-in"
     return stub
 
