@@ -173,8 +173,8 @@ def run_decode_benchmark(out_path: str | None = None, with_flex: bool = True) ->
         plan = f" plan {r['plan_ms']:.2f} ms" if "plan_ms" in r else ""
         print(f"{r['case']:24s} {r['impl']:18s} {ms} {gbs} {ratio} {r.get('flashinfer_backend', ''):6s} "
               f"{r.get('error', '')}{plan}")
-        for where, cum_ms, calls in r.get("plan_profile", [])[1:7]:   # [0] is the plan call itself
-            print(f"    plan: {cum_ms:7.2f} ms in {calls} call(s) of {where}")
+        for where, cum_ms, own_ms, calls in r.get("plan_profile", [])[1:7]:   # [0] is the plan call itself
+            print(f"    plan: {cum_ms:7.2f} ms ({own_ms:.2f} its own) in {calls} call(s) of {where}")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
               "date": datetime.date.today().isoformat(), "switches": dict(route_switches()), "rows": rows}
     if out_path:

@@ -76,8 +76,10 @@ def graphed(fn):
 
 
 def host_profile(fn, top: int = 12) -> list:
-    """[(function, cumulative ms, calls)] of one call of fn under cProfile, the longest first:
-    where a host-side step (a decode plan(), say) spends its time, down to FlashInfer's Python."""
+    """[(function, cumulative ms, own ms, calls)] of one call of fn under cProfile, the longest
+    first: where a host-side step (a decode plan(), say) spends its time, down to FlashInfer's
+    Python. Own time includes the tensor operators and indexing a function runs (C slots, which
+    cProfile does not list as calls), and any GPU sync they wait on."""
     import cProfile
     import pstats
 
@@ -86,8 +88,8 @@ def host_profile(fn, top: int = 12) -> list:
     fn()
     profiler.disable()
     stats = pstats.Stats(profiler).stats   # {(file, line, name): (calls, prim, tottime, cumtime, callers)}
-    rows = [(f"{'/'.join(file.rsplit('/', 2)[-2:])}:{line}({name})", cum * 1e3, calls)
-            for (file, line, name), (calls, _, _, cum, _) in stats.items()]
+    rows = [(f"{'/'.join(file.rsplit('/', 2)[-2:])}:{line}({name})", cum * 1e3, own * 1e3, calls)
+            for (file, line, name), (calls, _, own, cum, _) in stats.items()]
     rows.sort(key=lambda r: -r[1])
     return rows[:top]
 

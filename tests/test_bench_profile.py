@@ -44,6 +44,8 @@ def test_host_profile_ranks_the_slow_function_with_its_calls():
             slow_part()
 
     rows = bench_profile.host_profile(step)
-    names = [where for where, _, _ in rows]
+    names = [where for where, *_ in rows]
     slow = rows[next(i for i, n in enumerate(names) if n.endswith("(slow_part)"))]
-    assert slow[1] >= 25 and slow[2] == 3 and rows[0][1] >= slow[1]
+    outer = rows[next(i for i, n in enumerate(names) if n.endswith("(step)"))]
+    assert slow[1] >= 25 and slow[3] == 3 and rows[0][1] >= slow[1]
+    assert outer[1] >= 25 and outer[2] < 5   # step's time is its callee's, not its own
