@@ -109,10 +109,13 @@ def _record_each(run, dtype, head_dim) -> None:
 
 def custom_jit_args(kinds, dtype, head_dim) -> list:
     """(backend, jit_args) of every compiled variant the warm-up kinds build, in first-use order."""
-    from flex_flash_infer import flashinfer_backend
+    from flex_flash_infer import flashinfer_backend, tile_kernels
     from flex_flash_infer.warmup import compile_score_mod, run_fa3_mask_bench, run_paged_mods, run_tile_variant
 
     recorded = []
+    # the tile kinds set these switches for the process, as a warm-up process may: put them back
+    switches = ("TILE_VARIANTS", "MASK_IN_KERNEL", "FA3_MASK")
+    saved = {name: getattr(tile_kernels, name) for name in switches}
     with _planning_on_cpu_as_hopper(_recording_flashinfer(recorded)):
         for kind in kinds:
             hopper = flashinfer_backend._is_hopper
@@ -130,6 +133,8 @@ def custom_jit_args(kinds, dtype, head_dim) -> list:
                 pass
             finally:
                 flashinfer_backend._is_hopper = hopper   # compile_score_mod forces fa2 for its fa2 kinds
+                for name, value in saved.items():
+                    setattr(tile_kernels, name, value)
     unique = {}
     for backend, args in recorded:
         unique.setdefault(args[0], (backend, args))

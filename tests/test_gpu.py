@@ -371,18 +371,22 @@ def test_score_mod_compiled_into_the_kernel(cuda_gen, dtype, name, mod_name):
     assert torch.allclose(lse.cpu().double()[seen], ref_lse[seen], atol=3e-2, rtol=1e-3)
 
 
-@pytest.mark.parametrize("name,params,table_shape", [("causal", {}, (8, 129)), ("sliding_window", {"window_size": 300}, (8, 257))])
+@pytest.mark.parametrize("name,params,table_shape", [("causal", {}, (8, 129)), ("sliding_window", {"window_size": 300}, (8, 257)),
+                                                      ("causal", {}, "t5")])
 def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table_shape):
     """Keys beyond the table's reach on FlashInfer's plain kernel with the table's last entry added
     to the lse, the rest in the compiled variant (far_bias.py), against the float64 reference.
     Tables per head, as the bench's: the variants prebuilt for it serve (a table shared by the heads
     is another module, 2 minutes to compile on the GPU machine; its split runs on the CPU model)."""
     from flex_flash_infer import far_bias
-    from flex_flash_infer.mods import generate_relative_position_bias_score_mod
+    from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_t5_relative_bias_score_mod
 
     B, H, Hkv, L, D, dtype = 1, 8, 2, 1000, 128, torch.bfloat16   # batches: test_score_mod_compiled_into_the_kernel
-    table = torch.randn(*table_shape, generator=torch.Generator().manual_seed(1)).cuda()
-    mod = generate_relative_position_bias_score_mod(table)
+    if table_shape == "t5":   # T5's 32 buckets up to 128 apart: runs as a per-head table of 257 distances
+        mod = generate_t5_relative_bias_score_mod(torch.randn(H, 32, generator=torch.Generator().manual_seed(1)).cuda())
+    else:
+        mod = generate_relative_position_bias_score_mod(
+            torch.randn(*table_shape, generator=torch.Generator().manual_seed(1)).cuda())
     q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
     flex = FlexFlashInfer(device="cuda", backend="flashinfer")
     flex.prepare(mask_fn=get_mask_fn(name, **params), seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv,

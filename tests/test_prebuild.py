@@ -83,7 +83,12 @@ def test_every_default_kind_replays():
     """The default list (what `prebuild_kernels.sh` builds) replays without error: a route that
     calls a FlashInfer function the stand-in lacks (merge_state_in_place, for the relative-position
     split) would end the listing there."""
+    from flex_flash_infer import tile_kernels
+
     prebuild = load_script()
+    switches = (tile_kernels.TILE_VARIANTS, tile_kernels.MASK_IN_KERNEL, tile_kernels.FA3_MASK)
     recorded = prebuild.custom_jit_args(list(prebuild.CUSTOM_KINDS), torch.bfloat16, 128)
     uris = [args[0] for _, args in recorded]
     assert len(set(uris)) == len(uris) and any(u.endswith("_swa") for u in uris)
+    # the tile kinds switch the tile routes for the process: the replay puts them back
+    assert (tile_kernels.TILE_VARIANTS, tile_kernels.MASK_IN_KERNEL, tile_kernels.FA3_MASK) == switches

@@ -14,11 +14,13 @@ from .relative_position_bias import generate_relative_position_bias_score_mod
 from .softcap import generate_softcap_score_mod
 from .sliding_window import generate_sliding_window_mask_mod
 from .streaming import generate_streaming_mask_mod
+from .t5_relative_bias import generate_t5_relative_bias_score_mod, t5_buckets
 from .temperature import generate_temperature_score_mod
 
 __all__ = [
     "alibi_slopes", "generate_alibi_score_mod", "generate_causal_decay_score_mod",
     "generate_relative_position_bias_score_mod", "generate_softcap_score_mod", "generate_temperature_score_mod",
+    "generate_t5_relative_bias_score_mod", "t5_buckets",
     "MASK_FACTORIES", "and_masks", "document_ids_from_offsets", "generate_attamba_mask_mod",
     "generate_causal_mask_mod", "generate_chunked_causal_mask_mod",
     "generate_dilated_sliding_window_mask_mod", "generate_document_mask_mod",
