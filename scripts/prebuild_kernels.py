@@ -163,6 +163,13 @@ def module_specs(dtypes, head_dims, kinds) -> list:
 
     JitSpec.build_and_load = keep
     try:
+        # merge_state (cascade) and the mask bit packing (quantization): each route with partial
+        # tiles or columns uses one of them, and run 11a compiled both on the GPU machine
+        from flashinfer.jit.cascade import gen_cascade_module
+        from flashinfer.jit.quantization import gen_quantization_module
+
+        for spec in (gen_cascade_module(), gen_quantization_module()):
+            specs.setdefault(spec.name, spec)
         for dtype in dtypes:
             for hd in head_dims:
                 for swa in (False, True):
