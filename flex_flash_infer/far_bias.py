@@ -104,13 +104,12 @@ class FarSplitBands:
     def run(self, q, k, v, return_lse: bool = True):
         batch, q_len = self.shape[:2]
         out, lse = self.near.run(q, k, v)
-        shift = self.shift
         for b in range(batch):
             for band in self.far_bands:
                 rows = slice(b * q_len + band.q_start, b * q_len + band.q_end)
                 o, s = self.single(q[rows], k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end],
                                    causal=True, window_left=band.window_left, sm_scale=self.scale, return_lse=True)
-                self.merge_in_place(out[rows], lse[rows], o, s + shift)
+                self.merge_in_place(out[rows], lse[rows], o, s.add_(self.shift))   # s: this call's own
         return (out, lse) if return_lse else out
 
 
