@@ -33,6 +33,7 @@
 #   far-bias-tests  the relative-position bias split at its reach (GPU tests)
 #   bench-rel-bias  rel_bias+causal at 32768 and 8192, split (default) and not (ours_no_far_split)
 #   bench-static    the other cases at 32768 and 8192 without our alternative routes (quick on a fresh machine)
+#   bench-static-8k every case at 8192 so (flex static; the next run's first bench: carry .aotpack-bench)
 #   decode-plan-check  bench --decode without torch flex (is the slow per-step plan flex's doing?)
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
@@ -159,6 +160,10 @@ case "${1:-}" in
           python3 -m flex_flash_infer bench --seq-lens 32768 8192 --no-alternatives --cases full causal sliding_window \
             streaming attamba attamba_no_hint prefix_lm prefix_lm_2000 document random_tiles per_head_windows \
             softcap+causal alibi+causal identity+causal softcap+random_tiles \
+            --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 30 $run_dir/$stage.log ;;
+        bench-static-8k)  # every case at 8192 with torch flex static, ours' default route and the peers only
+                          # (runs 9 and 10 timed flex under automatic dynamic shapes); rel_bias beside causal
+          python3 -m flex_flash_infer bench --seq-lens 8192 --no-alternatives \
             --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 30 $run_dir/$stage.log ;;
         decode-plan-check)  # bench --decode without torch flex: are the window and softcap plans (35 ms in
                             # run 11a, causal 3.9 ms) slow without a compiled flex in the process?
