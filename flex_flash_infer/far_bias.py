@@ -35,6 +35,13 @@ class ConstantBeyond:
     reach: int
     values: Callable[[torch.device], torch.Tensor]
 
+    def __post_init__(self):
+        if isinstance(self.reach, bool) or not isinstance(self.reach, int) or self.reach < 1:
+            raise ValueError(f"ConstantBeyond: reach must be a positive int, got {self.reach!r}")
+        if not callable(self.values):
+            raise ValueError("ConstantBeyond: values must be a function of a device returning the per-head "
+                             f"constants, got {type(self.values).__name__}")
+
 
 def split_bands(bands, reach: int):
     """(near bands, far bands) of causal bands, or None when the split does not apply: a band that

@@ -60,6 +60,15 @@ def test_the_relative_position_bias_hint_holds_and_splits_causal_bands(shape):
     assert got is hint and near == [Band(0, 512, 0, 512, True, 31)] and far == [Band(32, 512, 0, 480, True)]
 
 
+def test_a_malformed_hint_names_its_field():
+    with pytest.raises(ValueError, match="reach"):
+        ConstantBeyond(2.5, lambda device: torch.zeros(1))
+    with pytest.raises(ValueError, match="reach"):
+        ConstantBeyond(0, lambda device: torch.zeros(1))
+    with pytest.raises(ValueError, match="values"):
+        ConstantBeyond(8, torch.zeros(1))
+
+
 def test_a_hint_that_does_not_hold_is_refused():
     alibi = generate_alibi_score_mod(num_heads=4)   # linear in q - kv: no constant beyond any reach
     alibi.constant_beyond = ConstantBeyond(16, lambda device: torch.zeros(4, device=device))
