@@ -288,12 +288,17 @@ class FlashInferPlan:
         return x.reshape(batch * self.num_kv_tiles, self.block_kv, heads, dim)
 
     @property
+    def has_columns(self) -> bool:
+        """bands+columns: key columns beside the bands (the merge kernel's, or the paged launch's)."""
+        return self.columns is not None or self.column_counts is not None
+
+    @property
     def route(self) -> str:
         """How this plan runs: 'bands' (native requests), 'tiles' or 'tiles-per-head'."""
         if self.head_band_runs is not None:
             return "bands-per-head"
         if self.bands:
-            return "bands+columns" if self.columns is not None or self.column_counts is not None else "bands"
+            return "bands+columns" if self.has_columns else "bands"
         kind = "tiles-per-head" if self.per_head else "tiles"
         if all(g.causal for g in self.groups):
             return kind + "-causal"
@@ -301,7 +306,7 @@ class FlashInferPlan:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = True):
         """(out, natural-log lse); lse is None when return_lse is False and the route needs none."""
-        if self.bands and self.columns is None and self.column_counts is None and not return_lse:
+        if self.bands and not self.has_columns and not return_lse:
             return self.band_runner.run(q, k, v, return_lse=False), None
         if self.bands:
             out, lse = self.band_runner.run(q, k, v)

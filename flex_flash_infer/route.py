@@ -29,7 +29,9 @@ ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS", "1") != "0"
 # (2026-12-01, per-head windows of 128..1024 keys at 8192 tokens) it took 0.934 ms against the
 # tiles-per-head route's 0.890 ms, both three times torch flex's 0.304 ms, though the same heads as
 # one sliding-window(1024) band cost 0.303 ms. Why, by torch.profiler (run 10): its four fa3
-# launches take 0.233 ms in all; the head gathers and scatters around them take 0.65 ms.
+# launches take 0.233 ms in all; the head gathers and scatters around them take 0.65 ms. Since
+# then evenly spaced heads go to FlashInfer as strided views (GPU tests passed on the H200,
+# 2026-12-02, run 11a; not timed yet).
 ENABLE_HEAD_BANDS = os.environ.get("FLEX_FLASH_INFER_HEAD_BANDS", "0") == "1"
 
 

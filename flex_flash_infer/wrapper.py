@@ -237,6 +237,7 @@ def _total(name: str, given, total: int) -> int:
 
 
 LOWERING_HINTS = ("document_ids", "key_columns_hint", "band_hint")
+SCORE_MOD_HINTS = ("constant_beyond",)   # far_bias: it holds for every b, so for a fixed one too
 
 
 def _block_mask(mask_mod, heads: int, q_len: int, kv_len: int, device, block, compile_block_mask: bool, lazy: bool):
@@ -259,14 +260,17 @@ def _for_sequence(mod, index: int, n_args: int):
     if n_args == 4:
         def sequence_mask(b, h, q_idx, kv_idx):
             return mod(b * 0 + index, h, q_idx, kv_idx)
-        sequence_mask.__name__ = getattr(mod, "__name__", "mask_mod")
-        for hint in LOWERING_HINTS:  # lowering hints still describe this mask
-            if hasattr(mod, hint):
-                setattr(sequence_mask, hint, getattr(mod, hint))
-        return sequence_mask
+        return _with_hints(sequence_mask, mod, LOWERING_HINTS)
 
     def sequence_score(score, b, h, q_idx, kv_idx):
         return mod(score, b * 0 + index, h, q_idx, kv_idx)
-    if hasattr(mod, "constant_beyond"):   # far_bias's hint holds for every b, so for this one
-        sequence_score.constant_beyond = mod.constant_beyond
-    return sequence_score
+    return _with_hints(sequence_score, mod, SCORE_MOD_HINTS)
+
+
+def _with_hints(fn, mod, hints):
+    """fn named as mod and carrying mod's planning hints: they still describe it."""
+    fn.__name__ = getattr(mod, "__name__", fn.__name__)
+    for hint in hints:
+        if hasattr(mod, hint):
+            setattr(fn, hint, getattr(mod, hint))
+    return fn
