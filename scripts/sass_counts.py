@@ -1,6 +1,7 @@
 """Count the instructions of a score_mod's fa3 kernel (causal ragged prefill, bf16, head_dim 128)
 without a GPU: ptxas for sm_90a, then cuobjdump. This is how the per-score double conversion
-(F2F.F32.F64) and the I2F in alibi were found; compare a kind against `identity`.
+(F2F.F32.F64) and the I2F in alibi were found; compare a kind against `identity`,
+and `identity` against `plain` (FlashInfer's own module).
 
     pip install flashinfer-python nvidia-curand nvidia-cuda-cuobjdump   # headers, cuobjdump
     python scripts/sass_counts.py identity softcap alibi rel_bias
@@ -19,7 +20,7 @@ import torch
 
 os.environ.setdefault("FLASHINFER_CUDA_ARCH_LIST", "9.0a")
 
-from flashinfer.jit.attention.modules import gen_customize_batch_prefill_module  # noqa: E402
+from flashinfer.jit.attention.modules import gen_batch_prefill_module, gen_customize_batch_prefill_module  # noqa: E402
 
 from flex_flash_infer.codegen import POSITION_BOUND  # noqa: E402
 from flex_flash_infer.trace import trace  # noqa: E402
@@ -40,21 +41,26 @@ def nvcc_flags(ninja: pathlib.Path) -> list:
 
 
 def count(kind: str) -> dict:
-    graph = trace(example_score_mod(kind, 32, device="cpu"), "score_mod")
-    spec = fa3_score_mod_variant(graph, POSITION_BOUND)
-    uri = f"ffi_sass_{kind}"
-    jit = gen_customize_batch_prefill_module("fa3", *spec.jit_args(uri, torch.bfloat16, 128, torch.int32, False))
+    """kind: a warmup.example_score_mod kind, or `plain` for FlashInfer's own module (no score_mod)."""
+    if kind == "plain":
+        jit = gen_batch_prefill_module("fa3", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.int32,
+                                       128, 128, 0, False, False, False)
+    else:
+        graph = trace(example_score_mod(kind, 32, device="cpu"), "score_mod")
+        spec = fa3_score_mod_variant(graph, POSITION_BOUND)
+        jit = gen_customize_batch_prefill_module(
+            "fa3", *spec.jit_args(f"ffi_sass_{kind}", torch.bfloat16, 128, torch.int32, False))
     jit.write_ninja()
     source = next(pathlib.Path(s) for s in jit.sources if "ragged_sm90_kernel_mask_1" in str(s))  # causal
     import nvidia  # curand headers, which cutlass' utilities include
     extra = [f"-I{p}/include" for p in pathlib.Path(nvidia.__path__[0]).glob("cu*")]
-    obj = pathlib.Path(f"/tmp/{uri}.o")
+    obj = pathlib.Path(f"/tmp/ffi_sass_{kind}.o")
     done = subprocess.run(["nvcc", *nvcc_flags(jit.ninja_path), *extra, "-Xptxas", "-v", "-c", str(source), "-o", str(obj)],
                           capture_output=True, text=True)
     print(kind, *[line for line in done.stderr.splitlines() if "registers" in line or "spill" in line], sep="\n  ")
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
-    cuobjdump = shutil.which("cuobjdump") or next(pathlib.Path(nvidia.__path__[0]).glob("cu*/bin/cuobjdump"))
+    cuobjdump = shutil.which("cuobjdump") or next(c for d in nvidia.__path__ for c in pathlib.Path(d).glob("cu*/bin/cuobjdump"))
     sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
     return {ins: sass.count(ins) for ins in INSTRUCTIONS}
 
