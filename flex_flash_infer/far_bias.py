@@ -92,9 +92,16 @@ def hint_holds(score_mod, hint: ConstantBeyond, num_heads: int, samples: int = 2
 class FarSplitBands:
     """run(q, k, v) -> base-2 (out, lse) of the split bands: the near bands through the compiled
     score_mod (near_runner, a ScoreModBands), then each far band through FlashInfer's plain
-    single-sequence call, merged in place into its rows."""
+    kernel, merged in place into its rows.
 
-    def __init__(self, near_runner, far_bands, hint: ConstantBeyond, shape, scale, device):
+    One far band without a window (causal attention, the common case) runs FlashInfer's batch
+    ragged kernel, planned once and launched per batch entry, as flashinfer_backend runs such a
+    band without a score_mod (ragged=True; the ragged call was 0.850-0.892 ms against 0.962 for the
+    single call for causal attention at 8192 tokens on an H200). Other far bands (documents,
+    windows) take the single-sequence call, which needs no plan per band."""
+
+    def __init__(self, near_runner, far_bands, hint: ConstantBeyond, shape, dtype, scale, workspace,
+                 hopper: bool = True, ragged: bool = True):
         import flashinfer
 
         self.near = near_runner
@@ -103,10 +110,23 @@ class FarSplitBands:
         self.scale = scale
         self.single = flashinfer.single_prefill_with_kv_cache
         self.merge_in_place = flashinfer.merge_state_in_place
+        self.ragged = None
+        if ragged and len(far_bands) == 1 and far_bands[0].window_left < 0:
+            band, (_, _, _, hq, hkv, head_dim) = far_bands[0], shape
+            self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD",
+                                                                          backend="fa3" if hopper else "fa2")
+            self.ragged.plan(torch.tensor([0, band.q_end - band.q_start], dtype=torch.int32),
+                             torch.tensor([0, band.kv_end - band.kv_start], dtype=torch.int32), hq, hkv, head_dim,
+                             causal=True, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
         # the far keys' lse shift, base 2, per head (a table may hold more heads than run)
         num_heads = shape[3]
-        values = hint.values(torch.device(device)).float().reshape(-1)
+        values = hint.values(torch.device(workspace.device)).float().reshape(-1)
         self.shift = ((values[:num_heads] if values.numel() > 1 else values.expand(num_heads)) * LOG2E).contiguous()
+
+    def _far(self, q, k, v, band):
+        if self.ragged is not None:
+            return self.ragged.run(q, k, v, return_lse=True)
+        return self.single(q, k, v, causal=True, window_left=band.window_left, sm_scale=self.scale, return_lse=True)
 
     def run(self, q, k, v, return_lse: bool = True):
         batch, q_len = self.shape[:2]
@@ -114,8 +134,7 @@ class FarSplitBands:
         for b in range(batch):
             for band in self.far_bands:
                 rows = slice(b * q_len + band.q_start, b * q_len + band.q_end)
-                o, s = self.single(q[rows], k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end],
-                                   causal=True, window_left=band.window_left, sm_scale=self.scale, return_lse=True)
+                o, s = self._far(q[rows], k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end], band)
                 self.merge_in_place(out[rows], lse[rows], o, s.add_(self.shift))   # s: this call's own
         return (out, lse) if return_lse else out
 

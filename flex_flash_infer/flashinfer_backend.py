@@ -24,6 +24,7 @@ from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_t
 from .route import Route, choose_route
 from .bands import band_launches
 from .far_bias import FarSplitBands, plan_split
+from .native_soft_cap import native_soft_cap
 from . import score_mod_kernels
 from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
 from . import tile_kernels
@@ -225,6 +226,10 @@ class FlashInferPlan:
                     # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
                     self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace,
                                               (block_q, 1), variants(None, 1), self.positions)
+        soft_cap = native_soft_cap(score_mod, num_qo_heads) if score_mod is not None and self.bands else None
+        if soft_cap is not None:   # FlashInfer's own soft-capped kernels (native_soft_cap.py)
+            self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace, logits_soft_cap=soft_cap)
+            return
         if score_mod is not None and self.bands:
             if not (hopper or score_mod_kernels.FA2_BANDS):
                 raise UnsupportedOnFlashInfer("a score_mod on the band routes of a GPU older than Hopper runs in "
@@ -235,7 +240,8 @@ class FlashInferPlan:
             else:   # keys beyond the score_mod's reach on the plain kernel (far_bias.py)
                 near, far, hint = split
                 self.band_runner = FarSplitBands(ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace,
-                                                               hopper), far, hint, self.shape, scale, device)
+                                                               hopper), far, hint, self.shape, dtype, scale, workspace,
+                                                 hopper, ragged=RAGGED_UNWINDOWED_BAND)
             return
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)
@@ -400,12 +406,13 @@ class _BandRunner:
     """Runs lowered bands: one ragged launch when the bands tile both sequences with the same
     flags (packed documents, one band over everything), else one native call per band."""
 
-    def __init__(self, bands, shape, dtype, scale, workspace):
+    def __init__(self, bands, shape, dtype, scale, workspace, logits_soft_cap: float | None = None):
         import flashinfer
 
         self.bands = bands
         self.shape = shape
         self.scale = scale
+        self.soft_cap = logits_soft_cap   # None: no cap (FlashInfer's own soft cap when set)
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         self.covers_all = bands[0].q_start == 0 and bands[-1].q_end == q_len
         self.ragged = None
@@ -417,8 +424,8 @@ class _BandRunner:
             backend = "fa3" if _is_hopper(workspace.device) else "fa2"
             self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)
             self.ragged.plan(launch.qo_indptr, launch.kv_indptr, hq, hkv, head_dim, causal=launch.causal,
-                             window_left=launch.window_left, sm_scale=scale, q_data_type=dtype,
-                             kv_data_type=dtype, o_data_type=dtype)
+                             window_left=launch.window_left, sm_scale=scale, logits_soft_cap=logits_soft_cap,
+                             q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
         self.single = flashinfer.single_prefill_with_kv_cache
 
     def run(self, q, k, v, return_lse: bool = True):
@@ -430,7 +437,7 @@ class _BandRunner:
             band = self.bands[0]
             return self.single(q, k[0, band.kv_start:band.kv_end], v[0, band.kv_start:band.kv_end],
                                causal=band.causal, window_left=band.window_left, sm_scale=self.scale,
-                               return_lse=return_lse)
+                               logits_soft_cap=self.soft_cap, return_lse=return_lse)
         out = torch.zeros_like(q)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         for b in range(batch):
@@ -438,6 +445,6 @@ class _BandRunner:
                 rows = slice(b * q_len + band.q_start, b * q_len + band.q_end)
                 o, s = self.single(q[rows], k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end],
                                    causal=band.causal, window_left=band.window_left, sm_scale=self.scale,
-                                   return_lse=True)
+                                   logits_soft_cap=self.soft_cap, return_lse=True)
                 out[rows], lse[rows] = o, s
         return (out, lse) if return_lse else out

@@ -48,14 +48,17 @@ def _identity(score, b, h, q_idx, kv_idx):
 
 
 def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int, device="cuda") -> None:
-    """Run a score_mod through its compiled fa3 variant once (even where the env turned it off);
-    score_mod_fa2:... builds the fa2 band variant of GPUs before Hopper (forced on this one)."""
-    from . import flashinfer_backend, score_mod_kernels
+    """Run a score_mod through its compiled fa3 variant once (even where the env turned it off,
+    and for softcap, which runs FlashInfer's own soft cap on bands: the variant serves a user's own
+    softcap and the tiles); score_mod_fa2:... builds the fa2 band variant of GPUs before Hopper
+    (forced on this one)."""
+    from . import flashinfer_backend, native_soft_cap, score_mod_kernels
     from .api import flex_attention
     from .block_mask import create_block_mask
     from .mods.registry import get_mask_fn
 
     score_mod_kernels.ENABLED = True
+    native_soft_cap.ENABLED = False
     if kind.startswith("score_mod_fa2:"):   # this process only builds: forcing fa2 here is harmless
         flashinfer_backend._is_hopper = lambda device: False
         score_mod_kernels.FA2_BANDS = True
@@ -204,8 +207,15 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     if kind == "native_score":  # FlashInfer's own soft cap and ALiBi (bench's native score_mod rows)
         import flashinfer
 
+        from .flashinfer_backend import _is_hopper as is_hopper, default_workspace
+
         q = torch.randn(256, 4, head_dim, device="cuda", dtype=dtype)
         flashinfer.single_prefill_with_kv_cache(q, q, q, causal=True, logits_soft_cap=20.0)
+        ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(default_workspace(q.device), "NHD",
+                                                                 backend="fa3" if is_hopper(q.device) else "fa2")
+        indptr = torch.tensor([0, 256], dtype=torch.int32)
+        ragged.plan(indptr, indptr, 4, 4, head_dim, causal=True, logits_soft_cap=20.0, q_data_type=dtype)
+        ragged.run(q, q, q)   # the library softcap on bands (native_soft_cap.py)
         flashinfer.single_prefill_with_kv_cache(q, q, q, causal=True, pos_encoding_mode="ALIBI")
         torch.cuda.synchronize()
         return None

@@ -237,7 +237,8 @@ def _total(name: str, given, total: int) -> int:
 
 
 LOWERING_HINTS = ("document_ids", "key_columns_hint", "band_hint")
-SCORE_MOD_HINTS = ("constant_beyond",)   # far_bias: it holds for every b, so for a fixed one too
+# far_bias, native_soft_cap: each holds for every b, so for a fixed one too
+SCORE_MOD_HINTS = ("constant_beyond", "logits_soft_cap")
 
 
 def _block_mask(mask_mod, heads: int, q_len: int, kv_len: int, device, block, compile_block_mask: bool, lazy: bool):

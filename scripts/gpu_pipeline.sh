@@ -35,6 +35,8 @@
 #   bench-static    the other cases at 32768 and 8192 without our alternative routes (quick on a fresh machine)
 #   bench-static-8k every case at 8192 so (flex static; the next run's first bench: carry .aotpack-bench)
 #   decode-plan-check  bench --decode without torch flex (is the slow per-step plan flex's doing?)
+#   softcap-tests  the library softcap on FlashInfer's own soft cap, and the far-bias split (GPU tests)
+#   bench-softcap  8192 causal / softcap / rel_bias with flex and the alternative routes; 32768 without flex
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
 run_dir=/tmp/ffi_run
@@ -169,6 +171,19 @@ case "${1:-}" in
                             # run 11a, causal 3.9 ms) slow without a compiled flex in the process?
           python3 -m flex_flash_infer bench --decode --no-flex --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 30 $run_dir/$stage.log ;;
+        softcap-tests)  # the library softcap on FlashInfer's own soft cap, the relative-position split with its
+                        # far keys on the ragged kernel (fa3), against the reference
+          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -p no:cacheprovider \
+            -k "library_softcap or relative_position_bias_split" >$run_dir/softcap_tests.log 2>&1
+          tail -n 8 $run_dir/softcap_tests.log ;;
+        bench-softcap)  # 8192 causal, softcap (FlashInfer's soft cap vs the compiled variant) and rel_bias (far
+                        # keys ragged vs single call), with torch flex; then 32768 without flex
+          python3 -m flex_flash_infer bench --seq-lens 8192 --cases causal softcap+causal rel_bias+causal \
+            --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
+          tail -n 12 $run_dir/$stage.log
+          python3 -m flex_flash_infer bench --seq-lens 32768 --no-flex --cases causal softcap+causal rel_bias+causal \
+            --out "$run_dir/$stage-32k.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage-32k.log
+          tail -n 12 $run_dir/$stage-32k.log ;;
         bench-one-band)  # 8192 full and sliding_window: the ragged kernel for a band without a window
                          # (default) vs the single-sequence call (ours_single_call)
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases full sliding_window \

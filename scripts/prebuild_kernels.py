@@ -68,7 +68,8 @@ def _recording_flashinfer(recorded: list):
 @contextlib.contextmanager
 def _planning_on_cpu_as_hopper(stub):
     """The library plans as on a Hopper GPU, on CPU tensors, against the stand-in (restored after)."""
-    from flex_flash_infer import backend_choice, flashinfer_backend, paged, score_mod_kernels, tile_kernels, varlen
+    from flex_flash_infer import (backend_choice, flashinfer_backend, native_soft_cap, paged, score_mod_kernels,
+                                  tile_kernels, varlen)
 
     saved_module = sys.modules.get("flashinfer")
     patches = [(flashinfer_backend, "unsupported_reason", lambda *a: None),
@@ -77,6 +78,7 @@ def _planning_on_cpu_as_hopper(stub):
                (paged, "_is_hopper", lambda device: True), (varlen, "_is_hopper", lambda device: True),
                (paged, "unsupported_reason", lambda *a: None),
                (score_mod_kernels, "ENABLED", True), (score_mod_kernels, "FA2_BANDS", True),
+               (native_soft_cap, "ENABLED", native_soft_cap.ENABLED),
                (tile_kernels, "TILE_VARIANTS", tile_kernels.TILE_VARIANTS),
                (tile_kernels, "MASK_IN_KERNEL", tile_kernels.MASK_IN_KERNEL)]
     saved = [(m, name, getattr(m, name)) for m, name, _ in patches]

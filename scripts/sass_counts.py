@@ -3,7 +3,7 @@ without a GPU: ptxas for sm_90a, then cuobjdump. This is how the per-score doubl
 (F2F.F32.F64) and the I2F in alibi were found; compare a kind against `identity`,
 and `identity` against `plain` (FlashInfer's own module).
 
-    pip install flashinfer-python nvidia-curand nvidia-cuda-cuobjdump   # headers, cuobjdump
+    pip install flashinfer-python nvidia-curand nvidia-cuda-cuobjdump triton   # headers, cuobjdump, nvdisasm
     python scripts/sass_counts.py identity softcap alibi rel_bias
 
 Each kind takes about a minute on two cores. Prints ptxas' register / spill lines and, per kind,
@@ -61,7 +61,12 @@ def count(kind: str) -> dict:
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     cuobjdump = shutil.which("cuobjdump") or next(c for d in nvidia.__path__ for c in pathlib.Path(d).glob("cu*/bin/cuobjdump"))
-    sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+    env = dict(os.environ)
+    if not shutil.which("nvdisasm"):   # cuobjdump -sass calls it; Triton's wheel carries one
+        import triton
+        env["PATH"] += os.pathsep + str(pathlib.Path(triton.__file__).parent / "backends/nvidia/bin")
+    sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, check=True,
+                          env=env).stdout
     return {ins: sass.count(ins) for ins in INSTRUCTIONS}
 
 

@@ -122,16 +122,18 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         self.variant = None if jit_args is None else VARIANTS[jit_args[11]]
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, causal=False, window_left=-1,
-             sm_scale=None, **_):
+             sm_scale=None, logits_soft_cap=None, **_):
         self.qo_indptr, self.kv_indptr = qo_indptr.cpu().long(), kv_indptr.cpu().long()
         self.causal, self.window_left = causal, window_left
+        assert not (logits_soft_cap and self.variant is not None), "FlashInfer's soft cap is its default variant's"
+        self.cap = logits_soft_cap or 0.0
         self.scale = head_dim_qk ** -0.5 if sm_scale is None else sm_scale
 
     def run(self, q, k, v, *variant_args, return_lse=False):
         assert bool(variant_args) == (self.variant is not None)
-        transform = self._transform(variant_args) if self.variant is not None else None
+        transform = self._transform(variant_args) if self.variant is not None else _soft_cap(self.cap)
         out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self.causal, self.window_left,
-                                  1.0 if transform else self.scale, transform)
+                                  1.0 if self.variant is not None else self.scale, transform)
         return (out, lse) if return_lse else out
 
     def _transform(self, variant_args):
@@ -178,12 +180,16 @@ def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, tr
     return out.to(q.dtype).to(q.device), lse.float().to(q.device)
 
 
+def _soft_cap(cap):
+    """FlashInfer's logits soft cap on scaled scores, or None without one."""
+    return (lambda r, s: cap * torch.tanh(s / cap)) if cap > 0 else None
+
+
 def single_prefill_with_kv_cache(q, k, v, causal=False, window_left=-1, sm_scale=None, return_lse=False,
                                  logits_soft_cap=None, pos_encoding_mode="NONE", **_):
     assert pos_encoding_mode == "NONE", "the CPU model has no ALiBi"
     ends = (torch.tensor([0, q.shape[0]]), torch.tensor([0, k.shape[0]]))
-    cap = logits_soft_cap or 0.0
-    transform = (lambda r, s: cap * torch.tanh(s / cap)) if cap > 0 else None   # FlashInfer's soft cap
+    transform = _soft_cap(logits_soft_cap or 0.0)
     out, lse = ragged_prefill(q, k, v, *ends, causal, window_left, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
                               transform)
     return (out, lse) if return_lse else out

@@ -294,23 +294,26 @@ def test_fa3_decode_puts_whole_pages_on_the_paged_prefill_kernel(fake, monkeypat
     ("causal", {}, 1, 150, 230),                  # bottom-right aligned: more keys than queries
     ("document", {"offsets": [0, 20, 150, 300]}, 1, 300, 300),   # one causal band per document
 ])
-@pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias", "rel_bias_unsplit"])
+@pytest.mark.parametrize("mod_name", ["softcap", "softcap_compiled", "alibi", "rel_bias", "rel_bias_unsplit"])
 @pytest.mark.parametrize("hopper", [True, False], ids=["fa3", "fa2"])
 def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name, params, B, L, S, mod_name, hopper):
     """The score_mod band route (request tables of first query, first key and batch entry per
     band) with the kernel replaced by the CPU model running the score_mod's generated code
     (host-compiled): the positions it hands the score_mod are the absolute ones. fa2 (GPUs
-    before Hopper) runs the fa2 variant with the same tables."""
+    before Hopper) runs the fa2 variant with the same tables. The library softcap runs FlashInfer's
+    own soft cap (native_soft_cap.py) unless that is off (softcap_compiled)."""
     from flex_flash_infer import score_mod_kernels
     from flex_flash_infer.warmup import example_score_mod
 
-    from flex_flash_infer import far_bias
+    from flex_flash_infer import far_bias, native_soft_cap
 
     fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: hopper)
     monkeypatch.setattr(score_mod_kernels, "FA2_BANDS", True)
     monkeypatch.setattr(far_bias, "ENABLED", mod_name != "rel_bias_unsplit")
-    mod_name = mod_name.replace("_unsplit", "")
+    monkeypatch.setattr(native_soft_cap, "ENABLED", mod_name != "softcap_compiled")
+    native = mod_name == "softcap"
+    mod_name = mod_name.replace("_unsplit", "").replace("_compiled", "")
     backends = []
     real_wrapper = fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper
 
@@ -328,8 +331,18 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
     split = far_bias.ENABLED and mod_name == "rel_bias" and name != "prefix_lm"
     runner = plan.band_runner.near if split else plan.band_runner
     assert isinstance(plan.band_runner, far_bias.FarSplitBands) == split
-    assert isinstance(runner, score_mod_kernels.ScoreModBands)
-    assert backends and all(b == ("fa3" if hopper else "fa2") and ("Fa2" in n) == (not hopper) for b, n in backends)
+    if native:   # FlashInfer's soft-capped plain kernels: its ragged one for one band without a window
+        assert isinstance(runner, flashinfer_backend._BandRunner) and runner.soft_cap == 5.0
+        assert all(n is None for _, n in backends) and len(backends) == (runner.ragged is not None)
+        assert runner.ragged is not None or name in ("sliding_window", "prefix_lm")
+    else:
+        assert isinstance(runner, score_mod_kernels.ScoreModBands)
+        assert backends and all(("Fa2" in n) == (not hopper) for _, n in backends if n is not None)
+    assert all(b == ("fa3" if hopper else "fa2") for b, _ in backends)
+    # the far keys of one causal band without a window on FlashInfer's plain ragged kernel (no jit_args)
+    plain_ragged = split and len(plan.band_runner.far_bands) == 1 and plan.band_runner.far_bands[0].window_left < 0
+    assert native or sum(n is None for _, n in backends) == plain_ragged
+    assert (name == "causal") == plain_ragged or not split
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
     v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)

@@ -345,14 +345,17 @@ def test_score_mod_compiled_into_the_fa2_kernel(cuda_gen, monkeypatch, dtype, na
 
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: False)
     monkeypatch.setattr(score_mod_kernels, "FA2_BANDS", True)
-    test_score_mod_compiled_into_the_kernel(cuda_gen, dtype, name, mod_name)
+    test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, mod_name)
 
 
 @pytest.mark.parametrize("dtype,name,mod_name", SCORE_MOD_CASES)
-def test_score_mod_compiled_into_the_kernel(cuda_gen, dtype, name, mod_name):
-    """The traced score_mod in a fa3 variant (the default on CUDA since this passed)."""
+def test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, mod_name):
+    """The traced score_mod in a fa3 variant (the default on CUDA since this passed); the library
+    softcap too, which by default runs FlashInfer's own soft cap on bands (native_soft_cap.py)."""
+    from flex_flash_infer import native_soft_cap
     from flex_flash_infer.warmup import example_score_mod
 
+    monkeypatch.setattr(native_soft_cap, "ENABLED", False)
     B, H, Hkv, L, D = 2, 8, 2, 777, 128
     params = SCORE_MOD_MASKS[name]
     mod = example_score_mod(mod_name, H)
@@ -396,6 +399,31 @@ def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table
     ref_out, _ = dense_attention(q, k, v, dense_predicate(name, L, L, **params),
                                  score_fn=lambda s, b, h, qi, ki: mod(s.float().cuda(), b.cuda(), h.cuda(),
                                                                       qi.cuda(), ki.cuda()).cpu().double())
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref_out) < TOL[dtype]
+
+
+@pytest.mark.parametrize("name,params", [("causal", {}), ("document", {"offsets": [0, 100, 333, 1000]}),
+                                         ("prefix_lm", {"prefix_len": 200})])
+def test_library_softcap_runs_flashinfers_own_soft_cap(cuda_gen, name, params):
+    """The library softcap on bands as FlashInfer's logits soft cap (native_soft_cap.py): its ragged
+    kernel for causal attention and packed documents, its single call for each band of a prefix-LM
+    mask (bands with different flags); against the float64 reference."""
+    from flex_flash_infer import flashinfer_backend
+    from flex_flash_infer.mods import generate_softcap_score_mod
+
+    B, H, Hkv, L, D, dtype = 1, 8, 2, 1000, 128, torch.bfloat16
+    mod, mask = generate_softcap_score_mod(20.0), get_mask_fn(name, **params)
+    ids = {"document_ids": mask.document_ids.numpy()} if name == "document" else params
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
+    flex = FlexFlashInfer(device="cuda", backend="flashinfer")
+    flex.prepare(mask_fn=mask, seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv,
+                 head_dim=D, dtype=dtype, score_mod=mod)
+    runner = flex._prepared.segments[0].plan.band_runner
+    assert isinstance(runner, flashinfer_backend._BandRunner) and runner.soft_cap == 20.0
+    assert (runner.ragged is not None) == (name != "prefix_lm")
+    out = flex(*(x[0].transpose(0, 1).contiguous() for x in (q, k, v))).transpose(0, 1)[None]
+    ref_out, _ = dense_attention(q, k, v, dense_predicate(name, L, L, **ids), score_fn=mod)
     assert not torch.isnan(out).any()
     assert rel_err(out, ref_out) < TOL[dtype]
 

@@ -131,8 +131,9 @@ def test_mask_in_kernel_without_score_mod(fake, monkeypatch, rng, mod_name):
                                          ("streaming", {"sink_size": 4, "window_size": 50})])
 @pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias"])
 def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
-    """Bands run the ragged score_mod variant; gathered key columns (pages of one key) run the paged
-    one, whose page table gives each column's absolute key position."""
+    """Bands run the ragged score_mod variant (the library softcap: FlashInfer's own soft cap,
+    native_soft_cap.py); gathered key columns (pages of one key) run the paged variant, whose page
+    table gives each column's absolute key position."""
     from flex_flash_infer import far_bias, score_mod_kernels
     from flex_flash_infer.trace import trace
 
@@ -149,7 +150,11 @@ def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
         if mod_name == "rel_bias":   # the window reaches past the table (reach 32): split there (far_bias.py)
             assert isinstance(runner, far_bias.FarSplitBands) and runner.far_bands
             runner = runner.near
-        assert plan.route == "bands+columns" and isinstance(runner, score_mod_kernels.ScoreModBands)
+        if mod_name == "softcap":
+            assert isinstance(runner, flashinfer_backend._BandRunner) and runner.soft_cap == 5.0
+        else:
+            assert isinstance(runner, score_mod_kernels.ScoreModBands)
+        assert plan.route == "bands+columns" and plan.columns is not None
         inputs, out, lse = _run(plan, B, Hq, Hkv, L, L, D, rng)
         _check(inputs, out, lse, create_mask(mask_mod, B, 1, L, L, device="cpu"), score_mod)
     finally:
@@ -197,7 +202,8 @@ def test_the_gpu_tests_cases_on_the_cpu_model(fake, monkeypatch, rng, kind):
 
 def test_score_mod_on_bands_before_hopper_names_the_switch_that_turned_it_off(fake, monkeypatch):
     """With the fa2 band variant turned off, an older GPU gets a clear fallback (the API then runs
-    the reference with a warning), naming the switch."""
+    the reference with a warning), naming the switch; the library softcap still runs FlashInfer's
+    own soft cap, which needs no variant."""
     from flex_flash_infer import score_mod_kernels
 
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: False)
@@ -205,4 +211,7 @@ def test_score_mod_on_bands_before_hopper_names_the_switch_that_turned_it_off(fa
     bm = create_block_mask(get_mask_fn("causal"), 1, None, 200, 200, device="cpu", BLOCK_SIZE=64)
     with pytest.raises(UnsupportedOnFlashInfer, match="FLEX_FLASH_INFER_FA2_SCORE_MOD=0"):
         flashinfer_backend.FlashInferPlan(bm, 1, 200, 200, 2, 1, 16, torch.float64, 0.25, "cpu",
-                                          score_mod=example_score_mod("softcap", 2, device="cpu"))
+                                          score_mod=example_score_mod("alibi", 2, device="cpu"))
+    plan = flashinfer_backend.FlashInferPlan(bm, 1, 200, 200, 2, 1, 16, torch.float64, 0.25, "cpu",
+                                             score_mod=example_score_mod("softcap", 2, device="cpu"))
+    assert plan.band_runner.soft_cap == 5.0

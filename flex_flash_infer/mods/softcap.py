@@ -14,4 +14,5 @@ def generate_softcap_score_mod(cap: float):
         return cap * (score / cap).tanh()
 
     softcap.__name__ = f"softcap_{cap:g}"
+    softcap.logits_soft_cap = cap   # FlashInfer's own soft cap computes the same (native_soft_cap.py)
     return softcap

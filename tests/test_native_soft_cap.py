@@ -1,0 +1,57 @@
+"""native_soft_cap: the library softcap runs FlashInfer's own soft cap, only when its attribute holds."""
+import pytest
+import torch
+
+from flex_flash_infer import native_soft_cap
+from flex_flash_infer.mods import generate_alibi_score_mod, generate_softcap_score_mod
+from flex_flash_infer.native_soft_cap import soft_cap_holds
+
+
+@pytest.mark.parametrize("cap", [0.5, 20.0, 50.0])
+def test_the_library_softcap_names_its_cap_and_it_holds(cap):
+    mod = generate_softcap_score_mod(cap)
+    assert mod.logits_soft_cap == cap
+    assert native_soft_cap.native_soft_cap(mod, 8) == cap
+
+
+def test_a_users_own_softcap_without_the_attribute_runs_the_compiled_variant():
+    def my_softcap(score, b, h, q_idx, kv_idx):
+        return 20.0 * (score / 20.0).tanh()
+
+    assert soft_cap_holds(my_softcap, 20.0, 8)   # the same function...
+    assert native_soft_cap.native_soft_cap(my_softcap, 8) is None   # ...but it does not say so
+
+
+def test_an_attribute_that_does_not_hold_is_refused():
+    wrong_cap = generate_softcap_score_mod(20.0)
+    wrong_cap.logits_soft_cap = 30.0
+    assert native_soft_cap.native_soft_cap(wrong_cap, 8) is None
+    alibi = generate_alibi_score_mod(num_heads=8)
+    alibi.logits_soft_cap = 20.0
+    assert native_soft_cap.native_soft_cap(alibi, 8) is None
+
+    def head_dependent(score, b, h, q_idx, kv_idx):   # the cap differs on one head: no single cap
+        return torch.where(h == 3, 10.0 * (score / 10.0).tanh(), 20.0 * (score / 20.0).tanh())
+
+    head_dependent.logits_soft_cap = 20.0
+    assert native_soft_cap.native_soft_cap(head_dependent, 8) is None
+
+
+@pytest.mark.parametrize("cap", [0, -1.0, True, "20", None])
+def test_a_malformed_cap_is_ignored(cap):
+    mod = generate_softcap_score_mod(20.0)
+    mod.logits_soft_cap = cap
+    assert native_soft_cap.native_soft_cap(mod, 8) is None
+
+
+def test_the_switch_turns_it_off(monkeypatch):
+    monkeypatch.setattr(native_soft_cap, "ENABLED", False)
+    assert native_soft_cap.native_soft_cap(generate_softcap_score_mod(20.0), 8) is None
+
+
+def test_the_sequence_wrapper_keeps_the_cap():
+    from flex_flash_infer.wrapper import _for_sequence
+
+    per_sequence = _for_sequence(generate_softcap_score_mod(20.0), 1, 5)
+    assert per_sequence.logits_soft_cap == 20.0
+    assert native_soft_cap.native_soft_cap(per_sequence, 8) == 20.0
