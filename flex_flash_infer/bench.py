@@ -115,10 +115,45 @@ def median_ms(fn, warmup: int = 5, rounds: int = 10, calls_per_round: int = 10) 
     return statistics.median(times)
 
 
-def check_then_time(row: dict, fn, error_of, tolerance: float = TOLERANCE) -> dict:
-    """Run fn once (its first call, compile time for torch_flex), check error_of(output), a
-    relative error against the reference, then time it. Fills row's first_call_s, rel_err and ms,
-    or error: a peer that cannot run a case, or runs it wrong, is reported and not timed."""
+def time_interleaved(fns: dict, warmup: int = 5, rounds: int = 10, calls_per_round: int = 10):
+    """(median ms per name, error per name) of fns timed in rounds that visit every fn in turn,
+    each round starting one further along: a drift of the GPU's clocks during a case falls on
+    every impl alike rather than on those timed last. A round is back-to-back calls between two
+    CUDA events, as median_ms times them; an fn that raises is dropped and its error kept."""
+    names, errors, times = list(fns), {}, {name: [] for name in fns}
+    if not names:
+        return {}, {}
+
+    def guarded(name, action):
+        try:
+            action()
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+
+    for name in names:
+        guarded(name, lambda: [fns[name]() for _ in range(warmup)])
+    torch.cuda.synchronize()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if name in errors:
+                continue
+
+            def one_round():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(calls_per_round):
+                    fns[name]()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / calls_per_round)
+            guarded(name, one_round)
+    return {n: statistics.median(t) for n, t in times.items() if t and n not in errors}, errors
+
+
+def check(row: dict, fn, error_of, tolerance: float = TOLERANCE) -> bool:
+    """Run fn once (its first call, compile time for torch_flex) and check error_of(output), a
+    relative error against the reference. Fills row's first_call_s and rel_err, or error: a peer
+    that cannot run a case, or runs it wrong, is reported and not timed. True when it may be timed."""
     try:
         first_call = time.time()
         out = fn()
@@ -128,10 +163,18 @@ def check_then_time(row: dict, fn, error_of, tolerance: float = TOLERANCE) -> di
         row["rel_err"] = err
         if not math.isfinite(err) or err > tolerance:
             row["error"] = f"wrong result: rel_err {err:.3e}"
-        else:
-            row["ms"] = median_ms(fn)
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return "error" not in row
+
+
+def check_then_time(row: dict, fn, error_of, tolerance: float = TOLERANCE) -> dict:
+    """check(), then time fn alone (median_ms). Fills row's first_call_s, rel_err and ms, or error."""
+    if check(row, fn, error_of, tolerance):
+        try:
+            row["ms"] = median_ms(fn)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return row
 
 
@@ -311,11 +354,20 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
 
         impls["sdpa_cudnn"] = sdpa
 
-    results = []
-    for impl, fn in impls.items():
+    results, checked = [], {}
+    for impl, fn in impls.items():   # every impl checked first (torch flex compiles here), then timed together
         row = {"case": name, "seq_len": seq_len, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim,
                "dtype": str(dtype).replace("torch.", ""), "impl": impl, "commit": COMMIT}
-        check_then_time(row, fn, lambda out: rel_error(out[rows], ref))
+        if check(row, fn, lambda out: rel_error(out[rows], ref)):
+            checked[impl] = fn
+        results.append(row)
+    times, errors = time_interleaved(checked)
+    for row in results:
+        impl, fn = row["impl"], impls[row["impl"]]
+        if impl in errors:
+            row["error"] = errors[impl]
+        elif impl in times:
+            row["ms"] = times[impl]
         if "ms" in row:
             row["tflops"] = 4 * pairs * head_dim * heads_q / (row["ms"] * 1e-3) / 1e12
             if profile:
@@ -325,7 +377,6 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
             row["prepare_ms"] = prepare_ms
             states = flex.block_mask.states[0]  # every head of a per-head mask
             row["tiles_nonempty"], row["tiles_total"] = int((states != EMPTY).sum()), states.numel()
-        results.append(row)
     return results
 
 

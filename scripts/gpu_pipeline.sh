@@ -37,6 +37,7 @@
 #   decode-plan-check  bench --decode without torch flex (is the slow per-step plan flex's doing?)
 #   softcap-tests  the library softcap on FlashInfer's own soft cap, and the far-bias split (GPU tests)
 #   bench-softcap  8192 causal / softcap / rel_bias with flex and the alternative routes; 32768 without flex
+#   bench-interleaved  8192 causal and per-head windows (flex, alternatives); rel_bias and softcap profiled
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
 run_dir=/tmp/ffi_run
@@ -184,6 +185,15 @@ case "${1:-}" in
           python3 -m flex_flash_infer bench --seq-lens 32768 --no-flex --cases causal softcap+causal rel_bias+causal \
             --out "$run_dir/$stage-32k.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage-32k.log
           tail -n 12 $run_dir/$stage-32k.log ;;
+        bench-interleaved)  # 8192 causal and per-head windows with flex and the alternatives, timed in
+                            # interleaved rounds (does ours still lead FlashInfer's own ragged call? bands-per-head
+                            # with strided head views against tiles-per-head); then rel_bias and softcap profiled
+          python3 -m flex_flash_infer bench --seq-lens 8192 --cases causal per_head_windows \
+            --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
+          tail -n 16 $run_dir/$stage.log
+          python3 -m flex_flash_infer bench --seq-lens 8192 --no-flex --profile --cases rel_bias+causal softcap+causal \
+            --out "$run_dir/$stage-profile.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage-profile.log
+          tail -n 40 $run_dir/$stage-profile.log ;;
         bench-one-band)  # 8192 full and sliding_window: the ragged kernel for a band without a window
                          # (default) vs the single-sequence call (ours_single_call)
           python3 -m flex_flash_infer bench --seq-lens 8192 --cases full sliding_window \

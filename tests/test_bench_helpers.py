@@ -99,3 +99,51 @@ def test_results_file_keeps_the_spec_rows_apart_and_merges_runs(tmp_path):
     assert sorted(r["impl"] for r in result["other_rows"]) == ["ours_fa3_mask", "ours_tiles_route"]
     ours = {r["case"]: r["ms"] for r in result["rows"] if r["impl"] == "flex_flash_infer"}
     assert ours == {"causal": 0.5, "full": 1.0}
+
+
+class _Clock:
+    """A stand-in GPU clock: each fn advances it by its cost; events read it."""
+    def __init__(self):
+        self.now = 0.0
+        clock = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = clock.now
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+
+        self.Event = Event
+
+
+def test_interleaved_timing_spreads_a_drift_over_every_impl(monkeypatch):
+    """Two equal impls on a clock that slows as the case goes on: timed one after the other, the
+    second reads slower; timed in rotating rounds, they read alike. An impl that raises is
+    dropped with its error and the others are still timed."""
+    from flex_flash_infer import bench
+
+    clock = _Clock()
+    monkeypatch.setattr(torch.cuda, "Event", clock.Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+
+    def equal_work():
+        calls.append(1)
+        clock.now += 1.0 + 0.002 * len(calls)   # each call a little slower than the last
+
+    def broken():
+        raise RuntimeError("launch failed")
+
+    sequential = [bench.median_ms(equal_work), bench.median_ms(equal_work)]
+    assert sequential[1] - sequential[0] > 0.1
+    times, errors = bench.time_interleaved({"a": equal_work, "b": equal_work, "c": broken})
+    assert set(times) == {"a", "b"} and errors == {"c": "RuntimeError: launch failed"}
+    assert abs(times["a"] - times["b"]) < 0.25 * (sequential[1] - sequential[0])
+    assert bench.time_interleaved({}) == ({}, {})

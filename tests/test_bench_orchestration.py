@@ -37,6 +37,7 @@ def cpu_bench(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "Event", _Event)
     monkeypatch.setattr(bench, "median_ms", lambda fn: (fn(), 1.0)[1])   # one call, not a timing
+    monkeypatch.setattr(bench, "time_interleaved", lambda fns: ({n: (f(), 1.0)[1] for n, f in fns.items()}, {}))
 
 
 def _rows(name, seq_len):
