@@ -588,9 +588,12 @@ def markdown_table(result: dict) -> str:
             f"{cell(o / estimate if o and estimate else None, '{:.2f}')} |" + (f" {note}" if note else ""))
         if o and flex and case in ISSUE_CASES:
             speedups.append((f"{case} {s}" + (f" d{d}" if d != 128 else ""), flex / o))
-        plain = cases.get((case.split("+")[-1], s, d), {}).get("flex_flash_infer", {}).get("ms")
+        plain_row = cases.get((case.split("+")[-1], s, d), {}).get("flex_flash_infer", {})
+        plain = plain_row.get("ms")
         if "+" in case and o and plain:
-            score_costs.append(f"{case} {s} {o / plain:.2f}x")
+            # rows of another commit came from another run (process, and maybe timing method)
+            other_run = plain_row.get("commit") != ours.get("commit")
+            score_costs.append(f"{case} {s} {o / plain:.2f}x" + (" (plain row from another run)" if other_run else ""))
     if speedups:
         geomean = math.exp(sum(math.log(x) for _, x in speedups) / len(speedups))
         under = [f"{name} ({x:.2f}x)" for name, x in speedups if x < 1.25]

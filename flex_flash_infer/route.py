@@ -7,8 +7,8 @@
                  (tiles-causal: partial tiles are only causal diagonals: one causal fa3 launch)
   tiles-per-head the same, for a mask that differs per head (every head in one launch set)
   bands-per-head every head's mask is a few native requests: heads with the same bands run as
-                 one band launch over those heads (opt-in, FLEX_FLASH_INFER_HEAD_BANDS=1: correct
-                 on an H100, 5% slower than tiles-per-head on an H200)
+                 one band launch over those heads (FLEX_FLASH_INFER_HEAD_BANDS=0 turns it off: then
+                 such masks take tiles-per-head, 1.9x slower on an H200)
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ from .mask_eval import mask_dependence
 # (2026-11-25); FLEX_FLASH_INFER_COLUMNS=0 turns it off (then those masks take the tiles route).
 ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS", "1") != "0"
 # Per-head masks whose heads each lower to bands (per-head window sizes, say): its GPU tests
-# passed on an H100 (2026-11-25, twice). Opt-in (FLEX_FLASH_INFER_HEAD_BANDS=1): timed on an H200
-# (2026-12-01, per-head windows of 128..1024 keys at 8192 tokens) it took 0.934 ms against the
-# tiles-per-head route's 0.890 ms, both three times torch flex's 0.304 ms, though the same heads as
-# one sliding-window(1024) band cost 0.303 ms. Why, by torch.profiler (run 10): its four fa3
-# launches take 0.233 ms in all; the head gathers and scatters around them take 0.65 ms. Since
-# then evenly spaced heads go to FlashInfer as strided views (GPU tests passed on the H200,
-# 2026-12-02, run 11a; not timed yet).
-ENABLE_HEAD_BANDS = os.environ.get("FLEX_FLASH_INFER_HEAD_BANDS", "0") == "1"
+# passed on an H100 (2026-11-25, twice). Timed on an H200 (2026-12-01, per-head windows of
+# 128..1024 keys at 8192 tokens) it took 0.934 ms against the tiles-per-head route's 0.890 ms:
+# its four fa3 launches took 0.233 ms in all, the head gathers and scatters around them 0.65 ms
+# (torch.profiler, run 10). Since then evenly spaced heads go to FlashInfer as strided views (GPU
+# tests passed on the H200, 2026-12-02, run 11a), and run 14 timed it at 0.403 ms against 0.782
+# for tiles-per-head (torch flex 0.312), so it is the default; FLEX_FLASH_INFER_HEAD_BANDS=0
+# turns it off.
+ENABLE_HEAD_BANDS = os.environ.get("FLEX_FLASH_INFER_HEAD_BANDS", "1") != "0"
 
 
 @dataclass

@@ -50,7 +50,7 @@ def _rows(name, seq_len):
 @pytest.mark.parametrize("name,route,expected", [
     ("causal", "bands", {"flashinfer_native", "flashinfer_ragged_native", "ours_single_call"}),
     ("streaming", "bands+columns", {"ours_tiles_route", "ours_tiles_fa3_mask", "ours_paged_columns"}),
-    ("per_head_windows", "tiles-per-head", {"ours_head_loop", "ours_head_bands"}),
+    ("per_head_windows", "bands-per-head", {"ours_head_loop", "ours_tiles_per_head"}),
     ("random_tiles", "tiles-causal", set()),
 ])
 def test_bench_case_rows_on_the_cpu_model(cpu_bench, name, route, expected):

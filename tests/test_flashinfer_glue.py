@@ -180,7 +180,7 @@ def _per_head_band_masks(Hq):
 
 @pytest.mark.parametrize("B,Hq,Hkv,L", [(1, 12, 4, 300), (2, 8, 2, 257), (1, 6, 6, 130)])
 def test_per_head_bands_through_the_plan(fake, monkeypatch, rng, B, Hq, Hkv, L):
-    """bands-per-head (opt-in): heads with equal bands share a band launch over those heads; the
+    """bands-per-head (the default): heads with equal bands share a band launch over those heads; the
     result equals the dense per-head mask."""
     from flex_flash_infer import route
 

@@ -101,7 +101,7 @@ def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, monkeypatch, dtyp
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,L", [(1, 777), (2, 300)])
 def test_per_head_windows_as_bands_per_head(cuda_gen, monkeypatch, dtype, B, L):
-    """The bands-per-head route (opt-in, FLEX_FLASH_INFER_HEAD_BANDS=1): heads
+    """The bands-per-head route (the default; FLEX_FLASH_INFER_HEAD_BANDS=0 turns it off): heads
     with equal windows share one native band launch."""
     from flex_flash_infer import route
 
