@@ -40,7 +40,8 @@ PER_HEAD_ONE_LAUNCH = os.environ.get("FLEX_FLASH_INFER_HEADS_ONE_LAUNCH", "1") !
 # One band without a window over a whole sequence (causal or full attention) runs FlashInfer's
 # batch ragged kernel rather than its single-sequence call: in the same process the ragged call
 # was faster at 8192 tokens (causal: H100 0.918 vs 0.947 ms at head_dim 128, 0.641 vs 0.654 at 64;
-# H200 0.892 vs 0.965, 0.618 vs 0.644; full, H200 run 10: 1.702 vs 1.770). A windowed band keeps the
+# H200 0.892 vs 0.965, 0.618 vs 0.644; full, H200 run 10: 1.702 vs 1.770; timed in interleaved rounds,
+# H200 run 14: 0.896 vs 0.932, 0.643 vs 0.668). A windowed band keeps the
 # single call: ragged was slower there (H200 run 10: 0.356 vs 0.303 ms at 128, 0.305 vs 0.257 at 64).
 # FLEX_FLASH_INFER_RAGGED_BAND=0 turns it off.
 RAGGED_UNWINDOWED_BAND = os.environ.get("FLEX_FLASH_INFER_RAGGED_BAND", "1") != "0"
