@@ -168,14 +168,16 @@ def check(row: dict, fn, error_of, tolerance: float = TOLERANCE) -> bool:
     return "error" not in row
 
 
-def check_then_time(row: dict, fn, error_of, tolerance: float = TOLERANCE) -> dict:
-    """check(), then time fn alone (median_ms). Fills row's first_call_s, rel_err and ms, or error."""
-    if check(row, fn, error_of, tolerance):
-        try:
-            row["ms"] = median_ms(fn)
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    return row
+def check_and_time(rows_and_fns, error_of) -> None:
+    """check() each (row, fn), then time the fns that passed together (time_interleaved); fills
+    each row's first_call_s, rel_err and ms, or error."""
+    checked = {i: fn for i, (row, fn) in enumerate(rows_and_fns) if check(row, fn, error_of)}
+    times, errors = time_interleaved(checked)
+    for i, (row, _) in enumerate(rows_and_fns):
+        if i in errors:
+            row["error"] = errors[i]
+        elif i in times:
+            row["ms"] = times[i]
 
 
 def raising(error: Exception):
@@ -354,20 +356,12 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
 
         impls["sdpa_cudnn"] = sdpa
 
-    results, checked = [], {}
-    for impl, fn in impls.items():   # every impl checked first (torch flex compiles here), then timed together
-        row = {"case": name, "seq_len": seq_len, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim,
-               "dtype": str(dtype).replace("torch.", ""), "impl": impl, "commit": COMMIT}
-        if check(row, fn, lambda out: rel_error(out[rows], ref)):
-            checked[impl] = fn
-        results.append(row)
-    times, errors = time_interleaved(checked)
+    results = [{"case": name, "seq_len": seq_len, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim,
+                "dtype": str(dtype).replace("torch.", ""), "impl": impl, "commit": COMMIT} for impl in impls]
+    # every impl checked first (torch flex compiles there), then all timed together
+    check_and_time([(row, impls[row["impl"]]) for row in results], lambda out: rel_error(out[rows], ref))
     for row in results:
         impl, fn = row["impl"], impls[row["impl"]]
-        if impl in errors:
-            row["error"] = errors[impl]
-        elif impl in times:
-            row["ms"] = times[impl]
         if "ms" in row:
             row["tflops"] = 4 * pairs * head_dim * heads_q / (row["ms"] * 1e-3) / 1e12
             if profile:

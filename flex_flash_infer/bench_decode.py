@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .bench import case_or_report, check_then_time, raising, rel_error
+from .bench import case_or_report, check_and_time, raising, rel_error
 from .bench_profile import host_profile
 from .block_build import EMPTY
 from .mods.registry import get_mask_fn
@@ -135,19 +135,19 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
     if ours_other._planned is not None:
         picked[other_impl] = getattr(ours_other._planned["launches"][0], "resolved_backend", None)
     visible = int((ours._planned["plan"].page_states != EMPTY).sum()) * page  # whole visible pages
-    rows = []
-    for impl, fn in impls.items():
-        row = {"case": f"decode_{name}", "batch": batch, "context": context, "heads_q": hq, "heads_kv": hkv,
-               "head_dim": d, "page_size": page, "dtype": str(dtype).replace("torch.", ""), "impl": impl}
+    rows = [{"case": f"decode_{name}", "batch": batch, "context": context, "heads_q": hq, "heads_kv": hkv,
+             "head_dim": d, "page_size": page, "dtype": str(dtype).replace("torch.", ""), "impl": impl}
+            for impl in impls]
+    check_and_time([(row, impls[row["impl"]]) for row in rows], lambda out: rel_error(out.float(), ref))
+    for row in rows:
+        impl = row["impl"]
         if picked.get(impl):
             row["flashinfer_backend"] = picked[impl]
-        check_then_time(row, fn, lambda out: rel_error(out.float(), ref))
         if impl == "flex_flash_infer":
             row["plan_ms"] = statistics.median(plan_times)
             row["plan_profile"] = plan_profile
         if "ms" in row:
             row["kv_gb_per_s"] = visible * hkv * d * 2 * k_cache.element_size() / (row["ms"] * 1e-3) / 1e9
-        rows.append(row)
     return rows
 
 

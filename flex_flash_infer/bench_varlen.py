@@ -11,7 +11,7 @@ import json
 import torch
 
 from . import varlen
-from .bench import COMMIT, check_then_time, rel_error
+from .bench import COMMIT, check_and_time, rel_error
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
 from .switches import route_switches
@@ -62,12 +62,10 @@ def run_varlen_benchmark(out_path: str | None = None, hq=32, hkv=8, d=128, dtype
     impls = {"flex_flash_infer": lambda: ours(q, k, v),
              "ours_plan_per_sequence": lambda: per_sequence(q, k, v),
              "flashinfer_native": lambda: native.run(q, k, v)}
-    result_rows = []
-    for impl, fn in impls.items():
-        row = {"case": f"varlen_{len(lengths)}_documents_causal", "total_tokens": cu[-1], "documents": len(lengths),
-               "heads_q": hq, "heads_kv": hkv, "head_dim": d, "dtype": str(dtype).replace("torch.", ""), "impl": impl,
-               "commit": COMMIT}
-        result_rows.append(check_then_time(row, fn, lambda out: rel_error(out[rows].float(), ref)))
+    result_rows = [{"case": f"varlen_{len(lengths)}_documents_causal", "total_tokens": cu[-1], "documents": len(lengths),
+                    "heads_q": hq, "heads_kv": hkv, "head_dim": d, "dtype": str(dtype).replace("torch.", ""),
+                    "impl": impl, "commit": COMMIT} for impl in impls]
+    check_and_time([(row, impls[row["impl"]]) for row in result_rows], lambda out: rel_error(out[rows].float(), ref))
     native_ms = result_rows[-1].get("ms")
     for r in result_rows:
         ratio = f"{native_ms / r['ms']:.2f}x native" if native_ms and r.get("ms") else ""

@@ -227,11 +227,11 @@ class FlashInferPlan:
                     # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
                     self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace,
                                               (block_q, 1), variants(None, 1), self.positions)
-        soft_cap = native_soft_cap(score_mod, num_qo_heads) if score_mod is not None and self.bands else None
-        if soft_cap is not None:   # FlashInfer's own soft-capped kernels (native_soft_cap.py)
-            self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace, logits_soft_cap=soft_cap)
-            return
         if score_mod is not None and self.bands:
+            soft_cap = native_soft_cap(score_mod, num_qo_heads)
+            if soft_cap is not None:   # FlashInfer's own soft-capped kernels (native_soft_cap.py)
+                self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace, logits_soft_cap=soft_cap)
+                return
             if not (hopper or score_mod_kernels.FA2_BANDS):
                 raise UnsupportedOnFlashInfer("a score_mod on the band routes of a GPU older than Hopper runs in "
                                               "the fa2 variant, turned off here by FLEX_FLASH_INFER_FA2_SCORE_MOD=0")

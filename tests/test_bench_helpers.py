@@ -55,11 +55,16 @@ def test_reference_rows_apply_the_score_mod_like_dense_attention(rng):
             assert rel_err(got, reference_rows(q, k, v, mod, rows)) > 1e-3, name  # the mod changes the result
 
 
-def test_an_impl_that_failed_to_plan_reports_its_error_when_timed():
-    from flex_flash_infer.bench import check_then_time, raising
+def test_an_impl_that_failed_to_plan_reports_its_error_when_timed(monkeypatch):
+    from flex_flash_infer.bench import check_and_time, raising
 
-    row = check_then_time({}, raising(ValueError("no such kernel")), lambda out: 0.0)
-    assert row["error"] == "ValueError: no such kernel" and "ms" not in row
+    monkeypatch.setattr(torch.cuda, "Event", _Clock().Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    failed, ok = {}, {}
+    check_and_time([(failed, raising(ValueError("no such kernel"))), (ok, lambda: torch.zeros(2))],
+                   lambda out: 0.0)
+    assert failed["error"] == "ValueError: no such kernel" and "ms" not in failed
+    assert ok["rel_err"] == 0.0 and "error" not in ok and "ms" in ok
 
 
 def test_a_failing_case_is_reported_and_the_run_goes_on(capsys):
