@@ -97,29 +97,12 @@ def case_masks(seq_len: int):
     }
 
 
-def median_ms(fn, warmup: int = 5, rounds: int = 10, calls_per_round: int = 10) -> float:
-    """Median over rounds of the mean time of back-to-back calls between two CUDA events, so
-    that host launch work overlaps the GPU as it does in a model (the same for every impl)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls_per_round):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls_per_round)
-    return statistics.median(times)
-
-
 def time_interleaved(fns: dict, warmup: int = 5, rounds: int = 10, calls_per_round: int = 10):
     """(median ms per name, error per name) of fns timed in rounds that visit every fn in turn,
     each round starting one further along: a drift of the GPU's clocks during a case falls on
     every impl alike rather than on those timed last. A round is back-to-back calls between two
-    CUDA events, as median_ms times them; an fn that raises is dropped and its error kept."""
+    CUDA events, so that host launch work overlaps the GPU as it does in a model (the same for
+    every impl); an fn that raises is dropped and its error kept."""
     names, errors, times = list(fns), {}, {name: [] for name in fns}
     if not names:
         return {}, {}
