@@ -22,6 +22,7 @@ import torch
 
 from .bands import Band
 from .mask_eval import INDEX_DTYPE
+from .ragged import planned_ragged
 
 ENABLED = os.environ.get("FLEX_FLASH_INFER_FAR_BIAS_SPLIT", "1") != "0"
 LOG2E = 1.0 / math.log(2.0)
@@ -113,12 +114,11 @@ class FarSplitBands:
         self.merge_in_place = flashinfer.merge_state_in_place
         self.ragged = None
         if ragged and len(far_bands) == 1 and far_bands[0].window_left < 0:
-            band, (_, _, _, hq, hkv, head_dim) = far_bands[0], shape
-            self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD",
-                                                                          backend="fa3" if hopper else "fa2")
-            self.ragged.plan(torch.tensor([0, band.q_end - band.q_start], dtype=torch.int32),
-                             torch.tensor([0, band.kv_end - band.kv_start], dtype=torch.int32), hq, hkv, head_dim,
-                             causal=True, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+            band = far_bands[0]
+            self.ragged = planned_ragged(workspace, "fa3" if hopper else "fa2",
+                                         torch.tensor([0, band.q_end - band.q_start], dtype=torch.int32),
+                                         torch.tensor([0, band.kv_end - band.kv_start], dtype=torch.int32),
+                                         shape, dtype, causal=True, sm_scale=scale)
         # the far keys' lse shift, base 2, per head (a table may hold more heads than run)
         num_heads = shape[3]
         values = hint.values(torch.device(workspace.device)).float().reshape(-1)

@@ -23,6 +23,7 @@ from .block_build import PARTIAL, ceil_div
 from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
 from .route import Route, choose_route
 from .bands import band_launches
+from .ragged import planned_ragged
 from .far_bias import FarSplitBands, plan_split
 from .native_soft_cap import native_soft_cap
 from . import score_mod_kernels
@@ -414,7 +415,7 @@ class _BandRunner:
         self.shape = shape
         self.scale = scale
         self.soft_cap = logits_soft_cap   # None: no cap (FlashInfer's own soft cap when set)
-        batch, q_len, kv_len, hq, hkv, head_dim = shape
+        batch, q_len, kv_len = shape[:3]
         self.covers_all = bands[0].q_start == 0 and bands[-1].q_end == q_len
         self.ragged = None
         launches = band_launches(bands, batch, q_len, kv_len)
@@ -422,11 +423,9 @@ class _BandRunner:
         if len(launches) == 1 and launches[0].q_rows == slice(0, batch * q_len) and (
                 len(bands) > 1 or batch > 1 or unwindowed_band):
             launch = launches[0]  # every (batch entry, band) request in one ragged launch
-            backend = "fa3" if _is_hopper(workspace.device) else "fa2"
-            self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)
-            self.ragged.plan(launch.qo_indptr, launch.kv_indptr, hq, hkv, head_dim, causal=launch.causal,
-                             window_left=launch.window_left, sm_scale=scale, logits_soft_cap=logits_soft_cap,
-                             q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+            self.ragged = planned_ragged(workspace, "fa3" if _is_hopper(workspace.device) else "fa2",
+                                         launch.qo_indptr, launch.kv_indptr, shape, dtype, launch.causal,
+                                         launch.window_left, sm_scale=scale, logits_soft_cap=logits_soft_cap)
         self.single = flashinfer.single_prefill_with_kv_cache
 
     def run(self, q, k, v, return_lse: bool = True):

@@ -20,6 +20,7 @@ import torch
 
 from .bands import band_launches
 from .codegen import position_bound_for
+from .ragged import planned_ragged
 from .trace import trace
 from .variant import fa2_score_mod_variant, fa3_score_mod_variant, graph_values
 
@@ -39,9 +40,7 @@ class ScoreModBands:
     gives base-2 (out, lse)."""
 
     def __init__(self, bands, score_mod, shape, dtype, scale, workspace, hopper: bool = True):
-        import flashinfer
-
-        batch, q_len, kv_len, hq, hkv, head_dim = shape
+        batch, q_len, kv_len, hq, _, head_dim = shape
         device = workspace.device
         graph = trace(score_mod, "score_mod")
         make_variant = fa3_score_mod_variant if hopper else fa2_score_mod_variant
@@ -57,9 +56,8 @@ class ScoreModBands:
         self.shape = shape
         self.launches = []
         for launch in band_launches(bands, batch, q_len, kv_len):
-            wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend, jit_args=jit_args)
-            wrapper.plan(launch.qo_indptr, launch.kv_indptr, hq, hkv, head_dim, causal=launch.causal,
-                         window_left=launch.window_left, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+            wrapper = planned_ragged(workspace, backend, launch.qo_indptr, launch.kv_indptr, shape, dtype, launch.causal,
+                                     launch.window_left, jit_args=jit_args)
             tables = [t.to(device) for t in (launch.req_q0, launch.req_kv0, launch.req_b)]
             self.launches.append((wrapper, launch, tables))
 
