@@ -357,9 +357,12 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     return results
 
 
+TANH_FMA_SHARES = ("1/2",)
+
+
 def add_alternatives(alternative, takes, name, route, per_head, score_mod):
     """Our alternative routes, each timed beside the default through alternative(impl, *switches)."""
-    from . import column_merge, far_bias, flashinfer_backend, native_soft_cap, route as route_module, tile_kernels
+    from . import column_merge, far_bias, flashinfer_backend, native_soft_cap, route as route_module, tile_kernels, variant
 
     if per_head:
         # beside the default: the tiles-per-head route with every head in one launch set, its loop
@@ -385,11 +388,17 @@ def add_alternatives(alternative, takes, name, route, per_head, score_mod):
         in_kernel = not tile_kernels.MASK_IN_KERNEL
         alternative("ours_mask_in_kernel" if in_kernel else "ours_mask_bits", (tile_kernels, "MASK_IN_KERNEL", in_kernel))
     if getattr(score_mod, "constant_beyond", None) is not None:   # every key in the compiled variant
-        alternative("ours_no_far_split", (far_bias, "ENABLED", False))
+        alternative("ours_no_far_split", (far_bias, "ENABLED", False), (variant, "FAR_BRANCH", False))
+        # every key in one launch of the variant, which skips the table beyond reach with a branch
+        alternative("ours_far_branch", (far_bias, "ENABLED", False), (variant, "FAR_BRANCH", True))
         # the far keys in FlashInfer's single-sequence call, not its ragged kernel
         alternative("ours_far_single_call", (flashinfer_backend, "RAGGED_UNWINDOWED_BAND", False))
     if getattr(score_mod, "logits_soft_cap", None) is not None:   # the compiled variant, not FlashInfer's soft cap
         alternative("ours_compiled_softcap", (native_soft_cap, "ENABLED", False), keep=takes("bands"))
+        # some of the tanh on the FMA pipe, beside the MUFU one (variant.TANH_FMA_SHARE)
+        for share in TANH_FMA_SHARES:
+            alternative(f"ours_tanh_fma_{share.replace('/', 'of')}", (native_soft_cap, "ENABLED", False),
+                        (variant, "TANH_FMA_SHARE", share), keep=takes("bands"))
     if name in ("full", "causal"):   # their one band in FlashInfer's single-sequence call, not the ragged kernel
         alternative("ours_single_call", (flashinfer_backend, "RAGGED_UNWINDOWED_BAND", False), keep=takes("bands"))
 

@@ -140,6 +140,17 @@ class FarSplitBands:
         return (out, lse) if return_lse else out
 
 
+def branch_reach(score_mod, num_heads: int):
+    """The hint's reach when the compiled fa3 variant may branch on it (variant.FAR_BRANCH): scores
+    beyond it add the constant instead of reading tables; None when the hint is absent or fails."""
+    from . import variant
+
+    hint = getattr(score_mod, "constant_beyond", None)
+    if not variant.FAR_BRANCH or not isinstance(hint, ConstantBeyond) or not hint_holds(score_mod, hint, num_heads):
+        return None
+    return hint.reach
+
+
 def plan_split(score_mod, bands, num_heads: int):
     """(near bands, far bands, hint) when the score_mod carries a hint that holds and the bands
     split; else None (the compiled variant runs every key)."""

@@ -19,7 +19,7 @@ from .trace import Graph
 _CACHE_DIR = os.path.join(tempfile.gettempdir(), "flex_flash_infer_hostcheck")
 
 
-def host_source(graph: Graph) -> str:
+def host_source(graph: Graph, tanh_call=None) -> str:
     tensor_decl = "".join(
         f"  const {ELEMENT_CTYPE[element_kind(t)]}* {name} = (const {ELEMENT_CTYPE[element_kind(t)]}*)tensors[{i}];\n"
         + "".join(f"  const long long {name}_stride{d} = strides[{4 * i + d}];\n" for d in range(t.dim()))
@@ -28,7 +28,7 @@ def host_source(graph: Graph) -> str:
     # hoisted as the GPU variant hoists (what reads only b and h), here recomputed per element
     hoisted = []
     expr = emit_expression(graph, lambda n: f"scalars[{scalar_index[n]}]", lambda n: n, hoisted=hoisted,
-                           invariant_inputs=("b", "h"), position_bound=POSITION_BOUND)
+                           invariant_inputs=("b", "h"), position_bound=POSITION_BOUND, tanh_call=tanh_call)
     hoisted_decl = "".join(f"    {ctype} const {name} = {code};\n" for name, ctype, code in hoisted)
     return f"""#include <cmath>
 #include <cstdint>
@@ -45,9 +45,10 @@ extern "C" void eval_mod(long long n, const float* score_in, const int* b_in, co
 """
 
 
-def compile_host(graph: Graph):
-    """The generated expression as a callable f(score, b, h, q_idx, kv_idx) on flat tensors."""
-    source = host_source(graph)
+def compile_host(graph: Graph, tanh_call=None):
+    """The generated expression as a callable f(score, b, h, q_idx, kv_idx) on flat tensors.
+    tanh_call: as emit_expression's (the host loop names the key position kv_idx)."""
+    source = host_source(graph, tanh_call)
     os.makedirs(_CACHE_DIR, exist_ok=True)
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     lib_path = os.path.join(_CACHE_DIR, f"mod_{digest}.so")

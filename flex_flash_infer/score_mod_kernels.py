@@ -39,12 +39,14 @@ class ScoreModBands:
     the variant also applies the sliding window, as FlashInfer's own fa2 variant does). run()
     gives base-2 (out, lse)."""
 
-    def __init__(self, bands, score_mod, shape, dtype, scale, workspace, hopper: bool = True):
+    def __init__(self, bands, score_mod, shape, dtype, scale, workspace, hopper: bool = True, far_reach=None):
+        """far_reach (fa3 only): the score_mod is score + a constant per head beyond it (far_bias)."""
         batch, q_len, kv_len, hq, _, head_dim = shape
         device = workspace.device
         graph = trace(score_mod, "score_mod")
-        make_variant = fa3_score_mod_variant if hopper else fa2_score_mod_variant
-        spec = make_variant(graph, position_bound_for(batch, hq, q_len, kv_len))
+        bound = position_bound_for(batch, hq, q_len, kv_len)
+        self.far_reach = far_reach if hopper else None
+        spec = fa3_score_mod_variant(graph, bound, self.far_reach) if hopper else fa2_score_mod_variant(graph, bound)
         backend = "fa3" if hopper else "fa2"
         use_swa = any(b.window_left >= 0 for b in bands)
         # the code's own hash: a changed code generator never reuses a stale cached module

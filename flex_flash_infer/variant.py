@@ -23,12 +23,25 @@ against FlashInfer's headers in CPU tests and passed its GPU tests with fa2 forc
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .codegen import ELEMENT_CTYPE, PRELUDE, element_kind, emit_expression, kernel_tensor
 from .trace import Graph
 
 REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
+# Which of a tile's scores take tanh on the FMA pipe (codegen.ffi_tanh_fma), as a condition on the
+# tile-local kv_idx. A thread's accumulator columns are 8k + 2(lane % 4) + {0, 1}: only bit 0 is a
+# constant of the unrolled loop that nvcc can see (ptxas for sm_90a: the 1/2 share halves
+# MUFU.TANH with no branch added; a 1/4 share on bit 3 compiled to a branch per score, as
+# lane % 4 is a signed remainder there), so the shares are none, half and all.
+# Off by default until measured (FLEX_FLASH_INFER_TANH_FMA_SHARE).
+TANH_FMA_CONDITIONS = {"0": None, "1/2": "(kv_idx & 1)", "1": "true"}
+TANH_FMA_SHARE = os.environ.get("FLEX_FLASH_INFER_TANH_FMA_SHARE", "0")
+# A score_mod that is score + a constant per head beyond a reach (far_bias.ConstantBeyond) skips its
+# table reads there with a branch on q - kv when its keys run unsplit (FLEX_FLASH_INFER_FAR_BRANCH=1;
+# off until measured on the GPU)
+FAR_BRANCH = os.environ.get("FLEX_FLASH_INFER_FAR_BRANCH", "0") == "1"
 SCALE_NAME = "ffi_sm_scale"
 INPUT_NAMES = {"score": "ffi_score", "b": "ffi_b", "h": "ffi_h", "q_idx": "ffi_q", "kv_idx": "ffi_kv"}
 _SCALAR_CTYPE = {"int": "int64_t", "float": "double"}
@@ -99,13 +112,15 @@ def _kernel_arguments(graph: Graph):
             [SCALE_NAME] + scalars, ["double"] + scalar_dtypes)
 
 
-def graph_expression(graph: Graph, p: str, invariant_inputs, position_bound, hoisted: list, prefix: str = "ffi_"):
+def graph_expression(graph: Graph, p: str, invariant_inputs, position_bound, hoisted: list, prefix: str = "ffi_",
+                     tanh_call=None):
     """The graph as C++ reading its kernel arguments (named prefix + name) through p; what reads
     only invariant_inputs (fixed for the variant object) is appended to hoisted, to be computed
     once in the constructor, not per score."""
     return emit_expression(graph, scalar_ref=lambda n: f"{p}{prefix}{n}", tensor_ref=lambda n: f"{p}{prefix}{n}",
                            stride_ref=lambda n, d: f"{p}{prefix}{n}_stride{d}", input_ref=INPUT_NAMES.__getitem__,
-                           hoisted=hoisted, invariant_inputs=invariant_inputs, position_bound=position_bound)
+                           hoisted=hoisted, invariant_inputs=invariant_inputs, position_bound=position_bound,
+                           tanh_call=tanh_call)
 
 
 def hoisted_code(hoisted: list):
@@ -114,24 +129,47 @@ def hoisted_code(hoisted: list):
             "".join(f"    {name} = {code};\n" for name, _, code in hoisted))
 
 
-def _score_expression(graph: Graph, p: str, invariant_inputs, position_bound):
+def _score_expression(graph: Graph, p: str, invariant_inputs, position_bound, tanh_call=None):
     """(score_mod as C++, member declarations, constructor statements)."""
     hoisted = []
-    expr = graph_expression(graph, p, invariant_inputs, position_bound, hoisted)
+    expr = graph_expression(graph, p, invariant_inputs, position_bound, hoisted, tanh_call=tanh_call)
     return (expr, *hoisted_code(hoisted))
 
 
-def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None) -> VariantSpec:
+def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None, far_reach: int | None = None,
+                          tanh_fma_share: str | None = None) -> VariantSpec:
     """position_bound: the caller has checked that batch entries, heads and positions the kernel
-    will see are below it (codegen.POSITION_BOUND); None: every int converts to float with I2F."""
+    will see are below it (codegen.POSITION_BOUND); None: every int converts to float with I2F.
+    far_reach: the score_mod is score + a constant per (batch entry, head) wherever q - kv >= far_reach
+    (checked by the caller): those scores add it, computed once per tile, instead of reading tables.
+    tanh_fma_share: a TANH_FMA_CONDITIONS key (None: TANH_FMA_SHARE)."""
+    share = TANH_FMA_SHARE if tanh_fma_share is None else tanh_fma_share
+    if share not in TANH_FMA_CONDITIONS:
+        raise ValueError(f"tanh_fma_share (FLEX_FLASH_INFER_TANH_FMA_SHARE) must be one of "
+                         f"{sorted(TANH_FMA_CONDITIONS)}, got {share!r}")
+    on_fma = TANH_FMA_CONDITIONS[share]
+    tanh_call = None if on_fma is None else (lambda code: f"ffi_tanh_split({code}, {on_fma})")
     name = f"FlexScoreMod_{graph.key()}"
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
     p = "params.additional_params."
-    expr, members, statements = _score_expression(graph, p, ("b", "h"), position_bound)  # one per (tile, head)
+    # one per (tile, head)
+    expr, members, statements = _score_expression(graph, p, ("b", "h"), position_bound, tanh_call)
     # fa3 masks the padded tail of a tile after LogitsTransform, but a captured table must not be
     # read there (its index may run past the table); without tables the check is skipped
     reads_per_score = "[" in expr   # only a table read indexes; reads fixed per tile are hoisted
     guard = "    if (kv_idx >= kv_len_ || qo_idx >= qo_len_) return -math::inf;\n" if reads_per_score else ""
+    far_branch = ""
+    if far_reach is not None:
+        if isinstance(far_reach, bool) or not isinstance(far_reach, int) or far_reach < 1:
+            raise ValueError(f"far_reach must be a positive int, got {far_reach!r}")
+        # the constant is the score_mod at distance far_reach with score 0 (kv_idx: the scores
+        # above take the MUFU tanh there, if any)
+        members += "  float far_;\n"
+        statements += (f"    {{ const float ffi_score = 0.f; const int ffi_q = {far_reach}, ffi_kv = 0, kv_idx = 0;\n"
+                       f"      (void)ffi_q; (void)ffi_kv; (void)kv_idx; far_ = ({expr}); }}\n")
+        # in a tile wholly beyond reach every thread takes the branch: no table read, no guard
+        far_branch = (f"    if (q0_ + int(qo_idx) - kv0_ - int(kv_idx) >= {far_reach}) "
+                      "return float(logits) * sm_scale_ + far_;\n")
     decl = f"""{PRELUDE}
 struct {name} : AttentionVariantBase {{
   float sm_scale_log2, sm_scale_;
@@ -154,7 +192,7 @@ struct {name} : AttentionVariantBase {{
   template <int NUM_ROWS_PER_THREAD>
   __device__ auto GetAttentionUpdater() {{ return OnlineSoftmax<NUM_ROWS_PER_THREAD, true>(sm_scale_log2); }}
   REGISTER_LOGITS_TRANSFORM(params, logits, batch_idx, qo_idx, kv_idx, qo_head_idx, kv_head_idx, {{
-{guard}    const float ffi_score = float(logits) * sm_scale_;
+{far_branch}{guard}    const float ffi_score = float(logits) * sm_scale_;
     const int ffi_b = b_, ffi_h = int(qo_head_idx), ffi_q = q0_ + int(qo_idx), ffi_kv = kv0_ + int(kv_idx);
     (void)ffi_b; (void)ffi_h; (void)ffi_q; (void)ffi_kv;
     return ({expr});

@@ -27,7 +27,8 @@ from flex_flash_infer.trace import trace  # noqa: E402
 from flex_flash_infer.variant import fa3_score_mod_variant  # noqa: E402
 from flex_flash_infer.warmup import example_score_mod  # noqa: E402
 
-INSTRUCTIONS = ("MUFU.EX2", "MUFU.TANH", "F2F.F32.F64", "I2F", "LDC", "LDG", "STL", "FMUL", "IMAD", "ISETP")
+INSTRUCTIONS = ("MUFU.EX2", "MUFU.TANH", "F2F.F32.F64", "I2F", "LDC", "LDG", "STL", "FMUL", "FFMA", "FADD", "IMAD",
+                "ISETP", "BRA", "FSEL")
 
 
 def nvcc_flags(ninja: pathlib.Path) -> list:
@@ -41,20 +42,25 @@ def nvcc_flags(ninja: pathlib.Path) -> list:
 
 
 def count(kind: str) -> dict:
-    """kind: a warmup.example_score_mod kind, or `plain` for FlashInfer's own module (no score_mod)."""
+    """kind: a warmup.example_score_mod kind, or `plain` for FlashInfer's own module (no score_mod);
+    KIND@far=R compiles the variant's branch beyond reach R (far_reach), KIND@fma=S its tanh share S."""
+    kind, *options = kind.split("@")
+    options = dict(o.split("=") for o in options)
+    tag = "_".join([kind] + [v.replace("/", "of") for v in options.values()])
     if kind == "plain":
         jit = gen_batch_prefill_module("fa3", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.int32,
                                        128, 128, 0, False, False, False)
     else:
         graph = trace(example_score_mod(kind, 32, device="cpu"), "score_mod")
-        spec = fa3_score_mod_variant(graph, POSITION_BOUND)
+        far = int(options["far"]) if "far" in options else None
+        spec = fa3_score_mod_variant(graph, POSITION_BOUND, far, options.get("fma"))
         jit = gen_customize_batch_prefill_module(
-            "fa3", *spec.jit_args(f"ffi_sass_{kind}", torch.bfloat16, 128, torch.int32, False))
+            "fa3", *spec.jit_args(f"ffi_sass_{tag}", torch.bfloat16, 128, torch.int32, False))
     jit.write_ninja()
     source = next(pathlib.Path(s) for s in jit.sources if "ragged_sm90_kernel_mask_1" in str(s))  # causal
     import nvidia  # curand headers, which cutlass' utilities include
     extra = [f"-I{p}/include" for p in pathlib.Path(nvidia.__path__[0]).glob("cu*")]
-    obj = pathlib.Path(f"/tmp/ffi_sass_{kind}.o")
+    obj = pathlib.Path(f"/tmp/ffi_sass_{tag}.o")
     done = subprocess.run(["nvcc", *nvcc_flags(jit.ninja_path), *extra, "-Xptxas", "-v", "-c", str(source), "-o", str(obj)],
                           capture_output=True, text=True)
     print(kind, *[line for line in done.stderr.splitlines() if "registers" in line or "spill" in line], sep="\n  ")
@@ -72,6 +78,6 @@ def count(kind: str) -> dict:
 
 if __name__ == "__main__":
     rows = {kind: count(kind) for kind in sys.argv[1:] or ["identity", "softcap", "alibi"]}
-    print(f"{'kind':12s}" + "".join(f"{i:>12s}" for i in INSTRUCTIONS))
+    print(f"{'kind':20s}" + "".join(f"{i:>10s}" for i in INSTRUCTIONS))
     for kind, counts in rows.items():
-        print(f"{kind:12s}" + "".join(f"{counts[i]:12d}" for i in INSTRUCTIONS))
+        print(f"{kind:20s}" + "".join(f"{counts[i]:10d}" for i in INSTRUCTIONS))

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from flex_flash_infer import far_bias
 from flex_flash_infer.bands import Band
 from flex_flash_infer.far_bias import ConstantBeyond, hint_holds, plan_split, split_bands
 from flex_flash_infer.mods import generate_alibi_score_mod, generate_relative_position_bias_score_mod
@@ -107,3 +108,25 @@ def test_the_split_reads_the_table_when_planned_as_the_variant_does(monkeypatch)
     ref, _ = dense_attention(q, k, v, create_mask(get_mask_fn("causal"), B, 1, L, L, device="cpu"),
                              score_fn=generate_relative_position_bias_score_mod(planned))
     assert rel_err(out.view(B, L, H, D).transpose(1, 2), ref) < 1e-6
+
+
+@pytest.mark.parametrize("far_branch", [True, False])
+def test_unsplit_bands_hand_the_reach_to_the_fa3_variant(monkeypatch, far_branch):
+    """With the split off, the bands run the compiled variant on every key; on fa3 it is told the
+    reach (variant.FAR_BRANCH) so that it skips the table read beyond it."""
+    import sys
+
+    import fake_flashinfer
+    from flex_flash_infer import create_block_mask, flashinfer_backend, get_mask_fn, score_mod_kernels, variant
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(far_bias, "ENABLED", False)
+    monkeypatch.setattr(variant, "FAR_BRANCH", far_branch)
+    fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
+    H, L, D = 4, 300, 16
+    mod = generate_relative_position_bias_score_mod(torch.randn(H, 65, dtype=torch.float64))
+    bm = create_block_mask(get_mask_fn("causal"), 1, None, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, 1, L, L, H, 2, D, torch.float64, D ** -0.5, "cpu", score_mod=mod)
+    assert isinstance(plan.band_runner, score_mod_kernels.ScoreModBands)
+    assert plan.band_runner.far_reach == (32 if far_branch else None)

@@ -403,6 +403,55 @@ def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table
     assert rel_err(out, ref_out) < TOL[dtype]
 
 
+@pytest.mark.parametrize("name,params", [("causal", {}), ("document", {"offsets": [0, 100, 333, 1000]})])
+@pytest.mark.parametrize("share", ["1/2", "1"])
+def test_softcap_with_tanh_on_the_fma_pipe(cuda_gen, monkeypatch, name, params, share):
+    """variant.TANH_FMA_SHARE: some (or every) score's tanh by codegen.ffi_tanh_fma instead of the
+    MUFU tanh, against the float64 reference; batches, GQA and odd lengths."""
+    from flex_flash_infer import native_soft_cap, variant
+    from flex_flash_infer.mods import generate_softcap_score_mod
+
+    monkeypatch.setattr(native_soft_cap, "ENABLED", False)
+    monkeypatch.setattr(variant, "TANH_FMA_SHARE", share)
+    B, H, Hkv, L, D, dtype = 2, 8, 2, 777, 128, torch.bfloat16
+    mod, mask = generate_softcap_score_mod(20.0), get_mask_fn(name, **params)
+    ids = {"document_ids": mask.document_ids.numpy()} if name == "document" else params
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
+    q = q * 8   # scores well past the cap, where tanh saturates
+    bm = create_block_mask(mask, None, None, L, L, device="cuda")
+    out = flex_attention(q, k, v, score_mod=mod, block_mask=bm, enable_gqa=True, backend="flashinfer")
+    ref_out, _ = dense_attention(q, k, v, dense_predicate(name, L, L, **ids), score_fn=mod)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref_out) < TOL[dtype]
+
+
+@pytest.mark.parametrize("name,params", [("causal", {}), ("document", {"offsets": [0, 100, 333, 1000]})])
+def test_relative_position_bias_unsplit_branches_beyond_its_reach(cuda_gen, monkeypatch, name, params):
+    """far_bias off: every key in one variant launch, which adds the constant beyond the reach
+    without reading the table (variant far_reach), against the float64 reference."""
+    from flex_flash_infer import far_bias, score_mod_kernels, variant
+    from flex_flash_infer.mods import generate_relative_position_bias_score_mod
+
+    monkeypatch.setattr(far_bias, "ENABLED", False)
+    monkeypatch.setattr(variant, "FAR_BRANCH", True)
+    B, H, Hkv, L, D, dtype = 2, 8, 2, 777, 128, torch.bfloat16
+    mod = generate_relative_position_bias_score_mod(torch.randn(H, 129, generator=torch.Generator().manual_seed(1)).cuda())
+    mask = get_mask_fn(name, **params)
+    ids = {"document_ids": mask.document_ids.numpy()} if name == "document" else params
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
+    flex = FlexFlashInfer(device="cuda", backend="flashinfer")
+    flex.prepare(mask_fn=mask, seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D, dtype=dtype,
+                 score_mod=mod)
+    runner = flex._prepared.segments[0].plan.band_runner
+    assert isinstance(runner, score_mod_kernels.ScoreModBands) and runner.far_reach == 64
+    out = torch.stack([flex(*(x[b].transpose(0, 1).contiguous() for x in (q, k, v))).transpose(0, 1) for b in range(B)])
+    ref_out, _ = dense_attention(q, k, v, dense_predicate(name, L, L, **ids),
+                                 score_fn=lambda s, b, h, qi, ki: mod(s.float().cuda(), b.cuda(), h.cuda(),
+                                                                      qi.cuda(), ki.cuda()).cpu().double())
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref_out) < TOL[dtype]
+
+
 @pytest.mark.parametrize("name,params", [("causal", {}), ("document", {"offsets": [0, 100, 333, 1000]}),
                                          ("prefix_lm", {"prefix_len": 200})])
 def test_library_softcap_runs_flashinfers_own_soft_cap(cuda_gen, name, params):
