@@ -37,6 +37,11 @@
 #   decode-plan-check  bench --decode without torch flex (is the slow per-step plan flex's doing?)
 #   softcap-tests  the library softcap on FlashInfer's own soft cap, and the far-bias split (GPU tests)
 #   bench-softcap  8192 causal / softcap / rel_bias with flex and the alternative routes; 32768 without flex
+#   warm-fma-far     compile what bench-fma-far needs and was not prebuilt, in parallel processes
+#   fma-far-tests    GPU tests: softcap with half its tanh on the FMA pipe, rel_bias unsplit with its far branch
+#   bench-fma-far    8192 / 32768 without flex: those two beside the default routes, causal and identity
+#   profile-score    8192 rel_bias and softcap with --profile (every route's kernels), without flex
+#   bench-score-flex 8192 causal, softcap and rel_bias with torch flex (default routes only)
 #   bench-interleaved  8192 causal and per-head windows (flex, alternatives); rel_bias and softcap profiled
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 set -uo pipefail
@@ -172,6 +177,43 @@ case "${1:-}" in
                             # run 11a, causal 3.9 ms) slow without a compiled flex in the process?
           python3 -m flex_flash_infer bench --decode --no-flex --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 30 $run_dir/$stage.log ;;
+        warm-fma-far)  # the bench-fma-far modules not prebuilt, each in its own process (3 nvcc jobs each):
+                       # the bench at 1024 tokens with env switches that make each one its default route
+          warm() {   # VAR=value ... then the bench's own arguments
+            local envs=(); while [[ "$1" == *=* ]]; do envs+=("$1"); shift; done
+            env "${envs[@]}" python3 -m flex_flash_infer bench --seq-lens 1024 --no-flex --no-alternatives \
+              --out /dev/null "$@" >>$run_dir/warm-fma-far.log 2>&1; }
+          export MAX_JOBS=3
+          warm FLEX_FLASH_INFER_NATIVE_SOFT_CAP=0 FLEX_FLASH_INFER_TANH_FMA_SHARE=1/2 --cases softcap+causal &
+          warm FLEX_FLASH_INFER_NATIVE_SOFT_CAP=0 --cases softcap+causal &
+          warm --cases rel_bias+causal identity+causal &
+          warm FLEX_FLASH_INFER_FAR_BIAS_SPLIT=0 FLEX_FLASH_INFER_FAR_BRANCH=1 --cases rel_bias+causal &
+          warm FLEX_FLASH_INFER_FAR_BIAS_SPLIT=0 --cases rel_bias+causal &
+          wait
+          export MAX_JOBS=16
+          echo "compiled here: $(grep -c 'Building JIT module' $run_dir/warm-fma-far.log) modules;" \
+            "prebuilt that failed to load: $(grep -c 'Failed to load AOT' $run_dir/warm-fma-far.log)" ;;
+        fma-far-tests)  # softcap with half its tanh on the FMA pipe, rel_bias unsplit with the branch beyond
+                        # its reach, and the library softcap on FlashInfer's soft cap, against the reference
+          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -p no:cacheprovider \
+            -k "tanh_on_the_fma_pipe or unsplit_branches or library_softcap" >$run_dir/fma_far_tests.log 2>&1
+          tail -n 8 $run_dir/fma_far_tests.log ;;
+        bench-fma-far)  # 8192 then 32768 without flex: softcap with half its tanh on the FMA pipe, rel_bias
+                        # unsplit with its branch, beside the default routes and causal / identity
+          for n in 8192 32768; do
+            python3 -m flex_flash_infer bench --seq-lens $n --no-flex --cases causal identity+causal softcap+causal \
+              rel_bias+causal --out "$run_dir/$stage-$n.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
+              >$run_dir/$stage-$n.log
+            tail -n 20 $run_dir/$stage-$n.log
+          done ;;
+        profile-score)  # 8192 rel_bias and softcap profiled (kernels per row), without flex
+          python3 -m flex_flash_infer bench --seq-lens 8192 --no-flex --profile --cases rel_bias+causal softcap+causal \
+            --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log
+          tail -n 60 $run_dir/$stage.log ;;
+        bench-score-flex)  # 8192 causal and the score_mod rows with torch flex, the default routes only
+          python3 -m flex_flash_infer bench --seq-lens 8192 --no-alternatives --cases causal softcap+causal \
+            rel_bias+causal --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/$stage.log; tail -n 12 $run_dir/$stage.log ;;
         softcap-tests)  # the library softcap on FlashInfer's own soft cap, the relative-position split with its
                         # far keys on the ragged kernel (fa3), against the reference
           python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -p no:cacheprovider \

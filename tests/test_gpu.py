@@ -404,10 +404,10 @@ def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table
 
 
 @pytest.mark.parametrize("name,params", [("causal", {}), ("document", {"offsets": [0, 100, 333, 1000]})])
-@pytest.mark.parametrize("share", ["1/2", "1"])
+@pytest.mark.parametrize("share", ["1/2"])
 def test_softcap_with_tanh_on_the_fma_pipe(cuda_gen, monkeypatch, name, params, share):
-    """variant.TANH_FMA_SHARE: some (or every) score's tanh by codegen.ffi_tanh_fma instead of the
-    MUFU tanh, against the float64 reference; batches, GQA and odd lengths."""
+    """variant.TANH_FMA_SHARE: half the scores' tanh by codegen.ffi_tanh_fma instead of the MUFU
+    tanh, against the float64 reference; batches, GQA and odd lengths (the bench's module)."""
     from flex_flash_infer import native_soft_cap, variant
     from flex_flash_infer.mods import generate_softcap_score_mod
 
@@ -435,7 +435,8 @@ def test_relative_position_bias_unsplit_branches_beyond_its_reach(cuda_gen, monk
     monkeypatch.setattr(far_bias, "ENABLED", False)
     monkeypatch.setattr(variant, "FAR_BRANCH", True)
     B, H, Hkv, L, D, dtype = 2, 8, 2, 777, 128, torch.bfloat16
-    mod = generate_relative_position_bias_score_mod(torch.randn(H, 129, generator=torch.Generator().manual_seed(1)).cuda())
+    # 257 distances, as the bench's table: the same module (the reach is in the code, the heads are not)
+    mod = generate_relative_position_bias_score_mod(torch.randn(H, 257, generator=torch.Generator().manual_seed(1)).cuda())
     mask = get_mask_fn(name, **params)
     ids = {"document_ids": mask.document_ids.numpy()} if name == "document" else params
     q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
@@ -443,7 +444,7 @@ def test_relative_position_bias_unsplit_branches_beyond_its_reach(cuda_gen, monk
     flex.prepare(mask_fn=mask, seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D, dtype=dtype,
                  score_mod=mod)
     runner = flex._prepared.segments[0].plan.band_runner
-    assert isinstance(runner, score_mod_kernels.ScoreModBands) and runner.far_reach == 64
+    assert isinstance(runner, score_mod_kernels.ScoreModBands) and runner.far_reach == 128
     out = torch.stack([flex(*(x[b].transpose(0, 1).contiguous() for x in (q, k, v))).transpose(0, 1) for b in range(B)])
     ref_out, _ = dense_attention(q, k, v, dense_predicate(name, L, L, **ids),
                                  score_fn=lambda s, b, h, qi, ki: mod(s.float().cuda(), b.cuda(), h.cuda(),
