@@ -25,6 +25,11 @@ from .mask_eval import INDEX_DTYPE
 from .ragged import planned_ragged
 
 ENABLED = os.environ.get("FLEX_FLASH_INFER_FAR_BIAS_SPLIT", "1") != "0"
+# The near keys on FlashInfer's fa2 kernel instead of fa3 (FLEX_FLASH_INFER_NEAR_FA2=1; off until
+# measured): a band two tiles wide per query tile leaves fa3's one large work tile per SM waiting on
+# its loads (run 15, H200, 8192 tokens: the near launch took 0.248 ms for 6% of causal's tiles),
+# where fa2's smaller tiles keep several per SM.
+NEAR_ON_FA2 = os.environ.get("FLEX_FLASH_INFER_NEAR_FA2", "0") == "1"
 LOG2E = 1.0 / math.log(2.0)
 
 
@@ -138,17 +143,6 @@ class FarSplitBands:
                 o, s = self._far(q[rows], k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end], band)
                 self.merge_in_place(out[rows], lse[rows], o, s.add_(self.shift))   # s: this call's own
         return (out, lse) if return_lse else out
-
-
-def branch_reach(score_mod, num_heads: int):
-    """The hint's reach when the compiled fa3 variant may branch on it (variant.FAR_BRANCH): scores
-    beyond it add the constant instead of reading tables; None when the hint is absent or fails."""
-    from . import variant
-
-    hint = getattr(score_mod, "constant_beyond", None)
-    if not variant.FAR_BRANCH or not isinstance(hint, ConstantBeyond) or not hint_holds(score_mod, hint, num_heads):
-        return None
-    return hint.reach
 
 
 def plan_split(score_mod, bands, num_heads: int):

@@ -24,7 +24,8 @@ from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_t
 from .route import Route, choose_route
 from .bands import band_launches
 from .ragged import planned_ragged
-from .far_bias import FarSplitBands, branch_reach, plan_split
+from . import far_bias
+from .far_bias import FarSplitBands, plan_split
 from .native_soft_cap import native_soft_cap
 from . import score_mod_kernels
 from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
@@ -238,13 +239,13 @@ class FlashInferPlan:
                                               "the fa2 variant, turned off here by FLEX_FLASH_INFER_FA2_SCORE_MOD=0")
             split = plan_split(score_mod, self.bands, num_qo_heads)
             if split is None:
-                self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper,
-                                                 far_reach=branch_reach(score_mod, num_qo_heads) if hopper else None)
+                self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper)
             else:   # keys beyond the score_mod's reach on the plain kernel (far_bias.py)
                 near, far, hint = split
-                self.band_runner = FarSplitBands(ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace,
-                                                               hopper), far, hint, self.shape, dtype, scale, workspace,
-                                                 hopper, ragged=RAGGED_UNWINDOWED_BAND)
+                near_runner = ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace,
+                                            hopper and not far_bias.NEAR_ON_FA2)
+                self.band_runner = FarSplitBands(near_runner, far, hint, self.shape, dtype, scale, workspace, hopper,
+                                                 ragged=RAGGED_UNWINDOWED_BAND)
             return
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)

@@ -39,14 +39,13 @@ class ScoreModBands:
     the variant also applies the sliding window, as FlashInfer's own fa2 variant does). run()
     gives base-2 (out, lse)."""
 
-    def __init__(self, bands, score_mod, shape, dtype, scale, workspace, hopper: bool = True, far_reach=None):
-        """far_reach (fa3 only): the score_mod is score + a constant per head beyond it (far_bias)."""
+    def __init__(self, bands, score_mod, shape, dtype, scale, workspace, hopper: bool = True):
         batch, q_len, kv_len, hq, _, head_dim = shape
         device = workspace.device
         graph = trace(score_mod, "score_mod")
         bound = position_bound_for(batch, hq, q_len, kv_len)
-        self.far_reach = far_reach if hopper else None
-        spec = fa3_score_mod_variant(graph, bound, self.far_reach) if hopper else fa2_score_mod_variant(graph, bound)
+        spec = fa3_score_mod_variant(graph, bound) if hopper else fa2_score_mod_variant(graph, bound)
+        self.hopper = hopper
         backend = "fa3" if hopper else "fa2"
         use_swa = any(b.window_left >= 0 for b in bands)
         # the code's own hash: a changed code generator never reuses a stale cached module

@@ -23,8 +23,8 @@ def route_switches() -> list:
             ("FLEX_FLASH_INFER_FA2_SCORE_MOD", on(score_mod_kernels.FA2_BANDS)),
             ("FLEX_FLASH_INFER_FAR_BIAS_SPLIT", on(far_bias.ENABLED)),
             ("FLEX_FLASH_INFER_NATIVE_SOFT_CAP", on(native_soft_cap.ENABLED)),
-            ("FLEX_FLASH_INFER_FAR_BRANCH", on(variant.FAR_BRANCH)),
             ("FLEX_FLASH_INFER_TANH_FMA_SHARE", variant.TANH_FMA_SHARE),
+            ("FLEX_FLASH_INFER_NEAR_FA2", on(far_bias.NEAR_ON_FA2)),
             ("FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH", on(varlen.ENABLED)),
             ("FLEX_FLASH_INFER_DECODE_FA3", on(paged.DECODE_FA3)),
             ("FLEX_FLASH_INFER_DECODE_TENSOR_CORES", "auto" if paged.DECODE_TENSOR_CORES is None

@@ -38,10 +38,7 @@ REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
 # Off by default until measured (FLEX_FLASH_INFER_TANH_FMA_SHARE).
 TANH_FMA_CONDITIONS = {"0": None, "1/2": "(kv_idx & 1)", "1": "true"}
 TANH_FMA_SHARE = os.environ.get("FLEX_FLASH_INFER_TANH_FMA_SHARE", "0")
-# A score_mod that is score + a constant per head beyond a reach (far_bias.ConstantBeyond) skips its
-# table reads there with a branch on q - kv when its keys run unsplit (FLEX_FLASH_INFER_FAR_BRANCH=1;
-# off until measured on the GPU)
-FAR_BRANCH = os.environ.get("FLEX_FLASH_INFER_FAR_BRANCH", "0") == "1"
+
 SCALE_NAME = "ffi_sm_scale"
 INPUT_NAMES = {"score": "ffi_score", "b": "ffi_b", "h": "ffi_h", "q_idx": "ffi_q", "kv_idx": "ffi_kv"}
 _SCALAR_CTYPE = {"int": "int64_t", "float": "double"}
@@ -136,12 +133,10 @@ def _score_expression(graph: Graph, p: str, invariant_inputs, position_bound, ta
     return (expr, *hoisted_code(hoisted))
 
 
-def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None, far_reach: int | None = None,
+def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None,
                           tanh_fma_share: str | None = None) -> VariantSpec:
     """position_bound: the caller has checked that batch entries, heads and positions the kernel
     will see are below it (codegen.POSITION_BOUND); None: every int converts to float with I2F.
-    far_reach: the score_mod is score + a constant per (batch entry, head) wherever q - kv >= far_reach
-    (checked by the caller): those scores add it, computed once per tile, instead of reading tables.
     tanh_fma_share: a TANH_FMA_CONDITIONS key (None: TANH_FMA_SHARE)."""
     share = TANH_FMA_SHARE if tanh_fma_share is None else tanh_fma_share
     if share not in TANH_FMA_CONDITIONS:
@@ -158,18 +153,6 @@ def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None, far_r
     # read there (its index may run past the table); without tables the check is skipped
     reads_per_score = "[" in expr   # only a table read indexes; reads fixed per tile are hoisted
     guard = "    if (kv_idx >= kv_len_ || qo_idx >= qo_len_) return -math::inf;\n" if reads_per_score else ""
-    far_branch = ""
-    if far_reach is not None:
-        if isinstance(far_reach, bool) or not isinstance(far_reach, int) or far_reach < 1:
-            raise ValueError(f"far_reach must be a positive int, got {far_reach!r}")
-        # the constant is the score_mod at distance far_reach with score 0 (kv_idx: the scores
-        # above take the MUFU tanh there, if any)
-        members += "  float far_;\n"
-        statements += (f"    {{ const float ffi_score = 0.f; const int ffi_q = {far_reach}, ffi_kv = 0, kv_idx = 0;\n"
-                       f"      (void)ffi_q; (void)ffi_kv; (void)kv_idx; far_ = ({expr}); }}\n")
-        # in a tile wholly beyond reach every thread takes the branch: no table read, no guard
-        far_branch = (f"    if (q0_ + int(qo_idx) - kv0_ - int(kv_idx) >= {far_reach}) "
-                      "return float(logits) * sm_scale_ + far_;\n")
     decl = f"""{PRELUDE}
 struct {name} : AttentionVariantBase {{
   float sm_scale_log2, sm_scale_;
@@ -192,7 +175,7 @@ struct {name} : AttentionVariantBase {{
   template <int NUM_ROWS_PER_THREAD>
   __device__ auto GetAttentionUpdater() {{ return OnlineSoftmax<NUM_ROWS_PER_THREAD, true>(sm_scale_log2); }}
   REGISTER_LOGITS_TRANSFORM(params, logits, batch_idx, qo_idx, kv_idx, qo_head_idx, kv_head_idx, {{
-{far_branch}{guard}    const float ffi_score = float(logits) * sm_scale_;
+{guard}    const float ffi_score = float(logits) * sm_scale_;
     const int ffi_b = b_, ffi_h = int(qo_head_idx), ffi_q = q0_ + int(qo_idx), ffi_kv = kv0_ + int(kv_idx);
     (void)ffi_b; (void)ffi_h; (void)ffi_q; (void)ffi_kv;
     return ({expr});

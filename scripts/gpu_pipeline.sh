@@ -38,8 +38,10 @@
 #   softcap-tests  the library softcap on FlashInfer's own soft cap, and the far-bias split (GPU tests)
 #   bench-softcap  8192 causal / softcap / rel_bias with flex and the alternative routes; 32768 without flex
 #   warm-fma-far     compile what bench-fma-far needs and was not prebuilt, in parallel processes
-#   fma-far-tests    GPU tests: softcap with half its tanh on the FMA pipe, rel_bias unsplit with its far branch
-#   bench-fma-far    8192 / 32768 without flex: those two beside the default routes, causal and identity
+#   fma-far-tests    GPU tests: softcap with half its tanh on the FMA pipe (and the far branch, since removed)
+#   bench-fma-far    8192 / 32768 without flex: those beside the default routes, causal and identity (run 15)
+#   warm-near-fa2    the same for the rel_bias routes only;  near-fa2-tests  the split with its near keys on fa2
+#   bench-near-fa2   rel_bias with the near keys on fa2 vs fa3, profiled at 8192, then 32768
 #   profile-score    8192 rel_bias and softcap with --profile (every route's kernels), without flex
 #   bench-score-flex 8192 causal, softcap and rel_bias with torch flex (default routes only)
 #   bench-interleaved  8192 causal and per-head windows (flex, alternatives); rel_bias and softcap profiled
@@ -177,26 +179,40 @@ case "${1:-}" in
                             # run 11a, causal 3.9 ms) slow without a compiled flex in the process?
           python3 -m flex_flash_infer bench --decode --no-flex --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 30 $run_dir/$stage.log ;;
-        warm-fma-far)  # the bench-fma-far modules not prebuilt, each in its own process (3 nvcc jobs each):
-                       # the bench at 1024 tokens with env switches that make each one its default route
+        warm-fma-far|warm-near-fa2)  # the modules of bench-fma-far / bench-near-fa2 not prebuilt, each in its own
+                       # process: the bench at 1024 tokens with env switches that make each one its default route
           warm() {   # VAR=value ... then the bench's own arguments
             local envs=(); while [[ "$1" == *=* ]]; do envs+=("$1"); shift; done
             env "${envs[@]}" python3 -m flex_flash_infer bench --seq-lens 1024 --no-flex --no-alternatives \
-              --out /dev/null "$@" >>$run_dir/warm-fma-far.log 2>&1; }
-          export MAX_JOBS=3
-          warm FLEX_FLASH_INFER_NATIVE_SOFT_CAP=0 FLEX_FLASH_INFER_TANH_FMA_SHARE=1/2 --cases softcap+causal &
-          warm FLEX_FLASH_INFER_NATIVE_SOFT_CAP=0 --cases softcap+causal &
-          warm --cases rel_bias+causal identity+causal &
-          warm FLEX_FLASH_INFER_FAR_BIAS_SPLIT=0 FLEX_FLASH_INFER_FAR_BRANCH=1 --cases rel_bias+causal &
+              --out "$run_dir/$stage-$RANDOM.json" "$@" >>$run_dir/$stage.log 2>&1; }
+          export MAX_JOBS=5
+          if [ $stage = warm-fma-far ]; then
+            warm FLEX_FLASH_INFER_NATIVE_SOFT_CAP=0 FLEX_FLASH_INFER_TANH_FMA_SHARE=1/2 --cases softcap+causal &
+            warm FLEX_FLASH_INFER_NATIVE_SOFT_CAP=0 --cases softcap+causal &
+            warm --cases identity+causal &
+          fi
+          warm --cases rel_bias+causal &
+          warm FLEX_FLASH_INFER_NEAR_FA2=1 --cases rel_bias+causal &
           warm FLEX_FLASH_INFER_FAR_BIAS_SPLIT=0 --cases rel_bias+causal &
           wait
           export MAX_JOBS=16
-          echo "compiled here: $(grep -c 'Building JIT module' $run_dir/warm-fma-far.log) modules;" \
-            "prebuilt that failed to load: $(grep -c 'Failed to load AOT' $run_dir/warm-fma-far.log)" ;;
+          grep -h "rel_err\|Error" $run_dir/$stage.log | tail -n 8
+          echo "compiled here: $(grep -c 'Building JIT module' $run_dir/$stage.log) modules;" \
+            "prebuilt that failed to load: $(grep -c 'Failed to load AOT' $run_dir/$stage.log)" ;;
+        near-fa2-tests)  # the relative-position split with its near keys on fa2, against the reference
+          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -p no:cacheprovider -k "near_keys_on_fa2" \
+            >$run_dir/near_fa2_tests.log 2>&1; tail -n 8 $run_dir/near_fa2_tests.log ;;
+        bench-near-fa2)  # rel_bias split with its near keys on fa2 vs fa3, profiled at 8192; then 32768
+          python3 -m flex_flash_infer bench --seq-lens 8192 --no-flex --profile --cases causal rel_bias+causal \
+            --out "$run_dir/$stage-8192.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage-8192.log
+          tail -n 30 $run_dir/$stage-8192.log
+          python3 -m flex_flash_infer bench --seq-lens 32768 --no-flex --cases causal rel_bias+causal \
+            --out "$run_dir/$stage-32768.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage-32768.log
+          tail -n 12 $run_dir/$stage-32768.log ;;
         fma-far-tests)  # softcap with half its tanh on the FMA pipe, rel_bias unsplit with the branch beyond
                         # its reach, and the library softcap on FlashInfer's soft cap, against the reference
           python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -p no:cacheprovider \
-            -k "tanh_on_the_fma_pipe or unsplit_branches or library_softcap" >$run_dir/fma_far_tests.log 2>&1
+            -k "tanh_on_the_fma_pipe or library_softcap" >$run_dir/fma_far_tests.log 2>&1
           tail -n 8 $run_dir/fma_far_tests.log ;;
         bench-fma-far)  # 8192 then 32768 without flex: softcap with half its tanh on the FMA pipe, rel_bias
                         # unsplit with its branch, beside the default routes and causal / identity

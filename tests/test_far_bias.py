@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from flex_flash_infer import far_bias
 from flex_flash_infer.bands import Band
 from flex_flash_infer.far_bias import ConstantBeyond, hint_holds, plan_split, split_bands
 from flex_flash_infer.mods import generate_alibi_score_mod, generate_relative_position_bias_score_mod
@@ -110,23 +109,28 @@ def test_the_split_reads_the_table_when_planned_as_the_variant_does(monkeypatch)
     assert rel_err(out.view(B, L, H, D).transpose(1, 2), ref) < 1e-6
 
 
-@pytest.mark.parametrize("far_branch", [True, False])
-def test_unsplit_bands_hand_the_reach_to_the_fa3_variant(monkeypatch, far_branch):
-    """With the split off, the bands run the compiled variant on every key; on fa3 it is told the
-    reach (variant.FAR_BRANCH) so that it skips the table read beyond it."""
+def test_near_keys_on_fa2_match_the_reference(monkeypatch):
+    """FLEX_FLASH_INFER_NEAR_FA2: the near keys through the fa2 variant (the far ones still on
+    the fa3 ragged kernel), on the CPU model of FlashInfer, against the float64 reference."""
     import sys
 
     import fake_flashinfer
-    from flex_flash_infer import create_block_mask, flashinfer_backend, get_mask_fn, score_mod_kernels, variant
+    from dense_reference import dense_attention, rel_err
+    from flex_flash_infer import create_block_mask, create_mask, far_bias, flashinfer_backend, get_mask_fn
+    from flex_flash_infer import score_mod_kernels
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
-    monkeypatch.setattr(far_bias, "ENABLED", False)
-    monkeypatch.setattr(variant, "FAR_BRANCH", far_branch)
+    monkeypatch.setattr(far_bias, "NEAR_ON_FA2", True)
     fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
-    H, L, D = 4, 300, 16
+    B, H, Hkv, L, D = 1, 4, 2, 300, 16
     mod = generate_relative_position_bias_score_mod(torch.randn(H, 65, dtype=torch.float64))
-    bm = create_block_mask(get_mask_fn("causal"), 1, None, L, L, device="cpu", BLOCK_SIZE=64)
-    plan = flashinfer_backend.FlashInferPlan(bm, 1, L, L, H, 2, D, torch.float64, D ** -0.5, "cpu", score_mod=mod)
-    assert isinstance(plan.band_runner, score_mod_kernels.ScoreModBands)
-    assert plan.band_runner.far_reach == (32 if far_branch else None)
+    bm = create_block_mask(get_mask_fn("causal"), B, None, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, H, Hkv, D, torch.float64, D ** -0.5, "cpu", score_mod=mod)
+    assert isinstance(plan.band_runner, far_bias.FarSplitBands)
+    assert plan.band_runner.near.hopper is False
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, h, L, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    out, _ = plan.run(q.transpose(1, 2).reshape(B * L, H, D), k.transpose(1, 2), v.transpose(1, 2))
+    ref, _ = dense_attention(q, k, v, create_mask(get_mask_fn("causal"), B, 1, L, L, device="cpu"), score_fn=mod)
+    assert rel_err(out.view(B, L, H, D).transpose(1, 2), ref) < 1e-6

@@ -426,15 +426,14 @@ def test_softcap_with_tanh_on_the_fma_pipe(cuda_gen, monkeypatch, name, params, 
 
 
 @pytest.mark.parametrize("name,params", [("causal", {}), ("document", {"offsets": [0, 100, 333, 1000]})])
-def test_relative_position_bias_unsplit_branches_beyond_its_reach(cuda_gen, monkeypatch, name, params):
-    """far_bias off: every key in one variant launch, which adds the constant beyond the reach
-    without reading the table (variant far_reach), against the float64 reference."""
-    from flex_flash_infer import far_bias, score_mod_kernels, variant
+def test_relative_position_bias_near_keys_on_fa2(cuda_gen, monkeypatch, name, params):
+    """far_bias.NEAR_ON_FA2: the keys within reach in the fa2 variant, the rest on fa3's plain
+    ragged kernel, merged; against the float64 reference, GQA and an odd length."""
+    from flex_flash_infer import far_bias, score_mod_kernels
     from flex_flash_infer.mods import generate_relative_position_bias_score_mod
 
-    monkeypatch.setattr(far_bias, "ENABLED", False)
-    monkeypatch.setattr(variant, "FAR_BRANCH", True)
-    B, H, Hkv, L, D, dtype = 2, 8, 2, 777, 128, torch.bfloat16
+    monkeypatch.setattr(far_bias, "NEAR_ON_FA2", True)
+    B, H, Hkv, L, D, dtype = 1, 8, 2, 777, 128, torch.bfloat16
     # 257 distances, as the bench's table: the same module (the reach is in the code, the heads are not)
     mod = generate_relative_position_bias_score_mod(torch.randn(H, 257, generator=torch.Generator().manual_seed(1)).cuda())
     mask = get_mask_fn(name, **params)
@@ -444,8 +443,9 @@ def test_relative_position_bias_unsplit_branches_beyond_its_reach(cuda_gen, monk
     flex.prepare(mask_fn=mask, seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D, dtype=dtype,
                  score_mod=mod)
     runner = flex._prepared.segments[0].plan.band_runner
-    assert isinstance(runner, score_mod_kernels.ScoreModBands) and runner.far_reach == 128
-    out = torch.stack([flex(*(x[b].transpose(0, 1).contiguous() for x in (q, k, v))).transpose(0, 1) for b in range(B)])
+    assert isinstance(runner, far_bias.FarSplitBands) and isinstance(runner.near, score_mod_kernels.ScoreModBands)
+    assert runner.near.hopper is False
+    out = flex(*(x[0].transpose(0, 1).contiguous() for x in (q, k, v))).transpose(0, 1)[None]
     ref_out, _ = dense_attention(q, k, v, dense_predicate(name, L, L, **ids),
                                  score_fn=lambda s, b, h, qi, ki: mod(s.float().cuda(), b.cuda(), h.cuda(),
                                                                       qi.cuda(), ki.cuda()).cpu().double())

@@ -101,23 +101,9 @@ def test_tanh_fma_share_picks_scores_by_compile_time_bits_of_kv_idx():
         fa3_score_mod_variant(graph, tanh_fma_share="1/4")
 
 
-def test_far_branch_adds_the_constant_beyond_reach_without_the_table_read():
-    graph = trace(generate_relative_position_bias_score_mod(torch.randn(8, 33)), "score_mod")
-    per_score = _per_score_code(fa3_score_mod_variant(graph, far_reach=16).decl)
-    branch, guard = per_score.index(">= 16) return float(logits) * sm_scale_ + far_;"), per_score.index("kv_len_")
-    assert branch < guard   # beyond reach: neither the padding guard nor the table read
-    assert "far_ = (" in fa3_score_mod_variant(graph, far_reach=16).decl   # once per tile
-    assert "far_" not in fa3_score_mod_variant(graph).decl
-    with pytest.raises(ValueError, match="far_reach"):
-        fa3_score_mod_variant(graph, far_reach=0)
-
-
 @needs_nvcc
 @pytest.mark.parametrize("share", ["1/2", "1"])
-def test_variant_with_fma_tanh_and_far_branch_compiles_as_device_code(tmp_path, share):
+def test_variant_with_fma_tanh_compiles_as_device_code(tmp_path, share):
     softcap = fa3_score_mod_variant(trace(generate_softcap_score_mod(30.0), "score_mod"), POSITION_BOUND,
                                     tanh_fma_share=share)
     compile_device(tmp_path, fa3_probe(softcap), "sm_90a")
-    rel_bias = fa3_score_mod_variant(trace(generate_relative_position_bias_score_mod(torch.randn(8, 33)), "score_mod"),
-                                     POSITION_BOUND, far_reach=16, tanh_fma_share=share)
-    compile_device(tmp_path, fa3_probe(rel_bias), "sm_90a")
