@@ -88,8 +88,8 @@ FFI_HD float ffi_bits_float(int i) {
 // NaN stays NaN): tanh|a| = (1 - e) / (1 + e) with e = exp(-2|a|) = 2^u, u = j + f (j an integer,
 // |f| <= 1/2), 2^f = 1 + f q(f) with q a quadratic, 2^j an add to its exponent bits, and 1 / (1 + e)
 // a quartic on [0, 1] (minimax fits, weighted so that tanh's own error is the one minimised).
-// The variant runs it on some of a tile's scores, the MUFU tanh on the rest, so that tanh does
-// not queue behind the softmax's exp2 on the one unit both would use.
+// The variant can run it on half of a tile's scores (variant.TANH_FMA_SHARE, off: slower on an
+// H200, where the loop is bound by instruction issue rather than by the exp2 unit).
 FFI_HD float ffi_tanh_fma(float a) {
   float u = fabsf(a) * -2.8853900817779268f;   // -2 log2(e) |a|
 #ifdef __CUDA_ARCH__

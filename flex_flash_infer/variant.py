@@ -35,7 +35,9 @@ REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
 # constant of the unrolled loop that nvcc can see (ptxas for sm_90a: the 1/2 share halves
 # MUFU.TANH with no branch added; a 1/4 share on bit 3 compiled to a branch per score, as
 # lane % 4 is a signed remainder there), so the shares are none, half and all.
-# Off by default until measured (FLEX_FLASH_INFER_TANH_FMA_SHARE).
+# Off by default (FLEX_FLASH_INFER_TANH_FMA_SHARE): on an H200 (run 15) half on the FMA pipe made
+# causal softcap slower, 1.427 against 1.187 ms at 8192 tokens, 20.973 against 17.692 at 32768 (the
+# softmax loop is bound by instruction issue, not by the MUFU unit); kept for GPUs where it is.
 TANH_FMA_CONDITIONS = {"0": None, "1/2": "(kv_idx & 1)", "1": "true"}
 TANH_FMA_SHARE = os.environ.get("FLEX_FLASH_INFER_TANH_FMA_SHARE", "0")
 
