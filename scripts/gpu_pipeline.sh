@@ -42,6 +42,7 @@
 #   bench-fma-far    8192 / 32768 without flex: those beside the default routes, causal and identity (run 15)
 #   warm-near-fa2    the same for the rel_bias routes only;  near-fa2-tests  the split with its near keys on fa2
 #   bench-near-fa2   rel_bias with the near keys on fa2 vs fa3, profiled at 8192, then 32768
+#   split-tests-fa2  the relative-position split's GPU tests (windows, T5) with the near keys on fa2
 #   profile-score    8192 rel_bias and softcap with --profile (every route's kernels), without flex
 #   bench-score-flex 8192 causal, softcap and rel_bias with torch flex (default routes only)
 #   bench-interleaved  8192 causal and per-head windows (flex, alternatives); rel_bias and softcap profiled
@@ -202,6 +203,10 @@ case "${1:-}" in
         near-fa2-tests)  # the relative-position split with its near keys on fa2, against the reference
           python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -p no:cacheprovider -k "near_keys_on_fa2" \
             >$run_dir/near_fa2_tests.log 2>&1; tail -n 8 $run_dir/near_fa2_tests.log ;;
+        split-tests-fa2)  # every relative-position split test (windows, T5) with its near keys on fa2
+          FLEX_FLASH_INFER_NEAR_FA2=1 python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -p no:cacheprovider \
+            -k "relative_position_bias_split or near_keys_on_fa2" >$run_dir/split_tests_fa2.log 2>&1
+          tail -n 8 $run_dir/split_tests_fa2.log ;;
         bench-near-fa2)  # rel_bias split with its near keys on fa2 vs fa3, profiled at 8192; then 32768
           python3 -m flex_flash_infer bench --seq-lens 8192 --no-flex --profile --cases causal rel_bias+causal \
             --out "$run_dir/$stage-8192.json" 2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage-8192.log
