@@ -389,8 +389,8 @@ def add_alternatives(alternative, takes, name, route, per_head, score_mod):
         alternative("ours_mask_in_kernel" if in_kernel else "ours_mask_bits", (tile_kernels, "MASK_IN_KERNEL", in_kernel))
     if getattr(score_mod, "constant_beyond", None) is not None:   # every key in the compiled variant
         alternative("ours_no_far_split", (far_bias, "ENABLED", False))
-        # the near keys on fa2 (several small work tiles per SM), the far ones on fa3
-        alternative("ours_near_fa2", (far_bias, "NEAR_ON_FA2", True))
+        # the near keys on fa3 as the far ones, not on fa2 (several small work tiles per SM)
+        alternative("ours_near_fa3", (far_bias, "NEAR_ON_FA2", False))
         # the far keys in FlashInfer's single-sequence call, not its ragged kernel
         alternative("ours_far_single_call", (flashinfer_backend, "RAGGED_UNWINDOWED_BAND", False))
     if getattr(score_mod, "logits_soft_cap", None) is not None:   # the compiled variant, not FlashInfer's soft cap

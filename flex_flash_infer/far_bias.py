@@ -25,15 +25,15 @@ from .mask_eval import INDEX_DTYPE
 from .ragged import planned_ragged
 
 ENABLED = os.environ.get("FLEX_FLASH_INFER_FAR_BIAS_SPLIT", "1") != "0"
-# The near keys on FlashInfer's fa2 kernel instead of fa3 (FLEX_FLASH_INFER_NEAR_FA2=1): a band two
-# tiles wide per query tile leaves fa3's one large work tile per SM waiting on its loads (H200,
-# 8192 tokens: the near launch took 0.243-0.252 ms for 6% of causal's tiles), where fa2's smaller
-# tiles keep several per SM. Run 16: 0.204 ms on fa2, 1.120 against 1.155 ms in all at 8192 and
-# 14.343 against 14.786 at 32768; GPU tests pass for causal and documents. Off until the split's
-# window and T5 GPU tests have run with it.
+# The near keys on FlashInfer's fa2 kernel, the far ones on fa3 (FLEX_FLASH_INFER_NEAR_FA2=0: both on
+# fa3): a band two tiles wide per query tile leaves fa3's one large work tile per SM waiting on its
+# loads (H200, 8192 tokens: the near launch took 0.243-0.252 ms for 6% of causal's tiles), where
+# fa2's smaller tiles keep several per SM. Run 16: 0.204 ms on fa2, 1.120 against 1.155 ms in all
+# at 8192 and 14.343 against 14.786 at 32768; every split GPU test (causal, windows, T5,
+# documents) passed with it in runs 16-17.
 # A branch on q - kv in one launch (no split, no table read beyond the reach) took 2.19 ms against
 # 1.39 for the variant reading the table everywhere (run 15): the branch is per score.
-NEAR_ON_FA2 = os.environ.get("FLEX_FLASH_INFER_NEAR_FA2", "0") == "1"
+NEAR_ON_FA2 = os.environ.get("FLEX_FLASH_INFER_NEAR_FA2", "1") != "0"
 LOG2E = 1.0 / math.log(2.0)
 
 

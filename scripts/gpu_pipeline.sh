@@ -203,7 +203,7 @@ case "${1:-}" in
         near-fa2-tests)  # the relative-position split with its near keys on fa2, against the reference
           python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -p no:cacheprovider -k "near_keys_on_fa2" \
             >$run_dir/near_fa2_tests.log 2>&1; tail -n 8 $run_dir/near_fa2_tests.log ;;
-        split-tests-fa2)  # every relative-position split test (windows, T5) with its near keys on fa2
+        split-tests-fa2)  # every relative-position split test (windows, T5) with its near keys on fa2 (default since)
           FLEX_FLASH_INFER_NEAR_FA2=1 python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -p no:cacheprovider \
             -k "relative_position_bias_split or near_keys_on_fa2" >$run_dir/split_tests_fa2.log 2>&1
           tail -n 8 $run_dir/split_tests_fa2.log ;;

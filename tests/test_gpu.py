@@ -427,8 +427,9 @@ def test_softcap_with_tanh_on_the_fma_pipe(cuda_gen, monkeypatch, name, params, 
 
 @pytest.mark.parametrize("name,params", [("causal", {}), ("document", {"offsets": [0, 100, 333, 1000]})])
 def test_relative_position_bias_near_keys_on_fa2(cuda_gen, monkeypatch, name, params):
-    """far_bias.NEAR_ON_FA2: the keys within reach in the fa2 variant, the rest on fa3's plain
-    ragged kernel, merged; against the float64 reference, GQA and an odd length."""
+    """far_bias.NEAR_ON_FA2 (the default since runs 16-17): the keys within reach in the fa2
+    variant, the rest on fa3's plain ragged kernel, merged; against the float64 reference, GQA and
+    an odd length."""
     from flex_flash_infer import far_bias, score_mod_kernels
     from flex_flash_infer.mods import generate_relative_position_bias_score_mod
 

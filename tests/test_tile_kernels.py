@@ -141,6 +141,8 @@ def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
     score_mod = example_score_mod(mod_name, Hq, device="cpu")
     graph = trace(score_mod, "score_mod")
     fake_flashinfer.VARIANTS[f"FlexScoreMod_{graph.key()}"] = compile_host(graph)
+    # a split's near keys run the fa2 variant (far_bias.NEAR_ON_FA2)
+    fake_flashinfer.VARIANTS[f"FlexScoreModFa2_{graph.key()}<use_custom_mask>"] = compile_host(graph)
     try:
         mask_mod = get_mask_fn(name, **params)
         bm = create_block_mask(mask_mod, B, None, L, L, device="cpu", BLOCK_SIZE=64)
@@ -159,6 +161,7 @@ def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
         _check(inputs, out, lse, create_mask(mask_mod, B, 1, L, L, device="cpu"), score_mod)
     finally:
         del fake_flashinfer.VARIANTS[f"FlexScoreMod_{graph.key()}"]
+        del fake_flashinfer.VARIANTS[f"FlexScoreModFa2_{graph.key()}<use_custom_mask>"]
 
 
 def test_score_mod_on_tiles_with_the_switch_off_names_it(fake, monkeypatch, rng):
