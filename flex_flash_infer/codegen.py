@@ -92,7 +92,7 @@ FFI_HD float ffi_bits_float(int i) {
 // H200, where the loop is bound by instruction issue rather than by the exp2 unit).
 FFI_HD float ffi_tanh_fma(float a) {
   float u = fabsf(a) * -2.8853900817779268f;   // -2 log2(e) |a|
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800   // max.NaN: sm_80 and later
   asm("max.NaN.f32 %0, %0, 0fC2800000;" : "+f"(u));   // u >= -64 (tanh is 1 in float long before), NaN kept
 #else
   u = (u != u) ? u : fmaxf(u, -64.f);
