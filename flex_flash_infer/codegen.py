@@ -105,7 +105,7 @@ FFI_HD float ffi_tanh_fma(float a) {
                        0.999919778f);   // 1 / (1 + e)
   return copysignf(fmaf(-e, h, h), a);
 }
-// kind selects the unit at compile time where the kernel's unrolled loop makes it a constant
+// on_fma picks the unit; in the fa3 variant it is a constant of the kernel's unrolled loop (no branch)
 FFI_HD float ffi_tanh_split(float a, bool on_fma) { return on_fma ? ffi_tanh_fma(a) : ffi_tanh(a); }
 #endif
 """
