@@ -193,7 +193,7 @@ case "${1:-}" in
             warm --cases identity+causal &
           fi
           warm --cases rel_bias+causal &
-          warm FLEX_FLASH_INFER_NEAR_FA2=1 --cases rel_bias+causal &
+          warm FLEX_FLASH_INFER_NEAR_FA2=0 --cases rel_bias+causal &   # ours_near_fa3 (fa2 is the default)
           warm FLEX_FLASH_INFER_FAR_BIAS_SPLIT=0 --cases rel_bias+causal &
           wait
           export MAX_JOBS=16

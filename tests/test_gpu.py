@@ -31,6 +31,11 @@ def inputs(B, H, Hkv, L, S, D, dtype, gen):
     return r(B, H, L, D), r(B, Hkv, S, D), r(B, Hkv, S, D)
 
 
+def on_cuda(mod):
+    """The reference's score_fn for a score_mod whose captured tables live on the GPU."""
+    return lambda s, b, h, qi, ki: mod(s.float().cuda(), b.cuda(), h.cuda(), qi.cuda(), ki.cuda()).cpu().double()
+
+
 @pytest.fixture
 def cuda_gen():
     seed = torch.seed() % (2**31)
@@ -366,8 +371,7 @@ def test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, 
                               backend="flashinfer")
     ids = {"document_ids": mask_mod.document_ids.numpy()} if name == "document" else params
     ref_out, ref_lse = dense_attention(q, k, v, dense_predicate(name, L, L, **ids),
-                                       score_fn=lambda s, b, h, qi, ki: mod(s.float().cuda(), b.cuda(), h.cuda(),
-                                                                            qi.cuda(), ki.cuda()).cpu().double())
+                                       score_fn=on_cuda(mod))
     assert not torch.isnan(out).any()
     assert rel_err(out, ref_out) < TOL[dtype]
     seen = torch.isfinite(ref_lse)
@@ -397,8 +401,7 @@ def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table
     assert isinstance(flex._prepared.segments[0].plan.band_runner, far_bias.FarSplitBands)
     out = flex(*(x[0].transpose(0, 1).contiguous() for x in (q, k, v))).transpose(0, 1)[None]
     ref_out, _ = dense_attention(q, k, v, dense_predicate(name, L, L, **params),
-                                 score_fn=lambda s, b, h, qi, ki: mod(s.float().cuda(), b.cuda(), h.cuda(),
-                                                                      qi.cuda(), ki.cuda()).cpu().double())
+                                 score_fn=on_cuda(mod))
     assert not torch.isnan(out).any()
     assert rel_err(out, ref_out) < TOL[dtype]
 
@@ -448,8 +451,7 @@ def test_relative_position_bias_near_keys_on_fa2(cuda_gen, monkeypatch, name, pa
     assert runner.near.hopper is False
     out = flex(*(x[0].transpose(0, 1).contiguous() for x in (q, k, v))).transpose(0, 1)[None]
     ref_out, _ = dense_attention(q, k, v, dense_predicate(name, L, L, **ids),
-                                 score_fn=lambda s, b, h, qi, ki: mod(s.float().cuda(), b.cuda(), h.cuda(),
-                                                                      qi.cuda(), ki.cuda()).cpu().double())
+                                 score_fn=on_cuda(mod))
     assert not torch.isnan(out).any()
     assert rel_err(out, ref_out) < TOL[dtype]
 
