@@ -317,6 +317,9 @@ def hinted_bands(mask_mod, q_len: int, kv_len: int) -> list[Band] | None:
 
 @dataclass
 class BandLaunch:
+    """One ragged launch. Its indptrs count from the first row of q_rows and of kv_rows: a
+    launch must be handed exactly those rows (inputs()), even when q_rows is every query (one
+    band of one batch entry whose keys start past 0 still reads only its own keys)."""
     causal: bool
     window_left: int
     q_rows: slice        # rows of the flattened [B * Q_LEN] queries this launch reads and writes
@@ -326,6 +329,15 @@ class BandLaunch:
     req_q0: torch.Tensor
     req_kv0: torch.Tensor
     req_b: torch.Tensor
+
+    def inputs(self, q, k, v):
+        """This launch's rows of q [B * Q_LEN, Hq, D] and of the flattened k, v [B * KV_LEN, Hkv, D]
+        (views: slices along the first dimension)."""
+        return q[self.q_rows], k[self.kv_rows], v[self.kv_rows]
+
+    def writes_all(self, batch: int, q_len: int) -> bool:
+        """Whether this launch writes every query row (so its output is the whole result)."""
+        return self.q_rows == slice(0, batch * q_len)
 
 
 def band_launches(bands, batch: int, q_len: int, kv_len: int) -> list[BandLaunch]:

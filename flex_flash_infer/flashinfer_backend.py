@@ -419,12 +419,12 @@ class _BandRunner:
         self.soft_cap = logits_soft_cap   # None: no cap (FlashInfer's own soft cap when set)
         batch, q_len, kv_len = shape[:3]
         self.covers_all = bands[0].q_start == 0 and bands[-1].q_end == q_len
-        self.ragged = None
+        self.ragged = self.ragged_launch = None
         launches = band_launches(bands, batch, q_len, kv_len)
         unwindowed_band = RAGGED_UNWINDOWED_BAND and len(bands) == 1 and bands[0].window_left < 0
-        if len(launches) == 1 and launches[0].q_rows == slice(0, batch * q_len) and (
+        if len(launches) == 1 and launches[0].writes_all(batch, q_len) and (
                 len(bands) > 1 or batch > 1 or unwindowed_band):
-            launch = launches[0]  # every (batch entry, band) request in one ragged launch
+            launch = self.ragged_launch = launches[0]  # every (batch entry, band) request in one ragged launch
             self.ragged = planned_ragged(workspace, "fa3" if _is_hopper(workspace.device) else "fa2",
                                          launch.qo_indptr, launch.kv_indptr, shape, dtype, launch.causal,
                                          launch.window_left, sm_scale=scale, logits_soft_cap=logits_soft_cap)
@@ -434,7 +434,8 @@ class _BandRunner:
         """Base-2 (out, lse), or out alone when not return_lse; q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
         batch, q_len, kv_len = self.shape[:3]
         if self.ragged is not None:
-            return self.ragged.run(q, k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), return_lse=return_lse)
+            inputs = self.ragged_launch.inputs(q, k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]))
+            return self.ragged.run(*inputs, return_lse=return_lse)
         if batch == 1 and len(self.bands) == 1 and self.covers_all:
             band = self.bands[0]
             return self.single(q, k[0, band.kv_start:band.kv_end], v[0, band.kv_start:band.kv_end],

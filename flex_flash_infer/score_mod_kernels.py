@@ -65,13 +65,14 @@ class ScoreModBands:
     def run(self, q, k, v, return_lse: bool = True):
         kf, vf = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
         batch, q_len = self.shape[:2]
-        if len(self.launches) == 1 and self.launches[0][1].q_rows == slice(0, batch * q_len):
-            wrapper, _, tables = self.launches[0]
-            return wrapper.run(q, kf, vf, *tables, *self.extra_tensors, *self.extra_scalars, return_lse=return_lse)
+        if len(self.launches) == 1 and self.launches[0][1].writes_all(batch, q_len):
+            wrapper, launch, tables = self.launches[0]
+            return wrapper.run(*launch.inputs(q, kf, vf), *tables, *self.extra_tensors, *self.extra_scalars,
+                               return_lse=return_lse)
         out = torch.zeros_like(q)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         for wrapper, launch, tables in self.launches:
-            o, s = wrapper.run(q[launch.q_rows], kf[launch.kv_rows], vf[launch.kv_rows], *tables,
-                               *self.extra_tensors, *self.extra_scalars, return_lse=True)
+            o, s = wrapper.run(*launch.inputs(q, kf, vf), *tables, *self.extra_tensors, *self.extra_scalars,
+                               return_lse=True)
             out[launch.q_rows], lse[launch.q_rows] = o, s
         return (out, lse) if return_lse else out

@@ -1,0 +1,168 @@
+"""Silent wrong answers found on the FlashInfer routes (issue 20), each through a public door on the
+CPU model of FlashInfer (fake_flashinfer.py), against an independent float64 oracle of the mask
+and score_mod evaluated densely."""
+import math
+import sys
+
+import pytest
+import torch
+
+import fake_flashinfer
+from dense_reference import dense_attention
+from flex_flash_infer import (FlexFlashInfer, backend_choice, create_block_mask, flashinfer_backend, flex_attention,
+                              get_mask_fn, score_mod_kernels, tile_kernels)
+from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod
+
+
+@pytest.fixture
+def flashinfer_on_cpu(monkeypatch):
+    """backend="flashinfer" runs on CPU tensors: the CPU model as flashinfer, Hopper's launch
+    choices, and every compiled variant registered with the host-compiled code of its graphs."""
+    from flex_flash_infer import paged, varlen, wrapper
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    for module in (flashinfer_backend, paged, varlen):
+        monkeypatch.setattr(module, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(backend_choice, "unsupported_reason", lambda *a: None)
+    monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
+    monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
+    monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", True)
+    fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
+    fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
+
+
+def _grid(B, H, L, S, q_offset=0):
+    return (torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1),
+            torch.arange(L).view(1, 1, -1, 1) + q_offset, torch.arange(S).view(1, 1, 1, -1))
+
+
+def _inputs(rng, B, Hq, Hkv, L, S, D=16):
+    return (torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64),
+            torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64),
+            torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64))
+
+
+def _assert_matches(out, lse, ref_out, ref_lse):
+    """Output within float64 rounding (the compiled score_mods compute in float32), LSE the
+    same natural-log values with -inf exactly where a row sees nothing."""
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert (out.double() - ref_out).abs().max().item() < 1e-5
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert bool((lse[~seen] == -math.inf).all())
+    assert torch.allclose(lse.double()[seen], ref_lse[seen], atol=1e-5)
+
+
+def _check(q, k, v, mask_mod, block_mask, score_mod=None, q_offset=0):
+    """flex_attention on the FlashInfer path against the dense float64 oracle of mask_mod (with
+    queries at q_offset + i, as the decoding idiom shifts them)."""
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_lse=True,
+                              backend="flashinfer")
+    b, h, qi, kv = _grid(B, Hq, L, S, q_offset)
+    dense = mask_mod(b, h, qi, kv).expand(B, Hq, L, S)
+    score_fn = None if score_mod is None else (lambda s, b, h, qq, kk: score_mod(s, b, h, qq + q_offset, kk))
+    ref_out, ref_lse = dense_attention(q, k, v, dense, score_fn=score_fn)
+    _assert_matches(out, lse, ref_out, ref_lse)
+    return block_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A band whose keys start past 0: every band runner hands a launch only the band's own keys.
+
+def test_keys_from_3_in_one_batch_entry(flashinfer_on_cpu, rng):
+    def from_3(b, h, q, kv):
+        return kv >= 3
+
+    bm = create_block_mask(from_3, None, None, 200, 200, device="cpu")
+    _check(*_inputs(rng, 1, 2, 2, 200, 200), from_3, bm)
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_random_key_offsets_batch_shapes_and_gqa(flashinfer_on_cpu, rng, trial):
+    """One band (full, causal, or a causal window) starting at a random key, batch 1 or 2,
+    Q != KV, GQA: the band and ragged runners, and the per-head bands, see only its keys."""
+    g = torch.Generator().manual_seed(trial)
+    B, kind = 1 + trial // 3 % 2, trial % 3
+    S = int(torch.randint(2, 300, (1,), generator=g))
+    L = int(torch.randint(1, S + 1, (1,), generator=g)) if trial % 3 else int(torch.randint(1, 300, (1,), generator=g))
+    # causal: a key offset below S - L leaves every row a key, so the band spans every query
+    offset = int(torch.randint(1, S if kind == 0 else max(2, S - L + 1), (1,), generator=g))
+    window = int(torch.randint(1, 80, (1,), generator=g))
+
+    def offset_mask(b, h, q, kv):
+        keep = kv >= offset
+        if kind >= 1:   # causal, bottom-right aligned as the decoding of a longer cache
+            keep = keep & (kv <= q + (S - L))
+        if kind == 2:
+            keep = keep & (kv >= q + (S - L) - window)
+        return keep
+
+    bm = create_block_mask(offset_mask, None, None, L, S, device="cpu", BLOCK_SIZE=64)
+    _check(*_inputs(rng, B, 4, 2, L, S), offset_mask, bm)
+
+
+def test_per_head_bands_with_key_offsets(flashinfer_on_cpu, rng):
+    def per_head_offset(b, h, q, kv):
+        return kv >= 3 + 40 * h
+
+    bm = create_block_mask(per_head_offset, None, 4, 200, 200, device="cpu")
+    _check(*_inputs(rng, 1, 4, 2, 200, 200), per_head_offset, bm)
+    assert bm._plans and next(iter(bm._plans.values())).route == "bands-per-head"
+
+
+@pytest.mark.parametrize("pos", [150, 37, 299])
+def test_decoding_idiom_sliding_window(flashinfer_on_cpu, rng, pos):
+    """torch's decoding idiom: the query tile of a block mask, its mask_mod shifted to the
+    position and seq_lengths (1, S)."""
+    S = 300
+    window = get_mask_fn("sliding_window", window_size=101)
+    full = create_block_mask(window, None, None, S, S, device="cpu")
+    step = full[:, :, pos // full.BLOCK_SIZE[0]]
+    step.mask_mod = lambda b, h, q_idx, kv_idx: window(b, h, q_idx + pos, kv_idx)
+    step.seq_lengths = (1, S)
+    _check(*_inputs(rng, 1, 4, 2, 1, S), window, step, q_offset=pos)
+
+
+def _alibi_like(heads):
+    slopes = torch.linspace(0.05, 0.4, heads, dtype=torch.float64)
+
+    def alibi_like(score, b, h, q, kv):
+        return score - slopes[h] * (q - kv).abs()
+
+    return alibi_like
+
+
+@pytest.mark.parametrize("mod_name", ["compiled", "softcap"])
+@pytest.mark.parametrize("B", [1, 2])
+def test_last_keys_with_a_score_mod(flashinfer_on_cpu, rng, mod_name, B):
+    """A window over the last 64 of 300 keys with a score_mod: the compiled score_mod bands and
+    FlashInfer's own soft cap."""
+    L = S = 300
+
+    def last_keys(b, h, q, kv):
+        return kv >= S - 64
+
+    score_mod = generate_softcap_score_mod(2.0) if mod_name == "softcap" else _alibi_like(4)
+    bm = create_block_mask(last_keys, None, None, L, S, device="cpu")
+    _check(*_inputs(rng, B, 4, 2, L, S), last_keys, bm, score_mod)
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_far_bias_split_of_a_band_past_key_0(flashinfer_on_cpu, rng, B):
+    """A causal band from key 5, ten keys ahead of the queries, with a relative-position bias:
+    its near keys (a window band over every query) run the compiled score_mod, its far keys the
+    plain kernel."""
+    from flex_flash_infer import far_bias
+
+    L, S = 300, 310
+
+    def from_5(b, h, q, kv):
+        return (kv >= 5) & (kv <= q + S - L)
+
+    score_mod = generate_relative_position_bias_score_mod(torch.randn(4, 65, dtype=torch.float64, generator=rng))
+    bm = create_block_mask(from_5, None, None, L, S, device="cpu")
+    _check(*_inputs(rng, B, 4, 2, L, S), from_5, bm, score_mod)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, 4, 2, 16, torch.float64, 0.25, "cpu", score_mod=score_mod)
+    assert isinstance(plan.band_runner, far_bias.FarSplitBands)
