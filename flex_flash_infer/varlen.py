@@ -35,7 +35,9 @@ def single_band_flags(segments):
     bands = []
     for seg in segments:
         plan = seg.plan
-        if plan is None or seg.score_mod is not None or not plan.bands or plan.columns is not None:
+        # exactly bands: key columns of any kind (the merge kernel's counts or the paged launch)
+        # are work the single launch would drop
+        if plan is None or seg.score_mod is not None or plan.route != "bands":
             return None
         if len(plan.bands) != 1:
             return None

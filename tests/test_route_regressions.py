@@ -166,3 +166,41 @@ def test_far_bias_split_of_a_band_past_key_0(flashinfer_on_cpu, rng, B):
     _check(*_inputs(rng, B, 4, 2, L, S), from_5, bm, score_mod)
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, 4, 2, 16, torch.float64, 0.25, "cpu", score_mod=score_mod)
     assert isinstance(plan.band_runner, far_bias.FarSplitBands)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Packed varlen: one ragged launch only when every sequence's plan is exactly bands.
+
+def _check_varlen(flex, rng, mask_mod, cu_q, cu_kv, Hq=4, Hkv=2, D=16):
+    q = torch.randn(cu_q[-1], Hq, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(cu_kv[-1], Hkv, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(cu_kv[-1], Hkv, D, generator=rng, dtype=torch.float64)
+    out, lse = flex(q, k, v, return_lse=True)
+    for i in range(len(cu_q) - 1):
+        rows, keys = slice(cu_q[i], cu_q[i + 1]), slice(cu_kv[i], cu_kv[i + 1])
+        L, S = cu_q[i + 1] - cu_q[i], cu_kv[i + 1] - cu_kv[i]
+        b, h, qi, kv = _grid(1, Hq, L, S)
+        dense = mask_mod(b * 0 + i, h, qi, kv).expand(1, Hq, L, S)
+        ref_out, ref_lse = dense_attention(q[rows].transpose(0, 1)[None], k[keys].transpose(0, 1)[None],
+                                           v[keys].transpose(0, 1)[None], dense)
+        _assert_matches(out[rows].transpose(0, 1)[None], lse[rows].transpose(0, 1)[None], ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("merge_kernel", [True, False], ids=["merge-kernel", "paged-columns"])
+@pytest.mark.parametrize("name,params", [("streaming", {"sink_size": 4, "window_size": 16}),
+                                         ("attamba", {"chunk_size": 8, "window_size": 16})])
+def test_varlen_streaming_and_attamba_keep_their_key_columns(flashinfer_on_cpu, monkeypatch, rng, merge_kernel,
+                                                             name, params):
+    """Each sequence's plan is a window band plus key columns (summed by the merge kernel, or a
+    paged launch over the columns): the packed batch runs one plan per sequence."""
+    from flex_flash_infer import column_merge, varlen
+
+    monkeypatch.setattr(varlen, "ENABLED", True)
+    monkeypatch.setattr(column_merge, "kernel_available", lambda device, head_dim: merge_kernel)
+    cu = [0, 100, 200]
+    mod = get_mask_fn(name, **params)
+    flex = FlexFlashInfer(device="cpu").prepare(mask_fn=mod, num_qo_heads=4, num_kv_heads=2, head_dim=16,
+                                                dtype=torch.float64, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    assert flex._prepared.ragged is None
+    assert all(s.plan.route == "bands+columns" for s in flex._prepared.segments)
+    _check_varlen(flex, rng, mod, cu, cu)
