@@ -1,9 +1,16 @@
-"""Combine mask_mods: the same three helpers torch FlexAttention exports."""
+"""Combine mask_mods: the same three helpers torch FlexAttention exports.
+
+and_masks / or_masks also take the seed's two-argument mask_fn(q_idx, kv_idx) among their
+arguments, and what they return is callable both ways, as get_mask_fn's masks (_seed_form.py).
+"""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+from ..mask_eval import as_mask_mod
+from ._seed_form import seed_form
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -13,10 +20,16 @@ def noop_mask(b, h, q_idx, kv_idx):
     return b.new_ones(()).bool()
 
 
+def _as_mask_mods(helper: str, mask_mods) -> tuple:
+    if not all(callable(m) for m in mask_mods):
+        raise TypeError(f"{helper}: every argument must be a callable mask_mod(b, h, q_idx, kv_idx) "
+                        "or mask_fn(q_idx, kv_idx)")
+    return tuple(as_mask_mod(m, f"{helper} argument") for m in mask_mods)
+
+
 def and_masks(*mask_mods: MaskMod) -> MaskMod:
     """A pair is visible when every mask_mod says so (no mods: all visible)."""
-    if not all(callable(m) for m in mask_mods):
-        raise TypeError("and_masks: every argument must be a callable mask_mod(b, h, q_idx, kv_idx)")
+    mask_mods = _as_mask_mods("and_masks", mask_mods)
 
     def and_mask(b, h, q_idx, kv_idx):
         result = b.new_ones(()).bool()
@@ -25,13 +38,12 @@ def and_masks(*mask_mods: MaskMod) -> MaskMod:
         return result
 
     and_mask.__name__ = "and_" + "_".join(getattr(m, "__name__", "mod") for m in mask_mods)
-    return and_mask
+    return seed_form(and_mask)
 
 
 def or_masks(*mask_mods: MaskMod) -> MaskMod:
     """A pair is visible when any mask_mod says so (no mods: nothing visible)."""
-    if not all(callable(m) for m in mask_mods):
-        raise TypeError("or_masks: every argument must be a callable mask_mod(b, h, q_idx, kv_idx)")
+    mask_mods = _as_mask_mods("or_masks", mask_mods)
 
     def or_mask(b, h, q_idx, kv_idx):
         result = b.new_zeros(()).bool()
@@ -40,4 +52,4 @@ def or_masks(*mask_mods: MaskMod) -> MaskMod:
         return result
 
     or_mask.__name__ = "or_" + "_".join(getattr(m, "__name__", "mod") for m in mask_mods)
-    return or_mask
+    return seed_form(or_mask)

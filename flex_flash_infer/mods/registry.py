@@ -10,6 +10,7 @@ from .dilated_sliding_window import generate_dilated_sliding_window_mask_mod
 from .document import generate_document_mask_mod
 from .full import generate_full_mask_mod
 from .prefix_lm import generate_prefix_lm_mask_mod
+from ._seed_form import seed_form
 from .sliding_window import generate_sliding_window_mask_mod
 from .streaming import generate_streaming_mask_mod
 
@@ -32,7 +33,8 @@ def mask_signature(name: str) -> str:
 
 
 def get_mask_fn(name: str, **params):
-    """Return the mask_mod(b, h, q_idx, kv_idx) of a library mask by name.
+    """Return a library mask by name, callable both as the seed's ``mask_fn(q_idx, kv_idx)`` and
+    as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` (_seed_form.py).
 
     Example: ``get_mask_fn("attamba", window_size=256, chunk_size=128)``.
     """
@@ -47,4 +49,4 @@ def get_mask_fn(name: str, **params):
     missing = [p for p, spec in accepted.items() if spec.default is inspect.Parameter.empty and p not in params]
     if missing:
         raise TypeError(f"mask {name!r} needs {', '.join(missing)}; expected {mask_signature(name)}")
-    return factory(**params)
+    return seed_form(factory(**params))
