@@ -133,7 +133,10 @@ class _HeadGroup:
         self.merge = flashinfer.merge_state
 
     def run(self, q, kv_pages):
-        """Base-2 (out, lse) of this group."""
+        """Base-2 (out, lse) of this group; zeros and -inf when it has no tile to launch (a mask,
+        or one head's, under which no query sees a key)."""
+        if self.full is None and self.partial is None:
+            return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         if self.full is not None and self.partial is not None:
             o_full, lse_full = self.full.run(q, kv_pages, *self.full_args, return_lse=True)
             o_part, lse_part = self.partial.run(q, kv_pages, *self.partial_args, return_lse=True)

@@ -224,7 +224,7 @@ def _run_launches(launches, q, cache, return_lse=True):
 
     full, partial, full_args, partial_args = launches
     if full is None and partial is None:
-        return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), device=q.device)
+        return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     runs = [(w, args) for w, args in ((full, full_args), (partial, partial_args)) if w is not None]
     if not return_lse and len(runs) == 1:
         return runs[0][0].run(q, cache, *runs[0][1]), None

@@ -91,9 +91,11 @@ def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block
     qo_indptr[1:] = qo_len.cumsum(0)
     full_sel, part_sel = states == FULL, states == PARTIAL
     if one_launch:
-        launch = _launch(full_sel | part_sel, block_kv, fill_empty=False)
-        request, tile = launch.tile_request, launch.kv_indices.long() % nkv
-        launch.masked = part_sel.reshape(-1, nkv)[request, tile]
+        selected, launch = full_sel | part_sel, None
+        if bool(selected.any()):   # no tile at all: no launch (the head group gives zeros and lse -inf)
+            launch = _launch(selected, block_kv, fill_empty=False)
+            request, tile = launch.tile_request, launch.kv_indices.long() % nkv
+            launch.masked = part_sel.reshape(-1, nkv)[request, tile]
         return TilePlan(qo_indptr=qo_indptr.to(torch.int32), qo_len=qo_len.to(torch.int32), full=launch,
                         partial=None, num_kv_tiles=nkv)
     return TilePlan(

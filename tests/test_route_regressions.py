@@ -204,3 +204,95 @@ def test_varlen_streaming_and_attamba_keep_their_key_columns(flashinfer_on_cpu, 
     assert flex._prepared.ragged is None
     assert all(s.plan.route == "bands+columns" for s in flex._prepared.segments)
     _check_varlen(flex, rng, mod, cu, cu)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Nothing visible: every route that ends with no launch gives zeros and lse -inf.
+
+def _nothing(b, h, q, kv):
+    return q < 0
+
+
+@pytest.mark.parametrize("fa3_mask", [False, True], ids=["fa2-partial", "fa3-one-launch"])
+@pytest.mark.parametrize("with_score_mod", [False, True])
+@pytest.mark.parametrize("B,L,S", [(1, 200, 200), (2, 77, 300)])
+def test_a_block_mask_with_no_visible_pair(flashinfer_on_cpu, monkeypatch, rng, fa3_mask, with_score_mod, B, L, S):
+    monkeypatch.setattr(tile_kernels, "FA3_MASK", fa3_mask)
+    bm = create_block_mask(_nothing, None, None, L, S, device="cpu")
+    q, k, v = _inputs(rng, B, 4, 2, L, S)
+    _check(q, k, v, _nothing, bm, _alibi_like(4) if with_score_mod else None)
+    out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="flashinfer")   # without lse
+    assert torch.equal(out, torch.zeros_like(out))
+    plan = next(iter(bm._plans.values()))
+    assert plan.route == ("tiles-fa3-mask" if fa3_mask else "tiles")
+    assert all(g.full is None and g.partial is None for g in plan.groups)   # no launch without a tile
+
+
+def test_a_decoding_step_that_sees_nothing(flashinfer_on_cpu, rng):
+    """torch's decoding idiom at a position whose query tile sees no key."""
+    S, pos = 300, 150
+
+    def early_rows(b, h, q, kv):
+        return (q < 100) & (kv <= q)
+
+    full = create_block_mask(early_rows, None, None, S, S, device="cpu")
+    step = full[:, :, pos // full.BLOCK_SIZE[0]]
+    step.mask_mod = lambda b, h, q_idx, kv_idx: early_rows(b, h, q_idx + pos, kv_idx)
+    step.seq_lengths = (1, S)
+    _check(*_inputs(rng, 1, 4, 2, 1, S), early_rows, step, q_offset=pos)
+
+
+@pytest.mark.parametrize("one_launch", [False, True], ids=["head-loop", "head-major"])
+@pytest.mark.parametrize("empty_heads", [(1,), (0, 1, 2, 3)])
+def test_heads_that_see_nothing(flashinfer_on_cpu, monkeypatch, rng, one_launch, empty_heads):
+    """A per-head mask with heads that see nothing: one launch set per head (a head with no tile
+    has none), or every head in one launch set (none at all when every head is empty)."""
+    monkeypatch.setattr(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", one_launch)
+    empty = torch.zeros(4, dtype=torch.bool)
+    empty[list(empty_heads)] = True
+
+    def some_heads_empty(b, h, q, kv):
+        return ~empty[h] & (kv <= q) & ((q - kv) % 3 == 0)
+
+    bm = create_block_mask(some_heads_empty, None, 4, 200, 200, device="cpu", BLOCK_SIZE=64)
+    _check(*_inputs(rng, 1, 4, 2, 200, 200), some_heads_empty, bm)
+    assert next(iter(bm._plans.values())).route.startswith("tiles-per-head")
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_a_varlen_sequence_that_sees_nothing(flashinfer_on_cpu, monkeypatch, rng, one_launch):
+    from flex_flash_infer import varlen
+
+    monkeypatch.setattr(varlen, "ENABLED", one_launch)
+
+    def second_sequence_empty(b, h, q, kv):
+        return (b != 1) & (kv <= q)
+
+    cu = [0, 100, 200, 260]
+    flex = FlexFlashInfer(device="cpu").prepare(mask_fn=second_sequence_empty, num_qo_heads=4, num_kv_heads=2,
+                                                head_dim=16, dtype=torch.float64, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    assert flex._prepared.ragged is None
+    _check_varlen(flex, rng, second_sequence_empty, cu, cu)
+    single = FlexFlashInfer(device="cpu").prepare(mask_fn=_nothing, seq_len_q=90, seq_len_kv=130, num_qo_heads=4,
+                                                  num_kv_heads=2, head_dim=16, dtype=torch.float64)
+    _check_varlen(single, rng, _nothing, [0, 90], [0, 130])
+
+
+@pytest.mark.parametrize("kind", ["plain", "score_mod", "per_head"])
+@pytest.mark.parametrize("qo_lens", [[1, 1, 1], [5, 40, 1]], ids=["decode", "prefill"])
+def test_a_paged_plan_that_sees_nothing(flashinfer_on_cpu, rng, kind, qo_lens):
+    from flex_flash_infer import PagedFlexAttention
+    from test_paged import dense_oracle, random_cache
+
+    def none_for_heads(b, h, q, kv):
+        return (h < 0) & (kv <= q)
+
+    mod = none_for_heads if kind == "per_head" else _nothing
+    score_mod = _alibi_like(4) if kind == "score_mod" else None
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [40, 100, 7], qo_lens, 16)
+    attn = PagedFlexAttention(device="cpu", backend="flashinfer")
+    attn.plan(mod, qo_indptr, kv_page_indptr, indices, last, num_qo_heads=4, num_kv_heads=2, head_dim=16,
+              page_size=16, dtype=torch.float64, score_mod=score_mod)
+    out, lse = attn.run(q, (kc, vc), return_lse=True)
+    ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16, score_mod)
+    _assert_matches(out, lse, ref_out, ref_lse)
