@@ -25,9 +25,10 @@ def column_lowering(mask_mod, q_len: int, kv_len: int):
     if hint is None or q_len != kv_len:
         return None
     window, first, step, stop = hint
-    positions = torch.arange(first, kv_len if stop is None else min(stop, kv_len), step)
-    if positions.numel() == 0:
+    end = kv_len if stop is None else min(stop, kv_len)
+    if first >= end:   # no column within the keys (torch.arange refuses a start past the end)
         return None
+    positions = torch.arange(first, end, step)
     bands = [Band(0, q_len, 0, kv_len, causal=True, window_left=window - 1)]
     return bands, positions
 

@@ -296,3 +296,19 @@ def test_a_paged_plan_that_sees_nothing(flashinfer_on_cpu, rng, kind, qo_lens):
     out, lse = attn.run(q, (kc, vc), return_lse=True)
     ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16, score_mod)
     _assert_matches(out, lse, ref_out, ref_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a differential campaign over the same routes.
+
+@pytest.mark.parametrize("L", [1, 5, 7])
+def test_attamba_shorter_than_its_first_column(flashinfer_on_cpu, rng, L):
+    """Attamba's first key column (chunk_size - 1) past the last key: no column to gather (the
+    column lowering raised inside torch.arange), a plain causal band."""
+    mod = get_mask_fn("attamba", chunk_size=8, window_size=16)
+    bm = create_block_mask(mod, None, None, L, L, device="cpu")
+    _check(*_inputs(rng, 1, 4, 2, L, L), mod, bm)
+    cu = [0, L, L + 100]
+    flex = FlexFlashInfer(device="cpu").prepare(mask_fn=mod, num_qo_heads=4, num_kv_heads=2, head_dim=16,
+                                                dtype=torch.float64, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    _check_varlen(flex, rng, mod, cu, cu)
