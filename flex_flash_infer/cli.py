@@ -1,6 +1,8 @@
 """Command line: `python -m flex_flash_infer [check|demo|show|info|bench|warmup] ...`.
 
-check compares the library with PyTorch SDPA given the dense mask (the seed's test script);
+check compares the library with PyTorch SDPA given the dense mask (the seed's test script,
+test_flex_flash.py at the repository root, runs it and takes the seed's underscore flags:
+--q_len --kv_len --num_qo_heads --mask_type ...);
 demo (the default) runs check for the seed's three masks on the best device available;
 show draws a library mask to a PNG (needs matplotlib); info reports versions, the GPU, flashinfer,
 the backend 'auto' picks here and FlashInfer's JIT cache.
@@ -8,12 +10,12 @@ the backend 'auto' picks here and FlashInfer's JIT cache.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from .block_mask import create_mask
 from .mods.registry import MASK_FACTORIES, get_mask_fn
 from .wrapper import FlexFlashInfer
 
@@ -44,8 +46,10 @@ def run_check(q_len, kv_len, num_qo_heads, num_kv_heads, head_dim, mask, dtype, 
     k = torch.randn(kv_len, num_kv_heads, head_dim, dtype=dtype, device=device)
     v = torch.randn(kv_len, num_kv_heads, head_dim, dtype=dtype, device=device)
     out = flex(q, k, v).float()
-    dense = create_mask(mask_fn, 1, 1, q_len, kv_len, device=device)[0]
-    ref = sdpa_reference(q, k, v, dense)
+    # SDPA's mask comes from the seed's two-argument form on the full index grid, not from the
+    # library's block tables: the check does not lean on the code it checks
+    dense = mask_fn(torch.arange(q_len, device=device)[:, None], torch.arange(kv_len, device=device)[None, :])
+    ref = sdpa_reference(q, k, v, dense.expand(q_len, kv_len))
     rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     max_abs = (out - ref).abs().max().item()
     passed = bool(torch.isfinite(out).all()) and rel <= TOLERANCE[dtype]
@@ -66,25 +70,39 @@ def _default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _flag(name: str) -> list:
+    """--q-len and the seed's spelling --q_len: the seed's README documents the underscores."""
+    return [f"--{name.replace('_', '-')}", f"--{name}"]
+
+
+def _add_mask_parameters(parser):
+    parser.add_argument(*_flag("window_size"), type=int, default=256)
+    parser.add_argument(*_flag("chunk_size"), type=int, default=128)
+    parser.add_argument(*_flag("sink_size"), type=int, default=4)
+    parser.add_argument(*_flag("prefix_len"), type=int, default=256)
+    parser.add_argument("--dilation", type=int, default=2)
+
+
+def add_check_arguments(parser):
+    """The flags of `check` (and of the seed's test_flex_flash.py, which is `check` under its own name)."""
+    parser.add_argument(*_flag("q_len"), type=int, default=1024)
+    parser.add_argument(*_flag("kv_len"), type=int, default=None, help="default: --q-len")
+    parser.add_argument(*_flag("num_qo_heads"), type=int, default=8)
+    parser.add_argument(*_flag("num_kv_heads"), type=int, default=None, help="default: --num-qo-heads")
+    parser.add_argument(*_flag("head_dim"), type=int, default=64)
+    parser.add_argument("--mask", *_flag("mask_type"), dest="mask", default="causal",
+                        choices=[name for name in MASK_FACTORIES if name != "document"])
+    _add_mask_parameters(parser)
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m flex_flash_infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     check = sub.add_parser("check", help="compare with PyTorch SDPA on the dense mask")
-    check.add_argument("--q-len", type=int, default=1024)
-    check.add_argument("--kv-len", type=int, default=None, help="default: --q-len")
-    check.add_argument("--num-qo-heads", type=int, default=8)
-    check.add_argument("--num-kv-heads", type=int, default=None, help="default: --num-qo-heads")
-    check.add_argument("--head-dim", type=int, default=64)
-    check.add_argument("--mask", "--mask-type", dest="mask", default="causal",
-                       choices=[name for name in MASK_FACTORIES if name != "document"])
-    check.add_argument("--window-size", type=int, default=256)
-    check.add_argument("--chunk-size", type=int, default=128)
-    check.add_argument("--sink-size", type=int, default=4)
-    check.add_argument("--prefix-len", type=int, default=256)
-    check.add_argument("--dilation", type=int, default=2)
-    check.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
-    check.add_argument("--device", default=None)
+    add_check_arguments(check)
     demo = sub.add_parser("demo", help="check the seed's masks (causal, sliding_window, attamba)")
     demo.add_argument("--device", default=None)
     bench = sub.add_parser("bench", help="benchmark against torch FlexAttention, FlashInfer and cuDNN (CUDA)")
@@ -115,11 +133,7 @@ def build_parser():
     show = sub.add_parser("show", help="draw a library mask to a PNG: its elements, or its tile map when long "
                                        "(needs matplotlib)")
     show.add_argument("name", choices=[name for name in MASK_FACTORIES if name != "document"])
-    show.add_argument("--window-size", type=int, default=256)
-    show.add_argument("--chunk-size", type=int, default=128)
-    show.add_argument("--sink-size", type=int, default=4)
-    show.add_argument("--prefix-len", type=int, default=256)
-    show.add_argument("--dilation", type=int, default=2)
+    _add_mask_parameters(show)
     show.add_argument("--seq-len", type=int, default=2048,
                       help="query and key length (default 2048); up to 1024 the elements are drawn, "
                            "beyond it the 128x128 tile map")
@@ -207,6 +221,35 @@ def _info() -> int:
     return 0
 
 
+def check_command(args, name: str = "check") -> int:
+    """Run `check` from parsed add_check_arguments flags: 0 on PASS, 1 on FAIL, 2 on a bad argument."""
+    device = args.device or _default_device()
+    on_cuda = torch.device(device).type == "cuda"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.float32)
+    kv_len, num_kv_heads = args.kv_len or args.q_len, args.num_kv_heads or args.num_qo_heads
+    print(f"flex_flash_infer vs PyTorch SDPA with the dense {args.mask} mask: q_len {args.q_len}, kv_len {kv_len}, "
+          f"{args.num_qo_heads} query / {num_kv_heads} key-value heads, head_dim {args.head_dim}, "
+          f"{str(dtype).replace('torch.', '')} on {device}"
+          + ("" if on_cuda else " (the reference backend: FlashInfer's kernels need a CUDA GPU)"))
+    try:
+        rel, max_abs, passed, backend = run_check(
+            args.q_len, kv_len, args.num_qo_heads, num_kv_heads, args.head_dim, args.mask, dtype, device,
+            _params_from_args(args, args.mask))
+    except (ValueError, TypeError) as e:  # a bad argument: say which, no traceback
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    _print_row(args.mask, backend, device, dtype, rel, max_abs, passed)
+    if passed:
+        verdict = f"within the {TOLERANCE[dtype]:.0e} tolerance"
+    elif not math.isfinite(max_abs):
+        verdict = "the output is not finite"
+    else:
+        verdict = f"relative error above the {TOLERANCE[dtype]:.0e} tolerance"
+    print(f"{'PASS' if passed else 'FAIL'}: max abs error {max_abs:.3e}, relative error {rel:.3e} "
+          f"({verdict} for {str(dtype).replace('torch.', '')})")
+    return 0 if passed else 1
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "demo"
@@ -245,16 +288,7 @@ def main(argv=None) -> int:
     if command == "info":
         return _info()
     if command == "check":
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.float32)
-        try:
-            rel, max_abs, passed, backend = run_check(
-                args.q_len, args.kv_len or args.q_len, args.num_qo_heads, args.num_kv_heads or args.num_qo_heads,
-                args.head_dim, args.mask, dtype, device, _params_from_args(args, args.mask))
-        except (ValueError, TypeError) as e:  # a bad argument: say which, no traceback
-            print(f"check: {e}", file=sys.stderr)
-            return 2
-        _print_row(args.mask, backend, device, dtype, rel, max_abs, passed)
-        return 0 if passed else 1
+        return check_command(args)
     dtype = torch.float16 if on_cuda else torch.float32
     cases = [("causal", {}), ("sliding_window", {"window_size": 256}),
              ("attamba", {"window_size": 256, "chunk_size": 128})]
