@@ -66,7 +66,9 @@ class PagedFlexAttention:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         mod = as_mask_mod(mask_mod) if mask_mod is not None else _causal
         score_mod = check_score_mod(score_mod)
-        per_head = num_qo_heads > 1 and mask_dependence(mod, 1, num_qo_heads, 4, 4, self.device)[1]
+        # probed at position 0 alone: the only one every cache with a key holds (a mask indexing a
+        # table as long as the cache failed on positions 1..3 of a one-token cache)
+        per_head = num_qo_heads > 1 and mask_dependence(mod, 1, num_qo_heads, 1, 1, self.device)[1]
         plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device,
                           heads=num_qo_heads if per_head else 1)
         scale = check_scale(scale)

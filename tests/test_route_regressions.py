@@ -312,3 +312,24 @@ def test_attamba_shorter_than_its_first_column(flashinfer_on_cpu, rng, L):
     flex = FlexFlashInfer(device="cpu").prepare(mask_fn=mod, num_qo_heads=4, num_kv_heads=2, head_dim=16,
                                                 dtype=torch.float64, cu_seqlens_q=cu, cu_seqlens_kv=cu)
     _check_varlen(flex, rng, mod, cu, cu)
+
+
+@pytest.mark.parametrize("backend", ["flashinfer", "reference"])
+def test_paged_mask_indexing_a_table_as_long_as_a_short_cache(flashinfer_on_cpu, rng, backend):
+    """A document mask over a cache of 3 tokens (its table holds 3 entries): planning probed the
+    mask on positions 0..3 whatever the cache held, and raised IndexError."""
+    from flex_flash_infer import PagedFlexAttention
+    from test_paged import dense_oracle, random_cache
+
+    ids = torch.tensor([0, 0, 1])
+
+    def documents(b, h, q, kv):
+        return (ids[q] == ids[kv]) & (kv <= q)
+
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [3], [2], 16)
+    attn = PagedFlexAttention(device="cpu", backend=backend)
+    attn.plan(documents, qo_indptr, kv_page_indptr, indices, last, num_qo_heads=4, num_kv_heads=2, head_dim=16,
+              page_size=16, dtype=torch.float64)
+    out, lse = attn.run(q, (kc, vc), return_lse=True)
+    ref_out, ref_lse = dense_oracle(documents, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
+    _assert_matches(out, lse, ref_out, ref_lse)
