@@ -26,6 +26,7 @@ import functools
 
 import torch
 
+from .. import trace
 from ..mask_eval import INDEX_DTYPE
 
 
@@ -35,8 +36,6 @@ class BatchOrHeadDependent(TypeError):
 
 def _for_active_trace(mod):
     """mod itself, or under trace.trace() the copy of mod whose captured numbers are parameters."""
-    from .. import trace
-
     if not trace._ACTIVE:
         return mod
     return trace._parametrize(mod, trace._ACTIVE[-1], {})
