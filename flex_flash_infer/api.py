@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from .autograd import (FORWARD_ONLY, HIDDEN_GRAD, captured_tensors, forward_only, hidden_grad_probe, needs_grad,
+                       with_recomputed_gradients)
 from .backend_choice import choose_backend, warn_once
 from .block_mask import full_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mask_eval import check_score_mod
-from .reference import reference_attention
+from .reference import reference_attention, reference_gradients
 from .score_mod_kernels import UnsupportedOnFlashInfer
 from .trace import TraceError
 from .validation import check_bhsd, check_block_mask, check_scale
@@ -87,6 +89,15 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         warn_once(f"flex_flash_infer: running on the slow reference backend because {reason}")
         chosen = "reference"
     plan = None
+    captured, hidden = [], None
+    if chosen == "flashinfer" and score_mod is not None and torch.is_grad_enabled():
+        # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) recomputes
+        # attention, and needs the learned tensors the score_mod reads (a bias table)
+        captured = captured_tensors(score_mod)
+        hidden = hidden_grad_probe(score_mod, captured, query.device)
+        if hidden is not None and backend != "flashinfer":
+            warn_once(f"flex_flash_infer: running on the slow reference backend because {HIDDEN_GRAD}")
+            chosen = "reference"
     if chosen == "flashinfer":
         sm_scale = scale if scale is not None else E ** -0.5
         try:
@@ -101,16 +112,42 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         out, lse, *rest = reference_attention(query, key, value, block_mask, score_mod, scale, return_max=want_max)
         max_scores = rest[0] if want_max else None
     else:
-        q = query.transpose(1, 2).reshape(B * L, Hq, E)
-        k = key.transpose(1, 2).contiguous()
-        v = value.transpose(1, 2).contiguous()
-        out, lse = plan.run(q, k, v, return_lse=want_lse)
-        out = out.view(B, L, Hq, Ev).transpose(1, 2)
-        if want_lse:
-            lse = lse.view(B, L, Hq).transpose(1, 2)
+        out, lse = _run_flashinfer(plan, query, key, value, block_mask, score_mod, scale, captured, hidden, want_lse)
     if return_aux is not None:
         return out, AuxOutput(lse=lse if want_lse else None, max_scores=max_scores)
     return (out, lse) if return_lse else out
+
+
+def _run_flashinfer(plan, query, key, value, block_mask, score_mod, scale, captured, hidden, want_lse):
+    """(out [B, Hq, L, Ev], lse [B, Hq, L] or None) of the plan's kernels; when an input (or a
+    tensor the score_mod captures) requires grad, with a grad_fn whose backward recomputes
+    attention on the reference backend (autograd.py), or raises when the score_mod reads a
+    tensor requiring grad that could not be found (hidden: the probe of hidden_grad_probe)."""
+    B, Hq, L, E = query.shape
+    Ev = value.shape[-1]
+    grad = hidden is not None or needs_grad(query, key, value, *captured)
+
+    def run():
+        q = query.transpose(1, 2).reshape(B * L, Hq, E)
+        k = key.transpose(1, 2).contiguous()
+        v = value.transpose(1, 2).contiguous()
+        out, lse = plan.run(q, k, v, return_lse=want_lse or grad)
+        out = out.view(B, L, Hq, Ev).transpose(1, 2)
+        return out, (lse.view(B, L, Hq).transpose(1, 2) if lse is not None else None)
+
+    if not grad:
+        return run()
+
+    if hidden is not None:
+        out, lse = forward_only(run, f"flex_flash_infer: {HIDDEN_GRAD}; {FORWARD_ONLY}", (query, key, value, hidden))
+        return out, (lse if want_lse else None)
+
+    def backward(saved, grad_out, grad_lse, needs):
+        q, k, v, *tables = saved
+        return reference_gradients(q, k, v, tables, block_mask, score_mod, scale, grad_out, grad_lse, needs)
+
+    out, lse = with_recomputed_gradients(run, backward, (query, key, value, *captured))
+    return out, (lse if want_lse else None)
 
 
 def aux_wanted(return_lse, return_aux) -> tuple[bool, bool]:

@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from .autograd import FORWARD_ONLY, anchored, forward_only, learned_inputs, needs_grad
 from .backend_choice import check_backend_name, warn_once
 from .flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
 from .mask_eval import INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate_mask_mod, evaluate_score_mod, mask_dependence
@@ -95,6 +96,7 @@ class PagedFlexAttention:
         if backend == "flashinfer":
             launches = self._launches(plan, heads, page_size, dtype, scale, variants)
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
+                             learned=learned_inputs(score_mod, self.device) if launches is not None else [],
                              scale=scale, page_size=page_size, heads=heads, dtype=dtype,
                              tables=(torch.as_tensor(qo_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indptr).long().to(self.device),
@@ -145,6 +147,11 @@ class PagedFlexAttention:
                 raise ValueError(f"{name} is on {t.device} but this PagedFlexAttention was made for {self.device}")
         if p["launches"] is None:
             out, lse = _reference(q, k_cache, v_cache, p)
+        elif needs_grad(q, k_cache, v_cache, *p["learned"]):   # a grad_fn whose backward says why it cannot
+            out, lse = forward_only(lambda: _run_launches(p["launches"], q, (k_cache, v_cache), return_lse),
+                                    "PagedFlexAttention: " + FORWARD_ONLY.replace(
+                                        "backend='reference'", "PagedFlexAttention(backend='reference')"),
+                                    (q, k_cache, v_cache, *p["learned"]))
         else:
             out, lse = _run_launches(p["launches"], q, (k_cache, v_cache), return_lse)
         return (out, lse) if return_lse else out
@@ -260,8 +267,14 @@ def _reference(q, k_cache, v_cache, p):
         if p["score_mod"] is not None:   # on the scaled scores, before the mask (FlexAttention's order)
             s = evaluate_score_mod(p["score_mod"], s, b, h, q_pos, kv_pos)
         s = s.masked_fill(~visible, float("-inf"))
-        row_lse = torch.logsumexp(s, -1)
-        probs = torch.nan_to_num(torch.exp(s - row_lse.unsqueeze(-1)), nan=0.0)
-        out[q0:q1] = torch.einsum("hnk,khd->nhd", probs, v).to(q.dtype)
-        lse[q0:q1] = row_lse.transpose(0, 1)
+        # as reference.attend_rows: a NaN score gives NaN (never a hidden 0), an empty row exact zeros
+        row_max = s.amax(-1, keepdim=True)
+        empty = row_max == float("-inf")
+        shift = torch.where(empty, 0.0, row_max.detach())
+        weights = torch.exp(s - shift)
+        total = torch.where(empty, 1.0, weights.sum(-1, keepdim=True))
+        out[q0:q1] = torch.einsum("hnk,khd->nhd", weights / total, v).to(q.dtype)
+        lse[q0:q1] = torch.where(empty, float("-inf"), torch.log(total) + shift).squeeze(-1).transpose(0, 1)
+    if needs_grad(q, k_cache, v_cache) and not out.requires_grad:   # no request sees a key
+        out, lse = anchored((q, k_cache, v_cache), out, lse)
     return out, lse

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .autograd import anchored, needs_grad
 from .block_build import FULL, PARTIAL
 from .mask_eval import evaluate_mask_mod, evaluate_score_mod, index_grid
 
@@ -35,46 +36,110 @@ def reference_attention(query, key, value, block_mask=None, score_mod=None, scal
 
     query [B, Hq, L, E]; key [B, Hkv, S, E]; value [B, Hkv, S, Ev]; Hq a multiple of Hkv
     (query head h reads key head h // (Hq // Hkv)). A row that sees no key gives 0, lse -inf
-    and max -inf.
+    and max -inf; a NaN in a row's scores (a NaN query, a NaN visible key or value) gives NaN,
+    as torch does. Differentiable: every output keeps the autograd graph of its inputs, and of
+    the tensors a score_mod captures.
     """
-    B, Hq, L, E = query.shape
-    Hkv, S = key.shape[1], key.shape[2]
-    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
-    group = Hq // Hkv
-    k = key.to(compute).repeat_interleave(group, dim=1)
-    v = value.to(compute).repeat_interleave(group, dim=1)
-    out = torch.empty((B, Hq, L, value.shape[-1]), dtype=query.dtype, device=query.device)
-    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=query.device)
-    row_max = torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=query.device)
+    outs, lses, maxes = [], [], []
+    for r0, r1, c0, c1 in row_chunks(query, key, block_mask, chunk_elements):
+        out, lse, row_max = attend_rows(query[:, :, r0:r1], key, value, block_mask, score_mod, scale, r0, c0, c1)
+        outs.append(out)
+        lses.append(lse)
+        maxes.append(row_max)
+    out, lse, row_max = torch.cat(outs, 2), torch.cat(lses, 2), torch.cat(maxes, 2)
+    if needs_grad(query, key, value) and not out.requires_grad:
+        # every row is empty: zeros that still reach the inputs, as torch's outputs do
+        out, lse, row_max = anchored((query, key, value), out, lse, row_max)
+    return (out, lse, row_max) if return_max else (out, lse)
+
+
+def reference_gradients(query, key, value, captured, block_mask, score_mod, scale, grad_out, grad_lse, needs,
+                        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list:
+    """The gradients of reference_attention's (out, lse) for grad_out and grad_lse, with respect to
+    query, key, value and each captured tensor (what the score_mod reads), one entry per input
+    (None where needs is False): attention recomputed under enable_grad one row chunk at a
+    time, so only one chunk's graph is alive. The backward of the FlashInfer doors."""
+    inputs = (query, key, value, *captured)
+    with torch.enable_grad():
+        k = key.detach().requires_grad_(needs[1])
+        v = value.detach().requires_grad_(needs[2])
+        grads = [None] * len(inputs)
+        for r0, r1, c0, c1 in row_chunks(query, key, block_mask, chunk_elements):
+            if c1 <= c0:
+                continue   # no key visible: zero gradient for these rows
+            q = query[:, :, r0:r1].detach().requires_grad_(needs[0])
+            wrt = [(i, t) for i, t in enumerate((q, k, v, *captured)) if needs[i]]
+            out, lse, _ = attend_rows(q, k, v, block_mask, score_mod, scale, r0, c0, c1)
+            outputs, seeds = [out], [grad_out[:, :, r0:r1]]
+            if grad_lse is not None:
+                outputs.append(lse)
+                seeds.append(grad_lse[:, :, r0:r1])
+            if not wrt or not any(o.requires_grad for o in outputs):
+                continue
+            found = torch.autograd.grad(outputs, [t for _, t in wrt], seeds, allow_unused=True)
+            for (i, _), g in zip(wrt, found):
+                if g is None:
+                    continue
+                if i == 0:
+                    if grads[0] is None:
+                        grads[0] = torch.zeros_like(query)
+                    grads[0][:, :, r0:r1] = g
+                else:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+    # an input that needs a gradient and got none (nothing visible, or unused by the score_mod): zeros
+    return [None if not need else (g if g is not None else torch.zeros_like(t))
+            for need, g, t in zip(needs, grads, inputs)]
+
+
+def row_chunks(query, key, block_mask, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    """(r0, r1, c0, c1) per chunk of query rows: the rows, and the span of keys of their non-empty
+    tiles (c1 <= c0 when no key is visible to any of them). One [B, Hq, rows, keys] score block
+    per chunk keeps memory bounded."""
+    B, Hq, L, _ = query.shape
+    S = key.shape[2]
     rows = max(1, chunk_elements // max(1, B * Hq * S))
-    b_idx, h_idx, _, all_kv = index_grid(range(B), range(Hq), [0], range(S), query.device)
-    # Keys of the non-empty tiles per block row: each row chunk scores only that span.
     spans = _key_spans(block_mask, S) if block_mask is not None else None
     for r0 in range(0, L, rows):
         r1 = min(L, r0 + rows)
         c0, c1 = (0, S) if spans is None else _chunk_span(spans, block_mask.BLOCK_SIZE[0], r0, r1)
-        if c1 <= c0:  # no key visible to any row of this chunk
-            out[:, :, r0:r1] = 0
-            lse[:, :, r0:r1] = float("-inf")
-            continue
-        kv_idx = all_kv[..., c0:c1]
-        q_idx = torch.arange(r0, r1, device=query.device, dtype=kv_idx.dtype).view(1, 1, -1, 1)
-        scores = torch.matmul(query[:, :, r0:r1].to(compute), k[:, :, c0:c1].transpose(-1, -2)) * scale
-        if score_mod is not None:
-            scores = evaluate_score_mod(score_mod, scores, b_idx, h_idx, q_idx, kv_idx)
-        if block_mask is not None:
-            visible = visible_pairs(block_mask, b_idx, h_idx, q_idx, kv_idx)
-            scores = scores.masked_fill(~visible, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)
-        seen = torch.isfinite(row_lse)
-        probs = torch.exp(scores - torch.where(seen, row_lse, 0.0).unsqueeze(-1))
-        probs = torch.where(seen.unsqueeze(-1), probs, 0.0)
-        out[:, :, r0:r1] = torch.matmul(probs, v[:, :, c0:c1]).to(query.dtype)
-        lse[:, :, r0:r1] = row_lse.to(torch.float32)
-        if return_max:
-            row_max[:, :, r0:r1] = scores.amax(dim=-1).to(torch.float32)
-    return (out, lse, row_max) if return_max else (out, lse)
+        yield r0, r1, c0, c1
+
+
+def attend_rows(query, key, value, block_mask, score_mod, scale, r0: int, c0: int, c1: int):
+    """(out [B, Hq, rows, Ev] in query's dtype, lse and row max [B, Hq, rows] float32) of the
+    query rows [B, Hq, rows, E] at positions r0.. over keys c0..c1, in differentiable torch ops."""
+    B, Hq, rows, E = query.shape
+    Hkv = key.shape[1]
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    r1 = r0 + rows
+    if c1 <= c0:   # no key visible to any row of this chunk
+        return (query.new_zeros((B, Hq, rows, value.shape[-1])),
+                query.new_full((B, Hq, rows), float("-inf"), dtype=torch.float32),
+                query.new_full((B, Hq, rows), float("-inf"), dtype=torch.float32))
+    group = Hq // Hkv
+    k = key[:, :, c0:c1].to(compute).repeat_interleave(group, dim=1)
+    v = value[:, :, c0:c1].to(compute).repeat_interleave(group, dim=1)
+    b_idx, h_idx, _, kv_idx = index_grid(range(B), range(Hq), [0], range(c0, c1), query.device)
+    q_idx = torch.arange(r0, r1, device=query.device, dtype=kv_idx.dtype).view(1, 1, -1, 1)
+    scores = torch.matmul(query.to(compute), k.transpose(-1, -2)) * scale
+    if score_mod is not None:
+        scores = evaluate_score_mod(score_mod, scores, b_idx, h_idx, q_idx, kv_idx)
+    if block_mask is not None:
+        visible = visible_pairs(block_mask, b_idx, h_idx, q_idx, kv_idx)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    # softmax with the row max taken out: amax propagates NaN, so a NaN score makes its row NaN
+    # (never a hidden 0); an empty row (max -inf) divides by 1 instead of 0, and the where()s
+    # give it exact zeros in value and in gradient (logsumexp's backward is NaN on such a row)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    empty = row_max == float("-inf")
+    shift = torch.where(empty, 0.0, row_max.detach())   # the softmax does not depend on the shift
+    weights = torch.exp(scores - shift)
+    total = weights.sum(dim=-1, keepdim=True)
+    total = torch.where(empty, 1.0, total)
+    out = torch.matmul(weights / total, v)
+    lse = torch.where(empty, float("-inf"), torch.log(total) + shift).squeeze(-1)
+    return out.to(query.dtype), lse.to(torch.float32), row_max.squeeze(-1).to(torch.float32)
 
 
 def _key_spans(block_mask, kv_len: int):

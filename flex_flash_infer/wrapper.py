@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .autograd import (FORWARD_ONLY, HIDDEN_GRAD, anchored, captured_tensors, forward_only, hidden_grad_probe,
+                       needs_grad, with_recomputed_gradients)
 from .backend_choice import check_backend_name, choose_backend, warn_once
 from .block_mask import BlockMask, LazyBlockMask, create_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
-from .reference import reference_attention
+from .reference import reference_attention, reference_gradients
 from .score_mod_kernels import UnsupportedOnFlashInfer
 from . import varlen
 from .trace import TraceError
@@ -43,6 +45,8 @@ class _Prepared:
     scale: float | None
     backend: str
     ragged: object = None          # varlen.RaggedBatch: the whole packed batch in one launch
+    captured: tuple = ()           # tensors requiring grad that the score_mod reads (autograd.py)
+    hidden: object = None          # autograd.hidden_grad_probe's tensor: a learned input not found
 
 
 class FlexFlashInfer:
@@ -153,8 +157,14 @@ class FlexFlashInfer:
                 ragged = varlen.RaggedBatch(offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim,
                                             dtype, scale if scale is not None else head_dim ** -0.5, self.device,
                                             self.workspace_buffer)
+        captured, hidden = (), None
+        if backend == "flashinfer" and score_mod is not None:
+            # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) needs
+            # the learned tensors the score_mod reads, found now, once
+            captured = tuple(captured_tensors(score_mod))
+            hidden = hidden_grad_probe(score_mod, captured, self.device)
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
-                                   head_dim, dtype, scale, backend, ragged)
+                                   head_dim, dtype, scale, backend, ragged, captured, hidden)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -178,15 +188,34 @@ class FlexFlashInfer:
             raise ValueError(f"q is on {q.device} but this FlexFlashInfer was made for device {self.device}")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False):
-        """out [seq_q, Hq, D] (and natural-log lse [seq_q, Hq] float32 when return_lse)."""
+        """out [seq_q, Hq, D] (and natural-log lse [seq_q, Hq] float32 when return_lse).
+
+        Differentiable on both backends: on FlashInfer, when q, k, v or a tensor the score_mod
+        captures requires grad, the backward recomputes attention in plain torch (autograd.py)."""
         p = self._require_prepared()
         self._check_inputs(p, q, k, v)
+        if p.backend != "flashinfer" or not needs_grad(q, k, v, *p.captured, p.hidden):
+            out, lse = self._forward(p, q, k, v, return_lse)
+            if needs_grad(q, k, v) and not out.requires_grad:   # no sequence sees a key
+                out, lse = anchored((q, k, v), out, lse)
+            return (out, lse) if return_lse else out
+        if p.hidden is not None:
+            message = (f"FlexFlashInfer: {HIDDEN_GRAD}; "
+                       + FORWARD_ONLY.replace("backend='reference'", "FlexFlashInfer(backend='reference')"))
+            out, lse = forward_only(lambda: self._forward(p, q, k, v, return_lse), message, (q, k, v, p.hidden))
+            return (out, lse) if return_lse else out
+
+        def backward(saved, grad_out, grad_lse, needs):
+            return _segment_gradients(p, saved, grad_out, grad_lse, needs)
+
+        out, lse = with_recomputed_gradients(lambda: self._forward(p, q, k, v, True), backward, (q, k, v, *p.captured))
+        return (out, lse) if return_lse else out
+
+    def _forward(self, p: _Prepared, q, k, v, return_lse: bool):
         if p.ragged is not None:
-            out, lse = p.ragged.run(q.contiguous(), k.contiguous(), v.contiguous(), return_lse)
-            return (out, lse) if return_lse else out
+            return p.ragged.run(q.contiguous(), k.contiguous(), v.contiguous(), return_lse)
         if len(p.segments) == 1 and p.segments[0].block_mask is not None:
-            out, lse = self._run_segment(p, p.segments[0], q, k, v, return_lse)
-            return (out, lse) if return_lse else out
+            return self._run_segment(p, p.segments[0], q, k, v, return_lse)
         out = torch.zeros_like(q)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         for seg in p.segments:
@@ -196,7 +225,7 @@ class FlexFlashInfer:
             out[seg.q0:seg.q1] = o
             if return_lse:
                 lse[seg.q0:seg.q1] = s
-        return (out, lse) if return_lse else out
+        return out, lse
 
     @staticmethod
     def _run_segment(p: _Prepared, seg: _Segment, q, k, v, return_lse: bool):
@@ -208,6 +237,31 @@ class FlexFlashInfer:
         return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
     run = __call__
+
+
+def _segment_gradients(p: _Prepared, saved, grad_out, grad_lse, needs) -> list:
+    """Gradients of each sequence's reference attention (in [seq, heads, dim] layout), with respect
+    to q, k, v and the captured tensors; the FlashInfer backend's backward."""
+    q, k, v, *captured = saved
+    grads = [torch.zeros_like(t) if need else None for t, need in zip(saved, needs)]
+
+    def bhsd(t, lo, hi):
+        return t[lo:hi].transpose(0, 1)[None]
+
+    for seg in p.segments:
+        if seg.block_mask is None:
+            continue
+        seg_grads = reference_gradients(bhsd(q, seg.q0, seg.q1), bhsd(k, seg.kv0, seg.kv1), bhsd(v, seg.kv0, seg.kv1),
+                                        captured, seg.block_mask, seg.score_mod, p.scale,
+                                        bhsd(grad_out, seg.q0, seg.q1),
+                                        None if grad_lse is None else bhsd(grad_lse, seg.q0, seg.q1), needs)
+        for i, (lo, hi) in enumerate(((seg.q0, seg.q1), (seg.kv0, seg.kv1), (seg.kv0, seg.kv1))):
+            if seg_grads[i] is not None:
+                grads[i][lo:hi] += seg_grads[i][0].transpose(0, 1)
+        for i in range(3, len(saved)):
+            if seg_grads[i] is not None:
+                grads[i] += seg_grads[i]
+    return grads
 
 
 def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_kv):

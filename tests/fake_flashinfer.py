@@ -175,7 +175,9 @@ def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, tr
             keep &= kv >= pos - window_left
         s = s.masked_fill(~keep, -math.inf)
         row = torch.logsumexp(s, -1)
-        out[q0:q1] = torch.einsum("hnk,khd->nhd", torch.nan_to_num(torch.exp(s - row.unsqueeze(-1))), vv)
+        # a row that sees nothing gives zeros; a NaN score gives NaN, never a hidden 0
+        shift = torch.where(row == -math.inf, 0.0, row)
+        out[q0:q1] = torch.einsum("hnk,khd->nhd", torch.exp(s - shift.unsqueeze(-1)), vv)
         lse[q0:q1] = (row / math.log(2)).transpose(0, 1)
     return out.to(q.dtype).to(q.device), lse.float().to(q.device)
 

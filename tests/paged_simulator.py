@@ -38,7 +38,8 @@ def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_pa
         if window_left >= 0:
             s = s.masked_fill(torch.arange(kv_len).view(1, -1) < kv_len - (q1 - q0) + rows - window_left, -math.inf)
         row_lse = torch.logsumexp(s, -1)
-        p = torch.nan_to_num(torch.exp(s - row_lse.unsqueeze(-1)), nan=0.0)
+        # a row that sees nothing gives zeros; a NaN score gives NaN, never a hidden 0
+        p = torch.exp(s - torch.where(row_lse == -math.inf, 0.0, row_lse).unsqueeze(-1))
         out[q0:q1] = torch.einsum("hnk,khd->nhd", p, v)
         lse[q0:q1] = (row_lse / math.log(2)).transpose(0, 1)
     return out, lse

@@ -1,0 +1,172 @@
+"""Gradients through the FlashInfer backend.
+
+FlashInfer's kernels compute the forward pass only: their outputs record nothing for autograd,
+so a training loop that swapped torch's flex_attention for this one would get no gradient
+through attention, and no error. The FlashInfer doors wrap their kernels in an autograd.Function
+whose backward recomputes attention with the reference backend's differentiable torch ops (row
+chunk by row chunk, so its memory stays bounded) and returns the gradients of q, k, v and of the
+tensors the score_mod captures (a learned bias table). That backward is plain torch: correct,
+not fast; training at speed is torch FlexAttention's job (its compiled backward kernels).
+
+When nothing requires grad (inference, with or without torch.no_grad()) the kernels run as
+they are, with nothing recorded.
+"""
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+FORWARD_ONLY = ("the FlashInfer backend is forward-only (its kernels have no backward pass): for gradients use "
+                "backend='reference' (plain torch, differentiable) or torch's own FlexAttention "
+                "(torch.nn.attention.flex_attention.flex_attention, compiled, with a fused backward)")
+
+HIDDEN_GRAD = ("the score_mod reads a tensor that requires grad which the FlashInfer backend's backward cannot "
+               "find (it looks in the score_mod's closure, defaults, the globals it names, a bound method's object "
+               "and an nn.Module's parameters)")
+
+# how far the search goes: a mod's tables sit a few references away, and a mod naming a large
+# object (a config, a model) must not cost more than a plan
+_MAX_DEPTH = 6
+_MAX_OBJECTS = 4096
+
+
+def captured_tensors(fn) -> list:
+    """The tensors requiring grad that a mod can reach: its closure, defaults, the globals its
+    code names, functools.partial arguments, a bound method's object, an nn.Module's parameters
+    and buffers, objects' attributes, and the containers among them. These are the score_mod's
+    learned inputs (a bias table) that a gradient must reach as well as q, k and v."""
+    found: dict = {}
+    seen: set = set()
+
+    def visit(x, depth: int) -> None:
+        if isinstance(x, torch.Tensor):
+            if x.requires_grad:
+                found.setdefault(id(x), x)
+            return
+        if (depth > _MAX_DEPTH or len(seen) > _MAX_OBJECTS or id(x) in seen or x is None
+                or isinstance(x, (str, bytes, int, float, bool, types.ModuleType, type))):
+            return
+        seen.add(id(x))
+        if isinstance(x, torch.nn.Module):
+            for t in (*x.parameters(), *x.buffers()):
+                visit(t, depth + 1)
+        elif isinstance(x, types.MethodType):
+            visit(x.__func__, depth + 1)
+            visit(x.__self__, depth + 1)
+        elif isinstance(x, functools.partial):
+            for item in (x.func, *x.args, *x.keywords.values()):
+                visit(item, depth + 1)
+        elif isinstance(x, types.FunctionType):
+            for cell in x.__closure__ or ():
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:   # a cell not yet filled
+                    pass
+            for item in (*(x.__defaults__ or ()), *(x.__kwdefaults__ or {}).values(), *vars(x).values()):
+                visit(item, depth + 1)
+            for name in _global_names(x.__code__):
+                if name in x.__globals__:
+                    visit(x.__globals__[name], depth + 1)
+        elif isinstance(x, (tuple, list, set, frozenset)):
+            for item in x:
+                visit(item, depth + 1)
+        elif isinstance(x, dict):
+            for item in x.values():
+                visit(item, depth + 1)
+        elif isinstance(getattr(x, "__dict__", None), dict):   # an object holding them as attributes
+            for item in vars(x).values():
+                visit(item, depth + 1)
+
+    visit(fn, 0)
+    return list(found.values())
+
+
+def _global_names(code) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):   # lambdas and functions defined inside
+            names |= _global_names(const)
+    return names
+
+
+def hidden_grad_probe(score_mod, captured, device):
+    """When a score_mod's result depends on a tensor requiring grad that captured_tensors did not
+    find (reached some other way), its result on position 0 (in range for any table a mod indexes
+    by position), which carries that dependence; else None. Called with grad enabled only."""
+    if captured or score_mod is None:
+        return None
+    zero = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device)
+    try:
+        with torch.enable_grad():
+            out = score_mod(torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=device), zero, zero, zero, zero)
+    except Exception:   # the mod's own error surfaces, explained, where it is evaluated on real positions
+        return None
+    return out if isinstance(out, torch.Tensor) and out.requires_grad else None
+
+
+def learned_inputs(score_mod, device) -> list:
+    """The tensors requiring grad a score_mod's result depends on (captured_tensors), or the
+    probe that carries that dependence when they could not be found: inputs for forward_only."""
+    if score_mod is None:
+        return []
+    captured = captured_tensors(score_mod)
+    hidden = hidden_grad_probe(score_mod, captured, device)
+    return captured if hidden is None else [hidden]
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether an output computed from these tensors must carry a grad_fn."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+class _RecomputedBackward(torch.autograd.Function):
+    """forward: run() (the kernels, outside autograd); backward: backward(saved inputs, grad_out,
+    grad_lse, which inputs need a gradient) -> one gradient (or None) per input."""
+
+    @staticmethod
+    def forward(ctx, run, backward, *inputs):
+        ctx.backward_fn = backward
+        ctx.save_for_backward(*inputs)
+        out, lse = run()
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        grads = ctx.backward_fn(ctx.saved_tensors, grad_out, grad_lse, ctx.needs_input_grad[2:])
+        return (None, None, *grads)
+
+
+def with_recomputed_gradients(run, backward, inputs):
+    """(out, lse) of run(), carrying a grad_fn whose backward is backward(...) (see
+    _RecomputedBackward); inputs are the tensors the gradients are for."""
+    return _RecomputedBackward.apply(run, backward, *inputs)
+
+
+def anchored(inputs, *outputs):
+    """outputs unchanged in value, but reaching inputs in autograd (with zero gradients), for
+    results built without touching them (every row empty): the sum of an empty slice is an
+    exact 0 even where an input holds NaN or inf."""
+    anchor = sum(t[..., :0].sum() for t in inputs if t.requires_grad)
+    return tuple(o + anchor.to(o.dtype) for o in outputs)
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """forward: run(); backward: raises message. Outputs that a gradient cannot be computed for
+    still carry a grad_fn, so the loss of a training step says so rather than dropping them."""
+
+    @staticmethod
+    def forward(ctx, run, message, *inputs):
+        ctx.message = message
+        out, lse = run()
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def forward_only(run, message: str, inputs):
+    """(out, lse) of run(), with a grad_fn (when an input requires grad) whose backward raises message."""
+    return _ForwardOnly.apply(run, message, *inputs)

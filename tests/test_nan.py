@@ -1,0 +1,151 @@
+"""A NaN is never hidden (issue 20, class 6): a NaN query row gives a NaN output row and LSE, a
+NaN key or value gives NaN in every row that sees it, as torch's flex_attention does, on the
+reference backend and on every FlashInfer route through the CPU model of its kernels (whose
+softmax no longer turns NaN into 0); the rows that see no NaN keep their exact values."""
+import math
+
+import pytest
+import torch
+
+from dense_reference import dense_attention
+from flex_flash_infer import FlexFlashInfer, PagedFlexAttention, create_block_mask, flex_attention, get_mask_fn
+from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod
+from test_paged import dense_oracle, random_cache
+from test_route_regressions import flashinfer_on_cpu  # noqa: F401  (fixture)
+
+B, Hq, Hkv, L, S, D = 1, 4, 2, 200, 200, 16
+ROW, KEY = 150, 150           # the NaN query row / key position
+NAN_HEAD, NAN_KV_HEAD = 1, 0  # the query head of the NaN row; the key head of the NaN key (query heads 0, 1)
+
+
+def _random(b, h, q, kv):
+    return ((q * 7 + kv * 13) % 5 != 0) & (kv <= q)
+
+
+def _per_head(b, h, q, kv):
+    return kv >= 3 + 40 * h
+
+
+# (name, mask_mod, score_mod): between them the planner's routes (bands, bands+columns, tiles,
+# bands-per-head, tiles-per-head; compiled score_mod bands, FlashInfer's soft cap, the far split)
+CASES = [
+    ("full", None, None),
+    ("bands", get_mask_fn("causal"), None),
+    ("bands+columns", get_mask_fn("streaming", sink_size=4, window_size=16), None),
+    ("tiles", _random, None),
+    ("bands-per-head", _per_head, None),
+    ("soft-cap", get_mask_fn("sliding_window", window_size=40), generate_softcap_score_mod(2.0)),
+    ("compiled-score_mod", get_mask_fn("sliding_window", window_size=40),
+     lambda s, b, h, q, kv: s - 0.1 * (h + 1) * (q - kv).abs()),
+    ("far-split", get_mask_fn("causal"), generate_relative_position_bias_score_mod(
+        torch.linspace(-1, 1, 4 * 65, dtype=torch.float64).view(4, 65))),
+    ("tiles-per-head+score_mod", _per_head, lambda s, b, h, q, kv: s * 0.5),
+]
+
+
+def _visible(mask_mod):
+    grid = (torch.arange(B).view(-1, 1, 1, 1), torch.arange(Hq).view(1, -1, 1, 1),
+            torch.arange(L).view(1, 1, -1, 1), torch.arange(S).view(1, 1, 1, -1))
+    return torch.ones(B, Hq, L, S, dtype=torch.bool) if mask_mod is None else mask_mod(*grid).expand(B, Hq, L, S)
+
+
+def _assert_nan_exactly_where(out, lse, nan_rows, ref_out, ref_lse, values_only=False):
+    """Rows in nan_rows [B, Hq, L] are NaN (their LSE too unless values_only: a NaN value does not
+    reach the LSE); every other row equals the oracle computed without the NaN."""
+    assert torch.isnan(out[nan_rows]).any(-1).all(), "a row that sees the NaN lost it"
+    if not values_only:
+        assert torch.isnan(lse[nan_rows]).all()
+    clean = ~nan_rows
+    assert not torch.isnan(out[clean]).any() and not torch.isnan(lse[clean]).any(), "NaN leaked to other rows"
+    assert (out[clean].double() - ref_out[clean]).abs().max() < 1e-5
+    seen = torch.isfinite(ref_lse) & clean
+    assert torch.equal(torch.isfinite(lse) & clean, seen)
+    assert torch.allclose(lse[seen].double(), ref_lse[seen], atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+@pytest.mark.parametrize("backend", ["flashinfer", "reference"])
+@pytest.mark.parametrize("name,mask_mod,score_mod", CASES, ids=[c[0] for c in CASES])
+def test_nan_reaches_every_row_that_sees_it(flashinfer_on_cpu, rng, backend, name, mask_mod, score_mod, where):
+    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    heads = Hq if mask_mod is _per_head else None
+    bm = None if mask_mod is None else create_block_mask(mask_mod, None, heads, L, S, device="cpu")
+    visible = _visible(mask_mod)
+    ref_out, ref_lse = dense_attention(q, k, v, visible, score_fn=score_mod)
+    if where == "query":
+        q[0, NAN_HEAD, ROW] = math.nan
+        nan_rows = torch.zeros(B, Hq, L, dtype=torch.bool)
+        nan_rows[0, NAN_HEAD, ROW] = True
+    else:
+        (k if where == "key" else v)[0, NAN_KV_HEAD, KEY] = math.nan
+        nan_rows = visible[..., KEY] & (torch.arange(Hq) // (Hq // Hkv) == NAN_KV_HEAD).view(1, -1, 1)
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True, return_lse=True,
+                              backend=backend)
+    if where == "value":
+        # a row that does not see the key may still meet the NaN value in a tile it computes
+        # (0 * NaN in p @ v, in torch and in the kernels alike): only the rows that see it are checked
+        assert torch.isnan(out[nan_rows]).any(-1).all()
+        assert not torch.isnan(lse).any()
+        return
+    _assert_nan_exactly_where(out, lse, nan_rows, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_nan_rows_as_torch_flex_attention(rng, where):
+    """The same NaN rows as torch's own flex_attention (eager, on CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    q = torch.randn(1, 4, 64, 16, generator=rng)
+    k = torch.randn(1, 2, 64, 16, generator=rng)
+    v = torch.randn(1, 2, 64, 16, generator=rng)
+    (q if where == "query" else k)[0, 1, 40] = math.nan
+    bm = create_block_mask(get_mask_fn("sliding_window", window_size=10), None, None, 64, 64, device="cpu",
+                           BLOCK_SIZE=16)
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="reference")
+    want, want_lse = torch_flex(q, k, v, block_mask=bm.to_torch(), enable_gqa=True, return_lse=True)
+    assert torch.isnan(out).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(want)) and torch.equal(torch.isnan(lse), torch.isnan(want_lse))
+
+
+@pytest.mark.parametrize("backend", ["flashinfer", "reference"])
+@pytest.mark.parametrize("packed", [False, True], ids=["one-sequence", "varlen"])
+def test_seed_api_nan_query_row(flashinfer_on_cpu, monkeypatch, rng, backend, packed):
+    from flex_flash_infer import varlen, wrapper
+
+    monkeypatch.setattr(varlen, "ENABLED", True)   # the one ragged launch
+    if backend == "reference":
+        monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "reference")
+    lens = [100, 100] if packed else [200]
+    cu = [0] + torch.tensor(lens).cumsum(0).tolist()
+    flex = FlexFlashInfer(device="cpu").prepare(
+        mask_fn=get_mask_fn("causal"), seq_len_q=cu[-1], seq_len_kv=cu[-1], num_qo_heads=Hq, num_kv_heads=Hkv,
+        head_dim=D, dtype=torch.float64, **({"cu_seqlens_q": cu, "cu_seqlens_kv": cu} if packed else {}))
+    q = torch.randn(cu[-1], Hq, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(cu[-1], Hkv, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(cu[-1], Hkv, D, generator=rng, dtype=torch.float64)
+    q[120, 2] = math.nan
+    out, lse = flex(q, k, v, return_lse=True)
+    assert torch.isnan(out[120, 2]).all() and torch.isnan(lse[120, 2])
+    assert torch.isnan(out).any(-1).sum() == 1 and torch.isnan(lse).sum() == 1
+
+
+@pytest.mark.parametrize("backend", ["flashinfer", "reference"])
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_paged_nan(flashinfer_on_cpu, rng, backend, where):
+    q, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, [40, 70], [1, 5], 16)
+    mod = get_mask_fn("sliding_window", window_size=20)
+    ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_indptr, indices, last, 16)
+    nan_rows = torch.zeros(q.shape[:2], dtype=torch.bool)
+    if where == "query":
+        q[3, 1] = math.nan
+        nan_rows[3, 1] = True
+    else:   # key 55 of request 1: its queries (positions 65..69) all see it in their window
+        page = indices[int(kv_indptr[1]) + 55 // 16]
+        kc[page, 55 % 16, 0] = math.nan
+        nan_rows[1:6, :2] = True   # query heads 0 and 1 read key head 0
+    attn = PagedFlexAttention(device="cpu", backend=backend)
+    attn.plan(mod, qo_indptr, kv_indptr, indices, last, 4, 2, 16, 16, dtype=torch.float64)
+    out, lse = attn.run(q, (kc, vc), return_lse=True)
+    _assert_nan_exactly_where(out, lse, nan_rows, ref_out, ref_lse)
