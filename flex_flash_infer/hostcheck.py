@@ -1,7 +1,10 @@
 """Compile a traced mod's generated C++ on the host (g++) and evaluate it on arrays.
 
 This checks the code generator without a GPU: the same expression text that goes into the
-FlashInfer variant is compiled here and compared with the torch function on random inputs.
+FlashInfer variant is compiled here and compared with the torch function on random inputs. The
+host compile computes what the CUDA code does (the same prelude, the same wrapping helpers, int64
+numbers passed as int64), not what torch does. compile_device builds the same expression as a
+CUDA kernel (nvcc), to compile its device code without a GPU and to run it on one.
 """
 from __future__ import annotations
 
@@ -13,70 +16,115 @@ import tempfile
 
 import torch
 
-from .codegen import CTYPE, ELEMENT_CTYPE, POSITION_BOUND, PRELUDE, element_kind, emit_expression, kernel_tensor
+from .codegen import POSITION_BOUND, PRELUDE, ctype, element_ctype, emit_expression, kernel_tensor
 from .trace import Graph
 
 _CACHE_DIR = os.path.join(tempfile.gettempdir(), "flex_flash_infer_hostcheck")
 
 
-def host_source(graph: Graph, tanh_call=None) -> str:
+def host_source(graph: Graph, tanh_call=None, cuda: bool = False) -> str:
+    """C++ (or, with cuda, a CUDA kernel and its launcher) that evaluates the graph's generated
+    expression on n elements; eval_mod takes the same arguments either way (device pointers on
+    CUDA)."""
     tensor_decl = "".join(
-        f"  const {ELEMENT_CTYPE[element_kind(t)]}* {name} = (const {ELEMENT_CTYPE[element_kind(t)]}*)tensors[{i}];\n"
+        f"  const {element_ctype(t)}* {name} = (const {element_ctype(t)}*)tensors[{i}];\n"
         + "".join(f"  const long long {name}_stride{d} = strides[{4 * i + d}];\n" for d in range(t.dim()))
         for i, (name, t) in enumerate(graph.tensors))
-    scalar_index = {name: i for i, (name, _, _) in enumerate(graph.scalars)}
+    # one 8-byte slot per number: an int64 for an int (as the kernels take it), else a double
+    scalar_slot = {name: f"((const {'long long' if kind == 'int' else 'double'}*)scalars)[{i}]"
+                   for i, (name, kind, _) in enumerate(graph.scalars)}
     # hoisted as the GPU variant hoists (what reads only b and h), here recomputed per element
     hoisted = []
-    expr = emit_expression(graph, lambda n: f"scalars[{scalar_index[n]}]", lambda n: n, hoisted=hoisted,
+    expr = emit_expression(graph, scalar_slot.__getitem__, lambda n: n, hoisted=hoisted,
                            invariant_inputs=("b", "h"), position_bound=POSITION_BOUND, tanh_call=tanh_call)
-    hoisted_decl = "".join(f"    {ctype} const {name} = {code};\n" for name, ctype, code in hoisted)
-    return f"""#include <cmath>
+    hoisted_decl = "".join(f"    {c_type} const {name} = {code};\n" for name, c_type, code in hoisted)
+    params = ("long long n, const float* score_in, const int* b_in, const int* h_in, const int* q_in, "
+              "const int* kv_in, const void* scalars, const void* const* tensors, const long long* strides, float* out")
+    body = f"""{tensor_decl}    const float score = score_in[i]; const int b = b_in[i], h = h_in[i], q_idx = q_in[i], kv_idx = kv_in[i];
+    (void)score; (void)b; (void)h; (void)q_idx; (void)kv_idx;
+{hoisted_decl}    out[i] = (float)({ctype(graph.output.dtype)})({expr});
+"""
+    if not cuda:
+        return f"""#include <cmath>
 #include <cstdint>
 {PRELUDE}
-extern "C" void eval_mod(long long n, const float* score_in, const int* b_in, const int* h_in, const int* q_in,
-                         const int* kv_in, const double* scalars, const void* const* tensors,
-                         const long long* strides, float* out) {{
-{tensor_decl}  for (long long i = 0; i < n; ++i) {{
-    const float score = score_in[i]; const int b = b_in[i], h = h_in[i], q_idx = q_in[i], kv_idx = kv_in[i];
-    (void)score; (void)b; (void)h; (void)q_idx; (void)kv_idx;
-{hoisted_decl}    out[i] = (float)({CTYPE[graph.output.kind]})({expr});
-  }}
+extern "C" void eval_mod({params}) {{
+  for (long long i = 0; i < n; ++i) {{
+{body}  }}
 }}
 """
+    return f"""#include <cmath>
+#include <cstdint>
+#include <cuda_runtime.h>
+{PRELUDE}
+__global__ void eval_kernel({params}) {{
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {{
+{body}  }}
+}}
+extern "C" int eval_mod({params}) {{
+  if (n > 0) eval_kernel<<<(unsigned)((n + 255) / 256), 256>>>(n, score_in, b_in, h_in, q_in, kv_in, scalars, tensors,
+                                                               strides, out);
+  const cudaError_t launched = cudaGetLastError();
+  return launched != cudaSuccess ? (int)launched : (int)cudaDeviceSynchronize();
+}}
+"""
+
+
+def _build(source: str, cuda: bool, arch: str | None) -> str:
+    """The shared library of source (cached by its text), built with g++ or nvcc."""
+    os.makedirs(_CACHE_DIR, exist_ok=True)
+    digest = hashlib.sha256((source + str(arch)).encode()).hexdigest()[:20]
+    lib_path = os.path.join(_CACHE_DIR, f"mod_{digest}{'_cuda' if cuda else ''}.so")
+    if not os.path.exists(lib_path):
+        src_path = lib_path[:-3] + (".cu" if cuda else ".cpp")
+        with open(src_path, "w") as f:
+            f.write(source)
+        tmp = lib_path + f".{os.getpid()}.tmp"
+        command = (["nvcc", "-O3", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch or 'native'}", "-o", tmp, src_path]
+                   if cuda else ["g++", "-O1", "-shared", "-fPIC", "-o", tmp, src_path])
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"generated {'CUDA' if cuda else 'C++'} failed to compile:\n{result.stderr[:3000]}"
+                               f"\n--- source ---\n{source}")
+        os.replace(tmp, lib_path)
+    return lib_path
+
+
+def compile_device(graph: Graph, tanh_call=None, arch: str | None = None):
+    """compile_host's callable, computed by a CUDA kernel of the same generated expression (nvcc
+    and a GPU needed): the device code itself, its ffi_tanh the GPU's tanh.approx."""
+    return _runner(graph, _build(host_source(graph, tanh_call, cuda=True), True, arch), "cuda")
 
 
 def compile_host(graph: Graph, tanh_call=None):
     """The generated expression as a callable f(score, b, h, q_idx, kv_idx) on flat tensors.
     tanh_call: as emit_expression's (the host loop names the key position kv_idx)."""
-    source = host_source(graph, tanh_call)
-    os.makedirs(_CACHE_DIR, exist_ok=True)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
-    lib_path = os.path.join(_CACHE_DIR, f"mod_{digest}.so")
-    if not os.path.exists(lib_path):
-        src_path = lib_path[:-3] + ".cpp"
-        with open(src_path, "w") as f:
-            f.write(source)
-        tmp = lib_path + f".{os.getpid()}.tmp"
-        result = subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-o", tmp, src_path], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"generated C++ failed to compile:\n{result.stderr[:3000]}\n--- source ---\n{source}")
-        os.replace(tmp, lib_path)
+    return _runner(graph, _build(host_source(graph, tanh_call), False, None), "cpu")
+
+
+def _runner(graph: Graph, lib_path: str, device: str):
     lib = ctypes.CDLL(lib_path)
-    tensors = [kernel_tensor(t) for _, t in graph.tensors]
+    tensors = [kernel_tensor(t).to(device) for _, t in graph.tensors]
     strides = torch.zeros(max(1, 4 * len(tensors)), dtype=torch.int64)
     for i, t in enumerate(tensors):
         strides[4 * i:4 * i + t.dim()] = torch.tensor(t.stride())
-    scalars = torch.tensor([float(v) for _, _, v in graph.scalars] or [0.0], dtype=torch.float64)
+    strides = strides.to(device)
+    scalars = torch.tensor([v if kind == "int" else torch.tensor(float(v), dtype=torch.float64).view(torch.int64).item()
+                            for _, kind, v in graph.scalars] or [0], dtype=torch.int64, device=device)
+    pointers = torch.tensor([t.data_ptr() for t in tensors] or [0], dtype=torch.int64, device=device)
 
     def run(score, b, h, q_idx, kv_idx):
         score, b, h, q_idx, kv_idx = torch.broadcast_tensors(
             torch.as_tensor(score, dtype=torch.float32), *(torch.as_tensor(x, dtype=torch.int32) for x in (b, h, q_idx, kv_idx)))
-        flat = [x.contiguous().reshape(-1) for x in (score, b, h, q_idx, kv_idx)]
-        out = torch.empty(flat[0].numel(), dtype=torch.float32)
-        ptrs = (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
-        lib.eval_mod(ctypes.c_longlong(out.numel()), *(ctypes.c_void_p(x.data_ptr()) for x in flat),
-                     ctypes.c_void_p(scalars.data_ptr()), ptrs, ctypes.c_void_p(strides.data_ptr()),
-                     ctypes.c_void_p(out.data_ptr()))
-        return out.view(score.shape)
+        flat = [x.contiguous().reshape(-1).to(device) for x in (score, b, h, q_idx, kv_idx)]
+        out = torch.empty(flat[0].numel(), dtype=torch.float32, device=device)
+        status = lib.eval_mod(ctypes.c_longlong(out.numel()), *(ctypes.c_void_p(x.data_ptr()) for x in flat),
+                              ctypes.c_void_p(scalars.data_ptr()), ctypes.c_void_p(pointers.data_ptr()),
+                              ctypes.c_void_p(strides.data_ptr()), ctypes.c_void_p(out.data_ptr()))
+        if device != "cpu" and status:
+            raise RuntimeError(f"the generated CUDA kernel failed: cudaError {status}")
+        return out.cpu().view(score.shape)
 
+    run.tables = tensors   # pointers holds their addresses only: they live as long as run
     return run

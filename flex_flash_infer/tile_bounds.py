@@ -12,14 +12,17 @@ mask has 65536 tiles: bounds decide all but the 256 on the diagonal, and samples
 so no tile is evaluated in full (the element-wise build evaluates 1G pairs).
 
 Every rule is sound (the interval contains every value the element-wise evaluation produces);
-what it cannot bound (floats, a table read over a wide index range, values beyond int32) is
-unknown, and unknown tiles are evaluated. The states equal the element-wise build's exactly.
+what it cannot bound (floats, a table read over a wide index range, int64 values beyond
+int32, an integer power) is unknown, and unknown tiles are evaluated. Integer types follow
+torch's: operands converted to the op's dtype, results wrapped to the node's (int8, int16, uint8
+and int32 wrap; bool + bool is an or). The states equal the element-wise build's exactly.
 """
 from __future__ import annotations
 
 import torch
 
 from .block_build import EMPTY, FULL, PARTIAL, tile_elements
+from .codegen import dtype_range, wrap_int
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
 from .trace import Graph, Node, TraceError, trace
 
@@ -35,7 +38,10 @@ MAX_BOUNDED_TILES = 1 << 24
 
 class _Bounds:
     """Interval evaluation of one graph; int nodes give (lo, hi) int64 tensors or None
-    (unknown), bool nodes (certain, possible) bool tensors, float nodes None."""
+    (unknown), bool nodes (certain, possible) bool tensors, float nodes None. Each op takes its
+    operands converted to its dtype as torch converts them (a Python int wraps to an int8
+    operand's type) and its result wrapped to its own (an int8 sum past 127 wraps to -128): an
+    interval that crosses a wrap point is that dtype's whole range."""
 
     def __init__(self, graph: Graph, inputs: dict, device):
         self.inputs = inputs
@@ -66,34 +72,40 @@ class _Bounds:
             return r[0].long(), r[1].long()
         return r if node.kind == "int" else None
 
+    def operand(self, node: Node, dtype: torch.dtype):
+        """The node's bounds as an operand of an op computed in dtype (int64 intervals, bools as
+        0 / 1), or None: a number known at trace time converted exactly, else its interval wrapped."""
+        if dtype.is_floating_point or node.kind == "float":
+            return None
+        if node.tier < 2 and isinstance(node.value, (bool, int)):
+            v = torch.tensor(int(wrap_int(int(node.value), dtype)), dtype=torch.int64, device=self.device)
+            return v, v
+        return _as_dtype(self.ints(node), dtype)
+
     def settle(self, node: Node, r):
-        """An int result for this node's kind: None past int32 (the element-wise build would
-        wrap), a bool where the node is one (non-zero)."""
+        """An int result for this node's dtype: wrapped to it (None where unknown or, for int64,
+        past int32, which keeps the interval arithmetic within int64), a bool where the node is one
+        (non-zero)."""
+        r = _as_dtype(r, node.dtype)
         if r is None:
             return self.unknown_bool() if node.kind == "bool" else None
-        lo, hi = r
-        if bool((lo < INT32_MIN).any()) or bool((hi > INT32_MAX).any()):
-            return self.unknown_bool() if node.kind == "bool" else None
-        return _nonzero(lo, hi) if node.kind == "bool" else (lo, hi)
+        return _nonzero(*r) if node.kind == "bool" else r
 
     def _eval(self, node: Node):
         op, a, kind = node.op, node.args, node.kind
         if op == "input":
             return self.inputs[node.attr]
         if op == "const":
-            return self.exact(node.attr, kind)
+            return self.settle(node, self.exact(node.attr, "int")) if kind != "float" else None
         if op == "scalar":
             k, v = self.scalars[node.attr]
-            return self.exact(v, k) if kind != "float" else None
+            return self.settle(node, self.exact(v, "int")) if kind != "float" else None
         if kind == "float":
             return None
         if op == "cast":
-            src = a[0].kind
-            if src == "float":
-                return self.unknown_bool() if kind == "bool" else None
-            return self.settle(node, self.ints(a[0]))
+            return self.settle(node, self.operand(a[0], node.dtype))
         if op in ("lt", "le", "gt", "ge", "eq", "ne"):
-            x, y = self.ints(a[0]), self.ints(a[1])
+            x, y = self.operand(a[0], node.compute), self.operand(a[1], node.compute)
             if x is None or y is None:
                 return self.unknown_bool()
             return _compare(op, x, y)
@@ -101,14 +113,14 @@ class _Bounds:
             return _logic(op, *[self.of(x) for x in a])
         if op == "where":
             c = self.of(a[0])
-            t, f = (self.of(x) if kind == "bool" else self.ints(x) for x in a[1:])
+            t, f = (self.of(x) if kind == "bool" else self.operand(x, node.dtype) for x in a[1:])
             if t is None or f is None:
-                return None
+                return self.settle(node, None)
             return _select(c, t, f, kind == "bool")
         if op == "load":
             return self.settle(node, self._load(node))
-        args = [self.ints(x) for x in a]
-        if any(x is None for x in args):
+        args = [self.operand(x, node.dtype) for x in a]
+        if op == "pow" or any(x is None for x in args):
             return self.settle(node, None)
         return self.settle(node, _arith(op, args))
 
@@ -138,6 +150,28 @@ class _Bounds:
         index = tuple(along if k == d else lo[k].unsqueeze(-1) for k in range(len(lo)))
         gathered = table[index].to(torch.int64)
         return gathered.amin(-1), gathered.amax(-1)
+
+
+def _as_dtype(r, dtype: torch.dtype):
+    """An exact int interval converted to an integer or bool dtype: unchanged within its range,
+    wrapped where the whole interval lies in one period of 2^bits, the dtype's whole range where
+    it crosses a wrap point; None for int64 past int32 (unknown: no exact bound is kept there)."""
+    if r is None:
+        return None
+    lo, hi = r
+    if dtype == torch.bool:
+        certain, possible = _nonzero(lo, hi)
+        return certain.long(), possible.long()
+    if dtype == torch.int64:
+        return None if bool((lo < INT32_MIN).any()) or bool((hi > INT32_MAX).any()) else r
+    dmin, dmax = dtype_range(dtype)
+    if bool((lo >= dmin).all()) and bool((hi <= dmax).all()):
+        return r
+    span = dmax - dmin + 1
+    period_lo, period_hi = torch.div(lo - dmin, span, rounding_mode="floor"), torch.div(hi - dmin, span, rounding_mode="floor")
+    one_period = period_lo == period_hi
+    return (torch.where(one_period, lo - period_lo * span, dmin),
+            torch.where(one_period, hi - period_hi * span, dmax))
 
 
 def _nonzero(lo, hi):

@@ -5,19 +5,28 @@ __torch_function__) and indexing of captured tensors build nodes; captured Pytho
 become named scalar parameters (the closure is rebuilt with symbolic stand-ins), so their
 values are kernel arguments and changing them does not change the graph. Python control flow
 on a traced value cannot be expressed and raises TraceError naming the line.
+
+Every node carries torch's dtype of its value, found by running the op itself on stand-ins of
+its operands (ones of the operand's dtype; a Python number or a 0-d tensor as itself), so type
+promotion follows torch exactly: an int8 sum wraps in int8, bool + bool is a bool, a Python int
+compared with an int8 tensor is first converted to int8, int32 + an int64 table value is int64.
+torch's own errors (bool - bool, a where or clamp value out of the dtype's range, an integer to
+a negative power) surface as TraceError. What the kernels cannot compute as torch does (ops whose
+result is float16 / bfloat16, unsigned types past uint8, tables indexed by bool, uint8, int8 or
+int16 values) raises TraceError, and the call runs on the reference backend.
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
 import numbers
+import operator
 import types
 from dataclasses import dataclass, field
 
 import torch
 
 KINDS = ("bool", "int", "float")
-_RANK = {"bool": 0, "int": 1, "float": 2}
 
 
 class TraceError(TypeError):
@@ -30,6 +39,12 @@ class Node:
     args: tuple
     kind: str
     attr: object = None
+    # torch's dtype of the value; a Python number has bool, int64 or float64 (what C computes it in)
+    dtype: torch.dtype | None = None
+    # torch's promotion ranks: 2 a tensor with dims, 1 a 0-d tensor, 0 a Python number
+    tier: int = 2
+    value: object = None            # tiers 0 and 1: the value at trace time (a Python number)
+    compute: torch.dtype | None = None   # comparisons: the dtype both sides are converted to
 
 
 @dataclass
@@ -48,14 +63,123 @@ class Graph:
         return hashlib.sha256(repr((text, meta, self.inputs)).encode()).hexdigest()[:16]
 
 
-def _promote(*kinds) -> str:
-    return max(kinds, key=_RANK.__getitem__)
-
-
 def _kind_of_dtype(dtype: torch.dtype) -> str:
     if dtype == torch.bool:
         return "bool"
     return "float" if dtype.is_floating_point else "int"
+
+
+# dtypes a node's value may have (the kernels compute each exactly as torch does); float16 and
+# bfloat16 only as table elements (converted exactly to float32), never as an op's result
+VALUE_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float32,
+                torch.float64)
+TABLE_DTYPES = VALUE_DTYPES + (torch.float16, torch.bfloat16)
+_PYTHON_DTYPE = {bool: torch.bool, int: torch.int64, float: torch.float64}
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+def _python_number(x):
+    """A Python bool, int or float (numbers.Integral / Real otherwise, numpy's included)."""
+    if isinstance(x, bool):
+        return x
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    return float(x)
+
+
+def _checked_python(value, what: str):
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise TraceError(f"{what} {value} does not fit in 64 bits, at {_user_line()}; use backend='reference'")
+    return value
+
+
+def _stand_in_value(node: "Node"):
+    """What torch sees for this operand when the dtype of an op is worked out."""
+    if node.tier == 0:
+        return node.value
+    if node.tier == 1:
+        return torch.tensor(node.value, dtype=node.dtype)
+    return torch.ones(1, dtype=node.dtype)
+
+
+def _min_max(op):
+    """torch.minimum / maximum, with a Python number as clamp takes it (range checked)."""
+    def f(a, b):
+        if not isinstance(a, torch.Tensor):
+            a, b = b, a
+        if not isinstance(b, torch.Tensor):
+            return torch.clamp(a, max=b) if op == "min" else torch.clamp(a, min=b)
+        return torch.minimum(a, b) if op == "min" else torch.maximum(a, b)
+    return f
+
+
+def _float_fn(name):
+    fn = getattr(torch, name)
+    return lambda x: fn(x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64))
+
+
+_TORCH_OPS = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
+    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow,
+    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge, "eq": operator.eq, "ne": operator.ne,
+    "and": operator.and_, "or": operator.or_, "xor": operator.xor, "bitnot": operator.invert,
+    "not": torch.logical_not, "neg": operator.neg, "abs": operator.abs, "min": _min_max("min"), "max": _min_max("max"),
+    "where": torch.where, **{n: _float_fn(n) for n in ("exp", "log", "tanh", "sigmoid", "sqrt")},
+}
+
+
+def _python_where(c, a, b):
+    kinds = {type(a), type(b)}
+    out = a if c else b
+    return float(out) if float in kinds else int(out) if int in kinds else out
+
+
+_PYTHON_OPS = {**_TORCH_OPS, "min": min, "max": max, "not": operator.not_, "where": _python_where}
+
+
+def _describe(node: "Node") -> str:
+    if node.tier == 0:
+        return f"a Python {type(node.value).__name__}"
+    return ("a 0-d " if node.tier == 1 else "") + str(node.dtype).replace("torch.", "")
+
+
+def _node(op: str, operands, attr=None, dtype: torch.dtype | None = None) -> "Sym":
+    """The node of op on operands (Syms or Python values), with torch's dtype: the op is run on
+    stand-ins (_stand_in_value), or, on Python numbers alone, in Python as the mod would run it.
+    A cast gives dtype."""
+    nodes = [lift(x).node for x in operands]
+    tier = max((n.tier for n in nodes), default=0)
+    if op == "cast":
+        tier = max(tier, 1)
+    try:
+        if op == "cast":
+            out = _stand_in_value(nodes[0])
+            out = (out if isinstance(out, torch.Tensor) else torch.tensor(out)).to(dtype)
+        elif tier == 0 and op not in ("exp", "log", "tanh", "sigmoid", "sqrt"):
+            out = _PYTHON_OPS[op](*(n.value for n in nodes))
+        else:
+            out = _TORCH_OPS[op](*(_stand_in_value(n) for n in nodes))
+    except TraceError:
+        raise
+    except Exception as e:   # torch's own error: the reference backend raises it too
+        raise TraceError(f"'{op}' on {', '.join(_describe(n) for n in nodes)} fails in torch "
+                         f"({type(e).__name__}: {e}), at {_user_line()}") from e
+    if isinstance(out, torch.Tensor) and tier > 0:
+        dtype, value = out.dtype, (out.item() if tier < 2 else None)
+    else:
+        value = _checked_python(_python_number(out), "a Python number")
+        dtype = _PYTHON_DTYPE[type(value)]
+    if dtype not in VALUE_DTYPES:
+        raise TraceError(f"'{op}' gives a {str(dtype).replace('torch.', '')} value, which compiled kernels do not "
+                         f"compute as torch does (it rounds every op to that type), at {_user_line()}; "
+                         "use backend='reference'")
+    compute = None
+    if op in ("lt", "le", "gt", "ge", "eq", "ne"):
+        if tier == 0:
+            compute = torch.float64 if any(n.dtype.is_floating_point for n in nodes) else torch.int64
+        else:
+            compute = torch.result_type(*(_stand_in_value(n) for n in nodes))
+    return Sym(Node(op, tuple(nodes), _kind_of_dtype(dtype), attr, dtype, tier, value, compute))
 
 
 def _user_line() -> str:
@@ -87,33 +211,32 @@ _ACTIVE: list = []
 def lift(x) -> "Sym":
     if isinstance(x, Sym):
         return x
-    if isinstance(x, bool):
-        return Sym(Node("const", (), "bool", x))
-    if isinstance(x, numbers.Integral):
-        return Sym(Node("const", (), "int", int(x)))
-    if isinstance(x, numbers.Real):
-        return Sym(Node("const", (), "float", float(x)))
-    if isinstance(x, torch.Tensor) and x.dim() == 0:
-        return lift(x.item())
+    if isinstance(x, numbers.Real) and not isinstance(x, torch.Tensor):
+        value = _checked_python(_python_number(x), "a Python number")
+        dtype = _PYTHON_DTYPE[type(value)]
+        return Sym(Node("const", (), _kind_of_dtype(dtype), value, dtype, 0, value))
+    if isinstance(x, torch.Tensor) and x.dim() == 0:   # a 0-d tensor: its dtype, promoted as torch ranks it
+        if x.dtype not in VALUE_DTYPES:
+            raise TraceError(f"a captured 0-d tensor of dtype {x.dtype} is not supported in a compiled mod, "
+                             f"at {_user_line()}; use backend='reference'")
+        value = x.item()
+        return Sym(Node("const", (), _kind_of_dtype(x.dtype), value, x.dtype, 1, value))
     raise TraceError(f"cannot use a value of type {type(x).__name__} ({x!r:.40}) in a traced mod at {_user_line()}")
 
 
 def _binary(op, a, b, kind=None):
-    a, b = lift(a), lift(b)
-    return Sym(Node(op, (a.node, b.node), kind or _promote(a.node.kind, b.node.kind)))
+    return _node(op, (a, b))
 
 
 def _unary(op, a, kind=None):
-    a = lift(a)
-    return Sym(Node(op, (a.node,), kind or a.node.kind))
+    return _node(op, (a,))
 
 
 def _logic(op, a, b):
     a, b = lift(a), lift(b)
-    kind = "bool" if a.node.kind == b.node.kind == "bool" else _promote(a.node.kind, b.node.kind)
-    if kind == "float":
+    if "float" in (a.node.kind, b.node.kind):
         raise TraceError(f"'{op}' of floating values is not defined, at {_user_line()}")
-    return Sym(Node(op, (a.node, b.node), kind))
+    return _node(op, (a, b))
 
 
 FLOAT_FUNCS = {"exp", "log", "tanh", "sigmoid", "sqrt"}
@@ -142,8 +265,8 @@ class Sym:
     def __rmod__(self, o): return _binary("mod", o, self)
     def __pow__(self, o): return _binary("pow", self, o, "float")
     def __rpow__(self, o): return _binary("pow", o, self, "float")
-    def __neg__(self): return _unary("neg", self, _promote(self.node.kind, "int"))
-    def __abs__(self): return _unary("abs", self, _promote(self.node.kind, "int"))
+    def __neg__(self): return _unary("neg", self)
+    def __abs__(self): return _unary("abs", self)
     # comparisons
     def __lt__(self, o): return _binary("lt", self, o, "bool")
     def __le__(self, o): return _binary("le", self, o, "bool")
@@ -183,15 +306,37 @@ class Sym:
     def float(self): return self.to(torch.float32)
     def int(self): return self.to(torch.int32)
     def long(self): return self.to(torch.int64)
+    def double(self): return self.to(torch.float64)
+    def short(self): return self.to(torch.int16)
+    def char(self): return self.to(torch.int8)
+    def byte(self): return self.to(torch.uint8)
+    def half(self): return self.to(torch.float16)
+    def bfloat16(self): return self.to(torch.bfloat16)
     def bool(self): return self.to(torch.bool)
 
     def to(self, dtype=None, *args, **kwargs):
+        dtype = kwargs.get("dtype", dtype)
         if not isinstance(dtype, torch.dtype):
             return self  # .to(device) and friends do not change the value
-        return Sym(Node("cast", (self.node,), _kind_of_dtype(dtype)))
+        if dtype not in VALUE_DTYPES:
+            raise TraceError(f"a cast to {dtype} is not supported in a compiled mod (the kernels compute "
+                             f"{', '.join(str(d).replace('torch.', '') for d in VALUE_DTYPES)}), at {_user_line()}; "
+                             "use backend='reference'")
+        if dtype == self.node.dtype and self.node.tier == 2:
+            return self
+        return _node("cast", (self,), dtype=dtype)
 
-    def new_ones(self, *args, **kwargs): return lift(True if kwargs.get("dtype") == torch.bool else 1)
-    def new_zeros(self, *args, **kwargs): return lift(False if kwargs.get("dtype") == torch.bool else 0)
+    def _new_full(self, fill, size, kwargs):
+        # a tensor of this one's dtype unless told; of no dims (a 0-d tensor) for an empty size
+        dtype = kwargs.get("dtype") or self.node.dtype
+        if dtype not in VALUE_DTYPES:
+            raise TraceError(f"new_ones / new_zeros of {dtype} is not supported in a compiled mod, at {_user_line()}")
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        value = torch.full((), fill, dtype=dtype).item()
+        return Sym(Node("const", (), _kind_of_dtype(dtype), value, dtype, 1 if len(shape) == 0 else 2, value))
+
+    def new_ones(self, *size, **kwargs): return self._new_full(1, size, kwargs)
+    def new_zeros(self, *size, **kwargs): return self._new_full(0, size, kwargs)
 
     def __bool__(self):
         raise TraceError(f"Python control flow on a traced value (if / and / or / while) at {_user_line()}; "
@@ -223,10 +368,10 @@ def _clamp(x, min=None, max=None):
 
 
 def _where(cond, a, b):
-    cond, a, b = lift(cond), lift(a), lift(b)
+    cond = lift(cond)
     if cond.node.kind != "bool":
         cond = cond.to(torch.bool)
-    return Sym(Node("where", (cond.node, a.node, b.node), _promote(a.node.kind, b.node.kind)))
+    return _node("where", (cond, a, b))
 
 
 def _getitem(tensor, index):
@@ -240,8 +385,23 @@ def _getitem(tensor, index):
     for i in idx:
         if i.node.kind == "float":
             raise TraceError(f"a captured tensor indexed by a floating value, at {_user_line()}")
+        if i.node.tier > 0 and i.node.dtype not in (torch.int32, torch.int64):
+            # torch reads bool and uint8 indices as masks and refuses int8 / int16 ones
+            raise TraceError(f"a captured tensor indexed by a {i.node.dtype} value (torch takes bool and uint8 "
+                             f"indices as masks, and no other narrow int type), at {_user_line()}; index with "
+                             "int32 or int64 values, or use backend='reference'")
+    if tensor.dtype not in TABLE_DTYPES:
+        raise TraceError(f"a captured tensor of dtype {tensor.dtype} is not supported in a compiled mod, at "
+                         f"{_user_line()}; use backend='reference'")
     name = _ACTIVE[-1].tensor_name(tensor)
-    return Sym(Node("load", tuple(i.node for i in idx), _kind_of_dtype(tensor.dtype), name))
+    nodes = tuple(i.node for i in idx)
+    if all(n.tier < 2 for n in nodes):   # every index a number: torch gives a 0-d tensor
+        try:
+            value = tensor[tuple(n.value for n in nodes)].item()
+        except IndexError as e:
+            raise TraceError(f"captured tensor index out of range ({e}), at {_user_line()}") from e
+        return Sym(Node("load", nodes, _kind_of_dtype(tensor.dtype), name, tensor.dtype, 1, value))
+    return Sym(Node("load", nodes, _kind_of_dtype(tensor.dtype), name, tensor.dtype, 2))
 
 
 def _minmax(op):
@@ -300,8 +460,9 @@ def _stand_in(var, value, tracer, seen):
     if isinstance(value, numbers.Real):
         kind = "int" if isinstance(value, numbers.Integral) else "float"
         name = f"s{len(tracer.scalars)}_{var}"
+        value = _checked_python(_python_number(value), f"captured number {var} =")
         tracer.scalars.append((name, kind, value))
-        return Sym(Node("scalar", (), kind, name))
+        return Sym(Node("scalar", (), kind, name, _PYTHON_DTYPE[type(value)], 0, value))
     if isinstance(value, types.FunctionType):
         return _parametrize(value, tracer, seen)
     if isinstance(value, (tuple, list)) and any(isinstance(v, types.FunctionType) for v in value):
@@ -314,7 +475,9 @@ def trace(mod, kind: str) -> Graph:
     names = ("score", "b", "h", "q_idx", "kv_idx") if kind == "score_mod" else ("b", "h", "q_idx", "kv_idx")
     tracer = _Tracer()
     fn = _parametrize(mod, tracer, {})
-    args = [Sym(Node("input", (), "float" if n == "score" else "int", n)) for n in names]
+    # FlexAttention hands a mod float32 scores and int32 indices (tensors with dims)
+    args = [Sym(Node("input", (), "float", n, torch.float32) if n == "score" else Node("input", (), "int", n, torch.int32))
+            for n in names]
     _ACTIVE.append(tracer)
     try:
         out = fn(*args)

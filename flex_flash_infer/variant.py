@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .codegen import ELEMENT_CTYPE, PRELUDE, element_kind, emit_expression, kernel_tensor
+from .codegen import PRELUDE, element_ctype, emit_expression, kernel_tensor
 from .trace import Graph
 
 REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
@@ -87,7 +87,7 @@ def graph_arguments(graph: Graph | None, prefix: str = "ffi_"):
     if graph is None:
         return [], [], [], []
     tensors = [f"{prefix}{n}" for n, _ in graph.tensors]
-    tensor_dtypes = [ELEMENT_CTYPE[element_kind(t)] for _, t in graph.tensors]
+    tensor_dtypes = [element_ctype(t) for _, t in graph.tensors]
     scalars = [f"{prefix}{n}" for n, _, _ in graph.scalars] + [
         f"{prefix}{n}_stride{d}" for n, t in graph.tensors for d in range(t.dim())]
     scalar_dtypes = [_SCALAR_CTYPE[k] for _, k, _ in graph.scalars] + [
