@@ -1,8 +1,8 @@
 """Classify (query tile, key tile) pairs as empty / partial / full without the dense mask.
 
 Most tiles are decided from the traced mask_mod's bounds over each tile (tile_bounds.py), the
-rest evaluated element by element. A mask that does not trace, or that bounds leave mostly
-undecided, is evaluated on a bounded chunk of query tiles at a time, so peak memory is
+rest evaluated element by element. A mask that does not trace, or the query tiles that bounds
+leave mostly undecided, are evaluated on a bounded chunk of query tiles at a time, so peak memory is
 O(number of tiles) plus one chunk of about `chunk_elements` booleans, never O(Q_LEN * KV_LEN).
 """
 from __future__ import annotations
@@ -79,30 +79,40 @@ def classify_tiles(
         states = classify_by_bounds(mask_mod, B, H, Q_LEN, KV_LEN, block_q, block_kv, device, chunk_elements)
         if states is not None:
             return states
-    counts_of = _compiled() if compile else _tile_counts
     uses_b, uses_h = mask_dependence(mask_mod, B, H, Q_LEN, KV_LEN, device)
-    chunk_elements = max(1, chunk_elements // ((B if uses_b else 1) * (H if uses_h else 1)))
-    nq, nkv = ceil_div(Q_LEN, block_q), ceil_div(KV_LEN, block_kv)
-    states = torch.empty((B, H, nq, nkv), dtype=torch.int8, device=device)
+    states = torch.empty((B, H, ceil_div(Q_LEN, block_q), ceil_div(KV_LEN, block_kv)), dtype=torch.int8, device=device)
+    classify_query_tiles(mask_mod, states, 0, states.shape[2], Q_LEN, KV_LEN, block_q, block_kv, chunk_elements,
+                         compile, (B if uses_b else 1) * (H if uses_h else 1))
+    return states
+
+
+def classify_query_tiles(mask_mod, states: torch.Tensor, qt0: int, qt1: int, Q_LEN: int, KV_LEN: int, block_q: int,
+                         block_kv: int, chunk_elements: int, compile: bool = False, mask_copies: int = 1) -> None:
+    """Fill states[:, :, qt0:qt1] (int8 [B, H, nQ, nKV]; B or H of 1 where the mask reads neither)
+    element by element, a chunk of about chunk_elements pairs at a time. mask_copies: how many
+    (b, h) the mod's result holds per pair (its b and h dims), which a chunk's size accounts for."""
+    device = states.device
+    counts_of = _compiled() if compile else _tile_counts
+    chunk_elements = max(1, chunk_elements // mask_copies)
+    B, H, _, nkv = states.shape
     # Query tiles per chunk, and key tiles per chunk when one query tile row is already too big.
     kv_tiles_per_chunk = max(1, min(nkv, chunk_elements // max(1, block_q * block_kv)))
     q_tiles_per_chunk = max(1, chunk_elements // max(1, block_q * kv_tiles_per_chunk * block_kv))
     b_idx, h_idx = torch.arange(B, device=device), torch.arange(H, device=device)
-    rows_in_tile = torch.clamp(Q_LEN - torch.arange(nq, device=device) * block_q, max=block_q)
+    rows_in_tile = torch.clamp(Q_LEN - torch.arange(states.shape[2], device=device) * block_q, max=block_q)
     full_count = (rows_in_tile * block_kv).to(torch.int32).view(1, 1, -1, 1)
-    for qt0 in range(0, nq, q_tiles_per_chunk):
-        qt1 = min(nq, qt0 + q_tiles_per_chunk)
-        q_raw = torch.arange(qt0 * block_q, qt1 * block_q, device=device, dtype=INDEX_DTYPE)
-        q_valid = q_raw < Q_LEN if qt1 * block_q > Q_LEN else None
+    for c0 in range(qt0, qt1, q_tiles_per_chunk):
+        c1 = min(qt1, c0 + q_tiles_per_chunk)
+        q_raw = torch.arange(c0 * block_q, c1 * block_q, device=device, dtype=INDEX_DTYPE)
+        q_valid = q_raw < Q_LEN if c1 * block_q > Q_LEN else None
         for kt0 in range(0, nkv, kv_tiles_per_chunk):
             kt1 = min(nkv, kt0 + kv_tiles_per_chunk)
             kv_raw = torch.arange(kt0 * block_kv, kt1 * block_kv, device=device, dtype=INDEX_DTYPE)
             kv_valid = kv_raw < KV_LEN if kt1 * block_kv > KV_LEN else None
             grid = index_grid(b_idx, h_idx, q_raw.clamp(max=Q_LEN - 1), kv_raw.clamp(max=KV_LEN - 1), device)
             counts = counts_of(mask_mod, *grid, q_valid, kv_valid, block_q, block_kv)
-            tile = torch.where(counts == full_count[:, :, qt0:qt1], FULL, torch.where(counts > 0, PARTIAL, EMPTY))
-            states[:, :, qt0:qt1, kt0:kt1] = tile.to(torch.int8)
-    return states
+            tile = torch.where(counts == full_count[:, :, c0:c1], FULL, torch.where(counts > 0, PARTIAL, EMPTY))
+            states[:, :, c0:c1, kt0:kt1] = tile.to(torch.int8)
 
 
 def tile_elements(mask_mod, b, h, q_tile, kv_tile, block_q: int, block_kv: int, q_len: int, kv_len: int):
@@ -124,11 +134,30 @@ def tile_elements(mask_mod, b, h, q_tile, kv_tile, block_q: int, block_kv: int, 
     return visible & (q < q_len) & (kv < kv_len), q, kv
 
 
+# tiles ordered per step of ordered_indices: its int64 counts and slots stay about 32 MiB each
+ORDER_CHUNK_TILES = 1 << 22
+
+
 def ordered_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num_blocks [..., nQ], indices [..., nQ, nKV]) with the selected tiles first, ascending."""
-    num = selected.sum(-1, dtype=torch.int32)
-    order = torch.sort(selected.to(torch.int8), dim=-1, descending=True, stable=True).indices
-    return num, order.to(torch.int32)
+    """(num_blocks [..., nQ], indices [..., nQ, nKV]) with the selected tiles first, ascending,
+    then the others, ascending (a stable sort of each row, done by counting in O(tiles) and a
+    chunk of rows at a time, so a grid of 2^26 tiles needs no int64 copy of itself)."""
+    nkv = selected.shape[-1]
+    flat = selected.reshape(-1, nkv)
+    num = torch.empty(flat.shape[0], dtype=torch.int32, device=selected.device)
+    order = torch.empty(flat.shape, dtype=torch.int32, device=selected.device)
+    columns = torch.arange(nkv, device=selected.device)
+    rows_per_chunk = max(1, ORDER_CHUNK_TILES // max(1, nkv))
+    for r0 in range(0, flat.shape[0], rows_per_chunk):
+        chunk = flat[r0:r0 + rows_per_chunk]
+        before = chunk.cumsum(-1)            # selected tiles up to and including each column
+        count = before[:, -1:]
+        # a selected tile goes to the slot of its rank among the selected; another after all of
+        # them, at its rank among the others
+        slot = torch.where(chunk, before - 1, count + columns - before)
+        order[r0:r0 + rows_per_chunk].scatter_(-1, slot, columns.to(torch.int32).expand_as(slot))
+        num[r0:r0 + rows_per_chunk] = count.view(-1)
+    return num.view(selected.shape[:-1]), order.view(selected.shape)
 
 
 def states_from_tables(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) -> torch.Tensor:

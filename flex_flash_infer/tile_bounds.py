@@ -9,7 +9,9 @@ document boundary, attamba's key columns) where nine sampled pairs show both a v
 hidden one is partial; only the rest are evaluated element by element, on one row where every
 row of the tile provably holds the same values (_RowDependence). A 32768-token causal
 mask has 65536 tiles: bounds decide all but the 256 on the diagonal, and samples settle those,
-so no tile is evaluated in full (the element-wise build evaluates 1G pairs).
+so no tile is evaluated in full (the element-wise build evaluates 1G pairs). The grid is
+bounded a band of query tiles at a time, so a mask of any length takes this path in bounded
+memory (a 1M-token causal mask: 2^26 tiles, of which the 8192 on the diagonal are sampled).
 
 Every rule is sound (the interval contains every value the element-wise evaluation produces);
 what it cannot bound (floats, a table read over a wide index range, int64 values beyond
@@ -32,8 +34,9 @@ RANGE_GATHER_LIMIT = 1 << 25
 # past this share of tiles left to evaluate, the element-wise build of every tile is as cheap
 MAX_UNDECIDED_SHARE = 0.5
 # bounds hold a few int64 tensors of one value per tile (per batch entry and head where the mask
-# reads them); past this many tiles the chunked build, whose memory is bounded, serves instead
-MAX_BOUNDED_TILES = 1 << 24
+# reads them): a grid of more tiles than this is bounded a band of query tiles at a time, so
+# their memory stays a few tens of MiB at any length (a 1M-token mask has 2^26 tiles of 128)
+BOUNDED_TILES_PER_CHUNK = 1 << 21
 
 
 class _Bounds:
@@ -285,54 +288,67 @@ class _RowDependence:
         return varies
 
 
-def _analyse(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device):
-    """The bounds of graph over the tile grid, and the shape its tile results take."""
+def _analyse(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device,
+             q_tiles=None):
+    """The bounds of graph over the tile grid (its query tiles q_tiles = (first, end), all by
+    default), and the shape its tile results take."""
     nq, nkv = -(-Q_LEN // block_q), -(-KV_LEN // block_kv)
+    qt0, qt1 = q_tiles or (0, nq)
 
-    def positions(n, block, length, shape):
-        first = torch.arange(n, device=device, dtype=torch.int64) * block
+    def positions(first_tile, n, block, length, shape):
+        first = (torch.arange(n, device=device, dtype=torch.int64) + first_tile) * block
         return first.view(shape), torch.clamp(first + block - 1, max=length - 1).view(shape)
 
     b = torch.arange(B, device=device, dtype=torch.int64).view(-1, 1, 1, 1)
     h = torch.arange(H, device=device, dtype=torch.int64).view(1, -1, 1, 1)
-    inputs = {"b": (b, b), "h": (h, h), "q_idx": positions(nq, block_q, Q_LEN, (1, 1, -1, 1)),
-              "kv_idx": positions(nkv, block_kv, KV_LEN, (1, 1, 1, -1))}
+    inputs = {"b": (b, b), "h": (h, h), "q_idx": positions(qt0, qt1 - qt0, block_q, Q_LEN, (1, 1, -1, 1)),
+              "kv_idx": positions(0, nkv, block_kv, KV_LEN, (1, 1, 1, -1))}
     # the graph's inputs, not the bounds' shape, say whether tiles differ by b or h: a bound left
     # unknown is a scalar even where the mask reads h
     used = _inputs_read(graph.output)
-    shape = (B if "b" in used else 1, H if "h" in used else 1, nq, nkv)
+    shape = (B if "b" in used else 1, H if "h" in used else 1, qt1 - qt0, nkv)
     return _Bounds(graph, inputs, device), shape
 
 
-def tile_bounds(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device):
+def tile_bounds(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device,
+                q_tiles=None):
     """(certainly visible, possibly visible): bool [B or 1, H or 1, nQ, nKV] over each tile's
-    in-range positions (padded rows and keys excluded)."""
-    bounds, shape = _analyse(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
+    in-range positions (padded rows and keys excluded); of the query tiles q_tiles = (first, end)
+    alone where given."""
+    bounds, shape = _analyse(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device, q_tiles)
     certain, possible = bounds.of(graph.output)
     return certain.expand(shape), possible.expand(shape)
 
 
-def tile_analysis(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device):
+def tile_analysis(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device,
+                  q_tiles=None):
     """tile_bounds, and whether each tile's mask is the same on every row (bool, same shape):
     such a tile is known from one row."""
-    bounds, shape = _analyse(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
+    bounds, shape = _analyse(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device, q_tiles)
     certain, possible = bounds.of(graph.output)
-    rows = torch.clamp(Q_LEN - torch.arange(shape[2], device=device) * block_q, max=block_q)
+    first_tile = q_tiles[0] if q_tiles else 0
+    rows = torch.clamp(Q_LEN - (torch.arange(shape[2], device=device) + first_tile) * block_q, max=block_q)
     varies = _RowDependence(bounds, (rows > 1).view(1, 1, -1, 1)).of(graph.output)
     return certain.expand(shape), possible.expand(shape), (~varies).expand(shape)
 
 
+def query_tile_chunks(nq: int, tiles_per_query_tile: int):
+    """(first, end) bands of query tiles of about BOUNDED_TILES_PER_CHUNK tiles each."""
+    step = max(1, BOUNDED_TILES_PER_CHUNK // max(1, tiles_per_query_tile))
+    return [(qt0, min(nq, qt0 + step)) for qt0 in range(0, nq, step)]
+
+
 def row_invariant_tiles(mask_mod, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device):
     """bool [nQ, nKV]: tiles whose mask is the same on every row (of a mask that reads neither b
-    nor h), or None when the mask does not trace or has too many tiles."""
+    nor h), or None when the mask does not trace."""
     try:
         graph = trace(mask_mod, "mask_mod")
     except TraceError:
         return None
-    if -(-Q_LEN // block_q) * -(-KV_LEN // block_kv) > MAX_BOUNDED_TILES:
-        return None
+    nq, nkv = -(-Q_LEN // block_q), -(-KV_LEN // block_kv)
     try:
-        return tile_analysis(graph, 1, 1, Q_LEN, KV_LEN, block_q, block_kv, device)[2][0, 0]
+        return torch.cat([tile_analysis(graph, 1, 1, Q_LEN, KV_LEN, block_q, block_kv, device, chunk)[2][0, 0]
+                          for chunk in query_tile_chunks(nq, nkv)])
     except Exception:   # as in classify_by_bounds: the caller checks every row instead
         return None
 
@@ -389,41 +405,48 @@ def _settle_by_samples(mask_mod, tiles, states, whole_keys, Q_LEN, KV_LEN, block
 def classify_by_bounds(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int,
                        device, chunk_elements: int) -> torch.Tensor | None:
     """Tile states int8 [B, H, nQ, nKV] as block_build.classify_tiles defines them, or None when
-    the mask does not trace or leaves too many tiles undecided for bounds to pay."""
+    the mask does not trace. A band of query tiles at a time (query_tile_chunks) is bounded,
+    sampled and its undecided tiles evaluated; a band whose tiles bounds and samples mostly leave
+    undecided is evaluated element by element, which is as cheap there."""
+    from .block_build import classify_query_tiles
+
     try:
         graph = trace(mask_mod, "mask_mod")
     except TraceError:
         return None
     used = _inputs_read(graph.output)
-    tiles_bounded = ((B if "b" in used else 1) * (H if "h" in used else 1)
-                     * -(-Q_LEN // block_q) * -(-KV_LEN // block_kv))
-    if tiles_bounded > MAX_BOUNDED_TILES:
-        return None
-    try:
-        certain, possible, one_row = tile_analysis(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device)
-    except Exception as e:   # a gap in the interval rules must cost speed, never a build
-        from .backend_choice import warn_once   # (imported here: backend_choice imports the planner)
-
-        warn_once(f"flex_flash_infer: tile bounds failed on mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} "
-                  f"({type(e).__name__}: {e}); its block mask is built element by element")
-        return None
-    undecided = possible & ~certain
-    nkv = certain.shape[-1]
+    bh = (B if "b" in used else 1), (H if "h" in used else 1)
+    nq, nkv = -(-Q_LEN // block_q), -(-KV_LEN // block_kv)
     whole_keys = torch.ones(nkv, dtype=torch.bool, device=device)
     if KV_LEN % block_kv:
         whole_keys[-1] = False   # padded keys must be masked: that tile is partial at most
-    states = torch.where(certain, torch.where(whole_keys, FULL, PARTIAL), EMPTY).to(torch.int8)
-    tiles = undecided.nonzero()
-    tiles = _settle_by_samples(mask_mod, tiles, states, whole_keys, Q_LEN, KV_LEN, block_q, block_kv)
-    if tiles.shape[0] > MAX_UNDECIDED_SHARE * states.numel():
-        return None
-    # tiles whose every row is the same (attamba's key columns below its window, say) from one row
-    same_rows = one_row[tuple(tiles.unbind(1))]
-    for chunk, rows_read, (visible, _, _) in evaluated_tiles(mask_mod, tiles, same_rows, block_q, block_kv,
-                                                             Q_LEN, KV_LEN, chunk_elements):
-        bt, ht, qt, kt = chunk.unbind(1)
-        rows = torch.clamp(Q_LEN - qt * block_q, max=block_q)
-        count = visible.flatten(1).sum(1) * (rows if rows_read == 1 else 1)
-        states[bt, ht, qt, kt] = torch.where(count == rows * block_kv, FULL,
-                                             torch.where(count > 0, PARTIAL, EMPTY)).to(torch.int8)
+    states = torch.empty((*bh, nq, nkv), dtype=torch.int8, device=device)
+    for qt0, qt1 in query_tile_chunks(nq, bh[0] * bh[1] * nkv):
+        try:
+            certain, possible, one_row = tile_analysis(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device,
+                                                       (qt0, qt1))
+        except Exception as e:   # a gap in the interval rules must cost speed, never a build
+            from .backend_choice import warn_once   # (imported here: backend_choice imports the planner)
+
+            warn_once(f"flex_flash_infer: tile bounds failed on mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} "
+                      f"({type(e).__name__}: {e}); its block mask is built element by element")
+            return None
+        states[:, :, qt0:qt1] = torch.where(certain, torch.where(whole_keys, FULL, PARTIAL), EMPTY)
+        tiles = (possible & ~certain).nonzero()
+        tiles[:, 2] += qt0
+        tiles = _settle_by_samples(mask_mod, tiles, states, whole_keys, Q_LEN, KV_LEN, block_q, block_kv)
+        if tiles.shape[0] > MAX_UNDECIDED_SHARE * certain.numel():
+            classify_query_tiles(mask_mod, states, qt0, qt1, Q_LEN, KV_LEN, block_q, block_kv, chunk_elements,
+                                 mask_copies=bh[0] * bh[1])
+            continue
+        # tiles whose every row is the same (attamba's key columns below its window, say) from one row
+        bt, ht, qt, kt = tiles.unbind(1)
+        same_rows = one_row[bt, ht, qt - qt0, kt]
+        for chunk, rows_read, (visible, _, _) in evaluated_tiles(mask_mod, tiles, same_rows, block_q, block_kv,
+                                                                 Q_LEN, KV_LEN, chunk_elements):
+            bt, ht, qt, kt = chunk.unbind(1)
+            rows = torch.clamp(Q_LEN - qt * block_q, max=block_q)
+            count = visible.flatten(1).sum(1) * (rows if rows_read == 1 else 1)
+            states[bt, ht, qt, kt] = torch.where(count == rows * block_kv, FULL,
+                                                 torch.where(count > 0, PARTIAL, EMPTY)).to(torch.int8)
     return states.expand(B, H, *states.shape[2:]).contiguous()

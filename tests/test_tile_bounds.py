@@ -199,19 +199,39 @@ def assert_row_invariance_holds(mask_mod, B, H, L, S, bq, bkv):
     assert bool(same.all()), tiles[~same.flatten(1).all(1)][:3]
 
 
-def test_too_many_tiles_for_bounds_take_the_chunked_build(monkeypatch):
-    """Bounds keep a value per tile (per head when the mask reads h): past the limit the chunked
-    build, whose memory is bounded, serves."""
+@pytest.mark.parametrize("name,params", LIBRARY)
+def test_bounds_in_bands_of_query_tiles_give_the_same_states(monkeypatch, name, params):
+    """A grid past BOUNDED_TILES_PER_CHUNK is bounded a band of query tiles at a time (a 1M-token
+    mask has 2^26 tiles): bands of 3 query tiles give the element-wise states, per head too, and
+    a band whose tiles bounds leave mostly undecided is evaluated element by element alone."""
     windows = torch.tensor([16, 40, 100, 7])
 
     def per_head(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < windows[h % 4])
 
-    monkeypatch.setattr(tile_bounds_module, "MAX_BOUNDED_TILES", 4 * 10 * 10 - 1)
-    assert classify_by_bounds(per_head, 1, 4, 640, 640, 64, 64, torch.device("cpu"), 1 << 20) is None
-    monkeypatch.setattr(tile_bounds_module, "MAX_BOUNDED_TILES", 4 * 10 * 10)
-    elementwise, by_bounds = both_builds(per_head, 1, 4, 640, 640, 64, 64, monkeypatch)
-    assert by_bounds is not None and torch.equal(by_bounds, elementwise)
+    mask_mod = get_mask_fn(name, **params)
+    monkeypatch.setattr(tile_bounds_module, "BOUNDED_TILES_PER_CHUNK", 3 * 11)
+    for mod, H in ((mask_mod, 1), (per_head, 4)):
+        elementwise, by_bounds = both_builds(mod, 2, H, 650, 650, 64, 64, monkeypatch)
+        assert by_bounds is not None and torch.equal(by_bounds, elementwise)
+    monkeypatch.setattr(tile_bounds_module, "MAX_UNDECIDED_SHARE", 0.0)   # every band element by element
+    elementwise, by_bounds = both_builds(per_head, 1, 4, 650, 650, 64, 64, monkeypatch)
+    assert torch.equal(by_bounds, elementwise)
+
+
+def test_a_million_tokens_take_the_bounds(monkeypatch):
+    """Past 2^24 tiles the build stays on bounds (it fell back to element by element there, half
+    an hour for a million tokens): the diagonal tiles alone are sampled, no pair evaluated."""
+    calls = []
+    real = tile_bounds_module.evaluated_tiles
+    monkeypatch.setattr(tile_bounds_module, "evaluated_tiles", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    monkeypatch.setattr(block_build, "classify_query_tiles", lambda *a, **k: pytest.fail("element-wise build"))
+    n = 1 << 20
+    states = classify_tiles(get_mask_fn("causal"), 1, 1, n, n, 256, 128, "cpu")   # 2^25 tiles
+    assert states.shape == (1, 1, 4096, 8192)
+    assert torch.equal(states[0, 0, :2, :5], torch.tensor([[1, 1, 0, 0, 0], [2, 2, 1, 1, 0]], dtype=torch.int8))
+    assert int((states == 1).sum()) == 8192 and int((states == 2).sum()) == 4096 * 4095
+    assert sum(calls) == 0   # the diagonal's tiles are all settled by samples
 
 
 def test_attamba_columns_below_the_window_are_known_from_one_row():
