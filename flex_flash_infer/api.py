@@ -73,7 +73,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     -------
     out [B, Hq, L, Ev] in query's dtype, or (out, lse) when return_lse, or (out, AuxOutput) with return_aux.
     """
-    B, Hq, L, E, Hkv, S, Ev = check_bhsd(query, key, value, enable_gqa)
+    B, Hq, L, E, Hkv, S, Ev = check_bhsd(query, key, value, enable_gqa, getattr(block_mask, "seq_lengths", None))
     score_mod = check_score_mod(score_mod)
     scale = check_scale(scale)
     want_lse, want_max = aux_wanted(return_lse, return_aux)

@@ -10,16 +10,19 @@ import torch
 from .block_build import EMPTY, FULL, PARTIAL, ceil_div, classify_tiles, ordered_indices, states_from_tables
 from .mask_eval import as_mask_mod, evaluate_mask_mod, index_grid
 from .mods.combinators import noop_mask
-from .validation import check_positive_int
+from .validation import check_device, check_positive_int
 
 
 def _block_sizes(BLOCK_SIZE) -> tuple[int, int]:
-    if isinstance(BLOCK_SIZE, numbers.Integral) and not isinstance(BLOCK_SIZE, bool):
+    def is_int(s):
+        return isinstance(s, numbers.Integral) and not isinstance(s, bool)
+
+    if is_int(BLOCK_SIZE):
         sizes = (int(BLOCK_SIZE), int(BLOCK_SIZE))
-    elif isinstance(BLOCK_SIZE, (tuple, list)) and len(BLOCK_SIZE) == 2:
+    elif isinstance(BLOCK_SIZE, (tuple, list)) and len(BLOCK_SIZE) == 2 and all(is_int(s) for s in BLOCK_SIZE):
         sizes = tuple(int(s) for s in BLOCK_SIZE)
-    else:
-        raise TypeError(f"BLOCK_SIZE must be an int or a (q_block, kv_block) pair, got {BLOCK_SIZE!r}")
+    else:   # a float is never rounded: (16, 2.7) is a mistake, not a 2
+        raise TypeError(f"BLOCK_SIZE must be an int or a (q_block, kv_block) pair of ints, got {BLOCK_SIZE!r}")
     if min(sizes) < 1:
         raise ValueError(f"BLOCK_SIZE must be positive, got {BLOCK_SIZE!r}")
     return sizes
@@ -244,6 +247,10 @@ class LazyBlockMask(BlockMask):
         return self._device
 
 
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, _compile=False,
                       chunk_elements: int | None = None) -> BlockMask:
     """Build a BlockMask from a mask_mod, tile by tile, without the dense mask.
@@ -258,8 +265,7 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
     H = 1 if H is None else check_positive_int("H", H)
     Q_LEN, KV_LEN = check_positive_int("Q_LEN", Q_LEN), check_positive_int("KV_LEN", KV_LEN)
     bq, bkv = _block_sizes(BLOCK_SIZE)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device("device", _default_device() if device is None else device)
     kwargs = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
     states = classify_tiles(mask_mod, B, H, Q_LEN, KV_LEN, bq, bkv, torch.device(device), compile=bool(_compile),
                             **kwargs)
@@ -281,10 +287,10 @@ def create_mask(mod_fn, B, H, Q_LEN, KV_LEN, device=None) -> torch.Tensor:
     where the score_mod does not give -inf), as torch's create_mask."""
     from .mask_eval import count_positional_args
 
-    B = 1 if B is None else B
-    H = 1 if H is None else H
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    B = 1 if B is None else check_positive_int("B", B)
+    H = 1 if H is None else check_positive_int("H", H)
+    Q_LEN, KV_LEN = check_positive_int("Q_LEN", Q_LEN), check_positive_int("KV_LEN", KV_LEN)
+    device = check_device("device", _default_device() if device is None else device)
     grid = index_grid(range(B), range(H), range(Q_LEN), range(KV_LEN), device)
     if count_positional_args(mod_fn) == 5:
         score = torch.zeros((B, H, Q_LEN, KV_LEN), device=device)

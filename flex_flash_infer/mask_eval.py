@@ -8,6 +8,8 @@ FlexAttention, and are always in range: padding never reaches a user's mod.
 from __future__ import annotations
 
 import inspect
+import os
+import traceback
 from typing import Callable
 
 import torch
@@ -75,13 +77,49 @@ def index_grid(b, h, q_idx, kv_idx, device):
     )
 
 
+def _name(fn) -> str:
+    return repr(getattr(fn, "__name__", fn))
+
+
+def _user_line(tb) -> str:
+    """'file:line' of the innermost frame outside torch and this package: the mod's own line."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    for frame in reversed(traceback.extract_tb(tb)):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith((package + os.sep, torch_dir + os.sep)):
+            return f" (at {os.path.basename(frame.filename)}:{frame.lineno}: {frame.line})"
+    return ""
+
+
+def call_mod(fn: Callable, kind: str, *args):
+    """fn(*args), with Python control flow on a tensor explained: a mod sees whole index tensors,
+    so `if q_idx >= kv_idx:` (or `and`, `or`, `not` on tensors) cannot pick one branch."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        if "with more than one value is ambiguous" not in str(e):
+            raise
+        raise TypeError(
+            f"{kind} {_name(fn)} uses a tensor as a Python bool{_user_line(e.__traceback__)}: an `if`, `and`, "
+            "`or` or `not` on q_idx, kv_idx, b, h or the score. A mod computes every position at once, as under "
+            "torch FlexAttention's vmap: write conditions with `&`, `|` and `~` (parenthesized: "
+            "(q_idx >= kv_idx) & (q_idx - kv_idx < window)) and choose values with torch.where(condition, a, b)"
+        ) from e
+
+
 def call_mask_mod(mask_mod: Callable, b, h, q_idx, kv_idx) -> torch.Tensor:
     """The mod's own result on the index tensors (not broadcast), checked to be a bool tensor."""
-    out = mask_mod(b, h, q_idx, kv_idx)
+    out = call_mod(mask_mod, "mask_mod", b, h, q_idx, kv_idx)
+    if out is None:
+        raise TypeError(f"mask_mod {_name(mask_mod)} returned None: it must return a bool tensor, e.g. "
+                        "`return q_idx >= kv_idx` (is a `return` missing?)")
     if not isinstance(out, torch.Tensor):
+        if not isinstance(out, bool):
+            raise TypeError(f"mask_mod {_name(mask_mod)} must return a bool tensor, got {type(out).__name__}")
         out = torch.as_tensor(out, device=q_idx.device)
     if out.dtype != torch.bool:
-        raise TypeError(f"mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} must return a bool tensor, got {out.dtype}")
+        raise TypeError(f"mask_mod {_name(mask_mod)} must return a bool tensor, got {out.dtype}")
     return out
 
 
@@ -99,10 +137,42 @@ def evaluate_mask_mod(mask_mod: Callable, b, h, q_idx, kv_idx) -> torch.Tensor:
 
 
 def evaluate_score_mod(score_mod: Callable, score, b, h, q_idx, kv_idx) -> torch.Tensor:
-    out = score_mod(score, b, h, q_idx, kv_idx)
+    """score_mod's scores, checked: a tensor (or a number) that broadcasts to the scores' shape
+    and, when it has fewer elements than the scores, does not depend on them (a reduction over
+    the scores, such as score.sum(-1, keepdim=True), broadcasts but is not a score_mod)."""
+    out = call_mod(score_mod, "score_mod", score, b, h, q_idx, kv_idx)
+    if out is None:
+        raise TypeError(f"score_mod {_name(score_mod)} returned None: it must return the new scores, e.g. "
+                        "`return score + bias[h]` (is a `return` missing?)")
     if not isinstance(out, torch.Tensor):
+        if not isinstance(out, (bool, int, float)):
+            raise TypeError(f"score_mod {_name(score_mod)} must return a tensor of scores, got {type(out).__name__}")
         out = torch.as_tensor(out, dtype=score.dtype, device=score.device)
+    if tuple(out.shape) != tuple(score.shape):
+        try:
+            fits = torch.broadcast_shapes(out.shape, score.shape) == score.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"score_mod {_name(score_mod)} returned shape {tuple(out.shape)}, which does not "
+                             f"broadcast to the scores' shape {tuple(score.shape)}")
+        if _depends_on_score(score_mod, score, b, h, q_idx, kv_idx):
+            raise ValueError(
+                f"score_mod {_name(score_mod)} returned shape {tuple(out.shape)} for scores of shape "
+                f"{tuple(score.shape)}, from the scores: a score_mod computes each score from its own (score, b, "
+                "h, q_idx, kv_idx) alone, as under torch FlexAttention's vmap; a reduction over the scores (sum, "
+                "mean, max, any over a dimension) is not one")
     return out.to(score.dtype).expand(score.shape)
+
+
+def _depends_on_score(score_mod: Callable, score, b, h, q_idx, kv_idx) -> bool:
+    """Whether a result smaller than the scores changes with them (all zeros against all ones:
+    any sum, mean, max or any() over them does)."""
+    zeros = score_mod(torch.zeros_like(score), b, h, q_idx, kv_idx)
+    ones = score_mod(torch.ones_like(score), b, h, q_idx, kv_idx)
+    if not isinstance(zeros, torch.Tensor) or not isinstance(ones, torch.Tensor):
+        return False
+    return zeros.shape != ones.shape or not torch.equal(zeros, ones)
 
 
 def mask_dependence(mask_mod: Callable, batch: int, heads: int, q_len: int, kv_len: int, device) -> tuple[bool, bool]:
@@ -112,7 +182,7 @@ def mask_dependence(mask_mod: Callable, batch: int, heads: int, q_len: int, kv_l
     that never combines b (or h) into its result cannot grow that dim.
     """
     grid = index_grid(range(batch), range(heads), range(min(4, q_len)), range(min(4, kv_len)), device)
-    out = mask_mod(*grid)
+    out = call_mod(mask_mod, "mask_mod", *grid)
     if not isinstance(out, torch.Tensor):
         return False, False
     shape = (1,) * (4 - out.dim()) + tuple(out.shape)

@@ -26,30 +26,54 @@ def check_same_device_dtype(**tensors) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; use one dtype")
 
 
-def check_heads(num_qo_heads: int, num_kv_heads: int, enable_gqa: bool = True, names=("query", "key")) -> None:
+def check_heads(num_qo_heads: int, num_kv_heads: int, enable_gqa: bool = True, names=("query", "key"),
+                hint: str = "") -> None:
+    for name, n in zip(names, (num_qo_heads, num_kv_heads)):
+        if n < 1:
+            raise ValueError(f"{name} has {n} heads; at least 1 is needed")
     if num_qo_heads % num_kv_heads:
-        raise ValueError(f"{names[0]} heads ({num_qo_heads}) must be a multiple of {names[1]} heads ({num_kv_heads})")
+        raise ValueError(f"{names[0]} heads ({num_qo_heads}) must be a multiple of {names[1]} heads ({num_kv_heads})"
+                         f"{hint}")
     if num_qo_heads != num_kv_heads and not enable_gqa:
         raise ValueError(
-            f"{names[0]} has {num_qo_heads} heads but {names[1]} has {num_kv_heads}: pass enable_gqa=True for grouped-query attention")
+            f"{names[0]} has {num_qo_heads} heads but {names[1]} has {num_kv_heads}: pass enable_gqa=True for "
+            f"grouped-query attention{hint}")
 
 
-def check_bhsd(query, key, value, enable_gqa: bool):
-    """Shapes of FlexAttention's [B, H, S, D] inputs: returns (B, Hq, L, E, Hkv, S, Ev)."""
+def _swapped_layout_hint(query, key) -> str:
+    """A note for shape errors when the inputs could be [B, S, H, D] rather than [B, H, S, D]."""
+    hq, hkv = query.shape[2], key.shape[2]   # the heads, were the layout swapped
+    if query.shape[1] == key.shape[1] and hq == hkv or min(query.shape[1], key.shape[1], hkv) < 1 or hq % hkv:
+        return ""
+    return (f" (if query and key are [B, S, H, D] with {hq} and {hkv} heads, transpose them: flex_attention "
+            f"takes [B, H, S, D], e.g. query.transpose(1, 2))")
+
+
+def check_bhsd(query, key, value, enable_gqa: bool, seq_lengths=None):
+    """Shapes of FlexAttention's [B, H, S, D] inputs: returns (B, Hq, L, E, Hkv, S, Ev).
+    seq_lengths: the block mask's (Q_LEN, KV_LEN), to recognize [B, S, H, D] inputs by."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, 4, "[B, H, S, D]")
     check_same_device_dtype(query=query, key=key, value=value)
     B, Hq, L, E = query.shape
     Bk, Hkv, S, Ek = key.shape
+    if seq_lengths is not None and tuple(seq_lengths) != (L, S) and tuple(seq_lengths) == (Hq, Hkv):
+        raise ValueError(
+            f"query and key look like [B, S, H, D]: their dim 1 ({Hq}, {Hkv}) is the block mask's (Q_LEN, KV_LEN) "
+            f"= {tuple(seq_lengths)}, their dim 2 ({L}, {S}) is not. flex_attention takes [B, H, S, D]: pass "
+            "query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2) (and transpose the output back)")
+    hint = _swapped_layout_hint(query, key)
     if Bk != B or value.shape[0] != B:
         raise ValueError(f"key and value batch must equal query batch {B}, got {Bk} and {value.shape[0]}")
     if Ek != E:
         raise ValueError(f"key head_dim {Ek} must equal query head_dim {E}")
+    if E < 1:
+        raise ValueError(f"query and key have head_dim 0 (shape {tuple(query.shape)}); head_dim must be >= 1")
     if value.shape[1] != Hkv or value.shape[2] != S:
         raise ValueError(f"value must have key's heads and length ({Hkv}, {S}), got {tuple(value.shape[1:3])}")
     if min(L, S) < 1:
-        raise ValueError(f"sequence lengths must be >= 1, got query {L} and key {S}")
-    check_heads(Hq, Hkv, enable_gqa)
+        raise ValueError(f"sequence lengths must be >= 1, got query {L} and key {S}{hint}")
+    check_heads(Hq, Hkv, enable_gqa, hint=hint)
     return B, Hq, L, E, Hkv, S, value.shape[-1]
 
 
@@ -82,6 +106,7 @@ def check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int
         raise ValueError(
             f"block_mask was built for (Q_LEN, KV_LEN) = {block_mask.seq_lengths} but query/key have "
             f"({q_len}, {kv_len}); rebuild it with create_block_mask(..., Q_LEN={q_len}, KV_LEN={kv_len})")
+    check_tables_cover(block_mask)
     mb, mh = block_mask.shape[:2]
     if mb not in (1, batch) or mh not in (1, heads):
         raise ValueError(f"block_mask has (B, H) = ({mb}, {mh}); expected B in (1, {batch}) and H in (1, {heads})")
@@ -89,6 +114,41 @@ def check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int
             block_mask.device.type == torch.device(device).type == "cuda"):
         raise ValueError(f"block_mask is on {block_mask.device} but query is on {device}; use block_mask.to(device)")
     return block_mask
+
+
+def check_tables_cover(block_mask) -> None:
+    """The tile tables have a row per query tile and room for every key tile of seq_lengths (a
+    table cut shorter, by slicing or given directly, would leave rows or keys out silently)."""
+    from .block_mask import LazyBlockMask  # block_mask imports this module
+
+    if isinstance(block_mask, LazyBlockMask) and not block_mask.built:
+        return   # built from its mask_mod for exactly its lengths
+    (q_len, kv_len), (bq, bkv) = block_mask.seq_lengths, block_mask.BLOCK_SIZE
+    need = (-(-q_len // bq), -(-kv_len // bkv))
+    have = tuple(block_mask.kv_indices.shape[-2:])
+    if block_mask.kv_num_blocks.shape[-1] != have[0] or have[0] < need[0] or have[1] < need[1]:
+        raise ValueError(
+            f"block_mask's tables cover {have[0]} query tiles and {have[1]} key tiles (kv_indices "
+            f"{tuple(block_mask.kv_indices.shape)}, kv_num_blocks {tuple(block_mask.kv_num_blocks.shape)}) but its "
+            f"seq_lengths {block_mask.seq_lengths} with BLOCK_SIZE {block_mask.BLOCK_SIZE} need {need[0]} and "
+            f"{need[1]}; set seq_lengths to the lengths the tables describe (a sliced mask: the rows of its "
+            f"tiles), or rebuild the mask with create_block_mask")
+
+
+def check_device(name: str, device) -> torch.device:
+    """A torch.device for device, and one this machine has."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name} must be a torch.device or a name such as 'cuda' or 'cpu', got {device!r}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={str(device)!r} but CUDA is not available on this machine "
+                             "(torch.cuda.is_available() is False); use 'cpu', or leave it None (CUDA when "
+                             "available, else CPU)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={str(device)!r} but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def check_positive_int(name: str, value) -> int:

@@ -181,7 +181,11 @@ class FlexFlashInfer:
                     "v": (p.seq_len_kv, p.num_kv_heads, p.head_dim)}
         for name, t in (("q", q), ("k", k), ("v", v)):
             if tuple(t.shape) != expected[name]:
-                raise ValueError(f"{name} must have shape {expected[name]} as prepared, got {tuple(t.shape)}")
+                seq, heads, dim = expected[name]
+                swapped = (f"; it looks like [heads, seq, head_dim]: FlexFlashInfer takes FlashInfer's [seq, heads, "
+                           f"head_dim], pass {name}.transpose(0, 1)" if tuple(t.shape) == (heads, seq, dim) else "")
+                raise ValueError(f"{name} must have shape {expected[name]} ([seq, heads, head_dim]) as prepared, "
+                                 f"got {tuple(t.shape)}{swapped}")
         if q.dtype != p.dtype:
             raise TypeError(f"q has dtype {q.dtype} but prepare() was given dtype={p.dtype}")
         if q.device.type != self.device.type:
