@@ -80,7 +80,28 @@ def captured_tensors(fn) -> list:
                 visit(item, depth + 1)
 
     visit(fn, 0)
-    return list(found.values())
+    return _without_ancestors(list(found.values()))
+
+
+def _without_ancestors(tensors: list) -> list:
+    """tensors less those another one was computed from (a table and the copy a mod made of it on
+    another device): the backward's gradient for the copy flows on to the table through the copy's
+    own graph, so the table must not get it a second time."""
+    reachable = set()   # autograd nodes behind each non-leaf tensor
+    for t in tensors:
+        stack = [] if t.grad_fn is None else [f for f, _ in t.grad_fn.next_functions if f is not None]
+        while stack:
+            node = stack.pop()
+            if node in reachable:
+                continue
+            reachable.add(node)
+            stack.extend(f for f, _ in node.next_functions if f is not None)
+    leaves = {id(getattr(node, "variable", None)) for node in reachable}   # AccumulateGrad nodes hold them
+
+    def behind_another(t):
+        return t.grad_fn in reachable if t.grad_fn is not None else id(t) in leaves
+
+    return [t for t in tensors if not behind_another(t)]
 
 
 def _global_names(code) -> set:

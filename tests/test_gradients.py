@@ -343,3 +343,21 @@ def test_captured_tensors_search():
         found = autograd.captured_tensors(mod)
         assert len(found) == 1 and found[0] is table, mod
     assert autograd.captured_tensors(lambda s, b, h, q, kv: s * 2) == []
+
+
+def test_a_table_and_its_copy_get_the_gradient_once(flashinfer_on_cpu, rng):
+    """A mod capturing a learned table and a tensor computed from it (the copy a library mod keeps of
+    a table on another device): the gradient reaches the table once, through the copy."""
+    q, k, v = (t.detach() for t in _leaves(rng, 1, 4, 2, 50, 50))
+    table = torch.randn(4, generator=rng, dtype=torch.float64, requires_grad=True)
+    copies = {"cpu": table, "other": table * 1.0}
+
+    def through_copy(score, b, h, q_idx, kv_idx):
+        return score + copies["other"][h]
+
+    assert [t is copies["other"] for t in autograd.captured_tensors(through_copy)] == [True]
+    out = flex_attention(q, k, v, score_mod=through_copy, enable_gqa=True, backend="flashinfer")
+    (got,) = torch.autograd.grad(out.square().sum(), [table], retain_graph=True)   # the copy's graph, for the oracle
+    want_out, _ = dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), through_copy)
+    (want,) = torch.autograd.grad(want_out.square().sum(), [table])
+    _assert_grads([got], [want])
