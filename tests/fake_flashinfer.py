@@ -10,6 +10,10 @@ from paged_simulator import paged_prefill
 
 from flex_flash_infer.variant_paged import MASKED_PAGE_FLAG
 
+# FlashInfer's kernels record nothing for autograd: their outputs never carry a grad_fn. The
+# model's torch ops would, so every kernel entry point runs under no_grad.
+kernel = torch.no_grad()
+
 
 class BatchPrefillWithPagedKVCacheWrapper:
     def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None, variant_owns_mask=False):
@@ -30,6 +34,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
         self.scale = head_dim_qk ** -0.5 if sm_scale is None else sm_scale
         self.window_left, self.soft_cap = window_left, logits_soft_cap or 0.0
 
+    @kernel
     def run(self, q, kv_cache, *variant_args, return_lse=False):
         k, v = kv_cache
         assert q.shape[1] == self.heads[0] and k.shape[2] == self.heads[1]
@@ -129,6 +134,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         self.cap = logits_soft_cap or 0.0
         self.scale = head_dim_qk ** -0.5 if sm_scale is None else sm_scale
 
+    @kernel
     def run(self, q, k, v, *variant_args, return_lse=False):
         assert bool(variant_args) == (self.variant is not None)
         transform = self._transform(variant_args) if self.variant is not None else _soft_cap(self.cap)
@@ -187,6 +193,7 @@ def _soft_cap(cap):
     return (lambda r, s: cap * torch.tanh(s / cap)) if cap > 0 else None
 
 
+@kernel
 def single_prefill_with_kv_cache(q, k, v, causal=False, window_left=-1, sm_scale=None, return_lse=False,
                                  logits_soft_cap=None, pos_encoding_mode="NONE", **_):
     assert pos_encoding_mode == "NONE", "the CPU model has no ALiBi"
@@ -197,11 +204,13 @@ def single_prefill_with_kv_cache(q, k, v, causal=False, window_left=-1, sm_scale
     return (out, lse) if return_lse else out
 
 
+@kernel
 def merge_state(o_a, s_a, o_b, s_b):
     out, lse = _merge_state(o_a.double(), s_a.double(), o_b.double(), s_b.double())
     return out.to(o_a.dtype), lse.float()
 
 
+@kernel
 def merge_state_in_place(v, s, v_other, s_other, mask=None):
     assert mask is None, "the CPU model merges every row"
     out, lse = merge_state(v, s, v_other, s_other)

@@ -1,0 +1,89 @@
+"""Patching for a fuzz run outside pytest: the planner switches a case sets, the recording of the
+plans it makes, and on the CPU the CPU model of FlashInfer (tests/fake_flashinfer.py) in place of
+the real module, as the glue tests' fixtures do with pytest's monkeypatch."""
+from __future__ import annotations
+
+import importlib
+import sys
+from contextlib import contextmanager
+
+_MISSING = object()
+
+
+class OutOfDate(LookupError):
+    """A case names a planner switch the library no longer has."""
+
+
+class Patch:
+    """setattr / setitem that undo() restores, in reverse order; the two methods the fake's
+    register_* helpers call on pytest's monkeypatch."""
+
+    def __init__(self):
+        self._undo = []
+
+    def setattr(self, target, name, value):
+        old = getattr(target, name, _MISSING)
+        self._undo.append(lambda: delattr(target, name) if old is _MISSING else setattr(target, name, old))
+        setattr(target, name, value)
+
+    def setitem(self, mapping, key, value):
+        old = mapping.get(key, _MISSING)
+        self._undo.append(lambda: mapping.pop(key, None) if old is _MISSING else mapping.__setitem__(key, old))
+        mapping[key] = value
+
+    def undo(self):
+        while self._undo:
+            self._undo.pop()()
+
+
+def _module(name: str):
+    return importlib.import_module(f"flex_flash_infer.{name}")
+
+
+@contextmanager
+def patched(switches: dict, cpu_model: bool, hopper: bool = True):
+    """switches: {"module.NAME": value} for modules of flex_flash_infer. cpu_model: flashinfer is
+    the CPU model, _is_hopper answers `hopper`, CPU tensors pass the FlashInfer backend's device
+    check, and every compiled variant the plans generate runs its host-compiled code."""
+    patch = Patch()
+    try:
+        for key, value in switches.items():
+            module, name = key.rsplit(".", 1)
+            if not hasattr(_module(module), name):
+                raise OutOfDate(f"the library has no switch {key} any more: this case is out of date")
+            patch.setattr(_module(module), name, value)
+        if cpu_model:
+            import fake_flashinfer
+            from flex_flash_infer import backend_choice, flashinfer_backend, paged, score_mod_kernels, tile_kernels, varlen
+
+            patch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+            for module in (flashinfer_backend, paged, varlen):
+                patch.setattr(module, "_is_hopper", lambda device, _h=hopper: _h)
+            patch.setattr(backend_choice, "unsupported_reason", lambda *a: None)
+            patch.setattr(paged, "unsupported_reason", lambda *a: None)
+            fake_flashinfer.register_paged_variants(patch, tile_kernels)
+            fake_flashinfer.register_band_variants(patch, score_mod_kernels)
+        yield patch
+    finally:
+        patch.undo()
+
+
+@contextmanager
+def recording_plans():
+    """Yields the list of FlashInferPlans that flex_attention makes or reuses, in call order."""
+    from flex_flash_infer import api
+
+    plans = []
+    real = api.flashinfer_plan_for
+
+    def recording(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        plans.append(plan)
+        return plan
+
+    patch = Patch()
+    patch.setattr(api, "flashinfer_plan_for", recording)
+    try:
+        yield plans
+    finally:
+        patch.undo()

@@ -1,0 +1,436 @@
+"""Run a Case through its public door and judge it against the oracles.
+
+Doors: flex_attention (our or torch's BlockMask, or none), torch's decoding idiom (a sliced
+BlockMask with shifted mods and seq_lengths), the seed API FlexFlashInfer (one sequence, or a
+packed varlen batch through cu_seqlens), and PagedFlexAttention over a shuffled page table.
+Each result carries the route every plan took (routes.py), for the campaign's counts.
+"""
+from __future__ import annotations
+
+import linecache
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from . import oracle
+from .cases import Case
+from .cpu_model import OutOfDate, patched, recording_plans
+from .routes import plan_route, paged_route, varlen_routes
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Result:
+    case: Case
+    status: str = "pass"         # pass | fail | refused | invalid
+    problems: list = field(default_factory=list)
+    routes: list = field(default_factory=list)
+    notes: list = field(default_factory=list)   # torch's flex disagreeing with the float64 oracle, ...
+    error: float = 0.0           # largest output error against the float64 oracle
+    seconds: float = 0.0
+
+
+class Invalid(Exception):
+    """The case itself is broken (the oracle could not evaluate its mods): a generator bug."""
+
+
+def build_mods(case: Case):
+    """(mask_mod, score_mod) from the case's source, which is registered with linecache so that
+    tracebacks and inspect show its lines."""
+    import flex_flash_infer
+    import flex_flash_infer.mods as mods
+
+    filename = f"<fuzz case {case.name}>"
+    linecache.cache[filename] = (len(case.mods), None, case.mods.splitlines(True), filename)
+    namespace = {"torch": torch, **{n: getattr(mods, n) for n in mods.__all__},
+                 **{n: getattr(flex_flash_infer, n) for n in ("and_masks", "or_masks", "get_mask_fn")}}
+    exec(compile(case.mods, filename, "exec"), namespace)
+    return namespace["build"]()
+
+
+def four_args(mask_fn):
+    """The seed's two-argument mask_fn(q_idx, kv_idx) as a mask_mod, for the oracles."""
+    import inspect
+
+    if mask_fn is None:
+        return None
+    try:
+        n = len([p for p in inspect.signature(mask_fn).parameters.values() if p.default is p.empty])
+    except (TypeError, ValueError):
+        n = 4
+    if n == 2:
+        return lambda b, h, q_idx, kv_idx: mask_fn(q_idx, kv_idx)
+    return mask_fn
+
+
+def _visible(mask_mod, case: Case, device):
+    """The oracle's mask of the whole problem (it decides whether a block mask may broadcast)."""
+    try:
+        return oracle.visible(mask_mod, range(case.B), case.Hq, range(case.L), range(case.S), device)
+    except Exception as e:
+        raise Invalid(f"the oracle cannot evaluate the mask_mod: {type(e).__name__}: {e}") from e
+
+
+def _inputs(case: Case, q_shape, kv_shape, device, v_dim: int = 0, layout: str = "", seed_offset: int = 0,
+            dtype: str = ""):
+    """q, k, v drawn from the case's input seed. layout "bshd": [B, S, H, D] memory seen as
+    [B, H, S, D] (a model's transposed projections); "sliced": rows twice as long as the head_dim
+    (a slice of a fused projection). The values are the same whatever the layout."""
+    g = torch.Generator().manual_seed(case.input_seed + seed_offset)
+    dtype = DTYPES[dtype or case.dtype]
+    q = torch.randn(q_shape, generator=g, dtype=torch.float64) * case.amplitude
+    k = torch.randn(kv_shape, generator=g, dtype=torch.float64) * case.amplitude
+    v = torch.randn((*kv_shape[:-1], v_dim or kv_shape[-1]), generator=g, dtype=torch.float64)
+    if case.nan:   # one row of one head of q or k, as a NaN that crept in upstream would be
+        t = q if case.nan == "q" else k
+        lead = tuple(int(torch.randint(0, n, (1,), generator=g)) for n in t.shape[:-1])
+        t[lead] = math.nan
+    out = []
+    for x in (q, k, v):
+        x = x.to(dtype).to(device)
+        if layout == "bshd" and x.dim() == 4:
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        elif layout == "sliced":
+            x = torch.cat([x, torch.zeros_like(x)], -1)[..., :x.shape[-1]]
+        out.append(x)
+    return tuple(out)
+
+
+def _scale(case: Case) -> float:
+    return case.scale if case.scale is not None else case.D ** -0.5
+
+
+# ------------------------------------------------------------------------------------------ doors
+def _flex(case: Case, mask_mod, score_mod, device, want):
+    from flex_flash_infer import create_block_mask, flex_attention
+
+    B, Hq, Hkv, L, S, D = case.B, case.Hq, case.Hkv, case.L, case.S, case.D
+    q, k, v = _inputs(case, (B, Hq, L, D), (B, Hkv, S, D), device, case.Dv, case.layout)
+    if case.grad:
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    seen = _visible(mask_mod, case, device)
+    bB = None if case.broadcast and bool((seen == seen[:1]).all()) else B
+    bH = None if case.broadcast and bool((seen == seen[:, :1]).all()) else Hq
+    block_mask = None
+    if mask_mod is None:
+        pass
+    elif case.block_mask == "ours":
+        block_mask = create_block_mask(mask_mod, bB, bH, L, S, device=device, BLOCK_SIZE=case.block)
+    elif case.block_mask == "torch":
+        from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
+
+        block_mask = torch_block_mask(mask_mod, bB, bH, L, S, device=device, BLOCK_SIZE=case.block)
+    if case.repeat and block_mask is not None:
+        _earlier_call(case, block_mask, score_mod, bB is None, device)
+    aux = {}
+    if case.aux:
+        from flex_flash_infer import AuxRequest
+
+        aux = {"return_aux": AuxRequest(lse=True, max_scores=case.aux == "max")}
+    with recording_plans() as plans:
+        result = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=case.scale,
+                                enable_gqa=Hq != Hkv, return_lse=case.return_lse and not aux, backend=case.backend,
+                                **aux)
+    if aux:
+        out, lse = result[0], result[1].lse
+        if case.aux == "max":
+            want["max_scores"] = result[1].max_scores
+    else:
+        out, lse = result if case.return_lse else (result, None)
+    want.update(oracle_rows=(range(B), range(L), range(S)), inputs=(q, k, v), mask=mask_mod, score=score_mod)
+    routes = [plan_route(p) for p in plans[:1]] if case.backend == "flashinfer" else ["reference"]
+    return out, lse, routes
+
+
+def _earlier_call(case: Case, block_mask, score_mod, batch_free: bool, device) -> None:
+    """A call on the same block mask before the judged one, with other inputs and one planning
+    parameter changed: what it plans and caches on the block mask must not leak into the next."""
+    from flex_flash_infer import flex_attention
+
+    B, dtype, scale = case.B, case.dtype, case.scale
+    if case.repeat == "batch" and batch_free:
+        B += 1
+    elif case.repeat == "dtype":
+        dtype = {"float32": "float64"}.get(case.dtype, "float32")
+    elif case.repeat == "scale":
+        scale = 0.3 if case.scale is None else None
+    q, k, v = _inputs(case, (B, case.Hq, case.L, case.D), (B, case.Hkv, case.S, case.D), device, case.Dv,
+                      seed_offset=7, dtype=dtype)
+    flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=case.Hq != case.Hkv,
+                   return_lse=not case.return_lse, backend=case.backend)
+
+
+def _decode(case: Case, mask_mod, score_mod, device, want):
+    from flex_flash_infer import create_block_mask, flex_attention
+
+    B, Hq, Hkv, L, S, D = case.B, case.Hq, case.Hkv, case.L, case.S, case.D
+    pos, rows = case.decode_pos, case.decode_rows
+    q, k, v = _inputs(case, (B, Hq, L, D), (B, Hkv, S, D), device, layout=case.layout)
+    mask_mod = mask_mod or (lambda b, h, q_idx, kv_idx: q_idx >= 0)
+    seen = _visible(mask_mod, case, device)
+    bB = None if case.broadcast and bool((seen == seen[:1]).all()) else B
+    bH = None if case.broadcast and bool((seen == seen[:, :1]).all()) else Hq
+    full = create_block_mask(mask_mod, bB, bH, L, S, device=device, BLOCK_SIZE=case.block)
+    step = full[:, :, pos // full.BLOCK_SIZE[0]]
+
+    def shifted_mask(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx + pos, kv_idx)
+
+    def shifted_score(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h, q_idx + pos, kv_idx)
+
+    step.mask_mod = shifted_mask
+    step.seq_lengths = (rows, S)
+    with recording_plans() as plans:
+        result = flex_attention(q[:, :, pos:pos + rows], k, v, score_mod=score_mod and shifted_score,
+                                block_mask=step, scale=case.scale, enable_gqa=Hq != Hkv,
+                                return_lse=case.return_lse, backend=case.backend)
+    out, lse = result if case.return_lse else (result, None)
+    want.update(oracle_rows=(range(B), range(pos, pos + rows), range(S)), inputs=(q[:, :, pos:pos + rows], k, v),
+                mask=mask_mod, score=score_mod)
+    routes = [plan_route(p) for p in plans[:1]] if case.backend == "flashinfer" else ["reference"]
+    return out, lse, routes
+
+
+def _block_sizes(case: Case):
+    return case.block if isinstance(case.block, tuple) else (case.block, case.block)
+
+
+def _seed(case: Case, mask_fn, score_mod, device, want):
+    from flex_flash_infer import FlexFlashInfer
+
+    Hq, Hkv, L, S, D = case.Hq, case.Hkv, case.L, case.S, case.D
+    q, k, v = _inputs(case, (1, Hq, L, D), (1, Hkv, S, D), device)
+    bq, bk = _block_sizes(case)
+    flex = FlexFlashInfer(device=device, backend=case.backend).prepare(
+        mask_fn=mask_fn, seq_len_q=L, seq_len_kv=S, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+        block_size_row=bq, block_size_col=bk, dtype=DTYPES[case.dtype], score_mod=score_mod, scale=case.scale)
+    result = flex(*(x[0].transpose(0, 1).contiguous() for x in (q, k, v)), return_lse=case.return_lse)
+    out, lse = result if case.return_lse else (result, None)
+    out = out.transpose(0, 1)[None]
+    lse = None if lse is None else lse.transpose(0, 1)[None]
+    want.update(oracle_rows=(range(1), range(L), range(S)), inputs=(q, k, v), mask=four_args(mask_fn), score=score_mod)
+    return out, lse, varlen_routes(flex)
+
+
+def _varlen(case: Case, mask_fn, score_mod, device, want):
+    from flex_flash_infer import FlexFlashInfer
+
+    Hq, Hkv, D = case.Hq, case.Hkv, case.D
+    q, k, v = _inputs(case, (1, Hq, case.L, D), (1, Hkv, case.S, D), device)
+    bq, bk = _block_sizes(case)
+    flex = FlexFlashInfer(device=device, backend=case.backend).prepare(
+        mask_fn=mask_fn, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, block_size_row=bq, block_size_col=bk,
+        dtype=DTYPES[case.dtype], score_mod=score_mod, scale=case.scale, cu_seqlens_q=case.cu_q,
+        cu_seqlens_kv=case.cu_kv)
+    result = flex(*(x[0].transpose(0, 1).contiguous() for x in (q, k, v)), return_lse=case.return_lse)
+    out, lse = result if case.return_lse else (result, None)
+    mask = four_args(mask_fn)
+    ref_out = torch.zeros(1, Hq, case.L, D, dtype=torch.float64, device=device)
+    ref_lse = torch.full((1, Hq, case.L), -math.inf, dtype=torch.float64, device=device)
+    for i in range(len(case.cu_q) - 1):
+        q0, q1, k0, k1 = case.cu_q[i], case.cu_q[i + 1], case.cu_kv[i], case.cu_kv[i + 1]
+        o, s = oracle.dense(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask, score_mod, _scale(case),
+                            [i], range(q1 - q0), range(k1 - k0))
+        ref_out[:, :, q0:q1], ref_lse[:, :, q0:q1] = o, s
+    want.update(ref=(ref_out, ref_lse))
+    out = out.transpose(0, 1)[None]
+    return out, None if lse is None else lse.transpose(0, 1)[None], varlen_routes(flex)
+
+
+def _paged(case: Case, mask_mod, score_mod, device, want):
+    """One plan and run, or two on the same PagedFlexAttention (its FlashInfer wrappers are
+    reused by the second plan); the rows of both steps are judged together."""
+    from flex_flash_infer import PagedFlexAttention
+
+    paged = PagedFlexAttention(device=device, backend=case.backend)
+    steps = [(case.kv_lens, case.qo_lens)] + ([(case.kv_lens2, case.qo_lens2)] if case.kv_lens2 else [])
+    outs, lses, refs, ref_lses, routes = [], [], [], [], []
+    for step, (kv_lens, qo_lens) in enumerate(steps):
+        out, lse, ref_out, ref_lse = _paged_step(case, paged, kv_lens, qo_lens, step, mask_mod, score_mod, device)
+        outs.append(out), lses.append(lse), refs.append(ref_out), ref_lses.append(ref_lse)
+        routes.append(paged_route(paged))
+    want.update(ref=(torch.cat(refs, 0).transpose(0, 1)[None], torch.cat(ref_lses, 0).transpose(0, 1)[None]))
+    out = torch.cat(outs, 0).transpose(0, 1)[None]
+    lse = None if lses[0] is None else torch.cat(lses, 0).transpose(0, 1)[None]
+    return out, lse, routes
+
+
+def _paged_step(case: Case, paged, kv_lens, qo_lens, step: int, mask_mod, score_mod, device):
+    """(out, lse, oracle out, oracle lse) of one step, rows [total queries, Hq(, D)]."""
+    Hq, Hkv, D, P = case.Hq, case.Hkv, case.D, case.page_size
+    g = torch.Generator().manual_seed(case.input_seed + 1 + step)
+    pages = [-(-n // P) for n in kv_lens]
+    total = sum(pages) + 3
+    order = torch.randperm(total, generator=g)[:sum(pages)]
+    kv_page_indptr = torch.tensor([0] + pages).cumsum(0)
+    last = torch.tensor([n - (p - 1) * P if p else 0 for n, p in zip(kv_lens, pages)])
+    qo_indptr = torch.tensor([0] + list(qo_lens)).cumsum(0)
+    n_q = int(qo_indptr[-1])
+    q, k_cache, v_cache = _inputs(case, (1, Hq, n_q, D), (total, P, Hkv, D), device, seed_offset=step)
+    q = q[0].transpose(0, 1).contiguous()
+    paged.plan(mask_mod, qo_indptr.to(device), kv_page_indptr.to(device), order.to(device), last.to(device), Hq, Hkv,
+               D, P, dtype=DTYPES[case.dtype], scale=case.scale, score_mod=score_mod)
+    cache = torch.stack([k_cache, v_cache], 1) if case.cache_5d else (k_cache, v_cache)
+    result = paged.run(q, cache, return_lse=case.return_lse)
+    out, lse = result if case.return_lse else (result, None)
+    mask = mask_mod if mask_mod is not None else (lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)   # plan()'s default
+    ref_out = torch.zeros(n_q, Hq, D, dtype=torch.float64, device=device)
+    ref_lse = torch.full((n_q, Hq), -math.inf, dtype=torch.float64, device=device)
+    for r, (n_kv, n_new) in enumerate(zip(kv_lens, qo_lens)):
+        ids = order[int(kv_page_indptr[r]):int(kv_page_indptr[r + 1])].to(device)
+        kr = k_cache[ids].reshape(-1, Hkv, D)[:n_kv].transpose(0, 1)[None]
+        vr = v_cache[ids].reshape(-1, Hkv, D)[:n_kv].transpose(0, 1)[None]
+        q0 = int(qo_indptr[r])
+        o, s = oracle.dense(q[q0:q0 + n_new].transpose(0, 1)[None], kr, vr, mask, score_mod, _scale(case), [r],
+                            range(n_kv - n_new, n_kv), range(n_kv))
+        ref_out[q0:q0 + n_new], ref_lse[q0:q0 + n_new] = o[0].transpose(0, 1), s[0].transpose(0, 1)
+    return out, lse, ref_out, ref_lse
+
+
+DOORS = {"flex": _flex, "decode": _decode, "seed": _seed, "varlen": _varlen, "paged": _paged}
+
+
+# ------------------------------------------------------------------------------------------ judging
+def run_case(case: Case, build=None, torch_check: bool = False) -> Result:
+    """Run and judge one case. build: the mods' build() (default: the case's own source).
+    torch_check: also run torch's flex_attention and note where it disagrees with the float64 oracle."""
+    from flex_flash_infer.score_mod_kernels import UnsupportedOnFlashInfer
+    from flex_flash_infer.trace import TraceError
+
+    result = Result(case)
+    start = time.perf_counter()
+    device = torch.device(case.device)
+    try:
+        mask_mod, score_mod = (build or (lambda: build_mods(case)))()
+    except Exception as e:
+        result.status, result.problems = "invalid", [f"the case's mods do not build: {type(e).__name__}: {e}"]
+        return result
+    want = {}
+    cpu_model = device.type == "cpu" and case.backend == "flashinfer"
+    try:
+        with patched(case.switches, cpu_model, case.hopper):
+            out, lse, result.routes = DOORS[case.door](case, mask_mod, score_mod, device, want)
+            grad_problems = _check_grad(case, out, want) if case.grad else []
+    except (Invalid, OutOfDate) as e:
+        result.status, result.problems = "invalid", [str(e)]
+        return result
+    except (UnsupportedOnFlashInfer, TraceError) as e:
+        result.status, result.problems = "refused", [f"{type(e).__name__}: {_short(e)}"]
+        result.seconds = time.perf_counter() - start
+        return result
+    except Exception as e:
+        result.status = "fail"
+        result.problems = [f"raised {type(e).__name__}: {_short(e)}", _where_raised(e)]
+        result.seconds = time.perf_counter() - start
+        return result
+    try:
+        ref_out, ref_lse = _reference(case, want, device)
+    except Exception as e:
+        result.status, result.problems = "invalid", [f"the oracle failed: {type(e).__name__}: {_short(e)}"]
+        return result
+    tol_out, tol_lse = oracle.TOLERANCE[case.dtype]
+    problems = []
+    if out.dtype != want.get("inputs", (out,))[0].dtype and case.door in ("flex", "decode"):
+        problems.append(f"output dtype {out.dtype}, expected the query's {want['inputs'][0].dtype}")
+    problems += oracle.compare("out", out, ref_out, tol_out)
+    if case.return_lse:
+        problems += oracle.compare("lse", lse, ref_lse, tol_lse, lse=True)
+    if "max_scores" in want:
+        q, k, _ = (x.detach() for x in want["inputs"])
+        bs, qs, ks = want["oracle_rows"]
+        ref_max = oracle.max_scores(q, k, want["mask"], want["score"], _scale(case), list(bs), qs, ks)
+        problems += oracle.compare("max_scores", want["max_scores"], ref_max, tol_lse, lse=True)
+    problems += grad_problems
+    result.error = oracle.max_error(out, ref_out)
+    if torch_check and "inputs" in want and case.door in ("flex", "decode", "seed"):
+        result.notes += _torch_disagreement(case, want, ref_out, ref_lse)
+    result.problems = problems
+    result.status = "fail" if problems else "pass"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _reference(case: Case, want: dict, device):
+    if "ref" in want:
+        return want["ref"]
+    q, k, v = (x.detach() for x in want["inputs"])
+    bs, qs, ks = want["oracle_rows"]
+    return oracle.dense(q, k, v, want["mask"], want["score"], _scale(case), list(bs), qs, ks)
+
+
+def _check_grad(case: Case, out, want) -> list:
+    """A FlashInfer output either carries correct gradients or its backward says it is forward-only
+    (naming the reference backend); a reference output always carries correct gradients."""
+    q, k, v = want["inputs"]
+    if not out.requires_grad:
+        return ["grad: the output of inputs that require grad has no grad_fn (the gradient is dropped silently)"]
+    g = torch.Generator().manual_seed(case.input_seed + 2)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype).to(out.device)
+    try:
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out, allow_unused=True)
+    except Exception as e:
+        if case.backend == "flashinfer" and "reference" in str(e):
+            return []
+        return [f"grad: backward raised {type(e).__name__}: {_short(e)}"]
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    bs, qs, ks = want["oracle_rows"]
+    ref, _ = oracle.dense(*leaves, want["mask"], want["score"], _scale(case), list(bs), qs, ks)
+    expected = torch.autograd.grad(ref, leaves, grad_out.double())
+    tol = oracle.TOLERANCE[case.dtype][0] * 10
+    problems = []
+    for name, got, exp in zip(("dq", "dk", "dv"), (dq, dk, dv), expected):
+        got = torch.zeros_like(exp) if got is None else got
+        problems += oracle.compare(f"grad {name}", got, exp, tol)
+    return problems
+
+
+def _torch_disagreement(case: Case, want: dict, ref_out, ref_lse) -> list:
+    q, k, v = (x.detach() for x in want["inputs"])
+    bs, qs, ks = want["oracle_rows"]
+    try:
+        if case.door == "decode":   # torch's own run of the whole problem, then the decoded rows
+            qf = _inputs(case, (case.B, case.Hq, case.L, case.D), (case.B, case.Hkv, case.S, case.D), q.device)[0]
+            out, lse = oracle.torch_flex(qf, k, v, want["mask"], want["score"], case.scale, len(bs), case.L, case.S)
+            out, lse = out[:, :, qs.start:qs.stop], lse[:, :, qs.start:qs.stop]
+        else:
+            out, lse = oracle.torch_flex(q, k, v, want["mask"], want["score"], case.scale, len(bs), len(qs), len(ks))
+    except Exception as e:
+        return [f"torch's flex_attention raised {type(e).__name__}: {_short(e)}"]
+    tol_out, tol_lse = oracle.TOLERANCE[case.dtype]
+    problems = oracle.compare("torch out", out, ref_out, tol_out) + oracle.compare("torch lse", lse, ref_lse, tol_lse,
+                                                                                    lse=True)
+    return [f"torch's flex_attention disagrees with the float64 oracle: {p}" for p in problems]
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    text = str(e).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _where_raised(e: Exception) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if "flex_flash_infer" in f.filename] or frames
+    f = ours[-1]
+    return f"at {f.filename.split('flex_flash_infer/')[-1]}:{f.lineno} ({f.name})"
+
+
+def check(build, **fields) -> Result:
+    """Reproduce a printed case: run it with its build() and raise AssertionError on a failure."""
+    case = Case(**fields)
+    import inspect
+
+    try:
+        case.mods = inspect.getsource(build)
+    except (OSError, TypeError):
+        pass
+    result = run_case(case, build, torch_check=True)
+    print(f"case {case.name}: {result.status}; routes {result.routes}; max output error {result.error:.3g}")
+    for line in result.problems + result.notes:
+        print("  " + line)
+    assert result.status in ("pass", "refused"), "\n".join(result.problems)
+    return result
