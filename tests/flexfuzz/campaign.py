@@ -5,7 +5,7 @@ import random
 import re
 import time
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .cases import TOUR, generate_case
@@ -169,11 +169,3 @@ def minimize(summary: Summary) -> None:
             case = shrink(first.case, first)
             summary.minimal[sig] = (case, triage(case))
 
-
-def failures_by_route(summary: Summary) -> dict:
-    out = defaultdict(int)
-    for results in summary.failures.values():
-        for r in results:
-            for route in r.routes:
-                out[route] += 1
-    return dict(out)

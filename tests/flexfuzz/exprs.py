@@ -15,6 +15,7 @@ reproduces the mods. Every expression keeps what torch would compute well define
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 W32, I64 = "w32", "torch.int64"          # positions (int32 in the library, int64 in torch eager), int64
@@ -376,6 +377,5 @@ class ModWriter:
 
 def uses(src: str, *names: str) -> bool:
     """Whether a mod's source reads any of these argument names (a cheap, conservative test)."""
-    import re
     return any(re.search(rf"\b{n}\b", src) for n in names)
 
