@@ -118,6 +118,9 @@ FFI_HD long long ffi_ipow(long long a, long long b) {
   for (; b; b >>= 1, x *= x) if (b & 1) r *= x;
   return (long long)r;
 }
+// a table index as torch takes it: a negative one counts from the end of its dimension
+FFI_HD int ffi_index(int i, int n) { return i < 0 ? i + n : i; }
+FFI_HD long long ffi_index(long long i, long long n) { return i < 0 ? i + n : i; }
 FFI_HD double ffi_sigmoid(double a) { return 1.0 / (1.0 + exp(-a)); }
 FFI_HD double ffi_tanh(double a) { return tanh(a); }
 FFI_HD float ffi_sigmoid(float a) { return 1.f / (1.f + expf(-a)); }
@@ -203,11 +206,13 @@ def element_ctype(t: torch.Tensor) -> str:
 
 
 def kernel_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A captured tensor as the kernel reads it: contiguous, of its KERNEL_DTYPE."""
+    """A captured tensor as the kernel reads it: a contiguous copy, of its KERNEL_DTYPE."""
     if t.numel() >= 2**31:
         raise ValueError(f"a tensor captured by a score_mod or mask_mod has {t.numel()} elements; "
                          "compiled kernels index them with 32-bit offsets (fewer than 2**31 expected)")
-    return t.detach().to(KERNEL_DTYPE[t.dtype]).contiguous()
+    # a copy whatever its dtype: the plan reads the table once, when planned (a float64 table, read
+    # as float32 before, was copied by that conversion; one changed afterwards changes no plan)
+    return t.detach().to(KERNEL_DTYPE[t.dtype], copy=True).contiguous()
 
 
 def dtype_range(dtype: torch.dtype):
@@ -299,6 +304,25 @@ def int_range(node: Node, bound: int, memo: dict):
     return r
 
 
+def nonnegative(node: Node, bound: int, memo: dict) -> bool:
+    """Whether an int node's value is provably >= 0 for inputs in [0, bound): from its range, or
+    from a max with such a value, a min or where of two, a remainder by a positive constant (what
+    a clamped table index such as clamp(x, max=2 * M).clamp(min=0) is)."""
+    r = int_range(node, bound, memo)
+    if r is not None:
+        return r[0] >= 0
+    op, a = node.op, node.args
+    if op == "max":
+        return any(nonnegative(x, bound, memo) for x in a)
+    if op == "min":
+        return all(nonnegative(x, bound, memo) for x in a)
+    if op == "where":
+        return all(nonnegative(x, bound, memo) for x in a[1:])
+    if op == "mod":   # (by the divisor as the op's dtype has it: 200 is -56 to an int8)
+        return a[1].op == "const" and not isinstance(a[1].attr, float) and wrap_int(int(a[1].attr), node.dtype) > 0
+    return False
+
+
 def _range_as_dtype(r, dtype):
     if r is None:
         return None
@@ -349,7 +373,7 @@ def _combine(op, rs):
 _FLOAT_FNS = {"exp": ("expf", "exp"), "log": ("logf", "log"), "sqrt": ("sqrtf", "sqrt")}
 
 
-def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input_ref=None,
+def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input_ref=None, size_ref=None,
                     hoisted: list | None = None, invariant_inputs=(), position_bound: int | None = None,
                     tanh_call=None) -> str:
     """The graph as one C++ expression. With a hoisted list, each subexpression that reads no
@@ -365,7 +389,9 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
     converted to the op's dtype first (a Python int wraps to an int8 operand's type, say), int
     ops wrap (ffi_add and friends; the narrower ints after each op), bool + bool is a logical or."""
     stride_ref = stride_ref or (lambda name, i: f"{name}_stride{i}")
+    size_ref = size_ref or (lambda name, i: f"{name}_size{i}")
     input_ref = input_ref or (lambda name: name)
+    index_ranges, sizes = {}, {}
     memo, varies, strides, ranges, converted = {}, {}, {}, {}, {}
     # kernel_tensor makes every captured table contiguous: its last dimension's stride is 1,
     # so that index needs no multiply (the other strides stay kernel arguments)
@@ -416,28 +442,40 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
             converted[key] = code
         return converted[key]
 
+    def index(node: Node, d: int, i: Node, dtype: torch.dtype) -> str:
+        """Index d of a table read, in dtype: a negative one counts from the dimension's size, as
+        torch's indexing does (unless its range is provably non-negative: positions, say)."""
+        code = arg(i, dtype)
+        if nonnegative(i, position_bound or 2**31, index_ranges):
+            return code
+        if hoisted is None:
+            return f"ffi_index({code}, ({ctype(dtype)})({size_ref(node.attr, d)}))"
+        if (node.attr, d, dtype) not in sizes:
+            sizes[node.attr, d, dtype] = hoist(f"({ctype(dtype)})({size_ref(node.attr, d)})", ctype(dtype))
+        return f"ffi_index({code}, {sizes[node.attr, d, dtype]})"
+
     def load(node: Node) -> str:
         """The element read, as C of the element type."""
         table = f"({tensor_ref(node.attr)})"
         if hoisted is None:
-            offset = " + ".join(strided(node, d, f"(long long)({arg(i, torch.int64)})", stride_ref(node.attr, d))
-                                for d, i in enumerate(node.args)) or "0"
+            offset = " + ".join(strided(node, d, f"(long long)({index(node, d, i, torch.int64)})",
+                                        stride_ref(node.attr, d)) for d, i in enumerate(node.args)) or "0"
             return f"{table}[{offset}]"
         # int32 offsets (kernel_tensor caps a table's size); the strides, and the table pointer
         # advanced by the part indexed by invariant values, are computed once, so a score pays one
         # multiply-add per varying index
-        fixed = [strided(node, d, arg(i, torch.int32), f"(int)({stride_ref(node.attr, d)})")
+        fixed = [strided(node, d, index(node, d, i, torch.int32), f"(int)({stride_ref(node.attr, d)})")
                  for d, i in enumerate(node.args) if not variant(i)]
         if fixed:
             table = hoist(f"{table} + ({' + '.join(fixed)})", f"const {element[node.attr]}*")
         terms = []
         for d, i in enumerate(node.args):
             if variant(i) and d == last_dim.get(node.attr):
-                terms.append(arg(i, torch.int32))
+                terms.append(index(node, d, i, torch.int32))
             elif variant(i):
                 if (node.attr, d) not in strides:
                     strides[node.attr, d] = hoist(f"(int)({stride_ref(node.attr, d)})", "int")
-                terms.append(f"{arg(i, torch.int32)} * {strides[node.attr, d]}")
+                terms.append(f"{index(node, d, i, torch.int32)} * {strides[node.attr, d]}")
         return f"{table}[{' + '.join(terms) or '0'}]"
 
     def emit(node: Node) -> str:

@@ -26,9 +26,12 @@ def host_source(graph: Graph, tanh_call=None, cuda: bool = False) -> str:
     """C++ (or, with cuda, a CUDA kernel and its launcher) that evaluates the graph's generated
     expression on n elements; eval_mod takes the same arguments either way (device pointers on
     CUDA)."""
+    # strides then sizes of each table, one after the other, in the dims array
+    dims_at = [sum(2 * t.dim() for _, t in graph.tensors[:i]) for i in range(len(graph.tensors))]
     tensor_decl = "".join(
         f"  const {element_ctype(t)}* {name} = (const {element_ctype(t)}*)tensors[{i}];\n"
-        + "".join(f"  const long long {name}_stride{d} = strides[{4 * i + d}];\n" for d in range(t.dim()))
+        + "".join(f"  const long long {name}_stride{d} = dims[{dims_at[i] + d}];\n"
+                  f"  const long long {name}_size{d} = dims[{dims_at[i] + t.dim() + d}];\n" for d in range(t.dim()))
         for i, (name, t) in enumerate(graph.tensors))
     # one 8-byte slot per number: an int64 for an int (as the kernels take it), else a double
     scalar_slot = {name: f"((const {'long long' if kind == 'int' else 'double'}*)scalars)[{i}]"
@@ -39,7 +42,7 @@ def host_source(graph: Graph, tanh_call=None, cuda: bool = False) -> str:
                            invariant_inputs=("b", "h"), position_bound=POSITION_BOUND, tanh_call=tanh_call)
     hoisted_decl = "".join(f"    {c_type} const {name} = {code};\n" for name, c_type, code in hoisted)
     params = ("long long n, const float* score_in, const int* b_in, const int* h_in, const int* q_in, "
-              "const int* kv_in, const void* scalars, const void* const* tensors, const long long* strides, float* out")
+              "const int* kv_in, const void* scalars, const void* const* tensors, const long long* dims, float* out")
     body = f"""{tensor_decl}    const float score = score_in[i]; const int b = b_in[i], h = h_in[i], q_idx = q_in[i], kv_idx = kv_in[i];
     (void)score; (void)b; (void)h; (void)q_idx; (void)kv_idx;
 {hoisted_decl}    out[i] = (float)({ctype(graph.output.dtype)})({expr});
@@ -64,7 +67,7 @@ __global__ void eval_kernel({params}) {{
 }}
 extern "C" int eval_mod({params}) {{
   if (n > 0) eval_kernel<<<(unsigned)((n + 255) / 256), 256>>>(n, score_in, b_in, h_in, q_in, kv_in, scalars, tensors,
-                                                               strides, out);
+                                                               dims, out);
   const cudaError_t launched = cudaGetLastError();
   return launched != cudaSuccess ? (int)launched : (int)cudaDeviceSynchronize();
 }}
@@ -106,10 +109,7 @@ def compile_host(graph: Graph, tanh_call=None):
 def _runner(graph: Graph, lib_path: str, device: str):
     lib = ctypes.CDLL(lib_path)
     tensors = [kernel_tensor(t).to(device) for _, t in graph.tensors]
-    strides = torch.zeros(max(1, 4 * len(tensors)), dtype=torch.int64)
-    for i, t in enumerate(tensors):
-        strides[4 * i:4 * i + t.dim()] = torch.tensor(t.stride())
-    strides = strides.to(device)
+    dims = torch.tensor([v for t in tensors for v in (*t.stride(), *t.shape)] or [0], dtype=torch.int64, device=device)
     scalars = torch.tensor([v if kind == "int" else torch.tensor(float(v), dtype=torch.float64).view(torch.int64).item()
                             for _, kind, v in graph.scalars] or [0], dtype=torch.int64, device=device)
     pointers = torch.tensor([t.data_ptr() for t in tensors] or [0], dtype=torch.int64, device=device)
@@ -121,7 +121,7 @@ def _runner(graph: Graph, lib_path: str, device: str):
         out = torch.empty(flat[0].numel(), dtype=torch.float32, device=device)
         status = lib.eval_mod(ctypes.c_longlong(out.numel()), *(ctypes.c_void_p(x.data_ptr()) for x in flat),
                               ctypes.c_void_p(scalars.data_ptr()), ctypes.c_void_p(pointers.data_ptr()),
-                              ctypes.c_void_p(strides.data_ptr()), ctypes.c_void_p(out.data_ptr()))
+                              ctypes.c_void_p(dims.data_ptr()), ctypes.c_void_p(out.data_ptr()))
         if device != "cpu" and status:
             raise RuntimeError(f"the generated CUDA kernel failed: cudaError {status}")
         return out.cpu().view(score.shape)

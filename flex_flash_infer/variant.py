@@ -83,24 +83,27 @@ class VariantSpec:
 
 def graph_arguments(graph: Graph | None, prefix: str = "ffi_"):
     """(tensor names, dtypes, scalar names, dtypes) of one graph's captured values: its tensors,
-    then its numbers and its tensors' strides (int64 scalars, as FlashInfer passes them)."""
+    then its numbers, its tensors' strides and their sizes (int64 scalars, as FlashInfer passes
+    them; a negative index counts from a size, as torch's does)."""
     if graph is None:
         return [], [], [], []
     tensors = [f"{prefix}{n}" for n, _ in graph.tensors]
     tensor_dtypes = [element_ctype(t) for _, t in graph.tensors]
     scalars = [f"{prefix}{n}" for n, _, _ in graph.scalars] + [
-        f"{prefix}{n}_stride{d}" for n, t in graph.tensors for d in range(t.dim())]
+        f"{prefix}{n}_{what}{d}" for what in ("stride", "size") for n, t in graph.tensors for d in range(t.dim())]
     scalar_dtypes = [_SCALAR_CTYPE[k] for _, k, _ in graph.scalars] + [
-        "int64_t" for _, t in graph.tensors for _ in range(t.dim())]
+        "int64_t" for _ in range(2) for _, t in graph.tensors for _ in range(t.dim())]
     return tensors, tensor_dtypes, scalars, scalar_dtypes
 
 
 def graph_values(graph: Graph | None, device):
-    """The values behind graph_arguments, in its order: (tensors on device, numbers + strides)."""
+    """The values behind graph_arguments, in its order: (tensors on device, numbers + strides +
+    sizes)."""
     if graph is None:
         return [], []
     tensors = [kernel_tensor(t).to(device) for _, t in graph.tensors]
-    return tensors, [v for _, _, v in graph.scalars] + [int(s) for t in tensors for s in t.stride()]
+    return tensors, ([v for _, _, v in graph.scalars] + [int(s) for t in tensors for s in t.stride()]
+                     + [int(s) for t in tensors for s in t.shape])
 
 
 def _kernel_arguments(graph: Graph):
@@ -118,6 +121,7 @@ def graph_expression(graph: Graph, p: str, invariant_inputs, position_bound, hoi
     once in the constructor, not per score."""
     return emit_expression(graph, scalar_ref=lambda n: f"{p}{prefix}{n}", tensor_ref=lambda n: f"{p}{prefix}{n}",
                            stride_ref=lambda n, d: f"{p}{prefix}{n}_stride{d}", input_ref=INPUT_NAMES.__getitem__,
+                           size_ref=lambda n, d: f"{p}{prefix}{n}_size{d}",
                            hoisted=hoisted, invariant_inputs=invariant_inputs, position_bound=position_bound,
                            tanh_call=tanh_call)
 

@@ -184,6 +184,7 @@ SCORE_MODS = {
     "bitwise_narrow": lambda s, b, h, q, kv: s + ((q.to(torch.int8) & 1000) ^ ~kv.to(torch.int16)),
     "int8_table": lambda s, b, h, q, kv: s + SMALL8[kv % 7] * 2 + SMALL8[q % 7].to(torch.int16) * 300,
     "float_floordiv_mod": lambda s, b, h, q, kv: s % 0.7 + s // 0.3 + (s * 1e5) % -3.1,
+    "negative_table_index": lambda s, b, h, q, kv: s + SMALL8[(kv - q) % 7 - 7] + BIG[h - 7].float() * 1e-12,
 }
 
 
@@ -268,7 +269,7 @@ def test_untraceable_score_mod_falls_back_to_the_reference_with_a_warning(monkey
 # ---- the CUDA source ---------------------------------------------------------------------------
 
 DEVICE_MODS = ["bool_plus_bool", "int8_floordiv_mod", "uint8_plus_int8", "int64_table_compare", "int_power",
-               "float64", "float_floordiv_mod"]
+               "float64", "float_floordiv_mod", "negative_table_index"]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
@@ -306,3 +307,44 @@ def test_random_integer_expressions_on_a_gpu(rng, seed):
     got = compile_device(trace(mod, "score_mod"))(*inputs)
     assert torch.equal(got, mod(*inputs).float()), source
 
+
+
+# ---- table indices -----------------------------------------------------------------------------
+
+TABLE_INDEX_MODS = {
+    "negative_counts_from_the_end": lambda s, b, h, q, kv: s + F13[kv - q],                # kv - q < 0 below the diagonal
+    "negative_per_head_and_key": lambda s, b, h, q, kv: s + T2D[h - 4, (q - kv) % 13 - 13],
+    "negative_int64_index": lambda s, b, h, q, kv: s + F13[(kv - q).long() % 26 - 13],
+}
+F13 = torch.randn(13)
+T2D = torch.randn(4, 13)
+
+
+@pytest.mark.parametrize("name", TABLE_INDEX_MODS)
+def test_a_negative_table_index_counts_from_the_end_as_in_torch(rng, name):
+    """torch reads table[-1] as the last entry; the compiled code read before the table (garbage,
+    or a fault on the GPU). Indices that are provably non-negative (positions, a max with 0) pay
+    no check: the library's relative bias reads its table without one."""
+    mod = TABLE_INDEX_MODS[name]
+    n = 3000
+    score = torch.randn(n, generator=rng)
+    h = torch.randint(0, 4, (n,), generator=rng, dtype=torch.int32)
+    q = torch.randint(0, 12, (n,), generator=rng, dtype=torch.int32)
+    kv = torch.randint(0, 12, (n,), generator=rng, dtype=torch.int32)
+    got = compile_host(trace(mod, "score_mod"))(score, h * 0, h, q, kv)
+    assert torch.equal(got, mod(score, h * 0, h, q, kv))
+
+
+def test_provably_non_negative_indices_pay_no_check():
+    from flex_flash_infer.codegen import POSITION_BOUND, emit_expression
+    from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_t5_relative_bias_score_mod
+
+    def per_score(mod):
+        return emit_expression(trace(mod, "score_mod"), str, str, hoisted=[], invariant_inputs=("b", "h"),
+                               position_bound=POSITION_BOUND)
+
+    for mod in (generate_relative_position_bias_score_mod(torch.randn(8, 33)),
+                generate_t5_relative_bias_score_mod(torch.randn(32, 8)),
+                lambda s, b, h, q, kv: s + F13[q % 13] + T2D[h % 4, kv // 1000]):
+        assert "ffi_index" not in per_score(mod)
+    assert "ffi_index" in per_score(TABLE_INDEX_MODS["negative_counts_from_the_end"])
