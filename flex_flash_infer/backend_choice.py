@@ -5,7 +5,6 @@ import warnings
 
 import torch
 
-from . import score_mod_kernels
 from .flashinfer_backend import unsupported_reason
 
 BACKENDS = ("auto", "flashinfer", "reference")
@@ -33,18 +32,10 @@ def choose_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
     if backend == "flashinfer":
         if reason:
             raise ValueError(f"backend='flashinfer' cannot run this call: {reason}")
-        if has_score_mod and not score_mod_kernels.ENABLED:
-            raise ValueError("backend='flashinfer' cannot run a score_mod: compiling it into kernels is turned "
-                             "off (FLEX_FLASH_INFER_SCORE_MOD_KERNELS=0); use backend='reference' or 'auto'")
         return "flashinfer"
     if device.type != "cuda":
         return "reference"
     if reason:
         warn_once(f"flex_flash_infer: running on the slow reference backend because {reason}")
-        return "reference"
-    if has_score_mod and not score_mod_kernels.ENABLED:
-        warn_once("flex_flash_infer: compiling score_mod into FlashInfer kernels is turned off "
-                  "(FLEX_FLASH_INFER_SCORE_MOD_KERNELS=0); calls with a score_mod run on the slow "
-                  "reference backend")
         return "reference"
     return "flashinfer"

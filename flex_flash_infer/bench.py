@@ -20,7 +20,7 @@ from .block_build import EMPTY, FULL, PARTIAL, tile_elements
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
-from .switches import route_switches, source_commit
+from .provenance import source_commit
 
 SEED = 1234
 COMMIT = source_commit()
@@ -235,13 +235,10 @@ def rel_error(out_rows, ref):
 
 
 def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, heads_q=32, heads_kv=8,
-               dtype=torch.bfloat16, with_flex=True, score_mod=None, device="cuda", profile=False,
-               alternatives=True):
+               dtype=torch.bfloat16, with_flex=True, score_mod=None, device="cuda", profile=False):
     """The rows of one case. device is "cuda" but for the CPU tests of this orchestration, which
     run it on the CPU model of FlashInfer's kernels. profile: every timed row also gets its host
-    time, GPU kernels (bench_profile), and our call replayed from a CUDA graph is timed beside.
-    alternatives=False: only the issue's four implementations (our alternative routes compile
-    kernels of their own, minutes on a fresh machine)."""
+    time, GPU kernels (bench_profile), and our call replayed from a CUDA graph is timed beside."""
     import flashinfer
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask  # eager: built once
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
@@ -273,36 +270,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     impls = {"flex_flash_infer": lambda: flex(q, k, v)}
     if profile:   # the same call without its host work: tells a host-bound route from a slow kernel
         impls["ours_cuda_graph"] = graphed(impls["flex_flash_infer"])
-    def prepared_with(*switches):
-        """Our wrapper prepared with route switches set, each (module, flag, value), restored
-        after: an alternative route, timed beside the default."""
-        saved = [(m, f, getattr(m, f)) for m, f, _ in switches]
-        for m, f, v in switches:
-            setattr(m, f, v)
-        try:
-            return FlexFlashInfer(device=dev, backend="flashinfer").prepare(
-                mask_fn=mask_mod, seq_len_q=seq_len, seq_len_kv=seq_len, num_qo_heads=heads_q, num_kv_heads=heads_kv,
-                head_dim=head_dim, dtype=dtype, score_mod=score_mod)
-        finally:
-            for m, f, v in saved:
-                setattr(m, f, v)
-
-    def alternative(impl, *switches, keep=lambda prepared: True):
-        """An alternative route timed beside the default: a failure to plan it or to compile its
-        kernels becomes its row's error instead of ending the case."""
-        try:
-            prepared = prepared_with(*switches)
-            if keep(prepared):
-                impls[impl] = lambda: prepared(q, k, v)
-        except Exception as e:
-            impls[impl] = raising(e)
-
-    def takes(route_name):
-        return lambda prepared: prepared._prepared.segments[0].plan.route == route_name
-
     per_head = mask_dependence(mask_mod, 1, heads_q, 4, 4, dev)[1]
-    if alternatives:
-        add_alternatives(alternative, takes, name, route, per_head, score_mod)
     if native_kwargs is not None:
         impls["flashinfer_native"] = lambda: flashinfer.single_prefill_with_kv_cache(q, k, v, **native_kwargs)
     if name == "causal":
@@ -357,52 +325,6 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
     return results
 
 
-TANH_FMA_SHARES = ("1/2",)
-
-
-def add_alternatives(alternative, takes, name, route, per_head, score_mod):
-    """Our alternative routes, each timed beside the default through alternative(impl, *switches)."""
-    from . import column_merge, far_bias, flashinfer_backend, native_soft_cap, route as route_module, tile_kernels, variant
-
-    if per_head:
-        # beside the default: the tiles-per-head route with every head in one launch set, its loop
-        # over heads, and the bands-per-head route (FLEX_FLASH_INFER_HEAD_BANDS) where it applies
-        alternative("ours_head_loop", (flashinfer_backend, "PER_HEAD_ONE_LAUNCH", False),
-                    (route_module, "ENABLE_HEAD_BANDS", False))
-        if route == "bands-per-head":
-            alternative("ours_tiles_per_head", (route_module, "ENABLE_HEAD_BANDS", False))
-        else:
-            alternative("ours_head_bands", (route_module, "ENABLE_HEAD_BANDS", True), keep=takes("bands-per-head"))
-    if name in ("attamba", "streaming"):
-        # the generic tiles route, beside the window band + key columns route they take, and the
-        # same tiles in one fa3 launch with the mask in the kernel (opt-in FLEX_FLASH_INFER_FA3_MASK=1)
-        alternative("ours_tiles_route", (route_module, "ENABLE_COLUMN_LOWERING", False))
-        # the columns in FlashInfer's paged launch + merge_state instead of the one-pass Triton merge
-        alternative("ours_paged_columns", (column_merge, "ENABLED", False), keep=takes("bands+columns"))
-        alternative("ours_tiles_fa3_mask", (route_module, "ENABLE_COLUMN_LOWERING", False),
-                    (tile_kernels, "FA3_MASK", True))
-    if route in ("tiles", "tiles-per-head") and not tile_kernels.FA3_MASK:
-        alternative("ours_fa3_mask", (tile_kernels, "FA3_MASK", True))
-    if route.startswith("tiles") and score_mod is None:
-        # partial tiles: the traced mask_mod in the fa2 kernel vs its bits, whichever is not the default
-        in_kernel = not tile_kernels.MASK_IN_KERNEL
-        alternative("ours_mask_in_kernel" if in_kernel else "ours_mask_bits", (tile_kernels, "MASK_IN_KERNEL", in_kernel))
-    if getattr(score_mod, "constant_beyond", None) is not None:   # every key in the compiled variant
-        alternative("ours_no_far_split", (far_bias, "ENABLED", False))
-        # the near keys on fa3 as the far ones, not on fa2 (several small work tiles per SM)
-        alternative("ours_near_fa3", (far_bias, "NEAR_ON_FA2", False))
-        # the far keys in FlashInfer's single-sequence call, not its ragged kernel
-        alternative("ours_far_single_call", (flashinfer_backend, "RAGGED_UNWINDOWED_BAND", False))
-    if getattr(score_mod, "logits_soft_cap", None) is not None:   # the compiled variant, not FlashInfer's soft cap
-        alternative("ours_compiled_softcap", (native_soft_cap, "ENABLED", False), keep=takes("bands"))
-        # some of the tanh on the FMA pipe, beside the MUFU one (variant.TANH_FMA_SHARE)
-        for share in TANH_FMA_SHARES:
-            alternative(f"ours_tanh_fma_{share.replace('/', 'of')}", (native_soft_cap, "ENABLED", False),
-                        (variant, "TANH_FMA_SHARE", share), keep=takes("bands"))
-    if name in ("full", "causal"):   # their one band in FlashInfer's single-sequence call, not the ragged kernel
-        alternative("ours_single_call", (flashinfer_backend, "RAGGED_UNWINDOWED_BAND", False), keep=takes("bands"))
-
-
 def print_table(rows):
     by_case = {}
     for r in rows:
@@ -433,12 +355,8 @@ def print_table(rows):
                 print(f"      {impl}: {describe(r)}")
 
 
-def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True, profile=False,
-                  alternatives=True):
+def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True, profile=False):
     import flashinfer
-
-    from . import tile_kernels
-
     import torch._dynamo
 
     # One compiled flex_attention per mask_mod: lift dynamo's recompile limit (default 8), past
@@ -454,7 +372,7 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
         old = json.load(open(out_path))
         if old.get("device") == device:
             earlier = old["rows"] + old.get("other_rows", [])
-            notes = {k: v for k, v in old.items() if k not in RESULT_FIELDS}
+            notes = {k: v for k, v in old.items() if k not in RESULT_FIELDS + OLD_FIELDS}
     rows, result, failed = [], None, []
     for seq_len in seq_lens:
         masks = case_masks(seq_len)
@@ -467,8 +385,7 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
             for d in dims:
                 t0 = time.time()
                 new = case_or_report(failed, f"{name} {seq_len} d{d}", bench_case, name, seq_len, d, mod, native,
-                                      sdpa, with_flex=with_flex, profile=profile,
-                                      alternatives=alternatives)
+                                      sdpa, with_flex=with_flex, profile=profile)
                 rows.extend(new)
                 print_table(new)
                 print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)
@@ -478,12 +395,9 @@ def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=T
         for name, (mask_name, score_mod, native) in score_mod_cases().items():
             if cases and name not in cases:
                 continue
-            if not cases and mask_name != "causal" and not tile_kernels.TILE_VARIANTS:
-                continue  # a score_mod off the band routes needs the tile variants switch
             t0 = time.time()
             new = case_or_report(failed, f"{name} {seq_len}", bench_case, name, seq_len, 128, masks[mask_name][0],
-                                  native, None, with_flex=with_flex, score_mod=score_mod, profile=profile,
-                                  alternatives=alternatives)
+                                  native, None, with_flex=with_flex, score_mod=score_mod, profile=profile)
             rows.extend(new)
             print_table(new)
             print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)
@@ -513,7 +427,9 @@ def case_or_report(failed: list, what: str, case, *args, **kwargs) -> list:
 # the speed issue's file: "rows" hold its four implementations; the library's alternative routes
 # and extra peers timed beside them go to "other_rows"
 SPEC_IMPLS = ("flex_flash_infer", "torch_flex", "flashinfer_native", "sdpa_cudnn")
-RESULT_FIELDS = ("device", "torch", "flashinfer", "date", "switches", "rows", "other_rows")
+RESULT_FIELDS = ("device", "torch", "flashinfer", "date", "rows", "other_rows")
+# written by earlier versions, dropped when a file is rewritten
+OLD_FIELDS = ("switches",)
 
 
 def _save(out_path, device, flashinfer_version, earlier, rows, notes=None):
@@ -522,7 +438,7 @@ def _save(out_path, device, flashinfer_version, earlier, rows, notes=None):
     keep = {(r["case"], r["seq_len"], r["head_dim"], r["impl"]) for r in rows}
     merged = [r for r in earlier if (r["case"], r["seq_len"], r["head_dim"], r["impl"]) not in keep] + rows
     result = {**(notes or {}), "device": device, "torch": torch.__version__, "flashinfer": flashinfer_version,
-              "date": datetime.date.today().isoformat(), "switches": dict(route_switches()),
+              "date": datetime.date.today().isoformat(),
               "rows": [r for r in merged if r["impl"] in SPEC_IMPLS],
               "other_rows": [r for r in merged if r["impl"] not in SPEC_IMPLS]}
     with open(out_path, "w") as f:

@@ -25,7 +25,6 @@ from .block_build import EMPTY
 from .mods.registry import get_mask_fn
 from .mods.softcap import generate_softcap_score_mod
 from .paged import PagedFlexAttention
-from .switches import route_switches
 
 
 def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=8, d=128, page=16,
@@ -72,30 +71,17 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
                 kv_data_type=dtype, **native_kwargs)
     impls = {"flashinfer_native": lambda: native.run(q, (k_cache, v_cache)),
              "flex_flash_infer": lambda: ours.run(q, (k_cache, v_cache))}
-    from . import paged
+    from .paged import use_tensor_core_decode
 
     # the other decode kernel than the one chosen for this GQA group, timed beside
-    other = not paged.use_tensor_core_decode(hq, hkv)
-    saved, paged.DECODE_TENSOR_CORES = paged.DECODE_TENSOR_CORES, other
-    ours_other = PagedFlexAttention(device=dev, backend="flashinfer")
+    other = not use_tensor_core_decode(hq, hkv)
+    ours_other = PagedFlexAttention(device=dev, backend="flashinfer", use_tensor_cores=other)
     other_impl = "ours_tensor_cores" if other else "ours_cuda_cores"
     try:  # a failure to plan becomes its row's error
         ours_other.plan(*plan_args, dtype=dtype, score_mod=score_mod)
         impls[other_impl] = lambda: ours_other.run(q, (k_cache, v_cache))
     except Exception as e:
         impls[other_impl] = raising(e)
-    finally:
-        paged.DECODE_TENSOR_CORES = saved
-    # ours with whole pages on the fa3 paged prefill kernel (opt-in FLEX_FLASH_INFER_DECODE_FA3=1)
-    saved, paged.DECODE_FA3 = paged.DECODE_FA3, True
-    ours_fa3 = PagedFlexAttention(device=dev, backend="flashinfer")
-    try:
-        ours_fa3.plan(*plan_args, dtype=dtype, score_mod=score_mod)
-        impls["ours_fa3_decode"] = lambda: ours_fa3.run(q, (k_cache, v_cache))
-    except Exception as e:
-        impls["ours_fa3_decode"] = raising(e)
-    finally:
-        paged.DECODE_FA3 = saved
     try:  # a candidate kernel (not run yet): Hopper's fa3 paged prefill, one query per request
         fa3 = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=dev),
                                                              "NHD", backend="fa3")
@@ -176,7 +162,7 @@ def run_decode_benchmark(out_path: str | None = None, with_flex: bool = True) ->
         for where, cum_ms, own_ms, calls in r.get("plan_profile", [])[1:7]:   # [0] is the plan call itself
             print(f"    plan: {cum_ms:7.2f} ms ({own_ms:.2f} its own) in {calls} call(s) of {where}")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
-              "date": datetime.date.today().isoformat(), "switches": dict(route_switches()), "rows": rows}
+              "date": datetime.date.today().isoformat(), "rows": rows}
     if out_path:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)

@@ -25,7 +25,6 @@ from .block_mask import BlockMask, create_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
-from .switches import route_switches
 
 
 def _median_s(fn, runs: int = 5) -> float:
@@ -90,7 +89,7 @@ def run_plan_benchmark(out_path: str | None = None, block_mask_cases=BLOCK_MASK_
         print(f"{r['what']:52s} {r['ours_ms']:10.1f} {cell(r.get('ours_elementwise_ms'))} "
               f"{cell(r['ours_compiled_ms'])} {cell(r['torch_compiled_ms'])} {same}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "switches": dict(route_switches()), "rows": rows}
+              "date": datetime.date.today().isoformat(), "rows": rows}
     if out_path:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)

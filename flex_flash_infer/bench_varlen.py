@@ -10,11 +10,9 @@ import json
 
 import torch
 
-from . import varlen
 from .bench import COMMIT, check_and_time, rel_error
 from .mods.registry import get_mask_fn
 from .wrapper import FlexFlashInfer
-from .switches import route_switches
 
 
 def document_lengths(total=32768, count=16, seed=1234):
@@ -40,27 +38,20 @@ def run_varlen_benchmark(out_path: str | None = None, hq=32, hkv=8, d=128, dtype
     v = torch.randn(cu[-1], hkv, d, device=dev, dtype=dtype, generator=gen)
     causal = get_mask_fn("causal")
 
-    def prepared(backend="flashinfer", one_launch=None):   # ours never falls back to the reference silently
-        saved = varlen.ENABLED
-        varlen.ENABLED = saved if one_launch is None else one_launch
-        try:
-            return FlexFlashInfer(device=dev, backend=backend).prepare(
-                mask_fn=causal, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
-                cu_seqlens_q=cu, cu_seqlens_kv=cu)
-        finally:
-            varlen.ENABLED = saved
+    def prepared(backend="flashinfer"):   # ours never falls back to the reference silently
+        return FlexFlashInfer(device=dev, backend=backend).prepare(
+            mask_fn=causal, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
+            cu_seqlens_q=cu, cu_seqlens_kv=cu)
 
     # checked on every document's last 256 rows, against the reference backend (float32 inside)
     rows = torch.cat([torch.arange(max(a, b - 256), b) for a, b in zip(cu[:-1], cu[1:])]).to(dev)
     ref = prepared("reference")(q, k, v)[rows].float()
-    ours, per_sequence = prepared(), prepared(one_launch=False)
+    ours = prepared()
     native = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=dev),
                                                              "NHD", backend="fa3")
     indptr = torch.tensor(cu, dtype=torch.int32, device=dev)
     native.plan(indptr, indptr, hq, hkv, d, causal=True, q_data_type=dtype, kv_data_type=dtype)
-    # ours as configured (one ragged launch unless FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH=0), and one plan per sequence
     impls = {"flex_flash_infer": lambda: ours(q, k, v),
-             "ours_plan_per_sequence": lambda: per_sequence(q, k, v),
              "flashinfer_native": lambda: native.run(q, k, v)}
     result_rows = [{"case": f"varlen_{len(lengths)}_documents_causal", "total_tokens": cu[-1], "documents": len(lengths),
                     "heads_q": hq, "heads_kv": hkv, "head_dim": d, "dtype": str(dtype).replace("torch.", ""),
@@ -71,7 +62,7 @@ def run_varlen_benchmark(out_path: str | None = None, hq=32, hkv=8, d=128, dtype
         ratio = f"{native_ms / r['ms']:.2f}x native" if native_ms and r.get("ms") else ""
         print(f"{r['impl']:28s} {r.get('ms', float('nan')):8.3f} ms  {ratio} {r.get('error', '')}")
     result = {"device": torch.cuda.get_device_name() if dev == "cuda" else str(dev), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
-              "date": datetime.date.today().isoformat(), "switches": dict(route_switches()), "lengths": lengths, "rows": result_rows}
+              "date": datetime.date.today().isoformat(), "lengths": lengths, "rows": result_rows}
     if out_path:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)

@@ -112,9 +112,6 @@ def build_parser():
     bench.add_argument("--no-flex", action="store_true", help="skip torch FlexAttention")
     bench.add_argument("--profile", action="store_true",
                        help="also each row's host time and GPU kernels, and our call replayed from a CUDA graph")
-    bench.add_argument("--no-alternatives", action="store_true",
-                       help="time only ours, torch flex, FlashInfer's native call and cuDNN (our alternative "
-                            "routes compile kernels of their own)")
     bench.add_argument("--plan", action="store_true", help="measure planning time instead (bench_plan.py)")
     bench.add_argument("--decode", action="store_true", help="paged decode instead (bench_decode.py)")
     bench.add_argument("--varlen", action="store_true", help="packed varlen prefill instead (bench_varlen.py)")
@@ -124,12 +121,11 @@ def build_parser():
     warm.add_argument("--kinds", nargs="+", default=None,
                       help="default: causal sliding_window tiles documents; score_mod:<name>[+window] "
                            "compiles a score_mod variant (softcap alibi rel_bias temperature causal_decay); "
-                           "tile_variants:softcap tile_variants:rel_bias+mask tile_variants:alibi+columns "
-                           "mask_in_kernel: the paged variants of the tiles route; score_mod_fa2:<name>[+window]: "
-                           "the fa2 band variant of GPUs before Hopper (off by default); bands_per_head: "
-                           "per-head windows on the opt-in bands-per-head route; native_score: FlashInfer's own "
-                           "soft cap and ALiBi; paged_mods: a score_mod and per-head masks on a paged cache; fa3_mask "
-                           "fa3_mask:softcap fa3_mask_bench: full and partial tiles in one fa3 launch (opt-in)")
+                           "tile_variants:softcap tile_variants:rel_bias tile_variants:alibi+columns: the paged "
+                           "variants of the tiles route; score_mod_fa2:<name>[+window]: the fa2 band variant of "
+                           "GPUs before Hopper; bands_per_head: per-head windows on the bands-per-head route; "
+                           "native_score: FlashInfer's own soft cap and ALiBi; paged_mods: a score_mod and "
+                           "per-head masks on a paged cache")
     show = sub.add_parser("show", help="draw a library mask to a PNG: its elements, or its tile map when long "
                                        "(needs matplotlib)")
     show.add_argument("name", choices=[name for name in MASK_FACTORIES if name != "document"])
@@ -215,9 +211,6 @@ def _info() -> int:
         print(f"FlashInfer JIT cache: {cache} (exists but is not a directory)")
     else:
         print(f"FlashInfer JIT cache: {cache} (does not exist yet)")
-    from .switches import route_switches
-
-    print("route switches: " + ", ".join(f"{name}={value}" for name, value in route_switches()))
     return 0
 
 
@@ -276,8 +269,7 @@ def main(argv=None) -> int:
             return 0
         from .bench import run_benchmark
 
-        run_benchmark(tuple(args.seq_lens), args.cases, args.out, with_flex=not args.no_flex, profile=args.profile,
-                      alternatives=not args.no_alternatives)
+        run_benchmark(tuple(args.seq_lens), args.cases, args.out, with_flex=not args.no_flex, profile=args.profile)
         return 0
     if command == "warmup":
         from .warmup import KINDS, warmup

@@ -148,43 +148,6 @@ FFI_HD float ffi_tanh(float a) {
   return tanhf(a);
 #endif
 }
-FFI_HD int ffi_float_bits(float f) {
-#ifdef __CUDA_ARCH__
-  return __float_as_int(f);
-#else
-  int i; __builtin_memcpy(&i, &f, sizeof i); return i;
-#endif
-}
-FFI_HD float ffi_bits_float(int i) {
-#ifdef __CUDA_ARCH__
-  return __int_as_float(i);
-#else
-  float f; __builtin_memcpy(&f, &i, sizeof f); return f;
-#endif
-}
-// tanh without the MUFU unit, in about 15 full-rate instructions (|error| < 1.5e-4, exact at 0,
-// NaN stays NaN): tanh|a| = (1 - e) / (1 + e) with e = exp(-2|a|) = 2^u, u = j + f (j an integer,
-// |f| <= 1/2), 2^f = 1 + f q(f) with q a quadratic, 2^j an add to its exponent bits, and 1 / (1 + e)
-// a quartic on [0, 1] (minimax fits, weighted so that tanh's own error is the one minimised).
-// The variant can run it on half of a tile's scores (variant.TANH_FMA_SHARE, off: slower on an
-// H200, where the loop is bound by instruction issue rather than by the exp2 unit).
-FFI_HD float ffi_tanh_fma(float a) {
-  float u = fabsf(a) * -2.8853900817779268f;   // -2 log2(e) |a|
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800   // max.NaN: sm_80 and later
-  asm("max.NaN.f32 %0, %0, 0fC2800000;" : "+f"(u));   // u >= -64 (tanh is 1 in float long before), NaN kept
-#else
-  u = (u != u) ? u : fmaxf(u, -64.f);
-#endif
-  const float r = u + 12582912.f;   // 1.5 * 2^23: j = round(u) in the low mantissa bits
-  const float f = u - (r - 12582912.f);
-  const float p = fmaf(f, fmaf(fmaf(0.0550087805f, f, 0.24221083f), f, 0.693282929f), 1.f);
-  const float e = ffi_bits_float(int(unsigned(ffi_float_bits(p)) + (unsigned(ffi_float_bits(r)) << 23)));   // p * 2^j
-  const float h = fmaf(fmaf(fmaf(fmaf(0.214865425f, e, -0.637922095f), e, 0.920033451f), e, -0.993588232f), e,
-                       0.999919778f);   // 1 / (1 + e)
-  return copysignf(fmaf(-e, h, h), a);
-}
-// on_fma picks the unit; in the fa3 variant it is a constant of the kernel's unrolled loop (no branch)
-FFI_HD float ffi_tanh_split(float a, bool on_fma) { return on_fma ? ffi_tanh_fma(a) : ffi_tanh(a); }
 #endif
 """
 
@@ -374,16 +337,14 @@ _FLOAT_FNS = {"exp": ("expf", "exp"), "log": ("logf", "log"), "sqrt": ("sqrtf", 
 
 
 def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input_ref=None, size_ref=None,
-                    hoisted: list | None = None, invariant_inputs=(), position_bound: int | None = None,
-                    tanh_call=None) -> str:
+                    hoisted: list | None = None, invariant_inputs=(), position_bound: int | None = None) -> str:
     """The graph as one C++ expression. With a hoisted list, each subexpression that reads no
     input outside invariant_inputs (say b and h, fixed for a whole tile) is appended to it as
     (name, ctype, code), in dependency order, and the expression refers to name instead, so a
     kernel can compute it once (captured tables indexed by head, scalars converted to float);
     a division by such a value becomes a multiplication by its hoisted reciprocal. With a
     position_bound (the inputs b, h, q_idx, kv_idx lie in [0, position_bound)), an int whose range
-    stays within +-EXACT_FLOAT_INT converts to float with ffi_i2f_exact. tanh_call(code) renders a
-    tanh that varies per score (the fa3 variant's choice of unit); by default ffi_tanh.
+    stays within +-EXACT_FLOAT_INT converts to float with ffi_i2f_exact.
 
     Every value is computed as torch computes it, in its node's dtype (ctype): operands are
     converted to the op's dtype first (a Python int wraps to an int8 operand's type, say), int
@@ -537,8 +498,6 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
             power = f"ffi_ipow({convert(arg(a[0], d), d, torch.int64)}, {convert(arg(a[1], d), d, torch.int64)})"
             return convert(power, torch.int64, d)
         if op == "tanh":
-            if d == torch.float32 and tanh_call is not None and (hoisted is None or variant(node)):
-                return tanh_call(x[0])
             return f"ffi_tanh({x[0]})"
         if op in _FLOAT_FNS:
             return f"{_FLOAT_FNS[op][d == torch.float64]}({x[0]})"

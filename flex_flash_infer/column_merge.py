@@ -5,18 +5,15 @@ mask of that shape), a prefix of the sorted column positions: the chunk ends or 
 window. Then one count per row describes the column part of the mask, and a single kernel
 (column_merge_triton) attends those columns and folds them into the band's output, instead of
 FlashInfer's paged launch over pages of one key with a bit mask, plus merge_state.
-FLEX_FLASH_INFER_COLUMN_MERGE=0 goes back to that launch.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
 
-ENABLED = os.environ.get("FLEX_FLASH_INFER_COLUMN_MERGE", "1") != "0"
 ROWS_PER_CHUNK_ELEMENTS = 1 << 24
 LN2 = math.log(2.0)
 
@@ -76,7 +73,7 @@ def merge_columns(out, lse2, q, k, v, positions, counts, scale: float, q_len: in
 
 def kernel_available(device: torch.device, head_dim: int) -> bool:
     """On CUDA, the kernel needs triton (shipped with torch's CUDA builds) and a power-of-two head_dim."""
-    if not ENABLED or head_dim not in (16, 32, 64, 128, 256):
+    if head_dim not in (16, 32, 64, 128, 256):
         return False
     if device.type != "cuda":
         return True   # the torch reference serves (the CPU model of the route)

@@ -9,12 +9,11 @@ variant cost 1.49x the plain causal kernel at 32768 tokens (run 11).
 
 A score_mod says so with a `constant_beyond` attribute (ConstantBeyond); a user's own score_mod
 without it runs the compiled variant on every key. The hint is checked on sampled positions
-when planned. FLEX_FLASH_INFER_FAR_BIAS_SPLIT=0 turns the split off.
+when planned.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,16 +23,6 @@ from .bands import Band
 from .mask_eval import INDEX_DTYPE
 from .ragged import planned_ragged
 
-ENABLED = os.environ.get("FLEX_FLASH_INFER_FAR_BIAS_SPLIT", "1") != "0"
-# The near keys on FlashInfer's fa2 kernel, the far ones on fa3 (FLEX_FLASH_INFER_NEAR_FA2=0: both on
-# fa3): a band two tiles wide per query tile leaves fa3's one large work tile per SM waiting on its
-# loads (H200, 8192 tokens: the near launch took 0.243-0.252 ms for 6% of causal's tiles), where
-# fa2's smaller tiles keep several per SM. Run 16: 0.204 ms on fa2, 1.120 against 1.155 ms in all
-# at 8192 and 14.343 against 14.786 at 32768; every split GPU test (causal, windows, T5,
-# documents) passed with it in runs 16-17.
-# A branch on q - kv in one launch (no split, no table read beyond the reach) took 2.19 ms against
-# 1.39 for the variant reading the table everywhere (run 15): the branch is per score.
-NEAR_ON_FA2 = os.environ.get("FLEX_FLASH_INFER_NEAR_FA2", "1") != "0"
 LOG2E = 1.0 / math.log(2.0)
 
 
@@ -106,13 +95,12 @@ class FarSplitBands:
 
     One far band without a window (causal attention, the common case) runs FlashInfer's batch
     ragged kernel, planned once and launched per batch entry, as flashinfer_backend runs such a
-    band without a score_mod (ragged=True). On an H200 (run 13) the split took 1.106 ms that way
-    against 1.191 with the far keys in the single call at 8192 tokens, 14.357 against 14.789 at
-    32768. Other far bands (documents, windows) take the single-sequence call, which needs no plan
+    band without a score_mod: on an H200 about 7% faster in all than the far keys in the single
+    call at 8192 tokens, 3% at 32768. Other far bands (documents, windows) take the single-sequence call, which needs no plan
     per band."""
 
     def __init__(self, near_runner, far_bands, hint: ConstantBeyond, shape, dtype, scale, workspace,
-                 hopper: bool = True, ragged: bool = True):
+                 hopper: bool = True):
         import flashinfer
 
         self.near = near_runner
@@ -122,7 +110,7 @@ class FarSplitBands:
         self.single = flashinfer.single_prefill_with_kv_cache
         self.merge_in_place = flashinfer.merge_state_in_place
         self.ragged = None
-        if ragged and len(far_bands) == 1 and far_bands[0].window_left < 0:
+        if len(far_bands) == 1 and far_bands[0].window_left < 0:
             band = far_bands[0]
             self.ragged = planned_ragged(workspace, "fa3" if hopper else "fa2",
                                          torch.tensor([0, band.q_end - band.q_start], dtype=torch.int32),
@@ -153,7 +141,7 @@ def plan_split(score_mod, bands, num_heads: int):
     """(near bands, far bands, hint) when the score_mod carries a hint that holds and the bands
     split; else None (the compiled variant runs every key)."""
     hint = getattr(score_mod, "constant_beyond", None)
-    if not ENABLED or not isinstance(hint, ConstantBeyond):
+    if not isinstance(hint, ConstantBeyond):
         return None
     split = split_bands(bands, hint.reach)
     if split is None or not hint_holds(score_mod, hint, num_heads):

@@ -6,8 +6,8 @@ Routes, tried in order:
     and merged into the band's result by one Triton kernel (column_merge.py);
   * tiles: whole tiles on the unmasked fa3 (Hopper) paged-prefill kernel, partial tiles on its
     fa2 kernel with a bit mask covering only those tiles, merged by log-sum-exp
-    (flashinfer.merge_state); see planner.py for the request layout. Per-head masks run one
-    head at a time.
+    (flashinfer.merge_state); see planner.py for the request layout. Per-head masks run every
+    head in one launch set (planner.plan_tiles_head_major).
 """
 from __future__ import annotations
 
@@ -24,29 +24,14 @@ from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_t
 from .route import Route, choose_route
 from .bands import band_launches
 from .ragged import planned_ragged
-from . import far_bias
 from .far_bias import FarSplitBands, plan_split
 from .native_soft_cap import native_soft_cap
-from . import score_mod_kernels
-from .score_mod_kernels import ScoreModBands, UnsupportedOnFlashInfer
-from . import tile_kernels
-from .tile_kernels import TileVariants, request_tables, traced_mask_or_none
+from .score_mod_kernels import ScoreModBands
+from .tile_kernels import TileVariants, request_tables
 
 LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-# Per-head masks with every head in one launch set (planner.plan_tiles_head_major) instead of a
-# loop over heads (passed the GPU tests on an H100, 2026-11-25); FLEX_FLASH_INFER_HEADS_ONE_LAUNCH=0
-# goes back to the loop.
-PER_HEAD_ONE_LAUNCH = os.environ.get("FLEX_FLASH_INFER_HEADS_ONE_LAUNCH", "1") != "0"
-# One band without a window over a whole sequence (causal or full attention) runs FlashInfer's
-# batch ragged kernel rather than its single-sequence call: in the same process the ragged call
-# was faster at 8192 tokens (causal: H100 0.918 vs 0.947 ms at head_dim 128, 0.641 vs 0.654 at 64;
-# H200 0.892 vs 0.965, 0.618 vs 0.644; full, H200 run 10: 1.702 vs 1.770; timed in interleaved rounds,
-# H200 run 14: 0.896 vs 0.932, 0.643 vs 0.668). A windowed band keeps the
-# single call: ragged was slower there (H200 run 10: 0.356 vs 0.303 ms at 128, 0.305 vs 0.257 at 64).
-# FLEX_FLASH_INFER_RAGGED_BAND=0 turns it off.
-RAGGED_UNWINDOWED_BAND = os.environ.get("FLEX_FLASH_INFER_RAGGED_BAND", "1") != "0"
 WORKSPACE_BYTES = 256 << 20
 _workspaces: dict = {}
 
@@ -203,19 +188,14 @@ class FlashInferPlan:
         self.groups = []
         self.bands = route.bands
         self.columns = None
-        self.one_launch = False   # tiles: full and partial tiles in one fa3 launch (tile_kernels.FA3_MASK)
         hopper = _is_hopper(device)
-        if score_mod is not None and not (route.kind == "bands" or tile_kernels.TILE_VARIANTS):
-            raise UnsupportedOnFlashInfer(
-                "a score_mod runs in FlashInfer kernels only with masks that lower to bands (full, causal, "
-                f"sliding window, documents, ...); this one takes the {route.kind} route "
-                "(FLEX_FLASH_INFER_TILE_VARIANTS=0 is set: unset it to run the score_mod in the tile kernels)")
 
-        def variants(mask_graph, page_size, one_launch=False):
-            """Compiled mods for a tile group, or None when plain launches serve."""
-            if score_mod is None and mask_graph is None:
+        def variants(page_size):
+            """The compiled score_mod of a tile group, or None when plain launches serve (partial
+            tiles read a bit mask built at plan time)."""
+            if score_mod is None:
                 return None
-            return TileVariants(score_mod, mask_graph, self.shape, dtype, scale, page_size, device, hopper, one_launch)
+            return TileVariants(score_mod, None, self.shape, dtype, scale, page_size, device, hopper)
 
         self.column_counts = None   # bands+columns: columns each query row sees (column_merge)
         if route.kind == "bands+columns":
@@ -231,24 +211,22 @@ class FlashInferPlan:
                     col_shape = (batch, q_len, num_columns, num_qo_heads, num_kv_heads, head_dim)
                     # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
                     self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace,
-                                              (block_q, 1), variants(None, 1), self.positions)
+                                              (block_q, 1), variants(1), self.positions)
         if score_mod is not None and self.bands:
             soft_cap = native_soft_cap(score_mod, num_qo_heads)
             if soft_cap is not None:   # FlashInfer's own soft-capped kernels (native_soft_cap.py)
                 self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace, logits_soft_cap=soft_cap)
                 return
-            if not (hopper or score_mod_kernels.FA2_BANDS):
-                raise UnsupportedOnFlashInfer("a score_mod on the band routes of a GPU older than Hopper runs in "
-                                              "the fa2 variant, turned off here by FLEX_FLASH_INFER_FA2_SCORE_MOD=0")
             split = plan_split(score_mod, self.bands, num_qo_heads)
             if split is None:
                 self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper)
             else:   # keys beyond the score_mod's reach on the plain kernel (far_bias.py)
                 near, far, hint = split
-                near_runner = ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace,
-                                            hopper and not far_bias.NEAR_ON_FA2)
-                self.band_runner = FarSplitBands(near_runner, far, hint, self.shape, dtype, scale, workspace, hopper,
-                                                 ragged=RAGGED_UNWINDOWED_BAND)
+                # the near keys on the fa2 variant even on Hopper: a band two tiles wide per query
+                # tile leaves fa3's one large work tile per SM waiting on its loads, where fa2's
+                # smaller tiles keep several per SM (faster in all on an H200 at 8192 and 32768)
+                near_runner = ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace, False)
+                self.band_runner = FarSplitBands(near_runner, far, hint, self.shape, dtype, scale, workspace, hopper)
             return
         if self.bands:
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)
@@ -261,36 +239,20 @@ class FlashInferPlan:
                                             _BandRunner(bands, group_shape, dtype, scale, workspace)))
             return
         states = block_mask.states.to(device)   # the tiles routes (a band route never builds a lazy mask's tables)
-        # partial tiles evaluate the traced mask_mod in the kernel (or read bits when it does not
-        # trace): in the fa2 launch (MASK_IN_KERNEL), or beside the full tiles in one fa3 launch (FA3_MASK)
-        one_launch = tile_kernels.FA3_MASK and hopper
-        mask_graph = (traced_mask_or_none(block_mask.mask_mod) if tile_kernels.MASK_IN_KERNEL or one_launch
-                      else None)
-        self.one_launch = one_launch = one_launch and mask_graph is not None
-        tile_variants = variants(mask_graph, block_kv, one_launch)   # shared by every head group
-        self.head_major = self.per_head and PER_HEAD_ONE_LAUNCH
+        tile_variants = variants(block_kv)   # shared by every head group
+        self.head_major = self.per_head
         if self.head_major:
             head_states = states.transpose(0, 1).expand(num_qo_heads, states.shape[0], *states.shape[2:])
-            tile_plan = plan_tiles_head_major(head_states, batch, q_len, block_q, block_kv, self.group_size,
-                                              one_launch)
+            tile_plan = plan_tiles_head_major(head_states, batch, q_len, block_q, block_kv, self.group_size)
             self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, None, (batch, q_len, kv_len, 1, 1, head_dim),
                                           dtype, scale, workspace, block_mask.BLOCK_SIZE, tile_variants))
             return
-        causal_variants = None   # a causal-diagonal plan needs no mask in the kernel: only a score_mod
-        heads = list(range(num_qo_heads)) if self.per_head else [None]
-        for head in heads:
-            head_states = states[:, 0 if head is None or states.shape[1] == 1 else head]
-            tile_plan = plan_causal_diagonal(head_states, block_mask.mask_mod, head or 0, batch, q_len, kv_len,
-                                             block_q, block_kv)
-            group_variants = tile_variants
-            if tile_plan is None:
-                tile_plan = plan_tiles(head_states, batch, q_len, block_q, block_kv, one_launch)
-            elif one_launch:
-                causal_variants = causal_variants or variants(None, block_kv)
-                group_variants = causal_variants
-            group_shape = self.shape if head is None else (batch, q_len, kv_len, 1, 1, head_dim)
-            self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, head, group_shape, dtype,
-                                          scale, workspace, block_mask.BLOCK_SIZE, group_variants))
+        head_states = states[:, 0]
+        tile_plan = plan_causal_diagonal(head_states, block_mask.mask_mod, 0, batch, q_len, kv_len, block_q, block_kv)
+        if tile_plan is None:
+            tile_plan = plan_tiles(head_states, batch, q_len, block_q, block_kv)
+        self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, None, self.shape, dtype,
+                                      scale, workspace, block_mask.BLOCK_SIZE, tile_variants))
 
     def _pages(self, x: torch.Tensor) -> torch.Tensor:
         """[B, KV_LEN, H, D] -> pages [B * nKV, block_kv, H, D] (zero-padded tail tile)."""
@@ -315,7 +277,7 @@ class FlashInferPlan:
         kind = "tiles-per-head" if self.per_head else "tiles"
         if all(g.causal for g in self.groups):
             return kind + "-causal"
-        return kind + "-fa3-mask" if self.one_launch else kind
+        return kind
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = True):
         """(out, natural-log lse); lse is None when return_lse is False and the route needs none."""
@@ -343,21 +305,7 @@ class FlashInferPlan:
             return out, lse * LN2
         if self.head_major:
             return self._run_head_major(q, k, v)
-        k_pages, v_pages = self._pages(k), self._pages(v)
-        if not self.per_head:
-            out, lse = self.groups[0].run(q, (k_pages, v_pages))
-        else:
-            out = torch.empty_like(q)
-            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-            per_kv_head = {}
-            for head, group in enumerate(self.groups):
-                kv_head = head // self.group_size
-                if kv_head not in per_kv_head:
-                    per_kv_head[kv_head] = (k_pages[:, :, kv_head:kv_head + 1].contiguous(),
-                                            v_pages[:, :, kv_head:kv_head + 1].contiguous())
-                o_h, lse_h = group.run(q[:, head:head + 1].contiguous(), per_kv_head[kv_head])
-                out[:, head:head + 1] = o_h
-                lse[:, head:head + 1] = lse_h
+        out, lse = self.groups[0].run(q, (self._pages(k), self._pages(v)))
         return out, lse * LN2
 
 
@@ -424,7 +372,10 @@ class _BandRunner:
         self.covers_all = bands[0].q_start == 0 and bands[-1].q_end == q_len
         self.ragged = self.ragged_launch = None
         launches = band_launches(bands, batch, q_len, kv_len)
-        unwindowed_band = RAGGED_UNWINDOWED_BAND and len(bands) == 1 and bands[0].window_left < 0
+        # one band without a window over a whole sequence (causal or full) runs the batch ragged
+        # kernel rather than the single-sequence call: faster on H100 and H200 at 8192 tokens; a
+        # windowed band keeps the single call, where ragged was slower
+        unwindowed_band = len(bands) == 1 and bands[0].window_left < 0
         if len(launches) == 1 and launches[0].writes_all(batch, q_len) and (
                 len(bands) > 1 or batch > 1 or unwindowed_band):
             launch = self.ragged_launch = launches[0]  # every (batch entry, band) request in one ragged launch

@@ -22,7 +22,7 @@ from .trace import Graph
 _CACHE_DIR = os.path.join(tempfile.gettempdir(), "flex_flash_infer_hostcheck")
 
 
-def host_source(graph: Graph, tanh_call=None, cuda: bool = False) -> str:
+def host_source(graph: Graph, cuda: bool = False) -> str:
     """C++ (or, with cuda, a CUDA kernel and its launcher) that evaluates the graph's generated
     expression on n elements; eval_mod takes the same arguments either way (device pointers on
     CUDA)."""
@@ -39,7 +39,7 @@ def host_source(graph: Graph, tanh_call=None, cuda: bool = False) -> str:
     # hoisted as the GPU variant hoists (what reads only b and h), here recomputed per element
     hoisted = []
     expr = emit_expression(graph, scalar_slot.__getitem__, lambda n: n, hoisted=hoisted,
-                           invariant_inputs=("b", "h"), position_bound=POSITION_BOUND, tanh_call=tanh_call)
+                           invariant_inputs=("b", "h"), position_bound=POSITION_BOUND)
     hoisted_decl = "".join(f"    {c_type} const {name} = {code};\n" for name, c_type, code in hoisted)
     params = ("long long n, const float* score_in, const int* b_in, const int* h_in, const int* q_in, "
               "const int* kv_in, const void* scalars, const void* const* tensors, const long long* dims, float* out")
@@ -94,16 +94,15 @@ def _build(source: str, cuda: bool, arch: str | None) -> str:
     return lib_path
 
 
-def compile_device(graph: Graph, tanh_call=None, arch: str | None = None):
+def compile_device(graph: Graph, arch: str | None = None):
     """compile_host's callable, computed by a CUDA kernel of the same generated expression (nvcc
     and a GPU needed): the device code itself, its ffi_tanh the GPU's tanh.approx."""
-    return _runner(graph, _build(host_source(graph, tanh_call, cuda=True), True, arch), "cuda")
+    return _runner(graph, _build(host_source(graph, cuda=True), True, arch), "cuda")
 
 
-def compile_host(graph: Graph, tanh_call=None):
-    """The generated expression as a callable f(score, b, h, q_idx, kv_idx) on flat tensors.
-    tanh_call: as emit_expression's (the host loop names the key position kv_idx)."""
-    return _runner(graph, _build(host_source(graph, tanh_call), False, None), "cpu")
+def compile_host(graph: Graph):
+    """The generated expression as a callable f(score, b, h, q_idx, kv_idx) on flat tensors."""
+    return _runner(graph, _build(host_source(graph), False, None), "cpu")
 
 
 def _runner(graph: Graph, lib_path: str, device: str):

@@ -10,18 +10,14 @@ and 1.140 in FlashInfer's single soft-capped call (plain causal 0.852).
 The library's generate_softcap_score_mod says so with a `logits_soft_cap` attribute (the cap); a
 user's own score_mod with the same formula and no attribute runs the compiled variant. The
 attribute is checked against the score_mod on random scores when planned.
-FLEX_FLASH_INFER_NATIVE_SOFT_CAP=0 turns it off.
 """
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 
 from .mask_eval import INDEX_DTYPE
-
-ENABLED = os.environ.get("FLEX_FLASH_INFER_NATIVE_SOFT_CAP", "1") != "0"
 
 
 def soft_cap_holds(score_mod, cap: float, num_heads: int, samples: int = 256) -> bool:
@@ -46,6 +42,6 @@ def native_soft_cap(score_mod, num_heads: int) -> float | None:
     """The cap when the score_mod carries a logits_soft_cap attribute that holds, else None (the
     compiled variant runs it)."""
     cap = getattr(score_mod, "logits_soft_cap", None)
-    if not ENABLED or isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not cap > 0:
+    if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not cap > 0:
         return None
     return float(cap) if soft_cap_holds(score_mod, float(cap), num_heads) else None

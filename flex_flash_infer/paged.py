@@ -15,7 +15,6 @@ CPU (or with backend="reference") run() computes the same thing in plain torch.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -29,27 +28,26 @@ from .trace import TraceError, trace
 from .validation import check_positive_int, check_scale
 
 
-# FlashInfer's tensor-core decode (its prefill kernel on one query per request) for GQA groups of 4
-# or more query heads per KV head: on an H100 (batch 64, 8192 keys, 32/8 heads, 2026-11-25) it
-# took 0.733 ms against 0.776 ms for the CUDA-core decode kernel (sliding window 0.105 / 0.110).
-# FLEX_FLASH_INFER_DECODE_TENSOR_CORES=1 / 0 forces it on / off; `bench --decode` times both.
-DECODE_TENSOR_CORES = {"1": True, "0": False}.get(os.environ.get("FLEX_FLASH_INFER_DECODE_TENSOR_CORES", ""))
-# On Hopper, decode's whole pages through FlashInfer's fa3 paged prefill kernel (one query per
-# request) instead of its decode wrapper: a candidate for beating torch flex's decoding path,
-# opt-in (FLEX_FLASH_INFER_DECODE_FA3=1) until `bench --decode` has timed it (ours_fa3_decode).
-DECODE_FA3 = os.environ.get("FLEX_FLASH_INFER_DECODE_FA3") == "1"
-
-
-def use_tensor_core_decode(num_qo_heads: int, num_kv_heads: int) -> bool:
-    if DECODE_TENSOR_CORES is not None:
-        return DECODE_TENSOR_CORES
+def use_tensor_core_decode(num_qo_heads: int, num_kv_heads: int, use_tensor_cores: bool | None = None) -> bool:
+    """Whether decode runs FlashInfer's tensor-core decode (its prefill kernel on one query per
+    request) rather than its CUDA-core decode kernel. use_tensor_cores forces it; None chooses:
+    GQA groups of 4 or more query heads per KV head (faster that way on an H100 at batch 64,
+    8192 keys, 32/8 heads; `bench --decode` times both)."""
+    if use_tensor_cores is not None:
+        return use_tensor_cores
     return num_qo_heads // num_kv_heads >= 4
 
 
 class PagedFlexAttention:
-    def __init__(self, device="cuda", workspace_buffer: torch.Tensor | None = None, backend: str = "auto"):
+    def __init__(self, device="cuda", workspace_buffer: torch.Tensor | None = None, backend: str = "auto",
+                 use_tensor_cores: bool | None = None):
+        """use_tensor_cores: decode steps on FlashInfer's tensor-core decode kernel (True), on its
+        CUDA-core one (False), or chosen from the GQA group size (None, use_tensor_core_decode)."""
         self.device = torch.device(device)
         self.backend = check_backend_name(backend)
+        if use_tensor_cores is not None and not isinstance(use_tensor_cores, bool):
+            raise TypeError(f"use_tensor_cores must be None, True or False, got {use_tensor_cores!r}")
+        self.use_tensor_cores = use_tensor_cores
         self._workspace = workspace_buffer
         self._planned = None
         self._wrappers = {}   # FlashInfer's wrappers, made once and planned again at every plan()
@@ -108,13 +106,15 @@ class PagedFlexAttention:
         """The plan's launches on the cached wrappers. Those are shared with the previous plan: if
         this fails part way, the previous plan gets fresh wrappers of its own, so it still runs."""
         try:
-            return _build_launches(plan, *heads, page_size, dtype, scale, self._workspace, variants, self._wrappers)
+            return _build_launches(plan, *heads, page_size, dtype, scale, self._workspace, variants, self._wrappers,
+                                   self.use_tensor_cores)
         except Exception:
             self._wrappers.clear()
             old = self._planned
             if old is not None and old["launches"] is not None:
                 old["launches"] = _build_launches(old["plan"], *old["heads"], old["page_size"], old["dtype"],
-                                                  old["scale"], self._workspace, old["variants"], self._wrappers)
+                                                  old["scale"], self._workspace, old["variants"], self._wrappers,
+                                                  self.use_tensor_cores)
             raise
 
     @property
@@ -169,12 +169,13 @@ def _split_cache(kv_cache):
     raise ValueError("kv_cache must be a (k_cache, v_cache) pair or one tensor [num_pages, 2, page_size, Hkv, D]")
 
 
-def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, variants=None, wrappers=None):
+def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, variants=None, wrappers=None,
+                    use_tensor_cores: bool | None = None):
     """(full wrapper, partial wrapper, full's run() arguments, partial's); a wrapper is None when
     its launch has no page. With variants (paged_kernels.py) the launches run compiled mods.
     wrappers: FlashInfer wrappers made by earlier calls, by role and kind; one that fits is planned
     again rather than made anew (a new wrapper allocates its buffers, pinned host memory included:
-    host work a decode step need not repeat)."""
+    host work a decode step need not repeat). use_tensor_cores: as PagedFlexAttention's."""
     import flashinfer
 
     device = plan.qo_indptr.device
@@ -204,8 +205,8 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
             full.plan(plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
                       causal=f.causal, **common)
             full_args = (*paged_request_tables(plan, f), *variants.full_args)
-        elif plan.decode and not (DECODE_FA3 and _is_hopper(device)):
-            tensor_cores = use_tensor_core_decode(hq, hkv)
+        elif plan.decode:
+            tensor_cores = use_tensor_core_decode(hq, hkv, use_tensor_cores)
             full = wrapper(("full", "decode", tensor_cores), lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 workspace, "NHD", use_tensor_cores=tensor_cores))
             full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, **common)

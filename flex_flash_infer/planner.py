@@ -5,8 +5,6 @@ to whole tiles and viewed as pages [B * nKV, block_kv, Hkv, D], page id = b * nK
 One request per (batch entry, query tile). Two launches, merged by log-sum-exp:
   * full:    the full tiles of each request, on the unmasked fa3 kernel;
   * partial: the partial tiles, on the fa2 kernel with a bit mask over those tiles only.
-Or, one_launch (tile_kernels.FA3_MASK), both kinds in one fa3 launch whose variant evaluates
-the traced mask_mod on the tiles flagged masked: no fa2 launch and no merge.
 A request without partial tiles gets one dummy page whose mask bits are all zero, because
 FlashInfer's masked path needs at least one page per request; it contributes nothing.
 
@@ -37,7 +35,6 @@ class PagedLaunch:
     tile_request: torch.Tensor    # int64 [pages]: the request of each listed tile
     tile_rank: torch.Tensor       # int64 [pages]: position of the tile inside its request
     dummy: torch.Tensor           # bool [pages]: filler page of a request with no tile of this kind
-    masked: torch.Tensor | None = None   # bool [pages]: a partial tile in a one-launch plan (mask in the kernel)
 
 
 @dataclass
@@ -79,10 +76,8 @@ def _launch(selected: torch.Tensor, block_kv: int, fill_empty: bool) -> PagedLau
     )
 
 
-def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block_kv: int,
-               one_launch: bool = False) -> TilePlan:
-    """states: int8 [Bm, nQ, nKV] for one head group (Bm is 1 or batch). one_launch: full and
-    partial tiles in one launch whose kernel evaluates the mask on the tiles flagged masked."""
+def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block_kv: int) -> TilePlan:
+    """states: int8 [Bm, nQ, nKV] for one head group (Bm is 1 or batch)."""
     states = states.expand(batch, *states.shape[1:])
     _, nq, nkv = states.shape
     q_tile = torch.arange(nq, device=states.device)
@@ -90,14 +85,6 @@ def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block
     qo_indptr = torch.zeros(batch * nq + 1, dtype=torch.int64, device=states.device)
     qo_indptr[1:] = qo_len.cumsum(0)
     full_sel, part_sel = states == FULL, states == PARTIAL
-    if one_launch:
-        selected, launch = full_sel | part_sel, None
-        if bool(selected.any()):   # no tile at all: no launch (the head group gives zeros and lse -inf)
-            launch = _launch(selected, block_kv, fill_empty=False)
-            request, tile = launch.tile_request, launch.kv_indices.long() % nkv
-            launch.masked = part_sel.reshape(-1, nkv)[request, tile]
-        return TilePlan(qo_indptr=qo_indptr.to(torch.int32), qo_len=qo_len.to(torch.int32), full=launch,
-                        partial=None, num_kv_tiles=nkv)
     return TilePlan(
         qo_indptr=qo_indptr.to(torch.int32),
         qo_len=qo_len.to(torch.int32),
@@ -108,7 +95,7 @@ def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block
 
 
 def plan_tiles_head_major(states: torch.Tensor, batch: int, q_len: int, block_q: int, block_kv: int,
-                          group_size: int, one_launch: bool = False) -> TilePlan:
+                          group_size: int) -> TilePlan:
     """Every query head of a per-head mask in one launch set: states int8 [Hq, Bm, nQ, nKV].
 
     Requests are (h, b, query tile), in that order, over queries laid out head-major
@@ -117,7 +104,7 @@ def plan_tiles_head_major(states: torch.Tensor, batch: int, q_len: int, block_q:
     """
     hq = states.shape[0]
     stacked = states.expand(hq, batch, *states.shape[2:]).reshape(hq * batch, *states.shape[2:])
-    plan = plan_tiles(stacked, hq * batch, q_len, block_q, block_kv, one_launch)
+    plan = plan_tiles(stacked, hq * batch, q_len, block_q, block_kv)
     nkv = plan.num_kv_tiles
     for launch in (plan.full, plan.partial):
         if launch is not None:

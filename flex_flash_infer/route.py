@@ -7,12 +7,11 @@
                  (tiles-causal: partial tiles are only causal diagonals: one causal fa3 launch)
   tiles-per-head the same, for a mask that differs per head (every head in one launch set)
   bands-per-head every head's mask is a few native requests: heads with the same bands run as
-                 one band launch over those heads (FLEX_FLASH_INFER_HEAD_BANDS=0 turns it off: then
-                 such masks take tiles-per-head, 1.9x slower on an H200)
+                 one band launch over those heads (about twice as fast as tiles-per-head on an
+                 H200 for per-head windows)
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -20,19 +19,6 @@ import torch
 from .bands import find_bands, hinted_bands
 from .columns import column_lowering, find_window_columns
 from .mask_eval import mask_dependence
-
-# The window band + key columns route (attamba, streaming) passed the GPU tests on an H100
-# (2026-11-25); FLEX_FLASH_INFER_COLUMNS=0 turns it off (then those masks take the tiles route).
-ENABLE_COLUMN_LOWERING = os.environ.get("FLEX_FLASH_INFER_COLUMNS", "1") != "0"
-# Per-head masks whose heads each lower to bands (per-head window sizes, say): its GPU tests
-# passed on an H100 (2026-11-25, twice). Timed on an H200 (2026-12-01, per-head windows of
-# 128..1024 keys at 8192 tokens) it took 0.934 ms against the tiles-per-head route's 0.890 ms:
-# its four fa3 launches took 0.233 ms in all, the head gathers and scatters around them 0.65 ms
-# (torch.profiler, run 10). Since then evenly spaced heads go to FlashInfer as strided views (GPU
-# tests passed on the H200, 2026-12-02, run 11a), and run 14 timed it at 0.403 ms against 0.782
-# for tiles-per-head (torch flex 0.312), so it is the default; FLEX_FLASH_INFER_HEAD_BANDS=0
-# turns it off.
-ENABLE_HEAD_BANDS = os.environ.get("FLEX_FLASH_INFER_HEAD_BANDS", "1") != "0"
 
 
 @dataclass
@@ -66,18 +52,17 @@ def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: 
     # (after `block_mask.mask_mod = other` the tables rule, as in torch, and are read)
     hints = block_mask.tables_match_mask_mod
     if same_for_all:
-        lowered = column_lowering(block_mask.mask_mod, q_len, kv_len) if ENABLE_COLUMN_LOWERING and hints else None
+        lowered = column_lowering(block_mask.mask_mod, q_len, kv_len) if hints else None
         if lowered is not None:
             return Route("bands+columns", False, lowered[0], lowered[1].to(device))
         bands = (hints and hinted_bands(block_mask.mask_mod, q_len, kv_len)) or find_bands(
             tile_states()[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
         if bands:
             return Route("bands", False, bands)
-        found = find_window_columns(tile_states()[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv) \
-            if ENABLE_COLUMN_LOWERING else None
+        found = find_window_columns(tile_states()[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
         if found is not None:
             return Route("bands+columns", False, found[0], found[1].to(device))
-    if per_head and ENABLE_HEAD_BANDS and not uses_b and (map_b, map_h) == (1, num_qo_heads):
+    if per_head and not uses_b and (map_b, map_h) == (1, num_qo_heads):
         per_head_bands = []
         for head in range(num_qo_heads):
             bands = find_bands(tile_states()[0, head], _at_head(block_mask.mask_mod, head), q_len, kv_len, block_q, block_kv)

@@ -1,11 +1,6 @@
 """Bands with a score_mod compiled into FlashInfer's fa3 kernel (variant.py), run by its ragged
-prefill. On by default since its GPU tests passed on an H100 (2026-11-25);
-FLEX_FLASH_INFER_SCORE_MOD_KERNELS=0 turns it off (a score_mod on CUDA then runs on the
-reference backend). Masks that take the tiles route run a score_mod in tile_kernels' paged
-variants (FLEX_FLASH_INFER_TILE_VARIANTS=0 sends them to the reference). On a GPU older than
-Hopper the bands run the fa2 variant (variant.fa2_score_mod_variant), on by default since its GPU
-tests (fa2 forced on an H100) passed on 2026-11-25; FLEX_FLASH_INFER_FA2_SCORE_MOD=0 turns it off
-(then such a GPU runs a band score_mod on the reference, with a warning).
+prefill. Masks that take the tiles route run a score_mod in tile_kernels' paged variants. On a
+GPU older than Hopper the bands run the fa2 variant (variant.fa2_score_mod_variant).
 
 Each launch is a ragged prefill whose requests are (batch entry, band) pairs (bands.band_launches);
 three int32 tables indexed by the request give its first query and key position and its batch
@@ -14,7 +9,6 @@ entry, so the variant can hand the score_mod absolute positions.
 from __future__ import annotations
 
 import hashlib
-import os
 
 import torch
 
@@ -23,11 +17,6 @@ from .codegen import position_bound_for
 from .ragged import planned_ragged
 from .trace import trace
 from .variant import fa2_score_mod_variant, fa3_score_mod_variant, graph_values
-
-ENABLED = os.environ.get("FLEX_FLASH_INFER_SCORE_MOD_KERNELS", "1") != "0"
-# The fa2 band variant (GPUs before Hopper): 3 GPU tests passed with fa2 forced on an H100
-# (2026-11-25, test_score_mod_compiled_into_the_fa2_kernel); its speed there is unmeasured.
-FA2_BANDS = os.environ.get("FLEX_FLASH_INFER_FA2_SCORE_MOD", "1") != "0"
 
 
 class UnsupportedOnFlashInfer(ValueError):

@@ -1,46 +1,19 @@
 """Compiled mods on the tiles route: a score_mod on the full-tile (fa3) and partial-tile (fa2)
-launches, and a mask_mod evaluated inside the fa2 kernel instead of a bit mask built at plan time.
-
-Both passed their GPU tests on an H100 (2026-11-25, tests/test_gpu.py -k tile_route):
-  FLEX_FLASH_INFER_TILE_VARIANTS    on by default: a score_mod runs in the kernels on the tiles
-                                    and bands+columns routes (=0: those run on the reference);
-  FLEX_FLASH_INFER_MASK_IN_KERNEL=1 partial tiles evaluate the traced mask_mod in the kernel
-                                    (FlashInfer's variant_owns_mask) instead of reading bits;
-                                    off by default: correct on the GPU; not yet timed against
-                                    the bits (the bench's random tiles have only causal-diagonal
-                                    partial tiles: on an H200 the switch cost 0.366 against 0.350
-                                    ms there, the compiled variant in place of plain fa3).
-  FLEX_FLASH_INFER_FA3_MASK=1       Hopper: full and partial tiles in one fa3 launch whose variant
-                                    evaluates the traced mask_mod on partial tiles (no fa2 launch,
-                                    no merge); off by default: its GPU tests passed on an H200
-                                    (2026-12-01), where it ran streaming at 8192 in 0.959 ms
-                                    against the default route's 0.480 (run 10: 0.937 vs 0.366).
+launches, and, for the paged cache of a per-head mask (paged.py), a mask_mod evaluated inside
+the fa2 kernel (FlashInfer's variant_owns_mask) instead of a bit mask.
 The variants and their request tables are described in variant_paged.py.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 
 import torch
 
 from .block_build import ceil_div
 from .codegen import position_bound_for
-from .trace import TraceError, trace
+from .trace import trace
 from .variant import graph_values
-from .variant_paged import MASKED_PAGE_FLAG, fa2_paged_variant, fa3_paged_score_mod_variant
-
-TILE_VARIANTS = os.environ.get("FLEX_FLASH_INFER_TILE_VARIANTS", "1") != "0"
-MASK_IN_KERNEL = os.environ.get("FLEX_FLASH_INFER_MASK_IN_KERNEL", "0") == "1"
-FA3_MASK = os.environ.get("FLEX_FLASH_INFER_FA3_MASK", "0") == "1"
-
-
-def traced_mask_or_none(mask_mod):
-    """The traced mask_mod, or None when it cannot be traced (the bit mask then serves)."""
-    try:
-        return trace(mask_mod, "mask_mod")
-    except TraceError:
-        return None
+from .variant_paged import fa2_paged_variant, fa3_paged_score_mod_variant
 
 
 def request_tables(plan, launch, key_positions: torch.Tensor, head: int | None, q_len: int, block_q: int):
@@ -59,8 +32,6 @@ def request_tables(plan, launch, key_positions: torch.Tensor, head: int | None, 
         req_b, req_h0 = row, torch.full_like(row, head or 0)
     page_kv0 = key_positions.to(device)[launch.kv_indices.long() % plan.num_kv_tiles]
     page_kv0 = torch.where(launch.dummy, -1, page_kv0)
-    if launch.masked is not None:   # one fa3 launch: the kernel evaluates mask_mod on these pages
-        page_kv0 = torch.where(launch.masked, page_kv0 | MASKED_PAGE_FLAG, page_kv0)
     tables = ((r % nq) * block_q, req_b, req_h0, launch.kv_indptr[:-1], page_kv0)
     return [t.to(torch.int32).contiguous() for t in tables]
 
@@ -69,8 +40,7 @@ class TileVariants:
     """The compiled variants of one plan: jit arguments of the full and partial launches and, for
     each, the kernel arguments that follow the tables (captured tensors, the scale, numbers, strides)."""
 
-    def __init__(self, score_mod, mask_graph, shape, dtype, scale, page_size: int, device, hopper: bool,
-                 one_launch: bool = False):
+    def __init__(self, score_mod, mask_graph, shape, dtype, scale, page_size: int, device, hopper: bool):
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         self.score_graph = None if score_mod is None else trace(score_mod, "score_mod")
         self.mask_graph = mask_graph
@@ -83,13 +53,6 @@ class TileVariants:
             return spec.jit_args(uri, dtype, head_dim, torch.int32, False)
 
         self.full_jit_args = None
-        self.one_launch = one_launch
-        if one_launch:   # fa3: full and partial tiles together, mask_mod on the flagged pages
-            self.full_jit_args = jit_args(fa3_paged_score_mod_variant(self.score_graph, page_size, bound,
-                                                                      mask_graph=mask_graph))
-            self.full_args, self.full_backend = self.partial_args, "fa3"
-            self.partial_jit_args, self.owns_mask = None, False
-            return
         self.full_args = self._kernel_args([self.score_graph], scale, kv_len, device)    # full tiles read no mask
         if self.score_graph is not None:
             full = (fa3_paged_score_mod_variant(self.score_graph, page_size, bound) if hopper

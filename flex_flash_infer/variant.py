@@ -23,23 +23,12 @@ against FlashInfer's headers in CPU tests and passed its GPU tests with fa2 forc
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from .codegen import PRELUDE, element_ctype, emit_expression, kernel_tensor
 from .trace import Graph
 
 REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
-# Which of a tile's scores take tanh on the FMA pipe (codegen.ffi_tanh_fma), as a condition on the
-# tile-local kv_idx. A thread's accumulator columns are 8k + 2(lane % 4) + {0, 1}: only bit 0 is a
-# constant of the unrolled loop that nvcc can see (ptxas for sm_90a: the 1/2 share halves
-# MUFU.TANH with no branch added; a 1/4 share on bit 3 compiled to a branch per score, as
-# lane % 4 is a signed remainder there), so the shares are none, half and all.
-# Off by default (FLEX_FLASH_INFER_TANH_FMA_SHARE): on an H200 (run 15) half on the FMA pipe made
-# causal softcap slower, 1.427 against 1.187 ms at 8192 tokens, 20.973 against 17.692 at 32768 (the
-# softmax loop is bound by instruction issue, not by the MUFU unit); kept for GPUs where it is.
-TANH_FMA_CONDITIONS = {"0": None, "1/2": "(kv_idx & 1)", "1": "true"}
-TANH_FMA_SHARE = os.environ.get("FLEX_FLASH_INFER_TANH_FMA_SHARE", "0")
 
 SCALE_NAME = "ffi_sm_scale"
 INPUT_NAMES = {"score": "ffi_score", "b": "ffi_b", "h": "ffi_h", "q_idx": "ffi_q", "kv_idx": "ffi_kv"}
@@ -114,16 +103,14 @@ def _kernel_arguments(graph: Graph):
             [SCALE_NAME] + scalars, ["double"] + scalar_dtypes)
 
 
-def graph_expression(graph: Graph, p: str, invariant_inputs, position_bound, hoisted: list, prefix: str = "ffi_",
-                     tanh_call=None):
+def graph_expression(graph: Graph, p: str, invariant_inputs, position_bound, hoisted: list, prefix: str = "ffi_"):
     """The graph as C++ reading its kernel arguments (named prefix + name) through p; what reads
     only invariant_inputs (fixed for the variant object) is appended to hoisted, to be computed
     once in the constructor, not per score."""
     return emit_expression(graph, scalar_ref=lambda n: f"{p}{prefix}{n}", tensor_ref=lambda n: f"{p}{prefix}{n}",
                            stride_ref=lambda n, d: f"{p}{prefix}{n}_stride{d}", input_ref=INPUT_NAMES.__getitem__,
                            size_ref=lambda n, d: f"{p}{prefix}{n}_size{d}",
-                           hoisted=hoisted, invariant_inputs=invariant_inputs, position_bound=position_bound,
-                           tanh_call=tanh_call)
+                           hoisted=hoisted, invariant_inputs=invariant_inputs, position_bound=position_bound)
 
 
 def hoisted_code(hoisted: list):
@@ -132,29 +119,21 @@ def hoisted_code(hoisted: list):
             "".join(f"    {name} = {code};\n" for name, _, code in hoisted))
 
 
-def _score_expression(graph: Graph, p: str, invariant_inputs, position_bound, tanh_call=None):
+def _score_expression(graph: Graph, p: str, invariant_inputs, position_bound):
     """(score_mod as C++, member declarations, constructor statements)."""
     hoisted = []
-    expr = graph_expression(graph, p, invariant_inputs, position_bound, hoisted, tanh_call=tanh_call)
+    expr = graph_expression(graph, p, invariant_inputs, position_bound, hoisted)
     return (expr, *hoisted_code(hoisted))
 
 
-def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None,
-                          tanh_fma_share: str | None = None) -> VariantSpec:
+def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None) -> VariantSpec:
     """position_bound: the caller has checked that batch entries, heads and positions the kernel
-    will see are below it (codegen.POSITION_BOUND); None: every int converts to float with I2F.
-    tanh_fma_share: a TANH_FMA_CONDITIONS key (None: TANH_FMA_SHARE)."""
-    share = TANH_FMA_SHARE if tanh_fma_share is None else tanh_fma_share
-    if share not in TANH_FMA_CONDITIONS:
-        raise ValueError(f"tanh_fma_share (FLEX_FLASH_INFER_TANH_FMA_SHARE) must be one of "
-                         f"{sorted(TANH_FMA_CONDITIONS)}, got {share!r}")
-    on_fma = TANH_FMA_CONDITIONS[share]
-    tanh_call = None if on_fma is None else (lambda code: f"ffi_tanh_split({code}, {on_fma})")
+    will see are below it (codegen.POSITION_BOUND); None: every int converts to float with I2F."""
     name = f"FlexScoreMod_{graph.key()}"
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
     p = "params.additional_params."
     # one per (tile, head)
-    expr, members, statements = _score_expression(graph, p, ("b", "h"), position_bound, tanh_call)
+    expr, members, statements = _score_expression(graph, p, ("b", "h"), position_bound)
     # fa3 masks the padded tail of a tile after LogitsTransform, but a captured table must not be
     # read there (its index may run past the table); without tables the check is skipped
     reads_per_score = "[" in expr   # only a table read indexes; reads fixed per tile are hoisted

@@ -16,8 +16,7 @@ partial tiles: its LogitsMask either reads FlashInfer's bit mask (use_custom_mas
 mask graph, evaluates mask_mod itself (FlashInfer's variant_owns_mask: no bit mask is built).
 
 Status: compiles as device code against FlashInfer's headers in CPU tests (nvcc, no GPU), its
-tables are checked through the CPU model, and both variants passed their GPU tests on an H100
-(2026-11-25).
+tables are checked through the CPU model, and both variants pass the GPU tests.
 """
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ PAGED_TABLES = ("ffi_req_q0", "ffi_req_b", "ffi_req_h0", "ffi_req_page0", "ffi_p
 # the keys of a batch entry: the last key tile is zero-padded to a whole page, and the padding
 # (never in a full tile) must not reach the mask_mod
 KV_END = "ffi_kv_end"
-# fa3 with the mask in the kernel: a page the kernel must evaluate mask_mod on (a partial tile)
-# carries this bit in its ffi_page_kv0 entry, so one table read per score serves both
+# no kernel sets it any more; tests/fake_flashinfer.py still imports it (drop it there, then here)
 MASKED_PAGE_FLAG = 1 << 30
 
 
@@ -50,29 +48,16 @@ def _name(prefix: str, score_graph, mask_graph, page_size: int) -> str:
     return "_".join(parts)
 
 
-def fa3_paged_score_mod_variant(score_graph: Graph | None, page_size: int, position_bound: int | None = None,
-                                mask_graph: Graph | None = None) -> VariantSpec:
-    """Full tiles on fa3 with a score_mod (no per-element mask: full tiles need none). With a mask
-    graph, partial tiles too, in the same launch: on the pages whose ffi_page_kv0 entry carries
-    MASKED_PAGE_FLAG the kernel evaluates mask_mod and gives -inf where it is false (FlashInfer's
-    fa3 softmax keeps a row finite while all its scores so far are -inf)."""
-    name = _name("FlexPagedScore" if mask_graph is None else "FlexPagedFa3Mask", score_graph, mask_graph, page_size)
-    tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = paged_arguments(score_graph, mask_graph)
+def fa3_paged_score_mod_variant(score_graph: Graph | None, page_size: int,
+                                position_bound: int | None = None) -> VariantSpec:
+    """Full tiles on fa3 with a score_mod (no per-element mask: full tiles need none)."""
+    name = _name("FlexPagedScore", score_graph, None, page_size)
+    tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = paged_arguments(score_graph, None)
     p = "params.additional_params."
     hoisted = []
     expr = graph_expression(score_graph, p, ("b", "h"), position_bound, hoisted) if score_graph else "ffi_score"
     positions = f"""const int ffi_kv = pages_[kv_idx / {page_size}u] + int(kv_idx % {page_size}u);
     (void)ffi_b; (void)ffi_h; (void)ffi_q; (void)ffi_kv;"""
-    kv_end_member = kv_end_init = ""
-    if mask_graph is not None:
-        kv_end_member, kv_end_init = "  int kv_end_;\n", f"\n    kv_end_ = int({p}{KV_END});"
-        mask = graph_expression(mask_graph, p, ("b", "h"), position_bound, hoisted, "ffi_mask_")
-        positions = f"""const int ffi_entry = pages_[kv_idx / {page_size}u];
-    const int ffi_kv = (ffi_entry & {MASKED_PAGE_FLAG - 1}) + int(kv_idx % {page_size}u);
-    (void)ffi_b; (void)ffi_h; (void)ffi_q; (void)ffi_kv;
-    if (ffi_entry & {MASKED_PAGE_FLAG}) {{
-      if (ffi_kv >= kv_end_ || !bool({mask})) return -math::inf;   // kv_end_: the padded tail
-    }}"""
     members, statements = hoisted_code(hoisted)
     decl = f"""{PRELUDE}
 struct {name} : AttentionVariantBase {{
@@ -80,7 +65,7 @@ struct {name} : AttentionVariantBase {{
   uint32_t qo_len_, kv_len_;
   int q0_, b_, h_;
   const int* pages_;
-{members}{kv_end_member}  template <typename MainloopParams, typename BlockCoord>
+{members}  template <typename MainloopParams, typename BlockCoord>
   __device__ {name}(const MainloopParams& params, const BlockCoord& block_coord) {{
     auto [q_tile_idx, qo_head_idx, kv_head_idx, qo_indptr, kv_indptr, qo_len, kv_len, batch_idx] = block_coord;
     sm_scale_log2 = math::log2e;  // LogitsTransform returns scores already scaled
@@ -90,7 +75,7 @@ struct {name} : AttentionVariantBase {{
     q0_ = {p}ffi_req_q0[batch_idx];
     b_ = {p}ffi_req_b[batch_idx];
     h_ = {p}ffi_req_h0[batch_idx] + int(qo_head_idx);
-    pages_ = {p}ffi_page_kv0 + {p}ffi_req_page0[batch_idx];{kv_end_init}
+    pages_ = {p}ffi_page_kv0 + {p}ffi_req_page0[batch_idx];
     const int ffi_b = b_, ffi_h = h_;
     (void)ffi_b; (void)ffi_h;
 {statements}  }}

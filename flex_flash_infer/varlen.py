@@ -3,20 +3,17 @@
 When every sequence's plan is one native band over the whole sequence (full, causal or a
 causal window) with the same flags, the batch is exactly FlashInfer's ragged prefill with
 qo_indptr = cu_seqlens_q and kv_indptr = cu_seqlens_kv: one launch instead of one per
-sequence. On by default (on an H100, 2026-11-25: 1.75 ms against 6.58 ms for one plan per
-sequence, 1.02x FlashInfer's own ragged call; on an H200, 2026-12-01: 1.79 ms against 2.17, 1.00x);
-FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH=0 turns it off.
+sequence (on an H200 about 1.2x faster than one plan per sequence, level with FlashInfer's own
+ragged call).
 Exact on the CPU model of FlashInfer (tests/test_flashinfer_glue.py).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from .flashinfer_backend import LN2, _is_hopper, default_workspace
 
-ENABLED = os.environ.get("FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH", "1") != "0"
+ENABLED = True   # no longer a switch: wrapper.py still reads it until its check is dropped there
 
 
 def _effective(causal: bool, window_left: int, q_len: int, kv_len: int):

@@ -13,16 +13,11 @@ KINDS = ("causal", "sliding_window", "tiles", "documents", "decode")
 # One fa3 variant module per score_mod structure (and per sliding-window flag): not in the default kinds.
 SCORE_MOD_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:temperature",
                    "score_mod:causal_decay", "score_mod:softcap+window", "score_mod:identity")
-# The paged variants of tile_kernels (off by default until run on a GPU): the GPU tests use these
-# same structures, so after this warmup they compile nothing.
-# The fa2 band variant (GPUs before Hopper; off by default until run on a GPU), as test_gpu's
-# fa2 cases use it.
+# The fa2 band variant (GPUs before Hopper), as test_gpu's fa2 cases use it.
 FA2_SCORE_MOD_KINDS = ("score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi")
-TILE_VARIANT_KINDS = ("tile_variants:softcap", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
-                      "mask_in_kernel")
-# Full and partial tiles in one fa3 launch, the mask in the kernel (opt-in FLEX_FLASH_INFER_FA3_MASK=1):
-# test_gpu's cases, and fa3_mask_bench: bench's streaming and attamba masks on that route
-FA3_MASK_KINDS = ("fa3_mask", "fa3_mask:softcap", "fa3_mask_bench")
+# The paged variants of tile_kernels: the GPU tests use these same structures, so after this
+# warmup they compile nothing.
+TILE_VARIANT_KINDS = ("tile_variants:softcap", "tile_variants:rel_bias", "tile_variants:alibi+columns")
 # A score_mod and a per-head mask on a paged cache (paged_kernels.py), as test_gpu runs them:
 # (mask, score_mod, queries per request) over requests of 17, 300 and 1000 keys in pages of 16.
 PAGED_MOD_CASES = (("causal", "softcap", (1, 1, 1)), ("sliding_window", "softcap", (5, 40, 7)),
@@ -48,25 +43,35 @@ def _identity(score, b, h, q_idx, kv_idx):
 
 
 def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int, device="cuda") -> None:
-    """Run a score_mod through its compiled fa3 variant once (even where the env turned it off,
-    and for softcap, which runs FlashInfer's own soft cap on bands: the variant serves a user's own
-    softcap and the tiles); score_mod_fa2:... builds the fa2 band variant of GPUs before Hopper
-    (forced on this one)."""
-    from . import flashinfer_backend, native_soft_cap, score_mod_kernels
+    """Run a score_mod through its compiled fa3 variant once (softcap too, which runs FlashInfer's
+    own soft cap on bands: the variant serves a user's own softcap and the tiles, so it runs here
+    without the attribute that names its cap); score_mod_fa2:... builds the fa2 band variant of
+    GPUs before Hopper (forced on this one)."""
+    from . import flashinfer_backend
     from .api import flex_attention
     from .block_mask import create_block_mask
     from .mods.registry import get_mask_fn
 
-    score_mod_kernels.ENABLED = True
-    native_soft_cap.ENABLED = False
     if kind.startswith("score_mod_fa2:"):   # this process only builds: forcing fa2 here is harmless
         flashinfer_backend._is_hopper = lambda device: False
-        score_mod_kernels.FA2_BANDS = True
     name, _, window = kind.split(":", 1)[1].partition("+")
     mask = get_mask_fn("sliding_window", window_size=64) if window else get_mask_fn("causal")
     q = torch.randn(1, 4, 256, head_dim, device=device, dtype=dtype)
     bm = create_block_mask(mask, None, None, 256, 256, device=device)
-    flex_attention(q, q, q, score_mod=example_score_mod(name, 4, device=device), block_mask=bm, backend="flashinfer")
+    flex_attention(q, q, q, score_mod=without_soft_cap_hint(example_score_mod(name, 4, device=device)),
+                   block_mask=bm, backend="flashinfer")
+
+
+def without_soft_cap_hint(score_mod):
+    """score_mod as a plain function: a library softcap then runs its compiled variant, not
+    FlashInfer's own soft cap (native_soft_cap.py reads the hint from the attribute)."""
+    if getattr(score_mod, "logits_soft_cap", None) is None:
+        return score_mod
+
+    def plain(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h, q_idx, kv_idx)
+
+    return plain
 
 
 def tiles_with_partials(num_tiles: int, seed: int = 0, block: int = 128, device="cuda"):
@@ -83,52 +88,28 @@ def tiles_with_partials(num_tiles: int, seed: int = 0, block: int = 128, device=
 
 
 def tile_variant_case(kind: str, num_heads: int, q_len: int, kv_len: int, device="cuda"):
-    """(mask_mod, score_mod or None, mask in kernel) of a tile_variants / mask_in_kernel / fa3_mask
-    kind: the tiles route (full and partial tiles) or, with '+columns', attamba's key columns."""
+    """(mask_mod, score_mod) of a tile_variants kind: the tiles route (full and partial tiles) or,
+    with '+columns', attamba's key columns."""
     from .mods.registry import get_mask_fn
 
     name, _, extra = kind.partition(":")[2].partition("+")
     mask_mod = (get_mask_fn("attamba", window_size=64, chunk_size=32) if extra == "columns"
                 else tiles_with_partials(-(-max(q_len, kv_len) // 128), device=device))
-    score_mod = example_score_mod(name, num_heads, device=device) if name else None
-    return mask_mod, score_mod, kind == "mask_in_kernel" or extra == "mask"
+    return mask_mod, example_score_mod(name, num_heads, device=device)
 
 
 def run_tile_variant(kind: str, q, k, v, return_lse=False):
-    """flex_attention on CUDA on the route a tile_variants / mask_in_kernel / fa3_mask kind names,
-    with the tile_kernels switches on; returns (flex_attention's result, mask_mod, score_mod)."""
-    from . import tile_kernels
+    """flex_attention on CUDA on the route a tile_variants kind names; returns (flex_attention's
+    result, mask_mod, score_mod)."""
     from .api import flex_attention
     from .block_mask import create_block_mask
 
     L, S = q.shape[2], k.shape[2]
-    mask_mod, score_mod, in_kernel = tile_variant_case(kind, q.shape[1], L, S, device=q.device)
-    tile_kernels.TILE_VARIANTS, tile_kernels.MASK_IN_KERNEL = True, in_kernel
-    tile_kernels.FA3_MASK = kind.startswith("fa3_mask")
+    mask_mod, score_mod = tile_variant_case(kind, q.shape[1], L, S, device=q.device)
     bm = create_block_mask(mask_mod, None, None, L, S, device=q.device)
     out = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True, return_lse=return_lse,
                          backend="flashinfer")
     return out, mask_mod, score_mod
-
-
-def run_fa3_mask_bench(dtype, head_dim: int, device="cuda") -> None:
-    """bench's streaming and attamba masks on the tiles route in one fa3 launch (its
-    ours_tiles_fa3_mask rows): a module per mask structure, whatever the window sizes."""
-    from . import route, tile_kernels
-    from .api import flex_attention
-    from .block_mask import create_block_mask
-    from .mods.registry import get_mask_fn
-
-    saved = route.ENABLE_COLUMN_LOWERING, tile_kernels.FA3_MASK
-    route.ENABLE_COLUMN_LOWERING, tile_kernels.FA3_MASK = False, True
-    try:
-        q = torch.randn(1, 4, 1024, head_dim, device=device, dtype=dtype)
-        for mask in (get_mask_fn("streaming", sink_size=4, window_size=300),
-                     get_mask_fn("attamba", window_size=256, chunk_size=128)):
-            bm = create_block_mask(mask, None, None, 1024, 1024, device=device)
-            flex_attention(q, q, q, block_mask=bm, backend="flashinfer")
-    finally:
-        route.ENABLE_COLUMN_LOWERING, tile_kernels.FA3_MASK = saved
 
 
 def paged_mod_case(mask_name: str, mod_name, num_heads: int, device):
@@ -191,13 +172,9 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
         compile_score_mod(kind, dtype, head_dim)
         torch.cuda.synchronize()
         return None
-    if kind.startswith(("tile_variants:", "fa3_mask")) or kind == "mask_in_kernel":
+    if kind.startswith("tile_variants:"):
         q = torch.randn(1, 4, 600, head_dim, device="cuda", dtype=dtype)
         run_tile_variant(kind, q, q[:, :2], q[:, :2])
-        torch.cuda.synchronize()
-        return None
-    if kind == "fa3_mask_bench":
-        run_fa3_mask_bench(dtype, head_dim)
         torch.cuda.synchronize()
         return None
     if kind == "paged_mods":  # a score_mod and per-head masks on a paged cache
@@ -219,11 +196,9 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
         flashinfer.single_prefill_with_kv_cache(q, q, q, causal=True, pos_encoding_mode="ALIBI")
         torch.cuda.synchronize()
         return None
-    if kind == "bands_per_head":  # per-head windows as bands (opt-in route; bench --cases per_head_windows)
-        from . import route
+    if kind == "bands_per_head":  # per-head windows as bands (bench --cases per_head_windows)
         from .bench import per_head_window_mask
 
-        route.ENABLE_HEAD_BANDS = True
         flex = FlexFlashInfer(device="cuda")
         flex.prepare(mask_fn=per_head_window_mask((16, 64, 128, 300)), seq_len_q=512, seq_len_kv=512,
                      num_qo_heads=8, num_kv_heads=2, head_dim=head_dim, dtype=dtype)

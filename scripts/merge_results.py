@@ -18,7 +18,7 @@ for src in sources:
     spec = [r for r in new["rows"]]
     res.setdefault("rows", []).extend(spec)
     res.setdefault("other_rows", []).extend(new.get("other_rows", []))
-    for f in ("torch", "flashinfer", "date", "switches"):
+    for f in ("torch", "flashinfer", "date"):
         if f in new: res[f] = new[f]
 json.dump(res, open(target, "w"), indent=1)
 print("merged", len(sources), "files into", target)

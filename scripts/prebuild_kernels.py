@@ -31,10 +31,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # the library's compiled variants, as the warm-up kinds build them (bf16 and head_dim 128 first:
 # the benchmarks' own); a kind not listed here compiles on the GPU as before
 CUSTOM_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:identity",
-                "tile_variants:softcap", "mask_in_kernel", "score_mod:temperature", "score_mod:causal_decay",
-                "score_mod:softcap+window", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
-                "score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi", "paged_mods",
-                "fa3_mask", "fa3_mask:softcap", "fa3_mask_bench")
+                "tile_variants:softcap", "score_mod:temperature", "score_mod:causal_decay",
+                "score_mod:softcap+window", "tile_variants:rel_bias", "tile_variants:alibi+columns",
+                "score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi", "paged_mods")
 
 
 class _Stop(Exception):
@@ -68,19 +67,14 @@ def _recording_flashinfer(recorded: list):
 @contextlib.contextmanager
 def _planning_on_cpu_as_hopper(stub):
     """The library plans as on a Hopper GPU, on CPU tensors, against the stand-in (restored after)."""
-    from flex_flash_infer import (backend_choice, flashinfer_backend, native_soft_cap, paged, score_mod_kernels,
-                                  tile_kernels, varlen)
+    from flex_flash_infer import backend_choice, flashinfer_backend, paged, varlen
 
     saved_module = sys.modules.get("flashinfer")
     patches = [(flashinfer_backend, "unsupported_reason", lambda *a: None),
                (backend_choice, "unsupported_reason", lambda *a: None),
                (flashinfer_backend, "_is_hopper", lambda device: True),
                (paged, "_is_hopper", lambda device: True), (varlen, "_is_hopper", lambda device: True),
-               (paged, "unsupported_reason", lambda *a: None),
-               (score_mod_kernels, "ENABLED", True), (score_mod_kernels, "FA2_BANDS", True),
-               (native_soft_cap, "ENABLED", native_soft_cap.ENABLED),
-               (tile_kernels, "TILE_VARIANTS", tile_kernels.TILE_VARIANTS),
-               (tile_kernels, "MASK_IN_KERNEL", tile_kernels.MASK_IN_KERNEL)]
+               (paged, "unsupported_reason", lambda *a: None)]
     saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
     sys.modules["flashinfer"] = stub
     try:
@@ -96,28 +90,12 @@ def _planning_on_cpu_as_hopper(stub):
             sys.modules["flashinfer"] = saved_module
 
 
-def _record_each(run, dtype, head_dim) -> None:
-    """run plans several problems; the stand-in stops each at its first launch, so plan them one
-    at a time by letting the stop pass (the planning of each is what records its modules)."""
-    from flex_flash_infer import flashinfer_backend
-
-    real_run = flashinfer_backend.FlashInferPlan.run
-    flashinfer_backend.FlashInferPlan.run = lambda self, q, k, v, return_lse=True: (q, None)
-    try:
-        run(dtype, head_dim, device="cpu")
-    finally:
-        flashinfer_backend.FlashInferPlan.run = real_run
-
-
 def custom_jit_args(kinds, dtype, head_dim) -> list:
     """(backend, jit_args) of every compiled variant the warm-up kinds build, in first-use order."""
-    from flex_flash_infer import flashinfer_backend, tile_kernels
-    from flex_flash_infer.warmup import compile_score_mod, run_fa3_mask_bench, run_paged_mods, run_tile_variant
+    from flex_flash_infer import flashinfer_backend
+    from flex_flash_infer.warmup import compile_score_mod, run_paged_mods, run_tile_variant
 
     recorded = []
-    # the tile kinds set these switches for the process, as a warm-up process may: put them back
-    switches = ("TILE_VARIANTS", "MASK_IN_KERNEL", "FA3_MASK")
-    saved = {name: getattr(tile_kernels, name) for name in switches}
     with _planning_on_cpu_as_hopper(_recording_flashinfer(recorded)):
         for kind in kinds:
             hopper = flashinfer_backend._is_hopper
@@ -126,8 +104,6 @@ def custom_jit_args(kinds, dtype, head_dim) -> list:
                     compile_score_mod(kind, dtype, head_dim, device="cpu")
                 elif kind == "paged_mods":   # each case plans its own launches: record them all
                     run_paged_mods(dtype, head_dim, "cpu", run=False)
-                elif kind == "fa3_mask_bench":
-                    _record_each(run_fa3_mask_bench, dtype, head_dim)
                 else:   # as warmup.compile_one runs the tile kinds
                     q = torch.randn(1, 4, 600, head_dim, dtype=dtype)
                     run_tile_variant(kind, q, q[:, :2], q[:, :2])
@@ -135,8 +111,6 @@ def custom_jit_args(kinds, dtype, head_dim) -> list:
                 pass
             finally:
                 flashinfer_backend._is_hopper = hopper   # compile_score_mod forces fa2 for its fa2 kinds
-                for name, value in saved.items():
-                    setattr(tile_kernels, name, value)
     unique = {}
     for backend, args in recorded:
         unique.setdefault(args[0], (backend, args))

@@ -42,17 +42,14 @@ def nvcc_flags(ninja: pathlib.Path) -> list:
 
 
 def count(kind: str) -> dict:
-    """kind: a warmup.example_score_mod kind, or `plain` for FlashInfer's own module (no score_mod);
-    KIND@fma=S compiles the variant with its tanh share S (variant.TANH_FMA_SHARE)."""
-    kind, *options = kind.split("@")
-    options = dict(o.split("=") for o in options)
-    tag = "_".join([kind] + [v.replace("/", "of") for v in options.values()])
+    """kind: a warmup.example_score_mod kind, or `plain` for FlashInfer's own module (no score_mod)."""
+    tag = kind
     if kind == "plain":
         jit = gen_batch_prefill_module("fa3", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.int32,
                                        128, 128, 0, False, False, False)
     else:
         graph = trace(example_score_mod(kind, 32, device="cpu"), "score_mod")
-        spec = fa3_score_mod_variant(graph, POSITION_BOUND, options.get("fma"))
+        spec = fa3_score_mod_variant(graph, POSITION_BOUND)
         jit = gen_customize_batch_prefill_module(
             "fa3", *spec.jit_args(f"ffi_sass_{tag}", torch.bfloat16, 128, torch.int32, False))
     jit.write_ninja()

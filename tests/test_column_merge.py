@@ -34,18 +34,16 @@ def fake(monkeypatch):
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
 
 
-@pytest.mark.parametrize("merge", [True, False], ids=["one_pass_merge", "paged_columns_launch"])
 @pytest.mark.parametrize("B,S,name,params", [(2, 777, "streaming", {"sink_size": 4, "window_size": 150}),
                                              (1, 1000, "attamba", {"window_size": 100, "chunk_size": 64}),
                                              (2, 300, "streaming", {"sink_size": 40, "window_size": 30})])
-def test_band_plus_columns_plan_with_and_without_the_merge(fake, monkeypatch, rng, merge, B, S, name, params):
-    monkeypatch.setattr(column_merge, "ENABLED", merge)
+def test_band_plus_columns_plan_with_the_merge(fake, rng, B, S, name, params):
     Hq, Hkv, D = 4, 2, 16
     mod = get_mask_fn(name, **params)
     bm = create_block_mask(mod, None, None, S, S, device="cpu")
     plan = flashinfer_backend.FlashInferPlan(bm, B, S, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
     assert plan.route == "bands+columns"
-    assert (plan.column_counts is not None) == merge and (plan.columns is None) == merge
+    assert plan.column_counts is not None and plan.columns is None
     q = torch.randn(B, Hq, S, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
     v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
@@ -60,7 +58,6 @@ def test_a_score_mod_keeps_the_paged_columns_launch(fake, monkeypatch):
     """The merge kernel applies no score_mod: with one, the columns take the compiled paged launch."""
     from flex_flash_infer import score_mod_kernels, tile_kernels
 
-    monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", True)
     fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
     fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
     bm = create_block_mask(get_mask_fn("streaming", sink_size=4, window_size=100), None, None, 500, 500, device="cpu")

@@ -109,11 +109,9 @@ def test_the_split_reads_the_table_when_planned_as_the_variant_does(monkeypatch)
     assert rel_err(out.view(B, L, H, D).transpose(1, 2), ref) < 1e-6
 
 
-@pytest.mark.parametrize("near_on_fa2", [True, False])
-def test_near_keys_on_fa2_match_the_reference(monkeypatch, near_on_fa2):
-    """FLEX_FLASH_INFER_NEAR_FA2 (default on): the near keys through the fa2 variant (the far ones
-    on the fa3 ragged kernel), or both on fa3; on the CPU model of FlashInfer, against the float64
-    reference."""
+def test_near_keys_on_fa2_match_the_reference(monkeypatch):
+    """The near keys through the fa2 variant (the far ones on the fa3 ragged kernel), on the CPU
+    model of FlashInfer, against the float64 reference."""
     import sys
 
     import fake_flashinfer
@@ -123,14 +121,13 @@ def test_near_keys_on_fa2_match_the_reference(monkeypatch, near_on_fa2):
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
-    monkeypatch.setattr(far_bias, "NEAR_ON_FA2", near_on_fa2)
     fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
     B, H, Hkv, L, D = 1, 4, 2, 300, 16
     mod = generate_relative_position_bias_score_mod(torch.randn(H, 65, dtype=torch.float64))
     bm = create_block_mask(get_mask_fn("causal"), B, None, L, L, device="cpu", BLOCK_SIZE=64)
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, H, Hkv, D, torch.float64, D ** -0.5, "cpu", score_mod=mod)
     assert isinstance(plan.band_runner, far_bias.FarSplitBands)
-    assert plan.band_runner.near.hopper is not near_on_fa2
+    assert plan.band_runner.near.hopper is False
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(B, h, L, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
     out, _ = plan.run(q.transpose(1, 2).reshape(B * L, H, D), k.transpose(1, 2), v.transpose(1, 2))

@@ -21,16 +21,14 @@ def fake(monkeypatch):
         monkeypatch.setattr(module, "_is_hopper", lambda device: True)
 
 
-@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("B,Hq,Hkv,L,S", [(2, 4, 2, 200, 333), (1, 6, 3, 130, 130)])
-def test_per_head_masks_through_the_plan(fake, monkeypatch, rng, one_launch, B, Hq, Hkv, L, S):
-    monkeypatch.setattr(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", one_launch)
+def test_per_head_masks_through_the_plan(fake, rng, B, Hq, Hkv, L, S):
     D = 16
     mod, dense = random_mask_mod(B, Hq, L, S, rng)
     bm = create_block_mask(mod, B, Hq, L, S, device="cpu", BLOCK_SIZE=64)
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
-    assert plan.route == "tiles-per-head" and plan.head_major == one_launch
-    assert len(plan.groups) == (1 if one_launch else Hq)
+    assert plan.route == "tiles-per-head" and plan.head_major
+    assert len(plan.groups) == 1
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
     v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
@@ -64,15 +62,13 @@ def test_paged_launches_through_the_kernels_glue(fake, rng, qo_lens, name, param
         assert isinstance(launches[0], fake_flashinfer.BatchDecodeWithPagedKVCacheWrapper)
 
 
-@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 50}), ("full", {}),
                                          ("prefix_lm", {"prefix_len": 40})])
-def test_packed_varlen_batch_through_the_wrapper(fake, monkeypatch, rng, one_launch, name, params):
-    """cu_seqlens batches: one ragged launch (opt-in) or one plan per sequence, both equal to the
-    dense mask of each sequence; prefix_lm (two bands) never takes the single launch."""
+def test_packed_varlen_batch_through_the_wrapper(fake, monkeypatch, rng, name, params):
+    """cu_seqlens batches: one ragged launch, equal to the dense mask of each sequence; prefix_lm
+    (two bands) never takes the single launch and keeps one plan per sequence."""
     from flex_flash_infer import FlexFlashInfer, get_mask_fn, varlen, wrapper
 
-    monkeypatch.setattr(varlen, "ENABLED", one_launch)
     monkeypatch.setattr(varlen, "_is_hopper", lambda device: True)
     monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
     lens_q = lens_kv = [300, 1, 130, 77, 129]  # 129: a one-row last tile
@@ -81,7 +77,7 @@ def test_packed_varlen_batch_through_the_wrapper(fake, monkeypatch, rng, one_lau
     mod = get_mask_fn(name, **params)
     flex = FlexFlashInfer(device="cpu").prepare(mask_fn=mod, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D,
                                                 dtype=torch.float64, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
-    assert (flex._prepared.ragged is not None) == (one_launch and name != "prefix_lm")
+    assert (flex._prepared.ragged is not None) == (name != "prefix_lm")
     q = torch.randn(cu_q[-1], H, D, generator=rng, dtype=torch.float64)
     k = torch.randn(cu_kv[-1], Hkv, D, generator=rng, dtype=torch.float64)
     v = torch.randn(cu_kv[-1], Hkv, D, generator=rng, dtype=torch.float64)
@@ -101,7 +97,6 @@ def test_varlen_with_unequal_lengths_keeps_one_plan_per_sequence(fake, monkeypat
     than keys does not cover the sequence: no single ragged launch."""
     from flex_flash_infer import FlexFlashInfer, get_mask_fn, varlen, wrapper
 
-    monkeypatch.setattr(varlen, "ENABLED", True)
     monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
     flex = FlexFlashInfer(device="cpu").prepare(mask_fn=get_mask_fn("causal"), num_qo_heads=2, num_kv_heads=2,
                                                 head_dim=16, dtype=torch.float64, cu_seqlens_q=[0, 10, 30],
@@ -182,9 +177,6 @@ def _per_head_band_masks(Hq):
 def test_per_head_bands_through_the_plan(fake, monkeypatch, rng, B, Hq, Hkv, L):
     """bands-per-head (the default): heads with equal bands share a band launch over those heads; the
     result equals the dense per-head mask."""
-    from flex_flash_infer import route
-
-    monkeypatch.setattr(route, "ENABLE_HEAD_BANDS", True)
     D = 16
     mod = _per_head_band_masks(Hq)
     dense = create_mask(mod, 1, Hq, L, L, device="cpu")
@@ -215,21 +207,26 @@ def test_head_band_groups_keep_gqa_regular():
     assert ([0, 1], [0], a) in groups and ([4], [1], a) in groups and ([2, 3], [0], b) in groups
 
 
-def test_tensor_core_decode_is_chosen_for_gqa_groups_of_four_or_more(monkeypatch):
+def test_tensor_core_decode_is_chosen_for_gqa_groups_of_four_or_more():
     from flex_flash_infer import paged
 
-    monkeypatch.setattr(paged, "DECODE_TENSOR_CORES", None)   # no environment setting
     assert paged.use_tensor_core_decode(32, 8) and paged.use_tensor_core_decode(8, 1)
     assert not paged.use_tensor_core_decode(32, 16) and not paged.use_tensor_core_decode(8, 8)
-    monkeypatch.setattr(paged, "DECODE_TENSOR_CORES", False)
-    assert not paged.use_tensor_core_decode(32, 8)
-    monkeypatch.setattr(paged, "DECODE_TENSOR_CORES", True)
-    assert paged.use_tensor_core_decode(8, 8)
+    assert not paged.use_tensor_core_decode(32, 8, False)
+    assert paged.use_tensor_core_decode(8, 8, True)
 
 
-def test_tensor_core_decode_is_a_switch_on_the_decode_wrapper(fake, monkeypatch, rng):
-    """FLEX_FLASH_INFER_DECODE_TENSOR_CORES=1 / 0 forces FlashInfer's tensor-core decode kernel on /
-    off; the result is the same computation."""
+@pytest.mark.parametrize("value", [1, 0, "yes", "auto"])
+def test_use_tensor_cores_must_be_none_or_a_bool(value):
+    from flex_flash_infer.paged import PagedFlexAttention
+
+    with pytest.raises(TypeError, match="use_tensor_cores must be None, True or False"):
+        PagedFlexAttention(device="cpu", use_tensor_cores=value)
+
+
+def test_use_tensor_cores_forces_the_decode_kernel(fake, monkeypatch, rng):
+    """PagedFlexAttention(use_tensor_cores=True / False) forces FlashInfer's tensor-core decode
+    kernel on / off; the result is the same computation."""
     from flex_flash_infer import paged
     from flex_flash_infer.mods import get_mask_fn
     from flex_flash_infer.paged import PagedFlexAttention
@@ -243,48 +240,12 @@ def test_tensor_core_decode_is_a_switch_on_the_decode_wrapper(fake, monkeypatch,
     q = torch.randn(2, H, D, generator=rng, dtype=torch.float64)
     outs = []
     for tensor_cores in (False, True):
-        monkeypatch.setattr(paged, "DECODE_TENSOR_CORES", tensor_cores)
-        attn = PagedFlexAttention(device="cpu", backend="flashinfer")
+        attn = PagedFlexAttention(device="cpu", backend="flashinfer", use_tensor_cores=tensor_cores)
         monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
         attn.plan(get_mask_fn("causal"), *args, dtype=torch.float64)
         assert attn._planned["launches"][0].use_tensor_cores == tensor_cores
         outs.append(attn.run(q, (k, v)))
     assert torch.equal(outs[0], outs[1])
-
-
-@pytest.mark.parametrize("name", ["causal", "sliding_window"])
-def test_fa3_decode_puts_whole_pages_on_the_paged_prefill_kernel(fake, monkeypatch, rng, name):
-    """FLEX_FLASH_INFER_DECODE_FA3=1 on Hopper: decode's whole pages run on the paged prefill
-    wrapper (fa3) instead of the decode wrapper, with the same result; elsewhere it changes nothing."""
-    from flex_flash_infer import paged
-    from flex_flash_infer.mods import get_mask_fn
-    from flex_flash_infer.paged import PagedFlexAttention
-
-    kv_lens, page, H, Hkv, D = [40, 100, 7], 16, 8, 2, 16
-    pages = [-(-n // page) for n in kv_lens]
-    args = (torch.tensor([0, 1, 2, 3]), torch.tensor([0] + pages).cumsum(0), torch.randperm(sum(pages), generator=rng),
-            torch.tensor([n - (p - 1) * page for n, p in zip(kv_lens, pages)]), H, Hkv, D, page)
-    k = torch.randn(sum(pages), page, Hkv, D, generator=rng, dtype=torch.float64)
-    v = torch.randn(sum(pages), page, Hkv, D, generator=rng, dtype=torch.float64)
-    q = torch.randn(3, H, D, generator=rng, dtype=torch.float64)
-    mod = get_mask_fn(name, **({"window_size": 20} if name == "sliding_window" else {}))
-    monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
-    outs = {}
-    for fa3, hopper in ((False, True), (True, False), (True, True)):
-        monkeypatch.setattr(paged, "DECODE_FA3", fa3)
-        monkeypatch.setattr(paged, "_is_hopper", lambda device, hopper=hopper: hopper)
-        attn = PagedFlexAttention(device="cpu", backend="flashinfer")
-        attn.plan(mod, *args, dtype=torch.float64)
-        full = attn._planned["launches"][0]
-        on_prefill = type(full).__name__ == "BatchPrefillWithPagedKVCacheWrapper"
-        assert on_prefill == (fa3 and hopper)
-        assert not on_prefill or full.backend == "fa3"
-        outs[fa3, hopper] = attn.run(q, (k, v))
-    reference = PagedFlexAttention(device="cpu", backend="reference")
-    reference.plan(mod, *args, dtype=torch.float64)
-    ref = reference.run(q, (k, v))
-    for out in outs.values():
-        assert (out - ref).abs().max() < 1e-5   # the fake keeps lse in float32, as FlashInfer does
 
 
 @pytest.mark.parametrize("name,params,B,L,S", [
@@ -301,18 +262,16 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
     band) with the kernel replaced by the CPU model running the score_mod's generated code
     (host-compiled): the positions it hands the score_mod are the absolute ones. fa2 (GPUs
     before Hopper) runs the fa2 variant with the same tables. The library softcap runs FlashInfer's
-    own soft cap (native_soft_cap.py) unless that is off (softcap_compiled)."""
-    from flex_flash_infer import score_mod_kernels
+    own soft cap (native_soft_cap.py); a user's own softcap, without the attribute that names the
+    cap, runs the compiled variant (softcap_compiled), and a user's own relative bias without its
+    reach runs the variant on every key (rel_bias_unsplit)."""
+    from flex_flash_infer import far_bias, score_mod_kernels
     from flex_flash_infer.warmup import example_score_mod
-
-    from flex_flash_infer import far_bias, native_soft_cap
 
     fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: hopper)
-    monkeypatch.setattr(score_mod_kernels, "FA2_BANDS", True)
-    monkeypatch.setattr(far_bias, "ENABLED", mod_name != "rel_bias_unsplit")
-    monkeypatch.setattr(native_soft_cap, "ENABLED", mod_name != "softcap_compiled")
     native = mod_name == "softcap"
+    hints = not mod_name.endswith(("_unsplit", "_compiled"))
     mod_name = mod_name.replace("_unsplit", "").replace("_compiled", "")
     backends = []
     real_wrapper = fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper
@@ -324,11 +283,13 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
     monkeypatch.setattr(sys.modules["flashinfer"], "BatchPrefillWithRaggedKVCacheWrapper", recording_wrapper)
     Hq, Hkv, D = 4, 2, 16
     score_mod = example_score_mod(mod_name, Hq, device="cpu")
+    if not hints:   # the same score_mod as a user's own function: no hint attributes
+        score_mod = (lambda mod: lambda score, b, h, q_idx, kv_idx: mod(score, b, h, q_idx, kv_idx))(score_mod)
     bm = create_block_mask(get_mask_fn(name, **params), B, None, L, S, device="cpu", BLOCK_SIZE=64)
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
                                              score_mod=score_mod)
     # a relative-position bias on causal bands: keys beyond its reach (32) on the plain kernel
-    split = far_bias.ENABLED and mod_name == "rel_bias" and name != "prefix_lm"
+    split = hints and mod_name == "rel_bias" and name != "prefix_lm"
     runner = plan.band_runner.near if split else plan.band_runner
     assert isinstance(plan.band_runner, far_bias.FarSplitBands) == split
     if native:   # FlashInfer's soft-capped plain kernels: its ragged one for one band without a window
@@ -337,8 +298,8 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
         assert runner.ragged is not None or name in ("sliding_window", "prefix_lm")
     else:
         assert isinstance(runner, score_mod_kernels.ScoreModBands)
-        # a split's near keys run the fa2 variant on Hopper too (far_bias.NEAR_ON_FA2)
-        variant_on_fa2 = not hopper or (split and far_bias.NEAR_ON_FA2)
+        # a split's near keys run the fa2 variant on Hopper too
+        variant_on_fa2 = not hopper or split
         assert backends and all(("Fa2" in n) == variant_on_fa2 and b == ("fa2" if variant_on_fa2 else "fa3")
                                 for b, n in backends if n is not None)
     # FlashInfer's own plain kernels (no jit_args): fa3 on Hopper
@@ -405,17 +366,15 @@ def test_hinted_library_bands_through_the_plan(fake, rng, name, params, L, S):
     assert _band_plan_matches_dense(get_mask_fn(name, **params), L, S, rng) == "bands"
 
 
-@pytest.mark.parametrize("switch", [True, False], ids=["ragged_band", "single_call"])
 @pytest.mark.parametrize("name,params,ragged", [("causal", {}, True), ("full", {}, True),
                                                  ("sliding_window", {"window_size": 50}, False)])
-def test_one_unwindowed_band_runs_the_ragged_kernel(fake, monkeypatch, rng, switch, name, params, ragged):
+def test_one_unwindowed_band_runs_the_ragged_kernel(fake, monkeypatch, rng, name, params, ragged):
     """A single band without a window over the sequence (causal or full attention) runs
-    FlashInfer's ragged kernel, faster than its single-sequence call (RAGGED_UNWINDOWED_BAND); a
+    FlashInfer's ragged kernel, faster than its single-sequence call; a
     windowed band keeps the single call. Both give the reference result, also with fewer queries
     than keys."""
     from flex_flash_infer import FlexFlashInfer, wrapper
 
-    monkeypatch.setattr(flashinfer_backend, "RAGGED_UNWINDOWED_BAND", switch)
     monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
     L, S, Hq, Hkv, D = 130, 257, 4, 2, 16
     q = torch.randn(L, Hq, D, dtype=torch.float64, generator=rng)
@@ -425,7 +384,7 @@ def test_one_unwindowed_band_runs_the_ragged_kernel(fake, monkeypatch, rng, swit
     flex = FlexFlashInfer(device="cpu").prepare(mask_fn=mask, seq_len_q=L, seq_len_kv=S, num_qo_heads=Hq,
                                                 num_kv_heads=Hkv, head_dim=D, dtype=torch.float64)
     plan = flex._prepared.segments[0].plan
-    assert plan.route == "bands" and (plan.band_runner.ragged is not None) == (ragged and switch)
+    assert plan.route == "bands" and (plan.band_runner.ragged is not None) == ragged
     dense = create_mask(mask, None, None, L, S, device="cpu")[0, 0]
     ref, _ = dense_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dense)
     assert rel_err(flex(q, k, v), ref[0].transpose(0, 1)) < 1e-6

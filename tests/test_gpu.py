@@ -80,14 +80,10 @@ def test_library_band_hints_unequal_lengths(cuda_gen, name, params, L, S):
     check(out, lse, q, k, v, dense_predicate(name, L, S, **params), dtype)
 
 
-@pytest.mark.parametrize("one_launch", [False, True], ids=["head_loop", "heads_one_launch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,S", [(333, 333), (200, 517), (517, 130)])
-def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, monkeypatch, dtype, L, S, one_launch):
-    """heads_one_launch: every head in one launch set (the default); head_loop: FLEX_FLASH_INFER_HEADS_ONE_LAUNCH=0."""
-    from flex_flash_infer import flashinfer_backend
-
-    monkeypatch.setattr(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", one_launch)
+def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, dtype, L, S):
+    """Every head in one launch set."""
     B, H, Hkv, D = 2, 4, 2, 128
     gen = torch.Generator().manual_seed(torch.seed() % (2**31))
     mod, dense = random_mask_mod(B, H, L, S, gen)
@@ -99,18 +95,14 @@ def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, monkeypatch, dtyp
     q, k, v = inputs(B, H, Hkv, L, S, D, dtype, cuda_gen)
     bm = create_block_mask(on_gpu, B, H, L, S, device="cuda")
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
-    assert next(iter(bm._plans.values())).head_major == one_launch
+    assert next(iter(bm._plans.values())).head_major
     check(out, lse, q, k, v, dense, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,L", [(1, 777), (2, 300)])
-def test_per_head_windows_as_bands_per_head(cuda_gen, monkeypatch, dtype, B, L):
-    """The bands-per-head route (the default; FLEX_FLASH_INFER_HEAD_BANDS=0 turns it off): heads
-    with equal windows share one native band launch."""
-    from flex_flash_infer import route
-
-    monkeypatch.setattr(route, "ENABLE_HEAD_BANDS", True)
+def test_per_head_windows_as_bands_per_head(cuda_gen, dtype, B, L):
+    """The bands-per-head route: heads with equal windows share one native band launch."""
     H, Hkv, D = 8, 2, 128
     widths = torch.tensor([32, 100, 250, 0])   # 0: plain causal
 
@@ -200,36 +192,13 @@ def test_backend_flashinfer_rejects_what_it_cannot_run(cuda_gen):
     assert out.shape == q.shape
 
 
-def test_score_mod_on_cuda_runs_on_reference_with_a_warning(cuda_gen, monkeypatch):
-    """With the score_mod kernels turned off (FLEX_FLASH_INFER_SCORE_MOD_KERNELS=0)."""
-    from flex_flash_infer import score_mod_kernels
-
-    monkeypatch.setattr(score_mod_kernels, "ENABLED", False)
-    q, k, v = inputs(1, 2, 2, 100, 100, 64, torch.bfloat16, cuda_gen)
-    bias = torch.randn(100, device="cuda")
-
-    def add_bias(score, b, h, qi, ki):
-        return score + bias[ki]
-
-    with pytest.warns(UserWarning, match="score_mod"):
-        out = flex_attention(q, k, v, score_mod=add_bias)
-    ref, _ = dense_attention(q, k, v, None, score_fn=lambda s, b, h, qi, ki: s + bias.cpu().double()[ki])
-    assert rel_err(out, ref) < 2e-2
-    assert math.isfinite(out.float().sum().item())
-
-
 @pytest.mark.parametrize("S", [777, 2048])
 @pytest.mark.parametrize("name,params", [("attamba", {"window_size": 96, "chunk_size": 64}),
                                          ("streaming", {"sink_size": 4, "window_size": 150})])
 @pytest.mark.parametrize("hint", [True, False], ids=["library_mask", "users_own_mask"])
-@pytest.mark.parametrize("merge", [True, False], ids=["triton_merge", "paged_columns"])
-def test_window_band_plus_key_columns_route(cuda_gen, monkeypatch, S, name, params, hint, merge):
+def test_window_band_plus_key_columns_route(cuda_gen, S, name, params, hint):
     """A window band plus key columns (chunk ends or sinks): attended and merged in one Triton
-    kernel (column_merge, default) or FlashInfer's paged launch + merge_state; a hand-written copy
-    of the mask (no hint) is found from the mask itself."""
-    from flex_flash_infer import column_merge
-
-    monkeypatch.setattr(column_merge, "ENABLED", merge)
+    kernel (column_merge); a hand-written copy of the mask (no hint) is found from the mask itself."""
     B, H, Hkv, D, dtype = 2, 8, 2, 128, torch.bfloat16
     q, k, v = inputs(B, H, Hkv, S, S, D, dtype, cuda_gen)
     library = get_mask_fn(name, **params)
@@ -304,12 +273,8 @@ def test_band_routes_ragged_and_per_batch(cuda_gen, dtype, B, name):
     assert torch.allclose(out_only.float(), out.float(), atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("one_launch", [False, True], ids=["plan_per_sequence", "one_ragged_launch"])
-def test_packed_varlen_batch_in_the_wrapper(cuda_gen, monkeypatch, one_launch):
-    """one_ragged_launch: the default; plan_per_sequence: FLEX_FLASH_INFER_VARLEN_ONE_LAUNCH=0."""
-    from flex_flash_infer import varlen
-
-    monkeypatch.setattr(varlen, "ENABLED", one_launch)
+def test_packed_varlen_batch_in_the_wrapper(cuda_gen):
+    """One ragged launch for the packed batch."""
     lens = [300, 1, 1000, 129]
     cu = [0, 300, 301, 1301, 1430]
     H, Hkv, D, dtype = 8, 2, 128, torch.bfloat16
@@ -317,7 +282,7 @@ def test_packed_varlen_batch_in_the_wrapper(cuda_gen, monkeypatch, one_launch):
     flex.prepare(mask_fn=get_mask_fn("sliding_window", window_size=100), num_qo_heads=H, num_kv_heads=Hkv,
                  head_dim=D, dtype=dtype, cu_seqlens_q=cu, cu_seqlens_kv=cu)
     assert flex.active_backend == "flashinfer"
-    assert (flex._prepared.ragged is not None) == one_launch
+    assert flex._prepared.ragged is not None
     q = torch.randn(cu[-1], H, D, device="cuda", dtype=dtype, generator=cuda_gen)
     k = torch.randn(cu[-1], Hkv, D, device="cuda", dtype=dtype, generator=cuda_gen)
     v = torch.randn(cu[-1], Hkv, D, device="cuda", dtype=dtype, generator=cuda_gen)
@@ -344,26 +309,23 @@ FA2_SCORE_MOD_CASES = [(torch.bfloat16, "causal", "rel_bias"), (torch.bfloat16, 
 
 @pytest.mark.parametrize("dtype,name,mod_name", FA2_SCORE_MOD_CASES)
 def test_score_mod_compiled_into_the_fa2_kernel(cuda_gen, monkeypatch, dtype, name, mod_name):
-    """The band variant GPUs before Hopper run (fa2, on by default since this passed on an H100,
-    2026-11-25), forced on this one."""
-    from flex_flash_infer import flashinfer_backend, score_mod_kernels
+    """The band variant GPUs before Hopper run (fa2), forced on this one."""
+    from flex_flash_infer import flashinfer_backend
 
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: False)
-    monkeypatch.setattr(score_mod_kernels, "FA2_BANDS", True)
     test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, mod_name)
 
 
 @pytest.mark.parametrize("dtype,name,mod_name", SCORE_MOD_CASES)
 def test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, mod_name):
     """The traced score_mod in a fa3 variant (the default on CUDA since this passed); the library
-    softcap too, which by default runs FlashInfer's own soft cap on bands (native_soft_cap.py)."""
-    from flex_flash_infer import native_soft_cap
-    from flex_flash_infer.warmup import example_score_mod
+    softcap too, as a user's own softcap (without the attribute that sends the library's to
+    FlashInfer's own soft cap on bands, native_soft_cap.py)."""
+    from flex_flash_infer.warmup import example_score_mod, without_soft_cap_hint
 
-    monkeypatch.setattr(native_soft_cap, "ENABLED", False)
     B, H, Hkv, L, D = 2, 8, 2, 777, 128
     params = SCORE_MOD_MASKS[name]
-    mod = example_score_mod(mod_name, H)
+    mod = without_soft_cap_hint(example_score_mod(mod_name, H))
     q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
     mask_mod = get_mask_fn(name, **params)
     bm = create_block_mask(mask_mod, None, None, L, L, device="cuda")
@@ -407,36 +369,12 @@ def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table
 
 
 @pytest.mark.parametrize("name,params", [("causal", {}), ("document", {"offsets": [0, 100, 333, 1000]})])
-@pytest.mark.parametrize("share", ["1/2"])
-def test_softcap_with_tanh_on_the_fma_pipe(cuda_gen, monkeypatch, name, params, share):
-    """variant.TANH_FMA_SHARE: half the scores' tanh by codegen.ffi_tanh_fma instead of the MUFU
-    tanh, against the float64 reference; batches, GQA and odd lengths (the bench's module)."""
-    from flex_flash_infer import native_soft_cap, variant
-    from flex_flash_infer.mods import generate_softcap_score_mod
-
-    monkeypatch.setattr(native_soft_cap, "ENABLED", False)
-    monkeypatch.setattr(variant, "TANH_FMA_SHARE", share)
-    B, H, Hkv, L, D, dtype = 2, 8, 2, 777, 128, torch.bfloat16
-    mod, mask = generate_softcap_score_mod(20.0), get_mask_fn(name, **params)
-    ids = {"document_ids": mask.document_ids.numpy()} if name == "document" else params
-    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
-    q = q * 8   # scores well past the cap, where tanh saturates
-    bm = create_block_mask(mask, None, None, L, L, device="cuda")
-    out = flex_attention(q, k, v, score_mod=mod, block_mask=bm, enable_gqa=True, backend="flashinfer")
-    ref_out, _ = dense_attention(q, k, v, dense_predicate(name, L, L, **ids), score_fn=mod)
-    assert not torch.isnan(out).any()
-    assert rel_err(out, ref_out) < TOL[dtype]
-
-
-@pytest.mark.parametrize("name,params", [("causal", {}), ("document", {"offsets": [0, 100, 333, 1000]})])
-def test_relative_position_bias_near_keys_on_fa2(cuda_gen, monkeypatch, name, params):
-    """far_bias.NEAR_ON_FA2 (the default since runs 16-17): the keys within reach in the fa2
-    variant, the rest on fa3's plain ragged kernel, merged; against the float64 reference, GQA and
-    an odd length."""
+def test_relative_position_bias_near_keys_on_fa2(cuda_gen, name, params):
+    """The keys within reach in the fa2 variant, the rest on fa3's plain ragged kernel, merged;
+    against the float64 reference, GQA and an odd length."""
     from flex_flash_infer import far_bias, score_mod_kernels
     from flex_flash_infer.mods import generate_relative_position_bias_score_mod
 
-    monkeypatch.setattr(far_bias, "NEAR_ON_FA2", True)
     B, H, Hkv, L, D, dtype = 1, 8, 2, 777, 128, torch.bfloat16
     # 257 distances, as the bench's table: the same module (the reach is in the code, the heads are not)
     mod = generate_relative_position_bias_score_mod(torch.randn(H, 257, generator=torch.Generator().manual_seed(1)).cuda())
@@ -525,16 +463,13 @@ def test_tree_speculative_decoding_example_on_the_gpu():
     runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "tree_speculative_decoding.py"))
 
 
-@pytest.mark.parametrize("kernel", ["cuda_core_decode", "tensor_core_decode", "fa3_prefill_decode"])
+@pytest.mark.parametrize("kernel", ["cuda_core_decode", "tensor_core_decode"])
 @pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 40})])
-def test_paged_run_replays_in_a_cuda_graph(cuda_gen, monkeypatch, name, params, kernel):
+def test_paged_run_replays_in_a_cuda_graph(cuda_gen, name, params, kernel):
     """plan() on the host, then run() captured once and replayed: the replay equals an eager run
     on new query values written into the captured input, with each decode kernel (tensor cores
-    are the default for this GQA group of 4; fa3 is opt-in); the eager run matches the reference."""
-    from flex_flash_infer import PagedFlexAttention, paged as paged_module
-
-    monkeypatch.setattr(paged_module, "DECODE_TENSOR_CORES", kernel == "tensor_core_decode")
-    monkeypatch.setattr(paged_module, "DECODE_FA3", kernel == "fa3_prefill_decode")
+    are the default for this GQA group of 4); the eager run matches the reference."""
+    from flex_flash_infer import PagedFlexAttention
 
     kv_lens, page, H, Hkv, D, dtype = [17, 300, 1000], 16, 8, 2, 128, torch.bfloat16
     pages = [-(-n // page) for n in kv_lens]
@@ -544,7 +479,7 @@ def test_paged_run_replays_in_a_cuda_graph(cuda_gen, monkeypatch, name, params, 
     k = torch.randn(sum(pages), page, Hkv, D, device="cuda", generator=cuda_gen).to(dtype)
     v = torch.randn(sum(pages), page, Hkv, D, device="cuda", generator=cuda_gen).to(dtype)
     q = torch.randn(3, H, D, device="cuda", generator=cuda_gen).to(dtype)
-    paged = PagedFlexAttention(device="cuda")
+    paged = PagedFlexAttention(device="cuda", use_tensor_cores=kernel == "tensor_core_decode")
     paged.plan(get_mask_fn(name, **params), torch.arange(4).cuda(), indptr, indices, last, H, Hkv, D, page, dtype=dtype)
     paged.run(q, (k, v))                                   # warm-up outside the capture
     torch.cuda.synchronize()
@@ -595,21 +530,14 @@ def test_paged_cache_mods_compiled_into_the_kernels(cuda_gen, mask_name, mod_nam
     assert torch.allclose(lse[seen], ref_lse[seen], atol=2e-2, rtol=1e-3)
 
 
-TILE_VARIANT_CASES = ["tile_variants:softcap", "tile_variants:rel_bias+mask", "tile_variants:alibi+columns",
-                      "mask_in_kernel", "fa3_mask", "fa3_mask:softcap"]
+TILE_VARIANT_CASES = ["tile_variants:softcap", "tile_variants:rel_bias", "tile_variants:alibi+columns"]
 
 
 @pytest.mark.parametrize("kind", TILE_VARIANT_CASES)
-def test_tile_route_variants_compiled_into_the_kernel(cuda_gen, monkeypatch, kind):
-    """score_mod on the tiles and key-column routes, mask_mod evaluated inside the fa2 kernel, and
-    full + partial tiles in one fa3 launch with the mask in the kernel (tile_kernels.py; the last
-    two off by default): odd lengths, GQA, batch 2."""
-    from flex_flash_infer import tile_kernels
+def test_tile_route_variants_compiled_into_the_kernel(cuda_gen, kind):
+    """score_mod on the tiles and key-column routes (tile_kernels.py): odd lengths, GQA, batch 2."""
     from flex_flash_infer.warmup import run_tile_variant
 
-    monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", True)   # restored after the test
-    monkeypatch.setattr(tile_kernels, "MASK_IN_KERNEL", False)
-    monkeypatch.setattr(tile_kernels, "FA3_MASK", False)
     B, H, Hkv, L, D = 2, 8, 2, 777, 128
     S = L if kind.endswith("columns") else 901   # key columns are found for square masks
     dtype = torch.bfloat16

@@ -234,7 +234,6 @@ def test_reference_gradients_chunk_by_chunk(rng):
 def test_seed_api_gradients(flashinfer_on_cpu, monkeypatch, rng, backend, packed):
     from flex_flash_infer import varlen, wrapper
 
-    monkeypatch.setattr(varlen, "ENABLED", True)   # the one ragged launch, where the plans allow it
     if backend == "reference":
         monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "reference")
     Hq, Hkv, D = 4, 2, 16

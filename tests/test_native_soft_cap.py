@@ -44,11 +44,6 @@ def test_a_malformed_cap_is_ignored(cap):
     assert native_soft_cap.native_soft_cap(mod, 8) is None
 
 
-def test_the_switch_turns_it_off(monkeypatch):
-    monkeypatch.setattr(native_soft_cap, "ENABLED", False)
-    assert native_soft_cap.native_soft_cap(generate_softcap_score_mod(20.0), 8) is None
-
-
 def test_the_sequence_wrapper_keeps_the_cap():
     from flex_flash_infer.wrapper import _for_sequence
 

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from flex_flash_infer import backend_choice, flashinfer_backend, paged, score_mod_kernels
+from flex_flash_infer import backend_choice, flashinfer_backend, paged
 from flex_flash_infer.warmup import example_score_mod
 from flex_flash_infer.trace import trace
 from flex_flash_infer.variant import fa3_score_mod_variant
@@ -25,12 +25,12 @@ def load_script():
 def test_replayed_warmup_kinds_name_the_library_variants_and_restore_everything():
     prebuild = load_script()
     before = (flashinfer_backend._is_hopper, flashinfer_backend.unsupported_reason, backend_choice.unsupported_reason,
-              paged._is_hopper, score_mod_kernels.FA2_BANDS, sys.modules.get("flashinfer"))
-    kinds = ["score_mod:softcap", "tile_variants:softcap", "mask_in_kernel", "score_mod_fa2:alibi"]
+              paged._is_hopper, sys.modules.get("flashinfer"))
+    kinds = ["score_mod:softcap", "tile_variants:softcap", "score_mod_fa2:alibi"]
     recorded = prebuild.custom_jit_args(kinds, torch.bfloat16, 128)
     uris = [args[0] for _, args in recorded]
     after = (flashinfer_backend._is_hopper, flashinfer_backend.unsupported_reason, backend_choice.unsupported_reason,
-             paged._is_hopper, score_mod_kernels.FA2_BANDS, sys.modules.get("flashinfer"))
+             paged._is_hopper, sys.modules.get("flashinfer"))
     assert all(a is b for a, b in zip(before, after))
     # the softcap band variant: the name ScoreModBands gives it (the hash of its generated code)
     import hashlib
@@ -38,34 +38,27 @@ def test_replayed_warmup_kinds_name_the_library_variants_and_restore_everything(
                                  position_bound_for(1, 4, 256, 256))
     softcap_uri = f"ffi_{hashlib.sha256(spec.decl.encode()).hexdigest()[:16]}_bfloat16_d128_noswa"
     assert uris[0] == softcap_uri and recorded[0][0] == "fa3"
-    # tiles: a fa3 full-tile and a fa2 partial-tile variant for softcap, a fa2 one for the mask
+    # tiles: a fa3 full-tile and a fa2 partial-tile variant for softcap
     paged_uris = [u for u in uris if u.startswith("ffi_paged_")]
-    assert len(paged_uris) == 3 and all(u.endswith("_bfloat16_d128") for u in paged_uris)
+    assert len(paged_uris) == 2 and all(u.endswith("_bfloat16_d128") for u in paged_uris)
     fa2 = [(backend, u) for backend, u in zip((b for b, _ in recorded), uris) if u.startswith("ffi_fa2_")]
     assert fa2 and all(backend == "fa2" for backend, _ in fa2)
     assert len(set(uris)) == len(uris)
 
 
-def test_paged_and_fa3_mask_kinds_record_their_variants_and_restore_everything():
-    """paged_mods plans the paged cache's cases; fa3_mask_bench plans bench's streaming and
-    attamba masks in one fa3 launch (its stand-in lets each plan run once): each records the
-    variants the GPU would build, and every patch is undone."""
-    from flex_flash_infer import route, tile_kernels
-
+def test_paged_kinds_record_their_variants_and_restore_everything():
+    """paged_mods plans the paged cache's cases: it records the variants the GPU would build, and
+    every patch is undone."""
     prebuild = load_script()
     before = (paged.unsupported_reason, paged._is_hopper, flashinfer_backend.FlashInferPlan.run,
-              tile_kernels.FA3_MASK, route.ENABLE_COLUMN_LOWERING, sys.modules.get("flashinfer"))
+              sys.modules.get("flashinfer"))
     paged_uris = [args[0] for _, args in prebuild.custom_jit_args(["paged_mods"], torch.bfloat16, 128)]
-    fa3 = prebuild.custom_jit_args(["fa3_mask_bench"], torch.bfloat16, 128)
     after = (paged.unsupported_reason, paged._is_hopper, flashinfer_backend.FlashInferPlan.run,
-             tile_kernels.FA3_MASK, route.ENABLE_COLUMN_LOWERING, sys.modules.get("flashinfer"))
+             sys.modules.get("flashinfer"))
     assert all(a is b for a, b in zip(before, after))
     # fa3 softcap for chunked prefill's whole pages, fa2 softcap (decode's whole pages and the
     # partial ones), fa2 mask-in-kernel with and without alibi for the per-head windows
     assert len(paged_uris) == 4 and len(set(paged_uris)) == 4
-    # one module per mask structure: streaming's and attamba's, both fa3
-    assert len(fa3) == 2 and all(backend == "fa3" for backend, _ in fa3)
-    assert all("FlexPagedFa3Mask" in args[11] for _, args in fa3)
 
 
 def test_shell_scripts_parse():
@@ -83,12 +76,7 @@ def test_every_default_kind_replays():
     """The default list (what `prebuild_kernels.sh` builds) replays without error: a route that
     calls a FlashInfer function the stand-in lacks (merge_state_in_place, for the relative-position
     split) would end the listing there."""
-    from flex_flash_infer import tile_kernels
-
     prebuild = load_script()
-    switches = (tile_kernels.TILE_VARIANTS, tile_kernels.MASK_IN_KERNEL, tile_kernels.FA3_MASK)
     recorded = prebuild.custom_jit_args(list(prebuild.CUSTOM_KINDS), torch.bfloat16, 128)
     uris = [args[0] for _, args in recorded]
     assert len(set(uris)) == len(uris) and any(u.endswith("_swa") for u in uris)
-    # the tile kinds switch the tile routes for the process: the replay puts them back
-    assert (tile_kernels.TILE_VARIANTS, tile_kernels.MASK_IN_KERNEL, tile_kernels.FA3_MASK) == switches

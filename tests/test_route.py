@@ -29,11 +29,6 @@ def test_column_route_gathers_the_hinted_keys(name, params, first_positions):
     assert r.bands[0].causal and r.bands[0].window_left == params["window_size"] - 1
 
 
-def test_column_route_can_be_turned_off(monkeypatch):
-    monkeypatch.setattr(route, "ENABLE_COLUMN_LOWERING", False)
-    assert route_of(get_mask_fn("attamba", window_size=256, chunk_size=128)).kind == "tiles"
-
-
 def test_masks_that_read_h_or_b_never_take_bands():
     per_head = route_of(lambda b, h, q, kv: (q >= kv) & (q - kv < 64 * (h + 1)))
     assert per_head.kind == "tiles-per-head"

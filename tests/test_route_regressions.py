@@ -26,7 +26,6 @@ def flashinfer_on_cpu(monkeypatch):
     monkeypatch.setattr(backend_choice, "unsupported_reason", lambda *a: None)
     monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
     monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
-    monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", True)
     fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
     fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
 
@@ -195,7 +194,6 @@ def test_varlen_streaming_and_attamba_keep_their_key_columns(flashinfer_on_cpu, 
     paged launch over the columns): the packed batch runs one plan per sequence."""
     from flex_flash_infer import column_merge, varlen
 
-    monkeypatch.setattr(varlen, "ENABLED", True)
     monkeypatch.setattr(column_merge, "kernel_available", lambda device, head_dim: merge_kernel)
     cu = [0, 100, 200]
     mod = get_mask_fn(name, **params)
@@ -213,18 +211,16 @@ def _nothing(b, h, q, kv):
     return q < 0
 
 
-@pytest.mark.parametrize("fa3_mask", [False, True], ids=["fa2-partial", "fa3-one-launch"])
 @pytest.mark.parametrize("with_score_mod", [False, True])
 @pytest.mark.parametrize("B,L,S", [(1, 200, 200), (2, 77, 300)])
-def test_a_block_mask_with_no_visible_pair(flashinfer_on_cpu, monkeypatch, rng, fa3_mask, with_score_mod, B, L, S):
-    monkeypatch.setattr(tile_kernels, "FA3_MASK", fa3_mask)
+def test_a_block_mask_with_no_visible_pair(flashinfer_on_cpu, rng, with_score_mod, B, L, S):
     bm = create_block_mask(_nothing, None, None, L, S, device="cpu")
     q, k, v = _inputs(rng, B, 4, 2, L, S)
     _check(q, k, v, _nothing, bm, _alibi_like(4) if with_score_mod else None)
     out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="flashinfer")   # without lse
     assert torch.equal(out, torch.zeros_like(out))
     plan = next(iter(bm._plans.values()))
-    assert plan.route == ("tiles-fa3-mask" if fa3_mask else "tiles")
+    assert plan.route == "tiles"
     assert all(g.full is None and g.partial is None for g in plan.groups)   # no launch without a tile
 
 
@@ -242,12 +238,10 @@ def test_a_decoding_step_that_sees_nothing(flashinfer_on_cpu, rng):
     _check(*_inputs(rng, 1, 4, 2, 1, S), early_rows, step, q_offset=pos)
 
 
-@pytest.mark.parametrize("one_launch", [False, True], ids=["head-loop", "head-major"])
 @pytest.mark.parametrize("empty_heads", [(1,), (0, 1, 2, 3)])
-def test_heads_that_see_nothing(flashinfer_on_cpu, monkeypatch, rng, one_launch, empty_heads):
-    """A per-head mask with heads that see nothing: one launch set per head (a head with no tile
-    has none), or every head in one launch set (none at all when every head is empty)."""
-    monkeypatch.setattr(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", one_launch)
+def test_heads_that_see_nothing(flashinfer_on_cpu, rng, empty_heads):
+    """A per-head mask with heads that see nothing: every head in one launch set (none at all
+    when every head is empty)."""
     empty = torch.zeros(4, dtype=torch.bool)
     empty[list(empty_heads)] = True
 
@@ -259,12 +253,7 @@ def test_heads_that_see_nothing(flashinfer_on_cpu, monkeypatch, rng, one_launch,
     assert next(iter(bm._plans.values())).route.startswith("tiles-per-head")
 
 
-@pytest.mark.parametrize("one_launch", [False, True])
-def test_a_varlen_sequence_that_sees_nothing(flashinfer_on_cpu, monkeypatch, rng, one_launch):
-    from flex_flash_infer import varlen
-
-    monkeypatch.setattr(varlen, "ENABLED", one_launch)
-
+def test_a_varlen_sequence_that_sees_nothing(flashinfer_on_cpu, rng):
     def second_sequence_empty(b, h, q, kv):
         return (b != 1) & (kv <= q)
 

@@ -12,7 +12,6 @@ import fake_flashinfer
 from dense_reference import dense_attention, rel_err
 from flex_flash_infer import create_block_mask, create_mask, flashinfer_backend, get_mask_fn, tile_kernels
 from flex_flash_infer.hostcheck import compile_host
-from flex_flash_infer.score_mod_kernels import UnsupportedOnFlashInfer
 from flex_flash_infer.warmup import example_score_mod
 from test_block_mask import random_mask_mod
 
@@ -23,7 +22,6 @@ def fake(monkeypatch):
     registered with the host-compiled code of its graphs."""
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
-    monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", True)
     fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
 
 
@@ -56,11 +54,9 @@ def _check(inputs, out, lse, dense, score_mod):
     assert torch.equal(torch.isfinite(lse), seen) and torch.allclose(lse[seen], ref_lse[seen], atol=1e-4)
 
 
-@pytest.mark.parametrize("mask_in_kernel", [False, True])
 @pytest.mark.parametrize("mod_name", ["softcap", "alibi", "rel_bias"])
 @pytest.mark.parametrize("case", ["block_sparse_causal", "random_elements"])
-def test_score_mod_on_the_tiles_route(fake, monkeypatch, rng, case, mod_name, mask_in_kernel):
-    monkeypatch.setattr(tile_kernels, "MASK_IN_KERNEL", mask_in_kernel)
+def test_score_mod_on_the_tiles_route(fake, rng, case, mod_name):
     B, Hq, Hkv, L, S, D = 2, 4, 2, 330, 330, 16
     if case == "block_sparse_causal":
         mask_mod = _block_sparse_causal(L, rng)
@@ -84,47 +80,18 @@ def test_score_mod_on_the_tiles_route(fake, monkeypatch, rng, case, mod_name, ma
     _check(inputs, out, lse, create_mask(mask_mod, B, 1, L, S, device="cpu"), score_mod)
 
 
-@pytest.mark.parametrize("one_launch", [False, True])
-def test_score_mod_and_per_head_mask_in_kernel(fake, monkeypatch, rng, one_launch):
-    """Per-head masks: head-major requests (head offset from the request) or one group per head."""
-    monkeypatch.setattr(tile_kernels, "MASK_IN_KERNEL", True)
-    monkeypatch.setattr(flashinfer_backend, "PER_HEAD_ONE_LAUNCH", one_launch)
+def test_score_mod_and_per_head_mask(fake, rng):
+    """Per-head masks: head-major requests (head offset from the request)."""
     B, Hq, Hkv, L, S, D = 2, 4, 2, 150, 170, 16
     mask_mod, dense = random_mask_mod(B, Hq, L, S, rng)
     score_mod = example_score_mod("alibi", Hq, device="cpu")
     bm = create_block_mask(mask_mod, B, Hq, L, S, device="cpu", BLOCK_SIZE=64)
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
                                              score_mod=score_mod)
-    assert plan.route == "tiles-per-head" and plan.head_major == one_launch
+    assert plan.route == "tiles-per-head" and plan.head_major
     assert all(g.partial_args for g in plan.groups)
     inputs, out, lse = _run(plan, B, Hq, Hkv, L, S, D, rng)
     _check(inputs, out, lse, dense, score_mod)
-
-
-@pytest.mark.parametrize("mod_name", ["softcap", "rel_bias"])
-def test_mask_in_kernel_without_score_mod(fake, monkeypatch, rng, mod_name):
-    """No score_mod: the partial launch evaluates the traced mask_mod (no bit mask is built); a
-    mask that cannot be traced falls back to the bit mask, still exact."""
-    monkeypatch.setattr(tile_kernels, "MASK_IN_KERNEL", True)
-    built = []
-    monkeypatch.setattr(flashinfer_backend, "partial_tile_mask",
-                        lambda *a, _real=flashinfer_backend.partial_tile_mask: built.append(1) or _real(*a))
-    B, Hq, Hkv, L, S, D = 1, 2, 1, 190, 190, 16
-    table = torch.rand(L, S, generator=rng) < 0.3
-
-    def traceable(b, h, q, kv):
-        return table[q, kv]
-
-    def untraceable(b, h, q, kv):   # a Python branch on a traced value: not compilable
-        return table[q, kv] if int(q.max()) >= 0 else table[q, kv]
-
-    for mask_mod, bits_expected in ((traceable, 0), (untraceable, 1)):
-        built.clear()
-        bm = create_block_mask(mask_mod, B, None, L, S, device="cpu", BLOCK_SIZE=64)
-        plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
-        assert len(built) == bits_expected
-        inputs, out, lse = _run(plan, B, Hq, Hkv, L, S, D, rng)
-        _check(inputs, out, lse, table, None)
 
 
 @pytest.mark.parametrize("name,params", [("attamba", {"window_size": 40, "chunk_size": 32}),
@@ -141,7 +108,7 @@ def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
     score_mod = example_score_mod(mod_name, Hq, device="cpu")
     graph = trace(score_mod, "score_mod")
     fake_flashinfer.VARIANTS[f"FlexScoreMod_{graph.key()}"] = compile_host(graph)
-    # a split's near keys run the fa2 variant (far_bias.NEAR_ON_FA2)
+    # a split's near keys run the fa2 variant
     fake_flashinfer.VARIANTS[f"FlexScoreModFa2_{graph.key()}<use_custom_mask>"] = compile_host(graph)
     try:
         mask_mod = get_mask_fn(name, **params)
@@ -164,19 +131,7 @@ def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
         del fake_flashinfer.VARIANTS[f"FlexScoreModFa2_{graph.key()}<use_custom_mask>"]
 
 
-def test_score_mod_on_tiles_with_the_switch_off_names_it(fake, monkeypatch, rng):
-    """FLEX_FLASH_INFER_TILE_VARIANTS=0 sends a score_mod on the tiles route to the reference
-    (through UnsupportedOnFlashInfer), and the error says which switch did it."""
-    monkeypatch.setattr(tile_kernels, "TILE_VARIANTS", False)
-    L = 200
-    bm = create_block_mask(_block_sparse_causal(L, rng), 1, None, L, L, device="cpu", BLOCK_SIZE=64)
-    with pytest.raises(UnsupportedOnFlashInfer, match="FLEX_FLASH_INFER_TILE_VARIANTS=0"):
-        flashinfer_backend.FlashInferPlan(bm, 1, L, L, 2, 1, 16, torch.float64, 0.25, "cpu",
-                                          score_mod=example_score_mod("softcap", 2, device="cpu"))
-
-
-@pytest.mark.parametrize("kind", ["tile_variants:softcap", "tile_variants:rel_bias+mask",
-                                  "tile_variants:alibi+columns", "mask_in_kernel"])
+@pytest.mark.parametrize("kind", ["tile_variants:softcap", "tile_variants:rel_bias", "tile_variants:alibi+columns"])
 def test_the_gpu_tests_cases_on_the_cpu_model(fake, monkeypatch, rng, kind):
     """The cases of test_gpu's tile-variant test (and of warmup) take the routes they name, with
     the launches they are meant to compile, and are exact through the CPU model."""
@@ -184,8 +139,7 @@ def test_the_gpu_tests_cases_on_the_cpu_model(fake, monkeypatch, rng, kind):
 
     B, Hq, Hkv, L, D = 2, 8, 2, 777, 16
     S = L if kind.endswith("columns") else 901
-    mask_mod, score_mod, in_kernel = tile_variant_case(kind, Hq, L, S, device="cpu")
-    monkeypatch.setattr(tile_kernels, "MASK_IN_KERNEL", in_kernel)
+    mask_mod, score_mod = tile_variant_case(kind, Hq, L, S, device="cpu")
     if score_mod is not None and kind.endswith("columns"):
         from flex_flash_infer.trace import trace
 
@@ -203,18 +157,32 @@ def test_the_gpu_tests_cases_on_the_cpu_model(fake, monkeypatch, rng, kind):
 
 
 
-def test_score_mod_on_bands_before_hopper_names_the_switch_that_turned_it_off(fake, monkeypatch):
-    """With the fa2 band variant turned off, an older GPU gets a clear fallback (the API then runs
-    the reference with a warning), naming the switch; the library softcap still runs FlashInfer's
-    own soft cap, which needs no variant."""
-    from flex_flash_infer import score_mod_kernels
-
+def test_the_library_softcap_before_hopper_runs_flashinfers_own_soft_cap(fake, monkeypatch):
+    """On an older GPU the library softcap on bands still runs FlashInfer's own soft cap, which
+    needs no variant."""
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: False)
-    monkeypatch.setattr(score_mod_kernels, "FA2_BANDS", False)
     bm = create_block_mask(get_mask_fn("causal"), 1, None, 200, 200, device="cpu", BLOCK_SIZE=64)
-    with pytest.raises(UnsupportedOnFlashInfer, match="FLEX_FLASH_INFER_FA2_SCORE_MOD=0"):
-        flashinfer_backend.FlashInferPlan(bm, 1, 200, 200, 2, 1, 16, torch.float64, 0.25, "cpu",
-                                          score_mod=example_score_mod("alibi", 2, device="cpu"))
     plan = flashinfer_backend.FlashInferPlan(bm, 1, 200, 200, 2, 1, 16, torch.float64, 0.25, "cpu",
                                              score_mod=example_score_mod("softcap", 2, device="cpu"))
     assert plan.band_runner.soft_cap == 5.0
+
+
+def test_per_head_bands_with_a_score_mod_run_on_the_tiles_route(fake, rng):
+    """Per-head windows lower to bands per head, whose launches take no score_mod variant: with a
+    score_mod the plan takes the tiles-per-head route's compiled variants instead (no fallback to
+    the reference), exact against the dense oracle."""
+    B, Hq, Hkv, L, D = 2, 8, 2, 257, 16
+    widths = torch.tensor([16, 40, 100, 1000] * 2)
+
+    def mod(b, h, q_idx, kv_idx):   # a causal window per query head
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < widths[h])
+
+    score_mod = example_score_mod("softcap", Hq, device="cpu")
+    bm = create_block_mask(mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+    assert flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu").route == \
+        "bands-per-head"
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
+                                             score_mod=score_mod)
+    assert plan.route == "tiles-per-head"
+    inputs, out, lse = _run(plan, B, Hq, Hkv, L, L, D, rng)
+    _check(inputs, out, lse, create_mask(mod, 1, Hq, L, L, device="cpu"), score_mod)

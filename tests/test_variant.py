@@ -82,28 +82,3 @@ def test_bit_trick_conversion_only_when_the_caller_vouches_for_the_bound():
     graph = trace(generate_alibi_score_mod(num_heads=8), "score_mod")
     assert "ffi_i2f_exact(" in _per_score_code(fa3_score_mod_variant(graph, POSITION_BOUND).decl)
     assert "ffi_i2f_exact(" not in _per_score_code(fa3_score_mod_variant(graph).decl)
-
-
-def test_tanh_fma_share_picks_scores_by_compile_time_bits_of_kv_idx():
-    """TANH_FMA_SHARE: some scores' tanh on the FMA pipe, chosen by the tile-local kv_idx's low
-    bit, which the unrolled loop fixes; "0" leaves every tanh on the MUFU unit."""
-    from flex_flash_infer.variant import TANH_FMA_CONDITIONS
-
-    graph = trace(generate_softcap_score_mod(30.0), "score_mod")
-    assert "ffi_tanh_split" not in _per_score_code(fa3_score_mod_variant(graph, tanh_fma_share="0").decl)
-    half = _per_score_code(fa3_score_mod_variant(graph, tanh_fma_share="1/2").decl)
-    assert "ffi_tanh_split(" in half and TANH_FMA_CONDITIONS["1/2"] in half
-    for share, condition in TANH_FMA_CONDITIONS.items():
-        if condition is not None and condition != "true":
-            picked = [kv for kv in range(128) if eval(condition.replace("&&", "and"), {"kv_idx": kv})]
-            assert len(picked) / 128 == eval(share)   # the share it is named for
-    with pytest.raises(ValueError, match="tanh_fma_share"):
-        fa3_score_mod_variant(graph, tanh_fma_share="1/4")
-
-
-@needs_nvcc
-@pytest.mark.parametrize("share", ["1/2", "1"])
-def test_variant_with_fma_tanh_compiles_as_device_code(tmp_path, share):
-    softcap = fa3_score_mod_variant(trace(generate_softcap_score_mod(30.0), "score_mod"), POSITION_BOUND,
-                                    tanh_fma_share=share)
-    compile_device(tmp_path, fa3_probe(softcap), "sm_90a")

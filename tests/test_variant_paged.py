@@ -44,21 +44,6 @@ def test_fa3_paged_variant_compiles_as_device_code(tmp_path, mod, page_size):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("with_score", [False, True], ids=["mask", "score+mask"])
-def test_fa3_paged_mask_variant_compiles_as_device_code(tmp_path, with_score):
-    """Whole and partial tiles in one fa3 launch: mask_mod in the kernel on flagged pages."""
-    score = trace(SCORE_MODS["rel_bias"], "score_mod") if with_score else None
-    table = torch.rand(8, 64) < 0.5
-
-    def heads_and_sinks(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & ((kv_idx < 4) | (q_idx - kv_idx < 1000) | table[h, kv_idx % 64])
-
-    spec = fa3_paged_score_mod_variant(score, 128, POSITION_BOUND, mask_graph=trace(heads_and_sinks, "mask_mod"))
-    assert spec.name.startswith("FlexPagedFa3Mask") and spec.tensor_names[:5] == list(PAGED_TABLES)
-    compile_device(tmp_path, fa3_probe(spec), "sm_90a")
-
-
-@needs_nvcc
 @pytest.mark.parametrize("combo", ["score+bits", "score+mask", "mask", "bits", "score+head_mask"])
 def test_fa2_paged_variant_compiles_as_device_code(tmp_path, combo):
     score = trace(SCORE_MODS["rel_bias"], "score_mod") if combo.startswith("score") else None
