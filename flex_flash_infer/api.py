@@ -81,7 +81,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         block_mask = _default_block_mask(L, S, query.device)
     else:
         block_mask = check_block_mask(block_mask, B, Hq, L, S, query.device)
-    chosen = choose_backend(backend, query.device, query.dtype, E, Ev, score_mod is not None)
+    chosen = choose_backend(backend, query.device, query.dtype, E, Ev, scale)
     if chosen == "flashinfer" and want_max:
         reason = "FlashInfer's kernels do not return each row's largest score (return_aux max_scores)"
         if backend == "flashinfer":

@@ -24,11 +24,11 @@ def check_backend_name(backend: str) -> str:
 
 
 def choose_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-                   head_dim_v: int, has_score_mod: bool) -> str:
+                   head_dim_v: int, scale: float | None = None) -> str:
     check_backend_name(backend)
     if backend == "reference":
         return "reference"
-    reason = unsupported_reason(device, dtype, head_dim, head_dim_v)
+    reason = unsupported_reason(device, dtype, head_dim, head_dim_v, scale)
     if backend == "flashinfer":
         if reason:
             raise ValueError(f"backend='flashinfer' cannot run this call: {reason}")

@@ -44,8 +44,9 @@ def flashinfer_available() -> bool:
     return torch.cuda.is_available()
 
 
-def unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int) -> str | None:
-    """Why the FlashInfer path cannot run this problem, or None when it can."""
+def unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int,
+                       scale: float | None = None) -> str | None:
+    """Why the FlashInfer path cannot run this problem, or None when it can (scale None: the default)."""
     if device.type != "cuda":
         return f"the FlashInfer backend needs CUDA tensors, got device {device}"
     if not flashinfer_available():
@@ -54,6 +55,10 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int, 
         return f"the FlashInfer backend supports dtype float16 or bfloat16, got {dtype}"
     if head_dim not in SUPPORTED_HEAD_DIMS or head_dim_v != head_dim:
         return f"the FlashInfer backend supports head_dim in {SUPPORTED_HEAD_DIMS} (same for values), got {head_dim}/{head_dim_v}"
+    if scale is not None and (scale == 0 or not math.isfinite(scale)):
+        # FlashInfer's kernels return NaN for every row at sm_scale 0 (seen on an H200 by the GPU fuzzer),
+        # where FlexAttention averages the visible values
+        return f"FlashInfer's kernels need a finite, nonzero scale, got scale={scale}"
     return None
 
 

@@ -74,8 +74,8 @@ class PagedFlexAttention:
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         backend = self.backend
         if backend == "auto":
-            backend = "flashinfer" if unsupported_reason(self.device, dtype, head_dim, head_dim) is None else "reference"
-        elif backend == "flashinfer" and (reason := unsupported_reason(self.device, dtype, head_dim, head_dim)):
+            backend = "flashinfer" if unsupported_reason(self.device, dtype, head_dim, head_dim, scale) is None else "reference"
+        elif backend == "flashinfer" and (reason := unsupported_reason(self.device, dtype, head_dim, head_dim, scale)):
             raise ValueError(f"backend='flashinfer' cannot run this plan: {reason}")
         launches = variants = None
         heads = (num_qo_heads, num_kv_heads, head_dim)

@@ -127,7 +127,7 @@ class FlexFlashInfer:
             raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
         scale = check_scale(scale)
         check_heads(num_qo_heads, num_kv_heads, names=("num_qo_heads", "num_kv_heads"))
-        backend = choose_backend(self.backend, self.device, dtype, head_dim, head_dim, score_mod is not None)
+        backend = choose_backend(self.backend, self.device, dtype, head_dim, head_dim, scale)
         segments = []
         for i in range(len(offsets_q) - 1):
             q0, q1, kv0, kv1 = offsets_q[i], offsets_q[i + 1], offsets_kv[i], offsets_kv[i + 1]
