@@ -13,8 +13,6 @@ import torch
 
 from .flashinfer_backend import LN2, _is_hopper, default_workspace
 
-ENABLED = True   # no longer a switch: wrapper.py still reads it until its check is dropped there
-
 
 def _effective(causal: bool, window_left: int, q_len: int, kv_len: int):
     """The flags as they act on one q_len x kv_len request: a window that reaches every key the

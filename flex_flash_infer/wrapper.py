@@ -151,7 +151,7 @@ class FlexFlashInfer:
                                     for s in segments]
             segments.append(_Segment(q0, q1, kv0, kv1, block_mask, seq_score, plan))
         ragged = None
-        if backend == "flashinfer" and len(segments) > 1 and varlen.ENABLED:
+        if backend == "flashinfer" and len(segments) > 1:
             flags = single_band_flags(segments)
             if flags is not None:
                 ragged = varlen.RaggedBatch(offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim,
