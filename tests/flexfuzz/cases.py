@@ -140,7 +140,7 @@ def _length(r, profile: str) -> int:
 def _block(r, profile: str):
     if profile == "gpu":
         return r.choice([128, 128, 64, (128, 64), (64, 128)])
-    return r.choice([128, 128, 64, (64, 128), (128, 64), 32, (16, 32), 16])
+    return r.choice([128, 128, 64, (64, 128), (128, 64), 32, (16, 32), 16, (8, 16), 256, (512, 64)])
 
 
 def _heads(r, profile: str):
@@ -344,6 +344,8 @@ def _decode(case: Case, r, force: dict, profile: Profile) -> None:
     _mods(case, r, force, w, profile)
     case.mods = w.render()
     case.layout = r.choice(["", "", "bshd", "sliced"])
+    if r.random() < 0.3 and profile.name == "cpu":
+        case.block_mask = "torch"
     bq = case.block[0] if isinstance(case.block, tuple) else case.block
     case.decode_pos = r.randrange(case.L)
     room = min(bq - case.decode_pos % bq, case.L - case.decode_pos)   # rows within one query tile
@@ -357,6 +359,7 @@ def _seed(case: Case, r, force: dict, profile: Profile) -> None:
     _mods(case, r, force, w, profile)
     two_args = w.mask_def is not None and w.mask_def.startswith("def ") and not uses(w.mask_def, "b", "h")
     case.mods = w.render(seed_form=two_args and r.random() < 0.5)
+    case.repeat = "same" if r.random() < 0.2 else ""
 
 
 def _varlen(case: Case, r, force: dict, profile: Profile) -> None:
