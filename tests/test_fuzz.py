@@ -23,7 +23,7 @@ def test_a_fixed_seed_reaches_every_route_and_finds_nothing():
     summary = campaign.run(seed=FIXED_SEED, cases=CASES, per_seed=CASES, torch_share=0.2)
     report = _verdict(summary, FIXED_SEED)
     print(report)
-    assert not summary.invalid, report
+    assert not summary.invalid and not summary.generator_errors, report
     assert not summary.failures, report
     assert not summary.missing(), f"routes no case reached: {summary.missing()}\n{report}"
 
@@ -34,5 +34,5 @@ def test_a_fresh_seed_finds_nothing():
     summary = campaign.run(seed=seed, cases=CASES, per_seed=CASES, torch_share=0.2)
     report = _verdict(summary, seed)
     print(report)
-    assert not summary.invalid, report
+    assert not summary.invalid and not summary.generator_errors, report
     assert not summary.failures, report

@@ -35,6 +35,7 @@ class Summary:
     notes: Counter = field(default_factory=Counter)
     invalid: list = field(default_factory=list)
     minimal: dict = field(default_factory=dict)                # signature -> (shrunk case, triage sentences)
+    generator_errors: list = field(default_factory=list)
 
     def add(self, result) -> None:
         self.cases += 1
@@ -78,6 +79,7 @@ class Summary:
             lines += [f"  {n:6d}  {text}" for text, n in self.notes.most_common()]
         for result in self.invalid[:3]:
             lines.append(f"INVALID case {result.case.name} (a generator bug): {result.problems}")
+        lines += [f"GENERATOR BUG: {text}" for text in self.generator_errors[:3]]
         for sig, results in self.failures.items():
             first = min(results, key=_size)
             lines.append("")
@@ -102,7 +104,8 @@ class Summary:
                               "source": self.minimal.get(sig, (min(rs, key=_size).case,))[0].source()}
                              for sig, rs in self.failures.items()],
                 "invalid": [{"case": r.case.name, "problems": r.problems, "source": r.case.source()}
-                            for r in self.invalid]}
+                            for r in self.invalid],
+                "generator_errors": self.generator_errors}
 
 
 def _size(result) -> int:
@@ -146,7 +149,14 @@ def run(seed: int | None = None, cases: int | None = None, minutes: float | None
         if index >= max(per_seed, len(TOUR)):
             seed, index = seed + 1, 0
             summary.seeds.append(seed)
-        case = generate_case(seed, index, profile, dtypes, device, avoid)
+        try:
+            case = generate_case(seed, index, profile, dtypes, device, avoid)
+        except Exception as e:   # a generator bug: counted, and the campaign goes on
+            summary.status["invalid"] += 1
+            summary.generator_errors.append(f"case {seed}:{index} not generated: {type(e).__name__}: {e}")
+            summary.cases += 1
+            index += 1
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = run_case(case, torch_check=picker.random() < torch_share)

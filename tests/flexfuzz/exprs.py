@@ -168,7 +168,7 @@ class ModWriter:
         ints = [t for t in self.tables if t[1] == "int"]
         if ints and self.rnd.random() < 0.4:
             name, _, (n,), bound = self.rnd.choice(ints)
-            dtype = self.table_dtypes[name]
+            dtype = self.table_dtypes.get(name, I64)   # structured.py's int tables are torch.randint's int64
         else:
             n = self.rnd.choice([s.q_max, s.kv_max, max(s.q_max, s.kv_max), s.heads, s.batch, self.rnd.randint(1, 40)])
             name, bound, dtype = self.int_table(n)
