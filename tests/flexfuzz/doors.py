@@ -50,7 +50,18 @@ def build_mods(case: Case):
     namespace = {"torch": torch, **{n: getattr(mods, n) for n in mods.__all__},
                  **{n: getattr(flex_flash_infer, n) for n in ("and_masks", "or_masks", "get_mask_fn")}}
     exec(compile(case.mods, filename, "exec"), namespace)
-    return namespace["build"]()
+    return namespace["build"](case.device)
+
+
+def call_build(build, device):
+    """build(device), or build() for a build() written without the device argument."""
+    import inspect
+
+    try:
+        takes_device = bool(inspect.signature(build).parameters)
+    except (TypeError, ValueError):
+        takes_device = False
+    return build(device) if takes_device else build()
 
 
 def four_args(mask_fn):
@@ -159,7 +170,7 @@ def _earlier_call(case: Case, block_mask, score_mod, batch_free: bool, device) -
     if case.repeat == "batch" and batch_free:
         B += 1
     elif case.repeat == "dtype":
-        dtype = {"float32": "float64"}.get(case.dtype, "float32")
+        dtype = {"float32": "float64", "float16": "bfloat16", "bfloat16": "float16"}.get(case.dtype, "float32")
     elif case.repeat == "scale":
         scale = 0.3 if case.scale is None else None
     q, k, v = _inputs(case, (B, case.Hq, case.L, case.D), (B, case.Hkv, case.S, case.D), device, case.Dv,
@@ -318,7 +329,7 @@ def run_case(case: Case, build=None, torch_check: bool = False) -> Result:
     start = time.perf_counter()
     device = torch.device(case.device)
     try:
-        mask_mod, score_mod = (build or (lambda: build_mods(case)))()
+        mask_mod, score_mod = build_mods(case) if build is None else call_build(build, case.device)
     except Exception as e:
         result.status, result.problems = "invalid", [f"the case's mods do not build: {type(e).__name__}: {e}"]
         return result

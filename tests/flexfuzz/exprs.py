@@ -69,7 +69,7 @@ def _fits(bound: int, dtype: str) -> int | None:
 
 
 class ModWriter:
-    """Writes one build() function. rnd: a random.Random; scope: the ranges (Scope); avoid:
+    """Writes one build(device) function. rnd: a random.Random; scope: the ranges (Scope); avoid:
     {"narrow"} leaves out int16/int8/uint8 values, int64 table values past 2**31 and bool + bool
     (issue 20's class 5), so that a campaign can look past a known bug."""
 
@@ -100,7 +100,9 @@ class ModWriter:
 
     def table(self, kind: str, shape: tuple, make: str, bound) -> str:
         name = self.name("t")
-        self.lines.append(f"{name} = {make}")
+        # drawn on the CPU (the same values everywhere), kept where the mods run: a mask indexing a
+        # CPU table by CUDA positions fails in torch itself
+        self.lines.append(f"{name} = ({make}).to(device)")
         self.tables.append((name, kind, shape, bound))
         return name
 
@@ -372,7 +374,7 @@ class ModWriter:
             mask = mask.replace("def mask_mod(b, h, q_idx, kv_idx)", "def mask_mod(q_idx, kv_idx)", 1)
         body += mask.split("\n") + (self.score_def or "score_mod = None").split("\n")
         body.append("return mask_mod, score_mod")
-        return "def build():\n" + "\n".join("    " + line for line in body) + "\n"
+        return 'def build(device="cpu"):\n' + "\n".join("    " + line for line in body) + "\n"
 
 
 def uses(src: str, *names: str) -> bool:
