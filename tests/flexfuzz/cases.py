@@ -366,9 +366,11 @@ def _varlen(case: Case, r, force: dict, profile: Profile) -> None:
     n = r.randint(2, 4) if force.get("equal") else r.randint(1, 4)
     top = 300 if profile.name == "cpu" else 1500
     lens_q = [r.choice([0, 1, r.randint(1, top)]) if r.random() < 0.2 else r.randint(1, top) for _ in range(n)]
-    if not any(lens_q):   # prepare() refuses a batch without a query, and says so
+    if not any(lens_q):   # prepare() refuses a batch without a query or without a key, and says so
         lens_q[r.randrange(n)] = r.randint(1, top)
     lens_kv = list(lens_q) if force.get("equal") or r.random() < 0.5 else [r.randint(0, top) for _ in range(n)]
+    if not any(lens_kv):
+        lens_kv[r.randrange(n)] = r.randint(1, top)
     case.cu_q = [0] + [sum(lens_q[:i + 1]) for i in range(n)]
     case.cu_kv = [0] + [sum(lens_kv[:i + 1]) for i in range(n)]
     case.L, case.S = case.cu_q[-1], case.cu_kv[-1]

@@ -97,8 +97,8 @@ def _inputs(case: Case, q_shape, kv_shape, device, v_dim: int = 0, layout: str =
     q = torch.randn(q_shape, generator=g, dtype=torch.float64) * case.amplitude
     k = torch.randn(kv_shape, generator=g, dtype=torch.float64) * case.amplitude
     v = torch.randn((*kv_shape[:-1], v_dim or kv_shape[-1]), generator=g, dtype=torch.float64)
-    if case.nan:   # one row of one head of q or k, as a NaN that crept in upstream would be
-        t = q if case.nan == "q" else k
+    t = q if case.nan == "q" else k
+    if case.nan and t.numel():   # one row of one head of q or k, as a NaN that crept in upstream would be
         lead = tuple(int(torch.randint(0, n, (1,), generator=g)) for n in t.shape[:-1])
         t[lead] = math.nan
     out = []
