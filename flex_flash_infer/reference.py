@@ -74,9 +74,12 @@ def reference_gradients(query, key, value, captured, block_mask, score_mod, scal
             if grad_lse is not None:
                 outputs.append(lse)
                 seeds.append(grad_lse[:, :, r0:r1])
-            if not wrt or not any(o.requires_grad for o in outputs):
+            # an output with no graph (the LSE of a score_mod that ignores the score) takes no seed
+            live = [(o, s) for o, s in zip(outputs, seeds) if o.requires_grad]
+            if not wrt or not live:
                 continue
-            found = torch.autograd.grad(outputs, [t for _, t in wrt], seeds, allow_unused=True)
+            found = torch.autograd.grad([o for o, _ in live], [t for _, t in wrt], [s for _, s in live],
+                                        allow_unused=True)
             for (i, _), g in zip(wrt, found):
                 if g is None:
                     continue

@@ -360,3 +360,16 @@ def test_a_table_and_its_copy_get_the_gradient_once(flashinfer_on_cpu, rng):
     want_out, _ = dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), through_copy)
     (want,) = torch.autograd.grad(want_out.square().sum(), [table])
     _assert_grads([got], [want])
+
+
+@pytest.mark.parametrize("backend", ["flashinfer", "reference"])
+def test_a_score_mod_that_ignores_the_score(flashinfer_on_cpu, rng, backend):
+    """The recomputed LSE then has no graph of its own: backward still gives q, k, v their
+    (zero for q and k) gradients instead of autograd's 'does not require grad' error."""
+    bias = torch.randn(2, generator=rng, dtype=torch.float64)
+    q, k, v = _leaves(rng, 1, 2, 2, 130, 130)
+    out = flex_attention(q, k, v, score_mod=lambda s, b, h, qi, kv: bias[h], backend=backend)
+    out.sum().backward()
+    for t in (q, k):   # torch's autograd leaves an unused input's grad None: zero either way
+        assert t.grad is None or torch.equal(t.grad, torch.zeros_like(t))
+    assert torch.allclose(v.grad, torch.ones_like(v))   # uniform weights: each key gets 130 * 1/130
