@@ -131,17 +131,18 @@ def attend_rows(query, key, value, block_mask, score_mod, scale, r0: int, c0: in
     if block_mask is not None:
         visible = visible_pairs(block_mask, b_idx, h_idx, q_idx, kv_idx)
         scores = scores.masked_fill(~visible, float("-inf"))
-    # softmax with the row max taken out: amax propagates NaN, so a NaN score makes its row NaN
-    # (never a hidden 0); an empty row (max -inf) divides by 1 instead of 0, and the where()s
-    # give it exact zeros in value and in gradient (logsumexp's backward is NaN on such a row)
+    # softmax with the row max taken out, in the form p = exp(score - lse): amax propagates NaN, so
+    # a NaN score makes its row NaN (never a hidden 0); an empty row (max -inf) sums to 1 instead
+    # of 0, and the where()s give it exact zeros in value and in gradient (logsumexp's backward is
+    # NaN there); a row with a +inf score gets lse +inf and NaN only where torch has it (at the
+    # +inf keys), so a masked key's gradient stays 0
     row_max = scores.amax(dim=-1, keepdim=True)
     empty = row_max == float("-inf")
-    shift = torch.where(empty, 0.0, row_max.detach())   # the softmax does not depend on the shift
-    weights = torch.exp(scores - shift)
-    total = weights.sum(dim=-1, keepdim=True)
-    total = torch.where(empty, 1.0, total)
-    out = torch.matmul(weights / total, v)
-    lse = torch.where(empty, float("-inf"), torch.log(total) + shift).squeeze(-1)
+    shift = torch.where(torch.isfinite(row_max), row_max.detach(), 0.0)   # softmax ignores the shift
+    total = torch.exp(scores - shift).sum(dim=-1, keepdim=True)
+    lse = torch.log(torch.where(empty, 1.0, total)) + shift
+    out = torch.matmul(torch.exp(scores - lse), v)
+    lse = torch.where(empty, float("-inf"), lse).squeeze(-1)
     return out.to(query.dtype), lse.to(torch.float32), row_max.squeeze(-1).to(torch.float32)
 
 

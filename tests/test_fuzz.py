@@ -36,3 +36,14 @@ def test_a_fresh_seed_finds_nothing():
     print(report)
     assert not summary.invalid and not summary.generator_errors, report
     assert not summary.failures, report
+
+
+def test_every_tunable_the_fuzzer_sets_exists():
+    """A tunable renamed or deleted in the library would make the fuzzer's setting a silent no-op."""
+    import importlib
+
+    from flexfuzz.cases import SWITCHES
+
+    for switch in SWITCHES:
+        module, name = switch.rsplit(".", 1)
+        assert hasattr(importlib.import_module(f"flex_flash_infer.{module}"), name), switch

@@ -148,3 +148,33 @@ def test_paged_nan(flashinfer_on_cpu, rng, backend, where):
     attn.plan(mod, qo_indptr, kv_indptr, indices, last, 4, 2, 16, 16, dtype=torch.float64)
     out, lse = attn.run(q, (kc, vc), return_lse=True)
     _assert_nan_exactly_where(out, lse, nan_rows, ref_out, ref_lse)
+
+
+def test_a_plus_inf_score_gives_lse_inf_and_nan_only_where_torch_has_it():
+    """A score_mod that sends some scores to +inf: torch gives those rows LSE +inf and NaN output,
+    and a key no such row sees keeps a finite gradient (fuzz case 5012:93 gave LSE NaN and NaN dv)."""
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where((q_idx < 10) & (kv_idx == 5), float("inf"), score)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (q_idx < 10)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    block_mask = create_block_mask(mask_mod, None, None, 40, 40, device="cpu")
+    out, lse = flex_attention(*leaves, score_mod=score_mod, block_mask=block_mask, return_lse=True)
+    torch.where(torch.isnan(out), 0.0, out).sum().backward()
+    with torch.no_grad():   # torch's flex has no backward on CPU
+        torch_mask = torch.nn.attention.flex_attention.create_block_mask(mask_mod, None, None, 40, 40, device="cpu")
+        want_out, want_lse = torch_flex(q, k, v, score_mod=score_mod, block_mask=torch_mask, return_lse=True)
+    assert torch.isposinf(lse[:, :, :10]).all() and torch.isfinite(lse[:, :, 10:]).all()
+    for got, want in ((out, want_out), (lse, want_lse)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        both = ~torch.isnan(want)
+        torch.testing.assert_close(got[both].detach(), want[both], check_dtype=False)
+    # v's gradient: NaN only at key 5 (the +inf scores' key), as the dense float64 oracle has it
+    assert torch.equal(torch.isnan(leaves[2].grad).any(-1)[0, 0], torch.arange(40) == 5)

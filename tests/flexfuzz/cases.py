@@ -17,35 +17,15 @@ from .exprs import ModWriter, Scope, uses
 
 DEFAULT_DTYPES = {"cpu": ["float32", "float32", "float64", "float16", "bfloat16"], "gpu": ["bfloat16", "float16"]}
 
-# Planner switches a case may flip, with the values tried (module of flex_flash_infer, name).
+# Planner tunables a case may set, with the values tried (module of flex_flash_infer, name): none may
+# change a result; tiny chunks put every chunk edge inside the problem.
 SWITCHES = {
-    "route.ENABLE_COLUMN_LOWERING": [False], "route.ENABLE_HEAD_BANDS": [False],
-    "flashinfer_backend.PER_HEAD_ONE_LAUNCH": [False], "flashinfer_backend.RAGGED_UNWINDOWED_BAND": [False],
-    "tile_kernels.MASK_IN_KERNEL": [True], "tile_kernels.FA3_MASK": [True], "far_bias.NEAR_ON_FA2": [False],
-    "far_bias.ENABLED": [False], "native_soft_cap.ENABLED": [False], "varlen.ENABLED": [False],
-    "column_merge.ENABLED": [False], "paged.DECODE_FA3": [True], "paged.DECODE_TENSOR_CORES": [True, False],
-    # tunables that must never change a result: tiny chunks put every chunk edge inside the problem
     "block_build.USE_BOUNDS": [False], "block_build.DEFAULT_CHUNK_ELEMENTS": [1000, 1 << 12],
     "block_build.ORDER_CHUNK_TILES": [1, 5], "tile_bounds.RANGE_GATHER_LIMIT": [64],
     "tile_bounds.MAX_UNDECIDED_SHARE": [0.0, 1.0], "tile_bounds.BOUNDED_TILES_PER_CHUNK": [3],
     "paged_plan.CHUNK_ELEMENTS": [500], "column_merge.ROWS_PER_CHUNK_ELEMENTS": [50],
     "bands.MAX_RUNS_PER_SPLIT_TILE": [1], "bands.MAX_SPLIT_TILES": [0, 1], "columns.MAX_COLUMN_SHARE": [1, 2],
 }
-
-
-def available(switch: str) -> bool:
-    """Whether the library still has this switch (the planner's switches come and go)."""
-    import importlib
-
-    module, name = switch.rsplit(".", 1)
-    try:
-        return hasattr(importlib.import_module(f"flex_flash_infer.{module}"), name)
-    except ImportError:
-        return False
-
-
-# On a GPU these compile a kernel per distinct mask_mod: only the CPU model flips them.
-COMPILING_SWITCHES = {"tile_kernels.MASK_IN_KERNEL", "tile_kernels.FA3_MASK"}
 GPU_SCORE_POOL = ["softcap", "alibi", "rel_bias", "gen1", "gen2"]
 
 
@@ -162,9 +142,6 @@ TOUR = [
     ("flex-structured", {"template": ["block_sparse"]}),                   # tiles
     ("flex-structured", {"template": ["causal", "tile_sparse"], "block": 32}),   # tiles-causal (many tiles: not bands)
     ("flex-per-head", {"template": ["per_head_random"]}),                  # tiles-per-head, one launch set
-    ("flex-per-head", {"template": ["per_head_random"], "switches": {"flashinfer_backend.PER_HEAD_ONE_LAUNCH": False}}),
-    ("flex-structured", {"template": ["random"], "switches": {"tile_kernels.FA3_MASK": True}}),   # tiles-fa3-mask
-    ("flex-structured", {"template": ["random"], "switches": {"tile_kernels.MASK_IN_KERNEL": True}}),
     ("flex-score", {"score": "softcap", "template": ["causal"]}),          # FlashInfer's soft cap on bands
     ("flex-score", {"score": "hand", "template": ["causal", "window"]}),   # compiled score_mod bands
     ("flex-score", {"score": "rel_bias_heads", "template": ["causal"]}),   # far split
@@ -204,9 +181,9 @@ def generate_case(seed: int, index: int, profile="cpu", dtypes=None, device: str
                 input_seed=r.randrange(1 << 30))
     case.dtype = r.choice(dtypes or DEFAULT_DTYPES[profile.name])
     case.hopper = force.get("hopper", True) if tour else profile.name == "gpu" or r.random() < 0.8
-    case.switches = {k: v for k, v in force.get("switches", {}).items() if available(k)}
+    case.switches = dict(force.get("switches", {}))
     while not force and r.random() < 0.4:
-        name = r.choice([n for n in SWITCHES if (profile.name == "cpu" or n not in COMPILING_SWITCHES) and available(n)])
+        name = r.choice(sorted(SWITCHES))
         case.switches[name] = r.choice(SWITCHES[name])
     case.Hq, case.Hkv = _heads(r, profile.name)
     case.D = r.choice(profile.head_dims or ([8, 16, 16, 32] if profile.name == "cpu" else [64, 128]))
