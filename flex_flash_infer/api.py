@@ -5,14 +5,15 @@ import torch
 
 from .autograd import (FORWARD_ONLY, HIDDEN_GRAD, captured_tensors, forward_only, hidden_grad_probe, needs_grad,
                        with_recomputed_gradients)
-from .backend_choice import choose_backend, warn_once
-from .block_mask import full_block_mask
+from .backend_choice import choose_backend
+from .block_mask import check_block_mask, full_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mask_eval import check_score_mod
 from .reference import reference_attention, reference_gradients
 from .score_mod_kernels import UnsupportedOnFlashInfer
+from .notices import warn_once
 from .trace import TraceError
-from .validation import check_bhsd, check_block_mask, check_scale
+from .validation import check_bhsd, check_scale
 
 try:   # torch's own classes (torch >= 2.9), so code written for torch's flex_attention works unchanged
     from torch.nn.attention.flex_attention import AuxOutput, AuxRequest

@@ -1,20 +1,12 @@
 """Pick the backend for a call: FlashInfer where it can run, the reference elsewhere."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .flashinfer_backend import unsupported_reason
+from .notices import warn_once
 
 BACKENDS = ("auto", "flashinfer", "reference")
-_warned: set = set()
-
-
-def warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 def check_backend_name(backend: str) -> str:

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from . import block_build
+from . import tile_bounds
 from .block_mask import BlockMask, create_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mods.registry import get_mask_fn
@@ -54,12 +54,12 @@ def run_plan_benchmark(out_path: str | None = None, block_mask_cases=BLOCK_MASK_
     for name in block_mask_cases:
         mod = get_mask_fn(name, **params_of[name])
         ours = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda"))
-        block_build.USE_BOUNDS = False
+        tile_bounds.USE_BOUNDS = False
         try:
             elementwise = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda"))
             ours_elementwise = create_block_mask(mod, None, None, n, n, device="cuda").states
         finally:
-            block_build.USE_BOUNDS = True
+            tile_bounds.USE_BOUNDS = True
         ours_compiled = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda", _compile=True)) \
             if with_our_compiled else None
         ours_states = create_block_mask(mod, None, None, n, n, device="cuda").states

@@ -1,7 +1,8 @@
-"""Classify (query tile, key tile) pairs as empty / partial / full without the dense mask.
+"""Classify (query tile, key tile) pairs as empty / partial / full element by element, and the
+block tables built from tile states.
 
-Most tiles are decided from the traced mask_mod's bounds over each tile (tile_bounds.py), the
-rest evaluated element by element. A mask that does not trace, or the query tiles that bounds
+tile_bounds.classify_tiles decides most tiles from the traced mask_mod's bounds and leaves the
+rest to this module's evaluation: a mask that does not trace, or the query tiles that bounds
 leave mostly undecided, are evaluated on a bounded chunk of query tiles at a time, so peak memory is
 O(number of tiles) plus one chunk of about `chunk_elements` booleans, never O(Q_LEN * KV_LEN).
 """
@@ -9,17 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .mask_eval import INDEX_DTYPE, call_mask_mod, evaluate_mask_mod, index_grid, mask_dependence
+from .mask_eval import INDEX_DTYPE, call_mask_mod, evaluate_mask_mod, index_grid
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
-# On a GPU a chunk of 2^28 booleans (256 MiB) keeps the launches few and the memory small; a
-# compiled build never materializes its chunk, so it takes larger ones.
-CUDA_CHUNK_ELEMENTS = 1 << 28
-COMPILED_CHUNK_ELEMENTS = 1 << 30
-# Decide most tiles from the traced mask's bounds over each tile, evaluating only the undecided
-# ones element by element (tile_bounds.py); masks that do not trace take the chunked build.
-USE_BOUNDS = True
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -54,36 +47,6 @@ def _compiled():
     if _compiled_tile_counts is None:
         _compiled_tile_counts = torch.compile(_tile_counts, dynamic=False)
     return _compiled_tile_counts
-
-
-def classify_tiles(
-    mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int,
-    device, chunk_elements: int | None = None, compile: bool = False,
-) -> torch.Tensor:
-    """Tile states int8 [B, H, nQ, nKV]: 0 empty, 1 partial, 2 full.
-
-    A tile is full when every in-range (q, kv) pair in it is visible and it has no padded
-    keys; padded query rows (Q_LEN not a multiple of block_q) do not count, since no kernel
-    computes them. Padded keys do count (they must be masked), so a key tail tile is at most
-    partial. compile=True evaluates each chunk in one fused kernel (torch.compile, as
-    FlexAttention's create_block_mask(_compile=True)): a first call per mask_mod and shape pays
-    the compile time, later calls never write the chunk's mask to memory.
-    """
-    device = torch.device(device)
-    if chunk_elements is None:
-        chunk_elements = (COMPILED_CHUNK_ELEMENTS if compile else CUDA_CHUNK_ELEMENTS) if device.type == "cuda" \
-            else DEFAULT_CHUNK_ELEMENTS
-    if not compile and USE_BOUNDS:
-        from .tile_bounds import classify_by_bounds
-
-        states = classify_by_bounds(mask_mod, B, H, Q_LEN, KV_LEN, block_q, block_kv, device, chunk_elements)
-        if states is not None:
-            return states
-    uses_b, uses_h = mask_dependence(mask_mod, B, H, Q_LEN, KV_LEN, device)
-    states = torch.empty((B, H, ceil_div(Q_LEN, block_q), ceil_div(KV_LEN, block_kv)), dtype=torch.int8, device=device)
-    classify_query_tiles(mask_mod, states, 0, states.shape[2], Q_LEN, KV_LEN, block_q, block_kv, chunk_elements,
-                         compile, (B if uses_b else 1) * (H if uses_h else 1))
-    return states
 
 
 def classify_query_tiles(mask_mod, states: torch.Tensor, qt0: int, qt1: int, Q_LEN: int, KV_LEN: int, block_q: int,

@@ -7,6 +7,7 @@ Captured tensors are read as contiguous float32 / int32 / uint8 arrays with runt
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -510,3 +511,10 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
 
 def _fits_bit_trick(r) -> bool:
     return r is not None and -EXACT_FLOAT_INT < r[0] and r[1] < EXACT_FLOAT_INT
+
+
+def graph_key(graph: Graph) -> str:
+    """Stable hash of a traced graph's structure (not of its captured values): a kernel's name."""
+    text = emit_expression(graph, lambda n: n, lambda n: n)
+    meta = [(n, k) for n, k, _ in graph.scalars] + [(n, str(t.dtype), t.dim()) for n, t in graph.tensors]
+    return hashlib.sha256(repr((text, meta, graph.inputs)).encode()).hexdigest()[:16]

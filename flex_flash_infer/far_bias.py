@@ -5,41 +5,23 @@ Such a band splits in two: the keys within reach (a window band) run the compile
 variant, the keys beyond it run FlashInfer's plain causal kernel, whose log-sum-exp takes the
 constant (a constant added to every score of a row shifts its lse and leaves its output alone),
 and one merge_state joins them. Most keys then skip the per-score table lookup: on an H200 the
-variant cost 1.49x the plain causal kernel at 32768 tokens (run 11).
+variant cost 1.49x the plain causal kernel at 32768 tokens.
 
-A score_mod says so with a `constant_beyond` attribute (ConstantBeyond); a user's own score_mod
+A score_mod says so with a `constant_beyond` attribute (mods.hints.ConstantBeyond); a user's own score_mod
 without it runs the compiled variant on every key. The hint is checked on sampled positions
 when planned.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from .bands import Band
 from .mask_eval import INDEX_DTYPE
+from .mods.hints import ConstantBeyond
 from .ragged import planned_ragged
 
 LOG2E = 1.0 / math.log(2.0)
-
-
-@dataclass(frozen=True)
-class ConstantBeyond:
-    """score_mod(score, b, h, q, kv) == score + values(device)[h] wherever q - kv >= reach.
-    values returns a float tensor [heads] or [1] on that device, read when planned, as the compiled
-    variant reads its captured tensors."""
-    reach: int
-    values: Callable[[torch.device], torch.Tensor]
-
-    def __post_init__(self):
-        if isinstance(self.reach, bool) or not isinstance(self.reach, int) or self.reach < 1:
-            raise ValueError(f"ConstantBeyond: reach must be a positive int, got {self.reach!r}")
-        if not callable(self.values):
-            raise ValueError("ConstantBeyond: values must be a function of a device returning the per-head "
-                             f"constants, got {type(self.values).__name__}")
 
 
 def split_bands(bands, reach: int):

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from .block_build import EMPTY, FULL, PARTIAL, tile_elements
+from .block_build import EMPTY, FULL, PARTIAL, ceil_div, classify_query_tiles, tile_elements
 from .codegen import dtype_range, wrap_int
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
+from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
+from .notices import warn_once
 from .trace import Graph, Node, TraceError, trace
 
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
@@ -402,14 +403,50 @@ def _settle_by_samples(mask_mod, tiles, states, whole_keys, Q_LEN, KV_LEN, block
     return tiles[~partial]
 
 
+# Decide most tiles from the traced mask's bounds over each tile, evaluating only the undecided
+# ones element by element; masks that do not trace take the chunked element-wise build.
+USE_BOUNDS = True
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# On a GPU a chunk of 2^28 booleans (256 MiB) keeps the launches few and the memory small; a
+# compiled build never materializes its chunk, so it takes larger ones.
+CUDA_CHUNK_ELEMENTS = 1 << 28
+COMPILED_CHUNK_ELEMENTS = 1 << 30
+
+
+def classify_tiles(
+    mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int,
+    device, chunk_elements: int | None = None, compile: bool = False,
+) -> torch.Tensor:
+    """Tile states int8 [B, H, nQ, nKV]: 0 empty, 1 partial, 2 full.
+
+    A tile is full when every in-range (q, kv) pair in it is visible and it has no padded
+    keys; padded query rows (Q_LEN not a multiple of block_q) do not count, since no kernel
+    computes them. Padded keys do count (they must be masked), so a key tail tile is at most
+    partial. compile=True evaluates each chunk in one fused kernel (torch.compile, as
+    FlexAttention's create_block_mask(_compile=True)): a first call per mask_mod and shape pays
+    the compile time, later calls never write the chunk's mask to memory.
+    """
+    device = torch.device(device)
+    if chunk_elements is None:
+        chunk_elements = (COMPILED_CHUNK_ELEMENTS if compile else CUDA_CHUNK_ELEMENTS) if device.type == "cuda" \
+            else DEFAULT_CHUNK_ELEMENTS
+    if not compile and USE_BOUNDS:
+        states = classify_by_bounds(mask_mod, B, H, Q_LEN, KV_LEN, block_q, block_kv, device, chunk_elements)
+        if states is not None:
+            return states
+    uses_b, uses_h = mask_dependence(mask_mod, B, H, Q_LEN, KV_LEN, device)
+    states = torch.empty((B, H, ceil_div(Q_LEN, block_q), ceil_div(KV_LEN, block_kv)), dtype=torch.int8, device=device)
+    classify_query_tiles(mask_mod, states, 0, states.shape[2], Q_LEN, KV_LEN, block_q, block_kv, chunk_elements,
+                         compile, (B if uses_b else 1) * (H if uses_h else 1))
+    return states
+
+
 def classify_by_bounds(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int,
                        device, chunk_elements: int) -> torch.Tensor | None:
-    """Tile states int8 [B, H, nQ, nKV] as block_build.classify_tiles defines them, or None when
+    """Tile states int8 [B, H, nQ, nKV] as classify_tiles defines them, or None when
     the mask does not trace. A band of query tiles at a time (query_tile_chunks) is bounded,
     sampled and its undecided tiles evaluated; a band whose tiles bounds and samples mostly leave
     undecided is evaluated element by element, which is as cheap there."""
-    from .block_build import classify_query_tiles
-
     try:
         graph = trace(mask_mod, "mask_mod")
     except TraceError:
@@ -426,8 +463,6 @@ def classify_by_bounds(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_
             certain, possible, one_row = tile_analysis(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device,
                                                        (qt0, qt1))
         except Exception as e:   # a gap in the interval rules must cost speed, never a build
-            from .backend_choice import warn_once   # (imported here: backend_choice imports the planner)
-
             warn_once(f"flex_flash_infer: tile bounds failed on mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} "
                       f"({type(e).__name__}: {e}); its block mask is built element by element")
             return None

@@ -17,7 +17,6 @@ int16 values) raises TraceError, and the call runs on the reference backend.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import numbers
 import operator
@@ -53,14 +52,6 @@ class Graph:
     inputs: tuple            # names of the mod's arguments in order
     scalars: list = field(default_factory=list)   # (name, kind, value)
     tensors: list = field(default_factory=list)   # (name, tensor)
-
-    def key(self) -> str:
-        """Stable hash of the structure (not of captured values)."""
-        from .codegen import emit_expression
-
-        text = emit_expression(self, lambda n: n, lambda n: n)
-        meta = [(n, k) for n, k, _ in self.scalars] + [(n, str(t.dtype), t.dim()) for n, t in self.tensors]
-        return hashlib.sha256(repr((text, meta, self.inputs)).encode()).hexdigest()[:16]
 
 
 def _kind_of_dtype(dtype: torch.dtype) -> str:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numbers
-import weakref
 
 import torch
 
@@ -75,64 +74,6 @@ def check_bhsd(query, key, value, enable_gqa: bool, seq_lengths=None):
         raise ValueError(f"sequence lengths must be >= 1, got query {L} and key {S}{hint}")
     check_heads(Hq, Hkv, enable_gqa, hint=hint)
     return B, Hq, L, E, Hkv, S, value.shape[-1]
-
-
-_converted: dict = {}
-
-
-def _from_torch_cached(torch_mask):
-    """One conversion per torch BlockMask object, so its FlashInfer plan is built once too."""
-    entry = _converted.get(id(torch_mask))
-    if entry is not None and entry[0]() is torch_mask:
-        return entry[1]
-    if len(_converted) > 256:
-        _converted.clear()
-    from .block_mask import BlockMask  # block_mask imports this module
-
-    mask = BlockMask.from_torch(torch_mask)
-    _converted[id(torch_mask)] = (weakref.ref(torch_mask), mask)
-    return mask
-
-
-def check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int, device):
-    from .block_mask import BlockMask  # block_mask imports this module
-
-    if not isinstance(block_mask, BlockMask):
-        if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "kv_num_blocks"):
-            block_mask = _from_torch_cached(block_mask)
-        else:
-            raise TypeError(f"block_mask must be a BlockMask from create_block_mask, got {type(block_mask).__name__}")
-    if block_mask.seq_lengths != (q_len, kv_len):
-        raise ValueError(
-            f"block_mask was built for (Q_LEN, KV_LEN) = {block_mask.seq_lengths} but query/key have "
-            f"({q_len}, {kv_len}); rebuild it with create_block_mask(..., Q_LEN={q_len}, KV_LEN={kv_len})")
-    check_tables_cover(block_mask)
-    mb, mh = block_mask.shape[:2]
-    if mb not in (1, batch) or mh not in (1, heads):
-        raise ValueError(f"block_mask has (B, H) = ({mb}, {mh}); expected B in (1, {batch}) and H in (1, {heads})")
-    if block_mask.device != torch.device(device) and not (
-            block_mask.device.type == torch.device(device).type == "cuda"):
-        raise ValueError(f"block_mask is on {block_mask.device} but query is on {device}; use block_mask.to(device)")
-    return block_mask
-
-
-def check_tables_cover(block_mask) -> None:
-    """The tile tables have a row per query tile and room for every key tile of seq_lengths (a
-    table cut shorter, by slicing or given directly, would leave rows or keys out silently)."""
-    from .block_mask import LazyBlockMask  # block_mask imports this module
-
-    if isinstance(block_mask, LazyBlockMask) and not block_mask.built:
-        return   # built from its mask_mod for exactly its lengths
-    (q_len, kv_len), (bq, bkv) = block_mask.seq_lengths, block_mask.BLOCK_SIZE
-    need = (-(-q_len // bq), -(-kv_len // bkv))
-    have = tuple(block_mask.kv_indices.shape[-2:])
-    if block_mask.kv_num_blocks.shape[-1] != have[0] or have[0] < need[0] or have[1] < need[1]:
-        raise ValueError(
-            f"block_mask's tables cover {have[0]} query tiles and {have[1]} key tiles (kv_indices "
-            f"{tuple(block_mask.kv_indices.shape)}, kv_num_blocks {tuple(block_mask.kv_num_blocks.shape)}) but its "
-            f"seq_lengths {block_mask.seq_lengths} with BLOCK_SIZE {block_mask.BLOCK_SIZE} need {need[0]} and "
-            f"{need[1]}; set seq_lengths to the lengths the tables describe (a sliced mask: the rows of its "
-            f"tiles), or rebuild the mask with create_block_mask")
 
 
 def check_device(name: str, device) -> torch.device:

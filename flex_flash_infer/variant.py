@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .codegen import PRELUDE, element_ctype, emit_expression, kernel_tensor
+from .codegen import PRELUDE, element_ctype, emit_expression, graph_key, kernel_tensor
 from .trace import Graph
 
 REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
@@ -129,7 +129,7 @@ def _score_expression(graph: Graph, p: str, invariant_inputs, position_bound):
 def fa3_score_mod_variant(graph: Graph, position_bound: int | None = None) -> VariantSpec:
     """position_bound: the caller has checked that batch entries, heads and positions the kernel
     will see are below it (codegen.POSITION_BOUND); None: every int converts to float with I2F."""
-    name = f"FlexScoreMod_{graph.key()}"
+    name = f"FlexScoreMod_{graph_key(graph)}"
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
     p = "params.additional_params."
     # one per (tile, head)
@@ -178,7 +178,7 @@ def fa2_score_mod_variant(graph: Graph, position_bound: int | None = None) -> Va
     this variant implements both (as FlashInfer's DefaultAttention does). Its name carries the
     use_custom_mask template argument that FlashInfer's fa2 instantiation files define.
     """
-    base = f"FlexScoreModFa2_{graph.key()}"
+    base = f"FlexScoreModFa2_{graph_key(graph)}"
     tensor_names, tensor_dtypes, scalar_names, scalar_dtypes = _kernel_arguments(graph)
     tensor_names, tensor_dtypes = with_fa2_mask_buffers(tensor_names, tensor_dtypes)
     p = "params."

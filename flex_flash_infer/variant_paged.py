@@ -20,7 +20,7 @@ tables are checked through the CPU model, and both variants pass the GPU tests.
 """
 from __future__ import annotations
 
-from .codegen import PRELUDE
+from .codegen import PRELUDE, graph_key
 from .trace import Graph
 from .variant import (SCALE_NAME, VariantSpec, fa2_variant_head, graph_arguments, graph_expression,
                       hoisted_code, with_fa2_mask_buffers)
@@ -43,8 +43,8 @@ def paged_arguments(score_graph: Graph | None, mask_graph: Graph | None):
 
 
 def _name(prefix: str, score_graph, mask_graph, page_size: int) -> str:
-    parts = [prefix, f"P{page_size}", f"S{score_graph.key()}" if score_graph else "S0",
-             f"M{mask_graph.key()}" if mask_graph else "M0"]
+    parts = [prefix, f"P{page_size}", f"S{graph_key(score_graph)}" if score_graph else "S0",
+             f"M{graph_key(mask_graph)}" if mask_graph else "M0"]
     return "_".join(parts)
 
 

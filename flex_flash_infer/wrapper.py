@@ -8,7 +8,8 @@ import torch
 
 from .autograd import (FORWARD_ONLY, HIDDEN_GRAD, anchored, captured_tensors, forward_only, hidden_grad_probe,
                        needs_grad, with_recomputed_gradients)
-from .backend_choice import check_backend_name, choose_backend, warn_once
+from .backend_choice import check_backend_name, choose_backend
+from .notices import warn_once
 from .block_mask import BlockMask, LazyBlockMask, create_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mask_eval import as_mask_mod, check_score_mod, mask_dependence

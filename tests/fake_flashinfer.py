@@ -8,6 +8,7 @@ import torch
 from paged_simulator import merge_state as _merge_state
 from paged_simulator import paged_prefill
 
+from flex_flash_infer.codegen import graph_key
 from flex_flash_infer.variant_paged import MASKED_PAGE_FLAG
 
 # FlashInfer's kernels record nothing for autograd: their outputs never carry a grad_fn. The
@@ -260,8 +261,8 @@ def register_band_variants(monkeypatch, score_mod_kernels) -> None:
     def registering_trace(fn, kind):
         graph = real_trace(fn, kind)
         host = compile_host(graph)
-        monkeypatch.setitem(VARIANTS, f"FlexScoreMod_{graph.key()}", host)
-        monkeypatch.setitem(VARIANTS, f"FlexScoreModFa2_{graph.key()}<use_custom_mask>", host)
+        monkeypatch.setitem(VARIANTS, f"FlexScoreMod_{graph_key(graph)}", host)
+        monkeypatch.setitem(VARIANTS, f"FlexScoreModFa2_{graph_key(graph)}<use_custom_mask>", host)
         return graph
 
     monkeypatch.setattr(score_mod_kernels, "trace", registering_trace)

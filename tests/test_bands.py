@@ -5,7 +5,7 @@ import torch
 from dense_reference import dense_predicate
 from flex_flash_infer import create_block_mask, get_mask_fn
 from flex_flash_infer.bands import Band, band_tile_states, find_bands
-from flex_flash_infer.block_build import classify_tiles
+from flex_flash_infer.tile_bounds import classify_tiles
 
 
 def bands_for(mod, L, S, block=128):

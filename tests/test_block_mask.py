@@ -122,7 +122,7 @@ def test_bad_block_mask_arguments():
 
 
 def test_a_torch_block_mask_is_converted_once_per_object():
-    from flex_flash_infer.validation import check_block_mask
+    from flex_flash_infer.block_mask import check_block_mask
 
     tbm = torch_flex.create_block_mask(get_mask_fn("causal"), None, None, 256, 256, device="cpu")
     first = check_block_mask(tbm, 1, 2, 256, 256, "cpu")

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from flex_flash_infer.bands import Band
-from flex_flash_infer.far_bias import ConstantBeyond, hint_holds, plan_split, split_bands
+from flex_flash_infer.far_bias import hint_holds, plan_split, split_bands
+from flex_flash_infer.mods.hints import ConstantBeyond
 from flex_flash_infer.mods import generate_alibi_score_mod, generate_relative_position_bias_score_mod
 
 

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from flex_flash_infer import block_build, tile_bounds as tile_bounds_module
-from flex_flash_infer.block_build import classify_tiles
+from flex_flash_infer import tile_bounds as tile_bounds_module
+from flex_flash_infer.tile_bounds import classify_tiles
 from flex_flash_infer.mods import get_mask_fn
 from flex_flash_infer.block_build import tile_elements
 from flex_flash_infer.tile_bounds import classify_by_bounds, tile_analysis, tile_bounds
@@ -15,7 +15,7 @@ from flex_flash_infer.trace import trace
 
 
 def both_builds(mask_mod, B, H, L, S, bq, bkv, monkeypatch):
-    monkeypatch.setattr(block_build, "USE_BOUNDS", False)
+    monkeypatch.setattr(tile_bounds_module, "USE_BOUNDS", False)
     elementwise = classify_tiles(mask_mod, B, H, L, S, bq, bkv, "cpu")
     by_bounds = classify_by_bounds(mask_mod, B, H, L, S, bq, bkv, torch.device("cpu"), 1 << 20)
     return elementwise, by_bounds
@@ -105,7 +105,7 @@ def test_a_mask_that_does_not_trace_takes_the_elementwise_build(monkeypatch):
 
     assert classify_by_bounds(untraceable, 1, 1, 300, 300, 64, 64, torch.device("cpu"), 1 << 20) is None
     elementwise, _ = both_builds(untraceable, 1, 1, 300, 300, 64, 64, monkeypatch)
-    monkeypatch.setattr(block_build, "USE_BOUNDS", True)
+    monkeypatch.setattr(tile_bounds_module, "USE_BOUNDS", True)
     assert torch.equal(classify_tiles(untraceable, 1, 1, 300, 300, 64, 64, "cpu"), elementwise)
     assert classify_by_bounds(branchy, 1, 1, 300, 300, 64, 64, torch.device("cpu"), 1 << 20) is not None
 
@@ -225,7 +225,7 @@ def test_a_million_tokens_take_the_bounds(monkeypatch):
     calls = []
     real = tile_bounds_module.evaluated_tiles
     monkeypatch.setattr(tile_bounds_module, "evaluated_tiles", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
-    monkeypatch.setattr(block_build, "classify_query_tiles", lambda *a, **k: pytest.fail("element-wise build"))
+    monkeypatch.setattr(tile_bounds_module, "classify_query_tiles", lambda *a, **k: pytest.fail("element-wise build"))
     n = 1 << 20
     states = classify_tiles(get_mask_fn("causal"), 1, 1, n, n, 256, 128, "cpu")   # 2^25 tiles
     assert states.shape == (1, 1, 4096, 8192)
@@ -258,5 +258,5 @@ def test_a_failure_inside_the_bounds_costs_speed_not_the_build(monkeypatch):
     mask_mod = get_mask_fn("sliding_window", window_size=50)
     with pytest.warns(UserWarning, match="tile bounds failed"):
         states = classify_tiles(mask_mod, 1, 1, 300, 300, 64, 64, "cpu")
-    monkeypatch.setattr(block_build, "USE_BOUNDS", False)
+    monkeypatch.setattr(tile_bounds_module, "USE_BOUNDS", False)
     assert torch.equal(states, classify_tiles(mask_mod, 1, 1, 300, 300, 64, 64, "cpu"))

@@ -10,6 +10,7 @@ import torch
 
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
+from flex_flash_infer.codegen import graph_key
 from flex_flash_infer import create_block_mask, create_mask, flashinfer_backend, get_mask_fn, tile_kernels
 from flex_flash_infer.hostcheck import compile_host
 from flex_flash_infer.warmup import example_score_mod
@@ -107,9 +108,9 @@ def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
     B, Hq, Hkv, L, D = 2, 4, 2, 300, 16
     score_mod = example_score_mod(mod_name, Hq, device="cpu")
     graph = trace(score_mod, "score_mod")
-    fake_flashinfer.VARIANTS[f"FlexScoreMod_{graph.key()}"] = compile_host(graph)
+    fake_flashinfer.VARIANTS[f"FlexScoreMod_{graph_key(graph)}"] = compile_host(graph)
     # a split's near keys run the fa2 variant
-    fake_flashinfer.VARIANTS[f"FlexScoreModFa2_{graph.key()}<use_custom_mask>"] = compile_host(graph)
+    fake_flashinfer.VARIANTS[f"FlexScoreModFa2_{graph_key(graph)}<use_custom_mask>"] = compile_host(graph)
     try:
         mask_mod = get_mask_fn(name, **params)
         bm = create_block_mask(mask_mod, B, None, L, L, device="cpu", BLOCK_SIZE=64)
@@ -127,8 +128,8 @@ def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
         inputs, out, lse = _run(plan, B, Hq, Hkv, L, L, D, rng)
         _check(inputs, out, lse, create_mask(mask_mod, B, 1, L, L, device="cpu"), score_mod)
     finally:
-        del fake_flashinfer.VARIANTS[f"FlexScoreMod_{graph.key()}"]
-        del fake_flashinfer.VARIANTS[f"FlexScoreModFa2_{graph.key()}<use_custom_mask>"]
+        del fake_flashinfer.VARIANTS[f"FlexScoreMod_{graph_key(graph)}"]
+        del fake_flashinfer.VARIANTS[f"FlexScoreModFa2_{graph_key(graph)}<use_custom_mask>"]
 
 
 @pytest.mark.parametrize("kind", ["tile_variants:softcap", "tile_variants:rel_bias", "tile_variants:alibi+columns"])
@@ -144,7 +145,7 @@ def test_the_gpu_tests_cases_on_the_cpu_model(fake, monkeypatch, rng, kind):
         from flex_flash_infer.trace import trace
 
         graph = trace(score_mod, "score_mod")
-        monkeypatch.setitem(fake_flashinfer.VARIANTS, f"FlexScoreMod_{graph.key()}", compile_host(graph))
+        monkeypatch.setitem(fake_flashinfer.VARIANTS, f"FlexScoreMod_{graph_key(graph)}", compile_host(graph))
     bm = create_block_mask(mask_mod, None, None, L, S, device="cpu")
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
                                              score_mod=score_mod)

@@ -5,8 +5,8 @@ score_mod: score -> score + table[clamp(q - kv, -M, M) + M]          (table of 2
 """
 import torch
 
-from ..far_bias import ConstantBeyond
 from ._captured import follow_device
+from .hints import ConstantBeyond
 
 
 def generate_relative_position_bias_score_mod(table):

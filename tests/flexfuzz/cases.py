@@ -20,7 +20,7 @@ DEFAULT_DTYPES = {"cpu": ["float32", "float32", "float64", "float16", "bfloat16"
 # Planner tunables a case may set, with the values tried (module of flex_flash_infer, name): none may
 # change a result; tiny chunks put every chunk edge inside the problem.
 SWITCHES = {
-    "block_build.USE_BOUNDS": [False], "block_build.DEFAULT_CHUNK_ELEMENTS": [1000, 1 << 12],
+    "tile_bounds.USE_BOUNDS": [False], "tile_bounds.DEFAULT_CHUNK_ELEMENTS": [1000, 1 << 12],
     "block_build.ORDER_CHUNK_TILES": [1, 5], "tile_bounds.RANGE_GATHER_LIMIT": [64],
     "tile_bounds.MAX_UNDECIDED_SHARE": [0.0, 1.0], "tile_bounds.BOUNDED_TILES_PER_CHUNK": [3],
     "paged_plan.CHUNK_ELEMENTS": [500], "column_merge.ROWS_PER_CHUNK_ELEMENTS": [50],
