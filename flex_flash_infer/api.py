@@ -5,7 +5,7 @@ import torch
 
 from .autograd import (FORWARD_ONLY, HIDDEN_GRAD, captured_tensors, forward_only, hidden_grad_probe, needs_grad,
                        with_recomputed_gradients)
-from .backend_choice import choose_backend
+from .backend_choice import choose_backend, read_kernel_options
 from .block_mask import check_block_mask, full_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mask_eval import check_score_mod
@@ -38,16 +38,17 @@ def _default_block_mask(q_len: int, kv_len: int, device):
     return _full_masks[key]
 
 
-def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device, score_mod=None):
+def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device, score_mod=None,
+                        route=None):
     """The plan cached on the block mask: built on first use, reused by later calls (a plan with a
     score_mod is built per call: its captured values are read at plan time)."""
     if score_mod is not None:
         return FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device,
-                              score_mod=score_mod)
-    key = (batch, hq, hkv, head_dim, dtype, scale, str(device))
+                              score_mod=score_mod, route=route)
+    key = (batch, hq, hkv, head_dim, dtype, scale, str(device), route)
     plan = block_mask._plans.get(key)
     if plan is None:
-        plan = FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device)
+        plan = FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device, route=route)
         block_mask._plans[key] = plan
     return plan
 
@@ -67,7 +68,9 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     return_aux : AuxRequest(lse=..., max_scores=...) (torch's newer form of return_lse): returns
         (out, AuxOutput(lse, max_scores)); max_scores, each row's largest visible score after
         score_mod, comes from the reference backend only (FlashInfer's kernels do not return it)
-    kernel_options : accepted for compatibility with torch and ignored
+    kernel_options : torch's per-call options: {"BACKEND": "FLASHINFER" or "REFERENCE"} as backend=,
+        {"ROUTE": "bands", "bands+columns", "bands-per-head", "tiles" or "tiles-per-head"} forces a
+        FlashInfer route (BlockMask.plan() shows them); torch's own keys change nothing here
     backend : "auto" (FlashInfer on CUDA when it supports the call, else reference), "flashinfer" or "reference"
 
     Returns
@@ -75,6 +78,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     out [B, Hq, L, Ev] in query's dtype, or (out, lse) when return_lse, or (out, AuxOutput) with return_aux.
     """
     B, Hq, L, E, Hkv, S, Ev = check_bhsd(query, key, value, enable_gqa, getattr(block_mask, "seq_lengths", None))
+    backend, route = read_kernel_options(kernel_options, backend)
     score_mod = check_score_mod(score_mod)
     scale = check_scale(scale)
     want_lse, want_max = aux_wanted(return_lse, return_aux)
@@ -83,6 +87,9 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     else:
         block_mask = check_block_mask(block_mask, B, Hq, L, S, query.device)
     chosen = choose_backend(backend, query.device, query.dtype, E, Ev, scale)
+    if route is not None and chosen != "flashinfer":
+        raise ValueError(f"kernel_options['ROUTE']={route!r} picks a FlashInfer route, but this call runs on the "
+                         f"reference backend ({query.device.type} tensors, dtype {query.dtype}, head_dim {E})")
     if chosen == "flashinfer" and want_max:
         reason = "FlashInfer's kernels do not return each row's largest score (return_aux max_scores)"
         if backend == "flashinfer":
@@ -102,7 +109,8 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     if chosen == "flashinfer":
         sm_scale = scale if scale is not None else E ** -0.5
         try:
-            plan = flashinfer_plan_for(block_mask, B, L, S, Hq, Hkv, E, query.dtype, sm_scale, query.device, score_mod)
+            plan = flashinfer_plan_for(block_mask, B, L, S, Hq, Hkv, E, query.dtype, sm_scale, query.device, score_mod,
+                                       route)
         except (UnsupportedOnFlashInfer, TraceError) as e:
             if backend == "flashinfer":
                 raise

@@ -183,6 +183,27 @@ class BlockMask:
             moved._states = self._states.to(device)
         return moved
 
+    def plan(self, num_qo_heads: int | None = None, num_kv_heads: int | None = None, head_dim: int = 128,
+             batch: int | None = None, score_mod=None, device=None, route: str | None = None):
+        """How this mask runs on FlashInfer (plan.AttentionPlan: the route and each launch with
+        what it covers), planned on the host as a call with these heads and head_dim would plan
+        it; print() it. Heads and batch default to the mask's own (1 where it broadcasts); route
+        forces one, as flex_attention's kernel_options={"ROUTE": ...} does."""
+        from .column_merge import kernel_available
+        from .plan import plan_attention
+
+        B, H = self.shape[:2]
+        num_qo_heads = check_positive_int("num_qo_heads", H if num_qo_heads is None else num_qo_heads)
+        num_kv_heads = check_positive_int("num_kv_heads", num_qo_heads if num_kv_heads is None else num_kv_heads)
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        batch = check_positive_int("batch", B if batch is None else batch)
+        head_dim = check_positive_int("head_dim", head_dim)
+        device = self.device if device is None else check_device("device", device)
+        q_len, kv_len = self.seq_lengths
+        return plan_attention(self, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim, device, score_mod,
+                              kernel_available(torch.device(device), head_dim), route)
+
     def to_string(self, grid_size=(20, 20), limit: int = 4) -> str:
         """Tile map per (batch, head): '█' full, '▒' partial or mixed, ' ' empty."""
         states = self.states.cpu()

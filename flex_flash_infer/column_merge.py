@@ -12,27 +12,7 @@ import math
 
 import torch
 
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
-
-ROWS_PER_CHUNK_ELEMENTS = 1 << 24
 LN2 = math.log(2.0)
-
-
-def column_prefix_counts(compact_mod, q_len: int, num_columns: int, device) -> torch.Tensor | None:
-    """int32 [q_len]: how many of the columns (in position order) each query row sees, when
-    every row sees a prefix of them; None when some row sees a column after one it does not."""
-    cols = torch.arange(num_columns, device=device, dtype=INDEX_DTYPE)
-    zero = torch.zeros(1, 1, dtype=INDEX_DTYPE, device=device)
-    counts = torch.empty(q_len, dtype=torch.int32, device=device)
-    prefix = torch.ones((), dtype=torch.bool, device=device)
-    step = max(1, ROWS_PER_CHUNK_ELEMENTS // max(1, num_columns))
-    for r0 in range(0, q_len, step):
-        rows = torch.arange(r0, min(q_len, r0 + step), device=device, dtype=INDEX_DTYPE)
-        seen = evaluate_mask_mod(compact_mod, zero, zero, rows.view(-1, 1), cols.view(1, -1))
-        n = seen.sum(1)
-        counts[r0:r0 + rows.numel()] = n.to(torch.int32)
-        prefix = prefix & (seen == (cols.view(1, -1) < n.view(-1, 1))).all()
-    return counts if bool(prefix) else None
 
 
 def merge_columns_reference(out, lse2, q, k, v, positions, counts, scale: float, q_len: int) -> None:

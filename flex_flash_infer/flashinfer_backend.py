@@ -17,15 +17,13 @@ import os
 import torch
 
 from . import column_merge
-from .column_merge import column_prefix_counts, merge_columns
-from .columns import column_states, compact_mask_mod
-from .block_build import PARTIAL, ceil_div
-from .planner import partial_tile_mask, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
-from .route import Route, choose_route
-from .bands import band_launches
+from .bands import plain_band_launch
+from .block_build import ceil_div
+from .column_merge import merge_columns
+from .far_bias import FarSplitBands
+from .plan import plan_attention
+from .planner import partial_tile_mask
 from .ragged import planned_ragged
-from .far_bias import FarSplitBands, plan_split
-from .native_soft_cap import native_soft_cap
 from .score_mod_kernels import ScoreModBands
 from .tile_kernels import TileVariants, request_tables
 
@@ -169,30 +167,29 @@ def _announce_first_use() -> None:
 
 
 class FlashInferPlan:
-    """A planned attention problem. run(q, k, v) with q [B*Q_LEN, Hq, D] and k, v
-    [B, KV_LEN, Hkv, D] returns out [B*Q_LEN, Hq, D] and natural-log lse [B*Q_LEN, Hq]."""
+    """A planned attention problem (plan.AttentionPlan, as .plan) with its FlashInfer runners.
+    run(q, k, v) with q [B*Q_LEN, Hq, D] and k, v [B, KV_LEN, Hkv, D] returns out [B*Q_LEN, Hq, D]
+    and natural-log lse [B*Q_LEN, Hq]."""
 
     def __init__(self, block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim,
-                 dtype, scale, device, workspace=None, score_mod=None):
+                 dtype, scale, device, workspace=None, score_mod=None, route=None):
         _announce_first_use()
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
-        block_q, block_kv = block_mask.BLOCK_SIZE
-        route = choose_route(block_mask, batch, num_qo_heads, q_len, kv_len, device)
-        if score_mod is not None and route.head_bands is not None:
-            # the bands-per-head launches take no score_mod variant: the tiles route's do
-            route = Route("tiles-per-head", True)
-        self.per_head = route.per_head
-        self.head_major = False
-        self.head_band_runs = None   # bands-per-head: [(query heads, key heads, _BandRunner)]
+        plan = self.plan = plan_attention(block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim,
+                                          device, score_mod, column_merge.kernel_available(device, head_dim), route)
+        block_q, block_kv = plan.block_size
         self.block_kv = block_kv
         self.scale = scale
         self.num_kv_tiles = ceil_div(kv_len, block_kv)
-        self.shape = (batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim)
+        self.shape = plan.shape
         self.group_size = num_qo_heads // num_kv_heads
+        self.per_head = plan.route.startswith("tiles-per-head")
+        self.head_major = plan.head_major
+        self.bands = list(plan.bands)
         self.groups = []
-        self.bands = route.bands
-        self.columns = None
+        self.head_band_runs = None   # bands-per-head: [(query heads, key heads, _BandRunner)]
+        self.columns = self.column_counts = self.positions = None
         hopper = _is_hopper(device)
 
         def variants(page_size):
@@ -202,62 +199,35 @@ class FlashInferPlan:
                 return None
             return TileVariants(score_mod, None, self.shape, dtype, scale, page_size, device, hopper)
 
-        self.column_counts = None   # bands+columns: columns each query row sees (column_merge)
-        if route.kind == "bands+columns":
-            self.positions = route.positions
-            num_columns = self.positions.numel()
-            compact = compact_mask_mod(block_mask.mask_mod, self.bands, self.positions)
-            if score_mod is None and column_merge.kernel_available(device, head_dim):
-                self.column_counts = column_prefix_counts(compact, q_len, num_columns, device)
-            if self.column_counts is None:   # FlashInfer's launch over pages of one key, then merge_state
-                col_states = column_states(compact, q_len, num_columns, block_q, device)
-                if bool((col_states == PARTIAL).any()):
-                    col_plan = plan_tiles(col_states, batch, q_len, block_q, 1)
-                    col_shape = (batch, q_len, num_columns, num_qo_heads, num_kv_heads, head_dim)
-                    # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
-                    self.columns = _HeadGroup(col_plan, compact, None, col_shape, dtype, scale, workspace,
-                                              (block_q, 1), variants(1), self.positions)
-        if score_mod is not None and self.bands:
-            soft_cap = native_soft_cap(score_mod, num_qo_heads)
-            if soft_cap is not None:   # FlashInfer's own soft-capped kernels (native_soft_cap.py)
-                self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace, logits_soft_cap=soft_cap)
-                return
-            split = plan_split(score_mod, self.bands, num_qo_heads)
-            if split is None:
-                self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper)
-            else:   # keys beyond the score_mod's reach on the plain kernel (far_bias.py)
-                near, far, hint = split
-                # the near keys on the fa2 variant even on Hopper: a band two tiles wide per query
-                # tile leaves fa3's one large work tile per SM waiting on its loads, where fa2's
-                # smaller tiles keep several per SM (faster in all on an H200 at 8192 and 32768)
-                near_runner = ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace, False)
-                self.band_runner = FarSplitBands(near_runner, far, hint, self.shape, dtype, scale, workspace, hopper)
-            return
-        if self.bands:
-            self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace)
-            return
-        if route.head_bands is not None:
+        if plan.columns is not None:
+            self.positions = plan.columns.positions
+            self.column_counts = plan.columns.counts   # one Triton kernel (column_merge)
+            if plan.columns.tiles is not None:   # FlashInfer's launch over pages of one key, then merge_state
+                col_shape = (batch, q_len, self.positions.numel(), num_qo_heads, num_kv_heads, head_dim)
+                # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
+                self.columns = _HeadGroup(plan.columns.tiles, plan.columns.mask_mod, None, col_shape, dtype, scale,
+                                          workspace, (block_q, 1), variants(1), self.positions)
+        if plan.band_kernel in ("plain", "soft-cap"):
+            self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace, logits_soft_cap=plan.soft_cap)
+        elif plan.band_kernel == "score-mod":
+            self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper)
+        elif plan.band_kernel == "far-split":   # keys beyond the score_mod's reach on the plain kernel (far_bias.py)
+            near, far, hint = plan.far_split
+            # the near keys on the fa2 variant even on Hopper: a band two tiles wide per query
+            # tile leaves fa3's one large work tile per SM waiting on its loads, where fa2's
+            # smaller tiles keep several per SM (faster in all on an H200 at 8192 and 32768)
+            near_runner = ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace, False)
+            self.band_runner = FarSplitBands(near_runner, far, hint, self.shape, dtype, scale, workspace, hopper)
+        elif plan.head_bands:
             self.head_band_runs = []
-            for heads, kv_heads, bands in head_band_groups(route.head_bands, self.group_size):
+            for heads, kv_heads, bands in plan.head_bands:
                 group_shape = (batch, q_len, kv_len, len(heads), len(kv_heads), head_dim)
-                self.head_band_runs.append((head_selector(heads, device), head_selector(kv_heads, device),
-                                            _BandRunner(bands, group_shape, dtype, scale, workspace)))
-            return
-        states = block_mask.states.to(device)   # the tiles routes (a band route never builds a lazy mask's tables)
-        tile_variants = variants(block_kv)   # shared by every head group
-        self.head_major = self.per_head
-        if self.head_major:
-            head_states = states.transpose(0, 1).expand(num_qo_heads, states.shape[0], *states.shape[2:])
-            tile_plan = plan_tiles_head_major(head_states, batch, q_len, block_q, block_kv, self.group_size)
-            self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, None, (batch, q_len, kv_len, 1, 1, head_dim),
-                                          dtype, scale, workspace, block_mask.BLOCK_SIZE, tile_variants))
-            return
-        head_states = states[:, 0]
-        tile_plan = plan_causal_diagonal(head_states, block_mask.mask_mod, 0, batch, q_len, kv_len, block_q, block_kv)
-        if tile_plan is None:
-            tile_plan = plan_tiles(head_states, batch, q_len, block_q, block_kv)
-        self.groups.append(_HeadGroup(tile_plan, block_mask.mask_mod, None, self.shape, dtype,
-                                      scale, workspace, block_mask.BLOCK_SIZE, tile_variants))
+                self.head_band_runs.append((head_selector(list(heads), device), head_selector(list(kv_heads), device),
+                                            _BandRunner(list(bands), group_shape, dtype, scale, workspace)))
+        elif plan.tiles is not None:
+            group_shape = (batch, q_len, kv_len, 1, 1, head_dim) if plan.head_major else self.shape
+            self.groups.append(_HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
+                                          plan.block_size, variants(block_kv)))
 
     def _pages(self, x: torch.Tensor) -> torch.Tensor:
         """[B, KV_LEN, H, D] -> pages [B * nKV, block_kv, H, D] (zero-padded tail tile)."""
@@ -274,15 +244,7 @@ class FlashInferPlan:
 
     @property
     def route(self) -> str:
-        """How this plan runs: 'bands' (native requests), 'tiles' or 'tiles-per-head'."""
-        if self.head_band_runs is not None:
-            return "bands-per-head"
-        if self.bands:
-            return "bands+columns" if self.has_columns else "bands"
-        kind = "tiles-per-head" if self.per_head else "tiles"
-        if all(g.causal for g in self.groups):
-            return kind + "-causal"
-        return kind
+        return self.plan.route
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = True):
         """(out, natural-log lse); lse is None when return_lse is False and the route needs none."""
@@ -342,26 +304,6 @@ def take_heads(x: torch.Tensor, dim: int, heads) -> torch.Tensor:
     return x.index_select(dim, heads)
 
 
-def head_band_groups(head_bands, group_size: int):
-    """[(query heads, their key heads, bands)]: query heads with equal bands share one band launch.
-    A launch needs the same number of its query heads on each of its key heads (GQA); a set of
-    heads that is not so regular is split into one launch per key head."""
-    by_bands = {}
-    for head, bands in enumerate(head_bands):
-        by_bands.setdefault(tuple(bands), []).append(head)
-    groups = []
-    for bands, heads in by_bands.items():
-        per_kv = {}
-        for head in heads:
-            per_kv.setdefault(head // group_size, []).append(head)
-        if len({len(h) for h in per_kv.values()}) == 1:
-            kv_heads = sorted(per_kv)
-            groups.append(([h for kv in kv_heads for h in per_kv[kv]], kv_heads, list(bands)))
-        else:
-            groups += [(per_kv[kv], [kv], list(bands)) for kv in sorted(per_kv)]
-    return groups
-
-
 class _BandRunner:
     """Runs lowered bands: one ragged launch when the bands tile both sequences with the same
     flags (packed documents, one band over everything), else one native call per band."""
@@ -375,15 +317,9 @@ class _BandRunner:
         self.soft_cap = logits_soft_cap   # None: no cap (FlashInfer's own soft cap when set)
         batch, q_len, kv_len = shape[:3]
         self.covers_all = bands[0].q_start == 0 and bands[-1].q_end == q_len
-        self.ragged = self.ragged_launch = None
-        launches = band_launches(bands, batch, q_len, kv_len)
-        # one band without a window over a whole sequence (causal or full) runs the batch ragged
-        # kernel rather than the single-sequence call: faster on H100 and H200 at 8192 tokens; a
-        # windowed band keeps the single call, where ragged was slower
-        unwindowed_band = len(bands) == 1 and bands[0].window_left < 0
-        if len(launches) == 1 and launches[0].writes_all(batch, q_len) and (
-                len(bands) > 1 or batch > 1 or unwindowed_band):
-            launch = self.ragged_launch = launches[0]  # every (batch entry, band) request in one ragged launch
+        self.ragged = None
+        launch = self.ragged_launch = plain_band_launch(bands, batch, q_len, kv_len)
+        if launch is not None:   # every (batch entry, band) request in one ragged launch
             self.ragged = planned_ragged(workspace, "fa3" if _is_hopper(workspace.device) else "fa2",
                                          launch.qo_indptr, launch.kv_indptr, shape, dtype, launch.causal,
                                          launch.window_left, sm_scale=scale, logits_soft_cap=logits_soft_cap)

@@ -14,16 +14,14 @@ import os
 
 import numpy as np
 
-from .block_build import EMPTY, FULL, PARTIAL
 from .block_mask import BlockMask, create_block_mask, create_mask
 from .mask_eval import as_mask_mod
-from .route import choose_route
 
 VISIBLE_COLOR, HIDDEN_COLOR = "#08306b", "#f7f7f7"          # element mask: visible is dark
-LOWERED = 3   # a non-empty tile the planner runs as part of a native FlashInfer request (a band)
-TILE_COLORS = {EMPTY: "#f7f7f7", PARTIAL: "#f4a442", FULL: "#08306b", LOWERED: "#2ca25f"}
-TILE_LABELS = {FULL: "full: whole-tile fa3 kernel", PARTIAL: "partial: fa2 bit-mask route, merged",
-               EMPTY: "empty (skipped)", LOWERED: "lowered: native FlashInfer call (band)"}
+EMPTY_COLOR = "#f7f7f7"
+# one colour per launch, in the plan's order (a plan has at most a handful; more reuse them)
+LAUNCH_COLORS = ["#08306b", "#f4a442", "#2ca25f", "#9e3d8f", "#d7301f", "#41b6c4", "#807dba", "#737373"]
+LEGEND_CHARS = 70
 
 
 def _matplotlib():
@@ -92,34 +90,37 @@ def _draw_elements(mod, q_len: int, kv_len: int, title):
 
 
 def _draw_tiles(block_mask: BlockMask, title):
+    """The tile map of batch 0, head 0, each tile in the colour of the launch that computes it
+    (the plan of BlockMask.plan(), as FlashInfer would run it), empty tiles pale."""
     FigureCanvasAgg, BoundaryNorm, ListedColormap, Figure, Patch = _matplotlib()
-    states = block_mask.states
-    per_head = states.shape[0] > 1 or states.shape[1] > 1
-    tiles = states[0, 0].cpu().numpy().astype(np.uint8)
-    planned = choose_route(block_mask.to("cpu"), 1, 1, *block_mask.seq_lengths, "cpu")
-    if planned.kind.startswith("bands"):
-        tiles = np.where(tiles != EMPTY, LOWERED, EMPTY).astype(np.uint8)
-    nq, nkv = tiles.shape
+    B, H = block_mask.shape[:2]
+    plan = block_mask.to("cpu").plan(num_qo_heads=H, num_kv_heads=H, batch=B, device="cpu")
+    owners = plan.tile_map().numpy()
+    labels = plan.launches()
+    nq, nkv = owners.shape
     bq, bkv = block_mask.BLOCK_SIZE
     q_len, kv_len = block_mask.seq_lengths
-    fig, ax, aspect = _figure(Figure, FigureCanvasAgg, nq, nkv, right=3.2)
-    cmap = ListedColormap([TILE_COLORS[EMPTY], TILE_COLORS[PARTIAL], TILE_COLORS[FULL], TILE_COLORS[LOWERED]])
-    ax.imshow(tiles, cmap=cmap, norm=BoundaryNorm([-0.5, 0.5, 1.5, 2.5, 3.5], 4), aspect=aspect,
-              interpolation=_interpolation(ax, nq, nkv))
+    fig, ax, aspect = _figure(Figure, FigureCanvasAgg, nq, nkv, right=4.2)
+    colors = [EMPTY_COLOR] + [LAUNCH_COLORS[(n - 1) % len(LAUNCH_COLORS)] for n in range(1, len(labels) + 1)]
+    ax.imshow(owners, cmap=ListedColormap(colors), norm=BoundaryNorm(np.arange(len(colors) + 1) - 0.5, len(colors)),
+              aspect=aspect, interpolation=_interpolation(ax, nq, nkv))
     _integer_ticks(ax)
     ax.set_xlabel(f"key tile index (kv_idx // {bkv})")
     ax.set_ylabel(f"query tile index (q_idx // {bq})")
-    shown = (LOWERED, EMPTY) if planned.kind.startswith("bands") else (FULL, PARTIAL, EMPTY)
-    counts = {s: int((tiles == s).sum()) for s in shown}
-    handles = [Patch(facecolor=TILE_COLORS[s], edgecolor="#444444", label=f"{TILE_LABELS[s]}: {counts[s]}")
-               for s in shown]
+    handles = []
+    for n, label in enumerate(labels, 1):
+        tiles = int((owners == n).sum())
+        if tiles:   # a merge computes no tile
+            short = label if len(label) <= LEGEND_CHARS else label[:LEGEND_CHARS - 3] + "..."
+            handles.append(Patch(facecolor=colors[n], edgecolor="#444444", label=f"{n}. {short}: {tiles} tiles"))
+    empty = int((owners == 0).sum())
+    handles.append(Patch(facecolor=EMPTY_COLOR, edgecolor="#444444", label=f"empty (skipped): {empty} tiles"))
     box = ax.get_position()
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(box.x1 + 0.1 / fig.get_figwidth(), box.y1),
-               frameon=False, fontsize="small")
-    sparsity = 100.0 * counts[EMPTY] / tiles.size
-    where = " (batch 0, head 0)" if per_head else ""
-    ax.set_title(title or f"{_mask_name(block_mask.mask_mod)}{where}\n{q_len} x {kv_len}, "
-                          f"{bq}x{bkv} tiles, sparsity {sparsity:.2f}%, route: {planned.kind}")
+               frameon=False, fontsize="x-small")
+    where = " (batch 0, head 0)" if B > 1 or H > 1 else ""
+    ax.set_title(title or f"{_mask_name(block_mask.mask_mod)}{where}\n{q_len} x {kv_len}, {bq}x{bkv} tiles, "
+                          f"sparsity {100.0 * empty / owners.size:.2f}%, route: {plan.route}")
     return fig
 
 
@@ -130,8 +131,9 @@ def plot(mask_mod_or_block_mask, seq_len=None, kv_len=None, title=None, path=Non
     A mask_mod(b, h, q_idx, kv_idx) or the seed's mask_fn(q_idx, kv_idx) needs seq_len (kv_len
     defaults to seq_len). When both lengths are at most max_pixels it draws the element mask
     (batch 0, head 0; visible pairs dark); otherwise it builds create_block_mask(...,
-    BLOCK_SIZE=block_size) and draws the tile map: full, partial and empty tiles in three colours,
-    with the sparsity (percentage of tiles skipped) in the title. A BlockMask (ours or torch's)
+    BLOCK_SIZE=block_size) and draws the tile map in the colours of the launches that compute each
+    tile (the plan FlashInfer would run: print(block_mask.plan()) lists them), with the route and
+    the sparsity (percentage of tiles skipped) in the title. A BlockMask (ours or torch's)
     is drawn as its tile map for batch 0, head 0; seq_len / kv_len, if given, must match it.
     title replaces the default title (the mask's __name__, e.g. "attamba_w256_c128", and size).
     """

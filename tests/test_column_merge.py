@@ -12,7 +12,7 @@ import torch
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
 from flex_flash_infer import column_merge, create_block_mask, flashinfer_backend, get_mask_fn
-from flex_flash_infer.column_merge import column_prefix_counts
+from flex_flash_infer.columns import column_prefix_counts
 
 
 def test_prefix_counts_or_none_when_a_row_skips_a_column():

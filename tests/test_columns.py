@@ -6,8 +6,8 @@ import torch
 
 from dense_reference import dense_attention, dense_predicate, rel_err
 from flex_flash_infer import get_mask_fn
-from flex_flash_infer.column_merge import column_prefix_counts, merge_columns_reference
-from flex_flash_infer.columns import column_lowering, column_states, compact_mask_mod
+from flex_flash_infer.column_merge import merge_columns_reference
+from flex_flash_infer.columns import column_lowering, column_prefix_counts, column_states, compact_mask_mod
 from flex_flash_infer.planner import partial_tile_mask, plan_tiles
 from paged_simulator import merge_state, paged_prefill
 from test_bands import union

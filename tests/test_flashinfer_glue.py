@@ -196,7 +196,7 @@ def test_per_head_bands_through_the_plan(fake, monkeypatch, rng, B, Hq, Hkv, L):
 
 def test_head_band_groups_keep_gqa_regular():
     from flex_flash_infer.bands import Band
-    from flex_flash_infer.flashinfer_backend import head_band_groups
+    from flex_flash_infer.plan import head_band_groups
 
     a, b = [Band(0, 10, 0, 10, True, 3)], [Band(0, 10, 0, 10, True)]
     # 8 query heads on 2 key heads (4 each): a on heads 0, 1, 4, 5 (two per key head), b elsewhere

@@ -13,14 +13,16 @@ LAYERS = [
                "bench_varlen", "hostcheck", "provenance"}),
     # front doors: what users call
     ("doors", {"flex_flash_infer", "api", "wrapper", "paged", "varlen", "integrations",
-               "integrations.transformers"}),
+               "integrations.transformers", "block_mask"}),
     # backends: FlashInfer's runners and their kernels, the reference, gradients
     ("backends", {"backend_choice", "flashinfer_backend", "reference", "autograd", "column_merge",
-                  "column_merge_triton", "paged_kernels", "tile_kernels", "score_mod_kernels", "native_soft_cap"}),
+                  "column_merge_triton", "paged_kernels", "tile_kernels", "score_mod_kernels"}),
     # planning: which launches cover a mask (routes, bands, key columns, splits, pages)
-    ("planning", {"planner", "route", "bands", "columns", "far_bias", "ragged", "paged_plan"}),
-    # masks: block masks and their tile states
-    ("masks", {"block_mask", "block_build", "tile_bounds"}),
+    ("planning", {"plan", "planner", "route", "bands", "columns", "far_bias", "native_soft_cap", "ragged",
+                  "paged_plan"}),
+    # masks: tile states of a mask_mod and the tables built from them (the BlockMask users hold
+    # is a front door: it plans)
+    ("masks", {"block_build", "tile_bounds"}),
     # mods: the mask and score_mod library
     ("mods", "mods"),
     # compile: FlashInfer variants generated from traced mods

@@ -70,7 +70,7 @@ def test_element_title_names_the_parameters_and_custom_title():
     assert fig.axes[0].get_title() == "my mask"
 
 
-def test_long_mask_draws_the_tile_map(tmp_path):
+def test_long_mask_draws_the_launches_of_its_plan(tmp_path):
     def sinks_and_window(b, h, q_idx, kv_idx):   # 600 sink keys: too many to gather, the tiles route
         return (q_idx >= kv_idx) & ((kv_idx < 600) | (q_idx - kv_idx < 700))
 
@@ -80,21 +80,35 @@ def test_long_mask_draws_the_tile_map(tmp_path):
     states = block_mask.states[0, 0].numpy()
     assert states.shape == (32, 32) and {EMPTY, PARTIAL, FULL} == set(np.unique(states).tolist())
     ax = fig.axes[0]
-    assert np.array_equal(np.asarray(ax.images[0].get_array()), states)
+    drawn = np.asarray(ax.images[0].get_array())
+    # the tiles route: launch 1 runs the full tiles, launch 2 the partial ones, 3 merges them
+    assert np.array_equal(drawn, np.select([states == FULL, states == PARTIAL], [1, 2], 0))
     title = ax.get_title()
     assert f"sparsity {block_mask.sparsity():.2f}%" in title and "68.95%" in title    # 706 of 1024 tiles
     assert "sinks_and_window" in title and "4096 x 4096" in title and "route: tiles" in title
     assert "tile" in ax.get_xlabel() and "tile" in ax.get_ylabel()
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert [label.split(":")[0] for label in legend] == ["full", "partial", "empty (skipped)"]
-    for label, state in zip(legend, (FULL, PARTIAL, EMPTY)):
-        assert label.endswith(f": {int((states == state).sum())}")
+    assert legend[0].startswith("1. tiles: paged prefill (unmasked)") and legend[1].startswith("2. tiles: paged prefill with a bit mask")
+    assert legend[2] == f"empty (skipped): {int((states == EMPTY).sum())} tiles"
+    for label, state in zip(legend, (FULL, PARTIAL)):
+        assert label.endswith(f": {int((states == state).sum())} tiles")
 
     colors = cell_colors(fig, imread(path), 32, 32)
-    for state in (EMPTY, PARTIAL, FULL):
-        expected = np.array(to_rgb(plot_module.TILE_COLORS[state]))
-        assert np.abs(colors[states == state] - expected).max() < 0.02
-    assert len({plot_module.TILE_COLORS[s] for s in (EMPTY, PARTIAL, FULL, plot_module.LOWERED)}) == 4
+    for n, color in ((0, plot_module.EMPTY_COLOR), (1, plot_module.LAUNCH_COLORS[0]), (2, plot_module.LAUNCH_COLORS[1])):
+        assert np.abs(colors[drawn == n] - np.array(to_rgb(color))).max() < 0.02
+
+
+def test_attamba_shows_its_window_band_and_its_key_columns_apart(tmp_path):
+    attamba = get_mask_fn("attamba", window_size=256, chunk_size=512)
+    fig = plot(attamba, seq_len=4096, path=tmp_path / "attamba.png")
+    drawn = np.asarray(fig.axes[0].images[0].get_array())
+    states = create_block_mask(attamba, 1, 1, 4096, 4096, device="cpu").states[0, 0].numpy()
+    assert np.array_equal(drawn != 0, states != EMPTY)
+    columns = drawn == 2   # the key columns' launch: tiles of the chunk ends left of each row's window
+    assert columns.any() and set(np.nonzero(columns.any(0))[0].tolist()) == {3, 7, 11, 15, 19, 23, 27}
+    assert "route: bands+columns" in fig.axes[0].get_title()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[0].startswith("1. FlashInfer prefill") and legend[1].startswith("2. 7 key columns")
 
 
 def test_a_lowered_mask_shows_its_tiles_as_one_native_call(tmp_path):
@@ -102,11 +116,10 @@ def test_a_lowered_mask_shows_its_tiles_as_one_native_call(tmp_path):
     fig = plot(causal, seq_len=4096, path=tmp_path / "causal.png")
     states = create_block_mask(causal, 1, 1, 4096, 4096, device="cpu").states[0, 0].numpy()
     drawn = np.asarray(fig.axes[0].images[0].get_array())
-    assert np.array_equal(drawn == plot_module.LOWERED, states != EMPTY)
-    assert np.array_equal(drawn == EMPTY, states == EMPTY)
+    assert np.array_equal(drawn == 1, states != EMPTY) and np.array_equal(drawn == 0, states == EMPTY)
     assert "route: bands" in fig.axes[0].get_title()
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend[0].startswith("lowered") and legend[0].endswith(": 528")
+    assert legend[0].startswith("1. FlashInfer prefill, one launch") and legend[0].endswith(": 528 tiles")
 
 
 def test_max_pixels_and_block_size_choose_the_drawing():
@@ -123,11 +136,12 @@ def test_block_mask_is_drawn_as_its_tile_map():
 
     block_mask = create_block_mask(per_head, None, 2, 300, 400, device="cpu", BLOCK_SIZE=64)
     fig = plot(block_mask)
-    assert np.array_equal(np.asarray(fig.axes[0].images[0].get_array()), block_mask.states[0, 0].numpy())
+    drawn = np.asarray(fig.axes[0].images[0].get_array())
+    assert np.array_equal(drawn != 0, block_mask.states[0, 0].numpy() != EMPTY)
     title = fig.axes[0].get_title()
     assert "per_head (batch 0, head 0)" in title and "300 x 400" in title and "64x64 tiles" in title
     torch_fig = plot(block_mask.to_torch())                   # torch's BlockMask too
-    assert np.array_equal(np.asarray(torch_fig.axes[0].images[0].get_array()), block_mask.states[0, 0].numpy())
+    assert np.array_equal(np.asarray(torch_fig.axes[0].images[0].get_array()), drawn)
     with pytest.raises(ValueError, match="seq_lengths"):
         plot(block_mask, seq_len=200)
 

@@ -23,7 +23,7 @@ SWITCHES = {
     "tile_bounds.USE_BOUNDS": [False], "tile_bounds.DEFAULT_CHUNK_ELEMENTS": [1000, 1 << 12],
     "block_build.ORDER_CHUNK_TILES": [1, 5], "tile_bounds.RANGE_GATHER_LIMIT": [64],
     "tile_bounds.MAX_UNDECIDED_SHARE": [0.0, 1.0], "tile_bounds.BOUNDED_TILES_PER_CHUNK": [3],
-    "paged_plan.CHUNK_ELEMENTS": [500], "column_merge.ROWS_PER_CHUNK_ELEMENTS": [50],
+    "paged_plan.CHUNK_ELEMENTS": [500], "columns.ROWS_PER_CHUNK_ELEMENTS": [50],
     "bands.MAX_RUNS_PER_SPLIT_TILE": [1], "bands.MAX_SPLIT_TILES": [0, 1], "columns.MAX_COLUMN_SHARE": [1, 2],
 }
 GPU_SCORE_POOL = ["softcap", "alibi", "rel_bias", "gen1", "gen2"]
