@@ -160,13 +160,21 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     full, partial = states == FULL, states == PARTIAL
 
     # one causal launch: partial pages trail each request, are plain causal, and every full page
-    # lies at or before the first query's position (so the causal launch hides nothing of it)
+    # lies at or before the first query's position (so the causal launch hides nothing of it).
+    # The launch lists only full and partial pages and aligns causal to the bottom right of what
+    # it lists, so a key at position p shows to a query at q_pos when p + (keys of empty pages
+    # after p in its request) <= q_pos: a full page followed by skipped pages must still end at
+    # or before the first query once those are counted
     first_partial = torch.full((R,), 1 << 62, dtype=torch.int64, device=device)
     first_partial.scatter_reduce_(0, req[partial], local[partial], "amin")
     n_partial = torch.bincount(req[partial], minlength=R)
     trailing = torch.where(n_partial > 0, first_partial + n_partial == pages, True)
+    skipped = torch.where(states == EMPTY, page_len, 0)
+    skipped_in_request = torch.zeros(R, dtype=torch.int64, device=device).scatter_add_(0, req, skipped)
+    skipped_in_later_requests = skipped_in_request.flip(0).cumsum(0).flip(0) - skipped_in_request
+    skipped_after = skipped.flip(0).cumsum(0).flip(0) - skipped - skipped_in_later_requests[req]
     full_end = local * page_size + page_len - 1
-    full_before = ~full | ((local < first_partial[req]) & (full_end <= q_start[req]))
+    full_before = ~full | ((local < first_partial[req]) & (full_end + skipped_after <= q_start[req]))
     has_full = torch.bincount(req[full], minlength=R) > 0
     id_range = (torch.stack([kv_page_indices.min(), kv_page_indices.max()]) if kv_page_indices.numel()
                 else torch.tensor([0, -1], device=device))

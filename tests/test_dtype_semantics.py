@@ -250,12 +250,12 @@ def test_a_float16_table_is_read_exactly():
 def test_untraceable_score_mod_falls_back_to_the_reference_with_a_warning(monkeypatch):
     """A TraceError on the FlashInfer path runs the call on the reference backend, with a warning."""
     import fake_flashinfer
-    from flex_flash_infer import api, backend_choice, flashinfer_backend, flex_attention
+    from flex_flash_infer import api, flashinfer_backend, flex_attention, notices
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
     monkeypatch.setattr(api, "choose_backend", lambda *args: "flashinfer")   # as on a GPU
-    monkeypatch.setattr(backend_choice, "_warned", set())
+    monkeypatch.setattr(notices, "_warned", set())
     q, k, v = (torch.randn(1, 2, 130, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
 
     def half_bias(score, b, h, q_idx, kv_idx):

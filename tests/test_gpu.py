@@ -554,14 +554,14 @@ def test_return_aux_lse_on_flashinfer_and_max_scores_from_the_reference(cuda_gen
     asking for max_scores too falls back to the reference with a warning, whose lse agrees."""
     import warnings
 
-    from flex_flash_infer import AuxRequest, backend_choice
+    from flex_flash_infer import AuxRequest, notices
 
     q, k, v = inputs(1, 8, 2, 500, 500, 128, torch.bfloat16, cuda_gen)
     bm = create_block_mask(get_mask_fn("sliding_window", window_size=100), None, None, 500, 500, device="cuda")
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
     out_aux, aux = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_aux=AuxRequest(lse=True))
     assert torch.equal(out, out_aux) and torch.equal(lse, aux.lse) and aux.max_scores is None
-    backend_choice._warned.clear()   # the fallback warns once per process
+    notices._warned.clear()   # the fallback warns once per process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, both = flex_attention(q, k, v, block_mask=bm, enable_gqa=True,

@@ -86,6 +86,21 @@ def test_planned_launches_equal_the_dense_oracle(rng, kv_lens, qo_lens, page_siz
     assert torch.equal(torch.isfinite(lse), seen) and torch.allclose(lse[seen], ref_lse[seen])
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_skipped_pages_after_full_ones_keep_the_causal_launch_aligned(rng, page_size):
+    """A request whose last pages are all hidden (keys < 6) beside one whose pages are causal:
+    the one causal launch lists only the visible pages and aligns causal to the bottom right of
+    them, which hid every key from most queries of the first request (fuzz case 779:14)."""
+    def first_keys(b, h, q_idx, kv_idx):
+        return (kv_idx < 6) & (q_idx >= kv_idx)
+
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [31, 3, 11], [22, 3, 3], page_size)
+    plan = plan_paged(first_keys, qo_indptr, kv_page_indptr, indices, last, page_size)
+    out, lse = simulate(plan, q, kc, vc, q.shape[-1] ** -0.5)
+    ref_out, ref_lse = dense_oracle(first_keys, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, page_size)
+    assert rel_err(out, ref_out) < 1e-12 and torch.allclose(lse, ref_lse)
+
+
 @pytest.mark.parametrize("name,params", MASKS[:3])
 def test_reference_path_equals_the_dense_oracle(rng, name, params):
     mod = get_mask_fn(name, **params)

@@ -118,9 +118,9 @@ def test_per_head_pages_are_full_only_when_full_for_every_head():
 
 
 def test_untraceable_mods_name_the_problem_or_fall_back_with_a_warning(fake, monkeypatch, rng):
-    from flex_flash_infer import backend_choice
+    from flex_flash_infer import notices
 
-    monkeypatch.setattr(backend_choice, "_warned", set())
+    monkeypatch.setattr(notices, "_warned", set())
     def branchy(score, b, h, q_idx, kv_idx):
         return score if q_idx > 3 else -score   # Python control flow on a traced value
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from flex_flash_infer import backend_choice, flashinfer_backend, flex_attention
+from flex_flash_infer import backend_choice, flashinfer_backend, flex_attention, notices
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def test_scales_the_kernels_cannot_take(flashinfer_present, scale):
         backend_choice.choose_backend("flashinfer", CUDA, torch.bfloat16, 128, 128, scale)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        backend_choice._warned.clear()
+        notices._warned.clear()
         assert backend_choice.choose_backend("auto", CUDA, torch.bfloat16, 128, 128, scale) == "reference"
     assert any("scale" in str(w.message) for w in caught)
 

@@ -254,7 +254,7 @@ def test_a_failure_inside_the_bounds_costs_speed_not_the_build(monkeypatch):
         raise RuntimeError("a rule this graph was not written for")
 
     monkeypatch.setattr(tile_bounds_module, "tile_analysis", broken)
-    monkeypatch.setattr("flex_flash_infer.backend_choice._warned", set(), raising=False)
+    monkeypatch.setattr("flex_flash_infer.notices._warned", set())
     mask_mod = get_mask_fn("sliding_window", window_size=50)
     with pytest.warns(UserWarning, match="tile bounds failed"):
         states = classify_tiles(mask_mod, 1, 1, 300, 300, 64, 64, "cpu")

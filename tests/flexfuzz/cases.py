@@ -73,6 +73,7 @@ class Case:
     repeat: str = ""             # flex: an earlier call on the block mask with "same" shapes, another
                                  # "scale", "dtype" or "batch"
     aux: str = ""                # flex: return_aux=AuxRequest(lse=True[, max_scores=True for "max"])
+    route: str = ""              # flex: kernel_options={"ROUTE": route}, a tiles route forced on any mask
     decode_pos: int = 0          # decode: the first query row, and how many rows
     decode_rows: int = 1
     cu_q: list = field(default_factory=list)      # varlen
@@ -309,6 +310,11 @@ def _flex(case: Case, r, force: dict, profile: Profile) -> None:
         case.aux = "max" if case.backend == "reference" and r.random() < 0.5 else "lse"
     case.grad = (profile.name == "cpu" and case.dtype in ("float32", "float64") and not case.nan and "grad" not in case.avoid
                  and r.random() < 0.1)
+    # the tiles routes serve every mask: forced, they must give what the planner's route gives (on
+    # the GPU only without a score_mod, whose tile variants would compile modules per case)
+    if (case.backend == "flashinfer" and not force and w.mask_def is not None
+            and (profile.name == "cpu" or w.score_def is None) and r.random() < 0.15):
+        case.route = "tiles-per-head" if uses(w.mask_def, "h") else r.choice(["tiles", "tiles-per-head"])
 
 
 def _decode(case: Case, r, force: dict, profile: Profile) -> None:

@@ -149,7 +149,7 @@ def _flex(case: Case, mask_mod, score_mod, device, want):
     with recording_plans() as plans:
         result = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=case.scale,
                                 enable_gqa=Hq != Hkv, return_lse=case.return_lse and not aux, backend=case.backend,
-                                **aux)
+                                kernel_options={"ROUTE": case.route} if case.route else None, **aux)
     if aux:
         out, lse = result[0], result[1].lse
         if case.aux == "max":
@@ -157,7 +157,8 @@ def _flex(case: Case, mask_mod, score_mod, device, want):
     else:
         out, lse = result if case.return_lse else (result, None)
     want.update(oracle_rows=(range(B), range(L), range(S)), inputs=(q, k, v), mask=mask_mod, score=score_mod)
-    routes = [plan_route(p) for p in plans[:1]] if case.backend == "flashinfer" else ["reference"]
+    routes = [plan_route(p) + ("/forced" if case.route else "") for p in plans[:1]] \
+        if case.backend == "flashinfer" else ["reference"]
     return out, lse, routes
 
 
