@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The differential fuzzer through the real kernels on the GPU machine (issue 20's GPU campaign):
+# mask cases in bf16 and in fp16 (FlashInfer's own modules only: masks compile nothing, prebuild
+# them with scripts/prebuild_kernels.sh --kinds --dtypes bf16 fp16), score_mod cases from the
+# fuzzer's pool of five (each compiles its variants once), and the NaN/gradient GPU tests, side by
+# side as background jobs that outlive a call. After `source scripts/gpu_env.sh`:
+#   bash scripts/gpu_fuzz.sh start MINUTES SEED   the campaign, seeds SEED, SEED+1000, SEED+2000
+#   bash scripts/gpu_fuzz.sh wait SECONDS          wait (at most SECONDS), then copy logs and JSON to $OUT
+set -uo pipefail
+cd "$(dirname "$0")/.."
+run=/tmp/gpu-fuzz
+case "${1:-}" in
+  start)
+    minutes=${2:?minutes}; seed=${3:?seed}
+    mkdir -p $run
+    fuzz() {   # name, then fuzz.py's arguments
+      local name=$1; shift
+      setsid nohup python3 scripts/fuzz.py --device cuda --head-dims 128 --minutes "$minutes" --json $run/$name.json \
+        "$@" > $run/$name.log 2>&1 &
+    }
+    fuzz masks-bf16 --dtypes bf16 --score-share 0 --seed "$seed"
+    fuzz masks-fp16 --dtypes fp16 --score-share 0 --seed $((seed + 1000))
+    fuzz scores --dtypes bf16 fp16 --score-share 1 --seed $((seed + 2000))
+    setsid nohup python3 -m pytest -q -p no:warnings -p no:cacheprovider tests/test_gpu_nan_grad.py tests/test_gpu.py \
+      > $run/gpu-tests.log 2>&1 &
+    echo "started: $(ls $run)"
+    ;;
+  wait)
+    deadline=$((SECONDS + ${2:-540}))
+    while pgrep -f "scripts/fuzz.py|pytest -q" > /dev/null && [ $SECONDS -lt $deadline ]; do sleep 10; done
+    for f in $run/*.log; do echo "== $f: $(grep -c '^ *[0-9]*:[0-9]* pass' $f) passed lines"; tail -n 4 $f; done
+    [ -n "${OUT:-}" ] && cp $run/* "$OUT"/ 2>/dev/null
+    pgrep -f "scripts/fuzz.py|pytest -q" > /dev/null && echo "still running" || echo "all done"
+    ;;
+  *) echo "usage: gpu_fuzz.sh start MINUTES SEED | wait SECONDS" >&2; exit 2 ;;
+esac
