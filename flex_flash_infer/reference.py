@@ -12,7 +12,7 @@ import torch
 
 from .autograd import anchored, needs_grad
 from .block_build import FULL, PARTIAL
-from .mask_eval import evaluate_mask_mod, evaluate_score_mod, index_grid
+from .mask_eval import call_mask_mod, evaluate_mask_mod, evaluate_score_mod, index_grid
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
@@ -40,6 +40,10 @@ def reference_attention(query, key, value, block_mask=None, score_mod=None, scal
     as torch does. Differentiable: every output keeps the autograd graph of its inputs, and of
     the tensors a score_mod captures.
     """
+    if score_mod is None and not return_max and block_mask is not None:
+        fast = tile_sparse_attention(query, key, value, block_mask, scale)
+        if fast is not None:
+            return fast
     outs, lses, maxes = [], [], []
     for r0, r1, c0, c1 in row_chunks(query, key, block_mask, chunk_elements):
         out, lse, row_max = attend_rows(query[:, :, r0:r1], key, value, block_mask, score_mod, scale, r0, c0, c1)
@@ -159,3 +163,60 @@ def _key_spans(block_mask, kv_len: int):
 def _chunk_span(spans, block_q: int, r0: int, r1: int):
     rows = spans[r0 // block_q:(r1 - 1) // block_q + 1]
     return min(a for a, _ in rows), max(b for _, b in rows)
+
+
+# torch's fused CPU attention, which also returns the log-sum-exp
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# a query tile's key tiles are read in place (one slice) when at least this share of their span is non-empty
+SLICE_SHARE = 0.5
+
+
+def tile_sparse_attention(query, key, value, block_mask, scale):
+    """(out, lse) of a call without score_mod and without gradients on the CPU, or None where
+    that does not apply: per query tile, torch's fused CPU attention over the keys of its
+    non-empty tiles only (one slice when they are dense in their span, else gathered), with
+    an additive mask of -inf where tiles are partial or empty. Exact like the chunked path (same
+    visibility); empty and full tiles cost no mask_mod call. Inputs with NaN or inf take the
+    chunked path, whose masking never lets a hidden key's NaN into a row."""
+    if (_FUSED_CPU is None or query.device.type != "cpu" or query.dtype not in FUSED_DTYPES
+            or value.shape[-1] != query.shape[-1] or needs_grad(query, key, value)
+            or not all(bool(torch.isfinite(t).all()) for t in (query, key, value))):
+        return None
+    B, Hq, L, E = query.shape
+    S = key.shape[2]
+    bq, bkv = block_mask.BLOCK_SIZE
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    states = block_mask.states.cpu()
+    out = query.new_zeros(B, Hq, L, E)
+    lse = query.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
+    for qt in range(states.shape[2]):
+        r0, r1 = qt * bq, min(L, (qt + 1) * bq)
+        row_states = states[:, :, qt]                       # [B or 1, H or 1, nKV]
+        tiles = (row_states != 0).flatten(0, 1).any(0).nonzero().flatten()
+        if tiles.numel() == 0:
+            continue
+        first, last = int(tiles[0]), int(tiles[-1]) + 1
+        if tiles.numel() >= SLICE_SHARE * (last - first):
+            tiles = torch.arange(first, last)
+            keys = torch.arange(first * bkv, min(S, last * bkv))
+            k, v = key[:, :, keys[0]:keys[-1] + 1], value[:, :, keys[0]:keys[-1] + 1]
+        else:
+            keys = (tiles.view(-1, 1) * bkv + torch.arange(bkv)).flatten()
+            keys = keys[keys < S]
+            k, v = key[:, :, keys], value[:, :, keys]
+        cols = row_states[:, :, keys // bkv].unsqueeze(2)   # [B or 1, H or 1, 1, keys]
+        mask = None
+        if bool((cols != FULL).any()):
+            visible = cols == FULL
+            if bool((cols == PARTIAL).any()):
+                b, h, q, kv = index_grid(range(B), range(Hq), range(r0, r1), keys, query.device)
+                visible = visible | ((cols == PARTIAL) & call_mask_mod(block_mask.mask_mod, b, h, q, kv))
+            mask = torch.zeros((), dtype=query.dtype).masked_fill(~visible, float("-inf"))
+        o, s = _FUSED_CPU(query[:, :, r0:r1], k, v, 0.0, False, attn_mask=mask, scale=scale)
+        if mask is not None:   # a row that sees no key: 0 and -inf, where the fused kernel gives 0 and 0
+            seen = visible.expand(B, Hq, r1 - r0, keys.numel()).any(-1)
+            s = s.masked_fill(~seen, float("-inf"))
+            o = o.masked_fill(~seen.unsqueeze(-1), 0.0)
+        out[:, :, r0:r1], lse[:, :, r0:r1] = o, s
+    return out, lse

@@ -1,0 +1,80 @@
+"""The reference backend's tile-sparse CPU path (issue 23): a call without score_mod and without
+gradients on the CPU attends, per query tile, only the keys of its non-empty tiles through torch's
+fused CPU attention. It must give what the chunked element-wise path gives (the same visibility:
+full tiles, and partial tiles where mask_mod holds), on random masks, shapes and dtypes; and
+step aside where it cannot be exact (NaN or inf inputs, gradients, score_mods)."""
+import random
+
+import pytest
+import torch
+
+from flex_flash_infer import create_block_mask, flex_attention, get_mask_fn
+from flex_flash_infer import reference
+
+
+def chunked(q, k, v, bm, scale=None):
+    outs, lses = [], []
+    for r0, r1, c0, c1 in reference.row_chunks(q, k, bm):
+        o, lse, _ = reference.attend_rows(q[:, :, r0:r1], k, v, bm, None, scale, r0, c0, c1)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def random_case(seed):
+    r = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    table = torch.rand(40, 40, generator=g) < r.choice([0.1, 0.3, 0.7])
+    offset, period = r.randint(0, 50), r.randint(2, 9)
+    masks = {
+        "causal": get_mask_fn("causal"),
+        "window": get_mask_fn("sliding_window", window_size=r.randint(1, 300)),
+        "attamba": get_mask_fn("attamba", window_size=r.randint(16, 200), chunk_size=r.randint(8, 64)),
+        "tiles": lambda b, h, q, kv: table[q // 64, kv // 64] & (kv <= q + offset),
+        "per_head": lambda b, h, q, kv: (kv <= q) & ((q - kv) % (h + period) == 0) | (kv == b),
+        "sparse_columns": lambda b, h, q, kv: (kv % 257 == offset) | (q == kv),
+        "nothing_for_some_rows": lambda b, h, q, kv: ((q // 100) % 2 == 0) & (kv <= q),
+    }
+    name = r.choice(sorted(masks))
+    B, Hkv = r.choice([1, 2]), r.choice([1, 2])
+    Hq = Hkv * r.choice([1, 2, 3])
+    L, S = r.randint(1, 700), r.randint(1, 700)
+    block = r.choice([128, 64, (64, 32), (32, 128)])
+    dtype = r.choice([torch.float32, torch.float64, torch.bfloat16])
+    heads = Hq if name == "per_head" else r.choice([None, Hq])
+    batch = r.choice([None, B])
+    scale = r.choice([None, 0.3])
+    return name, masks[name], B, Hq, Hkv, L, S, r.choice([16, 32]), block, dtype, heads, batch, scale, g
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_tile_sparse_path_equals_the_chunked_path(seed):
+    name, mask_mod, B, Hq, Hkv, L, S, D, block, dtype, heads, batch, scale, g = random_case(seed)
+    q = torch.randn(B, Hq, L, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, S, D, generator=g).to(dtype) for _ in range(2))
+    bm = create_block_mask(mask_mod, batch, heads, L, S, device="cpu", BLOCK_SIZE=block)
+    fast = reference.tile_sparse_attention(q, k, v, bm, scale)
+    assert fast is not None
+    want_out, want_lse = chunked(q, k, v, bm, scale)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.isneginf(fast[1]), torch.isneginf(want_lse)), name
+    assert not torch.isnan(fast[0]).any() and not torch.isnan(fast[1]).any()
+    torch.testing.assert_close(fast[0], want_out, **tol)
+    seen = torch.isfinite(want_lse)
+    torch.testing.assert_close(fast[1][seen], want_lse[seen], **tol)
+
+
+def test_flex_attention_on_the_cpu_takes_it_and_steps_aside_where_it_cannot_be_exact(monkeypatch):
+    calls = []
+    original = reference.tile_sparse_attention
+    monkeypatch.setattr(reference, "tile_sparse_attention", lambda *a: calls.append(1) or original(*a))
+    bm = create_block_mask(get_mask_fn("causal"), None, None, 300, 300, device="cpu")
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    out = flex_attention(q, k, v, block_mask=bm)
+    assert calls and torch.equal(out, original(q, k, v, bm, None)[0])
+    k[0, 0, 5, 3] = float("nan")   # a NaN key: the chunked path, which keeps it out of the rows it is hidden from
+    out = flex_attention(q, k, v, block_mask=bm)
+    assert original(q, k, v, bm, None) is None
+    assert torch.isnan(out[0, 0, 5:]).all() and not torch.isnan(out[0, 0, :5]).any()
+    q.requires_grad_()
+    assert original(q, k, v, bm, None) is None   # gradients: the differentiable chunked path
