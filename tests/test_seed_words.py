@@ -19,6 +19,7 @@ from torch.nn.attention import flex_attention as torch_flex
 from flex_flash_infer import FlexFlashInfer, and_masks, cli, create_block_mask, create_mask, get_mask_fn, or_masks
 from flex_flash_infer.mods import MASK_FACTORIES
 from flex_flash_infer.mods._seed_form import BatchOrHeadDependent
+from flex_flash_infer.codegen import graph_key
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SEED_PLACES = [REPO / "shared" / "seed" / "README.md", REPO.parent / "shared" / "seed" / "README.md"]
