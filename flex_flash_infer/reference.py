@@ -215,8 +215,9 @@ def tile_sparse_attention(query, key, value, block_mask, scale):
             mask = torch.zeros((), dtype=query.dtype).masked_fill(~visible, float("-inf"))
         o, s = _FUSED_CPU(query[:, :, r0:r1], k, v, 0.0, False, attn_mask=mask, scale=scale)
         if mask is not None:   # a row that sees no key: 0 and -inf, where the fused kernel gives 0 and 0
-            seen = visible.expand(B, Hq, r1 - r0, keys.numel()).any(-1)
-            s = s.masked_fill(~seen, float("-inf"))
-            o = o.masked_fill(~seen.unsqueeze(-1), 0.0)
+            seen = visible.any(-1)   # [B or 1, H or 1, rows or 1]
+            if not bool(seen.all()):
+                s = s.masked_fill(~seen, float("-inf"))
+                o = o.masked_fill(~seen.unsqueeze(-1), 0.0)
         out[:, :, r0:r1], lse[:, :, r0:r1] = o, s
     return out, lse
