@@ -53,9 +53,14 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int, 
         return f"the FlashInfer backend supports dtype float16 or bfloat16, got {dtype}"
     if head_dim not in SUPPORTED_HEAD_DIMS or head_dim_v != head_dim:
         return f"the FlashInfer backend supports head_dim in {SUPPORTED_HEAD_DIMS} (same for values), got {head_dim}/{head_dim_v}"
+    return scale_reason(scale)
+
+
+def scale_reason(scale: float | None) -> str | None:
+    """Why FlashInfer's kernels cannot take this scale, or None. They return NaN for every row at
+    sm_scale 0 (seen on an H200 by the GPU fuzzer), where FlexAttention averages the visible
+    values; a negative scale runs with the query negated (FlashInferPlan)."""
     if scale is not None and (scale == 0 or not math.isfinite(scale)):
-        # FlashInfer's kernels return NaN for every row at sm_scale 0 (seen on an H200 by the GPU fuzzer),
-        # where FlexAttention averages the visible values
         return f"FlashInfer's kernels need a finite, nonzero scale, got scale={scale}"
     return None
 
@@ -176,6 +181,9 @@ class FlashInferPlan:
         _announce_first_use()
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
+        # FlashInfer's kernels give NaN for a negative sm_scale (seen on an H200 by the GPU fuzzer):
+        # scale * q.k = |scale| * (-q).k exactly, so the query is negated at run time instead
+        self.negate_query, scale = scale < 0, abs(scale)
         plan = self.plan = plan_attention(block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim,
                                           device, score_mod, column_merge.kernel_available(device, head_dim), route)
         block_q, block_kv = plan.block_size
@@ -248,6 +256,8 @@ class FlashInferPlan:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = True):
         """(out, natural-log lse); lse is None when return_lse is False and the route needs none."""
+        if self.negate_query:
+            q = -q
         if self.bands and not self.has_columns and not return_lse:
             return self.band_runner.run(q, k, v, return_lse=False), None
         if self.bands:

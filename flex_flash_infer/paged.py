@@ -80,12 +80,15 @@ class PagedFlexAttention:
             raise ValueError(f"backend='flashinfer' cannot run this plan: {reason}")
         launches = variants = None
         heads = (num_qo_heads, num_kv_heads, head_dim)
+        # FlashInfer's kernels give NaN for a negative sm_scale: the launches take |scale| and run()
+        # negates the query (scale * q.k = |scale| * (-q).k exactly); the reference keeps the scale
+        kernel_scale = abs(scale)
         if backend == "flashinfer" and (score_mod is not None or per_head):
             try:
                 mask_graph = trace(mod, "mask_mod") if per_head else None
                 # decode on fa2: FlashInfer's fa2 kernels fold a GQA group's heads into the query
                 # rows (its tensor-core decode is that kernel), so each page is read once per group
-                variants = paged_variants(score_mod, mask_graph, plan, heads, dtype, scale, page_size,
+                variants = paged_variants(score_mod, mask_graph, plan, heads, dtype, kernel_scale, page_size,
                                           self.device, _is_hopper(self.device) and not plan.decode)
             except TraceError as e:
                 if self.backend == "flashinfer":
@@ -93,10 +96,10 @@ class PagedFlexAttention:
                 warn_once(f"flex_flash_infer: the paged cache runs on the slow reference backend because {e}")
                 backend = "reference"
         if backend == "flashinfer":
-            launches = self._launches(plan, heads, page_size, dtype, scale, variants)
+            launches = self._launches(plan, heads, page_size, dtype, kernel_scale, variants)
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
                              learned=learned_inputs(score_mod, self.device) if launches is not None else [],
-                             scale=scale, page_size=page_size, heads=heads, dtype=dtype,
+                             scale=scale, negate_query=scale < 0, page_size=page_size, heads=heads, dtype=dtype,
                              tables=(torch.as_tensor(qo_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indptr).long().to(self.device),
                                      torch.as_tensor(kv_page_indices).long().to(self.device),
@@ -114,7 +117,7 @@ class PagedFlexAttention:
             old = self._planned
             if old is not None and old["launches"] is not None:
                 old["launches"] = _build_launches(old["plan"], *old["heads"], old["page_size"], old["dtype"],
-                                                  old["scale"], self._workspace, old["variants"], self._wrappers,
+                                                  abs(old["scale"]), self._workspace, old["variants"], self._wrappers,
                                                   self.use_tensor_cores)
             raise
 
@@ -148,13 +151,15 @@ class PagedFlexAttention:
                 raise ValueError(f"{name} is on {t.device} but this PagedFlexAttention was made for {self.device}")
         if p["launches"] is None:
             out, lse = _reference(q, k_cache, v_cache, p)
-        elif needs_grad(q, k_cache, v_cache, *p["learned"]):   # a grad_fn whose backward says why it cannot
-            out, lse = forward_only(lambda: _run_launches(p["launches"], q, (k_cache, v_cache), return_lse),
+            return (out, lse) if return_lse else out
+        q_in = -q if p["negate_query"] else q
+        if needs_grad(q, k_cache, v_cache, *p["learned"]):   # a grad_fn whose backward says why it cannot
+            out, lse = forward_only(lambda: _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse),
                                     "PagedFlexAttention: " + FORWARD_ONLY.replace(
                                         "backend='reference'", "PagedFlexAttention(backend='reference')"),
                                     (q, k_cache, v_cache, *p["learned"]))
         else:
-            out, lse = _run_launches(p["launches"], q, (k_cache, v_cache), return_lse)
+            out, lse = _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse)
         return (out, lse) if return_lse else out
 
 

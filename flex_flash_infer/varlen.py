@@ -58,6 +58,7 @@ class RaggedBatch:
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
         backend = "fa3" if _is_hopper(device) else "fa2"
+        self.negate_query, scale = scale < 0, abs(scale)   # a negative sm_scale gives NaN (FlashInferPlan)
         self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)
         self.wrapper.plan(torch.tensor(offsets_q, dtype=torch.int32, device=device),
                           torch.tensor(offsets_kv, dtype=torch.int32, device=device), num_qo_heads, num_kv_heads,
@@ -65,6 +66,8 @@ class RaggedBatch:
                           kv_data_type=dtype, o_data_type=dtype)
 
     def run(self, q, k, v, return_lse: bool):
+        if self.negate_query:
+            q = -q
         if not return_lse:
             return self.wrapper.run(q, k, v), None
         out, lse = self.wrapper.run(q, k, v, return_lse=True)

@@ -32,7 +32,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
         self.args = (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), last_page_len.cpu())
         self.causal, self.mask = causal, None if custom_mask is None else custom_mask.cpu()
         self.heads = (num_qo_heads, num_kv_heads)
-        self.scale = head_dim_qk ** -0.5 if sm_scale is None else sm_scale
+        self.scale = kernel_scale(sm_scale, head_dim_qk)
         self.window_left, self.soft_cap = window_left, logits_soft_cap or 0.0
 
     @kernel
@@ -90,6 +90,7 @@ class PagedVariantModel:
         assert len(args) == self.num_args and all(isinstance(a, torch.Tensor) for a in args[:len(self.tensor_names)])
         tables = [a.cpu().long() for a in args[:5]]
         scale, kv_end = float(args[len(self.tensor_names)]), int(args[len(self.tensor_names) + 1])
+        kernel_scale(scale, 1)
         req_q0, req_b, req_h0, req_page0, page_kv0 = tables
         kv_indptr = plan_args[1].long()
         assert torch.equal(req_page0, kv_indptr[:-1])
@@ -133,7 +134,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         self.causal, self.window_left = causal, window_left
         assert not (logits_soft_cap and self.variant is not None), "FlashInfer's soft cap is its default variant's"
         self.cap = logits_soft_cap or 0.0
-        self.scale = head_dim_qk ** -0.5 if sm_scale is None else sm_scale
+        self.scale = kernel_scale(sm_scale, head_dim_qk)
 
     @kernel
     def run(self, q, k, v, *variant_args, return_lse=False):
@@ -147,7 +148,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         """The variant's arguments are the request tables (first query, first key, batch entry),
         the captured tensors, then the scale; the score_mod sees absolute positions."""
         req_q0, req_kv0, req_b = (t.cpu().long() for t in variant_args[:3])
-        scale = float(next(a for a in variant_args[3:] if not isinstance(a, torch.Tensor)))
+        scale = kernel_scale(float(next(a for a in variant_args[3:] if not isinstance(a, torch.Tensor))), 1)
 
         def transform(r, logits):   # logits [H, n, m] of request r
             h, n, m = logits.shape
@@ -194,13 +195,21 @@ def _soft_cap(cap):
     return (lambda r, s: cap * torch.tanh(s / cap)) if cap > 0 else None
 
 
+def kernel_scale(sm_scale, head_dim: int) -> float:
+    """FlashInfer's kernels give NaN for every row at sm_scale <= 0 (seen on an H200 by the GPU
+    fuzzer): the model refuses one, so the library's CPU tests catch a call that would pass it."""
+    scale = head_dim ** -0.5 if sm_scale is None else float(sm_scale)
+    assert scale > 0, f"sm_scale {scale}: FlashInfer's kernels give NaN for a scale <= 0"
+    return scale
+
+
 @kernel
 def single_prefill_with_kv_cache(q, k, v, causal=False, window_left=-1, sm_scale=None, return_lse=False,
                                  logits_soft_cap=None, pos_encoding_mode="NONE", **_):
     assert pos_encoding_mode == "NONE", "the CPU model has no ALiBi"
     ends = (torch.tensor([0, q.shape[0]]), torch.tensor([0, k.shape[0]]))
     transform = _soft_cap(logits_soft_cap or 0.0)
-    out, lse = ragged_prefill(q, k, v, *ends, causal, window_left, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
+    out, lse = ragged_prefill(q, k, v, *ends, causal, window_left, kernel_scale(sm_scale, q.shape[-1]),
                               transform)
     return (out, lse) if return_lse else out
 

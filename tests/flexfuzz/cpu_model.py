@@ -59,8 +59,11 @@ def patched(switches: dict, cpu_model: bool, hopper: bool = True):
             patch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
             for module in (flashinfer_backend, paged, varlen):
                 patch.setattr(module, "_is_hopper", lambda device, _h=hopper: _h)
-            patch.setattr(backend_choice, "unsupported_reason", lambda *a: None)
-            patch.setattr(paged, "unsupported_reason", lambda *a: None)
+            # CPU tensors of any dtype pass; a scale the kernels cannot take is refused as on a GPU
+            def scale_only(device, dtype, head_dim, head_dim_v, scale=None):
+                return flashinfer_backend.scale_reason(scale)
+            patch.setattr(backend_choice, "unsupported_reason", scale_only)
+            patch.setattr(paged, "unsupported_reason", scale_only)
             fake_flashinfer.register_paged_variants(patch, tile_kernels)
             fake_flashinfer.register_band_variants(patch, score_mod_kernels)
         yield patch

@@ -355,6 +355,16 @@ def _run_and_judge(case, result, mask_mod, score_mod, device, want, cpu_model, t
         result.status, result.problems = "refused", [f"{type(e).__name__}: {_short(e)}"]
         result.seconds = time.perf_counter() - start
         return result
+    except ValueError as e:
+        if case.scale == 0 and "need a finite, nonzero scale" in str(e):
+            # backend='flashinfer' with scale 0: FlashInfer's kernels give NaN there, and the
+            # library refuses the call by name (under 'auto' it runs on the reference)
+            result.status, result.problems = "refused", [f"ValueError: {_short(e)}"]
+        else:
+            result.status = "fail"
+            result.problems = [f"raised ValueError: {_short(e)}", _where_raised(e)]
+        result.seconds = time.perf_counter() - start
+        return result
     except Exception as e:
         result.status = "fail"
         result.problems = [f"raised {type(e).__name__}: {_short(e)}", _where_raised(e)]
