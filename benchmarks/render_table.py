@@ -5,7 +5,7 @@
 import json
 import sys
 
-from flex_flash_infer.bench import markdown_table
+from flex_flash_infer_bench.masks import markdown_table
 
 if __name__ == "__main__":
     print(markdown_table(json.load(open(sys.argv[1]))))

@@ -112,9 +112,11 @@ def build_parser():
     bench.add_argument("--no-flex", action="store_true", help="skip torch FlexAttention")
     bench.add_argument("--profile", action="store_true",
                        help="also each row's host time and GPU kernels, and our call replayed from a CUDA graph")
-    bench.add_argument("--plan", action="store_true", help="measure planning time instead (bench_plan.py)")
-    bench.add_argument("--decode", action="store_true", help="paged decode instead (bench_decode.py)")
-    bench.add_argument("--varlen", action="store_true", help="packed varlen prefill instead (bench_varlen.py)")
+    bench.add_argument("--plan", action="store_true",
+                       help="measure planning time instead (flex_flash_infer_bench/planning.py)")
+    bench.add_argument("--decode", action="store_true", help="paged decode instead (flex_flash_infer_bench/decode.py)")
+    bench.add_argument("--varlen", action="store_true",
+                       help="packed varlen prefill instead (flex_flash_infer_bench/varlen.py)")
     warm = sub.add_parser("warmup", help="compile FlashInfer kernels ahead of first use (CUDA)")
     warm.add_argument("--dtype", nargs="+", choices=["bf16", "fp16"], default=["bf16"])
     warm.add_argument("--head-dim", type=int, nargs="+", default=[128])
@@ -251,23 +253,23 @@ def main(argv=None) -> int:
     if command in ("bench", "warmup") and not torch.cuda.is_available():
         print(f"{command} needs a CUDA GPU with flashinfer installed", file=sys.stderr)
         return 2
-    if command == "bench":
+    if command == "bench":   # the benchmarks are a package above the library: imported here only
         if args.plan:
-            from .bench_plan import run_plan_benchmark
+            from flex_flash_infer_bench.planning import run_plan_benchmark
 
             run_plan_benchmark(args.out)
             return 0
         if args.varlen:
-            from .bench_varlen import run_varlen_benchmark
+            from flex_flash_infer_bench.varlen import run_varlen_benchmark
 
             run_varlen_benchmark(args.out)
             return 0
         if args.decode:
-            from .bench_decode import run_decode_benchmark
+            from flex_flash_infer_bench.decode import run_decode_benchmark
 
             run_decode_benchmark(args.out, with_flex=not args.no_flex)
             return 0
-        from .bench import run_benchmark
+        from flex_flash_infer_bench.masks import run_benchmark
 
         run_benchmark(tuple(args.seq_lens), args.cases, args.out, with_flex=not args.no_flex, profile=args.profile)
         return 0

@@ -415,7 +415,7 @@ COMPILED_CHUNK_ELEMENTS = 1 << 30
 
 def classify_tiles(
     mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int,
-    device, chunk_elements: int | None = None, compile: bool = False,
+    device, chunk_elements: int | None = None, compile: bool = False, use_bounds: bool = True,
 ) -> torch.Tensor:
     """Tile states int8 [B, H, nQ, nKV]: 0 empty, 1 partial, 2 full.
 
@@ -424,13 +424,15 @@ def classify_tiles(
     computes them. Padded keys do count (they must be masked), so a key tail tile is at most
     partial. compile=True evaluates each chunk in one fused kernel (torch.compile, as
     FlexAttention's create_block_mask(_compile=True)): a first call per mask_mod and shape pays
-    the compile time, later calls never write the chunk's mask to memory.
+    the compile time, later calls never write the chunk's mask to memory. use_bounds=False
+    evaluates every tile element by element, as USE_BOUNDS = False does for all calls (the plan
+    benchmark times the two builds against each other without touching the module's default).
     """
     device = torch.device(device)
     if chunk_elements is None:
         chunk_elements = (COMPILED_CHUNK_ELEMENTS if compile else CUDA_CHUNK_ELEMENTS) if device.type == "cuda" \
             else DEFAULT_CHUNK_ELEMENTS
-    if not compile and USE_BOUNDS:
+    if not compile and use_bounds and USE_BOUNDS:
         states = classify_by_bounds(mask_mod, B, H, Q_LEN, KV_LEN, block_q, block_kv, device, chunk_elements)
         if states is not None:
             return states

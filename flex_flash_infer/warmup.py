@@ -52,14 +52,18 @@ def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int, device="cuda
     from .block_mask import create_block_mask
     from .mods.registry import get_mask_fn
 
-    if kind.startswith("score_mod_fa2:"):   # this process only builds: forcing fa2 here is harmless
+    hopper = flashinfer_backend._is_hopper
+    if kind.startswith("score_mod_fa2:"):   # fa2 forced for this one call, given back after it
         flashinfer_backend._is_hopper = lambda device: False
-    name, _, window = kind.split(":", 1)[1].partition("+")
-    mask = get_mask_fn("sliding_window", window_size=64) if window else get_mask_fn("causal")
-    q = torch.randn(1, 4, 256, head_dim, device=device, dtype=dtype)
-    bm = create_block_mask(mask, None, None, 256, 256, device=device)
-    flex_attention(q, q, q, score_mod=without_soft_cap_hint(example_score_mod(name, 4, device=device)),
-                   block_mask=bm, backend="flashinfer")
+    try:
+        name, _, window = kind.split(":", 1)[1].partition("+")
+        mask = get_mask_fn("sliding_window", window_size=64) if window else get_mask_fn("causal")
+        q = torch.randn(1, 4, 256, head_dim, device=device, dtype=dtype)
+        bm = create_block_mask(mask, None, None, 256, 256, device=device)
+        flex_attention(q, q, q, score_mod=without_soft_cap_hint(example_score_mod(name, 4, device=device)),
+                       block_mask=bm, backend="flashinfer")
+    finally:
+        flashinfer_backend._is_hopper = hopper
 
 
 def without_soft_cap_hint(score_mod):
@@ -120,12 +124,17 @@ def paged_mod_case(mask_name: str, mod_name, num_heads: int, device):
     score_mod = example_score_mod(mod_name, num_heads, device=device) if mod_name else None
     if mask_name != "head_windows":
         return get_mask_fn(mask_name, **({"window_size": 40} if mask_name == "sliding_window" else {})), score_mod
-    windows = torch.tensor([16, 64, 256, 4096], device=device).repeat(-(-num_heads // 4))[:num_heads]
+    return head_window_mask((16, 64, 256, 4096), num_heads, device), score_mod
+
+
+def head_window_mask(windows, num_heads: int, device):
+    """A causal window whose width depends on the query head (heads cycle through the widths)."""
+    widths = torch.tensor(windows, device=device).repeat(-(-num_heads // len(windows)))[:num_heads]
 
     def head_windows(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < windows[h])
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < widths[h])
 
-    return head_windows, score_mod
+    return head_windows
 
 
 def paged_mod_inputs(qo_lens, dtype, head_dim: int, device, generator=None, heads=(8, 2)):
@@ -197,10 +206,8 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
         torch.cuda.synchronize()
         return None
     if kind == "bands_per_head":  # per-head windows as bands (bench --cases per_head_windows)
-        from .bench import per_head_window_mask
-
         flex = FlexFlashInfer(device="cuda")
-        flex.prepare(mask_fn=per_head_window_mask((16, 64, 128, 300)), seq_len_q=512, seq_len_kv=512,
+        flex.prepare(mask_fn=head_window_mask((16, 64, 128, 300), 8, "cuda"), seq_len_q=512, seq_len_kv=512,
                      num_qo_heads=8, num_kv_heads=2, head_dim=head_dim, dtype=dtype)
         q = torch.randn(512, 8, head_dim, device="cuda", dtype=dtype)
         flex(q, q[:, :2], q[:, :2])

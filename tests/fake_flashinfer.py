@@ -240,7 +240,7 @@ def module():
 def register_paged_variants(monkeypatch, tile_kernels) -> list:
     """Wrap the paged variant builders tile_kernels calls so that each variant they generate is
     registered in VARIANTS with the host-compiled code of its graphs; returns the names built."""
-    from flex_flash_infer.hostcheck import compile_host
+    from hostcheck import compile_host
 
     built = []
     for name in ("fa3_paged_score_mod_variant", "fa2_paged_variant"):
@@ -263,7 +263,7 @@ def register_paged_variants(monkeypatch, tile_kernels) -> list:
 def register_band_variants(monkeypatch, score_mod_kernels) -> None:
     """Register each band score_mod variant score_mod_kernels traces (fa3 and fa2 names) with the
     host-compiled code of its graph."""
-    from flex_flash_infer.hostcheck import compile_host
+    from hostcheck import compile_host
 
     real_trace = score_mod_kernels.trace
 

@@ -4,7 +4,7 @@ import torch
 
 from dense_reference import dense_attention, rel_err
 from flex_flash_infer import create_block_mask, create_mask
-from flex_flash_infer.bench import case_masks, count_visible_pairs, document_offsets, reference_rows
+from flex_flash_infer_bench.masks import case_masks, count_visible_pairs, document_offsets, reference_rows
 
 
 def test_visible_pairs_counts_exactly():
@@ -37,7 +37,7 @@ def test_document_offsets_cover_the_sequence_with_bounded_lengths():
 
 
 def test_reference_rows_apply_the_score_mod_like_dense_attention(rng):
-    from flex_flash_infer.bench import case_masks, score_mod_cases
+    from flex_flash_infer_bench.masks import case_masks, score_mod_cases
 
     S, H, Hkv, D = 200, 32, 8, 16
     q = torch.randn(S, H, D, generator=rng)
@@ -56,7 +56,7 @@ def test_reference_rows_apply_the_score_mod_like_dense_attention(rng):
 
 
 def test_an_impl_that_failed_to_plan_reports_its_error_when_timed(monkeypatch):
-    from flex_flash_infer.bench import check_and_time, raising
+    from flex_flash_infer_bench.masks import check_and_time, raising
 
     monkeypatch.setattr(torch.cuda, "Event", _Clock().Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
@@ -68,7 +68,7 @@ def test_an_impl_that_failed_to_plan_reports_its_error_when_timed(monkeypatch):
 
 
 def test_a_failing_case_is_reported_and_the_run_goes_on(capsys):
-    from flex_flash_infer.bench import case_or_report
+    from flex_flash_infer_bench.masks import case_or_report
 
     failed = []
 
@@ -86,7 +86,7 @@ def test_results_file_keeps_the_spec_rows_apart_and_merges_runs(tmp_path):
     them. A new run replaces rows of the same case and impl, keeps the others and any note."""
     import json
 
-    from flex_flash_infer.bench import _save
+    from flex_flash_infer_bench.masks import _save
 
     def row(impl, case="causal", ms=1.0):
         return {"case": case, "seq_len": 8192, "head_dim": 128, "impl": impl, "ms": ms}
@@ -132,7 +132,7 @@ def test_interleaved_timing_spreads_a_drift_over_every_impl(monkeypatch):
     """Two equal impls on a clock that slows as the case goes on: timed one after the other, the
     second reads slower; timed in rotating rounds, they read alike. An impl that raises is
     dropped with its error and the others are still timed."""
-    from flex_flash_infer import bench
+    from flex_flash_infer_bench import masks
 
     clock = _Clock()
     monkeypatch.setattr(torch.cuda, "Event", clock.Event)
@@ -146,9 +146,9 @@ def test_interleaved_timing_spreads_a_drift_over_every_impl(monkeypatch):
     def broken():
         raise RuntimeError("launch failed")
 
-    sequential = [bench.time_interleaved({name: equal_work})[0][name] for name in ("a", "b")]   # one after the other
+    sequential = [masks.time_interleaved({name: equal_work})[0][name] for name in ("a", "b")]   # one after the other
     assert sequential[1] - sequential[0] > 0.1
-    times, errors = bench.time_interleaved({"a": equal_work, "b": equal_work, "c": broken})
+    times, errors = masks.time_interleaved({"a": equal_work, "b": equal_work, "c": broken})
     assert set(times) == {"a", "b"} and errors == {"c": "RuntimeError: launch failed"}
     assert abs(times["a"] - times["b"]) < 0.25 * (sequential[1] - sequential[0])
-    assert bench.time_interleaved({}) == ({}, {})
+    assert masks.time_interleaved({}) == ({}, {})

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fake_flashinfer
-from flex_flash_infer import backend_choice, bench, bench_profile, flashinfer_backend, score_mod_kernels, tile_kernels, varlen
+from flex_flash_infer import backend_choice, flashinfer_backend, score_mod_kernels, tile_kernels, varlen
+from flex_flash_infer_bench import masks, profile
 
 
 class _Event:
@@ -36,12 +37,12 @@ def cpu_bench(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "Event", _Event)
     # one call each, not a timing
-    monkeypatch.setattr(bench, "time_interleaved", lambda fns: ({n: (f(), 1.0)[1] for n, f in fns.items()}, {}))
+    monkeypatch.setattr(masks, "time_interleaved", lambda fns: ({n: (f(), 1.0)[1] for n, f in fns.items()}, {}))
 
 
 def _rows(name, seq_len):
-    mod, native, sdpa = bench.case_masks(seq_len)[name]
-    rows = bench.bench_case(name, seq_len, 16, mod, native, sdpa, heads_q=4, heads_kv=2, dtype=torch.float32,
+    mod, native, sdpa = masks.case_masks(seq_len)[name]
+    rows = masks.bench_case(name, seq_len, 16, mod, native, sdpa, heads_q=4, heads_kv=2, dtype=torch.float32,
                             with_flex=False, device="cpu")
     return {r["impl"]: r for r in rows}
 
@@ -66,20 +67,20 @@ def test_bench_case_rows_on_the_cpu_model(cpu_bench, name, route, expected):
 
 @pytest.mark.parametrize("name", ["causal", "streaming", "per_head_windows"])
 def test_bench_case_times_ours_and_the_peers_only(cpu_bench, name):
-    mod, native, sdpa = bench.case_masks(2048)[name]
-    rows = bench.bench_case(name, 2048, 16, mod, native, sdpa, heads_q=4, heads_kv=2, dtype=torch.float32,
+    mod, native, sdpa = masks.case_masks(2048)[name]
+    rows = masks.bench_case(name, 2048, 16, mod, native, sdpa, heads_q=4, heads_kv=2, dtype=torch.float32,
                             with_flex=False, device="cpu")
     impls = {r["impl"] for r in rows}
     assert "flex_flash_infer" in impls and not any(i.startswith("ours_") for i in impls), impls
-    assert impls <= set(bench.SPEC_IMPLS) | {"flashinfer_ragged_native"}
+    assert impls <= set(masks.SPEC_IMPLS) | {"flashinfer_ragged_native"}
 
 
 @pytest.mark.parametrize("name,route", [("softcap+causal", "bands"), ("rel_bias+causal", "bands"),
                                         ("softcap+random_tiles", "tiles-causal")])
 def test_score_mod_case_rows_on_the_cpu_model(cpu_bench, name, route):
-    mask_name, score_mod, native = bench.score_mod_cases()[name]
-    mod = bench.case_masks(1024)[mask_name][0]
-    rows = {r["impl"]: r for r in bench.bench_case(name, 1024, 16, mod, native, None, heads_q=4, heads_kv=2,
+    mask_name, score_mod, native = masks.score_mod_cases()[name]
+    mod = masks.case_masks(1024)[mask_name][0]
+    rows = {r["impl"]: r for r in masks.bench_case(name, 1024, 16, mod, native, None, heads_q=4, heads_kv=2,
                                                    dtype=torch.float32, with_flex=False, score_mod=score_mod,
                                                    device="cpu")}
     ours = rows["flex_flash_infer"]
@@ -90,19 +91,20 @@ def test_score_mod_case_rows_on_the_cpu_model(cpu_bench, name, route):
 
 @pytest.mark.parametrize("case", ["causal", "sliding_window", "softcap+causal"])
 def test_decode_case_rows_on_the_cpu_model(cpu_bench, monkeypatch, case):
-    from flex_flash_infer import bench_decode, paged
+    from flex_flash_infer import paged
     from flex_flash_infer.mods import generate_softcap_score_mod
     from flex_flash_infer.mods.registry import get_mask_fn
+    from flex_flash_infer_bench import decode
 
     monkeypatch.setattr(paged, "_is_hopper", lambda device: True)
     monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
     mask = get_mask_fn("sliding_window", window_size=40) if case == "sliding_window" else get_mask_fn("causal")
     extra = {"score_mod": generate_softcap_score_mod(30.0), "native_kwargs": {"logits_soft_cap": 30.0}} \
         if case == "softcap+causal" else {}
-    rows = {r["impl"]: r for r in bench_decode.decode_case(case, mask, 39 if case == "sliding_window" else -1,
-                                                           batch=3, context=256, hq=4, hkv=2, d=16, page=16,
-                                                           dtype=torch.float32, with_flex=False, device="cpu",
-                                                           **extra)}
+    rows = {r["impl"]: r for r in decode.decode_case(case, mask, 39 if case == "sliding_window" else -1,
+                                                     batch=3, context=256, hq=4, hkv=2, d=16, page=16,
+                                                     dtype=torch.float32, with_flex=False, device="cpu",
+                                                     **extra)}
     ours = rows["flex_flash_infer"]
     assert "error" not in ours and ours["rel_err"] < 1e-4 and ours["plan_ms"] > 0
     assert any(where.endswith("(plan)") for where, *_ in ours["plan_profile"])   # where plan() goes
@@ -113,10 +115,10 @@ def test_decode_case_rows_on_the_cpu_model(cpu_bench, monkeypatch, case):
 def test_varlen_rows_on_the_cpu_model(cpu_bench, tmp_path):
     import json
 
-    from flex_flash_infer import bench_varlen
+    from flex_flash_infer_bench.varlen import run_varlen_benchmark
 
-    result = bench_varlen.run_varlen_benchmark(str(tmp_path / "varlen.json"), hq=4, hkv=2, d=16, dtype=torch.float32,
-                                               total=2048, count=4, device="cpu")
+    result = run_varlen_benchmark(str(tmp_path / "varlen.json"), hq=4, hkv=2, d=16, dtype=torch.float32,
+                                  total=2048, count=4, device="cpu")
     rows = {r["impl"]: r for r in result["rows"]}
     assert set(rows) == {"flex_flash_infer", "flashinfer_native"}
     assert all("error" not in r and r["rel_err"] < 1e-4 for r in rows.values()), rows
@@ -127,9 +129,9 @@ def test_varlen_rows_on_the_cpu_model(cpu_bench, tmp_path):
 def test_profiled_case_on_the_cpu_model(cpu_bench, monkeypatch):
     """--profile: every timed row gets host time and kernels; the CUDA-graph row fails with a reason on the CPU."""
     calls = []
-    monkeypatch.setattr(bench_profile, "kernel_times", lambda fn: (calls.append(fn), (0.1, [("k", 0.1, 1.0)]))[1])
-    mod, native, sdpa = bench.case_masks(1024)["streaming"]
-    rows = {r["impl"]: r for r in bench.bench_case("streaming", 1024, 16, mod, native, sdpa, heads_q=4, heads_kv=2,
+    monkeypatch.setattr(profile, "kernel_times", lambda fn: (calls.append(fn), (0.1, [("k", 0.1, 1.0)]))[1])
+    mod, native, sdpa = masks.case_masks(1024)["streaming"]
+    rows = {r["impl"]: r for r in masks.bench_case("streaming", 1024, 16, mod, native, sdpa, heads_q=4, heads_kv=2,
                                                    dtype=torch.float32, with_flex=False, device="cpu", profile=True)}
     ours = rows["flex_flash_infer"]
     assert "error" not in ours and ours["host_ms"] > 0 and ours["gpu_busy_ms"] == 0.1

@@ -145,7 +145,7 @@ def test_the_package_reads_no_experiment_switch():
 def test_source_commit_names_the_checkout_or_the_stamp_file(tmp_path, monkeypatch):
     import subprocess
 
-    from flex_flash_infer import provenance
+    from flex_flash_infer_bench import provenance
 
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=pathlib.Path(provenance.__file__).parent)
@@ -157,7 +157,7 @@ def test_source_commit_names_the_checkout_or_the_stamp_file(tmp_path, monkeypatc
         return real_run(["false"], *args, **kwargs)
 
     monkeypatch.setattr(subprocess, "run", no_git)
-    monkeypatch.setattr(provenance, "__file__", str(tmp_path / "flex_flash_infer" / "provenance.py"))
+    monkeypatch.setattr(provenance, "__file__", str(tmp_path / "flex_flash_infer_bench" / "provenance.py"))
     assert provenance.source_commit() is None
     (tmp_path / "SOURCE_COMMIT").write_text("abc1234\n")
     assert provenance.source_commit() == "abc1234"

@@ -7,11 +7,11 @@ import torch
 
 from flex_flash_infer.codegen import graph_key
 from flex_flash_infer import get_mask_fn
-from flex_flash_infer.hostcheck import compile_host
 from flex_flash_infer.mods import (generate_alibi_score_mod, generate_causal_decay_score_mod,
                                    generate_relative_position_bias_score_mod, generate_softcap_score_mod,
                                    generate_temperature_score_mod)
 from flex_flash_infer.trace import TraceError, trace
+from hostcheck import compile_host
 from test_masks import LIBRARY
 
 

@@ -15,8 +15,8 @@ import torch
 
 from flex_flash_infer import create_block_mask
 from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL
-from flex_flash_infer.hostcheck import compile_device, compile_host, host_source
 from flex_flash_infer.trace import TraceError, trace
+from hostcheck import compile_device, compile_host, host_source
 
 BIG = torch.tensor([2**33 + 7, -2**40, 5, 2**31, 3 * 2**31 + 1, -2**31 - 1, 0])   # int64, values past int32
 SMALL8 = torch.tensor([-128, 127, 3, -1, 100, 0, -77], dtype=torch.int8)

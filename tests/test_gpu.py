@@ -243,7 +243,7 @@ def test_column_merge_kernel_matches_its_torch_reference(cuda_gen, dtype, D, M):
 @pytest.mark.parametrize("L", [1024, 1000])
 def test_tile_sparse_causal_runs_as_one_causal_launch(cuda_gen, dtype, L):
     """Random kept tiles intersected with causal: full tiles + the causal diagonal tile, one fa3 launch."""
-    from flex_flash_infer.bench import random_tile_mask
+    from flex_flash_infer_bench.masks import random_tile_mask
 
     B, H, Hkv, D = 2, 8, 2, 128
     mod = random_tile_mask(L, keep=0.3, block=128, seed=int(torch.randint(1 << 30, (1,), generator=cuda_gen, device="cuda")))

@@ -260,3 +260,18 @@ def test_a_failure_inside_the_bounds_costs_speed_not_the_build(monkeypatch):
         states = classify_tiles(mask_mod, 1, 1, 300, 300, 64, 64, "cpu")
     monkeypatch.setattr(tile_bounds_module, "USE_BOUNDS", False)
     assert torch.equal(states, classify_tiles(mask_mod, 1, 1, 300, 300, 64, 64, "cpu"))
+
+
+def test_use_bounds_false_builds_element_by_element_for_that_call_only(monkeypatch):
+    """classify_tiles(use_bounds=False) (the plan benchmark's element-wise column) never asks the
+    bounds, gives the same states, and leaves the module's default as it was."""
+    mask_mod = get_mask_fn("sliding_window", window_size=50)
+    default = tile_bounds_module.USE_BOUNDS
+    by_default = classify_tiles(mask_mod, 1, 1, 300, 300, 64, 64, "cpu")
+
+    def asked(*args, **kwargs):
+        raise AssertionError("use_bounds=False asked the bounds")
+
+    monkeypatch.setattr(tile_bounds_module, "classify_by_bounds", asked)
+    assert torch.equal(classify_tiles(mask_mod, 1, 1, 300, 300, 64, 64, "cpu", use_bounds=False), by_default)
+    assert tile_bounds_module.USE_BOUNDS == default

@@ -10,9 +10,10 @@ import json
 
 import torch
 
-from .bench import COMMIT, check_and_time, rel_error
-from .mods.registry import get_mask_fn
-from .wrapper import FlexFlashInfer
+from flex_flash_infer.mods.registry import get_mask_fn
+from flex_flash_infer.wrapper import FlexFlashInfer
+
+from .masks import COMMIT, check_and_time, rel_error
 
 
 def document_lengths(total=32768, count=16, seed=1234):

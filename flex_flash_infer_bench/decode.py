@@ -19,12 +19,13 @@ import time
 
 import torch
 
-from .bench import case_or_report, check_and_time, raising, rel_error
-from .bench_profile import host_profile
-from .block_build import EMPTY
-from .mods.registry import get_mask_fn
-from .mods.softcap import generate_softcap_score_mod
-from .paged import PagedFlexAttention
+from flex_flash_infer.block_build import EMPTY
+from flex_flash_infer.mods.registry import get_mask_fn
+from flex_flash_infer.mods.softcap import generate_softcap_score_mod
+from flex_flash_infer.paged import PagedFlexAttention
+
+from .masks import case_or_report, check_and_time, raising, rel_error
+from .profile import host_profile
 
 
 def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=8, d=128, page=16,
@@ -71,7 +72,7 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
                 kv_data_type=dtype, **native_kwargs)
     impls = {"flashinfer_native": lambda: native.run(q, (k_cache, v_cache)),
              "flex_flash_infer": lambda: ours.run(q, (k_cache, v_cache))}
-    from .paged import use_tensor_core_decode
+    from flex_flash_infer.paged import use_tensor_core_decode
 
     # the other decode kernel than the one chosen for this GQA group, timed beside
     other = not use_tensor_core_decode(hq, hkv)
@@ -109,7 +110,7 @@ def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=
         kf = k_cache[order].reshape(batch, context, hkv, d).transpose(1, 2).contiguous()
         vf = v_cache[order].reshape(batch, context, hkv, d).transpose(1, 2).contiguous()
         bm = create_block_mask(shifted, None, None, 1, context, device=dev)
-        compiled = torch.compile(flex_attention, dynamic=False)   # static, as in bench.py
+        compiled = torch.compile(flex_attention, dynamic=False)   # static, as in masks.py
         qf = q.unsqueeze(2)
         flex_score = None if score_mod is None else shifted_score
         impls["torch_flex"] = lambda: compiled(qf, kf, vf, score_mod=flex_score, block_mask=bm,

@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from . import tile_bounds
-from .block_mask import BlockMask, create_block_mask
-from .flashinfer_backend import FlashInferPlan
-from .mods.registry import get_mask_fn
-from .wrapper import FlexFlashInfer
+from flex_flash_infer.block_mask import BlockMask, create_block_mask
+from flex_flash_infer.flashinfer_backend import FlashInferPlan
+from flex_flash_infer.mods.registry import get_mask_fn
+from flex_flash_infer.tile_bounds import classify_tiles
+from flex_flash_infer.wrapper import FlexFlashInfer
 
 
 def _median_s(fn, runs: int = 5) -> float:
@@ -42,6 +42,13 @@ def _median_s(fn, runs: int = 5) -> float:
 BLOCK_MASK_CASES = ("causal", "attamba", "sliding_window", "document")
 
 
+def _elementwise_block_mask(mod, n: int) -> BlockMask:
+    """create_block_mask(mod, None, None, n, n, device="cuda") with every tile evaluated element by
+    element (no bounds), asked of classify_tiles for this call: the library's default is left as it is."""
+    states = classify_tiles(mod, 1, 1, n, n, 128, 128, torch.device("cuda"), use_bounds=False)
+    return BlockMask.from_states(states, (n, n), (128, 128), mod)
+
+
 def run_plan_benchmark(out_path: str | None = None, block_mask_cases=BLOCK_MASK_CASES, with_prepare: bool = True,
                        with_our_compiled: bool = True) -> dict:
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
@@ -54,12 +61,8 @@ def run_plan_benchmark(out_path: str | None = None, block_mask_cases=BLOCK_MASK_
     for name in block_mask_cases:
         mod = get_mask_fn(name, **params_of[name])
         ours = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda"))
-        tile_bounds.USE_BOUNDS = False
-        try:
-            elementwise = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda"))
-            ours_elementwise = create_block_mask(mod, None, None, n, n, device="cuda").states
-        finally:
-            tile_bounds.USE_BOUNDS = True
+        elementwise = _median_s(lambda: _elementwise_block_mask(mod, n))
+        ours_elementwise = _elementwise_block_mask(mod, n).states
         ours_compiled = _median_s(lambda: create_block_mask(mod, None, None, n, n, device="cuda", _compile=True)) \
             if with_our_compiled else None
         ours_states = create_block_mask(mod, None, None, n, n, device="cuda").states

@@ -15,11 +15,12 @@ import time
 
 import torch
 
-from .bench_profile import describe, graphed, profile_row
-from .block_build import EMPTY, FULL, PARTIAL, tile_elements
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
-from .mods.registry import get_mask_fn
-from .wrapper import FlexFlashInfer
+from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL, tile_elements
+from flex_flash_infer.mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
+from flex_flash_infer.mods.registry import get_mask_fn
+from flex_flash_infer.wrapper import FlexFlashInfer
+
+from .profile import describe, graphed, profile_row
 from .provenance import source_commit
 
 SEED = 1234
@@ -197,8 +198,8 @@ def identity_score_mod(score, b, h, q_idx, kv_idx):
 def score_mod_cases():
     """name -> (mask name, score_mod, FlashInfer native kwargs or None): #4's score_mod rows, and
     identity+causal, which isolates the cost of running any score_mod variant."""
-    from .mods import (generate_alibi_score_mod, generate_relative_position_bias_score_mod,
-                       generate_softcap_score_mod)
+    from flex_flash_infer.mods import (generate_alibi_score_mod, generate_relative_position_bias_score_mod,
+                                       generate_softcap_score_mod)
 
     table = torch.randn(32, 257, generator=torch.Generator().manual_seed(SEED)) * 0.5
     # FlashInfer's own soft cap (fa3) and ALiBi (fa2 only) as the native rows: what the same
@@ -238,7 +239,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
                dtype=torch.bfloat16, with_flex=True, score_mod=None, device="cuda", profile=False):
     """The rows of one case. device is "cuda" but for the CPU tests of this orchestration, which
     run it on the CPU model of FlashInfer's kernels. profile: every timed row also gets its host
-    time, GPU kernels (bench_profile), and our call replayed from a CUDA graph is timed beside."""
+    time, GPU kernels (profile.py), and our call replayed from a CUDA graph is timed beside."""
     import flashinfer
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask  # eager: built once
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
@@ -356,13 +357,17 @@ def print_table(rows):
 
 
 def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True, profile=False):
-    import flashinfer
     import torch._dynamo
 
     # One compiled flex_attention per mask_mod: lift dynamo's recompile limit (default 8), past
-    # which torch silently falls back to the unfused eager path.
-    torch._dynamo.config.cache_size_limit = 256
-    torch._dynamo.config.accumulated_cache_size_limit = 4096
+    # which torch silently falls back to the unfused eager path; for this run only.
+    with torch._dynamo.config.patch(cache_size_limit=256, accumulated_cache_size_limit=4096):
+        return _run_benchmark(seq_lens, cases, out_path, with_flex, profile)
+
+
+def _run_benchmark(seq_lens, cases, out_path, with_flex, profile):
+    import flashinfer
+
     device = torch.cuda.get_device_name()
     if out_path is None:
         os.makedirs("benchmarks/results", exist_ok=True)
