@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import torch
 
+from . import nan_merge
 from .bands import Band
 from .mask_eval import INDEX_DTYPE
 from .mods.hints import ConstantBeyond
@@ -115,7 +116,7 @@ class FarSplitBands:
             for band in self.far_bands:
                 rows = slice(b * q_len + band.q_start, b * q_len + band.q_end)
                 o, s = self._far(q[rows], k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end], band)
-                self.merge_in_place(out[rows], lse[rows], o, s.add_(self.shift))   # s: this call's own
+                nan_merge.merge_state_in_place(self.merge_in_place, out[rows], lse[rows], o, s.add_(self.shift))
         return (out, lse) if return_lse else out
 
 

@@ -20,6 +20,7 @@ import torch
 
 from .autograd import FORWARD_ONLY, anchored, forward_only, learned_inputs, needs_grad
 from .backend_choice import check_backend_name
+from . import nan_merge
 from .notices import warn_once
 from .flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
 from .mask_eval import INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate_mask_mod, evaluate_score_mod, mask_dependence
@@ -245,7 +246,8 @@ def _run_launches(launches, q, cache, return_lse=True):
     if not return_lse and len(runs) == 1:
         return runs[0][0].run(q, cache, *runs[0][1]), None
     results = [w.run(q, cache, *args, return_lse=True) for w, args in runs]
-    out, lse = results[0] if len(results) == 1 else flashinfer.merge_state(*results[0], *results[1])
+    out, lse = results[0] if len(results) == 1 else nan_merge.merge_state(flashinfer.merge_state, *results[0],
+                                                                          *results[1])
     return out, lse * LN2
 
 

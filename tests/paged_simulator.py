@@ -46,10 +46,13 @@ def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_pa
 
 
 def merge_state(o_a, s_a, o_b, s_b):
-    m = torch.maximum(s_a, s_b)
+    """FlashInfer's merge_state (cascade.cuh): the larger LSE by fmaxf and the differences clamped
+    with it, so a NaN LSE gets weight 0: the output keeps the NaN (0 * NaN), the LSE loses it."""
+    m = torch.fmax(s_a, s_b)
     m = torch.where(torch.isinf(m), 0.0, m)
-    w_a, w_b = torch.exp2(s_a - m), torch.exp2(s_b - m)
+    w_a = torch.exp2(torch.fmax(s_a - m, torch.tensor(-math.inf, dtype=s_a.dtype)))
+    w_b = torch.exp2(torch.fmax(s_b - m, torch.tensor(-math.inf, dtype=s_b.dtype)))
     total = w_a + w_b
     safe = torch.where(total > 0, total, 1.0)
-    out = (o_a * w_a.unsqueeze(-1) + o_b * w_b.unsqueeze(-1)) / safe.unsqueeze(-1)
+    out = (o_a * (w_a / safe).unsqueeze(-1) + o_b * (w_b / safe).unsqueeze(-1))
     return out, torch.log2(total) + m

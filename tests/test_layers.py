@@ -29,7 +29,7 @@ LAYERS = [
     # compile: FlashInfer variants generated from traced mods
     ("compile", {"codegen", "variant", "variant_paged"}),
     # core: tracing and evaluating mods, argument checks, warnings
-    ("core", {"trace", "mask_eval", "validation", "notices"}),
+    ("core", {"trace", "mask_eval", "validation", "notices", "nan_merge"}),
 ]
 
 
