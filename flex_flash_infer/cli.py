@@ -117,6 +117,8 @@ def build_parser():
     bench.add_argument("--decode", action="store_true", help="paged decode instead (flex_flash_infer_bench/decode.py)")
     bench.add_argument("--varlen", action="store_true",
                        help="packed varlen prefill instead (flex_flash_infer_bench/varlen.py)")
+    bench.add_argument("--cpu", action="store_true",
+                       help="the reference backend on this CPU against torch's eager flex_attention (no GPU needed)")
     warm = sub.add_parser("warmup", help="compile FlashInfer kernels ahead of first use (CUDA)")
     warm.add_argument("--dtype", nargs="+", choices=["bf16", "fp16"], default=["bf16"])
     warm.add_argument("--head-dim", type=int, nargs="+", default=[128])
@@ -250,10 +252,15 @@ def main(argv=None) -> int:
     command = args.command or "demo"
     device = getattr(args, "device", None) or _default_device()
     on_cuda = torch.device(device).type == "cuda"
-    if command in ("bench", "warmup") and not torch.cuda.is_available():
+    if command in ("bench", "warmup") and not torch.cuda.is_available() and not getattr(args, "cpu", False):
         print(f"{command} needs a CUDA GPU with flashinfer installed", file=sys.stderr)
         return 2
     if command == "bench":   # the benchmarks are a package above the library: imported here only
+        if args.cpu:
+            from flex_flash_infer_bench.cpu import run_cpu_benchmark
+
+            run_cpu_benchmark(args.out, tuple(args.seq_lens) if args.seq_lens != [8192, 32768] else (2048, 8192))
+            return 0
         if args.plan:
             from flex_flash_infer_bench.planning import run_plan_benchmark
 

@@ -1,4 +1,5 @@
 """The command line: `python -m flex_flash_infer [check|demo]` (CPU: reference backend vs SDPA)."""
+import json
 import os
 import pathlib
 import re
@@ -161,3 +162,14 @@ def test_source_commit_names_the_checkout_or_the_stamp_file(tmp_path, monkeypatc
     assert provenance.source_commit() is None
     (tmp_path / "SOURCE_COMMIT").write_text("abc1234\n")
     assert provenance.source_commit() == "abc1234"
+
+
+def test_bench_cpu_runs_without_a_gpu_and_writes_checked_rows(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    assert cli.main(["bench", "--cpu", "--seq-lens", "200", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["mask"] for r in result["rows"]] == ["causal", "sliding_window"]
+    for row in result["rows"]:
+        assert row["seq_len"] == 200 and row["ours_ms"] > 0 and row["torch_eager_ms"] > 0
+        assert max(row["max_error_vs_float64"].values()) < 1e-4
+    assert result["cores"] >= 1 and "torch" in result and "sliding window" in capsys.readouterr().out
