@@ -7,19 +7,19 @@ request-local (qo_idx, kv_idx) to absolute positions with three small per-reques
 returns score_mod(score, b, h, q, kv); the softmax then runs in base 2 with log2(e) as its scale.
 
 Status: compiled against FlashInfer's headers in CPU tests (nvcc, no GPU), run by
-score_mod_kernels.ScoreModBands, and checked against the reference on an H100 (17 GPU tests,
-2026-11-25). That run was 2.9-3.5x slower than the same mask without a score_mod. The SASS of the
+score_mod_kernels.ScoreModBands, and checked against the reference by the GPU tests. Its first
+version was 2.9-3.5x slower than the same mask without a score_mod. The SASS of the
 softcap kernel (ptxas for sm_90a, no GPU) showed why: the scale, a double kernel argument, was
 reloaded and converted (F2F.F32.F64, on the exp2 unit) for every score. The scale and every
 captured number or stride are now read once in the constructor, a division by such a value is a
 multiplication, tanh is one tanh.approx, and the padding guard is emitted only where a captured
-table is read per score; run 5 on the H100 measured softcap 2.3x and alibi 2.1x faster than before.
-After that run, ints of known small range (positions, their differences) convert to float with a
+table is read per score: on the H100 softcap then ran 2.3x and alibi 2.1x faster than before.
+After that, ints of known small range (positions, their differences) convert to float with a
 bit trick instead of I2F (alibi's kernel: 384 I2F before, none after, by ptxas on the CPU).
 
 fa2_score_mod_variant (any FlashInfer GPU, and FlashInfer's masked path) compiles as device code
-against FlashInfer's headers in CPU tests and passed its GPU tests with fa2 forced on an H100
-(2026-11-25); GPUs before Hopper run it by default.
+against FlashInfer's headers in CPU tests and passed its GPU tests with fa2 forced on an H100;
+GPUs before Hopper run it by default.
 """
 from __future__ import annotations
 

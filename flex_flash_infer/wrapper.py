@@ -102,7 +102,7 @@ class FlexFlashInfer:
         create_block_mask(_compile=True)): about a second of compiling the first time a mask
         function, its captured values or the shape change, then a build that never writes the mask
         to memory (the build alone: 6.3 ms instead of 118 ms for a 131072-token causal mask on an
-        H100 80GB HBM3, 2026-11-25). Not with cu_seqlens (each sequence's index would be a new
+        H100). Not with cu_seqlens (each sequence's index would be a new
         captured value).
         """
         mask_mod = noop_mask if mask_fn is None else as_mask_mod(mask_fn, "mask_fn")

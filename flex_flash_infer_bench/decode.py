@@ -5,7 +5,7 @@ fa3 paged prefill kernel with one query per request on the same cache.
 
 Batch 64, contexts of 8192 tokens, 32 query / 8 KV heads, head_dim 128, page size 16, bf16;
 causal, sliding_window(1024), and causal with Gemma's logit soft cap as a score_mod (FlashInfer's
-wrappers with their own logits_soft_cap; first run on an H200, 2026-12-01). GB/s counts the K and V
+wrappers with their own logits_soft_cap). GB/s counts the K and V
 bytes the mask makes visible. Each implementation is checked against the float32 reference before
 it is timed; one process. The flex_flash_infer row also holds plan_ms: one plan() (a decode step's
 host work), warm, median of 5.
