@@ -8,9 +8,9 @@ from typing import Callable
 
 import torch
 
-from .block_build import EMPTY, FULL, PARTIAL, ceil_div, ordered_indices, states_from_tables
+from .block_build import EMPTY, FULL, PARTIAL, ceil_div, classify_query_tiles, ordered_indices, states_from_tables
 from .tile_bounds import classify_tiles
-from .mask_eval import as_mask_mod, evaluate_mask_mod, index_grid
+from .mask_eval import as_mask_mod, evaluate_mask_mod, index_grid, mask_dependence
 from .mods.combinators import noop_mask
 from .validation import check_device, check_positive_int
 
@@ -112,8 +112,37 @@ class BlockMask:
     def from_torch(cls, torch_block_mask) -> "BlockMask":
         """Convert a torch.nn.attention.flex_attention.BlockMask."""
         t = torch_block_mask
-        return cls(t.seq_lengths, t.kv_num_blocks, t.kv_indices, t.full_kv_num_blocks,
+        mask = cls(t.seq_lengths, t.kv_num_blocks, t.kv_indices, t.full_kv_num_blocks,
                    t.full_kv_indices, t.BLOCK_SIZE, t.mask_mod)
+        return mask._settle_padded_query_tiles()
+
+    def _settle_padded_query_tiles(self) -> "BlockMask":
+        """torch evaluates a length that is not a multiple of the query block with the padded
+        rows too, which leaves the last query tile's fully visible tiles partial (a causal mask
+        of 1000 tokens then looked like a window plus key columns to the planner). Partial tiles
+        of that row that are fully visible (or hidden) on its real rows become full (or empty):
+        the same attention, since a partial tile shows exactly what mask_mod shows."""
+        (q_len, kv_len), (bq, bkv) = self.seq_lengths, self.BLOCK_SIZE
+        states = self.states
+        if q_len % bq == 0 or self.mask_mod is None or not bool((states[:, :, -1] == PARTIAL).any()):
+            return self
+        try:   # a mask_mod that cannot be asked at b = 1 or h = 1 (a table of one entry) stays as it is
+            uses_b, uses_h = mask_dependence(self.mask_mod, 2, 2, q_len, kv_len, self.device)
+        except Exception:
+            return self
+        if (uses_b and states.shape[0] == 1) or (uses_h and states.shape[1] == 1):
+            return self   # a table broadcast over b or h: its partial tiles hold for every b or h
+        exact = torch.zeros_like(states)
+        nq = states.shape[2]
+        classify_query_tiles(self.mask_mod, exact, nq - 1, nq, q_len, kv_len, bq, bkv, 1 << 22)
+        last = states[:, :, -1]
+        settled = states.clone()
+        settled[:, :, -1] = torch.where((last == PARTIAL) & (exact[:, :, -1] != PARTIAL), exact[:, :, -1], last)
+        kv_num, kv_idx = ordered_indices(settled == PARTIAL)
+        full_num, full_idx = ordered_indices(settled == FULL)
+        mask = BlockMask(self.seq_lengths, kv_num, kv_idx, full_num, full_idx, self.BLOCK_SIZE, self.mask_mod)
+        mask._states = settled
+        return mask
 
     def to_torch(self):
         """Convert to a torch.nn.attention.flex_attention.BlockMask."""

@@ -153,3 +153,32 @@ def test_chunks_shrink_for_masks_that_differ_per_head():
 
     create_block_mask(per_head, 2, 8, 1000, 1000, device="cpu", chunk_elements=1 << 18)
     assert seen["max"] <= 1 << 18
+
+
+def test_a_torch_mask_of_odd_length_keeps_its_route_and_its_answer():
+    """torch marks the last query tile's visible tiles partial at a length that is not a multiple
+    of the block (it evaluates the padded rows): converted, they are settled on the real rows, so a
+    causal mask of 1000 tokens is one causal band again (it planned as a window plus key columns),
+    with the same attention; a table broadcast over b is left as it is for a mask that reads b."""
+    from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
+
+    from flex_flash_infer import flex_attention
+
+    def causal(b, h, q, kv):
+        return q >= kv
+
+    converted = BlockMask.from_torch(torch_block_mask(causal, None, None, 1000, 1000, device="cpu"))
+    assert converted.plan(4, 2).route == "bands"
+    assert torch.equal(converted.states, create_block_mask(causal, None, None, 1000, 1000, device="cpu").states)
+    q, k, v = (torch.randn(1, 4, 1000, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=converted),
+                               flex_attention(q, k, v, block_mask=create_block_mask(causal, None, None, 1000, 1000,
+                                                                                    device="cpu")))
+
+    def per_batch(b, h, q, kv):
+        return (q >= kv) & (kv >= 300 * b)
+
+    broadcast = torch_block_mask(per_batch, 1, None, 1000, 1000, device="cpu")
+    assert torch.equal(BlockMask.from_torch(broadcast).states, BlockMask(
+        broadcast.seq_lengths, broadcast.kv_num_blocks, broadcast.kv_indices, broadcast.full_kv_num_blocks,
+        broadcast.full_kv_indices, broadcast.BLOCK_SIZE, per_batch).states)
