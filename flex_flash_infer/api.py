@@ -10,7 +10,6 @@ from .block_mask import check_block_mask, full_block_mask
 from .flashinfer_backend import FlashInferPlan
 from .mask_eval import check_score_mod
 from .reference import reference_attention, reference_gradients
-from .score_mod_kernels import UnsupportedOnFlashInfer
 from .notices import warn_once
 from .trace import TraceError
 from .validation import check_bhsd, check_scale
@@ -111,7 +110,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         try:
             plan = flashinfer_plan_for(block_mask, B, L, S, Hq, Hkv, E, query.dtype, sm_scale, query.device, score_mod,
                                        route)
-        except (UnsupportedOnFlashInfer, TraceError) as e:
+        except TraceError as e:
             if backend == "flashinfer":
                 raise
             warn_once(f"flex_flash_infer: running on the slow reference backend because {e}")

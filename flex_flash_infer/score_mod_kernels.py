@@ -19,10 +19,6 @@ from .trace import trace
 from .variant import fa2_score_mod_variant, fa3_score_mod_variant, graph_values
 
 
-class UnsupportedOnFlashInfer(ValueError):
-    """This call cannot run on the FlashInfer backend (the caller falls back to the reference)."""
-
-
 class ScoreModBands:
     """Planned launches of bands with a compiled score_mod, on fa3 (Hopper) or fa2 (older GPUs:
     the variant also applies the sliding window, as FlashInfer's own fa2 variant does). run()

@@ -15,7 +15,6 @@ from .flashinfer_backend import FlashInferPlan
 from .mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
 from .reference import reference_attention, reference_gradients
-from .score_mod_kernels import UnsupportedOnFlashInfer
 from . import varlen
 from .trace import TraceError
 from .varlen import single_band_flags
@@ -143,7 +142,7 @@ class FlexFlashInfer:
                         plan = FlashInferPlan(block_mask, 1, q1 - q0, kv1 - kv0, num_qo_heads, num_kv_heads,
                                               head_dim, dtype, scale if scale is not None else head_dim ** -0.5,
                                               self.device, self.workspace_buffer, score_mod=seq_score)
-                    except (UnsupportedOnFlashInfer, TraceError) as e:
+                    except TraceError as e:
                         if self.backend == "flashinfer":
                             raise
                         warn_once(f"flex_flash_infer: running on the slow reference backend because {e}")
