@@ -161,6 +161,11 @@ class PagedFlexAttention:
                                     (q, k_cache, v_cache, *p["learned"]))
         else:
             out, lse = _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse)
+        if lse is not None:
+            # FlashInfer's decode kernel merges its split-KV parts in the kernel as merge_state does,
+            # weighing a NaN part 0: a NaN query row gets its NaN LSE back here (q is small), unless
+            # the row sees no key (-inf, as torch)
+            lse = lse.masked_fill(torch.isnan(q).any(-1) & (lse != float("-inf")), float("nan"))
         return (out, lse) if return_lse else out
 
 

@@ -150,6 +150,31 @@ def test_paged_nan(flashinfer_on_cpu, rng, backend, where):
     _assert_nan_exactly_where(out, lse, nan_rows, ref_out, ref_lse)
 
 
+def test_a_paged_nan_query_row_keeps_its_nan_lse_when_the_kernel_drops_it(flashinfer_on_cpu, rng, monkeypatch):
+    """FlashInfer's decode kernel merges its split-KV parts as merge_state does and can give a NaN
+    query row a finite LSE (the H200's GPU test): run() puts the NaN back from the query itself,
+    and keeps -inf for a row that sees no key."""
+    from flex_flash_infer import paged
+
+    q, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, [40, 70], [1, 1], 16)
+    q[1, 2] = math.nan
+    real = paged._run_launches
+
+    def dropping(*args, **kwargs):   # the kernel's behaviour on the GPU: a number for the NaN row
+        out, lse = real(*args, **kwargs)
+        return out, torch.where(torch.isnan(lse), 1.5, lse)
+
+    monkeypatch.setattr(paged, "_run_launches", dropping)
+    attn = PagedFlexAttention(device="cpu", backend="flashinfer")
+    attn.plan(get_mask_fn("causal"), qo_indptr, kv_indptr, indices, last, 4, 2, 16, 16, dtype=torch.float64)
+    out, lse = attn.run(q, (kc, vc), return_lse=True)
+    assert torch.isnan(lse[1, 2]) and torch.isnan(lse).sum() == 1 and torch.isnan(out[1, 2]).all()
+    attn.plan(lambda b, h, q_idx, kv_idx: kv_idx < 0, qo_indptr, kv_indptr, indices, last, 4, 2, 16, 16,
+              dtype=torch.float64)
+    out, lse = attn.run(q, (kc, vc), return_lse=True)
+    assert torch.isneginf(lse).all()   # nothing visible: -inf, NaN query or not
+
+
 def test_a_plus_inf_score_gives_lse_inf_and_nan_only_where_torch_has_it():
     """A score_mod that sends some scores to +inf: torch gives those rows LSE +inf and NaN output,
     and a key no such row sees keeps a finite gradient (fuzz case 5012:93 gave LSE NaN and NaN dv)."""
