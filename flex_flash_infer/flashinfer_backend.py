@@ -192,7 +192,6 @@ class FlashInferPlan:
         self.num_kv_tiles = ceil_div(kv_len, block_kv)
         self.shape = plan.shape
         self.group_size = num_qo_heads // num_kv_heads
-        self.per_head = plan.route.startswith("tiles-per-head")
         self.head_major = plan.head_major
         self.bands = list(plan.bands)
         self.groups = []
