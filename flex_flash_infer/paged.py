@@ -18,9 +18,9 @@ import math
 
 import torch
 
+from . import nan_merge
 from .autograd import FORWARD_ONLY, anchored, forward_only, learned_inputs, needs_grad
 from .backend_choice import check_backend_name
-from . import nan_merge
 from .notices import warn_once
 from .flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
 from .mask_eval import INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate_mask_mod, evaluate_score_mod, mask_dependence

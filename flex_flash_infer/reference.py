@@ -198,7 +198,6 @@ def tile_sparse_attention(query, key, value, block_mask, scale):
             continue
         first, last = int(tiles[0]), int(tiles[-1]) + 1
         if tiles.numel() >= SLICE_SHARE * (last - first):
-            tiles = torch.arange(first, last)
             keys = torch.arange(first * bkv, min(S, last * bkv))
             k, v = key[:, :, keys[0]:keys[-1] + 1], value[:, :, keys[0]:keys[-1] + 1]
         else:
