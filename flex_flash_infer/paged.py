@@ -161,7 +161,7 @@ class PagedFlexAttention:
                                     (q, k_cache, v_cache, *p["learned"]))
         else:
             out, lse = _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse)
-        if lse is not None:
+        if lse is not None and p["plan"].decode:
             # FlashInfer's decode kernel merges its split-KV parts in the kernel as merge_state does,
             # weighing a NaN part 0: a NaN query row gets its NaN LSE back here (q is small), unless
             # the row sees no key (-inf, as torch)
