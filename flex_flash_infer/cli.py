@@ -109,7 +109,10 @@ def build_parser():
     bench.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768])
     bench.add_argument("--cases", nargs="+", default=None, help="default: all")
     bench.add_argument("--out", default=None, help="default: benchmarks/results/<device>.json")
-    bench.add_argument("--no-flex", action="store_true", help="skip torch FlexAttention")
+    bench.add_argument("--head-dims", type=int, nargs="+", default=[128, 64],
+                       help="mask cases at each (score_mod cases at 128 only)")
+    bench.add_argument("--no-flex", action="store_true",
+                       help="skip torch FlexAttention (its Triton and FlashAttention-4 backends)")
     bench.add_argument("--profile", action="store_true",
                        help="also each row's host time and GPU kernels, and our call replayed from a CUDA graph")
     bench.add_argument("--plan", action="store_true",
@@ -278,7 +281,8 @@ def main(argv=None) -> int:
             return 0
         from flex_flash_infer_bench.masks import run_benchmark
 
-        run_benchmark(tuple(args.seq_lens), args.cases, args.out, with_flex=not args.no_flex, profile=args.profile)
+        run_benchmark(tuple(args.seq_lens), args.cases, args.out, with_flex=not args.no_flex, profile=args.profile,
+                      head_dims=tuple(args.head_dims))
         return 0
     if command == "warmup":
         from .warmup import KINDS, warmup

@@ -7,6 +7,7 @@ timings after warm-up. TFLOP/s counts visible (q, kv) pairs only: 4 * pairs * he
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -172,6 +173,16 @@ def raising(error: Exception):
     return failed
 
 
+def fa4_missing() -> str | None:
+    """None when torch FlexAttention can run on FlashAttention-4 here (kernel_options BACKEND
+    "FLASH": flash-attn-4's CuTe DSL kernels, not shipped with torch), else why not."""
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception as e:   # ImportError, or a CUTLASS DSL that fails to load its libraries
+        return f"FlashAttention-4 not importable ({type(e).__name__}: {str(e)[:120]}); see ../shared/gpu/fetch-fa4.sh"
+    return None
+
+
 def count_visible_pairs(block_mask) -> float:
     """Exact count of visible pairs per query head (the mean over heads of a per-head mask):
     full tiles whole, partial tiles evaluated."""
@@ -294,6 +305,16 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         qh, kh, vh = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
         impls["torch_flex"] = lambda: compiled(qh, kh, vh, score_mod=score_mod, block_mask=tbm,
                                                enable_gqa=True)[0].transpose(0, 1)
+        # the same call on FlashAttention-4's kernels, as a Hopper user who installed flash-attn-4
+        # runs it: one compile per mask, static shapes, torch's own block mask
+        missing = fa4_missing()
+        if missing:
+            impls["torch_flex_fa4"] = raising(RuntimeError(missing))
+        else:
+            fa4 = torch.compile(functools.partial(torch_flex_attention, kernel_options={"BACKEND": "FLASH"}),
+                                dynamic=False)
+            impls["torch_flex_fa4"] = lambda: fa4(qh, kh, vh, score_mod=score_mod, block_mask=tbm,
+                                                  enable_gqa=True)[0].transpose(0, 1)
     if sdpa_causal is not None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -330,7 +351,8 @@ def print_table(rows):
     by_case = {}
     for r in rows:
         by_case.setdefault((r["case"], r["seq_len"], r["head_dim"]), {})[r["impl"]] = r
-    header = f"{'case':16s} {'S':>6s} {'D':>4s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flex ms':>8s} {'x flex':>7s} {'native':>8s} {'x nat':>6s} {'cudnn':>7s} route"
+    header = (f"{'case':16s} {'S':>6s} {'D':>4s} {'ours ms':>8s} {'TFLOP/s':>8s} {'fa4 ms':>8s} {'x fa4':>6s} "
+              f"{'flex ms':>8s} {'x flex':>7s} {'native':>8s} {'x nat':>6s} {'cudnn':>7s} route")
     print(header)
     print("-" * len(header))
     for (case, s, d), impls in by_case.items():
@@ -343,29 +365,32 @@ def print_table(rows):
 
         o = ours.get("ms")
         ratio_flex = ms("torch_flex") / o if o and ms("torch_flex") else None
+        ratio_fa4 = ms("torch_flex_fa4") / o if o and ms("torch_flex_fa4") else None
         ratio_nat = ms("flashinfer_native") / o if o and ms("flashinfer_native") else None
-        print(f"{case:16s} {s:6d} {d:4d} {fmt(o)} {fmt(ours.get('tflops'), 8, 0)} {fmt(ms('torch_flex'))} "
+        print(f"{case:16s} {s:6d} {d:4d} {fmt(o)} {fmt(ours.get('tflops'), 8, 0)} {fmt(ms('torch_flex_fa4'))} "
+              f"{fmt(ratio_fa4, 6, 2)} {fmt(ms('torch_flex'))} "
               f"{fmt(ratio_flex, 7, 2)} {fmt(ms('flashinfer_native'))} {fmt(ratio_nat, 6, 2)} {fmt(ms('sdpa_cudnn'), 7)} "
               f"{ours.get('route', '')} {ours.get('error', '')}")
         for impl, r in impls.items():
             if "error" in r and impl != "flex_flash_infer":
                 print(f"    {impl}: {r['error']}")
-            elif impl not in ("flex_flash_infer", "torch_flex", "flashinfer_native", "sdpa_cudnn"):
+            elif impl not in SPEC_IMPLS:
                 print(f"    {impl}: {r['ms']:.3f} ms, rel_err {r['rel_err']:.2e}")
             if describe(r):
                 print(f"      {impl}: {describe(r)}")
 
 
-def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True, profile=False):
+def run_benchmark(seq_lens=(8192, 32768), cases=None, out_path=None, with_flex=True, profile=False,
+                  head_dims=(128, 64)):
     import torch._dynamo
 
     # One compiled flex_attention per mask_mod: lift dynamo's recompile limit (default 8), past
     # which torch silently falls back to the unfused eager path; for this run only.
     with torch._dynamo.config.patch(cache_size_limit=256, accumulated_cache_size_limit=4096):
-        return _run_benchmark(seq_lens, cases, out_path, with_flex, profile)
+        return _run_benchmark(seq_lens, cases, out_path, with_flex, profile, head_dims)
 
 
-def _run_benchmark(seq_lens, cases, out_path, with_flex, profile):
+def _run_benchmark(seq_lens, cases, out_path, with_flex, profile, head_dims):
     import flashinfer
 
     device = torch.cuda.get_device_name()
@@ -386,8 +411,7 @@ def _run_benchmark(seq_lens, cases, out_path, with_flex, profile):
                 continue
             if name == "per_head_windows" and seq_len > 8192:
                 continue  # torch's eager block-mask build would hold a dense [32, S, S] mask
-            dims = (128, 64) if name in ("causal", "sliding_window") else (128,)
-            for d in dims:
+            for d in head_dims:
                 t0 = time.time()
                 new = case_or_report(failed, f"{name} {seq_len} d{d}", bench_case, name, seq_len, d, mod, native,
                                       sdpa, with_flex=with_flex, profile=profile)
@@ -398,7 +422,7 @@ def _run_benchmark(seq_lens, cases, out_path, with_flex, profile):
                 # saved after every case, so that a run cut short keeps what it measured
                 result = _save(out_path, device, flashinfer.__version__, earlier, rows, notes)
         for name, (mask_name, score_mod, native) in score_mod_cases().items():
-            if cases and name not in cases:
+            if (cases and name not in cases) or 128 not in head_dims:
                 continue
             t0 = time.time()
             new = case_or_report(failed, f"{name} {seq_len}", bench_case, name, seq_len, 128, masks[mask_name][0],
@@ -431,7 +455,7 @@ def case_or_report(failed: list, what: str, case, *args, **kwargs) -> list:
 
 # the speed issue's file: "rows" hold its four implementations; the library's alternative routes
 # and extra peers timed beside them go to "other_rows"
-SPEC_IMPLS = ("flex_flash_infer", "torch_flex", "flashinfer_native", "sdpa_cudnn")
+SPEC_IMPLS = ("flex_flash_infer", "torch_flex", "torch_flex_fa4", "flashinfer_native", "sdpa_cudnn")
 RESULT_FIELDS = ("device", "torch", "flashinfer", "date", "rows", "other_rows")
 # written by earlier versions, dropped when a file is rewritten
 OLD_FIELDS = ("switches",)
@@ -466,10 +490,10 @@ def markdown_table(result: dict) -> str:
              "bf16, batch 1, 32 query / 8 KV heads. ms = median; TFLOP/s counts visible pairs only; "
              "tile estimate = the full mask's time x the share of non-empty 128x128 tiles (its whole-tile "
              "work alone), and ours / estimate should stay under 1.20.", "",
-             "| case | S | D | route | ours ms | TFLOP/s | torch flex ms | speed-up vs flex | FlashInfer native ms "
-             "| vs native | cuDNN ms | ours / tile estimate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    speedups, score_costs = [], []
+             "| case | S | D | route | ours ms | TFLOP/s | FA4 flex ms | vs FA4 | Triton flex ms | vs Triton "
+             "| FlashInfer native ms | vs native | cuDNN ms | ours / tile estimate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    speedups, fa4_speedups, score_costs = [], [], []
     for (case, s, d), impls in sorted(cases.items(), key=key):
         ours = impls.get("flex_flash_infer", {})
 
@@ -481,20 +505,25 @@ def markdown_table(result: dict) -> str:
             return fmt.format(x) if x is not None else "-"
 
         o = ours.get("ms")
-        flex, native = ms("torch_flex"), ms("flashinfer_native")
+        flex, fa4, native = ms("torch_flex"), ms("torch_flex_fa4"), ms("flashinfer_native")
         full_ms = cases.get(("full", s, d), {}).get("flex_flash_infer", {}).get("ms")
         estimate = (full_ms * ours["tiles_nonempty"] / ours["tiles_total"]
                     if full_ms and "tiles_nonempty" in ours else None)
         note = ours.get("error", "")
-        if "error" in impls.get("torch_flex", {}):
-            note += " flex: " + impls["torch_flex"]["error"][:60]
+        for peer in ("torch_flex", "torch_flex_fa4"):
+            if "error" in impls.get(peer, {}):
+                note += f" {peer}: " + impls[peer]["error"][:60]
         lines.append(
             f"| {case} | {s} | {d} | {ours.get('route', '-')} | {cell(o)} | {cell(ours.get('tflops'), '{:.0f}')} | "
+            f"{cell(fa4)} | {cell(fa4 / o if o and fa4 else None, '{:.2f}x')} | "
             f"{cell(flex)} | {cell(flex / o if o and flex else None, '{:.2f}x')} | {cell(native)} | "
             f"{cell(native / o if o and native else None, '{:.2f}x')} | {cell(ms('sdpa_cudnn'))} | "
             f"{cell(o / estimate if o and estimate else None, '{:.2f}')} |" + (f" {note}" if note else ""))
+        label = f"{case} {s}" + (f" d{d}" if d != 128 else "")
         if o and flex and case in ISSUE_CASES:
-            speedups.append((f"{case} {s}" + (f" d{d}" if d != 128 else ""), flex / o))
+            speedups.append((label, flex / o))
+        if o and fa4:
+            fa4_speedups.append((label, fa4 / o))
         plain_row = cases.get((case.split("+")[-1], s, d), {}).get("flex_flash_infer", {})
         plain = plain_row.get("ms")
         if "+" in case and o and plain:
@@ -506,6 +535,11 @@ def markdown_table(result: dict) -> str:
         under = [f"{name} ({x:.2f}x)" for name, x in speedups if x < 1.25]
         lines += ["", f"The speed issue's mask cases ({', '.join(ISSUE_CASES)}): geometric mean speed-up over torch "
                       f"flex {geomean:.2f}x over {len(speedups)} rows; under 1.25x: {', '.join(under) or 'none'}."]
+    if fa4_speedups:
+        geomean = math.exp(sum(math.log(x) for _, x in fa4_speedups) / len(fa4_speedups))
+        under = [f"{name} ({x:.2f}x)" for name, x in fa4_speedups if x < 1.0]
+        lines += ["", f"Against torch flex on FlashAttention-4: geometric mean speed-up {geomean:.2f}x over "
+                      f"{len(fa4_speedups)} rows; slower than it: {', '.join(under) or 'none'}."]
     if score_costs:
         lines += ["", "score_mod rows, our time over the same mask without a score_mod: " + ", ".join(score_costs) + "."]
     return "\n".join(lines)

@@ -4,7 +4,7 @@
 # them with scripts/prebuild_kernels.sh --kinds --dtypes bf16 fp16), score_mod cases from the
 # fuzzer's pool of five (each compiles its variants once), and the NaN/gradient GPU tests, side by
 # side as background jobs that outlive a call. After `source scripts/gpu_env.sh`:
-#   bash scripts/gpu_fuzz.sh start MINUTES SEED   the campaign, seeds SEED, SEED+1000, SEED+2000
+#   bash scripts/gpu_fuzz.sh start MINUTES SEED   the campaign, seeds SEED, SEED+1 (bf16), SEED+1000, SEED+1001 (fp16), SEED+2000 (score_mods)
 #   bash scripts/gpu_fuzz.sh wait SECONDS          wait (at most SECONDS), then copy logs and JSON to $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,11 @@ case "${1:-}" in
       setsid nohup python3 scripts/fuzz.py --device cuda --head-dims 128 --minutes "$minutes" --json $run/$name.json \
         "$@" > $run/$name.log 2>&1 &
     }
+    # two processes per mask dtype: the cases are host-bound (the oracle, planning), the machine has 16 cores
     fuzz masks-bf16 --dtypes bf16 --score-share 0 --seed "$seed"
+    fuzz masks-bf16b --dtypes bf16 --score-share 0 --seed $((seed + 1))
     fuzz masks-fp16 --dtypes fp16 --score-share 0 --seed $((seed + 1000))
+    fuzz masks-fp16b --dtypes fp16 --score-share 0 --seed $((seed + 1001))
     fuzz scores --dtypes bf16 fp16 --score-share 1 --seed $((seed + 2000))
     setsid nohup python3 -m pytest -q -p no:warnings -p no:cacheprovider tests/test_gpu_nan_grad.py tests/test_gpu.py \
       > $run/gpu-tests.log 2>&1 &

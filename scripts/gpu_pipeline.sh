@@ -18,9 +18,13 @@
 #   tests        every GPU test except the compiled score_mod ones
 #   examples     python examples/*.py on the GPU (each checks its own result)
 #   score-tests  the compiled score_mod and tile-variant tests (after the variants are built)
-#   bench-8k, bench-32k  python -m flex_flash_infer bench at 8192 (--profile) / 32768 tokens (JSON in the run dir)
+#   bench-8k, bench-32k, bench-8k-d64, bench-32k-d64  python -m flex_flash_infer bench at 8192 / 32768
+#                tokens, head_dim 128 / 64 (JSON in the run dir); profile-8k the same with --profile
+#   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
-#   fuzz         the differential fuzzer on the GPU (scripts/fuzz.py --device cuda)
+#   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001), with the NaN/gradient tests
+# FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
+# an earlier call copied .fa4a's libraries to /tmp/fa4.
 set -uo pipefail
 run_dir=/tmp/ffi_run
 case "${1:-}" in
@@ -76,23 +80,29 @@ case "${1:-}" in
           grep -h "ok\|FAILED" $run_dir/warm-score*.log
           python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "compiled_into" -p no:cacheprovider \
             >$run_dir/score_tests.log 2>&1; tail -n 15 $run_dir/score_tests.log ;;
-        bench-8k|bench-32k)
-          # 8192 with --profile: each row's host time and kernels, and our call replayed from a CUDA graph
-          n=$([ "$stage" = bench-8k ] && echo "8192 --profile" || echo 32768)
-          python3 -m flex_flash_infer bench --seq-lens $n --out "$run_dir/$stage.json" 2>&1 \
+        bench-8k|bench-32k|bench-8k-d64|bench-32k-d64|profile-8k)
+          # every peer (torch flex on Triton and, when installed, on FlashAttention-4) in one process;
+          # profile-8k: each row's host time and kernels, and our call replayed from a CUDA graph
+          case $stage in
+            bench-8k) a="8192 --head-dims 128" ;;          bench-8k-d64) a="8192 --head-dims 64" ;;
+            bench-32k) a="32768 --head-dims 128" ;;        bench-32k-d64) a="32768 --head-dims 64" ;;
+            profile-8k) a="8192 --head-dims 128 --profile" ;;
+          esac
+          python3 -m flex_flash_infer bench --seq-lens $a --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
+        peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
+          python3 scripts/peer_timing.py $run_dir/peer-timing.json >$run_dir/peer-timing.log 2>&1
+          tail -n 12 $run_dir/peer-timing.log ;;
         decode|varlen)
           python3 -m flex_flash_infer bench --$stage --out "$run_dir/$stage.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/$stage.log; tail -n 8 $run_dir/$stage.log ;;
         plan)
           python3 -m flex_flash_infer bench --plan --out "$run_dir/plan.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/plan.log; tail -n 12 $run_dir/plan.log ;;
-        fuzz)  # the differential fuzzer through the real kernels, against the float64 oracle
-          if [ -f scripts/fuzz.py ]; then
-            python3 scripts/fuzz.py --device cuda >$run_dir/fuzz.log 2>&1; tail -n 20 $run_dir/fuzz.log
-          else
-            echo "scripts/fuzz.py is not in this checkout"
-          fi ;;
+        fuzz)  # the differential fuzzer through the real kernels, and the NaN/gradient GPU tests
+          bash scripts/gpu_fuzz.sh start "${FUZZ_MINUTES:-8}" "${FUZZ_SEED:-9001}"
+          bash scripts/gpu_fuzz.sh wait $(( ${FUZZ_MINUTES:-8} * 60 + 120 ))
+          cp /tmp/gpu-fuzz/* $run_dir/ ;;
         *) echo "unknown stage $stage" ;;
       esac
     done

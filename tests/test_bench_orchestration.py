@@ -137,3 +137,31 @@ def test_profiled_case_on_the_cpu_model(cpu_bench, monkeypatch):
     assert "error" not in ours and ours["host_ms"] > 0 and ours["gpu_busy_ms"] == 0.1
     assert len(calls) == sum("ms" in r for r in rows.values())   # every timed row was profiled
     assert "error" in rows["ours_cuda_graph"]   # no CUDA graphs on the CPU: the row says so
+
+
+def test_markdown_table_compares_with_flex_on_flashattention4():
+    def row(case, impl, ms, **extra):
+        return {"case": case, "seq_len": 8192, "head_dim": 128, "impl": impl, "ms": ms, **extra}
+
+    result = {"device": "H200", "torch": "2.11", "flashinfer": "0.7.2", "date": "2026-12-04", "rows": [
+        row("causal", "flex_flash_infer", 0.8, route="bands"), row("causal", "torch_flex_fa4", 0.9),
+        row("causal", "torch_flex", 1.4),
+        row("streaming", "flex_flash_infer", 0.4, route="bands+columns"), row("streaming", "torch_flex_fa4", 0.3),
+        {"case": "prefix_lm", "seq_len": 8192, "head_dim": 128, "impl": "torch_flex_fa4",
+         "error": "RuntimeError: FlashAttention-4 not importable"},
+        row("prefix_lm", "flex_flash_infer", 1.0, route="bands")]}
+    table = masks.markdown_table(result)
+    causal = next(line for line in table.splitlines() if line.startswith("| causal |"))
+    assert "| 0.900 | 1.12x | 1.400 | 1.75x |" in causal
+    assert "torch_flex_fa4: RuntimeError: FlashAttention-4 not importable" in table
+    # geometric mean of 0.9/0.8 and 0.3/0.4; the slower row is named
+    assert "geometric mean speed-up 0.92x over 2 rows; slower than it: streaming 8192 (0.75x)" in table
+
+
+def test_fa4_peer_says_why_it_is_missing():
+    try:
+        import flash_attn.cute  # noqa: F401
+        pytest.skip("FlashAttention-4 is installed here")
+    except Exception:
+        pass
+    assert "fetch-fa4.sh" in masks.fa4_missing()
