@@ -21,6 +21,7 @@
 #   bench-8k, bench-32k, bench-8k-d64, bench-32k-d64  python -m flex_flash_infer bench at 8192 / 32768
 #                tokens, head_dim 128 / 64 (JSON in the run dir); profile-8k the same with --profile
 #   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
+#   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 #   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001), with the NaN/gradient tests
 # FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
@@ -90,6 +91,9 @@ case "${1:-}" in
           esac
           python3 -m flex_flash_infer bench --seq-lens $a --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
+        formulations)   # issue 22's leads against ours and FA4 (scripts/formulations.py)
+          python3 scripts/formulations.py $run_dir/formulations.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/formulations.log; tail -n 40 $run_dir/formulations.log ;;
         peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
           python3 scripts/peer_timing.py $run_dir/peer-timing.json >$run_dir/peer-timing.log 2>&1
           tail -n 12 $run_dir/peer-timing.log ;;
