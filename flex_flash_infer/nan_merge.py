@@ -2,7 +2,12 @@
 differences with it too, so a NaN LSE (a NaN query row, or a NaN key the row sees) gets weight 0:
 the merged output stays NaN (0 * NaN) but the merged LSE becomes the other part's number. Every
 merge of the library's routes goes through these, which put the NaN back (an [rows, heads]
-elementwise pass)."""
+elementwise pass).
+
+FlashInfer's fa2 kernels merge the same way inside a launch when they split a request's keys
+across thread blocks (split-KV): a row that sees a NaN key came back with a NaN output but a
+finite LSE (the GPU fuzzer, tiles route, H200). Every prefill plan of the library passes
+disable_split_kv=True (fa3 has no split; fa2 then runs one block per query tile and head)."""
 from __future__ import annotations
 
 import torch

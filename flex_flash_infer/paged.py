@@ -24,6 +24,7 @@ from .backend_choice import check_backend_name
 from .notices import warn_once
 from .flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
 from .mask_eval import INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate_mask_mod, evaluate_score_mod, mask_dependence
+from .native_soft_cap import native_soft_cap
 from .paged_kernels import paged_request_tables, paged_variants
 from .paged_plan import plan_paged
 from .trace import TraceError, trace
@@ -70,8 +71,13 @@ class PagedFlexAttention:
         # probed at position 0 alone: the only one every cache with a key holds (a mask indexing a
         # table as long as the cache failed on positions 1..3 of a one-token cache)
         per_head = num_qo_heads > 1 and mask_dependence(mod, 1, num_qo_heads, 1, 1, self.device)[1]
+        # the library's soft cap runs as FlashInfer's own logits_soft_cap: no compiled variant (no
+        # compile, and the plan may use FlashInfer's window); a per-head mask compiles a variant
+        # that takes the score_mod with it
+        soft_cap = None if score_mod is None or per_head else native_soft_cap(score_mod, num_qo_heads)
+        kernel_score_mod = None if soft_cap is not None else score_mod
         plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device,
-                          heads=num_qo_heads if per_head else 1)
+                          heads=num_qo_heads if per_head else 1, native_window=kernel_score_mod is None)
         scale = check_scale(scale)
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         backend = self.backend
@@ -84,12 +90,12 @@ class PagedFlexAttention:
         # FlashInfer's kernels give NaN for a negative sm_scale: the launches take |scale| and run()
         # negates the query (scale * q.k = |scale| * (-q).k exactly); the reference keeps the scale
         kernel_scale = abs(scale)
-        if backend == "flashinfer" and (score_mod is not None or per_head):
+        if backend == "flashinfer" and (kernel_score_mod is not None or per_head):
             try:
                 mask_graph = trace(mod, "mask_mod") if per_head else None
                 # decode on fa2: FlashInfer's fa2 kernels fold a GQA group's heads into the query
                 # rows (its tensor-core decode is that kernel), so each page is read once per group
-                variants = paged_variants(score_mod, mask_graph, plan, heads, dtype, kernel_scale, page_size,
+                variants = paged_variants(kernel_score_mod, mask_graph, plan, heads, dtype, kernel_scale, page_size,
                                           self.device, _is_hopper(self.device) and not plan.decode)
             except TraceError as e:
                 if self.backend == "flashinfer":
@@ -97,8 +103,9 @@ class PagedFlexAttention:
                 warn_once(f"flex_flash_infer: the paged cache runs on the slow reference backend because {e}")
                 backend = "reference"
         if backend == "flashinfer":
-            launches = self._launches(plan, heads, page_size, dtype, kernel_scale, variants)
+            launches = self._launches(plan, heads, page_size, dtype, kernel_scale, variants, soft_cap)
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
+                             soft_cap=soft_cap,
                              learned=learned_inputs(score_mod, self.device) if launches is not None else [],
                              scale=scale, negate_query=scale < 0, page_size=page_size, heads=heads, dtype=dtype,
                              tables=(torch.as_tensor(qo_indptr).long().to(self.device),
@@ -107,19 +114,19 @@ class PagedFlexAttention:
                                      torch.as_tensor(kv_last_page_len).long().to(self.device)))
         return self
 
-    def _launches(self, plan, heads, page_size, dtype, scale, variants):
+    def _launches(self, plan, heads, page_size, dtype, scale, variants, soft_cap):
         """The plan's launches on the cached wrappers. Those are shared with the previous plan: if
         this fails part way, the previous plan gets fresh wrappers of its own, so it still runs."""
         try:
             return _build_launches(plan, *heads, page_size, dtype, scale, self._workspace, variants, self._wrappers,
-                                   self.use_tensor_cores)
+                                   self.use_tensor_cores, soft_cap)
         except Exception:
             self._wrappers.clear()
             old = self._planned
             if old is not None and old["launches"] is not None:
                 old["launches"] = _build_launches(old["plan"], *old["heads"], old["page_size"], old["dtype"],
                                                   abs(old["scale"]), self._workspace, old["variants"], self._wrappers,
-                                                  self.use_tensor_cores)
+                                                  self.use_tensor_cores, old["soft_cap"])
             raise
 
     @property
@@ -163,9 +170,13 @@ class PagedFlexAttention:
             out, lse = _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse)
         if lse is not None and p["plan"].decode:
             # FlashInfer's decode kernel merges its split-KV parts in the kernel as merge_state does,
-            # weighing a NaN part 0: a NaN query row gets its NaN LSE back here (q is small), unless
-            # the row sees no key (-inf, as torch)
-            lse = lse.masked_fill(torch.isnan(q).any(-1) & (lse != float("-inf")), float("nan"))
+            # weighing a NaN part 0, so the LSE of a row that saw a NaN query or key can come back a
+            # number. Put NaN back where the query is NaN (unless the row sees no key: -inf, as
+            # torch) and wherever the output is NaN: after the merge a NaN key cannot be told from
+            # a NaN value, so a row whose only NaN is in a value gets a NaN LSE too (torch: a
+            # number). Both are [rows, heads] passes over a decode step's small q and output
+            lost = (torch.isnan(q).any(-1) & (lse != float("-inf"))) | torch.isnan(out).any(-1)
+            lse = lse.masked_fill(lost, float("nan"))
         return (out, lse) if return_lse else out
 
 
@@ -182,12 +193,13 @@ def _split_cache(kv_cache):
 
 
 def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, variants=None, wrappers=None,
-                    use_tensor_cores: bool | None = None):
+                    use_tensor_cores: bool | None = None, soft_cap: float | None = None):
     """(full wrapper, partial wrapper, full's run() arguments, partial's); a wrapper is None when
     its launch has no page. With variants (paged_kernels.py) the launches run compiled mods.
     wrappers: FlashInfer wrappers made by earlier calls, by role and kind; one that fits is planned
     again rather than made anew (a new wrapper allocates its buffers, pinned host memory included:
-    host work a decode step need not repeat). use_tensor_cores: as PagedFlexAttention's."""
+    host work a decode step need not repeat). use_tensor_cores: as PagedFlexAttention's. soft_cap:
+    FlashInfer's own logits soft cap on every launch (native_soft_cap.py)."""
     import flashinfer
 
     device = plan.qo_indptr.device
@@ -207,7 +219,10 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
         return wrapper(key, lambda: flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend,
                                                                                    **kwargs))
 
-    common = dict(sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+    common = dict(sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype, logits_soft_cap=soft_cap)
+    # prefill launches never split a request's keys: that merge would drop a NaN LSE (nan_merge.py);
+    # the decode kernel keeps its split (a small batch needs it to fill the GPU): run() repairs its LSE
+    prefill_common = dict(common, disable_split_kv=True)
     full = partial = None
     full_args = partial_args = ()
     if plan.full is not None:
@@ -215,17 +230,18 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
         if variants is not None and variants.full_jit_args is not None:   # a score_mod: never the decode kernel
             full = prefill("full", variants.full_backend, variants.full_jit_args)
             full.plan(plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
-                      causal=f.causal, **common)
+                      causal=f.causal, **prefill_common)
             full_args = (*paged_request_tables(plan, f), *variants.full_args)
         elif plan.decode:
             tensor_cores = use_tensor_core_decode(hq, hkv, use_tensor_cores)
             full = wrapper(("full", "decode", tensor_cores), lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 workspace, "NHD", use_tensor_cores=tensor_cores))
-            full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, **common)
+            full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, window_left=f.window_left,
+                      **common)
         else:
             full = prefill("full", "fa3" if _is_hopper(device) else "fa2")
             full.plan(plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
-                      causal=f.causal, **common)
+                      causal=f.causal, window_left=f.window_left, **prefill_common)
     if plan.partial is not None:
         m = plan.partial
         if variants is None:
@@ -235,7 +251,7 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
             partial = prefill("partial", "fa2", variants.partial_jit_args, variants.owns_mask)
             partial_args = (*paged_request_tables(plan, m), *variants.partial_args)
         partial.plan(plan.qo_indptr, m.kv_indptr, m.kv_indices, m.last_page_len, hq, hkv, d, page_size,
-                     custom_mask=m.mask, **common)
+                     custom_mask=m.mask, **prefill_common)
     return full, partial, full_args, partial_args
 
 

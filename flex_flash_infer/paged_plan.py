@@ -33,6 +33,7 @@ class PagedLaunchSpec:
     kv_indices: torch.Tensor       # int32 [pages]: page ids in the cache
     last_page_len: torch.Tensor    # int32 [R]
     causal: bool = False
+    window_left: int = -1          # FlashInfer's sliding window (with causal), bottom-right aligned
     mask: torch.Tensor | None = None   # flat bool: per request row-major [qo_len, kv_len of this launch]
     kv_positions: torch.Tensor | None = None   # int32 [pages]: first key position of each, -1 for a dummy
 
@@ -129,9 +130,11 @@ def _spec(selected, req, local, page_len, kv_page_indices, num_requests, page_si
 
 
 def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size: int,
-               device=None, heads: int = 1) -> PagedPlan:
+               device=None, heads: int = 1, native_window: bool = True) -> PagedPlan:
     """heads > 1: the mask differs across query heads; pages are classified over all of them and
-    the partial launch carries no bit mask (the kernel must evaluate mask_mod itself)."""
+    the partial launch carries no bit mask (the kernel must evaluate mask_mod itself).
+    native_window: a sliding window may run as FlashInfer's own window_left (its plain kernels;
+    not a compiled variant's launch)."""
     device = torch.device(device) if device is not None else torch.as_tensor(kv_page_indices).device
     qo_indptr = _int_vector("qo_indptr", qo_indptr, device)
     kv_page_indptr = _int_vector("kv_page_indptr", kv_page_indptr, device)
@@ -153,6 +156,12 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     all_decode = bool((qo_len == 1).all())
     max_q = int(qo_len.max()) if R else 0
     max_kv = int(kv_len.max()) if R else 0
+    flags = _hinted_flags(mask_mod) if heads == 1 else None
+    if flags is not None and flags[1] >= 0 and not native_window:
+        flags = None
+    if flags is not None:
+        return _plan_from_flags(flags, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, host_q, qo_len,
+                                kv_len, pages, req, local, page_len, page_size, all_decode, max_kv, device)
     qo_len, kv_len, pages, req, local, page_len = (t.to(device) for t in (qo_len, kv_len, pages, req, local, page_len))
     q_start = kv_len - qo_len
     states, causal_ok, bits = _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, True, max_q,
@@ -198,6 +207,63 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
                                   bits if heads == 1 else None, page_size)
     decode = bool(any_full and all_decode and full_in_each)
     return PagedPlan(qo_indptr.to(torch.int32), full_spec, partial_spec, decode, states, **host)
+
+
+def _hinted_flags(mask_mod) -> tuple[bool, int] | None:
+    """(causal, window_left) when the mask is the library's causal, sliding-window or full mask
+    (its band hint gives one band with those flags for any square length): then the pages need
+    no evaluation, since the queries are the newest tokens and FlashInfer aligns its causal mask
+    and window to the bottom right. None otherwise."""
+    hint = getattr(mask_mod, "band_hint", None)
+    if hint is None:
+        return None
+    try:
+        lowered = {n: hint(n, n) for n in (7, 300, 4099)}
+    except Exception:   # a hint that cannot answer: evaluate the mask instead
+        return None
+    first = lowered[7]
+    if not (isinstance(first, list) and len(first) == 1 and len(first[0]) == 6):
+        return None
+    causal, window_left = bool(first[0][4]), int(first[0][5])
+    if not causal and window_left >= 0:
+        return None
+    if all(bands == [(0, n, 0, n, causal, window_left)] for n, bands in lowered.items()):
+        return causal, window_left
+    return None
+
+
+def _plan_from_flags(flags, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, host_q, qo_len, kv_len,
+                     pages, req, local, page_len, page_size, all_decode, max_kv, device) -> PagedPlan:
+    """The plan of a causal, sliding-window or full mask without evaluating it: one launch (a
+    decode step's on the decode kernel) over each request's pages from the first its first query
+    sees, causal and window aligned to the bottom right as FlashInfer does. A page is partial when
+    it holds keys past a request's first query or before its last query's window; the pages of a
+    request without queries, or before every window, are empty."""
+    causal, window_left = flags
+    q_start = kv_len - qo_len
+    first_key, last_key = local * page_size, local * page_size + page_len - 1
+    listed = qo_len[req] > 0
+    partial = torch.zeros(req.numel(), dtype=torch.bool)
+    if causal:
+        partial |= last_key > q_start[req]
+    if window_left >= 0:
+        listed &= last_key >= q_start[req] - window_left                       # the first query's window
+        partial |= first_key < (q_start + qo_len - 1)[req] - window_left       # the last query's
+    partial &= listed
+    states = torch.where(listed, torch.where(partial, PARTIAL, FULL), EMPTY).to(torch.int8)
+    min_id, max_id = ((int(kv_page_indices.min()), int(kv_page_indices.max())) if kv_page_indices.numel()
+                      else (0, -1))
+    if min_id < 0:
+        raise ValueError("kv_page_indices must be non-negative page ids")
+    spec = None
+    if bool(listed.any()):
+        to = lambda t: t.to(device)   # noqa: E731
+        spec, _ = _spec(to(listed), to(req), to(local), to(page_len), kv_page_indices, pages.numel(), page_size)
+        spec.causal = causal and bool(partial.any())
+        spec.window_left = window_left
+    decode = spec is not None and all_decode and bool((pages > 0).all())
+    return PagedPlan(qo_indptr.to(torch.int32), spec, None, decode, states.to(device), q_start=q_start.to(device),
+                     max_kv_len=max_kv, total_q=int(host_q[-1]), max_page_id=max_id)
 
 
 def _with_bits(spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_size):

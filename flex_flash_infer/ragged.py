@@ -14,6 +14,8 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
 
     _, _, _, hq, hkv, head_dim = shape
     wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend, jit_args=jit_args)
+    # no split-KV: its merge would drop a NaN LSE (nan_merge.py)
     wrapper.plan(qo_indptr, kv_indptr, hq, hkv, head_dim, causal=causal, window_left=window_left, sm_scale=sm_scale,
-                 logits_soft_cap=logits_soft_cap, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)
+                 logits_soft_cap=logits_soft_cap, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype,
+                 disable_split_kv=True)
     return wrapper

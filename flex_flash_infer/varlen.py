@@ -63,7 +63,7 @@ class RaggedBatch:
         self.wrapper.plan(torch.tensor(offsets_q, dtype=torch.int32, device=device),
                           torch.tensor(offsets_kv, dtype=torch.int32, device=device), num_qo_heads, num_kv_heads,
                           head_dim, causal=causal, window_left=window_left, sm_scale=scale, q_data_type=dtype,
-                          kv_data_type=dtype, o_data_type=dtype)
+                          kv_data_type=dtype, o_data_type=dtype, disable_split_kv=True)   # nan_merge.py
 
     def run(self, q, k, v, return_lse: bool):
         if self.negate_query:

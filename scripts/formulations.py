@@ -45,9 +45,9 @@ def ours(mask_mod):
     return lambda: flex(q, k, v)
 
 
-def fa4(mask_mod):
+def fa4(mask_mod, heads=None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    bm = create_block_mask(mask_mod, None, None, S, S, device="cuda")
+    bm = create_block_mask(mask_mod, None, heads, S, S, device="cuda")
     compiled = torch.compile(functools.partial(flex_attention, kernel_options={"BACKEND": "FLASH"}), dynamic=False)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
     return lambda: compiled(qh, kh, vh, block_mask=bm, enable_gqa=True)[0].transpose(0, 1)
@@ -144,6 +144,38 @@ def prefix_one_after_other(prefix):
     return run
 
 
+def per_head_window_launches(windows, streams: bool):
+    """The bands-per-head route's launches (query heads i, i+4, ... share window i and read key
+    heads 0..7), one after the other or each on its own stream."""
+    side = [torch.cuda.Stream() for _ in windows]
+    out = torch.empty_like(q)
+    n = len(windows)
+
+    def run():
+        main = torch.cuda.current_stream()
+        for i, w in enumerate(windows):
+            stream = side[i] if streams else main
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                out[:, i::n] = flashinfer.single_prefill_with_kv_cache(q[:, i::n], k, v, causal=True,
+                                                                        window_left=w - 1)
+        if streams:
+            for stream in side:
+                main.wait_stream(stream)
+        return out
+
+    return run
+
+
+def per_head_windows_mask(windows=(128, 256, 512, 1024)):
+    table = torch.tensor(windows, device="cuda")
+
+    def per_head_windows(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < table[h % len(windows)])
+
+    return per_head_windows
+
+
 groups = {
     "sliding_window": (get_mask_fn("sliding_window", window_size=W), {
         "ours": None, "fa4": None,
@@ -169,6 +201,11 @@ groups = {
         "two launches, one after the other": lambda: prefix_one_after_other(2048),
         "two launches on two streams": lambda: prefix_two_streams(2048),
     }),
+    "per_head_windows": (per_head_windows_mask(), {
+        "ours": None, "fa4": None,
+        "four launches, one after the other": lambda: per_head_window_launches((128, 256, 512, 1024), False),
+        "four launches on four streams": lambda: per_head_window_launches((128, 256, 512, 1024), True),
+    }),
     "streaming": (get_mask_fn("streaming", sink_size=4, window_size=W), {
         "ours": None, "fa4": None,
         "window launch alone (no sinks)": lambda: ragged_one(W - 1),
@@ -185,7 +222,7 @@ for case, (mask_mod, makers) in groups.items():
             elif name == "fa4":
                 if fa4_missing():
                     continue
-                fns[name] = fa4(mask_mod)
+                fns[name] = fa4(mask_mod, HQ if case == "per_head_windows" else None)
             else:
                 fns[name] = make()
         except Exception as e:

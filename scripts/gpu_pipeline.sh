@@ -106,6 +106,9 @@ case "${1:-}" in
         fuzz)  # the differential fuzzer through the real kernels, and the NaN/gradient GPU tests
           bash scripts/gpu_fuzz.sh start "${FUZZ_MINUTES:-8}" "${FUZZ_SEED:-9001}"
           bash scripts/gpu_fuzz.sh wait $(( ${FUZZ_MINUTES:-8} * 60 + 120 ))
+          # the stages after this one time kernels: nothing of the campaign may share the GPU
+          # (the GPU tests once ran on through a whole bench); SIGKILL, pytest ignores SIGINT
+          pkill -9 -f "[s]cripts/fuzz.py|[p]ytest -q -p no:warnings" && echo "stopped the campaign's leftovers"
           cp /tmp/gpu-fuzz/* $run_dir/ ;;
         *) echo "unknown stage $stage" ;;
       esac

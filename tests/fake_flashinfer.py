@@ -5,6 +5,7 @@ import types
 
 import torch
 
+from paged_simulator import attend
 from paged_simulator import merge_state as _merge_state
 from paged_simulator import paged_prefill
 
@@ -26,7 +27,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads, head_dim_qk=None,
              page_size=None, causal=False, sm_scale=None, custom_mask=None, q_data_type=None, kv_data_type=None,
-             o_data_type=None, window_left=-1, logits_soft_cap=None, **_):
+             o_data_type=None, window_left=-1, logits_soft_cap=None, disable_split_kv=False, **_):
         if custom_mask is not None:
             assert self.backend == "fa2" and custom_mask.dtype == torch.bool and not self.owns_mask
         self.args = (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), last_page_len.cpu())
@@ -34,6 +35,8 @@ class BatchPrefillWithPagedKVCacheWrapper:
         self.heads = (num_qo_heads, num_kv_heads)
         self.scale = kernel_scale(sm_scale, head_dim_qk)
         self.window_left, self.soft_cap = window_left, logits_soft_cap or 0.0
+        # fa2's kernels may split a request's keys and merge the parts (dropping a NaN LSE); fa3's do not
+        self.split_kv = self.backend != "fa3" and not disable_split_kv
 
     @kernel
     def run(self, q, kv_cache, *variant_args, return_lse=False):
@@ -47,7 +50,8 @@ class BatchPrefillWithPagedKVCacheWrapper:
             def variant(r, s):
                 return cap * torch.tanh(s * scale / cap)
         out, lse = paged_prefill(q.cpu(), k.cpu(), v.cpu(), *self.args, 1.0 if variant else self.scale, self.mask,
-                                 causal=self.causal, variant=variant, window_left=self.window_left)
+                                 causal=self.causal, variant=variant, window_left=self.window_left,
+                                 split_kv=self.split_kv)
         out, lse = out.to(q.dtype).to(q.device), lse.float().to(q.device)
         return (out, lse) if return_lse else out
 
@@ -61,7 +65,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
         qo_indptr = torch.arange(indptr.numel(), dtype=torch.int32)
         super().plan(qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
                      sm_scale=kw.get("sm_scale"), window_left=kw.get("window_left", -1),
-                     logits_soft_cap=kw.get("logits_soft_cap"))
+                     logits_soft_cap=kw.get("logits_soft_cap"), disable_split_kv=kw.get("disable_split_kv", False))
 
 
 # A custom attention variant (jit_args) is modelled by the host-compiled code of its score_mod:
@@ -126,10 +130,12 @@ class PagedVariantModel:
 class BatchPrefillWithRaggedKVCacheWrapper:
     def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None):
         assert layout == "NHD"
+        self.backend = backend
         self.variant = None if jit_args is None else VARIANTS[jit_args[11]]
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, causal=False, window_left=-1,
-             sm_scale=None, logits_soft_cap=None, **_):
+             sm_scale=None, logits_soft_cap=None, disable_split_kv=False, **_):
+        self.split_kv = self.backend != "fa3" and not disable_split_kv   # as the paged wrapper
         self.qo_indptr, self.kv_indptr = qo_indptr.cpu().long(), kv_indptr.cpu().long()
         self.causal, self.window_left = causal, window_left
         assert not (logits_soft_cap and self.variant is not None), "FlashInfer's soft cap is its default variant's"
@@ -137,11 +143,18 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         self.scale = kernel_scale(sm_scale, head_dim_qk)
 
     @kernel
-    def run(self, q, k, v, *variant_args, return_lse=False):
+    def run(self, q, k, v, *variant_args, return_lse=False, out=None, lse=None):
+        out_buffer, lse_buffer = out, lse
         assert bool(variant_args) == (self.variant is not None)
         transform = self._transform(variant_args) if self.variant is not None else _soft_cap(self.cap)
         out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self.causal, self.window_left,
-                                  1.0 if self.variant is not None else self.scale, transform)
+                                  1.0 if self.variant is not None else self.scale, transform, self.split_kv)
+        if out_buffer is not None:
+            out_buffer.copy_(out)
+            out = out_buffer
+        if lse_buffer is not None:
+            lse_buffer.copy_(lse)
+            lse = lse_buffer
         return (out, lse) if return_lse else out
 
     def _transform(self, variant_args):
@@ -159,9 +172,11 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         return transform
 
 
-def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, transform=None):
+def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, transform=None, split_kv=False):
     """Per request: queries aligned to the bottom right of its keys, as FlashInfer's flags mean;
-    a variant's transform applies before those masks, as in FlashInfer's fa3 kernels."""
+    a variant's transform applies before those masks, as in FlashInfer's fa3 kernels. split_kv:
+    fa2's split of a request's keys, merged as merge_state does (paged_simulator.paged_prefill),
+    modelled at its worst, one part per 16 keys."""
     group = q.shape[1] // k.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64)
     lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float64)
@@ -182,11 +197,12 @@ def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, tr
         if window_left >= 0:
             keep &= kv >= pos - window_left
         s = s.masked_fill(~keep, -math.inf)
-        row = torch.logsumexp(s, -1)
-        # a row that sees nothing gives zeros; a NaN score gives NaN, never a hidden 0
-        shift = torch.where(row == -math.inf, 0.0, row)
-        out[q0:q1] = torch.einsum("hnk,khd->nhd", torch.exp(s - shift.unsqueeze(-1)), vv)
-        lse[q0:q1] = (row / math.log(2)).transpose(0, 1)
+        part = 16 if split_kv else s.shape[-1]
+        o_r = l_r = None
+        for i in range(0, s.shape[-1], part):
+            o_p, l_p = attend(s[..., i:i + part], vv[i:i + part])
+            o_r, l_r = (o_p, l_p) if o_r is None else _merge_state(o_r, l_r, o_p, l_p)
+        out[q0:q1], lse[q0:q1] = o_r, l_r
     return out.to(q.dtype).to(q.device), lse.float().to(q.device)
 
 

@@ -7,11 +7,15 @@ import torch
 
 
 def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_page_len, scale, mask=None,
-                  causal=False, variant=None, window_left=-1):
+                  causal=False, variant=None, window_left=-1, split_kv=False):
     """variant(r, s): a compiled variant's scores [H, n, kv_len] of request r, -inf where its own
     mask removes them (applied before the bit mask and the causal mask, as in FlashInfer).
     window_left >= 0: each query sees at most window_left keys before its own position (bottom-right
-    aligned, as FlashInfer's sliding window)."""
+    aligned, as FlashInfer's sliding window).
+    split_kv: FlashInfer's fa2 kernels (prefill and decode) may split a request's keys across
+    thread blocks and merge the parts with merge_state, which drops a NaN LSE (see merge_state);
+    modelled at its worst, one part per page, unless the launch was planned with
+    disable_split_kv."""
     N, H, D = q.shape
     group = H // k_pages.shape[2]
     out = torch.zeros(N, H, D, dtype=torch.float64)
@@ -37,12 +41,21 @@ def paged_prefill(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, last_pa
             s = s.masked_fill(torch.arange(kv_len).view(1, -1) > kv_len - (q1 - q0) + rows, -math.inf)
         if window_left >= 0:
             s = s.masked_fill(torch.arange(kv_len).view(1, -1) < kv_len - (q1 - q0) + rows - window_left, -math.inf)
-        row_lse = torch.logsumexp(s, -1)
-        # a row that sees nothing gives zeros; a NaN score gives NaN, never a hidden 0
-        p = torch.exp(s - torch.where(row_lse == -math.inf, 0.0, row_lse).unsqueeze(-1))
-        out[q0:q1] = torch.einsum("hnk,khd->nhd", p, v)
-        lse[q0:q1] = (row_lse / math.log(2)).transpose(0, 1)
+        parts = s.split(k_pages.shape[1], -1) if split_kv else [s]
+        o_r = l_r = None
+        for i, s_part in enumerate(parts):
+            o_p, l_p = attend(s_part, v[i * k_pages.shape[1]: i * k_pages.shape[1] + s_part.shape[-1]])
+            o_r, l_r = (o_p, l_p) if o_r is None else merge_state(o_r, l_r, o_p, l_p)
+        out[q0:q1], lse[q0:q1] = o_r, l_r
     return out, lse
+
+
+def attend(s, v):
+    """(out [n, H, D], base-2 lse [n, H]) of scores s [H, n, keys] over values v [keys, H, D]."""
+    row_lse = torch.logsumexp(s, -1)
+    # a row that sees nothing gives zeros; a NaN score gives NaN, never a hidden 0
+    p = torch.exp(s - torch.where(row_lse == -math.inf, 0.0, row_lse).unsqueeze(-1))
+    return torch.einsum("hnk,khd->nhd", p, v), (row_lse / math.log(2)).transpose(0, 1)
 
 
 def merge_state(o_a, s_a, o_b, s_b):

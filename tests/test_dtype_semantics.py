@@ -139,7 +139,8 @@ def _random_mod(r, make):
                         ((2, (-1, 1, 1, 1)), (2, (1, -1, 1, 1)), (50, (1, 1, -1, 1)), (50, (1, 1, 1, -1)))))
         except (RuntimeError, ZeroDivisionError, AttributeError, TypeError):
             continue
-        if out.dtype == torch.bool:
+        # a tree of constants alone evaluates to a Python bool: not a mask_mod's answer, draw again
+        if isinstance(out, torch.Tensor) and out.dtype == torch.bool:
             return source, mod
 
 

@@ -294,7 +294,10 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
     assert isinstance(plan.band_runner, far_bias.FarSplitBands) == split
     if native:   # FlashInfer's soft-capped plain kernels: its ragged one for one band without a window
         assert isinstance(runner, flashinfer_backend._BandRunner) and runner.soft_cap == 5.0
-        assert all(n is None for _, n in backends) and len(backends) == (runner.ragged is not None)
+        # one ragged launch for every band, or one per unwindowed band (prefix-LM's two)
+        assert all(n is None for _, n in backends)
+        assert len(backends) == (runner.ragged is not None) + len(runner.band_wrappers)
+        assert len(runner.band_wrappers) == (2 if name == "prefix_lm" else 0)
         assert runner.ragged is not None or name in ("sliding_window", "prefix_lm")
     else:
         assert isinstance(runner, score_mod_kernels.ScoreModBands)

@@ -132,47 +132,56 @@ def test_seed_api_nan_query_row(flashinfer_on_cpu, monkeypatch, rng, backend, pa
 
 @pytest.mark.parametrize("backend", ["flashinfer", "reference"])
 @pytest.mark.parametrize("where", ["query", "key"])
-def test_paged_nan(flashinfer_on_cpu, rng, backend, where):
-    q, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, [40, 70], [1, 5], 16)
-    mod = get_mask_fn("sliding_window", window_size=20)
+@pytest.mark.parametrize("step", ["decode", "prefill"])
+def test_paged_nan(flashinfer_on_cpu, rng, backend, where, step):
+    """The CPU model splits the keys of fa2's launches and of the decode kernel page by page and
+    merges the parts as FlashInfer does, dropping a NaN LSE (paged_simulator.paged_prefill):
+    prefill launches must be planned without the split, decode's LSE repaired."""
+    qo_lens = [1, 1] if step == "decode" else [1, 5]
+    q, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, [40, 70], qo_lens, 16)
+    mod = get_mask_fn("sliding_window", window_size=40)
     ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_indptr, indices, last, 16)
     nan_rows = torch.zeros(q.shape[:2], dtype=torch.bool)
     if where == "query":
-        q[3, 1] = math.nan
-        nan_rows[3, 1] = True
-    else:   # key 55 of request 1: its queries (positions 65..69) all see it in their window
-        page = indices[int(kv_indptr[1]) + 55 // 16]
-        kc[page, 55 % 16, 0] = math.nan
-        nan_rows[1:6, :2] = True   # query heads 0 and 1 read key head 0
+        row = 1 if step == "decode" else 3
+        q[row, 1] = math.nan
+        nan_rows[row, 1] = True
+    else:   # request 1's queries (positions 65..69) all see key 55 in their window; decode's
+        # (69) sees key 66 on the last of its three full pages: the decode kernel's launch
+        key = 66 if step == "decode" else 55
+        page = indices[int(kv_indptr[1]) + key // 16]
+        kc[page, key % 16, 0] = math.nan
+        nan_rows[1:1 + qo_lens[1], :2] = True   # query heads 0 and 1 read key head 0
     attn = PagedFlexAttention(device="cpu", backend=backend)
     attn.plan(mod, qo_indptr, kv_indptr, indices, last, 4, 2, 16, 16, dtype=torch.float64)
+    assert attn._planned["plan"].decode == (step == "decode" and backend == "flashinfer") or backend == "reference"
     out, lse = attn.run(q, (kc, vc), return_lse=True)
     _assert_nan_exactly_where(out, lse, nan_rows, ref_out, ref_lse)
 
 
-def test_a_paged_nan_query_row_keeps_its_nan_lse_when_the_kernel_drops_it(flashinfer_on_cpu, rng, monkeypatch):
-    """FlashInfer's decode kernel merges its split-KV parts as merge_state does and can give a NaN
-    query row a finite LSE (the H200's GPU test): run() puts the NaN back from the query itself,
-    and keeps -inf for a row that sees no key."""
-    from flex_flash_infer import paged
-
+def test_a_nan_query_row_that_sees_no_key_keeps_lse_minus_inf_on_decode(flashinfer_on_cpu, rng):
     q, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, [40, 70], [1, 1], 16)
     q[1, 2] = math.nan
-    real = paged._run_launches
-
-    def dropping(*args, **kwargs):   # the kernel's behaviour on the GPU: a number for the NaN row
-        out, lse = real(*args, **kwargs)
-        return out, torch.where(torch.isnan(lse), 1.5, lse)
-
-    monkeypatch.setattr(paged, "_run_launches", dropping)
     attn = PagedFlexAttention(device="cpu", backend="flashinfer")
-    attn.plan(get_mask_fn("causal"), qo_indptr, kv_indptr, indices, last, 4, 2, 16, 16, dtype=torch.float64)
-    out, lse = attn.run(q, (kc, vc), return_lse=True)
-    assert torch.isnan(lse[1, 2]) and torch.isnan(lse).sum() == 1 and torch.isnan(out[1, 2]).all()
     attn.plan(lambda b, h, q_idx, kv_idx: kv_idx < 0, qo_indptr, kv_indptr, indices, last, 4, 2, 16, 16,
               dtype=torch.float64)
     out, lse = attn.run(q, (kc, vc), return_lse=True)
     assert torch.isneginf(lse).all()   # nothing visible: -inf, NaN query or not
+
+
+def test_a_nan_value_on_decode_gives_a_nan_lse_where_torch_gives_a_number(flashinfer_on_cpu, rng):
+    """The documented difference: after FlashInfer's split-KV merge a NaN key cannot be told from
+    a NaN value, so decode marks the LSE of every row whose output is NaN (never a hidden NaN)."""
+    q, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, [40, 70], [1, 1], 16)
+    page = indices[int(kv_indptr[1]) + 55 // 16]
+    vc[page, 55 % 16, 0] = math.nan
+    mod = get_mask_fn("sliding_window", window_size=20)
+    ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_indptr, indices, last, 16)
+    attn = PagedFlexAttention(device="cpu", backend="flashinfer")
+    attn.plan(mod, qo_indptr, kv_indptr, indices, last, 4, 2, 16, 16, dtype=torch.float64)
+    out, lse = attn.run(q, (kc, vc), return_lse=True)
+    assert torch.isnan(out[1, :2]).all() and not torch.isnan(ref_lse[1, :2]).any()
+    assert torch.isnan(lse[1, :2]).all() and not torch.isnan(lse[0]).any() and not torch.isnan(lse[1, 2:]).any()
 
 
 def test_a_plus_inf_score_gives_lse_inf_and_nan_only_where_torch_has_it():

@@ -7,7 +7,7 @@ import torch
 
 from dense_reference import rel_err
 from flex_flash_infer import PagedFlexAttention, get_mask_fn
-from flex_flash_infer.block_build import EMPTY, FULL
+from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL
 from flex_flash_infer.paged_plan import plan_paged
 from paged_simulator import merge_state, paged_prefill
 
@@ -65,7 +65,8 @@ def simulate(plan, q, k_cache, v_cache, scale):
     for spec in (plan.full, plan.partial):
         if spec is not None:
             results.append(paged_prefill(q, k_cache, v_cache, plan.qo_indptr, spec.kv_indptr, spec.kv_indices,
-                                         spec.last_page_len, scale, spec.mask, causal=spec.causal))
+                                         spec.last_page_len, scale, spec.mask, causal=spec.causal,
+                                         window_left=spec.window_left))
     out, lse = results[0] if len(results) == 1 else merge_state(*results[0], *results[1])
     return out, lse * math.log(2)
 
@@ -116,16 +117,23 @@ def test_reference_path_equals_the_dense_oracle(rng, name, params):
 
 
 def test_decode_routes():
-    """Causal decode: every page full, the decode kernel; a window not aligned to pages: one
-    partial edge page per request; causal chunked prefill: one causal launch."""
+    """Causal decode: every page full, the decode kernel; the library's window (its hint): the
+    decode kernel with FlashInfer's window over the pages it reaches, the edge page partial; a
+    user's window (no hint): the edge page in a masked launch; causal chunked prefill: one causal
+    launch."""
     page = 16
     kv_page_indptr, indices, last = torch.tensor([0, 8, 16]), torch.arange(16), torch.tensor([16, 5])
     decode = plan_paged(get_mask_fn("causal"), torch.tensor([0, 1, 2]), kv_page_indptr, indices, last, page)
     assert decode.decode and decode.partial is None and bool((decode.page_states == FULL).all())
     window = plan_paged(get_mask_fn("sliding_window", window_size=40), torch.tensor([0, 1, 2]), kv_page_indptr,
                         indices, last, page)
-    assert window.partial is not None and not window.full.causal
-    assert int((window.page_states == EMPTY).sum()) > 0           # pages outside the window are skipped
+    assert window.decode and window.partial is None and window.full.window_left == 39
+    assert window.full.kv_indptr.tolist() == [0, 3, 7]             # keys 88..127 and 77..116: 3 and 4 pages
+    assert int((window.page_states == EMPTY).sum()) == 9 and int((window.page_states == PARTIAL).sum()) == 2
+    users_window = plan_paged(lambda b, h, q, kv: (q >= kv) & (q - kv < 40), torch.tensor([0, 1, 2]),
+                              kv_page_indptr, indices, last, page)
+    assert users_window.partial is not None and not users_window.full.causal and users_window.full.window_left == -1
+    assert torch.equal(users_window.page_states, window.page_states)
     chunked = plan_paged(get_mask_fn("causal"), torch.tensor([0, 20, 40]), kv_page_indptr, indices, last, page)
     assert chunked.full.causal and chunked.partial is None
 
@@ -152,3 +160,22 @@ def test_bad_tables_name_the_argument():
         paged.plan(None, [0, 1], [0, 2], [0, -1], [4], num_qo_heads=2, num_kv_heads=1, head_dim=8, page_size=4)
     out = paged.run(torch.zeros(1, 2, 8), (torch.zeros(2, 4, 1, 8), torch.ones(2, 4, 1, 8)))   # still usable
     assert torch.allclose(out, torch.ones(1, 2, 8))
+
+
+@pytest.mark.parametrize("name", ["causal", "full"])
+@pytest.mark.parametrize("qo_lens", [[1, 1, 1], [1, 7, 30], [0, 3, 1]])
+def test_a_hinted_causal_or_full_mask_plans_without_evaluation_as_the_evaluated_one(rng, name, qo_lens):
+    """The library's causal and full masks skip the page classification (their band hint): the
+    launches and the result equal those of the same mask without its hint."""
+    from flex_flash_infer.paged_plan import plan_paged
+
+    q, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, [40, 70, 33], qo_lens, 16)
+    hinted = get_mask_fn(name)
+    plain = (lambda b, h, q_idx, kv_idx: q_idx >= kv_idx) if name == "causal" else (lambda b, h, q_idx, kv_idx: kv_idx >= 0)
+    fast = plan_paged(hinted, qo_indptr, kv_indptr, indices, last, 16, "cpu")
+    slow = plan_paged(plain, qo_indptr, kv_indptr, indices, last, 16, "cpu")
+    assert fast.decode == slow.decode and (fast.partial is None) == (slow.partial is None) is True
+    for field in ("kv_indptr", "kv_indices", "last_page_len", "kv_positions"):
+        assert torch.equal(getattr(fast.full, field), getattr(slow.full, field)), field
+    assert fast.full.causal == slow.full.causal and torch.equal(fast.page_states, slow.page_states)
+    assert torch.equal(fast.q_start, slow.q_start) and fast.max_page_id == slow.max_page_id

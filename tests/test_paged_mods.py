@@ -95,12 +95,19 @@ def test_compiled_mods_through_the_launches(fake, monkeypatch, rng, kv_lens, qo_
     assert attn.active_backend == "flashinfer"
     full, partial = attn._planned["launches"][:2]
     per_head = mask_name not in ("causal", "sliding_window")
-    if score_mod is not None:   # a score_mod never runs on the decode kernel, which takes no variant
+    # the library's soft cap is FlashInfer's own logits_soft_cap, unless a per-head mask compiles
+    # a variant anyway (which then takes the score_mod too)
+    native_cap = mod_name == "softcap" and not per_head
+    compiled = score_mod is not None and not native_cap
+    assert (attn._planned["soft_cap"] is not None) == native_cap
+    if compiled:   # a score_mod never runs on the decode kernel, which takes no variant
         on_fa3 = hopper and not attn._planned["plan"].decode    # decode: fa2, which folds GQA groups
         assert full is None or (full.variant is not None and full.backend == ("fa3" if on_fa3 else "fa2"))
-    assert partial is None or (partial.variant is not None) == (score_mod is not None or per_head)
+    if native_cap:
+        assert full is None or full.variant is None
+    assert partial is None or (partial.variant is not None) == (compiled or per_head)
     assert partial is None or partial.owns_mask == per_head
-    assert bool(fake) == (score_mod is not None or per_head)
+    assert bool(fake) == (compiled or per_head)
 
 
 def test_per_head_pages_are_full_only_when_full_for_every_head():
@@ -161,7 +168,8 @@ def test_decode_steps_plan_the_same_wrappers_again(fake, rng, mod_name):
 
 
 def test_a_failed_plan_leaves_the_previous_plan_running(fake, monkeypatch, rng):
-    mask = get_mask_fn("sliding_window", window_size=20)
+    # a user's window (no hint): a full and a partial launch, two wrappers to re-plan
+    mask = lambda b, h, q, kv: (q >= kv) & (q - kv < 20)   # noqa: E731
     cache = [torch.randn(40, 16, HKV, D, generator=rng, dtype=torch.float64) for _ in range(2)]
     attn = PagedFlexAttention(device="cpu", backend="flashinfer")
     attn.plan(mask, *_decode_step_tables([40, 100, 7]), HQ, HKV, D, 16, dtype=torch.float64)

@@ -56,9 +56,9 @@ def test_paged_kinds_record_their_variants_and_restore_everything():
     after = (paged.unsupported_reason, paged._is_hopper, flashinfer_backend.FlashInferPlan.run,
              sys.modules.get("flashinfer"))
     assert all(a is b for a, b in zip(before, after))
-    # fa3 softcap for chunked prefill's whole pages, fa2 softcap (decode's whole pages and the
-    # partial ones), fa2 mask-in-kernel with and without alibi for the per-head windows
-    assert len(paged_uris) == 4 and len(set(paged_uris)) == 4
+    # fa2 mask-in-kernel with and without alibi for the per-head windows; the soft-capped cases run
+    # FlashInfer's own logits_soft_cap (native_soft_cap.py), which compiles no variant
+    assert len(paged_uris) == 2 and len(set(paged_uris)) == 2
 
 
 def test_shell_scripts_parse():
