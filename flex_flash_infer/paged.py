@@ -24,6 +24,7 @@ from .backend_choice import check_backend_name
 from .notices import warn_once
 from .flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
 from .mask_eval import INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate_mask_mod, evaluate_score_mod, mask_dependence
+from .mods.causal import generate_causal_mask_mod
 from .native_soft_cap import native_soft_cap
 from .paged_kernels import paged_request_tables, paged_variants
 from .paged_plan import plan_paged
@@ -54,6 +55,10 @@ class PagedFlexAttention:
         self._workspace = workspace_buffer
         self._planned = None
         self._wrappers = {}   # FlashInfer's wrappers, made once and planned again at every plan()
+        # what plan() learns of a mask_mod / score_mod object, kept while the same one comes back
+        # (a server plans every step with the same functions): (the object, heads, the answer)
+        self._mask_seen = (None, 0, None, None)   # (mask_mod, heads, per-head?, as_mask_mod of it)
+        self._score_seen = (None, 0, None)        # (score_mod, heads, native soft cap or None)
 
     def plan(self, mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype = torch.bfloat16,
@@ -66,18 +71,27 @@ class PagedFlexAttention:
             check_positive_int(name, value)
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        mod = as_mask_mod(mask_mod) if mask_mod is not None else _causal
-        score_mod = check_score_mod(score_mod)
-        # probed at position 0 alone: the only one every cache with a key holds (a mask indexing a
-        # table as long as the cache failed on positions 1..3 of a one-token cache)
-        per_head = num_qo_heads > 1 and mask_dependence(mod, 1, num_qo_heads, 1, 1, self.device)[1]
+        user_score_mod, score_mod = score_mod, check_score_mod(score_mod)
+        seen_mask, seen_heads, per_head, mod = self._mask_seen
+        if seen_mask is not mask_mod or seen_heads != num_qo_heads or mod is None:
+            mod = as_mask_mod(mask_mod) if mask_mod is not None else _causal
+            # probed at position 0 alone: the only one every cache with a key holds (a mask
+            # indexing a table as long as the cache failed on positions 1..3 of a one-token cache)
+            per_head = num_qo_heads > 1 and mask_dependence(mod, 1, num_qo_heads, 1, 1, self.device)[1]
+            self._mask_seen = (mask_mod, num_qo_heads, per_head, mod)
         # the library's soft cap runs as FlashInfer's own logits_soft_cap: no compiled variant (no
         # compile, and the plan may use FlashInfer's window); a per-head mask compiles a variant
         # that takes the score_mod with it
-        soft_cap = None if score_mod is None or per_head else native_soft_cap(score_mod, num_qo_heads)
+        seen_score, seen_heads, soft_cap = self._score_seen
+        if score_mod is None or seen_score is not user_score_mod or seen_heads != num_qo_heads:
+            soft_cap = None if score_mod is None else native_soft_cap(score_mod, num_qo_heads)
+            self._score_seen = (user_score_mod, num_qo_heads, soft_cap)
+        if per_head:
+            soft_cap = None
         kernel_score_mod = None if soft_cap is not None else score_mod
         plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device,
-                          heads=num_qo_heads if per_head else 1, native_window=kernel_score_mod is None)
+                          heads=num_qo_heads if per_head else 1, native_window=kernel_score_mod is None,
+                          positions=kernel_score_mod is not None or per_head)
         scale = check_scale(scale)
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         backend = self.backend
@@ -104,14 +118,15 @@ class PagedFlexAttention:
                 backend = "reference"
         if backend == "flashinfer":
             launches = self._launches(plan, heads, page_size, dtype, kernel_scale, variants, soft_cap)
+        # the reference reads the tables themselves (FlashInfer's launches hold their own copies)
+        tables = None if launches is not None else tuple(
+            torch.as_tensor(t).long().to(self.device) for t in (qo_indptr, kv_page_indptr, kv_page_indices,
+                                                                kv_last_page_len))
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
                              soft_cap=soft_cap,
                              learned=learned_inputs(score_mod, self.device) if launches is not None else [],
                              scale=scale, negate_query=scale < 0, page_size=page_size, heads=heads, dtype=dtype,
-                             tables=(torch.as_tensor(qo_indptr).long().to(self.device),
-                                     torch.as_tensor(kv_page_indptr).long().to(self.device),
-                                     torch.as_tensor(kv_page_indices).long().to(self.device),
-                                     torch.as_tensor(kv_last_page_len).long().to(self.device)))
+                             tables=tables)
         return self
 
     def _launches(self, plan, heads, page_size, dtype, scale, variants, soft_cap):
@@ -180,8 +195,8 @@ class PagedFlexAttention:
         return (out, lse) if return_lse else out
 
 
-def _causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
+# mask_mod=None: the library's causal mask, whose hint plans without evaluating it
+_causal = generate_causal_mask_mod()
 
 
 def _split_cache(kv_cache):

@@ -18,6 +18,7 @@ Every (request, page) is classified by evaluating the mask on its qo_len x page_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -44,11 +45,20 @@ class PagedPlan:
     full: PagedLaunchSpec | None
     partial: PagedLaunchSpec | None
     decode: bool                   # one query per request and a full page in each: the decode kernel fits
-    page_states: torch.Tensor      # int8 [pages listed in the input]: EMPTY / PARTIAL / FULL
+    states: torch.Tensor | Callable[[], torch.Tensor]   # page_states, or what works them out when asked
     q_start: torch.Tensor | None = None   # int64 [R]: position of each request's first query
     max_kv_len: int = 0
     total_q: int = 0               # host ints for run()'s checks, which must not sync
     max_page_id: int = -1
+
+    @property
+    def page_states(self) -> torch.Tensor:
+        """int8 [pages listed in the input]: EMPTY / PARTIAL / FULL. A plan from a mask's flags
+        works them out only when asked (nothing at run time needs them; a decode step's plan
+        would spend most of its time on them)."""
+        if callable(self.states):
+            self.states = self.states()
+        return self.states
 
 
 def _int_vector(name: str, x, device) -> torch.Tensor:
@@ -130,11 +140,12 @@ def _spec(selected, req, local, page_len, kv_page_indices, num_requests, page_si
 
 
 def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size: int,
-               device=None, heads: int = 1, native_window: bool = True) -> PagedPlan:
+               device=None, heads: int = 1, native_window: bool = True, positions: bool = True) -> PagedPlan:
     """heads > 1: the mask differs across query heads; pages are classified over all of them and
     the partial launch carries no bit mask (the kernel must evaluate mask_mod itself).
     native_window: a sliding window may run as FlashInfer's own window_left (its plain kernels;
-    not a compiled variant's launch)."""
+    not a compiled variant's launch). positions: the launches' kv_positions are wanted (compiled
+    variants read them); a plan from a mask's flags leaves them out otherwise."""
     device = torch.device(device) if device is not None else torch.as_tensor(kv_page_indices).device
     qo_indptr = _int_vector("qo_indptr", qo_indptr, device)
     kv_page_indptr = _int_vector("kv_page_indptr", kv_page_indptr, device)
@@ -150,9 +161,6 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if kv_page_indices.numel() != int(host_kv[-1]):
         raise ValueError(f"kv_page_indices must have kv_page_indptr[-1] = {int(host_kv[-1])} entries, "
                          f"got {kv_page_indices.numel()}")
-    req = torch.repeat_interleave(torch.arange(R), pages)
-    local = torch.arange(req.numel()) - host_kv[req]
-    page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
     all_decode = bool((qo_len == 1).all())
     max_q = int(qo_len.max()) if R else 0
     max_kv = int(kv_len.max()) if R else 0
@@ -160,8 +168,11 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if flags is not None and flags[1] >= 0 and not native_window:
         flags = None
     if flags is not None:
-        return _plan_from_flags(flags, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, host_q, qo_len,
-                                kv_len, pages, req, local, page_len, page_size, all_decode, max_kv, device)
+        return _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_last, qo_len, kv_len, pages,
+                                page_size, all_decode, max_kv, device, positions)
+    req = torch.repeat_interleave(torch.arange(R), pages)
+    local = torch.arange(req.numel()) - host_kv[req]
+    page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
     qo_len, kv_len, pages, req, local, page_len = (t.to(device) for t in (qo_len, kv_len, pages, req, local, page_len))
     q_start = kv_len - qo_len
     states, causal_ok, bits = _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, True, max_q,
@@ -232,37 +243,72 @@ def _hinted_flags(mask_mod) -> tuple[bool, int] | None:
     return None
 
 
-def _plan_from_flags(flags, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, host_q, qo_len, kv_len,
-                     pages, req, local, page_len, page_size, all_decode, max_kv, device) -> PagedPlan:
+def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_last, qo_len, kv_len, pages, page_size,
+                     all_decode, max_kv, device, positions) -> PagedPlan:
     """The plan of a causal, sliding-window or full mask without evaluating it: one launch (a
     decode step's on the decode kernel) over each request's pages from the first its first query
     sees, causal and window aligned to the bottom right as FlashInfer does. A page is partial when
     it holds keys past a request's first query or before its last query's window; the pages of a
-    request without queries, or before every window, are empty."""
+    request without queries, or before every window, are empty. Worked out per request on the
+    host (plan() runs at every decode step): per-page work only where a window skips pages (one
+    gather of the page ids) or when positions or page_states are asked for."""
     causal, window_left = flags
     q_start = kv_len - qo_len
-    first_key, last_key = local * page_size, local * page_size + page_len - 1
-    listed = qo_len[req] > 0
-    partial = torch.zeros(req.numel(), dtype=torch.bool)
-    if causal:
-        partial |= last_key > q_start[req]
+    # first listed page of each request: the page of its first query's first key (pages before it
+    # hold only keys no query sees); all of them for a request without queries
+    first = torch.zeros_like(pages)
     if window_left >= 0:
-        listed &= last_key >= q_start[req] - window_left                       # the first query's window
-        partial |= first_key < (q_start + qo_len - 1)[req] - window_left       # the last query's
-    partial &= listed
-    states = torch.where(listed, torch.where(partial, PARTIAL, FULL), EMPTY).to(torch.int8)
-    min_id, max_id = ((int(kv_page_indices.min()), int(kv_page_indices.max())) if kv_page_indices.numel()
-                      else (0, -1))
+        first = (q_start - window_left).clamp(min=0) // page_size
+    first = torch.where(qo_len > 0, first, pages)
+    counts = pages - first
+    min_id, max_id = (torch.stack([kv_page_indices.min(), kv_page_indices.max()]).tolist()
+                      if kv_page_indices.numel() else (0, -1))
     if min_id < 0:
         raise ValueError("kv_page_indices must be non-negative page ids")
+    host_kv = torch.zeros(pages.numel() + 1, dtype=torch.int64)
+    host_kv[1:] = pages.cumsum(0)
+
+    def listed_pages():
+        """(request, page of the request) of every listed page, in order."""
+        req = torch.repeat_interleave(torch.arange(pages.numel()), counts)
+        starts = torch.zeros_like(counts)
+        starts[1:] = counts.cumsum(0)[:-1]
+        return req, torch.arange(req.numel()) - starts[req] + first[req]
+
+    def page_states():
+        req = torch.repeat_interleave(torch.arange(pages.numel()), pages)
+        local = torch.arange(req.numel()) - host_kv[req]
+        page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
+        first_key, last_key = local * page_size, local * page_size + page_len - 1
+        listed = local >= first[req]
+        partial = torch.zeros(req.numel(), dtype=torch.bool)
+        if causal:
+            partial |= last_key > q_start[req]
+        if window_left >= 0:
+            partial |= first_key < (q_start + qo_len - 1)[req] - window_left   # the last query's window
+        return torch.where(listed, torch.where(partial & listed, PARTIAL, FULL), EMPTY).to(torch.int8).to(device)
+
     spec = None
-    if bool(listed.any()):
-        to = lambda t: t.to(device)   # noqa: E731
-        spec, _ = _spec(to(listed), to(req), to(local), to(page_len), kv_page_indices, pages.numel(), page_size)
-        spec.causal = causal and bool(partial.any())
-        spec.window_left = window_left
+    if int(counts.sum()):
+        indptr = torch.zeros(pages.numel() + 1, dtype=torch.int64)
+        indptr[1:] = counts.cumsum(0)
+        if bool((counts == pages).all()):
+            indices = kv_page_indices
+        else:
+            req, local = listed_pages()
+            indices = kv_page_indices[(host_kv[req] + local).to(device)]
+        kv_positions = None
+        if positions:
+            req, local = listed_pages()
+            kv_positions = (local * page_size).to(torch.int32).to(device)
+        # a page holds keys past its request's first query (causal's diagonal) when a request
+        # has more than one query; with one query its own key is the request's last
+        spec = PagedLaunchSpec(indptr.to(torch.int32).to(device), indices.to(torch.int32),
+                               torch.where(counts > 0, host_last, 0).to(torch.int32).to(device),
+                               causal=causal and bool((qo_len > 1).any()), window_left=window_left,
+                               kv_positions=kv_positions)
     decode = spec is not None and all_decode and bool((pages > 0).all())
-    return PagedPlan(qo_indptr.to(torch.int32), spec, None, decode, states.to(device), q_start=q_start.to(device),
+    return PagedPlan(qo_indptr.to(torch.int32), spec, None, decode, page_states, q_start=q_start.to(device),
                      max_kv_len=max_kv, total_q=int(host_q[-1]), max_page_id=max_id)
 
 
