@@ -5,7 +5,7 @@ causal window) with the same flags, the batch is exactly FlashInfer's ragged pre
 qo_indptr = cu_seqlens_q and kv_indptr = cu_seqlens_kv: one launch instead of one per
 sequence (on an H200 about 1.2x faster than one plan per sequence, level with FlashInfer's own
 ragged call).
-Exact on the CPU model of FlashInfer (tests/test_flashinfer_glue.py).
+Exact on the CPU model of FlashInfer (tests/backends/test_flashinfer_glue.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The differential fuzzer's long and GPU modes (the CI slice is tests/test_fuzz.py).
+"""The differential fuzzer's long and GPU modes (the CI slice is tests/doors/test_fuzz.py).
 
   python scripts/fuzz.py --minutes 30 --seed N          CPU campaign through the CPU model of FlashInfer
   python scripts/fuzz.py --device cuda --cases 2000 --dtypes bf16 fp16 --json fuzz.json

@@ -24,7 +24,7 @@ case "${1:-}" in
     fuzz masks-fp16 --dtypes fp16 --score-share 0 --seed $((seed + 1000))
     fuzz masks-fp16b --dtypes fp16 --score-share 0 --seed $((seed + 1001))
     fuzz scores --dtypes bf16 fp16 --score-share 1 --seed $((seed + 2000))
-    setsid nohup python3 -m pytest -q -p no:warnings -p no:cacheprovider tests/test_gpu_nan_grad.py tests/test_gpu.py \
+    setsid nohup python3 -m pytest -q -p no:warnings -p no:cacheprovider tests/backends/test_gpu_nan_grad.py tests/backends/test_gpu.py \
       > $run/gpu-tests.log 2>&1 &
     echo "started: $(ls $run)"
     ;;

@@ -79,7 +79,7 @@ case "${1:-}" in
         score-tests)
           while pgrep -f "kinds score_mod" >/dev/null; do sleep 5; done
           grep -h "ok\|FAILED" $run_dir/warm-score*.log
-          python3 -m pytest -q -m gpu tests/test_gpu.py -rfE -k "compiled_into" -p no:cacheprovider \
+          python3 -m pytest -q -m gpu tests/backends/test_gpu.py -rfE -k "compiled_into" -p no:cacheprovider \
             >$run_dir/score_tests.log 2>&1; tail -n 15 $run_dir/score_tests.log ;;
         bench-8k|bench-32k|bench-8k-d64|bench-32k-d64|profile-8k)
           # every peer (torch flex on Triton and, when installed, on FlashAttention-4) in one process;

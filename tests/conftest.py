@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -27,3 +29,21 @@ def rng():
     seed = torch.seed() % (2**31)
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def flashinfer_on_cpu(monkeypatch):
+    """backend="flashinfer" runs on CPU tensors: the CPU model as flashinfer, Hopper's launch
+    choices, and every compiled variant registered with the host-compiled code of its graphs."""
+    import fake_flashinfer
+    from flex_flash_infer import (backend_choice, flashinfer_backend, paged, score_mod_kernels, tile_kernels,
+                                  varlen, wrapper)
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    for module in (flashinfer_backend, paged, varlen):
+        monkeypatch.setattr(module, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(backend_choice, "unsupported_reason", lambda *a: None)
+    monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
+    monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
+    fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
+    fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)

@@ -12,7 +12,7 @@ from flex_flash_infer.mods import (generate_alibi_score_mod, generate_causal_dec
                                    generate_temperature_score_mod)
 from flex_flash_infer.trace import TraceError, trace
 from hostcheck import compile_host
-from test_masks import LIBRARY
+from library_masks import LIBRARY
 
 
 def grid(rng, n=4000, heads=8, batch=3, span=300):

@@ -7,7 +7,7 @@ from flex_flash_infer import create_block_mask, create_mask, get_mask_fn
 from flex_flash_infer.block_build import FULL, PARTIAL
 from flex_flash_infer.planner import partial_tile_mask, plan_tiles
 from paged_simulator import merge_state, paged_prefill
-from test_block_mask import random_mask_mod
+from random_masks import random_mask_mod
 
 
 def simulate(bm, q, k, v, head=0):

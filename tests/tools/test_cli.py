@@ -11,7 +11,7 @@ import torch
 
 from flex_flash_infer import cli
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 ATTAMBA_CHECK = ["check", "--q-len", "200", "--kv-len", "300", "--num-qo-heads", "4", "--num-kv-heads", "2",
                  "--head-dim", "32", "--mask", "attamba", "--window-size", "64", "--chunk-size", "32"]
 ROW = re.compile(r"^(\S+)\s+(reference|flashinfer)\s+(\S+)\s+(\S+)\s+rel_err (\S+)\s+max_abs (\S+)\s+(PASS|FAIL)$")
@@ -139,7 +139,7 @@ def test_the_package_reads_no_experiment_switch():
     arguments (PagedFlexAttention's use_tensor_cores, backend=...)."""
     import pathlib
 
-    package = pathlib.Path(__file__).resolve().parents[1] / "flex_flash_infer"
+    package = pathlib.Path(__file__).resolve().parents[2] / "flex_flash_infer"
     assert not [path.name for path in package.rglob("*.py") if "FLEX_FLASH_INFER_" in path.read_text()]
 
 

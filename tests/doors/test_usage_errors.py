@@ -7,8 +7,7 @@ import torch
 from flex_flash_infer import (FlexFlashInfer, PagedFlexAttention, create_block_mask, create_mask, flex_attention,
                               get_mask_fn)
 from flex_flash_infer.block_mask import BlockMask
-from test_paged import random_cache
-from test_route_regressions import flashinfer_on_cpu  # noqa: F401  (fixture)
+from paged_cases import random_cache
 
 BACKENDS = ["flashinfer", "reference"]
 

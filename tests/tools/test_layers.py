@@ -5,7 +5,7 @@ the layers; a new module must be placed in one here."""
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "flex_flash_infer"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "flex_flash_infer"
 BENCH = PACKAGE.parent / "flex_flash_infer_bench"
 
 LAYERS = [
@@ -39,7 +39,7 @@ def layer_of(module: str) -> int:
             return depth
         if members != "mods" and module in members:
             return depth
-    raise AssertionError(f"flex_flash_infer.{module} is in no layer: add it to tests/test_layers.py's LAYERS")
+    raise AssertionError(f"flex_flash_infer.{module} is in no layer: add it to tests/tools/test_layers.py's LAYERS")
 
 
 def modules() -> dict:

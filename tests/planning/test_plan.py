@@ -9,7 +9,6 @@ import torch
 from dense_reference import dense_attention
 from flex_flash_infer import create_block_mask, create_mask, flex_attention, get_mask_fn
 from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod
-from test_route_regressions import flashinfer_on_cpu  # noqa: F401  (fixture)
 
 L = 1024
 

@@ -12,7 +12,7 @@ from flex_flash_infer.trace import trace
 from flex_flash_infer.variant import fa3_score_mod_variant
 from flex_flash_infer.codegen import position_bound_for
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "prebuild_kernels.py"
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "prebuild_kernels.py"
 
 
 def load_script():

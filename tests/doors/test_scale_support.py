@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from flex_flash_infer import backend_choice, flashinfer_backend, flex_attention, notices
-from test_route_regressions import flashinfer_on_cpu  # noqa: F401  (fixture)
 
 
 @pytest.fixture

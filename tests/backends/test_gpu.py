@@ -1,5 +1,5 @@
 """FlashInfer path on CUDA against the float64 dense oracle (small) or the float32 reference (large).
-Run on a Hopper machine: python -m pytest -m gpu tests/test_gpu.py"""
+Run on a Hopper machine: python -m pytest -m gpu tests/backends/test_gpu.py"""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from dense_reference import dense_attention, dense_predicate, rel_err
 from flex_flash_infer import FlexFlashInfer, create_block_mask, create_mask, flex_attention, get_mask_fn
 from flex_flash_infer.reference import reference_attention
-from test_block_mask import random_mask_mod
+from random_masks import random_mask_mod
 from flex_flash_infer.warmup import PAGED_MOD_CASES
 
 pytestmark = pytest.mark.gpu
@@ -460,7 +460,7 @@ def test_tree_speculative_decoding_example_on_the_gpu():
     import runpy
     import pathlib
 
-    runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "tree_speculative_decoding.py"))
+    runpy.run_path(str(pathlib.Path(__file__).resolve().parents[2] / "examples" / "tree_speculative_decoding.py"))
 
 
 @pytest.mark.parametrize("kernel", ["cuda_core_decode", "tensor_core_decode"])

@@ -5,6 +5,7 @@ from torch.nn.attention import flex_attention as torch_flex
 from dense_reference import dense_predicate
 from flex_flash_infer import BlockMask, create_block_mask, get_mask_fn
 from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL
+from random_masks import random_mask_mod
 
 
 def dense_tile_states(dense, bq, bkv):
@@ -19,18 +20,6 @@ def dense_tile_states(dense, bq, bkv):
             full = tile.flatten(2).all(-1) & ((j + 1) * bkv <= S)
             states[:, :, i, j] = torch.where(full, FULL, torch.where(tile.flatten(2).any(-1), PARTIAL, EMPTY))
     return states
-
-
-def random_mask_mod(B, H, L, S, rng, density=0.3):
-    """A mask_mod over a captured random tensor, with some all-true and all-false regions."""
-    dense = torch.rand(B, H, L, S, generator=rng) < density
-    dense[..., : L // 3, : S // 4] = True
-    dense[..., L // 2:, S // 2:] = False
-
-    def random_mask(b, h, q, kv):
-        return dense[b, h, q, kv]
-
-    return random_mask, dense
 
 
 @pytest.mark.parametrize("L,S,block", [(256, 256, 64), (301, 173, 64), (130, 400, (32, 48)), (50, 50, 128)])

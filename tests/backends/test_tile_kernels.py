@@ -14,7 +14,7 @@ from flex_flash_infer.codegen import graph_key
 from flex_flash_infer import create_block_mask, create_mask, flashinfer_backend, get_mask_fn, tile_kernels
 from flex_flash_infer.warmup import example_score_mod
 from hostcheck import compile_host
-from test_block_mask import random_mask_mod
+from random_masks import random_mask_mod
 
 
 @pytest.fixture

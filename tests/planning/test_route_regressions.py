@@ -14,22 +14,6 @@ from flex_flash_infer import (FlexFlashInfer, backend_choice, create_block_mask,
 from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod
 
 
-@pytest.fixture
-def flashinfer_on_cpu(monkeypatch):
-    """backend="flashinfer" runs on CPU tensors: the CPU model as flashinfer, Hopper's launch
-    choices, and every compiled variant registered with the host-compiled code of its graphs."""
-    from flex_flash_infer import paged, varlen, wrapper
-
-    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
-    for module in (flashinfer_backend, paged, varlen):
-        monkeypatch.setattr(module, "_is_hopper", lambda device: True)
-    monkeypatch.setattr(backend_choice, "unsupported_reason", lambda *a: None)
-    monkeypatch.setattr(wrapper, "choose_backend", lambda *args: "flashinfer")
-    monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
-    fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
-    fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
-
-
 def _grid(B, H, L, S, q_offset=0):
     return (torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1),
             torch.arange(L).view(1, 1, -1, 1) + q_offset, torch.arange(S).view(1, 1, 1, -1))
@@ -271,7 +255,7 @@ def test_a_varlen_sequence_that_sees_nothing(flashinfer_on_cpu, rng):
 @pytest.mark.parametrize("qo_lens", [[1, 1, 1], [5, 40, 1]], ids=["decode", "prefill"])
 def test_a_paged_plan_that_sees_nothing(flashinfer_on_cpu, rng, kind, qo_lens):
     from flex_flash_infer import PagedFlexAttention
-    from test_paged import dense_oracle, random_cache
+    from paged_cases import dense_oracle, random_cache
 
     def none_for_heads(b, h, q, kv):
         return (h < 0) & (kv <= q)
@@ -308,7 +292,7 @@ def test_paged_mask_indexing_a_table_as_long_as_a_short_cache(flashinfer_on_cpu,
     """A document mask over a cache of 3 tokens (its table holds 3 entries): planning probed the
     mask on positions 0..3 whatever the cache held, and raised IndexError."""
     from flex_flash_infer import PagedFlexAttention
-    from test_paged import dense_oracle, random_cache
+    from paged_cases import dense_oracle, random_cache
 
     ids = torch.tensor([0, 0, 1])
 

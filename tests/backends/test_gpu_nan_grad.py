@@ -1,7 +1,7 @@
 """On the real kernels (issue 20, classes 4 and 6): a NaN is never hidden, and gradients through the
 FlashInfer path equal torch's own flex_attention's. The CPU model of FlashInfer assumes the kernels
 propagate NaN (their max ignores a NaN score, exp2 of it does not); these tests check that
-assumption on every route. Run on a Hopper machine: python -m pytest -m gpu tests/test_gpu_nan_grad.py"""
+assumption on every route. Run on a Hopper machine: python -m pytest -m gpu tests/backends/test_gpu_nan_grad.py"""
 import math
 
 import pytest

@@ -12,8 +12,7 @@ import torch
 from flex_flash_infer import (FlexFlashInfer, PagedFlexAttention, api, autograd, create_block_mask, flex_attention,
                               get_mask_fn, reference)
 from flex_flash_infer.mods import generate_relative_position_bias_score_mod
-from test_paged import random_cache
-from test_route_regressions import flashinfer_on_cpu  # noqa: F401  (fixture)
+from paged_cases import random_cache
 
 
 def dense_grad_oracle(q, k, v, visible, score_fn=None, scale=None):
@@ -298,7 +297,7 @@ def test_paged_flashinfer_backward_says_forward_only(flashinfer_on_cpu, rng):
 
 
 def test_paged_reference_gradients(rng):
-    from test_paged import dense_oracle
+    from paged_cases import dense_oracle
 
     q, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, [40, 23], [3, 5], 8)
     for t in (q, kc, vc):

@@ -12,7 +12,7 @@ from flex_flash_infer import (and_masks, create_block_mask, create_mask, flex_at
                               or_masks, reference_attention)
 from flex_flash_infer.mods import document_ids_from_offsets
 
-from test_masks import LIBRARY  # noqa: E402  (one list of library masks for all tests)
+from library_masks import LIBRARY  # noqa: E402  (one list of library masks for all tests)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # lse is float32 for every input dtype (documented), so it is only float32-accurate.

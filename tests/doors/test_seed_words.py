@@ -21,7 +21,7 @@ from flex_flash_infer.mods import MASK_FACTORIES
 from flex_flash_infer.mods._seed_form import BatchOrHeadDependent
 from flex_flash_infer.codegen import graph_key
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SEED_PLACES = [REPO / "shared" / "seed" / "README.md", REPO.parent / "shared" / "seed" / "README.md"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -10,8 +10,7 @@ import torch
 from dense_reference import dense_attention
 from flex_flash_infer import FlexFlashInfer, PagedFlexAttention, create_block_mask, flex_attention, get_mask_fn
 from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod
-from test_paged import dense_oracle, random_cache
-from test_route_regressions import flashinfer_on_cpu  # noqa: F401  (fixture)
+from paged_cases import dense_oracle, random_cache
 
 B, Hq, Hkv, L, S, D = 1, 4, 2, 200, 200, 16
 ROW, KEY = 150, 150           # the NaN query row / key position

@@ -8,8 +8,8 @@ import torch
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
 from flex_flash_infer import create_block_mask, create_mask, flashinfer_backend, get_mask_fn
-from test_block_mask import random_mask_mod
-from test_paged import MASKS, dense_oracle, random_cache
+from random_masks import random_mask_mod
+from paged_cases import MASKS, dense_oracle, random_cache
 
 
 @pytest.fixture

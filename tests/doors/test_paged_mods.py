@@ -14,7 +14,7 @@ from flex_flash_infer.block_build import FULL, PARTIAL
 from flex_flash_infer.paged_plan import plan_paged
 from flex_flash_infer.trace import TraceError
 from flex_flash_infer.warmup import example_score_mod
-from test_paged import dense_oracle, random_cache
+from paged_cases import dense_oracle, random_cache
 
 HQ, HKV, D = 4, 2, 16
 

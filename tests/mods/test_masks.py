@@ -4,17 +4,7 @@ import torch
 from dense_reference import dense_predicate
 from flex_flash_infer import and_masks, create_mask, get_mask_fn, noop_mask, or_masks
 from flex_flash_infer.mods import document_ids_from_offsets
-
-LIBRARY = [
-    ("full", {}),
-    ("causal", {}),
-    ("sliding_window", {"window_size": 37}),
-    ("attamba", {"window_size": 40, "chunk_size": 16}),
-    ("streaming", {"sink_size": 4, "window_size": 33}),
-    ("prefix_lm", {"prefix_len": 50}),
-    ("chunked_causal", {"chunk_size": 48}),
-    ("dilated_sliding_window", {"window_size": 30, "dilation": 3}),
-]
+from library_masks import LIBRARY
 
 
 @pytest.mark.parametrize("name,params", LIBRARY)
