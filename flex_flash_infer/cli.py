@@ -120,6 +120,9 @@ def build_parser():
     bench.add_argument("--decode", action="store_true", help="paged decode instead (flex_flash_infer_bench/decode.py)")
     bench.add_argument("--varlen", action="store_true",
                        help="packed varlen prefill instead (flex_flash_infer_bench/varlen.py)")
+    bench.add_argument("--cold", nargs="*", default=None, metavar="ITEM",
+                       help="first use from empty compile caches, each item in a fresh process "
+                            "(flex_flash_infer_bench/cold.py; default: every item)")
     bench.add_argument("--cpu", action="store_true",
                        help="the reference backend on this CPU against torch's eager flex_attention (no GPU needed)")
     warm = sub.add_parser("warmup", help="compile FlashInfer kernels ahead of first use (CUDA)")
@@ -263,6 +266,11 @@ def main(argv=None) -> int:
             from flex_flash_infer_bench.cpu import run_cpu_benchmark
 
             run_cpu_benchmark(args.out, tuple(args.seq_lens) if args.seq_lens != [8192, 32768] else (2048, 8192))
+            return 0
+        if args.cold is not None:
+            from flex_flash_infer_bench.cold import run_cold_benchmark
+
+            run_cold_benchmark(args.out, args.cold or None)
             return 0
         if args.plan:
             from flex_flash_infer_bench.planning import run_plan_benchmark

@@ -22,6 +22,7 @@
 #                tokens, head_dim 128 / 64 (JSON in the run dir); profile-8k the same with --profile
 #   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
+#   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 #   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001), with the NaN/gradient tests
 # FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
@@ -91,6 +92,9 @@ case "${1:-}" in
           esac
           python3 -m flex_flash_infer bench --seq-lens $a --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
+        cold)   # first use from empty compile caches, each item in a fresh process (bench --cold)
+          python3 -m flex_flash_infer bench --cold --out "$run_dir/cold.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/cold.log; tail -n 16 $run_dir/cold.log ;;
         formulations)   # issue 22's leads against ours and FA4 (scripts/formulations.py)
           python3 scripts/formulations.py $run_dir/formulations.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/formulations.log; tail -n 40 $run_dir/formulations.log ;;

@@ -1,0 +1,53 @@
+"""The cold-start benchmark's orchestration (flex_flash_infer_bench/cold.py): every item in a fresh
+process with fresh compile caches, its first-call time read back, failures kept as rows. The
+processes are stubbed (the items need a GPU); one real snippet is compiled to catch a typo."""
+import json
+import os
+import subprocess
+import types
+
+import pytest
+
+from flex_flash_infer_bench import cold
+
+
+def test_each_item_gets_fresh_empty_caches_and_its_time_back(tmp_path):
+    seen = []
+
+    def runner(cmd, env, capture_output, text, timeout):
+        seen.append({var: env[var] for var in ("FLASHINFER_WORKSPACE_BASE", "TORCHINDUCTOR_CACHE_DIR",
+                                               "TRITON_CACHE_DIR")})
+        assert all(os.path.isdir(p) and not os.listdir(p) for p in seen[-1].values())
+        if cmd[1:3] == ["-m", "flex_flash_infer"]:
+            return types.SimpleNamespace(returncode=0, stdout="ok\n", stderr="")
+        if "lambda s, b, h, qi, kv" in cmd[2]:
+            return types.SimpleNamespace(returncode=1, stdout="", stderr="Traceback\nRuntimeError: no GPU\n")
+        return types.SimpleNamespace(returncode=0, stdout='noise\n{"s": 12.5}\n', stderr="")
+
+    out = tmp_path / "cold.json"
+    result = cold.run_cold_benchmark(str(out), ["readme_main_job", "bands_causal", "new_score_mod"], runner=runner)
+    assert json.loads(out.read_text()) == result
+    rows = {r["item"]: r for r in result["rows"]}
+    assert rows["bands_causal"]["first_call_s"] == 12.5 and "error" not in rows["bands_causal"]
+    assert "first_call_s" not in rows["readme_main_job"] and rows["readme_main_job"]["wall_s"] >= 0
+    assert rows["new_score_mod"]["error"] == "RuntimeError: no GPU"
+    assert len({tuple(s.values()) for s in seen}) == 3          # a new set of folders per item
+    assert {"device", "torch", "flashinfer", "cpu_cores", "prebuilt_flashinfer_modules", "date", "commit"} <= set(result)
+
+
+def test_a_hung_item_is_a_row_not_a_crash():
+    def runner(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    row = cold.run_item("bands_causal", timeout_s=5, runner=runner)
+    assert row["error"] == "over 5 s"
+
+
+def test_unknown_items_are_named():
+    with pytest.raises(ValueError, match="unknown cold-start items \\['causal'\\]"):
+        cold.run_cold_benchmark(None, ["causal"])
+
+
+@pytest.mark.parametrize("name", [n for n, body in cold.ITEMS.items() if body is not None])
+def test_every_snippet_compiles(name):
+    compile(cold.item_command(name)[2], name, "exec")
