@@ -168,8 +168,8 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if flags is not None and flags[1] >= 0 and not native_window:
         flags = None
     if flags is not None:
-        return _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_last, qo_len, kv_len, pages,
-                                page_size, all_decode, max_kv, device, positions)
+        return _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len,
+                                pages, page_size, all_decode, max_kv, device, positions)
     req = torch.repeat_interleave(torch.arange(R), pages)
     local = torch.arange(req.numel()) - host_kv[req]
     page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
@@ -243,8 +243,8 @@ def _hinted_flags(mask_mod) -> tuple[bool, int] | None:
     return None
 
 
-def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_last, qo_len, kv_len, pages, page_size,
-                     all_decode, max_kv, device, positions) -> PagedPlan:
+def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len, pages,
+                     page_size, all_decode, max_kv, device, positions) -> PagedPlan:
     """The plan of a causal, sliding-window or full mask without evaluating it: one launch (a
     decode step's on the decode kernel) over each request's pages from the first its first query
     sees, causal and window aligned to the bottom right as FlashInfer does. A page is partial when
@@ -265,8 +265,6 @@ def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_last, qo_le
                       if kv_page_indices.numel() else (0, -1))
     if min_id < 0:
         raise ValueError("kv_page_indices must be non-negative page ids")
-    host_kv = torch.zeros(pages.numel() + 1, dtype=torch.int64)
-    host_kv[1:] = pages.cumsum(0)
 
     def listed_pages():
         """(request, page of the request) of every listed page, in order."""
@@ -292,15 +290,10 @@ def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_last, qo_le
     if int(counts.sum()):
         indptr = torch.zeros(pages.numel() + 1, dtype=torch.int64)
         indptr[1:] = counts.cumsum(0)
-        if bool((counts == pages).all()):
-            indices = kv_page_indices
-        else:
-            req, local = listed_pages()
-            indices = kv_page_indices[(host_kv[req] + local).to(device)]
-        kv_positions = None
-        if positions:
-            req, local = listed_pages()
-            kv_positions = (local * page_size).to(torch.int32).to(device)
+        every_page = bool((counts == pages).all())
+        req, local = listed_pages() if positions or not every_page else (None, None)
+        indices = kv_page_indices if every_page else kv_page_indices[(host_kv[req] + local).to(device)]
+        kv_positions = (local * page_size).to(torch.int32).to(device) if positions else None
         # a page holds keys past its request's first query (causal's diagonal) when a request
         # has more than one query; with one query its own key is the request's last
         spec = PagedLaunchSpec(indptr.to(torch.int32).to(device), indices.to(torch.int32),

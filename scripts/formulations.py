@@ -108,8 +108,9 @@ def ragged_one(window_left):
     return lambda: wrapper.run(q, k, v)
 
 
-def prefix_two_streams(prefix):
-    """The prefix block (full) on a side stream while the causal rows run on the current one."""
+def prefix_launches(prefix, streams: bool):
+    """The prefix block (full) and the causal rows after it, each a ragged launch writing its rows
+    of one output in place: one after the other, or the block on a side stream at the same time."""
     side = torch.cuda.Stream()
     out = torch.empty_like(q)
     rest = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace(), "NHD", backend="fa3")
@@ -119,26 +120,12 @@ def prefix_two_streams(prefix):
 
     def run():
         main = torch.cuda.current_stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
+        stream = side if streams else main
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
             block.run(q[:prefix], k[:prefix], v[:prefix], out=out[:prefix])
         rest.run(q[prefix:], k, v, out=out[prefix:])
-        main.wait_stream(side)
-        return out
-
-    return run
-
-
-def prefix_one_after_other(prefix):
-    out = torch.empty_like(q)
-    rest = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace(), "NHD", backend="fa3")
-    rest.plan(i32([0, S - prefix]), i32([0, S]), HQ, HKV, D, causal=True, q_data_type=dt, kv_data_type=dt)
-    block = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace(), "NHD", backend="fa3")
-    block.plan(i32([0, prefix]), i32([0, prefix]), HQ, HKV, D, causal=False, q_data_type=dt, kv_data_type=dt)
-
-    def run():
-        block.run(q[:prefix], k[:prefix], v[:prefix], out=out[:prefix])
-        rest.run(q[prefix:], k, v, out=out[prefix:])
+        main.wait_stream(stream)
         return out
 
     return run
@@ -198,8 +185,8 @@ groups = {
     }),
     "prefix_lm": (get_mask_fn("prefix_lm", prefix_len=2048), {
         "ours": None, "fa4": None,
-        "two launches, one after the other": lambda: prefix_one_after_other(2048),
-        "two launches on two streams": lambda: prefix_two_streams(2048),
+        "two launches, one after the other": lambda: prefix_launches(2048, streams=False),
+        "two launches on two streams": lambda: prefix_launches(2048, streams=True),
     }),
     "per_head_windows": (per_head_windows_mask(), {
         "ours": None, "fa4": None,
