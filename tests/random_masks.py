@@ -1,4 +1,5 @@
-"""A random mask_mod over a captured tensor, shared by the block-mask, planner and backend tests."""
+"""Masks shared by several test folders: a random mask_mod over a captured tensor, and two
+formulas that send a call to the tiles and the per-head routes."""
 import torch
 
 
@@ -12,3 +13,13 @@ def random_mask_mod(B, H, L, S, rng, density=0.3):
         return dense[b, h, q, kv]
 
     return random_mask, dense
+
+
+def striped_causal(b, h, q, kv):
+    """Causal with a fifth of the pairs removed in a pattern that no band describes: the tiles route."""
+    return ((q * 7 + kv * 13) % 5 != 0) & (kv <= q)
+
+
+def per_head_starts(b, h, q, kv):
+    """Head h sees keys from 3 + 40 h on: a mask that differs per head (the per-head routes)."""
+    return kv >= 3 + 40 * h

@@ -10,26 +10,19 @@ import torch
 from dense_reference import dense_attention
 from flex_flash_infer import FlexFlashInfer, PagedFlexAttention, create_block_mask, flex_attention, get_mask_fn
 from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod
+from random_masks import per_head_starts, striped_causal
 
 pytestmark = pytest.mark.gpu
 B, Hq, Hkv, L, S, D = 1, 8, 2, 700, 700, 128
 ROW, KEY = 500, 450
 
 
-def _random(b, h, q, kv):
-    return ((q * 7 + kv * 13) % 5 != 0) & (kv <= q)
-
-
-def _per_head(b, h, q, kv):
-    return kv >= 3 + 40 * h
-
-
 CASES = [
     ("full", None, None),
     ("bands", get_mask_fn("causal"), None),
     ("bands+columns", get_mask_fn("streaming", sink_size=4, window_size=100), None),
-    ("tiles", _random, None),
-    ("bands-per-head", _per_head, None),
+    ("tiles", striped_causal, None),
+    ("bands-per-head", per_head_starts, None),
     ("soft-cap", get_mask_fn("sliding_window", window_size=200), generate_softcap_score_mod(20.0)),
     ("compiled-score_mod", get_mask_fn("causal"), lambda s, b, h, q, kv: s - 0.01 * (h + 1) * (q - kv).abs()),
 ]
@@ -52,7 +45,7 @@ def _inputs(gen, dtype):
 @pytest.mark.parametrize("name,mask_mod,score_mod", CASES, ids=[c[0] for c in CASES])
 def test_nan_reaches_exactly_the_rows_that_see_it(cuda_gen, name, mask_mod, score_mod, dtype, where):
     q, k, v = _inputs(cuda_gen, dtype)
-    heads = Hq if mask_mod is _per_head else None
+    heads = Hq if mask_mod is per_head_starts else None
     bm = None if mask_mod is None else create_block_mask(mask_mod, None, heads, L, S, device="cuda")
     grid = (torch.arange(B).view(-1, 1, 1, 1), torch.arange(Hq).view(1, -1, 1, 1),
             torch.arange(L).view(1, 1, -1, 1), torch.arange(S).view(1, 1, 1, -1))
@@ -99,7 +92,7 @@ def test_paged_nan_query(cuda_gen, mode):
     assert nan[1, 5] and torch.isnan(lse[1, 5]) and nan.sum() == 1 and torch.isnan(lse).sum() == 1
 
 
-@pytest.mark.parametrize("name,mask_mod", [("bands", get_mask_fn("causal")), ("tiles", _random),
+@pytest.mark.parametrize("name,mask_mod", [("bands", get_mask_fn("causal")), ("tiles", striped_causal),
                                            ("bands+columns", get_mask_fn("streaming", sink_size=4, window_size=100))])
 def test_gradients_as_torch_flex_attention(cuda_gen, name, mask_mod):
     """bf16 on the FlashInfer path (its backward recomputes in float32) against torch's

@@ -11,18 +11,11 @@ from dense_reference import dense_attention
 from flex_flash_infer import FlexFlashInfer, PagedFlexAttention, create_block_mask, flex_attention, get_mask_fn
 from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod
 from paged_cases import dense_oracle, random_cache
+from random_masks import per_head_starts, striped_causal
 
 B, Hq, Hkv, L, S, D = 1, 4, 2, 200, 200, 16
 ROW, KEY = 150, 150           # the NaN query row / key position
 NAN_HEAD, NAN_KV_HEAD = 1, 0  # the query head of the NaN row; the key head of the NaN key (query heads 0, 1)
-
-
-def _random(b, h, q, kv):
-    return ((q * 7 + kv * 13) % 5 != 0) & (kv <= q)
-
-
-def _per_head(b, h, q, kv):
-    return kv >= 3 + 40 * h
 
 
 # (name, mask_mod, score_mod): between them the planner's routes (bands, bands+columns, tiles,
@@ -31,14 +24,14 @@ CASES = [
     ("full", None, None),
     ("bands", get_mask_fn("causal"), None),
     ("bands+columns", get_mask_fn("streaming", sink_size=4, window_size=16), None),
-    ("tiles", _random, None),
-    ("bands-per-head", _per_head, None),
+    ("tiles", striped_causal, None),
+    ("bands-per-head", per_head_starts, None),
     ("soft-cap", get_mask_fn("sliding_window", window_size=40), generate_softcap_score_mod(2.0)),
     ("compiled-score_mod", get_mask_fn("sliding_window", window_size=40),
      lambda s, b, h, q, kv: s - 0.1 * (h + 1) * (q - kv).abs()),
     ("far-split", get_mask_fn("causal"), generate_relative_position_bias_score_mod(
         torch.linspace(-1, 1, 4 * 65, dtype=torch.float64).view(4, 65))),
-    ("tiles-per-head+score_mod", _per_head, lambda s, b, h, q, kv: s * 0.5),
+    ("tiles-per-head+score_mod", per_head_starts, lambda s, b, h, q, kv: s * 0.5),
 ]
 
 
@@ -69,7 +62,7 @@ def test_nan_reaches_every_row_that_sees_it(flashinfer_on_cpu, rng, backend, nam
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
     v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
-    heads = Hq if mask_mod is _per_head else None
+    heads = Hq if mask_mod is per_head_starts else None
     bm = None if mask_mod is None else create_block_mask(mask_mod, None, heads, L, S, device="cpu")
     visible = _visible(mask_mod)
     ref_out, ref_lse = dense_attention(q, k, v, visible, score_fn=score_mod)
