@@ -6,12 +6,12 @@
 On a CUDA GPU it checks the FlashInfer path (float16 by default), elsewhere the reference backend
 on CPU (float32). It prints PASS or FAIL with the max and relative error and exits 0 on PASS,
 1 on FAIL, 2 on a bad argument. It is `python -m flex_flash_infer check` under the seed's name
-(flex_flash_infer/cli.py); both take the seed's underscore flags and the dashed ones.
+(flex_flash_infer/tools/cli.py); both take the seed's underscore flags and the dashed ones.
 """
 import argparse
 import sys
 
-from flex_flash_infer import cli
+from flex_flash_infer.tools import cli
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@ from .api import AuxOutput, AuxRequest, flex_attention
 from .block_mask import BlockMask, create_block_mask, create_mask
 from .mods import and_masks, get_mask_fn, noop_mask, or_masks
 from .paged import PagedFlexAttention
-from .reference import reference_attention
+from .backends.reference import reference_attention
 from .wrapper import FlexFlashInfer
 
 __version__ = "0.1.0"

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from .autograd import (FORWARD_ONLY, HIDDEN_GRAD, captured_tensors, forward_only, hidden_grad_probe, needs_grad,
-                       with_recomputed_gradients)
-from .backend_choice import choose_backend, read_kernel_options
+from .backends.autograd import (FORWARD_ONLY, HIDDEN_GRAD, captured_tensors, forward_only, hidden_grad_probe,
+                                needs_grad, with_recomputed_gradients)
+from .backends.backend_choice import choose_backend, read_kernel_options
 from .block_mask import check_block_mask, full_block_mask
-from .flashinfer_backend import FlashInferPlan
-from .mask_eval import check_score_mod
-from .reference import reference_attention, reference_gradients
-from .notices import warn_once
-from .trace import TraceError
-from .validation import check_bhsd, check_scale
+from .backends.flashinfer_backend import FlashInferPlan
+from .core.mask_eval import check_score_mod
+from .backends.reference import reference_attention, reference_gradients
+from .core.notices import warn_once
+from .core.trace import TraceError
+from .core.validation import check_bhsd, check_scale
 
 try:   # torch's own classes (torch >= 2.9), so code written for torch's flex_attention works unchanged
     from torch.nn.attention.flex_attention import AuxOutput, AuxRequest

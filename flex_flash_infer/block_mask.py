@@ -8,11 +8,12 @@ from typing import Callable
 
 import torch
 
-from .block_build import EMPTY, FULL, PARTIAL, ceil_div, classify_query_tiles, ordered_indices, states_from_tables
-from .tile_bounds import classify_tiles
-from .mask_eval import as_mask_mod, evaluate_mask_mod, index_grid, mask_dependence
+from .masks.block_build import (EMPTY, FULL, PARTIAL, ceil_div, classify_query_tiles, ordered_indices,
+                                states_from_tables)
+from .masks.tile_bounds import classify_tiles
+from .core.mask_eval import as_mask_mod, evaluate_mask_mod, index_grid, mask_dependence
 from .mods.combinators import noop_mask
-from .validation import check_device, check_positive_int
+from .core.validation import check_device, check_positive_int
 
 
 def _block_sizes(BLOCK_SIZE) -> tuple[int, int]:
@@ -218,8 +219,8 @@ class BlockMask:
         what it covers), planned on the host as a call with these heads and head_dim would plan
         it; print() it. Heads and batch default to the mask's own (1 where it broadcasts); route
         forces one, as flex_attention's kernel_options={"ROUTE": ...} does."""
-        from .column_merge import kernel_available
-        from .plan import plan_attention
+        from .backends.column_merge import kernel_available
+        from .planning.plan import plan_attention
 
         B, H = self.shape[:2]
         num_qo_heads = check_positive_int("num_qo_heads", H if num_qo_heads is None else num_qo_heads)
@@ -337,7 +338,7 @@ def full_block_mask(B: int, Q_LEN: int, KV_LEN: int, device, BLOCK_SIZE=128) -> 
 def create_mask(mod_fn, B, H, Q_LEN, KV_LEN, device=None) -> torch.Tensor:
     """The dense bool mask [B, H, Q_LEN, KV_LEN] of a mask_mod, or of a score_mod (visible
     where the score_mod does not give -inf), as torch's create_mask."""
-    from .mask_eval import count_positional_args
+    from .core.mask_eval import count_positional_args
 
     B = 1 if B is None else check_positive_int("B", B)
     H = 1 if H is None else check_positive_int("H", H)

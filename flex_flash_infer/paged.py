@@ -18,18 +18,19 @@ import math
 
 import torch
 
-from . import nan_merge
-from .autograd import FORWARD_ONLY, anchored, forward_only, learned_inputs, needs_grad
-from .backend_choice import check_backend_name
-from .notices import warn_once
-from .flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
-from .mask_eval import INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate_mask_mod, evaluate_score_mod, mask_dependence
+from .core import nan_merge
+from .backends.autograd import FORWARD_ONLY, anchored, forward_only, learned_inputs, needs_grad
+from .backends.backend_choice import check_backend_name
+from .core.notices import warn_once
+from .backends.flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
+from .core.mask_eval import (INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate_mask_mod, evaluate_score_mod,
+                             mask_dependence)
 from .mods.causal import generate_causal_mask_mod
-from .native_soft_cap import native_soft_cap
-from .paged_kernels import paged_request_tables, paged_variants
-from .paged_plan import plan_paged
-from .trace import TraceError, trace
-from .validation import check_positive_int, check_scale
+from .planning.native_soft_cap import native_soft_cap
+from .backends.paged_kernels import paged_request_tables, paged_variants
+from .planning.paged_plan import plan_paged
+from .core.trace import TraceError, trace
+from .core.validation import check_positive_int, check_scale
 
 
 def use_tensor_core_decode(num_qo_heads: int, num_kv_heads: int, use_tensor_cores: bool | None = None) -> bool:

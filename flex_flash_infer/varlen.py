@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .flashinfer_backend import LN2, _is_hopper, default_workspace
+from .backends.flashinfer_backend import LN2, _is_hopper, default_workspace
 
 
 def _effective(causal: bool, window_left: int, q_len: int, kv_len: int):

@@ -6,19 +6,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .autograd import (FORWARD_ONLY, HIDDEN_GRAD, anchored, captured_tensors, forward_only, hidden_grad_probe,
-                       needs_grad, with_recomputed_gradients)
-from .backend_choice import check_backend_name, choose_backend
-from .notices import warn_once
+from .backends.autograd import (FORWARD_ONLY, HIDDEN_GRAD, anchored, captured_tensors, forward_only,
+                                hidden_grad_probe, needs_grad, with_recomputed_gradients)
+from .backends.backend_choice import check_backend_name, choose_backend
+from .core.notices import warn_once
 from .block_mask import BlockMask, LazyBlockMask, create_block_mask
-from .flashinfer_backend import FlashInferPlan
-from .mask_eval import as_mask_mod, check_score_mod, mask_dependence
+from .backends.flashinfer_backend import FlashInferPlan
+from .core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
-from .reference import reference_attention, reference_gradients
+from .backends.reference import reference_attention, reference_gradients
 from . import varlen
-from .trace import TraceError
+from .core.trace import TraceError
 from .varlen import single_band_flags
-from .validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
+from .core.validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
 
 
 @dataclass

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from flex_flash_infer import create_block_mask, flex_attention, get_mask_fn
-from flex_flash_infer import reference
+from flex_flash_infer.backends import reference
 
 from .provenance import source_commit
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from flex_flash_infer.block_build import EMPTY
+from flex_flash_infer.masks.block_build import EMPTY
 from flex_flash_infer.mods.registry import get_mask_fn
 from flex_flash_infer.mods.softcap import generate_softcap_score_mod
 from flex_flash_infer.paged import PagedFlexAttention

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL, tile_elements
-from flex_flash_infer.mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
+from flex_flash_infer.masks.block_build import EMPTY, FULL, PARTIAL, tile_elements
+from flex_flash_infer.core.mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
 from flex_flash_infer.mods.registry import get_mask_fn
 from flex_flash_infer.wrapper import FlexFlashInfer
 

@@ -21,9 +21,9 @@ import time
 import torch
 
 from flex_flash_infer.block_mask import BlockMask, create_block_mask
-from flex_flash_infer.flashinfer_backend import FlashInferPlan
+from flex_flash_infer.backends.flashinfer_backend import FlashInferPlan
 from flex_flash_infer.mods.registry import get_mask_fn
-from flex_flash_infer.tile_bounds import classify_tiles
+from flex_flash_infer.masks.tile_bounds import classify_tiles
 from flex_flash_infer.wrapper import FlexFlashInfer
 
 

@@ -19,8 +19,8 @@ os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
 from flashinfer.jit.attention.modules import gen_customize_batch_prefill_module  # noqa: E402
 
 from flex_flash_infer.mods import generate_softcap_score_mod  # noqa: E402
-from flex_flash_infer.trace import trace  # noqa: E402
-from flex_flash_infer.variant import fa3_score_mod_variant  # noqa: E402
+from flex_flash_infer.core.trace import trace  # noqa: E402
+from flex_flash_infer.compile.variant import fa3_score_mod_variant  # noqa: E402
 
 spec = fa3_score_mod_variant(trace(generate_softcap_score_mod(30.0), "score_mod"))
 start = time.time()

@@ -5,7 +5,7 @@ A lent GPU machine compiles every module it has not built (1-2 minutes each ther
 instead of building when that file exists, and falls back to its own build (with a warning) when
 the file does not load; scripts/gpu_env.sh copies .aot/ there.
 
-The modules are the warm-up kinds' (flex_flash_infer/warmup.py): FlashInfer's own kernels by the
+The modules are the warm-up kinds' (flex_flash_infer/tools/warmup.py): FlashInfer's own kernels by the
 parameters its wrappers pass, and the library's compiled variants by replaying each warm-up kind's
 planning on the CPU against a recording stand-in for FlashInfer, which keeps the jit_args the
 library hands it (their module names hash the generated code, so they must come from the code).
@@ -67,7 +67,8 @@ def _recording_flashinfer(recorded: list):
 @contextlib.contextmanager
 def _planning_on_cpu_as_hopper(stub):
     """The library plans as on a Hopper GPU, on CPU tensors, against the stand-in (restored after)."""
-    from flex_flash_infer import backend_choice, flashinfer_backend, paged, varlen
+    from flex_flash_infer.backends import backend_choice, flashinfer_backend
+    from flex_flash_infer import paged, varlen
 
     saved_module = sys.modules.get("flashinfer")
     patches = [(flashinfer_backend, "unsupported_reason", lambda *a: None),
@@ -92,8 +93,8 @@ def _planning_on_cpu_as_hopper(stub):
 
 def custom_jit_args(kinds, dtype, head_dim) -> list:
     """(backend, jit_args) of every compiled variant the warm-up kinds build, in first-use order."""
-    from flex_flash_infer import flashinfer_backend
-    from flex_flash_infer.warmup import compile_score_mod, run_paged_mods, run_tile_variant
+    from flex_flash_infer.backends import flashinfer_backend
+    from flex_flash_infer.tools.warmup import compile_score_mod, run_paged_mods, run_tile_variant
 
     recorded = []
     with _planning_on_cpu_as_hopper(_recording_flashinfer(recorded)):

@@ -22,10 +22,10 @@ os.environ.setdefault("FLASHINFER_CUDA_ARCH_LIST", "9.0a")
 
 from flashinfer.jit.attention.modules import gen_batch_prefill_module, gen_customize_batch_prefill_module  # noqa: E402
 
-from flex_flash_infer.codegen import POSITION_BOUND  # noqa: E402
-from flex_flash_infer.trace import trace  # noqa: E402
-from flex_flash_infer.variant import fa3_score_mod_variant  # noqa: E402
-from flex_flash_infer.warmup import example_score_mod  # noqa: E402
+from flex_flash_infer.compile.codegen import POSITION_BOUND  # noqa: E402
+from flex_flash_infer.core.trace import trace  # noqa: E402
+from flex_flash_infer.compile.variant import fa3_score_mod_variant  # noqa: E402
+from flex_flash_infer.tools.warmup import example_score_mod  # noqa: E402
 
 INSTRUCTIONS = ("MUFU.EX2", "MUFU.TANH", "F2F.F32.F64", "I2F", "LDC", "LDG", "STL", "FMUL", "FFMA", "FADD", "IMAD",
                 "ISETP", "BRA", "FSEL")

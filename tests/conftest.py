@@ -36,8 +36,8 @@ def flashinfer_on_cpu(monkeypatch):
     """backend="flashinfer" runs on CPU tensors: the CPU model as flashinfer, Hopper's launch
     choices, and every compiled variant registered with the host-compiled code of its graphs."""
     import fake_flashinfer
-    from flex_flash_infer import (backend_choice, flashinfer_backend, paged, score_mod_kernels, tile_kernels,
-                                  varlen, wrapper)
+    from flex_flash_infer.backends import backend_choice, flashinfer_backend, score_mod_kernels, tile_kernels
+    from flex_flash_infer import paged, varlen, wrapper
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     for module in (flashinfer_backend, paged, varlen):

@@ -9,8 +9,8 @@ from paged_simulator import attend
 from paged_simulator import merge_state as _merge_state
 from paged_simulator import paged_prefill
 
-from flex_flash_infer.codegen import graph_key
-from flex_flash_infer.variant_paged import MASKED_PAGE_FLAG
+from flex_flash_infer.compile.codegen import graph_key
+from flex_flash_infer.compile.variant_paged import MASKED_PAGE_FLAG
 
 # FlashInfer's kernels record nothing for autograd: their outputs never carry a grad_fn. The
 # model's torch ops would, so every kernel entry point runs under no_grad.

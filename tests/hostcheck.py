@@ -16,8 +16,9 @@ import tempfile
 
 import torch
 
-from flex_flash_infer.codegen import POSITION_BOUND, PRELUDE, ctype, element_ctype, emit_expression, kernel_tensor
-from flex_flash_infer.trace import Graph
+from flex_flash_infer.compile.codegen import (POSITION_BOUND, PRELUDE, ctype, element_ctype, emit_expression,
+                                              kernel_tensor)
+from flex_flash_infer.core.trace import Graph
 
 _CACHE_DIR = os.path.join(tempfile.gettempdir(), "flex_flash_infer_hostcheck")
 

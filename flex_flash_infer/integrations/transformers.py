@@ -24,7 +24,7 @@ import torch
 
 from ..api import flex_attention
 from ..block_mask import create_block_mask
-from ..mask_eval import as_mask_mod, check_score_mod
+from ..core.mask_eval import as_mask_mod, check_score_mod
 from ..mods.causal import generate_causal_mask_mod
 from ..mods.softcap import generate_softcap_score_mod
 

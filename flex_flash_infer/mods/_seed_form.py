@@ -26,8 +26,8 @@ import functools
 
 import torch
 
-from .. import trace
-from ..mask_eval import INDEX_DTYPE
+from ..core import trace
+from ..core.mask_eval import INDEX_DTYPE
 
 
 class BatchOrHeadDependent(TypeError):

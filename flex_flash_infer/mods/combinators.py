@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ..mask_eval import as_mask_mod
+from ..core.mask_eval import as_mask_mod
 from ._seed_form import seed_form
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -11,8 +11,9 @@ import torch
 
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
-from flex_flash_infer import column_merge, create_block_mask, flashinfer_backend, get_mask_fn
-from flex_flash_infer.columns import column_prefix_counts
+from flex_flash_infer.backends import column_merge, flashinfer_backend
+from flex_flash_infer import create_block_mask, get_mask_fn
+from flex_flash_infer.planning.columns import column_prefix_counts
 
 
 def test_prefix_counts_or_none_when_a_row_skips_a_column():
@@ -56,7 +57,7 @@ def test_band_plus_columns_plan_with_the_merge(fake, rng, B, S, name, params):
 
 def test_a_score_mod_keeps_the_paged_columns_launch(fake, monkeypatch):
     """The merge kernel applies no score_mod: with one, the columns take the compiled paged launch."""
-    from flex_flash_infer import score_mod_kernels, tile_kernels
+    from flex_flash_infer.backends import score_mod_kernels, tile_kernels
 
     fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
     fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
@@ -68,8 +69,8 @@ def test_a_score_mod_keeps_the_paged_columns_launch(fake, monkeypatch):
 
 INTERPRETED = textwrap.dedent("""
     import sys, torch
-    from flex_flash_infer.column_merge import merge_columns_reference
-    from flex_flash_infer.column_merge_triton import merge_columns_triton
+    from flex_flash_infer.backends.column_merge import merge_columns_reference
+    from flex_flash_infer.backends.column_merge_triton import merge_columns_triton
     torch.manual_seed(0)
     dtype = getattr(torch, sys.argv[1])
     B, L, S, Hq, Hkv, D, M = 2, 150, 170, 4, 2, 32, int(sys.argv[2])
@@ -110,7 +111,7 @@ def test_triton_kernel_compiles_for_hopper(dtype, head_dim, columns):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from flex_flash_infer.column_merge_triton import _columns_merge_kernel
+    from flex_flash_infer.backends.column_merge_triton import _columns_merge_kernel
 
     sig = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "LSE": "*fp32", "POS": "*i64",
            "COUNTS": "*i32", "q_len": "i32", "num_columns": "i32", "group": "i32", "scale_log2": "fp32"}

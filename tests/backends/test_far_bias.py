@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from flex_flash_infer.bands import Band
-from flex_flash_infer.far_bias import hint_holds, plan_split, split_bands
+from flex_flash_infer.planning.bands import Band
+from flex_flash_infer.planning.far_bias import hint_holds, plan_split, split_bands
 from flex_flash_infer.mods.hints import ConstantBeyond
 from flex_flash_infer.mods import generate_alibi_score_mod, generate_relative_position_bias_score_mod
 
@@ -88,8 +88,10 @@ def test_the_split_reads_the_table_when_planned_as_the_variant_does(monkeypatch)
 
     import fake_flashinfer
     from dense_reference import dense_attention, rel_err
-    from flex_flash_infer import create_block_mask, create_mask, far_bias, flashinfer_backend, get_mask_fn
-    from flex_flash_infer import score_mod_kernels
+    from flex_flash_infer import create_block_mask, create_mask, get_mask_fn
+    from flex_flash_infer.planning import far_bias
+    from flex_flash_infer.backends import flashinfer_backend
+    from flex_flash_infer.backends import score_mod_kernels
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
@@ -117,8 +119,10 @@ def test_near_keys_on_fa2_match_the_reference(monkeypatch):
 
     import fake_flashinfer
     from dense_reference import dense_attention, rel_err
-    from flex_flash_infer import create_block_mask, create_mask, far_bias, flashinfer_backend, get_mask_fn
-    from flex_flash_infer import score_mod_kernels
+    from flex_flash_infer import create_block_mask, create_mask, get_mask_fn
+    from flex_flash_infer.planning import far_bias
+    from flex_flash_infer.backends import flashinfer_backend
+    from flex_flash_infer.backends import score_mod_kernels
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)

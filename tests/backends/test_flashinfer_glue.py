@@ -7,7 +7,8 @@ import torch
 
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
-from flex_flash_infer import create_block_mask, create_mask, flashinfer_backend, get_mask_fn
+from flex_flash_infer import create_block_mask, create_mask, get_mask_fn
+from flex_flash_infer.backends import flashinfer_backend
 from random_masks import random_mask_mod
 from paged_cases import MASKS, dense_oracle, random_cache
 
@@ -45,7 +46,7 @@ def test_per_head_masks_through_the_plan(fake, rng, B, Hq, Hkv, L, S):
 def test_paged_launches_through_the_kernels_glue(fake, rng, qo_lens, name, params):
     from flex_flash_infer.mods import get_mask_fn
     from flex_flash_infer.paged import _build_launches, _run_launches
-    from flex_flash_infer.paged_plan import plan_paged
+    from flex_flash_infer.planning.paged_plan import plan_paged
 
     mod = get_mask_fn(name, **params)
     q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [33, 120, 7, 90], qo_lens, 16)
@@ -195,8 +196,8 @@ def test_per_head_bands_through_the_plan(fake, monkeypatch, rng, B, Hq, Hkv, L):
 
 
 def test_head_band_groups_keep_gqa_regular():
-    from flex_flash_infer.bands import Band
-    from flex_flash_infer.plan import head_band_groups
+    from flex_flash_infer.planning.bands import Band
+    from flex_flash_infer.planning.plan import head_band_groups
 
     a, b = [Band(0, 10, 0, 10, True, 3)], [Band(0, 10, 0, 10, True)]
     # 8 query heads on 2 key heads (4 each): a on heads 0, 1, 4, 5 (two per key head), b elsewhere
@@ -265,8 +266,9 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
     own soft cap (native_soft_cap.py); a user's own softcap, without the attribute that names the
     cap, runs the compiled variant (softcap_compiled), and a user's own relative bias without its
     reach runs the variant on every key (rel_bias_unsplit)."""
-    from flex_flash_infer import far_bias, score_mod_kernels
-    from flex_flash_infer.warmup import example_score_mod
+    from flex_flash_infer.planning import far_bias
+    from flex_flash_infer.backends import score_mod_kernels
+    from flex_flash_infer.tools.warmup import example_score_mod
 
     fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: hopper)

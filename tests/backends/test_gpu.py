@@ -7,9 +7,9 @@ import torch
 
 from dense_reference import dense_attention, dense_predicate, rel_err
 from flex_flash_infer import FlexFlashInfer, create_block_mask, create_mask, flex_attention, get_mask_fn
-from flex_flash_infer.reference import reference_attention
+from flex_flash_infer.backends.reference import reference_attention
 from random_masks import random_mask_mod
-from flex_flash_infer.warmup import PAGED_MOD_CASES
+from flex_flash_infer.tools.warmup import PAGED_MOD_CASES
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -69,7 +69,7 @@ def test_library_masks(cuda_gen, dtype, D, name, params):
 def test_library_band_hints_unequal_lengths(cuda_gen, name, params, L, S):
     """The bands library masks state (band_hint), unequal lengths: causal with more queries
     than keys is a causal band and a full one."""
-    from flex_flash_infer import flashinfer_backend
+    from flex_flash_infer.backends import flashinfer_backend
 
     B, H, Hkv, D, dtype = 1, 8, 2, 128, torch.bfloat16
     q, k, v = inputs(B, H, Hkv, L, S, D, dtype, cuda_gen)
@@ -218,7 +218,7 @@ def test_window_band_plus_key_columns_route(cuda_gen, S, name, params, hint):
 def test_column_merge_kernel_matches_its_torch_reference(cuda_gen, dtype, D, M):
     """The Triton kernel alone on random prefix counts (rows with none among them), GQA, two
     sequences of an odd length; 300 columns take ten column blocks."""
-    from flex_flash_infer.column_merge import merge_columns, merge_columns_reference
+    from flex_flash_infer.backends.column_merge import merge_columns, merge_columns_reference
 
     B, L, S, Hq, Hkv = 2, 333, 1000, 8, 2
     q = torch.randn(B * L, Hq, D, generator=cuda_gen, device="cuda").to(dtype)
@@ -310,7 +310,7 @@ FA2_SCORE_MOD_CASES = [(torch.bfloat16, "causal", "rel_bias"), (torch.bfloat16, 
 @pytest.mark.parametrize("dtype,name,mod_name", FA2_SCORE_MOD_CASES)
 def test_score_mod_compiled_into_the_fa2_kernel(cuda_gen, monkeypatch, dtype, name, mod_name):
     """The band variant GPUs before Hopper run (fa2), forced on this one."""
-    from flex_flash_infer import flashinfer_backend
+    from flex_flash_infer.backends import flashinfer_backend
 
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: False)
     test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, mod_name)
@@ -321,7 +321,7 @@ def test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, 
     """The traced score_mod in a fa3 variant (the default on CUDA since this passed); the library
     softcap too, as a user's own softcap (without the attribute that sends the library's to
     FlashInfer's own soft cap on bands, native_soft_cap.py)."""
-    from flex_flash_infer.warmup import example_score_mod, without_soft_cap_hint
+    from flex_flash_infer.tools.warmup import example_score_mod, without_soft_cap_hint
 
     B, H, Hkv, L, D = 2, 8, 2, 777, 128
     params = SCORE_MOD_MASKS[name]
@@ -347,7 +347,7 @@ def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table
     to the lse, the rest in the compiled variant (far_bias.py), against the float64 reference.
     Tables per head, as the bench's: the variants prebuilt for it serve (a table shared by the heads
     is another module, 2 minutes to compile on the GPU machine; its split runs on the CPU model)."""
-    from flex_flash_infer import far_bias
+    from flex_flash_infer.planning import far_bias
     from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_t5_relative_bias_score_mod
 
     B, H, Hkv, L, D, dtype = 1, 8, 2, 1000, 128, torch.bfloat16   # batches: test_score_mod_compiled_into_the_kernel
@@ -372,7 +372,8 @@ def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table
 def test_relative_position_bias_near_keys_on_fa2(cuda_gen, name, params):
     """The keys within reach in the fa2 variant, the rest on fa3's plain ragged kernel, merged;
     against the float64 reference, GQA and an odd length."""
-    from flex_flash_infer import far_bias, score_mod_kernels
+    from flex_flash_infer.planning import far_bias
+    from flex_flash_infer.backends import score_mod_kernels
     from flex_flash_infer.mods import generate_relative_position_bias_score_mod
 
     B, H, Hkv, L, D, dtype = 1, 8, 2, 777, 128, torch.bfloat16
@@ -400,7 +401,7 @@ def test_library_softcap_runs_flashinfers_own_soft_cap(cuda_gen, name, params):
     """The library softcap on bands as FlashInfer's logits soft cap (native_soft_cap.py): its ragged
     kernel for causal attention and packed documents, its single call for each band of a prefix-LM
     mask (bands with different flags); against the float64 reference."""
-    from flex_flash_infer import flashinfer_backend
+    from flex_flash_infer.backends import flashinfer_backend
     from flex_flash_infer.mods import generate_softcap_score_mod
 
     B, H, Hkv, L, D, dtype = 1, 8, 2, 1000, 128, torch.bfloat16
@@ -504,7 +505,7 @@ def test_paged_cache_mods_compiled_into_the_kernels(cuda_gen, mask_name, mod_nam
     in the fa2 kernel) on a shuffled page table, bf16, GQA: against the float32 reference path,
     and replayed in a CUDA graph (warmup kind paged_mods builds these modules)."""
     from flex_flash_infer import PagedFlexAttention
-    from flex_flash_infer.warmup import paged_mod_case, paged_mod_inputs
+    from flex_flash_infer.tools.warmup import paged_mod_case, paged_mod_inputs
 
     dtype = torch.bfloat16
     mask_mod, score_mod = paged_mod_case(mask_name, mod_name, 8, "cuda")
@@ -536,7 +537,7 @@ TILE_VARIANT_CASES = ["tile_variants:softcap", "tile_variants:rel_bias", "tile_v
 @pytest.mark.parametrize("kind", TILE_VARIANT_CASES)
 def test_tile_route_variants_compiled_into_the_kernel(cuda_gen, kind):
     """score_mod on the tiles and key-column routes (tile_kernels.py): odd lengths, GQA, batch 2."""
-    from flex_flash_infer.warmup import run_tile_variant
+    from flex_flash_infer.tools.warmup import run_tile_variant
 
     B, H, Hkv, L, D = 2, 8, 2, 777, 128
     S = L if kind.endswith("columns") else 901   # key columns are found for square masks
@@ -554,7 +555,8 @@ def test_return_aux_lse_on_flashinfer_and_max_scores_from_the_reference(cuda_gen
     asking for max_scores too falls back to the reference with a warning, whose lse agrees."""
     import warnings
 
-    from flex_flash_infer import AuxRequest, notices
+    from flex_flash_infer import AuxRequest
+    from flex_flash_infer.core import notices
 
     q, k, v = inputs(1, 8, 2, 500, 500, 128, torch.bfloat16, cuda_gen)
     bm = create_block_mask(get_mask_fn("sliding_window", window_size=100), None, None, 500, 500, device="cuda")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flex_flash_infer import create_block_mask, flex_attention, get_mask_fn
-from flex_flash_infer import reference
+from flex_flash_infer.backends import reference
 
 
 def chunked(q, k, v, bm, scale=None):

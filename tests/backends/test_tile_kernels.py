@@ -10,9 +10,10 @@ import torch
 
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
-from flex_flash_infer.codegen import graph_key
-from flex_flash_infer import create_block_mask, create_mask, flashinfer_backend, get_mask_fn, tile_kernels
-from flex_flash_infer.warmup import example_score_mod
+from flex_flash_infer.compile.codegen import graph_key
+from flex_flash_infer import create_block_mask, create_mask, get_mask_fn
+from flex_flash_infer.backends import flashinfer_backend, tile_kernels
+from flex_flash_infer.tools.warmup import example_score_mod
 from hostcheck import compile_host
 from random_masks import random_mask_mod
 
@@ -102,8 +103,9 @@ def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
     """Bands run the ragged score_mod variant (the library softcap: FlashInfer's own soft cap,
     native_soft_cap.py); gathered key columns (pages of one key) run the paged variant, whose page
     table gives each column's absolute key position."""
-    from flex_flash_infer import far_bias, score_mod_kernels
-    from flex_flash_infer.trace import trace
+    from flex_flash_infer.planning import far_bias
+    from flex_flash_infer.backends import score_mod_kernels
+    from flex_flash_infer.core.trace import trace
 
     B, Hq, Hkv, L, D = 2, 4, 2, 300, 16
     score_mod = example_score_mod(mod_name, Hq, device="cpu")
@@ -136,13 +138,13 @@ def test_score_mod_on_bands_plus_key_columns(fake, rng, name, params, mod_name):
 def test_the_gpu_tests_cases_on_the_cpu_model(fake, monkeypatch, rng, kind):
     """The cases of test_gpu's tile-variant test (and of warmup) take the routes they name, with
     the launches they are meant to compile, and are exact through the CPU model."""
-    from flex_flash_infer.warmup import tile_variant_case
+    from flex_flash_infer.tools.warmup import tile_variant_case
 
     B, Hq, Hkv, L, D = 2, 8, 2, 777, 16
     S = L if kind.endswith("columns") else 901
     mask_mod, score_mod = tile_variant_case(kind, Hq, L, S, device="cpu")
     if score_mod is not None and kind.endswith("columns"):
-        from flex_flash_infer.trace import trace
+        from flex_flash_infer.core.trace import trace
 
         graph = trace(score_mod, "score_mod")
         monkeypatch.setitem(fake_flashinfer.VARIANTS, f"FlexScoreMod_{graph_key(graph)}", compile_host(graph))

@@ -5,12 +5,12 @@ import random
 import pytest
 import torch
 
-from flex_flash_infer.codegen import graph_key
+from flex_flash_infer.compile.codegen import graph_key
 from flex_flash_infer import get_mask_fn
 from flex_flash_infer.mods import (generate_alibi_score_mod, generate_causal_decay_score_mod,
                                    generate_relative_position_bias_score_mod, generate_softcap_score_mod,
                                    generate_temperature_score_mod)
-from flex_flash_infer.trace import TraceError, trace
+from flex_flash_infer.core.trace import TraceError, trace
 from hostcheck import compile_host
 from library_masks import LIBRARY
 
@@ -194,7 +194,7 @@ def test_random_expressions(rng, seed):
 def test_per_score_code_leaves_tile_invariant_work_to_the_constructor():
     """What a kernel runs per score: alibi's per-head slope is read once (no load left in the
     expression), softcap's division becomes a multiplication and its tanh the one-instruction one."""
-    from flex_flash_infer.codegen import emit_expression
+    from flex_flash_infer.compile.codegen import emit_expression
 
     def per_score(mod):
         hoisted = []
@@ -211,7 +211,7 @@ def test_per_score_code_leaves_tile_invariant_work_to_the_constructor():
 
 
 def _emit_bounded(mod):
-    from flex_flash_infer.codegen import POSITION_BOUND, emit_expression
+    from flex_flash_infer.compile.codegen import POSITION_BOUND, emit_expression
 
     return emit_expression(trace(mod, "score_mod"), lambda n: n, lambda n: n, position_bound=POSITION_BOUND)
 
@@ -229,7 +229,7 @@ def test_int_to_float_takes_the_bit_trick_only_within_its_exact_range():
 
 
 def test_int_ranges_follow_the_ops():
-    from flex_flash_infer.codegen import int_range
+    from flex_flash_infer.compile.codegen import int_range
 
     def rng_of(mod, bound=100):
         graph = trace(mod, "score_mod")
@@ -247,7 +247,7 @@ def test_int_ranges_follow_the_ops():
 def test_bit_trick_conversion_is_exact_up_to_the_position_bound(rng):
     """Host-compiled with the same prelude: positions near 2^21 and their differences convert
     exactly (the kernels' positions stay below the bound)."""
-    from flex_flash_infer.codegen import POSITION_BOUND
+    from flex_flash_infer.compile.codegen import POSITION_BOUND
 
     mod = lambda s, b, h, q, kv: s * 0.0 + (q - kv) + (q + kv)   # noqa: E731
     code = _emit_bounded(mod)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from flex_flash_infer import create_block_mask
-from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL
-from flex_flash_infer.trace import TraceError, trace
+from flex_flash_infer.masks.block_build import EMPTY, FULL, PARTIAL
+from flex_flash_infer.core.trace import TraceError, trace
 from hostcheck import compile_device, compile_host, host_source
 
 BIG = torch.tensor([2**33 + 7, -2**40, 5, 2**31, 3 * 2**31 + 1, -2**31 - 1, 0])   # int64, values past int32
@@ -85,7 +85,7 @@ def test_narrow_int_masks_give_exact_tile_states(name, shape):
 def test_bounds_decide_every_tile_a_wrap_point_does_not_cross():
     """q.to(int8) over a 64-row tile never crosses a wrap point (a multiple of 128): its interval
     is exact, so bounds alone decide every tile but the mixed ones (the diagonals of each 256)."""
-    from flex_flash_infer.tile_bounds import tile_bounds
+    from flex_flash_infer.masks.tile_bounds import tile_bounds
 
     mask_mod = NARROW_MASKS["int8_ge"]
     graph = trace(mask_mod, "mask_mod")
@@ -251,7 +251,9 @@ def test_a_float16_table_is_read_exactly():
 def test_untraceable_score_mod_falls_back_to_the_reference_with_a_warning(monkeypatch):
     """A TraceError on the FlashInfer path runs the call on the reference backend, with a warning."""
     import fake_flashinfer
-    from flex_flash_infer import api, flashinfer_backend, flex_attention, notices
+    from flex_flash_infer import api, flex_attention
+    from flex_flash_infer.backends import flashinfer_backend
+    from flex_flash_infer.core import notices
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
@@ -337,7 +339,7 @@ def test_a_negative_table_index_counts_from_the_end_as_in_torch(rng, name):
 
 
 def test_provably_non_negative_indices_pay_no_check():
-    from flex_flash_infer.codegen import POSITION_BOUND, emit_expression
+    from flex_flash_infer.compile.codegen import POSITION_BOUND, emit_expression
     from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_t5_relative_bias_score_mod
 
     def per_score(mod):
@@ -358,7 +360,7 @@ def flashinfer_on_cpu(monkeypatch):
     """backend="flashinfer" on CPU tensors: the CPU model as flashinfer, Hopper's launches, every
     compiled variant registered with the host-compiled code of its graph."""
     import fake_flashinfer
-    from flex_flash_infer import backend_choice, flashinfer_backend, score_mod_kernels, tile_kernels
+    from flex_flash_infer.backends import backend_choice, flashinfer_backend, score_mod_kernels, tile_kernels
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)

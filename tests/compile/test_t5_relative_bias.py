@@ -7,8 +7,10 @@ import torch
 
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
-from flex_flash_infer import create_block_mask, create_mask, far_bias, flashinfer_backend, get_mask_fn
-from flex_flash_infer import score_mod_kernels
+from flex_flash_infer import create_block_mask, create_mask, get_mask_fn
+from flex_flash_infer.planning import far_bias
+from flex_flash_infer.backends import flashinfer_backend
+from flex_flash_infer.backends import score_mod_kernels
 from flex_flash_infer.mods import generate_t5_relative_bias_score_mod, t5_buckets
 from test_codegen import check_score_mod
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from flex_flash_infer.mods import generate_alibi_score_mod, generate_relative_position_bias_score_mod, generate_softcap_score_mod
-from flex_flash_infer.codegen import POSITION_BOUND
-from flex_flash_infer.trace import trace
-from flex_flash_infer.variant import fa3_score_mod_variant
+from flex_flash_infer.compile.codegen import POSITION_BOUND
+from flex_flash_infer.core.trace import trace
+from flex_flash_infer.compile.variant import fa3_score_mod_variant
 from variant_probes import compile_device, fa2_probe, fa3_probe, needs_nvcc
 
 
@@ -69,7 +69,7 @@ def test_generated_variant_compiles_as_device_code(tmp_path, mod):
 def test_generated_fa2_variant_compiles_as_device_code(tmp_path, mod):
     """The fa2 variant, with and without a custom bit mask, against FlashInfer's fa2 variant
     helpers and a stand-in for the params struct FlashInfer generates (members, as fa2 has them)."""
-    from flex_flash_infer.variant import fa2_score_mod_variant
+    from flex_flash_infer.compile.variant import fa2_score_mod_variant
 
     spec = fa2_score_mod_variant(trace(mod, "score_mod"), POSITION_BOUND)
     assert spec.name.endswith("<use_custom_mask>")
@@ -77,7 +77,7 @@ def test_generated_fa2_variant_compiles_as_device_code(tmp_path, mod):
 
 
 def test_bit_trick_conversion_only_when_the_caller_vouches_for_the_bound():
-    from flex_flash_infer.codegen import POSITION_BOUND
+    from flex_flash_infer.compile.codegen import POSITION_BOUND
 
     graph = trace(generate_alibi_score_mod(num_heads=8), "score_mod")
     assert "ffi_i2f_exact(" in _per_score_code(fa3_score_mod_variant(graph, POSITION_BOUND).decl)

@@ -5,11 +5,11 @@ bit mask; their argument lists put the five tables first."""
 import pytest
 import torch
 
-from flex_flash_infer.codegen import POSITION_BOUND
+from flex_flash_infer.compile.codegen import POSITION_BOUND
 from flex_flash_infer.mods import generate_alibi_score_mod, generate_relative_position_bias_score_mod, generate_softcap_score_mod
 from flex_flash_infer.mods import get_mask_fn
-from flex_flash_infer.trace import trace
-from flex_flash_infer.variant_paged import PAGED_TABLES, fa2_paged_variant, fa3_paged_score_mod_variant
+from flex_flash_infer.core.trace import trace
+from flex_flash_infer.compile.variant_paged import PAGED_TABLES, fa2_paged_variant, fa3_paged_score_mod_variant
 from variant_probes import compile_device, fa2_probe, fa3_probe, needs_nvcc
 
 SCORE_MODS = {"softcap": generate_softcap_score_mod(30.0), "alibi": generate_alibi_score_mod(num_heads=8),

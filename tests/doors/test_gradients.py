@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from flex_flash_infer import (FlexFlashInfer, PagedFlexAttention, api, autograd, create_block_mask, flex_attention,
-                              get_mask_fn, reference)
+from flex_flash_infer import FlexFlashInfer, PagedFlexAttention, api, create_block_mask, flex_attention, get_mask_fn
+from flex_flash_infer.backends import autograd, reference
 from flex_flash_infer.mods import generate_relative_position_bias_score_mod
 from paged_cases import random_cache
 

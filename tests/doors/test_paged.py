@@ -7,8 +7,8 @@ import torch
 
 from dense_reference import rel_err
 from flex_flash_infer import PagedFlexAttention, get_mask_fn
-from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL
-from flex_flash_infer.paged_plan import plan_paged
+from flex_flash_infer.masks.block_build import EMPTY, FULL, PARTIAL
+from flex_flash_infer.planning.paged_plan import plan_paged
 from paged_cases import MASKS, dense_oracle, random_cache
 from paged_simulator import merge_state, paged_prefill
 
@@ -119,7 +119,7 @@ def test_bad_tables_name_the_argument():
 def test_a_hinted_causal_or_full_mask_plans_without_evaluation_as_the_evaluated_one(rng, name, qo_lens):
     """The library's causal and full masks skip the page classification (their band hint): the
     launches and the result equal those of the same mask without its hint."""
-    from flex_flash_infer.paged_plan import plan_paged
+    from flex_flash_infer.planning.paged_plan import plan_paged
 
     q, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, [40, 70, 33], qo_lens, 16)
     hinted = get_mask_fn(name)

@@ -9,11 +9,12 @@ import torch
 
 import fake_flashinfer
 from dense_reference import rel_err
-from flex_flash_infer import PagedFlexAttention, get_mask_fn, paged, tile_kernels
-from flex_flash_infer.block_build import FULL, PARTIAL
-from flex_flash_infer.paged_plan import plan_paged
-from flex_flash_infer.trace import TraceError
-from flex_flash_infer.warmup import example_score_mod
+from flex_flash_infer import PagedFlexAttention, get_mask_fn, paged
+from flex_flash_infer.backends import tile_kernels
+from flex_flash_infer.masks.block_build import FULL, PARTIAL
+from flex_flash_infer.planning.paged_plan import plan_paged
+from flex_flash_infer.core.trace import TraceError
+from flex_flash_infer.tools.warmup import example_score_mod
 from paged_cases import dense_oracle, random_cache
 
 HQ, HKV, D = 4, 2, 16
@@ -125,7 +126,7 @@ def test_per_head_pages_are_full_only_when_full_for_every_head():
 
 
 def test_untraceable_mods_name_the_problem_or_fall_back_with_a_warning(fake, monkeypatch, rng):
-    from flex_flash_infer import notices
+    from flex_flash_infer.core import notices
 
     monkeypatch.setattr(notices, "_warned", set())
     def branchy(score, b, h, q_idx, kv_idx):

@@ -54,7 +54,7 @@ def test_aux_lse_matches_torchs_flex_attention(rng):
 
 
 def test_bad_aux_requests_name_the_argument(rng, monkeypatch):
-    from flex_flash_infer import backend_choice
+    from flex_flash_infer.backends import backend_choice
 
     q, k, v = _inputs(rng, B=1, Hkv=4, L=8, S=8)
     with pytest.raises(ValueError, match="not both"):

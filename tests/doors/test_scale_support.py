@@ -7,7 +7,9 @@ import warnings
 import pytest
 import torch
 
-from flex_flash_infer import backend_choice, flashinfer_backend, flex_attention, notices
+from flex_flash_infer.backends import backend_choice, flashinfer_backend
+from flex_flash_infer import flex_attention
+from flex_flash_infer.core import notices
 
 
 @pytest.fixture

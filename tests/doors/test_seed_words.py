@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch.nn.attention import flex_attention as torch_flex
 
-from flex_flash_infer import FlexFlashInfer, and_masks, cli, create_block_mask, create_mask, get_mask_fn, or_masks
+from flex_flash_infer import FlexFlashInfer, and_masks, create_block_mask, create_mask, get_mask_fn, or_masks
+from flex_flash_infer.tools import cli
 from flex_flash_infer.mods import MASK_FACTORIES
 from flex_flash_infer.mods._seed_form import BatchOrHeadDependent
-from flex_flash_infer.codegen import graph_key
+from flex_flash_infer.compile.codegen import graph_key
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SEED_PLACES = [REPO / "shared" / "seed" / "README.md", REPO.parent / "shared" / "seed" / "README.md"]
@@ -163,8 +164,8 @@ def test_every_library_mask_answers_both_ways_alike(name):
 def test_library_masks_keep_their_name_hints_and_four_argument_signature(name):
     import inspect
 
-    from flex_flash_infer.mask_eval import count_positional_args
-    from flex_flash_infer.trace import trace
+    from flex_flash_infer.core.mask_eval import count_positional_args
+    from flex_flash_infer.core.trace import trace
 
     mask = get_mask_fn(name, **PREDICATES[name][0])
     assert count_positional_args(mask) == 4

@@ -20,11 +20,12 @@ DEFAULT_DTYPES = {"cpu": ["float32", "float32", "float64", "float16", "bfloat16"
 # Planner tunables a case may set, with the values tried (module of flex_flash_infer, name): none may
 # change a result; tiny chunks put every chunk edge inside the problem.
 SWITCHES = {
-    "tile_bounds.USE_BOUNDS": [False], "tile_bounds.DEFAULT_CHUNK_ELEMENTS": [1000, 1 << 12],
-    "block_build.ORDER_CHUNK_TILES": [1, 5], "tile_bounds.RANGE_GATHER_LIMIT": [64],
-    "tile_bounds.MAX_UNDECIDED_SHARE": [0.0, 1.0], "tile_bounds.BOUNDED_TILES_PER_CHUNK": [3],
-    "paged_plan.CHUNK_ELEMENTS": [500], "columns.ROWS_PER_CHUNK_ELEMENTS": [50],
-    "bands.MAX_RUNS_PER_SPLIT_TILE": [1], "bands.MAX_SPLIT_TILES": [0, 1], "columns.MAX_COLUMN_SHARE": [1, 2],
+    "masks.tile_bounds.USE_BOUNDS": [False], "masks.tile_bounds.DEFAULT_CHUNK_ELEMENTS": [1000, 1 << 12],
+    "masks.block_build.ORDER_CHUNK_TILES": [1, 5], "masks.tile_bounds.RANGE_GATHER_LIMIT": [64],
+    "masks.tile_bounds.MAX_UNDECIDED_SHARE": [0.0, 1.0], "masks.tile_bounds.BOUNDED_TILES_PER_CHUNK": [3],
+    "planning.paged_plan.CHUNK_ELEMENTS": [500], "planning.columns.ROWS_PER_CHUNK_ELEMENTS": [50],
+    "planning.bands.MAX_RUNS_PER_SPLIT_TILE": [1], "planning.bands.MAX_SPLIT_TILES": [0, 1],
+    "planning.columns.MAX_COLUMN_SHARE": [1, 2],
 }
 GPU_SCORE_POOL = ["softcap", "alibi", "rel_bias", "gen1", "gen2"]
 

@@ -54,7 +54,8 @@ def patched(switches: dict, cpu_model: bool, hopper: bool = True):
             patch.setattr(_module(module), name, value)
         if cpu_model:
             import fake_flashinfer
-            from flex_flash_infer import backend_choice, flashinfer_backend, paged, score_mod_kernels, tile_kernels, varlen
+            from flex_flash_infer.backends import backend_choice, flashinfer_backend, score_mod_kernels, tile_kernels
+            from flex_flash_infer import paged, varlen
 
             patch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
             for module in (flashinfer_backend, paged, varlen):

@@ -341,7 +341,7 @@ def run_case(case: Case, build=None, torch_check: bool = False) -> Result:
 
 
 def _run_and_judge(case, result, mask_mod, score_mod, device, want, cpu_model, torch_check, start, largest):
-    from flex_flash_infer.trace import TraceError
+    from flex_flash_infer.core.trace import TraceError
 
     try:
         with patched(case.switches, cpu_model, case.hopper):

@@ -124,7 +124,7 @@ def tile_problems(states: torch.Tensor, seen: torch.Tensor, block) -> list:
     """A block mask's tile states against the dense mask [B, H, L, S]: a full tile must hold no
     hidden pair (else the kernels skip the mask there), an empty one no visible pair (else they skip
     keys). A partial tile that is in fact full or empty only costs time. B or H of 1 broadcast."""
-    from flex_flash_infer.block_build import EMPTY, FULL
+    from flex_flash_infer.masks.block_build import EMPTY, FULL
 
     bq, bk = block
     B, H, L, S = seen.shape

@@ -4,7 +4,7 @@ from torch.nn.attention import flex_attention as torch_flex
 
 from dense_reference import dense_predicate
 from flex_flash_infer import BlockMask, create_block_mask, get_mask_fn
-from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL
+from flex_flash_infer.masks.block_build import EMPTY, FULL, PARTIAL
 from random_masks import random_mask_mod
 
 

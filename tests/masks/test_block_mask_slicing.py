@@ -9,7 +9,8 @@ from torch.nn.attention import flex_attention as torch_flex
 
 import fake_flashinfer
 from dense_reference import rel_err
-from flex_flash_infer import backend_choice, create_block_mask, flashinfer_backend, flex_attention, get_mask_fn
+from flex_flash_infer.backends import backend_choice, flashinfer_backend
+from flex_flash_infer import create_block_mask, flex_attention, get_mask_fn
 
 TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
 

@@ -8,7 +8,8 @@ import torch
 
 import fake_flashinfer
 from dense_reference import rel_err
-from flex_flash_infer import FlexFlashInfer, backend_choice, create_block_mask, flashinfer_backend, get_mask_fn
+from flex_flash_infer import FlexFlashInfer, create_block_mask, get_mask_fn
+from flex_flash_infer.backends import backend_choice, flashinfer_backend
 from flex_flash_infer.block_mask import LazyBlockMask
 
 
@@ -63,7 +64,7 @@ def test_a_lazy_mask_whose_hint_does_not_apply_builds_on_demand(fake, rng):
 def test_a_lazy_mask_given_another_mask_mod_plans_from_its_tables(fake):
     """The hint stands for the tables only while the mask_mod is the one they come from: after
     `mask_mod = other` the route reads (and so builds) the tables, which rule as in torch."""
-    from flex_flash_infer import route
+    from flex_flash_infer.planning import route
 
     flex = _prepare(get_mask_fn("causal"))
     bm = flex.block_mask

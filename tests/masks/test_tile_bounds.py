@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 
-from flex_flash_infer import tile_bounds as tile_bounds_module
-from flex_flash_infer.tile_bounds import classify_tiles
+from flex_flash_infer.masks import tile_bounds as tile_bounds_module
+from flex_flash_infer.masks.tile_bounds import classify_tiles
 from flex_flash_infer.mods import get_mask_fn
-from flex_flash_infer.block_build import tile_elements
-from flex_flash_infer.tile_bounds import classify_by_bounds, tile_analysis, tile_bounds
-from flex_flash_infer.trace import trace
+from flex_flash_infer.masks.block_build import tile_elements
+from flex_flash_infer.masks.tile_bounds import classify_by_bounds, tile_analysis, tile_bounds
+from flex_flash_infer.core.trace import trace
 
 
 def both_builds(mask_mod, B, H, L, S, bq, bkv, monkeypatch):
@@ -254,7 +254,7 @@ def test_a_failure_inside_the_bounds_costs_speed_not_the_build(monkeypatch):
         raise RuntimeError("a rule this graph was not written for")
 
     monkeypatch.setattr(tile_bounds_module, "tile_analysis", broken)
-    monkeypatch.setattr("flex_flash_infer.notices._warned", set())
+    monkeypatch.setattr("flex_flash_infer.core.notices._warned", set())
     mask_mod = get_mask_fn("sliding_window", window_size=50)
     with pytest.warns(UserWarning, match="tile bounds failed"):
         states = classify_tiles(mask_mod, 1, 1, 300, 300, 64, 64, "cpu")

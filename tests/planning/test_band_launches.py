@@ -2,7 +2,7 @@
 whose first query and key positions and batch entry the kernel reads (CPU check of the layout)."""
 import torch
 
-from flex_flash_infer.bands import Band, band_launches
+from flex_flash_infer.planning.bands import Band, band_launches
 
 
 def test_documents_over_a_batch_are_one_ragged_launch():

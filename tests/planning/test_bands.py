@@ -4,8 +4,8 @@ import torch
 
 from dense_reference import dense_predicate
 from flex_flash_infer import create_block_mask, get_mask_fn
-from flex_flash_infer.bands import Band, band_tile_states, find_bands
-from flex_flash_infer.tile_bounds import classify_tiles
+from flex_flash_infer.planning.bands import Band, band_tile_states, find_bands
+from flex_flash_infer.masks.tile_bounds import classify_tiles
 
 
 def bands_for(mod, L, S, block=128):
@@ -95,7 +95,7 @@ def test_document_hint_is_one_causal_band_per_document(rng):
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     total = int(offsets[-1])
     mod = get_mask_fn("document", offsets=offsets)
-    from flex_flash_infer.bands import hinted_bands
+    from flex_flash_infer.planning.bands import hinted_bands
 
     bands = hinted_bands(mod, total, total)
     assert len(bands) == 9
@@ -110,7 +110,7 @@ def test_document_hint_is_one_causal_band_per_document(rng):
 def test_library_band_hints_are_exactly_their_predicates(rng, name, params):
     """full, causal, sliding_window and prefix_lm state their bands (no search, no verification
     at plan time): the bands' union is the predicate on random shapes, or the hint says None."""
-    from flex_flash_infer.bands import hinted_bands
+    from flex_flash_infer.planning.bands import hinted_bands
 
     mod = get_mask_fn(name, **params)
     for _ in range(20):
@@ -128,7 +128,7 @@ def test_library_band_hints_are_exactly_their_predicates(rng, name, params):
 
 
 def test_a_users_own_causal_has_no_hint_and_is_found():
-    from flex_flash_infer.bands import hinted_bands
+    from flex_flash_infer.planning.bands import hinted_bands
 
     def my_causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx

@@ -6,9 +6,9 @@ import torch
 
 from dense_reference import dense_attention, dense_predicate, rel_err
 from flex_flash_infer import get_mask_fn
-from flex_flash_infer.column_merge import merge_columns_reference
-from flex_flash_infer.columns import column_lowering, column_prefix_counts, column_states, compact_mask_mod
-from flex_flash_infer.planner import partial_tile_mask, plan_tiles
+from flex_flash_infer.backends.column_merge import merge_columns_reference
+from flex_flash_infer.planning.columns import column_lowering, column_prefix_counts, column_states, compact_mask_mod
+from flex_flash_infer.planning.planner import partial_tile_mask, plan_tiles
 from paged_simulator import merge_state, paged_prefill
 from test_bands import union
 
@@ -29,7 +29,7 @@ def test_window_band_plus_columns_is_exactly_the_mask(rng, S, name, params):
 def test_found_window_and_columns_are_exactly_a_users_own_mask(rng, S, name, params):
     """The same masks written by hand (no hint): found from the mask, then exact through the model."""
     from flex_flash_infer import create_block_mask
-    from flex_flash_infer.columns import find_window_columns
+    from flex_flash_infer.planning.columns import find_window_columns
 
     hinted = get_mask_fn(name, **params)
 
@@ -89,7 +89,7 @@ def test_one_wrong_pair_below_the_window_defeats_the_column_finder(wrong):
     every row; a mask with one pair off the pattern there is not (its traced q == ... keeps
     that tile on the full check), so the finder still refuses it."""
     from flex_flash_infer import create_block_mask
-    from flex_flash_infer.columns import find_window_columns
+    from flex_flash_infer.planning.columns import find_window_columns
 
     hinted = get_mask_fn("attamba", window_size=128, chunk_size=64)
     q0, kv0 = wrong

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from flex_flash_infer import native_soft_cap
+from flex_flash_infer.planning import native_soft_cap
 from flex_flash_infer.mods import generate_alibi_score_mod, generate_softcap_score_mod
-from flex_flash_infer.native_soft_cap import soft_cap_holds
+from flex_flash_infer.planning.native_soft_cap import soft_cap_holds
 
 
 @pytest.mark.parametrize("cap", [0.5, 20.0, 50.0])

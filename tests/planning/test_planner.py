@@ -4,8 +4,8 @@ import torch
 
 from dense_reference import dense_attention, rel_err
 from flex_flash_infer import create_block_mask, create_mask, get_mask_fn
-from flex_flash_infer.block_build import FULL, PARTIAL
-from flex_flash_infer.planner import partial_tile_mask, plan_tiles
+from flex_flash_infer.masks.block_build import FULL, PARTIAL
+from flex_flash_infer.planning.planner import partial_tile_mask, plan_tiles
 from paged_simulator import merge_state, paged_prefill
 from random_masks import random_mask_mod
 
@@ -98,7 +98,7 @@ def _tile_sparse_causal(seq_len, block, rng):
 
 @pytest.mark.parametrize("B,L,block", [(1, 512, 64), (2, 333, 64), (1, 100, 128)])
 def test_causal_diagonal_plan_is_one_causal_launch_equal_to_dense(rng, B, L, block):
-    from flex_flash_infer.planner import plan_causal_diagonal
+    from flex_flash_infer.planning.planner import plan_causal_diagonal
 
     H, Hkv, D = 4, 2, 16
     mod = _tile_sparse_causal(L, block, rng)
@@ -126,7 +126,7 @@ def test_causal_diagonal_plan_is_one_causal_launch_equal_to_dense(rng, B, L, blo
                                            ("attamba", {"window_size": 96, "chunk_size": 64}, 512)])
 def test_causal_diagonal_plan_declines_other_partial_tiles(name, params, L):
     """Window edges, chunk-end columns or unequal lengths are not 'full tiles + a causal diagonal'."""
-    from flex_flash_infer.planner import plan_causal_diagonal
+    from flex_flash_infer.planning.planner import plan_causal_diagonal
 
     mod = get_mask_fn(name, **params)
     bm = create_block_mask(mod, None, None, L, L + (name == "causal"), device="cpu", BLOCK_SIZE=64)
@@ -138,7 +138,7 @@ def test_causal_diagonal_plan_declines_other_partial_tiles(name, params, L):
 def test_head_major_plan_runs_every_head_in_one_launch_set(rng, B, Hq, Hkv, L, S, block, table_heads):
     """Per-head random masks (or one shared table with a mask that reads h): all heads' requests
     in one full + one partial launch over head-major queries and key-head pages."""
-    from flex_flash_infer.planner import plan_tiles_head_major
+    from flex_flash_infer.planning.planner import plan_tiles_head_major
 
     D = 16
     mod, dense = random_mask_mod(B, Hq, L, S, rng)

@@ -1,7 +1,8 @@
 """The planner's route for each kind of mask, decided on CPU exactly as on the GPU."""
 import pytest
 
-from flex_flash_infer import create_block_mask, get_mask_fn, route
+from flex_flash_infer import create_block_mask, get_mask_fn
+from flex_flash_infer.planning import route
 
 
 def route_of(mod, B=1, H=4, L=1024, S=1024, heads_in_mask=None):

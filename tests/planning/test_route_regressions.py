@@ -9,8 +9,8 @@ import torch
 
 import fake_flashinfer
 from dense_reference import dense_attention
-from flex_flash_infer import (FlexFlashInfer, backend_choice, create_block_mask, flashinfer_backend, flex_attention,
-                              get_mask_fn, score_mod_kernels, tile_kernels)
+from flex_flash_infer import FlexFlashInfer, create_block_mask, flex_attention, get_mask_fn
+from flex_flash_infer.backends import backend_choice, flashinfer_backend, score_mod_kernels, tile_kernels
 from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod
 
 
@@ -137,7 +137,7 @@ def test_far_bias_split_of_a_band_past_key_0(flashinfer_on_cpu, rng, B):
     """A causal band from key 5, ten keys ahead of the queries, with a relative-position bias:
     its near keys (a window band over every query) run the compiled score_mod, its far keys the
     plain kernel."""
-    from flex_flash_infer import far_bias
+    from flex_flash_infer.planning import far_bias
 
     L, S = 300, 310
 
@@ -176,7 +176,8 @@ def test_varlen_streaming_and_attamba_keep_their_key_columns(flashinfer_on_cpu, 
                                                              name, params):
     """Each sequence's plan is a window band plus key columns (summed by the merge kernel, or a
     paged launch over the columns): the packed batch runs one plan per sequence."""
-    from flex_flash_infer import column_merge, varlen
+    from flex_flash_infer.backends import column_merge
+    from flex_flash_infer import varlen
 
     monkeypatch.setattr(column_merge, "kernel_available", lambda device, head_dim: merge_kernel)
     cu = [0, 100, 200]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fake_flashinfer
-from flex_flash_infer import backend_choice, flashinfer_backend, score_mod_kernels, tile_kernels, varlen
+from flex_flash_infer.backends import backend_choice, flashinfer_backend, score_mod_kernels, tile_kernels
+from flex_flash_infer import varlen
 from flex_flash_infer_bench import masks, profile
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from flex_flash_infer import cli
+from flex_flash_infer.tools import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ATTAMBA_CHECK = ["check", "--q-len", "200", "--kv-len", "300", "--num-qo-heads", "4", "--num-kv-heads", "2",
@@ -126,7 +126,7 @@ def test_gpu_only_commands_refuse_without_cuda(capsys):
 
 
 def test_check_with_a_bad_parameter_says_which_and_exits_2(capsys):
-    from flex_flash_infer.cli import main as cli_main
+    from flex_flash_infer.tools.cli import main as cli_main
 
     assert cli_main(["check", "--mask", "sliding_window", "--window-size", "0", "--q-len", "64"]) == 2
     assert "window_size" in capsys.readouterr().err

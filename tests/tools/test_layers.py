@@ -1,45 +1,38 @@
-"""The package's layers, declared top to bottom, and its imports checked against them: a module
-imports only from its own layer or a lower one, and no set of modules imports itself round
-(a lazy import inside a function counts as much as one at the top). docs/design.md describes
-the layers; a new module must be placed in one here."""
+"""The package's layers, top to bottom, and its imports checked against them: a module imports only
+from its own layer or a lower one, and no set of modules imports itself round (a lazy import inside
+a function counts as much as one at the top). Each layer below the front doors is a folder of the
+package (docs/design.md describes them); the front doors are the package's top-level modules."""
 import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "flex_flash_infer"
 BENCH = PACKAGE.parent / "flex_flash_infer_bench"
 
+# the front doors: what users call (the BlockMask users hold is one: it plans)
+DOORS = {"flex_flash_infer", "api", "wrapper", "paged", "varlen", "block_mask", "integrations",
+         "integrations.transformers"}
 LAYERS = [
-    # tools: the command line, warm-up and drawings; nothing below imports them (the benchmarks are
-    # the package flex_flash_infer_bench above these, the host compile check a test helper)
-    ("tools", {"__main__", "cli", "warmup", "plot"}),
-    # front doors: what users call
-    ("doors", {"flex_flash_infer", "api", "wrapper", "paged", "varlen", "integrations",
-               "integrations.transformers", "block_mask"}),
-    # backends: FlashInfer's runners and their kernels, the reference, gradients
-    ("backends", {"backend_choice", "flashinfer_backend", "reference", "autograd", "column_merge",
-                  "column_merge_triton", "paged_kernels", "tile_kernels", "score_mod_kernels"}),
-    # planning: which launches cover a mask (routes, bands, key columns, splits, pages)
-    ("planning", {"plan", "planner", "route", "bands", "columns", "far_bias", "native_soft_cap", "ragged",
-                  "paged_plan"}),
-    # masks: tile states of a mask_mod and the tables built from them (the BlockMask users hold
-    # is a front door: it plans)
-    ("masks", {"block_build", "tile_bounds"}),
-    # mods: the mask and score_mod library
-    ("mods", "mods"),
-    # compile: FlashInfer variants generated from traced mods
-    ("compile", {"codegen", "variant", "variant_paged"}),
-    # core: tracing and evaluating mods, argument checks, warnings
-    ("core", {"trace", "mask_eval", "validation", "notices", "nan_merge"}),
+    "tools",      # the command line, warm-up and drawings; nothing below imports them
+    "doors",
+    "backends",   # FlashInfer's runners and their kernels, the reference, gradients
+    "planning",   # which launches cover a mask (routes, bands, key columns, splits, pages)
+    "masks",      # tile states of a mask_mod and the tables built from them
+    "mods",       # the mask and score_mod library
+    "compile",    # FlashInfer variants generated from traced mods
+    "core",       # tracing and evaluating mods, argument checks, warnings, the NaN-aware merge
 ]
 
 
 def layer_of(module: str) -> int:
-    for depth, (_, members) in enumerate(LAYERS):
-        if members == "mods" and (module == "mods" or module.startswith("mods.")):
-            return depth
-        if members != "mods" and module in members:
-            return depth
-    raise AssertionError(f"flex_flash_infer.{module} is in no layer: add it to tests/tools/test_layers.py's LAYERS")
+    if module == "__main__":   # `python -m flex_flash_infer` is the command line
+        return LAYERS.index("tools")
+    if module in DOORS:
+        return LAYERS.index("doors")
+    folder = module.split(".")[0]
+    if folder in LAYERS and folder != "doors":
+        return LAYERS.index(folder)
+    raise AssertionError(f"flex_flash_infer.{module} is in no layer: a module goes in its layer's folder "
+                         "(or, a front door, in DOORS of tests/tools/test_layers.py)")
 
 
 def modules() -> dict:
@@ -93,8 +86,8 @@ def graph() -> dict:
 
 def test_the_import_reader_sees_the_package():
     g = graph()
-    assert len(g) > 40 and "api" in g["flex_flash_infer"] and "trace" in g["codegen"]
-    assert "tile_bounds" in g["block_mask"] and "mods._captured" in g["mods.alibi"]
+    assert len(g) > 40 and "api" in g["flex_flash_infer"] and "core.trace" in g["compile.codegen"]
+    assert "masks.tile_bounds" in g["block_mask"] and "mods._captured" in g["mods.alibi"]
 
 
 def test_every_module_has_a_layer():
@@ -103,7 +96,7 @@ def test_every_module_has_a_layer():
 
 
 def test_imports_point_down_the_layers():
-    upward = [f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+    upward = [f"{name} ({LAYERS[layer_of(name)]}) imports {target} ({LAYERS[layer_of(target)]})"
               for name, targets in graph().items() for target in targets if layer_of(target) < layer_of(name)]
     assert not upward, "imports that climb a layer:\n" + "\n".join(sorted(upward))
 
@@ -138,10 +131,10 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles: {cycles}"
 
 
-def test_every_declared_module_exists_once():
-    declared = [m for _, members in LAYERS if members != "mods" for m in members]
-    assert len(declared) == len(set(declared)), "a module declared in two layers"
-    assert not set(declared) - set(graph()), f"declared but gone: {set(declared) - set(graph())}"
+def test_every_layer_is_a_folder_and_every_door_exists():
+    folders = {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").exists()}
+    assert folders == set(LAYERS) - {"doors"} | {"integrations"}, folders
+    assert not DOORS - set(graph()), f"declared but gone: {DOORS - set(graph())}"
 
 
 def _imported_modules(node) -> list:

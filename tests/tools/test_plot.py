@@ -1,19 +1,20 @@
-"""flex_flash_infer.plot and the `show` / `info` commands: what is drawn is the mask, pixel for pixel."""
+"""flex_flash_infer.tools.plot and the `show` / `info` commands: what is drawn is the mask, pixel for pixel."""
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from flex_flash_infer import cli, create_block_mask, create_mask, get_mask_fn
-from flex_flash_infer.block_build import EMPTY, FULL, PARTIAL
+from flex_flash_infer.tools import cli
+from flex_flash_infer import create_block_mask, create_mask, get_mask_fn
+from flex_flash_infer.masks.block_build import EMPTY, FULL, PARTIAL
 
 matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
-from flex_flash_infer import plot as plot_module  # noqa: E402
-from flex_flash_infer.plot import plot  # noqa: E402
+from flex_flash_infer.tools import plot as plot_module  # noqa: E402
+from flex_flash_infer.tools.plot import plot  # noqa: E402
 
 
 def custom_mask_fn(q_idx, kv_idx):          # the seed's 2-argument form

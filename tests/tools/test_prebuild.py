@@ -6,11 +6,12 @@ import sys
 
 import torch
 
-from flex_flash_infer import backend_choice, flashinfer_backend, paged
-from flex_flash_infer.warmup import example_score_mod
-from flex_flash_infer.trace import trace
-from flex_flash_infer.variant import fa3_score_mod_variant
-from flex_flash_infer.codegen import position_bound_for
+from flex_flash_infer.backends import backend_choice, flashinfer_backend
+from flex_flash_infer import paged
+from flex_flash_infer.tools.warmup import example_score_mod
+from flex_flash_infer.core.trace import trace
+from flex_flash_infer.compile.variant import fa3_score_mod_variant
+from flex_flash_infer.compile.codegen import position_bound_for
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "prebuild_kernels.py"
 

@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from .block_build import EMPTY, FULL, PARTIAL
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
+from ..masks.block_build import EMPTY, FULL, PARTIAL
+from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
 
 CHUNK_ELEMENTS = 1 << 24
 

@@ -16,8 +16,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .mods.registry import MASK_FACTORIES, get_mask_fn
-from .wrapper import FlexFlashInfer
+from ..mods.registry import MASK_FACTORIES, get_mask_fn
+from ..wrapper import FlexFlashInfer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -59,7 +59,7 @@ def run_check(q_len, kv_len, num_qo_heads, num_kv_heads, head_dim, mask, dtype, 
 def _params_from_args(args, mask):
     import inspect
 
-    from .mods.registry import MASK_FACTORIES
+    from ..mods.registry import MASK_FACTORIES
 
     wanted = inspect.signature(MASK_FACTORIES[mask]).parameters
     params = {name: getattr(args, name) for name in MASK_PARAMS if name in wanted and getattr(args, name) is not None}
@@ -178,8 +178,8 @@ def _flashinfer_cache_dir() -> str:
 def _info() -> int:
     import pathlib
 
-    from . import __version__
-    from .flashinfer_backend import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, unsupported_reason
+    from .. import __version__
+    from ..backends.flashinfer_backend import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, unsupported_reason
 
     print(f"flex_flash_infer {__version__}")
     print(f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_build import FULL, PARTIAL, ceil_div, tile_elements
+from ..masks.block_build import FULL, PARTIAL, ceil_div, tile_elements
 
 MASK_CHUNK_ELEMENTS = 1 << 24
 

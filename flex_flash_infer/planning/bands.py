@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_build import EMPTY, FULL, PARTIAL, tile_elements
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
+from ..masks.block_build import EMPTY, FULL, PARTIAL, tile_elements
+from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
 
 VERIFY_CHUNK_ELEMENTS = 1 << 24
 MAX_RUNS_PER_SPLIT_TILE = 4

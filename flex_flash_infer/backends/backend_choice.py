@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from .flashinfer_backend import unsupported_reason
-from .notices import warn_once
-from .plan import FORCEABLE_ROUTES
+from ..core.notices import warn_once
+from ..planning.plan import FORCEABLE_ROUTES
 
 BACKENDS = ("auto", "flashinfer", "reference")
 

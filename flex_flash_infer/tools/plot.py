@@ -1,7 +1,7 @@
 """Draw a mask: the element mask of a small mask_mod, or the tile map of a long one or a BlockMask.
 
     from flex_flash_infer import get_mask_fn
-    from flex_flash_infer.plot import plot
+    from flex_flash_infer.tools.plot import plot
     plot(get_mask_fn("attamba", window_size=8, chunk_size=4), seq_len=40, path="attamba.png")
 
 Needs matplotlib (pip install matplotlib, or the package's "plot" extra). Only matplotlib's
@@ -14,8 +14,8 @@ import os
 
 import numpy as np
 
-from .block_mask import BlockMask, create_block_mask, create_mask
-from .mask_eval import as_mask_mod
+from ..block_mask import BlockMask, create_block_mask, create_mask
+from ..core.mask_eval import as_mask_mod
 
 VISIBLE_COLOR, HIDDEN_COLOR = "#08306b", "#f7f7f7"          # element mask: visible is dark
 EMPTY_COLOR = "#f7f7f7"
@@ -32,7 +32,7 @@ def _matplotlib():
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
     except ImportError as e:
-        raise ImportError("flex_flash_infer.plot needs matplotlib: pip install matplotlib "
+        raise ImportError("flex_flash_infer.tools.plot needs matplotlib: pip install matplotlib "
                           "(or pip install 'flex-flash-infer[plot]')") from e
     return FigureCanvasAgg, BoundaryNorm, ListedColormap, Figure, Patch
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .trace import Graph, Node
+from ..core.trace import Graph, Node
 
 # The compiled kernels see batch entries, heads and positions below this (their planner checks it),
 # so an int expression of them has a known range; converting one whose range lies within

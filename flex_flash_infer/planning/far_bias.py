@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 import torch
 
-from . import nan_merge
+from ..core import nan_merge
 from .bands import Band
-from .mask_eval import INDEX_DTYPE
-from .mods.hints import ConstantBeyond
+from ..core.mask_eval import INDEX_DTYPE
+from ..mods.hints import ConstantBeyond
 from .ragged import planned_ragged
 
 LOG2E = 1.0 / math.log(2.0)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .bands import Band, band_launches, band_tile_states, plain_band_launch
-from .block_build import EMPTY, PARTIAL
+from ..masks.block_build import EMPTY, PARTIAL
 from .columns import column_prefix_counts, column_states, compact_mask_mod
 from .far_bias import plan_split
 from .native_soft_cap import native_soft_cap

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .codegen import PRELUDE, element_ctype, emit_expression, graph_key, kernel_tensor
-from .trace import Graph
+from ..core.trace import Graph
 
 REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
 

@@ -21,9 +21,9 @@ tables are checked through the CPU model, and both variants pass the GPU tests.
 from __future__ import annotations
 
 from .codegen import PRELUDE, graph_key
-from .trace import Graph
-from .variant import (SCALE_NAME, VariantSpec, fa2_variant_head, graph_arguments, graph_expression,
-                      hoisted_code, with_fa2_mask_buffers)
+from ..core.trace import Graph
+from .variant import (SCALE_NAME, VariantSpec, fa2_variant_head, graph_arguments, graph_expression, hoisted_code,
+                      with_fa2_mask_buffers)
 
 PAGED_TABLES = ("ffi_req_q0", "ffi_req_b", "ffi_req_h0", "ffi_req_page0", "ffi_page_kv0")
 # the keys of a batch entry: the last key tile is zero-padded to a whole page, and the padding

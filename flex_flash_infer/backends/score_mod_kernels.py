@@ -12,11 +12,11 @@ import hashlib
 
 import torch
 
-from .bands import band_launches
-from .codegen import position_bound_for
-from .ragged import planned_ragged
-from .trace import trace
-from .variant import fa2_score_mod_variant, fa3_score_mod_variant, graph_values
+from ..planning.bands import band_launches
+from ..compile.codegen import position_bound_for
+from ..planning.ragged import planned_ragged
+from ..core.trace import trace
+from ..compile.variant import fa2_score_mod_variant, fa3_score_mod_variant, graph_values
 
 
 class ScoreModBands:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .mask_eval import INDEX_DTYPE, call_mask_mod, evaluate_mask_mod, index_grid
+from ..core.mask_eval import INDEX_DTYPE, call_mask_mod, evaluate_mask_mod, index_grid
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 

@@ -17,7 +17,7 @@ import numbers
 
 import torch
 
-from .mask_eval import INDEX_DTYPE
+from ..core.mask_eval import INDEX_DTYPE
 
 
 def soft_cap_holds(score_mod, cap: float, num_heads: int, samples: int = 256) -> bool:

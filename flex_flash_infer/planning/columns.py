@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from .bands import VERIFY_CHUNK_ELEMENTS, Band, band_tile_states
-from .block_build import EMPTY, PARTIAL
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod
-from .tile_bounds import evaluated_tiles, row_invariant_tiles
+from ..masks.block_build import EMPTY, PARTIAL
+from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
+from ..masks.tile_bounds import evaluated_tiles, row_invariant_tiles
 
 
 def column_lowering(mask_mod, q_len: int, kv_len: int):

@@ -18,7 +18,7 @@ import torch
 
 from .bands import find_bands, hinted_bands
 from .columns import column_lowering, find_window_columns
-from .mask_eval import mask_dependence
+from ..core.mask_eval import mask_dependence
 
 
 @dataclass

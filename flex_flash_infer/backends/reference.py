@@ -11,8 +11,8 @@ import math
 import torch
 
 from .autograd import anchored, needs_grad
-from .block_build import FULL, PARTIAL
-from .mask_eval import call_mask_mod, evaluate_mask_mod, evaluate_score_mod, index_grid
+from ..masks.block_build import FULL, PARTIAL
+from ..core.mask_eval import call_mask_mod, evaluate_mask_mod, evaluate_score_mod, index_grid
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 

@@ -16,14 +16,15 @@ import os
 
 import torch
 
-from . import column_merge, nan_merge
-from .bands import plain_band_launch
-from .block_build import ceil_div
+from . import column_merge
+from ..core import nan_merge
+from ..planning.bands import plain_band_launch
+from ..masks.block_build import ceil_div
 from .column_merge import merge_columns
-from .far_bias import FarSplitBands
-from .plan import plan_attention
-from .planner import partial_tile_mask
-from .ragged import planned_ragged
+from ..planning.far_bias import FarSplitBands
+from ..planning.plan import plan_attention
+from ..planning.planner import partial_tile_mask
+from ..planning.ragged import planned_ragged
 from .score_mod_kernels import ScoreModBands
 from .tile_kernels import TileVariants, request_tables
 

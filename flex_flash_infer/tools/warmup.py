@@ -27,7 +27,7 @@ DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def example_score_mod(name: str, num_heads: int, device="cuda"):
     """The library's score_mods with example parameters (the module depends on the structure only)."""
-    from . import mods
+    from .. import mods
 
     return {"softcap": lambda: mods.generate_softcap_score_mod(5.0),
             "alibi": lambda: mods.generate_alibi_score_mod(num_heads=num_heads),
@@ -47,10 +47,10 @@ def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int, device="cuda
     own soft cap on bands: the variant serves a user's own softcap and the tiles, so it runs here
     without the attribute that names its cap); score_mod_fa2:... builds the fa2 band variant of
     GPUs before Hopper (forced on this one)."""
-    from . import flashinfer_backend
-    from .api import flex_attention
-    from .block_mask import create_block_mask
-    from .mods.registry import get_mask_fn
+    from ..backends import flashinfer_backend
+    from ..api import flex_attention
+    from ..block_mask import create_block_mask
+    from ..mods.registry import get_mask_fn
 
     hopper = flashinfer_backend._is_hopper
     if kind.startswith("score_mod_fa2:"):   # fa2 forced for this one call, given back after it
@@ -94,7 +94,7 @@ def tiles_with_partials(num_tiles: int, seed: int = 0, block: int = 128, device=
 def tile_variant_case(kind: str, num_heads: int, q_len: int, kv_len: int, device="cuda"):
     """(mask_mod, score_mod) of a tile_variants kind: the tiles route (full and partial tiles) or,
     with '+columns', attamba's key columns."""
-    from .mods.registry import get_mask_fn
+    from ..mods.registry import get_mask_fn
 
     name, _, extra = kind.partition(":")[2].partition("+")
     mask_mod = (get_mask_fn("attamba", window_size=64, chunk_size=32) if extra == "columns"
@@ -105,8 +105,8 @@ def tile_variant_case(kind: str, num_heads: int, q_len: int, kv_len: int, device
 def run_tile_variant(kind: str, q, k, v, return_lse=False):
     """flex_attention on CUDA on the route a tile_variants kind names; returns (flex_attention's
     result, mask_mod, score_mod)."""
-    from .api import flex_attention
-    from .block_mask import create_block_mask
+    from ..api import flex_attention
+    from ..block_mask import create_block_mask
 
     L, S = q.shape[2], k.shape[2]
     mask_mod, score_mod = tile_variant_case(kind, q.shape[1], L, S, device=q.device)
@@ -119,7 +119,7 @@ def run_tile_variant(kind: str, q, k, v, return_lse=False):
 def paged_mod_case(mask_name: str, mod_name, num_heads: int, device):
     """(mask_mod, score_mod or None) of a PAGED_MOD_CASES entry: head_windows gives each query
     head its own causal window (16, 64, 256, 4096 keys, repeated over the heads)."""
-    from .mods.registry import get_mask_fn
+    from ..mods.registry import get_mask_fn
 
     score_mod = example_score_mod(mod_name, num_heads, device=device) if mod_name else None
     if mask_name != "head_windows":
@@ -156,7 +156,7 @@ def paged_mod_inputs(qo_lens, dtype, head_dim: int, device, generator=None, head
 def run_paged_mods(dtype, head_dim: int, device="cuda", run: bool = True) -> None:
     """Plan (its variants compile) and run every PAGED_MOD_CASES entry on the FlashInfer backend;
     run=False plans only (the prebuild script records what planning asks FlashInfer for)."""
-    from .paged import PagedFlexAttention
+    from ..paged import PagedFlexAttention
 
     for mask_name, mod_name, qo_lens in PAGED_MOD_CASES:
         mask_mod, score_mod = paged_mod_case(mask_name, mod_name, 8, device)
@@ -174,8 +174,8 @@ def _sinks_and_window(b, h, q_idx, kv_idx):
 
 def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     """Run one tiny problem whose route needs the module(s) of this kind."""
-    from .mods.registry import get_mask_fn
-    from .wrapper import FlexFlashInfer
+    from ..mods.registry import get_mask_fn
+    from ..wrapper import FlexFlashInfer
 
     if kind.startswith(("score_mod:", "score_mod_fa2:")):
         compile_score_mod(kind, dtype, head_dim)
@@ -193,7 +193,7 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     if kind == "native_score":  # FlashInfer's own soft cap and ALiBi (bench's native score_mod rows)
         import flashinfer
 
-        from .flashinfer_backend import _is_hopper as is_hopper, default_workspace
+        from ..backends.flashinfer_backend import _is_hopper as is_hopper, default_workspace
 
         q = torch.randn(256, 4, head_dim, device="cuda", dtype=dtype)
         flashinfer.single_prefill_with_kv_cache(q, q, q, causal=True, logits_soft_cap=20.0)
@@ -214,7 +214,7 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
         torch.cuda.synchronize()
         return None
     if kind == "decode":  # paged decode kernel + the masked partial-page launch
-        from .paged import PagedFlexAttention
+        from ..paged import PagedFlexAttention
 
         paged = PagedFlexAttention(device="cuda")
         paged.plan(get_mask_fn("sliding_window", window_size=40), [0, 1], [0, 4], [0, 1, 2, 3], [16], 4, 4,
@@ -248,7 +248,7 @@ def warmup(dtypes=("bf16",), head_dims=(128,), kinds=KINDS, parallel: bool = Tru
     env.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 4) // min(len(jobs), 4))))
     for kind, dtype, head_dim in jobs:
         cmd = [sys.executable, "-c",
-               f"import torch; from flex_flash_infer.warmup import compile_one; "
+               f"import torch; from flex_flash_infer.tools.warmup import compile_one; "
                f"compile_one({kind!r}, torch.{str(DTYPE_NAMES[dtype]).split('.')[-1]}, {head_dim})"]
         if parallel:
             procs.append(((kind, dtype, head_dim), subprocess.Popen(cmd, env=env)))

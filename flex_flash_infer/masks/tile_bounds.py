@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 
 from .block_build import EMPTY, FULL, PARTIAL, ceil_div, classify_query_tiles, tile_elements
-from .codegen import dtype_range, wrap_int
-from .mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
-from .notices import warn_once
-from .trace import Graph, Node, TraceError, trace
+from ..compile.codegen import dtype_range, wrap_int
+from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
+from ..core.notices import warn_once
+from ..core.trace import Graph, Node, TraceError, trace
 
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 # a table read whose index spans a range gathers up to this many values to take its min / max

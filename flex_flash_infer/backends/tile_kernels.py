@@ -9,11 +9,11 @@ import hashlib
 
 import torch
 
-from .block_build import ceil_div
-from .codegen import position_bound_for
-from .trace import trace
-from .variant import graph_values
-from .variant_paged import fa2_paged_variant, fa3_paged_score_mod_variant
+from ..masks.block_build import ceil_div
+from ..compile.codegen import position_bound_for
+from ..core.trace import trace
+from ..compile.variant import graph_values
+from ..compile.variant_paged import fa2_paged_variant, fa3_paged_score_mod_variant
 
 
 def request_tables(plan, launch, key_positions: torch.Tensor, head: int | None, q_len: int, block_q: int):
