@@ -24,7 +24,9 @@
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
-#   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001), with the NaN/gradient tests
+#   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001), with the whole GPU test suite
+#   ab-layout    scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
+#                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 tokens
 # FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
 # an earlier call copied .fa4a's libraries to /tmp/fa4.
 set -uo pipefail
@@ -98,6 +100,9 @@ case "${1:-}" in
         formulations)   # issue 22's leads against ours and FA4 (scripts/formulations.py)
           python3 scripts/formulations.py $run_dir/formulations.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/formulations.log; tail -n 40 $run_dir/formulations.log ;;
+        ab-layout)   # a code move against the code before it, one process (scripts/ab_layout.py)
+          python3 scripts/ab_layout.py .ab_before $run_dir/ab-layout.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/ab-layout.log; tail -n 20 $run_dir/ab-layout.log ;;
         peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
           python3 scripts/peer_timing.py $run_dir/peer-timing.json >$run_dir/peer-timing.log 2>&1
           tail -n 12 $run_dir/peer-timing.log ;;
