@@ -10,7 +10,9 @@ a left window. Its visible set, in global positions, with delta = kv_end - q_end
 find_bands() infers bands from the tile states plus the mask on two probe rows per query
 tile, with no hint from the mask's name, then verifies them exactly: every tile's state must
 match the band's, and every partial tile's bits must match element for element. So a user's
-own causal or sliding-window mask_mod is lowered as surely as the library's. A query tile whose
+own causal or sliding-window mask_mod is lowered as surely as the library's. When the mask is a
+conjunction of unit-slope comparisons (linear_masks.py), its probe rows and the check come from
+its exact row intervals instead of evaluating elements. A query tile whose
 rows change pattern inside it (a prefix-LM prefix that is not a multiple of the tile) is split
 row by row into a few runs, and the tiles it shares between bands are checked element by element.
 """
@@ -22,6 +24,7 @@ import torch
 
 from ..masks.block_build import EMPTY, FULL, PARTIAL, tile_elements
 from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
+from .linear_masks import exact_row_intervals
 
 VERIFY_CHUNK_ELEMENTS = 1 << 24
 MAX_RUNS_PER_SPLIT_TILE = 4
@@ -108,6 +111,14 @@ def _row_intervals(states, mask_mod, rows, q_len, kv_len, block_kv, device,
     return lo, hi, count
 
 
+def _exact_probes(lo, hi, rows, none_lo):
+    """_row_intervals' (lo, hi, count) of the probe rows, read from a linear mask's exact intervals."""
+    lo, hi = lo[rows], hi[rows]
+    seen = lo <= hi
+    return (torch.where(seen, lo, none_lo), torch.where(seen, hi, -1),
+            torch.where(seen, hi - lo + 1, 0))
+
+
 def _tile_band(first, last, lo0, hi0, lo1, hi1):
     """What one query tile's first and last rows ([lo, hi] visible keys each) suggest, as a key
     that equal neighbouring tiles share: ("full", kv_start, kv_end), ("causal", delta, kv_start)
@@ -157,8 +168,13 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
     last_rows = torch.clamp(first_rows + block_q, max=q_len) - 1
     # both probe rows of every tile in one evaluation, and everything the loop below reads in one
     # host copy (an .item() per tile was a GPU sync per tile: 512 of them at 32768 tokens)
-    lo, hi, n = _row_intervals(torch.cat([states, states]), mask_mod, torch.cat([first_rows, last_rows]),
-                               q_len, kv_len, block_kv, device)
+    probes = torch.cat([first_rows, last_rows])
+    exact = [exact_row_intervals(mask_mod, q_len, kv_len)]   # None unless the mask is linear (linear_masks.py)
+    if exact[0] is not None:
+        lo, hi, n = _exact_probes(*exact[0], probes.cpu(), states.shape[1] * block_kv)
+        lo, hi, n = lo.to(device), hi.to(device), n.to(device)
+    else:
+        lo, hi, n = _row_intervals(torch.cat([states, states]), mask_mod, probes, q_len, kv_len, block_kv, device)
     table = torch.stack([lo[:nq], hi[:nq], n[:nq], lo[nq:], hi[nq:], n[nq:], first_rows, last_rows,
                          (states != EMPTY).any(1).long()]).tolist()
     # A tile whose probe rows agree can still hide a band edge between them; verification names
@@ -170,7 +186,7 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
         if not bands:
             return None
         bands = _absorb_clipped_windows(bands)
-        failed = _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, verify_chunk_elements)
+        failed = _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, verify_chunk_elements, exact)
         if not failed:
             return bands
         if failed <= split_tiles or len(failed | split_tiles) > MAX_SPLIT_TILES:
@@ -263,9 +279,11 @@ def _absorb_clipped_windows(bands: list[Band]) -> list[Band]:
     return merged
 
 
-def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_elements) -> set[int]:
+def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_elements, exact=None) -> set[int]:
     """The query tiles where the bands are not exactly the mask (empty: they are): tile states
-    first, then every partial tile element by element."""
+    first, then every row against the mask's exact intervals when its expression gives them
+    (linear_masks.py; exact: [those intervals or None]), else every partial tile element by
+    element."""
     nq, nkv = states.shape
     expected = torch.zeros_like(states)
     for band in bands:
@@ -279,6 +297,11 @@ def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_ele
     wrong = ((expected != states).any(1) & ~shared).nonzero().flatten().tolist()
     if wrong:
         return set(wrong)
+    if exact is not None:
+        if exact[0] is not None:
+            failed_rows = _rows_unlike(bands, *exact[0], kv_len)
+            if failed_rows is not None:
+                return set((failed_rows // block_q).tolist())
     tiles = ((states == PARTIAL) | shared.view(-1, 1)).nonzero()
     per_chunk = max(1, chunk_elements // (block_q * block_kv))
     failed = set()
@@ -293,6 +316,30 @@ def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_ele
         if bool(mismatch.any()):
             failed |= set(qt[mismatch].tolist())
     return failed
+
+
+def _rows_unlike(bands, lo, hi, kv_len):
+    """The rows whose keys under the bands differ from [lo, hi] (lo > hi: none), or None when
+    two bands share a row (their union is left to the element check)."""
+    q_len = lo.shape[0]
+    band_lo = torch.full((q_len,), kv_len, dtype=torch.int64)
+    band_hi = torch.full((q_len,), -1, dtype=torch.int64)
+    for band in bands:
+        rows = torch.arange(band.q_start, band.q_end, dtype=torch.int64)
+        first = torch.full_like(rows, band.kv_start)
+        last = torch.full_like(rows, band.kv_end - 1)
+        if band.causal:
+            last = torch.minimum(last, rows + band.delta)
+        if band.window_left >= 0:
+            first = torch.maximum(first, rows + band.delta - band.window_left)
+        seen = first <= last
+        if bool((seen & (band_lo[band.q_start:band.q_end] <= band_hi[band.q_start:band.q_end])).any()):
+            return None
+        band_lo[band.q_start:band.q_end] = torch.where(seen, first, band_lo[band.q_start:band.q_end])
+        band_hi[band.q_start:band.q_end] = torch.where(seen, last, band_hi[band.q_start:band.q_end])
+    mask_empty, band_empty = lo > hi, band_lo > band_hi
+    differ = (mask_empty != band_empty) | (~mask_empty & ((lo != band_lo) | (hi != band_hi)))
+    return differ.nonzero().flatten()
 
 
 def hinted_bands(mask_mod, q_len: int, kv_len: int) -> list[Band] | None:

@@ -1,0 +1,152 @@
+"""Exact visible key intervals of a mask that is a conjunction of unit-slope comparisons.
+
+A user's own causal, sliding-window or key-range mask_mod (`q_idx >= kv_idx`, `(q_idx - kv_idx
+< 1024) & (kv_idx <= q_idx)`, `kv_idx >= 3`) shows every row as one key interval whose ends are
+lines of slope 0 or 1 in the query position. Read off its traced expression, that interval is
+known for every row at once, so bands found for such a mask are checked row by row against it
+(O(rows)) instead of element by element over every partial tile (O(rows x tile width): most of
+prepare()'s time for a 32768-token causal mask).
+
+Anything else -- `|`, `where`, casts, products, b or h, a captured tensor, an expression that
+could overflow its integer type -- gives None, and the caller verifies element by element as
+before. The analysis follows torch's integer semantics exactly, so a row interval it returns is
+what evaluating the mask would give.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core.trace import trace
+
+_FLIP = {"ge": "le", "gt": "lt", "le": "ge", "lt": "gt", "eq": "eq"}
+_RANGE = {torch.int32: (-(1 << 31), (1 << 31) - 1), torch.int64: (-(1 << 63), (1 << 63) - 1)}
+
+
+class _NotLinear(Exception):
+    pass
+
+
+def exact_row_intervals(mask_mod, q_len: int, kv_len: int):
+    """(lo, hi) int64 [q_len]: row q sees exactly keys lo[q] <= kv <= hi[q] (none where lo > hi),
+    or None when the mask is not a conjunction of unit-slope comparisons of q_idx and kv_idx."""
+    if q_len <= 0 or kv_len <= 0:
+        return None
+    try:
+        graph = trace(mask_mod, "mask_mod")
+    except Exception:   # a mod that cannot be traced (TraceError or its own error) is evaluated instead
+        return None
+    if graph.tensors:
+        return None
+    box = (q_len - 1, kv_len - 1)
+    constraints = []
+    try:
+        _conjunction(graph.output, box, constraints)
+    except _NotLinear:
+        return None
+    q = torch.arange(q_len, dtype=torch.int64)
+    lo = torch.zeros(q_len, dtype=torch.int64)
+    hi = torch.full((q_len,), kv_len - 1, dtype=torch.int64)
+    rows = torch.ones(q_len, dtype=torch.bool)
+    for kind, slope, offset in constraints:
+        if kind == "lo":      # kv >= slope * q + offset
+            lo = torch.maximum(lo, slope * q + offset)
+        elif kind == "hi":    # kv <= slope * q + offset
+            hi = torch.minimum(hi, slope * q + offset)
+        elif kind == "rows":  # slope * q + offset >= 0 (slope is +1 or -1), or a constant truth
+            rows &= (slope * q + offset) >= 0
+    lo = torch.where(rows, lo, torch.full_like(lo, kv_len))   # a row outside the row bounds is empty
+    return lo, hi
+
+
+def _conjunction(node, box, out):
+    if node.op == "and" and node.kind == "bool":
+        for arg in node.args:
+            if getattr(arg, "kind", None) != "bool":
+                raise _NotLinear
+            _conjunction(arg, box, out)
+        return
+    if node.op == "const" and node.kind == "bool":
+        if not node.value:
+            out.append(("rows", 0, -1))   # False: no row sees anything
+        return
+    if node.op == "not" and node.args[0].op in ("lt", "le", "gt", "ge"):
+        inner = node.args[0]
+        negated = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt"}[inner.op]
+        _comparison(negated, inner, box, out)
+        return
+    if node.op in _FLIP:
+        _comparison(node.op, node, box, out)
+        return
+    raise _NotLinear
+
+
+def _comparison(op, node, box, out):
+    if node.compute not in _RANGE:
+        raise _NotLinear
+    left, right = (_linear(arg, box) for arg in node.args)
+    for form in (left, right):   # both sides converted to the compute dtype: they must fit it
+        _fits(form, box, node.compute)
+    # left - right  OP  0, as a * q + b * kv + c  OP  0 (exact: Python integers)
+    a, b, c = left[0] - right[0], left[1] - right[1], left[2] - right[2]
+    if b == -1:
+        a, b, c, op = -a, 1, -c, _FLIP[op]
+    if b == 0:
+        if a == 0:
+            if not _holds(op, c):
+                out.append(("rows", 0, -1))
+            return
+        if a not in (1, -1) or op == "eq":
+            raise _NotLinear
+        # a * q + c OP 0 as a * q + c' >= 0
+        if op in ("ge", "gt"):
+            out.append(("rows", a, c - (op == "gt")))
+        else:   # le / lt: -a * q - c >= 0 (lt: > 0)
+            out.append(("rows", -a, -c - (op == "lt")))
+        return
+    if b != 1 or -a not in (0, 1):
+        raise _NotLinear
+    # kv + a * q + c OP 0  <=>  kv OP slope * q + offset
+    slope, offset = -a, -c
+    if op in ("ge", "eq"):
+        out.append(("lo", slope, offset))
+    if op == "gt":
+        out.append(("lo", slope, offset + 1))
+    if op in ("le", "eq"):
+        out.append(("hi", slope, offset))
+    if op == "lt":
+        out.append(("hi", slope, offset - 1))
+
+
+def _holds(op, c):
+    return {"ge": c >= 0, "gt": c > 0, "le": c <= 0, "lt": c < 0, "eq": c == 0}[op]
+
+
+def _linear(node, box):
+    """(a, b, c): node is a * q_idx + b * kv_idx + c, every step within its integer type."""
+    if node.op == "input" and node.kind == "int" and node.attr in ("q_idx", "kv_idx"):
+        return (1, 0, 0) if node.attr == "q_idx" else (0, 1, 0)
+    if node.op == "const" and node.kind == "int" and isinstance(node.value, int):
+        return (0, 0, node.value)
+    if node.op in ("add", "sub") and node.kind == "int" and node.dtype in _RANGE:
+        x, y = (_linear(arg, box) for arg in node.args)
+        sign = 1 if node.op == "add" else -1
+        form = (x[0] + sign * y[0], x[1] + sign * y[1], x[2] + sign * y[2])
+        for part in (x, y, form):
+            _fits(part, box, node.dtype)
+        return form
+    if node.op == "neg" and node.kind == "int" and node.dtype in _RANGE:
+        x = _linear(node.args[0], box)
+        form = (-x[0], -x[1], -x[2])
+        _fits(form, box, node.dtype)
+        return form
+    raise _NotLinear
+
+
+def _fits(form, box, dtype):
+    """The form's values over 0 <= q <= box[0], 0 <= kv <= box[1] lie in dtype's range."""
+    low, high = _RANGE[dtype]
+    a, b, c = form
+    smallest = c + min(0, a * box[0]) + min(0, b * box[1])
+    largest = c + max(0, a * box[0]) + max(0, b * box[1])
+    if smallest < low or largest > high:
+        raise _NotLinear
