@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "flex_flash_infer"
 BENCH = PACKAGE.parent / "flex_flash_infer_bench"
 
 # the front doors: what users call (the BlockMask users hold is one: it plans)
-DOORS = {"flex_flash_infer", "api", "wrapper", "paged", "varlen", "block_mask", "integrations",
+DOORS = {"flex_flash_infer", "api", "wrapper", "paged", "varlen", "block_mask", "context_parallel", "integrations",
          "integrations.transformers"}
 LAYERS = [
     "tools",      # the command line, warm-up and drawings; nothing below imports them

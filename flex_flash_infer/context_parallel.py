@@ -1,0 +1,351 @@
+"""Context parallelism: one long sequence's attention across the ranks of a torch.distributed group.
+
+Each rank holds a shard of q, k and v along the sequence (dim 2 of [B, H, S, D]) and the *global*
+mask_mod (and score_mod); it gets its shard of the output (and LSE), as if flex_attention had run
+on the whole sequence. Which global positions a rank holds is the load balancer's choice, in
+torch's convention (torch.distributed.tensor.experimental's `_HeadTailLoadBalancer` and
+`_PerDocumentHeadTailLoadBalancer` work as they are): `indices = balancer._generate_indices()`
+[1 or B, S] rearranges the sequence, and rank r holds `indices[:, r * n:(r + 1) * n]`.
+
+The keys reach every rank one of two ways, chosen by size (`kv_exchange`):
+- "all_gather": one all-gather of k and v (about 4 KB a token at 8 KV heads x 128 x bf16), then
+  each contiguous run of the rank's query positions attends the whole sequence with the mask
+  shifted to its offset: the planner skips every empty tile, so a causal rank's work is its
+  triangle. Differentiable: the gather's backward sums every rank's key gradients back.
+- "ring": the key shards travel round the ranks by point-to-point sends while each rank attends
+  the shard it holds; pairs of runs with no visible tile are skipped; the parts are joined by
+  log-sum-exp. Its memory is one shard, whatever the length. Forward only.
+Each partial attention is this library's flex_attention, so it runs FlashInfer's kernels on a GPU
+and the reference backend on the CPU (tests run it on gloo).
+"""
+from __future__ import annotations
+
+import torch
+
+from .api import flex_attention
+from .block_mask import create_block_mask
+
+KV_EXCHANGES = ("auto", "all_gather", "ring")
+# "auto" gathers the keys while they take at most this share of the device's free memory (CPU: of
+# GATHER_BYTES_CPU); beyond it the ring keeps one shard
+GATHER_SHARE = 0.25
+GATHER_BYTES_CPU = 8 << 30
+
+
+class HeadTailLoadBalancer:
+    """Causal balance: the sequence in 2W chunks, rank r holding chunks r and 2W-1-r (torch's
+    head-tail rule, the same indices as its `_HeadTailLoadBalancer`)."""
+
+    def __init__(self, seq_len: int, world_size: int, device=None):
+        if seq_len % (2 * world_size):
+            raise ValueError(f"HeadTailLoadBalancer: seq_len ({seq_len}) must be a multiple of 2 * world_size "
+                             f"({2 * world_size})")
+        self.seq_len, self.world_size, self.device = seq_len, world_size, device
+
+    def _generate_indices(self, restore: bool = False) -> torch.Tensor:
+        chunk = self.seq_len // (2 * self.world_size)
+        order = []
+        for r in range(self.world_size):
+            order += [torch.arange(r * chunk, (r + 1) * chunk),
+                      torch.arange((2 * self.world_size - 1 - r) * chunk, (2 * self.world_size - r) * chunk)]
+        indices = torch.cat(order).view(1, -1)
+        indices = torch.argsort(indices, dim=1) if restore else indices
+        return indices.to(self.device) if self.device is not None else indices
+
+
+def _group_of(group):
+    """A ProcessGroup from a ProcessGroup, a 1-D DeviceMesh or None (the default group)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("context parallelism needs torch.distributed initialised (dist.init_process_group)")
+    if group is not None and hasattr(group, "get_group"):
+        if getattr(group, "ndim", 1) != 1:
+            raise ValueError(f"group: a 1-D DeviceMesh of the context-parallel ranks, got {group.ndim} dimensions")
+        return group.get_group()
+    return group if group is not None else dist.group.WORLD
+
+
+def _indices(load_balancer, seq_len: int, world_size: int) -> torch.Tensor:
+    """[1 or B, seq_len] int64 rearranging the sequence (rank r holds the r-th slice of it)."""
+    if load_balancer is None:
+        return torch.arange(seq_len).view(1, -1)
+    if load_balancer == "head_tail":
+        load_balancer = HeadTailLoadBalancer(seq_len, world_size)
+    if not hasattr(load_balancer, "_generate_indices"):
+        raise TypeError("load_balancer: None, 'head_tail', or a balancer with _generate_indices() (torch's or "
+                        f"HeadTailLoadBalancer), got {type(load_balancer).__name__}")
+    indices = load_balancer._generate_indices(restore=False)
+    if indices is None:
+        return torch.arange(seq_len).view(1, -1)
+    indices = torch.as_tensor(indices).cpu().long()
+    indices = indices.view(1, -1) if indices.dim() == 1 else indices
+    if indices.shape[-1] != seq_len or not torch.equal(torch.sort(indices, dim=1).values,
+                                                        torch.arange(seq_len).expand_as(indices)):
+        raise ValueError(f"load_balancer: its indices must be a permutation of the {seq_len} positions, "
+                         f"got shape {tuple(indices.shape)}")
+    return indices
+
+
+def shard_sequence(tensor: torch.Tensor, rank: int, world_size: int, load_balancer=None, seq_dim: int = 2):
+    """This rank's shard of a whole-sequence tensor ([B, H, S, D] by default): the positions the
+    load balancer gives rank `rank`, in the balancer's order. A per-batch balancer ([B, S]
+    indices) takes each batch entry's own positions."""
+    seq_len = tensor.shape[seq_dim]
+    if seq_len % world_size:
+        raise ValueError(f"shard_sequence: the sequence ({seq_len}) must split evenly over {world_size} ranks")
+    n = seq_len // world_size
+    indices = _indices(load_balancer, seq_len, world_size)[:, rank * n:(rank + 1) * n].to(tensor.device)
+    if indices.shape[0] == 1:
+        return tensor.index_select(seq_dim, indices[0])
+    return torch.stack([t.index_select(seq_dim - 1, i) for t, i in zip(tensor.unbind(0), indices)])
+
+
+def unshard_sequence(shard: torch.Tensor, group=None, load_balancer=None, seq_dim: int = 2):
+    """The whole sequence back on every rank from each rank's shard (an all-gather, then the
+    balancer's order undone)."""
+    import torch.distributed as dist
+
+    group = _group_of(group)
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(shard) for _ in range(world)]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    whole = torch.cat(parts, seq_dim)
+    restore = torch.argsort(_indices(load_balancer, whole.shape[seq_dim], world), dim=1).to(whole.device)
+    if restore.shape[0] == 1:
+        return whole.index_select(seq_dim, restore[0])
+    return torch.stack([t.index_select(seq_dim - 1, i) for t, i in zip(whole.unbind(0), restore)])
+
+
+class _GatherKeys(torch.autograd.Function):
+    """All-gather along the sequence; the backward sums every rank's gradient of the gathered
+    tensor and keeps this rank's slice (reduce-scatter where the backend has it)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group, seq_dim):
+        import torch.distributed as dist
+
+        ctx.group, ctx.seq_dim = group, seq_dim
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, seq_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        group, rank = ctx.group, dist.get_rank(ctx.group)
+        parts = [p.contiguous() for p in grad.chunk(dist.get_world_size(group), ctx.seq_dim)]
+        if dist.get_backend(group) == dist.Backend.NCCL:
+            mine = torch.empty_like(parts[rank])
+            dist.reduce_scatter(mine, parts, group=group)
+            return mine, None, None
+        total = grad.contiguous()
+        dist.all_reduce(total, group=group)   # gloo has no reduce-scatter
+        return total.chunk(dist.get_world_size(group), ctx.seq_dim)[rank].contiguous(), None, None
+
+
+def _runs(positions: list) -> list:
+    """(local start, local end, global start) of each maximal run of consecutive positions."""
+    runs, start = [], 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or positions[i] != positions[i - 1] + 1:
+            runs.append((start, i, positions[start]))
+            start = i
+    return runs
+
+
+def _shifted_mask(mask_mod, b0, q0, kv0):
+    if mask_mod is None:
+        return None
+
+    def shifted(b, h, q_idx, kv_idx):
+        return mask_mod(b + b0, h, q_idx + q0, kv_idx + kv0)
+    shifted.__name__ = getattr(mask_mod, "__name__", "mask_mod")
+    return shifted
+
+
+def _shifted_score(score_mod, b0, q0, kv0):
+    if score_mod is None:
+        return None
+
+    def shifted(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b + b0, h, q_idx + q0, kv_idx + kv0)
+    return shifted
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Two attentions of the same queries over disjoint keys joined by log-sum-exp (natural log,
+    [B, H, L] and [B, H, L, D], float32): a row that saw nothing in one part takes the other; NaN
+    in either part stays NaN."""
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = wa + wb
+    out = (out_a * wa.unsqueeze(-1) + out_b * wb.unsqueeze(-1)) / torch.where(total > 0, total, 1).unsqueeze(-1)
+    return out, top + torch.log(total)
+
+
+class ContextParallelFlexAttention:
+    """flex_attention over a sequence sharded across `group` (a ProcessGroup or a 1-D DeviceMesh).
+
+    mask_mod, score_mod: the global mods (positions are global). B, H: as create_block_mask's
+    (None: the mask does not depend on it). seq_len: the global length; every rank holds
+    seq_len / world_size positions of q, k and v. load_balancer: None (rank r holds the r-th
+    contiguous slice), "head_tail", or a balancer object (see the module's note).
+    kv_exchange: "auto", "all_gather" or "ring" (module note). backend: the local calls' backend.
+    Call with this rank's shards [B, Hq, n, D], [B, Hkv, n, D], [B, Hkv, n, Dv]; returns this
+    rank's output shard (and its LSE with return_lse), in the shards' order. The block masks of
+    each (query run, key run) are built on the first call and reused.
+    """
+
+    def __init__(self, mask_mod=None, seq_len: int | None = None, B=None, H=None, score_mod=None, group=None,
+                 load_balancer=None, kv_exchange: str = "auto", scale=None, enable_gqa: bool = False,
+                 backend: str = "auto", block_size=128):
+        import torch.distributed as dist
+
+        if kv_exchange not in KV_EXCHANGES:
+            raise ValueError(f"kv_exchange: one of {KV_EXCHANGES}, got {kv_exchange!r}")
+        if not isinstance(seq_len, int) or seq_len <= 0:
+            raise ValueError(f"seq_len: the global sequence length, a positive int, got {seq_len!r}")
+        self.group = _group_of(group)
+        self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        if seq_len % self.world:
+            raise ValueError(f"seq_len ({seq_len}) must split evenly over the {self.world} ranks")
+        self.mask_mod, self.score_mod, self.seq_len, self.B, self.H = mask_mod, score_mod, seq_len, B, H
+        self.kv_exchange, self.scale, self.enable_gqa, self.backend = kv_exchange, scale, enable_gqa, backend
+        self.block_size = block_size
+        self.shard_len = seq_len // self.world
+        self.indices = _indices(load_balancer, seq_len, self.world)
+        self._masks = {}
+
+    def positions(self, rank: int, batch: int = 0) -> list:
+        row = self.indices[batch if self.indices.shape[0] > 1 else 0]
+        return row[rank * self.shard_len:(rank + 1) * self.shard_len].tolist()
+
+    def __call__(self, query, key, value, return_lse: bool = False):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 4 or t.shape[2] != self.shard_len:
+                raise ValueError(f"{name}: this rank's shard [B, H, {self.shard_len}, D] of the {self.seq_len}-token "
+                                 f"sequence over {self.world} ranks, got shape {tuple(t.shape)}")
+        exchange = self._exchange(key, value)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        if exchange == "ring" and needs_grad:
+            raise NotImplementedError("kv_exchange='ring' is forward only: for gradients use kv_exchange='all_gather' "
+                                      "(differentiable), or run under torch.no_grad()")
+        per_batch = self.indices.shape[0] > 1
+        if per_batch and self.indices.shape[0] != query.shape[0]:
+            raise ValueError(f"load_balancer: its indices have {self.indices.shape[0]} rows for a batch of "
+                             f"{query.shape[0]}")
+        batches = [(b, slice(b, b + 1)) for b in range(query.shape[0])] if per_batch else [(0, slice(None))]
+        if exchange == "all_gather":
+            k_all = _GatherKeys.apply(key, self.group, 2)
+            v_all = _GatherKeys.apply(value, self.group, 2)
+            results = [self._against_all(query[rows], k_all[rows], v_all[rows], b, per_batch) for b, rows in batches]
+        else:
+            results = self._ring(query, key, value, batches, per_batch)
+        out = torch.cat([o for o, _ in results], 0) if per_batch else results[0][0]
+        lse = torch.cat([s for _, s in results], 0) if per_batch else results[0][1]
+        return (out, lse) if return_lse else out
+
+    def _exchange(self, key, value) -> str:
+        if self.kv_exchange != "auto":
+            return self.kv_exchange
+        gathered = (key.numel() * key.element_size() + value.numel() * value.element_size()) * self.world
+        if key.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(key.device)[0] * GATHER_SHARE
+        else:
+            budget = GATHER_BYTES_CPU
+        return "all_gather" if gathered <= budget else "ring"
+
+    def _block_mask(self, b: int, q_run, kv_run, per_batch: bool, device):
+        """(block mask, whether any tile of it is visible) of query positions q_run = (start,
+        length) against key positions kv_run."""
+        key = (b, q_run, kv_run, str(device))
+        if key not in self._masks:
+            (q0, lq), (k0, lk) = q_run, kv_run
+            batch = 1 if per_batch else self.B
+            bm = create_block_mask(_shifted_mask(self.mask_mod, b if per_batch else 0, q0, k0), batch, self.H, lq, lk,
+                                   device=device, BLOCK_SIZE=self.block_size)
+            self._masks[key] = (bm, bool((bm.states != 0).any()))
+        return self._masks[key]
+
+    def _call(self, q, k, v, bm, b0, q0, k0):
+        return flex_attention(q, k, v, score_mod=_shifted_score(self.score_mod, b0, q0, k0), block_mask=bm,
+                              scale=self.scale, enable_gqa=self.enable_gqa, return_lse=True, backend=self.backend)
+
+    def _empty(self, q, v):
+        shape = (*q.shape[:3], v.shape[-1])
+        return (torch.zeros(shape, dtype=torch.float32, device=q.device),
+                torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device))
+
+    def _against_all(self, q, k_all, v_all, b, per_batch):
+        """This rank's queries against the gathered keys, put back in global order."""
+        order = torch.tensor(sum((self.positions(r, b) for r in range(self.world)), []), device=k_all.device)
+        restore = torch.argsort(order)
+        k_glob, v_glob = k_all.index_select(2, restore), v_all.index_select(2, restore)
+        outs, lses = [], []
+        for i0, i1, g0 in _runs(self.positions(self.rank, b)):
+            # a run that sees nothing still goes through flex_attention: zeros, LSE -inf, and
+            # outputs that keep the inputs' graph
+            bm, _ = self._block_mask(b, (g0, i1 - i0), (0, self.seq_len), per_batch, q.device)
+            out, lse = self._call(q[:, :, i0:i1], k_glob, v_glob, bm, b if per_batch else 0, g0, 0)
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs, 2), torch.cat(lses, 2)
+
+    def _ring(self, query, key, value, batches, per_batch):
+        """Each step attends the key shard held now while the next one travels (send to rank + 1,
+        receive from rank - 1); the parts are joined by log-sum-exp."""
+        import torch.distributed as dist
+
+        acc = {b: self._empty(query[rows], value) for b, rows in batches}
+        current = (key.contiguous(), value.contiguous())
+        for step in range(self.world):
+            source = (self.rank - step) % self.world
+            pending = None
+            if step + 1 < self.world:
+                incoming = (torch.empty_like(current[0]), torch.empty_like(current[1]))
+                ops = [dist.P2POp(dist.isend, current[0], (self.rank + 1) % self.world, self.group),
+                       dist.P2POp(dist.isend, current[1], (self.rank + 1) % self.world, self.group),
+                       dist.P2POp(dist.irecv, incoming[0], (self.rank - 1) % self.world, self.group),
+                       dist.P2POp(dist.irecv, incoming[1], (self.rank - 1) % self.world, self.group)]
+                pending = (dist.batch_isend_irecv(ops), incoming)
+            for b, rows in batches:
+                q = query[rows]
+                k, v = current[0][rows], current[1][rows]
+                out, lse = acc[b]
+                for i0, i1, g0 in _runs(self.positions(self.rank, b)):
+                    for j0, j1, h0 in _runs(self.positions(source, b)):
+                        bm, visible = self._block_mask(b, (g0, i1 - i0), (h0, j1 - j0), per_batch, q.device)
+                        if not visible:
+                            continue   # nothing of these keys is visible to these queries
+                        o, s = self._call(q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1], bm,
+                                          b if per_batch else 0, g0, h0)
+                        out[:, :, i0:i1], lse[:, :, i0:i1] = merge_partials(out[:, :, i0:i1], lse[:, :, i0:i1],
+                                                                            o.float(), s)
+            if pending is not None:
+                for work in pending[0]:
+                    work.wait()
+                current = pending[1]
+        return [(acc[b][0].to(query.dtype), acc[b][1]) for b, _ in batches]
+
+
+def context_parallel_flex_attention(query, key, value, mask_mod=None, seq_len: int | None = None, *, B=None, H=None,
+                                    score_mod=None, group=None, load_balancer=None, kv_exchange: str = "auto",
+                                    scale=None, enable_gqa: bool = False, return_lse: bool = False,
+                                    backend: str = "auto"):
+    """One call of ContextParallelFlexAttention (which keeps its block masks for the next call:
+    hold one when calling repeatedly). seq_len defaults to the shard length times the ranks."""
+    import torch.distributed as dist
+
+    if seq_len is None:
+        seq_len = query.shape[2] * dist.get_world_size(_group_of(group))
+    attention = ContextParallelFlexAttention(mask_mod, seq_len, B=B, H=H, score_mod=score_mod, group=group,
+                                             load_balancer=load_balancer, kv_exchange=kv_exchange, scale=scale,
+                                             enable_gqa=enable_gqa, backend=backend)
+    return attention(query, key, value, return_lse=return_lse)
+
+
+__all__ = ["ContextParallelFlexAttention", "HeadTailLoadBalancer", "context_parallel_flex_attention",
+           "merge_partials", "shard_sequence", "unshard_sequence"]

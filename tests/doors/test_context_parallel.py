@@ -1,0 +1,204 @@
+"""Context parallelism on the CPU: several gloo processes, each holding a shard of the sequence,
+against flex_attention on the whole sequence in one process (float32, the reference backend)."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flex_flash_infer import create_block_mask, flex_attention, get_mask_fn
+from flex_flash_infer.context_parallel import (ContextParallelFlexAttention, HeadTailLoadBalancer, merge_partials,
+                                               shard_sequence, unshard_sequence)
+
+L, HQ, HKV, D = 512, 4, 2, 16
+
+
+def document_mask(lengths):
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+    return mask_mod
+
+
+def random_tiles_mask(seed):
+    tiles = torch.rand(L // 64, L // 64, generator=torch.Generator().manual_seed(seed)) < 0.3
+    tiles |= torch.eye(L // 64, dtype=torch.bool)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return tiles[q_idx // 64, kv_idx // 64] & (q_idx >= kv_idx)
+    return mask_mod
+
+
+def alibi(score, b, h, q_idx, kv_idx):
+    return score - (h + 1) * 0.01 * (q_idx - kv_idx).abs()
+
+
+def cases():
+    """(name, mask_mod, score_mod, load balancer factory)."""
+    head_tail = lambda world: HeadTailLoadBalancer(L, world)   # noqa: E731
+    docs = [104, 56, 200, 152]   # torch's per-document balancer wants each a multiple of 2 * world
+    return [
+        ("causal", get_mask_fn("causal"), None, head_tail),
+        ("users_causal", lambda b, h, q, kv: q >= kv, None, head_tail),
+        ("window", get_mask_fn("sliding_window", window_size=96), None, None),
+        ("documents", document_mask(docs), None, lambda world: _per_document(docs, world)),
+        ("random_tiles", random_tiles_mask(7), None, head_tail),
+        ("alibi_causal", get_mask_fn("causal"), alibi, head_tail),
+        ("per_head", lambda b, h, q, kv: (q >= kv) & (q - kv < 32 * (h + 1)), None, head_tail),
+    ]
+
+
+def _per_document(docs, world):
+    try:
+        from torch.distributed.tensor.experimental._context_parallel._load_balancer import (
+            _PerDocumentHeadTailLoadBalancer)
+    except ImportError:
+        return HeadTailLoadBalancer(L, world)
+    return _PerDocumentHeadTailLoadBalancer([docs], world, "cpu")
+
+
+def _whole(seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, HQ, L, D, generator=g), torch.randn(2, HKV, L, D, generator=g),
+            torch.randn(2, HKV, L, D, generator=g))
+
+
+def _expected(mask_mod, score_mod, q, k, v):
+    bm = create_block_mask(mask_mod, None, HQ, L, L, device="cpu", BLOCK_SIZE=64)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True, return_lse=True,
+                          backend="reference")
+
+
+def _worker(rank, world, init_file, errors):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        for name, mask_mod, score_mod, balancer in cases():
+            q, k, v = _whole(11)
+            out, lse = _expected(mask_mod, score_mod, q, k, v)
+            lb = balancer(world) if balancer else None
+            for exchange in ("all_gather", "ring"):
+                cp = ContextParallelFlexAttention(mask_mod, L, H=HQ, score_mod=score_mod, load_balancer=lb,
+                                                  kv_exchange=exchange, enable_gqa=True, backend="reference",
+                                                  block_size=64)
+                shards = [shard_sequence(t, rank, world, lb) for t in (q, k, v)]
+                got, got_lse = cp(*shards, return_lse=True)
+                whole = unshard_sequence(got, load_balancer=lb)
+                whole_lse = unshard_sequence(got_lse.unsqueeze(-1), load_balancer=lb).squeeze(-1)
+                err = (whole - out).abs().max().item()
+                lse_ok = torch.allclose(whole_lse, lse, atol=1e-5, rtol=1e-5)
+                if not err < 1e-5 or not lse_ok:
+                    errors.put(f"{name} {exchange} world {world}: max error {err}, lse equal {lse_ok}")
+        # gradients through the all-gather: every rank's shards' grads are the whole call's
+        mask_mod = get_mask_fn("causal")
+        q, k, v = _whole(12)
+        lb = HeadTailLoadBalancer(L, world)
+        whole = [t.clone().requires_grad_() for t in (q, k, v)]
+        bm = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=64)
+        ref = flex_attention(*whole, block_mask=bm, enable_gqa=True, backend="reference")
+        ref.backward(torch.ones_like(ref))
+        shards = [shard_sequence(t, rank, world, lb).requires_grad_() for t in (q, k, v)]
+        cp = ContextParallelFlexAttention(mask_mod, L, load_balancer=lb, kv_exchange="all_gather", enable_gqa=True,
+                                          backend="reference", block_size=64)
+        out = cp(*shards)
+        if out.grad_fn is None:
+            errors.put("all_gather: the output has no grad_fn")
+        out.backward(torch.ones_like(out))
+        for name, shard, full in zip("qkv", shards, whole):
+            expected = shard_sequence(full.grad, rank, world, lb)
+            err = (shard.grad - expected).abs().max().item()
+            if not err < 1e-4:
+                errors.put(f"gradient of {name}: max error {err}")
+        ring = ContextParallelFlexAttention(mask_mod, L, load_balancer=lb, kv_exchange="ring", enable_gqa=True,
+                                            backend="reference", block_size=64)
+        try:
+            ring(*shards)
+            errors.put("ring with inputs requiring grad did not refuse")
+        except NotImplementedError as e:
+            if "all_gather" not in str(e):
+                errors.put(f"ring refusal does not name the alternative: {e}")
+        # the ring skips key shards nothing sees: under causal with contiguous shards rank 0
+        # never attends another rank's keys
+        plain = ContextParallelFlexAttention(mask_mod, L, kv_exchange="ring", enable_gqa=True, backend="reference",
+                                             block_size=64)
+        with torch.no_grad():
+            plain(*[shard_sequence(t, rank, world) for t in (q, k, v)])
+        visible = [key for key, (_, seen) in plain._masks.items() if seen]
+        if len(visible) != rank + 1:
+            errors.put(f"rank {rank}: attended {len(visible)} key shards under causal, expected {rank + 1}")
+    except Exception:   # reported to the test, which names the rank
+        import traceback
+        errors.put(f"rank {rank}: {traceback.format_exc()[-1500:]}")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shards_across_gloo_ranks_give_the_whole_sequence_result(world, tmp_path):
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    mp.start_processes(_worker, args=(world, str(tmp_path / "init"), errors), nprocs=world, start_method="spawn")
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert not found, "\n".join(found)
+
+
+def test_head_tail_indices_match_torchs():
+    ours = HeadTailLoadBalancer(48, 3)._generate_indices()
+    assert sorted(ours[0].tolist()) == list(range(48))
+    assert ours[0, :16].tolist() == list(range(8)) + list(range(40, 48))   # rank 0: the first and last chunks
+    try:
+        from torch.distributed.tensor.experimental._context_parallel._load_balancer import _HeadTailLoadBalancer
+    except ImportError:
+        pytest.skip("this torch has no _HeadTailLoadBalancer")
+    assert torch.equal(ours, _HeadTailLoadBalancer(48, 3, "cpu")._generate_indices())
+    assert torch.equal(HeadTailLoadBalancer(48, 3)._generate_indices(restore=True),
+                       _HeadTailLoadBalancer(48, 3, "cpu")._generate_indices(restore=True))
+
+
+def test_merging_two_halves_is_attention_over_both():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=g) for _ in range(3))
+    whole, lse = flex_attention(q, k, v, return_lse=True, backend="reference")
+    a = flex_attention(q, k[:, :, :15], v[:, :, :15], return_lse=True, backend="reference")
+    b = flex_attention(q, k[:, :, 15:], v[:, :, 15:], return_lse=True, backend="reference")
+    out, merged = merge_partials(a[0], a[1], b[0], b[1])
+    assert torch.allclose(out, whole, atol=1e-6) and torch.allclose(merged, lse, atol=1e-6)
+    empty = torch.full_like(lse, float("-inf"))
+    out2, lse2 = merge_partials(torch.zeros_like(whole), empty, whole, lse)
+    assert torch.equal(out2, whole) and torch.equal(lse2, lse)
+    out3, lse3 = merge_partials(torch.zeros_like(whole), empty, torch.zeros_like(whole), empty)
+    assert torch.equal(out3, torch.zeros_like(whole)) and bool((lse3 == float("-inf")).all())
+    nan_lse = lse.clone()
+    nan_lse[0, 0, 3] = float("nan")
+    out4, lse4 = merge_partials(whole, nan_lse, whole, lse)
+    assert torch.isnan(lse4[0, 0, 3]) and bool(torch.isnan(out4[0, 0, 3]).all())
+
+
+def test_bad_arguments_name_what_was_expected(tmp_path):
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ContextParallelFlexAttention(get_mask_fn("causal"), 64)
+    with pytest.raises(ValueError, match="seq_len"):
+        HeadTailLoadBalancer(50, 4)
+    with pytest.raises(ValueError, match="split evenly"):
+        shard_sequence(torch.zeros(1, 1, 10, 4), 0, 3)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'one'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="kv_exchange"):
+            ContextParallelFlexAttention(get_mask_fn("causal"), 64, kv_exchange="ring_all")
+        with pytest.raises(ValueError, match="seq_len"):
+            ContextParallelFlexAttention(get_mask_fn("causal"), None)
+        with pytest.raises(TypeError, match="load_balancer"):
+            ContextParallelFlexAttention(get_mask_fn("causal"), 64, load_balancer=3)
+        cp = ContextParallelFlexAttention(get_mask_fn("causal"), 64, backend="reference")
+        with pytest.raises(ValueError, match=r"shard \[B, H, 64, D\]"):
+            cp(torch.zeros(1, 2, 32, 8), torch.zeros(1, 2, 32, 8), torch.zeros(1, 2, 32, 8))
+        q = torch.randn(1, 2, 64, 8)
+        out = cp(q, q, q)   # a world of one is plain flex_attention
+        bm = create_block_mask(get_mask_fn("causal"), None, None, 64, 64, device="cpu")
+        assert torch.allclose(out, flex_attention(q, q, q, block_mask=bm, backend="reference"), atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
