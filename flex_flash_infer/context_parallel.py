@@ -145,6 +145,18 @@ class _GatherKeys(torch.autograd.Function):
         return total.chunk(dist.get_world_size(group), ctx.seq_dim)[rank].contiguous(), None, None
 
 
+def _from_block_mask(block_mask, seq_len, B, H):
+    """(mask_mod, seq_len, B, H) of a global BlockMask: only its mask_mod is used (each rank plans
+    its own runs from it), its tables are never read."""
+    q_len, kv_len = block_mask.seq_lengths
+    if q_len != kv_len or (seq_len is not None and seq_len != q_len):
+        raise ValueError(f"mask_mod: a global BlockMask of the whole sequence ({seq_len} x {seq_len} tokens), "
+                         f"got one of {q_len} x {kv_len}")
+    batches, heads = block_mask.kv_num_blocks.shape[:2]
+    return (block_mask.mask_mod, q_len, B if B is not None else (batches if batches > 1 else None),
+            H if H is not None else (heads if heads > 1 else None))
+
+
 def _runs(positions: list) -> list:
     """(local start, local end, global start) of each maximal run of consecutive positions."""
     runs, start = [], 0
@@ -189,7 +201,8 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 class ContextParallelFlexAttention:
     """flex_attention over a sequence sharded across `group` (a ProcessGroup or a 1-D DeviceMesh).
 
-    mask_mod, score_mod: the global mods (positions are global). B, H: as create_block_mask's
+    mask_mod, score_mod: the global mods (positions are global); mask_mod may be the global
+    BlockMask instead (its mask_mod, length, B and H are taken). B, H: as create_block_mask's
     (None: the mask does not depend on it). seq_len: the global length; every rank holds
     seq_len / world_size positions of q, k and v. load_balancer: None (rank r holds the r-th
     contiguous slice), "head_tail", or a balancer object (see the module's note).
@@ -204,6 +217,8 @@ class ContextParallelFlexAttention:
                  backend: str = "auto", block_size=128):
         import torch.distributed as dist
 
+        if hasattr(mask_mod, "mask_mod") and hasattr(mask_mod, "seq_lengths"):   # a global BlockMask (ours or torch's)
+            mask_mod, seq_len, B, H = _from_block_mask(mask_mod, seq_len, B, H)
         if kv_exchange not in KV_EXCHANGES:
             raise ValueError(f"kv_exchange: one of {KV_EXCHANGES}, got {kv_exchange!r}")
         if not isinstance(seq_len, int) or seq_len <= 0:

@@ -199,6 +199,16 @@ def test_bad_arguments_name_what_was_expected(tmp_path):
         out = cp(q, q, q)   # a world of one is plain flex_attention
         bm = create_block_mask(get_mask_fn("causal"), None, None, 64, 64, device="cpu")
         assert torch.allclose(out, flex_attention(q, q, q, block_mask=bm, backend="reference"), atol=1e-6)
+        # the global BlockMask in place of its mask_mod, ours or torch's
+        per_head = create_block_mask(lambda b, h, q, kv: (q >= kv) & (q - kv < 8 * (h + 1)), None, 2, 64, 64,
+                                     device="cpu")
+        expected = flex_attention(q, q, q, block_mask=per_head, backend="reference")
+        for mask in (per_head, per_head.to_torch()):
+            cp = ContextParallelFlexAttention(mask, backend="reference")
+            assert cp.H == 2 and cp.seq_len == 64
+            assert torch.allclose(cp(q, q, q), expected, atol=1e-6)
+        with pytest.raises(ValueError, match="global BlockMask"):
+            ContextParallelFlexAttention(per_head, 128)
     finally:
         dist.destroy_process_group()
 
