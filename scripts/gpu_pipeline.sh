@@ -24,7 +24,8 @@
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
-#   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001), with the whole GPU test suite
+#   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001)
+#   suite        the whole GPU test suite (pytest -m gpu, compiled score_mods included), alone on the machine
 #   ab-layout    scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
 #                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 tokens
 # FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
@@ -76,6 +77,9 @@ case "${1:-}" in
           # -v: a stage cut short by the machine's return still shows which tests passed
           python3 -m pytest -v -m gpu tests/ -rfE -k "not compiled_into" -p no:cacheprovider --durations=12 \
             >$run_dir/gpu_tests.log 2>&1; tail -n 15 $run_dir/gpu_tests.log ;;
+        suite)
+          python3 -m pytest -v -m gpu tests/ -rfE -p no:cacheprovider --durations=12 >$run_dir/gpu_suite.log 2>&1
+          tail -n 15 $run_dir/gpu_suite.log ;;
         examples)
           for f in examples/*.py; do echo "--- $f"; python3 "$f" 2>&1 | grep --line-buffered -v "INFO\|arning" | tail -n 4; \
             echo "exit ${PIPESTATUS[0]}"; done >$run_dir/examples.log 2>&1; cat $run_dir/examples.log ;;
