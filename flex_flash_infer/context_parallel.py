@@ -23,7 +23,9 @@ from __future__ import annotations
 import torch
 
 from .api import flex_attention
+from .backends.autograd import captured_tensors
 from .block_mask import create_block_mask
+from .mods.combinators import noop_mask
 
 KV_EXCHANGES = ("auto", "all_gather", "ring")
 # "auto" gathers the keys while they take at most this share of the device's free memory (CPU: of
@@ -91,13 +93,22 @@ def shard_sequence(tensor: torch.Tensor, rank: int, world_size: int, load_balanc
     """This rank's shard of a whole-sequence tensor ([B, H, S, D] by default): the positions the
     load balancer gives rank `rank`, in the balancer's order. A per-batch balancer ([B, S]
     indices) takes each batch entry's own positions."""
+    seq_dim = seq_dim % tensor.dim()
     seq_len = tensor.shape[seq_dim]
     if seq_len % world_size:
         raise ValueError(f"shard_sequence: the sequence ({seq_len}) must split evenly over {world_size} ranks")
     n = seq_len // world_size
     indices = _indices(load_balancer, seq_len, world_size)[:, rank * n:(rank + 1) * n].to(tensor.device)
+    return _take(tensor, indices, seq_dim)
+
+
+def _take(tensor, indices, seq_dim: int):
+    """tensor's positions indices [1, n] along seq_dim, or each batch entry's own row of [B, n]."""
     if indices.shape[0] == 1:
         return tensor.index_select(seq_dim, indices[0])
+    if seq_dim == 0 or indices.shape[0] != tensor.shape[0]:
+        raise ValueError(f"load_balancer: its indices have {indices.shape[0]} rows, one per batch entry along dim 0, "
+                         f"for a tensor of shape {tuple(tensor.shape)} (sequence dim {seq_dim})")
     return torch.stack([t.index_select(seq_dim - 1, i) for t, i in zip(tensor.unbind(0), indices)])
 
 
@@ -108,13 +119,12 @@ def unshard_sequence(shard: torch.Tensor, group=None, load_balancer=None, seq_di
 
     group = _group_of(group)
     world = dist.get_world_size(group)
+    seq_dim = seq_dim % shard.dim()
     parts = [torch.empty_like(shard) for _ in range(world)]
     dist.all_gather(parts, shard.contiguous(), group=group)
     whole = torch.cat(parts, seq_dim)
     restore = torch.argsort(_indices(load_balancer, whole.shape[seq_dim], world), dim=1).to(whole.device)
-    if restore.shape[0] == 1:
-        return whole.index_select(seq_dim, restore[0])
-    return torch.stack([t.index_select(seq_dim - 1, i) for t, i in zip(whole.unbind(0), restore)])
+    return _take(whole, restore, seq_dim)
 
 
 class _GatherKeys(torch.autograd.Function):
@@ -140,7 +150,7 @@ class _GatherKeys(torch.autograd.Function):
             mine = torch.empty_like(parts[rank])
             dist.reduce_scatter(mine, parts, group=group)
             return mine, None, None
-        total = grad.contiguous()
+        total = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(total, group=group)   # gloo has no reduce-scatter
         return total.chunk(dist.get_world_size(group), ctx.seq_dim)[rank].contiguous(), None, None
 
@@ -227,7 +237,8 @@ class ContextParallelFlexAttention:
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         if seq_len % self.world:
             raise ValueError(f"seq_len ({seq_len}) must split evenly over the {self.world} ranks")
-        self.mask_mod, self.score_mod, self.seq_len, self.B, self.H = mask_mod, score_mod, seq_len, B, H
+        self.mask_mod = noop_mask if mask_mod is None else mask_mod
+        self.score_mod, self.seq_len, self.B, self.H = score_mod, seq_len, B, H
         self.kv_exchange, self.scale, self.enable_gqa, self.backend = kv_exchange, scale, enable_gqa, backend
         self.block_size = block_size
         self.shard_len = seq_len // self.world
@@ -243,8 +254,9 @@ class ContextParallelFlexAttention:
             if t.dim() != 4 or t.shape[2] != self.shard_len:
                 raise ValueError(f"{name}: this rank's shard [B, H, {self.shard_len}, D] of the {self.seq_len}-token "
                                  f"sequence over {self.world} ranks, got shape {tuple(t.shape)}")
-        exchange = self._exchange(key, value)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (query, key, value))
+                                                  or bool(captured_tensors(self.score_mod)))
+        exchange = self._exchange(key, value, needs_grad)
         if exchange == "ring" and needs_grad:
             raise NotImplementedError("kv_exchange='ring' is forward only: for gradients use kv_exchange='all_gather' "
                                       "(differentiable), or run under torch.no_grad()")
@@ -254,8 +266,9 @@ class ContextParallelFlexAttention:
                              f"{query.shape[0]}")
         batches = [(b, slice(b, b + 1)) for b in range(query.shape[0])] if per_batch else [(0, slice(None))]
         if exchange == "all_gather":
-            k_all = _GatherKeys.apply(key, self.group, 2)
-            v_all = _GatherKeys.apply(value, self.group, 2)
+            # k and v in one gather: one collective, and one backward whose order cannot differ by rank
+            kv_all = _GatherKeys.apply(torch.cat([key, value.to(key.dtype)], -1), self.group, 2)
+            k_all, v_all = kv_all[..., :key.shape[-1]], kv_all[..., key.shape[-1]:].to(value.dtype)
             results = [self._against_all(query[rows], k_all[rows], v_all[rows], b, per_batch) for b, rows in batches]
         else:
             results = self._ring(query, key, value, batches, per_batch)
@@ -263,15 +276,24 @@ class ContextParallelFlexAttention:
         lse = torch.cat([s for _, s in results], 0) if per_batch else results[0][1]
         return (out, lse) if return_lse else out
 
-    def _exchange(self, key, value) -> str:
+    def _exchange(self, key, value, needs_grad: bool) -> str:
+        """The exchange this call takes: "auto" gathers when a gradient is wanted (the ring has no
+        backward) or when the gathered keys fit on every rank (agreed by all of them: ranks that
+        chose differently would wait on each other's collectives)."""
+        import torch.distributed as dist
+
         if self.kv_exchange != "auto":
             return self.kv_exchange
+        if needs_grad:
+            return "all_gather"
         gathered = (key.numel() * key.element_size() + value.numel() * value.element_size()) * self.world
         if key.device.type == "cuda":
             budget = torch.cuda.mem_get_info(key.device)[0] * GATHER_SHARE
         else:
             budget = GATHER_BYTES_CPU
-        return "all_gather" if gathered <= budget else "ring"
+        too_big = torch.tensor([float(gathered > budget)], device=key.device)
+        dist.all_reduce(too_big, op=dist.ReduceOp.MAX, group=self.group)
+        return "ring" if too_big.item() else "all_gather"
 
     def _block_mask(self, b: int, q_run, kv_run, per_batch: bool, device):
         """(block mask, whether any tile of it is visible) of query positions q_run = (start,
@@ -316,15 +338,18 @@ class ContextParallelFlexAttention:
 
         acc = {b: self._empty(query[rows], value) for b, rows in batches}
         current = (key.contiguous(), value.contiguous())
+        # P2POp names its peers by their global rank, whatever the group
+        send_to = dist.get_global_rank(self.group, (self.rank + 1) % self.world)
+        receive_from = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
         for step in range(self.world):
             source = (self.rank - step) % self.world
             pending = None
             if step + 1 < self.world:
                 incoming = (torch.empty_like(current[0]), torch.empty_like(current[1]))
-                ops = [dist.P2POp(dist.isend, current[0], (self.rank + 1) % self.world, self.group),
-                       dist.P2POp(dist.isend, current[1], (self.rank + 1) % self.world, self.group),
-                       dist.P2POp(dist.irecv, incoming[0], (self.rank - 1) % self.world, self.group),
-                       dist.P2POp(dist.irecv, incoming[1], (self.rank - 1) % self.world, self.group)]
+                ops = [dist.P2POp(dist.isend, current[0], send_to, self.group),
+                       dist.P2POp(dist.isend, current[1], send_to, self.group),
+                       dist.P2POp(dist.irecv, incoming[0], receive_from, self.group),
+                       dist.P2POp(dist.irecv, incoming[1], receive_from, self.group)]
                 pending = (dist.batch_isend_irecv(ops), incoming)
             for b, rows in batches:
                 q = query[rows]

@@ -26,9 +26,8 @@ class _NotLinear(Exception):
     pass
 
 
-def exact_row_intervals(mask_mod, q_len: int, kv_len: int):
-    """(lo, hi) int64 [q_len]: row q sees exactly keys lo[q] <= kv <= hi[q] (none where lo > hi),
-    or None when the mask is not a conjunction of unit-slope comparisons of q_idx and kv_idx."""
+def _constraints(mask_mod, q_len: int, kv_len: int):
+    """The mask's (kind, slope, offset) constraints, or None when it is not linear."""
     if q_len <= 0 or kv_len <= 0:
         return None
     try:
@@ -37,25 +36,74 @@ def exact_row_intervals(mask_mod, q_len: int, kv_len: int):
         return None
     if graph.tensors:
         return None
-    box = (q_len - 1, kv_len - 1)
     constraints = []
     try:
-        _conjunction(graph.output, box, constraints)
+        _conjunction(graph.output, (q_len - 1, kv_len - 1), constraints)
     except _NotLinear:
         return None
+    return constraints
+
+
+def _intervals(constraints, q_len: int, kv_len: int):
+    """(lo, hi, lo_flat, lo_diag, hi_flat, hi_diag) int64 [q_len]: each row's exact keys lo..hi,
+    and the constant and the slope-1 (kv - q fixed) bounds whose max / min they are (the diagonal
+    ones -2^62 / 2^62 where the mask has none)."""
     q = torch.arange(q_len, dtype=torch.int64)
-    lo = torch.zeros(q_len, dtype=torch.int64)
-    hi = torch.full((q_len,), kv_len - 1, dtype=torch.int64)
+    lo_flat = torch.zeros(q_len, dtype=torch.int64)
+    hi_flat = torch.full((q_len,), kv_len - 1, dtype=torch.int64)
+    lo_diag = torch.full((q_len,), -(1 << 62), dtype=torch.int64)
+    hi_diag = torch.full((q_len,), 1 << 62, dtype=torch.int64)
     rows = torch.ones(q_len, dtype=torch.bool)
     for kind, slope, offset in constraints:
         if kind == "lo":      # kv >= slope * q + offset
-            lo = torch.maximum(lo, slope * q + offset)
+            if slope:
+                lo_diag = torch.maximum(lo_diag, q + offset)
+            else:
+                lo_flat = torch.clamp(lo_flat, min=offset)
         elif kind == "hi":    # kv <= slope * q + offset
-            hi = torch.minimum(hi, slope * q + offset)
-        elif kind == "rows":  # slope * q + offset >= 0 (slope is +1 or -1), or a constant truth
+            if slope:
+                hi_diag = torch.minimum(hi_diag, q + offset)
+            else:
+                hi_flat = torch.clamp(hi_flat, max=offset)
+        else:                 # rows: slope * q + offset >= 0 (slope is +1, -1 or 0)
             rows &= (slope * q + offset) >= 0
+    lo, hi = torch.maximum(lo_flat, lo_diag), torch.minimum(hi_flat, hi_diag)
     lo = torch.where(rows, lo, torch.full_like(lo, kv_len))   # a row outside the row bounds is empty
-    return lo, hi
+    return lo, hi, lo_flat, lo_diag, hi_flat, hi_diag
+
+
+def exact_row_intervals(mask_mod, q_len: int, kv_len: int):
+    """(lo, hi) int64 [q_len]: row q sees exactly keys lo[q] <= kv <= hi[q] (none where lo > hi),
+    or None when the mask is not a conjunction of unit-slope comparisons of q_idx and kv_idx."""
+    constraints = _constraints(mask_mod, q_len, kv_len)
+    return None if constraints is None else _intervals(constraints, q_len, kv_len)[:2]
+
+
+def linear_bands(mask_mod, q_len: int, kv_len: int):
+    """The bands (q_start, q_end, kv_start, kv_end, causal, window_left) that are exactly a linear
+    mask, as bands.Band takes them, or None (not linear, or rows whose first key moves with the
+    row while the last does not: a window without causality, left to find_bands). A run of rows
+    whose last key moves with the row is one causal band, its first key the larger of a constant
+    (kv_start) and a diagonal (the window); a run whose ends are both constant is a full band."""
+    constraints = _constraints(mask_mod, q_len, kv_len)
+    if constraints is None:
+        return None
+    lo, hi, lo_flat, lo_diag, hi_flat, hi_diag = _intervals(constraints, q_len, kv_len)
+    seen = lo <= hi
+    hi_moves = hi_diag <= hi_flat
+    if bool((seen & ~hi_moves & (lo_diag > lo_flat)).any()):
+        return None
+    kind = torch.where(seen, hi_moves.long(), torch.full_like(lo, -1))
+    edges = (torch.nonzero(kind[1:] != kind[:-1]).flatten() + 1).tolist()
+    bands = []
+    for a, b in zip([0] + edges, edges + [q_len]):
+        k = int(kind[a])
+        if k == 0:      # both ends constant
+            bands.append((a, b, int(lo[a]), int(hi[b - 1]) + 1, False, -1))
+        elif k == 1:    # causal, delta = hi - q; a window where a diagonal bounds the first key too
+            window = int(hi_diag[a] - lo_diag[a]) if int(lo_diag[a]) > -(1 << 61) else -1
+            bands.append((a, b, int(lo_flat[a]), int(hi[b - 1]) + 1, True, window))
+    return bands
 
 
 def _conjunction(node, box, out):
@@ -88,6 +136,8 @@ def _comparison(op, node, box, out):
         _fits(form, box, node.compute)
     # left - right  OP  0, as a * q + b * kv + c  OP  0 (exact: Python integers)
     a, b, c = left[0] - right[0], left[1] - right[1], left[2] - right[2]
+    if abs(c) >= 1 << 62:   # the offsets become int64 tensor arithmetic: keep them far from its ends
+        raise _NotLinear
     if b == -1:
         a, b, c, op = -a, 1, -c, _FLIP[op]
     if b == 0:

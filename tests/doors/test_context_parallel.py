@@ -126,6 +126,34 @@ def _worker(rank, world, init_file, errors):
         visible = [key for key, (_, seen) in plain._masks.items() if seen]
         if len(visible) != rank + 1:
             errors.put(f"rank {rank}: attended {len(visible)} key shards under causal, expected {rank + 1}")
+        # a group of part of the ranks (a DeviceMesh's dimension): the ring names its peers right
+        if world == 4:
+            halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+            mine = halves[rank // 2]
+            q, k, v = _whole(13)
+            bm = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=64)
+            expected = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="reference")
+            lb = HeadTailLoadBalancer(L, 2)
+            for exchange in ("ring", "all_gather", "auto"):
+                part = ContextParallelFlexAttention(mask_mod, L, group=mine, load_balancer=lb, kv_exchange=exchange,
+                                                    enable_gqa=True, backend="reference", block_size=64)
+                with torch.no_grad():
+                    got = part(*(shard_sequence(t, rank % 2, 2, lb) for t in (q, k, v)))
+                whole = unshard_sequence(got, group=mine, load_balancer=lb)
+                err = (whole - expected).abs().max().item()
+                if not err < 1e-5:
+                    errors.put(f"subgroup {exchange}: max error {err}")
+        # no mask: every key visible, and a score_mod alone
+        q, k, v = _whole(14)
+        expected = flex_attention(q, k, v, score_mod=alibi, enable_gqa=True, backend="reference")
+        for exchange in ("ring", "all_gather"):
+            full = ContextParallelFlexAttention(None, L, score_mod=alibi, kv_exchange=exchange, enable_gqa=True,
+                                                backend="reference", block_size=64)
+            with torch.no_grad():
+                got = unshard_sequence(full(*(shard_sequence(t, rank, world) for t in (q, k, v))))
+            err = (got - expected).abs().max().item()
+            if not err < 1e-5:
+                errors.put(f"no mask, {exchange}: max error {err}")
     except Exception:   # reported to the test, which names the rank
         import traceback
         errors.put(f"rank {rank}: {traceback.format_exc()[-1500:]}")
@@ -184,6 +212,17 @@ def test_bad_arguments_name_what_was_expected(tmp_path):
         HeadTailLoadBalancer(50, 4)
     with pytest.raises(ValueError, match="split evenly"):
         shard_sequence(torch.zeros(1, 1, 10, 4), 0, 3)
+    x = torch.randn(2, 8, 8, 4)   # heads == sequence length: a wrong dimension would not raise
+
+    class PerBatch:
+        def _generate_indices(self, restore=False):
+            return torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    for dim in (2, -2):
+        got = shard_sequence(x, 1, 2, PerBatch(), seq_dim=dim)
+        rows = PerBatch()._generate_indices()[:, 4:]
+        assert torch.equal(got, torch.stack([x[b][:, rows[b]] for b in range(2)]))
+    with pytest.raises(ValueError, match="one per batch entry"):
+        shard_sequence(torch.randn(3, 8, 8, 4), 0, 2, PerBatch())
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'one'}", rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match="kv_exchange"):

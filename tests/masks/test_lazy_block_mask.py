@@ -74,3 +74,34 @@ def test_a_lazy_mask_given_another_mask_mod_plans_from_its_tables(fake):
     chosen = route.choose_route(bm, 1, 4, 300, 300, "cpu")
     # the causal tables' full tiles are not the window's: no band fits both, so the tiles route
     assert bm.built and chosen.kind == "tiles"
+
+
+@pytest.mark.parametrize("mask_fn,L,S", [
+    (lambda b, h, q, kv: q >= kv, 300, 300),
+    (lambda b, h, q, kv: (q >= kv) & (q - kv < 70), 300, 300),
+    (lambda b, h, q, kv: (kv <= q + 40) & (kv >= 7), 260, 300),      # a decoding-style offset, keys from 7
+    (lambda q, kv: (q - kv >= 0) & (q - kv <= 50), 300, 300),         # the seed's two-argument form
+])
+def test_a_users_own_linear_mask_plans_like_the_librarys(fake, rng, mask_fn, L, S):
+    """A user's causal, window or key-range mask gets its bands from its expression
+    (linear_masks.py): no tile tables while planning, and the same result as the reference."""
+    flex = _prepare(mask_fn, L=L, S=S)
+    bm = flex.block_mask
+    assert isinstance(bm, LazyBlockMask) and not bm.built
+    q = torch.randn(L, 4, 16, generator=rng, dtype=torch.float64)
+    k, v = (torch.randn(S, 2, 16, generator=rng, dtype=torch.float64) for _ in range(2))
+    out = flex(q, k, v)
+    assert not bm.built
+    assert rel_err(out, _prepare(mask_fn, L=L, S=S, backend="reference")(q, k, v)) < 1e-6
+
+
+def test_a_linear_mask_no_band_shape_fits_builds_its_tables(fake, rng):
+    """Keys up to 3 past the query, at the end of the sequence, make rows whose last key stops at
+    the sequence's end while their first key still moves: no FlashInfer band is that shape, so the
+    mask plans from its tables as before."""
+    mask_fn = lambda b, h, q, kv: (q - kv >= -3) & (q - kv <= 50)   # noqa: E731
+    flex = _prepare(mask_fn)
+    assert not isinstance(flex.block_mask, LazyBlockMask) or flex.block_mask.built
+    q = torch.randn(300, 4, 16, generator=rng, dtype=torch.float64)
+    k, v = (torch.randn(300, 2, 16, generator=rng, dtype=torch.float64) for _ in range(2))
+    assert rel_err(flex(q, k, v), _prepare(mask_fn, backend="reference")(q, k, v)) < 1e-6

@@ -103,6 +103,12 @@ def test_anything_else_is_left_to_evaluation(mod):
     assert exact_row_intervals(mod, 300, 300) is None
 
 
+def test_offsets_near_int64s_ends_are_left_to_evaluation():
+    """int64 sides that each fit but whose difference would not (found by review)."""
+    never = lambda b, h, q, kv: q < q + q.new_zeros(1, dtype=torch.int64) + kv + (-(2 ** 63) + 1)   # noqa: E731
+    assert exact_row_intervals(never, 4, 4) is None
+
+
 def test_a_captured_tensor_is_left_to_evaluation():
     starts = torch.tensor([0, 5, 9])
     assert exact_row_intervals(lambda b, h, q, kv: kv >= starts[b], 64, 64) is None
@@ -138,3 +144,37 @@ def test_wrong_bands_are_caught_by_the_row_check():
     assert wrong.numel() == 256
     shifted = _rows_unlike([Band(0, 128, 0, 128, True), Band(128, 256, 0, 256, False)], lo, hi, 256)
     assert shifted.min() == 128 and shifted.numel() == 127   # row 255 sees every key either way
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_bands_read_off_a_linear_mask_are_the_mask(seed):
+    """linear_bands, from the expression alone: None, or bands whose union is exactly the mask."""
+    from flex_flash_infer.planning.bands import Band
+    from flex_flash_infer.planning.linear_masks import linear_bands
+
+    r = random.Random(5000 + seed)
+    mod = random_linear_mask(r)
+    L, S = r.randint(1, 500), r.randint(1, 500)
+    found = linear_bands(mod, L, S)
+    if found is None:
+        assert exact_row_intervals(mod, L, S) is not None   # linear, with a run no band shape fits
+        return
+    q, kv = torch.arange(L).view(-1, 1), torch.arange(S).view(1, -1)
+    lowered = torch.zeros(L, S, dtype=torch.bool)
+    for band in map(lambda b: Band(*b), found):
+        assert 0 <= band.q_start < band.q_end <= L and 0 <= band.kv_start < band.kv_end <= S, band
+        assert not (lowered & band.visible(q, kv)).any(), "bands overlap"
+        lowered |= band.visible(q, kv)
+    assert torch.equal(lowered, dense_predicate(mod, L, S)), (mod.terms, L, S, found)
+
+
+@pytest.mark.parametrize("mod,L,S,expected", [
+    (lambda b, h, q, kv: q >= kv, 300, 300, [(0, 300, 0, 300, True, -1)]),
+    (lambda b, h, q, kv: (q >= kv) & (q - kv < 64), 300, 300, [(0, 300, 0, 300, True, 63)]),
+    (lambda b, h, q, kv: kv >= 0, 10, 20, [(0, 10, 0, 20, False, -1)]),
+    (lambda b, h, q, kv: q + 100 >= kv, 50, 200, [(0, 50, 0, 150, True, -1)]),   # decoding: queries at the end
+])
+def test_users_masks_read_as_the_librarys_bands(mod, L, S, expected):
+    from flex_flash_infer.planning.linear_masks import linear_bands
+
+    assert linear_bands(mod, L, S) == expected
