@@ -175,7 +175,9 @@ def _linear(node, box):
     """(a, b, c): node is a * q_idx + b * kv_idx + c, every step within its integer type."""
     if node.op == "input" and node.kind == "int" and node.attr in ("q_idx", "kv_idx"):
         return (1, 0, 0) if node.attr == "q_idx" else (0, 1, 0)
-    if node.op == "const" and node.kind == "int" and isinstance(node.value, int):
+    if node.op in ("const", "scalar") and node.kind == "int" and isinstance(node.value, int) \
+            and not isinstance(node.value, bool):
+        # a scalar is a Python int the mod captured (a window size): its value now, as a plan's is
         return (0, 0, node.value)
     if node.op in ("add", "sub") and node.kind == "int" and node.dtype in _RANGE:
         x, y = (_linear(arg, box) for arg in node.args)

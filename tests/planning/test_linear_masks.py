@@ -168,8 +168,13 @@ def test_bands_read_off_a_linear_mask_are_the_mask(seed):
     assert torch.equal(lowered, dense_predicate(mod, L, S)), (mod.terms, L, S, found)
 
 
+def window_of(size):   # the usual factory: the size a captured Python int
+    return lambda b, h, q, kv: (q >= kv) & (q - kv < size)
+
+
 @pytest.mark.parametrize("mod,L,S,expected", [
     (lambda b, h, q, kv: q >= kv, 300, 300, [(0, 300, 0, 300, True, -1)]),
+    (window_of(64), 300, 300, [(0, 300, 0, 300, True, 63)]),
     (lambda b, h, q, kv: (q >= kv) & (q - kv < 64), 300, 300, [(0, 300, 0, 300, True, 63)]),
     (lambda b, h, q, kv: kv >= 0, 10, 20, [(0, 10, 0, 20, False, -1)]),
     (lambda b, h, q, kv: q + 100 >= kv, 50, 200, [(0, 50, 0, 150, True, -1)]),   # decoding: queries at the end
