@@ -55,6 +55,36 @@ class HeadTailLoadBalancer:
         return indices.to(self.device) if self.device is not None else indices
 
 
+class PerDocumentLoadBalancer:
+    """Packed documents under a document-causal mask: each document in 2W chunks, rank r holding
+    chunks r and 2W-1-r of every document (so each rank's share of every document's triangle is
+    the same). doc_lengths: one list per batch entry, or one list for all; each a multiple of 2W."""
+
+    def __init__(self, doc_lengths, world_size: int, device=None):
+        rows = [doc_lengths] if doc_lengths and isinstance(doc_lengths[0], int) else doc_lengths
+        if not rows or any(length <= 0 or length % (2 * world_size) for row in rows for length in row) \
+                or len({sum(row) for row in rows}) != 1:
+            raise ValueError(f"doc_lengths: positive lengths, each a multiple of 2 * world_size ({2 * world_size}), "
+                             f"the same total for every batch entry, got {doc_lengths!r}")
+        self.rows, self.world_size, self.device = [list(row) for row in rows], world_size, device
+
+    def _generate_indices(self, restore: bool = False) -> torch.Tensor:
+        out = []
+        for row in self.rows:
+            starts = [sum(row[:i]) for i in range(len(row))]
+            order = []
+            for r in range(self.world_size):
+                for start, length in zip(starts, row):
+                    chunk = length // (2 * self.world_size)
+                    order += [torch.arange(start + r * chunk, start + (r + 1) * chunk),
+                              torch.arange(start + (2 * self.world_size - 1 - r) * chunk,
+                                           start + (2 * self.world_size - r) * chunk)]
+            out.append(torch.cat(order))
+        indices = torch.stack(out)
+        indices = torch.argsort(indices, dim=1) if restore else indices
+        return indices.to(self.device) if self.device is not None else indices
+
+
 def _group_of(group):
     """A ProcessGroup from a ProcessGroup, a 1-D DeviceMesh or None (the default group)."""
     import torch.distributed as dist
@@ -72,7 +102,7 @@ def _indices(load_balancer, seq_len: int, world_size: int) -> torch.Tensor:
     """[1 or B, seq_len] int64 rearranging the sequence (rank r holds the r-th slice of it)."""
     if load_balancer is None:
         return torch.arange(seq_len).view(1, -1)
-    if load_balancer == "head_tail":
+    if isinstance(load_balancer, str) and load_balancer == "head_tail":
         load_balancer = HeadTailLoadBalancer(seq_len, world_size)
     if not hasattr(load_balancer, "_generate_indices"):
         raise TypeError("load_balancer: None, 'head_tail', or a balancer with _generate_indices() (torch's or "
@@ -387,5 +417,5 @@ def context_parallel_flex_attention(query, key, value, mask_mod=None, seq_len: i
     return attention(query, key, value, return_lse=return_lse)
 
 
-__all__ = ["ContextParallelFlexAttention", "HeadTailLoadBalancer", "context_parallel_flex_attention",
-           "merge_partials", "shard_sequence", "unshard_sequence"]
+__all__ = ["ContextParallelFlexAttention", "HeadTailLoadBalancer", "PerDocumentLoadBalancer",
+           "context_parallel_flex_attention", "merge_partials", "shard_sequence", "unshard_sequence"]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from flex_flash_infer import create_block_mask, flex_attention, get_mask_fn  # noqa: E402
 from flex_flash_infer.context_parallel import (ContextParallelFlexAttention, HeadTailLoadBalancer,  # noqa: E402
-                                               shard_sequence, unshard_sequence)
+                                               PerDocumentLoadBalancer, shard_sequence, unshard_sequence)
 from flex_flash_infer_bench.provenance import source_commit  # noqa: E402
 
 
@@ -56,14 +56,7 @@ def masks(seq_len: int):
 
 
 def balancer(kind, seq_len, world, docs, device):
-    if kind == "head_tail":
-        return HeadTailLoadBalancer(seq_len, world)
-    try:
-        from torch.distributed.tensor.experimental._context_parallel._load_balancer import (
-            _PerDocumentHeadTailLoadBalancer)
-        return _PerDocumentHeadTailLoadBalancer([docs], world, device)
-    except ImportError:
-        return HeadTailLoadBalancer(seq_len, world)
+    return HeadTailLoadBalancer(seq_len, world) if kind == "head_tail" else PerDocumentLoadBalancer(docs, world)
 
 
 def timed(fn, device, rounds: int):

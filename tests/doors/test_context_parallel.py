@@ -6,8 +6,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from flex_flash_infer import create_block_mask, flex_attention, get_mask_fn
-from flex_flash_infer.context_parallel import (ContextParallelFlexAttention, HeadTailLoadBalancer, merge_partials,
-                                               shard_sequence, unshard_sequence)
+from flex_flash_infer.context_parallel import (ContextParallelFlexAttention, HeadTailLoadBalancer,
+                                               PerDocumentLoadBalancer, merge_partials, shard_sequence,
+                                               unshard_sequence)
 
 L, HQ, HKV, D = 512, 4, 2, 16
 
@@ -42,6 +43,7 @@ def cases():
         ("users_causal", lambda b, h, q, kv: q >= kv, None, head_tail),
         ("window", get_mask_fn("sliding_window", window_size=96), None, None),
         ("documents", document_mask(docs), None, lambda world: _per_document(docs, world)),
+        ("documents_ours", document_mask(docs), None, lambda world: PerDocumentLoadBalancer(docs, world)),
         ("random_tiles", random_tiles_mask(7), None, head_tail),
         ("alibi_causal", get_mask_fn("causal"), alibi, head_tail),
         ("per_head", lambda b, h, q, kv: (q >= kv) & (q - kv < 32 * (h + 1)), None, head_tail),
@@ -184,6 +186,18 @@ def test_head_tail_indices_match_torchs():
     assert torch.equal(ours, _HeadTailLoadBalancer(48, 3, "cpu")._generate_indices())
     assert torch.equal(HeadTailLoadBalancer(48, 3)._generate_indices(restore=True),
                        _HeadTailLoadBalancer(48, 3, "cpu")._generate_indices(restore=True))
+
+
+def test_per_document_balance_gives_each_rank_its_head_and_tail_of_every_document():
+    docs, world = [8, 16, 24], 2
+    indices = PerDocumentLoadBalancer(docs, world)._generate_indices()
+    assert indices.shape == (1, 48) and sorted(indices[0].tolist()) == list(range(48))
+    rank0 = indices[0, :24].tolist()
+    assert rank0 == [0, 1, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 42, 43, 44, 45, 46, 47]
+    restore = PerDocumentLoadBalancer(docs, world)._generate_indices(restore=True)
+    assert torch.equal(indices[0][restore[0]], torch.arange(48))
+    with pytest.raises(ValueError, match="multiple of 2 \\* world_size"):
+        PerDocumentLoadBalancer([8, 10], 2)
 
 
 def test_merging_two_halves_is_attention_over_both():
