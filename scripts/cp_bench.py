@@ -33,15 +33,8 @@ from flex_flash_infer_bench.provenance import source_commit  # noqa: E402
 
 def masks(seq_len: int):
     """name -> (mask_mod, load balancer)."""
-    docs = [seq_len // 8] * 2 + [seq_len // 4] + [seq_len // 2]   # multiples of 2 * ranks for torch's balancer
-    ids = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(docs))
-    on = {}
-
-    def documents(b, h, q_idx, kv_idx):
-        t = on.get(q_idx.device)
-        if t is None:
-            t = on.setdefault(q_idx.device, ids.to(q_idx.device))
-        return (t[q_idx] == t[kv_idx]) & (q_idx >= kv_idx)
+    docs = [seq_len // 8] * 2 + [seq_len // 4] + [seq_len // 2]   # multiples of 2 * ranks for the balancer
+    documents = get_mask_fn("document", offsets=[sum(docs[:i]) for i in range(len(docs) + 1)])
     tiles = torch.rand(seq_len // 128, seq_len // 128, generator=torch.Generator().manual_seed(5)) < 0.25
     tiles |= torch.eye(seq_len // 128, dtype=torch.bool)
     on_t = {}
@@ -197,7 +190,8 @@ def main():
             cells = []
             for i in ("ours_all_gather", "ours_ring", "torch_cp"):
                 s = r.get(f"{i}_s")
-                cells.append(f"{s:9.4f} s ({r.get(f'{i}_efficiency', 0):4.0%})" if s else "failed".rjust(22))
+                failed = f"{i}_error" in r or (i == "torch_cp" and "torch_cp_error" in r)
+                cells.append(f"{s:9.4f} s ({r.get(f'{i}_efficiency', 0):4.0%})" if s else "failed" if failed else "-")
             print(f"{r['mask']:14s} {r.get('one_gpu_s', 0):9.4f} " + " ".join(f"{c:>22s}" for c in cells))
         if args.out:
             with open(args.out, "w") as f:

@@ -13,14 +13,6 @@ from flex_flash_infer.context_parallel import (ContextParallelFlexAttention, Hea
 L, HQ, HKV, D = 512, 4, 2, 16
 
 
-def document_mask(lengths):
-    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
-    return mask_mod
-
-
 def random_tiles_mask(seed):
     tiles = torch.rand(L // 64, L // 64, generator=torch.Generator().manual_seed(seed)) < 0.3
     tiles |= torch.eye(L // 64, dtype=torch.bool)
@@ -38,12 +30,13 @@ def cases():
     """(name, mask_mod, score_mod, load balancer factory)."""
     head_tail = lambda world: HeadTailLoadBalancer(L, world)   # noqa: E731
     docs = [104, 56, 200, 152]   # torch's per-document balancer wants each a multiple of 2 * world
+    documents = get_mask_fn("document", offsets=[0, 104, 160, 360, 512])
     return [
         ("causal", get_mask_fn("causal"), None, head_tail),
         ("users_causal", lambda b, h, q, kv: q >= kv, None, head_tail),
         ("window", get_mask_fn("sliding_window", window_size=96), None, None),
-        ("documents", document_mask(docs), None, lambda world: _per_document(docs, world)),
-        ("documents_ours", document_mask(docs), None, lambda world: PerDocumentLoadBalancer(docs, world)),
+        ("documents", documents, None, lambda world: _per_document(docs, world)),
+        ("documents_ours", documents, None, lambda world: PerDocumentLoadBalancer(docs, world)),
         ("random_tiles", random_tiles_mask(7), None, head_tail),
         ("alibi_causal", get_mask_fn("causal"), alibi, head_tail),
         ("per_head", lambda b, h, q, kv: (q >= kv) & (q - kv < 32 * (h + 1)), None, head_tail),
