@@ -17,7 +17,7 @@ from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
 from . import varlen
 from .core.trace import TraceError
-from .planning.linear_masks import linear_bands
+from .planning.linear_masks import with_linear_band_hint
 from .varlen import single_band_flags
 from .core.validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
 
@@ -308,27 +308,12 @@ def _block_mask(mask_mod, heads: int, q_len: int, kv_len: int, device, block, co
         return create_block_mask(mask_mod, 1, heads, q_len, kv_len, device=device, BLOCK_SIZE=block,
                                  _compile=compile_block_mask)
 
-    if lazy and not any(hasattr(mask_mod, hint) for hint in LOWERING_HINTS):
-        mask_mod = _with_linear_bands(mask_mod, q_len, kv_len)
-    if lazy and any(hasattr(mask_mod, hint) for hint in LOWERING_HINTS):
-        return LazyBlockMask(build, (1, heads), (q_len, kv_len), block, mask_mod, device)
+    if lazy:
+        # a user's own causal or window mask gets the hint a library mask carries (linear_masks.py)
+        mask_mod = with_linear_band_hint(mask_mod, q_len, kv_len)
+        if any(hasattr(mask_mod, hint) for hint in LOWERING_HINTS):
+            return LazyBlockMask(build, (1, heads), (q_len, kv_len), block, mask_mod, device)
     return build()
-
-
-def _with_linear_bands(mask_mod, q_len: int, kv_len: int):
-    """A user's own causal, window or key-range mask with the band_hint a library mask carries, read
-    off its expression (linear_masks.py): it then plans without tile tables, like the library's.
-    Any other mask comes back as it was."""
-    bands = linear_bands(mask_mod, q_len, kv_len)
-    if bands is None:
-        return mask_mod
-
-    def users_mask(b, h, q_idx, kv_idx):
-        return mask_mod(b, h, q_idx, kv_idx)
-
-    users_mask.__name__ = getattr(mask_mod, "__name__", "mask_mod")
-    users_mask.band_hint = lambda q, kv: bands if (q, kv) == (q_len, kv_len) else linear_bands(mask_mod, q, kv)
-    return users_mask
 
 
 def _for_sequence(mod, index: int, n_args: int):

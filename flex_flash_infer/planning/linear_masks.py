@@ -106,6 +106,37 @@ def linear_bands(mask_mod, q_len: int, kv_len: int):
     return bands
 
 
+LOWERING_HINTS = ("band_hint", "document_ids", "key_columns_hint")
+MEMO_LENGTHS = 64
+
+
+def with_linear_band_hint(mask_mod, q_len: int, kv_len: int):
+    """mask_mod carrying the band_hint a library mask states about itself, read off its expression,
+    when it has no hint and is linear at these lengths (else mask_mod itself): the planners then
+    take a user's own causal or window mask as they take the library's (no tile tables, FlashInfer's
+    own flags on a paged cache). The hint answers other lengths too, remembered per length."""
+    if any(hasattr(mask_mod, hint) for hint in LOWERING_HINTS):
+        return mask_mod
+    bands = linear_bands(mask_mod, q_len, kv_len)
+    if bands is None:
+        return mask_mod
+    memo = {(q_len, kv_len): bands}
+
+    def users_mask(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx)
+
+    def band_hint(q, kv):
+        if (q, kv) not in memo:
+            if len(memo) >= MEMO_LENGTHS:
+                memo.clear()
+            memo[(q, kv)] = linear_bands(mask_mod, q, kv)
+        return memo[(q, kv)]
+
+    users_mask.__name__ = getattr(mask_mod, "__name__", "mask_mod")
+    users_mask.band_hint = band_hint
+    return users_mask
+
+
 def _conjunction(node, box, out):
     if node.op == "and" and node.kind == "bool":
         for arg in node.args:

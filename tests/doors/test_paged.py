@@ -131,3 +131,24 @@ def test_a_hinted_causal_or_full_mask_plans_without_evaluation_as_the_evaluated_
         assert torch.equal(getattr(fast.full, field), getattr(slow.full, field)), field
     assert fast.full.causal == slow.full.causal and torch.equal(fast.page_states, slow.page_states)
     assert torch.equal(fast.q_start, slow.q_start) and fast.max_page_id == slow.max_page_id
+
+
+@pytest.mark.parametrize("mask_fn", [lambda b, h, q, kv: q >= kv,
+                                     lambda b, h, q, kv: (q >= kv) & (q - kv < 40),
+                                     lambda q, kv: (kv <= q) & (q - kv <= 17)])          # the seed's form
+@pytest.mark.parametrize("qo_lens", [[1, 1, 1, 1], [5, 40, 7, 1]])
+def test_a_users_own_causal_or_window_mask_plans_from_flags_like_the_librarys(flashinfer_on_cpu, rng, mask_fn,
+                                                                               qo_lens):
+    """A user's causal or window mask_mod gets the library's band hint from its expression
+    (linear_masks.py): the step plans from FlashInfer's flags without evaluating pages, and the
+    result is the oracle's."""
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [33, 120, 7, 90], qo_lens, 16)
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer").plan(
+        mask_fn, qo_indptr, kv_page_indptr, indices, last, num_qo_heads=4, num_kv_heads=2, head_dim=16,
+        page_size=16, dtype=torch.float64)
+    plan = paged._planned["plan"]
+    assert callable(plan.states), "planned by evaluating the pages, not from flags"
+    out = paged.run(q, (kc, vc))
+    mod = mask_fn if mask_fn.__code__.co_argcount == 4 else (lambda b, h, q_idx, kv_idx: mask_fn(q_idx, kv_idx))
+    ref_out, _ = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
+    assert rel_err(out, ref_out) < 1e-6
