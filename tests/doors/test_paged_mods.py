@@ -169,8 +169,8 @@ def test_decode_steps_plan_the_same_wrappers_again(fake, rng, mod_name):
 
 
 def test_a_failed_plan_leaves_the_previous_plan_running(fake, monkeypatch, rng):
-    # a user's window (no hint): a full and a partial launch, two wrappers to re-plan
-    mask = lambda b, h, q, kv: (q >= kv) & (q - kv < 20)   # noqa: E731
+    # a user's window with sinks (no hint, not linear): a full and a partial launch, two wrappers to re-plan
+    mask = lambda b, h, q, kv: (q >= kv) & ((q - kv < 20) | (kv < 4))   # noqa: E731
     cache = [torch.randn(40, 16, HKV, D, generator=rng, dtype=torch.float64) for _ in range(2)]
     attn = PagedFlexAttention(device="cpu", backend="flashinfer")
     attn.plan(mask, *_decode_step_tables([40, 100, 7]), HQ, HKV, D, 16, dtype=torch.float64)
