@@ -19,7 +19,8 @@
 #   examples     python examples/*.py on the GPU (each checks its own result)
 #   score-tests  the compiled score_mod and tile-variant tests (after the variants are built)
 #   bench-8k, bench-32k, bench-8k-d64, bench-32k-d64  python -m flex_flash_infer bench at 8192 / 32768
-#                tokens, head_dim 128 / 64 (JSON in the run dir); profile-8k the same with --profile
+#                tokens, head_dim 128 / 64 (JSON in the run dir); profile-8k the same with --profile;
+#                profile-leads only the rows slower in the bench than alone
 #   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
@@ -88,13 +89,15 @@ case "${1:-}" in
           grep -h "ok\|FAILED" $run_dir/warm-score*.log
           python3 -m pytest -q -m gpu tests/backends/test_gpu.py -rfE -k "compiled_into" -p no:cacheprovider \
             >$run_dir/score_tests.log 2>&1; tail -n 15 $run_dir/score_tests.log ;;
-        bench-8k|bench-32k|bench-8k-d64|bench-32k-d64|profile-8k)
+        bench-8k|bench-32k|bench-8k-d64|bench-32k-d64|profile-8k|profile-leads)
           # every peer (torch flex on Triton and, when installed, on FlashAttention-4) in one process;
           # profile-8k: each row's host time and kernels, and our call replayed from a CUDA graph
           case $stage in
             bench-8k) a="8192 --head-dims 128" ;;          bench-8k-d64) a="8192 --head-dims 64" ;;
             bench-32k) a="32768 --head-dims 128" ;;        bench-32k-d64) a="32768 --head-dims 64" ;;
             profile-8k) a="8192 --head-dims 128 --profile" ;;
+            # the rows slower in the bench than alone (per-head windows 0.54 against 0.36 ms, attamba)
+            profile-leads) a="8192 --head-dims 128 --profile --cases per_head_windows attamba sliding_window causal" ;;
           esac
           python3 -m flex_flash_infer bench --seq-lens $a --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
