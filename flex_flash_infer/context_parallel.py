@@ -20,6 +20,8 @@ and the reference backend on the CPU (tests run it on gloo).
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .api import flex_attention
@@ -61,12 +63,15 @@ class PerDocumentLoadBalancer:
     the same). doc_lengths: one list per batch entry, or one list for all; each a multiple of 2W."""
 
     def __init__(self, doc_lengths, world_size: int, device=None):
-        rows = [doc_lengths] if doc_lengths and isinstance(doc_lengths[0], int) else doc_lengths
-        if not rows or any(length <= 0 or length % (2 * world_size) for row in rows for length in row) \
-                or len({sum(row) for row in rows}) != 1:
+        if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
+            raise ValueError(f"world_size: a positive int, got {world_size!r}")
+        rows = torch.as_tensor(doc_lengths).tolist() if isinstance(doc_lengths, torch.Tensor) else list(doc_lengths)
+        rows = [rows] if rows and not isinstance(rows[0], (list, tuple)) else [list(row) for row in rows]
+        if not rows or not all(rows) or any(not isinstance(n, numbers.Integral) or n <= 0 or n % (2 * world_size)
+                                            for row in rows for n in row) or len({sum(row) for row in rows}) != 1:
             raise ValueError(f"doc_lengths: positive lengths, each a multiple of 2 * world_size ({2 * world_size}), "
                              f"the same total for every batch entry, got {doc_lengths!r}")
-        self.rows, self.world_size, self.device = [list(row) for row in rows], world_size, device
+        self.rows, self.world_size, self.device = [[int(n) for n in row] for row in rows], int(world_size), device
 
     def _generate_indices(self, restore: bool = False) -> torch.Tensor:
         out = []
@@ -186,14 +191,25 @@ class _GatherKeys(torch.autograd.Function):
 
 
 def _from_block_mask(block_mask, seq_len, B, H):
-    """(mask_mod, seq_len, B, H) of a global BlockMask: only its mask_mod is used (each rank plans
-    its own runs from it), its tables are never read."""
-    q_len, kv_len = block_mask.seq_lengths
+    """(mask_mod, seq_len, B, H) of a global BlockMask (ours or torch's). Each rank plans its own
+    runs from the mask_mod, so the tables must be the mask_mod's: tables given directly
+    (from_kv_blocks) or a mask_mod set anew are refused, not silently replaced by the mask_mod."""
+    from .block_mask import BlockMask
+
+    ours = block_mask if isinstance(block_mask, BlockMask) else BlockMask.from_torch(block_mask)
+    q_len, kv_len = ours.seq_lengths
     if q_len != kv_len or (seq_len is not None and seq_len != q_len):
         raise ValueError(f"mask_mod: a global BlockMask of the whole sequence ({seq_len} x {seq_len} tokens), "
                          f"got one of {q_len} x {kv_len}")
-    batches, heads = block_mask.kv_num_blocks.shape[:2]
-    return (block_mask.mask_mod, q_len, B if B is not None else (batches if batches > 1 else None),
+    batches, heads = ours.shape[:2]   # (a lazy mask's shape builds no tables)
+    if not ours.tables_match_mask_mod:
+        rebuilt = create_block_mask(ours.mask_mod, batches, heads, q_len, kv_len, device=ours.states.device,
+                                    BLOCK_SIZE=ours.BLOCK_SIZE)
+        if not torch.equal(rebuilt.states, ours.states):
+            raise ValueError("mask_mod: this BlockMask's tables are not its mask_mod's (built from tables with "
+                             "from_kv_blocks, or its mask_mod replaced); every rank plans from the mask_mod, so "
+                             "pass a BlockMask from create_block_mask, or the mask_mod itself")
+    return (ours.mask_mod, q_len, B if B is not None else (batches if batches > 1 else None),
             H if H is not None else (heads if heads > 1 else None))
 
 
@@ -249,7 +265,8 @@ class ContextParallelFlexAttention:
     kv_exchange: "auto", "all_gather" or "ring" (module note). backend: the local calls' backend.
     Call with this rank's shards [B, Hq, n, D], [B, Hkv, n, D], [B, Hkv, n, Dv]; returns this
     rank's output shard (and its LSE with return_lse), in the shards' order. The block masks of
-    each (query run, key run) are built on the first call and reused.
+    each (query run, key run) are built on the first call and reused. As in any collective code,
+    every rank makes the same calls: the same arguments, and a gradient wanted on all or none.
     """
 
     def __init__(self, mask_mod=None, seq_len: int | None = None, B=None, H=None, score_mod=None, group=None,

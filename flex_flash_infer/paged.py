@@ -28,7 +28,6 @@ from .core.mask_eval import (INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate
 from .mods.causal import generate_causal_mask_mod
 from .planning.native_soft_cap import native_soft_cap
 from .backends.paged_kernels import paged_request_tables, paged_variants
-from .planning.linear_masks import with_linear_band_hint
 from .planning.paged_plan import plan_paged
 from .core.trace import TraceError, trace
 from .core.validation import check_positive_int, check_scale
@@ -80,8 +79,6 @@ class PagedFlexAttention:
             # probed at position 0 alone: the only one every cache with a key holds (a mask
             # indexing a table as long as the cache failed on positions 1..3 of a one-token cache)
             per_head = num_qo_heads > 1 and mask_dependence(mod, 1, num_qo_heads, 1, 1, self.device)[1]
-            if not per_head:   # a user's own causal or window mask plans from flags, as the library's
-                mod = with_linear_band_hint(mod, 7, 7)
             self._mask_seen = (mask_mod, num_qo_heads, per_head, mod)
         # the library's soft cap runs as FlashInfer's own logits_soft_cap: no compiled variant (no
         # compile, and the plan may use FlashInfer's window); a per-head mask compiles a variant

@@ -137,6 +137,36 @@ def with_linear_band_hint(mask_mod, q_len: int, kv_len: int):
     return users_mask
 
 
+def paged_flags(mask_mod) -> tuple[bool, int] | None:
+    """(causal, window_left) when the mask is, at every position a cache can hold (0 .. 2^31 - 1),
+    exactly FlashInfer's own mask on a paged cache: full, causal (`kv <= q`), or a causal window
+    (`q - kv <= window_left`), the queries being the newest tokens. None for anything else: a key
+    or row bound, a shifted diagonal, a window without causality, a mask that is not linear, one
+    with a band hint of its own (paged_plan reads that), or values that could overflow."""
+    if any(hasattr(mask_mod, hint) for hint in LOWERING_HINTS):
+        return None
+    constraints = _constraints(mask_mod, 1 << 31, 1 << 31)
+    if constraints is None:
+        return None
+    first, last = None, None   # the diagonal bounds: kv >= q + first, kv <= q + last
+    for kind, slope, offset in constraints:
+        if kind == "rows":
+            if slope == -1 or offset < 0:   # a row bound, or a constant False
+                return None
+        elif slope == 0:
+            if kind == "hi" or offset > 0:  # a key bound that binds at some length
+                return None
+        elif kind == "lo":
+            first = offset if first is None else max(first, offset)
+        else:
+            last = offset if last is None else min(last, offset)
+    if last is None:
+        return (False, -1) if first is None else None
+    if last != 0 or (first is not None and first > 0):
+        return None
+    return True, -1 if first is None else -first
+
+
 def _conjunction(node, box, out):
     if node.op == "and" and node.kind == "bool":
         for arg in node.args:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from ..masks.block_build import EMPTY, FULL, PARTIAL
+from .linear_masks import paged_flags
 from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
 
 CHUNK_ELEMENTS = 1 << 24
@@ -164,7 +165,9 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     all_decode = bool((qo_len == 1).all())
     max_q = int(qo_len.max()) if R else 0
     max_kv = int(kv_len.max()) if R else 0
-    flags = _hinted_flags(mask_mod) if heads == 1 else None
+    # a user's own causal or window mask states no hint: its flags come from its expression, read
+    # at every plan (a mask reading a global may change between steps)
+    flags = (_hinted_flags(mask_mod) or paged_flags(mask_mod)) if heads == 1 else None
     if flags is not None and flags[1] >= 0 and not native_window:
         flags = None
     if flags is not None:

@@ -191,6 +191,12 @@ def test_per_document_balance_gives_each_rank_its_head_and_tail_of_every_documen
     assert torch.equal(indices[0][restore[0]], torch.arange(48))
     with pytest.raises(ValueError, match="multiple of 2 \\* world_size"):
         PerDocumentLoadBalancer([8, 10], 2)
+    assert PerDocumentLoadBalancer(torch.tensor([8, 16, 24]), 2).rows == [[8, 16, 24]]
+    for bad in ([[]], [], [8.0, 8]):
+        with pytest.raises(ValueError, match="doc_lengths"):
+            PerDocumentLoadBalancer(bad, 2)
+    with pytest.raises(ValueError, match="world_size"):
+        PerDocumentLoadBalancer([8], 0)
 
 
 def test_merging_two_halves_is_attention_over_both():
@@ -255,6 +261,11 @@ def test_bad_arguments_name_what_was_expected(tmp_path):
             assert torch.allclose(cp(q, q, q), expected, atol=1e-6)
         with pytest.raises(ValueError, match="global BlockMask"):
             ContextParallelFlexAttention(per_head, 128)
+        from flex_flash_infer import BlockMask
+        tables_only = BlockMask.from_kv_blocks(torch.tensor([[[1, 1]]]), torch.tensor([[[[0, 1], [1, 0]]]]),
+                                               BLOCK_SIZE=32, seq_lengths=(64, 64))   # block-diagonal, no mask_mod
+        with pytest.raises(ValueError, match="not its mask_mod"):
+            ContextParallelFlexAttention(tables_only, backend="reference")
     finally:
         dist.destroy_process_group()
 

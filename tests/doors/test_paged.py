@@ -69,10 +69,10 @@ def test_reference_path_equals_the_dense_oracle(rng, name, params):
 
 
 def test_decode_routes():
-    """Causal decode: every page full, the decode kernel; the library's window (its hint): the
-    decode kernel with FlashInfer's window over the pages it reaches, the edge page partial; a
-    user's window (no hint): the edge page in a masked launch; causal chunked prefill: one causal
-    launch."""
+    """Causal decode: every page full, the decode kernel; the library's window (its hint) and a
+    user's (its expression): the decode kernel with FlashInfer's window over the pages it reaches,
+    the edge page partial; a window with sinks: the edge page in a masked launch; causal chunked
+    prefill: one causal launch."""
     page = 16
     kv_page_indptr, indices, last = torch.tensor([0, 8, 16]), torch.arange(16), torch.tensor([16, 5])
     decode = plan_paged(get_mask_fn("causal"), torch.tensor([0, 1, 2]), kv_page_indptr, indices, last, page)
@@ -82,10 +82,16 @@ def test_decode_routes():
     assert window.decode and window.partial is None and window.full.window_left == 39
     assert window.full.kv_indptr.tolist() == [0, 3, 7]             # keys 88..127 and 77..116: 3 and 4 pages
     assert int((window.page_states == EMPTY).sum()) == 9 and int((window.page_states == PARTIAL).sum()) == 2
+    # a user's window (no hint) plans the same from its expression (linear_masks.paged_flags); a
+    # user's window with sinks is evaluated: the edge page in a masked launch
     users_window = plan_paged(lambda b, h, q, kv: (q >= kv) & (q - kv < 40), torch.tensor([0, 1, 2]),
                               kv_page_indptr, indices, last, page)
-    assert users_window.partial is not None and not users_window.full.causal and users_window.full.window_left == -1
+    assert users_window.partial is None and users_window.full.window_left == 39
+    assert torch.equal(users_window.full.kv_indptr, window.full.kv_indptr)
     assert torch.equal(users_window.page_states, window.page_states)
+    evaluated = plan_paged(lambda b, h, q, kv: (q >= kv) & ((q - kv < 40) | (kv < 2)), torch.tensor([0, 1, 2]),
+                           kv_page_indptr, indices, last, page)
+    assert evaluated.partial is not None and not evaluated.full.causal and evaluated.full.window_left == -1
     chunked = plan_paged(get_mask_fn("causal"), torch.tensor([0, 20, 40]), kv_page_indptr, indices, last, page)
     assert chunked.full.causal and chunked.partial is None
 
@@ -152,3 +158,41 @@ def test_a_users_own_causal_or_window_mask_plans_from_flags_like_the_librarys(fl
     mod = mask_fn if mask_fn.__code__.co_argcount == 4 else (lambda b, h, q_idx, kv_idx: mask_fn(q_idx, kv_idx))
     ref_out, _ = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
     assert rel_err(out, ref_out) < 1e-6
+
+
+def test_a_users_mask_with_a_bound_past_the_probed_lengths_is_evaluated(flashinfer_on_cpu, rng):
+    """Key, row or window bounds that bind only past a few thousand positions are not FlashInfer's
+    flags (found by review: they once took the flags path and lost the bound)."""
+    W = 5000
+    for mask_fn in (lambda b, h, q, kv: (q >= kv) & (kv < 5000), lambda b, h, q, kv: q - kv < W,
+                    lambda b, h, q, kv: (q >= kv) & (q >= 5000)):
+        q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [6000, 70], [1, 3], 16, 2, 1, 8)
+        paged = PagedFlexAttention(device="cpu", backend="flashinfer").plan(
+            mask_fn, qo_indptr, kv_page_indptr, indices, last, num_qo_heads=2, num_kv_heads=1, head_dim=8,
+            page_size=16, dtype=torch.float64)
+        assert not callable(paged._planned["plan"].states)
+        ref_out, _ = dense_oracle(mask_fn, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
+        assert rel_err(paged.run(q, (kc, vc)), ref_out) < 1e-6
+
+
+WINDOW = 100
+
+
+def test_a_window_read_from_a_global_is_read_at_every_plan(flashinfer_on_cpu, rng):
+    """The flags of a user's mask are worked out at each plan(): a server changing the global
+    its mask reads between steps gets the new window (found by review)."""
+    global WINDOW
+
+    def mask_fn(b, h, q, kv):
+        return (q >= kv) & (q - kv < WINDOW)
+
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [300, 50], [1, 1], 16)
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer")
+    try:
+        for WINDOW in (100, 10):
+            paged.plan(mask_fn, qo_indptr, kv_page_indptr, indices, last, num_qo_heads=4, num_kv_heads=2,
+                       head_dim=16, page_size=16, dtype=torch.float64)
+            ref_out, _ = dense_oracle(mask_fn, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
+            assert rel_err(paged.run(q, (kc, vc)), ref_out) < 1e-6, WINDOW
+    finally:
+        WINDOW = 100

@@ -183,3 +183,22 @@ def test_users_masks_read_as_the_librarys_bands(mod, L, S, expected):
     from flex_flash_infer.planning.linear_masks import linear_bands
 
     assert linear_bands(mod, L, S) == expected
+
+
+@pytest.mark.parametrize("mod,flags", [
+    (lambda b, h, q, kv: q >= kv, (True, -1)),
+    (lambda b, h, q, kv: (q >= kv) & (q - kv < 1024), (True, 1023)),
+    (lambda b, h, q, kv: (kv <= q) & (kv >= q - 3) & (kv >= -5), (True, 3)),
+    (lambda b, h, q, kv: kv >= 0, (False, -1)),
+    (lambda b, h, q, kv: q == kv, (True, 0)),
+    (lambda b, h, q, kv: (q >= kv) & (kv < 5000), None),        # a key bound binds at some length
+    (lambda b, h, q, kv: q - kv < 5000, None),                  # a window without causality
+    (lambda b, h, q, kv: q + 2 >= kv, None),                    # a shifted diagonal
+    (lambda b, h, q, kv: (q >= kv) & (q >= 5), None),           # a row bound
+    (lambda b, h, q, kv: (q >= kv) & (kv + (2 ** 31 - 5000) > 0), None),   # wraps in int32
+    (lambda b, h, q, kv: (q >= kv) | (kv < 4), None),           # not linear
+])
+def test_paged_flags_hold_at_every_position(mod, flags):
+    from flex_flash_infer.planning.linear_masks import paged_flags
+
+    assert paged_flags(mod) == flags
