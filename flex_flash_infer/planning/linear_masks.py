@@ -3,9 +3,11 @@
 A user's own causal, sliding-window or key-range mask_mod (`q_idx >= kv_idx`, `(q_idx - kv_idx
 < 1024) & (kv_idx <= q_idx)`, `kv_idx >= 3`) shows every row as one key interval whose ends are
 lines of slope 0 or 1 in the query position. Read off its traced expression, that interval is
-known for every row at once, so bands found for such a mask are checked row by row against it
-(O(rows)) instead of element by element over every partial tile (O(rows x tile width): most of
-prepare()'s time for a 32768-token causal mask).
+known for every row at once. Three uses: find_bands checks bands row by row against it (O(rows))
+instead of element by element over every partial tile; prepare() gives such a mask the band_hint
+a library mask carries (linear_bands, with_linear_band_hint: no tile tables); and a paged cache
+runs it on FlashInfer's own causal / window flags when it is exactly those at every position
+(paged_flags).
 
 Anything else -- `|`, `where`, casts, products, b or h, a captured tensor, an expression that
 could overflow its integer type -- gives None, and the caller verifies element by element as
