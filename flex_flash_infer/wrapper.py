@@ -17,7 +17,7 @@ from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
 from . import varlen
 from .core.trace import TraceError
-from .planning.linear_masks import with_linear_band_hint
+from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
 from .core.validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
 
@@ -295,7 +295,6 @@ def _total(name: str, given, total: int) -> int:
     return total
 
 
-LOWERING_HINTS = ("document_ids", "key_columns_hint", "band_hint")
 # far_bias, native_soft_cap: each holds for every b, so for a fixed one too
 SCORE_MOD_HINTS = ("constant_beyond", "logits_soft_cap")
 

@@ -169,9 +169,9 @@ def find_bands(states: torch.Tensor, mask_mod, q_len: int, kv_len: int, block_q:
     # both probe rows of every tile in one evaluation, and everything the loop below reads in one
     # host copy (an .item() per tile was a GPU sync per tile: 512 of them at 32768 tokens)
     probes = torch.cat([first_rows, last_rows])
-    exact = [exact_row_intervals(mask_mod, q_len, kv_len)]   # None unless the mask is linear (linear_masks.py)
-    if exact[0] is not None:
-        lo, hi, n = _exact_probes(*exact[0], probes.cpu(), states.shape[1] * block_kv)
+    exact = exact_row_intervals(mask_mod, q_len, kv_len)   # None unless the mask is linear (linear_masks.py)
+    if exact is not None:
+        lo, hi, n = _exact_probes(*exact, probes.cpu(), states.shape[1] * block_kv)
         lo, hi, n = lo.to(device), hi.to(device), n.to(device)
     else:
         lo, hi, n = _row_intervals(torch.cat([states, states]), mask_mod, probes, q_len, kv_len, block_kv, device)
@@ -282,8 +282,8 @@ def _absorb_clipped_windows(bands: list[Band]) -> list[Band]:
 def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_elements, exact=None) -> set[int]:
     """The query tiles where the bands are not exactly the mask (empty: they are): tile states
     first, then every row against the mask's exact intervals when its expression gives them
-    (linear_masks.py; exact: [those intervals or None]), else every partial tile element by
-    element."""
+    (linear_masks.py; exact: those (lo, hi) intervals, or None), else every partial tile element
+    by element."""
     nq, nkv = states.shape
     expected = torch.zeros_like(states)
     for band in bands:
@@ -298,10 +298,9 @@ def _verify(bands, states, mask_mod, q_len, kv_len, block_q, block_kv, chunk_ele
     if wrong:
         return set(wrong)
     if exact is not None:
-        if exact[0] is not None:
-            failed_rows = _rows_unlike(bands, *exact[0], kv_len)
-            if failed_rows is not None:
-                return set((failed_rows // block_q).tolist())
+        failed_rows = _rows_unlike(bands, *exact, kv_len)
+        if failed_rows is not None:
+            return set((failed_rows // block_q).tolist())
     tiles = ((states == PARTIAL) | shared.view(-1, 1)).nonzero()
     per_chunk = max(1, chunk_elements // (block_q * block_kv))
     failed = set()

@@ -108,6 +108,7 @@ def linear_bands(mask_mod, q_len: int, kv_len: int):
     return bands
 
 
+# the attributes by which a mask states how it lowers (mods/): a mask carrying one is planned by it
 LOWERING_HINTS = ("band_hint", "document_ids", "key_columns_hint")
 MEMO_LENGTHS = 64
 
