@@ -5,7 +5,7 @@
 # fuzzer's pool of five (each compiles its variants once), side by side as background jobs that
 # outlive a call. The GPU test suite is the pipeline's `suite` stage, after it: run beside the
 # campaign, its compiles and the score process's starved each other (neither finished in 10 minutes). After `source scripts/gpu_env.sh`:
-#   bash scripts/gpu_fuzz.sh start MINUTES SEED   the campaign, seeds SEED, SEED+1 (bf16), SEED+1000, SEED+1001 (fp16), SEED+2000 (score_mods)
+#   bash scripts/gpu_fuzz.sh start MINUTES SEED   the campaign, seeds SEED..SEED+2 (bf16), SEED+1000..SEED+1002 (fp16), SEED+2000 (score_mods)
 #   bash scripts/gpu_fuzz.sh wait SECONDS          wait (at most SECONDS), then copy logs and JSON to $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,11 +19,15 @@ case "${1:-}" in
       setsid nohup python3 scripts/fuzz.py --device cuda --head-dims 128 --minutes "$minutes" --json $run/$name.json \
         "$@" > $run/$name.log 2>&1 &
     }
-    # two processes per mask dtype: the cases are host-bound (the oracle, planning), the machine has 16 cores
+    # three processes per mask dtype: the cases are host-bound (the oracle, planning); two threads
+    # each keep seven processes within the machine's 16 cores
+    export OMP_NUM_THREADS=2
     fuzz masks-bf16 --dtypes bf16 --score-share 0 --seed "$seed"
     fuzz masks-bf16b --dtypes bf16 --score-share 0 --seed $((seed + 1))
+    fuzz masks-bf16c --dtypes bf16 --score-share 0 --seed $((seed + 2))
     fuzz masks-fp16 --dtypes fp16 --score-share 0 --seed $((seed + 1000))
     fuzz masks-fp16b --dtypes fp16 --score-share 0 --seed $((seed + 1001))
+    fuzz masks-fp16c --dtypes fp16 --score-share 0 --seed $((seed + 1002))
     fuzz scores --dtypes bf16 fp16 --score-share 1 --seed $((seed + 2000))
     echo "started: $(ls $run)"
     ;;
