@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--head-dims", nargs="+", type=int, help="head_dims to draw (default: cpu 8/16/32, cuda 64/128)")
     p.add_argument("--score-share", type=float, default=0.3,
                    help="share of cases with a score_mod (on cuda each pool score_mod compiles its kernels once)")
+    p.add_argument("--score-pool", nargs="+", default=[],
+                   help="on cuda, draw score_mods from these members of the pool only (cases.GPU_SCORE_POOL)")
     p.add_argument("--per-seed", type=int, default=200, help="cases per seed before the next seed")
     p.add_argument("--torch-share", type=float, default=None,
                    help="share of cases also run through torch's flex_attention (default 0.25 on cpu, 0 on cuda)")
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
     from flexfuzz.cases import Profile, generate_case
     from flexfuzz.doors import run_case
 
-    profile = Profile("gpu" if args.device == "cuda" else "cpu", args.score_share, tuple(args.head_dims or ()))
+    profile = Profile("gpu" if args.device == "cuda" else "cpu", args.score_share, tuple(args.head_dims or ()),
+                      tuple(args.score_pool))
     if profile.name == "gpu" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available here", file=sys.stderr)
         return 2

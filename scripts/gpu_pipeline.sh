@@ -25,7 +25,8 @@
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
-#   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001)
+#   profile-plan scripts/profile_prepare.py: prepare()'s host time by function (cProfile)
+#   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001); fuzz-masks, fuzz-scores: one half
 #   suite        the whole GPU test suite (pytest -m gpu, compiled score_mods included), alone on the machine
 #   ab-layout    scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
 #                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 tokens
@@ -119,8 +120,12 @@ case "${1:-}" in
         plan)
           python3 -m flex_flash_infer bench --plan --out "$run_dir/plan.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/plan.log; tail -n 12 $run_dir/plan.log ;;
-        fuzz)  # the differential fuzzer through the real kernels, and the NaN/gradient GPU tests
-          bash scripts/gpu_fuzz.sh start "${FUZZ_MINUTES:-8}" "${FUZZ_SEED:-9001}"
+        profile-plan)   # where prepare()'s host time goes (scripts/profile_prepare.py, cProfile)
+          python3 scripts/profile_prepare.py $run_dir/profile-plan.txt >/dev/null 2>$run_dir/profile-plan.err
+          head -n 30 $run_dir/profile-plan.txt ;;
+        fuzz|fuzz-masks|fuzz-scores)  # the differential fuzzer through the real kernels (gpu_fuzz.sh)
+          bash scripts/gpu_fuzz.sh start "${FUZZ_MINUTES:-8}" "${FUZZ_SEED:-9001}" \
+            "$(case $stage in fuzz) echo all ;; fuzz-masks) echo masks ;; *) echo scores ;; esac)"
           bash scripts/gpu_fuzz.sh wait $(( ${FUZZ_MINUTES:-8} * 60 + 120 ))
           # the stages after this one time kernels: nothing of the campaign may share the GPU
           # (the GPU tests once ran on through a whole bench); SIGKILL, pytest ignores SIGINT

@@ -47,3 +47,25 @@ def test_every_tunable_the_fuzzer_sets_exists():
     for switch in SWITCHES:
         module, name = switch.rsplit(".", 1)
         assert hasattr(importlib.import_module(f"flex_flash_infer.{module}"), name), switch
+
+
+def test_the_gpu_score_pool_can_be_narrowed_to_one_member():
+    """scripts/gpu_fuzz.sh runs one process per pool member so that their compiles run side by
+    side: a process narrowed to one member must never draw another (it would compile it too)."""
+    import pytest
+
+    from flexfuzz.cases import Profile, generate_case
+
+    sources = {}
+    for member in ("alibi", "gen1"):
+        profile = Profile("gpu", 1.0, (128,), (member,))
+        scored = [generate_case(31, i, profile, None, "cpu", []).mods for i in range(60)]
+        scored = [s for s in scored if "score_mod = None" not in s]
+        assert len(scored) >= 10, member
+        sources[member] = scored
+    assert all("alibi" in s for s in sources["alibi"])
+    # the generated member's score_mod is the same function in every case (its tables differ)
+    score_defs = {s[s.index("def score_mod"):] .split("\n\n")[0] for s in sources["gen1"] if "def score_mod" in s}
+    assert len(score_defs) == 1 and not any("alibi" in s or "softcap" in s for s in sources["gen1"])
+    with pytest.raises(ValueError, match="score_pool"):
+        Profile("gpu", 1.0, (128,), ("nope",))

@@ -34,13 +34,22 @@ GPU_SCORE_POOL = ["softcap", "alibi", "rel_bias", "gen1", "gen2"]
 class Profile:
     """What cases to draw: "cpu" (the CPU model, every dtype, small head_dims) or "gpu" (the
     real kernels: fp16/bf16, head_dim 64/128, score_mods from GPU_SCORE_POOL); score_share:
-    the share of cases with a score_mod; head_dims: the head_dims to draw from."""
+    the share of cases with a score_mod; head_dims: the head_dims to draw from; score_pool: the GPU
+    pool's members to draw from (all when empty), so that processes each compiling one member's
+    modules run side by side."""
     name: str = "cpu"
     score_share: float = 0.3
     head_dims: tuple = ()
+    score_pool: tuple = ()
+
+    def __post_init__(self):
+        unknown = [p for p in self.score_pool if p not in GPU_SCORE_POOL]
+        if unknown:
+            raise ValueError(f"score_pool: {unknown} are not in the GPU pool {GPU_SCORE_POOL}")
 
     def key(self) -> str:
         extra = ("" if self.score_share == 0.3 else f"s{self.score_share}") + "".join(f"d{d}" for d in self.head_dims)
+        extra += "".join(f"p{p}" for p in self.score_pool)
         return self.name + (f"[{extra}]" if extra else "")
 
 
@@ -256,8 +265,9 @@ def _mods(case: Case, r, force: dict, w: ModWriter, profile: Profile, allow_per_
         if r.random() < share:
             score = r.choice(["lib", "hand", "random"])
     if score and profile.name == "gpu":   # every score_mod compiles there: the pool's alone
+        pool = profile.score_pool or GPU_SCORE_POOL
         name = {"softcap": "softcap", "rel_bias_heads": "rel_bias", "alibi": "alibi"}.get(score)
-        _pool_score(w, name or r.choice(GPU_SCORE_POOL))
+        _pool_score(w, name if name in pool else r.choice(pool))
         case.block, case.page_size = 128, 16   # page sizes are compiled into the variants too
     elif score in ("lib", "softcap", "rel_bias_heads", "alibi", "rel_bias"):
         structured.library_score(w, None if score == "lib" else score)
