@@ -7,7 +7,8 @@ Window leads: FlashInfer's Hopper scheduler costs a window's query tiles as if c
 of 8192 rows: the last tiles look 64x heavier than the first), and the window's first key tile
 starts one early. Splitting the rows into requests whose keys start where their window starts
 (ragged: copies of the keys; paged: a page table, no copy) shows what each is worth.
-Prefix-LM lead: its two launches (a full block, then the causal rows) one after the other, or on
+Per-head windows: the route's single calls and copies (before 2026-12-04) against ragged launches
+writing in place (since), and on streams. Prefix-LM lead: its two launches (a full block, then the causal rows) one after the other, or on
 two streams at once. Streaming: the window launch alone, i.e. what the sink columns cost.
 """
 import functools
@@ -154,6 +155,27 @@ def per_head_window_launches(windows, streams: bool):
     return run
 
 
+def per_head_window_ragged_in_place(windows):
+    """The bands-per-head route since 2026-12-04 on Hopper: per group a ragged launch planned
+    once, writing its heads (a strided view) of one output in place; the LSE copied in."""
+    n = len(windows)
+    out = torch.empty_like(q)
+    lse = torch.empty(S, HQ, dtype=torch.float32, device="cuda")
+    wrappers = []
+    for w in windows:
+        wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace(), "NHD", backend="fa3")
+        wrapper.plan(i32([0, S]), i32([0, S]), HQ // n, HKV, D, causal=True, window_left=w - 1, q_data_type=dt,
+                     kv_data_type=dt, disable_split_kv=True)
+        wrappers.append(wrapper)
+
+    def run():
+        for i, wrapper in enumerate(wrappers):
+            _, lse[:, i::n] = wrapper.run(q[:, i::n], k, v, out=out[:, i::n], return_lse=True)
+        return out
+
+    return run
+
+
 def per_head_windows_mask(windows=(128, 256, 512, 1024)):
     table = torch.tensor(windows, device="cuda")
 
@@ -192,6 +214,7 @@ groups = {
         "ours": None, "fa4": None,
         "four launches, one after the other": lambda: per_head_window_launches((128, 256, 512, 1024), False),
         "four launches on four streams": lambda: per_head_window_launches((128, 256, 512, 1024), True),
+        "four ragged launches writing in place": lambda: per_head_window_ragged_in_place((128, 256, 512, 1024)),
     }),
     "streaming": (get_mask_fn("streaming", sink_size=4, window_size=W), {
         "ours": None, "fa4": None,

@@ -16,6 +16,7 @@ run=/tmp/gpu-fuzz
 case "${1:-}" in
   start)
     minutes=${2:?minutes}; seed=${3:?seed}; what=${4:-all}
+    case $what in all|masks|scores) ;; *) echo "gpu_fuzz.sh: all, masks or scores, got $what" >&2; exit 2 ;; esac
     mkdir -p $run
     fuzz() {   # name, then fuzz.py's arguments
       local name=$1; shift
@@ -35,6 +36,9 @@ case "${1:-}" in
     fi
     if [ "$what" = all ]; then fuzz scores --dtypes bf16 fp16 --score-share 1 --seed $((seed + 2000)); fi
     if [ "$what" = scores ]; then
+      # ten processes compiling at once: two nvcc jobs each (18 kernel sets at three ran the
+      # 128 GiB machine out of memory)
+      export MAX_JOBS=2
       n=0
       for member in softcap alibi rel_bias gen1 gen2; do for dtype in bf16 fp16; do
         fuzz scores-$member-$dtype --dtypes $dtype --score-share 1 --score-pool $member --seed $((seed + 2000 + n))

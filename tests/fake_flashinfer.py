@@ -146,6 +146,15 @@ class BatchPrefillWithRaggedKVCacheWrapper:
     def run(self, q, k, v, *variant_args, return_lse=False, out=None, lse=None):
         out_buffer, lse_buffer = out, lse
         assert bool(variant_args) == (self.variant is not None)
+        # what the real kernels read of a caller's buffers: the LSE by its pointer alone (a
+        # contiguous [rows, heads]); the output by its strides on fa3 (o_stride_n, o_stride_h),
+        # contiguous on fa2
+        if out_buffer is not None:
+            assert out_buffer.shape == (*q.shape[:-1], v.shape[-1]) and out_buffer.dtype == q.dtype
+            assert out_buffer.stride(-1) == 1 and (self.backend == "fa3" or out_buffer.is_contiguous()), \
+                "FlashInfer's fa2 kernel writes a contiguous output"
+        if lse_buffer is not None:
+            assert lse_buffer.shape == q.shape[:2] and lse_buffer.is_contiguous(), "the LSE is written by its pointer"
         transform = self._transform(variant_args) if self.variant is not None else _soft_cap(self.cap)
         out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self.causal, self.window_left,
                                   1.0 if self.variant is not None else self.scale, transform, self.split_kv)

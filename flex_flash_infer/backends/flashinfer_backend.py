@@ -197,7 +197,7 @@ class FlashInferPlan:
         self.head_major = plan.head_major
         self.bands = list(plan.bands)
         self.groups = []
-        self.head_band_runs = None   # bands-per-head: [(query heads, key heads, _BandRunner)]
+        self.head_band_runs = None   # bands-per-head: [(query heads, key heads, writes in place, _BandRunner)]
         self.columns = self.column_counts = self.positions = None
         hopper = _is_hopper(device)
 
@@ -231,8 +231,15 @@ class FlashInferPlan:
             self.head_band_runs = []
             for heads, kv_heads, bands in plan.head_bands:
                 group_shape = (batch, q_len, kv_len, len(heads), len(kv_heads), head_dim)
-                self.head_band_runs.append((head_selector(list(heads), device), head_selector(list(kv_heads), device),
-                                            _BandRunner(list(bands), group_shape, dtype, scale, workspace)))
+                selected = head_selector(list(heads), device)
+                # evenly spaced heads are a strided view of the output, which fa3 writes in place
+                # by its strides (fa2 writes contiguous outputs): one planned ragged launch per
+                # group and no copy, where a windowed group's single call returned a new output
+                # to copy in (four groups of per-head windows: 4 x 16 MB at 8192 tokens)
+                runner = _BandRunner(list(bands), group_shape, dtype, scale, workspace,
+                                     ragged_window=hopper and isinstance(selected, slice))
+                in_place = hopper and isinstance(selected, slice) and runner.ragged is not None
+                self.head_band_runs.append((selected, head_selector(list(kv_heads), device), in_place, runner))
         elif plan.tiles is not None:
             group_shape = (batch, q_len, kv_len, 1, 1, head_dim) if plan.head_major else self.shape
             self.groups.append(_HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
@@ -273,13 +280,16 @@ class FlashInferPlan:
                 out, lse = nan_merge.merge_state(self.columns.merge, out, lse, o_col, lse_col)
             return out, lse * LN2
         if self.head_band_runs is not None:
-            out = torch.empty_like(q)
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-            for heads, kv_heads, runner in self.head_band_runs:
+            for heads, kv_heads, in_place, runner in self.head_band_runs:
                 # evenly spaced heads are strided views (FlashInfer reads q, k, v by their strides):
                 # profiled on an H200, gathering them cost three times the group's launches
-                o, s = runner.run(take_heads(q, 1, heads), take_heads(k, 2, kv_heads), take_heads(v, 2, kv_heads))
-                out[:, heads], lse[:, heads] = o, s
+                inputs = take_heads(q, 1, heads), take_heads(k, 2, kv_heads), take_heads(v, 2, kv_heads)
+                if in_place:
+                    _, lse[:, heads] = runner.run(*inputs, out=out[:, heads])
+                else:
+                    out[:, heads], lse[:, heads] = runner.run(*inputs)
             return out, lse * LN2
         if self.head_major:
             return self._run_head_major(q, k, v)
@@ -319,7 +329,10 @@ class _BandRunner:
     """Runs lowered bands: one ragged launch when the bands tile both sequences with the same
     flags (packed documents, one band over everything), else one native call per band."""
 
-    def __init__(self, bands, shape, dtype, scale, workspace, logits_soft_cap: float | None = None):
+    def __init__(self, bands, shape, dtype, scale, workspace, logits_soft_cap: float | None = None,
+                 ragged_window: bool = False):
+        """ragged_window: a windowed band over the whole sequence takes the ragged kernel too, for
+        run(out=...) to write in place."""
         import flashinfer
 
         self.bands = bands
@@ -330,7 +343,7 @@ class _BandRunner:
         self.covers_all = bands[0].q_start == 0 and bands[-1].q_end == q_len
         self.ragged = None
         backend = "fa3" if _is_hopper(workspace.device) else "fa2"
-        launch = self.ragged_launch = plain_band_launch(bands, batch, q_len, kv_len)
+        launch = self.ragged_launch = plain_band_launch(bands, batch, q_len, kv_len, windowed=ragged_window)
         if launch is not None:   # every (batch entry, band) request in one ragged launch
             self.ragged = planned_ragged(workspace, backend, launch.qo_indptr, launch.kv_indptr, shape, dtype,
                                          launch.causal, launch.window_left, sm_scale=scale,
@@ -354,22 +367,27 @@ class _BandRunner:
         self.writes_every_row = (rows[0][0] == 0 and rows[-1][1] == q_len
                                  and all(a[1] == b[0] for a, b in zip(rows, rows[1:])))
 
-    def run(self, q, k, v, return_lse: bool = True):
-        """Base-2 (out, lse), or out alone when not return_lse; q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
+    def run(self, q, k, v, return_lse: bool = True, out=None):
+        """Base-2 (out, lse), or out alone when not return_lse; q [B*L, Hq, D], k/v [B, S, Hkv, D].
+        out: written in place (by the ragged launch, whose fa3 kernel honours its strides) and
+        returned; only for a runner with one ragged launch."""
         batch, q_len, kv_len = self.shape[:3]
         if self.ragged is not None:
             inputs = self.ragged_launch.inputs(q, k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]))
-            return self.ragged.run(*inputs, return_lse=return_lse)
+            return self.ragged.run(*inputs, out=out, return_lse=return_lse)
+        assert out is None, "only a runner with one ragged launch writes into a given output"
         if batch == 1 and len(self.bands) == 1 and self.covers_all:
             band = self.bands[0]
             return self.single(q, k[0, band.kv_start:band.kv_end], v[0, band.kv_start:band.kv_end],
                                causal=band.causal, window_left=band.window_left, sm_scale=self.scale,
                                logits_soft_cap=self.soft_cap, return_lse=return_lse)
+        # a contiguous output whatever q's strides (a transposed view from the doors): the band
+        # wrappers write rows of it in place, and fa2 writes by its own contiguous strides
         if self.writes_every_row:
-            out = torch.empty_like(q)
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         else:
-            out = torch.zeros_like(q)
+            out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
             lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         for b in range(batch):
             for i, band in enumerate(self.bands):

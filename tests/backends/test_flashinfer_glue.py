@@ -174,17 +174,25 @@ def _per_head_band_masks(Hq):
     return per_head
 
 
+@pytest.mark.parametrize("hopper", [True, False])
 @pytest.mark.parametrize("B,Hq,Hkv,L", [(1, 12, 4, 300), (2, 8, 2, 257), (1, 6, 6, 130)])
-def test_per_head_bands_through_the_plan(fake, monkeypatch, rng, B, Hq, Hkv, L):
+def test_per_head_bands_through_the_plan(fake, monkeypatch, rng, B, Hq, Hkv, L, hopper):
     """bands-per-head (the default): heads with equal bands share a band launch over those heads; the
-    result equals the dense per-head mask."""
+    result equals the dense per-head mask. On Hopper each group's launch writes its heads of the
+    output in place (a strided view, which fa3 honours; the CPU model refuses it on fa2)."""
     D = 16
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: hopper)
     mod = _per_head_band_masks(Hq)
     dense = create_mask(mod, 1, Hq, L, L, device="cpu")
     bm = create_block_mask(mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
     assert plan.route == "bands-per-head"
     assert len(plan.head_band_runs) < Hq or Hq == Hkv  # heads were grouped into shared launches
+    in_place = [flag for _, _, flag, _ in plan.head_band_runs]
+    # a group of unevenly spaced heads (an index, not a view) and one of several launches copy
+    writable = [runner.ragged is not None and isinstance(heads, slice) for heads, _, _, runner in plan.head_band_runs]
+    assert in_place == (writable if hopper else [False] * len(in_place))
+    assert any(in_place) == hopper
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
     v = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
@@ -428,3 +436,33 @@ def test_merge_rows_regroups_single_head_rows_and_equals_a_plain_merge(n, h):
     assert torch.allclose(out, ref_out) and torch.allclose(lse, ref_lse)
     regrouped = h < flashinfer_backend.MERGE_HEADS and (n * h) % flashinfer_backend.MERGE_HEADS == 0
     assert shapes == [(n * h // 8, 8, 8) if regrouped else (n, h, 8)]
+
+
+@pytest.mark.parametrize("hopper", [True, False])
+@pytest.mark.parametrize("mask", ["prefix_lm", "per_head_windows"])
+def test_band_outputs_are_written_contiguous_whatever_the_query_strides(flashinfer_on_cpu, monkeypatch, rng, hopper,
+                                                                        mask):
+    """flex_attention hands the band runner a transposed view of the query (batch 1); the band
+    wrappers write rows (prefix-LM) or heads (per-head windows) of one output in place, which
+    FlashInfer's fa2 kernel writes as if contiguous: the output must be allocated contiguous, not
+    like the query (the CPU model refuses a strided output on fa2)."""
+    from flex_flash_infer.api import flex_attention
+    from flex_flash_infer.backends.reference import reference_attention
+    from flex_flash_infer.block_mask import create_block_mask as ffi_block_mask
+    from flex_flash_infer.mods.registry import get_mask_fn
+
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: hopper)
+    B, H, L, D = 1, 4, 300, 16
+    if mask == "prefix_lm":
+        mod = get_mask_fn("prefix_lm", prefix_len=100)
+    else:
+        widths = torch.tensor([16, 40])
+
+        def mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < widths[h % 2])
+    bm = ffi_block_mask(mod, None, H if mask == "per_head_windows" else None, L, L, device="cpu", BLOCK_SIZE=64)
+    q, k, v = (torch.randn(B, H, L, D, generator=rng) for _ in range(3))
+    out, lse = flex_attention(q, k, v, block_mask=bm, return_lse=True, backend="flashinfer")
+    ref_out, ref_lse = reference_attention(q.double(), k.double(), v.double(), bm)
+    assert rel_err(out.double(), ref_out) < 1e-5
+    assert torch.allclose(lse.double(), ref_lse.double(), atol=1e-4)
