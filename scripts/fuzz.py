@@ -87,8 +87,30 @@ def main(argv=None) -> int:
               + (f"  {result.problems[0][:160]}" if result.problems and result.status != "pass" else ""), flush=True)
 
     start = time.time()
+    saved = [start]
+
+    def checkpoint(summary):
+        # the summary so far, every 30 s: a GPU campaign's process killed mid-compile at its
+        # deadline still leaves its counts (marked partial)
+        if args.json and time.time() - saved[0] > 30:
+            write_json(summary, partial=True)
+            saved[0] = time.time()
+
+    def write_json(summary, partial=False):
+        data = summary.as_json()
+        data.update(device=args.device, torch=torch.__version__, wall_seconds=round(time.time() - start, 1),
+                    gpu=torch.cuda.get_device_name() if profile.name == "gpu" else None,
+                    command=" ".join(sys.argv), partial=partial)
+        try:
+            import flashinfer
+            data["flashinfer"] = getattr(flashinfer, "__version__", "?")
+        except Exception:
+            data["flashinfer"] = None
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+
     summary = campaign.run(seed, args.cases, args.minutes, profile, dtypes, args.device, args.per_seed, torch_share,
-                           progress, args.avoid)
+                           progress, args.avoid, checkpoint)
     if summary.failures and not args.no_shrink:
         print(f"shrinking and triaging {len(summary.failures)} kinds of failure ...", flush=True)
         campaign.minimize(summary)
@@ -98,17 +120,7 @@ def main(argv=None) -> int:
         missing = summary.missing()
         print("routes not reached: " + (", ".join(missing) if missing else "none"))
     if args.json:
-        data = summary.as_json()
-        data.update(device=args.device, torch=torch.__version__, wall_seconds=round(time.time() - start, 1),
-                    gpu=torch.cuda.get_device_name() if profile.name == "gpu" else None,
-                    command=" ".join(sys.argv))
-        try:
-            import flashinfer
-            data["flashinfer"] = getattr(flashinfer, "__version__", "?")
-        except Exception:
-            data["flashinfer"] = None
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=1)
+        write_json(summary)
         print(f"summary written to {args.json}")
     return 1 if summary.failures or summary.invalid else 0
 

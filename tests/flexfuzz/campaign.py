@@ -128,9 +128,10 @@ def signature(result) -> str:
 
 def run(seed: int | None = None, cases: int | None = None, minutes: float | None = None, profile: str = "cpu",
         dtypes=None, device: str = "cpu", per_seed: int = 200, torch_share: float = 0.25, progress=None,
-        avoid=()) -> Summary:
+        avoid=(), checkpoint=None) -> Summary:
     """Cases (seed, 0), (seed, 1), ... then the next seed after per_seed cases, until `cases` ran
-    or `minutes` passed. progress(result) is called after each case."""
+    or `minutes` passed. progress(result) is called after each case, checkpoint(summary) too (the
+    summary so far, for a campaign that may be killed before it ends)."""
     seed = random.SystemRandom().randrange(1 << 31) if seed is None else seed
     summary = Summary(getattr(profile, "name", profile), seeds=[seed])
     start = time.perf_counter()
@@ -158,6 +159,9 @@ def run(seed: int | None = None, cases: int | None = None, minutes: float | None
         summary.add(result)
         if progress:
             progress(result)
+        if checkpoint:
+            summary.seconds = time.perf_counter() - start
+            checkpoint(summary)
         index += 1
     summary.seconds = time.perf_counter() - start
     return summary
