@@ -202,13 +202,14 @@ def count_visible_pairs(block_mask) -> float:
 
 
 def identity_score_mod(score, b, h, q_idx, kv_idx):
-    """The score unchanged: what the compiled fa3 variant costs by itself (a diagnostic row)."""
+    """The score unchanged: a plan folds it into FlashInfer's scale (planning/score_folding.py), so
+    the row shows what a user's identity or temperature score_mod costs: the plain kernels."""
     return score
 
 
 def score_mod_cases():
     """name -> (mask name, score_mod, FlashInfer native kwargs or None): #4's score_mod rows, and
-    identity+causal, which isolates the cost of running any score_mod variant."""
+    identity+causal, a score_mod folded into the scale."""
     from flex_flash_infer.mods import (generate_alibi_score_mod, generate_relative_position_bias_score_mod,
                                        generate_softcap_score_mod)
 

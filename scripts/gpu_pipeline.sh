@@ -70,7 +70,7 @@ case "${1:-}" in
           # 14 kernel sets at once: 2 nvcc jobs each (18 sets at 3 each ran the 128 GiB machine out of memory)
           MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds score_mod:softcap \
             score_mod:alibi score_mod:rel_bias score_mod:temperature score_mod:causal_decay score_mod:softcap+window \
-            score_mod:identity tile_variants:softcap tile_variants:rel_bias tile_variants:alibi+columns \
+            tile_variants:softcap tile_variants:rel_bias tile_variants:alibi+columns \
             score_mod_fa2:rel_bias score_mod_fa2:softcap+window score_mod_fa2:alibi \
             >$run_dir/warm-score.log 2>&1 &
           MAX_JOBS=3 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 --kinds score_mod:softcap \

@@ -19,6 +19,7 @@ import torch
 from . import column_merge
 from ..core import nan_merge
 from ..planning.bands import plain_band_launch
+from ..planning.score_folding import fold_score_mod
 from ..masks.block_build import ceil_div
 from .column_merge import merge_columns
 from ..planning.far_bias import FarSplitBands
@@ -183,6 +184,8 @@ class FlashInferPlan:
         _announce_first_use()
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
+        # a score_mod that is c * score runs as FlashInfer's own scale: no compiled variant
+        score_mod, scale = fold_score_mod(score_mod, scale)
         # FlashInfer's kernels give NaN for a negative sm_scale (seen on an H200 by the GPU fuzzer):
         # scale * q.k = |scale| * (-q).k exactly, so the query is negated at run time instead
         self.negate_query, scale = scale < 0, abs(scale)

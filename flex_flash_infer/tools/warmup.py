@@ -12,7 +12,7 @@ import torch
 KINDS = ("causal", "sliding_window", "tiles", "documents", "decode")
 # One fa3 variant module per score_mod structure (and per sliding-window flag): not in the default kinds.
 SCORE_MOD_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:temperature",
-                   "score_mod:causal_decay", "score_mod:softcap+window", "score_mod:identity")
+                   "score_mod:causal_decay", "score_mod:softcap+window")
 # The fa2 band variant (GPUs before Hopper), as test_gpu's fa2 cases use it.
 FA2_SCORE_MOD_KINDS = ("score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi")
 # The paged variants of tile_kernels: the GPU tests use these same structures, so after this
@@ -38,7 +38,8 @@ def example_score_mod(name: str, num_heads: int, device="cuda"):
 
 
 def _identity(score, b, h, q_idx, kv_idx):
-    """A score_mod that changes nothing (bench's identity+causal row: the variant's own cost)."""
+    """A score_mod that changes nothing: its variant's code for scripts/sass_counts.py (a plan folds
+    it into the scale and compiles nothing, planning/score_folding.py)."""
     return score
 
 

@@ -63,7 +63,7 @@ def test_a_score_mod_keeps_the_paged_columns_launch(fake, monkeypatch):
     fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
     bm = create_block_mask(get_mask_fn("streaming", sink_size=4, window_size=100), None, None, 500, 500, device="cpu")
     plan = flashinfer_backend.FlashInferPlan(bm, 1, 500, 500, 4, 2, 16, torch.float64, 0.25, "cpu",
-                                             score_mod=lambda s, b, h, q, kv: s * 0.5)
+                                             score_mod=lambda s, b, h, q, kv: s - 0.01 * (q - kv))
     assert plan.route == "bands+columns" and plan.column_counts is None and plan.columns is not None
 
 
