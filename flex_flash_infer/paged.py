@@ -27,6 +27,7 @@ from .core.mask_eval import (INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate
                              mask_dependence)
 from .mods.causal import generate_causal_mask_mod
 from .planning.native_soft_cap import native_soft_cap
+from .planning.score_folding import fold_score_mod
 from .backends.paged_kernels import paged_request_tables, paged_variants
 from .planning.paged_plan import plan_paged
 from .core.trace import TraceError, trace
@@ -90,11 +91,13 @@ class PagedFlexAttention:
         if per_head:
             soft_cap = None
         kernel_score_mod = None if soft_cap is not None else score_mod
+        scale = check_scale(scale)
+        scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+        # a score_mod that is c * score runs as FlashInfer's own scale: no compiled variant
+        kernel_score_mod, launch_scale = fold_score_mod(kernel_score_mod, scale)
         plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device,
                           heads=num_qo_heads if per_head else 1, native_window=kernel_score_mod is None,
                           positions=kernel_score_mod is not None or per_head)
-        scale = check_scale(scale)
-        scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         backend = self.backend
         if backend == "auto":
             backend = "flashinfer" if unsupported_reason(self.device, dtype, head_dim, head_dim, scale) is None else "reference"
@@ -104,7 +107,7 @@ class PagedFlexAttention:
         heads = (num_qo_heads, num_kv_heads, head_dim)
         # FlashInfer's kernels give NaN for a negative sm_scale: the launches take |scale| and run()
         # negates the query (scale * q.k = |scale| * (-q).k exactly); the reference keeps the scale
-        kernel_scale = abs(scale)
+        kernel_scale = abs(launch_scale)
         if backend == "flashinfer" and (kernel_score_mod is not None or per_head):
             try:
                 mask_graph = trace(mod, "mask_mod") if per_head else None
@@ -126,8 +129,8 @@ class PagedFlexAttention:
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
                              soft_cap=soft_cap,
                              learned=learned_inputs(score_mod, self.device) if launches is not None else [],
-                             scale=scale, negate_query=scale < 0, page_size=page_size, heads=heads, dtype=dtype,
-                             tables=tables)
+                             scale=scale, launch_scale=launch_scale, negate_query=launch_scale < 0, page_size=page_size,
+                             heads=heads, dtype=dtype, tables=tables)
         return self
 
     def _launches(self, plan, heads, page_size, dtype, scale, variants, soft_cap):
@@ -141,8 +144,8 @@ class PagedFlexAttention:
             old = self._planned
             if old is not None and old["launches"] is not None:
                 old["launches"] = _build_launches(old["plan"], *old["heads"], old["page_size"], old["dtype"],
-                                                  abs(old["scale"]), self._workspace, old["variants"], self._wrappers,
-                                                  self.use_tensor_cores, old["soft_cap"])
+                                                  abs(old["launch_scale"]), self._workspace, old["variants"],
+                                                  self._wrappers, self.use_tensor_cores, old["soft_cap"])
             raise
 
     @property

@@ -196,3 +196,45 @@ def test_a_window_read_from_a_global_is_read_at_every_plan(flashinfer_on_cpu, rn
             assert rel_err(paged.run(q, (kc, vc)), ref_out) < 1e-6, WINDOW
     finally:
         WINDOW = 100
+
+
+@pytest.mark.parametrize("factor", [1 / 0.7, -1.5])
+@pytest.mark.parametrize("mask_name", ["causal", "sliding_window", "attamba"])
+@pytest.mark.parametrize("qo_lens", [[1, 1, 1, 1], [5, 40, 7, 1]])
+def test_a_score_mod_that_scales_the_score_runs_as_the_kernels_scale(flashinfer_on_cpu, monkeypatch, rng, factor,
+                                                                     mask_name, qo_lens):
+    """score * c on the paged cache: no compiled variant, the launches' own scale (a negative one
+    through the negated query), and the oracle's result with the score_mod; a plan that fails
+    after it rebuilds its launches at the same scale."""
+    params = dict(MASKS)[mask_name]
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [33, 120, 7, 90], qo_lens, 16)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score * factor
+
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer").plan(
+        get_mask_fn(mask_name, **params), qo_indptr, kv_page_indptr, indices, last, num_qo_heads=4, num_kv_heads=2,
+        head_dim=16, page_size=16, dtype=torch.float64, score_mod=score_mod)
+    assert paged._planned["variants"] is None and paged._planned["negate_query"] == (factor < 0)
+    ref_out, ref_lse = dense_oracle(get_mask_fn(mask_name, **params), q, kc, vc, qo_indptr, kv_page_indptr, indices,
+                                    last, 16, score_mod=score_mod)
+    out, lse = paged.run(q, (kc, vc), return_lse=True)
+    assert rel_err(out, ref_out) < 1e-6
+    seen = ref_lse > -math.inf
+    assert torch.allclose(lse.double()[seen], ref_lse[seen], atol=1e-5)
+    # a plan() whose launches fail gives the previous plan fresh wrappers at its own (folded) scale
+    from flex_flash_infer import paged as paged_module
+
+    real, failed = paged_module._build_launches, []
+
+    def fails_once(*args, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("launches failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(paged_module, "_build_launches", fails_once)
+    with pytest.raises(RuntimeError, match="launches failed"):
+        paged.plan(get_mask_fn(mask_name, **params), qo_indptr, kv_page_indptr, indices, last, num_qo_heads=4,
+                   num_kv_heads=2, head_dim=16, page_size=16, dtype=torch.float64, score_mod=score_mod)
+    assert failed and rel_err(paged.run(q, (kc, vc)), ref_out) < 1e-6
