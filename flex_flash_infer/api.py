@@ -137,6 +137,8 @@ def _run_flashinfer(plan, query, key, value, block_mask, score_mod, scale, captu
 
     def run():
         q = query.transpose(1, 2).reshape(B * L, Hq, E)
+        if q.stride(-1) != 1:   # FlashInfer takes every stride but the last dimension's
+            q = q.contiguous()
         k = key.transpose(1, 2).contiguous()
         v = value.transpose(1, 2).contiguous()
         out, lse = plan.run(q, k, v, return_lse=want_lse or grad)

@@ -179,6 +179,14 @@ class PagedFlexAttention:
         if p["launches"] is None:
             out, lse = _reference(q, k_cache, v_cache, p)
             return (out, lse) if return_lse else out
+        # FlashInfer takes every stride but the last dimension's: the query is copied, a cache
+        # (too large to copy per step) must be laid out so
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name} must have a unit-stride last (head_dim) dimension for FlashInfer's "
+                                 f"kernels, got strides {tuple(t.stride())}; pass {name}.contiguous()")
+        if q.stride(-1) != 1:
+            q = q.contiguous()
         q_in = -q if p["negate_query"] else q
         if needs_grad(q, k_cache, v_cache, *p["learned"]):   # a grad_fn whose backward says why it cannot
             out, lse = forward_only(lambda: _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse),

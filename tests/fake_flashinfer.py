@@ -1,5 +1,6 @@
 """A stand-in for the few FlashInfer calls the library makes, computed by the CPU model in
 paged_simulator.py, so the glue around the kernels (layouts, LSE bases, merges) runs in CPU tests."""
+import functools
 import math
 import types
 
@@ -14,7 +15,25 @@ from flex_flash_infer.compile.variant_paged import MASKED_PAGE_FLAG
 
 # FlashInfer's kernels record nothing for autograd: their outputs never carry a grad_fn. The
 # model's torch ops would, so every kernel entry point runs under no_grad.
-kernel = torch.no_grad()
+def _tensors(values):
+    for x in values:
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (tuple, list)):
+            yield from _tensors(x)
+
+
+def kernel(fn):
+    """torch.no_grad(), and what FlashInfer's kernels assume of every tensor they read or write:
+    a unit-stride last dimension (they take the other dimensions' strides, never that one's)."""
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        for t in _tensors(list(args) + list(kwargs.values())):
+            assert t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1, \
+                f"a tensor of shape {tuple(t.shape)} with last-dimension stride {t.stride(-1)}: FlashInfer reads it as 1"
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return checked
 
 
 class BatchPrefillWithPagedKVCacheWrapper:

@@ -183,6 +183,9 @@ def tile_sparse_attention(query, key, value, block_mask, scale):
             or value.shape[-1] != query.shape[-1] or needs_grad(query, key, value)
             or not all(bool(torch.isfinite(t).all()) for t in (query, key, value))):
         return None
+    # torch's fused CPU kernel reads the last dimension as unit-stride (torch's public
+    # scaled_dot_product_attention copies such inputs first; its private op does not)
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     B, Hq, L, E = query.shape
     S = key.shape[2]
     bq, bkv = block_mask.BLOCK_SIZE

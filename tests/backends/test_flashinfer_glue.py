@@ -466,3 +466,23 @@ def test_band_outputs_are_written_contiguous_whatever_the_query_strides(flashinf
     ref_out, ref_lse = reference_attention(q.double(), k.double(), v.double(), bm)
     assert rel_err(out.double(), ref_out) < 1e-5
     assert torch.allclose(lse.double(), ref_lse.double(), atol=1e-4)
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_a_query_whose_last_dimension_is_strided_is_read_correctly(flashinfer_on_cpu, rng, B):
+    """FlashInfer reads every tensor's last dimension as unit-stride: a query made by transposing
+    [.., D, L] (last-dimension stride L) must reach it copied, not as a view (the CPU model refuses
+    the view); keys and values too."""
+    from flex_flash_infer.api import flex_attention
+    from flex_flash_infer.backends.reference import reference_attention
+    from flex_flash_infer.block_mask import create_block_mask as ffi_block_mask
+    from flex_flash_infer.mods.registry import get_mask_fn
+
+    H, L, D = 4, 200, 16
+    q, k, v = (torch.randn(B, H, D, L, generator=rng).transpose(-1, -2) for _ in range(3))
+    assert q.stride(-1) == L
+    for mask in (get_mask_fn("causal"), get_mask_fn("prefix_lm", prefix_len=50)):
+        bm = ffi_block_mask(mask, None, None, L, L, device="cpu")
+        out = flex_attention(q, k, v, block_mask=bm, backend="flashinfer")
+        ref, _ = reference_attention(q.double(), k.double(), v.double(), bm)
+        assert rel_err(out.double(), ref) < 1e-5

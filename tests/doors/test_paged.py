@@ -238,3 +238,20 @@ def test_a_score_mod_that_scales_the_score_runs_as_the_kernels_scale(flashinfer_
         paged.plan(get_mask_fn(mask_name, **params), qo_indptr, kv_page_indptr, indices, last, num_qo_heads=4,
                    num_kv_heads=2, head_dim=16, page_size=16, dtype=torch.float64, score_mod=score_mod)
     assert failed and rel_err(paged.run(q, (kc, vc)), ref_out) < 1e-6
+
+
+def test_a_strided_head_dim_is_copied_for_the_query_and_refused_for_the_cache(flashinfer_on_cpu, rng):
+    """FlashInfer reads the last dimension as unit-stride: a query laid out otherwise is copied
+    (the CPU model refuses the view), a cache so laid out is refused by name, and the call stays usable."""
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [33, 120, 7, 90], [1, 1, 1, 1], 16)
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer").plan(
+        None, qo_indptr, kv_page_indptr, indices, last, num_qo_heads=4, num_kv_heads=2, head_dim=16, page_size=16,
+        dtype=torch.float64)
+    strided_q = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert strided_q.stride(-1) != 1
+    want = paged.run(q, (kc, vc))
+    assert rel_err(paged.run(strided_q, (kc, vc)), want) < 1e-12
+    strided_k = kc.transpose(-1, -2).contiguous().transpose(-1, -2)
+    with pytest.raises(ValueError, match="k_cache must have a unit-stride last"):
+        paged.run(q, (strided_k, vc))
+    assert rel_err(paged.run(q, (kc, vc)), want) < 1e-12

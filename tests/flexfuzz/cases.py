@@ -314,7 +314,7 @@ def _flex(case: Case, r, force: dict, profile: Profile) -> None:
     elif not force and r.random() < 0.1 and profile.name == "cpu":
         case.block_mask = "torch"
     case.mods = w.render()
-    case.layout = r.choice(["", "", "", "bshd", "sliced"])
+    case.layout = r.choice(["", "", "", "bshd", "sliced", "dstrided"])
     if case.backend == "reference" and r.random() < 0.2:
         case.Dv = r.choice([8, 24, 2 * case.D])
     if r.random() < 0.15:
@@ -339,7 +339,7 @@ def _decode(case: Case, r, force: dict, profile: Profile) -> None:
     w = _writer(case, r, _scope(case, case.L, case.S, case.B))
     _mods(case, r, force, w, profile)
     case.mods = w.render()
-    case.layout = r.choice(["", "", "bshd", "sliced"])
+    case.layout = r.choice(["", "", "bshd", "sliced", "dstrided"])
     if r.random() < 0.3 and profile.name == "cpu":
         case.block_mask = "torch"
     bq = case.block[0] if isinstance(case.block, tuple) else case.block

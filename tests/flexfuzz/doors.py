@@ -91,7 +91,8 @@ def _inputs(case: Case, q_shape, kv_shape, device, v_dim: int = 0, layout: str =
             dtype: str = ""):
     """q, k, v drawn from the case's input seed. layout "bshd": [B, S, H, D] memory seen as
     [B, H, S, D] (a model's transposed projections); "sliced": rows twice as long as the head_dim
-    (a slice of a fused projection). The values are the same whatever the layout."""
+    (a slice of a fused projection); "dstrided": the last dimension not unit-stride (kernels
+    that read it as unit-stride get it wrong). The values are the same whatever the layout."""
     g = torch.Generator().manual_seed(case.input_seed + seed_offset)
     dtype = DTYPES[dtype or case.dtype]
     q = torch.randn(q_shape, generator=g, dtype=torch.float64) * case.amplitude
@@ -108,6 +109,8 @@ def _inputs(case: Case, q_shape, kv_shape, device, v_dim: int = 0, layout: str =
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
         elif layout == "sliced":
             x = torch.cat([x, torch.zeros_like(x)], -1)[..., :x.shape[-1]]
+        elif layout == "dstrided":   # the head_dim strided: [.., D, S] memory seen transposed
+            x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
         out.append(x)
     return tuple(out)
 
