@@ -177,11 +177,11 @@ def tile_sparse_attention(query, key, value, block_mask, scale):
     that does not apply: per query tile, torch's fused CPU attention over the keys of its
     non-empty tiles only (one slice when they are dense in their span, else gathered), with
     an additive mask of -inf where tiles are partial or empty. Exact like the chunked path (same
-    visibility); empty and full tiles cost no mask_mod call. Inputs with NaN or inf take the
-    chunked path, whose masking never lets a hidden key's NaN into a row."""
+    visibility); mask_mod runs on partial tiles only. Inputs with NaN or inf take the chunked
+    path, whose masking never lets a hidden key's NaN into a row."""
     if (_FUSED_CPU is None or query.device.type != "cpu" or query.dtype not in FUSED_DTYPES
             or value.shape[-1] != query.shape[-1] or needs_grad(query, key, value)
-            or not all(bool(torch.isfinite(t).all()) for t in (query, key, value))):
+            or not all(_all_finite(t) for t in (query, key, value))):
         return None
     # torch's fused CPU kernel reads the last dimension as unit-stride (torch's public
     # scaled_dot_product_attention copies such inputs first; its private op does not)
@@ -191,35 +191,63 @@ def tile_sparse_attention(query, key, value, block_mask, scale):
     bq, bkv = block_mask.BLOCK_SIZE
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     states = block_mask.states.cpu()
+    # per tile over every (b, h), read once: which tiles any row sees, which are full for all
+    flat = states.flatten(0, 1)
+    seen_tiles = (flat != 0).any(0).tolist()
+    full_tiles = (flat == FULL).all(0).tolist()
     out = query.new_zeros(B, Hq, L, E)
     lse = query.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
-    for qt in range(states.shape[2]):
+    for qt in range(min(states.shape[2], -(-L // bq))):
         r0, r1 = qt * bq, min(L, (qt + 1) * bq)
-        row_states = states[:, :, qt]                       # [B or 1, H or 1, nKV]
-        tiles = (row_states != 0).flatten(0, 1).any(0).nonzero().flatten()
-        if tiles.numel() == 0:
+        tiles = [kt for kt, seen in enumerate(seen_tiles[qt]) if seen and kt * bkv < S]
+        if not tiles:
             continue
-        first, last = int(tiles[0]), int(tiles[-1]) + 1
-        if tiles.numel() >= SLICE_SHARE * (last - first):
-            keys = torch.arange(first * bkv, min(S, last * bkv))
-            k, v = key[:, :, keys[0]:keys[-1] + 1], value[:, :, keys[0]:keys[-1] + 1]
+        first, last = tiles[0], tiles[-1] + 1
+        if len(tiles) >= SLICE_SHARE * (last - first):
+            tiles = list(range(first, last))
+            c0, c1 = first * bkv, min(S, last * bkv)
+            k, v = key[:, :, c0:c1], value[:, :, c0:c1]
+            keys = torch.arange(c0, c1)
         else:
-            keys = (tiles.view(-1, 1) * bkv + torch.arange(bkv)).flatten()
+            keys = (torch.tensor(tiles).view(-1, 1) * bkv + torch.arange(bkv)).flatten()
             keys = keys[keys < S]
             k, v = key[:, :, keys], value[:, :, keys]
-        cols = row_states[:, :, keys // bkv].unsqueeze(2)   # [B or 1, H or 1, 1, keys]
-        mask = None
-        if bool((cols != FULL).any()):
-            visible = cols == FULL
-            if bool((cols == PARTIAL).any()):
-                b, h, q, kv = index_grid(range(B), range(Hq), range(r0, r1), keys, query.device)
-                visible = visible | ((cols == PARTIAL) & call_mask_mod(block_mask.mask_mod, b, h, q, kv))
+        mask = visible = None
+        if not all(full_tiles[qt][kt] for kt in tiles):
+            visible = _tile_row_visibility(block_mask, states[:, :, qt], tiles, keys, B, Hq, r0, r1)
             mask = torch.zeros((), dtype=query.dtype).masked_fill(~visible, float("-inf"))
         o, s = _FUSED_CPU(query[:, :, r0:r1], k, v, 0.0, False, attn_mask=mask, scale=scale)
-        if mask is not None:   # a row that sees no key: 0 and -inf, where the fused kernel gives 0 and 0
+        if visible is not None:   # a row that sees no key: 0 and -inf, where the fused kernel gives 0 and 0
             seen = visible.any(-1)   # [B or 1, H or 1, rows or 1]
             if not bool(seen.all()):
                 s = s.masked_fill(~seen, float("-inf"))
                 o = o.masked_fill(~seen.unsqueeze(-1), 0.0)
         out[:, :, r0:r1], lse[:, :, r0:r1] = o, s
     return out, lse
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """True only if no element is NaN or inf: one summing pass, as a NaN or inf makes the sum NaN or
+    inf (50x cheaper than isfinite().all()); a sum that overflows says False too, which only sends
+    the call the exact chunked way."""
+    return bool(torch.isfinite(t.sum()))
+
+
+def _tile_row_visibility(block_mask, row_states, tiles, keys, B, Hq, r0, r1) -> torch.Tensor:
+    """Bool [B or 1, Hq or 1, rows, keys]: which keys each row of query tile rows r0..r1 sees, the
+    keys being those of `tiles` (in order, the last one cut at the sequence end): full tiles
+    visible, empty hidden, mask_mod evaluated on the keys of tiles partial for some (b, h) only."""
+    bkv = block_mask.BLOCK_SIZE[1]
+    cols = row_states[:, :, torch.tensor(tiles)].repeat_interleave(bkv, -1)[..., :keys.numel()]
+    cols = cols.unsqueeze(2)                                     # [B or 1, H or 1, 1, keys]
+    visible = cols == FULL
+    partial = (cols == PARTIAL).flatten(0, 2).any(0).nonzero().flatten()
+    if partial.numel() == 0:
+        return visible
+    b, h, q, kv = index_grid(range(B), range(Hq), range(r0, r1), keys[partial], keys.device)
+    at = cols[..., partial]   # a tile partial for one (b, h) may be full or empty for another
+    inside = (at == FULL) | ((at == PARTIAL) & call_mask_mod(block_mask.mask_mod, b, h, q, kv))
+    shape = torch.broadcast_shapes(visible.shape, inside.shape[:-1] + (keys.numel(),))
+    visible = visible.expand(shape).clone()
+    visible[..., partial] = inside.expand(shape[:-1] + (partial.numel(),))
+    return visible
