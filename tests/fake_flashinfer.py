@@ -79,6 +79,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
     def __init__(self, workspace, layout="NHD", use_tensor_cores=False, backend="auto"):
         super().__init__(workspace, layout, backend)
         self.use_tensor_cores = use_tensor_cores
+        self.requested_backend = backend
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kw):
         qo_indptr = torch.arange(indptr.numel(), dtype=torch.int32)

@@ -235,7 +235,8 @@ def test_use_tensor_cores_must_be_none_or_a_bool(value):
 
 def test_use_tensor_cores_forces_the_decode_kernel(fake, monkeypatch, rng):
     """PagedFlexAttention(use_tensor_cores=True / False) forces FlashInfer's tensor-core decode
-    kernel on / off; the result is the same computation."""
+    kernel on / off; the result is the same computation. The decode wrapper names its backend
+    (fa2, what "auto" resolves a one-token decode to) so that plan() skips "auto"'s checks."""
     from flex_flash_infer import paged
     from flex_flash_infer.mods import get_mask_fn
     from flex_flash_infer.paged import PagedFlexAttention
@@ -253,6 +254,8 @@ def test_use_tensor_cores_forces_the_decode_kernel(fake, monkeypatch, rng):
         monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
         attn.plan(get_mask_fn("causal"), *args, dtype=torch.float64)
         assert attn._planned["launches"][0].use_tensor_cores == tensor_cores
+        # an explicit backend: FlashInfer's "auto" re-resolves through cuDNN checks at every plan()
+        assert attn._planned["launches"][0].requested_backend == "fa2"
         outs.append(attn.run(q, (k, v)))
     assert torch.equal(outs[0], outs[1])
 
