@@ -147,7 +147,18 @@ class _Bounds:
             return v, v
         d = wide[0]
         width = spans[d] + 1
-        if len(wide) > 1 or max(1, lo[d].numel()) * width > RANGE_GATHER_LIMIT:
+        if len(wide) > 1:
+            return None
+        # a table sorted along the read dimension (document ids) has its extremes at the ends of
+        # each range: two reads instead of a gather of every range, checked where the table is
+        # no larger than that gather
+        gather = max(1, lo[d].numel()) * width
+        if table.numel() <= gather:
+            steps = table.to(torch.int64).diff(dim=d)
+            if bool((steps >= 0).all()) or bool((steps <= 0).all()):
+                ends = table[tuple(lo)].to(torch.int64), table[tuple(hi)].to(torch.int64)
+                return torch.minimum(*ends), torch.maximum(*ends)
+        if gather > RANGE_GATHER_LIMIT:
             return None
         step = torch.arange(width, device=lo[d].device)
         along = torch.minimum(lo[d].unsqueeze(-1) + step, hi[d].unsqueeze(-1))   # repeats hi past the range
@@ -319,6 +330,13 @@ def tile_bounds(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: 
     bounds, shape = _analyse(graph, B, H, Q_LEN, KV_LEN, block_q, block_kv, device, q_tiles)
     certain, possible = bounds.of(graph.output)
     return certain.expand(shape), possible.expand(shape)
+
+
+def box_bounds(graph: Graph, b: torch.Tensor, h: torch.Tensor, q_range, kv_range, device):
+    """(certainly visible, possibly visible) of boxes of positions other than a tile grid (a
+    paged cache's pages): b and h exact int64 indices, q_range and kv_range (first, last) int64
+    tensors, all broadcastable, every position of a box in range and first <= last."""
+    return _Bounds(graph, {"b": (b, b), "h": (h, h), "q_idx": q_range, "kv_idx": kv_range}, device).of(graph.output)
 
 
 def tile_analysis(graph: Graph, B: int, H: int, Q_LEN: int, KV_LEN: int, block_q: int, block_kv: int, device,

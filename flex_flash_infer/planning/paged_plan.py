@@ -4,7 +4,10 @@ Request r holds kv_len[r] keys in its pages (FlashInfer's layout: kv_page_indptr
 last_page_len) and qo_len[r] new queries, the newest tokens: query i sits at position
 kv_len[r] - qo_len[r] + i, and mask_mod(b=r, h, q_pos, kv_pos) sees those absolute positions.
 
-Every (request, page) is classified by evaluating the mask on its qo_len x page_len elements:
+Every (request, page) is classified from the traced mask's bounds over the page's positions
+(tile_bounds.box_bounds: a decode step of a streaming or document mask leaves a few pages per
+request undecided), and by evaluating the mask on its qo_len x page_len elements where they do
+not decide it (or the mask does not trace):
   * full pages go to an unmasked launch (FlashInfer's decode kernel when every request has one
     query, else paged prefill);
   * partial pages go to fa2 paged prefill with a bit mask over those pages only, merged by
@@ -23,8 +26,11 @@ from typing import Callable
 import torch
 
 from ..masks.block_build import EMPTY, FULL, PARTIAL
+from ..masks.tile_bounds import box_bounds
 from .linear_masks import paged_flags
 from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
+from ..core.notices import warn_once
+from ..core.trace import TraceError, trace
 
 CHUNK_ELEMENTS = 1 << 24
 
@@ -125,6 +131,52 @@ def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_p
     return states, causal_ok, bits
 
 
+def _classify_pages(mask_mod, req, local, page_len, q_start, qo_len, page_size, max_q, heads):
+    """_classify's (states, causal_ok, bits), with the pages the mask's bounds decide (full or
+    empty for every query and head of the page) left out of the element-wise evaluation."""
+    decided = _bounded_states(mask_mod, req, local, page_len, q_start, qo_len, page_size, heads)
+    if decided is None:
+        return _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, True, max_q, heads)
+    undecided = (decided < 0).nonzero().flatten()
+    states = decided.to(torch.int8)
+    causal_ok = torch.ones(req.numel(), dtype=torch.bool, device=req.device)   # read for partial pages only
+    if undecided.numel() == 0:
+        return states, causal_ok, torch.zeros(0, max(max_q, 1), page_size, dtype=torch.bool, device=req.device)
+    # the partial pages are among these, in listed order: their bits keep the order _classify gives
+    part, part_causal, bits = _classify(mask_mod, req[undecided], local[undecided], page_len[undecided], q_start,
+                                        qo_len, page_size, True, max_q, heads)
+    states[undecided] = part
+    causal_ok[undecided] = part_causal
+    return states, causal_ok, bits
+
+
+def _bounded_states(mask_mod, req, local, page_len, q_start, qo_len, page_size, heads):
+    """int64 per listed page: FULL or EMPTY where the mask's interval bounds over the page's
+    queries and keys decide it (a request without queries: EMPTY), -1 where they do not; None when
+    the mask does not trace or its bounds fail (every page is then evaluated)."""
+    try:
+        graph = trace(mask_mod, "mask_mod")
+    except TraceError:
+        return None
+    device = req.device
+    b = req.view(-1, 1)
+    h = torch.arange(heads, dtype=torch.int64, device=device).view(1, -1)
+    q_first = q_start[req].view(-1, 1)
+    q_last = torch.maximum(q_first, q_first + qo_len[req].view(-1, 1) - 1)   # never before first
+    kv_first = (local * page_size).view(-1, 1)
+    kv_last = kv_first + page_len.view(-1, 1) - 1
+    try:
+        certain, possible = box_bounds(graph, b, h, (q_first, q_last), (kv_first, kv_last), device)
+    except Exception as e:   # a gap in the interval rules must cost speed, never a plan
+        warn_once(f"flex_flash_infer: page bounds failed on mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} "
+                  f"({type(e).__name__}: {e}); its pages are evaluated element by element")
+        return None
+    shape = (req.numel(), heads)
+    certain, possible = certain.expand(shape).all(1), possible.expand(shape).any(1)
+    decided = torch.where(certain, FULL, torch.where(possible, -1, EMPTY))
+    return torch.where(qo_len[req] > 0, decided, EMPTY)
+
+
 def _spec(selected, req, local, page_len, kv_page_indices, num_requests, page_size):
     """CSR launch over the selected listed pages (they keep their order within each request)."""
     device = selected.device
@@ -178,8 +230,8 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
     qo_len, kv_len, pages, req, local, page_len = (t.to(device) for t in (qo_len, kv_len, pages, req, local, page_len))
     q_start = kv_len - qo_len
-    states, causal_ok, bits = _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, True, max_q,
-                                        heads)
+    states, causal_ok, bits = _classify_pages(mask_mod, req, local, page_len, q_start, qo_len, page_size, max_q,
+                                              heads)
     full, partial = states == FULL, states == PARTIAL
 
     # one causal launch: partial pages trail each request, are plain causal, and every full page

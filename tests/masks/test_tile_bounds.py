@@ -12,6 +12,7 @@ from flex_flash_infer.mods import get_mask_fn
 from flex_flash_infer.masks.block_build import tile_elements
 from flex_flash_infer.masks.tile_bounds import classify_by_bounds, tile_analysis, tile_bounds
 from flex_flash_infer.core.trace import trace
+from random_masks import random_bool_expression, random_table
 
 
 def both_builds(mask_mod, B, H, L, S, bq, bkv, monkeypatch):
@@ -120,59 +121,12 @@ def test_values_past_int32_are_left_to_the_elementwise_build(monkeypatch):
 
 
 # ---- property test: random mask expressions ----------------------------------------------------
-def random_int(r: random.Random, depth: int) -> str:
-    if depth == 0 or r.random() < 0.3:
-        return r.choice(["b", "h", "q", "kv", "q", "kv", str(r.randint(-40, 40)), "w"])
-    a, b = random_int(r, depth - 1), random_int(r, depth - 1)
-    op = r.choice(["+", "-", "*", "//", "%", "min", "max", "abs", "where", "clamp", "cast", "load", "neg",
-                   "bitnot", "bitwise"])
-    if op in "+-*":
-        return f"({a} {op} {b})"
-    if op in ("//", "%"):
-        return f"({a} {op} {r.choice([3, 7, -4, 64, 100])})"
-    if op in ("min", "max"):
-        return f"torch.{'minimum' if op == 'min' else 'maximum'}({a} + q * 0, {b} + q * 0)"
-    if op == "abs":
-        return f"torch.abs({a} + q * 0)"
-    if op == "where":
-        return f"torch.where({random_bool(r, depth - 1)}, {a} + q * 0, {b} + q * 0)"
-    if op == "clamp":
-        return f"torch.clamp({a} + q * 0, {r.randint(-50, 0)}, {r.randint(1, 500)})"
-    if op == "cast":
-        return f"({random_bool(r, depth - 1)}).to(torch.int32)"
-    if op == "load":   # an int table read, in range by construction
-        return f"D[torch.clamp({a} + q * 0, 0, 999)]"
-    if op == "bitnot":
-        return f"(~({a} + q * 0))"
-    if op == "bitwise":
-        return f"(({a} + q * 0) {r.choice(['&', '|', '^'])} {b})"
-    return f"(-{a})"
-
-
-def random_bool(r: random.Random, depth: int) -> str:
-    if depth == 0 or r.random() < 0.2:
-        return r.choice(["(q >= kv)", "(kv < w)", "T[q // 64 % 12, kv // 64 % 12]", "(h == 1)", "(b > 0)"])
-    op = r.choice(["cmp", "cmp", "and", "or", "xor", "not", "where", "table"])
-    if op == "cmp":
-        sym = r.choice(["<", "<=", ">", ">=", "==", "!="])
-        # tied to q, so that two constants still compare as a tensor, not a Python bool
-        return f"(({random_int(r, depth - 1)}) + q * 0 {sym} ({random_int(r, depth - 1)}))"
-    if op in ("and", "or", "xor"):
-        sym = {"and": "&", "or": "|", "xor": "^"}[op]
-        return f"({random_bool(r, depth - 1)} {sym} {random_bool(r, depth - 1)})"
-    if op == "not":
-        return f"(~{random_bool(r, depth - 1)})"
-    if op == "where":
-        return f"torch.where({random_bool(r, depth - 1)}, {random_bool(r, depth - 1)}, {random_bool(r, depth - 1)})"
-    return f"T[torch.clamp({random_int(r, depth - 1)} + q * 0, 0, 11), kv // 64 % 12]"
-
-
 @pytest.mark.parametrize("seed", range(60))
 def test_random_masks_match_the_elementwise_build(monkeypatch, rng, seed):
     r = random.Random(int(torch.randint(0, 2**31, (1,), generator=rng)) + seed)
-    source = random_bool(r, 4)
+    source = random_bool_expression(r, 4)
     T = torch.rand(12, 12, generator=rng) < 0.5
-    D = torch.sort(torch.randint(0, 9, (1000,), generator=rng)).values.to(torch.int32)
+    D = random_table(r, rng)
     w = r.randint(0, 600)
     mask_mod = eval(f"lambda b, h, q, kv: ({source}) | (q < 0)", {"torch": torch, "T": T, "D": D, "w": w})
     L, S = r.randint(1, 700), r.randint(1, 700)
