@@ -24,7 +24,7 @@ import torch
 
 from ..api import flex_attention
 from ..block_mask import create_block_mask
-from ..core.mask_eval import as_mask_mod, check_score_mod
+from ..core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from ..mods.causal import generate_causal_mask_mod
 from ..mods.softcap import generate_softcap_score_mod
 
@@ -102,9 +102,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     B, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     offset = kv_len - q_len
-    mask_batch = None
+    mask_batch = mask_heads = None
     if mask_mod is not None:
         mod, owner = _shifted(as_mask_mod(mask_mod), offset, 4), mask_mod
+        # a mask that reads b (per-sample documents) or h (per-head windows) gets tables per
+        # sample or head: tables of b = 0, h = 0 alone would be broadcast to the others
+        uses_b, uses_h = mask_dependence(mod, B, query.shape[1], q_len, kv_len, query.device)
+        mask_batch, mask_heads = (B if uses_b else None), (query.shape[1] if uses_h else None)
     elif attention_mask is not None:
         (mod, mask_batch), owner = _dense_mask_mod(attention_mask), attention_mask
     elif getattr(module, "is_causal", True):
@@ -116,14 +120,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         # One block mask per (mask object, shape), shared by all layers of a forward pass. The
         # entry holds a weak reference and is used only while that very object is alive, so a
         # new mask that reuses an old id never gets a stale block mask.
-        key_ = (id(owner), offset, q_len, kv_len, str(query.device))
+        key_ = (id(owner), offset, q_len, kv_len, mask_batch, mask_heads, str(query.device))
         entry = _block_masks.get(key_)
         if entry is not None and entry[0]() is owner:
             block_mask = entry[1]
         else:
             if len(_block_masks) > 64:
                 _block_masks.clear()
-            block_mask = create_block_mask(mod, mask_batch, None, q_len, kv_len, device=query.device)
+            block_mask = create_block_mask(mod, mask_batch, mask_heads, q_len, kv_len, device=query.device)
             _block_masks[key_] = (weakref.ref(owner), block_mask)
     out = flex_attention(query, key, value, score_mod=_shifted(check_score_mod(score_mod), offset, 5),
                          block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])

@@ -71,6 +71,35 @@ def test_a_mask_mod_changes_the_pattern_exactly(models, rng):
     assert torch.allclose(moved[:, -1], windowed[:, -1], atol=1e-5)
 
 
+@pytest.mark.parametrize("reads", ["b", "h"])
+def test_a_mask_mod_that_reads_the_sample_or_head_holds_for_each(rng, reads):
+    """A per-sample document mask (b) or per-head windows (h) given to attention_mods: each sample
+    and head gets its own mask, as SDPA with the dense mask gives (tables of sample 0 or head 0
+    alone would be broadcast to the others)."""
+    from flex_flash_infer.integrations.transformers import attention_forward
+
+    B, H, L, D = 2, 4, 300, 16
+    lengths = torch.tensor([[300, 0, 0], [100, 120, 80]])
+    doc_ids = torch.stack([torch.repeat_interleave(torch.arange(3), n) for n in lengths])
+    windows = torch.tensor([5, 30, 70, 260])
+
+    def document_causal(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    def per_head_window(b, h, q, kv):
+        return (q >= kv) & (q - kv < windows[h])
+
+    mask_mod = document_causal if reads == "b" else per_head_window
+    q, k, v = (torch.randn(B, H, L, D, generator=rng, dtype=torch.float64) for _ in range(3))
+    module = torch.nn.Module()
+    with torch.no_grad(), attention_mods(mask_mod=mask_mod):
+        got, _ = attention_forward(module, q, k, v, None)
+    grid = (torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1), torch.arange(L).view(1, 1, -1, 1),
+            torch.arange(L).view(1, 1, 1, -1))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask_mod(*grid)).transpose(1, 2)
+    assert (got - want).abs().max() < 1e-10
+
+
 def tiny_gemma2(attn_implementation, softcap, seed=0):
     """Gemma 2: sliding-window layers and a logit soft cap (small enough to matter for random weights)."""
     config = transformers.Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
