@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.autograd import (FORWARD_ONLY, HIDDEN_GRAD, captured_tensors, forward_only, hidden_grad_probe,
-                                needs_grad, with_recomputed_gradients)
+from .backends.autograd import learned_tensors, needs_grad, with_recomputed_gradients
 from .backends.backend_choice import choose_backend, read_kernel_options
 from .block_mask import check_block_mask, full_block_mask
 from .backends.flashinfer_backend import FlashInferPlan
@@ -96,15 +95,11 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         warn_once(f"flex_flash_infer: running on the slow reference backend because {reason}")
         chosen = "reference"
     plan = None
-    captured, hidden = [], None
+    learned = []
     if chosen == "flashinfer" and score_mod is not None and torch.is_grad_enabled():
         # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) recomputes
         # attention, and needs the learned tensors the score_mod reads (a bias table)
-        captured = captured_tensors(score_mod)
-        hidden = hidden_grad_probe(score_mod, captured, query.device)
-        if hidden is not None and backend != "flashinfer":
-            warn_once(f"flex_flash_infer: running on the slow reference backend because {HIDDEN_GRAD}")
-            chosen = "reference"
+        learned = learned_tensors(score_mod, query.device)
     if chosen == "flashinfer":
         sm_scale = scale if scale is not None else E ** -0.5
         try:
@@ -120,20 +115,19 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         out, lse, *rest = reference_attention(query, key, value, block_mask, score_mod, scale, return_max=want_max)
         max_scores = rest[0] if want_max else None
     else:
-        out, lse = _run_flashinfer(plan, query, key, value, block_mask, score_mod, scale, captured, hidden, want_lse)
+        out, lse = _run_flashinfer(plan, query, key, value, block_mask, score_mod, scale, learned, want_lse)
     if return_aux is not None:
         return out, AuxOutput(lse=lse if want_lse else None, max_scores=max_scores)
     return (out, lse) if return_lse else out
 
 
-def _run_flashinfer(plan, query, key, value, block_mask, score_mod, scale, captured, hidden, want_lse):
+def _run_flashinfer(plan, query, key, value, block_mask, score_mod, scale, learned, want_lse):
     """(out [B, Hq, L, Ev], lse [B, Hq, L] or None) of the plan's kernels; when an input (or a
-    tensor the score_mod captures) requires grad, with a grad_fn whose backward recomputes
-    attention on the reference backend (autograd.py), or raises when the score_mod reads a
-    tensor requiring grad that could not be found (hidden: the probe of hidden_grad_probe)."""
+    tensor the score_mod reads, learned) requires grad, with a grad_fn whose backward recomputes
+    attention on the reference backend (autograd.py)."""
     B, Hq, L, E = query.shape
     Ev = value.shape[-1]
-    grad = hidden is not None or needs_grad(query, key, value, *captured)
+    grad = needs_grad(query, key, value, *learned)
 
     def run():
         q = query.transpose(1, 2).reshape(B * L, Hq, E)
@@ -148,15 +142,11 @@ def _run_flashinfer(plan, query, key, value, block_mask, score_mod, scale, captu
     if not grad:
         return run()
 
-    if hidden is not None:
-        out, lse = forward_only(run, f"flex_flash_infer: {HIDDEN_GRAD}; {FORWARD_ONLY}", (query, key, value, hidden))
-        return out, (lse if want_lse else None)
-
     def backward(saved, grad_out, grad_lse, needs):
         q, k, v, *tables = saved
         return reference_gradients(q, k, v, tables, block_mask, score_mod, scale, grad_out, grad_lse, needs)
 
-    out, lse = with_recomputed_gradients(run, backward, (query, key, value, *captured))
+    out, lse = with_recomputed_gradients(run, backward, (query, key, value, *learned))
     return out, (lse if want_lse else None)
 
 

@@ -19,7 +19,7 @@ import math
 import torch
 
 from .core import nan_merge
-from .backends.autograd import FORWARD_ONLY, anchored, forward_only, learned_inputs, needs_grad
+from .backends.autograd import FORWARD_ONLY, anchored, forward_only, learned_tensors, needs_grad
 from .backends.backend_choice import check_backend_name
 from .core.notices import warn_once
 from .backends.flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
@@ -128,7 +128,6 @@ class PagedFlexAttention:
                                                                 kv_last_page_len))
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
                              soft_cap=soft_cap,
-                             learned=learned_inputs(score_mod, self.device) if launches is not None else [],
                              scale=scale, launch_scale=launch_scale, negate_query=launch_scale < 0, page_size=page_size,
                              heads=heads, dtype=dtype, tables=tables)
         return self
@@ -188,11 +187,17 @@ class PagedFlexAttention:
         if q.stride(-1) != 1:
             q = q.contiguous()
         q_in = -q if p["negate_query"] else q
-        if needs_grad(q, k_cache, v_cache, *p["learned"]):   # a grad_fn whose backward says why it cannot
+        if p["variants"] is not None:
+            p["variants"].refresh()   # tables the score_mod reads, as they are now
+        # the learned tensors the score_mod reads, found at each call in grad mode (one unfrozen
+        # after plan() counts): a grad_fn whose backward says why it cannot
+        learned = (learned_tensors(p["score_mod"], self.device)
+                   if p["score_mod"] is not None and torch.is_grad_enabled() else [])
+        if needs_grad(q, k_cache, v_cache, *learned):
             out, lse = forward_only(lambda: _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse),
                                     "PagedFlexAttention: " + FORWARD_ONLY.replace(
                                         "backend='reference'", "PagedFlexAttention(backend='reference')"),
-                                    (q, k_cache, v_cache, *p["learned"]))
+                                    (q, k_cache, v_cache, *learned))
         else:
             out, lse = _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse)
         if lse is not None and p["plan"].decode:

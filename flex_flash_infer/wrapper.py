@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.autograd import (FORWARD_ONLY, HIDDEN_GRAD, anchored, captured_tensors, forward_only,
-                                hidden_grad_probe, needs_grad, with_recomputed_gradients)
+from .backends.autograd import anchored, learned_tensors, needs_grad, with_recomputed_gradients
 from .backends.backend_choice import check_backend_name, choose_backend
 from .core.notices import warn_once
 from .block_mask import BlockMask, LazyBlockMask, create_block_mask
@@ -46,8 +45,7 @@ class _Prepared:
     scale: float | None
     backend: str
     ragged: object = None          # varlen.RaggedBatch: the whole packed batch in one launch
-    captured: tuple = ()           # tensors requiring grad that the score_mod reads (autograd.py)
-    hidden: object = None          # autograd.hidden_grad_probe's tensor: a learned input not found
+    score_mod: object = None       # as given: the tensors requiring grad it reads are found per call
 
 
 class FlexFlashInfer:
@@ -158,14 +156,8 @@ class FlexFlashInfer:
                 ragged = varlen.RaggedBatch(offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim,
                                             dtype, scale if scale is not None else head_dim ** -0.5, self.device,
                                             self.workspace_buffer)
-        captured, hidden = (), None
-        if backend == "flashinfer" and score_mod is not None:
-            # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) needs
-            # the learned tensors the score_mod reads, found now, once
-            captured = tuple(captured_tensors(score_mod))
-            hidden = hidden_grad_probe(score_mod, captured, self.device)
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
-                                   head_dim, dtype, scale, backend, ragged, captured, hidden)
+                                   head_dim, dtype, scale, backend, ragged, score_mod)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -199,21 +191,23 @@ class FlexFlashInfer:
         captures requires grad, the backward recomputes attention in plain torch (autograd.py)."""
         p = self._require_prepared()
         self._check_inputs(p, q, k, v)
-        if p.backend != "flashinfer" or not needs_grad(q, k, v, *p.captured, p.hidden):
+        # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) needs the
+        # learned tensors the score_mod reads, found at each call (one unfrozen or made after
+        # prepare() counts)
+        learned = (learned_tensors(p.score_mod, self.device)
+                   if p.backend == "flashinfer" and p.score_mod is not None and torch.is_grad_enabled() else [])
+        if p.backend != "flashinfer" or not needs_grad(q, k, v, *learned):
             out, lse = self._forward(p, q, k, v, return_lse)
-            if needs_grad(q, k, v) and not out.requires_grad:   # no sequence sees a key
-                out, lse = anchored((q, k, v), out, lse)
-            return (out, lse) if return_lse else out
-        if p.hidden is not None:
-            message = (f"FlexFlashInfer: {HIDDEN_GRAD}; "
-                       + FORWARD_ONLY.replace("backend='reference'", "FlexFlashInfer(backend='reference')"))
-            out, lse = forward_only(lambda: self._forward(p, q, k, v, return_lse), message, (q, k, v, p.hidden))
+            if not out.requires_grad and torch.is_grad_enabled():   # no sequence sees a key
+                inputs = (q, k, v, *(learned or learned_tensors(p.score_mod, self.device)))
+                if needs_grad(*inputs):
+                    out, lse = anchored(inputs, out, lse)
             return (out, lse) if return_lse else out
 
         def backward(saved, grad_out, grad_lse, needs):
             return _segment_gradients(p, saved, grad_out, grad_lse, needs)
 
-        out, lse = with_recomputed_gradients(lambda: self._forward(p, q, k, v, True), backward, (q, k, v, *p.captured))
+        out, lse = with_recomputed_gradients(lambda: self._forward(p, q, k, v, True), backward, (q, k, v, *learned))
         return (out, lse) if return_lse else out
 
     def _forward(self, p: _Prepared, q, k, v, return_lse: bool):

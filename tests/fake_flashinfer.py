@@ -113,6 +113,10 @@ class PagedVariantModel:
     def bind(self, args, plan_args, page_size, owns_mask):
         assert len(args) == self.num_args and all(isinstance(a, torch.Tensor) for a in args[:len(self.tensor_names)])
         tables = [a.cpu().long() for a in args[:5]]
+        # the captured tensors as passed (the kernel reads its arguments): the score_mod's, then the mask_mod's
+        captured = list(args[5:len(self.tensor_names)])
+        n_score = len(self.score.tables) if self.score is not None else 0
+        score_tables, mask_tables = captured[:n_score], captured[n_score:]
         scale, kv_end = float(args[len(self.tensor_names)]), int(args[len(self.tensor_names) + 1])
         kernel_scale(scale, 1)
         req_q0, req_b, req_h0, req_page0, page_kv0 = tables
@@ -135,12 +139,13 @@ class PagedVariantModel:
             qq = (req_q0[r] + torch.arange(n)).view(1, -1, 1)
             out = s * scale
             if self.score is not None:
-                out = torch.where(filler, out, self.score(out.float(), b, hh, qq, kv.clamp(0, kv_end - 1)).double())
+                out = torch.where(filler, out, self.score(out.float(), b, hh, qq, kv.clamp(0, kv_end - 1),
+                                                          tables=score_tables).double())
             if owns_mask:
-                keep = self.mask(torch.zeros(()), b, hh, qq, kv.clamp(0, kv_end - 1)).bool() & ~filler
+                keep = self.mask(torch.zeros(()), b, hh, qq, kv.clamp(0, kv_end - 1), tables=mask_tables).bool() & ~filler
                 out = out.masked_fill(~keep, -math.inf)
             if self.fa3_mask:
-                keep = self.mask(torch.zeros(()), b, hh, qq, kv.clamp(0, kv_end - 1)).bool() & ~filler
+                keep = self.mask(torch.zeros(()), b, hh, qq, kv.clamp(0, kv_end - 1), tables=mask_tables).bool() & ~filler
                 out = out.masked_fill(masked_page & ~keep, -math.inf)
             return out
 
@@ -190,13 +195,14 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         """The variant's arguments are the request tables (first query, first key, batch entry),
         the captured tensors, then the scale; the score_mod sees absolute positions."""
         req_q0, req_kv0, req_b = (t.cpu().long() for t in variant_args[:3])
+        tables = [a for a in variant_args[3:] if isinstance(a, torch.Tensor)]   # read as passed, as the kernel does
         scale = kernel_scale(float(next(a for a in variant_args[3:] if not isinstance(a, torch.Tensor))), 1)
 
         def transform(r, logits):   # logits [H, n, m] of request r
             h, n, m = logits.shape
             pos = (torch.arange(h).view(-1, 1, 1), req_q0[r] + torch.arange(n).view(1, -1, 1),
                    req_kv0[r] + torch.arange(m).view(1, 1, -1))
-            return self.variant((logits * scale).float(), req_b[r], *pos).double()
+            return self.variant((logits * scale).float(), req_b[r], *pos, tables=tables).double()
 
         return transform
 

@@ -114,14 +114,23 @@ def _runner(graph: Graph, lib_path: str, device: str):
                             for _, kind, v in graph.scalars] or [0], dtype=torch.int64, device=device)
     pointers = torch.tensor([t.data_ptr() for t in tensors] or [0], dtype=torch.int64, device=device)
 
-    def run(score, b, h, q_idx, kv_idx):
+    def run(score, b, h, q_idx, kv_idx, tables=None):
+        """tables: the captured tensors as a launch passes them (the kernel reads its arguments,
+        not the tables as they were when compiled); by default the copies made here."""
+        ptrs, sizes = pointers, dims
+        if tables is not None:
+            tables = [t.to(device) for t in tables]
+            assert [(t.dtype, t.shape) for t in tables] == [(t.dtype, t.shape) for t in tensors]
+            ptrs = torch.tensor([t.data_ptr() for t in tables] or [0], dtype=torch.int64, device=device)
+            sizes = torch.tensor([v for t in tables for v in (*t.stride(), *t.shape)] or [0], dtype=torch.int64,
+                                 device=device)
         score, b, h, q_idx, kv_idx = torch.broadcast_tensors(
             torch.as_tensor(score, dtype=torch.float32), *(torch.as_tensor(x, dtype=torch.int32) for x in (b, h, q_idx, kv_idx)))
         flat = [x.contiguous().reshape(-1).to(device) for x in (score, b, h, q_idx, kv_idx)]
         out = torch.empty(flat[0].numel(), dtype=torch.float32, device=device)
         status = lib.eval_mod(ctypes.c_longlong(out.numel()), *(ctypes.c_void_p(x.data_ptr()) for x in flat),
-                              ctypes.c_void_p(scalars.data_ptr()), ctypes.c_void_p(pointers.data_ptr()),
-                              ctypes.c_void_p(dims.data_ptr()), ctypes.c_void_p(out.data_ptr()))
+                              ctypes.c_void_p(scalars.data_ptr()), ctypes.c_void_p(ptrs.data_ptr()),
+                              ctypes.c_void_p(sizes.data_ptr()), ctypes.c_void_p(out.data_ptr()))
         if device != "cpu" and status:
             raise RuntimeError(f"the generated CUDA kernel failed: cudaError {status}")
         return out.cpu().view(score.shape)

@@ -22,9 +22,9 @@ FORWARD_ONLY = ("the FlashInfer backend is forward-only (its kernels have no bac
                 "backend='reference' (plain torch, differentiable) or torch's own FlexAttention "
                 "(torch.nn.attention.flex_attention.flex_attention, compiled, with a fused backward)")
 
-HIDDEN_GRAD = ("the score_mod reads a tensor that requires grad which the FlashInfer backend's backward cannot "
-               "find (it looks in the score_mod's closure, defaults, the globals it names, a bound method's object "
-               "and an nn.Module's parameters)")
+DOUBLE_BACKWARD = ("a gradient of a gradient (create_graph=True: a gradient penalty, a Hessian product) through the "
+                   "FlashInfer backend is not supported: its backward recomputes attention outside autograd; use "
+                   "backend='reference' (plain torch, differentiable to any order)")
 
 # how far the search goes: a mod's tables sit a few references away, and a mod naming a large
 # object (a config, a model) must not cost more than a plan
@@ -80,28 +80,32 @@ def captured_tensors(fn) -> list:
                 visit(item, depth + 1)
 
     visit(fn, 0)
-    return _without_ancestors(list(found.values()))
+    return _roots_only(list(found.values()))
 
 
-def _without_ancestors(tensors: list) -> list:
-    """tensors less those another one was computed from (a table and the copy a mod made of it on
-    another device): the backward's gradient for the copy flows on to the table through the copy's
-    own graph, so the table must not get it a second time."""
-    reachable = set()   # autograd nodes behind each non-leaf tensor
-    for t in tensors:
-        stack = [] if t.grad_fn is None else [f for f, _ in t.grad_fn.next_functions if f is not None]
+def _roots_only(tensors: list) -> list:
+    """tensors less those computed from another of them (a table and the copy a mod keeps on
+    another device, or a scaled table): the backward takes the gradient of the one they come
+    from through their own graphs, which holds what flows through them and what the table's own
+    use adds; returning a gradient for both would count the derived part twice."""
+    def behind(t) -> tuple:
+        """(autograd nodes, ids of leaf tensors) that t was computed from."""
+        nodes, stack = set(), [] if t.grad_fn is None else [f for f, _ in t.grad_fn.next_functions if f is not None]
         while stack:
             node = stack.pop()
-            if node in reachable:
+            if node in nodes:
                 continue
-            reachable.add(node)
+            nodes.add(node)
             stack.extend(f for f, _ in node.next_functions if f is not None)
-    leaves = {id(getattr(node, "variable", None)) for node in reachable}   # AccumulateGrad nodes hold them
+        return nodes, {id(getattr(node, "variable", None)) for node in nodes}   # AccumulateGrad nodes hold leaves
 
-    def behind_another(t):
-        return t.grad_fn in reachable if t.grad_fn is not None else id(t) in leaves
+    sources = [behind(t) for t in tensors]
 
-    return [t for t in tensors if not behind_another(t)]
+    def derived(t, own) -> bool:
+        return any(u is not t and ((u.grad_fn is not None and u.grad_fn in own[0]) or
+                                   (u.grad_fn is None and id(u) in own[1])) for u in tensors)
+
+    return [t for t, own in zip(tensors, sources) if not derived(t, own)]
 
 
 def _global_names(code) -> set:
@@ -112,29 +116,51 @@ def _global_names(code) -> set:
     return names
 
 
-def hidden_grad_probe(score_mod, captured, device):
-    """When a score_mod's result depends on a tensor requiring grad that captured_tensors did not
-    find (reached some other way), its result on position 0 (in range for any table a mod indexes
-    by position), which carries that dependence; else None. Called with grad enabled only."""
-    if captured or score_mod is None:
-        return None
+def learned_tensors(score_mod, device) -> list:
+    """The tensors requiring grad a score_mod's result depends on, which a gradient must reach as
+    well as q, k and v (a learned bias table): those captured_tensors finds, those its traced
+    expression indexes, and the leaves its result at position 0 reaches in autograd (a class
+    attribute, an object's __slots__, a 0-d tensor), less those computed from another of them.
+    Called with grad enabled only."""
+    if score_mod is None:
+        return []
+    found = {id(t): t for t in captured_tensors(score_mod)}
+    for t in (*_traced_tensors(score_mod), *_probe_leaves(score_mod, device)):
+        found.setdefault(id(t), t)
+    return _roots_only(list(found.values()))
+
+
+def _traced_tensors(score_mod) -> list:
+    from ..core.trace import TraceError, trace
+    try:
+        graph = trace(score_mod, "score_mod")
+    except TraceError:   # such a mod runs on the reference backend, which records its own graph
+        return []
+    return [t for _, t in graph.tensors if t.requires_grad]
+
+
+def _probe_leaves(score_mod, device) -> list:
+    """The leaf tensors requiring grad behind the mod's result at position 0 (in range for any
+    table a mod indexes by position)."""
     zero = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device)
     try:
         with torch.enable_grad():
             out = score_mod(torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=device), zero, zero, zero, zero)
     except Exception:   # the mod's own error surfaces, explained, where it is evaluated on real positions
-        return None
-    return out if isinstance(out, torch.Tensor) and out.requires_grad else None
-
-
-def learned_inputs(score_mod, device) -> list:
-    """The tensors requiring grad a score_mod's result depends on (captured_tensors), or the
-    probe that carries that dependence when they could not be found: inputs for forward_only."""
-    if score_mod is None:
         return []
-    captured = captured_tensors(score_mod)
-    hidden = hidden_grad_probe(score_mod, captured, device)
-    return captured if hidden is None else [hidden]
+    if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+        return []
+    leaves, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            leaves.append(variable)
+        stack.extend(f for f, _ in node.next_functions if f is not None)
+    return leaves
 
 
 def needs_grad(*tensors) -> bool:
@@ -155,6 +181,8 @@ class _RecomputedBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        if torch.is_grad_enabled():   # create_graph=True: these gradients would carry no graph of their own
+            raise RuntimeError(DOUBLE_BACKWARD)
         grads = ctx.backward_fn(ctx.saved_tensors, grad_out, grad_lse, ctx.needs_input_grad[2:])
         return (None, None, *grads)
 

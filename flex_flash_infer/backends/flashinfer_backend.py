@@ -94,6 +94,7 @@ class _HeadGroup:
                       disable_split_kv=True)   # its merge would drop a NaN LSE (nan_merge.py)
         self.full = self.partial = None
         self.full_args = self.partial_args = ()
+        self.variants = variants
         self.causal = tile_plan.causal
         if variants is not None and key_positions is None:
             key_positions = torch.arange(tile_plan.num_kv_tiles) * block_kv
@@ -133,6 +134,8 @@ class _HeadGroup:
         or one head's, under which no query sees a key)."""
         if self.full is None and self.partial is None:
             return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        if self.variants is not None:
+            self.variants.refresh()   # tables the score_mod reads, as they are now
         if self.full is not None and self.partial is not None:
             o_full, lse_full = self.full.run(q, kv_pages, *self.full_args, return_lse=True)
             o_part, lse_part = self.partial.run(q, kv_pages, *self.partial_args, return_lse=True)

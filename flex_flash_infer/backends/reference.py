@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .autograd import anchored, needs_grad
+from .autograd import anchored, learned_tensors, needs_grad
 from ..masks.block_build import FULL, PARTIAL
 from ..core.mask_eval import call_mask_mod, evaluate_mask_mod, evaluate_score_mod, index_grid
 
@@ -51,9 +51,12 @@ def reference_attention(query, key, value, block_mask=None, score_mod=None, scal
         lses.append(lse)
         maxes.append(row_max)
     out, lse, row_max = torch.cat(outs, 2), torch.cat(lses, 2), torch.cat(maxes, 2)
-    if needs_grad(query, key, value) and not out.requires_grad:
-        # every row is empty: zeros that still reach the inputs, as torch's outputs do
-        out, lse, row_max = anchored((query, key, value), out, lse, row_max)
+    if not out.requires_grad and torch.is_grad_enabled():
+        # every row is empty: zeros that still reach the inputs, as torch's outputs do, and the
+        # tensors the score_mod reads (their gradient is 0, not missing)
+        inputs = (query, key, value, *learned_tensors(score_mod, query.device))
+        if needs_grad(*inputs):
+            out, lse, row_max = anchored(inputs, out, lse, row_max)
     return (out, lse, row_max) if return_max else (out, lse)
 
 
@@ -82,8 +85,10 @@ def reference_gradients(query, key, value, captured, block_mask, score_mod, scal
             live = [(o, s) for o, s in zip(outputs, seeds) if o.requires_grad]
             if not wrt or not live:
                 continue
+            # retain_graph: a learned table's gradient may run through the graph of a tensor the
+            # score_mod derived from it (autograd._roots_only), which the next chunk needs again
             found = torch.autograd.grad([o for o, _ in live], [t for _, t in wrt], [s for _, s in live],
-                                        allow_unused=True)
+                                        allow_unused=True, retain_graph=True)
             for (i, _), g in zip(wrt, found):
                 if g is None:
                     continue

@@ -48,6 +48,7 @@ class ScoreModBands:
             self.launches.append((wrapper, launch, tables))
 
     def run(self, q, k, v, return_lse: bool = True):
+        self.extra_tensors.refresh()   # tables the score_mod reads, as they are now
         kf, vf = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
         batch, q_len = self.shape[:2]
         if len(self.launches) == 1 and self.launches[0][1].writes_all(batch, q_len):

@@ -45,6 +45,7 @@ class TileVariants:
         self.score_graph = None if score_mod is None else trace(score_mod, "score_mod")
         self.mask_graph = mask_graph
         bound = position_bound_for(batch, hq, q_len, kv_len)
+        self.copies = []   # the KernelCopies of the captured tensors, refreshed before each run
         self.partial_args = self._kernel_args([self.score_graph, mask_graph], scale, kv_len, device)
         dtype_name = str(dtype).split(".")[-1]
 
@@ -62,9 +63,14 @@ class TileVariants:
         self.partial_jit_args = jit_args(fa2_paged_variant(self.score_graph, mask_graph, page_size, bound))
         self.owns_mask = mask_graph is not None
 
-    @staticmethod
-    def _kernel_args(graphs, scale, kv_len, device):
+    def refresh(self) -> None:
+        """Bring the kernels' copies of captured tensors up to date (KernelCopies.refresh)."""
+        for copies in self.copies:
+            copies.refresh()
+
+    def _kernel_args(self, graphs, scale, kv_len, device):
         """What follows the tables, in jit order: the graphs' captured tensors, the scale, the key
         count, then each graph's numbers and its tensors' strides (variant_paged.paged_arguments)."""
         values = [graph_values(g, device) for g in graphs]
+        self.copies += [ts for ts, _ in values]
         return [t for ts, _ in values for t in ts] + [float(scale), int(kv_len)] + [v for _, vs in values for v in vs]

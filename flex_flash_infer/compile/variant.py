@@ -85,12 +85,31 @@ def graph_arguments(graph: Graph | None, prefix: str = "ffi_"):
     return tensors, tensor_dtypes, scalars, scalar_dtypes
 
 
+class KernelCopies(list):
+    """The kernel's copies of a graph's captured tensors, in graph_arguments' order, kept current:
+    refresh() rewrites a copy in place (the same memory, which a captured CUDA graph keeps reading)
+    when its source was written in place since it was copied (torch's version counter: an
+    optimizer step on a learned bias table). A kernel reading the table as it was at plan time
+    while the backward reads it as it is would be silently wrong."""
+
+    def __init__(self, sources, device):
+        super().__init__(kernel_tensor(t).to(device) for t in sources)
+        self.sources = list(sources)
+        self.versions = [t._version for t in self.sources]
+
+    def refresh(self) -> None:
+        for i, t in enumerate(self.sources):
+            if t._version != self.versions[i]:
+                self[i].copy_(t.detach().reshape(self[i].shape))   # copy_ converts dtype and device
+                self.versions[i] = t._version
+
+
 def graph_values(graph: Graph | None, device):
-    """The values behind graph_arguments, in its order: (tensors on device, numbers + strides +
-    sizes)."""
+    """The values behind graph_arguments, in its order: (tensors on device, a KernelCopies,
+    numbers + strides + sizes)."""
     if graph is None:
-        return [], []
-    tensors = [kernel_tensor(t).to(device) for _, t in graph.tensors]
+        return KernelCopies([], device), []
+    tensors = KernelCopies([t for _, t in graph.tensors], device)
     return tensors, ([v for _, _, v in graph.scalars] + [int(s) for t in tensors for s in t.stride()]
                      + [int(s) for t in tensors for s in t.shape])
 

@@ -99,10 +99,20 @@ class FarSplitBands:
                                          torch.tensor([0, band.q_end - band.q_start], dtype=torch.int32),
                                          torch.tensor([0, band.kv_end - band.kv_start], dtype=torch.int32),
                                          shape, dtype, causal=True, sm_scale=scale)
-        # the far keys' lse shift, base 2, per head (a table may hold more heads than run)
-        num_heads = shape[3]
-        values = hint.values(torch.device(workspace.device)).float().reshape(-1)
+        self.hint, self.device = hint, torch.device(workspace.device)
+        self.shift_versions = None
+        self._update_shift()
+
+    def _update_shift(self) -> None:
+        """The far keys' lse shift, base 2, per head (a table may hold more heads than run), read
+        again when a table the score_mod reads was written in place since (a learned bias)."""
+        versions = [t._version for t in getattr(self.near.extra_tensors, "sources", ())]
+        if versions == self.shift_versions:
+            return
+        num_heads = self.shape[3]
+        values = self.hint.values(self.device).detach().float().reshape(-1)
         self.shift = ((values[:num_heads] if values.numel() > 1 else values.expand(num_heads)) * LOG2E).contiguous()
+        self.shift_versions = versions
 
     def _far(self, q, k, v, band):
         if self.ragged is not None:
@@ -111,6 +121,7 @@ class FarSplitBands:
 
     def run(self, q, k, v, return_lse: bool = True):
         batch, q_len = self.shape[:2]
+        self._update_shift()
         out, lse = self.near.run(q, k, v)
         for b in range(batch):
             for band in self.far_bands:

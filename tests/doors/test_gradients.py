@@ -153,27 +153,77 @@ def test_a_learned_table_alone_gets_its_gradient(flashinfer_on_cpu, rng):
         _assert_grads([got], [want])
 
 
-def test_a_learned_tensor_the_search_cannot_find_raises_in_backward(flashinfer_on_cpu, rng):
-    """A tensor requiring grad reached where captured_tensors does not look (an object's
-    __slots__): the forward runs, and backward raises naming the alternatives, never a silently
-    missing gradient."""
+def test_learned_tensors_the_search_cannot_reach_get_their_gradients(flashinfer_on_cpu, rng):
+    """Tensors requiring grad that captured_tensors does not reach (an object's __slots__, a class
+    attribute), beside one it finds (a closure cell): the traced expression and the probe at
+    position 0 find them, and each gets the oracle's gradient (one was silently None before)."""
     class Holder:
         __slots__ = ("table",)
 
+    class Config:
+        slope = torch.randn(4, generator=rng, dtype=torch.float64, requires_grad=True)
+
     holder = Holder()
     holder.table = torch.randn(4, generator=rng, dtype=torch.float64, requires_grad=True)
+    found = torch.randn(4, generator=rng, dtype=torch.float64, requires_grad=True)
 
     def hidden_bias(score, b, h, q_idx, kv_idx):
-        return score + holder.table[h]
+        return score + holder.table[h] + found[h] - Config.slope[h] * (q_idx - kv_idx).abs() * 0.05
 
     q, k, v = (t.detach() for t in _leaves(rng, 1, 4, 2, 50, 50))
-    assert autograd.captured_tensors(hidden_bias) == []
+    assert [t is found for t in autograd.captured_tensors(hidden_bias)] == [True]
     out = flex_attention(q, k, v, score_mod=hidden_bias, enable_gqa=True, backend="flashinfer")
-    assert out.grad_fn is not None
-    with pytest.raises(RuntimeError, match="forward-only.*backend='reference'.*FlexAttention"):
-        out.sum().backward()
+    got = torch.autograd.grad(out.square().sum(), [holder.table, found, Config.slope])
+    want_out, _ = dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), hidden_bias)
+    want = torch.autograd.grad(want_out.square().sum(), [holder.table, found, Config.slope])
+    _assert_grads(got, want, tol=1e-6)   # the forward's kernels read float32 copies of the tables
     with torch.no_grad():   # inference is unaffected
         assert flex_attention(q, k, v, score_mod=hidden_bias, enable_gqa=True, backend="flashinfer").grad_fn is None
+
+
+def test_a_table_and_a_tensor_derived_from_it_both_read(flashinfer_on_cpu, rng):
+    """A score_mod reading a learned table and a tensor computed from it (table * 2): the table's
+    gradient holds its own use and what flows through the derived tensor (its direct use was lost
+    before: 3.5 off)."""
+    table = torch.randn(4, generator=rng, dtype=torch.float64, requires_grad=True)
+    scaled = table * 2
+
+    def both(score, b, h, q_idx, kv_idx):
+        return score + table[h] * 0.3 - scaled[h] * (q_idx - kv_idx).abs() * 0.01
+
+    q, k, v = _leaves(rng, 1, 4, 2, 60, 60)
+    for backend in ("flashinfer", "reference"):
+        out = flex_attention(q, k, v, score_mod=both, enable_gqa=True, backend=backend)
+        got = torch.autograd.grad(out.square().sum(), [q, k, v, table], retain_graph=True)
+        want_out, _ = dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), both)
+        want = torch.autograd.grad(want_out.square().sum(), [q, k, v, table], retain_graph=True)
+        _assert_grads(got, want, tol=1e-6)
+
+
+def test_a_gradient_of_a_gradient_raises_on_the_flashinfer_path(flashinfer_on_cpu, rng):
+    """create_graph=True (a gradient penalty) through the FlashInfer backend raises naming the
+    reference backend, where it gave first-order gradients without a graph: a second-order term
+    silently 0 (|d loss / dk| 364 instead of 2764)."""
+    q, k, v = _leaves(rng, 1, 2, 2, 64, 64)
+    bm = create_block_mask(get_mask_fn("causal"), None, None, 64, 64, device="cpu", BLOCK_SIZE=32)
+    out = flex_attention(q, k, v, block_mask=bm, backend="flashinfer")
+    with pytest.raises(RuntimeError, match="gradient of a gradient.*backend='reference'"):
+        torch.autograd.grad(out.square().sum(), [q], create_graph=True)
+    out = flex_attention(q, k, v, block_mask=bm, backend="reference")   # the alternative it names works
+    (dq,) = torch.autograd.grad(out.square().sum(), [q], create_graph=True)
+    assert dq.requires_grad
+
+
+def test_nothing_visible_still_reaches_a_learned_table(rng):
+    """Every row empty, frozen q, k, v and a learned table, on the reference backend: the output
+    carries a graph to the table, whose gradient is 0 (autograd.grad raised before)."""
+    table = torch.randn(4, generator=rng, dtype=torch.float64, requires_grad=True)
+    q, k, v = (t.detach() for t in _leaves(rng, 1, 4, 2, 20, 20))
+    bm = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx < 0, None, None, 20, 20, device="cpu")
+    out = flex_attention(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h], block_mask=bm,
+                         enable_gqa=True, backend="reference")
+    (got,) = torch.autograd.grad(out.sum(), [table])
+    assert torch.equal(got, torch.zeros_like(table))
 
 
 def test_inference_without_no_grad_costs_nothing_extra(flashinfer_on_cpu, monkeypatch, rng):
@@ -182,7 +232,7 @@ def test_inference_without_no_grad_costs_nothing_extra(flashinfer_on_cpu, monkey
     def forbidden(*args, **kwargs):
         raise AssertionError("autograd machinery used for inputs that need no gradient")
 
-    for name in ("with_recomputed_gradients", "forward_only", "reference_attention", "reference_gradients"):
+    for name in ("with_recomputed_gradients", "reference_attention", "reference_gradients"):
         monkeypatch.setattr(api, name, forbidden)
     q, k, v = (t.detach() for t in _leaves(rng, 1, 4, 2, 80, 80))
     bm = create_block_mask(get_mask_fn("causal"), None, None, 80, 80, device="cpu", BLOCK_SIZE=32)
@@ -353,7 +403,8 @@ def test_a_table_and_its_copy_get_the_gradient_once(flashinfer_on_cpu, rng):
     def through_copy(score, b, h, q_idx, kv_idx):
         return score + copies["other"][h]
 
-    assert [t is copies["other"] for t in autograd.captured_tensors(through_copy)] == [True]
+    # the table the copy comes from: its gradient, taken through the copy's graph, holds the copy's
+    assert [t is copies["cpu"] for t in autograd.captured_tensors(through_copy)] == [True]
     out = flex_attention(q, k, v, score_mod=through_copy, enable_gqa=True, backend="flashinfer")
     (got,) = torch.autograd.grad(out.square().sum(), [table], retain_graph=True)   # the copy's graph, for the oracle
     want_out, _ = dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), through_copy)
@@ -372,3 +423,37 @@ def test_a_score_mod_that_ignores_the_score(flashinfer_on_cpu, rng, backend):
     for t in (q, k):   # torch's autograd leaves an unused input's grad None: zero either way
         assert t.grad is None or torch.equal(t.grad, torch.zeros_like(t))
     assert torch.allclose(v.grad, torch.ones_like(v))   # uniform weights: each key gets 130 * 1/130
+
+
+def test_flexflashinfer_follows_a_learned_table_through_training_steps(flashinfer_on_cpu, rng):
+    """A learned relative-position table stepped by an optimizer after prepare(): the FlashInfer
+    path's kernels read it as it is at each call (their copy is refreshed when it was written in
+    place), as the reference backend and the backward do; before, they kept the copy of prepare()
+    (3.9 off after one step). A table frozen at prepare() and unfrozen later gets its gradient
+    (it was silently None)."""
+    from flex_flash_infer import FlexFlashInfer
+
+    Hq, Hkv, L, D = 4, 2, 96, 16
+    table = torch.randn(Hq, 2 * L + 1, generator=rng)
+
+    def rel_bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + L]
+
+    args = dict(mask_fn=get_mask_fn("causal"), seq_len_q=L, seq_len_kv=L, num_qo_heads=Hq, num_kv_heads=Hkv,
+                head_dim=D, dtype=torch.float32, score_mod=rel_bias)
+    ours = FlexFlashInfer(device="cpu").prepare(**args)
+    assert ours.active_backend == "flashinfer"
+    table.requires_grad_()   # unfrozen after prepare()
+    opt = torch.optim.SGD([table], lr=5.0)
+    q = torch.randn(L, Hq, D, generator=rng)
+    k, v = torch.randn(L, Hkv, D, generator=rng), torch.randn(L, Hkv, D, generator=rng)
+    for _ in range(3):
+        got = ours(q, k, v)
+        with torch.no_grad():
+            want, _ = dense_grad_oracle(*(t.transpose(0, 1)[None] for t in (q, k, v)),
+                                        get_mask_fn("causal")(*_grid(1, Hq, L, L)), rel_bias)
+        assert (got - want[0].transpose(0, 1)).abs().max() < 1e-4
+        opt.zero_grad()
+        got.square().sum().backward()
+        assert table.grad is not None and table.grad.abs().sum() > 0
+        opt.step()
