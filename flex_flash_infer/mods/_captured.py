@@ -3,11 +3,18 @@ import torch
 
 
 def follow_device(tensor: torch.Tensor):
-    copies = {tensor.device: tensor}
+    """on(device): the tensor on that device; a copy on another device is made again when the
+    tensor was written in place since (a learned table after an optimizer step)."""
+    copies = {}
 
     def on(device) -> torch.Tensor:
-        if device not in copies:
-            copies[device] = tensor.to(device)
-        return copies[device]
+        device = torch.device(device)
+        if device == tensor.device:
+            return tensor
+        copy, version = copies.get(device, (None, None))
+        if copy is None or version != tensor._version:
+            copy = tensor.to(device)
+            copies[device] = (copy, tensor._version)
+        return copy
 
     return on
