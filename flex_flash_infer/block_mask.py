@@ -37,6 +37,65 @@ def _sliced_mask_mod(b, h, q_idx, kv_idx):
                        "sliced.mask_mod = lambda b, h, q, kv: mask_mod(b, h, q + offset, kv)")
 
 
+_TABLE_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+
+
+def _versions(tables) -> tuple:
+    """Each table's in-place write counter (torch bumps _version on every in-place write, a view's
+    writes included): the cheap way to notice tables refilled in place. An inference tensor keeps
+    no counter (None here), so an in-place write to it inside inference_mode goes unnoticed."""
+    out = []
+    for t in tables:
+        try:
+            out.append(None if t is None else t._version)
+        except RuntimeError:
+            out.append(None)
+    return tuple(out)
+
+
+def _check_tables(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) -> None:
+    """Refuse malformed tables where they are given, not at first use deep in the planner."""
+    if (full_kv_num_blocks is None) != (full_kv_indices is None):
+        given, missing = (("full_kv_num_blocks", "full_kv_indices") if full_kv_indices is None
+                          else ("full_kv_indices", "full_kv_num_blocks"))
+        raise ValueError(f"full_kv_num_blocks and full_kv_indices must be given together or both left out "
+                         f"(None): {given} was given but {missing} is None")
+    expected = {"kv_num_blocks": (3, "[B, H, num_q_blocks]"),
+                "kv_indices": (4, "[B, H, num_q_blocks, num_kv_blocks]"),
+                "full_kv_num_blocks": (3, "[B, H, num_q_blocks]"),
+                "full_kv_indices": (4, "[B, H, num_q_blocks, num_kv_blocks]")}
+    tables = dict(zip(_TABLE_NAMES, (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)))
+    for name, table in tables.items():
+        dims, shape = expected[name]
+        if table is None and name.startswith("full_"):
+            continue
+        if not isinstance(table, torch.Tensor):
+            raise TypeError(f"{name} must be an integer tensor {shape}, got {type(table).__name__}")
+        if table.dim() != dims:
+            raise ValueError(f"{name} must have {dims} dimensions, {shape} (B or H of 1 broadcast over the "
+                             f"batch or the heads), got shape {tuple(table.shape)}")
+        if table.dtype.is_floating_point or table.dtype.is_complex or table.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers (torch.int32), got {table.dtype}")
+    for num, idx in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        if tables[num] is not None and tuple(tables[num].shape) != tuple(tables[idx].shape[:3]):
+            raise ValueError(f"{num} {tuple(tables[num].shape)} must be {idx}'s shape without its last "
+                             f"dimension, [B, H, num_q_blocks] = {tuple(tables[idx].shape[:3])}")
+    if full_kv_num_blocks is not None and full_kv_num_blocks.shape != kv_num_blocks.shape:
+        raise ValueError(f"full_kv_num_blocks {tuple(full_kv_num_blocks.shape)} and kv_num_blocks "
+                         f"{tuple(kv_num_blocks.shape)} must have the same [B, H, num_q_blocks]")
+
+
+def _adjusted_states(states: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
+    """The tile states cropped to the upper-left nq x nkv tiles; tiles beyond the old tables
+    (a longer length) are empty, as torch's kernels never visit a key tile its tables lack."""
+    cropped = states[..., :nq, :nkv]
+    if cropped.shape[-2:] == (nq, nkv):
+        return cropped
+    grown = torch.zeros(states.shape[:-2] + (nq, nkv), dtype=states.dtype, device=states.device)
+    grown[..., :cropped.shape[-2], :cropped.shape[-1]] = cropped
+    return grown
+
+
 class BlockMask:
     """Which key tiles each query tile visits, split into partial tiles (mask_mod applied)
     and full tiles (every pair visible), as torch.nn.attention.flex_attention.BlockMask.
@@ -44,10 +103,18 @@ class BlockMask:
     Tables: kv_num_blocks / full_kv_num_blocks [B, H, nQ] int32 and kv_indices /
     full_kv_indices [B, H, nQ, nKV] int32 (the first num entries of each row are valid).
     B or H of size 1 broadcast over the batch or the heads.
+
+    The tables may be refilled in place, or mask_mod, seq_lengths or BLOCK_SIZE set anew, between
+    calls (as torch's kernels read them on every call): what was derived from them (tile states,
+    backend plans, the q tables) is dropped when the next call sees the change (_fresh).
     """
+    _seen = None              # what _states / _plans / _twin were derived from (_signature)
+    _twin = None              # the torch BlockMask of these tables, for as_tuple and the q tables
+    _compute_q_blocks = True  # torch's from_kv_blocks(compute_q_blocks=): False leaves q_* None
 
     def __init__(self, seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks=None,
                  full_kv_indices=None, BLOCK_SIZE=128, mask_mod: Callable | None = None):
+        _check_tables(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
         self._plans = {}  # backend plans built for this mask, keyed by problem shape
         self.seq_lengths = seq_lengths
         self.kv_num_blocks = kv_num_blocks
@@ -58,13 +125,41 @@ class BlockMask:
         self.mask_mod = mask_mod
         self._states = None
         self._tables_from = None   # the mask_mod the tables were computed from, when known
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple:
+        tables = tuple(getattr(self, name) for name in _TABLE_NAMES)
+        return tables, _versions(tables), self._mask_mod, self._seq_lengths, self.BLOCK_SIZE
+
+    def _fresh(self) -> "BlockMask":
+        """Drop what was derived from the tables, mask_mod, seq_lengths or BLOCK_SIZE when any of
+        them changed since (a table replaced or written in place, a field set anew): a few
+        attribute reads per call, no tensor op. Tables that changed no longer come from the
+        mask_mod, so its lowering hints stop standing in for them."""
+        seen = self._seen
+        if seen is None:   # a LazyBlockMask before its build: nothing derived from tables yet
+            return self
+        tables, versions, mask_mod, seq_lengths, block = seen
+        now = (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
+        same_tables = all(a is b for a, b in zip(tables, now)) and _versions(now) == versions
+        if (same_tables and mask_mod is self._mask_mod and seq_lengths == self._seq_lengths
+                and block == self.BLOCK_SIZE):
+            return self
+        self._plans.clear()
+        self._twin = None
+        if not same_tables:
+            self._states = None
+            self._tables_from = None
+        self._seen = self._signature()
+        return self
 
     @property
     def tables_match_mask_mod(self) -> bool:
         """Whether the tables were computed from this very mask_mod (create_block_mask), so a
         lowering hint the mask_mod states may stand in for them. False after mask_mod is set
-        anew, or for tables given directly: then the tables rule, as in torch (full tiles skip
-        the mask_mod), and the planner reads them."""
+        anew or the tables are changed, or for tables given directly: then the tables rule, as
+        in torch (full tiles skip the mask_mod), and the planner reads them."""
+        self._fresh()
         return self._tables_from is not None and self._tables_from is self.mask_mod
 
     # mask_mod and seq_lengths may be set after construction, as torch's decoding idiom does
@@ -77,6 +172,7 @@ class BlockMask:
     def mask_mod(self, mask_mod) -> None:
         self._mask_mod = noop_mask if mask_mod is None else as_mask_mod(mask_mod)
         self._plans.clear()
+        self._twin = None
 
     @property
     def seq_lengths(self) -> tuple[int, int]:
@@ -89,6 +185,7 @@ class BlockMask:
             raise ValueError(f"seq_lengths must be a (Q_LEN, KV_LEN) pair of positive ints, got {seq_lengths!r}")
         self._seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
         self._plans.clear()
+        self._twin = None
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
@@ -102,12 +199,20 @@ class BlockMask:
 
     @classmethod
     def from_kv_blocks(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
-                       BLOCK_SIZE=128, mask_mod=None, seq_lengths=None) -> "BlockMask":
+                       BLOCK_SIZE=128, mask_mod=None, seq_lengths=None, compute_q_blocks: bool = True) -> "BlockMask":
+        """As torch's from_kv_blocks. compute_q_blocks=False leaves q_num_blocks / q_indices (and
+        full_q_*) None, as torch does; when True they are computed on first use (the planner
+        needs none of them: only torch's backward reads them)."""
+        if not isinstance(compute_q_blocks, bool):
+            raise TypeError(f"compute_q_blocks must be a bool, got {compute_q_blocks!r}")
+        _check_tables(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
         bq, bkv = _block_sizes(BLOCK_SIZE)
         if seq_lengths is None:
             seq_lengths = (kv_indices.shape[-2] * bq, kv_indices.shape[-1] * bkv)
-        return cls(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+        mask = cls(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                    (bq, bkv), mask_mod)
+        mask._compute_q_blocks = compute_q_blocks
+        return mask
 
     @classmethod
     def from_torch(cls, torch_block_mask) -> "BlockMask":
@@ -115,6 +220,7 @@ class BlockMask:
         t = torch_block_mask
         mask = cls(t.seq_lengths, t.kv_num_blocks, t.kv_indices, t.full_kv_num_blocks,
                    t.full_kv_indices, t.BLOCK_SIZE, t.mask_mod)
+        mask._compute_q_blocks = getattr(t, "q_indices", True) is not None
         return mask._settle_padded_query_tiles()
 
     def _settle_padded_query_tiles(self) -> "BlockMask":
@@ -143,20 +249,75 @@ class BlockMask:
         full_num, full_idx = ordered_indices(settled == FULL)
         mask = BlockMask(self.seq_lengths, kv_num, kv_idx, full_num, full_idx, self.BLOCK_SIZE, self.mask_mod)
         mask._states = settled
+        mask._compute_q_blocks = self._compute_q_blocks
         return mask
 
     def to_torch(self):
         """Convert to a torch.nn.attention.flex_attention.BlockMask."""
         from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
 
+        # the keyword only when it says something: torch releases before it had none
+        extra = {} if self._compute_q_blocks else {"compute_q_blocks": False}
         return TorchBlockMask.from_kv_blocks(
             self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
-            BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=self.seq_lengths)
+            BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod, seq_lengths=self.seq_lengths, **extra)
+
+    def _torch_twin(self):
+        """to_torch(), kept until the tables or fields change: as_tuple runs on every call of
+        torch's flex_attention, and the q tables are a transpose of the whole tile map."""
+        self._fresh()
+        if self._twin is None:
+            self._twin = self.to_torch()
+        return self._twin
+
+    def as_tuple(self, flatten: bool = True) -> tuple:
+        """torch's BlockMask.as_tuple: what torch's own flex_attention passes its kernels, so this
+        mask can be given to torch.nn.attention.flex_attention.flex_attention too."""
+        return self._torch_twin().as_tuple(flatten)
+
+    # torch's generated tables for its backward (the key tiles' lists of query tiles), None after
+    # from_kv_blocks(compute_q_blocks=False) as in torch
+    @property
+    def q_num_blocks(self):
+        return self._torch_twin().q_num_blocks
+
+    @property
+    def q_indices(self):
+        return self._torch_twin().q_indices
+
+    @property
+    def full_q_num_blocks(self):
+        return self._torch_twin().full_q_num_blocks
+
+    @property
+    def full_q_indices(self):
+        return self._torch_twin().full_q_indices
+
+    def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
+        """A new BlockMask for other lengths, as torch's _adjust (which torch's length-mismatch
+        error asks for): the tile map cropped to its upper-left corner, the same mask_mod. Right
+        only for a mask_mod whose answer at a position does not depend on the lengths (causal
+        does; a mask aligned to the sequence end does not). Tiles a longer length adds are
+        empty: torch's kernels never visit key tiles its tables lack. torch builds the cropped
+        rows with a count that can list a key tile past the new end (its to_dense then fails);
+        here the rows are rebuilt from the cropped tile map, so they are always exact."""
+        new_q_len = check_positive_int("new_q_len", new_q_len)
+        new_kv_len = check_positive_int("new_kv_len", new_kv_len)
+        bq, bkv = self.BLOCK_SIZE
+        states = _adjusted_states(self.states, ceil_div(new_q_len, bq), ceil_div(new_kv_len, bkv))
+        kv_num, kv_idx = ordered_indices(states == PARTIAL)
+        full = None if self.full_kv_num_blocks is None else ordered_indices(states == FULL)
+        mask = BlockMask((new_q_len, new_kv_len), kv_num, kv_idx, *(full or (None, None)), self.BLOCK_SIZE,
+                         self.mask_mod)
+        mask._states = states.contiguous()
+        mask._compute_q_blocks = self._compute_q_blocks
+        return mask
 
     # ----- views --------------------------------------------------------------------------
     @property
     def states(self) -> torch.Tensor:
         """int8 [B, H, nQ, nKV]: 0 empty, 1 partial (mask_mod applied), 2 full."""
+        self._fresh()
         if self._states is None:
             self._states = states_from_tables(self.kv_num_blocks, self.kv_indices,
                                               self.full_kv_num_blocks, self.full_kv_indices)
@@ -188,9 +349,11 @@ class BlockMask:
         def take(table):
             return None if table is None else table[index]
 
-        return BlockMask(self.seq_lengths, take(self.kv_num_blocks), take(self.kv_indices),
-                         take(self.full_kv_num_blocks), take(self.full_kv_indices), self.BLOCK_SIZE,
-                         _sliced_mask_mod)
+        sliced = BlockMask(self.seq_lengths, take(self.kv_num_blocks), take(self.kv_indices),
+                           take(self.full_kv_num_blocks), take(self.full_kv_indices), self.BLOCK_SIZE,
+                           _sliced_mask_mod)
+        sliced._compute_q_blocks = self._compute_q_blocks
+        return sliced
 
     @property
     def device(self) -> torch.device:
@@ -206,11 +369,13 @@ class BlockMask:
         return 100.0 * (1.0 - dense.sum().item() / dense.numel())
 
     def to(self, device) -> "BlockMask":
+        self._fresh()
         moved = BlockMask(self.seq_lengths, *(None if t is None else t.to(device) for t in (
             self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)),
             BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
         if self._states is not None:
             moved._states = self._states.to(device)
+        moved._compute_q_blocks = self._compute_q_blocks
         return moved
 
     def plan(self, num_qo_heads: int | None = None, num_kv_heads: int | None = None, head_dim: int = 128,
@@ -284,6 +449,7 @@ class LazyBlockMask(BlockMask):
             built = self.__dict__.pop("_build")()
             for table in LazyBlockMask._TABLES:
                 setattr(self, table, getattr(built, table))
+            self._seen = self._signature()   # from here on, in-place changes of the tables are noticed
             return getattr(self, name)
         raise AttributeError(name)
 
@@ -351,18 +517,37 @@ def create_mask(mod_fn, B, H, Q_LEN, KV_LEN, device=None) -> torch.Tensor:
     return evaluate_mask_mod(as_mask_mod(mod_fn), *grid).clone()
 
 
-_converted: dict = {}
+_converted: dict = {}   # id(torch mask) -> (weakref to it, what it was converted from, our BlockMask)
+
+
+def _torch_signature(t) -> tuple:
+    tables = (t.kv_num_blocks, t.kv_indices, t.full_kv_num_blocks, t.full_kv_indices)
+    return tables, _versions(tables), t.mask_mod, t.seq_lengths, t.BLOCK_SIZE
+
+
+def _same_signature(a: tuple, b: tuple) -> bool:
+    return (all(x is y for x, y in zip(a[0], b[0])) and a[1] == b[1] and a[2] is b[2]
+            and tuple(a[3]) == tuple(b[3]) and a[4] == b[4])
 
 
 def _from_torch_cached(torch_mask):
-    """One conversion per torch BlockMask object, so its FlashInfer plan is built once too."""
-    entry = _converted.get(id(torch_mask))
-    if entry is not None and entry[0]() is torch_mask:
-        return entry[1]
+    """One conversion per torch BlockMask object, so its FlashInfer plan is built once too, made
+    again when the mask's mask_mod, seq_lengths, BLOCK_SIZE or tables were set anew or its tables
+    written in place since (torch's kernels read all of them on every call)."""
+    signature = _torch_signature(torch_mask)
+    key = id(torch_mask)
+    entry = _converted.get(key)
+    if entry is not None and entry[0]() is torch_mask and _same_signature(entry[1], signature):
+        return entry[2]
     if len(_converted) > 256:
         _converted.clear()
     mask = BlockMask.from_torch(torch_mask)
-    _converted[id(torch_mask)] = (weakref.ref(torch_mask), mask)
+
+    def forget(ref, key=key):   # the torch mask is gone: so is its conversion
+        if _converted.get(key, (None,))[0] is ref:
+            del _converted[key]
+
+    _converted[key] = (weakref.ref(torch_mask, forget), signature, mask)
     return mask
 
 
@@ -372,6 +557,7 @@ def check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int
             block_mask = _from_torch_cached(block_mask)
         else:
             raise TypeError(f"block_mask must be a BlockMask from create_block_mask, got {type(block_mask).__name__}")
+    block_mask._fresh()   # the plans cached on it hold only while its tables and fields are unchanged
     if block_mask.seq_lengths != (q_len, kv_len):
         raise ValueError(
             f"block_mask was built for (Q_LEN, KV_LEN) = {block_mask.seq_lengths} but query/key have "
