@@ -30,7 +30,7 @@ from .planning.native_soft_cap import native_soft_cap
 from .planning.score_folding import fold_score_mod
 from .backends.paged_kernels import paged_request_tables, paged_variants
 from .planning.paged_plan import plan_paged
-from .core.trace import TraceError, trace
+from .core.trace import TraceError, stale_constants_message, trace
 from .core.validation import check_positive_int, check_scale
 
 
@@ -126,8 +126,14 @@ class PagedFlexAttention:
         tables = None if launches is not None else tuple(
             torch.as_tensor(t).long().to(self.device) for t in (qo_indptr, kv_page_indptr, kv_page_indices,
                                                                 kv_last_page_len))
+        score_graph = None
+        if launches is not None and score_mod is not None:
+            try:   # 0-d tensors it reads are compiled in (or folded into the scale) as constants
+                score_graph = trace(score_mod, "score_mod")
+            except TraceError:
+                pass
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
-                             soft_cap=soft_cap,
+                             soft_cap=soft_cap, score_graph=score_graph,
                              scale=scale, launch_scale=launch_scale, negate_query=launch_scale < 0, page_size=page_size,
                              heads=heads, dtype=dtype, tables=tables)
         return self
@@ -175,6 +181,9 @@ class PagedFlexAttention:
                 raise TypeError(f"{name} has dtype {t.dtype} but plan() was given dtype={p['dtype']}")
             if t.device.type != self.device.type:
                 raise ValueError(f"{name} is on {t.device} but this PagedFlexAttention was made for {self.device}")
+        stale = stale_constants_message(p["score_graph"], "PagedFlexAttention")
+        if stale:
+            raise ValueError(stale.replace("plan again", "call plan() again"))
         if p["launches"] is None:
             out, lse = _reference(q, k_cache, v_cache, p)
             return (out, lse) if return_lse else out

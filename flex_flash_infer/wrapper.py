@@ -15,7 +15,7 @@ from .core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
 from . import varlen
-from .core.trace import TraceError
+from .core.trace import TraceError, stale_constants_message, trace
 from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
 from .core.validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
@@ -46,6 +46,7 @@ class _Prepared:
     backend: str
     ragged: object = None          # varlen.RaggedBatch: the whole packed batch in one launch
     score_mod: object = None       # as given: the tensors requiring grad it reads are found per call
+    score_graph: object = None     # its trace on the FlashInfer path: 0-d tensors compiled in as constants
 
 
 class FlexFlashInfer:
@@ -156,8 +157,14 @@ class FlexFlashInfer:
                 ragged = varlen.RaggedBatch(offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim,
                                             dtype, scale if scale is not None else head_dim ** -0.5, self.device,
                                             self.workspace_buffer)
+        score_graph = None
+        if backend == "flashinfer" and score_mod is not None:
+            try:
+                score_graph = trace(score_mod, "score_mod")
+            except TraceError:   # such a mod did not take a compiled kernel
+                pass
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
-                                   head_dim, dtype, scale, backend, ragged, score_mod)
+                                   head_dim, dtype, scale, backend, ragged, score_mod, score_graph)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -191,6 +198,9 @@ class FlexFlashInfer:
         captures requires grad, the backward recomputes attention in plain torch (autograd.py)."""
         p = self._require_prepared()
         self._check_inputs(p, q, k, v)
+        stale = stale_constants_message(p.score_graph, "FlexFlashInfer")
+        if stale:
+            raise ValueError(stale.replace("plan again", "call prepare() again"))
         # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) needs the
         # learned tensors the score_mod reads, found at each call (one unfrozen or made after
         # prepare() counts)

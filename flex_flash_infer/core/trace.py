@@ -52,6 +52,13 @@ class Graph:
     inputs: tuple            # names of the mod's arguments in order
     scalars: list = field(default_factory=list)   # (name, kind, value)
     tensors: list = field(default_factory=list)   # (name, tensor)
+    # captured 0-d tensors, whose values are compiled in as constants: (tensor, its version counter
+    # when traced); a plan that keeps the kernel is stale once one is written in place
+    constants: list = field(default_factory=list)
+
+    def constants_changed(self) -> list:
+        """The captured 0-d tensors written in place since this graph was traced."""
+        return [t for t, version in self.constants if t._version != version]
 
 
 def _kind_of_dtype(dtype: torch.dtype) -> str:
@@ -186,6 +193,7 @@ class _Tracer:
     def __init__(self):
         self.scalars = []
         self.tensors = []
+        self.constants = []
         self._tensor_names = {}
 
     def tensor_name(self, t: torch.Tensor) -> str:
@@ -211,6 +219,8 @@ def lift(x) -> "Sym":
             raise TraceError(f"a captured 0-d tensor of dtype {x.dtype} is not supported in a compiled mod, "
                              f"at {_user_line()}; use backend='reference'")
         value = x.item()
+        if _ACTIVE and all(t is not x for t, _ in _ACTIVE[-1].constants):
+            _ACTIVE[-1].constants.append((x, x._version))
         return Sym(Node("const", (), _kind_of_dtype(x.dtype), value, x.dtype, 1, value))
     raise TraceError(f"cannot use a value of type {type(x).__name__} ({x!r:.40}) in a traced mod at {_user_line()}")
 
@@ -461,6 +471,18 @@ def _stand_in(var, value, tracer, seen):
     return value
 
 
+def stale_constants_message(graph: Graph | None, door: str) -> str | None:
+    """Why a plan of this graph's compiled kernel no longer holds (a captured 0-d tensor written
+    in place since it was traced, its value compiled in), or None."""
+    changed = graph.constants_changed() if graph is not None else []
+    if not changed:
+        return None
+    return (f"{door}: the score_mod reads a 0-d tensor that was written in place after planning (now "
+            f"{changed[0].item():g}); its value is compiled into the FlashInfer kernel as a constant: plan "
+            f"again after changing it (a tensor the mod indexes by position, such as one value per head read as "
+            f"t[h], is read as it is at each call)")
+
+
 def trace(mod, kind: str) -> Graph:
     """Trace a 'score_mod' (score, b, h, q_idx, kv_idx) or a 'mask_mod' (b, h, q_idx, kv_idx)."""
     names = ("score", "b", "h", "q_idx", "kv_idx") if kind == "score_mod" else ("b", "h", "q_idx", "kv_idx")
@@ -482,4 +504,4 @@ def trace(mod, kind: str) -> Graph:
     out = lift(out)
     if kind == "mask_mod" and out.node.kind != "bool":
         raise TraceError(f"mask_mod {getattr(mod, '__name__', mod)!r} must return a bool, got a {out.node.kind} value")
-    return Graph(out.node, names, tracer.scalars, tracer.tensors)
+    return Graph(out.node, names, tracer.scalars, tracer.tensors, tracer.constants)

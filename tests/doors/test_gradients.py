@@ -457,3 +457,34 @@ def test_flexflashinfer_follows_a_learned_table_through_training_steps(flashinfe
         got.square().sum().backward()
         assert table.grad is not None and table.grad.abs().sum() > 0
         opt.step()
+
+
+def test_a_0d_tensor_compiled_in_and_changed_after_planning_raises(flashinfer_on_cpu, rng):
+    """A score_mod reading a 0-d tensor (a temperature) has its value compiled into the kernel as a
+    constant: written in place after prepare() / plan(), the next call raises saying so, where it
+    silently kept the old value; a table indexed by position is followed instead."""
+    from paged_cases import random_cache
+
+    temperature = torch.tensor(2.0)
+    slope = torch.tensor([0.1, 0.2])
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score / temperature - slope[h] * (q_idx - kv_idx).abs() * 0.01
+
+    flex = FlexFlashInfer(device="cpu").prepare(mask_fn=get_mask_fn("causal"), seq_len_q=64, seq_len_kv=64,
+                                                num_qo_heads=2, num_kv_heads=2, head_dim=16, dtype=torch.float32,
+                                                score_mod=mod)
+    q = torch.randn(64, 2, 16, generator=rng)
+    before = flex(q, q, q)
+    slope.add_(1.0)   # a table: followed
+    assert not torch.allclose(flex(q, q, q), before)
+    temperature.add_(1.0)
+    with pytest.raises(ValueError, match="0-d tensor.*written in place.*call prepare\\(\\) again"):
+        flex(q, q, q)
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer")
+    qp, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, [40, 70], [1, 1], 16, Hq=2, Hkv=2)
+    paged.plan(None, qo_indptr, kv_indptr, indices, last, 2, 2, 16, 16, dtype=torch.float64, score_mod=mod)
+    paged.run(qp, (kc, vc))
+    temperature.add_(1.0)
+    with pytest.raises(ValueError, match="0-d tensor.*call plan\\(\\) again"):
+        paged.run(qp, (kc, vc))
