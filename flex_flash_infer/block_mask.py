@@ -319,8 +319,12 @@ class BlockMask:
         """int8 [B, H, nQ, nKV]: 0 empty, 1 partial (mask_mod applied), 2 full."""
         self._fresh()
         if self._states is None:
-            self._states = states_from_tables(self.kv_num_blocks, self.kv_indices,
-                                              self.full_kv_num_blocks, self.full_kv_indices)
+            states = states_from_tables(self.kv_num_blocks, self.kv_indices,
+                                        self.full_kv_num_blocks, self.full_kv_indices)
+            # tables made for longer sequences (a torch mask whose seq_lengths were set shorter):
+            # the tiles past the sequences hold no position
+            (q_len, kv_len), (bq, bkv) = self.seq_lengths, self.BLOCK_SIZE
+            self._states = states[:, :, :-(-q_len // bq), :-(-kv_len // bkv)]
         return self._states
 
     @property

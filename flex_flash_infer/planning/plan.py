@@ -236,12 +236,13 @@ def plan_attention(block_mask, batch: int, q_len: int, kv_len: int, num_qo_heads
     states = block_mask.states.to(device)   # the tiles routes (a band route never builds a lazy mask's tables)
     if route.per_head:
         head_states = states.transpose(0, 1).expand(num_qo_heads, states.shape[0], *states.shape[2:])
-        tiles = plan_tiles_head_major(head_states, batch, q_len, block_q, block_kv, num_qo_heads // num_kv_heads)
+        tiles = plan_tiles_head_major(head_states, batch, q_len, block_q, block_kv, num_qo_heads // num_kv_heads,
+                                      kv_len)
         head_major = True
     else:
         head_states = states[:, 0]
         tiles = plan_causal_diagonal(head_states, block_mask.mask_mod, 0, batch, q_len, kv_len, block_q, block_kv) \
-            or plan_tiles(head_states, batch, q_len, block_q, block_kv)
+            or plan_tiles(head_states, batch, q_len, block_q, block_kv, kv_len)
         head_major = False
     kind = "tiles-per-head" if route.per_head else "tiles"
     return AttentionPlan(kind + ("-causal" if tiles.causal else ""), tiles=tiles, head_major=head_major,

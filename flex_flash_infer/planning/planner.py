@@ -48,8 +48,10 @@ class TilePlan:
     head_major_batch: int = 0     # > 0: requests are (query head, batch entry, query tile), see plan_tiles_head_major
 
 
-def _launch(selected: torch.Tensor, block_kv: int, fill_empty: bool) -> PagedLaunch:
-    """selected: bool [B, nQ, nKV] -> CSR over the B * nQ requests."""
+def _launch(selected: torch.Tensor, block_kv: int, fill_empty: bool, tail: int | None = None) -> PagedLaunch:
+    """selected: bool [B, nQ, nKV] -> CSR over the B * nQ requests. tail: the keys in the last key
+    tile when fewer than block_kv: a request listing that tile (last, tiles ascending) gets it as
+    its last page's length, so that a full tile's padded keys are not attended."""
     B, nq, nkv = selected.shape
     if fill_empty:
         empty_rows = ~selected.any(-1)
@@ -66,18 +68,25 @@ def _launch(selected: torch.Tensor, block_kv: int, fill_empty: bool) -> PagedLau
     request, tile = flat.nonzero(as_tuple=True)  # row-major: grouped by request, tiles ascending
     page = (request // nq) * nkv + tile
     rank = torch.arange(request.numel(), device=selected.device) - indptr[request]
+    last_len = torch.where(counts > 0, block_kv, 0)
+    if tail is not None and tail < block_kv:
+        last_tile = torch.full((B * nq,), -1, dtype=torch.int64, device=selected.device)
+        last_tile.scatter_reduce_(0, request, tile, "amax")
+        last_len = torch.where(last_tile == nkv - 1, tail, last_len)
     return PagedLaunch(
         kv_indptr=indptr.to(torch.int32),
         kv_indices=page.to(torch.int32),
-        last_page_len=torch.where(counts > 0, block_kv, 0).to(torch.int32),
+        last_page_len=last_len.to(torch.int32),
         tile_request=request,
         tile_rank=rank,
         dummy=filler.reshape(B * nq, nkv)[request, tile],
     )
 
 
-def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block_kv: int) -> TilePlan:
-    """states: int8 [Bm, nQ, nKV] for one head group (Bm is 1 or batch)."""
+def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block_kv: int,
+               kv_len: int | None = None) -> TilePlan:
+    """states: int8 [Bm, nQ, nKV] for one head group (Bm is 1 or batch). kv_len: the keys, where
+    the last key tile may be full though padded (tables made by hand or by torch)."""
     states = states.expand(batch, *states.shape[1:])
     _, nq, nkv = states.shape
     q_tile = torch.arange(nq, device=states.device)
@@ -88,14 +97,15 @@ def plan_tiles(states: torch.Tensor, batch: int, q_len: int, block_q: int, block
     return TilePlan(
         qo_indptr=qo_indptr.to(torch.int32),
         qo_len=qo_len.to(torch.int32),
-        full=_launch(full_sel, block_kv, fill_empty=False) if bool(full_sel.any()) else None,
+        full=_launch(full_sel, block_kv, fill_empty=False, tail=None if kv_len is None else kv_len - (nkv - 1) * block_kv)
+        if bool(full_sel.any()) else None,
         partial=_launch(part_sel, block_kv, fill_empty=True) if bool(part_sel.any()) else None,
         num_kv_tiles=nkv,
     )
 
 
 def plan_tiles_head_major(states: torch.Tensor, batch: int, q_len: int, block_q: int, block_kv: int,
-                          group_size: int) -> TilePlan:
+                          group_size: int, kv_len: int | None = None) -> TilePlan:
     """Every query head of a per-head mask in one launch set: states int8 [Hq, Bm, nQ, nKV].
 
     Requests are (h, b, query tile), in that order, over queries laid out head-major
@@ -104,7 +114,7 @@ def plan_tiles_head_major(states: torch.Tensor, batch: int, q_len: int, block_q:
     """
     hq = states.shape[0]
     stacked = states.expand(hq, batch, *states.shape[2:]).reshape(hq * batch, *states.shape[2:])
-    plan = plan_tiles(stacked, hq * batch, q_len, block_q, block_kv)
+    plan = plan_tiles(stacked, hq * batch, q_len, block_q, block_kv, kv_len)
     nkv = plan.num_kv_tiles
     for launch in (plan.full, plan.partial):
         if launch is not None:

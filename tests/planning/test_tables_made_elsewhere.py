@@ -1,0 +1,51 @@
+"""Block masks whose tables were not made by this library's builder: a padded last key tile
+listed as full (from_kv_blocks, torch's tables), and tables longer than the mask's seq_lengths (a
+torch mask whose lengths were set shorter). The FlashInfer path (CPU model) must give what the
+reference backend gives; it attended the padded keys of the full tile (0.04 off) and raised an
+IndexError on the longer tables."""
+import pytest
+import torch
+
+from flex_flash_infer import create_block_mask, flex_attention
+from flex_flash_infer.block_mask import BlockMask
+
+
+def _tables(selected):
+    num = selected.sum(-1).to(torch.int32)
+    idx = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num, idx
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["tiles", "tiles-per-head"])
+@pytest.mark.parametrize("L,S,block", [(100, 230, 32), (70, 129, 64), (128, 200, (32, 16))])
+def test_a_padded_last_key_tile_listed_as_full(flashinfer_on_cpu, rng, per_head, L, S, block):
+    H = 2
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q + 40 + (h * 9 if per_head else 0)) | (kv >= S - 6)
+
+    bm = create_block_mask(mask_mod, 1, H if per_head else None, L, S, device="cpu", BLOCK_SIZE=block)
+    states = bm.states.clone()
+    assert bool((states[..., -1] == 1).all())   # the builder keeps a padded tile partial
+    states[..., -1] = 2                          # made elsewhere: full, the mask holding on its keys
+    full_num, full_idx = _tables(states == 2)
+    num, idx = _tables(states == 1)
+    made = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(L, S))
+    q = torch.randn(1, H, L, 16, generator=rng, dtype=torch.float64)
+    k, v = (torch.randn(1, H, S, 16, generator=rng, dtype=torch.float64) for _ in range(2))
+    want = flex_attention(q, k, v, block_mask=made, backend="reference")
+    route = "tiles-per-head" if per_head else "tiles"
+    got = flex_attention(q, k, v, block_mask=made, backend="flashinfer", kernel_options={"ROUTE": route})
+    assert (got - want).abs().max() < 1e-6   # the CPU model computes as the kernels do, in float32
+
+
+def test_tables_longer_than_the_sequences(flashinfer_on_cpu, rng):
+    from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
+
+    tm = torch_block_mask(lambda b, h, q, kv: q >= kv, None, None, 256, 256, device="cpu")
+    tm.seq_lengths = (128, 256)
+    q = torch.randn(1, 2, 128, 16, generator=rng, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 256, 16, generator=rng, dtype=torch.float64) for _ in range(2))
+    want = flex_attention(q, k, v, block_mask=tm, backend="reference")
+    assert (flex_attention(q, k, v, block_mask=tm, backend="flashinfer") - want).abs().max() < 1e-6
