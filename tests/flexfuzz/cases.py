@@ -72,7 +72,8 @@ class Case:
     S: int = 1
     D: int = 16
     block: object = 128
-    block_mask: str = "ours"     # flex, decode: ours | torch (torch's create_block_mask) | none
+    block_mask: str = "ours"     # flex, decode: ours | torch (torch's create_block_mask) | none;
+                                 # flex: tables (made elsewhere) | mutated (rewritten in place)
     broadcast: bool = True       # build the block mask with B / H = None where the mask allows it
     scale: float | None = None
     return_lse: bool = True
@@ -311,8 +312,11 @@ def _flex(case: Case, r, force: dict, profile: Profile) -> None:
     _mods(case, r, force, w, profile)
     if w.mask_def is None and r.random() < 0.1:
         case.block_mask = "none"
-    elif not force and r.random() < 0.1 and profile.name == "cpu":
-        case.block_mask = "torch"
+    elif not force and r.random() < 0.2 and profile.name == "cpu":
+        # torch's own builder; our tables with a padded last key tile listed full where the mask
+        # holds on its keys (tables made elsewhere); or another mask's block mask used once and
+        # then rewritten in place to this mask's tables and mask_mod
+        case.block_mask = r.choice(["torch", "torch", "tables", "mutated"])
     case.mods = w.render()
     case.layout = r.choice(["", "", "", "bshd", "sliced", "dstrided"])
     if case.backend == "reference" and r.random() < 0.2:

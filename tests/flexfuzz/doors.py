@@ -139,6 +139,12 @@ def _flex(case: Case, mask_mod, score_mod, device, want):
         from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
 
         block_mask = torch_block_mask(mask_mod, bB, bH, L, S, device=device, BLOCK_SIZE=case.block)
+    elif case.block_mask == "tables":
+        block_mask = _tables_made_elsewhere(create_block_mask(mask_mod, bB, bH, L, S, device=device,
+                                                              BLOCK_SIZE=case.block), seen, S)
+    elif case.block_mask == "mutated":
+        block_mask = _rewritten_in_place(case, create_block_mask(mask_mod, bB, bH, L, S, device=device,
+                                                                 BLOCK_SIZE=case.block), score_mod, device)
     if case.block_mask == "ours" and block_mask is not None:
         want["tiles"] = oracle.tile_problems(block_mask.states, seen, block_mask.BLOCK_SIZE)
     if case.repeat and block_mask is not None:
@@ -163,6 +169,54 @@ def _flex(case: Case, mask_mod, score_mod, device, want):
     routes = [plan_route(p) + ("/forced" if case.route else "") for p in plans[:1]] \
         if case.backend == "flashinfer" else ["reference"]
     return out, lse, routes
+
+
+def _as_tables(states):
+    """FlexAttention's four tables of an int8 state map (partial 1, full 2)."""
+    tables = []
+    for value in (1, 2):
+        selected = states == value
+        tables += [selected.sum(-1).to(torch.int32),
+                   torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32)]
+    return tables
+
+
+def _tables_made_elsewhere(built, seen, S):
+    """built's tables, with the padded last key tile listed full wherever the mask holds on every
+    key it has (as hand-made or refilled tables list it; the library's builder keeps it partial)."""
+    from flex_flash_infer.block_mask import BlockMask
+
+    states = built.states.clone()
+    bq, bkv = built.BLOCK_SIZE
+    if S % bkv:
+        tail = seen[..., (states.shape[-1] - 1) * bkv:]   # [B, Hq, L, keys of the tail tile]
+        rows = torch.nn.functional.pad(tail.all(-1), (0, states.shape[2] * bq - tail.shape[2]), value=True)
+        whole = rows.view(*rows.shape[:2], states.shape[2], bq).all(-1)[:states.shape[0], :states.shape[1]]
+        states[..., -1] = torch.where(whole & (states[..., -1] == 1), 2, states[..., -1]).to(torch.int8)
+    num, idx, full_num, full_idx = _as_tables(states)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=built.BLOCK_SIZE,
+                                    mask_mod=built.mask_mod, seq_lengths=built.seq_lengths)
+
+
+def _rewritten_in_place(case: Case, built, score_mod, device):
+    """A block mask of another mask (every key visible, every tile full) with built's shapes, used
+    by a call (its plans and states cached), then given built's tables and mask_mod in place: a
+    stale state map would keep every tile full."""
+    from flex_flash_infer import flex_attention
+    from flex_flash_infer.block_mask import BlockMask
+
+    states = built.states
+    other = BlockMask.from_kv_blocks(*_as_tables(torch.full_like(states, 2)), BLOCK_SIZE=built.BLOCK_SIZE,
+                                     mask_mod=lambda b, h, q, kv: kv >= 0, seq_lengths=built.seq_lengths)
+    q, k, v = _inputs(case, (case.B, case.Hq, case.L, case.D), (case.B, case.Hkv, case.S, case.D), device,
+                      seed_offset=11)
+    flex_attention(q, k, v, score_mod=score_mod, block_mask=other, scale=case.scale, enable_gqa=case.Hq != case.Hkv,
+                   backend=case.backend)
+    for name, table in zip(("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"),
+                           _as_tables(states)):
+        getattr(other, name).copy_(table)
+    other.mask_mod = built.mask_mod
+    return other
 
 
 def _earlier_call(case: Case, block_mask, score_mod, batch_free: bool, device) -> None:
