@@ -123,9 +123,10 @@ class PagedFlexAttention:
         if backend == "flashinfer":
             launches = self._launches(plan, heads, page_size, dtype, kernel_scale, variants, soft_cap)
         # the reference reads the tables themselves (FlashInfer's launches hold their own copies)
+        # (copies: a caller that writes its next step into the same buffers must not change this plan)
         tables = None if launches is not None else tuple(
-            torch.as_tensor(t).long().to(self.device) for t in (qo_indptr, kv_page_indptr, kv_page_indices,
-                                                                kv_last_page_len))
+            torch.as_tensor(t).to(self.device, torch.long, copy=True) for t in (qo_indptr, kv_page_indptr,
+                                                                                 kv_page_indices, kv_last_page_len))
         score_graph = None
         if launches is not None and score_mod is not None:
             try:   # 0-d tensors it reads are compiled in (or folded into the scale) as constants

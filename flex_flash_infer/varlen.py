@@ -16,12 +16,13 @@ from .backends.flashinfer_backend import LN2, _is_hopper, default_workspace
 
 def _effective(causal: bool, window_left: int, q_len: int, kv_len: int):
     """The flags as they act on one q_len x kv_len request: a window that reaches every key the
-    causal mask allows is no window, and with a single key causal is the same as full."""
+    causal mask allows is no window, and with one query facing one key causal is the same as full
+    (with one key and several queries, bottom-right causal shows it to the last query only)."""
     if not causal:
         return False, window_left   # (a window without causal does not occur in bands)
     longest = kv_len - 1            # bottom-right aligned: the farthest key a query may see
     window = -1 if window_left < 0 or window_left >= longest else window_left
-    return (kv_len > 1 or window >= 0), window
+    return (q_len > 1 or kv_len > 1 or window >= 0), window
 
 
 def single_band_flags(segments):

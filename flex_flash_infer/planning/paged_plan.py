@@ -69,7 +69,8 @@ class PagedPlan:
 
 
 def _int_vector(name: str, x, device) -> torch.Tensor:
-    t = torch.as_tensor(x, device=device)
+    # an empty list would come out float32
+    t = torch.as_tensor(x, device=device, dtype=torch.int64 if isinstance(x, (list, tuple)) and not x else None)
     if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D integer tensor, got {tuple(t.shape)} {t.dtype}")
     return t.long()

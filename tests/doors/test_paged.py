@@ -255,3 +255,21 @@ def test_a_strided_head_dim_is_copied_for_the_query_and_refused_for_the_cache(fl
     with pytest.raises(ValueError, match="k_cache must have a unit-stride last"):
         paged.run(q, (strided_k, vc))
     assert rel_err(paged.run(q, (kc, vc)), want) < 1e-12
+
+
+def test_the_reference_plan_keeps_its_own_tables(rng):
+    """The reference backend's plan copies the tables: a caller writing its next step into the same
+    int64 buffers before run() does not change the planned step (1.38 off before); an empty list
+    of page ids is accepted as the tensors are."""
+    kv_lens, page = [40, 70], 16
+    q, kc, vc, qo_indptr, kv_indptr, indices, last = random_cache(rng, kv_lens, [1, 1], page)
+    tables = [t.long().clone() for t in (qo_indptr, kv_indptr, indices, last)]
+    paged = PagedFlexAttention(device="cpu", backend="reference")
+    mod = get_mask_fn("causal")
+    paged.plan(mod, *tables, 4, 2, 16, page, dtype=torch.float64)
+    want, _ = dense_oracle(mod, q, kc, vc, qo_indptr, kv_indptr, indices, last, page)
+    tables[2].copy_(tables[2].flip(0))   # the next step's page order, written in place
+    tables[3].fill_(3)
+    assert rel_err(paged.run(q, (kc, vc)), want) < 1e-6   # the paged reference computes in float32
+    paged.plan(None, [0, 0], [0, 0], [], [0], 4, 2, 16, page, dtype=torch.float64)   # no pages at all
+    assert paged.run(q[:0], (kc, vc)).shape == (0, 4, 16)

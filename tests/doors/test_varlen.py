@@ -79,3 +79,25 @@ def test_bad_cu_seqlens_name_the_argument(kwargs, needle):
     flex = FlexFlashInfer(device="cpu")
     with pytest.raises(ValueError, match=needle):
         flex.prepare(mask_fn=None, num_qo_heads=1, num_kv_heads=1, head_dim=8, dtype=torch.float32, **kwargs)
+
+
+@pytest.mark.parametrize("mask_name,params", [("chunked_causal", {"chunk_size": 64}), ("causal", {}),
+                                              ("attamba", {"window_size": 8, "chunk_size": 4})])
+def test_a_sequence_with_one_key_and_several_queries_in_one_launch(flashinfer_on_cpu, rng, mask_name, params):
+    """Packed beside a 4 x 4 sequence, one of 4 queries over 1 key, which the mask shows to every
+    query: joined into one causal ragged launch (FlashInfer aligns causal to the bottom right),
+    only the last query saw it, the others gave 0 and LSE -inf."""
+    lens_q, lens_kv = [4, 4], [4, 1]
+    cu_q, cu_kv, q, k, v = packed(rng, lens_q, lens_kv)
+    mask = get_mask_fn(mask_name, **params)
+    flex = FlexFlashInfer(device="cpu").prepare(mask_fn=mask, num_qo_heads=4, num_kv_heads=2, head_dim=16,
+                                                dtype=torch.float64, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
+    out, lse = flex(q, k, v, return_lse=True)
+    for i in range(2):
+        rows, keys = slice(cu_q[i], cu_q[i + 1]), slice(cu_kv[i], cu_kv[i + 1])
+        qi, ki = torch.arange(lens_q[i]).view(-1, 1), torch.arange(lens_kv[i]).view(1, -1)
+        dense = mask(torch.tensor(0), torch.tensor(0), qi, ki)   # the seed API's positions: top-left, per sequence
+        ref_out, ref_lse = oracle(q[rows], k[keys], v[keys], dense)
+        assert rel_err(out[rows], ref_out) < 1e-6
+        seen = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse[rows]), seen)
