@@ -30,8 +30,9 @@ def check_heads(num_qo_heads: int, num_kv_heads: int, enable_gqa: bool = True, n
     for name, n in zip(names, (num_qo_heads, num_kv_heads)):
         if n < 1:
             raise ValueError(f"{name} has {n} heads; at least 1 is needed")
+    unit = "" if names[0].startswith("num_") else " heads"   # an argument's name says heads already
     if num_qo_heads % num_kv_heads:
-        raise ValueError(f"{names[0]} heads ({num_qo_heads}) must be a multiple of {names[1]} heads ({num_kv_heads})"
+        raise ValueError(f"{names[0]}{unit} ({num_qo_heads}) must be a multiple of {names[1]}{unit} ({num_kv_heads})"
                          f"{hint}")
     if num_qo_heads != num_kv_heads and not enable_gqa:
         raise ValueError(

@@ -160,7 +160,7 @@ def _show(args) -> int:
     try:
         mask_fn = get_mask_fn(args.name, **_params_from_args(args, args.name))
         plot(mask_fn, seq_len=args.seq_len, path=output)
-    except (ImportError, ValueError, TypeError) as e:
+    except (ImportError, ValueError, TypeError, OSError) as e:   # OSError: an output path that cannot be written
         print(f"show: {e}", file=sys.stderr)
         return 2
     print(output)
@@ -229,7 +229,9 @@ def check_command(args, name: str = "check") -> int:
     device = args.device or _default_device()
     on_cuda = torch.device(device).type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.float32)
-    kv_len, num_kv_heads = args.kv_len or args.q_len, args.num_kv_heads or args.num_qo_heads
+    # unset: the query side's; 0 is a value, refused below by name
+    kv_len = args.kv_len if args.kv_len is not None else args.q_len
+    num_kv_heads = args.num_kv_heads if args.num_kv_heads is not None else args.num_qo_heads
     print(f"flex_flash_infer vs PyTorch SDPA with the dense {args.mask} mask: q_len {args.q_len}, kv_len {kv_len}, "
           f"{args.num_qo_heads} query / {num_kv_heads} key-value heads, head_dim {args.head_dim}, "
           f"{str(dtype).replace('torch.', '')} on {device}"
@@ -257,7 +259,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "demo"
     device = getattr(args, "device", None) or _default_device()
-    on_cuda = torch.device(device).type == "cuda"
+    try:
+        on_cuda = torch.device(device).type == "cuda"
+    except RuntimeError:
+        print(f"{command}: --device must be a torch device such as cpu or cuda, got {device!r}", file=sys.stderr)
+        return 2
+    if on_cuda and not torch.cuda.is_available():
+        print(f"{command}: --device {device}, but torch sees no CUDA GPU here", file=sys.stderr)
+        return 2
+    if any(n < 1 for n in getattr(args, "seq_lens", None) or ()):
+        print(f"{command}: --seq-lens must be positive, got {args.seq_lens}", file=sys.stderr)
+        return 2
     if command in ("bench", "warmup") and not torch.cuda.is_available() and not getattr(args, "cpu", False):
         print(f"{command} needs a CUDA GPU with flashinfer installed", file=sys.stderr)
         return 2

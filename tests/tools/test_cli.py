@@ -131,7 +131,32 @@ def test_check_with_a_bad_parameter_says_which_and_exits_2(capsys):
     assert cli_main(["check", "--mask", "sliding_window", "--window-size", "0", "--q-len", "64"]) == 2
     assert "window_size" in capsys.readouterr().err
     assert cli_main(["check", "--num-qo-heads", "3", "--num-kv-heads", "2", "--q-len", "64"]) == 2
-    assert "num_qo_heads" in capsys.readouterr().err
+    assert "num_qo_heads (3) must be a multiple of num_kv_heads (2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["check", "--q-len", "64", "--kv-len", "0"], "seq_len_kv must be a positive int, got 0"),   # not q_len's
+    (["check", "--q-len", "64", "--num-kv-heads", "0"], "num_kv_heads must be a positive int, got 0"),
+    (["check", "--device", "gpu", "--q-len", "64"], "--device must be a torch device"),
+    (["show", "causal", "--seq-len", "64", "-o", "/nonexistent_dir/x.png"], "No such file or directory"),
+    (["bench", "--cpu", "--seq-lens", "0"], "--seq-lens must be positive"),
+])
+def test_bad_arguments_exit_2_with_one_line_saying_which(capsys, argv, needle):
+    """Each refused with exit code 2 and a line naming it, where a traceback came, or a 0 was
+    silently replaced by the query side's value and the check passed."""
+    if argv[0] == "show":
+        pytest.importorskip("matplotlib")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_cuda_asked_for_without_a_gpu_is_refused(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-CUDA message")
+    for argv in (["demo", "--device", "cuda"], ["check", "--device", "cuda", "--q-len", "64"]):
+        assert cli.main(argv) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
 
 
 def test_the_package_reads_no_experiment_switch():
