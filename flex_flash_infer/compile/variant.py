@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from .codegen import PRELUDE, element_ctype, emit_expression, graph_key, kernel_tensor
 from ..core.trace import Graph
+from ..core.versions import version_of
 
 REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
 
@@ -95,13 +96,14 @@ class KernelCopies(list):
     def __init__(self, sources, device):
         super().__init__(kernel_tensor(t).to(device) for t in sources)
         self.sources = list(sources)
-        self.versions = [t._version for t in self.sources]
+        self.versions = [version_of(t) for t in self.sources]
 
     def refresh(self) -> None:
         for i, t in enumerate(self.sources):
-            if t._version != self.versions[i]:
+            version = version_of(t)
+            if version != self.versions[i]:
                 self[i].copy_(t.detach().reshape(self[i].shape))   # copy_ converts dtype and device
-                self.versions[i] = t._version
+                self.versions[i] = version
 
 
 def graph_values(graph: Graph | None, device):

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .versions import version_of
+
 KINDS = ("bool", "int", "float")
 
 
@@ -58,7 +60,7 @@ class Graph:
 
     def constants_changed(self) -> list:
         """The captured 0-d tensors written in place since this graph was traced."""
-        return [t for t, version in self.constants if t._version != version]
+        return [t for t, version in self.constants if version_of(t) != version]
 
 
 def _kind_of_dtype(dtype: torch.dtype) -> str:
@@ -220,7 +222,7 @@ def lift(x) -> "Sym":
                              f"at {_user_line()}; use backend='reference'")
         value = x.item()
         if _ACTIVE and all(t is not x for t, _ in _ACTIVE[-1].constants):
-            _ACTIVE[-1].constants.append((x, x._version))
+            _ACTIVE[-1].constants.append((x, version_of(x)))
         return Sym(Node("const", (), _kind_of_dtype(x.dtype), value, x.dtype, 1, value))
     raise TraceError(f"cannot use a value of type {type(x).__name__} ({x!r:.40}) in a traced mod at {_user_line()}")
 

@@ -1,6 +1,8 @@
 """A captured tensor that follows the device of the indices reading it (one copy per device)."""
 import torch
 
+from ..core.versions import version_of
+
 
 def follow_device(tensor: torch.Tensor):
     """on(device): the tensor on that device; a copy on another device is made again when the
@@ -12,9 +14,9 @@ def follow_device(tensor: torch.Tensor):
         if device == tensor.device:
             return tensor
         copy, version = copies.get(device, (None, None))
-        if copy is None or version != tensor._version:
+        if copy is None or version != version_of(tensor):
             copy = tensor.to(device)
-            copies[device] = (copy, tensor._version)
+            copies[device] = (copy, version_of(tensor))
         return copy
 
     return on

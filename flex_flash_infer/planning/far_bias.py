@@ -19,6 +19,7 @@ import torch
 from ..core import nan_merge
 from .bands import Band
 from ..core.mask_eval import INDEX_DTYPE
+from ..core.versions import version_of
 from ..mods.hints import ConstantBeyond
 from .ragged import planned_ragged
 
@@ -106,7 +107,7 @@ class FarSplitBands:
     def _update_shift(self) -> None:
         """The far keys' lse shift, base 2, per head (a table may hold more heads than run), read
         again when a table the score_mod reads was written in place since (a learned bias)."""
-        versions = [t._version for t in getattr(self.near.extra_tensors, "sources", ())]
+        versions = [version_of(t) for t in getattr(self.near.extra_tensors, "sources", ())]
         if versions == self.shift_versions:
             return
         num_heads = self.shape[3]

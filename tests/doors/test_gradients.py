@@ -488,3 +488,28 @@ def test_a_0d_tensor_compiled_in_and_changed_after_planning_raises(flashinfer_on
     temperature.add_(1.0)
     with pytest.raises(ValueError, match="0-d tensor.*call plan\\(\\) again"):
         paged.run(qp, (kc, vc))
+
+
+def test_tables_made_under_inference_mode(flashinfer_on_cpu, rng):
+    """A serving process makes its tables under torch.inference_mode(), whose tensors keep no
+    version counter: planning and running with them works (reading the counter raised)."""
+    from flex_flash_infer.mods import generate_relative_position_bias_score_mod
+
+    with torch.inference_mode():
+        table = torch.randn(2, 65, generator=rng)
+        temperature = torch.tensor(2.0)
+        q = torch.randn(64, 2, 16, generator=rng)
+        rel = generate_relative_position_bias_score_mod(table)
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return rel(score, b, h, q_idx, kv_idx) / temperature
+
+        flex = FlexFlashInfer(device="cpu").prepare(mask_fn=get_mask_fn("causal"), seq_len_q=64, seq_len_kv=64,
+                                                    num_qo_heads=2, num_kv_heads=2, head_dim=16,
+                                                    dtype=torch.float32, score_mod=mod)
+        out = flex(q, q, q)
+    assert flex.active_backend == "flashinfer"   # not a fall back to the reference
+    grid = _grid(1, 2, 64, 64)
+    want, _ = dense_grad_oracle(*(t.transpose(0, 1)[None].clone() for t in (q, q, q)),
+                                get_mask_fn("causal")(*grid), lambda s, *ix: mod(s, *ix))
+    assert (out - want[0].transpose(0, 1)).abs().max() < 1e-4
