@@ -46,7 +46,7 @@ class _Prepared:
     backend: str
     ragged: object = None          # varlen.RaggedBatch: the whole packed batch in one launch
     score_mod: object = None       # as given: the tensors requiring grad it reads are found per call
-    score_graph: object = None     # its trace on the FlashInfer path: 0-d tensors compiled in as constants
+    constants: tuple = ()          # on the FlashInfer path: the 0-d tensors it compiled in, with their versions
 
 
 class FlexFlashInfer:
@@ -157,14 +157,14 @@ class FlexFlashInfer:
                 ragged = varlen.RaggedBatch(offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim,
                                             dtype, scale if scale is not None else head_dim ** -0.5, self.device,
                                             self.workspace_buffer)
-        score_graph = None
+        constants = ()
         if backend == "flashinfer" and score_mod is not None:
             try:
-                score_graph = trace(score_mod, "score_mod")
+                constants = tuple(trace(score_mod, "score_mod").constants)
             except TraceError:   # such a mod did not take a compiled kernel
                 pass
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
-                                   head_dim, dtype, scale, backend, ragged, score_mod, score_graph)
+                                   head_dim, dtype, scale, backend, ragged, score_mod, constants)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -198,7 +198,7 @@ class FlexFlashInfer:
         captures requires grad, the backward recomputes attention in plain torch (autograd.py)."""
         p = self._require_prepared()
         self._check_inputs(p, q, k, v)
-        stale = stale_constants_message(p.score_graph, "FlexFlashInfer")
+        stale = stale_constants_message(p.constants, "FlexFlashInfer")
         if stale:
             raise ValueError(stale.replace("plan again", "call prepare() again"))
         # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) needs the

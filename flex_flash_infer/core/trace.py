@@ -58,9 +58,6 @@ class Graph:
     # when traced); a plan that keeps the kernel is stale once one is written in place
     constants: list = field(default_factory=list)
 
-    def constants_changed(self) -> list:
-        """The captured 0-d tensors written in place since this graph was traced."""
-        return [t for t, version in self.constants if version_of(t) != version]
 
 
 def _kind_of_dtype(dtype: torch.dtype) -> str:
@@ -473,10 +470,10 @@ def _stand_in(var, value, tracer, seen):
     return value
 
 
-def stale_constants_message(graph: Graph | None, door: str) -> str | None:
-    """Why a plan of this graph's compiled kernel no longer holds (a captured 0-d tensor written
-    in place since it was traced, its value compiled in), or None."""
-    changed = graph.constants_changed() if graph is not None else []
+def stale_constants_message(constants, door: str) -> str | None:
+    """Why a plan whose kernel compiled in these captured 0-d tensors ((tensor, its version when
+    planned) pairs, as Graph.constants) no longer holds: one was written in place since; or None."""
+    changed = [t for t, version in constants or () if version_of(t) != version]
     if not changed:
         return None
     return (f"{door}: the score_mod reads a 0-d tensor that was written in place after planning (now "
