@@ -177,10 +177,13 @@ def _as_dtype(r, dtype: torch.dtype):
     if dtype == torch.bool:
         certain, possible = _nonzero(lo, hi)
         return certain.long(), possible.long()
+    # one host read for both ends (a GPU sync each)
+    low, high = (torch.stack([lo.min(), hi.max()]).tolist() if lo.numel() and hi.numel()
+                 else (0, 0))
     if dtype == torch.int64:
-        return None if bool((lo < INT32_MIN).any()) or bool((hi > INT32_MAX).any()) else r
+        return None if low < INT32_MIN or high > INT32_MAX else r
     dmin, dmax = dtype_range(dtype)
-    if bool((lo >= dmin).all()) and bool((hi <= dmax).all()):
+    if low >= dmin and high <= dmax:
         return r
     span = dmax - dmin + 1
     period_lo, period_hi = torch.div(lo - dmin, span, rounding_mode="floor"), torch.div(hi - dmin, span, rounding_mode="floor")
