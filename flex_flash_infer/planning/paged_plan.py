@@ -220,7 +220,7 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     max_kv = int(kv_len.max()) if R else 0
     # a user's own causal or window mask states no hint: its flags come from its expression, read
     # at every plan (a mask reading a global may change between steps)
-    flags = (_hinted_flags(mask_mod) or paged_flags(mask_mod)) if heads == 1 else None
+    flags = (_hinted_flags(mask_mod, max_kv) or paged_flags(mask_mod)) if heads == 1 else None
     if flags is not None and flags[1] >= 0 and not native_window:
         flags = None
     if flags is not None:
@@ -276,16 +276,18 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     return PagedPlan(qo_indptr.to(torch.int32), full_spec, partial_spec, decode, states, **host)
 
 
-def _hinted_flags(mask_mod) -> tuple[bool, int] | None:
+def _hinted_flags(mask_mod, max_kv: int) -> tuple[bool, int] | None:
     """(causal, window_left) when the mask is the library's causal, sliding-window or full mask
     (its band hint gives one band with those flags for any square length): then the pages need
     no evaluation, since the queries are the newest tokens and FlashInfer aligns its causal mask
-    and window to the bottom right. None otherwise."""
+    and window to the bottom right. None otherwise. The longest request is among the lengths asked:
+    a hint whose answer changes with the length (a prefix-LM of 5000 is full below 5000) must hold
+    up to the keys the cache holds."""
     hint = getattr(mask_mod, "band_hint", None)
     if hint is None:
         return None
     try:
-        lowered = {n: hint(n, n) for n in (7, 300, 4099)}
+        lowered = {n: hint(n, n) for n in (7, 300, 4099, max(1, max_kv))}
     except Exception:   # a hint that cannot answer: evaluate the mask instead
         return None
     first = lowered[7]

@@ -273,3 +273,15 @@ def test_the_reference_plan_keeps_its_own_tables(rng):
     assert rel_err(paged.run(q, (kc, vc)), want) < 1e-6   # the paged reference computes in float32
     paged.plan(None, [0, 0], [0, 0], [], [0], 4, 2, 16, page, dtype=torch.float64)   # no pages at all
     assert paged.run(q[:0], (kc, vc)).shape == (0, 4, 16)
+
+
+def test_a_prefix_longer_than_the_probed_lengths_is_not_taken_for_full(rng):
+    """prefix_lm(4200) over a 4400-key cache, a chunk of 200 queries: its band hint is one full band
+    at every length up to 4200, so asking only short lengths took it for full attention (0.07 off);
+    the longest request's length is asked too."""
+    mod = get_mask_fn("prefix_lm", prefix_len=4200)
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [4400], [200], 16, Hq=2, Hkv=1)
+    plan = plan_paged(mod, qo_indptr, kv_page_indptr, indices, last, 16)
+    out, lse = simulate(plan, q, kc, vc, q.shape[-1] ** -0.5)
+    ref_out, _ = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
+    assert rel_err(out, ref_out) < 1e-10
