@@ -19,6 +19,7 @@ from .core.trace import TraceError, stale_constants_message, trace
 from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
 from .core.validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
+from .core.hints import pass_hints, stated_hint
 
 
 @dataclass
@@ -314,7 +315,7 @@ def _block_mask(mask_mod, heads: int, q_len: int, kv_len: int, device, block, co
     if lazy:
         # a user's own causal or window mask gets the hint a library mask carries (linear_masks.py)
         mask_mod = with_linear_band_hint(mask_mod, q_len, kv_len)
-        if any(hasattr(mask_mod, hint) for hint in LOWERING_HINTS):
+        if any(stated_hint(mask_mod, hint) is not None for hint in LOWERING_HINTS):
             return LazyBlockMask(build, (1, heads), (q_len, kv_len), block, mask_mod, device)
     return build()
 
@@ -336,7 +337,5 @@ def _for_sequence(mod, index: int, n_args: int):
 def _with_hints(fn, mod, hints):
     """fn named as mod and carrying mod's planning hints: they still describe it."""
     fn.__name__ = getattr(mod, "__name__", fn.__name__)
-    for hint in hints:
-        if hasattr(mod, hint):
-            setattr(fn, hint, getattr(mod, hint))
+    pass_hints(fn, mod, hints)
     return fn

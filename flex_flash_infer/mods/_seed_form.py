@@ -13,8 +13,8 @@ Why an object and not a function: a function cannot take both 2 and 4 required p
 arguments, and torch's ``create_block_mask`` counts a function's ``__code__.co_argcount`` (it
 must be 4). An object without ``__code__`` is judged by ``inspect.signature``, which follows
 ``__wrapped__`` to ``mod``'s four parameters (mask_eval.count_positional_args does the same).
-``functools.update_wrapper`` also copies ``mod``'s name and lowering hints (band_hint,
-key_columns_hint, document_ids ...), which the planner reads with getattr.
+``functools.update_wrapper`` copies ``mod``'s name and attributes; the lowering hints it states
+(band_hint, key_columns_hint, document_ids ...) are passed on as stated (core/hints.py).
 
 trace.py turns a function's captured numbers into kernel parameters by rebuilding its closure;
 it does that for plain functions only, so under a trace this object hands it ``mod`` to
@@ -27,6 +27,7 @@ import functools
 import torch
 
 from ..core import trace
+from ..core.hints import pass_hints
 from ..core.mask_eval import INDEX_DTYPE
 
 
@@ -46,6 +47,7 @@ class SeedFormMask:
 
     def __init__(self, mod):
         functools.update_wrapper(self, mod)
+        pass_hints(self, mod)   # it computes what mod computes: mod's hints hold for it
         self._mask_mod = mod
 
     def __repr__(self):

@@ -3,6 +3,7 @@
 Predicate: visible(q, kv) = q >= kv and ((kv + 1) % chunk_size == 0 or q - kv < window_size)
 """
 from ._params import positive_int
+from ..core.hints import state_hint
 
 
 def generate_attamba_mask_mod(window_size: int, chunk_size: int):
@@ -15,5 +16,5 @@ def generate_attamba_mask_mod(window_size: int, chunk_size: int):
 
     attamba.__name__ = f"attamba_w{window_size}_c{chunk_size}"
     # lowering hint (columns.py): a causal window band plus key columns chunk-1, 2*chunk-1, ...
-    attamba.key_columns_hint = (window_size, chunk_size - 1, chunk_size, None)
+    state_hint(attamba, "key_columns_hint", (window_size, chunk_size - 1, chunk_size, None))
     return attamba

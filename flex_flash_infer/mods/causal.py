@@ -2,6 +2,8 @@
 
 Predicate: visible(q, kv) = q >= kv
 """
+from ..core.hints import state_hint
+
 
 
 def generate_causal_mask_mod():
@@ -14,5 +16,5 @@ def generate_causal_mask_mod():
         m = min(q_len, kv_len)
         return [(0, m, 0, m, True, -1)] + ([(kv_len, q_len, 0, kv_len, False, -1)] if q_len > kv_len else [])
 
-    causal.band_hint = bands
+    state_hint(causal, "band_hint", bands)
     return causal

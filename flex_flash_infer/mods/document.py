@@ -7,6 +7,7 @@ where doc(i) is the document of token i, given either as per-token ids or as off
 from __future__ import annotations
 
 import torch
+from ..core.hints import state_hint
 
 
 def document_ids_from_offsets(offsets) -> torch.Tensor:
@@ -40,5 +41,5 @@ def generate_document_mask_mod(offsets=None, document_ids=None):
         return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
     document.__name__ = f"document_{int(ids.max()) + 1 if ids.numel() else 0}docs"
-    document.document_ids = ids
+    state_hint(document, "document_ids", ids)
     return document

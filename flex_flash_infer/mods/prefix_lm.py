@@ -3,6 +3,7 @@
 Predicate: visible(q, kv) = kv < prefix_len or q >= kv
 """
 from ._params import non_negative_int
+from ..core.hints import state_hint
 
 
 def generate_prefix_lm_mask_mod(prefix_len: int):
@@ -19,7 +20,7 @@ def generate_prefix_lm_mask_mod(prefix_len: int):
         p = min(prefix_len, q_len)
         return [band for band in ((0, p, 0, p, False, -1), (p, q_len, 0, q_len, True, -1)) if band[0] < band[1]]
 
-    prefix_lm.band_hint = bands
+    state_hint(prefix_lm, "band_hint", bands)
 
     prefix_lm.__name__ = f"prefix_lm_{prefix_len}"
     return prefix_lm

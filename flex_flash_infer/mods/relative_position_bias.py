@@ -7,6 +7,7 @@ import torch
 
 from ._captured import follow_device
 from .hints import ConstantBeyond
+from ..core.hints import state_hint
 
 
 def generate_relative_position_bias_score_mod(table):
@@ -29,5 +30,7 @@ def generate_relative_position_bias_score_mod(table):
     relative_position_bias.table = table
     # beyond the reach the bias is the table's last entry: the planner runs those keys on
     # FlashInfer's plain kernel (far_bias.py)
-    relative_position_bias.constant_beyond = ConstantBeyond(reach, lambda device: table_on(device)[..., 2 * reach])
+    if reach >= 1:   # a one-entry table is one constant everywhere: no split to make
+        state_hint(relative_position_bias, "constant_beyond",
+                   ConstantBeyond(reach, lambda device: table_on(device)[..., 2 * reach]))
     return relative_position_bias

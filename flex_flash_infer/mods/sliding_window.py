@@ -3,6 +3,7 @@
 Predicate: visible(q, kv) = q >= kv and q - kv < window_size
 """
 from ._params import positive_int
+from ..core.hints import state_hint
 
 
 def generate_sliding_window_mask_mod(window_size: int):
@@ -16,7 +17,7 @@ def generate_sliding_window_mask_mod(window_size: int):
         runs past the last key (those rows' windows are clipped: found from the mask instead)."""
         return [(0, q_len, 0, q_len, True, window_size - 1)] if q_len <= kv_len else None
 
-    sliding_window.band_hint = bands
+    state_hint(sliding_window, "band_hint", bands)
 
     sliding_window.__name__ = f"sliding_window_{window_size}"
     return sliding_window

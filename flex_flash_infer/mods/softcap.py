@@ -3,6 +3,7 @@
 score_mod: score -> cap * tanh(score / cap)
 """
 import numbers
+from ..core.hints import state_hint
 
 
 def generate_softcap_score_mod(cap: float):
@@ -14,5 +15,5 @@ def generate_softcap_score_mod(cap: float):
         return cap * (score / cap).tanh()
 
     softcap.__name__ = f"softcap_{cap:g}"
-    softcap.logits_soft_cap = cap   # FlashInfer's own soft cap computes the same (native_soft_cap.py)
+    state_hint(softcap, "logits_soft_cap", cap)   # FlashInfer's own soft cap computes the same (native_soft_cap.py)
     return softcap

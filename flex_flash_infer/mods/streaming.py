@@ -3,6 +3,7 @@
 Predicate: visible(q, kv) = q >= kv and (kv < sink_size or q - kv < window_size)
 """
 from ._params import non_negative_int, positive_int
+from ..core.hints import state_hint
 
 
 def generate_streaming_mask_mod(sink_size: int, window_size: int):
@@ -14,5 +15,5 @@ def generate_streaming_mask_mod(sink_size: int, window_size: int):
 
     streaming.__name__ = f"streaming_s{sink_size}_w{window_size}"
     # lowering hint (columns.py): a causal window band plus the sink keys 0 .. sink_size-1
-    streaming.key_columns_hint = (window_size, 0, 1, sink_size)
+    state_hint(streaming, "key_columns_hint", (window_size, 0, 1, sink_size))
     return streaming

@@ -25,6 +25,7 @@ import torch
 from ..masks.block_build import EMPTY, FULL, PARTIAL, tile_elements
 from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
 from .linear_masks import exact_row_intervals
+from ..core.hints import stated_hint
 
 VERIFY_CHUNK_ELEMENTS = 1 << 24
 MAX_RUNS_PER_SPLIT_TILE = 4
@@ -346,11 +347,11 @@ def hinted_bands(mask_mod, q_len: int, kv_len: int) -> list[Band] | None:
     find_bands): full, causal, sliding_window and prefix_lm carry a band_hint(q_len, kv_len);
     the document mask is one causal band per document (exactly its predicate when both
     sequences are the packed tokens)."""
-    hint = getattr(mask_mod, "band_hint", None)
+    hint = stated_hint(mask_mod, "band_hint")
     if hint is not None:
         bands = hint(q_len, kv_len)
         return None if bands is None else [Band(*band) for band in bands]
-    ids = getattr(mask_mod, "document_ids", None)
+    ids = stated_hint(mask_mod, "document_ids")
     if ids is None or not (q_len == kv_len == ids.numel()):
         return None
     ids = ids.cpu()

@@ -14,6 +14,7 @@ from .bands import VERIFY_CHUNK_ELEMENTS, Band, band_tile_states
 from ..masks.block_build import EMPTY, PARTIAL
 from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
 from ..masks.tile_bounds import evaluated_tiles, row_invariant_tiles
+from ..core.hints import stated_hint
 
 
 def column_lowering(mask_mod, q_len: int, kv_len: int):
@@ -21,7 +22,7 @@ def column_lowering(mask_mod, q_len: int, kv_len: int):
 
     The hint is (window_size, first, step, stop or None): a causal window band plus the key
     positions range(first, min(stop, kv_len), step)."""
-    hint = getattr(mask_mod, "key_columns_hint", None)
+    hint = stated_hint(mask_mod, "key_columns_hint")
     if hint is None or q_len != kv_len:
         return None
     window, first, step, stop = hint

@@ -22,6 +22,7 @@ from ..core.mask_eval import INDEX_DTYPE
 from ..core.versions import version_of
 from ..mods.hints import ConstantBeyond
 from .ragged import planned_ragged
+from ..core.hints import stated_hint
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -135,7 +136,7 @@ class FarSplitBands:
 def plan_split(score_mod, bands, num_heads: int):
     """(near bands, far bands, hint) when the score_mod carries a hint that holds and the bands
     split; else None (the compiled variant runs every key)."""
-    hint = getattr(score_mod, "constant_beyond", None)
+    hint = stated_hint(score_mod, "constant_beyond")
     if not isinstance(hint, ConstantBeyond):
         return None
     split = split_bands(bands, hint.reach)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..core.trace import trace
+from ..core.hints import state_hint, stated_hint
 
 _FLIP = {"ge": "le", "gt": "lt", "le": "ge", "lt": "gt", "eq": "eq"}
 _RANGE = {torch.int32: (-(1 << 31), (1 << 31) - 1), torch.int64: (-(1 << 63), (1 << 63) - 1)}
@@ -118,7 +119,7 @@ def with_linear_band_hint(mask_mod, q_len: int, kv_len: int):
     when it has no hint and is linear at these lengths (else mask_mod itself): the planners then
     take a user's own causal or window mask as they take the library's (no tile tables, FlashInfer's
     own flags on a paged cache). The hint answers other lengths too, remembered per length."""
-    if any(hasattr(mask_mod, hint) for hint in LOWERING_HINTS):
+    if any(stated_hint(mask_mod, hint) is not None for hint in LOWERING_HINTS):
         return mask_mod
     bands = linear_bands(mask_mod, q_len, kv_len)
     if bands is None:
@@ -136,7 +137,7 @@ def with_linear_band_hint(mask_mod, q_len: int, kv_len: int):
         return memo[(q, kv)]
 
     users_mask.__name__ = getattr(mask_mod, "__name__", "mask_mod")
-    users_mask.band_hint = band_hint
+    state_hint(users_mask, "band_hint", band_hint)
     return users_mask
 
 
@@ -146,7 +147,7 @@ def paged_flags(mask_mod) -> tuple[bool, int] | None:
     (`q - kv <= window_left`), the queries being the newest tokens. None for anything else: a key
     or row bound, a shifted diagonal, a window without causality, a mask that is not linear, one
     with a band hint of its own (paged_plan reads that), or values that could overflow."""
-    if any(hasattr(mask_mod, hint) for hint in LOWERING_HINTS):
+    if any(stated_hint(mask_mod, hint) is not None for hint in LOWERING_HINTS):
         return None
     constraints = _constraints(mask_mod, 1 << 31, 1 << 31)
     if constraints is None:

@@ -18,6 +18,7 @@ import numbers
 import torch
 
 from ..core.mask_eval import INDEX_DTYPE
+from ..core.hints import stated_hint
 
 
 def soft_cap_holds(score_mod, cap: float, num_heads: int, samples: int = 256) -> bool:
@@ -41,7 +42,7 @@ def soft_cap_holds(score_mod, cap: float, num_heads: int, samples: int = 256) ->
 def native_soft_cap(score_mod, num_heads: int) -> float | None:
     """The cap when the score_mod carries a logits_soft_cap attribute that holds, else None (the
     compiled variant runs it)."""
-    cap = getattr(score_mod, "logits_soft_cap", None)
+    cap = stated_hint(score_mod, "logits_soft_cap")
     if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not cap > 0:
         return None
     return float(cap) if soft_cap_holds(score_mod, float(cap), num_heads) else None

@@ -31,6 +31,7 @@ from .linear_masks import paged_flags
 from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
 from ..core.notices import warn_once
 from ..core.trace import TraceError, trace
+from ..core.hints import stated_hint
 
 CHUNK_ELEMENTS = 1 << 24
 
@@ -283,7 +284,7 @@ def _hinted_flags(mask_mod, max_kv: int) -> tuple[bool, int] | None:
     and window to the bottom right. None otherwise. The longest request is among the lengths asked:
     a hint whose answer changes with the length (a prefix-LM of 5000 is full below 5000) must hold
     up to the keys the cache holds."""
-    hint = getattr(mask_mod, "band_hint", None)
+    hint = stated_hint(mask_mod, "band_hint")
     if hint is None:
         return None
     try:

@@ -8,6 +8,7 @@ import sys
 import time
 
 import torch
+from ..core.hints import stated_hint
 
 KINDS = ("causal", "sliding_window", "tiles", "documents", "decode")
 # One fa3 variant module per score_mod structure (and per sliding-window flag): not in the default kinds.
@@ -70,7 +71,7 @@ def compile_score_mod(kind: str, dtype: torch.dtype, head_dim: int, device="cuda
 def without_soft_cap_hint(score_mod):
     """score_mod as a plain function: a library softcap then runs its compiled variant, not
     FlashInfer's own soft cap (native_soft_cap.py reads the hint from the attribute)."""
-    if getattr(score_mod, "logits_soft_cap", None) is None:
+    if stated_hint(score_mod, "logits_soft_cap") is None:
         return score_mod
 
     def plain(score, b, h, q_idx, kv_idx):

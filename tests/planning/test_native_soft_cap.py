@@ -50,3 +50,40 @@ def test_the_sequence_wrapper_keeps_the_cap():
     per_sequence = _for_sequence(generate_softcap_score_mod(20.0), 1, 5)
     assert per_sequence.logits_soft_cap == 20.0
     assert native_soft_cap.native_soft_cap(per_sequence, 8) == 20.0
+
+
+def test_hints_copied_by_functools_wraps_are_not_trusted(flashinfer_on_cpu, rng):
+    """functools.wraps copies a library mod's hints onto a wrapper that computes something else (a
+    causal mask that also hides key 0; a soft cap plus a diagonal bonus): the planner reads the
+    wrapper's own expression (it ran the library's band and soft cap: 2.4 and 2.2 off)."""
+    import functools
+
+    from flex_flash_infer import create_block_mask, flex_attention, get_mask_fn
+
+    causal = get_mask_fn("causal")
+    softcap = generate_softcap_score_mod(20.0)
+
+    @functools.wraps(causal)
+    def causal_without_key_0(b, h, q_idx, kv_idx):
+        return causal(b, h, q_idx, kv_idx) & (kv_idx > 0)
+
+    @functools.wraps(softcap)
+    def softcap_and_diagonal(score, b, h, q_idx, kv_idx):
+        return softcap(score, b, h, q_idx, kv_idx) + torch.where(q_idx == kv_idx, 3.0, 0.0)
+
+    assert causal_without_key_0.band_hint is causal.band_hint   # copied...
+    assert native_soft_cap.native_soft_cap(softcap_and_diagonal, 4) is None   # ...but not stated
+    q, k, v = (torch.randn(1, 4, 200, 16, generator=rng, dtype=torch.float64) for _ in range(3))
+    for mask_mod, score_mod in ((causal_without_key_0, None), (causal, softcap_and_diagonal)):
+        bm = create_block_mask(mask_mod, None, None, 200, 200, device="cpu")
+        want = flex_attention(q, k, v, block_mask=bm, score_mod=score_mod, backend="reference")
+        got = flex_attention(q, k, v, block_mask=bm, score_mod=score_mod, backend="flashinfer")
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_a_one_entry_relative_table_is_accepted(rng):
+    from flex_flash_infer.mods import generate_relative_position_bias_score_mod
+
+    for shape in ((1,), (4, 1)):
+        mod = generate_relative_position_bias_score_mod(torch.randn(shape, generator=rng))
+        assert mod(torch.zeros(()), torch.tensor(0), torch.tensor(0), torch.tensor(5), torch.tensor(2)).shape == ()

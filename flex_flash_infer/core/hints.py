@@ -1,0 +1,40 @@
+"""Planner hints a function states about itself (a library mask's bands, a soft cap's cap, a
+relative bias's constant beyond its reach): the planner trusts some of them without checking, so
+a hint counts only on the very function object that stated it. functools.wraps copies a
+function's attributes onto a wrapper that may compute something else (a causal mask that also
+hides key 0): such a copy is an attribute, not a stated hint, and the planner reads the wrapper's
+expression instead."""
+from __future__ import annotations
+
+import weakref
+
+_STATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# every hint the library states (planning/linear_masks.LOWERING_HINTS and the score_mod ones)
+HINT_NAMES = ("band_hint", "document_ids", "key_columns_hint", "logits_soft_cap", "constant_beyond")
+
+
+def state_hint(fn, name: str, value) -> None:
+    """fn states the hint `name`: set as its attribute (for a reader's eye) and registered."""
+    setattr(fn, name, value)
+    _STATED.setdefault(fn, {})[name] = value
+
+
+def stated_hint(fn, name: str):
+    """The hint fn itself stated and still carries, or None (an attribute copied from another
+    function, set by hand, or changed since)."""
+    try:
+        stated = _STATED.get(fn)
+    except TypeError:   # an object that cannot be weakly referenced states nothing
+        return None
+    if not stated or name not in stated:
+        return None
+    value = stated[name]
+    return value if getattr(fn, name, None) is value else None
+
+
+def pass_hints(fn, mod, names=HINT_NAMES) -> None:
+    """fn states the hints mod stated (a wrapper that still computes what mod computes)."""
+    for name in names:
+        value = stated_hint(mod, name)
+        if value is not None:
+            state_hint(fn, name, value)
