@@ -49,3 +49,26 @@ def test_tables_longer_than_the_sequences(flashinfer_on_cpu, rng):
     k, v = (torch.randn(1, 2, 256, 16, generator=rng, dtype=torch.float64) for _ in range(2))
     want = flex_attention(q, k, v, block_mask=tm, backend="reference")
     assert (flex_attention(q, k, v, block_mask=tm, backend="flashinfer") - want).abs().max() < 1e-6
+
+
+def test_a_tensor_the_mask_reads_written_in_place_plans_again(flashinfer_on_cpu, rng):
+    """A per-head window read from a tensor (and a 0-d one), changed in place after a call: the
+    plan cached on the block mask (bands, partial tiles' bits) was built from the old values and
+    was reused (1.2 off); it is planned again, and agrees with the reference backend, which reads
+    the mask live on partial tiles as torch's kernels do."""
+    windows, w0 = torch.tensor([5, 10]), torch.tensor(7)
+
+    def per_head(b, h, q, kv):
+        return (q >= kv) & (q - kv < windows[h])
+
+    def scalar(b, h, q, kv):
+        return (q >= kv) & (q - kv < w0)
+
+    q = torch.randn(1, 2, 300, 16, generator=rng, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 300, 16, generator=rng, dtype=torch.float64) for _ in range(2))
+    for mask_mod, heads, table in ((per_head, 2, windows), (scalar, None, w0)):
+        bm = create_block_mask(mask_mod, None, heads, 300, 300, device="cpu", BLOCK_SIZE=64)
+        flex_attention(q, k, v, block_mask=bm, backend="flashinfer")
+        table.fill_(20)
+        want = flex_attention(q, k, v, block_mask=bm, backend="reference")
+        assert (flex_attention(q, k, v, block_mask=bm, backend="flashinfer") - want).abs().max() < 1e-6
