@@ -265,3 +265,24 @@ def test_compiled_block_mask_build_gives_the_same_plan(rng):
     assert torch.equal(compiled.block_mask.states, eager.block_mask.states)
     q, k, v = seq_qkv(rng, 300, 300, 4, 2, 16, torch.float64)
     assert_matches(compiled, q, k, v, dense_predicate("sliding_window", 300, 300, window_size=40), torch.float64)
+
+
+def test_a_tensor_the_mask_reads_changed_after_prepare_raises(flashinfer_on_cpu, rng):
+    """prepare() plans the mask from the values of the tensors it reads (bands, partial tiles'
+    bits): one written in place afterwards makes the next call raise, saying to prepare again,
+    where the old plan ran silently."""
+    windows = torch.tensor([5, 10])
+
+    def per_head(b, h, q, kv):
+        return (q >= kv) & (q - kv < windows[h])
+
+    flex = FlexFlashInfer(device="cpu").prepare(mask_fn=per_head, seq_len_q=100, seq_len_kv=100, num_qo_heads=2,
+                                                num_kv_heads=2, head_dim=16, dtype=torch.float32)
+    q = torch.randn(100, 2, 16, generator=rng)
+    flex(q, q, q)
+    windows.fill_(20)
+    with pytest.raises(ValueError, match="mask_fn reads was written in place.*prepare\\(\\) again"):
+        flex(q, q, q)
+    flex.prepare(mask_fn=per_head, seq_len_q=100, seq_len_kv=100, num_qo_heads=2, num_kv_heads=2, head_dim=16,
+                 dtype=torch.float32)
+    flex(q, q, q)
