@@ -251,6 +251,9 @@ def kernel_scale(sm_scale, head_dim: int) -> float:
     fuzzer): the model refuses one, so the library's CPU tests catch a call that would pass it."""
     scale = head_dim ** -0.5 if sm_scale is None else float(sm_scale)
     assert scale > 0, f"sm_scale {scale}: FlashInfer's kernels give NaN for a scale <= 0"
+    # the kernels hold it as a float32: 1e-300 is 0 there
+    f32 = torch.finfo(torch.float32)
+    assert f32.tiny <= scale <= f32.max, f"sm_scale {scale} is not a normal float32 (0 or inf in the kernels)"
     return scale
 
 

@@ -19,7 +19,7 @@ import torch
 from . import column_merge
 from ..core import nan_merge
 from ..planning.bands import plain_band_launch
-from ..planning.score_folding import fold_score_mod
+from ..planning.score_folding import fold_score_mod, kernel_scale_ok
 from ..masks.block_build import ceil_div
 from .column_merge import merge_columns
 from ..planning.far_bias import FarSplitBands
@@ -62,8 +62,9 @@ def scale_reason(scale: float | None) -> str | None:
     """Why FlashInfer's kernels cannot take this scale, or None. They return NaN for every row at
     sm_scale 0 (seen on an H200 by the GPU fuzzer), where FlexAttention averages the visible
     values; a negative scale runs with the query negated (FlashInferPlan)."""
-    if scale is not None and (scale == 0 or not math.isfinite(scale)):
-        return f"FlashInfer's kernels need a finite, nonzero scale, got scale={scale}"
+    if scale is not None and not kernel_scale_ok(scale):
+        return (f"FlashInfer's kernels need a finite, nonzero scale that float32 holds as a normal number "
+                f"(1.2e-38 to 3.4e38 in size), got scale={scale}")
     return None
 
 

@@ -185,16 +185,22 @@ def tile_sparse_attention(query, key, value, block_mask, scale):
     visibility); mask_mod runs on partial tiles only. Inputs with NaN or inf take the chunked
     path, whose masking never lets a hidden key's NaN into a row."""
     if (_FUSED_CPU is None or query.device.type != "cpu" or query.dtype not in FUSED_DTYPES
-            or value.shape[-1] != query.shape[-1] or needs_grad(query, key, value)
-            or not all(_all_finite(t) for t in (query, key, value))):
+            or value.shape[-1] != query.shape[-1] or needs_grad(query, key, value) or not _all_finite(value)):
+        return None
+    E = query.shape[-1]
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    # every score finite: |q.k| * |scale| <= max|q| * max|k| * E * |scale| (a NaN or inf input makes
+    # the bound so); the fused kernel gives 0 or a finite LSE where a score overflows to +-inf,
+    # while the chunked path gives torch's NaN and -inf
+    compute = torch.finfo(torch.float64 if query.dtype == torch.float64 else torch.float32)
+    if not _largest(query) * _largest(key) * E * abs(scale) < compute.max / 4:
         return None
     # torch's fused CPU kernel reads the last dimension as unit-stride (torch's public
     # scaled_dot_product_attention copies such inputs first; its private op does not)
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    B, Hq, L, E = query.shape
+    B, Hq, L, _ = query.shape
     S = key.shape[2]
     bq, bkv = block_mask.BLOCK_SIZE
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     states = block_mask.states.cpu()
     # per tile over every (b, h), read once: which tiles any row sees, which are full for all
     flat = states.flatten(0, 1)
@@ -229,6 +235,14 @@ def tile_sparse_attention(query, key, value, block_mask, scale):
                 o = o.masked_fill(~seen.unsqueeze(-1), 0.0)
         out[:, :, r0:r1], lse[:, :, r0:r1] = o, s
     return out, lse
+
+
+def _largest(t: torch.Tensor) -> float:
+    """The largest magnitude in t (inf or NaN when one is), in one pass."""
+    if t.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(t)
+    return max(abs(float(low)), abs(float(high)))
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -71,6 +71,16 @@ def fold_score_mod(score_mod, scale: float):
     if c is None:
         return score_mod, scale
     folded = scale * c
-    if not math.isfinite(folded) or folded == 0:
+    if not kernel_scale_ok(folded):
         return score_mod, scale
     return None, folded
+
+
+# FlashInfer's kernels hold sm_scale as a float32: a scale that is 0, subnormal or inf there (1e-300
+# is a nonzero double) gives NaN rows, as sm_scale 0 does
+_F32 = torch.finfo(torch.float32)
+
+
+def kernel_scale_ok(scale: float) -> bool:
+    """Whether FlashInfer's kernels can take this scale: a normal float32 number, nonzero."""
+    return math.isfinite(scale) and _F32.tiny <= abs(scale) <= _F32.max

@@ -80,3 +80,20 @@ def test_flex_attention_on_the_cpu_takes_it_and_steps_aside_where_it_cannot_be_e
     assert torch.isnan(out[0, 0, 5:]).all() and not torch.isnan(out[0, 0, :5]).any()
     q.requires_grad_()
     assert original(q, k, v, bm, None) is None   # gradients: the differentiable chunked path
+
+
+def test_scores_that_overflow_take_the_chunked_path():
+    """Finite inputs whose scores overflow to +-inf: the fused kernel gave 0 where torch gives NaN
+    (bf16, a +inf score) and LSE 0 where torch gives -inf (every score -inf); the tile path steps
+    aside for the chunked one, which gives torch's."""
+    bm = create_block_mask(get_mask_fn("causal"), None, None, 40, 40, device="cpu")
+    k = torch.ones(1, 1, 40, 8)
+    for dtype, q_value, nan_out in ((torch.bfloat16, 1e20, True), (torch.float32, -1e20, False)):
+        q = torch.full((1, 1, 40, 8), q_value).to(dtype)
+        kk, v = (k * 1e20).to(dtype), torch.randn(1, 1, 40, 8).to(dtype)
+        assert reference.tile_sparse_attention(q, kk, v, bm, None) is None
+        out, lse = flex_attention(q, kk, v, block_mask=bm, return_lse=True)
+        if nan_out:
+            assert torch.isnan(out).all()
+        else:
+            assert (out == 0).all() and torch.isneginf(lse).all()

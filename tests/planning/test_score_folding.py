@@ -107,3 +107,18 @@ def test_flex_attention_with_a_temperature_keeps_its_gradients(flashinfer_on_cpu
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
     assert all(rel_err(g, r) < 1e-6 for g, r in zip(grads, ref_grads))
+
+
+def test_a_scale_float32_cannot_hold_is_neither_folded_nor_passed():
+    """FlashInfer's kernels hold sm_scale as a float32, where 1e-300 is 0 (NaN rows on the GPU):
+    such a product is not folded, and such a scale is refused by the FlashInfer backend by name."""
+    from flex_flash_infer.backends.flashinfer_backend import scale_reason
+    from flex_flash_infer.planning.score_folding import fold_score_mod
+
+    def tiny(score, b, h, q_idx, kv_idx):
+        return score * 1e-300
+
+    assert fold_score_mod(tiny, 0.125)[0] is tiny
+    for scale in (1e-300, 1e-40, 1e39):
+        assert "float32" in scale_reason(scale)
+    assert scale_reason(1e-30) is None and scale_reason(-0.5) is None
