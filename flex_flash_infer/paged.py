@@ -229,7 +229,9 @@ class PagedFlexAttention:
             # torch) and wherever the output is NaN: after the merge a NaN key cannot be told from
             # a NaN value, so a row whose only NaN is in a value gets a NaN LSE too (torch: a
             # number). Both are [rows, heads] passes over a decode step's small q and output
-            lost = (torch.isnan(q).any(-1) & (lse != float("-inf"))) | torch.isnan(out).any(-1)
+            # (an output NaN because a score is +inf keeps the kernel's +inf LSE, as torch's)
+            lost = ((torch.isnan(q).any(-1) & (lse != float("-inf")))
+                    | (torch.isnan(out).any(-1) & (lse != float("inf"))))
             lse = lse.masked_fill(lost, float("nan"))
         return (out, lse) if return_lse else out
 
@@ -357,7 +359,8 @@ def _reference(q, k_cache, v_cache, p):
         # as reference.attend_rows: a NaN score gives NaN (never a hidden 0), an empty row exact zeros
         row_max = s.amax(-1, keepdim=True)
         empty = row_max == float("-inf")
-        shift = torch.where(empty, 0.0, row_max.detach())
+        # a +inf score: no shift, so its row's LSE is +inf as torch's (inf - inf made it NaN)
+        shift = torch.where(torch.isfinite(row_max), row_max.detach(), 0.0)
         weights = torch.exp(s - shift)
         total = torch.where(empty, 1.0, weights.sum(-1, keepdim=True))
         out[q0:q1] = torch.einsum("hnk,khd->nhd", weights / total, v).to(q.dtype)

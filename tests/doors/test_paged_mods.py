@@ -201,3 +201,27 @@ def test_a_bad_score_mod_names_the_argument_and_keeps_the_plan(rng):
     with pytest.raises(TypeError, match="scale must be a float"):
         attn.plan(None, *tables, HQ, HKV, D, 16, dtype=torch.float64, scale="0.1")
     assert torch.equal(attn.run(q, cache), before)
+
+
+def test_a_score_mod_that_gives_plus_inf_keeps_lse_plus_inf(flashinfer_on_cpu):
+    """A score_mod whose value is +inf at a key (-inf times a negative number), on decode steps: the
+    output is NaN as torch's, and the LSE +inf as torch's, on the reference backend (inf - inf made
+    it NaN) and on FlashInfer's (the decode repair marked every row with a NaN output NaN). The
+    fuzzer's case 9150045:135."""
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/doors/", 1)[0])
+    from flexfuzz import check
+
+    def build(device="cpu"):
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx // 100 == kv_idx // 100)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where((b > kv_idx) & (q_idx < 25), score, float("-inf")) * -1.095
+
+        return mask_mod, score_mod
+
+    for backend in ("flashinfer", "reference"):
+        check(build, seed=9150045, index=135, target="paged", door="paged", backend=backend, Hq=9, Hkv=3, L=4, S=51,
+              block=(16, 32), broadcast=False, kv_lens=[1, 1, 11, 51], qo_lens=[1, 1, 1, 1], input_seed=196105641)
