@@ -10,8 +10,8 @@ from .backends.flashinfer_backend import FlashInferPlan
 from .core.mask_eval import check_score_mod
 from .backends.reference import reference_attention, reference_gradients
 from .core.notices import warn_once
-from .core.trace import TraceError, trace
-from .core.versions import version_of
+from .core.trace import TraceError, tensors_read
+from .core.versions import moved, snapshot
 from .core.validation import check_bhsd, check_scale
 
 try:   # torch's own classes (torch >= 2.9), so code written for torch's flex_attention works unchanged
@@ -46,22 +46,14 @@ def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dty
                               score_mod=score_mod, route=route)
     key = (batch, hq, hkv, head_dim, dtype, scale, str(device), route)
     plan = block_mask._plans.get(key)
-    if plan is None or any(version_of(t) != version for t, version in plan.mask_reads):
+    if plan is None or moved(plan.mask_reads):
         plan = FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device, route=route)
         # the tensors the mask_mod reads, as they were when planned (its bands and partial tiles'
         # bits come from their values): a write to one in place plans again
-        plan.mask_reads = tuple((t, version_of(t)) for t in _tensors_read(block_mask.mask_mod))
+        plan.mask_reads = snapshot(tensors_read(block_mask.mask_mod, "mask_mod"))
         block_mask._plans[key] = plan
     return plan
 
-
-def _tensors_read(mask_mod) -> list:
-    """The captured tensors a mask_mod's traced expression reads (tables and 0-d values)."""
-    try:
-        graph = trace(mask_mod, "mask_mod")
-    except TraceError:
-        return []
-    return [t for _, t in graph.tensors] + [t for t, _ in graph.constants]
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,

@@ -31,7 +31,7 @@ from .planning.score_folding import fold_score_mod
 from .backends.paged_kernels import paged_request_tables, paged_variants
 from .planning.paged_plan import plan_paged
 from .core.trace import TraceError, stale_constants_message, trace
-from .core.versions import version_of
+from .core.versions import snapshot
 from .core.validation import check_positive_int, check_scale
 
 
@@ -144,7 +144,7 @@ class PagedFlexAttention:
                 except TraceError:
                     found = []
                 self._constants_seen = (user_score_mod, found)
-            constants = tuple((t, version_of(t)) for t in found)
+            constants = snapshot(found)
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
                              soft_cap=soft_cap, constants=constants,
                              scale=scale, launch_scale=launch_scale, negate_query=launch_scale < 0, page_size=page_size,

@@ -15,8 +15,8 @@ from .core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
 from . import varlen
-from .core.trace import TraceError, stale_constants_message, trace
-from .core.versions import version_of
+from .core.trace import TraceError, stale_constants_message, tensors_read, trace
+from .core.versions import moved, snapshot
 from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
 from .core.validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
@@ -166,14 +166,8 @@ class FlexFlashInfer:
                 constants = tuple(trace(score_mod, "score_mod").constants)
             except TraceError:   # such a mod did not take a compiled kernel
                 pass
-        mask_reads = ()
-        if backend == "flashinfer":   # the plan's bands and bits come from these tensors' values
-            try:
-                graph = trace(mask_mod, "mask_mod")
-                mask_reads = tuple((t, version_of(t)) for t in [t for _, t in graph.tensors] +
-                                   [t for t, _ in graph.constants])
-            except TraceError:
-                pass
+        # the plan's bands and bits come from the values of the tensors the mask reads
+        mask_reads = snapshot(tensors_read(mask_mod, "mask_mod")) if backend == "flashinfer" else ()
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
                                    head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads)
         return self
@@ -212,7 +206,7 @@ class FlexFlashInfer:
         stale = stale_constants_message(p.constants, "FlexFlashInfer")
         if stale:
             raise ValueError(stale.replace("plan again", "call prepare() again"))
-        if any(version_of(t) != version for t, version in p.mask_reads):
+        if moved(p.mask_reads):
             raise ValueError("FlexFlashInfer: a tensor the mask_fn reads was written in place after prepare(), which "
                              "planned the mask from its values: call prepare() again")
         # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) needs the

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .versions import version_of
+from .versions import moved, version_of
 
 KINDS = ("bool", "int", "float")
 
@@ -470,10 +470,20 @@ def _stand_in(var, value, tracer, seen):
     return value
 
 
+def tensors_read(mod, kind: str) -> list:
+    """The captured tensors a mod's traced expression reads (tables, then 0-d values), or [] for a
+    mod that does not trace."""
+    try:
+        graph = trace(mod, kind)
+    except TraceError:
+        return []
+    return [t for _, t in graph.tensors] + [t for t, _ in graph.constants]
+
+
 def stale_constants_message(constants, door: str) -> str | None:
     """Why a plan whose kernel compiled in these captured 0-d tensors ((tensor, its version when
     planned) pairs, as Graph.constants) no longer holds: one was written in place since; or None."""
-    changed = [t for t, version in constants or () if version_of(t) != version]
+    changed = moved(constants)
     if not changed:
         return None
     return (f"{door}: the score_mod reads a 0-d tensor that was written in place after planning (now "

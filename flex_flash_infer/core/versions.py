@@ -12,3 +12,13 @@ def version_of(t: torch.Tensor) -> int | None:
         return t._version
     except RuntimeError:
         return None
+
+
+def snapshot(tensors) -> tuple:
+    """(tensor, its version) pairs: what a plan built from these tensors' values depends on."""
+    return tuple((t, version_of(t)) for t in tensors)
+
+
+def moved(pairs) -> list:
+    """The tensors of a snapshot written in place since it was taken."""
+    return [t for t, version in pairs or () if version_of(t) != version]
