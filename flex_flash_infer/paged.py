@@ -75,7 +75,7 @@ class PagedFlexAttention:
             check_positive_int(name, value)
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        # checked once per score_mod object (reading its signature costs 0.16 ms, a decode step's plan 0.3)
+        # checked once per score_mod object: reading its signature costs more than the rest of a decode step's plan
         user_score_mod = score_mod
         if score_mod is not self._constants_seen[0]:
             score_mod = check_score_mod(score_mod)
@@ -291,8 +291,8 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
         elif plan.decode:
             tensor_cores = use_tensor_core_decode(hq, hkv, use_tensor_cores)
             # backend="fa2" is what FlashInfer's "auto" resolves a one-token decode to, but "auto"
-            # re-resolves at every plan() through cuDNN's version checks: 0.63 ms of a decode
-            # step's 1.05 ms FlashInfer plan on the H200 host (a cProfile of bench --decode)
+            # re-resolves at every plan() through cuDNN's version checks, most of FlashInfer's share
+            # of a decode step's plan (docs/design.md)
             full = wrapper(("full", "decode", tensor_cores), lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 workspace, "NHD", use_tensor_cores=tensor_cores, backend="fa2"))
             full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, window_left=f.window_left,

@@ -247,7 +247,7 @@ def _largest(t: torch.Tensor) -> float:
 
 def _all_finite(t: torch.Tensor) -> bool:
     """True only if no element is NaN or inf: one summing pass, as a NaN or inf makes the sum NaN or
-    inf (50x cheaper than isfinite().all()); a sum that overflows says False too, which only sends
+    inf (far cheaper than isfinite().all()); a sum that overflows says False too, which only sends
     the call the exact chunked way."""
     return bool(torch.isfinite(t.sum()))
 
