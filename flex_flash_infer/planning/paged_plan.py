@@ -69,12 +69,12 @@ class PagedPlan:
         return self.states
 
 
-def _int_vector(name: str, x, device) -> torch.Tensor:
+def _int_vector(name: str, x, device, keep_int32: bool = False) -> torch.Tensor:
     # an empty list would come out float32
     t = torch.as_tensor(x, device=device, dtype=torch.int64 if isinstance(x, (list, tuple)) and not x else None)
     if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D integer tensor, got {tuple(t.shape)} {t.dtype}")
-    return t.long()
+    return t if keep_int32 and t.dtype == torch.int32 else t.long()
 
 
 def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int):
@@ -204,13 +204,19 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     device = torch.device(device) if device is not None else torch.as_tensor(kv_page_indices).device
     qo_indptr = _int_vector("qo_indptr", qo_indptr, device)
     kv_page_indptr = _int_vector("kv_page_indptr", kv_page_indptr, device)
-    kv_page_indices = _int_vector("kv_page_indices", kv_page_indices, device)
+    # the page ids stay int32 (FlashInfer's type) when given so: no conversion kernels each step
+    kv_page_indices = _int_vector("kv_page_indices", kv_page_indices, device, keep_int32=True)
     kv_last_page_len = _int_vector("kv_last_page_len", kv_last_page_len, device)
-    # the small per-request tables, checked and expanded on the host: one copy instead of a GPU
-    # sync per check (plan() runs once per decode step)
-    sizes = [qo_indptr.numel(), kv_page_indptr.numel()]
-    host_q, host_kv, host_last = torch.cat([qo_indptr, kv_page_indptr, kv_last_page_len]).cpu().split(
-        sizes + [kv_last_page_len.numel()])
+    # the small per-request tables and the page ids' range, checked and expanded on the host: one
+    # copy instead of a GPU sync per check (plan() runs once per decode step)
+    id_range = (torch.stack(torch.aminmax(kv_page_indices)).long() if kv_page_indices.numel()
+                else torch.tensor([0, -1], device=device))
+    sizes = [qo_indptr.numel(), kv_page_indptr.numel(), kv_last_page_len.numel(), 2]
+    host_q, host_kv, host_last, host_ids = torch.cat([qo_indptr, kv_page_indptr, kv_last_page_len, id_range]).cpu(
+        ).split(sizes)
+    min_id, max_id = host_ids.tolist()
+    if min_id < 0:
+        raise ValueError("kv_page_indices must be non-negative page ids")
     qo_len, kv_len, pages = request_lengths(host_q, host_kv, host_last, page_size)
     R = pages.numel()
     if kv_page_indices.numel() != int(host_kv[-1]):
@@ -226,7 +232,7 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
         flags = None
     if flags is not None:
         return _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len,
-                                pages, page_size, all_decode, max_kv, device, positions)
+                                pages, page_size, all_decode, max_kv, device, positions, max_id)
     req = torch.repeat_interleave(torch.arange(R), pages)
     local = torch.arange(req.numel()) - host_kv[req]
     page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
@@ -253,13 +259,9 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     full_end = local * page_size + page_len - 1
     full_before = ~full | ((local < first_partial[req]) & (full_end + skipped_after <= q_start[req]))
     has_full = torch.bincount(req[full], minlength=R) > 0
-    id_range = (torch.stack([kv_page_indices.min(), kv_page_indices.max()]) if kv_page_indices.numel()
-                else torch.tensor([0, -1], device=device))
-    any_partial, any_full, one_causal, full_in_each, min_id, max_id = torch.cat([torch.stack([
+    any_partial, any_full, one_causal, full_in_each = torch.stack([
         partial.any(), full.any(),
-        (causal_ok | ~partial).all() & trailing.all() & full_before.all(), has_full.all()]).long(), id_range]).tolist()
-    if min_id < 0:
-        raise ValueError("kv_page_indices must be non-negative page ids")
+        (causal_ok | ~partial).all() & trailing.all() & full_before.all(), has_full.all()]).tolist()
     host = dict(total_q=int(host_q[-1]), max_page_id=max_id, q_start=q_start, max_kv_len=max_kv)
     if any_partial and one_causal:
         spec, _ = _spec(full | partial, req, local, page_len, kv_page_indices, R, page_size)
@@ -303,7 +305,7 @@ def _hinted_flags(mask_mod, max_kv: int) -> tuple[bool, int] | None:
 
 
 def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len, pages,
-                     page_size, all_decode, max_kv, device, positions) -> PagedPlan:
+                     page_size, all_decode, max_kv, device, positions, max_id) -> PagedPlan:
     """The plan of a causal, sliding-window or full mask without evaluating it: one launch (a
     decode step's on the decode kernel) over each request's pages from the first its first query
     sees, causal and window aligned to the bottom right as FlashInfer does. A page is partial when
@@ -320,10 +322,6 @@ def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_la
         first = (q_start - window_left).clamp(min=0) // page_size
     first = torch.where(qo_len > 0, first, pages)
     counts = pages - first
-    min_id, max_id = (torch.stack([kv_page_indices.min(), kv_page_indices.max()]).tolist()
-                      if kv_page_indices.numel() else (0, -1))
-    if min_id < 0:
-        raise ValueError("kv_page_indices must be non-negative page ids")
 
     def listed_pages():
         """(request, page of the request) of every listed page, in order."""
@@ -351,7 +349,9 @@ def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_la
         indptr[1:] = counts.cumsum(0)
         every_page = bool((counts == pages).all())
         req, local = listed_pages() if positions or not every_page else (None, None)
-        indices = kv_page_indices if every_page else kv_page_indices[(host_kv[req] + local).to(device)]
+        # a copy either way: a caller writing its next step into the same buffer must not change this plan
+        indices = (kv_page_indices.to(torch.int32, copy=True) if every_page
+                   else kv_page_indices[(host_kv[req] + local).to(device)])
         kv_positions = (local * page_size).to(torch.int32).to(device) if positions else None
         # a page holds keys past its request's first query (causal's diagonal) when a request
         # has more than one query; with one query its own key is the request's last
