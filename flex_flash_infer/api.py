@@ -11,7 +11,7 @@ from .core.mask_eval import check_score_mod
 from .backends.reference import reference_attention, reference_gradients
 from .core.notices import warn_once
 from .core.trace import TraceError, tensors_read
-from .core.versions import moved, snapshot
+from .core.versions import moved, snapshot, unwatched
 from .core.validation import check_bhsd, check_scale
 
 try:   # torch's own classes (torch >= 2.9), so code written for torch's flex_attention works unchanged
@@ -51,7 +51,13 @@ def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dty
         # the tensors the mask_mod reads, as they were when planned (its bands and partial tiles'
         # bits come from their values): a write to one in place plans again
         plan.mask_reads = snapshot(tensors_read(block_mask.mask_mod, "mask_mod"))
-        block_mask._plans[key] = plan
+        # one that keeps no write counter (an inference tensor) could change unseen: planned per call
+        if unwatched(plan.mask_reads):
+            warn_once("flex_attention: the block mask's mask_mod reads a tensor made under torch.inference_mode(), "
+                      "which keeps no write counter: its plan is made again at every call (make the tensor "
+                      "outside inference_mode to keep it)")
+        else:
+            block_mask._plans[key] = plan
     return plan
 
 

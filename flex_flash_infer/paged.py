@@ -30,8 +30,9 @@ from .planning.native_soft_cap import native_soft_cap
 from .planning.score_folding import fold_score_mod
 from .backends.paged_kernels import paged_request_tables, paged_variants
 from .planning.paged_plan import plan_paged
-from .core.trace import TraceError, stale_constants_message, trace
-from .core.versions import snapshot
+from .core.hints import states_hints
+from .core.trace import TraceError, stale_constants_message, tensors_read, trace
+from .core.versions import moved, snapshot, warn_unwatched
 from .core.validation import check_positive_int, check_scale
 
 
@@ -62,7 +63,8 @@ class PagedFlexAttention:
         # (a server plans every step with the same functions): (the object, heads, the answer)
         self._mask_seen = (None, 0, None, None)   # (mask_mod, heads, per-head?, as_mask_mod of it)
         self._score_seen = (None, 0, None)        # (score_mod, heads, native soft cap or None)
-        self._constants_seen = (None, [])          # (score_mod, the 0-d tensors it reads)
+        self._score_checked = None                # the score_mod whose signature was checked
+        self._mask_tensors_seen = (None, [])      # (mask_mod, the tensors it reads)
 
     def plan(self, mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype = torch.bfloat16,
@@ -77,13 +79,15 @@ class PagedFlexAttention:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         # checked once per score_mod object: reading its signature costs more than the rest of a decode step's plan
         user_score_mod = score_mod
-        if score_mod is not self._constants_seen[0]:
+        if score_mod is not self._score_checked:
             score_mod = check_score_mod(score_mod)
         seen_mask, seen_heads, per_head, mod = self._mask_seen
-        if seen_mask is not mask_mod or seen_heads != num_qo_heads or mod is None:
+        if seen_mask is not mask_mod or seen_heads != num_qo_heads or mod is None or not states_hints(mod):
             mod = as_mask_mod(mask_mod) if mask_mod is not None else _causal
             # probed at position 0 alone: the only one every cache with a key holds (a mask
-            # indexing a table as long as the cache failed on positions 1..3 of a one-token cache)
+            # indexing a table as long as the cache failed on positions 1..3 of a one-token cache).
+            # Kept for the library's masks; a user's is probed at every plan (one reading a global
+            # may start reading h between steps)
             per_head = num_qo_heads > 1 and mask_dependence(mod, 1, num_qo_heads, 1, 1, self.device)[1]
             self._mask_seen = (mask_mod, num_qo_heads, per_head, mod)
         # the library's soft cap runs as FlashInfer's own logits_soft_cap: no compiled variant (no
@@ -98,8 +102,16 @@ class PagedFlexAttention:
         kernel_score_mod = None if soft_cap is not None else score_mod
         scale = check_scale(scale)
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+        # the score_mod as this plan's kernels take it, traced once here (the fold, the variants
+        # and the constants below read the same graph; a server plans every step)
+        score_graph = None
+        if kernel_score_mod is not None:
+            try:
+                score_graph = trace(kernel_score_mod, "score_mod")
+            except TraceError:
+                pass
         # a score_mod that is c * score runs as FlashInfer's own scale: no compiled variant
-        kernel_score_mod, launch_scale = fold_score_mod(kernel_score_mod, scale)
+        kernel_score_mod, launch_scale = fold_score_mod(kernel_score_mod, scale, score_graph)
         plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device,
                           heads=num_qo_heads if per_head else 1, native_window=kernel_score_mod is None,
                           positions=kernel_score_mod is not None or per_head)
@@ -118,7 +130,8 @@ class PagedFlexAttention:
                 mask_graph = trace(mod, "mask_mod") if per_head else None
                 # decode on fa2: FlashInfer's fa2 kernels fold a GQA group's heads into the query
                 # rows (its tensor-core decode is that kernel), so each page is read once per group
-                variants = paged_variants(kernel_score_mod, mask_graph, plan, heads, dtype, kernel_scale, page_size,
+                variants = paged_variants(kernel_score_mod if score_graph is None else score_graph, mask_graph, plan,
+                                          heads, dtype, kernel_scale, page_size,
                                           self.device, _is_hopper(self.device) and not plan.decode)
             except TraceError as e:
                 if self.backend == "flashinfer":
@@ -132,24 +145,30 @@ class PagedFlexAttention:
         tables = None if launches is not None else tuple(
             torch.as_tensor(t).to(self.device, torch.long, copy=True) for t in (qo_indptr, kv_page_indptr,
                                                                                  kv_page_indices, kv_last_page_len))
-        constants = ()
-        if launches is not None and score_mod is not None:
-            # the 0-d tensors it reads are compiled in (or folded into the scale) as constants: which
-            # ones is traced once per score_mod object (a server plans every step with the same
-            # one), their versions read at every plan
-            seen, found = self._constants_seen
-            if seen is not user_score_mod:
-                try:
-                    found = [t for t, _ in trace(score_mod, "score_mod").constants]
-                except TraceError:
-                    found = []
-                self._constants_seen = (user_score_mod, found)
-            constants = snapshot(found)
+        # the 0-d tensors the kernels' score_mod reads are compiled in (or folded into the scale)
+        # as constants: run() raises when one was written since
+        constants = snapshot([t for t, _ in score_graph.constants]) if launches is not None and score_graph else ()
+        # the mask's tensors as planned: FlashInfer's pages' states (and a per-head mask's kernel
+        # copies) come from their values, so run() raises when one was written since (the
+        # reference evaluates the mask at run())
+        mask_reads = snapshot(self._mask_tensors(mod)) if launches is not None else ()
+        warn_unwatched(mask_reads + constants, "PagedFlexAttention", "mask_mod or score_mod", "plan()")
+        self._score_checked = user_score_mod
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
-                             soft_cap=soft_cap, constants=constants,
+                             soft_cap=soft_cap, constants=constants, mask_reads=mask_reads,
                              scale=scale, launch_scale=launch_scale, negate_query=launch_scale < 0, page_size=page_size,
                              heads=heads, dtype=dtype, tables=tables)
         return self
+
+    def _mask_tensors(self, mod) -> list:
+        """The tensors mod reads: traced at every plan for a user's mask (it may read a global
+        that changes), once per object for the library's."""
+        cached_mod, tensors = self._mask_tensors_seen
+        if cached_mod is mod and states_hints(mod):
+            return tensors
+        tensors = tensors_read(mod, "mask_mod")
+        self._mask_tensors_seen = (mod, tensors)
+        return tensors
 
     def _launches(self, plan, heads, page_size, dtype, scale, variants, soft_cap):
         """The plan's launches on the cached wrappers. Those are shared with the previous plan: if
@@ -197,6 +216,9 @@ class PagedFlexAttention:
         stale = stale_constants_message(p["constants"], "PagedFlexAttention")
         if stale:
             raise ValueError(stale.replace("plan again", "call plan() again"))
+        if moved(p["mask_reads"]):
+            raise ValueError("PagedFlexAttention: a tensor the mask_mod reads was written in place after plan(); the "
+                             "plan's pages were classified from its old values: call plan() again after changing it")
         if p["launches"] is None:
             out, lse = _reference(q, k_cache, v_cache, p)
             return (out, lse) if return_lse else out

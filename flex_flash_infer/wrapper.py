@@ -16,7 +16,7 @@ from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
 from . import varlen
 from .core.trace import TraceError, stale_constants_message, tensors_read, trace
-from .core.versions import moved, snapshot
+from .core.versions import moved, snapshot, warn_unwatched
 from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
 from .core.validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
@@ -168,6 +168,7 @@ class FlexFlashInfer:
                 pass
         # the plan's bands and bits come from the values of the tensors the mask reads
         mask_reads = snapshot(tensors_read(mask_mod, "mask_mod")) if backend == "flashinfer" else ()
+        warn_unwatched(mask_reads + constants, "FlexFlashInfer", "mask_fn or score_mod", "prepare()")
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
                                    head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads)
         return self

@@ -13,6 +13,7 @@ import hashlib
 import torch
 
 from ..planning.bands import band_launches
+from ..masks.tile_bounds import check_table_indices
 from ..compile.codegen import position_bound_for
 from ..planning.ragged import planned_ragged
 from ..core.trace import trace
@@ -28,6 +29,7 @@ class ScoreModBands:
         batch, q_len, kv_len, hq, _, head_dim = shape
         device = workspace.device
         graph = trace(score_mod, "score_mod")
+        check_table_indices(graph, batch, hq, q_len, kv_len, "cpu", "score_mod")
         bound = position_bound_for(batch, hq, q_len, kv_len)
         spec = fa3_score_mod_variant(graph, bound) if hopper else fa2_score_mod_variant(graph, bound)
         self.hopper = hopper

@@ -10,8 +10,9 @@ import hashlib
 import torch
 
 from ..masks.block_build import ceil_div
+from ..masks.tile_bounds import check_table_indices
 from ..compile.codegen import position_bound_for
-from ..core.trace import trace
+from ..core.trace import Graph, trace
 from ..compile.variant import graph_values
 from ..compile.variant_paged import fa2_paged_variant, fa3_paged_score_mod_variant
 
@@ -42,8 +43,12 @@ class TileVariants:
 
     def __init__(self, score_mod, mask_graph, shape, dtype, scale, page_size: int, device, hopper: bool):
         batch, q_len, kv_len, hq, hkv, head_dim = shape
-        self.score_graph = None if score_mod is None else trace(score_mod, "score_mod")
+        # score_mod: the function, or its trace when the caller has it
+        self.score_graph = (None if score_mod is None else score_mod if isinstance(score_mod, Graph)
+                            else trace(score_mod, "score_mod"))
         self.mask_graph = mask_graph
+        check_table_indices(self.score_graph, batch, hq, q_len, kv_len, "cpu", "score_mod")
+        check_table_indices(mask_graph, batch, hq, q_len, kv_len, "cpu", "mask_mod")
         bound = position_bound_for(batch, hq, q_len, kv_len)
         self.copies = []   # the KernelCopies of the captured tensors, refreshed before each run
         self.partial_args = self._kernel_args([self.score_graph, mask_graph], scale, kv_len, device)
@@ -71,6 +76,8 @@ class TileVariants:
     def _kernel_args(self, graphs, scale, kv_len, device):
         """What follows the tables, in jit order: the graphs' captured tensors, the scale, the key
         count, then each graph's numbers and its tensors' strides (variant_paged.paged_arguments)."""
-        values = [graph_values(g, device) for g in graphs]
+        # the score_mod's tables are read as they are at each call; the mask's as planned (the
+        # pages' states came from them, and the doors raise when they were written since)
+        values = [graph_values(g, device, live=g is not self.mask_graph) for g in graphs]
         self.copies += [ts for ts, _ in values]
         return [t for ts, _ in values for t in ts] + [float(scale), int(kv_len)] + [v for _, vs in values for v in vs]

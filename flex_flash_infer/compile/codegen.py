@@ -169,11 +169,15 @@ def element_ctype(t: torch.Tensor) -> str:
     return _STORED_CTYPE[KERNEL_DTYPE[t.dtype]]
 
 
-def kernel_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A captured tensor as the kernel reads it: a contiguous copy, of its KERNEL_DTYPE."""
+def check_kernel_size(t: torch.Tensor) -> None:
     if t.numel() >= 2**31:
         raise ValueError(f"a tensor captured by a score_mod or mask_mod has {t.numel()} elements; "
                          "compiled kernels index them with 32-bit offsets (fewer than 2**31 expected)")
+
+
+def kernel_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A captured tensor as the kernel reads it: a contiguous copy, of its KERNEL_DTYPE."""
+    check_kernel_size(t)
     # a copy whatever its dtype: the plan reads the table once, when planned (a float64 table, read
     # as float32 before, was copied by that conversion; one changed afterwards changes no plan)
     return t.detach().to(KERNEL_DTYPE[t.dtype], copy=True).contiguous()
@@ -210,6 +214,8 @@ def _literal(value, dtype: torch.dtype) -> str:
             return f"(({ctype(dtype)})({_literal(value, torch.float64)}))"   # as C converts (torch too)
         return _int_literal(wrap_int(int(value), dtype), dtype)
     v = float(value)
+    if dtype != torch.float64:   # rounded once, to float32: 1e39 is inf there, as in torch
+        v = torch.tensor(v, dtype=torch.float32).item()
     if math.isnan(v):
         return "NAN" if dtype != torch.float64 else "((double)NAN)"
     if math.isinf(v):
@@ -217,7 +223,7 @@ def _literal(value, dtype: torch.dtype) -> str:
             ("((double)INFINITY)" if v > 0 else "((double)-INFINITY)")
     if dtype == torch.float64:
         return repr(v)
-    return repr(torch.tensor(v, dtype=torch.float32).item()) + "f"   # rounded once, to float32
+    return repr(v) + "f"
 
 
 def convert(code: str, src: torch.dtype, dst: torch.dtype) -> str:
@@ -491,8 +497,8 @@ def emit_expression(graph: Graph, scalar_ref, tensor_ref, stride_ref=None, input
             return f"ffi_abs({x[0]})" if floating else _wrap(f"ffi_abs({x[0]})", d)
         if op in ("and", "or", "xor"):
             return f"({x[0]} {dict([('and', '&'), ('or', '|'), ('xor', '^')])[op]} {x[1]})"
-        if op == "bitnot":
-            return f"(~{x[0]})"
+        if op == "bitnot":   # C promotes a uint8 to int first: ~200 is -201 there, 55 in torch
+            return _wrap(f"(~{x[0]})", d)
         if op == "pow":
             if floating:
                 return f"{'powf' if d != torch.float64 else 'pow'}({arg(a[0], d)}, {arg(a[1], d)})"

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .codegen import PRELUDE, element_ctype, emit_expression, graph_key, kernel_tensor
+import torch
+
+from .codegen import KERNEL_DTYPE, PRELUDE, check_kernel_size, element_ctype, emit_expression, graph_key, kernel_tensor
 from ..core.trace import Graph
 from ..core.versions import version_of
 
@@ -87,31 +89,52 @@ def graph_arguments(graph: Graph | None, prefix: str = "ffi_"):
 
 
 class KernelCopies(list):
-    """The kernel's copies of a graph's captured tensors, in graph_arguments' order, kept current:
-    refresh() rewrites a copy in place (the same memory, which a captured CUDA graph keeps reading)
-    when its source was written in place since it was copied (torch's version counter: an
-    optimizer step on a learned bias table). A kernel reading the table as it was at plan time
-    while the backward reads it as it is would be silently wrong."""
+    """The kernel's views of a graph's captured tensors, in graph_arguments' order.
 
-    def __init__(self, sources, device):
-        super().__init__(kernel_tensor(t).to(device) for t in sources)
+    live (a score_mod's tables): the kernel reads each table as it is at each call, as the
+    backward does (an optimizer step on a learned bias table). A table already contiguous, of its
+    kernel dtype and on the device is handed to the kernel itself, so every write is seen (one
+    under torch.inference_mode() or through .data moves no version counter); any other is a copy,
+    rewritten in place by refresh() (the same memory, which a captured CUDA graph keeps reading)
+    when its version moved or it keeps none.
+    Not live (a mask's tables, which the plan's page or tile states were computed from): copies
+    as planned; a door raises when the source was written since (core/versions.moved)."""
+
+    def __init__(self, sources, device, live: bool = True):
+        device = torch.device(device)
         self.sources = list(sources)
+        self.aliased = [live and _kernel_ready(t, device) for t in self.sources]
+        super().__init__(t.detach() if same else kernel_tensor(t).to(device)
+                         for t, same in zip(self.sources, self.aliased))
+        self.live = live
         self.versions = [version_of(t) for t in self.sources]
 
     def refresh(self) -> None:
+        if not self.live:
+            return
         for i, t in enumerate(self.sources):
+            if self.aliased[i]:
+                continue
             version = version_of(t)
-            if version != self.versions[i]:
+            if version is None or version != self.versions[i]:
                 self[i].copy_(t.detach().reshape(self[i].shape))   # copy_ converts dtype and device
                 self.versions[i] = version
 
 
-def graph_values(graph: Graph | None, device):
+def _kernel_ready(t, device) -> bool:
+    """t can be the kernel's table itself: its kernel dtype, contiguous, on the device."""
+    check_kernel_size(t)
+    return (KERNEL_DTYPE.get(t.dtype) == t.dtype and t.is_contiguous() and t.device.type == device.type
+            and (device.index is None or t.device.index == device.index))
+
+
+def graph_values(graph: Graph | None, device, live: bool = True):
     """The values behind graph_arguments, in its order: (tensors on device, a KernelCopies,
-    numbers + strides + sizes)."""
+    numbers + strides + sizes). live: a score_mod's tables, read as they are at each call; else
+    a mask's, as planned."""
     if graph is None:
         return KernelCopies([], device), []
-    tensors = KernelCopies([t for _, t in graph.tensors], device)
+    tensors = KernelCopies([t for _, t in graph.tensors], device, live)
     return tensors, ([v for _, _, v in graph.scalars] + [int(s) for t in tensors for s in t.stride()]
                      + [int(s) for t in tensors for s in t.shape])
 

@@ -32,6 +32,15 @@ def stated_hint(fn, name: str):
     return value if getattr(fn, name, None) is value else None
 
 
+def states_hints(fn) -> bool:
+    """Whether fn stated any hint: a function the library made (its structure fixed when made)."""
+    try:
+        stated = _STATED.get(fn)
+    except TypeError:
+        return False
+    return bool(stated) and any(getattr(fn, name, None) is value for name, value in stated.items())
+
+
 def pass_hints(fn, mod, names=HINT_NAMES) -> None:
     """fn states the hints mod stated (a wrapper that still computes what mod computes)."""
     for name in names:

@@ -508,3 +508,42 @@ def classify_by_bounds(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, block_
             states[bt, ht, qt, kt] = torch.where(count == rows * block_kv, FULL,
                                                  torch.where(count > 0, PARTIAL, EMPTY)).to(torch.int8)
     return states.expand(B, H, *states.shape[2:]).contiguous()
+
+
+def check_table_indices(graph: Graph | None, B: int, H: int, Q_LEN: int, KV_LEN: int, device, what: str) -> None:
+    """Raise TraceError when a table the graph reads may be indexed outside [-size, size) at a
+    position of this call (b < B, h < H, q_idx < Q_LEN, kv_idx < KV_LEN): torch raises IndexError
+    there, and a compiled kernel, which checks no upper bound, would read outside the table. An
+    index the bounds cannot follow (computed from the score or a float) is left unchecked.
+    device: where to evaluate (the CPU: a few scalar ops, no GPU syncs; tables read in an index
+    are copied there)."""
+    if graph is None or not graph.tensors:
+        return
+
+    def span(n):
+        return (torch.zeros((), dtype=torch.int64, device=device),
+                torch.full((), max(n, 1) - 1, dtype=torch.int64, device=device))
+
+    bounds = _Bounds(graph, {"b": span(B), "h": span(H), "q_idx": span(Q_LEN), "kv_idx": span(KV_LEN)}, device)
+    seen, stack = set(), [graph.output]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or not isinstance(node, Node):
+            continue
+        seen.add(id(node))
+        stack.extend(a for a in node.args if isinstance(a, Node))
+        if node.op != "load":
+            continue
+        shape = bounds.tables[node.attr].shape
+        for dim, index in enumerate(node.args):
+            r = bounds.ints(index)
+            if r is None:
+                continue
+            lo, hi, n = int(r[0].min()), int(r[1].max()), shape[dim]
+            if lo < -n or hi >= n:
+                raise TraceError(
+                    f"the {what} indexes a captured tensor of shape {tuple(shape)} along dimension {dim} with values "
+                    f"that reach [{lo}, {hi}] at the positions of this call (b < {B}, h < {H}, q_idx < {Q_LEN}, "
+                    f"kv_idx < {KV_LEN}); torch raises IndexError outside [-{n}, {n - 1}], and a FlashInfer kernel "
+                    f"would read outside the tensor: clamp the index (torch.clamp) or size the tensor for every "
+                    f"position")

@@ -1,7 +1,7 @@
 """A captured tensor that follows the device of the indices reading it (one copy per device)."""
 import torch
 
-from ..core.versions import version_of
+from ..core.versions import copied_from, version_of
 
 
 def follow_device(tensor: torch.Tensor):
@@ -16,6 +16,7 @@ def follow_device(tensor: torch.Tensor):
         copy, version = copies.get(device, (None, None))
         if copy is None or version != version_of(tensor):
             copy = tensor.to(device)
+            copied_from(copy, tensor)
             copies[device] = (copy, version_of(tensor))
         return copy
 

@@ -1,6 +1,6 @@
 """ALiBi (Press et al.): a per-head linear penalty on distance.
 
-score_mod: score -> score + slope[h] * (kv - q)
+score_mod: score -> score + slope[h] * (kv - q)     (slope read as float32)
 slopes default to the paper's geometric sequence for num_heads heads.
 """
 import math
@@ -27,14 +27,18 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 def generate_alibi_score_mod(slopes=None, num_heads=None):
     if (slopes is None) == (num_heads is None):
         raise ValueError("alibi needs exactly one of slopes= (a tensor [num_heads]) or num_heads=")
-    slopes = alibi_slopes(num_heads) if slopes is None else torch.as_tensor(slopes, dtype=torch.float32)
+    # a tensor is kept as it is (a learned one, of any float dtype, is read as it is at each call)
+    if slopes is None:
+        slopes = alibi_slopes(num_heads)
+    elif not isinstance(slopes, torch.Tensor):
+        slopes = torch.tensor(slopes, dtype=torch.float32)
     if slopes.dim() != 1:
         raise ValueError(f"slopes must be 1-D [num_heads], got shape {tuple(slopes.shape)}")
 
     slopes_on = follow_device(slopes)
 
     def alibi(score, b, h, q_idx, kv_idx):
-        return score + slopes_on(h.device)[h] * (kv_idx - q_idx)
+        return score + slopes_on(h.device)[h].float() * (kv_idx - q_idx)
 
     alibi.slopes = slopes
     return alibi

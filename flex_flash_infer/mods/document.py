@@ -7,6 +7,8 @@ where doc(i) is the document of token i, given either as per-token ids or as off
 from __future__ import annotations
 
 import torch
+
+from ._captured import follow_device
 from ..core.hints import state_hint
 
 
@@ -31,13 +33,12 @@ def generate_document_mask_mod(offsets=None, document_ids=None):
         ids = torch.as_tensor(document_ids)
         if ids.dim() != 1 or ids.is_floating_point():
             raise ValueError(f"document_ids must be a 1-D integer tensor, got shape {tuple(ids.shape)}")
-    on_device = {}
+    ids_on = follow_device(ids)
 
     def document(b, h, q_idx, kv_idx):
-        # Captured ids follow the device the mask is evaluated on (one copy per device).
-        doc = on_device.get(q_idx.device)
-        if doc is None:
-            doc = on_device.setdefault(q_idx.device, ids.to(q_idx.device))
+        # the ids follow the device the mask is evaluated on (a copy made again after the ids
+        # were rewritten in place: the next batch packed into the same buffer)
+        doc = ids_on(q_idx.device)
         return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
     document.__name__ = f"document_{int(ids.max()) + 1 if ids.numel() else 0}docs"

@@ -9,16 +9,18 @@ bucket(r) with n = num_buckets, halved when bidirectional (a key after the query
     bucket = d                                                                 if d < e
            = min(e + int(log(d / e) / log(max_distance / e) * (n - e)), n - 1)  otherwise   (float32)
 
-It runs as a relative-position table over q - kv clamped to +-max_distance
-(relative_position_bias.py), built once when the mod is made, with torch's own float32 arithmetic
-(a bucket edge moves if log is rounded otherwise): one table read per score in the kernel, the
-same compiled module as any per-head table, and beyond max_distance the split of far_bias.py.
+It reads the table through a bucket index over q - kv clamped to +-max_distance, the buckets
+computed once when the mod is made with torch's own float32 arithmetic (a bucket edge moves if
+log is rounded otherwise): two reads per score in the kernel, the table read as it is at each
+call (a learned one after an optimizer step), and beyond max_distance the split of far_bias.py.
 """
 import math
 
 import torch
 
-from .relative_position_bias import generate_relative_position_bias_score_mod
+from ._captured import follow_device
+from .hints import ConstantBeyond
+from ..core.hints import state_hint
 
 
 def t5_buckets(relative_position: torch.Tensor, num_buckets: int, max_distance: int, bidirectional: bool):
@@ -51,7 +53,29 @@ def generate_t5_relative_bias_score_mod(table, max_distance: int = 128, bidirect
         raise ValueError(f"max_distance must be an int above {n // 2} (the exact buckets), got {max_distance!r}")
     q_minus_kv = torch.arange(-max_distance, max_distance + 1)
     buckets = t5_buckets(-q_minus_kv, num_buckets, max_distance, bidirectional)
-    mod = generate_relative_position_bias_score_mod(table[..., buckets])
-    mod.__name__ = "t5_relative_bias"
-    mod.buckets = buckets   # the bucket of each q - kv in -max_distance..max_distance
-    return mod
+    # the table is read through the buckets at each call (two reads per score), never gathered
+    # into a copy when the mod is made: a learned table is read as it is after an optimizer step
+    table_on, buckets_on = follow_device(table), follow_device(buckets.int())
+    reach = max_distance
+
+    def bucket(q_idx, kv_idx):
+        # clamp(q - kv, -M, M) + M, never negative (see relative_position_bias); the bucket read
+        # clamped at 0 too, a bound the kernel's code can see (a table's values it cannot), so
+        # the table read needs no check for a negative index
+        return buckets_on(q_idx.device)[torch.clamp(q_idx - kv_idx + reach, max=2 * reach).clamp(min=0)].clamp(min=0)
+
+    if table.dim() == 1:
+        def t5_relative_bias(score, b, h, q_idx, kv_idx):
+            return score + table_on(q_idx.device)[bucket(q_idx, kv_idx)]
+    else:
+        def t5_relative_bias(score, b, h, q_idx, kv_idx):
+            return score + table_on(q_idx.device)[h, bucket(q_idx, kv_idx)]
+
+    t5_relative_bias.table = table
+    t5_relative_bias.buckets = buckets   # the bucket of each q - kv in -max_distance..max_distance
+    # beyond max_distance (keys before the query) every distance has the last bucket of its side:
+    # the planner runs those keys on FlashInfer's plain kernel (far_bias.py)
+    far_bucket = int(buckets[2 * reach])
+    state_hint(t5_relative_bias, "constant_beyond",
+               ConstantBeyond(reach, lambda device: table_on(device)[..., far_bucket]))
+    return t5_relative_bias

@@ -51,23 +51,25 @@ def _factor(node: Node) -> float | None:
     return None
 
 
-def score_scale_factor(score_mod) -> float | None:
+def score_scale_factor(score_mod, graph=None) -> float | None:
     """c when score_mod(score, b, h, q, kv) is c * score for a finite, nonzero number c, else
-    None (including a score_mod that cannot be traced: its own route reports that)."""
+    None (including a score_mod that cannot be traced: its own route reports that). graph: its
+    trace when the caller has it."""
     if score_mod is None:
         return None
-    try:
-        graph = trace(score_mod, "score_mod")
-    except TraceError:
-        return None
+    if graph is None:
+        try:
+            graph = trace(score_mod, "score_mod")
+        except TraceError:
+            return None
     c = _factor(graph.output)
     return c if c is not None and math.isfinite(c) and c != 0 else None
 
 
-def fold_score_mod(score_mod, scale: float):
+def fold_score_mod(score_mod, scale: float, graph=None):
     """(score_mod, scale), or (None, scale * c) when score_mod is c * score and the product is a
-    finite, nonzero scale."""
-    c = score_scale_factor(score_mod)
+    finite, nonzero scale. graph: score_mod's trace when the caller has it."""
+    c = score_scale_factor(score_mod, graph)
     if c is None:
         return score_mod, scale
     folded = scale * c

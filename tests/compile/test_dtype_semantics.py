@@ -20,6 +20,7 @@ from hostcheck import compile_device, compile_host, host_source
 
 BIG = torch.tensor([2**33 + 7, -2**40, 5, 2**31, 3 * 2**31 + 1, -2**31 - 1, 0])   # int64, values past int32
 SMALL8 = torch.tensor([-128, 127, 3, -1, 100, 0, -77], dtype=torch.int8)
+TABLE256 = torch.linspace(-1, 1, 256)
 
 
 def dense_states(mask_mod, B, H, L, S, bq, bkv):
@@ -186,6 +187,11 @@ SCORE_MODS = {
     "int8_table": lambda s, b, h, q, kv: s + SMALL8[kv % 7] * 2 + SMALL8[q % 7].to(torch.int16) * 300,
     "float_floordiv_mod": lambda s, b, h, q, kv: s % 0.7 + s // 0.3 + (s * 1e5) % -3.1,
     "negative_table_index": lambda s, b, h, q, kv: s + SMALL8[(kv - q) % 7 - 7] + BIG[h - 7].float() * 1e-12,
+    # ~ on a uint8 is 255 - x in torch; C promotes to int first (~200 = -201)
+    "uint8_bitnot": lambda s, b, h, q, kv: s + (~q.to(torch.uint8)) * 0.01 + (~SMALL8[kv % 7].to(torch.uint8)),
+    "uint8_bitnot_as_index": lambda s, b, h, q, kv: s + TABLE256[(~kv.to(torch.uint8)).int()],
+    # a finite Python float past float32's range is inf once it meets a float32
+    "float32_overflowing_literals": lambda s, b, h, q, kv: torch.where(q >= kv, s, s - 1e39) + (s < 1e40) + s * 1e-50,
 }
 
 

@@ -1,0 +1,155 @@
+"""What a PagedFlexAttention plan keeps between plan() and run(), and what it must notice: tensors
+the mask reads written after plan(), a score_mod's 0-d constant re-bound and then written, a mask
+that starts reading h between steps, score tables written where no version counter moves."""
+import types
+import warnings
+
+import pytest
+import torch
+
+from flex_flash_infer import PagedFlexAttention
+from paged_cases import dense_oracle, random_cache
+
+HQ, HKV, D, P = 4, 2, 16, 16
+
+
+def _cache(rng, kv_lens=(300, 250), qo_lens=(1, 3)):
+    return random_cache(rng, list(kv_lens), list(qo_lens), P, HQ, HKV, D)
+
+
+def _err(a, b):
+    return (a - b).abs().max().item()
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def test_per_head_mask_table_written_after_plan_raises(flashinfer_on_cpu, rng):
+    """The pages were classified from the old windows; the kernel would read the new ones on them."""
+    wins = torch.tensor([2, 5, 9, 100])
+
+    def per_head(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < wins[h])
+
+    q, k, v, qi, ki, idx, last = _cache(rng, qo_lens=(1, 1))
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer")
+    paged.plan(per_head, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64)
+    wins[3] = 1000
+    with pytest.raises(ValueError, match=r"mask_mod reads was written in place after plan\(\)"):
+        paged.run(q, (k, v))
+    paged.plan(per_head, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64)   # planned again: the new windows
+    want, _ = dense_oracle(per_head, q, k, v, qi, ki, idx, last, P)
+    assert _err(paged.run(q, (k, v)), want) < 1e-6
+
+
+def test_document_ids_written_after_plan_raise_on_flashinfer_and_are_read_live_by_the_reference(
+        flashinfer_on_cpu, rng):
+    docs = torch.zeros(2, 400, dtype=torch.long)
+    docs[:, 200:] = 1
+
+    def per_request_docs(b, h, q_idx, kv_idx):
+        return (docs[b, q_idx] == docs[b, kv_idx]) & (q_idx >= kv_idx)
+
+    q, k, v, qi, ki, idx, last = _cache(rng, qo_lens=(1, 4))
+    planned = {b: PagedFlexAttention(device="cpu", backend=b).plan(per_request_docs, qi, ki, idx, last, HQ, HKV, D, P,
+                                                                  dtype=torch.float64)
+               for b in ("flashinfer", "reference")}
+    docs[:, 100:] = 1
+    with pytest.raises(ValueError, match="plan"):
+        planned["flashinfer"].run(q, (k, v))
+    want, _ = dense_oracle(per_request_docs, q, k, v, qi, ki, idx, last, P)
+    assert _err(planned["reference"].run(q, (k, v)), want) < 1e-6
+
+
+def test_a_rebound_0d_constant_written_after_the_next_plan_raises(flashinfer_on_cpu, rng):
+    """The constant watched is the one this plan compiled in, not the first one ever traced."""
+    state = types.SimpleNamespace(temp=torch.tensor(2.0))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score * state.temp + 0.01 * h
+
+    q, k, v, qi, ki, idx, last = _cache(rng)
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer")
+    paged.plan(None, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64, score_mod=score_mod)
+    paged.run(q, (k, v))
+    state.temp = torch.tensor(2.5)
+    paged.plan(None, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64, score_mod=score_mod)
+    want, _ = dense_oracle(_causal, q, k, v, qi, ki, idx, last, P, score_mod)
+    assert _err(paged.run(q, (k, v)), want) < 1e-6                       # the new tensor's value
+    state.temp.fill_(4.0)
+    with pytest.raises(ValueError, match=r"plan\(\) again"):
+        paged.run(q, (k, v))
+
+
+def test_a_mask_that_starts_reading_h_between_steps_is_planned_per_head(flashinfer_on_cpu, rng):
+    state = types.SimpleNamespace(windows=None)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        causal = q_idx >= kv_idx
+        if state.windows is None:            # a switch on a global, not on an index
+            return causal
+        return causal & (q_idx - kv_idx < state.windows[h])
+
+    q, k, v, qi, ki, idx, last = _cache(rng)
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer")
+    paged.plan(mask_mod, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64)
+    paged.run(q, (k, v))
+    state.windows = torch.tensor([3, 40, 100, 1000])
+    paged.plan(mask_mod, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64)
+    want, _ = dense_oracle(mask_mod, q, k, v, qi, ki, idx, last, P)
+    assert _err(paged.run(q, (k, v)), want) < 1e-6
+
+
+@pytest.mark.parametrize("how", ["inference_mode", "data", "bf16 under inference_mode"])
+def test_a_score_table_written_where_no_version_counter_moves_is_read_as_it_is(flashinfer_on_cpu, rng, how):
+    """Serving under inference_mode writes each layer's bias into one table between runs; a write
+    through .data moves no counter either (seen when the kernel can read the table itself)."""
+    layer_bias = [torch.randn(HQ, 400, generator=rng) for _ in range(3)]
+    dtype = torch.bfloat16 if how.startswith("bf16") else torch.float32
+    ctx = torch.no_grad() if how == "data" else torch.inference_mode()
+    with ctx:
+        table = layer_bias[0].to(dtype)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[h, kv_idx]
+
+        q, k, v, qi, ki, idx, last = _cache(rng)
+        paged = PagedFlexAttention(device="cpu", backend="flashinfer")
+        paged.plan(None, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64, score_mod=score_mod)
+        for layer in range(3):
+            (table.data if how == "data" else table).copy_(layer_bias[layer])
+            out = paged.run(q, (k, v))
+            want, _ = dense_oracle(_causal, q, k, v, qi, ki, idx, last, P, score_mod)
+            assert _err(out, want) < 1e-5, f"layer {layer}"
+
+
+def test_a_mask_reading_an_inference_tensor_warns_that_writes_after_plan_are_not_seen(flashinfer_on_cpu, rng):
+    with torch.inference_mode():
+        wins = torch.tensor([2, 5, 9, 100])
+
+    def per_head(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < wins[h])
+
+    q, k, v, qi, ki, idx, last = _cache(rng, qo_lens=(1, 1))
+    from flex_flash_infer.core import notices
+    notices._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PagedFlexAttention(device="cpu", backend="flashinfer").plan(per_head, qi, ki, idx, last, HQ, HKV, D, P,
+                                                                    dtype=torch.float64)
+    assert any("inference_mode" in str(w.message) and "plan()" in str(w.message) for w in caught)
+
+
+def test_a_copy_on_another_device_is_watched_on_its_source():
+    """A mod's captured ids copied to the GPU (mods/_captured.follow_device): the plan read the
+    copy, the user rewrites the source (the next batch packed into the same buffer)."""
+    from flex_flash_infer.core.versions import copied_from, moved, snapshot
+
+    source = torch.zeros(8, dtype=torch.long)
+    copy = source.clone()            # stands in for source.to("cuda")
+    copied_from(copy, source)
+    pairs = snapshot([copy])
+    assert not moved(pairs)
+    source[4:] = 1
+    assert moved(pairs) == [source]
