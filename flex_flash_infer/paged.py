@@ -77,6 +77,9 @@ class PagedFlexAttention:
             check_positive_int(name, value)
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be the floating torch.dtype of q and the cache (torch.bfloat16, "
+                            f"torch.float16, ...), got {dtype!r}")
         # checked once per score_mod object: reading its signature costs more than the rest of a decode step's plan
         user_score_mod = score_mod
         if score_mod is not self._score_checked:
@@ -263,7 +266,7 @@ _causal = generate_causal_mask_mod()
 
 
 def _split_cache(kv_cache):
-    if isinstance(kv_cache, (tuple, list)) and len(kv_cache) == 2:
+    if isinstance(kv_cache, (tuple, list)) and len(kv_cache) == 2 and all(isinstance(t, torch.Tensor) for t in kv_cache):
         return kv_cache
     if isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 5 and kv_cache.shape[1] == 2:
         return kv_cache[:, 0], kv_cache[:, 1]
@@ -354,8 +357,10 @@ def _run_launches(launches, q, cache, return_lse=True):
 
 
 def _reference(q, k_cache, v_cache, p):
-    """Plain torch, request by request, in float32: the oracle and the CPU path."""
+    """Plain torch, request by request, in float32 (float64 for float64 inputs, as the reference
+    backend): the oracle and the CPU path."""
     qo_indptr, kv_page_indptr, kv_page_indices, last = p["tables"]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     hq, hkv, d = p["heads"]
     page_size = p["page_size"]
     out = torch.zeros_like(q)
@@ -366,15 +371,15 @@ def _reference(q, k_cache, v_cache, p):
         if q1 == q0 or pages.numel() == 0:
             continue
         kv_len = (pages.numel() - 1) * page_size + int(last[r])
-        k = k_cache[pages].reshape(-1, hkv, d)[:kv_len].float().repeat_interleave(hq // hkv, 1)
-        v = v_cache[pages].reshape(-1, hkv, d)[:kv_len].float().repeat_interleave(hq // hkv, 1)
+        k = k_cache[pages].reshape(-1, hkv, d)[:kv_len].to(compute).repeat_interleave(hq // hkv, 1)
+        v = v_cache[pages].reshape(-1, hkv, d)[:kv_len].to(compute).repeat_interleave(hq // hkv, 1)
         # [head, query, key] index grids: a mask_mod or score_mod may read h
         q_pos = torch.arange(kv_len - (q1 - q0), kv_len, device=q.device, dtype=INDEX_DTYPE).view(1, -1, 1)
         kv_pos = torch.arange(kv_len, device=q.device, dtype=INDEX_DTYPE).view(1, 1, -1)
         b = torch.full((1, 1, 1), r, dtype=INDEX_DTYPE, device=q.device)
         h = torch.arange(hq, dtype=INDEX_DTYPE, device=q.device).view(-1, 1, 1)
         visible = evaluate_mask_mod(p["mod"], b, h, q_pos, kv_pos)
-        s = torch.einsum("nhd,khd->hnk", q[q0:q1].float(), k) * p["scale"]
+        s = torch.einsum("nhd,khd->hnk", q[q0:q1].to(compute), k) * p["scale"]
         if p["score_mod"] is not None:   # on the scaled scores, before the mask (FlexAttention's order)
             s = evaluate_score_mod(p["score_mod"], s, b, h, q_pos, kv_pos)
         s = s.masked_fill(~visible, float("-inf"))

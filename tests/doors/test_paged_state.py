@@ -153,3 +153,22 @@ def test_a_copy_on_another_device_is_watched_on_its_source():
     assert not moved(pairs)
     source[4:] = 1
     assert moved(pairs) == [source]
+
+
+def test_float64_on_the_reference_is_computed_in_float64(rng):
+    q, k, v, qi, ki, idx, last = _cache(rng)
+    out = PagedFlexAttention(device="cpu", backend="reference").plan(_causal, qi, ki, idx, last, HQ, HKV, D, P,
+                                                                     dtype=torch.float64).run(q, (k, v))
+    want, _ = dense_oracle(_causal, q, k, v, qi, ki, idx, last, P)
+    assert _err(out, want) < 1e-12
+
+
+def test_bad_dtype_and_cache_are_refused_by_name(rng):
+    q, k, v, qi, ki, idx, last = _cache(rng)
+    paged = PagedFlexAttention(device="cpu", backend="reference")
+    with pytest.raises(TypeError, match="dtype must be the floating torch.dtype"):
+        paged.plan(_causal, qi, ki, idx, last, HQ, HKV, D, P, dtype="bf16")
+    paged.plan(_causal, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64)
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        paged.run(q, [k, None])
+    assert paged.run(q, (k, v)).shape == q.shape        # still usable
