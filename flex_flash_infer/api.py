@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.autograd import learned_tensors, needs_grad, with_recomputed_gradients
+from .backends.autograd import learned_tensors, needs_grad, recomputation_reads, with_recomputed_gradients
 from .backends.backend_choice import choose_backend, read_kernel_options
 from .block_mask import check_block_mask, full_block_mask
 from .backends.flashinfer_backend import FlashInferPlan
@@ -124,7 +124,8 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     max_scores = None
     if chosen == "reference":
         out, lse, *rest = reference_attention(query, key, value, block_mask, score_mod, scale, return_max=want_max)
-        max_scores = rest[0] if want_max else None
+        # not differentiable, as torch's (its backward marks it so)
+        max_scores = rest[0].detach() if want_max else None
     else:
         out, lse = _run_flashinfer(plan, query, key, value, block_mask, score_mod, scale, learned, want_lse)
     if return_aux is not None:
@@ -141,23 +142,30 @@ def _run_flashinfer(plan, query, key, value, block_mask, score_mod, scale, learn
     grad = needs_grad(query, key, value, *learned)
 
     def run():
+        """The kernels' [B * L, Hq, Ev] output and [B * L, Hq] LSE, not views of anything: the
+        autograd function returns these, and the [B, Hq, L] views are taken outside it (a view
+        returned from inside one cannot be written in place)."""
         q = query.transpose(1, 2).reshape(B * L, Hq, E)
         if q.stride(-1) != 1:   # FlashInfer takes every stride but the last dimension's
             q = q.contiguous()
         k = key.transpose(1, 2).contiguous()
         v = value.transpose(1, 2).contiguous()
         out, lse = plan.run(q, k, v, return_lse=want_lse or grad)
-        out = out.view(B, L, Hq, Ev).transpose(1, 2)
-        return out, (lse.view(B, L, Hq).transpose(1, 2) if lse is not None else None)
+        return (out if out._base is None else out.clone()), (lse if lse is None or lse._base is None else lse.clone())
+
+    def as_bhl(out, lse):
+        return out.view(B, L, Hq, Ev).transpose(1, 2), (lse.view(B, L, Hq).transpose(1, 2) if lse is not None else None)
 
     if not grad:
-        return run()
+        return as_bhl(*run())
 
     def backward(saved, grad_out, grad_lse, needs):
         q, k, v, *tables = saved
+        grad_out, grad_lse = as_bhl(grad_out, grad_lse)
         return reference_gradients(q, k, v, tables, block_mask, score_mod, scale, grad_out, grad_lse, needs)
 
-    out, lse = with_recomputed_gradients(run, backward, (query, key, value, *learned))
+    out, lse = as_bhl(*with_recomputed_gradients(run, backward, (query, key, value, *learned),
+                                                 recomputation_reads(score_mod, block_mask.mask_mod, block_mask)))
     return out, (lse if want_lse else None)
 
 

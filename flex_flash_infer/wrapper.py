@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.autograd import anchored, learned_tensors, needs_grad, with_recomputed_gradients
+from .backends.autograd import anchored, learned_tensors, needs_grad, recomputation_reads, with_recomputed_gradients
 from .backends.backend_choice import check_backend_name, choose_backend
 from .core.notices import warn_once
 from .block_mask import BlockMask, LazyBlockMask, create_block_mask
@@ -50,6 +50,12 @@ class _Prepared:
     score_mod: object = None       # as given: the tensors requiring grad it reads are found per call
     constants: tuple = ()          # on the FlashInfer path: the 0-d tensors it compiled in, with their versions
     mask_reads: tuple = ()         # on the FlashInfer path: the tensors the mask_fn reads, with their versions
+    score_reads: list | None = None   # on the FlashInfer path: (id, storage) of each tensor the score_mod reads
+
+
+def _identities(tensors) -> list:
+    """(object, storage) of each tensor: what a compiled kernel's copy or alias was made from."""
+    return [(id(t), t.untyped_storage().data_ptr() if t.device.type != "meta" else 0) for t in tensors]
 
 
 class FlexFlashInfer:
@@ -160,17 +166,20 @@ class FlexFlashInfer:
                 ragged = varlen.RaggedBatch(offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim,
                                             dtype, scale if scale is not None else head_dim ** -0.5, self.device,
                                             self.workspace_buffer)
-        constants = ()
+        constants, score_reads = (), None
         if backend == "flashinfer" and score_mod is not None:
             try:
-                constants = tuple(trace(score_mod, "score_mod").constants)
+                graph = trace(score_mod, "score_mod")
+                constants = tuple(graph.constants)
+                score_reads = _identities([t for _, t in graph.tensors] + [t for t, _ in graph.constants])
             except TraceError:   # such a mod did not take a compiled kernel
                 pass
         # the plan's bands and bits come from the values of the tensors the mask reads
         mask_reads = snapshot(tensors_read(mask_mod, "mask_mod")) if backend == "flashinfer" else ()
         warn_unwatched(mask_reads + constants, "FlexFlashInfer", "mask_fn or score_mod", "prepare()")
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
-                                   head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads)
+                                   head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads,
+                                   score_reads)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -210,6 +219,12 @@ class FlexFlashInfer:
         if moved(p.mask_reads):
             raise ValueError("FlexFlashInfer: a tensor the mask_fn reads was written in place after prepare(), which "
                              "planned the mask from its values: call prepare() again")
+        if p.score_reads is not None and _identities(tensors_read(p.score_mod, "score_mod")) != p.score_reads:
+            # traced again at each call: the kernels hold the tensors prepare() found, which a
+            # re-bound attribute, a new Parameter, .data = or load_state_dict(assign=True) replaces
+            raise ValueError("FlexFlashInfer: the score_mod now reads a different tensor (or storage) than the one "
+                             "prepare() compiled into the kernel (a re-bound attribute, a new Parameter, `.data =`, "
+                             "load_state_dict(assign=True), model.to(...)): call prepare() again")
         # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) needs the
         # learned tensors the score_mod reads, found at each call (one unfrozen or made after
         # prepare() counts)
@@ -226,7 +241,8 @@ class FlexFlashInfer:
         def backward(saved, grad_out, grad_lse, needs):
             return _segment_gradients(p, saved, grad_out, grad_lse, needs)
 
-        out, lse = with_recomputed_gradients(lambda: self._forward(p, q, k, v, True), backward, (q, k, v, *learned))
+        out, lse = with_recomputed_gradients(lambda: self._forward(p, q, k, v, True), backward, (q, k, v, *learned),
+                                             p.mask_reads + recomputation_reads(p.score_mod, None))
         return (out, lse) if return_lse else out
 
     def _forward(self, p: _Prepared, q, k, v, return_lse: bool):

@@ -18,6 +18,9 @@ import types
 
 import torch
 
+from ..core.trace import tensors_read
+from ..core.versions import moved, snapshot
+
 FORWARD_ONLY = ("the FlashInfer backend is forward-only (its kernels have no backward pass): for gradients use "
                 "backend='reference' (plain torch, differentiable) or torch's own FlexAttention "
                 "(torch.nn.attention.flex_attention.flex_attention, compiled, with a fused backward)")
@@ -173,8 +176,9 @@ class _RecomputedBackward(torch.autograd.Function):
     grad_lse, which inputs need a gradient) -> one gradient (or None) per input."""
 
     @staticmethod
-    def forward(ctx, run, backward, *inputs):
+    def forward(ctx, run, backward, watched, *inputs):
         ctx.backward_fn = backward
+        ctx.watched = watched
         ctx.save_for_backward(*inputs)
         out, lse = run()
         return out, lse
@@ -183,14 +187,32 @@ class _RecomputedBackward(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         if torch.is_grad_enabled():   # create_graph=True: these gradients would carry no graph of their own
             raise RuntimeError(DOUBLE_BACKWARD)
-        grads = ctx.backward_fn(ctx.saved_tensors, grad_out, grad_lse, ctx.needs_input_grad[2:])
-        return (None, None, *grads)
+        if moved(ctx.watched):
+            # as torch's own error for a saved tensor: the recomputation would read the new values
+            raise RuntimeError("flex_flash_infer: a tensor the mask_mod, score_mod or block mask reads was modified by "
+                               "an inplace operation between the forward and the backward; the backward recomputes "
+                               "attention and would read its new values. Write it after backward(), or pass a copy")
+        grads = ctx.backward_fn(ctx.saved_tensors, grad_out, grad_lse, ctx.needs_input_grad[3:])
+        return (None, None, None, *grads)
 
 
-def with_recomputed_gradients(run, backward, inputs):
+def with_recomputed_gradients(run, backward, inputs, watched=()):
     """(out, lse) of run(), carrying a grad_fn whose backward is backward(...) (see
-    _RecomputedBackward); inputs are the tensors the gradients are for."""
-    return _RecomputedBackward.apply(run, backward, *inputs)
+    _RecomputedBackward); inputs are the tensors the gradients are for; watched, a
+    core/versions.snapshot of the other tensors the recomputation reads (tables), makes the
+    backward raise when one was written in place since the forward."""
+    return _RecomputedBackward.apply(run, backward, watched, *inputs)
+
+
+def recomputation_reads(score_mod, mask_mod, block_mask=None) -> tuple:
+    """A snapshot of what a backward's recomputation reads besides q, k, v and learned tensors:
+    the tensors the mods' traced expressions read and the block mask's tables."""
+    tables = [t for t in (getattr(block_mask, name, None) for name in
+                          ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"))
+              if isinstance(t, torch.Tensor)]
+    mods = (tensors_read(score_mod, "score_mod") if score_mod is not None else []) + (
+        tensors_read(mask_mod, "mask_mod") if mask_mod is not None else [])
+    return snapshot([t for t in mods if not t.requires_grad] + tables)
 
 
 def anchored(inputs, *outputs):

@@ -98,9 +98,10 @@ def reference_gradients(query, key, value, captured, block_mask, score_mod, scal
                     grads[0][:, :, r0:r1] = g
                 else:
                     grads[i] = g if grads[i] is None else grads[i] + g
-    # an input that needs a gradient and got none (nothing visible, or unused by the score_mod): zeros
-    return [None if not need else (g if g is not None else torch.zeros_like(t))
-            for need, g, t in zip(needs, grads, inputs)]
+    # q, k or v that got no gradient (nothing visible): zeros; a captured tensor the score_mod did
+    # not use: None, as autograd leaves it (a zero .grad would still move it under weight decay)
+    return [None if not need else (g if g is not None or i >= 3 else torch.zeros_like(t))
+            for i, (need, g, t) in enumerate(zip(needs, grads, inputs))]
 
 
 def row_chunks(query, key, block_mask, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
