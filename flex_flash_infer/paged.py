@@ -133,7 +133,9 @@ class PagedFlexAttention:
                 mask_graph = trace(mod, "mask_mod") if per_head else None
                 # decode on fa2: FlashInfer's fa2 kernels fold a GQA group's heads into the query
                 # rows (its tensor-core decode is that kernel), so each page is read once per group
-                variants = paged_variants(kernel_score_mod if score_graph is None else score_graph, mask_graph, plan,
+                # the trace stands for the score_mod unless the fold took it into the scale
+                kernel_graph = score_graph if kernel_score_mod is not None and score_graph is not None else kernel_score_mod
+                variants = paged_variants(kernel_graph, mask_graph, plan,
                                           heads, dtype, kernel_scale, page_size,
                                           self.device, _is_hopper(self.device) and not plan.decode)
             except TraceError as e:
@@ -151,6 +153,7 @@ class PagedFlexAttention:
         # the 0-d tensors the kernels' score_mod reads are compiled in (or folded into the scale)
         # as constants: run() raises when one was written since
         constants = snapshot([t for t, _ in score_graph.constants]) if launches is not None and score_graph else ()
+        # (a folded score_mod's 0-d tensors count too: its factor was read into the scale)
         # the mask's tensors as planned: FlashInfer's pages' states (and a per-head mask's kernel
         # copies) come from their values, so run() raises when one was written since (the
         # reference evaluates the mask at run())

@@ -172,3 +172,21 @@ def test_bad_dtype_and_cache_are_refused_by_name(rng):
     with pytest.raises(ValueError, match="kv_cache must be"):
         paged.run(q, [k, None])
     assert paged.run(q, (k, v)).shape == q.shape        # still usable
+
+
+def test_a_folded_score_mod_beside_a_per_head_mask_is_applied_once(flashinfer_on_cpu, rng):
+    """score * c folds into the launches' scale; the per-head mask still compiles a variant, which
+    must not apply the score_mod again (found by the fuzzer: 0.67 off)."""
+    windows = torch.tensor([5, 40, 100, 300])
+
+    def per_head(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx < windows[h]) & (q_idx >= kv_idx)
+
+    def scaled(score, b, h, q_idx, kv_idx):
+        return score * 1.391
+
+    q, k, v, qi, ki, idx, last = _cache(rng, qo_lens=(1, 69))
+    out = PagedFlexAttention(device="cpu", backend="flashinfer").plan(
+        per_head, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64, score_mod=scaled).run(q, (k, v))
+    want, _ = dense_oracle(per_head, q, k, v, qi, ki, idx, last, P, scaled)
+    assert _err(out, want) < 1e-6
