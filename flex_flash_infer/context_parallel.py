@@ -11,7 +11,9 @@ The keys reach every rank one of two ways, chosen by size (`kv_exchange`):
 - "all_gather": one all-gather of k and v (about 4 KB a token at 8 KV heads x 128 x bf16), then
   each contiguous run of the rank's query positions attends the whole sequence with the mask
   shifted to its offset: the planner skips every empty tile, so a causal rank's work is its
-  triangle. Differentiable: the gather's backward sums every rank's key gradients back.
+  triangle. Differentiable: the gather's backward sums every rank's key gradients back; a learned
+  tensor the score_mod reads gets this rank's queries' share only (all-reduce it, as a data-parallel
+  gradient).
 - "ring": the key shards travel round the ranks by point-to-point sends while each rank attends
   the shard it holds; pairs of runs with no visible tile are skipped; the parts are joined by
   log-sum-exp. Its memory is one shard, whatever the length. Forward only.
@@ -27,6 +29,8 @@ import torch
 from .api import flex_attention
 from .backends.autograd import captured_tensors
 from .block_mask import create_block_mask
+from .core.trace import tensors_read
+from .core.versions import moved, snapshot
 from .mods.combinators import noop_mask
 
 KV_EXCHANGES = ("auto", "all_gather", "ring")
@@ -291,6 +295,7 @@ class ContextParallelFlexAttention:
         self.shard_len = seq_len // self.world
         self.indices = _indices(load_balancer, seq_len, self.world)
         self._masks = {}
+        self._mask_reads = snapshot(tensors_read(self.mask_mod, "mask_mod"))
 
     def positions(self, rank: int, batch: int = 0) -> list:
         row = self.indices[batch if self.indices.shape[0] > 1 else 0]
@@ -301,6 +306,11 @@ class ContextParallelFlexAttention:
             if t.dim() != 4 or t.shape[2] != self.shard_len:
                 raise ValueError(f"{name}: this rank's shard [B, H, {self.shard_len}, D] of the {self.seq_len}-token "
                                  f"sequence over {self.world} ranks, got shape {tuple(t.shape)}")
+        if moved(self._mask_reads):
+            # the block masks (which tiles are full, which key shards the ring skips) came from the
+            # values of the tensors the mask reads: written in place since, they are built again
+            self._masks.clear()
+            self._mask_reads = snapshot(tensors_read(self.mask_mod, "mask_mod"))
         needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (query, key, value))
                                                   or bool(captured_tensors(self.score_mod)))
         exchange = self._exchange(key, value, needs_grad)
@@ -398,22 +408,27 @@ class ContextParallelFlexAttention:
                        dist.P2POp(dist.irecv, incoming[0], receive_from, self.group),
                        dist.P2POp(dist.irecv, incoming[1], receive_from, self.group)]
                 pending = (dist.batch_isend_irecv(ops), incoming)
-            for b, rows in batches:
-                q = query[rows]
-                k, v = current[0][rows], current[1][rows]
-                out, lse = acc[b]
-                for i0, i1, g0 in _runs(self.positions(self.rank, b)):
-                    for j0, j1, h0 in _runs(self.positions(source, b)):
-                        bm, visible = self._block_mask(b, (g0, i1 - i0), (h0, j1 - j0), per_batch, q.device)
-                        if not visible:
-                            continue   # nothing of these keys is visible to these queries
-                        o, s = self._call(q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1], bm,
-                                          b if per_batch else 0, g0, h0)
-                        out[:, :, i0:i1], lse[:, :, i0:i1] = merge_partials(out[:, :, i0:i1], lse[:, :, i0:i1],
-                                                                            o.float(), s)
+            try:
+                for b, rows in batches:
+                    q = query[rows]
+                    k, v = current[0][rows], current[1][rows]
+                    out, lse = acc[b]
+                    for i0, i1, g0 in _runs(self.positions(self.rank, b)):
+                        for j0, j1, h0 in _runs(self.positions(source, b)):
+                            bm, visible = self._block_mask(b, (g0, i1 - i0), (h0, j1 - j0), per_batch, q.device)
+                            if not visible:
+                                continue   # nothing of these keys is visible to these queries
+                            o, s = self._call(q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1], bm,
+                                              b if per_batch else 0, g0, h0)
+                            out[:, :, i0:i1], lse[:, :, i0:i1] = merge_partials(out[:, :, i0:i1], lse[:, :, i0:i1],
+                                                                                o.float(), s)
+            finally:
+                # the posted sends and receives complete even when this step's attention raised:
+                # left pending, they unmatch the group's next point-to-point exchange (a hang)
+                if pending is not None:
+                    for work in pending[0]:
+                        work.wait()
             if pending is not None:
-                for work in pending[0]:
-                    work.wait()
                 current = pending[1]
         return [(acc[b][0].to(query.dtype), acc[b][1]) for b, _ in batches]
 

@@ -175,7 +175,8 @@ class FlexFlashInfer:
             except TraceError:   # such a mod did not take a compiled kernel
                 pass
         # the plan's bands and bits come from the values of the tensors the mask reads
-        mask_reads = snapshot(tensors_read(mask_mod, "mask_mod")) if backend == "flashinfer" else ()
+        # (on either backend: the reference reads the plan's tile tables too)
+        mask_reads = snapshot(tensors_read(mask_mod, "mask_mod"))
         warn_unwatched(mask_reads + constants, "FlexFlashInfer", "mask_fn or score_mod", "prepare()")
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
                                    head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads,

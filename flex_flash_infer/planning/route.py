@@ -19,6 +19,7 @@ import torch
 from .bands import find_bands, hinted_bands
 from .columns import column_lowering, find_window_columns
 from ..core.mask_eval import mask_dependence
+from ..masks.tile_bounds import classify_tiles
 
 
 @dataclass
@@ -59,7 +60,11 @@ def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: 
             tile_states()[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
         if bands:
             return Route("bands", False, bands)
-        found = find_window_columns(tile_states()[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
+        # the column finder reads the mask_mod alone: tables made otherwise (a FULL tile the mask
+        # partly hides, an EMPTY one it shows, a mask_mod assigned afterwards) must say the same
+        found = None
+        if hints or _tables_agree(tile_states()[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv, device):
+            found = find_window_columns(tile_states()[0, 0], block_mask.mask_mod, q_len, kv_len, block_q, block_kv)
         if found is not None:
             return Route("bands+columns", False, found[0], found[1].to(device))
     if per_head and not uses_b and (map_b, map_h) == (1, num_qo_heads):
@@ -72,6 +77,12 @@ def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: 
         else:
             return Route("bands-per-head", True, head_bands=per_head_bands)
     return Route("tiles-per-head" if per_head else "tiles", per_head)
+
+
+def _tables_agree(states, mask_mod, q_len: int, kv_len: int, block_q: int, block_kv: int, device) -> bool:
+    """Whether tile states made elsewhere are the ones the mask_mod gives."""
+    own = classify_tiles(mask_mod, 1, 1, q_len, kv_len, block_q, block_kv, device)[0, 0]
+    return own.shape == states.shape and bool((own == states.to(own.device)).all())
 
 
 def _at_head(mask_mod, head: int):

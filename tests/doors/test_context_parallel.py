@@ -269,3 +269,75 @@ def test_bad_arguments_name_what_was_expected(tmp_path):
     finally:
         dist.destroy_process_group()
 
+
+
+def _state_worker(rank, world, init_file, errors):
+    """A tensor the mask reads rewritten between calls (the block masks were built from it), and a
+    ring call that raised part way followed by a good one on the same object."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        docs = torch.zeros(L, dtype=torch.long)
+        docs[256:] = 1
+
+        def documents(b, h, q_idx, kv_idx):
+            return (docs[q_idx] == docs[kv_idx]) & (q_idx >= kv_idx)
+
+        q, k, v = _whole(15)
+        for exchange in ("all_gather", "ring"):
+            docs.zero_()
+            docs[256:] = 1
+            cp = ContextParallelFlexAttention(documents, L, kv_exchange=exchange, enable_gqa=True,
+                                              backend="reference", block_size=64)
+            with torch.no_grad():
+                cp(*(shard_sequence(t, rank, world) for t in (q, k, v)))
+                docs.zero_()
+                docs[64:] = 1                       # the next batch's documents, same buffer
+                got = unshard_sequence(cp(*(shard_sequence(t, rank, world) for t in (q, k, v))))
+            want, _ = _expected(documents, None, q, k, v)
+            err = (got - want).abs().max().item()
+            if not err < 1e-5:
+                errors.put(f"{exchange}: a rewritten mask tensor ran the old documents: max error {err}")
+        tables = {"bias": torch.zeros(3)}
+
+        def biased(score, b, h, q_idx, kv_idx):
+            return score + tables["bias"][q_idx]    # 3 entries: IndexError on every rank at the first step
+
+        shards = [shard_sequence(t, rank, world) for t in (q, k, v)]
+        with torch.no_grad():
+            ContextParallelFlexAttention(get_mask_fn("causal"), L, kv_exchange="ring", enable_gqa=True,
+                                         backend="reference", block_size=64)(*shards)
+            ring = ContextParallelFlexAttention(get_mask_fn("causal"), L, score_mod=biased, kv_exchange="ring",
+                                                enable_gqa=True, backend="reference", block_size=64)
+            try:
+                ring(*shards)
+                errors.put("a score_mod reading past its table did not raise")
+            except IndexError:
+                pass
+            tables["bias"] = torch.zeros(L)         # fixed; the same object called again
+            got = unshard_sequence(ring(*shards))
+        want, _ = _expected(get_mask_fn("causal"), None, q, k, v)
+        if not (got - want).abs().max().item() < 1e-5:
+            errors.put("ring after a failed call: wrong result")
+    except Exception:
+        import traceback
+        errors.put(f"rank {rank}: {traceback.format_exc()[-1500:]}")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_rewritten_mask_tensors_and_a_ring_call_after_a_failed_one(tmp_path):
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = mp.start_processes(_state_worker, args=(2, str(tmp_path / "init"), errors), nprocs=2,
+                               start_method="spawn", join=False)
+    for p in procs.processes:
+        p.join(180)                                 # a hang (unmatched sends) fails instead of blocking CI
+    alive = [p for p in procs.processes if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "ranks hung"
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert not found, "\n".join(found)

@@ -286,3 +286,21 @@ def test_a_tensor_the_mask_reads_changed_after_prepare_raises(flashinfer_on_cpu,
     flex.prepare(mask_fn=per_head, seq_len_q=100, seq_len_kv=100, num_qo_heads=2, num_kv_heads=2, head_dim=16,
                  dtype=torch.float32)
     flex(q, q, q)
+
+
+def test_a_mask_tensor_written_after_prepare_raises_on_the_reference_backend_too():
+    """The reference runs prepare()'s tile tables with the mask's values at the call: written in
+    between, the answer was neither mask's (1.2 off the new one)."""
+    wins = torch.tensor([3, 40])
+
+    def per_head(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < wins[h])
+
+    flex = FlexFlashInfer(device="cpu", backend="reference").prepare(
+        mask_fn=per_head, seq_len_q=256, seq_len_kv=256, num_qo_heads=2, num_kv_heads=2, head_dim=16,
+        dtype=torch.float32)
+    q, k, v = (torch.randn(256, 2, 16) for _ in range(3))
+    flex(q, k, v)
+    wins.fill_(100)
+    with pytest.raises(ValueError, match=r"prepare\(\) again"):
+        flex(q, k, v)

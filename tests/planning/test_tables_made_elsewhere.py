@@ -72,3 +72,52 @@ def test_a_tensor_the_mask_reads_written_in_place_plans_again(flashinfer_on_cpu,
         table.fill_(20)
         want = flex_attention(q, k, v, block_mask=bm, backend="reference")
         assert (flex_attention(q, k, v, block_mask=bm, backend="flashinfer") - want).abs().max() < 1e-6
+
+
+def _attend_both(bm, rng, L=256, S=256):
+    q, k, v = (torch.randn(1, 1, n, 16, dtype=torch.float64, generator=rng) for n in (L, S, S))
+    ref, ref_lse = flex_attention(q, k, v, block_mask=bm, backend="reference", return_lse=True)
+    got, got_lse = flex_attention(q, k, v, block_mask=bm, backend="flashinfer", return_lse=True)
+    return (got - ref).abs().max().item(), (got_lse - ref_lse).abs().max().item()
+
+
+def test_a_full_tile_the_mask_partly_hides_is_attended_whole(flashinfer_on_cpu, rng):
+    """torch attends a FULL tile without its mask_mod; the key-column finder reads the mask_mod
+    alone (2.3 off before it was kept to tables that agree with the mask)."""
+    from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+
+    bm = TorchBlockMask.from_kv_blocks(
+        torch.tensor([[[0, 1]]], dtype=torch.int32), torch.tensor([[[[0, 0], [1, 0]]]], dtype=torch.int32),
+        torch.tensor([[[1, 1]]], dtype=torch.int32), torch.tensor([[[[0, 0], [0, 0]]]], dtype=torch.int32),
+        BLOCK_SIZE=128, mask_mod=lambda b, h, q, kv: q >= kv)
+    assert max(_attend_both(bm, rng)) < 1e-6
+
+
+def test_an_empty_tile_over_sink_keys_is_skipped(flashinfer_on_cpu, rng):
+    from flex_flash_infer import get_mask_fn
+
+    mm = get_mask_fn("streaming", sink_size=4, window_size=16)
+    states = create_block_mask(mm, None, None, 256, 256, device="cpu", BLOCK_SIZE=16).states.clone()
+    states[0, 0, 15, 0] = 0                     # the last query tile no longer visits the sinks
+    bm = BlockMask.from_kv_blocks(*_tables(states == 1), *_tables(states == 2), BLOCK_SIZE=16, mask_mod=mm,
+                                  seq_lengths=(256, 256))
+    assert max(_attend_both(bm, rng)) < 1e-6
+
+
+def test_a_mask_mod_assigned_after_the_tables_were_built(flashinfer_on_cpu, rng):
+    """The tables rule after `block_mask.mask_mod = other`, as in torch (1.39 off before)."""
+    from flex_flash_infer import get_mask_fn
+
+    bm = create_block_mask(get_mask_fn("causal"), None, None, 256, 256, device="cpu", BLOCK_SIZE=32)
+    bm.mask_mod = get_mask_fn("streaming", sink_size=4, window_size=16)
+    assert max(_attend_both(bm, rng)) < 1e-6
+
+
+def test_a_torch_block_mask_of_attamba_keeps_the_column_route(flashinfer_on_cpu):
+    """Tables made by torch from the same mask agree with it: the key columns still apply."""
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+    from flex_flash_infer import get_mask_fn
+
+    mm = get_mask_fn("attamba", window_size=256, chunk_size=128)
+    bm = BlockMask.from_torch(torch_create_block_mask(mm, None, None, 2048, 2048, device="cpu"))
+    assert bm.plan(8, 8, head_dim=64).route == "bands+columns"
