@@ -10,7 +10,7 @@ from .backends.flashinfer_backend import FlashInferPlan
 from .core.mask_eval import check_score_mod
 from .backends.reference import reference_attention, reference_gradients
 from .core.notices import warn_once
-from .core.trace import TraceError, tensors_read
+from .core.trace import TraceError, current_reads, tensors_read
 from .core.versions import moved, snapshot, unwatched
 from .core.validation import check_bhsd, check_scale
 
@@ -46,10 +46,12 @@ def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dty
                               score_mod=score_mod, route=route)
     key = (batch, hq, hkv, head_dim, dtype, scale, str(device), route)
     plan = block_mask._plans.get(key)
-    if plan is None or moved(plan.mask_reads):
+    # what the mask_mod read (its bands and partial tiles' bits come from those values): a number
+    # changed, a tensor written in place or re-bound plans again
+    state = current_reads(block_mask.mask_mod, "mask_mod")
+    if plan is None or not (state.same_as(plan.mask_state) if state is not None else plan.mask_state is None):
         plan = FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device, route=route)
-        # the tensors the mask_mod reads, as they were when planned (its bands and partial tiles'
-        # bits come from their values): a write to one in place plans again
+        plan.mask_state = state
         plan.mask_reads = snapshot(tensors_read(block_mask.mask_mod, "mask_mod"))
         # one that keeps no write counter (an inference tensor) could change unseen: planned per call
         if unwatched(plan.mask_reads):

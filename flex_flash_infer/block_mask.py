@@ -12,6 +12,7 @@ from .masks.block_build import (EMPTY, FULL, PARTIAL, ceil_div, classify_query_t
                                 states_from_tables)
 from .masks.tile_bounds import classify_tiles
 from .core.mask_eval import as_mask_mod, evaluate_mask_mod, index_grid, mask_dependence
+from .core.trace import current_reads
 from .mods.combinators import noop_mask
 from .core.validation import check_device, check_positive_int
 
@@ -160,7 +161,12 @@ class BlockMask:
         anew or the tables are changed, or for tables given directly: then the tables rule, as
         in torch (full tiles skip the mask_mod), and the planner reads them."""
         self._fresh()
-        return self._tables_from is not None and self._tables_from is self.mask_mod
+        if self._tables_from is None or self._tables_from is not self.mask_mod:
+            return False
+        # and with the values it read then (a document mask's ids rewritten since: the tables
+        # hold the old documents, and torch reads them so)
+        then = getattr(self, "_tables_reads", None)
+        return then is None or then.same_as(current_reads(self.mask_mod, "mask_mod"))
 
     # mask_mod and seq_lengths may be set after construction, as torch's decoding idiom does
     # (block_mask[:, :, tile].mask_mod = ...): a plan built for the old values is dropped
@@ -195,6 +201,7 @@ class BlockMask:
         mask = cls(seq_lengths, kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE, mask_mod)
         mask._states = states
         mask._tables_from = mask.mask_mod   # from_states' callers computed states from this mask_mod
+        mask._tables_reads = current_reads(mask.mask_mod, "mask_mod")   # ... with these values
         return mask
 
     @classmethod
@@ -443,6 +450,7 @@ class LazyBlockMask(BlockMask):
         self.BLOCK_SIZE = _block_sizes(BLOCK_SIZE)
         self.mask_mod = mask_mod
         self._tables_from = self.mask_mod   # build() computes them from this mask_mod
+        self._tables_reads = current_reads(self.mask_mod, "mask_mod")
         self._build = build
         self._batch_heads = tuple(batch_heads)
         self._device = torch.device(device)

@@ -15,8 +15,8 @@ from .core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
 from . import varlen
-from .core.trace import TraceError, stale_constants_message, tensors_read, trace
-from .core.versions import moved, snapshot, warn_unwatched
+from .core.trace import TraceError, current_reads, stale_constants_message, tensors_read, trace
+from .core.versions import moved, snapshot, source_of, warn_unwatched
 from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
 from .core.validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
@@ -50,12 +50,33 @@ class _Prepared:
     score_mod: object = None       # as given: the tensors requiring grad it reads are found per call
     constants: tuple = ()          # on the FlashInfer path: the 0-d tensors it compiled in, with their versions
     mask_reads: tuple = ()         # on the FlashInfer path: the tensors the mask_fn reads, with their versions
-    score_reads: list | None = None   # on the FlashInfer path: (id, storage) of each tensor the score_mod reads
+    score_reads: list | None = None   # on the FlashInfer path: (tensor, its memory) the score_mod read when prepared
+    mask_fn: object = None         # the mask_mod planned (the mask_fn as a four-argument mod)
+    mask_state: object = None      # what the mask read when prepared (core/versions.ReadState), None if untraced
 
 
-def _identities(tensors) -> list:
-    """(object, storage) of each tensor: what a compiled kernel's copy or alias was made from."""
-    return [(id(t), t.untyped_storage().data_ptr() if t.device.type != "meta" else 0) for t in tensors]
+def _pointer(t) -> int:
+    return 0 if t.device.type == "meta" else t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+
+
+def _same_reads(now, before) -> bool:
+    """Whether the tensors a score_mod reads now hold what the kernel was built from: the same
+    tensor (written in place or not), a view made again of the same memory, or a tensor made
+    again with equal values (a constant built inside the mod); not a re-bound table."""
+    if len(now) != len(before):
+        return False
+    for a, (b, b_ptr) in zip(map(source_of, now), before):
+        if a is b:   # the same tensor, unless its memory was replaced (`.data =`, swap_tensors)
+            if _pointer(a) != b_ptr:
+                return False
+            continue
+        if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+            return False
+        if _pointer(a) == b_ptr and a.stride() == b.stride():
+            continue
+        if not torch.equal(a, b):
+            return False
+    return True
 
 
 class FlexFlashInfer:
@@ -171,16 +192,18 @@ class FlexFlashInfer:
             try:
                 graph = trace(score_mod, "score_mod")
                 constants = tuple(graph.constants)
-                score_reads = _identities([t for _, t in graph.tensors] + [t for t, _ in graph.constants])
+                score_reads = [(t, _pointer(t)) for t in map(source_of, [t for _, t in graph.tensors]
+                                                             + [t for t, _ in graph.constants])]
             except TraceError:   # such a mod did not take a compiled kernel
                 pass
         # the plan's bands and bits come from the values of the tensors the mask reads
         # (on either backend: the reference reads the plan's tile tables too)
         mask_reads = snapshot(tensors_read(mask_mod, "mask_mod"))
+        mask_state = current_reads(mask_mod, "mask_mod")
         warn_unwatched(mask_reads + constants, "FlexFlashInfer", "mask_fn or score_mod", "prepare()")
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
                                    head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads,
-                                   score_reads)
+                                   score_reads, mask_mod, mask_state)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -217,10 +240,11 @@ class FlexFlashInfer:
         stale = stale_constants_message(p.constants, "FlexFlashInfer")
         if stale:
             raise ValueError(stale.replace("plan again", "call prepare() again"))
-        if moved(p.mask_reads):
-            raise ValueError("FlexFlashInfer: a tensor the mask_fn reads was written in place after prepare(), which "
-                             "planned the mask from its values: call prepare() again")
-        if p.score_reads is not None and _identities(tensors_read(p.score_mod, "score_mod")) != p.score_reads:
+        if moved(p.mask_reads) or (p.mask_state is not None
+                                   and not p.mask_state.same_as(current_reads(p.mask_fn, "mask_mod"))):
+            raise ValueError("FlexFlashInfer: a tensor or number the mask_fn reads was written in place or re-bound "
+                             "after prepare(), which planned the mask from its values: call prepare() again")
+        if p.score_reads is not None and not _same_reads(tensors_read(p.score_mod, "score_mod"), p.score_reads):
             # traced again at each call: the kernels hold the tensors prepare() found, which a
             # re-bound attribute, a new Parameter, .data = or load_state_dict(assign=True) replaces
             raise ValueError("FlexFlashInfer: the score_mod now reads a different tensor (or storage) than the one "

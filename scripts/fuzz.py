@@ -96,11 +96,15 @@ def main(argv=None) -> int:
             write_json(summary, partial=True)
             saved[0] = time.time()
 
+    from flex_flash_infer_bench.provenance import source_commit
+    commit = source_commit()   # read once, at the start: the code the campaign imported
+
     def write_json(summary, partial=False):
         data = summary.as_json()
         data.update(device=args.device, torch=torch.__version__, wall_seconds=round(time.time() - start, 1),
                     gpu=torch.cuda.get_device_name() if profile.name == "gpu" else None,
-                    command=" ".join(sys.argv), partial=partial)
+                    command=" ".join(sys.argv), partial=partial, commit=commit,
+                    started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)))
         try:
             import flashinfer
             data["flashinfer"] = getattr(flashinfer, "__version__", "?")

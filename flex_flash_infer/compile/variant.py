@@ -29,7 +29,7 @@ import torch
 
 from .codegen import KERNEL_DTYPE, PRELUDE, check_kernel_size, element_ctype, emit_expression, graph_key, kernel_tensor
 from ..core.trace import Graph
-from ..core.versions import version_of
+from ..core.versions import source_of, version_of
 
 REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
 
@@ -102,7 +102,9 @@ class KernelCopies(list):
 
     def __init__(self, sources, device, live: bool = True):
         device = torch.device(device)
-        self.sources = list(sources)
+        # a copy a mod made on another device (mods/_captured.follow_device: the trace runs on the
+        # host) stands for its source, the tensor an optimizer steps
+        self.sources = [source_of(t) for t in sources]
         self.aliased = [live and _kernel_ready(t, device) for t in self.sources]
         super().__init__(t.detach() if same else kernel_tensor(t).to(device)
                          for t, same in zip(self.sources, self.aliased))
@@ -124,8 +126,9 @@ class KernelCopies(list):
 def _kernel_ready(t, device) -> bool:
     """t can be the kernel's table itself: its kernel dtype, contiguous, on the device."""
     check_kernel_size(t)
-    return (KERNEL_DTYPE.get(t.dtype) == t.dtype and t.is_contiguous() and t.device.type == device.type
-            and (device.index is None or t.device.index == device.index))
+    if device.type == "cuda" and device.index is None:   # "cuda": the current GPU, not any GPU
+        device = torch.device("cuda", torch.cuda.current_device())
+    return KERNEL_DTYPE.get(t.dtype) == t.dtype and t.is_contiguous() and t.device == device
 
 
 def graph_values(graph: Graph | None, device, live: bool = True):

@@ -21,11 +21,13 @@ import inspect
 import numbers
 import operator
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from .versions import moved, version_of
+from .hints import states_hints
+from .versions import ReadState, moved, version_of
 
 KINDS = ("bool", "int", "float")
 
@@ -478,6 +480,51 @@ def tensors_read(mod, kind: str) -> list:
     except TraceError:
         return []
     return [t for _, t in graph.tensors] + [t for t, _ in graph.constants]
+
+
+def read_state(mod, kind: str) -> ReadState | None:
+    """What a plan made from mod's captured values depends on (core/versions.ReadState), or None
+    for a mod that does not trace."""
+    try:
+        graph = trace(mod, kind)
+    except TraceError:
+        return None
+    return ReadState(_numbers(graph), [t for _, t in graph.tensors] + [t for t, _ in graph.constants])
+
+
+def _numbers(graph: Graph) -> list:
+    """The numbers a graph was traced with: its captured scalars, and every constant in its
+    expression in order (a module global read by the mod is traced in as a constant)."""
+    consts, seen, stack = [], set(), [graph.output]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, Node) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op == "const":
+            consts.append(repr(node.attr))
+        stack.extend(node.args)
+    return [(n, k, v) for n, k, v in graph.scalars] + consts
+
+
+_LIBRARY_READS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def current_reads(mod, kind: str) -> ReadState | None:
+    """read_state(mod), traced once per object for a function the library made (its numbers are
+    fixed when made; its tensors' counters and memory are read at every call), at every call for
+    any other (a user's mask may read a global number that changes)."""
+    if not states_hints(mod):
+        return read_state(mod, kind)
+    cached = _LIBRARY_READS.get(mod)
+    if cached is None:
+        try:
+            graph = trace(mod, kind)
+        except TraceError:
+            return None
+        cached = _LIBRARY_READS.setdefault(mod, (_numbers(graph),
+                                                 [t for _, t in graph.tensors] + [t for t, _ in graph.constants]))
+    return ReadState(*cached)
 
 
 def stale_constants_message(constants, door: str) -> str | None:

@@ -57,3 +57,37 @@ def warn_unwatched(pairs, door: str, what: str, again: str) -> None:
         warn_once(f"{door}: the {what} reads a tensor made under torch.inference_mode(), which keeps no write "
                   f"counter: a write to it after {again} cannot be noticed and runs the values it had then; "
                   f"call {again} again after changing it (or make the tensor outside inference_mode)")
+
+
+def _memory(t: torch.Tensor) -> int:
+    return 0 if t.device.type == "meta" else t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+
+
+class ReadState:
+    """What a plan made from a mod's captured values depends on: the numbers its expression reads
+    and each tensor it reads (a copy on another device stands for its source), with that
+    tensor's memory and write counter. same_as() tells a plan that still holds from one that
+    does not: a number changed, a tensor written in place, re-bound to another tensor, or its
+    memory replaced (`.data =`); a tensor the mod makes again at each call with equal values
+    (a constant built inside it), or a view made again of the same memory, still holds."""
+
+    def __init__(self, scalars, tensors):
+        self.scalars = tuple(scalars)
+        self.tensors = [(t, _memory(t), version_of(t)) for t in map(source_of, tensors)]
+
+    def same_as(self, other: "ReadState | None") -> bool:
+        if other is None or self.scalars != other.scalars or len(self.tensors) != len(other.tensors):
+            return False
+        for (a, a_mem, a_version), (b, b_mem, b_version) in zip(self.tensors, other.tensors):
+            # the same memory (the same tensor, or a view of it made again): unwritten since (an
+            # inference tensor, which keeps no counter, is taken as unchanged: plans warn once)
+            if a_mem == b_mem and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride():
+                if a_version != b_version:
+                    return False
+                continue
+            if a is b or a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+                return False   # memory replaced, or another tensor of another form
+            if not torch.equal(a, b):   # made again: equal values hold
+                return False
+        return True
+

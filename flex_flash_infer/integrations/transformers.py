@@ -25,6 +25,8 @@ import torch
 from ..api import flex_attention
 from ..block_mask import create_block_mask
 from ..core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
+from ..core.trace import tensors_read
+from ..core.versions import moved, snapshot, unwatched
 from ..mods.causal import generate_causal_mask_mod
 from ..mods.softcap import generate_softcap_score_mod
 
@@ -62,13 +64,24 @@ def _shifted(mod, offset: int, n_args: int):
 
 
 def _dense_mask_mod(mask: torch.Tensor):
-    """A transformers 4-D mask [B or 1, 1, Q, KV] (bool, or float with large negatives) as a mask_mod."""
+    """A transformers 4-D mask [B or 1, 1, Q, KV] (bool, or float with large negatives) as a mask_mod,
+    and for a float mask whose visible entries are not all 0 (a soft bias) the bias as a score_mod
+    term (added to the scaled score, as SDPA adds the mask), else None."""
     visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     visible = visible[:, 0]
 
     def model_mask(b, h, q_idx, kv_idx):
         return visible[b if visible.shape[0] > 1 else 0, q_idx, kv_idx]
-    return model_mask, visible.shape[0]
+    bias = None
+    if mask.dtype != torch.bool:
+        values = torch.where(visible, mask[:, 0], 0).float()
+        if bool((values != 0).any()):
+            bias = values
+
+            def bias_term(score, b, h, q_idx, kv_idx):
+                return score + bias[b if bias.shape[0] > 1 else 0, q_idx, kv_idx]
+            return model_mask, visible.shape[0], bias_term
+    return model_mask, visible.shape[0], None
 
 
 def _with_model_softcap(score_mod, softcap):
@@ -92,9 +105,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if dropout and module.training:
         raise ValueError("flex_flash_infer attention is for inference: dropout must be 0 (call model.eval())")
     config = getattr(module, "config", None)
-    if kwargs.get("s_aux") is not None:
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise NotImplementedError("flex_flash_infer attention does not support learned attention sinks "
-                                  "(the model passed s_aux); use attn_implementation='eager' for this model")
+                                  "(the model passed s_aux or sinks); use attn_implementation='eager' for this model")
+    for name in ("position_bias", "indices"):   # T5's bias, sparse attention's indices: never dropped silently
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"flex_flash_infer attention does not take the model's {name}= argument; "
+                                      "use attn_implementation='eager' for this model")
     mask_mod, score_mod = getattr(_local, "mods", None) or (None, None)
     mask_mod = mask_mod or getattr(config, "flex_flash_infer_mask_mod", None)
     score_mod = _with_model_softcap(score_mod or getattr(config, "flex_flash_infer_score_mod", None),
@@ -104,15 +121,21 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     offset = kv_len - q_len
     mask_batch = mask_heads = None
     if mask_mod is not None:
+        _check_positions(kwargs.get("position_ids"), attention_mask, offset, q_len, kv_len)
         mod, owner = _shifted(as_mask_mod(mask_mod), offset, 4), mask_mod
         # a mask that reads b (per-sample documents) or h (per-head windows) gets tables per
         # sample or head: tables of b = 0, h = 0 alone would be broadcast to the others
         uses_b, uses_h = mask_dependence(mod, B, query.shape[1], q_len, kv_len, query.device)
         mask_batch, mask_heads = (B if uses_b else None), (query.shape[1] if uses_h else None)
     elif attention_mask is not None:
-        (mod, mask_batch), owner = _dense_mask_mod(attention_mask), attention_mask
+        (mod, mask_batch, bias_term), owner = _dense_mask_mod(attention_mask), attention_mask
+        if bias_term is not None:
+            score_mod = _then(score_mod, bias_term)
     elif getattr(module, "is_causal", True):
-        mod, owner = _shifted(_CAUSAL, offset, 4), _CAUSAL
+        # no mask: SDPA's is_causal, aligned to the top left (an empty static cache's prefill has
+        # kv_len > q_len, the slots past the queries empty); one query sees every key
+        mod, owner = (_CAUSAL, _CAUSAL) if q_len > 1 else (None, None)
+        offset = 0
     else:
         mod, owner = None, None
     block_mask = None
@@ -120,18 +143,53 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         # One block mask per (mask object, shape), shared by all layers of a forward pass. The
         # entry holds a weak reference and is used only while that very object is alive, so a
         # new mask that reuses an old id never gets a stale block mask.
+        # Its entry also holds what the mask read when built (the 4-D mask itself, a mask_mod's
+        # tables): a buffer written in place or re-bound since builds it again.
         key_ = (id(owner), offset, q_len, kv_len, mask_batch, mask_heads, str(query.device))
         entry = _block_masks.get(key_)
-        if entry is not None and entry[0]() is owner:
-            block_mask = entry[1]
+        reads = snapshot([owner] if isinstance(owner, torch.Tensor) else tensors_read(mod, "mask_mod"))
+        if entry is not None and entry[0]() is owner and not moved(entry[1]) and \
+                [id(t) for t, _ in entry[1]] == [id(t) for t, _ in reads] and not unwatched(reads):
+            block_mask = entry[2]
         else:
             if len(_block_masks) > 64:
                 _block_masks.clear()
             block_mask = create_block_mask(mod, mask_batch, mask_heads, q_len, kv_len, device=query.device)
-            _block_masks[key_] = (weakref.ref(owner), block_mask)
+            _block_masks[key_] = (weakref.ref(owner), reads, block_mask)
     out = flex_attention(query, key, value, score_mod=_shifted(check_score_mod(score_mod), offset, 5),
                          block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _then(score_mod, term):
+    """score_mod (or the score), then term added (a float mask's bias, as SDPA adds it last)."""
+    if score_mod is None:
+        return term
+    score_mod = check_score_mod(score_mod)
+
+    def score_mod_then_term(score, b, h, q_idx, kv_idx):
+        return term(score_mod(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+    return score_mod_then_term
+
+
+def _check_positions(position_ids, attention_mask, offset: int, q_len: int, kv_len: int) -> None:
+    """A mask_mod sees the cache slot as the position (queries the last q_len of kv_len slots).
+    Where the model's positions say otherwise, raise rather than mask the wrong tokens: a padded
+    batch (the padding would be visible), a static cache (empty slots past the queries) or a
+    sliding cache (slots that no longer start at position 0)."""
+    if attention_mask is not None and q_len > 1:   # (one query's mask may hide keys for its window alone)
+        visible = attention_mask if attention_mask.dtype == torch.bool else \
+            attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        if not bool(visible[:, 0].any(-2).all()):
+            raise NotImplementedError("attention_mods(mask_mod=...) with a padded batch (keys no query sees): "
+                                      "the mask_mod would not hide the padding; run the rows unpadded")
+    if position_ids is not None:
+        first = position_ids[..., 0].reshape(-1)
+        if bool((first != offset).any()):
+            raise NotImplementedError(
+                f"attention_mods(mask_mod=...) takes the cache slot as the position, but the model's positions "
+                f"start at {int(first.min())}, not {offset} ({kv_len} cached slots, {q_len} queries): a static or "
+                "sliding-window cache, or padding; use the dynamic cache (the default) with unpadded rows")
 
 
 def register(name: str = NAME) -> str:

@@ -50,7 +50,7 @@ class _Bounds:
     def __init__(self, graph: Graph, inputs: dict, device):
         self.inputs = inputs
         self.scalars = {name: (kind, value) for name, kind, value in graph.scalars}
-        self.tables = {name: t.to(device) for name, t in graph.tensors}
+        self.tables = _OnDevice(dict(graph.tensors), device)   # copied when first read (an index's table)
         self.device = device
         self.memo = {}
 
@@ -165,6 +165,22 @@ class _Bounds:
         index = tuple(along if k == d else lo[k].unsqueeze(-1) for k in range(len(lo)))
         gathered = table[index].to(torch.int64)
         return gathered.amin(-1), gathered.amax(-1)
+
+
+class _OnDevice(dict):
+    """Captured tables, each copied to the device the first time an interval reads it."""
+
+    def __init__(self, tables: dict, device):
+        super().__init__(tables)
+        self.device, self.moved = device, set()
+
+    def __getitem__(self, name):
+        t = super().__getitem__(name)
+        if name not in self.moved:
+            t = t.to(self.device)
+            self[name] = t
+            self.moved.add(name)
+        return t
 
 
 def _as_dtype(r, dtype: torch.dtype):
@@ -524,7 +540,9 @@ def check_table_indices(graph: Graph | None, B: int, H: int, Q_LEN: int, KV_LEN:
         return (torch.zeros((), dtype=torch.int64, device=device),
                 torch.full((), max(n, 1) - 1, dtype=torch.int64, device=device))
 
-    bounds = _Bounds(graph, {"b": span(B), "h": span(H), "q_idx": span(Q_LEN), "kv_idx": span(KV_LEN)}, device)
+    lengths = {"b": B, "h": H, "q_idx": Q_LEN, "kv_idx": KV_LEN}
+    bounds = _Bounds(graph, {name: span(n) for name, n in lengths.items()}, device)
+    shapes = {name: tuple(t.shape) for name, t in graph.tensors}
     seen, stack = set(), [graph.output]
     while stack:
         node = stack.pop()
@@ -534,12 +552,22 @@ def check_table_indices(graph: Graph | None, B: int, H: int, Q_LEN: int, KV_LEN:
         stack.extend(a for a in node.args if isinstance(a, Node))
         if node.op != "load":
             continue
-        shape = bounds.tables[node.attr].shape
+        shape = shapes[node.attr]
         for dim, index in enumerate(node.args):
             r = bounds.ints(index)
             if r is None:
                 continue
             lo, hi, n = int(r[0].min()), int(r[1].max()), shape[dim]
+            read = _inputs_read(index)
+            if (lo < -n or hi >= n) and len(read) == 1:
+                # an index of one position (kv - doc_start[doc[kv]]): its intervals treat kv and a
+                # function of kv as independent; its exact values over that position's range decide
+                name = read.pop()
+                points = torch.arange(lengths[name], dtype=torch.int64, device=device)
+                exact = _Bounds(graph, {**{k: span(m) for k, m in lengths.items()}, name: (points, points)},
+                                device).ints(index)
+                if exact is not None:
+                    lo, hi = int(exact[0].min()), int(exact[1].max())
             if lo < -n or hi >= n:
                 raise TraceError(
                     f"the {what} indexes a captured tensor of shape {tuple(shape)} along dimension {dim} with values "

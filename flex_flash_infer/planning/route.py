@@ -19,6 +19,7 @@ import torch
 from .bands import find_bands, hinted_bands
 from .columns import column_lowering, find_window_columns
 from ..core.mask_eval import mask_dependence
+from ..masks.block_build import EMPTY, FULL
 from ..masks.tile_bounds import classify_tiles
 
 
@@ -80,9 +81,13 @@ def choose_route(block_mask, batch: int, num_qo_heads: int, q_len: int, kv_len: 
 
 
 def _tables_agree(states, mask_mod, q_len: int, kv_len: int, block_q: int, block_kv: int, device) -> bool:
-    """Whether tile states made elsewhere are the ones the mask_mod gives."""
+    """Whether tile states made elsewhere say what the mask_mod says: a FULL tile fully visible,
+    an EMPTY one hidden (a PARTIAL one is masked, so any tile may be listed PARTIAL)."""
     own = classify_tiles(mask_mod, 1, 1, q_len, kv_len, block_q, block_kv, device)[0, 0]
-    return own.shape == states.shape and bool((own == states.to(own.device)).all())
+    if own.shape != states.shape:
+        return False
+    made = states.to(own.device)
+    return not bool((((made == FULL) & (own != FULL)) | ((made == EMPTY) & (own != EMPTY))).any())
 
 
 def _at_head(mask_mod, head: int):

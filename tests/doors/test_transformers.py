@@ -196,3 +196,64 @@ def test_gpu_gemma2_softcap_and_sliding_layers_through_flashinfer(monkeypatch):
         a, b = ours(ids).logits.float(), eager(ids).logits.float()
     assert not torch.isnan(a).any()
     assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+# ---- the attention function itself, against torch's SDPA given the same mask -------------------
+
+def _attend(query, key, value, attention_mask=None, **kwargs):
+    from flex_flash_infer.integrations.transformers import attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, _ = attention_forward(module, query, key, value, attention_mask, scaling=query.shape[-1] ** -0.5, **kwargs)
+    return out.transpose(1, 2)
+
+
+def _qkv(rng, q_len, kv_len, heads=2):
+    return (torch.randn(1, heads, q_len, 16, generator=rng), torch.randn(1, heads, kv_len, 16, generator=rng),
+            torch.randn(1, heads, kv_len, 16, generator=rng))
+
+
+def test_no_mask_with_more_cache_slots_than_queries_is_causal_from_the_first_slot(rng):
+    """An empty static cache's prefill: no mask, kv_len > q_len, as SDPA's is_causal (top left)."""
+    q, k, v = _qkv(rng, 5, 32)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (_attend(q, k, v) - want).abs().max() < 1e-5
+
+
+def test_a_float_mask_with_a_soft_bias_is_added_to_the_scores(rng):
+    q, k, v = _qkv(rng, 6, 6)
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., 2] = -2.0                                   # a soft bias on one key
+    mask[..., 0, 1:] = torch.finfo(torch.float32).min     # and hidden keys
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (_attend(q, k, v, mask) - want).abs().max() < 1e-5
+
+
+def test_a_mask_buffer_written_in_place_between_calls_is_read_anew(rng):
+    q, k, v = _qkv(rng, 256, 256)
+    mask = torch.ones(1, 1, 256, 256, dtype=torch.bool).tril()
+    _attend(q, k, v, mask)
+    mask[..., 200:, 10] = False                           # inside a tile that was full
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (_attend(q, k, v, mask) - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["position_bias", "sinks", "indices"])
+def test_model_arguments_it_cannot_apply_raise(rng, name):
+    q, k, v = _qkv(rng, 4, 4)
+    with pytest.raises(NotImplementedError, match=name if name != "sinks" else "sinks"):
+        _attend(q, k, v, **{name: torch.zeros(1)})
+
+
+def test_a_mask_mod_with_positions_that_are_not_cache_slots_raises(rng):
+    """A static cache (queries at positions 0..4 of 32 slots) or a padded batch: the mask_mod
+    would see the wrong positions or the padding."""
+    q, k, v = _qkv(rng, 5, 32)
+    with attention_mods(mask_mod=get_mask_fn("causal")):
+        with pytest.raises(NotImplementedError, match="cache slot"):
+            _attend(q, k, v, position_ids=torch.arange(5)[None])
+        padded = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
+        padded[..., 0] = False
+        with pytest.raises(NotImplementedError, match="padded"):
+            _attend(*_qkv(rng, 5, 5), padded)
