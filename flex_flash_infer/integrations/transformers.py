@@ -89,14 +89,7 @@ def _with_model_softcap(score_mod, softcap):
     any score_mod given with attention_mods() or the config."""
     if not softcap:
         return score_mod
-    capped = generate_softcap_score_mod(float(softcap))
-    if score_mod is None:
-        return capped
-    score_mod = check_score_mod(score_mod)
-
-    def softcap_then_score_mod(score, b, h, q_idx, kv_idx):
-        return score_mod(capped(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
-    return softcap_then_score_mod
+    return _then(generate_softcap_score_mod(float(softcap)), score_mod)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -161,15 +154,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return out.transpose(1, 2).contiguous(), None
 
 
-def _then(score_mod, term):
-    """score_mod (or the score), then term added (a float mask's bias, as SDPA adds it last)."""
-    if score_mod is None:
-        return term
-    score_mod = check_score_mod(score_mod)
+def _then(first, second):
+    """The score_mod applying first, then second (either may be None): the model's soft cap then a
+    given score_mod; a score_mod then a float mask's bias, as SDPA adds the mask last."""
+    if first is None or second is None:
+        return second if first is None else first
+    first, second = check_score_mod(first), check_score_mod(second)
 
-    def score_mod_then_term(score, b, h, q_idx, kv_idx):
-        return term(score_mod(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
-    return score_mod_then_term
+    def first_then_second(score, b, h, q_idx, kv_idx):
+        return second(first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+    return first_then_second
 
 
 def _check_positions(position_ids, attention_mask, offset: int, q_len: int, kv_len: int) -> None:
