@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.autograd import anchored, learned_tensors, needs_grad, recomputation_reads, with_recomputed_gradients
+from .backends.autograd import anchored, learned_tensors, needs_grad, with_recomputed_gradients
 from .backends.backend_choice import check_backend_name, choose_backend
 from .core.notices import warn_once
 from .block_mask import BlockMask, LazyBlockMask, create_block_mask
@@ -244,7 +244,9 @@ class FlexFlashInfer:
                                    and not p.mask_state.same_as(current_reads(p.mask_fn, "mask_mod"))):
             raise ValueError("FlexFlashInfer: a tensor or number the mask_fn reads was written in place or re-bound "
                              "after prepare(), which planned the mask from its values: call prepare() again")
-        if p.score_reads is not None and not _same_reads(tensors_read(p.score_mod, "score_mod"), p.score_reads):
+        # traced once per call: checked here, and watched between forward and backward below
+        score_now = tensors_read(p.score_mod, "score_mod") if p.score_reads is not None else []
+        if p.score_reads is not None and not _same_reads(score_now, p.score_reads):
             # traced again at each call: the kernels hold the tensors prepare() found, which a
             # re-bound attribute, a new Parameter, .data = or load_state_dict(assign=True) replaces
             raise ValueError("FlexFlashInfer: the score_mod now reads a different tensor (or storage) than the one "
@@ -267,7 +269,7 @@ class FlexFlashInfer:
             return _segment_gradients(p, saved, grad_out, grad_lse, needs)
 
         out, lse = with_recomputed_gradients(lambda: self._forward(p, q, k, v, True), backward, (q, k, v, *learned),
-                                             p.mask_reads + recomputation_reads(p.score_mod, None))
+                                             p.mask_reads + snapshot([t for t in score_now if not t.requires_grad]))
         return (out, lse) if return_lse else out
 
     def _forward(self, p: _Prepared, q, k, v, return_lse: bool):
