@@ -10,8 +10,8 @@ from .backends.flashinfer_backend import FlashInferPlan
 from .core.mask_eval import check_score_mod
 from .backends.reference import reference_attention, reference_gradients
 from .core.notices import warn_once
-from .core.trace import TraceError, current_reads, tensors_read
-from .core.versions import moved, snapshot, unwatched
+from .core.trace import TraceError, current_reads
+from .core.versions import unwatched
 from .core.validation import check_bhsd, check_scale
 
 try:   # torch's own classes (torch >= 2.9), so code written for torch's flex_attention works unchanged
@@ -52,7 +52,7 @@ def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dty
     if plan is None or not (state.same_as(plan.mask_state) if state is not None else plan.mask_state is None):
         plan = FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device, route=route)
         plan.mask_state = state
-        plan.mask_reads = snapshot(tensors_read(block_mask.mask_mod, "mask_mod"))
+        plan.mask_reads = state.watch() if state is not None else ()
         # one that keeps no write counter (an inference tensor) could change unseen: planned per call
         if unwatched(plan.mask_reads):
             warn_once("flex_attention: the block mask's mask_mod reads a tensor made under torch.inference_mode(), "

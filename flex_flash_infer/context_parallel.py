@@ -29,8 +29,7 @@ import torch
 from .api import flex_attention
 from .backends.autograd import captured_tensors
 from .block_mask import create_block_mask
-from .core.trace import tensors_read
-from .core.versions import moved, snapshot
+from .core.trace import current_reads
 from .mods.combinators import noop_mask
 
 KV_EXCHANGES = ("auto", "all_gather", "ring")
@@ -295,7 +294,7 @@ class ContextParallelFlexAttention:
         self.shard_len = seq_len // self.world
         self.indices = _indices(load_balancer, seq_len, self.world)
         self._masks = {}
-        self._mask_reads = snapshot(tensors_read(self.mask_mod, "mask_mod"))
+        self._mask_state = current_reads(self.mask_mod, "mask_mod")
 
     def positions(self, rank: int, batch: int = 0) -> list:
         row = self.indices[batch if self.indices.shape[0] > 1 else 0]
@@ -306,11 +305,13 @@ class ContextParallelFlexAttention:
             if t.dim() != 4 or t.shape[2] != self.shard_len:
                 raise ValueError(f"{name}: this rank's shard [B, H, {self.shard_len}, D] of the {self.seq_len}-token "
                                  f"sequence over {self.world} ranks, got shape {tuple(t.shape)}")
-        if moved(self._mask_reads):
+        state = current_reads(self.mask_mod, "mask_mod")
+        if state is not None and not state.same_as(self._mask_state):
             # the block masks (which tiles are full, which key shards the ring skips) came from the
-            # values of the tensors the mask reads: written in place since, they are built again
+            # values the mask reads: a number changed or a tensor written or re-bound since, they
+            # are built again
             self._masks.clear()
-            self._mask_reads = snapshot(tensors_read(self.mask_mod, "mask_mod"))
+            self._mask_state = state
         needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (query, key, value))
                                                   or bool(captured_tensors(self.score_mod)))
         exchange = self._exchange(key, value, needs_grad)

@@ -31,7 +31,7 @@ from .planning.score_folding import fold_score_mod
 from .backends.paged_kernels import paged_request_tables, paged_variants
 from .planning.paged_plan import plan_paged
 from .core.hints import states_hints
-from .core.trace import TraceError, stale_constants_message, tensors_read, trace
+from .core.trace import TraceError, current_reads, stale_constants_message, trace
 from .core.versions import moved, snapshot, warn_unwatched
 from .core.validation import check_positive_int, check_scale
 
@@ -64,7 +64,6 @@ class PagedFlexAttention:
         self._mask_seen = (None, 0, None, None)   # (mask_mod, heads, per-head?, as_mask_mod of it)
         self._score_seen = (None, 0, None)        # (score_mod, heads, native soft cap or None)
         self._score_checked = None                # the score_mod whose signature was checked
-        self._mask_tensors_seen = (None, [])      # (mask_mod, the tensors it reads)
 
     def plan(self, mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype = torch.bfloat16,
@@ -157,7 +156,8 @@ class PagedFlexAttention:
         # the mask's tensors as planned: FlashInfer's pages' states (and a per-head mask's kernel
         # copies) come from their values, so run() raises when one was written since (the
         # reference evaluates the mask at run())
-        mask_reads = snapshot(self._mask_tensors(mod)) if launches is not None else ()
+        state = current_reads(mod, "mask_mod") if launches is not None else None
+        mask_reads = state.watch() if state is not None else ()
         warn_unwatched(mask_reads + constants, "PagedFlexAttention", "mask_mod or score_mod", "plan()")
         self._score_checked = user_score_mod
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
@@ -165,16 +165,6 @@ class PagedFlexAttention:
                              scale=scale, launch_scale=launch_scale, negate_query=launch_scale < 0, page_size=page_size,
                              heads=heads, dtype=dtype, tables=tables)
         return self
-
-    def _mask_tensors(self, mod) -> list:
-        """The tensors mod reads: traced at every plan for a user's mask (it may read a global
-        that changes), once per object for the library's."""
-        cached_mod, tensors = self._mask_tensors_seen
-        if cached_mod is mod and states_hints(mod):
-            return tensors
-        tensors = tensors_read(mod, "mask_mod")
-        self._mask_tensors_seen = (mod, tensors)
-        return tensors
 
     def _launches(self, plan, heads, page_size, dtype, scale, variants, soft_cap):
         """The plan's launches on the cached wrappers. Those are shared with the previous plan: if

@@ -75,6 +75,10 @@ class ReadState:
         self.scalars = tuple(scalars)
         self.tensors = [(t, _memory(t), version_of(t)) for t in map(source_of, tensors)]
 
+    def watch(self) -> tuple:
+        """Its tensors as a snapshot (moved() on it needs no trace: for run()'s hot path)."""
+        return tuple((t, version) for t, _, version in self.tensors)
+
     def same_as(self, other: "ReadState | None") -> bool:
         if other is None or self.scalars != other.scalars or len(self.tensors) != len(other.tensors):
             return False
