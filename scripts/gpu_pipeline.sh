@@ -27,8 +27,8 @@
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 #   profile-plan scripts/profile_prepare.py: prepare()'s host time by function (cProfile)
 #   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001); fuzz-masks, fuzz-scores: one half
-#   suite        the whole GPU test suite (pytest -m gpu), alone on the machine: the compiled score_mod tests'
-#                modules warmed side by side beside the other tests, then those tests
+#   suite        the whole GPU test suite (pytest -m gpu) over 6 processes, alone on the machine, compiling
+#                the modules it meets side by side
 #   ab-layout    scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
 #                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 tokens
 # FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
@@ -81,24 +81,16 @@ case "${1:-}" in
           python3 -m pytest -v -m gpu tests/ -rfE -k "not compiled_into" -p no:cacheprovider --durations=12 \
             >$run_dir/gpu_tests.log 2>&1; tail -n 15 $run_dir/gpu_tests.log ;;
         suite)
-          # the compiled score_mod tests' modules (1-3 minutes each, one at a time inside pytest:
-          # the suite never finished in 10 minutes that way) compile side by side first, beside
-          # the rest of the suite; modules carried prebuilt are loaded, not compiled
-          MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype bf16 --head-dim 128 --kinds score_mod:softcap \
-            score_mod:alibi score_mod:rel_bias score_mod:temperature score_mod:causal_decay score_mod:softcap+window \
-            score_mod_fa2:rel_bias score_mod_fa2:softcap+window score_mod_fa2:alibi tile_variants:softcap \
-            tile_variants:rel_bias tile_variants:alibi+columns paged_mods >$run_dir/warm-suite.log 2>&1 &
-          warm_bf16=$!
-          MAX_JOBS=2 python3 -m flex_flash_infer warmup --dtype fp16 --head-dim 128 --kinds score_mod:softcap \
-            >$run_dir/warm-suite-fp16.log 2>&1 &
-          warm_fp16=$!
-          python3 -m pytest -v -m gpu tests/ -rfE -k "not compiled_into" -p no:cacheprovider --durations=12 \
+          # the whole GPU suite in one pytest over 6 processes (pytest-xdist, on the machine): a fresh
+          # machine compiles every module the tests meet (a session's ignored build folders do not
+          # outlive it, so nothing comes prebuilt), and one process compiled them one at a time
+          # (2026-12-05: 129 of 140 tests in 19 minutes beside a 13-module warm-up, the compiled
+          # score_mod tests never reached); six processes compile side by side, 3 nvcc jobs each
+          # (18 sets at 3 ran the 128 GiB machine out of memory), a module two processes meet is
+          # built once (FlashInfer locks it)
+          MAX_JOBS=3 python3 -m pytest -v -n 6 -m gpu tests/ -rfE -p no:cacheprovider --durations=12 \
             >$run_dir/gpu_suite.log 2>&1
-          wait $warm_bf16 $warm_fp16
-          grep -h "ok\|FAILED" $run_dir/warm-suite*.log | tail -n 12
-          python3 -m pytest -v -m gpu tests/ -rfE -k "compiled_into" -p no:cacheprovider --durations=12 \
-            >$run_dir/gpu_suite_compiled.log 2>&1
-          tail -n 4 $run_dir/gpu_suite.log; tail -n 4 $run_dir/gpu_suite_compiled.log ;;
+          tail -n 6 $run_dir/gpu_suite.log ;;
         examples)
           for f in examples/*.py; do echo "--- $f"; python3 "$f" 2>&1 | grep --line-buffered -v "INFO\|arning" | tail -n 4; \
             echo "exit ${PIPESTATUS[0]}"; done >$run_dir/examples.log 2>&1; cat $run_dir/examples.log ;;
