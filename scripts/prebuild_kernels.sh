@@ -29,4 +29,4 @@ if [ ! -f $stub/libcuda.so ]; then
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o $stub/libcuda.so $stub/libcuda_stub.c
 fi
 export LIBRARY_PATH=$stub:$cuda/lib64 CPATH=$curand_include FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=${MAX_JOBS:-2}
-exec $venv/bin/python scripts/prebuild_kernels.py "$@"
+exec $venv/bin/python ${PREBUILD_PY:-scripts/prebuild_kernels.py} "$@"   # PREBUILD_PY: another script needing this toolchain (scripts/compile_cost.py)

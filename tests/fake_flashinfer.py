@@ -10,6 +10,7 @@ from paged_simulator import attend
 from paged_simulator import merge_state as _merge_state
 from paged_simulator import paged_prefill
 
+from flex_flash_infer.compile.lean_modules import KEPT_MODES
 from flex_flash_infer.compile.codegen import graph_key
 from flex_flash_infer.compile.variant_paged import MASKED_PAGE_FLAG
 
@@ -36,6 +37,14 @@ def kernel(fn):
     return checked
 
 
+def check_variant_mask_mode(backend, has_variant, causal, custom_mask):
+    """A variant's module is built with only the mask modes lean_modules keeps for its backend:
+    a plan asking it for another would fail on the GPU."""
+    if has_variant:
+        mode = 2 if custom_mask is not None else 1 if causal else 0
+        assert mode in KEPT_MODES[backend], f"a {backend} variant planned with mask mode {mode}"
+
+
 class BatchPrefillWithPagedKVCacheWrapper:
     def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None, variant_owns_mask=False):
         assert layout == "NHD"
@@ -49,6 +58,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
              o_data_type=None, window_left=-1, logits_soft_cap=None, disable_split_kv=False, **_):
         if custom_mask is not None:
             assert self.backend == "fa2" and custom_mask.dtype == torch.bool and not self.owns_mask
+        check_variant_mask_mode(self.backend, self.variant is not None, causal, custom_mask)
         self.args = (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), last_page_len.cpu())
         self.causal, self.mask = causal, None if custom_mask is None else custom_mask.cpu()
         self.heads = (num_qo_heads, num_kv_heads)
@@ -159,7 +169,9 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         self.variant = None if jit_args is None else VARIANTS[jit_args[11]]
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, causal=False, window_left=-1,
-             sm_scale=None, logits_soft_cap=None, disable_split_kv=False, **_):
+             sm_scale=None, logits_soft_cap=None, disable_split_kv=False, custom_mask=None, **_):
+        assert custom_mask is None, "the model of the ragged wrapper has no bit mask"
+        check_variant_mask_mode(self.backend, self.variant is not None, causal, custom_mask)
         self.split_kv = self.backend != "fa3" and not disable_split_kv   # as the paged wrapper
         self.qo_indptr, self.kv_indptr = qo_indptr.cpu().long(), kv_indptr.cpu().long()
         self.causal, self.window_left = causal, window_left

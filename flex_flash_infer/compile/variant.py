@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import lean_modules
 from .codegen import KERNEL_DTYPE, PRELUDE, check_kernel_size, element_ctype, emit_expression, graph_key, kernel_tensor
 from ..core.trace import Graph
 from ..core.versions import source_of, version_of
@@ -68,7 +69,9 @@ class VariantSpec:
     scalar_dtypes: list
 
     def jit_args(self, uri: str, dtype, head_dim: int, idtype, use_sliding_window: bool) -> list:
-        """FlashInfer's gen_customize_batch_prefill_module arguments, in order."""
+        """FlashInfer's gen_customize_batch_prefill_module arguments, in order (its modules of
+        these are built with the mask modes this library uses: lean_modules)."""
+        lean_modules.install()
         return [uri, dtype, dtype, dtype, idtype, head_dim, head_dim, self.tensor_names, self.tensor_dtypes,
                 self.scalar_names, self.scalar_dtypes, self.name, self.decl, 0, use_sliding_window]
 

@@ -1,0 +1,127 @@
+"""This library's own FlashInfer variants built with only the mask modes it passes them.
+
+FlashInfer's generator for a custom prefill variant (gen_customize_batch_prefill_module) writes one
+kernel file per mask mode - none, causal, custom bit mask, multi-item scoring - for the ragged and
+for the paged kernel, each a full template instantiation, and the host code dispatches over all
+four. This library asks its variants for fewer: never multi-item scoring, and on Hopper (fa3) only
+no mask or causal (a bit mask goes to an fa2 launch). Every kernel file left out is compile work a
+new score_mod or mask no longer waits for: half of an fa3 variant's kernel files, a quarter of an
+fa2 one's (docs/design.md, "Compiling").
+
+The module is FlashInfer's own generated code: the kernel files kept are byte for byte FlashInfer's;
+the host's mask-mode switch (the DISPATCH_MASK_MODE its config uses) is replaced by one over the
+kept modes that raises for any other, so a mode left out is an error, never a different kernel.
+It has its own name (FlashInfer's, plus the kept modes), so it never stands in for a full module.
+Only variants named by this library (uri "ffi_...") are built this way; every other FlashInfer
+module, the native ones a prebuilt flashinfer-jit-cache provides included, is left as FlashInfer
+builds it. A FlashInfer whose generated sources look different (another version) is left alone too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import re
+
+OWN_URI_PREFIX = "ffi_"
+# mask modes (FlashInfer's MaskMode) each backend's variants are asked for
+KEPT_MODES = {"fa3": (0, 1), "fa2": (0, 1, 2)}
+_MODE_NAMES = ("kNone", "kCausal", "kCustom", "kMultiItemScoring")
+_KERNEL_FILE = re.compile(r"_kernel_mask_(\d)\.cu$")
+_DISPATCH_CALL = "DISPATCH_MASK_MODE(mask_mode, MASK_MODE,"
+_LEAN_DISPATCH = "FFI_DISPATCH_KEPT_MASK_MODES"
+
+
+def lean_dispatch_macro(modes) -> str:
+    """A DISPATCH_MASK_MODE over `modes` alone; any other mode raises FlashInfer's error."""
+    cases = "".join(f"    case MaskMode::{_MODE_NAMES[m]}: {{ constexpr MaskMode MASK_MODE = MaskMode::{_MODE_NAMES[m]}; "
+                    f"__VA_ARGS__ break; }} \\\n" for m in modes)
+    return (f"#define {_LEAN_DISPATCH}(mask_mode, MASK_MODE, ...) \\\n  switch (mask_mode) {{ \\\n{cases}"
+            f"    default: {{ std::ostringstream err_msg; err_msg << \"flex_flash_infer built this module with "
+            f"mask modes {', '.join(map(str, modes))} only, got \" << int(mask_mode); "
+            f"FLASHINFER_ERROR(err_msg.str()); }} \\\n  }}\n")
+
+
+def lean_config(text: str, modes) -> str | None:
+    """FlashInfer's generated config with its mask-mode switch over `modes` only; None when the
+    text is not the layout this knows (the switch used other than once)."""
+    if text.count(_DISPATCH_CALL) != 1 or _LEAN_DISPATCH in text:
+        return None
+    call = f"{_LEAN_DISPATCH}(mask_mode, MASK_MODE,"
+    head, sep, rest = text.partition("#pragma once\n")
+    if not sep:
+        return lean_dispatch_macro(modes) + text.replace(_DISPATCH_CALL, call)
+    return head + sep + lean_dispatch_macro(modes) + rest.replace(_DISPATCH_CALL, call)
+
+
+def _write_if_different(path: pathlib.Path, text: str) -> None:
+    # an unchanged file keeps its time, so ninja does not rebuild what it already built
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def lean_spec(spec, modes):
+    """FlashInfer's JitSpec of a prefill variant with the kernel files of `modes` alone, under its
+    own name; the spec itself when its sources are not the layout this knows."""
+    sources = [pathlib.Path(s) for s in spec.sources]
+    kernel_modes = {s: int(m.group(1)) for s in sources if (m := _KERNEL_FILE.search(s.name))}
+    if not kernel_modes or not set(modes) <= set(kernel_modes.values()):
+        return spec
+    gen_dir = next(iter(kernel_modes)).parent
+    configs = list(gen_dir.glob("*config.inc"))
+    if len(configs) != 1:
+        return spec
+    config = lean_config(configs[0].read_text(), modes)
+    if config is None:
+        return spec
+
+    def kept(path):
+        return path not in kernel_modes or kernel_modes[path] in modes
+
+    name = f"{spec.name}_modes{''.join(map(str, modes))}"
+    lean_dir = gen_dir.parent / name
+    lean_dir.mkdir(parents=True, exist_ok=True)
+    moved = {}
+    for path in gen_dir.iterdir():
+        if path.is_file() and kept(path):
+            moved[path] = lean_dir / path.name
+            _write_if_different(moved[path], config if path == configs[0] else path.read_text())
+    changes = {"name": name, "sources": [moved.get(s, s) for s in sources if kept(s)]}
+    by_source = getattr(spec, "extra_cuda_cflags_by_source", None)
+    if by_source:
+        changes["extra_cuda_cflags_by_source"] = {moved.get(pathlib.Path(k), k): v for k, v in by_source.items()}
+    try:
+        return dataclasses.replace(spec, **changes)
+    except (TypeError, ValueError):
+        return spec
+
+
+def _lean_generator(generate):
+    @functools.wraps(generate)
+    def generate_lean(backend, uri, *args, **kwargs):
+        spec = generate(backend, uri, *args, **kwargs)
+        modes = KEPT_MODES.get(backend)
+        if modes is None or not str(uri).startswith(OWN_URI_PREFIX):
+            return spec
+        return lean_spec(spec, modes)
+    generate_lean.ffi_lean = True
+    return generate_lean
+
+
+_tried = False
+
+
+def install() -> None:
+    """Have FlashInfer build this library's variants lean (once per process; FlashInfer's other
+    modules unchanged). VariantSpec.jit_args calls it, before any wrapper is given the arguments."""
+    global _tried
+    if _tried:
+        return
+    _tried = True
+    try:
+        from flashinfer import prefill
+    except Exception:
+        return
+    generate = getattr(prefill, "gen_customize_batch_prefill_module", None)
+    if generate is not None and not getattr(generate, "ffi_lean", False):
+        prefill.gen_customize_batch_prefill_module = _lean_generator(generate)
