@@ -108,20 +108,21 @@ def _lean_generator(generate):
     return generate_lean
 
 
-_tried = False
+_installed = False
 
 
 def install() -> None:
-    """Have FlashInfer build this library's variants lean (once per process; FlashInfer's other
-    modules unchanged). VariantSpec.jit_args calls it, before any wrapper is given the arguments."""
-    global _tried
-    if _tried:
+    """Have FlashInfer build this library's variants lean (FlashInfer's other modules unchanged).
+    VariantSpec.jit_args calls it, before any wrapper is given the arguments; once it has found
+    FlashInfer's generator it does nothing more."""
+    global _installed
+    if _installed:
         return
-    _tried = True
     try:
         from flashinfer import prefill
-    except Exception:
+    except Exception:   # no FlashInfer (or a stand-in without its modules): nothing to build
         return
     generate = getattr(prefill, "gen_customize_batch_prefill_module", None)
     if generate is not None and not getattr(generate, "ffi_lean", False):
         prefill.gen_customize_batch_prefill_module = _lean_generator(generate)
+    _installed = True

@@ -106,3 +106,23 @@ def test_only_the_librarys_own_variants_are_built_lean(tmp_path):
     # another library's variant in the same process, and a backend this does not know, as FlashInfer builds them
     assert lean_generate("fa3", "someone_else") is specs["someone_else"]
     assert lean_generate("trtllm-gen", "ffi_x") is specs["ffi_x"]
+
+
+def test_install_wraps_flashinfers_generator_once(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    prefill = types.ModuleType("flashinfer.prefill")
+    prefill.gen_customize_batch_prefill_module = lambda backend, uri, *args: generated(tmp_path, uri)
+    package = types.ModuleType("flashinfer")
+    package.__path__ = []
+    package.prefill = prefill
+    monkeypatch.setitem(sys.modules, "flashinfer", package)
+    monkeypatch.setitem(sys.modules, "flashinfer.prefill", prefill)
+    monkeypatch.setattr(lean_modules, "_installed", False)
+    lean_modules.install()
+    wrapped = prefill.gen_customize_batch_prefill_module
+    assert wrapped("fa3", "ffi_a_d128").name == "ffi_a_d128_modes01"
+    monkeypatch.setattr(lean_modules, "_installed", False)
+    lean_modules.install()   # never wrapped twice
+    assert prefill.gen_customize_batch_prefill_module is wrapped
