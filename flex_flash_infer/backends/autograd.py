@@ -83,32 +83,7 @@ def captured_tensors(fn) -> list:
                 visit(item, depth + 1)
 
     visit(fn, 0)
-    return _roots_only(list(found.values()))
-
-
-def _roots_only(tensors: list) -> list:
-    """tensors less those computed from another of them (a table and the copy a mod keeps on
-    another device, or a scaled table): the backward takes the gradient of the one they come
-    from through their own graphs, which holds what flows through them and what the table's own
-    use adds; returning a gradient for both would count the derived part twice."""
-    def behind(t) -> tuple:
-        """(autograd nodes, ids of leaf tensors) that t was computed from."""
-        nodes, stack = set(), [] if t.grad_fn is None else [f for f, _ in t.grad_fn.next_functions if f is not None]
-        while stack:
-            node = stack.pop()
-            if node in nodes:
-                continue
-            nodes.add(node)
-            stack.extend(f for f, _ in node.next_functions if f is not None)
-        return nodes, {id(getattr(node, "variable", None)) for node in nodes}   # AccumulateGrad nodes hold leaves
-
-    sources = [behind(t) for t in tensors]
-
-    def derived(t, own) -> bool:
-        return any(u is not t and ((u.grad_fn is not None and u.grad_fn in own[0]) or
-                                   (u.grad_fn is None and id(u) in own[1])) for u in tensors)
-
-    return [t for t, own in zip(tensors, sources) if not derived(t, own)]
+    return list(found.values())
 
 
 def _global_names(code) -> set:
@@ -121,16 +96,47 @@ def _global_names(code) -> set:
 
 def learned_tensors(score_mod, device) -> list:
     """The tensors requiring grad a score_mod's result depends on, which a gradient must reach as
-    well as q, k and v (a learned bias table): those captured_tensors finds, those its traced
-    expression indexes, and the leaves its result at position 0 reaches in autograd (a class
-    attribute, an object's __slots__, a 0-d tensor), less those computed from another of them.
-    Called with grad enabled only."""
+    well as q, k and v (a learned bias table): those it reads itself (captured_tensors finds them,
+    its traced expression indexes them), then the leaves its result at position 0 reaches in
+    autograd other than through those (a class attribute, an object's __slots__, a 0-d tensor).
+    A table computed from a parameter (bias = w * 2) is an input itself: it gets its own gradient
+    (autograd.grad, retain_grad, its hooks) and autograd carries that on to the parameter. The
+    backward reads each through a stand-in (StandIns), so a tensor and one derived from it, both
+    inputs, each get the gradient of their own use only. Called with grad enabled only."""
     if score_mod is None:
         return []
-    found = {id(t): t for t in captured_tensors(score_mod)}
-    for t in (*_traced_tensors(score_mod), *_probe_leaves(score_mod, device)):
-        found.setdefault(id(t), t)
-    return _roots_only(list(found.values()))
+    read = {id(t): t for t in captured_tensors(score_mod)}
+    for t in _traced_tensors(score_mod):
+        read.setdefault(id(t), t)
+    stop = {t.grad_fn for t in read.values() if t.grad_fn is not None}
+    for t in _probe_leaves(score_mod, device, stop):
+        read.setdefault(id(t), t)
+    return list(read.values())
+
+
+class StandIns(torch.overrides.TorchFunctionMode):
+    """Within it, every torch operation given one of `tensors` gets its stand-in instead: a
+    backward's recomputation reads a score_mod's tables as detached copies requiring grad, so the
+    gradient it asks autograd for stops there. Without them the recomputation's own autograd.grad
+    ran the user's hooks on a table (a hook scaling its gradient acted twice: the table's gradient
+    came out 2x), filled a retained .grad, and counted a derived table's part of its parameter's
+    gradient twice."""
+
+    def __init__(self, tensors, stand_ins):
+        super().__init__()
+        self.swap = {id(t): s for t, s in zip(tensors, stand_ins)}
+
+    def _swapped(self, x):
+        if isinstance(x, torch.Tensor):
+            return self.swap.get(id(x), x)
+        if isinstance(x, (tuple, list)):
+            return type(x)(self._swapped(item) for item in x)
+        if isinstance(x, dict):
+            return {key: self._swapped(item) for key, item in x.items()}
+        return x
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*self._swapped(args), **self._swapped(kwargs or {}))
 
 
 def _traced_tensors(score_mod) -> list:
@@ -142,9 +148,9 @@ def _traced_tensors(score_mod) -> list:
     return [t for _, t in graph.tensors if t.requires_grad]
 
 
-def _probe_leaves(score_mod, device) -> list:
+def _probe_leaves(score_mod, device, stop=frozenset()) -> list:
     """The leaf tensors requiring grad behind the mod's result at position 0 (in range for any
-    table a mod indexes by position)."""
+    table a mod indexes by position), not looking behind the autograd nodes in stop."""
     zero = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device)
     try:
         with torch.enable_grad():
@@ -156,7 +162,7 @@ def _probe_leaves(score_mod, device) -> list:
     leaves, seen, stack = [], set(), [out.grad_fn]
     while stack:
         node = stack.pop()
-        if node in seen:
+        if node in seen or node in stop:
             continue
         seen.add(node)
         variable = getattr(node, "variable", None)

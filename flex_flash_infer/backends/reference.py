@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .autograd import anchored, learned_tensors, needs_grad
+from .autograd import StandIns, anchored, learned_tensors, needs_grad
 from ..masks.block_build import FULL, PARTIAL
 from ..core.mask_eval import call_mask_mod, evaluate_mask_mod, evaluate_score_mod, index_grid
 
@@ -70,13 +70,16 @@ def reference_gradients(query, key, value, captured, block_mask, score_mod, scal
     with torch.enable_grad():
         k = key.detach().requires_grad_(needs[1])
         v = value.detach().requires_grad_(needs[2])
+        # the tables as the score_mod reads them, cut from the user's graph (StandIns)
+        stand_ins = [t.detach().requires_grad_(need) for t, need in zip(captured, needs[3:])]
         grads = [None] * len(inputs)
         for r0, r1, c0, c1 in row_chunks(query, key, block_mask, chunk_elements):
             if c1 <= c0:
                 continue   # no key visible: zero gradient for these rows
             q = query[:, :, r0:r1].detach().requires_grad_(needs[0])
-            wrt = [(i, t) for i, t in enumerate((q, k, v, *captured)) if needs[i]]
-            out, lse, _ = attend_rows(q, k, v, block_mask, score_mod, scale, r0, c0, c1)
+            wrt = [(i, t) for i, t in enumerate((q, k, v, *stand_ins)) if needs[i]]
+            with StandIns(captured, stand_ins):
+                out, lse, _ = attend_rows(q, k, v, block_mask, score_mod, scale, r0, c0, c1)
             outputs, seeds = [out], [grad_out[:, :, r0:r1]]
             if grad_lse is not None:
                 outputs.append(lse)
@@ -85,8 +88,8 @@ def reference_gradients(query, key, value, captured, block_mask, score_mod, scal
             live = [(o, s) for o, s in zip(outputs, seeds) if o.requires_grad]
             if not wrt or not live:
                 continue
-            # retain_graph: a learned table's gradient may run through the graph of a tensor the
-            # score_mod derived from it (autograd._roots_only), which the next chunk needs again
+            # retain_graph: a tensor the score_mod computes from a table out of the search's sight
+            # is read as it is, its graph behind it, which the next chunk needs again
             found = torch.autograd.grad([o for o, _ in live], [t for _, t in wrt], [s for _, s in live],
                                         allow_unused=True, retain_graph=True)
             for (i, _), g in zip(wrt, found):

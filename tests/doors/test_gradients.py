@@ -200,6 +200,75 @@ def test_a_table_and_a_tensor_derived_from_it_both_read(flashinfer_on_cpu, rng):
         _assert_grads(got, want, tol=1e-6)
 
 
+def test_a_table_computed_from_a_parameter_gets_its_own_gradient(flashinfer_on_cpu, rng):
+    """A score_mod reading bias = w * 2 (a non-leaf table): the table's own gradient exists
+    (autograd.grad, retain_grad; it was None on the FlashInfer doors, the parameter's only
+    input), and the parameter's is the oracle's."""
+    w = torch.randn(8, generator=rng, dtype=torch.float64, requires_grad=True)
+    q, k, v = _leaves(rng, 1, 4, 2, 60, 60)
+    for backend in ("flashinfer", "reference"):
+        results = []
+        for attend in (lambda mod: flex_attention(q, k, v, score_mod=mod, enable_gqa=True, backend=backend),
+                       lambda mod: dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), mod)[0]):
+            bias = w * 2
+            bias.retain_grad()
+
+            def from_param(score, b, h, q_idx, kv_idx):
+                return score + bias[(q_idx - kv_idx).abs().clamp(max=7)] * 0.3
+
+            out = attend(from_param)
+            results.append(torch.autograd.grad(out.square().sum(), [bias, w, q], retain_graph=True))
+            out.sum().backward()
+            results.append([bias.grad])
+        got, got_retained, want, want_retained = results
+        assert got[0] is not None and got_retained[0] is not None
+        _assert_grads([*got, *got_retained], [*want, *want_retained], tol=1e-6)
+
+
+def test_a_hook_on_a_learned_table_runs_once(flashinfer_on_cpu, rng):
+    """A hook on the table (a gradient scale, a clip, a logger) runs once per backward and the
+    table's gradient is the oracle's with it (the recomputation ran it too: 2 calls, gradient 2x)."""
+    q, k, v = _leaves(rng, 1, 4, 2, 60, 60)
+    grads, calls = [], []
+    for attend in (lambda mod: flex_attention(q, k, v, score_mod=mod, enable_gqa=True, backend="flashinfer"),
+                   lambda mod: dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), mod)[0]):
+        table = torch.randn(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
+        calls.append(0)
+
+        def doubled(g):
+            calls[-1] += 1
+            return g * 2
+
+        table.register_hook(doubled)
+
+        def biased(score, b, h, q_idx, kv_idx):
+            return score + table[(q_idx - kv_idx).abs().clamp(max=7)] * 0.3
+
+        attend(biased).square().sum().backward()
+        grads.append(table.grad)
+    assert calls == [1, 1]
+    _assert_grads(grads[:1], grads[1:], tol=1e-6)
+
+
+def test_a_table_from_a_parameter_also_used_directly_out_of_sight(flashinfer_on_cpu, rng):
+    """bias = w * 2 read from a closure and w itself read through a class attribute (which the
+    search cannot reach): w's gradient holds both uses, once each."""
+    class Config:
+        w = torch.randn(8, generator=rng, dtype=torch.float64, requires_grad=True)
+
+    bias = Config.w * 2
+
+    def both(score, b, h, q_idx, kv_idx):
+        return score + bias[h] * 0.3 - Config.w[h] * (q_idx - kv_idx).abs() * 0.01
+
+    q, k, v = _leaves(rng, 1, 4, 2, 60, 60)
+    out = flex_attention(q, k, v, score_mod=both, enable_gqa=True, backend="flashinfer")
+    got = torch.autograd.grad(out.square().sum(), [q, Config.w], retain_graph=True)   # bias's graph, for the oracle
+    want_out, _ = dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), both)
+    want = torch.autograd.grad(want_out.square().sum(), [q, Config.w])
+    _assert_grads(got, want, tol=1e-6)
+
+
 def test_a_gradient_of_a_gradient_raises_on_the_flashinfer_path(flashinfer_on_cpu, rng):
     """create_graph=True (a gradient penalty) through the FlashInfer backend raises naming the
     reference backend, where it gave first-order gradients without a graph: a second-order term
@@ -403,8 +472,8 @@ def test_a_table_and_its_copy_get_the_gradient_once(flashinfer_on_cpu, rng):
     def through_copy(score, b, h, q_idx, kv_idx):
         return score + copies["other"][h]
 
-    # the table the copy comes from: its gradient, taken through the copy's graph, holds the copy's
-    assert [t is copies["cpu"] for t in autograd.captured_tensors(through_copy)] == [True]
+    # both are inputs: the copy gets the gradient of its use, which autograd carries to the table
+    assert {id(t) for t in autograd.captured_tensors(through_copy)} == {id(table), id(copies["other"])}
     out = flex_attention(q, k, v, score_mod=through_copy, enable_gqa=True, backend="flashinfer")
     (got,) = torch.autograd.grad(out.square().sum(), [table], retain_graph=True)   # the copy's graph, for the oracle
     want_out, _ = dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), through_copy)
