@@ -19,7 +19,7 @@ import types
 import torch
 
 from ..core.trace import tensors_read
-from ..core.versions import moved, snapshot
+from ..core.versions import moved, snapshot, source_of
 
 FORWARD_ONLY = ("the FlashInfer backend is forward-only (its kernels have no backward pass): for gradients use "
                 "backend='reference' (plain torch, differentiable) or torch's own FlexAttention "
@@ -128,7 +128,14 @@ class StandIns(torch.overrides.TorchFunctionMode):
 
     def _swapped(self, x):
         if isinstance(x, torch.Tensor):
-            return self.swap.get(id(x), x)
+            if id(x) not in self.swap:
+                # a copy a library mod keeps on another device (mods/_captured.follow_device):
+                # the stand-in's own copy, made once
+                source = source_of(x)
+                if source is x or id(source) not in self.swap:
+                    return x
+                self.swap[id(x)] = self.swap[id(source)].to(device=x.device, dtype=x.dtype)
+            return self.swap[id(x)]
         if isinstance(x, (tuple, list)):
             return type(x)(self._swapped(item) for item in x)
         if isinstance(x, dict):

@@ -72,13 +72,18 @@ def reference_gradients(query, key, value, captured, block_mask, score_mod, scal
         v = value.detach().requires_grad_(needs[2])
         # the tables as the score_mod reads them, cut from the user's graph (StandIns)
         stand_ins = [t.detach().requires_grad_(need) for t, need in zip(captured, needs[3:])]
+        reading = StandIns(captured, stand_ins)
         grads = [None] * len(inputs)
         for r0, r1, c0, c1 in row_chunks(query, key, block_mask, chunk_elements):
             if c1 <= c0:
                 continue   # no key visible: zero gradient for these rows
             q = query[:, :, r0:r1].detach().requires_grad_(needs[0])
+            # each table twice: its stand-in (what the mod reads of it), and the table itself, for
+            # a tensor derived from it that the mod keeps and the search did not find (a copy
+            # made at the first call): the two paths are disjoint, their gradients add up
             wrt = [(i, t) for i, t in enumerate((q, k, v, *stand_ins)) if needs[i]]
-            with StandIns(captured, stand_ins):
+            wrt += [(3 + j, t) for j, t in enumerate(captured) if needs[3 + j]]
+            with reading:
                 out, lse, _ = attend_rows(q, k, v, block_mask, score_mod, scale, r0, c0, c1)
             outputs, seeds = [out], [grad_out[:, :, r0:r1]]
             if grad_lse is not None:
