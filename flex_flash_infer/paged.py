@@ -33,7 +33,7 @@ from .planning.paged_plan import plan_paged
 from .core.hints import states_hints
 from .core.trace import TraceError, current_reads, stale_constants_message, trace
 from .core.versions import moved, snapshot, warn_unwatched
-from .core.validation import check_positive_int, check_scale
+from .core.validation import check_object_device, check_positive_int, check_scale, check_workspace
 
 
 def use_tensor_core_decode(num_qo_heads: int, num_kv_heads: int, use_tensor_cores: bool | None = None) -> bool:
@@ -51,12 +51,12 @@ class PagedFlexAttention:
                  use_tensor_cores: bool | None = None):
         """use_tensor_cores: decode steps on FlashInfer's tensor-core decode kernel (True), on its
         CUDA-core one (False), or chosen from the GQA group size (None, use_tensor_core_decode)."""
-        self.device = torch.device(device)
+        self.device = check_object_device(device)
         self.backend = check_backend_name(backend)
         if use_tensor_cores is not None and not isinstance(use_tensor_cores, bool):
             raise TypeError(f"use_tensor_cores must be None, True or False, got {use_tensor_cores!r}")
         self.use_tensor_cores = use_tensor_cores
-        self._workspace = workspace_buffer
+        self._workspace = check_workspace(workspace_buffer)
         self._planned = None
         self._wrappers = {}   # FlashInfer's wrappers, made once and planned again at every plan()
         # what plan() learns of a mask_mod / score_mod object, kept while the same one comes back

@@ -19,7 +19,8 @@ from .core.trace import TraceError, current_reads, stale_constants_message, tens
 from .core.versions import moved, snapshot, source_of, warn_unwatched
 from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
-from .core.validation import check_heads, check_positive_int, check_same_device_dtype, check_scale, check_tensor
+from .core.validation import (check_heads, check_object_device, check_positive_int, check_same_device_dtype, check_scale,
+                              check_tensor, check_workspace)
 from .core.hints import pass_hints, stated_hint
 
 
@@ -92,13 +93,8 @@ class FlexFlashInfer:
     """
 
     def __init__(self, device="cuda", workspace_buffer: torch.Tensor | None = None, backend: str = "auto"):
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' was requested but CUDA is not available; use device='cpu'")
-        if workspace_buffer is not None and (not isinstance(workspace_buffer, torch.Tensor)
-                                             or workspace_buffer.dtype != torch.uint8):
-            raise TypeError("workspace_buffer must be a uint8 torch.Tensor (FlashInfer's float workspace)")
-        self.workspace_buffer = workspace_buffer
+        self.device = check_object_device(device)
+        self.workspace_buffer = check_workspace(workspace_buffer)
         self.backend = check_backend_name(backend)
         self._prepared: _Prepared | None = None
 
@@ -143,6 +139,10 @@ class FlexFlashInfer:
             raise ValueError("compile_block_mask=True is for one sequence; with cu_seqlens_q / cu_seqlens_kv "
                              "each sequence's block mask is built eagerly (pass compile_block_mask=False)")
         if offsets_q is not None:
+            for name, offsets in (("cu_seqlens_q", offsets_q), ("cu_seqlens_kv", offsets_kv)):
+                if offsets[-1] == 0:
+                    raise ValueError(f"{name} holds no token at all ({offsets[:8]}): a packed batch needs at least "
+                                     "one query and one key")
             seq_len_q = _total("seq_len_q", seq_len_q, offsets_q[-1])
             seq_len_kv = _total("seq_len_kv", seq_len_kv, offsets_kv[-1])
         else:

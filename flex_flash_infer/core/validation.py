@@ -93,6 +93,22 @@ def check_device(name: str, device) -> torch.device:
     return device
 
 
+def check_object_device(device) -> torch.device:
+    """The device an object that plans for one device (FlexFlashInfer, PagedFlexAttention) is made
+    for: torch.device(device), refused when it is CUDA on a machine without it."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available; use device='cpu'")
+    return device
+
+
+def check_workspace(workspace_buffer):
+    if workspace_buffer is not None and (not isinstance(workspace_buffer, torch.Tensor)
+                                         or workspace_buffer.dtype != torch.uint8):
+        raise TypeError("workspace_buffer must be a uint8 torch.Tensor (FlashInfer's float workspace)")
+    return workspace_buffer
+
+
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from flex_flash_infer import FlexFlashInfer, create_block_mask, flex_attention, get_mask_fn
+from flex_flash_infer import FlexFlashInfer, PagedFlexAttention, create_block_mask, flex_attention, get_mask_fn
 
 B, HQ, HKV, L, S, D = 2, 4, 2, 40, 56, 16
 
@@ -194,6 +194,20 @@ def test_cuda_device_without_cuda():
 def test_bad_workspace_buffer():
     with pytest.raises(TypeError, match="workspace_buffer"):
         FlexFlashInfer(device="cpu", workspace_buffer=torch.empty(16, dtype=torch.float32))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_paged_cuda_device_without_cuda():
+    """Was accepted, then plan() failed with torch's bare AssertionError from CUDA initialization."""
+    with pytest.raises(ValueError, match="device='cuda' was requested but CUDA is not available"):
+        PagedFlexAttention(device="cuda")
+    with pytest.raises(ValueError, match="device='cuda' was requested but CUDA is not available"):
+        PagedFlexAttention()   # the default device is cuda
+
+
+def test_paged_bad_workspace_buffer():
+    with pytest.raises(TypeError, match="workspace_buffer"):
+        PagedFlexAttention(device="cpu", workspace_buffer=torch.empty(16, dtype=torch.float32))
 
 
 PREPARE = dict(mask_fn=None, seq_len_q=L, seq_len_kv=S, num_qo_heads=4, num_kv_heads=2, head_dim=D,

@@ -74,6 +74,9 @@ def test_mask_and_score_mod_see_the_sequence_index_and_local_positions(rng):
     ({"cu_seqlens_q": [1, 5], "cu_seqlens_kv": [0, 5]}, "start at 0"),
     ({"cu_seqlens_q": [0, 5, 3], "cu_seqlens_kv": [0, 5, 6]}, "never decrease"),
     ({"cu_seqlens_q": [0, 5], "cu_seqlens_kv": [0, 5], "seq_len_q": 6}, "seq_len_q"),
+    # a batch without any query or any key: was "seq_len_q must be a positive int, got 0"
+    ({"cu_seqlens_q": [0, 0, 0], "cu_seqlens_kv": [0, 4, 9]}, "cu_seqlens_q holds no token"),
+    ({"cu_seqlens_q": [0, 5], "cu_seqlens_kv": [0, 0]}, "cu_seqlens_kv holds no token"),
 ])
 def test_bad_cu_seqlens_name_the_argument(kwargs, needle):
     flex = FlexFlashInfer(device="cpu")
