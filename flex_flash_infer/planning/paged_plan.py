@@ -89,8 +89,11 @@ def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int)
                          f"{kv_last_page_len.numel()}")
     if bool((qo_len < 0).any()) or bool((pages < 0).any()) or int(qo_indptr[0]) != 0 or int(kv_page_indptr[0]) != 0:
         raise ValueError("qo_indptr and kv_page_indptr must start at 0 and never decrease")
-    if bool(((kv_last_page_len < 1) | (kv_last_page_len > page_size))[pages > 0].any()):
-        raise ValueError(f"kv_last_page_len must lie in 1..page_size ({page_size}) for requests with pages")
+    bad = ((kv_last_page_len < 1) | (kv_last_page_len > page_size)) & (pages > 0)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
+        raise ValueError(f"kv_last_page_len must lie in 1..page_size ({page_size}) for requests with pages; "
+                         f"request {r} has {int(kv_last_page_len[r])}")
     kv_len = torch.where(pages > 0, (pages - 1) * page_size + kv_last_page_len, 0)
     if bool((qo_len > kv_len).any()):
         r = int((qo_len > kv_len).nonzero()[0])

@@ -98,8 +98,10 @@ def test_decode_routes():
 
 def test_bad_tables_name_the_argument():
     paged = PagedFlexAttention(device="cpu")
-    with pytest.raises(ValueError, match="kv_last_page_len"):
+    with pytest.raises(ValueError, match="kv_last_page_len.*request 0 has 0"):
         paged.plan(None, [0, 1], [0, 2], [0, 1], [0], num_qo_heads=2, num_kv_heads=1, head_dim=8, page_size=4)
+    with pytest.raises(ValueError, match=r"1..page_size \(4\).*request 1 has 5"):
+        paged.plan(None, [0, 1, 2], [0, 1, 2], [0, 1], [4, 5], num_qo_heads=2, num_kv_heads=1, head_dim=8, page_size=4)
     with pytest.raises(ValueError, match="request 0 has 9 queries"):
         paged.plan(None, [0, 9], [0, 2], [0, 1], [4], num_qo_heads=2, num_kv_heads=1, head_dim=8, page_size=4)
     with pytest.raises(ValueError, match="num_qo_heads"):
