@@ -37,11 +37,12 @@ def kernel(fn):
     return checked
 
 
-def check_variant_mask_mode(backend, has_variant, causal, custom_mask):
+def check_variant_mask_mode(backend, has_variant, causal, custom_mask, owns_mask=False):
     """A variant's module is built with only the mask modes lean_modules keeps for its backend:
-    a plan asking it for another would fail on the GPU."""
+    a plan asking it for another would fail on the GPU (FlashInfer plans a variant that owns its
+    mask with its bit-mask mode)."""
     if has_variant:
-        mode = 2 if custom_mask is not None else 1 if causal else 0
+        mode = 2 if custom_mask is not None or owns_mask else 1 if causal else 0
         assert mode in KEPT_MODES[backend], f"a {backend} variant planned with mask mode {mode}"
 
 
@@ -58,7 +59,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
              o_data_type=None, window_left=-1, logits_soft_cap=None, disable_split_kv=False, **_):
         if custom_mask is not None:
             assert self.backend == "fa2" and custom_mask.dtype == torch.bool and not self.owns_mask
-        check_variant_mask_mode(self.backend, self.variant is not None, causal, custom_mask)
+        check_variant_mask_mode(self.backend, self.variant is not None, causal, custom_mask, self.owns_mask)
         self.args = (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), last_page_len.cpu())
         self.causal, self.mask = causal, None if custom_mask is None else custom_mask.cpu()
         self.heads = (num_qo_heads, num_kv_heads)

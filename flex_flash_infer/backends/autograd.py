@@ -106,12 +106,60 @@ def learned_tensors(score_mod, device) -> list:
     if score_mod is None:
         return []
     read = {id(t): t for t in captured_tensors(score_mod)}
-    for t in _traced_tensors(score_mod):
+    for t in (*_traced_tensors(score_mod), *_recorded_reads(score_mod, device)):
         read.setdefault(id(t), t)
     stop = {t.grad_fn for t in read.values() if t.grad_fn is not None}
     for t in _probe_leaves(score_mod, device, stop):
         read.setdefault(id(t), t)
     return list(read.values())
+
+
+def _tensors_in(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for item in x:
+            yield from _tensors_in(item)
+    elif isinstance(x, dict):
+        for item in x.values():
+            yield from _tensors_in(item)
+
+
+class _RecordReads(torch.overrides.TorchFunctionMode):
+    """Records the tensors requiring grad that torch operations are given and that no operation
+    of the same call made: what a mod reads from outside itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.read = {}, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for x in _tensors_in((args, kwargs)):
+            if x.requires_grad and id(x) not in self.made:
+                self.read.setdefault(id(x), x)
+        out = func(*args, **kwargs)
+        for x in _tensors_in(out):
+            self.made[id(x)] = x   # kept alive while recording: an id is not reused
+        return out
+
+
+def _recorded_reads(score_mod, device) -> list:
+    """The tensors requiring grad the mod reads at position 0, called twice: a tensor it makes
+    from a table at its first call and keeps (a copy for another device) is read from outside at
+    the second, and is then an input with a stand-in of its own, whether or not the search finds
+    it; otherwise its share reaches the table only through the table itself (reference_gradients)."""
+    zero = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device)
+    recorder = _RecordReads()
+    try:
+        with torch.enable_grad():
+            for _ in range(2):
+                recorder.made.clear()
+                with recorder:
+                    score_mod(torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=device), zero, zero, zero, zero)
+    except Exception:   # the mod's own error surfaces, explained, where it is evaluated on real positions
+        pass
+    return list(recorder.read.values())
 
 
 class StandIns(torch.overrides.TorchFunctionMode):

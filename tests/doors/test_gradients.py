@@ -277,10 +277,35 @@ def test_a_copy_the_mod_makes_at_its_first_call_and_keeps(flashinfer_on_cpu, rng
         attend(through_kept).square().sum().backward()
         grads.append(table.grad)
     _assert_grads(grads[:1], grads[1:], tol=1e-6)
-    # a copy nobody registered is reached through the table itself, whose hooks the backward's
-    # recomputation then runs too (a known limit: docs/design.md); a registered one is read
-    # through the table's stand-in
-    assert calls == [1, 1] if registered else calls[1] == 1
+    assert calls == [1, 1]   # the copy is an input of its own, read through a stand-in
+
+
+def test_a_kept_copy_of_a_derived_table_beside_its_parameter(flashinfer_on_cpu, rng):
+    """w and bias = w * 2 both reachable, the mod reading a copy of bias it made at its first call
+    and keeps, bias retaining its gradient and a hook scaling w's: every gradient is the oracle's
+    and each hook runs once (through the tables themselves w got bias's share twice: 2x, and the
+    hook acted in the recomputation too)."""
+    q, k, v = _leaves(rng, 1, 4, 2, 40, 40)
+    results = []
+    for attend in (lambda mod: flex_attention(q, k, v, score_mod=mod, enable_gqa=True, backend="flashinfer"),
+                   lambda mod: dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), mod)[0]):
+        w = torch.randn(8, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+        calls = []
+        w.register_hook(lambda g: (calls.append(1), g * 3)[1])
+        bias = w * 2
+        bias.retain_grad()
+        kept = {}
+
+        def mod(score, b, h, q_idx, kv_idx):
+            if "copy" not in kept and isinstance(score, torch.Tensor):
+                kept["copy"] = bias * 1.0
+            return score + kept.get("copy", bias)[(q_idx - kv_idx).abs().clamp(max=7)] * 0.3 + w[h] * 0.1
+
+        attend(mod).square().sum().backward()
+        results.append(([w.grad, bias.grad], len(calls)))
+    (got, got_calls), (want, want_calls) = results
+    assert got_calls == want_calls == 1
+    _assert_grads(got, want, tol=1e-6)
 
 
 def test_a_table_from_a_parameter_also_used_directly_out_of_sight(flashinfer_on_cpu, rng):
