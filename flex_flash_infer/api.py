@@ -9,6 +9,7 @@ from .block_mask import check_block_mask, full_block_mask
 from .backends.flashinfer_backend import FlashInferPlan
 from .core.mask_eval import check_score_mod
 from .backends.reference import reference_attention, reference_gradients
+from .core.compiling import outside_compiled_graphs
 from .core.notices import warn_once
 from .core.trace import TraceError, current_reads
 from .core.versions import unwatched
@@ -64,6 +65,7 @@ def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dty
 
 
 
+@outside_compiled_graphs("flex_attention")
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
                    return_lse=False, kernel_options=None, *, return_aux=None, backend: str = "auto"):
     """Attention with a score_mod and a block mask, as torch.nn.attention.flex_attention.

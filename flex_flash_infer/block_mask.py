@@ -12,6 +12,7 @@ from .masks.block_build import (EMPTY, FULL, PARTIAL, ceil_div, classify_query_t
                                 states_from_tables)
 from .masks.tile_bounds import classify_tiles
 from .core.mask_eval import as_mask_mod, evaluate_mask_mod, index_grid, mask_dependence
+from .core.compiling import outside_compiled_graphs
 from .core.trace import current_reads
 from .mods.combinators import noop_mask
 from .core.validation import check_device, check_positive_int
@@ -482,6 +483,7 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@outside_compiled_graphs("create_block_mask")
 def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, _compile=False,
                       chunk_elements: int | None = None) -> BlockMask:
     """Build a BlockMask from a mask_mod, tile by tile, without the dense mask.
