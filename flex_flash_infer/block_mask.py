@@ -42,16 +42,38 @@ def _sliced_mask_mod(b, h, q_idx, kv_idx):
 _TABLE_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
 
 
+class _Contents:
+    """Stands in for the write counter of an inference tensor (made under torch.inference_mode(),
+    which keeps none): its values when seen, compared by value, so a table refilled in place
+    inside inference_mode (a decoding loop) is noticed too. A copy and a compare per check."""
+    __slots__ = ("values",)
+
+    def __init__(self, t: torch.Tensor):
+        self.values = t.clone()
+
+    def __eq__(self, other) -> bool:
+        a, b = self.values, getattr(other, "values", None)
+        return (isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+                and a.device == b.device and bool(torch.equal(a, b)))
+
+    __hash__ = None
+
+
 def _versions(tables) -> tuple:
     """Each table's in-place write counter (torch bumps _version on every in-place write, a view's
     writes included): the cheap way to notice tables refilled in place. An inference tensor keeps
-    no counter (None here), so an in-place write to it inside inference_mode goes unnoticed."""
+    no counter: its values stand in for it (_Contents)."""
     out = []
     for t in tables:
-        try:
-            out.append(None if t is None else t._version)
-        except RuntimeError:
+        if t is None:
             out.append(None)
+        elif t.is_inference():
+            out.append(_Contents(t))
+        else:
+            try:
+                out.append(t._version)
+            except RuntimeError:
+                out.append(_Contents(t))
     return tuple(out)
 
 
@@ -376,9 +398,14 @@ class BlockMask:
         return (self.states != EMPTY).to(torch.int32)
 
     def sparsity(self) -> float:
-        """Percentage of tiles skipped."""
-        dense = self.to_dense()
-        return 100.0 * (1.0 - dense.sum().item() / dense.numel())
+        """Percentage of the mask not computed, as torch's: 100 * (1 - listed tiles * tile area /
+        numel()). A tail tile counts whole, so lengths that are not multiples of BLOCK_SIZE give
+        less than the share of tiles skipped (below 0 for a dense mask), as in torch."""
+        computed = int(self.kv_num_blocks.sum())
+        if self.full_kv_num_blocks is not None:
+            computed += int(self.full_kv_num_blocks.sum())
+        bq, bkv = self.BLOCK_SIZE
+        return 100 * (1 - computed * bq * bkv / self.numel())
 
     def to(self, device) -> "BlockMask":
         self._fresh()
@@ -412,10 +439,17 @@ class BlockMask:
                               kernel_available(torch.device(device), head_dim), route)
 
     def to_string(self, grid_size=(20, 20), limit: int = 4) -> str:
-        """Tile map per (batch, head): '█' full, '▒' partial or mixed, ' ' empty."""
+        """Tile map per (batch, head): '█' full, '▒' partial or mixed, ' ' empty. grid_size is a
+        (rows, columns) pair or one int for both, as torch's; -1 prints every tile."""
         states = self.states.cpu()
         B, H, nq, nkv = states.shape
-        rows_per, cols_per = ceil_div(nq, grid_size[0]), ceil_div(nkv, grid_size[1])
+        if isinstance(grid_size, numbers.Integral) and not isinstance(grid_size, bool):
+            grid_size = (nq, nkv) if grid_size == -1 else (grid_size, grid_size)
+        if not (isinstance(grid_size, (tuple, list)) and len(grid_size) == 2 and all(
+                isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in grid_size)):
+            raise ValueError(f"grid_size must be a positive int, a (rows, columns) pair of them, or -1 "
+                             f"(every tile), got {grid_size!r}")
+        rows_per, cols_per = max(1, ceil_div(nq, grid_size[0])), max(1, ceil_div(nkv, grid_size[1]))
         lines = [repr(self)]
         for n, (b, h) in enumerate((b, h) for b in range(B) for h in range(H)):
             if n >= limit:

@@ -171,3 +171,18 @@ def test_a_torch_mask_of_odd_length_keeps_its_route_and_its_answer():
     assert torch.equal(BlockMask.from_torch(broadcast).states, BlockMask(
         broadcast.seq_lengths, broadcast.kv_num_blocks, broadcast.kv_indices, broadcast.full_kv_num_blocks,
         broadcast.full_kv_indices, broadcast.BLOCK_SIZE, per_batch).states)
+
+
+def test_to_string_takes_torchs_grid_sizes():
+    """grid_size as torch's to_string takes it: a pair, one int for both, -1 for every tile."""
+    bm = create_block_mask(get_mask_fn("causal"), None, None, 512, 512, device="cpu", BLOCK_SIZE=64)
+
+    def rows(text):
+        return [line for line in text.splitlines() if line.startswith("|")]
+
+    assert rows(bm.to_string(4)) == rows(bm.to_string((4, 4))) == ["|▒   |", "|█▒  |", "|██▒ |", "|███▒|"]
+    every = rows(bm.to_string(-1))
+    assert len(every) == 8 and every[0] == "|▒       |" and every[-1] == "|███████▒|"
+    for bad in [0, (4, 0), "big", (4,)]:
+        with pytest.raises(ValueError, match="grid_size"):
+            bm.to_string(bad)

@@ -191,3 +191,20 @@ def test_an_unchanged_mask_keeps_its_conversion_states_and_plans(flashinfer_on_c
     plans = dict(bm._plans)
     run(q, k, v, bm, "flashinfer")
     assert bm.states is states and plans and all(bm._plans[key] is plan for key, plan in plans.items())
+
+
+@pytest.mark.parametrize("make_mask", [torch_flex.create_block_mask, create_block_mask], ids=["torch", "ours"])
+def test_tables_written_in_place_under_inference_mode_are_read_anew(rng, make_mask):
+    """Tables made and refilled inside torch.inference_mode() (a decoding loop) keep no write
+    counter: the next call still sees the new tables, not the conversion or states of the old."""
+    causal = get_mask_fn("causal")
+    q, k, v = (torch.randn(1, 1, 256, D, generator=rng, dtype=torch.float64) for _ in range(3))
+    with torch.inference_mode():
+        bm = make_mask(causal, None, None, 256, 256, device="cpu", BLOCK_SIZE=64)
+        flex_attention(q, k, v, block_mask=bm)
+        bm.full_kv_num_blocks.zero_()          # every full tile dropped: each row sees its diagonal tile
+        got = flex_attention(q, k, v, block_mask=bm)
+    tile = torch.arange(256) // 64
+    pos = torch.arange(256)
+    diagonal = (tile.view(-1, 1) == tile.view(1, -1)) & (pos.view(-1, 1) >= pos.view(1, -1))
+    assert rel_err(got, dense_attention(q, k, v, diagonal)[0]) < 1e-10

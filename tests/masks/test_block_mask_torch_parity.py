@@ -240,3 +240,17 @@ def test_tables_of_the_wrong_rank_or_shape_are_refused_by_name():
         BlockMask.from_kv_blocks(kv_num, kv_idx.float(), BLOCK_SIZE=64)
     with pytest.raises(TypeError, match="kv_num_blocks must be an integer tensor"):
         BlockMask.from_kv_blocks([[[1]]], kv_idx, BLOCK_SIZE=64)
+
+
+@pytest.mark.parametrize("L,S,block", CASES)
+def test_sparsity_is_torchs(rng, L, S, block):
+    """sparsity() gives torch's number for the same tables: lengths that are not multiples of the
+    block, a slice (whose numel is still that of seq_lengths) and shorter seq_lengths included."""
+    mod, _ = random_mask_mod(2, 3, L, S, rng)
+    ours = create_block_mask(mod, 2, 3, L, S, device="cpu", BLOCK_SIZE=block)
+    theirs = torch_twin(ours)
+    assert ours.sparsity() == pytest.approx(theirs.sparsity(), abs=1e-9)
+    for index in (1, (slice(None), -1), (slice(None), slice(None), slice(0, None, 2))):
+        assert ours[index].sparsity() == pytest.approx(theirs[index].sparsity(), abs=1e-9), index
+    ours.seq_lengths = theirs.seq_lengths = (L, max(1, S - 7))
+    assert ours.sparsity() == pytest.approx(theirs.sparsity(), abs=1e-9)
