@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import pathlib
 import re
 
@@ -55,9 +56,14 @@ def lean_config(text: str, modes) -> str | None:
 
 
 def _write_if_different(path: pathlib.Path, text: str) -> None:
-    # an unchanged file keeps its time, so ninja does not rebuild what it already built
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+    # an unchanged file keeps its time, so ninja does not rebuild what it already built; a new one
+    # replaces the old whole (several processes may generate the same module at once: pytest-xdist,
+    # the warm-up's kernel sets), so a compile never reads a half-written file
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def lean_spec(spec, modes):

@@ -68,6 +68,7 @@ def test_spec_keeps_the_kernel_files_of_its_modes(tmp_path):
                             "batch_prefill_sm90.cu", "batch_prefill_sm90_jit_binding.cu"])
     lean_dir = tmp_path / lean.name
     assert all(p.parent == lean_dir for p in lean.sources)
+    assert sorted(p.name for p in lean_dir.iterdir()) == sorted(names + ["batch_prefill_sm90_config.inc"])   # no temp file left
     # the kept files are FlashInfer's, the config (which the host code includes from its own folder) rewritten
     assert (lean_dir / "batch_prefill_ragged_sm90_kernel_mask_1.cu").read_text() == "// ragged 1\n"
     assert (lean_dir / "batch_prefill_sm90_config.inc").read_text() == lean_config(CONFIG, (0, 1))
