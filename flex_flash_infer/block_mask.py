@@ -44,19 +44,17 @@ _TABLE_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_in
 
 class _Contents:
     """Stands in for the write counter of an inference tensor (made under torch.inference_mode(),
-    which keeps none): its values when seen, compared by value, so a table refilled in place
-    inside inference_mode (a decoding loop) is noticed too. A copy and a compare per check."""
+    which keeps none): a copy of its values when seen, compared with the tensor's values at the
+    next check, so a table refilled in place inside inference_mode (a decoding loop) is noticed
+    too. A compare per check for such a table (on a GPU a sync), a copy when it changed."""
     __slots__ = ("values",)
 
     def __init__(self, t: torch.Tensor):
         self.values = t.clone()
 
-    def __eq__(self, other) -> bool:
-        a, b = self.values, getattr(other, "values", None)
-        return (isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
-                and a.device == b.device and bool(torch.equal(a, b)))
-
-    __hash__ = None
+    def holds(self, t: torch.Tensor) -> bool:
+        a = self.values
+        return a.shape == t.shape and a.dtype == t.dtype and a.device == t.device and bool(torch.equal(a, t))
 
 
 def _versions(tables) -> tuple:
@@ -75,6 +73,18 @@ def _versions(tables) -> tuple:
             except RuntimeError:
                 out.append(_Contents(t))
     return tuple(out)
+
+
+def _unchanged(tables, versions) -> bool:
+    """Whether each table is as _versions saw it (the same tables, by identity, are the caller's
+    check): its counter, or its values for one that keeps none (no copy made to compare)."""
+    for t, seen in zip(tables, versions):
+        if isinstance(seen, _Contents):
+            if not seen.holds(t):
+                return False
+        elif t is not None and t._version != seen:
+            return False
+    return True
 
 
 def _check_tables(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) -> None:
@@ -165,7 +175,7 @@ class BlockMask:
             return self
         tables, versions, mask_mod, seq_lengths, block = seen
         now = (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
-        same_tables = all(a is b for a, b in zip(tables, now)) and _versions(now) == versions
+        same_tables = all(a is b for a, b in zip(tables, now)) and _unchanged(now, versions)
         if (same_tables and mask_mod is self._mask_mod and seq_lengths == self._seq_lengths
                 and block == self.BLOCK_SIZE):
             return self
@@ -573,20 +583,23 @@ def _torch_signature(t) -> tuple:
     return tables, _versions(tables), t.mask_mod, t.seq_lengths, t.BLOCK_SIZE
 
 
-def _same_signature(a: tuple, b: tuple) -> bool:
-    return (all(x is y for x, y in zip(a[0], b[0])) and a[1] == b[1] and a[2] is b[2]
-            and tuple(a[3]) == tuple(b[3]) and a[4] == b[4])
+def _same_signature(seen: tuple, tables, mask_mod, seq_lengths, block) -> bool:
+    return (all(x is y for x, y in zip(seen[0], tables)) and _unchanged(tables, seen[1]) and seen[2] is mask_mod
+            and tuple(seen[3]) == tuple(seq_lengths) and seen[4] == block)
 
 
 def _from_torch_cached(torch_mask):
     """One conversion per torch BlockMask object, so its FlashInfer plan is built once too, made
     again when the mask's mask_mod, seq_lengths, BLOCK_SIZE or tables were set anew or its tables
     written in place since (torch's kernels read all of them on every call)."""
-    signature = _torch_signature(torch_mask)
     key = id(torch_mask)
     entry = _converted.get(key)
-    if entry is not None and entry[0]() is torch_mask and _same_signature(entry[1], signature):
+    t = torch_mask
+    if entry is not None and entry[0]() is t and _same_signature(
+            entry[1], (t.kv_num_blocks, t.kv_indices, t.full_kv_num_blocks, t.full_kv_indices), t.mask_mod,
+            t.seq_lengths, t.BLOCK_SIZE):
         return entry[2]
+    signature = _torch_signature(torch_mask)
     if len(_converted) > 256:
         _converted.clear()
     mask = BlockMask.from_torch(torch_mask)
