@@ -118,6 +118,13 @@ def check_positive_int(name: str, value) -> int:
 def check_scale(scale):
     if scale is None:
         return None
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.dtype.is_floating_point:
+        # torch takes a 0-d tensor too; one that requires grad would lose its gradient as a float
+        if scale.requires_grad:
+            raise TypeError("scale is a tensor that requires grad: its gradient would be dropped (the kernels "
+                            "take the scale as a number); multiply the score in a score_mod instead "
+                            "(score_mod=lambda s, b, h, q, kv: s * t)")
+        return float(scale)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        raise TypeError(f"scale must be a float, a 0-d float tensor or None, got {type(scale).__name__}")
     return float(scale)

@@ -92,3 +92,15 @@ def test_a_negative_scale_runs_on_flashinfer_with_the_query_negated(flashinfer_o
                                   backend="flashinfer")
         torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_0d_tensor_scale_as_torch_takes_it(rng):
+    """torch's flex_attention takes scale as a 0-d tensor: the same output as the float; one that
+    requires grad is refused by name (its gradient would be dropped: the kernels take a number)."""
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=rng) for _ in range(3))
+    want = flex_attention(q, k, v, scale=0.3, backend="reference")
+    assert torch.equal(flex_attention(q, k, v, scale=torch.tensor(0.3), backend="reference"), want)
+    with pytest.raises(TypeError, match="scale is a tensor that requires grad"):
+        flex_attention(q, k, v, scale=torch.tensor(0.3, requires_grad=True))
+    with pytest.raises(TypeError, match="scale must be a float"):
+        flex_attention(q, k, v, scale=torch.tensor([0.3]))
