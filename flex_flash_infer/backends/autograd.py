@@ -96,9 +96,9 @@ def _global_names(code) -> set:
 
 def learned_tensors(score_mod, device) -> list:
     """The tensors requiring grad a score_mod's result depends on, which a gradient must reach as
-    well as q, k and v (a learned bias table): those it reads itself (captured_tensors finds them,
-    its traced expression indexes them), then the leaves its result at position 0 reaches in
-    autograd other than through those (a class attribute, an object's __slots__, a 0-d tensor).
+    well as q, k and v (a learned bias table): those it reads itself, as captured_tensors finds
+    them, as its traced expression indexes them, and as torch operations are given them when it is
+    called at position 0 (_recorded_reads: a class attribute, an object's __slots__, a 0-d tensor).
     A table computed from a parameter (bias = w * 2) is an input itself: it gets its own gradient
     (autograd.grad, retain_grad, its hooks) and autograd carries that on to the parameter. The
     backward reads each through a stand-in (StandIns), so a tensor and one derived from it, both
@@ -107,9 +107,6 @@ def learned_tensors(score_mod, device) -> list:
         return []
     read = {id(t): t for t in captured_tensors(score_mod)}
     for t in (*_traced_tensors(score_mod), *_recorded_reads(score_mod, device)):
-        read.setdefault(id(t), t)
-    stop = {t.grad_fn for t in read.values() if t.grad_fn is not None}
-    for t in _probe_leaves(score_mod, device, stop):
         read.setdefault(id(t), t)
     return list(read.values())
 
@@ -201,30 +198,6 @@ def _traced_tensors(score_mod) -> list:
     except TraceError:   # such a mod runs on the reference backend, which records its own graph
         return []
     return [t for _, t in graph.tensors if t.requires_grad]
-
-
-def _probe_leaves(score_mod, device, stop=frozenset()) -> list:
-    """The leaf tensors requiring grad behind the mod's result at position 0 (in range for any
-    table a mod indexes by position), not looking behind the autograd nodes in stop."""
-    zero = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device)
-    try:
-        with torch.enable_grad():
-            out = score_mod(torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=device), zero, zero, zero, zero)
-    except Exception:   # the mod's own error surfaces, explained, where it is evaluated on real positions
-        return []
-    if not isinstance(out, torch.Tensor) or out.grad_fn is None:
-        return []
-    leaves, seen, stack = [], set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node in seen or node in stop:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, torch.Tensor):
-            leaves.append(variable)
-        stack.extend(f for f, _ in node.next_functions if f is not None)
-    return leaves
 
 
 def needs_grad(*tensors) -> bool:
