@@ -40,6 +40,12 @@ def _grid(B, H, L, S):
             torch.arange(L).view(1, 1, -1, 1), torch.arange(S).view(1, 1, 1, -1))
 
 
+def _ours_and_oracle(q, k, v, backend="flashinfer"):
+    """Two ways to attend with a score_mod over every key: this library's (GQA) and the oracle's."""
+    return (lambda mod: flex_attention(q, k, v, score_mod=mod, enable_gqa=True, backend=backend),
+            lambda mod: dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), mod)[0])
+
+
 def _leaves(rng, B, Hq, Hkv, L, S, D=16, dtype=torch.float64):
     return [torch.randn(shape, generator=rng, dtype=torch.float64).to(dtype).requires_grad_()
             for shape in ((B, Hq, L, D), (B, Hkv, S, D), (B, Hkv, S, D))]
@@ -208,8 +214,7 @@ def test_a_table_computed_from_a_parameter_gets_its_own_gradient(flashinfer_on_c
     q, k, v = _leaves(rng, 1, 4, 2, 60, 60)
     for backend in ("flashinfer", "reference"):
         results = []
-        for attend in (lambda mod: flex_attention(q, k, v, score_mod=mod, enable_gqa=True, backend=backend),
-                       lambda mod: dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), mod)[0]):
+        for attend in _ours_and_oracle(q, k, v, backend):
             bias = w * 2
             bias.retain_grad()
 
@@ -230,8 +235,7 @@ def test_a_hook_on_a_learned_table_runs_once(flashinfer_on_cpu, rng):
     table's gradient is the oracle's with it (the recomputation ran it too: 2 calls, gradient 2x)."""
     q, k, v = _leaves(rng, 1, 4, 2, 60, 60)
     grads, calls = [], []
-    for attend in (lambda mod: flex_attention(q, k, v, score_mod=mod, enable_gqa=True, backend="flashinfer"),
-                   lambda mod: dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), mod)[0]):
+    for attend in _ours_and_oracle(q, k, v):
         table = torch.randn(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
         calls.append(0)
 
@@ -259,15 +263,14 @@ def test_a_copy_the_mod_makes_at_its_first_call_and_keeps(flashinfer_on_cpu, rng
 
     q, k, v = _leaves(rng, 1, 4, 2, 60, 60)
     grads, calls = [], []
-    for attend in (lambda mod: flex_attention(q, k, v, score_mod=mod, enable_gqa=True, backend="flashinfer"),
-                   lambda mod: dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), mod)[0]):
+    for attend in _ours_and_oracle(q, k, v):
         table = torch.randn(8, generator=torch.Generator().manual_seed(6), dtype=torch.float64, requires_grad=True)
         calls.append(0)
         table.register_hook(lambda g: calls.__setitem__(-1, calls[-1] + 1))
         kept = {}
 
         def through_kept(score, b, h, q_idx, kv_idx):
-            # made at its first call on real tensors (the probe of learned_tensors, not the trace)
+            # made at its first call on real tensors (learned_tensors' recording call, not the trace)
             if "copy" not in kept and isinstance(score, torch.Tensor):
                 kept["copy"] = table * 1.0
                 if registered:
@@ -287,8 +290,7 @@ def test_a_kept_copy_of_a_derived_table_beside_its_parameter(flashinfer_on_cpu, 
     hook acted in the recomputation too)."""
     q, k, v = _leaves(rng, 1, 4, 2, 40, 40)
     results = []
-    for attend in (lambda mod: flex_attention(q, k, v, score_mod=mod, enable_gqa=True, backend="flashinfer"),
-                   lambda mod: dense_grad_oracle(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), mod)[0]):
+    for attend in _ours_and_oracle(q, k, v):
         w = torch.randn(8, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
         calls = []
         w.register_hook(lambda g: (calls.append(1), g * 3)[1])
