@@ -40,29 +40,35 @@ def _default_block_mask(q_len: int, kv_len: int, device):
 
 def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device, score_mod=None,
                         route=None):
-    """The plan cached on the block mask: built on first use, reused by later calls (a plan with a
-    score_mod is built per call: its captured values are read at plan time)."""
-    if score_mod is not None:
-        return FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device,
-                              score_mod=score_mod, route=route)
-    key = (batch, hq, hkv, head_dim, dtype, scale, str(device), route)
+    """The plan cached on the block mask: built on first use, reused by later calls while what the
+    mask_mod and the score_mod read is unchanged (their bands, partial tiles' bits, folded scale,
+    soft cap, split and compiled constants come from those values). One plan with a score_mod is
+    kept per problem shape, for the last score_mod object: a call with another one plans again."""
+    key = (batch, hq, hkv, head_dim, dtype, scale, str(device), score_mod is not None, route)
     plan = block_mask._plans.get(key)
-    # what the mask_mod read (its bands and partial tiles' bits come from those values): a number
-    # changed, a tensor written in place or re-bound plans again
+    # a number changed, a tensor written in place or re-bound plans again
     state = current_reads(block_mask.mask_mod, "mask_mod")
-    if plan is None or not (state.same_as(plan.mask_state) if state is not None else plan.mask_state is None):
-        plan = FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device, route=route)
-        plan.mask_state = state
-        plan.mask_reads = state.watch() if state is not None else ()
-        # one that keeps no write counter (an inference tensor) could change unseen: planned per call
-        if unwatched(plan.mask_reads):
-            warn_once("flex_attention: the block mask's mask_mod reads a tensor made under torch.inference_mode(), "
-                      "which keeps no write counter: its plan is made again at every call (make the tensor "
-                      "outside inference_mode to keep it)")
-        else:
-            block_mask._plans[key] = plan
+    score_state = current_reads(score_mod, "score_mod") if score_mod is not None else None
+    if (plan is not None and plan.score_mod_object is score_mod and _holds(state, plan.mask_state)
+            and _holds(score_state, plan.score_state)):
+        return plan
+    plan = FlashInferPlan(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dtype, scale, device,
+                          score_mod=score_mod, route=route)
+    plan.mask_state, plan.score_mod_object, plan.score_state = state, score_mod, score_state
+    plan.mask_reads = state.watch() if state is not None else ()
+    score_reads = score_state.watch() if score_state is not None else ()
+    # one that keeps no write counter (an inference tensor) could change unseen: planned per call
+    if unwatched(plan.mask_reads + score_reads):
+        warn_once("flex_attention: the mask_mod or score_mod reads a tensor made under torch.inference_mode(), "
+                  "which keeps no write counter: its plan is made again at every call (make the tensor "
+                  "outside inference_mode to keep it)")
+    elif score_mod is None or score_state is not None:   # a score_mod that does not trace is not kept
+        block_mask._plans[key] = plan
     return plan
 
+
+def _holds(now, then) -> bool:
+    return now.same_as(then) if now is not None else then is None
 
 
 @outside_compiled_graphs("flex_attention")

@@ -15,7 +15,7 @@ from .core.mask_eval import as_mask_mod, evaluate_mask_mod, index_grid, mask_dep
 from .core.compiling import outside_compiled_graphs
 from .core.trace import current_reads
 from .mods.combinators import noop_mask
-from .core.validation import check_device, check_positive_int
+from .core.validation import check_device, check_positive_int, check_scale
 
 
 def _block_sizes(BLOCK_SIZE) -> tuple[int, int]:
@@ -428,11 +428,13 @@ class BlockMask:
         return moved
 
     def plan(self, num_qo_heads: int | None = None, num_kv_heads: int | None = None, head_dim: int = 128,
-             batch: int | None = None, score_mod=None, device=None, route: str | None = None):
+             batch: int | None = None, score_mod=None, device=None, route: str | None = None,
+             scale: float | None = None):
         """How this mask runs on FlashInfer (plan.AttentionPlan: the route and each launch with
         what it covers), planned on the host as a call with these heads and head_dim would plan
         it; print() it. Heads and batch default to the mask's own (1 where it broadcasts); route
-        forces one, as flex_attention's kernel_options={"ROUTE": ...} does."""
+        forces one, as flex_attention's kernel_options={"ROUTE": ...} does; scale is the call's
+        (a score_mod that multiplies the score folds into it)."""
         from .backends.column_merge import kernel_available
         from .planning.plan import plan_attention
 
@@ -445,8 +447,10 @@ class BlockMask:
         head_dim = check_positive_int("head_dim", head_dim)
         device = self.device if device is None else check_device("device", device)
         q_len, kv_len = self.seq_lengths
+        if scale is not None:
+            scale = check_scale(scale)
         return plan_attention(self, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim, device, score_mod,
-                              kernel_available(torch.device(device), head_dim), route)
+                              kernel_available(torch.device(device), head_dim), route, scale)
 
     def to_string(self, grid_size=(20, 20), limit: int = 4) -> str:
         """Tile map per (batch, head): '█' full, '▒' partial or mixed, ' ' empty. grid_size is a

@@ -19,7 +19,7 @@ import torch
 from . import column_merge
 from ..core import nan_merge
 from ..planning.bands import plain_band_launch
-from ..planning.score_folding import fold_score_mod, kernel_scale_ok
+from ..planning.score_folding import kernel_scale_ok
 from ..masks.block_build import ceil_div
 from .column_merge import merge_columns
 from ..planning.far_bias import FarSplitBands
@@ -188,13 +188,15 @@ class FlashInferPlan:
         _announce_first_use()
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
+        plan = self.plan = plan_attention(block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim,
+                                          device, score_mod, column_merge.kernel_available(device, head_dim), route,
+                                          scale)
         # a score_mod that is c * score runs as FlashInfer's own scale: no compiled variant
-        score_mod, scale = fold_score_mod(score_mod, scale)
+        if plan.score_factor is not None:
+            score_mod, scale = None, scale * plan.score_factor
         # FlashInfer's kernels give NaN for a negative sm_scale (seen on an H200 by the GPU fuzzer):
         # scale * q.k = |scale| * (-q).k exactly, so the query is negated at run time instead
         self.negate_query, scale = scale < 0, abs(scale)
-        plan = self.plan = plan_attention(block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim,
-                                          device, score_mod, column_merge.kernel_available(device, head_dim), route)
         block_q, block_kv = plan.block_size
         self.block_kv = block_kv
         self.scale = scale

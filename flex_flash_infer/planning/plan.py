@@ -7,6 +7,7 @@ the route and each launch with what it covers; BlockMask.plan() gives one withou
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from .far_bias import plan_split
 from .native_soft_cap import native_soft_cap
 from .planner import TilePlan, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
 from .route import Route, choose_route
+from .score_folding import fold_score_mod, score_scale_factor
 
 ROUTES = ("bands", "bands+columns", "bands-per-head", "tiles", "tiles-causal", "tiles-per-head",
           "tiles-per-head-causal")
@@ -42,7 +44,8 @@ class AttentionPlan:
     band_kernel: how the bands run ('plain', 'soft-cap', 'score-mod' or 'far-split').
     head_bands: bands-per-head, ((query heads, key heads, bands), ...). tiles: the tile plan of
     the tiles routes (head_major: every head in one launch set). score_mod: the tiles and
-    columns run a compiled score_mod variant."""
+    columns run a compiled score_mod variant. score_factor: the score_mod was c * score and runs
+    as FlashInfer's own scale times c (no variant), else None."""
     route: str
     shape: tuple
     block_size: tuple
@@ -55,6 +58,7 @@ class AttentionPlan:
     tiles: TilePlan | None = None
     head_major: bool = False
     score_mod: bool = False
+    score_factor: float | None = None
 
     def launches(self) -> list:
         """One line per kernel launch or merge (a per-band or per-batch-entry call counts once,
@@ -135,6 +139,8 @@ class AttentionPlan:
         batch, q_len, kv_len, hq, hkv, d = self.shape
         head = (f"AttentionPlan: route {self.route}; batch {batch}, Q_LEN {q_len}, KV_LEN {kv_len}, "
                 f"heads {hq}/{hkv}, head_dim {d}, BLOCK_SIZE {tuple(self.block_size)}")
+        if self.score_factor is not None:
+            head += f"; score_mod folded into the scale (x {self.score_factor:g})"
         lines = [f"  {n}. {line}" for n, line in enumerate(self.launches(), 1)]
         return "\n".join([head] + (lines or ["  no launch: no query sees a key (zeros, LSE -inf)"]))
 
@@ -199,14 +205,20 @@ def _tile_entries(what: str, tiles: TilePlan, score_mod: bool, key_tile) -> list
 
 def plan_attention(block_mask, batch: int, q_len: int, kv_len: int, num_qo_heads: int, num_kv_heads: int,
                    head_dim: int, device, score_mod=None, merge_kernel: bool = False,
-                   route: str | None = None) -> AttentionPlan:
+                   route: str | None = None, scale: float | None = None) -> AttentionPlan:
     """The plan of one problem. merge_kernel: the Triton column-merge kernel can run here (the
     key columns then take it, without a score_mod). route: one of FORCEABLE_ROUTES to take
-    instead of the planner's choice (for debugging: the tiles routes serve every mask), or None."""
+    instead of the planner's choice (for debugging: the tiles routes serve every mask), or None.
+    scale: the call's (None: 1/sqrt(head_dim)); a score_mod that is c * score folds into it when
+    the product is a scale FlashInfer's kernels take (plan.score_factor = c)."""
     device = torch.device(device)
     block_q, block_kv = block_mask.BLOCK_SIZE
     shape = (batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim)
-    common = dict(shape=shape, block_size=(block_q, block_kv))
+    base = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    factor = None
+    if score_mod is not None and fold_score_mod(score_mod, base)[0] is None:
+        score_mod, factor = None, score_scale_factor(score_mod)
+    common = dict(shape=shape, block_size=(block_q, block_kv), score_factor=factor)
     forced, route = route, choose_route(block_mask, batch, num_qo_heads, q_len, kv_len, device)
     if score_mod is not None and route.head_bands is not None:
         # the bands-per-head launches take no score_mod variant: the tiles route's do

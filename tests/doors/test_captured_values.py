@@ -81,3 +81,52 @@ def test_a_library_document_mask_whose_ids_were_rewritten_reads_its_tables(flash
     ids[40:] = 1
     got = flex_attention(q, k, v, block_mask=bm, backend="flashinfer")
     assert (got - flex_attention(q, k, v, block_mask=bm, backend="reference")).abs().max() < 1e-5
+
+
+def _planned(monkeypatch):
+    """Counts the FlashInfer plans flex_attention builds."""
+    from flex_flash_infer import api
+    built = []
+    real = api.FlashInferPlan
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "FlashInferPlan", counting)
+    return built
+
+
+def test_a_score_mod_plan_is_kept_while_what_it_reads_holds(flashinfer_on_cpu, rng, monkeypatch):
+    """A score_mod call plans once and reuses the plan (a server or a training step calls with the
+    same function every time); a captured number changed, a table written in place or re-bound,
+    or another score_mod object plans again, and every call gives the reference's answer."""
+    built = _planned(monkeypatch)
+    q, k, v = _qkv(rng)
+    bm = create_block_mask(get_mask_fn("causal"), None, None, L, L, device="cpu")
+    state = {"t": 2.0, "bias": torch.randn(2, generator=rng)}
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return state["t"] * score + state["bias"][h]
+
+    def check():
+        got = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, backend="flashinfer")
+        want = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, backend="reference")
+        assert (got - want).abs().max() < 1e-5
+
+    check()
+    check()
+    assert len(built) == 1
+    state["t"] = 0.5                       # a number the kernel holds as a constant
+    check()
+    assert len(built) == 2
+    state["bias"].mul_(3)                  # a table written in place
+    check()
+    state["bias"] = torch.randn(2, generator=rng)   # re-bound
+    check()
+    assert len(built) == 4
+    folded = lambda s, b, h, q_idx, kv_idx: s * 0.25   # another score_mod: its own plan (folded here)
+    got = flex_attention(q, k, v, score_mod=folded, block_mask=bm, backend="flashinfer")
+    assert (got - flex_attention(q, k, v, score_mod=folded, block_mask=bm, backend="reference")).abs().max() < 1e-5
+    check()
+    assert len(built) == 6

@@ -64,13 +64,25 @@ def test_a_plan_shows_what_each_launch_covers():
     assert "no tile to launch" in str(nothing)
 
 
-def test_the_backend_runs_the_plan_the_block_mask_shows(flashinfer_on_cpu):
+def test_a_score_mod_that_multiplies_the_score_shows_as_the_scale():
+    causal = create_block_mask(_mask("causal"), None, None, L, L, device="cpu")
+    folded = causal.plan(2, 2, score_mod=lambda s, b, h, q, kv: s / 2)
+    assert folded.score_factor == 0.5 and folded.band_kernel == "plain"
+    assert "score_mod folded into the scale (x 0.5)" in str(folded)
+    assert "compiled" not in str(folded)
+    # a product FlashInfer's float32 scale cannot hold runs the compiled variant instead
+    kept = causal.plan(2, 2, score_mod=lambda s, b, h, q, kv: s * 1e-40, scale=1.0)
+    assert kept.score_factor is None and kept.band_kernel == "score-mod"
+
+
+@pytest.mark.parametrize("score_mod", [None, lambda s, b, h, q, kv: s * 0.75, lambda s, b, h, q, kv: s + kv * 0.01])
+def test_the_backend_runs_the_plan_the_block_mask_shows(flashinfer_on_cpu, score_mod):
     for name in ("causal", "streaming", "per_head_window", "random_tiles", "per_head_random"):
         bm = create_block_mask(_mask(name), None, 4 if name.startswith("per_head") else None, L, L, device="cpu")
         q, k, v = (torch.randn(1, 4, L, 16, dtype=torch.float64) for _ in range(3))
-        flex_attention(q, k, v, block_mask=bm, enable_gqa=False, backend="flashinfer")
+        flex_attention(q, k, v, block_mask=bm, score_mod=score_mod, enable_gqa=False, backend="flashinfer")
         ran = next(iter(bm._plans.values())).plan
-        assert str(ran) == str(bm.plan(4, 4, head_dim=16)), name
+        assert str(ran) == str(bm.plan(4, 4, head_dim=16, score_mod=score_mod)), name
 
 
 @pytest.mark.parametrize("name", ["causal", "streaming", "attamba", "prefix", "per_head_window", "random_tiles"])
