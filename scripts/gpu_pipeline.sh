@@ -26,7 +26,8 @@
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
 #   profile-plan scripts/profile_prepare.py: prepare()'s host time by function (cProfile)
-#   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001); fuzz-masks, fuzz-scores: one half
+#   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001); fuzz-masks, fuzz-scores: one half;
+#                fuzz-both: the masks and the bf16 score_mods, one process per pool member, at once
 #   suite        the whole GPU test suite (pytest -m gpu) over 6 processes, alone on the machine, compiling
 #                the modules it meets side by side
 #   ab-layout    scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
@@ -81,13 +82,12 @@ case "${1:-}" in
           python3 -m pytest -v -m gpu tests/ -rfE -k "not compiled_into" -p no:cacheprovider --durations=12 \
             >$run_dir/gpu_tests.log 2>&1; tail -n 15 $run_dir/gpu_tests.log ;;
         suite)
-          # the whole GPU suite in one pytest over 6 processes (pytest-xdist, on the machine): a fresh
-          # machine compiles every module the tests meet (a session's ignored build folders do not
-          # outlive it, so nothing comes prebuilt), and one process compiled them one at a time
-          # (2026-12-05: 129 of 140 tests in 19 minutes beside a 13-module warm-up, the compiled
-          # score_mod tests never reached); six processes compile side by side, 3 nvcc jobs each
-          # (18 sets at 3 ran the 128 GiB machine out of memory), a module two processes meet is
-          # built once (FlashInfer locks it)
+          # the whole GPU suite in one pytest over 6 processes (pytest-xdist, on the machine): the
+          # machine compiles every module the tests meet that came without a prebuilt pack, and one
+          # process compiled them one at a time (2026-12-05: 129 of 140 tests in 19 minutes beside a
+          # 13-module warm-up, the compiled score_mod tests never reached); six processes compile
+          # side by side, 3 nvcc jobs each (18 sets at 3 ran the 128 GiB machine out of memory), a
+          # module two processes meet is built once (FlashInfer locks it)
           MAX_JOBS=3 python3 -m pytest -v -n 6 -m gpu tests/ -rfE -p no:cacheprovider --durations=12 \
             >$run_dir/gpu_suite.log 2>&1
           tail -n 6 $run_dir/gpu_suite.log ;;
@@ -106,8 +106,9 @@ case "${1:-}" in
             bench-8k) a="8192 --head-dims 128" ;;          bench-8k-d64) a="8192 --head-dims 64" ;;
             bench-32k) a="32768 --head-dims 128" ;;        bench-32k-d64) a="32768 --head-dims 64" ;;
             profile-8k) a="8192 --head-dims 128 --profile" ;;
-            # the rows slower in the bench than alone (per-head windows 0.54 against 0.36 ms, attamba)
-            profile-leads) a="8192 --head-dims 128 --profile --cases per_head_windows attamba sliding_window causal" ;;
+            # the rows under FlashAttention-4's (per-head windows 0.81x, the identity score_mod 0.97x at
+            # 8192; streaming and random tiles at 32768) and a plain window beside them
+            profile-leads) a="8192 --head-dims 128 --profile --cases per_head_windows identity+causal streaming random_tiles sliding_window" ;;
           esac
           python3 -m flex_flash_infer bench --seq-lens $a --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
@@ -132,9 +133,9 @@ case "${1:-}" in
         profile-plan)   # where prepare()'s host time goes (scripts/profile_prepare.py, cProfile)
           python3 scripts/profile_prepare.py $run_dir/profile-plan.txt >/dev/null 2>$run_dir/profile-plan.err
           head -n 30 $run_dir/profile-plan.txt ;;
-        fuzz|fuzz-masks|fuzz-scores)  # the differential fuzzer through the real kernels (gpu_fuzz.sh)
+        fuzz|fuzz-masks|fuzz-scores|fuzz-both)  # the differential fuzzer through the real kernels (gpu_fuzz.sh)
           bash scripts/gpu_fuzz.sh start "${FUZZ_MINUTES:-8}" "${FUZZ_SEED:-9001}" \
-            "$(case $stage in fuzz) echo all ;; fuzz-masks) echo masks ;; *) echo scores ;; esac)"
+            "$(case $stage in fuzz) echo all ;; fuzz-masks) echo masks ;; fuzz-both) echo both ;; *) echo scores ;; esac)"
           bash scripts/gpu_fuzz.sh wait $(( ${FUZZ_MINUTES:-8} * 60 + 120 ))
           # the stages after this one time kernels: nothing of the campaign may share the GPU
           # (the GPU tests once ran on through a whole bench); SIGKILL, pytest ignores SIGINT
