@@ -30,7 +30,7 @@ import torch
 from . import lean_modules
 from .codegen import KERNEL_DTYPE, PRELUDE, check_kernel_size, element_ctype, emit_expression, graph_key, kernel_tensor
 from ..core.trace import Graph
-from ..core.versions import source_of, version_of
+from ..core.versions import source_of
 
 REQUEST_TABLES = ("ffi_req_q0", "ffi_req_kv0", "ffi_req_b")
 
@@ -96,10 +96,10 @@ class KernelCopies(list):
 
     live (a score_mod's tables): the kernel reads each table as it is at each call, as the
     backward does (an optimizer step on a learned bias table). A table already contiguous, of its
-    kernel dtype and on the device is handed to the kernel itself, so every write is seen (one
-    under torch.inference_mode() or through .data moves no version counter); any other is a copy,
-    rewritten in place by refresh() (the same memory, which a captured CUDA graph keeps reading)
-    when its version moved or it keeps none.
+    kernel dtype and on the device is handed to the kernel itself, so every write is seen; any
+    other is a copy, rewritten in place by refresh() at every call (the same memory, which a
+    captured CUDA graph keeps reading): a write through .data, under torch.inference_mode() or
+    through memory shared with numpy moves no version counter, so none is trusted.
     Not live (a mask's tables, which the plan's page or tile states were computed from): copies
     as planned; a door raises when the source was written since (core/versions.moved)."""
 
@@ -112,18 +112,13 @@ class KernelCopies(list):
         super().__init__(t.detach() if same else kernel_tensor(t).to(device)
                          for t, same in zip(self.sources, self.aliased))
         self.live = live
-        self.versions = [version_of(t) for t in self.sources]
 
     def refresh(self) -> None:
         if not self.live:
             return
         for i, t in enumerate(self.sources):
-            if self.aliased[i]:
-                continue
-            version = version_of(t)
-            if version is None or version != self.versions[i]:
+            if not self.aliased[i]:
                 self[i].copy_(t.detach().reshape(self[i].shape))   # copy_ converts dtype and device
-                self.versions[i] = version
 
 
 def _kernel_ready(t, device) -> bool:

@@ -493,18 +493,29 @@ def read_state(mod, kind: str) -> ReadState | None:
 
 
 def _numbers(graph: Graph) -> list:
-    """The numbers a graph was traced with: its captured scalars, and every constant in its
-    expression in order (a module global read by the mod is traced in as a constant)."""
-    consts, seen, stack = [], set(), [graph.output]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, Node) or id(node) in seen:
+    """What a plan made from graph depends on besides its tensors: the numbers it was traced with
+    (its captured scalars, and every constant in its expression in order: a module global read by
+    the mod is traced in as a constant), as reprs (0.0 and -0.0 differ, a NaN equals itself), and
+    the expression's structure (a global function or a flag read by the mod may change what it
+    computes with the same numbers)."""
+    consts, structure, index, stack = [], [], {}, [(graph.output, False)]
+    while stack:   # post-order: a node's arguments are numbered before it
+        node, expanded = stack.pop()
+        if not isinstance(node, Node) or (id(node) in index and not expanded):
             continue
-        seen.add(id(node))
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((arg, False) for arg in reversed(node.args))
+            continue
+        if id(node) in index:
+            continue
         if node.op == "const":
             consts.append(repr(node.attr))
-        stack.extend(node.args)
-    return [(n, k, v) for n, k, v in graph.scalars] + consts
+        args = tuple(index[id(a)] if isinstance(a, Node) else repr(a) for a in node.args)
+        attr = None if node.op == "const" else repr(node.attr)
+        structure.append((node.op, node.kind, attr, str(node.dtype), node.tier, str(node.compute), args))
+        index[id(node)] = len(structure) - 1
+    return [repr(scalar) for scalar in graph.scalars] + consts + [repr(tuple(structure))]
 
 
 _LIBRARY_READS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

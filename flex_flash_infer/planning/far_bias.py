@@ -19,7 +19,6 @@ import torch
 from ..core import nan_merge
 from .bands import Band
 from ..core.mask_eval import INDEX_DTYPE
-from ..core.versions import version_of
 from ..mods.hints import ConstantBeyond
 from .ragged import planned_ragged
 from ..core.hints import stated_hint
@@ -102,19 +101,14 @@ class FarSplitBands:
                                          torch.tensor([0, band.kv_end - band.kv_start], dtype=torch.int32),
                                          shape, dtype, causal=True, sm_scale=scale)
         self.hint, self.device = hint, torch.device(workspace.device)
-        self.shift_versions = None
-        self._update_shift()
 
-    def _update_shift(self) -> None:
+    def _shift(self) -> torch.Tensor:
         """The far keys' lse shift, base 2, per head (a table may hold more heads than run), read
-        again when a table the score_mod reads was written in place since (a learned bias)."""
-        versions = [version_of(t) for t in getattr(self.near.extra_tensors, "sources", ())]
-        if versions == self.shift_versions:
-            return
+        at every call as the near keys' kernel reads the table (a learned bias stepped through
+        .data moves no version counter)."""
         num_heads = self.shape[3]
         values = self.hint.values(self.device).detach().float().reshape(-1)
-        self.shift = ((values[:num_heads] if values.numel() > 1 else values.expand(num_heads)) * LOG2E).contiguous()
-        self.shift_versions = versions
+        return (values[:num_heads] if values.numel() > 1 else values.expand(num_heads)) * LOG2E
 
     def _far(self, q, k, v, band):
         if self.ragged is not None:
@@ -123,13 +117,13 @@ class FarSplitBands:
 
     def run(self, q, k, v, return_lse: bool = True):
         batch, q_len = self.shape[:2]
-        self._update_shift()
+        shift = self._shift()
         out, lse = self.near.run(q, k, v)
         for b in range(batch):
             for band in self.far_bands:
                 rows = slice(b * q_len + band.q_start, b * q_len + band.q_end)
                 o, s = self._far(q[rows], k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end], band)
-                nan_merge.merge_state_in_place(self.merge_in_place, out[rows], lse[rows], o, s.add_(self.shift))
+                nan_merge.merge_state_in_place(self.merge_in_place, out[rows], lse[rows], o, s.add_(shift))
         return (out, lse) if return_lse else out
 
 
