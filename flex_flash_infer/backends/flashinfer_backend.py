@@ -11,6 +11,8 @@ Routes, tried in order:
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 
@@ -207,6 +209,7 @@ class FlashInferPlan:
         self.bands = list(plan.bands)
         self.groups = []
         self.head_band_runs = None   # bands-per-head: [(query heads, key heads, writes in place, _BandRunner)]
+        self._head_streams = None    # experiment: CUDA streams the head groups run on side by side
         self.columns = self.column_counts = self.positions = None
         hopper = _is_hopper(device)
 
@@ -291,14 +294,23 @@ class FlashInferPlan:
         if self.head_band_runs is not None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-            for heads, kv_heads, in_place, runner in self.head_band_runs:
+            streams = self._head_streams
+            if streams:   # experiment (scripts/ab_head_streams.py): the groups side by side
+                main = torch.cuda.current_stream(q.device)
+                for s in streams:
+                    s.wait_stream(main)
+            for n, (heads, kv_heads, in_place, runner) in enumerate(self.head_band_runs):
                 # evenly spaced heads are strided views (FlashInfer reads q, k, v by their strides):
                 # profiled on an H200, gathering them cost three times the group's launches
                 inputs = take_heads(q, 1, heads), take_heads(k, 2, kv_heads), take_heads(v, 2, kv_heads)
-                if in_place:
-                    _, lse[:, heads] = runner.run(*inputs, out=out[:, heads])
-                else:
-                    out[:, heads], lse[:, heads] = runner.run(*inputs)
+                with torch.cuda.stream(streams[n % len(streams)]) if streams else contextlib.nullcontext():
+                    if in_place:
+                        _, lse[:, heads] = runner.run(*inputs, out=out[:, heads])
+                    else:
+                        out[:, heads], lse[:, heads] = runner.run(*inputs)
+            if streams:
+                for s in streams:
+                    main.wait_stream(s)
             return out, lse * LN2
         if self.head_major:
             return self._run_head_major(q, k, v)
