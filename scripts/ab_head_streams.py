@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import time
 
 import torch
 
@@ -66,11 +67,21 @@ def main():
         if "error" not in row:
             checked[name] = fn
     times, errors = bench.time_interleaved(checked, rounds=args.rounds)
+    host = {}
+    for name, fn in checked.items():   # host time per call: 50 calls enqueued, no wait on the GPU
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fn()
+        host[name] = (time.perf_counter() - t0) / 50 * 1e3
+        torch.cuda.synchronize()
     for row in result["rows"]:
         row["ms"] = times.get(row["impl"])
+        row["host_ms"] = host.get(row["impl"])
         if row["impl"] in errors:
             row["error"] = errors[row["impl"]]
-        print(f"{row['impl']:18s} {row.get('ms') or float('nan'):8.3f} ms  rel_err {row.get('rel_err', float('nan')):.2e}"
+        print(f"{row['impl']:18s} {row.get('ms') or float('nan'):8.3f} ms  host {row.get('host_ms') or float('nan'):.3f} ms"
+              f"  rel_err {row.get('rel_err', float('nan')):.2e}"
               f"  {row.get('error', '')}", flush=True)
     json.dump(result, open(args.out, "w"), indent=1)
 
