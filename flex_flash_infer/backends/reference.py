@@ -235,20 +235,28 @@ def _pieces(block_mask, B: int, Hq: int, L: int, S: int, dtype) -> list:
     """[(r0, r1, keys (a slice or an index tensor), additive mask or None, bool [.., rows] of rows
     that see no key or None)] covering every query row that sees a key; kept on the block mask
     (with the backend plans, dropped when its tables or fields change) while what the mask_mod
-    reads is unchanged."""
+    reads is unchanged: its expression and numbers, and the values of the tensors it reads,
+    compared with a copy at each call (the reference is the oracle: a write through .data,
+    numpy or an inference tensor moves no version counter, and torch's flex_attention evaluates
+    the mask_mod anew at each call)."""
     cache = getattr(block_mask, "_plans", None)
     key = ("reference pieces", B, Hq, L, S, dtype)
     state = current_reads(block_mask.mask_mod, "mask_mod") if cache is not None else None
+    read = [t for t, _, _ in state.tensors] if state is not None else []
     if cache is not None:
         block_mask._fresh()
         kept = cache.get(key)
-        if kept is not None and state is not None and state.same_as(kept[0]):
-            return kept[1]
+        if (kept is not None and state is not None and state.same_as(kept[0])
+                and all(torch.equal(t, copy) for t, copy in zip(read, kept[1]))):
+            return kept[2]
     pieces = _make_pieces(block_mask, B, Hq, L, S, dtype)
     size = sum(m.numel() * m.element_size() for _, _, _, m, _ in pieces if m is not None)
-    # a mask_mod that does not trace reads what no state records: worked out at every call
-    if cache is not None and state is not None and size <= PIECES_CACHE_BYTES:
-        cache[key] = (state, pieces)
+    size += sum(t.numel() * t.element_size() for t in read)
+    # a mask_mod that does not trace reads what no state records: worked out at every call (and
+    # one reading a tensor off the CPU, which the comparison would copy back)
+    if (cache is not None and state is not None and size <= PIECES_CACHE_BYTES
+            and all(t.device.type == "cpu" for t in read)):
+        cache[key] = (state, [t.detach().clone() for t in read], pieces)
     return pieces
 
 

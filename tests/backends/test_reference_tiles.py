@@ -97,3 +97,35 @@ def test_scores_that_overflow_take_the_chunked_path():
             assert torch.isnan(out).all()
         else:
             assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("write", ["in_place", "data", "numpy", "inference"])
+def test_kept_pieces_follow_every_write_to_what_the_mask_reads(rng, write):
+    """The pieces (keys and masks per tile) are kept on the block mask between calls; the
+    reference is the oracle, so a write to a table the mask_mod reads must reach the next call
+    however it is made, version counter or not (as torch's flex_attention evaluates the mask
+    anew at each call)."""
+    L = 256
+    if write == "inference":
+        with torch.inference_mode():
+            ids = torch.repeat_interleave(torch.arange(4), 64)
+    else:
+        ids = torch.repeat_interleave(torch.arange(4), 64)
+    mask = lambda b, h, q, kv: (ids[q] == ids[kv]) & (kv <= q)
+    bm = create_block_mask(lambda b, h, q, kv: kv <= q, None, None, L, L, device="cpu", BLOCK_SIZE=64)
+    bm.mask_mod = mask   # the causal tables, which hold every document layout; the mask decides
+    q, k, v = (torch.randn(1, 2, L, 16, generator=rng) for _ in range(3))
+    for new in (torch.arange(L) // 48, torch.arange(L) // 100):
+        got = reference.tile_sparse_attention(q, k, v, bm, None)
+        torch.testing.assert_close(got[0], chunked(q, k, v, bm)[0], rtol=1e-5, atol=1e-5)
+        if write == "in_place":
+            ids.copy_(new)
+        elif write == "data":
+            ids.data.copy_(new)
+        elif write == "numpy":
+            ids.numpy()[:] = new.numpy()
+        else:
+            with torch.inference_mode():
+                ids.copy_(new)
+    got = reference.tile_sparse_attention(q, k, v, bm, None)
+    torch.testing.assert_close(got[0], chunked(q, k, v, bm)[0], rtol=1e-5, atol=1e-5)
