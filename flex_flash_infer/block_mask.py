@@ -273,6 +273,11 @@ class BlockMask:
         states = self.states
         if q_len % bq == 0 or self.mask_mod is None or not bool((states[:, :, -1] == PARTIAL).any()):
             return self
+        # the settled tiles come from what the mask_mod reads now: kept while that holds
+        # (_from_torch_cached converts again), so a mask that does not trace stays as it is
+        reads = current_reads(self.mask_mod, "mask_mod")
+        if reads is None:
+            return self
         try:   # a mask_mod that cannot be asked at b = 1 or h = 1 (a table of one entry) stays as it is
             uses_b, uses_h = mask_dependence(self.mask_mod, 2, 2, q_len, kv_len, self.device)
         except Exception:
@@ -290,6 +295,7 @@ class BlockMask:
         mask = BlockMask(self.seq_lengths, kv_num, kv_idx, full_num, full_idx, self.BLOCK_SIZE, self.mask_mod)
         mask._states = settled
         mask._compute_q_blocks = self._compute_q_blocks
+        mask._settled_reads = reads
         return mask
 
     def to_torch(self):
@@ -602,7 +608,10 @@ def _from_torch_cached(torch_mask):
     if entry is not None and entry[0]() is t and _same_signature(
             entry[1], (t.kv_num_blocks, t.kv_indices, t.full_kv_num_blocks, t.full_kv_indices), t.mask_mod,
             t.seq_lengths, t.BLOCK_SIZE):
-        return entry[2]
+        settled = getattr(entry[2], "_settled_reads", None)
+        # tiles settled from the mask's values: converted again once those changed
+        if settled is None or settled.same_as(current_reads(entry[2].mask_mod, "mask_mod")):
+            return entry[2]
     signature = _torch_signature(torch_mask)
     if len(_converted) > 256:
         _converted.clear()

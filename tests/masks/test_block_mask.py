@@ -173,6 +173,28 @@ def test_a_torch_mask_of_odd_length_keeps_its_route_and_its_answer():
         broadcast.full_kv_indices, broadcast.BLOCK_SIZE, per_batch).states)
 
 
+def test_settled_query_tiles_follow_the_values_the_mask_reads(rng):
+    """The last query tile's tiles settled from the mask's values (a padded length) hold only while
+    those values do: a torch BlockMask whose mask reads a table written in place afterwards is
+    converted again, and the answer is torch's (found by a review: off by 3 before)."""
+    from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    from flex_flash_infer import flex_attention
+
+    ids = torch.zeros(200, dtype=torch.long)
+
+    def documents(b, h, q, kv):
+        return (ids[q] == ids[kv]) & (q >= kv)
+
+    tbm = torch_block_mask(documents, None, None, 200, 200, device="cpu")
+    q, k, v = (torch.randn(1, 2, 200, 16, generator=rng) for _ in range(3))
+    for values in (torch.zeros(200, dtype=torch.long), torch.arange(200) // 50):
+        ids.copy_(values)   # the tables stay torch's (all causal tiles); the mask decides their partial ones
+        want = torch_flex(q, k, v, block_mask=tbm)
+        torch.testing.assert_close(flex_attention(q, k, v, block_mask=tbm), want, rtol=1e-5, atol=1e-5)
+
+
 def test_to_string_takes_torchs_grid_sizes():
     """grid_size as torch's to_string takes it: a pair, one int for both, -1 for every tile."""
     bm = create_block_mask(get_mask_fn("causal"), None, None, 512, 512, device="cpu", BLOCK_SIZE=64)
