@@ -453,10 +453,8 @@ class BlockMask:
         head_dim = check_positive_int("head_dim", head_dim)
         device = self.device if device is None else check_device("device", device)
         q_len, kv_len = self.seq_lengths
-        if scale is not None:
-            scale = check_scale(scale)
         return plan_attention(self, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim, device, score_mod,
-                              kernel_available(torch.device(device), head_dim), route, scale)
+                              kernel_available(torch.device(device), head_dim), route, check_scale(scale))
 
     def to_string(self, grid_size=(20, 20), limit: int = 4) -> str:
         """Tile map per (batch, head): '█' full, '▒' partial or mixed, ' ' empty. grid_size is a

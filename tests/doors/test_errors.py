@@ -183,31 +183,21 @@ def test_reference_backend_by_name_works():
 
 # ----- FlexFlashInfer -----------------------------------------------------------------------------
 
+# PagedFlexAttention was accepted, then plan() failed with torch's bare AssertionError from CUDA initialization
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
-def test_cuda_device_without_cuda():
-    with pytest.raises(ValueError, match="cuda"):
-        FlexFlashInfer(device="cuda")
-    with pytest.raises(ValueError, match="cuda"):
-        FlexFlashInfer()       # the default device is cuda
+@pytest.mark.parametrize("cls,message", [(FlexFlashInfer, "cuda"),
+                                         (PagedFlexAttention, "device='cuda' was requested but CUDA is not available")])
+def test_cuda_device_without_cuda(cls, message):
+    with pytest.raises(ValueError, match=message):
+        cls(device="cuda")
+    with pytest.raises(ValueError, match=message):
+        cls()                  # the default device is cuda
 
 
-def test_bad_workspace_buffer():
+@pytest.mark.parametrize("cls", [FlexFlashInfer, PagedFlexAttention])
+def test_bad_workspace_buffer(cls):
     with pytest.raises(TypeError, match="workspace_buffer"):
-        FlexFlashInfer(device="cpu", workspace_buffer=torch.empty(16, dtype=torch.float32))
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
-def test_paged_cuda_device_without_cuda():
-    """Was accepted, then plan() failed with torch's bare AssertionError from CUDA initialization."""
-    with pytest.raises(ValueError, match="device='cuda' was requested but CUDA is not available"):
-        PagedFlexAttention(device="cuda")
-    with pytest.raises(ValueError, match="device='cuda' was requested but CUDA is not available"):
-        PagedFlexAttention()   # the default device is cuda
-
-
-def test_paged_bad_workspace_buffer():
-    with pytest.raises(TypeError, match="workspace_buffer"):
-        PagedFlexAttention(device="cpu", workspace_buffer=torch.empty(16, dtype=torch.float32))
+        cls(device="cpu", workspace_buffer=torch.empty(16, dtype=torch.float32))
 
 
 PREPARE = dict(mask_fn=None, seq_len_q=L, seq_len_kv=S, num_qo_heads=4, num_kv_heads=2, head_dim=D,
