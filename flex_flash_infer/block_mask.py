@@ -14,6 +14,7 @@ from .masks.tile_bounds import classify_tiles
 from .core.mask_eval import as_mask_mod, evaluate_mask_mod, index_grid, mask_dependence
 from .core.compiling import outside_compiled_graphs
 from .core.trace import current_reads
+from .core.versions import KeptReads
 from .mods.combinators import noop_mask
 from .core.validation import check_device, check_positive_int, check_scale
 
@@ -295,7 +296,7 @@ class BlockMask:
         mask = BlockMask(self.seq_lengths, kv_num, kv_idx, full_num, full_idx, self.BLOCK_SIZE, self.mask_mod)
         mask._states = settled
         mask._compute_q_blocks = self._compute_q_blocks
-        mask._settled_reads = reads
+        mask._settled_reads = KeptReads(reads)
         return mask
 
     def to_torch(self):
@@ -608,7 +609,7 @@ def _from_torch_cached(torch_mask):
             t.seq_lengths, t.BLOCK_SIZE):
         settled = getattr(entry[2], "_settled_reads", None)
         # tiles settled from the mask's values: converted again once those changed
-        if settled is None or settled.same_as(current_reads(entry[2].mask_mod, "mask_mod")):
+        if settled is None or settled.holds(current_reads(entry[2].mask_mod, "mask_mod")):
             return entry[2]
     signature = _torch_signature(torch_mask)
     if len(_converted) > 256:

@@ -30,6 +30,7 @@ from .api import flex_attention
 from .backends.autograd import captured_tensors
 from .block_mask import create_block_mask
 from .core.trace import current_reads
+from .core.versions import KeptReads
 from .mods.combinators import noop_mask
 
 KV_EXCHANGES = ("auto", "all_gather", "ring")
@@ -294,7 +295,12 @@ class ContextParallelFlexAttention:
         self.shard_len = seq_len // self.world
         self.indices = _indices(load_balancer, seq_len, self.world)
         self._masks = {}
-        self._mask_state = current_reads(self.mask_mod, "mask_mod")
+        self._mask_state = self._kept_reads()
+
+    def _kept_reads(self) -> "KeptReads | None":
+        """What the block masks are built from, or None for a mask_mod that does not trace."""
+        state = current_reads(self.mask_mod, "mask_mod")
+        return KeptReads(state) if state is not None else None
 
     def positions(self, rank: int, batch: int = 0) -> list:
         row = self.indices[batch if self.indices.shape[0] > 1 else 0]
@@ -305,13 +311,12 @@ class ContextParallelFlexAttention:
             if t.dim() != 4 or t.shape[2] != self.shard_len:
                 raise ValueError(f"{name}: this rank's shard [B, H, {self.shard_len}, D] of the {self.seq_len}-token "
                                  f"sequence over {self.world} ranks, got shape {tuple(t.shape)}")
-        state = current_reads(self.mask_mod, "mask_mod")
-        if state is not None and not state.same_as(self._mask_state):
+        if self._mask_state is not None and not self._mask_state.holds(current_reads(self.mask_mod, "mask_mod")):
             # the block masks (which tiles are full, which key shards the ring skips) came from the
-            # values the mask reads: a number changed or a tensor written or re-bound since, they
-            # are built again
+            # values the mask reads: a number changed or a tensor written or re-bound since (on
+            # the CPU also through .data, numpy or an inference tensor), they are built again
             self._masks.clear()
-            self._mask_state = state
+            self._mask_state = self._kept_reads()
         needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (query, key, value))
                                                   or bool(captured_tensors(self.score_mod)))
         exchange = self._exchange(key, value, needs_grad)

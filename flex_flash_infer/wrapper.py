@@ -15,7 +15,7 @@ from .core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
 from . import varlen
-from .core.trace import TraceError, current_reads, stale_constants_message, tensors_read, trace
+from .core.trace import TraceError, current_reads, read_state, stale_constants_message, tensors_read, trace
 from .core.versions import moved, snapshot, source_of, warn_unwatched
 from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
@@ -54,6 +54,7 @@ class _Prepared:
     score_reads: list | None = None   # on the FlashInfer path: (tensor, its memory) the score_mod read when prepared
     mask_fn: object = None         # the mask_mod planned (the mask_fn as a four-argument mod)
     mask_state: object = None      # what the mask read when prepared (core/versions.ReadState), None if untraced
+    score_numbers: tuple = ()      # on the FlashInfer path: its numbers and expression when prepared (compiled in)
 
 
 def _pointer(t) -> int:
@@ -187,13 +188,14 @@ class FlexFlashInfer:
                 ragged = varlen.RaggedBatch(offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim,
                                             dtype, scale if scale is not None else head_dim ** -0.5, self.device,
                                             self.workspace_buffer)
-        constants, score_reads = (), None
+        constants, score_reads, score_numbers = (), None, ()
         if backend == "flashinfer" and score_mod is not None:
             try:
                 graph = trace(score_mod, "score_mod")
                 constants = tuple(graph.constants)
                 score_reads = [(t, _pointer(t)) for t in map(source_of, [t for _, t in graph.tensors]
                                                              + [t for t, _ in graph.constants])]
+                score_numbers = read_state(score_mod, "score_mod").scalars
             except TraceError:   # such a mod did not take a compiled kernel
                 pass
         # the plan's bands and bits come from the values of the tensors the mask reads
@@ -203,7 +205,7 @@ class FlexFlashInfer:
         warn_unwatched(mask_reads + constants, "FlexFlashInfer", "mask_fn or score_mod", "prepare()")
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
                                    head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads,
-                                   score_reads, mask_mod, mask_state)
+                                   score_reads, mask_mod, mask_state, score_numbers)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -245,7 +247,14 @@ class FlexFlashInfer:
             raise ValueError("FlexFlashInfer: a tensor or number the mask_fn reads was written in place or re-bound "
                              "after prepare(), which planned the mask from its values: call prepare() again")
         # traced once per call: checked here, and watched between forward and backward below
-        score_now = tensors_read(p.score_mod, "score_mod") if p.score_reads is not None else []
+        score_state = read_state(p.score_mod, "score_mod") if p.score_reads is not None else None
+        score_now = [t for t, _, _ in score_state.tensors] if score_state is not None else []
+        if score_state is not None and score_state.scalars != p.score_numbers:
+            # the kernel compiled in the numbers and expression prepare() traced (a closure's
+            # number, a module global, a factor folded into the scale)
+            raise ValueError("FlexFlashInfer: a number the score_mod reads (a closure variable, a module global) or "
+                             "what it computes changed after prepare(), which compiled them into the FlashInfer "
+                             "kernel: call prepare() again")
         if p.score_reads is not None and not _same_reads(score_now, p.score_reads):
             # traced again at each call: the kernels hold the tensors prepare() found, which a
             # re-bound attribute, a new Parameter, .data = or load_state_dict(assign=True) replaces

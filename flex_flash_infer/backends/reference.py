@@ -14,6 +14,7 @@ from .autograd import StandIns, anchored, learned_tensors, needs_grad
 from ..masks.block_build import FULL, PARTIAL
 from ..core.mask_eval import call_mask_mod, evaluate_mask_mod, evaluate_score_mod, index_grid
 from ..core.trace import current_reads
+from ..core.versions import KeptReads
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
@@ -242,21 +243,19 @@ def _pieces(block_mask, B: int, Hq: int, L: int, S: int, dtype) -> list:
     cache = getattr(block_mask, "_plans", None)
     key = ("reference pieces", B, Hq, L, S, dtype)
     state = current_reads(block_mask.mask_mod, "mask_mod") if cache is not None else None
-    read = [t for t, _, _ in state.tensors] if state is not None else []
     if cache is not None:
         block_mask._fresh()
         kept = cache.get(key)
-        if (kept is not None and state is not None and state.same_as(kept[0])
-                and all(torch.equal(t, copy) for t, copy in zip(read, kept[1]))):
-            return kept[2]
+        if kept is not None and kept[0].holds(state):
+            return kept[1]
     pieces = _make_pieces(block_mask, B, Hq, L, S, dtype)
     size = sum(m.numel() * m.element_size() for _, _, _, m, _ in pieces if m is not None)
-    size += sum(t.numel() * t.element_size() for t in read)
     # a mask_mod that does not trace reads what no state records: worked out at every call (and
-    # one reading a tensor off the CPU, which the comparison would copy back)
-    if (cache is not None and state is not None and size <= PIECES_CACHE_BYTES
-            and all(t.device.type == "cpu" for t in read)):
-        cache[key] = (state, [t.detach().clone() for t in read], pieces)
+    # one reading a tensor off the CPU, or too much to copy, whose values the state cannot keep)
+    if cache is not None and state is not None and size <= PIECES_CACHE_BYTES:
+        kept = KeptReads(state)
+        if kept.by_value:
+            cache[key] = (kept, pieces)
     return pieces
 
 

@@ -519,13 +519,23 @@ def _numbers(graph: Graph) -> list:
 
 
 _LIBRARY_READS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# functions the library wrapped around a user's mod to state a hint read off its expression: they
+# state hints, but what they read is the user's and may change between calls
+_AROUND_USERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def around_users_mod(fn):
+    """Mark fn, which states hints, as computing a user's mod (current_reads traces it at every call)."""
+    _AROUND_USERS.add(fn)
+    return fn
 
 
 def current_reads(mod, kind: str) -> ReadState | None:
     """read_state(mod), traced once per object for a function the library made (its numbers are
     fixed when made; its tensors' counters and memory are read at every call), at every call for
-    any other (a user's mask may read a global number that changes)."""
-    if not states_hints(mod):
+    any other (a user's mask may read a global number that changes), a library wrapper around a
+    user's mod included."""
+    if not states_hints(mod) or mod in _AROUND_USERS:
         return read_state(mod, kind)
     cached = _LIBRARY_READS.get(mod)
     if cached is None:

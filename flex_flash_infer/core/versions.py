@@ -95,3 +95,28 @@ class ReadState:
                 return False
         return True
 
+
+
+# the most bytes of read tensors a KeptReads copies to compare by value
+KEPT_VALUES_BYTES = 64 << 20
+
+
+class KeptReads:
+    """A ReadState kept by a plan of values worked out on the CPU, with copies of the tensors it
+    reads: a write through `.data`, numpy or to an inference tensor moves no write counter, so
+    holds() compares their values too (the reference backend is the oracle; torch evaluates the
+    mask_mod anew at each call). Tensors off the CPU, where a comparison would wait for the
+    device, or past KEPT_VALUES_BYTES are not copied (by_value False): holds() then trusts their
+    write counters, as the FlashInfer path does."""
+
+    def __init__(self, state: ReadState):
+        self.state = state
+        read = [t for t, _, _ in state.tensors]
+        self.by_value = (all(t.device.type == "cpu" for t in read)
+                         and sum(t.numel() * t.element_size() for t in read) <= KEPT_VALUES_BYTES)
+        self.copies = [t.detach().clone() for t in read] if self.by_value else None
+
+    def holds(self, now: "ReadState | None") -> bool:
+        if now is None or not now.same_as(self.state):
+            return False
+        return self.copies is None or all(torch.equal(t, copy) for (t, _, _), copy in zip(now.tensors, self.copies))

@@ -25,7 +25,7 @@ import torch
 from ..api import flex_attention
 from ..block_mask import create_block_mask
 from ..core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
-from ..core.trace import tensors_read
+from ..core.trace import current_reads
 from ..core.versions import moved, snapshot, unwatched
 from ..mods.causal import generate_causal_mask_mod
 from ..mods.softcap import generate_softcap_score_mod
@@ -136,13 +136,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         # One block mask per (mask object, shape), shared by all layers of a forward pass. The
         # entry holds a weak reference and is used only while that very object is alive, so a
         # new mask that reuses an old id never gets a stale block mask.
-        # Its entry also holds what the mask read when built (the 4-D mask itself, a mask_mod's
-        # tables): a buffer written in place or re-bound since builds it again.
+        # Its entry also holds what the mask read when built (the 4-D mask itself; a mask_mod's
+        # numbers, expression and tables): a buffer written in place or re-bound, or a number the
+        # mask_mod reads changed since, builds it again (as does a mask_mod that does not trace).
         key_ = (id(owner), offset, q_len, kv_len, mask_batch, mask_heads, str(query.device))
         entry = _block_masks.get(key_)
-        reads = snapshot([owner] if isinstance(owner, torch.Tensor) else tensors_read(mod, "mask_mod"))
-        if entry is not None and entry[0]() is owner and not moved(entry[1]) and \
-                [id(t) for t, _ in entry[1]] == [id(t) for t, _ in reads] and not unwatched(reads):
+        if isinstance(owner, torch.Tensor):
+            reads = snapshot([owner])
+            holds = entry is not None and not moved(entry[1]) and entry[1][0][0] is owner and not unwatched(reads)
+        else:
+            reads = current_reads(mod, "mask_mod")
+            holds = (entry is not None and reads is not None and reads.same_as(entry[1])
+                     and not unwatched(reads.watch()))
+        if holds and entry[0]() is owner:
             block_mask = entry[2]
         else:
             if len(_block_masks) > 64:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.trace import trace
+from ..core.trace import around_users_mod, current_reads, trace
 from ..core.hints import state_hint, stated_hint
 
 _FLIP = {"ge": "le", "gt": "lt", "le": "ge", "lt": "gt", "eq": "eq"}
@@ -125,11 +125,18 @@ def with_linear_band_hint(mask_mod, q_len: int, kv_len: int):
     if bands is None:
         return mask_mod
     memo = {(q_len, kv_len): bands}
+    # the bands hold for the numbers the mask read when they were worked out: a global or closure
+    # number changed since works them out again
+    memo_reads = [current_reads(mask_mod, "mask_mod")]
 
     def users_mask(b, h, q_idx, kv_idx):
         return mask_mod(b, h, q_idx, kv_idx)
 
     def band_hint(q, kv):
+        now = current_reads(mask_mod, "mask_mod")
+        if now is None or not now.same_as(memo_reads[0]):
+            memo.clear()
+            memo_reads[0] = now
         if (q, kv) not in memo:
             if len(memo) >= MEMO_LENGTHS:
                 memo.clear()
@@ -138,7 +145,7 @@ def with_linear_band_hint(mask_mod, q_len: int, kv_len: int):
 
     users_mask.__name__ = getattr(mask_mod, "__name__", "mask_mod")
     state_hint(users_mask, "band_hint", band_hint)
-    return users_mask
+    return around_users_mod(users_mask)
 
 
 def paged_flags(mask_mod) -> tuple[bool, int] | None:
