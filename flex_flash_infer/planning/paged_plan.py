@@ -369,7 +369,8 @@ def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_la
 
 def _with_bits(spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_size):
     """Add the bit mask (none when bits is None); a request with no partial page gets one dummy
-    key (bit 0, position -1: a kernel that evaluates the mask itself must hide it)."""
+    key from its own first page (bit 0, position -1: a kernel that evaluates the mask itself must
+    hide it)."""
     R = qo_len.numel()
     device = qo_len.device
     counts = (spec.kv_indptr[1:] - spec.kv_indptr[:-1]).long()
@@ -382,7 +383,14 @@ def _with_bits(spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_siz
         owner = torch.repeat_interleave(torch.arange(R, device=device), counts + empty.long())
         is_dummy = empty[owner] & (torch.arange(indices.numel(), device=device) == indptr[:-1][owner])
         indices[~is_dummy] = spec.kv_indices
-        indices[is_dummy] = kv_page_indices[0].to(torch.int32) if kv_page_indices.numel() else 0
+        # the dummy key is the request's own first page: its value times the hidden score's 0 is
+        # NaN where the value is (as the GPU's matrix product gives), and another request's NaN
+        # or inf must never reach this one (a request without pages has no queries)
+        if kv_page_indices.numel():
+            own_first = torch.searchsorted(req, torch.arange(R, device=device)).clamp(max=req.numel() - 1)
+            indices[is_dummy] = kv_page_indices[own_first[empty]].to(torch.int32)
+        else:
+            indices[is_dummy] = 0
         positions = torch.full_like(indices, -1)
         positions[~is_dummy] = spec.kv_positions
         spec = PagedLaunchSpec(indptr.to(torch.int32), indices, torch.where(empty, 1, spec.last_page_len).to(torch.int32),

@@ -204,3 +204,34 @@ def test_a_plus_inf_score_gives_lse_inf_and_nan_only_where_torch_has_it():
         torch.testing.assert_close(got[both].detach(), want[both], check_dtype=False)
     # v's gradient: NaN only at key 5 (the +inf scores' key), as the dense float64 oracle has it
     assert torch.equal(torch.isnan(leaves[2].grad).any(-1)[0, 0], torch.arange(40) == 5)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_a_nan_in_one_requests_page_stays_in_that_request(flashinfer_on_cpu, rng, per_head):
+    """A request without partial pages gets a dummy key in the masked launch; it came from the
+    batch's first page, so a NaN value of request 0 made request 1's output and LSE NaN. It is
+    the request's own first page now: another request's values never reach it."""
+    hq, hkv, d, page = 4, 2, 16, 4
+    k_cache = torch.randn(30, page, hkv, d, generator=rng)
+    v_cache = torch.randn_like(k_cache)
+    v_cache[5, 0, 0, 0] = float("nan")   # request 0's first key (its own sink: it sees it)
+    windows = torch.tensor([8, 8, 8, 8])
+    if per_head:   # the mask evaluated in the kernel (a compiled variant)
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & ((q_idx - kv_idx < windows[h]) | (kv_idx < 1))
+    else:          # bits of the partial pages
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & ((q_idx - kv_idx < 8) | (kv_idx < 1))
+    # request 0: 20 keys in pages 5..9; request 1: 3 keys in page 12, all visible (no partial page)
+    tables = (torch.tensor([0, 1, 2]), torch.tensor([0, 5, 6]), torch.tensor([5, 6, 7, 8, 9, 12]), torch.tensor([4, 3]))
+    q = torch.randn(2, hq, d, generator=rng)
+    attention = PagedFlexAttention("cpu", backend="flashinfer")
+    attention.plan(mask_mod, *tables, hq, hkv, d, page, dtype=torch.float32)
+    out, lse = attention.run(q, (k_cache, v_cache), return_lse=True)
+    keys = k_cache[12, :3].double().repeat_interleave(2, 1)
+    values = v_cache[12, :3].double().repeat_interleave(2, 1)
+    scores = torch.einsum("hd,khd->hk", q[1].double(), keys) / math.sqrt(d)
+    assert not out[1].isnan().any() and not lse[1].isnan().any()
+    want = torch.einsum("hk,khd->hd", scores.softmax(-1), values)
+    assert (out[1].double() - want).abs().max() < 1e-5
+    assert out[0].isnan().any()   # request 0 sees its NaN value
