@@ -279,6 +279,9 @@ class BlockMask:
         reads = current_reads(self.mask_mod, "mask_mod")
         if reads is None:
             return self
+        kept = KeptReads(reads)
+        if not kept.complete:   # values too large to keep a copy of: torch's own tables, unsettled
+            return self
         try:   # a mask_mod that cannot be asked at b = 1 or h = 1 (a table of one entry) stays as it is
             uses_b, uses_h = mask_dependence(self.mask_mod, 2, 2, q_len, kv_len, self.device)
         except Exception:
@@ -296,7 +299,7 @@ class BlockMask:
         mask = BlockMask(self.seq_lengths, kv_num, kv_idx, full_num, full_idx, self.BLOCK_SIZE, self.mask_mod)
         mask._states = settled
         mask._compute_q_blocks = self._compute_q_blocks
-        mask._settled_reads = KeptReads(reads)
+        mask._settled_reads = kept
         return mask
 
     def to_torch(self):

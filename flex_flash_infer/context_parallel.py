@@ -311,10 +311,12 @@ class ContextParallelFlexAttention:
             if t.dim() != 4 or t.shape[2] != self.shard_len:
                 raise ValueError(f"{name}: this rank's shard [B, H, {self.shard_len}, D] of the {self.seq_len}-token "
                                  f"sequence over {self.world} ranks, got shape {tuple(t.shape)}")
-        if self._mask_state is not None and not self._mask_state.holds(current_reads(self.mask_mod, "mask_mod")):
+        kept = self._mask_state
+        if kept is not None and not (kept.complete and kept.holds(current_reads(self.mask_mod, "mask_mod"))):
             # the block masks (which tiles are full, which key shards the ring skips) came from the
             # values the mask reads: a number changed or a tensor written or re-bound since (on
-            # the CPU also through .data, numpy or an inference tensor), they are built again
+            # the CPU also through .data, numpy or an inference tensor; CPU tables too large to
+            # keep a copy of at every call), they are built again
             self._masks.clear()
             self._mask_state = self._kept_reads()
         needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (query, key, value))

@@ -16,7 +16,7 @@ from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
 from . import varlen
 from .core.trace import TraceError, current_reads, read_state, stale_constants_message, tensors_read, trace
-from .core.versions import moved, snapshot, source_of, warn_unwatched
+from .core.versions import KeptReads, moved, snapshot, source_of, warn_unwatched
 from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
 from .core.validation import (check_heads, check_object_device, check_positive_int, check_same_device_dtype, check_scale,
@@ -53,7 +53,7 @@ class _Prepared:
     mask_reads: tuple = ()         # on the FlashInfer path: the tensors the mask_fn reads, with their versions
     score_reads: list | None = None   # on the FlashInfer path: (tensor, its memory) the score_mod read when prepared
     mask_fn: object = None         # the mask_mod planned (the mask_fn as a four-argument mod)
-    mask_state: object = None      # what the mask read when prepared (core/versions.ReadState), None if untraced
+    mask_state: object = None      # what the mask read when prepared (core/versions.KeptReads), None if untraced
     score_numbers: tuple = ()      # on the FlashInfer path: its numbers and expression when prepared (compiled in)
 
 
@@ -202,6 +202,9 @@ class FlexFlashInfer:
         # (on either backend: the reference reads the plan's tile tables too)
         mask_reads = snapshot(tensors_read(mask_mod, "mask_mod"))
         mask_state = current_reads(mask_mod, "mask_mod")
+        # values compared too on the CPU (a .data or numpy write moves no counter; the
+        # reference backend plans its tiles here as well)
+        mask_state = KeptReads(mask_state) if mask_state is not None else None
         warn_unwatched(mask_reads + constants, "FlexFlashInfer", "mask_fn or score_mod", "prepare()")
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
                                    head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads,
@@ -243,7 +246,7 @@ class FlexFlashInfer:
         if stale:
             raise ValueError(stale.replace("plan again", "call prepare() again"))
         if moved(p.mask_reads) or (p.mask_state is not None
-                                   and not p.mask_state.same_as(current_reads(p.mask_fn, "mask_mod"))):
+                                   and not p.mask_state.holds(current_reads(p.mask_fn, "mask_mod"))):
             raise ValueError("FlexFlashInfer: a tensor or number the mask_fn reads was written in place or re-bound "
                              "after prepare(), which planned the mask from its values: call prepare() again")
         # traced once per call: checked here, and watched between forward and backward below
@@ -252,9 +255,9 @@ class FlexFlashInfer:
         if score_state is not None and score_state.scalars != p.score_numbers:
             # the kernel compiled in the numbers and expression prepare() traced (a closure's
             # number, a module global, a factor folded into the scale)
-            raise ValueError("FlexFlashInfer: a number the score_mod reads (a closure variable, a module global) or "
-                             "what it computes changed after prepare(), which compiled them into the FlashInfer "
-                             "kernel: call prepare() again")
+            raise ValueError("FlexFlashInfer: a number the score_mod reads (a closure variable, a module global, a "
+                             "0-d tensor written through .data or numpy) or what it computes changed after prepare(), "
+                             "which compiled them into the FlashInfer kernel: call prepare() again")
         if p.score_reads is not None and not _same_reads(score_now, p.score_reads):
             # traced again at each call: the kernels hold the tensors prepare() found, which a
             # re-bound attribute, a new Parameter, .data = or load_state_dict(assign=True) replaces

@@ -59,6 +59,18 @@ def warn_unwatched(pairs, door: str, what: str, again: str) -> None:
                   f"call {again} again after changing it (or make the tensor outside inference_mode)")
 
 
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b (same shape, dtype, device) hold the same values, a NaN equal to itself
+    (a table padded with NaN would otherwise never hold): floats compared bit for bit."""
+    if a.dtype.is_floating_point and a.element_size() in _SAME_WIDTH_INT:
+        width = _SAME_WIDTH_INT[a.element_size()]
+        return torch.equal(a.view(width), b.view(width))
+    return torch.equal(a, b)
+
+
 def _memory(t: torch.Tensor) -> int:
     return 0 if t.device.type == "meta" else t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
 
@@ -91,7 +103,7 @@ class ReadState:
                 continue
             if a is b or a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
                 return False   # memory replaced, or another tensor of another form
-            if not torch.equal(a, b):   # made again: equal values hold
+            if not same_values(a, b):   # made again: equal values hold
                 return False
         return True
 
@@ -102,21 +114,26 @@ KEPT_VALUES_BYTES = 64 << 20
 
 
 class KeptReads:
-    """A ReadState kept by a plan of values worked out on the CPU, with copies of the tensors it
-    reads: a write through `.data`, numpy or to an inference tensor moves no write counter, so
+    """A ReadState kept by a plan of values worked out on the CPU, with copies of the CPU tensors
+    it reads: a write through `.data`, numpy or to an inference tensor moves no write counter, so
     holds() compares their values too (the reference backend is the oracle; torch evaluates the
     mask_mod anew at each call). Tensors off the CPU, where a comparison would wait for the
-    device, or past KEPT_VALUES_BYTES are not copied (by_value False): holds() then trusts their
-    write counters, as the FlashInfer path does."""
+    device, are trusted by their write counters, as the FlashInfer path does. CPU tensors past
+    KEPT_VALUES_BYTES are not copied: then `complete` is False, and a keeper that must notice
+    every write keeps nothing.
+
+    by_value: every tensor read is compared by value (all on the CPU, copied)."""
 
     def __init__(self, state: ReadState):
         self.state = state
         read = [t for t, _, _ in state.tensors]
-        self.by_value = (all(t.device.type == "cpu" for t in read)
-                         and sum(t.numel() * t.element_size() for t in read) <= KEPT_VALUES_BYTES)
-        self.copies = [t.detach().clone() for t in read] if self.by_value else None
+        on_cpu = [t for t in read if t.device.type == "cpu"]
+        small = sum(t.numel() * t.element_size() for t in on_cpu) <= KEPT_VALUES_BYTES
+        self.copies = [t.detach().clone() if small and t.device.type == "cpu" else None for t in read]
+        self.complete = small or not on_cpu
+        self.by_value = small and len(on_cpu) == len(read)
 
     def holds(self, now: "ReadState | None") -> bool:
         if now is None or not now.same_as(self.state):
             return False
-        return self.copies is None or all(torch.equal(t, copy) for (t, _, _), copy in zip(now.tensors, self.copies))
+        return all(copy is None or same_values(t, copy) for (t, _, _), copy in zip(now.tensors, self.copies))

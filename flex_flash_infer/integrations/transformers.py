@@ -26,7 +26,7 @@ from ..api import flex_attention
 from ..block_mask import create_block_mask
 from ..core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from ..core.trace import current_reads
-from ..core.versions import moved, snapshot, unwatched
+from ..core.versions import KeptReads, moved, snapshot, unwatched
 from ..mods.causal import generate_causal_mask_mod
 from ..mods.softcap import generate_softcap_score_mod
 
@@ -138,23 +138,27 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         # new mask that reuses an old id never gets a stale block mask.
         # Its entry also holds what the mask read when built (the 4-D mask itself; a mask_mod's
         # numbers, expression and tables): a buffer written in place or re-bound, or a number the
-        # mask_mod reads changed since, builds it again (as does a mask_mod that does not trace).
+        # mask_mod reads changed since, builds it again.
         key_ = (id(owner), offset, q_len, kv_len, mask_batch, mask_heads, str(query.device))
         entry = _block_masks.get(key_)
+        if entry is not None and entry[0]() is not owner:   # another object at a reused id
+            entry = None
         if isinstance(owner, torch.Tensor):
             reads = snapshot([owner])
             holds = entry is not None and not moved(entry[1]) and entry[1][0][0] is owner and not unwatched(reads)
-        else:
-            reads = current_reads(mod, "mask_mod")
-            holds = (entry is not None and reads is not None and reads.same_as(entry[1])
-                     and not unwatched(reads.watch()))
-        if holds and entry[0]() is owner:
+        else:   # on the CPU compared by value too (.data, numpy); a mask that does not trace: kept
+            state = current_reads(mod, "mask_mod")
+            reads = lambda: KeptReads(state) if state is not None else None   # copied only when built
+            holds = entry is not None and (entry[1] is None if state is None else
+                                           entry[1] is not None and entry[1].holds(state)
+                                           and not unwatched(state.watch()))
+        if holds:
             block_mask = entry[2]
         else:
             if len(_block_masks) > 64:
                 _block_masks.clear()
             block_mask = create_block_mask(mod, mask_batch, mask_heads, q_len, kv_len, device=query.device)
-            _block_masks[key_] = (weakref.ref(owner), reads, block_mask)
+            _block_masks[key_] = (weakref.ref(owner), reads() if callable(reads) else reads, block_mask)
     out = flex_attention(query, key, value, score_mod=_shifted(check_score_mod(score_mod), offset, 5),
                          block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None

@@ -182,3 +182,112 @@ def test_context_parallel_block_masks_follow_unseen_writes(tmp_path, how):
         assert (attention(q, k, v) - _dense(q, k, v, mask_mod)).abs().max() < 1e-10
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("how", WRITES)
+def test_transformers_cached_block_mask_follows_unseen_writes(rng, how):
+    """The transformers cache compares a CPU table's values too (.data and numpy writes kept the
+    old window: 2.3 off)."""
+    from flex_flash_infer.integrations.transformers import attention_forward, attention_mods
+
+    L = 512
+    windows = _table(400, L, how == "inference")   # full tiles (q 256..383 x kv 0..127) until written
+
+    def per_row_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < windows[q_idx])
+
+    q, k, v = (torch.randn(1, 2, L, 16, generator=rng, dtype=torch.float64) for _ in range(3))
+    module = types.SimpleNamespace(training=False, config=None, is_causal=True)
+    with torch.no_grad(), attention_mods(mask_mod=per_row_window):
+        attention_forward(module, q, k, v, None)
+        _write(windows, slice(None), 4, how)
+        got, _ = attention_forward(module, q, k, v, None)
+    assert (got.transpose(1, 2) - _dense(q, k, v, per_row_window)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("how", ["data", "numpy"])
+def test_prepared_reference_mask_table_written_unseen_raises(how):
+    """FlexFlashInfer on the reference backend plans its tiles in prepare(): a table the mask_fn
+    reads written through .data or numpy raises like an in-place write (it ran the old tiles:
+    2.7 off)."""
+    L, H, D = 256, 2, 16
+    windows = torch.full((L,), 200)
+
+    def mask_fn(q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < windows[q_idx])
+
+    ffi = FlexFlashInfer(device="cpu", backend="reference").prepare(mask_fn, L, L, H, H, D, dtype=torch.float32)
+    q, k, v = (torch.randn(L, H, D) for _ in range(3))
+    ffi(q, k, v)
+    _write(windows, slice(None), 4, how)
+    with pytest.raises(ValueError, match="call prepare\\(\\) again"):
+        ffi(q, k, v)
+
+
+def test_a_table_padded_with_nan_keeps_what_was_built(monkeypatch):
+    """Kept state compares a float table bit for bit: a NaN equals itself, so a mask reading a
+    NaN-padded table keeps its torch conversion and pieces (rebuilt at every call before)."""
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+
+    from flex_flash_infer.backends import reference
+
+    L = 1000
+    pos = torch.arange(L, dtype=torch.float32)
+    pos[-40:] = float("nan")   # padding: sees nothing, seen by none
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return pos[kv_idx] <= pos[q_idx]
+
+    built = []
+    make = reference._make_pieces
+    monkeypatch.setattr(reference, "_make_pieces", lambda *a: built.append(1) or make(*a))
+    torch_mask = torch_create_block_mask(mask_mod, None, None, L, L, device="cpu")
+    q, k, v = (torch.randn(1, 2, L, 16, dtype=torch.float64) for _ in range(3))
+    for _ in range(3):
+        got = flex_attention(q, k, v, block_mask=torch_mask, backend="reference")
+    assert len(built) == 1
+    assert (got - _dense(q, k, v, mask_mod)).abs().max() < 1e-10
+
+
+def test_settled_tiles_of_a_table_too_large_to_keep_follow_a_data_write(monkeypatch):
+    """A table past the copy limit cannot be compared at each call: the torch BlockMask's last
+    query tile is then not settled from it (torch's own tables), so a .data write is still read
+    (it kept the old settled tiles: 0.21 off)."""
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+
+    from flex_flash_infer.core import versions
+
+    monkeypatch.setattr(versions, "KEPT_VALUES_BYTES", 512)
+    L = 1000
+    rows = torch.ones(1024, dtype=torch.bool)   # 1 KiB: past the limit set above
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & rows[q_idx]
+
+    torch_mask = torch_create_block_mask(mask_mod, None, None, L, L, device="cpu")
+    q, k, v = (torch.randn(1, 2, L, 16, dtype=torch.float64) for _ in range(3))
+    flex_attention(q, k, v, block_mask=torch_mask, backend="reference")
+    rows.data[950:] = False
+    got = flex_attention(q, k, v, block_mask=torch_mask, backend="reference")
+    assert (got - _dense(q, k, v, mask_mod)).abs().max() < 1e-10
+
+
+def test_transformers_untraceable_mask_is_built_once(monkeypatch):
+    """A mask_mod that does not trace keeps its block mask per object, as flex_attention's plan
+    does (it was built again at every layer call)."""
+    from flex_flash_infer.integrations import transformers
+
+    allowed = torch.tensor([0, 3, 5])
+
+    def isin_mask(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & ~torch.isin(kv_idx, allowed)
+
+    built = []
+    make = transformers.create_block_mask
+    monkeypatch.setattr(transformers, "create_block_mask", lambda *a, **kw: built.append(1) or make(*a, **kw))
+    q = torch.randn(1, 2, 256, 16)
+    module = types.SimpleNamespace(training=False, config=None, is_causal=True)
+    with torch.no_grad(), transformers.attention_mods(mask_mod=isin_mask):
+        for _ in range(3):
+            transformers.attention_forward(module, q, q, q, None)
+    assert len(built) == 1
