@@ -198,7 +198,8 @@ def _spec(selected, req, local, page_len, kv_page_indices, num_requests, page_si
 
 
 def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size: int,
-               device=None, heads: int = 1, native_window: bool = True, positions: bool = True) -> PagedPlan:
+               device=None, heads: int = 1, native_window: bool = True, positions: bool = True,
+               _hints: bool = True) -> PagedPlan:
     """heads > 1: the mask differs across query heads; pages are classified over all of them and
     the partial launch carries no bit mask (the kernel must evaluate mask_mod itself).
     native_window: a sliding window may run as FlashInfer's own window_left (its plain kernels;
@@ -230,12 +231,23 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     max_kv = int(kv_len.max()) if R else 0
     # a user's own causal or window mask states no hint: its flags come from its expression, read
     # at every plan (a mask reading a global may change between steps)
-    flags = (_hinted_flags(mask_mod, max_kv) or paged_flags(mask_mod)) if heads == 1 else None
+    flags = (_hinted_flags(mask_mod, max_kv) or paged_flags(mask_mod)) if heads == 1 and _hints else None
     if flags is not None and flags[1] >= 0 and not native_window:
         flags = None
     if flags is not None:
         return _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len,
                                 pages, page_size, all_decode, max_kv, device, positions, max_id)
+    columns = _hinted_window_columns(mask_mod) if _hints and heads == 1 and native_window else None
+    if columns is not None:
+        window = _plan_from_flags((True, columns[0]), qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len,
+                                  kv_len, pages, page_size, all_decode, max_kv, device, positions, max_id)
+
+        def page_states():   # asked by tests and tools only: the pages as evaluating them decides
+            return plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size,
+                              device, positions=positions, _hints=False).page_states
+
+        return _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_len, kv_len, pages,
+                                  page_size, device, page_states)
     req = torch.repeat_interleave(torch.arange(R), pages)
     local = torch.arange(req.numel()) - host_kv[req]
     page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
@@ -276,7 +288,8 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
         full_spec, _ = _spec(full, req, local, page_len, kv_page_indices, R, page_size)
     if any_partial:
         partial_spec, idx = _spec(partial, req, local, page_len, kv_page_indices, R, page_size)
-        partial_spec = _with_bits(partial_spec, idx, req, page_len, qo_len, kv_page_indices,
+        partial_spec = _with_bits(partial_spec, idx, req, page_len, qo_len,
+                                  _own_first_pages(kv_page_indices, host_kv, device),
                                   bits if heads == 1 else None, page_size)
     decode = bool(any_full and all_decode and full_in_each)
     return PagedPlan(qo_indptr.to(torch.int32), full_spec, partial_spec, decode, states, **host)
@@ -305,6 +318,68 @@ def _hinted_flags(mask_mod, max_kv: int) -> tuple[bool, int] | None:
     if all(bands == [(0, n, 0, n, causal, window_left)] for n, bands in lowered.items()):
         return causal, window_left
     return None
+
+
+def _hinted_window_columns(mask_mod) -> tuple[int, int, int] | None:
+    """(window_left, first, stop) when the mask is a causal window plus the keys first .. stop - 1
+    (the library's streaming mask: its sinks), as its key_columns_hint states; None otherwise."""
+    hint = stated_hint(mask_mod, "key_columns_hint")
+    if hint is None or len(hint) != 4:
+        return None
+    window, first, step, stop = hint
+    if step != 1 or stop is None or not 0 <= first < stop or window < 1:
+        return None
+    return int(window) - 1, int(first), int(stop)
+
+
+def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_len, kv_len, pages, page_size,
+                       device, page_states) -> PagedPlan:
+    """The window's plan (FlashInfer's causal window flags over the pages from each request's
+    first query's window) and a masked launch over the pages holding the key columns (the
+    sinks): its bits show a column key to a query outside the window's reach (kv <= q - window
+    - 1), so no key is counted twice; the launches merge by log-sum-exp. Worked out per request
+    on the host over the column pages only: a decode step's cost does not grow with the cache."""
+    window_left, first, stop = columns
+    R = pages.numel()
+    q_start = kv_len - qo_len
+    # each request's pages holding keys first .. stop - 1 (clipped to its keys)
+    lo = torch.clamp(torch.full((R,), first), max=kv_len)
+    hi = torch.minimum(torch.full((R,), stop), kv_len)
+    page_lo = lo // page_size
+    page_hi = torch.where(hi > lo, (hi - 1) // page_size + 1, page_lo)
+    # a request whose last query sees every column key inside its window needs none of them
+    reaches = (hi > lo) & (qo_len > 0) & (lo <= q_start + qo_len - 1 - window_left - 1)
+    counts = torch.where(reaches, page_hi - page_lo, 0)
+    if int(counts.sum()) == 0:
+        window.states = page_states
+        return window
+    req = torch.repeat_interleave(torch.arange(R), counts)
+    starts = torch.zeros(R, dtype=torch.int64)
+    starts[1:] = counts.cumsum(0)[:-1]
+    local = torch.arange(req.numel()) - starts[req] + page_lo[req]
+    page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
+    max_q = int(qo_len.max())
+    rows = torch.arange(max_q).view(1, -1, 1)
+    cols = torch.arange(page_size).view(1, 1, -1)
+    q_pos = q_start[req].view(-1, 1, 1) + rows
+    kv_pos = (local * page_size).view(-1, 1, 1) + cols
+    bits = ((rows < qo_len[req].view(-1, 1, 1)) & (cols < page_len.view(-1, 1, 1)) & (kv_pos >= first)
+            & (kv_pos < stop) & (kv_pos <= q_pos - window_left - 1))
+    kept = bits.flatten(1).any(1)                  # a page no query's row reaches: left out
+    req, local, page_len, bits = req[kept], local[kept], page_len[kept], bits[kept]
+    counts = torch.bincount(req, minlength=R)
+    indptr = torch.zeros(R + 1, dtype=torch.int64)
+    indptr[1:] = counts.cumsum(0)
+    spec = PagedLaunchSpec(indptr.to(torch.int32).to(device),
+                           kv_page_indices[(host_kv[req] + local).to(device)].to(torch.int32),
+                           torch.where(counts > 0, page_len[torch.clamp(indptr[1:] - 1, min=0)] if req.numel()
+                                       else 0, 0).to(torch.int32).to(device),
+                           kv_positions=(local * page_size).to(torch.int32).to(device))
+    idx = torch.arange(req.numel())
+    spec = _with_bits(spec, idx.to(device), req.to(device), page_len.to(device), qo_len.to(device),
+                      _own_first_pages(kv_page_indices, host_kv, device), bits.to(device), page_size)
+    return PagedPlan(window.qo_indptr, window.full, spec, window.decode, page_states, q_start=window.q_start,
+                     max_kv_len=window.max_kv_len, total_q=window.total_q, max_page_id=window.max_page_id)
 
 
 def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len, pages,
@@ -367,10 +442,17 @@ def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_la
                      max_kv_len=max_kv, total_q=int(host_q[-1]), max_page_id=max_id)
 
 
-def _with_bits(spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_size):
+def _own_first_pages(kv_page_indices, host_kv, device) -> torch.Tensor:
+    """int32 [R]: each request's first page id (a request without pages, which has no queries, any)."""
+    if kv_page_indices.numel() == 0:
+        return torch.zeros(host_kv.numel() - 1, dtype=torch.int32, device=device)
+    return kv_page_indices[host_kv[:-1].clamp(max=kv_page_indices.numel() - 1).to(device)].to(torch.int32)
+
+
+def _with_bits(spec, idx, req, page_len, qo_len, own_first_page, bits, page_size):
     """Add the bit mask (none when bits is None); a request with no partial page gets one dummy
-    key from its own first page (bit 0, position -1: a kernel that evaluates the mask itself must
-    hide it)."""
+    key from its own first page (own_first_page [R], _own_first_pages; bit 0, position -1: a
+    kernel that evaluates the mask itself must hide it)."""
     R = qo_len.numel()
     device = qo_len.device
     counts = (spec.kv_indptr[1:] - spec.kv_indptr[:-1]).long()
@@ -386,11 +468,7 @@ def _with_bits(spec, idx, req, page_len, qo_len, kv_page_indices, bits, page_siz
         # the dummy key is the request's own first page: its value times the hidden score's 0 is
         # NaN where the value is (as the GPU's matrix product gives), and another request's NaN
         # or inf must never reach this one (a request without pages has no queries)
-        if kv_page_indices.numel():
-            own_first = torch.searchsorted(req, torch.arange(R, device=device)).clamp(max=req.numel() - 1)
-            indices[is_dummy] = kv_page_indices[own_first[empty]].to(torch.int32)
-        else:
-            indices[is_dummy] = 0
+        indices[is_dummy] = own_first_page[empty]
         positions = torch.full_like(indices, -1)
         positions[~is_dummy] = spec.kv_positions
         spec = PagedLaunchSpec(indptr.to(torch.int32), indices, torch.where(empty, 1, spec.last_page_len).to(torch.int32),

@@ -287,3 +287,30 @@ def test_a_prefix_longer_than_the_probed_lengths_is_not_taken_for_full(rng):
     out, lse = simulate(plan, q, kc, vc, q.shape[-1] ** -0.5)
     ref_out, _ = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
     assert rel_err(out, ref_out) < 1e-10
+
+
+@pytest.mark.parametrize("sink_size,window_size,page_size", [(4, 1024, 16), (3, 33, 4), (40, 24, 16), (1, 1, 1)])
+@pytest.mark.parametrize("qo_lens", [[1, 1, 1, 1], [5, 40, 1, 0]])
+def test_streaming_runs_as_the_window_flags_and_a_launch_over_the_sink_pages(rng, sink_size, window_size,
+                                                                              page_size, qo_lens):
+    """The library's streaming mask on the paged cache plans from its hint: FlashInfer's window
+    flags over the window's pages and a masked launch over the pages holding sinks no query's
+    window reaches (planned per request, not per page of the cache); the same attention as the
+    dense oracle, a sink inside the window counted once."""
+    mod = get_mask_fn("streaming", sink_size=sink_size, window_size=window_size)
+    kv_lens = [2000, 90, 37, 200]
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, kv_lens, qo_lens, page_size)
+    plan = plan_paged(mod, qo_indptr, kv_page_indptr, indices, last, page_size)
+    assert plan.full is not None and plan.full.causal == (max(qo_lens) > 1) and plan.full.window_left == window_size - 1
+    sink_pages = -(-sink_size // page_size)
+    if plan.partial is not None:   # sink pages only (or one dummy key for a request without any)
+        assert int((plan.partial.kv_indptr[1:] - plan.partial.kv_indptr[:-1]).max()) <= sink_pages
+        assert int(plan.partial.kv_positions.max()) < sink_size
+    out, lse = simulate(plan, q, kc, vc, q.shape[-1] ** -0.5)
+    ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, page_size)
+    assert rel_err(out, ref_out) < 1e-12
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen) and torch.allclose(lse[seen], ref_lse[seen])
+    # the pages' states, asked for, are the evaluated ones
+    evaluated = plan_paged(mod, qo_indptr, kv_page_indptr, indices, last, page_size, _hints=False)
+    assert torch.equal(plan.page_states, evaluated.page_states)
