@@ -78,7 +78,9 @@ def test_document_mask_with_random_offsets(rng, dtype):
     lengths = torch.randint(1, 45, (9,), generator=rng)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     total = int(offsets[-1])
-    ids = document_ids_from_offsets(offsets)
+    # the ids worked out here, not by the library's document_ids_from_offsets (which is under test)
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    assert torch.equal(document_ids_from_offsets(offsets), ids)
     dense = dense_predicate("document", total, total, document_ids=ids.numpy())
     for mod in (get_mask_fn("document", offsets=offsets), get_mask_fn("document", document_ids=ids)):
         check(rng, mod, dense, L=total, S=total, block=16, dtype=dtype)
@@ -375,6 +377,14 @@ TORCH_CASES = [
     ("attamba", {"window_size": 40, "chunk_size": 16}),
     ("document", None),
 ]
+_DOC = torch.repeat_interleave(torch.arange(4), torch.tensor([30, 1, 69, 50]))   # offsets 0, 30, 31, 100, 150
+# torch's side of each case written out here (the library's mods are what is under test)
+TORCH_PREDICATES = {
+    "causal": lambda b, h, q, kv: q >= kv,
+    "sliding_window": lambda b, h, q, kv: (q >= kv) & (q - kv < 37),
+    "attamba": lambda b, h, q, kv: (q >= kv) & (((kv + 1) % 16 == 0) | (q - kv < 40)),
+    "document": lambda b, h, q, kv: (_DOC[q] == _DOC[kv]) & (q >= kv),
+}
 
 
 @pytest.mark.parametrize("name,params", TORCH_CASES)
@@ -385,7 +395,7 @@ def test_matches_torch_flex_attention(rng, name, params):
     mod = get_mask_fn(name, **params)
     q, k, v = qkv(rng, B, Hq, Hkv, L, S, D, torch.float64)
     ours_bm = create_block_mask(mod, None, None, L, S, device="cpu", BLOCK_SIZE=32)
-    torch_bm = torch_flex.create_block_mask(mod, None, None, L, S, device="cpu", BLOCK_SIZE=32)
+    torch_bm = torch_flex.create_block_mask(TORCH_PREDICATES[name], None, None, L, S, device="cpu", BLOCK_SIZE=32)
     expected, expected_lse = torch_flex_attention(q, k, v, block_mask=torch_bm, enable_gqa=True, return_lse=True)
     for bm in (ours_bm, torch_bm):       # a torch BlockMask is accepted as is
         out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)

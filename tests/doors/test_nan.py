@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from dense_reference import dense_attention
+from flexfuzz.cpu_model import recording_plans
+from flexfuzz.routes import plan_route
 from flex_flash_infer import FlexFlashInfer, PagedFlexAttention, create_block_mask, flex_attention, get_mask_fn
 from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod
 from paged_cases import dense_oracle, random_cache
@@ -31,8 +33,13 @@ CASES = [
      lambda s, b, h, q, kv: s - 0.1 * (h + 1) * (q - kv).abs()),
     ("far-split", get_mask_fn("causal"), generate_relative_position_bias_score_mod(
         torch.linspace(-1, 1, 4 * 65, dtype=torch.float64).view(4, 65))),
-    ("tiles-per-head+score_mod", per_head_starts, lambda s, b, h, q, kv: s * 0.5),
+    # a score_mod the scale cannot take (s * c would fold into it and leave bands-per-head)
+    ("tiles-per-head+score_mod", per_head_starts, lambda s, b, h, q, kv: s - 0.1 * (q - kv).abs()),
 ]
+# the route each case is named for, as the fuzzer names them (a case that drifts off it fails)
+ROUTES = {"bands": "bands", "bands+columns": "bands+columns", "tiles": "tiles", "bands-per-head": "bands-per-head",
+          "soft-cap": "bands/soft-cap", "compiled-score_mod": "bands/score-mod", "far-split": "bands/far-split",
+          "tiles-per-head+score_mod": "tiles-per-head"}
 
 
 def _visible(mask_mod):
@@ -73,8 +80,11 @@ def test_nan_reaches_every_row_that_sees_it(flashinfer_on_cpu, rng, backend, nam
     else:
         (k if where == "key" else v)[0, NAN_KV_HEAD, KEY] = math.nan
         nan_rows = visible[..., KEY] & (torch.arange(Hq) // (Hq // Hkv) == NAN_KV_HEAD).view(1, -1, 1)
-    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True, return_lse=True,
-                              backend=backend)
+    with recording_plans() as plans:
+        out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True, return_lse=True,
+                                  backend=backend)
+    if backend == "flashinfer" and name in ROUTES:
+        assert plans and plan_route(plans[-1]).startswith(ROUTES[name]), [plan_route(p) for p in plans]
     if where == "value":
         # a row that does not see the key may still meet the NaN value in a tile it computes
         # (0 * NaN in p @ v, in torch and in the kernels alike): only the rows that see it are checked

@@ -176,6 +176,10 @@ def compare(what: str, got, want, tol: float, lse: bool = False) -> list:
             if (inf_want & ~inf_got).any():
                 problems.append(f"{what}: finite for rows that see no key, at {_where(inf_want & ~inf_got)} "
                                 f"(got {got[inf_want & ~inf_got][:3].tolist()})")
+        pos_got, pos_want = torch.isposinf(got) & both, torch.isposinf(want) & both
+        if not torch.equal(pos_got, pos_want):   # a +inf score gives +inf, as torch: only there
+            problems.append(f"{what}: +inf where the oracle has {'a number' if (pos_got & ~pos_want).any() else '+inf'}"
+                            f", at {_where(pos_got ^ pos_want)}")
         both &= torch.isfinite(got) & torch.isfinite(want)
     err = torch.where(both, (got - want).abs(), 0.0)
     allowed = tol * (1 + want.abs())
