@@ -89,8 +89,10 @@ def test_non_tensor_inputs():
 
 def test_empty_sequence_rejected():
     q, k, v = tensors()
-    with pytest.raises(ValueError, match="length"):
+    with pytest.raises(ValueError, match=r"sequence lengths must be >= 1, got query 0 and key"):
         flex_attention(q[:, :, :0], k, v, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"sequence lengths must be >= 1, got query \d+ and key 0"):
+        flex_attention(q, k[:, :, :0], v[:, :, :0], enable_gqa=True)
 
 
 def test_block_mask_for_other_lengths():
