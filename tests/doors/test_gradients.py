@@ -82,7 +82,7 @@ def _random_tiles(b, h, q, kv):
 ROUTES = [
     ("bands", get_mask_fn("causal"), None),
     ("empty-rows", _causal_from_5, None),
-    ("bands+columns", get_mask_fn("streaming", sink_size=4, window_size=16), None),
+    ("streaming", get_mask_fn("streaming", sink_size=4, window_size=16), None),   # L != S: tiles, not key columns
     ("tiles", _random_tiles, None),
     ("bands-per-head", _per_head, None),
     ("compiled-score_mod", get_mask_fn("sliding_window", window_size=40), "alibi"),
