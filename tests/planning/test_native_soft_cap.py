@@ -85,5 +85,9 @@ def test_a_one_entry_relative_table_is_accepted(rng):
     from flex_flash_infer.mods import generate_relative_position_bias_score_mod
 
     for shape in ((1,), (4, 1)):
-        mod = generate_relative_position_bias_score_mod(torch.randn(shape, generator=rng))
-        assert mod(torch.zeros(()), torch.tensor(0), torch.tensor(0), torch.tensor(5), torch.tensor(2)).shape == ()
+        table = torch.randn(shape, generator=rng)
+        mod = generate_relative_position_bias_score_mod(table)
+        h = torch.tensor(3 if len(shape) == 2 else 0)
+        got = mod(torch.tensor(0.25), torch.tensor(0), h, torch.tensor(5), torch.tensor(2))
+        # one entry: every distance reads it (the head's own entry for a table per head)
+        assert got.shape == () and torch.equal(got, torch.tensor(0.25) + table.reshape(-1)[h if len(shape) == 2 else 0])
