@@ -34,6 +34,8 @@ from ..core.trace import TraceError, trace
 from ..core.hints import stated_hint
 
 CHUNK_ELEMENTS = 1 << 24
+# a streaming mask's sinks run as their own masked launch up to this many pages a request
+MAX_COLUMN_PAGES = 4
 
 
 @dataclass
@@ -241,13 +243,20 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if columns is not None:
         window = _plan_from_flags((True, columns[0]), qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len,
                                   kv_len, pages, page_size, all_decode, max_kv, device, positions, max_id)
+        if columns[1] >= columns[2]:   # no column keys (no sinks): the window alone
+            return window
+        # the pages' states depend on the positions alone: worked out from host copies of the
+        # tables (a server writes its next step into the same buffers), with stand-in page ids
+        listed = torch.arange(kv_page_indices.numel())
 
         def page_states():   # asked by tests and tools only: the pages as evaluating them decides
-            return plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size,
-                              device, positions=positions, _hints=False).page_states
+            return plan_paged(mask_mod, host_q.clone(), host_kv.clone(), listed, host_last.clone(), page_size, device,
+                              positions=positions, _hints=False).page_states
 
-        return _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_len, kv_len, pages,
+        plan = _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_len, kv_len, pages,
                                   page_size, device, page_states)
+        if plan is not None:
+            return plan
     req = torch.repeat_interleave(torch.arange(R), pages)
     local = torch.arange(req.numel()) - host_kv[req]
     page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
@@ -327,18 +336,21 @@ def _hinted_window_columns(mask_mod) -> tuple[int, int, int] | None:
     if hint is None or len(hint) != 4:
         return None
     window, first, step, stop = hint
-    if step != 1 or stop is None or not 0 <= first < stop or window < 1:
+    if step != 1 or stop is None or not 0 <= first or window < 1:
         return None
-    return int(window) - 1, int(first), int(stop)
+    return int(window) - 1, int(first), int(stop)   # first >= stop: no column (a window alone)
 
 
 def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_len, kv_len, pages, page_size,
-                       device, page_states) -> PagedPlan:
+                       device, page_states) -> PagedPlan | None:
     """The window's plan (FlashInfer's causal window flags over the pages from each request's
     first query's window) and a masked launch over the pages holding the key columns (the
     sinks): its bits show a column key to a query outside the window's reach (kv <= q - window
     - 1), so no key is counted twice; the launches merge by log-sum-exp. Worked out per request
-    on the host over the column pages only: a decode step's cost does not grow with the cache."""
+    on the host over the column pages only: a decode step's cost does not grow with the cache.
+    None (evaluate the pages instead) when the columns span more than MAX_COLUMN_PAGES pages or
+    their bits more than CHUNK_ELEMENTS: many sink pages are better read by the unmasked launch
+    where every query sees them, and a long prefill's rows would pad every decode request's."""
     window_left, first, stop = columns
     R = pages.numel()
     q_start = kv_len - qo_len
@@ -350,6 +362,9 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     # a request whose last query sees every column key inside its window needs none of them
     reaches = (hi > lo) & (qo_len > 0) & (lo <= q_start + qo_len - 1 - window_left - 1)
     counts = torch.where(reaches, page_hi - page_lo, 0)
+    max_q = int(qo_len.max()) if R else 0
+    if int(counts.max() if R else 0) > MAX_COLUMN_PAGES or int(counts.sum()) * max_q * page_size > CHUNK_ELEMENTS:
+        return None
     if int(counts.sum()) == 0:
         window.states = page_states
         return window
@@ -358,7 +373,6 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     starts[1:] = counts.cumsum(0)[:-1]
     local = torch.arange(req.numel()) - starts[req] + page_lo[req]
     page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
-    max_q = int(qo_len.max())
     rows = torch.arange(max_q).view(1, -1, 1)
     cols = torch.arange(page_size).view(1, 1, -1)
     q_pos = q_start[req].view(-1, 1, 1) + rows

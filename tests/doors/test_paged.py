@@ -8,6 +8,7 @@ import torch
 from dense_reference import rel_err
 from flex_flash_infer import PagedFlexAttention, get_mask_fn
 from flex_flash_infer.masks.block_build import EMPTY, FULL, PARTIAL
+from flex_flash_infer.planning import paged_plan
 from flex_flash_infer.planning.paged_plan import plan_paged
 from paged_cases import MASKS, dense_oracle, random_cache
 from paged_simulator import merge_state, paged_prefill
@@ -289,7 +290,8 @@ def test_a_prefix_longer_than_the_probed_lengths_is_not_taken_for_full(rng):
     assert rel_err(out, ref_out) < 1e-10
 
 
-@pytest.mark.parametrize("sink_size,window_size,page_size", [(4, 1024, 16), (3, 33, 4), (40, 24, 16), (1, 1, 1)])
+@pytest.mark.parametrize("sink_size,window_size,page_size", [(4, 1024, 16), (3, 33, 4), (40, 24, 16), (1, 1, 1),
+                                                             (0, 33, 4), (64, 24, 4)])
 @pytest.mark.parametrize("qo_lens", [[1, 1, 1, 1], [5, 40, 1, 0]])
 def test_streaming_runs_as_the_window_flags_and_a_launch_over_the_sink_pages(rng, sink_size, window_size,
                                                                               page_size, qo_lens):
@@ -301,11 +303,15 @@ def test_streaming_runs_as_the_window_flags_and_a_launch_over_the_sink_pages(rng
     kv_lens = [2000, 90, 37, 200]
     q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, kv_lens, qo_lens, page_size)
     plan = plan_paged(mod, qo_indptr, kv_page_indptr, indices, last, page_size)
-    assert plan.full is not None and plan.full.causal == (max(qo_lens) > 1) and plan.full.window_left == window_size - 1
     sink_pages = -(-sink_size // page_size)
-    if plan.partial is not None:   # sink pages only (or one dummy key for a request without any)
-        assert int((plan.partial.kv_indptr[1:] - plan.partial.kv_indptr[:-1]).max()) <= sink_pages
-        assert int(plan.partial.kv_positions.max()) < sink_size
+    if sink_pages <= paged_plan.MAX_COLUMN_PAGES:   # else the pages are evaluated (many sinks: the plain launch reads them)
+        assert plan.full is not None and plan.full.causal == (max(qo_lens) > 1)
+        assert plan.full.window_left == window_size - 1
+        if sink_size == 0:   # a window alone
+            assert plan.partial is None
+        if plan.partial is not None:   # sink pages only (or one dummy key for a request without any)
+            assert int((plan.partial.kv_indptr[1:] - plan.partial.kv_indptr[:-1]).max()) <= sink_pages
+            assert int(plan.partial.kv_positions.max()) < sink_size
     out, lse = simulate(plan, q, kc, vc, q.shape[-1] ** -0.5)
     ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, page_size)
     assert rel_err(out, ref_out) < 1e-12
@@ -314,3 +320,15 @@ def test_streaming_runs_as_the_window_flags_and_a_launch_over_the_sink_pages(rng
     # the pages' states, asked for, are the evaluated ones
     evaluated = plan_paged(mod, qo_indptr, kv_page_indptr, indices, last, page_size, _hints=False)
     assert torch.equal(plan.page_states, evaluated.page_states)
+
+
+def test_streaming_page_states_are_the_planned_steps_after_the_buffers_are_rewritten(rng):
+    """A server writes its next step into the same table buffers: a plan's page states, worked
+    out when asked, are the planned step's (they read the caller's buffers)."""
+    mod = get_mask_fn("streaming", sink_size=4, window_size=32)
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [150, 90], [1, 1], 16)
+    plan = plan_paged(mod, qo_indptr, kv_page_indptr, indices, last, 16)
+    want = plan_paged(mod, qo_indptr, kv_page_indptr, indices, last, 16, _hints=False).page_states.clone()
+    last.fill_(1)
+    qo_indptr.copy_(torch.tensor([0, 0, 1]))
+    assert torch.equal(plan.page_states, want)
