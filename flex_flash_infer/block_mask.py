@@ -435,6 +435,10 @@ class BlockMask:
         if self._states is not None:
             moved._states = self._states.to(device)
         moved._compute_q_blocks = self._compute_q_blocks
+        # the same tables from the same mask_mod: its lowering hint still stands for them (the
+        # route, key columns included, must not change with the device)
+        if self._tables_from is self.mask_mod:
+            moved._tables_from, moved._tables_reads = moved.mask_mod, getattr(self, "_tables_reads", None)
         return moved
 
     def plan(self, num_qo_heads: int | None = None, num_kv_heads: int | None = None, head_dim: int = 128,
@@ -454,6 +458,9 @@ class BlockMask:
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         batch = check_positive_int("batch", B if batch is None else batch)
+        if B not in (1, batch) or H not in (1, num_qo_heads):
+            raise ValueError(f"this block mask has (B, H) = ({B}, {H}): batch must be {B} and num_qo_heads {H} "
+                             f"(or the mask 1 there, to broadcast), got batch={batch}, num_qo_heads={num_qo_heads}")
         head_dim = check_positive_int("head_dim", head_dim)
         device = self.device if device is None else check_device("device", device)
         q_len, kv_len = self.seq_lengths

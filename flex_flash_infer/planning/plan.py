@@ -118,7 +118,7 @@ class AttentionPlan:
                     covered = torch.zeros(shape, dtype=torch.bool)
                     covered[:, columns.positions.cpu().long() // bkv] |= per_tile
                     return covered
-                entries.append((f"{n} key columns (gathered keys the bands miss), attended and merged into the "
+                entries.append((f"{n} key columns (gathered keys beside the bands), attended and merged into the "
                                 f"bands' rows by one Triton kernel", paint))
             else:
                 key_tiles = columns.positions.cpu().long() // bkv
@@ -277,8 +277,9 @@ def _forced(chosen: Route, wanted: str, has_score_mod: bool) -> Route:
                          "use 'bands+columns' or a tiles route")
     if chosen.kind != wanted:
         why = " (a score_mod runs per-head masks on tiles)" if has_score_mod and wanted == "bands-per-head" else ""
+        serves = "'tiles-per-head' serves" if chosen.per_head else "the tiles routes ('tiles', 'tiles-per-head') serve"
         raise ValueError(f"kernel_options['ROUTE']={wanted!r} but the planner found no such lowering of this mask "
-                         f"(it chose {chosen.kind!r}){why}; the tiles routes ('tiles', 'tiles-per-head') serve every mask")
+                         f"(it chose {chosen.kind!r}){why}; {serves} every mask")
     return chosen
 
 

@@ -208,3 +208,22 @@ def test_to_string_takes_torchs_grid_sizes():
     for bad in [0, (4, 0), "big", (4,)]:
         with pytest.raises(ValueError, match="grid_size"):
             bm.to_string(bad)
+
+
+
+def test_a_block_mask_moved_to_a_device_plans_as_before():
+    """.to(device) keeps what the tables were made from, so the mask's lowering hint still stands
+    for them: the same route and key columns (show drew attamba's moved copy: 14 columns, where
+    16 ran)."""
+    mask = create_block_mask(get_mask_fn("attamba", window_size=256, chunk_size=128), None, None, 2048, 2048,
+                             device="cpu")
+    assert str(mask.to("cpu").plan(4, 2)) == str(mask.plan(4, 2))
+
+
+def test_plan_with_heads_or_batch_the_mask_does_not_have_says_so():
+    mask = create_block_mask(lambda b, h, q, kv: kv <= q + h, 2, 4, 256, 256, device="cpu")
+    with pytest.raises(ValueError, match=r"\(B, H\) = \(2, 4\).*num_qo_heads=2"):
+        mask.plan(2, 2)
+    with pytest.raises(ValueError, match=r"\(B, H\) = \(2, 4\).*batch=3"):
+        mask.plan(4, 2, batch=3)
+    assert mask.plan(4, 2).route   # its own heads and batch plan
