@@ -151,3 +151,19 @@ def test_plan_arguments_are_checked():
     with pytest.raises(ValueError, match="head_dim must be a positive int"):
         bm.plan(4, 2, head_dim=0)
     assert bm.plan(4, 2).route == "bands"   # still usable
+
+
+def test_a_forced_route_a_per_head_mask_cannot_take_advises_one_it_can():
+    """The advice in the error works when followed: a per-head mask forced to 'bands' is pointed to
+    'tiles-per-head' (it was pointed to 'tiles' too, which then refused)."""
+    import re
+
+    from flex_flash_infer import create_block_mask
+
+    mask = create_block_mask(lambda b, h, q, kv: (kv <= q) & ((q - kv) % (h + 2) == 0), None, 4, 256, 256,
+                             device="cpu")
+    with pytest.raises(ValueError) as error:
+        mask.plan(4, 2, route="bands")
+    advised = sorted(set(re.findall(r"'(tiles[a-z-]*)'", str(error.value))))
+    assert advised == ["tiles-per-head"], str(error.value)
+    assert mask.plan(4, 2, route=advised[0]).route.startswith("tiles-per-head")
