@@ -143,12 +143,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         entry = _block_masks.get(key_)
         if entry is not None and entry[0]() is not owner:   # another object at a reused id
             entry = None
+        state = None
         if isinstance(owner, torch.Tensor):
             reads = snapshot([owner])
             holds = entry is not None and not moved(entry[1]) and entry[1][0][0] is owner and not unwatched(reads)
         else:   # on the CPU compared by value too (.data, numpy); a mask that does not trace: kept
             state = current_reads(mod, "mask_mod")
-            reads = lambda: KeptReads(state) if state is not None else None   # copied only when built
             holds = entry is not None and (entry[1] is None if state is None else
                                            entry[1] is not None and entry[1].holds(state)
                                            and not unwatched(state.watch()))
@@ -158,7 +158,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             if len(_block_masks) > 64:
                 _block_masks.clear()
             block_mask = create_block_mask(mod, mask_batch, mask_heads, q_len, kv_len, device=query.device)
-            _block_masks[key_] = (weakref.ref(owner), reads() if callable(reads) else reads, block_mask)
+            if not isinstance(owner, torch.Tensor):   # copied only when built
+                reads = KeptReads(state) if state is not None else None
+            _block_masks[key_] = (weakref.ref(owner), reads, block_mask)
     out = flex_attention(query, key, value, score_mod=_shifted(check_score_mod(score_mod), offset, 5),
                          block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
