@@ -13,6 +13,7 @@ from .masks.block_build import (EMPTY, FULL, PARTIAL, ceil_div, classify_query_t
 from .masks.tile_bounds import classify_tiles
 from .core.mask_eval import as_mask_mod, evaluate_mask_mod, index_grid, mask_dependence
 from .core.compiling import outside_compiled_graphs
+from .core.notices import warn_once
 from .core.trace import current_reads
 from .core.versions import KeptReads
 from .mods.combinators import noop_mask
@@ -649,10 +650,34 @@ def check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int
     mb, mh = block_mask.shape[:2]
     if mb not in (1, batch) or mh not in (1, heads):
         raise ValueError(f"block_mask has (B, H) = ({mb}, {mh}); expected B in (1, {batch}) and H in (1, {heads})")
+    if (mb < batch or mh < heads) and block_mask.mask_mod is not None:
+        _say_broadcast_tables(block_mask, batch, heads, device)
     if block_mask.device != torch.device(device) and not (
             block_mask.device.type == torch.device(device).type == "cuda"):
         raise ValueError(f"block_mask is on {block_mask.device} but query is on {device}; use block_mask.to(device)")
     return block_mask
+
+
+def _say_broadcast_tables(block_mask, batch: int, heads: int, device) -> None:
+    """Warn when a B=1 / H=1 map serves a mask_mod that reads b / h: every entry then runs entry
+    0's tile map and the mask_mod decides only inside its partial tiles, as in torch's kernels
+    (torch's eager CPU path applies the mask_mod everywhere). Asked once per mask_mod and shape."""
+    key = (block_mask.mask_mod, batch, heads)
+    if getattr(block_mask, "_broadcast_asked", None) == key:
+        return
+    block_mask._broadcast_asked = key
+    try:
+        uses_b, uses_h = mask_dependence(block_mask.mask_mod, batch, heads, *block_mask.seq_lengths, device)
+    except Exception:   # a mod that fails here fails with its own error where it is evaluated
+        return
+    mb, mh = block_mask.shape[:2]
+    for name, uses, mapped, size in (("B", uses_b, mb, batch), ("H", uses_h, mh, heads)):
+        if uses and mapped == 1 < size:
+            index = name.lower()
+            warn_once(f"flex_flash_infer: block_mask was built with {name}=1 ({name}=None) but its mask_mod reads "
+                      f"{index}: every {'batch entry' if name == 'B' else 'head'} runs the tile map of {index} = 0 "
+                      f"and the mask_mod decides only inside its partial tiles, as in torch's kernels; build it "
+                      f"with create_block_mask(mask_mod, {name}={size}, ...) if the tiles differ")
 
 
 def check_tables_cover(block_mask) -> None:

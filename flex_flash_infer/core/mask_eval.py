@@ -162,7 +162,35 @@ def evaluate_score_mod(score_mod: Callable, score, b, h, q_idx, kv_idx) -> torch
                 f"{tuple(score.shape)}, from the scores: a score_mod computes each score from its own (score, b, "
                 "h, q_idx, kv_idx) alone, as under torch FlexAttention's vmap; a reduction over the scores (sum, "
                 "mean, max, any over a dimension) is not one")
-    return out.to(score.dtype).expand(score.shape)
+    out = out.to(score.dtype).expand(score.shape)
+    _check_per_score(score_mod, out, score, b, h, q_idx, kv_idx)
+    return out
+
+
+def _check_per_score(score_mod: Callable, out, score, b, h, q_idx, kv_idx) -> None:
+    """Three scores recomputed alone (the first, the last, the first row's last) must come out
+    as in the whole grid: a scan or a reduction kept at full shape (softmax, cumsum,
+    s / s.amax(-1, keepdim=True)) mixes scores that torch's vmap hands a score_mod one at a time."""
+    if score.numel() <= 1:
+        return
+    for last_dim_at in ((0, 0), (-1, -1), (0, -1)):
+        def alone(t, ats=last_dim_at):   # dims counted from the right: the key dim last
+            index = []
+            for i, size in enumerate(t.shape):
+                at = ats[1] if i == t.dim() - 1 else ats[0]
+                index.append(slice(at, at + 1 if at == 0 else None) if size > 1 else slice(None))
+            return t[tuple(index)]
+        own = call_mod(score_mod, "score_mod", alone(score), alone(b), alone(h), alone(q_idx), alone(kv_idx))
+        if not isinstance(own, torch.Tensor):
+            own = torch.as_tensor(own, dtype=score.dtype, device=score.device)
+        own, whole = own.to(score.dtype).reshape(-1)[:1], alone(out).reshape(-1)[:1]
+        if own.numel() and not torch.allclose(own, whole, rtol=1e-5, atol=1e-6, equal_nan=True):
+            where = [int(alone(t).reshape(-1)[0]) for t in (b, h, q_idx, kv_idx)]
+            raise ValueError(
+                f"score_mod {_name(score_mod)} gives {float(whole[0])!r} at (b, h, q_idx, kv_idx) = {tuple(where)} "
+                f"among the other scores but {float(own[0])!r} for that score alone: a score_mod computes each "
+                "score from its own (score, b, h, q_idx, kv_idx) alone, as under torch FlexAttention's vmap; a "
+                "scan or reduction over the scores (softmax, cumsum, score / score.amax(-1, keepdim=True)) is not one")
 
 
 def _depends_on_score(score_mod: Callable, score, b, h, q_idx, kv_idx) -> bool:

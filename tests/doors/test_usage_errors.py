@@ -89,6 +89,18 @@ def test_score_mod_reducing_the_scores(rng, reduction):
                        backend="reference")
 
 
+@pytest.mark.parametrize("mixing", [lambda s: s / s.abs().amax(-1, keepdim=True), lambda s: s.cumsum(-1),
+                                    lambda s: s.softmax(-2), lambda s: s - s.mean()],
+                         ids=["row-norm", "cumsum", "softmax-queries", "centred"])
+def test_score_mod_mixing_the_scores_at_full_shape(rng, mixing):
+    """A scan or reduction kept at the scores' shape gave a different answer from torch's (which hands
+    the mod one score at a time) without a word."""
+    q, k, v = _qkv(rng)
+    with pytest.raises(ValueError, match=r"score_mod .* for that score alone: .* vmap"):
+        flex_attention(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: mixing(s), enable_gqa=True,
+                       backend="reference")
+
+
 def test_score_mod_not_using_the_score_may_have_a_smaller_shape(rng):
     """A result that does not read the score (a bias per head) keeps its shape and is fine, as in torch."""
     q, k, v = _qkv(rng)

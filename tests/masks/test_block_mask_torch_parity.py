@@ -254,3 +254,21 @@ def test_sparsity_is_torchs(rng, L, S, block):
         assert ours[index].sparsity() == pytest.approx(theirs[index].sparsity(), abs=1e-9), index
     ours.seq_lengths = theirs.seq_lengths = (L, max(1, S - 7))
     assert ours.sparsity() == pytest.approx(theirs.sparsity(), abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["B", "H"])
+def test_a_broadcast_map_of_a_mask_that_reads_b_or_h_is_said(name, monkeypatch):
+    # torch's kernels run entry 0's tile map for every entry of a B=None / H=None mask; a mask_mod
+    # that reads b / h then differs from what it states outside the partial tiles: warned, not silent
+    from flex_flash_infer.core import notices
+    monkeypatch.setattr(notices, "_warned", set())
+    reads = (lambda b, h, q, kv: kv >= 64 * b) if name == "B" else (lambda b, h, q, kv: kv >= 64 * h)
+    q = torch.randn(2, 2, 128, 16)
+    with pytest.warns(UserWarning, match=f"built with {name}=1 .* reads {name.lower()}: .*{name}=2"):
+        flex_attention(q, q, q, block_mask=create_block_mask(reads, None, None, 128, 128, device="cpu", BLOCK_SIZE=64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # built per entry, or a mod that reads neither: nothing to say
+        flex_attention(q, q, q, block_mask=create_block_mask(reads, 2, 2, 128, 128, device="cpu", BLOCK_SIZE=64))
+        flex_attention(q, q, q, block_mask=create_block_mask(lambda b, h, q_, kv: kv <= q_, None, None, 128, 128,
+                                                             device="cpu", BLOCK_SIZE=64))
