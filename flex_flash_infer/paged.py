@@ -31,7 +31,7 @@ from .planning.score_folding import fold_score_mod
 from .backends.paged_kernels import paged_request_tables, paged_variants
 from .planning.paged_plan import plan_paged
 from .core.hints import states_hints
-from .core.trace import TraceError, current_reads, stale_constants_message, trace
+from .core.trace import TraceError, current_reads, stale_constants_message, trace, traced_once_per_call
 from .core.versions import moved, snapshot, warn_unwatched
 from .core.validation import check_object_device, check_positive_int, check_scale, check_workspace
 
@@ -65,6 +65,7 @@ class PagedFlexAttention:
         self._score_seen = (None, 0, None)        # (score_mod, heads, native soft cap or None)
         self._score_checked = None                # the score_mod whose signature was checked
 
+    @traced_once_per_call
     def plan(self, mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, num_qo_heads: int,
              num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype = torch.bfloat16,
              scale: float | None = None, score_mod=None):

@@ -15,7 +15,7 @@ from .core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
 from . import varlen
-from .core.trace import TraceError, current_reads, read_state, stale_constants_message, tensors_read, trace
+from .core.trace import TraceError, current_reads, read_state, stale_constants_message, tensors_read, trace, traced_once_per_call
 from .core.versions import KeptReads, moved, snapshot, source_of, warn_unwatched
 from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
@@ -114,6 +114,7 @@ class FlexFlashInfer:
         """'flashinfer' or 'reference': what the last prepare() chose."""
         return self._require_prepared().backend
 
+    @traced_once_per_call
     def prepare(self, mask_fn=None, seq_len_q=None, seq_len_kv=None, num_qo_heads=None, num_kv_heads=None,
                 head_dim=None, block_size_row: int = 128, block_size_col: int = 128, dtype=torch.float16,
                 score_mod=None, scale=None, cu_seqlens_q=None, cu_seqlens_kv=None,

@@ -293,7 +293,8 @@ class FlashInferPlan:
             return out, lse * LN2
         if self.head_band_runs is not None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+            # without an LSE asked for, none is written or scaled: per group a copy launch less
+            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
             streams = self._head_streams
             if streams:   # experiment (scripts/ab_head_streams.py): the groups side by side
                 main = torch.cuda.current_stream(q.device)
@@ -305,13 +306,17 @@ class FlashInferPlan:
                 inputs = take_heads(q, 1, heads), take_heads(k, 2, kv_heads), take_heads(v, 2, kv_heads)
                 with torch.cuda.stream(streams[n % len(streams)]) if streams else contextlib.nullcontext():
                     if in_place:
-                        _, lse[:, heads] = runner.run(*inputs, out=out[:, heads])
-                    else:
+                        result = runner.run(*inputs, out=out[:, heads], return_lse=return_lse)
+                        if return_lse:
+                            lse[:, heads] = result[1]
+                    elif return_lse:
                         out[:, heads], lse[:, heads] = runner.run(*inputs)
+                    else:
+                        out[:, heads] = runner.run(*inputs, return_lse=False)
             if streams:
                 for s in streams:
                     main.wait_stream(s)
-            return out, lse * LN2
+            return out, lse * LN2 if return_lse else None
         if self.head_major:
             return self._run_head_major(q, k, v)
         out, lse = self.groups[0].run(q, (self._pages(k), self._pages(v)))

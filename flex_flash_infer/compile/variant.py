@@ -112,13 +112,23 @@ class KernelCopies(list):
         super().__init__(t.detach() if same else kernel_tensor(t).to(device)
                          for t, same in zip(self.sources, self.aliased))
         self.live = live
+        self._pinned = []   # host tables a captured CUDA graph copies from (refresh)
 
     def refresh(self) -> None:
         if not self.live:
             return
+        capturing = bool(self) and self[0].is_cuda and torch.cuda.is_current_stream_capturing()
         for i, t in enumerate(self.sources):
-            if not self.aliased[i]:
-                self[i].copy_(t.detach().reshape(self[i].shape))   # copy_ converts dtype and device
+            if self.aliased[i]:
+                continue
+            source = t.detach().reshape(self[i].shape)
+            if capturing and not source.is_cuda:
+                # a CUDA graph copies from host memory only when it is pinned: a pinned copy of
+                # the table as it is now, which every replay reads (host code does not replay, so
+                # a host table written after the capture is not seen: capture again after that)
+                source = source.to(self[i].dtype).pin_memory()
+                self._pinned.append(source)
+            self[i].copy_(source, non_blocking=bool(capturing))   # copy_ converts dtype and device
 
 
 def _kernel_ready(t, device) -> bool:

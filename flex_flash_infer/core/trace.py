@@ -17,6 +17,7 @@ int16 values) raises TraceError, and the call runs on the reference backend.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 import operator
@@ -342,7 +343,8 @@ class Sym:
 
     def __bool__(self):
         raise TraceError(f"Python control flow on a traced value (if / and / or / while) at {_user_line()}; "
-                         "use torch.where(...) or & | ~, or run this mod with backend='reference'")
+                         "use torch.where(...) or & | ~ (no backend runs it: torch's FlexAttention hands a mod "
+                         "tensors too)")
 
     def __index__(self):
         raise TraceError(f"a traced value used as a Python int at {_user_line()}; use backend='reference'")
@@ -560,8 +562,42 @@ def stale_constants_message(constants, door: str) -> str | None:
             f"t[h], is read as it is at each call)")
 
 
+# one {(id(mod), kind): (mod, Graph or TraceError)} per planning call running (traced_once_per_call)
+_CALL_MEMOS: list = []
+
+
+def traced_once_per_call(method):
+    """Decorate a planning call (prepare(), plan()): each mod it traces is traced once, since what
+    a mod reads cannot change inside the call; otherwise every step that reads the mod (its
+    hints, the reads kept for later calls, the route) traces a user's function again."""
+    @functools.wraps(method)
+    def once(*args, **kwargs):
+        _CALL_MEMOS.append({})
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _CALL_MEMOS.pop()
+    return once
+
+
 def trace(mod, kind: str) -> Graph:
     """Trace a 'score_mod' (score, b, h, q_idx, kv_idx) or a 'mask_mod' (b, h, q_idx, kv_idx)."""
+    if not _CALL_MEMOS:
+        return _trace(mod, kind)
+    memo, key = _CALL_MEMOS[-1], (id(mod), kind)
+    seen = memo.get(key)
+    if seen is None or seen[0] is not mod:
+        try:
+            seen = (mod, _trace(mod, kind))
+        except TraceError as e:
+            seen = (mod, e)
+        memo[key] = seen   # holding mod: its id is not reused while the call runs
+    if isinstance(seen[1], TraceError):
+        raise seen[1]
+    return seen[1]
+
+
+def _trace(mod, kind: str) -> Graph:
     names = ("score", "b", "h", "q_idx", "kv_idx") if kind == "score_mod" else ("b", "h", "q_idx", "kv_idx")
     tracer = _Tracer()
     fn = _parametrize(mod, tracer, {})

@@ -201,6 +201,10 @@ def test_per_head_bands_through_the_plan(fake, monkeypatch, rng, B, Hq, Hkv, L, 
     assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
     got = lse.view(B, L, Hq).transpose(1, 2).double()
     assert torch.allclose(got, ref_lse, atol=1e-5)
+    # without the LSE (a plain call): the same output, no LSE written or scaled
+    alone, no_lse = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2),
+                             return_lse=False)
+    assert no_lse is None and torch.equal(alone, out)
 
 
 def test_head_band_groups_keep_gqa_regular():
