@@ -26,6 +26,7 @@ from flex_flash_infer.paged import PagedFlexAttention
 
 from .masks import case_or_report, check_and_time, raising, rel_error
 from .profile import host_profile
+from .provenance import source_commit
 
 
 def decode_case(name, mask_mod, window_left, batch=64, context=8192, hq=32, hkv=8, d=128, page=16,
@@ -163,7 +164,7 @@ def run_decode_benchmark(out_path: str | None = None, with_flex: bool = True) ->
         for where, cum_ms, own_ms, calls in r.get("plan_profile", [])[1:7]:   # [0] is the plan call itself
             print(f"    plan: {cum_ms:7.2f} ms ({own_ms:.2f} its own) in {calls} call(s) of {where}")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
-              "date": datetime.date.today().isoformat(), "rows": rows}
+              "date": datetime.date.today().isoformat(), "commit": source_commit(), "rows": rows}
     if out_path:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)

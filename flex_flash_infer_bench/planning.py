@@ -25,6 +25,7 @@ from flex_flash_infer.backends.flashinfer_backend import FlashInferPlan
 from flex_flash_infer.mods.registry import get_mask_fn
 from flex_flash_infer.masks.tile_bounds import classify_tiles
 from flex_flash_infer.wrapper import FlexFlashInfer
+from .provenance import source_commit
 
 
 def _median_s(fn, runs: int = 5) -> float:
@@ -92,7 +93,7 @@ def run_plan_benchmark(out_path: str | None = None, block_mask_cases=BLOCK_MASK_
         print(f"{r['what']:52s} {r['ours_ms']:10.1f} {cell(r.get('ours_elementwise_ms'))} "
               f"{cell(r['ours_compiled_ms'])} {cell(r['torch_compiled_ms'])} {same}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "rows": rows}
+              "date": datetime.date.today().isoformat(), "commit": source_commit(), "rows": rows}
     if out_path:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)

@@ -63,7 +63,7 @@ def run_varlen_benchmark(out_path: str | None = None, hq=32, hkv=8, d=128, dtype
         ratio = f"{native_ms / r['ms']:.2f}x native" if native_ms and r.get("ms") else ""
         print(f"{r['impl']:28s} {r.get('ms', float('nan')):8.3f} ms  {ratio} {r.get('error', '')}")
     result = {"device": torch.cuda.get_device_name() if dev == "cuda" else str(dev), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
-              "date": datetime.date.today().isoformat(), "lengths": lengths, "rows": result_rows}
+              "date": datetime.date.today().isoformat(), "commit": COMMIT, "lengths": lengths, "rows": result_rows}
     if out_path:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)

@@ -8,8 +8,9 @@ of 8192 rows: the last tiles look 64x heavier than the first), and the window's 
 starts one early. Splitting the rows into requests whose keys start where their window starts
 (ragged: copies of the keys; paged: a page table, no copy) shows what each is worth.
 Per-head windows: the route's single calls and copies (before 2026-12-04) against ragged launches
-writing in place (since), on streams, and one launch of the widest window with each head's width
-as -inf scores inside the kernel. Prefix-LM lead: its two launches (a full block, then the causal rows) one after the other, or on
+writing in place (since), on streams, and the widest window alone for all heads (the floor of one
+launch; the heads' widths as -inf scores inside that launch took 1.24 ms on the H200, 2026-12-05,
+and were dropped). Prefix-LM lead: its two launches (a full block, then the causal rows) one after the other, or on
 two streams at once. Streaming: the window launch alone, i.e. what the sink columns cost.
 """
 import functools
@@ -177,21 +178,6 @@ def per_head_window_ragged_in_place(windows):
     return run
 
 
-def per_head_windows_as_scores(windows):
-    """One launch for every head: the widest window's band, each head's narrower width applied
-    inside the kernel as -inf scores (the library's compiled score_mod on the band): the per-head
-    route's four launches against one that visits up to 8x the key tiles of the narrowest heads."""
-    table = torch.tensor(windows, device="cuda")
-
-    def widths_as_scores(score, b, h, q_idx, kv_idx):
-        return torch.where(q_idx - kv_idx < table[h % len(windows)], score, -float("inf"))
-
-    flex = FlexFlashInfer(device="cuda", backend="flashinfer")
-    flex.prepare(mask_fn=get_mask_fn("sliding_window", window_size=max(windows)), score_mod=widths_as_scores,
-                 seq_len_q=S, seq_len_kv=S, num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=dt)
-    return lambda: flex(q, k, v)
-
-
 def per_head_windows_mask(windows=(128, 256, 512, 1024)):
     table = torch.tensor(windows, device="cuda")
 
@@ -231,7 +217,6 @@ groups = {
         "four launches, one after the other": lambda: per_head_window_launches((128, 256, 512, 1024), False),
         "four launches on four streams": lambda: per_head_window_launches((128, 256, 512, 1024), True),
         "four ragged launches writing in place": lambda: per_head_window_ragged_in_place((128, 256, 512, 1024)),
-        "widest window, widths as -inf scores": lambda: per_head_windows_as_scores((128, 256, 512, 1024)),
         "widest window alone (differs: the floor)": lambda: ragged_one(1023),
     }),
     "streaming": (get_mask_fn("streaming", sink_size=4, window_size=W), {
