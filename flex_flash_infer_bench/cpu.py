@@ -39,7 +39,8 @@ def _float64(q, k, v, block_mask) -> torch.Tensor:
     return torch.cat(outs, 2)
 
 
-def run_cpu_benchmark(out_path=None, seq_lens=(2048, 8192), rounds: int = 5) -> dict:
+def run_cpu_benchmark(out_path=None, seq_lens=(2048, 8192), cases=None, rounds: int = 5) -> dict:
+    """cases: names of MASKS (default: all)."""
     from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
     from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
@@ -51,6 +52,8 @@ def run_cpu_benchmark(out_path=None, seq_lens=(2048, 8192), rounds: int = 5) -> 
         g = torch.Generator().manual_seed(L)
         q, k, v = (torch.randn(1, 8, L, 64, generator=g) for _ in range(3))
         for name, params in MASKS.items():
+            if cases and name not in cases:
+                continue
             mod = get_mask_fn(name, **params)
             bm = create_block_mask(mod, None, None, L, L, device="cpu")
             tbm = torch_block_mask(mod, None, None, L, L, device="cpu")
@@ -74,7 +77,7 @@ def run_cpu_benchmark(out_path=None, seq_lens=(2048, 8192), rounds: int = 5) -> 
             print(f"{L:>6} {name:16} {row['ours_ms']:9.1f} {row['torch_eager_ms']:15.1f} "
                   f"{row['torch_eager_ms'] / row['ours_ms']:7.1f}x  {errors[0]:.1e}, {errors[1]:.1e}", flush=True)
     by = {(r["seq_len"], r["mask"]): r["ours_ms"] for r in rows}
-    for L in seq_lens:
+    for L in seq_lens if {"causal", "sliding_window"} <= {r["mask"] for r in rows} else ():
         print(f"{L}: sliding window {by[(L, 'causal')] / by[(L, 'sliding_window')]:.1f}x faster than causal (ours)")
     result = dict(device=_cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                   date=datetime.date.today().isoformat(), commit=source_commit(), rounds=rounds, rows=rows)

@@ -20,6 +20,7 @@ from .native_soft_cap import native_soft_cap
 from .planner import TilePlan, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
 from .route import Route, choose_route
 from .score_folding import fold_score_mod, score_scale_factor
+from ..core.trace import trace
 
 ROUTES = ("bands", "bands+columns", "bands-per-head", "tiles", "tiles-causal", "tiles-per-head",
           "tiles-per-head-causal")
@@ -216,6 +217,8 @@ def plan_attention(block_mask, batch: int, q_len: int, kv_len: int, num_qo_heads
     shape = (batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim)
     base = 1.0 / math.sqrt(head_dim) if scale is None else scale
     factor = None
+    if score_mod is not None:
+        trace(score_mod, "score_mod")   # a mod no kernel takes raises here as the call would: a shown plan runs
     if score_mod is not None and fold_score_mod(score_mod, base)[0] is None:
         score_mod, factor = None, score_scale_factor(score_mod)
     common = dict(shape=shape, block_size=(block_q, block_kv), score_factor=factor)

@@ -75,6 +75,21 @@ def test_a_score_mod_that_multiplies_the_score_shows_as_the_scale():
     assert kept.score_factor is None and kept.band_kernel == "score-mod"
 
 
+def test_a_score_mod_no_kernel_takes_is_refused_by_plan_as_by_the_call():
+    """plan() showed a compiled score_mod launch for a mod with Python control flow, which the call
+    then refused: a plan shown is a plan that runs."""
+    from flex_flash_infer.core.trace import TraceError
+
+    def branches(s, b, h, q, kv):
+        if q > kv:
+            return s
+        return -s
+
+    causal = create_block_mask(_mask("causal"), None, None, L, L, device="cpu")
+    with pytest.raises(TraceError, match="control flow"):
+        causal.plan(2, 2, score_mod=branches)
+
+
 @pytest.mark.parametrize("score_mod", [None, lambda s, b, h, q, kv: s * 0.75, lambda s, b, h, q, kv: s + kv * 0.01])
 def test_the_backend_runs_the_plan_the_block_mask_shows(flashinfer_on_cpu, score_mod):
     for name in ("causal", "streaming", "per_head_window", "random_tiles", "per_head_random"):

@@ -122,7 +122,7 @@ def test_bench_cpu_runs_the_lengths_given(monkeypatch, given, expected):
     import flex_flash_infer_bench.cpu as cpu_bench
 
     ran = []
-    monkeypatch.setattr(cpu_bench, "run_cpu_benchmark", lambda out, seq_lens: ran.append(seq_lens))
+    monkeypatch.setattr(cpu_bench, "run_cpu_benchmark", lambda out, seq_lens, cases: ran.append(seq_lens))
     assert cli.main(["bench", "--cpu"] + (["--seq-lens", *given] if given else [])) == 0
     assert ran == [expected]
 
@@ -225,3 +225,12 @@ def test_bench_cpu_runs_without_a_gpu_and_writes_checked_rows(tmp_path, capsys):
         assert row["seq_len"] == 200 and row["ours_ms"] > 0 and row["torch_eager_ms"] > 0
         assert max(row["max_error_vs_float64"].values()) < 1e-4
     assert result["cores"] >= 1 and "torch" in result and "sliding window" in capsys.readouterr().out
+
+
+def test_bench_cpu_takes_its_cases_and_refuses_others(tmp_path, capsys):
+    """--cases was ignored by bench --cpu: attamba asked for, causal and the window timed."""
+    out = tmp_path / "cpu.json"
+    assert cli.main(["bench", "--cpu", "--seq-lens", "200", "--cases", "sliding_window", "--out", str(out)]) == 0
+    assert [r["mask"] for r in json.loads(out.read_text())["rows"]] == ["sliding_window"]
+    assert cli.main(["bench", "--cpu", "--seq-lens", "200", "--cases", "causal", "attamba"]) == 2
+    assert "bench --cpu times causal and sliding_window; --cases got attamba" in capsys.readouterr().err
