@@ -68,3 +68,18 @@ def test_a_decode_step_evaluates_only_the_pages_at_a_masks_edges(monkeypatch, na
     plan_paged(get_mask_fn(name, **params), torch.arange(requests + 1), torch.arange(requests + 1) * pages,
                torch.arange(requests * pages), torch.full((requests,), page), page, "cpu")
     assert sum(evaluated) <= most * requests, evaluated
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pages_of_requests_lists_each_requests_pages_in_order(seed):
+    """The per-page lists of a plan from flags (numpy, since torch's CPU indexing stalled on a busy
+    host): request r's pages first[r] .. first[r] + counts[r] - 1, requests in order, none for 0."""
+    from flex_flash_infer.planning.paged_plan import pages_of_requests
+
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 6, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen)
+    first = torch.randint(0, 40, counts.shape, generator=gen)
+    req, local = pages_of_requests(counts, first)
+    want = [(r, first[r].item() + i) for r in range(counts.numel()) for i in range(counts[r].item())]
+    assert req.dtype == local.dtype == torch.int64
+    assert list(zip(req.tolist(), local.tolist())) == want
