@@ -650,11 +650,11 @@ def check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int
     mb, mh = block_mask.shape[:2]
     if mb not in (1, batch) or mh not in (1, heads):
         raise ValueError(f"block_mask has (B, H) = ({mb}, {mh}); expected B in (1, {batch}) and H in (1, {heads})")
-    if (mb < batch or mh < heads) and block_mask.mask_mod is not None:
-        _say_broadcast_tables(block_mask, batch, heads, device)
     if block_mask.device != torch.device(device) and not (
             block_mask.device.type == torch.device(device).type == "cuda"):
         raise ValueError(f"block_mask is on {block_mask.device} but query is on {device}; use block_mask.to(device)")
+    if (mb < batch or mh < heads) and block_mask.mask_mod is not None:
+        _say_broadcast_tables(block_mask, batch, heads, device)
     return block_mask
 
 
@@ -665,11 +665,11 @@ def _say_broadcast_tables(block_mask, batch: int, heads: int, device) -> None:
     key = (block_mask.mask_mod, batch, heads)
     if getattr(block_mask, "_broadcast_asked", None) == key:
         return
-    block_mask._broadcast_asked = key
     try:
         uses_b, uses_h = mask_dependence(block_mask.mask_mod, batch, heads, *block_mask.seq_lengths, device)
     except Exception:   # a mod that fails here fails with its own error where it is evaluated
         return
+    block_mask._broadcast_asked = key
     mb, mh = block_mask.shape[:2]
     for name, uses, mapped, size in (("B", uses_b, mb, batch), ("H", uses_h, mh, heads)):
         if uses and mapped == 1 < size:

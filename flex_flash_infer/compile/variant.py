@@ -126,7 +126,8 @@ class KernelCopies(list):
                 # a CUDA graph copies from host memory only when it is pinned: a pinned copy of
                 # the table as it is now, which every replay reads (host code does not replay, so
                 # a host table written after the capture is not seen: capture again after that)
-                source = source.to(self[i].dtype).pin_memory()
+                # a contiguous pinned copy: a strided one would go through a pageable temporary
+                source = torch.empty(self[i].shape, dtype=self[i].dtype, pin_memory=True).copy_(source)
                 self._pinned.append(source)
             self[i].copy_(source, non_blocking=bool(capturing))   # copy_ converts dtype and device
 

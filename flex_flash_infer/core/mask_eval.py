@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import traceback
+import weakref
 from typing import Callable
 
 import torch
@@ -140,6 +141,8 @@ def evaluate_score_mod(score_mod: Callable, score, b, h, q_idx, kv_idx) -> torch
     """score_mod's scores, checked: a tensor (or a number) that broadcasts to the scores' shape
     and, when it has fewer elements than the scores, does not depend on them (a reduction over
     the scores, such as score.sum(-1, keepdim=True), broadcasts but is not a score_mod)."""
+    # taken before the grid's call: a mod may write its score in place (score += bias)
+    probes = _per_score_probes(score, b, h, q_idx, kv_idx) if _not_yet_checked(score_mod) else None
     out = call_mod(score_mod, "score_mod", score, b, h, q_idx, kv_idx)
     if out is None:
         raise TypeError(f"score_mod {_name(score_mod)} returned None: it must return the new scores, e.g. "
@@ -163,34 +166,57 @@ def evaluate_score_mod(score_mod: Callable, score, b, h, q_idx, kv_idx) -> torch
                 "h, q_idx, kv_idx) alone, as under torch FlexAttention's vmap; a reduction over the scores (sum, "
                 "mean, max, any over a dimension) is not one")
     out = out.to(score.dtype).expand(score.shape)
-    _check_per_score(score_mod, out, score, b, h, q_idx, kv_idx)
+    if probes is not None:
+        _check_per_score(score_mod, out, probes)
     return out
 
 
-def _check_per_score(score_mod: Callable, out, score, b, h, q_idx, kv_idx) -> None:
-    """Three scores recomputed alone (the first, the last, the first row's last) must come out
-    as in the whole grid: a scan or a reduction kept at full shape (softmax, cumsum,
-    s / s.amax(-1, keepdim=True)) mixes scores that torch's vmap hands a score_mod one at a time."""
+# score_mods that acted on each score alone once: a property of the function, asked once per object
+_PER_SCORE: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _not_yet_checked(score_mod) -> bool:
+    try:
+        return score_mod not in _PER_SCORE
+    except TypeError:   # not weakly referable: asked at every evaluation
+        return True
+
+
+def _per_score_probes(score, b, h, q_idx, kv_idx) -> list:
+    """(picker, that score's five inputs, cloned) of the first score, the last, and the first row's
+    last: each is recomputed alone once the grid's scores are known (_check_per_score)."""
     if score.numel() <= 1:
-        return
-    for last_dim_at in ((0, 0), (-1, -1), (0, -1)):
-        def alone(t, ats=last_dim_at):   # dims counted from the right: the key dim last
-            index = []
-            for i, size in enumerate(t.shape):
-                at = ats[1] if i == t.dim() - 1 else ats[0]
-                index.append(slice(at, at + 1 if at == 0 else None) if size > 1 else slice(None))
+        return []
+    probes = []
+    for ats in ((0, 0), (-1, -1), (0, -1)):
+        def pick(t, ats=ats):   # dims counted from the right: the key dim last
+            index = [slice(at, at + 1 if at == 0 else None) if size > 1 else slice(None)
+                     for at, size in ((ats[1] if i == t.dim() - 1 else ats[0], size) for i, size in enumerate(t.shape))]
             return t[tuple(index)]
-        own = call_mod(score_mod, "score_mod", alone(score), alone(b), alone(h), alone(q_idx), alone(kv_idx))
+        probes.append((pick, [pick(t).clone() for t in (score, b, h, q_idx, kv_idx)]))
+    return probes
+
+
+def _check_per_score(score_mod: Callable, out, probes) -> None:
+    """Each probed score recomputed alone must come out as in the whole grid: a scan or a
+    reduction kept at full shape (softmax, cumsum, s / s.amax(-1, keepdim=True)) mixes scores that
+    torch's vmap hands a score_mod one at a time."""
+    for pick, inputs in probes:
+        own = call_mod(score_mod, "score_mod", *inputs)
         if not isinstance(own, torch.Tensor):
-            own = torch.as_tensor(own, dtype=score.dtype, device=score.device)
-        own, whole = own.to(score.dtype).reshape(-1)[:1], alone(out).reshape(-1)[:1]
+            own = torch.as_tensor(own, dtype=out.dtype, device=out.device)
+        own, whole = own.to(out.dtype).reshape(-1)[:1], pick(out).reshape(-1)[:1]
         if own.numel() and not torch.allclose(own, whole, rtol=1e-5, atol=1e-6, equal_nan=True):
-            where = [int(alone(t).reshape(-1)[0]) for t in (b, h, q_idx, kv_idx)]
+            where = tuple(int(t.reshape(-1)[0]) for t in inputs[1:])
             raise ValueError(
-                f"score_mod {_name(score_mod)} gives {float(whole[0])!r} at (b, h, q_idx, kv_idx) = {tuple(where)} "
+                f"score_mod {_name(score_mod)} gives {float(whole[0])!r} at (b, h, q_idx, kv_idx) = {where} "
                 f"among the other scores but {float(own[0])!r} for that score alone: a score_mod computes each "
                 "score from its own (score, b, h, q_idx, kv_idx) alone, as under torch FlexAttention's vmap; a "
                 "scan or reduction over the scores (softmax, cumsum, score / score.amax(-1, keepdim=True)) is not one")
+    try:
+        _PER_SCORE.add(score_mod)
+    except TypeError:
+        pass
 
 
 def _depends_on_score(score_mod: Callable, score, b, h, q_idx, kv_idx) -> bool:

@@ -21,6 +21,7 @@ import functools
 import inspect
 import numbers
 import operator
+import threading
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -562,8 +563,9 @@ def stale_constants_message(constants, door: str) -> str | None:
             f"t[h], is read as it is at each call)")
 
 
-# one {(id(mod), kind): (mod, Graph or TraceError)} per planning call running (traced_once_per_call)
-_CALL_MEMOS: list = []
+# per thread, one {(id(mod), kind): (mod, Graph or TraceError)} per planning call running
+# (traced_once_per_call): two threads planning at once keep their own
+_CALL_MEMOS = threading.local()
 
 
 def traced_once_per_call(method):
@@ -572,19 +574,28 @@ def traced_once_per_call(method):
     hints, the reads kept for later calls, the route) traces a user's function again."""
     @functools.wraps(method)
     def once(*args, **kwargs):
-        _CALL_MEMOS.append({})
+        memos = _call_memos()
+        memos.append({})
         try:
             return method(*args, **kwargs)
         finally:
-            _CALL_MEMOS.pop()
+            memos.pop()
     return once
+
+
+def _call_memos() -> list:
+    memos = getattr(_CALL_MEMOS, "stack", None)
+    if memos is None:
+        memos = _CALL_MEMOS.stack = []
+    return memos
 
 
 def trace(mod, kind: str) -> Graph:
     """Trace a 'score_mod' (score, b, h, q_idx, kv_idx) or a 'mask_mod' (b, h, q_idx, kv_idx)."""
-    if not _CALL_MEMOS:
+    memos = _call_memos()
+    if not memos:
         return _trace(mod, kind)
-    memo, key = _CALL_MEMOS[-1], (id(mod), kind)
+    memo, key = memos[-1], (id(mod), kind)
     seen = memo.get(key)
     if seen is None or seen[0] is not mod:
         try:
@@ -593,7 +604,7 @@ def trace(mod, kind: str) -> Graph:
             seen = (mod, e)
         memo[key] = seen   # holding mod: its id is not reused while the call runs
     if isinstance(seen[1], TraceError):
-        raise seen[1]
+        raise seen[1].with_traceback(None)   # this raise's frames only, not every earlier one's
     return seen[1]
 
 

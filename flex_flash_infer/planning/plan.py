@@ -217,8 +217,6 @@ def plan_attention(block_mask, batch: int, q_len: int, kv_len: int, num_qo_heads
     shape = (batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim)
     base = 1.0 / math.sqrt(head_dim) if scale is None else scale
     factor = None
-    if score_mod is not None:
-        trace(score_mod, "score_mod")   # a mod no kernel takes raises here as the call would: a shown plan runs
     if score_mod is not None and fold_score_mod(score_mod, base)[0] is None:
         score_mod, factor = None, score_scale_factor(score_mod)
     common = dict(shape=shape, block_size=(block_q, block_kv), score_factor=factor)
@@ -228,6 +226,10 @@ def plan_attention(block_mask, batch: int, q_len: int, kv_len: int, num_qo_heads
         route = Route("tiles-per-head", True)
     if forced is not None:
         route = _forced(route, forced, score_mod is not None)
+    if score_mod is not None:
+        # a mod no kernel takes raises here as the call would (after a forced route's own
+        # check): a plan shown is a plan that runs
+        trace(score_mod, "score_mod")
     if route.bands:
         columns = None
         if route.kind == "bands+columns":

@@ -101,6 +101,25 @@ def test_score_mod_mixing_the_scores_at_full_shape(rng, mixing):
                        backend="reference")
 
 
+def test_a_score_mod_writing_its_score_in_place_runs_as_torchs(rng):
+    """The per-score check recomputes three scores alone: a mod writing its score in place (as
+    torch's eager path allows) was applied twice to them, or refused."""
+    q, k, v = _qkv(rng)
+    bias = torch.tensor([0.5, -0.25, 0.125, 1.0], dtype=torch.float64)
+
+    def in_place(s, b, h, q_idx, kv_idx):
+        s.mul_(0.5)
+        s += bias[h]
+        return s
+
+    def pure(s, b, h, q_idx, kv_idx):
+        return s * 0.5 + bias[h]
+
+    got = flex_attention(q, k, v, score_mod=in_place, enable_gqa=True, backend="reference")
+    want = flex_attention(q, k, v, score_mod=pure, enable_gqa=True, backend="reference")
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_score_mod_not_using_the_score_may_have_a_smaller_shape(rng):
     """A result that does not read the score (a bias per head) keeps its shape and is fine, as in torch."""
     q, k, v = _qkv(rng)
