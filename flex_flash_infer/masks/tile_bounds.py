@@ -82,7 +82,12 @@ class _Bounds:
         if dtype.is_floating_point or node.kind == "float":
             return None
         if node.tier < 2 and isinstance(node.value, (bool, int)):
-            v = torch.tensor(int(wrap_int(int(node.value), dtype)), dtype=torch.int64, device=self.device)
+            value = int(wrap_int(int(node.value), dtype))
+            if not INT32_MIN <= value <= INT32_MAX:
+                # unknown, as an interval past int32 is: a product with it could pass int64 and
+                # wrap back into range, a partial tile then bounded as full
+                return None
+            v = torch.tensor(value, dtype=torch.int64, device=self.device)
             return v, v
         return _as_dtype(self.ints(node), dtype)
 

@@ -29,6 +29,7 @@ import torch
 from ..masks.block_build import EMPTY, FULL, PARTIAL
 from ..masks.tile_bounds import box_bounds
 from .linear_masks import paged_flags
+from . import planner
 from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
 from ..core.notices import warn_once
 from ..core.trace import TraceError, trace
@@ -494,9 +495,11 @@ def _with_bits(spec, idx, req, page_len, qo_len, own_first_page, bits, page_size
         return spec
     kv_len = (counts - 1) * page_size + spec.last_page_len.long()
     sizes = qo_len * kv_len
+    total = int(sizes.sum())
+    planner.check_mask_bits(total, "the partial pages' launch")
     offset = torch.zeros(R, dtype=torch.int64, device=device)
     offset[1:] = sizes.cumsum(0)[:-1]
-    mask = torch.zeros(int(sizes.sum()), dtype=torch.bool, device=device)
+    mask = torch.zeros(total, dtype=torch.bool, device=device)
     # bits holds the partial pages in listed order, which is idx's order: scatter them all at once
     r = req[idx].view(-1, 1, 1)
     rank = (torch.arange(idx.numel(), device=device) - first_listed[req[idx]]).view(-1, 1, 1)

@@ -24,6 +24,18 @@ import torch
 from ..masks.block_build import FULL, PARTIAL, ceil_div, tile_elements
 
 MASK_CHUNK_ELEMENTS = 1 << 24
+# FlashInfer finds each request's bits in a launch's mask by int32 offsets (its mask_indptr, and
+# qo_len * kv_len per request): past this many bits they wrap and requests read others' bits
+MAX_MASK_BITS = 2**31 - 1
+
+
+def check_mask_bits(total: int, launch: str) -> None:
+    """Refuse a bit mask FlashInfer's int32 offsets cannot address (silently wrong otherwise)."""
+    if total > MAX_MASK_BITS:
+        raise ValueError(
+            f"{launch} would need a bit mask of {total:,} bits, more than the {MAX_MASK_BITS:,} FlashInfer's "
+            "32-bit mask offsets address (requests would read other requests' bits): split the call into "
+            "fewer query rows, or run it with backend='reference'")
 
 
 @dataclass
@@ -164,9 +176,11 @@ def partial_tile_mask(plan: TilePlan, mask_mod, head: int, q_len: int, kv_len: i
     nq = ceil_div(q_len, block_q)
     pages_per_request = (launch.kv_indptr[1:] - launch.kv_indptr[:-1]).long()
     request_elems = plan.qo_len.long() * pages_per_request * block_kv
+    total = int(request_elems.sum())
+    check_mask_bits(total, "the partial tiles' launch")
     offset = torch.zeros_like(request_elems)
     offset[1:] = request_elems.cumsum(0)[:-1]
-    out = torch.zeros(int(request_elems.sum()), dtype=torch.bool, device=device)
+    out = torch.zeros(total, dtype=torch.bool, device=device)
     rows = torch.arange(block_q, device=device)
     cols = torch.arange(block_kv, device=device)
     tiles_per_chunk = max(1, chunk_elements // (block_q * block_kv))

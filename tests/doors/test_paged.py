@@ -178,6 +178,22 @@ def test_a_users_mask_with_a_bound_past_the_probed_lengths_is_evaluated(flashinf
         assert rel_err(paged.run(q, (kc, vc)), ref_out) < 1e-6
 
 
+def test_a_paged_bit_mask_past_flashinfers_int32_offsets_is_refused(flashinfer_on_cpu, rng, monkeypatch):
+    """Chunked prefill of long requests under a document mask (every page partial) once built a
+    mask FlashInfer's int32 offsets wrap over (found by a hunt at 9 x 16384 new tokens; the limit
+    scaled down here)."""
+    from flex_flash_infer.planning import planner
+
+    monkeypatch.setattr(planner, "MAX_MASK_BITS", 5_000)
+    mask_fn = lambda b, h, q, kv: (q // 50 == kv // 50) & (q >= kv)
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [300, 200], [120, 90], 16, 2, 1, 8)
+    args = (mask_fn, qo_indptr, kv_page_indptr, indices, last)
+    with pytest.raises(ValueError, match=r"partial pages' launch would need a bit mask of [\d,]+ bits, more than "
+                                         r"the 5,000"):
+        PagedFlexAttention(device="cpu", backend="flashinfer").plan(*args, num_qo_heads=2, num_kv_heads=1, head_dim=8,
+                                                                    page_size=16, dtype=torch.float64)
+
+
 WINDOW = 100
 
 

@@ -120,6 +120,17 @@ def test_values_past_int32_are_left_to_the_elementwise_build(monkeypatch):
     assert by_bounds is None or torch.equal(by_bounds, elementwise)
 
 
+def test_a_constant_past_int32_is_left_to_the_elementwise_build():
+    """q * 2^62 in int64 wraps to 0 at every tile end (q = 0, 4, 8): the bounds' corner products
+    passed int64 too and said the tile's rows all equal, a partial tile FULL (found by a hunt)."""
+    def wraps(b, h, q_idx, kv_idx):
+        return (q_idx.to(torch.int64) * (1 << 62)) == 0   # torch wraps: true where q % 4 == 0
+
+    by_bounds = classify_tiles(wraps, 1, 1, 9, 16, 16, 16, "cpu")
+    elementwise = classify_tiles(wraps, 1, 1, 9, 16, 16, 16, "cpu", use_bounds=False)
+    assert elementwise.flatten().tolist() == [1] and torch.equal(by_bounds, elementwise)
+
+
 # ---- property test: random mask expressions ----------------------------------------------------
 @pytest.mark.parametrize("seed", range(60))
 def test_random_masks_match_the_elementwise_build(monkeypatch, rng, seed):

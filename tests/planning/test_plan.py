@@ -90,6 +90,21 @@ def test_a_score_mod_no_kernel_takes_is_refused_by_plan_as_by_the_call():
         causal.plan(2, 2, score_mod=branches)
 
 
+def test_a_bit_mask_past_flashinfers_int32_offsets_is_refused(flashinfer_on_cpu, monkeypatch):
+    """FlashInfer finds a request's bits by int32 offsets: a partial launch of more than 2^31 bits
+    (47,104 tokens of partial tiles, found by a hunt) had them wrap, silently (the limit scaled down)."""
+    from flex_flash_infer.planning import planner
+
+    monkeypatch.setattr(planner, "MAX_MASK_BITS", 10_000)
+    bm = create_block_mask(lambda b, h, q, kv: (q - kv) % 3 != 0, None, None, L, L, device="cpu", BLOCK_SIZE=32)
+    q = torch.randn(1, 2, L, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"partial tiles' launch would need a bit mask of [\d,]+ bits, more than "
+                                         r"the 10,000 .*backend='reference'"):
+        flex_attention(q, q, q, block_mask=bm, backend="flashinfer")
+    monkeypatch.setattr(planner, "MAX_MASK_BITS", 2**31 - 1)   # the same call within the limit runs
+    flex_attention(q, q, q, block_mask=bm, backend="flashinfer")
+
+
 @pytest.mark.parametrize("score_mod", [None, lambda s, b, h, q, kv: s * 0.75, lambda s, b, h, q, kv: s + kv * 0.01])
 def test_the_backend_runs_the_plan_the_block_mask_shows(flashinfer_on_cpu, score_mod):
     for name in ("causal", "streaming", "per_head_window", "random_tiles", "per_head_random"):
