@@ -2,9 +2,18 @@
 import numbers
 
 
+# masks run on int32 positions (as torch's FlexAttention's do): a larger parameter would wrap in
+# the mask while the planner's hint (a window, a prefix) keeps it whole, two different masks
+MAX_PARAMETER = 2**31 - 1
+
+
 def _integer(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if int(value) > MAX_PARAMETER:
+        instead = "; for no window use get_mask_fn('causal')" if "window" in name else ""
+        raise ValueError(f"{name} must be at most 2**31 - 1 (masks compare int32 positions, as torch's FlexAttention "
+                         f"does), got {int(value)}{instead}")
     return int(value)
 
 
