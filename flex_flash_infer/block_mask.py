@@ -183,7 +183,8 @@ class BlockMask:
             return self
         self._plans.clear()
         self._twin = None
-        if not same_tables:
+        if not same_tables or block != self.BLOCK_SIZE:
+            # tables read at another tile size no longer state the mask_mod's tiles: they rule
             self._states = None
             self._tables_from = None
         self._seen = self._signature()

@@ -156,6 +156,29 @@ def test_a_built_mask_written_in_place_stops_standing_for_its_mask_mod(rng, back
     assert rel_err(run(q, k, v, bm, backend), want) < TOL[backend]
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_a_mask_whose_block_size_is_set_anew_stops_standing_for_its_mask_mod(rng, backend):
+    """The tables read at another BLOCK_SIZE (as torch's kernels would) no longer state the
+    mask_mod's tiles: the FlashInfer path kept planning from the mask_mod's prefix hint while the
+    reference read the tables (0.98 apart, found by a hunt); both now read the tables."""
+    bm = create_block_mask(get_mask_fn("prefix_lm", prefix_len=64), None, None, 256, 256, device="cpu",
+                           BLOCK_SIZE=64)
+    q, k, v = (torch.randn(B, H, 256, D, generator=rng, dtype=torch.float64) for _ in range(3))
+    run(q, k, v, bm, backend)
+    bm.BLOCK_SIZE = (128, 128)
+    assert not bm.tables_match_mask_mod
+    # torch's reading of the tables at 128: query tile r sees the key tiles row r lists (full
+    # ones whole, partial ones where the mask_mod holds); rows 0 and 1 of the 64-row tables
+    pos = torch.arange(256)
+    qt, kt = (pos // 128).view(-1, 1), (pos // 128).view(1, -1)
+    listed = lambda num, idx: torch.stack([torch.isin(kt[0], idx[0, 0, r, :num[0, 0, r]]) for r in range(2)])
+    full = listed(bm.full_kv_num_blocks, bm.full_kv_indices)[qt[:, 0]]
+    partial = listed(bm.kv_num_blocks, bm.kv_indices)[qt[:, 0]]
+    mask = full | (partial & ((pos.view(-1, 1) >= pos.view(1, -1)) | (pos.view(1, -1) < 64)))
+    want = dense_attention(q, k, v, mask)[0]
+    assert rel_err(run(q, k, v, bm, backend), want) < TOL[backend]
+
+
 def test_states_follow_in_place_writes_of_our_masks_and_their_slices():
     bm = create_block_mask(get_mask_fn("causal"), 2, 1, 256, 256, device="cpu", BLOCK_SIZE=64)
     sliced = bm[1]
