@@ -9,8 +9,8 @@ starts one early. Splitting the rows into requests whose keys start where their 
 (ragged: copies of the keys; paged: a page table, no copy) shows what each is worth.
 Per-head windows: the route's single calls and copies (before 2026-12-04) against ragged launches
 writing in place (since), on streams, and the widest window alone for all heads (the floor of one
-launch; the heads' widths as -inf scores inside that launch took 1.24 ms on the H200, 2026-12-05,
-and were dropped). Prefix-LM lead: its two launches (a full block, then the causal rows) one after the other, or on
+launch; the heads' widths as -inf scores inside that launch lost to the four launches and were
+dropped: docs/benchmarks.md). Prefix-LM lead: its two launches (a full block, then the causal rows) one after the other, or on
 two streams at once. Streaming: the window launch alone, i.e. what the sink columns cost.
 """
 import functools

@@ -189,9 +189,11 @@ def _per_score_probes(score, b, h, q_idx, kv_idx) -> list:
         return []
     probes = []
     for ats in ((0, 0), (-1, -1), (0, -1)):
-        def pick(t, ats=ats):   # dims counted from the right: the key dim last
-            index = [slice(at, at + 1 if at == 0 else None) if size > 1 else slice(None)
-                     for at, size in ((ats[1] if i == t.dim() - 1 else ats[0], size) for i, size in enumerate(t.shape))]
+        def pick(t, ats=ats):   # position ats[1] along the key dim (the last), ats[0] along the others
+            index = []
+            for i, size in enumerate(t.shape):
+                at = ats[1] if i == t.dim() - 1 else ats[0]
+                index.append(slice(None) if size == 1 else slice(at, at + 1 or None))
             return t[tuple(index)]
         probes.append((pick, [pick(t).clone() for t in (score, b, h, q_idx, kv_idx)]))
     return probes

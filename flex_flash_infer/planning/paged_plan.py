@@ -83,13 +83,24 @@ def _int_vector(name: str, x, device, keep_int32: bool = False) -> torch.Tensor:
 
 def pages_of_requests(counts: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(request, page of the request) of counts[r] pages from page first[r] of each request r, in
-    order: host int64 tensors. Worked out in numpy: torch's CPU indexing and repeat_interleave
-    hand a few thousand pages to its thread pool, which took 20-30 ms of a decode step's plan on a
-    host whose cores were busy (H200 host, 2026-12-05; 0.1 ms on an idle one)."""
+    order: host int64 tensors. Worked out in numpy, as every per-page table of a plan on the host
+    is gathered with index_select: torch's CPU advanced indexing and repeat_interleave hand a few
+    thousand entries to its thread pool, which stalls a decode step's plan on a host whose cores
+    are busy (docs/design.md, section 4)."""
     c = counts.numpy()
     req = np.repeat(np.arange(c.size), c)
     local = np.arange(req.size) - (np.cumsum(c) - c)[req] + first.numpy()[req]
     return torch.from_numpy(req), torch.from_numpy(local)
+
+
+def _page_lengths(req, local, pages, host_last, page_size: int) -> torch.Tensor:
+    """Keys in each listed page: a request's last page holds kv_last_page_len of them."""
+    return torch.where(local == pages.index_select(0, req) - 1, host_last.index_select(0, req), page_size)
+
+
+def _page_ids(kv_page_indices, host_kv, req, local, device) -> torch.Tensor:
+    """The caller's page ids of the listed pages (request req, its page local)."""
+    return kv_page_indices.index_select(0, (host_kv.index_select(0, req) + local).to(device))
 
 
 def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int):
@@ -270,9 +281,8 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
                                   page_size, device, page_states)
         if plan is not None:
             return plan
-    req = torch.repeat_interleave(torch.arange(R), pages)
-    local = torch.arange(req.numel()) - host_kv[req]
-    page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
+    req, local = pages_of_requests(pages, torch.zeros_like(pages))
+    page_len = _page_lengths(req, local, pages, host_last, page_size)
     qo_len, kv_len, pages, req, local, page_len = (t.to(device) for t in (qo_len, kv_len, pages, req, local, page_len))
     q_start = kv_len - qo_len
     states, causal_ok, bits = _classify_pages(mask_mod, req, local, page_len, q_start, qo_len, page_size, max_q,
@@ -382,7 +392,7 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
         window.states = page_states
         return window
     req, local = pages_of_requests(counts, page_lo)
-    page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
+    page_len = _page_lengths(req, local, pages, host_last, page_size)
     rows = torch.arange(max_q).view(1, -1, 1)
     cols = torch.arange(page_size).view(1, 1, -1)
     q_pos = q_start[req].view(-1, 1, 1) + rows
@@ -395,7 +405,7 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     indptr = torch.zeros(R + 1, dtype=torch.int64)
     indptr[1:] = counts.cumsum(0)
     spec = PagedLaunchSpec(indptr.to(torch.int32).to(device),
-                           kv_page_indices[(host_kv[req] + local).to(device)].to(torch.int32),
+                           _page_ids(kv_page_indices, host_kv, req, local, device).to(torch.int32),
                            torch.where(counts > 0, page_len[torch.clamp(indptr[1:] - 1, min=0)] if req.numel()
                                        else 0, 0).to(torch.int32).to(device),
                            kv_positions=(local * page_size).to(torch.int32).to(device))
@@ -426,9 +436,8 @@ def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_la
     counts = pages - first
 
     def page_states():
-        req = torch.repeat_interleave(torch.arange(pages.numel()), pages)
-        local = torch.arange(req.numel()) - host_kv[req]
-        page_len = torch.where(local == pages[req] - 1, host_last[req], page_size)
+        req, local = pages_of_requests(pages, torch.zeros_like(pages))
+        page_len = _page_lengths(req, local, pages, host_last, page_size)
         first_key, last_key = local * page_size, local * page_size + page_len - 1
         listed = local >= first[req]
         partial = torch.zeros(req.numel(), dtype=torch.bool)
@@ -446,7 +455,7 @@ def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_la
         req, local = pages_of_requests(counts, first) if positions or not every_page else (None, None)
         # a copy either way: a caller writing its next step into the same buffer must not change this plan
         indices = (kv_page_indices.to(torch.int32, copy=True) if every_page
-                   else kv_page_indices.index_select(0, (host_kv.index_select(0, req) + local).to(device)))
+                   else _page_ids(kv_page_indices, host_kv, req, local, device))
         kv_positions = (local * page_size).to(torch.int32).to(device) if positions else None
         # a page holds keys past its request's first query (causal's diagonal) when a request
         # has more than one query; with one query its own key is the request's last
