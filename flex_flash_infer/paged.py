@@ -143,23 +143,26 @@ class PagedFlexAttention:
                     raise
                 warn_once(f"flex_flash_infer: the paged cache runs on the slow reference backend because {e}")
                 backend = "reference"
-        if backend == "flashinfer":
+        on_flashinfer = backend == "flashinfer"
+        # the 0-d tensors the kernels' score_mod reads are compiled in (or folded into the scale)
+        # as constants: run() raises when one was written since
+        constants = snapshot([t for t, _ in score_graph.constants]) if on_flashinfer and score_graph else ()
+        # (a folded score_mod's 0-d tensors count too: its factor was read into the scale)
+        # the mask's tensors as planned: FlashInfer's pages' states (and a per-head mask's kernel
+        # copies) come from their values, so run() raises when one was written since (the
+        # reference evaluates the mask at run())
+        state = current_reads(mod, "mask_mod") if on_flashinfer else None
+        mask_reads = state.watch() if state is not None else ()
+        warn_unwatched(mask_reads + constants, "PagedFlexAttention", "mask_mod or score_mod", "plan()")
+        # the launches last of what may raise: they plan the wrappers the current plan shares, so
+        # a plan() failing after them would leave the previous plan running on this step's tables
+        if on_flashinfer:
             launches = self._launches(plan, heads, page_size, dtype, kernel_scale, variants, soft_cap)
         # the reference reads the tables themselves (FlashInfer's launches hold their own copies)
         # (copies: a caller that writes its next step into the same buffers must not change this plan)
         tables = None if launches is not None else tuple(
             torch.as_tensor(t).to(self.device, torch.long, copy=True) for t in (qo_indptr, kv_page_indptr,
                                                                                  kv_page_indices, kv_last_page_len))
-        # the 0-d tensors the kernels' score_mod reads are compiled in (or folded into the scale)
-        # as constants: run() raises when one was written since
-        constants = snapshot([t for t, _ in score_graph.constants]) if launches is not None and score_graph else ()
-        # (a folded score_mod's 0-d tensors count too: its factor was read into the scale)
-        # the mask's tensors as planned: FlashInfer's pages' states (and a per-head mask's kernel
-        # copies) come from their values, so run() raises when one was written since (the
-        # reference evaluates the mask at run())
-        state = current_reads(mod, "mask_mod") if launches is not None else None
-        mask_reads = state.watch() if state is not None else ()
-        warn_unwatched(mask_reads + constants, "PagedFlexAttention", "mask_mod or score_mod", "plan()")
         self._score_checked = user_score_mod
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
                              soft_cap=soft_cap, constants=constants, mask_reads=mask_reads,

@@ -141,6 +141,31 @@ def test_a_mask_reading_an_inference_tensor_warns_that_writes_after_plan_are_not
     assert any("inference_mode" in str(w.message) and "plan()" in str(w.message) for w in caught)
 
 
+def test_a_plan_failing_after_its_launches_leaves_the_previous_plan_running_as_planned(flashinfer_on_cpu, rng):
+    """plan() re-plans FlashInfer's wrappers, which the current plan shares: a plan() that failed
+    after that (here the inference-tensor warning raised under warnings-as-errors) left the
+    previous plan reading the failed step's page tables (2.5 off on the CPU model)."""
+    q, k, v, qi, ki, idx, last = _cache(rng, qo_lens=(1, 1))
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer")
+    paged.plan(_causal, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64)
+    want, _ = dense_oracle(_causal, q, k, v, qi, ki, idx, last, P)
+    assert _err(paged.run(q, (k, v)), want) < 1e-9
+    with torch.inference_mode():
+        first_key = torch.tensor([0, 0, 0])
+
+    def reads_an_inference_tensor(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (kv_idx >= first_key[b])
+
+    _, _, _, qi2, ki2, idx2, last2 = random_cache(rng, [40, 7, 90], [1, 1, 1], P, HQ, HKV, D)
+    from flex_flash_infer.core import notices
+    notices._warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="inference_mode"):
+            paged.plan(reads_an_inference_tensor, qi2, ki2, idx2, last2, HQ, HKV, D, P, dtype=torch.float64)
+    assert _err(paged.run(q, (k, v)), want) < 1e-9
+
+
 def test_a_copy_on_another_device_is_watched_on_its_source():
     """A mod's captured ids copied to the GPU (mods/_captured.follow_device): the plan read the
     copy, the user rewrites the source (the next batch packed into the same buffer)."""
