@@ -209,6 +209,7 @@ class FlashInferPlan:
         self.bands = list(plan.bands)
         self.groups = []
         self.head_band_runs = None   # bands-per-head: [(query heads, key heads, writes in place, _BandRunner)]
+        self._lse_slots = None       # bands-per-head, interleaved groups: each group's slot (interleaved_lse_slots)
         self._head_streams = None    # experiment: CUDA streams the head groups run on side by side
         self.columns = self.column_counts = self.positions = None
         hopper = _is_hopper(device)
@@ -252,6 +253,7 @@ class FlashInferPlan:
                                      ragged_window=hopper and isinstance(selected, slice))
                 in_place = hopper and isinstance(selected, slice) and runner.ragged is not None
                 self.head_band_runs.append((selected, head_selector(list(kv_heads), device), in_place, runner))
+            self._lse_slots = interleaved_lse_slots(self.head_band_runs, num_qo_heads)
         elif plan.tiles is not None:
             group_shape = (batch, q_len, kv_len, 1, 1, head_dim) if plan.head_major else self.shape
             self.groups.append(_HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
@@ -295,27 +297,48 @@ class FlashInferPlan:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             # without an LSE asked for, none is written or scaled: per group a copy launch less
             lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+            # interleaved groups write their LSE in place, into slots of one buffer that a single
+            # multiply by LN2 lays out (where per group a copy into lse[:, heads] and a multiply were)
+            slots = self._lse_slots if return_lse else None
+            if slots is not None:
+                lse_parts = torch.empty((len(slots), q.shape[0], q.shape[1] // len(slots)), dtype=torch.float32,
+                                        device=q.device)
             streams = self._head_streams
             if streams:   # experiment (scripts/ab_head_streams.py): the groups side by side
                 main = torch.cuda.current_stream(q.device)
                 for s in streams:
                     s.wait_stream(main)
+            # keys and values flattened once for every group whose launch reads all rows: per
+            # group then only its heads' views of q and of the output (host work per call)
+            k_rows = v_rows = None
             for n, (heads, kv_heads, in_place, runner) in enumerate(self.head_band_runs):
                 # evenly spaced heads are strided views (FlashInfer reads q, k, v by their strides):
                 # profiled on an H200, gathering them cost three times the group's launches
-                inputs = take_heads(q, 1, heads), take_heads(k, 2, kv_heads), take_heads(v, 2, kv_heads)
-                with torch.cuda.stream(streams[n % len(streams)]) if streams else contextlib.nullcontext():
-                    if in_place:
-                        result = runner.run(*inputs, out=out[:, heads], return_lse=return_lse)
+                if runner.reads_all_rows:
+                    if k_rows is None:
+                        k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)
+                    run = runner.run_rows
+                    inputs = take_heads(q, 1, heads), take_heads(k_rows, 1, kv_heads), take_heads(v_rows, 1, kv_heads)
+                else:
+                    run = runner.run
+                    inputs = take_heads(q, 1, heads), take_heads(k, 2, kv_heads), take_heads(v, 2, kv_heads)
+                with torch.cuda.stream(streams[n % len(streams)]) if streams else _NO_STREAM:
+                    if slots is not None:
+                        run(*inputs, out=out[:, heads], lse=lse_parts[slots[n]], return_lse=True)
+                    elif in_place:
+                        result = run(*inputs, out=out[:, heads], return_lse=return_lse)
                         if return_lse:
                             lse[:, heads] = result[1]
                     elif return_lse:
-                        out[:, heads], lse[:, heads] = runner.run(*inputs)
+                        out[:, heads], lse[:, heads] = run(*inputs)
                     else:
-                        out[:, heads] = runner.run(*inputs, return_lse=False)
+                        out[:, heads] = run(*inputs, return_lse=False)
             if streams:
                 for s in streams:
                     main.wait_stream(s)
+            if slots is not None:   # lse[:, i * G + g] = LN2 * lse_parts[g, :, i]
+                torch.mul(lse_parts.permute(1, 2, 0), LN2, out=lse.view(q.shape[0], -1, len(slots)))
+                return out, lse
             return out, lse * LN2 if return_lse else None
         if self.head_major:
             return self._run_head_major(q, k, v)
@@ -336,6 +359,23 @@ class FlashInferPlan:
         return out, lse.view(hq, batch * q_len).t().contiguous() * LN2
 
 
+def interleaved_lse_slots(runs, num_heads: int):
+    """For G head groups that interleave (each heads g, g + G, g + 2G, ... of every head, for g in
+    0..G-1, on one in-place ragged launch over every row), each group's g; else None."""
+    count = len(runs)
+    if not runs or num_heads % count:
+        return None
+    slots = []
+    for heads, _, in_place, runner in runs:
+        if not (in_place and isinstance(heads, slice) and runner.reads_all_rows):
+            return None
+        taken = range(num_heads)[heads]
+        if not taken or taken[0] >= count or list(taken) != list(range(taken[0], num_heads, count)):
+            return None
+        slots.append(taken[0])
+    return slots if sorted(slots) == list(range(count)) else None
+
+
 def head_selector(heads: list, device):
     """A slice for evenly spaced ascending heads (a view, no copy), else an index tensor."""
     if len(heads) == 1 or (heads[1] > heads[0] and all(b - a == heads[1] - heads[0] for a, b in zip(heads, heads[1:]))):
@@ -344,10 +384,17 @@ def head_selector(heads: list, device):
     return torch.tensor(heads, device=device)
 
 
+_LEADING = {1: (slice(None),), 2: (slice(None), slice(None))}
+_NO_STREAM = contextlib.nullcontext()   # reusable: enters and exits as often as asked
+
+
 def take_heads(x: torch.Tensor, dim: int, heads) -> torch.Tensor:
-    """x's heads along dim: a strided view for a slice, a gathered copy for an index tensor."""
+    """x's heads along dim: a strided view for a slice (x itself for all of them), a gathered
+    copy for an index tensor."""
     if isinstance(heads, slice):
-        return x[(slice(None),) * dim + (heads,)]
+        if heads.start == 0 and heads.step == 1 and heads.stop >= x.shape[dim]:
+            return x
+        return x[(_LEADING.get(dim) or (slice(None),) * dim) + (heads,)]
     return x.index_select(dim, heads)
 
 
@@ -388,6 +435,9 @@ class _BandRunner:
                         workspace, backend, torch.tensor([0, n_q], dtype=torch.int32),
                         torch.tensor([0, n_kv], dtype=torch.int32), shape, dtype, band.causal, -1, sm_scale=scale,
                         logits_soft_cap=logits_soft_cap)
+        # its one ragged launch reads every row of q and of the flattened k, v (run_rows)
+        self.reads_all_rows = (self.ragged is not None and launch.q_rows == slice(0, batch * q_len)
+                               and launch.kv_rows == slice(0, batch * kv_len))
         # every query row written by some band: the output needs no zero fill first
         rows = sorted((band.q_start, band.q_end) for band in bands)
         self.writes_every_row = (rows[0][0] == 0 and rows[-1][1] == q_len
@@ -398,6 +448,8 @@ class _BandRunner:
         out: written in place (by the ragged launch, whose fa3 kernel honours its strides) and
         returned; only for a runner with one ragged launch."""
         batch, q_len, kv_len = self.shape[:3]
+        if self.reads_all_rows:
+            return self.ragged.run(q, k.flatten(0, 1), v.flatten(0, 1), out=out, return_lse=return_lse)
         if self.ragged is not None:
             inputs = self.ragged_launch.inputs(q, k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]))
             return self.ragged.run(*inputs, out=out, return_lse=return_lse)
@@ -426,3 +478,8 @@ class _BandRunner:
                                    sm_scale=self.scale, logits_soft_cap=self.soft_cap, return_lse=True)
                 out[rows], lse[rows] = o, s
         return (out, lse) if return_lse else out
+
+    def run_rows(self, q, k, v, return_lse: bool = True, out=None, lse=None):
+        """run() for a runner that reads_all_rows, with k, v already flattened to [B * S, Hkv, D]:
+        the launch alone; lse: a contiguous [B * L, Hq] float32 buffer it writes the LSE into."""
+        return self.ragged.run(q, k, v, out=out, lse=lse, return_lse=return_lse)

@@ -144,6 +144,20 @@ def _describe(node: "Node") -> str:
     return ("a 0-d " if node.tier == 1 else "") + str(node.dtype).replace("torch.", "")
 
 
+# (op, cast dtype, torch's default dtype, each operand's tier and dtype, and a number's type and
+# repr) -> (dtype, compute) of an op with a tensor operand (tier 2): what running it on stand-ins
+# gave, kept, since it depends on nothing else. The mask_mod of a FlexFlashInfer call is traced
+# at every call: its stand-in ops were a third of that trace's time (13 torch.ones and 6 ops for
+# a per-head window mask). Failures are not kept (their error is raised again).
+_TIER2_DTYPES: dict = {}
+_TIER2_DTYPES_MAX = 4096
+
+
+def _tier2_key(op, nodes, dtype):
+    return (op, dtype, torch.get_default_dtype(),
+            tuple((2, n.dtype) if n.tier == 2 else (n.tier, n.dtype, type(n.value), repr(n.value)) for n in nodes))
+
+
 def _node(op: str, operands, attr=None, dtype: torch.dtype | None = None) -> "Sym":
     """The node of op on operands (Syms or Python values), with torch's dtype: the op is run on
     stand-ins (_stand_in_value), or, on Python numbers alone, in Python as the mod would run it.
@@ -152,6 +166,12 @@ def _node(op: str, operands, attr=None, dtype: torch.dtype | None = None) -> "Sy
     tier = max((n.tier for n in nodes), default=0)
     if op == "cast":
         tier = max(tier, 1)
+    key = None
+    if tier == 2:
+        key = _tier2_key(op, nodes, dtype)
+        kept = _TIER2_DTYPES.get(key)
+        if kept is not None:
+            return Sym(Node(op, tuple(nodes), _kind_of_dtype(kept[0]), attr, kept[0], 2, None, kept[1]))
     try:
         if op == "cast":
             out = _stand_in_value(nodes[0])
@@ -180,6 +200,10 @@ def _node(op: str, operands, attr=None, dtype: torch.dtype | None = None) -> "Sy
             compute = torch.float64 if any(n.dtype.is_floating_point for n in nodes) else torch.int64
         else:
             compute = torch.result_type(*(_stand_in_value(n) for n in nodes))
+    if key is not None and isinstance(out, torch.Tensor):
+        if len(_TIER2_DTYPES) >= _TIER2_DTYPES_MAX:
+            _TIER2_DTYPES.clear()
+        _TIER2_DTYPES[key] = (dtype, compute)
     return Sym(Node(op, tuple(nodes), _kind_of_dtype(dtype), attr, dtype, tier, value, compute))
 
 
@@ -501,24 +525,31 @@ def _numbers(graph: Graph) -> list:
     the mod is traced in as a constant), as reprs (0.0 and -0.0 differ, a NaN equals itself), and
     the expression's structure (a global function or a flag read by the mod may change what it
     computes with the same numbers)."""
-    consts, structure, index, stack = [], [], {}, [(graph.output, False)]
+    consts, structure, index = [], [], {}
+    stack = [(graph.output, False)]
+    pop, push = stack.pop, stack.append
     while stack:   # post-order: a node's arguments are numbered before it
-        node, expanded = stack.pop()
-        if not isinstance(node, Node) or (id(node) in index and not expanded):
-            continue
-        if not expanded:
-            stack.append((node, True))
-            stack.extend((arg, False) for arg in reversed(node.args))
-            continue
+        node, expanded = pop()
         if id(node) in index:
+            continue
+        args = node.args
+        if not expanded:
+            push((node, True))
+            for arg in reversed(args):
+                if isinstance(arg, Node):
+                    push((arg, False))
             continue
         if node.op == "const":
             consts.append(repr(node.attr))
-        args = tuple(index[id(a)] if isinstance(a, Node) else repr(a) for a in node.args)
-        attr = None if node.op == "const" else repr(node.attr)
-        structure.append((node.op, node.kind, attr, str(node.dtype), node.tier, str(node.compute), args))
+            attr = None
+        else:
+            attr = repr(node.attr)
+        # dtypes as themselves and the structure as a tuple, not their reprs: equal exactly when
+        # the reprs are (a dtype is one object per type), without writing it out at every call
+        structure.append((node.op, node.kind, attr, node.dtype, node.tier, node.compute,
+                          tuple(index[id(a)] if isinstance(a, Node) else repr(a) for a in args)))
         index[id(node)] = len(structure) - 1
-    return [repr(scalar) for scalar in graph.scalars] + consts + [repr(tuple(structure))]
+    return [repr(scalar) for scalar in graph.scalars] + consts + [tuple(structure)]
 
 
 _LIBRARY_READS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
