@@ -39,6 +39,16 @@ class Invalid(Exception):
     """The case itself is broken (the oracle could not evaluate its mods): a generator bug."""
 
 
+def _oracle_dense(*args):
+    """oracle.dense inside a door (varlen, paged: the oracle per sequence or request): its failure
+    (the GPU out of memory beside the pool's other processes, say) makes the case invalid, as the
+    flex door's reference does, not a failure of the library."""
+    try:
+        return oracle.dense(*args)
+    except Exception as e:
+        raise Invalid(f"the oracle failed: {type(e).__name__}: {_short(e)}") from e
+
+
 def build_mods(case: Case):
     """(mask_mod, score_mod) from the case's source, which is registered with linecache so that
     tracebacks and inspect show its lines."""
@@ -318,8 +328,8 @@ def _varlen(case: Case, mask_fn, score_mod, device, want):
     ref_lse = torch.full((1, Hq, case.L), -math.inf, dtype=torch.float64, device=device)
     for i in range(len(case.cu_q) - 1):
         q0, q1, k0, k1 = case.cu_q[i], case.cu_q[i + 1], case.cu_kv[i], case.cu_kv[i + 1]
-        o, s = oracle.dense(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask, score_mod, _scale(case),
-                            [i], range(q1 - q0), range(k1 - k0))
+        o, s = _oracle_dense(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask, score_mod, _scale(case),
+                             [i], range(q1 - q0), range(k1 - k0))
         ref_out[:, :, q0:q1], ref_lse[:, :, q0:q1] = o, s
     want.update(ref=(ref_out, ref_lse))
     out = out.transpose(0, 1)[None]
@@ -370,8 +380,8 @@ def _paged_step(case: Case, paged, kv_lens, qo_lens, step: int, mask_mod, score_
         kr = k_cache[ids].reshape(-1, Hkv, D)[:n_kv].transpose(0, 1)[None]
         vr = v_cache[ids].reshape(-1, Hkv, D)[:n_kv].transpose(0, 1)[None]
         q0 = int(qo_indptr[r])
-        o, s = oracle.dense(q[q0:q0 + n_new].transpose(0, 1)[None], kr, vr, mask, score_mod, _scale(case), [r],
-                            range(n_kv - n_new, n_kv), range(n_kv))
+        o, s = _oracle_dense(q[q0:q0 + n_new].transpose(0, 1)[None], kr, vr, mask, score_mod, _scale(case), [r],
+                             range(n_kv - n_new, n_kv), range(n_kv))
         ref_out[q0:q0 + n_new], ref_lse[q0:q0 + n_new] = o[0].transpose(0, 1), s[0].transpose(0, 1)
     return out, lse, ref_out, ref_lse
 
