@@ -5,7 +5,7 @@ import torch
 
 from .backends.autograd import learned_tensors, needs_grad, recomputation_reads, with_recomputed_gradients
 from .backends.backend_choice import choose_backend, read_kernel_options
-from .block_mask import check_block_mask, full_block_mask
+from .block_mask import check_block_mask, full_block_mask, reads_memo
 from .backends.flashinfer_backend import FlashInferPlan
 from .core.mask_eval import check_score_mod
 from .backends.reference import reference_attention, reference_gradients
@@ -47,8 +47,9 @@ def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dty
     key = (batch, hq, hkv, head_dim, dtype, scale, str(device), score_mod is not None, route)
     plan = block_mask._plans.get(key)
     # a number changed, a tensor written in place or re-bound plans again
-    state = current_reads(block_mask.mask_mod, "mask_mod")
-    score_state = current_reads(score_mod, "score_mod") if score_mod is not None else None
+    memo = reads_memo(block_mask)
+    state = current_reads(block_mask.mask_mod, "mask_mod", memo)
+    score_state = current_reads(score_mod, "score_mod", memo) if score_mod is not None else None
     if (plan is not None and plan.score_mod_object is score_mod and _holds(state, plan.mask_state)
             and _holds(score_state, plan.score_state)):
         return plan

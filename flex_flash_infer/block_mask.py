@@ -14,7 +14,7 @@ from .masks.tile_bounds import classify_tiles
 from .core.mask_eval import as_mask_mod, evaluate_mask_mod, index_grid, mask_dependence
 from .core.compiling import outside_compiled_graphs
 from .core.notices import warn_once
-from .core.trace import current_reads
+from .core.trace import ReadsMemo, current_reads
 from .core.versions import KeptReads
 from .mods.combinators import noop_mask
 from .core.validation import check_device, check_positive_int, check_scale
@@ -202,7 +202,7 @@ class BlockMask:
         # and with the values it read then (a document mask's ids rewritten since: the tables
         # hold the old documents, and torch reads them so)
         then = getattr(self, "_tables_reads", None)
-        return then is None or then.same_as(current_reads(self.mask_mod, "mask_mod"))
+        return then is None or then.same_as(current_reads(self.mask_mod, "mask_mod", reads_memo(self)))
 
     # mask_mod and seq_lengths may be set after construction, as torch's decoding idiom does
     # (block_mask[:, :, tile].mask_mod = ...): a plan built for the old values is dropped
@@ -696,3 +696,13 @@ def check_tables_cover(block_mask) -> None:
             f"seq_lengths {block_mask.seq_lengths} with BLOCK_SIZE {block_mask.BLOCK_SIZE} need {need[0]} and "
             f"{need[1]}; set seq_lengths to the lengths the tables describe (a sliced mask: the rows of its "
             f"tiles), or rebuild the mask with create_block_mask")
+
+
+def reads_memo(mask) -> ReadsMemo:
+    """The mask's memo of its mods' last traces (core/trace.ReadsMemo), which the calls that check
+    what those mods read at every call share: kept on the mask, which holds its mask_mod (and its
+    plans the score_mods) anyway."""
+    memo = getattr(mask, "_reads_memo", None)
+    if memo is None:
+        memo = mask._reads_memo = ReadsMemo()
+    return memo

@@ -15,7 +15,7 @@ from .core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
 from . import varlen
-from .core.trace import TraceError, current_reads, read_state, stale_constants_message, tensors_read, trace, traced_once_per_call
+from .core.trace import ReadsMemo, TraceError, current_reads, read_state, stale_constants_message, tensors_read, trace, traced_once_per_call
 from .core.versions import KeptReads, moved, snapshot, source_of, warn_unwatched
 from .planning.linear_masks import LOWERING_HINTS, with_linear_band_hint
 from .varlen import single_band_flags
@@ -55,6 +55,7 @@ class _Prepared:
     mask_fn: object = None         # the mask_mod planned (the mask_fn as a four-argument mod)
     mask_state: object = None      # what the mask read when prepared (core/versions.KeptReads), None if untraced
     score_numbers: tuple = ()      # on the FlashInfer path: its numbers and expression when prepared (compiled in)
+    reads_memo: object = None      # core/trace.ReadsMemo: the mods traced again at a call only once what they reach changed
 
 
 def _pointer(t) -> int:
@@ -202,14 +203,15 @@ class FlexFlashInfer:
         # the plan's bands and bits come from the values of the tensors the mask reads
         # (on either backend: the reference reads the plan's tile tables too)
         mask_reads = snapshot(tensors_read(mask_mod, "mask_mod"))
-        mask_state = current_reads(mask_mod, "mask_mod")
+        reads_memo = ReadsMemo()
+        mask_state = current_reads(mask_mod, "mask_mod", reads_memo)
         # values compared too on the CPU (a .data or numpy write moves no counter; the
         # reference backend plans its tiles here as well)
         mask_state = KeptReads(mask_state) if mask_state is not None else None
         warn_unwatched(mask_reads + constants, "FlexFlashInfer", "mask_fn or score_mod", "prepare()")
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
                                    head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads,
-                                   score_reads, mask_mod, mask_state, score_numbers)
+                                   score_reads, mask_mod, mask_state, score_numbers, reads_memo)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -247,11 +249,11 @@ class FlexFlashInfer:
         if stale:
             raise ValueError(stale.replace("plan again", "call prepare() again"))
         if moved(p.mask_reads) or (p.mask_state is not None
-                                   and not p.mask_state.holds(current_reads(p.mask_fn, "mask_mod"))):
+                                   and not p.mask_state.holds(current_reads(p.mask_fn, "mask_mod", p.reads_memo))):
             raise ValueError("FlexFlashInfer: a tensor or number the mask_fn reads was written in place or re-bound "
                              "after prepare(), which planned the mask from its values: call prepare() again")
         # traced once per call: checked here, and watched between forward and backward below
-        score_state = read_state(p.score_mod, "score_mod") if p.score_reads is not None else None
+        score_state = current_reads(p.score_mod, "score_mod", p.reads_memo) if p.score_reads is not None else None
         score_now = [t for t, _, _ in score_state.tensors] if score_state is not None else []
         if score_state is not None and score_state.scalars != p.score_numbers:
             # the kernel compiled in the numbers and expression prepare() traced (a closure's

@@ -41,6 +41,23 @@ def states_hints(fn) -> bool:
     return bool(stated) and any(getattr(fn, name, None) is value for name, value in stated.items())
 
 
+# functions the library wrapped around a user's mod to state a hint read off its expression: they
+# state hints, but what they read is the user's and may change between calls
+_AROUND_USERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def around_users_mod(fn):
+    """Mark fn, which states hints, as computing a user's mod (what it reads is checked at every call)."""
+    _AROUND_USERS.add(fn)
+    return fn
+
+
+def made_by_library(fn) -> bool:
+    """A function the library made whose numbers and structure are fixed when made (it states
+    hints and wraps no user's mod)."""
+    return states_hints(fn) and fn not in _AROUND_USERS
+
+
 def pass_hints(fn, mod, names=HINT_NAMES) -> None:
     """fn states the hints mod stated (a wrapper that still computes what mod computes)."""
     for name in names:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .hints import states_hints
+from .hints import around_users_mod, made_by_library  # around_users_mod: planning marks its wrappers through here
+from .read_guard import only_read_tables, read_guard
 from .versions import ReadState, moved, version_of
 
 KINDS = ("bool", "int", "float")
@@ -553,24 +554,28 @@ def _numbers(graph: Graph) -> list:
 
 
 _LIBRARY_READS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# functions the library wrapped around a user's mod to state a hint read off its expression: they
-# state hints, but what they read is the user's and may change between calls
-_AROUND_USERS: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def around_users_mod(fn):
-    """Mark fn, which states hints, as computing a user's mod (current_reads traces it at every call)."""
-    _AROUND_USERS.add(fn)
-    return fn
+class ReadsMemo:
+    """current_reads()'s last trace of a user's mods, each with a ReadGuard over what that trace
+    could reach, for an object that checks them at every call (a prepared plan, a block mask): the
+    trace is made again only once the guard no longer holds. Kept on that object, which holds the
+    mods anyway, so it lives no longer than they do."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self):
+        self.entries = {}   # kind -> (mod, ReadGuard, numbers, tensors read)
 
 
-def current_reads(mod, kind: str) -> ReadState | None:
-    """read_state(mod), traced once per object for a function the library made (its numbers are
-    fixed when made; its tensors' counters and memory are read at every call), at every call for
-    any other (a user's mask may read a global number that changes), a library wrapper around a
-    user's mod included."""
-    if not states_hints(mod) or mod in _AROUND_USERS:
-        return read_state(mod, kind)
+def current_reads(mod, kind: str, memo: ReadsMemo | None = None) -> ReadState | None:
+    """read_state(mod): traced once per object for a function the library made (its numbers are
+    fixed when made; its tensors' counters and memory are read at every call); for any other (a
+    user's mask may read a global number that changes), a library wrapper around a user's mod
+    included, traced at every call, or, with a memo, again only once something its last trace
+    could reach changed (read_guard.py)."""
+    if not made_by_library(mod):
+        return read_state(mod, kind) if memo is None else _guarded_reads(mod, kind, memo)
     cached = _LIBRARY_READS.get(mod)
     if cached is None:
         try:
@@ -580,6 +585,23 @@ def current_reads(mod, kind: str) -> ReadState | None:
         cached = _LIBRARY_READS.setdefault(mod, (_numbers(graph),
                                                  [t for _, t in graph.tensors] + [t for t, _ in graph.constants]))
     return ReadState(*cached)
+
+
+def _guarded_reads(mod, kind: str, memo: ReadsMemo) -> ReadState | None:
+    kept = memo.entries.get(kind)
+    if kept is not None and kept[0] is mod and kept[1].holds():
+        return ReadState(kept[2], kept[3])
+    memo.entries.pop(kind, None)
+    guard = read_guard(mod)   # before the trace: a trace that changes what it reads is not kept
+    try:
+        graph = trace(mod, kind)
+    except TraceError:
+        return None
+    numbers, read = _numbers(graph), [t for _, t in graph.tensors] + [t for t, _ in graph.constants]
+    # a 0-d tensor read as a constant is compiled in by value: compared by value like any other
+    if guard is not None and guard.holds() and only_read_tables(guard, [t for _, t in graph.tensors]):
+        memo.entries[kind] = (mod, guard, numbers, read)
+    return ReadState(numbers, read)
 
 
 def stale_constants_message(constants, door: str) -> str | None:

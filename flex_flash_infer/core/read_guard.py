@@ -1,0 +1,239 @@
+"""Whether a user's mod could trace differently than last time, told without tracing it again.
+
+A plan made from a user's mask_mod holds while what the mod reads is unchanged: a global number,
+a closure's value, a helper function, a table. trace.current_reads() used to trace the mod at every
+call to find out (about half of a per-head-window call's host time). A ReadGuard instead records
+every Python object the mod's trace can reach, by identity: its code, defaults and closure cells,
+the globals and builtins its code (and its nested functions' code) names, the items of the lists,
+tuples and dicts among them, recursively through the functions it calls; and, for each tensor it
+reaches, its write counter, memory, shape and strides (a CPU tensor that the trace does not read
+as a table, which a Python-level read such as int(t[0]) may have turned into a number, is also
+copied and compared by value: a numpy write moves no counter).
+
+A mod that reaches anything whose contents can change without any of that changing (an object's
+attributes, a user module's globals, a functools.partial, a bound method, a tensor made under
+inference_mode that the trace does not read as a table) gets no guard: it is traced at every call,
+as before. Modules and module-level functions of torch, math, operator and this library are taken
+as they are (a mod calling torch.where does not depend on torch's globals), closures made there
+are followed (and_masks holds a user's mods); a function the library made that states hints is
+fixed when made, as trace._LIBRARY_READS already assumes.
+"""
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+import types
+
+import torch
+
+from .hints import made_by_library
+from .versions import _memory, same_values, source_of, version_of
+
+_MISSING = object()
+# a guard past these many checks is not worth keeping (a mod reaching a large structure)
+_MAX_CHECKS = 256
+# a CPU tensor copied to be compared by value at each call: at most this many bytes
+_MAX_COPIED_BYTES = 4096
+_LEAF_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, range, slice,
+               type(Ellipsis), type(NotImplemented))
+# modules whose globals a mod's trace takes as they are: torch's, Python's own, and this library's
+_TRUSTED_MODULES = ("torch", "math", "operator", "builtins", "numbers", "flex_flash_infer")
+
+
+class _Unguardable(Exception):
+    """The mod reaches something whose contents a guard cannot watch."""
+
+
+def _trusted_module_name(name) -> bool:
+    return isinstance(name, str) and (name in _TRUSTED_MODULES or name.split(".", 1)[0] in _TRUSTED_MODULES)
+
+
+_NAMES_OF_CODE: dict = {}
+
+
+def _names(code: types.CodeType) -> tuple:
+    """Every name code and the code nested in it (lambdas, inner functions) may look up as a global
+    (attribute names among them: looking those up too only adds checks)."""
+    names = _NAMES_OF_CODE.get(code)
+    if names is None:
+        found, stack = set(), [code]
+        while stack:
+            c = stack.pop()
+            found.update(c.co_names)
+            stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+        names = _NAMES_OF_CODE[code] = tuple(sorted(found))
+    return names
+
+
+class ReadGuard:
+    """What a mod's trace can reach, as recorded by read_guard(); holds() tells whether all of it is
+    as it was."""
+
+    __slots__ = ("cells", "entries", "functions", "sequences", "mappings", "tensors", "copies", "default_dtype")
+
+    def __init__(self):
+        self.cells = []        # (cell, its contents)
+        self.entries = []      # (dict, key, value or _MISSING): globals, builtins, keyword defaults
+        self.functions = []    # (function, code, defaults, keyword defaults dict)
+        self.sequences = []    # (list, its items as a tuple)
+        self.mappings = []     # (dict, its items as a tuple, in order)
+        self.tensors = []      # (tensor, version, memory, shape, strides, dtype, device)
+        self.copies = []       # (CPU tensor, a copy of its values)
+        self.default_dtype = torch.get_default_dtype()
+
+    def size(self) -> int:
+        return (len(self.cells) + len(self.entries) + len(self.functions) + len(self.sequences)
+                + len(self.mappings) + len(self.tensors))
+
+    def holds(self) -> bool:
+        if torch.get_default_dtype() is not self.default_dtype:
+            return False
+        for fn, code, defaults, kwdefaults in self.functions:
+            if fn.__code__ is not code or fn.__defaults__ is not defaults or fn.__kwdefaults__ is not kwdefaults:
+                return False
+        for cell, value in self.cells:
+            try:
+                if cell.cell_contents is not value:
+                    return False
+            except ValueError:   # emptied since
+                return False
+        for mapping, key, value in self.entries:
+            if mapping.get(key, _MISSING) is not value:
+                return False
+        for seq, items in self.sequences:
+            if len(seq) != len(items) or any(a is not b for a, b in zip(seq, items)):
+                return False
+        for mapping, items in self.mappings:
+            if len(mapping) != len(items) or any(k is not k2 or v is not v2
+                                                 for (k, v), (k2, v2) in zip(mapping.items(), items)):
+                return False
+        for t, version, memory, shape, strides, dtype, device in self.tensors:
+            if (version_of(t) != version or t.shape != shape or t.dtype != dtype or t.device != device
+                    or t.stride() != strides or _memory(t) != memory):
+                return False
+        return all(same_values(t, copy) for t, copy in self.copies)
+
+
+def read_guard(mod) -> ReadGuard | None:
+    """A guard over everything mod's trace can reach, or None where that includes something a guard
+    cannot watch (then the mod must be traced at every call)."""
+    guard = ReadGuard()
+    try:
+        _visit(mod, guard, set(), top=True)
+    except _Unguardable:
+        return None
+    return guard if guard.size() <= _MAX_CHECKS else None
+
+
+def only_read_tables(guard: ReadGuard, tables) -> bool:
+    """After tracing, the value comparisons the guard needs: a small CPU tensor it reached is
+    compared by value at each call (a Python-level read such as int(t[0]), or a 0-d constant, put
+    its value into the trace, and a numpy or `.data` write moves no counter); a larger one only if
+    the trace read it as a table (`tables`, the graph's tensors, whose values the plan watches).
+    False where that cannot be done (a large CPU tensor read otherwise, an inference tensor not
+    read as a table)."""
+    read_ids = {id(source_of(t)) for t in tables} | {id(t) for t in tables}
+    for t, version, *_ in guard.tensors:
+        as_table = id(t) in read_ids
+        if version is None and not as_table:
+            return False
+        if t.device.type != "cpu":
+            continue   # trusted by its counter and memory, as the FlashInfer path trusts device tables
+        if t.numel() * t.element_size() <= _MAX_COPIED_BYTES:
+            guard.copies.append((t, t.detach().clone()))
+        elif not as_table:
+            return False
+    return True
+
+
+def _visit(value, guard: ReadGuard, seen: set, top: bool = False) -> None:
+    if isinstance(value, _LEAF_TYPES):
+        return
+    key = id(value)
+    if key in seen:
+        return
+    seen.add(key)
+    if guard.size() > _MAX_CHECKS:
+        raise _Unguardable
+    if isinstance(value, torch.Tensor):
+        guard.tensors.append((value, version_of(value), _memory(value), value.shape, value.stride(), value.dtype,
+                              value.device))
+        return
+    if isinstance(value, types.ModuleType):
+        if _trusted_module_name(value.__name__):
+            return
+        raise _Unguardable
+    if isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        owner = getattr(value, "__self__", None)
+        if owner is None or isinstance(owner, types.ModuleType) or owner is builtins:
+            return   # a builtin function (len, min, torch.where): nothing of it changes
+        raise _Unguardable   # a builtin method bound to an object (some_dict.get)
+    if isinstance(value, type):
+        if value.__module__ == "builtins" or _trusted_module_name(value.__module__):
+            return
+        raise _Unguardable
+    if isinstance(value, types.FunctionType):
+        _visit_function(value, guard, seen, top)
+        return
+    if isinstance(value, tuple):
+        for item in value:
+            _visit(item, guard, seen)
+        return
+    if isinstance(value, list):
+        guard.sequences.append((value, tuple(value)))
+        for item in value:
+            _visit(item, guard, seen)
+        return
+    if type(value) is dict:
+        items = tuple(value.items())
+        guard.mappings.append((value, items))
+        for k, item in items:
+            _visit(k, guard, seen)
+            _visit(item, guard, seen)
+        return
+    if (type(value).__module__.startswith("flex_flash_infer.") and hasattr(value, "__dict__")
+            and not hasattr(type(value), "__slots__")):
+        # one of this library's objects (a mask callable in the seed's form too): its class's code
+        # is the library's, its attributes (the mods it wraps) are watched like a dict's items
+        attributes = vars(value)
+        guard.mappings.append((attributes, tuple(attributes.items())))
+        for item in attributes.values():
+            _visit(item, guard, seen)
+        return
+    if isinstance(value, (types.MethodDescriptorType, types.WrapperDescriptorType, types.ClassMethodDescriptorType)):
+        return   # a C type's unbound method (torch.Tensor.add, int.__add__): nothing of it changes
+    raise _Unguardable   # an object (an nn.Module, a namespace, a partial): its attributes may change
+
+
+def _visit_function(fn: types.FunctionType, guard: ReadGuard, seen: set, top: bool) -> None:
+    if not top and made_by_library(fn):
+        return   # fixed when made
+    if not top and fn.__closure__ is None and _trusted_module_name(getattr(fn, "__module__", None)):
+        return   # a module-level function of torch or this library (a closure made there may hold a user's mod)
+    guard.functions.append((fn, fn.__code__, fn.__defaults__, fn.__kwdefaults__))
+    for item in fn.__defaults__ or ():
+        _visit(item, guard, seen)
+    if fn.__kwdefaults__:
+        for name, item in fn.__kwdefaults__.items():
+            guard.entries.append((fn.__kwdefaults__, name, item))
+            _visit(item, guard, seen)
+    for cell in fn.__closure__ or ():
+        try:
+            contents = cell.cell_contents
+        except ValueError:
+            raise _Unguardable from None   # a cell not yet filled: it may be filled later
+        guard.cells.append((cell, contents))
+        _visit(contents, guard, seen)
+    fn_globals, fn_builtins = fn.__globals__, getattr(fn, "__builtins__", builtins.__dict__)
+    if not isinstance(fn_builtins, dict):
+        fn_builtins = getattr(fn_builtins, "__dict__", builtins.__dict__)
+    for name in _names(fn.__code__):
+        found = fn_globals.get(name, _MISSING)
+        guard.entries.append((fn_globals, name, found))
+        if found is _MISSING:
+            found = fn_builtins.get(name, _MISSING)
+            guard.entries.append((fn_builtins, name, found))
+            if found is _MISSING:
+                continue
+        _visit(found, guard, seen)
