@@ -69,3 +69,37 @@ def test_the_gpu_score_pool_can_be_narrowed_to_one_member():
     assert len(score_defs) == 1 and not any("alibi" in s or "softcap" in s for s in sources["gen1"])
     with pytest.raises(ValueError, match="score_pool"):
         Profile("gpu", 1.0, (128,), ("nope",))
+
+
+def _changed_cases(seed, count):
+    from flexfuzz.cases import generate_case
+
+    found, index = [], 0
+    while len(found) < count:
+        case = generate_case(seed, index)
+        index += 1
+        if case.changed:
+            found.append(case)
+    return found
+
+
+def test_values_changed_between_calls_are_seen():
+    """Cases whose captured numbers and float tables change after a first call (the seed API, and
+    flex_attention's score_mod): the next call runs the new values or asks for prepare() again.
+    The same cases with a memo that never re-traces (core/read_guard) must fail: the cases can
+    tell a stale plan from a fresh one."""
+    import pytest
+
+    from flexfuzz.doors import run_case
+    from flex_flash_infer.core import read_guard
+
+    cases = _changed_cases(FIXED_SEED, 40)
+    assert {c.door for c in cases} == {"flex", "seed"}
+    results = [run_case(c) for c in cases]
+    failed = [(c.name, r.problems) for c, r in zip(cases, results) if r.status == "fail"]
+    assert not failed, failed
+    assert sum(r.status == "pass" for r in results) >= 30
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(read_guard.ReadGuard, "holds", lambda self: True)
+        stale = [run_case(c).status for c in cases]
+    assert stale.count("fail") >= 5, stale

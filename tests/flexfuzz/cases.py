@@ -84,6 +84,9 @@ class Case:
     repeat: str = ""             # flex: an earlier call on the block mask with "same" shapes, another
                                  # "scale", "dtype" or "batch"
     aux: str = ""                # flex: return_aux=AuxRequest(lse=True[, max_scores=True for "max"])
+    changed: bool = False        # seed, flex (score_mod): the case's captured numbers and float tables
+                                 # changed after a first call; the judged call must see the new values
+                                 # (seed: or raise "call prepare() again" and run after prepare())
     route: str = ""              # flex: kernel_options={"ROUTE": route}, a tiles route forced on any mask
     decode_pos: int = 0          # decode: the first query row, and how many rows
     decode_rows: int = 1
@@ -210,6 +213,11 @@ def generate_case(seed: int, index: int, profile="cpu", dtypes=None, device: str
         case.nan = r.choice(["q", "k"])
     case.avoid = tuple(sorted(avoid))
     {"flex": _flex, "decode": _decode, "seed": _seed, "varlen": _varlen, "paged": _paged}[door](case, r, force, profile)
+    # drawn apart from r: the cases of every seed drawn before this choice existed stay as they were
+    changes = random.Random(f"{seed}:{index}:{profile.key()}:changed")
+    if (door == "seed" or (door == "flex" and "def score_mod" in case.mods and case.block_mask == "ours"
+                           and not case.grad)) and changes.random() < 0.15:
+        case.changed = True
     return case
 
 

@@ -157,9 +157,11 @@ def _flex(case: Case, mask_mod, score_mod, device, want):
                                                                  BLOCK_SIZE=case.block), score_mod, device)
     if case.block_mask == "ours" and block_mask is not None:
         want["tiles"] = oracle.tile_problems(block_mask.states, seen, block_mask.BLOCK_SIZE)
-    if case.repeat and block_mask is not None:
+    if (case.repeat or case.changed) and block_mask is not None:
         # another batch size only where the mods never read b (a table indexed by b has B entries)
         _earlier_call(case, block_mask, score_mod, bB is None and not uses(case.mods, "b"), device)
+    if case.changed:   # the score_mod's numbers and tables, after a call planned from them
+        change_captured(score_mod)
     aux = {}
     if case.aux:
         from flex_flash_infer import AuxRequest
@@ -227,6 +229,48 @@ def _rewritten_in_place(case: Case, built, score_mod, device):
         getattr(other, name).copy_(table)
     other.mask_mod = built.mask_mod
     return other
+
+
+def change_captured(fn, seen=None) -> None:
+    """Change in place what a case's mod captures, as a user changes a setting between calls: each
+    number in its closure (an int + 1, a float * 1.25 + 0.125) and each floating table (+ 0.25),
+    through the functions it captures. Only the case's own functions (the library's masks are
+    fixed when made); integer tables are left alone (they may index other tables)."""
+    import types
+
+    seen = set() if seen is None else seen
+    if fn is None or id(fn) in seen:
+        return
+    seen.add(id(fn))
+    wrapped = getattr(fn, "_mask_mod", None) or getattr(fn, "__wrapped__", None)
+    if not isinstance(fn, types.FunctionType):
+        if wrapped is not None:
+            change_captured(wrapped, seen)
+        return
+    if not fn.__code__.co_filename.startswith("<fuzz case"):
+        for cell in fn.__closure__ or ():   # a library combinator: the case's functions inside it
+            value = cell.cell_contents
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if callable(item):
+                    change_captured(item, seen)
+        return
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            cell.cell_contents = value + 1
+        elif isinstance(value, float):
+            cell.cell_contents = value * 1.25 + 0.125
+        elif isinstance(value, torch.Tensor):
+            if value.is_floating_point():
+                with torch.no_grad():
+                    value.add_(0.25)
+        elif callable(value):
+            change_captured(value, seen)
 
 
 def _earlier_call(case: Case, block_mask, score_mod, batch_free: bool, device) -> None:
@@ -303,7 +347,20 @@ def _seed(case: Case, mask_fn, score_mod, device, want):
     flex = flex.prepare(
         mask_fn=mask_fn, seq_len_q=L, seq_len_kv=S, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D,
         block_size_row=bq, block_size_col=bk, dtype=DTYPES[case.dtype], score_mod=score_mod, scale=case.scale)
-    result = flex(*(x[0].transpose(0, 1).contiguous() for x in (q, k, v)), return_lse=case.return_lse)
+    inputs = [x[0].transpose(0, 1).contiguous() for x in (q, k, v)]
+    result = flex(*inputs, return_lse=case.return_lse)
+    if case.changed:   # what the mods capture, changed after a call: the next sees it or says to prepare again
+        change_captured(mask_fn)
+        change_captured(score_mod)
+        try:
+            result = flex(*inputs, return_lse=case.return_lse)
+        except ValueError as e:
+            if "call prepare() again" not in str(e):
+                raise
+            flex.prepare(mask_fn=mask_fn, seq_len_q=L, seq_len_kv=S, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+                         block_size_row=bq, block_size_col=bk, dtype=DTYPES[case.dtype], score_mod=score_mod,
+                         scale=case.scale)
+            result = flex(*inputs, return_lse=case.return_lse)
     out, lse = result if case.return_lse else (result, None)
     out = out.transpose(0, 1)[None]
     lse = None if lse is None else lse.transpose(0, 1)[None]
