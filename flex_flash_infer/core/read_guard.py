@@ -3,17 +3,21 @@
 A plan made from a user's mask_mod holds while what the mod reads is unchanged: a global number,
 a closure's value, a helper function, a table. trace.current_reads() used to trace the mod at every
 call to find out (about half of a per-head-window call's host time). A ReadGuard instead records
-every Python object the mod's trace can reach, by identity: its code, defaults and closure cells,
-the globals and builtins its code (and its nested functions' code) names, the items of the lists,
-tuples and dicts among them, recursively through the functions it calls; and, for each tensor it
-reaches, its write counter, memory, shape and strides (a CPU tensor that the trace does not read
-as a table, which a Python-level read such as int(t[0]) may have turned into a number, is also
-copied and compared by value: a numpy write moves no counter).
+every Python object the mod's trace can reach, by identity: its code, defaults, closure cells and
+attributes (`mask.widths`), the globals and builtins its code (and its nested functions' code)
+names, the items of the lists, tuples and dicts among them, recursively through the functions it
+calls, the attributes its code names on the trusted modules it reaches (`torch.x = ...` set by
+hand), torch's default dtype and device; and, for each tensor it reaches, its write counter,
+memory, shape and strides, and on the CPU its values (a Python-level read such as int(t[0]) puts a
+value into the trace, and a numpy or `.data` write moves no counter).
 
-A mod that reaches anything whose contents can change without any of that changing (an object's
-attributes, a user module's globals, a functools.partial, a bound method, a tensor made under
-inference_mode that the trace does not read as a table) gets no guard: it is traced at every call,
-as before. Modules and module-level functions of torch, math, operator and this library are taken
+A mod that reaches anything whose contents can change without any of that changing gets no guard
+and is traced at every call, as before: an object's attributes (an nn.Module, a namespace, a tensor
+with attributes set on it), a user module, a functools.partial, a bound method, a subclass of a
+container, a CPU tensor past _MAX_COPIED_BYTES, a tensor made under inference_mode that the trace
+does not read as a table, a globals mapping that is not a dict, and code naming a way to read what
+its names do not show (globals(), getattr, eval) or torch's global state (grad mode, random
+numbers). Modules and module-level functions of torch, math, operator and this library are taken
 as they are (a mod calling torch.where does not depend on torch's globals), closures made there
 are followed (and_masks holds a user's mods); a function the library made that states hints is
 fixed when made, as trace._LIBRARY_READS already assumes.
@@ -21,8 +25,6 @@ fixed when made, as trace._LIBRARY_READS already assumes.
 from __future__ import annotations
 
 import builtins
-import math
-import operator
 import types
 
 import torch
@@ -35,8 +37,17 @@ _MISSING = object()
 _MAX_CHECKS = 256
 # a CPU tensor copied to be compared by value at each call: at most this many bytes
 _MAX_COPIED_BYTES = 4096
-_LEAF_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, range, slice,
-               type(Ellipsis), type(NotImplemented))
+# exact types (a subclass may carry attributes): immutable, and holding nothing else
+_LEAF_TYPES = frozenset((type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, range,
+                         type(Ellipsis), type(NotImplemented)))
+# names through which code reads what its names do not show (globals()['W'], getattr, eval) or
+# torch's global state and random numbers: a mod naming one is traced at every call
+_DYNAMIC_NAMES = frozenset((
+    "globals", "locals", "vars", "getattr", "eval", "exec", "__import__", "compile", "sys", "importlib", "os",
+    "is_grad_enabled", "is_inference_mode_enabled", "are_deterministic_algorithms_enabled", "get_default_device",
+    "get_num_threads", "is_autocast_enabled", "get_float32_matmul_precision", "get_rng_state", "initial_seed",
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal", "bernoulli",
+    "multinomial", "poisson", "random", "uniform", "exponential", "seed", "manual_seed"))
 # modules whose globals a mod's trace takes as they are: torch's, Python's own, and this library's
 _TRUSTED_MODULES = ("torch", "math", "operator", "builtins", "numbers", "flex_flash_infer")
 
@@ -66,13 +77,24 @@ def _names(code: types.CodeType) -> tuple:
     return names
 
 
+def _default_device_context():
+    """The object torch.set_default_device() installs (a new one at each call), or None: what a
+    tensor the mod makes (torch.empty(0)) lands on. Read by identity: get_default_device() costs
+    more than the rest of holds()."""
+    context = getattr(torch, "_GLOBAL_DEVICE_CONTEXT", None)
+    return getattr(context, "device_context", None) if context is not None else torch.get_default_device()
+
+
 class ReadGuard:
     """What a mod's trace can reach, as recorded by read_guard(); holds() tells whether all of it is
     as it was."""
 
-    __slots__ = ("cells", "entries", "functions", "sequences", "mappings", "tensors", "copies", "default_dtype")
+    __slots__ = ("cells", "entries", "functions", "sequences", "mappings", "tensors", "copies", "default_dtype",
+                 "device_context", "modules", "names")
 
     def __init__(self):
+        self.modules = []      # trusted modules reached: the attributes the code names are watched on them
+        self.names = set()     # every name the visited code names
         self.cells = []        # (cell, its contents)
         self.entries = []      # (dict, key, value or _MISSING): globals, builtins, keyword defaults
         self.functions = []    # (function, code, defaults, keyword defaults dict)
@@ -81,13 +103,14 @@ class ReadGuard:
         self.tensors = []      # (tensor, version, memory, shape, strides, dtype, device)
         self.copies = []       # (CPU tensor, a copy of its values)
         self.default_dtype = torch.get_default_dtype()
+        self.device_context = _default_device_context()
 
     def size(self) -> int:
         return (len(self.cells) + len(self.entries) + len(self.functions) + len(self.sequences)
                 + len(self.mappings) + len(self.tensors))
 
     def holds(self) -> bool:
-        if torch.get_default_dtype() is not self.default_dtype:
+        if torch.get_default_dtype() is not self.default_dtype or _default_device_context() is not self.device_context:
             return False
         for fn, code, defaults, kwdefaults in self.functions:
             if fn.__code__ is not code or fn.__defaults__ is not defaults or fn.__kwdefaults__ is not kwdefaults:
@@ -119,20 +142,39 @@ def read_guard(mod) -> ReadGuard | None:
     """A guard over everything mod's trace can reach, or None where that includes something a guard
     cannot watch (then the mod must be traced at every call)."""
     guard = ReadGuard()
+    seen = set()
     try:
-        _visit(mod, guard, set(), top=True)
+        _visit(mod, guard, seen, top=True)
+        _watch_module_attributes(guard, seen)
     except _Unguardable:
         return None
     return guard if guard.size() <= _MAX_CHECKS else None
 
 
+def _watch_module_attributes(guard: ReadGuard, seen: set) -> None:
+    """On every trusted module reached (torch, math, this library, and their submodules reached
+    through them), each attribute the code names: one set or replaced by hand (torch.my_window = 16,
+    math.floor = ...) changes what the mod computes without changing the module object."""
+    done = set()
+    while guard.modules:
+        module = guard.modules.pop()
+        if id(module) in done:
+            continue
+        done.add(id(module))
+        namespace = vars(module)
+        for name in guard.names:
+            found = namespace.get(name, _MISSING)
+            guard.entries.append((namespace, name, found))
+            if found is not _MISSING:
+                _visit(found, guard, seen)
+
+
 def only_read_tables(guard: ReadGuard, tables) -> bool:
-    """After tracing, the value comparisons the guard needs: a small CPU tensor it reached is
-    compared by value at each call (a Python-level read such as int(t[0]), or a 0-d constant, put
-    its value into the trace, and a numpy or `.data` write moves no counter); a larger one only if
-    the trace read it as a table (`tables`, the graph's tensors, whose values the plan watches).
-    False where that cannot be done (a large CPU tensor read otherwise, an inference tensor not
-    read as a table)."""
+    """After tracing, the value comparisons the guard needs: each CPU tensor it reached is compared
+    by value at each call (a Python-level read such as int(t[0]), or a 0-d constant, puts its value
+    into the trace, and a numpy or `.data` write moves no counter). False where that cannot be done:
+    a CPU tensor past _MAX_COPIED_BYTES (traced at every call instead), an inference tensor not
+    read as a table (`tables`, the graph's tensors)."""
     read_ids = {id(source_of(t)) for t in tables} | {id(t) for t in tables}
     for t, version, *_ in guard.tensors:
         as_table = id(t) in read_ids
@@ -140,15 +182,19 @@ def only_read_tables(guard: ReadGuard, tables) -> bool:
             return False
         if t.device.type != "cpu":
             continue   # trusted by its counter and memory, as the FlashInfer path trusts device tables
-        if t.numel() * t.element_size() <= _MAX_COPIED_BYTES:
-            guard.copies.append((t, t.detach().clone()))
-        elif not as_table:
+        if t.numel() * t.element_size() > _MAX_COPIED_BYTES:
             return False
+        guard.copies.append((t, t.detach().clone()))
     return True
 
 
 def _visit(value, guard: ReadGuard, seen: set, top: bool = False) -> None:
-    if isinstance(value, _LEAF_TYPES):
+    kind = type(value)
+    if kind in _LEAF_TYPES:
+        return
+    if kind is slice:
+        for part in (value.start, value.stop, value.step):
+            _visit(part, guard, seen)
         return
     key = id(value)
     if key in seen:
@@ -157,11 +203,14 @@ def _visit(value, guard: ReadGuard, seen: set, top: bool = False) -> None:
     if guard.size() > _MAX_CHECKS:
         raise _Unguardable
     if isinstance(value, torch.Tensor):
+        if kind not in (torch.Tensor, torch.nn.Parameter) or value.__dict__:
+            raise _Unguardable   # a subclass, or Python attributes set on it (t.window = 16)
         guard.tensors.append((value, version_of(value), _memory(value), value.shape, value.stride(), value.dtype,
                               value.device))
         return
     if isinstance(value, types.ModuleType):
         if _trusted_module_name(value.__name__):
+            guard.modules.append(value)
             return
         raise _Unguardable
     if isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)):
@@ -176,11 +225,11 @@ def _visit(value, guard: ReadGuard, seen: set, top: bool = False) -> None:
     if isinstance(value, types.FunctionType):
         _visit_function(value, guard, seen, top)
         return
-    if isinstance(value, tuple):
+    if kind is tuple:
         for item in value:
             _visit(item, guard, seen)
         return
-    if isinstance(value, list):
+    if kind is list:
         guard.sequences.append((value, tuple(value)))
         for item in value:
             _visit(item, guard, seen)
@@ -211,7 +260,17 @@ def _visit_function(fn: types.FunctionType, guard: ReadGuard, seen: set, top: bo
         return   # fixed when made
     if not top and fn.__closure__ is None and _trusted_module_name(getattr(fn, "__module__", None)):
         return   # a module-level function of torch or this library (a closure made there may hold a user's mod)
+    if type(fn.__globals__) is not dict:
+        raise _Unguardable   # a mapping whose lookups may answer what .get() does not (__missing__)
+    names = _names(fn.__code__)
+    if not _DYNAMIC_NAMES.isdisjoint(names):
+        raise _Unguardable
+    guard.names.update(names)
     guard.functions.append((fn, fn.__code__, fn.__defaults__, fn.__kwdefaults__))
+    attributes = fn.__dict__   # fn.window = 16, read by the mod as an attribute of itself or a helper
+    guard.mappings.append((attributes, tuple(attributes.items())))
+    for item in attributes.values():
+        _visit(item, guard, seen)
     for item in fn.__defaults__ or ():
         _visit(item, guard, seen)
     if fn.__kwdefaults__:
@@ -228,7 +287,7 @@ def _visit_function(fn: types.FunctionType, guard: ReadGuard, seen: set, top: bo
     fn_globals, fn_builtins = fn.__globals__, getattr(fn, "__builtins__", builtins.__dict__)
     if not isinstance(fn_builtins, dict):
         fn_builtins = getattr(fn_builtins, "__dict__", builtins.__dict__)
-    for name in _names(fn.__code__):
+    for name in names:
         found = fn_globals.get(name, _MISSING)
         guard.entries.append((fn_globals, name, found))
         if found is _MISSING:

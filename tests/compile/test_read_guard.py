@@ -73,6 +73,33 @@ def _scenarios():
             return (q >= kv) & (q - kv < w)
         return mask, lambda: setattr(mask, "__defaults__", (5,))
 
+    def function_attribute_rebound():
+        mask, _ = _module_function("def mask(b, h, q, kv):\n    return (q >= kv) & (q - kv < mask.widths[h])\n",
+                                   "mask")
+        mask.widths = torch.tensor([3, 4, 5, 6])
+        return mask, lambda: setattr(mask, "widths", torch.tensor([9, 4, 5, 6]))
+
+    def global_looked_up_by_name():
+        mod, g = _module_function("def mask(b, h, q, kv):\n    return (q >= kv) & (q - kv < globals()['W'])\n",
+                                  "mask", W=3)
+        return mod, lambda: g.__setitem__("W", 5)
+
+    def attribute_set_on_a_trusted_module():
+        import flex_flash_infer.mods as library_mods
+
+        library_mods.test_read_guard_window = 3
+        mask = lambda b, h, q, kv: (q >= kv) & (q - kv < library_mods.test_read_guard_window)
+        return mask, lambda: setattr(library_mods, "test_read_guard_window", 5)
+
+    def torch_grad_mode():
+        mask = lambda b, h, q, kv: (q >= kv) & (q - kv < (3 if torch.is_grad_enabled() else 5))
+        return mask, lambda: torch.set_grad_enabled(not torch.is_grad_enabled())
+
+    def attribute_set_on_a_tensor():
+        table = torch.tensor([3, 4])
+        table.window = 3
+        return (lambda b, h, q, kv: (q >= kv) & (q - kv < table.window)), lambda: setattr(table, "window", 5)
+
     def code_replaced():
         def mask(b, h, q, kv):
             return (q >= kv) & (q - kv < 3)
@@ -124,7 +151,9 @@ def _scenarios():
         return mask, change
 
     return {f.__name__: f for f in (global_number, closure_rebound, list_item, dict_item, object_attribute,
-                                    helper_reads_a_global, helper_rebound, default_argument, code_replaced,
+                                    helper_reads_a_global, helper_rebound, default_argument, function_attribute_rebound,
+                                    global_looked_up_by_name, attribute_set_on_a_trusted_module, torch_grad_mode,
+                                    attribute_set_on_a_tensor, code_replaced,
                                     builtin_shadowed, python_level_tensor_read_written_through_numpy,
                                     python_level_tensor_read_data_rebound, zero_d_constant_written_through_numpy,
                                     zero_d_constant_written_in_place, table_written_in_place, table_re_bound_in_a_dict,
@@ -134,7 +163,7 @@ def _scenarios():
 @pytest.mark.parametrize("name", list(_scenarios()))
 def test_a_memo_answers_as_a_fresh_trace_after_any_change(name):
     mod, change = _scenarios()[name]()
-    default_dtype = torch.get_default_dtype()
+    default_dtype, grad_mode = torch.get_default_dtype(), torch.is_grad_enabled()
     memo = ReadsMemo()
     try:
         before = _agrees(mod, memo)
@@ -147,6 +176,7 @@ def test_a_memo_answers_as_a_fresh_trace_after_any_change(name):
         _agrees(mod, memo)
     finally:
         torch.set_default_dtype(default_dtype)
+        torch.set_grad_enabled(grad_mode)
 
 
 def test_plain_masks_are_kept_and_objects_are_traced_at_every_call():
