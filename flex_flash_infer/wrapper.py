@@ -220,6 +220,14 @@ class FlexFlashInfer:
         return self._prepared
 
     def _check_inputs(self, p: _Prepared, q, k, v) -> None:
+        # inputs as prepared, told in one pass (host work of every call); else the checks below
+        # say what is wrong (prepare() took a floating dtype: a tensor of it is floating point)
+        if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+                and q.dtype == p.dtype and k.dtype == p.dtype and v.dtype == p.dtype
+                and q.shape == (p.seq_len_q, p.num_qo_heads, p.head_dim)
+                and k.shape == v.shape == (p.seq_len_kv, p.num_kv_heads, p.head_dim)
+                and q.device == k.device == v.device and q.device.type == self.device.type):
+            return
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t, 3, "[seq, heads, head_dim]")
         check_same_device_dtype(q=q, k=k, v=v)
@@ -274,8 +282,10 @@ class FlexFlashInfer:
                    if p.backend == "flashinfer" and p.score_mod is not None and torch.is_grad_enabled() else [])
         if p.backend != "flashinfer" or not needs_grad(q, k, v, *learned):
             out, lse = self._forward(p, q, k, v, return_lse)
-            if not out.requires_grad and torch.is_grad_enabled():   # no sequence sees a key
-                inputs = (q, k, v, *(learned or learned_tensors(p.score_mod, self.device)))
+            # no sequence sees a key (on FlashInfer nothing here needs grad: the test above said so,
+            # and searching the score_mod again was most of a score_mod call's host work)
+            if p.backend != "flashinfer" and not out.requires_grad and torch.is_grad_enabled():
+                inputs = (q, k, v, *learned_tensors(p.score_mod, self.device))
                 if needs_grad(*inputs):
                     out, lse = anchored(inputs, out, lse)
             return (out, lse) if return_lse else out

@@ -277,7 +277,7 @@ class FlashInferPlan:
         return self.plan.route
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = True):
-        """(out, natural-log lse); lse is None when return_lse is False and the route needs none."""
+        """(out, natural-log lse); lse is None when return_lse is False."""
         if self.negate_query:
             q = -q
         if self.bands and not self.has_columns and not return_lse:
@@ -292,7 +292,8 @@ class FlashInferPlan:
                 vc = v[:, self.positions].reshape(-1, 1, *v.shape[2:])
                 o_col, lse_col = self.columns.run(q, (kc, vc))
                 out, lse = nan_merge.merge_state(self.columns.merge, out, lse, o_col, lse_col)
-            return out, lse * LN2
+            # the merge needed the LSE; natural-log only when asked for (else a launch for nothing)
+            return out, lse * LN2 if return_lse else None
         if self.head_band_runs is not None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             # without an LSE asked for, none is written or scaled: per group a copy launch less
@@ -341,12 +342,12 @@ class FlashInferPlan:
                 return out, lse
             return out, lse * LN2 if return_lse else None
         if self.head_major:
-            return self._run_head_major(q, k, v)
+            return self._run_head_major(q, k, v, return_lse)
         out, lse = self.groups[0].run(q, (self._pages(k), self._pages(v)))
-        return out, lse * LN2
+        return out, lse * LN2 if return_lse else None
 
 
-    def _run_head_major(self, q, k, v):
+    def _run_head_major(self, q, k, v, return_lse: bool = True):
         """All heads in one launch set: queries [Hq * B * L, 1, D], pages [Hkv * B * nKV, block_kv, 1, D]."""
         batch, q_len, kv_len, hq, hkv, d = self.shape
         q_hm = q.transpose(0, 1).reshape(hq * batch * q_len, 1, d)
@@ -356,7 +357,7 @@ class FlashInferPlan:
 
         out, lse = self.groups[0].run(q_hm, (pages(k), pages(v)))
         out = out.view(hq, batch * q_len, d).transpose(0, 1).contiguous()
-        return out, lse.view(hq, batch * q_len).t().contiguous() * LN2
+        return out, lse.view(hq, batch * q_len).t().contiguous() * LN2 if return_lse else None
 
 
 def interleaved_lse_slots(runs, num_heads: int):
