@@ -64,24 +64,23 @@ def _shifted(mod, offset: int, n_args: int):
 
 
 def _dense_mask_mod(mask: torch.Tensor):
-    """A transformers 4-D mask [B or 1, 1, Q, KV] (bool, or float with large negatives) as a mask_mod,
-    and for a float mask whose visible entries are not all 0 (a soft bias) the bias as a score_mod
-    term (added to the scaled score, as SDPA adds the mask), else None."""
+    """A transformers 4-D mask [B or 1, Hq or 1, Q, KV] (bool, or float with large negatives) as a
+    mask_mod, its batch and head counts (None where it broadcasts), and for a float mask whose
+    visible entries are not all 0 (a soft bias) the bias as a score_mod term (added to the scaled
+    score, as SDPA adds the mask), else None. A mask per head is read per head, as SDPA does."""
     visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    visible = visible[:, 0]
+    per_sample, per_head = visible.shape[0] > 1, visible.shape[1] > 1
 
     def model_mask(b, h, q_idx, kv_idx):
-        return visible[b if visible.shape[0] > 1 else 0, q_idx, kv_idx]
-    bias = None
+        return visible[b if per_sample else 0, h if per_head else 0, q_idx, kv_idx]
+    batch, heads = (visible.shape[0] if per_sample else None), (visible.shape[1] if per_head else None)
     if mask.dtype != torch.bool:
-        values = torch.where(visible, mask[:, 0], 0).float()
-        if bool((values != 0).any()):
-            bias = values
-
+        bias = torch.where(visible, mask, 0).to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+        if bool((bias != 0).any()):
             def bias_term(score, b, h, q_idx, kv_idx):
-                return score + bias[b if bias.shape[0] > 1 else 0, q_idx, kv_idx]
-            return model_mask, visible.shape[0], bias_term
-    return model_mask, visible.shape[0], None
+                return score + bias[b if per_sample else 0, h if per_head else 0, q_idx, kv_idx]
+            return model_mask, batch, heads, bias_term
+    return model_mask, batch, heads, None
 
 
 def _with_model_softcap(score_mod, softcap):
@@ -105,30 +104,34 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"flex_flash_infer attention does not take the model's {name}= argument; "
                                       "use attn_implementation='eager' for this model")
-    mask_mod, score_mod = getattr(_local, "mods", None) or (None, None)
+    mask_mod, users_score_mod = getattr(_local, "mods", None) or (None, None)
     mask_mod = mask_mod or getattr(config, "flex_flash_infer_mask_mod", None)
-    score_mod = _with_model_softcap(score_mod or getattr(config, "flex_flash_infer_score_mod", None),
-                                    kwargs.get("softcap"))
+    users_score_mod = users_score_mod or getattr(config, "flex_flash_infer_score_mod", None)
     B, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     offset = kv_len - q_len
+    if mask_mod is not None or users_score_mod is not None:
+        # the user's mods see the cache slot as the position: raise where the model's differ
+        _check_positions(kwargs.get("position_ids"), attention_mask, offset, q_len, kv_len,
+                         "mask_mod" if mask_mod is not None else "score_mod")
+    # the user's score_mod on absolute positions (the model's soft cap reads none); a float mask's
+    # bias below is indexed by the mask's own rows, so it is added after the shift
+    score_mod = _shifted(check_score_mod(_with_model_softcap(users_score_mod, kwargs.get("softcap"))), offset, 5)
     mask_batch = mask_heads = None
     if mask_mod is not None:
-        _check_positions(kwargs.get("position_ids"), attention_mask, offset, q_len, kv_len)
         mod, owner = _shifted(as_mask_mod(mask_mod), offset, 4), mask_mod
         # a mask that reads b (per-sample documents) or h (per-head windows) gets tables per
         # sample or head: tables of b = 0, h = 0 alone would be broadcast to the others
         uses_b, uses_h = mask_dependence(mod, B, query.shape[1], q_len, kv_len, query.device)
         mask_batch, mask_heads = (B if uses_b else None), (query.shape[1] if uses_h else None)
     elif attention_mask is not None:
-        (mod, mask_batch, bias_term), owner = _dense_mask_mod(attention_mask), attention_mask
+        (mod, mask_batch, mask_heads, bias_term), owner = _dense_mask_mod(attention_mask), attention_mask
         if bias_term is not None:
             score_mod = _then(score_mod, bias_term)
     elif getattr(module, "is_causal", True):
         # no mask: SDPA's is_causal, aligned to the top left (an empty static cache's prefill has
         # kv_len > q_len, the slots past the queries empty); one query sees every key
         mod, owner = (_CAUSAL, _CAUSAL) if q_len > 1 else (None, None)
-        offset = 0
     else:
         mod, owner = None, None
     block_mask = None
@@ -161,8 +164,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             if not isinstance(owner, torch.Tensor):   # copied only when built
                 reads = KeptReads(state) if state is not None else None
             _block_masks[key_] = (weakref.ref(owner), reads, block_mask)
-    out = flex_attention(query, key, value, score_mod=_shifted(check_score_mod(score_mod), offset, 5),
-                         block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -178,8 +180,9 @@ def _then(first, second):
     return first_then_second
 
 
-def _check_positions(position_ids, attention_mask, offset: int, q_len: int, kv_len: int) -> None:
-    """A mask_mod sees the cache slot as the position (queries the last q_len of kv_len slots).
+def _check_positions(position_ids, attention_mask, offset: int, q_len: int, kv_len: int, what: str) -> None:
+    """A user's mask_mod or score_mod (`what`) sees the cache slot as the position (queries the last
+    q_len of kv_len slots).
     Where the model's positions say otherwise, raise rather than mask the wrong tokens: a padded
     batch (the padding would be visible), a static cache (empty slots past the queries) or a
     sliding cache (slots that no longer start at position 0)."""
@@ -187,13 +190,13 @@ def _check_positions(position_ids, attention_mask, offset: int, q_len: int, kv_l
         visible = attention_mask if attention_mask.dtype == torch.bool else \
             attention_mask > torch.finfo(attention_mask.dtype).min / 2
         if not bool(visible[:, 0].any(-2).all()):
-            raise NotImplementedError("attention_mods(mask_mod=...) with a padded batch (keys no query sees): "
-                                      "the mask_mod would not hide the padding; run the rows unpadded")
+            raise NotImplementedError(f"attention_mods({what}=...) with a padded batch (keys no query sees): "
+                                      f"the {what} would see the padding's slots as positions; run the rows unpadded")
     if position_ids is not None:
         first = position_ids[..., 0].reshape(-1)
         if bool((first != offset).any()):
             raise NotImplementedError(
-                f"attention_mods(mask_mod=...) takes the cache slot as the position, but the model's positions "
+                f"attention_mods({what}=...) takes the cache slot as the position, but the model's positions "
                 f"start at {int(first.min())}, not {offset} ({kv_len} cached slots, {q_len} queries): a static or "
                 "sliding-window cache, or padding; use the dynamic cache (the default) with unpadded rows")
 

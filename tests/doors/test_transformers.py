@@ -269,3 +269,47 @@ def test_a_mask_mod_with_positions_that_are_not_cache_slots_raises(rng):
         padded[..., 0] = False
         with pytest.raises(NotImplementedError, match="padded"):
             _attend(*_qkv(rng, 5, 5), padded)
+
+
+def test_a_mask_per_head_is_read_per_head(rng):
+    """A 4-D mask [B, Hq, Q, KV] whose heads differ: SDPA applies each head's (head 0's alone was used)."""
+    q, k, v = _qkv(rng, 12, 12, heads=4)
+    mask = torch.ones(1, 4, 12, 12, dtype=torch.bool).tril()
+    mask[:, 1] &= (torch.arange(12)[:, None] - torch.arange(12)[None]) < 3   # head 1: a window of 3
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (_attend(q, k, v, mask) - want).abs().max() < 1e-5
+    soft = torch.zeros(1, 4, 12, 12).masked_fill(~mask, torch.finfo(torch.float32).min)
+    soft[:, 2, :, 3] = -1.5                                                   # a soft bias on head 2 alone
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=soft)
+    assert (_attend(q, k, v, soft) - want).abs().max() < 1e-5
+
+
+def test_a_score_mod_alone_sees_the_query_position_while_decoding(models, rng):
+    """One query per step with a DynamicCache (the model passes no mask): the score_mod saw q_idx 0
+    (0.34 off a full pass for a thresholded distance bias)."""
+    ours, _ = models
+
+    def penalise_far_keys(score, b, h, q_idx, kv_idx):
+        return score - 3.0 * ((q_idx - kv_idx) > 4)
+
+    ids = torch.randint(0, 256, (1, 20), generator=rng)
+    with torch.no_grad(), attention_mods(score_mod=penalise_far_keys):
+        full = ours(ids).logits
+        cache = transformers.DynamicCache(config=ours.config)
+        steps = [ours(ids[:, :12], past_key_values=cache, use_cache=True).logits]
+        steps += [ours(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(12, 20)]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+
+
+def test_a_score_mod_alone_with_positions_that_are_not_cache_slots_raises(rng):
+    """As a mask_mod does: a padded batch or a sliding/static cache would give it the wrong positions."""
+    def distance_bias(score, b, h, q_idx, kv_idx):
+        return score - 0.1 * (q_idx - kv_idx)
+
+    with attention_mods(score_mod=distance_bias):
+        with pytest.raises(NotImplementedError, match="score_mod.*cache slot"):
+            _attend(*_qkv(rng, 1, 8), position_ids=torch.tensor([[12]]))
+        padded = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
+        padded[..., 0] = False
+        with pytest.raises(NotImplementedError, match="score_mod.*padded"):
+            _attend(*_qkv(rng, 5, 5), padded)
