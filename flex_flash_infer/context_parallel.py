@@ -312,11 +312,12 @@ class ContextParallelFlexAttention:
                 raise ValueError(f"{name}: this rank's shard [B, H, {self.shard_len}, D] of the {self.seq_len}-token "
                                  f"sequence over {self.world} ranks, got shape {tuple(t.shape)}")
         kept = self._mask_state
-        if kept is not None and not (kept.complete and kept.holds(current_reads(self.mask_mod, "mask_mod"))):
+        if kept is None or not (kept.complete and kept.holds(current_reads(self.mask_mod, "mask_mod"))):
             # the block masks (which tiles are full, which key shards the ring skips) came from the
             # values the mask reads: a number changed or a tensor written or re-bound since (on
             # the CPU also through .data, numpy or an inference tensor; CPU tables too large to
-            # keep a copy of at every call), they are built again
+            # keep a copy of at every call), they are built again; for a mask_mod that does not
+            # trace (torch.bucketize), whose reads are unknown, at every call
             self._masks.clear()
             self._mask_state = self._kept_reads()
         needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (query, key, value))
