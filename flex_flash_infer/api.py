@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.autograd import learned_tensors, needs_grad, recomputation_reads, with_recomputed_gradients
+from .backends.autograd import LearnedMemo, learned_tensors, needs_grad, recomputation_reads, with_recomputed_gradients
 from .backends.backend_choice import choose_backend, read_kernel_options
 from .block_mask import check_block_mask, full_block_mask, reads_memo
 from .backends.flashinfer_backend import FlashInferPlan
@@ -63,7 +63,9 @@ def flashinfer_plan_for(block_mask, batch, q_len, kv_len, hq, hkv, head_dim, dty
         warn_once("flex_attention: the mask_mod or score_mod reads a tensor made under torch.inference_mode(), "
                   "which keeps no write counter: its plan is made again at every call (make the tensor "
                   "outside inference_mode to keep it)")
-    elif score_mod is None or score_state is not None:   # a score_mod that does not trace is not kept
+    elif (score_mod is None or score_state is not None) and (state is not None or block_mask.mask_mod is None):
+        # a mod that does not trace (torch.bucketize) is not kept: what it reads is unknown, and
+        # a table it reads rewritten would leave the plan's partial tiles on the old values
         block_mask._plans[key] = plan
     return plan
 
@@ -121,7 +123,11 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     if chosen == "flashinfer" and score_mod is not None and torch.is_grad_enabled():
         # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) recomputes
         # attention, and needs the learned tensors the score_mod reads (a bias table)
-        learned = learned_tensors(score_mod, query.device)
+        # (searched again only once what the search reaches changed: a memo kept on the mask)
+        memo = getattr(block_mask, "_learned_memo", None)
+        if memo is None:
+            memo = block_mask._learned_memo = LearnedMemo()
+        learned = learned_tensors(score_mod, query.device, memo)
     if chosen == "flashinfer":
         sm_scale = scale if scale is not None else E ** -0.5
         try:

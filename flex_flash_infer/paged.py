@@ -19,7 +19,7 @@ import math
 import torch
 
 from .core import nan_merge
-from .backends.autograd import FORWARD_ONLY, anchored, forward_only, learned_tensors, needs_grad
+from .backends.autograd import FORWARD_ONLY, LearnedMemo, anchored, forward_only, learned_tensors, needs_grad
 from .backends.backend_choice import check_backend_name
 from .core.notices import warn_once
 from .backends.flashinfer_backend import LN2, _is_hopper, default_workspace, unsupported_reason
@@ -167,7 +167,7 @@ class PagedFlexAttention:
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
                              soft_cap=soft_cap, constants=constants, mask_reads=mask_reads,
                              scale=scale, launch_scale=launch_scale, negate_query=launch_scale < 0, page_size=page_size,
-                             heads=heads, dtype=dtype, tables=tables)
+                             heads=heads, dtype=dtype, tables=tables, learned_memo=LearnedMemo())
         return self
 
     def _launches(self, plan, heads, page_size, dtype, scale, variants, soft_cap):
@@ -235,7 +235,7 @@ class PagedFlexAttention:
             p["variants"].refresh()   # tables the score_mod reads, as they are now
         # the learned tensors the score_mod reads, found at each call in grad mode (one unfrozen
         # after plan() counts): a grad_fn whose backward says why it cannot
-        learned = (learned_tensors(p["score_mod"], self.device)
+        learned = (learned_tensors(p["score_mod"], self.device, p["learned_memo"])
                    if p["score_mod"] is not None and torch.is_grad_enabled() else [])
         if needs_grad(q, k_cache, v_cache, *learned):
             out, lse = forward_only(lambda: _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse),

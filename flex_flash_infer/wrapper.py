@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.autograd import anchored, learned_tensors, needs_grad, with_recomputed_gradients
+from .backends.autograd import LearnedMemo, anchored, learned_tensors, needs_grad, with_recomputed_gradients
 from .backends.backend_choice import check_backend_name, choose_backend
 from .core.notices import warn_once
+from .core.read_guard import only_read_tables, read_guard
 from .block_mask import BlockMask, LazyBlockMask, create_block_mask
 from .backends.flashinfer_backend import FlashInferPlan
 from .core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
@@ -56,6 +57,8 @@ class _Prepared:
     mask_state: object = None      # what the mask read when prepared (core/versions.KeptReads), None if untraced
     score_numbers: tuple = ()      # on the FlashInfer path: its numbers and expression when prepared (compiled in)
     reads_memo: object = None      # core/trace.ReadsMemo: the mods traced again at a call only once what they reach changed
+    learned_memo: object = None    # backends/autograd.LearnedMemo: the score_mod's learned tensors, searched again likewise
+    untraced_guard: object = None  # core/read_guard.ReadGuard over what a mask_fn that does not trace can reach
 
 
 def _pointer(t) -> int:
@@ -208,10 +211,21 @@ class FlexFlashInfer:
         # values compared too on the CPU (a .data or numpy write moves no counter; the
         # reference backend plans its tiles here as well)
         mask_state = KeptReads(mask_state) if mask_state is not None else None
+        untraced_guard = None
+        if mask_state is None and mask_mod is not None and backend == "flashinfer":
+            # a mask the tracer cannot read (torch.bucketize): its tensors are unknown to the plan,
+            # so everything it can reach is watched instead (a document table rewritten in place
+            # ran the old documents, 2.4 off); one reaching what cannot be watched is said once
+            untraced_guard = read_guard(mask_mod)
+            if untraced_guard is None or not only_read_tables(untraced_guard, []):
+                untraced_guard = None
+                warn_once("FlexFlashInfer: the mask_fn does not trace and reaches objects whose changes cannot be "
+                          "watched: after changing what it reads, call prepare() again")
         warn_unwatched(mask_reads + constants, "FlexFlashInfer", "mask_fn or score_mod", "prepare()")
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
                                    head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads,
-                                   score_reads, mask_mod, mask_state, score_numbers, reads_memo)
+                                   score_reads, mask_mod, mask_state, score_numbers, reads_memo, LearnedMemo(),
+                                   untraced_guard)
         return self
 
     def _require_prepared(self) -> _Prepared:
@@ -256,8 +270,9 @@ class FlexFlashInfer:
         stale = stale_constants_message(p.constants, "FlexFlashInfer")
         if stale:
             raise ValueError(stale.replace("plan again", "call prepare() again"))
-        if moved(p.mask_reads) or (p.mask_state is not None
-                                   and not p.mask_state.holds(current_reads(p.mask_fn, "mask_mod", p.reads_memo))):
+        if (moved(p.mask_reads) or (p.untraced_guard is not None and not p.untraced_guard.holds())
+                or (p.mask_state is not None
+                    and not p.mask_state.holds(current_reads(p.mask_fn, "mask_mod", p.reads_memo)))):
             raise ValueError("FlexFlashInfer: a tensor or number the mask_fn reads was written in place or re-bound "
                              "after prepare(), which planned the mask from its values: call prepare() again")
         # traced once per call: checked here, and watched between forward and backward below
@@ -277,8 +292,8 @@ class FlexFlashInfer:
                              "load_state_dict(assign=True), model.to(...)): call prepare() again")
         # FlashInfer's kernels record nothing for autograd: the backward (autograd.py) needs the
         # learned tensors the score_mod reads, found at each call (one unfrozen or made after
-        # prepare() counts)
-        learned = (learned_tensors(p.score_mod, self.device)
+        # prepare() counts; searched again only once something the search reaches changed)
+        learned = (learned_tensors(p.score_mod, self.device, p.learned_memo)
                    if p.backend == "flashinfer" and p.score_mod is not None and torch.is_grad_enabled() else [])
         if p.backend != "flashinfer" or not needs_grad(q, k, v, *learned):
             out, lse = self._forward(p, q, k, v, return_lse)

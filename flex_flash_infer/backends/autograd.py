@@ -18,6 +18,7 @@ import types
 
 import torch
 
+from ..core.read_guard import _MAX_CHECKS, _MISSING, ReadGuard, _Unguardable, read_guard, watch_tensor
 from ..core.trace import tensors_read
 from ..core.versions import moved, snapshot, source_of
 
@@ -35,11 +36,17 @@ _MAX_DEPTH = 6
 _MAX_OBJECTS = 4096
 
 
-def captured_tensors(fn) -> list:
+def captured_tensors(fn, guard: ReadGuard | None = None) -> list:
     """The tensors requiring grad that a mod can reach: its closure, defaults, the globals its
     code names, functools.partial arguments, a bound method's object, an nn.Module's parameters
     and buffers, objects' attributes, and the containers among them. These are the score_mod's
-    learned inputs (a bias table) that a gradient must reach as well as q, k and v."""
+    learned inputs (a bias table) that a gradient must reach as well as q, k and v.
+
+    guard: filled with everything the search visits (each function's code, defaults, closure
+    cells, attributes and the globals it names, the items of lists and dicts, every tensor), so
+    that while it holds the search finds the same tensors; raises read_guard._Unguardable where
+    the search reads what a guard cannot watch (a user's object's attributes, an nn.Module, a
+    functools.partial, a set) or stops at its limits."""
     found: dict = {}
     seen: set = set()
 
@@ -47,11 +54,18 @@ def captured_tensors(fn) -> list:
         if isinstance(x, torch.Tensor):
             if x.requires_grad:
                 found.setdefault(id(x), x)
+            if guard is not None:
+                watch_tensor(guard, x)
             return
         if (depth > _MAX_DEPTH or len(seen) > _MAX_OBJECTS or id(x) in seen or x is None
                 or isinstance(x, (str, bytes, int, float, bool, types.ModuleType, type))):
+            if guard is not None and id(x) not in seen and not isinstance(
+                    x, (type(None), str, bytes, int, float, bool, types.ModuleType, type)):
+                raise _Unguardable   # past the search's limits
             return
         seen.add(id(x))
+        if guard is not None:
+            _watch(x, guard)
         if isinstance(x, torch.nn.Module):
             for t in (*x.parameters(), *x.buffers()):
                 visit(t, depth + 1)
@@ -83,7 +97,39 @@ def captured_tensors(fn) -> list:
                 visit(item, depth + 1)
 
     visit(fn, 0)
+    if guard is not None and guard.size() > _MAX_CHECKS:
+        raise _Unguardable   # not worth keeping
     return list(found.values())
+
+
+def _watch(x, guard: ReadGuard) -> None:
+    """Record in guard what captured_tensors reads of x (at its first visit), or raise
+    _Unguardable where that may change unseen. Whatever the search does not look into (a module,
+    a class, an object without attributes) is left out: it does not change what the search finds
+    (what the mod's code reaches is read_guard's)."""
+    if isinstance(x, types.FunctionType):
+        guard.functions.append((x, x.__code__, x.__defaults__, x.__kwdefaults__, x.__dict__))
+        for cell in x.__closure__ or ():
+            try:
+                guard.cells.append((cell, cell.cell_contents))
+            except ValueError:   # a cell not yet filled: it may be filled later
+                raise _Unguardable from None
+        for attributes in (x.__kwdefaults__ or {}, x.__dict__):
+            guard.mappings.append((attributes, tuple(attributes.items())))
+        for name in _global_names(x.__code__):
+            guard.entries.append((x.__globals__, name, x.__globals__.get(name, _MISSING)))
+    elif isinstance(x, (torch.nn.Module, functools.partial, set)):
+        raise _Unguardable   # parameters registered, arguments or items changed in place
+    elif isinstance(x, list):
+        guard.sequences.append((x, tuple(x)))
+    elif isinstance(x, dict):
+        guard.mappings.append((x, tuple(x.items())))
+    elif isinstance(x, (tuple, frozenset, types.MethodType)):
+        pass   # fixed; their items, function and object are visited
+    elif isinstance(getattr(x, "__dict__", None), dict):   # the search reads its attributes
+        if not (type(x).__module__.startswith("flex_flash_infer.") and not hasattr(type(x), "__slots__")):
+            raise _Unguardable   # a user's object: its attributes may change
+        guard.mappings.append((vars(x), tuple(vars(x).items())))   # one of this library's, watched like a dict
 
 
 def _global_names(code) -> set:
@@ -94,7 +140,7 @@ def _global_names(code) -> set:
     return names
 
 
-def learned_tensors(score_mod, device) -> list:
+def learned_tensors(score_mod, device, memo: "LearnedMemo | None" = None) -> list:
     """The tensors requiring grad a score_mod's result depends on, which a gradient must reach as
     well as q, k and v (a learned bias table): those it reads itself, as captured_tensors finds
     them, as its traced expression indexes them, and as torch operations are given them when it is
@@ -102,13 +148,62 @@ def learned_tensors(score_mod, device) -> list:
     A table computed from a parameter (bias = w * 2) is an input itself: it gets its own gradient
     (autograd.grad, retain_grad, its hooks) and autograd carries that on to the parameter. The
     backward reads each through a stand-in (StandIns), so a tensor and one derived from it, both
-    inputs, each get the gradient of their own use only. Called with grad enabled only."""
+    inputs, each get the gradient of their own use only. Called with grad enabled only.
+
+    memo: a LearnedMemo kept by the caller's plan: the search is made again only once something it
+    could reach changed."""
     if score_mod is None:
         return []
+    if memo is not None:
+        if memo.mod is score_mod and memo.device == device and memo.holds():
+            return list(memo.found)
+        memo.mod = None
+        guards = _search_guards(score_mod)   # before the search: a search that changes what it reads is not kept
     read = {id(t): t for t in captured_tensors(score_mod)}
     for t in (*_traced_tensors(score_mod), *_recorded_reads(score_mod, device)):
         read.setdefault(id(t), t)
-    return list(read.values())
+    found = list(read.values())
+    if memo is not None and guards is not None:
+        memo.keep(score_mod, device, guards, found)
+    return found
+
+
+class LearnedMemo:
+    """learned_tensors()'s last answer for a plan's score_mod, kept while nothing it depends on
+    changed: what the mod's code can reach (a read_guard.ReadGuard, as its traced expression
+    depends on), what captured_tensors visits (a second guard), and each of their tensors'
+    requires_grad (a table unfrozen after planning is found, one frozen is dropped). The search
+    traces the mod and calls it twice at position 0 (on a GPU, a launch per zeros tensor and per
+    op of the mod): host work at every call with grad enabled, on inference and training alike."""
+
+    __slots__ = ("mod", "device", "guards", "flags", "found")
+
+    def __init__(self):
+        self.mod = None
+
+    def keep(self, mod, device, guards, found) -> None:
+        code_reach, search_reach, flags = guards
+        if code_reach.holds() and search_reach.holds() and all(t.requires_grad is f for t, f in flags):
+            self.mod, self.device, self.guards, self.flags, self.found = mod, device, guards[:2], flags, found
+
+    def holds(self) -> bool:
+        return (all(guard.holds() for guard in self.guards)
+                and all(t.requires_grad is flag for t, flag in self.flags))
+
+
+def _search_guards(score_mod):
+    """(guard over what the mod's code reaches, guard over what captured_tensors visits, each of
+    their tensors with its requires_grad), or None where either cannot be watched."""
+    code_reach = read_guard(score_mod)
+    if code_reach is None:
+        return None
+    search_reach = ReadGuard()
+    try:
+        captured_tensors(score_mod, search_reach)
+    except _Unguardable:
+        return None
+    tensors = {id(entry[0]): entry[0] for entry in code_reach.tensors + search_reach.tensors}
+    return code_reach, search_reach, [(t, t.requires_grad) for t in tensors.values()]
 
 
 def _tensors_in(x):

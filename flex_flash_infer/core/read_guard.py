@@ -112,8 +112,9 @@ class ReadGuard:
     def holds(self) -> bool:
         if torch.get_default_dtype() is not self.default_dtype or _default_device_context() is not self.device_context:
             return False
-        for fn, code, defaults, kwdefaults in self.functions:
-            if fn.__code__ is not code or fn.__defaults__ is not defaults or fn.__kwdefaults__ is not kwdefaults:
+        for fn, code, defaults, kwdefaults, attributes in self.functions:
+            if (fn.__code__ is not code or fn.__defaults__ is not defaults or fn.__kwdefaults__ is not kwdefaults
+                    or fn.__dict__ is not attributes):   # fn.__dict__ = {...} replaces the dict whose items are watched
                 return False
         for cell, value in self.cells:
             try:
@@ -133,7 +134,7 @@ class ReadGuard:
                 return False
         for t, version, memory, shape, strides, dtype, device in self.tensors:
             if (version_of(t) != version or t.shape != shape or t.dtype != dtype or t.device != device
-                    or t.stride() != strides or _memory(t) != memory):
+                    or t.stride() != strides or _memory(t) != memory or t.__dict__):   # an attribute set since
                 return False
         return all(same_values(t, copy) for t, copy in self.copies)
 
@@ -188,6 +189,14 @@ def only_read_tables(guard: ReadGuard, tables) -> bool:
     return True
 
 
+def watch_tensor(guard: ReadGuard, t: torch.Tensor) -> None:
+    """guard watches t's write counter, memory and form; a tensor with Python attributes (t.window,
+    which a mod may read) cannot be watched."""
+    if t.__dict__:
+        raise _Unguardable
+    guard.tensors.append((t, version_of(t), _memory(t), t.shape, t.stride(), t.dtype, t.device))
+
+
 def _visit(value, guard: ReadGuard, seen: set, top: bool = False) -> None:
     kind = type(value)
     if kind in _LEAF_TYPES:
@@ -205,8 +214,7 @@ def _visit(value, guard: ReadGuard, seen: set, top: bool = False) -> None:
     if isinstance(value, torch.Tensor):
         if kind not in (torch.Tensor, torch.nn.Parameter) or value.__dict__:
             raise _Unguardable   # a subclass, or Python attributes set on it (t.window = 16)
-        guard.tensors.append((value, version_of(value), _memory(value), value.shape, value.stride(), value.dtype,
-                              value.device))
+        watch_tensor(guard, value)
         return
     if isinstance(value, types.ModuleType):
         if _trusted_module_name(value.__name__):
@@ -266,7 +274,7 @@ def _visit_function(fn: types.FunctionType, guard: ReadGuard, seen: set, top: bo
     if not _DYNAMIC_NAMES.isdisjoint(names):
         raise _Unguardable
     guard.names.update(names)
-    guard.functions.append((fn, fn.__code__, fn.__defaults__, fn.__kwdefaults__))
+    guard.functions.append((fn, fn.__code__, fn.__defaults__, fn.__kwdefaults__, fn.__dict__))
     attributes = fn.__dict__   # fn.window = 16, read by the mod as an attribute of itself or a helper
     guard.mappings.append((attributes, tuple(attributes.items())))
     for item in attributes.values():

@@ -79,6 +79,11 @@ def _scenarios():
         mask.widths = torch.tensor([3, 4, 5, 6])
         return mask, lambda: setattr(mask, "widths", torch.tensor([9, 4, 5, 6]))
 
+    def function_dict_replaced():
+        mask, _ = _module_function("def mask(b, h, q, kv):\n    return (q >= kv) & (q - kv < mask.w)\n", "mask")
+        mask.w = 3
+        return mask, lambda: setattr(mask, "__dict__", {"w": 5})
+
     def global_looked_up_by_name():
         mod, g = _module_function("def mask(b, h, q, kv):\n    return (q >= kv) & (q - kv < globals()['W'])\n",
                                   "mask", W=3)
@@ -152,7 +157,7 @@ def _scenarios():
 
     return {f.__name__: f for f in (global_number, closure_rebound, list_item, dict_item, object_attribute,
                                     helper_reads_a_global, helper_rebound, default_argument, function_attribute_rebound,
-                                    global_looked_up_by_name, attribute_set_on_a_trusted_module, torch_grad_mode,
+                                    global_looked_up_by_name, function_dict_replaced, attribute_set_on_a_trusted_module, torch_grad_mode,
                                     attribute_set_on_a_tensor, code_replaced,
                                     builtin_shadowed, python_level_tensor_read_written_through_numpy,
                                     python_level_tensor_read_data_rebound, zero_d_constant_written_through_numpy,

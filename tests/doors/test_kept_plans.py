@@ -185,3 +185,41 @@ def test_optimizer_steps_bf16_and_relbias(flashinfer_on_cpu, rng):
         assert all(close(a, b) for a, b in zip(g, gr))
         table.grad = g[1]
         opt.step()
+
+
+def _untraceable_documents(starts):
+    """A document mask through torch.bucketize, which the tracer cannot read: its tensors are unknown."""
+    def documents(b, h, q_idx, kv_idx):
+        return ((torch.bucketize(q_idx, starts, right=True) == torch.bucketize(kv_idx, starts, right=True))
+                & (q_idx >= kv_idx))
+    return documents
+
+
+def test_an_untraceable_masks_rewritten_table_is_not_run_from_a_kept_plan(flashinfer_on_cpu, rng):
+    """flex_attention kept the plan of a mask it could not trace and ran its partial tiles on the
+    old documents after the table was rewritten in place (2.3 off the reference)."""
+    starts = torch.tensor([0, 100])
+    mask = _untraceable_documents(starts)
+    q, k, v = _qkv(rng)
+    bm = create_block_mask(mask, None, None, L, L, device="cpu", BLOCK_SIZE=64)
+    _check(q, k, v, None, bm)
+    starts.copy_(torch.tensor([0, 110]))       # inside a tile that was partial already
+    _check(q, k, v, None, bm)
+
+
+def test_an_untraceable_mask_fn_rewritten_after_prepare_raises(flashinfer_on_cpu, rng):
+    """FlexFlashInfer's plan of a mask it could not trace ran the old documents (2.4 off): what the
+    mask reaches is watched instead, and a change asks for prepare() again."""
+    import pytest
+
+    from flex_flash_infer import FlexFlashInfer
+
+    starts = torch.tensor([0, 100])
+    flex = FlexFlashInfer(device="cpu", backend="flashinfer").prepare(
+        mask_fn=_untraceable_documents(starts), seq_len_q=L, seq_len_kv=L, num_qo_heads=2, num_kv_heads=2,
+        head_dim=16, dtype=torch.float32)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in _qkv(rng))
+    flex(q, k, v)
+    starts.copy_(torch.tensor([0, 110]))
+    with pytest.raises(ValueError, match=r"call prepare\(\) again"):
+        flex(q, k, v)
