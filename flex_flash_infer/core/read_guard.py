@@ -25,6 +25,7 @@ fixed when made, as trace._LIBRARY_READS already assumes.
 from __future__ import annotations
 
 import builtins
+import sys
 import types
 
 import torch
@@ -54,6 +55,18 @@ _TRUSTED_MODULES = ("torch", "math", "operator", "builtins", "numbers", "flex_fl
 
 class _Unguardable(Exception):
     """The mod reaches something whose contents a guard cannot watch."""
+
+
+def _defined_in_trusted_module(obj) -> bool:
+    """Whether obj is what a trusted module holds under obj's own name: functools.wraps copies a
+    library function's __module__ and __qualname__ onto a user's function, which must not pass."""
+    name = getattr(obj, "__module__", None)
+    if not _trusted_module_name(name):
+        return False
+    found = sys.modules.get(name)
+    for part in getattr(obj, "__qualname__", "<unknown>").split("."):
+        found = getattr(found, part, None)
+    return found is obj
 
 
 def _trusted_module_name(name) -> bool:
@@ -154,16 +167,21 @@ def read_guard(mod) -> ReadGuard | None:
 
 def _watch_module_attributes(guard: ReadGuard, seen: set) -> None:
     """On every trusted module reached (torch, math, this library, and their submodules reached
-    through them), each attribute the code names: one set or replaced by hand (torch.my_window = 16,
-    math.floor = ...) changes what the mod computes without changing the module object."""
-    done = set()
-    while guard.modules:
-        module = guard.modules.pop()
-        if id(module) in done:
-            continue
-        done.add(id(module))
-        namespace = vars(module)
-        for name in guard.names:
+    through them), and on torch.Tensor's class, each attribute the code names: one set or replaced
+    by hand (torch.my_window = 16, math.floor = ..., torch.Tensor.clamp = ...) changes what the mod
+    computes without changing the module object. Repeated until no new name or module appears (a
+    function found there names more)."""
+    done = {}   # id(namespace) -> the names watched on it
+    namespaces = [vars(torch.Tensor), vars(torch._C.TensorBase)] if guard.tensors else []
+    while True:
+        while guard.modules:
+            namespaces.append(vars(guard.modules.pop()))
+        pending = [(ns, name) for ns in namespaces for name in tuple(guard.names)
+                   if name not in done.setdefault(id(ns), set())]
+        if not pending:
+            return
+        for namespace, name in pending:
+            done[id(namespace)].add(name)
             found = namespace.get(name, _MISSING)
             guard.entries.append((namespace, name, found))
             if found is not _MISSING:
@@ -227,7 +245,7 @@ def _visit(value, guard: ReadGuard, seen: set, top: bool = False) -> None:
             return   # a builtin function (len, min, torch.where): nothing of it changes
         raise _Unguardable   # a builtin method bound to an object (some_dict.get)
     if isinstance(value, type):
-        if value.__module__ == "builtins" or _trusted_module_name(value.__module__):
+        if value.__module__ == "builtins" or _defined_in_trusted_module(value):
             return
         raise _Unguardable
     if isinstance(value, types.FunctionType):
@@ -258,15 +276,16 @@ def _visit(value, guard: ReadGuard, seen: set, top: bool = False) -> None:
         for item in attributes.values():
             _visit(item, guard, seen)
         return
-    if isinstance(value, (types.MethodDescriptorType, types.WrapperDescriptorType, types.ClassMethodDescriptorType)):
-        return   # a C type's unbound method (torch.Tensor.add, int.__add__): nothing of it changes
+    if isinstance(value, (types.MethodDescriptorType, types.WrapperDescriptorType, types.ClassMethodDescriptorType,
+                          types.GetSetDescriptorType, types.MemberDescriptorType)):
+        return   # a C type's unbound method or attribute (torch.Tensor.add, .device): nothing of it changes
     raise _Unguardable   # an object (an nn.Module, a namespace, a partial): its attributes may change
 
 
 def _visit_function(fn: types.FunctionType, guard: ReadGuard, seen: set, top: bool) -> None:
     if not top and made_by_library(fn):
         return   # fixed when made
-    if not top and fn.__closure__ is None and _trusted_module_name(getattr(fn, "__module__", None)):
+    if not top and fn.__closure__ is None and _defined_in_trusted_module(fn):
         return   # a module-level function of torch or this library (a closure made there may hold a user's mod)
     if type(fn.__globals__) is not dict:
         raise _Unguardable   # a mapping whose lookups may answer what .get() does not (__missing__)

@@ -28,6 +28,14 @@ def _agrees(mod, memo, kind="mask_mod"):
     return fresh
 
 
+_UNDO = []   # what a scenario patched on torch itself, put back after it
+
+
+def _patch(owner, name, value):
+    _UNDO.append((owner, name, getattr(owner, name)))
+    setattr(owner, name, value)
+
+
 def _scenarios():
     """name -> () -> (mod, change): change() alters what mod computes."""
     def global_number():
@@ -83,6 +91,28 @@ def _scenarios():
         mask, _ = _module_function("def mask(b, h, q, kv):\n    return (q >= kv) & (q - kv < mask.w)\n", "mask")
         mask.w = 3
         return mask, lambda: setattr(mask, "__dict__", {"w": 5})
+
+    def helper_wearing_a_library_functions_name():   # functools.wraps copies __module__ and __qualname__
+        import functools
+
+        from flex_flash_infer import noop_mask
+
+        helper, g = _module_function("def helper(b, h, q, kv):\n    return q - kv < W\n", "helper", W=3)
+        helper = functools.wraps(noop_mask)(helper)
+        mask = lambda b, h, q, kv: (q >= kv) & helper(b, h, q, kv)
+        return mask, lambda: g.__setitem__("W", 5)
+
+    def tensor_method_patched():
+        table = torch.tensor([3, 4, 5, 6])
+        clamp = torch.Tensor.clamp
+        mask = lambda b, h, q, kv: (q >= kv) & (q - kv < table.clamp(max=4)[h])
+        return mask, lambda: _patch(torch.Tensor, "clamp", lambda self, max=None: clamp(self, max=max - 2))
+
+    def torch_function_replaced_by_a_python_one():   # once crashed the guard (a set grew while read)
+        inverted, _ = _module_function("def where(c, a, b):\n    return torch_where(c, ~a, b)\n", "where",
+                                       torch_where=torch.where)   # names a global: the guard's names grow
+        mask = lambda b, h, q, kv: torch.where(q >= kv, q - kv < 3, False)
+        return mask, lambda: _patch(torch, "where", inverted)
 
     def global_looked_up_by_name():
         mod, g = _module_function("def mask(b, h, q, kv):\n    return (q >= kv) & (q - kv < globals()['W'])\n",
@@ -157,7 +187,9 @@ def _scenarios():
 
     return {f.__name__: f for f in (global_number, closure_rebound, list_item, dict_item, object_attribute,
                                     helper_reads_a_global, helper_rebound, default_argument, function_attribute_rebound,
-                                    global_looked_up_by_name, function_dict_replaced, attribute_set_on_a_trusted_module, torch_grad_mode,
+                                    global_looked_up_by_name, function_dict_replaced,
+                                    helper_wearing_a_library_functions_name, tensor_method_patched,
+                                    torch_function_replaced_by_a_python_one, attribute_set_on_a_trusted_module, torch_grad_mode,
                                     attribute_set_on_a_tensor, code_replaced,
                                     builtin_shadowed, python_level_tensor_read_written_through_numpy,
                                     python_level_tensor_read_data_rebound, zero_d_constant_written_through_numpy,
@@ -182,6 +214,9 @@ def test_a_memo_answers_as_a_fresh_trace_after_any_change(name):
     finally:
         torch.set_default_dtype(default_dtype)
         torch.set_grad_enabled(grad_mode)
+        while _UNDO:
+            owner, attribute, value = _UNDO.pop()
+            setattr(owner, attribute, value)
 
 
 def test_plain_masks_are_kept_and_objects_are_traced_at_every_call():
