@@ -284,7 +284,11 @@ def _visit(value, guard: ReadGuard, seen: set, top: bool = False) -> None:
 
 def _visit_function(fn: types.FunctionType, guard: ReadGuard, seen: set, top: bool) -> None:
     if not top and made_by_library(fn):
-        return   # fixed when made
+        # what it computes is fixed when made, but a user's code may read its attributes
+        # (doc.document_ids) and re-bind them: their identities are watched
+        guard.functions.append((fn, fn.__code__, fn.__defaults__, fn.__kwdefaults__, fn.__dict__))
+        guard.mappings.append((fn.__dict__, tuple(fn.__dict__.items())))
+        return
     if not top and fn.__closure__ is None and _defined_in_trusted_module(fn):
         return   # a module-level function of torch or this library (a closure made there may hold a user's mod)
     if type(fn.__globals__) is not dict:

@@ -114,6 +114,14 @@ def _scenarios():
         mask = lambda b, h, q, kv: torch.where(q >= kv, q - kv < 3, False)
         return mask, lambda: _patch(torch, "where", inverted)
 
+    def attribute_of_a_library_mask_rebound():
+        from flex_flash_infer.mods import generate_document_mask_mod
+
+        doc = generate_document_mask_mod(document_ids=torch.tensor([0] * 8 + [1] * 8))
+        mask, _ = _module_function("def mask(b, h, q, kv):\n    ids = doc.document_ids\n"
+                                   "    return (ids[q] == ids[kv]) & (q >= kv)\n", "mask", doc=doc)
+        return mask, lambda: setattr(doc, "document_ids", torch.tensor([0] * 4 + [1] * 12))
+
     def global_looked_up_by_name():
         mod, g = _module_function("def mask(b, h, q, kv):\n    return (q >= kv) & (q - kv < globals()['W'])\n",
                                   "mask", W=3)
@@ -187,7 +195,7 @@ def _scenarios():
 
     return {f.__name__: f for f in (global_number, closure_rebound, list_item, dict_item, object_attribute,
                                     helper_reads_a_global, helper_rebound, default_argument, function_attribute_rebound,
-                                    global_looked_up_by_name, function_dict_replaced,
+                                    global_looked_up_by_name, function_dict_replaced, attribute_of_a_library_mask_rebound,
                                     helper_wearing_a_library_functions_name, tensor_method_patched,
                                     torch_function_replaced_by_a_python_one, attribute_set_on_a_trusted_module, torch_grad_mode,
                                     attribute_set_on_a_tensor, code_replaced,
