@@ -470,17 +470,24 @@ def _parametrize(fn, tracer: _Tracer, seen: dict):
         return fn
     if id(fn) in seen:
         return seen[id(fn)]
-    cells = []
+    # the copy exists (in seen) before its cells are filled: a closure that names itself, or two
+    # that name each other, get the copies instead of recursing; it keeps fn's attributes, which
+    # the mod may read (mask.window)
+    cells, filled = [], []
     for var, cell in zip(fn.__code__.co_freevars, fn.__closure__):
         try:
             value = cell.cell_contents
         except ValueError:
             cells.append(cell)
             continue
-        cells.append(types.CellType(_stand_in(var, value, tracer, seen)))
+        cells.append(types.CellType())
+        filled.append((cells[-1], var, value))
     new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
     new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
     seen[id(fn)] = new
+    for cell, var, value in filled:
+        cell.cell_contents = _stand_in(var, value, tracer, seen)
     return new
 
 

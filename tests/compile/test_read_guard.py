@@ -268,3 +268,34 @@ def test_a_large_cpu_tensor_read_only_at_python_level_has_no_guard():
     assert "mask_mod" not in memo.entries
     np.asarray(big.numpy())[0] = 7
     assert current_reads(mask, "mask_mod", memo).scalars == read_state(mask, "mask_mod").scalars
+
+
+def test_a_mask_that_names_itself_or_reads_a_captured_library_masks_attribute_traces(flashinfer_on_cpu):
+    """The trace copies captured functions (their numbers become parameters): the copy recursed
+    forever on a closure naming itself, and lost the attributes a mod reads (mask.window,
+    doc.document_ids), raising where the reference backend runs."""
+    from flex_flash_infer import create_block_mask, flex_attention
+    from flex_flash_infer.mods import generate_document_mask_mod
+
+    def window_factory(width):
+        def mask(b, h, q, kv):
+            return (q >= kv) & (q - kv < mask.window)
+        mask.window = width
+        return mask
+
+    def documents_factory():
+        doc = generate_document_mask_mod(document_ids=torch.tensor([0] * 40 + [1] * 24))
+
+        def mask(b, h, q, kv):
+            ids = doc.document_ids
+            return (ids[q] == ids[kv]) & (q >= kv)
+        return mask
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
+    for mask in (window_factory(5), documents_factory()):
+        assert read_state(mask, "mask_mod") is not None
+        bm = create_block_mask(mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+        got = flex_attention(q, k, v, block_mask=bm, backend="flashinfer")
+        want = flex_attention(q, k, v, block_mask=bm, backend="reference")
+        assert (got - want).abs().max() < 1e-5
