@@ -25,6 +25,7 @@ fixed when made, as trace._LIBRARY_READS already assumes.
 from __future__ import annotations
 
 import builtins
+import dis
 import sys
 import types
 
@@ -96,6 +97,23 @@ def _default_device_context():
     more than the rest of holds()."""
     context = getattr(torch, "_GLOBAL_DEVICE_CONTEXT", None)
     return getattr(context, "device_context", None) if context is not None else torch.get_default_device()
+
+
+_IMPORTS_OF_CODE: dict = {}
+
+
+def _imports(code: types.CodeType) -> bool:
+    """Whether code (or code nested in it) imports: `import cfg` inside a mod takes the module from
+    sys.modules, which no name of its globals shows."""
+    found = _IMPORTS_OF_CODE.get(code)
+    if found is None:
+        stack, found = [code], False
+        while stack and not found:
+            c = stack.pop()
+            found = any(i.opname in ("IMPORT_NAME", "IMPORT_FROM") for i in dis.get_instructions(c))
+            stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+        _IMPORTS_OF_CODE[code] = found
+    return found
 
 
 class ReadGuard:
@@ -294,7 +312,7 @@ def _visit_function(fn: types.FunctionType, guard: ReadGuard, seen: set, top: bo
     if type(fn.__globals__) is not dict:
         raise _Unguardable   # a mapping whose lookups may answer what .get() does not (__missing__)
     names = _names(fn.__code__)
-    if not _DYNAMIC_NAMES.isdisjoint(names):
+    if not _DYNAMIC_NAMES.isdisjoint(names) or _imports(fn.__code__):
         raise _Unguardable
     guard.names.update(names)
     guard.functions.append((fn, fn.__code__, fn.__defaults__, fn.__kwdefaults__, fn.__dict__))

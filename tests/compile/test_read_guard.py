@@ -122,6 +122,16 @@ def _scenarios():
                                    "    return (ids[q] == ids[kv]) & (q >= kv)\n", "mask", doc=doc)
         return mask, lambda: setattr(doc, "document_ids", torch.tensor([0] * 4 + [1] * 12))
 
+    def module_imported_inside_the_mod():   # import takes it from sys.modules, not from a global
+        import sys
+
+        config = types.ModuleType("test_read_guard_config")
+        config.W = 3
+        sys.modules["test_read_guard_config"] = config
+        mask, _ = _module_function("def mask(b, h, q, kv):\n    import test_read_guard_config as cfg\n"
+                                   "    return (q >= kv) & (q - kv < cfg.W)\n", "mask")
+        return mask, lambda: setattr(config, "W", 5)
+
     def global_looked_up_by_name():
         mod, g = _module_function("def mask(b, h, q, kv):\n    return (q >= kv) & (q - kv < globals()['W'])\n",
                                   "mask", W=3)
@@ -196,6 +206,7 @@ def _scenarios():
     return {f.__name__: f for f in (global_number, closure_rebound, list_item, dict_item, object_attribute,
                                     helper_reads_a_global, helper_rebound, default_argument, function_attribute_rebound,
                                     global_looked_up_by_name, function_dict_replaced, attribute_of_a_library_mask_rebound,
+                                    module_imported_inside_the_mod,
                                     helper_wearing_a_library_functions_name, tensor_method_patched,
                                     torch_function_replaced_by_a_python_one, attribute_set_on_a_trusted_module, torch_grad_mode,
                                     attribute_set_on_a_tensor, code_replaced,
