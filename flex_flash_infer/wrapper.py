@@ -215,7 +215,7 @@ class FlexFlashInfer:
         if mask_state is None and mask_mod is not None and backend == "flashinfer":
             # a mask the tracer cannot read (torch.bucketize): its tensors are unknown to the plan,
             # so everything it can reach is watched instead (a document table rewritten in place
-            # ran the old documents, 2.4 off); one reaching what cannot be watched is said once
+            # would run the old documents); one reaching what cannot be watched is said once
             untraced_guard = read_guard(mask_mod)
             if untraced_guard is None or not only_read_tables(untraced_guard, []):
                 untraced_guard = None

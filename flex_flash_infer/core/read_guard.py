@@ -2,7 +2,7 @@
 
 A plan made from a user's mask_mod holds while what the mod reads is unchanged: a global number,
 a closure's value, a helper function, a table. trace.current_reads() used to trace the mod at every
-call to find out (about half of a per-head-window call's host time). A ReadGuard instead records
+call to find out (most of a short call's host work). A ReadGuard instead records
 every Python object the mod's trace can reach, by identity: its code, defaults, closure cells and
 attributes (`mask.widths`), the globals and builtins its code (and its nested functions' code)
 names, the items of the lists, tuples and dicts among them, recursively through the functions it

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .hints import around_users_mod, made_by_library  # around_users_mod: planning marks its wrappers through here
+from .hints import made_by_library
 from .read_guard import only_read_tables, read_guard
 from .versions import ReadState, moved, version_of
 
@@ -147,9 +147,9 @@ def _describe(node: "Node") -> str:
 
 # (op, cast dtype, torch's default dtype, each operand's tier and dtype, and a number's type and
 # repr) -> (dtype, compute) of an op with a tensor operand (tier 2): what running it on stand-ins
-# gave, kept, since it depends on nothing else. The mask_mod of a FlexFlashInfer call is traced
-# at every call: its stand-in ops were a third of that trace's time (13 torch.ones and 6 ops for
-# a per-head window mask). Failures are not kept (their error is raised again).
+# gave, kept, since it depends on nothing else: a user's mod is traced again whenever what it
+# reads may have changed, and running the stand-ins was a large share of each trace. Failures are
+# not kept (their error is raised again).
 _TIER2_DTYPES: dict = {}
 _TIER2_DTYPES_MAX = 4096
 
@@ -604,9 +604,10 @@ def _guarded_reads(mod, kind: str, memo: ReadsMemo) -> ReadState | None:
         graph = trace(mod, kind)
     except TraceError:
         return None
-    numbers, read = _numbers(graph), [t for _, t in graph.tensors] + [t for t, _ in graph.constants]
+    tables = [t for _, t in graph.tensors]
+    numbers, read = _numbers(graph), tables + [t for t, _ in graph.constants]
     # a 0-d tensor read as a constant is compiled in by value: compared by value like any other
-    if guard is not None and guard.holds() and only_read_tables(guard, [t for _, t in graph.tensors]):
+    if guard is not None and guard.holds() and only_read_tables(guard, tables):
         memo.entries[kind] = (mod, guard, numbers, read)
     return ReadState(numbers, read)
 

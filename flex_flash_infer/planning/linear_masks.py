@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core.trace import around_users_mod, current_reads, trace
-from ..core.hints import state_hint, stated_hint
+from ..core.trace import current_reads, trace
+from ..core.hints import around_users_mod, state_hint, stated_hint
 
 _FLIP = {"ge": "le", "gt": "lt", "le": "ge", "lt": "gt", "eq": "eq"}
 _RANGE = {torch.int32: (-(1 << 31), (1 << 31) - 1), torch.int64: (-(1 << 63), (1 << 63) - 1)}
