@@ -18,6 +18,7 @@ import torch
 
 from flex_flash_infer.masks.block_build import EMPTY, FULL, PARTIAL, tile_elements
 from flex_flash_infer.core.mask_eval import INDEX_DTYPE, evaluate_mask_mod, mask_dependence
+from flex_flash_infer.mods.document import document_ids_from_offsets
 from flex_flash_infer.mods.registry import get_mask_fn
 from flex_flash_infer.wrapper import FlexFlashInfer
 
@@ -81,8 +82,10 @@ def document_offsets(seq_len: int, seed: int = SEED):
 ISSUE_CASES = ("full", "causal", "sliding_window", "attamba", "streaming", "prefix_lm", "document", "random_tiles")
 
 
-def case_masks(seq_len: int):
-    """name -> (mask_mod, native FlashInfer kwargs or None, cuDNN SDPA is_causal or None)."""
+def case_masks(seq_len: int, device="cpu"):
+    """name -> (mask_mod, native FlashInfer kwargs or None, cuDNN SDPA is_causal or None). The
+    tables a mask reads are made on device, as torch's flex_attention needs them (a compiled
+    torch flex given a CPU table copies it inside its kernel's graph, or leaves its fused path)."""
     return {
         "full": (get_mask_fn("full"), {"causal": False}, False),
         "causal": (get_mask_fn("causal"), {"causal": True}, True),
@@ -93,7 +96,8 @@ def case_masks(seq_len: int):
         "prefix_lm": (get_mask_fn("prefix_lm", prefix_len=2048), None, None),
         # a prefix that ends inside a 128-row query tile (a prompt of any length)
         "prefix_lm_2000": (get_mask_fn("prefix_lm", prefix_len=2000), None, None),
-        "document": (get_mask_fn("document", offsets=document_offsets(seq_len)), None, None),
+        "document": (get_mask_fn("document", document_ids=document_ids_from_offsets(document_offsets(seq_len))
+                                 .to(device)), None, None),
         "random_tiles": (random_tile_mask(seq_len), None, None),
         "per_head_windows": (per_head_window_mask(), None, None),
     }
@@ -207,17 +211,19 @@ def identity_score_mod(score, b, h, q_idx, kv_idx):
     return score
 
 
-def score_mod_cases():
+def score_mod_cases(device="cpu"):
     """name -> (mask name, score_mod, FlashInfer native kwargs or None): #4's score_mod rows, and
     identity+causal, a score_mod folded into the scale."""
+    from flex_flash_infer.mods.alibi import alibi_slopes
     from flex_flash_infer.mods import (generate_alibi_score_mod, generate_relative_position_bias_score_mod,
                                        generate_softcap_score_mod)
 
-    table = torch.randn(32, 257, generator=torch.Generator().manual_seed(SEED)) * 0.5
+    # tables on device, as for case_masks
+    table = (torch.randn(32, 257, generator=torch.Generator().manual_seed(SEED)) * 0.5).to(device)
     # FlashInfer's own soft cap (fa3) and ALiBi (fa2 only) as the native rows: what the same
     # transform costs in FlashInfer's hand-written variants, beside our compiled ones
     return {"softcap+causal": ("causal", generate_softcap_score_mod(20.0), {"causal": True, "logits_soft_cap": 20.0}),
-            "alibi+causal": ("causal", generate_alibi_score_mod(num_heads=32), {"causal": True,
+            "alibi+causal": ("causal", generate_alibi_score_mod(alibi_slopes(32).to(device)), {"causal": True,
                                                                                  "pos_encoding_mode": "ALIBI"}),
             "rel_bias+causal": ("causal", generate_relative_position_bias_score_mod(table), None),
             "identity+causal": ("causal", identity_score_mod, None),
@@ -406,7 +412,7 @@ def _run_benchmark(seq_lens, cases, out_path, with_flex, profile, head_dims):
             notes = {k: v for k, v in old.items() if k not in RESULT_FIELDS + OLD_FIELDS}
     rows, result, failed = [], None, []
     for seq_len in seq_lens:
-        masks = case_masks(seq_len)
+        masks = case_masks(seq_len, "cuda")
         for name, (mod, native, sdpa) in masks.items():
             if cases and name not in cases:
                 continue
@@ -422,7 +428,7 @@ def _run_benchmark(seq_lens, cases, out_path, with_flex, profile, head_dims):
                 torch.cuda.empty_cache()
                 # saved after every case, so that a run cut short keeps what it measured
                 result = _save(out_path, device, flashinfer.__version__, earlier, rows, notes)
-        for name, (mask_name, score_mod, native) in score_mod_cases().items():
+        for name, (mask_name, score_mod, native) in score_mod_cases("cuda").items():
             if (cases and name not in cases) or 128 not in head_dims:
                 continue
             t0 = time.time()

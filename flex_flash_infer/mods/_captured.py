@@ -13,6 +13,12 @@ def follow_device(tensor: torch.Tensor):
         device = torch.device(device)
         if device == tensor.device:
             return tensor
+        if torch.compiler.is_compiling():
+            # torch.compile is tracing the mod (torch's own flex_attention): the copy becomes part
+            # of the compiled graph, so it is never stale; a kept copy would be baked in, and the
+            # bookkeeping below (a weakref) breaks the graph, which sends torch's flex_attention to
+            # its unfused path (50-100x slower, and out of memory at 32768 tokens)
+            return tensor.to(device)
         copy, version = copies.get(device, (None, None))
         if copy is None or version != version_of(tensor):
             copy = tensor.to(device)
