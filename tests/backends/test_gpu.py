@@ -119,6 +119,60 @@ def test_per_head_windows_as_bands_per_head(cuda_gen, dtype, B, L):
     check(out, lse, q, k, v, dense[None], dtype)
 
 
+def test_per_head_windows_called_on_any_stream_and_replayed(cuda_gen):
+    """bands-per-head (a launch per set of heads with equal windows, writing in place on Hopper):
+    called on a stream of the caller's own, with and without LSE (each output checked: a set still
+    running when the caller reads the output would show), and captured into a CUDA graph and
+    replayed on new inputs."""
+    H, Hkv, L, D, dtype = 16, 4, 1000, 128, torch.bfloat16
+    widths = torch.tensor([64, 128, 300, 700])
+
+    def per_head_windows(b, h, q, kv):
+        return (kv <= q) & (q - kv < widths.to(q.device)[h % 4])
+
+    flex = FlexFlashInfer(device="cuda", backend="flashinfer").prepare(
+        mask_fn=per_head_windows, seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D, dtype=dtype)
+    plan = flex._prepared.segments[0].plan
+    assert plan.head_band_runs is not None
+    qi, ki = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
+    dense = torch.stack([(ki <= qi) & (qi - ki < int(widths[h % 4])) for h in range(H)])[None]
+
+    def nhd(x):
+        return x[0].transpose(0, 1).contiguous()
+
+    def bhld(x):
+        return x.transpose(0, 1).unsqueeze(0)
+
+    caller = torch.cuda.Stream()
+    with torch.cuda.stream(caller):
+        for n in range(6):
+            q, k, v = inputs(1, H, Hkv, L, L, D, dtype, cuda_gen)
+            if n % 2:
+                out, lse = flex(nhd(q), nhd(k), nhd(v), return_lse=True)
+                check(bhld(out), lse.transpose(0, 1).unsqueeze(0), q, k, v, dense, dtype)
+            else:
+                ref, _ = dense_attention(q, k, v, dense)
+                assert rel_err(bhld(flex(nhd(q), nhd(k), nhd(v))), ref) < TOL[dtype]
+    torch.cuda.synchronize()
+
+    static = [nhd(x) for x in inputs(1, H, Hkv, L, L, D, dtype, cuda_gen)]
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        flex(*static, return_lse=True)
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = flex(*static, return_lse=True)
+    for _ in range(2):
+        q, k, v = inputs(1, H, Hkv, L, L, D, dtype, cuda_gen)
+        for dst, src in zip(static, (q, k, v)):
+            dst.copy_(nhd(src))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(bhld(g_out), g_lse.transpose(0, 1).unsqueeze(0), q, k, v, dense, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_shared_table_but_head_dependent_mask_mod(cuda_gen, dtype):
     """H=None tables with a mask_mod that reads h: partial tiles must still use each head's mask."""
