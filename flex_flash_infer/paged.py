@@ -280,7 +280,10 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
     FlashInfer's own logits soft cap on every launch (native_soft_cap.py)."""
     import flashinfer
 
-    device = plan.qo_indptr.device
+    if plan.full is None and plan.partial is None:   # no key visible anywhere: run() gives zeros
+        return None, None, (), ()
+    # the page ids lie on the cache's device (the plan's other tables may lie on the host)
+    device = (plan.full if plan.full is not None else plan.partial).kv_indices.device
     workspace = default_workspace(device) if workspace is None else workspace
     wrappers = {} if wrappers is None else wrappers
 

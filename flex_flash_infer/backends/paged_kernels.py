@@ -26,7 +26,7 @@ def paged_request_tables(plan, spec) -> list[torch.Tensor]:
     request), head offset (0: all heads run together), the request's first listed page, and the
     key position of each listed page (-1 for a dummy page)."""
     requests = plan.qo_indptr.numel() - 1
-    device = spec.kv_indptr.device
+    device = spec.kv_indices.device   # the others may lie on the host (a plan from a mask's flags)
     tables = (plan.q_start, torch.arange(requests, device=device), torch.zeros(requests, device=device),
               spec.kv_indptr[:-1], spec.kv_positions)
     return [t.to(device=device, dtype=torch.int32).contiguous() for t in tables]

@@ -42,6 +42,7 @@ MAX_COLUMN_PAGES = 4
 
 @dataclass
 class PagedLaunchSpec:
+    # kv_indices lies on the plan's device; the other tables on the host or on the device
     kv_indptr: torch.Tensor        # int32 [R + 1]
     kv_indices: torch.Tensor       # int32 [pages]: page ids in the cache
     last_page_len: torch.Tensor    # int32 [R]
@@ -53,7 +54,7 @@ class PagedLaunchSpec:
 
 @dataclass
 class PagedPlan:
-    qo_indptr: torch.Tensor        # int32 [R + 1]
+    qo_indptr: torch.Tensor        # int32 [R + 1], on the host (FlashInfer's plan() reads it there)
     full: PagedLaunchSpec | None
     partial: PagedLaunchSpec | None
     decode: bool                   # one query per request and a full page in each: the decode kernel fits
@@ -104,28 +105,30 @@ def _page_ids(kv_page_indices, host_kv, req, local, device) -> torch.Tensor:
 
 
 def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int):
-    """(qo_len, kv_len, pages per request), checked: the queries are the newest cached tokens."""
-    qo_len = qo_indptr[1:] - qo_indptr[:-1]
-    pages = kv_page_indptr[1:] - kv_page_indptr[:-1]
+    """(qo_len, kv_len, pages per request), checked: the queries are the newest cached tokens.
+    Host int64 tensors in, host int64 tensors out; worked out in numpy (plan() runs at every
+    decode step, and each torch operator costs microseconds of dispatch on a few dozen entries)."""
     if qo_indptr.numel() != kv_page_indptr.numel():
         raise ValueError(f"qo_indptr and kv_page_indptr must have one entry per request plus one, got "
                          f"{qo_indptr.numel()} and {kv_page_indptr.numel()}")
-    if kv_last_page_len.numel() != pages.numel():
-        raise ValueError(f"kv_last_page_len must have one entry per request ({pages.numel()}), got "
-                         f"{kv_last_page_len.numel()}")
-    if bool((qo_len < 0).any()) or bool((pages < 0).any()) or int(qo_indptr[0]) != 0 or int(kv_page_indptr[0]) != 0:
+    q, kv, last = (t.long().numpy() for t in (qo_indptr, kv_page_indptr, kv_last_page_len))
+    qo_len, pages = q[1:] - q[:-1], kv[1:] - kv[:-1]
+    if last.size != pages.size:
+        raise ValueError(f"kv_last_page_len must have one entry per request ({pages.size}), got {last.size}")
+    if (qo_len < 0).any() or (pages < 0).any() or q[0] != 0 or kv[0] != 0:
         raise ValueError("qo_indptr and kv_page_indptr must start at 0 and never decrease")
-    bad = ((kv_last_page_len < 1) | (kv_last_page_len > page_size)) & (pages > 0)
-    if bool(bad.any()):
-        r = int(bad.nonzero()[0])
+    bad = ((last < 1) | (last > page_size)) & (pages > 0)
+    if bad.any():
+        r = int(bad.nonzero()[0][0])
         raise ValueError(f"kv_last_page_len must lie in 1..page_size ({page_size}) for requests with pages; "
-                         f"request {r} has {int(kv_last_page_len[r])}")
-    kv_len = torch.where(pages > 0, (pages - 1) * page_size + kv_last_page_len, 0)
-    if bool((qo_len > kv_len).any()):
-        r = int((qo_len > kv_len).nonzero()[0])
+                         f"request {r} has {int(last[r])}")
+    kv_len = np.where(pages > 0, (pages - 1) * page_size + last, 0)
+    over = qo_len > kv_len
+    if over.any():
+        r = int(over.nonzero()[0][0])
         raise ValueError(f"request {r} has {int(qo_len[r])} queries but {int(kv_len[r])} cached keys: the queries "
                          "are the newest tokens, so append their keys to the cache before planning")
-    return qo_len, kv_len, pages
+    return torch.from_numpy(qo_len), torch.from_numpy(kv_len), torch.from_numpy(pages)
 
 
 def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_partial_bits, max_q, heads=1):
@@ -232,11 +235,12 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     not a compiled variant's launch). positions: the launches' kv_positions are wanted (compiled
     variants read them); a plan from a mask's flags leaves them out otherwise."""
     device = torch.device(device) if device is not None else torch.as_tensor(kv_page_indices).device
-    qo_indptr = _int_vector("qo_indptr", qo_indptr, device)
-    kv_page_indptr = _int_vector("kv_page_indptr", kv_page_indptr, device)
-    # the page ids stay int32 (FlashInfer's type) when given so: no conversion kernels each step
+    # int32 tables (FlashInfer's type) stay so: no conversion kernels each step (the copy to the
+    # host below comes out int64)
+    qo_indptr = _int_vector("qo_indptr", qo_indptr, device, keep_int32=True)
+    kv_page_indptr = _int_vector("kv_page_indptr", kv_page_indptr, device, keep_int32=True)
     kv_page_indices = _int_vector("kv_page_indices", kv_page_indices, device, keep_int32=True)
-    kv_last_page_len = _int_vector("kv_last_page_len", kv_last_page_len, device)
+    kv_last_page_len = _int_vector("kv_last_page_len", kv_last_page_len, device, keep_int32=True)
     # the small per-request tables and the page ids' range, checked and expanded on the host: one
     # copy instead of a GPU sync per check (plan() runs once per decode step)
     id_range = (torch.stack(torch.aminmax(kv_page_indices)).long() if kv_page_indices.numel()
@@ -252,9 +256,9 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if kv_page_indices.numel() != int(host_kv[-1]):
         raise ValueError(f"kv_page_indices must have kv_page_indptr[-1] = {int(host_kv[-1])} entries, "
                          f"got {kv_page_indices.numel()}")
-    all_decode = bool((qo_len == 1).all())
-    max_q = int(qo_len.max()) if R else 0
-    max_kv = int(kv_len.max()) if R else 0
+    all_decode = bool((qo_len.numpy() == 1).all())
+    max_q = int(qo_len.numpy().max()) if R else 0
+    max_kv = int(kv_len.numpy().max()) if R else 0
     # a user's own causal or window mask states no hint: its flags come from its expression, read
     # at every plan (a mask reading a global may change between steps)
     flags = (_hinted_flags(mask_mod, max_kv) or paged_flags(mask_mod)) if heads == 1 and _hints else None
@@ -313,7 +317,7 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if any_partial and one_causal:
         spec, _ = _spec(full | partial, req, local, page_len, kv_page_indices, R, page_size)
         spec.causal = True
-        return PagedPlan(qo_indptr.to(torch.int32), spec, None, False, states, **host)
+        return PagedPlan(host_q.to(torch.int32), spec, None, False, states, **host)
 
     full_spec = partial_spec = None
     if any_full:
@@ -324,7 +328,7 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
                                   _own_first_pages(kv_page_indices, host_kv, device),
                                   bits if heads == 1 else None, page_size)
     decode = bool(any_full and all_decode and full_in_each)
-    return PagedPlan(qo_indptr.to(torch.int32), full_spec, partial_spec, decode, states, **host)
+    return PagedPlan(host_q.to(torch.int32), full_spec, partial_spec, decode, states, **host)
 
 
 def _hinted_flags(mask_mod, max_kv: int) -> tuple[bool, int] | None:
@@ -426,14 +430,16 @@ def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_la
     host (plan() runs at every decode step): per-page work only where a window skips pages (one
     gather of the page ids) or when positions or page_states are asked for."""
     causal, window_left = flags
-    q_start = kv_len - qo_len
+    # per request in numpy on the host copies (each torch operator would cost microseconds)
+    n_qo, n_kv, n_pages, n_last = qo_len.numpy(), kv_len.numpy(), pages.numpy(), host_last.numpy()
+    n_q_start = n_kv - n_qo
     # first listed page of each request: the page of its first query's first key (pages before it
     # hold only keys no query sees); all of them for a request without queries
-    first = torch.zeros_like(pages)
-    if window_left >= 0:
-        first = (q_start - window_left).clamp(min=0) // page_size
-    first = torch.where(qo_len > 0, first, pages)
-    counts = pages - first
+    n_first = (np.maximum(n_q_start - window_left, 0) // page_size if window_left >= 0
+               else np.zeros_like(n_pages))
+    n_first = np.where(n_qo > 0, n_first, n_pages)
+    n_counts = n_pages - n_first
+    q_start, first = torch.from_numpy(n_q_start), torch.from_numpy(n_first)
 
     def page_states():
         req, local = pages_of_requests(pages, torch.zeros_like(pages))
@@ -448,23 +454,27 @@ def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_la
         return torch.where(listed, torch.where(partial & listed, PARTIAL, FULL), EMPTY).to(torch.int8).to(device)
 
     spec = None
-    if int(counts.sum()):
-        indptr = torch.zeros(pages.numel() + 1, dtype=torch.int64)
-        indptr[1:] = counts.cumsum(0)
-        every_page = bool((counts == pages).all())
-        req, local = pages_of_requests(counts, first) if positions or not every_page else (None, None)
+    if n_counts.sum():
+        indptr = np.zeros(n_pages.size + 1, dtype=np.int32)
+        np.cumsum(n_counts, out=indptr[1:])
+        every_page = bool((n_counts == n_pages).all())
+        req, local = (pages_of_requests(torch.from_numpy(n_counts), first) if positions or not every_page
+                      else (None, None))
         # a copy either way: a caller writing its next step into the same buffer must not change this plan
         indices = (kv_page_indices.to(torch.int32, copy=True) if every_page
                    else _page_ids(kv_page_indices, host_kv, req, local, device))
-        kv_positions = (local * page_size).to(torch.int32).to(device) if positions else None
+        # the per-request tables and positions stay on the host: FlashInfer's plan() reads its
+        # tables there (a device table costs it a synchronising copy back) and copies them to the
+        # GPU itself; the compiled variants' tables are copied over where they are built
+        kv_positions = (local * page_size).to(torch.int32) if positions else None
         # a page holds keys past its request's first query (causal's diagonal) when a request
         # has more than one query; with one query its own key is the request's last
-        spec = PagedLaunchSpec(indptr.to(torch.int32).to(device), indices.to(torch.int32),
-                               torch.where(counts > 0, host_last, 0).to(torch.int32).to(device),
-                               causal=causal and bool((qo_len > 1).any()), window_left=window_left,
+        spec = PagedLaunchSpec(torch.from_numpy(indptr), indices.to(torch.int32),
+                               torch.from_numpy(np.where(n_counts > 0, n_last, 0).astype(np.int32)),
+                               causal=causal and bool((n_qo > 1).any()), window_left=window_left,
                                kv_positions=kv_positions)
-    decode = spec is not None and all_decode and bool((pages > 0).all())
-    return PagedPlan(qo_indptr.to(torch.int32), spec, None, decode, page_states, q_start=q_start.to(device),
+    decode = spec is not None and all_decode and bool((n_pages > 0).all())
+    return PagedPlan(host_q.to(torch.int32), spec, None, decode, page_states, q_start=q_start,
                      max_kv_len=max_kv, total_q=int(host_q[-1]), max_page_id=max_id)
 
 
