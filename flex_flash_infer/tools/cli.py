@@ -112,8 +112,8 @@ def build_parser():
     bench.add_argument("--seq-lens", type=int, nargs="+", default=None, help="default: 8192 32768 (--cpu: 2048 8192)")
     bench.add_argument("--cases", nargs="+", default=None, help="default: all")
     bench.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<device>.json on the GPU; --cpu writes none unless given)")
-    bench.add_argument("--head-dims", type=int, nargs="+", default=[128, 64],
-                       help="mask cases at each (score_mod cases at 128 only)")
+    bench.add_argument("--head-dims", type=int, nargs="+", default=None,
+                       help="mask cases at each (score_mod cases at 128 only; default: 128 64)")
     bench.add_argument("--no-flex", action="store_true",
                        help="skip torch FlexAttention (its Triton and FlashAttention-4 backends)")
     bench.add_argument("--profile", action="store_true",
@@ -212,8 +212,8 @@ def _info() -> int:
     reason = unsupported_reason(device, SUPPORTED_DTYPES[0], SUPPORTED_HEAD_DIMS[0], SUPPORTED_HEAD_DIMS[0])
     if reason is None:
         heads = "/".join(map(str, SUPPORTED_HEAD_DIMS))
-        print(f"backend 'auto': flashinfer for {dtypes} with head_dim {heads} and no score_mod; "
-              f"reference otherwise")
+        print(f"backend 'auto': flashinfer for {dtypes} with head_dim {heads} (a score_mod compiled into its "
+              f"kernels); reference otherwise, and for a mask_mod or score_mod it cannot trace")
     else:
         print(f"backend 'auto': reference ({reason})")
     cache = pathlib.Path(_flashinfer_cache_dir())
@@ -227,9 +227,26 @@ def _info() -> int:
     return 0
 
 
+def device_error(command: str, device: str) -> str | None:
+    """Why --device cannot run command here, or None: a CPU or a CUDA GPU torch sees."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        return f"{command}: --device must be cpu or cuda (cuda:N), got {device!r}"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"{command}: --device {device}, but torch sees no CUDA GPU here"
+    return None
+
+
 def check_command(args, name: str = "check") -> int:
     """Run `check` from parsed add_check_arguments flags: 0 on PASS, 1 on FAIL, 2 on a bad argument."""
     device = args.device or _default_device()
+    error = device_error(name, device)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     on_cuda = torch.device(device).type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.float32)
     # unset: the query side's; 0 is a value, refused below by name
@@ -262,13 +279,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "demo"
     device = getattr(args, "device", None) or _default_device()
-    try:
-        on_cuda = torch.device(device).type == "cuda"
-    except RuntimeError:
-        print(f"{command}: --device must be a torch device such as cpu or cuda, got {device!r}", file=sys.stderr)
-        return 2
-    if on_cuda and not torch.cuda.is_available():
-        print(f"{command}: --device {device}, but torch sees no CUDA GPU here", file=sys.stderr)
+    error = device_error(command, device)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     if any(n < 1 for n in getattr(args, "seq_lens", None) or ()):
         print(f"{command}: --seq-lens must be positive, got {args.seq_lens}", file=sys.stderr)
@@ -283,6 +296,15 @@ def main(argv=None) -> int:
             unknown = sorted(set(args.cases or ()) - set(MASKS))
             if unknown:   # the CPU benchmark's own cases: another one was silently left out
                 print(f"bench --cpu times {' and '.join(MASKS)}; --cases got {', '.join(unknown)}", file=sys.stderr)
+                return 2
+            # the GPU benchmarks' options: the CPU one would run without them and say nothing
+            ignored = [flag for flag, given in (("--head-dims", args.head_dims is not None), ("--no-flex", args.no_flex),
+                                                ("--profile", args.profile), ("--plan", args.plan),
+                                                ("--decode", args.decode), ("--varlen", args.varlen),
+                                                ("--cold", args.cold is not None)) if given]
+            if ignored:
+                print(f"bench --cpu times the reference backend at head_dim 64 against torch's eager flex_attention "
+                      f"and takes --seq-lens, --cases and --out only; got {' '.join(ignored)}", file=sys.stderr)
                 return 2
             run_cpu_benchmark(args.out, tuple(args.seq_lens or (2048, 8192)), args.cases)
             return 0
@@ -309,7 +331,7 @@ def main(argv=None) -> int:
         from flex_flash_infer_bench.masks import run_benchmark
 
         run_benchmark(tuple(args.seq_lens or (8192, 32768)), args.cases, args.out, with_flex=not args.no_flex, profile=args.profile,
-                      head_dims=tuple(args.head_dims))
+                      head_dims=tuple(args.head_dims or (128, 64)))
         return 0
     if command == "warmup":
         from .warmup import KINDS, warmup
@@ -321,7 +343,7 @@ def main(argv=None) -> int:
         return _info()
     if command == "check":
         return check_command(args)
-    dtype = torch.float16 if on_cuda else torch.float32
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     cases = [("causal", {}), ("sliding_window", {"window_size": 256}),
              ("attamba", {"window_size": 256, "chunk_size": 128})]
     print("flex-flash-infer demo: 1 x 1000 tokens, 8 query / 2 key heads, head_dim 64, vs PyTorch SDPA")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+import textwrap
+
 import numpy as np
 
 from ..block_mask import BlockMask, create_block_mask, create_mask
@@ -21,7 +23,7 @@ VISIBLE_COLOR, HIDDEN_COLOR = "#08306b", "#f7f7f7"          # element mask: visi
 EMPTY_COLOR = "#f7f7f7"
 # one colour per launch, in the plan's order (a plan has at most a handful; more reuse them)
 LAUNCH_COLORS = ["#08306b", "#f4a442", "#2ca25f", "#9e3d8f", "#d7301f", "#41b6c4", "#807dba", "#737373"]
-LEGEND_CHARS = 70
+LEGEND_CHARS = 44   # a legend entry wraps at this width: the figure keeps 4.2 inches on the right for it
 
 
 def _matplotlib():
@@ -111,8 +113,9 @@ def _draw_tiles(block_mask: BlockMask, title):
     for n, label in enumerate(labels, 1):
         tiles = int((owners == n).sum())
         if tiles:   # a merge computes no tile
-            short = label if len(label) <= LEGEND_CHARS else label[:LEGEND_CHARS - 3] + "..."
-            handles.append(Patch(facecolor=colors[n], edgecolor="#444444", label=f"{n}. {short}: {tiles} tiles"))
+            # whole, wrapped: a launch's window or column count is what tells the routes apart
+            text = textwrap.fill(f"{n}. {label}: {tiles} tiles", LEGEND_CHARS, subsequent_indent="    ")
+            handles.append(Patch(facecolor=colors[n], edgecolor="#444444", label=text))
     empty = int((owners == 0).sum())
     handles.append(Patch(facecolor=EMPTY_COLOR, edgecolor="#444444", label=f"empty (skipped): {empty} tiles"))
     box = ax.get_position()

@@ -164,7 +164,10 @@ def test_check_with_a_bad_parameter_says_which_and_exits_2(capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["check", "--q-len", "64", "--kv-len", "0"], "seq_len_kv must be a positive int, got 0"),   # not q_len's
     (["check", "--q-len", "64", "--num-kv-heads", "0"], "num_kv_heads must be a positive int, got 0"),
-    (["check", "--device", "gpu", "--q-len", "64"], "--device must be a torch device"),
+    (["check", "--device", "gpu", "--q-len", "64"], "--device must be cpu or cuda"),
+    (["check", "--device", "meta", "--q-len", "64"], "--device must be cpu or cuda"),   # a traceback, exit 1
+    (["bench", "--cpu", "--seq-lens", "128", "--decode"], "got --decode"),   # ran the mask timing
+    (["bench", "--cpu", "--seq-lens", "128", "--head-dims", "128"], "got --head-dims"),   # ran head_dim 64
     (["show", "causal", "--seq-len", "64", "-o", "/nonexistent_dir/x.png"], "No such file or directory"),
     (["bench", "--cpu", "--seq-lens", "0"], "--seq-lens must be positive"),
 ])
@@ -234,3 +237,24 @@ def test_bench_cpu_takes_its_cases_and_refuses_others(tmp_path, capsys):
     assert [r["mask"] for r in json.loads(out.read_text())["rows"]] == ["sliding_window"]
     assert cli.main(["bench", "--cpu", "--seq-lens", "200", "--cases", "causal", "attamba"]) == 2
     assert "bench --cpu times causal and sliding_window; --cases got attamba" in capsys.readouterr().err
+
+
+def test_the_seed_test_command_refuses_a_bad_device_with_exit_2():
+    """test_flex_flash.py calls check without main()'s checks: a RuntimeError traceback, exit 1 (FAIL)."""
+    import pathlib
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parents[2] / "test_flex_flash.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "foo", "--q_len", "64"], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "--device must be cpu or cuda" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_info_says_score_mods_run_on_flashinfer(capsys, monkeypatch):
+    """Where FlashInfer runs, info said the auto backend needed "no score_mod" (they compile into its kernels)."""
+    from flex_flash_infer.backends import flashinfer_backend
+
+    monkeypatch.setattr(flashinfer_backend, "unsupported_reason", lambda *a: None)   # as on a GPU with flashinfer
+    assert cli.main(["info"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("backend 'auto'"))
+    assert "no score_mod" not in line and "score_mod compiled into its kernels" in line

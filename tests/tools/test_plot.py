@@ -96,7 +96,7 @@ def test_long_mask_draws_the_launches_of_its_plan(tmp_path):
     assert f"sparsity {block_mask.sparsity():.2f}%" in title and "68.95%" in title    # 706 of 1024 tiles
     assert "sinks_and_window" in title and "4096 x 4096" in title and "route: tiles" in title
     assert "tile" in ax.get_xlabel() and "tile" in ax.get_ylabel()
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    legend = [" ".join(t.get_text().split()) for t in fig.legends[0].get_texts()]   # entries wrap
     assert legend[0].startswith("1. tiles: paged prefill (unmasked)") and legend[1].startswith("2. tiles: paged prefill with a bit mask")
     assert legend[2] == f"empty (skipped): {int((states == EMPTY).sum())} tiles"
     for label, state in zip(legend, (FULL, PARTIAL)):
@@ -116,7 +116,7 @@ def test_attamba_shows_its_window_band_and_its_key_columns_apart(tmp_path):
     columns = drawn == 2   # the key columns' launch: tiles of the chunk ends left of each row's window
     assert columns.any() and set(np.nonzero(columns.any(0))[0].tolist()) == {3, 7, 11, 15, 19, 23, 27}
     assert "route: bands+columns" in fig.axes[0].get_title()
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    legend = [" ".join(t.get_text().split()) for t in fig.legends[0].get_texts()]   # entries wrap
     # the columns flex_attention gathers: every chunk end (the last one inside every window that sees it)
     assert legend[0].startswith("1. FlashInfer prefill") and legend[1].startswith("2. 8 key columns")
 
@@ -128,7 +128,7 @@ def test_a_lowered_mask_shows_its_tiles_as_one_native_call(tmp_path):
     drawn = np.asarray(fig.axes[0].images[0].get_array())
     assert np.array_equal(drawn == 1, states != EMPTY) and np.array_equal(drawn == 0, states == EMPTY)
     assert "route: bands" in fig.axes[0].get_title()
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    legend = [" ".join(t.get_text().split()) for t in fig.legends[0].get_texts()]   # entries wrap
     assert legend[0].startswith("1. FlashInfer prefill, one launch") and legend[0].endswith(": 528 tiles")
 
 
@@ -228,3 +228,19 @@ def test_cli_info_as_is(capsys):
     assert torch.__version__ in out
     if not torch.cuda.is_available():
         assert "backend 'auto': reference" in out
+
+
+@pytest.mark.parametrize("name,params", [("attamba", {"window_size": 256, "chunk_size": 128}),
+                                         ("sliding_window", {"window_size": 256}),
+                                         ("streaming", {"sink_size": 4, "window_size": 256})])
+def test_tile_map_legend_fits_the_figure_whole(name, params, tmp_path):
+    """The README's `show` figure: entries ran past the right edge (a launch's tile count cut
+    off) and were cut at 70 characters ("(causal, window 256)" lost its window)."""
+    fig = plot(get_mask_fn(name, **params), seq_len=2048, path=str(tmp_path / "tiles.png"))
+    renderer = fig.canvas.get_renderer()
+    texts = fig.legends[0].get_texts()
+    assert all(t.get_window_extent(renderer).x1 <= fig.bbox.width for t in texts)
+    labels = [" ".join(t.get_text().split()) for t in texts]
+    assert all("..." not in label and label.endswith(" tiles") for label in labels)
+    if name != "attamba":
+        assert any("window 256" in label for label in labels)
