@@ -308,7 +308,8 @@ class FlashInferPlan:
             if streams:   # experiment (scripts/ab_head_streams.py): the groups side by side
                 main = torch.cuda.current_stream(q.device)
                 for s in streams:
-                    s.wait_stream(main)
+                    if s is not None:   # None: that group on the caller's stream
+                        s.wait_stream(main)
             # keys and values flattened once for every group whose launch reads all rows: per
             # group then only its heads' views of q and of the output (host work per call)
             k_rows = v_rows = None
@@ -336,7 +337,8 @@ class FlashInferPlan:
                         out[:, heads] = run(*inputs, return_lse=False)
             if streams:
                 for s in streams:
-                    main.wait_stream(s)
+                    if s is not None:
+                        main.wait_stream(s)
             if slots is not None:   # lse[:, i * G + g] = LN2 * lse_parts[g, :, i]
                 torch.mul(lse_parts.permute(1, 2, 0), LN2, out=lse.view(q.shape[0], -1, len(slots)))
                 return out, lse

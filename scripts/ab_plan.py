@@ -1,0 +1,84 @@
+"""A planning change timed against the code before it, in one process: PagedFlexAttention.plan()
+for the decode bench's step (64 requests x 8192 keys, page size 16, 32/8 heads, d128, bf16;
+causal, sliding_window(1024), soft cap + causal) from this checkout ("after") and from an older
+copy of the package ("before", loaded under another name), interleaved. Each side's run() is
+first checked against the reference backend in float32. Issue 23 asks for plan() at most 0.3 ms.
+
+    git archive <old commit> flex_flash_infer | tar -x -C /tmp/before
+    python scripts/ab_plan.py /tmp/before results.json [--rounds 200]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import time
+
+import torch
+
+import flex_flash_infer
+from flex_flash_infer_bench.provenance import source_commit
+from ab_layout import load_before   # scripts/ is the script's own directory
+
+
+def step_tables(batch=64, context=8192, page=16, hkv=8, d=128, dtype=torch.bfloat16):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pages_per = context // page
+    num_pages = batch * pages_per
+    cache = tuple(torch.randn(num_pages, page, hkv, d, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+    tables = (torch.arange(batch + 1, device="cuda", dtype=torch.int32),                       # qo_indptr
+              torch.arange(batch + 1, device="cuda", dtype=torch.int32) * pages_per,           # kv_page_indptr
+              torch.randperm(num_pages, device="cuda", generator=gen).to(torch.int32),          # kv_page_indices
+              torch.full((batch,), page, device="cuda", dtype=torch.int32))                    # kv_last_page_len
+    q = torch.randn(batch, 32, d, device="cuda", dtype=dtype, generator=gen)
+    return tables, cache, q
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("before")
+    p.add_argument("out")
+    p.add_argument("--rounds", type=int, default=200)
+    args = p.parse_args()
+    before = load_before(pathlib.Path(args.before))
+    tables, cache, q = step_tables()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_commit(),
+              "date": datetime.date.today().isoformat(), "rows": []}
+    for name in ("causal", "sliding_window", "softcap+causal"):
+        sides = {}
+        for side, package in (("before", before), ("after", flex_flash_infer)):
+            get = package.get_mask_fn   # each side's own library: its hints are its own
+            mask = get("sliding_window", window_size=1024) if name == "sliding_window" else get("causal")
+            score = package.mods.generate_softcap_score_mod(30.0) if name.startswith("softcap") else None
+            plan_args = (mask, *tables, 32, 8, 128, 16)
+            ours = package.PagedFlexAttention(device="cuda", backend="flashinfer")
+            ours.plan(*plan_args, dtype=torch.bfloat16, score_mod=score)
+            reference = package.PagedFlexAttention(device="cuda", backend="reference")
+            reference.plan(*plan_args, dtype=torch.float32, score_mod=score)
+            out = ours.run(q, cache).float()
+            ref = reference.run(q.float(), tuple(c.float() for c in cache))
+            rel = ((out - ref).norm() / ref.norm()).item()
+            assert rel < 2e-2, (name, side, rel)
+            sides[side] = (ours, plan_args, score, rel)
+        times = {side: [] for side in sides}
+        for r in range(args.rounds):
+            for side in (("before", "after") if r % 2 else ("after", "before")):
+                ours, plan_args, score, _ = sides[side]
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                ours.plan(*plan_args, dtype=torch.bfloat16, score_mod=score)
+                torch.cuda.synchronize()
+                times[side].append((time.perf_counter() - start) * 1e3)
+        for side in sides:
+            row = {"case": name, "side": side, "plan_ms": statistics.median(times[side]),
+                   "plan_ms_p10": sorted(times[side])[len(times[side]) // 10], "rel_err": sides[side][3]}
+            result["rows"].append(row)
+            print(f"{name:16s} {side:7s} plan {row['plan_ms']:.3f} ms (p10 {row['plan_ms_p10']:.3f})  "
+                  f"rel_err {row['rel_err']:.2e}", flush=True)
+    json.dump(result, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
