@@ -39,8 +39,8 @@ from .core.validation import check_object_device, check_positive_int, check_scal
 def use_tensor_core_decode(num_qo_heads: int, num_kv_heads: int, use_tensor_cores: bool | None = None) -> bool:
     """Whether decode runs FlashInfer's tensor-core decode (its prefill kernel on one query per
     request) rather than its CUDA-core decode kernel. use_tensor_cores forces it; None chooses:
-    GQA groups of 4 or more query heads per KV head (faster that way on an H100 at batch 64,
-    8192 keys, 32/8 heads; `bench --decode` times both)."""
+    GQA groups of 4 or more query heads per KV head (measured faster so; `bench --decode` times
+    both)."""
     if use_tensor_cores is not None:
         return use_tensor_cores
     return num_qo_heads // num_kv_heads >= 4

@@ -3,8 +3,7 @@
 When every sequence's plan is one native band over the whole sequence (full, causal or a
 causal window) with the same flags, the batch is exactly FlashInfer's ragged prefill with
 qo_indptr = cu_seqlens_q and kv_indptr = cu_seqlens_kv: one launch instead of one per
-sequence (on an H200 about 1.2x faster than one plan per sequence, level with FlashInfer's own
-ragged call).
+sequence (faster than one plan per sequence, level with FlashInfer's own ragged call).
 Exact on the CPU model of FlashInfer (tests/backends/test_flashinfer_glue.py).
 """
 from __future__ import annotations

@@ -132,8 +132,7 @@ class FlexFlashInfer:
         compile_block_mask=True builds the block mask with torch.compile (as FlexAttention's
         create_block_mask(_compile=True)): about a second of compiling the first time a mask
         function, its captured values or the shape change, then a build that never writes the mask
-        to memory (the build alone: 6.3 ms instead of 118 ms for a 131072-token causal mask on an
-        H100). Not with cu_seqlens (each sequence's index would be a new
+        to memory (docs/benchmarks.md, "Planning"). Not with cu_seqlens (each sequence's index would be a new
         captured value).
         """
         mask_mod = noop_mask if mask_fn is None else as_mask_mod(mask_fn, "mask_fn")

@@ -4,12 +4,10 @@ sinks) attended and merged into the band's result in one Triton kernel.
 Each program takes BLOCK_M query rows of one head: it reads the few column keys straight from k
 and v by their positions (no gathered copy), runs an online softmax over the columns each row
 sees (a prefix of the sorted positions: column_merge.column_prefix_counts), and folds the result
-into the band's output and base-2 log-sum-exp in place. What it replaces cost 0.16 ms of
-streaming's 0.45 ms at 8192 tokens on the H200 (torch.profiler): FlashInfer's paged
-fa2 launch over pages of one key (0.09), its zero fill of that launch's output (0.02) and
-merge_state (0.05); this kernel reads q and the band's output once and writes the output once.
-On the H200 it took 0.059 ms for streaming's 4 sinks and 0.079 ms for attamba's 64 chunk
-ends at 8192 tokens: well above the ~0.015 ms its 48 MB of traffic needs, so its tiling has room.
+into the band's output and base-2 log-sum-exp in place. It replaces FlashInfer's paged fa2
+launch over pages of one key, that launch's zero-filled output and merge_state: this kernel
+reads q and the band's output once and writes the output once. It still takes several times
+what its memory traffic needs (docs/benchmarks.md), so its tiling has room.
 Imported only on CUDA: triton is not a dependency of the CPU install.
 """
 from __future__ import annotations

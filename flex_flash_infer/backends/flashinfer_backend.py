@@ -153,9 +153,9 @@ MERGE_HEADS = 8
 
 def merge_rows(merge, out_a, lse_a, out_b, lse_b):
     """merge_state of two [N, H, D] results, with rows of one head regrouped MERGE_HEADS to a row:
-    the merge is per (token, head) pair, and the head-major tiles route's [Hq * L, 1, D] took
-    0.159 ms in FlashInfer's merge on an H200 against about 0.05 for [L, 32, D] of the same bytes
-    (the regrouped call not timed yet). A NaN LSE stays NaN (nan_merge)."""
+    the merge is per (token, head) pair, and the head-major tiles route's [Hq * L, 1, D] ran about
+    three times slower in FlashInfer's merge than [L, 32, D] of the same bytes (the regrouped call
+    not timed yet). A NaN LSE stays NaN (nan_merge)."""
     n, h, d = out_a.shape
     if h >= MERGE_HEADS or (n * h) % MERGE_HEADS:
         return nan_merge.merge_state(merge, out_a, lse_a, out_b, lse_b)
@@ -237,7 +237,7 @@ class FlashInferPlan:
             near, far, hint = plan.far_split
             # the near keys on the fa2 variant even on Hopper: a band two tiles wide per query
             # tile leaves fa3's one large work tile per SM waiting on its loads, where fa2's
-            # smaller tiles keep several per SM (faster in all on an H200 at 8192 and 32768)
+            # smaller tiles keep several per SM (measured faster in all: docs/benchmarks.md)
             near_runner = ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace, False)
             self.band_runner = FarSplitBands(near_runner, far, hint, self.shape, dtype, scale, workspace, hopper)
         elif plan.head_bands:
@@ -426,9 +426,9 @@ class _BandRunner:
                                          logits_soft_cap=logits_soft_cap)
         self.single = flashinfer.single_prefill_with_kv_cache
         # several bands, one launch each: a band without a window on the ragged kernel, which
-        # writes its rows of the output and LSE in place (prefix-LM's full block and causal rows:
-        # 0.98 ms where single calls and copies took 1.12, H200, 8192 tokens); a windowed band
-        # keeps the single call, faster for windows
+        # writes its rows of the output and LSE in place (prefix-LM's full block and causal rows
+        # ran faster so than as single calls whose outputs are copied in); a windowed band keeps
+        # the single call, faster for windows
         self.band_wrappers = {}
         if self.ragged is None and not (batch == 1 and len(bands) == 1 and self.covers_all):
             for i, band in enumerate(bands):

@@ -8,12 +8,12 @@ returns score_mod(score, b, h, q, kv); the softmax then runs in base 2 with log2
 
 Status: compiled against FlashInfer's headers in CPU tests (nvcc, no GPU), run by
 score_mod_kernels.ScoreModBands, and checked against the reference by the GPU tests. Its first
-version was 2.9-3.5x slower than the same mask without a score_mod. The SASS of the
+version was about three times slower than the same mask without a score_mod. The SASS of the
 softcap kernel (ptxas for sm_90a, no GPU) showed why: the scale, a double kernel argument, was
 reloaded and converted (F2F.F32.F64, on the exp2 unit) for every score. The scale and every
 captured number or stride are now read once in the constructor, a division by such a value is a
 multiplication, tanh is one tanh.approx, and the padding guard is emitted only where a captured
-table is read per score: on the H100 softcap then ran 2.3x and alibi 2.1x faster than before.
+table is read per score: softcap and alibi then ran about twice as fast as before.
 After that, ints of known small range (positions, their differences) convert to float with a
 bit trick instead of I2F (alibi's kernel: 384 I2F before, none after, by ptxas on the CPU).
 

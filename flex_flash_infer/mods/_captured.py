@@ -17,7 +17,7 @@ def follow_device(tensor: torch.Tensor):
             # torch.compile is tracing the mod (torch's own flex_attention): the copy becomes part
             # of the compiled graph, so it is never stale; a kept copy would be baked in, and the
             # bookkeeping below (a weakref) breaks the graph, which sends torch's flex_attention to
-            # its unfused path (50-100x slower, and out of memory at 32768 tokens)
+            # its unfused path (the whole score matrix: far slower, out of memory on long sequences)
             return tensor.to(device)
         copy, version = copies.get(device, (None, None))
         if copy is None or version != version_of(tensor):

@@ -420,7 +420,7 @@ def plain_band_launch(bands, batch: int, q_len: int, kv_len: int, windowed: bool
     """The one ragged launch that runs every (batch entry, band) request of FlashInfer's plain
     kernels, or None when they run as single-sequence calls. One band without a window over a
     whole sequence (causal or full) takes the batch ragged kernel rather than the single call:
-    faster on H100 and H200 at 8192 tokens; a windowed band keeps the single call, where ragged
+    measured faster (docs/benchmarks.md); a windowed band keeps the single call, where ragged
     was slower, unless windowed (a caller that needs the launch to write into its buffer)."""
     launches = band_launches(bands, batch, q_len, kv_len)
     one_band = len(bands) == 1 and (bands[0].window_left < 0 or windowed)

@@ -4,8 +4,8 @@ bias: score + table[h, clamp(q - kv, -M, M) + M] is score + table[h, 2M] whereve
 Such a band splits in two: the keys within reach (a window band) run the compiled score_mod
 variant, the keys beyond it run FlashInfer's plain causal kernel, whose log-sum-exp takes the
 constant (a constant added to every score of a row shifts its lse and leaves its output alone),
-and one merge_state joins them. Most keys then skip the per-score table lookup: on an H200 the
-variant cost 1.49x the plain causal kernel at 32768 tokens.
+and one merge_state joins them. Most keys then skip the per-score table lookup, which makes the
+variant markedly slower than the plain causal kernel (docs/benchmarks.md).
 
 A score_mod says so with a `constant_beyond` attribute (mods.hints.ConstantBeyond); a user's own score_mod
 without it runs the compiled variant on every key. The hint is checked on sampled positions
@@ -79,8 +79,8 @@ class FarSplitBands:
 
     One far band without a window (causal attention, the common case) runs FlashInfer's batch
     ragged kernel, planned once and launched per batch entry, as flashinfer_backend runs such a
-    band without a score_mod: on an H200 about 7% faster in all than the far keys in the single
-    call at 8192 tokens, 3% at 32768. Other far bands (documents, windows) take the single-sequence call, which needs no plan
+    band without a score_mod: faster in all than the far keys in the single call
+    (docs/benchmarks.md). Other far bands (documents, windows) take the single-sequence call, which needs no plan
     per band."""
 
     def __init__(self, near_runner, far_bands, hint: ConstantBeyond, shape, dtype, scale, workspace,

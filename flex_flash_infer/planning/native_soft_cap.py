@@ -3,9 +3,8 @@ soft-capped kernels on the band routes instead of a compiled variant.
 
 Both kernels spend the same two exp2-unit instructions per score (tanh.approx and the softmax's
 exp2), but the soft cap built into FlashInfer folds the scale and the cap into the softmax's own
-multiply, and a causal band keeps the ragged kernel's lead over the single call. On an H200
-(8192 tokens, causal) softcap took 1.078 ms this way, 1.174 through the compiled variant
-and 1.140 in FlashInfer's single soft-capped call (plain causal 0.852).
+multiply, and a causal band keeps the ragged kernel's lead over the single call: faster than the
+compiled variant and than FlashInfer's single soft-capped call (docs/benchmarks.md).
 
 The library's generate_softcap_score_mod says so with a `logits_soft_cap` attribute (the cap); a
 user's own score_mod with the same formula and no attribute runs the compiled variant. The

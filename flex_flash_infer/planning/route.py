@@ -7,8 +7,8 @@
                  (tiles-causal: partial tiles are only causal diagonals: one causal fa3 launch)
   tiles-per-head the same, for a mask that differs per head (every head in one launch set)
   bands-per-head every head's mask is a few native requests: heads with the same bands run as
-                 one band launch over those heads (about twice as fast as tiles-per-head on an
-                 H200 for per-head windows)
+                 one band launch over those heads (about twice as fast as tiles-per-head for
+                 per-head windows)
 """
 from __future__ import annotations
 
