@@ -301,6 +301,12 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
                                                                                    **kwargs))
 
     common = dict(sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype, logits_soft_cap=soft_cap)
+
+    def qo_indptr(spec):
+        """The plan's qo_indptr (host) where the launch's tables are: FlashInfer's plan() works out a
+        bit mask's offsets from qo_indptr and the launch's tables together before it moves any."""
+        return plan.qo_indptr.to(spec.kv_indptr.device, non_blocking=True)
+
     # prefill launches never split a request's keys: that merge would drop a NaN LSE (nan_merge.py);
     # the decode kernel keeps its split (a small batch needs it to fill the GPU): run() repairs its LSE
     prefill_common = dict(common, disable_split_kv=True)
@@ -310,7 +316,7 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
         f = plan.full
         if variants is not None and variants.full_jit_args is not None:   # a score_mod: never the decode kernel
             full = prefill("full", variants.full_backend, variants.full_jit_args)
-            full.plan(plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
+            full.plan(qo_indptr(f), f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
                       causal=f.causal, **prefill_common)
             full_args = (*paged_request_tables(plan, f), *variants.full_args)
         elif plan.decode:
@@ -324,7 +330,7 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
                       **common)
         else:
             full = prefill("full", "fa3" if _is_hopper(device) else "fa2")
-            full.plan(plan.qo_indptr, f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
+            full.plan(qo_indptr(f), f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size,
                       causal=f.causal, window_left=f.window_left, **prefill_common)
     if plan.partial is not None:
         m = plan.partial
@@ -334,7 +340,7 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
             # a per-head mask: the kernel evaluates mask_mod itself (the plan built no bit mask)
             partial = prefill("partial", "fa2", variants.partial_jit_args, variants.owns_mask)
             partial_args = (*paged_request_tables(plan, m), *variants.partial_args)
-        partial.plan(plan.qo_indptr, m.kv_indptr, m.kv_indices, m.last_page_len, hq, hkv, d, page_size,
+        partial.plan(qo_indptr(m), m.kv_indptr, m.kv_indices, m.last_page_len, hq, hkv, d, page_size,
                      custom_mask=m.mask, **prefill_common)
     return full, partial, full_args, partial_args
 

@@ -59,6 +59,11 @@ class BatchPrefillWithPagedKVCacheWrapper:
              o_data_type=None, window_left=-1, logits_soft_cap=None, disable_split_kv=False, **_):
         if custom_mask is not None:
             assert self.backend == "fa2" and custom_mask.dtype == torch.bool and not self.owns_mask
+            # as FlashInfer's plan() does first, on the tables as given (before it moves any): the
+            # bit mask's offsets per request, from qo_indptr and the launch's tables together
+            lengths = ((kv_indptr[1:] - kv_indptr[:-1] - 1) * page_size + last_page_len)
+            offsets = torch.cumsum((qo_indptr[1:] - qo_indptr[:-1]) * lengths, 0)
+            assert offsets.device == custom_mask.device, "FlashInfer packs the bit mask by these offsets"
         check_variant_mask_mode(self.backend, self.variant is not None, causal, custom_mask, self.owns_mask)
         self.args = (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), last_page_len.cpu())
         self.causal, self.mask = causal, None if custom_mask is None else custom_mask.cpu()
