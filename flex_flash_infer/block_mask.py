@@ -316,7 +316,12 @@ class BlockMask:
 
     def _torch_twin(self):
         """to_torch(), kept until the tables or fields change: as_tuple runs on every call of
-        torch's flex_attention, and the q tables are a transpose of the whole tile map."""
+        torch's flex_attention, and the q tables are a transpose of the whole tile map. Under
+        torch.compile (torch's own flex_attention compiled) the twin made by an eager call is taken
+        as it is: write counters cannot be read while dynamo traces (each read broke the graph and
+        rebuilt the twin at every call); without one, the twin is made inside the graph."""
+        if torch.compiler.is_compiling():
+            return self._twin if self._twin is not None else self.to_torch()
         self._fresh()
         if self._twin is None:
             self._twin = self.to_torch()

@@ -14,7 +14,14 @@ HINT_NAMES = ("band_hint", "document_ids", "key_columns_hint", "logits_soft_cap"
 
 
 def state_hint(fn, name: str, value) -> None:
-    """fn states the hint `name`: set as its attribute (for a reader's eye) and registered."""
+    """fn states the hint `name`: set as its attribute (for a reader's eye) and registered. A mod
+    made while torch.compile traces (a factory called inside a compiled function around torch's
+    own flex_attention) states none: dynamo replays the registry's weak reference on a function
+    that is gone ("weak object has gone away"), and the hints serve this library's planner only."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return
     setattr(fn, name, value)
     _STATED.setdefault(fn, {})[name] = value
 
