@@ -31,6 +31,8 @@
 #                fuzz-both: the masks and the bf16 score_mods, one process per pool member, at once
 #   suite        the whole GPU test suite (pytest -m gpu) over 6 processes, alone on the machine, compiling
 #                the modules it meets side by side
+#   ab-plan      scripts/ab_plan.py: a decode step's plan() from this checkout against the package copy in
+#                .ab_before/ (as for ab-layout), interleaved, each side's run() checked first
 #   ab-layout    scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
 #                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 tokens
 # FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
@@ -119,6 +121,9 @@ case "${1:-}" in
         formulations)   # issue 22's leads against ours and FA4 (scripts/formulations.py)
           python3 scripts/formulations.py $run_dir/formulations.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/formulations.log; tail -n 40 $run_dir/formulations.log ;;
+        ab-plan)   # a planning change against the code before it, one process (scripts/ab_plan.py)
+          python3 scripts/ab_plan.py .ab_before $run_dir/ab-plan.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/ab-plan.log; tail -n 8 $run_dir/ab-plan.log ;;
         ab-layout)   # a code move against the code before it, one process (scripts/ab_layout.py)
           python3 scripts/ab_layout.py .ab_before $run_dir/ab-layout.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/ab-layout.log; tail -n 20 $run_dir/ab-layout.log ;;
