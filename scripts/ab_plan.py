@@ -1,6 +1,7 @@
 """A planning change timed against the code before it, in one process: PagedFlexAttention.plan()
 for the decode bench's step (64 requests x 8192 keys, page size 16, 32/8 heads, d128, bf16;
-causal, sliding_window(1024), soft cap + causal) from this checkout ("after") and from an older
+causal, sliding_window(1024), soft cap + causal, and streaming(4, 1024), whose sinks take a
+bit-mask launch) from this checkout ("after") and from an older
 copy of the package ("before", loaded under another name), interleaved. Each side's run() is
 first checked against the reference backend in float32. Issue 23 asks for plan() at most 0.3 ms.
 
@@ -46,11 +47,12 @@ def main():
     tables, cache, q = step_tables()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": source_commit(),
               "date": datetime.date.today().isoformat(), "rows": []}
-    for name in ("causal", "sliding_window", "softcap+causal"):
+    for name in ("causal", "sliding_window", "softcap+causal", "streaming"):
         sides = {}
         for side, package in (("before", before), ("after", flex_flash_infer)):
             get = package.get_mask_fn   # each side's own library: its hints are its own
-            mask = get("sliding_window", window_size=1024) if name == "sliding_window" else get("causal")
+            mask = {"sliding_window": lambda: get("sliding_window", window_size=1024),
+                    "streaming": lambda: get("streaming", sink_size=4, window_size=1024)}.get(name, lambda: get("causal"))()
             score = package.mods.generate_softcap_score_mod(30.0) if name.startswith("softcap") else None
             plan_args = (mask, *tables, 32, 8, 128, 16)
             ours = package.PagedFlexAttention(device="cuda", backend="flashinfer")
