@@ -41,6 +41,7 @@ def generate_document_mask_mod(offsets=None, document_ids=None):
         doc = ids_on(q_idx.device)
         return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
-    document.__name__ = f"document_{int(ids.max()) + 1 if ids.numel() else 0}docs"
+    if not torch.compiler.is_compiling():   # made inside a compiled function: no data-dependent name
+        document.__name__ = f"document_{int(ids.max()) + 1 if ids.numel() else 0}docs"
     state_hint(document, "document_ids", ids)
     return document

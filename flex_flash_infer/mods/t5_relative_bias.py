@@ -75,7 +75,8 @@ def generate_t5_relative_bias_score_mod(table, max_distance: int = 128, bidirect
     t5_relative_bias.buckets = buckets   # the bucket of each q - kv in -max_distance..max_distance
     # beyond max_distance (keys before the query) every distance has the last bucket of its side:
     # the planner runs those keys on FlashInfer's plain kernel (far_bias.py)
-    far_bucket = int(buckets[2 * reach])
-    state_hint(t5_relative_bias, "constant_beyond",
-               ConstantBeyond(reach, lambda device: table_on(device)[..., far_bucket]))
+    if not torch.compiler.is_compiling():   # made inside a compiled function: no hint (hints.state_hint)
+        far_bucket = int(buckets[2 * reach])
+        state_hint(t5_relative_bias, "constant_beyond",
+                   ConstantBeyond(reach, lambda device: table_on(device)[..., far_bucket]))
     return t5_relative_bias

@@ -55,3 +55,17 @@ def test_float64_bias_tables_give_float32_scores():
     for mod in (mods.generate_relative_position_bias_score_mod(torch.randn(2, 9, dtype=torch.float64)),
                 mods.generate_t5_relative_bias_score_mod(torch.randn(2, 8, dtype=torch.float64), max_distance=16)):
         assert mod(score, 0, h, q_idx, kv_idx).dtype == torch.float32
+
+
+def test_a_document_mask_made_inside_a_compiled_function_breaks_no_graph():
+    """Its name read the ids' maximum (a data-dependent .item()) and broke the graph three times."""
+    q, k, v = _inputs()
+    ids = torch.arange(L) // 40
+
+    def forward(q, k, v):
+        block_mask = torch_create_block_mask(mods.generate_document_mask_mod(document_ids=ids), None, None, L, L,
+                                             device="cpu")
+        return torch_flex_attention(q, k, v, block_mask=block_mask)
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(forward)(q, k, v).graph_break_count == 0
