@@ -4,6 +4,8 @@
   python scripts/fuzz.py --device cuda --cases 2000 --dtypes bf16 fp16 --json fuzz.json
                                                          the real kernels, fp16/bf16, head_dim 64 and 128
   python scripts/fuzz.py --case N:I                      one case: its source, then its verdict
+  python scripts/fuzz.py --simulated --minutes 30        the CPU campaign on a simulated CUDA device
+                                                         (tests/flexfuzz/simulated.py): host/device mixes fail
 
 Seeds: without --seed a fresh one is drawn and printed; case I of seed N is the same case on
 every machine, and a failure prints as Python source that reproduces it (PYTHONPATH=tests).
@@ -48,6 +50,9 @@ def main(argv=None) -> int:
                    help="leave out inputs that require grad, NaN inputs, or narrow ints and bool arithmetic "
                         "(issue 20's classes 4, 6 and 5), to look past known bugs")
     p.add_argument("--no-shrink", action="store_true", help="print failing cases as found, without shrinking them")
+    p.add_argument("--simulated", action="store_true",
+                   help="the CPU profile on a simulated CUDA device (CPU tensors marked as on the GPU, FlashInfer's "
+                        "CPU model): a host tensor meeting device tensors fails as on a GPU")
     args = p.parse_args(argv)
 
     import torch
@@ -56,6 +61,8 @@ def main(argv=None) -> int:
     from flexfuzz.cases import Profile, generate_case
     from flexfuzz.doors import run_case
 
+    if args.simulated and args.device == "cuda":
+        p.error("--simulated runs the CPU profile on a simulated device: leave --device at cpu")
     profile = Profile("gpu" if args.device == "cuda" else "cpu", args.score_share, tuple(args.head_dims or ()),
                       tuple(args.score_pool))
     if profile.name == "gpu" and not torch.cuda.is_available():
@@ -64,9 +71,15 @@ def main(argv=None) -> int:
     dtypes = [DTYPE_NAMES[d] for d in args.dtypes] if args.dtypes else None
     if args.case:
         seed, index = (int(x) for x in args.case.split(":"))
-        case = generate_case(seed, index, profile, dtypes, args.device, args.avoid)
+        case = generate_case(seed, index, profile, dtypes, "cuda" if args.simulated else args.device, args.avoid)
         print(case.source())
-        result = run_case(case, torch_check=profile.name == "cpu")
+        if args.simulated:
+            from flexfuzz.simulated import simulated
+
+            with simulated():
+                result = run_case(case)
+        else:
+            result = run_case(case, torch_check=profile.name == "cpu")
         print(f"{result.status}: routes {result.routes}; max output error {result.error:.3g}")
         for line in result.problems + result.notes:
             print("  " + line)
@@ -75,7 +88,7 @@ def main(argv=None) -> int:
         args.minutes = 30
     torch_share = args.torch_share if args.torch_share is not None else (0.25 if profile.name == "cpu" else 0.0)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % (1 << 31)
-    print(f"fuzz: seed {seed}, device {args.device}, " + (f"avoiding {' '.join(args.avoid)}, " if args.avoid else "")
+    print(f"fuzz: seed {seed}, device {'cuda (simulated)' if args.simulated else args.device}, " + (f"avoiding {' '.join(args.avoid)}, " if args.avoid else "")
           + (f"{args.minutes} minutes" if args.minutes is not None else f"{args.cases} cases"), flush=True)
 
     def progress(result):
@@ -101,7 +114,7 @@ def main(argv=None) -> int:
 
     def write_json(summary, partial=False):
         data = summary.as_json()
-        data.update(device=args.device, torch=torch.__version__, wall_seconds=round(time.time() - start, 1),
+        data.update(device="cuda (simulated)" if args.simulated else args.device, torch=torch.__version__, wall_seconds=round(time.time() - start, 1),
                     gpu=torch.cuda.get_device_name() if profile.name == "gpu" else None,
                     command=" ".join(sys.argv), partial=partial, commit=commit,
                     started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)))
@@ -114,10 +127,16 @@ def main(argv=None) -> int:
             json.dump(data, f, indent=1)
 
     summary = campaign.run(seed, args.cases, args.minutes, profile, dtypes, args.device, args.per_seed, torch_share,
-                           progress, args.avoid, checkpoint)
+                           progress, args.avoid, checkpoint, simulated=args.simulated)
     if summary.failures and not args.no_shrink:
         print(f"shrinking and triaging {len(summary.failures)} kinds of failure ...", flush=True)
-        campaign.minimize(summary)
+        if args.simulated:
+            from flexfuzz.simulated import simulated
+
+            with simulated():
+                campaign.minimize(summary)
+        else:
+            campaign.minimize(summary)
     print()
     print(summary.report())
     if profile.name == "cpu":

@@ -37,6 +37,58 @@ def kernel(fn):
     return checked
 
 
+# What FlashInfer 0.7.2's wrappers and kernels do with the tensors they are given, beyond the
+# numbers: a kernel reads every tensor it gets through a raw pointer on the wrapper's device (the
+# workspace's); plan() computes with some tables before it moves any (a host/device mix there
+# raises, as torch does); the kernels read the tables as the module's IdType. On the CPU every
+# tensor is on the host and only the dtypes are checked; under tests/simulated_cuda.py (tensors
+# marked as on the GPU) the devices are checked too.
+_CTYPES = {"uint8_t": torch.uint8, "int8_t": torch.int8, "int16_t": torch.int16, "int": torch.int32,
+           "int32_t": torch.int32, "int64_t": torch.int64, "float": torch.float32, "double": torch.float64}
+
+
+def on_device(device, what, *tensors):
+    """Every tensor a kernel reads lies on `device` (a host pointer handed to a CUDA kernel is an
+    illegal memory access, or FlashInfer's CHECK_CUDA / CHECK_DEVICE)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            assert t.device == torch.device(device), \
+                f"{what}: a tensor on {t.device} handed to a FlashInfer kernel on {device}"
+
+
+def check_idtype(idtype, what, **tables):
+    """FlashInfer's C++ reads these tables as the module's IdType (static_cast<IdType*>, no check):
+    another dtype is read as garbage on the GPU."""
+    for name, t in tables.items():
+        assert t.dtype == idtype, f"{what}: {name} is {t.dtype}, the module reads it as {idtype}"
+
+
+def check_variant_tensors(jit_args, args, device, what):
+    """A compiled variant's tensors (run()'s arguments, in jit_args[7]'s order less the buffers the
+    wrapper fills itself) are read by the kernel as declared (jit_args[8]), on the wrapper's device."""
+    names = [(n, d) for n, d in zip(jit_args[7], jit_args[8]) if n not in WRAPPER_BUFFERS]
+    assert len(args) >= len(names), f"{what}: {len(args)} arguments for {len(names)} variant tensors"
+    for (name, ctype), t in zip(names, args):
+        assert isinstance(t, torch.Tensor), f"{what}: variant argument {name} is not a tensor"
+        on_device(device, f"{what}: variant tensor {name}", t)
+        if ctype in _CTYPES:
+            assert t.dtype == _CTYPES[ctype], f"{what}: variant tensor {name} is {t.dtype}, the kernel reads {ctype}"
+        assert t.is_contiguous(), f"{what}: variant tensor {name} is not contiguous (the kernel reads it flat)"
+
+
+def planned_dtypes(q_data_type, kv_data_type):
+    """(q dtype, kv dtype) a plan() was given (FlashInfer's defaults: float16, kv as q)."""
+    q = getattr(torch, q_data_type) if isinstance(q_data_type, str) else q_data_type
+    kv = q if kv_data_type is None else getattr(torch, kv_data_type) if isinstance(kv_data_type, str) else kv_data_type
+    return q, kv
+
+
+def check_run_dtypes(dtypes, q, k, what):
+    """_check_cached_qkv_data_type: run() raises ValueError when q or k is not of the planned dtype."""
+    assert (q.dtype, k.dtype) == tuple(dtypes), \
+        f"{what}: q {q.dtype} and k {k.dtype} on a wrapper planned for q_data_type {dtypes[0]}, kv_data_type {dtypes[1]}"
+
+
 def check_variant_mask_mode(backend, has_variant, causal, custom_mask, owns_mask=False):
     """A variant's module is built with only the mask modes lean_modules keeps for its backend:
     a plan asking it for another would fail on the GPU (FlashInfer plans a variant that owns its
@@ -52,19 +104,34 @@ class BatchPrefillWithPagedKVCacheWrapper:
         assert not variant_owns_mask or (backend == "fa2" and jit_args is not None)  # as FlashInfer checks
         self.backend = backend
         self.owns_mask = variant_owns_mask
+        self.device = workspace.device   # FlashInfer's wrapper: self.device = float_workspace_buffer.device
+        self.jit_args = jit_args
         self.variant = None if jit_args is None else PagedVariantModel(VARIANTS[jit_args[11]], jit_args[7], jit_args[9])
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads, head_dim_qk=None,
-             page_size=None, causal=False, sm_scale=None, custom_mask=None, q_data_type=None, kv_data_type=None,
+             page_size=None, causal=False, sm_scale=None, custom_mask=None, q_data_type="float16", kv_data_type=None,
              o_data_type=None, window_left=-1, logits_soft_cap=None, disable_split_kv=False, **_):
+        # the module's IdType: jit_args[4], else kv_indptr's dtype; its plan() reads qo_indptr and
+        # kv_indptr (host copies) as IdType, its kernels the four tables
+        idtype = self.jit_args[4] if self.jit_args is not None else kv_indptr.dtype
+        check_idtype(idtype, "paged prefill plan()", qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices,
+                     last_page_len=last_page_len)
+        assert len(qo_indptr) == len(kv_indptr) == len(last_page_len) + 1
         if custom_mask is not None:
             assert self.backend == "fa2" and custom_mask.dtype == torch.bool and not self.owns_mask
-            # as FlashInfer's plan() does first, on the tables as given (before it moves any): the
-            # bit mask's offsets per request, from qo_indptr and the launch's tables together
-            lengths = ((kv_indptr[1:] - kv_indptr[:-1] - 1) * page_size + last_page_len)
-            offsets = torch.cumsum((qo_indptr[1:] - qo_indptr[:-1]) * lengths, 0)
-            assert offsets.device == custom_mask.device, "FlashInfer packs the bit mask by these offsets"
+            # as FlashInfer's plan() does first, on the tables as given (before it moves any):
+            # _compute_page_mask_indptr, the bit mask's offsets per request from qo_indptr and the
+            # launch's tables together (a host/device mix raises here, as torch does on the GPU)
+            mask_indptr = torch.empty_like(qo_indptr)
+            mask_indptr[0] = 0
+            mask_indptr[1:] = torch.cumsum((qo_indptr[1:] - qo_indptr[:-1])
+                                           * ((kv_indptr[1:] - kv_indptr[:-1] - 1) * page_size + last_page_len), 0)
+            # then segment_packbits(custom_mask, mask_indptr.to(custom_mask.device)): a CUDA kernel
+            on_device(self.device, "segment_packbits (the bit mask)", custom_mask)
+            assert int(mask_indptr[-1]) == custom_mask.numel(), \
+                f"the bit mask has {custom_mask.numel()} bits, the tables ask for {int(mask_indptr[-1])}"
         check_variant_mask_mode(self.backend, self.variant is not None, causal, custom_mask, self.owns_mask)
+        self.dtypes = planned_dtypes(q_data_type, kv_data_type)
         self.args = (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), last_page_len.cpu())
         self.causal, self.mask = causal, None if custom_mask is None else custom_mask.cpu()
         self.heads = (num_qo_heads, num_kv_heads)
@@ -75,9 +142,13 @@ class BatchPrefillWithPagedKVCacheWrapper:
 
     @kernel
     def run(self, q, kv_cache, *variant_args, return_lse=False):
-        k, v = kv_cache
+        k, v = kv_cache if isinstance(kv_cache, (tuple, list)) else kv_cache.unbind(1)
         assert q.shape[1] == self.heads[0] and k.shape[2] == self.heads[1]
         assert bool(variant_args) == (self.variant is not None)
+        on_device(self.device, "paged run()", q, k, v)
+        check_run_dtypes(self.dtypes, q, k, "paged run()")
+        if self.jit_args is not None:
+            check_variant_tensors(self.jit_args, variant_args, self.device, "paged run()")
         variant = self.variant.bind(variant_args, self.args, k.shape[1], self.owns_mask) if self.variant else None
         if variant is None and self.soft_cap > 0:   # FlashInfer's own logits soft cap
             cap, scale = self.soft_cap, self.scale
@@ -98,8 +169,15 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
         self.requested_backend = backend
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kw):
-        qo_indptr = torch.arange(indptr.numel(), dtype=torch.int32)
+        # the decode kernel checks int32 tables (CHECK_INPUT_TYPE); the tensor-core path plans a
+        # host int32 qo_indptr of its own, read as the module's IdType (indptr's dtype)
+        check_idtype(torch.int32, "decode plan()", indptr=indptr, indices=indices, last_page_len=last_page_len)
+        # each table is moved on its own (indptr.to(device), ...) and the lengths are computed on
+        # host copies: no mix of the caller's tables in FlashInfer's decode plan()
+        indptr, indices, last_page_len = (t.to(self.device) for t in (indptr, indices, last_page_len))
+        qo_indptr = torch.arange(indptr.numel(), dtype=torch.int32, device=self.device)
         super().plan(qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+                     q_data_type=kw.get("q_data_type", "float16"), kv_data_type=kw.get("kv_data_type"),
                      sm_scale=kw.get("sm_scale"), window_left=kw.get("window_left", -1),
                      logits_soft_cap=kw.get("logits_soft_cap"), disable_split_kv=kw.get("disable_split_kv", False))
 
@@ -172,12 +250,19 @@ class BatchPrefillWithRaggedKVCacheWrapper:
     def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None):
         assert layout == "NHD"
         self.backend = backend
+        self.device = workspace.device   # FlashInfer's wrapper: self.device = float_workspace_buffer.device
+        self.jit_args = jit_args
         self.variant = None if jit_args is None else VARIANTS[jit_args[11]]
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, causal=False, window_left=-1,
-             sm_scale=None, logits_soft_cap=None, disable_split_kv=False, custom_mask=None, **_):
+             sm_scale=None, logits_soft_cap=None, disable_split_kv=False, custom_mask=None, q_data_type="float16",
+             kv_data_type=None, **_):
         assert custom_mask is None, "the model of the ragged wrapper has no bit mask"
+        idtype = self.jit_args[4] if self.jit_args is not None else kv_indptr.dtype
+        check_idtype(idtype, "ragged plan()", qo_indptr=qo_indptr, kv_indptr=kv_indptr)
+        assert len(qo_indptr) == len(kv_indptr)
         check_variant_mask_mode(self.backend, self.variant is not None, causal, custom_mask)
+        self.dtypes = planned_dtypes(q_data_type, kv_data_type)
         self.split_kv = self.backend != "fa3" and not disable_split_kv   # as the paged wrapper
         self.qo_indptr, self.kv_indptr = qo_indptr.cpu().long(), kv_indptr.cpu().long()
         self.causal, self.window_left = causal, window_left
@@ -189,6 +274,10 @@ class BatchPrefillWithRaggedKVCacheWrapper:
     def run(self, q, k, v, *variant_args, return_lse=False, out=None, lse=None):
         out_buffer, lse_buffer = out, lse
         assert bool(variant_args) == (self.variant is not None)
+        on_device(self.device, "ragged run()", q, k, v, out_buffer, lse_buffer)
+        check_run_dtypes(self.dtypes, q, k, "ragged run()")
+        if self.jit_args is not None:
+            check_variant_tensors(self.jit_args, variant_args, self.device, "ragged run()")
         # what the real kernels read of a caller's buffers: the LSE by its pointer alone (a
         # contiguous [rows, heads]); the output by its strides on fa3 (o_stride_n, o_stride_h),
         # contiguous on fa2
@@ -279,6 +368,7 @@ def kernel_scale(sm_scale, head_dim: int) -> float:
 def single_prefill_with_kv_cache(q, k, v, causal=False, window_left=-1, sm_scale=None, return_lse=False,
                                  logits_soft_cap=None, pos_encoding_mode="NONE", **_):
     assert pos_encoding_mode == "NONE", "the CPU model has no ALiBi"
+    on_device(q.device, "single_prefill_with_kv_cache", k, v)   # its workspace and output are on q.device
     ends = (torch.tensor([0, q.shape[0]]), torch.tensor([0, k.shape[0]]))
     transform = _soft_cap(logits_soft_cap or 0.0)
     out, lse = ragged_prefill(q, k, v, *ends, causal, window_left, kernel_scale(sm_scale, q.shape[-1]),
@@ -286,8 +376,20 @@ def single_prefill_with_kv_cache(q, k, v, causal=False, window_left=-1, sm_scale
     return (out, lse) if return_lse else out
 
 
+def check_merge_inputs(what, v_a, s_a, v_b, s_b):
+    """cascade.cu: CHECK_INPUT (CUDA, contiguous) and CHECK_DEVICE of all four, v 3-D, s 2-D, same
+    shapes (s is first converted to float32 by the Python wrapper, a copy only when it is not)."""
+    on_device(v_a.device, what, s_a, v_b, s_b)
+    for name, t in (("v_a", v_a), ("v_b", v_b), ("s_a", s_a), ("s_b", s_b)):
+        contiguous = t.is_contiguous() or (name[0] == "s" and t.dtype != torch.float32)
+        assert contiguous, f"{what}: {name} of shape {tuple(t.shape)} is not contiguous (FlashInfer's CHECK_INPUT)"
+    assert v_a.dim() == 3 and s_a.dim() == 2 and v_a.shape == v_b.shape and s_a.shape == s_b.shape, what
+    assert tuple(v_a.shape[:2]) == tuple(s_a.shape), what
+
+
 @kernel
 def merge_state(o_a, s_a, o_b, s_b):
+    check_merge_inputs("merge_state", o_a, s_a, o_b, s_b)
     out, lse = _merge_state(o_a.double(), s_a.double(), o_b.double(), s_b.double())
     return out.to(o_a.dtype), lse.float()
 
@@ -295,6 +397,10 @@ def merge_state(o_a, s_a, o_b, s_b):
 @kernel
 def merge_state_in_place(v, s, v_other, s_other, mask=None):
     assert mask is None, "the CPU model merges every row"
+    check_merge_inputs("merge_state_in_place", v, s, v_other, s_other)
+    # the Python wrapper converts s with s.to(torch.float32): another dtype is a copy, which the
+    # kernel updates in place while the caller's s keeps the old LSE
+    assert s.dtype == torch.float32, f"merge_state_in_place: s is {s.dtype}, its merged LSE would be lost"
     out, lse = merge_state(v, s, v_other, s_other)
     v.copy_(out)
     s.copy_(lse)

@@ -136,7 +136,7 @@ class _HeadGroup:
         """Base-2 (out, lse) of this group; zeros and -inf when it has no tile to launch (a mask,
         or one head's, under which no query sees a key)."""
         if self.full is None and self.partial is None:
-            return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+            return torch.zeros(q.shape, dtype=q.dtype, device=q.device), torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         if self.variants is not None:
             self.variants.refresh()   # tables the score_mod reads, as they are now
         if self.full is not None and self.partial is not None:

@@ -57,7 +57,9 @@ class ScoreModBands:
             wrapper, launch, tables = self.launches[0]
             return wrapper.run(*launch.inputs(q, kf, vf), *tables, *self.extra_tensors, *self.extra_scalars,
                                return_lse=return_lse)
-        out = torch.zeros_like(q)
+        # contiguous whatever q's strides (a batch-1 query is a strided view): FlashInfer's
+        # merge_state, which a far split runs on rows of it, takes contiguous tensors only
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         for wrapper, launch, tables in self.launches:
             o, s = wrapper.run(*launch.inputs(q, kf, vf), *tables, *self.extra_tensors, *self.extra_scalars,

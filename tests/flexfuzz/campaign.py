@@ -128,10 +128,17 @@ def signature(result) -> str:
 
 def run(seed: int | None = None, cases: int | None = None, minutes: float | None = None, profile: str = "cpu",
         dtypes=None, device: str = "cpu", per_seed: int = 200, torch_share: float = 0.25, progress=None,
-        avoid=(), checkpoint=None) -> Summary:
+        avoid=(), checkpoint=None, simulated: bool = False) -> Summary:
     """Cases (seed, 0), (seed, 1), ... then the next seed after per_seed cases, until `cases` ran
     or `minutes` passed. progress(result) is called after each case, checkpoint(summary) too (the
-    summary so far, for a campaign that may be killed before it ends)."""
+    summary so far, for a campaign that may be killed before it ends). simulated: the CPU profile's
+    cases on a simulated CUDA device (simulated.py): device "cuda", FlashInfer's CPU model, and
+    every host/device mix raising as on a GPU (torch's flex_attention is not run beside them)."""
+    if simulated:
+        from .simulated import simulated as simulation
+
+        with simulation():
+            return run(seed, cases, minutes, profile, dtypes, "cuda", per_seed, 0.0, progress, avoid, checkpoint)
     seed = random.SystemRandom().randrange(1 << 31) if seed is None else seed
     summary = Summary(getattr(profile, "name", profile), seeds=[seed])
     start = time.perf_counter()

@@ -459,7 +459,9 @@ def run_case(case: Case, build=None, torch_check: bool = False) -> Result:
         result.status, result.problems = "invalid", [f"the case's mods do not build: {type(e).__name__}: {e}"]
         return result
     want = {}
-    cpu_model = device.type == "cpu" and case.backend == "flashinfer"
+    from . import simulated
+    # on the simulated device (simulated.py) the CPU model serves as FlashInfer on "cuda" too
+    cpu_model = (device.type == "cpu" or simulated.active()) and case.backend == "flashinfer"
     with oracle.Largest() as largest:   # the scores' size, for float32's share of the tolerance
         return _run_and_judge(case, result, mask_mod, score_mod, device, want, cpu_model, torch_check, start, largest)
 

@@ -80,7 +80,10 @@ def scores(q, k, mask_mod, score_mod, scale, b_idx, q_pos, kv_pos):
     s = torch.einsum("bhld,bhsd->bhls", q.double(), kd) * scale
     seen = visible(mask_mod, b_idx, Hq, q_pos, kv_pos, q.device)
     if score_mod is not None:
-        s = torch.as_tensor(score_mod(s, *grid(b_idx, Hq, q_pos, kv_pos, q.device))).to(torch.float64).expand(s.shape)
+        # device=: a score_mod returning a Python number gives a host tensor, which the mask on
+        # q's device cannot fill on a GPU
+        s = torch.as_tensor(score_mod(s, *grid(b_idx, Hq, q_pos, kv_pos, q.device)), device=q.device).to(
+            torch.float64).expand(s.shape)
     s = s.masked_fill(~seen, -math.inf)
     _note_magnitude(s)
     return s
