@@ -19,15 +19,13 @@ def generate_relative_position_bias_score_mod(table):
     table_on = follow_device(table)
 
     # clamp(q - kv, -M, M) + M, written so that the compiled kernel sees an index that is never
-    # negative (a max with 0 last) and reads the table without counting a negative one from its end.
-    # The bias is read as float32 (as alibi's slopes): a float64 table would make the scores
-    # float64, which torch's compiled flex_attention on the CPU turns into NaN
+    # negative (a max with 0 last) and reads the table without counting a negative one from its end
     if table.dim() == 1:
         def relative_position_bias(score, b, h, q_idx, kv_idx):
-            return score + table_on(q_idx.device)[torch.clamp(q_idx - kv_idx + reach, max=2 * reach).clamp(min=0)].float()
+            return score + table_on(q_idx.device)[torch.clamp(q_idx - kv_idx + reach, max=2 * reach).clamp(min=0)]
     else:
         def relative_position_bias(score, b, h, q_idx, kv_idx):
-            return score + table_on(q_idx.device)[h, torch.clamp(q_idx - kv_idx + reach, max=2 * reach).clamp(min=0)].float()
+            return score + table_on(q_idx.device)[h, torch.clamp(q_idx - kv_idx + reach, max=2 * reach).clamp(min=0)]
 
     relative_position_bias.table = table
     # beyond the reach the bias is the table's last entry: the planner runs those keys on

@@ -66,10 +66,10 @@ def generate_t5_relative_bias_score_mod(table, max_distance: int = 128, bidirect
 
     if table.dim() == 1:
         def t5_relative_bias(score, b, h, q_idx, kv_idx):
-            return score + table_on(q_idx.device)[bucket(q_idx, kv_idx)].float()   # as relative_position_bias
+            return score + table_on(q_idx.device)[bucket(q_idx, kv_idx)]
     else:
         def t5_relative_bias(score, b, h, q_idx, kv_idx):
-            return score + table_on(q_idx.device)[h, bucket(q_idx, kv_idx)].float()
+            return score + table_on(q_idx.device)[h, bucket(q_idx, kv_idx)]
 
     t5_relative_bias.table = table
     t5_relative_bias.buckets = buckets   # the bucket of each q - kv in -max_distance..max_distance

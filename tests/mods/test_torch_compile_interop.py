@@ -46,17 +46,6 @@ def test_the_librarys_block_mask_is_one_graph_in_torchs_compiled_flex_attention(
     assert torch.allclose(compiled, eager, atol=1e-5)
 
 
-def test_float64_bias_tables_give_float32_scores():
-    """A float64 table made the scores float64, which torch's compiled flex_attention on the CPU
-    turned into NaN; the bias is read as float32, as alibi's slopes are."""
-    score = torch.zeros(2, 4, 4)
-    h = torch.arange(2).view(2, 1, 1)
-    q_idx, kv_idx = torch.arange(4).view(1, 4, 1), torch.arange(4).view(1, 1, 4)
-    for mod in (mods.generate_relative_position_bias_score_mod(torch.randn(2, 9, dtype=torch.float64)),
-                mods.generate_t5_relative_bias_score_mod(torch.randn(2, 8, dtype=torch.float64), max_distance=16)):
-        assert mod(score, 0, h, q_idx, kv_idx).dtype == torch.float32
-
-
 def test_a_document_mask_made_inside_a_compiled_function_breaks_no_graph():
     """Its name read the ids' maximum (a data-dependent .item()) and broke the graph three times."""
     q, k, v = _inputs()
