@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import weakref
 
+import torch
+
 _STATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # every hint the library states (planning/linear_masks.LOWERING_HINTS and the score_mod ones)
 HINT_NAMES = ("band_hint", "document_ids", "key_columns_hint", "logits_soft_cap", "constant_beyond")
@@ -18,8 +20,6 @@ def state_hint(fn, name: str, value) -> None:
     made while torch.compile traces (a factory called inside a compiled function around torch's
     own flex_attention) states none: dynamo replays the registry's weak reference on a function
     that is gone ("weak object has gone away"), and the hints serve this library's planner only."""
-    import torch
-
     if torch.compiler.is_compiling():
         return
     setattr(fn, name, value)

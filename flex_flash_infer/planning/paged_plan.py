@@ -265,11 +265,11 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if flags is not None and flags[1] >= 0 and not native_window:
         flags = None
     if flags is not None:
-        return _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len,
+        return _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len,
                                 pages, page_size, all_decode, max_kv, device, positions, max_id)
     columns = _hinted_window_columns(mask_mod) if _hints and heads == 1 and native_window else None
     if columns is not None:
-        window = _plan_from_flags((True, columns[0]), qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len,
+        window = _plan_from_flags((True, columns[0]), kv_page_indices, host_q, host_kv, host_last, qo_len,
                                   kv_len, pages, page_size, all_decode, max_kv, device, positions, max_id)
         if columns[1] >= columns[2]:   # no column keys (no sinks): the window alone
             return window
@@ -420,7 +420,7 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
                      max_kv_len=window.max_kv_len, total_q=window.total_q, max_page_id=window.max_page_id)
 
 
-def _plan_from_flags(flags, qo_indptr, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len, pages,
+def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len, pages,
                      page_size, all_decode, max_kv, device, positions, max_id) -> PagedPlan:
     """The plan of a causal, sliding-window or full mask without evaluating it: one launch (a
     decode step's on the decode kernel) over each request's pages from the first its first query
