@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from ..core.read_guard import _MAX_CHECKS, _MISSING, ReadGuard, _Unguardable, read_guard, watch_tensor
+from ..core.read_guard import _MAX_CHECKS, _MISSING, ReadGuard, _Unguardable, code_names, read_guard, watch_tensor
 from ..core.trace import tensors_read
 from ..core.versions import moved, snapshot, source_of
 
@@ -83,7 +83,7 @@ def captured_tensors(fn, guard: ReadGuard | None = None) -> list:
                     pass
             for item in (*(x.__defaults__ or ()), *(x.__kwdefaults__ or {}).values(), *vars(x).values()):
                 visit(item, depth + 1)
-            for name in _global_names(x.__code__):
+            for name in code_names(x.__code__):
                 if name in x.__globals__:
                     visit(x.__globals__[name], depth + 1)
         elif isinstance(x, (tuple, list, set, frozenset)):
@@ -116,7 +116,7 @@ def _watch(x, guard: ReadGuard) -> None:
                 raise _Unguardable from None
         for attributes in (x.__kwdefaults__ or {}, x.__dict__):
             guard.mappings.append((attributes, tuple(attributes.items())))
-        for name in _global_names(x.__code__):
+        for name in code_names(x.__code__):
             guard.entries.append((x.__globals__, name, x.__globals__.get(name, _MISSING)))
     elif isinstance(x, (torch.nn.Module, functools.partial, set)):
         raise _Unguardable   # parameters registered, arguments or items changed in place
@@ -130,14 +130,6 @@ def _watch(x, guard: ReadGuard) -> None:
         if not (type(x).__module__.startswith("flex_flash_infer.") and not hasattr(type(x), "__slots__")):
             raise _Unguardable   # a user's object: its attributes may change
         guard.mappings.append((vars(x), tuple(vars(x).items())))   # one of this library's, watched like a dict
-
-
-def _global_names(code) -> set:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):   # lambdas and functions defined inside
-            names |= _global_names(const)
-    return names
 
 
 def learned_tensors(score_mod, device, memo: "LearnedMemo | None" = None) -> list:

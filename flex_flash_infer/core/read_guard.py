@@ -77,7 +77,7 @@ def _trusted_module_name(name) -> bool:
 _NAMES_OF_CODE: dict = {}
 
 
-def _names(code: types.CodeType) -> tuple:
+def code_names(code: types.CodeType) -> tuple:
     """Every name code and the code nested in it (lambdas, inner functions) may look up as a global
     (attribute names among them: looking those up too only adds checks)."""
     names = _NAMES_OF_CODE.get(code)
@@ -311,7 +311,7 @@ def _visit_function(fn: types.FunctionType, guard: ReadGuard, seen: set, top: bo
         return   # a module-level function of torch or this library (a closure made there may hold a user's mod)
     if type(fn.__globals__) is not dict:
         raise _Unguardable   # a mapping whose lookups may answer what .get() does not (__missing__)
-    names = _names(fn.__code__)
+    names = code_names(fn.__code__)
     if not _DYNAMIC_NAMES.isdisjoint(names) or _imports(fn.__code__):
         raise _Unguardable
     guard.names.update(names)
