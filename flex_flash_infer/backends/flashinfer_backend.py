@@ -210,7 +210,7 @@ class FlashInferPlan:
         self.groups = []
         self.head_band_runs = None   # bands-per-head: [(query heads, key heads, writes in place, _BandRunner)]
         self._lse_slots = None       # bands-per-head, interleaved groups: each group's slot (interleaved_lse_slots)
-        self._head_streams = None    # experiment: CUDA streams the head groups run on side by side
+        self._capture_streams = None   # bands-per-head under CUDA graph capture: the groups' streams
         self.columns = self.column_counts = self.positions = None
         hopper = _is_hopper(device)
 
@@ -304,8 +304,8 @@ class FlashInferPlan:
             if slots is not None:
                 lse_parts = torch.empty((len(slots), q.shape[0], q.shape[1] // len(slots)), dtype=torch.float32,
                                         device=q.device)
-            streams = self._head_streams
-            if streams:   # experiment (scripts/ab_head_streams.py): the groups side by side
+            streams = self._streams_if_capturing(q)
+            if streams:
                 main = torch.cuda.current_stream(q.device)
                 for s in streams:
                     if s is not None:   # None: that group on the caller's stream
@@ -324,7 +324,7 @@ class FlashInferPlan:
                 else:
                     run = runner.run
                     inputs = take_heads(q, 1, heads), take_heads(k, 2, kv_heads), take_heads(v, 2, kv_heads)
-                with torch.cuda.stream(streams[n % len(streams)]) if streams else _NO_STREAM:
+                with torch.cuda.stream(streams[n]) if streams else _NO_STREAM:
                     if slots is not None:
                         run(*inputs, out=out[:, heads], lse=lse_parts[slots[n]], return_lse=True)
                     elif in_place:
@@ -348,6 +348,22 @@ class FlashInferPlan:
         out, lse = self.groups[0].run(q, (self._pages(k), self._pages(v)))
         return out, lse * LN2 if return_lse else None
 
+
+    def _streams_if_capturing(self, q):
+        """bands-per-head: the streams its groups run on while a CUDA graph is captured (group 0 on
+        the caller's, None; the others on side streams), or None: then they run in turn. Measured
+        on H100s (scripts/ab_head_streams.py, docs/benchmarks.md): replayed from a graph the groups
+        side by side took 0.220 ms against 0.308 in turn; called, the streams' forks and joins cost
+        the host what the overlap gains (0.316-0.385 against 0.323-0.330). Only where every group is
+        one in-place launch, the case measured (a group writing a new output would allocate on its
+        side stream)."""
+        if (len(self.head_band_runs) < 2 or not q.is_cuda or not torch.cuda.is_current_stream_capturing()
+                or not all(in_place for _, _, in_place, _ in self.head_band_runs)):
+            return None
+        if self._capture_streams is None:
+            # from torch's stream pool, which the capture's own side stream has set up already
+            self._capture_streams = [None] + [torch.cuda.Stream(q.device) for _ in self.head_band_runs[1:]]
+        return self._capture_streams
 
     def _run_head_major(self, q, k, v, return_lse: bool = True):
         """All heads in one launch set: queries [Hq * B * L, 1, D], pages [Hkv * B * nKV, block_kv, 1, D]."""

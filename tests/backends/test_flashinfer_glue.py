@@ -493,3 +493,78 @@ def test_a_query_whose_last_dimension_is_strided_is_read_correctly(flashinfer_on
         out = flex_attention(q, k, v, block_mask=bm, backend="flashinfer")
         ref, _ = reference_attention(q.double(), k.double(), v.double(), bm)
         assert rel_err(out.double(), ref) < 1e-5
+
+
+class _FakeStream:
+    def __init__(self, name):
+        self.name, self.waited_on = name, []
+
+    def wait_stream(self, other):
+        self.waited_on.append(other)
+
+
+def test_per_head_groups_run_on_side_streams_only_under_graph_capture(fake, monkeypatch, rng):
+    """bands-per-head: while a CUDA graph is captured, group 0 runs on the caller's stream and each
+    other group on a side stream that waits on the caller's and is joined back; called, in turn.
+    The streams are stand-ins here (CPU): what is checked is the choice, the fork and join, and
+    that the output is the one the groups give in turn."""
+    B, L, D = 1, 300, 16
+
+    def planned(Hq, Hkv, widths):
+        def mod(b, h, q_idx, kv_idx):   # a causal window per head, widths[h % len(widths)] wide
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < torch.tensor(widths)[h % len(widths)])
+
+        bm = create_block_mask(mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+        plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+        assert plan.route == "bands-per-head" and len(plan.head_band_runs) > 1
+        return plan
+
+    # heads h, h + 4 share a window: four evenly spaced groups, each written in place
+    plan = planned(8, 2, [16, 40, 100, 1000])
+    assert all(flag for _, _, flag, _ in plan.head_band_runs)
+    # heads 2, 3, 6, 7 share one (a window as long as the keys is causal): unevenly spaced, copied
+    copying = planned(8, 2, [16, 40, L, L])
+    assert not all(flag for _, _, flag, _ in copying.head_band_runs)
+    q = torch.randn(B * L, 8, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, L, 2, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, L, 2, D, generator=rng, dtype=torch.float64)
+    in_turn = plan.run(q, k, v)
+
+    # the choice: never on a CPU tensor, never when not capturing, never with a group that copies
+    class CudaLike:
+        is_cuda, device = True, torch.device("cuda", 0)
+
+    capturing = [False]
+    made = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(_FakeStream(len(made))) or made[-1])
+    assert plan._streams_if_capturing(q) is None
+    assert plan._streams_if_capturing(CudaLike()) is None
+    capturing[0] = True
+    assert copying._streams_if_capturing(CudaLike()) is None
+    streams = plan._streams_if_capturing(CudaLike())
+    assert streams[0] is None and len(streams) == len(plan.head_band_runs) and len(made) == len(streams) - 1
+    assert plan._streams_if_capturing(CudaLike()) is streams   # made once, kept
+
+    # the run on those streams (stand-ins: the CPU runs every launch at once, in order)
+    main = _FakeStream("caller")
+    entered = []
+
+    class StreamContext:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            entered.append(self.s)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(plan, "_streams_if_capturing", lambda q: streams)
+    out, lse = plan.run(q, k, v)
+    assert torch.equal(out, in_turn[0]) and torch.equal(lse, in_turn[1])
+    assert entered == streams
+    assert all(s.waited_on == [main] for s in streams[1:])
+    assert main.waited_on == streams[1:]
