@@ -408,14 +408,17 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     counts = torch.bincount(req, minlength=R)
     indptr = torch.zeros(R + 1, dtype=torch.int64)
     indptr[1:] = counts.cumsum(0)
-    spec = PagedLaunchSpec(indptr.to(torch.int32).to(device),
-                           _page_ids(kv_page_indices, host_kv, req, local, device).to(torch.int32),
+    # worked out on the host with each page's place in kv_page_indices standing for its id (a
+    # decode step's plan: a few dozen operators on the device were most of its time on a GPU
+    # host); then one gather of the ids and one copy of the bits (FlashInfer packs them there)
+    spec = PagedLaunchSpec(indptr.to(torch.int32), (host_kv.index_select(0, req) + local).to(torch.int32),
                            torch.where(counts > 0, page_len[torch.clamp(indptr[1:] - 1, min=0)] if req.numel()
-                                       else 0, 0).to(torch.int32).to(device),
-                           kv_positions=(local * page_size).to(torch.int32).to(device))
-    idx = torch.arange(req.numel())
-    spec = _with_bits(spec, idx.to(device), req.to(device), page_len.to(device), qo_len.to(device),
-                      _own_first_pages(kv_page_indices, host_kv, device), bits.to(device), page_size)
+                                       else 0, 0).to(torch.int32),
+                           kv_positions=(local * page_size).to(torch.int32))
+    first_places = host_kv[:-1].clamp(max=kv_page_indices.numel() - 1).to(torch.int32)
+    spec = _with_bits(spec, torch.arange(req.numel()), req, page_len, qo_len, first_places, bits, page_size)
+    spec.kv_indices = kv_page_indices.index_select(0, spec.kv_indices.to(device)).to(torch.int32)
+    spec.mask = spec.mask.to(device)
     return PagedPlan(window.qo_indptr, window.full, spec, window.decode, page_states, q_start=window.q_start,
                      max_kv_len=window.max_kv_len, total_q=window.total_q, max_page_id=window.max_page_id)
 
@@ -488,7 +491,9 @@ def _own_first_pages(kv_page_indices, host_kv, device) -> torch.Tensor:
 def _with_bits(spec, idx, req, page_len, qo_len, own_first_page, bits, page_size):
     """Add the bit mask (none when bits is None); a request with no partial page gets one dummy
     key from its own first page (own_first_page [R], _own_first_pages; bit 0, position -1: a
-    kernel that evaluates the mask itself must hide it)."""
+    kernel that evaluates the mask itself must hide it). Works on the device of qo_len; the
+    spec's kv_indices and own_first_page may be page ids or their places in kv_page_indices
+    (gathered after), as long as both are the same kind."""
     R = qo_len.numel()
     device = qo_len.device
     counts = (spec.kv_indptr[1:] - spec.kv_indptr[:-1]).long()
