@@ -244,7 +244,7 @@ class PagedFlexAttention:
                                     (q, k_cache, v_cache, *learned))
         else:
             out, lse = _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse)
-        if lse is not None and p["plan"].decode:
+        if return_lse and lse is not None and p["plan"].decode:
             # FlashInfer's decode kernel merges its split-KV parts in the kernel as merge_state does,
             # weighing a NaN part 0, so the LSE of a row that saw a NaN query or key can come back a
             # number. Put NaN back where the query is NaN (unless the row sees no key: -inf, as
@@ -359,7 +359,8 @@ def _run_launches(launches, q, cache, return_lse=True):
     results = [w.run(q, cache, *args, return_lse=True) for w, args in runs]
     out, lse = results[0] if len(results) == 1 else nan_merge.merge_state(flashinfer.merge_state, *results[0],
                                                                           *results[1])
-    return out, lse * LN2
+    # the merge's LSE (base 2) is needed for the merge alone unless asked for: no launch for nothing
+    return out, lse * LN2 if return_lse else None
 
 
 def _reference(q, k_cache, v_cache, p):

@@ -1,16 +1,14 @@
-"""What a host-side step asks of a GPU, counted without one: prepare() of a 32768-token causal
-problem (the library's mask and a user's own `q >= kv`) and a decode step's
-PagedFlexAttention.plan() (64 requests x 8192 keys, tables on the GPU), run on the simulated CUDA
-device (tests/simulated_cuda.py) with FlashInfer's CPU model. Per step: operators that run on the
-device (each a kernel launch or more), copies to the device, and reads back to the host (each a
-wait for the GPU's queue: .cpu(), .item(), .tolist(), bool() of a device tensor). Issue 23's
-plan() and prepare() targets are host times on a GPU machine, where these are what the CPU model
-does not cost. What FlashInfer's CPU model does is left out: the real plan()'s own copies are FlashInfer's.
+"""What host-side steps ask of a GPU, counted without one (tests/device_work.py on the simulated
+CUDA device, FlashInfer's CPU model): prepare() of a 32768-token causal problem (the library's mask
+and a user's own `q >= kv`) and of a window, calls of the bench's masks, and a decode step's
+PagedFlexAttention.plan() and run() (64 requests x 8192 keys, tables on the GPU). Per step:
+operators that run on the device, copies to it, and reads back to the host (each a wait for the
+GPU's queue). Issue 23's plan() and prepare() targets are host times on a GPU machine, where these
+cost what the CPU model does not.
 
     PYTHONPATH=.:tests python scripts/device_ops.py [--json OUT.json]
 """
 import argparse
-import collections
 import datetime
 import json
 import os
@@ -19,43 +17,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
-import simulated_cuda  # noqa: E402
+from device_work import Counting  # noqa: E402
 from flexfuzz.simulated import simulated  # noqa: E402
-
-READS_BACK = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "nonzero", "numpy"}
-
-
-def _inside_flashinfer_model() -> bool:
-    """True when FlashInfer's CPU model made the call: its work stands for FlashInfer's, not ours."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_filename.endswith("fake_flashinfer.py"):
-            return True
-        frame = frame.f_back
-    return False
-
-
-class Counting(simulated_cuda.SimCuda):
-    def __init__(self):
-        super().__init__()
-        self.device_ops, self.to_device, self.reads = collections.Counter(), collections.Counter(), collections.Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        out = super().__torch_function__(func, types, args, kwargs)
-        if name == "__get__" or _inside_flashinfer_model():
-            return out
-        first = args[0] if args else None
-        on_device = isinstance(first, simulated_cuda.Dev)
-        lands_on_device = any(isinstance(t, simulated_cuda.Dev) for t in
-                              (out if isinstance(out, (tuple, list)) else (out,)))
-        if on_device and (name in READS_BACK or (name == "to" and not lands_on_device)):
-            self.reads[name] += 1
-        elif lands_on_device and not on_device and name in ("to", "cuda", "copy_", "tensor", "as_tensor"):
-            self.to_device[name] += 1
-        elif lands_on_device or (on_device and name.endswith("_")):
-            self.device_ops[name] += 1
-        return out
 
 
 def step(what, fn, warm=2):
@@ -70,6 +33,14 @@ def step(what, fn, warm=2):
     print(f"{what:44s} device ops {row['device_ops']:4d}  copies to device {row['copies_to_device']:3d}  "
           f"reads back {row['reads_back']:3d}   {dict(mode.reads)}", flush=True)
     return row
+
+
+def _mask(name, params, S, get_mask_fn):
+    """The bench's masks by name (flex_flash_infer_bench.masks for the ones it builds itself)."""
+    if params is not None:
+        return get_mask_fn(name, **params)
+    import flex_flash_infer_bench.masks as bench
+    return bench.case_masks(S, device="cuda")[name][0]
 
 
 def main():
@@ -100,18 +71,35 @@ def main():
             rows.append(step(what, lambda mod=mod: flex.prepare(
                 mask_fn=mod, seq_len_q=32768, seq_len_kv=32768, num_qo_heads=32, num_kv_heads=8, head_dim=128,
                 dtype=torch.bfloat16)))
+        # the calls themselves: a call must never read back (CUDA graphs capture it)
+        S = 2048
+        q = torch.randn(S, 32, 64, dtype=torch.bfloat16).to("cuda")
+        k, v = (torch.randn(S, 8, 64, dtype=torch.bfloat16).to("cuda") for _ in range(2))
+        for name, params in (("causal", {}), ("sliding_window", {"window_size": 256}),
+                             ("streaming", {"sink_size": 4, "window_size": 256}),
+                             ("attamba", {"window_size": 256, "chunk_size": 128}), ("prefix_lm", {"prefix_len": 500}),
+                             ("document", None), ("per_head_windows", None), ("random_tiles", None)):
+            mod = _mask(name, params, S, get_mask_fn)
+            call = FlexFlashInfer(device="cuda", backend="flashinfer")
+            call.prepare(mask_fn=mod, seq_len_q=S, seq_len_kv=S, num_qo_heads=32, num_kv_heads=8, head_dim=64,
+                         dtype=torch.bfloat16)
+            rows.append(step(f"call {name} 2048 ({call._prepared.segments[0].plan.route})",
+                             lambda call=call: call(q, k, v)))
         batch, context, page = 64, 8192, 16
         pages_per = context // page
         tables = (torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
                   torch.arange(batch + 1, dtype=torch.int32, device="cuda") * pages_per,
                   torch.randperm(batch * pages_per, generator=torch.Generator().manual_seed(0)).to(torch.int32).to("cuda"),
                   torch.full((batch,), page, dtype=torch.int32, device="cuda"))
+        cache = tuple(torch.randn(batch * pages_per, page, 8, 128, dtype=torch.bfloat16).to("cuda") for _ in range(2))
+        step_q = torch.randn(batch, 32, 128, dtype=torch.bfloat16).to("cuda")
         for what, mod in (("decode plan() causal, 64 x 8192", get_mask_fn("causal")),
                           ("decode plan() sliding_window(1024)", get_mask_fn("sliding_window", window_size=1024)),
                           ("decode plan() streaming(4, 1024)", get_mask_fn("streaming", sink_size=4, window_size=1024))):
             ours = paged.PagedFlexAttention(device="cuda", backend="flashinfer")
             rows.append(step(what, lambda mod=mod, ours=ours: ours.plan(mod, *tables, 32, 8, 128, page,
                                                                         dtype=torch.bfloat16)))
+            rows.append(step(what.replace("plan()", "run()"), lambda ours=ours: ours.run(step_q, cache)))
     if args.json:
         json.dump({"what": "device work of host steps, simulated CUDA device", "commit": source_commit(),
                    "date": datetime.date.today().isoformat(), "torch": torch.__version__, "rows": rows},

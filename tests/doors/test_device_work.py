@@ -1,0 +1,91 @@
+"""What calls and plans ask of a GPU, on the simulated CUDA device: a call never reads back to
+the host or copies to the device (a read back waits for the GPU's queue and breaks CUDA-graph
+capture; a host copy is a pageable, synchronising one), a band mask's prepare() neither, and a
+decode step's plan() reads the tables back once."""
+import sys
+
+import pytest
+import torch
+
+import fake_flashinfer
+from device_work import Counting
+from flexfuzz.simulated import simulated
+from flex_flash_infer import paged
+from flex_flash_infer.backends import flashinfer_backend
+from flex_flash_infer.mods import get_mask_fn
+from flex_flash_infer.wrapper import FlexFlashInfer
+from random_masks import per_head_starts
+
+
+@pytest.fixture
+def device(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    for module in (flashinfer_backend, paged):
+        monkeypatch.setattr(module, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(paged, "unsupported_reason", lambda *a: None)
+    with simulated():
+        yield
+
+
+def counted(fn):
+    fn()   # the first call builds what later calls keep
+    mode = Counting()
+    with mode:
+        fn()
+    return mode
+
+
+MASKS = {
+    "causal": lambda: get_mask_fn("causal"),
+    "sliding_window": lambda: get_mask_fn("sliding_window", window_size=64),
+    "streaming": lambda: get_mask_fn("streaming", sink_size=4, window_size=64),
+    "attamba": lambda: get_mask_fn("attamba", window_size=64, chunk_size=32),
+    "prefix_lm": lambda: get_mask_fn("prefix_lm", prefix_len=100),
+    "document": lambda: get_mask_fn("document", document_ids=torch.arange(384).div(100, rounding_mode="floor")
+                                     .to("cuda")),
+    "per_head_windows": lambda: lambda b, h, q, kv: (kv <= q) & (q - kv < 32 * (h + 1)),
+    "random_tiles": lambda: lambda b, h, q, kv: (kv <= q) & (((q // 128) * 7 + (kv // 128) * 3) % 4 != 1),
+    "per_head_starts": lambda: per_head_starts,
+}
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_a_call_never_reads_back_or_copies_to_the_device(device, name):
+    S, Hq, Hkv, D = 384, 4, 2, 64
+    flex = FlexFlashInfer(device="cuda", backend="flashinfer")
+    flex.prepare(mask_fn=MASKS[name](), seq_len_q=S, seq_len_kv=S, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+                 dtype=torch.bfloat16)
+    q = torch.randn(S, Hq, D, dtype=torch.bfloat16).to("cuda")
+    k, v = (torch.randn(S, Hkv, D, dtype=torch.bfloat16).to("cuda") for _ in range(2))
+    for return_lse in (False, True):
+        mode = counted(lambda: flex(q, k, v, return_lse=return_lse))
+        assert not mode.reads and not mode.to_device, (name, return_lse, mode.reads, mode.to_device)
+    if name in ("causal", "sliding_window", "prefix_lm"):
+        # a band mask's plan comes from its hint and a probe of the mask_mod on a small grid made
+        # on the device (a host copy there would wait for the GPU's queue)
+        mask = MASKS[name]()
+        prepare = counted(lambda: flex.prepare(mask_fn=mask, seq_len_q=S, seq_len_kv=S, num_qo_heads=Hq,
+                                               num_kv_heads=Hkv, head_dim=D, dtype=torch.bfloat16))
+        assert not prepare.to_device and not prepare.reads, (name, prepare.to_device, prepare.reads)
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "streaming"])
+def test_a_decode_step_plans_with_one_read_back_and_runs_with_none(device, name):
+    R, pages_per, page, Hq, Hkv, D = 8, 6, 16, 4, 2, 64
+    tables = (torch.arange(R + 1, dtype=torch.int32).to("cuda"),
+              (torch.arange(R + 1, dtype=torch.int32) * pages_per).to("cuda"),
+              torch.randperm(R * pages_per, generator=torch.Generator().manual_seed(0)).to(torch.int32).to("cuda"),
+              torch.full((R,), 5, dtype=torch.int32).to("cuda"))
+    cache = tuple(torch.randn(R * pages_per, page, Hkv, D, dtype=torch.bfloat16).to("cuda") for _ in range(2))
+    q = torch.randn(R, Hq, D, dtype=torch.bfloat16).to("cuda")
+    ours = paged.PagedFlexAttention(device="cuda", backend="flashinfer")
+    mask = MASKS[name]()
+    planned = counted(lambda: ours.plan(mask, *tables, Hq, Hkv, D, page, dtype=torch.bfloat16))
+    assert sum(planned.reads.values()) == 1, planned.reads   # the small tables, read once
+    launches = {}
+    for return_lse in (False, True):
+        run = counted(lambda: ours.run(q, cache, return_lse=return_lse))
+        assert not run.reads and not run.to_device, (return_lse, run.reads, run.to_device)
+        launches[return_lse] = sum(run.device_ops.values())
+    # without the LSE asked for, the decode kernel's LSE repair (and the scaling) do not run
+    assert launches[False] < launches[True], launches
