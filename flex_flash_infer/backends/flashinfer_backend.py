@@ -304,26 +304,31 @@ class FlashInferPlan:
             if slots is not None:
                 lse_parts = torch.empty((len(slots), q.shape[0], q.shape[1] // len(slots)), dtype=torch.float32,
                                         device=q.device)
+            # every group's inputs first, on the caller's stream and before any fork: a gather of
+            # unevenly spaced key heads (or k flattened from a strided view) is a kernel that a
+            # side stream must see finished, and the list keeps them alive until the join. Keys
+            # and values are flattened once for every group whose launch reads all rows: per group
+            # then only its heads' views of q and of the output (host work per call)
+            k_rows = v_rows = None
+            calls = []
+            for heads, kv_heads, in_place, runner in self.head_band_runs:
+                # evenly spaced heads are strided views (FlashInfer reads q, k, v by their strides):
+                # profiled on an H200, gathering them cost three times the group's launches
+                if runner.reads_all_rows:
+                    if k_rows is None:
+                        k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)
+                    calls.append((runner.run_rows, (take_heads(q, 1, heads), take_heads(k_rows, 1, kv_heads),
+                                                    take_heads(v_rows, 1, kv_heads))))
+                else:
+                    calls.append((runner.run, (take_heads(q, 1, heads), take_heads(k, 2, kv_heads),
+                                               take_heads(v, 2, kv_heads))))
             streams = self._streams_if_capturing(q)
             if streams:
                 main = torch.cuda.current_stream(q.device)
                 for s in streams:
                     if s is not None:   # None: that group on the caller's stream
                         s.wait_stream(main)
-            # keys and values flattened once for every group whose launch reads all rows: per
-            # group then only its heads' views of q and of the output (host work per call)
-            k_rows = v_rows = None
-            for n, (heads, kv_heads, in_place, runner) in enumerate(self.head_band_runs):
-                # evenly spaced heads are strided views (FlashInfer reads q, k, v by their strides):
-                # profiled on an H200, gathering them cost three times the group's launches
-                if runner.reads_all_rows:
-                    if k_rows is None:
-                        k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)
-                    run = runner.run_rows
-                    inputs = take_heads(q, 1, heads), take_heads(k_rows, 1, kv_heads), take_heads(v_rows, 1, kv_heads)
-                else:
-                    run = runner.run
-                    inputs = take_heads(q, 1, heads), take_heads(k, 2, kv_heads), take_heads(v, 2, kv_heads)
+            for n, ((heads, _, in_place, _), (run, inputs)) in enumerate(zip(self.head_band_runs, calls)):
                 with torch.cuda.stream(streams[n]) if streams else _NO_STREAM:
                     if slots is not None:
                         run(*inputs, out=out[:, heads], lse=lse_parts[slots[n]], return_lse=True)
@@ -357,6 +362,7 @@ class FlashInferPlan:
         the host what the overlap gains (0.316-0.385 against 0.323-0.330). Only where every group is
         one in-place launch, the case measured (a group writing a new output would allocate on its
         side stream)."""
+        # (the current device's capture: on another device than q's, the groups run in turn)
         if (len(self.head_band_runs) < 2 or not q.is_cuda or not torch.cuda.is_current_stream_capturing()
                 or not all(in_place for _, _, in_place, _ in self.head_band_runs)):
             return None

@@ -568,3 +568,61 @@ def test_per_head_groups_run_on_side_streams_only_under_graph_capture(fake, monk
     assert entered == streams
     assert all(s.waited_on == [main] for s in streams[1:])
     assert main.waited_on == streams[1:]
+
+
+def test_per_head_side_streams_see_every_input_made_before_the_fork(fake, monkeypatch, rng):
+    """Groups whose key heads are unevenly spaced gather them (a kernel on the caller's stream):
+    every such gather comes before the side streams fork from the caller's stream, so none reads
+    a gather it has not waited for (24 query / 6 key heads, a window by h % 6: group 0 has query
+    heads 0, 6, 12, 18, a view written in place, and key heads 0, 1, 3, 4, gathered)."""
+    Hq, Hkv, L, D = 24, 6, 300, 16
+    widths = torch.tensor([16, 40, 100, 200, 250, 290])
+
+    def mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < widths[h % 6])
+
+    bm = create_block_mask(mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, 1, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+    assert plan.route == "bands-per-head" and all(flag for _, _, flag, _ in plan.head_band_runs)
+    assert any(isinstance(kv_heads, torch.Tensor) for _, kv_heads, _, _ in plan.head_band_runs)
+    q = torch.randn(L, Hq, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(1, L, Hkv, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(1, L, Hkv, D, generator=rng, dtype=torch.float64)
+    in_turn = plan.run(q, k, v)
+
+    events = []
+
+    class Logged(_FakeStream):
+        def wait_stream(self, other):
+            events.append(("fork" if other is main else "join", self.name))
+            super().wait_stream(other)
+
+    main = Logged("caller")
+    streams = [None] + [Logged(n) for n in range(1, len(plan.head_band_runs))]
+
+    class StreamContext:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            events.append(("launch on", None if self.s is None else self.s.name))
+
+        def __exit__(self, *exc):
+            return False
+
+    take = flashinfer_backend.take_heads
+
+    def logged_take(x, dim, heads):
+        events.append(("gather", None))
+        return take(x, dim, heads)
+
+    monkeypatch.setattr(flashinfer_backend, "take_heads", logged_take)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(plan, "_streams_if_capturing", lambda q: streams)
+    out, lse = plan.run(q, k, v)
+    assert torch.equal(out, in_turn[0]) and torch.equal(lse, in_turn[1])
+    kinds = [kind for kind, _ in events]
+    first_fork = kinds.index("fork")
+    assert "gather" in kinds and max(i for i, kind in enumerate(kinds) if kind == "gather") < first_fork, events
+    assert [name for kind, name in events if kind == "launch on"] == [None] + list(range(1, len(streams)))
