@@ -68,7 +68,7 @@ def check_score_mod(fn: Callable | None, name: str = "score_mod") -> Callable | 
 def index_grid(b, h, q_idx, kv_idx, device):
     """Broadcastable int32 index tensors [B,1,1,1], [1,H,1,1], [1,1,Q,1], [1,1,1,KV]."""
     def as_index(x):
-        if isinstance(x, range):
+        if isinstance(x, range) and len(x):   # (an empty range: arange refuses one that runs backwards)
             # made on the device: a host list copied there waits for the GPU's queue to drain
             # (a pageable copy), so prepare() would stall behind the work queued before it
             return torch.arange(x.start, x.stop, x.step, dtype=INDEX_DTYPE, device=device)
