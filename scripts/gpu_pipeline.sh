@@ -22,6 +22,9 @@
 #                tokens, head_dim 128 / 64 (JSON in the run dir); profile-8k the same with --profile;
 #                profile-leads only the rows slower in the bench than alone
 #   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
+#   window-tile  scripts/ab_window_tile.py: FlashInfer's fa3 window kernel without its all-masked first key
+#                tile, against the kernel as installed (prebuild both: PREBUILD_PY=scripts/ab_window_tile.py
+#                bash scripts/prebuild_kernels.sh --prebuild .aot, then pack them)
 #   head-streams scripts/ab_head_streams.py: per-head windows' launches in turn or on streams, and from CUDA graphs
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
@@ -127,6 +130,9 @@ case "${1:-}" in
         ab-layout)   # a code move against the code before it, one process (scripts/ab_layout.py)
           python3 scripts/ab_layout.py .ab_before $run_dir/ab-layout.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/ab-layout.log; tail -n 20 $run_dir/ab-layout.log ;;
+        window-tile)   # the window's first key tile exact against FlashInfer's kernel as installed (scripts/ab_window_tile.py)
+          python3 scripts/ab_window_tile.py $run_dir/window-tile.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/window-tile.log; tail -n 20 $run_dir/window-tile.log ;;
         head-streams)   # per-head windows: launches in turn, on streams, and from CUDA graphs (scripts/ab_head_streams.py)
           python3 scripts/ab_head_streams.py $run_dir/head-streams.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/head-streams.log; tail -n 8 $run_dir/head-streams.log ;;
