@@ -408,9 +408,9 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     counts = torch.bincount(req, minlength=R)
     indptr = torch.zeros(R + 1, dtype=torch.int64)
     indptr[1:] = counts.cumsum(0)
-    # worked out on the host with each page's place in kv_page_indices standing for its id (a
-    # decode step's plan: a few dozen operators on the device were most of its time on a GPU
-    # host); then one gather of the ids and one copy of the bits (FlashInfer packs them there)
+    # worked out on the host with each page's place in kv_page_indices standing for its id (on the
+    # device this took a decode step's plan a few dozen small launches and two waits for the GPU);
+    # then one gather of the ids and one copy of the bits (FlashInfer packs them there)
     spec = PagedLaunchSpec(indptr.to(torch.int32), (host_kv.index_select(0, req) + local).to(torch.int32),
                            torch.where(counts > 0, page_len[torch.clamp(indptr[1:] - 1, min=0)] if req.numel()
                                        else 0, 0).to(torch.int32),
