@@ -648,12 +648,21 @@ def test_per_head_windows_replay_in_a_cuda_graph(cuda_gen, Hq, Hkv):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = flex(q, k, v)
+    assert flex._prepared.segments[0].plan._capture_streams is not None   # the groups ran on streams
+    with_lse = torch.cuda.CUDAGraph()    # the LSE's interleaved slots written on the side streams too
+    flex(q, k, v, return_lse=True)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(with_lse):
+        captured_lse = flex(q, k, v, return_lse=True)
     for x in (q, k, v):
         x.copy_(torch.randn(x.shape, device="cuda", generator=cuda_gen).to(dtype))
     graph.replay()
+    with_lse.replay()
     torch.cuda.synchronize()
     eager = flex(q, k, v)
+    eager_lse = flex(q, k, v, return_lse=True)
     assert torch.equal(captured, eager)
+    assert torch.equal(captured_lse[0], eager_lse[0]) and torch.equal(captured_lse[1], eager_lse[1])
     bm = create_block_mask(mod, None, Hq, L, L, device="cuda")
     ref = flex_attention(*(x.float().transpose(0, 1)[None] for x in (q, k, v)), block_mask=bm, enable_gqa=True,
                          backend="reference")[0].transpose(0, 1)
