@@ -244,7 +244,7 @@ class PagedFlexAttention:
                                     (q, k_cache, v_cache, *learned))
         else:
             out, lse = _run_launches(p["launches"], q_in, (k_cache, v_cache), return_lse)
-        if return_lse and lse is not None and p["plan"].decode:
+        if lse is not None and p["plan"].decode:   # (None unless asked for)
             # FlashInfer's decode kernel merges its split-KV parts in the kernel as merge_state does,
             # weighing a NaN part 0, so the LSE of a row that saw a NaN query or key can come back a
             # number. Put NaN back where the query is NaN (unless the row sees no key: -inf, as
@@ -346,13 +346,14 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
 
 
 def _run_launches(launches, q, cache, return_lse=True):
-    """(out, natural-log lse, or None when not return_lse and one launch needs none).
-    A plan with no visible key at all gives zeros and -inf."""
+    """(out, natural-log lse, or None when not return_lse). A plan with no visible key at all
+    gives zeros and -inf."""
     import flashinfer
 
     full, partial, full_args, partial_args = launches
     if full is None and partial is None:
-        return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        return torch.zeros_like(q), (torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+                                     if return_lse else None)
     runs = [(w, args) for w, args in ((full, full_args), (partial, partial_args)) if w is not None]
     if not return_lse and len(runs) == 1:
         return runs[0][0].run(q, cache, *runs[0][1]), None

@@ -211,6 +211,7 @@ class FlashInferPlan:
         self.head_band_runs = None   # bands-per-head: [(query heads, key heads, writes in place, _BandRunner)]
         self._lse_slots = None       # bands-per-head, interleaved groups: each group's slot (interleaved_lse_slots)
         self._capture_streams = None   # bands-per-head under CUDA graph capture: the groups' streams
+        self._streams_serve = False    # bands-per-head: whether its groups may run on side streams
         self.columns = self.column_counts = self.positions = None
         hopper = _is_hopper(device)
 
@@ -254,6 +255,10 @@ class FlashInferPlan:
                 in_place = hopper and isinstance(selected, slice) and runner.ragged is not None
                 self.head_band_runs.append((selected, head_selector(list(kv_heads), device), in_place, runner))
             self._lse_slots = interleaved_lse_slots(self.head_band_runs, num_qo_heads)
+            # side streams under capture only where every set is one in-place launch (the case
+            # measured; a set writing a new output would allocate on its side stream)
+            self._streams_serve = len(self.head_band_runs) > 1 and all(
+                in_place for _, _, in_place, _ in self.head_band_runs)
         elif plan.tiles is not None:
             group_shape = (batch, q_len, kv_len, 1, 1, head_dim) if plan.head_major else self.shape
             self.groups.append(_HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
@@ -310,25 +315,25 @@ class FlashInferPlan:
             # and values are flattened once for every group whose launch reads all rows: per group
             # then only its heads' views of q and of the output (host work per call)
             k_rows = v_rows = None
-            calls = []
+            calls = []   # (heads, writes in place, run, inputs) per group
             for heads, kv_heads, in_place, runner in self.head_band_runs:
                 # evenly spaced heads are strided views (FlashInfer reads q, k, v by their strides):
                 # profiled on an H200, gathering them cost three times the group's launches
                 if runner.reads_all_rows:
                     if k_rows is None:
                         k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)
-                    calls.append((runner.run_rows, (take_heads(q, 1, heads), take_heads(k_rows, 1, kv_heads),
-                                                    take_heads(v_rows, 1, kv_heads))))
+                    calls.append((heads, in_place, runner.run_rows, (
+                        take_heads(q, 1, heads), take_heads(k_rows, 1, kv_heads), take_heads(v_rows, 1, kv_heads))))
                 else:
-                    calls.append((runner.run, (take_heads(q, 1, heads), take_heads(k, 2, kv_heads),
-                                               take_heads(v, 2, kv_heads))))
+                    calls.append((heads, in_place, runner.run, (
+                        take_heads(q, 1, heads), take_heads(k, 2, kv_heads), take_heads(v, 2, kv_heads))))
             streams = self._streams_if_capturing(q)
             if streams:
                 main = torch.cuda.current_stream(q.device)
                 for s in streams:
                     if s is not None:   # None: that group on the caller's stream
                         s.wait_stream(main)
-            for n, ((heads, _, in_place, _), (run, inputs)) in enumerate(zip(self.head_band_runs, calls)):
+            for n, (heads, in_place, run, inputs) in enumerate(calls):
                 with torch.cuda.stream(streams[n]) if streams else _NO_STREAM:
                     if slots is not None:
                         run(*inputs, out=out[:, heads], lse=lse_parts[slots[n]], return_lse=True)
@@ -356,15 +361,11 @@ class FlashInferPlan:
 
     def _streams_if_capturing(self, q):
         """bands-per-head: the streams its groups run on while a CUDA graph is captured (group 0 on
-        the caller's, None; the others on side streams), or None: then they run in turn. Measured
-        on H100s (scripts/ab_head_streams.py, docs/benchmarks.md): replayed from a graph the groups
-        side by side took 0.220 ms against 0.308 in turn; called, the streams' forks and joins cost
-        the host what the overlap gains (0.316-0.385 against 0.323-0.330). Only where every group is
-        one in-place launch, the case measured (a group writing a new output would allocate on its
-        side stream)."""
+        the caller's, None; the others on side streams), or None: then they run in turn. Replayed,
+        the groups overlap; called, the forks and joins cost the host what the overlap gains
+        (scripts/ab_head_streams.py, docs/benchmarks.md)."""
         # (the current device's capture: on another device than q's, the groups run in turn)
-        if (len(self.head_band_runs) < 2 or not q.is_cuda or not torch.cuda.is_current_stream_capturing()
-                or not all(in_place for _, _, in_place, _ in self.head_band_runs)):
+        if not self._streams_serve or not q.is_cuda or not torch.cuda.is_current_stream_capturing():
             return None
         if self._capture_streams is None:
             # from torch's stream pool, which the capture's own side stream has set up already

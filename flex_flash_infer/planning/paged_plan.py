@@ -99,9 +99,20 @@ def _page_lengths(req, local, pages, host_last, page_size: int) -> torch.Tensor:
     return torch.where(local == pages.index_select(0, req) - 1, host_last.index_select(0, req), page_size)
 
 
+def _page_places(host_kv, req, local) -> torch.Tensor:
+    """Host int64: where the listed pages (request req, its page local) lie in kv_page_indices."""
+    return host_kv.index_select(0, req) + local
+
+
+def _first_page_places(host_kv, num_ids: int) -> torch.Tensor:
+    """Host int64 [R]: where each request's first page lies in kv_page_indices (a request without
+    pages, which has no queries: any place there is)."""
+    return host_kv[:-1].clamp(max=num_ids - 1)
+
+
 def _page_ids(kv_page_indices, host_kv, req, local, device) -> torch.Tensor:
     """The caller's page ids of the listed pages (request req, its page local)."""
-    return kv_page_indices.index_select(0, (host_kv.index_select(0, req) + local).to(device))
+    return kv_page_indices.index_select(0, _page_places(host_kv, req, local).to(device))
 
 
 def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int):
@@ -411,11 +422,11 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     # worked out on the host with each page's place in kv_page_indices standing for its id (on the
     # device this took a decode step's plan a few dozen small launches and two waits for the GPU);
     # then one gather of the ids and one copy of the bits (FlashInfer packs them there)
-    spec = PagedLaunchSpec(indptr.to(torch.int32), (host_kv.index_select(0, req) + local).to(torch.int32),
+    spec = PagedLaunchSpec(indptr.to(torch.int32), _page_places(host_kv, req, local).to(torch.int32),
                            torch.where(counts > 0, page_len[torch.clamp(indptr[1:] - 1, min=0)] if req.numel()
                                        else 0, 0).to(torch.int32),
                            kv_positions=(local * page_size).to(torch.int32))
-    first_places = host_kv[:-1].clamp(max=kv_page_indices.numel() - 1).to(torch.int32)
+    first_places = _first_page_places(host_kv, kv_page_indices.numel()).to(torch.int32)
     spec = _with_bits(spec, torch.arange(req.numel()), req, page_len, qo_len, first_places, bits, page_size)
     spec.kv_indices = kv_page_indices.index_select(0, spec.kv_indices.to(device)).to(torch.int32)
     spec.mask = spec.mask.to(device)
@@ -485,7 +496,7 @@ def _own_first_pages(kv_page_indices, host_kv, device) -> torch.Tensor:
     """int32 [R]: each request's first page id (a request without pages, which has no queries, any)."""
     if kv_page_indices.numel() == 0:
         return torch.zeros(host_kv.numel() - 1, dtype=torch.int32, device=device)
-    return kv_page_indices[host_kv[:-1].clamp(max=kv_page_indices.numel() - 1).to(device)].to(torch.int32)
+    return kv_page_indices[_first_page_places(host_kv, kv_page_indices.numel()).to(device)].to(torch.int32)
 
 
 def _with_bits(spec, idx, req, page_len, qo_len, own_first_page, bits, page_size):
