@@ -32,6 +32,7 @@
 #   profile-plan scripts/profile_prepare.py: prepare()'s host time by function (cProfile)
 #   fuzz         scripts/gpu_fuzz.sh for FUZZ_MINUTES (8) from FUZZ_SEED (9001); fuzz-masks, fuzz-scores: one half;
 #                fuzz-both: the masks and the bf16 score_mods, one process per pool member, at once
+#   tests-k      the GPU tests matching TESTS_K (pytest -k)
 #   suite        the whole GPU test suite (pytest -m gpu) over 6 processes, alone on the machine, compiling
 #                the modules it meets side by side
 #   ab-plan      scripts/ab_plan.py: a decode step's plan() from this checkout against the package copy in
@@ -97,6 +98,10 @@ case "${1:-}" in
           MAX_JOBS=3 python3 -m pytest -v -n 6 -m gpu tests/ -rfE -p no:cacheprovider --durations=12 \
             >$run_dir/gpu_suite.log 2>&1
           tail -n 6 $run_dir/gpu_suite.log ;;
+        tests-k)
+          # the GPU tests whose names match TESTS_K alone (a change's own tests, when the suite's compiles do not fit)
+          python3 -m pytest -v -m gpu tests/ -rfE -k "${TESTS_K:?set TESTS_K}" -p no:cacheprovider \
+            >$run_dir/gpu_tests_k.log 2>&1; tail -n 15 $run_dir/gpu_tests_k.log ;;
         examples)
           for f in examples/*.py; do echo "--- $f"; python3 "$f" 2>&1 | grep --line-buffered -v "INFO\|arning" | tail -n 4; \
             echo "exit ${PIPESTATUS[0]}"; done >$run_dir/examples.log 2>&1; cat $run_dir/examples.log ;;
