@@ -4,6 +4,9 @@ causal, sliding_window(1024), soft cap + causal, and streaming(4, 1024), whose s
 bit-mask launch) from this checkout ("after") and from an older
 copy of the package ("before", loaded under another name), interleaved. Each side's run() is
 first checked against the reference backend in float32. Issue 23 asks for plan() at most 0.3 ms.
+Then "after" once more with the per-request tables on the host (FlashInfer's own advice for its
+plan(): only the page ids on the GPU), and a cProfile of "after"'s plan() by own time (the GPU
+host's share of each function, which the CPU model cannot show).
 
     git archive <old commit> flex_flash_infer | tar -x -C /tmp/before
     python scripts/ab_plan.py /tmp/before results.json [--rounds 200]
@@ -11,7 +14,10 @@ first checked against the reference backend in float32. Issue 23 asks for plan()
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
+import pstats
 import json
 import pathlib
 import statistics
@@ -73,11 +79,34 @@ def main():
                 ours.plan(*plan_args, dtype=torch.bfloat16, score_mod=score)
                 torch.cuda.synchronize()
                 times[side].append((time.perf_counter() - start) * 1e3)
+        ours, plan_args, score, _ = sides["after"]
+        host_args = (plan_args[0], plan_args[1].cpu(), plan_args[2].cpu(), plan_args[3], plan_args[4].cpu(),
+                     *plan_args[5:])
+        ours.plan(*host_args, dtype=torch.bfloat16, score_mod=score)
+        assert ((ours.run(q, cache).float() - ref).norm() / ref.norm()).item() < 2e-2, (name, "host tables")
+        times["after, host tables"] = []
+        for r in range(args.rounds):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            ours.plan(*host_args, dtype=torch.bfloat16, score_mod=score)
+            torch.cuda.synchronize()
+            times["after, host tables"].append((time.perf_counter() - start) * 1e3)
+        sides["after, host tables"] = sides["after"]
+        profile = cProfile.Profile()
+        torch.cuda.synchronize()
+        profile.enable()
+        for _ in range(50):
+            ours.plan(*plan_args, dtype=torch.bfloat16, score_mod=score)
+        torch.cuda.synchronize()
+        profile.disable()
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(22)
+        result.setdefault("profiles", {})[name] = text.getvalue()
         for side in sides:
             row = {"case": name, "side": side, "plan_ms": statistics.median(times[side]),
                    "plan_ms_p10": sorted(times[side])[len(times[side]) // 10], "rel_err": sides[side][3]}
             result["rows"].append(row)
-            print(f"{name:16s} {side:7s} plan {row['plan_ms']:.3f} ms (p10 {row['plan_ms_p10']:.3f})  "
+            print(f"{name:16s} {side:20s} plan {row['plan_ms']:.3f} ms (p10 {row['plan_ms_p10']:.3f})  "
                   f"rel_err {row['rel_err']:.2e}", flush=True)
     json.dump(result, open(args.out, "w"), indent=1)
 
