@@ -7,6 +7,9 @@ that "- 1" removed (nothing else changed; the copy is FlashInfer's own headers, 
 time, never carried in this repository), and times both beside FlashInfer's plain window kernel,
 in one process, interleaved, each output checked against float32 first. The score_mod is
 score + 0 * (q - kv): the same compiled code on both sides, and not folded into the scale.
+Then FlashInfer's own window kernel called directly three ways: its native module, the same kernel
+generated and built by this script against the headers as installed ("native_rebuilt"), and
+against the patched copy ("native_exact_start"): the last two differ in that one line alone.
 
     python scripts/ab_window_tile.py OUT.json [--seq-lens 8192 32768] [--windows 128 256 1024]
 
@@ -89,6 +92,36 @@ def marked_variants():
         score_mod_kernels.fa3_score_mod_variant = make
 
 
+def native_jit_args(dtype, head_dim: int, marked: bool) -> list:
+    """FlashInfer's own Hopper window kernel (its DefaultAttention variant and the additional
+    parameters FlashInfer's gen_batch_prefill_module gives it for fa3) as a module of this script's:
+    built against FlashInfer's headers as installed, or (marked) against the patched copy. The same
+    kernel as FlashInfer's native window module, so the pair times the one changed line alone."""
+    decl = "#include<flashinfer/attention/hopper/variants.cuh>" + (f"\n{MARKER}\n" if marked else "")
+    uri = f"ffi_abwin_native_{'exact' if marked else 'stock'}_{str(dtype).split('.')[-1]}_d{head_dim}"
+    lean_modules.install()
+    return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim,
+            ["maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr", "maybe_scale_v"],
+            ["uint32_t", "uint16_t", "uint16_t", "float"],
+            ["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
+            ["double", "double", "double", "int64_t"], "DefaultAttention<false>", decl, 0, True]
+
+
+def native_call(q, k, v, window: int, jit_args=None):
+    """One ragged fa3 launch of the causal window over the whole sequence: FlashInfer's native
+    module (jit_args None) or the module of jit_args, which takes its scale as an argument."""
+    from flex_flash_infer.backends.flashinfer_backend import default_workspace
+    from flex_flash_infer.planning.ragged import planned_ragged
+
+    S, hq, D = q.shape
+    indptr = torch.tensor([0, S], dtype=torch.int32)
+    scale = D ** -0.5
+    wrapper = planned_ragged(default_workspace(q.device), "fa3", indptr, indptr, (1, S, S, hq, k.shape[1], D),
+                             q.dtype, True, window - 1, sm_scale=None if jit_args else scale, jit_args=jit_args)
+    extra = (None, None, None, None, 0.0, scale, 1.0, 0) if jit_args else ()
+    return lambda: wrapper.run(q, k, v, *extra)
+
+
 def zero_bias(score, b, h, q_idx, kv_idx):
     return score + 0.0 * (q_idx - kv_idx)
 
@@ -121,6 +154,8 @@ def prebuild(out: pathlib.Path, build_dir: pathlib.Path, head_dim: int) -> None:
                         num_qo_heads=32, num_kv_heads=8, head_dim=head_dim, dtype=torch.bfloat16, score_mod=zero_bias)
                 except _Stop:
                     pass
+    for marked in (False, True):
+        recorded.append(("fa3", native_jit_args(torch.bfloat16, head_dim, marked)))
     specs = {}
     build_and_load = JitSpec.build_and_load
 
@@ -193,12 +228,22 @@ def main():
             # the A/B compares two modules: one of each kind was generated (when both were made)
             if "variant" in made and "variant_exact_start" in made:
                 assert sorted(set(GENERATED.values())) == [False, True], GENERATED
+            calls = {name: (lambda f=flex: f(q, k, v)) for name, flex in made.items()}
+            # FlashInfer's own window kernel, called directly: its module, the same kernel built
+            # here, and that kernel against the patched headers
+            for name, jit in (("native", None), ("native_rebuilt", native_jit_args(q.dtype, D, False)),
+                              ("native_exact_start", native_jit_args(q.dtype, D, True))):
+                row = {"seq_len": S, "window": W, "impl": name}
+                case_rows.append(row)
+                try:
+                    calls[name] = native_call(q, k, v, W, jit)
+                except Exception as e:
+                    row["error"] = f"plan: {type(e).__name__}: {e}"[:300]
             checked = {}
             for row in case_rows:
-                flex = made.get(row["impl"])
-                if flex is not None and bench.check(row, lambda f=flex: f(q, k, v),
-                                                    lambda out: bench.rel_error(out[rows], ref)):
-                    checked[row["impl"]] = lambda f=flex: f(q, k, v)
+                call = calls.get(row["impl"])
+                if call is not None and bench.check(row, call, lambda out: bench.rel_error(out[rows], ref)):
+                    checked[row["impl"]] = call
             times, errors = bench.time_interleaved(checked, rounds=args.rounds)
             for row in case_rows:
                 row["ms"] = times.get(row["impl"])
