@@ -74,7 +74,8 @@ class PagedPlan:
         return self.states
 
 
-def _int_vector(name: str, x, device, keep_int32: bool = False) -> torch.Tensor:
+def _int_vector(name: str, x, device=None, keep_int32: bool = False) -> torch.Tensor:
+    """x as a checked 1-D integer tensor on device (None: where it is; a list goes to the host)."""
     # an empty list would come out float32
     t = torch.as_tensor(x, device=device, dtype=torch.int64 if isinstance(x, (list, tuple)) and not x else None)
     if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
@@ -246,19 +247,28 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     not a compiled variant's launch). positions: the launches' kv_positions are wanted (compiled
     variants read them); a plan from a mask's flags leaves them out otherwise."""
     device = torch.device(device) if device is not None else torch.as_tensor(kv_page_indices).device
-    # int32 tables (FlashInfer's type) stay so: no conversion kernels each step (the copy to the
-    # host below comes out int64)
-    qo_indptr = _int_vector("qo_indptr", qo_indptr, device, keep_int32=True)
-    kv_page_indptr = _int_vector("kv_page_indptr", kv_page_indptr, device, keep_int32=True)
+    # int32 tables (FlashInfer's type) stay so: no conversion kernels each step. The per-request
+    # tables stay where the caller keeps them: the plan reads them on the host (FlashInfer's own
+    # plan() asks for them there), so a host table is never copied over and back
     kv_page_indices = _int_vector("kv_page_indices", kv_page_indices, device, keep_int32=True)
-    kv_last_page_len = _int_vector("kv_last_page_len", kv_last_page_len, device, keep_int32=True)
-    # the small per-request tables and the page ids' range, checked and expanded on the host: one
-    # copy instead of a GPU sync per check (plan() runs once per decode step)
-    id_range = (torch.stack(torch.aminmax(kv_page_indices)).long() if kv_page_indices.numel()
-                else torch.tensor([0, -1], device=device))
-    sizes = [qo_indptr.numel(), kv_page_indptr.numel(), kv_last_page_len.numel(), 2]
-    host_q, host_kv, host_last, host_ids = torch.cat([qo_indptr, kv_page_indptr, kv_last_page_len, id_range]).cpu(
-        ).split(sizes)
+    small = [_int_vector(name, t, None if isinstance(t, torch.Tensor) else "cpu", keep_int32=True)
+             for name, t in (("qo_indptr", qo_indptr), ("kv_page_indptr", kv_page_indptr),
+                             ("kv_last_page_len", kv_last_page_len))]
+    # what lies on the device (the page ids' range always, unless the ids are on the host) comes
+    # back in one copy: one wait for the GPU instead of one per table and check
+    if kv_page_indices.numel() == 0:
+        id_range = torch.tensor([0, -1])
+    else:
+        low, high = torch.aminmax(kv_page_indices)
+        id_range = torch.cat([low.view(1), high.view(1)])
+    away = [t for t in small + [id_range] if t.device.type != "cpu"]
+    if away:
+        back = iter(torch.cat([t.to(away[0].device) for t in away]).cpu().split([t.numel() for t in away]))
+        small_host = [next(back) if t.device.type != "cpu" else t for t in small + [id_range]]
+    else:
+        small_host = small + [id_range]
+    # host copies of the caller's tables (a server writes its next step into the same buffers)
+    host_q, host_kv, host_last, host_ids = (t.to(torch.int64, copy=True) for t in small_host)
     min_id, max_id = host_ids.tolist()
     if min_id < 0:
         raise ValueError("kv_page_indices must be non-negative page ids")

@@ -89,3 +89,29 @@ def test_a_decode_step_plans_with_one_read_back_and_runs_with_none(device, name)
         launches[return_lse] = sum(run.device_ops.values())
     # without the LSE asked for, the decode kernel's LSE repair (and the scaling) do not run
     assert launches[False] < launches[True], launches
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "streaming"])
+def test_a_decode_step_with_host_tables_copies_none_of_them_over(device, name):
+    """FlashInfer's own plan() asks for the per-request tables on the host: a caller who keeps them
+    there gets a plan that copies none of them to the device (only the page ids' range comes
+    back), and the same output as with the tables on the device."""
+    R, pages_per, page, Hq, Hkv, D = 8, 6, 16, 4, 2, 64
+    host = (torch.arange(R + 1, dtype=torch.int32), torch.arange(R + 1, dtype=torch.int32) * pages_per,
+            torch.randperm(R * pages_per, generator=torch.Generator().manual_seed(1)).to(torch.int32),
+            torch.full((R,), 7, dtype=torch.int32))
+    on_device = tuple(t.to("cuda") for t in host)
+    mixed = (host[0], host[1], on_device[2], host[3])     # the page ids on the GPU, as a server keeps them
+    cache = tuple(torch.randn(R * pages_per, page, Hkv, D, dtype=torch.bfloat16).to("cuda") for _ in range(2))
+    q = torch.randn(R, Hq, D, dtype=torch.bfloat16).to("cuda")
+    mask = MASKS[name]()
+    outs, counts = {}, {}
+    for kind, tables in (("device", on_device), ("host", mixed)):
+        ours = paged.PagedFlexAttention(device="cuda", backend="flashinfer")
+        counts[kind] = counted(lambda: ours.plan(mask, *tables, Hq, Hkv, D, page, dtype=torch.bfloat16))
+        outs[kind] = ours.run(q, cache).float().cpu()
+    assert sum(counts["host"].reads.values()) == 1, counts["host"].reads    # the page ids' range
+    assert sum(counts["host"].to_device.values()) == sum(counts["device"].to_device.values()), (
+        counts["host"].to_device, counts["device"].to_device)
+    assert torch.equal(outs["host"], outs["device"])
+    assert torch.isfinite(outs["host"]).all()
