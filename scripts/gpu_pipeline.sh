@@ -27,7 +27,6 @@
 #                bash scripts/prebuild_kernels.sh --prebuild .aot, then pack them)
 #   head-window-kernel scripts/ab_head_window_kernel.py: per-head windows in one launch of FlashInfer's window kernel
 #                patched to read each query head's window from a table (prebuild it: the script's doc says how)
-#   head-streams scripts/ab_head_streams.py: per-head windows' launches in turn or on streams, and from CUDA graphs
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
@@ -143,9 +142,6 @@ case "${1:-}" in
         head-window-kernel)   # per-head windows in one launch of a patched kernel (scripts/ab_head_window_kernel.py)
           python3 scripts/ab_head_window_kernel.py $run_dir/head-window-kernel.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/head-window-kernel.log; tail -n 12 $run_dir/head-window-kernel.log ;;
-        head-streams)   # per-head windows: launches in turn, on streams, and from CUDA graphs (scripts/ab_head_streams.py)
-          python3 scripts/ab_head_streams.py $run_dir/head-streams.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
-            >$run_dir/head-streams.log; tail -n 8 $run_dir/head-streams.log ;;
         peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
           python3 scripts/peer_timing.py $run_dir/peer-timing.json >$run_dir/peer-timing.log 2>&1
           tail -n 12 $run_dir/peer-timing.log ;;

@@ -363,7 +363,7 @@ class FlashInferPlan:
         """bands-per-head: the streams its groups run on while a CUDA graph is captured (group 0 on
         the caller's, None; the others on side streams), or None: then they run in turn. Replayed,
         the groups overlap; called, the forks and joins cost the host what the overlap gains
-        (scripts/ab_head_streams.py, docs/benchmarks.md)."""
+        (docs/benchmarks.md)."""
         # (the current device's capture: on another device than q's, the groups run in turn)
         if not self._streams_serve or not q.is_cuda or not torch.cuda.is_current_stream_capturing():
             return None

@@ -97,6 +97,7 @@ class Case:
     kv_lens2: list = field(default_factory=list)  # paged: a second plan and run on the same object
     qo_lens2: list = field(default_factory=list)
     cache_5d: bool = False       # paged: the cache as one [pages, 2, page_size, Hkv, D] tensor
+    paged_tables: str = "device"  # paged: where plan()'s tables lie (TABLE_PLACES), scribbled over after it
     page_size: int = 16
     input_seed: int = 0
     amplitude: float = 1.0       # q and k drawn with this standard deviation (sharp or flat softmax)
@@ -175,6 +176,11 @@ TOUR = [
 ]
 
 
+# where a paged case keeps plan()'s tables: all on the device (int64 or FlashInfer's int32), the
+# per-request tables on the host with the page ids on the device (FlashInfer's advice), or a mix
+TABLE_PLACES = ("device", "device-int32", "host", "mixed")
+
+
 def generate_case(seed: int, index: int, profile="cpu", dtypes=None, device: str = "cpu",
                   avoid=frozenset()) -> Case:
     """Case `index` of `seed`. profile: "cpu", "gpu" or a Profile. avoid: features to leave out
@@ -214,6 +220,8 @@ def generate_case(seed: int, index: int, profile="cpu", dtypes=None, device: str
     case.avoid = tuple(sorted(avoid))
     {"flex": _flex, "decode": _decode, "seed": _seed, "varlen": _varlen, "paged": _paged}[door](case, r, force, profile)
     # drawn apart from r: the cases of every seed drawn before this choice existed stay as they were
+    if door == "paged":
+        case.paged_tables = random.Random(f"{seed}:{index}:{profile.key()}:tables").choice(TABLE_PLACES)
     changes = random.Random(f"{seed}:{index}:{profile.key()}:changed")
     if (door == "seed" or (door == "flex" and "def score_mod" in case.mods and case.block_mask == "ours"
                            and not case.grad)) and changes.random() < 0.15:

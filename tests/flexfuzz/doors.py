@@ -411,6 +411,14 @@ def _paged(case: Case, mask_mod, score_mod, device, want):
     return out, lse, routes
 
 
+def _placed_tables(where: str, tables, device):
+    """plan()'s tables (qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len) as the case
+    keeps them (cases.TABLE_PLACES); each a buffer of its own, which the caller may overwrite."""
+    on_host = {"host": (0, 1, 3), "mixed": (0, 3)}.get(where, ())
+    dtype = torch.int32 if where == "device-int32" else torch.int64
+    return [t.to(dtype).clone() if i in on_host else t.to(device, dtype).clone() for i, t in enumerate(tables)]
+
+
 def _paged_step(case: Case, paged, kv_lens, qo_lens, step: int, mask_mod, score_mod, device):
     """(out, lse, oracle out, oracle lse) of one step, rows [total queries, Hq(, D)]."""
     Hq, Hkv, D, P = case.Hq, case.Hkv, case.D, case.page_size
@@ -424,8 +432,10 @@ def _paged_step(case: Case, paged, kv_lens, qo_lens, step: int, mask_mod, score_
     n_q = int(qo_indptr[-1])
     q, k_cache, v_cache = _inputs(case, (1, Hq, n_q, D), (total, P, Hkv, D), device, seed_offset=step)
     q = q[0].transpose(0, 1).contiguous()
-    paged.plan(mask_mod, qo_indptr.to(device), kv_page_indptr.to(device), order.to(device), last.to(device), Hq, Hkv,
-               D, P, dtype=DTYPES[case.dtype], scale=case.scale, score_mod=score_mod)
+    tables = _placed_tables(case.paged_tables, (qo_indptr, kv_page_indptr, order, last), device)
+    paged.plan(mask_mod, *tables, Hq, Hkv, D, P, dtype=DTYPES[case.dtype], scale=case.scale, score_mod=score_mod)
+    for t in tables:   # a server writes its next step into the same buffers: the plan must not see it
+        t.fill_(7)
     cache = torch.stack([k_cache, v_cache], 1) if case.cache_5d else (k_cache, v_cache)
     result = paged.run(q, cache, return_lse=case.return_lse)
     out, lse = result if case.return_lse else (result, None)
