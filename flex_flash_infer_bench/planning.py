@@ -124,6 +124,18 @@ def _prepare_rows() -> list:
 
     rows.append({"what": "prepare causal 32768, a user's own function", "ours_ms": _median_s(prepare_users) * 1e3,
                  "ours_compiled_ms": None, "torch_compiled_ms": None})
+    # the same at a length no earlier prepare() planned: FlashInfer's plan() runs again (a repeated
+    # prepare() of one launch reuses the planned wrapper its previous plan holds: planning/ragged.py)
+    lengths = iter(range(32768, 0, -128))
+
+    def prepare_users_new_length():
+        n = next(lengths)
+        flex.prepare(mask_fn=users_causal, seq_len_q=n, seq_len_kv=n, num_qo_heads=32, num_kv_heads=8,
+                     head_dim=128, dtype=torch.bfloat16)
+
+    rows.append({"what": "prepare causal ~32768, a user's own function, a length not planned before",
+                 "ours_ms": _median_s(prepare_users_new_length) * 1e3, "ours_compiled_ms": None,
+                 "torch_compiled_ms": None})
     attamba = get_mask_fn("attamba", window_size=256, chunk_size=128)
 
     def users_attamba(b, h, q_idx, kv_idx):   # no hint: window and key columns found and verified

@@ -2,7 +2,17 @@
 compiled score_mod bands and the far keys of a relative-position split all launch it."""
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+# planned wrappers, by everything their construction and plan() were given, while some plan still
+# holds them: a prepare() of the same launch (a model's next layer, the same mask prepared again)
+# reuses one instead of paying FlashInfer's plan() again (0.9 ms of a 32768-token prepare() on an
+# H100: docs/benchmarks.md). A plan only ever runs its wrappers, never plans them again, and a
+# wrapper's run() keeps nothing of a call, so plans may share one. Weak: when the last plan holding
+# a wrapper goes, so do its buffers (8 MB on the device and 8 MB pinned each).
+_planned = weakref.WeakValueDictionary()
 
 
 def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, shape, dtype, causal: bool,
@@ -12,10 +22,24 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
     jit_args: a compiled variant's (which applies its own scale)."""
     import flashinfer
 
+    key = None
+    # FlashInfer's own kernels only: a compiled variant's wrapper is its plan's alone (the CPU model
+    # of FlashInfer binds a variant's host code, values included, to its wrapper); host tables
+    # only (reading device ones would wait for the GPU)
+    if jit_args is None and qo_indptr.device.type == "cpu" and kv_indptr.device.type == "cpu":
+        key = (workspace.data_ptr(), str(workspace.device), backend, tuple(qo_indptr.tolist()),
+               tuple(kv_indptr.tolist()), tuple(shape), dtype, bool(causal), int(window_left),
+               None if sm_scale is None else float(sm_scale),
+               None if logits_soft_cap is None else float(logits_soft_cap), id(flashinfer))
+        wrapper = _planned.get(key)
+        if wrapper is not None:
+            return wrapper
     _, _, _, hq, hkv, head_dim = shape
     wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend, jit_args=jit_args)
     # no split-KV: its merge would drop a NaN LSE (nan_merge.py)
     wrapper.plan(qo_indptr, kv_indptr, hq, hkv, head_dim, causal=causal, window_left=window_left, sm_scale=sm_scale,
                  logits_soft_cap=logits_soft_cap, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype,
                  disable_split_kv=True)
+    if key is not None:
+        _planned[key] = wrapper
     return wrapper
