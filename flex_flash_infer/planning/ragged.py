@@ -10,8 +10,9 @@ import torch
 # holds them: a prepare() of the same launch (a model's next layer, the same mask prepared again)
 # reuses one instead of paying FlashInfer's plan() again (0.9 ms of a 32768-token prepare() on an
 # H100: docs/benchmarks.md). A plan only ever runs its wrappers, never plans them again, and a
-# wrapper's run() keeps nothing of a call, so plans may share one. Weak: when the last plan holding
-# a wrapper goes, so do its buffers (8 MB on the device and 8 MB pinned each).
+# wrapper's run() keeps nothing of a call, so plans may share one (prepared on the same stream).
+# Weak: when the last plan holding a wrapper goes, so do its buffers (8 MB on the device and 8 MB
+# pinned each).
 _planned = weakref.WeakValueDictionary()
 
 
@@ -27,7 +28,12 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
     # of FlashInfer binds a variant's host code, values included, to its wrapper); host tables
     # only (reading device ones would wait for the GPU)
     if jit_args is None and qo_indptr.device.type == "cpu" and kv_indptr.device.type == "cpu":
-        key = (workspace.data_ptr(), str(workspace.device), backend, tuple(qo_indptr.tolist()),
+        # FlashInfer's plan() copies its tables to the GPU on the stream current then, unsynchronised:
+        # a wrapper is shared only with plans made on the same stream, which its run is ordered after
+        stream = None
+        if workspace.device.type == "cuda" and torch.cuda.is_available():
+            stream = getattr(torch.cuda.current_stream(workspace.device), "cuda_stream", None)
+        key = (workspace.data_ptr(), str(workspace.device), stream, backend, tuple(qo_indptr.tolist()),
                tuple(kv_indptr.tolist()), tuple(shape), dtype, bool(causal), int(window_left),
                None if sm_scale is None else float(sm_scale),
                None if logits_soft_cap is None else float(logits_soft_cap), id(flashinfer))

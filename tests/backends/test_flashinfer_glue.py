@@ -674,3 +674,30 @@ def test_plans_of_the_same_launch_share_one_planned_wrapper(fake, rng, monkeypat
     assert other.band_runner.ragged in ragged._planned.values()
     make(causal)
     assert len(planned) == 3
+
+
+def test_a_planned_wrapper_is_shared_only_on_the_stream_it_was_planned_on(monkeypatch):
+    """FlashInfer's plan() copies its tables to the GPU on the current stream without a sync: a plan
+    made on another stream must not run a wrapper whose copies it is not ordered after."""
+    import types
+
+    from flexfuzz.simulated import simulated
+    from flex_flash_infer.planning import ragged
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    current = types.SimpleNamespace(cuda_stream=1)
+    with simulated():
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+        workspace = torch.empty(16, dtype=torch.uint8, device="cuda")
+        indptr = torch.tensor([0, 128], dtype=torch.int32)
+
+        def plan():
+            return ragged.planned_ragged(workspace, "fa3", indptr, indptr, (1, 128, 128, 4, 2, 16), torch.bfloat16, True)
+
+        first = plan()
+        assert plan() is first
+        current.cuda_stream = 2
+        other = plan()
+        assert other is not first and plan() is other
+        current.cuda_stream = 1
+        assert plan() is first
