@@ -118,43 +118,12 @@ def one_launch(q, k, v, window_left: torch.Tensor | None, widest: int):
 
 
 def prebuild(out: pathlib.Path, build_dir: pathlib.Path, head_dims=(128, 64)) -> None:
-    """Build the patched modules here, on the CPU machine, into out (the .aot layout of
-    scripts/prebuild_kernels.py), through its toolchain (the module doc says how)."""
-    import time
-
-    from flashinfer import prefill
-    from flashinfer.jit.core import JitSpec
-    from prebuild_kernels import _Stop
+    """Build the patched modules here, on the CPU machine, into out (the module doc says how)."""
+    from ab_window_tile import build_variant_modules   # scripts/ is the script's own directory
 
     build_marked_with(patched_root(build_dir))
-    specs = {}
-    build_and_load = JitSpec.build_and_load
-
-    def keep(self, *a, **k):
-        specs.setdefault(self.name, self)
-        raise _Stop
-
-    JitSpec.build_and_load = keep
-    try:
-        for d in head_dims:
-            try:
-                getattr(prefill.get_customize_batch_prefill_module, "__wrapped__",
-                        prefill.get_customize_batch_prefill_module)("fa3", *head_window_jit_args(torch.bfloat16, d))
-            except _Stop:
-                pass
-    finally:
-        JitSpec.build_and_load = build_and_load
-    for spec in specs.values():
-        assert getattr(spec, "extra_include_dirs", None), f"{spec.name} would build against the stock headers"
-        target = out / spec.name / f"{spec.name}.so"
-        print(spec.name, flush=True)
-        if target.exists():
-            continue
-        start = time.time()
-        spec.build()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(spec.jit_library_path, target)
-        print(f"    built in {time.time() - start:.0f} s, {target.stat().st_size / 1e6:.1f} MB", flush=True)
+    for spec in build_variant_modules([("fa3", head_window_jit_args(torch.bfloat16, d)) for d in head_dims], out):
+        assert getattr(spec, "extra_include_dirs", None), f"{spec.name} was built against the stock headers"
 
 
 def main():

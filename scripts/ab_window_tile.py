@@ -133,29 +133,17 @@ def prepared(mask_mod, seq_len, head_dim, score_mod=None):
     return flex
 
 
-def prebuild(out: pathlib.Path, build_dir: pathlib.Path, head_dim: int) -> None:
-    """Build both variants' modules here, on the CPU machine, into out (the .aot layout of
-    scripts/prebuild_kernels.py), through its toolchain:
-    PREBUILD_PY=scripts/ab_window_tile.py bash scripts/prebuild_kernels.sh --prebuild .aot"""
+def build_variant_modules(recorded, out: pathlib.Path) -> list:
+    """Build the modules of recorded [(backend, jit_args)] here, on the CPU machine, into out (the
+    .aot layout of scripts/prebuild_kernels.py; run through its toolchain), each as FlashInfer's
+    wrapper would ask for it (its build intercepted, so the spec is the one a GPU machine builds).
+    Returns the specs, built or found built."""
     import time
 
     from flashinfer import prefill
     from flashinfer.jit.core import JitSpec
-    from prebuild_kernels import _Stop, _planning_on_cpu_as_hopper, _recording_flashinfer
+    from prebuild_kernels import _Stop
 
-    build_patched_variants_with(patched_include_root(build_dir))
-    recorded = []
-    with _planning_on_cpu_as_hopper(_recording_flashinfer(recorded)):
-        for marked in (False, True):
-            with marked_variants() if marked else contextlib.nullcontext():
-                try:
-                    FlexFlashInfer(device="cpu", backend="flashinfer").prepare(
-                        mask_fn=get_mask_fn("sliding_window", window_size=1024), seq_len_q=4096, seq_len_kv=4096,
-                        num_qo_heads=32, num_kv_heads=8, head_dim=head_dim, dtype=torch.bfloat16, score_mod=zero_bias)
-                except _Stop:
-                    pass
-    for marked in (False, True):
-        recorded.append(("fa3", native_jit_args(torch.bfloat16, head_dim, marked)))
     specs = {}
     build_and_load = JitSpec.build_and_load
 
@@ -176,7 +164,7 @@ def prebuild(out: pathlib.Path, build_dir: pathlib.Path, head_dim: int) -> None:
     for spec in specs.values():
         target = out / spec.name / f"{spec.name}.so"
         patched = bool(getattr(spec, "extra_include_dirs", None))
-        print(f"{spec.name} ({'exact window start' if patched else 'as installed'})", flush=True)
+        print(f"{spec.name} ({'patched headers' if patched else 'headers as installed'})", flush=True)
         if target.exists():
             continue
         start = time.time()
@@ -184,6 +172,28 @@ def prebuild(out: pathlib.Path, build_dir: pathlib.Path, head_dim: int) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(spec.jit_library_path, target)
         print(f"    built in {time.time() - start:.0f} s, {target.stat().st_size / 1e6:.1f} MB", flush=True)
+    return list(specs.values())
+
+
+def prebuild(out: pathlib.Path, build_dir: pathlib.Path, head_dim: int) -> None:
+    """Build both variants' modules and FlashInfer's window kernel both ways into out:
+    PREBUILD_PY=scripts/ab_window_tile.py bash scripts/prebuild_kernels.sh --prebuild .aot"""
+    from prebuild_kernels import _Stop, _planning_on_cpu_as_hopper, _recording_flashinfer
+
+    build_patched_variants_with(patched_include_root(build_dir))
+    recorded = []
+    with _planning_on_cpu_as_hopper(_recording_flashinfer(recorded)):
+        for marked in (False, True):
+            with marked_variants() if marked else contextlib.nullcontext():
+                try:
+                    FlexFlashInfer(device="cpu", backend="flashinfer").prepare(
+                        mask_fn=get_mask_fn("sliding_window", window_size=1024), seq_len_q=4096, seq_len_kv=4096,
+                        num_qo_heads=32, num_kv_heads=8, head_dim=head_dim, dtype=torch.bfloat16, score_mod=zero_bias)
+                except _Stop:
+                    pass
+    for marked in (False, True):
+        recorded.append(("fa3", native_jit_args(torch.bfloat16, head_dim, marked)))
+    build_variant_modules(recorded, out)
 
 
 def main():

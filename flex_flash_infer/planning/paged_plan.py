@@ -261,14 +261,14 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     else:
         low, high = torch.aminmax(kv_page_indices)
         id_range = torch.cat([low.view(1), high.view(1)])
-    away = [t for t in small + [id_range] if t.device.type != "cpu"]
+    tables = small + [id_range]
+    away = [i for i, t in enumerate(tables) if t.device.type != "cpu"]
     if away:
-        back = iter(torch.cat([t.to(away[0].device) for t in away]).cpu().split([t.numel() for t in away]))
-        small_host = [next(back) if t.device.type != "cpu" else t for t in small + [id_range]]
-    else:
-        small_host = small + [id_range]
+        back = torch.cat([tables[i].to(tables[away[0]].device) for i in away]).cpu()
+        for i, t in zip(away, back.split([tables[i].numel() for i in away])):
+            tables[i] = t
     # host copies of the caller's tables (a server writes its next step into the same buffers)
-    host_q, host_kv, host_last, host_ids = (t.to(torch.int64, copy=True) for t in small_host)
+    host_q, host_kv, host_last, host_ids = (t.to(torch.int64, copy=True) for t in tables)
     min_id, max_id = host_ids.tolist()
     if min_id < 0:
         raise ValueError("kv_page_indices must be non-negative page ids")

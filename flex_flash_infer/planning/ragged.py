@@ -8,8 +8,8 @@ import torch
 
 # planned wrappers, by everything their construction and plan() were given, while some plan still
 # holds them: a prepare() of the same launch (a model's next layer, the same mask prepared again)
-# reuses one instead of paying FlashInfer's plan() again (0.9 ms of a 32768-token prepare() on an
-# H100: docs/benchmarks.md). A plan only ever runs its wrappers, never plans them again, and a
+# reuses one instead of paying FlashInfer's plan() again, the largest part of a long prepare()
+# (docs/benchmarks.md). A plan only ever runs its wrappers, never plans them again, and a
 # wrapper's run() keeps nothing of a call, so plans may share one (prepared on the same stream).
 # Weak: when the last plan holding a wrapper goes, so do its buffers (8 MB on the device and 8 MB
 # pinned each).

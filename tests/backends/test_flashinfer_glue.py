@@ -629,7 +629,7 @@ def test_per_head_side_streams_see_every_input_made_before_the_fork(fake, monkey
 
 
 def test_plans_of_the_same_launch_share_one_planned_wrapper(fake, rng, monkeypatch):
-    """FlashInfer's plan() is most of a prepare() (0.9 ms at 32768 tokens on an H100): a second plan
+    """FlashInfer's plan() is the largest part of a long prepare(): a second plan
     of the same launch reuses the wrapper a live plan holds, a different launch plans its own, and
     a wrapper no plan holds any more is gone. Each plan's output stays its own mask's."""
     import gc
