@@ -33,6 +33,7 @@ import flex_flash_infer_bench.masks as bench
 from flex_flash_infer import FlexFlashInfer, get_mask_fn
 from flex_flash_infer.compile import lean_modules
 from flex_flash_infer_bench.provenance import source_commit
+from ab_window_tile import build_variant_modules, time_checked   # scripts/ is the script's own directory
 
 WINDOWS = (128, 256, 512, 1024)   # the bench's per_head_window_mask
 MARKER = "// ffi ab_head_window_kernel: the window of each query head, from its table"
@@ -119,8 +120,6 @@ def one_launch(q, k, v, window_left: torch.Tensor | None, widest: int):
 
 def prebuild(out: pathlib.Path, build_dir: pathlib.Path, head_dims=(128, 64)) -> None:
     """Build the patched modules here, on the CPU machine, into out (the module doc says how)."""
-    from ab_window_tile import build_variant_modules   # scripts/ is the script's own directory
-
     build_marked_with(patched_root(build_dir))
     for spec in build_variant_modules([("fa3", head_window_jit_args(torch.bfloat16, d)) for d in head_dims], out):
         assert getattr(spec, "extra_include_dirs", None), f"{spec.name} was built against the stock headers"
@@ -167,18 +166,8 @@ def main():
             refs = {name: ref for name in makers}
             refs["widest_window_all_heads"] = bench.reference_rows(
                 q, k, v, get_mask_fn("sliding_window", window_size=max(WINDOWS)), rows)
-            checked = {}
-            for row in case_rows:
-                call, want = calls.get(row["impl"]), refs[row["impl"]]
-                if call is not None and bench.check(row, call, lambda out, want=want: bench.rel_error(out[rows], want)):
-                    checked[row["impl"]] = call
-            times, errors = bench.time_interleaved(checked, rounds=args.rounds)
-            for row in case_rows:
-                row["ms"] = times.get(row["impl"])
-                if row["impl"] in errors:
-                    row["error"] = errors[row["impl"]]
-                print(f"S={S:6d} d={D:4d} {row['impl']:28s} {row.get('ms') or float('nan'):8.3f} ms  "
-                      f"rel_err {row.get('rel_err', float('nan')):.2e} {row.get('error', '')}", flush=True)
+            time_checked(case_rows, calls, lambda impl, out: bench.rel_error(out[rows], refs[impl]), args.rounds,
+                         f"S={S:6d} d={D:4d}")
             result["rows"] += case_rows
             json.dump(result, open(args.out, "w"), indent=1)   # after each case: a later failure keeps these
 

@@ -175,6 +175,23 @@ def build_variant_modules(recorded, out: pathlib.Path) -> list:
     return list(specs.values())
 
 
+def time_checked(case_rows, calls, error_of, rounds: int, label: str) -> None:
+    """Check each row's call (error_of(impl, out) against the float32 reference, bench.check), then
+    time the ones that pass interleaved, and fill and print the rows."""
+    checked = {}
+    for row in case_rows:
+        call = calls.get(row["impl"])
+        if call is not None and bench.check(row, call, lambda out, impl=row["impl"]: error_of(impl, out)):
+            checked[row["impl"]] = call
+    times, errors = bench.time_interleaved(checked, rounds=rounds)
+    for row in case_rows:
+        row["ms"] = times.get(row["impl"])
+        if row["impl"] in errors:
+            row["error"] = errors[row["impl"]]
+        print(f"{label} {row['impl']:28s} {row.get('ms') or float('nan'):8.3f} ms  "
+              f"rel_err {row.get('rel_err', float('nan')):.2e} {row.get('error', '')}", flush=True)
+
+
 def prebuild(out: pathlib.Path, build_dir: pathlib.Path, head_dim: int) -> None:
     """Build both variants' modules and FlashInfer's window kernel both ways into out:
     PREBUILD_PY=scripts/ab_window_tile.py bash scripts/prebuild_kernels.sh --prebuild .aot"""
@@ -249,18 +266,8 @@ def main():
                     calls[name] = native_call(q, k, v, W, jit)
                 except Exception as e:
                     row["error"] = f"plan: {type(e).__name__}: {e}"[:300]
-            checked = {}
-            for row in case_rows:
-                call = calls.get(row["impl"])
-                if call is not None and bench.check(row, call, lambda out: bench.rel_error(out[rows], ref)):
-                    checked[row["impl"]] = call
-            times, errors = bench.time_interleaved(checked, rounds=args.rounds)
-            for row in case_rows:
-                row["ms"] = times.get(row["impl"])
-                if row["impl"] in errors:
-                    row["error"] = errors[row["impl"]]
-                print(f"S={S:6d} window={W:5d} {row['impl']:20s} {row.get('ms') or float('nan'):8.3f} ms  "
-                      f"rel_err {row.get('rel_err', float('nan')):.2e} {row.get('error', '')}", flush=True)
+            time_checked(case_rows, calls, lambda impl, out: bench.rel_error(out[rows], ref), args.rounds,
+                         f"S={S:6d} window={W:5d}")
             result["rows"] += case_rows
             json.dump(result, open(args.out, "w"), indent=1)   # after each case: a later failure keeps these
 
