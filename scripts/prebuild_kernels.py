@@ -162,6 +162,14 @@ def module_specs(dtypes, head_dims, kinds) -> list:
         # bench --decode's softcap case: FlashInfer's decode wrapper and fa3 paged prefill with a soft cap
         ask(decode.get_batch_decode_module, dtype, dtype, dtype, torch.int32, hd, hd, 0, False, True)
         ask(prefill.get_batch_prefill_module, "fa3", dtype, dtype, dtype, torch.int32, hd, hd, 0, False, True, False)
+        # per-head windows in one launch: FlashInfer's window kernel against its patched headers
+        from flex_flash_infer.backends import head_windows
+        from flex_flash_infer.compile import patched_headers
+
+        if patched_headers.include_root("head_windows") is not None:
+            for dtype in dtypes:
+                for hd in head_dims:
+                    ask(prefill.get_customize_batch_prefill_module, "fa3", *head_windows.jit_args(dtype, hd))
         for dtype in dtypes:
             for hd in head_dims:
                 for backend, args in custom_jit_args(kinds, dtype, hd):

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from . import column_merge
+from . import column_merge, head_windows
 from ..core import nan_merge
 from ..planning.bands import plain_band_launch
 from ..planning.score_folding import kernel_scale_ok
@@ -209,6 +209,7 @@ class FlashInferPlan:
         self.bands = list(plan.bands)
         self.groups = []
         self.head_band_runs = None   # bands-per-head: [(query heads, key heads, writes in place, _BandRunner)]
+        self.head_windows = None     # bands-per-head, every head one causal window: HeadWindowRunner
         self._lse_slots = None       # bands-per-head, interleaved groups: each group's slot (interleaved_lse_slots)
         self._capture_streams = None   # bands-per-head under CUDA graph capture: the groups' streams
         self._streams_serve = False    # bands-per-head: whether its groups may run on side streams
@@ -241,6 +242,10 @@ class FlashInferPlan:
             # smaller tiles keep several per SM (measured faster in all: docs/benchmarks.md)
             near_runner = ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace, False)
             self.band_runner = FarSplitBands(near_runner, far, hint, self.shape, dtype, scale, workspace, hopper)
+        elif plan.head_bands and (table := head_windows.head_window_table(plan.head_bands, num_qo_heads, q_len, kv_len)
+                                  ) is not None and hopper and head_windows.available(device, dtype, head_dim):
+            # every head one causal window of its own width: one launch of the patched kernel
+            self.head_windows = head_windows.HeadWindowRunner(table, self.shape, dtype, scale, workspace)
         elif plan.head_bands:
             self.head_band_runs = []
             for heads, kv_heads, bands in plan.head_bands:
@@ -299,6 +304,11 @@ class FlashInferPlan:
                 out, lse = nan_merge.merge_state(self.columns.merge, out, lse, o_col, lse_col)
             # the merge needed the LSE; natural-log only when asked for (else a launch for nothing)
             return out, lse * LN2 if return_lse else None
+        if self.head_windows is not None:
+            if not return_lse:
+                return self.head_windows.run(q, k, v, return_lse=False), None
+            out, lse = self.head_windows.run(q, k, v)
+            return out, lse * LN2
         if self.head_band_runs is not None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             # without an LSE asked for, none is written or scaled: per group a copy launch less

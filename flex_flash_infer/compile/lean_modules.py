@@ -102,6 +102,20 @@ def lean_spec(spec, modes):
         return spec
 
 
+def with_patched_headers(spec, args):
+    """The spec with the patched FlashInfer headers its variant code asks for (patched_headers.MARKERS)
+    first on its include path; the spec itself when it asks for none."""
+    from . import patched_headers
+
+    for name, marker in patched_headers.MARKERS.items():
+        if any(isinstance(a, str) and marker in a for a in args):
+            root = patched_headers.include_root(name)
+            if root is None:   # the caller checks include_root() before it asks for such a module
+                raise RuntimeError(f"flex_flash_infer: FlashInfer's headers here do not take the {name} patches")
+            return dataclasses.replace(spec, extra_include_dirs=[root] + list(spec.extra_include_dirs or []))
+    return spec
+
+
 def _lean_generator(generate):
     @functools.wraps(generate)
     def generate_lean(backend, uri, *args, **kwargs):
@@ -109,7 +123,7 @@ def _lean_generator(generate):
         modes = KEPT_MODES.get(backend)
         if modes is None or not str(uri).startswith(OWN_URI_PREFIX):
             return spec
-        return lean_spec(spec, modes)
+        return with_patched_headers(lean_spec(spec, modes), args)
     generate_lean.ffi_lean = True
     return generate_lean
 

@@ -119,23 +119,24 @@ def test_per_head_windows_as_bands_per_head(cuda_gen, dtype, B, L):
     check(out, lse, q, k, v, dense[None], dtype)
 
 
-def test_per_head_windows_called_on_any_stream_and_replayed(cuda_gen):
-    """bands-per-head (a launch per set of heads with equal windows, writing in place on Hopper):
+def test_per_head_prefixes_called_on_any_stream_and_replayed(cuda_gen):
+    """bands-per-head (a launch per set of heads with equal prefixes, writing in place on Hopper):
     called on a stream of the caller's own, with and without LSE (each output checked: a set still
     running when the caller reads the output would show), and captured into a CUDA graph and
-    replayed on new inputs."""
+    replayed on new inputs. (Per-head windows alone run as one launch: the next test.)"""
     H, Hkv, L, D, dtype = 16, 4, 1000, 128, torch.bfloat16
-    widths = torch.tensor([64, 128, 300, 700])
+    prefixes = torch.tensor([64, 128, 300, 700])
 
-    def per_head_windows(b, h, q, kv):
-        return (kv <= q) & (q - kv < widths.to(q.device)[h % 4])
+    def per_head_prefixes(b, h, q, kv):
+        return (kv <= q) | (kv < prefixes.to(q.device)[h % 4])
 
     flex = FlexFlashInfer(device="cuda", backend="flashinfer").prepare(
-        mask_fn=per_head_windows, seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D, dtype=dtype)
+        mask_fn=per_head_prefixes, seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D,
+        dtype=dtype)
     plan = flex._prepared.segments[0].plan
     assert plan.head_band_runs is not None
     qi, ki = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
-    dense = torch.stack([(ki <= qi) & (qi - ki < int(widths[h % 4])) for h in range(H)])[None]
+    dense = torch.stack([(ki <= qi) | (ki < int(prefixes[h % 4])) for h in range(H)])[None]
 
     def nhd(x):
         return x[0].transpose(0, 1).contiguous()
@@ -171,6 +172,50 @@ def test_per_head_windows_called_on_any_stream_and_replayed(cuda_gen):
         graph.replay()
         torch.cuda.synchronize()
         check(bhld(g_out), g_lse.transpose(0, 1).unsqueeze(0), q, k, v, dense, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,L,Hq,Hkv,D", [(1, 1000, 32, 8, 128), (2, 600, 24, 6, 64)])
+def test_per_head_windows_in_one_launch(cuda_gen, dtype, B, L, Hq, Hkv, D):
+    """Every head one causal window of its own width (one head none): one launch of the kernel
+    built against the patched headers (backends/head_windows.py), checked with its LSE against the
+    dense reference; then called through FlexFlashInfer and replayed from a CUDA graph on new inputs."""
+    widths = torch.tensor([1, 64, 129, 0, 300, 1000])   # 0: plain causal
+
+    def per_head_windows(b, h, q, kv):
+        w = widths.to(q.device)[h % 6]
+        return (kv <= q) & ((q - kv < w) | (w == 0))
+
+    qi, ki = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
+    dense = torch.stack([(ki <= qi) & ((qi - ki < int(widths[h % 6])) | (int(widths[h % 6]) == 0))
+                         for h in range(Hq)])[None]
+    q, k, v = inputs(B, Hq, Hkv, L, L, D, dtype, cuda_gen)
+    bm = create_block_mask(per_head_windows, None, Hq, L, L, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    plan = next(iter(bm._plans.values()))
+    assert plan.head_windows is not None and plan.head_band_runs is None
+    check(out, lse, q, k, v, dense, dtype)
+
+    flex = FlexFlashInfer(device="cuda", backend="flashinfer").prepare(
+        mask_fn=per_head_windows, seq_len_q=L, seq_len_kv=L, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+        dtype=dtype)
+    assert flex._prepared.segments[0].plan.head_windows is not None
+
+    def nhd(x):
+        return x[0].transpose(0, 1).contiguous()
+
+    static = [nhd(x) for x in inputs(1, Hq, Hkv, L, L, D, dtype, cuda_gen)]
+    flex(*static, return_lse=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = flex(*static, return_lse=True)
+    q, k, v = inputs(1, Hq, Hkv, L, L, D, dtype, cuda_gen)
+    for dst, src in zip(static, (q, k, v)):
+        dst.copy_(nhd(src))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(g_out.transpose(0, 1).unsqueeze(0), g_lse.transpose(0, 1).unsqueeze(0), q, k, v, dense, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -628,16 +673,16 @@ def test_return_aux_lse_on_flashinfer_and_max_scores_from_the_reference(cuda_gen
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(32, 8), (24, 6)])
-def test_per_head_windows_replay_in_a_cuda_graph(cuda_gen, Hq, Hkv):
+def test_per_head_prefixes_replay_in_a_cuda_graph(cuda_gen, Hq, Hkv):
     """bands-per-head captured in a CUDA graph, where its head groups run side by side on streams:
     the replay on new inputs written into the captured ones equals an eager call, which matches
-    the reference. 32/8 heads with a window by h % 4: each group's key heads evenly spaced (views);
-    24/6 with a window by h % 6: a group's key heads 0, 1, 3, 4 are gathered before the fork."""
+    the reference. 32/8 heads with a prefix by h % 4: each group's key heads evenly spaced (views);
+    24/6 with a prefix by h % 6: a group's key heads 0, 1, 3, 4 are gathered before the fork."""
     L, D, dtype = 1024, 128, torch.bfloat16
     widths = torch.tensor([64, 128, 256, 512] if Hq == 32 else [64, 128, 256, 512, 96, 1024], device="cuda")
 
     def mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (q_idx - kv_idx < widths[h % widths.numel()])
+        return (kv_idx <= q_idx) | (kv_idx < widths[h % widths.numel()])
 
     flex = FlexFlashInfer(device="cuda", backend="flashinfer")
     flex.prepare(mask_fn=mod, seq_len_q=L, seq_len_kv=L, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, dtype=dtype)

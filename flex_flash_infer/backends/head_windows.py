@@ -1,0 +1,78 @@
+"""Causal windows whose width depends on the query head, in one launch on Hopper.
+
+A per-head mask whose every head is one causal window over the whole sequence (its own width, or
+none) otherwise runs as one FlashInfer launch per set of heads sharing a width: four launches for
+the bench's per-head windows, each filling the GPU poorly, and at head_dim 64 bound by their host
+work. FlashInfer's Hopper kernel reads its window from one launch-wide number; this runs its own
+kernel (its DefaultAttention variant, its fa3 parameters) built against a copy of its headers in
+which each query head's window comes from a table the launch passes (compile/patched_headers.py,
+"head_windows"), so all heads go in one launch, each skipping the key tiles outside its window.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..compile import lean_modules, patched_headers
+from ..planning.bands import Band, plain_band_launch
+from ..planning.ragged import planned_ragged
+
+TABLE = "ffi_head_window_left"
+_VARIANT = "DefaultAttention<false>"
+_DECL = "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS["head_windows"] + "\n"
+
+
+def head_window_table(head_bands, num_qo_heads: int, q_len: int, kv_len: int) -> list[int] | None:
+    """Each query head's window_left (kv_len for a head without a window) when every group of the
+    per-head plan is one causal band over the whole sequence, else None."""
+    table = [None] * num_qo_heads
+    for heads, _, bands in head_bands:
+        if len(bands) != 1:
+            return None
+        band = bands[0]
+        if not (band.causal and band.q_start == 0 and band.q_end == q_len and band.kv_start == 0
+                and band.kv_end == kv_len):
+            return None
+        for h in heads:
+            table[h] = band.window_left if band.window_left >= 0 else kv_len
+    return table if all(w is not None for w in table) else None
+
+
+def available(device, dtype, head_dim: int) -> bool:
+    """Hopper (the caller checks), 16-bit, a head_dim the fa3 kernels take, and FlashInfer's headers
+    here take the patches."""
+    return (dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128, 256)
+            and patched_headers.include_root("head_windows") is not None)
+
+
+def jit_args(dtype, head_dim: int) -> list:
+    """FlashInfer's gen_customize_batch_prefill_module arguments: its fa3 DefaultAttention with
+    the parameters FlashInfer gives it, and the window table."""
+    lean_modules.install()
+    code = hashlib.sha256((_DECL + patched_headers.patch_hash("head_windows")).encode()).hexdigest()[:16]
+    uri = f"ffi_headwin_{code}_{str(dtype).split('.')[-1]}_d{head_dim}"
+    return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim,
+            ["maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr", "maybe_scale_v", TABLE],
+            ["uint32_t", "uint16_t", "uint16_t", "float", "int32_t"],
+            ["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
+            ["double", "double", "double", "int64_t"], _VARIANT, _DECL, 0, True]
+
+
+class HeadWindowRunner:
+    """One ragged fa3 launch over every batch entry and head; run() gives base-2 (out, lse)."""
+
+    def __init__(self, table: list[int], shape, dtype, scale: float, workspace):
+        batch, q_len, kv_len, hq, hkv, head_dim = shape
+        widest = max(table)
+        launch = plain_band_launch([Band(0, q_len, 0, kv_len, True, widest)], batch, q_len, kv_len, windowed=True)
+        assert launch is not None and launch.writes_all(batch, q_len)
+        self.wrapper = planned_ragged(workspace, "fa3", launch.qo_indptr, launch.kv_indptr, shape, dtype, True,
+                                      widest, jit_args=jit_args(dtype, head_dim))
+        self.table = torch.tensor(table, dtype=torch.int32, device=workspace.device)
+        self.scale = float(scale)
+
+    def run(self, q, k, v, return_lse: bool = True):
+        """q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
+        return self.wrapper.run(q, k.flatten(0, 1), v.flatten(0, 1), None, None, None, None, self.table,
+                                0.0, self.scale, 1.0, 0, return_lse=return_lse)

@@ -1,0 +1,105 @@
+"""Copies of the installed FlashInfer's CUDA headers with a few lines changed, for this library's
+own kernel modules.
+
+FlashInfer's JIT builds a module from generated sources and its include tree; a module given an
+extra include directory first on the path compiles against the headers found there. This makes,
+once per FlashInfer version and patch set, a copy of the installed include/flashinfer tree in
+FlashInfer's own cache folder with each patch applied (a patch names a file, the exact text it
+replaces and how many times that text must occur), and hands back its root. Nothing of FlashInfer
+is carried in this repository: the copy is made on the user's machine from the FlashInfer
+installed there. A FlashInfer whose headers do not hold a patch's text exactly as often as stated
+(another version) gets no copy: None, and the caller keeps FlashInfer's own kernels.
+
+A module built against a copy carries MARKERS[name] in its variant code; lean_modules' generator
+adds the copy to that module's include path (only to modules named by this library).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import tempfile
+
+HOPPER = "attention/hopper"
+
+# per query head, read from the launch's table ffi_head_window_left (one int32 per query head): the
+# five uses of the launch-wide mainloop_params.window_left in FlashInfer 0.7's Hopper kernels, each
+# with the query head in scope; and the window's first key tile exact (FlashInfer starts one tile
+# early, a tile whose keys are all masked: docs/benchmarks.md, scripts/ab_window_tile.py)
+_PER_HEAD = "FFI_WINDOW_LEFT(mainloop_params, qo_head_idx)"
+_MACRO = ("#define FFI_WINDOW_LEFT(params, head) "
+          "(static_cast<int>(__ldg((params).additional_params.ffi_head_window_left + (head))))\n")
+PATCH_SETS = {
+    "head_windows": (
+        (f"{HOPPER}/utils.cuh", "using namespace cute;\n", "using namespace cute;\n" + _MACRO, 1),
+        (f"{HOPPER}/utils.cuh",
+         "return std::max((q_tile_idx * CTA_Q + kv_len - qo_len - window_left) / CTA_KV - 1, 0);",
+         "return std::max((q_tile_idx * CTA_Q + kv_len - qo_len - window_left) / CTA_KV, 0);", 1),
+        (f"{HOPPER}/mainloop.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
+        (f"{HOPPER}/sparse_mainloop.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
+        (f"{HOPPER}/mainloop_mma.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
+        (f"{HOPPER}/prefill_sm90.cuh", "mainloop_params.window_left", _PER_HEAD, 2),
+    ),
+}
+MARKERS = {name: f"// flex_flash_infer: built against FlashInfer's headers patched for {name}" for name in PATCH_SETS}
+
+
+def patch_hash(name: str) -> str:
+    return hashlib.sha256(repr(PATCH_SETS[name]).encode()).hexdigest()[:12]
+
+
+def apply_patches(tree: pathlib.Path, patches) -> str | None:
+    """Apply patches to the include tree in place; the reason they do not fit, or None."""
+    for rel, old, new, times in patches:
+        path = tree / "flashinfer" / rel
+        text = path.read_text() if path.exists() else ""
+        if text.count(old) != times:
+            return f"{rel} holds {old!r} {text.count(old)} times, not {times}"
+        path.write_text(text.replace(old, new))
+    return None
+
+
+def patched_tree(name: str, source: pathlib.Path, cache: pathlib.Path) -> pathlib.Path | None:
+    """The include root (holding flashinfer/) of source's copy patched with PATCH_SETS[name], made
+    under cache once; None when the patches do not fit source. Several processes may ask at once
+    (pytest-xdist, the warm-up's kernel sets): each builds in a folder of its own and the first
+    rename wins, so no compile ever reads a half-written tree."""
+    root = cache / f"{name}-{patch_hash(name)}"
+    if (root / "flashinfer").is_dir():
+        return root
+    refused = cache / f"{name}-{patch_hash(name)}.refused"
+    if refused.exists():
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+    try:
+        shutil.copytree(source / "flashinfer", work / "flashinfer")
+        reason = apply_patches(work, PATCH_SETS[name])
+        if reason is not None:
+            refused.write_text(reason + "\n")
+            return None
+        try:
+            os.rename(work, root)
+        except OSError:   # another process made it first
+            if not (root / "flashinfer").is_dir():
+                raise
+        return root
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def include_root(name: str) -> pathlib.Path | None:
+    """The patched copy of the installed FlashInfer's headers, in FlashInfer's cache folder; None
+    without FlashInfer or when its headers do not take the patches."""
+    try:
+        import flashinfer
+        from flashinfer.jit import env
+    except Exception:
+        return None
+    source = getattr(env, "FLASHINFER_INCLUDE_DIR", None)
+    if source is None or not (pathlib.Path(source) / "flashinfer").is_dir():
+        return None
+    base = os.environ.get("FLASHINFER_WORKSPACE_BASE", os.path.expanduser("~"))
+    cache = pathlib.Path(base) / ".cache" / "flashinfer" / "flex_flash_infer_headers" / str(flashinfer.__version__)
+    return patched_tree(name, pathlib.Path(source), cache)
