@@ -46,21 +46,31 @@ def available(device, dtype, head_dim: int) -> bool:
             and patched_headers.include_root("head_windows") is not None)
 
 
+# the module's parameters: the window table first, so that it takes run()'s first extra argument
+# whichever of FlashInfer's own optional tensors its wrapper fills itself (a wrapper filling one
+# more than 0.7's would shift the Nones after it into the scalars: a type error, never a silent swap)
+_TENSORS = ([TABLE, "maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr", "maybe_scale_v"],
+            ["int32_t", "uint32_t", "uint16_t", "uint16_t", "float"])
+_SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
+            ["double", "double", "double", "int64_t"])
+
+
 def jit_args(dtype, head_dim: int) -> list:
     """FlashInfer's gen_customize_batch_prefill_module arguments: its fa3 DefaultAttention with
-    the parameters FlashInfer gives it, and the window table."""
+    the parameters FlashInfer gives it, and the window table. The module's name hashes its code,
+    parameters and patches: a changed one never loads a stale build."""
     lean_modules.install()
-    code = hashlib.sha256((_DECL + patched_headers.patch_hash("head_windows")).encode()).hexdigest()[:16]
+    code = hashlib.sha256(repr((_DECL, _TENSORS, _SCALARS, patched_headers.patch_hash("head_windows"))).encode()
+                          ).hexdigest()[:16]
     uri = f"ffi_headwin_{code}_{str(dtype).split('.')[-1]}_d{head_dim}"
-    return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim,
-            ["maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr", "maybe_scale_v", TABLE],
-            ["uint32_t", "uint16_t", "uint16_t", "float", "int32_t"],
-            ["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
-            ["double", "double", "double", "int64_t"], _VARIANT, _DECL, 0, True]
+    return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim, *_TENSORS, *_SCALARS, _VARIANT, _DECL, 0, True]
 
 
 class HeadWindowRunner:
-    """One ragged fa3 launch over every batch entry and head; run() gives base-2 (out, lse)."""
+    """One ragged fa3 launch over every batch entry and head; run() gives base-2 (out, lse).
+    Only the module's ragged kernel may run: its paged kernels (built with it, never called) load
+    their last step's values from key tile 0 (hopper/sparse_mainloop.cuh), harmless where
+    FlashInfer's window starts one all-masked tile early, wrong with the exact start."""
 
     def __init__(self, table: list[int], shape, dtype, scale: float, workspace):
         batch, q_len, kv_len, hq, hkv, head_dim = shape
@@ -74,5 +84,5 @@ class HeadWindowRunner:
 
     def run(self, q, k, v, return_lse: bool = True):
         """q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
-        return self.wrapper.run(q, k.flatten(0, 1), v.flatten(0, 1), None, None, None, None, self.table,
+        return self.wrapper.run(q, k.flatten(0, 1), v.flatten(0, 1), self.table, None, None, None, None,
                                 0.0, self.scale, 1.0, 0, return_lse=return_lse)

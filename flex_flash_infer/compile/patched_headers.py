@@ -26,7 +26,10 @@ HOPPER = "attention/hopper"
 # per query head, read from the launch's table ffi_head_window_left (one int32 per query head): the
 # five uses of the launch-wide mainloop_params.window_left in FlashInfer 0.7's Hopper kernels, each
 # with the query head in scope; and the window's first key tile exact (FlashInfer starts one tile
-# early, a tile whose keys are all masked: docs/benchmarks.md, scripts/ab_window_tile.py)
+# early, a tile whose keys are all masked: docs/benchmarks.md, scripts/ab_window_tile.py). The
+# exact start holds for the ragged (TMA) mainloop only: the paged one (sparse_mainloop.cuh) loads
+# its last step's values from key tile 0, which the all-masked first tile made harmless; a module
+# built against these headers runs its ragged kernel alone (backends/head_windows.py)
 _PER_HEAD = "FFI_WINDOW_LEFT(mainloop_params, qo_head_idx)"
 _MACRO = ("#define FFI_WINDOW_LEFT(params, head) "
           "(static_cast<int>(__ldg((params).additional_params.ffi_head_window_left + (head))))\n")

@@ -7,6 +7,7 @@ import torch
 
 from dense_reference import dense_attention, dense_predicate, rel_err
 from flex_flash_infer import FlexFlashInfer, create_block_mask, create_mask, flex_attention, get_mask_fn
+from flex_flash_infer.backends import head_windows
 from flex_flash_infer.backends.reference import reference_attention
 from random_masks import random_mask_mod
 from flex_flash_infer.tools.warmup import PAGED_MOD_CASES
@@ -119,24 +120,24 @@ def test_per_head_windows_as_bands_per_head(cuda_gen, dtype, B, L):
     check(out, lse, q, k, v, dense[None], dtype)
 
 
-def test_per_head_prefixes_called_on_any_stream_and_replayed(cuda_gen):
-    """bands-per-head (a launch per set of heads with equal prefixes, writing in place on Hopper):
-    called on a stream of the caller's own, with and without LSE (each output checked: a set still
-    running when the caller reads the output would show), and captured into a CUDA graph and
-    replayed on new inputs. (Per-head windows alone run as one launch: the next test.)"""
+def test_per_head_windows_called_on_any_stream_and_replayed(cuda_gen, monkeypatch):
+    """bands-per-head (a launch per set of heads with equal windows, writing in place on Hopper;
+    the path where FlashInfer's headers do not take the one-launch patches): called on a stream of
+    the caller's own, with and without LSE (each output checked: a set still running when the
+    caller reads the output would show), and captured into a CUDA graph and replayed on new inputs."""
+    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim: False)
     H, Hkv, L, D, dtype = 16, 4, 1000, 128, torch.bfloat16
-    prefixes = torch.tensor([64, 128, 300, 700])
+    widths = torch.tensor([64, 128, 300, 700])
 
-    def per_head_prefixes(b, h, q, kv):
-        return (kv <= q) | (kv < prefixes.to(q.device)[h % 4])
+    def per_head_windows(b, h, q, kv):
+        return (kv <= q) & (q - kv < widths.to(q.device)[h % 4])
 
     flex = FlexFlashInfer(device="cuda", backend="flashinfer").prepare(
-        mask_fn=per_head_prefixes, seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D,
-        dtype=dtype)
+        mask_fn=per_head_windows, seq_len_q=L, seq_len_kv=L, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D, dtype=dtype)
     plan = flex._prepared.segments[0].plan
-    assert plan.head_band_runs is not None
+    assert plan.head_band_runs is not None and all(in_place for _, _, in_place, _ in plan.head_band_runs)
     qi, ki = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
-    dense = torch.stack([(ki <= qi) | (ki < int(prefixes[h % 4])) for h in range(H)])[None]
+    dense = torch.stack([(ki <= qi) & (qi - ki < int(widths[h % 4])) for h in range(H)])[None]
 
     def nhd(x):
         return x[0].transpose(0, 1).contiguous()
@@ -673,16 +674,18 @@ def test_return_aux_lse_on_flashinfer_and_max_scores_from_the_reference(cuda_gen
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(32, 8), (24, 6)])
-def test_per_head_prefixes_replay_in_a_cuda_graph(cuda_gen, Hq, Hkv):
-    """bands-per-head captured in a CUDA graph, where its head groups run side by side on streams:
-    the replay on new inputs written into the captured ones equals an eager call, which matches
-    the reference. 32/8 heads with a prefix by h % 4: each group's key heads evenly spaced (views);
-    24/6 with a prefix by h % 6: a group's key heads 0, 1, 3, 4 are gathered before the fork."""
+def test_per_head_windows_replay_in_a_cuda_graph(cuda_gen, Hq, Hkv, monkeypatch):
+    """bands-per-head captured in a CUDA graph, where its head groups run side by side on streams
+    (the groups' path: one-launch patches refused here): the replay on new inputs written into the
+    captured ones equals an eager call, which matches the reference. 32/8 heads with a window by
+    h % 4: each group's key heads evenly spaced (views); 24/6 with a window by h % 6: a group's key
+    heads 0, 1, 3, 4 are gathered before the fork."""
+    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim: False)
     L, D, dtype = 1024, 128, torch.bfloat16
     widths = torch.tensor([64, 128, 256, 512] if Hq == 32 else [64, 128, 256, 512, 96, 1024], device="cuda")
 
     def mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) | (kv_idx < widths[h % widths.numel()])
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < widths[h % widths.numel()])
 
     flex = FlexFlashInfer(device="cuda", backend="flashinfer")
     flex.prepare(mask_fn=mod, seq_len_q=L, seq_len_kv=L, num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D, dtype=dtype)

@@ -105,7 +105,8 @@ def _model_kernel(calls):
             names = self.jit_args[7]
             tensors, scalars = args[:len(names)], args[len(names):]
             table = tensors[names.index(head_windows.TABLE)]
-            assert tensors[:4] == (None, None, None, None) and table.dtype == torch.int32
+            assert names[0] == head_windows.TABLE and tensors[1:] == (None, None, None, None)
+            assert table.dtype == torch.int32 and table.is_contiguous()
             assert self.jit_args[9][1] == "sm_scale"
             scale = scalars[1]
             group = q.shape[1] // k.shape[1]
