@@ -25,8 +25,6 @@
 #   window-tile  scripts/ab_window_tile.py: FlashInfer's fa3 window kernel without its all-masked first key
 #                tile, against the kernel as installed (prebuild both: PREBUILD_PY=scripts/ab_window_tile.py
 #                bash scripts/prebuild_kernels.sh --prebuild .aot, then pack them)
-#   head-window-kernel scripts/ab_head_window_kernel.py: per-head windows in one launch of FlashInfer's window kernel
-#                patched to read each query head's window from a table (prebuild it: the script's doc says how)
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
@@ -139,9 +137,6 @@ case "${1:-}" in
         window-tile)   # the window's first key tile exact against FlashInfer's kernel as installed (scripts/ab_window_tile.py)
           python3 scripts/ab_window_tile.py $run_dir/window-tile.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/window-tile.log; tail -n 20 $run_dir/window-tile.log ;;
-        head-window-kernel)   # per-head windows in one launch of a patched kernel (scripts/ab_head_window_kernel.py)
-          python3 scripts/ab_head_window_kernel.py $run_dir/head-window-kernel.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
-            >$run_dir/head-window-kernel.log; tail -n 12 $run_dir/head-window-kernel.log ;;
         peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
           python3 scripts/peer_timing.py $run_dir/peer-timing.json >$run_dir/peer-timing.log 2>&1
           tail -n 12 $run_dir/peer-timing.log ;;

@@ -15,6 +15,7 @@ from flex_flash_infer import create_block_mask
 from flex_flash_infer.backends import flashinfer_backend, head_windows
 from flex_flash_infer.compile import lean_modules, patched_headers
 from flex_flash_infer.planning.plan import plan_attention
+from flexfuzz.routes import plan_route
 
 
 def _tree(tmp_path, texts):
@@ -151,6 +152,7 @@ def test_one_launch_for_every_head_matches_the_reference(monkeypatch, rng, B, Hq
     bm = create_block_mask(windows, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)   # broadcast over the batch
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
     assert plan.head_windows is not None and plan.head_band_runs is None and len(calls) == 1
+    assert plan_route(plan) == "bands-per-head/one-launch"   # the fuzzer counts this route apart
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
     v = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)

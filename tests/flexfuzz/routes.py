@@ -20,6 +20,8 @@ def plan_route(plan) -> str:
             route += "/ragged"
         if getattr(plan, "column_counts", None) is not None:
             route += "/merge-kernel"
+    if getattr(plan, "head_windows", None) is not None:   # every head one causal window: one launch
+        route += "/one-launch"
     groups = getattr(plan, "groups", None) or []
     if any(getattr(g, "full_args", None) or getattr(g, "partial_args", None) for g in groups):
         route += "/compiled"
