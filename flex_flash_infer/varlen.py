@@ -24,12 +24,12 @@ def _effective(causal: bool, window_left: int, q_len: int, kv_len: int):
     return (q_len > 1 or kv_len > 1 or window >= 0), window
 
 
-def single_band_flags(segments):
-    """(causal, window_left) under which one ragged launch equals every sequence's own plan (each
-    a single band over its whole sequence), else None."""
+def single_band_flags(segments, plans):
+    """(causal, window_left) under which one ragged launch equals every sequence's own plan (plans:
+    each segment's plan.AttentionPlan, None for one without keys; each a single band over its whole
+    sequence), else None."""
     bands = []
-    for seg in segments:
-        plan = seg.plan
+    for seg, plan in zip(segments, plans):
         # exactly bands: key columns of any kind (the merge kernel's counts or the paged launch)
         # are work the single launch would drop
         if plan is None or seg.score_mod is not None or plan.route != "bands":

@@ -2,6 +2,7 @@
 sequence or a packed variable-length batch (cu_seqlens)."""
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from .backends.backend_choice import check_backend_name, choose_backend
 from .core.notices import warn_once
 from .core.read_guard import only_read_tables, read_guard
 from .block_mask import BlockMask, LazyBlockMask, create_block_mask
-from .backends.flashinfer_backend import FlashInferPlan
+from .backends.flashinfer_backend import FlashInferPlan, planned_for
 from .core.mask_eval import as_mask_mod, check_score_mod, mask_dependence
 from .mods.combinators import noop_mask
 from .backends.reference import reference_attention, reference_gradients
@@ -164,35 +165,42 @@ class FlexFlashInfer:
         scale = check_scale(scale)
         check_heads(num_qo_heads, num_kv_heads, names=("num_qo_heads", "num_kv_heads"))
         backend = choose_backend(self.backend, self.device, dtype, head_dim, head_dim, scale)
+        kernel_scale = scale if scale is not None else head_dim ** -0.5
         segments = []
         for i in range(len(offsets_q) - 1):
             q0, q1, kv0, kv1 = offsets_q[i], offsets_q[i + 1], offsets_kv[i], offsets_kv[i + 1]
             seq_mask, seq_score = _for_sequence(mask_mod, i, 4), _for_sequence(score_mod, i, 5)
-            block_mask = plan = None
+            block_mask = None
             if q1 > q0 and kv1 > kv0:
                 _, uses_h = mask_dependence(seq_mask, 1, num_qo_heads, q1 - q0, kv1 - kv0, self.device)
                 block_mask = _block_mask(seq_mask, num_qo_heads if uses_h else 1, q1 - q0, kv1 - kv0, self.device,
                                          block, compile_block_mask, lazy=backend == "flashinfer")
-                if backend == "flashinfer":
-                    try:
-                        plan = FlashInferPlan(block_mask, 1, q1 - q0, kv1 - kv0, num_qo_heads, num_kv_heads,
-                                              head_dim, dtype, scale if scale is not None else head_dim ** -0.5,
-                                              self.device, self.workspace_buffer, score_mod=seq_score)
-                    except TraceError as e:
-                        if self.backend == "flashinfer":
-                            raise
-                        warn_once(f"flex_flash_infer: running on the slow reference backend because {e}")
-                        backend = "reference"
-                        segments = [_Segment(s.q0, s.q1, s.kv0, s.kv1, s.block_mask, s.score_mod, None)
-                                    for s in segments]
-            segments.append(_Segment(q0, q1, kv0, kv1, block_mask, seq_score, plan))
+            segments.append(_Segment(q0, q1, kv0, kv1, block_mask, seq_score, None))
         ragged = None
-        if backend == "flashinfer" and len(segments) > 1:
-            flags = single_band_flags(segments)
-            if flags is not None:
-                ragged = varlen.RaggedBatch(offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim,
-                                            dtype, scale if scale is not None else head_dim ** -0.5, self.device,
-                                            self.workspace_buffer)
+        if backend == "flashinfer":
+            # each sequence's plan first, its FlashInfer runners only where they will run: a packed
+            # batch that one ragged launch serves planned a wrapper per sequence that never ran
+            # (16 MB of buffers and a FlashInfer plan() each)
+            try:
+                planned = [None if s.block_mask is None else
+                           planned_for(s.block_mask, 1, s.q1 - s.q0, s.kv1 - s.kv0, num_qo_heads, num_kv_heads,
+                                       head_dim, self.device, s.score_mod, None, kernel_scale) for s in segments]
+                if len(segments) > 1:
+                    flags = single_band_flags(segments, planned)
+                    if flags is not None:
+                        ragged = varlen.RaggedBatch(offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads,
+                                                    head_dim, dtype, kernel_scale, self.device, self.workspace_buffer)
+                if ragged is None:
+                    segments = [s if p is None else dataclasses.replace(s, plan=FlashInferPlan(
+                        s.block_mask, 1, s.q1 - s.q0, s.kv1 - s.kv0, num_qo_heads, num_kv_heads, head_dim, dtype,
+                        kernel_scale, self.device, self.workspace_buffer, score_mod=s.score_mod, planned=p))
+                        for s, p in zip(segments, planned)]
+            except TraceError as e:
+                if self.backend == "flashinfer":
+                    raise
+                warn_once(f"flex_flash_infer: running on the slow reference backend because {e}")
+                backend, ragged = "reference", None
+                segments = [dataclasses.replace(s, plan=None) for s in segments]
         constants, score_reads, score_numbers = (), None, ()
         if backend == "flashinfer" and score_mod is not None:
             try:

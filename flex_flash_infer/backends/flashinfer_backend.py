@@ -180,19 +180,28 @@ def _announce_first_use() -> None:
               file=sys.stderr)
 
 
+def planned_for(block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim, device, score_mod=None,
+                route=None, scale=None):
+    """The plan (plan.AttentionPlan) a FlashInferPlan of these arguments runs, without its runners
+    (no FlashInfer wrapper made or planned): for a caller that may run something else instead."""
+    device = torch.device(device)
+    return plan_attention(block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim, device, score_mod,
+                          column_merge.kernel_available(device, head_dim), route, scale)
+
+
 class FlashInferPlan:
     """A planned attention problem (plan.AttentionPlan, as .plan) with its FlashInfer runners.
     run(q, k, v) with q [B*Q_LEN, Hq, D] and k, v [B, KV_LEN, Hkv, D] returns out [B*Q_LEN, Hq, D]
     and natural-log lse [B*Q_LEN, Hq]."""
 
     def __init__(self, block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim,
-                 dtype, scale, device, workspace=None, score_mod=None, route=None):
+                 dtype, scale, device, workspace=None, score_mod=None, route=None, planned=None):
+        """planned: the plan_attention() of these arguments, made already (planned_for)."""
         _announce_first_use()
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
-        plan = self.plan = plan_attention(block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim,
-                                          device, score_mod, column_merge.kernel_available(device, head_dim), route,
-                                          scale)
+        plan = self.plan = planned if planned is not None else planned_for(
+            block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim, device, score_mod, route, scale)
         # a score_mod that is c * score runs as FlashInfer's own scale: no compiled variant
         if plan.score_factor is not None:
             score_mod, scale = None, scale * plan.score_factor

@@ -76,9 +76,16 @@ def test_packed_varlen_batch_through_the_wrapper(fake, monkeypatch, rng, name, p
     cu_q, cu_kv = [0] + list(torch.tensor(lens_q).cumsum(0).tolist()), [0] + list(torch.tensor(lens_kv).cumsum(0).tolist())
     H, Hkv, D = 4, 2, 16
     mod = get_mask_fn(name, **params)
+    made = []   # FlashInfer ragged wrappers planned by this prepare()
+    real_wrapper = fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper
+    monkeypatch.setattr(real_wrapper, "plan", lambda self, *a, _plan=real_wrapper.plan, **k: made.append(self)
+                        or _plan(self, *a, **k))
     flex = FlexFlashInfer(device="cpu").prepare(mask_fn=mod, num_qo_heads=H, num_kv_heads=Hkv, head_dim=D,
                                                 dtype=torch.float64, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
-    assert (flex._prepared.ragged is not None) == (name != "prefix_lm")
+    one_launch = flex._prepared.ragged is not None
+    assert one_launch == (name != "prefix_lm")
+    # the one launch serves: no sequence's own runners were made (a wrapper and a plan each)
+    assert not one_launch or (all(s.plan is None for s in flex._prepared.segments) and len(made) <= 1)
     q = torch.randn(cu_q[-1], H, D, generator=rng, dtype=torch.float64)
     k = torch.randn(cu_kv[-1], Hkv, D, generator=rng, dtype=torch.float64)
     v = torch.randn(cu_kv[-1], Hkv, D, generator=rng, dtype=torch.float64)
