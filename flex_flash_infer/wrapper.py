@@ -3,7 +3,6 @@ sequence or a packed variable-length batch (cu_seqlens)."""
 from __future__ import annotations
 
 import dataclasses
-import types
 from dataclasses import dataclass
 
 import torch
@@ -419,34 +418,18 @@ def _block_mask(mask_mod, heads: int, q_len: int, kv_len: int, device, block, co
     return build()
 
 
-# where a function keeps its per-sequence stand-ins (an attribute: they go with it): the same
-# function prepared again gets the same stand-ins, whose traces and lowering are then kept
-_SEQUENCE_MODS = "_flex_flash_infer_for_sequence"
-_KEPT_SEQUENCES = 64
-
-
 def _for_sequence(mod, index: int, n_args: int):
-    """The mod with b fixed to this sequence's index (each sequence is planned on its own); for a
-    function, the same one at every prepare()."""
+    """The mod with b fixed to this sequence's index (each sequence is planned on its own)."""
     if mod is None:
         return None
-    kept = getattr(mod, _SEQUENCE_MODS, None) if isinstance(mod, types.FunctionType) else None
-    if kept is not None and (index, n_args) in kept:
-        return kept[(index, n_args)]
     if n_args == 4:
         def sequence_mask(b, h, q_idx, kv_idx):
             return mod(b * 0 + index, h, q_idx, kv_idx)
-        fn = _with_hints(sequence_mask, mod, LOWERING_HINTS)
-    else:
-        def sequence_score(score, b, h, q_idx, kv_idx):
-            return mod(score, b * 0 + index, h, q_idx, kv_idx)
-        fn = _with_hints(sequence_score, mod, SCORE_MOD_HINTS)
-    if isinstance(mod, types.FunctionType) and index < _KEPT_SEQUENCES:
-        if kept is None:
-            kept = {}
-            setattr(mod, _SEQUENCE_MODS, kept)
-        kept[(index, n_args)] = fn
-    return fn
+        return _with_hints(sequence_mask, mod, LOWERING_HINTS)
+
+    def sequence_score(score, b, h, q_idx, kv_idx):
+        return mod(score, b * 0 + index, h, q_idx, kv_idx)
+    return _with_hints(sequence_score, mod, SCORE_MOD_HINTS)
 
 
 def _with_hints(fn, mod, hints):

@@ -16,11 +16,9 @@ what evaluating the mask would give.
 """
 from __future__ import annotations
 
-import types
-
 import torch
 
-from ..core.trace import ReadsMemo, current_reads, trace
+from ..core.trace import current_reads, trace
 from ..core.hints import around_users_mod, state_hint, stated_hint
 
 _FLIP = {"ge": "le", "gt": "lt", "le": "ge", "lt": "gt", "eq": "eq"}
@@ -116,47 +114,26 @@ LOWERING_HINTS = ("band_hint", "document_ids", "key_columns_hint")
 MEMO_LENGTHS = 64
 
 
-# where a user's function keeps its hinted stand-in (an attribute of the function: it lives and goes
-# with it, where a table keyed by the function would keep it alive through the stand-in's closure)
-_KEPT = "_flex_flash_infer_band_hinted"
-
-
 def with_linear_band_hint(mask_mod, q_len: int, kv_len: int):
     """mask_mod carrying the band_hint a library mask states about itself, read off its expression,
     when it has no hint and is linear at these lengths (else mask_mod itself): the planners then
     take a user's own causal or window mask as they take the library's (no tile tables, FlashInfer's
-    own flags on a paged cache). The hint answers other lengths too, remembered per length. A
-    function gets the same stand-in at every prepare() (a model's every layer and step) while what
-    it read is unchanged: traced and lowered once, not at every call."""
+    own flags on a paged cache). The hint answers other lengths too, remembered per length."""
     if any(stated_hint(mask_mod, hint) is not None for hint in LOWERING_HINTS):
         return mask_mod
-    kept = getattr(mask_mod, _KEPT, None) if isinstance(mask_mod, types.FunctionType) else None
-    if kept is not None:
-        hinted = kept
-    else:
-        bands = linear_bands(mask_mod, q_len, kv_len)
-        if bands is None:
-            return mask_mod
-        hinted = _hinted(mask_mod, {(q_len, kv_len): bands})
-        if isinstance(mask_mod, types.FunctionType):
-            setattr(mask_mod, _KEPT, hinted)
-    return hinted if stated_hint(hinted, "band_hint")(q_len, kv_len) is not None else mask_mod
-
-
-def _hinted(mask_mod, memo: dict):
-    """A stand-in for mask_mod stating the band_hint of memo's bands, worked out at other lengths
-    when asked."""
+    bands = linear_bands(mask_mod, q_len, kv_len)
+    if bands is None:
+        return mask_mod
+    memo = {(q_len, kv_len): bands}
     # the bands hold for the numbers the mask read when they were worked out: a global or closure
-    # number changed since works them out again (the reads checked by a guard, traced again only
-    # once something the last trace could reach changed)
-    reads_memo = ReadsMemo()
-    memo_reads = [current_reads(mask_mod, "mask_mod", reads_memo)]
+    # number changed since works them out again
+    memo_reads = [current_reads(mask_mod, "mask_mod")]
 
     def users_mask(b, h, q_idx, kv_idx):
         return mask_mod(b, h, q_idx, kv_idx)
 
     def band_hint(q, kv):
-        now = current_reads(mask_mod, "mask_mod", reads_memo)
+        now = current_reads(mask_mod, "mask_mod")
         if now is None or not now.same_as(memo_reads[0]):
             memo.clear()
             memo_reads[0] = now

@@ -130,38 +130,3 @@ def test_a_score_mod_plan_is_kept_while_what_it_reads_holds(flashinfer_on_cpu, r
     assert (got - flex_attention(q, k, v, score_mod=folded, block_mask=bm, backend="reference")).abs().max() < 1e-5
     check()
     assert len(built) == 6
-
-
-def test_the_same_function_prepared_again_is_lowered_once_and_still_follows_its_global(flashinfer_on_cpu, rng,
-                                                                                      monkeypatch):
-    """prepare() of a user's function again (a model's next layer) takes the stand-in made the
-    first time, with no new trace of its bands; a global it reads changed since works them out
-    again, and the output follows the new number."""
-    global WINDOW
-    from flex_flash_infer.planning import linear_masks
-
-    lowered = []
-    real = linear_masks.linear_bands
-    monkeypatch.setattr(linear_masks, "linear_bands", lambda *a: lowered.append(a[1:]) or real(*a))
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in _qkv(rng))   # [L, H, D]
-    flex = FlexFlashInfer(device="cpu", backend="flashinfer")
-
-    def prepared_output():
-        flex.prepare(mask_fn=_window, seq_len_q=L, seq_len_kv=L, num_qo_heads=2, num_kv_heads=2, head_dim=16,
-                     dtype=torch.float32)
-        return flex(q, k, v)
-
-    try:
-        WINDOW = 37
-        first = prepared_output()
-        assert lowered == [(L, L)]
-        assert torch.equal(prepared_output(), first) and lowered == [(L, L)]   # lowered once
-        WINDOW = 20
-        got = prepared_output()
-        assert lowered == [(L, L), (L, L)]   # the changed global: lowered again
-        bm = create_block_mask(_window, None, None, L, L, device="cpu")
-        want = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=bm,
-                              backend="reference")[0].transpose(0, 1)
-    finally:
-        WINDOW = 37
-    assert (got - want).abs().max() < 1e-5
