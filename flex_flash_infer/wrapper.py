@@ -103,6 +103,7 @@ class FlexFlashInfer:
         self.workspace_buffer = check_workspace(workspace_buffer)
         self.backend = check_backend_name(backend)
         self._prepared: _Prepared | None = None
+        self._stand_ins = _StandIns()
 
     @property
     def block_mask(self) -> BlockMask:
@@ -136,7 +137,8 @@ class FlexFlashInfer:
         to memory (docs/benchmarks.md, "Planning"). Not with cu_seqlens (each sequence's index would be a new
         captured value).
         """
-        mask_mod = noop_mask if mask_fn is None else as_mask_mod(mask_fn, "mask_fn")
+        stand_ins = self._stand_ins
+        mask_mod = stand_ins.mask_mod_of(mask_fn)
         score_mod = check_score_mod(score_mod)
         offsets_q, offsets_kv = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_kv)
         if not isinstance(compile_block_mask, bool):
@@ -168,12 +170,13 @@ class FlexFlashInfer:
         segments = []
         for i in range(len(offsets_q) - 1):
             q0, q1, kv0, kv1 = offsets_q[i], offsets_q[i + 1], offsets_kv[i], offsets_kv[i + 1]
-            seq_mask, seq_score = _for_sequence(mask_mod, i, 4), _for_sequence(score_mod, i, 5)
+            seq_mask, seq_score = stand_ins.sequence_mask(mask_mod, i), _for_sequence(score_mod, i, 5)
             block_mask = None
             if q1 > q0 and kv1 > kv0:
                 _, uses_h = mask_dependence(seq_mask, 1, num_qo_heads, q1 - q0, kv1 - kv0, self.device)
                 block_mask = _block_mask(seq_mask, num_qo_heads if uses_h else 1, q1 - q0, kv1 - kv0, self.device,
-                                         block, compile_block_mask, lazy=backend == "flashinfer")
+                                         block, compile_block_mask, lazy=backend == "flashinfer",
+                                         hinted=stand_ins.hinted)
             segments.append(_Segment(q0, q1, kv0, kv1, block_mask, seq_score, None))
         ragged = None
         if backend == "flashinfer":
@@ -402,7 +405,8 @@ def _total(name: str, given, total: int) -> int:
 SCORE_MOD_HINTS = ("constant_beyond", "logits_soft_cap")
 
 
-def _block_mask(mask_mod, heads: int, q_len: int, kv_len: int, device, block, compile_block_mask: bool, lazy: bool):
+def _block_mask(mask_mod, heads: int, q_len: int, kv_len: int, device, block, compile_block_mask: bool, lazy: bool,
+                hinted: dict | None = None):
     """The sequence's BlockMask; for the FlashInfer backend and a mask with a lowering hint, a
     LazyBlockMask: its route needs no tile tables (on the CPU machine they were 95% of a
     32768-token causal prepare), and whatever reads them builds them then."""
@@ -412,10 +416,44 @@ def _block_mask(mask_mod, heads: int, q_len: int, kv_len: int, device, block, co
 
     if lazy:
         # a user's own causal or window mask gets the hint a library mask carries (linear_masks.py)
-        mask_mod = with_linear_band_hint(mask_mod, q_len, kv_len)
+        mask_mod = with_linear_band_hint(mask_mod, q_len, kv_len, hinted)
         if any(stated_hint(mask_mod, hint) is not None for hint in LOWERING_HINTS):
             return LazyBlockMask(build, (1, heads), (q_len, kv_len), block, mask_mod, device)
     return build()
+
+
+class _StandIns:
+    """What prepare() made of the mask function it was last given: its mask_mod, each sequence's
+    stand-in (b fixed) and the band-hinted stand-in of a linear one. Given the same function
+    object again (a model's every layer and step), prepare() takes them instead of making new ones,
+    so the lowering kept on them (a linear mask's bands, remembered per length and worked out
+    again when something the mask reads changed) is done once. Held here, not on the function:
+    another function (a wrapper copying its attributes with functools.wraps) never finds them, and
+    they go with this object, or when another function is prepared."""
+
+    __slots__ = ("mask_fn", "mask_mod", "sequences", "hinted")
+    KEPT = 64   # sequences of a packed batch whose stand-ins are kept
+
+    def __init__(self):
+        self.mask_fn, self.mask_mod, self.sequences, self.hinted = _NOTHING, None, {}, {}
+
+    def mask_mod_of(self, mask_fn):
+        if mask_fn is not self.mask_fn:
+            mask_mod = noop_mask if mask_fn is None else as_mask_mod(mask_fn, "mask_fn")
+            self.mask_fn, self.mask_mod, self.sequences, self.hinted = mask_fn, mask_mod, {}, {}
+        return self.mask_mod
+
+    def sequence_mask(self, mask_mod, index: int):
+        """mask_mod (this object's own) with b fixed to the sequence's index."""
+        kept = self.sequences.get(index)
+        if kept is None:
+            kept = _for_sequence(mask_mod, index, 4)
+            if len(self.sequences) < self.KEPT:
+                self.sequences[index] = kept
+        return kept
+
+
+_NOTHING = object()
 
 
 def _for_sequence(mod, index: int, n_args: int):

@@ -114,17 +114,29 @@ LOWERING_HINTS = ("band_hint", "document_ids", "key_columns_hint")
 MEMO_LENGTHS = 64
 
 
-def with_linear_band_hint(mask_mod, q_len: int, kv_len: int):
+def with_linear_band_hint(mask_mod, q_len: int, kv_len: int, kept: dict | None = None):
     """mask_mod carrying the band_hint a library mask states about itself, read off its expression,
     when it has no hint and is linear at these lengths (else mask_mod itself): the planners then
     take a user's own causal or window mask as they take the library's (no tile tables, FlashInfer's
-    own flags on a paged cache). The hint answers other lengths too, remembered per length."""
+    own flags on a paged cache). The hint answers other lengths too, remembered per length. kept:
+    {mask_mod: its hinted stand-in} of a caller that gives the same mask_mod again (FlexFlashInfer's
+    stand-ins), so its bands are worked out once."""
     if any(stated_hint(mask_mod, hint) is not None for hint in LOWERING_HINTS):
         return mask_mod
-    bands = linear_bands(mask_mod, q_len, kv_len)
-    if bands is None:
-        return mask_mod
-    memo = {(q_len, kv_len): bands}
+    hinted = kept.get(mask_mod) if kept is not None else None
+    if hinted is None:
+        bands = linear_bands(mask_mod, q_len, kv_len)
+        if bands is None:
+            return mask_mod
+        hinted = _hinted(mask_mod, {(q_len, kv_len): bands})
+        if kept is not None and len(kept) < MEMO_LENGTHS:
+            kept[mask_mod] = hinted
+    return hinted if stated_hint(hinted, "band_hint")(q_len, kv_len) is not None else mask_mod
+
+
+def _hinted(mask_mod, memo: dict):
+    """A stand-in for mask_mod stating the band_hint of memo's bands, worked out at other lengths
+    when asked."""
     # the bands hold for the numbers the mask read when they were worked out: a global or closure
     # number changed since works them out again
     memo_reads = [current_reads(mask_mod, "mask_mod")]

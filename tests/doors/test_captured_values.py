@@ -130,3 +130,91 @@ def test_a_score_mod_plan_is_kept_while_what_it_reads_holds(flashinfer_on_cpu, r
     assert (got - flex_attention(q, k, v, score_mod=folded, block_mask=bm, backend="reference")).abs().max() < 1e-5
     check()
     assert len(built) == 6
+
+
+def _prepare_args():
+    return dict(seq_len_q=L, seq_len_kv=L, num_qo_heads=2, num_kv_heads=2, head_dim=16, dtype=torch.float32)
+
+
+def _nhd_inputs(rng):
+    return [t[0].transpose(0, 1).contiguous() for t in _qkv(rng)]   # [L, H, D]
+
+
+def _reference(mask, q, k, v):
+    bm = create_block_mask(mask, None, None, L, L, device="cpu")
+    return flex_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=bm,
+                          backend="reference")[0].transpose(0, 1)
+
+
+def test_the_same_function_prepared_again_is_lowered_once_and_still_follows_its_global(flashinfer_on_cpu, rng,
+                                                                                      monkeypatch):
+    """prepare() of the same function again (a model's next layer) takes the stand-ins made the
+    first time, with no new lowering of its bands; a global it reads changed since works them out
+    again, and the output follows the new number."""
+    global WINDOW
+    from flex_flash_infer.planning import linear_masks
+
+    lowered = []
+    real = linear_masks.linear_bands
+    monkeypatch.setattr(linear_masks, "linear_bands", lambda *a: lowered.append(a[1:]) or real(*a))
+    q, k, v = _nhd_inputs(rng)
+    flex = FlexFlashInfer(device="cpu", backend="flashinfer")
+    try:
+        WINDOW = 37
+        first = flex.prepare(mask_fn=_window, **_prepare_args())(q, k, v)
+        assert lowered == [(L, L)]
+        assert torch.equal(flex.prepare(mask_fn=_window, **_prepare_args())(q, k, v), first)
+        assert lowered == [(L, L)]   # lowered once
+        WINDOW = 20
+        got = flex.prepare(mask_fn=_window, **_prepare_args())(q, k, v)
+        assert lowered == [(L, L), (L, L)]   # the changed global: lowered again
+        want = _reference(_window, q, k, v)
+    finally:
+        WINDOW = 37
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_a_wrapper_copying_a_prepared_functions_attributes_runs_its_own_mask(flashinfer_on_cpu, rng):
+    """functools.wraps copies the wrapped function's __dict__: nothing prepare() keeps may ride
+    there (a review found a wrapper hiding key 0 running the causal mask it wraps)."""
+    import functools
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    q, k, v = _nhd_inputs(rng)
+    flex = FlexFlashInfer(device="cpu", backend="flashinfer").prepare(mask_fn=causal, **_prepare_args())
+    hides_key0 = functools.wraps(causal)(lambda b, h, q_idx, kv_idx: causal(b, h, q_idx, kv_idx) & (kv_idx > 0))
+    got = flex.prepare(mask_fn=hides_key0, **_prepare_args())(q, k, v)
+    assert (got - _reference(hides_key0, q, k, v)).abs().max() < 1e-5
+
+
+def test_a_prepared_linear_mask_and_what_it_captures_are_freed(flashinfer_on_cpu):
+    import gc
+    import weakref
+
+    big = torch.zeros(1 << 16)
+    alive = weakref.ref(big)
+    flex = FlexFlashInfer(device="cpu", backend="flashinfer")
+    flex.prepare(mask_fn=lambda b, h, q, kv: (q >= kv) & (q - kv < 16) & (big.shape[0] > 0), **_prepare_args())
+    flex.prepare(mask_fn=lambda b, h, q, kv: (q >= kv) & (q - kv < 16) & (big.shape[0] > 0), **_prepare_args())
+    del big, flex
+    gc.collect()
+    assert alive() is None
+
+
+def test_calls_after_prepare_do_not_trace_the_mask_again(flashinfer_on_cpu, rng, monkeypatch):
+    from flex_flash_infer.core import trace as trace_module
+
+    traced = []
+    real = trace_module._trace
+    monkeypatch.setattr(trace_module, "_trace", lambda *a: traced.append(a) or real(*a))
+    q, k, v = _nhd_inputs(rng)
+    flex = FlexFlashInfer(device="cpu", backend="flashinfer")
+    for _ in range(2):   # the second prepare takes the first's stand-ins
+        flex.prepare(mask_fn=_window, **_prepare_args())
+        flex(q, k, v)
+    traced.clear()
+    for _ in range(5):
+        flex(q, k, v)
+    assert not traced
