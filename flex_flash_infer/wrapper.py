@@ -103,7 +103,7 @@ class FlexFlashInfer:
         self.workspace_buffer = check_workspace(workspace_buffer)
         self.backend = check_backend_name(backend)
         self._prepared: _Prepared | None = None
-        self._stand_ins = _StandIns()
+        self._stand_ins = _StandIns()   # none made yet
 
     @property
     def block_mask(self) -> BlockMask:
@@ -137,8 +137,9 @@ class FlexFlashInfer:
         to memory (docs/benchmarks.md, "Planning"). Not with cu_seqlens (each sequence's index would be a new
         captured value).
         """
-        stand_ins = self._stand_ins
-        mask_mod = stand_ins.mask_mod_of(mask_fn)
+        # kept by this object only once this prepare() succeeds (a failed one holds nothing of its function)
+        stand_ins = self._stand_ins.of(mask_fn)
+        mask_mod = stand_ins.mask_mod
         score_mod = check_score_mod(score_mod)
         offsets_q, offsets_kv = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_kv)
         if not isinstance(compile_block_mask, bool):
@@ -232,6 +233,7 @@ class FlexFlashInfer:
                 warn_once("FlexFlashInfer: the mask_fn does not trace and reaches objects whose changes cannot be "
                           "watched: after changing what it reads, call prepare() again")
         warn_unwatched(mask_reads + constants, "FlexFlashInfer", "mask_fn or score_mod", "prepare()")
+        self._stand_ins = stand_ins
         self._prepared = _Prepared(segments, seq_len_q, seq_len_kv, num_qo_heads, num_kv_heads,
                                    head_dim, dtype, scale, backend, ragged, score_mod, constants, mask_reads,
                                    score_reads, mask_mod, mask_state, score_numbers, reads_memo, LearnedMemo(),
@@ -423,37 +425,39 @@ def _block_mask(mask_mod, heads: int, q_len: int, kv_len: int, device, block, co
 
 
 class _StandIns:
-    """What prepare() made of the mask function it was last given: its mask_mod, each sequence's
-    stand-in (b fixed) and the band-hinted stand-in of a linear one. Given the same function
-    object again (a model's every layer and step), prepare() takes them instead of making new ones,
-    so the lowering kept on them (a linear mask's bands, remembered per length and worked out
-    again when something the mask reads changed) is done once. Held here, not on the function:
-    another function (a wrapper copying its attributes with functools.wraps) never finds them, and
-    they go with this object, or when another function is prepared."""
+    """What prepare() made of a mask function: its mask_mod, each sequence's stand-in (b fixed) and
+    the band-hinted stand-in of a linear one. A FlexFlashInfer keeps those of the function its last
+    successful prepare() was given; given the same function again (a model's every layer and
+    step), prepare() takes them instead of making new ones, so the lowering kept on them (a linear
+    mask's bands, remembered per length and worked out again when something the mask reads
+    changed) is done once. Held here, not on the function: another function (a wrapper copying
+    its attributes with functools.wraps) never finds them, and they go with this object or when
+    another function is prepared."""
 
-    __slots__ = ("mask_fn", "mask_mod", "sequences", "hinted")
+    __slots__ = ("mask_fn", "code", "mask_mod", "sequences", "hinted")
     KEPT = 64   # sequences of a packed batch whose stand-ins are kept
 
-    def __init__(self):
-        self.mask_fn, self.mask_mod, self.sequences, self.hinted = _NOTHING, None, {}, {}
+    def __init__(self, mask_fn=None, mask_mod=None):
+        self.mask_fn, self.code, self.mask_mod = mask_fn, getattr(mask_fn, "__code__", None), mask_mod
+        self.sequences, self.hinted = {}, {}
 
-    def mask_mod_of(self, mask_fn):
-        if mask_fn is not self.mask_fn:
-            mask_mod = noop_mask if mask_fn is None else as_mask_mod(mask_fn, "mask_fn")
-            self.mask_fn, self.mask_mod, self.sequences, self.hinted = mask_fn, mask_mod, {}, {}
-        return self.mask_mod
+    def of(self, mask_fn) -> "_StandIns":
+        """These, when mask_fn is the function they were made for (its code unchanged: how it is
+        called depends on its arguments), else new ones for it."""
+        if self.mask_mod is not None and mask_fn is self.mask_fn and getattr(mask_fn, "__code__", None) is self.code:
+            return self
+        return _StandIns(mask_fn, noop_mask if mask_fn is None else as_mask_mod(mask_fn, "mask_fn"))
 
     def sequence_mask(self, mask_mod, index: int):
-        """mask_mod (this object's own) with b fixed to the sequence's index."""
+        """mask_mod with b fixed to the sequence's index (kept for this object's own mask_mod)."""
+        if mask_mod is not self.mask_mod:
+            return _for_sequence(mask_mod, index, 4)
         kept = self.sequences.get(index)
         if kept is None:
             kept = _for_sequence(mask_mod, index, 4)
             if len(self.sequences) < self.KEPT:
                 self.sequences[index] = kept
         return kept
-
-
-_NOTHING = object()
 
 
 def _for_sequence(mod, index: int, n_args: int):

@@ -112,6 +112,7 @@ def linear_bands(mask_mod, q_len: int, kv_len: int):
 # the attributes by which a mask states how it lowers (mods/): a mask carrying one is planned by it
 LOWERING_HINTS = ("band_hint", "document_ids", "key_columns_hint")
 MEMO_LENGTHS = 64
+KEPT_STAND_INS = 64   # a caller's kept hinted stand-ins (one per sequence of a packed batch)
 
 
 def with_linear_band_hint(mask_mod, q_len: int, kv_len: int, kept: dict | None = None):
@@ -129,7 +130,7 @@ def with_linear_band_hint(mask_mod, q_len: int, kv_len: int, kept: dict | None =
         if bands is None:
             return mask_mod
         hinted = _hinted(mask_mod, {(q_len, kv_len): bands})
-        if kept is not None and len(kept) < MEMO_LENGTHS:
+        if kept is not None and len(kept) < KEPT_STAND_INS:
             kept[mask_mod] = hinted
     return hinted if stated_hint(hinted, "band_hint")(q_len, kv_len) is not None else mask_mod
 

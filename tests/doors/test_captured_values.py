@@ -189,18 +189,46 @@ def test_a_wrapper_copying_a_prepared_functions_attributes_runs_its_own_mask(fla
     assert (got - _reference(hides_key0, q, k, v)).abs().max() < 1e-5
 
 
-def test_a_prepared_linear_mask_and_what_it_captures_are_freed(flashinfer_on_cpu):
+def test_a_prepared_function_and_what_it_captures_go_once_another_is_prepared(flashinfer_on_cpu):
+    """What prepare() keeps of a function goes when the object prepares another (the object lives
+    on), and a prepare() that fails keeps nothing of the function it was given."""
     import gc
     import weakref
 
+    def holding(big):
+        return lambda b, h, q, kv: (q >= kv) & (q - kv < 16) & (big.shape[0] > 0)
+
+    flex = FlexFlashInfer(device="cpu", backend="flashinfer")
     big = torch.zeros(1 << 16)
     alive = weakref.ref(big)
-    flex = FlexFlashInfer(device="cpu", backend="flashinfer")
-    flex.prepare(mask_fn=lambda b, h, q, kv: (q >= kv) & (q - kv < 16) & (big.shape[0] > 0), **_prepare_args())
-    flex.prepare(mask_fn=lambda b, h, q, kv: (q >= kv) & (q - kv < 16) & (big.shape[0] > 0), **_prepare_args())
-    del big, flex
+    flex.prepare(mask_fn=holding(big), **_prepare_args())
+    flex.prepare(mask_fn=_window, **_prepare_args())
+    del big
     gc.collect()
     assert alive() is None
+    big = torch.zeros(1 << 16)
+    alive = weakref.ref(big)
+    with pytest.raises(ValueError):
+        flex.prepare(mask_fn=holding(big), **{**_prepare_args(), "num_kv_heads": 3})
+    del big
+    gc.collect()
+    assert alive() is None
+    q, k, v = (torch.randn(L, 2, 16) for _ in range(3))
+    assert (flex(q, k, v) - _reference(_window, q, k, v)).abs().max() < 1e-5   # still the last good plan
+
+
+def test_a_function_whose_code_is_swapped_is_called_as_it_is_now(flashinfer_on_cpu, rng):
+    def seed_form(q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def four_args(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (kv_idx > 0)
+
+    q, k, v = _nhd_inputs(rng)
+    flex = FlexFlashInfer(device="cpu", backend="flashinfer").prepare(mask_fn=seed_form, **_prepare_args())
+    seed_form.__code__ = four_args.__code__
+    got = flex.prepare(mask_fn=seed_form, **_prepare_args())(q, k, v)
+    assert (got - _reference(four_args, q, k, v)).abs().max() < 1e-5
 
 
 def test_calls_after_prepare_do_not_trace_the_mask_again(flashinfer_on_cpu, rng, monkeypatch):
