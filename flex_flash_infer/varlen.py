@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.flashinfer_backend import LN2, _is_hopper, default_workspace
+from .backends.flashinfer_backend import LN2, _is_hopper, announce_first_use, default_workspace
 
 
 def _effective(causal: bool, window_left: int, q_len: int, kv_len: int):
@@ -54,6 +54,7 @@ class RaggedBatch:
                  workspace=None):
         import flashinfer
 
+        announce_first_use()   # the sequences' own plans, which said it, are not made when this serves
         causal, window_left = flags
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace

@@ -202,8 +202,7 @@ class FlexFlashInfer:
                 if self.backend == "flashinfer":
                     raise
                 warn_once(f"flex_flash_infer: running on the slow reference backend because {e}")
-                backend, ragged = "reference", None
-                segments = [dataclasses.replace(s, plan=None) for s in segments]
+                backend, ragged = "reference", None   # segments hold no plan until every one is made
         constants, score_reads, score_numbers = (), None, ()
         if backend == "flashinfer" and score_mod is not None:
             try:

@@ -167,7 +167,7 @@ def merge_rows(merge, out_a, lse_a, out_b, lse_b):
 _announced = False
 
 
-def _announce_first_use() -> None:
+def announce_first_use() -> None:
     """One line, once per process: why the first FlashInfer call can take minutes."""
     global _announced
     if not _announced:
@@ -197,7 +197,7 @@ class FlashInferPlan:
     def __init__(self, block_mask, batch, q_len, kv_len, num_qo_heads, num_kv_heads, head_dim,
                  dtype, scale, device, workspace=None, score_mod=None, route=None, planned=None):
         """planned: the plan_attention() of these arguments, made already (planned_for)."""
-        _announce_first_use()
+        announce_first_use()
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
         plan = self.plan = planned if planned is not None else planned_for(
