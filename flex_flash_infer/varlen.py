@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .backends.flashinfer_backend import LN2, _is_hopper, announce_first_use, default_workspace
+from .planning.ragged import planned_ragged
 
 
 def _effective(causal: bool, window_left: int, q_len: int, kv_len: int):
@@ -52,19 +53,16 @@ class RaggedBatch:
 
     def __init__(self, offsets_q, offsets_kv, flags, num_qo_heads, num_kv_heads, head_dim, dtype, scale, device,
                  workspace=None):
-        import flashinfer
-
         announce_first_use()   # the sequences' own plans, which said it, are not made when this serves
         causal, window_left = flags
         device = torch.device(device)
         workspace = default_workspace(device) if workspace is None else workspace
-        backend = "fa3" if _is_hopper(device) else "fa2"
         self.negate_query, scale = scale < 0, abs(scale)   # a negative sm_scale gives NaN (FlashInferPlan)
-        self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)
-        self.wrapper.plan(torch.tensor(offsets_q, dtype=torch.int32, device=device),
-                          torch.tensor(offsets_kv, dtype=torch.int32, device=device), num_qo_heads, num_kv_heads,
-                          head_dim, causal=causal, window_left=window_left, sm_scale=scale, q_data_type=dtype,
-                          kv_data_type=dtype, o_data_type=dtype, disable_split_kv=True)   # nan_merge.py
+        # the offsets as host tables (FlashInfer's plan() reads them there)
+        qo_indptr, kv_indptr = (torch.tensor(o, dtype=torch.int32) for o in (offsets_q, offsets_kv))
+        shape = (len(offsets_q) - 1, offsets_q[-1], offsets_kv[-1], num_qo_heads, num_kv_heads, head_dim)
+        self.wrapper = planned_ragged(workspace, "fa3" if _is_hopper(device) else "fa2", qo_indptr, kv_indptr, shape,
+                                      dtype, causal, window_left, sm_scale=scale)
 
     def run(self, q, k, v, return_lse: bool):
         if self.negate_query:
