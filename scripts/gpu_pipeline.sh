@@ -37,7 +37,8 @@
 #   ab-plan      scripts/ab_plan.py: a decode step's plan() from this checkout against the package copy in
 #                .ab_before/ (as for ab-layout), interleaved, each side's run() checked first
 #   ab-layout, ab-layout-32k  scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
-#                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 tokens
+#                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 / 32768
+#                tokens (AB_CASES: only these bench cases)
 # FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
 # an earlier call copied .fa4a's libraries to /tmp/fa4.
 set -uo pipefail
@@ -133,6 +134,7 @@ case "${1:-}" in
             >$run_dir/ab-plan.log; tail -n 8 $run_dir/ab-plan.log ;;
         ab-layout|ab-layout-32k)   # a change against the code before it, one process (scripts/ab_layout.py)
           python3 scripts/ab_layout.py .ab_before $run_dir/$stage.json --seq-len $([ $stage = ab-layout ] && echo 8192 || echo 32768) \
+            ${AB_CASES:+--cases $AB_CASES} \
             2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 20 $run_dir/$stage.log ;;
         window-tile)   # a plain window's kernel by schedule, 2 x 2 (scripts/ab_window_tile.py)
           python3 scripts/ab_window_tile.py $run_dir/window-tile.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
