@@ -271,7 +271,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         idtype = self.jit_args[4] if self.jit_args is not None else kv_indptr.dtype
         check_idtype(idtype, "ragged plan()", qo_indptr=qo_indptr, kv_indptr=kv_indptr)
         assert len(qo_indptr) == len(kv_indptr)
-        check_variant_mask_mode(self.backend, self.variant is not None, causal, custom_mask)
+        self.custom_mask = custom_mask
         self.dtypes = planned_dtypes(q_data_type, kv_data_type)
         self.split_kv = self.backend != "fa3" and not disable_split_kv   # as the paged wrapper
         self.qo_indptr, self.kv_indptr = qo_indptr.cpu().long(), kv_indptr.cpu().long()
@@ -284,6 +284,8 @@ class BatchPrefillWithRaggedKVCacheWrapper:
     def run(self, q, k, v, *variant_args, return_lse=False, out=None, lse=None):
         out_buffer, lse_buffer = out, lse
         assert bool(variant_args) == (self.jit_args is not None)
+        # the mask mode is chosen here, from what plan() stored (or was set after it), as in run()
+        check_variant_mask_mode(self.backend, self.variant is not None, self._causal, self.custom_mask)
         on_device(self.device, "ragged run()", q, k, v, out_buffer, lse_buffer)
         check_run_dtypes(self.dtypes, q, k, "ragged run()")
         if self.jit_args is not None and not self.head_windows:
@@ -296,8 +298,9 @@ class BatchPrefillWithRaggedKVCacheWrapper:
             assert all(t is None for t in unfilled), "FlashInfer's own optional tensors: None"
             assert variant_args[5] == 0.0 and variant_args[7] == 1.0, "no soft cap, no value scale"
             scale = kernel_scale(variant_args[6], q.shape[-1])
-            if window_left >= 0:   # the kernel's window is on only where the launch has one
-                window_left = table.cpu().long()
+            # the module is generated with its window on (jit_args' last): the kernel reads the
+            # table whatever window_left the launch was planned with
+            window_left = table.cpu().long()
         # what the real kernels read of a caller's buffers: the LSE by its pointer alone (a
         # contiguous [rows, heads]); the output by its strides on fa3 (o_stride_n, o_stride_h),
         # contiguous on fa2

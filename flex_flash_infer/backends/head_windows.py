@@ -10,7 +10,7 @@ which each query head's window comes from a table the launch passes (compile/pat
 
 The same kernel runs a plain causal window over the whole sequence (every head the same width):
 its window starts at the first key tile it sees, where FlashInfer's starts one all-masked tile
-early, and every launch of one width is scheduled as balanced (planning/ragged.py,
+early, and a launch of one width under half the keys is scheduled as balanced (planning/ragged.py,
 schedules_by_window). docs/benchmarks.md has what each measured.
 """
 from __future__ import annotations
@@ -113,16 +113,30 @@ class HeadWindowRunner:
 _UNBUILT = set()   # (dtype, head_dim) whose module failed to build here: FlashInfer's kernels instead
 
 
+def _build_module(dtype, head_dim: int) -> None:
+    """FlashInfer's build (or load) of the module alone, as its wrapper asks for it (FlashInfer
+    caches it: the wrapper then finds it built). A FlashInfer without that getter builds it in the
+    wrapper instead."""
+    import flashinfer
+
+    get = getattr(getattr(flashinfer, "prefill", None), "get_customize_batch_prefill_module", None)
+    if get is not None:
+        get("fa3", *jit_args(dtype, head_dim))
+
+
 def built_runner(table: list[int], shape, dtype, scale: float, workspace):
-    """A HeadWindowRunner, or None when its module does not build on this machine (a toolchain or
-    FlashInfer that rejects the patched headers): said once, and the caller runs FlashInfer's own
-    kernels, which compute the same thing more slowly."""
+    """A HeadWindowRunner, or None when its module does not build on this machine (no toolchain,
+    or one that rejects the patched headers): said once, and the caller runs FlashInfer's own
+    kernels, which compute the same thing more slowly. Only the build's own errors count: any
+    other (out of memory, a plan that fails) is raised as it comes."""
     head_dim = shape[-1]
     if (dtype, head_dim) in _UNBUILT:
         return None
     try:
-        return HeadWindowRunner(table, shape, dtype, scale, workspace)
+        _build_module(dtype, head_dim)
     except RuntimeError as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
         import warnings
 
         _UNBUILT.add((dtype, head_dim))
@@ -130,3 +144,4 @@ def built_runner(table: list[int], shape, dtype, scale: float, workspace):
                       f"{dtype}, head_dim {head_dim}) did not build, so windows run on FlashInfer's own "
                       f"kernels: {str(e)[:500]}", RuntimeWarning, stacklevel=2)
         return None
+    return HeadWindowRunner(table, shape, dtype, scale, workspace)

@@ -254,12 +254,17 @@ def test_a_flashinfer_whose_run_reads_the_mask_elsewhere_is_never_balanced(monke
             return self.mask_mode
 
     assert not ragged._plan_alone_sets_the_mask(Other)
-    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
-    monkeypatch.setattr(ragged, "_plan_alone_sets_the_mask", lambda wrapper_type: False)
+    planned = _on_the_model(monkeypatch)
     indptr = torch.tensor([0, 300], dtype=torch.int32)
-    wrapper = ragged.planned_ragged(torch.empty(8, dtype=torch.uint8), "fa3", indptr, indptr, (1, 300, 300, 4, 2, 16),
-                                    torch.float64, True, 20)
-    assert wrapper._causal and wrapper.window_left == 20
+
+    def plan():
+        ragged.planned_ragged(torch.empty(8, dtype=torch.uint8), "fa3", indptr, indptr, (1, 300, 300, 4, 2, 16),
+                              torch.float64, True, 20)
+        return planned[-1][1:]   # (causal, window_left) that plan() was given
+
+    assert plan() == (False, 20)   # this FlashInfer: balanced
+    monkeypatch.setattr(ragged, "_plan_alone_sets_the_mask", lambda wrapper_type: False)
+    assert plan() == (True, 20)
 
 
 def test_plans_of_one_window_share_the_kernel_wrapper(monkeypatch):
@@ -282,12 +287,11 @@ def test_a_window_module_that_does_not_build_falls_back_to_flashinfers_kernels(m
     monkeypatch.setattr(head_windows, "_UNBUILT", set())
     tried = []
 
-    class Unbuildable:
-        def __init__(self, *args, **kwargs):
-            tried.append(None)
-            raise RuntimeError("Ninja build failed")
+    def unbuildable(dtype, head_dim):
+        tried.append(None)
+        raise RuntimeError("Ninja build failed")
 
-    monkeypatch.setattr(head_windows, "HeadWindowRunner", Unbuildable)
+    monkeypatch.setattr(head_windows, "_build_module", unbuildable)
     Hq, Hkv, L, D = 4, 2, 300, 16
     window = get_mask_fn("sliding_window", window_size=40)
 
@@ -316,3 +320,26 @@ def test_a_window_module_that_does_not_build_falls_back_to_flashinfers_kernels(m
     assert heads.head_windows is None and heads.head_band_runs is not None
     out, _ = _run(heads, q, k, v)
     assert rel_err(out, dense_attention(q, k, v, _dense(per_head, Hq, L, L))[0]) < 1e-6
+
+
+def test_only_the_modules_build_errors_turn_the_kernel_off(monkeypatch):
+    """Out of memory, or a plan that fails, while the window kernel's runner is made: raised as it
+    comes, and the next plan tries the kernel again."""
+    _on_the_model(monkeypatch)
+    monkeypatch.setattr(head_windows, "_UNBUILT", set())
+    L = 300
+    bm = create_block_mask(get_mask_fn("sliding_window", window_size=40), None, 4, L, L, device="cpu", BLOCK_SIZE=64)
+
+    def make():
+        return flashinfer_backend.FlashInferPlan(bm, 1, L, L, 4, 2, 16, torch.float64, 0.25, "cpu")
+
+    real = head_windows.HeadWindowRunner
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("plan failed")):
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(head_windows, "HeadWindowRunner", failing)
+        with pytest.raises(type(error)):
+            make()
+    monkeypatch.setattr(head_windows, "HeadWindowRunner", real)
+    assert not head_windows._UNBUILT and isinstance(make().band_runner, head_windows.HeadWindowRunner)
