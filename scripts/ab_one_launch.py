@@ -95,8 +95,10 @@ def jit_args(experiment: str, dtype, head_dim: int) -> list:
     code = hashlib.sha256(repr((decl, tensors, scalars, patched_headers.patch_hash(f"ab_{experiment}"))).encode()
                           ).hexdigest()[:16]
     uri = f"ffi_ab{experiment}_{code}_{str(dtype).split('.')[-1]}_d{head_dim}"
+    # the last: FlashInfer generates the module with its window on or off (a template argument,
+    # not the launch's window_left): on, a launch without a window masks every key
     return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim, *tensors, *scalars, "DefaultAttention<false>",
-            decl, 0, True]
+            decl, 0, experiment == "sinks"]
 
 
 def one_launch(experiment: str, q, k, v, a: int, b: int):
