@@ -92,13 +92,14 @@ def jit_args(experiment: str, dtype, head_dim: int) -> list:
     decl = "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS[f"ab_{experiment}"] + "\n"
     scalars = (head_windows._SCALARS[0] + [scalar], head_windows._SCALARS[1] + ["int64_t"])
     lean_modules.install()
-    code = hashlib.sha256(repr((decl, tensors, scalars, patched_headers.patch_hash(f"ab_{experiment}"))).encode()
-                          ).hexdigest()[:16]
+    windowed = experiment == "sinks"
+    code = hashlib.sha256(repr((decl, tensors, scalars, windowed, patched_headers.patch_hash(f"ab_{experiment}"))
+                               ).encode()).hexdigest()[:16]
     uri = f"ffi_ab{experiment}_{code}_{str(dtype).split('.')[-1]}_d{head_dim}"
     # the last: FlashInfer generates the module with its window on or off (a template argument,
     # not the launch's window_left): on, a launch without a window masks every key
     return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim, *tensors, *scalars, "DefaultAttention<false>",
-            decl, 0, experiment == "sinks"]
+            decl, 0, windowed]
 
 
 def one_launch(experiment: str, q, k, v, a: int, b: int):
