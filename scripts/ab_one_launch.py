@@ -1,7 +1,9 @@
 """Issue 22's two-launch leads, timed: masks the library runs as two launches, each in one launch of
 FlashInfer's own fa3 kernel built against its headers patched here (experiments: these patch sets
 live in this script alone, used nowhere else), against the library's route, interleaved in one
-process, every output checked against float32 first.
+process, every output checked against float32 first. (Prefix-LM as one causal launch whose limit
+is max(q + 1, prefix) was timed here on an H200 on 2026-12-06, 0.98-1.01x of our two launches,
+and removed: docs/benchmarks.md.)
 
   * sinks: streaming's sink keys inside the window kernel's launch. The library runs the window
     (the exact-start head-window kernel), then attends the sinks and merges them in with the
@@ -10,17 +12,13 @@ process, every output checked against float32 first.
     producer (mainloop.cuh, ragged TMA loads) and the consumer (mainloop_mma.cuh) both go on to
     the sink tiles (0 .. ceil(sink_len / CTA_KV) - 1), from the same window start, so their
     pipelines stay in step; the window's left mask spares keys below sink_len.
-  * prefix: prefix-LM (kv < prefix or kv <= q) as one causal launch whose right limit is
-    max(q + 1, prefix), where the library runs a full block over the prefix rows, then the causal
-    rows (FA4 runs one launch). Patched: the causal key-tile count and the causal mask's limit.
 
-Only each module's ragged kernel may run (the paged producer is patched for neither jump).
+Only the module's ragged kernel may run (the paged producer is not patched for the jump).
 
-    python scripts/ab_one_launch.py OUT.json [--seq-lens 8192 32768] [--experiments sinks prefix]
+    python scripts/ab_one_launch.py OUT.json [--seq-lens 8192 32768] [--experiments sinks]
 
 First a correctness pass at small sizes (every row against float32: sinks wider than a key tile, a
-window of one key, queries before the sinks end, prefixes unaligned to tiles, longer than most of
-the sequence, of one key), then each case checked and timed interleaved.
+window of one key, queries before the sinks end), then each case checked and timed interleaved.
 """
 from __future__ import annotations
 
@@ -68,19 +66,8 @@ SINK_PATCHES = patched_headers.PATCH_SETS["head_windows"] + (
     (f"{H}/mainloop_mma.cuh", "if (kv_idx < col_limit_left(qo_idx)) {",
      "if (kv_idx < col_limit_left(qo_idx) && kv_idx >= ffi_sink_len) {", 3),
 )
-_PREFIX = "static_cast<int>(mainloop_params.additional_params.ffi_prefix_len)"
-_TILES = "cute::ceil_div((q_tile_idx + 1) * CTA_Q + kv_len - qo_len, CTA_KV));"
-PREFIX_PATCHES = (
-    (f"{H}/mainloop.cuh", _TILES, f"cute::ceil_div(std::max((q_tile_idx + 1) * CTA_Q + kv_len - qo_len, {_PREFIX}), CTA_KV));", 1),
-    (f"{H}/sparse_mainloop.cuh", _TILES, f"cute::ceil_div(std::max((q_tile_idx + 1) * CTA_Q + kv_len - qo_len, {_PREFIX}), CTA_KV));", 2),
-    (f"{H}/mainloop_mma.cuh", "auto col_limit_right = [&](int qo_idx) { return qo_idx + 1 + kv_len - qo_len; };",
-     f"auto col_limit_right = [&](int qo_idx) {{ return std::max(qo_idx + 1 + kv_len - qo_len, {_PREFIX}); }};", 1),
-)
-_FLASHINFER_TENSORS = (["maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr", "maybe_scale_v"],
-                       ["uint32_t", "uint16_t", "uint16_t", "float"])
 EXPERIMENTS = {   # name -> (patches, tensors, the scalar it adds)
     "sinks": (SINK_PATCHES, head_windows._TENSORS, "ffi_sink_len"),
-    "prefix": (PREFIX_PATCHES, _FLASHINFER_TENSORS, "ffi_prefix_len"),
 }
 for _name, (_patches, _, _) in EXPERIMENTS.items():
     patched_headers.PATCH_SETS[f"ab_{_name}"] = _patches
@@ -92,33 +79,26 @@ def jit_args(experiment: str, dtype, head_dim: int) -> list:
     decl = "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS[f"ab_{experiment}"] + "\n"
     scalars = (head_windows._SCALARS[0] + [scalar], head_windows._SCALARS[1] + ["int64_t"])
     lean_modules.install()
-    windowed = experiment == "sinks"
+    windowed = True   # FlashInfer generates the module with its window on (a template argument)
     code = hashlib.sha256(repr((decl, tensors, scalars, windowed, patched_headers.patch_hash(f"ab_{experiment}"))
                                ).encode()).hexdigest()[:16]
     uri = f"ffi_ab{experiment}_{code}_{str(dtype).split('.')[-1]}_d{head_dim}"
-    # the last: FlashInfer generates the module with its window on or off (a template argument,
-    # not the launch's window_left): on, a launch without a window masks every key
     return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim, *tensors, *scalars, "DefaultAttention<false>",
             decl, 0, windowed]
 
 
 def one_launch(experiment: str, q, k, v, a: int, b: int):
-    """sinks (a sinks, window b) or prefix (prefix a) over one sequence in one launch; q [S, Hq, D]."""
+    """sinks (a sinks, window b) over one sequence in one launch; q [S, Hq, D]."""
     S, hq, D = q.shape
     indptr = torch.tensor([0, S], dtype=torch.int32)
-    window_left = b - 1 if experiment == "sinks" else -1
     wrapper = planned_ragged(default_workspace(q.device), "fa3", indptr, indptr, (1, S, S, hq, k.shape[1], D),
-                             q.dtype, True, window_left, jit_args=jit_args(experiment, q.dtype, D))
-    if experiment == "sinks":
-        table = torch.full((hq,), b - 1, dtype=torch.int32, device=q.device)
-        return lambda: wrapper.run(q, k, v, table, None, None, None, None, 0.0, D ** -0.5, 1.0, 0, a)
-    return lambda: wrapper.run(q, k, v, None, None, None, None, 0.0, D ** -0.5, 1.0, 0, a)
+                             q.dtype, True, b - 1, jit_args=jit_args(experiment, q.dtype, D))
+    table = torch.full((hq,), b - 1, dtype=torch.int32, device=q.device)
+    return lambda: wrapper.run(q, k, v, table, None, None, None, None, 0.0, D ** -0.5, 1.0, 0, a)
 
 
 def mask_of(experiment: str, a: int, b: int):
-    if experiment == "sinks":
-        return get_mask_fn("streaming", sink_size=a, window_size=b)
-    return get_mask_fn("prefix_lm", prefix_len=a)
+    return get_mask_fn("streaming", sink_size=a, window_size=b)
 
 
 def ours(experiment: str, q, k, v, a: int, b: int):
@@ -134,9 +114,8 @@ def inputs(S, D, seed=bench.SEED):
     return [torch.randn(S, h, D, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (32, 8, 8)]
 
 
-CHECKS = {"sinks": ((777, 4, 100), (1000, 200, 64), (600, 4, 1), (2000, 130, 300), (300, 4, 250)),
-          "prefix": ((777, 300, 0), (1000, 1, 0), (600, 590, 0), (2000, 1024, 0), (333, 128, 0))}
-CASES = {"sinks": ((4, 1024), (4, 256)), "prefix": ((2048, 0), (2000, 0))}
+CHECKS = {"sinks": ((777, 4, 100), (1000, 200, 64), (600, 4, 1), (2000, 130, 300), (300, 4, 250))}
+CASES = {"sinks": ((4, 1024), (4, 256))}
 
 
 def main():
