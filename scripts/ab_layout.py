@@ -6,6 +6,7 @@ no case more than 3% slower.
 
     git archive <old commit> flex_flash_infer | tar -x -C /tmp/before
     python scripts/ab_layout.py /tmp/before results.json [--seq-len 8192] [--head-dim 128] [--rounds 30]
+        [--cases sliding_window streaming ...]   (default: every case)
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--cases", nargs="+", default=None, help="only these cases (a change's own, and a control)")
     args = ap.parse_args()
     before = load_before(pathlib.Path(args.before))
     import flex_flash_infer as after
@@ -71,6 +73,8 @@ def main():
     rows = []
     print(f"{'case':22s} {'before ms':>10s} {'after ms':>10s} {'after/before':>12s}  errors (before, after)")
     for name in built["after"]:
+        if args.cases and name not in args.cases:
+            continue
         fns, errors = {}, {}
         for side, package in (("before", before), ("after", after)):
             mask_mod, score_mod = built[side][name]

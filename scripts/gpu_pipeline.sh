@@ -21,10 +21,12 @@
 #   bench-8k, bench-32k, bench-8k-d64, bench-32k-d64  python -m flex_flash_infer bench at 8192 / 32768
 #                tokens, head_dim 128 / 64 (JSON in the run dir); profile-8k the same with --profile;
 #                profile-leads only the rows slower in the bench than alone
+#   one-launch   scripts/ab_one_launch.py: streaming's sinks, and prefix-LM, each in one launch of a patched
+#                kernel, against our route
 #   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
-#   window-tile  scripts/ab_window_tile.py: FlashInfer's fa3 window kernel without its all-masked first key
-#                tile, against the kernel as installed (prebuild both: PREBUILD_PY=scripts/ab_window_tile.py
-#                bash scripts/prebuild_kernels.sh --prebuild .aot, then pack them)
+#   window-tile  scripts/ab_window_tile.py: a plain window as a 2 x 2 (FlashInfer's window kernel or the
+#                head-window module's exact start, by FlashInfer's causal schedule or balanced), beside
+#                our route and FlashInfer's single call
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
@@ -36,8 +38,9 @@
 #                the modules it meets side by side
 #   ab-plan      scripts/ab_plan.py: a decode step's plan() from this checkout against the package copy in
 #                .ab_before/ (as for ab-layout), interleaved, each side's run() checked first
-#   ab-layout    scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
-#                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 tokens
+#   ab-layout, ab-layout-32k  scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
+#                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 / 32768
+#                tokens (AB_CASES: only these bench cases)
 # FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
 # an earlier call copied .fa4a's libraries to /tmp/fa4.
 set -uo pipefail
@@ -131,12 +134,17 @@ case "${1:-}" in
         ab-plan)   # a planning change against the code before it, one process (scripts/ab_plan.py)
           python3 scripts/ab_plan.py .ab_before $run_dir/ab-plan.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/ab-plan.log; tail -n 8 $run_dir/ab-plan.log ;;
-        ab-layout)   # a code move against the code before it, one process (scripts/ab_layout.py)
-          python3 scripts/ab_layout.py .ab_before $run_dir/ab-layout.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
-            >$run_dir/ab-layout.log; tail -n 20 $run_dir/ab-layout.log ;;
-        window-tile)   # the window's first key tile exact against FlashInfer's kernel as installed (scripts/ab_window_tile.py)
+        ab-layout|ab-layout-32k)   # a change against the code before it, one process (scripts/ab_layout.py)
+          python3 scripts/ab_layout.py .ab_before $run_dir/$stage.json --seq-len $([ $stage = ab-layout ] && echo 8192 || echo 32768) \
+            ${AB_CASES:+--cases $AB_CASES} \
+            2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 20 $run_dir/$stage.log ;;
+        window-tile)   # a plain window's kernel by schedule, 2 x 2 (scripts/ab_window_tile.py)
           python3 scripts/ab_window_tile.py $run_dir/window-tile.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/window-tile.log; tail -n 20 $run_dir/window-tile.log ;;
+        one-launch)   # streaming's sinks and prefix-LM in one launch of patched kernels (scripts/ab_one_launch.py):
+          # kernels that have never run, so bounded (a producer and consumer out of step would hang)
+          timeout 480 python3 scripts/ab_one_launch.py $run_dir/one-launch.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/one-launch.log; tail -n 30 $run_dir/one-launch.log ;;
         peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
           python3 scripts/peer_timing.py $run_dir/peer-timing.json >$run_dir/peer-timing.log 2>&1
           tail -n 12 $run_dir/peer-timing.log ;;

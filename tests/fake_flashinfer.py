@@ -246,13 +246,23 @@ class PagedVariantModel:
         return apply
 
 
+HEAD_WINDOW_TABLE = "ffi_head_window_left"   # backends/head_windows.py's module: FlashInfer's kernel, patched
+
+
 class BatchPrefillWithRaggedKVCacheWrapper:
+    """As FlashInfer 0.7.2's: run() takes the mask from what plan() stored in self._causal (the
+    library may schedule a window launch as not causal and run it causal: planning/ragged.py).
+    The head-window module (jit_args naming HEAD_WINDOW_TABLE first) is FlashInfer's own kernel
+    with each query head's window read from the table run() passes, when the launch has a window."""
+
     def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None):
         assert layout == "NHD"
         self.backend = backend
         self.device = workspace.device   # FlashInfer's wrapper: self.device = float_workspace_buffer.device
         self.jit_args = jit_args
-        self.variant = None if jit_args is None else VARIANTS[jit_args[11]]
+        self.head_windows = jit_args is not None and jit_args[7][0] == HEAD_WINDOW_TABLE
+        assert not self.head_windows or (backend == "fa3" and jit_args[11] == "DefaultAttention<false>")
+        self.variant = None if jit_args is None or self.head_windows else VARIANTS[jit_args[11]]
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, causal=False, window_left=-1,
              sm_scale=None, logits_soft_cap=None, disable_split_kv=False, custom_mask=None, q_data_type="float16",
@@ -261,11 +271,11 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         idtype = self.jit_args[4] if self.jit_args is not None else kv_indptr.dtype
         check_idtype(idtype, "ragged plan()", qo_indptr=qo_indptr, kv_indptr=kv_indptr)
         assert len(qo_indptr) == len(kv_indptr)
-        check_variant_mask_mode(self.backend, self.variant is not None, causal, custom_mask)
+        self.custom_mask = custom_mask
         self.dtypes = planned_dtypes(q_data_type, kv_data_type)
         self.split_kv = self.backend != "fa3" and not disable_split_kv   # as the paged wrapper
         self.qo_indptr, self.kv_indptr = qo_indptr.cpu().long(), kv_indptr.cpu().long()
-        self.causal, self.window_left = causal, window_left
+        self._causal, self.window_left = causal, window_left
         assert not (logits_soft_cap and self.variant is not None), "FlashInfer's soft cap is its default variant's"
         self.cap = logits_soft_cap or 0.0
         self.scale = kernel_scale(sm_scale, head_dim_qk)
@@ -273,11 +283,24 @@ class BatchPrefillWithRaggedKVCacheWrapper:
     @kernel
     def run(self, q, k, v, *variant_args, return_lse=False, out=None, lse=None):
         out_buffer, lse_buffer = out, lse
-        assert bool(variant_args) == (self.variant is not None)
+        assert bool(variant_args) == (self.jit_args is not None)
+        # the mask mode is chosen here, from what plan() stored (or was set after it), as in run()
+        check_variant_mask_mode(self.backend, self.variant is not None, self._causal, self.custom_mask)
         on_device(self.device, "ragged run()", q, k, v, out_buffer, lse_buffer)
         check_run_dtypes(self.dtypes, q, k, "ragged run()")
-        if self.jit_args is not None:
+        if self.jit_args is not None and not self.head_windows:
             check_variant_tensors(self.jit_args, variant_args, self.device, "ragged run()")
+        window_left, scale = self.window_left, self.scale
+        if self.head_windows:   # the table, FlashInfer's four optional tensors, then its four scalars
+            table, *unfilled = variant_args[:5]
+            on_device(self.device, "ragged run(): the window table", table)
+            assert table.dtype == torch.int32 and table.shape == (q.shape[1],) and table.is_contiguous()
+            assert all(t is None for t in unfilled), "FlashInfer's own optional tensors: None"
+            assert variant_args[5] == 0.0 and variant_args[7] == 1.0, "no soft cap, no value scale"
+            scale = kernel_scale(variant_args[6], q.shape[-1])
+            # the module is generated with its window on (jit_args' last): the kernel reads the
+            # table whatever window_left the launch was planned with
+            window_left = table.cpu().long()
         # what the real kernels read of a caller's buffers: the LSE by its pointer alone (a
         # contiguous [rows, heads]); the output by its strides on fa3 (o_stride_n, o_stride_h),
         # contiguous on fa2
@@ -288,8 +311,8 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         if lse_buffer is not None:
             assert lse_buffer.shape == q.shape[:2] and lse_buffer.is_contiguous(), "the LSE is written by its pointer"
         transform = self._transform(variant_args) if self.variant is not None else _soft_cap(self.cap)
-        out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self.causal, self.window_left,
-                                  1.0 if self.variant is not None else self.scale, transform, self.split_kv)
+        out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self._causal, window_left,
+                                  1.0 if self.variant is not None else scale, transform, self.split_kv)
         if out_buffer is not None:
             out_buffer.copy_(out)
             out = out_buffer
@@ -316,7 +339,8 @@ class BatchPrefillWithRaggedKVCacheWrapper:
 
 def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, transform=None, split_kv=False):
     """Per request: queries aligned to the bottom right of its keys, as FlashInfer's flags mean;
-    a variant's transform applies before those masks, as in FlashInfer's fa3 kernels. split_kv:
+    a variant's transform applies before those masks, as in FlashInfer's fa3 kernels. window_left:
+    an int, or a tensor of one per query head (the head-window module). split_kv:
     fa2's split of a request's keys, merged as merge_state does (paged_simulator.paged_prefill),
     modelled at its worst, one part per 16 keys."""
     group = q.shape[1] // k.shape[1]
@@ -336,7 +360,9 @@ def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, tr
         keep = torch.ones_like(kv <= pos)
         if causal:
             keep &= kv <= pos
-        if window_left >= 0:
+        if isinstance(window_left, torch.Tensor):
+            keep = keep & (kv >= pos - window_left.view(-1, 1, 1))
+        elif window_left >= 0:
             keep &= kv >= pos - window_left
         s = s.masked_fill(~keep, -math.inf)
         part = 16 if split_kv else s.shape[-1]

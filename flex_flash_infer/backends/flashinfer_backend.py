@@ -240,7 +240,14 @@ class FlashInferPlan:
                 # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
                 self.columns = _HeadGroup(plan.columns.tiles, plan.columns.mask_mod, None, col_shape, dtype, scale,
                                           workspace, (block_q, 1), variants(1), self.positions)
-        if plan.band_kernel in ("plain", "soft-cap"):
+        if plan.band_kernel == "plain" and hopper and (
+                table := head_windows.uniform_window_table(self.bands, num_qo_heads, q_len, kv_len)) is not None:
+            # a causal window over the whole sequence (streaming's and attamba's too): the window
+            # kernel that starts at its first visible key tile, balanced (head_windows.py)
+            runner = (head_windows.built_runner(table, self.shape, dtype, scale, workspace)
+                      if head_windows.available(device, dtype, head_dim) else None)
+            self.band_runner = runner or _BandRunner(self.bands, self.shape, dtype, scale, workspace)
+        elif plan.band_kernel in ("plain", "soft-cap"):
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace, logits_soft_cap=plan.soft_cap)
         elif plan.band_kernel == "score-mod":
             self.band_runner = ScoreModBands(self.bands, score_mod, self.shape, dtype, scale, workspace, hopper)
@@ -252,9 +259,10 @@ class FlashInferPlan:
             near_runner = ScoreModBands(near, score_mod, self.shape, dtype, scale, workspace, False)
             self.band_runner = FarSplitBands(near_runner, far, hint, self.shape, dtype, scale, workspace, hopper)
         elif plan.head_bands and (table := head_windows.head_window_table(plan.head_bands, num_qo_heads, q_len, kv_len)
-                                  ) is not None and hopper and head_windows.available(device, dtype, head_dim):
+                                  ) is not None and hopper and head_windows.available(device, dtype, head_dim) and (
+                runner := head_windows.built_runner(table, self.shape, dtype, scale, workspace)) is not None:
             # every head one causal window of its own width: one launch of the patched kernel
-            self.head_windows = head_windows.HeadWindowRunner(table, self.shape, dtype, scale, workspace)
+            self.head_windows = runner
         elif plan.head_bands:
             self.head_band_runs = []
             for heads, kv_heads, bands in plan.head_bands:

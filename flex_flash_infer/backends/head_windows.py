@@ -7,6 +7,11 @@ work. FlashInfer's Hopper kernel reads its window from one launch-wide number; t
 kernel (its DefaultAttention variant, its fa3 parameters) built against a copy of its headers in
 which each query head's window comes from a table the launch passes (compile/patched_headers.py,
 "head_windows"), so all heads go in one launch, each skipping the key tiles outside its window.
+
+The same kernel runs a plain causal window over the whole sequence (every head the same width):
+its window starts at the first key tile it sees, where FlashInfer's starts one all-masked tile
+early, and a launch of one width under half the keys is scheduled as balanced (planning/ragged.py,
+schedules_by_window). docs/benchmarks.md has what each measured.
 """
 from __future__ import annotations
 
@@ -37,6 +42,20 @@ def head_window_table(head_bands, num_qo_heads: int, q_len: int, kv_len: int) ->
         for h in heads:
             table[h] = band.window_left if band.window_left >= 0 else kv_len
     return table if all(w is not None for w in table) else None
+
+
+def uniform_window_table(bands, num_qo_heads: int, q_len: int, kv_len: int) -> list[int] | None:
+    """The table of a plain causal window over the whole sequence (one band, every head the same
+    width), or None. A window reaching every key (window_left >= kv_len - 1) is causal, which
+    FlashInfer's causal kernel runs without the window's bounds. A band whose keys start later
+    only by those no query's window reaches (fewer queries than keys) is the same launch."""
+    if len(bands) != 1:
+        return None
+    band = bands[0]
+    if not (band.causal and band.q_start == 0 and band.q_end == q_len and band.kv_end == kv_len
+            and 0 <= band.window_left < kv_len - 1 and band.kv_start <= max(0, band.delta - band.window_left)):
+        return None
+    return [band.window_left] * num_qo_heads
 
 
 def available(device, dtype, head_dim: int) -> bool:
@@ -77,8 +96,11 @@ class HeadWindowRunner:
         widest = max(table)
         launch = plain_band_launch([Band(0, q_len, 0, kv_len, True, widest)], batch, q_len, kv_len, windowed=True)
         assert launch is not None and launch.writes_all(batch, q_len)
+        # one width for every head: scheduled as balanced where FlashInfer's plan would price the
+        # tiles as causal; several widths cost differently by head, which keeps the causal price
         self.wrapper = planned_ragged(workspace, "fa3", launch.qo_indptr, launch.kv_indptr, shape, dtype, True,
-                                      widest, jit_args=jit_args(dtype, head_dim))
+                                      widest, jit_args=jit_args(dtype, head_dim), balance_window=len(set(table)) == 1,
+                                      shared_module=True)
         self.table = torch.tensor(table, dtype=torch.int32, device=workspace.device)
         self.scale = float(scale)
 
@@ -86,3 +108,40 @@ class HeadWindowRunner:
         """q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
         return self.wrapper.run(q, k.flatten(0, 1), v.flatten(0, 1), self.table, None, None, None, None,
                                 0.0, self.scale, 1.0, 0, return_lse=return_lse)
+
+
+_UNBUILT = set()   # (dtype, head_dim) whose module failed to build here: FlashInfer's kernels instead
+
+
+def _build_module(dtype, head_dim: int) -> None:
+    """FlashInfer's build (or load) of the module alone, as its wrapper asks for it (FlashInfer
+    caches it: the wrapper then finds it built). A FlashInfer without that getter builds it in the
+    wrapper instead."""
+    import flashinfer
+
+    get = getattr(getattr(flashinfer, "prefill", None), "get_customize_batch_prefill_module", None)
+    if get is not None:
+        get("fa3", *jit_args(dtype, head_dim))
+
+
+def built_runner(table: list[int], shape, dtype, scale: float, workspace):
+    """A HeadWindowRunner, or None when its module does not build on this machine (no toolchain,
+    or one that rejects the patched headers): said once, and the caller runs FlashInfer's own
+    kernels, which compute the same thing more slowly. Only the build's own errors count: any
+    other (out of memory, a plan that fails) is raised as it comes."""
+    head_dim = shape[-1]
+    if (dtype, head_dim) in _UNBUILT:
+        return None
+    try:
+        _build_module(dtype, head_dim)
+    except RuntimeError as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        import warnings
+
+        _UNBUILT.add((dtype, head_dim))
+        warnings.warn(f"flex_flash_infer: the window kernel's module (FlashInfer's headers patched, "
+                      f"{dtype}, head_dim {head_dim}) did not build, so windows run on FlashInfer's own "
+                      f"kernels: {str(e)[:500]}", RuntimeWarning, stacklevel=2)
+        return None
+    return HeadWindowRunner(table, shape, dtype, scale, workspace)

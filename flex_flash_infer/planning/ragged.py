@@ -16,18 +16,56 @@ import torch
 _planned = weakref.WeakValueDictionary()
 
 
+def _plan_alone_sets_the_mask(wrapper_type) -> bool:
+    """Whether the wrapper's run() takes causal from what plan() stored (self._causal) and nothing
+    else of plan() depends on it but the schedule: so in FlashInfer 0.7's source (prefill.py and
+    PrefillSM90Plan in scheduler.cuh, where causal only prices each query tile). Checked by the
+    names the two methods use: a FlashInfer that stores the mask elsewhere is never balanced."""
+    import inspect
+
+    try:
+        plan, run = (inspect.unwrap(getattr(wrapper_type, name)) for name in ("plan", "run"))
+        return "_causal" in plan.__code__.co_names and "_causal" in run.__code__.co_names
+    except AttributeError:
+        return False
+
+
+def schedules_by_window(backend: str, causal: bool, window_left: int, qo_indptr, kv_indptr) -> bool:
+    """Whether a causal window launch on fa3 is better planned as if it were not causal. FlashInfer's
+    fa3 scheduler hands query tiles to CTAs by their causal cost (the keys up to the diagonal) and
+    never sees the window: under a window narrower than half the keys every late tile costs about
+    the same as the window, yet is priced as many times more, and some CTAs get many more tiles than
+    others (scripts/fa3_schedule_sim.py). Priced as not causal, every tile of requests of one length
+    costs the same, and the CTAs get equal counts. Requests of different lengths keep the causal
+    price (the simulation found mixes where it balances better)."""
+    if backend != "fa3" or not causal or window_left < 0 or qo_indptr.numel() < 2:
+        return False
+    q_lens, kv_lens = qo_indptr.diff(), kv_indptr.diff()
+    if bool((q_lens != q_lens[0]).any()) or bool((kv_lens != kv_lens[0]).any()):
+        return False
+    return 2 * (window_left + 1) <= int(kv_lens[0])
+
+
 def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, shape, dtype, causal: bool,
-                   window_left: int = -1, sm_scale=None, logits_soft_cap=None, jit_args=None):
+                   window_left: int = -1, sm_scale=None, logits_soft_cap=None, jit_args=None,
+                   balance_window: bool = True, shared_module: bool = False):
     """A BatchPrefillWithRaggedKVCacheWrapper on backend ("fa3" or "fa2"), planned for the requests
     of qo_indptr / kv_indptr (int32, on the host); shape is (batch, q_len, kv_len, Hq, Hkv, D).
-    jit_args: a compiled variant's (which applies its own scale)."""
+    jit_args: a compiled variant's (which applies its own scale). balance_window: a causal window
+    launch may be scheduled as not causal (schedules_by_window); False where the window differs by
+    head (its tiles' costs differ by head too). shared_module: jit_args name a module whose code holds
+    nothing of one plan (the head-window kernel, which takes its table at run time), so its planned
+    wrapper may be shared like FlashInfer's own."""
     import flashinfer
 
+    balanced = (balance_window and qo_indptr.device.type == "cpu" and kv_indptr.device.type == "cpu"
+                and schedules_by_window(backend, causal, window_left, qo_indptr, kv_indptr)
+                and _plan_alone_sets_the_mask(flashinfer.BatchPrefillWithRaggedKVCacheWrapper))
     key = None
-    # FlashInfer's own kernels only: a compiled variant's wrapper is its plan's alone (the CPU model
-    # of FlashInfer binds a variant's host code, values included, to its wrapper); host tables
-    # only (reading device ones would wait for the GPU)
-    if jit_args is None and qo_indptr.device.type == "cpu" and kv_indptr.device.type == "cpu":
+    # FlashInfer's own kernels and shared modules only: a compiled variant's wrapper is its plan's
+    # alone (the CPU model of FlashInfer binds a variant's host code, values included, to its
+    # wrapper); host tables only (reading device ones would wait for the GPU)
+    if (jit_args is None or shared_module) and qo_indptr.device.type == "cpu" and kv_indptr.device.type == "cpu":
         # FlashInfer's plan() copies its tables to the GPU on the stream current then, unsynchronised:
         # a wrapper is shared only with plans made on the same stream, which its run is ordered after
         stream = None
@@ -36,16 +74,19 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
         key = (workspace.data_ptr(), str(workspace.device), stream, backend, tuple(qo_indptr.tolist()),
                tuple(kv_indptr.tolist()), tuple(shape), dtype, bool(causal), int(window_left),
                None if sm_scale is None else float(sm_scale),
-               None if logits_soft_cap is None else float(logits_soft_cap), id(flashinfer))
+               None if logits_soft_cap is None else float(logits_soft_cap), balanced,
+               None if jit_args is None else jit_args[0], id(flashinfer))
         wrapper = _planned.get(key)
         if wrapper is not None:
             return wrapper
     _, _, _, hq, hkv, head_dim = shape
     wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend, jit_args=jit_args)
     # no split-KV: its merge would drop a NaN LSE (nan_merge.py)
-    wrapper.plan(qo_indptr, kv_indptr, hq, hkv, head_dim, causal=causal, window_left=window_left, sm_scale=sm_scale,
-                 logits_soft_cap=logits_soft_cap, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype,
-                 disable_split_kv=True)
+    wrapper.plan(qo_indptr, kv_indptr, hq, hkv, head_dim, causal=causal and not balanced, window_left=window_left,
+                 sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, q_data_type=dtype, kv_data_type=dtype,
+                 o_data_type=dtype, disable_split_kv=True)
+    if balanced:
+        wrapper._causal = True   # scheduled as not causal, run causal (schedules_by_window)
     if key is not None:
         _planned[key] = wrapper
     return wrapper

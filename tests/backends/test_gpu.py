@@ -715,3 +715,36 @@ def test_per_head_windows_replay_in_a_cuda_graph(cuda_gen, Hq, Hkv, monkeypatch)
     ref = flex_attention(*(x.float().transpose(0, 1)[None] for x in (q, k, v)), block_mask=bm, enable_gqa=True,
                          backend="reference")[0].transpose(0, 1)
     assert not torch.isnan(eager).any() and rel_err(eager.float(), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float16, 128)])
+@pytest.mark.parametrize("B,L,window", [(1, 1000, 1), (1, 1000, 64), (2, 777, 129), (1, 2000, 1024), (2, 600, 500)])
+def test_plain_windows_on_the_exact_start_kernel(cuda_gen, monkeypatch, dtype, D, B, L, window):
+    """A plain causal window over the whole sequence runs on the head-window kernel (its window
+    starting at the first visible key tile), planned as not causal where the window is under half
+    the keys and run causal (planning/ragged.py): out and LSE against the dense reference, every
+    query row checked."""
+    import functools
+
+    import flashinfer
+
+    Hq, Hkv = 8, 2
+    planned = []
+    real_plan = flashinfer.BatchPrefillWithRaggedKVCacheWrapper.plan
+
+    @functools.wraps(real_plan)
+    def recording_plan(self, *args, **kwargs):
+        planned.append(kwargs.get("causal"))
+        return real_plan(self, *args, **kwargs)
+
+    monkeypatch.setattr(flashinfer.BatchPrefillWithRaggedKVCacheWrapper, "plan", recording_plan)
+    mask_mod = get_mask_fn("sliding_window", window_size=window)
+    q, k, v = inputs(B, Hq, Hkv, L, L, D, dtype, cuda_gen)
+    bm = create_block_mask(mask_mod, None, None, L, L, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    plan = next(iter(bm._plans.values()))
+    assert isinstance(plan.band_runner, head_windows.HeadWindowRunner) and plan.band_runner.wrapper._causal
+    if planned:   # a wrapper planned here, not one shared from an earlier test's plan
+        assert planned == [2 * window > L]   # planned causal only where the window is over half the keys
+    qi, ki = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
+    check(out, lse, q, k, v, ((ki <= qi) & (qi - ki < window))[None, None], dtype)

@@ -3,6 +3,7 @@ it compiles against (compile/patched_headers.py), on CPU: the patches on a stand
 which per-head plans qualify and their window table, and the launch's wiring with the kernel
 replaced by a float64 model of what the patched kernel computes (each query head its own window,
 base-2 LSE)."""
+import functools
 import math
 import sys
 
@@ -11,7 +12,7 @@ import torch
 
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
-from flex_flash_infer import create_block_mask
+from flex_flash_infer import create_block_mask, get_mask_fn
 from flex_flash_infer.backends import flashinfer_backend, head_windows
 from flex_flash_infer.compile import lean_modules, patched_headers
 from flex_flash_infer.planning.plan import plan_attention
@@ -95,53 +96,42 @@ def test_which_per_head_plans_run_as_one_launch():
     assert plan.route == "bands-per-head" and head_windows.head_window_table(plan.head_bands, 8, 500, 500) is None
 
 
-def _model_kernel(calls):
-    """planned_ragged's stand-in: records each launch and computes what the patched kernel does."""
-    class Wrapper:
-        def __init__(self, qo_indptr, kv_indptr, causal, window_left, jit_args):
-            self.qo, self.kv, self.causal, self.jit_args = qo_indptr, kv_indptr, causal, jit_args
-            calls.append(self)
+def _on_the_model(monkeypatch):
+    """FlashInfer as the CPU model (fake_flashinfer, which computes what the patched kernel does:
+    each query head its own window from the launch's table) on a Hopper whose FlashInfer takes the
+    patches; returns the list of the ragged wrappers planned."""
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim: True)
+    planned = []
+    real_plan = fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper.plan
 
-        def run(self, q, k, v, *args, return_lse=False):
-            names = self.jit_args[7]
-            tensors, scalars = args[:len(names)], args[len(names):]
-            table = tensors[names.index(head_windows.TABLE)]
-            assert names[0] == head_windows.TABLE and tensors[1:] == (None, None, None, None)
-            assert table.dtype == torch.int32 and table.is_contiguous()
-            assert self.jit_args[9][1] == "sm_scale"
-            scale = scalars[1]
-            group = q.shape[1] // k.shape[1]
-            out = torch.zeros(q.shape, dtype=torch.float64)
-            lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float64)
-            for r in range(self.qo.numel() - 1):
-                q0, q1, k0, k1 = (int(x) for x in (self.qo[r], self.qo[r + 1], self.kv[r], self.kv[r + 1]))
-                s = torch.einsum("nhd,khd->hnk", q[q0:q1].double(), k[k0:k1].double().repeat_interleave(group, 1))
-                pos = torch.arange(q1 - q0).view(1, -1, 1) + (k1 - k0) - (q1 - q0)
-                kv = torch.arange(k1 - k0).view(1, 1, -1)
-                keep = (kv <= pos) & (kv >= pos - table.long().view(-1, 1, 1))
-                s = (s * scale).masked_fill(~keep, -math.inf)
-                m = s.amax(-1, keepdim=True).clamp(min=-1e300)
-                p = (s - m).exp()
-                out[q0:q1] = torch.einsum("hnk,khd->nhd", p / p.sum(-1, keepdim=True),
-                                          v[k0:k1].double().repeat_interleave(group, 1))
-                lse[q0:q1] = ((m.squeeze(-1) + p.sum(-1).log()) / math.log(2)).t()   # base 2, as FlashInfer
-            out = out.to(q.dtype)
-            return (out, lse.float()) if return_lse else out
+    @functools.wraps(real_plan)   # the library reads what the real plan() does (ragged._plan_alone_sets_the_mask)
+    def recording_plan(self, *args, **kwargs):
+        planned.append((self, kwargs.get("causal"), kwargs.get("window_left")))
+        return real_plan(self, *args, **kwargs)
 
-    def planned(workspace, backend, qo_indptr, kv_indptr, shape, dtype, causal, window_left, jit_args=None, **_):
-        assert backend == "fa3" and causal and jit_args is not None
-        return Wrapper(qo_indptr, kv_indptr, causal, window_left, jit_args)
-
+    monkeypatch.setattr(fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper, "plan", recording_plan)
     return planned
+
+
+def _inputs(rng, B, Hq, Hkv, L, S, D):
+    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=rng, dtype=torch.float64)
+    return q, k, v
+
+
+def _run(plan, q, k, v, return_lse=True):
+    B, Hq, L, D = q.shape
+    out, lse = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2),
+                        return_lse=return_lse)
+    return out.view(B, L, Hq, D).transpose(1, 2), None if lse is None else lse.view(B, L, Hq).transpose(1, 2)
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,L", [(1, 8, 2, 300), (2, 6, 3, 200)])
 def test_one_launch_for_every_head_matches_the_reference(monkeypatch, rng, B, Hq, Hkv, L):
-    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
-    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
-    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim: True)
-    calls = []
-    monkeypatch.setattr(head_windows, "planned_ragged", _model_kernel(calls))
+    planned = _on_the_model(monkeypatch)
     widths = torch.tensor([1, 40, 0, 130, 77, 299])
 
     def windows(b, h, q, kv):
@@ -151,7 +141,9 @@ def test_one_launch_for_every_head_matches_the_reference(monkeypatch, rng, B, Hq
     D = 16
     bm = create_block_mask(windows, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)   # broadcast over the batch
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
-    assert plan.head_windows is not None and plan.head_band_runs is None and len(calls) == 1
+    assert plan.head_windows is not None and plan.head_band_runs is None and len(planned) == 1
+    wrapper, causal, _ = planned[0]
+    assert wrapper.head_windows and causal   # several widths: FlashInfer's causal schedule kept
     assert plan_route(plan) == "bands-per-head/one-launch"   # the fuzzer counts this route apart
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
@@ -166,3 +158,188 @@ def test_one_launch_for_every_head_matches_the_reference(monkeypatch, rng, B, Hq
     alone, none = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2),
                            return_lse=False)
     assert none is None and torch.equal(alone, out)
+
+
+def _dense(mask_mod, Hq, L, S):
+    qi, ki = torch.arange(L).view(1, -1, 1), torch.arange(S).view(1, 1, -1)
+    return torch.stack([mask_mod(torch.tensor(0), torch.tensor(h), qi[0], ki[0]) for h in range(Hq)])[None].bool()
+
+
+# (B, L, S, mask_mod, balanced): windows narrow and wide against the keys, fewer queries than keys
+# (the window aligned to the last key), a window of one key
+_PLAIN_WINDOWS = [
+    (1, 300, 300, get_mask_fn("sliding_window", window_size=40), True),
+    (2, 200, 200, get_mask_fn("sliding_window", window_size=130), False),   # wider than half the keys
+    (1, 100, 300, lambda b, h, q, kv: (kv <= q + 200) & (q + 200 - kv <= 64), True),
+    (2, 150, 150, get_mask_fn("sliding_window", window_size=1), True),
+]
+
+
+@pytest.mark.parametrize("B,L,S,mask_mod,balanced", _PLAIN_WINDOWS)
+def test_a_plain_window_runs_on_the_exact_start_kernel(monkeypatch, rng, B, L, S, mask_mod, balanced):
+    """A causal window over the whole sequence: one launch of the head-window module, every head
+    the same width, scheduled as not causal where the window is under half the keys and run
+    causal; out and LSE as the dense reference's."""
+    planned = _on_the_model(monkeypatch)
+    Hq, Hkv, D = 4, 2, 16
+    bm = create_block_mask(mask_mod, None, Hq, L, S, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, S, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+    assert plan_route(plan) == "bands/exact-window"
+    assert isinstance(plan.band_runner, head_windows.HeadWindowRunner) and len(planned) == 1
+    wrapper, causal, window_left = planned[0]
+    table = plan.band_runner.table.tolist()
+    assert wrapper.head_windows and len(set(table)) == 1 and table[0] == window_left >= 0
+    assert causal == (not balanced) and wrapper._causal   # planned as not causal, run causal
+    q, k, v = _inputs(rng, B, Hq, Hkv, L, S, D)
+    out, lse = _run(plan, q, k, v)
+    ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, Hq, L, S))
+    assert rel_err(out, ref_out) < 1e-6
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
+    alone, none = _run(plan, q, k, v, return_lse=False)
+    assert none is None and torch.equal(alone, out)
+
+
+def test_a_window_reaching_every_key_stays_on_the_causal_kernel(monkeypatch):
+    _on_the_model(monkeypatch)
+    L = 200
+    bm = create_block_mask(get_mask_fn("sliding_window", window_size=L), None, 4, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, 1, L, L, 4, 2, 16, torch.float64, 0.25, "cpu")
+    assert not isinstance(plan.band_runner, head_windows.HeadWindowRunner)
+
+
+@pytest.mark.parametrize("mask_mod", [get_mask_fn("streaming", sink_size=4, window_size=50),
+                                      get_mask_fn("attamba", window_size=64, chunk_size=32)])
+def test_the_window_beside_key_columns_runs_on_the_exact_start_kernel(monkeypatch, rng, mask_mod):
+    """streaming's sinks and attamba's chunk ends beside the window: the band part on the window
+    kernel, merged with the columns."""
+    _on_the_model(monkeypatch)
+    B, Hq, Hkv, L, D = 2, 4, 2, 260, 16
+    bm = create_block_mask(mask_mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+    assert plan_route(plan).startswith("bands+columns/exact-window")
+    q, k, v = _inputs(rng, B, Hq, Hkv, L, L, D)
+    out, lse = _run(plan, q, k, v)
+    ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, Hq, L, L))
+    assert rel_err(out, ref_out) < 1e-6
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
+
+
+def test_which_window_launches_are_scheduled_as_not_causal():
+    from flex_flash_infer.planning.ragged import schedules_by_window
+
+    def ptr(*lens):
+        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+
+    assert schedules_by_window("fa3", True, 99, ptr(200, 200), ptr(200, 200))
+    assert schedules_by_window("fa3", True, 99, ptr(64), ptr(200))   # fewer queries than keys
+    assert not schedules_by_window("fa3", True, 100, ptr(200), ptr(200))   # 2 * 101 keys > 200
+    assert not schedules_by_window("fa3", True, 10, ptr(200, 100), ptr(200, 100))   # lengths differ
+    assert not schedules_by_window("fa3", True, -1, ptr(200), ptr(200))   # no window
+    assert not schedules_by_window("fa3", False, 10, ptr(200), ptr(200))
+    assert not schedules_by_window("fa2", True, 10, ptr(200), ptr(200))   # fa2 schedules otherwise
+
+
+def test_a_flashinfer_whose_run_reads_the_mask_elsewhere_is_never_balanced(monkeypatch):
+    """The trick rests on run() taking causal from plan()'s self._causal: a wrapper that does not
+    (another FlashInfer) keeps the causal plan."""
+    from flex_flash_infer.planning import ragged
+
+    assert ragged._plan_alone_sets_the_mask(fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper)
+
+    class Other:
+        def plan(self, causal=False):
+            self.mask_mode = causal
+
+        def run(self):
+            return self.mask_mode
+
+    assert not ragged._plan_alone_sets_the_mask(Other)
+    planned = _on_the_model(monkeypatch)
+    indptr = torch.tensor([0, 300], dtype=torch.int32)
+
+    def plan():
+        ragged.planned_ragged(torch.empty(8, dtype=torch.uint8), "fa3", indptr, indptr, (1, 300, 300, 4, 2, 16),
+                              torch.float64, True, 20)
+        return planned[-1][1:]   # (causal, window_left) that plan() was given
+
+    assert plan() == (False, 20)   # this FlashInfer: balanced
+    monkeypatch.setattr(ragged, "_plan_alone_sets_the_mask", lambda wrapper_type: False)
+    assert plan() == (True, 20)
+
+
+def test_plans_of_one_window_share_the_kernel_wrapper(monkeypatch):
+    planned = _on_the_model(monkeypatch)
+    L = 300
+
+    def make():
+        bm = create_block_mask(get_mask_fn("sliding_window", window_size=40), None, 4, L, L, device="cpu",
+                               BLOCK_SIZE=64)
+        return flashinfer_backend.FlashInferPlan(bm, 1, L, L, 4, 2, 16, torch.float64, 0.25, "cpu")
+
+    first, second = make(), make()
+    assert len(planned) == 1 and first.band_runner.wrapper is second.band_runner.wrapper
+
+
+def test_a_window_module_that_does_not_build_falls_back_to_flashinfers_kernels(monkeypatch, rng):
+    """A toolchain that rejects the patched module: said once, and the window runs on FlashInfer's
+    own kernels (the same answer); per-head windows on their head sets."""
+    _on_the_model(monkeypatch)
+    monkeypatch.setattr(head_windows, "_UNBUILT", set())
+    tried = []
+
+    def unbuildable(dtype, head_dim):
+        tried.append(None)
+        raise RuntimeError("Ninja build failed")
+
+    monkeypatch.setattr(head_windows, "_build_module", unbuildable)
+    Hq, Hkv, L, D = 4, 2, 300, 16
+    window = get_mask_fn("sliding_window", window_size=40)
+
+    def make(mask_mod):
+        bm = create_block_mask(mask_mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+        return flashinfer_backend.FlashInferPlan(bm, 1, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+
+    with pytest.warns(RuntimeWarning, match="did not build"):
+        plan = make(window)
+    assert plan_route(plan) == "bands" and len(tried) == 1
+    q, k, v = _inputs(rng, 1, Hq, Hkv, L, L, D)
+    out, _ = _run(plan, q, k, v)
+    assert rel_err(out, dense_attention(q, k, v, _dense(window, Hq, L, L))[0]) < 1e-6
+    widths = torch.tensor([10, 70])
+
+    def per_head(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < widths[h % 2])
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # said once: not again, and not tried again
+        again = make(window)
+        heads = make(per_head)
+    assert len(tried) == 1 and plan_route(again) == "bands"
+    assert heads.head_windows is None and heads.head_band_runs is not None
+    out, _ = _run(heads, q, k, v)
+    assert rel_err(out, dense_attention(q, k, v, _dense(per_head, Hq, L, L))[0]) < 1e-6
+
+
+def test_only_the_modules_build_errors_turn_the_kernel_off(monkeypatch):
+    """Out of memory, or a plan that fails, while the window kernel's runner is made: raised as it
+    comes, and the next plan tries the kernel again."""
+    _on_the_model(monkeypatch)
+    monkeypatch.setattr(head_windows, "_UNBUILT", set())
+    L = 300
+    bm = create_block_mask(get_mask_fn("sliding_window", window_size=40), None, 4, L, L, device="cpu", BLOCK_SIZE=64)
+
+    def make():
+        return flashinfer_backend.FlashInferPlan(bm, 1, L, L, 4, 2, 16, torch.float64, 0.25, "cpu")
+
+    real = head_windows.HeadWindowRunner
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("plan failed")):
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(head_windows, "HeadWindowRunner", failing)
+        with pytest.raises(type(error)):
+            make()
+    monkeypatch.setattr(head_windows, "HeadWindowRunner", real)
+    assert not head_windows._UNBUILT and isinstance(make().band_runner, head_windows.HeadWindowRunner)

@@ -54,7 +54,8 @@ def patched(switches: dict, cpu_model: bool, hopper: bool = True):
             patch.setattr(_module(module), name, value)
         if cpu_model:
             import fake_flashinfer
-            from flex_flash_infer.backends import backend_choice, flashinfer_backend, score_mod_kernels, tile_kernels
+            from flex_flash_infer.backends import (backend_choice, flashinfer_backend, head_windows, score_mod_kernels,
+                                                   tile_kernels)
             from flex_flash_infer import paged, varlen
 
             patch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
@@ -64,6 +65,9 @@ def patched(switches: dict, cpu_model: bool, hopper: bool = True):
             def scale_only(device, dtype, head_dim, head_dim_v, scale=None):
                 return flashinfer_backend.scale_reason(scale)
             patch.setattr(backend_choice, "unsupported_reason", scale_only)
+            # the patched window kernel as on a Hopper GPU whose FlashInfer takes the patches (the
+            # model computes what it does: fake_flashinfer's head-window module)
+            patch.setattr(head_windows, "available", lambda device, dtype, head_dim, _h=hopper: _h)
             patch.setattr(paged, "unsupported_reason", scale_only)
             fake_flashinfer.register_paged_variants(patch, tile_kernels)
             fake_flashinfer.register_band_variants(patch, score_mod_kernels)

@@ -14,6 +14,8 @@ def plan_route(plan) -> str:
             route += "/score-mod" + ("" if getattr(runner, "hopper", True) else "-fa2")
         elif kind == "FarSplitBands":
             route += "/far-split"
+        elif kind == "HeadWindowRunner":   # a plain window on the exact-start kernel (head_windows.py)
+            route += "/exact-window"
         elif getattr(runner, "soft_cap", None):
             route += "/soft-cap"
         elif getattr(runner, "ragged", None) is not None:
