@@ -11,7 +11,8 @@ which each query head's window comes from a table the launch passes (compile/pat
 The same kernel runs a plain causal window over the whole sequence (every head the same width):
 its window starts at the first key tile it sees, where FlashInfer's starts one all-masked tile
 early, and a launch of one width under half the keys is scheduled as balanced (planning/ragged.py,
-schedules_by_window). docs/benchmarks.md has what each measured.
+schedules_by_window). Streaming's sinks go in the same launch (ffi_sink_len), where they were
+attended and merged by a second kernel. docs/benchmarks.md has what each measured.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ import torch
 
 from ..compile import lean_modules, patched_headers
 from ..planning.bands import Band, plain_band_launch
+from ..planning.columns import column_prefix_counts
 from ..planning.ragged import planned_ragged
 
 TABLE = "ffi_head_window_left"
+SINKS = "ffi_sink_len"   # the scalar: how many keys at the start every later query sees (streaming's sinks)
 _VARIANT = "DefaultAttention<false>"
 _DECL = "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS["head_windows"] + "\n"
 
@@ -58,6 +61,24 @@ def uniform_window_table(bands, num_qo_heads: int, q_len: int, kv_len: int) -> l
     return [band.window_left] * num_qo_heads
 
 
+def sink_length(bands, columns, q_len: int, kv_len: int) -> int | None:
+    """s when a window plan's key columns are streaming's sinks: the first s keys, each seen by
+    every query at or after it beyond the window (the columns' per-row counts say exactly that),
+    so one launch of the window kernel with ffi_sink_len s computes the mask; else None."""
+    if columns is None or uniform_window_table(bands, 1, q_len, kv_len) is None:
+        return None
+    positions = columns.positions.cpu()
+    s = positions.numel()
+    if s == 0 or not torch.equal(positions.long(), torch.arange(s)):
+        return None
+    counts = columns.counts   # made for the merge kernel; else counted here (None: not a prefix per row)
+    if counts is None:
+        counts = column_prefix_counts(columns.mask_mod, q_len, s, positions.device)
+    # the columns' mask leaves out what the band covers: row q sees sink c when c < q - window_left
+    expected = (torch.arange(q_len) - bands[0].window_left).clamp(0, s)
+    return s if counts is not None and torch.equal(counts.cpu().long(), expected) else None
+
+
 def available(device, dtype, head_dim: int) -> bool:
     """Hopper (the caller checks), 16-bit, a head_dim the fa3 kernels take, and FlashInfer's headers
     here take the patches."""
@@ -70,8 +91,8 @@ def available(device, dtype, head_dim: int) -> bool:
 # more than 0.7's would shift the Nones after it into the scalars: a type error, never a silent swap)
 _TENSORS = ([TABLE, "maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr", "maybe_scale_v"],
             ["int32_t", "uint32_t", "uint16_t", "uint16_t", "float"])
-_SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
-            ["double", "double", "double", "int64_t"])
+_SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len", SINKS],
+            ["double", "double", "double", "int64_t", "int64_t"])
 
 
 def jit_args(dtype, head_dim: int) -> list:
@@ -91,7 +112,9 @@ class HeadWindowRunner:
     their last step's values from key tile 0 (hopper/sparse_mainloop.cuh), harmless where
     FlashInfer's window starts one all-masked tile early, wrong with the exact start."""
 
-    def __init__(self, table: list[int], shape, dtype, scale: float, workspace):
+    def __init__(self, table: list[int], shape, dtype, scale: float, workspace, sink_len: int = 0):
+        """sink_len: the first keys every query at or after them sees besides its window (streaming's
+        sinks, sink_length()), in the same launch."""
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         widest = max(table)
         launch = plain_band_launch([Band(0, q_len, 0, kv_len, True, widest)], batch, q_len, kv_len, windowed=True)
@@ -103,11 +126,12 @@ class HeadWindowRunner:
                                       shared_module=True)
         self.table = torch.tensor(table, dtype=torch.int32, device=workspace.device)
         self.scale = float(scale)
+        self.sink_len = int(sink_len)
 
     def run(self, q, k, v, return_lse: bool = True):
         """q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
         return self.wrapper.run(q, k.flatten(0, 1), v.flatten(0, 1), self.table, None, None, None, None,
-                                0.0, self.scale, 1.0, 0, return_lse=return_lse)
+                                0.0, self.scale, 1.0, 0, self.sink_len, return_lse=return_lse)
 
 
 _UNBUILT = set()   # (dtype, head_dim) whose module failed to build here: FlashInfer's kernels instead
@@ -124,7 +148,7 @@ def _build_module(dtype, head_dim: int) -> None:
         get("fa3", *jit_args(dtype, head_dim))
 
 
-def built_runner(table: list[int], shape, dtype, scale: float, workspace):
+def built_runner(table: list[int], shape, dtype, scale: float, workspace, sink_len: int = 0):
     """A HeadWindowRunner, or None when its module does not build on this machine (no toolchain,
     or one that rejects the patched headers): said once, and the caller runs FlashInfer's own
     kernels, which compute the same thing more slowly. Only the build's own errors count: any
@@ -144,4 +168,4 @@ def built_runner(table: list[int], shape, dtype, scale: float, workspace):
                       f"{dtype}, head_dim {head_dim}) did not build, so windows run on FlashInfer's own "
                       f"kernels: {str(e)[:500]}", RuntimeWarning, stacklevel=2)
         return None
-    return HeadWindowRunner(table, shape, dtype, scale, workspace)
+    return HeadWindowRunner(table, shape, dtype, scale, workspace, sink_len)

@@ -224,6 +224,43 @@ def test_the_window_beside_key_columns_runs_on_the_exact_start_kernel(monkeypatc
     assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
 
 
+def _later_sinks(b, h, q, kv):   # sinks seen only from row 150 on: not streaming's
+    return (kv <= q) & ((q - kv < 50) | ((kv < 4) & (q >= 150)))
+
+
+# (mask_mod, sinks in the launch): streaming's sinks, narrow and wider than a key tile; attamba's
+# chunk ends and sinks seen only by later rows stay columns merged after the launch
+_COLUMNS = [(get_mask_fn("streaming", sink_size=4, window_size=50), 4),
+            (get_mask_fn("streaming", sink_size=100, window_size=20), 100),
+            (get_mask_fn("attamba", window_size=64, chunk_size=32), None),
+            (_later_sinks, None)]
+
+
+@pytest.mark.parametrize("merge_kernel", [True, False])
+@pytest.mark.parametrize("mask_mod,sinks", _COLUMNS)
+def test_streaming_sinks_run_in_the_window_launch(monkeypatch, rng, mask_mod, sinks, merge_kernel):
+    """Streaming's sinks go into the window kernel's one launch (its ffi_sink_len): no columns
+    left to merge; other key columns keep the merge. With or without the merge kernel here (whose
+    plan counts each row's columns: without it they are counted for the sinks)."""
+    from flex_flash_infer.backends import column_merge
+
+    planned = _on_the_model(monkeypatch)
+    monkeypatch.setattr(column_merge, "kernel_available", lambda device, head_dim: merge_kernel)
+    B, Hq, Hkv, L, D = 2, 4, 2, 300, 16
+    bm = create_block_mask(mask_mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+    assert plan.route == "bands+columns" and isinstance(plan.band_runner, head_windows.HeadWindowRunner)
+    assert plan.sinks_in_launch == (sinks is not None) and plan.band_runner.sink_len == (sinks or 0)
+    assert plan.has_columns == (sinks is None) and len(planned) == 1   # one ragged launch: the window
+    q, k, v = _inputs(rng, B, Hq, Hkv, L, L, D)
+    out, lse = _run(plan, q, k, v)
+    ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, Hq, L, L))
+    assert rel_err(out, ref_out) < 1e-6
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
+    alone, _ = _run(plan, q, k, v, return_lse=False)
+    assert rel_err(alone, ref_out) < 1e-6
+
+
 def test_which_window_launches_are_scheduled_as_not_causal():
     from flex_flash_infer.planning.ragged import schedules_by_window
 
