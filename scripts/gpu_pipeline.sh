@@ -100,7 +100,8 @@ case "${1:-}" in
           tail -n 6 $run_dir/gpu_suite.log ;;
         tests-k)
           # the GPU tests whose names match TESTS_K alone (a change's own tests, when the suite's compiles do not fit)
-          python3 -m pytest -v -m gpu tests/ -rfE -k "${TESTS_K:?set TESTS_K}" -p no:cacheprovider \
+          # bounded: a patched kernel whose loads and steps fell out of step would hang
+          timeout 900 python3 -m pytest -v -m gpu tests/ -rfE -k "${TESTS_K:?set TESTS_K}" -p no:cacheprovider \
             >$run_dir/gpu_tests_k.log 2>&1; tail -n 15 $run_dir/gpu_tests_k.log ;;
         examples)
           for f in examples/*.py; do echo "--- $f"; python3 "$f" 2>&1 | grep --line-buffered -v "INFO\|arning" | tail -n 4; \

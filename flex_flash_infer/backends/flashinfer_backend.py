@@ -235,8 +235,9 @@ class FlashInferPlan:
         # a causal window over the whole sequence on Hopper: the window kernel that starts at its
         # first visible key tile, balanced (head_windows.py); streaming's sinks in its launch
         window_runner, sinks = None, None
-        if plan.band_kernel == "plain" and hopper and head_windows.available(device, dtype, head_dim) and (
-                table := head_windows.uniform_window_table(self.bands, num_qo_heads, q_len, kv_len)) is not None:
+        if plan.band_kernel == "plain" and hopper and (
+                table := head_windows.uniform_window_table(self.bands, num_qo_heads, q_len, kv_len)) is not None and (
+                head_windows.available(device, dtype, head_dim)):
             sinks = head_windows.sink_length(self.bands, plan.columns, q_len, kv_len)
             window_runner = head_windows.built_runner(table, self.shape, dtype, scale, workspace, sinks or 0)
         self.sinks_in_launch = window_runner is not None and sinks is not None

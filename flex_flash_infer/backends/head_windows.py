@@ -67,13 +67,12 @@ def sink_length(bands, columns, q_len: int, kv_len: int) -> int | None:
     so one launch of the window kernel with ffi_sink_len s computes the mask; else None."""
     if columns is None or uniform_window_table(bands, 1, q_len, kv_len) is None:
         return None
-    positions = columns.positions.cpu()
-    s = positions.numel()
-    if s == 0 or not torch.equal(positions.long(), torch.arange(s)):
+    s = columns.positions.numel()
+    if s == 0 or not torch.equal(columns.positions.cpu().long(), torch.arange(s)):
         return None
-    counts = columns.counts   # made for the merge kernel; else counted here (None: not a prefix per row)
-    if counts is None:
-        counts = column_prefix_counts(columns.mask_mod, q_len, s, positions.device)
+    counts = columns.counts   # made for the merge kernel; else counted here (None: not a prefix per row),
+    if counts is None:        # where the mask's captured tensors are
+        counts = column_prefix_counts(columns.mask_mod, q_len, s, columns.positions.device)
     # the columns' mask leaves out what the band covers: row q sees sink c when c < q - window_left
     expected = (torch.arange(q_len) - bands[0].window_left).clamp(0, s)
     return s if counts is not None and torch.equal(counts.cpu().long(), expected) else None
