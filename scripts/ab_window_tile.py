@@ -40,7 +40,7 @@ def ragged_call(q, k, v, window: int, exact: bool, balanced: bool):
     wrapper = planned_ragged(default_workspace(q.device), "fa3", indptr, indptr, shape, q.dtype, True, window - 1,
                              jit_args=head_windows.jit_args(q.dtype, D), balance_window=balanced)
     table = torch.full((hq,), window - 1, dtype=torch.int32, device=q.device)
-    return lambda: wrapper.run(q, k, v, table, None, None, None, None, 0.0, scale, 1.0, 0, 0)   # no sinks
+    return lambda: wrapper.run(q, k, v, table, None, None, None, None, 0.0, scale, 1.0, 0)
 
 
 def single_call(q, k, v, window: int):

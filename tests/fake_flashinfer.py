@@ -297,9 +297,11 @@ class BatchPrefillWithRaggedKVCacheWrapper:
             assert table.dtype == torch.int32 and table.shape == (q.shape[1],) and table.is_contiguous()
             assert all(t is None for t in unfilled), "FlashInfer's own optional tensors: None"
             assert variant_args[5] == 0.0 and variant_args[7] == 1.0, "no soft cap, no value scale"
-            assert len(variant_args) == 10, "the table, four optional tensors, five scalars (the sinks last)"
+            # the scalars the module declares, in order (the sinks' module: the sink count last)
+            sinks = "ffi_sink_len" in self.jit_args[9]
+            assert len(variant_args) == 5 + len(self.jit_args[9]) == 9 + sinks, "the module's tensors and scalars"
             scale = kernel_scale(variant_args[6], q.shape[-1])
-            sink_len = int(variant_args[9])
+            sink_len = int(variant_args[9]) if sinks else 0
             # the module is generated with its window on (jit_args' last): the kernel reads the
             # table whatever window_left the launch was planned with
             window_left = (table.cpu().long(), sink_len)

@@ -28,7 +28,14 @@ from ..planning.ragged import planned_ragged
 TABLE = "ffi_head_window_left"
 SINKS = "ffi_sink_len"   # the scalar: how many keys at the start every later query sees (streaming's sinks)
 _VARIANT = "DefaultAttention<false>"
-_DECL = "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS["head_windows"] + "\n"
+
+# the windows' module, and the same with streaming's sinks (patched_headers: a module of its own)
+def _patch_set(sinks: bool) -> str:
+    return "window_sinks" if sinks else "head_windows"
+
+
+def _decl(sinks: bool) -> str:
+    return "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS[_patch_set(sinks)] + "\n"
 
 
 def head_window_table(head_bands, num_qo_heads: int, q_len: int, kv_len: int) -> list[int] | None:
@@ -78,11 +85,11 @@ def sink_length(bands, columns, q_len: int, kv_len: int) -> int | None:
     return s if counts is not None and torch.equal(counts.cpu().long(), expected) else None
 
 
-def available(device, dtype, head_dim: int) -> bool:
+def available(device, dtype, head_dim: int, sinks: bool = False) -> bool:
     """Hopper (the caller checks), 16-bit, a head_dim the fa3 kernels take, and FlashInfer's headers
-    here take the patches."""
+    here take the patches (the sinks' too, with sinks)."""
     return (dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128, 256)
-            and patched_headers.include_root("head_windows") is not None)
+            and patched_headers.include_root(_patch_set(sinks)) is not None)
 
 
 # the module's parameters: the window table first, so that it takes run()'s first extra argument
@@ -90,19 +97,22 @@ def available(device, dtype, head_dim: int) -> bool:
 # more than 0.7's would shift the Nones after it into the scalars: a type error, never a silent swap)
 _TENSORS = ([TABLE, "maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr", "maybe_scale_v"],
             ["int32_t", "uint32_t", "uint16_t", "uint16_t", "float"])
-_SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len", SINKS],
-            ["double", "double", "double", "int64_t", "int64_t"])
+_SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
+            ["double", "double", "double", "int64_t"])
+_SINK_SCALARS = (_SCALARS[0] + [SINKS], _SCALARS[1] + ["int64_t"])
 
 
-def jit_args(dtype, head_dim: int) -> list:
+def jit_args(dtype, head_dim: int, sinks: bool = False) -> list:
     """FlashInfer's gen_customize_batch_prefill_module arguments: its fa3 DefaultAttention with
-    the parameters FlashInfer gives it, and the window table. The module's name hashes its code,
-    parameters and patches: a changed one never loads a stale build."""
+    the parameters FlashInfer gives it, and the window table (and with sinks, the sink count).
+    The module's name hashes its code, parameters and patches: a changed one never loads a stale
+    build."""
     lean_modules.install()
-    code = hashlib.sha256(repr((_DECL, _TENSORS, _SCALARS, patched_headers.patch_hash("head_windows"))).encode()
+    decl, scalars = _decl(sinks), _SINK_SCALARS if sinks else _SCALARS
+    code = hashlib.sha256(repr((decl, _TENSORS, scalars, patched_headers.patch_hash(_patch_set(sinks)))).encode()
                           ).hexdigest()[:16]
-    uri = f"ffi_headwin_{code}_{str(dtype).split('.')[-1]}_d{head_dim}"
-    return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim, *_TENSORS, *_SCALARS, _VARIANT, _DECL, 0, True]
+    uri = f"ffi_{'sinkwin' if sinks else 'headwin'}_{code}_{str(dtype).split('.')[-1]}_d{head_dim}"
+    return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim, *_TENSORS, *scalars, _VARIANT, decl, 0, True]
 
 
 class HeadWindowRunner:
@@ -113,7 +123,7 @@ class HeadWindowRunner:
 
     def __init__(self, table: list[int], shape, dtype, scale: float, workspace, sink_len: int = 0):
         """sink_len: the first keys every query at or after them sees besides its window (streaming's
-        sinks, sink_length()), in the same launch."""
+        sinks, sink_length()), in the same launch (the sinks' module)."""
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         widest = max(table)
         launch = plain_band_launch([Band(0, q_len, 0, kv_len, True, widest)], batch, q_len, kv_len, windowed=True)
@@ -121,22 +131,27 @@ class HeadWindowRunner:
         # one width for every head: scheduled as balanced where FlashInfer's plan would price the
         # tiles as causal; several widths cost differently by head, which keeps the causal price
         self.wrapper = planned_ragged(workspace, "fa3", launch.qo_indptr, launch.kv_indptr, shape, dtype, True,
-                                      widest, jit_args=jit_args(dtype, head_dim), balance_window=len(set(table)) == 1,
+                                      widest, jit_args=jit_args(dtype, head_dim, sink_len > 0),
+                                      balance_window=len(set(table)) == 1,
                                       shared_module=True)
         self.table = torch.tensor(table, dtype=torch.int32, device=workspace.device)
         self.scale = float(scale)
-        self.sink_len = int(sink_len)
+        self.sinks = (int(sink_len),) if sink_len > 0 else ()   # the sinks' module's last scalar
 
     def run(self, q, k, v, return_lse: bool = True):
         """q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
         return self.wrapper.run(q, k.flatten(0, 1), v.flatten(0, 1), self.table, None, None, None, None,
-                                0.0, self.scale, 1.0, 0, self.sink_len, return_lse=return_lse)
+                                0.0, self.scale, 1.0, 0, *self.sinks, return_lse=return_lse)
+
+    @property
+    def sink_len(self) -> int:
+        return self.sinks[0] if self.sinks else 0
 
 
-_UNBUILT = set()   # (dtype, head_dim) whose module failed to build here: FlashInfer's kernels instead
+_UNBUILT = set()   # (dtype, head_dim, sinks) whose module failed to build here: FlashInfer's kernels instead
 
 
-def _build_module(dtype, head_dim: int) -> None:
+def _build_module(dtype, head_dim: int, sinks: bool = False) -> None:
     """FlashInfer's build (or load) of the module alone, as its wrapper asks for it (FlashInfer
     caches it: the wrapper then finds it built). A FlashInfer without that getter builds it in the
     wrapper instead."""
@@ -144,7 +159,7 @@ def _build_module(dtype, head_dim: int) -> None:
 
     get = getattr(getattr(flashinfer, "prefill", None), "get_customize_batch_prefill_module", None)
     if get is not None:
-        get("fa3", *jit_args(dtype, head_dim))
+        get("fa3", *jit_args(dtype, head_dim, sinks))
 
 
 def built_runner(table: list[int], shape, dtype, scale: float, workspace, sink_len: int = 0):
@@ -153,18 +168,20 @@ def built_runner(table: list[int], shape, dtype, scale: float, workspace, sink_l
     kernels, which compute the same thing more slowly. Only the build's own errors count: any
     other (out of memory, a plan that fails) is raised as it comes."""
     head_dim = shape[-1]
-    if (dtype, head_dim) in _UNBUILT:
+    key = (dtype, head_dim, sink_len > 0)
+    if key in _UNBUILT:
         return None
     try:
-        _build_module(dtype, head_dim)
+        _build_module(*key)
     except RuntimeError as e:
         if isinstance(e, torch.OutOfMemoryError):
             raise
         import warnings
 
-        _UNBUILT.add((dtype, head_dim))
+        _UNBUILT.add(key)
         warnings.warn(f"flex_flash_infer: the window kernel's module (FlashInfer's headers patched, "
-                      f"{dtype}, head_dim {head_dim}) did not build, so windows run on FlashInfer's own "
+                      f"{dtype}, head_dim {head_dim}{', sinks' if key[2] else ''}) did not build, so these "
+                      f"windows run on FlashInfer's own "
                       f"kernels: {str(e)[:500]}", RuntimeWarning, stacklevel=2)
         return None
     return HeadWindowRunner(table, shape, dtype, scale, workspace, sink_len)

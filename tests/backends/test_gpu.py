@@ -125,7 +125,7 @@ def test_per_head_windows_called_on_any_stream_and_replayed(cuda_gen, monkeypatc
     the path where FlashInfer's headers do not take the one-launch patches): called on a stream of
     the caller's own, with and without LSE (each output checked: a set still running when the
     caller reads the output would show), and captured into a CUDA graph and replayed on new inputs."""
-    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim: False)
+    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim, sinks=False: False)
     H, Hkv, L, D, dtype = 16, 4, 1000, 128, torch.bfloat16
     widths = torch.tensor([64, 128, 300, 700])
 
@@ -680,7 +680,7 @@ def test_per_head_windows_replay_in_a_cuda_graph(cuda_gen, Hq, Hkv, monkeypatch)
     captured ones equals an eager call, which matches the reference. 32/8 heads with a window by
     h % 4: each group's key heads evenly spaced (views); 24/6 with a window by h % 6: a group's key
     heads 0, 1, 3, 4 are gathered before the fork."""
-    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim: False)
+    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim, sinks=False: False)
     L, D, dtype = 1024, 128, torch.bfloat16
     widths = torch.tensor([64, 128, 256, 512] if Hq == 32 else [64, 128, 256, 512, 96, 1024], device="cuda")
 

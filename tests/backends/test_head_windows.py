@@ -102,7 +102,7 @@ def _on_the_model(monkeypatch):
     patches; returns the list of the ragged wrappers planned."""
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
-    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim: True)
+    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim, sinks=False: True)
     planned = []
     real_plan = fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper.plan
 
@@ -252,6 +252,8 @@ def test_streaming_sinks_run_in_the_window_launch(monkeypatch, rng, mask_mod, si
     assert plan.route == "bands+columns" and isinstance(plan.band_runner, head_windows.HeadWindowRunner)
     assert plan.sinks_in_launch == (sinks is not None) and plan.band_runner.sink_len == (sinks or 0)
     assert plan.has_columns == (sinks is None) and len(planned) == 1   # one ragged launch: the window
+    # the sinks' module only with sinks: in the windows' own they cost plain windows 3-4%
+    assert planned[0][0].jit_args[0].startswith("ffi_sinkwin_" if sinks else "ffi_headwin_")
     q, k, v = _inputs(rng, B, Hq, Hkv, L, L, D)
     out, lse = _run(plan, q, k, v)
     ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, Hq, L, L))
@@ -324,7 +326,7 @@ def test_a_window_module_that_does_not_build_falls_back_to_flashinfers_kernels(m
     monkeypatch.setattr(head_windows, "_UNBUILT", set())
     tried = []
 
-    def unbuildable(dtype, head_dim):
+    def unbuildable(dtype, head_dim, sinks=False):
         tried.append(None)
         raise RuntimeError("Ninja build failed")
 
@@ -380,3 +382,28 @@ def test_only_the_modules_build_errors_turn_the_kernel_off(monkeypatch):
             make()
     monkeypatch.setattr(head_windows, "HeadWindowRunner", real)
     assert not head_windows._UNBUILT and isinstance(make().band_runner, head_windows.HeadWindowRunner)
+
+
+def test_sinks_whose_module_does_not_build_keep_the_window_kernel(monkeypatch, rng):
+    """The sinks' module refused here (the windows' builds): streaming runs its window on the
+    window kernel and merges its sinks after it, as before the sinks had a module."""
+    planned = _on_the_model(monkeypatch)
+    monkeypatch.setattr(head_windows, "_UNBUILT", set())
+    real = head_windows._build_module
+
+    def no_sinks(dtype, head_dim, sinks=False):
+        if sinks:
+            raise RuntimeError("Ninja build failed")
+        return real(dtype, head_dim, sinks)
+
+    monkeypatch.setattr(head_windows, "_build_module", no_sinks)
+    mask_mod = get_mask_fn("streaming", sink_size=4, window_size=50)
+    Hq, Hkv, L, D = 4, 2, 300, 16
+    bm = create_block_mask(mask_mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+    with pytest.warns(RuntimeWarning, match="sinks"):
+        plan = flashinfer_backend.FlashInferPlan(bm, 1, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+    assert not plan.sinks_in_launch and plan.has_columns and plan.band_runner.sink_len == 0
+    assert planned[-1][0].jit_args[0].startswith("ffi_headwin_")
+    q, k, v = _inputs(rng, 1, Hq, Hkv, L, L, D)
+    out, _ = _run(plan, q, k, v)
+    assert rel_err(out, dense_attention(q, k, v, _dense(mask_mod, Hq, L, L))[0]) < 1e-6
