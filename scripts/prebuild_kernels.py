@@ -166,10 +166,10 @@ def module_specs(dtypes, head_dims, kinds) -> list:
         from flex_flash_infer.backends import head_windows
         from flex_flash_infer.compile import patched_headers
 
-        if patched_headers.include_root("window_sinks") is not None:   # the windows' module and the sinks'
-            for dtype in dtypes:
-                for hd in head_dims:
-                    for sinks in (False, True):
+        for sinks in (False, True):   # the windows' module and the sinks', each where its patches fit
+            if patched_headers.include_root("window_sinks" if sinks else "head_windows") is not None:
+                for dtype in dtypes:
+                    for hd in head_dims:
                         ask(prefill.get_customize_batch_prefill_module, "fa3", *head_windows.jit_args(dtype, hd, sinks))
         for dtype in dtypes:
             for hd in head_dims:

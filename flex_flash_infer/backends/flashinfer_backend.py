@@ -238,8 +238,9 @@ class FlashInferPlan:
         if plan.band_kernel == "plain" and hopper and (
                 table := head_windows.uniform_window_table(self.bands, num_qo_heads, q_len, kv_len)) is not None and (
                 head_windows.available(device, dtype, head_dim)):
-            sinks = (head_windows.sink_length(self.bands, plan.columns, q_len, kv_len)
-                     if head_windows.available(device, dtype, head_dim, sinks=True) else None)
+            sinks = head_windows.sink_length(self.bands, plan.columns, q_len, kv_len)
+            if sinks is not None and not head_windows.available(device, dtype, head_dim, sinks=True):
+                sinks = None
             window_runner = head_windows.built_runner(table, self.shape, dtype, scale, workspace, sinks or 0)
             if window_runner is None and sinks:   # the sinks' module did not build: the windows' may
                 sinks, window_runner = None, head_windows.built_runner(table, self.shape, dtype, scale, workspace)

@@ -179,9 +179,10 @@ def built_runner(table: list[int], shape, dtype, scale: float, workspace, sink_l
         import warnings
 
         _UNBUILT.add(key)
+        instead = ("streaming's sinks are merged after the window kernel" if key[2]
+                   else "windows run on FlashInfer's own kernels")
         warnings.warn(f"flex_flash_infer: the window kernel's module (FlashInfer's headers patched, "
-                      f"{dtype}, head_dim {head_dim}{', sinks' if key[2] else ''}) did not build, so these "
-                      f"windows run on FlashInfer's own "
-                      f"kernels: {str(e)[:500]}", RuntimeWarning, stacklevel=2)
+                      f"{dtype}, head_dim {head_dim}{', with sinks' if key[2] else ''}) did not build, so "
+                      f"{instead}: {str(e)[:500]}", RuntimeWarning, stacklevel=2)
         return None
     return HeadWindowRunner(table, shape, dtype, scale, workspace, sink_len)

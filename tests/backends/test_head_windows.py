@@ -407,3 +407,12 @@ def test_sinks_whose_module_does_not_build_keep_the_window_kernel(monkeypatch, r
     q, k, v = _inputs(rng, 1, Hq, Hkv, L, L, D)
     out, _ = _run(plan, q, k, v)
     assert rel_err(out, dense_attention(q, k, v, _dense(mask_mod, Hq, L, L))[0]) < 1e-6
+
+
+def test_the_windows_module_is_the_one_prebuilt_and_measured():
+    """The windows' module name hashes its code and patches: a change here makes every machine
+    build it again and leaves its GPU measurements (docs/benchmarks.md) for another kernel. The
+    sinks' module is apart (its logic cost plain windows 3-4% in the windows' module)."""
+    assert head_windows.jit_args(torch.bfloat16, 128)[0] == "ffi_headwin_05b4838ac725c327_bfloat16_d128"
+    sinks = head_windows.jit_args(torch.bfloat16, 128, sinks=True)
+    assert sinks[0].startswith("ffi_sinkwin_") and sinks[9][-1] == head_windows.SINKS
