@@ -21,8 +21,6 @@
 #   bench-8k, bench-32k, bench-8k-d64, bench-32k-d64  python -m flex_flash_infer bench at 8192 / 32768
 #                tokens, head_dim 128 / 64 (JSON in the run dir); profile-8k the same with --profile;
 #                profile-leads only the rows slower in the bench than alone
-#   one-launch   scripts/ab_one_launch.py: streaming's sinks, and prefix-LM, each in one launch of a patched
-#                kernel, against our route
 #   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
 #   window-tile  scripts/ab_window_tile.py: a plain window as a 2 x 2 (FlashInfer's window kernel or the
 #                head-window module's exact start, by FlashInfer's causal schedule or balanced), beside
@@ -102,7 +100,8 @@ case "${1:-}" in
           tail -n 6 $run_dir/gpu_suite.log ;;
         tests-k)
           # the GPU tests whose names match TESTS_K alone (a change's own tests, when the suite's compiles do not fit)
-          python3 -m pytest -v -m gpu tests/ -rfE -k "${TESTS_K:?set TESTS_K}" -p no:cacheprovider \
+          # bounded: a patched kernel whose loads and steps fell out of step would hang
+          timeout 900 python3 -m pytest -v -m gpu tests/ -rfE -k "${TESTS_K:?set TESTS_K}" -p no:cacheprovider \
             >$run_dir/gpu_tests_k.log 2>&1; tail -n 15 $run_dir/gpu_tests_k.log ;;
         examples)
           for f in examples/*.py; do echo "--- $f"; python3 "$f" 2>&1 | grep --line-buffered -v "INFO\|arning" | tail -n 4; \
@@ -141,10 +140,6 @@ case "${1:-}" in
         window-tile)   # a plain window's kernel by schedule, 2 x 2 (scripts/ab_window_tile.py)
           python3 scripts/ab_window_tile.py $run_dir/window-tile.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/window-tile.log; tail -n 20 $run_dir/window-tile.log ;;
-        one-launch)   # streaming's sinks and prefix-LM in one launch of patched kernels (scripts/ab_one_launch.py):
-          # kernels that have never run, so bounded (a producer and consumer out of step would hang)
-          timeout 480 python3 scripts/ab_one_launch.py $run_dir/one-launch.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
-            >$run_dir/one-launch.log; tail -n 30 $run_dir/one-launch.log ;;
         peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
           python3 scripts/peer_timing.py $run_dir/peer-timing.json >$run_dir/peer-timing.log 2>&1
           tail -n 12 $run_dir/peer-timing.log ;;

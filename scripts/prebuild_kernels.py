@@ -166,10 +166,11 @@ def module_specs(dtypes, head_dims, kinds) -> list:
         from flex_flash_infer.backends import head_windows
         from flex_flash_infer.compile import patched_headers
 
-        if patched_headers.include_root("head_windows") is not None:
-            for dtype in dtypes:
-                for hd in head_dims:
-                    ask(prefill.get_customize_batch_prefill_module, "fa3", *head_windows.jit_args(dtype, hd))
+        for sinks in (False, True):   # the windows' module and the sinks', each where its patches fit
+            if patched_headers.include_root("window_sinks" if sinks else "head_windows") is not None:
+                for dtype in dtypes:
+                    for hd in head_dims:
+                        ask(prefill.get_customize_batch_prefill_module, "fa3", *head_windows.jit_args(dtype, hd, sinks))
         for dtype in dtypes:
             for hd in head_dims:
                 for backend, args in custom_jit_args(kinds, dtype, hd):

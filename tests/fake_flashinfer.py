@@ -297,10 +297,14 @@ class BatchPrefillWithRaggedKVCacheWrapper:
             assert table.dtype == torch.int32 and table.shape == (q.shape[1],) and table.is_contiguous()
             assert all(t is None for t in unfilled), "FlashInfer's own optional tensors: None"
             assert variant_args[5] == 0.0 and variant_args[7] == 1.0, "no soft cap, no value scale"
+            # the scalars the module declares, in order (the sinks' module: the sink count last)
+            sinks = "ffi_sink_len" in self.jit_args[9]
+            assert len(variant_args) == 5 + len(self.jit_args[9]) == 9 + sinks, "the module's tensors and scalars"
             scale = kernel_scale(variant_args[6], q.shape[-1])
+            sink_len = int(variant_args[9]) if sinks else 0
             # the module is generated with its window on (jit_args' last): the kernel reads the
             # table whatever window_left the launch was planned with
-            window_left = table.cpu().long()
+            window_left = (table.cpu().long(), sink_len)
         # what the real kernels read of a caller's buffers: the LSE by its pointer alone (a
         # contiguous [rows, heads]); the output by its strides on fa3 (o_stride_n, o_stride_h),
         # contiguous on fa2
@@ -340,7 +344,8 @@ class BatchPrefillWithRaggedKVCacheWrapper:
 def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, transform=None, split_kv=False):
     """Per request: queries aligned to the bottom right of its keys, as FlashInfer's flags mean;
     a variant's transform applies before those masks, as in FlashInfer's fa3 kernels. window_left:
-    an int, or a tensor of one per query head (the head-window module). split_kv:
+    an int, or for the head-window module (a tensor of one per query head, the sink count: keys
+    below it spared the window). split_kv:
     fa2's split of a request's keys, merged as merge_state does (paged_simulator.paged_prefill),
     modelled at its worst, one part per 16 keys."""
     group = q.shape[1] // k.shape[1]
@@ -360,8 +365,9 @@ def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, tr
         keep = torch.ones_like(kv <= pos)
         if causal:
             keep &= kv <= pos
-        if isinstance(window_left, torch.Tensor):
-            keep = keep & (kv >= pos - window_left.view(-1, 1, 1))
+        if isinstance(window_left, tuple):   # the head-window module: (per-head table, sinks)
+            table, sinks = window_left
+            keep = keep & ((kv >= pos - table.view(-1, 1, 1)) | (kv < sinks))
         elif window_left >= 0:
             keep &= kv >= pos - window_left
         s = s.masked_fill(~keep, -math.inf)

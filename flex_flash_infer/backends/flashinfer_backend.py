@@ -232,7 +232,20 @@ class FlashInferPlan:
                 return None
             return TileVariants(score_mod, None, self.shape, dtype, scale, page_size, device, hopper)
 
-        if plan.columns is not None:
+        # a causal window over the whole sequence on Hopper: the window kernel that starts at its
+        # first visible key tile, balanced (head_windows.py); streaming's sinks in its launch
+        window_runner, sinks = None, None
+        if plan.band_kernel == "plain" and hopper and (
+                table := head_windows.uniform_window_table(self.bands, num_qo_heads, q_len, kv_len)) is not None and (
+                head_windows.available(device, dtype, head_dim)):
+            sinks = head_windows.sink_length(self.bands, plan.columns, q_len, kv_len)
+            if sinks is not None and not head_windows.available(device, dtype, head_dim, sinks=True):
+                sinks = None
+            window_runner = head_windows.built_runner(table, self.shape, dtype, scale, workspace, sinks or 0)
+            if window_runner is None and sinks:   # the sinks' module did not build: the windows' may
+                sinks, window_runner = None, head_windows.built_runner(table, self.shape, dtype, scale, workspace)
+        self.sinks_in_launch = window_runner is not None and sinks is not None
+        if plan.columns is not None and not self.sinks_in_launch:
             self.positions = plan.columns.positions
             self.column_counts = plan.columns.counts   # one Triton kernel (column_merge)
             if plan.columns.tiles is not None:   # FlashInfer's launch over pages of one key, then merge_state
@@ -240,13 +253,8 @@ class FlashInferPlan:
                 # the compact mask leaves out what the bands cover: its bits serve, not the mask_mod
                 self.columns = _HeadGroup(plan.columns.tiles, plan.columns.mask_mod, None, col_shape, dtype, scale,
                                           workspace, (block_q, 1), variants(1), self.positions)
-        if plan.band_kernel == "plain" and hopper and (
-                table := head_windows.uniform_window_table(self.bands, num_qo_heads, q_len, kv_len)) is not None:
-            # a causal window over the whole sequence (streaming's and attamba's too): the window
-            # kernel that starts at its first visible key tile, balanced (head_windows.py)
-            runner = (head_windows.built_runner(table, self.shape, dtype, scale, workspace)
-                      if head_windows.available(device, dtype, head_dim) else None)
-            self.band_runner = runner or _BandRunner(self.bands, self.shape, dtype, scale, workspace)
+        if window_runner is not None:
+            self.band_runner = window_runner
         elif plan.band_kernel in ("plain", "soft-cap"):
             self.band_runner = _BandRunner(self.bands, self.shape, dtype, scale, workspace, logits_soft_cap=plan.soft_cap)
         elif plan.band_kernel == "score-mod":

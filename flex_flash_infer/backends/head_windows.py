@@ -11,7 +11,8 @@ which each query head's window comes from a table the launch passes (compile/pat
 The same kernel runs a plain causal window over the whole sequence (every head the same width):
 its window starts at the first key tile it sees, where FlashInfer's starts one all-masked tile
 early, and a launch of one width under half the keys is scheduled as balanced (planning/ragged.py,
-schedules_by_window). docs/benchmarks.md has what each measured.
+schedules_by_window). Streaming's sinks go in the same launch (ffi_sink_len), where they were
+attended and merged by a second kernel. docs/benchmarks.md has what each measured.
 """
 from __future__ import annotations
 
@@ -21,11 +22,20 @@ import torch
 
 from ..compile import lean_modules, patched_headers
 from ..planning.bands import Band, plain_band_launch
+from ..planning.columns import column_prefix_counts
 from ..planning.ragged import planned_ragged
 
 TABLE = "ffi_head_window_left"
+SINKS = "ffi_sink_len"   # the scalar: how many keys at the start every later query sees (streaming's sinks)
 _VARIANT = "DefaultAttention<false>"
-_DECL = "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS["head_windows"] + "\n"
+
+# the windows' module, and the same with streaming's sinks (patched_headers: a module of its own)
+def _patch_set(sinks: bool) -> str:
+    return "window_sinks" if sinks else "head_windows"
+
+
+def _decl(sinks: bool) -> str:
+    return "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS[_patch_set(sinks)] + "\n"
 
 
 def head_window_table(head_bands, num_qo_heads: int, q_len: int, kv_len: int) -> list[int] | None:
@@ -58,11 +68,28 @@ def uniform_window_table(bands, num_qo_heads: int, q_len: int, kv_len: int) -> l
     return [band.window_left] * num_qo_heads
 
 
-def available(device, dtype, head_dim: int) -> bool:
+def sink_length(bands, columns, q_len: int, kv_len: int) -> int | None:
+    """s when a window plan's key columns are streaming's sinks: the first s keys, each seen by
+    every query at or after it beyond the window (the columns' per-row counts say exactly that),
+    so one launch of the window kernel with ffi_sink_len s computes the mask; else None."""
+    if columns is None or uniform_window_table(bands, 1, q_len, kv_len) is None:
+        return None
+    s = columns.positions.numel()
+    if s == 0 or not torch.equal(columns.positions.cpu().long(), torch.arange(s)):
+        return None
+    counts = columns.counts   # made for the merge kernel; else counted here (None: not a prefix per row),
+    if counts is None:        # where the mask's captured tensors are
+        counts = column_prefix_counts(columns.mask_mod, q_len, s, columns.positions.device)
+    # the columns' mask leaves out what the band covers: row q sees sink c when c < q - window_left
+    expected = (torch.arange(q_len) - bands[0].window_left).clamp(0, s)
+    return s if counts is not None and torch.equal(counts.cpu().long(), expected) else None
+
+
+def available(device, dtype, head_dim: int, sinks: bool = False) -> bool:
     """Hopper (the caller checks), 16-bit, a head_dim the fa3 kernels take, and FlashInfer's headers
-    here take the patches."""
+    here take the patches (the sinks' too, with sinks)."""
     return (dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128, 256)
-            and patched_headers.include_root("head_windows") is not None)
+            and patched_headers.include_root(_patch_set(sinks)) is not None)
 
 
 # the module's parameters: the window table first, so that it takes run()'s first extra argument
@@ -72,17 +99,20 @@ _TENSORS = ([TABLE, "maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "may
             ["int32_t", "uint32_t", "uint16_t", "uint16_t", "float"])
 _SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
             ["double", "double", "double", "int64_t"])
+_SINK_SCALARS = (_SCALARS[0] + [SINKS], _SCALARS[1] + ["int64_t"])
 
 
-def jit_args(dtype, head_dim: int) -> list:
+def jit_args(dtype, head_dim: int, sinks: bool = False) -> list:
     """FlashInfer's gen_customize_batch_prefill_module arguments: its fa3 DefaultAttention with
-    the parameters FlashInfer gives it, and the window table. The module's name hashes its code,
-    parameters and patches: a changed one never loads a stale build."""
+    the parameters FlashInfer gives it, and the window table (and with sinks, the sink count).
+    The module's name hashes its code, parameters and patches: a changed one never loads a stale
+    build."""
     lean_modules.install()
-    code = hashlib.sha256(repr((_DECL, _TENSORS, _SCALARS, patched_headers.patch_hash("head_windows"))).encode()
+    decl, scalars = _decl(sinks), _SINK_SCALARS if sinks else _SCALARS
+    code = hashlib.sha256(repr((decl, _TENSORS, scalars, patched_headers.patch_hash(_patch_set(sinks)))).encode()
                           ).hexdigest()[:16]
-    uri = f"ffi_headwin_{code}_{str(dtype).split('.')[-1]}_d{head_dim}"
-    return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim, *_TENSORS, *_SCALARS, _VARIANT, _DECL, 0, True]
+    uri = f"ffi_{'sinkwin' if sinks else 'headwin'}_{code}_{str(dtype).split('.')[-1]}_d{head_dim}"
+    return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim, *_TENSORS, *scalars, _VARIANT, decl, 0, True]
 
 
 class HeadWindowRunner:
@@ -91,7 +121,9 @@ class HeadWindowRunner:
     their last step's values from key tile 0 (hopper/sparse_mainloop.cuh), harmless where
     FlashInfer's window starts one all-masked tile early, wrong with the exact start."""
 
-    def __init__(self, table: list[int], shape, dtype, scale: float, workspace):
+    def __init__(self, table: list[int], shape, dtype, scale: float, workspace, sink_len: int = 0):
+        """sink_len: the first keys every query at or after them sees besides its window (streaming's
+        sinks, sink_length()), in the same launch (the sinks' module)."""
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         widest = max(table)
         launch = plain_band_launch([Band(0, q_len, 0, kv_len, True, widest)], batch, q_len, kv_len, windowed=True)
@@ -99,21 +131,27 @@ class HeadWindowRunner:
         # one width for every head: scheduled as balanced where FlashInfer's plan would price the
         # tiles as causal; several widths cost differently by head, which keeps the causal price
         self.wrapper = planned_ragged(workspace, "fa3", launch.qo_indptr, launch.kv_indptr, shape, dtype, True,
-                                      widest, jit_args=jit_args(dtype, head_dim), balance_window=len(set(table)) == 1,
+                                      widest, jit_args=jit_args(dtype, head_dim, sink_len > 0),
+                                      balance_window=len(set(table)) == 1,
                                       shared_module=True)
         self.table = torch.tensor(table, dtype=torch.int32, device=workspace.device)
         self.scale = float(scale)
+        self.sinks = (int(sink_len),) if sink_len > 0 else ()   # the sinks' module's last scalar
 
     def run(self, q, k, v, return_lse: bool = True):
         """q [B*L, Hq, D], k/v [B, S, Hkv, D]."""
         return self.wrapper.run(q, k.flatten(0, 1), v.flatten(0, 1), self.table, None, None, None, None,
-                                0.0, self.scale, 1.0, 0, return_lse=return_lse)
+                                0.0, self.scale, 1.0, 0, *self.sinks, return_lse=return_lse)
+
+    @property
+    def sink_len(self) -> int:
+        return self.sinks[0] if self.sinks else 0
 
 
-_UNBUILT = set()   # (dtype, head_dim) whose module failed to build here: FlashInfer's kernels instead
+_UNBUILT = set()   # (dtype, head_dim, sinks) whose module failed to build here: FlashInfer's kernels instead
 
 
-def _build_module(dtype, head_dim: int) -> None:
+def _build_module(dtype, head_dim: int, sinks: bool = False) -> None:
     """FlashInfer's build (or load) of the module alone, as its wrapper asks for it (FlashInfer
     caches it: the wrapper then finds it built). A FlashInfer without that getter builds it in the
     wrapper instead."""
@@ -121,27 +159,30 @@ def _build_module(dtype, head_dim: int) -> None:
 
     get = getattr(getattr(flashinfer, "prefill", None), "get_customize_batch_prefill_module", None)
     if get is not None:
-        get("fa3", *jit_args(dtype, head_dim))
+        get("fa3", *jit_args(dtype, head_dim, sinks))
 
 
-def built_runner(table: list[int], shape, dtype, scale: float, workspace):
+def built_runner(table: list[int], shape, dtype, scale: float, workspace, sink_len: int = 0):
     """A HeadWindowRunner, or None when its module does not build on this machine (no toolchain,
     or one that rejects the patched headers): said once, and the caller runs FlashInfer's own
     kernels, which compute the same thing more slowly. Only the build's own errors count: any
     other (out of memory, a plan that fails) is raised as it comes."""
     head_dim = shape[-1]
-    if (dtype, head_dim) in _UNBUILT:
+    key = (dtype, head_dim, sink_len > 0)
+    if key in _UNBUILT:
         return None
     try:
-        _build_module(dtype, head_dim)
+        _build_module(*key)
     except RuntimeError as e:
         if isinstance(e, torch.OutOfMemoryError):
             raise
         import warnings
 
-        _UNBUILT.add((dtype, head_dim))
+        _UNBUILT.add(key)
+        instead = ("streaming's sinks are merged after the window kernel" if key[2]
+                   else "windows run on FlashInfer's own kernels")
         warnings.warn(f"flex_flash_infer: the window kernel's module (FlashInfer's headers patched, "
-                      f"{dtype}, head_dim {head_dim}) did not build, so windows run on FlashInfer's own "
-                      f"kernels: {str(e)[:500]}", RuntimeWarning, stacklevel=2)
+                      f"{dtype}, head_dim {head_dim}{', with sinks' if key[2] else ''}) did not build, so "
+                      f"{instead}: {str(e)[:500]}", RuntimeWarning, stacklevel=2)
         return None
-    return HeadWindowRunner(table, shape, dtype, scale, workspace)
+    return HeadWindowRunner(table, shape, dtype, scale, workspace, sink_len)

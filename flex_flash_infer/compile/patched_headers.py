@@ -33,18 +33,53 @@ HOPPER = "attention/hopper"
 _PER_HEAD = "FFI_WINDOW_LEFT(mainloop_params, qo_head_idx)"
 _MACRO = ("#define FFI_WINDOW_LEFT(params, head) "
           "(static_cast<int>(__ldg((params).additional_params.ffi_head_window_left + (head))))\n")
-PATCH_SETS = {
-    "head_windows": (
-        (f"{HOPPER}/utils.cuh", "using namespace cute;\n", "using namespace cute;\n" + _MACRO, 1),
-        (f"{HOPPER}/utils.cuh",
-         "return std::max((q_tile_idx * CTA_Q + kv_len - qo_len - window_left) / CTA_KV - 1, 0);",
-         "return std::max((q_tile_idx * CTA_Q + kv_len - qo_len - window_left) / CTA_KV, 0);", 1),
-        (f"{HOPPER}/mainloop.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
-        (f"{HOPPER}/sparse_mainloop.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
-        (f"{HOPPER}/mainloop_mma.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
-        (f"{HOPPER}/prefill_sm90.cuh", "mainloop_params.window_left", _PER_HEAD, 2),
-    ),
-}
+# streaming's sinks in the same launch (the launch's ffi_sink_len keys at the start, seen by every
+# later query): after the window's first key tile, the producer's loads (mainloop.cuh) and the
+# consumer's steps (mainloop_mma.cuh) both go on to the sink tiles, 0 .. ceil(ffi_sink_len /
+# CTA_KV) - 1, from the same window start, so their pipelines stay in step; the window's left mask
+# spares keys below ffi_sink_len. The paged producer is not patched (its kernel never runs: above)
+_NEXT = "((kv_tile_idx) == ffi_sink_from ? ffi_sink_tiles - 1 : (kv_tile_idx) - 1)"
+_SINK_SETUP = """{i}const int ffi_sink_len = static_cast<int>(mainloop_params.additional_params.ffi_sink_len);
+{i}const int ffi_sink_tiles = (ffi_sink_len + CTA_KV - 1) / CTA_KV;
+{i}int ffi_sink_from = -1;   // the window's first key tile, after which the sink tiles come
+{i}if constexpr (LEFT_SLIDING_WINDOW) {{
+{i}  if (ffi_sink_tiles > 0) {{
+{i}    if (swa_begin_kv_tile_idx > ffi_sink_tiles) ffi_sink_from = swa_begin_kv_tile_idx;
+{i}    swa_begin_kv_tile_idx = 0;   // the loops run to tile 0, jumping the gap
+{i}  }}
+{i}}}
+"""
+_WINDOW_LOOP = "for (; kv_tile_idx > swa_begin_kv_tile_idx; --kv_tile_idx) {"
+_SINK_LOOP = f"for (; kv_tile_idx > swa_begin_kv_tile_idx; kv_tile_idx = {_NEXT}) {{"
+_HEAD_WINDOW_PATCHES = (
+    (f"{HOPPER}/utils.cuh", "using namespace cute;\n", "using namespace cute;\n" + _MACRO, 1),
+    (f"{HOPPER}/utils.cuh",
+     "return std::max((q_tile_idx * CTA_Q + kv_len - qo_len - window_left) / CTA_KV - 1, 0);",
+     "return std::max((q_tile_idx * CTA_Q + kv_len - qo_len - window_left) / CTA_KV, 0);", 1),
+    (f"{HOPPER}/mainloop.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
+    (f"{HOPPER}/sparse_mainloop.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
+    (f"{HOPPER}/mainloop_mma.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
+    (f"{HOPPER}/prefill_sm90.cuh", "mainloop_params.window_left", _PER_HEAD, 2),
+)
+# a module of their own: in the windows' module they cost plain and per-head windows 3-4% on an
+# H100 (docs/benchmarks.md, session 31)
+_SINK_PATCHES = (
+    # the sinks: the producer's set-up after its window start, its loop and its next K load
+    (f"{HOPPER}/mainloop.cuh", "    }\n\n    int lane_predicate = cute::elect_one_sync();\n    if (lane_predicate) {\n",
+     "    }\n" + _SINK_SETUP.format(i="    ")
+     + "\n    int lane_predicate = cute::elect_one_sync();\n    if (lane_predicate) {\n", 1),
+    (f"{HOPPER}/mainloop.cuh", _WINDOW_LOOP, _SINK_LOOP, 1),
+    (f"{HOPPER}/mainloop.cuh", "tKgK(_, kv_tile_idx - 1)", f"tKgK(_, {_NEXT})", 1),
+    # the consumer's set-up, its next tile in every loop, and the left mask sparing the sinks
+    (f"{HOPPER}/mainloop_mma.cuh", "  tiled_mma_pv.accumulate_ = GMMA::ScaleOut::Zero;\n",
+     _SINK_SETUP.format(i="  ") + "  tiled_mma_pv.accumulate_ = GMMA::ScaleOut::Zero;\n", 1),
+    (f"{HOPPER}/mainloop_mma.cuh", "    int result = kv_tile_idx - 1;\n", f"    int result = {_NEXT};\n", 1),
+    (f"{HOPPER}/mainloop_mma.cuh", _WINDOW_LOOP, _SINK_LOOP, 1),
+    (f"{HOPPER}/mainloop_mma.cuh", "(kv_tile_idx - 1) * CTA_KV", f"{_NEXT} * CTA_KV", 1),
+    (f"{HOPPER}/mainloop_mma.cuh", "if (kv_idx < col_limit_left(qo_idx)) {",
+     "if (kv_idx < col_limit_left(qo_idx) && kv_idx >= ffi_sink_len) {", 3),
+)
+PATCH_SETS = {"head_windows": _HEAD_WINDOW_PATCHES, "window_sinks": _HEAD_WINDOW_PATCHES + _SINK_PATCHES}
 MARKERS = {name: f"// flex_flash_infer: built against FlashInfer's headers patched for {name}" for name in PATCH_SETS}
 
 

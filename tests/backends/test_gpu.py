@@ -125,7 +125,7 @@ def test_per_head_windows_called_on_any_stream_and_replayed(cuda_gen, monkeypatc
     the path where FlashInfer's headers do not take the one-launch patches): called on a stream of
     the caller's own, with and without LSE (each output checked: a set still running when the
     caller reads the output would show), and captured into a CUDA graph and replayed on new inputs."""
-    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim: False)
+    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim, sinks=False: False)
     H, Hkv, L, D, dtype = 16, 4, 1000, 128, torch.bfloat16
     widths = torch.tensor([64, 128, 300, 700])
 
@@ -680,7 +680,7 @@ def test_per_head_windows_replay_in_a_cuda_graph(cuda_gen, Hq, Hkv, monkeypatch)
     captured ones equals an eager call, which matches the reference. 32/8 heads with a window by
     h % 4: each group's key heads evenly spaced (views); 24/6 with a window by h % 6: a group's key
     heads 0, 1, 3, 4 are gathered before the fork."""
-    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim: False)
+    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim, sinks=False: False)
     L, D, dtype = 1024, 128, torch.bfloat16
     widths = torch.tensor([64, 128, 256, 512] if Hq == 32 else [64, 128, 256, 512, 96, 1024], device="cuda")
 
@@ -748,3 +748,20 @@ def test_plain_windows_on_the_exact_start_kernel(cuda_gen, monkeypatch, dtype, D
         assert planned == [2 * window > L]   # planned causal only where the window is over half the keys
     qi, ki = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
     check(out, lse, q, k, v, ((ki <= qi) & (qi - ki < window))[None, None], dtype)
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float16, 128)])
+@pytest.mark.parametrize("B,L,sinks,window", [(1, 1000, 4, 100), (2, 777, 4, 1), (1, 2000, 200, 300), (1, 600, 130, 64)])
+def test_streaming_sinks_in_the_window_launch(cuda_gen, dtype, D, B, L, sinks, window):
+    """Streaming's sinks run inside the window kernel's one launch (patched_headers: after the
+    window's first key tile the loads and the steps go on to the sink tiles): sinks within a key
+    tile and wider than one, a window of one key; out and LSE against the dense reference."""
+    Hq, Hkv = 8, 2
+    q, k, v = inputs(B, Hq, Hkv, L, L, D, dtype, cuda_gen)
+    bm = create_block_mask(get_mask_fn("streaming", sink_size=sinks, window_size=window), None, None, L, L,
+                           device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    plan = next(iter(bm._plans.values()))
+    assert plan.sinks_in_launch and plan.band_runner.sink_len == sinks and not plan.has_columns
+    qi, ki = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
+    check(out, lse, q, k, v, ((ki <= qi) & ((qi - ki < window) | (ki < sinks)))[None, None], dtype)

@@ -102,7 +102,7 @@ def _on_the_model(monkeypatch):
     patches; returns the list of the ragged wrappers planned."""
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
-    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim: True)
+    monkeypatch.setattr(head_windows, "available", lambda device, dtype, head_dim, sinks=False: True)
     planned = []
     real_plan = fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper.plan
 
@@ -224,6 +224,45 @@ def test_the_window_beside_key_columns_runs_on_the_exact_start_kernel(monkeypatc
     assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
 
 
+def _later_sinks(b, h, q, kv):   # sinks seen only from row 150 on: not streaming's
+    return (kv <= q) & ((q - kv < 50) | ((kv < 4) & (q >= 150)))
+
+
+# (mask_mod, sinks in the launch): streaming's sinks, narrow and wider than a key tile; attamba's
+# chunk ends and sinks seen only by later rows stay columns merged after the launch
+_COLUMNS = [(get_mask_fn("streaming", sink_size=4, window_size=50), 4),
+            (get_mask_fn("streaming", sink_size=100, window_size=20), 100),
+            (get_mask_fn("attamba", window_size=64, chunk_size=32), None),
+            (_later_sinks, None)]
+
+
+@pytest.mark.parametrize("merge_kernel", [True, False])
+@pytest.mark.parametrize("mask_mod,sinks", _COLUMNS)
+def test_streaming_sinks_run_in_the_window_launch(monkeypatch, rng, mask_mod, sinks, merge_kernel):
+    """Streaming's sinks go into the window kernel's one launch (its ffi_sink_len): no columns
+    left to merge; other key columns keep the merge. With or without the merge kernel here (whose
+    plan counts each row's columns: without it they are counted for the sinks)."""
+    from flex_flash_infer.backends import column_merge
+
+    planned = _on_the_model(monkeypatch)
+    monkeypatch.setattr(column_merge, "kernel_available", lambda device, head_dim: merge_kernel)
+    B, Hq, Hkv, L, D = 2, 4, 2, 300, 16
+    bm = create_block_mask(mask_mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+    assert plan.route == "bands+columns" and isinstance(plan.band_runner, head_windows.HeadWindowRunner)
+    assert plan.sinks_in_launch == (sinks is not None) and plan.band_runner.sink_len == (sinks or 0)
+    assert plan.has_columns == (sinks is None) and len(planned) == 1   # one ragged launch: the window
+    # the sinks' module only with sinks: in the windows' own they cost plain windows 3-4%
+    assert planned[0][0].jit_args[0].startswith("ffi_sinkwin_" if sinks else "ffi_headwin_")
+    q, k, v = _inputs(rng, B, Hq, Hkv, L, L, D)
+    out, lse = _run(plan, q, k, v)
+    ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, Hq, L, L))
+    assert rel_err(out, ref_out) < 1e-6
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
+    alone, _ = _run(plan, q, k, v, return_lse=False)
+    assert rel_err(alone, ref_out) < 1e-6
+
+
 def test_which_window_launches_are_scheduled_as_not_causal():
     from flex_flash_infer.planning.ragged import schedules_by_window
 
@@ -287,7 +326,7 @@ def test_a_window_module_that_does_not_build_falls_back_to_flashinfers_kernels(m
     monkeypatch.setattr(head_windows, "_UNBUILT", set())
     tried = []
 
-    def unbuildable(dtype, head_dim):
+    def unbuildable(dtype, head_dim, sinks=False):
         tried.append(None)
         raise RuntimeError("Ninja build failed")
 
@@ -343,3 +382,37 @@ def test_only_the_modules_build_errors_turn_the_kernel_off(monkeypatch):
             make()
     monkeypatch.setattr(head_windows, "HeadWindowRunner", real)
     assert not head_windows._UNBUILT and isinstance(make().band_runner, head_windows.HeadWindowRunner)
+
+
+def test_sinks_whose_module_does_not_build_keep_the_window_kernel(monkeypatch, rng):
+    """The sinks' module refused here (the windows' builds): streaming runs its window on the
+    window kernel and merges its sinks after it, as before the sinks had a module."""
+    planned = _on_the_model(monkeypatch)
+    monkeypatch.setattr(head_windows, "_UNBUILT", set())
+    real = head_windows._build_module
+
+    def no_sinks(dtype, head_dim, sinks=False):
+        if sinks:
+            raise RuntimeError("Ninja build failed")
+        return real(dtype, head_dim, sinks)
+
+    monkeypatch.setattr(head_windows, "_build_module", no_sinks)
+    mask_mod = get_mask_fn("streaming", sink_size=4, window_size=50)
+    Hq, Hkv, L, D = 4, 2, 300, 16
+    bm = create_block_mask(mask_mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)
+    with pytest.warns(RuntimeWarning, match="sinks"):
+        plan = flashinfer_backend.FlashInferPlan(bm, 1, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+    assert not plan.sinks_in_launch and plan.has_columns and plan.band_runner.sink_len == 0
+    assert planned[-1][0].jit_args[0].startswith("ffi_headwin_")
+    q, k, v = _inputs(rng, 1, Hq, Hkv, L, L, D)
+    out, _ = _run(plan, q, k, v)
+    assert rel_err(out, dense_attention(q, k, v, _dense(mask_mod, Hq, L, L))[0]) < 1e-6
+
+
+def test_the_windows_module_is_the_one_prebuilt_and_measured():
+    """The windows' module name hashes its code and patches: a change here makes every machine
+    build it again and leaves its GPU measurements (docs/benchmarks.md) for another kernel. The
+    sinks' module is apart (its logic cost plain windows 3-4% in the windows' module)."""
+    assert head_windows.jit_args(torch.bfloat16, 128)[0] == "ffi_headwin_05b4838ac725c327_bfloat16_d128"
+    sinks = head_windows.jit_args(torch.bfloat16, 128, sinks=True)
+    assert sinks[0].startswith("ffi_sinkwin_") and sinks[9][-1] == head_windows.SINKS

@@ -173,6 +173,7 @@ TOUR = [
     ("seed", {}),
     ("flex-reference", {}),
     ("flex-random", {}),
+    ("flex-library", {"lib": "streaming"}),                                # its sinks in the window's launch
 ]
 
 
@@ -296,7 +297,8 @@ def _mods(case: Case, r, force: dict, w: ModWriter, profile: Profile, allow_per_
 
 def _library_named(w: ModWriter, name: str) -> None:
     n = max(w.scope.q_max, w.scope.kv_max)
-    args = {"causal": "", "attamba": f", window_size={max(1, n // 4)}, chunk_size=16"}[name]
+    args = {"causal": "", "attamba": f", window_size={max(1, n // 4)}, chunk_size=16",
+            "streaming": f", sink_size={w.rnd.randint(1, 8)}, window_size={max(1, n // 4)}"}[name]
     w.mask_def = f'mask_mod = get_mask_fn("{name}"{args})'
 
 

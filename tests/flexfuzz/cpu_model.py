@@ -67,7 +67,7 @@ def patched(switches: dict, cpu_model: bool, hopper: bool = True):
             patch.setattr(backend_choice, "unsupported_reason", scale_only)
             # the patched window kernel as on a Hopper GPU whose FlashInfer takes the patches (the
             # model computes what it does: fake_flashinfer's head-window module)
-            patch.setattr(head_windows, "available", lambda device, dtype, head_dim, _h=hopper: _h)
+            patch.setattr(head_windows, "available", lambda device, dtype, head_dim, sinks=False, _h=hopper: _h)
             patch.setattr(paged, "unsupported_reason", scale_only)
             fake_flashinfer.register_paged_variants(patch, tile_kernels)
             fake_flashinfer.register_band_variants(patch, score_mod_kernels)

@@ -15,7 +15,7 @@ def plan_route(plan) -> str:
         elif kind == "FarSplitBands":
             route += "/far-split"
         elif kind == "HeadWindowRunner":   # a plain window on the exact-start kernel (head_windows.py)
-            route += "/exact-window"
+            route += "/exact-window" + ("+sinks" if getattr(runner, "sink_len", 0) else "")
         elif getattr(runner, "soft_cap", None):
             route += "/soft-cap"
         elif getattr(runner, "ragged", None) is not None:
