@@ -122,6 +122,17 @@ def _inputs(rng, B, Hq, Hkv, L, S, D):
     return q, k, v
 
 
+def _matches_the_mask(plan, mask_mod, inputs):
+    """out and natural-log LSE as the dense reference's, and out alone (no LSE asked) the same."""
+    q, k, v = inputs
+    out, lse = _run(plan, q, k, v)
+    ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, q.shape[1], q.shape[2], k.shape[2]))
+    assert rel_err(out, ref_out) < 1e-6
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
+    alone, none = _run(plan, q, k, v, return_lse=False)
+    assert none is None and torch.equal(alone, out)
+
+
 def _run(plan, q, k, v, return_lse=True):
     B, Hq, L, D = q.shape
     out, lse = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2),
@@ -190,13 +201,7 @@ def test_a_plain_window_runs_on_the_exact_start_kernel(monkeypatch, rng, B, L, S
     table = plan.band_runner.table.tolist()
     assert wrapper.head_windows and len(set(table)) == 1 and table[0] == window_left >= 0
     assert causal == (not balanced) and wrapper._causal   # planned as not causal, run causal
-    q, k, v = _inputs(rng, B, Hq, Hkv, L, S, D)
-    out, lse = _run(plan, q, k, v)
-    ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, Hq, L, S))
-    assert rel_err(out, ref_out) < 1e-6
-    assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
-    alone, none = _run(plan, q, k, v, return_lse=False)
-    assert none is None and torch.equal(alone, out)
+    _matches_the_mask(plan, mask_mod, _inputs(rng, B, Hq, Hkv, L, S, D))
 
 
 def test_a_window_reaching_every_key_stays_on_the_causal_kernel(monkeypatch):
@@ -254,13 +259,7 @@ def test_streaming_sinks_run_in_the_window_launch(monkeypatch, rng, mask_mod, si
     assert plan.has_columns == (sinks is None) and len(planned) == 1   # one ragged launch: the window
     # the sinks' module only with sinks: in the windows' own they cost plain windows 3-4%
     assert planned[0][0].jit_args[0].startswith("ffi_sinkwin_" if sinks else "ffi_headwin_")
-    q, k, v = _inputs(rng, B, Hq, Hkv, L, L, D)
-    out, lse = _run(plan, q, k, v)
-    ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, Hq, L, L))
-    assert rel_err(out, ref_out) < 1e-6
-    assert torch.allclose(lse.double(), ref_lse, atol=1e-4)
-    alone, _ = _run(plan, q, k, v, return_lse=False)
-    assert rel_err(alone, ref_out) < 1e-6
+    _matches_the_mask(plan, mask_mod, _inputs(rng, B, Hq, Hkv, L, L, D))
 
 
 def test_which_window_launches_are_scheduled_as_not_causal():
