@@ -420,8 +420,10 @@ def plain_band_launch(bands, batch: int, q_len: int, kv_len: int, windowed: bool
     """The one ragged launch that runs every (batch entry, band) request of FlashInfer's plain
     kernels, or None when they run as single-sequence calls. One band without a window over a
     whole sequence (causal or full) takes the batch ragged kernel rather than the single call:
-    measured faster (docs/benchmarks.md); a windowed band keeps the single call, where ragged
-    was slower, unless windowed (a caller that needs the launch to write into its buffer)."""
+    measured faster (docs/benchmarks.md); a windowed band keeps the single call, where FlashInfer's
+    ragged kernel under its causal schedule was slower (on Hopper the library's own window kernel
+    runs such a band instead: backends/head_windows.py), unless windowed (a caller that needs the
+    launch to write into its buffer)."""
     launches = band_launches(bands, batch, q_len, kv_len)
     one_band = len(bands) == 1 and (bands[0].window_left < 0 or windowed)
     if len(launches) == 1 and launches[0].writes_all(batch, q_len) and (len(bands) > 1 or batch > 1 or one_band):
