@@ -22,9 +22,6 @@
 #                tokens, head_dim 128 / 64 (JSON in the run dir); profile-8k the same with --profile;
 #                profile-leads only the rows slower in the bench than alone
 #   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
-#   window-tile  scripts/ab_window_tile.py: a plain window as a 2 x 2 (FlashInfer's window kernel or the
-#                head-window module's exact start, by FlashInfer's causal schedule or balanced), beside
-#                our route and FlashInfer's single call
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
 #   decode       bench --decode (paged decode);   varlen  bench --varlen;   plan   bench --plan (planning time)
@@ -137,9 +134,6 @@ case "${1:-}" in
           python3 scripts/ab_layout.py .ab_before $run_dir/$stage.json --seq-len $([ $stage = ab-layout ] && echo 8192 || echo 32768) \
             ${AB_CASES:+--cases $AB_CASES} \
             2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 20 $run_dir/$stage.log ;;
-        window-tile)   # a plain window's kernel by schedule, 2 x 2 (scripts/ab_window_tile.py)
-          python3 scripts/ab_window_tile.py $run_dir/window-tile.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
-            >$run_dir/window-tile.log; tail -n 20 $run_dir/window-tile.log ;;
         peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
           python3 scripts/peer_timing.py $run_dir/peer-timing.json >$run_dir/peer-timing.log 2>&1
           tail -n 12 $run_dir/peer-timing.log ;;

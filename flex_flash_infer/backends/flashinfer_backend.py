@@ -233,18 +233,11 @@ class FlashInferPlan:
             return TileVariants(score_mod, None, self.shape, dtype, scale, page_size, device, hopper)
 
         # a causal window over the whole sequence on Hopper: the window kernel that starts at its
-        # first visible key tile, balanced (head_windows.py); streaming's sinks in its launch
-        window_runner, sinks = None, None
-        if plan.band_kernel == "plain" and hopper and (
-                table := head_windows.uniform_window_table(self.bands, num_qo_heads, q_len, kv_len)) is not None and (
-                head_windows.available(device, dtype, head_dim)):
-            sinks = head_windows.sink_length(self.bands, plan.columns, q_len, kv_len)
-            if sinks is not None and not head_windows.available(device, dtype, head_dim, sinks=True):
-                sinks = None
-            window_runner = head_windows.built_runner(table, self.shape, dtype, scale, workspace, sinks or 0)
-            if window_runner is None and sinks:   # the sinks' module did not build: the windows' may
-                sinks, window_runner = None, head_windows.built_runner(table, self.shape, dtype, scale, workspace)
-        self.sinks_in_launch = window_runner is not None and sinks is not None
+        # first visible key tile, balanced, with streaming's sinks in its launch (head_windows.py)
+        window_runner = None
+        if plan.band_kernel == "plain" and hopper:
+            window_runner = head_windows.window_runner(self.bands, plan.columns, self.shape, dtype, scale, workspace)
+        self.sinks_in_launch = window_runner is not None and window_runner.sink_len > 0
         if plan.columns is not None and not self.sinks_in_launch:
             self.positions = plan.columns.positions
             self.column_counts = plan.columns.counts   # one Triton kernel (column_merge)

@@ -186,3 +186,21 @@ def built_runner(table: list[int], shape, dtype, scale: float, workspace, sink_l
                       f"{instead}: {str(e)[:500]}", RuntimeWarning, stacklevel=2)
         return None
     return HeadWindowRunner(table, shape, dtype, scale, workspace, sink_len)
+
+
+def window_runner(bands, columns, shape, dtype, scale: float, workspace):
+    """The runner of a plain causal window over the whole sequence (bands, with columns: the key
+    columns planned beside them, or None), with streaming's sinks in its launch where the columns
+    are those: a HeadWindowRunner, or None when this kernel does not serve (not such a window,
+    FlashInfer's headers here do not take the patches, its module does not build)."""
+    batch, q_len, kv_len, hq, _, head_dim = shape
+    table = uniform_window_table(bands, hq, q_len, kv_len)
+    if table is None or not available(workspace.device, dtype, head_dim):
+        return None
+    sinks = sink_length(bands, columns, q_len, kv_len)
+    if sinks is not None and available(workspace.device, dtype, head_dim, sinks=True):
+        runner = built_runner(table, shape, dtype, scale, workspace, sinks)
+        if runner is not None:
+            return runner
+    # no sinks, or their module does not build here: the windows' own (the sinks merged after it)
+    return built_runner(table, shape, dtype, scale, workspace)

@@ -26,7 +26,7 @@ HOPPER = "attention/hopper"
 # per query head, read from the launch's table ffi_head_window_left (one int32 per query head): the
 # five uses of the launch-wide mainloop_params.window_left in FlashInfer 0.7's Hopper kernels, each
 # with the query head in scope; and the window's first key tile exact (FlashInfer starts one tile
-# early, a tile whose keys are all masked: docs/benchmarks.md, scripts/ab_window_tile.py). The
+# early, a tile whose keys are all masked: docs/benchmarks.md). The
 # exact start holds for the ragged (TMA) mainloop only: the paged one (sparse_mainloop.cuh) loads
 # its last step's values from key tile 0, which the all-masked first tile made harmless; a module
 # built against these headers runs its ragged kernel alone (backends/head_windows.py)
@@ -61,8 +61,8 @@ _HEAD_WINDOW_PATCHES = (
     (f"{HOPPER}/mainloop_mma.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
     (f"{HOPPER}/prefill_sm90.cuh", "mainloop_params.window_left", _PER_HEAD, 2),
 )
-# a module of their own: in the windows' module they cost plain and per-head windows 3-4% on an
-# H100 (docs/benchmarks.md, session 31)
+# a module of their own: in the windows' module they slowed every plain and per-head window
+# (docs/benchmarks.md, session 31)
 _SINK_PATCHES = (
     # the sinks: the producer's set-up after its window start, its loop and its next K load
     (f"{HOPPER}/mainloop.cuh", "    }\n\n    int lane_predicate = cute::elect_one_sync();\n    if (lane_predicate) {\n",
