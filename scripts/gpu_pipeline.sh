@@ -19,7 +19,8 @@
 #   examples     python examples/*.py on the GPU (each checks its own result)
 #   score-tests  the compiled score_mod and tile-variant tests (after the variants are built)
 #   bench-8k, bench-32k, bench-8k-d64, bench-32k-d64  python -m flex_flash_infer bench at 8192 / 32768
-#                tokens, head_dim 128 / 64 (JSON in the run dir); profile-8k the same with --profile;
+#                tokens, head_dim 128 / 64 (JSON in the run dir; BENCH_CASES: only those cases);
+#                profile-8k the same with --profile;
 #                profile-leads only the rows slower in the bench than alone
 #   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
@@ -119,6 +120,8 @@ case "${1:-}" in
             # 8192; streaming and random tiles at 32768) and a plain window beside them
             profile-leads) a="8192 --head-dims 128 --profile --cases per_head_windows identity+causal streaming random_tiles sliding_window" ;;
           esac
+          # BENCH_CASES: only these cases (a change's own rows, when the whole bench does not fit)
+          [ -n "${BENCH_CASES:-}" ] && [ "$stage" != profile-leads ] && a="$a --cases $BENCH_CASES"
           python3 -m flex_flash_infer bench --seq-lens $a --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
         cold)   # first use from empty compile caches, each item in a fresh process (bench --cold)

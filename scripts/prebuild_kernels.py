@@ -171,6 +171,15 @@ def module_specs(dtypes, head_dims, kinds) -> list:
                 for dtype in dtypes:
                     for hd in head_dims:
                         ask(prefill.get_customize_batch_prefill_module, "fa3", *head_windows.jit_args(dtype, hd, sinks))
+        # the tiles route's whole tiles: FlashInfer's ragged kernel gathering key tiles, patched
+        from flex_flash_infer.backends import tile_gather
+
+        if patched_headers.include_root("tile_gather") is not None:
+            for dtype in dtypes:
+                for hd in head_dims:
+                    ask(prefill.get_customize_batch_prefill_module, "fa3", *tile_gather.jit_args(dtype, hd))
+            # and with FlashInfer's soft cap (the bench's softcap + random tiles row)
+            ask(prefill.get_customize_batch_prefill_module, "fa3", *tile_gather.jit_args(dtypes[0], head_dims[0], True))
         for dtype in dtypes:
             for hd in head_dims:
                 for backend, args in custom_jit_args(kinds, dtype, hd):

@@ -247,6 +247,28 @@ class PagedVariantModel:
 
 
 HEAD_WINDOW_TABLE = "ffi_head_window_left"   # backends/head_windows.py's module: FlashInfer's kernel, patched
+TILE_STARTS = "ffi_tile_start"               # backends/tile_gather.py's module: the same, key tiles gathered
+GATHER_TILE = 128                            # its key tiles (the patches make them 128 keys at head_dim 64 and 128:
+                                             # tile_gather.serves holds the library to those)
+
+
+def gathered_keys(x, kv_indptr, starts, tiles):
+    """The tile-gather kernel's keys (or values) of each request side by side: request r lists
+    kv_indptr[r + 1] - kv_indptr[r] keys, the leading ones of its tiles tiles[starts[r]:], each tile
+    GATHER_TILE rows of x (rows past x's end read as zeros, as the TMA reads them)."""
+    assert x.shape[0] > 0
+    rows = []
+    for r in range(kv_indptr.numel() - 1):
+        n = int(kv_indptr[r + 1] - kv_indptr[r])
+        if n == 0:
+            continue
+        listed = tiles[int(starts[r]):int(starts[r]) + -(-n // GATHER_TILE)].long()
+        assert listed.numel() == -(-n // GATHER_TILE), "a request lists more keys than its tiles hold"
+        assert bool((listed >= 0).all()) and bool((listed * GATHER_TILE < x.shape[0]).all()), "a tile outside the keys"
+        index = (listed.view(-1, 1) * GATHER_TILE + torch.arange(GATHER_TILE)).flatten()[:n]
+        padded = torch.cat([x, x.new_zeros(GATHER_TILE, *x.shape[1:])])
+        rows.append(padded[index.clamp(max=x.shape[0]).to(x.device)])
+    return torch.cat(rows) if rows else x[:0]
 
 
 class BatchPrefillWithRaggedKVCacheWrapper:
@@ -261,8 +283,11 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         self.device = workspace.device   # FlashInfer's wrapper: self.device = float_workspace_buffer.device
         self.jit_args = jit_args
         self.head_windows = jit_args is not None and jit_args[7][0] == HEAD_WINDOW_TABLE
+        self.gather = jit_args is not None and jit_args[7][0] == TILE_STARTS
         assert not self.head_windows or (backend == "fa3" and jit_args[11] == "DefaultAttention<false>")
-        self.variant = None if jit_args is None or self.head_windows else VARIANTS[jit_args[11]]
+        # the gather module: FlashInfer's DefaultAttention, with its logits soft cap (a run scalar) or not
+        assert not self.gather or (backend == "fa3" and jit_args[11] == f"DefaultAttention<{str(jit_args[-1]).lower()}>")
+        self.variant = None if jit_args is None or self.head_windows or self.gather else VARIANTS[jit_args[11]]
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, causal=False, window_left=-1,
              sm_scale=None, logits_soft_cap=None, disable_split_kv=False, custom_mask=None, q_data_type="float16",
@@ -288,9 +313,22 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         check_variant_mask_mode(self.backend, self.variant is not None, self._causal, self.custom_mask)
         on_device(self.device, "ragged run()", q, k, v, out_buffer, lse_buffer)
         check_run_dtypes(self.dtypes, q, k, "ragged run()")
-        if self.jit_args is not None and not self.head_windows:
+        if self.jit_args is not None and not self.head_windows and not self.gather:
             check_variant_tensors(self.jit_args, variant_args, self.device, "ragged run()")
         window_left, scale = self.window_left, self.scale
+        if self.gather:   # the two tables, FlashInfer's four optional tensors, then its four scalars
+            starts, tiles, *unfilled = variant_args[:6]
+            on_device(self.device, "ragged run(): the tile tables", starts, tiles)
+            assert starts.dtype == tiles.dtype == torch.int32 and starts.is_contiguous() and tiles.is_contiguous()
+            assert starts.shape == (self.qo_indptr.numel() - 1,), "one start per request"
+            assert all(t is None for t in unfilled), "FlashInfer's own optional tensors: None"
+            assert len(variant_args) == 10 and variant_args[8] == 1.0
+            assert window_left < 0, "the module is built without a window"
+            scale = kernel_scale(variant_args[7], q.shape[-1])
+            cap = float(variant_args[6])
+            assert (cap > 0) == bool(self.jit_args[-1]), "a soft cap exactly where the module has one"
+            gather_cap = _soft_cap(cap)
+            k, v = (gathered_keys(x, self.kv_indptr, starts.cpu(), tiles.cpu()) for x in (k, v))
         if self.head_windows:   # the table, FlashInfer's four optional tensors, then its four scalars
             table, *unfilled = variant_args[:5]
             on_device(self.device, "ragged run(): the window table", table)
@@ -314,7 +352,8 @@ class BatchPrefillWithRaggedKVCacheWrapper:
                 "FlashInfer's fa2 kernel writes a contiguous output"
         if lse_buffer is not None:
             assert lse_buffer.shape == q.shape[:2] and lse_buffer.is_contiguous(), "the LSE is written by its pointer"
-        transform = self._transform(variant_args) if self.variant is not None else _soft_cap(self.cap)
+        transform = (self._transform(variant_args) if self.variant is not None
+                     else gather_cap if self.gather else _soft_cap(self.cap))
         out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self._causal, window_left,
                                   1.0 if self.variant is not None else scale, transform, self.split_kv)
         if out_buffer is not None:

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from . import column_merge, head_windows
+from . import column_merge, head_windows, tile_gather
 from ..core import nan_merge
 from ..planning.bands import plain_band_launch
 from ..planning.score_folding import kernel_scale_ok
@@ -87,7 +87,7 @@ class _HeadGroup:
     gives the first key position of each page of a batch entry."""
 
     def __init__(self, tile_plan, mask_mod, head, shape, dtype, scale, workspace, block_size,
-                 variants=None, key_positions=None):
+                 variants=None, key_positions=None, soft_cap=None):
         import flashinfer
 
         batch, q_len, kv_len, hq, hkv, head_dim = shape
@@ -108,14 +108,21 @@ class _HeadGroup:
         if tile_plan.full is not None:
             backend = "fa3" if _is_hopper(workspace.device) else "fa2"
             launch = tile_plan.full
-            if variants is not None and variants.full_jit_args is not None:
+            # whole tiles of 128 keys on the TMA kernel, each request gathering its tiles (tile_gather.py)
+            # (soft_cap: FlashInfer's, the score_mod of a plan without partial tiles: FlashInferPlan)
+            gather = (tile_gather.built_launch(tile_plan, launch, block_kv, shape, dtype, scale, workspace, soft_cap)
+                      if backend == "fa3" and variants is None else None)
+            if gather is not None:
+                self.full = gather
+            elif variants is not None and variants.full_jit_args is not None:
                 self.full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                     workspace, "NHD", backend=variants.full_backend, jit_args=variants.full_jit_args)
                 self.full_args = tables(launch, variants.full_args)
             else:
                 self.full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
-            self.full.plan(tile_plan.qo_indptr, launch.kv_indptr, launch.kv_indices, launch.last_page_len,
-                           **{**common, "causal": tile_plan.causal})
+            if gather is None:
+                self.full.plan(tile_plan.qo_indptr, launch.kv_indptr, launch.kv_indices, launch.last_page_len,
+                               **{**common, "causal": tile_plan.causal})
         if tile_plan.partial is not None:
             launch = tile_plan.partial
             owns_mask = variants is not None and variants.owns_mask
@@ -284,8 +291,13 @@ class FlashInferPlan:
                 in_place for _, _, in_place, _ in self.head_band_runs)
         elif plan.tiles is not None:
             group_shape = (batch, q_len, kv_len, 1, 1, head_dim) if plan.head_major else self.shape
+            # a soft cap over whole tiles alone: the tile-gather kernel's own soft cap, where it runs
+            # (else the compiled score_mod, as every other score_mod on tiles)
+            soft_cap = plan.soft_cap if hopper and plan.soft_cap is not None and tile_gather.runs_here(
+                dtype, head_dim, block_kv, soft_cap=True) else None
             self.groups.append(_HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
-                                          plan.block_size, variants(block_kv)))
+                                          plan.block_size, None if soft_cap is not None else variants(block_kv),
+                                          soft_cap=soft_cap))
 
     def _pages(self, x: torch.Tensor) -> torch.Tensor:
         """[B, KV_LEN, H, D] -> pages [B * nKV, block_kv, H, D] (zero-padded tail tile)."""

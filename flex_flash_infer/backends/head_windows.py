@@ -21,6 +21,7 @@ import hashlib
 import torch
 
 from ..compile import lean_modules, patched_headers
+from . import own_modules
 from ..planning.bands import Band, plain_band_launch
 from ..planning.columns import column_prefix_counts
 from ..planning.ragged import planned_ragged
@@ -148,42 +149,14 @@ class HeadWindowRunner:
         return self.sinks[0] if self.sinks else 0
 
 
-_UNBUILT = set()   # (dtype, head_dim, sinks) whose module failed to build here: FlashInfer's kernels instead
-
-
-def _build_module(dtype, head_dim: int, sinks: bool = False) -> None:
-    """FlashInfer's build (or load) of the module alone, as its wrapper asks for it (FlashInfer
-    caches it: the wrapper then finds it built). A FlashInfer without that getter builds it in the
-    wrapper instead."""
-    import flashinfer
-
-    get = getattr(getattr(flashinfer, "prefill", None), "get_customize_batch_prefill_module", None)
-    if get is not None:
-        get("fa3", *jit_args(dtype, head_dim, sinks))
-
-
 def built_runner(table: list[int], shape, dtype, scale: float, workspace, sink_len: int = 0):
-    """A HeadWindowRunner, or None when its module does not build on this machine (no toolchain,
-    or one that rejects the patched headers): said once, and the caller runs FlashInfer's own
-    kernels, which compute the same thing more slowly. Only the build's own errors count: any
-    other (out of memory, a plan that fails) is raised as it comes."""
-    head_dim = shape[-1]
-    key = (dtype, head_dim, sink_len > 0)
-    if key in _UNBUILT:
-        return None
-    try:
-        _build_module(*key)
-    except RuntimeError as e:
-        if isinstance(e, torch.OutOfMemoryError):
-            raise
-        import warnings
-
-        _UNBUILT.add(key)
-        instead = ("streaming's sinks are merged after the window kernel" if key[2]
-                   else "windows run on FlashInfer's own kernels")
-        warnings.warn(f"flex_flash_infer: the window kernel's module (FlashInfer's headers patched, "
-                      f"{dtype}, head_dim {head_dim}{', with sinks' if key[2] else ''}) did not build, so "
-                      f"{instead}: {str(e)[:500]}", RuntimeWarning, stacklevel=2)
+    """A HeadWindowRunner, or None when its module does not build on this machine (said once,
+    own_modules.builds): the caller runs FlashInfer's own kernels instead."""
+    head_dim, sinks = shape[-1], sink_len > 0
+    instead = ("streaming's sinks are merged after the window kernel" if sinks
+               else "windows run on FlashInfer's own kernels")
+    if not own_modules.builds(jit_args(dtype, head_dim, sinks), f"the window kernel ({dtype}, head_dim {head_dim}"
+                              f"{', with sinks' if sinks else ''})", instead):
         return None
     return HeadWindowRunner(table, shape, dtype, scale, workspace, sink_len)
 

@@ -79,7 +79,33 @@ _SINK_PATCHES = (
     (f"{HOPPER}/mainloop_mma.cuh", "if (kv_idx < col_limit_left(qo_idx)) {",
      "if (kv_idx < col_limit_left(qo_idx) && kv_idx >= ffi_sink_len) {", 3),
 )
-PATCH_SETS = {"head_windows": _HEAD_WINDOW_PATCHES, "window_sinks": _HEAD_WINDOW_PATCHES + _SINK_PATCHES}
+# block-sparse key tiles on the ragged (TMA) kernel: each request lists the key tiles it sees (a
+# launch's ffi_tile_start per request into ffi_tiles, tile ids of the whole key tensor), and the
+# producer's loads read those tiles where they read the request's consecutive ones. The request's
+# kv_len is the keys it lists (its tiles side by side), so the consumer's masks (causal aligned to
+# the bottom right, the last tile's length) apply to the listed keys as they do to a paged
+# request's pages. The key tiles are 128 keys at head_dim 64 and 128 in every mask mode (FlashInfer
+# takes 192 keys unmasked at 128, 192 queries at 64), the tile size of this library's block masks.
+# The paged producer is not patched (backends/tile_gather.py runs the ragged kernel alone)
+_GATHER_MACROS = (
+    "#define FFI_TILE(params, request, i) (static_cast<int>(__ldg((params).additional_params.ffi_tiles + "
+    "__ldg((params).additional_params.ffi_tile_start + (request)) + (i))))\n"
+    "#define FFI_KV_ROWS(params) (static_cast<int>(get<0>((params).layout_K.shape())))\n")
+_LOCAL_KEYS = "kv_head_idx, kv_indptr,\n                                      kv_len);  // (K, D, _)"
+_TILE_GATHER_PATCHES = (
+    (f"{HOPPER}/utils.cuh", "using namespace cute;\n", "using namespace cute;\n" + _GATHER_MACROS, 1),
+    (f"{HOPPER}/prefill_sm90.cuh", "return std::make_tuple(192, 128);", "return std::make_tuple(128, 128);", 1),
+    (f"{HOPPER}/prefill_sm90.cuh", "return std::make_tuple(128, 192);", "return std::make_tuple(128, 128);", 1),
+    # the key and value views span the whole tensor: a request's tiles lie anywhere in it
+    (f"{HOPPER}/mainloop.cuh", _LOCAL_KEYS,
+     "kv_head_idx, 0,\n                                      FFI_KV_ROWS(mainloop_params));  // (K, D, _)", 2),
+    (f"{HOPPER}/mainloop.cuh", "tKgK(_, kv_tile_idx),", "tKgK(_, FFI_TILE(mainloop_params, batch_idx, kv_tile_idx)),", 1),
+    (f"{HOPPER}/mainloop.cuh", "tKgK(_, kv_tile_idx - 1),",
+     "tKgK(_, FFI_TILE(mainloop_params, batch_idx, kv_tile_idx - 1)),", 1),
+    (f"{HOPPER}/mainloop.cuh", "tVgV(_, kv_tile_idx),", "tVgV(_, FFI_TILE(mainloop_params, batch_idx, kv_tile_idx)),", 2),
+)
+PATCH_SETS = {"head_windows": _HEAD_WINDOW_PATCHES, "window_sinks": _HEAD_WINDOW_PATCHES + _SINK_PATCHES,
+              "tile_gather": _TILE_GATHER_PATCHES}
 MARKERS = {name: f"// flex_flash_infer: built against FlashInfer's headers patched for {name}" for name in PATCH_SETS}
 
 

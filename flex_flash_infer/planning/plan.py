@@ -262,8 +262,11 @@ def plan_attention(block_mask, batch: int, q_len: int, kv_len: int, num_qo_heads
             or plan_tiles(head_states, batch, q_len, block_q, block_kv, kv_len)
         head_major = False
     kind = "tiles-per-head" if route.per_head else "tiles"
+    # a soft cap where only whole tiles launch (no bit-masked partial launch to compile it into):
+    # the Hopper tile-gather kernel's own soft cap may run it (FlashInferPlan decides)
+    cap = native_soft_cap(score_mod, num_qo_heads) if score_mod is not None and tiles.partial is None else None
     return AttentionPlan(kind + ("-causal" if tiles.causal else ""), tiles=tiles, head_major=head_major,
-                         score_mod=score_mod is not None, **common)
+                         score_mod=score_mod is not None, soft_cap=cap, **common)
 
 
 def _forced(chosen: Route, wanted: str, has_score_mod: bool) -> Route:

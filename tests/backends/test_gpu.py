@@ -765,3 +765,66 @@ def test_streaming_sinks_in_the_window_launch(cuda_gen, dtype, D, B, L, sinks, w
     assert plan.sinks_in_launch and plan.band_runner.sink_len == sinks and not plan.has_columns
     qi, ki = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
     check(out, lse, q, k, v, ((ki <= qi) & ((qi - ki < window) | (ki < sinks)))[None, None], dtype)
+
+
+def _random_tiles(L, density, causal, gen, heads=1):
+    """Random key tiles of 128 (each query tile sees its diagonal tile): causal inside them, or not
+    causal with random tiles of every other key besides (partial tiles, merged after the gather)."""
+    n = -(-L // 128)
+    tiles = (torch.rand(heads, n, n, generator=gen, device="cuda") < density) | torch.eye(n, dtype=torch.bool,
+                                                                                           device="cuda")
+    halves = torch.rand(heads, n, n, generator=gen, device="cuda") < 0.3
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        head = h % heads
+        seen = tiles[head, q_idx // 128, kv_idx // 128]
+        if causal:
+            return seen & (q_idx >= kv_idx)
+        return seen | (halves[head, q_idx // 128, kv_idx // 128] & ((q_idx + kv_idx) % 2 == 0))
+
+    return mask_mod
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float16, 128)])
+@pytest.mark.parametrize("B,L,causal,heads", [(1, 2048, True, 1), (2, 1000, True, 1), (1, 1536, False, 1),
+                                              (2, 1000, False, 1), (1, 1000, False, 3)])
+def test_tiles_gathered_on_the_tma_kernel(cuda_gen, dtype, D, B, L, causal, heads):
+    """The tiles route's whole tiles run on FlashInfer's ragged kernel reading each request's key
+    tiles from a table (tile_gather.py): the causal diagonal in the same launch, whole tiles beside
+    partial ones (merged after), a last key tile shorter than 128, two batch entries, a mask per head
+    (head-major); out and LSE against the dense reference."""
+    from flex_flash_infer.backends import tile_gather
+
+    Hq, Hkv = 6, 2
+    q, k, v = inputs(B, Hq, Hkv, L, L, D, dtype, cuda_gen)
+    mask_mod = _random_tiles(L, 0.3, causal, cuda_gen, heads)
+    bm = create_block_mask(mask_mod, None, Hq if heads > 1 else None, L, L, device="cuda")
+    out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
+    plan = next(iter(bm._plans.values()))
+    assert plan.route.startswith("tiles") and isinstance(plan.groups[0].full, tile_gather.TileGatherLaunch)
+    qi, ki = torch.arange(L, device="cuda").view(-1, 1), torch.arange(L, device="cuda").view(1, -1)
+    dense = torch.stack([mask_mod(0, torch.tensor(h, device="cuda"), qi, ki) for h in range(Hq)])[None].cpu()
+    check(out, lse, q, k, v, dense, dtype)
+
+
+@pytest.mark.parametrize("B,L", [(1, 2048), (2, 1000)])
+def test_a_soft_cap_on_gathered_tiles(cuda_gen, B, L):
+    """The library's soft cap over the causal diagonal's one launch runs as the soft-capped
+    gather module's own (FlashInfer's logits soft cap): out and LSE against the dense reference."""
+    from flex_flash_infer.backends import tile_gather
+    from flex_flash_infer.mods.softcap import generate_softcap_score_mod
+
+    dtype, D, Hq, Hkv = torch.bfloat16, 128, 6, 2
+    q, k, v = inputs(B, Hq, Hkv, L, L, D, dtype, cuda_gen)
+    mask_mod = _random_tiles(L, 0.3, True, cuda_gen)
+    softcap = generate_softcap_score_mod(20.0)
+    bm = create_block_mask(mask_mod, None, None, L, L, device="cuda")
+    out, lse = flex_attention(q, k, v, score_mod=softcap, block_mask=bm, enable_gqa=True, return_lse=True,
+                              backend="flashinfer")
+    plan = next(iter(bm._plans.values()))
+    group = plan.groups[0]
+    assert isinstance(group.full, tile_gather.TileGatherLaunch) and group.full.soft_cap == 20.0
+    assert group.variants is None
+    qi, ki = torch.arange(L, device="cuda").view(-1, 1), torch.arange(L, device="cuda").view(1, -1)
+    dense = mask_mod(0, torch.tensor(0, device="cuda"), qi, ki)[None, None].cpu()
+    check(out, lse, q, k, v, dense, dtype, score_fn=lambda s, *idx: softcap(s, *idx))

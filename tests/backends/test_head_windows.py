@@ -13,7 +13,7 @@ import torch
 import fake_flashinfer
 from dense_reference import dense_attention, rel_err
 from flex_flash_infer import create_block_mask, get_mask_fn
-from flex_flash_infer.backends import flashinfer_backend, head_windows
+from flex_flash_infer.backends import flashinfer_backend, head_windows, own_modules
 from flex_flash_infer.compile import lean_modules, patched_headers
 from flex_flash_infer.planning.plan import plan_attention
 from flexfuzz.routes import plan_route
@@ -322,14 +322,14 @@ def test_a_window_module_that_does_not_build_falls_back_to_flashinfers_kernels(m
     """A toolchain that rejects the patched module: said once, and the window runs on FlashInfer's
     own kernels (the same answer); per-head windows on their head sets."""
     _on_the_model(monkeypatch)
-    monkeypatch.setattr(head_windows, "_UNBUILT", set())
+    monkeypatch.setattr(own_modules, "_UNBUILT", set())
     tried = []
 
-    def unbuildable(dtype, head_dim, sinks=False):
+    def unbuildable(jit_args):
         tried.append(None)
         raise RuntimeError("Ninja build failed")
 
-    monkeypatch.setattr(head_windows, "_build_module", unbuildable)
+    monkeypatch.setattr(own_modules, "_build", unbuildable)
     Hq, Hkv, L, D = 4, 2, 300, 16
     window = get_mask_fn("sliding_window", window_size=40)
 
@@ -364,7 +364,7 @@ def test_only_the_modules_build_errors_turn_the_kernel_off(monkeypatch):
     """Out of memory, or a plan that fails, while the window kernel's runner is made: raised as it
     comes, and the next plan tries the kernel again."""
     _on_the_model(monkeypatch)
-    monkeypatch.setattr(head_windows, "_UNBUILT", set())
+    monkeypatch.setattr(own_modules, "_UNBUILT", set())
     L = 300
     bm = create_block_mask(get_mask_fn("sliding_window", window_size=40), None, 4, L, L, device="cpu", BLOCK_SIZE=64)
 
@@ -380,22 +380,22 @@ def test_only_the_modules_build_errors_turn_the_kernel_off(monkeypatch):
         with pytest.raises(type(error)):
             make()
     monkeypatch.setattr(head_windows, "HeadWindowRunner", real)
-    assert not head_windows._UNBUILT and isinstance(make().band_runner, head_windows.HeadWindowRunner)
+    assert not own_modules._UNBUILT and isinstance(make().band_runner, head_windows.HeadWindowRunner)
 
 
 def test_sinks_whose_module_does_not_build_keep_the_window_kernel(monkeypatch, rng):
     """The sinks' module refused here (the windows' builds): streaming runs its window on the
     window kernel and merges its sinks after it, as before the sinks had a module."""
     planned = _on_the_model(monkeypatch)
-    monkeypatch.setattr(head_windows, "_UNBUILT", set())
-    real = head_windows._build_module
+    monkeypatch.setattr(own_modules, "_UNBUILT", set())
+    real = own_modules._build
 
-    def no_sinks(dtype, head_dim, sinks=False):
-        if sinks:
+    def no_sinks(jit_args):
+        if jit_args[0].startswith("ffi_sinkwin_"):
             raise RuntimeError("Ninja build failed")
-        return real(dtype, head_dim, sinks)
+        return real(jit_args)
 
-    monkeypatch.setattr(head_windows, "_build_module", no_sinks)
+    monkeypatch.setattr(own_modules, "_build", no_sinks)
     mask_mod = get_mask_fn("streaming", sink_size=4, window_size=50)
     Hq, Hkv, L, D = 4, 2, 300, 16
     bm = create_block_mask(mask_mod, None, Hq, L, L, device="cpu", BLOCK_SIZE=64)

@@ -155,8 +155,11 @@ TOUR = [
     ("flex-library", {"lib": "attamba"}),                                  # bands+columns
     ("flex-structured", {"template": ["causal", "window", "sink|"]}),      # bands+columns found in the mask
     ("flex-per-head", {"template": ["per_head_window", "causal"]}),        # bands-per-head
-    ("flex-structured", {"template": ["block_sparse"]}),                   # tiles
+    ("flex-structured", {"template": ["block_sparse"], "block": 64}),      # tiles
     ("flex-structured", {"template": ["causal", "tile_sparse"], "block": 32}),   # tiles-causal (many tiles: not bands)
+    # tiles of 128 keys: whole tiles on the kernel gathering them (tile_gather.py); long enough for many
+    ("flex-structured", {"template": ["block_sparse"], "block": 128, "L": 700}),            # tiles/gather
+    ("flex-structured", {"template": ["causal", "tile_sparse"], "block": 128, "L": 900}),  # tiles-causal/gather
     ("flex-per-head", {"template": ["per_head_random"]}),                  # tiles-per-head, one launch set
     ("flex-score", {"score": "softcap", "template": ["causal"]}),          # FlashInfer's soft cap on bands
     ("flex-score", {"score": "hand", "template": ["causal", "window"]}),   # compiled score_mod bands
@@ -233,7 +236,7 @@ def generate_case(seed: int, index: int, profile="cpu", dtypes=None, device: str
 def _square(case: Case, r, force: dict, profile: Profile) -> None:
     """A tour case's shape: one square problem whose route depends on its mask alone."""
     if force:
-        case.L = case.S = r.randint(130, 330) if profile.name == "cpu" else r.randint(600, 2100)
+        case.L = case.S = force.get("L") or (r.randint(130, 330) if profile.name == "cpu" else r.randint(600, 2100))
         case.block = force.get("block") or r.choice([64, 128])
         case.dtype = "float32" if profile.name == "cpu" else case.dtype
 

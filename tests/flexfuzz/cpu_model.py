@@ -55,7 +55,7 @@ def patched(switches: dict, cpu_model: bool, hopper: bool = True):
         if cpu_model:
             import fake_flashinfer
             from flex_flash_infer.backends import (backend_choice, flashinfer_backend, head_windows, score_mod_kernels,
-                                                   tile_kernels)
+                                                   tile_gather, tile_kernels)
             from flex_flash_infer import paged, varlen
 
             patch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
@@ -68,6 +68,9 @@ def patched(switches: dict, cpu_model: bool, hopper: bool = True):
             # the patched window kernel as on a Hopper GPU whose FlashInfer takes the patches (the
             # model computes what it does: fake_flashinfer's head-window module)
             patch.setattr(head_windows, "available", lambda device, dtype, head_dim, sinks=False, _h=hopper: _h)
+            # the tile-gather kernel likewise, at every dtype and head_dim the model draws (on a GPU
+            # only 64 and 128, whose key tiles the patches make 128); its tiles must be 128 keys
+            patch.setattr(tile_gather, "serves", lambda dtype, head_dim, block_kv, _h=hopper: _h and block_kv == 128)
             patch.setattr(paged, "unsupported_reason", scale_only)
             fake_flashinfer.register_paged_variants(patch, tile_kernels)
             fake_flashinfer.register_band_variants(patch, score_mod_kernels)

@@ -1,0 +1,107 @@
+"""The tiles route's full tiles on FlashInfer's ragged (TMA) kernel, each request gathering its key
+tiles from the whole key tensor, on Hopper.
+
+The tiles route lists each query tile's key tiles as pages of a paged launch (planning/planner.py).
+FlashInfer's Hopper paged kernel loads its pages a row at a time with cp.async into key tiles of 96
+(head_dim 128), where its ragged kernel loads whole tiles of 128 keys with the TMA: the bench's random
+tiles ran 0.83x of FlashAttention-4's block-sparse kernel at 32768 tokens on the paged kernel
+(docs/benchmarks.md). This runs FlashInfer's ragged kernel (its DefaultAttention variant, its fa3
+parameters) built against a copy of its headers in which the producer reads each request's key tiles
+from a table (compile/patched_headers.py, "tile_gather"): the same launch as the paged one, with the
+same requests, tile lists and masks. Each request's kv_len is the keys it lists, so FlashInfer's
+causal mask (bottom right) and the last tile's length apply as they do to a paged request's pages.
+Only the module's ragged kernel may run: its paged kernels (built with it, never called) read their
+key tiles in FlashInfer's own way, and its tile sizes are changed beside them.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..compile import lean_modules, patched_headers
+from ..planning.ragged import planned_ragged
+from . import own_modules
+
+TILE = 128   # the module's key tile (patched_headers' tile_gather): a block mask's tiles must be as wide
+STARTS, TILES = "ffi_tile_start", "ffi_tiles"
+_DECL = "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS["tile_gather"] + "\n"
+# the tables first, so that they take run()'s first extra arguments whichever of FlashInfer's own
+# optional tensors its wrapper fills itself (as head_windows' module)
+_TENSORS = ([STARTS, TILES, "maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr",
+             "maybe_scale_v"], ["int32_t", "int32_t", "uint32_t", "uint16_t", "uint16_t", "float"])
+_SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
+            ["double", "double", "double", "int64_t"])
+
+
+def jit_args(dtype, head_dim: int, soft_cap: bool = False) -> list:
+    """FlashInfer's gen_customize_batch_prefill_module arguments: its fa3 DefaultAttention, no window;
+    with soft_cap, FlashInfer's logits soft cap (its DefaultAttention<true>, the cap a run argument).
+    The module's name hashes its code, parameters and patches: a changed one never loads a stale build."""
+    lean_modules.install()
+    variant = f"DefaultAttention<{'true' if soft_cap else 'false'}>"
+    parts = (_DECL, _TENSORS, _SCALARS, patched_headers.patch_hash("tile_gather")) + ((variant,) if soft_cap else ())
+    code = hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+    uri = f"ffi_tilegather{'_softcap' if soft_cap else ''}_{code}_{str(dtype).split('.')[-1]}_d{head_dim}"
+    return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim, *_TENSORS, *_SCALARS, variant, _DECL, 0, False,
+            soft_cap]
+
+
+def serves(dtype, head_dim: int, block_kv: int) -> bool:
+    """16-bit, a head_dim whose key tile the patches make 128, key tiles of that width, and
+    FlashInfer's headers here take the patches (the caller checks Hopper)."""
+    return (dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and block_kv == TILE
+            and patched_headers.include_root("tile_gather") is not None)
+
+
+def listed_keys(launch, block_kv: int) -> torch.Tensor:
+    """int32 [requests + 1], on the host: the requests' kv_indptr as the kernel sees them, each
+    request's listed tiles side by side (its last tile as long as its last page)."""
+    counts = (launch.kv_indptr[1:] - launch.kv_indptr[:-1]).long().cpu()
+    keys = torch.where(counts > 0, (counts - 1) * block_kv + launch.last_page_len.long().cpu(), 0)
+    indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    indptr[1:] = keys.cumsum(0)
+    return indptr.to(torch.int32)
+
+
+class TileGatherLaunch:
+    """One launch over a tile plan's full tiles (with the causal diagonal where the plan has one):
+    run(q, (k_pages, v_pages)) gives base-2 (out, lse), as the paged wrapper it stands for."""
+
+    def __init__(self, tile_plan, launch, shape, dtype, scale: float, workspace, soft_cap: float | None = None):
+        """soft_cap: FlashInfer's logits soft cap on the scaled scores (its soft-capped module), or None."""
+        head_dim = shape[-1]
+        # the module holds nothing of a plan (its tables come at run time): its planned wrapper
+        # may be shared like FlashInfer's own
+        self.wrapper = planned_ragged(workspace, "fa3", tile_plan.qo_indptr.cpu(), listed_keys(launch, TILE), shape,
+                                      dtype, tile_plan.causal, jit_args=jit_args(dtype, head_dim, soft_cap is not None),
+                                      balance_window=False, shared_module=True)
+        self.starts = launch.kv_indptr[:-1].to(workspace.device, torch.int32).contiguous()
+        self.tiles = launch.kv_indices.to(workspace.device, torch.int32).contiguous()
+        self.scale = float(scale)
+        self.soft_cap = 0.0 if soft_cap is None else float(soft_cap)
+
+    def run(self, q, kv_pages, return_lse: bool = True):
+        """q [N, Hq, D]; kv_pages: keys and values as pages [tiles, 128, Hkv, D] (page id = tile id)."""
+        k_pages, v_pages = kv_pages
+        return self.wrapper.run(q, k_pages.flatten(0, 1), v_pages.flatten(0, 1), self.starts, self.tiles,
+                                None, None, None, None, self.soft_cap, self.scale, 1.0, 0, return_lse=return_lse)
+
+
+def runs_here(dtype, head_dim: int, block_kv: int, soft_cap: bool = False) -> bool:
+    """Whether the module serves (key tiles of 128, a dtype and head_dim it takes, headers that take
+    the patches) and builds here (said once when it does not)."""
+    if not serves(dtype, head_dim, block_kv):
+        return False
+    return own_modules.builds(jit_args(dtype, head_dim, soft_cap),
+                              f"the tile-gather kernel ({dtype}, head_dim {head_dim}{', soft cap' if soft_cap else ''})",
+                              "whole tiles run on FlashInfer's paged kernel" + (" (a compiled soft cap)" if soft_cap else ""))
+
+
+def built_launch(tile_plan, launch, block_kv: int, shape, dtype, scale: float, workspace,
+                 soft_cap: float | None = None):
+    """A TileGatherLaunch, or None when its module does not serve or build here (runs_here): the
+    caller runs FlashInfer's paged kernel."""
+    if not runs_here(dtype, shape[-1], block_kv, soft_cap is not None):
+        return None
+    return TileGatherLaunch(tile_plan, launch, shape, dtype, scale, workspace, soft_cap)
