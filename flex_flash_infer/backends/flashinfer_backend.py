@@ -295,9 +295,13 @@ class FlashInferPlan:
             # (else the compiled score_mod, as every other score_mod on tiles)
             soft_cap = plan.soft_cap if hopper and plan.soft_cap is not None and tile_gather.runs_here(
                 dtype, head_dim, block_kv, soft_cap=True) else None
-            self.groups.append(_HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
-                                          plan.block_size, None if soft_cap is not None else variants(block_kv),
-                                          soft_cap=soft_cap))
+            group = _HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
+                               plan.block_size, None if soft_cap is not None else variants(block_kv), soft_cap=soft_cap)
+            if soft_cap is not None and not isinstance(group.full, tile_gather.TileGatherLaunch):
+                # the soft-capped launch did not come after all: the compiled score_mod, never no cap
+                group = _HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
+                                   plan.block_size, variants(block_kv))
+            self.groups.append(group)
 
     def _pages(self, x: torch.Tensor) -> torch.Tensor:
         """[B, KV_LEN, H, D] -> pages [B * nKV, block_kv, H, D] (zero-padded tail tile)."""

@@ -7,6 +7,7 @@ import warnings
 import torch
 
 _UNBUILT = set()   # names of modules that failed to build here: FlashInfer's own kernels instead
+_BUILT = set()     # names of modules built or loaded here: asked again, the answer stands
 
 
 def _build(jit_args: list) -> None:
@@ -25,6 +26,8 @@ def builds(jit_args: list, what: str, instead: str) -> bool:
     runs FlashInfer's own kernels, which compute the same thing more slowly. Only the build's own
     errors count: any other (out of memory) is raised as it comes."""
     name = jit_args[0]
+    if name in _BUILT:
+        return True
     if name in _UNBUILT:
         return False
     try:
@@ -36,4 +39,5 @@ def builds(jit_args: list, what: str, instead: str) -> bool:
         warnings.warn(f"flex_flash_infer: {what} (FlashInfer's headers patched, module {name}) did not build, so "
                       f"{instead}: {str(e)[:500]}", RuntimeWarning, stacklevel=3)
         return False
+    _BUILT.add(name)
     return True

@@ -61,6 +61,7 @@ def listed_keys(launch, block_kv: int) -> torch.Tensor:
     keys = torch.where(counts > 0, (counts - 1) * block_kv + launch.last_page_len.long().cpu(), 0)
     indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     indptr[1:] = keys.cumsum(0)
+    assert int(indptr[-1]) <= torch.iinfo(torch.int32).max, "built_launch keeps launches within int32"
     return indptr.to(torch.int32)
 
 
@@ -103,5 +104,9 @@ def built_launch(tile_plan, launch, block_kv: int, shape, dtype, scale: float, w
     """A TileGatherLaunch, or None when its module does not serve or build here (runs_here): the
     caller runs FlashInfer's paged kernel."""
     if not runs_here(dtype, shape[-1], block_kv, soft_cap is not None):
+        return None
+    # the listed keys' offsets are FlashInfer's int32 (past 2^31 - 1 they would wrap: about 16
+    # million tiles, a whole mask at half a million tokens); the paged launch counts pages instead
+    if int(launch.kv_indptr[-1]) * TILE > torch.iinfo(torch.int32).max:
         return None
     return TileGatherLaunch(tile_plan, launch, shape, dtype, scale, workspace, soft_cap)

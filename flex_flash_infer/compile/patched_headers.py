@@ -84,8 +84,9 @@ _SINK_PATCHES = (
 # producer's loads read those tiles where they read the request's consecutive ones. The request's
 # kv_len is the keys it lists (its tiles side by side), so the consumer's masks (causal aligned to
 # the bottom right, the last tile's length) apply to the listed keys as they do to a paged
-# request's pages. The key tiles are 128 keys at head_dim 64 and 128 in every mask mode (FlashInfer
-# takes 192 keys unmasked at 128, 192 queries at 64), the tile size of this library's block masks.
+# request's pages. The tiles are 128 x 128 at head_dim 64 and 128 in every mask mode, in the kernel
+# and in the host's schedule (FlashInfer takes 192 keys unmasked at 128, 192 queries at 64), the key
+# tile being the tile size of this library's block masks.
 # The paged producer is not patched (backends/tile_gather.py runs the ragged kernel alone)
 _GATHER_MACROS = (
     "#define FFI_TILE(params, request, i) (static_cast<int>(__ldg((params).additional_params.ffi_tiles + "
@@ -95,6 +96,9 @@ _LOCAL_KEYS = "kv_head_idx, kv_indptr,\n                                      kv
 _TILE_GATHER_PATCHES = (
     (f"{HOPPER}/utils.cuh", "using namespace cute;\n", "using namespace cute;\n" + _GATHER_MACROS, 1),
     (f"{HOPPER}/prefill_sm90.cuh", "return std::make_tuple(192, 128);", "return std::make_tuple(128, 128);", 1),
+    # the host's schedule cuts requests into the kernel's query tiles: 128 rows at 64 as well (a
+    # schedule of 192-row tiles for a kernel of 128 would leave rows of requests longer than 128 unwritten)
+    ("attention/scheduler.cuh", "  if (head_dim_vo == 64) {\n    cta_tile_q = 192;\n  }\n", "", 1),
     (f"{HOPPER}/prefill_sm90.cuh", "return std::make_tuple(128, 192);", "return std::make_tuple(128, 128);", 1),
     # the key and value views span the whole tensor: a request's tiles lie anywhere in it
     (f"{HOPPER}/mainloop.cuh", _LOCAL_KEYS,

@@ -133,7 +133,7 @@ class AttentionPlan:
         if self.tiles is not None:
             what = "tiles of every head (head-major requests)" if self.head_major else "tiles"
             nkv = -(-kv_len // bkv)
-            entries += _tile_entries(what, self.tiles, self.score_mod, lambda pages: pages % nkv)
+            entries += _tile_entries(what, self.tiles, self.score_mod, lambda pages: pages % nkv, self.soft_cap)
         return entries
 
     def __str__(self) -> str:
@@ -175,10 +175,13 @@ def _plain_calls(bands, batch: int, q_len: int, kv_len: int) -> int:
     return 1 if whole else batch * len(bands)
 
 
-def _tile_entries(what: str, tiles: TilePlan, score_mod: bool, key_tile) -> list:
+def _tile_entries(what: str, tiles: TilePlan, score_mod: bool, key_tile, soft_cap: float | None = None) -> list:
     """(line, paint) per launch of a tile plan, and the merge that joins them. key_tile: the key
-    tile of each page id (of batch entry 0 and head 0, whose requests come first)."""
-    variant = ", compiled score_mod" if score_mod else ""
+    tile of each page id (of batch entry 0 and head 0, whose requests come first). The pages are
+    the launch's key tiles: on Hopper, with tiles of 128 keys, the whole tiles' launch gathers them
+    on the ragged kernel (backends/tile_gather.py)."""
+    variant = (f", FlashInfer's logits soft cap {soft_cap:g} where the Hopper gather kernel runs it, else "
+               f"compiled" if soft_cap is not None else ", compiled score_mod" if score_mod else "")
     requests = tiles.qo_len.numel()
 
     def paint_of(launch):

@@ -786,19 +786,21 @@ def _random_tiles(L, density, causal, gen, heads=1):
 
 
 @pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float16, 128)])
-@pytest.mark.parametrize("B,L,causal,heads", [(1, 2048, True, 1), (2, 1000, True, 1), (1, 1536, False, 1),
-                                              (2, 1000, False, 1), (1, 1000, False, 3)])
-def test_tiles_gathered_on_the_tma_kernel(cuda_gen, dtype, D, B, L, causal, heads):
+@pytest.mark.parametrize("B,L,causal,heads,block", [(1, 2048, True, 1, 128), (2, 1000, True, 1, 128),
+                                                    (1, 1536, False, 1, 128), (2, 1000, False, 1, 128),
+                                                    (1, 1000, False, 3, 128), (1, 1000, False, 1, (256, 128))])
+def test_tiles_gathered_on_the_tma_kernel(cuda_gen, dtype, D, B, L, causal, heads, block):
     """The tiles route's whole tiles run on FlashInfer's ragged kernel reading each request's key
     tiles from a table (tile_gather.py): the causal diagonal in the same launch, whole tiles beside
     partial ones (merged after), a last key tile shorter than 128, two batch entries, a mask per head
-    (head-major); out and LSE against the dense reference."""
+    (head-major), query tiles of 256 (requests longer than the kernel's 128-row tiles: the host's
+    schedule must cut them as the kernel does); out and LSE against the dense reference."""
     from flex_flash_infer.backends import tile_gather
 
     Hq, Hkv = 6, 2
     q, k, v = inputs(B, Hq, Hkv, L, L, D, dtype, cuda_gen)
     mask_mod = _random_tiles(L, 0.3, causal, cuda_gen, heads)
-    bm = create_block_mask(mask_mod, None, Hq if heads > 1 else None, L, L, device="cuda")
+    bm = create_block_mask(mask_mod, None, Hq if heads > 1 else None, L, L, device="cuda", BLOCK_SIZE=block)
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
     plan = next(iter(bm._plans.values()))
     assert plan.route.startswith("tiles") and isinstance(plan.groups[0].full, tile_gather.TileGatherLaunch)

@@ -323,6 +323,7 @@ def test_a_window_module_that_does_not_build_falls_back_to_flashinfers_kernels(m
     own kernels (the same answer); per-head windows on their head sets."""
     _on_the_model(monkeypatch)
     monkeypatch.setattr(own_modules, "_UNBUILT", set())
+    monkeypatch.setattr(own_modules, "_BUILT", set())
     tried = []
 
     def unbuildable(jit_args):
@@ -365,6 +366,7 @@ def test_only_the_modules_build_errors_turn_the_kernel_off(monkeypatch):
     comes, and the next plan tries the kernel again."""
     _on_the_model(monkeypatch)
     monkeypatch.setattr(own_modules, "_UNBUILT", set())
+    monkeypatch.setattr(own_modules, "_BUILT", set())
     L = 300
     bm = create_block_mask(get_mask_fn("sliding_window", window_size=40), None, 4, L, L, device="cpu", BLOCK_SIZE=64)
 
@@ -388,6 +390,7 @@ def test_sinks_whose_module_does_not_build_keep_the_window_kernel(monkeypatch, r
     window kernel and merges its sinks after it, as before the sinks had a module."""
     planned = _on_the_model(monkeypatch)
     monkeypatch.setattr(own_modules, "_UNBUILT", set())
+    monkeypatch.setattr(own_modules, "_BUILT", set())
     real = own_modules._build
 
     def no_sinks(jit_args):

@@ -4,6 +4,8 @@ patched kernel does) and, for the patches, on synthetic header texts."""
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import re
 import sys
 
 import pytest
@@ -24,6 +26,7 @@ def _on_the_model(monkeypatch):
     monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
     monkeypatch.setattr(tile_gather, "serves", lambda dtype, head_dim, block_kv: block_kv == 128)
     monkeypatch.setattr(own_modules, "_UNBUILT", set())
+    monkeypatch.setattr(own_modules, "_BUILT", set())
     made = []
     real_init = fake_flashinfer.BatchPrefillWithRaggedKVCacheWrapper.__init__
 
@@ -134,6 +137,13 @@ def test_a_soft_cap_over_whole_tiles_runs_as_the_gather_kernels_own(monkeypatch,
     assert plan_route(own) == "tiles-causal/compiled" and not made
     mine, _ = own.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
     assert rel_err(mine.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
+    # the soft-capped module answering yes, then its launch not coming: the compiled score_mod, never no cap
+    monkeypatch.setattr(tile_gather, "built_launch", lambda *args, **kwargs: None)
+    fallen = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
+                                               score_mod=softcap)
+    assert plan_route(fallen) == "tiles-causal/compiled"
+    mine, _ = fallen.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
+    assert rel_err(mine.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
 
 
 def test_tiles_of_another_width_stay_on_the_paged_kernel(monkeypatch, rng):
@@ -193,7 +203,7 @@ def test_listed_keys_put_each_requests_tiles_side_by_side():
     assert tile_gather.listed_keys(launch, 128).tolist() == [0, 256, 256, 256 + 2 * 128 + 44]
 
 
-def test_the_patches_fit_synthetic_headers_and_the_module_asks_for_them(tmp_path, monkeypatch):
+def test_the_module_asks_for_the_patched_headers(tmp_path, monkeypatch):
     texts = {}
     for rel, old, _, times in patched_headers.PATCH_SETS["tile_gather"]:
         texts[rel] = texts.get(rel, "// header\n") + (old + "\n") * times
@@ -201,13 +211,29 @@ def test_the_patches_fit_synthetic_headers_and_the_module_asks_for_them(tmp_path
         path = tmp_path / "src" / "flashinfer" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    root = patched_headers.patched_tree("tile_gather", tmp_path / "src", tmp_path / "cache")
-    mainloop = (root / "flashinfer/attention/hopper/mainloop.cuh").read_text()
-    assert mainloop.count("FFI_TILE(mainloop_params, batch_idx, kv_tile_idx") == 4 and "kv_indptr" not in mainloop
-    sizes = (root / "flashinfer/attention/hopper/prefill_sm90.cuh").read_text()
-    assert "192" not in sizes   # every key tile of the module 128 keys
+    assert patched_headers.patched_tree("tile_gather", tmp_path / "src", tmp_path / "cache") is not None
     Spec = dataclasses.make_dataclass("Spec", [("name", str), ("extra_include_dirs", list)])
     monkeypatch.setattr(patched_headers, "include_root", lambda name: tmp_path / name)
     args = tile_gather.jit_args(torch.bfloat16, 128)
     assert args[0].startswith("ffi_tilegather_") and args[0].endswith("_bfloat16_d128")
     assert lean_modules.with_patched_headers(Spec("m", []), args[1:]).extra_include_dirs == [tmp_path / "tile_gather"]
+
+
+def test_the_patches_fit_the_installed_flashinfer(tmp_path):
+    """Against the FlashInfer installed here (the GPU machine; skipped without it): every key and
+    value load of the ragged producer goes through the tile table, over the whole tensor, and
+    every tile of the kernel and of the host's schedule is 128 x 128."""
+    pytest.importorskip("flashinfer")
+    from flashinfer.jit import env
+
+    root = patched_headers.patched_tree("tile_gather", pathlib.Path(env.FLASHINFER_INCLUDE_DIR), tmp_path)
+    assert root is not None, "FlashInfer's headers here refuse the tile_gather patches"
+    hopper = root / "flashinfer/attention/hopper"
+    mainloop = (hopper / "mainloop.cuh").read_text()
+    loads = re.findall(r"t[KV]g[KV]\(_, ([^)]*\)?)\)", mainloop)
+    assert len(loads) == 4 and all(load.startswith("FFI_TILE(") for load in loads), loads
+    assert "kv_indptr,\n" not in mainloop and mainloop.count("FFI_KV_ROWS(mainloop_params)") == 2
+    sizes = (hopper / "prefill_sm90.cuh").read_text().split("constexpr auto getCTATileSize()")[1].split("\n}\n")[0]
+    assert set(re.findall(r"make_tuple\((\d+), (\d+)\)", sizes)) <= {("128", "128"), ("128", "64")}, sizes
+    schedule = (root / "flashinfer/attention/scheduler.cuh").read_text()
+    assert "cta_tile_q = 192" not in schedule and "int cta_tile_q = 128;" in schedule
