@@ -776,7 +776,7 @@ def _random_tiles(L, density, causal, gen, heads=1):
     halves = torch.rand(heads, n, n, generator=gen, device="cuda") < 0.3
 
     def mask_mod(b, h, q_idx, kv_idx):
-        head = h % heads
+        head = h % heads if heads > 1 else 0   # one map: a mask that reads no h (a per-head route otherwise)
         seen = tiles[head, q_idx // 128, kv_idx // 128]
         if causal:
             return seen & (q_idx >= kv_idx)
@@ -803,7 +803,8 @@ def test_tiles_gathered_on_the_tma_kernel(cuda_gen, dtype, D, B, L, causal, head
     bm = create_block_mask(mask_mod, None, Hq if heads > 1 else None, L, L, device="cuda", BLOCK_SIZE=block)
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
     plan = next(iter(bm._plans.values()))
-    assert plan.route.startswith("tiles") and isinstance(plan.groups[0].full, tile_gather.TileGatherLaunch)
+    assert plan.route == ("tiles-per-head" if heads > 1 else "tiles-causal" if causal else "tiles")
+    assert isinstance(plan.groups[0].full, tile_gather.TileGatherLaunch)
     qi, ki = torch.arange(L, device="cuda").view(-1, 1), torch.arange(L, device="cuda").view(1, -1)
     dense = torch.stack([mask_mod(0, torch.tensor(h, device="cuda"), qi, ki) for h in range(Hq)])[None].cpu()
     check(out, lse, q, k, v, dense, dtype)
@@ -825,6 +826,7 @@ def test_a_soft_cap_on_gathered_tiles(cuda_gen, B, L):
                               backend="flashinfer")
     plan = next(iter(bm._plans.values()))
     group = plan.groups[0]
+    assert plan.route == "tiles-causal" and plan.plan.soft_cap == 20.0
     assert isinstance(group.full, tile_gather.TileGatherLaunch) and group.full.soft_cap == 20.0
     assert group.variants is None
     qi, ki = torch.arange(L, device="cuda").view(-1, 1), torch.arange(L, device="cuda").view(1, -1)
