@@ -775,13 +775,22 @@ def _random_tiles(L, density, causal, gen, heads=1):
                                                                                            device="cuda")
     halves = torch.rand(heads, n, n, generator=gen, device="cuda") < 0.3
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        head = h % heads if heads > 1 else 0   # one map: a mask that reads no h (a per-head route otherwise)
-        seen = tiles[head, q_idx // 128, kv_idx // 128]
-        if causal:
-            return seen & (q_idx >= kv_idx)
-        return seen | (halves[head, q_idx // 128, kv_idx // 128] & ((q_idx + kv_idx) % 2 == 0))
+    if heads == 1:   # one map, read without h (a mask reading h takes a per-head route)
+        tiles, halves = tiles[0].clone(), halves[0].clone()
 
+        def tile_of(table, h, q_idx, kv_idx):
+            return table[q_idx // 128, kv_idx // 128]
+    else:
+        def tile_of(table, h, q_idx, kv_idx):
+            return table[h % heads, q_idx // 128, kv_idx // 128]
+
+    def causal_tiles(b, h, q_idx, kv_idx):
+        return tile_of(tiles, h, q_idx, kv_idx) & (q_idx >= kv_idx)
+
+    def tiles_and_halves(b, h, q_idx, kv_idx):
+        return tile_of(tiles, h, q_idx, kv_idx) | (tile_of(halves, h, q_idx, kv_idx) & ((q_idx + kv_idx) % 2 == 0))
+
+    mask_mod = causal_tiles if causal else tiles_and_halves
     return mask_mod
 
 
