@@ -175,11 +175,12 @@ def module_specs(dtypes, head_dims, kinds) -> list:
         from flex_flash_infer.backends import tile_gather
 
         if patched_headers.include_root("tile_gather") is not None:
+            served = [hd for hd in head_dims if tile_gather.serves(torch.bfloat16, hd, tile_gather.TILE)]
             for dtype in dtypes:
-                for hd in head_dims:
+                for hd in served:
                     ask(prefill.get_customize_batch_prefill_module, "fa3", *tile_gather.jit_args(dtype, hd))
-            # and with FlashInfer's soft cap (the bench's softcap + random tiles row)
-            ask(prefill.get_customize_batch_prefill_module, "fa3", *tile_gather.jit_args(dtypes[0], head_dims[0], True))
+            if served:   # and with FlashInfer's soft cap (the bench's softcap + random tiles row)
+                ask(prefill.get_customize_batch_prefill_module, "fa3", *tile_gather.jit_args(dtypes[0], served[0], True))
         for dtype in dtypes:
             for hd in head_dims:
                 for backend, args in custom_jit_args(kinds, dtype, hd):

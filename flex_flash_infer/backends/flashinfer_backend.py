@@ -4,8 +4,9 @@ Routes, tried in order:
   * bands: the mask is exactly a few native FlashInfer requests (bands.py), run as FlashInfer's
     own single or ragged prefill; attamba and streaming add key columns (columns.py), attended
     and merged into the band's result by one Triton kernel (column_merge.py);
-  * tiles: whole tiles on the unmasked fa3 (Hopper) paged-prefill kernel, partial tiles on its
-    fa2 kernel with a bit mask covering only those tiles, merged by log-sum-exp
+  * tiles: whole tiles on the unmasked fa3 (Hopper) paged-prefill kernel (with key tiles of 128,
+    its ragged kernel gathering each request's tiles: tile_gather.py), partial tiles on its fa2
+    kernel with a bit mask covering only those tiles, merged by log-sum-exp
     (flashinfer.merge_state); see planner.py for the request layout. Per-head masks run every
     head in one launch set (planner.plan_tiles_head_major).
 """
@@ -81,6 +82,10 @@ def _is_hopper(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
+class _NoGatherLaunch(Exception):
+    """_HeadGroup was given a soft cap for the tile-gather launch, and that launch does not run here."""
+
+
 class _HeadGroup:
     """The launches of one head group: all heads at once, or one query head of a per-head mask.
     With variants (tile_kernels.TileVariants) the launches run compiled mods: key_positions
@@ -92,6 +97,8 @@ class _HeadGroup:
 
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         block_q, block_kv = block_size
+        if soft_cap is not None and tile_plan.partial is not None:   # the partial launch would go without it
+            raise RuntimeError("flex_flash_infer: a soft cap on the tile-gather launch with partial tiles beside it")
         common = dict(num_qo_heads=hq, num_kv_heads=hkv, head_dim_qk=head_dim, page_size=block_kv,
                       causal=False, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype,
                       disable_split_kv=True)   # its merge would drop a NaN LSE (nan_merge.py)
@@ -114,6 +121,8 @@ class _HeadGroup:
                       if backend == "fa3" and variants is None else None)
             if gather is not None:
                 self.full = gather
+            elif soft_cap is not None:   # FlashInferPlan runs the compiled score_mod instead
+                raise _NoGatherLaunch
             elif variants is not None and variants.full_jit_args is not None:
                 self.full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                     workspace, "NHD", backend=variants.full_backend, jit_args=variants.full_jit_args)
@@ -293,12 +302,16 @@ class FlashInferPlan:
             group_shape = (batch, q_len, kv_len, 1, 1, head_dim) if plan.head_major else self.shape
             # a soft cap over whole tiles alone: the tile-gather kernel's own soft cap, where it runs
             # (else the compiled score_mod, as every other score_mod on tiles)
-            soft_cap = plan.soft_cap if hopper and plan.soft_cap is not None and tile_gather.runs_here(
+            soft_cap = plan.soft_cap if hopper and plan.soft_cap is not None and tile_gather.builds_here(
                 dtype, head_dim, block_kv, soft_cap=True) else None
-            group = _HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
-                               plan.block_size, None if soft_cap is not None else variants(block_kv), soft_cap=soft_cap)
-            if soft_cap is not None and not isinstance(group.full, tile_gather.TileGatherLaunch):
-                # the soft-capped launch did not come after all: the compiled score_mod, never no cap
+            group = None
+            if soft_cap is not None:
+                try:
+                    group = _HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
+                                       plan.block_size, soft_cap=soft_cap)
+                except _NoGatherLaunch:   # the soft-capped launch did not come: the compiled score_mod, never no cap
+                    pass
+            if group is None:
                 group = _HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
                                    plan.block_size, variants(block_kv))
             self.groups.append(group)

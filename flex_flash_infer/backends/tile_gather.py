@@ -3,9 +3,8 @@ tiles from the whole key tensor, on Hopper.
 
 The tiles route lists each query tile's key tiles as pages of a paged launch (planning/planner.py).
 FlashInfer's Hopper paged kernel loads its pages a row at a time with cp.async into key tiles of 96
-(head_dim 128), where its ragged kernel loads whole tiles of 128 keys with the TMA: the bench's random
-tiles ran 0.83x of FlashAttention-4's block-sparse kernel at 32768 tokens on the paged kernel
-(docs/benchmarks.md). This runs FlashInfer's ragged kernel (its DefaultAttention variant, its fa3
+(head_dim 128), where its ragged kernel loads whole tiles of 128 keys with the TMA, which ran the
+bench's random tiles faster (docs/benchmarks.md, session 32). This runs FlashInfer's ragged kernel (its DefaultAttention variant, its fa3
 parameters) built against a copy of its headers in which the producer reads each request's key tiles
 from a table (compile/patched_headers.py, "tile_gather"): the same launch as the paged one, with the
 same requests, tile lists and masks. Each request's kv_len is the keys it lists, so FlashInfer's
@@ -20,10 +19,9 @@ import hashlib
 import torch
 
 from ..compile import lean_modules, patched_headers
+from ..planning.planner import GATHER_TILE as TILE   # the module's key tile: a block mask's must be as wide
 from ..planning.ragged import planned_ragged
 from . import own_modules
-
-TILE = 128   # the module's key tile (patched_headers' tile_gather): a block mask's tiles must be as wide
 STARTS, TILES = "ffi_tile_start", "ffi_tiles"
 _DECL = "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS["tile_gather"] + "\n"
 # the tables first, so that they take run()'s first extra arguments whichever of FlashInfer's own
@@ -54,7 +52,7 @@ def serves(dtype, head_dim: int, block_kv: int) -> bool:
             and patched_headers.include_root("tile_gather") is not None)
 
 
-def listed_keys(launch, block_kv: int) -> torch.Tensor:
+def listed_kv_indptr(launch, block_kv: int) -> torch.Tensor:
     """int32 [requests + 1], on the host: the requests' kv_indptr as the kernel sees them, each
     request's listed tiles side by side (its last tile as long as its last page)."""
     counts = (launch.kv_indptr[1:] - launch.kv_indptr[:-1]).long().cpu()
@@ -74,7 +72,7 @@ class TileGatherLaunch:
         head_dim = shape[-1]
         # the module holds nothing of a plan (its tables come at run time): its planned wrapper
         # may be shared like FlashInfer's own
-        self.wrapper = planned_ragged(workspace, "fa3", tile_plan.qo_indptr.cpu(), listed_keys(launch, TILE), shape,
+        self.wrapper = planned_ragged(workspace, "fa3", tile_plan.qo_indptr.cpu(), listed_kv_indptr(launch, TILE), shape,
                                       dtype, tile_plan.causal, jit_args=jit_args(dtype, head_dim, soft_cap is not None),
                                       balance_window=False, shared_module=True)
         self.starts = launch.kv_indptr[:-1].to(workspace.device, torch.int32).contiguous()
@@ -89,9 +87,10 @@ class TileGatherLaunch:
                                 None, None, None, None, self.soft_cap, self.scale, 1.0, 0, return_lse=return_lse)
 
 
-def runs_here(dtype, head_dim: int, block_kv: int, soft_cap: bool = False) -> bool:
+def builds_here(dtype, head_dim: int, block_kv: int, soft_cap: bool = False) -> bool:
     """Whether the module serves (key tiles of 128, a dtype and head_dim it takes, headers that take
-    the patches) and builds here (said once when it does not)."""
+    the patches) and builds here (said once when it does not): the first ask compiles it where it
+    is neither prebuilt nor cached (about a minute)."""
     if not serves(dtype, head_dim, block_kv):
         return False
     return own_modules.builds(jit_args(dtype, head_dim, soft_cap),
@@ -101,9 +100,9 @@ def runs_here(dtype, head_dim: int, block_kv: int, soft_cap: bool = False) -> bo
 
 def built_launch(tile_plan, launch, block_kv: int, shape, dtype, scale: float, workspace,
                  soft_cap: float | None = None):
-    """A TileGatherLaunch, or None when its module does not serve or build here (runs_here): the
+    """A TileGatherLaunch, or None when its module does not serve or build here (builds_here): the
     caller runs FlashInfer's paged kernel."""
-    if not runs_here(dtype, shape[-1], block_kv, soft_cap is not None):
+    if not builds_here(dtype, shape[-1], block_kv, soft_cap is not None):
         return None
     # the listed keys' offsets are FlashInfer's int32 (past 2^31 - 1 they would wrap: about 16
     # million tiles, a whole mask at half a million tokens); the paged launch counts pages instead

@@ -17,7 +17,7 @@ from ..masks.block_build import EMPTY, PARTIAL
 from .columns import column_prefix_counts, column_states, compact_mask_mod
 from .far_bias import plan_split
 from .native_soft_cap import native_soft_cap
-from .planner import TilePlan, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
+from .planner import GATHER_TILE, TilePlan, plan_causal_diagonal, plan_tiles, plan_tiles_head_major
 from .route import Route, choose_route
 from .score_folding import fold_score_mod, score_scale_factor
 from ..core.trace import trace
@@ -45,7 +45,8 @@ class AttentionPlan:
     band_kernel: how the bands run ('plain', 'soft-cap', 'score-mod' or 'far-split').
     head_bands: bands-per-head, ((query heads, key heads, bands), ...). tiles: the tile plan of
     the tiles routes (head_major: every head in one launch set). score_mod: the tiles and
-    columns run a compiled score_mod variant. score_factor: the score_mod was c * score and runs
+    columns run a compiled score_mod variant (on tiles, unless soft_cap: a soft cap over whole
+    tiles of 128 alone, which Hopper's tile-gather kernel runs as FlashInfer's own). score_factor: the score_mod was c * score and runs
     as FlashInfer's own scale times c (no variant), else None."""
     route: str
     shape: tuple
@@ -197,7 +198,7 @@ def _tile_entries(what: str, tiles: TilePlan, score_mod: bool, key_tile, soft_ca
     entries = []
     if tiles.full is not None:
         kind = "causal: each request's diagonal tile last" if tiles.causal else "unmasked"
-        entries.append((f"{what}: paged prefill ({kind}{variant}) over {int((~tiles.full.dummy).sum())} full tiles, "
+        entries.append((f"{what}: whole-tile prefill ({kind}{variant}) over {int((~tiles.full.dummy).sum())} full tiles, "
                         f"{requests} requests", paint_of(tiles.full)))
     if tiles.partial is not None:
         entries.append((f"{what}: paged prefill with a bit mask{variant} over {int((~tiles.partial.dummy).sum())} "
@@ -265,9 +266,11 @@ def plan_attention(block_mask, batch: int, q_len: int, kv_len: int, num_qo_heads
             or plan_tiles(head_states, batch, q_len, block_q, block_kv, kv_len)
         head_major = False
     kind = "tiles-per-head" if route.per_head else "tiles"
-    # a soft cap where only whole tiles launch (no bit-masked partial launch to compile it into):
-    # the Hopper tile-gather kernel's own soft cap may run it (FlashInferPlan decides)
-    cap = native_soft_cap(score_mod, num_qo_heads) if score_mod is not None and tiles.partial is None else None
+    # a soft cap where only whole tiles of the gather kernel's width launch (no bit-masked partial
+    # launch to compile it into): the Hopper tile-gather kernel's own soft cap may run it
+    # (FlashInferPlan decides, and runs the compiled score_mod where it does not)
+    cap = (native_soft_cap(score_mod, num_qo_heads)
+           if score_mod is not None and tiles.partial is None and block_kv == GATHER_TILE else None)
     return AttentionPlan(kind + ("-causal" if tiles.causal else ""), tiles=tiles, head_major=head_major,
                          score_mod=score_mod is not None, soft_cap=cap, **common)
 

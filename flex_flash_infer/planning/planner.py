@@ -3,7 +3,8 @@
 Layout the launches assume: queries flattened to [B * Q_LEN, Hq, D]; keys and values padded
 to whole tiles and viewed as pages [B * nKV, block_kv, Hkv, D], page id = b * nKV + key tile.
 One request per (batch entry, query tile). Two launches, merged by log-sum-exp:
-  * full:    the full tiles of each request, on the unmasked fa3 kernel;
+  * full:    the full tiles of each request, on the unmasked fa3 kernel (on Hopper with key tiles
+             of GATHER_TILE, its ragged kernel gathering them: backends/tile_gather.py);
   * partial: the partial tiles, on the fa2 kernel with a bit mask over those tiles only.
 A request without partial tiles gets one dummy page whose mask bits are all zero, because
 FlashInfer's masked path needs at least one page per request; it contributes nothing.
@@ -24,6 +25,9 @@ import torch
 from ..masks.block_build import FULL, PARTIAL, ceil_div, tile_elements
 
 MASK_CHUNK_ELEMENTS = 1 << 24
+# key tiles this wide run their whole tiles on Hopper's ragged kernel gathering each request's tiles
+# (backends/tile_gather.py, whose patched kernel takes key tiles of this width and no other)
+GATHER_TILE = 128
 # FlashInfer finds each request's bits in a launch's mask by int32 offsets (its mask_indptr, and
 # qo_len * kv_len per request): past this many bits they wrap and requests read others' bits
 MAX_MASK_BITS = 2**31 - 1

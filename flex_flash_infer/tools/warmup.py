@@ -229,7 +229,7 @@ def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     masks = {
         "causal": get_mask_fn("causal"),                           # native single prefill
         "sliding_window": get_mask_fn("sliding_window", window_size=64),  # its sliding-window build
-        "tiles": _sinks_and_window,                                  # paged fa3 + masked fa2 + merge
+        "tiles": _sinks_and_window,   # whole tiles (Hopper: the tile-gather module) + masked fa2 + merge
         "documents": get_mask_fn("document", offsets=[0, 100, 512]),       # ragged prefill
     }
     flex = FlexFlashInfer(device="cuda")

@@ -119,7 +119,7 @@ def test_a_soft_cap_over_whole_tiles_runs_as_the_gather_kernels_own(monkeypatch,
     softcap = generate_softcap_score_mod(5.0)
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
                                              score_mod=softcap)
-    assert plan_route(plan) == "tiles-causal/gather" and plan.groups[0].variants is None
+    assert plan_route(plan) == "tiles-causal/gather/soft-cap" and plan.groups[0].variants is None
     assert [w.jit_args[0].split("_")[1] for w in made] == ["tilegather"] and made[0].jit_args[11].endswith("<true>")
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
@@ -145,6 +145,51 @@ def test_a_soft_cap_over_whole_tiles_runs_as_the_gather_kernels_own(monkeypatch,
     assert plan_route(fallen) == "tiles-causal/compiled"
     mine, _ = fallen.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
     assert rel_err(mine.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
+
+
+def test_a_soft_cap_beside_partial_tiles_stays_compiled(monkeypatch, rng):
+    """Partial tiles beside the whole ones: the soft cap must reach the partial launch too, so the
+    whole plan runs the compiled score_mod (no soft-capped gather, which would leave it out there)."""
+    from flex_flash_infer.backends import tile_kernels
+    from flex_flash_infer.mods.softcap import generate_softcap_score_mod
+
+    _on_the_model(monkeypatch)
+    fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
+    B, Hq, Hkv, L, D = 1, 4, 2, 1000, 16
+    mask_mod = _tile_mask(L, 128, 0.4, False, rng)
+    bm = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=128)
+    softcap = generate_softcap_score_mod(5.0)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
+                                             score_mod=softcap)
+    assert plan.plan.soft_cap is None and plan_route(plan) == "tiles/compiled"
+    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
+    out, _ = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
+    ref_out, _ = dense_attention(q, k, v, _dense(mask_mod, Hq, L), score_fn=lambda s, *idx: softcap(s, *idx))
+    assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
+
+
+def test_query_tiles_without_a_whole_tile_get_theirs_from_the_partial_launch(monkeypatch, rng):
+    """Rows of query tiles whose keys all lie in partial tiles list no tile in the gather launch
+    (kv_len 0: zeros and LSE -inf there, joined by the merge)."""
+    _on_the_model(monkeypatch)
+    B, Hq, Hkv, L, D = 2, 4, 2, 1000, 16
+    n = -(-L // 128)
+    whole = torch.rand(n, n, generator=rng) < 0.4
+    whole[2] = whole[5] = False   # two query tiles without a whole tile
+    some = torch.rand(n, n, generator=rng) < 0.5
+    some[2, 0] = some[5, 3] = True
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return whole[q_idx // 128, kv_idx // 128] | (some[q_idx // 128, kv_idx // 128] & ((q_idx + kv_idx) % 3 == 0))
+
+    bm = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=128)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
+    assert plan_route(plan) == "tiles/gather"
+    counts = plan.plan.tiles.full.kv_indptr.diff()
+    assert int(counts[2]) == 0 and int(counts[5]) == 0
+    _check(plan, mask_mod, B, Hq, Hkv, L, D, rng)
 
 
 def test_tiles_of_another_width_stay_on_the_paged_kernel(monkeypatch, rng):
@@ -195,13 +240,13 @@ def test_only_16_bit_head_dims_64_and_128_and_tiles_of_128_are_served(monkeypatc
     assert not tile_gather.serves(torch.bfloat16, 128, 128)
 
 
-def test_listed_keys_put_each_requests_tiles_side_by_side():
+def test_listed_kv_indptr_puts_each_requests_tiles_side_by_side():
     from flex_flash_infer.planning.planner import PagedLaunch
 
     empty = torch.zeros(0, dtype=torch.int64)
     launch = PagedLaunch(torch.tensor([0, 2, 2, 5], dtype=torch.int32), torch.tensor([0, 3, 1, 2, 4], dtype=torch.int32),
                          torch.tensor([128, 0, 44], dtype=torch.int32), empty, empty, empty)
-    assert tile_gather.listed_keys(launch, 128).tolist() == [0, 256, 256, 256 + 2 * 128 + 44]
+    assert tile_gather.listed_kv_indptr(launch, 128).tolist() == [0, 256, 256, 256 + 2 * 128 + 44]
 
 
 def test_the_module_asks_for_the_patched_headers(tmp_path, monkeypatch):
@@ -220,6 +265,7 @@ def test_the_module_asks_for_the_patched_headers(tmp_path, monkeypatch):
     assert lean_modules.with_patched_headers(Spec("m", []), args[1:]).extra_include_dirs == [tmp_path / "tile_gather"]
 
 
+@pytest.mark.gpu   # FlashInfer is installed on the GPU machine only; the test itself needs no GPU
 def test_the_patches_fit_the_installed_flashinfer(tmp_path):
     """Against the FlashInfer installed here (the GPU machine; skipped without it): every key and
     value load of the ragged producer goes through the tile table, over the whole tensor, and

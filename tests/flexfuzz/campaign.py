@@ -15,7 +15,7 @@ from .doors import run_case
 CPU_ROUTES = ["bands", "bands/ragged", "bands/exact-window", "bands+columns", "bands+columns/exact-window",
               "bands+columns/exact-window+sinks",
               "bands-per-head", "bands-per-head/one-launch", "tiles", "tiles-causal", "tiles/gather",
-              "tiles-causal/gather",
+              "tiles-causal/gather", "tiles-causal/gather/soft-cap",
               "tiles-per-head/head-major", "tiles/compiled", "bands/soft-cap", "bands/score-mod",
               "bands/score-mod-fa2", "bands/far-split", "paged-decode", "paged-prefill", "paged-prefill/compiled",
               "varlen-one-launch", "reference"]

@@ -165,6 +165,7 @@ TOUR = [
     ("flex-score", {"score": "hand", "template": ["causal", "window"]}),   # compiled score_mod bands
     ("flex-score", {"score": "rel_bias_heads", "template": ["causal"]}),   # far split
     ("flex-score", {"score": "hand", "template": ["block_sparse"]}),      # score_mod on tiles
+    ("flex-score", {"score": "softcap", "template": ["causal", "tile_sparse"], "block": 128, "L": 900}),  # gather's soft cap
     ("flex-score", {"score": "hand", "template": ["causal"], "hopper": False}),   # fa2 score_mod bands
     ("paged", {"decode": True}),
     ("paged", {"decode": False}),

@@ -25,8 +25,9 @@ def plan_route(plan) -> str:
     if getattr(plan, "head_windows", None) is not None:   # every head one causal window: one launch
         route += "/one-launch"
     groups = getattr(plan, "groups", None) or []
-    if any(type(getattr(g, "full", None)).__name__ == "TileGatherLaunch" for g in groups):
-        route += "/gather"   # whole tiles on the TMA kernel gathering each request's tiles (tile_gather.py)
+    gathers = [g.full for g in groups if type(getattr(g, "full", None)).__name__ == "TileGatherLaunch"]
+    if gathers:   # whole tiles on the TMA kernel gathering each request's tiles (tile_gather.py)
+        route += "/gather" + ("/soft-cap" if any(getattr(f, "soft_cap", 0) for f in gathers) else "")
     if any(getattr(g, "full_args", None) or getattr(g, "partial_args", None) for g in groups):
         route += "/compiled"
     if getattr(plan, "head_major", False):

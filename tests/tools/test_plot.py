@@ -97,7 +97,7 @@ def test_long_mask_draws_the_launches_of_its_plan(tmp_path):
     assert "sinks_and_window" in title and "4096 x 4096" in title and "route: tiles" in title
     assert "tile" in ax.get_xlabel() and "tile" in ax.get_ylabel()
     legend = [" ".join(t.get_text().split()) for t in fig.legends[0].get_texts()]   # entries wrap
-    assert legend[0].startswith("1. tiles: paged prefill (unmasked)") and legend[1].startswith("2. tiles: paged prefill with a bit mask")
+    assert legend[0].startswith("1. tiles: whole-tile prefill (unmasked)") and legend[1].startswith("2. tiles: paged prefill with a bit mask")
     assert legend[2] == f"empty (skipped): {int((states == EMPTY).sum())} tiles"
     for label, state in zip(legend, (FULL, PARTIAL)):
         assert label.endswith(f": {int((states == state).sum())} tiles")
