@@ -62,14 +62,19 @@ def _dense(mask_mod, Hq, L):
     return torch.stack([mask_mod(torch.tensor(0), torch.tensor(h), qi, ki) for h in range(Hq)])[None].bool()
 
 
-def _check(plan, mask_mod, B, Hq, Hkv, L, D, rng):
+def _check(plan, mask_mod, B, Hq, Hkv, L, D, rng, score_mod=None, plans=()):
+    """out and natural-log LSE of plan (and out of each of plans, on the same inputs) against the
+    dense reference of mask_mod and score_mod."""
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
     v = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
-    out, lse = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
-    ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, Hq, L))
-    assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
-    assert torch.allclose(lse.view(B, L, Hq).transpose(1, 2).double(), ref_lse, atol=1e-4)
+    score_fn = None if score_mod is None else (lambda s, *idx: score_mod(s, *idx))
+    ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, Hq, L), score_fn=score_fn)
+    for n, each in enumerate((plan, *plans)):
+        out, lse = each.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
+        assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
+        if n == 0:
+            assert torch.allclose(lse.view(B, L, Hq).transpose(1, 2).double(), ref_lse, atol=1e-4)
 
 
 # (B, L, causal, density, route): the causal diagonal as one launch, whole tiles beside partial
@@ -107,27 +112,26 @@ def test_a_per_head_tile_mask_gathers_in_its_head_major_launch(monkeypatch, rng)
     _check(plan, mask_mod, B, Hq, Hkv, L, D, rng)
 
 
-def test_a_soft_cap_over_whole_tiles_runs_as_the_gather_kernels_own(monkeypatch, rng):
-    """The library's soft cap on the causal diagonal's one launch: the soft-capped gather module,
-    no compiled variant; a user's own soft cap (no hint) stays a compiled score_mod."""
+def _soft_capped_tiles(B, Hq, Hkv, L, D, causal, rng):
+    """(mask_mod, block mask, the library's soft cap, the plan) of random 128-key tiles with a soft cap."""
     from flex_flash_infer.mods.softcap import generate_softcap_score_mod
 
-    made = _on_the_model(monkeypatch)
-    B, Hq, Hkv, L, D = 2, 4, 2, 1000, 16
-    mask_mod = _tile_mask(L, 128, 0.4, True, rng)
+    mask_mod = _tile_mask(L, 128, 0.4, causal, rng)
     bm = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=128)
     softcap = generate_softcap_score_mod(5.0)
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
                                              score_mod=softcap)
+    return mask_mod, bm, softcap, plan
+
+
+def test_a_soft_cap_over_whole_tiles_runs_as_the_gather_kernels_own(monkeypatch, rng):
+    """The library's soft cap on the causal diagonal's one launch: the soft-capped gather module,
+    no compiled variant; a user's own soft cap (no hint) stays a compiled score_mod."""
+    made = _on_the_model(monkeypatch)
+    B, Hq, Hkv, L, D = 2, 4, 2, 1000, 16
+    mask_mod, bm, softcap, plan = _soft_capped_tiles(B, Hq, Hkv, L, D, True, rng)
     assert plan_route(plan) == "tiles-causal/gather/soft-cap" and plan.groups[0].variants is None
     assert [w.jit_args[0].split("_")[1] for w in made] == ["tilegather"] and made[0].jit_args[11].endswith("<true>")
-    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
-    k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
-    v = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
-    out, lse = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
-    ref_out, ref_lse = dense_attention(q, k, v, _dense(mask_mod, Hq, L), score_fn=lambda s, *idx: softcap(s, *idx))
-    assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
-    assert torch.allclose(lse.view(B, L, Hq).transpose(1, 2).double(), ref_lse, atol=1e-4)
     from flex_flash_infer.backends import tile_kernels
     from flex_flash_infer.tools.warmup import without_soft_cap_hint
 
@@ -136,38 +140,25 @@ def test_a_soft_cap_over_whole_tiles_runs_as_the_gather_kernels_own(monkeypatch,
     own = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
                                             score_mod=without_soft_cap_hint(softcap))
     assert plan_route(own) == "tiles-causal/compiled" and not made
-    mine, _ = own.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
-    assert rel_err(mine.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
     # the soft-capped module answering yes, then its launch not coming: the compiled score_mod, never no cap
     monkeypatch.setattr(tile_gather, "built_launch", lambda *args, **kwargs: None)
     fallen = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
                                                score_mod=softcap)
     assert plan_route(fallen) == "tiles-causal/compiled"
-    mine, _ = fallen.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
-    assert rel_err(mine.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
+    _check(plan, mask_mod, B, Hq, Hkv, L, D, rng, softcap, plans=(own, fallen))
 
 
 def test_a_soft_cap_beside_partial_tiles_stays_compiled(monkeypatch, rng):
     """Partial tiles beside the whole ones: the soft cap must reach the partial launch too, so the
     whole plan runs the compiled score_mod (no soft-capped gather, which would leave it out there)."""
     from flex_flash_infer.backends import tile_kernels
-    from flex_flash_infer.mods.softcap import generate_softcap_score_mod
 
     _on_the_model(monkeypatch)
     fake_flashinfer.register_paged_variants(monkeypatch, tile_kernels)
     B, Hq, Hkv, L, D = 1, 4, 2, 1000, 16
-    mask_mod = _tile_mask(L, 128, 0.4, False, rng)
-    bm = create_block_mask(mask_mod, None, None, L, L, device="cpu", BLOCK_SIZE=128)
-    softcap = generate_softcap_score_mod(5.0)
-    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
-                                             score_mod=softcap)
+    mask_mod, bm, softcap, plan = _soft_capped_tiles(B, Hq, Hkv, L, D, False, rng)
     assert plan.plan.soft_cap is None and plan_route(plan) == "tiles/compiled"
-    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
-    k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
-    v = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
-    out, _ = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
-    ref_out, _ = dense_attention(q, k, v, _dense(mask_mod, Hq, L), score_fn=lambda s, *idx: softcap(s, *idx))
-    assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-6
+    _check(plan, mask_mod, B, Hq, Hkv, L, D, rng, softcap)
 
 
 def test_query_tiles_without_a_whole_tile_get_theirs_from_the_partial_launch(monkeypatch, rng):
