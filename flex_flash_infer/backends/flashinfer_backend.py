@@ -82,22 +82,19 @@ def _is_hopper(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
-class _NoGatherLaunch(Exception):
-    """_HeadGroup was given a soft cap for the tile-gather launch, and that launch does not run here."""
-
-
 class _HeadGroup:
     """The launches of one head group: all heads at once, or one query head of a per-head mask.
     With variants (tile_kernels.TileVariants) the launches run compiled mods: key_positions
-    gives the first key position of each page of a batch entry."""
+    gives the first key position of each page of a batch entry. gather: the whole tiles' launch
+    made already (a soft-capped tile_gather launch), else made here where it serves."""
 
     def __init__(self, tile_plan, mask_mod, head, shape, dtype, scale, workspace, block_size,
-                 variants=None, key_positions=None, soft_cap=None):
+                 variants=None, key_positions=None, gather=None):
         import flashinfer
 
         batch, q_len, kv_len, hq, hkv, head_dim = shape
         block_q, block_kv = block_size
-        if soft_cap is not None and tile_plan.partial is not None:   # the partial launch would go without it
+        if gather is not None and gather.soft_cap and tile_plan.partial is not None:   # the partial launch would go without it
             raise RuntimeError("flex_flash_infer: a soft cap on the tile-gather launch with partial tiles beside it")
         common = dict(num_qo_heads=hq, num_kv_heads=hkv, head_dim_qk=head_dim, page_size=block_kv,
                       causal=False, sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype,
@@ -116,13 +113,10 @@ class _HeadGroup:
             backend = "fa3" if _is_hopper(workspace.device) else "fa2"
             launch = tile_plan.full
             # whole tiles of 128 keys on the TMA kernel, each request gathering its tiles (tile_gather.py)
-            # (soft_cap: FlashInfer's, the score_mod of a plan without partial tiles: FlashInferPlan)
-            gather = (tile_gather.built_launch(tile_plan, launch, block_kv, shape, dtype, scale, workspace, soft_cap)
-                      if backend == "fa3" and variants is None else None)
+            if gather is None and backend == "fa3" and variants is None:
+                gather = tile_gather.built_launch(tile_plan, launch, block_kv, shape, dtype, scale, workspace)
             if gather is not None:
                 self.full = gather
-            elif soft_cap is not None:   # FlashInferPlan runs the compiled score_mod instead
-                raise _NoGatherLaunch
             elif variants is not None and variants.full_jit_args is not None:
                 self.full = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                     workspace, "NHD", backend=variants.full_backend, jit_args=variants.full_jit_args)
@@ -302,19 +296,12 @@ class FlashInferPlan:
             group_shape = (batch, q_len, kv_len, 1, 1, head_dim) if plan.head_major else self.shape
             # a soft cap over whole tiles alone: the tile-gather kernel's own soft cap, where it runs
             # (else the compiled score_mod, as every other score_mod on tiles)
-            soft_cap = plan.soft_cap if hopper and plan.soft_cap is not None and tile_gather.builds_here(
-                dtype, head_dim, block_kv, soft_cap=True) else None
-            group = None
-            if soft_cap is not None:
-                try:
-                    group = _HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
-                                       plan.block_size, soft_cap=soft_cap)
-                except _NoGatherLaunch:   # the soft-capped launch did not come: the compiled score_mod, never no cap
-                    pass
-            if group is None:
-                group = _HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
-                                   plan.block_size, variants(block_kv))
-            self.groups.append(group)
+            gather = (tile_gather.built_launch(plan.tiles, plan.tiles.full, block_kv, group_shape, dtype, scale,
+                                               workspace, plan.soft_cap)
+                      if hopper and plan.soft_cap is not None and plan.tiles.full is not None else None)
+            self.groups.append(_HeadGroup(plan.tiles, block_mask.mask_mod, None, group_shape, dtype, scale, workspace,
+                                          plan.block_size, None if gather is not None else variants(block_kv),
+                                          gather=gather))
 
     def _pages(self, x: torch.Tensor) -> torch.Tensor:
         """[B, KV_LEN, H, D] -> pages [B * nKV, block_kv, H, D] (zero-padded tail tile)."""

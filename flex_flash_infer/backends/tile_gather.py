@@ -87,22 +87,17 @@ class TileGatherLaunch:
                                 None, None, None, None, self.soft_cap, self.scale, 1.0, 0, return_lse=return_lse)
 
 
-def builds_here(dtype, head_dim: int, block_kv: int, soft_cap: bool = False) -> bool:
-    """Whether the module serves (key tiles of 128, a dtype and head_dim it takes, headers that take
-    the patches) and builds here (said once when it does not): the first ask compiles it where it
-    is neither prebuilt nor cached (about a minute)."""
-    if not serves(dtype, head_dim, block_kv):
-        return False
-    return own_modules.builds(jit_args(dtype, head_dim, soft_cap),
-                              f"the tile-gather kernel ({dtype}, head_dim {head_dim}{', soft cap' if soft_cap else ''})",
-                              "whole tiles run on FlashInfer's paged kernel" + (" (a compiled soft cap)" if soft_cap else ""))
-
-
 def built_launch(tile_plan, launch, block_kv: int, shape, dtype, scale: float, workspace,
                  soft_cap: float | None = None):
-    """A TileGatherLaunch, or None when its module does not serve or build here (builds_here): the
-    caller runs FlashInfer's paged kernel."""
-    if not builds_here(dtype, shape[-1], block_kv, soft_cap is not None):
+    """A TileGatherLaunch, or None when its module does not serve (key tiles of 128, a dtype and
+    head_dim it takes, headers that take the patches) or does not build here (said once; the
+    first ask compiles it where it is neither prebuilt nor cached, about a minute): the caller runs
+    FlashInfer's paged kernel (with a soft cap, the compiled score_mod)."""
+    head_dim, capped = shape[-1], soft_cap is not None
+    if not serves(dtype, head_dim, block_kv) or not own_modules.builds(
+            jit_args(dtype, head_dim, capped),
+            f"the tile-gather kernel ({dtype}, head_dim {head_dim}{', soft cap' if capped else ''})",
+            "whole tiles run on FlashInfer's paged kernel" + (" (a compiled soft cap)" if capped else "")):
         return None
     # the listed keys' offsets are FlashInfer's int32 (past 2^31 - 1 they would wrap: about 16
     # million tiles, a whole mask at half a million tokens); the paged launch counts pages instead

@@ -46,8 +46,9 @@ class AttentionPlan:
     head_bands: bands-per-head, ((query heads, key heads, bands), ...). tiles: the tile plan of
     the tiles routes (head_major: every head in one launch set). score_mod: the tiles and
     columns run a compiled score_mod variant (on tiles, unless soft_cap: a soft cap over whole
-    tiles of 128 alone, which Hopper's tile-gather kernel runs as FlashInfer's own). score_factor: the score_mod was c * score and runs
-    as FlashInfer's own scale times c (no variant), else None."""
+    tiles of 128 alone, which Hopper's tile-gather kernel runs as FlashInfer's own).
+    score_factor: the score_mod was c * score and runs as FlashInfer's own scale times c (no
+    variant), else None."""
     route: str
     shape: tuple
     block_size: tuple
