@@ -218,8 +218,7 @@ def score_mod_cases(device="cpu"):
     from flex_flash_infer.mods import (generate_alibi_score_mod, generate_relative_position_bias_score_mod,
                                        generate_softcap_score_mod)
 
-    # tables on device, as for case_masks
-    table = (torch.randn(32, 257, generator=torch.Generator().manual_seed(SEED)) * 0.5).to(device)
+    table = bias_table(device)
     # FlashInfer's own soft cap (fa3) and ALiBi (fa2 only) as the native rows: what the same
     # transform costs in FlashInfer's hand-written variants, beside our compiled ones
     return {"softcap+causal": ("causal", generate_softcap_score_mod(20.0), {"causal": True, "logits_soft_cap": 20.0}),
@@ -229,6 +228,27 @@ def score_mod_cases(device="cpu"):
             "identity+causal": ("causal", identity_score_mod, None),
             # the tiles route (full tiles in fa3, partial ones in fa2): tile_kernels' variants
             "softcap+random_tiles": ("random_tiles", generate_softcap_score_mod(20.0), None)}
+
+
+def bias_table(device="cpu"):
+    """The relative-position rows' table [32 heads, 257 distances] (on device, as for case_masks)."""
+    return (torch.randn(32, 257, generator=torch.Generator().manual_seed(SEED)) * 0.5).to(device)
+
+
+def fa4_score_mods(device="cpu"):
+    """name -> the case's score_mod as a user of torch flex on FlashAttention-4 writes it, where
+    the library's form does not compile there: torch 2.11's CuTe DSL lowering has no `minimum`
+    (a clamp), so the relative-position bias clamps its distance with where. The same values:
+    the FA4 row is checked against the reference like every row."""
+    table = bias_table(device)
+    reach = table.shape[-1] // 2
+
+    def relative_position_bias_by_where(score, b, h, q_idx, kv_idx):
+        distance = q_idx - kv_idx + reach
+        distance = torch.where(distance > 2 * reach, 2 * reach, distance)
+        return score + table[h, torch.where(distance < 0, 0, distance)]
+
+    return {"rel_bias+causal": relative_position_bias_by_where}
 
 
 def reference_rows(q, k, v, mask_mod, rows, score_mod=None):
@@ -254,10 +274,12 @@ def rel_error(out_rows, ref):
 
 
 def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, heads_q=32, heads_kv=8,
-               dtype=torch.bfloat16, with_flex=True, score_mod=None, device="cuda", profile=False):
+               dtype=torch.bfloat16, with_flex=True, score_mod=None, device="cuda", profile=False,
+               fa4_score_mod=None):
     """The rows of one case. device is "cuda" but for the CPU tests of this orchestration, which
     run it on the CPU model of FlashInfer's kernels. profile: every timed row also gets its host
-    time, GPU kernels (profile.py), and our call replayed from a CUDA graph is timed beside."""
+    time, GPU kernels (profile.py), and our call replayed from a CUDA graph is timed beside.
+    fa4_score_mod: the score_mod as FA4 flex takes it (fa4_score_mods), else score_mod."""
     import flashinfer
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask  # eager: built once
     from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
@@ -320,7 +342,7 @@ def bench_case(name, seq_len, head_dim, mask_mod, native_kwargs, sdpa_causal, he
         else:
             fa4 = torch.compile(functools.partial(torch_flex_attention, kernel_options={"BACKEND": "FLASH"}),
                                 dynamic=False)
-            impls["torch_flex_fa4"] = lambda: fa4(qh, kh, vh, score_mod=score_mod, block_mask=tbm,
+            impls["torch_flex_fa4"] = lambda: fa4(qh, kh, vh, score_mod=fa4_score_mod or score_mod, block_mask=tbm,
                                                   enable_gqa=True)[0].transpose(0, 1)
     if sdpa_causal is not None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -428,12 +450,14 @@ def _run_benchmark(seq_lens, cases, out_path, with_flex, profile, head_dims):
                 torch.cuda.empty_cache()
                 # saved after every case, so that a run cut short keeps what it measured
                 result = _save(out_path, device, flashinfer.__version__, earlier, rows, notes)
+        fa4_forms = fa4_score_mods("cuda")
         for name, (mask_name, score_mod, native) in score_mod_cases("cuda").items():
             if (cases and name not in cases) or 128 not in head_dims:
                 continue
             t0 = time.time()
             new = case_or_report(failed, f"{name} {seq_len}", bench_case, name, seq_len, 128, masks[mask_name][0],
-                                  native, None, with_flex=with_flex, score_mod=score_mod, profile=profile)
+                                  native, None, with_flex=with_flex, score_mod=score_mod, profile=profile,
+                                  fa4_score_mod=fa4_forms.get(name))
             rows.extend(new)
             print_table(new)
             print(f"    ({time.time() - t0:.0f} s for this case)", flush=True)

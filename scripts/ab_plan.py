@@ -4,6 +4,8 @@ causal, sliding_window(1024), soft cap + causal, and streaming(4, 1024), whose s
 bit-mask launch) from this checkout ("after") and from an older
 copy of the package ("before", loaded under another name), interleaved. Each side's run() is
 first checked against the reference backend in float32. Issue 23 asks for plan() at most 0.3 ms.
+Beside them, the floor: FlashInfer's own decode wrapper planned on the same tables (host or
+device indptr), its output checked too.
 Then "after" once more with the per-request tables on the host (FlashInfer's own advice for its
 plan(): only the page ids on the GPU), and a cProfile of "after"'s plan() by own time (the GPU
 host's share of each function, which the CPU model cannot show).
@@ -41,6 +43,22 @@ def step_tables(batch=64, context=8192, page=16, hkv=8, d=128, dtype=torch.bfloa
               torch.full((batch,), page, device="cuda", dtype=torch.int32))                    # kv_last_page_len
     q = torch.randn(batch, 32, d, device="cuda", dtype=dtype, generator=gen)
     return tables, cache, q
+
+
+def flashinfer_own_plan(plan_args, name, score):
+    """(plan, run) of FlashInfer's tensor-core decode wrapper planned on the step's tables as
+    PagedFlexAttention's decode launch plans it (backend "fa2", the window and soft cap as its
+    flags): what a FlashInfer user's own plan() of the same step costs."""
+    import flashinfer
+    from flex_flash_infer.backends.flashinfer_backend import default_workspace
+
+    _, qo_indptr, kv_indptr, kv_indices, last, hq, hkv, d, page = plan_args
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(default_workspace(kv_indices.device), "NHD",
+                                                           use_tensor_cores=True, backend="fa2")
+    kwargs = dict(window_left=1023 if name == "sliding_window" else -1, sm_scale=d ** -0.5,
+                  logits_soft_cap=30.0 if score is not None else None, q_data_type=torch.bfloat16,
+                  kv_data_type=torch.bfloat16, o_data_type=torch.bfloat16)
+    return (lambda: wrapper.plan(kv_indptr, kv_indices, last, hq, hkv, d, page, **kwargs)), wrapper.run
 
 
 def main():
@@ -92,6 +110,21 @@ def main():
             torch.cuda.synchronize()
             times["after, host tables"].append((time.perf_counter() - start) * 1e3)
         sides["after, host tables"] = sides["after"]
+        if name != "streaming":   # the floor: FlashInfer's own decode plan of the same step, as ours calls it
+            for form, form_args in (("device", plan_args), ("host", host_args)):
+                label = f"flashinfer's own plan, {form} tables"
+                own, run_own = flashinfer_own_plan(form_args, name, score)
+                own()
+                rel = ((run_own(q, cache).float() - ref).norm() / ref.norm()).item()
+                assert rel < 2e-2, (name, label, rel)
+                times[label] = []
+                for r in range(args.rounds):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    own()
+                    torch.cuda.synchronize()
+                    times[label].append((time.perf_counter() - start) * 1e3)
+                sides[label] = (None, None, None, rel)
         profile = cProfile.Profile()
         torch.cuda.synchronize()
         profile.enable()

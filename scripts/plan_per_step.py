@@ -4,13 +4,18 @@ the planning work of a serving step without a GPU, and the torch operators it ru
 operator on a device table is a launch or a copy). Issue 23 asks for plan() at most 0.3 ms on a
 GPU host, FlashInfer's own plan included (scripts/ab_plan.py times that on the GPU).
 
-    PYTHONPATH=.:tests python scripts/plan_per_step.py [--json OUT.json]
+    PYTHONPATH=.:tests python scripts/plan_per_step.py [--json OUT.json] [--before DIR]
+
+--before DIR: also an older copy of the package (git archive OLD flex_flash_infer | tar -x -C DIR),
+timed in alternating rounds with this checkout, each side's plan checked to give the same tables.
 """
 import argparse
 import collections
 import datetime
+import functools
 import json
 import os
+import pathlib
 import statistics
 import sys
 import time
@@ -28,9 +33,15 @@ from flex_flash_infer.mods.registry import get_mask_fn  # noqa: E402
 from flex_flash_infer.mods.softcap import generate_softcap_score_mod  # noqa: E402
 from flex_flash_infer_bench.provenance import source_commit  # noqa: E402
 
-for module in (flashinfer_backend, paged):
-    module._is_hopper = lambda device: True
-paged.unsupported_reason = lambda *a: None
+
+
+def as_planning_on_hopper(package_paged, package_backend):
+    for module in (package_backend, package_paged):
+        module._is_hopper = lambda device: True
+    package_paged.unsupported_reason = lambda *a: None
+
+
+as_planning_on_hopper(paged, flashinfer_backend)
 
 
 class _Count(TorchDispatchMode):
@@ -47,6 +58,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="")
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--before", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
     batch, context, page = 64, 8192, 16
@@ -55,24 +68,46 @@ def main():
     tables = (torch.arange(batch + 1, dtype=torch.int32), torch.arange(batch + 1, dtype=torch.int32) * pages_per,
               torch.randperm(batch * pages_per, generator=gen).to(torch.int32),
               torch.full((batch,), page, dtype=torch.int32))
+    sides = [("after", paged, get_mask_fn, generate_softcap_score_mod)]
+    if args.before:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ab_layout import load_before
+        old = load_before(pathlib.Path(args.before))
+        import importlib
+        as_planning_on_hopper(importlib.import_module("ffi_before.paged"),
+                              importlib.import_module("ffi_before.backends.flashinfer_backend"))
+        sides.insert(0, ("before", importlib.import_module("ffi_before.paged"), old.get_mask_fn,
+                         old.mods.generate_softcap_score_mod))
     rows = []
-    for name, mask, score in (("causal", get_mask_fn("causal"), None),
-                              ("sliding_window", get_mask_fn("sliding_window", window_size=1024), None),
-                              ("softcap+causal", get_mask_fn("causal"), generate_softcap_score_mod(30.0))):
-        ours = paged.PagedFlexAttention(device="cpu", backend="flashinfer")
-        plan_args = (mask, *tables, 32, 8, 128, page)
-        ours.plan(*plan_args, dtype=torch.bfloat16, score_mod=score)
-        with _Count() as count:
-            ours.plan(*plan_args, dtype=torch.bfloat16, score_mod=score)
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(args.calls):
-                ours.plan(*plan_args, dtype=torch.bfloat16, score_mod=score)
-            times.append((time.perf_counter() - start) / args.calls * 1e3)
-        row = {"case": name, "plan_ms": statistics.median(times), "torch_ops": sum(count.ops.values())}
-        rows.append(row)
-        print(f"{name:16s} plan {row['plan_ms']:.3f} ms, {row['torch_ops']} torch operators", flush=True)
+    for name in ("causal", "sliding_window", "softcap+causal"):
+        timed = {}
+        for side, package_paged, masks, softcap in sides:
+            mask = masks("sliding_window", window_size=1024) if name == "sliding_window" else masks("causal")
+            score = softcap(30.0) if name == "softcap+causal" else None
+            ours = package_paged.PagedFlexAttention(device="cpu", backend="flashinfer")
+            call = functools.partial(ours.plan, mask, *tables, 32, 8, 128, page, dtype=torch.bfloat16,
+                                     score_mod=score)
+            call()
+            with _Count() as count:
+                call()
+            timed[side] = (call, ours, count, [])
+        plans = [t[1]._planned["plan"].full for t in timed.values()]
+        for a in plans[1:]:   # the same launch tables from each side
+            for field in ("kv_indptr", "kv_indices", "last_page_len"):
+                assert torch.equal(getattr(a, field), getattr(plans[0], field)), (name, field)
+            assert (a.causal, a.window_left) == (plans[0].causal, plans[0].window_left), name
+        for _ in range(args.rounds):
+            for call, _, _, times in timed.values():
+                start = time.perf_counter()
+                for _ in range(args.calls):
+                    call()
+                times.append((time.perf_counter() - start) / args.calls * 1e3)
+        for side, (_, _, count, times) in timed.items():
+            row = {"case": name, "side": side, "plan_ms": statistics.median(times),
+                   "torch_ops": sum(count.ops.values())}
+            rows.append(row)
+            print(f"{name:16s} {side:7s} plan {row['plan_ms']:.3f} ms, {row['torch_ops']} torch operators",
+                  flush=True)
     if args.json:
         result = {"what": "PagedFlexAttention.plan() host time, CPU model", "commit": source_commit(),
                   "date": datetime.date.today().isoformat(), "torch": torch.__version__, "rows": rows}

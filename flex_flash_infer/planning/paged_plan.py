@@ -116,14 +116,14 @@ def _page_ids(kv_page_indices, host_kv, req, local, device) -> torch.Tensor:
     return kv_page_indices.index_select(0, _page_places(host_kv, req, local).to(device))
 
 
-def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int):
+def request_lengths(q, kv, last, page_size: int):
     """(qo_len, kv_len, pages per request), checked: the queries are the newest cached tokens.
-    Host int64 tensors in, host int64 tensors out; worked out in numpy (plan() runs at every
-    decode step, and each torch operator costs microseconds of dispatch on a few dozen entries)."""
-    if qo_indptr.numel() != kv_page_indptr.numel():
+    numpy int64 arrays (qo_indptr, kv_page_indptr, kv_last_page_len on the host) in and out: plan()
+    runs at every decode step, and each torch operator costs microseconds of dispatch on a few
+    dozen entries."""
+    if q.size != kv.size:
         raise ValueError(f"qo_indptr and kv_page_indptr must have one entry per request plus one, got "
-                         f"{qo_indptr.numel()} and {kv_page_indptr.numel()}")
-    q, kv, last = (t.long().numpy() for t in (qo_indptr, kv_page_indptr, kv_last_page_len))
+                         f"{q.size} and {kv.size}")
     qo_len, pages = q[1:] - q[:-1], kv[1:] - kv[:-1]
     if last.size != pages.size:
         raise ValueError(f"kv_last_page_len must have one entry per request ({pages.size}), got {last.size}")
@@ -140,7 +140,7 @@ def request_lengths(qo_indptr, kv_page_indptr, kv_last_page_len, page_size: int)
         r = int(over.nonzero()[0][0])
         raise ValueError(f"request {r} has {int(qo_len[r])} queries but {int(kv_len[r])} cached keys: the queries "
                          "are the newest tokens, so append their keys to the cache before planning")
-    return torch.from_numpy(qo_len), torch.from_numpy(kv_len), torch.from_numpy(pages)
+    return qo_len, kv_len, pages
 
 
 def _classify(mask_mod, req, local, page_len, q_start, qo_len, page_size, keep_partial_bits, max_q, heads=1):
@@ -256,30 +256,34 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
                              ("kv_last_page_len", kv_last_page_len))]
     # what lies on the device (the page ids' range always, unless the ids are on the host) comes
     # back in one copy: one wait for the GPU instead of one per table and check
-    if kv_page_indices.numel() == 0:
-        id_range = torch.tensor([0, -1])
-    else:
-        low, high = torch.aminmax(kv_page_indices)
-        id_range = torch.cat([low.view(1), high.view(1)])
-    tables = small + [id_range]
+    ids_here = kv_page_indices.numel() == 0 or kv_page_indices.device.type == "cpu"
+    tables = small + ([] if ids_here else [torch.stack(torch.aminmax(kv_page_indices))])
     away = [i for i, t in enumerate(tables) if t.device.type != "cpu"]
     if away:
         back = torch.cat([tables[i].to(tables[away[0]].device) for i in away]).cpu()
         for i, t in zip(away, back.split([tables[i].numel() for i in away])):
             tables[i] = t
-    # host copies of the caller's tables (a server writes its next step into the same buffers)
-    host_q, host_kv, host_last, host_ids = (t.to(torch.int64, copy=True) for t in tables)
-    min_id, max_id = host_ids.tolist()
+    # host copies of the caller's tables (a server writes its next step into the same buffers),
+    # in numpy: a decode step's plan is a few dozen operations on a few dozen entries, and numpy's
+    # cost less than torch's dispatch
+    host_q, host_kv, host_last = (t.numpy().astype(np.int64) for t in tables[:3])
+    if kv_page_indices.numel() == 0:
+        min_id, max_id = 0, -1
+    elif ids_here:
+        ids = kv_page_indices.numpy()
+        min_id, max_id = int(ids.min()), int(ids.max())
+    else:
+        min_id, max_id = tables[3].tolist()
     if min_id < 0:
         raise ValueError("kv_page_indices must be non-negative page ids")
     qo_len, kv_len, pages = request_lengths(host_q, host_kv, host_last, page_size)
-    R = pages.numel()
+    R = pages.size
     if kv_page_indices.numel() != int(host_kv[-1]):
         raise ValueError(f"kv_page_indices must have kv_page_indptr[-1] = {int(host_kv[-1])} entries, "
                          f"got {kv_page_indices.numel()}")
-    all_decode = bool((qo_len.numpy() == 1).all())
-    max_q = int(qo_len.numpy().max()) if R else 0
-    max_kv = int(kv_len.numpy().max()) if R else 0
+    all_decode = bool((qo_len == 1).all())
+    max_q = int(qo_len.max()) if R else 0
+    max_kv = int(kv_len.max()) if R else 0
     # a user's own causal or window mask states no hint: its flags come from its expression, read
     # at every plan (a mask reading a global may change between steps)
     flags = (_hinted_flags(mask_mod, max_kv) or paged_flags(mask_mod)) if heads == 1 and _hints else None
@@ -288,10 +292,13 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if flags is not None:
         return _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len,
                                 pages, page_size, all_decode, max_kv, device, positions, max_id)
+    # the paths below work in torch, on these host tensors (views of the numpy copies)
+    host_q, host_kv, host_last, qo_len, kv_len, pages = (torch.from_numpy(t) for t in (host_q, host_kv, host_last,
+                                                                                       qo_len, kv_len, pages))
     columns = _hinted_window_columns(mask_mod) if _hints and heads == 1 and native_window else None
     if columns is not None:
-        window = _plan_from_flags((True, columns[0]), kv_page_indices, host_q, host_kv, host_last, qo_len,
-                                  kv_len, pages, page_size, all_decode, max_kv, device, positions, max_id)
+        window = _plan_from_flags((True, columns[0]), kv_page_indices, *(t.numpy() for t in (
+            host_q, host_kv, host_last, qo_len, kv_len, pages)), page_size, all_decode, max_kv, device, positions, max_id)
         if columns[1] >= columns[2]:   # no column keys (no sinks): the window alone
             return window
         # the pages' states depend on the positions alone: worked out from host copies of the
@@ -450,43 +457,43 @@ def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len,
     decode step's on the decode kernel) over each request's pages from the first its first query
     sees, causal and window aligned to the bottom right as FlashInfer does. A page is partial when
     it holds keys past a request's first query or before its last query's window; the pages of a
-    request without queries, or before every window, are empty. Worked out per request on the
-    host (plan() runs at every decode step): per-page work only where a window skips pages (one
-    gather of the page ids) or when positions or page_states are asked for."""
+    request without queries, or before every window, are empty. The tables are numpy int64 host
+    copies (request_lengths'); worked out per request in numpy (plan() runs at every decode step):
+    per-page work only where a window skips pages (one gather of the page ids) or when positions
+    or page_states are asked for."""
     causal, window_left = flags
-    # per request in numpy on the host copies (each torch operator would cost microseconds)
-    n_qo, n_kv, n_pages, n_last = qo_len.numpy(), kv_len.numpy(), pages.numpy(), host_last.numpy()
-    n_q_start = n_kv - n_qo
+    q_start = kv_len - qo_len
     # first listed page of each request: the page of its first query's first key (pages before it
     # hold only keys no query sees); all of them for a request without queries
-    n_first = (np.maximum(n_q_start - window_left, 0) // page_size if window_left >= 0
-               else np.zeros_like(n_pages))
-    n_first = np.where(n_qo > 0, n_first, n_pages)
-    n_counts = n_pages - n_first
-    q_start, first = torch.from_numpy(n_q_start), torch.from_numpy(n_first)
+    first = (np.maximum(q_start - window_left, 0) // page_size if window_left >= 0
+             else np.zeros_like(pages))
+    first = np.where(qo_len > 0, first, pages)
+    counts = pages - first
 
     def page_states():
-        req, local = pages_of_requests(pages, torch.zeros_like(pages))
-        page_len = _page_lengths(req, local, pages, host_last, page_size)
+        t_pages, t_first, t_q_start = torch.from_numpy(pages), torch.from_numpy(first), torch.from_numpy(q_start)
+        req, local = pages_of_requests(t_pages, torch.zeros_like(t_pages))
+        page_len = _page_lengths(req, local, t_pages, torch.from_numpy(host_last), page_size)
         first_key, last_key = local * page_size, local * page_size + page_len - 1
-        listed = local >= first[req]
+        listed = local >= t_first[req]
         partial = torch.zeros(req.numel(), dtype=torch.bool)
         if causal:
-            partial |= last_key > q_start[req]
+            partial |= last_key > t_q_start[req]
         if window_left >= 0:
-            partial |= first_key < (q_start + qo_len - 1)[req] - window_left   # the last query's window
+            # the last query's window
+            partial |= first_key < (t_q_start + torch.from_numpy(qo_len) - 1)[req] - window_left
         return torch.where(listed, torch.where(partial & listed, PARTIAL, FULL), EMPTY).to(torch.int8).to(device)
 
     spec = None
-    if n_counts.sum():
-        indptr = np.zeros(n_pages.size + 1, dtype=np.int32)
-        np.cumsum(n_counts, out=indptr[1:])
-        every_page = bool((n_counts == n_pages).all())
-        req, local = (pages_of_requests(torch.from_numpy(n_counts), first) if positions or not every_page
-                      else (None, None))
+    if counts.sum():
+        indptr = np.zeros(pages.size + 1, dtype=np.int32)
+        np.cumsum(counts, out=indptr[1:])
+        every_page = bool((counts == pages).all())
+        req, local = (pages_of_requests(torch.from_numpy(counts), torch.from_numpy(first))
+                      if positions or not every_page else (None, None))
         # a copy either way: a caller writing its next step into the same buffer must not change this plan
         indices = (kv_page_indices.to(torch.int32, copy=True) if every_page
-                   else _page_ids(kv_page_indices, host_kv, req, local, device))
+                   else _page_ids(kv_page_indices, torch.from_numpy(host_kv), req, local, device))
         # the per-request tables and positions stay on the host: FlashInfer's plan() reads its
         # tables there (a device table costs it a synchronising copy back) and copies them to the
         # GPU itself; the compiled variants' tables are copied over where they are built
@@ -494,12 +501,13 @@ def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len,
         # a page holds keys past its request's first query (causal's diagonal) when a request
         # has more than one query; with one query its own key is the request's last
         spec = PagedLaunchSpec(torch.from_numpy(indptr), indices.to(torch.int32),
-                               torch.from_numpy(np.where(n_counts > 0, n_last, 0).astype(np.int32)),
-                               causal=causal and bool((n_qo > 1).any()), window_left=window_left,
-                               kv_positions=kv_positions)
-    decode = spec is not None and all_decode and bool((n_pages > 0).all())
-    return PagedPlan(host_q.to(torch.int32), spec, None, decode, page_states, q_start=q_start,
-                     max_kv_len=max_kv, total_q=int(host_q[-1]), max_page_id=max_id)
+                               torch.from_numpy(np.where(counts > 0, host_last, 0).astype(np.int32)),
+                               causal=causal and bool((qo_len > 1).any()),
+                               window_left=window_left, kv_positions=kv_positions)
+    decode = spec is not None and all_decode and bool((pages > 0).all())
+    return PagedPlan(torch.from_numpy(host_q.astype(np.int32)), spec, None, decode, page_states,
+                     q_start=torch.from_numpy(q_start), max_kv_len=max_kv, total_q=int(host_q[-1]),
+                     max_page_id=max_id)
 
 
 def _own_first_pages(kv_page_indices, host_kv, device) -> torch.Tensor:

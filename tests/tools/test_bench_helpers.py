@@ -55,6 +55,22 @@ def test_reference_rows_apply_the_score_mod_like_dense_attention(rng):
             assert rel_err(got, reference_rows(q, k, v, mod, rows)) > 1e-3, name  # the mod changes the result
 
 
+def test_the_fa4_forms_of_a_score_mod_give_the_same_scores(rng):
+    from flex_flash_infer_bench.masks import fa4_score_mods, score_mod_cases
+
+    forms = fa4_score_mods()
+    assert forms   # the relative-position row has one
+    h = torch.arange(32).view(-1, 1, 1)
+    q_idx = torch.randint(0, 4096, (1, 64, 1), generator=rng)
+    kv_idx = torch.randint(0, 4096, (1, 1, 64), generator=rng)
+    kv_idx[..., :8] = q_idx[:, :8, 0].view(1, 1, 8)   # distances 0 and within the table's reach too
+    score = torch.randn(32, 64, 64, generator=rng)
+    for name, fa4_form in forms.items():
+        library_form = score_mod_cases()[name][1]
+        assert torch.equal(fa4_form(score, 0, h, q_idx, kv_idx), library_form(score, 0, h, q_idx, kv_idx)), name
+        assert not torch.equal(fa4_form(score, 0, h, q_idx, kv_idx), score), name
+
+
 def test_an_impl_that_failed_to_plan_reports_its_error_when_timed(monkeypatch):
     from flex_flash_infer_bench.masks import check_and_time, raising
 
