@@ -20,6 +20,7 @@ not decide it (or the mask does not trace):
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,7 +34,7 @@ from . import planner
 from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
 from ..core.notices import warn_once
 from ..core.trace import TraceError, trace
-from ..core.hints import stated_hint
+from ..core.hints import made_by_library, stated_hint
 
 CHUNK_ELEMENTS = 1 << 24
 # a streaming mask's sinks run as their own masked launch up to this many pages a request
@@ -76,6 +77,9 @@ class PagedPlan:
 
 def _int_vector(name: str, x, device=None, keep_int32: bool = False) -> torch.Tensor:
     """x as a checked 1-D integer tensor on device (None: where it is; a list goes to the host)."""
+    if (isinstance(x, torch.Tensor) and x.dim() == 1 and (x.dtype == torch.int64 or keep_int32 and x.dtype == torch.int32)
+            and (device is None or x.device == torch.device(device))):
+        return x   # what a server passes at every step: nothing to convert
     # an empty list would come out float32
     t = torch.as_tensor(x, device=device, dtype=torch.int64 if isinstance(x, (list, tuple)) and not x else None)
     if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
@@ -359,6 +363,12 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     return PagedPlan(host_q.to(torch.int32), full_spec, partial_spec, decode, states, **host)
 
 
+# a library mask's band hint -> its flags (or None) at the lengths _hinted_flags asks besides the
+# cache's own: its answers are fixed when it is made, and a server plans every step with it
+_FIXED_LENGTH_FLAGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+FIXED_LENGTHS = (7, 300, 4099)
+
+
 def _hinted_flags(mask_mod, max_kv: int) -> tuple[bool, int] | None:
     """(causal, window_left) when the mask is the library's causal, sliding-window or full mask
     (its band hint gives one band with those flags for any square length): then the pages need
@@ -369,11 +379,30 @@ def _hinted_flags(mask_mod, max_kv: int) -> tuple[bool, int] | None:
     hint = stated_hint(mask_mod, "band_hint")
     if hint is None:
         return None
+    # a hint around a user's mod reads what the user's reads, which may change: asked every time
+    fixed = made_by_library(mask_mod)
+    flags = _FIXED_LENGTH_FLAGS.get(hint, False) if fixed else False
+    if flags is False:
+        flags = _flags_at(hint, FIXED_LENGTHS)
+        if fixed:
+            _FIXED_LENGTH_FLAGS[hint] = flags
+    if flags is None:
+        return None
+    n = max(1, max_kv)
     try:
-        lowered = {n: hint(n, n) for n in (7, 300, 4099, max(1, max_kv))}
+        same = hint(n, n) == [(0, n, 0, n, *flags)]
     except Exception:   # a hint that cannot answer: evaluate the mask instead
         return None
-    first = lowered[7]
+    return flags if same else None
+
+
+def _flags_at(hint, lengths) -> tuple[bool, int] | None:
+    """(causal, window_left) when the hint gives one band with those flags at each of the lengths."""
+    try:
+        lowered = {n: hint(n, n) for n in lengths}
+    except Exception:   # a hint that cannot answer: evaluate the mask instead
+        return None
+    first = lowered[lengths[0]]
     if not (isinstance(first, list) and len(first) == 1 and len(first[0]) == 6):
         return None
     causal, window_left = bool(first[0][4]), int(first[0][5])
@@ -463,6 +492,17 @@ def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len,
     or page_states are asked for."""
     causal, window_left = flags
     q_start = kv_len - qo_len
+    if all_decode and window_left < 0 and not positions and pages.size:
+        # a decode step of a causal or full mask (the serving loop's common step): every request
+        # has its one query and lists all its pages, so the caller's tables are the launch's
+        first = np.zeros_like(pages)
+        spec = PagedLaunchSpec(torch.from_numpy(host_kv.astype(np.int32)), kv_page_indices.to(torch.int32, copy=True),
+                               torch.from_numpy(host_last.astype(np.int32)))
+        return PagedPlan(torch.from_numpy(host_q.astype(np.int32)), spec, None, True,
+                         _flag_page_states(causal, window_left, host_last, qo_len, pages, first, q_start, page_size,
+                                           device),
+                         q_start=torch.from_numpy(q_start), max_kv_len=max_kv, total_q=int(host_q[-1]),
+                         max_page_id=max_id)
     # first listed page of each request: the page of its first query's first key (pages before it
     # hold only keys no query sees); all of them for a request without queries
     first = (np.maximum(q_start - window_left, 0) // page_size if window_left >= 0
@@ -470,20 +510,7 @@ def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len,
     first = np.where(qo_len > 0, first, pages)
     counts = pages - first
 
-    def page_states():
-        t_pages, t_first, t_q_start = torch.from_numpy(pages), torch.from_numpy(first), torch.from_numpy(q_start)
-        req, local = pages_of_requests(t_pages, torch.zeros_like(t_pages))
-        page_len = _page_lengths(req, local, t_pages, torch.from_numpy(host_last), page_size)
-        first_key, last_key = local * page_size, local * page_size + page_len - 1
-        listed = local >= t_first[req]
-        partial = torch.zeros(req.numel(), dtype=torch.bool)
-        if causal:
-            partial |= last_key > t_q_start[req]
-        if window_left >= 0:
-            # the last query's window
-            partial |= first_key < (t_q_start + torch.from_numpy(qo_len) - 1)[req] - window_left
-        return torch.where(listed, torch.where(partial & listed, PARTIAL, FULL), EMPTY).to(torch.int8).to(device)
-
+    page_states = _flag_page_states(causal, window_left, host_last, qo_len, pages, first, q_start, page_size, device)
     spec = None
     if counts.sum():
         indptr = np.zeros(pages.size + 1, dtype=np.int32)
@@ -508,6 +535,26 @@ def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len,
     return PagedPlan(torch.from_numpy(host_q.astype(np.int32)), spec, None, decode, page_states,
                      q_start=torch.from_numpy(q_start), max_kv_len=max_kv, total_q=int(host_q[-1]),
                      max_page_id=max_id)
+
+
+def _flag_page_states(causal, window_left, host_last, qo_len, pages, first, q_start, page_size, device):
+    """What works out a flags plan's page_states when asked (tests and tools only): a page before
+    its request's first listed one is empty, a listed one partial where it holds keys past the
+    request's first query (causal) or before its last query's window."""
+    def page_states():
+        t_pages, t_first, t_q_start = torch.from_numpy(pages), torch.from_numpy(first), torch.from_numpy(q_start)
+        req, local = pages_of_requests(t_pages, torch.zeros_like(t_pages))
+        page_len = _page_lengths(req, local, t_pages, torch.from_numpy(host_last), page_size)
+        first_key, last_key = local * page_size, local * page_size + page_len - 1
+        listed = local >= t_first[req]
+        partial = torch.zeros(req.numel(), dtype=torch.bool)
+        if causal:
+            partial |= last_key > t_q_start[req]
+        if window_left >= 0:
+            # the last query's window
+            partial |= first_key < (t_q_start + torch.from_numpy(qo_len) - 1)[req] - window_left
+        return torch.where(listed, torch.where(partial & listed, PARTIAL, FULL), EMPTY).to(torch.int8).to(device)
+    return page_states
 
 
 def _own_first_pages(kv_page_indices, host_kv, device) -> torch.Tensor:

@@ -348,3 +348,43 @@ def test_streaming_page_states_are_the_planned_steps_after_the_buffers_are_rewri
     last.fill_(1)
     qo_indptr.copy_(torch.tensor([0, 0, 1]))
     assert torch.equal(plan.page_states, want)
+
+
+@pytest.mark.parametrize("name", ["causal", "full"])
+def test_a_decode_steps_plan_keeps_the_step_it_was_given(rng, name):
+    """A decode step of a causal or full mask takes the caller's tables as its launch's (every
+    request lists all its pages): the same launch as the general flags plan, copies of the tables
+    (a server writes its next step into the same buffers before run()), and the page states the
+    evaluated plan gives."""
+    mod = get_mask_fn(name)
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, [40, 70, 16, 1], [1, 1, 1, 1], 16)
+    tables = [t.to(torch.int32) for t in (qo_indptr, kv_page_indptr, indices, last)]
+    plan = plan_paged(mod, *tables, 16, positions=False)
+    general = plan_paged(mod, *tables, 16, positions=True)   # positions asked: the general flags path
+    evaluated = plan_paged(mod, *tables, 16, _hints=False)
+    want = [t.clone() for t in (plan.full.kv_indptr, plan.full.kv_indices, plan.full.last_page_len, plan.qo_indptr)]
+    for field in ("kv_indptr", "kv_indices", "last_page_len"):
+        assert torch.equal(getattr(plan.full, field), getattr(general.full, field)), field
+    assert (plan.decode, plan.full.causal, plan.full.window_left, plan.partial) == (True, False, -1, None)
+    assert torch.equal(plan.q_start, general.q_start) and plan.total_q == 4 and plan.max_kv_len == 70
+    tables[1].copy_(torch.tensor([0, 1, 2, 3, 4]))
+    tables[2].copy_(tables[2].flip(0))
+    tables[3].fill_(3)
+    got = (plan.full.kv_indptr, plan.full.kv_indices, plan.full.last_page_len, plan.qo_indptr)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(plan.page_states, evaluated.page_states)
+    out, _ = simulate(plan, q, kc, vc, q.shape[-1] ** -0.5)
+    ref_out, _ = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
+    assert rel_err(out, ref_out) < 1e-12
+
+
+def test_a_library_masks_flags_are_asked_at_the_caches_length_every_step(rng):
+    """The library's band hints are asked once at the fixed lengths, then at each step's longest
+    request: a prefix-LM whose prefix the cache outgrows between steps stops planning as full."""
+    mod = get_mask_fn("prefix_lm", prefix_len=5000)   # full below 5000 keys (the fixed lengths among them)
+    assert paged_plan._hinted_flags(mod, 4900) == (False, -1)
+    assert paged_plan._hinted_flags(mod, 4900) == (False, -1)   # remembered answers, the same
+    assert paged_plan._hinted_flags(mod, 5001) is None
+    assert paged_plan._hinted_flags(get_mask_fn("prefix_lm", prefix_len=100), 90) is None   # not full at 300
+    assert paged_plan._hinted_flags(get_mask_fn("causal"), 5000) == (True, -1)
+    assert paged_plan._hinted_flags(get_mask_fn("sliding_window", window_size=64), 5000) == (True, 63)
