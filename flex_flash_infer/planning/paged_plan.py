@@ -93,10 +93,15 @@ def pages_of_requests(counts: torch.Tensor, first: torch.Tensor) -> tuple[torch.
     is gathered with index_select: torch's CPU advanced indexing and repeat_interleave hand a few
     thousand entries to its thread pool, which stalls a decode step's plan on a host whose cores
     are busy (docs/design.md, section 4)."""
-    c = counts.numpy()
-    req = np.repeat(np.arange(c.size), c)
-    local = np.arange(req.size) - (np.cumsum(c) - c)[req] + first.numpy()[req]
+    req, local = _pages_of_requests(counts.numpy(), first.numpy())
     return torch.from_numpy(req), torch.from_numpy(local)
+
+
+def _pages_of_requests(counts, first):
+    """pages_of_requests on numpy int64 arrays."""
+    req = np.repeat(np.arange(counts.size), counts)
+    local = np.arange(req.size) - (np.cumsum(counts) - counts)[req] + first[req]
+    return req, local
 
 
 def _page_lengths(req, local, pages, host_last, page_size: int) -> torch.Tensor:
@@ -307,14 +312,14 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
             return window
         # the pages' states depend on the positions alone: worked out from host copies of the
         # tables (a server writes its next step into the same buffers), with stand-in page ids
-        listed = torch.arange(kv_page_indices.numel())
+        num_ids = kv_page_indices.numel()
 
         def page_states():   # asked by tests and tools only: the pages as evaluating them decides
-            return plan_paged(mask_mod, host_q.clone(), host_kv.clone(), listed, host_last.clone(), page_size, device,
-                              positions=positions, _hints=False).page_states
+            return plan_paged(mask_mod, host_q.clone(), host_kv.clone(), torch.arange(num_ids), host_last.clone(),
+                              page_size, device, positions=positions, _hints=False).page_states
 
-        plan = _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_len, kv_len, pages,
-                                  page_size, device, page_states)
+        plan = _with_column_pages(window, columns, kv_page_indices, *(t.numpy() for t in (
+            host_kv, host_last, qo_len, kv_len, pages)), page_size, device, page_states)
         if plan is not None:
             return plan
     req, local = pages_of_requests(pages, torch.zeros_like(pages))
@@ -434,45 +439,48 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     on the host over the column pages only: a decode step's cost does not grow with the cache.
     None (evaluate the pages instead) when the columns span more than MAX_COLUMN_PAGES pages or
     their bits more than CHUNK_ELEMENTS: many sink pages are better read by the unmasked launch
-    where every query sees them, and a long prefill's rows would pad every decode request's."""
+    where every query sees them, and a long prefill's rows would pad every decode request's.
+    The tables are numpy int64 host copies (request_lengths')."""
     window_left, first, stop = columns
-    R = pages.numel()
+    R = pages.size
     q_start = kv_len - qo_len
     # each request's pages holding keys first .. stop - 1 (clipped to its keys)
-    lo = torch.clamp(torch.full((R,), first), max=kv_len)
-    hi = torch.minimum(torch.full((R,), stop), kv_len)
+    lo, hi = np.minimum(first, kv_len), np.minimum(stop, kv_len)
     page_lo = lo // page_size
-    page_hi = torch.where(hi > lo, (hi - 1) // page_size + 1, page_lo)
+    page_hi = np.where(hi > lo, (hi - 1) // page_size + 1, page_lo)
     # a request whose last query sees every column key inside its window needs none of them
     reaches = (hi > lo) & (qo_len > 0) & (lo <= q_start + qo_len - 1 - window_left - 1)
-    counts = torch.where(reaches, page_hi - page_lo, 0)
+    counts = np.where(reaches, page_hi - page_lo, 0)
     max_q = int(qo_len.max()) if R else 0
-    if int(counts.max() if R else 0) > MAX_COLUMN_PAGES or int(counts.sum()) * max_q * page_size > CHUNK_ELEMENTS:
+    total = int(counts.sum())
+    if (int(counts.max()) if R else 0) > MAX_COLUMN_PAGES or total * max_q * page_size > CHUNK_ELEMENTS:
         return None
-    if int(counts.sum()) == 0:
+    if total == 0:
         window.states = page_states
         return window
-    req, local = pages_of_requests(counts, page_lo)
-    page_len = _page_lengths(req, local, pages, host_last, page_size)
-    rows = torch.arange(max_q).view(1, -1, 1)
-    cols = torch.arange(page_size).view(1, 1, -1)
-    q_pos = q_start[req].view(-1, 1, 1) + rows
-    kv_pos = (local * page_size).view(-1, 1, 1) + cols
-    bits = ((rows < qo_len[req].view(-1, 1, 1)) & (cols < page_len.view(-1, 1, 1)) & (kv_pos >= first)
+    req, local = _pages_of_requests(counts, page_lo)
+    page_len = np.where(local == pages[req] - 1, host_last[req], page_size)
+    rows = np.arange(max_q).reshape(1, -1, 1)
+    cols = np.arange(page_size).reshape(1, 1, -1)
+    q_pos = q_start[req].reshape(-1, 1, 1) + rows
+    kv_pos = (local * page_size).reshape(-1, 1, 1) + cols
+    bits = ((rows < qo_len[req].reshape(-1, 1, 1)) & (cols < page_len.reshape(-1, 1, 1)) & (kv_pos >= first)
             & (kv_pos < stop) & (kv_pos <= q_pos - window_left - 1))
-    kept = bits.flatten(1).any(1)                  # a page no query's row reaches: left out
+    kept = bits.reshape(bits.shape[0], -1).any(1)   # a page no query's row reaches: left out
     req, local, page_len, bits = req[kept], local[kept], page_len[kept], bits[kept]
-    counts = torch.bincount(req, minlength=R)
-    indptr = torch.zeros(R + 1, dtype=torch.int64)
-    indptr[1:] = counts.cumsum(0)
-    # worked out on the host with each page's place in kv_page_indices standing for its id (on the
-    # device this took a decode step's plan a few dozen small launches and two waits for the GPU);
-    # then one gather of the ids and one copy of the bits (FlashInfer packs them there)
-    spec = PagedLaunchSpec(indptr.to(torch.int32), _page_places(host_kv, req, local).to(torch.int32),
-                           torch.where(counts > 0, page_len[torch.clamp(indptr[1:] - 1, min=0)] if req.numel()
-                                       else 0, 0).to(torch.int32),
-                           kv_positions=(local * page_size).to(torch.int32))
-    first_places = _first_page_places(host_kv, kv_page_indices.numel()).to(torch.int32)
+    counts = np.bincount(req, minlength=R)
+    indptr = np.zeros(R + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    last_len = np.where(counts > 0, page_len[np.maximum(indptr[1:] - 1, 0)], 0) if req.size else np.zeros(R, np.int64)
+    # worked out in numpy on the host (on the device this took a decode step's plan a few dozen
+    # small launches and two waits for the GPU; in torch on the host, a millisecond of dispatch),
+    # with each page's place in kv_page_indices standing for its id; then one gather of the ids
+    # and one copy of the bits (FlashInfer packs them there)
+    spec = PagedLaunchSpec(torch.from_numpy(indptr.astype(np.int32)), torch.from_numpy((host_kv[req] + local).astype(np.int32)),
+                           torch.from_numpy(last_len.astype(np.int32)),
+                           kv_positions=torch.from_numpy((local * page_size).astype(np.int32)))
+    first_places = torch.from_numpy(np.minimum(host_kv[:-1], kv_page_indices.numel() - 1).astype(np.int32))
+    req, page_len, qo_len, bits = (torch.from_numpy(t) for t in (req, page_len, qo_len, bits))
     spec = _with_bits(spec, torch.arange(req.numel()), req, page_len, qo_len, first_places, bits, page_size)
     spec.kv_indices = kv_page_indices.index_select(0, spec.kv_indices.to(device)).to(torch.int32)
     spec.mask = spec.mask.to(device)
