@@ -301,27 +301,29 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if flags is not None:
         return _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len,
                                 pages, page_size, all_decode, max_kv, device, positions, max_id)
-    # the paths below work in torch, on these host tensors (views of the numpy copies)
-    host_q, host_kv, host_last, qo_len, kv_len, pages = (torch.from_numpy(t) for t in (host_q, host_kv, host_last,
-                                                                                       qo_len, kv_len, pages))
     columns = _hinted_window_columns(mask_mod) if _hints and heads == 1 and native_window else None
     if columns is not None:
-        window = _plan_from_flags((True, columns[0]), kv_page_indices, *(t.numpy() for t in (
-            host_q, host_kv, host_last, qo_len, kv_len, pages)), page_size, all_decode, max_kv, device, positions, max_id)
+        window = _plan_from_flags((True, columns[0]), kv_page_indices, host_q, host_kv, host_last, qo_len,
+                                  kv_len, pages, page_size, all_decode, max_kv, device, positions, max_id)
         if columns[1] >= columns[2]:   # no column keys (no sinks): the window alone
             return window
-        # the pages' states depend on the positions alone: worked out from host copies of the
-        # tables (a server writes its next step into the same buffers), with stand-in page ids
+        # the pages' states depend on the positions alone: worked out from the plan's own host
+        # copies of the tables (a server writes its next step into the same buffers), with stand-in
+        # page ids
         num_ids = kv_page_indices.numel()
 
         def page_states():   # asked by tests and tools only: the pages as evaluating them decides
-            return plan_paged(mask_mod, host_q.clone(), host_kv.clone(), torch.arange(num_ids), host_last.clone(),
-                              page_size, device, positions=positions, _hints=False).page_states
+            return plan_paged(mask_mod, torch.from_numpy(host_q), torch.from_numpy(host_kv), torch.arange(num_ids),
+                              torch.from_numpy(host_last), page_size, device, positions=positions,
+                              _hints=False).page_states
 
-        plan = _with_column_pages(window, columns, kv_page_indices, *(t.numpy() for t in (
-            host_kv, host_last, qo_len, kv_len, pages)), page_size, device, page_states)
+        plan = _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_len, kv_len, pages,
+                                  page_size, device, page_states)
         if plan is not None:
             return plan
+    # evaluating the pages works in torch, from host views of the numpy copies
+    host_kv, host_last, qo_len, kv_len, pages = (torch.from_numpy(t) for t in (host_kv, host_last, qo_len, kv_len,
+                                                                              pages))
     req, local = pages_of_requests(pages, torch.zeros_like(pages))
     page_len = _page_lengths(req, local, pages, host_last, page_size)
     qo_len, kv_len, pages, req, local, page_len = (t.to(device) for t in (qo_len, kv_len, pages, req, local, page_len))
@@ -354,7 +356,7 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if any_partial and one_causal:
         spec, _ = _spec(full | partial, req, local, page_len, kv_page_indices, R, page_size)
         spec.causal = True
-        return PagedPlan(host_q.to(torch.int32), spec, None, False, states, **host)
+        return PagedPlan(torch.from_numpy(host_q.astype(np.int32)), spec, None, False, states, **host)
 
     full_spec = partial_spec = None
     if any_full:
@@ -365,7 +367,7 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
                                   _own_first_pages(kv_page_indices, host_kv, device),
                                   bits if heads == 1 else None, page_size)
     decode = bool(any_full and all_decode and full_in_each)
-    return PagedPlan(host_q.to(torch.int32), full_spec, partial_spec, decode, states, **host)
+    return PagedPlan(torch.from_numpy(host_q.astype(np.int32)), full_spec, partial_spec, decode, states, **host)
 
 
 # a library mask's band hint -> its flags (or None) at the lengths _hinted_flags asks besides the
