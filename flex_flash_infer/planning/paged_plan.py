@@ -475,14 +475,14 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     np.cumsum(counts, out=indptr[1:])
     last_len = np.where(counts > 0, page_len[np.maximum(indptr[1:] - 1, 0)], 0) if req.size else np.zeros(R, np.int64)
     # worked out in numpy on the host (on the device this took a decode step's plan a few dozen
-    # small launches and two waits for the GPU; in torch on the host, a millisecond of dispatch),
-    # with each page's place in kv_page_indices standing for its id; then one gather of the ids
-    # and one copy of the bits (FlashInfer packs them there)
-    spec = PagedLaunchSpec(torch.from_numpy(indptr.astype(np.int32)), torch.from_numpy((host_kv[req] + local).astype(np.int32)),
-                           torch.from_numpy(last_len.astype(np.int32)),
-                           kv_positions=torch.from_numpy((local * page_size).astype(np.int32)))
-    first_places = torch.from_numpy(np.minimum(host_kv[:-1], kv_page_indices.numel() - 1).astype(np.int32))
-    req, page_len, qo_len, bits = (torch.from_numpy(t) for t in (req, page_len, qo_len, bits))
+    # small launches and two waits for the GPU; in torch on the host, as many dispatches), with
+    # each page's place in kv_page_indices standing for its id; then one gather of the ids and one
+    # copy of the bits (FlashInfer packs them there)
+    host_kv, req, local, page_len, qo_len, bits = (torch.from_numpy(t) for t in (host_kv, req, local, page_len,
+                                                                                qo_len, bits))
+    spec = PagedLaunchSpec(torch.from_numpy(indptr.astype(np.int32)), _page_places(host_kv, req, local).to(torch.int32),
+                           torch.from_numpy(last_len.astype(np.int32)), kv_positions=(local * page_size).to(torch.int32))
+    first_places = _first_page_places(host_kv, kv_page_indices.numel()).to(torch.int32)
     spec = _with_bits(spec, torch.arange(req.numel()), req, page_len, qo_len, first_places, bits, page_size)
     spec.kv_indices = kv_page_indices.index_select(0, spec.kv_indices.to(device)).to(torch.int32)
     spec.mask = spec.mask.to(device)
