@@ -502,45 +502,40 @@ def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len,
     or page_states are asked for."""
     causal, window_left = flags
     q_start = kv_len - qo_len
+    spec = None
     if all_decode and window_left < 0 and not positions and pages.size:
         # a decode step of a causal or full mask (the serving loop's common step): every request
-        # has its one query and lists all its pages, so the caller's tables are the launch's
+        # has its one query and lists all its pages, so the caller's tables (copied) are the launch's
         first = np.zeros_like(pages)
         spec = PagedLaunchSpec(torch.from_numpy(host_kv.astype(np.int32)), kv_page_indices.to(torch.int32, copy=True),
                                torch.from_numpy(host_last.astype(np.int32)))
-        return PagedPlan(torch.from_numpy(host_q.astype(np.int32)), spec, None, True,
-                         _flag_page_states(causal, window_left, host_last, qo_len, pages, first, q_start, page_size,
-                                           device),
-                         q_start=torch.from_numpy(q_start), max_kv_len=max_kv, total_q=int(host_q[-1]),
-                         max_page_id=max_id)
-    # first listed page of each request: the page of its first query's first key (pages before it
-    # hold only keys no query sees); all of them for a request without queries
-    first = (np.maximum(q_start - window_left, 0) // page_size if window_left >= 0
-             else np.zeros_like(pages))
-    first = np.where(qo_len > 0, first, pages)
-    counts = pages - first
-
+    else:
+        # first listed page of each request: the page of its first query's first key (pages
+        # before it hold only keys no query sees); all of them for a request without queries
+        first = (np.maximum(q_start - window_left, 0) // page_size if window_left >= 0
+                 else np.zeros_like(pages))
+        first = np.where(qo_len > 0, first, pages)
+        counts = pages - first
+        if counts.sum():
+            indptr = np.zeros(pages.size + 1, dtype=np.int32)
+            np.cumsum(counts, out=indptr[1:])
+            every_page = bool((counts == pages).all())
+            req, local = (pages_of_requests(torch.from_numpy(counts), torch.from_numpy(first))
+                          if positions or not every_page else (None, None))
+            # a copy either way: a caller writing its next step into the same buffer must not change this plan
+            indices = (kv_page_indices.to(torch.int32, copy=True) if every_page
+                       else _page_ids(kv_page_indices, torch.from_numpy(host_kv), req, local, device))
+            # the per-request tables and positions stay on the host: FlashInfer's plan() reads its
+            # tables there (a device table costs it a synchronising copy back) and copies them to
+            # the GPU itself; the compiled variants' tables are copied over where they are built
+            kv_positions = (local * page_size).to(torch.int32) if positions else None
+            # a page holds keys past its request's first query (causal's diagonal) when a request
+            # has more than one query; with one query its own key is the request's last
+            spec = PagedLaunchSpec(torch.from_numpy(indptr), indices.to(torch.int32),
+                                   torch.from_numpy(np.where(counts > 0, host_last, 0).astype(np.int32)),
+                                   causal=causal and bool((qo_len > 1).any()),
+                                   window_left=window_left, kv_positions=kv_positions)
     page_states = _flag_page_states(causal, window_left, host_last, qo_len, pages, first, q_start, page_size, device)
-    spec = None
-    if counts.sum():
-        indptr = np.zeros(pages.size + 1, dtype=np.int32)
-        np.cumsum(counts, out=indptr[1:])
-        every_page = bool((counts == pages).all())
-        req, local = (pages_of_requests(torch.from_numpy(counts), torch.from_numpy(first))
-                      if positions or not every_page else (None, None))
-        # a copy either way: a caller writing its next step into the same buffer must not change this plan
-        indices = (kv_page_indices.to(torch.int32, copy=True) if every_page
-                   else _page_ids(kv_page_indices, torch.from_numpy(host_kv), req, local, device))
-        # the per-request tables and positions stay on the host: FlashInfer's plan() reads its
-        # tables there (a device table costs it a synchronising copy back) and copies them to the
-        # GPU itself; the compiled variants' tables are copied over where they are built
-        kv_positions = (local * page_size).to(torch.int32) if positions else None
-        # a page holds keys past its request's first query (causal's diagonal) when a request
-        # has more than one query; with one query its own key is the request's last
-        spec = PagedLaunchSpec(torch.from_numpy(indptr), indices.to(torch.int32),
-                               torch.from_numpy(np.where(counts > 0, host_last, 0).astype(np.int32)),
-                               causal=causal and bool((qo_len > 1).any()),
-                               window_left=window_left, kv_positions=kv_positions)
     decode = spec is not None and all_decode and bool((pages > 0).all())
     return PagedPlan(torch.from_numpy(host_q.astype(np.int32)), spec, None, decode, page_states,
                      q_start=torch.from_numpy(q_start), max_kv_len=max_kv, total_q=int(host_q[-1]),
