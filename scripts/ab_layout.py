@@ -1,8 +1,8 @@
 """A code move timed against the code before it, in one process: the bench's mask and score_mod
 cases at one length, our call from this checkout ("after") and from an older copy of the package
 ("before", loaded under another name), interleaved in the same rounds, each output checked
-against the float32 reference first. Issue 21 asks that moving the package into layer folders make
-no case more than 3% slower.
+against the float32 reference first: how a change (a code move, an experiment's kernel or schedule)
+moves each case.
 
     git archive <old commit> flex_flash_infer | tar -x -C /tmp/before
     python scripts/ab_layout.py /tmp/before results.json [--seq-len 8192] [--head-dim 128] [--rounds 30]
@@ -95,7 +95,7 @@ def main():
               f"({errors['before']:.1e}, {errors['after']:.1e})", flush=True)
     import flashinfer
     worst = max(rows, key=lambda r: r["after_over_before"])
-    result = {"what": "issue 21: our call before and after a code move, interleaved in one process",
+    result = {"what": "our call from this checkout (after) and from an older copy (before), interleaved in one process",
               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": flashinfer.__version__,
               "date": datetime.date.today().isoformat(), "commit_after": source_commit(),
               "before": str(args.before), "rounds": args.rounds, "rows": rows,

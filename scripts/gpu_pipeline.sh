@@ -36,7 +36,8 @@
 #                .ab_before/ (as for ab-layout), interleaved, each side's run() checked first
 #   ab-layout, ab-layout-32k  scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
 #                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 / 32768
-#                tokens (AB_CASES: only these bench cases)
+#                tokens (AB_CASES: only these bench cases); ab-layout-d64, ab-layout-32k-d64: the same at
+#                head_dim 64 (AB_CASES_D64: only these cases)
 # FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
 # an earlier call copied .fa4a's libraries to /tmp/fa4.
 set -uo pipefail
@@ -133,9 +134,11 @@ case "${1:-}" in
         ab-plan)   # a planning change against the code before it, one process (scripts/ab_plan.py)
           python3 scripts/ab_plan.py .ab_before $run_dir/ab-plan.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/ab-plan.log; tail -n 8 $run_dir/ab-plan.log ;;
-        ab-layout|ab-layout-32k)   # a change against the code before it, one process (scripts/ab_layout.py)
-          python3 scripts/ab_layout.py .ab_before $run_dir/$stage.json --seq-len $([ $stage = ab-layout ] && echo 8192 || echo 32768) \
-            ${AB_CASES:+--cases $AB_CASES} \
+        ab-layout|ab-layout-32k|ab-layout-d64|ab-layout-32k-d64)   # a change against the code before it, one process (scripts/ab_layout.py)
+          # the -d64 stages take their cases from AB_CASES_D64 (a head_dim 64 change's own rows)
+          case $stage in *-d64) d=64; c=${AB_CASES_D64:-} ;; *) d=128; c=${AB_CASES:-} ;; esac
+          python3 scripts/ab_layout.py .ab_before $run_dir/$stage.json --seq-len $(case $stage in *32k*) echo 32768 ;; *) echo 8192 ;; esac) \
+            --head-dim $d ${c:+--cases $c} \
             2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 20 $run_dir/$stage.log ;;
         peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
           python3 scripts/peer_timing.py $run_dir/peer-timing.json >$run_dir/peer-timing.log 2>&1
