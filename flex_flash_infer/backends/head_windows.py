@@ -10,9 +10,11 @@ which each query head's window comes from a table the launch passes (compile/pat
 
 The same kernel runs a plain causal window over the whole sequence (every head the same width):
 its window starts at the first key tile it sees, where FlashInfer's starts one all-masked tile
-early, and a launch of one width under half the keys is scheduled as balanced (planning/ragged.py,
-schedules_by_window). Streaming's sinks go in the same launch (ffi_sink_len), where they were
-attended and merged by a second kernel. docs/benchmarks.md has what each measured.
+early; at head_dim 64 its query tiles hold 128 rows, where FlashInfer's hold 192 (a row's tile
+computes 128 + w keys, not 192 + w); and a launch whose widest window is under half the keys is
+scheduled as balanced (planning/ragged.py, schedules_by_window). Streaming's sinks go in the same
+launch (ffi_sink_len), where they were attended and merged by a second kernel. docs/benchmarks.md
+has what each measured.
 """
 from __future__ import annotations
 
@@ -129,11 +131,12 @@ class HeadWindowRunner:
         widest = max(table)
         launch = plain_band_launch([Band(0, q_len, 0, kv_len, True, widest)], batch, q_len, kv_len, windowed=True)
         assert launch is not None and launch.writes_all(batch, q_len)
-        # one width for every head: scheduled as balanced where FlashInfer's plan would price the
-        # tiles as causal; several widths cost differently by head, which keeps the causal price
+        # scheduled as balanced where FlashInfer's plan would price the tiles as causal (the
+        # widest window under half the keys), several widths too: they cost differently by head,
+        # but the causal price misleads more (scripts/fa3_schedule_sim.py; 13% faster at 8192
+        # tokens, d128, H100: docs/benchmarks.md, session 34)
         self.wrapper = planned_ragged(workspace, "fa3", launch.qo_indptr, launch.kv_indptr, shape, dtype, True,
                                       widest, jit_args=jit_args(dtype, head_dim, sink_len > 0),
-                                      balance_window=len(set(table)) == 1,
                                       shared_module=True)
         self.table = torch.tensor(table, dtype=torch.int32, device=workspace.device)
         self.scale = float(scale)

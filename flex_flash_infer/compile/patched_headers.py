@@ -60,6 +60,11 @@ _HEAD_WINDOW_PATCHES = (
     (f"{HOPPER}/sparse_mainloop.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
     (f"{HOPPER}/mainloop_mma.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
     (f"{HOPPER}/prefill_sm90.cuh", "mainloop_params.window_left", _PER_HEAD, 2),
+    # 128-row query tiles at head_dim 64, in the kernel and the host's schedule (FlashInfer takes
+    # 192): a window computes 128 + w keys a row, not 192 + w (6% faster on a 1024-key window, 29%
+    # with the per-head windows' flat schedule, H100: docs/benchmarks.md, session 34)
+    (f"{HOPPER}/prefill_sm90.cuh", "return std::make_tuple(192, 128);", "return std::make_tuple(128, 128);", 1),
+    ("attention/scheduler.cuh", "  if (head_dim_vo == 64) {\n    cta_tile_q = 192;\n  }\n", "", 1),
 )
 # a module of their own: in the windows' module they slowed every plain and per-head window
 # (docs/benchmarks.md, session 31)

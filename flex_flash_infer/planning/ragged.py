@@ -52,8 +52,8 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
     """A BatchPrefillWithRaggedKVCacheWrapper on backend ("fa3" or "fa2"), planned for the requests
     of qo_indptr / kv_indptr (int32, on the host); shape is (batch, q_len, kv_len, Hq, Hkv, D).
     jit_args: a compiled variant's (which applies its own scale). balance_window: a causal window
-    launch may be scheduled as not causal (schedules_by_window); False where the window differs by
-    head (its tiles' costs differ by head too). shared_module: jit_args name a module whose code holds
+    launch may be scheduled as not causal (schedules_by_window); False where the launch's tiles are
+    not a window's (the tile-gather launch). shared_module: jit_args name a module whose code holds
     nothing of one plan (the head-window kernel, which takes its table at run time), so its planned
     wrapper may be shared like FlashInfer's own."""
     import flashinfer

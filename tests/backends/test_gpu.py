@@ -297,8 +297,10 @@ def test_backend_flashinfer_rejects_what_it_cannot_run(cuda_gen):
                                          ("streaming", {"sink_size": 4, "window_size": 150})])
 @pytest.mark.parametrize("hint", [True, False], ids=["library_mask", "users_own_mask"])
 def test_window_band_plus_key_columns_route(cuda_gen, S, name, params, hint):
-    """A window band plus key columns (chunk ends or sinks): attended and merged in one Triton
-    kernel (column_merge); a hand-written copy of the mask (no hint) is found from the mask itself."""
+    """A window band plus key columns (chunk ends or sinks): attamba's attended and merged in one
+    Triton kernel (column_merge), streaming's sinks in the window kernel's own launch where its
+    sinks' module serves (Hopper); a hand-written copy of the mask (no hint) is found from the mask
+    itself."""
     B, H, Hkv, D, dtype = 2, 8, 2, 128, torch.bfloat16
     q, k, v = inputs(B, H, Hkv, S, S, D, dtype, cuda_gen)
     library = get_mask_fn(name, **params)
@@ -309,7 +311,10 @@ def test_window_band_plus_key_columns_route(cuda_gen, S, name, params, hint):
     bm = create_block_mask(library if hint else users_own, None, None, S, S, device="cuda")
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
     plan = next(iter(bm._plans.values()))
-    assert plan.route == "bands+columns" and plan.column_counts is not None   # merged by the Triton kernel
+    in_launch = (name == "streaming" and torch.cuda.get_device_capability(q.device)[0] == 9
+                 and head_windows.available(q.device, dtype, D, sinks=True))
+    assert plan.route == "bands+columns" and plan.sinks_in_launch == in_launch
+    assert (plan.column_counts is None) == in_launch   # else merged by the Triton kernel
     check(out, lse, q, k, v, dense_predicate(name, S, S, **params), dtype)
 
 

@@ -415,6 +415,6 @@ def test_the_windows_module_is_the_one_prebuilt_and_measured():
     """The windows' module name hashes its code and patches: a change here makes every machine
     build it again and leaves its GPU measurements (docs/benchmarks.md) for another kernel. The
     sinks' module is apart (its logic slowed every window in the windows' module)."""
-    assert head_windows.jit_args(torch.bfloat16, 128)[0] == "ffi_headwin_05b4838ac725c327_bfloat16_d128"
+    assert head_windows.jit_args(torch.bfloat16, 128)[0] == "ffi_headwin_29201a27f2453c0c_bfloat16_d128"
     sinks = head_windows.jit_args(torch.bfloat16, 128, sinks=True)
     assert sinks[0].startswith("ffi_sinkwin_") and sinks[9][-1] == head_windows.SINKS
