@@ -177,11 +177,27 @@ def test_per_head_windows_called_on_any_stream_and_replayed(cuda_gen, monkeypatc
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,L,Hq,Hkv,D", [(1, 1000, 32, 8, 128), (2, 600, 24, 6, 64)])
-def test_per_head_windows_in_one_launch(cuda_gen, dtype, B, L, Hq, Hkv, D):
-    """Every head one causal window of its own width (one head none): one launch of the kernel
-    built against the patched headers (backends/head_windows.py), checked with its LSE against the
-    dense reference; then called through FlexFlashInfer and replayed from a CUDA graph on new inputs."""
-    widths = torch.tensor([1, 64, 129, 0, 300, 1000])   # 0: plain causal
+@pytest.mark.parametrize("widths", [[1, 64, 129, 0, 300, 1000], [1, 64, 129, 7, 300, 255]])
+def test_per_head_windows_in_one_launch(cuda_gen, monkeypatch, dtype, B, L, Hq, Hkv, D, widths):
+    """Every head one causal window of its own width (0: none): one launch of the kernel built
+    against the patched headers (backends/head_windows.py), planned as not causal where the widest
+    window is under half the keys (the second widths) and run causal, checked with its LSE against
+    the dense reference; then called through FlexFlashInfer and replayed from a CUDA graph on new
+    inputs."""
+    import functools
+
+    import flashinfer
+
+    planned = []
+    real_plan = flashinfer.BatchPrefillWithRaggedKVCacheWrapper.plan
+
+    @functools.wraps(real_plan)
+    def recording_plan(self, *args, **kwargs):
+        planned.append(kwargs.get("causal"))
+        return real_plan(self, *args, **kwargs)
+
+    monkeypatch.setattr(flashinfer.BatchPrefillWithRaggedKVCacheWrapper, "plan", recording_plan)
+    widths = torch.tensor(widths)
 
     def per_head_windows(b, h, q, kv):
         w = widths.to(q.device)[h % 6]
@@ -195,6 +211,8 @@ def test_per_head_windows_in_one_launch(cuda_gen, dtype, B, L, Hq, Hkv, D):
     out, lse = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True, backend="flashinfer")
     plan = next(iter(bm._plans.values()))
     assert plan.head_windows is not None and plan.head_band_runs is None
+    if planned:   # a wrapper planned here, not one shared from an earlier test's plan
+        assert planned == [2 * int(widths.max()) > L or bool((widths == 0).any())]
     check(out, lse, q, k, v, dense, dtype)
 
     flex = FlexFlashInfer(device="cuda", backend="flashinfer").prepare(

@@ -140,10 +140,16 @@ def _run(plan, q, k, v, return_lse=True):
     return out.view(B, L, Hq, D).transpose(1, 2), None if lse is None else lse.view(B, L, Hq).transpose(1, 2)
 
 
+# widths by h % 6 (0: no window, the whole causal row), and whether the launch is planned as not
+# causal: only when its widest window is under half the keys
+_HEAD_WIDTHS = [([1, 40, 0, 130, 77, 299], False), ([1, 40, 64, 9, 77, 99], True)]
+
+
+@pytest.mark.parametrize("widths,balanced", _HEAD_WIDTHS)
 @pytest.mark.parametrize("B,Hq,Hkv,L", [(1, 8, 2, 300), (2, 6, 3, 200)])
-def test_one_launch_for_every_head_matches_the_reference(monkeypatch, rng, B, Hq, Hkv, L):
+def test_one_launch_for_every_head_matches_the_reference(monkeypatch, rng, B, Hq, Hkv, L, widths, balanced):
     planned = _on_the_model(monkeypatch)
-    widths = torch.tensor([1, 40, 0, 130, 77, 299])
+    widths = torch.tensor(widths)
 
     def windows(b, h, q, kv):
         w = widths[h % 6]
@@ -154,7 +160,8 @@ def test_one_launch_for_every_head_matches_the_reference(monkeypatch, rng, B, Hq
     plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu")
     assert plan.head_windows is not None and plan.head_band_runs is None and len(planned) == 1
     wrapper, causal, _ = planned[0]
-    assert wrapper.head_windows and causal   # several widths: FlashInfer's causal schedule kept
+    # several widths: planned as not causal (run causal) when the widest is under half the keys
+    assert wrapper.head_windows and causal == (not balanced) and wrapper._causal
     assert plan_route(plan) == "bands-per-head/one-launch"   # the fuzzer counts this route apart
     q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
     k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
