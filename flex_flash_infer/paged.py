@@ -64,6 +64,8 @@ class PagedFlexAttention:
         self._mask_seen = (None, 0, None, None)   # (mask_mod, heads, per-head?, as_mask_mod of it)
         self._score_seen = (None, 0, None)        # (score_mod, heads, native soft cap or None)
         self._score_checked = None                # the score_mod whose signature was checked
+        self._checked_shape = None                # (heads, head_dim, page_size, dtype) last checked
+        self._reason_seen = (None, None)          # ((dtype, head_dim, scale), why FlashInfer cannot run it)
 
     @traced_once_per_call
     def plan(self, mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, num_qo_heads: int,
@@ -72,14 +74,19 @@ class PagedFlexAttention:
         """Plan one step. mask_mod(b, h, q_idx, kv_idx) or the seed's (q_idx, kv_idx); None = causal.
         score_mod(score, b, h, q_idx, kv_idx) sees the scaled score of each visible pair, as in
         FlexAttention; on FlashInfer it and a per-head mask_mod must be traceable (trace.py)."""
-        for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim), ("page_size", page_size)):
-            check_positive_int(name, value)
-        if num_qo_heads % num_kv_heads:
-            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be the floating torch.dtype of q and the cache (torch.bfloat16, "
-                            f"torch.float16, ...), got {dtype!r}")
+        # checked when they change: a server plans every step with the same numbers (plain ints
+        # only: True == 1 must not pass as a number checked before)
+        shape = (num_qo_heads, num_kv_heads, head_dim, page_size, dtype)
+        if shape != self._checked_shape or not all(type(v) is int for v in shape[:4]):
+            for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads),
+                                ("head_dim", head_dim), ("page_size", page_size)):
+                check_positive_int(name, value)
+            if num_qo_heads % num_kv_heads:
+                raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise TypeError(f"dtype must be the floating torch.dtype of q and the cache (torch.bfloat16, "
+                                f"torch.float16, ...), got {dtype!r}")
+            self._checked_shape = shape
         # checked once per score_mod object: reading its signature costs more than the rest of a decode step's plan
         user_score_mod = score_mod
         if score_mod is not self._score_checked:
@@ -119,10 +126,15 @@ class PagedFlexAttention:
                           heads=num_qo_heads if per_head else 1, native_window=kernel_score_mod is None,
                           positions=kernel_score_mod is not None or per_head)
         backend = self.backend
-        if backend == "auto":
-            backend = "flashinfer" if unsupported_reason(self.device, dtype, head_dim, head_dim, scale) is None else "reference"
-        elif backend == "flashinfer" and (reason := unsupported_reason(self.device, dtype, head_dim, head_dim, scale)):
-            raise ValueError(f"backend='flashinfer' cannot run this plan: {reason}")
+        if backend != "reference":
+            seen, reason = self._reason_seen   # FlashInfer's answer for these numbers holds while the process runs
+            if seen != (dtype, head_dim, scale):
+                reason = unsupported_reason(self.device, dtype, head_dim, head_dim, scale)
+                self._reason_seen = ((dtype, head_dim, scale), reason)
+            if backend == "auto":
+                backend = "flashinfer" if reason is None else "reference"
+            elif reason:
+                raise ValueError(f"backend='flashinfer' cannot run this plan: {reason}")
         launches = variants = None
         heads = (num_qo_heads, num_kv_heads, head_dim)
         # FlashInfer's kernels give NaN for a negative sm_scale: the launches take |scale| and run()

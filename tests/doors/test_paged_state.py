@@ -199,6 +199,24 @@ def test_bad_dtype_and_cache_are_refused_by_name(rng):
     assert paged.run(q, (k, v)).shape == q.shape        # still usable
 
 
+@pytest.mark.parametrize("changed,error", [
+    ({"num_qo_heads": True}, "num_qo_heads"), ({"head_dim": 0}, "head_dim"), ({"page_size": 2.0}, "page_size"),
+    ({"num_kv_heads": 3}, "must be a multiple"), ({"dtype": torch.int32}, "dtype must be the floating")])
+def test_plan_checks_its_numbers_again_when_they_change(rng, changed, error):
+    """plan() checks heads, head_dim, page_size and dtype only when they change (a server plans
+    every step with the same ones): a bad one after good steps still raises by name, and the plan
+    of the last good step still runs."""
+    q, k, v, qi, ki, idx, last = _cache(rng)
+    paged = PagedFlexAttention(device="cpu", backend="reference")
+    args = dict(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=P, dtype=torch.float64)
+    for _ in range(2):
+        paged.plan(_causal, qi, ki, idx, last, **args)
+    with pytest.raises((TypeError, ValueError), match=error):
+        paged.plan(_causal, qi, ki, idx, last, **dict(args, **changed))
+    want, _ = dense_oracle(_causal, q, k, v, qi, ki, idx, last, P)
+    assert _err(paged.run(q, (k, v)), want) < 1e-12
+
+
 def test_a_folded_score_mod_beside_a_per_head_mask_is_applied_once(flashinfer_on_cpu, rng):
     """score * c folds into the launches' scale; the per-head mask still compiles a variant, which
     must not apply the score_mod again (found by the fuzzer: 0.67 off)."""
