@@ -175,6 +175,24 @@ def test_per_head_windows_called_on_any_stream_and_replayed(cuda_gen, monkeypatc
         check(bhld(g_out), g_lse.transpose(0, 1).unsqueeze(0), q, k, v, dense, dtype)
 
 
+def _record_ragged_plans(monkeypatch) -> list:
+    """The causal flag of every FlashInfer ragged plan() made from here on (in the test's process)."""
+    import functools
+
+    import flashinfer
+
+    planned = []
+    real_plan = flashinfer.BatchPrefillWithRaggedKVCacheWrapper.plan
+
+    @functools.wraps(real_plan)   # the library reads what the real plan() does (ragged._plan_alone_sets_the_mask)
+    def recording_plan(self, *args, **kwargs):
+        planned.append(kwargs.get("causal"))
+        return real_plan(self, *args, **kwargs)
+
+    monkeypatch.setattr(flashinfer.BatchPrefillWithRaggedKVCacheWrapper, "plan", recording_plan)
+    return planned
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,L,Hq,Hkv,D", [(1, 1000, 32, 8, 128), (2, 600, 24, 6, 64)])
 @pytest.mark.parametrize("widths", [[1, 64, 129, 0, 300, 1000], [1, 64, 129, 7, 300, 255]])
@@ -184,19 +202,7 @@ def test_per_head_windows_in_one_launch(cuda_gen, monkeypatch, dtype, B, L, Hq, 
     window is under half the keys (the second widths) and run causal, checked with its LSE against
     the dense reference; then called through FlexFlashInfer and replayed from a CUDA graph on new
     inputs."""
-    import functools
-
-    import flashinfer
-
-    planned = []
-    real_plan = flashinfer.BatchPrefillWithRaggedKVCacheWrapper.plan
-
-    @functools.wraps(real_plan)
-    def recording_plan(self, *args, **kwargs):
-        planned.append(kwargs.get("causal"))
-        return real_plan(self, *args, **kwargs)
-
-    monkeypatch.setattr(flashinfer.BatchPrefillWithRaggedKVCacheWrapper, "plan", recording_plan)
+    planned = _record_ragged_plans(monkeypatch)
     widths = torch.tensor(widths)
 
     def per_head_windows(b, h, q, kv):
@@ -747,20 +753,8 @@ def test_plain_windows_on_the_exact_start_kernel(cuda_gen, monkeypatch, dtype, D
     starting at the first visible key tile), planned as not causal where the window is under half
     the keys and run causal (planning/ragged.py): out and LSE against the dense reference, every
     query row checked."""
-    import functools
-
-    import flashinfer
-
     Hq, Hkv = 8, 2
-    planned = []
-    real_plan = flashinfer.BatchPrefillWithRaggedKVCacheWrapper.plan
-
-    @functools.wraps(real_plan)
-    def recording_plan(self, *args, **kwargs):
-        planned.append(kwargs.get("causal"))
-        return real_plan(self, *args, **kwargs)
-
-    monkeypatch.setattr(flashinfer.BatchPrefillWithRaggedKVCacheWrapper, "plan", recording_plan)
+    planned = _record_ragged_plans(monkeypatch)
     mask_mod = get_mask_fn("sliding_window", window_size=window)
     q, k, v = inputs(B, Hq, Hkv, L, L, D, dtype, cuda_gen)
     bm = create_block_mask(mask_mod, None, None, L, L, device="cuda")
