@@ -1,6 +1,5 @@
 """FlashInfer path on CUDA against the float64 dense oracle (small) or the float32 reference (large).
 Run on a Hopper machine: python -m pytest -m gpu tests/backends/test_gpu.py"""
-import math
 
 import pytest
 import torch
