@@ -32,6 +32,7 @@
 #   tests-k      the GPU tests matching TESTS_K (pytest -k)
 #   suite        the whole GPU test suite (pytest -m gpu) over 6 processes, alone on the machine, compiling
 #                the modules it meets side by side
+#   plan-model   scripts/plan_per_step.py: the CPU model's plan() timed on this host (its Python's speed)
 #   ab-plan      scripts/ab_plan.py: a decode step's plan() from this checkout against the package copy in
 #                .ab_before/ (as for ab-layout), interleaved, each side's run() checked first
 #   ab-layout, ab-layout-32k  scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
@@ -131,6 +132,10 @@ case "${1:-}" in
         formulations)   # issue 22's leads against ours and FA4 (scripts/formulations.py)
           python3 scripts/formulations.py $run_dir/formulations.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/formulations.log; tail -n 40 $run_dir/formulations.log ;;
+        plan-model)   # the CPU model's plan() on this host's CPU (scripts/plan_per_step.py): how much slower
+          # its Python is than the development machine's, apart from what the GPU adds to ab-plan
+          PYTHONPATH=.:tests python3 scripts/plan_per_step.py --rounds 7 --calls 100 --json $run_dir/plan-model.json \
+            >$run_dir/plan-model.log 2>&1; tail -n 4 $run_dir/plan-model.log ;;
         ab-plan)   # a planning change against the code before it, one process (scripts/ab_plan.py)
           python3 scripts/ab_plan.py .ab_before $run_dir/ab-plan.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/ab-plan.log; tail -n 8 $run_dir/ab-plan.log ;;
