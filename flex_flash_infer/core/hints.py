@@ -66,8 +66,15 @@ def made_by_library(fn) -> bool:
 
 
 def pass_hints(fn, mod, names=HINT_NAMES) -> None:
-    """fn states the hints mod stated (a wrapper that still computes what mod computes)."""
+    """fn states the hints mod stated (a wrapper that still computes what mod computes); a wrapper
+    of a function around a user's mod is one too (what it reads is the user's)."""
     for name in names:
         value = stated_hint(mod, name)
         if value is not None:
             state_hint(fn, name, value)
+    try:
+        around = mod in _AROUND_USERS
+    except TypeError:   # an object that cannot be weakly referenced wraps nothing of a user's
+        around = False
+    if around:
+        _AROUND_USERS.add(fn)

@@ -202,3 +202,34 @@ def test_paged_flags_hold_at_every_position(mod, flags):
     from flex_flash_infer.planning.linear_masks import paged_flags
 
     assert paged_flags(mod) == flags
+
+
+def test_a_wrapper_of_a_users_hinted_mask_is_not_the_librarys():
+    """The band hint read off a user's mask reads what the user's mask reads, which may change: a
+    wrapper passing that hint on (a sequence of a varlen batch, the seed's two-argument form) is
+    around the user's mask too, never a library mask whose flags are fixed when made."""
+    from flex_flash_infer.core.hints import made_by_library, pass_hints, stated_hint
+    from flex_flash_infer.mods.registry import get_mask_fn
+    from flex_flash_infer.planning.linear_masks import with_linear_band_hint
+
+    width = 64
+
+    def users_window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < width)
+
+    hinted = with_linear_band_hint(users_window, 300, 300)
+    assert stated_hint(hinted, "band_hint") is not None and not made_by_library(hinted)
+
+    def wrapper(b, h, q_idx, kv_idx):
+        return hinted(b, h, q_idx, kv_idx)
+
+    pass_hints(wrapper, hinted)
+    assert stated_hint(wrapper, "band_hint") is not None and not made_by_library(wrapper)
+
+    library = get_mask_fn("sliding_window", window_size=64)
+
+    def library_wrapper(b, h, q_idx, kv_idx):
+        return library(b, h, q_idx, kv_idx)
+
+    pass_hints(library_wrapper, library)
+    assert made_by_library(library) and made_by_library(library_wrapper)
