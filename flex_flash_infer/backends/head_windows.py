@@ -133,8 +133,8 @@ class HeadWindowRunner:
         assert launch is not None and launch.writes_all(batch, q_len)
         # scheduled as balanced where FlashInfer's plan would price the tiles as causal (the
         # widest window under half the keys), several widths too: they cost differently by head,
-        # but the causal price misleads more (scripts/fa3_schedule_sim.py; 12% faster at 8192
-        # tokens, d128, H100: docs/benchmarks.md, session 34)
+        # but the causal price misleads more (scripts/fa3_schedule_sim.py; measured in
+        # docs/benchmarks.md, session 34)
         self.wrapper = planned_ragged(workspace, "fa3", launch.qo_indptr, launch.kv_indptr, shape, dtype, True,
                                       widest, jit_args=jit_args(dtype, head_dim, sink_len > 0),
                                       shared_module=True)

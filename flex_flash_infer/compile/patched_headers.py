@@ -51,6 +51,13 @@ _SINK_SETUP = """{i}const int ffi_sink_len = static_cast<int>(mainloop_params.ad
 """
 _WINDOW_LOOP = "for (; kv_tile_idx > swa_begin_kv_tile_idx; --kv_tile_idx) {"
 _SINK_LOOP = f"for (; kv_tile_idx > swa_begin_kv_tile_idx; kv_tile_idx = {_NEXT}) {{"
+# 128-row query tiles at head_dim 64 in the kernel and, in step with it, in the host's schedule
+# (FlashInfer takes 192): a schedule of 192-row tiles for a kernel of 128 would leave rows of
+# requests longer than 128 unwritten
+_QUERY_TILES_128_AT_D64 = (
+    (f"{HOPPER}/prefill_sm90.cuh", "return std::make_tuple(192, 128);", "return std::make_tuple(128, 128);", 1),
+    ("attention/scheduler.cuh", "  if (head_dim_vo == 64) {\n    cta_tile_q = 192;\n  }\n", "", 1),
+)
 _HEAD_WINDOW_PATCHES = (
     (f"{HOPPER}/utils.cuh", "using namespace cute;\n", "using namespace cute;\n" + _MACRO, 1),
     (f"{HOPPER}/utils.cuh",
@@ -60,11 +67,8 @@ _HEAD_WINDOW_PATCHES = (
     (f"{HOPPER}/sparse_mainloop.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
     (f"{HOPPER}/mainloop_mma.cuh", "mainloop_params.window_left", _PER_HEAD, 1),
     (f"{HOPPER}/prefill_sm90.cuh", "mainloop_params.window_left", _PER_HEAD, 2),
-    # 128-row query tiles at head_dim 64, in the kernel and the host's schedule (FlashInfer takes
-    # 192): a window computes 128 + w keys a row, not 192 + w (6% faster on a 1024-key window, 29%
-    # with the per-head windows' flat schedule, H100: docs/benchmarks.md, session 34)
-    (f"{HOPPER}/prefill_sm90.cuh", "return std::make_tuple(192, 128);", "return std::make_tuple(128, 128);", 1),
-    ("attention/scheduler.cuh", "  if (head_dim_vo == 64) {\n    cta_tile_q = 192;\n  }\n", "", 1),
+    # a window's tile computes 128 + w keys a row, not 192 + w (docs/benchmarks.md, session 34)
+    *_QUERY_TILES_128_AT_D64,
 )
 # a module of their own: in the windows' module they slowed every plain and per-head window
 # (docs/benchmarks.md, session 31)
@@ -100,10 +104,7 @@ _GATHER_MACROS = (
 _LOCAL_KEYS = "kv_head_idx, kv_indptr,\n                                      kv_len);  // (K, D, _)"
 _TILE_GATHER_PATCHES = (
     (f"{HOPPER}/utils.cuh", "using namespace cute;\n", "using namespace cute;\n" + _GATHER_MACROS, 1),
-    (f"{HOPPER}/prefill_sm90.cuh", "return std::make_tuple(192, 128);", "return std::make_tuple(128, 128);", 1),
-    # the host's schedule cuts requests into the kernel's query tiles: 128 rows at 64 as well (a
-    # schedule of 192-row tiles for a kernel of 128 would leave rows of requests longer than 128 unwritten)
-    ("attention/scheduler.cuh", "  if (head_dim_vo == 64) {\n    cta_tile_q = 192;\n  }\n", "", 1),
+    *_QUERY_TILES_128_AT_D64,
     (f"{HOPPER}/prefill_sm90.cuh", "return std::make_tuple(128, 192);", "return std::make_tuple(128, 128);", 1),
     # the key and value views span the whole tensor: a request's tiles lie anywhere in it
     (f"{HOPPER}/mainloop.cuh", _LOCAL_KEYS,
