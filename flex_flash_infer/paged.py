@@ -48,14 +48,22 @@ def use_tensor_core_decode(num_qo_heads: int, num_kv_heads: int, use_tensor_core
 
 class PagedFlexAttention:
     def __init__(self, device="cuda", workspace_buffer: torch.Tensor | None = None, backend: str = "auto",
-                 use_tensor_cores: bool | None = None):
+                 use_tensor_cores: bool | None = None, check_page_ids: bool = True):
         """use_tensor_cores: decode steps on FlashInfer's tensor-core decode kernel (True), on its
-        CUDA-core one (False), or chosen from the GQA group size (None, use_tensor_core_decode)."""
+        CUDA-core one (False), or chosen from the GQA group size (None, use_tensor_core_decode).
+        check_page_ids: plan() reads the range of the page ids and run() raises when one is
+        negative or past the cache's pages. Page ids kept on the GPU make that read wait for the
+        GPU at every plan(), so a server's planning cannot overlap its previous step; False skips
+        it for them (the caller vouches for its ids, as FlashInfer's own plan() trusts them).
+        Ids given on the host are always checked: that costs no wait."""
         self.device = check_object_device(device)
         self.backend = check_backend_name(backend)
         if use_tensor_cores is not None and not isinstance(use_tensor_cores, bool):
             raise TypeError(f"use_tensor_cores must be None, True or False, got {use_tensor_cores!r}")
         self.use_tensor_cores = use_tensor_cores
+        if not isinstance(check_page_ids, bool):
+            raise TypeError(f"check_page_ids must be True or False, got {check_page_ids!r}")
+        self.check_page_ids = check_page_ids
         self._workspace = check_workspace(workspace_buffer)
         self._planned = None
         self._wrappers = {}   # FlashInfer's wrappers, made once and planned again at every plan()
@@ -124,7 +132,7 @@ class PagedFlexAttention:
         kernel_score_mod, launch_scale = fold_score_mod(kernel_score_mod, scale, score_graph)
         plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device,
                           heads=num_qo_heads if per_head else 1, native_window=kernel_score_mod is None,
-                          positions=kernel_score_mod is not None or per_head)
+                          positions=kernel_score_mod is not None or per_head, check_ids=self.check_page_ids)
         backend = self.backend
         if backend != "reference":
             seen, reason = self._reason_seen   # FlashInfer's answer for these numbers holds while the process runs

@@ -8,7 +8,8 @@ Beside them, the floor: FlashInfer's own decode wrapper planned on the same tabl
 device indptr), its output checked too.
 Then "after" once more with the per-request tables on the host (FlashInfer's own advice for its
 plan(): only the page ids on the GPU), also back to back as a server's steps run (no wait for the
-GPU before each), and a cProfile of "after"'s plan() by own time (the GPU host's share of each
+GPU before each); with every table on the host; with the page ids on the GPU left unchecked
+(check_page_ids=False), and a cProfile of "after"'s plan() by own time (the GPU host's share of each
 function, which the CPU model cannot show).
 
     git archive <old commit> flex_flash_infer | tar -x -C /tmp/before
@@ -129,6 +130,38 @@ def main():
         times["after, host tables, back to back"] = _back_to_back(
             lambda: ours.plan(*host_args, dtype=torch.bfloat16, score_mod=score), args.rounds // 20)
         sides["after, host tables, back to back"] = sides["after"]
+        # the page ids' range is the one read back left: ids on the host are checked there, and
+        # check_page_ids=False leaves ids on the GPU unread (no wait for the GPU at all)
+        all_host_args = (*host_args[:3], plan_args[3].cpu(), *host_args[4:])
+        for label, make, args_ in (("after, all tables on the host", lambda: ours, all_host_args),
+                                   ("after, host tables, ids unchecked", lambda: flex_flash_infer.PagedFlexAttention(
+                                       device="cuda", backend="flashinfer", check_page_ids=False), host_args)):
+            planner = make()
+            planner.plan(*args_, dtype=torch.bfloat16, score_mod=score)
+            rel = ((planner.run(q, cache).float() - ref).norm() / ref.norm()).item()
+            assert rel < 2e-2, (name, label, rel)
+            times[label] = []
+            for r in range(args.rounds):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                planner.plan(*args_, dtype=torch.bfloat16, score_mod=score)
+                torch.cuda.synchronize()
+                times[label].append((time.perf_counter() - start) * 1e3)
+            times[label + ", back to back"] = _back_to_back(
+                lambda: planner.plan(*args_, dtype=torch.bfloat16, score_mod=score), args.rounds // 20)
+            sides[label] = sides[label + ", back to back"] = (None, None, None, rel)
+        # a server's whole step, plan() then run(), back to back: a plan that waits for the GPU
+        # cannot overlap the previous step's kernel
+        for label, check in (("step (plan + run), host tables", True), ("step (plan + run), ids unchecked", False)):
+            planner = flex_flash_infer.PagedFlexAttention(device="cuda", backend="flashinfer", check_page_ids=check)
+
+            def step():
+                planner.plan(*host_args, dtype=torch.bfloat16, score_mod=score)
+                return planner.run(q, cache)
+            rel = ((step().float() - ref).norm() / ref.norm()).item()
+            assert rel < 2e-2, (name, label, rel)
+            times[label + ", back to back"] = _back_to_back(step, args.rounds // 20)
+            sides[label + ", back to back"] = (None, None, None, rel)
         if name != "streaming":   # the floor: FlashInfer's own decode plan of the same step, as ours calls it
             for form, form_args in (("device", plan_args), ("host", host_args)):
                 label = f"flashinfer's own plan, {form} tables"

@@ -249,24 +249,34 @@ def _spec(selected, req, local, page_len, kv_page_indices, num_requests, page_si
 
 def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size: int,
                device=None, heads: int = 1, native_window: bool = True, positions: bool = True,
-               _hints: bool = True) -> PagedPlan:
+               check_ids: bool = True, _hints: bool = True) -> PagedPlan:
     """heads > 1: the mask differs across query heads; pages are classified over all of them and
     the partial launch carries no bit mask (the kernel must evaluate mask_mod itself).
     native_window: a sliding window may run as FlashInfer's own window_left (its plain kernels;
     not a compiled variant's launch). positions: the launches' kv_positions are wanted (compiled
-    variants read them); a plan from a mask's flags leaves them out otherwise."""
+    variants read them); a plan from a mask's flags leaves them out otherwise. check_ids: the page
+    ids' range is read (a host table's in numpy; a device table's costs a wait for the GPU);
+    False leaves a device table's unread and max_page_id unknown (-1)."""
     device = torch.device(device) if device is not None else torch.as_tensor(kv_page_indices).device
     # int32 tables (FlashInfer's type) stay so: no conversion kernels each step. The per-request
     # tables stay where the caller keeps them: the plan reads them on the host (FlashInfer's own
     # plan() asks for them there), so a host table is never copied over and back
-    kv_page_indices = _int_vector("kv_page_indices", kv_page_indices, device, keep_int32=True)
+    host_ids = _int_vector("kv_page_indices", kv_page_indices, None if isinstance(kv_page_indices, torch.Tensor)
+                           else "cpu", keep_int32=True)
+    # a host table's range is read before it goes over: no device kernel, no wait for the GPU
+    id_range = None
+    if host_ids.device.type == "cpu":
+        ids = host_ids.numpy()
+        id_range = (int(ids.min()), int(ids.max())) if ids.size else (0, -1)
+    kv_page_indices = _int_vector("kv_page_indices", host_ids, device, keep_int32=True)
     small = [_int_vector(name, t, None if isinstance(t, torch.Tensor) else "cpu", keep_int32=True)
              for name, t in (("qo_indptr", qo_indptr), ("kv_page_indptr", kv_page_indptr),
                              ("kv_last_page_len", kv_last_page_len))]
-    # what lies on the device (the page ids' range always, unless the ids are on the host) comes
-    # back in one copy: one wait for the GPU instead of one per table and check
-    ids_here = kv_page_indices.numel() == 0 or kv_page_indices.device.type == "cpu"
-    tables = small + ([] if ids_here else [torch.stack(torch.aminmax(kv_page_indices))])
+    # what lies on the device (the page ids' range, unless read on the host or not asked for)
+    # comes back in one copy: one wait for the GPU instead of one per table and check
+    if id_range is None and (not check_ids or kv_page_indices.numel() == 0):
+        id_range = (0, -1)   # unchecked: the caller vouches for its ids; run() cannot check them
+    tables = small + ([] if id_range is not None else [torch.stack(torch.aminmax(kv_page_indices))])
     away = [i for i, t in enumerate(tables) if t.device.type != "cpu"]
     if away:
         back = torch.cat([tables[i].to(tables[away[0]].device) for i in away]).cpu()
@@ -276,13 +286,7 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     # in numpy: a decode step's plan is a few dozen operations on a few dozen entries, and numpy's
     # cost less than torch's dispatch
     host_q, host_kv, host_last = (t.numpy().astype(np.int64) for t in tables[:3])
-    if kv_page_indices.numel() == 0:
-        min_id, max_id = 0, -1
-    elif ids_here:
-        ids = kv_page_indices.numpy()
-        min_id, max_id = int(ids.min()), int(ids.max())
-    else:
-        min_id, max_id = tables[3].tolist()
+    min_id, max_id = id_range if id_range is not None else tables[3].tolist()
     if min_id < 0:
         raise ValueError("kv_page_indices must be non-negative page ids")
     qo_len, kv_len, pages = request_lengths(host_q, host_kv, host_last, page_size)

@@ -115,3 +115,39 @@ def test_a_decode_step_with_host_tables_copies_none_of_them_over(device, name):
         counts["host"].to_device, counts["device"].to_device)
     assert torch.equal(outs["host"], outs["device"])
     assert torch.isfinite(outs["host"]).all()
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "streaming"])
+def test_page_ids_on_the_host_or_unchecked_cost_no_wait_for_the_gpu(device, name):
+    """The page ids' range is the only read back of a decode step whose per-request tables lie on
+    the host: ids given on the host are checked there (before they go over), and check_page_ids=False
+    leaves ids on the GPU unread. Either way no wait for the GPU, and the same output; a bad host id
+    still raises by name, and an unchecked plan cannot check the ids against the cache at run()."""
+    R, pages_per, page, Hq, Hkv, D = 8, 6, 16, 4, 2, 64
+    host = (torch.arange(R + 1, dtype=torch.int32), torch.arange(R + 1, dtype=torch.int32) * pages_per,
+            torch.randperm(R * pages_per, generator=torch.Generator().manual_seed(2)).to(torch.int32),
+            torch.full((R,), 9, dtype=torch.int32))
+    mixed = (host[0], host[1], host[2].to("cuda"), host[3])
+    cache = tuple(torch.randn(R * pages_per, page, Hkv, D, dtype=torch.bfloat16).to("cuda") for _ in range(2))
+    q = torch.randn(R, Hq, D, dtype=torch.bfloat16).to("cuda")
+    mask = MASKS[name]()
+    outs = {}
+    for kind, tables, check in (("checked", mixed, True), ("host ids", host, True), ("unchecked", mixed, False)):
+        ours = paged.PagedFlexAttention(device="cuda", backend="flashinfer", check_page_ids=check)
+        planned = counted(lambda: ours.plan(mask, *tables, Hq, Hkv, D, page, dtype=torch.bfloat16))
+        assert sum(planned.reads.values()) == (kind == "checked"), (kind, planned.reads)
+        outs[kind] = ours.run(q, cache).float().cpu()
+        assert torch.isfinite(outs[kind]).all(), kind
+        small = tuple(c[: R * pages_per - 1] for c in cache)   # one page short of the ids
+        if kind == "unchecked":
+            assert ours._planned["plan"].max_page_id == -1
+        else:
+            with pytest.raises(ValueError, match="kv_cache has 47 pages"):
+                ours.run(q, small)
+    assert torch.equal(outs["host ids"], outs["checked"]) and torch.equal(outs["unchecked"], outs["checked"])
+    ours = paged.PagedFlexAttention(device="cuda", backend="flashinfer")
+    bad = (host[0], host[1], torch.cat([host[2][:-1], torch.tensor([-3], dtype=torch.int32)]), host[3])
+    with pytest.raises(ValueError, match="kv_page_indices must be non-negative"):
+        ours.plan(mask, *bad, Hq, Hkv, D, page, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="check_page_ids must be True or False"):
+        paged.PagedFlexAttention(device="cuda", check_page_ids=1)
