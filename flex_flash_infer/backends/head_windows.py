@@ -137,7 +137,7 @@ class HeadWindowRunner:
         # docs/benchmarks.md, session 34)
         self.wrapper = planned_ragged(workspace, "fa3", launch.qo_indptr, launch.kv_indptr, shape, dtype, True,
                                       widest, jit_args=jit_args(dtype, head_dim, sink_len > 0),
-                                      shared_module=True)
+                                      shared_module=True, head_windows=table, sink_len=sink_len)
         self.table = torch.tensor(table, dtype=torch.int32, device=workspace.device)
         self.scale = float(scale)
         self.sinks = (int(sink_len),) if sink_len > 0 else ()   # the sinks' module's last scalar

@@ -6,6 +6,8 @@ import weakref
 
 import torch
 
+from .fa3_schedule import keys_and_values_fit, rebalance_by_head_windows
+
 # planned wrappers, by everything their construction and plan() were given, while some plan still
 # holds them: a prepare() of the same launch (a model's next layer, the same mask prepared again)
 # reuses one instead of paying FlashInfer's plan() again, the largest part of a long prepare()
@@ -48,14 +50,19 @@ def schedules_by_window(backend: str, causal: bool, window_left: int, qo_indptr,
 
 def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, shape, dtype, causal: bool,
                    window_left: int = -1, sm_scale=None, logits_soft_cap=None, jit_args=None,
-                   balance_window: bool = True, shared_module: bool = False):
+                   balance_window: bool = True, shared_module: bool = False, head_windows=None,
+                   sink_len: int = 0):
     """A BatchPrefillWithRaggedKVCacheWrapper on backend ("fa3" or "fa2"), planned for the requests
     of qo_indptr / kv_indptr (int32, on the host); shape is (batch, q_len, kv_len, Hq, Hkv, D).
     jit_args: a compiled variant's (which applies its own scale). balance_window: a causal window
     launch may be scheduled as not causal (schedules_by_window); False where the launch's tiles are
     not a window's (the tile-gather launch). shared_module: jit_args name a module whose code holds
     nothing of one plan (the head-window kernel, which takes its table at run time), so its planned
-    wrapper may be shared like FlashInfer's own."""
+    wrapper may be shared like FlashInfer's own.
+    head_windows: each query head's window_left (the head-window kernel's launch; sink_len its
+    streaming sinks): the plan's work items are dealt again by each head's window where that
+    balances them better (fa3_schedule.py), and the wrapper is shared only with plans of the same
+    windows."""
     import flashinfer
 
     balanced = (balance_window and qo_indptr.device.type == "cpu" and kv_indptr.device.type == "cpu"
@@ -75,7 +82,8 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
                tuple(kv_indptr.tolist()), tuple(shape), dtype, bool(causal), int(window_left),
                None if sm_scale is None else float(sm_scale),
                None if logits_soft_cap is None else float(logits_soft_cap), balanced,
-               None if jit_args is None else jit_args[0], id(flashinfer))
+               None if jit_args is None else jit_args[0], id(flashinfer),
+               None if head_windows is None else tuple(head_windows), int(sink_len))
         wrapper = _planned.get(key)
         if wrapper is not None:
             return wrapper
@@ -87,6 +95,13 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
                  o_data_type=dtype, disable_split_kv=True)
     if balanced:
         wrapper._causal = True   # scheduled as not causal, run causal (schedules_by_window)
+    if (head_windows is not None and backend == "fa3" and workspace.device.type == "cuda"
+            and torch.backends.cuda.is_built() and torch.cuda.is_available()):
+        # FlashInfer's plan gives one CTA per multiprocessor (PrefillSM90Plan)
+        props = torch.cuda.get_device_properties(workspace.device)
+        key_bytes = 2 * int(kv_indptr[-1]) * hkv * head_dim * dtype.itemsize
+        if keys_and_values_fit(key_bytes, getattr(props, "L2_cache_size", 0)):
+            rebalance_by_head_windows(wrapper, head_windows, props.multi_processor_count, sink_len)
     if key is not None:
         _planned[key] = wrapper
     return wrapper
