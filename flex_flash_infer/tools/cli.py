@@ -10,10 +10,7 @@ the backend 'auto' picks here and FlashInfer's JIT cache.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import subprocess
 import sys
 
 import torch
@@ -347,40 +344,12 @@ def main(argv=None) -> int:
     if command == "check":
         return check_command(args)
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    cases = [("causal", {}), ("sliding_window", {"window_size": 256}),
+             ("attamba", {"window_size": 256, "chunk_size": 128})]
     print("flex-flash-infer demo: 1 x 1000 tokens, 8 query / 2 key heads, head_dim 64, vs PyTorch SDPA")
     ok = True
-    for (mask, _), (rel, max_abs, passed, backend) in zip(DEMO_CASES, demo_checks(dtype, device)):
+    for mask, params in cases:
+        rel, max_abs, passed, backend = run_check(1000, 1000, 8, 2, 64, mask, dtype, device, params)
         _print_row(mask, backend, device, dtype, rel, max_abs, passed)
         ok &= passed
     return 0 if ok else 1
-
-
-DEMO_CASES = (("causal", {}), ("sliding_window", {"window_size": 256}),
-              ("attamba", {"window_size": 256, "chunk_size": 128}))
-
-
-def demo_checks(dtype, device, side_by_side: bool | None = None) -> list:
-    """run_check of each DEMO_CASES mask. On a GPU (side_by_side None) each runs in a process of its
-    own, all at once: a fresh machine compiles the modules of each case's route (about a minute
-    each), and in one process those builds would wait for one another. A case whose process fails
-    runs again here, so that its error shows as it would in one process."""
-    args = [(1000, 1000, 8, 2, 64, mask, dtype, str(device), params) for mask, params in DEMO_CASES]
-    if side_by_side is None:
-        side_by_side = torch.device(device).type == "cuda"
-    if not side_by_side:
-        return [run_check(*a) for a in args]
-    env = dict(os.environ)
-    # the cores shared between the builds (FlashInfer's JIT runs MAX_JOBS compilers at once)
-    env.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 3) // len(args))))
-    procs = []
-    for a in args:
-        code = ("import json, sys, torch; from flex_flash_infer.tools.cli import run_check; "
-                f"a = {a[:5]!r} + ({a[5]!r}, torch.{str(dtype).split('.')[-1]}, {a[7]!r}, {a[8]!r}); "
-                "print(json.dumps(run_check(*a)))")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True))
-    results = []
-    for a, proc in zip(args, procs):
-        out, _ = proc.communicate()
-        lines = out.strip().splitlines()
-        results.append(tuple(json.loads(lines[-1])) if proc.returncode == 0 and lines else run_check(*a))
-    return results
