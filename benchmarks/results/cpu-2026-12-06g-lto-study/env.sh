@@ -1,0 +1,7 @@
+# common flags: FlashInfer's build.ninja cuda_cflags for the lean softcap bf16 d128 module (minus -gencode)
+export CPATH=/tmp/prebuild-venv/lib/python3.11/site-packages/nvidia/cu13/include
+SP=/tmp/prebuild-venv/lib/python3.11/site-packages
+GEN=/tmp/lto/ws/.cache/flashinfer/0.7.2.post1/90a/generated/ffi_49211b4c52f88279_bfloat16_d128_noswa_modes01
+COMMON="-DPy_LIMITED_API=0x03090000 -D_GLIBCXX_USE_CXX11_ABI=1 -I$SP/flashinfer/data/cccl/cub -I$SP/flashinfer/data/cccl/libcudacxx/include -I$SP/flashinfer/data/cccl/thrust -isystem /root/.pyenv/versions/3.11.7/include/python3.11 -isystem /usr/local/include -isystem $SP/tvm_ffi/include -isystem $SP/flashinfer/data/include -isystem $SP/flashinfer/data/csrc -isystem $SP/flashinfer/data/cutlass/include -isystem $SP/flashinfer/data/cutlass/tools/util/include -isystem $SP/flashinfer/data/spdlog/include"
+CUDA_FLAGS="$COMMON --compiler-options=-fPIC --expt-relaxed-constexpr -static-global-template-stub=false -DFLASHINFER_ENABLE_FP8_E8M0 -DFLASHINFER_ENABLE_FP4_E2M1 -std=c++17 --threads=1 -use_fast_math -Xfatbin=-compress-all --compress-mode=size -DFLASHINFER_ENABLE_F16 -DFLASHINFER_ENABLE_BF16 -DFLASHINFER_ENABLE_FP8_E4M3 -DFLASHINFER_ENABLE_FP8_E5M2 -DNDEBUG -O3 -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED"
+t() { local name=$1; shift; local s=$(date +%s.%N); "$@"; local rc=$?; local e=$(date +%s.%N); printf "%s wall %.1f s rc %d\n" "$name" "$(echo "$e - $s" | bc)" $rc | tee -a /tmp/lto/study/walls.txt; return $rc; }
