@@ -41,6 +41,9 @@ class Counting(simulated_cuda.SimCuda):
     def __init__(self):
         super().__init__()
         self.device_ops, self.to_device, self.reads = collections.Counter(), collections.Counter(), collections.Counter()
+        # copies to the device that wait for the GPU: torch's plain copy from host memory
+        # synchronises the stream after it (non_blocking=True from page-locked memory does not)
+        self.waiting_copies = collections.Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
@@ -55,6 +58,8 @@ class Counting(simulated_cuda.SimCuda):
             self.reads[name] += 1
         elif lands_on_device and not on_device and name in ("to", "cuda", "copy_", "tensor", "as_tensor"):
             self.to_device[name] += 1
+            if not (kwargs or {}).get("non_blocking") or not getattr(first, "_pinned_in_test", False):
+                self.waiting_copies[name] += 1
         elif name in ALLOCATIONS:
             pass
         elif ((lands_on_device and not _views_an_input(out, args, kwargs))

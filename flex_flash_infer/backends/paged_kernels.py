@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.transfers import to_device_queued
 from .tile_kernels import TileVariants
 
 
@@ -29,4 +30,4 @@ def paged_request_tables(plan, spec) -> list[torch.Tensor]:
     device = spec.kv_indices.device   # the others may lie on the host (a plan from a mask's flags)
     tables = (plan.q_start, torch.arange(requests, device=device), torch.zeros(requests, device=device),
               spec.kv_indptr[:-1], spec.kv_positions)
-    return [t.to(device=device, dtype=torch.int32).contiguous() for t in tables]
+    return [to_device_queued(t, device, torch.int32).contiguous() for t in tables]

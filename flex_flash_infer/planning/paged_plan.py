@@ -35,6 +35,7 @@ from ..core.mask_eval import INDEX_DTYPE, evaluate_mask_mod
 from ..core.notices import warn_once
 from ..core.trace import TraceError, trace
 from ..core.hints import made_by_library, stated_hint
+from ..core.transfers import to_device_queued
 
 CHUNK_ELEMENTS = 1 << 24
 # a streaming mask's sinks run as their own masked launch up to this many pages a request
@@ -122,7 +123,7 @@ def _first_page_places(host_kv, num_ids: int) -> torch.Tensor:
 
 def _page_ids(kv_page_indices, host_kv, req, local, device) -> torch.Tensor:
     """The caller's page ids of the listed pages (request req, its page local)."""
-    return kv_page_indices.index_select(0, _page_places(host_kv, req, local).to(device))
+    return kv_page_indices.index_select(0, to_device_queued(_page_places(host_kv, req, local), device))
 
 
 def request_lengths(q, kv, last, page_size: int):
@@ -488,8 +489,8 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
                            torch.from_numpy(last_len.astype(np.int32)), kv_positions=(local * page_size).to(torch.int32))
     first_places = _first_page_places(host_kv, kv_page_indices.numel()).to(torch.int32)
     spec = _with_bits(spec, torch.arange(req.numel()), req, page_len, qo_len, first_places, bits, page_size)
-    spec.kv_indices = kv_page_indices.index_select(0, spec.kv_indices.to(device)).to(torch.int32)
-    spec.mask = spec.mask.to(device)
+    spec.kv_indices = kv_page_indices.index_select(0, to_device_queued(spec.kv_indices, device)).to(torch.int32)
+    spec.mask = to_device_queued(spec.mask, device)
     return PagedPlan(window.qo_indptr, window.full, spec, window.decode, page_states, q_start=window.q_start,
                      max_kv_len=window.max_kv_len, total_q=window.total_q, max_page_id=window.max_page_id)
 
@@ -570,7 +571,7 @@ def _own_first_pages(kv_page_indices, host_kv, device) -> torch.Tensor:
     """int32 [R]: each request's first page id (a request without pages, which has no queries, any)."""
     if kv_page_indices.numel() == 0:
         return torch.zeros(host_kv.numel() - 1, dtype=torch.int32, device=device)
-    return kv_page_indices[_first_page_places(host_kv, kv_page_indices.numel()).to(device)].to(torch.int32)
+    return kv_page_indices[to_device_queued(_first_page_places(host_kv, kv_page_indices.numel()), device)].to(torch.int32)
 
 
 def _with_bits(spec, idx, req, page_len, qo_len, own_first_page, bits, page_size):

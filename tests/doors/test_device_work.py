@@ -151,3 +151,34 @@ def test_page_ids_on_the_host_or_unchecked_cost_no_wait_for_the_gpu(device, name
         ours.plan(mask, *bad, Hq, Hkv, D, page, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="check_page_ids must be True or False"):
         paged.PagedFlexAttention(device="cuda", check_page_ids=1)
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "streaming"])
+def test_an_unchecked_decode_plan_never_waits_for_the_gpu(device, monkeypatch, name):
+    """With the per-request tables on the host and check_page_ids=False, a decode step's plan()
+    neither reads back nor copies to the device in a way that waits: its tables go over from
+    page-locked memory, queued (core/transfers.py), so a server's plan() overlaps the step before."""
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+
+    def pinned(self, *args, **kwargs):   # a CPU torch cannot lock pages: a marked copy stands in
+        copy = self.clone()
+        copy._pinned_in_test = True
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pinned)
+    R, pages_per, page, Hq, Hkv, D = 8, 70, 16, 4, 2, 64   # windows of 64 list the last 5 pages
+    host = (torch.arange(R + 1, dtype=torch.int32), torch.arange(R + 1, dtype=torch.int32) * pages_per,
+            torch.randperm(R * pages_per, generator=torch.Generator().manual_seed(3)).to(torch.int32),
+            torch.full((R,), 11, dtype=torch.int32))
+    tables = (host[0], host[1], host[2].to("cuda"), host[3])
+    cache = tuple(torch.randn(R * pages_per, page, Hkv, D, dtype=torch.bfloat16).to("cuda") for _ in range(2))
+    q = torch.randn(R, Hq, D, dtype=torch.bfloat16).to("cuda")
+    mask = MASKS[name]()
+    ours = paged.PagedFlexAttention(device="cuda", backend="flashinfer", check_page_ids=False)
+    planned = counted(lambda: ours.plan(mask, *tables, Hq, Hkv, D, page, dtype=torch.bfloat16))
+    assert not planned.reads and not planned.waiting_copies, (planned.reads, planned.waiting_copies)
+    assert sum(planned.to_device.values()) == {"causal": 0, "sliding_window": 1, "streaming": 3}[name]
+    out = ours.run(q, cache).float().cpu()
+    checked = paged.PagedFlexAttention(device="cuda", backend="flashinfer")
+    checked.plan(mask, *tables, Hq, Hkv, D, page, dtype=torch.bfloat16)
+    assert torch.equal(out, checked.run(q, cache).float().cpu()) and torch.isfinite(out).all()
