@@ -121,11 +121,6 @@ def _first_page_places(host_kv, num_ids: int) -> torch.Tensor:
     return host_kv[:-1].clamp(max=num_ids - 1)
 
 
-def _page_ids(kv_page_indices, host_kv, req, local, device) -> torch.Tensor:
-    """The caller's page ids of the listed pages (request req, its page local)."""
-    return kv_page_indices.index_select(0, to_device_queued(_page_places(host_kv, req, local), device))
-
-
 def request_lengths(q, kv, last, page_size: int):
     """(qo_len, kv_len, pages per request), checked: the queries are the newest cached tokens.
     numpy int64 arrays (qo_indptr, kv_page_indptr, kv_last_page_len on the host) in and out: plan()
@@ -526,10 +521,13 @@ def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len,
             np.cumsum(counts, out=indptr[1:])
             every_page = bool((counts == pages).all())
             req, local = (pages_of_requests(torch.from_numpy(counts), torch.from_numpy(first))
-                          if positions or not every_page else (None, None))
+                          if positions else (None, None))
             # a copy either way: a caller writing its next step into the same buffer must not change this plan
-            indices = (kv_page_indices.to(torch.int32, copy=True) if every_page
-                       else _page_ids(kv_page_indices, torch.from_numpy(host_kv), req, local, device))
+            if every_page:
+                indices = kv_page_indices.to(torch.int32, copy=True)
+            else:   # request r's listed pages lie at host_kv[r] + first[r] onwards in kv_page_indices
+                places = np.repeat(host_kv[:-1] + first - indptr[:-1], counts) + np.arange(int(indptr[-1]))
+                indices = kv_page_indices.index_select(0, to_device_queued(torch.from_numpy(places), device))
             # the per-request tables and positions stay on the host: FlashInfer's plan() reads its
             # tables there (a device table costs it a synchronising copy back) and copies them to
             # the GPU itself; the compiled variants' tables are copied over where they are built
