@@ -69,6 +69,20 @@ def test_a_call_never_reads_back_or_copies_to_the_device(device, name):
         assert not prepare.to_device and not prepare.reads, (name, prepare.to_device, prepare.reads)
 
 
+def decode_step(seed: int, pages_per: int = 6, last: int = 7, R: int = 8, page: int = 16, Hq: int = 4, Hkv: int = 2,
+                D: int = 64):
+    """A decode step of R requests of pages_per shuffled pages (the last holding `last` keys): its
+    host tables (qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len), the same with the
+    page ids on the GPU (as a server keeps them), the cache and the queries on the GPU."""
+    host = (torch.arange(R + 1, dtype=torch.int32), torch.arange(R + 1, dtype=torch.int32) * pages_per,
+            torch.randperm(R * pages_per, generator=torch.Generator().manual_seed(seed)).to(torch.int32),
+            torch.full((R,), last, dtype=torch.int32))
+    mixed = (host[0], host[1], host[2].to("cuda"), host[3])
+    cache = tuple(torch.randn(R * pages_per, page, Hkv, D, dtype=torch.bfloat16).to("cuda") for _ in range(2))
+    q = torch.randn(R, Hq, D, dtype=torch.bfloat16).to("cuda")
+    return host, mixed, cache, q, (Hq, Hkv, D, page)
+
+
 @pytest.mark.parametrize("name", ["causal", "sliding_window", "streaming"])
 def test_a_decode_step_plans_with_one_read_back_and_runs_with_none(device, name):
     R, pages_per, page, Hq, Hkv, D = 8, 6, 16, 4, 2, 64
@@ -96,14 +110,8 @@ def test_a_decode_step_with_host_tables_copies_none_of_them_over(device, name):
     """FlashInfer's own plan() asks for the per-request tables on the host: a caller who keeps them
     there gets a plan that copies none of them to the device (only the page ids' range comes
     back), and the same output as with the tables on the device."""
-    R, pages_per, page, Hq, Hkv, D = 8, 6, 16, 4, 2, 64
-    host = (torch.arange(R + 1, dtype=torch.int32), torch.arange(R + 1, dtype=torch.int32) * pages_per,
-            torch.randperm(R * pages_per, generator=torch.Generator().manual_seed(1)).to(torch.int32),
-            torch.full((R,), 7, dtype=torch.int32))
+    host, mixed, cache, q, (Hq, Hkv, D, page) = decode_step(seed=1)
     on_device = tuple(t.to("cuda") for t in host)
-    mixed = (host[0], host[1], on_device[2], host[3])     # the page ids on the GPU, as a server keeps them
-    cache = tuple(torch.randn(R * pages_per, page, Hkv, D, dtype=torch.bfloat16).to("cuda") for _ in range(2))
-    q = torch.randn(R, Hq, D, dtype=torch.bfloat16).to("cuda")
     mask = MASKS[name]()
     outs, counts = {}, {}
     for kind, tables in (("device", on_device), ("host", mixed)):
@@ -123,13 +131,7 @@ def test_page_ids_on_the_host_or_unchecked_cost_no_wait_for_the_gpu(device, name
     the host: ids given on the host are checked there (before they go over), and check_page_ids=False
     leaves ids on the GPU unread. Either way no wait for the GPU, and the same output; a bad host id
     still raises by name, and an unchecked plan cannot check the ids against the cache at run()."""
-    R, pages_per, page, Hq, Hkv, D = 8, 6, 16, 4, 2, 64
-    host = (torch.arange(R + 1, dtype=torch.int32), torch.arange(R + 1, dtype=torch.int32) * pages_per,
-            torch.randperm(R * pages_per, generator=torch.Generator().manual_seed(2)).to(torch.int32),
-            torch.full((R,), 9, dtype=torch.int32))
-    mixed = (host[0], host[1], host[2].to("cuda"), host[3])
-    cache = tuple(torch.randn(R * pages_per, page, Hkv, D, dtype=torch.bfloat16).to("cuda") for _ in range(2))
-    q = torch.randn(R, Hq, D, dtype=torch.bfloat16).to("cuda")
+    host, mixed, cache, q, (Hq, Hkv, D, page) = decode_step(seed=2, last=9)
     mask = MASKS[name]()
     outs = {}
     for kind, tables, check in (("checked", mixed, True), ("host ids", host, True), ("unchecked", mixed, False)):
@@ -138,7 +140,7 @@ def test_page_ids_on_the_host_or_unchecked_cost_no_wait_for_the_gpu(device, name
         assert sum(planned.reads.values()) == (kind == "checked"), (kind, planned.reads)
         outs[kind] = ours.run(q, cache).float().cpu()
         assert torch.isfinite(outs[kind]).all(), kind
-        small = tuple(c[: R * pages_per - 1] for c in cache)   # one page short of the ids
+        small = tuple(c[:-1] for c in cache)   # one page short of the ids
         if kind == "unchecked":
             assert ours._planned["plan"].max_page_id == -1
         else:
@@ -166,13 +168,8 @@ def test_an_unchecked_decode_plan_never_waits_for_the_gpu(device, monkeypatch, n
         return copy
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", pinned)
-    R, pages_per, page, Hq, Hkv, D = 8, 70, 16, 4, 2, 64   # windows of 64 list the last 5 pages
-    host = (torch.arange(R + 1, dtype=torch.int32), torch.arange(R + 1, dtype=torch.int32) * pages_per,
-            torch.randperm(R * pages_per, generator=torch.Generator().manual_seed(3)).to(torch.int32),
-            torch.full((R,), 11, dtype=torch.int32))
-    tables = (host[0], host[1], host[2].to("cuda"), host[3])
-    cache = tuple(torch.randn(R * pages_per, page, Hkv, D, dtype=torch.bfloat16).to("cuda") for _ in range(2))
-    q = torch.randn(R, Hq, D, dtype=torch.bfloat16).to("cuda")
+    # 70 pages a request: windows of 64 list the last 5
+    _, tables, cache, q, (Hq, Hkv, D, page) = decode_step(seed=3, pages_per=70, last=11)
     mask = MASKS[name]()
     ours = paged.PagedFlexAttention(device="cuda", backend="flashinfer", check_page_ids=False)
     planned = counted(lambda: ours.plan(mask, *tables, Hq, Hkv, D, page, dtype=torch.bfloat16))
