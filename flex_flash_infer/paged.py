@@ -51,11 +51,12 @@ class PagedFlexAttention:
                  use_tensor_cores: bool | None = None, check_page_ids: bool = True):
         """use_tensor_cores: decode steps on FlashInfer's tensor-core decode kernel (True), on its
         CUDA-core one (False), or chosen from the GQA group size (None, use_tensor_core_decode).
-        check_page_ids: plan() reads the range of the page ids and run() raises when one is
-        negative or past the cache's pages. Page ids kept on the GPU make that read wait for the
+        check_page_ids: plan() reads the range of the page ids, raises for a negative one, and
+        run() raises for one past the cache's pages. Page ids kept on the GPU make that read wait for the
         GPU at every plan(), so a server's planning cannot overlap its previous step; False skips
         it for them (the caller vouches for its ids, as FlashInfer's own plan() trusts them).
-        Ids given on the host are always checked: that costs no wait."""
+        Ids given on the host are always checked: that costs no wait. The reference backend
+        checks them at run() either way."""
         self.device = check_object_device(device)
         self.backend = check_backend_name(backend)
         if use_tensor_cores is not None and not isinstance(use_tensor_cores, bool):
@@ -310,7 +311,7 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
     def wrapper(key, make):
         if key not in wrappers:
             wrappers[key] = make()
-        return wrappers[key]
+        return _after_its_last_plan_copied(wrappers[key])
 
     def prefill(role, backend, jit_args=None, owns_mask=False):
         key = (role, "prefill", backend, jit_args and jit_args[0], owns_mask)
@@ -362,7 +363,30 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
             partial_args = (*paged_request_tables(plan, m), *variants.partial_args)
         partial.plan(qo_indptr(m), m.kv_indptr, m.kv_indices, m.last_page_len, hq, hkv, d, page_size,
                      custom_mask=m.mask, **prefill_common)
+    for planned in (full, partial):
+        if planned is not None:
+            _note_plan_queued(planned, device)
     return full, partial, full_args, partial_args
+
+
+def _after_its_last_plan_copied(wrapper):
+    """The wrapper, once the copy of its previous plan to the GPU has run. FlashInfer's plan() writes
+    the schedule into the wrapper's one page-locked buffer and queues its copy to the GPU with
+    nothing holding the buffer: planned again before that copy ran (a plan that does not wait for
+    the GPU may run a step ahead), the previous step's launch would read this step's schedule.
+    The wait is for the previous plan's copy alone, so a plan still overlaps the step before it."""
+    copied = getattr(wrapper, "_ffi_plan_copied", None)
+    if copied is not None:
+        copied.synchronize()
+    return wrapper
+
+
+def _note_plan_queued(wrapper, device):
+    """Mark where on the stream the wrapper's plan copy was queued (_after_its_last_plan_copied)."""
+    if device.type == "cuda" and torch.backends.cuda.is_built():
+        copied = torch.cuda.Event()
+        copied.record()
+        wrapper._ffi_plan_copied = copied
 
 
 def _run_launches(launches, q, cache, return_lse=True):
@@ -388,6 +412,14 @@ def _reference(q, k_cache, v_cache, p):
     """Plain torch, request by request, in float32 (float64 for float64 inputs, as the reference
     backend): the oracle and the CPU path."""
     qo_indptr, kv_page_indptr, kv_page_indices, last = p["tables"]
+    if p["plan"].max_page_id < 0 < kv_page_indices.numel():
+        # plan() left the ids unread (check_page_ids=False): indexing would wrap a negative id to a
+        # page from the end, or assert on the device; this path reads its tables back anyway
+        low, high = (int(x) for x in torch.aminmax(kv_page_indices))
+        if low < 0:
+            raise ValueError("kv_page_indices must be non-negative page ids")
+        if high >= k_cache.shape[0]:
+            raise ValueError(f"kv_cache has {k_cache.shape[0]} pages but the plan's kv_page_indices use page {high}")
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     hq, hkv, d = p["heads"]
     page_size = p["page_size"]

@@ -264,7 +264,9 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     if host_ids.device.type == "cpu":
         ids = host_ids.numpy()
         id_range = (int(ids.min()), int(ids.max())) if ids.size else (0, -1)
-    kv_page_indices = _int_vector("kv_page_indices", host_ids, device, keep_int32=True)
+    # (queued: torch's plain copy from host memory would wait for the GPU)
+    kv_page_indices = (to_device_queued(host_ids, device) if host_ids.device.type == "cpu" else
+                       _int_vector("kv_page_indices", host_ids, device, keep_int32=True))
     small = [_int_vector(name, t, None if isinstance(t, torch.Tensor) else "cpu", keep_int32=True)
              for name, t in (("qo_indptr", qo_indptr), ("kv_page_indptr", kv_page_indptr),
                              ("kv_last_page_len", kv_last_page_len))]

@@ -27,6 +27,37 @@ def device(monkeypatch):
         yield
 
 
+class FakeEvent:
+    """torch.cuda.Event on a CPU torch: records when it is recorded and waited for."""
+    made = []
+
+    def __init__(self):
+        self.recorded = self.waited = False
+        FakeEvent.made.append(self)
+
+    def record(self):
+        self.recorded = True
+
+    def synchronize(self):
+        self.waited = True
+
+
+@pytest.fixture
+def queued(monkeypatch):
+    """As on a CUDA build of torch: page-locked copies (a CPU torch cannot lock pages: a marked copy
+    stands in) and CUDA events (FakeEvent)."""
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+
+    def pinned(self, *args, **kwargs):
+        copy = self.clone()
+        copy._pinned_in_test = True
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pinned)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    FakeEvent.made.clear()
+    return FakeEvent
+
 def counted(fn):
     fn()   # the first call builds what later calls keep
     mode = Counting()
@@ -126,7 +157,7 @@ def test_a_decode_step_with_host_tables_copies_none_of_them_over(device, name):
 
 
 @pytest.mark.parametrize("name", ["causal", "sliding_window", "streaming"])
-def test_page_ids_on_the_host_or_unchecked_cost_no_wait_for_the_gpu(device, name):
+def test_page_ids_on_the_host_or_unchecked_cost_no_wait_for_the_gpu(device, queued, name):
     """The page ids' range is the only read back of a decode step whose per-request tables lie on
     the host: ids given on the host are checked there (before they go over), and check_page_ids=False
     leaves ids on the GPU unread. Either way no wait for the GPU, and the same output; a bad host id
@@ -138,6 +169,7 @@ def test_page_ids_on_the_host_or_unchecked_cost_no_wait_for_the_gpu(device, name
         ours = paged.PagedFlexAttention(device="cuda", backend="flashinfer", check_page_ids=check)
         planned = counted(lambda: ours.plan(mask, *tables, Hq, Hkv, D, page, dtype=torch.bfloat16))
         assert sum(planned.reads.values()) == (kind == "checked"), (kind, planned.reads)
+        assert not planned.waiting_copies, (kind, planned.waiting_copies)
         outs[kind] = ours.run(q, cache).float().cpu()
         assert torch.isfinite(outs[kind]).all(), kind
         small = tuple(c[:-1] for c in cache)   # one page short of the ids
@@ -156,18 +188,10 @@ def test_page_ids_on_the_host_or_unchecked_cost_no_wait_for_the_gpu(device, name
 
 
 @pytest.mark.parametrize("name", ["causal", "sliding_window", "streaming"])
-def test_an_unchecked_decode_plan_never_waits_for_the_gpu(device, monkeypatch, name):
+def test_an_unchecked_decode_plan_never_waits_for_the_gpu(device, queued, name):
     """With the per-request tables on the host and check_page_ids=False, a decode step's plan()
     neither reads back nor copies to the device in a way that waits: its tables go over from
     page-locked memory, queued (core/transfers.py), so a server's plan() overlaps the step before."""
-    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
-
-    def pinned(self, *args, **kwargs):   # a CPU torch cannot lock pages: a marked copy stands in
-        copy = self.clone()
-        copy._pinned_in_test = True
-        return copy
-
-    monkeypatch.setattr(torch.Tensor, "pin_memory", pinned)
     # 70 pages a request: windows of 64 list the last 5
     _, tables, cache, q, (Hq, Hkv, D, page) = decode_step(seed=3, pages_per=70, last=11)
     mask = MASKS[name]()
@@ -179,3 +203,46 @@ def test_an_unchecked_decode_plan_never_waits_for_the_gpu(device, monkeypatch, n
     checked = paged.PagedFlexAttention(device="cuda", backend="flashinfer")
     checked.plan(mask, *tables, Hq, Hkv, D, page, dtype=torch.bfloat16)
     assert torch.equal(out, checked.run(q, cache).float().cpu()) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "streaming"])
+def test_a_wrapper_is_planned_again_only_after_its_last_plan_was_copied(device, queued, name):
+    """FlashInfer's plan() queues the copy of its page-locked schedule with nothing holding the
+    buffer: a plan() that does not wait for the GPU must not rewrite it before that copy ran (the
+    step before would read this step's schedule). Each wrapper's plan marks its copy; the next
+    plan() of that wrapper waits for that mark, and for nothing else, before FlashInfer plans."""
+    host, mixed, cache, q, (Hq, Hkv, D, page) = decode_step(seed=4, pages_per=70, last=5)
+    mask = MASKS[name]()
+    ours = paged.PagedFlexAttention(device="cuda", backend="flashinfer", check_page_ids=False)
+    ours.plan(mask, *mixed, Hq, Hkv, D, page, dtype=torch.bfloat16)
+    first = ours.run(q, cache).float().cpu()
+    wrappers = [w for w in ours._planned["launches"][:2] if w is not None]
+    marks = {id(w): w._ffi_plan_copied for w in wrappers}
+    assert wrappers and all(m.recorded and not m.waited for m in marks.values())
+    seen = []
+    for w in wrappers:   # what FlashInfer's plan() finds when it is called again
+        plan = w.plan
+
+        def checking(*args, _w=w, _plan=plan, **kwargs):
+            seen.append(marks[id(_w)].waited)
+            return _plan(*args, **kwargs)
+        w.plan = checking
+    ours.plan(mask, *mixed, Hq, Hkv, D, page, dtype=torch.bfloat16)
+    assert seen and all(seen), seen
+    assert all(w._ffi_plan_copied is not marks[id(w)] and not w._ffi_plan_copied.waited for w in wrappers)
+    assert torch.equal(ours.run(q, cache).float().cpu(), first)
+
+
+def test_the_reference_backend_checks_unchecked_page_ids_at_run(device):
+    """check_page_ids=False leaves device ids unread at plan(); the reference backend, which reads
+    its tables back anyway, checks them at run(): a negative id would wrap to a page from the end."""
+    host, mixed, cache, q, (Hq, Hkv, D, page) = decode_step(seed=5)
+    ids = host[2].clone()
+    for bad, message in ((-2, "must be non-negative"), (len(ids) + 3, f"kv_cache has {len(ids)} pages")):
+        ids[3] = bad
+        ours = paged.PagedFlexAttention(device="cuda", backend="reference", check_page_ids=False)
+        ours.plan(None, host[0], host[1], ids.to("cuda"), host[3], Hq, Hkv, D, page, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match=message):
+            ours.run(q, cache)
+    ours.plan(None, *mixed, Hq, Hkv, D, page, dtype=torch.bfloat16)   # still usable
+    assert torch.isfinite(ours.run(q, cache)).all()
