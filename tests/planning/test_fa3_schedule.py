@@ -118,3 +118,27 @@ def test_the_deal_is_written_only_where_keys_and_values_fit_in_l2():
     assert not fs.keys_and_values_fit(kv_bytes(32768, 128), h100_l2)
     assert not fs.keys_and_values_fit(kv_bytes(32768, 64), h100_l2)
     assert not fs.keys_and_values_fit(kv_bytes(8192, 128), 0)
+
+
+@pytest.mark.parametrize("l2_mb,dealt", [(50, True), (2, True), (1, False), (0, False)])
+def test_the_head_window_launch_is_dealt_where_its_keys_fit_the_reported_l2(monkeypatch, l2_mb, dealt):
+    """planned_ragged asks the GPU's L2 size and deals the head-window launch again only where its
+    keys and values fit (2 x 4096 keys x 2 KV heads x 64 x bf16 = 2 MiB here)."""
+    import sys
+
+    import fake_flashinfer
+    from flexfuzz.simulated import simulated
+    from flex_flash_infer.planning import ragged
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132, L2_cache_size=l2_mb * 2 ** 20))
+    calls = []
+    monkeypatch.setattr(ragged, "rebalance_by_head_windows", lambda *args: calls.append(args) or True)
+    indptr = torch.tensor([0, 4096], dtype=torch.int32)
+    with simulated():
+        workspace = torch.zeros(1024, dtype=torch.uint8).to("cuda")
+        ragged.planned_ragged(workspace, "fa3", indptr, indptr, (1, 4096, 4096, 8, 2, 64), torch.bfloat16, True,
+                              window_left=4095, head_windows=[127, 255, 511, 1023] * 2)
+    assert len(calls) == dealt and (not dealt or calls[0][2] == 132)
