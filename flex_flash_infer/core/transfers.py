@@ -19,4 +19,6 @@ def to_device_queued(t: torch.Tensor, device, dtype: torch.dtype | None = None) 
         t = t.to(dtype)
     if device.type != "cuda" or t.device.type != "cpu" or not torch.backends.cuda.is_built():
         return t.to(device)
+    if t.is_pinned():   # pin_memory() would hand back the caller's own buffer, read after we return
+        t = t.clone()
     return t.pin_memory().to(device, non_blocking=True)

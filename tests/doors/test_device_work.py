@@ -49,11 +49,14 @@ def queued(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
 
     def pinned(self, *args, **kwargs):
+        if getattr(self, "_pinned_in_test", False):
+            return self   # as torch's: an already page-locked tensor comes back itself
         copy = self.clone()
         copy._pinned_in_test = True
         return copy
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", pinned)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: getattr(self, "_pinned_in_test", False))
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     FakeEvent.made.clear()
     return FakeEvent
@@ -246,3 +249,23 @@ def test_the_reference_backend_checks_unchecked_page_ids_at_run(device):
             ours.run(q, cache)
     ours.plan(None, *mixed, Hq, Hkv, D, page, dtype=torch.bfloat16)   # still usable
     assert torch.isfinite(ours.run(q, cache)).all()
+
+
+def test_a_callers_page_locked_table_is_copied_before_its_queued_copy(device, queued):
+    """pin_memory() hands back a tensor that is already page-locked: the queued copy would read the
+    caller's buffer after plan() returned (a server writes its next step there). Its ids are staged
+    in a copy of the library's own first."""
+    from flex_flash_infer.core.transfers import to_device_queued
+
+    caller = torch.arange(12, dtype=torch.int32)
+    caller._pinned_in_test = True
+    sources = []
+    original = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        sources.append(self)
+        return original(self, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.Tensor, "to", spy)
+        to_device_queued(caller, "cuda")
+    assert sources and all(s is not caller for s in sources)
