@@ -585,6 +585,51 @@ def test_paged_cache_masks_match_the_reference(cuda_gen, name, params, qo_lens):
     assert torch.allclose(lse[seen], ref_lse[seen], atol=2e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("check_page_ids", [True, False])
+@pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 40}),
+                                         ("streaming", {"sink_size": 4, "window_size": 40})])
+def test_paged_plans_ahead_of_a_busy_gpu_keep_each_steps_schedule(cuda_gen, name, params, check_page_ids):
+    """Steps of two shapes in turn, each planned while the GPU still sleeps on the work before it
+    (with the per-request tables on the host and check_page_ids=False, plan() never waits for the
+    GPU): each step's output equals the same step planned alone. FlashInfer's plan() writes each
+    wrapper's schedule into one page-locked buffer and queues its copy; planned again before that
+    copy ran, a step would read the next step's schedule (docs/design.md, section 4)."""
+    from flex_flash_infer import PagedFlexAttention
+
+    page, H, Hkv, D, dtype = 16, 8, 2, 128, torch.bfloat16
+    num_pages = 2048
+    k, v = (torch.randn(num_pages, page, Hkv, D, device="cuda", generator=cuda_gen).to(dtype) for _ in range(2))
+    ids = torch.randperm(num_pages, device="cuda", generator=cuda_gen).to(torch.int32)
+
+    def step(requests, pages_each, last):
+        indptr = torch.arange(requests + 1, dtype=torch.int32)
+        tables = (indptr, indptr * pages_each, ids[:requests * pages_each].clone(),
+                  torch.full((requests,), last, dtype=torch.int32))
+        q = torch.randn(requests, H, D, device="cuda", generator=cuda_gen).to(dtype)
+        return tables, q
+
+    steps = [step(4, 256, 16), step(64, 9, 5)]
+    mod = get_mask_fn(name, **params)
+    alone = []
+    for tables, q in steps:
+        paged = PagedFlexAttention(device="cuda", backend="flashinfer")
+        paged.plan(mod, *tables, H, Hkv, D, page, dtype=dtype)
+        alone.append(paged.run(q, (k, v)).clone())
+        reference = PagedFlexAttention(device="cuda", backend="reference")
+        reference.plan(mod, *tables, H, Hkv, D, page, dtype=torch.float32)
+        assert rel_err(alone[-1], reference.run(q.float(), (k.float(), v.float()))) < TOL[dtype]
+    paged = PagedFlexAttention(device="cuda", backend="flashinfer", check_page_ids=check_page_ids)
+    outs = []
+    for _ in range(6):
+        torch.cuda._sleep(20_000_000)   # the GPU busy while the host plans ahead
+        for tables, q in steps:
+            paged.plan(mod, *tables, H, Hkv, D, page, dtype=dtype)
+            outs.append(paged.run(q, (k, v)))
+    torch.cuda.synchronize()
+    for i, out in enumerate(outs):   # a step that read the other step's schedule is far off, not 1e-3
+        assert rel_err(out, alone[i % 2]) < 1e-3, (i, rel_err(out, alone[i % 2]))
+
+
 def test_tree_speculative_decoding_example_on_the_gpu():
     import runpy
     import pathlib
