@@ -103,8 +103,30 @@ def fresh_caches(root: str) -> dict:
     return env
 
 
+def module_builds(flashinfer_root: str) -> dict:
+    """{module: {"files": n, "work_s": summed compile seconds, "span_s": first start to last end}}
+    of every module FlashInfer built under its fresh workspace (from each build folder's
+    .ninja_log): where a first use's compile time went, module by module."""
+    builds = {}
+    # os.walk: FlashInfer builds under .cache/, which glob's ** passes over (a hidden folder)
+    logs = sorted(os.path.join(folder, ".ninja_log") for folder, _, files in os.walk(flashinfer_root)
+                  if ".ninja_log" in files)
+    for log in logs:
+        spans = []
+        with open(log) as f:
+            for line in f:
+                fields = line.split("\t")
+                if len(fields) >= 4 and not line.startswith("#"):
+                    spans.append((int(fields[0]) / 1000, int(fields[1]) / 1000))
+        if spans:
+            builds[os.path.basename(os.path.dirname(log))] = {
+                "files": len(spans), "work_s": round(sum(end - start for start, end in spans), 1),
+                "span_s": round(max(end for _, end in spans) - min(start for start, _ in spans), 1)}
+    return builds
+
+
 def run_item(name: str, timeout_s: float = 1800, runner=subprocess.run) -> dict:
-    """One item in a fresh process with fresh caches: {item, wall_s, first_call_s | error}."""
+    """One item in a fresh process with fresh caches: {item, wall_s, first_call_s | error, builds}."""
     with tempfile.TemporaryDirectory(prefix="ffi-cold-") as root:
         env = {**os.environ, **fresh_caches(root)}
         start = time.time()
@@ -113,6 +135,9 @@ def run_item(name: str, timeout_s: float = 1800, runner=subprocess.run) -> dict:
         except subprocess.TimeoutExpired:
             return {"item": name, "wall_s": time.time() - start, "error": f"over {timeout_s:.0f} s"}
         row = {"item": name, "wall_s": time.time() - start}
+        builds = module_builds(env["FLASHINFER_WORKSPACE_BASE"])
+        if builds:
+            row["builds"] = builds
         if done.returncode != 0:
             row["error"] = (done.stderr or done.stdout).strip().splitlines()[-1][:300] if (done.stderr or done.stdout) \
                 else f"exit {done.returncode}"
@@ -152,6 +177,9 @@ def run_cold_benchmark(out_path: str | None = None, items=None, runner=subproces
         else:
             shown = "the whole process"
         print(f"{name:26s} {row['wall_s']:8.1f} s  {shown}", flush=True)
+        for module, build in row.get("builds", {}).items():
+            print(f"    built {module[:60]}: {build['files']} files, {build['work_s']:.0f} s of compiling "
+                  f"over {build['span_s']:.0f} s", flush=True)
     try:
         import flashinfer
         fi_version = flashinfer.__version__

@@ -51,3 +51,20 @@ def test_unknown_items_are_named():
 @pytest.mark.parametrize("name", [n for n, body in cold.ITEMS.items() if body is not None])
 def test_every_snippet_compiles(name):
     compile(cold.item_command(name)[2], name, "exec")
+
+
+def test_the_modules_an_item_built_are_kept_with_their_compile_times(tmp_path):
+    """Each module FlashInfer built under the item's fresh workspace: its files, the compile seconds
+    they summed and the span from the first start to the last end (from its .ninja_log, in ms)."""
+    def runner(cmd, env, **kw):
+        for module, lines in (("mod_a", ["0\t60000\t1\ta.o\th", "0\t70000\t1\tb.o\th", "70000\t130000\t1\tc.o\th"]),
+                              ("mod_b", ["5000\t15000\t1\tx.o\th"])):
+            folder = os.path.join(env["FLASHINFER_WORKSPACE_BASE"], ".cache", "flashinfer", "90a", "cached_ops", module)
+            os.makedirs(folder)
+            with open(os.path.join(folder, ".ninja_log"), "w") as f:
+                f.write("# ninja log v5\n" + "\n".join(lines) + "\n")
+        return types.SimpleNamespace(returncode=0, stdout="ok\n", stderr="")
+
+    row = cold.run_item("readme_main_job", runner=runner)
+    assert row["builds"] == {"mod_a": {"files": 3, "work_s": 190.0, "span_s": 130.0},
+                             "mod_b": {"files": 1, "work_s": 10.0, "span_s": 10.0}}
