@@ -184,11 +184,15 @@ class PagedFlexAttention:
         tables = None if launches is not None else tuple(
             torch.as_tensor(t).to(self.device, torch.long, copy=True) for t in (qo_indptr, kv_page_indptr,
                                                                                  kv_page_indices, kv_last_page_len))
+        # ids plan_paged left unread (check_page_ids=False): the reference indexes the cache with
+        # them, where a negative id would wrap to a page from the end; read once here, checked at run()
+        id_range = (tuple(int(x) for x in torch.aminmax(tables[2]))
+                    if tables is not None and plan.max_page_id < 0 < tables[2].numel() else None)
         self._score_checked = user_score_mod
         self._planned = dict(mod=mod, score_mod=score_mod, plan=plan, launches=launches, variants=variants,
                              soft_cap=soft_cap, constants=constants, mask_reads=mask_reads,
                              scale=scale, launch_scale=launch_scale, negate_query=launch_scale < 0, page_size=page_size,
-                             heads=heads, dtype=dtype, tables=tables, learned_memo=LearnedMemo())
+                             heads=heads, dtype=dtype, tables=tables, id_range=id_range, learned_memo=LearnedMemo())
         return self
 
     def _launches(self, plan, heads, page_size, dtype, scale, variants, soft_cap):
@@ -226,9 +230,10 @@ class PagedFlexAttention:
             raise ValueError(f"kv_cache must be (k, v), each [num_pages, page_size, num_kv_heads, head_dim] with "
                              f"page_size, num_kv_heads, head_dim = {(p['page_size'], hkv, d)}; got "
                              f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-        if k_cache.shape[0] <= p["plan"].max_page_id:
+        max_page_id = p["plan"].max_page_id if p["id_range"] is None else p["id_range"][1]
+        if k_cache.shape[0] <= max_page_id:
             raise ValueError(f"kv_cache has {k_cache.shape[0]} pages but the plan's kv_page_indices use page "
-                             f"{p['plan'].max_page_id}")
+                             f"{max_page_id}")
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
             if t.dtype != p["dtype"]:
                 raise TypeError(f"{name} has dtype {t.dtype} but plan() was given dtype={p['dtype']}")
@@ -412,14 +417,8 @@ def _reference(q, k_cache, v_cache, p):
     """Plain torch, request by request, in float32 (float64 for float64 inputs, as the reference
     backend): the oracle and the CPU path."""
     qo_indptr, kv_page_indptr, kv_page_indices, last = p["tables"]
-    if p["plan"].max_page_id < 0 < kv_page_indices.numel():
-        # plan() left the ids unread (check_page_ids=False): indexing would wrap a negative id to a
-        # page from the end, or assert on the device; this path reads its tables back anyway
-        low, high = (int(x) for x in torch.aminmax(kv_page_indices))
-        if low < 0:
-            raise ValueError("kv_page_indices must be non-negative page ids")
-        if high >= k_cache.shape[0]:
-            raise ValueError(f"kv_cache has {k_cache.shape[0]} pages but the plan's kv_page_indices use page {high}")
+    if p["id_range"] is not None and p["id_range"][0] < 0:   # ids plan_paged left unread, read by plan()
+        raise ValueError("kv_page_indices must be non-negative page ids")
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     hq, hkv, d = p["heads"]
     page_size = p["page_size"]

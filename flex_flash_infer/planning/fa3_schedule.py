@@ -118,7 +118,7 @@ def keys_and_values_fit(key_bytes: int, l2_bytes: int) -> bool:
     """Whether the launch's keys and values (key_bytes, both) fit the GPU's L2 cache, where the deal
     is worth writing. FlashInfer deals a head's tiles out in turn, so the CTAs running at one time
     read neighbouring keys; ours hands each CTA tiles of many heads at once. Where the keys stay in
-    L2 that costs nothing and the balance wins; where they do not, the H100 lost up to 25% with it
+    L2 that costs nothing and the balance wins; where they do not, it measured slower on the H100
     (docs/benchmarks.md, session 35), so FlashInfer's schedule stays."""
     return 0 < key_bytes <= l2_bytes
 
