@@ -10,7 +10,8 @@ from paged_simulator import attend
 from paged_simulator import merge_state as _merge_state
 from paged_simulator import paged_prefill
 
-from flex_flash_infer.compile.lean_modules import KEPT_MODES
+from flex_flash_infer.compile import native_copy
+from flex_flash_infer.compile.lean_modules import KEPT_MODES, kept_modes
 from flex_flash_infer.compile.codegen import graph_key
 from flex_flash_infer.compile.variant_paged import MASKED_PAGE_FLAG
 
@@ -284,10 +285,14 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         self.jit_args = jit_args
         self.head_windows = jit_args is not None and jit_args[7][0] == HEAD_WINDOW_TABLE
         self.gather = jit_args is not None and jit_args[7][0] == TILE_STARTS
+        # native_copy's module: FlashInfer's DefaultAttention (soft cap or not) with one mask mode
+        self.native_copy = native_copy.is_native_copy(jit_args)
+        assert not self.native_copy or (backend == "fa3" and jit_args[11] == f"DefaultAttention<{str(jit_args[-1]).lower()}>")
         assert not self.head_windows or (backend == "fa3" and jit_args[11] == "DefaultAttention<false>")
         # the gather module: FlashInfer's DefaultAttention, with its logits soft cap (a run scalar) or not
         assert not self.gather or (backend == "fa3" and jit_args[11] == f"DefaultAttention<{str(jit_args[-1]).lower()}>")
-        self.variant = None if jit_args is None or self.head_windows or self.gather else VARIANTS[jit_args[11]]
+        self.variant = (None if jit_args is None or self.head_windows or self.gather or self.native_copy
+                        else VARIANTS[jit_args[11]])
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, causal=False, window_left=-1,
              sm_scale=None, logits_soft_cap=None, disable_split_kv=False, custom_mask=None, q_data_type="float16",
@@ -313,9 +318,21 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         check_variant_mask_mode(self.backend, self.variant is not None, self._causal, self.custom_mask)
         on_device(self.device, "ragged run()", q, k, v, out_buffer, lse_buffer)
         check_run_dtypes(self.dtypes, q, k, "ragged run()")
-        if self.jit_args is not None and not self.head_windows and not self.gather:
+        if self.jit_args is not None and not self.head_windows and not self.gather and not self.native_copy:
             check_variant_tensors(self.jit_args, variant_args, self.device, "ragged run()")
         window_left, scale = self.window_left, self.scale
+        copy_cap = None
+        if self.native_copy:   # FlashInfer's four optional tensors, then its four scalars
+            assert len(variant_args) == 8 and all(t is None for t in variant_args[:4]), "FlashInfer's own optional tensors: None"
+            assert variant_args[6] == 1.0 and variant_args[7] == 0, "no value scale, no multi-item scoring"
+            # the module holds one mask mode: the one the launch runs
+            assert (1 if self._causal else 0) in kept_modes("fa3", self.jit_args[0]), \
+                f"{self.jit_args[0]} run with causal={self._causal}"
+            assert (window_left >= 0) == bool(self.jit_args[-2]), "a window exactly where the module has one"
+            cap = float(variant_args[4])
+            assert (cap > 0) == bool(self.jit_args[-1]), "a soft cap exactly where the module has one"
+            scale = kernel_scale(variant_args[5], q.shape[-1])
+            copy_cap = _soft_cap(cap)
         if self.gather:   # the two tables, FlashInfer's four optional tensors, then its four scalars
             starts, tiles, *unfilled = variant_args[:6]
             on_device(self.device, "ragged run(): the tile tables", starts, tiles)
@@ -353,7 +370,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         if lse_buffer is not None:
             assert lse_buffer.shape == q.shape[:2] and lse_buffer.is_contiguous(), "the LSE is written by its pointer"
         transform = (self._transform(variant_args) if self.variant is not None
-                     else gather_cap if self.gather else _soft_cap(self.cap))
+                     else gather_cap if self.gather else copy_cap if self.native_copy else _soft_cap(self.cap))
         out, lse = ragged_prefill(q, k, v, self.qo_indptr, self.kv_indptr, self._causal, window_left,
                                   1.0 if self.variant is not None else scale, transform, self.split_kv)
         if out_buffer is not None:
@@ -483,7 +500,16 @@ def module():
                                  single_prefill_with_kv_cache=single_prefill_with_kv_cache,
                                  BatchDecodeWithPagedKVCacheWrapper=BatchDecodeWithPagedKVCacheWrapper,
                                  merge_state=merge_state, merge_state_in_place=merge_state_in_place,
+                                 prefill=types.SimpleNamespace(gen_batch_prefill_module=native_module_spec),
                                  __version__="fake")
+
+
+def native_module_spec(backend, *args):
+    """FlashInfer's spec of its native batch-prefill module, as on a machine where it is neither
+    prebuilt nor built: the library then runs its own one-mode copy (compile/native_copy.py), so
+    every band route the suite and the fuzzer run on the model goes through that copy."""
+    assert backend == "fa3" and len(args) == 10, "FlashInfer 0.7's gen_batch_prefill_module arguments"
+    return types.SimpleNamespace(is_aot=False, is_compiled=False)
 
 
 def register_paged_variants(monkeypatch, tile_kernels) -> list:

@@ -4,7 +4,8 @@ FlashInfer's generator for a custom prefill variant (gen_customize_batch_prefill
 kernel file per mask mode - none, causal, custom bit mask, multi-item scoring - for the ragged and
 for the paged kernel, each a full template instantiation, and the host code dispatches over all
 four. This library asks its variants for fewer: never multi-item scoring, and on Hopper (fa3) only
-no mask or causal (a bit mask goes to an fa2 launch). Every kernel file left out is compile work a
+no mask or causal (a bit mask goes to an fa2 launch); a module whose name ends in
+only_mode_suffix(m) (native_copy's) with mode m alone. Every kernel file left out is compile work a
 new score_mod or mask no longer waits for: half of an fa3 variant's kernel files, a quarter of an
 fa2 one's (docs/design.md, "Compiling").
 
@@ -31,6 +32,21 @@ _MODE_NAMES = ("kNone", "kCausal", "kCustom", "kMultiItemScoring")
 _KERNEL_FILE = re.compile(r"_kernel_mask_(\d)\.cu$")
 _DISPATCH_CALL = "DISPATCH_MASK_MODE(mask_mode, MASK_MODE,"
 _LEAN_DISPATCH = "FFI_DISPATCH_KEPT_MASK_MODES"
+_ONLY_MODE = re.compile(r"_only_mode(\d)$")
+
+
+def only_mode_suffix(mode: int) -> str:
+    """The end of an own module's name that has it built with this one mask mode (native_copy: a
+    launch runs one), instead of its backend's KEPT_MODES."""
+    return f"_only_mode{int(mode)}"
+
+
+def kept_modes(backend: str, uri: str):
+    """The mask modes an own module of this name is built with (None: not one of this library's)."""
+    if backend not in KEPT_MODES or not str(uri).startswith(OWN_URI_PREFIX):
+        return None
+    only = _ONLY_MODE.search(str(uri))
+    return (int(only.group(1)),) if only else KEPT_MODES[backend]
 
 
 def lean_dispatch_macro(modes) -> str:
@@ -120,8 +136,8 @@ def _lean_generator(generate):
     @functools.wraps(generate)
     def generate_lean(backend, uri, *args, **kwargs):
         spec = generate(backend, uri, *args, **kwargs)
-        modes = KEPT_MODES.get(backend)
-        if modes is None or not str(uri).startswith(OWN_URI_PREFIX):
+        modes = kept_modes(backend, uri)
+        if modes is None:
             return spec
         return with_patched_headers(lean_spec(spec, modes), args)
     generate_lean.ffi_lean = True

@@ -6,6 +6,7 @@ import weakref
 
 import torch
 
+from ..compile import native_copy
 from .fa3_schedule import keys_and_values_fit, rebalance_by_head_windows
 
 # planned wrappers, by everything their construction and plan() were given, while some plan still
@@ -65,6 +66,15 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
     windows."""
     import flashinfer
 
+    _, _, _, hq, hkv, head_dim = shape
+    copy_args = None
+    if jit_args is None and backend == "fa3" and not native_copy.flashinfer_has_its_own(
+            dtype, head_dim, window_left >= 0, bool(logits_soft_cap)):
+        # FlashInfer's kernels for this launch's one mask mode, as a module of our own
+        # (compile/native_copy.py); its scale and soft cap go to run(), as FlashInfer's own run() passes them
+        jit_args = native_copy.jit_args(dtype, head_dim, causal, window_left >= 0, bool(logits_soft_cap))
+        copy_args = native_copy.run_arguments(logits_soft_cap, head_dim ** -0.5 if sm_scale is None else sm_scale)
+        shared_module, sm_scale, logits_soft_cap = True, None, None
     balanced = (balance_window and qo_indptr.device.type == "cpu" and kv_indptr.device.type == "cpu"
                 and schedules_by_window(backend, causal, window_left, qo_indptr, kv_indptr)
                 and _plan_alone_sets_the_mask(flashinfer.BatchPrefillWithRaggedKVCacheWrapper))
@@ -84,10 +94,10 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
                None if logits_soft_cap is None else float(logits_soft_cap), balanced,
                None if jit_args is None else jit_args[0], id(flashinfer),
                None if head_windows is None else tuple(head_windows), int(sink_len))
+        key += (copy_args,)
         wrapper = _planned.get(key)
         if wrapper is not None:
             return wrapper
-    _, _, _, hq, hkv, head_dim = shape
     wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend, jit_args=jit_args)
     # no split-KV: its merge would drop a NaN LSE (nan_merge.py)
     wrapper.plan(qo_indptr, kv_indptr, hq, hkv, head_dim, causal=causal and not balanced, window_left=window_left,
@@ -102,6 +112,24 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
         key_bytes = 2 * int(kv_indptr[-1]) * hkv * head_dim * dtype.itemsize
         if keys_and_values_fit(key_bytes, getattr(props, "L2_cache_size", 0)):
             rebalance_by_head_windows(wrapper, head_windows, props.multi_processor_count, sink_len)
+    if copy_args is not None:
+        wrapper = NativeCopy(wrapper, copy_args)
     if key is not None:
         _planned[key] = wrapper
     return wrapper
+
+
+class NativeCopy:
+    """A planned wrapper on native_copy's module, run as FlashInfer's own native one is: run(q, k,
+    v, out=, lse=, return_lse=) adds the module's arguments (its scale and soft cap)."""
+
+    def __init__(self, wrapper, run_arguments: tuple):
+        self.wrapper = wrapper
+        self.run_arguments = run_arguments
+
+    def run(self, q, k, v, **kwargs):
+        return self.wrapper.run(q, k, v, *self.run_arguments, **kwargs)
+
+    @property
+    def _causal(self):   # the mask the launch runs (schedules_by_window), as on FlashInfer's wrapper
+        return self.wrapper._causal

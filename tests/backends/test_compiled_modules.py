@@ -1,7 +1,8 @@
 """A new mask compiles nothing (issue 23): every mask, the library's or a user's, on every route
 and door, runs on FlashInfer's own modules, and those are a small fixed set per dtype and
 head_dim: batch prefill (fa3 / fa2) and single prefill, each with and without a sliding window,
-and decode with and without one. Only a score_mod compiles a variant (jit_args), and a per-head
+and decode with and without one; on fa3, where FlashInfer's batch prefill module is not built,
+its kernels as native_copy's one-mode modules (the CPU model answers "not built"). Only a score_mod compiles a variant (jit_args), and a per-head
 mask on the paged cache (it runs compiled into the kernels there; on flex_attention per-head masks
 take FlashInfer's own masked kernel). Each FlashInfer entry point the library calls is recorded,
 on the CPU model, with the flags that name its module."""
@@ -13,13 +14,16 @@ import torch
 
 from random_masks import per_head_starts, random_mask_mod, striped_causal
 from flex_flash_infer import PagedFlexAttention, create_block_mask, flex_attention, get_mask_fn
+from flex_flash_infer.compile import native_copy
+from flex_flash_infer.compile.lean_modules import kept_modes
 from flex_flash_infer.tools.warmup import example_score_mod
 
 # the modules a mask may use: FlashInfer's own kernels, named as its JIT names them (kind, backend,
 # sliding window) -- all of them in `python -m flex_flash_infer warmup`'s default list
 MASK_MODULES = {("batch_prefill", "fa3", False), ("batch_prefill", "fa3", True), ("batch_prefill", "fa2", False),
                 ("batch_prefill", "fa2", True), ("single_prefill", "fa3", False), ("single_prefill", "fa3", True),
-                ("decode", None, False), ("decode", None, True)}
+                ("decode", None, False), ("decode", None, True)} | {
+    ("batch_prefill_one_mode", "fa3", window, mode) for window in (False, True) for mode in (0, 1)}
 
 
 @pytest.fixture
@@ -34,7 +38,11 @@ def recorded(flashinfer_on_cpu, monkeypatch):
         def plan(self, *args, **kwargs):
             window = kwargs.get(window_arg, -1)
             backend = None if kind == "decode" else self.backend
-            calls.append(((kind, backend, window is not None and window >= 0), getattr(self, "jit_args", None)))
+            jit_args = getattr(self, "jit_args", None)
+            key = (kind, backend, window is not None and window >= 0)
+            if native_copy.is_native_copy(jit_args):   # FlashInfer's kernels, a module per mask mode
+                key, jit_args = (f"{kind}_one_mode", backend, key[2], *kept_modes(backend, jit_args[0])), None
+            calls.append((key, jit_args))
             return real_plan(self, *args, **kwargs)
         monkeypatch.setattr(cls, "plan", plan)
 

@@ -80,6 +80,31 @@ def test_library_band_hints_unequal_lengths(cuda_gen, name, params, L, S):
     check(out, lse, q, k, v, dense_predicate(name, L, S, **params), dtype)
 
 
+@pytest.mark.parametrize("name,params,L,S,cap", [("causal", {}, 777, 777, None), ("full", {}, 777, 300, None),
+                                                 ("prefix_lm", {"prefix_len": 200}, 777, 777, None),
+                                                 ("causal", {}, 777, 777, 20.0)])
+def test_band_routes_on_the_native_copy(cuda_gen, monkeypatch, name, params, L, S, cap):
+    """FlashInfer's fa3 kernels as native_copy's one-mode modules (as where FlashInfer's own module
+    is not built): bf16 d128, against the reference, the launches asserted to be the copies."""
+    from flex_flash_infer.compile import native_copy
+    from flex_flash_infer.mods import generate_softcap_score_mod
+    from flex_flash_infer.planning import ragged
+
+    monkeypatch.setattr(native_copy, "flashinfer_has_its_own", lambda *key: False)
+    made = []
+    real = ragged.NativeCopy.__init__
+    monkeypatch.setattr(ragged.NativeCopy, "__init__", lambda self, *a: (made.append(a[0].jit_args[0]), real(self, *a))[1])
+    B, H, Hkv, D, dtype = 1, 8, 2, 128, torch.bfloat16
+    q, k, v = inputs(B, H, Hkv, L, S, D, dtype, cuda_gen)
+    bm = create_block_mask(get_mask_fn(name, **params), None, None, L, S, device="cuda")
+    score = None if cap is None else generate_softcap_score_mod(cap)
+    out, lse = flex_attention(q, k, v, score_mod=score, block_mask=bm, enable_gqa=True, return_lse=True,
+                              backend="flashinfer")
+    assert made, "the launch ran on FlashInfer's own module, not the copy"
+    score_fn = None if cap is None else (lambda s, *idx: cap * torch.tanh(s / cap))
+    check(out, lse, q, k, v, dense_predicate(name, L, S, **params), dtype, score_fn=score_fn)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,S", [(333, 333), (200, 517), (517, 130)])
 def test_random_masks_per_batch_and_head_odd_lengths(cuda_gen, dtype, L, S):

@@ -68,6 +68,36 @@ def test_demo_subcommand_in_process(capsys):
     assert all(r[-1] == "PASS" for r in found)
 
 
+def test_demo_on_a_gpu_prepares_its_checks_side_by_side(monkeypatch, capsys):
+    """On a GPU the demo's three checks are prepared at once, each in a thread of its own (their
+    first prepare() builds their kernels), before any check runs; each check then runs the
+    FlexFlashInfer prepared for it."""
+    import threading
+    import time
+
+    events, made = [], {}
+
+    def prepared_check(*args):
+        mask = args[5]
+        events.append(("prepare", mask, threading.get_ident()))
+        time.sleep(0.05)   # a build: the others start meanwhile
+        made[mask] = object()
+        return made[mask]
+
+    def run_check(*args, flex=None):
+        events.append(("run", args[5], flex is made[args[5]]))
+        return 0.0, 0.0, True, "flashinfer"
+
+    monkeypatch.setattr(cli, "device_error", lambda command, device: None)
+    monkeypatch.setattr(cli, "prepared_check", prepared_check)
+    monkeypatch.setattr(cli, "run_check", run_check)
+    assert cli.main(["demo", "--device", "cuda"]) == 0
+    prepares, runs = events[:3], events[3:]
+    assert {e[0] for e in prepares} == {"prepare"} and len({e[2] for e in prepares}) == 3
+    assert runs == [("run", m, True) for m in ("causal", "sliding_window", "attamba")]
+    assert capsys.readouterr().out.count("PASS") == 3
+
+
 @pytest.mark.parametrize("extra", [
     ["--q-len", "257", "--window-size", "50"],
     ["--q-len", "130", "--kv-len", "260", "--num-qo-heads", "6", "--num-kv-heads", "3", "--window-size", "7",
