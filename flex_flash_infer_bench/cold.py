@@ -8,7 +8,8 @@ JSON counts them. Each item prints the seconds of its first call (or calls) as J
 the wall time of the whole process is kept beside it.
 
 Items: the README's main job; the first call of each route (bands causal and window, key columns,
-tiles, per-head bands, paged decode); a new score_mod; a new mask on a route already built in the
+tiles, per-head bands, paged decode); a new score_mod; an edited score_mod (a second, never-seen
+score_mod after a first one in the same process); a new mask on a route already built in the
 same process (should compile nothing); `warmup`; torch flex's first call on Triton and on
 FlashAttention-4. bf16, batch 1, 8 query / 2 KV heads, head_dim 128, 4096 tokens (paged: 8
 requests of 4096 keys).
@@ -67,6 +68,12 @@ ITEMS = {
                      "result = {'s': first(step)}"),
     "new_score_mod": ("result = {'s': first(ours(get_mask_fn('causal'),"
                       " lambda s, b, h, qi, kv: s - 0.01 * (h + 1) * (qi - kv).abs()))}"),
+    # what a researcher editing a score_mod waits: the process has run one score_mod (on fa3 that
+    # built the device-LTO generic objects, or today's module without the toolchain), then the
+    # first call of another one never seen (its own link only, with LTO)
+    "edited_score_mod": ("first(ours(get_mask_fn('causal'), lambda s, b, h, qi, kv: s - 0.01 * (qi - kv).abs()))\n"
+                         "result = {'s': first(ours(get_mask_fn('causal'),"
+                         " lambda s, b, h, qi, kv: s + 0.02 * (h + 1) * ((qi - kv) % 7)))}"),
     "new_mask_on_built_route": ("first(ours(get_mask_fn('causal')))\n"
                                 "result = {'s': first(ours(lambda b, h, qi, kv: (qi >= kv) & (qi - kv < 3000)))}"),
     "warmup": None,            # python -m flex_flash_infer warmup, timed as a whole process

@@ -39,6 +39,12 @@
 #                (git archive OLD flex_flash_infer | tar -x -C .ab_before; carry it), interleaved, 8192 / 32768
 #                tokens (AB_CASES: only these bench cases); ab-layout-d64, ab-layout-32k-d64: the same at
 #                head_dim 64 (AB_CASES_D64: only these cases)
+#   lto-check    scripts/lto_launch_check.py: lto_variants'
+#                per-score_mod module (softcap, relative-position bias) built here from the carried generic
+#                objects (.ltopack, scripts/lto_pack.py), loaded, run ragged and paged against the reference and
+#                today's module, both timed, a new score_mod's build timed, then the generic objects built
+#                again here (timed); JSON lto-check.json, log lto-check.log. Carry [".whl", ".ltopack",
+#                ".aotpack", "SOURCE_COMMIT"] (.aotpack: main's, holds today's softcap module; about 53 MiB in all)
 # FlashAttention-4 (../shared/gpu/fetch-fa4.sh) is installed by gpu_env.sh when .fa4b is carried and
 # an earlier call copied .fa4a's libraries to /tmp/fa4.
 set -uo pipefail
@@ -101,7 +107,7 @@ case "${1:-}" in
         tests-k)
           # the GPU tests whose names match TESTS_K alone (a change's own tests, when the suite's compiles do not fit)
           # bounded: a patched kernel whose loads and steps fell out of step would hang
-          timeout 900 python3 -m pytest -v -m gpu tests/ -rfE -k "${TESTS_K:?set TESTS_K}" -p no:cacheprovider \
+          timeout 900 python3 -m pytest -v -m gpu tests/ -rfE -k "${TESTS_K:?set TESTS_K}" -p no:cacheprovider --durations=12 \
             >$run_dir/gpu_tests_k.log 2>&1; tail -n 15 $run_dir/gpu_tests_k.log ;;
         examples)
           for f in examples/*.py; do echo "--- $f"; python3 "$f" 2>&1 | grep --line-buffered -v "INFO\|arning" | tail -n 4; \
@@ -166,6 +172,11 @@ case "${1:-}" in
           # (the GPU tests once ran on through a whole bench); SIGKILL, pytest ignores SIGINT
           pkill -9 -f "[s]cripts/fuzz.py|[p]ytest -q -p no:warnings" && echo "stopped the campaign's leftovers"
           cp /tmp/gpu-fuzz/* $run_dir/ ;;
+        lto-check)   # the LTO per-score_mod module against today's, side by side (scripts/lto_launch_check.py)
+          timeout 1500 python3 scripts/lto_launch_check.py --time-generic-build --out $run_dir/lto-check.json \
+            >$run_dir/lto-check.log 2>&1; echo "lto-check exit $?"
+          grep -h "^| \|WRONG\|cases, \|new score_mod\|generic objects built\|today's module\|ratio" \
+            $run_dir/lto-check.log | tail -n 45 ;;
         *) echo "unknown stage $stage" ;;
       esac
     done

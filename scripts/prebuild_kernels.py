@@ -67,11 +67,15 @@ def _recording_flashinfer(recorded: list):
 @contextlib.contextmanager
 def _planning_on_cpu_as_hopper(stub):
     """The library plans as on a Hopper GPU, on CPU tensors, against the stand-in (restored after)."""
-    from flex_flash_infer.backends import backend_choice, flashinfer_backend
+    from flex_flash_infer.backends import backend_choice, flashinfer_backend, lto_score_mods
     from flex_flash_infer import paged, varlen
 
     saved_module = sys.modules.get("flashinfer")
-    patches = [(flashinfer_backend, "unsupported_reason", lambda *a: None),
+    # the fa3 band score_mods record today's variant modules, whatever toolchain this machine has:
+    # the device-LTO module is built per score_mod on the GPU machine from the generic objects
+    # (scripts/lto_pack.py carries those), not by FlashInfer's prebuild
+    patches = [(lto_score_mods, "lto_module", lambda *a: None),
+               (flashinfer_backend, "unsupported_reason", lambda *a: None),
                (backend_choice, "unsupported_reason", lambda *a: None),
                (flashinfer_backend, "_is_hopper", lambda device: True),
                (paged, "_is_hopper", lambda device: True), (varlen, "_is_hopper", lambda device: True),

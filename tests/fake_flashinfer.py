@@ -2,6 +2,7 @@
 paged_simulator.py, so the glue around the kernels (layouts, LSE bases, merges) runs in CPU tests."""
 import functools
 import math
+import sys
 import types
 
 import torch
@@ -12,7 +13,8 @@ from paged_simulator import paged_prefill
 
 from flex_flash_infer.compile import native_copy
 from flex_flash_infer.compile.lean_modules import KEPT_MODES, kept_modes
-from flex_flash_infer.compile.codegen import graph_key
+from flex_flash_infer.compile import lto_variants
+from flex_flash_infer.compile.codegen import element_ctype, graph_key
 from flex_flash_infer.compile.variant_paged import MASKED_PAGE_FLAG
 
 # FlashInfer's kernels record nothing for autograd: their outputs never carry a grad_fn. The
@@ -70,6 +72,8 @@ def check_variant_tensors(jit_args, args, device, what):
     names = [(n, d) for n, d in zip(jit_args[7], jit_args[8]) if n not in WRAPPER_BUFFERS]
     assert len(args) >= len(names), f"{what}: {len(args)} arguments for {len(names)} variant tensors"
     for (name, ctype), t in zip(names, args):
+        if t is None and name.startswith("maybe_"):   # FlashInfer passes null for an optional tensor
+            continue
         assert isinstance(t, torch.Tensor), f"{what}: variant argument {name} is not a tensor"
         on_device(device, f"{what}: variant tensor {name}", t)
         if ctype in _CTYPES:
@@ -247,6 +251,95 @@ class PagedVariantModel:
         return apply
 
 
+LTO_VARIANT = lto_variants.VARIANT_NAME
+
+
+class FakeLtoModule:
+    """What the stubbed device-LTO build (register_lto_build) loads for a score_mod: the model runs
+    its graph's host-compiled code, fed from the generic slots exactly as the score file reads
+    them (lto_variants.score_source: slot_names' mapping), so a wrong slot, type or stride fails.
+    One module serves every score_mod of the same code (the key is the score file's text): the
+    numbers and tables come from the slots, never from the graph it was built for."""
+
+    def __init__(self, name, graph, position_bound, dtype, head_dim, use_sliding_window):
+        from hostcheck import compile_host
+
+        self.name, self.graph, self.position_bound = name, graph, position_bound
+        self.config = (dtype, head_dim, use_sliding_window)
+        self.score = compile_host(graph)
+
+    def __repr__(self):
+        return f"FakeLtoModule({self.name})"
+
+    def decode(self, slots):
+        """(tables, numbers, scale) from run()'s arguments after the three request tables: the tensor
+        slots, the scale, the int and the float slots (lto_variants.generic_arguments' order)."""
+        G = lto_variants
+        assert len(slots) == G.GENERIC_TENSORS + 1 + G.GENERIC_INTS + G.GENERIC_FLOATS, \
+            f"{len(slots)} generic arguments after the request tables"
+        tensors = list(slots[:G.GENERIC_TENSORS])
+        scale = slots[G.GENERIC_TENSORS]
+        ints = slots[G.GENERIC_TENSORS + 1:G.GENERIC_TENSORS + 1 + G.GENERIC_INTS]
+        floats = slots[G.GENERIC_TENSORS + 1 + G.GENERIC_INTS:]
+        # the FFI takes each slot as declared: int64 for the int slots, double for the rest
+        assert isinstance(scale, float) and all(isinstance(f, float) for f in floats), "a float slot not a float"
+        assert all(isinstance(i, int) and not isinstance(i, bool) for i in ints), "an int slot not an int"
+        t_slots, s_slots, shape = G.slot_names(self.graph)
+        names = list(t_slots)
+        tables = tensors[:len(names)]
+        assert all(t is None for t in tensors[len(names):]), "an unused tensor slot not None"
+        for (name, source), t in zip(self.graph.tensors, tables):
+            assert isinstance(t, torch.Tensor), f"captured tensor {name}: its slot holds {t!r}"
+            # the score file casts the untyped slot to this element type
+            assert t.dtype == _CTYPES[element_ctype(source)], \
+                f"captured tensor {name} is {t.dtype}, the score file reads {element_ctype(source)}"
+            assert t.dim() == source.dim(), f"captured tensor {name}: {t.dim()} dimensions, traced {source.dim()}"
+
+        def slot(name):
+            i = int(name[len("ffi_i"):]) if name.startswith("ffi_i") else int(name[len("ffi_f"):])
+            return ints[i] if name.startswith("ffi_i") else floats[i]
+
+        numbers = [slot(s_slots[name]) for name, _, _ in self.graph.scalars]
+        by_name = dict(zip(names, tables))
+        for (name, what, d), where in shape.items():   # the code indexes the table by these
+            actual = by_name[name].stride(d) if what == "stride" else by_name[name].shape[d]
+            assert slot(where) == actual, f"{name}'s {what} {d}: slot {where} holds {slot(where)}, the tensor has {actual}"
+        used = set(s_slots.values()) | set(shape.values())
+        assert all(v == 0 for i, v in enumerate(ints) if G.int_slot(i) not in used), "an unused int slot not 0"
+        return tables, numbers, kernel_scale(scale, 1)
+
+
+def _fake_module_getter(backend, *jit_args, **_):
+    """flashinfer.prefill.get_customize_batch_prefill_module: FlashInfer would build the module from
+    jit_args. For the generic LTO variant that would be its files without any score_mod's code
+    (the library must hand the LTO module in: planning/ragged.handed_module)."""
+    if len(jit_args) > 11 and jit_args[11] == LTO_VARIANT:
+        raise AssertionError(f"FlashInfer asked to build the generic variant {jit_args[0]} from source: "
+                             "the LTO module was not handed to the wrapper")
+    return types.SimpleNamespace(jit_args=jit_args)
+
+
+def register_lto_build(monkeypatch, lto_score_mods, built=None) -> list:
+    """Stub the device-LTO toolchain (nvcc, nvJitLink) for lto_score_mods: the toolchain is
+    there, and each score_mod's module is a FakeLtoModule named as the real one's score part (the
+    score file's key: lto_variants.score_key runs for real). Returns the names built."""
+    built = [] if built is None else built
+
+    def name(graph, position_bound, dtype, head_dim, use_sliding_window):
+        return (f"ffi_lto_fake_{str(dtype).split('.')[-1]}_d{head_dim}_{'swa' if use_sliding_window else 'noswa'}_"
+                f"{lto_variants.score_key(graph, position_bound)}")
+
+    def build(*args):
+        built.append(name(*args))
+        return FakeLtoModule(built[-1], *args)
+
+    monkeypatch.setattr(lto_score_mods, "toolchain_missing", lambda: None)
+    monkeypatch.setattr(lto_score_mods, "module_name", name)
+    monkeypatch.setattr(lto_score_mods, "build_module", build)
+    monkeypatch.setattr(lto_score_mods, "_LOADED", {})
+    return built
+
+
 HEAD_WINDOW_TABLE = "ffi_head_window_left"   # backends/head_windows.py's module: FlashInfer's kernel, patched
 TILE_STARTS = "ffi_tile_start"               # backends/tile_gather.py's module: the same, key tiles gathered
 GATHER_TILE = 128                            # its key tiles (the patches make them 128 keys at head_dim 64 and 128:
@@ -291,8 +384,17 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         assert not self.head_windows or (backend == "fa3" and jit_args[11] == "DefaultAttention<false>")
         # the gather module: FlashInfer's DefaultAttention, with its logits soft cap (a run scalar) or not
         assert not self.gather or (backend == "fa3" and jit_args[11] == f"DefaultAttention<{str(jit_args[-1]).lower()}>")
-        self.variant = (None if jit_args is None or self.head_windows or self.gather or self.native_copy
-                        else VARIANTS[jit_args[11]])
+        self.lto_module = None
+        if jit_args is not None and jit_args[11] == LTO_VARIANT:
+            # as FlashInfer's wrapper: its module from the getter (the library hands the LTO one in)
+            self.lto_module = sys.modules["flashinfer"].prefill.get_customize_batch_prefill_module(backend, *jit_args)
+            assert isinstance(self.lto_module, FakeLtoModule) and self.lto_module.name == jit_args[0], \
+                f"the generic variant's wrapper got {self.lto_module!r}, not the LTO module {jit_args[0]}"
+            assert backend == "fa3", "the LTO module is an fa3 module"
+            self.variant = self.lto_module
+        else:
+            self.variant = (None if jit_args is None or self.head_windows or self.gather or self.native_copy
+                            else VARIANTS[jit_args[11]])
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, causal=False, window_left=-1,
              sm_scale=None, logits_soft_cap=None, disable_split_kv=False, custom_mask=None, q_data_type="float16",
@@ -383,18 +485,29 @@ class BatchPrefillWithRaggedKVCacheWrapper:
 
     def _transform(self, variant_args):
         """The variant's arguments are the request tables (first query, first key, batch entry),
-        the captured tensors, then the scale; the score_mod sees absolute positions."""
+        the captured tensors, then the scale; the score_mod sees absolute positions. The LTO
+        module's: the same tables, then its generic slots (FakeLtoModule.decode)."""
         req_q0, req_kv0, req_b = (t.cpu().long() for t in variant_args[:3])
+        if self.lto_module is not None:
+            tables, numbers, scale = self.lto_module.decode(variant_args[3:])
+            score = functools.partial(self.lto_module.score, scalars=numbers)
+            return _positions_transform(score, req_q0, req_kv0, req_b, tables, scale)
         tables = [a for a in variant_args[3:] if isinstance(a, torch.Tensor)]   # read as passed, as the kernel does
         scale = kernel_scale(float(next(a for a in variant_args[3:] if not isinstance(a, torch.Tensor))), 1)
+        return _positions_transform(self.variant, req_q0, req_kv0, req_b, tables, scale)
 
-        def transform(r, logits):   # logits [H, n, m] of request r
-            h, n, m = logits.shape
-            pos = (torch.arange(h).view(-1, 1, 1), req_q0[r] + torch.arange(n).view(1, -1, 1),
-                   req_kv0[r] + torch.arange(m).view(1, 1, -1))
-            return self.variant((logits * scale).float(), req_b[r], *pos, tables=tables).double()
 
-        return transform
+def _positions_transform(score, req_q0, req_kv0, req_b, tables, scale):
+    """The transform of a compiled band variant: request r's logits [H, n, m] scaled, then the
+    score_mod at absolute positions (the request tables' first query, first key, batch entry)."""
+
+    def transform(r, logits):   # logits [H, n, m] of request r
+        h, n, m = logits.shape
+        pos = (torch.arange(h).view(-1, 1, 1), req_q0[r] + torch.arange(n).view(1, -1, 1),
+               req_kv0[r] + torch.arange(m).view(1, 1, -1))
+        return score((logits * scale).float(), req_b[r], *pos, tables=tables).double()
+
+    return transform
 
 
 def ragged_prefill(q, k, v, qo_indptr, kv_indptr, causal, window_left, scale, transform=None, split_kv=False):
@@ -500,7 +613,8 @@ def module():
                                  single_prefill_with_kv_cache=single_prefill_with_kv_cache,
                                  BatchDecodeWithPagedKVCacheWrapper=BatchDecodeWithPagedKVCacheWrapper,
                                  merge_state=merge_state, merge_state_in_place=merge_state_in_place,
-                                 prefill=types.SimpleNamespace(gen_batch_prefill_module=native_module_spec),
+                                 prefill=types.SimpleNamespace(gen_batch_prefill_module=native_module_spec,
+                                                               get_customize_batch_prefill_module=_fake_module_getter),
                                  __version__="fake")
 
 
@@ -535,10 +649,14 @@ def register_paged_variants(monkeypatch, tile_kernels) -> list:
     return built
 
 
-def register_band_variants(monkeypatch, score_mod_kernels) -> None:
+def register_band_variants(monkeypatch, score_mod_kernels) -> list:
     """Register each band score_mod variant score_mod_kernels traces (fa3 and fa2 names) with the
-    host-compiled code of its graph."""
+    host-compiled code of its graph, and stub the device-LTO build (register_lto_build): on fa3
+    the bands run the LTO module where the score_mod fits, as on the GPU. Returns the names of
+    the LTO modules built."""
     from hostcheck import compile_host
+
+    built = register_lto_build(monkeypatch, score_mod_kernels.lto_score_mods)
 
     real_trace = score_mod_kernels.trace
 
@@ -550,3 +668,4 @@ def register_band_variants(monkeypatch, score_mod_kernels) -> None:
         return graph
 
     monkeypatch.setattr(score_mod_kernels, "trace", registering_trace)
+    return built

@@ -110,17 +110,25 @@ def _runner(graph: Graph, lib_path: str, device: str):
     lib = ctypes.CDLL(lib_path)
     tensors = [kernel_tensor(t).to(device) for _, t in graph.tensors]
     dims = torch.tensor([v for t in tensors for v in (*t.stride(), *t.shape)] or [0], dtype=torch.int64, device=device)
-    scalars = torch.tensor([v if kind == "int" else torch.tensor(float(v), dtype=torch.float64).view(torch.int64).item()
-                            for _, kind, v in graph.scalars] or [0], dtype=torch.int64, device=device)
+    traced_scalars = torch.tensor([v if kind == "int" else torch.tensor(float(v), dtype=torch.float64).view(torch.int64).item()
+                                   for _, kind, v in graph.scalars] or [0], dtype=torch.int64, device=device)
     pointers = torch.tensor([t.data_ptr() for t in tensors] or [0], dtype=torch.int64, device=device)
 
-    def run(score, b, h, q_idx, kv_idx, tables=None):
+    def run(score, b, h, q_idx, kv_idx, tables=None, scalars=None):
         """tables: the captured tensors as a launch passes them (the kernel reads its arguments,
-        not the tables as they were when compiled); by default the copies made here."""
-        ptrs, sizes = pointers, dims
+        not the tables as they were when compiled); by default the copies made here. scalars:
+        the captured numbers as a launch passes them (graph.scalars' order), for a module shared
+        by score_mods of one code (the device-LTO module); the tables may then have other sizes."""
+        ptrs, sizes, numbers = pointers, dims, traced_scalars
+        if scalars is not None:
+            assert len(scalars) == len(graph.scalars)
+            numbers = torch.tensor([int(v) if kind == "int" else torch.tensor(float(v), dtype=torch.float64)
+                                    .view(torch.int64).item() for (_, kind, _), v in zip(graph.scalars, scalars)]
+                                   or [0], dtype=torch.int64, device=device)
         if tables is not None:
             tables = [t.to(device) for t in tables]
-            assert [(t.dtype, t.shape) for t in tables] == [(t.dtype, t.shape) for t in tensors]
+            assert [(t.dtype, t.dim() if scalars is not None else t.shape) for t in tables] == \
+                [(t.dtype, t.dim() if scalars is not None else t.shape) for t in tensors]
             ptrs = torch.tensor([t.data_ptr() for t in tables] or [0], dtype=torch.int64, device=device)
             sizes = torch.tensor([v for t in tables for v in (*t.stride(), *t.shape)] or [0], dtype=torch.int64,
                                  device=device)
@@ -129,7 +137,7 @@ def _runner(graph: Graph, lib_path: str, device: str):
         flat = [x.contiguous().reshape(-1).to(device) for x in (score, b, h, q_idx, kv_idx)]
         out = torch.empty(flat[0].numel(), dtype=torch.float32, device=device)
         status = lib.eval_mod(ctypes.c_longlong(out.numel()), *(ctypes.c_void_p(x.data_ptr()) for x in flat),
-                              ctypes.c_void_p(scalars.data_ptr()), ctypes.c_void_p(ptrs.data_ptr()),
+                              ctypes.c_void_p(numbers.data_ptr()), ctypes.c_void_p(ptrs.data_ptr()),
                               ctypes.c_void_p(sizes.data_ptr()), ctypes.c_void_p(out.data_ptr()))
         if device != "cpu" and status:
             raise RuntimeError(f"the generated CUDA kernel failed: cudaError {status}")

@@ -2,6 +2,8 @@
 compiled score_mod bands and the far keys of a relative-position split all launch it."""
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 
 import torch
@@ -17,6 +19,34 @@ from .fa3_schedule import keys_and_values_fit, rebalance_by_head_windows
 # Weak: when the last plan holding a wrapper goes, so do its buffers (8 MB on the device and 8 MB
 # pinned each).
 _planned = weakref.WeakValueDictionary()
+_HANDING = threading.Lock()
+
+
+@contextlib.contextmanager
+def handed_module(module, name: str):
+    """While a wrapper is made: FlashInfer's module getter returns `module` (already built and
+    loaded: the LTO module of backends/lto_score_mods.py) when asked for the module `name`, instead
+    of building one from jit_args, which for the generic variant would compile its files without
+    any score_mod's code. FlashInfer's wrapper asks flashinfer.prefill.get_customize_batch_prefill_module
+    (backend, name, ...) for its module in __init__ (0.7.2; scripts/lto_launch_check.py ran it so on
+    the H100). Any other name asked meanwhile (another thread's wrapper) gets FlashInfer's own
+    getter's answer. module None: FlashInfer's own getter."""
+    if module is None:
+        yield
+        return
+    import flashinfer
+
+    prefill = flashinfer.prefill
+    with _HANDING:
+        original = prefill.get_customize_batch_prefill_module
+
+        def getter(backend, uri, *args, **kwargs):
+            return module if uri == name else original(backend, uri, *args, **kwargs)
+        prefill.get_customize_batch_prefill_module = getter
+        try:
+            yield
+        finally:
+            prefill.get_customize_batch_prefill_module = original
 
 
 def _plan_alone_sets_the_mask(wrapper_type) -> bool:
@@ -52,7 +82,7 @@ def schedules_by_window(backend: str, causal: bool, window_left: int, qo_indptr,
 def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, shape, dtype, causal: bool,
                    window_left: int = -1, sm_scale=None, logits_soft_cap=None, jit_args=None,
                    balance_window: bool = True, shared_module: bool = False, head_windows=None,
-                   sink_len: int = 0):
+                   sink_len: int = 0, module=None):
     """A BatchPrefillWithRaggedKVCacheWrapper on backend ("fa3" or "fa2"), planned for the requests
     of qo_indptr / kv_indptr (int32, on the host); shape is (batch, q_len, kv_len, Hq, Hkv, D).
     jit_args: a compiled variant's (which applies its own scale). balance_window: a causal window
@@ -63,7 +93,7 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
     head_windows: each query head's window_left (the head-window kernel's launch; sink_len its
     streaming sinks): the plan's work items are dealt again by each head's window where that
     balances them better (fa3_schedule.py), and the wrapper is shared only with plans of the same
-    windows."""
+    windows. module: the loaded module jit_args name, handed to the wrapper (handed_module)."""
     import flashinfer
 
     _, _, _, hq, hkv, head_dim = shape
@@ -98,7 +128,8 @@ def planned_ragged(workspace: torch.Tensor, backend: str, qo_indptr, kv_indptr, 
         wrapper = _planned.get(key)
         if wrapper is not None:
             return wrapper
-    wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend, jit_args=jit_args)
+    with handed_module(module, None if jit_args is None else jit_args[0]):
+        wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend, jit_args=jit_args)
     # no split-KV: its merge would drop a NaN LSE (nan_merge.py)
     wrapper.plan(qo_indptr, kv_indptr, hq, hkv, head_dim, causal=causal and not balanced, window_left=window_left,
                  sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, q_data_type=dtype, kv_data_type=dtype,

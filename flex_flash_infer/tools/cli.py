@@ -142,7 +142,9 @@ def build_parser():
     warm.add_argument("--dtype", nargs="+", choices=["bf16", "fp16"], default=["bf16"])
     warm.add_argument("--head-dim", type=int, nargs="+", default=[128])
     warm.add_argument("--kinds", nargs="+", default=None,
-                      help="default: causal sliding_window tiles documents; score_mod:<name>[+window] "
+                      help="default: causal sliding_window tiles documents decode score_mod_generic (the "
+                           "generic objects every score_mod's device-LTO module links; +window for windowed "
+                           "bands); score_mod:<name>[+window] "
                            "compiles a score_mod variant (softcap alibi rel_bias temperature causal_decay); "
                            "tile_variants:softcap tile_variants:rel_bias tile_variants:alibi+columns: the paged "
                            "variants of the tiles route; score_mod_fa2:<name>[+window]: the fa2 band variant of "

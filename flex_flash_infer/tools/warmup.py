@@ -10,9 +10,13 @@ import time
 import torch
 from ..core.hints import stated_hint
 
-KINDS = ("causal", "sliding_window", "tiles", "documents", "decode")
-# One fa3 variant module per score_mod structure (and per sliding-window flag): not in the default kinds.
-SCORE_MOD_KINDS = ("score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:temperature",
+# score_mod_generic: the generic objects of the device-LTO score_mod module (no window), so a
+# first score_mod on fa3 bands costs only its own link (backends/lto_score_mods.py)
+KINDS = ("causal", "sliding_window", "tiles", "documents", "decode", "score_mod_generic")
+# One fa3 variant module per score_mod structure (and per sliding-window flag): not in the default
+# kinds. On fa3 these are the LTO modules (the generic objects, then each one's link) where the
+# toolchain is here; score_mod_generic+window: the generic objects of windowed bands.
+SCORE_MOD_KINDS = ("score_mod_generic", "score_mod_generic+window", "score_mod:softcap", "score_mod:alibi", "score_mod:rel_bias", "score_mod:temperature",
                    "score_mod:causal_decay", "score_mod:softcap+window")
 # The fa2 band variant (GPUs before Hopper), as test_gpu's fa2 cases use it.
 FA2_SCORE_MOD_KINDS = ("score_mod_fa2:rel_bias", "score_mod_fa2:softcap+window", "score_mod_fa2:alibi")
@@ -174,11 +178,28 @@ def _sinks_and_window(b, h, q_idx, kv_idx):
     return (q_idx >= kv_idx) & ((kv_idx < 128) | (q_idx - kv_idx < 100))
 
 
+def build_generic_objects(dtype: torch.dtype, head_dim: int, window: bool = False) -> bool:
+    """The device-LTO generic objects of (dtype, head_dim, window flag); False, said, where the
+    toolchain is missing (a score_mod then builds today's module: nothing to build ahead here)."""
+    from ..backends import lto_score_mods
+
+    reason = lto_score_mods.toolchain_missing()
+    if reason is not None:
+        print(f"score_mod_generic: not built, the device-LTO toolchain is missing ({reason}); "
+              f"each score_mod builds its own module", flush=True)
+        return False
+    lto_score_mods.build_generic(dtype, head_dim, window)
+    return True
+
+
 def compile_one(kind: str, dtype: torch.dtype, head_dim: int) -> None:
     """Run one tiny problem whose route needs the module(s) of this kind."""
     from ..mods.registry import get_mask_fn
     from ..wrapper import FlexFlashInfer
 
+    if kind.startswith("score_mod_generic"):
+        build_generic_objects(dtype, head_dim, window=kind.endswith("+window"))
+        return None
     if kind.startswith(("score_mod:", "score_mod_fa2:")):
         compile_score_mod(kind, dtype, head_dim)
         torch.cuda.synchronize()

@@ -493,6 +493,64 @@ def test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, 
     assert torch.allclose(lse.cpu().double()[seen], ref_lse[seen], atol=3e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("mask_name", ["causal", "full"])
+@pytest.mark.parametrize("mod_name", ["softcap", "rel_bias"])
+def test_lto_score_mod_module_on_hopper(cuda_gen, monkeypatch, mask_name, mod_name):
+    """A compiled score_mod on fa3 bands through flex_attention
+    runs the device-LTO module (backends/lto_score_mods.py): the generic objects (built here if
+    the warm-up did not), the score_mod's own link, FlashInfer's ragged wrapper on the loaded
+    module with the generic arguments; against the float32 reference. softcap: a user's own (a
+    number in a float slot); rel_bias: a captured per-head table (a tensor slot, its strides and
+    sizes in int slots), without the reach hint so every key runs the variant (no fa2 split)."""
+    import warnings
+
+    from flex_flash_infer.backends import flashinfer_backend, lto_score_mods, score_mod_kernels
+    from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod
+
+    assert flashinfer_backend._is_hopper(torch.device("cuda")), "the LTO module is fa3's: run on Hopper"
+    reason = lto_score_mods.toolchain_missing()
+    assert reason is None, f"the device-LTO toolchain is missing here: {reason}"
+    B, H, Hkv, L, D, dtype = 2, 8, 2, 1000, 128, torch.bfloat16
+    if mod_name == "softcap":
+        own = generate_softcap_score_mod(20.0)
+    else:
+        own = generate_relative_position_bias_score_mod(torch.randn(H, 257, generator=torch.Generator().manual_seed(1)).cuda())
+
+    def mod(score, b, h, q_idx, kv_idx):   # no hint attributes: the compiled variant on every key
+        return own(score, b, h, q_idx, kv_idx)
+
+    modules, launches = [], []
+    real_module, real_planned = lto_score_mods.lto_module, score_mod_kernels.planned_ragged
+
+    def recording_module(*args):
+        modules.append(real_module(*args))
+        return modules[-1]
+
+    def recording_planned(*args, **kwargs):
+        launches.append((kwargs.get("jit_args"), kwargs.get("module")))
+        return real_planned(*args, **kwargs)
+
+    monkeypatch.setattr(lto_score_mods, "lto_module", recording_module)
+    monkeypatch.setattr(score_mod_kernels, "planned_ragged", recording_planned)
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
+    bm = create_block_mask(get_mask_fn(mask_name), None, None, L, L, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # a fallback to today's module is said as one
+        out, lse = flex_attention(q, k, v, score_mod=mod, block_mask=bm, enable_gqa=True, return_lse=True,
+                                  backend="flashinfer")
+    torch.cuda.synchronize()
+    assert len(modules) == 1 and modules[0] is not None, "the bands did not run the LTO module"
+    lto = modules[0]
+    assert lto.jit_args[11] == "FlexScoreModLto" and lto_score_mods._LOADED[lto.name] is lto
+    assert launches and all(a is lto.jit_args and m is lto.loaded for a, m in launches)
+    ref, ref_lse = reference_attention(q.float(), k.float(), v.float(), bm, score_mod=mod)
+    err = rel_err(out, ref)
+    print(f"lto {mod_name} {mask_name}: rel err {err:.2e}, max abs {(out.float() - ref).abs().max().item():.2e}")
+    assert err < 1e-2
+    seen = torch.isfinite(ref_lse)
+    assert torch.allclose(lse.float()[seen], ref_lse[seen], atol=2e-2, rtol=1e-3)
+
+
 @pytest.mark.parametrize("name,params,table_shape", [("causal", {}, (8, 129)), ("sliding_window", {"window_size": 300}, (8, 257)),
                                                       ("causal", {}, "t5")])
 def test_relative_position_bias_split_at_its_reach(cuda_gen, name, params, table_shape):

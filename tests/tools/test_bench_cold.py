@@ -68,3 +68,13 @@ def test_the_modules_an_item_built_are_kept_with_their_compile_times(tmp_path):
     row = cold.run_item("readme_main_job", runner=runner)
     assert row["builds"] == {"mod_a": {"files": 3, "work_s": 190.0, "span_s": 130.0},
                              "mod_b": {"files": 1, "work_s": 10.0, "span_s": 10.0}}
+
+
+def test_edited_score_mod_times_a_second_unseen_score_mod():
+    """edited_score_mod: one score_mod called first (untimed, it builds the generic part), then the
+    first call of a different one timed, in the same process."""
+    body = cold.ITEMS["edited_score_mod"]
+    first_line, timed = body.split("\n")
+    assert first_line.startswith("first(ours(") and "result = {'s': first(ours(" in timed
+    mod = lambda line: line[line.index("lambda"):]   # noqa: E731
+    assert mod(first_line) != mod(timed)
