@@ -166,3 +166,24 @@ def test_fa4_peer_says_why_it_is_missing():
     except Exception:
         pass
     assert "fetch-fa4.sh" in masks.fa4_missing()
+
+
+def test_per_head_windows_tiles_for_the_peers_are_torchs():
+    """Past 8192 tokens the peers take this library's per-head window tiles as torch's BlockMask
+    (torch's eager build would hold a dense [heads, S, S] mask): the same tables torch builds."""
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+
+    from flex_flash_infer import create_block_mask
+
+    # a multiple of the tile as the bench's lengths are (torch's tables also list tiles that only its
+    # padding rows past the end would see)
+    mod, S, H = masks.per_head_window_mask(), 1536, 8
+    ours = create_block_mask(mod, None, H, S, S, device="cpu").to_torch()
+    theirs = torch_create_block_mask(mod, None, H, S, S, device="cpu")
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        if name.endswith("indices"):   # only the listed entries of each row are meaningful
+            counts = getattr(ours, name.replace("indices", "num_blocks"))
+            keep = torch.arange(a.shape[-1]) < counts.unsqueeze(-1)
+            a, b = a[keep], b[keep]
+        assert torch.equal(a, b), name
