@@ -82,6 +82,25 @@ def _write_if_different(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_SM90_BINDING = "batch_prefill_sm90_jit_binding.cu"
+_SM90_CONFIG_INCLUDE = '#include "batch_prefill_sm90_config.inc"'
+_BINDING_PARAMS = "batch_prefill_sm90_binding_params.inc"
+_FUNC_PARAMS = re.compile(r"^#define ADDITIONAL_FUNC_PARAMS .*$", re.MULTILINE)
+
+
+def light_binding(binding: str, config: str, lean_dir: pathlib.Path) -> str:
+    """FlashInfer's fa3 binding file reading, of the config, only the macro its declarations use:
+    the config pulls in the Hopper kernel headers (CUTLASS), which the binding - declarations and
+    exports of the host functions, with tvm-ffi types - never uses. nvcc then takes 14-15 s for it
+    instead of 65-68 s on a 2-core machine, the same exported and undefined symbols (docs/
+    benchmarks.md). The binding as it was when either is not the layout this knows."""
+    params = _FUNC_PARAMS.findall(config)
+    if binding.count(_SM90_CONFIG_INCLUDE) != 1 or len(params) != 1:
+        return binding
+    _write_if_different(lean_dir / _BINDING_PARAMS, f"#pragma once\n{params[0]}\n")
+    return binding.replace(_SM90_CONFIG_INCLUDE, f'#include "{_BINDING_PARAMS}"')
+
+
 def lean_spec(spec, modes):
     """FlashInfer's JitSpec of a prefill variant with the kernel files of `modes` alone, under its
     own name; the spec itself when its sources are not the layout this knows."""
@@ -107,7 +126,10 @@ def lean_spec(spec, modes):
     for path in gen_dir.iterdir():
         if path.is_file() and kept(path):
             moved[path] = lean_dir / path.name
-            _write_if_different(moved[path], config if path == configs[0] else path.read_text())
+            text = config if path == configs[0] else path.read_text()
+            if path.name == _SM90_BINDING:
+                text = light_binding(text, config, lean_dir)
+            _write_if_different(moved[path], text)
     changes = {"name": name, "sources": [moved.get(s, s) for s in sources if kept(s)]}
     by_source = getattr(spec, "extra_cuda_cflags_by_source", None)
     if by_source:

@@ -76,6 +76,25 @@ def test_spec_keeps_the_kernel_files_of_its_modes(tmp_path):
     assert len(spec.sources) == 10   # FlashInfer's spec itself is untouched
 
 
+def test_the_binding_reads_only_its_parameters_macro(tmp_path):
+    """The fa3 binding declares and exports the host functions: it includes a file with the one
+    macro its declarations use (ADDITIONAL_FUNC_PARAMS, as FlashInfer's config defines it) instead of
+    the config, which pulls in the kernel headers; the host dispatch file keeps the config."""
+    params = "#define ADDITIONAL_FUNC_PARAMS , Optional<ffi::Tensor> maybe_scale_v, double sm_scale"
+    config = CONFIG.replace("using namespace flashinfer;", params + "\n#define ADDITIONAL_PARAMS_SETTER x\n"
+                            "using namespace flashinfer;")
+    lean = lean_spec(generated(tmp_path, config=config), (0, 1))
+    lean_dir = tmp_path / lean.name
+    assert (lean_dir / "batch_prefill_sm90_jit_binding.cu").read_text() == \
+        '#include "batch_prefill_sm90_binding_params.inc"\n'
+    assert (lean_dir / "batch_prefill_sm90_binding_params.inc").read_text() == f"#pragma once\n{params}\n"
+    assert (lean_dir / "batch_prefill_sm90.cu").read_text() == '#include "batch_prefill_sm90_config.inc"\n'
+    # a config without the macro (another FlashInfer): the binding as FlashInfer wrote it
+    other = lean_spec(generated(tmp_path, name="ffi_other_d64"), (0, 1))
+    assert (tmp_path / other.name / "batch_prefill_sm90_jit_binding.cu").read_text() == \
+        '#include "batch_prefill_sm90_config.inc"\n'
+
+
 def test_spec_rewrites_nothing_already_written(tmp_path):
     # an unchanged file keeps its time: ninja does not rebuild a module already built
     spec = generated(tmp_path)
