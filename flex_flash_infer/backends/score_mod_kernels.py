@@ -57,8 +57,14 @@ class ScoreModBands:
         self.shape = shape
         self.launches = []
         for launch in band_launches(bands, batch, q_len, kv_len):
+            window_left = launch.window_left
+            if use_swa and window_left < 0:
+                # the module has its window on for every launch (FlashInfer's kernels take it from
+                # the module, not the launch): one without a window gets one wider than its keys,
+                # which hides nothing; -1 there would hide every key (rows 0, LSE -inf)
+                window_left = int(launch.kv_indptr.diff().max()) if launch.kv_indptr.numel() > 1 else 0
             wrapper = planned_ragged(workspace, backend, launch.qo_indptr, launch.kv_indptr, shape, dtype, launch.causal,
-                                     launch.window_left, jit_args=jit_args, module=module)
+                                     window_left, jit_args=jit_args, module=module)
             tables = [t.to(device) for t in (launch.req_q0, launch.req_kv0, launch.req_b)]
             self.launches.append((wrapper, launch, tables))
 

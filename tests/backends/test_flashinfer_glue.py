@@ -711,3 +711,37 @@ def test_a_planned_wrapper_is_shared_only_on_the_stream_it_was_planned_on(monkey
         assert other is not first and plan() is other
         current.cuda_stream = 1
         assert plan() is first
+
+
+@pytest.mark.parametrize("hopper", [True, False], ids=["fa3", "fa2"])
+@pytest.mark.parametrize("mod_name", ["alibi", "softcap_compiled"])
+def test_score_mod_bands_with_and_without_a_window_in_one_module(fake, monkeypatch, rng, hopper, mod_name):
+    """A compiled score_mod's bands where some have a window and some do not (documents shorter than
+    the window are plain causal bands) share one module, built with its window on; FlashInfer's
+    kernels apply a module's window to every launch, so the bands without one must be launched
+    with a window that hides nothing (the CPU model refuses window_left -1 on such a module: its
+    rows would come back 0, LSE -inf). Against the dense reference."""
+    from flex_flash_infer import and_masks
+    from flex_flash_infer.backends import score_mod_kernels
+    from flex_flash_infer.tools.warmup import example_score_mod
+
+    fake_flashinfer.register_band_variants(monkeypatch, score_mod_kernels)
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: hopper)
+    B, L, Hq, Hkv, D = 1, 300, 4, 2, 16
+    mask = and_masks(get_mask_fn("document", offsets=[0, 30, 160, 300]), get_mask_fn("sliding_window", window_size=50))
+    score_mod = example_score_mod(mod_name.replace("_compiled", ""), Hq, device="cpu")
+    score_mod = (lambda mod: lambda score, b, h, q_idx, kv_idx: mod(score, b, h, q_idx, kv_idx))(score_mod)
+    bm = create_block_mask(mask, B, None, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, Hq, Hkv, D, torch.float64, D ** -0.5, "cpu",
+                                             score_mod=score_mod)
+    runner = plan.band_runner
+    assert isinstance(runner, score_mod_kernels.ScoreModBands)
+    windows = {launch.window_left for _, launch, _ in runner.launches}
+    assert -1 in {b.window_left for b in plan.bands} and any(w < 1000 for w in windows), (plan.bands, windows)
+    q = torch.randn(B, Hq, L, D, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, Hkv, L, D, generator=rng, dtype=torch.float64)
+    out, lse = plan.run(q.transpose(1, 2).reshape(B * L, Hq, D), k.transpose(1, 2), v.transpose(1, 2))
+    dense = create_mask(mask, B, 1, L, L, device="cpu")
+    ref_out, ref_lse = dense_attention(q, k, v, dense, score_fn=score_mod)
+    assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-5
