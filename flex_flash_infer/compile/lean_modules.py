@@ -24,6 +24,7 @@ import functools
 import os
 import pathlib
 import re
+import threading
 
 OWN_URI_PREFIX = "ffi_"
 # mask modes (FlashInfer's MaskMode) each backend's variants are asked for
@@ -73,11 +74,12 @@ def lean_config(text: str, modes) -> str | None:
 
 def _write_if_different(path: pathlib.Path, text: str) -> None:
     # an unchanged file keeps its time, so ninja does not rebuild what it already built; a new one
-    # replaces the old whole (several processes may generate the same module at once: pytest-xdist,
-    # the warm-up's kernel sets), so a compile never reads a half-written file
+    # replaces the old whole (several processes or threads may generate the same module at once:
+    # pytest-xdist, the warm-up's kernel sets, the demo's checks), so a compile never reads a
+    # half-written file
     if path.exists() and path.read_text() == text:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -38,6 +38,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import torch
 
@@ -324,7 +325,7 @@ def nvjitlink(inputs, out: pathlib.Path, options) -> str:
 
 
 def _write_bytes(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)   # concurrent builders never see half a file
 
@@ -340,7 +341,7 @@ def _built(out: pathlib.Path, cmd_out: pathlib.Path, build) -> pathlib.Path:
     """build(tmp) writes tmp, then it becomes out (atomic); skipped when out is there already."""
     if out.exists():
         return out
-    tmp = cmd_out.with_name(f".{cmd_out.name}.{os.getpid()}.tmp{cmd_out.suffix}")
+    tmp = cmd_out.with_name(f".{cmd_out.name}.{os.getpid()}.{threading.get_ident()}.tmp{cmd_out.suffix}")
     build(tmp)
     os.replace(tmp, out)
     return out

@@ -232,7 +232,15 @@ class _Tracer:
         return self._tensor_names[id(t)]
 
 
-_ACTIVE: list = []
+_TRACING = threading.local()   # per thread: prepare() may trace in several threads at once (the demo's checks)
+
+
+def active_tracers() -> list:
+    """This thread's tracers, the innermost last (a mod traced while tracing another's stand-ins)."""
+    stack = getattr(_TRACING, "stack", None)
+    if stack is None:
+        stack = _TRACING.stack = []
+    return stack
 
 
 def lift(x) -> "Sym":
@@ -247,8 +255,9 @@ def lift(x) -> "Sym":
             raise TraceError(f"a captured 0-d tensor of dtype {x.dtype} is not supported in a compiled mod, "
                              f"at {_user_line()}; use backend='reference'")
         value = x.item()
-        if _ACTIVE and all(t is not x for t, _ in _ACTIVE[-1].constants):
-            _ACTIVE[-1].constants.append((x, version_of(x)))
+        tracers = active_tracers()
+        if tracers and all(t is not x for t, _ in tracers[-1].constants):
+            tracers[-1].constants.append((x, version_of(x)))
         return Sym(Node("const", (), _kind_of_dtype(x.dtype), value, x.dtype, 1, value))
     raise TraceError(f"cannot use a value of type {type(x).__name__} ({x!r:.40}) in a traced mod at {_user_line()}")
 
@@ -423,7 +432,7 @@ def _getitem(tensor, index):
     if tensor.dtype not in TABLE_DTYPES:
         raise TraceError(f"a captured tensor of dtype {tensor.dtype} is not supported in a compiled mod, at "
                          f"{_user_line()}; use backend='reference'")
-    name = _ACTIVE[-1].tensor_name(tensor)
+    name = active_tracers()[-1].tensor_name(tensor)
     nodes = tuple(i.node for i in idx)
     if all(n.tier < 2 for n in nodes):   # every index a number: torch gives a 0-d tensor
         try:
@@ -676,7 +685,8 @@ def _trace(mod, kind: str) -> Graph:
     # FlexAttention hands a mod float32 scores and int32 indices (tensors with dims)
     args = [Sym(Node("input", (), "float", n, torch.float32) if n == "score" else Node("input", (), "int", n, torch.int32))
             for n in names]
-    _ACTIVE.append(tracer)
+    tracers = active_tracers()
+    tracers.append(tracer)
     try:
         out = fn(*args)
     except TraceError:
@@ -685,7 +695,7 @@ def _trace(mod, kind: str) -> Graph:
         raise TraceError(f"{kind} {getattr(mod, '__name__', mod)!r} could not be traced: {type(e).__name__}: {e} "
                          f"(at {_user_line()}); use backend='reference'") from e
     finally:
-        _ACTIVE.pop()
+        tracers.pop()
     out = lift(out)
     if kind == "mask_mod" and out.node.kind != "bool":
         raise TraceError(f"mask_mod {getattr(mod, '__name__', mod)!r} must return a bool, got a {out.node.kind} value")

@@ -37,9 +37,10 @@ class BatchOrHeadDependent(TypeError):
 
 def _for_active_trace(mod):
     """mod itself, or under trace.trace() the copy of mod whose captured numbers are parameters."""
-    if not trace._ACTIVE:
+    tracers = trace.active_tracers()
+    if not tracers:
         return mod
-    return trace._parametrize(mod, trace._ACTIVE[-1], {})
+    return trace._parametrize(mod, tracers[-1], {})
 
 
 class SeedFormMask:

@@ -146,3 +146,26 @@ def test_install_wraps_flashinfers_generator_once(tmp_path, monkeypatch):
     monkeypatch.setattr(lean_modules, "_installed", False)
     lean_modules.install()   # never wrapped twice
     assert prefill.gen_customize_batch_prefill_module is wrapped
+
+
+def test_threads_writing_one_generated_file_at_once(tmp_path):
+    """Threads of one process generating the same module at once (the demo prepares its checks in
+    threads) each write through a temporary file of their own: no write is lost or fails."""
+    import threading
+
+    path, errors = tmp_path / "config.inc", []
+
+    def write(i):
+        try:
+            for j in range(200):
+                lean_modules._write_if_different(path, f"// {i} {j}\n")
+        except Exception as e:   # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert path.read_text().startswith("// ") and not list(tmp_path.glob(".*.tmp"))
