@@ -94,13 +94,14 @@ def check_run_dtypes(dtypes, q, k, what):
         f"{what}: q {q.dtype} and k {k.dtype} on a wrapper planned for q_data_type {dtypes[0]}, kv_data_type {dtypes[1]}"
 
 
-def check_window_flag(jit_args, window_left, what):
-    """A module generated with its sliding window on (gen_customize_batch_prefill_module's
-    use_sliding_window, jit_args[14]) applies the window whatever the launch: FlashInfer's kernels
-    take it from the module (fa3: mainloop's LEFT_SLIDING_WINDOW; fa2: its variant's mask), so a
-    launch planned with window_left -1 there masks every key it would see (key < query + 1), each
-    row 0 with LSE -inf, no error. The head-window module reads its table instead."""
-    if jit_args is not None and len(jit_args) > 14 and jit_args[14] and jit_args[7][0] != HEAD_WINDOW_TABLE:
+def check_window_flag(backend, jit_args, window_left, what):
+    """An fa3 module generated with its sliding window on (gen_customize_batch_prefill_module's
+    use_sliding_window, jit_args[14]) applies the window whatever the launch: FlashInfer's fa3
+    kernel takes it from the module (mainloop's LEFT_SLIDING_WINDOW), so a launch planned with
+    window_left -1 there masks every key it would see (key < query + 1), each row 0 with LSE -inf,
+    no error. (fa2 variants read -1 as no window.) The head-window module reads its table instead."""
+    if (backend == "fa3" and jit_args is not None and len(jit_args) > 14 and jit_args[14]
+            and jit_args[7][0] != HEAD_WINDOW_TABLE):
         assert window_left >= 0, f"{what}: {jit_args[0]} is built with a window and planned without one"
 
 
@@ -428,7 +429,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         assert bool(variant_args) == (self.jit_args is not None)
         # the mask mode is chosen here, from what plan() stored (or was set after it), as in run()
         check_variant_mask_mode(self.backend, self.variant is not None, self._causal, self.custom_mask)
-        check_window_flag(self.jit_args, self.window_left, "ragged run()")
+        check_window_flag(self.backend, self.jit_args, self.window_left, "ragged run()")
         on_device(self.device, "ragged run()", q, k, v, out_buffer, lse_buffer)
         check_run_dtypes(self.dtypes, q, k, "ragged run()")
         if self.jit_args is not None and not self.head_windows and not self.gather and not self.native_copy:

@@ -58,10 +58,11 @@ class ScoreModBands:
         self.launches = []
         for launch in band_launches(bands, batch, q_len, kv_len):
             window_left = launch.window_left
-            if use_swa and window_left < 0:
-                # the module has its window on for every launch (FlashInfer's kernels take it from
-                # the module, not the launch): one without a window gets one wider than its keys,
-                # which hides nothing; -1 there would hide every key (rows 0, LSE -inf)
+            if hopper and use_swa and window_left < 0:
+                # the fa3 module has its window on for every launch (FlashInfer's fa3 kernel takes it
+                # from the module, not the launch): one without a window gets one wider than its
+                # keys, which hides nothing; -1 there would hide every key (rows 0, LSE -inf). The fa2
+                # variant reads -1 as no window, as FlashInfer's own does
                 window_left = int(launch.kv_indptr.diff().max()) if launch.kv_indptr.numel() > 1 else 0
             wrapper = planned_ragged(workspace, backend, launch.qo_indptr, launch.kv_indptr, shape, dtype, launch.causal,
                                      window_left, jit_args=jit_args, module=module)

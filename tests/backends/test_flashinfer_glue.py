@@ -717,10 +717,11 @@ def test_a_planned_wrapper_is_shared_only_on_the_stream_it_was_planned_on(monkey
 @pytest.mark.parametrize("mod_name", ["alibi", "softcap_compiled"])
 def test_score_mod_bands_with_and_without_a_window_in_one_module(fake, monkeypatch, rng, hopper, mod_name):
     """A compiled score_mod's bands where some have a window and some do not (documents shorter than
-    the window are plain causal bands) share one module, built with its window on; FlashInfer's
-    kernels apply a module's window to every launch, so the bands without one must be launched
-    with a window that hides nothing (the CPU model refuses window_left -1 on such a module: its
-    rows would come back 0, LSE -inf). Against the dense reference."""
+    the window are plain causal bands) share one module, built with its window on; FlashInfer's fa3
+    kernel applies a module's window to every launch, so the bands without one must be launched
+    with a window that hides nothing (the CPU model refuses window_left -1 on such an fa3 module:
+    its rows would come back 0, LSE -inf; fa2 variants read -1 as no window). Against the dense
+    reference."""
     from flex_flash_infer import and_masks
     from flex_flash_infer.backends import score_mod_kernels
     from flex_flash_infer.tools.warmup import example_score_mod
