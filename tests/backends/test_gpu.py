@@ -493,6 +493,29 @@ def test_score_mod_compiled_into_the_kernel(cuda_gen, monkeypatch, dtype, name, 
     assert torch.allclose(lse.cpu().double()[seen], ref_lse[seen], atol=3e-2, rtol=1e-3)
 
 
+def test_score_mod_bands_with_and_without_a_window_mixed_on_hopper(cuda_gen):
+    """A compiled score_mod over documents shorter and longer than a sliding window: bands with and
+    without a window in one module built with its window on (fa3 takes the window from the module:
+    a band without one must not be launched with window_left -1, which hid every key). Against
+    the reference, every row seen."""
+    from flex_flash_infer import and_masks
+    from flex_flash_infer.mods import generate_softcap_score_mod
+
+    B, H, Hkv, L, D, dtype = 1, 8, 2, 1000, 128, torch.bfloat16
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, cuda_gen)
+    mask = and_masks(get_mask_fn("document", offsets=[0, 40, 100, 700, 1000]), get_mask_fn("sliding_window", window_size=64))
+    own = generate_softcap_score_mod(20.0)
+
+    def mod(score, b, h, q_idx, kv_idx):   # a user's own: the compiled variant, not FlashInfer's soft cap
+        return own(score, b, h, q_idx, kv_idx)
+
+    bm = create_block_mask(mask, None, None, L, L, device="cuda")
+    out, lse = flex_attention(q, k, v, score_mod=mod, block_mask=bm, enable_gqa=True, return_lse=True,
+                              backend="flashinfer")
+    dense = create_mask(mask, None, None, L, L, device="cpu")[0, 0]
+    check(out, lse, q, k, v, dense, dtype, score_fn=lambda s, *idx: 20.0 * torch.tanh(s / 20.0))
+
+
 @pytest.mark.parametrize("mask_name", ["causal", "full"])
 @pytest.mark.parametrize("mod_name", ["softcap", "rel_bias"])
 def test_lto_score_mod_module_on_hopper(cuda_gen, monkeypatch, mask_name, mod_name):
