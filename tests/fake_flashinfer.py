@@ -94,15 +94,21 @@ def check_run_dtypes(dtypes, q, k, what):
         f"{what}: q {q.dtype} and k {k.dtype} on a wrapper planned for q_data_type {dtypes[0]}, kv_data_type {dtypes[1]}"
 
 
-def check_window_flag(backend, jit_args, window_left, what):
-    """An fa3 module generated with its sliding window on (gen_customize_batch_prefill_module's
-    use_sliding_window, jit_args[14]) applies the window whatever the launch: FlashInfer's fa3
-    kernel takes it from the module (mainloop's LEFT_SLIDING_WINDOW), so a launch planned with
-    window_left -1 there masks every key it would see (key < query + 1), each row 0 with LSE -inf,
-    no error. (fa2 variants read -1 as no window.) The head-window module reads its table instead."""
-    if (backend == "fa3" and jit_args is not None and len(jit_args) > 14 and jit_args[14]
-            and jit_args[7][0] != HEAD_WINDOW_TABLE):
-        assert window_left >= 0, f"{what}: {jit_args[0]} is built with a window and planned without one"
+def check_window_flag(backend, jit_args, window_left, what, paged=False):
+    """FlashInfer's fa3 kernels take the window from the module (gen_customize_batch_prefill_module's
+    use_sliding_window, jit_args[14]; the mainloops' LEFT_SLIDING_WINDOW), not from the launch: a
+    launch planned with window_left -1 on a module built with it masks every key it would see
+    (key < query + 1: rows 0, LSE -inf, no error), and a window planned on a module built without
+    it is ignored (keys it should hide are seen). The head-window module reads its table instead.
+    fa2's ragged variants read the launch's window (-1: none); its paged variants none at all."""
+    if jit_args is None or len(jit_args) <= 14 or jit_args[7][0] == HEAD_WINDOW_TABLE:
+        return
+    if backend == "fa3":
+        assert (window_left >= 0) == bool(jit_args[14]), \
+            (f"{what}: {jit_args[0]} is built {'with' if jit_args[14] else 'without'} a window and planned "
+             f"with window_left {window_left}")
+    elif paged:
+        assert window_left < 0, f"{what}: the fa2 paged variant {jit_args[0]} ignores a window (planned {window_left})"
 
 
 def check_variant_mask_mode(backend, has_variant, causal, custom_mask, owns_mask=False):
@@ -147,6 +153,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
             assert int(mask_indptr[-1]) == custom_mask.numel(), \
                 f"the bit mask has {custom_mask.numel()} bits, the tables ask for {int(mask_indptr[-1])}"
         check_variant_mask_mode(self.backend, self.variant is not None, causal, custom_mask, self.owns_mask)
+        check_window_flag(self.backend, self.jit_args, window_left, "paged prefill plan()", paged=True)
         self.dtypes = planned_dtypes(q_data_type, kv_data_type)
         self.args = (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), last_page_len.cpu())
         self.causal, self.mask = causal, None if custom_mask is None else custom_mask.cpu()

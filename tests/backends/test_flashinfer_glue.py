@@ -746,3 +746,21 @@ def test_score_mod_bands_with_and_without_a_window_in_one_module(fake, monkeypat
     dense = create_mask(mask, B, 1, L, L, device="cpu")
     ref_out, ref_lse = dense_attention(q, k, v, dense, score_fn=score_mod)
     assert rel_err(out.view(B, L, Hq, D).transpose(1, 2), ref_out) < 1e-5
+
+
+def test_the_cpu_model_refuses_a_window_the_module_would_not_apply():
+    """The CPU model's check of a module's window flag against a launch's window (both ways on fa3;
+    fa2 paged variants take none), on the jit_args of the library's own modules."""
+    import torch as _torch
+
+    window_args = native_copy.jit_args(_torch.bfloat16, 128, True, True, False)
+    plain_args = native_copy.jit_args(_torch.bfloat16, 128, True, False, False)
+    fake_flashinfer.check_window_flag("fa3", window_args, 63, "t")
+    fake_flashinfer.check_window_flag("fa3", plain_args, -1, "t")
+    with pytest.raises(AssertionError, match="built with a window and planned with window_left -1"):
+        fake_flashinfer.check_window_flag("fa3", window_args, -1, "t")
+    with pytest.raises(AssertionError, match="built without a window and planned with window_left 63"):
+        fake_flashinfer.check_window_flag("fa3", plain_args, 63, "t")
+    fake_flashinfer.check_window_flag("fa2", plain_args, 63, "t")   # fa2's ragged variants read the launch's
+    with pytest.raises(AssertionError, match="ignores a window"):
+        fake_flashinfer.check_window_flag("fa2", plain_args, 63, "t", paged=True)
