@@ -182,7 +182,11 @@ def build_generic_objects(dtype: torch.dtype, head_dim: int, window: bool = Fals
     """The device-LTO generic objects of (dtype, head_dim, window flag); False, said, where the
     toolchain is missing (a score_mod then builds today's module: nothing to build ahead here)."""
     from ..backends import lto_score_mods
+    from ..backends.flashinfer_backend import _is_hopper
 
+    if not _is_hopper(torch.device("cuda")):   # the LTO modules are fa3's: other GPUs run the fa2 variants
+        print("score_mod_generic: not built, not a Hopper GPU (score_mods run fa2 variants here)", flush=True)
+        return False
     reason = lto_score_mods.toolchain_missing()
     if reason is not None:
         print(f"score_mod_generic: not built, the device-LTO toolchain is missing ({reason}); "

@@ -259,8 +259,11 @@ def test_warmup_builds_the_generic_objects(monkeypatch, capsys):
         def build(self):
             built.append(self.key)
 
+    from flex_flash_infer.backends import flashinfer_backend
+
     monkeypatch.setattr(lto_score_mods, "generic_module", Generic)
     monkeypatch.setattr(lto_score_mods, "toolchain_missing", lambda: None)
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: True)
     assert "score_mod_generic" in warmup.KINDS and "score_mod_generic+window" in warmup.SCORE_MOD_KINDS
     warmup.compile_one("score_mod_generic", torch.bfloat16, 128)
     warmup.compile_one("score_mod_generic+window", torch.float16, 64)
@@ -268,6 +271,11 @@ def test_warmup_builds_the_generic_objects(monkeypatch, capsys):
     monkeypatch.setattr(lto_score_mods, "toolchain_missing", lambda: "libnvJitLink not found")
     assert warmup.build_generic_objects(torch.bfloat16, 128) is False and len(built) == 2
     assert "libnvJitLink not found" in capsys.readouterr().out
+    # another GPU runs fa2 variants: nothing of fa3's to build
+    monkeypatch.setattr(lto_score_mods, "toolchain_missing", lambda: None)
+    monkeypatch.setattr(flashinfer_backend, "_is_hopper", lambda device: False)
+    assert warmup.build_generic_objects(torch.bfloat16, 128) is False and len(built) == 2
+    assert "not a Hopper GPU" in capsys.readouterr().out
 
 
 def test_numbers_share_a_module_and_each_runs_its_own(fake, rng):
