@@ -23,6 +23,7 @@ import hashlib
 import torch
 
 from ..compile import lean_modules, patched_headers
+from ..compile.native_copy import FLASHINFER_SCALARS, FLASHINFER_TENSORS
 from . import own_modules
 from ..planning.bands import Band, plain_band_launch
 from ..planning.columns import column_prefix_counts
@@ -98,10 +99,8 @@ def available(device, dtype, head_dim: int, sinks: bool = False) -> bool:
 # the module's parameters: the window table first, so that it takes run()'s first extra argument
 # whichever of FlashInfer's own optional tensors its wrapper fills itself (a wrapper filling one
 # more than 0.7's would shift the Nones after it into the scalars: a type error, never a silent swap)
-_TENSORS = ([TABLE, "maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr", "maybe_scale_v"],
-            ["int32_t", "uint32_t", "uint16_t", "uint16_t", "float"])
-_SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
-            ["double", "double", "double", "int64_t"])
+_TENSORS = ([TABLE, *FLASHINFER_TENSORS[0]], ["int32_t", *FLASHINFER_TENSORS[1]])
+_SCALARS = FLASHINFER_SCALARS
 _SINK_SCALARS = (_SCALARS[0] + [SINKS], _SCALARS[1] + ["int64_t"])
 
 

@@ -3,16 +3,14 @@
 Where the score_mod fits the generic variant's slots (compile/lto_variants.py) and the device-LTO
 toolchain is here, the module is the generic one: its kernel and host files are compiled once per
 (dtype, head_dim, window flag) (GenericModule.build, the warm-up's "score_mod_generic" kind), and
-a new score_mod costs only its small score file and the nvJitLink links (about 12 s on the H100
-host against about 65 s for today's module). Otherwise - a score_mod with more tables, numbers or
+a new score_mod costs only its small score file and the nvJitLink links, a fraction of a module
+of its own (docs/benchmarks.md has the times). Otherwise - a score_mod with more tables, numbers or
 hoisted values than the slots hold, or no nvcc / nvJitLink / CUDA link files - today's module of
 the score_mod's own variant (variant.fa3_score_mod_variant), said once per reason as a warning.
 
 Both modules compute the same thing (bit-identical on the H100: docs/benchmarks.md); the LTO one
-takes the generic run arguments (lto_variants.run_arguments). On the H100 (session 36) this wiring
-passed test_gpu's lto tests against float32, and a second new score_mod's first call took 15.7 s;
-kernel times equal today's module's, except a full (non-causal) mask with a soft cap, 13% slower
-(not explained yet: docs/benchmarks.md).
+takes the generic run arguments (lto_variants.run_arguments). Its kernels time as today's,
+except a soft cap on a full (non-causal) mask, which is slower (not explained yet: docs/benchmarks.md).
 """
 from __future__ import annotations
 

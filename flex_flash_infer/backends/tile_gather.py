@@ -19,6 +19,7 @@ import hashlib
 import torch
 
 from ..compile import lean_modules, patched_headers
+from ..compile.native_copy import FLASHINFER_SCALARS, FLASHINFER_TENSORS
 from ..planning.planner import GATHER_TILE as TILE   # the module's key tile: a block mask's must be as wide
 from ..planning.ragged import planned_ragged
 from . import own_modules
@@ -26,10 +27,8 @@ STARTS, TILES = "ffi_tile_start", "ffi_tiles"
 _DECL = "#include<flashinfer/attention/hopper/variants.cuh>\n" + patched_headers.MARKERS["tile_gather"] + "\n"
 # the tables first, so that they take run()'s first extra arguments whichever of FlashInfer's own
 # optional tensors its wrapper fills itself (as head_windows' module)
-_TENSORS = ([STARTS, TILES, "maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr",
-             "maybe_scale_v"], ["int32_t", "int32_t", "uint32_t", "uint16_t", "uint16_t", "float"])
-_SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
-            ["double", "double", "double", "int64_t"])
+_TENSORS = ([STARTS, TILES, *FLASHINFER_TENSORS[0]], ["int32_t", "int32_t", *FLASHINFER_TENSORS[1]])
+_SCALARS = FLASHINFER_SCALARS
 
 
 def jit_args(dtype, head_dim: int, soft_cap: bool = False) -> list:

@@ -93,9 +93,8 @@ _FUNC_PARAMS = re.compile(r"^#define ADDITIONAL_FUNC_PARAMS .*$", re.MULTILINE)
 def light_binding(binding: str, config: str, lean_dir: pathlib.Path) -> str:
     """FlashInfer's fa3 binding file reading, of the config, only the macro its declarations use:
     the config pulls in the Hopper kernel headers (CUTLASS), which the binding - declarations and
-    exports of the host functions, with tvm-ffi types - never uses. nvcc then takes 14-15 s for it
-    instead of 65-68 s on a 2-core machine, the same exported and undefined symbols (docs/
-    benchmarks.md). The binding as it was when either is not the layout this knows."""
+    exports of the host functions, with tvm-ffi types - never uses. nvcc then takes a fraction of
+    the time for it, with the same exported and undefined symbols (docs/benchmarks.md). The binding as it was when either is not the layout this knows."""
     params = _FUNC_PARAMS.findall(config)
     if binding.count(_SM90_CONFIG_INCLUDE) != 1 or len(params) != 1:
         return binding

@@ -14,9 +14,9 @@ flag, kept mask modes), independent of any score_mod:
     ordinary objects, with FlashInfer's own build.ninja flags for them.
 
 A new score_mod then costs: its own small file (score_source: the same traced graph and codegen
-as the normal variant) compiled -dc to LTO IR (about 1 s); per kernel file an nvJitLink LTO link
+as the normal variant) compiled -dc to LTO IR; per kernel file an nvJitLink LTO link
 to an sm_90a cubin, where the score code is inlined (the study found the same SASS as the normal
-build); fatbinary, nvcc's link stub and the host link into one .so (under 0.2 s).
+build); fatbinary, nvcc's link stub and the host link into one .so.
 nvJitLink, not nvcc -dlink: nvcc 13.0's nvlink emits .target sm_90 for lto_90a input, and ptxas
 then refuses the wgmma instructions (benchmarks/results/cpu-2026-12-06g-lto-study).
 

@@ -3,8 +3,8 @@ launch runs, where FlashInfer's module for them is neither prebuilt nor built he
 
 FlashInfer's native fa3 batch-prefill module for a (dtype, head_dim, window flag, soft-cap flag)
 holds 8 kernel files (mask modes none, causal, bit mask and multi-item scoring, each for the ragged
-and the paged kernel) and 3 host files; the README's main job waits for all 11 (565 s of nvcc on
-the H100 host, docs/benchmarks.md) where its causal check runs one mode. The same kernels -
+and the paged kernel) and 3 host files; the README's main job waited for all 11 (docs/benchmarks.md)
+where its causal check runs one mode. The same kernels -
 FlashInfer's hopper DefaultAttention, its parameters, its generated sources - are asked for here
 through FlashInfer's own generator for custom variants, under a name of this library's that ends in
 the one mode the launch runs (lean_modules keeps that mode's kernel files and switches over it
@@ -24,12 +24,17 @@ from . import lean_modules
 
 _DECL = "#include<flashinfer/attention/hopper/variants.cuh>"
 # FlashInfer 0.7's fa3 DefaultAttention arguments, in its order (jit/attention/modules.py,
-# _gen_batch_prefill_module): its optional tensors, then its scalars
-_TENSORS = (["maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr", "maybe_scale_v"],
-            ["uint32_t", "uint16_t", "uint16_t", "float"])
-_SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
-            ["double", "double", "double", "int64_t"])
+# _gen_batch_prefill_module): its optional tensors, then its scalars; this library's other modules of
+# that variant (head_windows, tile_gather) put their own tables before them
+FLASHINFER_TENSORS = (["maybe_prefix_len_ptr", "maybe_token_pos_in_items_ptr", "maybe_max_item_len_ptr", "maybe_scale_v"],
+                      ["uint32_t", "uint16_t", "uint16_t", "float"])
+FLASHINFER_SCALARS = (["logits_soft_cap", "sm_scale", "scale_v_scalar", "token_pos_in_items_len"],
+                      ["double", "double", "double", "int64_t"])
+_TENSORS, _SCALARS = FLASHINFER_TENSORS, FLASHINFER_SCALARS
 URI_PREFIX = f"{lean_modules.OWN_URI_PREFIX}native_"
+_VARIANTS = {cap: f"DefaultAttention<{'true' if cap else 'false'}>" for cap in (False, True)}
+# the module's name hashes its code: a changed one never loads a stale build
+_CODE = {cap: hashlib.sha256(repr((_DECL, _TENSORS, _SCALARS, v)).encode()).hexdigest()[:12] for cap, v in _VARIANTS.items()}
 
 _own_module_here = {}   # (dtype, head_dim, window, soft cap) -> whether FlashInfer's own module is there
 
@@ -38,9 +43,8 @@ def jit_args(dtype, head_dim: int, causal: bool, window: bool, soft_cap: bool) -
     """FlashInfer's gen_customize_batch_prefill_module arguments of its native fa3 kernels with the
     window and soft-cap flags given, for the mask mode `causal` selects alone."""
     lean_modules.install()
-    variant = f"DefaultAttention<{'true' if soft_cap else 'false'}>"
-    code = hashlib.sha256(repr((_DECL, _TENSORS, _SCALARS, variant)).encode()).hexdigest()[:12]
-    uri = (f"{URI_PREFIX}{code}_{str(dtype).split('.')[-1]}_d{head_dim}_{'swa' if window else 'noswa'}"
+    variant = _VARIANTS[bool(soft_cap)]
+    uri = (f"{URI_PREFIX}{_CODE[bool(soft_cap)]}_{str(dtype).split('.')[-1]}_d{head_dim}_{'swa' if window else 'noswa'}"
            f"{lean_modules.only_mode_suffix(1 if causal else 0)}")
     return [uri, dtype, dtype, dtype, torch.int32, head_dim, head_dim, *_TENSORS, *_SCALARS, variant, _DECL, 0,
             window, soft_cap]

@@ -160,7 +160,3 @@ class NativeCopy:
 
     def run(self, q, k, v, **kwargs):
         return self.wrapper.run(q, k, v, *self.run_arguments, **kwargs)
-
-    @property
-    def _causal(self):   # the mask the launch runs (schedules_by_window), as on FlashInfer's wrapper
-        return self.wrapper._causal
