@@ -20,7 +20,7 @@
 #   score-tests  the compiled score_mod and tile-variant tests (after the variants are built)
 #   bench-8k, bench-32k, bench-8k-d64, bench-32k-d64  python -m flex_flash_infer bench at 8192 / 32768
 #                tokens, head_dim 128 / 64 (JSON in the run dir; BENCH_CASES: only those cases);
-#                profile-8k the same with --profile;
+#                profile-8k, profile-32k the same with --profile (at 8192 / 32768, head_dim 128);
 #                profile-leads only the rows slower in the bench than alone
 #   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
@@ -117,19 +117,21 @@ case "${1:-}" in
           grep -h "ok\|FAILED" $run_dir/warm-score*.log
           python3 -m pytest -q -m gpu tests/backends/test_gpu.py -rfE -k "compiled_into" -p no:cacheprovider \
             >$run_dir/score_tests.log 2>&1; tail -n 15 $run_dir/score_tests.log ;;
-        bench-8k|bench-32k|bench-8k-d64|bench-32k-d64|profile-8k|profile-leads)
+        bench-8k|bench-32k|bench-8k-d64|bench-32k-d64|profile-8k|profile-leads|profile-32k)
           # every peer (torch flex on Triton and, when installed, on FlashAttention-4) in one process;
           # profile-8k: each row's host time and kernels, and our call replayed from a CUDA graph
           case $stage in
             bench-8k) a="8192 --head-dims 128" ;;          bench-8k-d64) a="8192 --head-dims 64" ;;
             bench-32k) a="32768 --head-dims 128" ;;        bench-32k-d64) a="32768 --head-dims 64" ;;
             profile-8k) a="8192 --head-dims 128 --profile" ;;
+            # the 32768 rows at FA4 flex's level (PROFILE_CASES: only those), with causal beside them
+            profile-32k) a="32768 --head-dims 128 --profile${PROFILE_CASES:+ --cases $PROFILE_CASES}" ;;
             # the rows under FlashAttention-4's (per-head windows 0.81x, the identity score_mod 0.97x at
             # 8192; streaming and random tiles at 32768) and a plain window beside them
             profile-leads) a="8192 --head-dims 128 --profile --cases per_head_windows identity+causal streaming random_tiles sliding_window" ;;
           esac
           # BENCH_CASES: only these cases (a change's own rows, when the whole bench does not fit)
-          [ -n "${BENCH_CASES:-}" ] && [ "$stage" != profile-leads ] && a="$a --cases $BENCH_CASES"
+          [ -n "${BENCH_CASES:-}" ] && [ "$stage" != profile-leads ] && [ "$stage" != profile-32k ] && a="$a --cases $BENCH_CASES"
           python3 -m flex_flash_infer bench --seq-lens $a --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
         cold)   # first use from empty compile caches, each item in a fresh process (bench --cold)
