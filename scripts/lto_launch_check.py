@@ -423,7 +423,7 @@ def generic(rec, args, jobs):
     pack = ROOT / ".ltopack"
     if args.generic in ("auto", "pack") and (pack / lto_pack.PACK_NAME).exists():
         manifest = rec.guard("unpack the generic objects", lto_pack.unpack, pack, module.name,
-                             lto_pack.module_files(module), overwrite=True)
+                             lto_pack.module_files(module), overwrite=True, sources_tag=module.sources_tag)
         if manifest is not None:
             meta = manifest["meta"]
             info.update(source="pack", pack_nvcc=meta.get("nvcc"), pack_commit=meta.get("commit"),

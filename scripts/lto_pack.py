@@ -52,7 +52,7 @@ def main() -> None:
             "lto_flags": module.lto_flags(), "cuda_cflags": module.cuda_cflags, "ldflags": module.ldflags,
             "link_options": module.link_options(), "generic_version": lto_variants.GENERIC_VERSION,
             "flashinfer": __import__("flashinfer").__version__, "dtype": "bfloat16", "head_dim": args.head_dim,
-            "use_sliding_window": False, "build_times": times,
+            "use_sliding_window": False, "build_times": times, "sources_tag": module.sources_tag,
             "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                                      text=True).stdout.strip(),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}

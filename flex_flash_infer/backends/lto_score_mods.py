@@ -76,6 +76,22 @@ def toolchain_missing() -> str | None:
     return None
 
 
+class LinkerTooOld(RuntimeError):
+    """libnvJitLink is older than the nvcc that FlashInfer's build uses: nothing built, the
+    score_mod takes its own module."""
+
+
+@functools.lru_cache(maxsize=None)
+def linker_too_old(nvcc: str) -> str | None:
+    """Why libnvJitLink cannot link what this nvcc compiles (it refuses newer LTO IR), or None:
+    asked of the nvcc FlashInfer's build uses (its build.ninja's: CUDA_HOME's before PATH's), which
+    toolchain_missing's nvcc on PATH need not be."""
+    library = lto_variants.nvjitlink_library()
+    have = lto_variants._nvjitlink_version(library)
+    need = tuple(int(x) for x in lto_variants._nvcc_version(nvcc)[:2])
+    return f"libnvJitLink {have} ({library}) is older than nvcc {need} ({nvcc})" if have < need else None
+
+
 def _say(reason: str) -> None:
     if reason not in _SAID:
         _SAID.add(reason)
@@ -110,6 +126,9 @@ def build_module(graph: Graph, position_bound: int | None, dtype, head_dim: int,
     and the .so (GenericModule.build_score_mod; each step skipped when its file is there), loaded
     with FlashInfer's loader."""
     generic = generic_module(dtype, head_dim, use_sliding_window)
+    reason = linker_too_old(generic.nvcc)
+    if reason is not None:
+        raise LinkerTooOld(reason)
     return generic.spec.load(generic.build_score_mod(graph, position_bound))
 
 
@@ -117,7 +136,8 @@ def lto_module(graph: Graph, position_bound: int | None, dtype: torch.dtype, hea
                use_sliding_window: bool) -> LtoModule | None:
     """The score_mod's LTO module (built and loaded on first use), or None with the reason warned
     (once) when it does not fit the generic slots or the toolchain is missing: the caller then
-    builds today's module. A failing build with the toolchain here is raised, not hidden."""
+    builds today's module (as when the nvcc FlashInfer builds with is newer than libnvJitLink). A
+    failing build with the toolchain here is raised, not hidden."""
     reason = misfit(graph, position_bound)
     if reason is not None:
         _say(f"{reason} (score_mod {graph_key(graph)})")
@@ -129,7 +149,11 @@ def lto_module(graph: Graph, position_bound: int | None, dtype: torch.dtype, hea
     with _LOCK:
         name = module_name(graph, position_bound, dtype, head_dim, use_sliding_window)
         if name not in _LOADED:
-            loaded = build_module(graph, position_bound, dtype, head_dim, use_sliding_window)
+            try:
+                loaded = build_module(graph, position_bound, dtype, head_dim, use_sliding_window)
+            except LinkerTooOld as e:
+                _say(str(e))
+                return None
             jit_args = lto_variants.generic_spec().jit_args(name, dtype, head_dim, torch.int32, use_sliding_window)
             _LOADED[name] = LtoModule(name, jit_args, loaded)
         return _LOADED[name]

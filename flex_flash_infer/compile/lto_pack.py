@@ -86,11 +86,12 @@ def read_manifest(pack_dir) -> dict:
         return json.load(tar.extractfile(MANIFEST))
 
 
-def unpack(pack_dir, name: str, targets: dict, overwrite: bool = False) -> dict:
+def unpack(pack_dir, name: str, targets: dict, overwrite: bool = False, sources_tag: str | None = None) -> dict:
     """Install the pack's objects at targets ({(role, stem): path}, the local module's object
-    names), after checking the pack is this module's (name) and holds every target; returns the
-    manifest. Each file is checked against its sha256 and written atomically; a target already
-    there is kept unless overwrite."""
+    names), after checking the pack is this module's (name; with sources_tag, built from the same
+    generated sources and FlashInfer: GenericModule.sources_tag, which the local names carry) and
+    holds every target; returns the manifest. Each file is checked against its sha256 and written
+    atomically; a target already there is kept unless overwrite."""
     pack_path = pathlib.Path(pack_dir) / PACK_NAME
     with tarfile.open(pack_path, "r:xz") as tar:
         manifest = json.load(tar.extractfile(MANIFEST))
@@ -99,6 +100,11 @@ def unpack(pack_dir, name: str, targets: dict, overwrite: bool = False) -> dict:
         if manifest["name"] != name:
             raise PackMismatch(f"{pack_path} holds {manifest['name']}, this machine generates {name} "
                                "(another generic variant, slot layout, FlashInfer or kept mask modes)")
+        packed_tag = manifest.get("meta", {}).get("sources_tag")
+        if sources_tag is not None and packed_tag != sources_tag:
+            raise PackMismatch(f"{pack_path} was built from other generated sources or another FlashInfer "
+                               f"(sources tag {packed_tag}, here {sources_tag}): its objects would stand in for "
+                               "code this machine does not have")
         entries = {(e["role"], e["stem"]): e for e in manifest["files"]}
         missing = sorted(set(targets) - set(entries))
         extra = sorted(set(entries) - set(targets))

@@ -385,6 +385,7 @@ class GenericModule:
         sources = [pathlib.Path(s) for s in self.spec.sources]
         self.kernel_sources = [s for s in sources if "_kernel_mask_" in s.name]
         self.host_sources = [s for s in sources if s not in self.kernel_sources]
+        self.sources_tag = _sources_tag(sources)
 
     def lto_flags(self) -> list:
         """FlashInfer's flags for these files, but -dc and LTO IR instead of sm_90a SASS."""
@@ -396,10 +397,11 @@ class GenericModule:
         return ["-arch=sm_90a", "-lto"] + (FAST_MATH_LINK if fast else [])
 
     def _flags_tag(self, flags) -> str:
-        # objects are reused whenever present (no ninja here): their names carry the compiler and
-        # its flags, so another toolkit or flag set builds new ones (nvJitLink refuses IR newer
-        # than itself, and mixed IR versions are untested)
-        return hashlib.sha256(repr((_nvcc_version(self.nvcc), flags)).encode()).hexdigest()[:8]
+        # objects are reused whenever present (no ninja here): their names carry the compiler, its
+        # flags and what they are compiled from, so another toolkit or flag set builds new ones
+        # (nvJitLink refuses IR newer than itself, and mixed IR versions are untested), and so do
+        # changed generated sources (a change of lean_modules' rewrite or of FlashInfer's generator)
+        return hashlib.sha256(repr((_nvcc_version(self.nvcc), flags, self.sources_tag)).encode()).hexdigest()[:8]
 
     def kernel_object(self, source: pathlib.Path) -> pathlib.Path:
         return self.build_dir / f"{self.name}_{source.stem}.{self._flags_tag(self.lto_flags())}.lto.o"
@@ -517,12 +519,32 @@ class GenericModule:
 
     def build_score_mod(self, graph: Graph, position_bound: int | None = None, jobs: int | None = None,
                         timings: dict | None = None) -> pathlib.Path:
-        """The .so for one score_mod (generic objects built first if missing)."""
+        """The .so for one score_mod (generic objects built first if missing). One process at a
+        time builds a score_mod's files (ranks or test workers meeting the same new score_mod):
+        its registration sources are written under fixed names."""
         self.build(jobs)
-        key, obj = self.compile_score(graph, position_bound)
-        if self.library_path(key).exists():
-            return self.library_path(key)
-        return self.link_library(key, self.link_kernels(key, obj, jobs, timings))
+        with open(self.score_dir(self.score_key(graph, position_bound)) / ".ffi_lto_score.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            key, obj = self.compile_score(graph, position_bound)
+            if self.library_path(key).exists():
+                return self.library_path(key)
+            return self.link_library(key, self.link_kernels(key, obj, jobs, timings))
+
+
+def _sources_tag(sources) -> str:
+    """A hash of the generated files the objects are compiled from (every file in the sources'
+    folders: the kernel and host files and the config they include) and of FlashInfer's version
+    (its headers). FlashInfer's ninja rebuilds a module whose sources changed; these objects are
+    not built by ninja, so their names must change instead."""
+    try:
+        from flashinfer import __version__ as version
+    except ImportError:
+        version = None
+    digest = hashlib.sha256(repr(version).encode())
+    for folder in sorted({pathlib.Path(s).parent for s in sources}):
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)

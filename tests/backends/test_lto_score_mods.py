@@ -218,6 +218,7 @@ def test_module_name_and_build_through_the_generic_module(monkeypatch):
 
     class Generic:
         name = "ffi_lto_abc_bfloat16_d128_noswa_modes01"
+        nvcc = "nvcc"
 
         def score_key(self, graph, bound):
             calls.append("key")
@@ -235,6 +236,7 @@ def test_module_name_and_build_through_the_generic_module(monkeypatch):
 
     monkeypatch.setattr(lto_score_mods, "generic_module", lambda *a: Generic())
     monkeypatch.setattr(lto_score_mods, "toolchain_missing", lambda: None)
+    monkeypatch.setattr(lto_score_mods, "linker_too_old", lambda nvcc: None)
     monkeypatch.setattr(lto_score_mods, "_LOADED", {})
     graph = trace(generate_softcap_score_mod(5.0), "score_mod")
     lto = lto_score_mods.lto_module(graph, None, torch.bfloat16, 128, False)
@@ -308,3 +310,43 @@ def test_a_handed_module_is_given_for_its_own_name_only(monkeypatch):
     assert prefill.get_customize_batch_prefill_module is own_getter
     with handed_module(None, None):
         assert prefill.get_customize_batch_prefill_module is own_getter
+
+
+def test_a_linker_older_than_flashinfers_nvcc_takes_todays_module(monkeypatch):
+    """toolchain_missing asks the nvcc on PATH; FlashInfer builds with its build.ninja's (CUDA_HOME's
+    first). Where libnvJitLink is older than that one, nothing is built and the score_mod takes its
+    own module, said once, instead of a link that fails in the user's call."""
+    built = []
+
+    class Generic:
+        nvcc = "/cuda-13.1/bin/nvcc"
+
+        def build_score_mod(self, graph, bound):
+            built.append(graph)
+            return "/x.so"
+
+    monkeypatch.setattr(lto_score_mods, "generic_module", lambda *a: Generic())
+    monkeypatch.setattr(lto_score_mods, "toolchain_missing", lambda: None)
+    monkeypatch.setattr(lto_score_mods, "module_name", lambda *a: "ffi_lto_x")
+    monkeypatch.setattr(lto_score_mods, "_LOADED", {})
+    monkeypatch.setattr(lto_score_mods, "_SAID", set())
+    monkeypatch.setattr(lto_variants, "nvjitlink_library", lambda: "/lib/libnvJitLink.so.13")
+    monkeypatch.setattr(lto_variants, "_nvjitlink_version", lambda path: (13, 0))
+    monkeypatch.setattr(lto_variants, "_nvcc_version", lambda nvcc: ("13", "1", "80") if "13.1" in nvcc else ("13", "0", "88"))
+    lto_score_mods.linker_too_old.cache_clear()
+    graph = trace(generate_softcap_score_mod(5.0), "score_mod")
+    with pytest.warns(RuntimeWarning, match=r"libnvJitLink \(13, 0\).*older than nvcc \(13, 1\)"):
+        assert lto_score_mods.lto_module(graph, None, torch.bfloat16, 128, False) is None
+    assert built == []
+    lto_score_mods.linker_too_old.cache_clear()
+    Generic.nvcc = "/cuda-13.0/bin/nvcc"
+
+    class Spec:
+        @staticmethod
+        def load(path):
+            return "loaded"
+
+    Generic.spec = Spec
+    assert lto_score_mods.lto_module(graph, None, torch.bfloat16, 128, False).loaded == "loaded"
+    assert len(built) == 1
+    lto_score_mods.linker_too_old.cache_clear()

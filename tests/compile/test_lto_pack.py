@@ -95,6 +95,17 @@ def test_unpack_refuses_another_module_or_other_files(tmp_path):
     assert not (tmp_path / "gpu").exists()
 
 
+def test_unpack_refuses_objects_of_other_generated_sources(tmp_path):
+    files = _objects(tmp_path, "t")
+    P.pack(tmp_path / "pack", "ffi_lto_a", files, {"sources_tag": "aaaa"})
+    targets = {k: tmp_path / "gpu" / f"{k[1]}.o" for k in files}
+    with pytest.raises(P.PackMismatch, match="other generated sources"):
+        P.unpack(tmp_path / "pack", "ffi_lto_a", targets, sources_tag="bbbb")
+    assert not (tmp_path / "gpu").exists()
+    P.unpack(tmp_path / "pack", "ffi_lto_a", targets, sources_tag="aaaa")
+    assert all(t.exists() for t in targets.values())
+
+
 def test_pack_needs_built_objects(tmp_path):
     with pytest.raises(FileNotFoundError):
         P.pack(tmp_path / "pack", "ffi_lto_a", {("host", "x"): tmp_path / "nothing.o"})

@@ -120,3 +120,81 @@ def test_score_file_compiles_to_lto_ir(tmp_path, graph):
                            "-o", str(tmp_path / "score.o")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "warning" not in done.stderr
+
+
+def _stub_generator(monkeypatch, root):
+    """FlashInfer's gen_customize_batch_prefill_module as a stand-in writing small generated files
+    (once, as FlashInfer's does for a name it has written) and a build.ninja."""
+    import pathlib
+    import sys
+    import types
+
+    from flex_flash_infer.compile import lean_modules
+
+    def generate(backend, uri, *args):
+        folder = root / "generated" / uri
+        folder.mkdir(parents=True, exist_ok=True)
+        names = ["batch_prefill_ragged_kernel_mask_1.cu", "batch_prefill.cu", "batch_prefill_sm90_jit_binding.cu"]
+        for n in names:
+            if not (folder / n).exists():
+                (folder / n).write_text(f"// {n}, first version\n")
+        build = root / "cached_ops" / uri
+        build.mkdir(parents=True, exist_ok=True)
+        ninja = build / "build.ninja"
+        return types.SimpleNamespace(
+            name=uri, build_dir=str(build), sources=[str(folder / n) for n in names], ninja_path=ninja,
+            write_ninja=lambda: ninja.write_text("nvcc = nvcc\ncuda_cflags = -O3 -gencode=arch=compute_90a,code=sm_90a\n"
+                                                 "ldflags = -shared\n"))
+
+    prefill = types.SimpleNamespace(gen_customize_batch_prefill_module=generate)
+    monkeypatch.setitem(sys.modules, "flashinfer", types.SimpleNamespace(prefill=prefill, __version__="0.7.2"))
+    monkeypatch.setitem(sys.modules, "flashinfer.prefill", prefill)
+    monkeypatch.setattr(lean_modules, "install", lambda: None)
+    monkeypatch.setattr(L, "_nvcc_version", lambda nvcc: ("13", "0", "88"))
+    return pathlib.Path(root)
+
+
+def test_generic_objects_are_named_by_the_sources_they_come_from(monkeypatch, tmp_path):
+    """The generic objects are reused whenever a file of their name is there (no ninja): a changed
+    generated source (a change of lean_modules' rewrite, or of FlashInfer's generator) must give
+    new names, so nothing built from the old sources is linked into a new score_mod's module."""
+    _stub_generator(monkeypatch, tmp_path)
+    first = L.GenericModule(torch.bfloat16, 128, False)
+    objects = [o for objs in first.objects() for o in objs]
+    for o in objects:
+        o.write_bytes(b"built from the first version")
+    assert first.compile_jobs() == []
+    key = first.score_key(SOFTCAP, POSITION_BOUND)
+    assert L.GenericModule(torch.bfloat16, 128, False).score_key(SOFTCAP, POSITION_BOUND) == key   # unchanged: reused
+    host = next(s for s in first.host_sources if s.name == "batch_prefill.cu")
+    host.write_text("// batch_prefill.cu, another version\n")
+    second = L.GenericModule(torch.bfloat16, 128, False)
+    assert [o.name for objs in second.objects() for o in objs] != [o.name for o in objects]
+    assert len(second.compile_jobs()) == len(objects)   # everything built again
+    assert second.score_key(SOFTCAP, POSITION_BOUND) != key
+
+
+def test_one_process_at_a_time_builds_a_score_mods_files(monkeypatch, tmp_path):
+    """build_score_mod holds a lock on the score_mod's folder while it writes its fixed-name
+    files (two ranks meeting one new score_mod)."""
+    import fcntl
+
+    _stub_generator(monkeypatch, tmp_path)
+    module = L.GenericModule(torch.bfloat16, 128, False)
+    seen = []
+
+    def compile_score(graph, bound):
+        lock = module.score_dir(module.score_key(graph, bound)) / ".ffi_lto_score.lock"
+        with open(lock) as f:   # held by build_score_mod: a second taker would block
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append(lock)
+        raise RuntimeError("stop before compiling")
+
+    monkeypatch.setattr(module, "build", lambda jobs=None: None)
+    monkeypatch.setattr(module, "compile_score", compile_score)
+    with pytest.raises(RuntimeError, match="stop before compiling"):
+        module.build_score_mod(SOFTCAP, POSITION_BOUND)
+    assert seen
+    with open(seen[0]) as f:   # released after the failure
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
