@@ -95,6 +95,9 @@ class Case:
     kv_lens: list = field(default_factory=list)   # paged
     qo_lens: list = field(default_factory=list)
     kv_lens2: list = field(default_factory=list)  # paged: a second plan and run on the same object
+    own_modules: int = 0         # CPU model: 0, FlashInfer's own fa3 modules are not built here (band
+                                 # launches run the library's one-mode copies); else a seed deciding for
+                                 # each configuration whether FlashInfer's own is built (and is run)
     qo_lens2: list = field(default_factory=list)
     cache_5d: bool = False       # paged: the cache as one [pages, 2, page_size, Hkv, D] tensor
     paged_tables: str = "device"  # paged: where plan()'s tables lie (TABLE_PLACES), scribbled over after it
@@ -207,6 +210,9 @@ def generate_case(seed: int, index: int, profile="cpu", dtypes=None, device: str
                 input_seed=r.randrange(1 << 30))
     case.dtype = r.choice(dtypes or DEFAULT_DTYPES[profile.name])
     case.hopper = force.get("hopper", True) if tour else profile.name == "gpu" or r.random() < 0.8
+    # drawn apart from r, so that the rest of a seed's case stays what it was before this field
+    own = random.Random(f"{seed}:{index}:own modules")
+    case.own_modules = own.randrange(1, 1 << 16) if own.random() < 0.5 else 0
     case.switches = dict(force.get("switches", {}))
     while not force and r.random() < 0.4:
         name = r.choice(sorted(SWITCHES))

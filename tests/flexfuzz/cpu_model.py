@@ -40,11 +40,26 @@ def _module(name: str):
     return importlib.import_module(f"flex_flash_infer.{name}")
 
 
+def own_modules_answer(seed: int):
+    """native_copy.flashinfer_has_its_own as on a machine where some of FlashInfer's own fa3
+    modules are built (prebuilt, or met before) and others not: per configuration, by the seed.
+    Then one plan can run some band launches on FlashInfer's own module and others on the
+    library's one-mode copy (a band with a window and one without, say)."""
+    import zlib
+
+    def answer(dtype, head_dim, window, soft_cap):
+        key = f"{seed}:{str(dtype)}:{int(head_dim)}:{bool(window)}:{bool(soft_cap)}"
+        return bool(zlib.crc32(key.encode()) & 1)
+    return answer
+
+
 @contextmanager
-def patched(switches: dict, cpu_model: bool, hopper: bool = True):
+def patched(switches: dict, cpu_model: bool, hopper: bool = True, own_modules: int = 0):
     """switches: {"module.NAME": value} for modules of flex_flash_infer. cpu_model: flashinfer is
     the CPU model, _is_hopper answers `hopper`, CPU tensors pass the FlashInfer backend's device
-    check, and every compiled variant the plans generate runs its host-compiled code."""
+    check, and every compiled variant the plans generate runs its host-compiled code; own_modules:
+    0, FlashInfer's own fa3 modules are not built (the model's answer), else the seed of
+    own_modules_answer."""
     patch = Patch()
     try:
         for key, value in switches.items():
@@ -74,6 +89,9 @@ def patched(switches: dict, cpu_model: bool, hopper: bool = True):
             patch.setattr(paged, "unsupported_reason", scale_only)
             fake_flashinfer.register_paged_variants(patch, tile_kernels)
             fake_flashinfer.register_band_variants(patch, score_mod_kernels)
+            if own_modules:
+                from flex_flash_infer.compile import native_copy
+                patch.setattr(native_copy, "flashinfer_has_its_own", own_modules_answer(own_modules))
         yield patch
     finally:
         patch.undo()

@@ -480,7 +480,7 @@ def _run_and_judge(case, result, mask_mod, score_mod, device, want, cpu_model, t
     from flex_flash_infer.core.trace import TraceError
 
     try:
-        with patched(case.switches, cpu_model, case.hopper):
+        with patched(case.switches, cpu_model, case.hopper, case.own_modules):
             out, lse, result.routes = DOORS[case.door](case, mask_mod, score_mod, device, want)
             grad_problems = _check_grad(case, out, want) if case.grad else []
     except (Invalid, OutOfDate) as e:
