@@ -185,6 +185,15 @@ def module_specs(dtypes, head_dims, kinds) -> list:
                     ask(prefill.get_customize_batch_prefill_module, "fa3", *tile_gather.jit_args(dtype, hd))
             if served:   # and with FlashInfer's soft cap (the bench's softcap + random tiles row)
                 ask(prefill.get_customize_batch_prefill_module, "fa3", *tile_gather.jit_args(dtypes[0], served[0], True))
+        # FlashInfer's fa3 kernels as the library's one-mode copies (compile/native_copy.py), which run
+        # where FlashInfer's own module is not built: the GPU tests of the copy force them (causal,
+        # full, and causal with FlashInfer's soft cap; no window)
+        from flex_flash_infer.compile import native_copy
+
+        for dtype in dtypes[:1]:
+            for hd in head_dims[:1]:
+                for causal, cap in ((True, False), (False, False), (True, True)):
+                    ask(prefill.get_customize_batch_prefill_module, "fa3", *native_copy.jit_args(dtype, hd, causal, False, cap))
         for dtype in dtypes:
             for hd in head_dims:
                 for backend, args in custom_jit_args(kinds, dtype, hd):
