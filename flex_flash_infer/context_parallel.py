@@ -134,6 +134,8 @@ def shard_sequence(tensor: torch.Tensor, rank: int, world_size: int, load_balanc
     indices) takes each batch entry's own positions."""
     seq_dim = seq_dim % tensor.dim()
     seq_len = tensor.shape[seq_dim]
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard_sequence: rank must be in 0..{world_size - 1} (world_size {world_size}), got {rank}")
     if seq_len % world_size:
         raise ValueError(f"shard_sequence: the sequence ({seq_len}) must split evenly over {world_size} ranks")
     n = seq_len // world_size
@@ -248,14 +250,16 @@ def _shifted_score(score_mod, b0, q0, kv0):
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
     """Two attentions of the same queries over disjoint keys joined by log-sum-exp (natural log,
-    [B, H, L] and [B, H, L, D], float32): a row that saw nothing in one part takes the other; NaN
-    in either part stays NaN."""
+    [B, H, L] and [B, H, L, D], float32 or float64): a row that saw nothing in one part takes the
+    other; NaN in either part stays NaN; a part with LSE +inf (a score_mod gave +inf) keeps the
+    row's LSE +inf, as one attention over all the keys has it (its output is NaN either way)."""
     top = torch.maximum(lse_a, lse_b)
-    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    infinite = top == float("inf")
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
     total = wa + wb
     out = (out_a * wa.unsqueeze(-1) + out_b * wb.unsqueeze(-1)) / torch.where(total > 0, total, 1).unsqueeze(-1)
-    return out, top + torch.log(total)
+    return out, torch.where(infinite, top.new_tensor(float("inf")), top + torch.log(total))
 
 
 class ContextParallelFlexAttention:
@@ -378,9 +382,10 @@ class ContextParallelFlexAttention:
                               scale=self.scale, enable_gqa=self.enable_gqa, return_lse=True, backend=self.backend)
 
     def _empty(self, q, v):
-        shape = (*q.shape[:3], v.shape[-1])
-        return (torch.zeros(shape, dtype=torch.float32, device=q.device),
-                torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device))
+        """The ring's running output and LSE: float32, float64 for float64 inputs (its precision kept)."""
+        shape, dtype = (*q.shape[:3], v.shape[-1]), torch.promote_types(torch.float32, q.dtype)
+        return (torch.zeros(shape, dtype=dtype, device=q.device),
+                torch.full(q.shape[:3], float("-inf"), dtype=dtype, device=q.device))
 
     def _against_all(self, q, k_all, v_all, b, per_batch):
         """This rank's queries against the gathered keys, put back in global order."""
@@ -430,7 +435,7 @@ class ContextParallelFlexAttention:
                             o, s = self._call(q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1], bm,
                                               b if per_batch else 0, g0, h0)
                             out[:, :, i0:i1], lse[:, :, i0:i1] = merge_partials(out[:, :, i0:i1], lse[:, :, i0:i1],
-                                                                                o.float(), s)
+                                                                                o.to(out.dtype), s.to(lse.dtype))
             finally:
                 # the posted sends and receives complete even when this step's attention raised:
                 # left pending, they unmatch the group's next point-to-point exchange (a hang)
@@ -439,7 +444,8 @@ class ContextParallelFlexAttention:
                         work.wait()
             if pending is not None:
                 current = pending[1]
-        return [(acc[b][0].to(query.dtype), acc[b][1]) for b, _ in batches]
+        # the LSE as flex_attention gives it (float32), whatever the running precision
+        return [(acc[b][0].to(query.dtype), acc[b][1].to(torch.float32)) for b, _ in batches]
 
 
 def context_parallel_flex_attention(query, key, value, mask_mod=None, seq_len: int | None = None, *, B=None, H=None,

@@ -216,6 +216,13 @@ def test_merging_two_halves_is_attention_over_both():
     nan_lse[0, 0, 3] = float("nan")
     out4, lse4 = merge_partials(whole, nan_lse, whole, lse)
     assert torch.isnan(lse4[0, 0, 3]) and bool(torch.isnan(out4[0, 0, 3]).all())
+    # a part whose score_mod gave +inf: the row's LSE stays +inf (one attention over all keys has
+    # it so), in either order and beside an empty part
+    inf_lse = lse.clone()
+    inf_lse[0, 1, 5] = float("inf")
+    for merged in (merge_partials(whole, inf_lse, whole, lse)[1], merge_partials(whole, lse, whole, inf_lse)[1],
+                   merge_partials(whole, inf_lse, torch.zeros_like(whole), empty)[1]):
+        assert merged[0, 1, 5] == float("inf") and bool(torch.isfinite(merged[0, 0]).all())
 
 
 def test_bad_arguments_name_what_was_expected(tmp_path):
@@ -225,6 +232,9 @@ def test_bad_arguments_name_what_was_expected(tmp_path):
         HeadTailLoadBalancer(50, 4)
     with pytest.raises(ValueError, match="split evenly"):
         shard_sequence(torch.zeros(1, 1, 10, 4), 0, 3)
+    for rank in (2, 5, -1):   # an empty shard would have come back
+        with pytest.raises(ValueError, match=r"rank must be in 0\.\.1"):
+            shard_sequence(torch.zeros(1, 1, 8, 4), rank, 2)
     x = torch.randn(2, 8, 8, 4)   # heads == sequence length: a wrong dimension would not raise
 
     class PerBatch:
@@ -361,3 +371,22 @@ def test_rewritten_mask_tensors_and_a_ring_call_after_a_failed_one(tmp_path):
     while not errors.empty():
         found.append(errors.get())
     assert not found, "\n".join(found)
+
+
+def test_the_ring_keeps_float64(tmp_path):
+    """The ring's running output and LSE were float32 whatever the inputs: float64 came back
+    float32-accurate (9e-8 off), the all-gather exact; "auto" picks one by size."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'one'}", rank=0, world_size=1)
+    try:
+        q, k, v = (t.double() for t in _whole(15))
+        expected, expected_lse = _expected(get_mask_fn("causal"), None, q, k, v)
+        for exchange in ("ring", "all_gather"):
+            cp = ContextParallelFlexAttention(get_mask_fn("causal"), L, H=HQ, kv_exchange=exchange, enable_gqa=True,
+                                              backend="reference", block_size=64)
+            with torch.no_grad():
+                out, lse = cp(q, k, v, return_lse=True)
+            assert out.dtype == torch.float64 and lse.dtype == expected_lse.dtype
+            assert (out - expected).abs().max().item() < 1e-12, exchange
+            assert torch.allclose(lse, expected_lse, atol=1e-6, rtol=0)
+    finally:
+        dist.destroy_process_group()
