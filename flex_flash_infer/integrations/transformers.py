@@ -76,7 +76,9 @@ def _dense_mask_mod(mask: torch.Tensor):
     batch, heads = (visible.shape[0] if per_sample else None), (visible.shape[1] if per_head else None)
     if mask.dtype != torch.bool:
         bias = torch.where(visible, mask, 0).to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
-        if bool((bias != 0).any()):
+        # a mask that requires grad keeps its term even at all zeros (a learned bias at its zero
+        # init must get its gradient)
+        if mask.requires_grad or bool((bias != 0).any()):
             def bias_term(score, b, h, q_idx, kv_idx):
                 return score + bias[b if per_sample else 0, h if per_head else 0, q_idx, kv_idx]
             return model_mask, batch, heads, bias_term
@@ -91,16 +93,20 @@ def _with_model_softcap(score_mod, softcap):
     return _then(generate_softcap_score_mod(float(softcap)), score_mod)
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      **kwargs):
     """transformers' attention interface: query [B, Hq, Q, D], key/value [B, Hkv, KV, D] ->
-    ([B, Q, Hq, D], None)."""
+    ([B, Q, Hq, D], None). is_causal: without a mask, the call's own say (as transformers' SDPA
+    gives it first), else the module's is_causal, else causal."""
     if dropout and module.training:
         raise ValueError("flex_flash_infer attention is for inference: dropout must be 0 (call model.eval())")
     config = getattr(module, "config", None)
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise NotImplementedError("flex_flash_infer attention does not support learned attention sinks "
                                   "(the model passed s_aux or sinks); use attn_implementation='eager' for this model")
-    for name in ("position_bias", "indices"):   # T5's bias, sparse attention's indices: never dropped silently
+    # T5's bias, sparse attention's indices or block selection (MiniMax-M3 passes block_indices with
+    # no mask to implementations other than eager and sdpa): never dropped silently
+    for name in ("position_bias", "indices", "block_indices"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"flex_flash_infer attention does not take the model's {name}= argument; "
                                       "use attn_implementation='eager' for this model")
@@ -128,7 +134,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         (mod, mask_batch, mask_heads, bias_term), owner = _dense_mask_mod(attention_mask), attention_mask
         if bias_term is not None:
             score_mod = _then(score_mod, bias_term)
-    elif getattr(module, "is_causal", True):
+    elif is_causal if is_causal is not None else getattr(module, "is_causal", True):
         # no mask: SDPA's is_causal, aligned to the top left (an empty static cache's prefill has
         # kv_len > q_len, the slots past the queries empty); one query sees every key
         mod, owner = (_CAUSAL, _CAUSAL) if q_len > 1 else (None, None)
@@ -199,6 +205,12 @@ def _check_positions(position_ids, attention_mask, offset: int, q_len: int, kv_l
                 f"attention_mods({what}=...) takes the cache slot as the position, but the model's positions "
                 f"start at {int(first.min())}, not {offset} ({kv_len} cached slots, {q_len} queries): a static or "
                 "sliding-window cache, or padding; use the dynamic cache (the default) with unpadded rows")
+        slots = torch.arange(offset, offset + q_len, device=position_ids.device)
+        if position_ids.shape[-1] == q_len and bool((position_ids != slots).any()):
+            raise NotImplementedError(
+                f"attention_mods({what}=...) takes the cache slot as the position, but the model's positions "
+                "do not count up one per token (packed sequences restart them): the model keeps each packed "
+                f"sequence apart and the {what} would not; run the sequences as rows of their own")
 
 
 def register(name: str = NAME) -> str:

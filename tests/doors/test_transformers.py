@@ -251,11 +251,46 @@ def test_a_mask_buffer_written_in_place_between_calls_is_read_anew(rng):
     assert (_attend(q, k, v, mask) - want).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["position_bias", "sinks", "indices"])
+@pytest.mark.parametrize("name", ["position_bias", "sinks", "indices", "block_indices"])
 def test_model_arguments_it_cannot_apply_raise(rng, name):
     q, k, v = _qkv(rng, 4, 4)
     with pytest.raises(NotImplementedError, match=name if name != "sinks" else "sinks"):
         _attend(q, k, v, **{name: torch.zeros(1)})
+
+
+def test_the_calls_is_causal_comes_before_the_modules(rng):
+    """transformers' SDPA takes a call's is_causal first (Llama 4's vision encoder passes
+    is_causal=False, no mask, from a module without the attribute): full attention, not causal."""
+    q, k, v = _qkv(rng, 6, 6)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    causal = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (_attend(q, k, v, is_causal=False) - full).abs().max() < 1e-5
+    assert (_attend(q, k, v, is_causal=True) - causal).abs().max() < 1e-5
+    assert (_attend(q, k, v) - causal).abs().max() < 1e-5   # neither says: causal, as before
+
+
+def test_a_learned_float_mask_at_zero_gets_its_gradient(rng):
+    """A float mask that requires grad and is 0 wherever visible (a learned bias at its zero init):
+    its term was left out as adding nothing, and the bias got no gradient."""
+    q, k, v = _qkv(rng, 6, 6)
+    bias = torch.zeros(1, 1, 6, 6, requires_grad=True)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    (ours,) = torch.autograd.grad(_attend(q, k, v, bias.masked_fill(~causal, torch.finfo(torch.float32).min))
+                                  .square().sum(), bias, allow_unused=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(
+        ~causal, torch.finfo(torch.float32).min))
+    (expected,) = torch.autograd.grad(want.transpose(1, 2).square().sum(), bias)
+    assert ours is not None and (ours - expected).abs().max() < 1e-4
+
+
+def test_packed_sequences_under_a_mask_mod_raise(rng):
+    """Positions that restart inside a row (transformers' packed sequences): the model keeps each
+    sequence apart, a mask_mod or score_mod on slots would not."""
+    q, k, v = _qkv(rng, 6, 6)
+    with attention_mods(mask_mod=get_mask_fn("causal")):
+        with pytest.raises(NotImplementedError, match="packed"):
+            _attend(q, k, v, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
+        _attend(q, k, v, position_ids=torch.arange(6)[None])   # counting up: fine
 
 
 def test_a_mask_mod_with_positions_that_are_not_cache_slots_raises(rng):
