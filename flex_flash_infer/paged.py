@@ -197,17 +197,23 @@ class PagedFlexAttention:
 
     def _launches(self, plan, heads, page_size, dtype, scale, variants, soft_cap):
         """The plan's launches on the cached wrappers. Those are shared with the previous plan: if
-        this fails part way, the previous plan gets fresh wrappers of its own, so it still runs."""
+        this fails part way (an interrupt too), the previous plan gets fresh wrappers of its own, so
+        it still runs; if that fails as well, no plan is kept (run() raises until the next plan()):
+        the previous launches may hold a wrapper already planned with this step's tables."""
         try:
             return _build_launches(plan, *heads, page_size, dtype, scale, self._workspace, variants, self._wrappers,
                                    self.use_tensor_cores, soft_cap)
-        except Exception:
+        except BaseException:
             self._wrappers.clear()
             old = self._planned
             if old is not None and old["launches"] is not None:
-                old["launches"] = _build_launches(old["plan"], *old["heads"], old["page_size"], old["dtype"],
-                                                  abs(old["launch_scale"]), self._workspace, old["variants"],
-                                                  self._wrappers, self.use_tensor_cores, old["soft_cap"])
+                try:
+                    old["launches"] = _build_launches(old["plan"], *old["heads"], old["page_size"], old["dtype"],
+                                                      abs(old["launch_scale"]), self._workspace, old["variants"],
+                                                      self._wrappers, self.use_tensor_cores, old["soft_cap"])
+                except BaseException:
+                    self._planned = None
+                    self._wrappers.clear()
             raise
 
     @property

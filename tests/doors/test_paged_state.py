@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from flex_flash_infer import PagedFlexAttention
+from flex_flash_infer import PagedFlexAttention, get_mask_fn
 from paged_cases import dense_oracle, random_cache
 
 HQ, HKV, D, P = 4, 2, 16, 16
@@ -163,6 +163,36 @@ def test_a_plan_failing_after_its_launches_leaves_the_previous_plan_running_as_p
         warnings.simplefilter("error")
         with pytest.raises(UserWarning, match="inference_mode"):
             paged.plan(reads_an_inference_tensor, qi2, ki2, idx2, last2, HQ, HKV, D, P, dtype=torch.float64)
+    assert _err(paged.run(q, (k, v)), want) < 1e-9
+
+
+def test_a_plan_whose_rebuild_of_the_previous_one_fails_too_keeps_no_plan(flashinfer_on_cpu, rng):
+    """A plan() that fails after re-planning a shared wrapper, where giving the previous plan fresh
+    wrappers fails too (the GPU out of memory, or an interrupt): the previous launches held a
+    wrapper planned with the failed step's tables, and run() returned wrong numbers silently.
+    Now no plan is kept: run() raises until the next plan(), which works."""
+    import fake_flashinfer
+
+    q, k, v, qi, ki, idx, last = _cache(rng, qo_lens=(1, 1))
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer")
+    paged.plan(_causal, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64)
+    want, _ = dense_oracle(_causal, q, k, v, qi, ki, idx, last, P)
+    assert _err(paged.run(q, (k, v)), want) < 1e-9
+    real_init = fake_flashinfer.BatchPrefillWithPagedKVCacheWrapper.__init__
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (a new wrapper's buffers, simulated)")
+    streaming = get_mask_fn("streaming", sink_size=4, window_size=8)   # its sinks need a new prefill wrapper
+    _, _, _, qi2, ki2, idx2, last2 = random_cache(rng, [40, 70], [1, 1], P, HQ, HKV, D)
+    fake_flashinfer.BatchPrefillWithPagedKVCacheWrapper.__init__ = out_of_memory
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            paged.plan(streaming, qi2, ki2, idx2.flip(0), last2, HQ, HKV, D, P, dtype=torch.float64)
+    finally:
+        fake_flashinfer.BatchPrefillWithPagedKVCacheWrapper.__init__ = real_init
+    with pytest.raises(RuntimeError, match="before plan"):
+        paged.run(q, (k, v))
+    paged.plan(_causal, qi, ki, idx, last, HQ, HKV, D, P, dtype=torch.float64)
     assert _err(paged.run(q, (k, v)), want) < 1e-9
 
 
