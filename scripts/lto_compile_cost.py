@@ -33,8 +33,10 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from flex_flash_infer.compile import lto_variants  # noqa: E402
+import lto_timing  # noqa: E402
 from flex_flash_infer.compile.codegen import POSITION_BOUND  # noqa: E402
 from flex_flash_infer.core.trace import trace  # noqa: E402
 from flex_flash_infer.mods import generate_relative_position_bias_score_mod, generate_softcap_score_mod  # noqa: E402
@@ -129,18 +131,7 @@ def main() -> None:
     start = time.perf_counter()
     module = lto_variants.GenericModule(torch.bfloat16, 128, use_sliding_window=False)
     steps["generate generic sources (FlashInfer's generator, lean)"] = round(time.perf_counter() - start, 2)
-    record = module.build_dir / "lto_generic_build_times.json"
-    if module.compile_jobs():
-        per_file = {}
-        start = time.perf_counter()
-        module.build(jobs, per_file)
-        generic = {"wall": round(time.perf_counter() - start, 2), "jobs": jobs, "per_file": per_file,
-                   "date": datetime.datetime.now().isoformat(timespec="seconds"), "load": os.getloadavg()}
-        record.write_text(json.dumps(generic, indent=1))
-        generic["this_run"] = True
-    else:
-        generic = json.loads(record.read_text()) if record.exists() else {}
-        generic["this_run"] = False
+    generic = lto_timing.generic_build_times(module, jobs)
     print(f"generic objects ({module.name}): {json.dumps(generic, indent=1)}", flush=True)
 
     tool = cuobjdump()
@@ -149,23 +140,7 @@ def main() -> None:
     per_mod = {}
     for name, mod in mods.items():
         graph = trace(mod, "score_mod")
-        key = module.score_key(graph, POSITION_BOUND)
-        shutil.rmtree(module.score_dir(key), ignore_errors=True)   # time it from nothing
-        module.library_path(key).unlink(missing_ok=True)
-        t = {}
-        s0 = time.perf_counter()
-        key2, obj = module.compile_score(graph, POSITION_BOUND)
-        t["score file -dc -dlto"] = round(time.perf_counter() - s0, 2)
-        assert key2 == key
-        links = {}
-        s1 = time.perf_counter()
-        cubins = module.link_kernels(key, obj, jobs, links)
-        t[f"nvJitLink LTO links ({len(cubins)} kernel files, {jobs} at a time)"] = round(time.perf_counter() - s1, 2)
-        t["nvJitLink per kernel file"] = links
-        s2 = time.perf_counter()
-        so = module.link_library(key, cubins)
-        t["fatbinary + link stub + host link"] = round(time.perf_counter() - s2, 2)
-        t["total"] = round(time.perf_counter() - s0, 2)
+        key, cubins, so, t = lto_timing.score_mod_build(module, graph, POSITION_BOUND, jobs)
         per_mod[name] = t
         checks[name] = {"key": key, "so": str(so), "so_check": inspect_so(so),
                         "cubins": {c.name: inspect_cubin(c, tool) for c in cubins}}

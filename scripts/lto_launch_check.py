@@ -46,8 +46,10 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from flex_flash_infer.compile import lto_pack, lto_variants as L  # noqa: E402
+import lto_timing  # noqa: E402
 from flex_flash_infer.compile.codegen import POSITION_BOUND  # noqa: E402
 from flex_flash_infer.core.trace import trace  # noqa: E402
 
@@ -272,22 +274,7 @@ def bench(fns: dict, rounds: int) -> dict:
 def lto_module_for(module, graph, rec: Recorder, label: str, jobs: int):
     """Build the score_mod's .so from an empty per-score cache (timed by step) and load it with
     FlashInfer's loader; (jit_args, loaded module, info) or None."""
-    info = {}
-    key = module.score_key(graph, POSITION_BOUND)
-    shutil.rmtree(module.score_dir(key), ignore_errors=True)
-    module.library_path(key).unlink(missing_ok=True)
-    s0 = time.perf_counter()
-    key2, obj = module.compile_score(graph, POSITION_BOUND)
-    info["score file -dc (s)"] = round(time.perf_counter() - s0, 2)
-    links = {}
-    s1 = time.perf_counter()
-    cubins = module.link_kernels(key, obj, jobs, links)
-    info[f"nvJitLink links, {len(cubins)} files, {jobs} at a time (s)"] = round(time.perf_counter() - s1, 2)
-    info["per link (s)"] = links
-    s2 = time.perf_counter()
-    so = module.link_library(key, cubins)
-    info["fatbinary + stubs + .so (s)"] = round(time.perf_counter() - s2, 2)
-    info["build total (s)"] = round(time.perf_counter() - s0, 2)
+    key, cubins, so, info = lto_timing.score_mod_build(module, graph, POSITION_BOUND, jobs)
     s3 = time.perf_counter()
     loaded = module.spec.load(so)   # FlashInfer's loader: tvm_ffi.load_module (+ its adapter)
     info["load (s)"] = round(time.perf_counter() - s3, 3)

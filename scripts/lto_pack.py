@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from flex_flash_infer.compile import lto_pack, lto_variants  # noqa: E402
+import lto_timing  # noqa: E402
 
 
 def main() -> None:
@@ -38,15 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     jobs = int(os.environ.get("MAX_JOBS") or 2)
     module = lto_variants.GenericModule(torch.bfloat16, args.head_dim, use_sliding_window=False)
-    record = module.build_dir / "lto_generic_build_times.json"
-    if module.compile_jobs():
-        per_file = {}
-        start = time.perf_counter()
-        module.build(jobs, per_file)
-        times = {"wall": round(time.perf_counter() - start, 2), "jobs": jobs, "per_file": per_file,
-                 "date": datetime.datetime.now().isoformat(timespec="seconds"), "load": os.getloadavg()}
-        record.write_text(json.dumps(times, indent=1))
-    times = json.loads(record.read_text()) if record.exists() else {}
+    times = lto_timing.generic_build_times(module, jobs)
     nvcc = lto_variants._nvcc_version(module.nvcc)
     meta = {"built_on": os.uname().nodename, "cores": os.cpu_count(), "nvcc": ".".join(nvcc),
             "lto_flags": module.lto_flags(), "cuda_cflags": module.cuda_cflags, "ldflags": module.ldflags,
