@@ -764,3 +764,40 @@ def test_the_cpu_model_refuses_a_window_the_module_would_not_apply():
     fake_flashinfer.check_window_flag("fa2", plain_args, 63, "t")   # fa2's ragged variants read the launch's
     with pytest.raises(AssertionError, match="ignores a window"):
         fake_flashinfer.check_window_flag("fa2", plain_args, 63, "t", paged=True)
+
+
+@pytest.mark.parametrize("B,L,prefix", [(1, 300, 77), (2, 257, 128), (2, 200, 199), (1, 130, 1)])
+def test_prefix_lm_runs_square_causal_then_its_prefix_block(fake, monkeypatch, rng, B, L, prefix):
+    """Prefix-LM's bands run as a causal launch over every row and then the prefix block, which
+    writes its rows of the output and LSE again: exact against the dense mask, LSE included, for
+    each batch entry (a block that ran first, or not at all, would leave causal rows there)."""
+    from flex_flash_infer.planning import bands as band_planning
+
+    monkeypatch.setattr(band_planning, "SQUARE_CAUSAL_MAX_PREFIX_SHARE", 1.0)
+    mod = get_mask_fn("prefix_lm", prefix_len=prefix)
+    bm = create_block_mask(mod, B, None, L, L, device="cpu", BLOCK_SIZE=64)
+    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, 4, 2, 16, torch.float64, 0.25, "cpu")
+    runner = plan.band_runner
+    assert runner.launch_bands == [band_planning.Band(0, L, 0, L, causal=True), band_planning.Band(0, prefix, 0, prefix)]
+    q = torch.randn(B, 4, L, 16, generator=rng, dtype=torch.float64)
+    k = torch.randn(B, 2, L, 16, generator=rng, dtype=torch.float64)
+    v = torch.randn(B, 2, L, 16, generator=rng, dtype=torch.float64)
+    out, lse = plan.run(q.transpose(1, 2).reshape(B * L, 4, 16), k.transpose(1, 2), v.transpose(1, 2))
+    ref, ref_lse = dense_attention(q, k, v, create_mask(mod, B, 1, L, L, device="cpu"), scale=0.25)
+    assert rel_err(out.view(B, L, 4, 16).transpose(1, 2), ref) < 1e-6
+    lse = lse.view(B, L, 4).transpose(1, 2)   # the plan's LSE is natural (FlashInferPlan.run converts)
+    assert rel_err(lse, ref_lse) < 1e-6
+
+
+def test_prefix_lm_keeps_its_rows_launch_past_the_square_share(fake, monkeypatch):
+    """A prefix longer than SQUARE_CAUSAL_MAX_PREFIX_SHARE of the sequence keeps its two disjoint
+    launches (the square launch would compute the prefix's causal triangle in vain)."""
+    from flex_flash_infer.planning import bands as band_planning
+
+    monkeypatch.setattr(band_planning, "SQUARE_CAUSAL_MAX_PREFIX_SHARE", 0.25)
+    for prefix, square in ((64, True), (76, False)):
+        bm = create_block_mask(get_mask_fn("prefix_lm", prefix_len=prefix), 1, None, 300, 300, device="cpu",
+                               BLOCK_SIZE=64)
+        plan = flashinfer_backend.FlashInferPlan(bm, 1, 300, 300, 4, 2, 16, torch.float64, 0.25, "cpu")
+        first = plan.band_runner.launch_bands[0]
+        assert (first == band_planning.Band(0, 300, 0, 300, causal=True)) == square, prefix
