@@ -159,10 +159,13 @@ def attend_rows(query, key, value, block_mask, score_mod, scale, r0: int, c0: in
     row_max = scores.amax(dim=-1, keepdim=True)
     empty = row_max == float("-inf")
     shift = torch.where(torch.isfinite(row_max), row_max.detach(), 0.0)   # softmax ignores the shift
-    total = torch.exp(scores - shift).sum(dim=-1, keepdim=True)
-    lse = torch.log(torch.where(empty, 1.0, total)) + shift
-    out = torch.matmul(torch.exp(scores - lse), v)
-    lse = torch.where(empty, float("-inf"), lse).squeeze(-1)
+    shifted = scores - shift
+    log_total = torch.log(torch.where(empty, 1.0, torch.exp(shifted).sum(dim=-1, keepdim=True)))
+    # the weights from (score - shift) - log(total), not score - lse: lse = shift + log(total) rounds
+    # to the shift's precision (6e-5 at a shift of 1000 in float32), and every weight of the row
+    # would carry that error (a review measured rows summing to 1 +- 3e-5); log(total) is small
+    out = torch.matmul(torch.exp(shifted - log_total), v)
+    lse = torch.where(empty, float("-inf"), log_total + shift).squeeze(-1)
     return out.to(query.dtype), lse.to(torch.float32), row_max.squeeze(-1).to(torch.float32)
 
 
@@ -203,8 +206,10 @@ def tile_sparse_attention(query, key, value, block_mask, scale):
     an additive mask of -inf where tiles are partial or empty (a tile with partial ones in two
     halves, each over the keys its rows see). Exact like the chunked path (same visibility);
     mask_mod runs on partial tiles only, once per block mask while what it reads is unchanged.
-    Inputs with NaN or inf take the chunked path, whose masking never lets a hidden key's NaN
-    into a row."""
+    Inputs with NaN or inf take the chunked path, whose masking keeps a hidden key's NaN or inf
+    score out of a row; a NaN or inf in a hidden key's value still reaches the rows of a chunk
+    whose key span holds it (0 x NaN in the product with the values), as in torch's own
+    flex_attention, whose eager form spans every key."""
     if (_FUSED_CPU is None or query.device.type != "cpu" or query.dtype not in FUSED_DTYPES
             or value.shape[-1] != query.shape[-1] or needs_grad(query, key, value) or not _all_finite(value)):
         return None

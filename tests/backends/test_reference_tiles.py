@@ -129,3 +129,27 @@ def test_kept_pieces_follow_every_write_to_what_the_mask_reads(rng, write):
                 ids.copy_(new)
     got = reference.tile_sparse_attention(q, k, v, bm, None)
     torch.testing.assert_close(got[0], chunked(q, k, v, bm)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0, 3000.0])
+def test_weights_sum_to_one_when_scores_are_far_from_zero(offset):
+    """The chunked path's float32 weights of a row sum to 1 within float32 rounding however far
+    its scores lie from 0: with every value 1 the output is 1 (a review found 1 +- 1.2e-4 at an
+    offset of 3000, where the weights came from score - lse and lse rounded to the offset's ulp)."""
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(1, 2, 256, 16, generator=g), torch.randn(1, 2, 256, 16, generator=g)
+    v = torch.ones(1, 2, 256, 16)
+    out, lse = flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s - 0.05 * (i - j).abs() - offset,
+                              return_lse=True)
+    assert (out - 1).abs().max() < 2e-6
+    assert torch.isfinite(lse).all() and (lse + offset).abs().max() < 20
+
+
+def test_equal_huge_scores_average_their_values_in_float64():
+    """Two keys with the same score of 2e20: the output is their values' mean, through the fused
+    path and the chunked one (a score_mod), as torch gives."""
+    q = torch.ones(1, 1, 1, 4, dtype=torch.float64)
+    k = torch.full((1, 1, 2, 4), 1e20, dtype=torch.float64)
+    v = torch.tensor([[[[1.0], [3.0]]]], dtype=torch.float64)
+    assert flex_attention(q, k, v).item() == 2.0
+    assert flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s).item() == 2.0
