@@ -5,11 +5,6 @@ from .mods import and_masks, get_mask_fn, noop_mask, or_masks
 from .paged import PagedFlexAttention
 from .backends.reference import reference_attention
 from .wrapper import FlexFlashInfer
-from .compile import nvcc_split
-
-# FlashInfer's JIT builds from this process compile each file's host and device halves at once
-# (compile/nvcc_split.py), unless the caller set FLASHINFER_NVCC_LAUNCHER
-nvcc_split.use()
 
 __version__ = "0.1.0"
 

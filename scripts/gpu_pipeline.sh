@@ -134,12 +134,10 @@ case "${1:-}" in
           [ -n "${BENCH_CASES:-}" ] && [ "$stage" != profile-leads ] && [ "$stage" != profile-32k ] && a="$a --cases $BENCH_CASES"
           python3 -m flex_flash_infer bench --seq-lens $a --out "$run_dir/$stage.json" 2>&1 \
             | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 14 $run_dir/$stage.log ;;
-        cold|cold-nvcc-alone)   # first use from empty compile caches, each item in a fresh process (bench --cold)
-          # COLD_ITEMS: only these items (bench --cold's names); cold-nvcc-alone: FlashInfer's builds
-          # on nvcc alone (an empty FLASHINFER_NVCC_LAUNCHER), not compile/nvcc_split.py
-          ( [ $stage = cold-nvcc-alone ] && export FLASHINFER_NVCC_LAUNCHER=
-            python3 -m flex_flash_infer bench --cold ${COLD_ITEMS:-} --out "$run_dir/$stage.json" 2>&1 ) \
-            | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 16 $run_dir/$stage.log ;;
+        cold)   # first use from empty compile caches, each item in a fresh process (bench --cold)
+          # COLD_ITEMS: only these items (bench --cold's names)
+          python3 -m flex_flash_infer bench --cold ${COLD_ITEMS:-} --out "$run_dir/cold.json" 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/cold.log; tail -n 16 $run_dir/cold.log ;;
         formulations)   # issue 22's leads against ours and FA4 (scripts/formulations.py)
           python3 scripts/formulations.py $run_dir/formulations.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/formulations.log; tail -n 40 $run_dir/formulations.log ;;

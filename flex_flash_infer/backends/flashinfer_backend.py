@@ -21,7 +21,7 @@ import torch
 
 from . import column_merge, head_windows, tile_gather
 from ..core import nan_merge
-from ..planning.bands import plain_band_launch, square_causal_first
+from ..planning.bands import plain_band_launch
 from ..planning.score_folding import kernel_scale_ok
 from ..masks.block_build import ceil_div
 from .column_merge import merge_columns
@@ -497,10 +497,8 @@ class _BandRunner:
         # ran faster so than as single calls whose outputs are copied in); a windowed band keeps
         # the single call, faster for windows
         self.band_wrappers = {}
-        # the calls in the order they run: a later one may write rows of an earlier one again
-        self.launch_bands = bands if self.ragged is not None else square_causal_first(bands, q_len, kv_len)
         if self.ragged is None and not (batch == 1 and len(bands) == 1 and self.covers_all):
-            for i, band in enumerate(self.launch_bands):
+            for i, band in enumerate(bands):
                 if band.window_left < 0:
                     n_q, n_kv = band.q_end - band.q_start, band.kv_end - band.kv_start
                     self.band_wrappers[i] = planned_ragged(
@@ -540,7 +538,7 @@ class _BandRunner:
             out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
             lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         for b in range(batch):
-            for i, band in enumerate(self.launch_bands):
+            for i, band in enumerate(self.bands):
                 rows = slice(b * q_len + band.q_start, b * q_len + band.q_end)
                 keys = k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end]
                 if i in self.band_wrappers:

@@ -429,27 +429,3 @@ def plain_band_launch(bands, batch: int, q_len: int, kv_len: int, windowed: bool
     if len(launches) == 1 and launches[0].writes_all(batch, q_len) and (len(bands) > 1 or batch > 1 or one_band):
         return launches[0]
     return None
-
-
-# prefix-LM's causal rows as one square causal launch over every row, the prefix block run after it
-# over its first rows, when the prefix is at most this share of the sequence (the rows the square
-# launch computes in vain: the prefix's causal triangle, share**2 of the causal launch's pairs)
-SQUARE_CAUSAL_MAX_PREFIX_SHARE = 1.0
-
-
-def square_causal_first(bands, q_len: int, kv_len: int) -> list[Band]:
-    """The order of launches for bands that run one call each, a later call overwriting the rows of
-    an earlier one. Prefix-LM's two bands (a full block [0, P) x [0, P), then causal rows [P, L)
-    over every key) become a causal band over all rows, then the full block, which writes its rows
-    of the output and LSE again: FlashInfer's causal kernel with its queries starting P keys in
-    (bottom-right aligned) ran 1.9% slower than the square one at 32768 with less work
-    (docs/benchmarks.md, session 37). Any other bands: as given."""
-    if len(bands) != 2 or q_len != kv_len:
-        return list(bands)
-    block, rows = sorted(bands, key=lambda band: band.q_start)
-    p = block.q_end
-    if not (block == Band(0, p, 0, p) and rows == Band(p, q_len, 0, kv_len, causal=True)):
-        return list(bands)
-    if p > SQUARE_CAUSAL_MAX_PREFIX_SHARE * q_len:
-        return list(bands)
-    return [Band(0, q_len, 0, kv_len, causal=True), block]
