@@ -162,8 +162,8 @@ def attend_rows(query, key, value, block_mask, score_mod, scale, r0: int, c0: in
     shifted = scores - shift
     log_total = torch.log(torch.where(empty, 1.0, torch.exp(shifted).sum(dim=-1, keepdim=True)))
     # the weights from (score - shift) - log(total), not score - lse: lse = shift + log(total) rounds
-    # to the shift's precision (6e-5 at a shift of 1000 in float32), and every weight of the row
-    # would carry that error (a review measured rows summing to 1 +- 3e-5); log(total) is small
+    # to the shift's precision, and every weight of the row would carry that error (rows summing to
+    # 1 only within the shift's ulp); log(total) is small, so its rounding is the weights' own
     out = torch.matmul(torch.exp(shifted - log_total), v)
     lse = torch.where(empty, float("-inf"), log_total + shift).squeeze(-1)
     return out.to(query.dtype), lse.to(torch.float32), row_max.squeeze(-1).to(torch.float32)
