@@ -11,6 +11,7 @@ import math
 import torch
 
 from .autograd import StandIns, anchored, learned_tensors, needs_grad
+from .reference_pieces import BAND_ROWS, BandPiece, CausalPiece, TilePiece, band_runs, is_causal, row_intervals
 from ..masks.block_build import FULL, PARTIAL
 from ..core.mask_eval import call_mask_mod, evaluate_mask_mod, evaluate_score_mod, index_grid
 from ..core.trace import current_reads
@@ -227,19 +228,13 @@ def tile_sparse_attention(query, key, value, block_mask, scale):
     B, Hq, L, _ = query.shape
     out = query.new_zeros(B, Hq, L, E)
     lse = query.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
-    for r0, r1, keys, mask, unseen in _pieces(block_mask, B, Hq, L, key.shape[2], query.dtype):
-        k, v = key[:, :, keys], value[:, :, keys]
-        o, s = _FUSED_CPU(query[:, :, r0:r1], k, v, 0.0, False, attn_mask=mask, scale=scale)
-        if unseen is not None:   # a row that sees no key: 0 and -inf, where the fused kernel gives 0 and 0
-            s = s.masked_fill(unseen, float("-inf"))
-            o = o.masked_fill(unseen.unsqueeze(-1), 0.0)
-        out[:, :, r0:r1], lse[:, :, r0:r1] = o, s
+    for piece in _pieces(block_mask, B, Hq, L, key.shape[2], query.dtype):
+        piece.run(_FUSED_CPU, query, key, value, scale, out, lse)
     return out, lse
 
 
 def _pieces(block_mask, B: int, Hq: int, L: int, S: int, dtype) -> list:
-    """[(r0, r1, keys (a slice or an index tensor), additive mask or None, bool [.., rows] of rows
-    that see no key or None)] covering every query row that sees a key; kept on the block mask
+    """The pieces (reference_pieces) covering every query row that sees a key; kept on the block mask
     (with the backend plans, dropped when its tables or fields change) while what the mask_mod
     reads is unchanged: its expression and numbers, and the values of the tensors it reads,
     compared with a copy at each call (the reference is the oracle: a write through .data,
@@ -254,7 +249,7 @@ def _pieces(block_mask, B: int, Hq: int, L: int, S: int, dtype) -> list:
         if kept is not None and kept[0].holds(state):
             return kept[1]
     pieces = _make_pieces(block_mask, B, Hq, L, S, dtype)
-    size = sum(m.numel() * m.element_size() for _, _, _, m, _ in pieces if m is not None)
+    size = sum(piece.mask_bytes for piece in pieces)
     # a mask_mod that does not trace reads what no state records: worked out at every call (and
     # one reading a tensor off the CPU, or too much to copy, whose values the state cannot keep)
     if cache is not None and state is not None and size <= PIECES_CACHE_BYTES:
@@ -271,29 +266,49 @@ def _make_pieces(block_mask, B, Hq, L, S, dtype) -> list:
     flat = states.flatten(0, 1)
     seen_tiles = (flat != 0).any(0).tolist()
     full_tiles = (flat == FULL).all(0).tolist()
-    pieces = []
+    tiles = []   # (r0, r1, keys, visible or None: all full) per query tile that sees keys
     for qt in range(min(states.shape[2], -(-L // bq))):
         r0, r1 = qt * bq, min(L, (qt + 1) * bq)
-        tiles = [kt for kt, seen in enumerate(seen_tiles[qt]) if seen and kt * bkv < S]
-        if not tiles:
+        kept = [kt for kt, seen in enumerate(seen_tiles[qt]) if seen and kt * bkv < S]
+        if not kept:
             continue
-        first, last = tiles[0], tiles[-1] + 1
-        if len(tiles) >= SLICE_SHARE * (last - first):
-            tiles = list(range(first, last))
+        first, last = kept[0], kept[-1] + 1
+        if len(kept) >= SLICE_SHARE * (last - first):
+            kept = list(range(first, last))
             keys = torch.arange(first * bkv, min(S, last * bkv))
         else:
-            keys = (torch.tensor(tiles).view(-1, 1) * bkv + torch.arange(bkv)).flatten()
+            keys = (torch.tensor(kept).view(-1, 1) * bkv + torch.arange(bkv)).flatten()
             keys = keys[keys < S]
-        if all(full_tiles[qt][kt] for kt in tiles):
-            pieces.append((r0, r1, _as_index(keys), None, None))
-            continue
-        visible = _tile_row_visibility(block_mask, states[:, :, qt], tiles, keys, B, Hq, r0, r1)
-        pieces += _split_rows(visible, keys, r0, r1, dtype)
+        full = all(full_tiles[qt][kt] for kt in kept)
+        tiles.append((r0, r1, keys, None if full else
+                      _tile_row_visibility(block_mask, states[:, :, qt], kept, keys, B, Hq, r0, r1)))
+    intervals = row_intervals(tiles, L)
+    if L and is_causal(*intervals, S):
+        return [CausalPiece()]
+    runs = band_runs(*intervals)
+    pieces = [BandPiece(r0, blocks, a, c, dtype) for r0, blocks, a, c in runs]
+    # every other row in its query tile's pieces
+    taken = [(p.r0, p.r0 + p.blocks * BAND_ROWS) for p in pieces]
+    for r0, r1, keys, visible in tiles:
+        for a, b in _rows_left(r0, r1, taken):
+            if visible is None:
+                pieces.append(TilePiece(a, b, _as_index(keys), None, None))
+            else:
+                rows = visible[..., a - r0:b - r0, :] if visible.shape[-2] > 1 else visible
+                pieces += _split_rows(rows, keys, a, b, dtype)
     return pieces
 
 
+def _rows_left(r0: int, r1: int, taken: list) -> list:
+    """The ranges of rows r0..r1 outside every (t0, t1) in taken."""
+    left = [(r0, r1)]
+    for t0, t1 in taken:
+        left = [part for a, b in left for part in ((a, min(b, t0)), (max(a, t1), b)) if part[1] > part[0]]
+    return left
+
+
 def _split_rows(visible, keys, r0: int, r1: int, dtype) -> list:
-    """The pieces of one query tile: whole, or two halves over the span of keys their rows see."""
+    """The pieces of one query tile's rows: whole, or two halves over the span of keys their rows see."""
     rows = r1 - r0
     halves = []
     if rows >= 2 and visible.shape[-2] == rows:   # (a mask the same on every row comes broadcast: whole)
@@ -311,7 +326,7 @@ def _split_rows(visible, keys, r0: int, r1: int, dtype) -> list:
         part = visible[..., a:b, c0:c1] if visible.shape[-2] == rows else visible[..., c0:c1]
         mask = torch.zeros((), dtype=dtype).masked_fill(~part, float("-inf"))
         seen = part.any(-1)   # [B or 1, H or 1, rows]
-        pieces.append((r0 + a, r0 + b, _as_index(keys[c0:c1]), mask, None if bool(seen.all()) else ~seen))
+        pieces.append(TilePiece(r0 + a, r0 + b, _as_index(keys[c0:c1]), mask, None if bool(seen.all()) else ~seen))
     return pieces
 
 

@@ -153,3 +153,94 @@ def test_equal_huge_scores_average_their_values_in_float64():
     v = torch.tensor([[[[1.0], [3.0]]]], dtype=torch.float64)
     assert flex_attention(q, k, v).item() == 2.0
     assert flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s).item() == 2.0
+
+
+def piece_kinds(bm, B, Hq, L, S, dtype=torch.float32):
+    return sorted({type(p).__name__ for p in reference._make_pieces(bm, B, Hq, L, S, dtype)})
+
+
+def assert_matches_chunked(q, k, v, bm, scale=None):
+    fast = reference.tile_sparse_attention(q, k, v, bm, scale)
+    assert fast is not None
+    want_out, want_lse = chunked(q, k, v, bm, scale)
+    tol = dict(rtol=2e-2, atol=2e-2) if q.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[0], want_out, **tol)
+    assert torch.equal(torch.isneginf(fast[1]), torch.isneginf(want_lse))
+    seen = torch.isfinite(want_lse)
+    torch.testing.assert_close(fast[1][seen], want_lse[seen], **tol)
+
+
+@pytest.mark.parametrize("L,S", [(300, 300), (200, 350), (350, 200), (1, 1), (64, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scale", [0.3, -0.3, 0.0])
+def test_a_causal_mask_runs_as_one_causal_call(rng, L, S, dtype, scale):
+    """Row r sees keys 0..r for every batch entry and head: one call with the fused kernel's own
+    causal flag (top-left, as flex's q >= kv is when the lengths differ), equal to the chunked path;
+    a scale <= 0 too (the flag alone gives NaN there)."""
+    bm = create_block_mask(get_mask_fn("causal"), None, None, L, S, device="cpu", BLOCK_SIZE=64)
+    assert piece_kinds(bm, 2, 4, L, S, dtype) == ["CausalPiece"]
+    q = torch.randn(2, 4, L, 16, generator=rng).to(dtype)
+    k, v = (torch.randn(2, 2, S, 16, generator=rng).to(dtype) for _ in range(2))
+    assert_matches_chunked(q, k, v, bm, scale)
+
+
+@pytest.mark.parametrize("near_miss", ["one_hidden_pair", "one_extra_pair", "by_head", "bottom_right"])
+def test_a_mask_that_is_almost_causal_keeps_its_tiles(rng, near_miss):
+    """One pair off causal, a head that differs, or causal aligned to the last key: not the causal call."""
+    L, S = 256, 256 if near_miss != "bottom_right" else 300
+    masks = {
+        "one_hidden_pair": lambda b, h, q, kv: (kv <= q) & ~((q == 200) & (kv == 3)),
+        "one_extra_pair": lambda b, h, q, kv: (kv <= q) | ((q == 10) & (kv == 11)),
+        "by_head": lambda b, h, q, kv: (kv <= q) & ((h == 0) | (kv > 0)),
+        "bottom_right": lambda b, h, q, kv: kv <= q + (S - L),
+    }
+    bm = create_block_mask(masks[near_miss], None, 2 if near_miss == "by_head" else None, L, S, device="cpu",
+                           BLOCK_SIZE=64)
+    assert "CausalPiece" not in piece_kinds(bm, 1, 2, L, S)
+    q = torch.randn(1, 2, L, 16, generator=rng)
+    k, v = (torch.randn(1, 2, S, 16, generator=rng) for _ in range(2))
+    assert_matches_chunked(q, k, v, bm)
+
+
+@pytest.mark.parametrize("case", ["window", "bidirectional", "window_in_documents", "long_rows_short_keys"])
+def test_a_band_runs_as_blocks_of_one_call_over_strided_keys(rng, case):
+    """Rows that see keys r + a .. r + c - 1 over a run: blocks of BAND_ROWS rows in one call whose
+    keys and values are overlapping views; the band's ragged ends in tile pieces; equal to the chunked path."""
+    L, S = 700, 700
+    ids = torch.arange(L) // 300
+    masks = {
+        "window": get_mask_fn("sliding_window", window_size=100),
+        "bidirectional": lambda b, h, q, kv: (q - kv <= 40) & (kv - q <= 70),
+        "window_in_documents": lambda b, h, q, kv: (ids[q] == ids[kv]) & (kv <= q) & (q - kv < 60),
+        "long_rows_short_keys": lambda b, h, q, kv: (kv <= q - 100) & (q - kv < 150),
+    }
+    if case == "long_rows_short_keys":
+        S = 500
+    bm = create_block_mask(masks[case], None, None, L, S, device="cpu", BLOCK_SIZE=(128, 64))
+    pieces = reference._make_pieces(bm, 2, 4, L, S, torch.float32)
+    bands = [p for p in pieces if isinstance(p, reference.BandPiece)]
+    assert bands and (len(bands) >= 2) == (case == "window_in_documents")
+    rows = sorted((p.r0, p.r0 + p.blocks * reference.BAND_ROWS) if isinstance(p, reference.BandPiece)
+                  else (p.r0, p.r1) for p in pieces)
+    assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:]))   # no row twice
+    # a query laid out [B, L, H, D] (strided) and grouped query heads
+    q = torch.randn(2, L, 4, 16, generator=rng).transpose(1, 2)
+    k, v = (torch.randn(2, S, 2, 16, generator=rng).transpose(1, 2) for _ in range(2))
+    assert_matches_chunked(q, k, v, bm)
+    assert_matches_chunked(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), bm)
+    assert_matches_chunked(q, k, v, bm, scale=-0.2)
+
+
+def test_a_band_that_differs_by_head_or_breaks_keeps_its_tiles(rng):
+    """A window whose width differs by head is no band; one row off a window ends the run there."""
+    L = 512
+    by_head = create_block_mask(lambda b, h, q, kv: (kv <= q) & (q - kv < 64 + 32 * h), None, 2, L, L,
+                                device="cpu", BLOCK_SIZE=64)
+    assert piece_kinds(by_head, 1, 2, L, L) == ["TilePiece"]
+    hole = create_block_mask(lambda b, h, q, kv: (kv <= q) & (q - kv < 64) & ~((q == 300) & (kv == 299)), None,
+                             None, L, L, device="cpu", BLOCK_SIZE=64)
+    bands = [p for p in reference._make_pieces(hole, 1, 2, L, L, torch.float32) if isinstance(p, reference.BandPiece)]
+    assert bands and all(not (p.r0 <= 300 < p.r0 + p.blocks * reference.BAND_ROWS) for p in bands)
+    for bm in (by_head, hole):
+        q, k, v = (torch.randn(1, 2, L, 16, generator=rng) for _ in range(3))
+        assert_matches_chunked(q, k, v, bm)
