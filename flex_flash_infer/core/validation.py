@@ -55,6 +55,9 @@ def check_bhsd(query, key, value, enable_gqa: bool, seq_lengths=None):
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, 4, "[B, H, S, D]")
     check_same_device_dtype(query=query, key=key, value=value)
+    if query.device.type == "meta":   # (was "Cannot copy out of meta tensor", from deep inside a plan)
+        raise ValueError("query, key and value are on the meta device, which holds no values: flex_attention "
+                         "computes on CPU or CUDA tensors (torch's flex_attention refuses meta inputs too)")
     B, Hq, L, E = query.shape
     Bk, Hkv, S, Ek = key.shape
     if seq_lengths is not None and tuple(seq_lengths) != (L, S) and tuple(seq_lengths) == (Hq, Hkv):

@@ -37,6 +37,17 @@ def test_zero_heads_or_head_dim(flashinfer_on_cpu, backend):
         call(2, 2, 0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_inputs_are_refused_by_name(flashinfer_on_cpu, backend):
+    """Was "Cannot copy out of meta tensor" from inside the plan."""
+    q = torch.randn(1, 2, 64, 16, device="meta")
+    with pytest.raises(ValueError, match="query, key and value are on the meta device"):
+        flex_attention(q, q, q, backend=backend)
+    bm = create_block_mask(_causal, None, None, 64, 64, device="cpu")
+    with pytest.raises(ValueError, match="meta device"):
+        flex_attention(q, q, q, block_mask=bm, backend=backend)
+
+
 @pytest.mark.parametrize("block_size", [(16, 2.7), 16.0, (True, 16), (16,), "16"])
 def test_block_size_must_be_ints(block_size):
     """(16, 2.7) was truncated to (16, 2) silently."""
