@@ -74,6 +74,19 @@ def _holds(now, then) -> bool:
     return now.same_as(then) if now is not None else then is None
 
 
+def _broadcast_key_value_batch(query, key, value, block_mask):
+    """Key and value of batch 1 against a query and block mask of batch B, as torch's
+    flex_attention takes them (one key/value set shared by B masked entries): views of batch B."""
+    tensors = (query, key, value)
+    if (block_mask is None or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors)
+            or key.shape[0] != 1 or value.shape[0] != 1 or query.shape[0] == 1):
+        return key, value
+    mask_batch = getattr(getattr(block_mask, "kv_num_blocks", None), "shape", (None,))[0]
+    if mask_batch != query.shape[0]:
+        return key, value
+    return key.expand(query.shape[0], -1, -1, -1), value.expand(query.shape[0], -1, -1, -1)
+
+
 @outside_compiled_graphs("flex_attention")
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
                    return_lse=False, kernel_options=None, *, return_aux=None, backend: str = "auto"):
@@ -99,6 +112,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     -------
     out [B, Hq, L, Ev] in query's dtype, or (out, lse) when return_lse, or (out, AuxOutput) with return_aux.
     """
+    key, value = _broadcast_key_value_batch(query, key, value, block_mask)
     B, Hq, L, E, Hkv, S, Ev = check_bhsd(query, key, value, enable_gqa, getattr(block_mask, "seq_lengths", None))
     backend, route = read_kernel_options(kernel_options, backend)
     score_mod = check_score_mod(score_mod)

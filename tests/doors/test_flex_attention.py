@@ -134,6 +134,37 @@ def test_per_batch_mask_broadcast_over_heads(rng):
     check(rng, per_batch_prefix, dense, B=B, Hq=2, Hkv=2, L=L, S=S, mask_B=B, mask_H=None, block=16)
 
 
+@pytest.mark.parametrize("backend", ["reference", "flashinfer"])
+def test_key_and_value_of_batch_one_serve_every_entry_of_a_batched_mask(flashinfer_on_cpu, rng, backend):
+    """torch's flex_attention takes key and value of batch 1 against a query and block mask of
+    batch B (one shared key/value set, a mask per entry): each entry as if its own copy were
+    passed, and their gradients summed into the one key and value; torch's eager answer alike.
+    Without a batched mask, or with a mask of another batch, still refused as torch refuses it."""
+    B, Hq, Hkv, L, S = 3, 4, 2, 70, 90
+    mask = lambda b, h, q, kv: (kv <= q + 10) & ((kv % (b + 2)) != 1)   # noqa: E731
+    bm = create_block_mask(mask, B, None, L, S, device="cpu", BLOCK_SIZE=16)
+    q = randn((B, Hq, L, 16), rng, torch.float64).requires_grad_()
+    k, v = (randn((1, Hkv, S, 16), rng, torch.float64).requires_grad_() for _ in range(2))
+    out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend=backend)
+    copies = [t.detach().expand(B, -1, -1, -1).clone().requires_grad_() for t in (k, v)]
+    want = flex_attention(q.detach(), *copies, block_mask=bm, enable_gqa=True, backend="reference")
+    assert rel_err(out, want) < 1e-12
+    grad = torch.randn(out.shape, generator=rng, dtype=torch.float64)
+    out.backward(grad)
+    want.backward(grad)
+    for one, copy in zip((k, v), copies):
+        torch.testing.assert_close(one.grad, copy.grad.sum(0, keepdim=True), rtol=1e-10, atol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = torch_flex.flex_attention(q.detach(), k.detach(), v.detach(),
+                                          block_mask=torch_flex.create_block_mask(mask, B, None, L, S, device="cpu"),
+                                          enable_gqa=True)
+    assert rel_err(out, eager) < 1e-12
+    for other in (None, create_block_mask(mask, 1, None, L, S, device="cpu")):
+        with pytest.raises(ValueError, match="key and value batch must equal query batch"):
+            flex_attention(q, k, v, block_mask=other, enable_gqa=True, backend=backend)
+
+
 def test_mask_mod_capturing_random_bool_tensor(rng):
     B, Hq, L, S = 2, 3, 123, 157
     dense = torch.rand(B, Hq, L, S, generator=rng) < 0.3
