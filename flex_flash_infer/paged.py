@@ -14,6 +14,7 @@ CPU (or with backend="reference") run() computes the same thing in plain torch.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -44,6 +45,25 @@ def use_tensor_core_decode(num_qo_heads: int, num_kv_heads: int, use_tensor_core
     if use_tensor_cores is not None:
         return use_tensor_cores
     return num_qo_heads // num_kv_heads >= 4
+
+
+# the streaming multiprocessors assumed where there is no GPU to ask (the CPU model): an H100's
+MODEL_SM_COUNT = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.backends.cuda.is_built():   # (a simulated CUDA device too)
+        return MODEL_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def requests_filling_the_gpu(device, num_kv_heads: int) -> int:
+    """Decode requests whose (request, KV head) work items fill two CTAs per SM: from there
+    FlashInfer's tensor-core decode splits no request's keys, so listing pages before a window
+    costs nothing (its kernel starts at the window)."""
+    return -(-2 * _sm_count(device) // num_kv_heads)
 
 
 class PagedFlexAttention:
@@ -133,7 +153,10 @@ class PagedFlexAttention:
         kernel_score_mod, launch_scale = fold_score_mod(kernel_score_mod, scale, score_graph)
         plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device,
                           heads=num_qo_heads if per_head else 1, native_window=kernel_score_mod is None,
-                          positions=kernel_score_mod is not None or per_head, check_ids=self.check_page_ids)
+                          positions=kernel_score_mod is not None or per_head, check_ids=self.check_page_ids,
+                          window_skipped_from=(requests_filling_the_gpu(self.device, num_kv_heads) if
+                                               use_tensor_core_decode(num_qo_heads, num_kv_heads, self.use_tensor_cores)
+                                               else None))
         backend = self.backend
         if backend != "reference":
             seen, reason = self._reason_seen   # FlashInfer's answer for these numbers holds while the process runs

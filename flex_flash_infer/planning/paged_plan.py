@@ -245,14 +245,20 @@ def _spec(selected, req, local, page_len, kv_page_indices, num_requests, page_si
 
 def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size: int,
                device=None, heads: int = 1, native_window: bool = True, positions: bool = True,
-               check_ids: bool = True, _hints: bool = True) -> PagedPlan:
+               check_ids: bool = True, window_skipped_from: int | None = None, _hints: bool = True) -> PagedPlan:
     """heads > 1: the mask differs across query heads; pages are classified over all of them and
     the partial launch carries no bit mask (the kernel must evaluate mask_mod itself).
     native_window: a sliding window may run as FlashInfer's own window_left (its plain kernels;
     not a compiled variant's launch). positions: the launches' kv_positions are wanted (compiled
     variants read them); a plan from a mask's flags leaves them out otherwise. check_ids: the page
     ids' range is read (a host table's in numpy; a device table's costs a wait for the GPU);
-    False leaves a device table's unread and max_page_id unknown (-1)."""
+    False leaves a device table's unread and max_page_id unknown (-1). window_skipped_from: a
+    window's decode step of at least this many requests lists every page, as causal's does, with
+    no gather of the window's page ids, for a launch that skips the keys before a window itself
+    (FlashInfer's tensor-core decode, its prefill kernel, starts each request's loop at its
+    window) and a batch that fills the GPU without splitting a request's keys (the split is sized
+    by the pages listed: a few requests would leave most of their chunks before the window);
+    None: never."""
     device = torch.device(device) if device is not None else torch.as_tensor(kv_page_indices).device
     # int32 tables (FlashInfer's type) stay so: no conversion kernels each step. The per-request
     # tables stay where the caller keeps them: the plan reads them on the host (FlashInfer's own
@@ -302,7 +308,7 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
         flags = None
     if flags is not None:
         return _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len,
-                                pages, page_size, all_decode, max_kv, device, positions, max_id)
+                                pages, page_size, all_decode, max_kv, device, positions, max_id, window_skipped_from)
     columns = _hinted_window_columns(mask_mod) if _hints and heads == 1 and native_window else None
     if columns is not None:
         window = _plan_from_flags((True, columns[0]), kv_page_indices, host_q, host_kv, host_last, qo_len,
@@ -493,7 +499,7 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
 
 
 def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len, pages,
-                     page_size, all_decode, max_kv, device, positions, max_id) -> PagedPlan:
+                     page_size, all_decode, max_kv, device, positions, max_id, window_skipped_from=None) -> PagedPlan:
     """The plan of a causal, sliding-window or full mask without evaluating it: one launch (a
     decode step's on the decode kernel) over each request's pages from the first its first query
     sees, causal and window aligned to the bottom right as FlashInfer does. A page is partial when
@@ -505,12 +511,14 @@ def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len,
     causal, window_left = flags
     q_start = kv_len - qo_len
     spec = None
-    if all_decode and window_left < 0 and not positions and pages.size:
-        # a decode step of a causal or full mask (the serving loop's common step): every request
-        # has its one query and lists all its pages, so the caller's tables (copied) are the launch's
+    skips_window = window_skipped_from is not None and pages.size >= window_skipped_from
+    if all_decode and (window_left < 0 or skips_window) and not positions and pages.size:
+        # a decode step of a causal or full mask (the serving loop's common step), or a window's
+        # whose kernel skips the keys before it: every request has its one query and lists all its
+        # pages, so the caller's tables (copied) are the launch's
         first = np.zeros_like(pages)
         spec = PagedLaunchSpec(torch.from_numpy(host_kv.astype(np.int32)), kv_page_indices.to(torch.int32, copy=True),
-                               torch.from_numpy(host_last.astype(np.int32)))
+                               torch.from_numpy(host_last.astype(np.int32)), window_left=window_left)
     else:
         # first listed page of each request: the page of its first query's first key (pages
         # before it hold only keys no query sees); all of them for a request without queries

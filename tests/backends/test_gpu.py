@@ -690,6 +690,38 @@ def test_paged_cache_masks_match_the_reference(cuda_gen, name, params, qo_lens):
     assert torch.allclose(lse[seen], ref_lse[seen], atol=2e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("window_size", [40, 1024])
+def test_a_window_decode_step_of_many_requests_hands_the_kernel_every_page(cuda_gen, window_size):
+    """Requests enough to fill the GPU unsplit on FlashInfer's tensor-core decode: the plan lists
+    every page (the kernel starts each request at its window) and the result is the reference's."""
+    from flex_flash_infer import PagedFlexAttention
+    from flex_flash_infer.paged import requests_filling_the_gpu
+
+    page, H, Hkv, D, dtype = 16, 16, 4, 128, torch.bfloat16
+    R = requests_filling_the_gpu(torch.device("cuda"), Hkv) + 3
+    kv_lens = torch.randint(1, 2500, (R,), device="cuda", generator=cuda_gen).tolist()
+    pages = [-(-n // page) for n in kv_lens]
+    indptr = torch.tensor([0] + pages).cumsum(0).cuda()
+    indices = torch.randperm(sum(pages) + 5, device="cuda", generator=cuda_gen)[:sum(pages)]
+    last = torch.tensor([n - (p - 1) * page for n, p in zip(kv_lens, pages)]).cuda()
+    qo_indptr = torch.arange(R + 1, device="cuda")
+    k, v = (torch.randn(sum(pages) + 5, page, Hkv, D, device="cuda", generator=cuda_gen).to(dtype) for _ in range(2))
+    q = torch.randn(R, H, D, device="cuda", generator=cuda_gen).to(dtype)
+    mod = get_mask_fn("sliding_window", window_size=window_size)
+    runs = {}
+    for backend in ("flashinfer", "reference"):
+        paged = PagedFlexAttention(device="cuda", backend=backend)
+        paged.plan(mod, qo_indptr, indptr, indices, last, H, Hkv, D, page, dtype=dtype)
+        runs[backend] = paged.run(q, (k, v), return_lse=True)
+        if backend == "flashinfer":
+            spec = paged._planned["plan"].full
+            assert spec.window_left == window_size - 1 and spec.kv_indptr.tolist() == indptr.tolist()
+    (out, lse), (ref, ref_lse) = runs["flashinfer"], runs["reference"]
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < TOL[dtype]
+    assert torch.allclose(lse, ref_lse, atol=2e-2, rtol=1e-3)
+
+
 @pytest.mark.parametrize("check_page_ids", [True, False])
 @pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 40}),
                                          ("streaming", {"sink_size": 4, "window_size": 40})])

@@ -97,6 +97,46 @@ def test_decode_routes():
     assert chunked.full.causal and chunked.partial is None
 
 
+@pytest.mark.parametrize("heads,tensor_cores,filling,skips", [((8, 2), None, 4, True), ((8, 2), None, 5, False),
+                                                             ((4, 4), None, 4, False), ((4, 4), True, 4, True)])
+def test_a_window_decode_step_lists_every_page_where_the_kernel_skips_the_window(flashinfer_on_cpu, monkeypatch, rng,
+                                                                                 heads, tensor_cores, filling, skips):
+    """FlashInfer's tensor-core decode (its prefill kernel, GQA groups of 4 or more by default)
+    starts each request's key loop at its window: a window's decode step with requests enough to
+    fill the GPU unsplit hands it every page, as causal's does (no gather of the window's page
+    ids); fewer requests (their keys split in chunks sized by the pages listed) and the CUDA-core
+    decode kernel (which masks the window without skipping) get the window's pages only. All give
+    the oracle's result."""
+    from flex_flash_infer import paged as paged_module
+
+    monkeypatch.setattr(paged_module, "requests_filling_the_gpu", lambda device, num_kv_heads: filling)
+    hq, hkv = heads
+    mod = get_mask_fn("sliding_window", window_size=40)
+    kv_lens = [33, 120, 7, 90]
+    q, kc, vc, qo_indptr, kv_page_indptr, indices, last = random_cache(rng, kv_lens, [1, 1, 1, 1], 16, Hq=hq, Hkv=hkv)
+    paged = PagedFlexAttention(device="cpu", backend="flashinfer", use_tensor_cores=tensor_cores).plan(
+        mod, qo_indptr, kv_page_indptr, indices, last, num_qo_heads=hq, num_kv_heads=hkv, head_dim=16,
+        page_size=16, dtype=torch.float64)
+    spec = paged._planned["plan"].full
+    assert paged._planned["plan"].decode and spec.window_left == 39
+    if skips:
+        assert torch.equal(spec.kv_indptr.long(), kv_page_indptr.long())
+    else:   # each request's pages from the one holding its window's first key (key n - 40) on
+        assert spec.kv_indptr.diff().tolist() == [-(-n // 16) - max(n - 40, 0) // 16 for n in kv_lens] == [3, 3, 1, 3]
+    ref_out, ref_lse = dense_oracle(mod, q, kc, vc, qo_indptr, kv_page_indptr, indices, last, 16)
+    out, lse = paged.run(q, (kc, vc), return_lse=True)
+    assert rel_err(out, ref_out) < 1e-6
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
+
+
+def test_the_requests_that_fill_the_gpu_follow_its_sms():
+    """Two (request, KV head) work items per SM: 64 requests x 8 KV heads fill an H100 (132 SMs) unsplit."""
+    from flex_flash_infer.paged import MODEL_SM_COUNT, requests_filling_the_gpu
+
+    assert MODEL_SM_COUNT == 132 and requests_filling_the_gpu("cpu", 8) == 33 <= 64
+    assert requests_filling_the_gpu("cpu", 1) == 264 and requests_filling_the_gpu("cpu", 5) == 53
+
+
 def test_bad_tables_name_the_argument():
     paged = PagedFlexAttention(device="cpu")
     with pytest.raises(ValueError, match="kv_last_page_len.*request 0 has 0"):
