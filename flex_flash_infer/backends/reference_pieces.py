@@ -99,7 +99,11 @@ class TilePiece:
 
 
 class CausalPiece:
-    """Every row in one call of the fused kernel with its causal flag."""
+    """Every row in one call of the fused kernel with its causal flag. It relies on two things the
+    private op does in torch 2.13 and no public contract states: the flag aligns top-left when the
+    lengths differ (flex's q >= kv), and fewer key heads than query heads are read as GQA; a torch
+    that changed either would give wrong answers, not an error, so tests/backends/
+    test_reference_tiles.py pins both (lengths unequal both ways, grouped heads)."""
     mask_bytes = 0
 
     def run(self, fused, query, key, value, scale, out, lse):
