@@ -2,11 +2,11 @@
 fused CPU attention and writes their output and log-sum-exp.
 
 A TilePiece is one query tile's rows (or half of them) over the keys of its non-empty tiles, with
-an additive mask where tiles are partial. When every query row sees one interval of keys, the same for every batch entry and head, two
-shapes have a faster form than one call per query tile:
+an additive mask where tiles are partial. When every query row sees one interval of keys, the
+same for every batch entry and head, two shapes have a faster form than one call per query tile:
 - causal (row r sees keys 0..r): one call of the fused kernel with its own causal flag, which
   skips the hidden keys itself (the per-tile form ran each diagonal tile's rows over all their
-  keys with an additive mask: 1.3x slower at 2048 tokens, 1.8x at 8192 on a 2-core EPYC);
+  keys with an additive mask, built anew at every call once those masks passed the bytes kept);
 - a band (row r sees keys r + a .. r + c - 1 for constant a and c over a run of rows, as a
   sliding window has once past its first keys): the run's rows in blocks of BAND_ROWS, each over
   the keys its rows see, all blocks in one call whose keys and values are overlapping strided
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-# rows of one block of a band's batched call: 32 measured fastest on the 2-core EPYC for a
-# 256-token window at 2048 and 8192 tokens (8.8 and 36.9 ms, against 9.3 and 39.2 with 64)
+# rows of one block of a band's batched call: the fastest of 8, 16, 32 and 64 for a 256-token
+# window on a 2-core CPU (fewer rows compute fewer hidden pairs, but the kernel's work items shrink;
+# docs/benchmarks.md, "The reference backend on the CPU")
 BAND_ROWS = 32
 # a run of band rows shorter than this many blocks is left to the per-tile pieces
 MIN_BAND_BLOCKS = 2
