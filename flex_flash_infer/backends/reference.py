@@ -11,7 +11,8 @@ import math
 import torch
 
 from .autograd import StandIns, anchored, learned_tensors, needs_grad
-from .reference_pieces import BAND_ROWS, BandPiece, CausalPiece, TilePiece, band_runs, is_causal, row_intervals
+from .reference_pieces import (BAND_ROWS, BandPiece, CausalPiece, TilePiece, additive_mask, band_runs, is_causal,
+                               row_intervals)
 from ..masks.block_build import FULL, PARTIAL
 from ..core.mask_eval import call_mask_mod, evaluate_mask_mod, evaluate_score_mod, index_grid
 from ..core.trace import current_reads
@@ -324,7 +325,7 @@ def _split_rows(visible, keys, r0: int, r1: int, dtype) -> list:
         if c1 <= c0:
             continue   # no row of this half sees a key: zeros and -inf as made
         part = visible[..., a:b, c0:c1] if visible.shape[-2] == rows else visible[..., c0:c1]
-        mask = torch.zeros((), dtype=dtype).masked_fill(~part, float("-inf"))
+        mask = additive_mask(part, dtype)
         seen = part.any(-1)   # [B or 1, H or 1, rows]
         pieces.append(TilePiece(r0 + a, r0 + b, _as_index(keys[c0:c1]), mask, None if bool(seen.all()) else ~seen))
     return pieces

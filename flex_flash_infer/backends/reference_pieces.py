@@ -26,6 +26,11 @@ BAND_ROWS = 32
 MIN_BAND_BLOCKS = 2
 
 
+def additive_mask(visible: torch.Tensor, dtype) -> torch.Tensor:
+    """The fused kernel's attn_mask for a bool visibility: 0 where visible, -inf elsewhere."""
+    return torch.zeros((), dtype=dtype).masked_fill(~visible, float("-inf"))
+
+
 def row_intervals(tiles, L: int):
     """(start, end, one) of the query rows: int64 [L] start and end of the key interval each row
     sees (start == end: none), and bool [L] one: whether that is all the row sees, for every
@@ -126,14 +131,14 @@ class BandPiece:
         i = torch.arange(BAND_ROWS).view(-1, 1)
         j = torch.arange(self.span).view(1, -1)
         visible = (j >= i) & (j < i + (c - a))
-        self.mask = torch.zeros((), dtype=dtype).masked_fill(~visible, float("-inf"))
+        self.mask = additive_mask(visible, dtype)
         self.mask_bytes = self.mask.numel() * self.mask.element_size()
 
     def run(self, fused, query, key, value, scale, out, lse):
         n, b = self.blocks, BAND_ROWS
         r0, r1 = self.r0, self.r0 + n * b
+        H = query.shape[1]
         for bi in range(query.shape[0]):
-            H = query.shape[1]
             q = query[bi, :, r0:r1].unflatten(1, (n, b)).transpose(0, 1)    # [n, H, b, E], a view
             k, v = (self._blocks_of(t, bi) for t in (key, value))
             o, s = fused(q, k, v, 0.0, False, attn_mask=self.mask, scale=scale)
