@@ -22,6 +22,7 @@
 #                tokens, head_dim 128 / 64 (JSON in the run dir; BENCH_CASES: only those cases);
 #                profile-8k, profile-32k the same with --profile (at 8192 / 32768, head_dim 128);
 #                profile-leads only the rows slower in the bench than alone
+#   prefix-probe scripts/prefix_lm_probe.py: prefix-LM's launches timed alone beside causal's (8192, 32768)
 #   peer-timing  scripts/peer_timing.py: the Triton-flex causal time timed two ways
 #   formulations scripts/formulations.py: window, prefix-LM and streaming handed to FlashInfer in other shapes
 #   cold         bench --cold: first use of each route, a new score_mod, warmup, torch flex, from empty caches
@@ -154,6 +155,9 @@ case "${1:-}" in
           python3 scripts/ab_layout.py .ab_before $run_dir/$stage.json --seq-len $(case $stage in *32k*) echo 32768 ;; *) echo 8192 ;; esac) \
             --head-dim $d ${c:+--cases $c} \
             2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 20 $run_dir/$stage.log ;;
+        prefix-probe)   # prefix-LM's launches against causal's, and the square causal + flipped triangle form
+          python3 scripts/prefix_lm_probe.py $run_dir/prefix-probe.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/prefix-probe.log; tail -n 24 $run_dir/prefix-probe.log ;;
         peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
           python3 scripts/peer_timing.py $run_dir/peer-timing.json >$run_dir/peer-timing.log 2>&1
           tail -n 12 $run_dir/peer-timing.log ;;

@@ -533,7 +533,7 @@ class _BandRunner:
         # wrappers write rows of it in place, and fa2 writes by its own contiguous strides
         if self.writes_every_row:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
         else:
             out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
             lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
@@ -542,11 +542,16 @@ class _BandRunner:
                 rows = slice(b * q_len + band.q_start, b * q_len + band.q_end)
                 keys = k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end]
                 if i in self.band_wrappers:
-                    self.band_wrappers[i].run(q[rows], *keys, out=out[rows], lse=lse[rows], return_lse=True)
+                    # no LSE unless asked: bands that write every row need none to be joined
+                    self.band_wrappers[i].run(q[rows], *keys, out=out[rows], return_lse=lse is not None,
+                                              lse=None if lse is None else lse[rows])
                     continue
-                o, s = self.single(q[rows], *keys, causal=band.causal, window_left=band.window_left,
-                                   sm_scale=self.scale, logits_soft_cap=self.soft_cap, return_lse=True)
-                out[rows], lse[rows] = o, s
+                result = self.single(q[rows], *keys, causal=band.causal, window_left=band.window_left,
+                                     sm_scale=self.scale, logits_soft_cap=self.soft_cap, return_lse=lse is not None)
+                if lse is None:
+                    out[rows] = result
+                else:
+                    out[rows], lse[rows] = result
         return (out, lse) if return_lse else out
 
     def run_rows(self, q, k, v, return_lse: bool = True, out=None, lse=None):
