@@ -21,7 +21,7 @@ import torch
 
 from . import column_merge, head_windows, tile_gather
 from ..core import nan_merge
-from ..planning.bands import plain_band_launch, prefix_block_of
+from ..planning.bands import plain_band_launch
 from ..planning.score_folding import kernel_scale_ok
 from ..masks.block_build import ceil_div
 from .column_merge import merge_columns
@@ -497,16 +497,7 @@ class _BandRunner:
         # ran faster so than as single calls whose outputs are copied in); a windowed band keeps
         # the single call, faster for windows
         self.band_wrappers = {}
-        self.prefix = prefix_block_of(bands, q_len, kv_len) if self.ragged is None else None
-        if self.prefix is not None:
-            # prefix-LM: a square causal launch and the prefix's upper triangle (prefix_block_of)
-            def requests(n):
-                return torch.arange(batch + 1, dtype=torch.int32) * n
-            self.square, self.triangle = (
-                planned_ragged(workspace, backend, requests(n), requests(n), shape, dtype, True, -1, sm_scale=scale,
-                               logits_soft_cap=logits_soft_cap) for n in (q_len, self.prefix - 1))
-            self.merge_in_place = flashinfer.merge_state_in_place
-        elif self.ragged is None and not (batch == 1 and len(bands) == 1 and self.covers_all):
+        if self.ragged is None and not (batch == 1 and len(bands) == 1 and self.covers_all):
             for i, band in enumerate(bands):
                 if band.window_left < 0:
                     n_q, n_kv = band.q_end - band.q_start, band.kv_end - band.kv_start
@@ -533,8 +524,6 @@ class _BandRunner:
             inputs = self.ragged_launch.inputs(q, k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]))
             return self.ragged.run(*inputs, out=out, return_lse=return_lse)
         assert out is None, "only a runner with one ragged launch writes into a given output"
-        if self.prefix is not None:
-            return self._run_prefix_lm(q, k, v, return_lse)
         if batch == 1 and len(self.bands) == 1 and self.covers_all:
             band = self.bands[0]
             return self.single(q, k[0, band.kv_start:band.kv_end], v[0, band.kv_start:band.kv_end],
@@ -563,22 +552,6 @@ class _BandRunner:
                     out[rows] = result
                 else:
                     out[rows], lse[rows] = result
-        return (out, lse) if return_lse else out
-
-    def _run_prefix_lm(self, q, k, v, return_lse: bool):
-        """Prefix-LM's bands: causal over every row, then rows r < P - 1 joined with their keys
-        r < key < P, which a causal launch over the reversed rows [0, P - 1) and reversed keys
-        [1, P) sees (reversed, key > r becomes key <= r)."""
-        batch, q_len = self.shape[:2]
-        p, hq, d = self.prefix, q.shape[1], q.shape[2]
-        out, lse = self.square.run(q, k.flatten(0, 1), v.flatten(0, 1), return_lse=True)
-        rows_reversed = q.reshape(batch, q_len, hq, d)[:, :p - 1].flip(1).flatten(0, 1)
-        keys_reversed = (t[:, 1:p].flip(1).flatten(0, 1) for t in (k, v))
-        o, s = self.triangle.run(rows_reversed, *keys_reversed, return_lse=True)
-        o, s = o.view(batch, p - 1, hq, d).flip(1), s.view(batch, p - 1, hq).flip(1)
-        for b in range(batch):
-            rows = slice(b * q_len, b * q_len + p - 1)
-            nan_merge.merge_state_in_place(self.merge_in_place, out[rows], lse[rows], o[b], s[b])
         return (out, lse) if return_lse else out
 
     def run_rows(self, q, k, v, return_lse: bool = True, out=None, lse=None):

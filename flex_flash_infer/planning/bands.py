@@ -429,18 +429,3 @@ def plain_band_launch(bands, batch: int, q_len: int, kv_len: int, windowed: bool
     if len(launches) == 1 and launches[0].writes_all(batch, q_len) and (len(bands) > 1 or batch > 1 or one_band):
         return launches[0]
     return None
-
-
-def prefix_block_of(bands, q_len: int, kv_len: int) -> int | None:
-    """P when the bands are prefix-LM's two, a full block [0, P) x [0, P) and causal rows [P, L)
-    over every key, with as many keys as queries and 2 <= P < L; else None. Such bands run as one
-    square causal launch over every row and a causal launch over the prefix's reversed rows and
-    keys (its strict upper triangle: the keys r < key < P that causal hides from row r), joined
-    by log-sum-exp over the first P - 1 rows (backends/flashinfer_backend.py)."""
-    if len(bands) != 2 or q_len != kv_len:
-        return None
-    block, rows = sorted(bands, key=lambda band: band.q_start)
-    p = block.q_end
-    if block == Band(0, p, 0, p) and rows == Band(p, q_len, 0, kv_len, causal=True) and 2 <= p < q_len:
-        return p
-    return None

@@ -321,10 +321,10 @@ def test_compiled_score_mod_bands_through_the_plan(fake, monkeypatch, rng, name,
     assert isinstance(plan.band_runner, far_bias.FarSplitBands) == split
     if native:   # FlashInfer's soft-capped plain kernels: its ragged one for one band without a window
         assert isinstance(runner, flashinfer_backend._BandRunner) and runner.soft_cap == 5.0
-        # one ragged launch for every band, or prefix-LM's two (its square causal and its triangle)
+        # one ragged launch for every band, or one per unwindowed band (prefix-LM's two)
         assert all(n is None for _, n in backends)
-        assert len(backends) == (runner.ragged is not None) + len(runner.band_wrappers) + 2 * (runner.prefix is not None)
-        assert (runner.prefix is not None) == (name == "prefix_lm") and not runner.band_wrappers
+        assert len(backends) == (runner.ragged is not None) + len(runner.band_wrappers)
+        assert len(runner.band_wrappers) == (2 if name == "prefix_lm" else 0)
         assert runner.ragged is not None or name in ("sliding_window", "prefix_lm")
     else:
         assert isinstance(runner, score_mod_kernels.ScoreModBands)
@@ -764,43 +764,3 @@ def test_the_cpu_model_refuses_a_window_the_module_would_not_apply():
     fake_flashinfer.check_window_flag("fa2", plain_args, 63, "t")   # fa2's ragged variants read the launch's
     with pytest.raises(AssertionError, match="ignores a window"):
         fake_flashinfer.check_window_flag("fa2", plain_args, 63, "t", paged=True)
-
-
-@pytest.mark.parametrize("B,L,prefix", [(1, 300, 77), (2, 257, 128), (2, 200, 199), (1, 130, 2), (3, 70, 64)])
-@pytest.mark.parametrize("return_lse", [True, False])
-def test_prefix_lm_runs_square_causal_and_its_reversed_triangle(fake, rng, B, L, prefix, return_lse):
-    """Prefix-LM's bands run as one causal launch over every row and a causal launch over the
-    prefix's reversed rows and keys, joined by log-sum-exp: exact against the dense mask, LSE
-    included, for every batch entry, with and without the LSE asked for."""
-    from flex_flash_infer.planning import bands as band_planning
-
-    mod = get_mask_fn("prefix_lm", prefix_len=prefix)
-    bm = create_block_mask(mod, B, None, L, L, device="cpu", BLOCK_SIZE=64)
-    plan = flashinfer_backend.FlashInferPlan(bm, B, L, L, 4, 2, 16, torch.float64, 0.25, "cpu")
-    runner = plan.band_runner
-    assert runner.prefix == prefix and band_planning.prefix_block_of(runner.bands, L, L) == prefix
-    q = torch.randn(B, 4, L, 16, generator=rng, dtype=torch.float64)
-    k = torch.randn(B, 2, L, 16, generator=rng, dtype=torch.float64)
-    v = torch.randn(B, 2, L, 16, generator=rng, dtype=torch.float64)
-    out, lse = plan.run(q.transpose(1, 2).reshape(B * L, 4, 16), k.transpose(1, 2), v.transpose(1, 2),
-                        return_lse=return_lse)
-    ref, ref_lse = dense_attention(q, k, v, create_mask(mod, B, 1, L, L, device="cpu"), scale=0.25)
-    assert rel_err(out.view(B, L, 4, 16).transpose(1, 2), ref) < 1e-6
-    if return_lse:
-        assert rel_err(lse.view(B, L, 4).transpose(1, 2), ref_lse) < 1e-6
-    else:
-        assert lse is None
-
-
-def test_prefix_block_of_names_prefix_lm_bands_only():
-    """prefix_block_of: prefix-LM's two bands give P; other pairs, unequal lengths, or a prefix of
-    one row (nothing for the triangle to add) give None."""
-    from flex_flash_infer.planning.bands import Band, prefix_block_of
-
-    assert prefix_block_of([Band(0, 64, 0, 64), Band(64, 300, 0, 300, causal=True)], 300, 300) == 64
-    assert prefix_block_of([Band(64, 300, 0, 300, causal=True), Band(0, 64, 0, 64)], 300, 300) == 64
-    assert prefix_block_of([Band(0, 64, 0, 64), Band(64, 300, 0, 300, causal=True)], 300, 301) is None
-    assert prefix_block_of([Band(0, 64, 0, 64), Band(64, 300, 0, 299, causal=True)], 300, 300) is None
-    assert prefix_block_of([Band(0, 1, 0, 1), Band(1, 300, 0, 300, causal=True)], 300, 300) is None
-    assert prefix_block_of([Band(0, 64, 0, 64, causal=True), Band(64, 300, 0, 300, causal=True)], 300, 300) is None
-    assert prefix_block_of([Band(0, 300, 0, 300, causal=True)], 300, 300) is None

@@ -35,13 +35,12 @@ def copies(monkeypatch):
 
 def _launches(plan):
     runner = plan.band_runner
-    prefix = [runner.square, runner.triangle] if runner.prefix is not None else []
-    return [w for w in [runner.ragged, *runner.band_wrappers.values(), *prefix] if w is not None]
+    return [w for w in [runner.ragged, *runner.band_wrappers.values()] if w is not None]
 
 
 @pytest.mark.parametrize("name,params,L,S,modes", [
     ("causal", {}, 200, 333, {1}), ("full", {}, 130, 257, {0}),
-    ("prefix_lm", {"prefix_len": 77}, 300, 300, {1}),        # a square causal launch and a reversed triangle
+    ("prefix_lm", {"prefix_len": 77}, 300, 300, {0, 1}),     # a full block, then a causal band
     ("causal", {}, 333, 200, {0, 1}),                        # more queries than keys: a full band too
 ])
 def test_band_routes_run_on_the_one_mode_modules(copies, rng, name, params, L, S, modes):
