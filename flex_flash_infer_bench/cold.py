@@ -126,10 +126,29 @@ def module_builds(flashinfer_root: str) -> dict:
                 if len(fields) >= 4 and not line.startswith("#"):
                     spans.append((int(fields[0]) / 1000, int(fields[1]) / 1000))
         if spans:
-            builds[os.path.basename(os.path.dirname(log))] = {
+            folder = os.path.dirname(log)
+            span = max(end for _, end in spans) - min(start for start, _ in spans)
+            builds[os.path.basename(folder)] = {
                 "files": len(spans), "work_s": round(sum(end - start for start, end in spans), 1),
-                "span_s": round(max(end for _, end in spans) - min(start for start, _ in spans), 1)}
+                "span_s": round(span, 1)}
+            # the log's times count from ninja's start; its last step writes the module's .so,
+            # whose modification time places the build on the clock
+            made = [os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".so")]
+            if made:
+                builds[os.path.basename(folder)].update(ended_at=max(made), started_at=max(made) - span)
     return builds
+
+
+def around_builds(row: dict, start: float, end: float) -> None:
+    """The seconds of a process before its first build began and after its last ended (imports,
+    planning and the calls themselves), from the builds' clock times; kept out of the printed
+    builds."""
+    placed = [b for b in row.get("builds", {}).values() if "ended_at" in b]
+    if placed:
+        row["before_builds_s"] = round(min(b["started_at"] for b in placed) - start, 1)
+        row["after_builds_s"] = round(end - max(b["ended_at"] for b in placed), 1)
+    for b in placed:
+        del b["started_at"], b["ended_at"]
 
 
 def run_item(name: str, timeout_s: float = 1800, runner=subprocess.run) -> dict:
@@ -141,10 +160,12 @@ def run_item(name: str, timeout_s: float = 1800, runner=subprocess.run) -> dict:
             done = runner(item_command(name), env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return {"item": name, "wall_s": time.time() - start, "error": f"over {timeout_s:.0f} s"}
-        row = {"item": name, "wall_s": time.time() - start}
+        end = time.time()
+        row = {"item": name, "wall_s": end - start}
         builds = module_builds(env["FLASHINFER_WORKSPACE_BASE"])
         if builds:
             row["builds"] = builds
+            around_builds(row, start, end)
         if done.returncode != 0:
             row["error"] = (done.stderr or done.stdout).strip().splitlines()[-1][:300] if (done.stderr or done.stdout) \
                 else f"exit {done.returncode}"
@@ -184,6 +205,9 @@ def run_cold_benchmark(out_path: str | None = None, items=None, runner=subproces
         else:
             shown = "the whole process"
         print(f"{name:26s} {row['wall_s']:8.1f} s  {shown}", flush=True)
+        if "before_builds_s" in row:
+            print(f"    {row['before_builds_s']:.1f} s before the first build, {row['after_builds_s']:.1f} s after the last",
+                  flush=True)
         for module, build in row.get("builds", {}).items():
             print(f"    built {module[:60]}: {build['files']} files, {build['work_s']:.0f} s of compiling "
                   f"over {build['span_s']:.0f} s", flush=True)

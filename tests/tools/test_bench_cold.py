@@ -70,6 +70,31 @@ def test_the_modules_an_item_built_are_kept_with_their_compile_times(tmp_path):
                              "mod_b": {"files": 1, "work_s": 10.0, "span_s": 10.0}}
 
 
+def test_the_seconds_before_and_after_the_builds_come_from_their_modules_clock(tmp_path):
+    """A module's .so, written by its last step, places its build on the clock: the seconds of the
+    process before the earliest build began and after the latest ended are kept with the row."""
+    import time
+
+    def runner(cmd, env, **kw):
+        now = time.time()
+        for module, span_ms, done_ago in (("mod_a", 60000, 3.0), ("mod_b", 20000, 30.0)):
+            folder = os.path.join(env["FLASHINFER_WORKSPACE_BASE"], ".cache", "flashinfer", "90a", "cached_ops", module)
+            os.makedirs(folder)
+            with open(os.path.join(folder, ".ninja_log"), "w") as f:
+                f.write(f"# ninja log v5\n0\t{span_ms}\t1\t{module}.so\th\n")
+            so = os.path.join(folder, f"{module}.so")
+            open(so, "w").close()
+            os.utime(so, (now - done_ago, now - done_ago))
+        return types.SimpleNamespace(returncode=0, stdout="ok\n", stderr="")
+
+    row = cold.run_item("readme_main_job", runner=runner)
+    # mod_a began 63 s before the (instant) stub returned, mod_b 50 s: the earliest start is mod_a's
+    assert row["before_builds_s"] == pytest.approx(-63.0, abs=0.5)
+    assert row["after_builds_s"] == pytest.approx(3.0, abs=0.5)
+    assert row["builds"] == {"mod_a": {"files": 1, "work_s": 60.0, "span_s": 60.0},
+                             "mod_b": {"files": 1, "work_s": 20.0, "span_s": 20.0}}
+
+
 def test_edited_score_mod_times_a_second_unseen_score_mod():
     """edited_score_mod: one score_mod called first (untimed, it builds the generic part), then the
     first call of a different one timed, in the same process."""
