@@ -33,23 +33,6 @@ from flex_flash_infer_bench.provenance import source_commit
 HQ, HKV, D = 32, 8, 128
 
 
-def reference_rows(q, k, v, rows, visible_of_row, scale):
-    """float32 attention of the sampled rows; visible_of_row(r) -> number of leading keys seen."""
-    out = []
-    for r in rows.tolist():
-        n = visible_of_row(r)
-        qr = q[r].float()                                   # [Hq, D]
-        kr = k[:n].float().repeat_interleave(HQ // HKV, 1)  # [n, Hq, D]
-        vr = v[:n].float().repeat_interleave(HQ // HKV, 1)
-        s = torch.einsum("hd,nhd->hn", qr, kr) * scale
-        out.append(torch.einsum("hn,nhd->hd", s.softmax(-1), vr))
-    return torch.stack(out)
-
-
-def rel(a, b):
-    return float((a.float() - b).norm() / b.norm())
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -112,17 +95,17 @@ def main():
 
         sample = torch.sort(torch.randperm(L, device=dev, generator=gen)[:256]).values
         sample_prefix = torch.cat([torch.arange(0, P, 97, device=dev), sample[sample >= P][:128]])
-        ref_causal = reference_rows(q, k, v, sample, lambda r: r + 1, scale)
-        ref_prefix = reference_rows(q, k, v, sample_prefix, lambda r: max(r + 1, P), scale)
+        ref_causal = bench.reference_rows(q, k, v, causal_mod, sample)
+        ref_prefix = bench.reference_rows(q, k, v, prefix_mod, sample_prefix)
         errors = {
-            "causal": rel(fns["causal"]()[sample], ref_causal),
-            "ours_causal": rel(fns["ours_causal"]()[sample], ref_causal),
-            "ours_prefix_lm": rel(fns["ours_prefix_lm"]()[sample_prefix], ref_prefix),
-            "square+flipped": rel(fns["square+flipped"]()[sample_prefix], ref_prefix),
+            "causal": bench.rel_error(fns["causal"]()[sample], ref_causal),
+            "ours_causal": bench.rel_error(fns["ours_causal"]()[sample], ref_causal),
+            "ours_prefix_lm": bench.rel_error(fns["ours_prefix_lm"]()[sample_prefix], ref_prefix),
+            "square+flipped": bench.rel_error(fns["square+flipped"]()[sample_prefix], ref_prefix),
         }
         fns["rows+lse"]()
         fns["block+lse"]()
-        errors["rows+block"] = rel(out[sample_prefix], ref_prefix)
+        errors["rows+block"] = bench.rel_error(out[sample_prefix], ref_prefix)
         print(L, "errors", {n: f"{e:.2e}" for n, e in errors.items()}, flush=True)
         bad = {n: e for n, e in errors.items() if not e < 2e-2}
         times, failed = bench.time_interleaved(fns, rounds=args.rounds)
