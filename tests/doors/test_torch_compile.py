@@ -56,3 +56,24 @@ def test_create_block_mask_under_fullgraph_compile_says_it_runs_outside_the_grap
     torch._dynamo.reset()
     compiled = torch.compile(lambda n: create_block_mask(causal, None, None, n, n, device="cpu"), backend="eager")
     assert torch.equal(compiled(300).to_dense(), create_block_mask(causal, None, None, 300, 300, device="cpu").to_dense())
+
+
+def test_fullgraph_says_why_when_compiled_before_any_eager_call():
+    """In a fresh process whose first call of flex_attention is under fullgraph compile, the error
+    still names why (the front door is marked when defined, not at a first eager call)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from flex_flash_infer import create_block_mask, flex_attention\n"
+        "bm = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 64, 64, device='cpu', BLOCK_SIZE=32)\n"
+        "q = torch.randn(1, 2, 64, 16)\n"
+        "f = torch.compile(lambda q: flex_attention(q, q, q, block_mask=bm), backend='eager', fullgraph=True)\n"
+        "try:\n"
+        "    f(q)\n"
+        "except Exception as e:\n"
+        "    print('ERROR', str(e))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "ERROR" in done.stdout, done.stderr[-2000:]
+    assert "flex_attention runs outside torch.compile's graphs" in done.stdout
