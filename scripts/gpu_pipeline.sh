@@ -155,7 +155,7 @@ case "${1:-}" in
           python3 scripts/ab_layout.py .ab_before $run_dir/$stage.json --seq-len $(case $stage in *32k*) echo 32768 ;; *) echo 8192 ;; esac) \
             --head-dim $d ${c:+--cases $c} \
             2>&1 | grep --line-buffered -v "INFO\|arning" >$run_dir/$stage.log; tail -n 20 $run_dir/$stage.log ;;
-        prefix-probe)   # prefix-LM's launches against causal's, and the square causal + flipped triangle form
+        prefix-probe)   # prefix-LM's launches timed alone beside causal's (scripts/prefix_lm_probe.py)
           python3 scripts/prefix_lm_probe.py $run_dir/prefix-probe.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/prefix-probe.log; tail -n 24 $run_dir/prefix-probe.log ;;
         peer-timing)   # the Triton-flex causal time two ways (scripts/peer_timing.py)
