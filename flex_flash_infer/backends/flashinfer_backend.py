@@ -531,18 +531,17 @@ class _BandRunner:
                                logits_soft_cap=self.soft_cap, return_lse=return_lse)
         # a contiguous output whatever q's strides (a transposed view from the doors): the band
         # wrappers write rows of it in place, and fa2 writes by its own contiguous strides
-        if self.writes_every_row:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
-        else:
-            out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-            lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        # rows no band writes see no key: 0 and an LSE of -inf. The bands' rows are disjoint, so no
+        # LSE joins them: none is written unless asked
+        out = (torch.empty if self.writes_every_row else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+        if lse is not None and not self.writes_every_row:
+            lse.fill_(float("-inf"))
         for b in range(batch):
             for i, band in enumerate(self.bands):
                 rows = slice(b * q_len + band.q_start, b * q_len + band.q_end)
                 keys = k[b, band.kv_start:band.kv_end], v[b, band.kv_start:band.kv_end]
                 if i in self.band_wrappers:
-                    # no LSE unless asked: bands that write every row need none to be joined
                     self.band_wrappers[i].run(q[rows], *keys, out=out[rows], return_lse=lse is not None,
                                               lse=None if lse is None else lse[rows])
                     continue
