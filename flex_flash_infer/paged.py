@@ -29,6 +29,7 @@ from .core.mask_eval import (INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate
 from .mods.causal import generate_causal_mask_mod
 from .planning.native_soft_cap import native_soft_cap
 from .planning.score_folding import fold_score_mod
+from .backends.paged_graph import check_same_shape, decode_buffers, graph_shape
 from .backends.paged_kernels import paged_request_tables, paged_variants
 from .planning.paged_plan import plan_paged
 from .core.hints import states_hints
@@ -56,7 +57,15 @@ def _sm_count(device) -> int:
     device = torch.device(device)
     if device.type != "cuda" or not torch.backends.cuda.is_built():   # (a simulated CUDA device too)
         return MODEL_SM_COUNT
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    # asked at every decode step's plan: torch's device-properties call costs tens of
+    # microseconds of Python on some hosts
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+_SM_COUNTS: dict[int, int] = {}
 
 
 def requests_filling_the_gpu(device, num_kv_heads: int) -> int:
@@ -68,7 +77,8 @@ def requests_filling_the_gpu(device, num_kv_heads: int) -> int:
 
 class PagedFlexAttention:
     def __init__(self, device="cuda", workspace_buffer: torch.Tensor | None = None, backend: str = "auto",
-                 use_tensor_cores: bool | None = None, check_page_ids: bool = True):
+                 use_tensor_cores: bool | None = None, check_page_ids: bool = True, use_cuda_graph: bool = False,
+                 max_num_pages: int | None = None):
         """use_tensor_cores: decode steps on FlashInfer's tensor-core decode kernel (True), on its
         CUDA-core one (False), or chosen from the GQA group size (None, use_tensor_core_decode).
         check_page_ids: plan() reads the range of the page ids, raises for a negative one, and
@@ -76,7 +86,11 @@ class PagedFlexAttention:
         GPU at every plan(), so a server's planning cannot overlap its previous step; False skips
         it for them (the caller vouches for its ids, as FlashInfer's own plan() trusts them).
         Ids given on the host are always checked: that costs no wait. The reference backend
-        checks them at run() either way."""
+        checks them at run() either way.
+        use_cuda_graph: every plan() writes its tables into buffers made at the first, so a CUDA
+        graph captured around run() once replays each later step (backends/paged_graph.py): decode
+        steps planned as one decode launch, with the first plan's batch size, heads, dtype, scale,
+        soft cap and window. max_num_pages (needed then): the most page ids a step lists."""
         self.device = check_object_device(device)
         self.backend = check_backend_name(backend)
         if use_tensor_cores is not None and not isinstance(use_tensor_cores, bool):
@@ -85,6 +99,17 @@ class PagedFlexAttention:
         if not isinstance(check_page_ids, bool):
             raise TypeError(f"check_page_ids must be True or False, got {check_page_ids!r}")
         self.check_page_ids = check_page_ids
+        if not isinstance(use_cuda_graph, bool):
+            raise TypeError(f"use_cuda_graph must be True or False, got {use_cuda_graph!r}")
+        if use_cuda_graph:
+            if max_num_pages is None:
+                raise ValueError("use_cuda_graph=True needs max_num_pages: the most page ids a step lists (the size "
+                                 "of the page-id buffer a captured graph reads)")
+            max_num_pages = check_positive_int("max_num_pages", max_num_pages)
+        elif max_num_pages is not None:
+            raise ValueError("max_num_pages sizes the buffers of use_cuda_graph=True; pass use_cuda_graph=True too")
+        self.use_cuda_graph, self.max_num_pages = use_cuda_graph, max_num_pages
+        self._graph_shape = None   # what the first plan fixed for a captured graph (paged_graph.GraphShape)
         self._workspace = check_workspace(workspace_buffer)
         self._planned = None
         self._wrappers = {}   # FlashInfer's wrappers, made once and planned again at every plan()
@@ -188,6 +213,15 @@ class PagedFlexAttention:
                 warn_once(f"flex_flash_infer: the paged cache runs on the slow reference backend because {e}")
                 backend = "reference"
         on_flashinfer = backend == "flashinfer"
+        graph = None
+        if self.use_cuda_graph:   # checked before anything is written: the graph still replays the last step
+            if not on_flashinfer:
+                raise ValueError("PagedFlexAttention(use_cuda_graph=True) replays FlashInfer's kernels, but this plan "
+                                 "runs on the reference backend"
+                                 + (f" ({self._reason_seen[1]})" if self._reason_seen[1] else ""))
+            graph = graph_shape(plan, heads, dtype, page_size, kernel_scale, soft_cap,
+                                use_tensor_core_decode(num_qo_heads, num_kv_heads, self.use_tensor_cores), variants)
+            check_same_shape(self._graph_shape, graph, self.max_num_pages, plan.full.kv_indices.numel())
         # the 0-d tensors the kernels' score_mod reads are compiled in (or folded into the scale)
         # as constants: run() raises when one was written since
         constants = snapshot([t for t, _ in score_graph.constants]) if on_flashinfer and score_graph else ()
@@ -202,6 +236,8 @@ class PagedFlexAttention:
         # a plan() failing after them would leave the previous plan running on this step's tables
         if on_flashinfer:
             launches = self._launches(plan, heads, page_size, dtype, kernel_scale, variants, soft_cap)
+        if graph is not None:
+            self._graph_shape = graph
         # the reference reads the tables themselves (FlashInfer's launches hold their own copies)
         # (copies: a caller that writes its next step into the same buffers must not change this plan)
         tables = None if launches is not None else tuple(
@@ -225,8 +261,13 @@ class PagedFlexAttention:
         the previous launches may hold a wrapper already planned with this step's tables."""
         try:
             return _build_launches(plan, *heads, page_size, dtype, scale, self._workspace, variants, self._wrappers,
-                                   self.use_tensor_cores, soft_cap)
+                                   self.use_tensor_cores, soft_cap, self.max_num_pages)
         except BaseException:
+            if self.use_cuda_graph:
+                # the wrappers' buffers are what a captured graph reads: kept (the next plan rewrites
+                # them); this one may have written part of them, so no plan runs until the next
+                self._planned = None
+                raise
             self._wrappers.clear()
             old = self._planned
             if old is not None and old["launches"] is not None:
@@ -326,13 +367,15 @@ def _split_cache(kv_cache):
 
 
 def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, variants=None, wrappers=None,
-                    use_tensor_cores: bool | None = None, soft_cap: float | None = None):
+                    use_tensor_cores: bool | None = None, soft_cap: float | None = None,
+                    graph_pages: int | None = None):
     """(full wrapper, partial wrapper, full's run() arguments, partial's); a wrapper is None when
     its launch has no page. With variants (paged_kernels.py) the launches run compiled mods.
     wrappers: FlashInfer wrappers made by earlier calls, by role and kind; one that fits is planned
     again rather than made anew (a new wrapper allocates its buffers, pinned host memory included:
     host work a decode step need not repeat). use_tensor_cores: as PagedFlexAttention's. soft_cap:
-    FlashInfer's own logits soft cap on every launch (native_soft_cap.py)."""
+    FlashInfer's own logits soft cap on every launch (native_soft_cap.py). graph_pages: the decode
+    wrapper in FlashInfer's CUDA-graph mode, its page-id buffer this long (paged_graph.py)."""
     import flashinfer
 
     if plan.full is None and plan.partial is None:   # no key visible anywhere: run() gives zeros
@@ -379,8 +422,13 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
             # backend="fa2" is what FlashInfer's "auto" resolves a one-token decode to, but "auto"
             # re-resolves at every plan() through cuDNN's version checks, most of FlashInfer's share
             # of a decode step's plan (docs/design.md)
-            full = wrapper(("full", "decode", tensor_cores), lambda: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                workspace, "NHD", use_tensor_cores=tensor_cores, backend="fa2"))
+
+            def make_decode():
+                graph = {} if graph_pages is None else dict(use_cuda_graph=True, **decode_buffers(
+                    f.last_page_len.numel(), graph_pages, device))
+                return flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores,
+                                                                     backend="fa2", **graph)
+            full = wrapper(("full", "decode", tensor_cores, graph_pages), make_decode)
             full.plan(f.kv_indptr, f.kv_indices, f.last_page_len, hq, hkv, d, page_size, window_left=f.window_left,
                       **common)
         else:
@@ -418,9 +466,12 @@ def _after_its_last_plan_copied(wrapper):
 def _note_plan_queued(wrapper, device):
     """Mark where on the stream the wrapper's plan copy was queued (_after_its_last_plan_copied)."""
     if device.type == "cuda" and torch.backends.cuda.is_built():
-        copied = torch.cuda.Event()
+        # one event per wrapper, recorded again at each plan: _after_its_last_plan_copied waited
+        # for its previous record before this plan wrote the buffer
+        copied = getattr(wrapper, "_ffi_plan_copied", None)
+        if copied is None:
+            copied = wrapper._ffi_plan_copied = torch.cuda.Event()
         copied.record()
-        wrapper._ffi_plan_copied = copied
 
 
 def _run_launches(launches, q, cache, return_lse=True):

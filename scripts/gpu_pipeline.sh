@@ -34,6 +34,7 @@
 #   suite        the whole GPU test suite (pytest -m gpu) over 6 processes, alone on the machine, compiling
 #                the modules it meets side by side
 #   plan-model   scripts/plan_per_step.py: the CPU model's plan() timed on this host (its Python's speed)
+#   plan-segments scripts/plan_segments.py: a decode step's plan() split by piece, each CUDA call it makes timed alone
 #   ab-plan      scripts/ab_plan.py: a decode step's plan() from this checkout against the package copy in
 #                .ab_before/ (as for ab-layout), interleaved, each side's run() checked first
 #   ab-layout, ab-layout-32k  scripts/ab_layout.py: our call from this checkout against the package copy in .ab_before/
@@ -146,6 +147,9 @@ case "${1:-}" in
           # its Python is than the development machine's, apart from what the GPU adds to ab-plan
           PYTHONPATH=.:tests python3 scripts/plan_per_step.py --rounds 7 --calls 100 --json $run_dir/plan-model.json \
             >$run_dir/plan-model.log 2>&1; tail -n 4 $run_dir/plan-model.log ;;
+        plan-segments)   # a decode step's plan() split by piece on this host (scripts/plan_segments.py)
+          python3 scripts/plan_segments.py $run_dir/plan-segments.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
+            >$run_dir/plan-segments.log; tail -n 30 $run_dir/plan-segments.log ;;
         ab-plan)   # a planning change against the code before it, one process (scripts/ab_plan.py)
           python3 scripts/ab_plan.py .ab_before $run_dir/ab-plan.json 2>&1 | grep --line-buffered -v "INFO\|arning" \
             >$run_dir/ab-plan.log; tail -n 8 $run_dir/ab-plan.log ;;

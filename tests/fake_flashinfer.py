@@ -178,31 +178,88 @@ class BatchPrefillWithPagedKVCacheWrapper:
 
             def variant(r, s):
                 return cap * torch.tanh(s * scale / cap)
-        out, lse = paged_prefill(q.cpu(), k.cpu(), v.cpu(), *self.args, 1.0 if variant else self.scale, self.mask,
-                                 causal=self.causal, variant=variant, window_left=self.window_left,
-                                 split_kv=self.split_kv)
-        out, lse = out.to(q.dtype).to(q.device), lse.float().to(q.device)
+        # what the kernel launch holds: the tables it reads (by pointer) and its numbers
+        launch = (self.args, 1.0 if variant else self.scale, self.mask, self.causal, variant, self.window_left,
+                  self.split_kv)
+
+        def compute():
+            tables, scale, mask, causal, variant_, window_left, split_kv = launch
+            out, lse = paged_prefill(q.cpu(), k.cpu(), v.cpu(), *(t.cpu() for t in tables), scale, mask,
+                                     causal=causal, variant=variant_, window_left=window_left, split_kv=split_kv)
+            return out.to(q.dtype).to(q.device), lse.float().to(q.device)
+        out, lse = compute()
+        if CAPTURED is not None:   # a CUDA graph's replay: this launch again, on what its tables hold then
+            assert self.variant is None, "the capture model covers FlashInfer's own kernels"
+            CAPTURED.append(lambda: out.copy_(compute()[0]))
         return (out, lse) if return_lse else out
 
 
+# Set to a list by tests/…: each kernel launch made meanwhile appends its replay (capture()).
+CAPTURED = None
+
+
+class capture:
+    """torch.cuda.graph's model: the kernel launches made inside, replayed later as a graph does,
+    with the numbers they were launched with and the tables they read as those hold at replay
+    (a launch reads its tables through pointers fixed at capture)."""
+
+    def __enter__(self):
+        global CAPTURED
+        assert CAPTURED is None
+        CAPTURED = self.launches = []
+        return self
+
+    def __exit__(self, *exc):
+        global CAPTURED
+        CAPTURED = None
+
+    def replay(self):
+        for launch in self.launches:
+            launch()
+
+
 class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
-    def __init__(self, workspace, layout="NHD", use_tensor_cores=False, backend="auto"):
+    def __init__(self, workspace, layout="NHD", use_tensor_cores=False, backend="auto", use_cuda_graph=False,
+                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None):
         super().__init__(workspace, layout, backend)
         self.use_tensor_cores = use_tensor_cores
         self.requested_backend = backend
+        self.graph_buffers = None
+        if use_cuda_graph:   # FlashInfer's checks, and its kernels read these on the workspace's device
+            buffers = (paged_kv_indptr_buffer, paged_kv_indices_buffer, paged_kv_last_page_len_buffer)
+            assert all(isinstance(b, torch.Tensor) and b.dtype == torch.int32 for b in buffers)
+            on_device(self.device, "decode plan() (CUDA-graph buffers)", *buffers)
+            assert len(paged_kv_indptr_buffer) == len(paged_kv_last_page_len_buffer) + 1
+            self.graph_buffers = buffers
 
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kw):
         # the decode kernel checks int32 tables (CHECK_INPUT_TYPE); the tensor-core path plans a
         # host int32 qo_indptr of its own, read as the module's IdType (indptr's dtype)
         check_idtype(torch.int32, "decode plan()", indptr=indptr, indices=indices, last_page_len=last_page_len)
-        # each table is moved on its own (indptr.to(device), ...) and the lengths are computed on
-        # host copies: no mix of the caller's tables in FlashInfer's decode plan()
-        indptr, indices, last_page_len = (t.to(self.device) for t in (indptr, indices, last_page_len))
+        if self.graph_buffers is not None:
+            # as FlashInfer's CUDA-graph mode: the batch size is the buffers', the tables are copied
+            # into them (the page ids without a wait only from the GPU: a host table's copy waits)
+            indptr_buf, indices_buf, last_buf = self.graph_buffers
+            if len(last_page_len) != len(last_buf):
+                raise ValueError("The batch size should be fixed in cudagraph mode")
+            if len(indices) > len(indices_buf):
+                raise ValueError("The size of indices should be less than or equal to the allocated buffer")
+            on_device(self.device, "decode plan() (the page ids, copied without a wait)", indices)
+            indptr_buf.copy_(indptr)
+            last_buf.copy_(last_page_len)
+            indices_buf[:len(indices)].copy_(indices)
+            indptr, indices, last_page_len = indptr_buf, indices_buf, last_buf
+        else:
+            # each table is moved on its own (indptr.to(device), ...) and the lengths are computed on
+            # host copies: no mix of the caller's tables in FlashInfer's decode plan()
+            indptr, indices, last_page_len = (t.to(self.device) for t in (indptr, indices, last_page_len))
         qo_indptr = torch.arange(indptr.numel(), dtype=torch.int32, device=self.device)
         super().plan(qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
                      q_data_type=kw.get("q_data_type", "float16"), kv_data_type=kw.get("kv_data_type"),
                      sm_scale=kw.get("sm_scale"), window_left=kw.get("window_left", -1),
                      logits_soft_cap=kw.get("logits_soft_cap"), disable_split_kv=kw.get("disable_split_kv", False))
+        if self.graph_buffers is not None:   # the kernels read the buffers themselves, as they hold at each launch
+            self.args = (self.args[0], indptr_buf, indices_buf, last_buf)
 
 
 # A custom attention variant (jit_args) is modelled by the host-compiled code of its score_mod:

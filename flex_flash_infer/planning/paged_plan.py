@@ -273,6 +273,9 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     # (queued: torch's plain copy from host memory would wait for the GPU)
     kv_page_indices = (to_device_queued(host_ids, device) if host_ids.device.type == "cpu" else
                        _int_vector("kv_page_indices", host_ids, device, keep_int32=True))
+    # a copy the plan made (host ids sent over) is the plan's own; the caller's tensor is copied
+    # where a launch keeps it (a server writes its next step into the same buffer)
+    ids_owned = kv_page_indices is not host_ids and host_ids.device.type == "cpu"
     small = [_int_vector(name, t, None if isinstance(t, torch.Tensor) else "cpu", keep_int32=True)
              for name, t in (("qo_indptr", qo_indptr), ("kv_page_indptr", kv_page_indptr),
                              ("kv_last_page_len", kv_last_page_len))]
@@ -308,7 +311,8 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
         flags = None
     if flags is not None:
         return _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len,
-                                pages, page_size, all_decode, max_kv, device, positions, max_id, window_skipped_from)
+                                pages, page_size, all_decode, max_kv, device, positions, max_id, window_skipped_from,
+                                ids_owned)
     columns = _hinted_window_columns(mask_mod) if _hints and heads == 1 and native_window else None
     if columns is not None:
         window = _plan_from_flags((True, columns[0]), kv_page_indices, host_q, host_kv, host_last, qo_len,
@@ -499,7 +503,8 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
 
 
 def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len, kv_len, pages,
-                     page_size, all_decode, max_kv, device, positions, max_id, window_skipped_from=None) -> PagedPlan:
+                     page_size, all_decode, max_kv, device, positions, max_id, window_skipped_from=None,
+                     ids_owned=False) -> PagedPlan:
     """The plan of a causal, sliding-window or full mask without evaluating it: one launch (a
     decode step's on the decode kernel) over each request's pages from the first its first query
     sees, causal and window aligned to the bottom right as FlashInfer does. A page is partial when
@@ -517,7 +522,8 @@ def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len,
         # whose kernel skips the keys before it: every request has its one query and lists all its
         # pages, so the caller's tables (copied) are the launch's
         first = np.zeros_like(pages)
-        spec = PagedLaunchSpec(torch.from_numpy(host_kv.astype(np.int32)), kv_page_indices.to(torch.int32, copy=True),
+        spec = PagedLaunchSpec(torch.from_numpy(host_kv.astype(np.int32)),
+                               kv_page_indices.to(torch.int32, copy=not ids_owned),
                                torch.from_numpy(host_last.astype(np.int32)), window_left=window_left)
     else:
         # first listed page of each request: the page of its first query's first key (pages
@@ -534,7 +540,7 @@ def _plan_from_flags(flags, kv_page_indices, host_q, host_kv, host_last, qo_len,
                           if positions else (None, None))
             # a copy either way: a caller writing its next step into the same buffer must not change this plan
             if every_page:
-                indices = kv_page_indices.to(torch.int32, copy=True)
+                indices = kv_page_indices.to(torch.int32, copy=not ids_owned)
             else:   # request r's listed pages lie at host_kv[r] + first[r] onwards in kv_page_indices
                 places = np.repeat(host_kv[:-1] + first - indptr[:-1], counts) + np.arange(int(indptr[-1]))
                 indices = kv_page_indices.index_select(0, to_device_queued(torch.from_numpy(places), device))

@@ -809,6 +809,60 @@ def test_paged_run_replays_in_a_cuda_graph(cuda_gen, name, params, kernel):
     assert not torch.isnan(eager).any() and rel_err(eager, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("kernel", ["cuda_core_decode", "tensor_core_decode"])
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "softcap"])
+@pytest.mark.parametrize("tables_on", ["cpu", "cuda"])
+def test_a_cuda_graph_captured_once_replays_every_later_decode_step(cuda_gen, name, kernel, tables_on):
+    """PagedFlexAttention(use_cuda_graph=True): run() captured after the first plan, then 40 decode
+    steps, each one token longer (requests cross pages and take shuffled new ones), each planned
+    from the caller's tables (on the host or the GPU) and replayed with new queries; every replay
+    against the float32 reference of its step, with and without the LSE in the graph."""
+    from flex_flash_infer import PagedFlexAttention
+    from flex_flash_infer.mods import generate_softcap_score_mod
+
+    page, H, Hkv, D, dtype, num_pages = 16, 8, 2, 128, torch.bfloat16, 160
+    mask = get_mask_fn("sliding_window", window_size=70) if name == "sliding_window" else get_mask_fn("causal")
+    score_mod = generate_softcap_score_mod(20.0) if name == "softcap" else None
+    lens = [15, 300, 1000]
+    pool = torch.randperm(num_pages, device="cuda", generator=cuda_gen).tolist()
+    pages = [[pool.pop() for _ in range(-(-n // page))] for n in lens]
+    k = torch.randn(num_pages, page, Hkv, D, device="cuda", generator=cuda_gen).to(dtype)
+    v = torch.randn(num_pages, page, Hkv, D, device="cuda", generator=cuda_gen).to(dtype)
+
+    def tables():
+        counts = [len(p) for p in pages]
+        host = (torch.arange(len(lens) + 1, dtype=torch.int32), torch.tensor([0] + counts).cumsum(0).to(torch.int32),
+                torch.tensor([i for p in pages for i in p], dtype=torch.int32),
+                torch.tensor([n - (len(p) - 1) * page for n, p in zip(lens, pages)], dtype=torch.int32))
+        return tuple(t.to(tables_on) for t in host)
+
+    def reference(q):
+        ref = PagedFlexAttention(device="cuda", backend="reference")
+        ref.plan(mask, *tables(), H, Hkv, D, page, dtype=torch.float32, score_mod=score_mod)
+        return ref.run(q.float(), (k.float(), v.float()), return_lse=True)
+
+    ours = PagedFlexAttention(device="cuda", use_tensor_cores=kernel == "tensor_core_decode", use_cuda_graph=True,
+                              max_num_pages=num_pages)
+    ours.plan(mask, *tables(), H, Hkv, D, page, dtype=dtype, score_mod=score_mod)
+    q = torch.randn(len(lens), H, D, device="cuda", generator=cuda_gen).to(dtype)
+    ours.run(q, (k, v), return_lse=True)   # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = ours.run(q, (k, v), return_lse=True)
+    for step in range(40):
+        for r, n in enumerate(lens):
+            if n % page == 0:
+                pages[r].append(pool.pop())
+            lens[r] = n + 1
+        ours.plan(mask, *tables(), H, Hkv, D, page, dtype=dtype, score_mod=score_mod)
+        q.copy_(torch.randn(len(lens), H, D, device="cuda", generator=cuda_gen).to(dtype))
+        graph.replay()
+        ref_out, ref_lse = reference(q)
+        assert not torch.isnan(out).any() and rel_err(out, ref_out) < TOL[dtype], step
+        assert torch.allclose(lse, ref_lse, atol=2e-2, rtol=1e-3), step
+
+
 @pytest.mark.parametrize("mask_name,mod_name,qo_lens", PAGED_MOD_CASES)
 def test_paged_cache_mods_compiled_into_the_kernels(cuda_gen, mask_name, mod_name, qo_lens):
     """A score_mod (fa3 whole pages, fa2 partial pages with bits) and a per-head mask (evaluated

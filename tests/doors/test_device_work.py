@@ -28,18 +28,19 @@ def device(monkeypatch):
 
 
 class FakeEvent:
-    """torch.cuda.Event on a CPU torch: records when it is recorded and waited for."""
+    """torch.cuda.Event on a CPU torch: counts its records, and notes which record the last
+    synchronize() waited for (as CUDA's, a wait is for the latest record)."""
     made = []
 
     def __init__(self):
-        self.recorded = self.waited = False
+        self.records = self.waited_for = 0
         FakeEvent.made.append(self)
 
     def record(self):
-        self.recorded = True
+        self.records += 1
 
     def synchronize(self):
-        self.waited = True
+        self.waited_for = self.records
 
 
 @pytest.fixture
@@ -221,18 +222,20 @@ def test_a_wrapper_is_planned_again_only_after_its_last_plan_was_copied(device, 
     first = ours.run(q, cache).float().cpu()
     wrappers = [w for w in ours._planned["launches"][:2] if w is not None]
     marks = {id(w): w._ffi_plan_copied for w in wrappers}
-    assert wrappers and all(m.recorded and not m.waited for m in marks.values())
+    assert wrappers and all(m.records == 1 and m.waited_for == 0 for m in marks.values())
     seen = []
     for w in wrappers:   # what FlashInfer's plan() finds when it is called again
         plan = w.plan
 
         def checking(*args, _w=w, _plan=plan, **kwargs):
-            seen.append(marks[id(_w)].waited)
+            mark = marks[id(_w)]
+            seen.append((mark.records, mark.waited_for))
             return _plan(*args, **kwargs)
         w.plan = checking
     ours.plan(mask, *mixed, Hq, Hkv, D, page, dtype=torch.bfloat16)
-    assert seen and all(seen), seen
-    assert all(w._ffi_plan_copied is not marks[id(w)] and not w._ffi_plan_copied.waited for w in wrappers)
+    # the first plan's copy was waited for before FlashInfer planned again, then the second's marked
+    assert seen == [(1, 1)] * len(wrappers), seen
+    assert all(w._ffi_plan_copied.records == 2 and w._ffi_plan_copied.waited_for == 1 for w in wrappers)
     assert torch.equal(ours.run(q, cache).float().cpu(), first)
 
 
