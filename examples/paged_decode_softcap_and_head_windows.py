@@ -5,7 +5,9 @@ layer whose query heads each have their own window.
 Every step appends one token's keys and values to each request's pages, plans once per layer
 kind (plan() is the step's host work; run() only launches kernels), and checks the output
 against dense float32 attention over the same keys with the same mask and soft cap.
-Runs on a CPU (reference backend) or, unchanged, on a CUDA GPU with FlashInfer.
+Runs on a CPU (reference backend) or, unchanged, on a CUDA GPU with FlashInfer, where the local
+and global layers run from CUDA graphs captured at the first step (use_cuda_graph=True: each
+later plan() rewrites the tables the graph reads); the per-head layer's compiled kernel runs eagerly.
 """
 import torch
 
@@ -33,7 +35,11 @@ k_cache = torch.randn(max_pages, page_size, Hkv, D, device=device, generator=gen
 v_cache = torch.randn(max_pages, page_size, Hkv, D, device=device, generator=gen).to(dtype)
 # each request owns a contiguous run of page ids here; any page table works
 first_page = torch.tensor([0] + [-(-(n + steps) // page_size) for n in prompt_lens]).cumsum(0)
-attention = {name: PagedFlexAttention(device=device) for name in layers}
+graphed = {"local", "global"} if device == "cuda" else set()
+attention = {name: PagedFlexAttention(device=device, **(dict(use_cuda_graph=True, max_num_pages=max_pages)
+                                                        if name in graphed else {})) for name in layers}
+graphs = {}                                       # layer kind -> (graph, its output)
+static_q = torch.empty(len(prompt_lens), Hq, D, device=device, dtype=dtype)   # what the graphs read
 
 
 def tables(lens):
@@ -69,7 +75,18 @@ for step in range(steps):
     for name, mask_mod in layers.items():
         attn = attention[name].plan(mask_mod, *tables(lens), num_qo_heads=Hq, num_kv_heads=Hkv, head_dim=D,
                                     page_size=page_size, dtype=dtype, score_mod=softcap)
-        out = attn.run(q, (k_cache, v_cache))
+        if name in graphed:
+            static_q.copy_(q)
+            if name not in graphs:                # captured once, after a warm-up run outside it
+                attn.run(static_q, (k_cache, v_cache))
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    graphs[name] = (graph, attn.run(static_q, (k_cache, v_cache)))
+            graph, out = graphs[name]
+            graph.replay()
+        else:
+            out = attn.run(q, (k_cache, v_cache))
         ref = dense(q, lens, mask_mod)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert not torch.isnan(out).any() and err < (2e-2 if dtype == torch.bfloat16 else 1e-5), (name, step, err)

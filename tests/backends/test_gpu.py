@@ -774,6 +774,16 @@ def test_tree_speculative_decoding_example_on_the_gpu():
     runpy.run_path(str(pathlib.Path(__file__).resolve().parents[2] / "examples" / "tree_speculative_decoding.py"))
 
 
+def test_paged_decode_example_with_cuda_graphs_on_the_gpu():
+    """The decode loop example: its local and global layers replay CUDA graphs captured at the
+    first step (use_cuda_graph=True), each step checked against dense float32 attention."""
+    import runpy
+    import pathlib
+
+    runpy.run_path(str(pathlib.Path(__file__).resolve().parents[2] / "examples" /
+                       "paged_decode_softcap_and_head_windows.py"))
+
+
 @pytest.mark.parametrize("kernel", ["cuda_core_decode", "tensor_core_decode"])
 @pytest.mark.parametrize("name,params", [("causal", {}), ("sliding_window", {"window_size": 40})])
 def test_paged_run_replays_in_a_cuda_graph(cuda_gen, name, params, kernel):
