@@ -29,7 +29,7 @@ from .core.mask_eval import (INDEX_DTYPE, as_mask_mod, check_score_mod, evaluate
 from .mods.causal import generate_causal_mask_mod
 from .planning.native_soft_cap import native_soft_cap
 from .planning.score_folding import fold_score_mod
-from .backends.paged_graph import check_same_shape, decode_buffers, graph_shape
+from .backends.paged_graph import check_same_shape, decode_buffers, graph_shape, masked_buffers
 from .backends.paged_kernels import paged_request_tables, paged_variants
 from .planning.paged_plan import plan_paged
 from .core.hints import states_hints
@@ -179,6 +179,7 @@ class PagedFlexAttention:
         plan = plan_paged(mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size, self.device,
                           heads=num_qo_heads if per_head else 1, native_window=kernel_score_mod is None,
                           positions=kernel_score_mod is not None or per_head, check_ids=self.check_page_ids,
+                          masked_launch_always=self.use_cuda_graph,
                           window_skipped_from=(requests_filling_the_gpu(self.device, num_kv_heads) if
                                                use_tensor_core_decode(num_qo_heads, num_kv_heads, self.use_tensor_cores)
                                                else None))
@@ -375,7 +376,8 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
     again rather than made anew (a new wrapper allocates its buffers, pinned host memory included:
     host work a decode step need not repeat). use_tensor_cores: as PagedFlexAttention's. soft_cap:
     FlashInfer's own logits soft cap on every launch (native_soft_cap.py). graph_pages: the decode
-    wrapper in FlashInfer's CUDA-graph mode, its page-id buffer this long (paged_graph.py)."""
+    wrapper in FlashInfer's CUDA-graph mode, its page-id buffer this long, and the sinks' masked
+    wrapper in it too (paged_graph.py)."""
     import flashinfer
 
     if plan.full is None and plan.partial is None:   # no key visible anywhere: run() gives zeros
@@ -390,13 +392,17 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
             wrappers[key] = make()
         return _after_its_last_plan_copied(wrappers[key])
 
-    def prefill(role, backend, jit_args=None, owns_mask=False):
-        key = (role, "prefill", backend, jit_args and jit_args[0], owns_mask)
+    def prefill(role, backend, jit_args=None, owns_mask=False, graph_requests=None):
+        key = (role, "prefill", backend, jit_args and jit_args[0], owns_mask, graph_requests)
         kwargs = {} if jit_args is None else {"jit_args": jit_args}
         if owns_mask:
             kwargs["variant_owns_mask"] = True
-        return wrapper(key, lambda: flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend,
-                                                                                   **kwargs))
+
+        def make():
+            graph = {} if graph_requests is None else dict(use_cuda_graph=True, **masked_buffers(
+                graph_requests, page_size, device))
+            return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend, **kwargs, **graph)
+        return wrapper(key, make)
 
     common = dict(sm_scale=scale, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype, logits_soft_cap=soft_cap)
 
@@ -437,8 +443,9 @@ def _build_launches(plan, hq, hkv, d, page_size, dtype, scale, workspace, varian
                       causal=f.causal, window_left=f.window_left, **prefill_common)
     if plan.partial is not None:
         m = plan.partial
-        if variants is None:
-            partial = prefill("partial", "fa2")
+        if variants is None:   # (under graph_pages: the sinks' launch of a decode step, paged_graph.py)
+            partial = prefill("partial", "fa2",
+                              graph_requests=None if graph_pages is None else m.last_page_len.numel())
         else:
             # a per-head mask: the kernel evaluates mask_mod itself (the plan built no bit mask)
             partial = prefill("partial", "fa2", variants.partial_jit_args, variants.owns_mask)

@@ -121,7 +121,9 @@ def check_variant_mask_mode(backend, has_variant, causal, custom_mask, owns_mask
 
 
 class BatchPrefillWithPagedKVCacheWrapper:
-    def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None, variant_owns_mask=False):
+    def __init__(self, workspace, layout="NHD", backend="auto", jit_args=None, variant_owns_mask=False,
+                 use_cuda_graph=False, qo_indptr_buf=None, paged_kv_indptr_buf=None, paged_kv_indices_buf=None,
+                 paged_kv_last_page_len_buf=None, custom_mask_buf=None, mask_indptr_buf=None):
         assert layout == "NHD"
         assert not variant_owns_mask or (backend == "fa2" and jit_args is not None)  # as FlashInfer checks
         self.backend = backend
@@ -129,6 +131,16 @@ class BatchPrefillWithPagedKVCacheWrapper:
         self.device = workspace.device   # FlashInfer's wrapper: self.device = float_workspace_buffer.device
         self.jit_args = jit_args
         self.variant = None if jit_args is None else PagedVariantModel(VARIANTS[jit_args[11]], jit_args[7], jit_args[9])
+        self.prefill_graph = None
+        if use_cuda_graph:   # FlashInfer's CUDA-graph mode: the tables live in these, the batch size is theirs
+            tables = (qo_indptr_buf, paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf)
+            assert all(isinstance(t, torch.Tensor) and t.dtype == torch.int32 for t in tables)
+            assert len(paged_kv_indptr_buf) == len(qo_indptr_buf) == len(paged_kv_last_page_len_buf) + 1
+            on_device(self.device, "paged prefill (CUDA-graph buffers)", *tables, custom_mask_buf, mask_indptr_buf)
+            # the model keeps the bits unpacked: a bool buffer as long as the packed one's bits
+            bits = None if custom_mask_buf is None else torch.zeros(8 * len(custom_mask_buf), dtype=torch.bool)
+            self.prefill_graph = (tables, custom_mask_buf, bits)
+            self.max_rows = None
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads, head_dim_qk=None,
              page_size=None, causal=False, sm_scale=None, custom_mask=None, q_data_type="float16", kv_data_type=None,
@@ -157,11 +169,42 @@ class BatchPrefillWithPagedKVCacheWrapper:
         self.dtypes = planned_dtypes(q_data_type, kv_data_type)
         self.args = (qo_indptr.cpu(), kv_indptr.cpu(), kv_indices.cpu(), last_page_len.cpu())
         self.causal, self.mask = causal, None if custom_mask is None else custom_mask.cpu()
+        if self.prefill_graph is not None:
+            self._into_graph_buffers(qo_indptr, kv_indptr, kv_indices, last_page_len, custom_mask, mask_indptr
+                                     if custom_mask is not None else None)
         self.heads = (num_qo_heads, num_kv_heads)
         self.scale = kernel_scale(sm_scale, head_dim_qk)
         self.window_left, self.soft_cap = window_left, logits_soft_cap or 0.0
         # fa2's kernels may split a request's keys and merge the parts (dropping a NaN LSE); fa3's do not
         self.split_kv = self.backend != "fa3" and not disable_split_kv
+
+    def _into_graph_buffers(self, qo_indptr, kv_indptr, kv_indices, last_page_len, custom_mask, mask_indptr):
+        """FlashInfer's CUDA-graph plan: the batch size and the most query rows are the first plan's;
+        the tables are copied into the fixed buffers (the page ids and the bits without a wait only
+        from the GPU), and the kernels read the buffers."""
+        (qo_buf, indptr_buf, indices_buf, last_buf), mask_buf, bits = self.prefill_graph
+        rows = int(qo_indptr[-1])
+        self.max_rows = rows if self.max_rows is None else self.max_rows
+        if len(last_page_len) != len(last_buf):
+            raise ValueError("The batch size should be fixed during the lifecycle of the wrapper in cuda graph mode")
+        if rows > self.max_rows:
+            raise ValueError("The total number of rows in qo_indptr in cuda graph mode cannot exceed the first plan's")
+        if len(kv_indices) > len(indices_buf):
+            raise ValueError("The length of paged_kv_indices exceeds the allocated buffer size.")
+        on_device(self.device, "paged prefill plan() (the page ids, copied without a wait)", kv_indices)
+        for buf, table in ((qo_buf, qo_indptr), (indptr_buf, kv_indptr), (last_buf, last_page_len)):
+            buf.copy_(table)
+        indices_buf[:len(kv_indices)].copy_(kv_indices)
+        if custom_mask is not None:
+            assert mask_buf is not None, "custom_mask_buf must be initialized in cuda graph mode"
+            segments = (mask_indptr[1:] - mask_indptr[:-1]).cpu()
+            packed = int(((segments + 7) // 8).sum())
+            # (FlashInfer copies the packed bits into custom_mask_buf[:packed]: a shorter buffer fails)
+            assert packed <= len(mask_buf), f"{packed} bytes of packed bits for a {len(mask_buf)}-byte custom_mask_buf"
+            bits.zero_()
+            bits[:custom_mask.numel()] = custom_mask.cpu()
+            self.mask = bits
+        self.args = (qo_buf, indptr_buf, indices_buf, last_buf)
 
     @kernel
     def run(self, q, kv_cache, *variant_args, return_lse=False):
@@ -190,7 +233,12 @@ class BatchPrefillWithPagedKVCacheWrapper:
         out, lse = compute()
         if CAPTURED is not None:   # a CUDA graph's replay: this launch again, on what its tables hold then
             assert self.variant is None, "the capture model covers FlashInfer's own kernels"
-            CAPTURED.append(lambda: out.copy_(compute()[0]))
+
+            def replay():
+                again = compute()
+                out.copy_(again[0])
+                lse.copy_(again[1])
+            CAPTURED.append(replay)
         return (out, lse) if return_lse else out
 
 
@@ -199,9 +247,10 @@ CAPTURED = None
 
 
 class capture:
-    """torch.cuda.graph's model: the kernel launches made inside, replayed later as a graph does,
-    with the numbers they were launched with and the tables they read as those hold at replay
-    (a launch reads its tables through pointers fixed at capture)."""
+    """torch.cuda.graph's model: the kernel launches made inside (the paged runs and merge_state),
+    replayed later as a graph does, with the numbers they were launched with and the tables they
+    read as those hold at replay (a launch reads its tables through pointers fixed at capture).
+    torch's own operators between them are not replayed: a test reads what these write."""
 
     def __enter__(self):
         global CAPTURED
@@ -667,8 +716,18 @@ def check_merge_inputs(what, v_a, s_a, v_b, s_b):
 @kernel
 def merge_state(o_a, s_a, o_b, s_b):
     check_merge_inputs("merge_state", o_a, s_a, o_b, s_b)
-    out, lse = _merge_state(o_a.double(), s_a.double(), o_b.double(), s_b.double())
-    return out.to(o_a.dtype), lse.float()
+
+    def compute():
+        out, lse = _merge_state(o_a.double(), s_a.double(), o_b.double(), s_b.double())
+        return out.to(o_a.dtype), lse.float()
+    out, lse = compute()
+    if CAPTURED is not None:   # replayed after the launches it merges (capture order)
+        def replay():
+            again = compute()
+            out.copy_(again[0])
+            lse.copy_(again[1])
+        CAPTURED.append(replay)
+    return out, lse
 
 
 @kernel

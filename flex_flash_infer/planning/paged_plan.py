@@ -245,7 +245,8 @@ def _spec(selected, req, local, page_len, kv_page_indices, num_requests, page_si
 
 def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len, page_size: int,
                device=None, heads: int = 1, native_window: bool = True, positions: bool = True,
-               check_ids: bool = True, window_skipped_from: int | None = None, _hints: bool = True) -> PagedPlan:
+               check_ids: bool = True, window_skipped_from: int | None = None, masked_launch_always: bool = False,
+               _hints: bool = True) -> PagedPlan:
     """heads > 1: the mask differs across query heads; pages are classified over all of them and
     the partial launch carries no bit mask (the kernel must evaluate mask_mod itself).
     native_window: a sliding window may run as FlashInfer's own window_left (its plain kernels;
@@ -258,7 +259,9 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
     (FlashInfer's tensor-core decode, its prefill kernel, starts each request's loop at its
     window) and a batch that fills the GPU without splitting a request's keys (the split is sized
     by the pages listed: a few requests would leave most of their chunks before the window);
-    None: never."""
+    None: never. masked_launch_always: a streaming mask's sinks get their masked launch even at a
+    step where no query needs them (every request then lists one hidden key), so that every step
+    runs the same launches (a CUDA graph replays the first step's)."""
     device = torch.device(device) if device is not None else torch.as_tensor(kv_page_indices).device
     # int32 tables (FlashInfer's type) stay so: no conversion kernels each step. The per-request
     # tables stay where the caller keeps them: the plan reads them on the host (FlashInfer's own
@@ -330,7 +333,7 @@ def plan_paged(mask_mod, qo_indptr, kv_page_indptr, kv_page_indices, kv_last_pag
                               _hints=False).page_states
 
         plan = _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_len, kv_len, pages,
-                                  page_size, device, page_states)
+                                  page_size, device, page_states, masked_launch_always)
         if plan is not None:
             return plan
     # evaluating the pages works in torch, from host views of the numpy copies
@@ -445,7 +448,7 @@ def _hinted_window_columns(mask_mod) -> tuple[int, int, int] | None:
 
 
 def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_len, kv_len, pages, page_size,
-                       device, page_states) -> PagedPlan | None:
+                       device, page_states, always: bool = False) -> PagedPlan | None:
     """The window's plan (FlashInfer's causal window flags over the pages from each request's
     first query's window) and a masked launch over the pages holding the key columns (the
     sinks): its bits show a column key to a query outside the window's reach (kv <= q - window
@@ -454,6 +457,7 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     None (evaluate the pages instead) when the columns span more than MAX_COLUMN_PAGES pages or
     their bits more than CHUNK_ELEMENTS: many sink pages are better read by the unmasked launch
     where every query sees them, and a long prefill's rows would pad every decode request's.
+    always: the masked launch even when no request needs a column page (each then lists its dummy key).
     The tables are numpy int64 host copies (request_lengths')."""
     window_left, first, stop = columns
     R = pages.size
@@ -469,7 +473,7 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     total = int(counts.sum())
     if (int(counts.max()) if R else 0) > MAX_COLUMN_PAGES or total * max_q * page_size > CHUNK_ELEMENTS:
         return None
-    if total == 0:
+    if total == 0 and not always:
         window.states = page_states
         return window
     req, local = _pages_of_requests(counts, page_lo)
@@ -480,7 +484,7 @@ def _with_column_pages(window, columns, kv_page_indices, host_kv, host_last, qo_
     kv_pos = (local * page_size).reshape(-1, 1, 1) + cols
     bits = ((rows < qo_len[req].reshape(-1, 1, 1)) & (cols < page_len.reshape(-1, 1, 1)) & (kv_pos >= first)
             & (kv_pos < stop) & (kv_pos <= q_pos - window_left - 1))
-    kept = bits.reshape(bits.shape[0], -1).any(1)   # a page no query's row reaches: left out
+    kept = bits.reshape(bits.shape[0], max_q * page_size).any(1)   # a page no query's row reaches: left out
     req, local, page_len, bits = req[kept], local[kept], page_len[kept], bits[kept]
     counts = np.bincount(req, minlength=R)
     indptr = np.zeros(R + 1, dtype=np.int64)

@@ -820,18 +820,21 @@ def test_paged_run_replays_in_a_cuda_graph(cuda_gen, name, params, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["cuda_core_decode", "tensor_core_decode"])
-@pytest.mark.parametrize("name", ["causal", "sliding_window", "softcap"])
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "softcap", "streaming"])
 @pytest.mark.parametrize("tables_on", ["cpu", "cuda"])
 def test_a_cuda_graph_captured_once_replays_every_later_decode_step(cuda_gen, name, kernel, tables_on):
     """PagedFlexAttention(use_cuda_graph=True): run() captured after the first plan, then 40 decode
     steps, each one token longer (requests cross pages and take shuffled new ones), each planned
     from the caller's tables (on the host or the GPU) and replayed with new queries; every replay
-    against the float32 reference of its step, with and without the LSE in the graph."""
+    against the float32 reference of its step, with the LSE. Streaming's sinks run as a bit-mask
+    launch beside the window's decode launch, merged in the graph."""
     from flex_flash_infer import PagedFlexAttention
     from flex_flash_infer.mods import generate_softcap_score_mod
 
     page, H, Hkv, D, dtype, num_pages = 16, 8, 2, 128, torch.bfloat16, 160
-    mask = get_mask_fn("sliding_window", window_size=70) if name == "sliding_window" else get_mask_fn("causal")
+    mask = {"sliding_window": lambda: get_mask_fn("sliding_window", window_size=70),
+            "streaming": lambda: get_mask_fn("streaming", sink_size=4, window_size=70)}.get(
+                name, lambda: get_mask_fn("causal"))()
     score_mod = generate_softcap_score_mod(20.0) if name == "softcap" else None
     lens = [15, 300, 1000]
     pool = torch.randperm(num_pages, device="cuda", generator=cuda_gen).tolist()

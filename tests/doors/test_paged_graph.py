@@ -48,18 +48,26 @@ class Server:
         return ref.run(q.float(), tuple(c.float() for c in self.cache))
 
 
-CASES = {"causal": (lambda: get_mask_fn("causal"), None),
-         "sliding_window": (lambda: get_mask_fn("sliding_window", window_size=40), None),
-         "full": (lambda: get_mask_fn("full"), None),
-         "softcap": (lambda: get_mask_fn("causal"), lambda: generate_softcap_score_mod(20.0))}
+def streaming():
+    return get_mask_fn("streaming", sink_size=4, window_size=40)
+
+
+# (mask, score_mod, the requests' first lengths); streaming's short requests see every sink inside
+# their windows at first (no sink page needed: the masked launch lists hidden keys only), then not
+CASES = {"causal": (lambda: get_mask_fn("causal"), None, [15, 40, 100]),
+         "sliding_window": (lambda: get_mask_fn("sliding_window", window_size=40), None, [15, 40, 100]),
+         "full": (lambda: get_mask_fn("full"), None, [15, 40, 100]),
+         "softcap": (lambda: get_mask_fn("causal"), lambda: generate_softcap_score_mod(20.0), [15, 40, 100]),
+         "streaming": (streaming, None, [15, 40, 100]),
+         "streaming_from_short": (streaming, lambda: generate_softcap_score_mod(20.0), [3, 20, 30])}
 
 
 @pytest.mark.parametrize("use_tensor_cores", [True, False])
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_graph_captured_once_replays_every_later_decode_step(flashinfer_on_cpu, rng, name, use_tensor_cores):
-    make_mask, make_score = CASES[name]
+    make_mask, make_score, lens = CASES[name]
     mask, score_mod = make_mask(), make_score() if make_score else None
-    server = Server(rng, [15, 40, 100])
+    server = Server(rng, lens)
     ours = PagedFlexAttention(device="cpu", backend="flashinfer", use_cuda_graph=True, max_num_pages=64,
                               use_tensor_cores=use_tensor_cores)
     ours.plan(mask, *server.tables(), HQ, HKV, D, PAGE, dtype=torch.bfloat16, score_mod=score_mod)
@@ -67,7 +75,7 @@ def test_a_graph_captured_once_replays_every_later_decode_step(flashinfer_on_cpu
     with fake_flashinfer.capture() as graph:
         out = ours.run(q, server.cache)
     assert rel_err(out.float(), server.reference(mask, q, score_mod)) < 1e-2
-    for step in range(20):   # pages fill and new ones are taken (every request crosses one)
+    for step in range(34):   # pages fill and new ones are taken (every request crosses one)
         server.advance()
         ours.plan(mask, *server.tables(), HQ, HKV, D, PAGE, dtype=torch.bfloat16, score_mod=score_mod)
         q.copy_(server.queries())
@@ -111,8 +119,12 @@ def test_a_step_the_graph_cannot_replay_raises_and_the_graph_keeps_the_last_step
                            dtype=torch.bfloat16), r"window \(window_left\) 39 -> 63"),
         (lambda: ours.plan(mask, *tables, HQ, HKV, D, PAGE, dtype=torch.float16), "dtype"),
         (lambda: ours.plan(mask, *tables, HQ, HKV, D, PAGE, dtype=torch.bfloat16, scale=0.5), "scale"),
-        (lambda: ours.plan(get_mask_fn("streaming", sink_size=4, window_size=40), *tables, HQ, HKV, D, PAGE,
-                           dtype=torch.bfloat16), "a masked launch beside the decode launch"),
+        (lambda: ours.plan(streaming(), *tables, HQ, HKV, D, PAGE, dtype=torch.bfloat16),
+         r"masked launch \(a streaming mask's sinks\) False -> True"),
+        (lambda: ours.plan(lambda b, h, q, kv: (q // 37 == kv // 37) & (q >= kv), *tables, HQ, HKV, D, PAGE,
+                           dtype=torch.bfloat16), "a mask evaluated page by page"),
+        (lambda: ours.plan(mask, *tables, HQ, HKV, D, PAGE, dtype=torch.bfloat16,
+                           score_mod=lambda score, b, h, q, kv: score + 0.01 * (q - kv)), "a compiled score_mod"),
         (lambda: ours.plan(mask, torch.tensor([0, 1, 3, 4], dtype=torch.int32), *tables[1:], HQ, HKV, D, PAGE,
                            dtype=torch.bfloat16), "more than one query"),
     ]
