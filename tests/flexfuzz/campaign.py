@@ -17,7 +17,7 @@ CPU_ROUTES = ["bands", "bands/ragged", "bands/exact-window", "bands+columns", "b
               "bands-per-head", "bands-per-head/one-launch", "tiles", "tiles-causal", "tiles/gather",
               "tiles-causal/gather", "tiles-causal/gather/soft-cap",
               "tiles-per-head/head-major", "tiles/compiled", "bands/soft-cap", "bands/score-mod",
-              "bands/score-mod-fa2", "bands/far-split", "paged-decode", "paged-prefill", "paged-prefill/compiled",
+              "bands/score-mod-fa2", "bands/far-split", "paged-decode", "paged-decode/graph", "paged-prefill", "paged-prefill/compiled",
               "varlen-one-launch", "reference"]
 
 

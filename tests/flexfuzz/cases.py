@@ -101,6 +101,8 @@ class Case:
     qo_lens2: list = field(default_factory=list)
     cache_5d: bool = False       # paged: the cache as one [pages, 2, page_size, Hkv, D] tensor
     paged_tables: str = "device"  # paged: where plan()'s tables lie (TABLE_PLACES), scribbled over after it
+    paged_graph: bool = False    # paged: use_cuda_graph=True, run() captured at the first step and
+                                 # replayed at the second (doors._paged_graph)
     page_size: int = 16
     input_seed: int = 0
     amplitude: float = 1.0       # q and k drawn with this standard deviation (sharp or flat softmax)
@@ -233,6 +235,12 @@ def generate_case(seed: int, index: int, profile="cpu", dtypes=None, device: str
     # drawn apart from r: the cases of every seed drawn before this choice existed stay as they were
     if door == "paged":
         case.paged_tables = random.Random(f"{seed}:{index}:{profile.key()}:tables").choice(TABLE_PLACES)
+        case.paged_graph = random.Random(f"{seed}:{index}:{profile.key()}:graph").random() < 0.3
+        if case.paged_graph and not case.kv_lens2 and all(n == 1 for n in case.qo_lens):
+            # a decode step replayed needs a second step: the same lengths on new pages and values
+            # (longer ones could reach past what the mods were written for)
+            case.kv_lens2, case.qo_lens2 = list(case.kv_lens), list(case.qo_lens)
+            case.L += sum(case.qo_lens2)
     changes = random.Random(f"{seed}:{index}:{profile.key()}:changed")
     if (door == "seed" or (door == "flex" and "def score_mod" in case.mods and case.block_mask == "ours"
                            and not case.grad)) and changes.random() < 0.15:

@@ -398,6 +398,10 @@ def _paged(case: Case, mask_mod, score_mod, device, want):
     reused by the second plan); the rows of both steps are judged together."""
     from flex_flash_infer import PagedFlexAttention
 
+    if case.paged_graph and case.backend == "flashinfer":
+        graphed = _paged_graph(case, mask_mod, score_mod, device, want)
+        if graphed is not None:
+            return graphed
     paged = PagedFlexAttention(device=device, backend=case.backend)
     steps = [(case.kv_lens, case.qo_lens)] + ([(case.kv_lens2, case.qo_lens2)] if case.kv_lens2 else [])
     outs, lses, refs, ref_lses, routes = [], [], [], [], []
@@ -411,6 +415,90 @@ def _paged(case: Case, mask_mod, score_mod, device, want):
     return out, lse, routes
 
 
+GRAPH_REFUSAL = "PagedFlexAttention(use_cuda_graph=True)"
+
+
+def _paged_graph(case: Case, mask_mod, score_mod, device, want):
+    """use_cuda_graph=True: the first step planned and run, run() captured (torch.cuda.graph on a
+    GPU, fake_flashinfer.capture on the CPU model), the second step (if any) planned and replayed
+    from that capture with its queries and cache written into the captured tensors. A step graph
+    mode cannot replay raises its ValueError at plan(): at the first step the case runs as a plain
+    one (None here), at the second the capture must still replay the first step as it ran. On the
+    CPU model the capture replays FlashInfer's calls but not torch's operators after them, so the
+    replayed step's LSE is the eager run()'s after its plan (on a GPU, the replay's)."""
+    from flex_flash_infer import PagedFlexAttention
+    from . import simulated
+
+    steps = [(case.kv_lens, case.qo_lens)] + ([(case.kv_lens2, case.qo_lens2)] if case.kv_lens2 else [])
+    most_pages = max(sum(-(-n // case.page_size) for n in kv_lens) for kv_lens, _ in steps)
+    paged = PagedFlexAttention(device=device, backend=case.backend, use_cuda_graph=True,
+                               max_num_pages=max(most_pages, 1))
+    real_gpu = device.type == "cuda" and not simulated.active()
+    graph, held = None, {}
+
+    def first_run(q, cache):
+        """Run eagerly (judged), then capture run() on the same tensors."""
+        nonlocal graph
+        result = paged.run(q, cache, return_lse=case.return_lse)
+        held.update(q=q, cache=cache, eager=result)
+        if real_gpu:
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                held["captured"] = paged.run(q, cache, return_lse=case.return_lse)
+        else:
+            import fake_flashinfer
+            with fake_flashinfer.capture() as graph:
+                held["captured"] = paged.run(q, cache, return_lse=case.return_lse)
+        return result
+
+    def replay(q, cache):
+        held["q"].copy_(q)
+        for mine, theirs in zip(_cache_parts(held["cache"]), _cache_parts(cache)):
+            mine.zero_()
+            mine[:theirs.shape[0]].copy_(theirs)
+        graph.replay()
+        if real_gpu:
+            torch.cuda.synchronize()
+        captured = held["captured"]
+        if not case.return_lse:
+            return captured
+        out, lse = captured
+        return out, (lse if real_gpu else paged.run(held["q"], held["cache"], return_lse=True)[1])
+
+    outs, lses, refs, ref_lses, routes = [], [], [], [], []
+    for step, (kv_lens, qo_lens) in enumerate(steps):
+        try:
+            out, lse, ref_out, ref_lse = _paged_step(case, paged, kv_lens, qo_lens, step, mask_mod, score_mod,
+                                                     device, runner=first_run if step == 0 else replay,
+                                                     pages=most_pages + 3)
+        except ValueError as e:
+            if GRAPH_REFUSAL not in str(e):
+                raise
+            if step == 0:
+                return None
+            again = replay(held["q"].clone(), tuple(c.clone() for c in _cache_parts(held["cache"])))
+            eager = held["eager"]
+            for name, a, b in zip(("out", "lse"), again if case.return_lse else (again,),
+                                  eager if case.return_lse else (eager,)):
+                if not ((a == b) | (a.isnan() & b.isnan())).all():
+                    want.setdefault("door", []).append(
+                        f"after the second step's plan raised, the graph's replay of the first step differs in {name}")
+            routes.append("paged-graph/refused-second-step")
+            break
+        outs.append(out), lses.append(lse), refs.append(ref_out), ref_lses.append(ref_lse)
+        routes.append(paged_route(paged) + ("/graph" if step else ""))
+    want.update(ref=(torch.cat(refs, 0).transpose(0, 1)[None], torch.cat(ref_lses, 0).transpose(0, 1)[None]))
+    out = torch.cat(outs, 0).transpose(0, 1)[None]
+    lse = None if lses[0] is None else torch.cat(lses, 0).transpose(0, 1)[None]
+    return out, lse, routes
+
+
+def _cache_parts(cache):
+    """(k, v) views of a cache given as a pair or one [pages, 2, ...] tensor."""
+    return (cache[:, 0], cache[:, 1]) if isinstance(cache, torch.Tensor) else tuple(cache)
+
+
 def _placed_tables(where: str, tables, device):
     """plan()'s tables (qo_indptr, kv_page_indptr, kv_page_indices, kv_last_page_len) as the case
     keeps them (cases.TABLE_PLACES); each a buffer of its own, which the caller may overwrite."""
@@ -419,12 +507,16 @@ def _placed_tables(where: str, tables, device):
     return [t.to(dtype).clone() if i in on_host else t.to(device, dtype).clone() for i, t in enumerate(tables)]
 
 
-def _paged_step(case: Case, paged, kv_lens, qo_lens, step: int, mask_mod, score_mod, device):
-    """(out, lse, oracle out, oracle lse) of one step, rows [total queries, Hq(, D)]."""
+def _paged_step(case: Case, paged, kv_lens, qo_lens, step: int, mask_mod, score_mod, device, runner=None,
+                pages=None):
+    """(out, lse, oracle out, oracle lse) of one step, rows [total queries, Hq(, D)]. runner(q,
+    cache): what runs the planned step (default paged.run); pages: the cache's pages (default the
+    step's own and 3 more: a graph's cache holds every step's)."""
     Hq, Hkv, D, P = case.Hq, case.Hkv, case.D, case.page_size
     g = torch.Generator().manual_seed(case.input_seed + 1 + step)
+    total_pages = pages
     pages = [-(-n // P) for n in kv_lens]
-    total = sum(pages) + 3
+    total = sum(pages) + 3 if total_pages is None else total_pages
     order = torch.randperm(total, generator=g)[:sum(pages)]
     kv_page_indptr = torch.tensor([0] + pages).cumsum(0)
     last = torch.tensor([n - (p - 1) * P if p else 0 for n, p in zip(kv_lens, pages)])
@@ -437,7 +529,7 @@ def _paged_step(case: Case, paged, kv_lens, qo_lens, step: int, mask_mod, score_
     for t in tables:   # a server writes its next step into the same buffers: the plan must not see it
         t.fill_(7)
     cache = torch.stack([k_cache, v_cache], 1) if case.cache_5d else (k_cache, v_cache)
-    result = paged.run(q, cache, return_lse=case.return_lse)
+    result = (runner or (lambda q, cache: paged.run(q, cache, return_lse=case.return_lse)))(q, cache)
     out, lse = result if case.return_lse else (result, None)
     mask = mask_mod if mask_mod is not None else (lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)   # plan()'s default
     ref_out = torch.zeros(n_q, Hq, D, dtype=torch.float64, device=device)
@@ -522,7 +614,7 @@ def _run_and_judge(case, result, mask_mod, score_mod, device, want, cpu_model, t
         bs, qs, ks = want["oracle_rows"]
         ref_max = oracle.max_scores(q, k, want["mask"], want["score"], _scale(case), list(bs), qs, ks)
         problems += oracle.compare("max_scores", want["max_scores"], ref_max, tol_lse, lse=True)
-    problems += grad_problems + want.get("tiles", [])
+    problems += grad_problems + want.get("tiles", []) + want.get("door", [])
     result.error = oracle.max_error(out, ref_out)
     if torch_check and "inputs" in want and case.door in ("flex", "decode", "seed"):
         result.notes += _torch_disagreement(case, want, ref_out, ref_lse, (tol_out, tol_lse))
