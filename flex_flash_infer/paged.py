@@ -89,8 +89,9 @@ class PagedFlexAttention:
         checks them at run() either way.
         use_cuda_graph: every plan() writes its tables into buffers made at the first, so a CUDA
         graph captured around run() once replays each later step (backends/paged_graph.py): decode
-        steps planned as one decode launch, with the first plan's batch size, heads, dtype, scale,
-        soft cap and window. max_num_pages (needed then): the most page ids a step lists."""
+        steps planned as one decode launch (and a streaming mask's sinks launch), with the first
+        plan's batch size, heads, dtype, scale, soft cap and window. max_num_pages (needed then):
+        the most page ids a step lists."""
         self.device = check_object_device(device)
         self.backend = check_backend_name(backend)
         if use_tensor_cores is not None and not isinstance(use_tensor_cores, bool):
