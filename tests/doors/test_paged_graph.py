@@ -188,3 +188,34 @@ def test_on_a_simulated_gpu_every_table_the_graph_reads_lies_on_it(monkeypatch, 
                 want = server.reference(mask, q.cpu())
                 assert (out.cpu() - want).abs().max().item() < 1e-4, step
                 server.advance()
+
+
+def test_a_plan_that_fails_inside_flashinfer_keeps_the_graphs_buffers(flashinfer_on_cpu, rng, monkeypatch):
+    """FlashInfer's plan() may have written part of the buffers when it fails: no plan runs until
+    the next (run() raises), and the next plan() rewrites the same buffers, so the graph captured
+    before replays it."""
+    mask = get_mask_fn("causal")
+    server = Server(rng, [15, 40, 100])
+    ours = PagedFlexAttention(device="cpu", backend="flashinfer", use_cuda_graph=True, max_num_pages=64)
+    ours.plan(mask, *server.tables(), HQ, HKV, D, PAGE, dtype=torch.bfloat16)
+    q = server.queries()
+    with fake_flashinfer.capture() as graph:
+        out = ours.run(q, server.cache)
+    wrappers = dict(ours._wrappers)
+    server.advance()
+    decode = fake_flashinfer.BatchDecodeWithPagedKVCacheWrapper
+    original = decode.plan
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("interrupted")
+    monkeypatch.setattr(decode, "plan", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        ours.plan(mask, *server.tables(), HQ, HKV, D, PAGE, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="before plan"):
+        ours.run(q, server.cache)
+    monkeypatch.setattr(decode, "plan", original)
+    ours.plan(mask, *server.tables(), HQ, HKV, D, PAGE, dtype=torch.bfloat16)
+    assert ours._wrappers == wrappers   # the same wrappers, so the same buffers the graph reads
+    q.copy_(server.queries())
+    graph.replay()
+    assert rel_err(out.float(), server.reference(mask, q)) < 1e-2
