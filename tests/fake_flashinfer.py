@@ -6,6 +6,7 @@ import sys
 import types
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from paged_simulator import attend
 from paged_simulator import merge_state as _merge_state
@@ -35,9 +36,17 @@ def kernel(fn):
         for t in _tensors(list(args) + list(kwargs.values())):
             assert t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1, \
                 f"a tensor of shape {tuple(t.shape)} with last-dimension stride {t.stride(-1)}: FlashInfer reads it as 1"
-        with torch.no_grad():
-            return fn(*args, **kwargs)
+        global _IN_KERNEL
+        _IN_KERNEL += 1   # a capture (capture()) records the kernel as one launch, not its model's operators
+        try:
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        finally:
+            _IN_KERNEL -= 1
     return checked
+
+
+_IN_KERNEL = 0
 
 
 # What FlashInfer 0.7.2's wrappers and kernels do with the tensors they are given, beyond the
@@ -242,29 +251,58 @@ class BatchPrefillWithPagedKVCacheWrapper:
         return (out, lse) if return_lse else out
 
 
-# Set to a list by tests/…: each kernel launch made meanwhile appends its replay (capture()).
+# Set to a list while capture() records: each kernel launch made meanwhile appends its replay.
 CAPTURED = None
 
 
-class capture:
-    """torch.cuda.graph's model: the kernel launches made inside (the paged runs and merge_state),
-    replayed later as a graph does, with the numbers they were launched with and the tables they
-    read as those hold at replay (a launch reads its tables through pointers fixed at capture).
-    torch's own operators between them are not replayed: a test reads what these write."""
+class capture(TorchDispatchMode):
+    """torch.cuda.graph's model: every kernel made inside, FlashInfer's (the paged runs and
+    merge_state) and torch's operators between them (a query negated, an LSE repaired), replayed
+    later in order as a graph does: with the numbers they were launched with, on what their
+    tensors hold at replay (a launch reads through pointers fixed at capture), each writing into
+    the tensor it first returned. A read back of a value to the host cannot be captured (CUDA
+    raises during capture): here it raises too."""
 
     def __enter__(self):
         global CAPTURED
         assert CAPTURED is None
         CAPTURED = self.launches = []
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc):
         global CAPTURED
         CAPTURED = None
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if _IN_KERNEL or CAPTURED is None:
+            return out
+        assert func not in _READ_BACKS, f"{func} reads a value back to the host: a CUDA graph cannot capture it"
+        if func.is_view:   # no kernel: the view reads what its base holds
+            return out
+
+        def replay():
+            again = func(*args, **kwargs)
+            for mine, new in zip(_flat(out), _flat(again)):
+                if isinstance(mine, torch.Tensor) and mine is not new:
+                    mine.copy_(new)
+        CAPTURED.append(replay)
+        return out
 
     def replay(self):
-        for launch in self.launches:
-            launch()
+        with torch.no_grad():
+            for launch in self.launches:
+                launch()
+
+
+_READ_BACKS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.is_nonzero.default)
+
+
+def _flat(x):
+    return list(x) if isinstance(x, (tuple, list)) else [x]
 
 
 class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):

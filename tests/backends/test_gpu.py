@@ -820,7 +820,7 @@ def test_paged_run_replays_in_a_cuda_graph(cuda_gen, name, params, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["cuda_core_decode", "tensor_core_decode"])
-@pytest.mark.parametrize("name", ["causal", "sliding_window", "softcap", "streaming"])
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "softcap", "streaming", "negative_scale"])
 @pytest.mark.parametrize("tables_on", ["cpu", "cuda"])
 def test_a_cuda_graph_captured_once_replays_every_later_decode_step(cuda_gen, name, kernel, tables_on):
     """PagedFlexAttention(use_cuda_graph=True): run() captured after the first plan, then 40 decode
@@ -835,7 +835,8 @@ def test_a_cuda_graph_captured_once_replays_every_later_decode_step(cuda_gen, na
     mask = {"sliding_window": lambda: get_mask_fn("sliding_window", window_size=70),
             "streaming": lambda: get_mask_fn("streaming", sink_size=4, window_size=70)}.get(
                 name, lambda: get_mask_fn("causal"))()
-    score_mod = generate_softcap_score_mod(20.0) if name == "softcap" else None
+    score_mod = {"softcap": lambda: generate_softcap_score_mod(20.0),   # negative: run() negates the query
+                 "negative_scale": lambda: (lambda score, b, h, q, kv: score * -0.5)}.get(name, lambda: None)()
     lens = [15, 300, 1000]
     pool = torch.randperm(num_pages, device="cuda", generator=cuda_gen).tolist()
     pages = [[pool.pop() for _ in range(-(-n // page))] for n in lens]

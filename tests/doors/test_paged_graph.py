@@ -42,10 +42,10 @@ class Server:
     def queries(self):
         return torch.randn(len(self.lens), HQ, D, generator=self.gen).to(self.dtype)
 
-    def reference(self, mask, q, score_mod=None):
+    def reference(self, mask, q, score_mod=None, return_lse=False):
         ref = PagedFlexAttention(device="cpu", backend="reference")
         ref.plan(mask, *self.tables(), HQ, HKV, D, PAGE, dtype=torch.float32, score_mod=score_mod)
-        return ref.run(q.float(), tuple(c.float() for c in self.cache))
+        return ref.run(q.float(), tuple(c.float() for c in self.cache), return_lse=return_lse)
 
 
 def streaming():
@@ -59,7 +59,10 @@ CASES = {"causal": (lambda: get_mask_fn("causal"), None, [15, 40, 100]),
          "full": (lambda: get_mask_fn("full"), None, [15, 40, 100]),
          "softcap": (lambda: get_mask_fn("causal"), lambda: generate_softcap_score_mod(20.0), [15, 40, 100]),
          "streaming": (streaming, None, [15, 40, 100]),
-         "streaming_from_short": (streaming, lambda: generate_softcap_score_mod(20.0), [3, 20, 30])}
+         "streaming_from_short": (streaming, lambda: generate_softcap_score_mod(20.0), [3, 20, 30]),
+         # a negative factor folds into the scale, and run() negates the query: an operator in the graph
+         "negative_scale": (lambda: get_mask_fn("causal"), lambda: lambda score, b, h, q, kv: score * -0.5,
+                            [15, 40, 100])}
 
 
 @pytest.mark.parametrize("use_tensor_cores", [True, False])
@@ -73,15 +76,16 @@ def test_a_graph_captured_once_replays_every_later_decode_step(flashinfer_on_cpu
     ours.plan(mask, *server.tables(), HQ, HKV, D, PAGE, dtype=torch.bfloat16, score_mod=score_mod)
     q = server.queries()   # the graph's input: each step writes its queries here
     with fake_flashinfer.capture() as graph:
-        out = ours.run(q, server.cache)
+        out, lse = ours.run(q, server.cache, return_lse=True)
     assert rel_err(out.float(), server.reference(mask, q, score_mod)) < 1e-2
     for step in range(34):   # pages fill and new ones are taken (every request crosses one)
         server.advance()
         ours.plan(mask, *server.tables(), HQ, HKV, D, PAGE, dtype=torch.bfloat16, score_mod=score_mod)
         q.copy_(server.queries())
         graph.replay()
-        ref = server.reference(mask, q, score_mod)
+        ref, ref_lse = server.reference(mask, q, score_mod, return_lse=True)
         assert torch.isfinite(out).all() and rel_err(out.float(), ref) < 1e-2, step
+        assert torch.allclose(lse, ref_lse, atol=1e-2, rtol=1e-3), step
 
 
 def test_without_use_cuda_graph_a_replay_runs_the_captured_step(flashinfer_on_cpu, rng):

@@ -423,9 +423,7 @@ def _paged_graph(case: Case, mask_mod, score_mod, device, want):
     GPU, fake_flashinfer.capture on the CPU model), the second step (if any) planned and replayed
     from that capture with its queries and cache written into the captured tensors. A step graph
     mode cannot replay raises its ValueError at plan(): at the first step the case runs as a plain
-    one (None here), at the second the capture must still replay the first step as it ran. On the
-    CPU model the capture replays FlashInfer's calls but not torch's operators after them, so the
-    replayed step's LSE is the eager run()'s after its plan (on a GPU, the replay's)."""
+    one (None here), at the second the capture must still replay the first step as it ran."""
     from flex_flash_infer import PagedFlexAttention
     from . import simulated
 
@@ -460,11 +458,7 @@ def _paged_graph(case: Case, mask_mod, score_mod, device, want):
         graph.replay()
         if real_gpu:
             torch.cuda.synchronize()
-        captured = held["captured"]
-        if not case.return_lse:
-            return captured
-        out, lse = captured
-        return out, (lse if real_gpu else paged.run(held["q"], held["cache"], return_lse=True)[1])
+        return held["captured"]
 
     outs, lses, refs, ref_lses, routes = [], [], [], [], []
     for step, (kv_lens, qo_lens) in enumerate(steps):
