@@ -60,8 +60,6 @@ def graph_shape(plan, heads, dtype, page_size, scale, soft_cap, tensor_cores, va
     elif plan.full is None or not plan.decode or plan.partial is not None and plan.full.window_left < 0:
         why = ("a mask evaluated page by page, or a request without keys (no decode launch over whole pages "
                "for every request, or a masked launch with no bound that fixed buffers could hold)")
-    elif plan.partial is not None and masked_pages_per_request(plan) > MAX_COLUMN_PAGES:
-        why = f"sinks over more than {MAX_COLUMN_PAGES} pages a request"
     if why is not None:
         raise ValueError(f"PagedFlexAttention(use_cuda_graph=True) replays decode steps planned as one decode "
                          f"launch (causal, sliding-window or full masks, FlashInfer's soft cap, a score_mod that only "
@@ -73,15 +71,11 @@ def graph_shape(plan, heads, dtype, page_size, scale, soft_cap, tensor_cores, va
                       masked=plan.partial is not None)
 
 
-def masked_pages_per_request(plan) -> int:
-    """The most pages one request lists in the plan's masked launch (its dummy key's page included)."""
-    indptr = plan.partial.kv_indptr.long()
-    return int((indptr[1:] - indptr[:-1]).max()) if indptr.numel() > 1 else 0
-
-
 def masked_buffers(requests: int, page_size: int, device) -> dict:
     """The fixed tables of the sinks' masked launch (FlashInfer's prefill wrapper in CUDA-graph
-    mode): at most MAX_COLUMN_PAGES pages of one query's bits a request."""
+    mode): at most MAX_COLUMN_PAGES pages of one query's bits a request, the most a plan lists
+    there (beyond it paged_plan._with_column_pages evaluates the pages instead, and graph_shape
+    refuses that plan)."""
     return dict(qo_indptr_buf=torch.empty(requests + 1, dtype=torch.int32, device=device),
                 paged_kv_indptr_buf=torch.empty(requests + 1, dtype=torch.int32, device=device),
                 paged_kv_indices_buf=torch.empty(requests * MAX_COLUMN_PAGES, dtype=torch.int32, device=device),
