@@ -42,6 +42,16 @@ class Server:
     def queries(self):
         return torch.randn(len(self.lens), HQ, D, generator=self.gen).to(self.dtype)
 
+    def captured(self, mask, max_num_pages=64):
+        """A graph-mode PagedFlexAttention planned on this step, its queries and run() captured:
+        (the object, the captured q, the capture, its output)."""
+        ours = PagedFlexAttention(device="cpu", backend="flashinfer", use_cuda_graph=True, max_num_pages=max_num_pages)
+        ours.plan(mask, *self.tables(), HQ, HKV, D, PAGE, dtype=torch.bfloat16)
+        q = self.queries()
+        with fake_flashinfer.capture() as graph:
+            out = ours.run(q, self.cache)
+        return ours, q, graph, out
+
     def reference(self, mask, q, score_mod=None, return_lse=False):
         ref = PagedFlexAttention(device="cpu", backend="reference")
         ref.plan(mask, *self.tables(), HQ, HKV, D, PAGE, dtype=torch.float32, score_mod=score_mod)
@@ -109,11 +119,7 @@ def test_without_use_cuda_graph_a_replay_runs_the_captured_step(flashinfer_on_cp
 def test_a_step_the_graph_cannot_replay_raises_and_the_graph_keeps_the_last_step(flashinfer_on_cpu, rng):
     mask = get_mask_fn("sliding_window", window_size=40)
     server = Server(rng, [15, 40, 100])
-    ours = PagedFlexAttention(device="cpu", backend="flashinfer", use_cuda_graph=True, max_num_pages=10)
-    ours.plan(mask, *server.tables(), HQ, HKV, D, PAGE, dtype=torch.bfloat16)
-    q = server.queries()
-    with fake_flashinfer.capture() as graph:
-        out = ours.run(q, server.cache)
+    ours, q, graph, out = server.captured(mask, max_num_pages=10)
     want = server.reference(mask, q)
     tables = server.tables()
     other = Server(rng, [15, 40])   # another batch size
@@ -200,11 +206,7 @@ def test_a_plan_that_fails_inside_flashinfer_keeps_the_graphs_buffers(flashinfer
     before replays it."""
     mask = get_mask_fn("causal")
     server = Server(rng, [15, 40, 100])
-    ours = PagedFlexAttention(device="cpu", backend="flashinfer", use_cuda_graph=True, max_num_pages=64)
-    ours.plan(mask, *server.tables(), HQ, HKV, D, PAGE, dtype=torch.bfloat16)
-    q = server.queries()
-    with fake_flashinfer.capture() as graph:
-        out = ours.run(q, server.cache)
+    ours, q, graph, out = server.captured(mask)
     wrappers = dict(ours._wrappers)
     server.advance()
     decode = fake_flashinfer.BatchDecodeWithPagedKVCacheWrapper
